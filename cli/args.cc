@@ -1,0 +1,93 @@
+#include "cli/args.h"
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
+
+namespace lorc::cli {
+
+absl::StatusOr<Args> Args::Parse(int argc, char** argv, int first, const std::vector<FlagSpec>& specs) {
+  Args args;
+  for (int i = first; i < argc; ++i) {
+    absl::string_view arg = argv[i];
+    if (!absl::ConsumePrefix(&arg, "--")) {
+      return absl::InvalidArgumentError(absl::StrCat("unexpected argument '", arg, "'"));
+    }
+    std::string name(arg), value;
+    bool has_inline = false;
+    if (const size_t eq = name.find('='); eq != std::string::npos) {
+      value = name.substr(eq + 1);
+      name = name.substr(0, eq);
+      has_inline = true;
+    }
+    const FlagSpec* spec = nullptr;
+    for (const FlagSpec& s : specs) {
+      if (s.name == name) spec = &s;
+    }
+    if (spec == nullptr) return absl::InvalidArgumentError(absl::StrCat("unknown flag --", name));
+    if (spec->takes_value && !has_inline) {
+      if (i + 1 >= argc) return absl::InvalidArgumentError(absl::StrCat("--", name, " needs a value"));
+      value = argv[++i];
+    } else if (!spec->takes_value && has_inline) {
+      return absl::InvalidArgumentError(absl::StrCat("--", name, " takes no value"));
+    }
+    args.values_[name].push_back(value);
+  }
+  return args;
+}
+
+std::string Args::Get(const std::string& name, const std::string& def) const {
+  auto it = values_.find(name);
+  return it == values_.end() ? def : it->second.back();
+}
+
+std::vector<std::string> Args::GetAll(const std::string& name) const {
+  auto it = values_.find(name);
+  return it == values_.end() ? std::vector<std::string>{} : it->second;
+}
+
+absl::StatusOr<int64_t> Args::GetInt(const std::string& name, int64_t def) const {
+  if (!Has(name)) return def;
+  const std::string s = Get(name);
+  int64_t v;
+  if (!absl::SimpleAtoi(s, &v)) {
+    return absl::InvalidArgumentError(absl::StrCat("--", name, ": '", s, "' is not an integer"));
+  }
+  return v;
+}
+
+absl::StatusOr<double> Args::GetDouble(const std::string& name, double def) const {
+  if (!Has(name)) return def;
+  const std::string s = Get(name);
+  double v;
+  if (!absl::SimpleAtod(s, &v)) {
+    return absl::InvalidArgumentError(absl::StrCat("--", name, ": '", s, "' is not a number"));
+  }
+  return v;
+}
+
+absl::StatusOr<std::vector<int32_t>> Args::GetIntList(const std::string& name) const {
+  std::vector<int32_t> out;
+  for (absl::string_view part : absl::StrSplit(Get(name), ',', absl::SkipWhitespace())) {
+    int32_t v;
+    if (!absl::SimpleAtoi(absl::StripAsciiWhitespace(part), &v)) {
+      return absl::InvalidArgumentError(absl::StrCat("--", name, ": '", part, "' is not an integer"));
+    }
+    out.push_back(v);
+  }
+  return out;
+}
+
+std::string Usage(const std::string& command, const std::string& synopsis,
+                  const std::vector<FlagSpec>& specs) {
+  std::string out = absl::StrCat("Usage: lorcserve ", command, " ", synopsis, "\n");
+  for (const FlagSpec& s : specs) {
+    std::string lhs = absl::StrCat("  --", s.name, s.takes_value ? " " + s.value_name : "");
+    if (lhs.size() < 28) lhs.resize(28, ' ');
+    absl::StrAppend(&out, lhs, " ", s.help, "\n");
+  }
+  return out;
+}
+
+}  // namespace lorc::cli

@@ -1,0 +1,45 @@
+// Command-line parsing for the `lorcserve` subcommands: `--name value`, `--name=value` and
+// boolean `--name` flags, each declared by the subcommand. Unknown flags, missing values and
+// malformed numbers are InvalidArgument errors naming the flag.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace lorc::cli {
+
+struct FlagSpec {
+  std::string name;       // without dashes
+  bool takes_value = true;
+  std::string help;
+  std::string value_name = "VALUE";
+};
+
+class Args {
+ public:
+  // Parses argv[first..argc).
+  static absl::StatusOr<Args> Parse(int argc, char** argv, int first, const std::vector<FlagSpec>& specs);
+
+  bool Has(const std::string& name) const { return values_.contains(name); }
+  // The last value given for `name` (flags may repeat), or `def`.
+  std::string Get(const std::string& name, const std::string& def = "") const;
+  // Every value given for `name`, in order.
+  std::vector<std::string> GetAll(const std::string& name) const;
+  absl::StatusOr<int64_t> GetInt(const std::string& name, int64_t def) const;
+  absl::StatusOr<double> GetDouble(const std::string& name, double def) const;
+  // Comma-separated integers ("0,1,2").
+  absl::StatusOr<std::vector<int32_t>> GetIntList(const std::string& name) const;
+
+ private:
+  std::map<std::string, std::vector<std::string>> values_;
+};
+
+// "Usage: lorcserve <command> ..." text for a command's flags.
+std::string Usage(const std::string& command, const std::string& synopsis,
+                  const std::vector<FlagSpec>& specs);
+
+}  // namespace lorc::cli

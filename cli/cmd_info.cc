@@ -1,0 +1,97 @@
+// lorcserve info: versions, compiled backends, devices seen, and optionally a model's shape.
+#include <cblas.h>
+
+#include <iostream>
+#include <thread>
+
+#include "absl/base/config.h"
+#include "absl/strings/str_cat.h"
+#include "cli/commands.h"
+#include "cli/session.h"
+#include "kvstore/kv_spec.h"
+#include "nlohmann/json.hpp"
+#include "worker/cuda_backend.h"
+#include "worker/model_config.h"
+
+#ifndef LORC_VERSION
+#define LORC_VERSION "unknown"
+#endif
+#ifndef LORC_GIT_REVISION
+#define LORC_GIT_REVISION "unknown"
+#endif
+
+namespace lorc::cli {
+
+int RunInfo(int argc, char** argv) {
+  const std::vector<FlagSpec> flags = {
+      {"model", true, "also describe this model directory's config.json", "DIR"},
+      {"json", false, "print one JSON object"},
+      {"help", false, "show this help"},
+  };
+  absl::StatusOr<Args> args = Args::Parse(argc, argv, 2, flags);
+  if (!args.ok()) {
+    std::cerr << Usage("info", "[--model DIR] [--json]", flags);
+    return Fail("info", args.status());
+  }
+  if (args->Has("help")) {
+    std::cout << Usage("info", "[--model DIR] [--json]", flags);
+    return 0;
+  }
+  nlohmann::json j;
+  j["version"] = LORC_VERSION;
+  j["git_revision"] = LORC_GIT_REVISION;
+  j["compiler"] = __VERSION__;
+  j["backends"] = nlohmann::json::array({"cpu"});
+  if (CudaCompiledIn()) j["backends"].push_back("cuda");
+  j["libraries"]["openblas"] = openblas_get_config();
+  j["libraries"]["abseil_lts"] = ABSL_LTS_RELEASE_VERSION;
+  j["libraries"]["cuda"] = CudaVersionString();
+  j["devices"]["cpu"] = {{"hardware_threads", std::thread::hardware_concurrency()},
+                         {"blas_threads", openblas_get_num_threads()}};
+  absl::StatusOr<std::vector<CudaDeviceInfo>> gpus = ListCudaDevices();
+  if (gpus.ok()) {
+    j["devices"]["cuda"] = nlohmann::json::array();
+    for (const CudaDeviceInfo& d : *gpus) {
+      j["devices"]["cuda"].push_back({{"ordinal", d.ordinal},
+                                      {"name", d.name},
+                                      {"memory_bytes", d.memory_bytes},
+                                      {"compute_capability", absl::StrCat(d.compute_major, ".", d.compute_minor)},
+                                      {"multiprocessors", d.multiprocessors}});
+    }
+  } else {
+    j["devices"]["cuda_error"] = std::string(gpus.status().message());
+  }
+  if (args->Has("model")) {
+    absl::StatusOr<ModelConfig> c = LoadModelConfig(args->Get("model"));
+    if (!c.ok()) return Fail("info", c.status());
+    j["model"] = {{"layers", c->num_layers},      {"hidden_size", c->hidden_size},
+                  {"heads", c->num_heads},        {"kv_heads", c->num_kv_heads},
+                  {"head_dim", c->head_dim},      {"intermediate_size", c->intermediate_size},
+                  {"vocab_size", c->vocab_size},  {"parameters", c->NumParameters()},
+                  {"max_position_embeddings", c->max_position_embeddings},
+                  {"kv_bytes_per_token_bf16", 2 * 2 * c->num_layers * c->kv_size()}};
+  }
+  if (args->Has("json")) {
+    std::cout << j.dump(2) << "\n";
+    return 0;
+  }
+  std::cout << "lorcserve " << LORC_VERSION << " (" << LORC_GIT_REVISION << "), " << __VERSION__ << "\n";
+  std::cout << "backends: " << j["backends"].dump() << "\n";
+  std::cout << "cpu: " << std::thread::hardware_concurrency() << " hardware threads, OpenBLAS "
+            << openblas_get_config() << "\n";
+  std::cout << "cuda: " << CudaVersionString() << "\n";
+  if (gpus.ok()) {
+    for (const CudaDeviceInfo& d : *gpus) {
+      std::cout << "  gpu " << d.ordinal << ": " << d.name << ", " << (d.memory_bytes >> 20)
+                << " MiB, sm_" << d.compute_major << d.compute_minor << ", " << d.multiprocessors
+                << " SMs\n";
+    }
+    if (gpus->empty()) std::cout << "  no CUDA devices\n";
+  } else {
+    std::cout << "  no CUDA devices: " << gpus.status().message() << "\n";
+  }
+  if (j.contains("model")) std::cout << "model: " << j["model"].dump() << "\n";
+  return 0;
+}
+
+}  // namespace lorc::cli

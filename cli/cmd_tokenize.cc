@@ -1,0 +1,57 @@
+// lorcserve tokenize: token ids of a text under a model's tokenizer.
+#include <iostream>
+
+#include "absl/strings/str_join.h"
+#include "cli/commands.h"
+#include "cli/session.h"
+#include "common/json_util.h"
+#include "coordinator/tokenizer.h"
+#include "nlohmann/json.hpp"
+
+namespace lorc::cli {
+
+int RunTokenize(int argc, char** argv) {
+  const std::vector<FlagSpec> flags = {
+      {"model", true, "model directory holding tokenizer.json", "DIR"},
+      {"text", true, "text to tokenize", "TEXT"},
+      {"file", true, "file whose contents to tokenize", "F"},
+      {"add-special-tokens", false, "apply the tokenizer's post-processor (e.g. add BOS)"},
+      {"json", false, "print {\"ids\": [...], \"count\": N}"},
+      {"help", false, "show this help"},
+  };
+  const char* synopsis = "--model DIR (--text TEXT | --file F) [--json]";
+  absl::StatusOr<Args> args = Args::Parse(argc, argv, 2, flags);
+  if (!args.ok()) {
+    std::cerr << Usage("tokenize", synopsis, flags);
+    return Fail("tokenize", args.status());
+  }
+  if (args->Has("help")) {
+    std::cout << Usage("tokenize", synopsis, flags);
+    return 0;
+  }
+  if (!args->Has("model")) return Fail("tokenize", absl::InvalidArgumentError("--model DIR is required"));
+  if (args->Has("text") == args->Has("file")) {
+    return Fail("tokenize", absl::InvalidArgumentError("give exactly one of --text and --file"));
+  }
+  std::string text = args->Get("text");
+  if (args->Has("file")) {
+    absl::StatusOr<std::string> content = ReadFileToString(args->Get("file"));
+    if (!content.ok()) return Fail("tokenize", content.status());
+    text = *std::move(content);
+  }
+  absl::StatusOr<std::unique_ptr<Tokenizer>> tok = Tokenizer::FromModelDir(args->Get("model"));
+  if (!tok.ok()) return Fail("tokenize", tok.status());
+  absl::StatusOr<std::vector<int32_t>> ids = (*tok)->Encode(text, args->Has("add-special-tokens"));
+  if (!ids.ok()) return Fail("tokenize", ids.status());
+  if (args->Has("json")) {
+    nlohmann::json j;
+    j["ids"] = *ids;
+    j["count"] = ids->size();
+    std::cout << j.dump() << "\n";
+  } else {
+    std::cout << absl::StrJoin(*ids, " ") << "\n";
+  }
+  return 0;
+}
+
+}  // namespace lorc::cli

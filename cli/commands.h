@@ -1,0 +1,11 @@
+// The `lorcserve` subcommands. Each returns the process exit code and prints errors itself.
+#pragma once
+
+namespace lorc::cli {
+
+int RunGenerate(int argc, char** argv);
+int RunEval(int argc, char** argv);
+int RunTokenize(int argc, char** argv);
+int RunInfo(int argc, char** argv);
+
+}  // namespace lorc::cli

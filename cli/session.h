@@ -1,0 +1,36 @@
+// What `generate` and `eval` share: the model, backend and engine flags, and building an
+// in-process engine from them.
+#pragma once
+
+#include <memory>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "cli/args.h"
+#include "coordinator/engine.h"
+#include "coordinator/tokenizer.h"
+#include "worker/backend.h"
+#include "worker/model_loader.h"
+#include "worker/step_executor.h"
+
+namespace lorc::cli {
+
+// --model, --backend, --device, --threads, --random-weights, --seed-weights, --kv-cache-mb,
+// --block-size, --max-step-tokens.
+std::vector<FlagSpec> EngineFlags();
+
+struct Session {
+  std::unique_ptr<Backend> backend;
+  LoadedModel model;
+  std::unique_ptr<Tokenizer> tokenizer;  // null when the model directory has no tokenizer.json
+  std::unique_ptr<StepExecutor> executor;
+  EngineOptions engine_options;
+  std::unique_ptr<Engine> engine;
+};
+
+absl::StatusOr<std::unique_ptr<Session>> OpenSession(const Args& args);
+
+// Prints "lorcserve <command>: <status>" to stderr and returns the exit code for it.
+int Fail(const char* command, const absl::Status& status);
+
+}  // namespace lorc::cli

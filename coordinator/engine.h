@@ -1,0 +1,119 @@
+// The generation engine: one Scheduler, one StepRunner (in-process StepExecutor or the remote
+// WorkerGroup) and per-request output processing (detokenisation, stop strings). Each Step()
+// is one iteration: schedule, run on the workers, apply the sampled tokens, report updates.
+//
+// Not thread-safe: one thread owns it (the CLI's, or the server's engine thread, which feeds it
+// from a queue). `ScorePromptNll` is separate: it needs the runner's cache to itself.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "common/sampling_params.h"
+#include "coordinator/output_processor.h"
+#include "coordinator/scheduler.h"
+#include "coordinator/tokenizer.h"
+#include "worker/model_config.h"
+#include "worker/model_runner.h"
+#include "worker/step.h"
+
+namespace lorc {
+
+struct GenerationRequest {
+  std::vector<int32_t> prompt_ids;
+  SamplingParams params;
+  int32_t priority = 0;
+};
+
+// What a request gets after each step that touched it.
+struct RequestUpdate {
+  std::vector<int32_t> new_ids;
+  std::string new_text;        // whole UTF-8 characters; stop-string prefixes held back
+  bool finished = false;
+  FinishReason reason = FinishReason::kNone;
+  absl::Status status;         // non-OK: the request failed (finished is true)
+  // Usage, filled on the final update.
+  int64_t prompt_tokens = 0;
+  int64_t completion_tokens = 0;
+  double time_to_first_token_s = 0;
+  double total_time_s = 0;
+};
+
+struct GenerationResult {
+  std::vector<int32_t> output_ids;
+  std::string text;
+  FinishReason finish = FinishReason::kNone;
+  absl::Status status;          // non-OK only for a request that failed on its own
+  int64_t prompt_tokens = 0;
+  double time_to_first_token_s = 0;
+  double total_time_s = 0;
+};
+
+struct EngineOptions {
+  int32_t max_step_tokens = 2048;  // chunked-prefill budget per step
+  int32_t max_running = 256;       // sequences decoding at once
+  int32_t max_waiting = 1024;      // bounded admission queue
+};
+
+struct EngineStats {
+  int64_t steps = 0;
+  double schedule_s = 0, run_s = 0, apply_s = 0;  // summed over steps
+  double worker_compute_s = 0;                    // as reported by rank 0
+};
+
+class Engine {
+ public:
+  using UpdateFn = std::function<void(const RequestUpdate&)>;
+
+  // `tokenizer` may be null (no text; stop strings rejected). Everything must outlive the engine.
+  Engine(StepRunner* runner, const ModelConfig& config, const KvCacheSpec& kv,
+         const Tokenizer* tokenizer, const EngineOptions& options);
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  // Validates and queues a request; `on_update` is called from Step() (and from Abort()).
+  absl::Status Add(int64_t id, const GenerationRequest& request, UpdateFn on_update);
+  // Ends a request at once (cancellation, deadline) and frees its KV blocks; its final update
+  // carries `status` (default: CANCELLED). Unknown ids are ignored.
+  void Abort(int64_t id, absl::Status status = absl::CancelledError("request cancelled"));
+  // One iteration. A runner failure fails every live request with that status and is returned.
+  absl::Status Step();
+  bool HasWork() const { return scheduler_.HasWork(); }
+
+  // Runs the requests to completion, batched together. Per-request problems end that request
+  // with its status; the others continue.
+  absl::StatusOr<std::vector<GenerationResult>> Generate(absl::Span<const GenerationRequest> requests);
+
+  const Scheduler& scheduler() const { return scheduler_; }
+  const EngineStats& stats() const { return stats_; }
+  size_t num_requests() const { return requests_.size(); }
+
+ private:
+  struct Request;
+  void Complete(Request& r, RequestUpdate& u);
+
+  StepRunner* runner_;
+  const Tokenizer* tokenizer_;
+  Scheduler scheduler_;
+  absl::flat_hash_map<int64_t, std::unique_ptr<Request>> requests_;
+  EngineStats stats_;
+};
+
+// Negative log-likelihood of targets[i] after ids[0..i] (teacher forcing), one per target,
+// computed in chunks of `max_step_tokens`. Uses the runner's cache directly: no engine work
+// may be in flight on the same runner.
+absl::StatusOr<std::vector<double>> ScorePromptNll(ModelRunner& runner, absl::Span<const int32_t> ids,
+                                                   absl::Span<const int32_t> targets,
+                                                   int32_t max_step_tokens = 2048);
+
+SchedulerConfig MakeSchedulerConfig(const ModelConfig& config, const KvCacheSpec& kv,
+                                    const EngineOptions& options);
+
+}  // namespace lorc

@@ -1,0 +1,446 @@
+#include "coordinator/scheduler.h"
+
+#include <algorithm>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "common/check.h"
+#include "common/status_macros.h"
+
+namespace lorc {
+namespace {
+
+int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <typename C, typename T>
+bool ContainsValue(const C& c, const T& v) {
+  return std::find(c.begin(), c.end(), v) != c.end();
+}
+
+}  // namespace
+
+const char* FinishReasonName(FinishReason r) {
+  switch (r) {
+    case FinishReason::kNone: return "none";
+    case FinishReason::kLength: return "length";
+    case FinishReason::kStop: return "stop";
+    case FinishReason::kAborted: return "abort";
+    case FinishReason::kError: return "error";
+  }
+  return "?";
+}
+
+absl::Status SchedulerConfig::Validate() const {
+  auto positive = [](const char* field, int64_t v) -> absl::Status {
+    if (v > 0) return absl::OkStatus();
+    return absl::InvalidArgumentError(
+        absl::StrCat("scheduler config: ", field, " must be > 0, got ", v));
+  };
+  RETURN_IF_ERROR(positive("block_size", block_size));
+  RETURN_IF_ERROR(positive("num_blocks", num_blocks));
+  RETURN_IF_ERROR(positive("max_step_tokens", max_step_tokens));
+  RETURN_IF_ERROR(positive("max_running", max_running));
+  RETURN_IF_ERROR(positive("max_waiting", max_waiting));
+  RETURN_IF_ERROR(positive("max_model_len", max_model_len));
+  RETURN_IF_ERROR(positive("vocab_size", vocab_size));
+  for (int64_t id : eos_token_ids) {
+    if (id < 0 || id >= vocab_size) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "scheduler config: eos token id ", id, " outside the vocabulary [0, ", vocab_size, ")"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+struct Scheduler::Seq {
+  int64_t id = 0;
+  std::vector<int32_t> tokens;  // prompt + generated
+  int64_t prompt_len = 0;
+  SamplingParams params;
+  int32_t priority = 0;
+  SequenceState state = SequenceState::kWaiting;
+  WaitKey wait_key;             // while waiting
+  uint64_t admission = 0;       // order of the latest admission, while running
+  int64_t num_computed = 0;     // tokens whose K/V are (being) computed; 0 while waiting
+  int32_t num_generated = 0;
+  int32_t num_preemptions = 0;
+  uint64_t sample_step = 0;     // != 0: awaiting the token sampled in that step
+  bool workers_have_params = false;  // since the latest admission
+  bool seen_by_workers = false;      // ever scheduled: its end must be announced
+};
+
+struct Scheduler::Entry {
+  Seq* seq = nullptr;
+  int64_t n = 0;  // tokens computed this step
+  std::vector<BlockCopy> copies;
+};
+
+Scheduler::Scheduler(const SchedulerConfig& config)
+    : config_(config), blocks_(config.block_size, config.num_blocks) {
+  CHECK_OK(config.Validate());
+}
+
+Scheduler::~Scheduler() = default;
+
+absl::Status Scheduler::Add(int64_t seq_id, std::vector<int32_t> prompt,
+                            const SamplingParams& params, int32_t priority) {
+  if (prompt.empty()) return absl::InvalidArgumentError("empty prompt");
+  for (size_t i = 0; i < prompt.size(); ++i) {
+    if (prompt[i] < 0 || prompt[i] >= config_.vocab_size) {
+      return absl::InvalidArgumentError(absl::StrCat("prompt token id ", prompt[i], " at position ",
+                                                     i, " outside the vocabulary [0, ",
+                                                     config_.vocab_size, ")"));
+    }
+  }
+  RETURN_IF_ERROR(params.Validate(config_.vocab_size));
+  const int64_t prompt_len = static_cast<int64_t>(prompt.size());
+  const int64_t total = prompt_len + params.max_tokens;
+  if (total > config_.max_model_len) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "prompt (", prompt_len, " tokens) + max_tokens (", params.max_tokens, ") = ", total,
+        " exceeds the maximum model length of ", config_.max_model_len));
+  }
+  const int64_t blocks_needed = CeilDiv(total, config_.block_size);
+  if (blocks_needed > config_.num_blocks) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "request needs ", blocks_needed, " KV blocks for ", total,
+        " tokens (prompt + max_tokens), the whole cache has ", config_.num_blocks));
+  }
+  if (seqs_.contains(seq_id) || ContainsValue(ended_, seq_id)) {
+    return absl::AlreadyExistsError(absl::StrCat("sequence id ", seq_id, " is already in use"));
+  }
+  if (waiting_.size() >= static_cast<size_t>(config_.max_waiting)) {
+    return absl::ResourceExhaustedError(absl::StrCat("queue full (", waiting_.size(), " waiting)"));
+  }
+  auto seq = std::make_unique<Seq>();
+  seq->id = seq_id;
+  seq->tokens = std::move(prompt);
+  seq->prompt_len = prompt_len;
+  seq->params = params;
+  seq->priority = priority;
+  Enqueue(*seq, /*front=*/false);
+  seqs_.emplace(seq_id, std::move(seq));
+  return absl::OkStatus();
+}
+
+void Scheduler::Enqueue(Seq& s, bool front) {
+  s.state = SequenceState::kWaiting;
+  s.wait_key = {-static_cast<int64_t>(s.priority), front ? --next_front_ : next_back_++, s.id};
+  waiting_.insert(s.wait_key);
+}
+
+void Scheduler::End(Seq& s) {
+  const int64_t id = s.id;
+  if (s.state == SequenceState::kRunning) {
+    running_.erase(std::find(running_.begin(), running_.end(), &s));
+    blocks_.Free(id);
+  } else {
+    waiting_.erase(s.wait_key);
+  }
+  if (s.seen_by_workers) ended_.push_back(id);
+  seqs_.erase(id);  // destroys `s`
+}
+
+void Scheduler::Abort(int64_t seq_id) { Finish(seq_id, FinishReason::kAborted); }
+
+void Scheduler::Finish(int64_t seq_id, FinishReason reason) {
+  CHECK(reason != FinishReason::kNone) << "Finish(" << seq_id << ") needs a reason";
+  auto it = seqs_.find(seq_id);
+  if (it == seqs_.end()) return;
+  End(*it->second);
+}
+
+int64_t Scheduler::TokensThatFit(const Seq& s, int64_t n) const {
+  const int32_t free = blocks_.num_free_blocks();
+  auto fits = [&](int64_t m) { return blocks_.BlocksNeeded(s.id, s.num_computed + m) <= free; };
+  if (fits(n)) return n;
+  int64_t lo = 0, hi = n;  // fits(lo), !fits(hi); BlocksNeeded grows with the token count
+  while (hi - lo > 1) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (fits(mid)) {
+      lo = mid;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
+}
+
+Scheduler::Seq* Scheduler::PickVictim() const {
+  Seq* victim = nullptr;
+  for (Seq* s : running_) {
+    if (s->sample_step != 0) continue;  // its step is in flight
+    if (victim == nullptr || s->priority < victim->priority ||
+        (s->priority == victim->priority && s->admission > victim->admission)) {
+      victim = s;
+    }
+  }
+  return victim;
+}
+
+void Scheduler::Preempt(Seq& victim, std::vector<Entry>& entries, int64_t& budget,
+                        StepPlan& plan) {
+  auto e = std::find_if(entries.begin(), entries.end(),
+                        [&](const Entry& x) { return x.seq == &victim; });
+  if (e != entries.end()) {  // scheduled earlier in this step: take it back
+    budget += e->n;
+    entries.erase(e);
+  }
+  blocks_.Free(victim.id);
+  running_.erase(std::find(running_.begin(), running_.end(), &victim));
+  victim.num_computed = 0;
+  victim.workers_have_params = false;
+  ++victim.num_preemptions;
+  ++num_preemptions_;
+  Enqueue(victim, /*front=*/true);
+  if (victim.seen_by_workers) plan.preempted.push_back(victim.id);
+}
+
+StepPlan Scheduler::Schedule() {
+  StepPlan plan;
+  plan.step_id = ++step_id_;
+  plan.finished = std::move(ended_);
+  ended_.clear();
+  int64_t budget = config_.max_step_tokens;
+  std::vector<Entry> entries;
+
+  // 1. Running sequences: decodes, then prefill chunks; each group by priority, then admission.
+  std::vector<Seq*> order = running_;
+  std::stable_sort(order.begin(), order.end(), [](const Seq* a, const Seq* b) {
+    const bool pa = static_cast<int64_t>(a->tokens.size()) - a->num_computed > 1;
+    const bool pb = static_cast<int64_t>(b->tokens.size()) - b->num_computed > 1;
+    if (pa != pb) return pb;
+    return a->priority > b->priority;
+  });
+  bool preempted = false;
+  for (Seq* s : order) {
+    if (budget == 0) break;
+    if (s->state != SequenceState::kRunning || s->sample_step != 0) continue;
+    const int64_t n =
+        std::min(static_cast<int64_t>(s->tokens.size()) - s->num_computed, budget);
+    int64_t m = TokensThatFit(*s, n);
+    while (m == 0) {
+      Seq* victim = PickVictim();
+      CHECK(victim != nullptr);  // `s` itself is a candidate
+      Preempt(*victim, entries, budget, plan);
+      preempted = true;
+      if (victim == s) break;
+      m = TokensThatFit(*s, n);
+    }
+    if (s->state != SequenceState::kRunning) continue;
+    absl::StatusOr<std::vector<BlockCopy>> copies = blocks_.Reserve(s->id, s->num_computed + m);
+    CHECK_OK(copies.status());  // TokensThatFit checked the blocks
+    entries.push_back({s, m, *std::move(copies)});
+    budget -= m;
+  }
+
+  // 2. Admissions, unless this step had to preempt.
+  if (!preempted) {
+    // Blocks the running sequences still need to finish their prefill (promised to them).
+    int64_t promised = 0;
+    for (const Seq* s : running_) {
+      promised += blocks_.BlocksNeeded(s->id, static_cast<int64_t>(s->tokens.size()));
+    }
+    while (!waiting_.empty() && budget > 0 &&
+           running_.size() < static_cast<size_t>(config_.max_running)) {
+      Seq& s = *seqs_.at(std::get<2>(*waiting_.begin()));
+      const int64_t num_tokens = static_cast<int64_t>(s.tokens.size());
+      const int64_t need = CeilDiv(num_tokens + 1, config_.block_size);
+      const int64_t reserve =
+          running_.empty() ? 0 : promised + static_cast<int64_t>(running_.size());
+      if (need + reserve > blocks_.num_free_blocks()) break;  // in order: no skipping ahead
+      waiting_.erase(waiting_.begin());
+      s.state = SequenceState::kRunning;
+      s.admission = next_admission_++;
+      running_.push_back(&s);
+      CHECK_OK(blocks_.AddSequence(s.id));
+      const int64_t n = std::min(num_tokens, budget);
+      absl::StatusOr<std::vector<BlockCopy>> copies = blocks_.Reserve(s.id, n);
+      CHECK_OK(copies.status());  // need <= free
+      entries.push_back({&s, n, *std::move(copies)});
+      budget -= n;
+      promised += blocks_.BlocksNeeded(s.id, num_tokens);
+    }
+  }
+
+  // 3. The plan. The scheduled tokens count as computed from here on.
+  plan.seqs.reserve(entries.size());
+  for (Entry& e : entries) {
+    Seq& s = *e.seq;
+    ScheduledSequence out;
+    out.seq_id = s.id;
+    out.tokens.assign(s.tokens.begin() + s.num_computed, s.tokens.begin() + s.num_computed + e.n);
+    out.num_cached = s.num_computed;
+    const absl::Span<const int32_t> table = blocks_.BlockTable(s.id);
+    out.block_table.assign(table.begin(), table.end());
+    s.num_computed += e.n;
+    out.sample = s.num_computed == static_cast<int64_t>(s.tokens.size());
+    if (out.sample) s.sample_step = plan.step_id;
+    if (!s.workers_have_params) {
+      out.params = s.params;
+      s.workers_have_params = true;
+    }
+    s.seen_by_workers = true;
+    plan.copies.insert(plan.copies.end(), e.copies.begin(), e.copies.end());
+    plan.seqs.push_back(std::move(out));
+  }
+  return plan;
+}
+
+std::vector<SequenceEvent> Scheduler::Apply(const StepResult& result) {
+  std::vector<SequenceEvent> events;
+  if (result.step_id == 0) return events;  // no plan has id 0
+  for (const SampledToken& t : result.sampled) {
+    auto it = seqs_.find(t.seq_id);
+    if (it == seqs_.end()) continue;  // ended meanwhile
+    Seq& s = *it->second;
+    if (s.sample_step != result.step_id) continue;  // not expecting this token
+    s.sample_step = 0;
+    SequenceEvent ev;
+    ev.seq_id = s.id;
+    if (t.token < 0 || t.token >= config_.vocab_size) {
+      ev.finished = true;
+      ev.reason = FinishReason::kError;
+      events.push_back(ev);
+      End(s);
+      continue;
+    }
+    ev.token = t.token;
+    s.tokens.push_back(t.token);
+    ++s.num_generated;
+    const bool eos = !s.params.ignore_eos &&
+                     ContainsValue(config_.eos_token_ids, static_cast<int64_t>(t.token));
+    if (eos || ContainsValue(s.params.stop_token_ids, t.token)) {
+      ev.reason = FinishReason::kStop;
+    } else if (s.num_generated >= s.params.max_tokens) {
+      ev.reason = FinishReason::kLength;
+    }
+    ev.finished = ev.reason != FinishReason::kNone;
+    events.push_back(ev);
+    if (ev.finished) End(s);
+  }
+  // Sequences that were to be sampled in that step but got no token.
+  std::vector<Seq*> missing;
+  for (Seq* s : running_) {
+    if (s->sample_step == result.step_id) missing.push_back(s);
+  }
+  for (Seq* s : missing) {
+    events.push_back({s->id, -1, true, FinishReason::kError});
+    End(*s);
+  }
+  return events;
+}
+
+bool Scheduler::HasWork() const {
+  return !waiting_.empty() || !running_.empty() || !ended_.empty();
+}
+
+std::optional<SequenceInfo> Scheduler::GetSequence(int64_t seq_id) const {
+  auto it = seqs_.find(seq_id);
+  if (it == seqs_.end()) return std::nullopt;
+  const Seq& s = *it->second;
+  SequenceInfo info;
+  info.state = s.state;
+  info.priority = s.priority;
+  info.prompt_len = s.prompt_len;
+  info.num_tokens = static_cast<int64_t>(s.tokens.size());
+  info.num_computed = s.num_computed;
+  info.num_generated = s.num_generated;
+  info.num_blocks = s.state == SequenceState::kRunning
+                        ? static_cast<int32_t>(blocks_.BlockTable(s.id).size())
+                        : 0;
+  info.num_preemptions = s.num_preemptions;
+  return info;
+}
+
+absl::Span<const int32_t> Scheduler::Tokens(int64_t seq_id) const {
+  auto it = seqs_.find(seq_id);
+  if (it == seqs_.end()) return {};
+  return it->second->tokens;
+}
+
+absl::Status Scheduler::Validate() const {
+  auto bad = [](auto&&... args) { return absl::InternalError(absl::StrCat(args...)); };
+  if (waiting_.size() + running_.size() != seqs_.size()) {
+    return bad(waiting_.size(), " waiting + ", running_.size(), " running != ", seqs_.size(),
+               " sequences");
+  }
+  if (running_.size() > static_cast<size_t>(config_.max_running)) {
+    return bad(running_.size(), " running > max_running ", config_.max_running);
+  }
+  if (blocks_.num_sequences() != running_.size()) {
+    return bad("the block manager holds ", blocks_.num_sequences(), " sequences, ",
+               running_.size(), " are running");
+  }
+  for (const auto& [id, p] : seqs_) {
+    const Seq& s = *p;
+    if (s.id != id) return bad("sequence ", s.id, " stored under id ", id);
+    if (static_cast<int64_t>(s.tokens.size()) != s.prompt_len + s.num_generated) {
+      return bad("sequence ", id, ": ", s.tokens.size(), " tokens != prompt ", s.prompt_len,
+                 " + generated ", s.num_generated);
+    }
+    if (s.num_generated >= s.params.max_tokens) {
+      return bad("sequence ", id, " is live with ", s.num_generated, " of max ",
+                 s.params.max_tokens, " tokens generated");
+    }
+    if (s.num_computed < 0 || s.num_computed > static_cast<int64_t>(s.tokens.size())) {
+      return bad("sequence ", id, ": ", s.num_computed, " computed of ", s.tokens.size());
+    }
+    if (s.sample_step != 0 &&
+        (s.state != SequenceState::kRunning ||
+         s.num_computed != static_cast<int64_t>(s.tokens.size()))) {
+      return bad("sequence ", id, " awaits a token but is not fully computed and running");
+    }
+    if (ContainsValue(ended_, id)) return bad("sequence ", id, " is live and ended");
+  }
+  for (const WaitKey& k : waiting_) {
+    auto it = seqs_.find(std::get<2>(k));
+    if (it == seqs_.end()) return bad("waiting sequence ", std::get<2>(k), " is unknown");
+    const Seq& s = *it->second;
+    if (s.state != SequenceState::kWaiting || s.wait_key != k) {
+      return bad("waiting sequence ", s.id, " has another state or queue key");
+    }
+    if (blocks_.Has(s.id) || s.num_computed != 0) {
+      return bad("waiting sequence ", s.id, " holds KV blocks or computed tokens");
+    }
+  }
+  std::vector<int32_t> holders(config_.num_blocks, 0);
+  for (size_t i = 0; i < running_.size(); ++i) {
+    const Seq& s = *running_[i];
+    auto it = seqs_.find(s.id);
+    if (it == seqs_.end() || it->second.get() != &s || s.state != SequenceState::kRunning) {
+      return bad("running sequence ", s.id, " is unknown or has another state");
+    }
+    if (i > 0 && running_[i - 1]->admission >= s.admission) {
+      return bad("running set out of admission order at sequence ", s.id);
+    }
+    if (!blocks_.Has(s.id) || blocks_.NumTokens(s.id) != s.num_computed) {
+      return bad("running sequence ", s.id, ": block manager tokens != ", s.num_computed,
+                 " computed");
+    }
+    const absl::Span<const int32_t> table = blocks_.BlockTable(s.id);
+    if (static_cast<int64_t>(table.size()) != CeilDiv(s.num_computed, config_.block_size)) {
+      return bad("running sequence ", s.id, ": ", table.size(), " blocks for ", s.num_computed,
+                 " computed tokens");
+    }
+    for (int32_t b : table) {
+      if (b < 0 || b >= config_.num_blocks) return bad("sequence ", s.id, " holds block ", b);
+      ++holders[b];
+    }
+  }
+  int32_t used = 0;
+  for (int32_t b = 0; b < config_.num_blocks; ++b) {
+    if (holders[b] != blocks_.pool().RefCount(b)) {
+      return bad("block ", b, " has ref count ", blocks_.pool().RefCount(b), " but ", holders[b],
+                 " holders");
+    }
+    if (holders[b] > 0) ++used;
+  }
+  if (used + blocks_.num_free_blocks() != config_.num_blocks) {
+    return bad(used, " blocks held + ", blocks_.num_free_blocks(), " free != ",
+               config_.num_blocks);
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace lorc

@@ -1,0 +1,177 @@
+// The request scheduler: decides, step by step, which sequences the workers compute, under a
+// per-step token budget (chunked prefill) and the KV cache's blocks. Pure bookkeeping, no device
+// and no threads: one engine thread owns it, feeds it requests (Add / Abort / Finish), asks it for
+// the next StepPlan (Schedule), runs the plan on the workers and hands rank 0's StepResult back
+// (Apply). Contract with the workers: worker/step.h.
+//
+// Lifecycle of a sequence: Add -> waiting -> (admitted) running -> ended (EOS / stop id /
+// max_tokens in Apply, or Abort / Finish). A running sequence can be preempted: its KV blocks are
+// freed and it goes back to the front of its priority class in the waiting queue, to be
+// recomputed later from all its tokens (prompt + generated so far).
+//
+// Policy of Schedule():
+//  1. Running sequences first: decoding ones (one token each), then partially prefilled ones
+//     (their next prefill chunk), each group by (priority desc, admission asc), while the token
+//     budget lasts. A prefill chunk shrinks to the blocks that are free. A sequence that cannot
+//     get a block for even one token preempts the lowest-priority, most recently admitted running
+//     sequence, repeatedly, until it fits or it is the victim itself.
+//  2. If nothing was preempted, waiting sequences are admitted by (priority desc, arrival asc),
+//     strictly in that order (no skipping ahead, so large requests are not starved), while the
+//     budget, max_running and the blocks allow. Admission needs blocks for the whole prompt plus
+//     one token, on top of the blocks that admitted sequences still need to finish their prefill,
+//     plus a watermark of one spare block per running sequence (so that admitting does not force
+//     an immediate preemption). With nothing running, anything that fits is admitted.
+//  Each newly admitted sequence takes a prefill chunk from what is left of the budget.
+//  (Prefix caching would start an admitted sequence at num_computed > 0; not done yet.)
+//
+// Steps in flight: call Apply with a plan's result before the next Schedule. A sequence waiting
+// for its sampled token is skipped by Schedule (and never chosen as a victim), so an extra
+// Schedule does no harm, but it schedules nothing for that sequence.
+//
+// Invariants (checked by Validate()): every sequence is in exactly one of waiting / running;
+// running sequences own exactly the blocks for their computed tokens, waiting ones own none;
+// blocks in use + free blocks = num_blocks.
+//
+// Thread safety: none. Owned by the engine thread.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <set>
+#include <tuple>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/status.h"
+#include "absl/types/span.h"
+#include "common/sampling_params.h"
+#include "kvstore/kv_block_manager.h"
+#include "worker/step.h"
+
+namespace lorc {
+
+enum class FinishReason { kNone, kLength, kStop, kAborted, kError };
+const char* FinishReasonName(FinishReason r);
+
+struct SchedulerConfig {
+  int32_t block_size = 16;
+  int32_t num_blocks = 0;          // KV cache blocks (the smallest over the workers)
+  int32_t max_step_tokens = 2048;  // tokens computed per step over all sequences (chunked prefill)
+  int32_t max_running = 256;       // sequences in the running set
+  int32_t max_waiting = 1024;      // bounded queue: past it Add returns RESOURCE_EXHAUSTED
+  int64_t max_model_len = 4096;    // prompt + max_tokens must fit
+  int64_t vocab_size = 0;
+  std::vector<int64_t> eos_token_ids;
+
+  // InvalidArgument naming the field for any out-of-range value.
+  absl::Status Validate() const;
+};
+
+// What Apply reports for one sequence.
+struct SequenceEvent {
+  int64_t seq_id = 0;
+  int32_t token = -1;  // the sampled token, appended to the output; -1: none (kError only)
+  bool finished = false;
+  FinishReason reason = FinishReason::kNone;  // set when finished
+};
+
+enum class SequenceState { kWaiting, kRunning };
+
+// A snapshot of one live sequence (introspection for tests, metrics and health).
+struct SequenceInfo {
+  SequenceState state = SequenceState::kWaiting;
+  int32_t priority = 0;
+  int64_t prompt_len = 0;
+  int64_t num_tokens = 0;     // prompt + generated
+  int64_t num_computed = 0;   // tokens whose K/V the workers hold (or compute in the last plan)
+  int32_t num_generated = 0;
+  int32_t num_blocks = 0;     // KV blocks held
+  int32_t num_preemptions = 0;
+};
+
+class Scheduler {
+ public:
+  // `config` must be valid (SchedulerConfig::Validate); CHECK-fails otherwise.
+  explicit Scheduler(const SchedulerConfig& config);
+  Scheduler(const Scheduler&) = delete;
+  Scheduler& operator=(const Scheduler&) = delete;
+  ~Scheduler();
+
+  // Validates and enqueues a request; higher `priority` is served first. Errors (nothing
+  // enqueued): INVALID_ARGUMENT for an empty prompt, a prompt id outside the vocabulary, bad
+  // sampling values, prompt + max_tokens > max_model_len; RESOURCE_EXHAUSTED for a request that
+  // could never fit in the whole cache, or when max_waiting requests are waiting
+  // ("queue full (N waiting)"); ALREADY_EXISTS for an id in use (also one whose end the workers
+  // have not yet been told of).
+  absl::Status Add(int64_t seq_id, std::vector<int32_t> prompt, const SamplingParams& params,
+                   int32_t priority = 0);
+
+  // Cancellation, deadline, failure: ends the sequence (waiting or running) and frees its KV
+  // blocks at once. Its id goes into the next plan's `finished` if any worker has seen it; a
+  // token sampled for it meanwhile is dropped by Apply. Unknown ids are ignored.
+  void Abort(int64_t seq_id);
+  // Ends a sequence for a reason found outside the scheduler (a stop string): same as Abort.
+  // `reason` must not be kNone.
+  void Finish(int64_t seq_id, FinishReason reason);
+
+  // Builds the next step (policy above). The plan is empty (no seqs) when nothing can run; it
+  // may still carry `finished` ids, which the workers must get. Sets `sample` on sequences whose
+  // chunk ends at their last known token, and `params` on sequences the workers have not seen
+  // since their (re)admission. The scheduled tokens count as computed from here on.
+  StepPlan Schedule();
+
+  // Applies rank 0's sampled tokens for plan `result.step_id`: appends each to its sequence and
+  // ends the sequence on EOS (unless ignore_eos) or a stop id (kStop), or at max_tokens
+  // (kLength), freeing its blocks. One event per applied token, in result order. Tokens for
+  // sequences not awaiting one from that step (aborted meanwhile, unknown) are dropped. A
+  // sequence that was to be sampled in that step but got no token, or a token outside the
+  // vocabulary, ends with kError (event token -1).
+  std::vector<SequenceEvent> Apply(const StepResult& result);
+
+  // --- Introspection ---
+  const SchedulerConfig& config() const { return config_; }
+  int32_t num_waiting() const { return static_cast<int32_t>(waiting_.size()); }
+  int32_t num_running() const { return static_cast<int32_t>(running_.size()); }
+  int32_t num_blocks() const { return config_.num_blocks; }
+  int32_t num_free_blocks() const { return blocks_.num_free_blocks(); }
+  int64_t num_preemptions() const { return num_preemptions_; }  // since construction
+  // Waiting or running sequences, or ended ones the workers still have to be told of.
+  bool HasWork() const;
+  bool Contains(int64_t seq_id) const { return seqs_.contains(seq_id); }
+  std::optional<SequenceInfo> GetSequence(int64_t seq_id) const;
+  // Prompt + generated tokens of a live sequence; empty for unknown ids.
+  absl::Span<const int32_t> Tokens(int64_t seq_id) const;
+  const KvBlockManager& blocks() const { return blocks_; }
+
+  // Checks the invariants listed at the top; Internal naming the first broken one. Debug aid,
+  // O(sequences + blocks).
+  absl::Status Validate() const;
+
+ private:
+  struct Seq;
+  struct Entry;  // one sequence's share of the plan being built
+  // (-priority, queue position, id): iteration order is admission order.
+  using WaitKey = std::tuple<int64_t, int64_t, int64_t>;
+
+  void End(Seq& s);
+  void Enqueue(Seq& s, bool front);
+  // Largest m <= n such that `s` can grow by m tokens with the blocks now free.
+  int64_t TokensThatFit(const Seq& s, int64_t n) const;
+  Seq* PickVictim() const;
+  void Preempt(Seq& victim, std::vector<Entry>& entries, int64_t& budget, StepPlan& plan);
+
+  SchedulerConfig config_;
+  KvBlockManager blocks_;
+  absl::flat_hash_map<int64_t, std::unique_ptr<Seq>> seqs_;
+  std::set<WaitKey> waiting_;
+  std::vector<Seq*> running_;          // in admission order
+  std::vector<int64_t> ended_;         // ended ids the workers have seen: next plan's `finished`
+  uint64_t step_id_ = 0;
+  int64_t next_back_ = 0;              // queue positions of new requests: 0, 1, 2, ...
+  int64_t next_front_ = 0;             // of requeued (preempted) ones: -1, -2, ...
+  uint64_t next_admission_ = 0;
+  int64_t num_preemptions_ = 0;
+};
+
+}  // namespace lorc

@@ -1,0 +1,56 @@
+// Tokenizer internals: PCRE2 regexes with the semantics HF tokenizers gets from Oniguruma.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+
+struct pcre2_real_code_8;
+
+namespace lorc::tokenizer_internal {
+
+// Rewrites an Oniguruma (Ruby syntax, UTF-8) pattern into PCRE2 syntax with the same meaning
+// under PCRE2_UTF | PCRE2_UCP:
+//   \s, \S  Oniguruma: Unicode White_Space. PCRE2 additionally counts U+180E, so they become
+//           explicit classes (\p{Z}, \t-\r, U+0085).
+//   \w, \W  Oniguruma: Letter, Mark, Decimal_Number, Connector_Punctuation.
+//   \h, \H  Oniguruma: hex digit (PCRE2: horizontal space).
+// Constructs PCRE2 cannot express the same way (nested classes, && intersection, \S/\W/\H inside
+// a class) are InvalidArgument.
+absl::StatusOr<std::string> TranslateOnigurumaPattern(std::string_view pattern);
+
+class Regex {
+ public:
+  using Match = std::pair<size_t, size_t>;  // [begin, end) byte offsets
+
+  // Compiles an Oniguruma-syntax pattern; `what` names it in errors.
+  static absl::StatusOr<std::unique_ptr<Regex>> FromOniguruma(std::string_view pattern,
+                                                              std::string_view what);
+  // Compiles a pattern that matches `literal` exactly.
+  static absl::StatusOr<std::unique_ptr<Regex>> FromLiteral(std::string_view literal,
+                                                            std::string_view what);
+  ~Regex();
+  Regex(const Regex&) = delete;
+  Regex& operator=(const Regex&) = delete;
+
+  // Appends all non-overlapping matches in `text` (valid UTF-8), left to right, iterating like
+  // the onig crate's find_iter (an empty match right after the previous match is skipped).
+  // Thread-safe.
+  absl::Status FindAll(std::string_view text, std::vector<Match>* matches) const;
+
+ private:
+  static absl::StatusOr<std::unique_ptr<Regex>> Compile(std::string_view pattern, uint32_t options,
+                                                        std::string_view what);
+  explicit Regex(pcre2_real_code_8* code) : code_(code) {}
+
+  pcre2_real_code_8* code_;
+};
+
+}  // namespace lorc::tokenizer_internal

@@ -1,0 +1,258 @@
+#include "coordinator/worker_group.h"
+
+#include <chrono>
+#include <deque>
+#include <future>
+
+#include "absl/strings/str_cat.h"
+#include "common/grpc_status.h"
+#include "common/status_macros.h"
+#include "grpcpp/grpcpp.h"
+#include "worker/step_proto.h"
+
+namespace lorc {
+namespace {
+
+std::chrono::system_clock::time_point DeadlineIn(absl::Duration d) {
+  return std::chrono::system_clock::now() + absl::ToChronoMilliseconds(d);
+}
+
+}  // namespace
+
+struct WorkerGroup::Worker {
+  int rank = 0;
+  std::string address;
+  std::shared_ptr<grpc::Channel> channel;
+  std::unique_ptr<lorcserve::internal::Worker::Stub> stub;
+  // Stream mode.
+  std::unique_ptr<grpc::ClientContext> stream_ctx;
+  std::unique_ptr<grpc::ClientReaderWriter<lorcserve::internal::StepPlan, lorcserve::internal::StepResult>> stream;
+  std::thread reader;
+  absl::Mutex mu;
+  absl::CondVar cv;
+  std::deque<lorcserve::internal::StepResult> results ABSL_GUARDED_BY(mu);
+  bool closed ABSL_GUARDED_BY(mu) = false;
+  absl::Status close_status ABSL_GUARDED_BY(mu);
+
+  std::string Name() const { return absl::StrCat("worker ", rank, " (", address, ")"); }
+  absl::Status Fail(const absl::Status& s) const {
+    return absl::UnavailableError(absl::StrCat(Name(), ": ", s.message()));
+  }
+};
+
+absl::StatusOr<std::unique_ptr<WorkerGroup>> WorkerGroup::Start(const WorkerGroupOptions& options) {
+  if (options.addresses.empty()) return absl::InvalidArgumentError("no worker addresses");
+  std::unique_ptr<WorkerGroup> g(new WorkerGroup(options));
+  RETURN_IF_ERROR(g->Connect());
+  if (options.use_stream) RETURN_IF_ERROR(g->OpenStreams());
+  return g;
+}
+
+WorkerGroup::~WorkerGroup() {
+  for (auto& w : workers_) {
+    if (w->stream != nullptr) {
+      w->stream->WritesDone();
+      w->stream_ctx->TryCancel();
+    }
+    if (w->reader.joinable()) w->reader.join();
+  }
+}
+
+absl::Status WorkerGroup::Connect() {
+  const int n = static_cast<int>(options_.addresses.size());
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(256 << 20);
+  args.SetMaxSendMessageSize(256 << 20);
+  for (int r = 0; r < n; ++r) {
+    auto w = std::make_unique<Worker>();
+    w->rank = r;
+    w->address = options_.addresses[r];
+    w->channel = grpc::CreateCustomChannel(w->address, grpc::InsecureChannelCredentials(), args);
+    w->stub = lorcserve::internal::Worker::NewStub(w->channel);
+    workers_.push_back(std::move(w));
+  }
+  for (auto& w : workers_) {
+    if (!w->channel->WaitForConnected(DeadlineIn(options_.connect_timeout))) {
+      return absl::UnavailableError(absl::StrCat(w->Name(), ": not reachable within ",
+                                                 absl::FormatDuration(options_.connect_timeout)));
+    }
+  }
+  // Join the tensor-parallel group: every rank blocks in InitCommunicator until all arrived.
+  const std::string group = absl::StrCat("tp-", absl::ToUnixNanos(absl::Now()));
+  if (n > 1) {
+    std::vector<std::future<absl::Status>> joins;
+    for (auto& w : workers_) {
+      joins.push_back(std::async(std::launch::async, [&, wp = w.get()]() -> absl::Status {
+        grpc::ClientContext ctx;
+        ctx.set_deadline(DeadlineIn(options_.join_timeout + absl::Seconds(30)));
+        lorcserve::internal::InitCommunicatorRequest req;
+        req.set_rendezvous_address(options_.rendezvous_address);
+        req.set_group(group);
+        req.set_rank(wp->rank);
+        req.set_world_size(n);
+        req.set_timeout_ms(absl::ToInt64Milliseconds(options_.join_timeout));
+        req.set_bind_address(options_.bind_address);
+        lorcserve::internal::InitCommunicatorResponse resp;
+        const absl::Status s = FromGrpcStatus(wp->stub->InitCommunicator(&ctx, req, &resp));
+        if (!s.ok()) return absl::Status(s.code(), absl::StrCat(wp->Name(), ": ", s.message()));
+        return s;
+      }));
+    }
+    absl::Status first;
+    for (auto& f : joins) first.Update(f.get());
+    RETURN_IF_ERROR(first);
+  }
+  std::vector<std::future<absl::StatusOr<lorcserve::internal::LoadModelResponse>>> loads;
+  for (auto& w : workers_) {
+    loads.push_back(std::async(std::launch::async, [&, wp = w.get()]()
+                                   -> absl::StatusOr<lorcserve::internal::LoadModelResponse> {
+      grpc::ClientContext ctx;
+      ctx.set_deadline(DeadlineIn(options_.load_timeout));
+      lorcserve::internal::LoadModelRequest req;
+      req.set_model_dir(options_.model.dir);
+      req.set_random_weights(options_.model.random_weights);
+      req.set_weights_seed(options_.model.seed);
+      req.set_tp_rank(wp->rank);
+      req.set_tp_size(n);
+      req.set_block_size(options_.kv.block_size);
+      req.set_num_blocks(options_.kv.num_blocks);
+      req.set_kv_cache_bytes(options_.kv.memory_bytes);
+      lorcserve::internal::LoadModelResponse resp;
+      const absl::Status s = FromGrpcStatus(wp->stub->LoadModel(&ctx, req, &resp));
+      if (!s.ok()) return absl::Status(s.code(), absl::StrCat(wp->Name(), ": ", s.message()));
+      return resp;
+    }));
+  }
+  absl::Status first;
+  for (size_t r = 0; r < loads.size(); ++r) {
+    absl::StatusOr<lorcserve::internal::LoadModelResponse> resp = loads[r].get();
+    if (!resp.ok()) {
+      first.Update(resp.status());
+      continue;
+    }
+    info_.num_blocks = r == 0 ? resp->num_blocks() : std::min(info_.num_blocks, resp->num_blocks());
+    info_.kv_bytes_per_token = resp->kv_bytes_per_token();
+    info_.backend = resp->backend();
+    info_.device = resp->device();
+    info_.load_seconds = std::max(info_.load_seconds, resp->load_seconds());
+  }
+  return first;
+}
+
+absl::Status WorkerGroup::OpenStreams() {
+  for (auto& w : workers_) {
+    w->stream_ctx = std::make_unique<grpc::ClientContext>();
+    w->stream = w->stub->Steps(w->stream_ctx.get());
+    w->reader = std::thread([wp = w.get()] {
+      lorcserve::internal::StepResult r;
+      while (wp->stream->Read(&r)) {
+        absl::MutexLock lock(&wp->mu);
+        wp->results.push_back(r);
+        wp->cv.Signal();
+      }
+      const absl::Status s = FromGrpcStatus(wp->stream->Finish());
+      absl::MutexLock lock(&wp->mu);
+      wp->closed = true;
+      wp->close_status = s.ok() ? absl::UnavailableError("step stream closed") : s;
+      wp->cv.SignalAll();
+    });
+  }
+  return absl::OkStatus();
+}
+
+void WorkerGroup::MarkBroken(const absl::Status& s) {
+  absl::MutexLock lock(&mu_);
+  if (broken_.ok()) broken_ = s;
+}
+
+absl::Status WorkerGroup::health() const {
+  absl::MutexLock lock(&mu_);
+  return broken_;
+}
+
+absl::Status WorkerGroup::Probe(absl::Duration timeout) {
+  RETURN_IF_ERROR(health());
+  for (auto& w : workers_) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(DeadlineIn(timeout));
+    lorcserve::internal::PingRequest req;
+    lorcserve::internal::PingResponse resp;
+    const absl::Status s = FromGrpcStatus(w->stub->Ping(&ctx, req, &resp));
+    if (!s.ok()) {
+      MarkBroken(w->Fail(s));
+      return health();
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<StepResult> WorkerGroup::Run(const StepPlan& plan) {
+  RETURN_IF_ERROR(health());
+  absl::StatusOr<StepResult> r = options_.use_stream ? RunStream(plan) : RunUnary(plan);
+  if (!r.ok() && r.status().code() == absl::StatusCode::kUnavailable) MarkBroken(r.status());
+  return r;
+}
+
+absl::StatusOr<StepResult> WorkerGroup::RunStream(const StepPlan& plan) {
+  lorcserve::internal::StepPlan msg;
+  StepPlanToProto(plan, &msg);
+  for (auto& w : workers_) {
+    if (!w->stream->Write(msg)) return w->Fail(absl::UnavailableError("step stream closed"));
+  }
+  const absl::Time deadline = absl::Now() + options_.step_timeout;
+  absl::StatusOr<StepResult> rank0 = absl::InternalError("no result");
+  absl::Status failure;
+  for (auto& w : workers_) {
+    absl::MutexLock lock(&w->mu);
+    while (w->results.empty() && !w->closed) {
+      if (w->cv.WaitWithDeadline(&w->mu, deadline)) break;
+    }
+    if (w->results.empty()) {
+      const absl::Status why = w->closed ? w->close_status
+                                         : absl::DeadlineExceededError(absl::StrCat(
+                                               "no step result within ",
+                                               absl::FormatDuration(options_.step_timeout)));
+      if (!w->closed) w->stream_ctx->TryCancel();
+      return w->Fail(why);
+    }
+    lorcserve::internal::StepResult res = std::move(w->results.front());
+    w->results.pop_front();
+    absl::StatusOr<StepResult> r = StepResultFromProto(res);
+    if (!r.ok()) {
+      failure.Update(absl::Status(r.status().code(), absl::StrCat(w->Name(), ": ", r.status().message())));
+    } else if (w->rank == 0) {
+      rank0 = std::move(r);
+    }
+  }
+  RETURN_IF_ERROR(failure);
+  return rank0;
+}
+
+absl::StatusOr<StepResult> WorkerGroup::RunUnary(const StepPlan& plan) {
+  lorcserve::internal::StepPlan msg;
+  StepPlanToProto(plan, &msg);
+  std::vector<std::future<absl::StatusOr<StepResult>>> calls;
+  for (auto& w : workers_) {
+    calls.push_back(std::async(std::launch::async, [&, wp = w.get()]() -> absl::StatusOr<StepResult> {
+      grpc::ClientContext ctx;
+      ctx.set_deadline(DeadlineIn(options_.step_timeout));
+      lorcserve::internal::StepResult res;
+      const absl::Status s = FromGrpcStatus(wp->stub->Step(&ctx, msg, &res));
+      if (!s.ok()) return wp->Fail(s);
+      absl::StatusOr<StepResult> r = StepResultFromProto(res);
+      if (!r.ok()) return absl::Status(r.status().code(), absl::StrCat(wp->Name(), ": ", r.status().message()));
+      return r;
+    }));
+  }
+  absl::StatusOr<StepResult> rank0 = absl::InternalError("no result");
+  absl::Status failure;
+  for (size_t r = 0; r < calls.size(); ++r) {
+    absl::StatusOr<StepResult> res = calls[r].get();
+    if (!res.ok()) failure.Update(res.status());
+    else if (r == 0) rank0 = std::move(res);
+  }
+  RETURN_IF_ERROR(failure);
+  return rank0;
+}
+
+}  // namespace lorc

@@ -1,0 +1,77 @@
+// The coordinator's handle on its tensor-parallel workers: connects, has them join one
+// communicator group (through the coordinator's Rendezvous service) and load their shards,
+// then runs every StepPlan on all of them and returns rank 0's result.
+//
+// Steps go over one bidirectional stream per worker (default) or one unary call per step per
+// worker (kept for measurement). A worker that dies, closes its stream or misses the step
+// deadline breaks the group: that Run and every later one return UNAVAILABLE naming the worker.
+// Threads: Run is called by the engine thread only; one reader thread per worker stream.
+#pragma once
+
+#include <atomic>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "lorcserve/internal/worker.grpc.pb.h"
+#include "worker/model_loader.h"
+#include "worker/model_runner.h"
+#include "worker/step.h"
+
+namespace lorc {
+
+struct WorkerGroupOptions {
+  std::vector<std::string> addresses;  // rank order
+  std::string rendezvous_address;      // the coordinator's Rendezvous service, as workers reach it
+  std::string bind_address = "127.0.0.1";  // Gloo: the address workers listen on
+  ModelSource model;
+  KvCacheOptions kv;
+  bool use_stream = true;
+  absl::Duration connect_timeout = absl::Seconds(60);
+  absl::Duration join_timeout = absl::Seconds(60);
+  absl::Duration load_timeout = absl::Minutes(30);
+  absl::Duration step_timeout = absl::Minutes(5);
+};
+
+struct WorkerGroupInfo {
+  int32_t num_blocks = 0;         // the smallest over the workers
+  int64_t kv_bytes_per_token = 0; // per rank
+  std::string backend, device;
+  double load_seconds = 0;        // the slowest worker
+};
+
+class WorkerGroup final : public StepRunner {
+ public:
+  static absl::StatusOr<std::unique_ptr<WorkerGroup>> Start(const WorkerGroupOptions& options);
+  ~WorkerGroup() override;
+
+  absl::StatusOr<StepResult> Run(const StepPlan& plan) override;
+
+  const WorkerGroupInfo& info() const { return info_; }
+  int size() const { return static_cast<int>(workers_.size()); }
+  // OK while every worker answers; else UNAVAILABLE naming the first one that failed.
+  absl::Status health() const;
+  // Pings every worker (bounded by `timeout`); a worker that does not answer breaks the group.
+  absl::Status Probe(absl::Duration timeout);
+
+ private:
+  struct Worker;
+  explicit WorkerGroup(const WorkerGroupOptions& options) : options_(options) {}
+  absl::Status Connect();
+  absl::Status OpenStreams();
+  void MarkBroken(const absl::Status& s);
+  absl::StatusOr<StepResult> RunUnary(const StepPlan& plan);
+  absl::StatusOr<StepResult> RunStream(const StepPlan& plan);
+
+  WorkerGroupOptions options_;
+  WorkerGroupInfo info_;
+  std::vector<std::unique_ptr<Worker>> workers_;
+  mutable absl::Mutex mu_;
+  absl::Status broken_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace lorc

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Configures and builds lorcserve into $BUILD_DIR (default build/). CUDA is enabled when nvcc is
+# found (/usr/local/cuda/bin/nvcc or on PATH); set LORC_CUDA=OFF to skip it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BUILD_DIR=${BUILD_DIR:-build}
+JOBS=${JOBS:-$(nproc)}
+cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release -DLORC_CUDA="${LORC_CUDA:-AUTO}" \
+  ${LORC_CMAKE_ARGS:-} >/dev/null
+cmake --build "$BUILD_DIR" -j "$JOBS"

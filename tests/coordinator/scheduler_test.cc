@@ -1,0 +1,906 @@
+// The request scheduler, driven by a fake worker that checks every plan against the step.h
+// contract and a fake "model" whose token is a pure function of (sequence, position), so that
+// recomputation after a preemption must be invisible in the outputs.
+#include "coordinator/scheduler.h"
+
+#include <algorithm>
+#include <functional>
+#include <map>
+#include <random>
+#include <set>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tests/testing/status_matchers.h"
+
+namespace lorc {
+namespace {
+
+using ::lorc::testing::StatusIs;
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+using ::testing::IsEmpty;
+
+constexpr int64_t kVocab = 1000;
+constexpr int32_t kEos = 999;
+
+SchedulerConfig Config(int32_t block_size, int32_t num_blocks, int32_t budget = 2048) {
+  SchedulerConfig c;
+  c.block_size = block_size;
+  c.num_blocks = num_blocks;
+  c.max_step_tokens = budget;
+  c.max_model_len = 8192;
+  c.vocab_size = kVocab;
+  c.eos_token_ids = {kEos};
+  return c;
+}
+
+SamplingParams Params(int32_t max_tokens) {
+  SamplingParams p;
+  p.max_tokens = max_tokens;
+  return p;
+}
+
+std::vector<int32_t> Prompt(int64_t n, int32_t salt = 0) {
+  std::vector<int32_t> p(n);
+  for (int64_t i = 0; i < n; ++i) p[i] = static_cast<int32_t>((i * 13 + salt) % 900 + 1);
+  return p;
+}
+
+// Never EOS (999): values in [0, 997).
+int32_t PlainModel(int64_t seq, int64_t pos) { return static_cast<int32_t>((seq * 7 + pos) % 997); }
+
+int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// A tensor-parallel worker as far as the contract goes: what K/V it holds per sequence, which
+// sequences' sampler state it keeps. It checks each plan against step.h.
+class FakeWorker {
+ public:
+  using Model = std::function<int32_t(int64_t seq, int64_t pos)>;
+  FakeWorker(int32_t block_size, Model model) : block_size_(block_size), model_(std::move(model)) {}
+
+  StepResult Run(const StepPlan& plan) {
+    StepResult r;
+    r.step_id = plan.step_id;
+    for (int64_t id : plan.finished) {
+      EXPECT_TRUE(known_.contains(id)) << "finished " << id << " was never sent";
+      known_.erase(id);
+      kv_.erase(id);
+    }
+    for (int64_t id : plan.preempted) {
+      EXPECT_TRUE(kv_.contains(id)) << "preempted " << id << " is not running here";
+      kv_.erase(id);  // keeps the sampler state (known_)
+    }
+    std::set<int32_t> blocks;
+    for (const ScheduledSequence& s : plan.seqs) {
+      if (s.params.has_value()) {
+        EXPECT_EQ(s.num_cached, 0) << "params for " << s.seq_id << " mid-sequence";
+        EXPECT_FALSE(kv_.contains(s.seq_id)) << "params again for running " << s.seq_id;
+        known_.insert(s.seq_id);
+        kv_[s.seq_id];
+      } else {
+        EXPECT_TRUE(kv_.contains(s.seq_id)) << "no params for new sequence " << s.seq_id;
+      }
+      std::vector<int32_t>& kv = kv_[s.seq_id];
+      EXPECT_EQ(s.num_cached, static_cast<int64_t>(kv.size())) << "sequence " << s.seq_id;
+      EXPECT_FALSE(s.tokens.empty());
+      kv.insert(kv.end(), s.tokens.begin(), s.tokens.end());
+      EXPECT_EQ(static_cast<int64_t>(s.block_table.size()), CeilDiv(kv.size(), block_size_))
+          << "sequence " << s.seq_id;
+      for (int32_t b : s.block_table) {
+        EXPECT_TRUE(blocks.insert(b).second) << "block " << b << " in two tables";
+      }
+      if (s.sample) r.sampled.push_back({s.seq_id, model_(s.seq_id, kv.size())});
+    }
+    return r;
+  }
+
+  const std::map<int64_t, std::vector<int32_t>>& kv() const { return kv_; }
+  const std::set<int64_t>& known() const { return known_; }
+
+ private:
+  int32_t block_size_;
+  Model model_;
+  std::map<int64_t, std::vector<int32_t>> kv_;
+  std::set<int64_t> known_;
+};
+
+// Scheduler + worker + bookkeeping of what each request produced.
+class Harness {
+ public:
+  explicit Harness(const SchedulerConfig& config, FakeWorker::Model model = PlainModel)
+      : sched(config), worker(config.block_size, std::move(model)) {}
+
+  absl::Status Add(int64_t id, std::vector<int32_t> prompt, const SamplingParams& params,
+                   int32_t priority = 0) {
+    absl::Status s = sched.Add(id, prompt, params, priority);
+    if (s.ok()) {
+      live.insert(id);
+      prompts[id] = std::move(prompt);
+    }
+    return s;
+  }
+  void Abort(int64_t id) {
+    if (sched.Contains(id)) MarkEnded(id, FinishReason::kAborted);
+    sched.Abort(id);
+  }
+
+  // Invariants through the public API: every live request is known in one state, blocks held +
+  // free = total, block tables cover exactly the computed tokens, and the worker holds exactly
+  // those tokens.
+  void CheckInvariants() {
+    EXPECT_OK(sched.Validate());
+    int64_t held = 0;
+    int32_t waiting = 0, running = 0;
+    for (int64_t id : live) {
+      std::optional<SequenceInfo> info = sched.GetSequence(id);
+      if (!info.has_value()) {
+        ADD_FAILURE() << "live sequence " << id << " unknown to the scheduler";
+        continue;
+      }
+      held += info->num_blocks;
+      if (info->state == SequenceState::kWaiting) {
+        ++waiting;
+        EXPECT_EQ(info->num_blocks, 0);
+        EXPECT_EQ(info->num_computed, 0);
+      } else {
+        ++running;
+        EXPECT_EQ(info->num_blocks, CeilDiv(info->num_computed, sched.config().block_size));
+        auto kv = worker.kv().find(id);
+        EXPECT_TRUE(kv != worker.kv().end()) << "running " << id << " unknown to the worker";
+        if (kv != worker.kv().end()) {
+          absl::Span<const int32_t> tokens = sched.Tokens(id);
+          EXPECT_TRUE(std::equal(kv->second.begin(), kv->second.end(), tokens.begin(),
+                                 tokens.begin() + info->num_computed))
+              << "worker K/V of " << id << " differs from its tokens";
+        }
+      }
+      EXPECT_EQ(info->num_tokens, info->prompt_len + info->num_generated);
+    }
+    EXPECT_EQ(waiting, sched.num_waiting());
+    EXPECT_EQ(running, sched.num_running());
+    EXPECT_EQ(held + sched.num_free_blocks(), sched.num_blocks());
+  }
+
+  // One engine iteration: Schedule, run, Apply, check.
+  StepPlan Step() {
+    StepPlan plan = sched.Schedule();
+    int64_t tokens = 0;
+    std::set<int64_t> ids;
+    for (const ScheduledSequence& s : plan.seqs) {
+      tokens += static_cast<int64_t>(s.tokens.size());
+      EXPECT_TRUE(ids.insert(s.seq_id).second) << "sequence " << s.seq_id << " twice in a plan";
+      if (s.params.has_value()) first_step.try_emplace(s.seq_id, plan.step_id);
+    }
+    EXPECT_LE(tokens, sched.config().max_step_tokens);
+    for (int64_t id : plan.preempted) EXPECT_FALSE(ids.contains(id));
+    for (int64_t id : plan.finished) EXPECT_FALSE(ids.contains(id));
+    StepResult result = worker.Run(plan);
+    last_events = sched.Apply(result);
+    for (const SequenceEvent& e : last_events) {
+      EXPECT_TRUE(live.contains(e.seq_id)) << "event for ended sequence " << e.seq_id;
+      if (e.token >= 0) outputs[e.seq_id].push_back(e.token);
+      if (e.finished) MarkEnded(e.seq_id, e.reason);
+    }
+    CheckInvariants();
+    return plan;
+  }
+
+  // Steps until the scheduler has nothing left; returns the number of steps.
+  int RunToCompletion(int max_steps = 100000) {
+    int steps = 0;
+    while (sched.HasWork() && steps < max_steps) {
+      Step();
+      ++steps;
+    }
+    EXPECT_FALSE(sched.HasWork()) << "no completion after " << max_steps << " steps";
+    EXPECT_EQ(sched.num_waiting(), 0);
+    EXPECT_EQ(sched.num_running(), 0);
+    EXPECT_EQ(sched.num_free_blocks(), sched.num_blocks());
+    EXPECT_THAT(worker.kv(), IsEmpty());
+    EXPECT_THAT(worker.known(), IsEmpty()) << "a finished id never reached the workers";
+    return steps;
+  }
+
+  Scheduler sched;
+  FakeWorker worker;
+  std::set<int64_t> live;
+  std::map<int64_t, std::vector<int32_t>> prompts;
+  std::map<int64_t, std::vector<int32_t>> outputs;
+  std::map<int64_t, FinishReason> ended;
+  std::map<int64_t, uint64_t> first_step;  // step of each sequence's first chunk
+  std::vector<SequenceEvent> last_events;
+
+ private:
+  void MarkEnded(int64_t id, FinishReason reason) {
+    EXPECT_TRUE(ended.emplace(id, reason).second) << "sequence " << id << " ended twice";
+    live.erase(id);
+  }
+};
+
+std::vector<int32_t> Expected(int64_t seq, int64_t prompt_len, int32_t n) {
+  std::vector<int32_t> out;
+  for (int32_t i = 0; i < n; ++i) out.push_back(PlainModel(seq, prompt_len + i));
+  return out;
+}
+
+// --- Basics ---------------------------------------------------------------------------------
+
+TEST(SchedulerTest, OneRequestPrefillsThenDecodesToMaxTokens) {
+  Harness h(Config(16, 64));
+  ASSERT_OK(h.Add(1, Prompt(20), Params(5)));
+  EXPECT_EQ(h.sched.num_waiting(), 1);
+  EXPECT_TRUE(h.sched.HasWork());
+
+  StepPlan p = h.Step();
+  ASSERT_EQ(p.seqs.size(), 1u);
+  EXPECT_EQ(p.seqs[0].seq_id, 1);
+  EXPECT_EQ(p.seqs[0].tokens, Prompt(20));
+  EXPECT_EQ(p.seqs[0].num_cached, 0);
+  EXPECT_EQ(p.seqs[0].block_table.size(), 2u);
+  EXPECT_TRUE(p.seqs[0].sample);
+  ASSERT_TRUE(p.seqs[0].params.has_value());
+  EXPECT_EQ(p.seqs[0].params->max_tokens, 5);
+  EXPECT_THAT(p.copies, IsEmpty());
+  ASSERT_EQ(h.last_events.size(), 1u);
+  EXPECT_EQ(h.last_events[0].token, PlainModel(1, 20));
+  EXPECT_FALSE(h.last_events[0].finished);
+  EXPECT_EQ(h.sched.num_running(), 1);
+  EXPECT_EQ(h.sched.num_free_blocks(), 62);
+
+  for (int i = 1; i < 5; ++i) {
+    p = h.Step();
+    ASSERT_EQ(p.seqs.size(), 1u);
+    EXPECT_EQ(p.seqs[0].num_cached, 20 + i - 1);
+    EXPECT_THAT(p.seqs[0].tokens, ElementsAre(PlainModel(1, 20 + i - 1)));
+    EXPECT_TRUE(p.seqs[0].sample);
+    EXPECT_FALSE(p.seqs[0].params.has_value());
+    ASSERT_EQ(h.last_events.size(), 1u);
+    EXPECT_EQ(h.last_events[0].finished, i == 4);
+  }
+  EXPECT_EQ(h.last_events[0].reason, FinishReason::kLength);
+  EXPECT_EQ(h.outputs[1], Expected(1, 20, 5));
+  EXPECT_EQ(h.ended[1], FinishReason::kLength);
+  EXPECT_EQ(h.sched.num_free_blocks(), 64);
+  EXPECT_EQ(h.sched.num_running(), 0);
+  EXPECT_FALSE(h.sched.Contains(1));
+
+  // The workers still have to hear of the end.
+  EXPECT_TRUE(h.sched.HasWork());
+  p = h.Step();
+  EXPECT_THAT(p.seqs, IsEmpty());
+  EXPECT_THAT(p.finished, ElementsAre(1));
+  EXPECT_FALSE(h.sched.HasWork());
+  EXPECT_THAT(h.sched.Schedule().finished, IsEmpty());
+}
+
+TEST(SchedulerTest, ChunkedPrefillSamplesOnlyAfterTheLastChunk) {
+  Harness h(Config(16, 400, 2048));
+  ASSERT_OK(h.Add(7, Prompt(5000), Params(3)));
+  const int64_t chunks[] = {2048, 2048, 904};
+  int64_t cached = 0;
+  for (int i = 0; i < 3; ++i) {
+    StepPlan p = h.Step();
+    ASSERT_EQ(p.seqs.size(), 1u);
+    const ScheduledSequence& s = p.seqs[0];
+    EXPECT_EQ(static_cast<int64_t>(s.tokens.size()), chunks[i]);
+    EXPECT_EQ(s.num_cached, cached);
+    EXPECT_EQ(s.params.has_value(), i == 0);
+    EXPECT_EQ(s.sample, i == 2);
+    EXPECT_EQ(static_cast<int64_t>(s.block_table.size()), CeilDiv(cached + chunks[i], 16));
+    cached += chunks[i];
+    EXPECT_EQ(h.sched.GetSequence(7)->num_computed, cached);
+    EXPECT_EQ(h.last_events.size(), i == 2 ? 1u : 0u);
+  }
+  StepPlan p = h.Step();
+  ASSERT_EQ(p.seqs.size(), 1u);
+  EXPECT_EQ(p.seqs[0].num_cached, 5000);
+  EXPECT_EQ(p.seqs[0].tokens.size(), 1u);
+  h.RunToCompletion();
+  EXPECT_EQ(h.outputs[7], Expected(7, 5000, 3));
+}
+
+TEST(SchedulerTest, DecodesGoBeforePrefillsWithinTheBudget) {
+  Harness h(Config(4, 1000, 64));
+  for (int64_t id = 1; id <= 3; ++id) ASSERT_OK(h.Add(id, Prompt(10, id), Params(20)));
+  StepPlan p = h.Step();
+  ASSERT_EQ(p.seqs.size(), 3u);  // 30 tokens of prefill
+  ASSERT_OK(h.Add(4, Prompt(100), Params(5)));
+  p = h.Step();
+  ASSERT_EQ(p.seqs.size(), 4u);
+  for (int i = 0; i < 3; ++i) EXPECT_EQ(p.seqs[i].tokens.size(), 1u);
+  EXPECT_EQ(p.seqs[3].seq_id, 4);
+  EXPECT_EQ(p.seqs[3].tokens.size(), 61u);  // 64 - 3 decodes
+  EXPECT_FALSE(p.seqs[3].sample);
+  // A partial prefill continues before new admissions.
+  ASSERT_OK(h.Add(5, Prompt(10), Params(5)));
+  p = h.Step();
+  ASSERT_EQ(p.seqs.size(), 5u);
+  EXPECT_EQ(p.seqs[3].seq_id, 4);
+  EXPECT_EQ(p.seqs[3].tokens.size(), 39u);
+  EXPECT_TRUE(p.seqs[3].sample);
+  EXPECT_EQ(p.seqs[4].seq_id, 5);
+  EXPECT_EQ(p.seqs[4].tokens.size(), 10u);
+  h.RunToCompletion();
+  for (int64_t id = 1; id <= 3; ++id) EXPECT_EQ(h.outputs[id], Expected(id, 10, 20));
+  EXPECT_EQ(h.outputs[4], Expected(4, 100, 5));
+}
+
+TEST(SchedulerTest, BudgetSmallerThanTheDecodesLeavesTheRestForNextStep) {
+  Harness h(Config(4, 1000, 2));
+  for (int64_t id = 1; id <= 3; ++id) ASSERT_OK(h.Add(id, Prompt(1, id), Params(4)));
+  h.RunToCompletion();  // the harness checks that no step exceeds 2 tokens
+  for (int64_t id = 1; id <= 3; ++id) EXPECT_EQ(h.outputs[id], Expected(id, 1, 4));
+}
+
+// --- Admission and capacity -----------------------------------------------------------------
+
+TEST(SchedulerTest, LaterRequestsWaitForBlocks) {
+  // Each request holds at most 19 tokens of K/V: 5 blocks of 4. Admission needs blocks for the
+  // prompt + 1 and one spare block per running sequence.
+  Harness h(Config(4, 10));
+  for (int64_t id = 1; id <= 3; ++id) ASSERT_OK(h.Add(id, Prompt(16, id), Params(4)));
+  StepPlan p = h.Step();
+  ASSERT_EQ(p.seqs.size(), 2u);  // 1: 5 <= 10; 2: 5 + 1 spare <= 6; 3: 5 + 2 > 2
+  EXPECT_EQ(h.sched.num_waiting(), 1);
+  EXPECT_EQ(h.sched.GetSequence(3)->state, SequenceState::kWaiting);
+  h.RunToCompletion();
+  EXPECT_EQ(h.sched.num_preemptions(), 0);
+  EXPECT_GT(h.first_step[3], 4u);  // after 1 and 2 finished (4 steps)
+  for (int64_t id = 1; id <= 3; ++id) EXPECT_EQ(h.outputs[id], Expected(id, 16, 4));
+}
+
+TEST(SchedulerTest, MaxRunningBoundsTheRunningSet) {
+  SchedulerConfig c = Config(4, 1000);
+  c.max_running = 2;
+  Harness h(c);
+  for (int64_t id = 1; id <= 5; ++id) ASSERT_OK(h.Add(id, Prompt(3, id), Params(3)));
+  h.Step();
+  EXPECT_EQ(h.sched.num_running(), 2);
+  EXPECT_EQ(h.sched.num_waiting(), 3);
+  h.RunToCompletion();
+  for (int64_t id = 1; id <= 5; ++id) EXPECT_EQ(h.outputs[id], Expected(id, 3, 3));
+}
+
+TEST(SchedulerTest, BoundedQueue) {
+  SchedulerConfig c = Config(4, 100);
+  c.max_waiting = 2;
+  Harness h(c);
+  ASSERT_OK(h.Add(1, Prompt(4), Params(2)));
+  ASSERT_OK(h.Add(2, Prompt(4), Params(2)));
+  EXPECT_THAT(h.Add(3, Prompt(4), Params(2)),
+              StatusIs(absl::StatusCode::kResourceExhausted, HasSubstr("queue full (2 waiting)")));
+  EXPECT_FALSE(h.sched.Contains(3));
+  h.Step();  // admits both
+  EXPECT_OK(h.Add(3, Prompt(4), Params(2)));
+  h.RunToCompletion();
+}
+
+TEST(SchedulerTest, RequestLargerThanTheWholeCacheIsRejected) {
+  Harness h(Config(4, 10));
+  EXPECT_THAT(h.Add(1, Prompt(30), Params(20)),
+              StatusIs(absl::StatusCode::kResourceExhausted,
+                       HasSubstr("needs 13 KV blocks for 50 tokens (prompt + max_tokens), the "
+                                 "whole cache has 10")));
+  // Exactly the whole cache: runs alone, to the end.
+  ASSERT_OK(h.Add(2, Prompt(30), Params(10)));
+  ASSERT_OK(h.Add(3, Prompt(2), Params(2)));
+  h.RunToCompletion();
+  EXPECT_EQ(h.outputs[2], Expected(2, 30, 10));
+  EXPECT_EQ(h.outputs[3], Expected(3, 2, 2));
+}
+
+// --- Preemption -----------------------------------------------------------------------------
+
+// Outputs of the same requests with a cache large enough for no preemption.
+std::map<int64_t, std::vector<int32_t>> Reference(
+    const std::vector<std::tuple<int64_t, int64_t, int32_t>>& requests) {
+  Harness big(Config(4, 10000));
+  for (auto [id, prompt, max_tokens] : requests) {
+    EXPECT_OK(big.Add(id, Prompt(prompt, id), Params(max_tokens)));
+  }
+  big.RunToCompletion();
+  EXPECT_EQ(big.sched.num_preemptions(), 0);
+  return big.outputs;
+}
+
+TEST(SchedulerTest, PreemptsTheLatestAdmittedAndRecomputesTransparently) {
+  // Two requests of 8 + 16 tokens: 6 blocks each at most, 8 in the cache.
+  const std::vector<std::tuple<int64_t, int64_t, int32_t>> reqs = {{1, 8, 16}, {2, 8, 16}};
+  Harness h(Config(4, 8));
+  for (auto [id, prompt, max_tokens] : reqs) {
+    ASSERT_OK(h.Add(id, Prompt(prompt, id), Params(max_tokens)));
+  }
+  StepPlan p = h.Step();
+  ASSERT_EQ(p.seqs.size(), 2u);  // 3 + 0 <= 8, then 3 + 1 spare <= 6
+  int steps = 1;
+  while (p.preempted.empty() && steps < 100) {
+    p = h.Step();
+    ++steps;
+  }
+  ASSERT_THAT(p.preempted, ElementsAre(2));
+  ASSERT_EQ(p.seqs.size(), 1u);
+  EXPECT_EQ(p.seqs[0].seq_id, 1);
+  std::optional<SequenceInfo> info = h.sched.GetSequence(2);
+  ASSERT_TRUE(info.has_value());
+  EXPECT_EQ(info->state, SequenceState::kWaiting);
+  EXPECT_EQ(info->num_computed, 0);
+  EXPECT_EQ(info->num_blocks, 0);
+  EXPECT_EQ(info->num_preemptions, 1);
+  EXPECT_GT(info->num_generated, 0);
+  const std::vector<int32_t> tokens_at_preemption(h.sched.Tokens(2).begin(),
+                                                  h.sched.Tokens(2).end());
+  EXPECT_EQ(h.sched.num_preemptions(), 1);
+
+  // Readmission recomputes prompt + generated from position 0, with the params again.
+  bool readmitted = false;
+  while (!readmitted && h.sched.HasWork()) {
+    p = h.Step();
+    for (const ScheduledSequence& s : p.seqs) {
+      if (s.seq_id != 2) continue;
+      readmitted = true;
+      EXPECT_EQ(s.num_cached, 0);
+      EXPECT_TRUE(s.params.has_value());
+      EXPECT_EQ(s.tokens, tokens_at_preemption);
+      EXPECT_TRUE(s.sample);
+    }
+  }
+  EXPECT_TRUE(readmitted);
+  h.RunToCompletion();
+  EXPECT_EQ(h.outputs, Reference(reqs));
+  EXPECT_EQ(h.ended[1], FinishReason::kLength);
+  EXPECT_EQ(h.ended[2], FinishReason::kLength);
+}
+
+TEST(SchedulerTest, PreemptsTheLowestPriorityFirst) {
+  Harness h(Config(4, 8));
+  ASSERT_OK(h.Add(1, Prompt(8, 1), Params(16), /*priority=*/0));
+  h.Step();
+  ASSERT_OK(h.Add(2, Prompt(8, 2), Params(16), /*priority=*/1));
+  StepPlan p = h.Step();
+  ASSERT_EQ(p.seqs.size(), 2u);
+  while (p.preempted.empty() && h.sched.HasWork()) p = h.Step();
+  EXPECT_THAT(p.preempted, ElementsAre(1));  // admitted first, but lower priority
+  h.RunToCompletion();
+  EXPECT_EQ(h.outputs, Reference({{1, 8, 16}, {2, 8, 16}}));
+}
+
+TEST(SchedulerTest, ASequenceThatIsItselfTheVictimStepsAside) {
+  // 2 (latest admitted) needs a block first; it is the victim itself, 1 continues.
+  Harness h(Config(4, 8));
+  ASSERT_OK(h.Add(1, Prompt(7, 1), Params(17)));
+  ASSERT_OK(h.Add(2, Prompt(8, 2), Params(16)));
+  StepPlan p = h.Step();
+  while (p.preempted.empty() && h.sched.HasWork()) p = h.Step();
+  EXPECT_THAT(p.preempted, ElementsAre(2));
+  h.RunToCompletion();
+  EXPECT_EQ(h.outputs, Reference({{1, 7, 17}, {2, 8, 16}}));
+}
+
+TEST(SchedulerTest, PreemptedSequenceGoesBackToTheFrontOfItsPriorityClass) {
+  Harness h(Config(4, 8));
+  ASSERT_OK(h.Add(1, Prompt(8, 1), Params(16)));
+  ASSERT_OK(h.Add(2, Prompt(8, 2), Params(16)));
+  h.Step();
+  ASSERT_OK(h.Add(3, Prompt(8, 3), Params(16)));  // arrives before 2 is preempted
+  StepPlan p = h.Step();
+  while (p.preempted.empty() && h.sched.HasWork()) p = h.Step();
+  ASSERT_THAT(p.preempted, ElementsAre(2));
+  const uint64_t preempted_at = p.step_id;
+  uint64_t readmitted_at = 0;
+  while (h.sched.HasWork()) {
+    p = h.Step();
+    for (const ScheduledSequence& s : p.seqs) {
+      if (s.seq_id == 2 && s.params.has_value() && readmitted_at == 0) readmitted_at = p.step_id;
+    }
+  }
+  EXPECT_GT(readmitted_at, preempted_at);
+  EXPECT_LT(readmitted_at, h.first_step[3]);
+  EXPECT_EQ(h.outputs, Reference({{1, 8, 16}, {2, 8, 16}, {3, 8, 16}}));
+}
+
+TEST(SchedulerTest, AVictimAlreadyScheduledInTheStepIsTakenBack) {
+  // Low-priority 1 decodes; high-priority 2 prefills one token a step beside it. When 2's next
+  // chunk finds no free block, 1 (already in the plan: decodes go first) is preempted.
+  Harness h(Config(4, 16, 2));
+  ASSERT_OK(h.Add(1, Prompt(4, 1), Params(60), /*priority=*/0));
+  while (h.sched.GetSequence(1)->num_computed < 36) h.Step();
+  ASSERT_OK(h.Add(2, Prompt(16, 2), Params(1), /*priority=*/1));
+  StepPlan p = h.Step();
+  ASSERT_EQ(p.seqs.size(), 2u);  // 5 blocks + 1 spare <= 6 free
+  while (p.preempted.empty() && h.sched.HasWork()) p = h.Step();
+  EXPECT_THAT(p.preempted, ElementsAre(1));
+  ASSERT_EQ(p.seqs.size(), 1u);
+  EXPECT_EQ(p.seqs[0].seq_id, 2);
+  EXPECT_EQ(p.seqs[0].tokens.size(), 1u);
+  EXPECT_EQ(h.sched.GetSequence(1)->num_blocks, 0);
+  h.RunToCompletion();
+  EXPECT_EQ(h.outputs, Reference({{1, 4, 60}, {2, 16, 1}}));
+}
+
+// --- Priority -------------------------------------------------------------------------------
+
+TEST(SchedulerTest, HigherPriorityIsAdmittedFirstThenArrivalOrder) {
+  // One request at a time fits (5 of 6 blocks).
+  Harness h(Config(4, 6));
+  ASSERT_OK(h.Add(1, Prompt(16, 1), Params(4), 0));
+  ASSERT_OK(h.Add(2, Prompt(16, 2), Params(4), 5));
+  ASSERT_OK(h.Add(3, Prompt(16, 3), Params(4), 9));
+  ASSERT_OK(h.Add(4, Prompt(16, 4), Params(4), 5));
+  ASSERT_OK(h.Add(5, Prompt(16, 5), Params(4), -3));
+  h.RunToCompletion();
+  EXPECT_LT(h.first_step[3], h.first_step[2]);
+  EXPECT_LT(h.first_step[2], h.first_step[4]);
+  EXPECT_LT(h.first_step[4], h.first_step[1]);
+  EXPECT_LT(h.first_step[1], h.first_step[5]);
+  EXPECT_EQ(h.sched.num_preemptions(), 0);
+}
+
+TEST(SchedulerTest, AdmissionDoesNotSkipAheadOfTheHead) {
+  Harness h(Config(4, 6));
+  ASSERT_OK(h.Add(1, Prompt(16, 1), Params(4)));
+  ASSERT_OK(h.Add(2, Prompt(16, 2), Params(4)));  // does not fit beside 1
+  ASSERT_OK(h.Add(3, Prompt(1, 3), Params(1)));   // would fit, but waits behind 2
+  StepPlan p = h.Step();
+  while (h.sched.Contains(1)) {
+    EXPECT_EQ(h.sched.GetSequence(2)->state, SequenceState::kWaiting);
+    EXPECT_EQ(h.sched.GetSequence(3)->state, SequenceState::kWaiting);
+    p = h.Step();
+  }
+  p = h.Step();  // 1 is gone: 2, then 3 beside it
+  ASSERT_EQ(p.seqs.size(), 2u);
+  EXPECT_EQ(p.seqs[0].seq_id, 2);
+  EXPECT_EQ(p.seqs[1].seq_id, 3);
+  h.RunToCompletion();
+}
+
+// --- Stopping -------------------------------------------------------------------------------
+
+TEST(SchedulerTest, EosAndStopIdsEndWithStop) {
+  // Sequence 1 meets EOS at its 3rd token, 2 ignores it, 3 meets stop id 555 at its 2nd token.
+  auto model = [](int64_t seq, int64_t pos) -> int32_t {
+    if ((seq == 1 || seq == 2) && pos == 12) return kEos;
+    if (seq == 3 && pos == 11) return 555;
+    return PlainModel(seq, pos);
+  };
+  Harness h(Config(4, 100), model);
+  ASSERT_OK(h.Add(1, Prompt(10), Params(8)));
+  SamplingParams ignore = Params(8);
+  ignore.ignore_eos = true;
+  ASSERT_OK(h.Add(2, Prompt(10), ignore));
+  SamplingParams stop = Params(8);
+  stop.stop_token_ids = {555};
+  ASSERT_OK(h.Add(3, Prompt(10), stop));
+  ASSERT_OK(h.Add(4, Prompt(10), Params(3)));
+  h.RunToCompletion();
+  EXPECT_EQ(h.ended[1], FinishReason::kStop);
+  EXPECT_THAT(h.outputs[1], ElementsAre(PlainModel(1, 10), PlainModel(1, 11), kEos));
+  EXPECT_EQ(h.ended[2], FinishReason::kLength);
+  EXPECT_EQ(h.outputs[2].size(), 8u);
+  EXPECT_EQ(h.outputs[2][2], kEos);
+  EXPECT_EQ(h.ended[3], FinishReason::kStop);
+  EXPECT_THAT(h.outputs[3], ElementsAre(PlainModel(3, 10), 555));
+  EXPECT_EQ(h.ended[4], FinishReason::kLength);
+  EXPECT_EQ(h.outputs[4], Expected(4, 10, 3));
+}
+
+TEST(SchedulerTest, EosAtMaxTokensIsStop) {
+  auto model = [](int64_t seq, int64_t pos) -> int32_t { return pos == 12 ? kEos : 1; };
+  Harness h(Config(4, 100), model);
+  ASSERT_OK(h.Add(1, Prompt(10), Params(3)));
+  h.RunToCompletion();
+  EXPECT_EQ(h.ended[1], FinishReason::kStop);
+  EXPECT_THAT(h.outputs[1], ElementsAre(1, 1, kEos));
+}
+
+// --- Abort and Finish -----------------------------------------------------------------------
+
+TEST(SchedulerTest, AbortOfAWaitingSequenceNeverSeenIsSilent) {
+  Harness h(Config(4, 100));
+  ASSERT_OK(h.Add(1, Prompt(4), Params(4)));
+  h.Abort(1);
+  EXPECT_FALSE(h.sched.Contains(1));
+  EXPECT_EQ(h.sched.num_waiting(), 0);
+  EXPECT_FALSE(h.sched.HasWork());
+  StepPlan p = h.sched.Schedule();
+  EXPECT_THAT(p.seqs, IsEmpty());
+  EXPECT_THAT(p.finished, IsEmpty());
+  h.sched.Abort(1);   // unknown ids are ignored
+  h.sched.Abort(42);
+  // The id is free again.
+  EXPECT_OK(h.Add(1, Prompt(4), Params(4)));
+}
+
+TEST(SchedulerTest, AbortOfARunningSequenceFreesBlocksAtOnce) {
+  Harness h(Config(4, 100));
+  ASSERT_OK(h.Add(1, Prompt(10), Params(8)));
+  ASSERT_OK(h.Add(2, Prompt(10), Params(8)));
+  h.Step();
+  h.Step();
+  EXPECT_EQ(h.sched.num_free_blocks(), 100 - 2 * 3);
+  h.Abort(1);
+  EXPECT_EQ(h.sched.num_free_blocks(), 100 - 3);
+  EXPECT_EQ(h.sched.num_running(), 1);
+  // Its id cannot be reused until the workers have been told.
+  EXPECT_THAT(h.sched.Add(1, Prompt(3), Params(1)),
+              StatusIs(absl::StatusCode::kAlreadyExists,
+                       HasSubstr("sequence id 1 is already in use")));
+  StepPlan p = h.Step();
+  EXPECT_THAT(p.finished, ElementsAre(1));
+  ASSERT_EQ(p.seqs.size(), 1u);
+  EXPECT_EQ(p.seqs[0].seq_id, 2);
+  h.RunToCompletion();
+  EXPECT_EQ(h.ended[1], FinishReason::kAborted);
+  EXPECT_EQ(h.outputs[2], Expected(2, 10, 8));
+}
+
+TEST(SchedulerTest, AbortOfAPreemptedSequenceIsAnnounced) {
+  Harness h(Config(4, 8));
+  ASSERT_OK(h.Add(1, Prompt(8, 1), Params(16)));
+  ASSERT_OK(h.Add(2, Prompt(8, 2), Params(16)));
+  StepPlan p = h.Step();
+  while (p.preempted.empty() && h.sched.HasWork()) p = h.Step();
+  ASSERT_THAT(p.preempted, ElementsAre(2));
+  h.Abort(2);
+  p = h.Step();
+  EXPECT_THAT(p.finished, ElementsAre(2));
+  h.RunToCompletion();
+}
+
+TEST(SchedulerTest, TokensForASequenceAbortedMeanwhileAreDropped) {
+  Harness h(Config(4, 100));
+  ASSERT_OK(h.Add(1, Prompt(10), Params(8)));
+  ASSERT_OK(h.Add(2, Prompt(10), Params(8)));
+  StepPlan p = h.sched.Schedule();
+  StepResult r = h.worker.Run(p);
+  ASSERT_EQ(r.sampled.size(), 2u);
+  h.sched.Abort(1);
+  h.live.erase(1);
+  std::vector<SequenceEvent> events = h.sched.Apply(r);
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_EQ(events[0].seq_id, 2);
+  EXPECT_EQ(h.sched.num_free_blocks(), 100 - 3);
+  EXPECT_THAT(h.Step().finished, ElementsAre(1));
+  h.RunToCompletion();
+}
+
+TEST(SchedulerTest, FinishEndsARunningSequenceLikeAbort) {
+  Harness h(Config(4, 100));
+  ASSERT_OK(h.Add(1, Prompt(10), Params(8)));
+  h.Step();
+  EXPECT_EQ(h.sched.num_free_blocks(), 97);
+  h.sched.Finish(1, FinishReason::kStop);  // e.g. a stop string
+  h.live.erase(1);
+  EXPECT_EQ(h.sched.num_free_blocks(), 100);
+  EXPECT_EQ(h.sched.num_running(), 0);
+  EXPECT_THAT(h.Step().finished, ElementsAre(1));
+  h.RunToCompletion();
+}
+
+// --- Apply edge cases -----------------------------------------------------------------------
+
+TEST(SchedulerTest, MissingOrBadTokensEndTheSequenceWithError) {
+  Harness h(Config(4, 100));
+  ASSERT_OK(h.Add(1, Prompt(10), Params(8)));
+  ASSERT_OK(h.Add(2, Prompt(10), Params(8)));
+  ASSERT_OK(h.Add(3, Prompt(10), Params(8)));
+  StepPlan p = h.sched.Schedule();
+  StepResult r = h.worker.Run(p);
+  ASSERT_EQ(r.sampled.size(), 3u);
+  r.sampled[1].token = static_cast<int32_t>(kVocab);  // out of the vocabulary
+  r.sampled.pop_back();                                // nothing for 3
+  r.sampled.push_back(r.sampled[0]);                   // 1 twice: the second is dropped
+  std::vector<SequenceEvent> events = h.sched.Apply(r);
+  ASSERT_EQ(events.size(), 3u);
+  EXPECT_EQ(events[0].seq_id, 1);
+  EXPECT_FALSE(events[0].finished);
+  EXPECT_EQ(events[1].seq_id, 2);
+  EXPECT_EQ(events[1].token, -1);
+  EXPECT_TRUE(events[1].finished);
+  EXPECT_EQ(events[1].reason, FinishReason::kError);
+  EXPECT_EQ(events[2].seq_id, 3);
+  EXPECT_EQ(events[2].token, -1);
+  EXPECT_EQ(events[2].reason, FinishReason::kError);
+  EXPECT_EQ(h.sched.num_running(), 1);
+  EXPECT_EQ(h.sched.num_free_blocks(), 100 - 3);
+  EXPECT_EQ(h.sched.GetSequence(1)->num_generated, 1);
+  // A stale or repeated result changes nothing.
+  EXPECT_THAT(h.sched.Apply(r), IsEmpty());
+  StepResult stale;
+  stale.step_id = 12345;
+  stale.sampled = {{1, 5}};
+  EXPECT_THAT(h.sched.Apply(stale), IsEmpty());
+  EXPECT_OK(h.sched.Validate());
+}
+
+TEST(SchedulerTest, ASequenceAwaitingItsTokenIsNotScheduledAgain) {
+  Harness h(Config(4, 100));
+  ASSERT_OK(h.Add(1, Prompt(10), Params(8)));
+  StepPlan first = h.sched.Schedule();
+  ASSERT_EQ(first.seqs.size(), 1u);
+  StepResult r = h.worker.Run(first);
+  ASSERT_OK(h.Add(2, Prompt(10), Params(8)));
+  StepPlan second = h.sched.Schedule();  // before Apply(first)
+  ASSERT_EQ(second.seqs.size(), 1u);
+  EXPECT_EQ(second.seqs[0].seq_id, 2);
+  EXPECT_EQ(h.sched.Apply(r).size(), 1u);
+  EXPECT_EQ(h.sched.Apply(h.worker.Run(second)).size(), 1u);
+  EXPECT_OK(h.sched.Validate());
+  h.outputs.clear();
+  h.RunToCompletion();
+}
+
+// --- Validation -----------------------------------------------------------------------------
+
+TEST(SchedulerTest, AddRejectsBadRequests) {
+  SchedulerConfig c = Config(4, 100);
+  c.max_model_len = 64;
+  Scheduler s(c);
+  using absl::StatusCode;
+  EXPECT_THAT(s.Add(1, {}, Params(4)),
+              StatusIs(StatusCode::kInvalidArgument, HasSubstr("empty prompt")));
+  EXPECT_THAT(s.Add(1, {5, -1}, Params(4)),
+              StatusIs(StatusCode::kInvalidArgument,
+                       HasSubstr("prompt token id -1 at position 1 outside the vocabulary "
+                                 "[0, 1000)")));
+  EXPECT_THAT(s.Add(1, {1000}, Params(4)),
+              StatusIs(StatusCode::kInvalidArgument,
+                       HasSubstr("prompt token id 1000 at position 0")));
+  EXPECT_THAT(s.Add(1, {5}, Params(0)),
+              StatusIs(StatusCode::kInvalidArgument, HasSubstr("max_tokens must be >= 1, got 0")));
+  SamplingParams hot = Params(4);
+  hot.temperature = -1;
+  EXPECT_THAT(s.Add(1, {5}, hot), StatusIs(StatusCode::kInvalidArgument, HasSubstr("temperature")));
+  SamplingParams stop = Params(4);
+  stop.stop_token_ids = {1000};
+  EXPECT_THAT(s.Add(1, {5}, stop),
+              StatusIs(StatusCode::kInvalidArgument, HasSubstr("stop token id 1000 outside")));
+  EXPECT_THAT(s.Add(1, Prompt(60), Params(5)),
+              StatusIs(StatusCode::kInvalidArgument,
+                       HasSubstr("prompt (60 tokens) + max_tokens (5) = 65 exceeds the maximum "
+                                 "model length of 64")));
+  EXPECT_EQ(s.num_waiting(), 0);
+  EXPECT_OK(s.Add(1, Prompt(60), Params(4)));
+  EXPECT_THAT(s.Add(1, Prompt(3), Params(4)),
+              StatusIs(StatusCode::kAlreadyExists, HasSubstr("sequence id 1 is already in use")));
+  EXPECT_EQ(s.num_waiting(), 1);
+  EXPECT_OK(s.Validate());
+}
+
+TEST(SchedulerTest, ConfigValidation) {
+  EXPECT_OK(Config(16, 10).Validate());
+  SchedulerConfig c = Config(16, 10);
+  c.num_blocks = 0;
+  EXPECT_THAT(c.Validate(),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("num_blocks must be > 0, got 0")));
+  c = Config(0, 10);
+  EXPECT_THAT(c.Validate(), StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("block_size")));
+  c = Config(16, 10);
+  c.max_step_tokens = 0;
+  EXPECT_THAT(c.Validate(),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("max_step_tokens")));
+  c = Config(16, 10);
+  c.vocab_size = 0;
+  EXPECT_THAT(c.Validate(), StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("vocab_size")));
+  c = Config(16, 10);
+  c.eos_token_ids = {1000};
+  EXPECT_THAT(c.Validate(),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("eos token id 1000")));
+}
+
+TEST(SchedulerTest, FinishReasonNames) {
+  EXPECT_STREQ(FinishReasonName(FinishReason::kNone), "none");
+  EXPECT_STREQ(FinishReasonName(FinishReason::kLength), "length");
+  EXPECT_STREQ(FinishReasonName(FinishReason::kStop), "stop");
+  EXPECT_STREQ(FinishReasonName(FinishReason::kAborted), "abort");
+  EXPECT_STREQ(FinishReasonName(FinishReason::kError), "error");
+}
+
+// --- Soak -----------------------------------------------------------------------------------
+
+// The soak's model: EOS now and then, as a pure function of (sequence, position).
+int32_t SoakModel(int64_t seq, int64_t pos) {
+  const uint64_t h = static_cast<uint64_t>(seq) * 0x9E3779B97F4A7C15ull ^
+                     static_cast<uint64_t>(pos) * 0xC2B2AE3D27D4EB4Full;
+  const uint64_t m = (h ^ (h >> 29)) % 1000;
+  return m < 15 ? kEos : static_cast<int32_t>(m % 997);
+}
+
+TEST(SchedulerTest, RandomSoakWithATinyCache) {
+  for (uint32_t seed = 1; seed <= 10; ++seed) {
+    SCOPED_TRACE(::testing::Message() << "seed " << seed);
+    std::mt19937 rng(seed);
+    auto uniform = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); };
+    SchedulerConfig c = Config(4, 32, 48);
+    c.max_running = 8;
+    c.max_waiting = 40;
+    c.max_model_len = 128;
+    Harness h(c, SoakModel);
+    struct Request {
+      int64_t id;
+      std::vector<int32_t> prompt;
+      SamplingParams params;
+      int32_t priority;
+    };
+    std::vector<Request> pending;
+    std::map<int64_t, SamplingParams> params;
+    for (int64_t id = 1; id <= 200; ++id) {
+      Request r{id, Prompt(uniform(1, 60), static_cast<int32_t>(id)), Params(uniform(1, 40)),
+                uniform(0, 2)};
+      if (uniform(0, 9) == 0) r.params.ignore_eos = true;
+      if (uniform(0, 4) == 0) r.params.stop_token_ids = {static_cast<int32_t>(uniform(0, 996))};
+      params[id] = r.params;
+      pending.push_back(std::move(r));
+    }
+    size_t next = 0;
+    int queue_full = 0, steps = 0;
+    while ((next < pending.size() || h.sched.HasWork()) && steps < 20000) {
+      for (int k = uniform(0, 3); k > 0 && next < pending.size(); --k) {
+        const Request& r = pending[next];
+        absl::Status s = h.Add(r.id, r.prompt, r.params, r.priority);
+        if (absl::IsResourceExhausted(s)) {
+          EXPECT_THAT(s, StatusIs(absl::StatusCode::kResourceExhausted, HasSubstr("queue full")));
+          ++queue_full;
+          break;  // retry later
+        }
+        ASSERT_OK(s);
+        ++next;
+      }
+      if (uniform(0, 99) < 4 && !h.live.empty()) {  // cancel a random live request
+        auto it = h.live.begin();
+        std::advance(it, uniform(0, static_cast<int>(h.live.size()) - 1));
+        h.Abort(*it);
+      }
+      if (uniform(0, 99) < 2 && !h.live.empty()) {  // a stop string matched
+        const int64_t id = *h.live.begin();
+        if (h.sched.GetSequence(id)->num_generated > 0) {
+          h.live.erase(id);
+          h.ended.emplace(id, FinishReason::kStop);
+          h.sched.Finish(id, FinishReason::kStop);
+        }
+      }
+      h.CheckInvariants();
+      h.Step();
+      ++steps;
+      if (::testing::Test::HasFailure()) return;
+    }
+    ASSERT_EQ(next, pending.size());
+    h.RunToCompletion();
+
+    // Every request ended exactly once (the harness fails on a second end or a late event).
+    EXPECT_EQ(h.ended.size(), 200u);
+    EXPECT_THAT(h.live, IsEmpty());
+    // Outputs follow the model exactly, whatever the preemptions, and end for the right reason.
+    int by_reason[5] = {};
+    for (const auto& [id, reason] : h.ended) {
+      ++by_reason[static_cast<int>(reason)];
+      const std::vector<int32_t>& out = h.outputs[id];
+      const SamplingParams& p = params[id];
+      const int64_t prompt_len = static_cast<int64_t>(h.prompts[id].size());
+      for (size_t i = 0; i < out.size(); ++i) {
+        ASSERT_EQ(out[i], SoakModel(id, prompt_len + static_cast<int64_t>(i))) << "sequence " << id;
+        const bool stops = (!p.ignore_eos && out[i] == kEos) ||
+                           std::count(p.stop_token_ids.begin(), p.stop_token_ids.end(), out[i]);
+        if (i + 1 < out.size()) {
+          EXPECT_FALSE(stops) << "sequence " << id << " ran past a stop";
+        }
+      }
+      EXPECT_LE(out.size(), static_cast<size_t>(p.max_tokens));
+      if (reason == FinishReason::kLength) {
+        EXPECT_EQ(out.size(), static_cast<size_t>(p.max_tokens));
+      }
+    }
+    EXPECT_GT(h.sched.num_preemptions(), 0);
+    EXPECT_GT(by_reason[static_cast<int>(FinishReason::kLength)], 0);
+    EXPECT_GT(by_reason[static_cast<int>(FinishReason::kStop)], 0);
+    EXPECT_GT(by_reason[static_cast<int>(FinishReason::kAborted)], 0);
+    EXPECT_EQ(by_reason[static_cast<int>(FinishReason::kError)], 0);
+    RecordProperty("preemptions", static_cast<int>(h.sched.num_preemptions()));
+    RecordProperty("steps", steps);
+    RecordProperty("queue_full", queue_full);
+  }
+}
+
+}  // namespace
+}  // namespace lorc

@@ -1,0 +1,187 @@
+// The forward pass against the reference outputs of tiny-llama-a (transformers, fp32).
+#include "worker/model_runner.h"
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+
+#include "common/check.h"
+#include "common/json_util.h"
+#include "coordinator/engine.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tests/testing/fixtures.h"
+#include "tests/testing/status_matchers.h"
+#include "worker/model_loader.h"
+#include "worker/step_executor.h"
+
+namespace lorc {
+namespace {
+
+using ::lorc::testing::StatusIs;
+using ::testing::HasSubstr;
+
+struct Golden {
+  std::vector<int32_t> prompt_ids, top_ids, greedy_ids;
+  std::vector<float> top_values;
+};
+
+std::vector<Golden> LoadGolden() {
+  auto j = ReadJsonFile(::lorc::testing::TinyLlamaDir() + "/golden_fp32.json");
+  CHECK_OK(j.status());
+  std::vector<Golden> out;
+  for (const auto& g : *j) {
+    out.push_back({g["prompt_ids"].get<std::vector<int32_t>>(),
+                   g["last_logits_top20_ids"].get<std::vector<int32_t>>(),
+                   g["greedy_48_ids"].get<std::vector<int32_t>>(),
+                   g["last_logits_top20_values"].get<std::vector<float>>()});
+  }
+  return out;
+}
+
+class TinyLlamaTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    SKIP_WITHOUT_TINY_LLAMA();
+    auto b = CreateBackend({});
+    ASSERT_OK(b);
+    backend_ = *std::move(b);
+    KvCacheOptions kv;
+    kv.block_size = 16;
+    kv.memory_bytes = 64ll << 20;
+    auto m = LoadModel({::lorc::testing::TinyLlamaDir()}, backend_.get(), 0, 1, nullptr, kv);
+    ASSERT_OK(m);
+    model_ = *std::move(m);
+  }
+
+  // Runs a whole prompt as one sequence (optionally in chunks) and returns the last logits.
+  std::vector<float> LastLogits(const std::vector<int32_t>& ids, int chunk) {
+    KvBlockManager blocks(model_.runner->kv_spec().block_size, model_.runner->kv_spec().num_blocks);
+    CHECK_OK(blocks.AddSequence(1));
+    std::vector<float> last;
+    for (size_t pos = 0; pos < ids.size(); pos += chunk) {
+      const size_t n = std::min<size_t>(chunk, ids.size() - pos);
+      CHECK_OK(blocks.Reserve(1, static_cast<int64_t>(pos + n)).status());
+      SequenceStep s;
+      s.seq_id = 1;
+      s.tokens.assign(ids.begin() + pos, ids.begin() + pos + n);
+      s.num_cached = static_cast<int64_t>(pos);
+      auto t = blocks.BlockTable(1);
+      s.block_table.assign(t.begin(), t.end());
+      auto out = model_.runner->Execute({s});
+      CHECK_OK(out.status());
+      last.assign(out->Row(0), out->Row(0) + out->vocab_size);
+    }
+    return last;
+  }
+
+  std::unique_ptr<Backend> backend_;
+  LoadedModel model_;
+};
+
+TEST_F(TinyLlamaTest, LastPositionTop20LogitsMatchReference) {
+  for (const Golden& g : LoadGolden()) {
+    const std::vector<float> logits = LastLogits(g.prompt_ids, 1 << 20);
+    ASSERT_EQ(logits.size(), 4096u);
+    for (size_t i = 0; i < g.top_ids.size(); ++i) {
+      EXPECT_NEAR(logits[g.top_ids[i]], g.top_values[i], 1e-2) << "rank " << i << " id " << g.top_ids[i];
+    }
+    EXPECT_EQ(std::max_element(logits.begin(), logits.end()) - logits.begin(), g.top_ids[0]);
+  }
+}
+
+TEST_F(TinyLlamaTest, ChunkedPrefillMatchesSinglePass) {
+  const Golden g = LoadGolden()[1];  // the longest prompt (12 tokens)
+  const std::vector<float> whole = LastLogits(g.prompt_ids, 1 << 20);
+  for (int chunk : {1, 5, 11}) {
+    const std::vector<float> chunked = LastLogits(g.prompt_ids, chunk);
+    for (size_t i = 0; i < whole.size(); ++i) ASSERT_NEAR(chunked[i], whole[i], 1e-3) << "chunk " << chunk;
+  }
+}
+
+TEST_F(TinyLlamaTest, Greedy48TokensMatchReferenceBatchedAndAlone) {
+  const std::vector<Golden> golden = LoadGolden();
+  StepExecutor exec(model_.runner.get(), true);
+  Engine engine(&exec, model_.config, model_.runner->kv_spec(), nullptr, {});
+  std::vector<GenerationRequest> reqs;
+  for (const Golden& g : golden) {
+    GenerationRequest r;
+    r.prompt_ids = g.prompt_ids;
+    r.params.max_tokens = 48;
+    reqs.push_back(r);
+  }
+  auto batched = engine.Generate(reqs);
+  ASSERT_OK(batched);
+  for (size_t i = 0; i < golden.size(); ++i) {
+    EXPECT_EQ((*batched)[i].output_ids, golden[i].greedy_ids) << "prompt " << i << " (batched)";
+    EXPECT_EQ((*batched)[i].finish, FinishReason::kLength);
+    auto alone = engine.Generate({reqs[i]});
+    ASSERT_OK(alone);
+    EXPECT_EQ((*alone)[0].output_ids, golden[i].greedy_ids) << "prompt " << i << " (alone)";
+  }
+  EXPECT_EQ(engine.scheduler().num_free_blocks(), model_.runner->kv_spec().num_blocks);
+}
+
+TEST_F(TinyLlamaTest, RejectsMalformedSteps) {
+  SequenceStep s;
+  s.seq_id = 1;
+  s.tokens = {0, 4096};
+  s.block_table = {0};
+  EXPECT_THAT(model_.runner->Execute({s}),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("token id 4096")));
+  s.tokens.assign(17, 5);  // 17 tokens need 2 blocks of 16
+  EXPECT_THAT(model_.runner->Execute({s}),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("block table has 1 blocks")));
+  s.block_table = {0, 1 << 30};
+  EXPECT_THAT(model_.runner->Execute({s}),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("outside the cache")));
+  s.tokens = {1};
+  s.num_cached = 4096;
+  s.block_table.assign(300, 0);
+  EXPECT_THAT(model_.runner->Execute({s}),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("exceed the model context")));
+}
+
+// A model directory with only a config.json, for --random-weights.
+std::string WriteRandomModelDir(const std::string& name) {
+  const std::string dir = (std::filesystem::temp_directory_path() / name).string();
+  std::filesystem::create_directories(dir);
+  std::ofstream(dir + "/config.json") << R"({
+    "model_type": "llama", "vocab_size": 300, "hidden_size": 96, "intermediate_size": 200,
+    "num_hidden_layers": 2, "num_attention_heads": 6, "num_key_value_heads": 2, "head_dim": 16,
+    "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                     "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+    "tie_word_embeddings": true, "bos_token_id": 0, "eos_token_id": [1, 2]})";
+  return dir;
+}
+
+TEST(RandomWeightsTest, AnyConfigShapeRunsAndIsSeeded) {
+  const std::string dir = WriteRandomModelDir("lorc_random_model_test");
+  auto backend = CreateBackend({});
+  ASSERT_OK(backend);
+  // Teacher-forced NLLs of a fixed sequence: a function of the weights only.
+  auto run = [&](uint64_t seed) {
+    auto m = LoadModel({dir, true, seed}, backend->get(), 0, 1, nullptr, {});
+    CHECK_OK(m.status());
+    EXPECT_EQ(m->runner->kv_spec().k_width[0], 2 * 16);
+    StepExecutor exec(m->runner.get(), true);
+    Engine engine(&exec, m->config, m->runner->kv_spec(), nullptr, {});
+    GenerationRequest r;
+    r.prompt_ids = {0, 5, 17, 42, 299};
+    r.params.max_tokens = 12;
+    r.params.ignore_eos = true;
+    auto out = engine.Generate({r});
+    CHECK_OK(out.status());
+    EXPECT_EQ((*out)[0].output_ids.size(), 12u);
+    auto nll = ScorePromptNll(*m->runner, {0, 5, 17, 42, 299, 7}, {5, 17, 42, 299, 7, 9});
+    CHECK_OK(nll.status());
+    return *nll;
+  };
+  const auto a = run(7), b = run(7), c = run(8);
+  EXPECT_EQ(a, b);
+  EXPECT_NE(a, c);
+}
+
+}  // namespace
+}  // namespace lorc

@@ -1,0 +1,95 @@
+// Collective communication between the ranks of a tensor-parallel group.
+//
+// One Communicator per rank (per process or per thread); backends: Gloo over TCP for host memory,
+// NCCL for device memory. Construction runs the join protocol of rendezvous.h first, so a rank
+// that never shows up yields DeadlineExceeded naming it instead of a silent hang.
+//
+// Calls on one Communicator are serialized internally (one collective at a time). Every rank must
+// issue the same sequence of collectives with the same sizes (and the same root). After a backend
+// failure (peer death, timeout, NCCL async error) a communicator is broken for good: that call
+// returns the error and every later call returns FailedPrecondition carrying it; re-create the
+// group (under a new group name) to recover.
+#pragma once
+
+#include <cstddef>
+#include <memory>
+#include <string>
+#include <string_view>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "worker/comm/rendezvous.h"
+#include "worker/comm/world_config.h"
+
+namespace lorc {
+
+class Communicator {
+ public:
+  Communicator() = default;
+  Communicator(const Communicator&) = delete;
+  Communicator& operator=(const Communicator&) = delete;
+  virtual ~Communicator() = default;
+
+  virtual const WorldConfig& world() const = 0;
+  virtual std::string_view backend_name() const = 0;  // "gloo" / "nccl"
+
+  // In-place sum over ranks of `count` floats. Gloo: host memory, returns when done. NCCL: device
+  // memory, enqueued on the stream given at creation; returns once enqueued, and errors of the
+  // asynchronous part are reported by the next call or by Sync().
+  virtual absl::Status AllReduceSum(float* data, size_t count) = 0;
+
+  // `recv` holds world_size * count floats; rank r's `count` floats land at recv + r * count.
+  // `send` and `recv` must not overlap.
+  virtual absl::Status AllGather(const float* send, float* recv, size_t count) = 0;
+
+  // In place: `bytes` bytes at `data` on rank `root` are copied to `data` on every rank.
+  virtual absl::Status Broadcast(void* data, size_t bytes, int root) = 0;
+
+  // Returns on each rank once every rank has entered the barrier (NCCL: host-blocking, and all
+  // work enqueued earlier on the stream has completed).
+  virtual absl::Status Barrier() = 0;
+
+  // Waits until every collective issued so far has completed, bounded by the op timeout
+  // (DeadlineExceeded, and the communicator is aborted). NCCL: synchronizes the stream given at
+  // creation (so also any other work on it) and reports asynchronous errors. Synchronous
+  // backends (Gloo) need not override it.
+  virtual absl::Status Sync() { return absl::OkStatus(); }
+};
+
+struct CommOptions {
+  // Bounds the whole construction: arrival of all ranks plus the backend's own setup (Gloo TCP
+  // connections, NCCL communicator init).
+  absl::Duration join_timeout = absl::Seconds(60);
+  // Bounds every collective (Gloo: each call; NCCL: Sync()/Barrier() and every non-blocking NCCL
+  // call).
+  absl::Duration op_timeout = absl::Seconds(300);
+  // Prefix of every rendezvous key ("<group>/..."); distinct communicators sharing a store need
+  // distinct group names.
+  std::string group = "tp";
+  // Gloo TCP only: where this rank listens and what it advertises to its peers. Either the name
+  // of a local network interface (e.g. "eth0"; its address is used) or a hostname / IP address
+  // (e.g. "10.0.0.5", "127.0.0.1"). Empty: this machine's hostname, resolved with getaddrinfo
+  // (Gloo's own default). That is right for a cluster whose hostnames resolve to routable
+  // addresses, but note that many distributions map the hostname to 127.0.1.1, which only works
+  // when all ranks share a host; multi-node deployments should set this explicitly. Tests use
+  // "127.0.0.1".
+  std::string hostname_or_iface;
+};
+
+// Host-memory communicator over Gloo's TCP transport. `store` is used during construction only.
+absl::StatusOr<std::unique_ptr<Communicator>> CreateGlooCommunicator(const WorldConfig& world,
+                                                                     RendezvousStore* store,
+                                                                     const CommOptions& options);
+
+// Device-memory communicator over NCCL, for GPU `cuda_device`, enqueuing on `cuda_stream` (a
+// cudaStream_t passed as void*; nullptr = the legacy default stream; the stream must outlive the
+// communicator). `store` is used during construction only. Unimplemented when built without
+// CUDA. The calling thread's current CUDA device is left as it was.
+absl::StatusOr<std::unique_ptr<Communicator>> CreateNcclCommunicator(const WorldConfig& world,
+                                                                     RendezvousStore* store,
+                                                                     int cuda_device,
+                                                                     void* cuda_stream,
+                                                                     const CommOptions& options);
+
+}  // namespace lorc

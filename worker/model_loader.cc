@@ -1,0 +1,30 @@
+#include "worker/model_loader.h"
+
+#include <chrono>
+
+#include "common/status_macros.h"
+#include "worker/safetensors.h"
+#include "worker/weights.h"
+
+namespace lorc {
+
+absl::StatusOr<LoadedModel> LoadModel(const ModelSource& source, Backend* backend,
+                                      int32_t tp_rank, int32_t tp_size, Communicator* comm,
+                                      const KvCacheOptions& kv) {
+  const auto t0 = std::chrono::steady_clock::now();
+  LoadedModel m;
+  ASSIGN_OR_RETURN(m.config, LoadModelConfig(source.dir));
+  ASSIGN_OR_RETURN(ShardLayout shard, ShardLayout::Make(m.config, tp_rank, tp_size));
+  ModelWeights weights;
+  if (source.random_weights) {
+    ASSIGN_OR_RETURN(weights, RandomWeights(m.config, source.seed, shard, *backend));
+  } else {
+    ASSIGN_OR_RETURN(std::unique_ptr<CheckpointReader> reader, CheckpointReader::Open(source.dir));
+    ASSIGN_OR_RETURN(weights, LoadWeights(m.config, *reader, shard, *backend));
+  }
+  ASSIGN_OR_RETURN(m.runner, ModelRunner::Create(m.config, std::move(weights), backend, comm, kv));
+  m.load_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return m;
+}
+
+}  // namespace lorc

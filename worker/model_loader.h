@@ -1,0 +1,32 @@
+// Builds a ready ModelRunner from a model directory: config.json, then weights from the
+// safetensors files (only this rank's slices) or seeded random weights of the same shape.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "worker/backend.h"
+#include "worker/model_config.h"
+#include "worker/model_runner.h"
+
+namespace lorc {
+
+struct ModelSource {
+  std::string dir;              // holds config.json (and the weights unless random)
+  bool random_weights = false;  // ignore weight files; generate from `seed`
+  uint64_t seed = 0;
+};
+
+struct LoadedModel {
+  ModelConfig config;
+  std::unique_ptr<ModelRunner> runner;
+  double load_seconds = 0;
+};
+
+absl::StatusOr<LoadedModel> LoadModel(const ModelSource& source, Backend* backend,
+                                      int32_t tp_rank, int32_t tp_size, Communicator* comm,
+                                      const KvCacheOptions& kv);
+
+}  // namespace lorc

@@ -7,5 +7,9 @@ int RunGenerate(int argc, char** argv);
 int RunEval(int argc, char** argv);
 int RunTokenize(int argc, char** argv);
 int RunInfo(int argc, char** argv);
+int RunWorker(int argc, char** argv);
+int RunCoordinator(int argc, char** argv);
+int RunClient(int argc, char** argv);
+int RunBench(int argc, char** argv);
 
 }  // namespace lorc::cli

@@ -15,6 +15,10 @@ constexpr char kUsage[] =
     "  eval       perplexity and pass-key retrieval accuracy of a model\n"
     "  tokenize   print the token ids of a text\n"
     "  info       versions, compiled backends and the devices this machine has\n"
+    "  coordinator  serve the gRPC API in front of tensor-parallel workers\n"
+    "  worker     one tensor-parallel rank (started by hand or by the coordinator)\n"
+    "  client     stream a generation from a running server\n"
+    "  bench      load-test a running server (JSON and a table)\n"
     "\n"
     "Run 'lorcserve <command> --help' for a command's flags.\n";
 
@@ -30,6 +34,12 @@ int main(int argc, char** argv) {
   if (cmd == "eval") return lorc::cli::RunEval(argc, argv);
   if (cmd == "tokenize") return lorc::cli::RunTokenize(argc, argv);
   if (cmd == "info") return lorc::cli::RunInfo(argc, argv);
+#ifdef LORC_WITH_GRPC
+  if (cmd == "coordinator") return lorc::cli::RunCoordinator(argc, argv);
+  if (cmd == "worker") return lorc::cli::RunWorker(argc, argv);
+  if (cmd == "client") return lorc::cli::RunClient(argc, argv);
+  if (cmd == "bench") return lorc::cli::RunBench(argc, argv);
+#endif
   std::cerr << "lorcserve: unknown command '" << cmd << "'\n\n" << kUsage;
   return 2;
 }

@@ -93,6 +93,12 @@ void Engine::Abort(int64_t id, absl::Status status) {
   r->on_update(u);
 }
 
+void Engine::AbortAll(const absl::Status& status) {
+  std::vector<int64_t> ids;
+  for (const auto& [id, r] : requests_) ids.push_back(id);
+  for (int64_t id : ids) Abort(id, status);
+}
+
 absl::Status Engine::Step() {
   const auto t0 = Clock::now();
   StepPlan plan = scheduler_.Schedule();
@@ -104,9 +110,7 @@ absl::Status Engine::Step() {
   stats_.schedule_s += Seconds(t0, t1);
   stats_.run_s += Seconds(t1, t2);
   if (!result.ok()) {
-    std::vector<int64_t> ids;
-    for (const auto& [id, r] : requests_) ids.push_back(id);
-    for (int64_t id : ids) Abort(id, result.status());
+    AbortAll(result.status());
     return result.status();
   }
   stats_.worker_compute_s += static_cast<double>(result->compute_us) * 1e-6;

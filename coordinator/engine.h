@@ -83,6 +83,8 @@ class Engine {
   // Ends a request at once (cancellation, deadline) and frees its KV blocks; its final update
   // carries `status` (default: CANCELLED). Unknown ids are ignored.
   void Abort(int64_t id, absl::Status status = absl::CancelledError("request cancelled"));
+  // Aborts every live request with `status`.
+  void AbortAll(const absl::Status& status);
   // One iteration. A runner failure fails every live request with that status and is returned.
   absl::Status Step();
   bool HasWork() const { return scheduler_.HasWork(); }

@@ -40,6 +40,8 @@ struct WorkerGroup::Worker {
   }
 };
 
+WorkerGroup::WorkerGroup(const WorkerGroupOptions& options) : options_(options) {}
+
 absl::StatusOr<std::unique_ptr<WorkerGroup>> WorkerGroup::Start(const WorkerGroupOptions& options) {
   if (options.addresses.empty()) return absl::InvalidArgumentError("no worker addresses");
   std::unique_ptr<WorkerGroup> g(new WorkerGroup(options));

@@ -55,12 +55,14 @@ class WorkerGroup final : public StepRunner {
   int size() const { return static_cast<int>(workers_.size()); }
   // OK while every worker answers; else UNAVAILABLE naming the first one that failed.
   absl::Status health() const;
+  // Marks the group broken (a supervisor saw a worker exit): every later Run fails with `why`.
+  void Fail(const absl::Status& why) { MarkBroken(why); }
   // Pings every worker (bounded by `timeout`); a worker that does not answer breaks the group.
   absl::Status Probe(absl::Duration timeout);
 
  private:
   struct Worker;
-  explicit WorkerGroup(const WorkerGroupOptions& options) : options_(options) {}
+  explicit WorkerGroup(const WorkerGroupOptions& options);
   absl::Status Connect();
   absl::Status OpenStreams();
   void MarkBroken(const absl::Status& s);

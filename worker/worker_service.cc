@@ -28,7 +28,7 @@ grpc::Status WorkerService::InitCommunicator(grpc::ServerContext*,
   CommOptions co;
   co.group = req->group();
   co.join_timeout = absl::Milliseconds(req->timeout_ms() > 0 ? req->timeout_ms() : 60000);
-  co.hostname_or_iface = req->bind_address();
+  co.hostname_or_iface = req->bind_address().empty() ? options_.comm_address : req->bind_address();
   absl::StatusOr<std::unique_ptr<Communicator>> comm =
       options_.backend.kind == BackendKind::kCuda
           ? CreateNcclCommunicator(world, store_.get(), options_.backend.device, nullptr, co)

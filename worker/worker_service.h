@@ -20,6 +20,8 @@ namespace lorc {
 
 struct WorkerOptions {
   BackendOptions backend;
+  // Gloo: the address this worker listens on for its peers, unless the coordinator names one.
+  std::string comm_address = "127.0.0.1";
 };
 
 class WorkerService final : public lorcserve::internal::Worker::Service {

@@ -1,0 +1,111 @@
+// lorcserve client: streams one generation from a running server (or prints its model info /
+// health).
+#include <iostream>
+
+#include "absl/strings/str_cat.h"
+#include "cli/api_client.h"
+#include "cli/commands.h"
+#include "cli/session.h"
+#include "common/grpc_status.h"
+#include "google/protobuf/util/json_util.h"
+#include "nlohmann/json.hpp"
+
+namespace lorc::cli {
+namespace {
+
+int PrintInfo(lorcserve::v1::LorcServe::Stub& stub, double timeout_s) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000)));
+  lorcserve::v1::ModelInfoResponse resp;
+  const grpc::Status s = stub.ModelInfo(&ctx, {}, &resp);
+  if (!s.ok()) return Fail("client", FromGrpcStatus(s));
+  std::string json;
+  google::protobuf::util::JsonPrintOptions o;
+  o.add_whitespace = true;
+  (void)google::protobuf::util::MessageToJsonString(resp, &json, o);
+  std::cout << json;
+  return 0;
+}
+
+int PrintHealth(const std::shared_ptr<grpc::Channel>& channel, double timeout_s) {
+  auto stub = grpc::health::v1::Health::NewStub(channel);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000)));
+  grpc::health::v1::HealthCheckRequest req;
+  grpc::health::v1::HealthCheckResponse resp;
+  const grpc::Status s = stub->Check(&ctx, req, &resp);
+  if (!s.ok()) return Fail("client", FromGrpcStatus(s));
+  std::cout << grpc::health::v1::HealthCheckResponse::ServingStatus_Name(resp.status()) << "\n";
+  return resp.status() == grpc::health::v1::HealthCheckResponse::SERVING ? 0 : 1;
+}
+
+const char* FinishName(lorcserve::v1::FinishReason r) {
+  switch (r) {
+    case lorcserve::v1::FINISH_REASON_LENGTH: return "length";
+    case lorcserve::v1::FINISH_REASON_STOP: return "stop";
+    case lorcserve::v1::FINISH_REASON_ABORTED: return "abort";
+    default: return "unspecified";
+  }
+}
+
+}  // namespace
+
+int RunClient(int argc, char** argv) {
+  std::vector<FlagSpec> flags = {
+      {"server", true, "coordinator address (default 127.0.0.1:50051)", "ADDR"},
+      {"timeout-s", true, "deadline of the call in seconds (default 600)", "S"},
+      {"info", false, "print ModelInfo as JSON"},
+      {"health", false, "print the grpc.health.v1 status (exit 0 when SERVING)"},
+      {"json", false, "print one JSON object at the end instead of streaming text"},
+      {"help", false, "show this help"},
+  };
+  const std::vector<FlagSpec> req_flags = RequestFlags();
+  flags.insert(flags.end(), req_flags.begin(), req_flags.end());
+  const char* synopsis = "--server ADDR (--prompt TEXT | --prompt-ids IDS | --info | --health) [flags]";
+  absl::StatusOr<Args> args = Args::Parse(argc, argv, 2, flags);
+  if (!args.ok()) {
+    std::cerr << Usage("client", synopsis, flags);
+    return Fail("client", args.status());
+  }
+  if (args->Has("help")) {
+    std::cout << Usage("client", synopsis, flags);
+    return 0;
+  }
+  absl::StatusOr<double> timeout = args->GetDouble("timeout-s", 600);
+  if (!timeout.ok()) return Fail("client", timeout.status());
+  auto channel = Connect(args->Get("server", "127.0.0.1:50051"));
+  auto stub = lorcserve::v1::LorcServe::NewStub(channel);
+  if (args->Has("info")) return PrintInfo(*stub, *timeout);
+  if (args->Has("health")) return PrintHealth(channel, *timeout);
+
+  absl::StatusOr<lorcserve::v1::GenerateRequest> req = RequestFromArgs(*args);
+  if (!req.ok()) return Fail("client", req.status());
+  const bool json = args->Has("json");
+  StreamResult r = StreamGenerate(*stub, *req, *timeout, [json](const lorcserve::v1::GenerateResponse& m) {
+    if (!json) std::cout << m.text() << std::flush;
+  });
+  if (!json) std::cout << "\n";
+  if (!r.status.ok()) return Fail("client", FromGrpcStatus(r.status));
+  const auto& u = r.final.usage();
+  if (json) {
+    nlohmann::json j;
+    j["request_id"] = r.final.request_id();
+    j["output_ids"] = r.ids;
+    j["text"] = r.text;
+    j["finish_reason"] = FinishName(r.final.finish_reason());
+    j["usage"] = {{"prompt_tokens", u.prompt_tokens()},
+                  {"cached_prompt_tokens", u.cached_prompt_tokens()},
+                  {"completion_tokens", u.completion_tokens()},
+                  {"time_to_first_token_ms", u.time_to_first_token_ms()},
+                  {"total_time_ms", u.total_time_ms()}};
+    std::cout << j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
+  } else {
+    std::cerr << absl::StrCat("[", u.prompt_tokens(), " prompt tokens, ", u.completion_tokens(),
+                              " generated (", FinishName(r.final.finish_reason()), "), first token ",
+                              static_cast<int>(r.ttft_s * 1000), " ms, total ",
+                              static_cast<int>(r.total_s * 1000), " ms]\n");
+  }
+  return 0;
+}
+
+}  // namespace lorc::cli

@@ -1,0 +1,118 @@
+// lorcserve coordinator: the gRPC server in front of N tensor-parallel workers.
+#include <iostream>
+
+#include "absl/strings/str_split.h"
+#include "cli/args.h"
+#include "cli/commands.h"
+#include "cli/session.h"
+#include "cli/signals.h"
+#include "common/status_macros.h"
+#include "coordinator/coordinator_server.h"
+
+namespace lorc::cli {
+namespace {
+
+absl::StatusOr<CoordinatorOptions> ParseOptions(const Args& args) {
+  CoordinatorOptions o;
+  if (!args.Has("model")) return absl::InvalidArgumentError("--model DIR is required");
+  o.listen = args.Get("listen", "127.0.0.1:50051");
+  o.advertise_address = args.Get("advertise-address");
+  if (args.Has("workers") == args.Has("local-workers")) {
+    return absl::InvalidArgumentError("give exactly one of --workers and --local-workers");
+  }
+  if (args.Has("workers")) {
+    o.worker_addresses = absl::StrSplit(args.Get("workers"), ',', absl::SkipWhitespace());
+    if (o.worker_addresses.empty()) return absl::InvalidArgumentError("--workers: no addresses");
+  } else {
+    ASSIGN_OR_RETURN(int64_t n, args.GetInt("local-workers", 1));
+    if (n < 1 || n > 64) return absl::InvalidArgumentError("--local-workers must be in [1, 64]");
+    o.local_workers.count = static_cast<int>(n);
+    o.local_workers.backend = args.Get("backend", "cpu");
+    ASSIGN_OR_RETURN(int64_t threads, args.GetInt("threads", 0));
+    o.local_workers.threads_per_worker = static_cast<int>(threads);
+  }
+  RETURN_IF_ERROR(ParseBackendKind(args.Get("backend", "cpu")).status());
+  o.model.dir = args.Get("model");
+  o.model.random_weights = args.Has("random-weights");
+  ASSIGN_OR_RETURN(int64_t seed, args.GetInt("weights-seed", 0));
+  o.model.seed = static_cast<uint64_t>(seed);
+  ASSIGN_OR_RETURN(int64_t kv_mb, args.GetInt("kv-cache-mb", 512));
+  ASSIGN_OR_RETURN(int64_t block_size, args.GetInt("block-size", 16));
+  ASSIGN_OR_RETURN(int64_t num_blocks, args.GetInt("num-blocks", 0));
+  if (kv_mb <= 0) return absl::InvalidArgumentError("--kv-cache-mb must be positive");
+  if (block_size <= 0 || block_size > 1024) return absl::InvalidArgumentError("--block-size must be in [1, 1024]");
+  if (num_blocks < 0) return absl::InvalidArgumentError("--num-blocks must be >= 0");
+  o.kv.memory_bytes = kv_mb << 20;
+  o.kv.block_size = static_cast<int32_t>(block_size);
+  o.kv.num_blocks = static_cast<int32_t>(num_blocks);
+  ASSIGN_OR_RETURN(int64_t step_tokens, args.GetInt("max-step-tokens", 2048));
+  ASSIGN_OR_RETURN(int64_t max_running, args.GetInt("max-running", 256));
+  ASSIGN_OR_RETURN(int64_t max_waiting, args.GetInt("max-waiting", 1024));
+  if (step_tokens <= 0 || max_running <= 0 || max_waiting <= 0) {
+    return absl::InvalidArgumentError("--max-step-tokens, --max-running and --max-waiting must be positive");
+  }
+  o.engine.max_step_tokens = static_cast<int32_t>(step_tokens);
+  o.engine.max_running = static_cast<int32_t>(max_running);
+  o.engine.max_waiting = static_cast<int32_t>(max_waiting);
+  const std::string transport = args.Get("step-transport", "stream");
+  if (transport != "stream" && transport != "unary") {
+    return absl::InvalidArgumentError("--step-transport must be stream or unary");
+  }
+  o.step_stream = transport == "stream";
+  ASSIGN_OR_RETURN(int64_t join_s, args.GetInt("join-timeout-s", 60));
+  o.join_timeout = absl::Seconds(join_s);
+  return o;
+}
+
+}  // namespace
+
+int RunCoordinator(int argc, char** argv) {
+  std::vector<FlagSpec> flags = {
+      {"model", true, "model directory (config.json, tokenizer.json; workers read the weights)", "DIR"},
+      {"listen", true, "address to serve the API on (default 127.0.0.1:50051; port 0: pick one)", "ADDR"},
+      {"workers", true, "worker addresses in rank order (started with 'lorcserve worker')", "A,B,..."},
+      {"local-workers", true, "start and supervise N worker processes on this machine", "N"},
+      {"backend", true, "local workers' backend: cpu (default) or cuda", "KIND"},
+      {"threads", true, "local CPU workers: BLAS threads each (default: cores / N)", "N"},
+      {"advertise-address", true, "how workers reach this server (default: from --listen)", "HOST:PORT"},
+      {"random-weights", false, "workers use seeded random weights of config.json's shape"},
+      {"weights-seed", true, "seed for --random-weights", "S"},
+      {"kv-cache-mb", true, "KV cache per worker in MiB (default 512)", "MB"},
+      {"num-blocks", true, "KV cache blocks per worker (overrides --kv-cache-mb)", "N"},
+      {"block-size", true, "KV block size in tokens (default 16)", "N"},
+      {"max-step-tokens", true, "tokens per engine step (chunked prefill budget, default 2048)", "N"},
+      {"max-running", true, "sequences running at once (default 256)", "N"},
+      {"max-waiting", true, "queued requests before RESOURCE_EXHAUSTED (default 1024)", "N"},
+      {"step-transport", true, "stream (default) or unary step RPCs", "KIND"},
+      {"join-timeout-s", true, "seconds the ranks have to join the communicator (default 60)", "S"},
+      {"help", false, "show this help"},
+  };
+  const char* synopsis = "--model DIR --listen ADDR (--workers A,B | --local-workers N) [flags]";
+  absl::StatusOr<Args> args = Args::Parse(argc, argv, 2, flags);
+  if (!args.ok()) {
+    std::cerr << Usage("coordinator", synopsis, flags);
+    return Fail("coordinator", args.status());
+  }
+  if (args->Has("help")) {
+    std::cout << Usage("coordinator", synopsis, flags);
+    return 0;
+  }
+  absl::StatusOr<CoordinatorOptions> options = ParseOptions(*args);
+  if (!options.ok()) return Fail("coordinator", options.status());
+  BlockTerminationSignals();
+  absl::StatusOr<std::unique_ptr<CoordinatorServer>> server = CoordinatorServer::Start(*options);
+  if (!server.ok()) return Fail("coordinator", server.status());
+  std::cout << "LISTENING " << (*server)->address() << std::endl;
+  std::cerr << "lorcserve coordinator: serving " << options->model.dir << " on " << (*server)->address()
+            << "\n";
+  std::thread signals = WatchTerminationSignals([&server](int sig) {
+    std::cerr << "lorcserve coordinator: signal " << sig << ", shutting down\n";
+    (*server)->Shutdown();
+  });
+  (*server)->Wait();
+  signals.detach();
+  server->reset();
+  return 0;
+}
+
+}  // namespace lorc::cli

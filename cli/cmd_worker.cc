@@ -1,0 +1,72 @@
+// lorcserve worker: one tensor-parallel rank, serving lorcserve.internal.Worker.
+#include <iostream>
+
+#include "absl/strings/str_cat.h"
+#include "cli/args.h"
+#include "cli/commands.h"
+#include "cli/session.h"
+#include "cli/signals.h"
+#include "common/status_macros.h"
+#include "grpcpp/grpcpp.h"
+#include "worker/worker_service.h"
+
+namespace lorc::cli {
+
+int RunWorker(int argc, char** argv) {
+  const std::vector<FlagSpec> flags = {
+      {"listen", true, "address to serve on (port 0: pick one; printed as 'LISTENING host:port')", "ADDR"},
+      {"backend", true, "cpu (default) or cuda", "KIND"},
+      {"device", true, "CUDA device ordinal (default 0)", "K"},
+      {"threads", true, "CPU backend: BLAS threads (default: all cores)", "N"},
+      {"comm-address", true, "address peers reach this worker at for Gloo (default: the listen host)", "HOST"},
+      {"rank-hint", true, "rank, for log messages only", "R"},
+      {"help", false, "show this help"},
+  };
+  const char* synopsis = "--listen ADDR [--backend cpu|cuda] [--device K]";
+  absl::StatusOr<Args> args = Args::Parse(argc, argv, 2, flags);
+  if (!args.ok()) {
+    std::cerr << Usage("worker", synopsis, flags);
+    return Fail("worker", args.status());
+  }
+  if (args->Has("help")) {
+    std::cout << Usage("worker", synopsis, flags);
+    return 0;
+  }
+  BlockTerminationSignals();
+  WorkerOptions wo;
+  absl::StatusOr<BackendKind> kind = ParseBackendKind(args->Get("backend", "cpu"));
+  absl::StatusOr<int64_t> device = args->GetInt("device", 0);
+  absl::StatusOr<int64_t> threads = args->GetInt("threads", 0);
+  for (const absl::Status& s : {kind.status(), device.status(), threads.status()}) {
+    if (!s.ok()) return Fail("worker", s);
+  }
+  wo.backend.kind = *kind;
+  wo.backend.device = static_cast<int>(*device);
+  wo.backend.threads = static_cast<int>(*threads);
+  const std::string listen = args->Get("listen", "127.0.0.1:0");
+  const std::string host = listen.substr(0, listen.rfind(':'));
+  wo.comm_address = args->Get("comm-address", host == "0.0.0.0" || host.empty() ? "" : host);
+
+  WorkerService service(wo);
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort(listen, grpc::InsecureServerCredentials(), &port);
+  builder.SetMaxReceiveMessageSize(256 << 20);
+  builder.SetMaxSendMessageSize(256 << 20);
+  builder.RegisterService(&service);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (server == nullptr || port == 0) {
+    return Fail("worker", absl::UnavailableError(absl::StrCat("cannot listen on ", listen)));
+  }
+  std::cout << "LISTENING " << host << ":" << port << std::endl;
+  std::cerr << "lorcserve worker " << args->Get("rank-hint", "?") << ": serving on " << host << ":"
+            << port << " (" << args->Get("backend", "cpu") << ")\n";
+  std::thread signals = WatchTerminationSignals([&server](int) {
+    server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  });
+  server->Wait();
+  signals.detach();
+  return 0;
+}
+
+}  // namespace lorc::cli

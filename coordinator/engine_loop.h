@@ -1,0 +1,73 @@
+// The server's engine thread: owns an Engine, takes submissions and cancellations from gRPC
+// handler threads through a queue, and steps the engine while there is work. Each request's
+// updates go to its RequestChannel, which its handler thread drains.
+#pragma once
+
+#include <atomic>
+#include <deque>
+#include <memory>
+#include <string>
+#include <thread>
+#include <variant>
+
+#include "absl/synchronization/mutex.h"
+#include "coordinator/engine.h"
+
+namespace lorc {
+
+// A request's stream of updates, filled by the engine thread, drained by one handler thread.
+class RequestChannel {
+ public:
+  void Push(RequestUpdate u);
+  // Waits up to `timeout` for updates; returns whatever is queued (possibly nothing).
+  std::deque<RequestUpdate> Take(absl::Duration timeout);
+
+ private:
+  absl::Mutex mu_;
+  std::deque<RequestUpdate> updates_ ABSL_GUARDED_BY(mu_);
+};
+
+struct LoopStats {
+  int64_t kv_free_blocks = 0;
+  int32_t num_running = 0;
+  int32_t num_waiting = 0;
+  EngineStats engine;
+};
+
+class EngineLoop {
+ public:
+  // Takes ownership of the engine; starts the thread.
+  explicit EngineLoop(std::unique_ptr<Engine> engine);
+  ~EngineLoop();  // stops the thread; live requests end with UNAVAILABLE
+
+  // Queues a request; its updates (including a validation failure) arrive on `channel`.
+  void Submit(int64_t id, GenerationRequest request, std::shared_ptr<RequestChannel> channel);
+  void Cancel(int64_t id, absl::Status why);
+  // Fails every live request and every later one with `why` (a worker is gone).
+  void Fail(absl::Status why);
+  absl::Status failure() const;
+  LoopStats stats() const;
+
+ private:
+  struct Add {
+    int64_t id;
+    GenerationRequest request;
+    std::shared_ptr<RequestChannel> channel;
+  };
+  struct Cancel_ {
+    int64_t id;
+    absl::Status why;
+  };
+  void Run();
+  void Publish();
+
+  std::unique_ptr<Engine> engine_;
+  mutable absl::Mutex mu_;
+  std::deque<std::variant<Add, Cancel_>> inbox_ ABSL_GUARDED_BY(mu_);
+  absl::Status failure_ ABSL_GUARDED_BY(mu_);
+  bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  LoopStats stats_ ABSL_GUARDED_BY(mu_);
+  std::thread thread_;
+};
+
+}  // namespace lorc

@@ -1,0 +1,366 @@
+// Checkpoints of the same family in the other layouts public Llama models ship in load and
+// generate without code changes:
+//  - tiny-llama-a re-written as a sharded checkpoint (3 shards + model.safetensors.index.json)
+//    with mixed dtypes (F32 / F16 / BF16, all exact conversions of the bf16 originals) and the
+//    older config spelling (top-level `rope_theta`, `torch_dtype`): greedy output unchanged;
+//  - a Llama-3-style model directory (the llama3-style tokenizer.json, GQA, llama3 RoPE scaling,
+//    a list of EOS ids, tied embeddings) run through `lorcserve generate --random-weights`.
+#include <fcntl.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "absl/strings/match.h"
+#include "common/check.h"
+#include "common/dtype.h"
+#include "common/json_util.h"
+#include "coordinator/engine.h"
+#include "coordinator/tokenizer.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
+#include "tests/testing/fixtures.h"
+#include "tests/testing/status_matchers.h"
+#include "worker/model_loader.h"
+#include "worker/safetensors.h"
+#include "worker/step_executor.h"
+
+extern char** environ;
+
+namespace lorc {
+namespace {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+fs::path MakeScratchDir(const std::string& name) {
+  const fs::path dir = fs::temp_directory_path() /
+                       ("lorc_ckpt_formats_" + std::to_string(::getpid())) / name;
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  return dir;
+}
+
+class ScratchCleanup : public ::testing::Environment {
+ public:
+  void TearDown() override {
+    std::error_code ec;
+    fs::remove_all(fs::temp_directory_path() / ("lorc_ckpt_formats_" + std::to_string(::getpid())), ec);
+  }
+};
+const auto* const kCleanup = ::testing::AddGlobalTestEnvironment(new ScratchCleanup);
+
+// ---- a minimal safetensors writer ---------------------------------------------------------------
+
+struct OutTensor {
+  std::string name;
+  DType dtype = DType::kF32;
+  std::vector<int64_t> shape;
+  std::vector<uint8_t> bytes;
+};
+
+// Encodes fp32 values as `dtype` (F32, F16 or BF16).
+std::vector<uint8_t> Encode(const std::vector<float>& v, DType dtype) {
+  std::vector<uint8_t> out(v.size() * DTypeSize(dtype));
+  for (size_t i = 0; i < v.size(); ++i) {
+    switch (dtype) {
+      case DType::kF32:
+        std::memcpy(out.data() + 4 * i, &v[i], 4);
+        break;
+      case DType::kF16: {
+        const uint16_t h = F32ToF16(v[i]);
+        std::memcpy(out.data() + 2 * i, &h, 2);
+        break;
+      }
+      case DType::kBF16: {
+        const uint16_t b = F32ToBf16(v[i]);
+        std::memcpy(out.data() + 2 * i, &b, 2);
+        break;
+      }
+      default:
+        CHECK(false);
+    }
+  }
+  return out;
+}
+
+// Writes the tensors in the order given (data offsets relative to the data section, so they
+// need not follow the header's key order). Returns the data section's size.
+uint64_t WriteSafetensors(const fs::path& path, const std::vector<OutTensor>& tensors) {
+  json header = json::object();
+  header["__metadata__"] = {{"format", "pt"}};
+  uint64_t offset = 0;
+  for (const OutTensor& t : tensors) {
+    header[t.name] = {{"dtype", DTypeName(t.dtype)},
+                      {"shape", t.shape},
+                      {"data_offsets", {offset, offset + t.bytes.size()}}};
+    offset += t.bytes.size();
+  }
+  std::string h = header.dump();
+  h.resize((h.size() + 7) / 8 * 8, ' ');  // pad to 8 bytes, as the reference writer does
+  std::ofstream out(path, std::ios::binary);
+  uint8_t len[8];
+  for (int i = 0; i < 8; ++i) len[i] = static_cast<uint8_t>(static_cast<uint64_t>(h.size()) >> (8 * i));
+  out.write(reinterpret_cast<const char*>(len), 8);
+  out.write(h.data(), static_cast<std::streamsize>(h.size()));
+  for (const OutTensor& t : tensors) {
+    out.write(reinterpret_cast<const char*>(t.bytes.data()), static_cast<std::streamsize>(t.bytes.size()));
+  }
+  CHECK(out.good());
+  return offset;
+}
+
+int LayerOf(const std::string& name) {
+  const std::string prefix = "model.layers.";
+  if (!absl::StartsWith(name, prefix)) return -1;
+  return std::stoi(name.substr(prefix.size()));
+}
+
+struct Golden {
+  std::vector<int32_t> prompt_ids, greedy_ids;
+};
+
+std::vector<Golden> LoadGolden() {
+  auto j = ReadJsonFile(::lorc::testing::TinyLlamaDir() + "/golden_fp32.json");
+  CHECK_OK(j.status());
+  std::vector<Golden> out;
+  for (const auto& g : *j) {
+    out.push_back({g["prompt_ids"].get<std::vector<int32_t>>(), g["greedy_48_ids"].get<std::vector<int32_t>>()});
+  }
+  return out;
+}
+
+// ---- sharded, mixed-dtype checkpoint ------------------------------------------------------------
+
+TEST(CheckpointFormatsTest, ShardedMixedDtypeCheckpointWithTopLevelRopeTheta) {
+  SKIP_WITHOUT_TINY_LLAMA();
+  const std::string src_dir = ::lorc::testing::TinyLlamaDir();
+  const fs::path dir = MakeScratchDir("sharded");
+  auto src = CheckpointReader::Open(src_dir);
+  ASSERT_OK(src);
+
+  // Config: the same model, with the RoPE and dtype fields spelt as older checkpoints do.
+  auto config = ReadJsonFile(src_dir + "/config.json");
+  ASSERT_OK(config);
+  ASSERT_TRUE(config->contains("rope_parameters"));
+  const double theta = (*config)["rope_parameters"]["rope_theta"].get<double>();
+  config->erase("rope_parameters");
+  config->erase("dtype");
+  (*config)["rope_theta"] = theta;
+  (*config)["rope_scaling"] = nullptr;
+  (*config)["torch_dtype"] = "bfloat16";
+  std::ofstream(dir / "config.json") << config->dump(2);
+
+  // Tensors: norms as F16 (bf16 values of norm weights are exact in fp16), attention and the
+  // embedding as F32 (always exact), the MLPs of odd layers and the LM head kept BF16.
+  std::map<int, std::vector<OutTensor>> shards;  // 1..3
+  std::map<std::string, DType> written;
+  int64_t f16_inexact = 0;
+  for (const std::string& name : (*src)->TensorNames()) {
+    auto info = (*src)->Find(name);
+    ASSERT_OK(info);
+    ASSERT_EQ((*info)->dtype, DType::kBF16) << name;
+    std::vector<float> v(static_cast<size_t>((*info)->numel()));
+    ASSERT_OK((*src)->ReadF32(name, (*info)->shape, absl::MakeSpan(v)));
+    DType dtype;
+    if (absl::StrContains(name, "norm")) {
+      dtype = DType::kF16;
+      for (float x : v) f16_inexact += F16ToF32(F32ToF16(x)) != x;
+    } else if (absl::StrContains(name, ".mlp.") && LayerOf(name) % 2 == 1) {
+      dtype = DType::kBF16;
+    } else if (name == "lm_head.weight") {
+      dtype = DType::kBF16;
+    } else {
+      dtype = DType::kF32;
+    }
+    const int layer = LayerOf(name);
+    const int shard = name == "model.embed_tokens.weight" ? 1
+                      : layer < 0                         ? 3
+                      : layer < 3                         ? 1
+                      : layer < 6                         ? 2
+                                                          : 3;
+    shards[shard].push_back({name, dtype, (*info)->shape, Encode(v, dtype)});
+    written[name] = dtype;
+  }
+  EXPECT_EQ(f16_inexact, 0) << "norm weights not exactly representable in fp16";
+
+  json index;
+  index["weight_map"] = json::object();
+  uint64_t total = 0;
+  ASSERT_EQ(shards.size(), 3u);
+  for (auto& [k, tensors] : shards) {
+    const std::string file = "model-0000" + std::to_string(k) + "-of-00003.safetensors";
+    // Data in reverse name order: offsets need not follow the header's (sorted) key order.
+    std::reverse(tensors.begin(), tensors.end());
+    total += WriteSafetensors(dir / file, tensors);
+    for (const OutTensor& t : tensors) index["weight_map"][t.name] = file;
+  }
+  index["metadata"] = {{"total_size", total}};
+  std::ofstream(dir / "model.safetensors.index.json") << index.dump(2);
+  ASSERT_FALSE(fs::exists(dir / "model.safetensors"));
+
+  // The reader sees the same tensors, in the dtypes written.
+  auto reread = CheckpointReader::Open(dir.string());
+  ASSERT_OK(reread);
+  EXPECT_EQ((*reread)->TensorNames(), (*src)->TensorNames());
+  std::map<DType, int> counts;
+  for (const auto& [name, dtype] : written) {
+    auto info = (*reread)->Find(name);
+    ASSERT_OK(info);
+    EXPECT_EQ((*info)->dtype, dtype) << name;
+    ++counts[dtype];
+  }
+  EXPECT_GT(counts[DType::kF16], 0);
+  EXPECT_GT(counts[DType::kF32], 0);
+  EXPECT_GT(counts[DType::kBF16], 0);
+
+  auto backend = CreateBackend({});
+  ASSERT_OK(backend);
+  KvCacheOptions kv;
+  kv.block_size = 16;
+  kv.memory_bytes = 64ll << 20;
+  auto m = LoadModel({dir.string()}, backend->get(), 0, 1, nullptr, kv);
+  ASSERT_OK(m);
+  EXPECT_EQ(m->config.rope.type, RopeType::kDefault);
+  EXPECT_DOUBLE_EQ(m->config.rope.theta, 500000.0);
+  EXPECT_EQ(m->config.torch_dtype, "bfloat16");
+
+  const std::vector<Golden> golden = LoadGolden();
+  StepExecutor exec(m->runner.get(), true);
+  Engine engine(&exec, m->config, m->runner->kv_spec(), nullptr, {});
+  std::vector<GenerationRequest> reqs;
+  for (const Golden& g : golden) {
+    GenerationRequest r;
+    r.prompt_ids = g.prompt_ids;
+    r.params.max_tokens = 48;
+    reqs.push_back(r);
+  }
+  auto out = engine.Generate(reqs);
+  ASSERT_OK(out);
+  ASSERT_EQ(out->size(), golden.size());
+  for (size_t i = 0; i < golden.size(); ++i) {
+    EXPECT_OK((*out)[i].status);
+    EXPECT_EQ((*out)[i].output_ids, golden[i].greedy_ids) << "prompt " << i;
+  }
+}
+
+// ---- Llama-3-style directory through the binary --------------------------------------------------
+
+struct RunResult {
+  int exit_code = -1;
+  std::string out, err;
+};
+
+std::string ReadAll(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+RunResult RunLorcserve(const std::vector<std::string>& args, const fs::path& scratch) {
+  std::vector<std::string> argv_s = {std::string(LORC_BIN_DIR) + "/lorcserve"};
+  argv_s.insert(argv_s.end(), args.begin(), args.end());
+  std::vector<char*> argv;
+  for (std::string& a : argv_s) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  const fs::path out_path = scratch / "stdout", err_path = scratch / "stderr";
+  posix_spawn_file_actions_t fa;
+  posix_spawn_file_actions_init(&fa);
+  posix_spawn_file_actions_addopen(&fa, 1, out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  posix_spawn_file_actions_addopen(&fa, 2, err_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  RunResult r;
+  pid_t pid;
+  const int rc = posix_spawn(&pid, argv[0], &fa, nullptr, argv.data(), environ);
+  posix_spawn_file_actions_destroy(&fa);
+  if (rc != 0) {
+    ADD_FAILURE() << "cannot spawn " << argv[0] << ": " << std::strerror(rc);
+    return r;
+  }
+  int status = 0;
+  while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+  }
+  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  r.out = ReadAll(out_path);
+  r.err = ReadAll(err_path);
+  return r;
+}
+
+TEST(CheckpointFormatsTest, Llama3StyleDirectoryWithRandomWeights) {
+  const std::string tokenizer = ::lorc::testing::ModelsDir() + "/tokenizer-llama3-style/tokenizer.json";
+  if (!fs::exists(tokenizer)) GTEST_SKIP() << "fixture " << tokenizer << " not present";
+  const fs::path dir = MakeScratchDir("llama3");
+  fs::copy_file(tokenizer, dir / "tokenizer.json");
+  // Llama-3.1-8B's config.json, scaled down (vocab of the 3,000-token tokenizer).
+  std::ofstream(dir / "config.json") << R"({
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+    "attention_bias": false, "attention_dropout": 0.0, "mlp_bias": false, "hidden_act": "silu",
+    "vocab_size": 3000, "hidden_size": 256, "intermediate_size": 768,
+    "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 32,
+    "max_position_embeddings": 131072, "rms_norm_eps": 1e-05, "rope_theta": 500000.0,
+    "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "tie_word_embeddings": true, "bos_token_id": 0, "eos_token_id": [1, 4],
+    "torch_dtype": "bfloat16", "use_cache": true, "pretraining_tp": 1})";
+
+  auto config = LoadModelConfig(dir.string());
+  ASSERT_OK(config);
+  EXPECT_EQ(config->rope.type, RopeType::kLlama3);
+  EXPECT_EQ(config->eos_token_ids, (std::vector<int64_t>{1, 4}));
+  EXPECT_TRUE(config->tie_word_embeddings);
+
+  // The id of <|begin_of_text|>, from the tokenizer file itself.
+  auto tok_json = ReadJsonFile(tokenizer);
+  ASSERT_OK(tok_json);
+  int64_t bot = -1;
+  for (const json& t : (*tok_json)["added_tokens"]) {
+    if (t["content"] == "<|begin_of_text|>") bot = t["id"].get<int64_t>();
+  }
+  ASSERT_GE(bot, 0);
+  auto tok = Tokenizer::FromModelDir(dir.string());
+  ASSERT_OK(tok);
+  auto expected_ids = (*tok)->Encode("Hello, world!", /*add_special_tokens=*/true);
+  ASSERT_OK(expected_ids);
+
+  const fs::path scratch = MakeScratchDir("llama3_run");
+  const std::vector<std::string> args = {"generate", "--model", dir.string(), "--random-weights",
+                                         "--prompt", "Hello, world!", "--max-tokens", "8", "--json"};
+  const RunResult r = RunLorcserve(args, scratch);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const json j = json::parse(r.out, nullptr, false);
+  ASSERT_FALSE(j.is_discarded()) << r.out;
+  const auto prompt_ids = j["prompt_ids"].get<std::vector<int32_t>>();
+  const auto output_ids = j["output_ids"].get<std::vector<int32_t>>();
+  ASSERT_GE(prompt_ids.size(), 2u);
+  EXPECT_EQ(prompt_ids[0], bot);
+  EXPECT_NE(prompt_ids[1], bot) << "BOS added twice";
+  EXPECT_EQ(prompt_ids, *expected_ids);
+  if (j["finish_reason"] == "stop") {
+    EXPECT_LE(output_ids.size(), 8u);
+  } else {
+    EXPECT_EQ(j["finish_reason"], "length");
+    EXPECT_EQ(output_ids.size(), 8u);
+  }
+  for (int32_t id : output_ids) {
+    EXPECT_GE(id, 0);
+    EXPECT_LT(id, 3000);
+  }
+
+  // Seeded: the same weights seed gives the same output.
+  const RunResult again = RunLorcserve(args, scratch);
+  ASSERT_EQ(again.exit_code, 0) << again.err;
+  EXPECT_EQ(json::parse(again.out, nullptr, false)["output_ids"], j["output_ids"]);
+}
+
+}  // namespace
+}  // namespace lorc

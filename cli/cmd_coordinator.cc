@@ -99,7 +99,7 @@ int RunCoordinator(int argc, char** argv) {
   }
   absl::StatusOr<CoordinatorOptions> options = ParseOptions(*args);
   if (!options.ok()) return Fail("coordinator", options.status());
-  BlockTerminationSignals();
+  InstallTerminationHandlers();
   absl::StatusOr<std::unique_ptr<CoordinatorServer>> server = CoordinatorServer::Start(*options);
   if (!server.ok()) return Fail("coordinator", server.status());
   std::cout << "LISTENING " << (*server)->address() << std::endl;
@@ -107,10 +107,11 @@ int RunCoordinator(int argc, char** argv) {
             << "\n";
   std::thread signals = WatchTerminationSignals([&server](int sig) {
     std::cerr << "lorcserve coordinator: signal " << sig << ", shutting down\n";
-    (*server)->Shutdown();
+    (*server)->RequestShutdown();
   });
   (*server)->Wait();
   signals.detach();
+  (*server)->Shutdown();
   server->reset();
   return 0;
 }

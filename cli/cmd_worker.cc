@@ -1,4 +1,8 @@
 // lorcserve worker: one tensor-parallel rank, serving lorcserve.internal.Worker.
+#include <signal.h>
+#include <sys/prctl.h>
+#include <unistd.h>
+
 #include <iostream>
 
 #include "absl/strings/str_cat.h"
@@ -20,6 +24,7 @@ int RunWorker(int argc, char** argv) {
       {"threads", true, "CPU backend: BLAS threads (default: all cores)", "N"},
       {"comm-address", true, "address peers reach this worker at for Gloo (default: the listen host)", "HOST"},
       {"rank-hint", true, "rank, for log messages only", "R"},
+      {"parent-pid", true, "exit when this process (the supervising coordinator) is gone", "PID"},
       {"help", false, "show this help"},
   };
   const char* synopsis = "--listen ADDR [--backend cpu|cuda] [--device K]";
@@ -32,7 +37,14 @@ int RunWorker(int argc, char** argv) {
     std::cout << Usage("worker", synopsis, flags);
     return 0;
   }
-  BlockTerminationSignals();
+  InstallTerminationHandlers();
+  if (args->Has("parent-pid")) {
+    // Started by a coordinator: die with it, even when it is killed outright.
+    absl::StatusOr<int64_t> parent = args->GetInt("parent-pid", 0);
+    if (!parent.ok()) return Fail("worker", parent.status());
+    prctl(PR_SET_PDEATHSIG, SIGTERM);
+    if (getppid() != static_cast<pid_t>(*parent)) return Fail("worker", absl::AbortedError("parent already gone"));
+  }
   WorkerOptions wo;
   absl::StatusOr<BackendKind> kind = ParseBackendKind(args->Get("backend", "cpu"));
   absl::StatusOr<int64_t> device = args->GetInt("device", 0);

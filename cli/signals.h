@@ -1,6 +1,6 @@
-// SIGINT/SIGTERM handling for the long-running subcommands: block the signals in every thread
-// (call first thing in the command, before any thread exists), then wait for one on a
-// dedicated thread and run a shutdown callback.
+// SIGINT/SIGTERM handling for the long-running subcommands. A handler (installed for the whole
+// process, so whichever thread the kernel picks is fine) writes the signal number to a pipe;
+// a watcher thread reads it and runs the shutdown callback once. SIGPIPE is ignored.
 #pragma once
 
 #include <functional>
@@ -8,7 +8,8 @@
 
 namespace lorc::cli {
 
-void BlockTerminationSignals();
+// Installs the handlers. Call once, early.
+void InstallTerminationHandlers();
 // Starts a thread that waits for SIGINT/SIGTERM and then calls `on_signal` once.
 std::thread WatchTerminationSignals(std::function<void(int)> on_signal);
 

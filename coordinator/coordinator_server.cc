@@ -200,12 +200,15 @@ void CoordinatorServer::Wait() {
   mu_.Await(absl::Condition(&stop));
 }
 
+void CoordinatorServer::RequestShutdown() {
+  absl::MutexLock lock(&mu_);
+  stopping_ = true;
+}
+
 void CoordinatorServer::Shutdown() {
-  {
-    absl::MutexLock lock(&mu_);
-    if (stopping_) return;
-    stopping_ = true;
-  }
+  if (torn_down_) return;
+  torn_down_ = true;
+  RequestShutdown();
   if (monitor_.joinable()) monitor_.join();
   if (server_ != nullptr) server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
   if (service_ != nullptr) service_->SetLoop(nullptr);

@@ -49,8 +49,13 @@ class CoordinatorServer {
 
   int port() const { return port_; }
   std::string address() const;
-  // Blocks until Shutdown() (e.g. from a signal handler thread).
+  // Blocks until RequestShutdown() or Shutdown().
   void Wait();
+  // Makes Wait() return (safe from any thread, e.g. a signal watcher); the owner then calls
+  // Shutdown() or destroys the server.
+  void RequestShutdown();
+  // Stops serving (5 s grace for in-flight calls), the engine thread and the workers.
+  // Idempotent; call from the owning thread.
   void Shutdown();
 
  private:
@@ -74,6 +79,7 @@ class CoordinatorServer {
   std::thread monitor_;
   absl::Mutex mu_;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  bool torn_down_ = false;  // owner thread only
   absl::Status failure_ ABSL_GUARDED_BY(mu_);
 };
 

@@ -64,7 +64,8 @@ absl::StatusOr<std::unique_ptr<LocalWorkers>> LocalWorkers::Start(const LocalWor
     std::vector<std::string> args = {"lorcserve", "worker", "--listen", "127.0.0.1:0", "--backend",
                                      options.backend, "--threads", std::to_string(threads),
                                      "--device", std::to_string(options.first_device + r),
-                                     "--rank-hint", std::to_string(r)};
+                                     "--rank-hint", std::to_string(r),
+                                     "--parent-pid", std::to_string(getpid())};
     std::vector<char*> argv;
     for (auto& a : args) argv.push_back(a.data());
     argv.push_back(nullptr);

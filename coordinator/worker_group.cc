@@ -35,7 +35,7 @@ struct WorkerGroup::Worker {
   absl::Status close_status ABSL_GUARDED_BY(mu);
 
   std::string Name() const { return absl::StrCat("worker ", rank, " (", address, ")"); }
-  absl::Status Fail(const absl::Status& s) const {
+  absl::Status Unavailable(const absl::Status& s) const {
     return absl::UnavailableError(absl::StrCat(Name(), ": ", s.message()));
   }
 };
@@ -167,6 +167,13 @@ void WorkerGroup::MarkBroken(const absl::Status& s) {
   if (broken_.ok()) broken_ = s;
 }
 
+void WorkerGroup::Fail(const absl::Status& why) {
+  MarkBroken(why);
+  for (auto& w : workers_) {
+    if (w->stream_ctx != nullptr) w->stream_ctx->TryCancel();
+  }
+}
+
 absl::Status WorkerGroup::health() const {
   absl::MutexLock lock(&mu_);
   return broken_;
@@ -181,7 +188,8 @@ absl::Status WorkerGroup::Probe(absl::Duration timeout) {
     lorcserve::internal::PingResponse resp;
     const absl::Status s = FromGrpcStatus(w->stub->Ping(&ctx, req, &resp));
     if (!s.ok()) {
-      MarkBroken(w->Fail(s));
+      Fail(w->Unavailable(absl::UnavailableError(absl::StrCat(
+          "no answer to a health probe within ", absl::FormatDuration(timeout), " (", s.message(), ")"))));
       return health();
     }
   }
@@ -199,7 +207,7 @@ absl::StatusOr<StepResult> WorkerGroup::RunStream(const StepPlan& plan) {
   lorcserve::internal::StepPlan msg;
   StepPlanToProto(plan, &msg);
   for (auto& w : workers_) {
-    if (!w->stream->Write(msg)) return w->Fail(absl::UnavailableError("step stream closed"));
+    if (!w->stream->Write(msg)) return w->Unavailable(absl::UnavailableError("step stream closed"));
   }
   const absl::Time deadline = absl::Now() + options_.step_timeout;
   absl::StatusOr<StepResult> rank0 = absl::InternalError("no result");
@@ -210,12 +218,13 @@ absl::StatusOr<StepResult> WorkerGroup::RunStream(const StepPlan& plan) {
       if (w->cv.WaitWithDeadline(&w->mu, deadline)) break;
     }
     if (w->results.empty()) {
+      if (absl::Status h = health(); !h.ok()) return h;  // failed from outside meanwhile
       const absl::Status why = w->closed ? w->close_status
                                          : absl::DeadlineExceededError(absl::StrCat(
                                                "no step result within ",
                                                absl::FormatDuration(options_.step_timeout)));
       if (!w->closed) w->stream_ctx->TryCancel();
-      return w->Fail(why);
+      return w->Unavailable(why);
     }
     lorcserve::internal::StepResult res = std::move(w->results.front());
     w->results.pop_front();
@@ -240,7 +249,7 @@ absl::StatusOr<StepResult> WorkerGroup::RunUnary(const StepPlan& plan) {
       ctx.set_deadline(DeadlineIn(options_.step_timeout));
       lorcserve::internal::StepResult res;
       const absl::Status s = FromGrpcStatus(wp->stub->Step(&ctx, msg, &res));
-      if (!s.ok()) return wp->Fail(s);
+      if (!s.ok()) return wp->Unavailable(s);
       absl::StatusOr<StepResult> r = StepResultFromProto(res);
       if (!r.ok()) return absl::Status(r.status().code(), absl::StrCat(wp->Name(), ": ", r.status().message()));
       return r;

@@ -55,8 +55,9 @@ class WorkerGroup final : public StepRunner {
   int size() const { return static_cast<int>(workers_.size()); }
   // OK while every worker answers; else UNAVAILABLE naming the first one that failed.
   absl::Status health() const;
-  // Marks the group broken (a supervisor saw a worker exit): every later Run fails with `why`.
-  void Fail(const absl::Status& why) { MarkBroken(why); }
+  // Marks the group broken (a supervisor saw a worker exit, a probe went unanswered): a Run in
+  // progress ends at once (its streams are cancelled) and every later Run fails with `why`.
+  void Fail(const absl::Status& why);
   // Pings every worker (bounded by `timeout`); a worker that does not answer breaks the group.
   absl::Status Probe(absl::Duration timeout);
 

@@ -20,8 +20,10 @@ grpc::Status WorkerService::InitCommunicator(grpc::ServerContext*,
   absl::MutexLock lock(&mu_);
   if (absl::Status s = EnsureBackend(); !s.ok()) return ToGrpcStatus(s);
   executor_.reset();
+  model_loaded_ = false;
   model_ = LoadedModel();
   comm_.reset();
+  comm_ready_ = false;
   const WorldConfig world{req->rank(), req->world_size()};
   if (absl::Status s = ValidateWorldConfig(world); !s.ok()) return ToGrpcStatus(s);
   store_ = std::make_unique<GrpcRendezvousStore>(req->rendezvous_address());
@@ -35,6 +37,7 @@ grpc::Status WorkerService::InitCommunicator(grpc::ServerContext*,
           : CreateGlooCommunicator(world, store_.get(), co);
   if (!comm.ok()) return ToGrpcStatus(comm.status());
   comm_ = *std::move(comm);
+  comm_ready_ = true;
   resp->set_backend(std::string(comm_->backend_name()));
   return grpc::Status::OK;
 }
@@ -51,6 +54,7 @@ grpc::Status WorkerService::LoadModel(grpc::ServerContext*, const lorcserve::int
                                      " needs InitCommunicator for that rank first"));
   }
   executor_.reset();
+  model_loaded_ = false;
   model_ = LoadedModel();
   ModelSource src{req->model_dir(), req->random_weights(), req->weights_seed()};
   KvCacheOptions kv;
@@ -62,6 +66,7 @@ grpc::Status WorkerService::LoadModel(grpc::ServerContext*, const lorcserve::int
   if (!m.ok()) return ToGrpcStatus(m.status());
   model_ = *std::move(m);
   executor_ = std::make_unique<StepExecutor>(model_.runner.get(), req->tp_rank() == 0);
+  model_loaded_ = true;
   resp->set_num_blocks(model_.runner->kv_spec().num_blocks);
   resp->set_kv_bytes_per_token(model_.runner->kv_spec().BytesPerToken());
   resp->set_load_seconds(model_.load_seconds);
@@ -106,9 +111,8 @@ grpc::Status WorkerService::Step(grpc::ServerContext*, const lorcserve::internal
 
 grpc::Status WorkerService::Ping(grpc::ServerContext*, const lorcserve::internal::PingRequest*,
                                  lorcserve::internal::PingResponse* resp) {
-  absl::MutexLock lock(&mu_);
-  resp->set_model_loaded(executor_ != nullptr);
-  resp->set_communicator_ready(comm_ != nullptr);
+  resp->set_model_loaded(model_loaded_.load());
+  resp->set_communicator_ready(comm_ready_.load());
   return grpc::Status::OK;
 }
 

@@ -5,6 +5,7 @@
 // steps of the one step stream (or unary Step calls) run one at a time, in arrival order.
 #pragma once
 
+#include <atomic>
 #include <memory>
 #include <string>
 
@@ -52,6 +53,9 @@ class WorkerService final : public lorcserve::internal::Worker::Service {
   std::unique_ptr<Communicator> comm_ ABSL_GUARDED_BY(mu_);
   LoadedModel model_ ABSL_GUARDED_BY(mu_);
   std::unique_ptr<StepExecutor> executor_ ABSL_GUARDED_BY(mu_);
+  // Read by Ping without the mutex: a long step must not make the worker look dead.
+  std::atomic<bool> model_loaded_{false};
+  std::atomic<bool> comm_ready_{false};
 };
 
 }  // namespace lorc

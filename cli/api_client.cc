@@ -2,67 +2,40 @@
 
 #include <chrono>
 
-#include "absl/strings/numbers.h"
-#include "absl/strings/str_cat.h"
+#include "cli/sampling_flags.h"
 #include "common/status_macros.h"
 
 namespace lorc::cli {
 
 std::vector<FlagSpec> RequestFlags() {
-  return {
-      {"prompt", true, "prompt text (the server tokenizes it and adds BOS)", "TEXT"},
-      {"prompt-ids", true, "prompt token ids, used as given", "0,1,2"},
-      {"max-tokens", true, "tokens to generate at most (default 64)", "N"},
-      {"temperature", true, "0 = greedy (default 0)", "T"},
-      {"top-k", true, "keep the K most likely tokens (0 = off)", "K"},
-      {"top-p", true, "nucleus sampling mass (1 = off)", "P"},
-      {"min-p", true, "drop tokens below P x the top probability", "P"},
-      {"repetition-penalty", true, "HF repetition penalty (1 = off)", "R"},
-      {"seed", true, "sampling seed", "S"},
-      {"stop", true, "stop string (repeatable)", "TEXT"},
-      {"stop-id", true, "stop token id (repeatable)", "ID"},
-      {"ignore-eos", false, "keep generating past EOS"},
-      {"priority", true, "higher is scheduled first", "N"},
-      {"request-id", true, "echoed back in the responses", "ID"},
-  };
+  std::vector<FlagSpec> f = PromptAndSamplingFlags();
+  f.push_back({"priority", true, "higher is scheduled first", "N"});
+  f.push_back({"request-id", true, "echoed back in the responses", "ID"});
+  return f;
 }
 
 absl::StatusOr<lorcserve::v1::GenerateRequest> RequestFromArgs(const Args& args) {
   lorcserve::v1::GenerateRequest req;
-  if (args.Has("prompt") == args.Has("prompt-ids")) {
-    return absl::InvalidArgumentError("give exactly one of --prompt and --prompt-ids");
-  }
+  RETURN_IF_ERROR(CheckOnePrompt(args));
   if (args.Has("prompt")) {
     req.set_text(args.Get("prompt"));
   } else {
     ASSIGN_OR_RETURN(std::vector<int32_t> ids, args.GetIntList("prompt-ids"));
     req.mutable_token_ids()->mutable_ids()->Add(ids.begin(), ids.end());
   }
+  ASSIGN_OR_RETURN(SamplingParams p, ParseSampling(args));
   auto* s = req.mutable_sampling();
-  ASSIGN_OR_RETURN(int64_t max_tokens, args.GetInt("max-tokens", 64));
-  ASSIGN_OR_RETURN(double temperature, args.GetDouble("temperature", 0.0));
-  ASSIGN_OR_RETURN(int64_t top_k, args.GetInt("top-k", 0));
-  ASSIGN_OR_RETURN(double top_p, args.GetDouble("top-p", 1.0));
-  ASSIGN_OR_RETURN(double min_p, args.GetDouble("min-p", 0.0));
-  ASSIGN_OR_RETURN(double rep, args.GetDouble("repetition-penalty", 1.0));
+  s->set_max_tokens(p.max_tokens);
+  s->set_temperature(p.temperature);
+  s->set_top_k(p.top_k);
+  s->set_top_p(p.top_p);
+  s->set_min_p(p.min_p);
+  s->set_repetition_penalty(p.repetition_penalty);
+  if (p.seed.has_value()) s->set_seed(*p.seed);
+  for (const std::string& stop : p.stop_strings) s->add_stop(stop);
+  s->mutable_stop_token_ids()->Add(p.stop_token_ids.begin(), p.stop_token_ids.end());
+  s->set_ignore_eos(p.ignore_eos);
   ASSIGN_OR_RETURN(int64_t priority, args.GetInt("priority", 0));
-  s->set_max_tokens(static_cast<int32_t>(max_tokens));
-  s->set_temperature(static_cast<float>(temperature));
-  s->set_top_k(static_cast<int32_t>(top_k));
-  s->set_top_p(static_cast<float>(top_p));
-  s->set_min_p(static_cast<float>(min_p));
-  s->set_repetition_penalty(static_cast<float>(rep));
-  if (args.Has("seed")) {
-    ASSIGN_OR_RETURN(int64_t seed, args.GetInt("seed", 0));
-    s->set_seed(static_cast<uint64_t>(seed));
-  }
-  for (const std::string& stop : args.GetAll("stop")) s->add_stop(stop);
-  for (const std::string& id : args.GetAll("stop-id")) {
-    int32_t v;
-    if (!absl::SimpleAtoi(id, &v)) return absl::InvalidArgumentError(absl::StrCat("--stop-id: '", id, "' is not an integer"));
-    s->add_stop_token_ids(v);
-  }
-  s->set_ignore_eos(args.Has("ignore-eos"));
   req.set_priority(static_cast<int32_t>(priority));
   req.set_request_id(args.Get("request-id"));
   return req;

@@ -154,11 +154,10 @@ absl::Status Engine::Step() {
 absl::StatusOr<std::vector<GenerationResult>> Engine::Generate(
     absl::Span<const GenerationRequest> requests) {
   std::vector<GenerationResult> results(requests.size());
-  static int64_t next_id = int64_t{1} << 40;  // apart from ids callers choose
   for (size_t i = 0; i < requests.size(); ++i) {
     GenerationResult* out = &results[i];
     out->prompt_tokens = static_cast<int64_t>(requests[i].prompt_ids.size());
-    const absl::Status s = Add(next_id++, requests[i], [out](const RequestUpdate& u) {
+    const absl::Status s = Add(next_generate_id_++, requests[i], [out](const RequestUpdate& u) {
       out->output_ids.insert(out->output_ids.end(), u.new_ids.begin(), u.new_ids.end());
       out->text += u.new_text;
       if (u.finished) {

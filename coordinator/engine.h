@@ -106,6 +106,7 @@ class Engine {
   Scheduler scheduler_;
   absl::flat_hash_map<int64_t, std::unique_ptr<Request>> requests_;
   EngineStats stats_;
+  int64_t next_generate_id_ = int64_t{1} << 40;  // Generate()'s ids, apart from callers' ids
 };
 
 // Negative log-likelihood of targets[i] after ids[0..i] (teacher forcing), one per target,

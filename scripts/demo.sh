@@ -1,17 +1,38 @@
 #!/usr/bin/env bash
-# Command (1) of the README: install what is missing, build, and generate with the small model
-# on the CPU backend. MODEL_DIR overrides the model (default ../shared/models/tiny-llama-a).
+# Command (1) of the README: install what is missing, build, then serve the small model on the
+# CPU backend (a coordinator with two tensor-parallel worker processes, on loopback) and send it
+# sample requests. MODEL_DIR overrides the model (default ../shared/models/tiny-llama-a);
+# TP sets the number of workers (default 2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
 bash scripts/build.sh
 MODEL_DIR=${MODEL_DIR:-../shared/models/tiny-llama-a}
+TP=${TP:-2}
 BIN=${BUILD_DIR:-build}/bin/lorcserve
 "$BIN" info
 echo
-echo "== lorcserve generate --model $MODEL_DIR --prompt 'The meaning of the word' --max-tokens 48"
-"$BIN" generate --model "$MODEL_DIR" --prompt "The meaning of the word" --max-tokens 48
+
+log=$(mktemp -d)
+"$BIN" coordinator --model "$MODEL_DIR" --listen 127.0.0.1:0 --local-workers "$TP" \
+  >"$log/out" 2>"$log/err" &
+coord=$!
+trap 'kill $coord 2>/dev/null; wait $coord 2>/dev/null; rm -rf "$log"' EXIT
+for _ in $(seq 1 240); do
+  grep -q LISTENING "$log/out" 2>/dev/null && break
+  kill -0 $coord 2>/dev/null || { cat "$log/err"; exit 1; }
+  sleep 0.5
+done
+addr=$(awk '/LISTENING/{print $2}' "$log/out")
+echo "== coordinator with $TP CPU workers (tensor parallel) serving $MODEL_DIR on $addr"
+"$BIN" client --server "$addr" --health
 echo
-echo "== the same, sampled (temperature 0.8, top-p 0.95, seed 1), as JSON"
-"$BIN" generate --model "$MODEL_DIR" --prompt "def fibonacci(n):" --max-tokens 40 \
+echo "== lorcserve client --server $addr --prompt 'The meaning of the word' --max-tokens 48"
+"$BIN" client --server "$addr" --prompt "The meaning of the word" --max-tokens 48
+echo
+echo "== sampled (temperature 0.8, top-p 0.95, seed 1), JSON"
+"$BIN" client --server "$addr" --prompt "def fibonacci(n):" --max-tokens 40 \
   --temperature 0.8 --top-p 0.95 --seed 1 --json
+echo
+echo "== the same model in-process: lorcserve generate"
+"$BIN" generate --model "$MODEL_DIR" --prompt "A fool and his money" --max-tokens 32

@@ -5,7 +5,10 @@
 # plan (schedule), RPC round trip minus the worker's compute, and applying the results.
 #
 #   bench/serve_loopback.sh [MODEL_DIR]     (env: TPS="1 2", TRANSPORTS="stream unary",
-#                                             REQUESTS, CONCURRENCY, PROMPT_LEN, MAX_TOKENS)
+#                                             REQUESTS, CONCURRENCY, PROMPT_LEN, MAX_TOKENS,
+#                                             COORD_FLAGS: extra coordinator flags, e.g.
+#                                             "--random-weights" with a tiny config.json to
+#                                             isolate the per-step overhead)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${1:-../shared/models/tiny-llama-a}
@@ -22,7 +25,7 @@ results=()
 for tp in $TPS; do
   for transport in $TRANSPORTS; do
     log=$(mktemp)
-    "$BIN" coordinator --model "$MODEL" --listen 127.0.0.1:0 --local-workers "$tp" \
+    "$BIN" coordinator --model "$MODEL" --listen 127.0.0.1:0 --local-workers "$tp" ${COORD_FLAGS:-} \
       --step-transport "$transport" >"$log.out" 2>"$log" &
     pid=$!
     for _ in $(seq 1 120); do grep -q LISTENING "$log.out" 2>/dev/null && break; sleep 0.5; done

@@ -34,6 +34,7 @@ absl::StatusOr<CoordinatorOptions> ParseOptions(const Args& args) {
   RETURN_IF_ERROR(ParseBackendKind(args.Get("backend", "cpu")).status());
   o.model.dir = args.Get("model");
   o.model.random_weights = args.Has("random-weights");
+  o.model.shard_lm_head = args.Has("shard-lm-head");
   ASSIGN_OR_RETURN(int64_t seed, args.GetInt("weights-seed", 0));
   o.model.seed = static_cast<uint64_t>(seed);
   ASSIGN_OR_RETURN(int64_t kv_mb, args.GetInt("kv-cache-mb", 512));
@@ -77,6 +78,7 @@ int RunCoordinator(int argc, char** argv) {
       {"advertise-address", true, "how workers reach this server (default: from --listen)", "HOST:PORT"},
       {"random-weights", false, "workers use seeded random weights of config.json's shape"},
       {"weights-seed", true, "seed for --random-weights", "S"},
+      {"shard-lm-head", false, "split the LM head by vocabulary across the workers (default: replicated)"},
       {"kv-cache-mb", true, "KV cache per worker in MiB (default 512)", "MB"},
       {"num-blocks", true, "KV cache blocks per worker (overrides --kv-cache-mb)", "N"},
       {"block-size", true, "KV block size in tokens (default 16)", "N"},

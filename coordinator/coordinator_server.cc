@@ -114,7 +114,9 @@ absl::Status CoordinatorServer::StartWorkers() {
   kv.num_blocks = group_->info().num_blocks;
   auto engine = std::make_unique<Engine>(group_.get(), config_, kv, tokenizer_.get(), options_.engine);
   loop_ = std::make_unique<EngineLoop>(std::move(engine));
+  ready_.store(true, std::memory_order_release);
   {
+    // After ready_: a failure from now on reaches group_ and loop_ through OnWorkerFailure.
     absl::MutexLock lock(&mu_);
     if (!failure_.ok()) return failure_;  // a worker died while loading
   }
@@ -131,8 +133,11 @@ void CoordinatorServer::OnWorkerFailure(const absl::Status& why) {
     failure_ = why;
   }
   std::cerr << "lorcserve coordinator: " << why.message() << "; health is NOT_SERVING\n";
-  if (group_ != nullptr) group_->Fail(why);
-  if (loop_ != nullptr) loop_->Fail(why);
+  // Before ready_, StartWorkers sees failure_ itself.
+  if (ready_.load(std::memory_order_acquire)) {
+    group_->Fail(why);
+    loop_->Fail(why);
+  }
   if (server_ != nullptr) {
     server_->GetHealthCheckService()->SetServingStatus("", false);
     server_->GetHealthCheckService()->SetServingStatus(kServiceName, false);
@@ -166,19 +171,22 @@ void CoordinatorServer::FillLive(lorcserve::v1::ModelInfoResponse* r) {
     absl::MutexLock lock(&mu_);
     failure = failure_;
   }
-  if (group_ != nullptr) {
+  const bool ready = ready_.load(std::memory_order_acquire);
+  if (ready) {
     r->set_tensor_parallel_size(group_->size());
     r->set_kv_capacity_blocks(group_->info().num_blocks);
     r->set_kv_capacity_tokens(static_cast<int64_t>(group_->info().num_blocks) * options_.kv.block_size);
     r->set_kv_bytes_per_token(group_->info().kv_bytes_per_token);
     r->set_backend(group_->info().backend);
   }
-  for (const std::string& a : local_ != nullptr ? local_->addresses() : options_.worker_addresses) {
-    r->add_workers(a);
+  if (ready) {
+    for (const std::string& a : local_ != nullptr ? local_->addresses() : options_.worker_addresses) {
+      r->add_workers(a);
+    }
   }
-  r->set_serving(failure.ok() && loop_ != nullptr && service_ != nullptr);
+  r->set_serving(failure.ok() && ready);
   r->set_worker_failure(std::string(failure.message()));
-  if (loop_ != nullptr) {
+  if (ready) {
     const LoopStats s = loop_->stats();
     r->set_kv_free_blocks(s.kv_free_blocks);
     r->set_num_running(s.num_running);

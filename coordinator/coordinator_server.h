@@ -9,6 +9,7 @@
 // keeps answering health and ModelInfo.
 #pragma once
 
+#include <atomic>
 #include <memory>
 #include <string>
 #include <thread>
@@ -80,6 +81,8 @@ class CoordinatorServer {
   absl::Mutex mu_;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   bool torn_down_ = false;  // owner thread only
+  // Set (release) once group_ and loop_ exist; other threads read them only after seeing it.
+  std::atomic<bool> ready_{false};
   absl::Status failure_ ABSL_GUARDED_BY(mu_);
 };
 

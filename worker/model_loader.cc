@@ -14,7 +14,8 @@ absl::StatusOr<LoadedModel> LoadModel(const ModelSource& source, Backend* backen
   const auto t0 = std::chrono::steady_clock::now();
   LoadedModel m;
   ASSIGN_OR_RETURN(m.config, LoadModelConfig(source.dir));
-  ASSIGN_OR_RETURN(ShardLayout shard, ShardLayout::Make(m.config, tp_rank, tp_size));
+  ASSIGN_OR_RETURN(ShardLayout shard,
+                   ShardLayout::Make(m.config, tp_rank, tp_size, source.shard_lm_head));
   ModelWeights weights;
   if (source.random_weights) {
     ASSIGN_OR_RETURN(weights, RandomWeights(m.config, source.seed, shard, *backend));

@@ -17,6 +17,7 @@ struct ModelSource {
   std::string dir;              // holds config.json (and the weights unless random)
   bool random_weights = false;  // ignore weight files; generate from `seed`
   uint64_t seed = 0;
+  bool shard_lm_head = false;   // tensor parallelism: split the LM head by vocabulary
 };
 
 struct LoadedModel {

@@ -118,6 +118,7 @@ absl::Status ModelRunner::EnsureScratch(int64_t t, int64_t r, int64_t meta_ints)
     const int64_t cap = std::max<int64_t>(r, 2 * cap_rows_);
     RETURN_IF_ERROR(grow(rows_, cap * d, 4));
     RETURN_IF_ERROR(grow(logits_, cap * config_.vocab_size, 4));
+    if (s.lm_head_sharded) RETURN_IF_ERROR(grow(logits_local_, cap * s.vocab_size, 4));
     cap_rows_ = cap;
   }
   if (meta_ints > cap_meta_) {
@@ -247,15 +248,37 @@ absl::StatusOr<StepOutput> ModelRunner::Execute(absl::Span<const SequenceStep> s
   }
   if (num_rows > 0) {
     Tensor2D rows{rows_.data(), DType::kF32, num_rows, d, d};
-    Tensor2D logits{logits_.data(), DType::kF32, num_rows, config_.vocab_size, config_.vocab_size};
     RETURN_IF_ERROR(backend_->GatherRows(x, dmeta + o_rows, rows));
     RETURN_IF_ERROR(backend_->RmsNorm(rows, Weight(weights_.final_norm, 1, d), eps, rows));
-    RETURN_IF_ERROR(backend_->Matmul(rows, Weight(weights_.lm_head_or_embed(), config_.vocab_size, d), logits));
-    out.logits.resize(static_cast<size_t>(num_rows * config_.vocab_size));
-    RETURN_IF_ERROR(backend_->CopyToHost(out.logits.data(), logits.data, out.logits.size() * sizeof(float)));
+    RETURN_IF_ERROR(ComputeLogits(rows, &out));
   }
   RETURN_IF_ERROR(backend_->Synchronize());
   return out;
+}
+
+absl::Status ModelRunner::ComputeLogits(const Tensor2D& rows, StepOutput* out) {
+  const int64_t n = rows.rows, vocab = config_.vocab_size, d = config_.hidden_size;
+  const ShardLayout& sh = weights_.shard;
+  out->logits.resize(static_cast<size_t>(n * vocab));
+  Tensor2D full{logits_.data(), DType::kF32, n, vocab, vocab};
+  if (!sh.lm_head_sharded) {
+    RETURN_IF_ERROR(backend_->Matmul(rows, Weight(weights_.lm_head_or_embed(), vocab, d), full));
+    return backend_->CopyToHost(out->logits.data(), full.data, out->logits.size() * sizeof(float));
+  }
+  // Each rank: logits of its vocabulary slice [n, V/tp]; the all-gather stacks the slices rank
+  // by rank ([tp][n][V/tp]), then the host puts each row's slices side by side.
+  const int64_t vl = sh.vocab_size;
+  Tensor2D local{logits_local_.data(), DType::kF32, n, vl, vl};
+  RETURN_IF_ERROR(backend_->Matmul(rows, Weight(weights_.lm_head, vl, d), local));
+  RETURN_IF_ERROR(comm_->AllGather(local.as<float>(), full.as<float>(), static_cast<size_t>(n * vl)));
+  std::vector<float> gathered(static_cast<size_t>(n * vocab));
+  RETURN_IF_ERROR(backend_->CopyToHost(gathered.data(), full.data, gathered.size() * sizeof(float)));
+  for (int64_t r = 0; r < sh.tp_size; ++r) {
+    for (int64_t i = 0; i < n; ++i) {
+      std::copy_n(gathered.data() + (r * n + i) * vl, vl, out->logits.data() + i * vocab + r * vl);
+    }
+  }
+  return absl::OkStatus();
 }
 
 absl::Status ModelRunner::CopyBlocks(absl::Span<const BlockCopy> copies) {

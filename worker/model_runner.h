@@ -62,6 +62,8 @@ class ModelRunner {
   const KvCacheSpec& kv_spec() const { return kv_spec_; }
   const ModelConfig& config() const { return config_; }
   const ShardLayout& shard() const { return weights_.shard; }
+  // With a sharded LM head every rank must ask for the same logit rows (they all-gather them).
+  bool lm_head_sharded() const { return weights_.shard.lm_head_sharded; }
   Backend& backend() { return *backend_; }
 
  private:
@@ -71,6 +73,9 @@ class ModelRunner {
   absl::Status Validate(absl::Span<const SequenceStep> steps) const;
   absl::Status EnsureScratch(int64_t num_tokens, int64_t num_rows, int64_t meta_ints);
   absl::Status AllReduce(Tensor2D t);
+  // Logits of `rows` [n, hidden] into out->logits: one matmul, or with a sharded LM head a
+  // matmul over this rank's vocabulary slice and an all-gather.
+  absl::Status ComputeLogits(const Tensor2D& rows, StepOutput* out);
   Tensor2D Weight(const DeviceBuffer& b, int64_t rows, int64_t cols) const;
 
   ModelConfig config_;
@@ -83,7 +88,7 @@ class ModelRunner {
 
   // Scratch, grown on demand.
   int64_t cap_tokens_ = 0, cap_rows_ = 0, cap_meta_ = 0;
-  DeviceBuffer x_, h_, qkv_, attn_, gate_up_, act_, rows_, logits_, meta_;
+  DeviceBuffer x_, h_, qkv_, attn_, gate_up_, act_, rows_, logits_, logits_local_, meta_;
 };
 
 }  // namespace lorc

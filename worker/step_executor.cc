@@ -32,7 +32,8 @@ absl::StatusOr<StepResult> StepExecutor::Run(const StepPlan& plan) {
     step.tokens = s.tokens;
     step.num_cached = s.num_cached;
     step.block_table = s.block_table;
-    step.logits = s.sample && samples_ ? SequenceStep::Logits::kLast : SequenceStep::Logits::kNone;
+    const bool logits = s.sample && (samples_ || runner_->lm_head_sharded());
+    step.logits = logits ? SequenceStep::Logits::kLast : SequenceStep::Logits::kNone;
   }
   ASSIGN_OR_RETURN(StepOutput out, runner_->Execute(steps_));
 

@@ -89,8 +89,13 @@ class Loader {
     const int64_t d = c_.hidden_size;
     ASSIGN_OR_RETURN(w.embed, Full("model.embed_tokens.weight", {c_.vocab_size, d}));
     ASSIGN_OR_RETURN(w.final_norm, Full("model.norm.weight", {d}));
-    if (!c_.tie_word_embeddings) {
-      ASSIGN_OR_RETURN(w.lm_head, Full("lm_head.weight", {c_.vocab_size, d}));
+    const std::string head = c_.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight";
+    if (s_.lm_head_sharded) {
+      std::vector<float> rows;
+      RETURN_IF_ERROR(AppendRows(head, c_.vocab_size, d, s_.vocab_begin, s_.vocab_size, rows));
+      ASSIGN_OR_RETURN(w.lm_head, Upload(rows));
+    } else if (!c_.tie_word_embeddings) {
+      ASSIGN_OR_RETURN(w.lm_head, Full(head, {c_.vocab_size, d}));
     }
     for (int64_t l = 0; l < c_.num_layers; ++l) {
       ASSIGN_OR_RETURN(LayerWeights lw, Layer(l));
@@ -164,7 +169,7 @@ class Loader {
 }  // namespace
 
 absl::StatusOr<ShardLayout> ShardLayout::Make(const ModelConfig& c, int32_t tp_rank,
-                                              int32_t tp_size) {
+                                              int32_t tp_size, bool shard_lm_head) {
   if (tp_size < 1 || tp_rank < 0 || tp_rank >= tp_size) {
     return absl::InvalidArgumentError(absl::StrCat("invalid tensor-parallel rank ", tp_rank, " of ", tp_size));
   }
@@ -196,6 +201,17 @@ absl::StatusOr<ShardLayout> ShardLayout::Make(const ModelConfig& c, int32_t tp_r
   }
   s.inter_size = c.intermediate_size / tp_size;
   s.inter_begin = tp_rank * s.inter_size;
+  s.vocab_size = c.vocab_size;
+  if (shard_lm_head && tp_size > 1) {
+    if (c.vocab_size % tp_size != 0) {
+      return absl::InvalidArgumentError(absl::StrCat("cannot shard the LM head: tensor parallelism ",
+                                                     tp_size, " does not divide vocab_size ",
+                                                     c.vocab_size));
+    }
+    s.lm_head_sharded = true;
+    s.vocab_size = c.vocab_size / tp_size;
+    s.vocab_begin = tp_rank * s.vocab_size;
+  }
   return s;
 }
 

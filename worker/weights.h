@@ -7,7 +7,9 @@
 //   o       [hidden, q_local]: o_proj split by columns (input features), summed by all-reduce;
 //   gate_up [2 * inter_local, hidden]: gate rows then up rows of this rank's slice;
 //   down    [hidden, inter_local]: down_proj split by columns, summed by all-reduce;
-//   embed, lm_head, norms: replicated.
+//   embed, norms: replicated;
+//   lm_head: replicated by default; with `shard_lm_head`, rows [vocab_begin, vocab_begin +
+//           vocab_size) of it (the tied embedding's rows when tied), logits all-gathered.
 // When tp exceeds the KV-head count, each rank holds the one KV head its query heads use
 // (KV heads replicated tp / num_kv_heads times).
 #pragma once
@@ -33,10 +35,14 @@ struct ShardLayout {
   int64_t kv_head_begin = 0;   // first KV head
   int64_t inter_size = 0;      // MLP intermediate columns on this rank
   int64_t inter_begin = 0;
+  bool lm_head_sharded = false;
+  int64_t vocab_begin = 0;     // LM-head rows on this rank (the whole vocabulary unless sharded)
+  int64_t vocab_size = 0;
 
-  // InvalidArgument when the model cannot be split `tp_size` ways.
+  // InvalidArgument when the model cannot be split `tp_size` ways (or, with `shard_lm_head`,
+  // when tp_size does not divide the vocabulary).
   static absl::StatusOr<ShardLayout> Make(const ModelConfig& config, int32_t tp_rank,
-                                          int32_t tp_size);
+                                          int32_t tp_size, bool shard_lm_head = false);
 };
 
 struct LayerWeights {
@@ -52,7 +58,7 @@ struct ModelWeights {
   ShardLayout shard;
   DeviceBuffer embed;       // [vocab, hidden]
   DeviceBuffer final_norm;  // [hidden]
-  DeviceBuffer lm_head;     // [vocab, hidden]; empty when tied (use embed)
+  DeviceBuffer lm_head;     // [shard.vocab_size, hidden]; empty when tied and not sharded (use embed)
   std::vector<LayerWeights> layers;
   DType dtype = DType::kF32;  // element type on the device
 

@@ -56,7 +56,7 @@ grpc::Status WorkerService::LoadModel(grpc::ServerContext*, const lorcserve::int
   executor_.reset();
   model_loaded_ = false;
   model_ = LoadedModel();
-  ModelSource src{req->model_dir(), req->random_weights(), req->weights_seed()};
+  ModelSource src{req->model_dir(), req->random_weights(), req->weights_seed(), req->shard_lm_head()};
   KvCacheOptions kv;
   kv.block_size = req->block_size() > 0 ? req->block_size() : 16;
   kv.num_blocks = req->num_blocks();

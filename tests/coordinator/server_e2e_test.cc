@@ -458,6 +458,18 @@ TEST_P(ServerGoldenTest, GreedyMatchesGolden) {
 INSTANTIATE_TEST_SUITE_P(TensorParallel, ServerGoldenTest, ::testing::Values(1, 2, 4),
                          [](const ::testing::TestParamInfo<int>& p) { return absl::StrCat("TP", p.param); });
 
+// The LM head split by vocabulary (logits all-gathered), TP = 2 and 4: still the golden tokens.
+class ShardedLmHeadTest : public ServerE2ETest, public ::testing::WithParamInterface<int> {};
+
+TEST_P(ShardedLmHeadTest, GreedyMatchesGolden) {
+  ASSERT_NO_FATAL_FAILURE(StartServer(GetParam(), {"--shard-lm-head"}));
+  EXPECT_EQ(Info().tensor_parallel_size(), GetParam());
+  ASSERT_NO_FATAL_FAILURE(ExpectGoldenGreedy());
+}
+
+INSTANTIATE_TEST_SUITE_P(TensorParallel, ShardedLmHeadTest, ::testing::Values(2, 4),
+                         [](const ::testing::TestParamInfo<int>& p) { return absl::StrCat("TP", p.param); });
+
 // ---- 8. the unary step transport ---------------------------------------------------------------
 
 TEST_F(ServerE2ETest, UnaryStepTransportMatchesGolden) {

@@ -1,9 +1,6 @@
 // End-to-end tests of the `lorcserve` binary, run as a user runs it: a child process whose
 // stdout, stderr and exit code are checked, with the tiny-llama-a fixture and its references
 // (golden_fp32.json, train_eval.json).
-#include <fcntl.h>
-#include <spawn.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -24,8 +21,8 @@
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 #include "tests/testing/fixtures.h"
+#include "tests/testing/run_lorcserve.h"
 
-extern char** environ;
 
 namespace lorc {
 namespace {
@@ -35,7 +32,6 @@ using json = nlohmann::json;
 using ::testing::HasSubstr;
 using ::testing::Not;
 
-std::string Binary() { return std::string(LORC_BIN_DIR) + "/lorcserve"; }
 std::string Tiny() { return ::lorc::testing::TinyLlamaDir(); }
 
 // A scratch directory of this test process, removed at exit.
@@ -51,70 +47,19 @@ const fs::path& ScratchDir() {
   return *dir;
 }
 
-std::string ReadAll(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
+using ::lorc::testing::RunResult;
+
+// stdout as JSON (a test failure, and an empty object, when it is not).
+json Json(const RunResult& r) {
+  json j = json::parse(r.out, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded()) {
+    ADD_FAILURE() << "stdout of `" << r.command << "` is not JSON:\n" << r.out << "\nstderr:\n" << r.err;
+    return json::object();
+  }
+  return j;
 }
 
-struct RunResult {
-  int exit_code = -1;  // 128 + signal when killed by one
-  std::string out, err;
-  std::string command;  // for failure messages
-
-  json Json() const {
-    json j = json::parse(out, nullptr, /*allow_exceptions=*/false);
-    if (j.is_discarded()) {
-      ADD_FAILURE() << "stdout of `" << command << "` is not JSON:\n" << out << "\nstderr:\n" << err;
-      return json::object();
-    }
-    return j;
-  }
-};
-
-std::ostream& operator<<(std::ostream& os, const RunResult& r) {
-  return os << "`" << r.command << "` exited " << r.exit_code << "\nstderr: " << r.err;
-}
-
-// Runs `lorcserve args...` with stdout and stderr redirected to files.
-RunResult Lorcserve(const std::vector<std::string>& args) {
-  static int counter = 0;
-  const int n = counter++;
-  const fs::path out_path = ScratchDir() / ("out" + std::to_string(n));
-  const fs::path err_path = ScratchDir() / ("err" + std::to_string(n));
-  RunResult r;
-  std::vector<std::string> argv_s = {Binary()};
-  argv_s.insert(argv_s.end(), args.begin(), args.end());
-  for (const std::string& a : argv_s) {
-    if (!r.command.empty()) r.command += ' ';
-    r.command += a;
-  }
-  std::vector<char*> argv;
-  for (std::string& a : argv_s) argv.push_back(a.data());
-  argv.push_back(nullptr);
-
-  posix_spawn_file_actions_t fa;
-  posix_spawn_file_actions_init(&fa);
-  posix_spawn_file_actions_addopen(&fa, 1, out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-  posix_spawn_file_actions_addopen(&fa, 2, err_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-  pid_t pid;
-  const int rc = posix_spawn(&pid, argv[0], &fa, nullptr, argv.data(), environ);
-  posix_spawn_file_actions_destroy(&fa);
-  if (rc != 0) {
-    ADD_FAILURE() << "cannot spawn " << argv[0] << ": " << std::strerror(rc);
-    return r;
-  }
-  int status = 0;
-  while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
-  }
-  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-  r.out = ReadAll(out_path);
-  r.err = ReadAll(err_path);
-  fs::remove(out_path);
-  fs::remove(err_path);
-  return r;
-}
+RunResult Lorcserve(const std::vector<std::string>& args) { return ::lorc::testing::RunLorcserve(args); }
 
 std::string JoinIds(const std::vector<int32_t>& ids) {
   std::string s;
@@ -158,7 +103,7 @@ TEST_F(CliTest, GenerateGreedyMatchesGoldenForAllPrompts) {
     const RunResult r = Lorcserve({"generate", "--model", Tiny(), "--prompt-ids", JoinIds(g.prompt_ids),
                              "--max-tokens", "48", "--json"});
     ASSERT_EQ(r.exit_code, 0) << r;
-    const json j = r.Json();
+    const json j = Json(r);
     EXPECT_EQ(j["output_ids"].get<std::vector<int32_t>>(), g.greedy_ids) << g.prompt;
     EXPECT_EQ(j["text"].get<std::string>(), g.greedy_text) << g.prompt;
     EXPECT_EQ(j["prompt_ids"].get<std::vector<int32_t>>(), g.prompt_ids);
@@ -175,7 +120,7 @@ TEST_F(CliTest, GeneratePromptTextEqualsIdsWithBos) {
   const RunResult r = Lorcserve({"generate", "--model", Tiny(), "--prompt", "The meaning of the word",
                            "--max-tokens", "48", "--json"});
   ASSERT_EQ(r.exit_code, 0) << r;
-  const json j = r.Json();
+  const json j = Json(r);
   EXPECT_EQ(j["prompt_ids"].get<std::vector<int32_t>>(), g.prompt_ids);  // BOS 0 prepended
   EXPECT_EQ(j["output_ids"].get<std::vector<int32_t>>(), g.greedy_ids);
   EXPECT_EQ(j["text"].get<std::string>(), g.greedy_text);
@@ -200,7 +145,7 @@ TEST_F(CliTest, SeededSamplingIsReproducible) {
   ASSERT_EQ(a.exit_code, 0) << a;
   ASSERT_EQ(b.exit_code, 0) << b;
   ASSERT_EQ(c.exit_code, 0) << c;
-  const json ja = a.Json(), jb = b.Json(), jc = c.Json();
+  const json ja = Json(a), jb = Json(b), jc = Json(c);
   EXPECT_EQ(ja["output_ids"].size(), 32u);
   EXPECT_EQ(ja["output_ids"], jb["output_ids"]);
   EXPECT_EQ(ja["text"], jb["text"]);
@@ -214,7 +159,7 @@ TEST_F(CliTest, StopStringCutsTextAndFinishesWithStop) {
   const RunResult r = Lorcserve({"generate", "--model", Tiny(), "--prompt-ids", JoinIds(g.prompt_ids),
                            "--max-tokens", "48", "--stop", "verb", "--json"});
   ASSERT_EQ(r.exit_code, 0) << r;
-  const json j = r.Json();
+  const json j = Json(r);
   EXPECT_EQ(j["finish_reason"], "stop");
   EXPECT_EQ(j["text"].get<std::string>(), g.greedy_text.substr(0, cut));
   const auto ids = j["output_ids"].get<std::vector<int32_t>>();
@@ -229,7 +174,7 @@ TEST_F(CliTest, StopIdEndsAtThatToken) {
   const RunResult r = Lorcserve({"generate", "--model", Tiny(), "--prompt-ids", JoinIds(g.prompt_ids),
                            "--max-tokens", "48", "--stop-id", std::to_string(stop), "--json"});
   ASSERT_EQ(r.exit_code, 0) << r;
-  const json j = r.Json();
+  const json j = Json(r);
   EXPECT_EQ(j["finish_reason"], "stop");
   // The stop token is reported among the ids but adds no text.
   EXPECT_EQ(j["output_ids"].get<std::vector<int32_t>>(),
@@ -245,7 +190,7 @@ TEST_F(CliTest, TokenizeTextAndFile) {
   const std::vector<int32_t> hello_world = {42, 296, 365, 2504};
   RunResult r = Lorcserve({"tokenize", "--model", Tiny(), "--text", "Hello world", "--json"});
   ASSERT_EQ(r.exit_code, 0) << r;
-  json j = r.Json();
+  json j = Json(r);
   EXPECT_EQ(j["ids"].get<std::vector<int32_t>>(), hello_world);
   EXPECT_EQ(j["count"], 4);
 
@@ -257,13 +202,13 @@ TEST_F(CliTest, TokenizeTextAndFile) {
   std::ofstream(file) << "Hello world";
   r = Lorcserve({"tokenize", "--model", Tiny(), "--file", file.string(), "--json"});
   ASSERT_EQ(r.exit_code, 0) << r;
-  EXPECT_EQ(r.Json()["ids"].get<std::vector<int32_t>>(), hello_world);
+  EXPECT_EQ(Json(r)["ids"].get<std::vector<int32_t>>(), hello_world);
 
   // The golden prompt without its BOS: the tokenizer adds none itself.
   const Golden g = LoadGolden().at(0);
   r = Lorcserve({"tokenize", "--model", Tiny(), "--text", g.prompt, "--json"});
   ASSERT_EQ(r.exit_code, 0) << r;
-  EXPECT_EQ(r.Json()["ids"].get<std::vector<int32_t>>(),
+  EXPECT_EQ(Json(r)["ids"].get<std::vector<int32_t>>(),
             std::vector<int32_t>(g.prompt_ids.begin() + 1, g.prompt_ids.end()));
 
   r = Lorcserve({"tokenize", "--model", Tiny(), "--file", (ScratchDir() / "missing.txt").string()});
@@ -278,7 +223,7 @@ TEST_F(CliTest, TokenizeTextAndFile) {
 TEST(CliInfoTest, ReportsVersionBackendsDevices) {
   const RunResult r = Lorcserve({"info", "--json"});
   ASSERT_EQ(r.exit_code, 0) << r;
-  const json j = r.Json();
+  const json j = Json(r);
   ASSERT_TRUE(j.contains("version"));
   EXPECT_TRUE(j["version"].is_string());
   ASSERT_TRUE(j.contains("backends"));
@@ -296,7 +241,7 @@ TEST(CliInfoTest, ReportsVersionBackendsDevices) {
 TEST_F(CliTest, InfoDescribesModel) {
   const RunResult r = Lorcserve({"info", "--model", Tiny(), "--json"});
   ASSERT_EQ(r.exit_code, 0) << r;
-  const json j = r.Json();
+  const json j = Json(r);
   ASSERT_TRUE(j.contains("model"));
   EXPECT_EQ(j["model"]["parameters"], 27795968);
   EXPECT_EQ(j["model"]["layers"], 8);
@@ -309,7 +254,7 @@ TEST_F(CliTest, InfoDescribesModel) {
 TEST_F(CliTest, EvalLimitOne) {
   const RunResult r = Lorcserve({"eval", "--model", Tiny(), "--limit", "1", "--json"});
   ASSERT_EQ(r.exit_code, 0) << r;
-  const json j = r.Json();
+  const json j = Json(r);
   ASSERT_TRUE(j.contains("ppl"));
   const double ppl = j["ppl"].get<double>();
   EXPECT_TRUE(std::isfinite(ppl));
@@ -336,7 +281,7 @@ TEST_F(CliTest, FullEvalMatchesReference) {
   ASSERT_TRUE(ref.ok()) << ref.status();
   const RunResult r = Lorcserve({"eval", "--model", Tiny(), "--json"});
   ASSERT_EQ(r.exit_code, 0) << r;
-  const json j = r.Json();
+  const json j = Json(r);
   std::cout << "[ eval     ] " << j.dump() << "\n";
   EXPECT_EQ(j["ppl_windows"], 48);
   EXPECT_EQ(j["ppl_tokens"], 48 * 2048);
@@ -452,7 +397,7 @@ TEST_F(CliTest, RequestBeyondModelLengthIsRejected) {
   r = Lorcserve({"generate", "--model", Tiny(), "--prompt-ids", JoinIds(LoadGolden().at(0).prompt_ids),
            "--max-tokens", "4090", "--stop-id", "14", "--json"});
   EXPECT_EQ(r.exit_code, 0) << r;
-  EXPECT_EQ(r.Json()["finish_reason"], "stop");
+  EXPECT_EQ(Json(r)["finish_reason"], "stop");
 }
 
 }  // namespace

@@ -5,9 +5,6 @@
 //    older config spelling (top-level `rope_theta`, `torch_dtype`): greedy output unchanged;
 //  - a Llama-3-style model directory (the llama3-style tokenizer.json, GQA, llama3 RoPE scaling,
 //    a list of EOS ids, tied embeddings) run through `lorcserve generate --random-weights`.
-#include <fcntl.h>
-#include <spawn.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -30,12 +27,12 @@
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 #include "tests/testing/fixtures.h"
+#include "tests/testing/run_lorcserve.h"
 #include "tests/testing/status_matchers.h"
 #include "worker/model_loader.h"
 #include "worker/safetensors.h"
 #include "worker/step_executor.h"
 
-extern char** environ;
 
 namespace lorc {
 namespace {
@@ -256,45 +253,8 @@ TEST(CheckpointFormatsTest, ShardedMixedDtypeCheckpointWithTopLevelRopeTheta) {
 
 // ---- Llama-3-style directory through the binary --------------------------------------------------
 
-struct RunResult {
-  int exit_code = -1;
-  std::string out, err;
-};
-
-std::string ReadAll(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
-RunResult RunLorcserve(const std::vector<std::string>& args, const fs::path& scratch) {
-  std::vector<std::string> argv_s = {std::string(LORC_BIN_DIR) + "/lorcserve"};
-  argv_s.insert(argv_s.end(), args.begin(), args.end());
-  std::vector<char*> argv;
-  for (std::string& a : argv_s) argv.push_back(a.data());
-  argv.push_back(nullptr);
-  const fs::path out_path = scratch / "stdout", err_path = scratch / "stderr";
-  posix_spawn_file_actions_t fa;
-  posix_spawn_file_actions_init(&fa);
-  posix_spawn_file_actions_addopen(&fa, 1, out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-  posix_spawn_file_actions_addopen(&fa, 2, err_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-  RunResult r;
-  pid_t pid;
-  const int rc = posix_spawn(&pid, argv[0], &fa, nullptr, argv.data(), environ);
-  posix_spawn_file_actions_destroy(&fa);
-  if (rc != 0) {
-    ADD_FAILURE() << "cannot spawn " << argv[0] << ": " << std::strerror(rc);
-    return r;
-  }
-  int status = 0;
-  while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
-  }
-  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-  r.out = ReadAll(out_path);
-  r.err = ReadAll(err_path);
-  return r;
-}
+using ::lorc::testing::RunLorcserve;
+using ::lorc::testing::RunResult;
 
 TEST(CheckpointFormatsTest, Llama3StyleDirectoryWithRandomWeights) {
   const std::string tokenizer = ::lorc::testing::ModelsDir() + "/tokenizer-llama3-style/tokenizer.json";
@@ -332,10 +292,9 @@ TEST(CheckpointFormatsTest, Llama3StyleDirectoryWithRandomWeights) {
   auto expected_ids = (*tok)->Encode("Hello, world!", /*add_special_tokens=*/true);
   ASSERT_OK(expected_ids);
 
-  const fs::path scratch = MakeScratchDir("llama3_run");
   const std::vector<std::string> args = {"generate", "--model", dir.string(), "--random-weights",
                                          "--prompt", "Hello, world!", "--max-tokens", "8", "--json"};
-  const RunResult r = RunLorcserve(args, scratch);
+  const RunResult r = RunLorcserve(args);
   ASSERT_EQ(r.exit_code, 0) << r.err;
   const json j = json::parse(r.out, nullptr, false);
   ASSERT_FALSE(j.is_discarded()) << r.out;
@@ -357,7 +316,7 @@ TEST(CheckpointFormatsTest, Llama3StyleDirectoryWithRandomWeights) {
   }
 
   // Seeded: the same weights seed gives the same output.
-  const RunResult again = RunLorcserve(args, scratch);
+  const RunResult again = RunLorcserve(args);
   ASSERT_EQ(again.exit_code, 0) << again.err;
   EXPECT_EQ(json::parse(again.out, nullptr, false)["output_ids"], j["output_ids"]);
 }

@@ -7,4 +7,5 @@ BUILD_DIR=${BUILD_DIR:-build}
 JOBS=${JOBS:-$(nproc)}
 cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release -DLORC_CUDA="${LORC_CUDA:-AUTO}" \
   ${LORC_CMAKE_ARGS:-} >/dev/null
-cmake --build "$BUILD_DIR" -j "$JOBS"
+# Targets: all by default, or those given as arguments (e.g. lorcserve).
+cmake --build "$BUILD_DIR" -j "$JOBS" ${1:+--target "$@"}

@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
-bash scripts/build.sh
+bash scripts/build.sh lorcserve
 MODEL_DIR=${MODEL_DIR:-../shared/models/tiny-llama-a}
 TP=${TP:-2}
 BIN=${BUILD_DIR:-build}/bin/lorcserve

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <atomic>
 #include <iostream>
+#include <optional>
 #include <mutex>
 #include <random>
 #include <thread>
@@ -49,15 +50,9 @@ int RunBench(int argc, char** argv) {
       {"help", false, "show this help"},
   };
   const char* synopsis = "--server ADDR [--requests N] [--concurrency C] [--prompt-len L] [--max-tokens T]";
-  absl::StatusOr<Args> args = Args::Parse(argc, argv, 2, flags);
-  if (!args.ok()) {
-    std::cerr << Usage("bench", synopsis, flags);
-    return Fail("bench", args.status());
-  }
-  if (args->Has("help")) {
-    std::cout << Usage("bench", synopsis, flags);
-    return 0;
-  }
+  int exit_code = 0;
+  const std::optional<Args> args = ParseCommand("bench", synopsis, flags, argc, argv, &exit_code);
+  if (!args.has_value()) return exit_code;
   absl::StatusOr<int64_t> n = args->GetInt("requests", 64), c = args->GetInt("concurrency", 8),
                           plen = args->GetInt("prompt-len", 128), tmax = args->GetInt("max-tokens", 64),
                           seed = args->GetInt("seed", 0);

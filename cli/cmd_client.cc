@@ -1,6 +1,7 @@
 // lorcserve client: streams one generation from a running server (or prints its model info /
 // health).
 #include <iostream>
+#include <optional>
 
 #include "absl/strings/str_cat.h"
 #include "cli/api_client.h"
@@ -62,15 +63,9 @@ int RunClient(int argc, char** argv) {
   const std::vector<FlagSpec> req_flags = RequestFlags();
   flags.insert(flags.end(), req_flags.begin(), req_flags.end());
   const char* synopsis = "--server ADDR (--prompt TEXT | --prompt-ids IDS | --info | --health) [flags]";
-  absl::StatusOr<Args> args = Args::Parse(argc, argv, 2, flags);
-  if (!args.ok()) {
-    std::cerr << Usage("client", synopsis, flags);
-    return Fail("client", args.status());
-  }
-  if (args->Has("help")) {
-    std::cout << Usage("client", synopsis, flags);
-    return 0;
-  }
+  int exit_code = 0;
+  const std::optional<Args> args = ParseCommand("client", synopsis, flags, argc, argv, &exit_code);
+  if (!args.has_value()) return exit_code;
   absl::StatusOr<double> timeout = args->GetDouble("timeout-s", 600);
   if (!timeout.ok()) return Fail("client", timeout.status());
   auto channel = Connect(args->Get("server", "127.0.0.1:50051"));

@@ -1,5 +1,6 @@
 // lorcserve coordinator: the gRPC server in front of N tensor-parallel workers.
 #include <iostream>
+#include <optional>
 
 #include "absl/strings/str_split.h"
 #include "cli/args.h"
@@ -90,15 +91,10 @@ int RunCoordinator(int argc, char** argv) {
       {"help", false, "show this help"},
   };
   const char* synopsis = "--model DIR --listen ADDR (--workers A,B | --local-workers N) [flags]";
-  absl::StatusOr<Args> args = Args::Parse(argc, argv, 2, flags);
-  if (!args.ok()) {
-    std::cerr << Usage("coordinator", synopsis, flags);
-    return Fail("coordinator", args.status());
-  }
-  if (args->Has("help")) {
-    std::cout << Usage("coordinator", synopsis, flags);
-    return 0;
-  }
+  int exit_code = 0;
+  const std::optional<Args> args =
+      ParseCommand("coordinator", synopsis, flags, argc, argv, &exit_code);
+  if (!args.has_value()) return exit_code;
   absl::StatusOr<CoordinatorOptions> options = ParseOptions(*args);
   if (!options.ok()) return Fail("coordinator", options.status());
   InstallTerminationHandlers();

@@ -4,6 +4,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <optional>
 #include <map>
 
 #include "absl/strings/match.h"
@@ -141,15 +142,9 @@ std::string DefaultFile(const Args& args, const char* flag, const char* name) {
 int RunEval(int argc, char** argv) {
   const std::vector<FlagSpec> flags = Flags();
   const char* synopsis = "--model DIR [--ppl FILE] [--passkey FILE] [--limit N] [--json]";
-  absl::StatusOr<Args> args = Args::Parse(argc, argv, 2, flags);
-  if (!args.ok()) {
-    std::cerr << Usage("eval", synopsis, flags);
-    return Fail("eval", args.status());
-  }
-  if (args->Has("help")) {
-    std::cout << Usage("eval", synopsis, flags);
-    return 0;
-  }
+  int exit_code = 0;
+  const std::optional<Args> args = ParseCommand("eval", synopsis, flags, argc, argv, &exit_code);
+  if (!args.has_value()) return exit_code;
   absl::StatusOr<int64_t> limit = args->GetInt("limit", 0);
   if (!limit.ok()) return Fail("eval", limit.status());
   const std::string ppl_file = DefaultFile(*args, "ppl", "eval_ppl_windows.jsonl");

@@ -1,5 +1,6 @@
 // lorcserve generate: one prompt through the in-process engine, printed as text or JSON.
 #include <iostream>
+#include <optional>
 
 #include "absl/strings/str_cat.h"
 #include "cli/commands.h"
@@ -43,15 +44,10 @@ absl::StatusOr<GenerationRequest> BuildRequest(const Args& args, const Session& 
 
 int RunGenerate(int argc, char** argv) {
   const std::vector<FlagSpec> flags = Flags();
-  absl::StatusOr<Args> args = Args::Parse(argc, argv, 2, flags);
-  if (!args.ok()) {
-    std::cerr << Usage("generate", "--model DIR (--prompt TEXT | --prompt-ids IDS) [flags]", flags);
-    return Fail("generate", args.status());
-  }
-  if (args->Has("help")) {
-    std::cout << Usage("generate", "--model DIR (--prompt TEXT | --prompt-ids IDS) [flags]", flags);
-    return 0;
-  }
+  int exit_code = 0;
+  const char* synopsis = "--model DIR (--prompt TEXT | --prompt-ids IDS) [flags]";
+  const std::optional<Args> args = ParseCommand("generate", synopsis, flags, argc, argv, &exit_code);
+  if (!args.has_value()) return exit_code;
   absl::StatusOr<std::unique_ptr<Session>> s = OpenSession(*args);
   if (!s.ok()) return Fail("generate", s.status());
   absl::StatusOr<GenerationRequest> req = BuildRequest(*args, **s);

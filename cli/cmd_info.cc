@@ -2,6 +2,7 @@
 #include <cblas.h>
 
 #include <iostream>
+#include <optional>
 #include <thread>
 
 #include "absl/base/config.h"
@@ -28,15 +29,10 @@ int RunInfo(int argc, char** argv) {
       {"json", false, "print one JSON object"},
       {"help", false, "show this help"},
   };
-  absl::StatusOr<Args> args = Args::Parse(argc, argv, 2, flags);
-  if (!args.ok()) {
-    std::cerr << Usage("info", "[--model DIR] [--json]", flags);
-    return Fail("info", args.status());
-  }
-  if (args->Has("help")) {
-    std::cout << Usage("info", "[--model DIR] [--json]", flags);
-    return 0;
-  }
+  int exit_code = 0;
+  const std::optional<Args> args =
+      ParseCommand("info", "[--model DIR] [--json]", flags, argc, argv, &exit_code);
+  if (!args.has_value()) return exit_code;
   nlohmann::json j;
   j["version"] = LORC_VERSION;
   j["git_revision"] = LORC_GIT_REVISION;

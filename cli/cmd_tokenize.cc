@@ -1,5 +1,6 @@
 // lorcserve tokenize: token ids of a text under a model's tokenizer.
 #include <iostream>
+#include <optional>
 
 #include "absl/strings/str_join.h"
 #include "cli/commands.h"
@@ -20,15 +21,9 @@ int RunTokenize(int argc, char** argv) {
       {"help", false, "show this help"},
   };
   const char* synopsis = "--model DIR (--text TEXT | --file F) [--json]";
-  absl::StatusOr<Args> args = Args::Parse(argc, argv, 2, flags);
-  if (!args.ok()) {
-    std::cerr << Usage("tokenize", synopsis, flags);
-    return Fail("tokenize", args.status());
-  }
-  if (args->Has("help")) {
-    std::cout << Usage("tokenize", synopsis, flags);
-    return 0;
-  }
+  int exit_code = 0;
+  const std::optional<Args> args = ParseCommand("tokenize", synopsis, flags, argc, argv, &exit_code);
+  if (!args.has_value()) return exit_code;
   if (!args->Has("model")) return Fail("tokenize", absl::InvalidArgumentError("--model DIR is required"));
   if (args->Has("text") == args->Has("file")) {
     return Fail("tokenize", absl::InvalidArgumentError("give exactly one of --text and --file"));

@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <iostream>
+#include <optional>
 
 #include "absl/strings/str_cat.h"
 #include "cli/args.h"
@@ -28,15 +29,9 @@ int RunWorker(int argc, char** argv) {
       {"help", false, "show this help"},
   };
   const char* synopsis = "--listen ADDR [--backend cpu|cuda] [--device K]";
-  absl::StatusOr<Args> args = Args::Parse(argc, argv, 2, flags);
-  if (!args.ok()) {
-    std::cerr << Usage("worker", synopsis, flags);
-    return Fail("worker", args.status());
-  }
-  if (args->Has("help")) {
-    std::cout << Usage("worker", synopsis, flags);
-    return 0;
-  }
+  int exit_code = 0;
+  const std::optional<Args> args = ParseCommand("worker", synopsis, flags, argc, argv, &exit_code);
+  if (!args.has_value()) return exit_code;
   InstallTerminationHandlers();
   if (args->Has("parent-pid")) {
     // Started by a coordinator: die with it, even when it is killed outright.

@@ -63,6 +63,23 @@ absl::StatusOr<std::unique_ptr<Session>> OpenSession(const Args& args) {
   return s;
 }
 
+std::optional<Args> ParseCommand(const char* command, const char* synopsis,
+                                 const std::vector<FlagSpec>& flags, int argc, char** argv,
+                                 int* exit_code) {
+  absl::StatusOr<Args> args = Args::Parse(argc, argv, 2, flags);
+  if (!args.ok()) {
+    std::cerr << Usage(command, synopsis, flags);
+    *exit_code = Fail(command, args.status());
+    return std::nullopt;
+  }
+  if (args->Has("help")) {
+    std::cout << Usage(command, synopsis, flags);
+    *exit_code = 0;
+    return std::nullopt;
+  }
+  return *std::move(args);
+}
+
 int Fail(const char* command, const absl::Status& status) {
   std::cerr << "lorcserve " << command << ": " << status << "\n";
   return status.code() == absl::StatusCode::kInvalidArgument ? 2 : 1;

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -32,5 +33,12 @@ absl::StatusOr<std::unique_ptr<Session>> OpenSession(const Args& args);
 
 // Prints "lorcserve <command>: <status>" to stderr and returns the exit code for it.
 int Fail(const char* command, const absl::Status& status);
+
+// Parses a command's flags (argv[2..]; `flags` includes "help"). On --help prints the usage to
+// stdout; on a bad command line prints the usage and the error to stderr. In both cases returns
+// nullopt and sets *exit_code (0 or 2).
+std::optional<Args> ParseCommand(const char* command, const char* synopsis,
+                                 const std::vector<FlagSpec>& flags, int argc, char** argv,
+                                 int* exit_code);
 
 }  // namespace lorc::cli

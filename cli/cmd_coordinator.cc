@@ -15,7 +15,8 @@ namespace {
 
 absl::StatusOr<CoordinatorOptions> ParseOptions(const Args& args) {
   CoordinatorOptions o;
-  if (!args.Has("model")) return absl::InvalidArgumentError("--model DIR is required");
+  ASSIGN_OR_RETURN(o.model, ParseModelSource(args));
+  ASSIGN_OR_RETURN(o.kv, ParseKvCacheOptions(args));
   o.listen = args.Get("listen", "127.0.0.1:50051");
   o.advertise_address = args.Get("advertise-address");
   if (args.Has("workers") == args.Has("local-workers")) {
@@ -33,20 +34,6 @@ absl::StatusOr<CoordinatorOptions> ParseOptions(const Args& args) {
     o.local_workers.threads_per_worker = static_cast<int>(threads);
   }
   RETURN_IF_ERROR(ParseBackendKind(args.Get("backend", "cpu")).status());
-  o.model.dir = args.Get("model");
-  o.model.random_weights = args.Has("random-weights");
-  o.model.shard_lm_head = args.Has("shard-lm-head");
-  ASSIGN_OR_RETURN(int64_t seed, args.GetInt("weights-seed", 0));
-  o.model.seed = static_cast<uint64_t>(seed);
-  ASSIGN_OR_RETURN(int64_t kv_mb, args.GetInt("kv-cache-mb", 512));
-  ASSIGN_OR_RETURN(int64_t block_size, args.GetInt("block-size", 16));
-  ASSIGN_OR_RETURN(int64_t num_blocks, args.GetInt("num-blocks", 0));
-  if (kv_mb <= 0) return absl::InvalidArgumentError("--kv-cache-mb must be positive");
-  if (block_size <= 0 || block_size > 1024) return absl::InvalidArgumentError("--block-size must be in [1, 1024]");
-  if (num_blocks < 0) return absl::InvalidArgumentError("--num-blocks must be >= 0");
-  o.kv.memory_bytes = kv_mb << 20;
-  o.kv.block_size = static_cast<int32_t>(block_size);
-  o.kv.num_blocks = static_cast<int32_t>(num_blocks);
   ASSIGN_OR_RETURN(int64_t step_tokens, args.GetInt("max-step-tokens", 2048));
   ASSIGN_OR_RETURN(int64_t max_running, args.GetInt("max-running", 256));
   ASSIGN_OR_RETURN(int64_t max_waiting, args.GetInt("max-waiting", 1024));

@@ -22,8 +22,35 @@ std::vector<FlagSpec> EngineFlags() {
   };
 }
 
-absl::StatusOr<std::unique_ptr<Session>> OpenSession(const Args& args) {
+absl::StatusOr<ModelSource> ParseModelSource(const Args& args) {
   if (!args.Has("model")) return absl::InvalidArgumentError("--model DIR is required");
+  ModelSource src;
+  src.dir = args.Get("model");
+  src.random_weights = args.Has("random-weights");
+  src.shard_lm_head = args.Has("shard-lm-head");
+  ASSIGN_OR_RETURN(int64_t seed, args.GetInt("weights-seed", 0));
+  src.seed = static_cast<uint64_t>(seed);
+  return src;
+}
+
+absl::StatusOr<KvCacheOptions> ParseKvCacheOptions(const Args& args) {
+  KvCacheOptions kv;
+  ASSIGN_OR_RETURN(int64_t kv_mb, args.GetInt("kv-cache-mb", 512));
+  ASSIGN_OR_RETURN(int64_t block_size, args.GetInt("block-size", 16));
+  ASSIGN_OR_RETURN(int64_t num_blocks, args.GetInt("num-blocks", 0));
+  if (kv_mb <= 0) return absl::InvalidArgumentError("--kv-cache-mb must be positive");
+  if (block_size <= 0 || block_size > 1024) {
+    return absl::InvalidArgumentError("--block-size must be in [1, 1024]");
+  }
+  if (num_blocks < 0) return absl::InvalidArgumentError("--num-blocks must be >= 0");
+  kv.memory_bytes = kv_mb << 20;
+  kv.block_size = static_cast<int32_t>(block_size);
+  kv.num_blocks = static_cast<int32_t>(num_blocks);
+  return kv;
+}
+
+absl::StatusOr<std::unique_ptr<Session>> OpenSession(const Args& args) {
+  ASSIGN_OR_RETURN(ModelSource src, ParseModelSource(args));
   auto s = std::make_unique<Session>();
   BackendOptions bo;
   ASSIGN_OR_RETURN(bo.kind, ParseBackendKind(args.Get("backend", "cpu")));
@@ -33,20 +60,7 @@ absl::StatusOr<std::unique_ptr<Session>> OpenSession(const Args& args) {
   bo.threads = static_cast<int>(threads);
   ASSIGN_OR_RETURN(s->backend, CreateBackend(bo));
 
-  ModelSource src;
-  src.dir = args.Get("model");
-  src.random_weights = args.Has("random-weights");
-  ASSIGN_OR_RETURN(int64_t seed, args.GetInt("weights-seed", 0));
-  src.seed = static_cast<uint64_t>(seed);
-  KvCacheOptions kv;
-  ASSIGN_OR_RETURN(int64_t kv_mb, args.GetInt("kv-cache-mb", 512));
-  ASSIGN_OR_RETURN(int64_t block_size, args.GetInt("block-size", 16));
-  if (kv_mb <= 0) return absl::InvalidArgumentError("--kv-cache-mb must be positive");
-  if (block_size <= 0 || block_size > 1024) {
-    return absl::InvalidArgumentError("--block-size must be in [1, 1024]");
-  }
-  kv.memory_bytes = kv_mb << 20;
-  kv.block_size = static_cast<int32_t>(block_size);
+  ASSIGN_OR_RETURN(KvCacheOptions kv, ParseKvCacheOptions(args));
   ASSIGN_OR_RETURN(s->model, LoadModel(src, s->backend.get(), 0, 1, nullptr, kv));
 
   if (std::filesystem::exists(std::filesystem::path(src.dir) / "tokenizer.json")) {

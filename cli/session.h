@@ -20,6 +20,11 @@ namespace lorc::cli {
 // --block-size, --max-step-tokens.
 std::vector<FlagSpec> EngineFlags();
 
+// --model, --random-weights, --weights-seed, --shard-lm-head (where the command has it).
+absl::StatusOr<ModelSource> ParseModelSource(const Args& args);
+// --kv-cache-mb, --block-size, --num-blocks (where the command has it), validated.
+absl::StatusOr<KvCacheOptions> ParseKvCacheOptions(const Args& args);
+
 struct Session {
   std::unique_ptr<Backend> backend;
   LoadedModel model;

@@ -86,14 +86,16 @@ void EngineLoop::Run() {
         std::shared_ptr<RequestChannel> ch = add->channel;
         absl::Status s = failure.ok()
                              ? engine_->Add(add->id, add->request,
-                                            [ch](const RequestUpdate& u) { ch->Push(u); })
+                                            [this, ch](const RequestUpdate& u) {
+                                              outbox_.emplace_back(ch, u);
+                                            })
                              : failure;
         if (!s.ok()) {
           RequestUpdate u;
           u.finished = true;
           u.reason = FinishReason::kError;
           u.status = s;
-          ch->Push(std::move(u));
+          outbox_.emplace_back(ch, std::move(u));
         }
       } else {
         auto& c = std::get<Cancel_>(cmd);
@@ -109,7 +111,11 @@ void EngineLoop::Run() {
         Fail(s);
       }
     }
+    // Stats first, then the updates: a client that has its final message sees the state after
+    // the step that produced it in ModelInfo (its blocks free, itself not running).
     Publish();
+    for (auto& [ch, u] : outbox_) ch->Push(std::move(u));
+    outbox_.clear();
     {
       absl::MutexLock lock(&mu_);
       if (stop_ && inbox_.empty()) return;

@@ -8,7 +8,9 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <utility>
 #include <variant>
+#include <vector>
 
 #include "absl/synchronization/mutex.h"
 #include "coordinator/engine.h"
@@ -62,6 +64,8 @@ class EngineLoop {
   void Publish();
 
   std::unique_ptr<Engine> engine_;
+  // Updates of the current iteration, delivered after its stats are published (engine thread).
+  std::vector<std::pair<std::shared_ptr<RequestChannel>, RequestUpdate>> outbox_;
   mutable absl::Mutex mu_;
   std::deque<std::variant<Add, Cancel_>> inbox_ ABSL_GUARDED_BY(mu_);
   absl::Status failure_ ABSL_GUARDED_BY(mu_);

@@ -11,7 +11,7 @@
 #                                             isolate the per-step overhead)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-MODEL=${1:-../shared/models/tiny-llama-a}
+MODEL=${1:-models/tiny-llama-a}
 BIN=${BIN:-build/bin/lorcserve}
 TPS=${TPS:-"1 2"}
 TRANSPORTS=${TRANSPORTS:-"stream unary"}

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Command (1) of the README: install what is missing, build, then serve the small model on the
 # CPU backend (a coordinator with two tensor-parallel worker processes, on loopback) and send it
-# sample requests. MODEL_DIR overrides the model (default ../shared/models/tiny-llama-a);
+# sample requests. MODEL_DIR overrides the model (default models/tiny-llama-a,
+# the fixture in this repository);
 # TP sets the number of workers (default 2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
-bash scripts/build.sh lorcserve
-MODEL_DIR=${MODEL_DIR:-../shared/models/tiny-llama-a}
+bash scripts/build.sh lorcserve fixture_model
+MODEL_DIR=${MODEL_DIR:-models/tiny-llama-a}
 TP=${TP:-2}
 BIN=${BUILD_DIR:-build}/bin/lorcserve
 "$BIN" info

@@ -91,7 +91,7 @@ std::vector<Golden> LoadGolden() {
 
 class CliTest : public ::testing::Test {
  protected:
-  void SetUp() override { SKIP_WITHOUT_TINY_LLAMA(); }
+  void SetUp() override { REQUIRE_TINY_LLAMA(); }
 };
 
 // ---- generate ---------------------------------------------------------------------------------

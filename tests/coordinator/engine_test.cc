@@ -19,7 +19,7 @@ using ::testing::HasSubstr;
 class EngineTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    SKIP_WITHOUT_TINY_LLAMA();
+    REQUIRE_TINY_LLAMA();
     auto b = CreateBackend({});
     ASSERT_OK(b);
     backend_ = *std::move(b);

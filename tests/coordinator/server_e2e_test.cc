@@ -319,7 +319,7 @@ std::string RunLorcserve(const std::vector<std::string>& args, int* exit_code) {
 class ServerE2ETest : public ::testing::Test {
  protected:
   void SetUp() override {
-    SKIP_WITHOUT_TINY_LLAMA();
+    REQUIRE_TINY_LLAMA();
     ASSERT_TRUE(fs::exists(Binary())) << Binary() << " not built";
     ASSERT_EQ(GoldenPrompts().size(), 4u) << "cannot read " << Tiny() << "/golden_fp32.json";
   }

@@ -13,6 +13,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
+#include "tests/testing/fixtures.h"
 #include "tests/testing/status_matchers.h"
 
 namespace lorc {
@@ -24,9 +25,8 @@ using ::testing::ElementsAre;
 using ::testing::HasSubstr;
 using json = nlohmann::json;
 
-const std::string kModelsDir = LORC_MODELS_DIR;
-const std::string kLlama3Dir = kModelsDir + "/tokenizer-llama3-style";
-const std::string kTinyDir = kModelsDir + "/tiny-llama-a";
+const std::string kLlama3Dir = ::lorc::testing::Llama3TokenizerDir();
+const std::string kTinyDir = ::lorc::testing::TinyLlamaDir();
 
 std::vector<json> ReadJsonLines(const std::string& path) {
   std::vector<json> lines;
@@ -47,12 +47,6 @@ bool IsValidUtf8(const std::string& s) {
   return !tokenizer_internal::FindInvalidUtf8(s).has_value();
 }
 
-#define SKIP_IF_MISSING(dir)                                 \
-  do {                                                       \
-    if (!std::filesystem::exists(dir)) {                     \
-      GTEST_SKIP() << "fixture dir missing: " << (dir);      \
-    }                                                        \
-  } while (0)
 
 std::unique_ptr<Tokenizer> LoadLlama3() {
   auto tok = Tokenizer::FromFile(kLlama3Dir + "/tokenizer.json");
@@ -72,7 +66,7 @@ std::vector<int32_t> Ids(const json& j) { return j.get<std::vector<int32_t>>(); 
 // Reference fixtures.
 
 TEST(TokenizerFixtureTest, Llama3StyleMatchesAllSharedCases) {
-  SKIP_IF_MISSING(kLlama3Dir);
+  REQUIRE_FIXTURE(kLlama3Dir);
   auto tok = LoadLlama3();
   ASSERT_NE(tok, nullptr);
   const auto cases = ReadJsonLines(kLlama3Dir + "/cases_shared.jsonl");
@@ -118,7 +112,7 @@ std::vector<std::string> PasskeySegments(const std::string& prompt) {
 }
 
 TEST(TokenizerFixtureTest, TinyLlamaPasskeyPromptsMatchHf) {
-  SKIP_IF_MISSING(kTinyDir);
+  REQUIRE_FIXTURE(kTinyDir);
   auto tok = LoadTiny();
   ASSERT_NE(tok, nullptr);
   const auto lines = ReadJsonLines(kTinyDir + "/eval_passkey.jsonl");
@@ -155,7 +149,7 @@ TEST(TokenizerFixtureTest, TinyLlamaPasskeyPromptsMatchHf) {
 }
 
 TEST(TokenizerFixtureTest, TinyLlamaGoldenPromptsRoundTrip) {
-  SKIP_IF_MISSING(kTinyDir);
+  REQUIRE_FIXTURE(kTinyDir);
   auto tok = LoadTiny();
   ASSERT_NE(tok, nullptr);
   const json golden = ReadJson(kTinyDir + "/golden_fp32.json");
@@ -186,7 +180,7 @@ TEST(TokenizerFixtureTest, TinyLlamaGoldenPromptsRoundTrip) {
 // Special tokens, vocabulary queries.
 
 TEST(TokenizerTest, AddSpecialTokensAppliesTemplate) {
-  SKIP_IF_MISSING(kLlama3Dir);
+  REQUIRE_FIXTURE(kLlama3Dir);
   auto tok = LoadLlama3();
   ASSERT_NE(tok, nullptr);
   auto plain = tok->Encode("hi there", false);
@@ -201,14 +195,14 @@ TEST(TokenizerTest, AddSpecialTokensAppliesTemplate) {
 }
 
 TEST(TokenizerTest, NoPostProcessorMeansNoBos) {
-  SKIP_IF_MISSING(kTinyDir);
+  REQUIRE_FIXTURE(kTinyDir);
   auto tok = LoadTiny();
   ASSERT_NE(tok, nullptr);
   EXPECT_EQ(tok->Encode("hello", true).value(), tok->Encode("hello", false).value());
 }
 
 TEST(TokenizerTest, VocabularyQueries) {
-  SKIP_IF_MISSING(kTinyDir);
+  REQUIRE_FIXTURE(kTinyDir);
   auto tiny = LoadTiny();
   auto llama = LoadLlama3();
   ASSERT_NE(tiny, nullptr);
@@ -235,7 +229,7 @@ TEST(TokenizerTest, VocabularyQueries) {
 }
 
 TEST(TokenizerTest, SpecialTokenTextIsRecognisedAndSkippable) {
-  SKIP_IF_MISSING(kLlama3Dir);
+  REQUIRE_FIXTURE(kLlama3Dir);
   auto tok = LoadLlama3();
   ASSERT_NE(tok, nullptr);
   auto ids = tok->Encode("<|begin_of_text|>hi<|eot_id|>");
@@ -270,7 +264,7 @@ void ExpectStreamsExactly(const Tokenizer& tok, const std::string& text, bool* s
 }
 
 TEST(IncrementalDecoderTest, MultiByteTextStreamsExactly) {
-  SKIP_IF_MISSING(kLlama3Dir);
+  REQUIRE_FIXTURE(kLlama3Dir);
   auto llama = LoadLlama3();
   auto tiny = LoadTiny();
   ASSERT_NE(llama, nullptr);
@@ -290,7 +284,7 @@ TEST(IncrementalDecoderTest, MultiByteTextStreamsExactly) {
 }
 
 TEST(IncrementalDecoderTest, InvalidBytesBecomeReplacementLikeDecode) {
-  SKIP_IF_MISSING(kLlama3Dir);
+  REQUIRE_FIXTURE(kLlama3Dir);
   auto tok = LoadLlama3();
   ASSERT_NE(tok, nullptr);
   // Byte-level tokens of single bytes: 0xE6 (lead of a 3-byte sequence) and 'a'.
@@ -312,7 +306,7 @@ TEST(IncrementalDecoderTest, InvalidBytesBecomeReplacementLikeDecode) {
 }
 
 TEST(IncrementalDecoderTest, SkipsSpecialTokensWhenAsked) {
-  SKIP_IF_MISSING(kLlama3Dir);
+  REQUIRE_FIXTURE(kLlama3Dir);
   auto tok = LoadLlama3();
   ASSERT_NE(tok, nullptr);
   IncrementalDecoder dec(*tok, /*skip_special_tokens=*/true);
@@ -412,7 +406,7 @@ TEST(TokenizerErrorTest, MalformedModelFieldsAreNamed) {
 }
 
 TEST(TokenizerErrorTest, DecodeRejectsBadIds) {
-  SKIP_IF_MISSING(kLlama3Dir);
+  REQUIRE_FIXTURE(kLlama3Dir);
   auto tok = LoadLlama3();
   ASSERT_NE(tok, nullptr);
   EXPECT_THAT(tok->Decode(std::vector<int32_t>{5, 5000}),
@@ -423,7 +417,7 @@ TEST(TokenizerErrorTest, DecodeRejectsBadIds) {
 }
 
 TEST(TokenizerErrorTest, EncodeRejectsInvalidUtf8) {
-  SKIP_IF_MISSING(kLlama3Dir);
+  REQUIRE_FIXTURE(kLlama3Dir);
   auto tok = LoadLlama3();
   ASSERT_NE(tok, nullptr);
   EXPECT_THAT(tok->Encode("abc\xFF" "def"),
@@ -564,7 +558,7 @@ TEST(TokenizerPostProcessorTest, SequenceAndRoberta) {
 }
 
 TEST(TokenizerConcurrencyTest, ParallelEncodeMatchesSerial) {
-  SKIP_IF_MISSING(kTinyDir);
+  REQUIRE_FIXTURE(kTinyDir);
   auto tok = LoadTiny();
   ASSERT_NE(tok, nullptr);
   const auto lines = ReadJsonLines(kTinyDir + "/eval_passkey.jsonl");

@@ -140,7 +140,7 @@ std::vector<Golden> LoadGolden() {
 // ---- sharded, mixed-dtype checkpoint ------------------------------------------------------------
 
 TEST(CheckpointFormatsTest, ShardedMixedDtypeCheckpointWithTopLevelRopeTheta) {
-  SKIP_WITHOUT_TINY_LLAMA();
+  REQUIRE_TINY_LLAMA();
   const std::string src_dir = ::lorc::testing::TinyLlamaDir();
   const fs::path dir = MakeScratchDir("sharded");
   auto src = CheckpointReader::Open(src_dir);
@@ -257,8 +257,8 @@ using ::lorc::testing::RunLorcserve;
 using ::lorc::testing::RunResult;
 
 TEST(CheckpointFormatsTest, Llama3StyleDirectoryWithRandomWeights) {
-  const std::string tokenizer = ::lorc::testing::ModelsDir() + "/tokenizer-llama3-style/tokenizer.json";
-  if (!fs::exists(tokenizer)) GTEST_SKIP() << "fixture " << tokenizer << " not present";
+  const std::string tokenizer = ::lorc::testing::Llama3TokenizerDir() + "/tokenizer.json";
+  REQUIRE_FIXTURE(tokenizer);
   const fs::path dir = MakeScratchDir("llama3");
   fs::copy_file(tokenizer, dir / "tokenizer.json");
   // Llama-3.1-8B's config.json, scaled down (vocab of the 3,000-token tokenizer).

@@ -12,6 +12,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
+#include "tests/testing/fixtures.h"
 #include "tests/testing/status_matchers.h"
 
 namespace lorc {
@@ -23,7 +24,7 @@ using ::testing::ElementsAre;
 using ::testing::HasSubstr;
 using json = nlohmann::json;
 
-const std::string kTinyDir = std::string(LORC_MODELS_DIR) + "/tiny-llama-a";
+const std::string kTinyDir = ::lorc::testing::TinyLlamaDir();
 
 json TinyConfigJson() {
   absl::StatusOr<json> j = ReadJsonFile(kTinyDir + "/config.json");

@@ -42,7 +42,7 @@ std::vector<Golden> LoadGolden() {
 class TinyLlamaTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    SKIP_WITHOUT_TINY_LLAMA();
+    REQUIRE_TINY_LLAMA();
     auto b = CreateBackend({});
     ASSERT_OK(b);
     backend_ = *std::move(b);

@@ -14,6 +14,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
+#include "tests/testing/fixtures.h"
 #include "tests/testing/status_matchers.h"
 #include "worker/model_config.h"
 
@@ -29,7 +30,7 @@ using ::testing::HasSubstr;
 using ::testing::Not;
 using json = nlohmann::json;
 
-const std::string kTinyDir = std::string(LORC_MODELS_DIR) + "/tiny-llama-a";
+const std::string kTinyDir = ::lorc::testing::TinyLlamaDir();
 
 // ---- A tiny safetensors writer -------------------------------------------------------------
 

@@ -5,7 +5,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD_DIR=${BUILD_DIR:-build}
 JOBS=${JOBS:-$(nproc)}
+# ccache, when installed, makes rebuilds (and builds in other worktrees) cheap.
+launcher=()
+if command -v ccache >/dev/null; then
+  launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache -DCMAKE_CUDA_COMPILER_LAUNCHER=ccache)
+fi
 cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release -DLORC_CUDA="${LORC_CUDA:-AUTO}" \
-  ${LORC_CMAKE_ARGS:-} >/dev/null
+  "${launcher[@]}" ${LORC_CMAKE_ARGS:-} >/dev/null
 # Targets: all by default, or those given as arguments (e.g. lorcserve).
 cmake --build "$BUILD_DIR" -j "$JOBS" ${1:+--target "$@"}

@@ -71,7 +71,7 @@ absl::StatusOr<std::unique_ptr<Session>> OpenSession(const Args& args) {
   if (step_tokens <= 0) return absl::InvalidArgumentError("--max-step-tokens must be positive");
   eo.max_step_tokens = static_cast<int32_t>(step_tokens);
   s->engine_options = eo;
-  s->executor = std::make_unique<StepExecutor>(s->model.runner.get(), /*samples=*/true);
+  s->executor = std::make_unique<StepExecutor>(s->model.runner.get());
   s->engine = std::make_unique<Engine>(s->executor.get(), s->model.config, s->model.runner->kv_spec(),
                                        s->tokenizer.get(), eo);
   return s;

@@ -99,22 +99,43 @@ void Engine::AbortAll(const absl::Status& status) {
   for (int64_t id : ids) Abort(id, status);
 }
 
+absl::Status Engine::Fail(const absl::Status& status) {
+  for (; in_flight_ > 0; --in_flight_) (void)runner_->Await();  // drop what the runner still holds
+  AbortAll(status);
+  return status;
+}
+
 absl::Status Engine::Step() {
-  const auto t0 = Clock::now();
-  StepPlan plan = scheduler_.Schedule();
-  if (plan.seqs.empty() && plan.finished.empty() && plan.preempted.empty()) return absl::OkStatus();
-  const auto t1 = Clock::now();
-  absl::StatusOr<StepResult> result = runner_->Run(plan);
-  const auto t2 = Clock::now();
-  ++stats_.steps;
-  stats_.schedule_s += Seconds(t0, t1);
-  stats_.run_s += Seconds(t1, t2);
-  if (!result.ok()) {
-    AbortAll(result.status());
-    return result.status();
+  // Keep up to max_in_flight() plans at the workers (async scheduling): schedule and submit the
+  // next plan before awaiting the oldest result, so the workers never wait for the coordinator's
+  // round trip. Await when the queue is full or there is nothing new to submit.
+  bool submitted = false;
+  if (in_flight_ < runner_->max_in_flight()) {
+    const auto t0 = Clock::now();
+    StepPlan plan = scheduler_.Schedule();
+    const auto t1 = Clock::now();
+    stats_.schedule_s += Seconds(t0, t1);
+    if (!plan.empty()) {
+      if (absl::Status s = runner_->Submit(plan); !s.ok()) return Fail(s);
+      ++in_flight_;
+      submitted = true;
+      stats_.run_s += Seconds(t1, Clock::now());
+    }
   }
+  if (in_flight_ == 0 || (submitted && in_flight_ < runner_->max_in_flight())) {
+    return absl::OkStatus();
+  }
+  const auto t2 = Clock::now();
+  absl::StatusOr<StepResult> result = runner_->Await();
+  --in_flight_;
+  const auto t3 = Clock::now();
+  stats_.run_s += Seconds(t2, t3);
+  stats_.wait_s += Seconds(t2, t3);
+  if (!result.ok()) return Fail(result.status());
+  ++stats_.steps;
   stats_.worker_compute_s += static_cast<double>(result->compute_us) * 1e-6;
-  for (const SequenceEvent& e : scheduler_.Apply(*result)) {
+  stats_.worker_idle_s += static_cast<double>(result->idle_us) * 1e-6;
+  for (SequenceEvent& e : scheduler_.Apply(*result)) {
     auto it = requests_.find(e.seq_id);
     if (it == requests_.end()) continue;
     Request& r = *it->second;
@@ -136,7 +157,7 @@ absl::Status Engine::Step() {
     }
     if (e.finished) {
       u.reason = e.reason;
-      if (e.reason == FinishReason::kError) u.status = absl::InternalError("no token sampled for the request");
+      if (e.reason == FinishReason::kError) u.status = std::move(e.status);
     }
     if (e.finished || u.finished) {
       Complete(r, u);
@@ -147,7 +168,7 @@ absl::Status Engine::Step() {
       r.on_update(u);
     }
   }
-  stats_.apply_s += Seconds(t2, Clock::now());
+  stats_.apply_s += Seconds(t3, Clock::now());
   return absl::OkStatus();
 }
 
@@ -198,7 +219,7 @@ absl::StatusOr<std::vector<double>> ScorePromptNll(ModelRunner& runner, absl::Sp
     SequenceStep s;
     s.seq_id = kSeq;
     s.tokens.assign(ids.begin() + pos, ids.begin() + pos + n);
-    s.num_cached = pos;
+    s.num_computed_tokens = pos;
     const auto table = blocks.BlockTable(kSeq);
     s.block_table.assign(table.begin(), table.end());
     s.logits = SequenceStep::Logits::kAll;

@@ -62,9 +62,12 @@ struct EngineOptions {
 };
 
 struct EngineStats {
-  int64_t steps = 0;
-  double schedule_s = 0, run_s = 0, apply_s = 0;  // summed over steps
+  int64_t steps = 0;                              // results applied
+  double schedule_s = 0, apply_s = 0;             // summed over steps
+  double run_s = 0;   // in the runner's Submit and Await (blocked on the workers)
+  double wait_s = 0;  // of which in Await
   double worker_compute_s = 0;                    // as reported by rank 0
+  double worker_idle_s = 0;  // rank 0 waiting for the next plan between steps (as reported)
 };
 
 class Engine {
@@ -85,9 +88,12 @@ class Engine {
   void Abort(int64_t id, absl::Status status = absl::CancelledError("request cancelled"));
   // Aborts every live request with `status`.
   void AbortAll(const absl::Status& status);
-  // One iteration. A runner failure fails every live request with that status and is returned.
+  // One iteration: schedules and submits the next plan while fewer than the runner's
+  // max_in_flight() are at the workers, and awaits and applies the oldest result once that many
+  // are (or nothing new could be submitted). A runner failure fails every live request with
+  // that status and is returned.
   absl::Status Step();
-  bool HasWork() const { return scheduler_.HasWork(); }
+  bool HasWork() const { return scheduler_.HasWork() || in_flight_ > 0; }
 
   // Runs the requests to completion, batched together. Per-request problems end that request
   // with its status; the others continue.
@@ -100,12 +106,15 @@ class Engine {
  private:
   struct Request;
   void Complete(Request& r, RequestUpdate& u);
+  // Fails every live request with `status` (the runner is broken) and returns it.
+  absl::Status Fail(const absl::Status& status);
 
   StepRunner* runner_;
   const Tokenizer* tokenizer_;
   Scheduler scheduler_;
   absl::flat_hash_map<int64_t, std::unique_ptr<Request>> requests_;
   EngineStats stats_;
+  int in_flight_ = 0;  // plans submitted and not yet awaited
   int64_t next_generate_id_ = int64_t{1} << 40;  // Generate()'s ids, apart from callers' ids
 };
 

@@ -1,6 +1,7 @@
 #include "coordinator/scheduler.h"
 
 #include <algorithm>
+#include <deque>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -64,9 +65,18 @@ struct Scheduler::Seq {
   int64_t num_computed = 0;     // tokens whose K/V are (being) computed; 0 while waiting
   int32_t num_generated = 0;
   int32_t num_preemptions = 0;
-  uint64_t sample_step = 0;     // != 0: awaiting the token sampled in that step
-  bool workers_have_params = false;  // since the latest admission
+  // Steps in flight that sample a token for this sequence, oldest first. Each such token counts
+  // as known for scheduling (the workers feed it to the next step themselves).
+  std::deque<uint64_t> sample_steps;
+  bool workers_have_tokens = false;  // the workers hold its history (since the latest admission)
+  size_t blocks_sent = 0;            // block ids the workers hold for it
   bool seen_by_workers = false;      // ever scheduled: its end must be announced
+
+  int64_t num_pending() const { return static_cast<int64_t>(sample_steps.size()); }
+  // Tokens the workers will have once the steps in flight are done.
+  int64_t num_tokens() const { return static_cast<int64_t>(tokens.size()) + num_pending(); }
+  // True when the steps in flight already sample this sequence's last allowed token.
+  bool done_sampling() const { return num_generated + num_pending() >= params.max_tokens; }
 };
 
 struct Scheduler::Entry {
@@ -169,7 +179,7 @@ int64_t Scheduler::TokensThatFit(const Seq& s, int64_t n) const {
 Scheduler::Seq* Scheduler::PickVictim() const {
   Seq* victim = nullptr;
   for (Seq* s : running_) {
-    if (s->sample_step != 0) continue;  // its step is in flight
+    if (s->num_pending() != 0) continue;  // a step in flight samples for it
     if (victim == nullptr || s->priority < victim->priority ||
         (s->priority == victim->priority && s->admission > victim->admission)) {
       victim = s;
@@ -189,7 +199,8 @@ void Scheduler::Preempt(Seq& victim, std::vector<Entry>& entries, int64_t& budge
   blocks_.Free(victim.id);
   running_.erase(std::find(running_.begin(), running_.end(), &victim));
   victim.num_computed = 0;
-  victim.workers_have_params = false;
+  victim.workers_have_tokens = false;  // they keep its sampler, so no params are re-sent
+  victim.blocks_sent = 0;
   ++victim.num_preemptions;
   ++num_preemptions_;
   Enqueue(victim, /*front=*/true);
@@ -198,7 +209,7 @@ void Scheduler::Preempt(Seq& victim, std::vector<Entry>& entries, int64_t& budge
 
 StepPlan Scheduler::Schedule() {
   StepPlan plan;
-  plan.step_id = ++step_id_;
+  plan.step_id = step_id_ + 1;
   plan.finished = std::move(ended_);
   ended_.clear();
   int64_t budget = config_.max_step_tokens;
@@ -207,27 +218,29 @@ StepPlan Scheduler::Schedule() {
   // 1. Running sequences: decodes, then prefill chunks; each group by priority, then admission.
   std::vector<Seq*> order = running_;
   std::stable_sort(order.begin(), order.end(), [](const Seq* a, const Seq* b) {
-    const bool pa = static_cast<int64_t>(a->tokens.size()) - a->num_computed > 1;
-    const bool pb = static_cast<int64_t>(b->tokens.size()) - b->num_computed > 1;
+    const bool pa = a->num_tokens() - a->num_computed > 1;
+    const bool pb = b->num_tokens() - b->num_computed > 1;
     if (pa != pb) return pb;
     return a->priority > b->priority;
   });
   bool preempted = false;
   for (Seq* s : order) {
     if (budget == 0) break;
-    if (s->state != SequenceState::kRunning || s->sample_step != 0) continue;
-    const int64_t n =
-        std::min(static_cast<int64_t>(s->tokens.size()) - s->num_computed, budget);
+    if (s->state != SequenceState::kRunning || s->done_sampling()) continue;
+    const int64_t n = std::min(s->num_tokens() - s->num_computed, budget);
+    if (n == 0) continue;
     int64_t m = TokensThatFit(*s, n);
     while (m == 0) {
+      // Every candidate may have a step in flight (async scheduling): then `s` waits for the
+      // next step, when the oldest results are in and victims can be chosen again.
       Seq* victim = PickVictim();
-      CHECK(victim != nullptr);  // `s` itself is a candidate
+      if (victim == nullptr) break;
       Preempt(*victim, entries, budget, plan);
       preempted = true;
       if (victim == s) break;
       m = TokensThatFit(*s, n);
     }
-    if (s->state != SequenceState::kRunning) continue;
+    if (s->state != SequenceState::kRunning || m == 0) continue;
     absl::StatusOr<std::vector<BlockCopy>> copies = blocks_.Reserve(s->id, s->num_computed + m);
     CHECK_OK(copies.status());  // TokensThatFit checked the blocks
     entries.push_back({s, m, *std::move(copies)});
@@ -263,26 +276,34 @@ StepPlan Scheduler::Schedule() {
     }
   }
 
-  // 3. The plan. The scheduled tokens count as computed from here on.
+  // 3. The plan: only what the workers do not hold yet (worker/step.h). The scheduled tokens
+  // count as computed from here on.
   plan.seqs.reserve(entries.size());
   for (Entry& e : entries) {
     Seq& s = *e.seq;
     ScheduledSequence out;
     out.seq_id = s.id;
-    out.tokens.assign(s.tokens.begin() + s.num_computed, s.tokens.begin() + s.num_computed + e.n);
-    out.num_cached = s.num_computed;
-    const absl::Span<const int32_t> table = blocks_.BlockTable(s.id);
-    out.block_table.assign(table.begin(), table.end());
-    s.num_computed += e.n;
-    out.sample = s.num_computed == static_cast<int64_t>(s.tokens.size());
-    if (out.sample) s.sample_step = plan.step_id;
-    if (!s.workers_have_params) {
-      out.params = s.params;
-      s.workers_have_params = true;
+    if (!s.workers_have_tokens) {
+      out.new_token_ids = s.tokens;  // no tokens are pending for a sequence being (re)admitted
+      s.workers_have_tokens = true;
     }
+    out.num_computed_tokens = s.num_computed;
+    out.num_scheduled_tokens = static_cast<int32_t>(e.n);
+    const absl::Span<const int32_t> table = blocks_.BlockTable(s.id);
+    out.new_block_ids.assign(table.begin() + static_cast<int64_t>(s.blocks_sent), table.end());
+    s.blocks_sent = table.size();
+    s.num_computed += e.n;
+    out.sample = s.num_computed == s.num_tokens();
+    if (out.sample) s.sample_steps.push_back(plan.step_id);
+    if (!s.seen_by_workers) out.params = s.params;  // first sight; kept across preemptions
     s.seen_by_workers = true;
     plan.copies.insert(plan.copies.end(), e.copies.begin(), e.copies.end());
     plan.seqs.push_back(std::move(out));
+  }
+  if (plan.empty()) {
+    plan.step_id = 0;  // nothing to send: no step id is used up
+  } else {
+    step_id_ = plan.step_id;
   }
   return plan;
 }
@@ -290,18 +311,33 @@ StepPlan Scheduler::Schedule() {
 std::vector<SequenceEvent> Scheduler::Apply(const StepResult& result) {
   std::vector<SequenceEvent> events;
   if (result.step_id == 0) return events;  // no plan has id 0
-  for (const SampledToken& t : result.sampled) {
-    auto it = seqs_.find(t.seq_id);
+  // Requests the workers left out of the step end with the workers' status.
+  for (const FailedSequence& f : result.failed) {
+    auto it = seqs_.find(f.seq_id);
     if (it == seqs_.end()) continue;  // ended meanwhile
     Seq& s = *it->second;
-    if (s.sample_step != result.step_id) continue;  // not expecting this token
-    s.sample_step = 0;
+    SequenceEvent ev;
+    ev.seq_id = s.id;
+    ev.finished = true;
+    ev.reason = FinishReason::kError;
+    ev.status = f.status.ok() ? absl::InternalError("worker failed the sequence") : f.status;
+    events.push_back(std::move(ev));
+    End(s);
+  }
+  for (const SampledToken& t : result.sampled) {
+    auto it = seqs_.find(t.seq_id);
+    if (it == seqs_.end()) continue;  // ended meanwhile (an overrun step's token is dropped)
+    Seq& s = *it->second;
+    if (s.sample_steps.empty() || s.sample_steps.front() != result.step_id) continue;
+    s.sample_steps.pop_front();
     SequenceEvent ev;
     ev.seq_id = s.id;
     if (t.token < 0 || t.token >= config_.vocab_size) {
       ev.finished = true;
       ev.reason = FinishReason::kError;
-      events.push_back(ev);
+      ev.status = absl::InternalError(absl::StrCat("the worker sampled token id ", t.token,
+                                                   ", outside the vocabulary"));
+      events.push_back(std::move(ev));
       End(s);
       continue;
     }
@@ -322,10 +358,15 @@ std::vector<SequenceEvent> Scheduler::Apply(const StepResult& result) {
   // Sequences that were to be sampled in that step but got no token.
   std::vector<Seq*> missing;
   for (Seq* s : running_) {
-    if (s->sample_step == result.step_id) missing.push_back(s);
+    if (!s->sample_steps.empty() && s->sample_steps.front() == result.step_id) missing.push_back(s);
   }
   for (Seq* s : missing) {
-    events.push_back({s->id, -1, true, FinishReason::kError});
+    SequenceEvent ev;
+    ev.seq_id = s->id;
+    ev.finished = true;
+    ev.reason = FinishReason::kError;
+    ev.status = absl::InternalError(absl::StrCat("step ", result.step_id, " sampled no token for the request"));
+    events.push_back(std::move(ev));
     End(*s);
   }
   return events;
@@ -383,13 +424,17 @@ absl::Status Scheduler::Validate() const {
       return bad("sequence ", id, " is live with ", s.num_generated, " of max ",
                  s.params.max_tokens, " tokens generated");
     }
-    if (s.num_computed < 0 || s.num_computed > static_cast<int64_t>(s.tokens.size())) {
-      return bad("sequence ", id, ": ", s.num_computed, " computed of ", s.tokens.size());
+    if (s.num_computed < 0) return bad("sequence ", id, ": ", s.num_computed, " computed");
+    if (s.num_pending() != 0 && s.state != SequenceState::kRunning) {
+      return bad("sequence ", id, " awaits a token but is not running");
     }
-    if (s.sample_step != 0 &&
-        (s.state != SequenceState::kRunning ||
-         s.num_computed != static_cast<int64_t>(s.tokens.size()))) {
-      return bad("sequence ", id, " awaits a token but is not fully computed and running");
+    if (s.num_computed > s.num_tokens()) {
+      return bad("sequence ", id, ": ", s.num_computed, " computed of ", s.num_tokens(),
+                 " known and pending tokens");
+    }
+    if (s.state == SequenceState::kRunning && s.blocks_sent > blocks_.BlockTable(s.id).size()) {
+      return bad("sequence ", id, ": ", s.blocks_sent, " blocks sent, it holds ",
+                 blocks_.BlockTable(s.id).size());
     }
     if (ContainsValue(ended_, id)) return bad("sequence ", id, " is live and ended");
   }

@@ -24,9 +24,14 @@
 //  Each newly admitted sequence takes a prefill chunk from what is left of the budget.
 //  (Prefix caching would start an admitted sequence at num_computed > 0; not done yet.)
 //
-// Steps in flight: call Apply with a plan's result before the next Schedule. A sequence waiting
-// for its sampled token is skipped by Schedule (and never chosen as a victim), so an extra
-// Schedule does no harm, but it schedules nothing for that sequence.
+// Steps in flight (async scheduling, design/ENGINE.md §1.3): Schedule may be called again before
+// the previous plans' results are applied. A decoding sequence whose next token is being sampled
+// by a step in flight is scheduled as if that token were known (the workers feed it themselves),
+// unless the steps in flight already sample its last allowed token (max_tokens). A sequence with
+// a token in flight is never chosen as a preemption victim; when no victim is left, the sequence
+// that needs blocks waits for a later step. Since EOS and stop conditions are seen only when a
+// result is applied, a finished sequence may have one more step in flight; its token is dropped.
+// Apply the results in step order.
 //
 // Invariants (checked by Validate()): every sequence is in exactly one of waiting / running;
 // running sequences own exactly the blocks for their computed tokens, waiting ones own none;
@@ -74,6 +79,7 @@ struct SequenceEvent {
   int32_t token = -1;  // the sampled token, appended to the output; -1: none (kError only)
   bool finished = false;
   FinishReason reason = FinishReason::kNone;  // set when finished
+  absl::Status status;  // kError: why (the worker's status for a request it failed)
 };
 
 enum class SequenceState { kWaiting, kRunning };
@@ -115,18 +121,20 @@ class Scheduler {
   // `reason` must not be kNone.
   void Finish(int64_t seq_id, FinishReason reason);
 
-  // Builds the next step (policy above). The plan is empty (no seqs) when nothing can run; it
-  // may still carry `finished` ids, which the workers must get. Sets `sample` on sequences whose
-  // chunk ends at their last known token, and `params` on sequences the workers have not seen
-  // since their (re)admission. The scheduled tokens count as computed from here on.
+  // Builds the next step (policy above) in the incremental form of worker/step.h: tokens only
+  // for (re)admitted sequences, params on first sight, block ids the workers do not hold yet.
+  // The plan may carry only `finished` / `preempted` ids, which the workers must get; when it
+  // carries nothing at all (StepPlan::empty()) its step_id is 0 and it must not be sent. Step ids
+  // of sent plans are consecutive. The scheduled tokens count as computed from here on.
   StepPlan Schedule();
 
-  // Applies rank 0's sampled tokens for plan `result.step_id`: appends each to its sequence and
-  // ends the sequence on EOS (unless ignore_eos) or a stop id (kStop), or at max_tokens
-  // (kLength), freeing its blocks. One event per applied token, in result order. Tokens for
-  // sequences not awaiting one from that step (aborted meanwhile, unknown) are dropped. A
-  // sequence that was to be sampled in that step but got no token, or a token outside the
-  // vocabulary, ends with kError (event token -1).
+  // Applies rank 0's result for plan `result.step_id` (results in step order): first the
+  // sequences the workers failed (kError with the worker's status), then each sampled token is
+  // appended to its sequence, ending it on EOS (unless ignore_eos) or a stop id (kStop), or at
+  // max_tokens (kLength), freeing its blocks. One event per failed sequence and per applied
+  // token, in that order. Tokens for sequences not awaiting one from that step (ended meanwhile,
+  // unknown) are dropped. A sequence that was to be sampled in that step but got no token, or a
+  // token outside the vocabulary, ends with kError (event token -1).
   std::vector<SequenceEvent> Apply(const StepResult& result);
 
   // --- Introspection ---

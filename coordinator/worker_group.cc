@@ -197,22 +197,47 @@ absl::Status WorkerGroup::Probe(absl::Duration timeout) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<StepResult> WorkerGroup::Run(const StepPlan& plan) {
+absl::Status WorkerGroup::Submit(const StepPlan& plan) {
   RETURN_IF_ERROR(health());
-  absl::StatusOr<StepResult> r = options_.use_stream ? RunStream(plan) : RunUnary(plan);
+  if (in_flight_.size() >= static_cast<size_t>(max_in_flight())) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("step ", plan.step_id, ": ", in_flight_.size(), " steps already in flight"));
+  }
+  StepPlanToProto(plan, &plan_msg_);
+  in_flight_.push_back(plan.step_id);
+  if (!options_.use_stream) {
+    unary_results_.push_back(RunUnary());
+    return absl::OkStatus();
+  }
+  for (auto& w : workers_) {
+    if (!w->stream->Write(plan_msg_)) {
+      const absl::Status s = w->Unavailable(absl::UnavailableError("step stream closed"));
+      MarkBroken(s);
+      return s;
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<StepResult> WorkerGroup::Await() {
+  if (in_flight_.empty()) return absl::FailedPreconditionError("no step in flight");
+  const uint64_t step_id = in_flight_.front();
+  in_flight_.pop_front();
+  absl::StatusOr<StepResult> r;
+  if (options_.use_stream) {
+    r = AwaitStream(step_id);
+  } else {
+    r = std::move(unary_results_.front());
+    unary_results_.pop_front();
+  }
   if (!r.ok() && r.status().code() == absl::StatusCode::kUnavailable) MarkBroken(r.status());
   return r;
 }
 
-absl::StatusOr<StepResult> WorkerGroup::RunStream(const StepPlan& plan) {
-  lorcserve::internal::StepPlan msg;
-  StepPlanToProto(plan, &msg);
-  for (auto& w : workers_) {
-    if (!w->stream->Write(msg)) return w->Unavailable(absl::UnavailableError("step stream closed"));
-  }
+absl::StatusOr<StepResult> WorkerGroup::AwaitStream(uint64_t step_id) {
+  RETURN_IF_ERROR(health());
   const absl::Time deadline = absl::Now() + options_.step_timeout;
   absl::StatusOr<StepResult> rank0 = absl::InternalError("no result");
-  absl::Status failure;
   for (auto& w : workers_) {
     absl::MutexLock lock(&w->mu);
     while (w->results.empty() && !w->closed) {
@@ -222,38 +247,32 @@ absl::StatusOr<StepResult> WorkerGroup::RunStream(const StepPlan& plan) {
       if (absl::Status h = health(); !h.ok()) return h;  // failed from outside meanwhile
       const absl::Status why = w->closed ? w->close_status
                                          : absl::DeadlineExceededError(absl::StrCat(
-                                               "no step result within ",
+                                               "no result for step ", step_id, " within ",
                                                absl::FormatDuration(options_.step_timeout)));
       if (!w->closed) w->stream_ctx->TryCancel();
       return w->Unavailable(why);
     }
     lorcserve::internal::StepResult res = std::move(w->results.front());
     w->results.pop_front();
-    absl::StatusOr<StepResult> r = StepResultFromProto(res);
-    if (!r.ok()) {
-      failure.Update(absl::Status(r.status().code(), absl::StrCat(w->Name(), ": ", r.status().message())));
-    } else if (w->rank == 0) {
-      rank0 = std::move(r);
+    if (res.step_id() != step_id) {
+      return w->Unavailable(absl::InternalError(
+          absl::StrCat("result for step ", res.step_id(), " while awaiting step ", step_id)));
     }
+    if (w->rank == 0) rank0 = StepResultFromProto(res);
   }
-  RETURN_IF_ERROR(failure);
   return rank0;
 }
 
-absl::StatusOr<StepResult> WorkerGroup::RunUnary(const StepPlan& plan) {
-  lorcserve::internal::StepPlan msg;
-  StepPlanToProto(plan, &msg);
+absl::StatusOr<StepResult> WorkerGroup::RunUnary() {
   std::vector<std::future<absl::StatusOr<StepResult>>> calls;
   for (auto& w : workers_) {
     calls.push_back(std::async(std::launch::async, [&, wp = w.get()]() -> absl::StatusOr<StepResult> {
       grpc::ClientContext ctx;
       ctx.set_deadline(DeadlineIn(options_.step_timeout));
       lorcserve::internal::StepResult res;
-      const absl::Status s = FromGrpcStatus(wp->stub->Step(&ctx, msg, &res));
+      const absl::Status s = FromGrpcStatus(wp->stub->Step(&ctx, plan_msg_, &res));
       if (!s.ok()) return wp->Unavailable(s);
-      absl::StatusOr<StepResult> r = StepResultFromProto(res);
-      if (!r.ok()) return absl::Status(r.status().code(), absl::StrCat(wp->Name(), ": ", r.status().message()));
-      return r;
+      return StepResultFromProto(res);
     }));
   }
   absl::StatusOr<StepResult> rank0 = absl::InternalError("no result");

@@ -2,13 +2,16 @@
 // communicator group (through the coordinator's Rendezvous service) and load their shards,
 // then runs every StepPlan on all of them and returns rank 0's result.
 //
-// Steps go over one bidirectional stream per worker (default) or one unary call per step per
-// worker (kept for measurement). A worker that dies, closes its stream or misses the step
-// deadline breaks the group: that Run and every later one return UNAVAILABLE naming the worker.
-// Threads: Run is called by the engine thread only; one reader thread per worker stream.
+// Steps go over one bidirectional stream per worker (default; up to 2 plans in flight, so a
+// worker finds its next plan queued when it finishes a step) or one unary call per step per
+// worker (synchronous; kept for measurement). A worker that dies, closes its stream (a step that
+// failed as a whole ends it with that status) or misses the step deadline breaks the group: that
+// call and every later one return UNAVAILABLE naming the worker.
+// Threads: Submit/Await are called by the engine thread only; one reader thread per worker stream.
 #pragma once
 
 #include <atomic>
+#include <deque>
 #include <memory>
 #include <string>
 #include <thread>
@@ -49,7 +52,9 @@ class WorkerGroup final : public StepRunner {
   static absl::StatusOr<std::unique_ptr<WorkerGroup>> Start(const WorkerGroupOptions& options);
   ~WorkerGroup() override;
 
-  absl::StatusOr<StepResult> Run(const StepPlan& plan) override;
+  absl::Status Submit(const StepPlan& plan) override;
+  absl::StatusOr<StepResult> Await() override;
+  int max_in_flight() const override { return options_.use_stream ? 2 : 1; }
 
   const WorkerGroupInfo& info() const { return info_; }
   int size() const { return static_cast<int>(workers_.size()); }
@@ -67,12 +72,17 @@ class WorkerGroup final : public StepRunner {
   absl::Status Connect();
   absl::Status OpenStreams();
   void MarkBroken(const absl::Status& s);
-  absl::StatusOr<StepResult> RunUnary(const StepPlan& plan);
-  absl::StatusOr<StepResult> RunStream(const StepPlan& plan);
+  // Sends plan_msg_ to every worker as one unary call each; rank 0's result.
+  absl::StatusOr<StepResult> RunUnary();
+  absl::StatusOr<StepResult> AwaitStream(uint64_t step_id);
 
   WorkerGroupOptions options_;
   WorkerGroupInfo info_;
   std::vector<std::unique_ptr<Worker>> workers_;
+  // Engine thread only.
+  lorcserve::internal::StepPlan plan_msg_;
+  std::deque<uint64_t> in_flight_;                          // step ids, oldest first
+  std::deque<absl::StatusOr<StepResult>> unary_results_;    // unary mode: results of in_flight_
   mutable absl::Mutex mu_;
   absl::Status broken_ ABSL_GUARDED_BY(mu_);
 };

@@ -57,38 +57,43 @@ absl::Status ModelRunner::Validate(absl::Span<const SequenceStep> steps) const {
     if (!seen.insert(s.seq_id).second) {
       return absl::InvalidArgumentError(absl::StrCat("sequence ", s.seq_id, " appears twice in one step"));
     }
-    if (s.tokens.empty()) {
-      return absl::InvalidArgumentError(absl::StrCat("sequence ", s.seq_id, ": no tokens to compute"));
+    RETURN_IF_ERROR(ValidateSequence(s));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ModelRunner::ValidateSequence(const SequenceStep& s) const {
+  if (s.tokens.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat("sequence ", s.seq_id, ": no tokens to compute"));
+  }
+  if (s.num_computed_tokens < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("sequence ", s.seq_id, ": negative num_computed_tokens"));
+  }
+  for (int32_t t : s.tokens) {
+    if (t < 0 || t >= config_.vocab_size) {
+      return absl::InvalidArgumentError(absl::StrCat("sequence ", s.seq_id, ": token id ", t,
+                                                     " outside the vocabulary [0, ",
+                                                     config_.vocab_size, ")"));
     }
-    if (s.num_cached < 0) {
-      return absl::InvalidArgumentError(absl::StrCat("sequence ", s.seq_id, ": negative num_cached"));
-    }
-    for (int32_t t : s.tokens) {
-      if (t < 0 || t >= config_.vocab_size) {
-        return absl::InvalidArgumentError(absl::StrCat("sequence ", s.seq_id, ": token id ", t,
-                                                       " outside the vocabulary [0, ",
-                                                       config_.vocab_size, ")"));
-      }
-    }
-    const int64_t total = s.num_cached + static_cast<int64_t>(s.tokens.size());
-    if (total > config_.max_position_embeddings) {
-      return absl::InvalidArgumentError(absl::StrCat("sequence ", s.seq_id, ": ", total,
-                                                     " tokens exceed the model context of ",
-                                                     config_.max_position_embeddings));
-    }
-    const int64_t need = kv_spec_.BlocksForTokens(total);
-    if (static_cast<int64_t>(s.block_table.size()) < need) {
-      return absl::InvalidArgumentError(absl::StrCat("sequence ", s.seq_id, ": block table has ",
-                                                     s.block_table.size(), " blocks, ", total,
-                                                     " tokens need ", need));
-    }
-    for (int64_t i = 0; i < need; ++i) {
-      const int32_t b = s.block_table[i];
-      if (b < 0 || b >= kv_spec_.num_blocks) {
-        return absl::InvalidArgumentError(absl::StrCat("sequence ", s.seq_id, ": block id ", b,
-                                                       " outside the cache of ",
-                                                       kv_spec_.num_blocks, " blocks"));
-      }
+  }
+  const int64_t total = s.num_computed_tokens + static_cast<int64_t>(s.tokens.size());
+  if (total > config_.max_position_embeddings) {
+    return absl::InvalidArgumentError(absl::StrCat("sequence ", s.seq_id, ": ", total,
+                                                   " tokens exceed the model context of ",
+                                                   config_.max_position_embeddings));
+  }
+  const int64_t need = kv_spec_.BlocksForTokens(total);
+  if (static_cast<int64_t>(s.block_table.size()) < need) {
+    return absl::InvalidArgumentError(absl::StrCat("sequence ", s.seq_id, ": block table has ",
+                                                   s.block_table.size(), " blocks, ", total,
+                                                   " tokens need ", need));
+  }
+  for (int64_t i = 0; i < need; ++i) {
+    const int32_t b = s.block_table[i];
+    if (b < 0 || b >= kv_spec_.num_blocks) {
+      return absl::InvalidArgumentError(absl::StrCat("sequence ", s.seq_id, ": block id ", b,
+                                                     " outside the cache of ",
+                                                     kv_spec_.num_blocks, " blocks"));
     }
   }
   return absl::OkStatus();
@@ -149,7 +154,7 @@ absl::StatusOr<StepOutput> ModelRunner::Execute(absl::Span<const SequenceStep> s
   int32_t max_blocks = 1, max_ctx = 0;
   for (const SequenceStep& s : steps) {
     num_tokens += static_cast<int64_t>(s.tokens.size());
-    const int64_t ctx = s.num_cached + static_cast<int64_t>(s.tokens.size());
+    const int64_t ctx = s.num_computed_tokens + static_cast<int64_t>(s.tokens.size());
     max_blocks = std::max(max_blocks, kv_spec_.BlocksForTokens(ctx));
     max_ctx = std::max<int32_t>(max_ctx, static_cast<int32_t>(ctx));
   }
@@ -164,12 +169,12 @@ absl::StatusOr<StepOutput> ModelRunner::Execute(absl::Span<const SequenceStep> s
     const SequenceStep& s = steps[i];
     const int64_t n = static_cast<int64_t>(s.tokens.size());
     for (int64_t j = 0; j < n; ++j) {
-      const int64_t pos = s.num_cached + j;
+      const int64_t pos = s.num_computed_tokens + j;
       ids.push_back(s.tokens[j]);
       positions.push_back(static_cast<int32_t>(pos));
       slots.push_back(s.block_table[pos / bs] * bs + static_cast<int32_t>(pos % bs));
     }
-    const int64_t ctx = s.num_cached + n;
+    const int64_t ctx = s.num_computed_tokens + n;
     const int32_t nb = kv_spec_.BlocksForTokens(ctx);
     std::copy(s.block_table.begin(), s.block_table.begin() + nb,
               tables.begin() + static_cast<int64_t>(i) * max_blocks);

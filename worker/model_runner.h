@@ -25,9 +25,9 @@ class Communicator;
 
 struct SequenceStep {
   int64_t seq_id = 0;
-  std::vector<int32_t> tokens;       // new tokens, computed at positions [num_cached, ...)
-  int64_t num_cached = 0;            // tokens already in the cache for this sequence
-  std::vector<int32_t> block_table;  // covers num_cached + tokens.size() tokens
+  std::vector<int32_t> tokens;       // new tokens, computed at positions [num_computed_tokens, ...)
+  int64_t num_computed_tokens = 0;   // tokens already in the cache for this sequence
+  std::vector<int32_t> block_table;  // covers num_computed_tokens + tokens.size() tokens
   enum class Logits : uint8_t { kNone, kLast, kAll } logits = Logits::kLast;
 };
 
@@ -56,6 +56,9 @@ class ModelRunner {
   // InvalidArgument for malformed steps (token ids outside the vocabulary, block tables that do
   // not cover the tokens or name blocks outside the cache, positions past the model's context).
   absl::StatusOr<StepOutput> Execute(absl::Span<const SequenceStep> steps);
+  // The per-sequence checks of Execute (everything but duplicate ids across the batch), so a
+  // caller can leave a bad sequence out of the batch instead of failing all of it.
+  absl::Status ValidateSequence(const SequenceStep& s) const;
   // Copy-on-write block copies requested by the block manager, in every layer.
   absl::Status CopyBlocks(absl::Span<const BlockCopy> copies);
 

@@ -1,42 +1,71 @@
 // The contract between the scheduler (coordinator) and the workers for one engine iteration:
-// a StepPlan goes to every tensor-parallel rank; rank 0 answers with a StepResult.
-// Plain structs; the internal gRPC protocol (proto/lorcserve/internal/) mirrors them.
+// a StepPlan goes to every tensor-parallel rank; every rank answers with a StepResult (rank 0's
+// carries the sampled tokens). Plain structs; the internal gRPC protocol
+// (proto/lorcserve/internal/worker.proto) mirrors them (worker/step_proto.h converts).
+//
+// Incremental protocol (as vLLM v1's SchedulerOutput; design/ENGINE.md §1.1): the workers keep
+// per-request state between steps (token history, block table, num_computed_tokens, sampler),
+// so a plan carries only what changed:
+//  - a request seen for the first time (or re-admitted after preemption) brings its tokens and,
+//    on first sight, its sampling params;
+//  - every scheduled request names how many tokens to compute and the block ids appended to its
+//    block table;
+//  - ids that ended (finished, cancelled, failed) or were preempted.
+// A decoding request's step message is therefore O(1) in its context length: no block table, no
+// token history.
+//
+// Async scheduling (design/ENGINE.md §1.3): the coordinator may send plan N+1 before it has seen
+// plan N's result. A request scheduled in N+1 whose last token is sampled in N computes that
+// token: the worker appends each sampled token to its own history, so the plan never carries it.
+// Workers execute plans strictly in step_id order (consecutive ids).
 #pragma once
 
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <vector>
 
+#include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "common/sampling_params.h"
 #include "kvstore/kv_block_manager.h"
 
 namespace lorc {
 
+// One request's share of a step.
 struct ScheduledSequence {
   int64_t seq_id = 0;
-  // Tokens to compute this step, at positions [num_cached, num_cached + tokens.size()).
-  std::vector<int32_t> tokens;
-  int64_t num_cached = 0;
-  // The sequence's whole block table, covering num_cached + tokens.size() tokens.
-  std::vector<int32_t> block_table;
-  // True when these are the last known tokens: sample the next one.
+  // Tokens the worker does not have yet, appended to its history before the step: the whole
+  // prompt on first sight, the whole history (prompt + generated) when re-admitted after a
+  // preemption, empty otherwise (the worker's history already ends with every token up to this
+  // step, sampled ones included).
+  std::vector<int32_t> new_token_ids;
+  // Tokens already in the cache before this step; the worker checks it against its own count.
+  int64_t num_computed_tokens = 0;
+  // Tokens to compute this step: history positions [num_computed_tokens, + this).
+  int32_t num_scheduled_tokens = 0;
+  // Appended to the request's block table before the step (the table then covers
+  // num_computed_tokens + num_scheduled_tokens tokens). On (re)admission: the whole table.
+  std::vector<int32_t> new_block_ids;
+  // True when the computed tokens end at the last token of the history: sample the next one.
   bool sample = false;
-  // Set the first time a worker sees the sequence (and again after a preemption, with
-  // `num_cached` 0): the sequence's sampling options.
+  // First sight only: the request's sampling options. The worker keeps its sampler (and so a
+  // seeded random stream) across preemptions.
   std::optional<SamplingParams> params;
 };
 
 struct StepPlan {
-  uint64_t step_id = 0;
+  uint64_t step_id = 0;  // 1, 2, 3, ...: consecutive
   std::vector<ScheduledSequence> seqs;
   // Copy-on-write block copies to perform before the forward pass.
   std::vector<BlockCopy> copies;
-  // Sequences that ended (finished, cancelled, failed): workers drop their state.
+  // Requests that ended (finished, cancelled, failed): workers drop their state.
   std::vector<int64_t> finished;
-  // Sequences preempted to be recomputed later: workers forget their tokens but keep sampler
-  // state, so a seeded request draws the same random stream.
+  // Requests preempted to be recomputed later: workers drop their token history, block table
+  // and computed count but keep the sampler.
   std::vector<int64_t> preempted;
+
+  bool empty() const { return seqs.empty() && finished.empty() && preempted.empty(); }
 };
 
 struct SampledToken {
@@ -44,17 +73,40 @@ struct SampledToken {
   int32_t token = 0;
 };
 
-struct StepResult {
-  uint64_t step_id = 0;
-  std::vector<SampledToken> sampled;  // one per sequence with sample = true, in plan order
-  int64_t compute_us = 0;             // time the executing rank spent on the step
+// A request the worker could not run (bad token or block id, unknown id, bad params): it was
+// left out of the batch, its state dropped; the other requests of the step ran.
+struct FailedSequence {
+  int64_t seq_id = 0;
+  absl::Status status;
 };
 
-// Runs steps: in-process (StepExecutor) or on remote workers (the coordinator's WorkerGroup).
+struct StepResult {
+  uint64_t step_id = 0;
+  std::vector<SampledToken> sampled;  // rank 0: one per sequence with sample = true, plan order
+  std::vector<FailedSequence> failed;
+  int64_t compute_us = 0;  // time the rank spent executing the step
+  int64_t idle_us = 0;     // time the rank waited between the end of the previous step and this one
+};
+
+// Runs steps in order: in-process (StepExecutor) or on remote workers (the coordinator's
+// WorkerGroup). Up to `max_in_flight()` plans may be submitted before the oldest result is
+// awaited (async scheduling).
 class StepRunner {
  public:
   virtual ~StepRunner() = default;
-  virtual absl::StatusOr<StepResult> Run(const StepPlan& plan) = 0;
+  // Sends a plan; its result is returned by a later Await, in submission order. An error means
+  // the runner is broken (the plan may or may not have run).
+  virtual absl::Status Submit(const StepPlan& plan) = 0;
+  // The oldest submitted plan's result. FailedPrecondition when nothing is in flight.
+  virtual absl::StatusOr<StepResult> Await() = 0;
+  // Plans that may be in flight at once (1: synchronous).
+  virtual int max_in_flight() const { return 2; }
+
+  // Submit + Await.
+  absl::StatusOr<StepResult> Run(const StepPlan& plan) {
+    if (absl::Status s = Submit(plan); !s.ok()) return s;
+    return Await();
+  }
 };
 
 }  // namespace lorc

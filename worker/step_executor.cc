@@ -1,57 +1,179 @@
 #include "worker/step_executor.h"
 
-#include <chrono>
+#include <algorithm>
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "worker/comm/communicator.h"
 
 namespace lorc {
+namespace {
 
-absl::StatusOr<StepResult> StepExecutor::Run(const StepPlan& plan) {
-  const auto t0 = std::chrono::steady_clock::now();
-  for (int64_t id : plan.finished) seqs_.erase(id);
-  for (int64_t id : plan.preempted) {
-    if (auto it = seqs_.find(id); it != seqs_.end()) it->second.tokens.clear();
+using Clock = std::chrono::steady_clock;
+
+int64_t Micros(Clock::duration d) {
+  return std::chrono::duration_cast<std::chrono::microseconds>(d).count();
+}
+
+}  // namespace
+
+StepExecutor::StepExecutor(ModelRunner* runner, Communicator* comm, int max_in_flight)
+    : runner_(runner),
+      comm_(comm != nullptr && comm->world().world_size > 1 ? comm : nullptr),
+      samples_(comm_ == nullptr || comm_->world().rank == 0),
+      max_in_flight_(std::max(1, max_in_flight)) {}
+
+std::vector<int32_t> StepExecutor::Tokens(int64_t seq_id) const {
+  auto it = seqs_.find(seq_id);
+  return it == seqs_.end() ? std::vector<int32_t>() : it->second.tokens;
+}
+
+absl::Status StepExecutor::Prepare(const ScheduledSequence& s, SequenceStep* step) const {
+  const int64_t id = s.seq_id;
+  auto it = seqs_.find(id);
+  const SeqState* st = it == seqs_.end() ? nullptr : &it->second;
+  if (st == nullptr && !s.params.has_value()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("sequence ", id, " is unknown to this worker and comes without sampling params"));
   }
-  for (const ScheduledSequence& s : plan.seqs) {
-    if (!s.params.has_value() && !seqs_.contains(s.seq_id)) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("step ", plan.step_id, ": sequence ", s.seq_id, " has no sampling params"));
-    }
+  if (st != nullptr && s.params.has_value()) {
+    return absl::FailedPreconditionError(absl::StrCat("sequence ", id, " is already known"));
   }
-  RETURN_IF_ERROR(runner_->CopyBlocks(plan.copies));
+  if (s.params.has_value()) RETURN_IF_ERROR(s.params->Validate(runner_->config().vocab_size));
+  const int64_t have = st == nullptr ? 0 : st->num_computed_tokens;
+  if (s.num_computed_tokens != have) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "sequence ", id, ": the plan says ", s.num_computed_tokens,
+        " tokens are computed, this worker has ", have));
+  }
+  const size_t known = (st == nullptr ? 0 : st->tokens.size()) + s.new_token_ids.size();
+  if (s.num_scheduled_tokens <= 0 ||
+      s.num_computed_tokens + s.num_scheduled_tokens > static_cast<int64_t>(known)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "sequence ", id, ": ", s.num_scheduled_tokens, " tokens scheduled after ",
+        s.num_computed_tokens, " computed, but ", known, " are known"));
+  }
+  step->seq_id = id;
+  step->num_computed_tokens = s.num_computed_tokens;
+  step->tokens.clear();
+  for (int64_t p = s.num_computed_tokens; p < s.num_computed_tokens + s.num_scheduled_tokens; ++p) {
+    const size_t old = st == nullptr ? 0 : st->tokens.size();
+    step->tokens.push_back(static_cast<size_t>(p) < old ? st->tokens[p] : s.new_token_ids[p - old]);
+  }
+  step->block_table.clear();
+  if (st != nullptr) step->block_table = st->block_table;
+  step->block_table.insert(step->block_table.end(), s.new_block_ids.begin(), s.new_block_ids.end());
+  const bool logits = s.sample && (samples_ || runner_->lm_head_sharded());
+  step->logits = logits ? SequenceStep::Logits::kLast : SequenceStep::Logits::kNone;
+  return runner_->ValidateSequence(*step);
+}
+
+absl::Status StepExecutor::ShareSampled(std::vector<int32_t>* tokens) {
+  if (comm_ == nullptr || tokens->empty()) return absl::OkStatus();
+  // Through backend memory: NCCL broadcasts device buffers (the CPU backend's are host memory).
+  const size_t bytes = tokens->size() * sizeof(int32_t);
+  Backend& be = runner_->backend();
+  if (share_buf_.bytes() < bytes) {
+    share_buf_.Reset();
+    ASSIGN_OR_RETURN(share_buf_, be.Allocate(std::max<size_t>(bytes, 1024)));
+  }
+  if (samples_) RETURN_IF_ERROR(be.CopyToDevice(share_buf_.data(), tokens->data(), bytes));
+  RETURN_IF_ERROR(comm_->Broadcast(share_buf_.data(), bytes, /*root=*/0));
+  RETURN_IF_ERROR(comm_->Sync());
+  return be.CopyToHost(tokens->data(), share_buf_.data(), bytes);
+}
+
+absl::StatusOr<StepResult> StepExecutor::Execute(const StepPlan& plan) {
+  const Clock::time_point t0 = Clock::now();
+  if (last_step_id_ != 0 && plan.step_id != last_step_id_ + 1) {
+    return absl::FailedPreconditionError(absl::StrCat("step ", plan.step_id, " after step ",
+                                                      last_step_id_, ": steps must be consecutive"));
+  }
   StepResult result;
   result.step_id = plan.step_id;
-  if (plan.seqs.empty()) return result;
+  if (last_end_ != Clock::time_point{}) result.idle_us = Micros(t0 - last_end_);
+  RETURN_IF_ERROR(runner_->CopyBlocks(plan.copies));
+  last_step_id_ = plan.step_id;
+  for (int64_t id : plan.finished) seqs_.erase(id);
+  for (int64_t id : plan.preempted) {
+    if (auto it = seqs_.find(id); it != seqs_.end()) {
+      it->second.tokens.clear();
+      it->second.block_table.clear();
+      it->second.num_computed_tokens = 0;
+    }
+  }
 
+  // Validate each request on its own; the bad ones are dropped and reported (once each).
+  absl::flat_hash_map<int64_t, int> occurrences;
+  for (const ScheduledSequence& s : plan.seqs) ++occurrences[s.seq_id];
   steps_.resize(plan.seqs.size());
-  for (size_t i = 0; i < plan.seqs.size(); ++i) {
-    const ScheduledSequence& s = plan.seqs[i];
-    SequenceStep& step = steps_[i];
-    step.seq_id = s.seq_id;
-    step.tokens = s.tokens;
-    step.num_cached = s.num_cached;
-    step.block_table = s.block_table;
-    const bool logits = s.sample && (samples_ || runner_->lm_head_sharded());
-    step.logits = logits ? SequenceStep::Logits::kLast : SequenceStep::Logits::kNone;
+  scheduled_.clear();
+  size_t n = 0;
+  for (const ScheduledSequence& s : plan.seqs) {
+    int& count = occurrences[s.seq_id];
+    if (count == 0) continue;  // a duplicate already reported
+    absl::Status st = count > 1 ? absl::InvalidArgumentError(absl::StrCat(
+                                      "sequence ", s.seq_id, " appears ", count, " times in one step"))
+                                : Prepare(s, &steps_[n]);
+    if (!st.ok()) {
+      result.failed.push_back({s.seq_id, std::move(st)});
+      seqs_.erase(s.seq_id);
+      count = 0;
+      continue;
+    }
+    scheduled_.push_back(&s);
+    ++n;
   }
-  ASSIGN_OR_RETURN(StepOutput out, runner_->Execute(steps_));
+  steps_.resize(n);
 
-  for (size_t i = 0; i < plan.seqs.size(); ++i) {
-    const ScheduledSequence& s = plan.seqs[i];
-    SeqState& st = seqs_[s.seq_id];
-    if (s.params.has_value() && st.sampler == nullptr) st.sampler = std::make_unique<Sampler>(*s.params);
-    if (s.num_cached == 0) st.tokens.clear();
-    st.tokens.insert(st.tokens.end(), s.tokens.begin(), s.tokens.end());
-    if (!s.sample || !samples_) continue;
-    const float* r = out.Row(out.row_begin[i]);
-    row_.assign(r, r + out.vocab_size);
-    result.sampled.push_back({s.seq_id, st.sampler->Sample(absl::MakeSpan(row_), st.tokens)});
+  StepOutput out;
+  if (n > 0) {
+    ASSIGN_OR_RETURN(out, runner_->Execute(steps_));
   }
-  result.compute_us = std::chrono::duration_cast<std::chrono::microseconds>(
-                          std::chrono::steady_clock::now() - t0)
-                          .count();
+
+  // Commit the new state, then sample.
+  std::vector<int32_t> sampled;
+  std::vector<int64_t> sampled_ids;  // ids, not pointers: inserting new requests rehashes seqs_
+  for (size_t i = 0; i < n; ++i) {
+    const ScheduledSequence& s = *scheduled_[i];
+    SeqState& st = seqs_[s.seq_id];
+    if (s.params.has_value()) st.sampler = std::make_unique<Sampler>(*s.params);
+    st.tokens.insert(st.tokens.end(), s.new_token_ids.begin(), s.new_token_ids.end());
+    st.block_table.insert(st.block_table.end(), s.new_block_ids.begin(), s.new_block_ids.end());
+    st.num_computed_tokens += s.num_scheduled_tokens;
+    if (!s.sample) continue;
+    int32_t token = 0;
+    if (samples_) {
+      const float* r = out.Row(out.row_begin[i]);
+      row_.assign(r, r + out.vocab_size);
+      token = st.sampler->Sample(absl::MakeSpan(row_), st.tokens);
+    }
+    sampled.push_back(token);
+    sampled_ids.push_back(s.seq_id);
+    if (samples_) result.sampled.push_back({s.seq_id, token});
+  }
+  RETURN_IF_ERROR(ShareSampled(&sampled));
+  for (size_t i = 0; i < sampled.size(); ++i) seqs_[sampled_ids[i]].tokens.push_back(sampled[i]);
+
+  last_end_ = Clock::now();
+  result.compute_us = Micros(last_end_ - t0);
   return result;
+}
+
+absl::Status StepExecutor::Submit(const StepPlan& plan) {
+  if (results_.size() >= static_cast<size_t>(max_in_flight_)) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("step ", plan.step_id, ": ", results_.size(), " steps already in flight"));
+  }
+  results_.push_back(Execute(plan));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<StepResult> StepExecutor::Await() {
+  if (results_.empty()) return absl::FailedPreconditionError("no step in flight");
+  absl::StatusOr<StepResult> r = std::move(results_.front());
+  results_.pop_front();
+  return r;
 }
 
 }  // namespace lorc

@@ -1,9 +1,22 @@
-// Executes StepPlans on one rank: keeps each sequence's sampler and token history, runs the
-// forward pass, and (on the sampling rank, tensor-parallel rank 0) samples the next tokens.
-// Used in-process by the local engine and inside every worker process. One thread at a time.
+// Executes StepPlans on one tensor-parallel rank. Owns the per-request state the incremental
+// step protocol (worker/step.h) relies on: each request's token history, block table, number of
+// computed tokens and sampler. Runs the forward pass for the requests that pass validation; a
+// request that does not (unknown id, token or block id out of range, computed-token count that
+// disagrees with this rank's, bad sampling params) is left out of the batch, its state dropped,
+// and reported in StepResult::failed: it fails alone.
+//
+// Sampling: rank 0 samples; with tensor parallelism it broadcasts the sampled ids to the other
+// ranks (one small collective per sampling step), so every rank appends the same token to its
+// history and a later plan never has to carry it (async scheduling). Validation depends only on
+// the plans, so every rank drops the same requests and the collectives stay matched.
+//
+// Used in-process by the local engine and inside every worker process (on its device thread).
+// One thread at a time.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
+#include <deque>
 #include <memory>
 #include <vector>
 
@@ -15,31 +28,53 @@
 
 namespace lorc {
 
+class Communicator;
+
 class StepExecutor final : public StepRunner {
  public:
-  // `samples`: whether this rank computes logits and samples (rank 0); other ranks return an
-  // empty result. `runner` must outlive the executor.
-  StepExecutor(ModelRunner* runner, bool samples) : runner_(runner), samples_(samples) {}
+  // `runner` (and `comm`, which may be null when tensor parallelism is 1) must outlive the
+  // executor. `max_in_flight`: plans Submit accepts before Await (they run at Submit).
+  explicit StepExecutor(ModelRunner* runner, Communicator* comm = nullptr, int max_in_flight = 2);
 
-  // InvalidArgument for a plan that names a sequence this rank has never been given params for,
-  // or that the runner rejects; the executor's state is unchanged for the failed step's new
-  // sequences.
-  absl::StatusOr<StepResult> Run(const StepPlan& plan) override;
+  // Runs one plan. Errors (the step as a whole failed; the per-request state is unchanged):
+  // FailedPrecondition for a step_id that does not follow the previous one; whatever the runner,
+  // the backend or the communicator returned.
+  absl::StatusOr<StepResult> Execute(const StepPlan& plan);
+
+  // StepRunner: Submit executes at once and queues the result for Await.
+  absl::Status Submit(const StepPlan& plan) override;
+  absl::StatusOr<StepResult> Await() override;
+  int max_in_flight() const override { return max_in_flight_; }
 
   size_t num_sequences() const { return seqs_.size(); }
+  // A request's token history on this rank (prompt + generated); empty when unknown.
+  std::vector<int32_t> Tokens(int64_t seq_id) const;
   ModelRunner& runner() { return *runner_; }
 
  private:
   struct SeqState {
     std::unique_ptr<Sampler> sampler;
-    std::vector<int32_t> tokens;  // every token computed so far (prompt + generated)
+    std::vector<int32_t> tokens;       // every token known (prompt + generated)
+    std::vector<int32_t> block_table;
+    int64_t num_computed_tokens = 0;
   };
+  // Checks one scheduled request against this rank's state; fills `step` on success.
+  absl::Status Prepare(const ScheduledSequence& s, SequenceStep* step) const;
+  absl::Status ShareSampled(std::vector<int32_t>* tokens);
 
   ModelRunner* runner_;
+  Communicator* comm_;
   bool samples_;
+  int max_in_flight_;
+  uint64_t last_step_id_ = 0;
+  std::chrono::steady_clock::time_point last_end_{};
   absl::flat_hash_map<int64_t, SeqState> seqs_;
-  std::vector<SequenceStep> steps_;  // reused between steps
+  std::deque<absl::StatusOr<StepResult>> results_;
+  // Reused between steps.
+  std::vector<SequenceStep> steps_;
+  std::vector<const ScheduledSequence*> scheduled_;
   std::vector<float> row_;
+  DeviceBuffer share_buf_;
 };
 
 }  // namespace lorc

@@ -1,27 +1,44 @@
 #include "worker/step_proto.h"
 
 namespace lorc {
+namespace {
+
+void ParamsToProto(const SamplingParams& p, lorcserve::internal::SamplingParams* out) {
+  out->set_temperature(p.temperature);
+  out->set_top_k(p.top_k);
+  out->set_top_p(p.top_p);
+  out->set_min_p(p.min_p);
+  out->set_repetition_penalty(p.repetition_penalty);
+  out->set_has_seed(p.seed.has_value());
+  out->set_seed(p.seed.value_or(0));
+}
+
+SamplingParams ParamsFromProto(const lorcserve::internal::SamplingParams& p) {
+  SamplingParams sp;
+  sp.temperature = p.temperature();
+  sp.top_k = p.top_k();
+  sp.top_p = p.top_p();
+  sp.min_p = p.min_p();
+  sp.repetition_penalty = p.repetition_penalty();
+  if (p.has_seed()) sp.seed = p.seed();
+  return sp;
+}
+
+}  // namespace
 
 void StepPlanToProto(const StepPlan& plan, lorcserve::internal::StepPlan* out) {
   out->Clear();
   out->set_step_id(plan.step_id);
+  out->mutable_seqs()->Reserve(static_cast<int>(plan.seqs.size()));
   for (const ScheduledSequence& s : plan.seqs) {
     auto* p = out->add_seqs();
     p->set_seq_id(s.seq_id);
-    p->mutable_tokens()->Add(s.tokens.begin(), s.tokens.end());
-    p->set_num_cached(s.num_cached);
-    p->mutable_block_table()->Add(s.block_table.begin(), s.block_table.end());
+    p->mutable_new_token_ids()->Add(s.new_token_ids.begin(), s.new_token_ids.end());
+    p->set_num_computed_tokens(s.num_computed_tokens);
+    p->set_num_scheduled_tokens(s.num_scheduled_tokens);
+    p->mutable_new_block_ids()->Add(s.new_block_ids.begin(), s.new_block_ids.end());
     p->set_sample(s.sample);
-    if (s.params.has_value()) {
-      auto* sp = p->mutable_params();
-      sp->set_temperature(s.params->temperature);
-      sp->set_top_k(s.params->top_k);
-      sp->set_top_p(s.params->top_p);
-      sp->set_min_p(s.params->min_p);
-      sp->set_repetition_penalty(s.params->repetition_penalty);
-      sp->set_has_seed(s.params->seed.has_value());
-      sp->set_seed(s.params->seed.value_or(0));
-    }
+    if (s.params.has_value()) ParamsToProto(*s.params, p->mutable_params());
   }
   for (const BlockCopy& c : plan.copies) {
     auto* p = out->add_copies();
@@ -39,20 +56,12 @@ StepPlan StepPlanFromProto(const lorcserve::internal::StepPlan& p) {
   for (const auto& s : p.seqs()) {
     ScheduledSequence q;
     q.seq_id = s.seq_id();
-    q.tokens.assign(s.tokens().begin(), s.tokens().end());
-    q.num_cached = s.num_cached();
-    q.block_table.assign(s.block_table().begin(), s.block_table().end());
+    q.new_token_ids.assign(s.new_token_ids().begin(), s.new_token_ids().end());
+    q.num_computed_tokens = s.num_computed_tokens();
+    q.num_scheduled_tokens = s.num_scheduled_tokens();
+    q.new_block_ids.assign(s.new_block_ids().begin(), s.new_block_ids().end());
     q.sample = s.sample();
-    if (s.has_params()) {
-      SamplingParams sp;
-      sp.temperature = s.params().temperature();
-      sp.top_k = s.params().top_k();
-      sp.top_p = s.params().top_p();
-      sp.min_p = s.params().min_p();
-      sp.repetition_penalty = s.params().repetition_penalty();
-      if (s.params().has_seed()) sp.seed = s.params().seed();
-      q.params = sp;
-    }
+    if (s.has_params()) q.params = ParamsFromProto(s.params());
     plan.seqs.push_back(std::move(q));
   }
   for (const auto& c : p.copies()) plan.copies.push_back({c.src(), c.dst()});
@@ -69,18 +78,29 @@ void StepResultToProto(const StepResult& r, lorcserve::internal::StepResult* out
     p->set_seq_id(t.seq_id);
     p->set_token(t.token);
   }
+  for (const FailedSequence& f : r.failed) {
+    auto* p = out->add_failed();
+    p->set_seq_id(f.seq_id);
+    p->set_code(static_cast<int32_t>(f.status.code()));
+    p->set_message(std::string(f.status.message()));
+  }
   out->set_compute_us(r.compute_us);
+  out->set_idle_us(r.idle_us);
 }
 
-absl::StatusOr<StepResult> StepResultFromProto(const lorcserve::internal::StepResult& p) {
-  if (p.error_code() != 0) {
-    return absl::Status(static_cast<absl::StatusCode>(p.error_code()), p.error_message());
-  }
+StepResult StepResultFromProto(const lorcserve::internal::StepResult& p) {
   StepResult r;
   r.step_id = p.step_id();
   r.compute_us = p.compute_us();
+  r.idle_us = p.idle_us();
   r.sampled.reserve(p.sampled_size());
   for (const auto& t : p.sampled()) r.sampled.push_back({t.seq_id(), t.token()});
+  for (const auto& f : p.failed()) {
+    // A worker never reports OK for a failed sequence; an out-of-range code still fails it.
+    absl::StatusCode code = static_cast<absl::StatusCode>(f.code());
+    if (code == absl::StatusCode::kOk) code = absl::StatusCode::kInternal;
+    r.failed.push_back({f.seq_id(), absl::Status(code, f.message())});
+  }
   return r;
 }
 

@@ -11,7 +11,6 @@ namespace lorc {
 void StepPlanToProto(const StepPlan& plan, lorcserve::internal::StepPlan* out);
 StepPlan StepPlanFromProto(const lorcserve::internal::StepPlan& p);
 void StepResultToProto(const StepResult& r, lorcserve::internal::StepResult* out);
-// A result carrying an error becomes that error.
-absl::StatusOr<StepResult> StepResultFromProto(const lorcserve::internal::StepResult& p);
+StepResult StepResultFromProto(const lorcserve::internal::StepResult& p);
 
 }  // namespace lorc

@@ -65,7 +65,7 @@ grpc::Status WorkerService::LoadModel(grpc::ServerContext*, const lorcserve::int
       lorc::LoadModel(src, backend_.get(), req->tp_rank(), tp_size, comm_.get(), kv);
   if (!m.ok()) return ToGrpcStatus(m.status());
   model_ = *std::move(m);
-  executor_ = std::make_unique<StepExecutor>(model_.runner.get(), req->tp_rank() == 0);
+  executor_ = std::make_unique<StepExecutor>(model_.runner.get(), comm_.get());
   model_loaded_ = true;
   resp->set_num_blocks(model_.runner->kv_spec().num_blocks);
   resp->set_kv_bytes_per_token(model_.runner->kv_spec().BytesPerToken());
@@ -75,20 +75,13 @@ grpc::Status WorkerService::LoadModel(grpc::ServerContext*, const lorcserve::int
   return grpc::Status::OK;
 }
 
-void WorkerService::RunStep(const lorcserve::internal::StepPlan& plan,
-                            lorcserve::internal::StepResult* out) {
+absl::Status WorkerService::RunStep(const lorcserve::internal::StepPlan& plan,
+                                    lorcserve::internal::StepResult* out) {
   absl::MutexLock lock(&mu_);
-  absl::StatusOr<StepResult> r =
-      executor_ == nullptr ? absl::FailedPreconditionError("worker has no model loaded")
-                           : executor_->Run(StepPlanFromProto(plan));
-  if (!r.ok()) {
-    out->Clear();
-    out->set_step_id(plan.step_id());
-    out->set_error_code(static_cast<int32_t>(r.status().code()));
-    out->set_error_message(std::string(r.status().message()));
-    return;
-  }
-  StepResultToProto(*r, out);
+  if (executor_ == nullptr) return absl::FailedPreconditionError("worker has no model loaded");
+  ASSIGN_OR_RETURN(StepResult r, executor_->Execute(StepPlanFromProto(plan)));
+  StepResultToProto(r, out);
+  return absl::OkStatus();
 }
 
 grpc::Status WorkerService::Steps(
@@ -97,7 +90,8 @@ grpc::Status WorkerService::Steps(
   lorcserve::internal::StepPlan plan;
   lorcserve::internal::StepResult result;
   while (stream->Read(&plan)) {
-    RunStep(plan, &result);
+    // A step that fails as a whole ends the stream with its status (one error channel).
+    if (absl::Status s = RunStep(plan, &result); !s.ok()) return ToGrpcStatus(s);
     if (!stream->Write(result)) break;
   }
   return grpc::Status::OK;
@@ -105,8 +99,7 @@ grpc::Status WorkerService::Steps(
 
 grpc::Status WorkerService::Step(grpc::ServerContext*, const lorcserve::internal::StepPlan* req,
                                  lorcserve::internal::StepResult* resp) {
-  RunStep(*req, resp);
-  return grpc::Status::OK;
+  return ToGrpcStatus(RunStep(*req, resp));
 }
 
 grpc::Status WorkerService::Ping(grpc::ServerContext*, const lorcserve::internal::PingRequest*,

@@ -44,7 +44,7 @@ class WorkerService final : public lorcserve::internal::Worker::Service {
 
  private:
   absl::Status EnsureBackend() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void RunStep(const lorcserve::internal::StepPlan& plan, lorcserve::internal::StepResult* out);
+  absl::Status RunStep(const lorcserve::internal::StepPlan& plan, lorcserve::internal::StepResult* out);
 
   WorkerOptions options_;
   absl::Mutex mu_;

@@ -66,7 +66,7 @@ int main(int argc, char** argv) {
   for (int guard = 0; guard < 100000; ++guard) {
     const lorc::StepPlan plan = sched.Schedule();
     bool all_decode = plan.seqs.size() == static_cast<size_t>(seqs);
-    for (const auto& s : plan.seqs) all_decode = all_decode && s.tokens.size() == 1;
+    for (const auto& s : plan.seqs) all_decode = all_decode && s.num_scheduled_tokens == 1;
     sched.Apply(FakeResult(plan));
     if (all_decode) break;
   }

@@ -42,7 +42,7 @@ class EngineTest : public ::testing::Test {
     auto m = LoadModel({::lorc::testing::TinyLlamaDir()}, backend_.get(), 0, 1, nullptr, kv);
     CHECK_OK(m.status());
     model_ = *std::move(m);
-    exec_ = std::make_unique<StepExecutor>(model_.runner.get(), true);
+    exec_ = std::make_unique<StepExecutor>(model_.runner.get());
   }
 
   std::unique_ptr<Engine> MakeEngine(EngineOptions eo = {}) {

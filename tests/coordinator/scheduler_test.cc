@@ -4,6 +4,8 @@
 #include "coordinator/scheduler.h"
 
 #include <algorithm>
+#include <deque>
+#include <optional>
 #include <functional>
 #include <map>
 #include <random>
@@ -52,57 +54,123 @@ int32_t PlainModel(int64_t seq, int64_t pos) { return static_cast<int32_t>((seq 
 
 int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// A tensor-parallel worker as far as the contract goes: what K/V it holds per sequence, which
-// sequences' sampler state it keeps. It checks each plan against step.h.
+// What one request computes in a step, as a worker reconstructs it from the incremental plan
+// (worker/step.h) and its own state: the tokens, the full block table.
+struct SeqView {
+  int64_t seq_id = 0;
+  std::vector<int32_t> tokens;       // computed this step
+  int64_t num_cached = 0;            // computed before this step
+  std::vector<int32_t> block_table;  // the whole table after this step's appends
+  bool sample = false;
+  std::optional<SamplingParams> params;
+  std::vector<int32_t> new_token_ids;
+  std::vector<int32_t> new_block_ids;
+};
+
+struct PlanView {
+  uint64_t step_id = 0;
+  std::vector<SeqView> seqs;
+  std::vector<BlockCopy> copies;
+  std::vector<int64_t> finished;
+  std::vector<int64_t> preempted;
+};
+
+// A tensor-parallel worker as far as the contract goes: each request's token history, block table
+// and computed count, kept between steps as the real worker (StepExecutor) does; the sampled
+// token is appended to the history by the worker itself. It checks each plan against step.h.
 class FakeWorker {
  public:
   using Model = std::function<int32_t(int64_t seq, int64_t pos)>;
   FakeWorker(int32_t block_size, Model model) : block_size_(block_size), model_(std::move(model)) {}
 
-  StepResult Run(const StepPlan& plan) {
-    StepResult r;
-    r.step_id = plan.step_id;
+  PlanView Run(const StepPlan& plan, StepResult* r) {
+    PlanView v;
+    v.step_id = plan.step_id;
+    v.copies = plan.copies;
+    v.finished = plan.finished;
+    v.preempted = plan.preempted;
+    EXPECT_FALSE(plan.empty()) << "an empty plan was sent";
+    EXPECT_EQ(plan.step_id, last_step_id_ + 1) << "step ids must be consecutive";
+    last_step_id_ = plan.step_id;
+    r->step_id = plan.step_id;
     for (int64_t id : plan.finished) {
-      EXPECT_TRUE(known_.contains(id)) << "finished " << id << " was never sent";
-      known_.erase(id);
+      EXPECT_TRUE(state_.contains(id)) << "finished " << id << " was never sent";
+      state_.erase(id);
       kv_.erase(id);
     }
     for (int64_t id : plan.preempted) {
       EXPECT_TRUE(kv_.contains(id)) << "preempted " << id << " is not running here";
-      kv_.erase(id);  // keeps the sampler state (known_)
+      kv_.erase(id);  // keeps the sampler state (state_)
+      State& st = state_[id];
+      st.history.clear();
+      st.table.clear();
+      st.computed = 0;
     }
     std::set<int32_t> blocks;
     for (const ScheduledSequence& s : plan.seqs) {
       if (s.params.has_value()) {
-        EXPECT_EQ(s.num_cached, 0) << "params for " << s.seq_id << " mid-sequence";
-        EXPECT_FALSE(kv_.contains(s.seq_id)) << "params again for running " << s.seq_id;
-        known_.insert(s.seq_id);
-        kv_[s.seq_id];
+        EXPECT_FALSE(state_.contains(s.seq_id)) << "params again for " << s.seq_id;
       } else {
-        EXPECT_TRUE(kv_.contains(s.seq_id)) << "no params for new sequence " << s.seq_id;
+        EXPECT_TRUE(state_.contains(s.seq_id)) << "no params for new sequence " << s.seq_id;
       }
-      std::vector<int32_t>& kv = kv_[s.seq_id];
-      EXPECT_EQ(s.num_cached, static_cast<int64_t>(kv.size())) << "sequence " << s.seq_id;
-      EXPECT_FALSE(s.tokens.empty());
-      kv.insert(kv.end(), s.tokens.begin(), s.tokens.end());
-      EXPECT_EQ(static_cast<int64_t>(s.block_table.size()), CeilDiv(kv.size(), block_size_))
+      State& st = state_[s.seq_id];
+      EXPECT_EQ(s.num_computed_tokens, st.computed) << "sequence " << s.seq_id;
+      if (!s.new_token_ids.empty()) {
+        EXPECT_TRUE(st.history.empty()) << "tokens re-sent for running " << s.seq_id;
+        st.history = s.new_token_ids;
+      }
+      st.table.insert(st.table.end(), s.new_block_ids.begin(), s.new_block_ids.end());
+      EXPECT_GT(s.num_scheduled_tokens, 0);
+      EXPECT_LE(st.computed + s.num_scheduled_tokens, static_cast<int64_t>(st.history.size()))
+          << "sequence " << s.seq_id << " computes tokens the worker does not have";
+      SeqView q;
+      q.seq_id = s.seq_id;
+      q.num_cached = st.computed;
+      const int64_t end = std::min<int64_t>(st.computed + s.num_scheduled_tokens, st.history.size());
+      q.tokens.assign(st.history.begin() + st.computed, st.history.begin() + end);
+      st.computed = end;
+      kv_[s.seq_id].assign(st.history.begin(), st.history.begin() + st.computed);
+      EXPECT_EQ(static_cast<int64_t>(st.table.size()), CeilDiv(st.computed, block_size_))
           << "sequence " << s.seq_id;
-      for (int32_t b : s.block_table) {
+      for (int32_t b : st.table) {
         EXPECT_TRUE(blocks.insert(b).second) << "block " << b << " in two tables";
       }
-      if (s.sample) r.sampled.push_back({s.seq_id, model_(s.seq_id, kv.size())});
+      q.block_table = st.table;
+      q.sample = s.sample;
+      q.params = s.params;
+      q.new_token_ids = s.new_token_ids;
+      q.new_block_ids = s.new_block_ids;
+      if (s.sample) {
+        EXPECT_EQ(st.computed, static_cast<int64_t>(st.history.size()));
+        const int32_t token = model_(s.seq_id, st.computed);
+        st.history.push_back(token);
+        r->sampled.push_back({s.seq_id, token});
+      }
+      v.seqs.push_back(std::move(q));
     }
-    return r;
+    return v;
   }
 
+  // Per request, the tokens whose K/V this worker holds.
   const std::map<int64_t, std::vector<int32_t>>& kv() const { return kv_; }
-  const std::set<int64_t>& known() const { return known_; }
+  // Requests whose state (sampler) this worker keeps.
+  std::set<int64_t> known() const {
+    std::set<int64_t> ids;
+    for (const auto& [id, st] : state_) ids.insert(id);
+    return ids;
+  }
 
  private:
+  struct State {
+    std::vector<int32_t> history;
+    std::vector<int32_t> table;
+    int64_t computed = 0;
+  };
   int32_t block_size_;
   Model model_;
+  uint64_t last_step_id_ = 0;
+  std::map<int64_t, State> state_;
   std::map<int64_t, std::vector<int32_t>> kv_;
-  std::set<int64_t> known_;
 };
 
 // Scheduler + worker + bookkeeping of what each request produced.
@@ -149,9 +217,11 @@ class Harness {
         auto kv = worker.kv().find(id);
         EXPECT_TRUE(kv != worker.kv().end()) << "running " << id << " unknown to the worker";
         if (kv != worker.kv().end()) {
+          // With steps in flight the worker may hold K/V of tokens not yet applied here.
           absl::Span<const int32_t> tokens = sched.Tokens(id);
-          EXPECT_TRUE(std::equal(kv->second.begin(), kv->second.end(), tokens.begin(),
-                                 tokens.begin() + info->num_computed))
+          EXPECT_EQ(static_cast<int64_t>(kv->second.size()), info->num_computed);
+          const size_t n = std::min(kv->second.size(), tokens.size());
+          EXPECT_TRUE(std::equal(kv->second.begin(), kv->second.begin() + n, tokens.begin()))
               << "worker K/V of " << id << " differs from its tokens";
         }
       }
@@ -162,20 +232,38 @@ class Harness {
     EXPECT_EQ(held + sched.num_free_blocks(), sched.num_blocks());
   }
 
-  // One engine iteration: Schedule, run, Apply, check.
-  StepPlan Step() {
+  // Schedule, check and run the next plan; its result waits in `in_flight` for ApplyOldest.
+  // Returns the plan as the worker saw it, or nothing when there was no plan to send.
+  std::optional<PlanView> Submit() {
     StepPlan plan = sched.Schedule();
+    if (plan.empty()) {
+      EXPECT_EQ(plan.step_id, 0u);
+      return std::nullopt;
+    }
     int64_t tokens = 0;
     std::set<int64_t> ids;
     for (const ScheduledSequence& s : plan.seqs) {
-      tokens += static_cast<int64_t>(s.tokens.size());
+      tokens += s.num_scheduled_tokens;
       EXPECT_TRUE(ids.insert(s.seq_id).second) << "sequence " << s.seq_id << " twice in a plan";
       if (s.params.has_value()) first_step.try_emplace(s.seq_id, plan.step_id);
     }
     EXPECT_LE(tokens, sched.config().max_step_tokens);
     for (int64_t id : plan.preempted) EXPECT_FALSE(ids.contains(id));
     for (int64_t id : plan.finished) EXPECT_FALSE(ids.contains(id));
-    StepResult result = worker.Run(plan);
+    StepResult result;
+    PlanView v = worker.Run(plan, &result);
+    in_flight.push_back(std::move(result));
+    return v;
+  }
+
+  void ApplyOldest() {
+    ASSERT_FALSE(in_flight.empty());
+    StepResult r = std::move(in_flight.front());
+    in_flight.pop_front();
+    ApplyResult(r);
+  }
+
+  void ApplyResult(const StepResult& result) {
     last_events = sched.Apply(result);
     for (const SequenceEvent& e : last_events) {
       EXPECT_TRUE(live.contains(e.seq_id)) << "event for ended sequence " << e.seq_id;
@@ -183,16 +271,31 @@ class Harness {
       if (e.finished) MarkEnded(e.seq_id, e.reason);
     }
     CheckInvariants();
-    return plan;
+  }
+
+  // One synchronous engine iteration: Schedule, run, Apply, check. Returns the plan as the
+  // worker saw it (empty when nothing was sent).
+  PlanView Step() { return PipelineStep(1); }
+
+  // One iteration of an engine that keeps up to `depth` plans in flight (async scheduling, as
+  // coordinator/engine.cc): submit the next plan, and apply the oldest result once `depth` are in
+  // flight or nothing new could be sent.
+  PlanView PipelineStep(size_t depth) {
+    last_events.clear();
+    std::optional<PlanView> v = Submit();
+    if (!in_flight.empty() && (in_flight.size() >= depth || !v.has_value())) ApplyOldest();
+    if (!v.has_value()) CheckInvariants();
+    return v.value_or(PlanView());
   }
 
   // Steps until the scheduler has nothing left; returns the number of steps.
-  int RunToCompletion(int max_steps = 100000) {
+  int RunToCompletion(int max_steps = 100000, size_t depth = 1) {
     int steps = 0;
-    while (sched.HasWork() && steps < max_steps) {
-      Step();
+    while ((sched.HasWork() || !in_flight.empty()) && steps < max_steps) {
+      PipelineStep(depth);
       ++steps;
     }
+    EXPECT_THAT(in_flight, IsEmpty());
     EXPECT_FALSE(sched.HasWork()) << "no completion after " << max_steps << " steps";
     EXPECT_EQ(sched.num_waiting(), 0);
     EXPECT_EQ(sched.num_running(), 0);
@@ -210,6 +313,7 @@ class Harness {
   std::map<int64_t, FinishReason> ended;
   std::map<int64_t, uint64_t> first_step;  // step of each sequence's first chunk
   std::vector<SequenceEvent> last_events;
+  std::deque<StepResult> in_flight;
 
  private:
   void MarkEnded(int64_t id, FinishReason reason) {
@@ -232,7 +336,7 @@ TEST(SchedulerTest, OneRequestPrefillsThenDecodesToMaxTokens) {
   EXPECT_EQ(h.sched.num_waiting(), 1);
   EXPECT_TRUE(h.sched.HasWork());
 
-  StepPlan p = h.Step();
+  PlanView p = h.Step();
   ASSERT_EQ(p.seqs.size(), 1u);
   EXPECT_EQ(p.seqs[0].seq_id, 1);
   EXPECT_EQ(p.seqs[0].tokens, Prompt(20));
@@ -280,9 +384,9 @@ TEST(SchedulerTest, ChunkedPrefillSamplesOnlyAfterTheLastChunk) {
   const int64_t chunks[] = {2048, 2048, 904};
   int64_t cached = 0;
   for (int i = 0; i < 3; ++i) {
-    StepPlan p = h.Step();
+    PlanView p = h.Step();
     ASSERT_EQ(p.seqs.size(), 1u);
-    const ScheduledSequence& s = p.seqs[0];
+    const SeqView& s = p.seqs[0];
     EXPECT_EQ(static_cast<int64_t>(s.tokens.size()), chunks[i]);
     EXPECT_EQ(s.num_cached, cached);
     EXPECT_EQ(s.params.has_value(), i == 0);
@@ -292,7 +396,7 @@ TEST(SchedulerTest, ChunkedPrefillSamplesOnlyAfterTheLastChunk) {
     EXPECT_EQ(h.sched.GetSequence(7)->num_computed, cached);
     EXPECT_EQ(h.last_events.size(), i == 2 ? 1u : 0u);
   }
-  StepPlan p = h.Step();
+  PlanView p = h.Step();
   ASSERT_EQ(p.seqs.size(), 1u);
   EXPECT_EQ(p.seqs[0].num_cached, 5000);
   EXPECT_EQ(p.seqs[0].tokens.size(), 1u);
@@ -303,7 +407,7 @@ TEST(SchedulerTest, ChunkedPrefillSamplesOnlyAfterTheLastChunk) {
 TEST(SchedulerTest, DecodesGoBeforePrefillsWithinTheBudget) {
   Harness h(Config(4, 1000, 64));
   for (int64_t id = 1; id <= 3; ++id) ASSERT_OK(h.Add(id, Prompt(10, id), Params(20)));
-  StepPlan p = h.Step();
+  PlanView p = h.Step();
   ASSERT_EQ(p.seqs.size(), 3u);  // 30 tokens of prefill
   ASSERT_OK(h.Add(4, Prompt(100), Params(5)));
   p = h.Step();
@@ -340,7 +444,7 @@ TEST(SchedulerTest, LaterRequestsWaitForBlocks) {
   // prompt + 1 and one spare block per running sequence.
   Harness h(Config(4, 10));
   for (int64_t id = 1; id <= 3; ++id) ASSERT_OK(h.Add(id, Prompt(16, id), Params(4)));
-  StepPlan p = h.Step();
+  PlanView p = h.Step();
   ASSERT_EQ(p.seqs.size(), 2u);  // 1: 5 <= 10; 2: 5 + 1 spare <= 6; 3: 5 + 2 > 2
   EXPECT_EQ(h.sched.num_waiting(), 1);
   EXPECT_EQ(h.sched.GetSequence(3)->state, SequenceState::kWaiting);
@@ -411,7 +515,7 @@ TEST(SchedulerTest, PreemptsTheLatestAdmittedAndRecomputesTransparently) {
   for (auto [id, prompt, max_tokens] : reqs) {
     ASSERT_OK(h.Add(id, Prompt(prompt, id), Params(max_tokens)));
   }
-  StepPlan p = h.Step();
+  PlanView p = h.Step();
   ASSERT_EQ(p.seqs.size(), 2u);  // 3 + 0 <= 8, then 3 + 1 spare <= 6
   int steps = 1;
   while (p.preempted.empty() && steps < 100) {
@@ -432,15 +536,17 @@ TEST(SchedulerTest, PreemptsTheLatestAdmittedAndRecomputesTransparently) {
                                                   h.sched.Tokens(2).end());
   EXPECT_EQ(h.sched.num_preemptions(), 1);
 
-  // Readmission recomputes prompt + generated from position 0, with the params again.
+  // Readmission recomputes prompt + generated from position 0: the whole history is sent again,
+  // the params are not (the workers kept the sampler).
   bool readmitted = false;
   while (!readmitted && h.sched.HasWork()) {
     p = h.Step();
-    for (const ScheduledSequence& s : p.seqs) {
+    for (const SeqView& s : p.seqs) {
       if (s.seq_id != 2) continue;
       readmitted = true;
       EXPECT_EQ(s.num_cached, 0);
-      EXPECT_TRUE(s.params.has_value());
+      EXPECT_FALSE(s.params.has_value());
+      EXPECT_EQ(s.new_token_ids, tokens_at_preemption);
       EXPECT_EQ(s.tokens, tokens_at_preemption);
       EXPECT_TRUE(s.sample);
     }
@@ -457,7 +563,7 @@ TEST(SchedulerTest, PreemptsTheLowestPriorityFirst) {
   ASSERT_OK(h.Add(1, Prompt(8, 1), Params(16), /*priority=*/0));
   h.Step();
   ASSERT_OK(h.Add(2, Prompt(8, 2), Params(16), /*priority=*/1));
-  StepPlan p = h.Step();
+  PlanView p = h.Step();
   ASSERT_EQ(p.seqs.size(), 2u);
   while (p.preempted.empty() && h.sched.HasWork()) p = h.Step();
   EXPECT_THAT(p.preempted, ElementsAre(1));  // admitted first, but lower priority
@@ -470,7 +576,7 @@ TEST(SchedulerTest, ASequenceThatIsItselfTheVictimStepsAside) {
   Harness h(Config(4, 8));
   ASSERT_OK(h.Add(1, Prompt(7, 1), Params(17)));
   ASSERT_OK(h.Add(2, Prompt(8, 2), Params(16)));
-  StepPlan p = h.Step();
+  PlanView p = h.Step();
   while (p.preempted.empty() && h.sched.HasWork()) p = h.Step();
   EXPECT_THAT(p.preempted, ElementsAre(2));
   h.RunToCompletion();
@@ -483,15 +589,18 @@ TEST(SchedulerTest, PreemptedSequenceGoesBackToTheFrontOfItsPriorityClass) {
   ASSERT_OK(h.Add(2, Prompt(8, 2), Params(16)));
   h.Step();
   ASSERT_OK(h.Add(3, Prompt(8, 3), Params(16)));  // arrives before 2 is preempted
-  StepPlan p = h.Step();
+  PlanView p = h.Step();
   while (p.preempted.empty() && h.sched.HasWork()) p = h.Step();
   ASSERT_THAT(p.preempted, ElementsAre(2));
   const uint64_t preempted_at = p.step_id;
   uint64_t readmitted_at = 0;
   while (h.sched.HasWork()) {
     p = h.Step();
-    for (const ScheduledSequence& s : p.seqs) {
-      if (s.seq_id == 2 && s.params.has_value() && readmitted_at == 0) readmitted_at = p.step_id;
+    for (const SeqView& s : p.seqs) {
+      if (s.seq_id == 2 && !s.new_token_ids.empty() && p.step_id > preempted_at &&
+          readmitted_at == 0) {
+        readmitted_at = p.step_id;
+      }
     }
   }
   EXPECT_GT(readmitted_at, preempted_at);
@@ -506,7 +615,7 @@ TEST(SchedulerTest, AVictimAlreadyScheduledInTheStepIsTakenBack) {
   ASSERT_OK(h.Add(1, Prompt(4, 1), Params(60), /*priority=*/0));
   while (h.sched.GetSequence(1)->num_computed < 36) h.Step();
   ASSERT_OK(h.Add(2, Prompt(16, 2), Params(1), /*priority=*/1));
-  StepPlan p = h.Step();
+  PlanView p = h.Step();
   ASSERT_EQ(p.seqs.size(), 2u);  // 5 blocks + 1 spare <= 6 free
   while (p.preempted.empty() && h.sched.HasWork()) p = h.Step();
   EXPECT_THAT(p.preempted, ElementsAre(1));
@@ -541,7 +650,7 @@ TEST(SchedulerTest, AdmissionDoesNotSkipAheadOfTheHead) {
   ASSERT_OK(h.Add(1, Prompt(16, 1), Params(4)));
   ASSERT_OK(h.Add(2, Prompt(16, 2), Params(4)));  // does not fit beside 1
   ASSERT_OK(h.Add(3, Prompt(1, 3), Params(1)));   // would fit, but waits behind 2
-  StepPlan p = h.Step();
+  PlanView p = h.Step();
   while (h.sched.Contains(1)) {
     EXPECT_EQ(h.sched.GetSequence(2)->state, SequenceState::kWaiting);
     EXPECT_EQ(h.sched.GetSequence(3)->state, SequenceState::kWaiting);
@@ -625,7 +734,7 @@ TEST(SchedulerTest, AbortOfARunningSequenceFreesBlocksAtOnce) {
   EXPECT_THAT(h.sched.Add(1, Prompt(3), Params(1)),
               StatusIs(absl::StatusCode::kAlreadyExists,
                        HasSubstr("sequence id 1 is already in use")));
-  StepPlan p = h.Step();
+  PlanView p = h.Step();
   EXPECT_THAT(p.finished, ElementsAre(1));
   ASSERT_EQ(p.seqs.size(), 1u);
   EXPECT_EQ(p.seqs[0].seq_id, 2);
@@ -638,7 +747,7 @@ TEST(SchedulerTest, AbortOfAPreemptedSequenceIsAnnounced) {
   Harness h(Config(4, 8));
   ASSERT_OK(h.Add(1, Prompt(8, 1), Params(16)));
   ASSERT_OK(h.Add(2, Prompt(8, 2), Params(16)));
-  StepPlan p = h.Step();
+  PlanView p = h.Step();
   while (p.preempted.empty() && h.sched.HasWork()) p = h.Step();
   ASSERT_THAT(p.preempted, ElementsAre(2));
   h.Abort(2);
@@ -652,7 +761,8 @@ TEST(SchedulerTest, TokensForASequenceAbortedMeanwhileAreDropped) {
   ASSERT_OK(h.Add(1, Prompt(10), Params(8)));
   ASSERT_OK(h.Add(2, Prompt(10), Params(8)));
   StepPlan p = h.sched.Schedule();
-  StepResult r = h.worker.Run(p);
+  StepResult r;
+  h.worker.Run(p, &r);
   ASSERT_EQ(r.sampled.size(), 2u);
   h.sched.Abort(1);
   h.live.erase(1);
@@ -685,7 +795,8 @@ TEST(SchedulerTest, MissingOrBadTokensEndTheSequenceWithError) {
   ASSERT_OK(h.Add(2, Prompt(10), Params(8)));
   ASSERT_OK(h.Add(3, Prompt(10), Params(8)));
   StepPlan p = h.sched.Schedule();
-  StepResult r = h.worker.Run(p);
+  StepResult r;
+  h.worker.Run(p, &r);
   ASSERT_EQ(r.sampled.size(), 3u);
   r.sampled[1].token = static_cast<int32_t>(kVocab);  // out of the vocabulary
   r.sampled.pop_back();                                // nothing for 3
@@ -713,21 +824,98 @@ TEST(SchedulerTest, MissingOrBadTokensEndTheSequenceWithError) {
   EXPECT_OK(h.sched.Validate());
 }
 
-TEST(SchedulerTest, ASequenceAwaitingItsTokenIsNotScheduledAgain) {
+TEST(SchedulerTest, ADecodeIsScheduledWhileItsTokenIsInFlight) {
   Harness h(Config(4, 100));
   ASSERT_OK(h.Add(1, Prompt(10), Params(8)));
-  StepPlan first = h.sched.Schedule();
-  ASSERT_EQ(first.seqs.size(), 1u);
-  StepResult r = h.worker.Run(first);
+  std::optional<PlanView> first = h.Submit();
+  ASSERT_TRUE(first.has_value());
+  ASSERT_EQ(first->seqs.size(), 1u);
   ASSERT_OK(h.Add(2, Prompt(10), Params(8)));
-  StepPlan second = h.sched.Schedule();  // before Apply(first)
-  ASSERT_EQ(second.seqs.size(), 1u);
-  EXPECT_EQ(second.seqs[0].seq_id, 2);
-  EXPECT_EQ(h.sched.Apply(r).size(), 1u);
-  EXPECT_EQ(h.sched.Apply(h.worker.Run(second)).size(), 1u);
-  EXPECT_OK(h.sched.Validate());
-  h.outputs.clear();
+  // Before first's result is applied, 1 computes the token being sampled for it: the plan
+  // carries no token for it, the worker feeds its own.
+  StepPlan second = h.sched.Schedule();
+  ASSERT_EQ(second.seqs.size(), 2u);
+  EXPECT_EQ(second.seqs[0].seq_id, 1);
+  EXPECT_EQ(second.seqs[0].num_computed_tokens, 10);
+  EXPECT_EQ(second.seqs[0].num_scheduled_tokens, 1);
+  EXPECT_THAT(second.seqs[0].new_token_ids, IsEmpty());
+  EXPECT_TRUE(second.seqs[0].sample);
+  EXPECT_FALSE(second.seqs[0].params.has_value());
+  EXPECT_EQ(second.seqs[1].seq_id, 2);
+  StepResult r2;
+  const PlanView v = h.worker.Run(second, &r2);
+  EXPECT_THAT(v.seqs[0].tokens, ElementsAre(PlainModel(1, 10)));
+  h.ApplyOldest();
+  ASSERT_EQ(h.last_events.size(), 1u);
+  h.ApplyResult(r2);
+  EXPECT_EQ(h.last_events.size(), 2u);
+  EXPECT_EQ(h.outputs[1], Expected(1, 10, 2));
+  h.RunToCompletion(100000, /*depth=*/2);
+  EXPECT_EQ(h.outputs[1], Expected(1, 10, 8));
+  EXPECT_EQ(h.outputs[2], Expected(2, 10, 8));
+}
+
+TEST(SchedulerTest, NoStepIsInFlightPastMaxTokens) {
+  // The steps in flight already sample the last allowed token: nothing more is scheduled.
+  Harness h(Config(4, 100));
+  ASSERT_OK(h.Add(1, Prompt(6), Params(2)));
+  ASSERT_TRUE(h.Submit().has_value());  // prefill, samples token 1
+  ASSERT_TRUE(h.Submit().has_value());  // samples token 2 (the last)
+  EXPECT_FALSE(h.Submit().has_value());
+  h.ApplyOldest();
+  h.ApplyOldest();
+  EXPECT_EQ(h.ended[1], FinishReason::kLength);
+  EXPECT_EQ(h.outputs[1], Expected(1, 6, 2));
   h.RunToCompletion();
+}
+
+TEST(SchedulerTest, AStopSeenOneStepLateDropsTheOverrunToken) {
+  // The model stops sequence 1 at its second token; the step after it is already in flight.
+  auto model = [](int64_t seq, int64_t pos) { return pos == 11 ? kEos : PlainModel(seq, pos); };
+  Harness h(Config(4, 100), model);
+  ASSERT_OK(h.Add(1, Prompt(10), Params(8)));
+  h.RunToCompletion(100000, /*depth=*/2);
+  EXPECT_EQ(h.ended[1], FinishReason::kStop);
+  EXPECT_THAT(h.outputs[1], ElementsAre(PlainModel(1, 10), kEos));
+}
+
+TEST(SchedulerTest, WorkerFailedSequencesEndWithTheWorkersStatus) {
+  Harness h(Config(4, 100));
+  ASSERT_OK(h.Add(1, Prompt(10), Params(8)));
+  ASSERT_OK(h.Add(2, Prompt(10), Params(8)));
+  StepPlan p = h.sched.Schedule();
+  StepResult r;
+  h.worker.Run(p, &r);
+  r.sampled.erase(r.sampled.begin());  // the worker left 1 out ...
+  r.failed.push_back({1, absl::InvalidArgumentError("token id 5000 outside the vocabulary")});
+  h.ApplyResult(r);
+  ASSERT_EQ(h.last_events.size(), 2u);
+  EXPECT_EQ(h.last_events[0].seq_id, 1);
+  EXPECT_TRUE(h.last_events[0].finished);
+  EXPECT_EQ(h.last_events[0].reason, FinishReason::kError);
+  EXPECT_THAT(h.last_events[0].status,
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("token id 5000")));
+  EXPECT_EQ(h.last_events[1].seq_id, 2);
+  EXPECT_FALSE(h.last_events[1].finished);
+  EXPECT_EQ(h.sched.num_running(), 1);
+  h.RunToCompletion();
+  EXPECT_EQ(h.outputs[2], Expected(2, 10, 8));
+}
+
+TEST(SchedulerTest, ADecodingSequencesStepMessageIsIndependentOfItsContext) {
+  // The wire form of a decode step carries no block table and no token history.
+  for (int64_t context : {100, 3000}) {
+    Harness h(Config(16, 1000, 4096));
+    ASSERT_OK(h.Add(1, Prompt(context), Params(40)));
+    for (int i = 0; i < 20; ++i) h.Step();
+    StepPlan p = h.sched.Schedule();
+    ASSERT_EQ(p.seqs.size(), 1u);
+    const ScheduledSequence& s = p.seqs[0];
+    EXPECT_EQ(s.num_scheduled_tokens, 1);
+    EXPECT_THAT(s.new_token_ids, IsEmpty());
+    EXPECT_LE(s.new_block_ids.size(), 1u);  // at most the block the new token opens
+    EXPECT_FALSE(s.params.has_value());
+  }
 }
 
 // --- Validation -----------------------------------------------------------------------------
@@ -807,7 +995,9 @@ int32_t SoakModel(int64_t seq, int64_t pos) {
   return m < 15 ? kEos : static_cast<int32_t>(m % 997);
 }
 
-TEST(SchedulerTest, RandomSoakWithATinyCache) {
+// Random arrivals, priorities, cancellations, stop strings and EOS over a cache small enough to
+// force preemptions; `depth` plans in flight at a time (1: synchronous, 2: async scheduling).
+void RandomSoak(size_t depth) {
   for (uint32_t seed = 1; seed <= 10; ++seed) {
     SCOPED_TRACE(::testing::Message() << "seed " << seed);
     std::mt19937 rng(seed);
@@ -861,12 +1051,12 @@ TEST(SchedulerTest, RandomSoakWithATinyCache) {
         }
       }
       h.CheckInvariants();
-      h.Step();
+      h.PipelineStep(depth);
       ++steps;
       if (::testing::Test::HasFailure()) return;
     }
     ASSERT_EQ(next, pending.size());
-    h.RunToCompletion();
+    h.RunToCompletion(100000, depth);
 
     // Every request ended exactly once (the harness fails on a second end or a late event).
     EXPECT_EQ(h.ended.size(), 200u);
@@ -896,11 +1086,14 @@ TEST(SchedulerTest, RandomSoakWithATinyCache) {
     EXPECT_GT(by_reason[static_cast<int>(FinishReason::kStop)], 0);
     EXPECT_GT(by_reason[static_cast<int>(FinishReason::kAborted)], 0);
     EXPECT_EQ(by_reason[static_cast<int>(FinishReason::kError)], 0);
-    RecordProperty("preemptions", static_cast<int>(h.sched.num_preemptions()));
-    RecordProperty("steps", steps);
-    RecordProperty("queue_full", queue_full);
+    ::testing::Test::RecordProperty("preemptions", static_cast<int>(h.sched.num_preemptions()));
+    ::testing::Test::RecordProperty("steps", steps);
+    ::testing::Test::RecordProperty("queue_full", queue_full);
   }
 }
+
+TEST(SchedulerTest, RandomSoakWithATinyCache) { RandomSoak(1); }
+TEST(SchedulerTest, RandomSoakWithATinyCacheAndTwoStepsInFlight) { RandomSoak(2); }
 
 }  // namespace
 }  // namespace lorc

@@ -233,7 +233,7 @@ TEST(CheckpointFormatsTest, ShardedMixedDtypeCheckpointWithTopLevelRopeTheta) {
   EXPECT_EQ(m->config.torch_dtype, "bfloat16");
 
   const std::vector<Golden> golden = LoadGolden();
-  StepExecutor exec(m->runner.get(), true);
+  StepExecutor exec(m->runner.get());
   Engine engine(&exec, m->config, m->runner->kv_spec(), nullptr, {});
   std::vector<GenerationRequest> reqs;
   for (const Golden& g : golden) {

@@ -65,7 +65,7 @@ class TinyLlamaTest : public ::testing::Test {
       SequenceStep s;
       s.seq_id = 1;
       s.tokens.assign(ids.begin() + pos, ids.begin() + pos + n);
-      s.num_cached = static_cast<int64_t>(pos);
+      s.num_computed_tokens = static_cast<int64_t>(pos);
       auto t = blocks.BlockTable(1);
       s.block_table.assign(t.begin(), t.end());
       auto out = model_.runner->Execute({s});
@@ -101,7 +101,7 @@ TEST_F(TinyLlamaTest, ChunkedPrefillMatchesSinglePass) {
 
 TEST_F(TinyLlamaTest, Greedy48TokensMatchReferenceBatchedAndAlone) {
   const std::vector<Golden> golden = LoadGolden();
-  StepExecutor exec(model_.runner.get(), true);
+  StepExecutor exec(model_.runner.get());
   Engine engine(&exec, model_.config, model_.runner->kv_spec(), nullptr, {});
   std::vector<GenerationRequest> reqs;
   for (const Golden& g : golden) {
@@ -114,7 +114,7 @@ TEST_F(TinyLlamaTest, Greedy48TokensMatchReferenceBatchedAndAlone) {
   ASSERT_OK(batched);
   for (size_t i = 0; i < golden.size(); ++i) {
     EXPECT_EQ((*batched)[i].output_ids, golden[i].greedy_ids) << "prompt " << i << " (batched)";
-    EXPECT_EQ((*batched)[i].finish, FinishReason::kLength);
+    EXPECT_EQ((*batched)[i].finish, FinishReason::kLength) << (*batched)[i].status;
     auto alone = engine.Generate({reqs[i]});
     ASSERT_OK(alone);
     EXPECT_EQ((*alone)[0].output_ids, golden[i].greedy_ids) << "prompt " << i << " (alone)";
@@ -136,7 +136,7 @@ TEST_F(TinyLlamaTest, RejectsMalformedSteps) {
   EXPECT_THAT(model_.runner->Execute({s}),
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("outside the cache")));
   s.tokens = {1};
-  s.num_cached = 4096;
+  s.num_computed_tokens = 4096;
   s.block_table.assign(300, 0);
   EXPECT_THAT(model_.runner->Execute({s}),
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("exceed the model context")));
@@ -165,7 +165,7 @@ TEST(RandomWeightsTest, AnyConfigShapeRunsAndIsSeeded) {
     auto m = LoadModel({dir, true, seed}, backend->get(), 0, 1, nullptr, {});
     CHECK_OK(m.status());
     EXPECT_EQ(m->runner->kv_spec().k_width[0], 2 * 16);
-    StepExecutor exec(m->runner.get(), true);
+    StepExecutor exec(m->runner.get());
     Engine engine(&exec, m->config, m->runner->kv_spec(), nullptr, {});
     GenerationRequest r;
     r.prompt_ids = {0, 5, 17, 42, 299};

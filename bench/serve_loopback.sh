@@ -44,10 +44,11 @@ python3 - "${results[@]}" <<'PY'
 import json, sys
 rows = [json.loads(a) for a in sys.argv[1:]]
 print(f"{'TP':>3} {'transport':>9} {'out tok/s':>10} {'TTFT p50':>9} {'ITL p50':>8} {'steps':>6} "
-      f"{'sched us':>9} {'rpc us':>8} {'apply us':>9} {'compute us':>11}")
+      f"{'sched us':>9} {'rpc us':>8} {'apply us':>9} {'compute us':>11} {'idle us':>8} {'idle %':>7}")
 for r in rows:
     c, s = r["config"], r["steps"]
     print(f"{c['tp']:>3} {c['transport']:>9} {r['output_tokens_per_s']:>10.1f} {r['ttft_ms']['p50']:>9.1f} "
           f"{r['itl_ms']['p50']:>8.2f} {s['count']:>6} {s['schedule_us']:>9.1f} {s['rpc_us']:>8.1f} "
-          f"{s['apply_us']:>9.1f} {s['worker_compute_us']:>11.1f}")
+          f"{s['apply_us']:>9.1f} {s['worker_compute_us']:>11.1f} {s['worker_idle_us']:>8.1f} "
+          f"{100 * s['worker_idle_us'] / max(1e-9, s['worker_idle_us'] + s['worker_compute_us']):>7.1f}")
 PY

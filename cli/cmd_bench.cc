@@ -127,7 +127,9 @@ int RunBench(int argc, char** argv) {
                 {"schedule_us", delta_mean(sa.schedule_us_mean(), sb.schedule_us_mean())},
                 {"rpc_us", delta_mean(sa.rpc_us_mean(), sb.rpc_us_mean())},
                 {"apply_us", delta_mean(sa.apply_us_mean(), sb.apply_us_mean())},
-                {"worker_compute_us", delta_mean(sa.worker_compute_us_mean(), sb.worker_compute_us_mean())}};
+                {"worker_compute_us", delta_mean(sa.worker_compute_us_mean(), sb.worker_compute_us_mean())},
+                {"worker_idle_us", delta_mean(sa.worker_idle_us_mean(), sb.worker_idle_us_mean())},
+                {"wait_us", delta_mean(sa.wait_us_mean(), sb.wait_us_mean())}};
   j["kv_free_blocks_after"] = after->kv_free_blocks();
   j["kv_capacity_blocks"] = after->kv_capacity_blocks();
   if (!args->Has("json")) {
@@ -136,13 +138,13 @@ int RunBench(int argc, char** argv) {
         "throughput   %.1f output tok/s, %.1f total tok/s, wall %.2f s\n"
         "TTFT ms      p50 %.1f  p90 %.1f  p99 %.1f\n"
         "ITL ms       p50 %.2f  p90 %.2f  p99 %.2f\n"
-        "step us      schedule %.1f  rpc %.1f  apply %.1f  (worker compute %.1f) over %d steps\n",
+        "step us      schedule %.1f  rpc %.1f  apply %.1f  (worker compute %.1f, idle %.1f) over %d steps\n",
         ok, *n, *c, *plen, *tmax, after->tensor_parallel_size(), after->backend(), sa.transport(),
         out_tokens / wall, (out_tokens + ok * *plen) / wall, wall, Percentile(ttft, 0.5),
         Percentile(ttft, 0.9), Percentile(ttft, 0.99), Percentile(itl, 0.5), Percentile(itl, 0.9),
         Percentile(itl, 0.99), j["steps"]["schedule_us"].get<double>(), j["steps"]["rpc_us"].get<double>(),
         j["steps"]["apply_us"].get<double>(), j["steps"]["worker_compute_us"].get<double>(),
-        static_cast<int64_t>(steps));
+        j["steps"]["worker_idle_us"].get<double>(), static_cast<int64_t>(steps));
   }
   std::cout << j.dump() << "\n";
   return ok == *n ? 0 : 1;

@@ -1,6 +1,8 @@
 // The in-process engine: stop conditions, seeds, per-request errors, KV pressure.
 #include "coordinator/engine.h"
 
+#include <functional>
+
 #include "common/check.h"
 #include "common/json_util.h"
 #include "gmock/gmock.h"
@@ -166,6 +168,103 @@ TEST_F(EngineTest, ScoreNllIsTeacherForcedCrossEntropy) {
   ASSERT_OK(nll2);
   for (size_t i = 0; i < nll->size(); ++i) EXPECT_NEAR((*nll)[i], (*nll2)[i], 1e-3);
   EXPECT_THAT(ScorePromptNll(*model_.runner, ids, {1, 2}), StatusIs(absl::StatusCode::kInvalidArgument));
+}
+
+}  // namespace
+}  // namespace lorc
+
+namespace lorc {
+namespace {
+
+// A StepRunner between the engine and the executor that corrupts what the plans say about one
+// request (recognised by its prompt), as a bug or a bad client value that got past the
+// coordinator's validation would: the worker must fail that request alone.
+class TamperingRunner final : public StepRunner {
+ public:
+  using Tamper = std::function<void(ScheduledSequence&)>;
+  TamperingRunner(StepRunner* inner, std::vector<int32_t> marker, Tamper tamper)
+      : inner_(inner), marker_(std::move(marker)), tamper_(std::move(tamper)) {}
+  absl::Status Submit(const StepPlan& plan) override {
+    StepPlan p = plan;
+    for (ScheduledSequence& s : p.seqs) {
+      if (s.new_token_ids == marker_) tamper_(s);
+    }
+    return inner_->Submit(p);
+  }
+  absl::StatusOr<StepResult> Await() override { return inner_->Await(); }
+  int max_in_flight() const override { return inner_->max_in_flight(); }
+
+ private:
+  StepRunner* inner_;
+  std::vector<int32_t> marker_;
+  Tamper tamper_;
+};
+
+TEST_F(EngineTest, ABadSequenceReachingTheWorkerFailsAloneAndTheBatchIsGolden) {
+  const std::vector<int32_t> marker = {0, 611, 3310, 42, 42, 42};
+  struct Case {
+    const char* what;
+    TamperingRunner::Tamper tamper;
+    absl::StatusCode code;
+    const char* message;
+  };
+  const Case cases[] = {
+      {"token id", [](ScheduledSequence& s) { s.new_token_ids[2] = 5000; },
+       absl::StatusCode::kInvalidArgument, "token id 5000 outside the vocabulary"},
+      {"block id", [](ScheduledSequence& s) { s.new_block_ids[0] = 1 << 20; },
+       absl::StatusCode::kInvalidArgument, "block id 1048576 outside the cache"},
+      {"params", [](ScheduledSequence& s) { s.params->top_p = 2.0f; },
+       absl::StatusCode::kInvalidArgument, "top_p must be in (0, 1]"},
+      {"computed", [](ScheduledSequence& s) { s.num_computed_tokens = 3; },
+       absl::StatusCode::kFailedPrecondition, "the plan says 3 tokens are computed"},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.what);
+    Load(256);
+    TamperingRunner runner(exec_.get(), marker, c.tamper);
+    Engine engine(&runner, model_.config, model_.runner->kv_spec(), tokenizer_.get(), {});
+    std::vector<GenerationRequest> reqs;
+    for (int i = 0; i < 4; ++i) reqs.push_back(Greedy(i, 48));
+    GenerationRequest bad = Greedy(0, 48);
+    bad.prompt_ids = marker;
+    reqs.insert(reqs.begin() + 2, bad);  // in the middle of the batch
+    auto out = engine.Generate(reqs);
+    ASSERT_OK(out);
+    const GenerationResult& failed = (*out)[2];
+    EXPECT_EQ(failed.finish, FinishReason::kError);
+    EXPECT_THAT(failed.status, StatusIs(c.code, HasSubstr(c.message)));
+    for (int i = 0; i < 4; ++i) {
+      const GenerationResult& r = (*out)[i < 2 ? i : i + 1];
+      EXPECT_OK(r.status);
+      EXPECT_EQ(r.output_ids, greedy_[i]) << "prompt " << i;
+    }
+    EXPECT_EQ(engine.scheduler().num_free_blocks(), model_.runner->kv_spec().num_blocks);
+    EXPECT_EQ(exec_->num_sequences(), 0u) << "the workers still hold state";
+  }
+}
+
+TEST_F(EngineTest, AStepOutOfOrderFailsAsAWholeAndChangesNothing) {
+  Load(64);
+  StepPlan plan;
+  plan.step_id = 1;
+  ScheduledSequence s;
+  s.seq_id = 7;
+  s.new_token_ids = prompts_[0];
+  s.num_scheduled_tokens = static_cast<int32_t>(prompts_[0].size());
+  s.new_block_ids = {0};
+  s.sample = true;
+  s.params = SamplingParams();
+  plan.seqs.push_back(s);
+  ASSERT_OK(exec_->Execute(plan));
+  StepPlan skipped;
+  skipped.step_id = 3;
+  skipped.finished = {7};
+  EXPECT_THAT(exec_->Execute(skipped),
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("step 3 after step 1")));
+  EXPECT_EQ(exec_->num_sequences(), 1u);
+  // The worker's history ends with the token it sampled; the next plan need not carry it.
+  EXPECT_EQ(exec_->Tokens(7).size(), prompts_[0].size() + 1);
+  EXPECT_EQ(exec_->Tokens(7).back(), greedy_[0][0]);
 }
 
 }  // namespace

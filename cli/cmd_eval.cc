@@ -70,7 +70,7 @@ struct PplResult {
   double seconds = 0;
 };
 
-absl::StatusOr<PplResult> EvalPerplexity(ModelRunner& runner, int32_t step_tokens,
+absl::StatusOr<PplResult> EvalPerplexity(Engine& engine,
                                           const std::string& path, int64_t limit) {
   ASSIGN_OR_RETURN(std::vector<nlohmann::json> rows, ReadJsonLines(path));
   const auto t0 = std::chrono::steady_clock::now();
@@ -81,7 +81,7 @@ absl::StatusOr<PplResult> EvalPerplexity(ModelRunner& runner, int32_t step_token
     const std::string where = absl::StrCat(path, ":", row["__line"].get<int>());
     ASSIGN_OR_RETURN(std::vector<int32_t> ids, IdList(row, "ids", where));
     ASSIGN_OR_RETURN(std::vector<int32_t> targets, IdList(row, "targets", where));
-    absl::StatusOr<std::vector<double>> nll = ScorePromptNll(runner, ids, targets, step_tokens);
+    absl::StatusOr<std::vector<double>> nll = ScorePromptNll(engine, ids, targets);
     if (!nll.ok()) return absl::Status(nll.status().code(), absl::StrCat(where, ": ", nll.status().message()));
     for (double x : *nll) sum += x;
     r.tokens += static_cast<int64_t>(nll->size());
@@ -164,8 +164,7 @@ int RunEval(int argc, char** argv) {
   j["kv_dtype"] = DTypeName(kv.dtype);
   j["load_time_s"] = (*s)->model.load_seconds;
   if (!ppl_file.empty()) {
-    absl::StatusOr<PplResult> p = EvalPerplexity(*(*s)->model.runner,
-                                                 (*s)->engine_options.max_step_tokens, ppl_file, *limit);
+    absl::StatusOr<PplResult> p = EvalPerplexity(*(*s)->engine, ppl_file, *limit);
     if (!p.ok()) return Fail("eval", p.status());
     j["ppl"] = p->ppl;
     j["ppl_windows"] = p->windows;

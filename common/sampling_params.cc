@@ -30,6 +30,11 @@ absl::Status SamplingParams::Validate(int64_t vocab_size) const {
                                                      " outside the vocabulary [0, ", vocab_size, ")"));
     }
   }
+  if (prompt_logprobs.has_value() && *prompt_logprobs != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "prompt_logprobs must be 0 (the prompt tokens' own log-probabilities), got ",
+        *prompt_logprobs, "; top-N alternatives are not supported yet"));
+  }
   for (const std::string& s : stop_strings) {
     if (s.empty()) return absl::InvalidArgumentError("stop strings must not be empty");
   }

@@ -22,6 +22,10 @@ struct SamplingParams {
   std::vector<int32_t> stop_token_ids;   // in addition to the model's EOS ids
   std::vector<std::string> stop_strings; // output text is cut before the first match
   bool ignore_eos = false;
+  // Log-probabilities of the prompt's own tokens (each given the tokens before it), returned
+  // with the request's result: unset: off; 0: on. Top-N alternatives (N > 0) are not offered
+  // yet and are rejected.
+  std::optional<int32_t> prompt_logprobs;
 
   bool greedy() const { return temperature == 0.0f; }
   // InvalidArgument naming the field for any out-of-range value.

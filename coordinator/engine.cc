@@ -16,18 +16,12 @@ double Seconds(Clock::time_point a, Clock::time_point b) {
   return std::chrono::duration<double>(b - a).count();
 }
 
-double LogSumExp(const float* row, int64_t n) {
-  float mx = row[0];
-  for (int64_t i = 1; i < n; ++i) mx = std::max(mx, row[i]);
-  double s = 0;
-  for (int64_t i = 0; i < n; ++i) s += std::exp(static_cast<double>(row[i] - mx));
-  return mx + std::log(s);
-}
 
 }  // namespace
 
 struct Engine::Request {
   int64_t id = 0;
+  std::vector<float> prompt_logprobs;  // positions 1, 2, ... received so far
   int64_t prompt_tokens = 0;
   int64_t completion_tokens = 0;
   std::unique_ptr<OutputProcessor> output;
@@ -74,6 +68,7 @@ absl::Status Engine::Add(int64_t id, const GenerationRequest& request, UpdateFn 
 void Engine::Complete(Request& r, RequestUpdate& u) {
   u.finished = true;
   u.new_text += r.output->Finish();
+  u.prompt_logprobs = std::move(r.prompt_logprobs);
   u.prompt_tokens = r.prompt_tokens;
   u.completion_tokens = r.completion_tokens;
   u.time_to_first_token_s = r.ttft_s;
@@ -135,6 +130,16 @@ absl::Status Engine::Step() {
   ++stats_.steps;
   stats_.worker_compute_s += static_cast<double>(result->compute_us) * 1e-6;
   stats_.worker_idle_s += static_cast<double>(result->idle_us) * 1e-6;
+  for (const PromptLogprobs& lp : result->prompt_logprobs) {
+    auto it = requests_.find(lp.seq_id);
+    if (it == requests_.end()) continue;
+    // Positions arrive in order; a recomputation after preemption repeats known ones.
+    std::vector<float>& have = it->second->prompt_logprobs;
+    const int64_t next = static_cast<int64_t>(have.size()) + 1;
+    const int64_t skip = next - lp.first_position;
+    if (skip < 0 || skip >= static_cast<int64_t>(lp.logprobs.size())) continue;
+    have.insert(have.end(), lp.logprobs.begin() + skip, lp.logprobs.end());
+  }
   for (SequenceEvent& e : scheduler_.Apply(*result)) {
     auto it = requests_.find(e.seq_id);
     if (it == requests_.end()) continue;
@@ -184,6 +189,7 @@ absl::StatusOr<std::vector<GenerationResult>> Engine::Generate(
       if (u.finished) {
         out->finish = u.reason;
         out->status = u.status;
+        out->prompt_logprobs = u.prompt_logprobs;
         out->time_to_first_token_s = u.time_to_first_token_s;
         out->total_time_s = u.total_time_s;
       }
@@ -197,39 +203,32 @@ absl::StatusOr<std::vector<GenerationResult>> Engine::Generate(
   return results;
 }
 
-absl::StatusOr<std::vector<double>> ScorePromptNll(ModelRunner& runner, absl::Span<const int32_t> ids,
-                                                   absl::Span<const int32_t> targets,
-                                                   int32_t max_step_tokens) {
+absl::StatusOr<std::vector<double>> ScorePromptNll(Engine& engine, absl::Span<const int32_t> ids,
+                                                   absl::Span<const int32_t> targets) {
   if (ids.empty() || ids.size() != targets.size()) {
     return absl::InvalidArgumentError(absl::StrCat("score: ", ids.size(), " ids and ",
                                                    targets.size(), " targets"));
   }
-  const int64_t vocab = runner.config().vocab_size;
-  for (int32_t t : targets) {
-    if (t < 0 || t >= vocab) return absl::InvalidArgumentError(absl::StrCat("target id ", t, " outside the vocabulary"));
+  for (size_t i = 0; i + 1 < ids.size(); ++i) {
+    if (targets[i] != ids[i + 1]) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "score: target ", i, " (", targets[i], ") is not the next id (", ids[i + 1], ")"));
+    }
   }
-  KvBlockManager blocks(runner.kv_spec().block_size, runner.kv_spec().num_blocks);
-  constexpr int64_t kSeq = 1;
-  RETURN_IF_ERROR(blocks.AddSequence(kSeq));
+  GenerationRequest r;
+  r.prompt_ids.assign(ids.begin(), ids.end());
+  r.prompt_ids.push_back(targets.back());
+  r.params.max_tokens = 1;
+  r.params.prompt_logprobs = 0;
+  ASSIGN_OR_RETURN(std::vector<GenerationResult> out, engine.Generate({r}));
+  RETURN_IF_ERROR(out[0].status);
+  if (out[0].prompt_logprobs.size() != ids.size()) {
+    return absl::InternalError(absl::StrCat("score: ", out[0].prompt_logprobs.size(),
+                                            " log-probabilities for ", ids.size(), " targets"));
+  }
   std::vector<double> nll;
   nll.reserve(ids.size());
-  for (int64_t pos = 0; pos < static_cast<int64_t>(ids.size());) {
-    const int64_t n = std::min<int64_t>(max_step_tokens, static_cast<int64_t>(ids.size()) - pos);
-    RETURN_IF_ERROR(blocks.Reserve(kSeq, pos + n).status());
-    SequenceStep s;
-    s.seq_id = kSeq;
-    s.tokens.assign(ids.begin() + pos, ids.begin() + pos + n);
-    s.num_computed_tokens = pos;
-    const auto table = blocks.BlockTable(kSeq);
-    s.block_table.assign(table.begin(), table.end());
-    s.logits = SequenceStep::Logits::kAll;
-    ASSIGN_OR_RETURN(StepOutput out, runner.Execute({s}));
-    for (int64_t j = 0; j < n; ++j) {
-      const float* r = out.Row(j);
-      nll.push_back(LogSumExp(r, vocab) - r[targets[pos + j]]);
-    }
-    pos += n;
-  }
+  for (float lp : out[0].prompt_logprobs) nll.push_back(-static_cast<double>(lp));
   return nll;
 }
 

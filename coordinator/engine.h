@@ -3,7 +3,7 @@
 // is one iteration: schedule, run on the workers, apply the sampled tokens, report updates.
 //
 // Not thread-safe: one thread owns it (the CLI's, or the server's engine thread, which feeds it
-// from a queue). `ScorePromptNll` is separate: it needs the runner's cache to itself.
+// from a queue).
 #pragma once
 
 #include <cstdint>
@@ -39,6 +39,7 @@ struct RequestUpdate {
   FinishReason reason = FinishReason::kNone;
   absl::Status status;         // non-OK: the request failed (finished is true)
   // Usage, filled on the final update.
+  std::vector<float> prompt_logprobs;  // final update, when asked for: positions 1..prompt_len-1
   int64_t prompt_tokens = 0;
   int64_t completion_tokens = 0;
   double time_to_first_token_s = 0;
@@ -50,6 +51,8 @@ struct GenerationResult {
   std::string text;
   FinishReason finish = FinishReason::kNone;
   absl::Status status;          // non-OK only for a request that failed on its own
+  // params.prompt_logprobs: log-probability of prompt token i given tokens [0, i), i >= 1.
+  std::vector<float> prompt_logprobs;
   int64_t prompt_tokens = 0;
   double time_to_first_token_s = 0;
   double total_time_s = 0;
@@ -118,12 +121,13 @@ class Engine {
   int64_t next_generate_id_ = int64_t{1} << 40;  // Generate()'s ids, apart from callers' ids
 };
 
-// Negative log-likelihood of targets[i] after ids[0..i] (teacher forcing), one per target,
-// computed in chunks of `max_step_tokens`. Uses the runner's cache directly: no engine work
-// may be in flight on the same runner.
-absl::StatusOr<std::vector<double>> ScorePromptNll(ModelRunner& runner, absl::Span<const int32_t> ids,
-                                                   absl::Span<const int32_t> targets,
-                                                   int32_t max_step_tokens = 2048);
+// Negative log-likelihood of targets[i] after ids[0..i] (teacher forcing), one per target, where
+// targets are the ids shifted by one (targets[i] == ids[i + 1]) plus one more token: a request
+// for ids + [targets.back()] with prompt_logprobs, through the engine's scheduler and cache
+// (chunked by its token budget). INVALID_ARGUMENT for empty or misaligned inputs; the request's
+// own error otherwise.
+absl::StatusOr<std::vector<double>> ScorePromptNll(Engine& engine, absl::Span<const int32_t> ids,
+                                                   absl::Span<const int32_t> targets);
 
 SchedulerConfig MakeSchedulerConfig(const ModelConfig& config, const KvCacheSpec& kv,
                                     const EngineOptions& options);

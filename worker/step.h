@@ -80,10 +80,20 @@ struct FailedSequence {
   absl::Status status;
 };
 
+// Log-probabilities of prompt tokens of a request that asked for them (params.prompt_logprobs):
+// logprobs[i] is that of the prompt token at position first_position + i given the tokens
+// before it (first_position >= 1). After a preemption the recomputed positions come again.
+struct PromptLogprobs {
+  int64_t seq_id = 0;
+  int64_t first_position = 0;
+  std::vector<float> logprobs;
+};
+
 struct StepResult {
   uint64_t step_id = 0;
   std::vector<SampledToken> sampled;  // rank 0: one per sequence with sample = true, plan order
   std::vector<FailedSequence> failed;
+  std::vector<PromptLogprobs> prompt_logprobs;  // rank 0
   int64_t compute_us = 0;  // time the rank spent executing the step
   int64_t idle_us = 0;     // time the rank waited between the end of the previous step and this one
 };

@@ -1,6 +1,7 @@
 #include "worker/step_executor.h"
 
 #include <algorithm>
+#include <cmath>
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
@@ -15,6 +16,15 @@ int64_t Micros(Clock::duration d) {
   return std::chrono::duration_cast<std::chrono::microseconds>(d).count();
 }
 
+// log softmax(row)[target], in double.
+float LogProb(const float* row, int64_t n, int32_t target) {
+  float mx = row[0];
+  for (int64_t i = 1; i < n; ++i) mx = std::max(mx, row[i]);
+  double sum = 0;
+  for (int64_t i = 0; i < n; ++i) sum += std::exp(static_cast<double>(row[i] - mx));
+  return static_cast<float>(static_cast<double>(row[target] - mx) - std::log(sum));
+}
+
 }  // namespace
 
 StepExecutor::StepExecutor(ModelRunner* runner, Communicator* comm, int max_in_flight)
@@ -22,6 +32,10 @@ StepExecutor::StepExecutor(ModelRunner* runner, Communicator* comm, int max_in_f
       comm_(comm != nullptr && comm->world().world_size > 1 ? comm : nullptr),
       samples_(comm_ == nullptr || comm_->world().rank == 0),
       max_in_flight_(std::max(1, max_in_flight)) {}
+
+int64_t StepExecutor::PromptLogprobRows(int64_t prompt_len, int64_t num_computed, int64_t n) {
+  return std::clamp<int64_t>(prompt_len - 1 - num_computed, 0, n);
+}
 
 std::vector<int32_t> StepExecutor::Tokens(int64_t seq_id) const {
   auto it = seqs_.find(seq_id);
@@ -63,8 +77,18 @@ absl::Status StepExecutor::Prepare(const ScheduledSequence& s, SequenceStep* ste
   step->block_table.clear();
   if (st != nullptr) step->block_table = st->block_table;
   step->block_table.insert(step->block_table.end(), s.new_block_ids.begin(), s.new_block_ids.end());
-  const bool logits = s.sample && (samples_ || runner_->lm_head_sharded());
-  step->logits = logits ? SequenceStep::Logits::kLast : SequenceStep::Logits::kNone;
+  // Every rank computes the same logit rows when the LM head is split (they all-gather them).
+  const bool computes_logits = samples_ || runner_->lm_head_sharded();
+  const bool prompt_lp = st == nullptr ? s.params->prompt_logprobs.has_value() : st->prompt_logprobs;
+  const int64_t prompt_len =
+      st == nullptr ? static_cast<int64_t>(s.new_token_ids.size()) : st->prompt_len;
+  if (computes_logits && prompt_lp &&
+      PromptLogprobRows(prompt_len, s.num_computed_tokens, s.num_scheduled_tokens) > 0) {
+    step->logits = SequenceStep::Logits::kAll;
+  } else {
+    step->logits = s.sample && computes_logits ? SequenceStep::Logits::kLast
+                                               : SequenceStep::Logits::kNone;
+  }
   return runner_->ValidateSequence(*step);
 }
 
@@ -137,14 +161,28 @@ absl::StatusOr<StepResult> StepExecutor::Execute(const StepPlan& plan) {
   for (size_t i = 0; i < n; ++i) {
     const ScheduledSequence& s = *scheduled_[i];
     SeqState& st = seqs_[s.seq_id];
-    if (s.params.has_value()) st.sampler = std::make_unique<Sampler>(*s.params);
+    if (s.params.has_value()) {
+      st.sampler = std::make_unique<Sampler>(*s.params);
+      st.prompt_len = static_cast<int64_t>(s.new_token_ids.size());
+      st.prompt_logprobs = s.params->prompt_logprobs.has_value();
+    }
     st.tokens.insert(st.tokens.end(), s.new_token_ids.begin(), s.new_token_ids.end());
     st.block_table.insert(st.block_table.end(), s.new_block_ids.begin(), s.new_block_ids.end());
+    const int64_t computed_before = st.num_computed_tokens;
     st.num_computed_tokens += s.num_scheduled_tokens;
+    if (samples_ && steps_[i].logits == SequenceStep::Logits::kAll) {
+      PromptLogprobs lp{s.seq_id, computed_before + 1, {}};
+      const int64_t rows = PromptLogprobRows(st.prompt_len, computed_before, s.num_scheduled_tokens);
+      for (int64_t j = 0; j < rows; ++j) {
+        lp.logprobs.push_back(LogProb(out.Row(out.row_begin[i] + j), out.vocab_size,
+                                      st.tokens[computed_before + j + 1]));
+      }
+      result.prompt_logprobs.push_back(std::move(lp));
+    }
     if (!s.sample) continue;
     int32_t token = 0;
     if (samples_) {
-      const float* r = out.Row(out.row_begin[i]);
+      const float* r = out.Row(out.row_begin[i + 1] - 1);  // the chunk's last row
       row_.assign(r, r + out.vocab_size);
       token = st.sampler->Sample(absl::MakeSpan(row_), st.tokens);
     }

@@ -57,7 +57,11 @@ class StepExecutor final : public StepRunner {
     std::vector<int32_t> tokens;       // every token known (prompt + generated)
     std::vector<int32_t> block_table;
     int64_t num_computed_tokens = 0;
+    int64_t prompt_len = 0;         // tokens given on first sight
+    bool prompt_logprobs = false;   // report the prompt tokens' log-probabilities
   };
+  // Rows of the chunk whose next token is a prompt token (positions before prompt_len - 1).
+  static int64_t PromptLogprobRows(int64_t prompt_len, int64_t num_computed, int64_t n);
   // Checks one scheduled request against this rank's state; fills `step` on success.
   absl::Status Prepare(const ScheduledSequence& s, SequenceStep* step) const;
   absl::Status ShareSampled(std::vector<int32_t>* tokens);

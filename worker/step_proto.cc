@@ -11,6 +11,7 @@ void ParamsToProto(const SamplingParams& p, lorcserve::internal::SamplingParams*
   out->set_repetition_penalty(p.repetition_penalty);
   out->set_has_seed(p.seed.has_value());
   out->set_seed(p.seed.value_or(0));
+  out->set_prompt_logprobs(p.prompt_logprobs.has_value());
 }
 
 SamplingParams ParamsFromProto(const lorcserve::internal::SamplingParams& p) {
@@ -21,6 +22,7 @@ SamplingParams ParamsFromProto(const lorcserve::internal::SamplingParams& p) {
   sp.min_p = p.min_p();
   sp.repetition_penalty = p.repetition_penalty();
   if (p.has_seed()) sp.seed = p.seed();
+  if (p.prompt_logprobs()) sp.prompt_logprobs = 0;
   return sp;
 }
 
@@ -84,6 +86,12 @@ void StepResultToProto(const StepResult& r, lorcserve::internal::StepResult* out
     p->set_code(static_cast<int32_t>(f.status.code()));
     p->set_message(std::string(f.status.message()));
   }
+  for (const PromptLogprobs& l : r.prompt_logprobs) {
+    auto* p = out->add_prompt_logprobs();
+    p->set_seq_id(l.seq_id);
+    p->set_first_position(l.first_position);
+    p->mutable_logprobs()->Add(l.logprobs.begin(), l.logprobs.end());
+  }
   out->set_compute_us(r.compute_us);
   out->set_idle_us(r.idle_us);
 }
@@ -100,6 +108,10 @@ StepResult StepResultFromProto(const lorcserve::internal::StepResult& p) {
     absl::StatusCode code = static_cast<absl::StatusCode>(f.code());
     if (code == absl::StatusCode::kOk) code = absl::StatusCode::kInternal;
     r.failed.push_back({f.seq_id(), absl::Status(code, f.message())});
+  }
+  for (const auto& l : p.prompt_logprobs()) {
+    r.prompt_logprobs.push_back(
+        {l.seq_id(), l.first_position(), std::vector<float>(l.logprobs().begin(), l.logprobs().end())});
   }
   return r;
 }

@@ -159,15 +159,52 @@ TEST_F(EngineTest, ScoreNllIsTeacherForcedCrossEntropy) {
   Load(256);
   const std::vector<int32_t>& p = prompts_[1];
   std::vector<int32_t> ids(p.begin(), p.end() - 1), targets(p.begin() + 1, p.end());
-  auto nll = ScorePromptNll(*model_.runner, ids, targets);
+  auto engine = MakeEngine();
+  auto nll = ScorePromptNll(*engine, ids, targets);
   ASSERT_OK(nll);
   ASSERT_EQ(nll->size(), ids.size());
   for (double x : *nll) EXPECT_GE(x, 0.0);
-  // Same result when scored in chunks of 3 tokens.
-  auto nll2 = ScorePromptNll(*model_.runner, ids, targets, /*max_step_tokens=*/3);
+  EXPECT_THAT(ScorePromptNll(*engine, ids, {1, 2}), StatusIs(absl::StatusCode::kInvalidArgument));
+  std::vector<int32_t> shifted_wrong = targets;
+  shifted_wrong[0] ^= 1;
+  EXPECT_THAT(ScorePromptNll(*engine, ids, shifted_wrong),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("is not the next id")));
+  engine.reset();
+  // Same result when scored in chunks of 3 tokens; every block is back afterwards (scoring uses
+  // the engine's own allocator).
+  Load(256);  // a fresh executor: one engine drives one (steps are numbered per engine)
+  EngineOptions small;
+  small.max_step_tokens = 3;
+  auto chunked = MakeEngine(small);
+  auto nll2 = ScorePromptNll(*chunked, ids, targets);
   ASSERT_OK(nll2);
   for (size_t i = 0; i < nll->size(); ++i) EXPECT_NEAR((*nll)[i], (*nll2)[i], 1e-3);
-  EXPECT_THAT(ScorePromptNll(*model_.runner, ids, {1, 2}), StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_EQ(chunked->scheduler().num_free_blocks(), model_.runner->kv_spec().num_blocks);
+}
+
+TEST_F(EngineTest, PromptLogprobsSurviveAPreemption) {
+  // A cache so small that the two requests preempt each other: the recomputed positions are
+  // not reported twice and the values do not change.
+  Load(256);
+  GenerationRequest a = Greedy(0, 1), b = Greedy(1, 1);
+  a.params.prompt_logprobs = 0;
+  b.params.prompt_logprobs = 0;
+  auto ref = MakeEngine()->Generate({a, b});
+  ASSERT_OK(ref);
+  Load(3);
+  a.params.max_tokens = 20;
+  b.params.max_tokens = 20;
+  auto tight = MakeEngine();
+  auto out = tight->Generate({a, b});
+  ASSERT_OK(out);
+  EXPECT_GT(tight->scheduler().num_preemptions(), 0);
+  for (int i = 0; i < 2; ++i) {
+    ASSERT_OK((*out)[i].status);
+    ASSERT_EQ((*out)[i].prompt_logprobs.size(), prompts_[i].size() - 1);
+    for (size_t j = 0; j < prompts_[i].size() - 1; ++j) {
+      EXPECT_NEAR((*out)[i].prompt_logprobs[j], (*ref)[i].prompt_logprobs[j], 1e-3) << i << " " << j;
+    }
+  }
 }
 
 }  // namespace

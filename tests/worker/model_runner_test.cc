@@ -174,7 +174,7 @@ TEST(RandomWeightsTest, AnyConfigShapeRunsAndIsSeeded) {
     auto out = engine.Generate({r});
     CHECK_OK(out.status());
     EXPECT_EQ((*out)[0].output_ids.size(), 12u);
-    auto nll = ScorePromptNll(*m->runner, {0, 5, 17, 42, 299, 7}, {5, 17, 42, 299, 7, 9});
+    auto nll = ScorePromptNll(engine, {0, 5, 17, 42, 299, 7}, {5, 17, 42, 299, 7, 9});
     CHECK_OK(nll.status());
     return *nll;
   };

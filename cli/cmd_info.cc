@@ -11,8 +11,8 @@
 #include "cli/session.h"
 #include "kvstore/kv_spec.h"
 #include "nlohmann/json.hpp"
-#include "worker/cuda_backend.h"
-#include "worker/model_config.h"
+#include "backend/cuda_backend.h"
+#include "model/model_config.h"
 
 #ifndef LORC_VERSION
 #define LORC_VERSION "unknown"

@@ -9,8 +9,8 @@
 #include "absl/status/statusor.h"
 #include "cli/args.h"
 #include "coordinator/engine.h"
-#include "coordinator/tokenizer.h"
-#include "worker/backend.h"
+#include "tokenizer/tokenizer.h"
+#include "backend/backend.h"
 #include "worker/model_loader.h"
 #include "worker/step_executor.h"
 

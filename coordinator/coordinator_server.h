@@ -20,10 +20,10 @@
 #include "coordinator/engine_loop.h"
 #include "coordinator/local_workers.h"
 #include "coordinator/lorcserve_service.h"
-#include "coordinator/tokenizer.h"
+#include "tokenizer/tokenizer.h"
 #include "coordinator/worker_group.h"
 #include "grpcpp/grpcpp.h"
-#include "worker/grpc_rendezvous.h"
+#include "worker/comm/grpc_rendezvous.h"
 
 namespace lorc {
 

@@ -18,10 +18,10 @@
 #include "common/sampling_params.h"
 #include "coordinator/output_processor.h"
 #include "coordinator/scheduler.h"
-#include "coordinator/tokenizer.h"
-#include "worker/model_config.h"
-#include "worker/model_runner.h"
-#include "worker/step.h"
+#include "tokenizer/tokenizer.h"
+#include "kvstore/kv_spec.h"
+#include "model/model_config.h"
+#include "step/step.h"
 
 namespace lorc {
 

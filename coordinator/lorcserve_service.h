@@ -9,9 +9,9 @@
 #include <string>
 
 #include "coordinator/engine_loop.h"
-#include "coordinator/tokenizer.h"
+#include "tokenizer/tokenizer.h"
 #include "lorcserve/v1/lorcserve.grpc.pb.h"
-#include "worker/model_config.h"
+#include "model/model_config.h"
 
 namespace lorc {
 

@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "common/sampling_params.h"
-#include "coordinator/tokenizer.h"
+#include "tokenizer/tokenizer.h"
 
 namespace lorc {
 

@@ -52,7 +52,7 @@
 #include "absl/types/span.h"
 #include "common/sampling_params.h"
 #include "kvstore/kv_block_manager.h"
-#include "worker/step.h"
+#include "step/step.h"
 
 namespace lorc {
 

@@ -8,7 +8,7 @@
 #include "common/grpc_status.h"
 #include "common/status_macros.h"
 #include "grpcpp/grpcpp.h"
-#include "worker/step_proto.h"
+#include "step/step_proto.h"
 
 namespace lorc {
 namespace {

@@ -21,9 +21,9 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "lorcserve/internal/worker.grpc.pb.h"
-#include "worker/model_loader.h"
-#include "worker/model_runner.h"
-#include "worker/step.h"
+#include "kvstore/kv_spec.h"
+#include "model/model_source.h"
+#include "step/step.h"
 
 namespace lorc {
 

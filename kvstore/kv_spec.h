@@ -21,6 +21,13 @@
 
 namespace lorc {
 
+// How big to make the cache (the coordinator asks, each worker sizes its own).
+struct KvCacheOptions {
+  int32_t block_size = 16;
+  int32_t num_blocks = 0;         // when 0: as many as `memory_bytes` holds
+  int64_t memory_bytes = 512ll << 20;
+};
+
 struct KvCacheSpec {
   int32_t block_size = 16;
   int32_t num_blocks = 0;

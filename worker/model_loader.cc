@@ -3,8 +3,8 @@
 #include <chrono>
 
 #include "common/status_macros.h"
-#include "worker/safetensors.h"
-#include "worker/weights.h"
+#include "model/safetensors.h"
+#include "model/weights.h"
 
 namespace lorc {
 

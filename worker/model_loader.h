@@ -7,18 +7,12 @@
 #include <string>
 
 #include "absl/status/statusor.h"
-#include "worker/backend.h"
-#include "worker/model_config.h"
+#include "backend/backend.h"
+#include "model/model_config.h"
+#include "model/model_source.h"
 #include "worker/model_runner.h"
 
 namespace lorc {
-
-struct ModelSource {
-  std::string dir;              // holds config.json (and the weights unless random)
-  bool random_weights = false;  // ignore weight files; generate from `seed`
-  uint64_t seed = 0;
-  bool shard_lm_head = false;   // tensor parallelism: split the LM head by vocabulary
-};
 
 struct LoadedModel {
   ModelConfig config;

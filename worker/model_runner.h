@@ -15,9 +15,9 @@
 #include "absl/types/span.h"
 #include "kvstore/kv_block_manager.h"
 #include "kvstore/kv_spec.h"
-#include "worker/backend.h"
-#include "worker/model_config.h"
-#include "worker/weights.h"
+#include "backend/backend.h"
+#include "model/model_config.h"
+#include "model/weights.h"
 
 namespace lorc {
 
@@ -37,12 +37,6 @@ struct StepOutput {
   std::vector<float> logits;
   std::vector<int32_t> row_begin;  // per sequence: first row in `logits` (rows of s: [begin[s], begin[s+1]))
   const float* Row(int64_t r) const { return logits.data() + r * vocab_size; }
-};
-
-struct KvCacheOptions {
-  int32_t block_size = 16;
-  int32_t num_blocks = 0;         // when 0: as many as `memory_bytes` holds
-  int64_t memory_bytes = 512ll << 20;
 };
 
 class ModelRunner {

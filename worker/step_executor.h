@@ -24,7 +24,7 @@
 #include "absl/status/statusor.h"
 #include "worker/model_runner.h"
 #include "worker/sampler.h"
-#include "worker/step.h"
+#include "step/step.h"
 
 namespace lorc {
 

@@ -3,8 +3,8 @@
 #include "absl/strings/str_cat.h"
 #include "common/grpc_status.h"
 #include "common/status_macros.h"
-#include "worker/grpc_rendezvous.h"
-#include "worker/step_proto.h"
+#include "worker/comm/grpc_rendezvous.h"
+#include "step/step_proto.h"
 
 namespace lorc {
 

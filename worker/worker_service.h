@@ -11,7 +11,7 @@
 
 #include "absl/synchronization/mutex.h"
 #include "lorcserve/internal/worker.grpc.pb.h"
-#include "worker/backend.h"
+#include "backend/backend.h"
 #include "worker/comm/communicator.h"
 #include "worker/comm/rendezvous.h"
 #include "worker/model_loader.h"

@@ -14,7 +14,7 @@
 #include <vector>
 
 #include "coordinator/scheduler.h"
-#include "worker/step_proto.h"
+#include "step/step_proto.h"
 
 namespace {
 

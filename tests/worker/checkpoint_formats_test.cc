@@ -22,7 +22,7 @@
 #include "common/dtype.h"
 #include "common/json_util.h"
 #include "coordinator/engine.h"
-#include "coordinator/tokenizer.h"
+#include "tokenizer/tokenizer.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
@@ -30,7 +30,7 @@
 #include "tests/testing/run_lorcserve.h"
 #include "tests/testing/status_matchers.h"
 #include "worker/model_loader.h"
-#include "worker/safetensors.h"
+#include "model/safetensors.h"
 #include "worker/step_executor.h"
 
 

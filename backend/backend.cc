@@ -1,0 +1,60 @@
+#include "backend/backend.h"
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/str_cat.h"
+#include "backend/cpu_backend.h"
+#include "backend/cuda_backend.h"
+
+namespace lorc {
+
+DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& o) noexcept {
+  if (this != &o) {
+    Reset();
+    owner_ = std::exchange(o.owner_, nullptr);
+    data_ = std::exchange(o.data_, nullptr);
+    bytes_ = std::exchange(o.bytes_, 0);
+  }
+  return *this;
+}
+
+void DeviceBuffer::Reset() {
+  if (data_ != nullptr && owner_ != nullptr) owner_->Free(data_);
+  data_ = nullptr;
+  bytes_ = 0;
+  owner_ = nullptr;
+}
+
+Tensor2D Tensor2D::ColSlice(int64_t c0, int64_t n) const {
+  Tensor2D t = *this;
+  t.data = static_cast<char*>(data) + c0 * static_cast<int64_t>(DTypeSize(dtype));
+  t.cols = n;
+  t.ld = stride();
+  return t;
+}
+
+Tensor2D Tensor2D::RowSlice(int64_t r0, int64_t n) const {
+  Tensor2D t = *this;
+  t.data = static_cast<char*>(data) + r0 * stride() * static_cast<int64_t>(DTypeSize(dtype));
+  t.rows = n;
+  t.ld = stride();
+  return t;
+}
+
+absl::StatusOr<BackendKind> ParseBackendKind(absl::string_view s) {
+  const std::string lower = absl::AsciiStrToLower(s);
+  if (lower == "cpu") return BackendKind::kCpu;
+  if (lower == "cuda") return BackendKind::kCuda;
+  return absl::InvalidArgumentError(absl::StrCat("unknown backend '", s, "' (expected cpu or cuda)"));
+}
+
+absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(const BackendOptions& options) {
+  switch (options.kind) {
+    case BackendKind::kCpu:
+      return CreateCpuBackend(options);
+    case BackendKind::kCuda:
+      return CreateCudaBackend(options);
+  }
+  return absl::InvalidArgumentError("unknown backend kind");
+}
+
+}  // namespace lorc

@@ -1,0 +1,31 @@
+// The CUDA backend entry points. Without CUDA in the build, creating it reports Unimplemented.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "backend/backend.h"
+
+namespace lorc {
+
+struct CudaDeviceInfo {
+  int ordinal = 0;
+  std::string name;
+  int64_t memory_bytes = 0;
+  int compute_major = 0, compute_minor = 0;
+  int multiprocessors = 0;
+};
+
+// True when this binary was built with CUDA.
+bool CudaCompiledIn();
+// Devices the CUDA runtime sees; Unimplemented without CUDA in the build, Unavailable with the
+// runtime's message when there is no usable driver or device.
+absl::StatusOr<std::vector<CudaDeviceInfo>> ListCudaDevices();
+// "runtime 13.0, driver 13.0" or why it is unknown.
+std::string CudaVersionString();
+
+absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackend(const BackendOptions& options);
+
+}  // namespace lorc

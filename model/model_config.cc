@@ -1,0 +1,467 @@
+#include "model/model_config.h"
+
+#include <cmath>
+#include <cstdint>
+#include <exception>
+#include <limits>
+#include <numbers>
+#include <optional>
+#include <string>
+#include <utility>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
+#include "common/json_util.h"
+#include "common/status_macros.h"
+
+namespace lorc {
+namespace {
+
+using json = nlohmann::json;
+
+// Upper bound for every size field, so that products such as num_heads * head_dim or
+// vocab_size * hidden_size cannot overflow int64.
+constexpr int64_t kMaxDimension = int64_t{1} << 31;
+
+// A short, exception-free rendering of a JSON value for error messages.
+std::string Describe(const json& v) {
+  std::string s = v.dump(-1, ' ', /*ensure_ascii=*/false, json::error_handler_t::replace);
+  if (s.size() > 60) s = s.substr(0, 57) + "...";
+  return absl::StrCat(v.type_name(), " ", s);
+}
+
+// Field name for messages: "hidden_size" or "rope_scaling.factor".
+std::string FieldName(absl::string_view ctx, absl::string_view key) {
+  if (ctx.empty()) return std::string(key);
+  return absl::StrCat(ctx, ".", key);
+}
+
+absl::Status WrongType(const std::string& field, absl::string_view expected, const json& v) {
+  return absl::InvalidArgumentError(
+      absl::StrCat("config field '", field, "' must be ", expected, ", got ", Describe(v)));
+}
+
+absl::Status Missing(const std::string& field) {
+  return absl::InvalidArgumentError(
+      absl::StrCat("config field '", field, "' is required but missing"));
+}
+
+// Member `key` of object `obj`; nullptr when absent or null. `obj` must be an object.
+const json* FindNonNull(const json& obj, absl::string_view key) {
+  auto it = obj.find(std::string(key));
+  if (it == obj.end() || it->is_null()) return nullptr;
+  return &*it;
+}
+
+absl::StatusOr<int64_t> AsInt(const json& v, const std::string& field) {
+  if (v.is_number_unsigned()) {
+    const uint64_t u = v.get<uint64_t>();
+    if (u > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("config field '", field, "' is out of range: ", u));
+    }
+    return static_cast<int64_t>(u);
+  }
+  if (v.is_number_integer()) return v.get<int64_t>();
+  if (v.is_number_float()) {
+    // Accept integral floats such as 4096.0, which some exporters write.
+    const double d = v.get<double>();
+    if (std::isfinite(d) && d == std::floor(d) && std::fabs(d) < 9.0e15) {
+      return static_cast<int64_t>(d);
+    }
+  }
+  return WrongType(field, "an integer", v);
+}
+
+absl::StatusOr<double> AsDouble(const json& v, const std::string& field) {
+  if (!v.is_number()) return WrongType(field, "a number", v);
+  const double d = v.get<double>();
+  if (!std::isfinite(d)) return WrongType(field, "a finite number", v);
+  return d;
+}
+
+absl::StatusOr<std::optional<int64_t>> OptInt(const json& obj, absl::string_view ctx,
+                                              absl::string_view key) {
+  const json* v = FindNonNull(obj, key);
+  if (v == nullptr) return std::optional<int64_t>();
+  ASSIGN_OR_RETURN(int64_t x, AsInt(*v, FieldName(ctx, key)));
+  return std::optional<int64_t>(x);
+}
+
+absl::StatusOr<std::optional<double>> OptDouble(const json& obj, absl::string_view ctx,
+                                                absl::string_view key) {
+  const json* v = FindNonNull(obj, key);
+  if (v == nullptr) return std::optional<double>();
+  ASSIGN_OR_RETURN(double x, AsDouble(*v, FieldName(ctx, key)));
+  return std::optional<double>(x);
+}
+
+absl::StatusOr<std::optional<bool>> OptBool(const json& obj, absl::string_view key) {
+  const json* v = FindNonNull(obj, key);
+  if (v == nullptr) return std::optional<bool>();
+  if (!v->is_boolean()) return WrongType(std::string(key), "a boolean", *v);
+  return std::optional<bool>(v->get<bool>());
+}
+
+absl::StatusOr<std::optional<std::string>> OptString(const json& obj, absl::string_view ctx,
+                                                     absl::string_view key) {
+  const json* v = FindNonNull(obj, key);
+  if (v == nullptr) return std::optional<std::string>();
+  if (!v->is_string()) return WrongType(FieldName(ctx, key), "a string", *v);
+  return std::optional<std::string>(v->get_ref<const std::string&>());
+}
+
+absl::StatusOr<int64_t> RequiredInt(const json& obj, absl::string_view key) {
+  ASSIGN_OR_RETURN(std::optional<int64_t> v, OptInt(obj, "", key));
+  if (!v.has_value()) return Missing(std::string(key));
+  return *v;
+}
+
+absl::Status CheckPositive(absl::string_view field, int64_t v) {
+  if (v <= 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("config field '", field, "' must be positive, got ", v));
+  }
+  if (v > kMaxDimension) {
+    return absl::InvalidArgumentError(absl::StrCat("config field '", field, "' is too large: ",
+                                                   v, " (limit ", kMaxDimension, ")"));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<double> RequiredRopeDouble(const json& params, absl::string_view ctx,
+                                          absl::string_view key, absl::string_view rope_type) {
+  ASSIGN_OR_RETURN(std::optional<double> v, OptDouble(params, ctx, key));
+  if (!v.has_value()) {
+    return absl::InvalidArgumentError(absl::StrCat("config field '", FieldName(ctx, key),
+                                                   "' is required for rope_type '", rope_type,
+                                                   "'"));
+  }
+  return *v;
+}
+
+// RoPE settings: `rope_parameters` (newer transformers) or top-level `rope_theta` +
+// `rope_scaling` (older checkpoints).
+absl::StatusOr<RopeConfig> ParseRope(const json& j) {
+  RopeConfig rope;
+  const json* rope_parameters = FindNonNull(j, "rope_parameters");
+  const json* rope_scaling = FindNonNull(j, "rope_scaling");
+  const json* params = nullptr;
+  std::string ctx;
+  if (rope_parameters != nullptr) {
+    if (!rope_parameters->is_object()) {
+      return WrongType("rope_parameters", "an object", *rope_parameters);
+    }
+    params = rope_parameters;
+    ctx = "rope_parameters";
+  } else if (rope_scaling != nullptr) {
+    if (!rope_scaling->is_object()) return WrongType("rope_scaling", "an object", *rope_scaling);
+    params = rope_scaling;
+    ctx = "rope_scaling";
+  }
+
+  // Theta: inside rope_parameters when given there, else top-level, else 10000.
+  std::optional<double> theta;
+  if (rope_parameters != nullptr) {
+    ASSIGN_OR_RETURN(theta, OptDouble(*rope_parameters, "rope_parameters", "rope_theta"));
+  }
+  if (!theta.has_value()) {
+    ASSIGN_OR_RETURN(theta, OptDouble(j, "", "rope_theta"));
+  }
+  if (theta.has_value()) rope.theta = *theta;
+  if (!(rope.theta > 0.0)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("config field 'rope_theta' must be positive, got ", rope.theta));
+  }
+  if (params == nullptr) return rope;
+
+  // `rope_type`, or the legacy `type` key.
+  ASSIGN_OR_RETURN(std::optional<std::string> type, OptString(*params, ctx, "rope_type"));
+  if (!type.has_value()) {
+    ASSIGN_OR_RETURN(type, OptString(*params, ctx, "type"));
+  }
+  const std::string rope_type = type.value_or("default");
+
+  if (rope_type == "default") {
+    rope.type = RopeType::kDefault;
+    return rope;
+  }
+  if (rope_type == "linear") {
+    rope.type = RopeType::kLinear;
+    ASSIGN_OR_RETURN(rope.factor, RequiredRopeDouble(*params, ctx, "factor", rope_type));
+    if (!(rope.factor > 0.0)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "config field '", FieldName(ctx, "factor"), "' must be positive, got ", rope.factor));
+    }
+    return rope;
+  }
+  if (rope_type == "llama3") {
+    rope.type = RopeType::kLlama3;
+    ASSIGN_OR_RETURN(rope.factor, RequiredRopeDouble(*params, ctx, "factor", rope_type));
+    ASSIGN_OR_RETURN(rope.low_freq_factor,
+                     RequiredRopeDouble(*params, ctx, "low_freq_factor", rope_type));
+    ASSIGN_OR_RETURN(rope.high_freq_factor,
+                     RequiredRopeDouble(*params, ctx, "high_freq_factor", rope_type));
+    ASSIGN_OR_RETURN(std::optional<int64_t> original,
+                     OptInt(*params, ctx, "original_max_position_embeddings"));
+    if (!original.has_value()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("config field '", FieldName(ctx, "original_max_position_embeddings"),
+                       "' is required for rope_type 'llama3'"));
+    }
+    rope.original_max_position_embeddings = *original;
+    if (!(rope.factor > 0.0)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "config field '", FieldName(ctx, "factor"), "' must be positive, got ", rope.factor));
+    }
+    if (!(rope.low_freq_factor > 0.0)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("config field '", FieldName(ctx, "low_freq_factor"),
+                       "' must be positive, got ", rope.low_freq_factor));
+    }
+    if (!(rope.high_freq_factor > rope.low_freq_factor)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "config field '", FieldName(ctx, "high_freq_factor"), "' (", rope.high_freq_factor,
+          ") must be greater than '", FieldName(ctx, "low_freq_factor"), "' (",
+          rope.low_freq_factor, ")"));
+    }
+    RETURN_IF_ERROR(CheckPositive(FieldName(ctx, "original_max_position_embeddings"),
+                                  rope.original_max_position_embeddings));
+    return rope;
+  }
+  return absl::UnimplementedError(
+      absl::StrCat("config field '", FieldName(ctx, "rope_type"), "': rope_type '", rope_type,
+                   "' is not supported (supported: default, linear, llama3)"));
+}
+
+absl::StatusOr<ModelConfig> ParseConfig(const json& j) {
+  if (!j.is_object()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("config must be a JSON object, got ", j.type_name()));
+  }
+  ModelConfig c;
+
+  // Architecture.
+  ASSIGN_OR_RETURN(std::optional<std::string> model_type, OptString(j, "", "model_type"));
+  c.model_type = model_type.value_or("llama");  // absent: assume llama
+  if (c.model_type == "mistral") {
+    if (const json* sw = FindNonNull(j, "sliding_window"); sw != nullptr) {
+      return absl::UnimplementedError(absl::StrCat(
+          "config field 'sliding_window': mistral models with sliding-window attention are not "
+          "supported (sliding_window = ",
+          Describe(*sw), "); only sliding_window null is accepted"));
+    }
+  } else if (c.model_type != "llama") {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "config field 'model_type' must be \"llama\" (or \"mistral\" without sliding window), "
+        "got \"",
+        c.model_type, "\""));
+  }
+  for (absl::string_view field : {"attention_bias", "mlp_bias"}) {
+    ASSIGN_OR_RETURN(std::optional<bool> bias, OptBool(j, field));
+    if (bias.value_or(false)) {
+      return absl::UnimplementedError(absl::StrCat(
+          "config field '", field, "' is true: bias terms in linear layers are not supported"));
+    }
+  }
+  ASSIGN_OR_RETURN(std::optional<std::string> act, OptString(j, "", "hidden_act"));
+  if (act.has_value() && *act != "silu") {
+    return absl::UnimplementedError(absl::StrCat("config field 'hidden_act' is \"", *act,
+                                                 "\": only \"silu\" is supported"));
+  }
+
+  // Sizes.
+  ASSIGN_OR_RETURN(c.vocab_size, RequiredInt(j, "vocab_size"));
+  ASSIGN_OR_RETURN(c.hidden_size, RequiredInt(j, "hidden_size"));
+  ASSIGN_OR_RETURN(c.intermediate_size, RequiredInt(j, "intermediate_size"));
+  ASSIGN_OR_RETURN(c.num_layers, RequiredInt(j, "num_hidden_layers"));
+  ASSIGN_OR_RETURN(c.num_heads, RequiredInt(j, "num_attention_heads"));
+  RETURN_IF_ERROR(CheckPositive("vocab_size", c.vocab_size));
+  RETURN_IF_ERROR(CheckPositive("hidden_size", c.hidden_size));
+  RETURN_IF_ERROR(CheckPositive("intermediate_size", c.intermediate_size));
+  RETURN_IF_ERROR(CheckPositive("num_hidden_layers", c.num_layers));
+  RETURN_IF_ERROR(CheckPositive("num_attention_heads", c.num_heads));
+
+  ASSIGN_OR_RETURN(std::optional<int64_t> kv_heads, OptInt(j, "", "num_key_value_heads"));
+  c.num_kv_heads = kv_heads.value_or(c.num_heads);
+  RETURN_IF_ERROR(CheckPositive("num_key_value_heads", c.num_kv_heads));
+  if (c.num_heads % c.num_kv_heads != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "config field 'num_attention_heads' (", c.num_heads,
+        ") must be divisible by 'num_key_value_heads' (", c.num_kv_heads, ")"));
+  }
+
+  ASSIGN_OR_RETURN(std::optional<int64_t> head_dim, OptInt(j, "", "head_dim"));
+  if (head_dim.has_value()) {
+    c.head_dim = *head_dim;
+    RETURN_IF_ERROR(CheckPositive("head_dim", c.head_dim));
+  } else {
+    if (c.hidden_size % c.num_heads != 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "config field 'hidden_size' (", c.hidden_size,
+          ") must be divisible by 'num_attention_heads' (", c.num_heads,
+          ") when 'head_dim' is not given"));
+    }
+    c.head_dim = c.hidden_size / c.num_heads;
+  }
+  if (c.head_dim % 2 != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "config field 'head_dim' must be even for rotary embeddings, got ", c.head_dim));
+  }
+  if (c.num_heads * c.head_dim > kMaxDimension) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("config fields 'num_attention_heads' * 'head_dim' = ",
+                     c.num_heads * c.head_dim, " is too large"));
+  }
+
+  ASSIGN_OR_RETURN(std::optional<int64_t> max_pos, OptInt(j, "", "max_position_embeddings"));
+  c.max_position_embeddings = max_pos.value_or(2048);
+  RETURN_IF_ERROR(CheckPositive("max_position_embeddings", c.max_position_embeddings));
+
+  ASSIGN_OR_RETURN(std::optional<double> eps, OptDouble(j, "", "rms_norm_eps"));
+  c.rms_norm_eps = eps.value_or(1e-6);
+  if (!(c.rms_norm_eps > 0.0)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("config field 'rms_norm_eps' must be positive, got ", c.rms_norm_eps));
+  }
+
+  ASSIGN_OR_RETURN(std::optional<bool> tie, OptBool(j, "tie_word_embeddings"));
+  c.tie_word_embeddings = tie.value_or(false);
+
+  // Special tokens.
+  ASSIGN_OR_RETURN(std::optional<int64_t> bos, OptInt(j, "", "bos_token_id"));
+  if (bos.has_value()) {
+    if (*bos < 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("config field 'bos_token_id' must be non-negative, got ", *bos));
+    }
+    c.bos_token_id = *bos;
+  }
+  if (const json* eos = FindNonNull(j, "eos_token_id"); eos != nullptr) {
+    if (eos->is_array()) {
+      for (size_t i = 0; i < eos->size(); ++i) {
+        ASSIGN_OR_RETURN(int64_t id, AsInt((*eos)[i], absl::StrCat("eos_token_id[", i, "]")));
+        if (id < 0) {
+          return absl::InvalidArgumentError(absl::StrCat(
+              "config field 'eos_token_id[", i, "]' must be non-negative, got ", id));
+        }
+        c.eos_token_ids.push_back(id);
+      }
+    } else {
+      ASSIGN_OR_RETURN(int64_t id, AsInt(*eos, "eos_token_id"));
+      if (id < 0) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("config field 'eos_token_id' must be non-negative, got ", id));
+      }
+      c.eos_token_ids.push_back(id);
+    }
+  }
+
+  // Weight dtype: newer transformers write `dtype`, older `torch_dtype`.
+  ASSIGN_OR_RETURN(std::optional<std::string> dtype, OptString(j, "", "dtype"));
+  std::string dtype_field = "dtype";
+  if (!dtype.has_value()) {
+    ASSIGN_OR_RETURN(dtype, OptString(j, "", "torch_dtype"));
+    dtype_field = "torch_dtype";
+  }
+  if (dtype.has_value()) {
+    if (*dtype != "bfloat16" && *dtype != "float16" && *dtype != "float32") {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "config field '", dtype_field,
+          "' must be \"bfloat16\", \"float16\" or \"float32\", got \"", *dtype, "\""));
+    }
+    c.torch_dtype = *dtype;
+  }
+
+  ASSIGN_OR_RETURN(c.rope, ParseRope(j));
+  return c;
+}
+
+}  // namespace
+
+int64_t ModelConfig::NumParameters() const {
+  const int64_t h = hidden_size;
+  const int64_t attention = h * q_size() + 2 * h * kv_size() + q_size() * h;
+  const int64_t mlp = 3 * h * intermediate_size;
+  const int64_t norms = 2 * h;
+  const int64_t embeddings = vocab_size * h;
+  return embeddings + num_layers * (attention + mlp + norms) + h /* final norm */ +
+         (tie_word_embeddings ? 0 : embeddings);
+}
+
+absl::StatusOr<ModelConfig> ModelConfigFromJson(const nlohmann::json& j) {
+  // The parser uses only non-throwing accessors; this is a last line of defence.
+  try {
+    return ParseConfig(j);
+  } catch (const std::exception& e) {
+    return absl::InvalidArgumentError(absl::StrCat("config: malformed JSON value: ", e.what()));
+  }
+}
+
+absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& model_dir) {
+  std::string path = model_dir;
+  if (!path.empty() && path.back() != '/') path += '/';
+  path += "config.json";
+  ASSIGN_OR_RETURN(nlohmann::json j, ReadJsonFile(path));
+  absl::StatusOr<ModelConfig> config = ModelConfigFromJson(j);
+  if (!config.ok()) {
+    return absl::Status(config.status().code(),
+                        absl::StrCat(path, ": ", config.status().message()));
+  }
+  return config;
+}
+
+// Float32 semantics, following transformers (torch float32 tensors):
+//   exponent  = float(2i) / float(dim)                 (float32 division)
+//   base^exp  = pow(double(float(theta)), double(exponent)) rounded to float32
+//               (a correctly rounded powf for float inputs; torch's float pow is within 1 ulp)
+//   inv_freq  = 1.0f / (base^exp)                        (float32 division)
+// Scaling (linear, llama3) is then applied with float32 arithmetic, scalars cast to float32,
+// operation order as in `_compute_linear_scaling_rope_parameters` / `_compute_llama3_parameters`.
+std::vector<float> RopeInverseFrequencies(const ModelConfig& config) {
+  const int64_t dim = config.head_dim;
+  const int64_t half = dim / 2;
+  std::vector<float> inv(static_cast<size_t>(half > 0 ? half : 0));
+  const float base = static_cast<float>(config.rope.theta);
+  const RopeConfig& r = config.rope;
+
+  const float factor = static_cast<float>(r.factor);
+  const float low = static_cast<float>(r.low_freq_factor);
+  const float old_ctx = static_cast<float>(r.original_max_position_embeddings);
+  // Python computes these in double; torch then compares/divides against float32 tensors.
+  const float low_freq_wavelen = static_cast<float>(
+      static_cast<double>(r.original_max_position_embeddings) / r.low_freq_factor);
+  const float high_freq_wavelen = static_cast<float>(
+      static_cast<double>(r.original_max_position_embeddings) / r.high_freq_factor);
+  const float band = static_cast<float>(r.high_freq_factor - r.low_freq_factor);
+  const float two_pi = static_cast<float>(2.0 * std::numbers::pi);
+
+  for (int64_t i = 0; i < half; ++i) {
+    const float exponent = static_cast<float>(2 * i) / static_cast<float>(dim);
+    const float p = static_cast<float>(
+        std::pow(static_cast<double>(base), static_cast<double>(exponent)));
+    float f = 1.0f / p;
+    switch (r.type) {
+      case RopeType::kDefault:
+        break;
+      case RopeType::kLinear:
+        f = f / factor;
+        break;
+      case RopeType::kLlama3: {
+        const float wavelen = two_pi / f;
+        if (wavelen > low_freq_wavelen) {
+          f = f / factor;
+        } else if (!(wavelen < high_freq_wavelen)) {
+          const float smooth = (old_ctx / wavelen - low) / band;
+          f = (1.0f - smooth) * f / factor + smooth * f;
+        }
+        break;
+      }
+    }
+    inv[static_cast<size_t>(i)] = f;
+  }
+  return inv;
+}
+
+}  // namespace lorc

@@ -1,0 +1,76 @@
+// Llama weights on a backend, for one tensor-parallel rank: read from a checkpoint (each rank
+// reads only its slices) or generated from a seed (benchmarks of 8B/70B shapes without files).
+//
+// Tensor-parallel layout (Megatron style), for rank r of tp:
+//   qkv     [q_local + 2 * kv_local, hidden]: rows = this rank's query heads, then its KV heads'
+//           keys, then their values (q_proj/k_proj/v_proj split by heads, fused);
+//   o       [hidden, q_local]: o_proj split by columns (input features), summed by all-reduce;
+//   gate_up [2 * inter_local, hidden]: gate rows then up rows of this rank's slice;
+//   down    [hidden, inter_local]: down_proj split by columns, summed by all-reduce;
+//   embed, norms: replicated;
+//   lm_head: replicated by default; with `shard_lm_head`, rows [vocab_begin, vocab_begin +
+//           vocab_size) of it (the tied embedding's rows when tied), logits all-gathered.
+// When tp exceeds the KV-head count, each rank holds the one KV head its query heads use
+// (KV heads replicated tp / num_kv_heads times).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "backend/backend.h"
+#include "model/model_config.h"
+#include "model/safetensors.h"
+
+namespace lorc {
+
+// Which heads and MLP columns one rank holds.
+struct ShardLayout {
+  int32_t tp_rank = 0;
+  int32_t tp_size = 1;
+  int64_t num_heads = 0;       // query heads on this rank
+  int64_t num_kv_heads = 0;    // KV heads on this rank
+  int64_t head_begin = 0;      // first query head
+  int64_t kv_head_begin = 0;   // first KV head
+  int64_t inter_size = 0;      // MLP intermediate columns on this rank
+  int64_t inter_begin = 0;
+  bool lm_head_sharded = false;
+  int64_t vocab_begin = 0;     // LM-head rows on this rank (the whole vocabulary unless sharded)
+  int64_t vocab_size = 0;
+
+  // InvalidArgument when the model cannot be split `tp_size` ways (or, with `shard_lm_head`,
+  // when tp_size does not divide the vocabulary).
+  static absl::StatusOr<ShardLayout> Make(const ModelConfig& config, int32_t tp_rank,
+                                          int32_t tp_size, bool shard_lm_head = false);
+};
+
+struct LayerWeights {
+  DeviceBuffer input_norm;  // [hidden]
+  DeviceBuffer qkv;         // see above
+  DeviceBuffer o;
+  DeviceBuffer post_norm;   // [hidden]
+  DeviceBuffer gate_up;
+  DeviceBuffer down;
+};
+
+struct ModelWeights {
+  ShardLayout shard;
+  DeviceBuffer embed;       // [vocab, hidden]
+  DeviceBuffer final_norm;  // [hidden]
+  DeviceBuffer lm_head;     // [shard.vocab_size, hidden]; empty when tied and not sharded (use embed)
+  std::vector<LayerWeights> layers;
+  DType dtype = DType::kF32;  // element type on the device
+
+  const DeviceBuffer& lm_head_or_embed() const { return lm_head.empty() ? embed : lm_head; }
+};
+
+absl::StatusOr<ModelWeights> LoadWeights(const ModelConfig& config, const CheckpointReader& reader,
+                                         const ShardLayout& shard, Backend& backend);
+
+// Seeded random weights of the config's shape (uniform, std 0.02; norms 1). Values depend only
+// on (seed, tensor, element index), so every tp split sees slices of the same full model.
+absl::StatusOr<ModelWeights> RandomWeights(const ModelConfig& config, uint64_t seed,
+                                           const ShardLayout& shard, Backend& backend);
+
+}  // namespace lorc

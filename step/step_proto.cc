@@ -1,0 +1,119 @@
+#include "step/step_proto.h"
+
+namespace lorc {
+namespace {
+
+void ParamsToProto(const SamplingParams& p, lorcserve::internal::SamplingParams* out) {
+  out->set_temperature(p.temperature);
+  out->set_top_k(p.top_k);
+  out->set_top_p(p.top_p);
+  out->set_min_p(p.min_p);
+  out->set_repetition_penalty(p.repetition_penalty);
+  out->set_has_seed(p.seed.has_value());
+  out->set_seed(p.seed.value_or(0));
+  out->set_prompt_logprobs(p.prompt_logprobs.has_value());
+}
+
+SamplingParams ParamsFromProto(const lorcserve::internal::SamplingParams& p) {
+  SamplingParams sp;
+  sp.temperature = p.temperature();
+  sp.top_k = p.top_k();
+  sp.top_p = p.top_p();
+  sp.min_p = p.min_p();
+  sp.repetition_penalty = p.repetition_penalty();
+  if (p.has_seed()) sp.seed = p.seed();
+  if (p.prompt_logprobs()) sp.prompt_logprobs = 0;
+  return sp;
+}
+
+}  // namespace
+
+void StepPlanToProto(const StepPlan& plan, lorcserve::internal::StepPlan* out) {
+  out->Clear();
+  out->set_step_id(plan.step_id);
+  out->mutable_seqs()->Reserve(static_cast<int>(plan.seqs.size()));
+  for (const ScheduledSequence& s : plan.seqs) {
+    auto* p = out->add_seqs();
+    p->set_seq_id(s.seq_id);
+    p->mutable_new_token_ids()->Add(s.new_token_ids.begin(), s.new_token_ids.end());
+    p->set_num_computed_tokens(s.num_computed_tokens);
+    p->set_num_scheduled_tokens(s.num_scheduled_tokens);
+    p->mutable_new_block_ids()->Add(s.new_block_ids.begin(), s.new_block_ids.end());
+    p->set_sample(s.sample);
+    if (s.params.has_value()) ParamsToProto(*s.params, p->mutable_params());
+  }
+  for (const BlockCopy& c : plan.copies) {
+    auto* p = out->add_copies();
+    p->set_src(c.src);
+    p->set_dst(c.dst);
+  }
+  out->mutable_finished()->Add(plan.finished.begin(), plan.finished.end());
+  out->mutable_preempted()->Add(plan.preempted.begin(), plan.preempted.end());
+}
+
+StepPlan StepPlanFromProto(const lorcserve::internal::StepPlan& p) {
+  StepPlan plan;
+  plan.step_id = p.step_id();
+  plan.seqs.reserve(p.seqs_size());
+  for (const auto& s : p.seqs()) {
+    ScheduledSequence q;
+    q.seq_id = s.seq_id();
+    q.new_token_ids.assign(s.new_token_ids().begin(), s.new_token_ids().end());
+    q.num_computed_tokens = s.num_computed_tokens();
+    q.num_scheduled_tokens = s.num_scheduled_tokens();
+    q.new_block_ids.assign(s.new_block_ids().begin(), s.new_block_ids().end());
+    q.sample = s.sample();
+    if (s.has_params()) q.params = ParamsFromProto(s.params());
+    plan.seqs.push_back(std::move(q));
+  }
+  for (const auto& c : p.copies()) plan.copies.push_back({c.src(), c.dst()});
+  plan.finished.assign(p.finished().begin(), p.finished().end());
+  plan.preempted.assign(p.preempted().begin(), p.preempted().end());
+  return plan;
+}
+
+void StepResultToProto(const StepResult& r, lorcserve::internal::StepResult* out) {
+  out->Clear();
+  out->set_step_id(r.step_id);
+  for (const SampledToken& t : r.sampled) {
+    auto* p = out->add_sampled();
+    p->set_seq_id(t.seq_id);
+    p->set_token(t.token);
+  }
+  for (const FailedSequence& f : r.failed) {
+    auto* p = out->add_failed();
+    p->set_seq_id(f.seq_id);
+    p->set_code(static_cast<int32_t>(f.status.code()));
+    p->set_message(std::string(f.status.message()));
+  }
+  for (const PromptLogprobs& l : r.prompt_logprobs) {
+    auto* p = out->add_prompt_logprobs();
+    p->set_seq_id(l.seq_id);
+    p->set_first_position(l.first_position);
+    p->mutable_logprobs()->Add(l.logprobs.begin(), l.logprobs.end());
+  }
+  out->set_compute_us(r.compute_us);
+  out->set_idle_us(r.idle_us);
+}
+
+StepResult StepResultFromProto(const lorcserve::internal::StepResult& p) {
+  StepResult r;
+  r.step_id = p.step_id();
+  r.compute_us = p.compute_us();
+  r.idle_us = p.idle_us();
+  r.sampled.reserve(p.sampled_size());
+  for (const auto& t : p.sampled()) r.sampled.push_back({t.seq_id(), t.token()});
+  for (const auto& f : p.failed()) {
+    // A worker never reports OK for a failed sequence; an out-of-range code still fails it.
+    absl::StatusCode code = static_cast<absl::StatusCode>(f.code());
+    if (code == absl::StatusCode::kOk) code = absl::StatusCode::kInternal;
+    r.failed.push_back({f.seq_id(), absl::Status(code, f.message())});
+  }
+  for (const auto& l : p.prompt_logprobs()) {
+    r.prompt_logprobs.push_back(
+        {l.seq_id(), l.first_position(), std::vector<float>(l.logprobs().begin(), l.logprobs().end())});
+  }
+  return r;
+}
+
+}  // namespace lorc

@@ -1,0 +1,387 @@
+#include "model/model_config.h"
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <numbers>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "common/json_util.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
+#include "tests/testing/fixtures.h"
+#include "tests/testing/status_matchers.h"
+
+namespace lorc {
+namespace {
+
+using ::lorc::testing::StatusIs;
+using ::testing::AllOf;
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+using json = nlohmann::json;
+
+const std::string kTinyDir = ::lorc::testing::TinyLlamaDir();
+
+json TinyConfigJson() {
+  absl::StatusOr<json> j = ReadJsonFile(kTinyDir + "/config.json");
+  EXPECT_TRUE(j.ok()) << j.status();
+  return j.ok() ? *j : json::object();
+}
+
+// A Llama-3.1-70B-style config.json (older layout: top-level rope_theta + rope_scaling).
+json Llama31_70BJson() {
+  return json::parse(R"({
+    "architectures": ["LlamaForCausalLM"],
+    "attention_bias": false,
+    "attention_dropout": 0.0,
+    "bos_token_id": 128000,
+    "eos_token_id": [128001, 128008, 128009],
+    "hidden_act": "silu",
+    "hidden_size": 8192,
+    "initializer_range": 0.02,
+    "intermediate_size": 28672,
+    "max_position_embeddings": 131072,
+    "mlp_bias": false,
+    "model_type": "llama",
+    "num_attention_heads": 64,
+    "num_hidden_layers": 80,
+    "num_key_value_heads": 8,
+    "pretraining_tp": 1,
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": {
+      "factor": 8.0,
+      "low_freq_factor": 1.0,
+      "high_freq_factor": 4.0,
+      "original_max_position_embeddings": 8192,
+      "rope_type": "llama3"
+    },
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": false,
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.43.0.dev0",
+    "use_cache": true,
+    "vocab_size": 128256
+  })");
+}
+
+TEST(ModelConfigTest, LoadsTinyLlama) {
+  absl::StatusOr<ModelConfig> c = LoadModelConfig(kTinyDir);
+  ASSERT_OK(c);
+  EXPECT_EQ(c->model_type, "llama");
+  EXPECT_EQ(c->num_layers, 8);
+  EXPECT_EQ(c->hidden_size, 512);
+  EXPECT_EQ(c->intermediate_size, 1408);
+  EXPECT_EQ(c->vocab_size, 4096);
+  EXPECT_EQ(c->num_heads, 4);
+  EXPECT_EQ(c->num_kv_heads, 2);
+  EXPECT_EQ(c->head_dim, 128);
+  EXPECT_EQ(c->q_size(), 512);
+  EXPECT_EQ(c->kv_size(), 256);
+  EXPECT_EQ(c->max_position_embeddings, 4096);
+  EXPECT_DOUBLE_EQ(c->rms_norm_eps, 1e-5);
+  EXPECT_FALSE(c->tie_word_embeddings);
+  EXPECT_EQ(c->rope.type, RopeType::kDefault);
+  EXPECT_DOUBLE_EQ(c->rope.theta, 500000.0);
+  EXPECT_EQ(c->bos_token_id, 0);
+  EXPECT_THAT(c->eos_token_ids, ElementsAre(1));
+  EXPECT_EQ(c->torch_dtype, "bfloat16");
+  // README: 27.8M parameters.
+  EXPECT_EQ(c->NumParameters(), 27795968);
+}
+
+TEST(ModelConfigTest, TopLevelRopeThetaGivesSameConfig) {
+  json j = TinyConfigJson();
+  j.erase("rope_parameters");
+  j["rope_theta"] = 500000.0;
+  j["rope_scaling"] = nullptr;
+  absl::StatusOr<ModelConfig> c = ModelConfigFromJson(j);
+  ASSERT_OK(c);
+  EXPECT_EQ(c->rope.type, RopeType::kDefault);
+  EXPECT_DOUBLE_EQ(c->rope.theta, 500000.0);
+  EXPECT_EQ(c->head_dim, 128);
+  EXPECT_EQ(c->num_kv_heads, 2);
+}
+
+TEST(ModelConfigTest, DefaultsWhenOptionalFieldsAbsent) {
+  json j = TinyConfigJson();
+  for (const char* k : {"num_key_value_heads", "max_position_embeddings", "rms_norm_eps",
+                        "tie_word_embeddings", "bos_token_id", "eos_token_id", "dtype",
+                        "rope_parameters"}) {
+    j.erase(k);
+  }
+  j["head_dim"] = nullptr;  // null: hidden_size / num_attention_heads
+  absl::StatusOr<ModelConfig> c = ModelConfigFromJson(j);
+  ASSERT_OK(c);
+  EXPECT_EQ(c->num_kv_heads, 4);
+  EXPECT_EQ(c->head_dim, 128);
+  EXPECT_EQ(c->max_position_embeddings, 2048);
+  EXPECT_DOUBLE_EQ(c->rms_norm_eps, 1e-6);
+  EXPECT_FALSE(c->tie_word_embeddings);
+  EXPECT_EQ(c->bos_token_id, -1);
+  EXPECT_TRUE(c->eos_token_ids.empty());
+  EXPECT_EQ(c->torch_dtype, "");
+  EXPECT_EQ(c->rope.type, RopeType::kDefault);
+  EXPECT_DOUBLE_EQ(c->rope.theta, 10000.0);
+}
+
+TEST(ModelConfigTest, DefaultRopeInverseFrequencies) {
+  absl::StatusOr<ModelConfig> c = LoadModelConfig(kTinyDir);
+  ASSERT_OK(c);
+  const std::vector<float> inv = RopeInverseFrequencies(*c);
+  ASSERT_EQ(inv.size(), 64u);
+  for (int i : {0, 1, 17, 40, 63}) {
+    const double want = 1.0 / std::pow(500000.0, 2.0 * i / 128.0);
+    EXPECT_NEAR(inv[i], want, want * 2e-6) << i;
+  }
+  EXPECT_EQ(inv[0], 1.0f);
+}
+
+TEST(ModelConfigTest, Llama31_70BWithLlama3Scaling) {
+  absl::StatusOr<ModelConfig> c = ModelConfigFromJson(Llama31_70BJson());
+  ASSERT_OK(c);
+  EXPECT_EQ(c->hidden_size, 8192);
+  EXPECT_EQ(c->num_layers, 80);
+  EXPECT_EQ(c->num_heads, 64);
+  EXPECT_EQ(c->num_kv_heads, 8);
+  EXPECT_EQ(c->head_dim, 128);
+  EXPECT_EQ(c->intermediate_size, 28672);
+  EXPECT_EQ(c->vocab_size, 128256);
+  EXPECT_EQ(c->max_position_embeddings, 131072);
+  EXPECT_EQ(c->bos_token_id, 128000);
+  EXPECT_THAT(c->eos_token_ids, ElementsAre(128001, 128008, 128009));
+  EXPECT_EQ(c->torch_dtype, "bfloat16");
+  EXPECT_EQ(c->rope.type, RopeType::kLlama3);
+  EXPECT_DOUBLE_EQ(c->rope.theta, 500000.0);
+  EXPECT_DOUBLE_EQ(c->rope.factor, 8.0);
+  EXPECT_DOUBLE_EQ(c->rope.low_freq_factor, 1.0);
+  EXPECT_DOUBLE_EQ(c->rope.high_freq_factor, 4.0);
+  EXPECT_EQ(c->rope.original_max_position_embeddings, 8192);
+  // Llama 3.1 70B has 70.55B parameters.
+  EXPECT_EQ(c->NumParameters(), 70553706496);
+
+  const std::vector<float> inv = RopeInverseFrequencies(*c);
+  ASSERT_EQ(inv.size(), 64u);
+
+  // Independent reference in double precision, following the Llama 3.1 reference code.
+  auto reference = [](int i, bool* smooth_band) {
+    const double base = 1.0 / std::pow(500000.0, 2.0 * i / 128.0);
+    const double wavelen = 2 * std::numbers::pi / base;
+    const double low_freq_wavelen = 8192.0 / 1.0;
+    const double high_freq_wavelen = 8192.0 / 4.0;
+    *smooth_band = false;
+    if (wavelen < high_freq_wavelen) return base;
+    if (wavelen > low_freq_wavelen) return base / 8.0;
+    *smooth_band = true;
+    const double smooth = (8192.0 / wavelen - 1.0) / (4.0 - 1.0);
+    return (1 - smooth) * base / 8.0 + smooth * base;
+  };
+  bool smooth = false;
+  EXPECT_NEAR(inv[0], reference(0, &smooth), 1e-7);  // highest frequency: unchanged
+  EXPECT_EQ(inv[0], 1.0f);
+  EXPECT_FALSE(smooth);
+  const double mid = reference(31, &smooth);  // in the smoothly interpolated band
+  EXPECT_TRUE(smooth);
+  EXPECT_NEAR(inv[31], mid, mid * 1e-5);
+  EXPECT_LT(inv[31], 1.0 / std::pow(500000.0, 62.0 / 128.0));  // really scaled down
+  const double last = reference(63, &smooth);  // lowest frequency: divided by factor
+  EXPECT_FALSE(smooth);
+  EXPECT_NEAR(inv[63], last, last * 1e-5);
+  EXPECT_NEAR(inv[63], 1.0 / std::pow(500000.0, 126.0 / 128.0) / 8.0, last * 1e-5);
+  for (int i = 0; i < 64; ++i) {
+    const double want = reference(i, &smooth);
+    EXPECT_NEAR(inv[i], want, want * 1e-5) << i;
+  }
+}
+
+uint32_t Bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u;
+}
+
+// Reference bits produced by torch 2.11 (CPU) running transformers' formulas
+// (`_compute_default_rope_parameters`, `_compute_llama3_parameters`) for head_dim 128.
+TEST(ModelConfigTest, InverseFrequenciesMatchTorchBitExactly) {
+  absl::StatusOr<ModelConfig> c = ModelConfigFromJson(Llama31_70BJson());
+  ASSERT_OK(c);
+  const std::vector<float> llama3 = RopeInverseFrequencies(*c);
+  const std::vector<std::pair<int, uint32_t>> want_llama3 = {
+      {0, 0x3f800000},  {1, 0x3f508ac1},  {28, 0x3b527720}, {29, 0x3b0dfd06},
+      {30, 0x3ab3d11d}, {31, 0x3a60979e}, {32, 0x3a0995d2}, {33, 0x39a3f108},
+      {34, 0x393b2dd2}, {35, 0x38c86886}, {36, 0x38a3418d}, {63, 0x34a4c2ff}};
+  for (const auto& [i, bits] : want_llama3) EXPECT_EQ(Bits(llama3[i]), bits) << i;
+
+  c->rope = RopeConfig{};
+  c->rope.theta = 500000.0;
+  const std::vector<float> plain = RopeInverseFrequencies(*c);
+  const std::vector<std::pair<int, uint32_t>> want_plain = {
+      {1, 0x3f508ac1}, {29, 0x3b2b72dc}, {31, 0x3ae38c10}, {63, 0x3624c2ff}};
+  for (const auto& [i, bits] : want_plain) EXPECT_EQ(Bits(plain[i]), bits) << i;
+
+  c->rope.theta = 10000.0;
+  c->rope.type = RopeType::kLinear;
+  c->rope.factor = 4.0;
+  const std::vector<float> linear = RopeInverseFrequencies(*c);
+  const std::vector<std::pair<int, uint32_t>> want_linear = {
+      {0, 0x3e800000}, {1, 0x3e5dafd7}, {30, 0x3b5a7bf2}, {63, 0x37f22ce2}};
+  for (const auto& [i, bits] : want_linear) EXPECT_EQ(Bits(linear[i]), bits) << i;
+}
+
+TEST(ModelConfigTest, Llama3ScalingInRopeParameters) {
+  json j = Llama31_70BJson();
+  json params = j["rope_scaling"];
+  params["rope_theta"] = 500000.0;
+  j.erase("rope_scaling");
+  j.erase("rope_theta");
+  j["rope_parameters"] = params;
+  absl::StatusOr<ModelConfig> c = ModelConfigFromJson(j);
+  ASSERT_OK(c);
+  EXPECT_EQ(c->rope.type, RopeType::kLlama3);
+  EXPECT_DOUBLE_EQ(c->rope.theta, 500000.0);
+  EXPECT_EQ(RopeInverseFrequencies(*c), RopeInverseFrequencies(*ModelConfigFromJson(
+                                            Llama31_70BJson())));
+}
+
+TEST(ModelConfigTest, LinearScalingWithLegacyTypeKey) {
+  json j = TinyConfigJson();
+  j.erase("rope_parameters");
+  j["rope_theta"] = 10000.0;
+  j["rope_scaling"] = {{"type", "linear"}, {"factor", 4.0}};
+  absl::StatusOr<ModelConfig> c = ModelConfigFromJson(j);
+  ASSERT_OK(c);
+  EXPECT_EQ(c->rope.type, RopeType::kLinear);
+  const std::vector<float> inv = RopeInverseFrequencies(*c);
+  for (int i : {0, 10, 63}) {
+    const double want = 1.0 / std::pow(10000.0, 2.0 * i / 128.0) / 4.0;
+    EXPECT_NEAR(inv[i], want, want * 2e-6) << i;
+  }
+}
+
+TEST(ModelConfigTest, HeadDimNullDerivedFromHidden) {
+  json j = Llama31_70BJson();
+  j["head_dim"] = nullptr;
+  absl::StatusOr<ModelConfig> c = ModelConfigFromJson(j);
+  ASSERT_OK(c);
+  EXPECT_EQ(c->head_dim, 128);
+}
+
+TEST(ModelConfigTest, MissingRequiredField) {
+  json j = TinyConfigJson();
+  j.erase("vocab_size");
+  EXPECT_THAT(ModelConfigFromJson(j),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       AllOf(HasSubstr("'vocab_size'"), HasSubstr("missing"))));
+}
+
+TEST(ModelConfigTest, WrongTypeIsAnErrorNotACrash) {
+  json j = TinyConfigJson();
+  j["hidden_size"] = "512";
+  EXPECT_THAT(ModelConfigFromJson(j),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       AllOf(HasSubstr("'hidden_size'"), HasSubstr("integer"),
+                             HasSubstr("string"))));
+  json k = TinyConfigJson();
+  k["rope_parameters"]["rope_theta"] = "big";
+  EXPECT_THAT(ModelConfigFromJson(k), StatusIs(absl::StatusCode::kInvalidArgument,
+                                               HasSubstr("'rope_parameters.rope_theta'")));
+  json l = TinyConfigJson();
+  l["tie_word_embeddings"] = 1;
+  EXPECT_THAT(ModelConfigFromJson(l), StatusIs(absl::StatusCode::kInvalidArgument,
+                                               HasSubstr("'tie_word_embeddings'")));
+  json m = TinyConfigJson();
+  m["eos_token_id"] = json::array({1, "two"});
+  EXPECT_THAT(ModelConfigFromJson(m), StatusIs(absl::StatusCode::kInvalidArgument,
+                                               HasSubstr("'eos_token_id[1]'")));
+  EXPECT_THAT(ModelConfigFromJson(json::array({1, 2})),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("object")));
+  json n = TinyConfigJson();
+  n["rope_parameters"] = "default";
+  EXPECT_THAT(ModelConfigFromJson(n), StatusIs(absl::StatusCode::kInvalidArgument,
+                                               HasSubstr("'rope_parameters'")));
+}
+
+TEST(ModelConfigTest, NonPositiveAndInconsistentSizes) {
+  json j = TinyConfigJson();
+  j["num_hidden_layers"] = 0;
+  EXPECT_THAT(ModelConfigFromJson(j), StatusIs(absl::StatusCode::kInvalidArgument,
+                                               HasSubstr("'num_hidden_layers' must be positive")));
+  json k = TinyConfigJson();
+  k["head_dim"] = 127;
+  EXPECT_THAT(ModelConfigFromJson(k),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("'head_dim' must be even")));
+  json l = TinyConfigJson();
+  l.erase("head_dim");
+  l["num_attention_heads"] = 3;
+  l["num_key_value_heads"] = 1;
+  EXPECT_THAT(ModelConfigFromJson(l), StatusIs(absl::StatusCode::kInvalidArgument,
+                                               HasSubstr("'hidden_size' (512) must be divisible")));
+}
+
+TEST(ModelConfigTest, HeadsNotDivisibleByKvHeads) {
+  json j = TinyConfigJson();
+  j["num_key_value_heads"] = 3;
+  EXPECT_THAT(ModelConfigFromJson(j),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       AllOf(HasSubstr("'num_attention_heads' (4)"),
+                             HasSubstr("'num_key_value_heads' (3)"))));
+}
+
+TEST(ModelConfigTest, UnsupportedRopeTypes) {
+  json j = TinyConfigJson();
+  j["rope_parameters"]["rope_type"] = "yarn";
+  j["rope_parameters"]["factor"] = 4.0;
+  EXPECT_THAT(ModelConfigFromJson(j),
+              StatusIs(absl::StatusCode::kUnimplemented, HasSubstr("'yarn'")));
+  json k = Llama31_70BJson();
+  k["rope_scaling"] = {{"type", "dynamic"}, {"factor", 2.0}};
+  EXPECT_THAT(ModelConfigFromJson(k),
+              StatusIs(absl::StatusCode::kUnimplemented, HasSubstr("'dynamic'")));
+}
+
+TEST(ModelConfigTest, Llama3RequiresAllParameters) {
+  json j = Llama31_70BJson();
+  j["rope_scaling"].erase("low_freq_factor");
+  EXPECT_THAT(ModelConfigFromJson(j),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("'rope_scaling.low_freq_factor' is required")));
+  json k = Llama31_70BJson();
+  k["rope_scaling"].erase("original_max_position_embeddings");
+  EXPECT_THAT(ModelConfigFromJson(k),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("'rope_scaling.original_max_position_embeddings'")));
+}
+
+TEST(ModelConfigTest, UnsupportedArchitectureFeatures) {
+  json j = TinyConfigJson();
+  j["attention_bias"] = true;
+  EXPECT_THAT(ModelConfigFromJson(j),
+              StatusIs(absl::StatusCode::kUnimplemented, HasSubstr("'attention_bias'")));
+  json k = TinyConfigJson();
+  k["mlp_bias"] = true;
+  EXPECT_THAT(ModelConfigFromJson(k),
+              StatusIs(absl::StatusCode::kUnimplemented, HasSubstr("'mlp_bias'")));
+  json l = TinyConfigJson();
+  l["model_type"] = "mistral";
+  l["sliding_window"] = 4096;
+  EXPECT_THAT(ModelConfigFromJson(l),
+              StatusIs(absl::StatusCode::kUnimplemented, HasSubstr("sliding_window")));
+  l["sliding_window"] = nullptr;
+  EXPECT_OK(ModelConfigFromJson(l));
+  json m = TinyConfigJson();
+  m["model_type"] = "qwen2";
+  EXPECT_THAT(ModelConfigFromJson(m),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("'model_type'")));
+}
+
+TEST(ModelConfigTest, MissingFileNamesPath) {
+  EXPECT_THAT(LoadModelConfig("/nonexistent/lorc-model"),
+              StatusIs(absl::StatusCode::kNotFound,
+                       HasSubstr("/nonexistent/lorc-model/config.json")));
+}
+
+}  // namespace
+}  // namespace lorc

@@ -1,0 +1,111 @@
+// The step contract's wire form: lossless round trips, and a decode step whose size does not
+// grow with the context (the point of the incremental protocol).
+#include "step/step_proto.h"
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tests/testing/status_matchers.h"
+
+namespace lorc {
+namespace {
+
+using ::lorc::testing::StatusIs;
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+
+TEST(StepProtoTest, PlanRoundTripKeepsEveryField) {
+  StepPlan plan;
+  plan.step_id = 42;
+  ScheduledSequence a;
+  a.seq_id = 7;
+  a.new_token_ids = {0, 5, 9};
+  a.num_computed_tokens = 0;
+  a.num_scheduled_tokens = 3;
+  a.new_block_ids = {4};
+  a.sample = true;
+  SamplingParams p;
+  p.temperature = 0.7f;
+  p.top_k = 20;
+  p.top_p = 0.9f;
+  p.min_p = 0.05f;
+  p.repetition_penalty = 1.1f;
+  p.seed = 123;
+  a.params = p;
+  ScheduledSequence b;
+  b.seq_id = 8;
+  b.num_computed_tokens = 4097;
+  b.num_scheduled_tokens = 1;
+  plan.seqs = {a, b};
+  plan.copies = {{3, 5}};
+  plan.finished = {1, 2};
+  plan.preempted = {9};
+  lorcserve::internal::StepPlan msg;
+  StepPlanToProto(plan, &msg);
+  const StepPlan back = StepPlanFromProto(msg);
+  EXPECT_EQ(back.step_id, 42u);
+  ASSERT_EQ(back.seqs.size(), 2u);
+  EXPECT_EQ(back.seqs[0].new_token_ids, a.new_token_ids);
+  EXPECT_EQ(back.seqs[0].new_block_ids, a.new_block_ids);
+  EXPECT_EQ(back.seqs[0].num_scheduled_tokens, 3);
+  EXPECT_TRUE(back.seqs[0].sample);
+  ASSERT_TRUE(back.seqs[0].params.has_value());
+  EXPECT_EQ(back.seqs[0].params->top_k, 20);
+  EXPECT_FLOAT_EQ(back.seqs[0].params->min_p, 0.05f);
+  EXPECT_EQ(back.seqs[0].params->seed, std::optional<uint64_t>(123));
+  EXPECT_EQ(back.seqs[1].num_computed_tokens, 4097);
+  EXPECT_FALSE(back.seqs[1].params.has_value());
+  EXPECT_FALSE(back.seqs[1].sample);
+  ASSERT_EQ(back.copies.size(), 1u);
+  EXPECT_EQ(back.copies[0].src, 3);
+  EXPECT_EQ(back.copies[0].dst, 5);
+  EXPECT_THAT(back.finished, ElementsAre(1, 2));
+  EXPECT_THAT(back.preempted, ElementsAre(9));
+}
+
+TEST(StepProtoTest, ResultRoundTripKeepsFailedSequencesAndTheirStatus) {
+  StepResult r;
+  r.step_id = 5;
+  r.sampled = {{1, 10}, {2, 20}};
+  r.failed = {{3, absl::InvalidArgumentError("token id 5000 outside the vocabulary")}};
+  r.compute_us = 1234;
+  r.idle_us = 56;
+  lorcserve::internal::StepResult msg;
+  StepResultToProto(r, &msg);
+  const StepResult back = StepResultFromProto(msg);
+  EXPECT_EQ(back.step_id, 5u);
+  ASSERT_EQ(back.sampled.size(), 2u);
+  EXPECT_EQ(back.sampled[1].token, 20);
+  ASSERT_EQ(back.failed.size(), 1u);
+  EXPECT_EQ(back.failed[0].seq_id, 3);
+  EXPECT_THAT(back.failed[0].status,
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("token id 5000")));
+  EXPECT_EQ(back.compute_us, 1234);
+  EXPECT_EQ(back.idle_us, 56);
+  // A failure reported with code OK (a broken peer) still fails the sequence.
+  msg.mutable_failed(0)->set_code(0);
+  EXPECT_THAT(StepResultFromProto(msg).failed[0].status, StatusIs(absl::StatusCode::kInternal));
+}
+
+TEST(StepProtoTest, ADecodeStepsBytesDoNotGrowWithTheContext) {
+  // 64 decoding sequences, as the scheduler sends them, at 128 and at 32k tokens of context.
+  auto bytes = [](int64_t context) {
+    StepPlan plan;
+    plan.step_id = 1000;
+    for (int64_t i = 0; i < 64; ++i) {
+      ScheduledSequence s;
+      s.seq_id = 1000 + i;
+      s.num_computed_tokens = context;
+      s.num_scheduled_tokens = 1;
+      s.sample = true;
+      plan.seqs.push_back(s);
+    }
+    lorcserve::internal::StepPlan msg;
+    StepPlanToProto(plan, &msg);
+    return msg.ByteSizeLong();
+  };
+  EXPECT_LE(bytes(32768), bytes(128) + 64);  // varints of num_computed_tokens: a byte each
+  EXPECT_LT(bytes(32768), 1024u);
+}
+
+}  // namespace
+}  // namespace lorc

@@ -7,6 +7,7 @@
 #include "cli/sampling_flags.h"
 #include "cli/session.h"
 #include "common/status_macros.h"
+#include "tokenizer/prompt.h"
 #include "nlohmann/json.hpp"
 
 namespace lorc::cli {
@@ -30,11 +31,8 @@ absl::StatusOr<GenerationRequest> BuildRequest(const Args& args, const Session& 
     if (s.tokenizer == nullptr) {
       return absl::FailedPreconditionError("the model directory has no tokenizer.json: use --prompt-ids");
     }
-    ASSIGN_OR_RETURN(r.prompt_ids, s.tokenizer->Encode(args.Get("prompt"), /*add_special_tokens=*/true));
-    const int64_t bos = s.model.config.bos_token_id;
-    if (bos >= 0 && (r.prompt_ids.empty() || r.prompt_ids.front() != bos)) {
-      r.prompt_ids.insert(r.prompt_ids.begin(), static_cast<int32_t>(bos));
-    }
+    ASSIGN_OR_RETURN(r.prompt_ids,
+                     PromptToIds(*s.tokenizer, args.Get("prompt"), s.model.config.bos_token_id));
   }
   ASSIGN_OR_RETURN(r.params, ParseSampling(args));
   return r;

@@ -3,6 +3,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/grpc_status.h"
 #include "common/status_macros.h"
+#include "tokenizer/prompt.h"
 
 namespace lorc {
 namespace {
@@ -47,10 +48,7 @@ absl::StatusOr<GenerationRequest> LorcServeService::Convert(const lorcserve::v1:
       if (tokenizer_ == nullptr) {
         return absl::InvalidArgumentError("the model has no tokenizer: send token_ids");
       }
-      ASSIGN_OR_RETURN(g.prompt_ids, tokenizer_->Encode(req.text(), /*add_special_tokens=*/true));
-      if (config_.bos_token_id >= 0 && (g.prompt_ids.empty() || g.prompt_ids.front() != config_.bos_token_id)) {
-        g.prompt_ids.insert(g.prompt_ids.begin(), static_cast<int32_t>(config_.bos_token_id));
-      }
+      ASSIGN_OR_RETURN(g.prompt_ids, PromptToIds(*tokenizer_, req.text(), config_.bos_token_id));
       break;
     }
     case lorcserve::v1::GenerateRequest::kTokenIds:

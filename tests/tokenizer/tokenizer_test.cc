@@ -14,6 +14,7 @@
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 #include "tests/testing/fixtures.h"
+#include "tokenizer/prompt.h"
 #include "tests/testing/status_matchers.h"
 
 namespace lorc {
@@ -639,6 +640,44 @@ TEST(TokenizerRegexTest, Llama3RegexPieces) {
       {"invert", false}};
   EXPECT_THAT(PreTokenize(split, "THEY'LL 12345  x\n\n"),
               ElementsAre("THEY", "'LL", " ", "123", "45", " ", " x", "\n\n"));
+}
+
+}  // namespace
+}  // namespace lorc
+
+// --- One prompt-to-ids rule (tokenizer/prompt.h) ---------------------------------------------
+
+namespace lorc {
+namespace {
+
+TEST(PromptToIdsTest, ExactlyOneBosWhateverTheTemplateAndTheTextSay) {
+  REQUIRE_FIXTURE(kLlama3Dir);
+  auto llama3 = LoadLlama3();  // its TemplateProcessing adds <|begin_of_text|>
+  ASSERT_NE(llama3, nullptr);
+  const int32_t bos = *llama3->TokenToId("<|begin_of_text|>");
+  auto plain = PromptToIds(*llama3, "Hello", bos);
+  ASSERT_OK(plain);
+  ASSERT_GE(plain->size(), 2u);
+  EXPECT_EQ((*plain)[0], bos);
+  EXPECT_NE((*plain)[1], bos);
+  // The text spells out BOS itself: still one (the template's and the text's are not stacked).
+  auto spelled = PromptToIds(*llama3, "<|begin_of_text|>Hello", bos);
+  ASSERT_OK(spelled);
+  EXPECT_EQ(*spelled, *plain);
+  // A model without BOS: the tokenizer's output as it is.
+  auto none = PromptToIds(*llama3, "Hello", -1);
+  ASSERT_OK(none);
+  EXPECT_EQ(*none, *llama3->Encode("Hello", true));
+
+  REQUIRE_FIXTURE(kTinyDir);
+  auto tiny = LoadTiny();  // adds no BOS itself: the model's BOS (id 0) is prepended
+  ASSERT_NE(tiny, nullptr);
+  auto ids = PromptToIds(*tiny, "The pass key of", 0);
+  ASSERT_OK(ids);
+  EXPECT_EQ((*ids)[0], 0);
+  EXPECT_EQ(std::vector<int32_t>(ids->begin() + 1, ids->end()), *tiny->Encode("The pass key of"));
+  EXPECT_THAT(PromptToIds(*tiny, std::string("ab\xff", 3), 0),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("byte offset 2")));
 }
 
 }  // namespace

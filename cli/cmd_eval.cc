@@ -1,18 +1,13 @@
 // lorcserve eval: perplexity over held-out windows and pass-key retrieval accuracy.
-#include <chrono>
-#include <cmath>
 #include <filesystem>
-#include <fstream>
 #include <iostream>
 #include <optional>
-#include <map>
 
-#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "cli/commands.h"
 #include "cli/session.h"
-#include "common/json_util.h"
+#include "eval/eval.h"
 #include "common/status_macros.h"
 #include "nlohmann/json.hpp"
 
@@ -30,105 +25,6 @@ std::vector<FlagSpec> Flags() {
   };
   f.insert(f.end(), own.begin(), own.end());
   return f;
-}
-
-// Reads a JSON-lines file; errors name the file and line.
-absl::StatusOr<std::vector<nlohmann::json>> ReadJsonLines(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) return absl::NotFoundError(absl::StrCat(path, ": cannot open"));
-  std::vector<nlohmann::json> out;
-  std::string line;
-  for (int n = 1; std::getline(in, line); ++n) {
-    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
-    ASSIGN_OR_RETURN(nlohmann::json j, ParseJson(line, absl::StrCat(path, ":", n)));
-    if (!j.is_object()) return absl::InvalidArgumentError(absl::StrCat(path, ":", n, ": not a JSON object"));
-    j["__line"] = n;
-    out.push_back(std::move(j));
-  }
-  return out;
-}
-
-absl::StatusOr<std::vector<int32_t>> IdList(const nlohmann::json& j, const char* field,
-                                            const std::string& where) {
-  auto it = j.find(field);
-  if (it == j.end() || !it->is_array()) {
-    return absl::InvalidArgumentError(absl::StrCat(where, ": '", field, "' must be a list of ints"));
-  }
-  std::vector<int32_t> v;
-  for (const auto& x : *it) {
-    if (!x.is_number_integer()) {
-      return absl::InvalidArgumentError(absl::StrCat(where, ": '", field, "' must be a list of ints"));
-    }
-    v.push_back(x.get<int32_t>());
-  }
-  return v;
-}
-
-struct PplResult {
-  double ppl = 0;
-  int64_t windows = 0, tokens = 0;
-  double seconds = 0;
-};
-
-absl::StatusOr<PplResult> EvalPerplexity(Engine& engine,
-                                          const std::string& path, int64_t limit) {
-  ASSIGN_OR_RETURN(std::vector<nlohmann::json> rows, ReadJsonLines(path));
-  const auto t0 = std::chrono::steady_clock::now();
-  PplResult r;
-  double sum = 0;
-  for (const nlohmann::json& row : rows) {
-    if (limit > 0 && r.windows >= limit) break;
-    const std::string where = absl::StrCat(path, ":", row["__line"].get<int>());
-    ASSIGN_OR_RETURN(std::vector<int32_t> ids, IdList(row, "ids", where));
-    ASSIGN_OR_RETURN(std::vector<int32_t> targets, IdList(row, "targets", where));
-    absl::StatusOr<std::vector<double>> nll = ScorePromptNll(engine, ids, targets);
-    if (!nll.ok()) return absl::Status(nll.status().code(), absl::StrCat(where, ": ", nll.status().message()));
-    for (double x : *nll) sum += x;
-    r.tokens += static_cast<int64_t>(nll->size());
-    ++r.windows;
-  }
-  if (r.tokens == 0) return absl::InvalidArgumentError(absl::StrCat(path, ": no windows"));
-  r.ppl = std::exp(sum / static_cast<double>(r.tokens));
-  r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  return r;
-}
-
-struct PasskeyResult {
-  std::map<int64_t, std::pair<int64_t, int64_t>> by_length;  // filler -> (correct, total)
-  double seconds = 0;
-};
-
-absl::StatusOr<PasskeyResult> EvalPasskey(Engine& engine, const std::string& path, int64_t limit) {
-  ASSIGN_OR_RETURN(std::vector<nlohmann::json> rows, ReadJsonLines(path));
-  std::vector<GenerationRequest> reqs;
-  std::vector<std::pair<int64_t, std::string>> meta;  // filler, answer
-  std::map<int64_t, int64_t> taken;
-  for (const nlohmann::json& row : rows) {
-    const std::string where = absl::StrCat(path, ":", row["__line"].get<int>());
-    if (!row.contains("filler_tokens") || !row["filler_tokens"].is_number_integer() ||
-        !row.contains("answer") || !row["answer"].is_string()) {
-      return absl::InvalidArgumentError(absl::StrCat(where, ": needs integer 'filler_tokens' and string 'answer'"));
-    }
-    const int64_t filler = row["filler_tokens"].get<int64_t>();
-    if (limit > 0 && taken[filler] >= limit) continue;
-    ++taken[filler];
-    GenerationRequest req;
-    ASSIGN_OR_RETURN(req.prompt_ids, IdList(row, "prompt_ids", where));
-    req.params.max_tokens = 6;
-    reqs.push_back(std::move(req));
-    meta.emplace_back(filler, row["answer"].get<std::string>());
-  }
-  const auto t0 = std::chrono::steady_clock::now();
-  ASSIGN_OR_RETURN(std::vector<GenerationResult> out, engine.Generate(reqs));
-  PasskeyResult r;
-  for (size_t i = 0; i < out.size(); ++i) {
-    if (!out[i].status.ok()) return out[i].status;
-    auto& [correct, total] = r.by_length[meta[i].first];
-    ++total;
-    if (absl::StartsWith(out[i].text, meta[i].second)) ++correct;
-  }
-  r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  return r;
 }
 
 std::string DefaultFile(const Args& args, const char* flag, const char* name) {
@@ -164,7 +60,7 @@ int RunEval(int argc, char** argv) {
   j["kv_dtype"] = DTypeName(kv.dtype);
   j["load_time_s"] = (*s)->model.load_seconds;
   if (!ppl_file.empty()) {
-    absl::StatusOr<PplResult> p = EvalPerplexity(*(*s)->engine, ppl_file, *limit);
+    absl::StatusOr<PplResult> p = EvalPerplexity(engine, ppl_file, *limit);
     if (!p.ok()) return Fail("eval", p.status());
     j["ppl"] = p->ppl;
     j["ppl_windows"] = p->windows;

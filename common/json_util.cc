@@ -42,4 +42,42 @@ absl::StatusOr<nlohmann::json> ReadJsonFile(const std::string& path) {
   return ParseJson(*text, path);
 }
 
+absl::StatusOr<std::vector<nlohmann::json>> ReadJsonLines(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) return absl::NotFoundError(absl::StrCat(path, ": cannot open"));
+  std::vector<nlohmann::json> out;
+  std::string line;
+  for (int n = 1; std::getline(in, line); ++n) {
+    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    absl::StatusOr<nlohmann::json> j = ParseJson(line, absl::StrCat(path, ":", n));
+    if (!j.ok()) return j.status();
+    if (!j->is_object()) {
+      return absl::InvalidArgumentError(absl::StrCat(path, ":", n, ": not a JSON object"));
+    }
+    (*j)["__line"] = n;
+    out.push_back(*std::move(j));
+  }
+  return out;
+}
+
+absl::StatusOr<std::vector<int32_t>> GetInt32List(const nlohmann::json& obj, std::string_view field,
+                                                  std::string_view where) {
+  const std::string name(field);
+  auto bad = [&]() {
+    return absl::InvalidArgumentError(
+        absl::StrCat(std::string(where), ": '", name, "' must be a list of 32-bit integers"));
+  };
+  auto it = obj.find(name);
+  if (it == obj.end() || !it->is_array()) return bad();
+  std::vector<int32_t> v;
+  v.reserve(it->size());
+  for (const auto& x : *it) {
+    if (!x.is_number_integer()) return bad();
+    const int64_t n = x.is_number_unsigned() && x.get<uint64_t>() > INT64_MAX ? INT64_MAX : x.get<int64_t>();
+    if (n < INT32_MIN || n > INT32_MAX) return bad();
+    v.push_back(static_cast<int32_t>(n));
+  }
+  return v;
+}
+
 }  // namespace lorc

@@ -203,33 +203,4 @@ absl::StatusOr<std::vector<GenerationResult>> Engine::Generate(
   return results;
 }
 
-absl::StatusOr<std::vector<double>> ScorePromptNll(Engine& engine, absl::Span<const int32_t> ids,
-                                                   absl::Span<const int32_t> targets) {
-  if (ids.empty() || ids.size() != targets.size()) {
-    return absl::InvalidArgumentError(absl::StrCat("score: ", ids.size(), " ids and ",
-                                                   targets.size(), " targets"));
-  }
-  for (size_t i = 0; i + 1 < ids.size(); ++i) {
-    if (targets[i] != ids[i + 1]) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "score: target ", i, " (", targets[i], ") is not the next id (", ids[i + 1], ")"));
-    }
-  }
-  GenerationRequest r;
-  r.prompt_ids.assign(ids.begin(), ids.end());
-  r.prompt_ids.push_back(targets.back());
-  r.params.max_tokens = 1;
-  r.params.prompt_logprobs = 0;
-  ASSIGN_OR_RETURN(std::vector<GenerationResult> out, engine.Generate({r}));
-  RETURN_IF_ERROR(out[0].status);
-  if (out[0].prompt_logprobs.size() != ids.size()) {
-    return absl::InternalError(absl::StrCat("score: ", out[0].prompt_logprobs.size(),
-                                            " log-probabilities for ", ids.size(), " targets"));
-  }
-  std::vector<double> nll;
-  nll.reserve(ids.size());
-  for (float lp : out[0].prompt_logprobs) nll.push_back(-static_cast<double>(lp));
-  return nll;
-}
-
 }  // namespace lorc

@@ -121,14 +121,6 @@ class Engine {
   int64_t next_generate_id_ = int64_t{1} << 40;  // Generate()'s ids, apart from callers' ids
 };
 
-// Negative log-likelihood of targets[i] after ids[0..i] (teacher forcing), one per target, where
-// targets are the ids shifted by one (targets[i] == ids[i + 1]) plus one more token: a request
-// for ids + [targets.back()] with prompt_logprobs, through the engine's scheduler and cache
-// (chunked by its token budget). INVALID_ARGUMENT for empty or misaligned inputs; the request's
-// own error otherwise.
-absl::StatusOr<std::vector<double>> ScorePromptNll(Engine& engine, absl::Span<const int32_t> ids,
-                                                   absl::Span<const int32_t> targets);
-
 SchedulerConfig MakeSchedulerConfig(const ModelConfig& config, const KvCacheSpec& kv,
                                     const EngineOptions& options);
 

@@ -7,6 +7,7 @@
 #include "common/json_util.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "eval/eval.h"
 #include "tests/testing/fixtures.h"
 #include "tests/testing/status_matchers.h"
 #include "worker/model_loader.h"

@@ -10,6 +10,7 @@
 #include "coordinator/engine.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "eval/eval.h"
 #include "tests/testing/fixtures.h"
 #include "tests/testing/status_matchers.h"
 #include "worker/model_loader.h"

@@ -1,0 +1,47 @@
+// Quality evaluation through the generation engine: perplexity over held-out windows (teacher
+// forcing, from the prompt tokens' log-probabilities) and pass-key retrieval accuracy (greedy
+// generation). The reference numbers for the fixture model are in models/tiny-llama-a/README.md;
+// docs/EVAL.md holds what lorcserve measures.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "coordinator/engine.h"
+
+namespace lorc {
+
+// Negative log-likelihood (nats) of targets[i] after ids[0..i] (teacher forcing), one per
+// target, where targets are the ids shifted by one (targets[i] == ids[i + 1]) plus one more
+// token: one request for ids + [targets.back()] with prompt_logprobs, through the engine's
+// scheduler and cache (chunked by its token budget). INVALID_ARGUMENT for empty or misaligned
+// inputs; the request's own error otherwise.
+absl::StatusOr<std::vector<double>> ScorePromptNll(Engine& engine, absl::Span<const int32_t> ids,
+                                                   absl::Span<const int32_t> targets);
+
+struct PplResult {
+  double ppl = 0;               // exp(mean NLL) over every target of every window
+  int64_t windows = 0, tokens = 0;
+  double seconds = 0;
+};
+
+// `path`: JSON lines with "ids" and "targets" (eval_ppl_windows.jsonl); `limit` > 0: the first
+// `limit` windows. Errors name the file and line.
+absl::StatusOr<PplResult> EvalPerplexity(Engine& engine, const std::string& path, int64_t limit);
+
+struct PasskeyResult {
+  std::map<int64_t, std::pair<int64_t, int64_t>> by_length;  // filler tokens -> (correct, total)
+  double seconds = 0;
+};
+
+// `path`: JSON lines with "prompt_ids", "filler_tokens" and "answer" (eval_passkey.jsonl); a
+// prompt is correct when its greedy continuation (6 tokens) starts with the answer. `limit` > 0:
+// the first `limit` prompts of each length. All prompts run as one batch.
+absl::StatusOr<PasskeyResult> EvalPasskey(Engine& engine, const std::string& path, int64_t limit);
+
+}  // namespace lorc

@@ -1,0 +1,55 @@
+// JSON helpers shared by every module: errors name the file, the line and the field.
+#include "common/json_util.h"
+
+#include <filesystem>
+#include <fstream>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tests/testing/status_matchers.h"
+
+namespace lorc {
+namespace {
+
+using ::lorc::testing::StatusIs;
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+
+std::string WriteTemp(const std::string& name, const std::string& text) {
+  const std::string path = (std::filesystem::temp_directory_path() / name).string();
+  std::ofstream(path) << text;
+  return path;
+}
+
+TEST(JsonUtilTest, ReadJsonLinesSkipsBlankLinesAndNamesTheBadOne) {
+  const std::string ok = WriteTemp("lorc_lines_ok.jsonl", "{\"a\": 1}\n\n  \n{\"a\": 2}\n");
+  auto rows = ReadJsonLines(ok);
+  ASSERT_OK(rows);
+  ASSERT_EQ(rows->size(), 2u);
+  EXPECT_EQ((*rows)[1]["a"], 2);
+  EXPECT_EQ((*rows)[1]["__line"], 4);
+  const std::string bad = WriteTemp("lorc_lines_bad.jsonl", "{\"a\": 1}\n[1, 2]\n");
+  EXPECT_THAT(ReadJsonLines(bad), StatusIs(absl::StatusCode::kInvalidArgument,
+                                           HasSubstr("lorc_lines_bad.jsonl:2: not a JSON object")));
+  const std::string broken = WriteTemp("lorc_lines_broken.jsonl", "{\"a\": \n");
+  EXPECT_THAT(ReadJsonLines(broken), StatusIs(absl::StatusCode::kInvalidArgument,
+                                              HasSubstr("lorc_lines_broken.jsonl:1: invalid JSON")));
+  EXPECT_THAT(ReadJsonLines("/nonexistent/x.jsonl"), StatusIs(absl::StatusCode::kNotFound));
+}
+
+TEST(JsonUtilTest, GetInt32ListRejectsWhatDoesNotFit) {
+  const nlohmann::json j = nlohmann::json::parse(
+      R"({"ok": [0, -5, 2147483647], "big": [2147483648], "huge": [18446744073709551615],
+          "float": [1.5], "str": "1,2"})");
+  auto ok = GetInt32List(j, "ok", "f:3");
+  ASSERT_OK(ok);
+  EXPECT_THAT(*ok, ElementsAre(0, -5, 2147483647));
+  for (const char* field : {"big", "huge", "float", "str", "missing"}) {
+    EXPECT_THAT(GetInt32List(j, field, "f:3"),
+                StatusIs(absl::StatusCode::kInvalidArgument,
+                         HasSubstr(std::string("f:3: '") + field + "' must be a list of 32-bit integers")));
+  }
+}
+
+}  // namespace
+}  // namespace lorc

@@ -1,0 +1,94 @@
+// Evaluation through the engine on the fixture model: perplexity aggregates the per-token NLLs
+// of every window, and errors in evaluation files name the file and line.
+#include "eval/eval.h"
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tests/testing/fixtures.h"
+#include "tests/testing/status_matchers.h"
+#include "worker/model_loader.h"
+#include "worker/step_executor.h"
+
+namespace lorc {
+namespace {
+
+using ::lorc::testing::StatusIs;
+using ::testing::HasSubstr;
+
+std::string WriteTemp(const std::string& name, const std::string& text) {
+  const std::string path = (std::filesystem::temp_directory_path() / name).string();
+  std::ofstream(path) << text;
+  return path;
+}
+
+class EvalTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    REQUIRE_TINY_LLAMA();
+    auto b = CreateBackend({});
+    ASSERT_OK(b);
+    backend_ = *std::move(b);
+    auto m = LoadModel({::lorc::testing::TinyLlamaDir()}, backend_.get(), 0, 1, nullptr, {});
+    ASSERT_OK(m);
+    model_ = *std::move(m);
+    exec_ = std::make_unique<StepExecutor>(model_.runner.get());
+    engine_ = std::make_unique<Engine>(exec_.get(), model_.config, model_.runner->kv_spec(),
+                                       nullptr, EngineOptions());
+  }
+  std::unique_ptr<Backend> backend_;
+  LoadedModel model_;
+  std::unique_ptr<StepExecutor> exec_;
+  std::unique_ptr<Engine> engine_;
+};
+
+TEST_F(EvalTest, PerplexityIsTheExpOfTheMeanNllOverAllWindows) {
+  const std::vector<int32_t> a = {0, 611, 3310, 42, 17}, b = {0, 5, 99, 1000};
+  auto shifted = [&](const std::vector<int32_t>& v) {
+    return ScorePromptNll(*engine_, absl::MakeConstSpan(v).subspan(0, v.size() - 1),
+                          absl::MakeConstSpan(v).subspan(1));
+  };
+  auto nll_a = shifted(a);
+  auto nll_b = shifted(b);
+  ASSERT_OK(nll_a);
+  ASSERT_OK(nll_b);
+  double sum = 0;
+  for (double x : *nll_a) sum += x;
+  for (double x : *nll_b) sum += x;
+  const std::string path = WriteTemp(
+      "lorc_eval_windows.jsonl",
+      R"({"ids": [0, 611, 3310, 42], "targets": [611, 3310, 42, 17]}
+{"ids": [0, 5, 99], "targets": [5, 99, 1000]}
+)");
+  auto ppl = EvalPerplexity(*engine_, path, 0);
+  ASSERT_OK(ppl);
+  EXPECT_EQ(ppl->windows, 2);
+  EXPECT_EQ(ppl->tokens, 7);
+  EXPECT_NEAR(ppl->ppl, std::exp(sum / 7), 1e-3 * ppl->ppl);
+  auto first = EvalPerplexity(*engine_, path, 1);
+  ASSERT_OK(first);
+  EXPECT_EQ(first->windows, 1);
+}
+
+TEST_F(EvalTest, BadFilesNameTheFileAndLine) {
+  const std::string misaligned = WriteTemp(
+      "lorc_eval_misaligned.jsonl", "{\"ids\": [0, 5], \"targets\": [6, 7]}\n");
+  EXPECT_THAT(EvalPerplexity(*engine_, misaligned, 0),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("lorc_eval_misaligned.jsonl:1: score: target 0 (6) is not the next id (5)")));
+  const std::string vocab = WriteTemp(
+      "lorc_eval_vocab.jsonl", "\n{\"ids\": [0, 99999], \"targets\": [99999, 7]}\n");
+  EXPECT_THAT(EvalPerplexity(*engine_, vocab, 0),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("lorc_eval_vocab.jsonl:2")));
+  const std::string passkey = WriteTemp("lorc_eval_passkey.jsonl", "{\"prompt_ids\": [0, 5]}\n");
+  EXPECT_THAT(EvalPasskey(*engine_, passkey, 0),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("lorc_eval_passkey.jsonl:1: needs integer 'filler_tokens'")));
+  EXPECT_EQ(engine_->scheduler().num_free_blocks(), model_.runner->kv_spec().num_blocks);
+}
+
+}  // namespace
+}  // namespace lorc

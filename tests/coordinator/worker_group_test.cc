@@ -1,0 +1,199 @@
+// WorkerGroup against in-process fake workers (lorcserve.internal.Worker services on loopback):
+// the step pipeline (a second plan reaches the worker before the first result is awaited),
+// rank 0's result, per-request failures, and the failures that break the group.
+#include "coordinator/worker_group.h"
+
+#include <memory>
+#include <string>
+
+#include "absl/synchronization/mutex.h"
+#include "gmock/gmock.h"
+#include "grpcpp/grpcpp.h"
+#include "gtest/gtest.h"
+#include "step/step_proto.h"
+#include "tests/testing/status_matchers.h"
+
+namespace lorc {
+namespace {
+
+using ::lorc::testing::StatusIs;
+using ::testing::HasSubstr;
+namespace internal = ::lorcserve::internal;
+
+// A worker that loads nothing and answers each plan with one token per sampling request (the
+// token is the step id). Its first step blocks until the second plan has arrived, so a group
+// that waited for each result before sending the next plan would deadlock (and time out).
+class FakeWorker final : public internal::Worker::Service {
+ public:
+  grpc::Status LoadModel(grpc::ServerContext*, const internal::LoadModelRequest*,
+                         internal::LoadModelResponse* resp) override {
+    resp->set_num_blocks(100);
+    resp->set_kv_bytes_per_token(64);
+    resp->set_backend("fake");
+    return grpc::Status::OK;
+  }
+  grpc::Status Ping(grpc::ServerContext*, const internal::PingRequest*,
+                    internal::PingResponse* resp) override {
+    resp->set_model_loaded(true);
+    return grpc::Status::OK;
+  }
+  grpc::Status Steps(grpc::ServerContext*,
+                     grpc::ServerReaderWriter<internal::StepResult, internal::StepPlan>* stream) override {
+    internal::StepPlan plan;
+    std::vector<internal::StepPlan> queued;
+    while (stream->Read(&plan)) {
+      {
+        absl::MutexLock lock(&mu_);
+        ++plans_received_;
+      }
+      if (plan.step_id() == 1 && pipeline_) {
+        // Hold step 1's result until plan 2 is here.
+        queued.push_back(plan);
+        continue;
+      }
+      queued.push_back(plan);
+      for (const internal::StepPlan& p : queued) {
+        if (fail_stream_at_ == p.step_id()) {
+          return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "step 7 after step 5");
+        }
+        if (!stream->Write(Answer(p))) return grpc::Status::OK;
+      }
+      queued.clear();
+    }
+    return grpc::Status::OK;
+  }
+
+  static internal::StepResult Answer(const internal::StepPlan& p) {
+    StepResult r;
+    r.step_id = p.step_id() + (p.step_id() == 99 ? 1 : 0);  // 99: a result for the wrong step
+    for (const auto& s : p.seqs()) {
+      if (s.seq_id() == 666) {
+        r.failed.push_back({666, absl::InvalidArgumentError("token id 5000 outside the vocabulary")});
+      } else if (s.sample()) {
+        r.sampled.push_back({s.seq_id(), static_cast<int32_t>(p.step_id())});
+      }
+    }
+    internal::StepResult out;
+    StepResultToProto(r, &out);
+    return out;
+  }
+
+  bool pipeline_ = true;
+  uint64_t fail_stream_at_ = 0;
+  absl::Mutex mu_;
+  int plans_received_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+class WorkerGroupTest : public ::testing::Test {
+ protected:
+  void StartServer() {
+    grpc::ServerBuilder b;
+    b.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port_);
+    b.RegisterService(&worker_);
+    server_ = b.BuildAndStart();
+    ASSERT_NE(server_, nullptr);
+  }
+  std::unique_ptr<WorkerGroup> Group(absl::Duration step_timeout = absl::Seconds(20)) {
+    WorkerGroupOptions o;
+    o.addresses = {"127.0.0.1:" + std::to_string(port_)};
+    o.step_timeout = step_timeout;
+    auto g = WorkerGroup::Start(o);
+    EXPECT_OK(g);
+    return g.ok() ? *std::move(g) : nullptr;
+  }
+  static StepPlan Plan(uint64_t id, std::vector<int64_t> sampling) {
+    StepPlan p;
+    p.step_id = id;
+    for (int64_t s : sampling) {
+      ScheduledSequence q;
+      q.seq_id = s;
+      q.num_scheduled_tokens = 1;
+      q.sample = true;
+      p.seqs.push_back(q);
+    }
+    return p;
+  }
+  void TearDown() override {
+    if (server_ != nullptr) server_->Shutdown();
+  }
+
+  FakeWorker worker_;
+  int port_ = 0;
+  std::unique_ptr<grpc::Server> server_;
+};
+
+TEST_F(WorkerGroupTest, TwoPlansAreInFlightBeforeTheFirstResultIsAwaited) {
+  StartServer();
+  auto g = Group();
+  ASSERT_NE(g, nullptr);
+  EXPECT_EQ(g->max_in_flight(), 2);
+  EXPECT_EQ(g->info().num_blocks, 100);
+  ASSERT_OK(g->Submit(Plan(1, {10, 11})));
+  ASSERT_OK(g->Submit(Plan(2, {10})));
+  // A third plan would exceed the pipeline's depth.
+  EXPECT_THAT(g->Submit(Plan(3, {10})), StatusIs(absl::StatusCode::kFailedPrecondition));
+  auto r1 = g->Await();
+  ASSERT_OK(r1);
+  EXPECT_EQ(r1->step_id, 1u);
+  ASSERT_EQ(r1->sampled.size(), 2u);
+  EXPECT_EQ(r1->sampled[1].seq_id, 11);
+  auto r2 = g->Await();
+  ASSERT_OK(r2);
+  EXPECT_EQ(r2->step_id, 2u);
+  EXPECT_THAT(g->Await(), StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("no step in flight")));
+  EXPECT_OK(g->health());
+}
+
+TEST_F(WorkerGroupTest, PerRequestFailuresComeBackWithTheOthersResults) {
+  worker_.pipeline_ = false;
+  StartServer();
+  auto g = Group();
+  ASSERT_NE(g, nullptr);
+  auto r = g->Run(Plan(1, {10, 666, 12}));
+  ASSERT_OK(r);
+  EXPECT_EQ(r->sampled.size(), 2u);
+  ASSERT_EQ(r->failed.size(), 1u);
+  EXPECT_EQ(r->failed[0].seq_id, 666);
+  EXPECT_THAT(r->failed[0].status, StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("token id 5000")));
+  EXPECT_OK(g->health());
+}
+
+TEST_F(WorkerGroupTest, AStepThatFailsAsAWholeBreaksTheGroupNamingTheWorkerAndCause) {
+  worker_.pipeline_ = false;
+  worker_.fail_stream_at_ = 2;
+  StartServer();
+  auto g = Group();
+  ASSERT_NE(g, nullptr);
+  ASSERT_OK(g->Run(Plan(1, {10})));
+  EXPECT_THAT(g->Run(Plan(2, {10})),
+              StatusIs(absl::StatusCode::kUnavailable, HasSubstr("worker 0 (127.0.0.1:")));
+  EXPECT_THAT(g->health(), StatusIs(absl::StatusCode::kUnavailable, HasSubstr("step 7 after step 5")));
+  EXPECT_THAT(g->Submit(Plan(3, {10})), StatusIs(absl::StatusCode::kUnavailable));
+}
+
+TEST_F(WorkerGroupTest, AResultForAnotherStepBreaksTheGroup) {
+  worker_.pipeline_ = false;
+  StartServer();
+  auto g = Group();
+  ASSERT_NE(g, nullptr);
+  // Steps 1..98 are not needed: the worker answers plan 99 as if it were step 100.
+  EXPECT_THAT(g->Run(Plan(99, {10})),
+              StatusIs(absl::StatusCode::kUnavailable, HasSubstr("result for step 100 while awaiting step 99")));
+}
+
+TEST_F(WorkerGroupTest, AFailureFromOutsideEndsTheStepInFlight) {
+  worker_.pipeline_ = true;  // step 1 is held until plan 2 arrives: it never does
+  StartServer();
+  auto g = Group(absl::Minutes(5));
+  ASSERT_NE(g, nullptr);
+  ASSERT_OK(g->Submit(Plan(1, {10})));
+  std::thread fail([&] {
+    absl::SleepFor(absl::Milliseconds(50));
+    g->Fail(absl::UnavailableError("worker 0 (pid 1) was killed"));
+  });
+  EXPECT_THAT(g->Await(), StatusIs(absl::StatusCode::kUnavailable, HasSubstr("was killed")));
+  fail.join();
+}
+
+}  // namespace
+}  // namespace lorc

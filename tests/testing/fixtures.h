@@ -25,7 +25,7 @@ inline std::string Llama3TokenizerDir() { return ModelsDir() + "/tokenizer-llama
 inline std::string MissingFixture(const std::string& path) {
   if (std::filesystem::exists(path)) return "";
   return "fixture " + path + " is missing: build the fixture_model target (it restores "
-         "model.safetensors from model.safetensors.zst; see models/README.md) or point "
+         "model.safetensors from model.safetensors.tar.zst; see models/README.md) or point "
          "LORC_MODELS_DIR at a folder holding tiny-llama-a/ and tokenizer-llama3-style/";
 }
 

@@ -1,0 +1,150 @@
+// The server's engine thread (EngineLoop) over an in-process executor and the fixture model:
+// requests submitted from other threads complete with the golden tokens on their channels, a
+// cancellation ends its request at once with its blocks free, and a failure ends every live and
+// later request with its status. Waits are on the channels' updates, never on wall-clock sleeps.
+#include "coordinator/engine_loop.h"
+
+#include "common/json_util.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tests/testing/fixtures.h"
+#include "tests/testing/status_matchers.h"
+#include "worker/model_loader.h"
+#include "worker/step_executor.h"
+
+namespace lorc {
+namespace {
+
+using ::lorc::testing::StatusIs;
+using ::testing::HasSubstr;
+
+// Everything a request's channel delivered, up to its final update.
+struct Collected {
+  std::vector<int32_t> ids;
+  RequestUpdate final;
+};
+
+// Bounded: a request that never ends fails the test instead of hanging it.
+constexpr int kMaxWaitSeconds = 120;
+
+Collected Drain(RequestChannel& ch) {
+  Collected c;
+  for (int waited = 0; waited < kMaxWaitSeconds; ++waited) {
+    for (RequestUpdate& u : ch.Take(absl::Seconds(1))) {
+      c.ids.insert(c.ids.end(), u.new_ids.begin(), u.new_ids.end());
+      if (u.finished) {
+        c.final = std::move(u);
+        return c;
+      }
+    }
+  }
+  ADD_FAILURE() << "no final update within " << kMaxWaitSeconds << " s";
+  return c;
+}
+
+// The first updates of a request that is running (at least one token).
+std::vector<RequestUpdate> FirstUpdates(RequestChannel& ch) {
+  for (int waited = 0; waited < kMaxWaitSeconds; ++waited) {
+    std::deque<RequestUpdate> got = ch.Take(absl::Seconds(1));
+    if (!got.empty()) return {std::make_move_iterator(got.begin()), std::make_move_iterator(got.end())};
+  }
+  ADD_FAILURE() << "no update within " << kMaxWaitSeconds << " s";
+  return {};
+}
+
+class EngineLoopTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    REQUIRE_TINY_LLAMA();
+    auto b = CreateBackend({});
+    ASSERT_OK(b);
+    backend_ = *std::move(b);
+    KvCacheOptions kv;
+    kv.num_blocks = 256;
+    auto m = LoadModel({::lorc::testing::TinyLlamaDir()}, backend_.get(), 0, 1, nullptr, kv);
+    ASSERT_OK(m);
+    model_ = *std::move(m);
+    exec_ = std::make_unique<StepExecutor>(model_.runner.get());
+    auto j = ReadJsonFile(::lorc::testing::TinyLlamaDir() + "/golden_fp32.json");
+    ASSERT_OK(j);
+    for (const auto& g : *j) {
+      prompts_.push_back(g["prompt_ids"].get<std::vector<int32_t>>());
+      greedy_.push_back(g["greedy_48_ids"].get<std::vector<int32_t>>());
+    }
+    loop_ = std::make_unique<EngineLoop>(std::make_unique<Engine>(
+        exec_.get(), model_.config, model_.runner->kv_spec(), nullptr, EngineOptions()));
+  }
+  void TearDown() override { loop_.reset(); }
+
+  GenerationRequest Greedy(int i, int max_tokens) {
+    GenerationRequest r;
+    r.prompt_ids = prompts_[i];
+    r.params.max_tokens = max_tokens;
+    return r;
+  }
+
+  std::unique_ptr<Backend> backend_;
+  LoadedModel model_;
+  std::unique_ptr<StepExecutor> exec_;
+  std::vector<std::vector<int32_t>> prompts_, greedy_;
+  std::unique_ptr<EngineLoop> loop_;
+};
+
+TEST_F(EngineLoopTest, RequestsFromManyThreadsCompleteWithGoldenTokens) {
+  std::vector<std::shared_ptr<RequestChannel>> channels;
+  for (int i = 0; i < 4; ++i) channels.push_back(std::make_shared<RequestChannel>());
+  std::vector<std::thread> clients;
+  for (int i = 0; i < 4; ++i) {
+    clients.emplace_back([&, i] { loop_->Submit(100 + i, Greedy(i, 48), channels[i]); });
+  }
+  for (std::thread& t : clients) t.join();
+  for (int i = 0; i < 4; ++i) {
+    Collected c = Drain(*channels[i]);
+    EXPECT_OK(c.final.status);
+    EXPECT_EQ(c.final.reason, FinishReason::kLength);
+    EXPECT_EQ(c.ids, greedy_[i]) << "prompt " << i;
+    EXPECT_EQ(c.final.completion_tokens, 48);
+  }
+  // The stats a client sees after its final update already show its blocks free.
+  EXPECT_EQ(loop_->stats().kv_free_blocks, 256);
+  EXPECT_EQ(loop_->stats().num_running, 0);
+  EXPECT_GT(loop_->stats().engine.steps, 0);
+}
+
+TEST_F(EngineLoopTest, ACancelEndsTheRequestAndFreesItsBlocks) {
+  auto keep = std::make_shared<RequestChannel>();
+  auto cancel = std::make_shared<RequestChannel>();
+  GenerationRequest endless = Greedy(1, 2000);
+  endless.params.ignore_eos = true;
+  loop_->Submit(1, endless, cancel);
+  loop_->Submit(2, Greedy(0, 48), keep);
+  // Wait until the endless request produced a token, then cancel it.
+  std::vector<RequestUpdate> first = FirstUpdates(*cancel);
+  ASSERT_FALSE(first.empty());
+  ASSERT_FALSE(first.front().finished);
+  loop_->Cancel(1, absl::CancelledError("client went away"));
+  Collected c = Drain(*cancel);
+  EXPECT_THAT(c.final.status, StatusIs(absl::StatusCode::kCancelled, HasSubstr("client went away")));
+  EXPECT_EQ(c.final.reason, FinishReason::kAborted);
+  Collected other = Drain(*keep);
+  EXPECT_EQ(other.ids, greedy_[0]);
+  EXPECT_EQ(loop_->stats().kv_free_blocks, 256);
+}
+
+TEST_F(EngineLoopTest, AFailureEndsLiveAndLaterRequestsWithItsStatus) {
+  auto live = std::make_shared<RequestChannel>();
+  GenerationRequest endless = Greedy(2, 2000);
+  endless.params.ignore_eos = true;
+  loop_->Submit(1, endless, live);
+  ASSERT_FALSE(FirstUpdates(*live).empty());
+  loop_->Fail(absl::UnavailableError("worker 1 (pid 42) was killed"));
+  Collected c = Drain(*live);
+  EXPECT_THAT(c.final.status, StatusIs(absl::StatusCode::kUnavailable, HasSubstr("worker 1")));
+  auto later = std::make_shared<RequestChannel>();
+  loop_->Submit(2, Greedy(0, 4), later);
+  EXPECT_THAT(Drain(*later).final.status, StatusIs(absl::StatusCode::kUnavailable));
+  EXPECT_THAT(loop_->failure(), StatusIs(absl::StatusCode::kUnavailable));
+}
+
+}  // namespace
+}  // namespace lorc

@@ -284,6 +284,12 @@ StepPlan Scheduler::Schedule() {
     plan.copies.insert(plan.copies.end(), e.copies.begin(), e.copies.end());
     plan.seqs.push_back(std::move(out));
   }
+  if (plan.seqs.empty() && plan.finished.empty() && plan.preempted.empty()) {
+    // Not sent (Engine::Step skips it): give the id back, so that workers, which refuse a gap
+    // in step ids, see consecutive ones.
+    --step_id_;
+    plan.step_id = 0;
+  }
   return plan;
 }
 

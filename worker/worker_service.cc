@@ -135,12 +135,13 @@ class WorkerService::StepStream final : public grpc::ServerBidiReactor<pb::StepP
       absl::MutexLock lock(&mu_);
       skip = failed_ || write_failed_;
     }
-    absl::StatusOr<pb::StepResult> r = skip ? absl::CancelledError("not run") : service_->RunStepOnDevice(plan);
+    absl::StatusOr<pb::StepResult> r =
+        skip ? absl::CancelledError("not run") : service_->RunStepOnDevice(plan);
     std::optional<grpc::Status> finish;
     {
       absl::MutexLock lock(&mu_);
       --in_flight_;
-      if (!skip) {
+      if (!skip && !write_failed_) {  // nobody to tell once a write failed
         if (r.ok()) {
           results_.push_back(*std::move(r));
         } else {
@@ -167,7 +168,9 @@ class WorkerService::StepStream final : public grpc::ServerBidiReactor<pb::StepP
     }
     if (in_flight_ > 0 || !(reads_done_ || failed_ || write_failed_)) return std::nullopt;
     finished_ = true;
-    if (write_failed_ && !failed_) return grpc::Status(grpc::StatusCode::CANCELLED, "step stream closed by the coordinator");
+    if (write_failed_ && !failed_) {
+      return grpc::Status(grpc::StatusCode::CANCELLED, "step stream closed by the coordinator");
+    }
     return status_;
   }
 

@@ -26,6 +26,10 @@ int RunWorker(int argc, char** argv) {
       {"comm-address", true, "address peers reach this worker at for Gloo (default: the listen host)", "HOST"},
       {"rank-hint", true, "rank, for log messages only", "R"},
       {"parent-pid", true, "exit when this process (the supervising coordinator) is gone", "PID"},
+      {"owner-lease-s", true,
+       absl::StrCat("seconds the coordinator serving this worker may stay silent before another may "
+                    "take it (default ", absl::FormatDuration(WorkerOptions().owner_lease), ")"),
+       "S"},
       {"help", false, "show this help"},
   };
   const char* synopsis = "--listen ADDR [--backend cpu|cuda] [--device K]";
@@ -44,9 +48,16 @@ int RunWorker(int argc, char** argv) {
   absl::StatusOr<BackendKind> kind = ParseBackendKind(args->Get("backend", "cpu"));
   absl::StatusOr<int64_t> device = args->GetInt("device", 0);
   absl::StatusOr<int64_t> threads = args->GetInt("threads", 0);
-  for (const absl::Status& s : {kind.status(), device.status(), threads.status()}) {
+  absl::StatusOr<double> lease_s =
+      args->GetDouble("owner-lease-s", absl::ToDoubleSeconds(wo.owner_lease));
+  for (const absl::Status& s : {kind.status(), device.status(), threads.status(), lease_s.status()}) {
     if (!s.ok()) return Fail("worker", s);
   }
+  if (!(*lease_s > 0)) {
+    return Fail("worker", absl::InvalidArgumentError(
+                              absl::StrCat("--owner-lease-s must be > 0 seconds, got ", *lease_s)));
+  }
+  wo.owner_lease = absl::Seconds(*lease_s);
   wo.backend.kind = *kind;
   wo.backend.device = static_cast<int>(*device);
   wo.backend.threads = static_cast<int>(*threads);

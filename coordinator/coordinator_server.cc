@@ -11,6 +11,7 @@
 #include "common/status_macros.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
+#include "worker/ownership.h"
 
 namespace lorc {
 namespace {
@@ -101,6 +102,7 @@ absl::Status CoordinatorServer::StartWorkers() {
   WorkerGroupOptions wg;
   wg.addresses = addresses;
   wg.rendezvous_address = rendezvous;
+  wg.coordinator_id = NewCoordinatorId();  // this coordinator, to its workers
   wg.bind_address = "";  // each worker binds its own --comm-address
   wg.model = options_.model;
   wg.kv = options_.kv;

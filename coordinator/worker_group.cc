@@ -8,6 +8,7 @@
 #include "common/grpc_status.h"
 #include "common/status_macros.h"
 #include "grpcpp/grpcpp.h"
+#include "step/coordinator_ref.h"
 #include "step/step_proto.h"
 
 namespace lorc {
@@ -18,6 +19,16 @@ std::chrono::system_clock::time_point DeadlineIn(absl::Duration d) {
 }
 
 }  // namespace
+
+void WorkerGroup::NameCoordinator(lorcserve::internal::CoordinatorId* out) const {
+  out->set_id(options_.coordinator_id);
+  out->set_address(options_.rendezvous_address);
+}
+
+void WorkerGroup::NameCoordinator(grpc::ClientContext* ctx) const {
+  ctx->AddMetadata(kCoordinatorIdMetadata, absl::StrCat(options_.coordinator_id));
+  ctx->AddMetadata(kCoordinatorAddressMetadata, options_.rendezvous_address);
+}
 
 struct WorkerGroup::Worker {
   int rank = 0;
@@ -40,7 +51,9 @@ struct WorkerGroup::Worker {
   }
 };
 
-WorkerGroup::WorkerGroup(const WorkerGroupOptions& options) : options_(options) {}
+WorkerGroup::WorkerGroup(const WorkerGroupOptions& options) : options_(options) {
+  if (options_.coordinator_id == 0) options_.coordinator_id = NewCoordinatorId();
+}
 
 absl::StatusOr<std::unique_ptr<WorkerGroup>> WorkerGroup::Start(const WorkerGroupOptions& options) {
   if (options.addresses.empty()) return absl::InvalidArgumentError("no worker addresses");
@@ -94,6 +107,7 @@ absl::Status WorkerGroup::Connect() {
         req.set_world_size(n);
         req.set_timeout_ms(absl::ToInt64Milliseconds(options_.join_timeout));
         req.set_bind_address(options_.bind_address);
+        NameCoordinator(req.mutable_coordinator());
         lorcserve::internal::InitCommunicatorResponse resp;
         const absl::Status s = FromGrpcStatus(wp->stub->InitCommunicator(&ctx, req, &resp));
         if (!s.ok()) return absl::Status(s.code(), absl::StrCat(wp->Name(), ": ", s.message()));
@@ -120,6 +134,7 @@ absl::Status WorkerGroup::Connect() {
       req.set_block_size(options_.kv.block_size);
       req.set_num_blocks(options_.kv.num_blocks);
       req.set_kv_cache_bytes(options_.kv.memory_bytes);
+      NameCoordinator(req.mutable_coordinator());
       lorcserve::internal::LoadModelResponse resp;
       const absl::Status s = FromGrpcStatus(wp->stub->LoadModel(&ctx, req, &resp));
       if (!s.ok()) return absl::Status(s.code(), absl::StrCat(wp->Name(), ": ", s.message()));
@@ -145,6 +160,7 @@ absl::Status WorkerGroup::Connect() {
 absl::Status WorkerGroup::OpenStreams() {
   for (auto& w : workers_) {
     w->stream_ctx = std::make_unique<grpc::ClientContext>();
+    NameCoordinator(w->stream_ctx.get());
     w->stream = w->stub->Steps(w->stream_ctx.get());
     w->reader = std::thread([wp = w.get()] {
       lorcserve::internal::StepResult r;
@@ -186,6 +202,7 @@ absl::Status WorkerGroup::Probe(absl::Duration timeout) {
     grpc::ClientContext ctx;
     ctx.set_deadline(DeadlineIn(timeout));
     lorcserve::internal::PingRequest req;
+    NameCoordinator(req.mutable_coordinator());
     lorcserve::internal::PingResponse resp;
     const absl::Status s = FromGrpcStatus(w->stub->Ping(&ctx, req, &resp));
     if (!s.ok()) {
@@ -269,6 +286,7 @@ absl::StatusOr<StepResult> WorkerGroup::RunUnary() {
     calls.push_back(std::async(std::launch::async, [&, wp = w.get()]() -> absl::StatusOr<StepResult> {
       grpc::ClientContext ctx;
       ctx.set_deadline(DeadlineIn(options_.step_timeout));
+      NameCoordinator(&ctx);
       lorcserve::internal::StepResult res;
       const absl::Status s = FromGrpcStatus(wp->stub->Step(&ctx, plan_msg_, &res));
       if (!s.ok()) return wp->Unavailable(s);

@@ -7,6 +7,8 @@
 // worker (synchronous; kept for measurement). A worker that dies, closes its stream (a step that
 // failed as a whole ends it with that status) or misses the step deadline breaks the group: that
 // call and every later one return UNAVAILABLE naming the worker.
+// A worker that serves another coordinator refuses every call with FAILED_PRECONDITION naming
+// that coordinator: Start fails with it.
 // Threads: Submit/Await are called by the engine thread only; one reader thread per worker stream.
 #pragma once
 
@@ -30,6 +32,10 @@ namespace lorc {
 struct WorkerGroupOptions {
   std::vector<std::string> addresses;  // rank order
   std::string rendezvous_address;      // the coordinator's Rendezvous service, as workers reach it
+  // Names this coordinator on every worker call (a worker serves one coordinator at a time;
+  // worker/ownership.h); keep it across group restarts. 0: a random one is drawn at Start.
+  // Workers see rendezvous_address as the coordinator's address.
+  uint64_t coordinator_id = 0;
   std::string bind_address = "127.0.0.1";  // Gloo: the address workers listen on
   ModelSource model;
   KvCacheOptions kv;
@@ -57,6 +63,7 @@ class WorkerGroup final : public StepRunner {
   int max_in_flight() const override { return options_.use_stream ? 2 : 1; }
 
   const WorkerGroupInfo& info() const { return info_; }
+  uint64_t coordinator_id() const { return options_.coordinator_id; }
   int size() const { return static_cast<int>(workers_.size()); }
   // OK while every worker answers; else UNAVAILABLE naming the first one that failed.
   absl::Status health() const;
@@ -72,6 +79,9 @@ class WorkerGroup final : public StepRunner {
   absl::Status Connect();
   absl::Status OpenStreams();
   void MarkBroken(const absl::Status& s);
+  // Names this coordinator in a request, or in a step call's metadata.
+  void NameCoordinator(lorcserve::internal::CoordinatorId* out) const;
+  void NameCoordinator(grpc::ClientContext* ctx) const;
   // Sends plan_msg_ to every worker as one unary call each; rank 0's result.
   absl::StatusOr<StepResult> RunUnary();
   absl::StatusOr<StepResult> AwaitStream(uint64_t step_id);

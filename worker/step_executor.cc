@@ -110,8 +110,9 @@ absl::Status StepExecutor::ShareSampled(std::vector<int32_t>* tokens) {
 absl::StatusOr<StepResult> StepExecutor::Execute(const StepPlan& plan) {
   const Clock::time_point t0 = Clock::now();
   if (last_step_id_ != 0 && plan.step_id != last_step_id_ + 1) {
-    return absl::FailedPreconditionError(absl::StrCat("step ", plan.step_id, " after step ",
-                                                      last_step_id_, ": steps must be consecutive"));
+    return absl::FailedPreconditionError(absl::StrCat(
+        "step_id ", plan.step_id, " follows step_id ", last_step_id_, " (expected ",
+        last_step_id_ + 1, "): steps must arrive in order, each once"));
   }
   StepResult result;
   result.step_id = plan.step_id;

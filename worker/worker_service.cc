@@ -1,111 +1,342 @@
 #include "worker/worker_service.h"
 
+#include <algorithm>
+#include <deque>
+#include <utility>
+
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "common/check.h"
 #include "common/grpc_status.h"
 #include "common/status_macros.h"
+#include "worker/comm/communicator.h"
+#include "worker/comm/rendezvous.h"
 #include "worker/comm/grpc_rendezvous.h"
+#include "worker/model_loader.h"
+#include "worker/step_executor.h"
 #include "step/step_proto.h"
 
 namespace lorc {
 
+namespace pb = ::lorcserve::internal;
+
+namespace {
+
+CoordinatorRef FromProto(const lorcserve::internal::CoordinatorId& c) { return {c.id(), c.address()}; }
+
+void ToProto(const CoordinatorRef& c, lorcserve::internal::CoordinatorId* out) {
+  out->set_id(c.id);
+  out->set_address(c.address);
+}
+
+// The coordinator named by a step call's metadata (id 0 when absent or malformed).
+CoordinatorRef FromMetadata(const grpc::ServerContextBase& ctx) {
+  CoordinatorRef c;
+  const auto& md = ctx.client_metadata();
+  if (auto it = md.find(kCoordinatorIdMetadata); it != md.end()) {
+    if (!absl::SimpleAtoi(absl::string_view(it->second.data(), it->second.size()), &c.id)) c.id = 0;
+  }
+  if (auto it = md.find(kCoordinatorAddressMetadata); it != md.end()) {
+    c.address.assign(it->second.data(), it->second.size());
+  }
+  return c;
+}
+
+// A Steps call refused before it started: finishes at once with `status`.
+class RefusedStream final : public grpc::ServerBidiReactor<pb::StepPlan, pb::StepResult> {
+ public:
+  explicit RefusedStream(const absl::Status& status) { Finish(ToGrpcStatus(status)); }
+  void OnDone() override { delete this; }
+};
+
+}  // namespace
+
+// Everything the device thread owns.
+struct WorkerService::Device {
+  std::unique_ptr<Backend> backend;
+  std::unique_ptr<RendezvousStore> store;
+  std::unique_ptr<Communicator> comm;
+  LoadedModel model;
+  std::unique_ptr<StepExecutor> executor;
+  // The last step run in this serving epoch (reset by LoadModel and InitCommunicator).
+
+  // Destroys the model before the communicator and the backend it uses.
+  void ResetModel() {
+    executor.reset();
+    model = LoadedModel();
+  }
+};
+
+// One Steps call: reads plans and posts each to the device thread at once; the device thread
+// queues the results and starts the writes, one at a time, in order. A step that fails ends the
+// stream with its status once the results before it are written (the plans queued behind it
+// are dropped unrun). Finish is called once nothing is running on the device for this stream,
+// so the device thread never touches a finished stream.
+class WorkerService::StepStream final : public grpc::ServerBidiReactor<pb::StepPlan, pb::StepResult> {
+ public:
+  StepStream(WorkerService* service, uint64_t epoch) : service_(service), epoch_(epoch) {
+    absl::MutexLock lock(&mu_);
+    StartRead(&plan_);
+  }
+
+  void OnReadDone(bool ok) override {
+    std::optional<grpc::Status> finish;
+    {
+      absl::MutexLock lock(&mu_);
+      if (!ok) {
+        reads_done_ = true;
+        if (!finished_) owner_closed_ = true;  // half-close or cancellation by the coordinator
+      } else if (!failed_ && !write_failed_) {
+        ++in_flight_;
+        if (service_->device_.Post([this, plan = std::move(plan_)] { RunOnDevice(plan); })) {
+          plan_.Clear();
+          StartRead(&plan_);
+        } else {
+          --in_flight_;
+          Fail(DeviceThreadStopped());
+        }
+      } else {
+        reads_done_ = true;  // ending: read no more
+      }
+      finish = NextLocked();
+    }
+    if (finish.has_value()) Finish(*std::move(finish));  // last: OnDone may follow at once
+  }
+
+  void OnWriteDone(bool ok) override {
+    std::optional<grpc::Status> finish;
+    {
+      absl::MutexLock lock(&mu_);
+      writing_ = false;
+      if (ok) {
+        results_.pop_front();
+      } else {
+        write_failed_ = true;  // the coordinator is gone
+        owner_closed_ = true;
+        results_.clear();
+      }
+      finish = NextLocked();
+    }
+    if (finish.has_value()) Finish(*std::move(finish));
+  }
+
+  void OnDone() override {
+    service_->ownership_.End(epoch_, owner_closed_);
+    delete this;
+  }
+
+ private:
+  // On the device thread.
+  void RunOnDevice(const pb::StepPlan& plan) {
+    bool skip;
+    {
+      absl::MutexLock lock(&mu_);
+      skip = failed_ || write_failed_;
+    }
+    absl::StatusOr<pb::StepResult> r =
+        skip ? absl::CancelledError("not run") : service_->RunStepOnDevice(plan);
+    std::optional<grpc::Status> finish;
+    {
+      absl::MutexLock lock(&mu_);
+      --in_flight_;
+      if (!skip && !write_failed_) {  // nobody to tell once a write failed
+        if (r.ok()) {
+          results_.push_back(*std::move(r));
+        } else {
+          Fail(r.status());
+        }
+      }
+      finish = NextLocked();
+    }
+    if (finish.has_value()) Finish(*std::move(finish));
+  }
+
+  void Fail(const absl::Status& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (!failed_) status_ = ToGrpcStatus(s);
+    failed_ = true;
+  }
+
+  // Starts the next write, or returns the status to finish with once everything is done.
+  std::optional<grpc::Status> NextLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (finished_ || writing_) return std::nullopt;
+    if (!results_.empty()) {
+      writing_ = true;
+      StartWrite(&results_.front());
+      return std::nullopt;
+    }
+    if (in_flight_ > 0 || !(reads_done_ || failed_ || write_failed_)) return std::nullopt;
+    finished_ = true;
+    if (write_failed_ && !failed_) {
+      return grpc::Status(grpc::StatusCode::CANCELLED, "step stream closed by the coordinator");
+    }
+    return status_;
+  }
+
+  WorkerService* const service_;
+  const uint64_t epoch_;
+  absl::Mutex mu_;
+  pb::StepPlan plan_ ABSL_GUARDED_BY(mu_);               // the read in progress
+  std::deque<pb::StepResult> results_ ABSL_GUARDED_BY(mu_);  // front: being written
+  int in_flight_ ABSL_GUARDED_BY(mu_) = 0;           // posted, not yet run
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  bool reads_done_ ABSL_GUARDED_BY(mu_) = false;
+  bool failed_ ABSL_GUARDED_BY(mu_) = false;         // a step failed: status_ says why
+  bool write_failed_ ABSL_GUARDED_BY(mu_) = false;
+  bool owner_closed_ = false;                        // set under mu_, read in OnDone
+  bool finished_ ABSL_GUARDED_BY(mu_) = false;
+  grpc::Status status_ ABSL_GUARDED_BY(mu_);
+};
+
+WorkerService::WorkerService(const WorkerOptions& options)
+    : options_(options), ownership_(options.owner_lease) {}
+
+WorkerService::~WorkerService() {
+  (void)device_.Call([this] {
+    DeviceOp("Teardown");
+    device_state_.reset();
+    return absl::OkStatus();
+  });
+  device_.Shutdown();
+}
+
+WorkerService::Device& WorkerService::device() {
+  CHECK(device_.IsCurrent()) << "the worker's device state is used off its device thread";
+  if (device_state_ == nullptr) device_state_ = std::make_unique<Device>();
+  return *device_state_;
+}
+
+void WorkerService::DeviceOp(absl::string_view op) {
+  CHECK(device_.IsCurrent()) << op << " runs off the worker's device thread";
+  if (options_.device_op_hook) options_.device_op_hook(op);
+}
+
 absl::Status WorkerService::EnsureBackend() {
-  if (backend_ != nullptr) return absl::OkStatus();
-  ASSIGN_OR_RETURN(backend_, CreateBackend(options_.backend));
+  Device& d = device();
+  if (d.backend != nullptr) return absl::OkStatus();
+  ASSIGN_OR_RETURN(d.backend, CreateBackend(options_.backend));
   return absl::OkStatus();
+}
+
+absl::StatusOr<lorcserve::internal::InitCommunicatorResponse> WorkerService::InitCommunicatorOnDevice(
+    const lorcserve::internal::InitCommunicatorRequest& req) {
+  DeviceOp("InitCommunicator");
+  RETURN_IF_ERROR(EnsureBackend());
+  Device& d = device();
+  model_loaded_ = false;
+  d.ResetModel();
+  comm_ready_ = false;
+  d.comm.reset();
+  const WorldConfig world{req.rank(), req.world_size()};
+  RETURN_IF_ERROR(ValidateWorldConfig(world));
+  d.store = std::make_unique<GrpcRendezvousStore>(req.rendezvous_address());
+  CommOptions co;
+  co.group = req.group();
+  co.join_timeout = absl::Milliseconds(req.timeout_ms() > 0 ? req.timeout_ms() : 60000);
+  co.hostname_or_iface = req.bind_address().empty() ? options_.comm_address : req.bind_address();
+  ASSIGN_OR_RETURN(d.comm, options_.backend.kind == BackendKind::kCuda
+                               ? CreateNcclCommunicator(world, d.store.get(), options_.backend.device,
+                                                        nullptr, co)
+                               : CreateGlooCommunicator(world, d.store.get(), co));
+  comm_ready_ = true;
+  lorcserve::internal::InitCommunicatorResponse resp;
+  resp.set_backend(std::string(d.comm->backend_name()));
+  return resp;
+}
+
+absl::StatusOr<lorcserve::internal::LoadModelResponse> WorkerService::LoadModelOnDevice(
+    const lorcserve::internal::LoadModelRequest& req) {
+  DeviceOp("LoadModel");
+  RETURN_IF_ERROR(EnsureBackend());
+  Device& d = device();
+  const int tp_size = std::max(1, req.tp_size());
+  if (tp_size > 1 && (d.comm == nullptr || d.comm->world().world_size != tp_size ||
+                      d.comm->world().rank != req.tp_rank())) {
+    return absl::FailedPreconditionError(absl::StrCat("tensor parallelism ", tp_size, " rank ",
+                                                      req.tp_rank(),
+                                                      " needs InitCommunicator for that rank first"));
+  }
+  model_loaded_ = false;
+  d.ResetModel();
+  ModelSource src{req.model_dir(), req.random_weights(), req.weights_seed(), req.shard_lm_head()};
+  KvCacheOptions kv;
+  kv.block_size = req.block_size() > 0 ? req.block_size() : 16;
+  kv.num_blocks = req.num_blocks();
+  if (req.kv_cache_bytes() > 0) kv.memory_bytes = req.kv_cache_bytes();
+  ASSIGN_OR_RETURN(d.model, lorc::LoadModel(src, d.backend.get(), req.tp_rank(), tp_size, d.comm.get(), kv));
+  d.executor = std::make_unique<StepExecutor>(d.model.runner.get(), d.comm.get());
+  model_loaded_ = true;
+  lorcserve::internal::LoadModelResponse resp;
+  resp.set_num_blocks(d.model.runner->kv_spec().num_blocks);
+  resp.set_kv_bytes_per_token(d.model.runner->kv_spec().BytesPerToken());
+  resp.set_load_seconds(d.model.load_seconds);
+  resp.set_backend(d.backend->name());
+  resp.set_device(d.backend->Describe());
+  return resp;
+}
+
+absl::StatusOr<pb::StepResult> WorkerService::RunStepOnDevice(const pb::StepPlan& plan) {
+  DeviceOp("Step");
+  Device& d = device();
+  if (d.executor == nullptr) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("step_id ", plan.step_id(), ": the worker has no model loaded (LoadModel first)"));
+  }
+  // The executor refuses a step_id that does not follow the previous one (per model load).
+  ASSIGN_OR_RETURN(lorc::StepResult r, d.executor->Execute(StepPlanFromProto(plan)));
+  pb::StepResult out;
+  StepResultToProto(r, &out);
+  return out;
 }
 
 grpc::Status WorkerService::InitCommunicator(grpc::ServerContext*,
                                              const lorcserve::internal::InitCommunicatorRequest* req,
                                              lorcserve::internal::InitCommunicatorResponse* resp) {
-  absl::MutexLock lock(&mu_);
-  if (absl::Status s = EnsureBackend(); !s.ok()) return ToGrpcStatus(s);
-  executor_.reset();
-  model_loaded_ = false;
-  model_ = LoadedModel();
-  comm_.reset();
-  comm_ready_ = false;
-  const WorldConfig world{req->rank(), req->world_size()};
-  if (absl::Status s = ValidateWorldConfig(world); !s.ok()) return ToGrpcStatus(s);
-  store_ = std::make_unique<GrpcRendezvousStore>(req->rendezvous_address());
-  CommOptions co;
-  co.group = req->group();
-  co.join_timeout = absl::Milliseconds(req->timeout_ms() > 0 ? req->timeout_ms() : 60000);
-  co.hostname_or_iface = req->bind_address().empty() ? options_.comm_address : req->bind_address();
-  absl::StatusOr<std::unique_ptr<Communicator>> comm =
-      options_.backend.kind == BackendKind::kCuda
-          ? CreateNcclCommunicator(world, store_.get(), options_.backend.device, nullptr, co)
-          : CreateGlooCommunicator(world, store_.get(), co);
-  if (!comm.ok()) return ToGrpcStatus(comm.status());
-  comm_ = *std::move(comm);
-  comm_ready_ = true;
-  resp->set_backend(std::string(comm_->backend_name()));
+  absl::StatusOr<uint64_t> epoch = ownership_.Begin(FromProto(req->coordinator()), true, "InitCommunicator");
+  if (!epoch.ok()) return ToGrpcStatus(epoch.status());
+  absl::StatusOr<lorcserve::internal::InitCommunicatorResponse> r =
+      device_.Call([&] { return InitCommunicatorOnDevice(*req); });
+  ownership_.End(*epoch, false);
+  if (!r.ok()) return ToGrpcStatus(r.status());
+  *resp = *std::move(r);
   return grpc::Status::OK;
 }
 
 grpc::Status WorkerService::LoadModel(grpc::ServerContext*, const lorcserve::internal::LoadModelRequest* req,
                                       lorcserve::internal::LoadModelResponse* resp) {
-  absl::MutexLock lock(&mu_);
-  if (absl::Status s = EnsureBackend(); !s.ok()) return ToGrpcStatus(s);
-  const int tp_size = std::max(1, req->tp_size());
-  if (tp_size > 1 && (comm_ == nullptr || comm_->world().world_size != tp_size ||
-                      comm_->world().rank != req->tp_rank())) {
-    return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
-                        absl::StrCat("tensor parallelism ", tp_size, " rank ", req->tp_rank(),
-                                     " needs InitCommunicator for that rank first"));
-  }
-  executor_.reset();
-  model_loaded_ = false;
-  model_ = LoadedModel();
-  ModelSource src{req->model_dir(), req->random_weights(), req->weights_seed(), req->shard_lm_head()};
-  KvCacheOptions kv;
-  kv.block_size = req->block_size() > 0 ? req->block_size() : 16;
-  kv.num_blocks = req->num_blocks();
-  if (req->kv_cache_bytes() > 0) kv.memory_bytes = req->kv_cache_bytes();
-  absl::StatusOr<LoadedModel> m =
-      lorc::LoadModel(src, backend_.get(), req->tp_rank(), tp_size, comm_.get(), kv);
-  if (!m.ok()) return ToGrpcStatus(m.status());
-  model_ = *std::move(m);
-  executor_ = std::make_unique<StepExecutor>(model_.runner.get(), comm_.get());
-  model_loaded_ = true;
-  resp->set_num_blocks(model_.runner->kv_spec().num_blocks);
-  resp->set_kv_bytes_per_token(model_.runner->kv_spec().BytesPerToken());
-  resp->set_load_seconds(model_.load_seconds);
-  resp->set_backend(backend_->name());
-  resp->set_device(backend_->Describe());
+  absl::StatusOr<uint64_t> epoch = ownership_.Begin(FromProto(req->coordinator()), true, "LoadModel");
+  if (!epoch.ok()) return ToGrpcStatus(epoch.status());
+  absl::StatusOr<lorcserve::internal::LoadModelResponse> r =
+      device_.Call([&] { return LoadModelOnDevice(*req); });
+  ownership_.End(*epoch, false);
+  if (!r.ok()) return ToGrpcStatus(r.status());
+  *resp = *std::move(r);
   return grpc::Status::OK;
 }
 
-absl::Status WorkerService::RunStep(const lorcserve::internal::StepPlan& plan,
-                                    lorcserve::internal::StepResult* out) {
-  absl::MutexLock lock(&mu_);
-  if (executor_ == nullptr) return absl::FailedPreconditionError("worker has no model loaded");
-  ASSIGN_OR_RETURN(StepResult r, executor_->Execute(StepPlanFromProto(plan)));
-  StepResultToProto(r, out);
-  return absl::OkStatus();
+grpc::ServerBidiReactor<pb::StepPlan, pb::StepResult>* WorkerService::Steps(grpc::CallbackServerContext* ctx) {
+  absl::StatusOr<uint64_t> epoch = ownership_.Begin(FromMetadata(*ctx), false, "Steps");
+  if (!epoch.ok()) return new RefusedStream(epoch.status());
+  return new StepStream(this, *epoch);
 }
 
-grpc::Status WorkerService::Steps(
-    grpc::ServerContext* ctx,
-    grpc::ServerReaderWriter<lorcserve::internal::StepResult, lorcserve::internal::StepPlan>* stream) {
-  lorcserve::internal::StepPlan plan;
-  lorcserve::internal::StepResult result;
-  while (stream->Read(&plan)) {
-    // A step that fails as a whole ends the stream with its status (one error channel).
-    if (absl::Status s = RunStep(plan, &result); !s.ok()) return ToGrpcStatus(s);
-    if (!stream->Write(result)) break;
-  }
+grpc::Status WorkerService::Step(grpc::ServerContext* ctx, const pb::StepPlan* req, pb::StepResult* resp) {
+  absl::StatusOr<uint64_t> epoch = ownership_.Begin(FromMetadata(*ctx), false, "Step");
+  if (!epoch.ok()) return ToGrpcStatus(epoch.status());
+  absl::StatusOr<pb::StepResult> r = device_.Call([&] { return RunStepOnDevice(*req); });
+  ownership_.End(*epoch, false);
+  if (!r.ok()) return ToGrpcStatus(r.status());
+  *resp = *std::move(r);
   return grpc::Status::OK;
 }
 
-grpc::Status WorkerService::Step(grpc::ServerContext*, const lorcserve::internal::StepPlan* req,
-                                 lorcserve::internal::StepResult* resp) {
-  return ToGrpcStatus(RunStep(*req, resp));
-}
-
-grpc::Status WorkerService::Ping(grpc::ServerContext*, const lorcserve::internal::PingRequest*,
+grpc::Status WorkerService::Ping(grpc::ServerContext*, const lorcserve::internal::PingRequest* req,
                                  lorcserve::internal::PingResponse* resp) {
+  ownership_.Touch(FromProto(req->coordinator()));
   resp->set_model_loaded(model_loaded_.load());
   resp->set_communicator_ready(comm_ready_.load());
+  if (std::optional<CoordinatorRef> owner = ownership_.owner(); owner.has_value()) {
+    ToProto(*owner, resp->mutable_owner());
+  }
   return grpc::Status::OK;
 }
 

@@ -1,21 +1,31 @@
 // The worker process's gRPC service (lorcserve.internal.Worker): loads its model shard, joins
 // the tensor-parallel group, and executes the coordinator's step plans in order.
 //
-// Threads: gRPC handler threads. One mutex serialises every state change and step, so the
-// steps of the one step stream (or unary Step calls) run one at a time, in arrival order.
+// Threads: one device thread (DeviceThread) owns the device state: the Backend, the loaded model,
+// the Communicator and the StepExecutor are created, used and destroyed only there (reaching
+// them from another thread is a CHECK failure). gRPC threads only check the caller and post
+// work: the unary handlers (LoadModel, InitCommunicator, Step) block until their item ran; the
+// Steps stream is a callback reactor that posts each plan as it arrives (so the next plan
+// queues while one runs) and writes the results back in order, one write at a time. Ping reads
+// atomics and the ownership record only, so it never waits behind a step.
+//
+// Ownership: a worker serves one coordinator at a time (worker/ownership.h).
 #pragma once
 
 #include <atomic>
+#include <functional>
 #include <memory>
+#include <optional>
 #include <string>
+#include <thread>
 
-#include "absl/synchronization/mutex.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/time/time.h"
 #include "lorcserve/internal/worker.grpc.pb.h"
 #include "backend/backend.h"
-#include "worker/comm/communicator.h"
-#include "worker/comm/rendezvous.h"
-#include "worker/model_loader.h"
-#include "worker/step_executor.h"
+#include "worker/device_thread.h"
+#include "worker/ownership.h"
 
 namespace lorc {
 
@@ -23,37 +33,56 @@ struct WorkerOptions {
   BackendOptions backend;
   // Gloo: the address this worker listens on for its peers, unless the coordinator names one.
   std::string comm_address = "127.0.0.1";
+  // How long the owning coordinator may stay silent, with no call open, before another
+  // coordinator may take the worker (`lorcserve worker --owner-lease-s`).
+  absl::Duration owner_lease = absl::Seconds(30);
+  // Test hook, may be empty: called on the thread that touches the device state, at the start
+  // of every operation on it ("InitCommunicator", "LoadModel", "Step", "Teardown").
+  std::function<void(absl::string_view op)> device_op_hook;
 };
 
-class WorkerService final : public lorcserve::internal::Worker::Service {
+class WorkerService final
+    : public lorcserve::internal::Worker::WithCallbackMethod_Steps<lorcserve::internal::Worker::Service> {
  public:
-  explicit WorkerService(const WorkerOptions& options) : options_(options) {}
+  explicit WorkerService(const WorkerOptions& options);
+  // Destroys the device state on the device thread. The gRPC server must be shut down first.
+  ~WorkerService() override;
 
   grpc::Status LoadModel(grpc::ServerContext* ctx, const lorcserve::internal::LoadModelRequest* req,
                          lorcserve::internal::LoadModelResponse* resp) override;
   grpc::Status InitCommunicator(grpc::ServerContext* ctx,
                                 const lorcserve::internal::InitCommunicatorRequest* req,
                                 lorcserve::internal::InitCommunicatorResponse* resp) override;
-  grpc::Status Steps(grpc::ServerContext* ctx,
-                     grpc::ServerReaderWriter<lorcserve::internal::StepResult,
-                                              lorcserve::internal::StepPlan>* stream) override;
+  grpc::ServerBidiReactor<lorcserve::internal::StepPlan, lorcserve::internal::StepResult>* Steps(
+      grpc::CallbackServerContext* ctx) override;
   grpc::Status Step(grpc::ServerContext* ctx, const lorcserve::internal::StepPlan* req,
                     lorcserve::internal::StepResult* resp) override;
   grpc::Status Ping(grpc::ServerContext* ctx, const lorcserve::internal::PingRequest* req,
                     lorcserve::internal::PingResponse* resp) override;
 
- private:
-  absl::Status EnsureBackend() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  absl::Status RunStep(const lorcserve::internal::StepPlan& plan, lorcserve::internal::StepResult* out);
+  // The thread that owns the device state.
+  std::thread::id device_thread_id() const { return device_.id(); }
 
-  WorkerOptions options_;
-  absl::Mutex mu_;
-  std::unique_ptr<Backend> backend_ ABSL_GUARDED_BY(mu_);
-  std::unique_ptr<RendezvousStore> store_ ABSL_GUARDED_BY(mu_);
-  std::unique_ptr<Communicator> comm_ ABSL_GUARDED_BY(mu_);
-  LoadedModel model_ ABSL_GUARDED_BY(mu_);
-  std::unique_ptr<StepExecutor> executor_ ABSL_GUARDED_BY(mu_);
-  // Read by Ping without the mutex: a long step must not make the worker look dead.
+ private:
+  struct Device;
+  class StepStream;
+
+  // Device-thread operations (each CHECKs that it runs there).
+  Device& device();
+  void DeviceOp(absl::string_view op);
+  absl::Status EnsureBackend();
+  absl::StatusOr<lorcserve::internal::InitCommunicatorResponse> InitCommunicatorOnDevice(
+      const lorcserve::internal::InitCommunicatorRequest& req);
+  absl::StatusOr<lorcserve::internal::LoadModelResponse> LoadModelOnDevice(
+      const lorcserve::internal::LoadModelRequest& req);
+  absl::StatusOr<lorcserve::internal::StepResult> RunStepOnDevice(
+      const lorcserve::internal::StepPlan& plan);
+
+  const WorkerOptions options_;
+  Ownership ownership_;
+  DeviceThread device_;
+  std::unique_ptr<Device> device_state_;  // device thread only
+  // Read by Ping without waiting: a long step must not make the worker look dead.
   std::atomic<bool> model_loaded_{false};
   std::atomic<bool> comm_ready_{false};
 };

@@ -298,7 +298,7 @@ TEST_F(EngineTest, AStepOutOfOrderFailsAsAWholeAndChangesNothing) {
   skipped.step_id = 3;
   skipped.finished = {7};
   EXPECT_THAT(exec_->Execute(skipped),
-              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("step 3 after step 1")));
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("step_id 3 follows step_id 1")));
   EXPECT_EQ(exec_->num_sequences(), 1u);
   // The worker's history ends with the token it sampled; the next plan need not carry it.
   EXPECT_EQ(exec_->Tokens(7).size(), prompts_[0].size() + 1);

@@ -3,7 +3,8 @@
 // greedy output at TP=1/2/4 and over the unary step transport, many concurrent streaming
 // clients (greedy, seeded sampling, stop strings, cancellation, deadlines) with the KV cache
 // checked free afterwards, request validation, the bounded admission queue, a worker killed
-// mid-generation, health, Tokenize, ModelInfo and server reflection.
+// mid-generation, a second coordinator refused by a serving worker, health, Tokenize, ModelInfo
+// and server reflection.
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
@@ -128,7 +129,7 @@ class ServerProcess {
     }
   }
 
-  // Empty on success, else what went wrong.
+  // Empty on success, else what went wrong. `workers` 0: no --local-workers (give --workers).
   std::string Start(int workers, const std::vector<std::string>& extra_flags) {
     char tmpl[] = "/tmp/lorc_server_e2e_stderr_XXXXXX";
     const int err_fd = mkostemp(tmpl, O_CLOEXEC);
@@ -139,9 +140,8 @@ class ServerProcess {
       close(err_fd);
       return absl::StrCat("pipe2: ", std::strerror(errno));
     }
-    std::vector<std::string> args = {Binary(),    "coordinator",  "--model",
-                                     Tiny(),      "--listen",     "127.0.0.1:0",
-                                     "--local-workers", std::to_string(workers)};
+    std::vector<std::string> args = {Binary(), "coordinator", "--model", Tiny(), "--listen", "127.0.0.1:0"};
+    if (workers > 0) args.insert(args.end(), {"--local-workers", std::to_string(workers)});
     args.insert(args.end(), extra_flags.begin(), extra_flags.end());
     for (const std::string& a : args) absl::StrAppend(&command_, command_.empty() ? "" : " ", a);
     std::vector<char*> argv;
@@ -880,6 +880,25 @@ TEST_F(ServerE2ETest, WorkerKilledMidGeneration) {
   // The coordinator itself is still up.
   EXPECT_TRUE(server_->Alive());
   EXPECT_EQ(server_->WorkerPid(1), -1);
+}
+
+// ---- 5b. a second coordinator cannot take over a serving worker ---------------------------------
+
+TEST_F(ServerE2ETest, SecondCoordinatorIsRefusedByAServingWorker) {
+  ASSERT_NO_FATAL_FAILURE(StartServer(1));
+  const v1::ModelInfoResponse info = Info();
+  ASSERT_EQ(info.workers_size(), 1);
+  ServerProcess second;
+  const std::string error = second.Start(0, {"--workers", info.workers(0)});
+  EXPECT_THAT(error, HasSubstr("exited before printing LISTENING"));
+  EXPECT_THAT(error, HasSubstr(absl::StrCat("this worker is serving coordinator 0x")));
+  EXPECT_THAT(error, HasSubstr(absl::StrCat("(at ", server_->address(), ")")));
+  // The first one keeps serving, with golden output.
+  const Golden& g = GoldenPrompts()[0];
+  const cli::StreamResult r = Generate(IdsRequest(g.prompt_ids, 48));
+  ASSERT_TRUE(r.status.ok()) << StatusText(r.status);
+  EXPECT_EQ(r.ids, g.greedy_ids);
+  EXPECT_TRUE(Info().serving());
 }
 
 // ---- 6. health, Tokenize, ModelInfo ------------------------------------------------------------

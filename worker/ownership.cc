@@ -1,0 +1,79 @@
+#include "worker/ownership.h"
+
+#include <iostream>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+
+namespace lorc {
+
+Ownership::Ownership(absl::Duration lease, std::function<absl::Time()> now)
+    : lease_(lease), now_(now != nullptr ? std::move(now) : [] { return absl::Now(); }) {}
+
+void Ownership::ReleaseLocked(absl::string_view why) {
+  std::cerr << "lorcserve worker: no longer serving " << DescribeCoordinator(*owner_) << ": " << why
+            << "\n";
+  owner_.reset();
+  open_calls_ = 0;
+  ++epoch_;
+}
+
+void Ownership::ExpireLocked(absl::Time now) {
+  if (owner_.has_value() && open_calls_ == 0 && now - last_seen_ >= lease_) {
+    ReleaseLocked(absl::StrCat("silent for ", absl::FormatDuration(now - last_seen_),
+                               " (lease ", absl::FormatDuration(lease_), ")"));
+  }
+}
+
+absl::StatusOr<uint64_t> Ownership::Begin(const CoordinatorRef& c, bool claim, absl::string_view what) {
+  if (c.id == 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        what, ": the caller names no coordinator (a nonzero `coordinator.id`, or metadata `",
+        kCoordinatorIdMetadata, "` on step calls)"));
+  }
+  absl::MutexLock lock(&mu_);
+  const absl::Time now = now_();
+  ExpireLocked(now);
+  if (!owner_.has_value()) {
+    if (!claim) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          what, " from ", DescribeCoordinator(c),
+          ": no coordinator owns this worker (InitCommunicator or LoadModel first)"));
+    }
+    owner_ = c;
+    ++epoch_;
+    std::cerr << "lorcserve worker: serving " << DescribeCoordinator(c) << "\n";
+  } else if (owner_->id != c.id) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(what, " from ", DescribeCoordinator(c), " refused: this worker is serving ",
+                     DescribeCoordinator(*owner_), " (it is free once that coordinator closes its ",
+                     "step stream or stays silent for ", absl::FormatDuration(lease_), ")"));
+  }
+  if (!c.address.empty()) owner_->address = c.address;
+  ++open_calls_;
+  last_seen_ = now;
+  return epoch_;
+}
+
+void Ownership::End(uint64_t epoch, bool owner_closed_stream) {
+  absl::MutexLock lock(&mu_);
+  if (epoch != epoch_ || !owner_.has_value()) return;  // the worker changed hands meanwhile
+  --open_calls_;
+  last_seen_ = now_();
+  if (owner_closed_stream && open_calls_ == 0) ReleaseLocked("it closed its step stream");
+}
+
+void Ownership::Touch(const CoordinatorRef& c) {
+  absl::MutexLock lock(&mu_);
+  const absl::Time now = now_();
+  ExpireLocked(now);
+  if (owner_.has_value() && c.id != 0 && owner_->id == c.id) last_seen_ = now;
+}
+
+std::optional<CoordinatorRef> Ownership::owner() {
+  absl::MutexLock lock(&mu_);
+  ExpireLocked(now_());
+  return owner_;
+}
+
+}  // namespace lorc

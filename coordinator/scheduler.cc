@@ -276,7 +276,7 @@ StepPlan Scheduler::Schedule() {
     }
   }
 
-  // 3. The plan: only what the workers do not hold yet (worker/step.h). The scheduled tokens
+  // 3. The plan: only what the workers do not hold yet (step/step.h). The scheduled tokens
   // count as computed from here on.
   plan.seqs.reserve(entries.size());
   for (Entry& e : entries) {

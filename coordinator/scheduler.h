@@ -2,7 +2,7 @@
 // per-step token budget (chunked prefill) and the KV cache's blocks. Pure bookkeeping, no device
 // and no threads: one engine thread owns it, feeds it requests (Add / Abort / Finish), asks it for
 // the next StepPlan (Schedule), runs the plan on the workers and hands rank 0's StepResult back
-// (Apply). Contract with the workers: worker/step.h.
+// (Apply). Contract with the workers: step/step.h.
 //
 // Lifecycle of a sequence: Add -> waiting -> (admitted) running -> ended (EOS / stop id /
 // max_tokens in Apply, or Abort / Finish). A running sequence can be preempted: its KV blocks are
@@ -121,7 +121,7 @@ class Scheduler {
   // `reason` must not be kNone.
   void Finish(int64_t seq_id, FinishReason reason);
 
-  // Builds the next step (policy above) in the incremental form of worker/step.h: tokens only
+  // Builds the next step (policy above) in the incremental form of step/step.h: tokens only
   // for (re)admitted sequences, params on first sight, block ids the workers do not hold yet.
   // The plan may carry only `finished` / `preempted` ids, which the workers must get; when it
   // carries nothing at all (StepPlan::empty()) its step_id is 0 and it must not be sent. Step ids

@@ -1,7 +1,7 @@
 // The contract between the scheduler (coordinator) and the workers for one engine iteration:
 // a StepPlan goes to every tensor-parallel rank; every rank answers with a StepResult (rank 0's
 // carries the sampled tokens). Plain structs; the internal gRPC protocol
-// (proto/lorcserve/internal/worker.proto) mirrors them (worker/step_proto.h converts).
+// (proto/lorcserve/internal/worker.proto) mirrors them (step/step_proto.h converts).
 //
 // Incremental protocol (as vLLM v1's SchedulerOutput; design/ENGINE.md §1.1): the workers keep
 // per-request state between steps (token history, block table, num_computed_tokens, sampler),

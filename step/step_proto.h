@@ -1,4 +1,4 @@
-// Conversions between the step contract (worker/step.h) and its wire form
+// Conversions between the step contract (step/step.h) and its wire form
 // (proto/lorcserve/internal/worker.proto).
 #pragma once
 

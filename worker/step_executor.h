@@ -1,5 +1,5 @@
 // Executes StepPlans on one tensor-parallel rank. Owns the per-request state the incremental
-// step protocol (worker/step.h) relies on: each request's token history, block table, number of
+// step protocol (step/step.h) relies on: each request's token history, block table, number of
 // computed tokens and sampler. Runs the forward pass for the requests that pass validation; a
 // request that does not (unknown id, token or block id out of range, computed-token count that
 // disagrees with this rank's, bad sampling params) is left out of the batch, its state dropped,

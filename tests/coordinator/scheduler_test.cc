@@ -55,7 +55,7 @@ int32_t PlainModel(int64_t seq, int64_t pos) { return static_cast<int32_t>((seq 
 int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // What one request computes in a step, as a worker reconstructs it from the incremental plan
-// (worker/step.h) and its own state: the tokens, the full block table.
+// (step/step.h) and its own state: the tokens, the full block table.
 struct SeqView {
   int64_t seq_id = 0;
   std::vector<int32_t> tokens;       // computed this step

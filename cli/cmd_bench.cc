@@ -108,6 +108,7 @@ int RunBench(int argc, char** argv) {
   const auto& sb = before->step_stats();
   const auto& sa = after->step_stats();
   const double steps = static_cast<double>(sa.steps() - sb.steps());
+  const double pipelined = static_cast<double>(sa.pipelined_steps() - sb.pipelined_steps());
   auto delta_mean = [&](double a_mean, double b_mean) {
     return steps > 0 ? (a_mean * sa.steps() - b_mean * sb.steps()) / steps : 0.0;
   };
@@ -128,7 +129,11 @@ int RunBench(int argc, char** argv) {
                 {"rpc_us", delta_mean(sa.rpc_us_mean(), sb.rpc_us_mean())},
                 {"apply_us", delta_mean(sa.apply_us_mean(), sb.apply_us_mean())},
                 {"worker_compute_us", delta_mean(sa.worker_compute_us_mean(), sb.worker_compute_us_mean())},
-                {"worker_idle_us", delta_mean(sa.worker_idle_us_mean(), sb.worker_idle_us_mean())},
+                {"worker_idle_us", pipelined > 0 ? (sa.worker_idle_us_mean() * sa.pipelined_steps() -
+                                                    sb.worker_idle_us_mean() * sb.pipelined_steps()) /
+                                                       pipelined
+                                                 : 0.0},
+                {"pipelined_steps", sa.pipelined_steps() - sb.pipelined_steps()},
                 {"wait_us", delta_mean(sa.wait_us_mean(), sb.wait_us_mean())}};
   j["kv_free_blocks_after"] = after->kv_free_blocks();
   j["kv_capacity_blocks"] = after->kv_capacity_blocks();

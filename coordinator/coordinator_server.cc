@@ -200,7 +200,9 @@ void CoordinatorServer::FillLive(lorcserve::v1::ModelInfoResponse* r) {
     st->set_rpc_us_mean((s.engine.run_s - s.engine.worker_compute_s) / n * 1e6);
     st->set_apply_us_mean(s.engine.apply_s / n * 1e6);
     st->set_worker_compute_us_mean(s.engine.worker_compute_s / n * 1e6);
-    st->set_worker_idle_us_mean(s.engine.worker_idle_s / n * 1e6);
+    st->set_worker_idle_us_mean(
+        s.engine.worker_idle_s / static_cast<double>(std::max<int64_t>(1, s.engine.pipelined_steps)) * 1e6);
+    st->set_pipelined_steps(s.engine.pipelined_steps);
     st->set_wait_us_mean(s.engine.wait_s / n * 1e6);
     st->set_transport(options_.step_stream ? "stream" : "unary");
   }

@@ -96,6 +96,7 @@ void Engine::AbortAll(const absl::Status& status) {
 
 absl::Status Engine::Fail(const absl::Status& status) {
   for (; in_flight_ > 0; --in_flight_) (void)runner_->Await();  // drop what the runner still holds
+  pipelined_.clear();
   AbortAll(status);
   return status;
 }
@@ -112,6 +113,7 @@ absl::Status Engine::Step() {
     stats_.schedule_s += Seconds(t0, t1);
     if (!plan.empty()) {
       if (absl::Status s = runner_->Submit(plan); !s.ok()) return Fail(s);
+      pipelined_.push_back(in_flight_ > 0);
       ++in_flight_;
       submitted = true;
       stats_.run_s += Seconds(t1, Clock::now());
@@ -123,13 +125,18 @@ absl::Status Engine::Step() {
   const auto t2 = Clock::now();
   absl::StatusOr<StepResult> result = runner_->Await();
   --in_flight_;
+  const bool pipelined = pipelined_.front();
+  pipelined_.pop_front();
   const auto t3 = Clock::now();
   stats_.run_s += Seconds(t2, t3);
   stats_.wait_s += Seconds(t2, t3);
   if (!result.ok()) return Fail(result.status());
   ++stats_.steps;
   stats_.worker_compute_s += static_cast<double>(result->compute_us) * 1e-6;
-  stats_.worker_idle_s += static_cast<double>(result->idle_us) * 1e-6;
+  if (pipelined) {
+    stats_.worker_idle_s += static_cast<double>(result->idle_us) * 1e-6;
+    ++stats_.pipelined_steps;
+  }
   for (const PromptLogprobs& lp : result->prompt_logprobs) {
     auto it = requests_.find(lp.seq_id);
     if (it == requests_.end()) continue;

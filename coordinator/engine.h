@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <memory>
 #include <string>
@@ -70,7 +71,10 @@ struct EngineStats {
   double run_s = 0;   // in the runner's Submit and Await (blocked on the workers)
   double wait_s = 0;  // of which in Await
   double worker_compute_s = 0;                    // as reported by rank 0
-  double worker_idle_s = 0;  // rank 0 waiting for the next plan between steps (as reported)
+  // Rank 0's wait for its next plan after finishing a step, over the steps submitted while
+  // another was still in flight (so the wait is the pipeline's, not a lack of requests).
+  double worker_idle_s = 0;
+  int64_t pipelined_steps = 0;
 };
 
 class Engine {
@@ -118,6 +122,7 @@ class Engine {
   absl::flat_hash_map<int64_t, std::unique_ptr<Request>> requests_;
   EngineStats stats_;
   int in_flight_ = 0;  // plans submitted and not yet awaited
+  std::deque<bool> pipelined_;  // per plan in flight: submitted while another was in flight
   int64_t next_generate_id_ = int64_t{1} << 40;  // Generate()'s ids, apart from callers' ids
 };
 

@@ -198,7 +198,7 @@ absl::StatusOr<std::vector<double>> ScorePromptNll(ModelRunner& runner, absl::Sp
     SequenceStep s;
     s.seq_id = kSeq;
     s.tokens.assign(ids.begin() + pos, ids.begin() + pos + n);
-    s.num_cached = pos;
+    s.num_computed_tokens = pos;
     const auto table = blocks.BlockTable(kSeq);
     s.block_table.assign(table.begin(), table.end());
     s.logits = SequenceStep::Logits::kAll;

@@ -120,6 +120,9 @@ absl::Status WorkerGroup::Connect() {
       req.set_block_size(options_.kv.block_size);
       req.set_num_blocks(options_.kv.num_blocks);
       req.set_kv_cache_bytes(options_.kv.memory_bytes);
+      req.set_max_num_seqs(options_.kv.max_num_seqs);
+      req.set_max_num_batched_tokens(options_.kv.max_num_batched_tokens);
+      req.set_max_model_len(options_.kv.max_model_len);
       lorcserve::internal::LoadModelResponse resp;
       const absl::Status s = FromGrpcStatus(wp->stub->LoadModel(&ctx, req, &resp));
       if (!s.ok()) return absl::Status(s.code(), absl::StrCat(wp->Name(), ": ", s.message()));

@@ -30,7 +30,7 @@ absl::StatusOr<StepResult> StepExecutor::Run(const StepPlan& plan) {
     SequenceStep& step = steps_[i];
     step.seq_id = s.seq_id;
     step.tokens = s.tokens;
-    step.num_cached = s.num_cached;
+    step.num_computed_tokens = s.num_cached;
     step.block_table = s.block_table;
     const bool logits = s.sample && (samples_ || runner_->lm_head_sharded());
     step.logits = logits ? SequenceStep::Logits::kLast : SequenceStep::Logits::kNone;

@@ -33,7 +33,8 @@ grpc::Status WorkerService::InitCommunicator(grpc::ServerContext*,
   co.hostname_or_iface = req->bind_address().empty() ? options_.comm_address : req->bind_address();
   absl::StatusOr<std::unique_ptr<Communicator>> comm =
       options_.backend.kind == BackendKind::kCuda
-          ? CreateNcclCommunicator(world, store_.get(), options_.backend.device, nullptr, co)
+          ? CreateNcclCommunicator(world, store_.get(), options_.backend.device,
+                                   backend_->stream_handle(), co)
           : CreateGlooCommunicator(world, store_.get(), co);
   if (!comm.ok()) return ToGrpcStatus(comm.status());
   comm_ = *std::move(comm);
@@ -61,6 +62,9 @@ grpc::Status WorkerService::LoadModel(grpc::ServerContext*, const lorcserve::int
   kv.block_size = req->block_size() > 0 ? req->block_size() : 16;
   kv.num_blocks = req->num_blocks();
   if (req->kv_cache_bytes() > 0) kv.memory_bytes = req->kv_cache_bytes();
+  if (req->max_num_seqs() > 0) kv.max_num_seqs = req->max_num_seqs();
+  if (req->max_num_batched_tokens() > 0) kv.max_num_batched_tokens = req->max_num_batched_tokens();
+  kv.max_model_len = req->max_model_len();
   absl::StatusOr<LoadedModel> m =
       lorc::LoadModel(src, backend_.get(), req->tp_rank(), tp_size, comm_.get(), kv);
   if (!m.ok()) return ToGrpcStatus(m.status());

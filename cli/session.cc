@@ -49,6 +49,8 @@ absl::StatusOr<KvCacheOptions> ParseKvCacheOptions(const Args& args) {
   // The runner's step buffers must hold the engine's per-step token budget.
   ASSIGN_OR_RETURN(int64_t step_tokens, args.GetInt("max-step-tokens", kv.max_num_batched_tokens));
   if (step_tokens > 0 && step_tokens <= (1 << 30)) kv.max_num_batched_tokens = static_cast<int32_t>(step_tokens);
+  ASSIGN_OR_RETURN(int64_t max_running, args.GetInt("max-running", kv.max_num_seqs));
+  if (max_running > 0 && max_running <= (1 << 20)) kv.max_num_seqs = static_cast<int32_t>(max_running);
   return kv;
 }
 

@@ -65,6 +65,7 @@ grpc::Status WorkerService::LoadModel(grpc::ServerContext*, const lorcserve::int
   if (req->max_num_seqs() > 0) kv.max_num_seqs = req->max_num_seqs();
   if (req->max_num_batched_tokens() > 0) kv.max_num_batched_tokens = req->max_num_batched_tokens();
   kv.max_model_len = req->max_model_len();
+  kv.gpu_memory_utilization = req->gpu_memory_utilization();
   absl::StatusOr<LoadedModel> m =
       lorc::LoadModel(src, backend_.get(), req->tp_rank(), tp_size, comm_.get(), kv);
   if (!m.ok()) return ToGrpcStatus(m.status());

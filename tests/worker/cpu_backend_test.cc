@@ -25,6 +25,7 @@
 #include "gtest/gtest.h"
 #include "tests/testing/status_matchers.h"
 #include "worker/backend.h"
+#include "worker/cuda_backend.h"
 
 namespace lorc {
 
@@ -889,6 +890,65 @@ TEST(CpuBackendDtypeTest, RejectsNonF32WithUnimplementedNamingOpAndDtype) {
   const Tensor2D norm_w{b.data(), DType::kF32, 1, 4, 4};
   EXPECT_THAT((*be)->FusedAddRmsNorm(x_f16, x, norm_w, 1e-5f, x),
               StatusIs(absl::StatusCode::kUnimplemented, AllOf(HasSubstr("FusedAddRmsNorm"), HasSubstr("F16"))));
+}
+
+// The CUDA backend's runtime half (stream, pinned memory, events, graphs, CopyBlocks) works before
+// its kernels do. Skips only when there is no device.
+TEST(CudaRuntimeTest, StreamCopiesEventsGraphsAndBlockCopies) {
+  auto devices = ListCudaDevices();
+  if (!devices.ok() || devices->empty()) GTEST_SKIP() << "no CUDA device: " << devices.status();
+  auto be = CreateCudaBackendWithoutKernels(BackendOptions{BackendKind::kCuda});
+  ASSERT_OK(be);
+  Backend& b = **be;
+  EXPECT_NE(b.stream_handle(), nullptr);
+  EXPECT_TRUE(b.SupportsGraphs());
+  const MemoryInfo m = b.GetMemoryInfo();
+  EXPECT_GT(m.free_bytes, 0);
+  EXPECT_LE(m.free_bytes, m.total_bytes);
+
+  const int n = 1000;
+  auto pinned = b.AllocateHost(n * sizeof(float));
+  auto src = b.Allocate(n * sizeof(float)), dst = b.Allocate(n * sizeof(float));
+  ASSERT_OK(pinned);
+  ASSERT_OK(src);
+  ASSERT_OK(dst);
+  for (int i = 0; i < n; ++i) pinned->as<float>()[i] = static_cast<float>(i);
+  ASSERT_OK(b.CopyToDevice(src->data(), pinned->data(), n * sizeof(float)));
+  auto ev = b.CreateEvent();
+  ASSERT_OK(ev);
+  ASSERT_OK(b.RecordEvent(**ev));
+  ASSERT_OK(b.SynchronizeEvent(**ev));
+
+  // Capture "zero dst, then copy src into it"; replay after changing src in place.
+  ASSERT_OK(b.BeginCapture());
+  ASSERT_OK(b.Memset(dst->data(), 0, n * sizeof(float)));
+  ASSERT_OK(b.CopyOnDevice(dst->data(), src->data(), n / 2 * sizeof(float)));
+  auto g = b.EndCapture();
+  ASSERT_OK(g);
+  std::vector<float> host(n, -1.f);
+  for (int i = 0; i < n; ++i) pinned->as<float>()[i] = static_cast<float>(2 * i);
+  ASSERT_OK(b.CopyToDevice(src->data(), pinned->data(), n * sizeof(float)));
+  ASSERT_OK(b.ReplayGraph(**g));
+  ASSERT_OK(b.CopyToHost(host.data(), dst->data(), n * sizeof(float)));
+  ASSERT_OK(b.Synchronize());
+  for (int i = 0; i < n; ++i) ASSERT_EQ(host[i], i < n / 2 ? 2.f * i : 0.f) << i;
+
+  // CopyBlocks over two layers: block 3 -> 0 (4 slots of width 5 per block, 4 blocks).
+  const int32_t bs = 4, blocks = 4, w = 5;
+  KvLayer l0{src->data(), dst->data(), w, w, DType::kF32};
+  KvLayer l1{static_cast<float*>(src->data()) + 500, static_cast<float*>(dst->data()) + 500, w, w, DType::kF32};
+  ASSERT_OK(b.CopyBlocks({l0, l1}, bs, blocks, {BlockCopy{3, 0}}));
+  std::vector<float> after(n);
+  ASSERT_OK(b.CopyToHost(after.data(), src->data(), n * sizeof(float)));
+  ASSERT_OK(b.Synchronize());
+  for (int i = 0; i < bs * w; ++i) {
+    ASSERT_EQ(after[i], 2.f * (3 * bs * w + i)) << "layer 0 element " << i;
+    ASSERT_EQ(after[500 + i], 2.f * (500 + 3 * bs * w + i)) << "layer 1 element " << i;
+  }
+  EXPECT_THAT(b.CopyBlocks({l0}, bs, blocks, {BlockCopy{0, 4}}),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(b.Matmul(Tensor2D{}, Tensor2D{}, Tensor2D{}),
+              StatusIs(absl::StatusCode::kUnimplemented, HasSubstr("Matmul")));
 }
 
 INSTANTIATE_TEST_SUITE_P(Backends, BackendOpsTest,

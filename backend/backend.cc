@@ -13,12 +13,13 @@ DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& o) noexcept {
     owner_ = std::exchange(o.owner_, nullptr);
     data_ = std::exchange(o.data_, nullptr);
     bytes_ = std::exchange(o.bytes_, 0);
+    kind_ = o.kind_;
   }
   return *this;
 }
 
 void DeviceBuffer::Reset() {
-  if (data_ != nullptr && owner_ != nullptr) owner_->Free(data_);
+  if (data_ != nullptr && owner_ != nullptr) owner_->Free(data_, kind_);
   data_ = nullptr;
   bytes_ = 0;
   owner_ = nullptr;
@@ -45,6 +46,12 @@ absl::StatusOr<BackendKind> ParseBackendKind(absl::string_view s) {
   if (lower == "cpu") return BackendKind::kCpu;
   if (lower == "cuda") return BackendKind::kCuda;
   return absl::InvalidArgumentError(absl::StrCat("unknown backend '", s, "' (expected cpu or cuda)"));
+}
+
+absl::Status RequireF32(const char* backend, const char* op, const char* what, DType dtype) {
+  if (dtype == DType::kF32) return absl::OkStatus();
+  return absl::UnimplementedError(absl::StrCat(backend, " backend: ", op, ": ", what, " dtype ",
+                                               DTypeName(dtype), " not implemented"));
 }
 
 absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(const BackendOptions& options) {

@@ -1,31 +1,59 @@
-// The compute backend interface: device memory and the operations of a Llama forward pass.
+// The compute backend interface (Backend v2): device memory, a stream, events, graph capture and
+// the operations of a Llama forward pass.
 //
-// One interface, two implementations: CpuBackend (fp32, OpenBLAS; the reference every CUDA
-// kernel is checked against) and CudaBackend (kernels/ + cuBLAS; reports Unimplemented when the
-// build has no CUDA). All pointers handed to ops are device pointers of this backend (host memory
-// for the CPU backend). Ops may run asynchronously on the backend's stream; Synchronize() waits.
-// A Backend is used by one thread at a time (the worker's engine thread).
+// One interface, two implementations: CpuBackend (computes in fp32 with OpenBLAS; the reference
+// every CUDA kernel is checked against) and CudaBackend (kernels/ + cuBLAS; reports Unimplemented
+// while its kernels are missing). All data pointers handed to ops are device pointers of this
+// backend (host memory for the CPU backend) unless a field says "host".
+//
+// Execution model (designed for CUDA, trivially true on the CPU):
+// - A backend owns ONE stream (stream_handle(): a cudaStream_t as void*, a non-blocking stream,
+//   never the legacy default stream; nullptr on the CPU). Every op and copy is enqueued on it in
+//   call order and returns once enqueued; kernel errors may surface at a later call or at
+//   Synchronize(). The NCCL communicator of the rank must be created on this stream
+//   (CreateNcclCommunicator(..., backend->stream_handle(), ...)) so collectives order with ops.
+// - Synchronize() waits for everything enqueued so far. Events mark a point in the stream:
+//   RecordEvent() then SynchronizeEvent() (host waits) or StreamWaitEvent() (a later stream of
+//   another backend waits, e.g. a copy stream).
+// - Graphs: BeginCapture() .. ops .. EndCapture() records the ops instead of running them (CUDA
+//   graph capture of the stream); ReplayGraph() re-runs them with the same device addresses. So
+//   every buffer a captured op reads (ids, positions, slot mappings, block tables, the attention
+//   plan's workspace) must live at a fixed address and be refreshed in place before a replay.
+//   The CPU backend does not capture (SupportsGraphs() false): BeginCapture and EndCapture are
+//   no-ops returning an empty graph, and ops run eagerly.
+// - A Backend is used by one thread at a time (the worker's engine thread).
+//
+// Dtypes: tensors carry their dtype (Tensor2D::dtype, KvLayer::dtype); the interface is generic
+// over F32, BF16 and F16 activations, weights and KV caches. A backend rejects a combination it
+// does not implement with Unimplemented naming the op and the dtype ("cpu backend: Matmul: weight
+// dtype BF16 not implemented"). The CPU backend implements F32 only.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <string>
-#include "absl/strings/string_view.h"
 #include <utility>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/types/span.h"
 #include "common/dtype.h"
+#include "kvstore/kv_block_manager.h"
 
 namespace lorc {
 
 class Backend;
 
-// Move-only owner of a device allocation.
+// Where an allocation lives: device memory, or page-locked host memory (AllocateHost).
+enum class MemoryKind : uint8_t { kDevice, kPinnedHost };
+
+// Move-only owner of a device (or pinned host) allocation.
 class DeviceBuffer {
  public:
   DeviceBuffer() = default;
-  DeviceBuffer(Backend* owner, void* data, size_t bytes) : owner_(owner), data_(data), bytes_(bytes) {}
+  DeviceBuffer(Backend* owner, void* data, size_t bytes, MemoryKind kind = MemoryKind::kDevice)
+      : owner_(owner), data_(data), bytes_(bytes), kind_(kind) {}
   ~DeviceBuffer() { Reset(); }
   DeviceBuffer(DeviceBuffer&& o) noexcept { *this = std::move(o); }
   DeviceBuffer& operator=(DeviceBuffer&& o) noexcept;
@@ -35,6 +63,7 @@ class DeviceBuffer {
   void* data() const { return data_; }
   template <typename T> T* as() const { return static_cast<T*>(data_); }
   size_t bytes() const { return bytes_; }
+  MemoryKind kind() const { return kind_; }
   bool empty() const { return data_ == nullptr; }
   void Reset();
 
@@ -42,9 +71,10 @@ class DeviceBuffer {
   Backend* owner_ = nullptr;
   void* data_ = nullptr;
   size_t bytes_ = 0;
+  MemoryKind kind_ = MemoryKind::kDevice;
 };
 
-// A row-major 2-D view: `rows` x `cols` elements, consecutive rows `ld` elements apart.
+// A row-major 2-D view: `rows` x `cols` elements of `dtype`, consecutive rows `ld` elements apart.
 struct Tensor2D {
   void* data = nullptr;
   DType dtype = DType::kF32;
@@ -60,39 +90,71 @@ struct Tensor2D {
   Tensor2D RowSlice(int64_t r0, int64_t n) const;
 };
 
-// The flattened batch of one forward step, as the attention op sees it. All arrays are device
-// memory. Sequence s contributes query rows [query_start[s], query_start[s+1]) of q; after this
-// step it has context_len[s] tokens in the cache (its new tokens included), so its query row i
-// sits at position context_len[s] - q_len + i and attends to positions [0, that position].
-struct AttentionBatch {
-  int32_t num_seqs = 0;
-  int32_t num_tokens = 0;            // total query rows
-  int32_t max_context_len = 0;       // max over context_len (host-side hint for kernels)
-  const int32_t* query_start = nullptr;   // [num_seqs + 1]
-  const int32_t* context_len = nullptr;   // [num_seqs]
-  const int32_t* block_tables = nullptr;  // [num_seqs][max_blocks_per_seq]
-  int32_t max_blocks_per_seq = 0;
-  int32_t block_size = 0;
-};
-
 // One layer's paged cache (layout in kvstore/kv_spec.h).
 struct KvLayer {
-  void* k = nullptr;  // [num_blocks][block_size][k_width]
-  void* v = nullptr;  // [num_blocks][block_size][v_width]
+  void* k = nullptr;  // [num_blocks][block_size][k_width], `dtype`
+  void* v = nullptr;  // [num_blocks][block_size][v_width], `dtype`
   int64_t k_width = 0;
   int64_t v_width = 0;
   DType dtype = DType::kF32;
 };
 
+// --- attention: a per-step plan and a per-layer run -------------------------------------------
+//
+// The flattened batch of one step. Sequence s contributes query rows [query_start[s],
+// query_start[s+1]) of q; after this step it has seq_lens[s] tokens in the cache (its new tokens
+// included: seq_lens = num_computed_tokens + new tokens), so its query row i sits at position
+// seq_lens[s] - q_len + i and attends to positions [0, that position]. A sequence with q_len 1
+// is a decode; any other is a prefill (a whole prompt or a chunk on top of a cached prefix).
+// The device arrays are read by the per-layer run (they must keep their contents and addresses
+// until the step's last attention call has run); the host mirrors are read by PlanAttention only.
+struct AttentionBatch {
+  int32_t num_seqs = 0;
+  int32_t num_tokens = 0;          // total query rows = query_start[num_seqs]
+  int32_t max_seq_len = 0;         // max over seq_lens
+  int32_t max_blocks_per_seq = 0;  // row stride of block_tables
+  int32_t block_size = 0;          // tokens per block
+  const int32_t* query_start = nullptr;   // device, [num_seqs + 1], non-decreasing, starts at 0
+  const int32_t* seq_lens = nullptr;      // device, [num_seqs]
+  const int32_t* block_tables = nullptr;  // device, [num_seqs][max_blocks_per_seq]
+  const int32_t* host_query_start = nullptr;  // host mirror of query_start
+  const int32_t* host_seq_lens = nullptr;     // host mirror of seq_lens
+};
+
+// Capacity of an attention plan, fixed when it is created (start-up), so its workspace never
+// moves: PlanAttention rejects a batch beyond it with InvalidArgument.
+struct AttentionLimits {
+  int32_t max_num_seqs = 0;
+  int32_t max_num_batched_tokens = 0;
+  int32_t max_blocks_per_seq = 0;
+};
+
+// Per-step host metadata turned into a schedule, plus the backend's fixed-address workspace that
+// the per-layer runs read (CUDA: work lists and split-KV chunking, FlashInfer-style). Created
+// once by CreateAttentionPlan; refilled by PlanAttention every step; read by DecodeAttention and
+// PrefillAttention for every layer of that step.
+class AttentionPlan {
+ public:
+  virtual ~AttentionPlan() = default;
+  // The batch the plan was last made for (device pointers valid as documented above).
+  const AttentionBatch& batch() const { return batch_; }
+  int32_t num_decodes() const { return num_decodes_; }    // sequences with q_len == 1
+  int32_t num_prefills() const { return num_prefills_; }  // the others with q_len > 0
+
+ protected:
+  AttentionBatch batch_;
+  int32_t num_decodes_ = 0;
+  int32_t num_prefills_ = 0;
+};
+
 struct AttentionParams {
   Tensor2D q;          // [num_tokens, num_heads * head_dim], RoPE applied
-  Tensor2D out;        // [num_tokens, num_heads * head_dim]
-  KvLayer cache;
-  AttentionBatch batch;
+  Tensor2D out;        // [num_tokens, num_heads * head_dim]; rows of the other path untouched
+  KvLayer cache;       // this layer's cache, the step's K/V already written
   int32_t num_heads = 0;     // query heads (on this rank)
-  int32_t num_kv_heads = 0;  // KV heads (on this rank)
+  int32_t num_kv_heads = 0;  // KV heads (on this rank); divides num_heads
   int32_t head_dim = 0;
-  float scale = 1.0f;
+  float scale = 1.0f;        // softmax scale, usually 1/sqrt(head_dim)
 };
 
 struct RopeParams {
@@ -100,30 +162,107 @@ struct RopeParams {
   int32_t num_heads = 0;
   int32_t head_dim = 0;
   const int32_t* positions = nullptr;  // [num_tokens], device
-  const float* inv_freq = nullptr;     // [head_dim / 2], device
+  const float* inv_freq = nullptr;     // [head_dim / 2], device, fp32
+};
+
+// RoPE on q and k (Hugging Face rotate_half convention, fp32 angles) fused with the write of the
+// rotated k and of v into one layer's cache at slot_mapping. q is rotated in place; k is rotated
+// in place too (callers must not rely on either way). A slot of -1 skips that token's write
+// (padding rows of a replayed graph).
+struct RopeKvWriteParams {
+  Tensor2D q;  // [num_tokens, num_heads * head_dim]
+  Tensor2D k;  // [num_tokens, num_kv_heads * head_dim] = cache.k_width
+  Tensor2D v;  // [num_tokens, cache.v_width]
+  KvLayer cache;
+  int32_t num_heads = 0;
+  int32_t num_kv_heads = 0;
+  int32_t head_dim = 0;
+  const int32_t* positions = nullptr;     // [num_tokens], device
+  const float* inv_freq = nullptr;        // [head_dim / 2], device, fp32
+  const int32_t* slot_mapping = nullptr;  // [num_tokens], device, flat slot or -1
+};
+
+// Free and total memory of the backend's device, in bytes (CPU: MemAvailable and MemTotal of
+// /proc/meminfo, or sysconf where that is missing).
+struct MemoryInfo {
+  int64_t free_bytes = 0;
+  int64_t total_bytes = 0;
+};
+
+// A captured graph (CUDA: a cudaGraphExec_t). Empty on backends that do not capture.
+class Graph {
+ public:
+  virtual ~Graph() = default;
+};
+
+// A point in the backend's stream (CUDA: a cudaEvent_t).
+class Event {
+ public:
+  virtual ~Event() = default;
 };
 
 class Backend {
  public:
   virtual ~Backend() = default;
   virtual const char* name() const = 0;
-  // A one-line description of the device ("cpu: 2 threads, OpenBLAS ...", "NVIDIA H200 ...").
+  // A one-line description of the device ("cpu: fp32, OpenBLAS ...", "NVIDIA H200 ...").
   virtual std::string Describe() const = 0;
 
-  // --- memory -------------------------------------------------------------------------------
-  virtual absl::StatusOr<DeviceBuffer> Allocate(size_t bytes) = 0;
-  virtual absl::Status CopyToDevice(void* dst, const void* src, size_t bytes) = 0;
-  virtual absl::Status CopyToHost(void* dst, const void* src, size_t bytes) = 0;
-  virtual absl::Status Memset(void* dst, int value, size_t bytes) = 0;
+  // --- stream, events, graphs -------------------------------------------------------------------
+  // The native stream (cudaStream_t as void*); nullptr on the CPU. Lives as long as the backend.
+  virtual void* stream_handle() const = 0;
+  // Waits for all enqueued work; reports asynchronous errors.
   virtual absl::Status Synchronize() = 0;
+  virtual absl::StatusOr<std::unique_ptr<Event>> CreateEvent() = 0;
+  // Marks the current end of the stream.
+  virtual absl::Status RecordEvent(Event& event) = 0;
+  // Host waits until the work before the event's last record has completed.
+  virtual absl::Status SynchronizeEvent(Event& event) = 0;
+  // Later work on this backend's stream waits for `event` (recorded on any stream of the device).
+  virtual absl::Status StreamWaitEvent(Event& event) = 0;
+  virtual bool SupportsGraphs() const = 0;
+  // Starts recording this stream's ops into a graph (FailedPrecondition when already capturing).
+  // While capturing, nothing may synchronize and no memory may be allocated or freed.
+  virtual absl::Status BeginCapture() = 0;
+  // Ends the capture; the graph re-runs the recorded ops at the same addresses. CPU: an empty graph.
+  virtual absl::StatusOr<std::unique_ptr<Graph>> EndCapture() = 0;
+  // Enqueues a replay (no-op for an empty graph).
+  virtual absl::Status ReplayGraph(const Graph& graph) = 0;
 
-  // --- ops (all shapes in elements) -----------------------------------------------------------
+  // --- memory -----------------------------------------------------------------------------------
+  // Device memory; ResourceExhausted when it does not fit.
+  virtual absl::StatusOr<DeviceBuffer> Allocate(size_t bytes) = 0;
+  // Page-locked host memory (CUDA: cudaMallocHost; CPU: ordinary memory), for staging copies that
+  // are truly asynchronous.
+  virtual absl::StatusOr<DeviceBuffer> AllocateHost(size_t bytes) = 0;
+  virtual MemoryInfo GetMemoryInfo() const = 0;
+  // Host -> device, enqueued on the stream. Lifetime of `src`:
+  // - pageable host memory: the backend has consumed (staged) it when the call returns; the caller
+  //   may reuse it at once;
+  // - pinned memory from AllocateHost: the copy reads `src` asynchronously; the caller must not
+  //   modify it until the stream has passed the copy (an event recorded after it, or Synchronize()).
+  virtual absl::Status CopyToDevice(void* dst, const void* src, size_t bytes) = 0;
+  // Device -> host, enqueued on the stream. `dst` holds the data only after the stream has passed
+  // the copy (Synchronize() or an event recorded after it); for pageable `dst` the CUDA backend may
+  // block until then. The source must not be overwritten by later ops before that point, which
+  // stream order guarantees for ops enqueued on this backend.
+  virtual absl::Status CopyToHost(void* dst, const void* src, size_t bytes) = 0;
+  // Device -> device on the stream.
+  virtual absl::Status CopyOnDevice(void* dst, const void* src, size_t bytes) = 0;
+  virtual absl::Status Memset(void* dst, int value, size_t bytes) = 0;
+
+  // --- ops (all shapes in elements) -------------------------------------------------------------
   // out[i, :] = table[ids[i], :]. Ids are trusted (validated before the step).
   virtual absl::Status Embedding(const Tensor2D& table, const int32_t* ids, Tensor2D out) = 0;
   // out[i, :] = x[i, :] / sqrt(mean(x[i, :]^2) + eps) * weight[0, :]. `out` may alias `x`.
   virtual absl::Status RmsNorm(const Tensor2D& x, const Tensor2D& weight, float eps,
                                 Tensor2D out) = 0;
+  // Fused residual add + RMSNorm: residual += x, then out = RmsNorm(residual) * weight.
+  // residual, x, out: [T, H]; weight [1, H]. `out` may alias `x` (not `residual`).
+  virtual absl::Status FusedAddRmsNorm(Tensor2D residual, const Tensor2D& x, const Tensor2D& weight,
+                                       float eps, Tensor2D out) = 0;
   // out = x * w^T for x [T, K], w [N, K] (a Hugging Face nn.Linear weight), out [T, N].
+  // InvalidArgument on a shape mismatch.
   virtual absl::Status Matmul(const Tensor2D& x, const Tensor2D& w, Tensor2D out) = 0;
   // acc += x, elementwise.
   virtual absl::Status AddInPlace(Tensor2D acc, const Tensor2D& x) = 0;
@@ -131,20 +270,36 @@ class Backend {
   virtual absl::Status SiluMul(const Tensor2D& gate_up, Tensor2D out) = 0;
   // Rotary embedding, Hugging Face "rotate_half" convention (pairs i and i + head_dim/2).
   virtual absl::Status Rope(const RopeParams& p) = 0;
-  // Writes k [T, k_width] and v [T, v_width] rows into the cache at flat slot indices.
+  // Writes k [T, k_width] and v [T, v_width] rows into the cache at flat slot indices (-1: skip).
   virtual absl::Status WriteKv(const KvLayer& cache, const Tensor2D& k, const Tensor2D& v,
-                               const int32_t* slot_mapping, int32_t block_size) = 0;
-  // Causal attention of the batch's queries over the paged cache.
-  virtual absl::Status PagedAttention(const AttentionParams& p) = 0;
+                               const int32_t* slot_mapping) = 0;
+  // Rope on q and k + WriteKv in one op (see RopeKvWriteParams).
+  virtual absl::Status RopeKvWrite(const RopeKvWriteParams& p) = 0;
+
+  // Attention plan: allocated once (its workspace never moves), refilled each step.
+  virtual absl::StatusOr<std::unique_ptr<AttentionPlan>> CreateAttentionPlan(
+      const AttentionLimits& limits) = 0;
+  // Once per step, before the first layer: host work over batch's host mirrors (decode/prefill
+  // split, work partitioning), written into the plan's workspace. InvalidArgument when the batch
+  // exceeds the plan's limits or its host metadata is inconsistent.
+  virtual absl::Status PlanAttention(const AttentionBatch& batch, AttentionPlan& plan) = 0;
+  // Per layer: causal attention over the paged cache for the plan's decode sequences (q_len 1) /
+  // prefill sequences (q_len > 1). Each writes only its own sequences' rows of p.out; a step runs
+  // both (either may have no sequences).
+  virtual absl::Status DecodeAttention(const AttentionParams& p, const AttentionPlan& plan) = 0;
+  virtual absl::Status PrefillAttention(const AttentionParams& p, const AttentionPlan& plan) = 0;
+
   // out[i, :] = x[rows[i], :].
   virtual absl::Status GatherRows(const Tensor2D& x, const int32_t* rows, Tensor2D out) = 0;
-  // Copies whole blocks (every token slot) src -> dst of one layer's K and V.
-  virtual absl::Status CopyBlock(const KvLayer& cache, int32_t block_size, int32_t src,
-                                 int32_t dst) = 0;
+  // For every (src, dst) pair (host memory) and every layer of `layers`, copies all block_size
+  // token slots of block src to block dst, K and V, in one call (copy-on-write; later the host
+  // tier). Pairs apply in order; InvalidArgument for a block id outside [0, num_blocks).
+  virtual absl::Status CopyBlocks(absl::Span<const KvLayer> layers, int32_t block_size,
+                                  int32_t num_blocks, absl::Span<const BlockCopy> copies) = 0;
 
  protected:
   friend class DeviceBuffer;
-  virtual void Free(void* data) = 0;
+  virtual void Free(void* data, MemoryKind kind) = 0;
 };
 
 enum class BackendKind { kCpu, kCuda };
@@ -158,5 +313,8 @@ struct BackendOptions {
 
 // Creates a backend. CUDA: Unimplemented when built without CUDA, FailedPrecondition without a device.
 absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(const BackendOptions& options);
+
+// "cpu backend: <op>: <what> dtype <DT> not implemented" as Unimplemented unless t.dtype is F32.
+absl::Status RequireF32(const char* backend, const char* op, const char* what, DType dtype);
 
 }  // namespace lorc

@@ -1,29 +1,91 @@
 #include "backend/cpu_backend.h"
 
 #include <cblas.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <limits>
+#include <string>
 #include <thread>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
 
 namespace lorc {
 namespace {
 
-absl::Status RequireF32(const Tensor2D& t, const char* what) {
-  if (t.dtype != DType::kF32) {
-    return absl::UnimplementedError(
-        absl::StrCat("cpu backend: ", what, " must be F32, got ", DTypeName(t.dtype)));
+constexpr char kCpu[] = "cpu";
+
+inline float* Row(const Tensor2D& t, int64_t r) { return t.as<float>() + r * t.stride(); }
+
+// The CPU plan keeps the split as two host lists of sequence indices.
+class CpuAttentionPlan final : public AttentionPlan {
+ public:
+  explicit CpuAttentionPlan(const AttentionLimits& limits) : limits_(limits) {
+    decodes_.reserve(limits.max_num_seqs);
+    prefills_.reserve(limits.max_num_seqs);
   }
+  absl::Status Plan(const AttentionBatch& b);
+  const std::vector<int32_t>& decodes() const { return decodes_; }
+  const std::vector<int32_t>& prefills() const { return prefills_; }
+
+ private:
+  AttentionLimits limits_;
+  std::vector<int32_t> decodes_, prefills_;
+};
+
+absl::Status CpuAttentionPlan::Plan(const AttentionBatch& b) {
+  if (b.num_seqs < 0 || b.num_seqs > limits_.max_num_seqs) {
+    return absl::InvalidArgumentError(absl::StrCat("attention plan: ", b.num_seqs,
+                                                   " sequences exceed max_num_seqs ",
+                                                   limits_.max_num_seqs));
+  }
+  if (b.num_tokens > limits_.max_num_batched_tokens) {
+    return absl::InvalidArgumentError(absl::StrCat("attention plan: ", b.num_tokens,
+                                                   " tokens exceed max_num_batched_tokens ",
+                                                   limits_.max_num_batched_tokens));
+  }
+  if (b.max_blocks_per_seq > limits_.max_blocks_per_seq || b.block_size <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat("attention plan: max_blocks_per_seq ",
+                                                   b.max_blocks_per_seq, " exceeds ",
+                                                   limits_.max_blocks_per_seq,
+                                                   " or block_size ", b.block_size, " <= 0"));
+  }
+  decodes_.clear();
+  prefills_.clear();
+  for (int32_t s = 0; s < b.num_seqs; ++s) {
+    const int32_t q_len = b.host_query_start[s + 1] - b.host_query_start[s];
+    const int32_t len = b.host_seq_lens[s];
+    if (q_len < 0 || len < q_len ||
+        len > static_cast<int64_t>(b.max_blocks_per_seq) * b.block_size) {
+      return absl::InvalidArgumentError(absl::StrCat("attention plan: sequence ", s, " has ", q_len,
+                                                     " queries and seq_len ", len));
+    }
+    if (q_len == 1) {
+      decodes_.push_back(s);
+    } else if (q_len > 1) {
+      prefills_.push_back(s);
+    }
+  }
+  batch_ = b;
+  num_decodes_ = static_cast<int32_t>(decodes_.size());
+  num_prefills_ = static_cast<int32_t>(prefills_.size());
   return absl::OkStatus();
 }
 
-inline float* Row(const Tensor2D& t, int64_t r) { return t.as<float>() + r * t.stride(); }
+class CpuGraph final : public Graph {};
+class CpuEvent final : public Event {};
+
+int64_t MemInfoKb(const std::string& text, const char* key) {
+  const size_t at = text.find(key);
+  if (at == std::string::npos) return -1;
+  return std::strtoll(text.c_str() + at + std::strlen(key), nullptr, 10);
+}
 
 class CpuBackend final : public Backend {
  public:
@@ -31,22 +93,40 @@ class CpuBackend final : public Backend {
     if (threads > 0) openblas_set_num_threads(threads);
   }
 
-  const char* name() const override { return "cpu"; }
+  const char* name() const override { return kCpu; }
   std::string Describe() const override {
     return absl::StrCat("cpu: fp32, OpenBLAS ", openblas_get_config(), ", ",
                         openblas_get_num_threads(), " BLAS threads, ",
                         std::thread::hardware_concurrency(), " hardware threads");
   }
 
-  absl::StatusOr<DeviceBuffer> Allocate(size_t bytes) override {
-    if (bytes == 0) return DeviceBuffer();
-    const size_t rounded = (bytes + 63) / 64 * 64;
-    void* p = std::aligned_alloc(64, rounded);
-    if (p == nullptr) {
-      return absl::ResourceExhaustedError(absl::StrCat("cpu backend: cannot allocate ", bytes, " bytes"));
-    }
-    return DeviceBuffer(this, p, bytes);
+  // Everything runs synchronously on the calling thread: the "stream" is always idle.
+  void* stream_handle() const override { return nullptr; }
+  absl::Status Synchronize() override { return absl::OkStatus(); }
+  absl::StatusOr<std::unique_ptr<Event>> CreateEvent() override {
+    return std::unique_ptr<Event>(new CpuEvent());
   }
+  absl::Status RecordEvent(Event&) override { return absl::OkStatus(); }
+  absl::Status SynchronizeEvent(Event&) override { return absl::OkStatus(); }
+  absl::Status StreamWaitEvent(Event&) override { return absl::OkStatus(); }
+  bool SupportsGraphs() const override { return false; }
+  absl::Status BeginCapture() override {
+    if (capturing_) return absl::FailedPreconditionError("cpu backend: BeginCapture while capturing");
+    capturing_ = true;
+    return absl::OkStatus();
+  }
+  absl::StatusOr<std::unique_ptr<Graph>> EndCapture() override {
+    if (!capturing_) return absl::FailedPreconditionError("cpu backend: EndCapture without BeginCapture");
+    capturing_ = false;
+    return std::unique_ptr<Graph>(new CpuGraph());
+  }
+  absl::Status ReplayGraph(const Graph&) override { return absl::OkStatus(); }
+
+  absl::StatusOr<DeviceBuffer> Allocate(size_t bytes) override { return Alloc(bytes, MemoryKind::kDevice); }
+  absl::StatusOr<DeviceBuffer> AllocateHost(size_t bytes) override {
+    return Alloc(bytes, MemoryKind::kPinnedHost);
+  }
+  MemoryInfo GetMemoryInfo() const override;
   absl::Status CopyToDevice(void* dst, const void* src, size_t bytes) override {
     if (bytes) std::memcpy(dst, src, bytes);
     return absl::OkStatus();
@@ -55,14 +135,18 @@ class CpuBackend final : public Backend {
     if (bytes) std::memcpy(dst, src, bytes);
     return absl::OkStatus();
   }
+  absl::Status CopyOnDevice(void* dst, const void* src, size_t bytes) override {
+    if (bytes) std::memmove(dst, src, bytes);
+    return absl::OkStatus();
+  }
   absl::Status Memset(void* dst, int value, size_t bytes) override {
     if (bytes) std::memset(dst, value, bytes);
     return absl::OkStatus();
   }
-  absl::Status Synchronize() override { return absl::OkStatus(); }
 
   absl::Status Embedding(const Tensor2D& table, const int32_t* ids, Tensor2D out) override {
-    if (auto s = RequireF32(table, "embedding table"); !s.ok()) return s;
+    RETURN_IF_ERROR(RequireF32(kCpu, "Embedding", "table", table.dtype));
+    RETURN_IF_ERROR(RequireF32(kCpu, "Embedding", "output", out.dtype));
     for (int64_t i = 0; i < out.rows; ++i) {
       std::memcpy(Row(out, i), Row(table, ids[i]), sizeof(float) * out.cols);
     }
@@ -70,25 +154,36 @@ class CpuBackend final : public Backend {
   }
 
   absl::Status RmsNorm(const Tensor2D& x, const Tensor2D& weight, float eps, Tensor2D out) override {
-    if (auto s = RequireF32(x, "rmsnorm input"); !s.ok()) return s;
-    const float* w = weight.as<float>();
-    for (int64_t i = 0; i < x.rows; ++i) {
+    RETURN_IF_ERROR(RequireF32(kCpu, "RmsNorm", "input", x.dtype));
+    RETURN_IF_ERROR(RequireF32(kCpu, "RmsNorm", "weight", weight.dtype));
+    RETURN_IF_ERROR(RequireF32(kCpu, "RmsNorm", "output", out.dtype));
+    for (int64_t i = 0; i < x.rows; ++i) NormRow(Row(x, i), weight.as<float>(), x.cols, eps, Row(out, i));
+    return absl::OkStatus();
+  }
+
+  absl::Status FusedAddRmsNorm(Tensor2D residual, const Tensor2D& x, const Tensor2D& weight,
+                               float eps, Tensor2D out) override {
+    RETURN_IF_ERROR(RequireF32(kCpu, "FusedAddRmsNorm", "residual", residual.dtype));
+    RETURN_IF_ERROR(RequireF32(kCpu, "FusedAddRmsNorm", "input", x.dtype));
+    RETURN_IF_ERROR(RequireF32(kCpu, "FusedAddRmsNorm", "weight", weight.dtype));
+    RETURN_IF_ERROR(RequireF32(kCpu, "FusedAddRmsNorm", "output", out.dtype));
+    for (int64_t i = 0; i < residual.rows; ++i) {
+      float* r = Row(residual, i);
       const float* xi = Row(x, i);
-      float* oi = Row(out, i);
-      float ss = 0.f;
-      for (int64_t j = 0; j < x.cols; ++j) ss += xi[j] * xi[j];
-      const float inv = 1.0f / std::sqrt(ss / static_cast<float>(x.cols) + eps);
-      for (int64_t j = 0; j < x.cols; ++j) oi[j] = w[j] * (xi[j] * inv);
+      for (int64_t j = 0; j < residual.cols; ++j) r[j] += xi[j];
+      NormRow(r, weight.as<float>(), residual.cols, eps, Row(out, i));
     }
     return absl::OkStatus();
   }
 
   absl::Status Matmul(const Tensor2D& x, const Tensor2D& w, Tensor2D out) override {
-    if (auto s = RequireF32(w, "matmul weight"); !s.ok()) return s;
+    RETURN_IF_ERROR(RequireF32(kCpu, "Matmul", "input", x.dtype));
+    RETURN_IF_ERROR(RequireF32(kCpu, "Matmul", "weight", w.dtype));
+    RETURN_IF_ERROR(RequireF32(kCpu, "Matmul", "output", out.dtype));
     if (x.cols != w.cols || out.rows != x.rows || out.cols != w.rows) {
-      return absl::InternalError(absl::StrCat("cpu matmul: shape mismatch x[", x.rows, ",", x.cols,
-                                              "] w[", w.rows, ",", w.cols, "] out[", out.rows, ",",
-                                              out.cols, "]"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "cpu backend: Matmul: shape mismatch x[", x.rows, ",", x.cols, "] w[", w.rows, ",",
+          w.cols, "] out[", out.rows, ",", out.cols, "]"));
     }
     if (x.rows == 0) return absl::OkStatus();
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(x.rows),
@@ -99,6 +194,8 @@ class CpuBackend final : public Backend {
   }
 
   absl::Status AddInPlace(Tensor2D acc, const Tensor2D& x) override {
+    RETURN_IF_ERROR(RequireF32(kCpu, "AddInPlace", "accumulator", acc.dtype));
+    RETURN_IF_ERROR(RequireF32(kCpu, "AddInPlace", "input", x.dtype));
     for (int64_t i = 0; i < acc.rows; ++i) {
       float* a = Row(acc, i);
       const float* b = Row(x, i);
@@ -108,6 +205,8 @@ class CpuBackend final : public Backend {
   }
 
   absl::Status SiluMul(const Tensor2D& gate_up, Tensor2D out) override {
+    RETURN_IF_ERROR(RequireF32(kCpu, "SiluMul", "input", gate_up.dtype));
+    RETURN_IF_ERROR(RequireF32(kCpu, "SiluMul", "output", out.dtype));
     const int64_t inter = out.cols;
     for (int64_t i = 0; i < out.rows; ++i) {
       const float* g = Row(gate_up, i);
@@ -119,91 +218,168 @@ class CpuBackend final : public Backend {
   }
 
   absl::Status Rope(const RopeParams& p) override {
-    const int half = p.head_dim / 2;
-    std::vector<float> cos_v(half), sin_v(half);
-    for (int64_t t = 0; t < p.x.rows; ++t) {
-      const float pos = static_cast<float>(p.positions[t]);
-      for (int i = 0; i < half; ++i) {
-        // fp32 angle, as transformers computes it (inv_freq @ positions in float32).
-        const float angle = pos * p.inv_freq[i];
-        cos_v[i] = static_cast<float>(std::cos(static_cast<double>(angle)));
-        sin_v[i] = static_cast<float>(std::sin(static_cast<double>(angle)));
-      }
-      float* row = Row(p.x, t);
-      for (int h = 0; h < p.num_heads; ++h) {
-        float* v = row + static_cast<int64_t>(h) * p.head_dim;
-        for (int i = 0; i < half; ++i) {
-          const float a = v[i], b = v[i + half];
-          v[i] = a * cos_v[i] - b * sin_v[i];
-          v[i + half] = b * cos_v[i] + a * sin_v[i];
-        }
-      }
-    }
+    RETURN_IF_ERROR(RequireF32(kCpu, "Rope", "input", p.x.dtype));
+    RotateRows(p.x, p.num_heads, p.head_dim, p.positions, p.inv_freq);
     return absl::OkStatus();
   }
 
   absl::Status WriteKv(const KvLayer& cache, const Tensor2D& k, const Tensor2D& v,
-                       const int32_t* slot_mapping, int32_t block_size) override {
-    if (cache.dtype != DType::kF32) return absl::UnimplementedError("cpu backend: F32 KV cache only");
+                       const int32_t* slot_mapping) override {
+    RETURN_IF_ERROR(RequireF32(kCpu, "WriteKv", "cache", cache.dtype));
+    RETURN_IF_ERROR(RequireF32(kCpu, "WriteKv", "key", k.dtype));
+    RETURN_IF_ERROR(RequireF32(kCpu, "WriteKv", "value", v.dtype));
     float* kc = static_cast<float*>(cache.k);
     float* vc = static_cast<float*>(cache.v);
     for (int64_t t = 0; t < k.rows; ++t) {
       const int64_t slot = slot_mapping[t];
+      if (slot < 0) continue;
       std::memcpy(kc + slot * cache.k_width, Row(k, t), sizeof(float) * cache.k_width);
       std::memcpy(vc + slot * cache.v_width, Row(v, t), sizeof(float) * cache.v_width);
     }
     return absl::OkStatus();
   }
 
-  absl::Status PagedAttention(const AttentionParams& p) override;
+  absl::Status RopeKvWrite(const RopeKvWriteParams& p) override {
+    RETURN_IF_ERROR(RequireF32(kCpu, "RopeKvWrite", "query", p.q.dtype));
+    RETURN_IF_ERROR(RequireF32(kCpu, "RopeKvWrite", "key", p.k.dtype));
+    if (p.k.cols != p.cache.k_width || p.v.cols != p.cache.v_width ||
+        p.k.cols != static_cast<int64_t>(p.num_kv_heads) * p.head_dim) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "cpu backend: RopeKvWrite: k has ", p.k.cols, " columns, v ", p.v.cols, ", cache widths ",
+          p.cache.k_width, "/", p.cache.v_width, ", kv heads x head_dim ",
+          p.num_kv_heads * p.head_dim));
+    }
+    RotateRows(p.q, p.num_heads, p.head_dim, p.positions, p.inv_freq);
+    RotateRows(p.k, p.num_kv_heads, p.head_dim, p.positions, p.inv_freq);
+    return WriteKv(p.cache, p.k, p.v, p.slot_mapping);
+  }
+
+  absl::StatusOr<std::unique_ptr<AttentionPlan>> CreateAttentionPlan(
+      const AttentionLimits& limits) override {
+    if (limits.max_num_seqs <= 0 || limits.max_num_batched_tokens <= 0 ||
+        limits.max_blocks_per_seq <= 0) {
+      return absl::InvalidArgumentError("cpu backend: attention limits must be positive");
+    }
+    return std::unique_ptr<AttentionPlan>(new CpuAttentionPlan(limits));
+  }
+  absl::Status PlanAttention(const AttentionBatch& batch, AttentionPlan& plan) override {
+    return static_cast<CpuAttentionPlan&>(plan).Plan(batch);
+  }
+  absl::Status DecodeAttention(const AttentionParams& p, const AttentionPlan& plan) override {
+    return Attend(p, plan.batch(), static_cast<const CpuAttentionPlan&>(plan).decodes(), "DecodeAttention");
+  }
+  absl::Status PrefillAttention(const AttentionParams& p, const AttentionPlan& plan) override {
+    return Attend(p, plan.batch(), static_cast<const CpuAttentionPlan&>(plan).prefills(), "PrefillAttention");
+  }
 
   absl::Status GatherRows(const Tensor2D& x, const int32_t* rows, Tensor2D out) override {
+    RETURN_IF_ERROR(RequireF32(kCpu, "GatherRows", "input", x.dtype));
     for (int64_t i = 0; i < out.rows; ++i) {
       std::memcpy(Row(out, i), Row(x, rows[i]), sizeof(float) * out.cols);
     }
     return absl::OkStatus();
   }
 
-  absl::Status CopyBlock(const KvLayer& cache, int32_t block_size, int32_t src, int32_t dst) override {
-    const size_t esz = DTypeSize(cache.dtype);
-    auto copy = [&](void* base, int64_t width) {
-      char* b = static_cast<char*>(base);
-      const size_t block_bytes = static_cast<size_t>(block_size) * width * esz;
-      std::memcpy(b + dst * block_bytes, b + src * block_bytes, block_bytes);
-    };
-    copy(cache.k, cache.k_width);
-    copy(cache.v, cache.v_width);
-    return absl::OkStatus();
-  }
+  absl::Status CopyBlocks(absl::Span<const KvLayer> layers, int32_t block_size, int32_t num_blocks,
+                          absl::Span<const BlockCopy> copies) override;
 
  protected:
-  void Free(void* data) override { std::free(data); }
+  void Free(void* data, MemoryKind) override { std::free(data); }
 
  private:
-  std::vector<float> k_buf_, v_buf_, scores_;
+  absl::StatusOr<DeviceBuffer> Alloc(size_t bytes, MemoryKind kind) {
+    if (bytes == 0) return DeviceBuffer();
+    const size_t rounded = (bytes + 63) / 64 * 64;
+    void* p = std::aligned_alloc(64, rounded);
+    if (p == nullptr) {
+      return absl::ResourceExhaustedError(absl::StrCat("cpu backend: cannot allocate ", bytes, " bytes"));
+    }
+    return DeviceBuffer(this, p, bytes, kind);
+  }
+  static void NormRow(const float* x, const float* w, int64_t n, float eps, float* out) {
+    float ss = 0.f;
+    for (int64_t j = 0; j < n; ++j) ss += x[j] * x[j];
+    const float inv = 1.0f / std::sqrt(ss / static_cast<float>(n) + eps);
+    for (int64_t j = 0; j < n; ++j) out[j] = w[j] * (x[j] * inv);
+  }
+  void RotateRows(const Tensor2D& x, int heads, int head_dim, const int32_t* positions,
+                  const float* inv_freq);
+  absl::Status Attend(const AttentionParams& p, const AttentionBatch& b,
+                      const std::vector<int32_t>& seqs, const char* op);
+
+  bool capturing_ = false;
+  std::vector<float> cos_, sin_, k_buf_, v_buf_, scores_;
 };
 
-absl::Status CpuBackend::PagedAttention(const AttentionParams& p) {
-  if (p.cache.dtype != DType::kF32) return absl::UnimplementedError("cpu backend: F32 KV cache only");
-  const AttentionBatch& b = p.batch;
+MemoryInfo CpuBackend::GetMemoryInfo() const {
+  MemoryInfo m;
+  std::ifstream f("/proc/meminfo");
+  const std::string text((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  const int64_t total_kb = MemInfoKb(text, "MemTotal:"), avail_kb = MemInfoKb(text, "MemAvailable:");
+  if (total_kb > 0 && avail_kb >= 0) {
+    m.total_bytes = total_kb * 1024;
+    m.free_bytes = avail_kb * 1024;
+    return m;
+  }
+  const int64_t page = sysconf(_SC_PAGESIZE);
+  m.total_bytes = static_cast<int64_t>(sysconf(_SC_PHYS_PAGES)) * page;
+  m.free_bytes = static_cast<int64_t>(sysconf(_SC_AVPHYS_PAGES)) * page;
+  return m;
+}
+
+void CpuBackend::RotateRows(const Tensor2D& x, int heads, int head_dim, const int32_t* positions,
+                            const float* inv_freq) {
+  const int half = head_dim / 2;
+  cos_.resize(half);
+  sin_.resize(half);
+  for (int64_t t = 0; t < x.rows; ++t) {
+    const float pos = static_cast<float>(positions[t]);
+    for (int i = 0; i < half; ++i) {
+      // fp32 angle, as transformers computes it (inv_freq @ positions in float32).
+      const float angle = pos * inv_freq[i];
+      cos_[i] = static_cast<float>(std::cos(static_cast<double>(angle)));
+      sin_[i] = static_cast<float>(std::sin(static_cast<double>(angle)));
+    }
+    float* row = Row(x, t);
+    for (int h = 0; h < heads; ++h) {
+      float* v = row + static_cast<int64_t>(h) * head_dim;
+      for (int i = 0; i < half; ++i) {
+        const float a = v[i], b = v[i + half];
+        v[i] = a * cos_[i] - b * sin_[i];
+        v[i + half] = b * cos_[i] + a * sin_[i];
+      }
+    }
+  }
+}
+
+// Decode and prefill share this body on the CPU: per sequence and KV head, gather the keys and
+// values into contiguous rows, then two GEMMs around a causal softmax.
+absl::Status CpuBackend::Attend(const AttentionParams& p, const AttentionBatch& b,
+                                const std::vector<int32_t>& seqs, const char* op) {
+  RETURN_IF_ERROR(RequireF32(kCpu, op, "cache", p.cache.dtype));
+  RETURN_IF_ERROR(RequireF32(kCpu, op, "query", p.q.dtype));
+  RETURN_IF_ERROR(RequireF32(kCpu, op, "output", p.out.dtype));
+  if (p.num_kv_heads <= 0 || p.num_heads % p.num_kv_heads != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("cpu backend: ", op, ": ", p.num_heads,
+                                                   " query heads over ", p.num_kv_heads, " KV heads"));
+  }
   const int hd = p.head_dim;
   const int group = p.num_heads / p.num_kv_heads;
   const float* kc = static_cast<const float*>(p.cache.k);
   const float* vc = static_cast<const float*>(p.cache.v);
   const int64_t q_ld = p.q.stride();
   const int64_t o_ld = p.out.stride();
-  for (int s = 0; s < b.num_seqs; ++s) {
+  for (const int32_t s : seqs) {
     const int q0 = b.query_start[s];
     const int q_len = b.query_start[s + 1] - q0;
     if (q_len == 0) continue;
-    const int ctx = b.context_len[s];
+    const int len = b.seq_lens[s];
     const int32_t* table = b.block_tables + static_cast<int64_t>(s) * b.max_blocks_per_seq;
-    k_buf_.resize(static_cast<size_t>(ctx) * hd);
-    v_buf_.resize(static_cast<size_t>(ctx) * hd);
-    scores_.resize(static_cast<size_t>(q_len) * ctx);
+    k_buf_.resize(static_cast<size_t>(len) * hd);
+    v_buf_.resize(static_cast<size_t>(len) * hd);
+    scores_.resize(static_cast<size_t>(q_len) * len);
     for (int g = 0; g < p.num_kv_heads; ++g) {
-      // Gather this KV head's keys and values for positions [0, ctx) into contiguous rows.
-      for (int pos = 0; pos < ctx; ++pos) {
+      for (int pos = 0; pos < len; ++pos) {
         const int64_t slot =
             static_cast<int64_t>(table[pos / b.block_size]) * b.block_size + pos % b.block_size;
         std::memcpy(&k_buf_[static_cast<size_t>(pos) * hd], kc + slot * p.cache.k_width + g * hd,
@@ -215,12 +391,11 @@ absl::Status CpuBackend::PagedAttention(const AttentionParams& p) {
         const int h = g * group + hh;
         const float* q = p.q.as<float>() + static_cast<int64_t>(q0) * q_ld + h * hd;
         float* out = p.out.as<float>() + static_cast<int64_t>(q0) * o_ld + h * hd;
-        // scores = scale * q k^T
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, q_len, ctx, hd, p.scale, q,
-                    static_cast<int>(q_ld), k_buf_.data(), hd, 0.0f, scores_.data(), ctx);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, q_len, len, hd, p.scale, q,
+                    static_cast<int>(q_ld), k_buf_.data(), hd, 0.0f, scores_.data(), len);
         for (int i = 0; i < q_len; ++i) {
-          float* row = &scores_[static_cast<size_t>(i) * ctx];
-          const int last = ctx - q_len + i;  // causal: keys at positions <= last
+          float* row = &scores_[static_cast<size_t>(i) * len];
+          const int last = len - q_len + i;  // causal: keys at positions <= last
           float mx = -std::numeric_limits<float>::infinity();
           for (int j = 0; j <= last; ++j) mx = std::max(mx, row[j]);
           float sum = 0.f;
@@ -230,12 +405,33 @@ absl::Status CpuBackend::PagedAttention(const AttentionParams& p) {
           }
           const float inv = 1.0f / sum;
           for (int j = 0; j <= last; ++j) row[j] *= inv;
-          for (int j = last + 1; j < ctx; ++j) row[j] = 0.f;
+          for (int j = last + 1; j < len; ++j) row[j] = 0.f;
         }
-        // out = probs v
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, q_len, hd, ctx, 1.0f,
-                    scores_.data(), ctx, v_buf_.data(), hd, 0.0f, out, static_cast<int>(o_ld));
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, q_len, hd, len, 1.0f,
+                    scores_.data(), len, v_buf_.data(), hd, 0.0f, out, static_cast<int>(o_ld));
       }
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::CopyBlocks(absl::Span<const KvLayer> layers, int32_t block_size,
+                                    int32_t num_blocks, absl::Span<const BlockCopy> copies) {
+  for (const BlockCopy& c : copies) {
+    if (c.src < 0 || c.src >= num_blocks || c.dst < 0 || c.dst >= num_blocks) {
+      return absl::InvalidArgumentError(absl::StrCat("cpu backend: CopyBlocks: block copy ", c.src,
+                                                     " -> ", c.dst, " outside [0, ", num_blocks, ")"));
+    }
+  }
+  for (const KvLayer& layer : layers) {
+    const size_t esz = DTypeSize(layer.dtype);
+    const size_t k_block = static_cast<size_t>(block_size) * layer.k_width * esz;
+    const size_t v_block = static_cast<size_t>(block_size) * layer.v_width * esz;
+    char* k = static_cast<char*>(layer.k);
+    char* v = static_cast<char*>(layer.v);
+    for (const BlockCopy& c : copies) {
+      std::memmove(k + c.dst * k_block, k + c.src * k_block, k_block);
+      std::memmove(v + c.dst * v_block, v + c.src * v_block, v_block);
     }
   }
   return absl::OkStatus();

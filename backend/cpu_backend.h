@@ -1,4 +1,4 @@
-// The CPU backend: fp32 compute, GEMMs through OpenBLAS. Plain and exact on purpose: it is the
+// The CPU backend: fp32 compute (other dtypes: Unimplemented naming the op), GEMMs through OpenBLAS.
 // reference implementation that every CUDA kernel's parity test compares against.
 #pragma once
 

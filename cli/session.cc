@@ -46,6 +46,11 @@ absl::StatusOr<KvCacheOptions> ParseKvCacheOptions(const Args& args) {
   kv.memory_bytes = kv_mb << 20;
   kv.block_size = static_cast<int32_t>(block_size);
   kv.num_blocks = static_cast<int32_t>(num_blocks);
+  // The runner's step buffers must hold the engine's per-step token budget.
+  ASSIGN_OR_RETURN(int64_t step_tokens, args.GetInt("max-step-tokens", kv.max_num_batched_tokens));
+  if (step_tokens > 0 && step_tokens <= (1 << 30)) kv.max_num_batched_tokens = static_cast<int32_t>(step_tokens);
+  ASSIGN_OR_RETURN(int64_t max_running, args.GetInt("max-running", kv.max_num_seqs));
+  if (max_running > 0 && max_running <= (1 << 20)) kv.max_num_seqs = static_cast<int32_t>(max_running);
   return kv;
 }
 

@@ -63,7 +63,8 @@ absl::Status CoordinatorServer::StartServer() {
   info.set_num_heads(static_cast<int32_t>(config_.num_heads));
   info.set_num_kv_heads(static_cast<int32_t>(config_.num_kv_heads));
   info.set_block_size(options_.kv.block_size);
-  info.set_kv_compression("none");
+  info.set_kv_compression(
+      MakeKvCacheSpec(config_, {options_.kv.block_size}).value_or(KvCacheSpec{}).CompressionName());
   service_ = std::make_unique<LorcServeService>(
       config_, tokenizer_.get(), info, [this](lorcserve::v1::ModelInfoResponse* r) { FillLive(r); });
 

@@ -135,6 +135,10 @@ absl::Status WorkerGroup::Connect() {
       req.set_num_blocks(options_.kv.num_blocks);
       req.set_kv_cache_bytes(options_.kv.memory_bytes);
       NameCoordinator(req.mutable_coordinator());
+      req.set_max_num_seqs(options_.kv.max_num_seqs);
+      req.set_max_num_batched_tokens(options_.kv.max_num_batched_tokens);
+      req.set_max_model_len(options_.kv.max_model_len);
+      req.set_gpu_memory_utilization(options_.kv.gpu_memory_utilization);
       lorcserve::internal::LoadModelResponse resp;
       const absl::Status s = FromGrpcStatus(wp->stub->LoadModel(&ctx, req, &resp));
       if (!s.ok()) return absl::Status(s.code(), absl::StrCat(wp->Name(), ": ", s.message()));
@@ -256,18 +260,22 @@ absl::StatusOr<StepResult> WorkerGroup::AwaitStream(uint64_t step_id) {
   const absl::Time deadline = absl::Now() + options_.step_timeout;
   absl::StatusOr<StepResult> rank0 = absl::InternalError("no result");
   for (auto& w : workers_) {
-    absl::MutexLock lock(&w->mu);
+    absl::ReleasableMutexLock lock(&w->mu);
     while (w->results.empty() && !w->closed) {
       if (w->cv.WaitWithDeadline(&w->mu, deadline)) break;
     }
     if (w->results.empty()) {
       if (absl::Status h = health(); !h.ok()) return h;  // failed from outside meanwhile
-      const absl::Status why = w->closed ? w->close_status
-                                         : absl::DeadlineExceededError(absl::StrCat(
-                                               "no result for step ", step_id, " within ",
-                                               absl::FormatDuration(options_.step_timeout)));
-      if (!w->closed) w->stream_ctx->TryCancel();
-      return w->Unavailable(why);
+      if (!w->closed) {
+        w->stream_ctx->TryCancel();
+        return w->Unavailable(absl::DeadlineExceededError(
+            absl::StrCat("no result for step ", step_id, " within ",
+                         absl::FormatDuration(options_.step_timeout))));
+      }
+      const absl::Status why = w->close_status;
+      const int rank = w->rank;
+      lock.Release();
+      return RootCause(rank, why);
     }
     lorcserve::internal::StepResult res = std::move(w->results.front());
     w->results.pop_front();
@@ -278,6 +286,34 @@ absl::StatusOr<StepResult> WorkerGroup::AwaitStream(uint64_t step_id) {
     if (w->rank == 0) rank0 = StepResultFromProto(res);
   }
   return rank0;
+}
+
+absl::Status WorkerGroup::RootCause(int rank, const absl::Status& why) {
+  // A worker that dies makes its peers' collectives fail too, and a peer's step stream may end
+  // (with the collective's error) before anything is heard of the dead one. Name the worker that
+  // went away: the supervisor's report (local workers) if it comes within a moment, else the
+  // first other worker that no longer answers a ping; else the failure is `rank`'s own.
+  const absl::Time until = absl::Now() + absl::Milliseconds(100);
+  while (absl::Now() < until) {
+    if (absl::Status h = health(); !h.ok()) return h;
+    absl::SleepFor(absl::Milliseconds(5));
+  }
+  for (auto& w : workers_) {
+    if (w->rank == rank) continue;
+    grpc::ClientContext ctx;
+    ctx.set_deadline(DeadlineIn(absl::Milliseconds(300)));
+    lorcserve::internal::PingRequest req;
+    NameCoordinator(req.mutable_coordinator());
+    lorcserve::internal::PingResponse resp;
+    const absl::Status s = FromGrpcStatus(w->stub->Ping(&ctx, req, &resp));
+    if (!s.ok()) {
+      return w->Unavailable(absl::UnavailableError(absl::StrCat(
+          "does not answer (", s.message(), ") after worker ", rank, "'s step failed: ",
+          why.message())));
+    }
+  }
+  if (absl::Status h = health(); !h.ok()) return h;
+  return workers_[rank]->Unavailable(why);
 }
 
 absl::StatusOr<StepResult> WorkerGroup::RunUnary() {

@@ -85,6 +85,9 @@ class WorkerGroup final : public StepRunner {
   // Sends plan_msg_ to every worker as one unary call each; rank 0's result.
   absl::StatusOr<StepResult> RunUnary();
   absl::StatusOr<StepResult> AwaitStream(uint64_t step_id);
+  // The failure to report when worker `rank`'s step stream ended with `why`: the death of
+  // another worker if that is what made `rank` fail, else `why` (UNAVAILABLE naming `rank`).
+  absl::Status RootCause(int rank, const absl::Status& why);
 
   WorkerGroupOptions options_;
   WorkerGroupInfo info_;

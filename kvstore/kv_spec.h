@@ -9,6 +9,8 @@
 //   For an uncompressed model k_width = v_width = (KV heads on this rank) * head_dim, with head h
 //   of a token at columns [h * head_dim, (h + 1) * head_dim). Widths may differ per layer and
 //   between K and V (the low-rank compression stores per-layer latents of different ranks).
+//   Where RoPE is applied is per layer too (`rope`): kBeforeCache for full K (keys are stored
+//   rotated), kAtAttention for latent K (the attention kernel rotates reconstructed keys).
 //   The token at logical position p of a sequence is slot p % block_size of block
 //   block_table[p / block_size]; its flat slot index is block * block_size + p % block_size.
 #pragma once
@@ -16,16 +18,40 @@
 #include <cstdint>
 #include <vector>
 
+#include <string>
+
 #include "absl/status/status.h"
+
+#include "absl/status/statusor.h"
 #include "common/dtype.h"
+#include "model/model_config.h"
 
 namespace lorc {
 
-// How big to make the cache (the coordinator asks, each worker sizes its own).
+// Defaults of the step limits (vLLM's names); defined here only.
+inline constexpr int32_t kDefaultMaxNumSeqs = 256;
+inline constexpr int32_t kDefaultMaxNumBatchedTokens = 2048;
+
+// KV cache sizing and the step limits the runner's fixed buffers are sized for.
 struct KvCacheOptions {
   int32_t block_size = 16;
-  int32_t num_blocks = 0;         // when 0: as many as `memory_bytes` holds
-  int64_t memory_bytes = 512ll << 20;
+  int32_t num_blocks = 0;         // when 0: as many as the memory budget holds
+  int64_t memory_bytes = 512ll << 20;  // the budget when gpu_memory_utilization is 0
+  // When > 0 (at most 1): the budget is total * utilization minus what the device already uses
+  // after weights and step buffers (Backend::GetMemoryInfo). 0 keeps `memory_bytes` (the CPU way).
+  double gpu_memory_utilization = 0;
+  // Most sequences in one step.
+  int32_t max_num_seqs = kDefaultMaxNumSeqs;
+  // Most new tokens in one step over all sequences (also the most logit rows of one step).
+  int32_t max_num_batched_tokens = kDefaultMaxNumBatchedTokens;
+  // Most tokens of one sequence (num_computed_tokens + new); 0: the model's max_position_embeddings.
+  int32_t max_model_len = 0;
+};
+
+// Where rotary position embedding is applied to a layer's keys.
+enum class KvRope : uint8_t {
+  kBeforeCache,  // full KV: k is rotated, then written (the fused RopeKvWrite op)
+  kAtAttention,  // latent KV: the cache holds unrotated latents; attention rotates on the fly
 };
 
 struct KvCacheSpec {
@@ -34,8 +60,10 @@ struct KvCacheSpec {
   DType dtype = DType::kF32;
   std::vector<int64_t> k_width;  // per layer
   std::vector<int64_t> v_width;  // per layer
+  std::vector<KvRope> rope;      // per layer; empty means kBeforeCache everywhere
 
   int num_layers() const { return static_cast<int>(k_width.size()); }
+  KvRope rope_at(int layer) const { return rope.empty() ? KvRope::kBeforeCache : rope[layer]; }
   // Bytes one token occupies across all layers, K and V.
   int64_t BytesPerToken() const;
   int64_t BytesPerBlock() const { return BytesPerToken() * block_size; }
@@ -45,6 +73,23 @@ struct KvCacheSpec {
     return static_cast<int32_t>((num_tokens + block_size - 1) / block_size);
   }
   absl::Status Validate() const;
+  // What ModelInfo.kv_compression reports: "none" when every layer stores full rotated K/V,
+  // later "lorc:..." with the ranks.
+  std::string CompressionName() const;
 };
+
+// Inputs of MakeKvCacheSpec besides the model config.
+struct KvSpecOptions {
+  int32_t block_size = 16;
+  DType dtype = DType::kF32;
+  // KV heads held by this rank (its shard layout); 0 means all of the model's (tp 1).
+  int64_t num_kv_heads = 0;
+  // Later: the low-rank compression config (per-layer ranks; RoPE at attention time).
+};
+
+// The one place the KV geometry is decided: per layer K and V widths (KV heads on this rank x
+// head_dim for an uncompressed model), dtype and RoPE placement. num_blocks is left 0: the
+// worker sizes the cache from memory. InvalidArgument for a non-positive block_size or heads.
+absl::StatusOr<KvCacheSpec> MakeKvCacheSpec(const ModelConfig& config, const KvSpecOptions& options);
 
 }  // namespace lorc

@@ -3,6 +3,7 @@
 #include <chrono>
 
 #include "common/status_macros.h"
+#include "kvstore/kv_spec.h"
 #include "model/safetensors.h"
 #include "model/weights.h"
 
@@ -23,7 +24,14 @@ absl::StatusOr<LoadedModel> LoadModel(const ModelSource& source, Backend* backen
     ASSIGN_OR_RETURN(std::unique_ptr<CheckpointReader> reader, CheckpointReader::Open(source.dir));
     ASSIGN_OR_RETURN(weights, LoadWeights(m.config, *reader, shard, *backend));
   }
-  ASSIGN_OR_RETURN(m.runner, ModelRunner::Create(m.config, std::move(weights), backend, comm, kv));
+  // The KV geometry comes from kvstore/ (one per-layer spec); the runner only sizes and allocates.
+  KvSpecOptions spec_options;
+  spec_options.block_size = kv.block_size;
+  spec_options.dtype = DType::kF32;  // what the CPU backend computes in
+  spec_options.num_kv_heads = shard.num_kv_heads;
+  ASSIGN_OR_RETURN(const KvCacheSpec spec, MakeKvCacheSpec(m.config, spec_options));
+  ASSIGN_OR_RETURN(m.runner,
+                   ModelRunner::Create(m.config, std::move(weights), backend, comm, spec, kv));
   m.load_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return m;
 }

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
@@ -14,44 +15,158 @@ absl::StatusOr<std::unique_ptr<ModelRunner>> ModelRunner::Create(const ModelConf
                                                                  ModelWeights weights,
                                                                  Backend* backend,
                                                                  Communicator* comm,
+                                                                 const KvCacheSpec& spec,
                                                                  const KvCacheOptions& kv) {
   if (weights.shard.tp_size > 1 && comm == nullptr) {
     return absl::InvalidArgumentError("tensor parallelism > 1 needs a communicator");
   }
   std::unique_ptr<ModelRunner> r(new ModelRunner(config, std::move(weights), backend, comm));
-  RETURN_IF_ERROR(r->Init(kv));
+  RETURN_IF_ERROR(r->Init(spec, kv));
   return r;
 }
 
-absl::Status ModelRunner::Init(const KvCacheOptions& kv) {
-  kv_spec_.block_size = kv.block_size;
-  kv_spec_.dtype = DType::kF32;
-  const int64_t width = weights_.shard.num_kv_heads * config_.head_dim;
-  kv_spec_.k_width.assign(config_.num_layers, width);
-  kv_spec_.v_width.assign(config_.num_layers, width);
-  if (kv.block_size <= 0) return absl::InvalidArgumentError("kv cache: block_size must be positive");
-  kv_spec_.num_blocks = kv.num_blocks > 0
-                            ? kv.num_blocks
-                            : static_cast<int32_t>(kv.memory_bytes / kv_spec_.BytesPerBlock());
+absl::Status ModelRunner::Init(const KvCacheSpec& spec, const KvCacheOptions& kv) {
+  limits_ = kv;
+  if (limits_.max_model_len == 0) {
+    limits_.max_model_len = static_cast<int32_t>(
+        std::min<int64_t>(config_.max_position_embeddings, std::numeric_limits<int32_t>::max()));
+  }
+  if (limits_.max_num_seqs <= 0 || limits_.max_num_batched_tokens <= 0 || limits_.max_model_len <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "step limits must be positive: max_num_seqs ", limits_.max_num_seqs,
+        ", max_num_batched_tokens ", limits_.max_num_batched_tokens, ", max_model_len ",
+        limits_.max_model_len));
+  }
+  if (limits_.max_model_len > config_.max_position_embeddings) {
+    return absl::InvalidArgumentError(absl::StrCat("max_model_len ", limits_.max_model_len,
+                                                   " exceeds the model context of ",
+                                                   config_.max_position_embeddings));
+  }
+  if (kv.gpu_memory_utilization < 0 || kv.gpu_memory_utilization > 1) {
+    return absl::InvalidArgumentError(absl::StrCat("gpu_memory_utilization ",
+                                                   kv.gpu_memory_utilization, " outside [0, 1]"));
+  }
+  kv_spec_ = spec;
+  RETURN_IF_ERROR(kv_spec_.Validate());
+  if (kv_spec_.num_layers() != config_.num_layers) {
+    return absl::InvalidArgumentError(absl::StrCat("kv spec has ", kv_spec_.num_layers(),
+                                                   " layers, the model ", config_.num_layers));
+  }
+  const int64_t full = weights_.shard.num_kv_heads * config_.head_dim;
+  for (int l = 0; l < kv_spec_.num_layers(); ++l) {
+    if (kv_spec_.rope_at(l) != KvRope::kBeforeCache) {
+      return absl::UnimplementedError(absl::StrCat("kv spec layer ", l,
+                                                   ": RoPE at attention time (latent KV) is not implemented"));
+    }
+    if (kv_spec_.k_width[l] != full || kv_spec_.v_width[l] != full) {
+      return absl::InvalidArgumentError(absl::StrCat("kv spec layer ", l, ": widths ",
+                                                     kv_spec_.k_width[l], "/", kv_spec_.v_width[l],
+                                                     ", this rank's KV heads need ", full));
+    }
+  }
+  max_blocks_per_seq_ = kv_spec_.BlocksForTokens(limits_.max_model_len);
+  max_logit_rows_ = std::min(limits_.max_num_seqs, limits_.max_num_batched_tokens);
+  RETURN_IF_ERROR(AllocateStepBuffers());
+  RETURN_IF_ERROR(AllocateCache(kv));
+  const std::vector<float> inv_freq = RopeInverseFrequencies(config_);
+  ASSIGN_OR_RETURN(inv_freq_, backend_->Allocate(inv_freq.size() * sizeof(float)));
+  RETURN_IF_ERROR(backend_->CopyToDevice(inv_freq_.data(), inv_freq.data(), inv_freq.size() * sizeof(float)));
+  return backend_->Synchronize();
+}
+
+absl::Status ModelRunner::AllocateStepBuffers() {
+  const ShardLayout& s = weights_.shard;
+  const int64_t T = limits_.max_num_batched_tokens, S = limits_.max_num_seqs, R = max_logit_rows_;
+  const int64_t d = config_.hidden_size, hd = config_.head_dim;
+  const size_t esz = DTypeSize(act_dtype_);
+  auto alloc = [&](DeviceBuffer& b, int64_t elems, size_t elem_bytes) -> absl::Status {
+    ASSIGN_OR_RETURN(b, backend_->Allocate(static_cast<size_t>(elems) * elem_bytes));
+    return absl::OkStatus();
+  };
+  RETURN_IF_ERROR(alloc(x_, T * d, esz));
+  RETURN_IF_ERROR(alloc(h_, T * d, esz));
+  RETURN_IF_ERROR(alloc(qkv_, T * (s.num_heads + 2 * s.num_kv_heads) * hd, esz));
+  RETURN_IF_ERROR(alloc(attn_, T * s.num_heads * hd, esz));
+  RETURN_IF_ERROR(alloc(gate_up_, T * 2 * s.inter_size, esz));
+  RETURN_IF_ERROR(alloc(act_, T * s.inter_size, esz));
+  RETURN_IF_ERROR(alloc(rows_, R * d, esz));
+  RETURN_IF_ERROR(alloc(logits_, R * config_.vocab_size, sizeof(float)));
+  if (s.lm_head_sharded) {
+    RETURN_IF_ERROR(alloc(logits_local_, R * s.vocab_size, sizeof(float)));
+    gathered_.resize(static_cast<size_t>(R * config_.vocab_size));
+  }
+  MetaLayout& m = meta_at_;
+  m.ids = 0;
+  m.positions = m.ids + T;
+  m.slots = m.positions + T;
+  m.query_start = m.slots + T;
+  m.seq_lens = m.query_start + S + 1;
+  m.tables = m.seq_lens + S;
+  m.logit_rows = m.tables + S * max_blocks_per_seq_;
+  m.total = m.logit_rows + T;
+  RETURN_IF_ERROR(alloc(meta_, m.total, sizeof(int32_t)));
+  ASSIGN_OR_RETURN(meta_host_, backend_->AllocateHost(static_cast<size_t>(m.total) * sizeof(int32_t)));
+  ASSIGN_OR_RETURN(plan_, backend_->CreateAttentionPlan(
+                              {limits_.max_num_seqs, limits_.max_num_batched_tokens, max_blocks_per_seq_}));
+  return absl::OkStatus();
+}
+
+absl::Status ModelRunner::AllocateCache(const KvCacheOptions& kv) {
+  if (kv.block_size != kv_spec_.block_size) {
+    return absl::InvalidArgumentError(absl::StrCat("kv cache: block_size ", kv.block_size,
+                                                   " differs from the spec's ", kv_spec_.block_size));
+  }
+  int64_t budget = kv.memory_bytes;
+  if (kv.gpu_memory_utilization > 0) {
+    const MemoryInfo mem = backend_->GetMemoryInfo();
+    const int64_t used = mem.total_bytes - mem.free_bytes;
+    budget = static_cast<int64_t>(static_cast<double>(mem.total_bytes) * kv.gpu_memory_utilization) - used;
+    if (budget <= 0) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "kv cache: gpu_memory_utilization ", kv.gpu_memory_utilization, " of ", mem.total_bytes,
+          " bytes leaves nothing after the ", used, " bytes in use (weights, step buffers, others)"));
+    }
+  }
+  kv_spec_.num_blocks = kv.num_blocks > 0 ? kv.num_blocks
+                                          : static_cast<int32_t>(std::min<int64_t>(
+                                                budget / kv_spec_.BytesPerBlock(),
+                                                std::numeric_limits<int32_t>::max()));
   if (kv_spec_.num_blocks <= 0) {
-    return absl::InvalidArgumentError(absl::StrCat("kv cache: ", kv.memory_bytes,
-                                                   " bytes hold no block of ",
+    return absl::InvalidArgumentError(absl::StrCat("kv cache: ", budget, " bytes hold no block of ",
                                                    kv_spec_.BytesPerBlock(), " bytes"));
   }
-  RETURN_IF_ERROR(kv_spec_.Validate());
+  const size_t esz = DTypeSize(kv_spec_.dtype);
+  const size_t slots = static_cast<size_t>(kv_spec_.num_blocks) * kv_spec_.block_size;
   for (int l = 0; l < kv_spec_.num_layers(); ++l) {
-    const size_t slots = static_cast<size_t>(kv_spec_.num_blocks) * kv_spec_.block_size;
-    ASSIGN_OR_RETURN(DeviceBuffer k, backend_->Allocate(slots * kv_spec_.k_width[l] * sizeof(float)));
-    ASSIGN_OR_RETURN(DeviceBuffer v, backend_->Allocate(slots * kv_spec_.v_width[l] * sizeof(float)));
+    ASSIGN_OR_RETURN(DeviceBuffer k, backend_->Allocate(slots * kv_spec_.k_width[l] * esz));
+    ASSIGN_OR_RETURN(DeviceBuffer v, backend_->Allocate(slots * kv_spec_.v_width[l] * esz));
+    kv_layers_.push_back(KvLayer{k.data(), v.data(), kv_spec_.k_width[l], kv_spec_.v_width[l],
+                                 kv_spec_.dtype});
     k_cache_.push_back(std::move(k));
     v_cache_.push_back(std::move(v));
   }
-  const std::vector<float> inv_freq = RopeInverseFrequencies(config_);
-  ASSIGN_OR_RETURN(inv_freq_, backend_->Allocate(inv_freq.size() * sizeof(float)));
-  return backend_->CopyToDevice(inv_freq_.data(), inv_freq.data(), inv_freq.size() * sizeof(float));
+  return absl::OkStatus();
+}
+
+std::vector<const void*> ModelRunner::StepBufferAddresses() const {
+  return {x_.data(),  h_.data(),    qkv_.data(),    attn_.data(),         gate_up_.data(),
+          act_.data(), rows_.data(), logits_.data(), logits_local_.data(), meta_.data(),
+          meta_host_.data()};
 }
 
 absl::Status ModelRunner::Validate(absl::Span<const SequenceStep> steps) const {
+  if (static_cast<int64_t>(steps.size()) > limits_.max_num_seqs) {
+    return absl::InvalidArgumentError(absl::StrCat("step has ", steps.size(),
+                                                   " sequences, over max_num_seqs ",
+                                                   limits_.max_num_seqs));
+  }
+  int64_t num_tokens = 0;
+  for (const SequenceStep& s : steps) num_tokens += static_cast<int64_t>(s.tokens.size());
+  if (num_tokens > limits_.max_num_batched_tokens) {
+    return absl::InvalidArgumentError(absl::StrCat("step has ", num_tokens,
+                                                   " tokens, over max_num_batched_tokens ",
+                                                   limits_.max_num_batched_tokens));
+  }
   absl::flat_hash_set<int64_t> seen;
   for (const SequenceStep& s : steps) {
     if (!seen.insert(s.seq_id).second) {
@@ -77,10 +192,10 @@ absl::Status ModelRunner::ValidateSequence(const SequenceStep& s) const {
     }
   }
   const int64_t total = s.num_computed_tokens + static_cast<int64_t>(s.tokens.size());
-  if (total > config_.max_position_embeddings) {
+  if (total > limits_.max_model_len) {
     return absl::InvalidArgumentError(absl::StrCat("sequence ", s.seq_id, ": ", total,
                                                    " tokens exceed the model context of ",
-                                                   config_.max_position_embeddings));
+                                                   limits_.max_model_len, " (max_model_len)"));
   }
   const int64_t need = kv_spec_.BlocksForTokens(total);
   if (static_cast<int64_t>(s.block_table.size()) < need) {
@@ -99,43 +214,10 @@ absl::Status ModelRunner::ValidateSequence(const SequenceStep& s) const {
   return absl::OkStatus();
 }
 
-absl::Status ModelRunner::EnsureScratch(int64_t t, int64_t r, int64_t meta_ints) {
-  auto grow = [&](DeviceBuffer& b, int64_t elems, size_t esz) -> absl::Status {
-    const size_t bytes = static_cast<size_t>(std::max<int64_t>(elems, 1)) * esz;
-    if (b.bytes() >= bytes) return absl::OkStatus();
-    b.Reset();
-    ASSIGN_OR_RETURN(b, backend_->Allocate(bytes));
-    return absl::OkStatus();
-  };
-  const ShardLayout& s = weights_.shard;
-  const int64_t d = config_.hidden_size, hd = config_.head_dim;
-  if (t > cap_tokens_) {
-    const int64_t cap = std::max<int64_t>(t, 2 * cap_tokens_);
-    RETURN_IF_ERROR(grow(x_, cap * d, 4));
-    RETURN_IF_ERROR(grow(h_, cap * d, 4));
-    RETURN_IF_ERROR(grow(qkv_, cap * (s.num_heads + 2 * s.num_kv_heads) * hd, 4));
-    RETURN_IF_ERROR(grow(attn_, cap * s.num_heads * hd, 4));
-    RETURN_IF_ERROR(grow(gate_up_, cap * 2 * s.inter_size, 4));
-    RETURN_IF_ERROR(grow(act_, cap * s.inter_size, 4));
-    cap_tokens_ = cap;
-  }
-  if (r > cap_rows_) {
-    const int64_t cap = std::max<int64_t>(r, 2 * cap_rows_);
-    RETURN_IF_ERROR(grow(rows_, cap * d, 4));
-    RETURN_IF_ERROR(grow(logits_, cap * config_.vocab_size, 4));
-    if (s.lm_head_sharded) RETURN_IF_ERROR(grow(logits_local_, cap * s.vocab_size, 4));
-    cap_rows_ = cap;
-  }
-  if (meta_ints > cap_meta_) {
-    const int64_t cap = std::max<int64_t>(meta_ints, 2 * cap_meta_);
-    RETURN_IF_ERROR(grow(meta_, cap, 4));
-    cap_meta_ = cap;
-  }
-  return absl::OkStatus();
-}
-
 absl::Status ModelRunner::AllReduce(Tensor2D t) {
   if (comm_ == nullptr || weights_.shard.tp_size == 1) return absl::OkStatus();
+  // The Communicator interface is fp32 today; a bf16/fp16 all-reduce needs its dtype argument.
+  RETURN_IF_ERROR(RequireF32(backend_->name(), "AllReduce", "activation", t.dtype));
   return comm_->AllReduceSum(t.as<float>(), static_cast<size_t>(t.rows * t.cols));
 }
 
@@ -143,158 +225,176 @@ Tensor2D ModelRunner::Weight(const DeviceBuffer& b, int64_t rows, int64_t cols) 
   return Tensor2D{b.data(), weights_.dtype, rows, cols, cols};
 }
 
+Tensor2D ModelRunner::Act(const DeviceBuffer& b, int64_t rows, int64_t cols) const {
+  return Tensor2D{b.data(), act_dtype_, rows, cols, cols};
+}
+
 absl::StatusOr<StepOutput> ModelRunner::Execute(absl::Span<const SequenceStep> steps) {
   RETURN_IF_ERROR(Validate(steps));
   const int32_t bs = kv_spec_.block_size;
   const int32_t num_seqs = static_cast<int32_t>(steps.size());
+  const int32_t mb = max_blocks_per_seq_;
 
-  // Host-side step metadata: ids, positions, slots, query offsets, context lengths, block
-  // tables and the rows whose logits are wanted, laid out in one int32 array.
-  int64_t num_tokens = 0;
-  int32_t max_blocks = 1, max_ctx = 0;
-  for (const SequenceStep& s : steps) {
-    num_tokens += static_cast<int64_t>(s.tokens.size());
-    const int64_t ctx = s.num_computed_tokens + static_cast<int64_t>(s.tokens.size());
-    max_blocks = std::max(max_blocks, kv_spec_.BlocksForTokens(ctx));
-    max_ctx = std::max<int32_t>(max_ctx, static_cast<int32_t>(ctx));
-  }
-  std::vector<int32_t> ids, positions, slots, qstart{0}, ctx_len, tables, logit_rows;
-  ids.reserve(num_tokens);
-  positions.reserve(num_tokens);
-  slots.reserve(num_tokens);
-  tables.assign(static_cast<size_t>(num_seqs) * max_blocks, 0);
+  // Host metadata, written straight into the pinned staging mirror at the fixed offsets.
+  int32_t* hm = meta_host_.as<int32_t>();
+  const MetaLayout& m = meta_at_;
+  int32_t* ids = hm + m.ids;
+  int32_t* positions = hm + m.positions;
+  int32_t* slots = hm + m.slots;
+  int32_t* qstart = hm + m.query_start;
+  int32_t* seq_lens = hm + m.seq_lens;
+  int32_t* tables = hm + m.tables;
+  int32_t* logit_rows = hm + m.logit_rows;
   StepOutput out;
   out.vocab_size = config_.vocab_size;
+  out.row_begin.reserve(num_seqs + 1);
+  int32_t T = 0, num_rows = 0, max_len = 0;
+  qstart[0] = 0;
   for (int32_t i = 0; i < num_seqs; ++i) {
     const SequenceStep& s = steps[i];
-    const int64_t n = static_cast<int64_t>(s.tokens.size());
-    for (int64_t j = 0; j < n; ++j) {
-      const int64_t pos = s.num_computed_tokens + j;
-      ids.push_back(s.tokens[j]);
-      positions.push_back(static_cast<int32_t>(pos));
-      slots.push_back(s.block_table[pos / bs] * bs + static_cast<int32_t>(pos % bs));
+    const int32_t n = static_cast<int32_t>(s.tokens.size());
+    const int32_t c0 = static_cast<int32_t>(s.num_computed_tokens);
+    for (int32_t j = 0; j < n; ++j) {
+      const int32_t pos = c0 + j;
+      ids[T + j] = s.tokens[j];
+      positions[T + j] = pos;
+      slots[T + j] = s.block_table[pos / bs] * bs + pos % bs;
     }
-    const int64_t ctx = s.num_computed_tokens + n;
-    const int32_t nb = kv_spec_.BlocksForTokens(ctx);
-    std::copy(s.block_table.begin(), s.block_table.begin() + nb,
-              tables.begin() + static_cast<int64_t>(i) * max_blocks);
-    ctx_len.push_back(static_cast<int32_t>(ctx));
-    out.row_begin.push_back(static_cast<int32_t>(logit_rows.size()));
-    const int32_t row0 = qstart.back();
+    const int32_t len = c0 + n;
+    const int32_t nb = kv_spec_.BlocksForTokens(len);
+    std::copy(s.block_table.begin(), s.block_table.begin() + nb, tables + static_cast<int64_t>(i) * mb);
+    seq_lens[i] = len;
+    max_len = std::max(max_len, len);
+    out.row_begin.push_back(num_rows);
     if (s.logits == SequenceStep::Logits::kAll) {
-      for (int64_t j = 0; j < n; ++j) logit_rows.push_back(row0 + static_cast<int32_t>(j));
+      for (int32_t j = 0; j < n; ++j) logit_rows[num_rows++] = T + j;
     } else if (s.logits == SequenceStep::Logits::kLast) {
-      logit_rows.push_back(row0 + static_cast<int32_t>(n - 1));
+      logit_rows[num_rows++] = T + n - 1;
     }
-    qstart.push_back(row0 + static_cast<int32_t>(n));
+    T += n;
+    qstart[i + 1] = T;
   }
-  out.row_begin.push_back(static_cast<int32_t>(logit_rows.size()));
-  const int64_t num_rows = static_cast<int64_t>(logit_rows.size());
+  out.row_begin.push_back(num_rows);
 
-  std::vector<int32_t> meta;
-  auto append = [&meta](const std::vector<int32_t>& v) {
-    const size_t at = meta.size();
-    meta.insert(meta.end(), v.begin(), v.end());
-    return at;
+  // One copy per region, of the used prefix only; the device addresses never change.
+  int32_t* dm = meta_.as<int32_t>();
+  auto upload = [&](int64_t at, int64_t count) {
+    return backend_->CopyToDevice(dm + at, hm + at, static_cast<size_t>(count) * sizeof(int32_t));
   };
-  const size_t o_ids = append(ids), o_pos = append(positions), o_slots = append(slots),
-               o_qstart = append(qstart), o_ctx = append(ctx_len), o_tables = append(tables),
-               o_rows = append(logit_rows);
-  RETURN_IF_ERROR(EnsureScratch(num_tokens, num_rows, static_cast<int64_t>(meta.size())));
-  RETURN_IF_ERROR(backend_->CopyToDevice(meta_.data(), meta.data(), meta.size() * sizeof(int32_t)));
-  const int32_t* dmeta = meta_.as<int32_t>();
+  RETURN_IF_ERROR(upload(m.ids, T));
+  RETURN_IF_ERROR(upload(m.positions, T));
+  RETURN_IF_ERROR(upload(m.slots, T));
+  RETURN_IF_ERROR(upload(m.query_start, num_seqs + 1));
+  RETURN_IF_ERROR(upload(m.seq_lens, num_seqs));
+  RETURN_IF_ERROR(upload(m.tables, static_cast<int64_t>(num_seqs) * mb));
+  RETURN_IF_ERROR(upload(m.logit_rows, num_rows));
+
+  AttentionBatch batch;
+  batch.num_seqs = num_seqs;
+  batch.num_tokens = T;
+  batch.max_seq_len = max_len;
+  batch.max_blocks_per_seq = mb;
+  batch.block_size = bs;
+  batch.query_start = dm + m.query_start;
+  batch.seq_lens = dm + m.seq_lens;
+  batch.block_tables = dm + m.tables;
+  batch.host_query_start = qstart;
+  batch.host_seq_lens = seq_lens;
+  RETURN_IF_ERROR(backend_->PlanAttention(batch, *plan_));
 
   const ShardLayout& sh = weights_.shard;
   const int64_t d = config_.hidden_size, hd = config_.head_dim;
   const int64_t q_sz = sh.num_heads * hd, kv_sz = sh.num_kv_heads * hd;
-  const int64_t T = num_tokens;
-  Tensor2D x{x_.data(), DType::kF32, T, d, d};
-  Tensor2D h{h_.data(), DType::kF32, T, d, d};
-  Tensor2D qkv{qkv_.data(), DType::kF32, T, q_sz + 2 * kv_sz, q_sz + 2 * kv_sz};
-  Tensor2D attn{attn_.data(), DType::kF32, T, q_sz, q_sz};
-  Tensor2D gate_up{gate_up_.data(), DType::kF32, T, 2 * sh.inter_size, 2 * sh.inter_size};
-  Tensor2D act{act_.data(), DType::kF32, T, sh.inter_size, sh.inter_size};
-  const Tensor2D q = qkv.ColSlice(0, q_sz), k = qkv.ColSlice(q_sz, kv_sz),
-                 v = qkv.ColSlice(q_sz + kv_sz, kv_sz);
+  const Tensor2D x = Act(x_, T, d), h = Act(h_, T, d), qkv = Act(qkv_, T, q_sz + 2 * kv_sz),
+                 attn = Act(attn_, T, q_sz), gate_up = Act(gate_up_, T, 2 * sh.inter_size),
+                 act = Act(act_, T, sh.inter_size);
 
+  RopeKvWriteParams rk;
+  rk.q = qkv.ColSlice(0, q_sz);
+  rk.k = qkv.ColSlice(q_sz, kv_sz);
+  rk.v = qkv.ColSlice(q_sz + kv_sz, kv_sz);
+  rk.num_heads = static_cast<int32_t>(sh.num_heads);
+  rk.num_kv_heads = static_cast<int32_t>(sh.num_kv_heads);
+  rk.head_dim = static_cast<int32_t>(hd);
+  rk.positions = dm + m.positions;
+  rk.inv_freq = inv_freq_.as<float>();
+  rk.slot_mapping = dm + m.slots;
   AttentionParams ap;
-  ap.q = q;
+  ap.q = rk.q;
   ap.out = attn;
-  ap.num_heads = static_cast<int32_t>(sh.num_heads);
-  ap.num_kv_heads = static_cast<int32_t>(sh.num_kv_heads);
-  ap.head_dim = static_cast<int32_t>(hd);
+  ap.num_heads = rk.num_heads;
+  ap.num_kv_heads = rk.num_kv_heads;
+  ap.head_dim = rk.head_dim;
   ap.scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  ap.batch = AttentionBatch{num_seqs, static_cast<int32_t>(T), max_ctx, dmeta + o_qstart,
-                            dmeta + o_ctx, dmeta + o_tables, max_blocks, bs};
-  RopeParams rq{q, ap.num_heads, ap.head_dim, dmeta + o_pos, inv_freq_.as<float>()};
-  RopeParams rk{k, ap.num_kv_heads, ap.head_dim, dmeta + o_pos, inv_freq_.as<float>()};
 
+  // x is the residual stream; h carries each sub-layer's output into the next fused add + norm.
   const float eps = static_cast<float>(config_.rms_norm_eps);
-  RETURN_IF_ERROR(backend_->Embedding(Weight(weights_.embed, config_.vocab_size, d), dmeta + o_ids, x));
+  RETURN_IF_ERROR(backend_->Embedding(Weight(weights_.embed, config_.vocab_size, d), dm + m.ids, x));
   for (int64_t l = 0; l < config_.num_layers; ++l) {
     const LayerWeights& w = weights_.layers[l];
-    RETURN_IF_ERROR(backend_->RmsNorm(x, Weight(w.input_norm, 1, d), eps, h));
+    if (l == 0) {
+      RETURN_IF_ERROR(backend_->RmsNorm(x, Weight(w.input_norm, 1, d), eps, h));
+    } else {
+      RETURN_IF_ERROR(backend_->FusedAddRmsNorm(x, h, Weight(w.input_norm, 1, d), eps, h));
+    }
     RETURN_IF_ERROR(backend_->Matmul(h, Weight(w.qkv, q_sz + 2 * kv_sz, d), qkv));
-    RETURN_IF_ERROR(backend_->Rope(rq));
-    RETURN_IF_ERROR(backend_->Rope(rk));
-    ap.cache = KvLayer{k_cache_[l].data(), v_cache_[l].data(), kv_spec_.k_width[l],
-                       kv_spec_.v_width[l], kv_spec_.dtype};
-    RETURN_IF_ERROR(backend_->WriteKv(ap.cache, k, v, dmeta + o_slots, bs));
-    RETURN_IF_ERROR(backend_->PagedAttention(ap));
+    rk.cache = ap.cache = kv_layers_[l];
+    RETURN_IF_ERROR(backend_->RopeKvWrite(rk));
+    RETURN_IF_ERROR(backend_->DecodeAttention(ap, *plan_));
+    RETURN_IF_ERROR(backend_->PrefillAttention(ap, *plan_));
     RETURN_IF_ERROR(backend_->Matmul(attn, Weight(w.o, d, q_sz), h));
     RETURN_IF_ERROR(AllReduce(h));
-    RETURN_IF_ERROR(backend_->AddInPlace(x, h));
-    RETURN_IF_ERROR(backend_->RmsNorm(x, Weight(w.post_norm, 1, d), eps, h));
+    RETURN_IF_ERROR(backend_->FusedAddRmsNorm(x, h, Weight(w.post_norm, 1, d), eps, h));
     RETURN_IF_ERROR(backend_->Matmul(h, Weight(w.gate_up, 2 * sh.inter_size, d), gate_up));
     RETURN_IF_ERROR(backend_->SiluMul(gate_up, act));
     RETURN_IF_ERROR(backend_->Matmul(act, Weight(w.down, d, sh.inter_size), h));
     RETURN_IF_ERROR(AllReduce(h));
-    RETURN_IF_ERROR(backend_->AddInPlace(x, h));
   }
-  if (num_rows > 0) {
-    Tensor2D rows{rows_.data(), DType::kF32, num_rows, d, d};
-    RETURN_IF_ERROR(backend_->GatherRows(x, dmeta + o_rows, rows));
-    RETURN_IF_ERROR(backend_->RmsNorm(rows, Weight(weights_.final_norm, 1, d), eps, rows));
-    RETURN_IF_ERROR(ComputeLogits(rows, &out));
+  RETURN_IF_ERROR(backend_->AddInPlace(x, h));
+  out.logits.resize(static_cast<size_t>(num_rows) * config_.vocab_size);
+  for (int32_t r0 = 0; r0 < num_rows; r0 += max_logit_rows_) {
+    const int32_t n = std::min(max_logit_rows_, num_rows - r0);
+    RETURN_IF_ERROR(ComputeLogits(x, dm + m.logit_rows + r0, n,
+                                  out.logits.data() + static_cast<int64_t>(r0) * config_.vocab_size));
   }
   RETURN_IF_ERROR(backend_->Synchronize());
   return out;
 }
 
-absl::Status ModelRunner::ComputeLogits(const Tensor2D& rows, StepOutput* out) {
-  const int64_t n = rows.rows, vocab = config_.vocab_size, d = config_.hidden_size;
+absl::Status ModelRunner::ComputeLogits(const Tensor2D& x, const int32_t* rows_at, int64_t n,
+                                        float* dst) {
+  const int64_t vocab = config_.vocab_size, d = config_.hidden_size;
   const ShardLayout& sh = weights_.shard;
-  out->logits.resize(static_cast<size_t>(n * vocab));
-  Tensor2D full{logits_.data(), DType::kF32, n, vocab, vocab};
+  const Tensor2D rows = Act(rows_, n, d);
+  RETURN_IF_ERROR(backend_->GatherRows(x, rows_at, rows));
+  RETURN_IF_ERROR(backend_->RmsNorm(rows, Weight(weights_.final_norm, 1, d),
+                                    static_cast<float>(config_.rms_norm_eps), rows));
+  const Tensor2D full{logits_.data(), DType::kF32, n, vocab, vocab};
   if (!sh.lm_head_sharded) {
     RETURN_IF_ERROR(backend_->Matmul(rows, Weight(weights_.lm_head_or_embed(), vocab, d), full));
-    return backend_->CopyToHost(out->logits.data(), full.data, out->logits.size() * sizeof(float));
+    RETURN_IF_ERROR(backend_->CopyToHost(dst, full.data, static_cast<size_t>(n * vocab) * sizeof(float)));
+    return backend_->Synchronize();
   }
   // Each rank: logits of its vocabulary slice [n, V/tp]; the all-gather stacks the slices rank
   // by rank ([tp][n][V/tp]), then the host puts each row's slices side by side.
   const int64_t vl = sh.vocab_size;
-  Tensor2D local{logits_local_.data(), DType::kF32, n, vl, vl};
+  const Tensor2D local{logits_local_.data(), DType::kF32, n, vl, vl};
   RETURN_IF_ERROR(backend_->Matmul(rows, Weight(weights_.lm_head, vl, d), local));
   RETURN_IF_ERROR(comm_->AllGather(local.as<float>(), full.as<float>(), static_cast<size_t>(n * vl)));
-  std::vector<float> gathered(static_cast<size_t>(n * vocab));
-  RETURN_IF_ERROR(backend_->CopyToHost(gathered.data(), full.data, gathered.size() * sizeof(float)));
+  RETURN_IF_ERROR(backend_->CopyToHost(gathered_.data(), full.data,
+                                       static_cast<size_t>(n * vocab) * sizeof(float)));
+  RETURN_IF_ERROR(backend_->Synchronize());
   for (int64_t r = 0; r < sh.tp_size; ++r) {
     for (int64_t i = 0; i < n; ++i) {
-      std::copy_n(gathered.data() + (r * n + i) * vl, vl, out->logits.data() + i * vocab + r * vl);
+      std::copy_n(gathered_.data() + (r * n + i) * vl, vl, dst + i * vocab + r * vl);
     }
   }
   return absl::OkStatus();
 }
 
 absl::Status ModelRunner::CopyBlocks(absl::Span<const BlockCopy> copies) {
-  for (const BlockCopy& c : copies) {
-    for (int l = 0; l < kv_spec_.num_layers(); ++l) {
-      const KvLayer layer{k_cache_[l].data(), v_cache_[l].data(), kv_spec_.k_width[l],
-                          kv_spec_.v_width[l], kv_spec_.dtype};
-      RETURN_IF_ERROR(backend_->CopyBlock(layer, kv_spec_.block_size, c.src, c.dst));
-    }
-  }
-  return absl::OkStatus();
+  if (copies.empty()) return absl::OkStatus();
+  return backend_->CopyBlocks(kv_layers_, kv_spec_.block_size, kv_spec_.num_blocks, copies);
 }
 
 }  // namespace lorc

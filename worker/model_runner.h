@@ -1,10 +1,16 @@
 // Runs the Llama forward pass for one step of a batch of sequences over the paged KV cache.
 //
 // A step carries, per sequence, the new tokens to compute (a prefill chunk or one decode token),
-// how many tokens of it are already cached, and its block table (covering all of them). The
-// runner writes the new tokens' K/V into the cache and returns logits for the rows asked for.
-// It owns the cache memory, the weights and scratch buffers; block allocation belongs to the
-// caller (kvstore/KvBlockManager). One thread calls it at a time.
+// how many tokens of it are already computed (cached), and its block table (covering all of
+// them). The runner writes the new tokens' K/V into the cache and returns logits for the rows
+// asked for. It owns the cache memory, the weights and the step buffers; block allocation belongs
+// to the caller (kvstore/KvBlockManager). One thread calls it at a time.
+//
+// Step buffers at fixed addresses: every scratch activation and every metadata array (ids,
+// positions, slot_mapping, query_start, seq_lens, block tables, logit rows) is allocated ONCE in
+// Create for max_num_seqs / max_num_batched_tokens / max_model_len and never moves, so a decode
+// step can be captured as a CUDA graph and replayed with refreshed contents. A step over those
+// limits fails with InvalidArgument naming the limit.
 #pragma once
 
 #include <cstdint>
@@ -41,51 +47,74 @@ struct StepOutput {
 
 class ModelRunner {
  public:
-  // `comm` may be null when tp_size is 1; it must outlive the runner.
+  // `comm` may be null when tp_size is 1; it must outlive the runner. `spec` gives the KV
+  // geometry (kvstore/MakeKvCacheSpec); its num_blocks is ignored: the runner sizes the cache from
+  // `kv`. InvalidArgument for limits that are not positive, a max_model_len over the model's
+  // context, or a spec that does not match this rank's KV heads; ResourceExhausted when memory
+  // is short.
   static absl::StatusOr<std::unique_ptr<ModelRunner>> Create(const ModelConfig& config,
                                                              ModelWeights weights,
                                                              Backend* backend, Communicator* comm,
+                                                             const KvCacheSpec& spec,
                                                              const KvCacheOptions& kv);
 
   // InvalidArgument for malformed steps (token ids outside the vocabulary, block tables that do
-  // not cover the tokens or name blocks outside the cache, positions past the model's context).
+  // not cover the tokens or name blocks outside the cache, positions past max_model_len) and for
+  // steps over max_num_seqs or max_num_batched_tokens.
   absl::StatusOr<StepOutput> Execute(absl::Span<const SequenceStep> steps);
   // The per-sequence checks of Execute (everything but duplicate ids across the batch), so a
   // caller can leave a bad sequence out of the batch instead of failing all of it.
   absl::Status ValidateSequence(const SequenceStep& s) const;
-  // Copy-on-write block copies requested by the block manager, in every layer.
+  // Copy-on-write block copies requested by the block manager, all layers, one backend call.
   absl::Status CopyBlocks(absl::Span<const BlockCopy> copies);
 
   const KvCacheSpec& kv_spec() const { return kv_spec_; }
+  const KvCacheOptions& limits() const { return limits_; }
   const ModelConfig& config() const { return config_; }
   const ShardLayout& shard() const { return weights_.shard; }
   // With a sharded LM head every rank must ask for the same logit rows (they all-gather them).
   bool lm_head_sharded() const { return weights_.shard.lm_head_sharded; }
   Backend& backend() { return *backend_; }
+  // Device addresses of every step buffer (activations, metadata, logits), for tests and graph
+  // debugging: constant for the runner's lifetime.
+  std::vector<const void*> StepBufferAddresses() const;
 
  private:
   ModelRunner(const ModelConfig& config, ModelWeights weights, Backend* backend, Communicator* comm)
       : config_(config), weights_(std::move(weights)), backend_(backend), comm_(comm) {}
-  absl::Status Init(const KvCacheOptions& kv);
+  absl::Status Init(const KvCacheSpec& spec, const KvCacheOptions& kv);
+  absl::Status AllocateStepBuffers();
+  absl::Status AllocateCache(const KvCacheOptions& kv);
   absl::Status Validate(absl::Span<const SequenceStep> steps) const;
-  absl::Status EnsureScratch(int64_t num_tokens, int64_t num_rows, int64_t meta_ints);
   absl::Status AllReduce(Tensor2D t);
-  // Logits of `rows` [n, hidden] into out->logits: one matmul, or with a sharded LM head a
-  // matmul over this rank's vocabulary slice and an all-gather.
-  absl::Status ComputeLogits(const Tensor2D& rows, StepOutput* out);
+  // Logits of the rows `x[rows[i]]` for i in [0, n) (n <= max_num_seqs) into `dst` (host,
+  // n * vocab floats): gather, final norm, one matmul, or with a sharded LM head a matmul over
+  // this rank's vocabulary slice and an all-gather.
+  absl::Status ComputeLogits(const Tensor2D& x, const int32_t* rows, int64_t n, float* dst);
   Tensor2D Weight(const DeviceBuffer& b, int64_t rows, int64_t cols) const;
+  Tensor2D Act(const DeviceBuffer& b, int64_t rows, int64_t cols) const;
 
   ModelConfig config_;
   ModelWeights weights_;
   Backend* backend_;
   Communicator* comm_;
   KvCacheSpec kv_spec_;
+  KvCacheOptions limits_;
+  DType act_dtype_ = DType::kF32;  // activations (the CPU backend computes in fp32)
+  int32_t max_blocks_per_seq_ = 0;
+  int32_t max_logit_rows_ = 0;     // logit rows per LM-head pass
   std::vector<DeviceBuffer> k_cache_, v_cache_;
+  std::vector<KvLayer> kv_layers_;
   DeviceBuffer inv_freq_;
+  std::unique_ptr<AttentionPlan> plan_;
 
-  // Scratch, grown on demand.
-  int64_t cap_tokens_ = 0, cap_rows_ = 0, cap_meta_ = 0;
-  DeviceBuffer x_, h_, qkv_, attn_, gate_up_, act_, rows_, logits_, logits_local_, meta_;
+  // Step buffers, allocated once (see the header comment). `meta_` holds the int32 metadata at
+  // fixed offsets; `meta_host_` is its pinned host staging mirror.
+  struct MetaLayout {
+    int64_t ids, positions, slots, query_start, seq_lens, tables, logit_rows, total;
+  } meta_at_{};
+  DeviceBuffer x_, h_, qkv_, attn_, gate_up_, act_, rows_, logits_, logits_local_, meta_, meta_host_;
+  std::vector<float> gathered_;  // host, sharded LM head only
 };
 
 }  // namespace lorc

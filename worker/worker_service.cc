@@ -235,7 +235,7 @@ absl::StatusOr<lorcserve::internal::InitCommunicatorResponse> WorkerService::Ini
   co.hostname_or_iface = req.bind_address().empty() ? options_.comm_address : req.bind_address();
   ASSIGN_OR_RETURN(d.comm, options_.backend.kind == BackendKind::kCuda
                                ? CreateNcclCommunicator(world, d.store.get(), options_.backend.device,
-                                                        nullptr, co)
+                                                        d.backend->stream_handle(), co)
                                : CreateGlooCommunicator(world, d.store.get(), co));
   comm_ready_ = true;
   lorcserve::internal::InitCommunicatorResponse resp;
@@ -262,6 +262,10 @@ absl::StatusOr<lorcserve::internal::LoadModelResponse> WorkerService::LoadModelO
   kv.block_size = req.block_size() > 0 ? req.block_size() : 16;
   kv.num_blocks = req.num_blocks();
   if (req.kv_cache_bytes() > 0) kv.memory_bytes = req.kv_cache_bytes();
+  if (req.max_num_seqs() > 0) kv.max_num_seqs = req.max_num_seqs();
+  if (req.max_num_batched_tokens() > 0) kv.max_num_batched_tokens = req.max_num_batched_tokens();
+  kv.max_model_len = req.max_model_len();
+  kv.gpu_memory_utilization = req.gpu_memory_utilization();
   ASSIGN_OR_RETURN(d.model, lorc::LoadModel(src, d.backend.get(), req.tp_rank(), tp_size, d.comm.get(), kv));
   d.executor = std::make_unique<StepExecutor>(d.model.runner.get(), d.comm.get());
   model_loaded_ = true;

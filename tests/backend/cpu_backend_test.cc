@@ -1,4 +1,5 @@
-// Op-by-op checks of a Backend against naive reference implementations written here (double
+// Op-by-op checks of a Backend (the Backend v2 ops are in backend_v2_ops_test.cc; both share
+// backend_ops_fixture.h) against naive reference implementations written here (double
 // accumulation, obviously correct loops). The CPU backend is the reference every CUDA kernel will
 // be compared with, so these bodies are written against the Backend interface only and are
 // parameterised by backend kind: all data goes through Allocate / CopyToDevice / CopyToHost, and
@@ -8,108 +9,12 @@
 // Tolerance: an element passes when |got - want| <= kTol * max(1, scale) with kTol = 1e-4, where
 // `scale` is |want| for elementwise ops and the magnitude of the summed terms (sum |x_k w_k|)
 // for dot-product style ops (Matmul). Pure data movement (Embedding, GatherRows, WriteKv,
-// CopyBlock) must be exact.
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <limits>
-#include <memory>
-#include <ostream>
-#include <numeric>
-#include <random>
-#include <string>
-#include <vector>
-
-#include "common/check.h"
-#include "gmock/gmock.h"
-#include "gtest/gtest.h"
-#include "tests/testing/status_matchers.h"
-#include "backend/backend.h"
+// CopyBlocks, RopeKvWrite's cache rows vs Rope's output) must be exact.
+#include "tests/backend/backend_ops_fixture.h"
 
 namespace lorc {
-
-// Readable parameter names in gtest output ("Cpu" instead of a byte dump).
-void PrintTo(BackendKind k, std::ostream* os) { *os << (k == BackendKind::kCpu ? "Cpu" : "Cuda"); }
-
+namespace backend_test {
 namespace {
-
-constexpr double kTol = 1e-4;
-
-// Compares element-wise with the tolerance above; reports the first few mismatches.
-void ExpectClose(const std::vector<float>& got, const std::vector<double>& want,
-                 const std::vector<double>& scale = {}) {
-  ASSERT_EQ(got.size(), want.size());
-  int bad = 0;
-  double worst = 0;
-  for (size_t i = 0; i < got.size(); ++i) {
-    const double s = scale.empty() ? std::abs(want[i]) : scale[i];
-    const double err = std::abs(static_cast<double>(got[i]) - want[i]);
-    const double lim = kTol * std::max(1.0, s);
-    worst = std::max(worst, err / lim);
-    if (!(err <= lim)) {  // NaN fails too
-      if (++bad <= 5) {
-        ADD_FAILURE() << "element " << i << ": got " << got[i] << ", want " << want[i]
-                      << " (|err| " << err << " > " << lim << ")";
-      }
-    }
-  }
-  EXPECT_EQ(bad, 0) << "mismatches out of " << got.size() << "; worst err/limit " << worst;
-}
-
-std::vector<float> RandomVec(std::mt19937& rng, size_t n, float lo = -1.0f, float hi = 1.0f) {
-  std::uniform_real_distribution<float> d(lo, hi);
-  std::vector<float> v(n);
-  for (float& x : v) x = d(rng);
-  return v;
-}
-
-std::string KindName(const ::testing::TestParamInfo<BackendKind>& i) {
-  return i.param == BackendKind::kCpu ? "Cpu" : "Cuda";
-}
-
-class BackendOpsTest : public ::testing::TestWithParam<BackendKind> {
- protected:
-  void SetUp() override {
-    BackendOptions opts;
-    opts.kind = GetParam();
-    auto b = CreateBackend(opts);
-    if (!b.ok()) {
-      if (GetParam() == BackendKind::kCpu) FAIL() << b.status();
-      GTEST_SKIP() << "backend not available: " << b.status();
-    }
-    be_ = std::move(*b);
-  }
-
-  template <typename T>
-  DeviceBuffer Upload(const std::vector<T>& host) {
-    CHECK(!host.empty());
-    auto buf = be_->Allocate(host.size() * sizeof(T));
-    CHECK(buf.ok()) << buf.status();
-    CHECK_OK(be_->CopyToDevice(buf->data(), host.data(), host.size() * sizeof(T)));
-    return std::move(*buf);
-  }
-
-  template <typename T>
-  std::vector<T> Download(const DeviceBuffer& buf, size_t n) {
-    CHECK_OK(be_->Synchronize());
-    std::vector<T> host(n);
-    CHECK_LE(n * sizeof(T), buf.bytes());
-    CHECK_OK(be_->CopyToHost(host.data(), buf.data(), n * sizeof(T)));
-    return host;
-  }
-
-  static Tensor2D View(const DeviceBuffer& buf, int64_t rows, int64_t cols) {
-    Tensor2D t;
-    t.data = buf.data();
-    t.dtype = DType::kF32;
-    t.rows = rows;
-    t.cols = cols;
-    return t;
-  }
-
-  std::unique_ptr<Backend> be_;
-  std::mt19937 rng_{20240611};
-};
 
 // --- Matmul -------------------------------------------------------------------------------------
 
@@ -183,20 +88,6 @@ TEST_P(BackendOpsTest, MatmulRejectsShapeMismatch) {
                c = Upload(std::vector<float>(3 * 4, 0.f));
   EXPECT_FALSE(be_->Matmul(View(a, 3, 5), View(b, 4, 6), View(c, 3, 4)).ok());
   EXPECT_FALSE(be_->Matmul(View(a, 3, 5), View(b, 4, 5), View(c, 3, 3)).ok());
-}
-
-// --- RmsNorm ------------------------------------------------------------------------------------
-
-std::vector<double> RefRmsNorm(const std::vector<float>& x, const std::vector<float>& w, int64_t T,
-                               int64_t H, double eps) {
-  std::vector<double> out(T * H);
-  for (int64_t t = 0; t < T; ++t) {
-    double ss = 0;
-    for (int64_t j = 0; j < H; ++j) ss += static_cast<double>(x[t * H + j]) * x[t * H + j];
-    const double inv = 1.0 / std::sqrt(ss / H + eps);
-    for (int64_t j = 0; j < H; ++j) out[t * H + j] = w[j] * (x[t * H + j] * inv);
-  }
-  return out;
 }
 
 TEST_P(BackendOpsTest, RmsNorm) {
@@ -308,37 +199,6 @@ TEST_P(BackendOpsTest, GatherRows) {
 
 // --- Rope ---------------------------------------------------------------------------------------
 
-std::vector<float> InvFreq(int head_dim, double theta) {
-  std::vector<float> f(head_dim / 2);
-  for (int i = 0; i < head_dim / 2; ++i) {
-    f[i] = static_cast<float>(1.0 / std::pow(theta, 2.0 * i / head_dim));
-  }
-  return f;
-}
-
-// Hugging Face apply_rotary_pos_emb: x * cos + rotate_half(x) * sin, rotate_half(x) =
-// cat(-x2, x1), cos/sin = cat(freqs, freqs). The angle is the fp32 product position * inv_freq
-// (as transformers computes it); cos and sin of that angle are taken in double.
-std::vector<double> RefRope(const std::vector<float>& x, int64_t ld, int64_t c0, int64_t T,
-                            int heads, int hd, const std::vector<int32_t>& pos,
-                            const std::vector<float>& inv_freq) {
-  const int half = hd / 2;
-  std::vector<double> out(T * heads * hd);
-  for (int64_t t = 0; t < T; ++t) {
-    for (int h = 0; h < heads; ++h) {
-      const float* v = &x[t * ld + c0 + h * hd];
-      double* o = &out[(t * heads + h) * hd];
-      for (int d = 0; d < hd; ++d) {
-        const int i = d % half;
-        const double angle = static_cast<float>(pos[t]) * inv_freq[i];  // fp32 product
-        const double rot = d < half ? -static_cast<double>(v[d + half]) : v[d - half];
-        o[d] = v[d] * std::cos(angle) + rot * std::sin(angle);
-      }
-    }
-  }
-  return out;
-}
-
 TEST_P(BackendOpsTest, RopeMatchesRotateHalfFormula) {
   // q heads of a fused [T, q + k + v] buffer, like the forward pass: x is a strided column view.
   const int heads = 3, hd = 14;
@@ -417,7 +277,7 @@ TEST_P(BackendOpsTest, RopeOnKeyHeadsOfFusedBuffer) {
   ExpectClose(got, want);
 }
 
-// --- WriteKv / PagedAttention / CopyBlock -------------------------------------------------------
+// --- WriteKv / attention / CopyBlocks ----------------------------------------------------------
 
 TEST_P(BackendOpsTest, WriteKvPlacesRowsAtFlatSlots) {
   // Different K and V widths (compressed-cache layout), strided sources.
@@ -432,7 +292,7 @@ TEST_P(BackendOpsTest, WriteKvPlacesRowsAtFlatSlots) {
   DeviceBuffer vc = Upload(std::vector<float>(nslots * vw, nan));
   KvLayer cache{kc.data(), vc.data(), kw, vw, DType::kF32};
   const Tensor2D all = View(dkv, T, ld);
-  ASSERT_OK(be_->WriteKv(cache, all.ColSlice(0, kw), all.ColSlice(kw, vw), dslots.as<int32_t>(), bs));
+  ASSERT_OK(be_->WriteKv(cache, all.ColSlice(0, kw), all.ColSlice(kw, vw), dslots.as<int32_t>()));
   const std::vector<float> k = Download<float>(kc, nslots * kw), v = Download<float>(vc, nslots * vw);
   std::vector<int> row_of_slot(nslots, -1);
   for (int64_t t = 0; t < T; ++t) row_of_slot[slots[t]] = static_cast<int>(t);
@@ -505,7 +365,7 @@ TEST_P(BackendOpsTest, PagedAttentionMatchesDenseCausalAttention) {
     DeviceBuffer dk = Upload(std::vector<float>(K[s].begin(), K[s].begin() + n * kw));
     DeviceBuffer dv = Upload(std::vector<float>(V[s].begin(), V[s].begin() + n * kw));
     DeviceBuffer ds = Upload(slots);
-    ASSERT_OK(be_->WriteKv(cache, View(dk, n, kw), View(dv, n, kw), ds.as<int32_t>(), bs));
+    ASSERT_OK(be_->WriteKv(cache, View(dk, n, kw), View(dv, n, kw), ds.as<int32_t>()));
   }
 
   // This step: a fused [T, q | k | v] buffer, as the forward pass produces it.
@@ -524,7 +384,7 @@ TEST_P(BackendOpsTest, PagedAttentionMatchesDenseCausalAttention) {
   DeviceBuffer dqkv = Upload(qkv), dslots = Upload(step_slots);
   const Tensor2D fused = View(dqkv, T, ld);
   ASSERT_OK(be_->WriteKv(cache, fused.ColSlice(qw, kw), fused.ColSlice(qw + kw, kw),
-                         dslots.as<int32_t>(), bs));
+                         dslots.as<int32_t>()));
 
   DeviceBuffer dqs = Upload(qstart), dctx = Upload(ctx_len), dtab = Upload(tables);
   // Output written into a strided view too; the columns around it must stay.
@@ -535,19 +395,22 @@ TEST_P(BackendOpsTest, PagedAttentionMatchesDenseCausalAttention) {
   ap.q = fused.ColSlice(0, qw);
   ap.out = View(dout, T, o_ld).ColSlice(1, qw);
   ap.cache = cache;
-  ap.batch.num_seqs = S;
-  ap.batch.num_tokens = T;
-  ap.batch.max_context_len = *std::max_element(ctx_len.begin(), ctx_len.end());
-  ap.batch.query_start = dqs.as<int32_t>();
-  ap.batch.context_len = dctx.as<int32_t>();
-  ap.batch.block_tables = dtab.as<int32_t>();
-  ap.batch.max_blocks_per_seq = max_blocks;
-  ap.batch.block_size = bs;
+  AttentionBatch batch;
+  batch.num_seqs = S;
+  batch.num_tokens = T;
+  batch.max_seq_len = *std::max_element(ctx_len.begin(), ctx_len.end());
+  batch.query_start = dqs.as<int32_t>();
+  batch.seq_lens = dctx.as<int32_t>();
+  batch.block_tables = dtab.as<int32_t>();
+  batch.max_blocks_per_seq = max_blocks;
+  batch.block_size = bs;
+  batch.host_query_start = qstart.data();
+  batch.host_seq_lens = ctx_len.data();
   ap.num_heads = num_heads;
   ap.num_kv_heads = kv_heads;
   ap.head_dim = hd;
   ap.scale = scale;
-  ASSERT_OK(be_->PagedAttention(ap));
+  ASSERT_OK(RunAttention(ap, batch, max_blocks));
 
   // Dense reference straight from the un-paged K / V.
   std::vector<double> want(T * qw);
@@ -616,24 +479,25 @@ TEST_P(BackendOpsTest, PagedAttentionSingleTokenContextIsTheValue) {
   DeviceBuffer dq = Upload(q), dk = Upload(k), dv = Upload(v), ds = Upload(slots),
                dqs = Upload(qstart), dctx = Upload(ctx), dtab = Upload(table),
                dout = Upload(std::vector<float>(qw, 0.f));
-  ASSERT_OK(be_->WriteKv(cache, View(dk, 1, kw), View(dv, 1, kw), ds.as<int32_t>(), bs));
+  ASSERT_OK(be_->WriteKv(cache, View(dk, 1, kw), View(dv, 1, kw), ds.as<int32_t>()));
   AttentionParams ap;
   ap.q = View(dq, 1, qw);
   ap.out = View(dout, 1, qw);
   ap.cache = cache;
-  ap.batch = {1, 1, 1, dqs.as<int32_t>(), dctx.as<int32_t>(), dtab.as<int32_t>(), 1, bs};
+  const AttentionBatch batch{1, 1, 1, 1, bs, dqs.as<int32_t>(), dctx.as<int32_t>(),
+                             dtab.as<int32_t>(), qstart.data(), ctx.data()};
   ap.num_heads = num_heads;
   ap.num_kv_heads = kv_heads;
   ap.head_dim = hd;
   ap.scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  ASSERT_OK(be_->PagedAttention(ap));
+  ASSERT_OK(RunAttention(ap, batch, 1));
   std::vector<double> want(qw);
   for (int h = 0; h < num_heads; ++h)
     for (int e = 0; e < hd; ++e) want[h * hd + e] = v[(h / (num_heads / kv_heads)) * hd + e];
   ExpectClose(Download<float>(dout, qw), want);
 }
 
-TEST_P(BackendOpsTest, CopyBlockCopiesWholeBlockOfKAndV) {
+TEST_P(BackendOpsTest, CopyBlocksCopiesWholeBlockOfKAndV) {
   const int32_t bs = 4, num_blocks = 6;
   const int64_t kw = 7, vw = 5;
   const size_t nslots = static_cast<size_t>(num_blocks) * bs;
@@ -641,7 +505,8 @@ TEST_P(BackendOpsTest, CopyBlockCopiesWholeBlockOfKAndV) {
   DeviceBuffer kc = Upload(k), vc = Upload(v);
   KvLayer cache{kc.data(), vc.data(), kw, vw, DType::kF32};
   const int32_t src = 4, dst = 1;
-  ASSERT_OK(be_->CopyBlock(cache, bs, src, dst));
+  const BlockCopy copy{src, dst};
+  ASSERT_OK(be_->CopyBlocks({cache}, bs, num_blocks, {copy}));
   const std::vector<float> k2 = Download<float>(kc, nslots * kw), v2 = Download<float>(vc, nslots * vw);
   auto check = [&](const std::vector<float>& before, const std::vector<float>& after, int64_t w,
                    const char* what) {
@@ -668,4 +533,5 @@ TEST(BackendFactoryTest, CpuBackendIsAvailable) {
 }
 
 }  // namespace
+}  // namespace backend_test
 }  // namespace lorc

@@ -32,6 +32,11 @@ class FakeWorker final : public internal::Worker::Service {
     resp->set_backend("fake");
     return grpc::Status::OK;
   }
+  grpc::Status InitCommunicator(grpc::ServerContext*, const internal::InitCommunicatorRequest*,
+                                internal::InitCommunicatorResponse* resp) override {
+    resp->set_backend("fake");
+    return grpc::Status::OK;
+  }
   grpc::Status Ping(grpc::ServerContext*, const internal::PingRequest*,
                     internal::PingResponse* resp) override {
     resp->set_model_loaded(true);

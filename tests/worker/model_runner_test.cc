@@ -143,6 +143,97 @@ TEST_F(TinyLlamaTest, RejectsMalformedSteps) {
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("exceed the model context")));
 }
 
+// Steps over the fixed step buffers' limits fail with InvalidArgument naming the limit; a model
+// with small limits still computes steps within them.
+TEST(StepLimitsTest, ExecuteRejectsStepsOverTheLimits) {
+  REQUIRE_TINY_LLAMA();
+  auto backend = CreateBackend({});
+  ASSERT_OK(backend);
+  KvCacheOptions kv;
+  kv.memory_bytes = 16ll << 20;
+  kv.max_num_seqs = 2;
+  kv.max_num_batched_tokens = 8;
+  kv.max_model_len = 64;
+  auto m = LoadModel({::lorc::testing::TinyLlamaDir()}, backend->get(), 0, 1, nullptr, kv);
+  ASSERT_OK(m);
+  ModelRunner& runner = *m->runner;
+  auto seq = [](int64_t id, int n, int32_t first_block) {
+    SequenceStep s;
+    s.seq_id = id;
+    s.tokens.assign(n, 5);
+    s.block_table = {first_block};
+    return s;
+  };
+  EXPECT_OK(runner.Execute({seq(1, 4, 0), seq(2, 4, 1)}));
+  EXPECT_THAT(runner.Execute({seq(1, 9, 0)}),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("max_num_batched_tokens 8")));
+  EXPECT_THAT(runner.Execute({seq(1, 1, 0), seq(2, 1, 1), seq(3, 1, 2)}),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("max_num_seqs 2")));
+  SequenceStep late = seq(1, 1, 0);
+  late.num_computed_tokens = 64;
+  late.block_table.assign(5, 0);
+  EXPECT_THAT(runner.Execute({late}),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("max_model_len")));
+
+  // 8 logit rows with max_num_seqs 2: four LM-head passes, rows in step order, the same
+  // logits as a runner with the default limits.
+  auto ref = LoadModel({::lorc::testing::TinyLlamaDir()}, backend->get(), 0, 1, nullptr, {});
+  ASSERT_OK(ref);
+  SequenceStep all = seq(1, 8, 0);
+  all.tokens = {1, 17, 400, 9, 3000, 5, 5, 77};
+  all.logits = SequenceStep::Logits::kAll;
+  auto got = runner.Execute({all});
+  auto want = ref->runner->Execute({all});
+  ASSERT_OK(got);
+  ASSERT_OK(want);
+  ASSERT_EQ(got->logits.size(), want->logits.size());
+  ASSERT_EQ(got->logits.size(), 8u * 4096);
+  for (size_t i = 0; i < got->logits.size(); ++i) ASSERT_NEAR(got->logits[i], want->logits[i], 1e-4) << i;
+
+  kv.max_model_len = 1 << 20;  // beyond the model's 4096-token context
+  EXPECT_THAT(LoadModel({::lorc::testing::TinyLlamaDir()}, backend->get(), 0, 1, nullptr, kv),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("max_model_len")));
+}
+
+TEST_F(TinyLlamaTest, StepBuffersKeepTheirAddressesAcrossStepSizes) {
+  const std::vector<const void*> before = model_.runner->StepBufferAddresses();
+  const std::vector<int32_t> prompt = LoadGolden()[1].prompt_ids;
+  // A long prefill, chunked prefills of odd sizes and single-token decodes: the sizes that used
+  // to grow the scratch.
+  const std::vector<float> whole = LastLogits(prompt, 1 << 20);
+  EXPECT_EQ(model_.runner->StepBufferAddresses(), before);
+  const std::vector<float> chunked = LastLogits(prompt, 3);
+  EXPECT_EQ(model_.runner->StepBufferAddresses(), before);
+  for (size_t i = 0; i < whole.size(); ++i) ASSERT_NEAR(chunked[i], whole[i], 1e-3);
+  // Every row's logits (scoring: prompt log-probabilities) go through the same buffers.
+  StepExecutor exec(model_.runner.get());
+  Engine engine(&exec, model_.config, model_.runner->kv_spec(), nullptr, {});
+  ASSERT_OK(ScorePromptNll(engine, absl::MakeConstSpan(prompt).subspan(0, prompt.size() - 1),
+                           absl::MakeConstSpan(prompt).subspan(1)));
+  EXPECT_EQ(model_.runner->StepBufferAddresses(), before);
+}
+
+TEST_F(TinyLlamaTest, KvSpecComesFromKvstore) {
+  const KvCacheSpec& spec = model_.runner->kv_spec();
+  EXPECT_EQ(spec.num_layers(), model_.config.num_layers);
+  EXPECT_EQ(spec.k_width[0], model_.config.num_kv_heads * model_.config.head_dim);
+  EXPECT_EQ(spec.rope_at(0), KvRope::kBeforeCache);
+  EXPECT_EQ(spec.CompressionName(), "none");
+}
+
+TEST(KvCacheSizingTest, GpuMemoryUtilizationSizesFromMemoryInfo) {
+  REQUIRE_TINY_LLAMA();
+  auto backend = CreateBackend({});
+  ASSERT_OK(backend);
+  KvCacheOptions kv;
+  kv.gpu_memory_utilization = 1e-12;  // less than what is already in use
+  EXPECT_THAT(LoadModel({::lorc::testing::TinyLlamaDir()}, backend->get(), 0, 1, nullptr, kv),
+              StatusIs(absl::StatusCode::kResourceExhausted, HasSubstr("gpu_memory_utilization")));
+  kv.gpu_memory_utilization = 1.5;
+  EXPECT_THAT(LoadModel({::lorc::testing::TinyLlamaDir()}, backend->get(), 0, 1, nullptr, kv),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("gpu_memory_utilization")));
+}
+
 // A model directory with only a config.json, for --random-weights.
 std::string WriteRandomModelDir(const std::string& name) {
   const std::string dir = (std::filesystem::temp_directory_path() / name).string();

@@ -1,0 +1,296 @@
+// Backend v2 ops over every backend (same fixture and tolerances as cpu_backend_test.cc): fused
+// residual-add + RMSNorm, RoPE fused with the KV write, the attention plan's split and limits,
+// batched block copies across layers, MemoryInfo, pinned memory and events, capture hooks, dtype
+// rejection, and the CUDA runtime half (skipped without a device).
+#include "tests/backend/backend_ops_fixture.h"
+#include "backend/cuda_backend.h"
+
+namespace lorc {
+namespace backend_test {
+namespace {
+
+using ::lorc::testing::StatusIs;
+using ::testing::AllOf;
+using ::testing::HasSubstr;
+
+TEST_P(BackendOpsTest, FusedAddRmsNormMatchesAddThenNorm) {
+  const int64_t T = 5, H = 45;
+  const float eps = 1e-5f;
+  const std::vector<float> r = RandomVec(rng_, T * H, -3.f, 3.f), x = RandomVec(rng_, T * H);
+  const std::vector<float> w = RandomVec(rng_, H, 0.5f, 1.5f);
+  std::vector<float> sum(T * H);
+  std::vector<double> want_sum(T * H);
+  for (size_t i = 0; i < sum.size(); ++i) {
+    sum[i] = r[i] + x[i];
+    want_sum[i] = static_cast<double>(r[i]) + x[i];
+  }
+  const std::vector<double> want = RefRmsNorm(sum, w, T, H, eps);
+  DeviceBuffer dr = Upload(r), dx = Upload(x), dw = Upload(w), dout = Upload(std::vector<float>(T * H, 0.f));
+  ASSERT_OK(be_->FusedAddRmsNorm(View(dr, T, H), View(dx, T, H), View(dw, 1, H), eps, View(dout, T, H)));
+  ExpectClose(Download<float>(dr, T * H), want_sum);
+  ExpectClose(Download<float>(dout, T * H), want);
+  EXPECT_EQ(Download<float>(dx, T * H), x) << "input modified";
+
+  // `out` aliasing `x`, as the forward pass calls it.
+  DeviceBuffer dr2 = Upload(r), dx2 = Upload(x);
+  ASSERT_OK(be_->FusedAddRmsNorm(View(dr2, T, H), View(dx2, T, H), View(dw, 1, H), eps, View(dx2, T, H)));
+  ExpectClose(Download<float>(dr2, T * H), want_sum);
+  ExpectClose(Download<float>(dx2, T * H), want);
+}
+
+TEST_P(BackendOpsTest, RopeKvWriteRotatesQAndKAndWritesTheCache) {
+  const int heads = 6, kv_heads = 2, hd = 10;
+  const int32_t bs = 4, num_blocks = 4;
+  const int64_t T = 5, qw = heads * hd, kw = kv_heads * hd, ld = qw + 2 * kw;
+  const std::vector<int32_t> pos = {0, 7, 8, 33, 2};
+  const std::vector<int32_t> slots = {5, 12, -1, 0, 15};  // -1: a padding row, no write
+  const std::vector<float> inv_freq = InvFreq(hd, 10000.0);
+  const std::vector<float> qkv = RandomVec(rng_, T * ld);
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const size_t nslots = static_cast<size_t>(num_blocks) * bs;
+  DeviceBuffer dqkv = Upload(qkv), dpos = Upload(pos), dslots = Upload(slots), dinv = Upload(inv_freq);
+  DeviceBuffer kc = Upload(std::vector<float>(nslots * kw, nan)), vc = Upload(std::vector<float>(nslots * kw, nan));
+  RopeKvWriteParams p;
+  const Tensor2D fused = View(dqkv, T, ld);
+  p.q = fused.ColSlice(0, qw);
+  p.k = fused.ColSlice(qw, kw);
+  p.v = fused.ColSlice(qw + kw, kw);
+  p.cache = KvLayer{kc.data(), vc.data(), kw, kw, DType::kF32};
+  p.num_heads = heads;
+  p.num_kv_heads = kv_heads;
+  p.head_dim = hd;
+  p.positions = dpos.as<int32_t>();
+  p.inv_freq = dinv.as<float>();
+  p.slot_mapping = dslots.as<int32_t>();
+  ASSERT_OK(be_->RopeKvWrite(p));
+
+  // q in place: the rotate-half formula.
+  const std::vector<float> all = Download<float>(dqkv, T * ld);
+  std::vector<float> got_q;
+  for (int64_t t = 0; t < T; ++t) got_q.insert(got_q.end(), &all[t * ld], &all[t * ld + qw]);
+  ExpectClose(got_q, RefRope(qkv, ld, 0, T, heads, hd, pos, inv_freq));
+  // The cache holds the rotated keys and the untouched values at the slots; -1 wrote nothing.
+  const std::vector<double> want_k = RefRope(qkv, ld, qw, T, kv_heads, hd, pos, inv_freq);
+  const std::vector<float> k = Download<float>(kc, nslots * kw), v = Download<float>(vc, nslots * kw);
+  std::vector<float> got_k;
+  std::vector<double> want_k_written;
+  std::vector<bool> written(nslots, false);
+  for (int64_t t = 0; t < T; ++t) {
+    if (slots[t] < 0) continue;
+    written[slots[t]] = true;
+    for (int64_t j = 0; j < kw; ++j) {
+      got_k.push_back(k[slots[t] * kw + j]);
+      want_k_written.push_back(want_k[t * kw + j]);
+      ASSERT_EQ(v[slots[t] * kw + j], qkv[t * ld + qw + kw + j]) << "token " << t << " col " << j;
+    }
+  }
+  ExpectClose(got_k, want_k_written);
+  for (size_t sl = 0; sl < nslots; ++sl) {
+    if (!written[sl]) {
+      EXPECT_TRUE(std::isnan(k[sl * kw]) && std::isnan(v[sl * kw])) << "slot " << sl;
+    }
+  }
+
+  // Exactly what the unfused Rope + WriteKv produce.
+  DeviceBuffer dqkv2 = Upload(qkv);
+  DeviceBuffer kc2 = Upload(std::vector<float>(nslots * kw, nan)), vc2 = Upload(std::vector<float>(nslots * kw, nan));
+  const Tensor2D fused2 = View(dqkv2, T, ld);
+  ASSERT_OK(be_->Rope({fused2.ColSlice(0, qw), heads, hd, dpos.as<int32_t>(), dinv.as<float>()}));
+  ASSERT_OK(be_->Rope({fused2.ColSlice(qw, kw), kv_heads, hd, dpos.as<int32_t>(), dinv.as<float>()}));
+  const KvLayer cache2{kc2.data(), vc2.data(), kw, kw, DType::kF32};
+  ASSERT_OK(be_->WriteKv(cache2, fused2.ColSlice(qw, kw), fused2.ColSlice(qw + kw, kw), dslots.as<int32_t>()));
+  const std::vector<float> k2 = Download<float>(kc2, nslots * kw);
+  for (size_t i = 0; i < k.size(); ++i) {
+    if (std::isnan(k[i])) {
+      ASSERT_TRUE(std::isnan(k2[i])) << i;
+    } else {
+      ASSERT_EQ(k[i], k2[i]) << i;
+    }
+  }
+  EXPECT_EQ(Download<float>(dqkv2, T * ld), all);
+}
+
+TEST_P(BackendOpsTest, PlanSplitsDecodesAndPrefillsAndEnforcesLimits) {
+  // q_len per sequence: 1, 4, 1, 0 (a sequence with nothing this step), 2.
+  const std::vector<int32_t> qstart = {0, 1, 5, 6, 6, 8}, lens = {9, 4, 1, 3, 10};
+  AttentionBatch b;
+  b.num_seqs = 5;
+  b.num_tokens = 8;
+  b.max_seq_len = 10;
+  b.max_blocks_per_seq = 3;
+  b.block_size = 4;
+  b.host_query_start = qstart.data();
+  b.host_seq_lens = lens.data();
+  auto plan = be_->CreateAttentionPlan({5, 8, 3});
+  ASSERT_OK(plan);
+  ASSERT_OK(be_->PlanAttention(b, **plan));
+  EXPECT_EQ((*plan)->num_decodes(), 2);
+  EXPECT_EQ((*plan)->num_prefills(), 2);
+
+  auto small = be_->CreateAttentionPlan({4, 8, 3});
+  ASSERT_OK(small);
+  EXPECT_THAT(be_->PlanAttention(b, **small),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("max_num_seqs")));
+  auto few_tokens = be_->CreateAttentionPlan({5, 7, 3});
+  ASSERT_OK(few_tokens);
+  EXPECT_THAT(be_->PlanAttention(b, **few_tokens),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("max_num_batched_tokens")));
+  const std::vector<int32_t> bad_lens = {9, 3, 1, 3, 10};  // 4 queries in a sequence of 3
+  b.host_seq_lens = bad_lens.data();
+  EXPECT_THAT(be_->PlanAttention(b, **plan), StatusIs(absl::StatusCode::kInvalidArgument));
+}
+
+TEST_P(BackendOpsTest, CopyBlocksCopiesManyBlocksInEveryLayer) {
+  const int32_t bs = 3, num_blocks = 7;
+  const size_t nslots = static_cast<size_t>(num_blocks) * bs;
+  const std::vector<std::pair<int64_t, int64_t>> widths = {{8, 8}, {5, 2}, {1, 9}};
+  std::vector<std::vector<float>> k0, v0;
+  std::vector<DeviceBuffer> kb, vb;
+  std::vector<KvLayer> layers;
+  for (const auto& [kw, vw] : widths) {
+    k0.push_back(RandomVec(rng_, nslots * kw));
+    v0.push_back(RandomVec(rng_, nslots * vw));
+    kb.push_back(Upload(k0.back()));
+    vb.push_back(Upload(v0.back()));
+    layers.push_back(KvLayer{kb.back().data(), vb.back().data(), kw, vw, DType::kF32});
+  }
+  const std::vector<BlockCopy> copies = {{4, 1}, {0, 5}, {2, 3}};
+  // A bad pair anywhere rejects the whole call before any copy.
+  const std::vector<BlockCopy> bad = {{4, 1}, {0, num_blocks}};
+  EXPECT_THAT(be_->CopyBlocks(layers, bs, num_blocks, bad),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("outside")));
+  EXPECT_EQ(Download<float>(kb[0], nslots * 8), k0[0]);
+  ASSERT_OK(be_->CopyBlocks(layers, bs, num_blocks, copies));
+  for (size_t l = 0; l < widths.size(); ++l) {
+    for (int kv = 0; kv < 2; ++kv) {
+      const int64_t w = kv == 0 ? widths[l].first : widths[l].second;
+      const std::vector<float>& before = kv == 0 ? k0[l] : v0[l];
+      const std::vector<float> after = Download<float>(kv == 0 ? kb[l] : vb[l], nslots * w);
+      const size_t per_block = static_cast<size_t>(bs) * w;
+      for (int32_t b = 0; b < num_blocks; ++b) {
+        int32_t from = b;
+        for (const BlockCopy& c : copies) if (c.dst == b) from = c.src;
+        for (size_t i = 0; i < per_block; ++i) {
+          ASSERT_EQ(after[b * per_block + i], before[from * per_block + i])
+              << "layer " << l << (kv == 0 ? " K" : " V") << " block " << b << " element " << i;
+        }
+      }
+    }
+  }
+}
+
+TEST_P(BackendOpsTest, MemoryInfoIsSane) {
+  const MemoryInfo m = be_->GetMemoryInfo();
+  EXPECT_GT(m.total_bytes, int64_t{64} << 20);
+  EXPECT_GT(m.free_bytes, 0);
+  EXPECT_LE(m.free_bytes, m.total_bytes);
+}
+
+TEST_P(BackendOpsTest, PinnedHostMemoryRoundTrips) {
+  const std::vector<float> data = RandomVec(rng_, 100);
+  auto pinned = be_->AllocateHost(data.size() * sizeof(float));
+  ASSERT_OK(pinned);
+  EXPECT_EQ(pinned->kind(), MemoryKind::kPinnedHost);
+  std::copy(data.begin(), data.end(), pinned->as<float>());
+  auto dev = be_->Allocate(data.size() * sizeof(float));
+  ASSERT_OK(dev);
+  ASSERT_OK(be_->CopyToDevice(dev->data(), pinned->data(), data.size() * sizeof(float)));
+  auto ev = be_->CreateEvent();
+  ASSERT_OK(ev);
+  ASSERT_OK(be_->RecordEvent(**ev));
+  ASSERT_OK(be_->SynchronizeEvent(**ev));  // now the pinned source may be reused
+  std::fill_n(pinned->as<float>(), data.size(), 0.f);
+  EXPECT_EQ(Download<float>(*dev, data.size()), data);
+}
+
+TEST_P(BackendOpsTest, CaptureHooksNestAndReplay) {
+  ASSERT_OK(be_->BeginCapture());
+  EXPECT_THAT(be_->BeginCapture(), StatusIs(absl::StatusCode::kFailedPrecondition));
+  auto g = be_->EndCapture();
+  ASSERT_OK(g);
+  ASSERT_OK(be_->ReplayGraph(**g));
+  EXPECT_THAT(be_->EndCapture(), StatusIs(absl::StatusCode::kFailedPrecondition));
+}
+
+TEST(CpuBackendDtypeTest, RejectsNonF32WithUnimplementedNamingOpAndDtype) {
+  auto be = CreateBackend(BackendOptions{BackendKind::kCpu});
+  ASSERT_OK(be);
+  EXPECT_EQ((*be)->stream_handle(), nullptr);
+  EXPECT_FALSE((*be)->SupportsGraphs());
+  std::vector<float> a(12, 1.f), b(12, 1.f), c(9, 0.f);
+  const Tensor2D x{a.data(), DType::kF32, 3, 4, 4};
+  const Tensor2D w_bf16{b.data(), DType::kBF16, 3, 4, 4};
+  const Tensor2D out{c.data(), DType::kF32, 3, 3, 3};
+  EXPECT_THAT((*be)->Matmul(x, w_bf16, out),
+              StatusIs(absl::StatusCode::kUnimplemented, AllOf(HasSubstr("Matmul"), HasSubstr("BF16"))));
+  const Tensor2D x_f16{a.data(), DType::kF16, 3, 4, 4};
+  const Tensor2D norm_w{b.data(), DType::kF32, 1, 4, 4};
+  EXPECT_THAT((*be)->FusedAddRmsNorm(x_f16, x, norm_w, 1e-5f, x),
+              StatusIs(absl::StatusCode::kUnimplemented, AllOf(HasSubstr("FusedAddRmsNorm"), HasSubstr("F16"))));
+}
+
+// The CUDA backend's runtime half (stream, pinned memory, events, graphs, CopyBlocks) works before
+// its kernels do. Skips only when there is no device.
+TEST(CudaRuntimeTest, StreamCopiesEventsGraphsAndBlockCopies) {
+  auto devices = ListCudaDevices();
+  if (!devices.ok() || devices->empty()) GTEST_SKIP() << "no CUDA device: " << devices.status();
+  auto be = CreateCudaBackendWithoutKernels(BackendOptions{BackendKind::kCuda});
+  ASSERT_OK(be);
+  Backend& b = **be;
+  EXPECT_NE(b.stream_handle(), nullptr);
+  EXPECT_TRUE(b.SupportsGraphs());
+  const MemoryInfo m = b.GetMemoryInfo();
+  EXPECT_GT(m.free_bytes, 0);
+  EXPECT_LE(m.free_bytes, m.total_bytes);
+
+  const int n = 1000;
+  auto pinned = b.AllocateHost(n * sizeof(float));
+  auto src = b.Allocate(n * sizeof(float)), dst = b.Allocate(n * sizeof(float));
+  ASSERT_OK(pinned);
+  ASSERT_OK(src);
+  ASSERT_OK(dst);
+  for (int i = 0; i < n; ++i) pinned->as<float>()[i] = static_cast<float>(i);
+  ASSERT_OK(b.CopyToDevice(src->data(), pinned->data(), n * sizeof(float)));
+  auto ev = b.CreateEvent();
+  ASSERT_OK(ev);
+  ASSERT_OK(b.RecordEvent(**ev));
+  ASSERT_OK(b.SynchronizeEvent(**ev));
+
+  // Capture "zero dst, then copy src into it"; replay after changing src in place.
+  ASSERT_OK(b.BeginCapture());
+  ASSERT_OK(b.Memset(dst->data(), 0, n * sizeof(float)));
+  ASSERT_OK(b.CopyOnDevice(dst->data(), src->data(), n / 2 * sizeof(float)));
+  auto g = b.EndCapture();
+  ASSERT_OK(g);
+  std::vector<float> host(n, -1.f);
+  for (int i = 0; i < n; ++i) pinned->as<float>()[i] = static_cast<float>(2 * i);
+  ASSERT_OK(b.CopyToDevice(src->data(), pinned->data(), n * sizeof(float)));
+  ASSERT_OK(b.ReplayGraph(**g));
+  ASSERT_OK(b.CopyToHost(host.data(), dst->data(), n * sizeof(float)));
+  ASSERT_OK(b.Synchronize());
+  for (int i = 0; i < n; ++i) ASSERT_EQ(host[i], i < n / 2 ? 2.f * i : 0.f) << i;
+
+  // CopyBlocks over two layers: block 3 -> 0 (4 slots of width 5 per block, 4 blocks).
+  const int32_t bs = 4, blocks = 4, w = 5;
+  KvLayer l0{src->data(), dst->data(), w, w, DType::kF32};
+  KvLayer l1{static_cast<float*>(src->data()) + 500, static_cast<float*>(dst->data()) + 500, w, w, DType::kF32};
+  ASSERT_OK(b.CopyBlocks({l0, l1}, bs, blocks, {BlockCopy{3, 0}}));
+  std::vector<float> after(n);
+  ASSERT_OK(b.CopyToHost(after.data(), src->data(), n * sizeof(float)));
+  ASSERT_OK(b.Synchronize());
+  for (int i = 0; i < bs * w; ++i) {
+    ASSERT_EQ(after[i], 2.f * (3 * bs * w + i)) << "layer 0 element " << i;
+    ASSERT_EQ(after[500 + i], 2.f * (500 + 3 * bs * w + i)) << "layer 1 element " << i;
+  }
+  EXPECT_THAT(b.CopyBlocks({l0}, bs, blocks, {BlockCopy{0, 4}}),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(b.Matmul(Tensor2D{}, Tensor2D{}, Tensor2D{}),
+              StatusIs(absl::StatusCode::kUnimplemented, HasSubstr("Matmul")));
+}
+
+INSTANTIATE_TEST_SUITE_P(Backends, BackendOpsTest,
+                         ::testing::Values(BackendKind::kCpu, BackendKind::kCuda), KindName);
+
+}  // namespace
+}  // namespace backend_test
+}  // namespace lorc

@@ -42,8 +42,8 @@ int RunWorker(int argc, char** argv) {
   }
   WorkerOptions wo;
   absl::StatusOr<BackendKind> kind = ParseBackendKind(args->Get("backend", "cpu"));
-  absl::StatusOr<int64_t> device = args->GetInt("device", 0);
-  absl::StatusOr<int64_t> threads = args->GetInt("threads", 0);
+  absl::StatusOr<int32_t> device = args->GetInt32("device", 0, 0);
+  absl::StatusOr<int32_t> threads = args->GetInt32("threads", 0, 0);
   for (const absl::Status& s : {kind.status(), device.status(), threads.status()}) {
     if (!s.ok()) return Fail("worker", s);
   }

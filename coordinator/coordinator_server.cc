@@ -112,7 +112,8 @@ absl::Status CoordinatorServer::StartWorkers() {
   KvCacheSpec kv;
   kv.block_size = options_.kv.block_size;
   kv.num_blocks = group_->info().num_blocks;
-  auto engine = std::make_unique<Engine>(group_.get(), config_, kv, tokenizer_.get(), options_.engine);
+  ASSIGN_OR_RETURN(std::unique_ptr<Engine> engine,
+                   Engine::Create(group_.get(), config_, kv, tokenizer_.get(), options_.engine));
   loop_ = std::make_unique<EngineLoop>(std::move(engine));
   ready_.store(true, std::memory_order_release);
   {

@@ -1,6 +1,7 @@
 #include "coordinator/lorcserve_service.h"
 
 #include "absl/strings/str_cat.h"
+#include "common/defaults.h"
 #include "common/grpc_status.h"
 #include "common/status_macros.h"
 
@@ -68,7 +69,7 @@ absl::StatusOr<GenerationRequest> LorcServeService::Convert(const lorcserve::v1:
   p.min_p = s.min_p();
   p.repetition_penalty = s.has_repetition_penalty() ? s.repetition_penalty() : 1.0f;
   if (s.has_seed()) p.seed = s.seed();
-  p.max_tokens = s.max_tokens() == 0 ? 16 : s.max_tokens();
+  p.max_tokens = s.max_tokens() == 0 ? defaults::kMaxTokens : s.max_tokens();
   p.stop_token_ids.assign(s.stop_token_ids().begin(), s.stop_token_ids().end());
   p.stop_strings.assign(s.stop().begin(), s.stop().end());
   p.ignore_eos = s.ignore_eos();

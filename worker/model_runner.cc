@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <utility>
 
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
@@ -282,6 +283,16 @@ absl::Status ModelRunner::ComputeLogits(const Tensor2D& rows, StepOutput* out) {
 }
 
 absl::Status ModelRunner::CopyBlocks(absl::Span<const BlockCopy> copies) {
+  // Check every copy before doing any, so a bad one changes nothing.
+  for (size_t i = 0; i < copies.size(); ++i) {
+    for (auto [field, b] : {std::pair{"src", copies[i].src}, std::pair{"dst", copies[i].dst}}) {
+      if (b < 0 || b >= kv_spec_.num_blocks) {
+        return absl::InvalidArgumentError(absl::StrCat("block copy ", i, ": ", field, " block ", b,
+                                                       " outside the cache of ",
+                                                       kv_spec_.num_blocks, " blocks"));
+      }
+    }
+  }
   for (const BlockCopy& c : copies) {
     for (int l = 0; l < kv_spec_.num_layers(); ++l) {
       const KvLayer layer{k_cache_[l].data(), v_cache_[l].data(), kv_spec_.k_width[l],

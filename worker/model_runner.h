@@ -13,6 +13,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "common/defaults.h"
 #include "kvstore/kv_block_manager.h"
 #include "kvstore/kv_spec.h"
 #include "worker/backend.h"
@@ -40,9 +41,9 @@ struct StepOutput {
 };
 
 struct KvCacheOptions {
-  int32_t block_size = 16;
+  int32_t block_size = defaults::kBlockSize;
   int32_t num_blocks = 0;         // when 0: as many as `memory_bytes` holds
-  int64_t memory_bytes = 512ll << 20;
+  int64_t memory_bytes = defaults::kKvCacheMiB << 20;
 };
 
 class ModelRunner {

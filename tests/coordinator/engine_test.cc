@@ -46,7 +46,7 @@ class EngineTest : public ::testing::Test {
   }
 
   std::unique_ptr<Engine> MakeEngine(EngineOptions eo = {}) {
-    return std::make_unique<Engine>(exec_.get(), model_.config, model_.runner->kv_spec(),
+    return *Engine::Create(exec_.get(), model_.config, model_.runner->kv_spec(),
                                     tokenizer_.get(), eo);
   }
 
@@ -150,7 +150,7 @@ TEST_F(EngineTest, TightCacheQueuesAndPreemptsWithoutChangingOutputs) {
   GenerationRequest huge = Greedy(0, 200);  // needs 14 blocks, more than the cache has
   out = engine.Generate({huge});
   ASSERT_OK(out);
-  EXPECT_THAT((*out)[0].status, StatusIs(absl::StatusCode::kResourceExhausted, HasSubstr("KV blocks")));
+  EXPECT_THAT((*out)[0].status, StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("KV blocks")));
 }
 
 TEST_F(EngineTest, ScoreNllIsTeacherForcedCrossEntropy) {

@@ -2,7 +2,9 @@
 #include <iostream>
 #include <optional>
 
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "absl/time/time.h"
 #include "cli/args.h"
 #include "cli/commands.h"
 #include "cli/session.h"
@@ -39,6 +41,7 @@ absl::StatusOr<CoordinatorOptions> ParseOptions(const Args& args) {
   o.step_stream = transport == "stream";
   ASSIGN_OR_RETURN(int64_t join_s, args.GetIntInRange("join-timeout-s", 60, 1, 86400));
   o.join_timeout = absl::Seconds(join_s);
+  ASSIGN_OR_RETURN(o.max_restarts, args.GetInt32("max-restarts", o.max_restarts, 0, 1000));
   return o;
 }
 
@@ -58,6 +61,12 @@ int RunCoordinator(int argc, char** argv) {
       {"shard-lm-head", false, "split the LM head by vocabulary across the workers (default: replicated)"},
       {"step-transport", true, "stream (default) or unary step RPCs", "KIND"},
       {"join-timeout-s", true, "seconds the ranks have to join the communicator (default 60)", "S"},
+      {"max-restarts", true,
+       absl::StrCat("worker-failure recoveries allowed within ",
+                    absl::FormatDuration(CoordinatorOptions{}.restart_window),
+                    " before staying NOT_SERVING (0: none; default ",
+                    CoordinatorOptions{}.max_restarts, ")"),
+       "K"},
       {"help", false, "show this help"},
   };
   for (std::vector<FlagSpec> group : {KvCacheFlags(), SchedulerFlags()}) {
@@ -76,12 +85,14 @@ int RunCoordinator(int argc, char** argv) {
   std::cout << "LISTENING " << (*server)->address() << std::endl;
   std::cerr << "lorcserve coordinator: serving " << options->model.dir << " on " << (*server)->address()
             << "\n";
-  std::thread signals = WatchTerminationSignals([&server](int sig) {
-    std::cerr << "lorcserve coordinator: signal " << sig << ", shutting down\n";
-    (*server)->RequestShutdown();
-  });
-  (*server)->Wait();
-  signals.detach();
+  {
+    // Joined (destroyed) before the server goes: the callback never sees a destroyed server.
+    TerminationSignalWatcher signals([s = server->get()](int sig) {
+      std::cerr << "lorcserve coordinator: signal " << sig << ", shutting down\n";
+      s->RequestShutdown();
+    });
+    (*server)->Wait();
+  }
   (*server)->Shutdown();
   server->reset();
   return 0;

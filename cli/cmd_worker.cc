@@ -68,11 +68,13 @@ int RunWorker(int argc, char** argv) {
   std::cout << "LISTENING " << host << ":" << port << std::endl;
   std::cerr << "lorcserve worker " << args->Get("rank-hint", "?") << ": serving on " << host << ":"
             << port << " (" << args->Get("backend", "cpu") << ")\n";
-  std::thread signals = WatchTerminationSignals([&server](int) {
-    server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
-  });
-  server->Wait();
-  signals.detach();
+  {
+    // Joined before `server` is destroyed (it was detached, racing the destructor).
+    TerminationSignalWatcher signals([s = server.get()](int) {
+      s->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+    });
+    server->Wait();
+  }
   return 0;
 }
 

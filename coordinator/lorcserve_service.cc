@@ -78,10 +78,23 @@ absl::StatusOr<GenerationRequest> LorcServeService::Convert(const lorcserve::v1:
   return g;
 }
 
+void LorcServeService::SetLoop(std::shared_ptr<EngineLoop> loop, absl::Status why_not) {
+  absl::MutexLock lock(&mu_);
+  loop_ = std::move(loop);
+  why_not_ = why_not.ok() ? absl::UnavailableError("not serving") : std::move(why_not);
+}
+
+absl::StatusOr<std::shared_ptr<EngineLoop>> LorcServeService::Loop() const {
+  absl::MutexLock lock(&mu_);
+  if (loop_ == nullptr) return why_not_;
+  return loop_;
+}
+
 grpc::Status LorcServeService::Generate(grpc::ServerContext* ctx, const lorcserve::v1::GenerateRequest* req,
                                         grpc::ServerWriter<lorcserve::v1::GenerateResponse>* writer) {
-  EngineLoop* loop = loop_.load();
-  if (loop == nullptr) return grpc::Status(grpc::StatusCode::UNAVAILABLE, "model is still loading");
+  absl::StatusOr<std::shared_ptr<EngineLoop>> current = Loop();
+  if (!current.ok()) return ToGrpcStatus(current.status());
+  const std::shared_ptr<EngineLoop> loop = *std::move(current);
   if (absl::Status f = loop->failure(); !f.ok()) return ToGrpcStatus(f);
   absl::StatusOr<GenerationRequest> g = Convert(*req);
   if (!g.ok()) return ToGrpcStatus(g.status());

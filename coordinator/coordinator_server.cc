@@ -117,6 +117,12 @@ absl::Status CoordinatorServer::JoinGroup() {
   wg.use_stream = options_.step_stream;
   wg.step_timeout = options_.step_timeout;
   wg.join_timeout = options_.join_timeout;
+  {
+    // While recovering, a worker that is still down fails the attempt quickly (then backoff),
+    // so Shutdown is not held up for the full connect timeout.
+    absl::MutexLock lock(&mu_);
+    if (state_ == State::kRecovering) wg.connect_timeout = absl::Seconds(5);
+  }
   auto g = std::make_shared<Generation>();
   ASSIGN_OR_RETURN(g->group, WorkerGroup::Start(wg));
 

@@ -1,6 +1,8 @@
 // The in-process engine: stop conditions, seeds, per-request errors, KV pressure.
 #include "coordinator/engine.h"
 
+#include <map>
+
 #include "common/check.h"
 #include "common/json_util.h"
 #include "gmock/gmock.h"
@@ -166,6 +168,69 @@ TEST_F(EngineTest, ScoreNllIsTeacherForcedCrossEntropy) {
   ASSERT_OK(nll2);
   for (size_t i = 0; i < nll->size(); ++i) EXPECT_NEAR((*nll)[i], (*nll2)[i], 1e-3);
   EXPECT_THAT(ScorePromptNll(*model_.runner, ids, {1, 2}), StatusIs(absl::StatusCode::kInvalidArgument));
+}
+
+}  // namespace
+}  // namespace lorc
+
+namespace lorc {
+namespace {
+
+// Forwards to the real executor and records what each sequence was given per step.
+class CountingRunner : public StepRunner {
+ public:
+  explicit CountingRunner(StepRunner* inner) : inner_(inner) {}
+  absl::StatusOr<StepResult> Run(const StepPlan& plan) override {
+    for (const ScheduledSequence& s : plan.seqs) {
+      ++steps[s.seq_id];
+      tokens[s.seq_id] += static_cast<int64_t>(s.tokens.size());
+    }
+    return inner_->Run(plan);
+  }
+  std::map<int64_t, int> steps;
+  std::map<int64_t, int64_t> tokens;
+
+ private:
+  StepRunner* inner_;
+};
+
+// A step is bounded by the token budget, so a long prefill is chunked, and a cancel between
+// steps stops it after the chunk in flight: no further step computes anything for it, and its
+// blocks are free at once.
+TEST_F(EngineTest, CancelledLongPrefillStopsWithinOneChunk) {
+  Load(256);
+  CountingRunner runner(exec_.get());
+  EngineOptions eo;
+  eo.max_step_tokens = 32;
+  auto engine_or = Engine::Create(&runner, model_.config, model_.runner->kv_spec(), tokenizer_.get(), eo);
+  ASSERT_OK(engine_or.status());
+  Engine& engine = **engine_or;
+  constexpr int64_t kId = 7;
+  GenerationRequest long_prompt;
+  for (int i = 0; i < 1000; ++i) long_prompt.prompt_ids.push_back(prompts_[0][i % prompts_[0].size()]);
+  long_prompt.params.max_tokens = 4;
+  std::vector<RequestUpdate> updates;
+  ASSERT_OK(engine.Add(kId, long_prompt, [&](const RequestUpdate& u) { updates.push_back(u); }));
+
+  ASSERT_OK(engine.Step());
+  EXPECT_EQ(runner.steps[kId], 1);
+  EXPECT_EQ(runner.tokens[kId], 32);  // the first chunk only
+  ASSERT_TRUE(engine.scheduler().GetSequence(kId).has_value());
+  EXPECT_EQ(engine.scheduler().GetSequence(kId)->num_computed, 32);
+  EXPECT_GT(engine.scheduler().num_free_blocks(), 0);
+  EXPECT_LT(engine.scheduler().num_free_blocks(), engine.scheduler().num_blocks());
+
+  engine.Abort(kId);
+  ASSERT_EQ(updates.size(), 1u);
+  EXPECT_TRUE(updates[0].finished);
+  EXPECT_THAT(updates[0].status, StatusIs(absl::StatusCode::kCancelled));
+  EXPECT_TRUE(updates[0].new_ids.empty());
+  EXPECT_EQ(engine.scheduler().num_free_blocks(), engine.scheduler().num_blocks());
+  for (int i = 0; i < 10 && engine.HasWork(); ++i) ASSERT_OK(engine.Step());  // announces the end
+  EXPECT_FALSE(engine.HasWork());
+  EXPECT_EQ(runner.steps[kId], 1) << "a step computed tokens for the cancelled request";
+  EXPECT_EQ(runner.tokens[kId], 32);
+  EXPECT_EQ(engine.num_requests(), 0u);
 }
 
 }  // namespace

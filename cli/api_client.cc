@@ -35,8 +35,8 @@ absl::StatusOr<lorcserve::v1::GenerateRequest> RequestFromArgs(const Args& args)
   for (const std::string& stop : p.stop_strings) s->add_stop(stop);
   s->mutable_stop_token_ids()->Add(p.stop_token_ids.begin(), p.stop_token_ids.end());
   s->set_ignore_eos(p.ignore_eos);
-  ASSIGN_OR_RETURN(int64_t priority, args.GetInt("priority", 0));
-  req.set_priority(static_cast<int32_t>(priority));
+  ASSIGN_OR_RETURN(int32_t priority, args.GetInt32("priority", 0));
+  req.set_priority(priority);
   req.set_request_id(args.Get("request-id"));
   return req;
 }

@@ -4,6 +4,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
+#include "common/status_macros.h"
 
 namespace lorc::cli {
 
@@ -55,6 +56,22 @@ absl::StatusOr<int64_t> Args::GetInt(const std::string& name, int64_t def) const
     return absl::InvalidArgumentError(absl::StrCat("--", name, ": '", s, "' is not an integer"));
   }
   return v;
+}
+
+absl::StatusOr<int64_t> Args::GetIntInRange(const std::string& name, int64_t def, int64_t lo,
+                                            int64_t hi) const {
+  ASSIGN_OR_RETURN(int64_t v, GetInt(name, def));
+  if (v < lo || v > hi) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--", name, ": ", v, " is outside the range [", lo, ", ", hi, "]"));
+  }
+  return v;
+}
+
+absl::StatusOr<int32_t> Args::GetInt32(const std::string& name, int32_t def, int32_t lo,
+                                       int32_t hi) const {
+  ASSIGN_OR_RETURN(int64_t v, GetIntInRange(name, def, lo, hi));
+  return static_cast<int32_t>(v);
 }
 
 absl::StatusOr<double> Args::GetDouble(const std::string& name, double def) const {

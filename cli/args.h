@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <limits>
 #include <map>
 #include <string>
 #include <vector>
@@ -30,6 +31,15 @@ class Args {
   // Every value given for `name`, in order.
   std::vector<std::string> GetAll(const std::string& name) const;
   absl::StatusOr<int64_t> GetInt(const std::string& name, int64_t def) const;
+  // The value of --name (or `def`) when it lies in [lo, hi]; otherwise InvalidArgument naming the
+  // flag, the value and the range (so "--max-step-tokens 4294967296" is an error, not a wrap to 0
+  // in an int32).
+  absl::StatusOr<int64_t> GetIntInRange(const std::string& name, int64_t def, int64_t lo,
+                                        int64_t hi) const;
+  // GetIntInRange into an int32 destination: [lo, hi] defaults to the whole int32 range.
+  absl::StatusOr<int32_t> GetInt32(const std::string& name, int32_t def,
+                                   int32_t lo = std::numeric_limits<int32_t>::min(),
+                                   int32_t hi = std::numeric_limits<int32_t>::max()) const;
   absl::StatusOr<double> GetDouble(const std::string& name, double def) const;
   // Comma-separated integers ("0,1,2").
   absl::StatusOr<std::vector<int32_t>> GetIntList(const std::string& name) const;

@@ -8,10 +8,14 @@
 #include <random>
 #include <thread>
 
+#include <limits>
+
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "cli/api_client.h"
 #include "cli/commands.h"
 #include "cli/session.h"
+#include "common/defaults.h"
 #include "common/grpc_status.h"
 #include "nlohmann/json.hpp"
 
@@ -44,7 +48,10 @@ int RunBench(int argc, char** argv) {
       {"requests", true, "requests in total (default 64)", "N"},
       {"concurrency", true, "clients streaming at once (default 8)", "C"},
       {"prompt-len", true, "random prompt tokens per request (default 128)", "L"},
-      {"max-tokens", true, "tokens generated per request (EOS ignored, default 64)", "T"},
+      {"max-tokens", true,
+       absl::StrCat("tokens generated per request (EOS ignored, default ", defaults::kCliMaxTokens,
+                    ")"),
+       "T"},
       {"seed", true, "seed of the random prompts (default 0)", "S"},
       {"json", false, "print only the JSON object"},
       {"help", false, "show this help"},
@@ -53,14 +60,14 @@ int RunBench(int argc, char** argv) {
   int exit_code = 0;
   const std::optional<Args> args = ParseCommand("bench", synopsis, flags, argc, argv, &exit_code);
   if (!args.has_value()) return exit_code;
-  absl::StatusOr<int64_t> n = args->GetInt("requests", 64), c = args->GetInt("concurrency", 8),
-                          plen = args->GetInt("prompt-len", 128), tmax = args->GetInt("max-tokens", 64),
+  constexpr int64_t kBig = std::numeric_limits<int32_t>::max();
+  absl::StatusOr<int64_t> n = args->GetIntInRange("requests", 64, 1, kBig),
+                          c = args->GetIntInRange("concurrency", 8, 1, 4096),
+                          plen = args->GetIntInRange("prompt-len", 128, 1, kBig),
+                          tmax = args->GetIntInRange("max-tokens", defaults::kCliMaxTokens, 1, kBig),
                           seed = args->GetInt("seed", 0);
   for (const auto* v : {&n, &c, &plen, &tmax, &seed}) {
     if (!v->ok()) return Fail("bench", v->status());
-  }
-  if (*n < 1 || *c < 1 || *plen < 1 || *tmax < 1) {
-    return Fail("bench", absl::InvalidArgumentError("--requests, --concurrency, --prompt-len, --max-tokens must be >= 1"));
   }
   auto channel = Connect(args->Get("server", "127.0.0.1:50051"));
   auto stub = lorcserve::v1::LorcServe::NewStub(channel);

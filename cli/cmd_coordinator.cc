@@ -2,7 +2,9 @@
 #include <iostream>
 #include <optional>
 
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "absl/time/time.h"
 #include "cli/args.h"
 #include "cli/commands.h"
 #include "cli/session.h"
@@ -26,30 +28,20 @@ absl::StatusOr<CoordinatorOptions> ParseOptions(const Args& args) {
     o.worker_addresses = absl::StrSplit(args.Get("workers"), ',', absl::SkipWhitespace());
     if (o.worker_addresses.empty()) return absl::InvalidArgumentError("--workers: no addresses");
   } else {
-    ASSIGN_OR_RETURN(int64_t n, args.GetInt("local-workers", 1));
-    if (n < 1 || n > 64) return absl::InvalidArgumentError("--local-workers must be in [1, 64]");
-    o.local_workers.count = static_cast<int>(n);
+    ASSIGN_OR_RETURN(o.local_workers.count, args.GetInt32("local-workers", 1, 1, 64));
     o.local_workers.backend = args.Get("backend", "cpu");
-    ASSIGN_OR_RETURN(int64_t threads, args.GetInt("threads", 0));
-    o.local_workers.threads_per_worker = static_cast<int>(threads);
+    ASSIGN_OR_RETURN(o.local_workers.threads_per_worker, args.GetInt32("threads", 0, 0));
   }
   RETURN_IF_ERROR(ParseBackendKind(args.Get("backend", "cpu")).status());
-  ASSIGN_OR_RETURN(int64_t step_tokens, args.GetInt("max-step-tokens", 2048));
-  ASSIGN_OR_RETURN(int64_t max_running, args.GetInt("max-running", 256));
-  ASSIGN_OR_RETURN(int64_t max_waiting, args.GetInt("max-waiting", 1024));
-  if (step_tokens <= 0 || max_running <= 0 || max_waiting <= 0) {
-    return absl::InvalidArgumentError("--max-step-tokens, --max-running and --max-waiting must be positive");
-  }
-  o.engine.max_step_tokens = static_cast<int32_t>(step_tokens);
-  o.engine.max_running = static_cast<int32_t>(max_running);
-  o.engine.max_waiting = static_cast<int32_t>(max_waiting);
+  ASSIGN_OR_RETURN(o.engine, ParseEngineOptions(args));
   const std::string transport = args.Get("step-transport", "stream");
   if (transport != "stream" && transport != "unary") {
     return absl::InvalidArgumentError("--step-transport must be stream or unary");
   }
   o.step_stream = transport == "stream";
-  ASSIGN_OR_RETURN(int64_t join_s, args.GetInt("join-timeout-s", 60));
+  ASSIGN_OR_RETURN(int64_t join_s, args.GetIntInRange("join-timeout-s", 60, 1, 86400));
   o.join_timeout = absl::Seconds(join_s);
+  ASSIGN_OR_RETURN(o.max_restarts, args.GetInt32("max-restarts", o.max_restarts, 0, 1000));
   return o;
 }
 
@@ -67,16 +59,19 @@ int RunCoordinator(int argc, char** argv) {
       {"random-weights", false, "workers use seeded random weights of config.json's shape"},
       {"weights-seed", true, "seed for --random-weights", "S"},
       {"shard-lm-head", false, "split the LM head by vocabulary across the workers (default: replicated)"},
-      {"kv-cache-mb", true, "KV cache per worker in MiB (default 512)", "MB"},
-      {"num-blocks", true, "KV cache blocks per worker (overrides --kv-cache-mb)", "N"},
-      {"block-size", true, "KV block size in tokens (default 16)", "N"},
-      {"max-step-tokens", true, "tokens per engine step (chunked prefill budget, default 2048)", "N"},
-      {"max-running", true, "sequences running at once (default 256)", "N"},
-      {"max-waiting", true, "queued requests before RESOURCE_EXHAUSTED (default 1024)", "N"},
       {"step-transport", true, "stream (default) or unary step RPCs", "KIND"},
       {"join-timeout-s", true, "seconds the ranks have to join the communicator (default 60)", "S"},
+      {"max-restarts", true,
+       absl::StrCat("worker-failure recoveries allowed within ",
+                    absl::FormatDuration(CoordinatorOptions{}.restart_window),
+                    " before staying NOT_SERVING (0: none; default ",
+                    CoordinatorOptions{}.max_restarts, ")"),
+       "K"},
       {"help", false, "show this help"},
   };
+  for (std::vector<FlagSpec> group : {KvCacheFlags(), SchedulerFlags()}) {
+    flags.insert(flags.end() - 1, group.begin(), group.end());  // before --help
+  }
   const char* synopsis = "--model DIR --listen ADDR (--workers A,B | --local-workers N) [flags]";
   int exit_code = 0;
   const std::optional<Args> args =
@@ -90,12 +85,14 @@ int RunCoordinator(int argc, char** argv) {
   std::cout << "LISTENING " << (*server)->address() << std::endl;
   std::cerr << "lorcserve coordinator: serving " << options->model.dir << " on " << (*server)->address()
             << "\n";
-  std::thread signals = WatchTerminationSignals([&server](int sig) {
-    std::cerr << "lorcserve coordinator: signal " << sig << ", shutting down\n";
-    (*server)->RequestShutdown();
-  });
-  (*server)->Wait();
-  signals.detach();
+  {
+    // Joined (destroyed) before the server goes: the callback never sees a destroyed server.
+    TerminationSignalWatcher signals([s = server->get()](int sig) {
+      std::cerr << "lorcserve coordinator: signal " << sig << ", shutting down\n";
+      s->RequestShutdown();
+    });
+    (*server)->Wait();
+  }
   (*server)->Shutdown();
   server->reset();
   return 0;

@@ -46,8 +46,8 @@ int RunWorker(int argc, char** argv) {
   }
   WorkerOptions wo;
   absl::StatusOr<BackendKind> kind = ParseBackendKind(args->Get("backend", "cpu"));
-  absl::StatusOr<int64_t> device = args->GetInt("device", 0);
-  absl::StatusOr<int64_t> threads = args->GetInt("threads", 0);
+  absl::StatusOr<int32_t> device = args->GetInt32("device", 0, 0);
+  absl::StatusOr<int32_t> threads = args->GetInt32("threads", 0, 0);
   absl::StatusOr<double> lease_s =
       args->GetDouble("owner-lease-s", absl::ToDoubleSeconds(wo.owner_lease));
   for (const absl::Status& s : {kind.status(), device.status(), threads.status(), lease_s.status()}) {
@@ -79,11 +79,13 @@ int RunWorker(int argc, char** argv) {
   std::cout << "LISTENING " << host << ":" << port << std::endl;
   std::cerr << "lorcserve worker " << args->Get("rank-hint", "?") << ": serving on " << host << ":"
             << port << " (" << args->Get("backend", "cpu") << ")\n";
-  std::thread signals = WatchTerminationSignals([&server](int) {
-    server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
-  });
-  server->Wait();
-  signals.detach();
+  {
+    // Joined before `server` is destroyed (it was detached, racing the destructor).
+    TerminationSignalWatcher signals([s = server.get()](int) {
+      s->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+    });
+    server->Wait();
+  }
   return 0;
 }
 

@@ -2,6 +2,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "common/defaults.h"
 #include "common/status_macros.h"
 
 namespace lorc::cli {
@@ -10,7 +11,8 @@ std::vector<FlagSpec> PromptAndSamplingFlags() {
   return {
       {"prompt", true, "prompt text (BOS is prepended when the model has one)", "TEXT"},
       {"prompt-ids", true, "prompt token ids, used as given (no BOS added)", "0,1,2"},
-      {"max-tokens", true, "tokens to generate at most (default 64)", "N"},
+      {"max-tokens", true,
+       absl::StrCat("tokens to generate at most (default ", defaults::kCliMaxTokens, ")"), "N"},
       {"temperature", true, "0 = greedy (default 0)", "T"},
       {"top-k", true, "keep the K most likely tokens (0 = off)", "K"},
       {"top-p", true, "nucleus sampling mass (1 = off)", "P"},
@@ -32,15 +34,13 @@ absl::Status CheckOnePrompt(const Args& args) {
 
 absl::StatusOr<SamplingParams> ParseSampling(const Args& args) {
   SamplingParams p;
-  ASSIGN_OR_RETURN(int64_t max_tokens, args.GetInt("max-tokens", 64));
+  ASSIGN_OR_RETURN(p.max_tokens, args.GetInt32("max-tokens", defaults::kCliMaxTokens));
   ASSIGN_OR_RETURN(double temperature, args.GetDouble("temperature", 0.0));
-  ASSIGN_OR_RETURN(int64_t top_k, args.GetInt("top-k", 0));
+  ASSIGN_OR_RETURN(p.top_k, args.GetInt32("top-k", 0, 0));
   ASSIGN_OR_RETURN(double top_p, args.GetDouble("top-p", 1.0));
   ASSIGN_OR_RETURN(double min_p, args.GetDouble("min-p", 0.0));
   ASSIGN_OR_RETURN(double rep, args.GetDouble("repetition-penalty", 1.0));
-  p.max_tokens = static_cast<int32_t>(max_tokens);
   p.temperature = static_cast<float>(temperature);
-  p.top_k = static_cast<int32_t>(top_k);
   p.top_p = static_cast<float>(top_p);
   p.min_p = static_cast<float>(min_p);
   p.repetition_penalty = static_cast<float>(rep);

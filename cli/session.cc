@@ -2,24 +2,63 @@
 
 #include <filesystem>
 #include <iostream>
+#include <limits>
 
 #include "absl/strings/str_cat.h"
+#include "common/defaults.h"
 #include "common/status_macros.h"
 
 namespace lorc::cli {
 
 std::vector<FlagSpec> EngineFlags() {
-  return {
+  std::vector<FlagSpec> flags = {
       {"model", true, "model directory (config.json, *.safetensors, tokenizer.json)", "DIR"},
       {"backend", true, "cpu (default) or cuda", "KIND"},
       {"device", true, "CUDA device ordinal (default 0)", "K"},
       {"threads", true, "CPU backend: BLAS threads (default: all cores)", "N"},
       {"random-weights", false, "seeded random weights of config.json's shape (no weight files)"},
       {"weights-seed", true, "seed for --random-weights (default 0)", "S"},
-      {"kv-cache-mb", true, "KV cache memory in MiB (default 512)", "MB"},
-      {"block-size", true, "KV cache block size in tokens (default 16)", "N"},
-      {"max-step-tokens", true, "token budget per engine step (chunked prefill, default 2048)", "N"},
   };
+  for (std::vector<FlagSpec> group : {KvCacheFlags(), SchedulerFlags()}) {
+    flags.insert(flags.end(), group.begin(), group.end());
+  }
+  return flags;
+}
+
+std::vector<FlagSpec> KvCacheFlags() {
+  return {
+      {"kv-cache-mb", true,
+       absl::StrCat("KV cache memory per worker in MiB (default ", defaults::kKvCacheMiB, ")"),
+       "MB"},
+      {"num-blocks", true, "KV cache blocks per worker (overrides --kv-cache-mb)", "N"},
+      {"block-size", true,
+       absl::StrCat("KV cache block size in tokens (default ", defaults::kBlockSize, ")"), "N"},
+  };
+}
+
+std::vector<FlagSpec> SchedulerFlags() {
+  return {
+      {"max-step-tokens", true,
+       absl::StrCat("tokens per engine step (chunked prefill budget, default ",
+                    defaults::kMaxStepTokens, ")"),
+       "N"},
+      {"max-running", true,
+       absl::StrCat("sequences running at once (default ", defaults::kMaxRunning, ")"), "N"},
+      {"max-waiting", true,
+       absl::StrCat("queued requests before RESOURCE_EXHAUSTED (default ", defaults::kMaxWaiting,
+                    ")"),
+       "N"},
+  };
+}
+
+absl::StatusOr<EngineOptions> ParseEngineOptions(const Args& args) {
+  constexpr int32_t kMax = std::numeric_limits<int32_t>::max();
+  EngineOptions eo;
+  ASSIGN_OR_RETURN(eo.max_step_tokens,
+                   args.GetInt32("max-step-tokens", defaults::kMaxStepTokens, 1, kMax));
+  ASSIGN_OR_RETURN(eo.max_running, args.GetInt32("max-running", defaults::kMaxRunning, 1, kMax));
+  ASSIGN_OR_RETURN(eo.max_waiting, args.GetInt32("max-waiting", defaults::kMaxWaiting, 1, kMax));
+  return eo;
 }
 
 absl::StatusOr<ModelSource> ParseModelSource(const Args& args) {
@@ -35,22 +74,17 @@ absl::StatusOr<ModelSource> ParseModelSource(const Args& args) {
 
 absl::StatusOr<KvCacheOptions> ParseKvCacheOptions(const Args& args) {
   KvCacheOptions kv;
-  ASSIGN_OR_RETURN(int64_t kv_mb, args.GetInt("kv-cache-mb", 512));
-  ASSIGN_OR_RETURN(int64_t block_size, args.GetInt("block-size", 16));
-  ASSIGN_OR_RETURN(int64_t num_blocks, args.GetInt("num-blocks", 0));
-  if (kv_mb <= 0) return absl::InvalidArgumentError("--kv-cache-mb must be positive");
-  if (block_size <= 0 || block_size > 1024) {
-    return absl::InvalidArgumentError("--block-size must be in [1, 1024]");
-  }
-  if (num_blocks < 0) return absl::InvalidArgumentError("--num-blocks must be >= 0");
+  // Up to 1 PiB: `<< 20` must not overflow int64.
+  ASSIGN_OR_RETURN(int64_t kv_mb,
+                   args.GetIntInRange("kv-cache-mb", defaults::kKvCacheMiB, 1, int64_t{1} << 30));
+  ASSIGN_OR_RETURN(kv.block_size, args.GetInt32("block-size", defaults::kBlockSize, 1, 1024));
+  ASSIGN_OR_RETURN(kv.num_blocks, args.GetInt32("num-blocks", 0, 0));
   kv.memory_bytes = kv_mb << 20;
-  kv.block_size = static_cast<int32_t>(block_size);
-  kv.num_blocks = static_cast<int32_t>(num_blocks);
-  // The runner's step buffers must hold the engine's per-step token budget.
-  ASSIGN_OR_RETURN(int64_t step_tokens, args.GetInt("max-step-tokens", kv.max_num_batched_tokens));
-  if (step_tokens > 0 && step_tokens <= (1 << 30)) kv.max_num_batched_tokens = static_cast<int32_t>(step_tokens);
-  ASSIGN_OR_RETURN(int64_t max_running, args.GetInt("max-running", kv.max_num_seqs));
-  if (max_running > 0 && max_running <= (1 << 20)) kv.max_num_seqs = static_cast<int32_t>(max_running);
+  // The runners' fixed step buffers must hold what the scheduler may put in one step: the same
+  // flags (and defaults) as the engine's budget and running set.
+  ASSIGN_OR_RETURN(EngineOptions eo, ParseEngineOptions(args));
+  kv.max_num_batched_tokens = eo.max_step_tokens;
+  kv.max_num_seqs = eo.max_running;
   return kv;
 }
 
@@ -59,10 +93,8 @@ absl::StatusOr<std::unique_ptr<Session>> OpenSession(const Args& args) {
   auto s = std::make_unique<Session>();
   BackendOptions bo;
   ASSIGN_OR_RETURN(bo.kind, ParseBackendKind(args.Get("backend", "cpu")));
-  ASSIGN_OR_RETURN(int64_t device, args.GetInt("device", 0));
-  ASSIGN_OR_RETURN(int64_t threads, args.GetInt("threads", 0));
-  bo.device = static_cast<int>(device);
-  bo.threads = static_cast<int>(threads);
+  ASSIGN_OR_RETURN(bo.device, args.GetInt32("device", 0, 0));
+  ASSIGN_OR_RETURN(bo.threads, args.GetInt32("threads", 0, 0));
   ASSIGN_OR_RETURN(s->backend, CreateBackend(bo));
 
   ASSIGN_OR_RETURN(KvCacheOptions kv, ParseKvCacheOptions(args));
@@ -71,14 +103,11 @@ absl::StatusOr<std::unique_ptr<Session>> OpenSession(const Args& args) {
   if (std::filesystem::exists(std::filesystem::path(src.dir) / "tokenizer.json")) {
     ASSIGN_OR_RETURN(s->tokenizer, Tokenizer::FromModelDir(src.dir));
   }
-  EngineOptions eo;
-  ASSIGN_OR_RETURN(int64_t step_tokens, args.GetInt("max-step-tokens", 2048));
-  if (step_tokens <= 0) return absl::InvalidArgumentError("--max-step-tokens must be positive");
-  eo.max_step_tokens = static_cast<int32_t>(step_tokens);
+  ASSIGN_OR_RETURN(EngineOptions eo, ParseEngineOptions(args));
   s->engine_options = eo;
   s->executor = std::make_unique<StepExecutor>(s->model.runner.get());
-  s->engine = std::make_unique<Engine>(s->executor.get(), s->model.config, s->model.runner->kv_spec(),
-                                       s->tokenizer.get(), eo);
+  ASSIGN_OR_RETURN(s->engine, Engine::Create(s->executor.get(), s->model.config,
+                                             s->model.runner->kv_spec(), s->tokenizer.get(), eo));
   return s;
 }
 

@@ -16,13 +16,21 @@
 
 namespace lorc::cli {
 
-// --model, --backend, --device, --threads, --random-weights, --seed-weights, --kv-cache-mb,
-// --block-size, --max-step-tokens.
+// --model, --backend, --device, --threads, --random-weights, --weights-seed, then KvCacheFlags()
+// and SchedulerFlags().
 std::vector<FlagSpec> EngineFlags();
+// The engine/KV flag group shared by generate, eval and coordinator (defaults: common/defaults.h).
+// --kv-cache-mb, --num-blocks, --block-size.
+std::vector<FlagSpec> KvCacheFlags();
+// --max-step-tokens, --max-running, --max-waiting.
+std::vector<FlagSpec> SchedulerFlags();
+// SchedulerFlags() into EngineOptions, each range-checked into its int32 field (errors name the
+// flag).
+absl::StatusOr<EngineOptions> ParseEngineOptions(const Args& args);
 
 // --model, --random-weights, --weights-seed, --shard-lm-head (where the command has it).
 absl::StatusOr<ModelSource> ParseModelSource(const Args& args);
-// --kv-cache-mb, --block-size, --num-blocks (where the command has it), validated.
+// KvCacheFlags(), range-checked (errors name the flag).
 absl::StatusOr<KvCacheOptions> ParseKvCacheOptions(const Args& args);
 
 struct Session {

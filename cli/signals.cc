@@ -32,8 +32,12 @@ void InstallTerminationHandlers() {
   sigaction(SIGTERM, &sa, nullptr);
 }
 
-std::thread WatchTerminationSignals(std::function<void(int)> on_signal) {
-  return std::thread([on_signal = std::move(on_signal)] {
+// Byte 0 on the pipe (no signal has number 0): the watcher's destructor asking it to stop.
+constexpr unsigned char kStop = 0;
+
+TerminationSignalWatcher::TerminationSignalWatcher(std::function<void(int)> on_signal) {
+  if (g_pipe[0] < 0) return;  // InstallTerminationHandlers failed or was not called
+  thread_ = std::thread([on_signal = std::move(on_signal)] {
     unsigned char b = 0;
     for (;;) {
       const ssize_t n = read(g_pipe[0], &b, 1);
@@ -41,8 +45,15 @@ std::thread WatchTerminationSignals(std::function<void(int)> on_signal) {
       if (n < 0 && errno == EINTR) continue;
       return;
     }
-    on_signal(b);
+    if (b != kStop) on_signal(b);
   });
+}
+
+TerminationSignalWatcher::~TerminationSignalWatcher() {
+  if (!thread_.joinable()) return;
+  // A no-op when a signal already woke the thread (it has returned or is returning).
+  (void)!write(g_pipe[1], &kStop, 1);
+  thread_.join();
 }
 
 }  // namespace lorc::cli

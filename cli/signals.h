@@ -10,7 +10,18 @@ namespace lorc::cli {
 
 // Installs the handlers. Call once, early.
 void InstallTerminationHandlers();
-// Starts a thread that waits for SIGINT/SIGTERM and then calls `on_signal` once.
-std::thread WatchTerminationSignals(std::function<void(int)> on_signal);
+// A thread that waits for SIGINT/SIGTERM and then calls `on_signal` once. The destructor stops
+// it (if no signal came) and joins it, so `on_signal` never runs after the watcher is gone:
+// destroy the watcher before whatever the callback uses. One watcher at a time per process.
+class TerminationSignalWatcher {
+ public:
+  explicit TerminationSignalWatcher(std::function<void(int)> on_signal);
+  ~TerminationSignalWatcher();
+  TerminationSignalWatcher(const TerminationSignalWatcher&) = delete;
+  TerminationSignalWatcher& operator=(const TerminationSignalWatcher&) = delete;
+
+ private:
+  std::thread thread_;
+};
 
 }  // namespace lorc::cli

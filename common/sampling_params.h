@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "common/defaults.h"
 
 namespace lorc {
 
@@ -18,7 +19,7 @@ struct SamplingParams {
   float min_p = 0.0f;               // 0: off
   float repetition_penalty = 1.0f;  // 1: off (HF semantics: over prompt and generated tokens)
   std::optional<uint64_t> seed;     // unset: nondeterministic
-  int32_t max_tokens = 16;
+  int32_t max_tokens = defaults::kMaxTokens;
   std::vector<int32_t> stop_token_ids;   // in addition to the model's EOS ids
   std::vector<std::string> stop_strings; // output text is cut before the first match
   bool ignore_eos = false;

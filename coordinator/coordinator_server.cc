@@ -84,113 +84,227 @@ absl::Status CoordinatorServer::StartServer() {
   return absl::OkStatus();
 }
 
+struct CoordinatorServer::Generation {
+  std::unique_ptr<WorkerGroup> group;
+  std::shared_ptr<EngineLoop> loop;  // over `group`: destroyed first (members in reverse order)
+};
+
 absl::Status CoordinatorServer::StartWorkers() {
-  std::vector<std::string> addresses = options_.worker_addresses;
   std::string rendezvous = options_.advertise_address;
   const auto [host, unused_port] = SplitHostPort(options_.listen);
   const bool wildcard = host.empty() || host == "0.0.0.0" || host == "[::]" || host == "::";
-  if (addresses.empty()) {
+  if (options_.worker_addresses.empty()) {
     ASSIGN_OR_RETURN(local_, LocalWorkers::Start(options_.local_workers,
                                                  [this](int rank, pid_t pid, const std::string& how) {
                                                    OnWorkerFailure(absl::UnavailableError(absl::StrCat(
                                                        "worker ", rank, " (pid ", pid, ") ", how)));
                                                  }));
-    addresses = local_->addresses();
     if (rendezvous.empty()) rendezvous = absl::StrCat(wildcard ? "127.0.0.1" : host, ":", port_);
   } else if (rendezvous.empty()) {
     rendezvous = absl::StrCat(wildcard ? Hostname() : host, ":", port_);
   }
+  rendezvous_address_ = rendezvous;
+  RETURN_IF_ERROR(JoinGroup());
+  absl::MutexLock lock(&mu_);
+  return failure_;  // a worker died while loading
+}
+
+absl::Status CoordinatorServer::JoinGroup() {
   WorkerGroupOptions wg;
-  wg.addresses = addresses;
-  wg.rendezvous_address = rendezvous;
-  wg.coordinator_id = NewCoordinatorId();  // this coordinator, to its workers
+  wg.addresses = local_ != nullptr ? local_->addresses() : options_.worker_addresses;
+  wg.rendezvous_address = rendezvous_address_;
+  // The same id on every (re)join: the workers keep serving this coordinator across recoveries.
+  wg.coordinator_id = coordinator_id_;
   wg.bind_address = "";  // each worker binds its own --comm-address
   wg.model = options_.model;
   wg.kv = options_.kv;
   wg.use_stream = options_.step_stream;
   wg.step_timeout = options_.step_timeout;
   wg.join_timeout = options_.join_timeout;
-  ASSIGN_OR_RETURN(group_, WorkerGroup::Start(wg));
+  {
+    // While recovering, a worker that is still down fails the attempt quickly (then backoff),
+    // so Shutdown is not held up for the full connect timeout.
+    absl::MutexLock lock(&mu_);
+    if (state_ == State::kRecovering) wg.connect_timeout = absl::Seconds(5);
+  }
+  auto g = std::make_shared<Generation>();
+  ASSIGN_OR_RETURN(g->group, WorkerGroup::Start(wg));
 
   KvCacheSpec kv;
   kv.block_size = options_.kv.block_size;
-  kv.num_blocks = group_->info().num_blocks;
-  auto engine = std::make_unique<Engine>(group_.get(), config_, kv, tokenizer_.get(), options_.engine);
-  loop_ = std::make_unique<EngineLoop>(std::move(engine));
-  ready_.store(true, std::memory_order_release);
+  kv.num_blocks = g->group->info().num_blocks;
+  ASSIGN_OR_RETURN(std::unique_ptr<Engine> engine,
+                   Engine::Create(g->group.get(), config_, kv, tokenizer_.get(), options_.engine));
+  g->loop = std::make_shared<EngineLoop>(std::move(engine));
   {
-    // After ready_: a failure from now on reaches group_ and loop_ through OnWorkerFailure.
     absl::MutexLock lock(&mu_);
-    if (!failure_.ok()) return failure_;  // a worker died while loading
+    if (stopping_) return absl::CancelledError("shutting down");
+    if (state_ == State::kStarting && !failure_.ok()) return failure_;  // died while loading
+    gen_ = g;
+    state_ = State::kServing;
+    failure_ = absl::OkStatus();
   }
-  service_->SetLoop(loop_.get());
-  server_->GetHealthCheckService()->SetServingStatus("", true);
-  server_->GetHealthCheckService()->SetServingStatus(kServiceName, true);
+  // The aliasing shared_ptr keeps the whole generation (the loop's group) alive in handlers.
+  service_->SetLoop(std::shared_ptr<EngineLoop>(g, g->loop.get()));
+  SetHealth(true);
   return absl::OkStatus();
 }
 
+std::shared_ptr<CoordinatorServer::Generation> CoordinatorServer::Current() const {
+  absl::MutexLock lock(&mu_);
+  return gen_;
+}
+
+void CoordinatorServer::SetHealth(bool serving) {
+  if (server_ == nullptr) return;
+  server_->GetHealthCheckService()->SetServingStatus("", serving);
+  server_->GetHealthCheckService()->SetServingStatus(kServiceName, serving);
+}
+
 void CoordinatorServer::OnWorkerFailure(const absl::Status& why) {
+  std::shared_ptr<Generation> g;
+  bool recover = false;
   {
     absl::MutexLock lock(&mu_);
-    if (stopping_ || !failure_.ok()) return;
+    if (stopping_ || state_ == State::kRecovering || state_ == State::kFailed) return;
+    if (state_ == State::kStarting) {
+      // StartWorkers / JoinGroup see failure_ themselves.
+      if (failure_.ok()) failure_ = why;
+      return;
+    }
     failure_ = why;
+    recover = options_.max_restarts > 0;
+    state_ = recover ? State::kRecovering : State::kFailed;
+    g = gen_;  // a snapshot: stays valid even if Shutdown drops gen_ meanwhile
   }
-  std::cerr << "lorcserve coordinator: " << why.message() << "; health is NOT_SERVING\n";
-  // Before ready_, StartWorkers sees failure_ itself.
-  if (ready_.load(std::memory_order_acquire)) {
-    group_->Fail(why);
-    loop_->Fail(why);
+  std::cerr << "lorcserve coordinator: " << why.message() << "; health is NOT_SERVING"
+            << (recover ? ", recovering" : "") << "\n";
+  service_->SetLoop(nullptr, absl::UnavailableError(absl::StrCat(
+                                 recover ? "recovering from a worker failure (retry shortly): "
+                                         : "not serving: ",
+                                 why.message())));
+  SetHealth(false);
+  if (g != nullptr) {
+    g->group->Fail(why);  // in-flight requests end with UNAVAILABLE naming the worker
+    g->loop->Fail(why);
   }
-  if (server_ != nullptr) {
-    server_->GetHealthCheckService()->SetServingStatus("", false);
-    server_->GetHealthCheckService()->SetServingStatus(kServiceName, false);
+}
+
+bool CoordinatorServer::SleepUnlessStopping(absl::Duration d) {
+  absl::MutexLock lock(&mu_);
+  auto stop = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stopping_; };
+  return mu_.AwaitWithTimeout(absl::Condition(&stop), d);
+}
+
+void CoordinatorServer::Recover() {
+  // The old generation: nothing new reaches it (the service has no loop); drop it here.
+  std::shared_ptr<Generation> old;
+  absl::Status last;
+  {
+    absl::MutexLock lock(&mu_);
+    old = std::move(gen_);
+    last = failure_;
+  }
+  old.reset();
+  // One recovery counts against the budget; with local workers so does every further attempt
+  // (each restarts processes). Remote workers are retried without limit until they answer.
+  auto take_budget = [&]() -> bool {
+    const absl::Time now = absl::Now();
+    std::erase_if(restarts_, [&](absl::Time t) { return now - t > options_.restart_window; });
+    if (static_cast<int32_t>(restarts_.size()) >= options_.max_restarts) return false;
+    restarts_.push_back(now);
+    return true;
+  };
+  absl::Duration backoff = absl::Milliseconds(200);
+  for (bool first = true;; first = false) {
+    if ((first || local_ != nullptr) && !take_budget()) {
+      const absl::Status final_status = absl::UnavailableError(absl::StrCat(
+          "not serving: gave up after ", restarts_.size(), " worker recoveries within ",
+          absl::FormatDuration(options_.restart_window), "; last failure: ", last.message()));
+      {
+        absl::MutexLock lock(&mu_);
+        if (stopping_) return;
+        state_ = State::kFailed;
+        failure_ = final_status;
+      }
+      std::cerr << "lorcserve coordinator: " << final_status.message() << "\n";
+      service_->SetLoop(nullptr, final_status);
+      return;
+    }
+    absl::Status st;
+    if (local_ != nullptr) {
+      for (int rank : local_->WaitForExit(absl::Seconds(2))) {
+        std::cerr << "lorcserve coordinator: restarting worker " << rank << "\n";
+        st = local_->Restart(rank);
+        if (!st.ok()) break;
+      }
+    }
+    if (st.ok()) st = JoinGroup();
+    if (st.ok()) {
+      std::cerr << "lorcserve coordinator: workers re-joined; health is SERVING\n";
+      return;
+    }
+    if (absl::IsCancelled(st)) return;  // shutting down
+    last = st;
+    std::cerr << "lorcserve coordinator: recovery attempt failed: " << st.message() << "\n";
+    if (SleepUnlessStopping(backoff)) return;
+    backoff = std::min(backoff * 2, options_.max_backoff);
   }
 }
 
 void CoordinatorServer::Monitor() {
   absl::Time next_probe = absl::Now() + options_.probe_interval;
   for (;;) {
+    State state;
+    std::shared_ptr<Generation> g;
     {
       absl::MutexLock lock(&mu_);
       auto stop = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stopping_; };
       if (mu_.AwaitWithTimeout(absl::Condition(&stop), absl::Milliseconds(100))) return;
-      if (!failure_.ok()) continue;
+      state = state_;
+      g = gen_;
     }
+    if (state == State::kRecovering) {
+      Recover();
+      next_probe = absl::Now() + options_.probe_interval;
+      continue;
+    }
+    if (state != State::kServing || g == nullptr) continue;
     // A step that found a worker gone failed the engine loop: reflect it in health.
-    if (absl::Status f = loop_->failure(); !f.ok()) {
+    if (absl::Status f = g->loop->failure(); !f.ok()) {
       OnWorkerFailure(f);
       continue;
     }
     if (absl::Now() >= next_probe) {
       next_probe = absl::Now() + options_.probe_interval;
-      if (absl::Status s = group_->Probe(absl::Seconds(5)); !s.ok()) OnWorkerFailure(s);
+      if (absl::Status s = g->group->Probe(absl::Seconds(5)); !s.ok()) OnWorkerFailure(s);
     }
   }
 }
 
 void CoordinatorServer::FillLive(lorcserve::v1::ModelInfoResponse* r) {
   absl::Status failure;
+  std::shared_ptr<Generation> g;
   {
     absl::MutexLock lock(&mu_);
     failure = failure_;
+    g = gen_;
   }
-  const bool ready = ready_.load(std::memory_order_acquire);
-  if (ready) {
-    r->set_tensor_parallel_size(group_->size());
-    r->set_kv_capacity_blocks(group_->info().num_blocks);
-    r->set_kv_capacity_tokens(static_cast<int64_t>(group_->info().num_blocks) * options_.kv.block_size);
-    r->set_kv_bytes_per_token(group_->info().kv_bytes_per_token);
-    r->set_backend(group_->info().backend);
-  }
-  if (ready) {
+  if (g != nullptr) {
+    const WorkerGroup& group = *g->group;
+    r->set_tensor_parallel_size(group.size());
+    r->set_kv_capacity_blocks(group.info().num_blocks);
+    r->set_kv_capacity_tokens(static_cast<int64_t>(group.info().num_blocks) * options_.kv.block_size);
+    r->set_kv_bytes_per_token(group.info().kv_bytes_per_token);
+    r->set_backend(group.info().backend);
     for (const std::string& a : local_ != nullptr ? local_->addresses() : options_.worker_addresses) {
       r->add_workers(a);
     }
   }
-  r->set_serving(failure.ok() && ready);
+  r->set_serving(failure.ok() && g != nullptr);
   r->set_worker_failure(std::string(failure.message()));
-  if (ready) {
-    const LoopStats s = loop_->stats();
+  if (g != nullptr) {
+    const LoopStats s = g->loop->stats();
     r->set_kv_free_blocks(s.kv_free_blocks);
     r->set_num_running(s.num_running);
     r->set_num_waiting(s.num_waiting);
@@ -226,9 +340,14 @@ void CoordinatorServer::Shutdown() {
   RequestShutdown();
   if (monitor_.joinable()) monitor_.join();
   if (server_ != nullptr) server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
-  if (service_ != nullptr) service_->SetLoop(nullptr);
-  loop_.reset();
-  group_.reset();
+  if (service_ != nullptr) service_->SetLoop(nullptr, absl::UnavailableError("shutting down"));
+  std::shared_ptr<Generation> g;
+  {
+    absl::MutexLock lock(&mu_);
+    g = std::move(gen_);
+  }
+  g.reset();  // the loop, then the group (a handler or the supervisor may hold the last ref)
+  // Joins the supervisor: no OnWorkerFailure after this (and it returned at stopping_ anyway).
   local_.reset();
 }
 

@@ -7,6 +7,19 @@
 // starts and health turns SERVING. A worker that dies or stops answering turns health
 // NOT_SERVING, fails its in-flight requests with UNAVAILABLE naming the worker, and the server
 // keeps answering health and ModelInfo.
+//
+// Recovery: after a worker failure the monitor thread rebuilds the group: with local workers it
+// restarts the ranks whose process exited, with remote ones it retries the same addresses with a
+// backoff; then every worker joins a new communicator and reloads, and a fresh WorkerGroup,
+// Engine and EngineLoop serve (health SERVING again). Requests arriving meanwhile get
+// UNAVAILABLE ("recovering ..."; retryable). More than `max_restarts` recoveries within
+// `restart_window` end it: health stays NOT_SERVING with the reason in ModelInfo.
+//
+// Threads: the owner (Start, Wait, Shutdown); the monitor thread (health probes, recovery); the
+// local-worker supervisor (exit callbacks -> OnWorkerFailure); gRPC handler threads (FillLive,
+// Generate through the service). The current worker group and engine loop live in one
+// shared_ptr<Generation> guarded by mu_: every thread takes a snapshot under mu_, so Shutdown
+// or a recovery dropping it never frees what another thread still uses.
 #pragma once
 
 #include <atomic>
@@ -23,6 +36,7 @@
 #include "tokenizer/tokenizer.h"
 #include "coordinator/worker_group.h"
 #include "grpcpp/grpcpp.h"
+#include "step/coordinator_ref.h"
 #include "worker/comm/grpc_rendezvous.h"
 
 namespace lorc {
@@ -41,6 +55,11 @@ struct CoordinatorOptions {
   absl::Duration step_timeout = absl::Minutes(5);
   absl::Duration join_timeout = absl::Seconds(60);
   absl::Duration probe_interval = absl::Seconds(2);  // worker health checks while idle
+  // Worker-failure recoveries allowed within `restart_window` before giving up (0: never
+  // recover: the first failure is final).
+  int32_t max_restarts = 3;
+  absl::Duration restart_window = absl::Minutes(10);
+  absl::Duration max_backoff = absl::Seconds(30);  // between re-join attempts
 };
 
 class CoordinatorServer {
@@ -60,11 +79,22 @@ class CoordinatorServer {
   void Shutdown();
 
  private:
+  struct Generation;  // one WorkerGroup and the EngineLoop over it
+  enum class State { kStarting, kServing, kRecovering, kFailed };
+
   CoordinatorServer() = default;
   absl::Status StartServer();
   absl::Status StartWorkers();
+  // Joins the workers (new communicator, load), builds the engine and serves it.
+  absl::Status JoinGroup();
   void OnWorkerFailure(const absl::Status& why);
   void Monitor();
+  // Monitor thread: restarts / re-joins until serving again, stopping, or out of restarts.
+  void Recover();
+  // Sleeps up to `d` unless stopping; returns true when stopping.
+  bool SleepUnlessStopping(absl::Duration d);
+  void SetHealth(bool serving);
+  std::shared_ptr<Generation> Current() const;
   void FillLive(lorcserve::v1::ModelInfoResponse* resp);
 
   CoordinatorOptions options_;
@@ -74,16 +104,17 @@ class CoordinatorServer {
   std::unique_ptr<LorcServeService> service_;
   std::unique_ptr<grpc::Server> server_;
   int port_ = 0;
-  std::unique_ptr<LocalWorkers> local_;
-  std::unique_ptr<WorkerGroup> group_;
-  std::unique_ptr<EngineLoop> loop_;
+  std::unique_ptr<LocalWorkers> local_;  // set in StartWorkers, reset in Shutdown (owner)
   std::thread monitor_;
-  absl::Mutex mu_;
+  mutable absl::Mutex mu_;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   bool torn_down_ = false;  // owner thread only
-  // Set (release) once group_ and loop_ exist; other threads read them only after seeing it.
-  std::atomic<bool> ready_{false};
-  absl::Status failure_ ABSL_GUARDED_BY(mu_);
+  State state_ ABSL_GUARDED_BY(mu_) = State::kStarting;
+  std::shared_ptr<Generation> gen_ ABSL_GUARDED_BY(mu_);  // null unless serving
+  absl::Status failure_ ABSL_GUARDED_BY(mu_);  // the latest worker failure (OK while serving)
+  std::vector<absl::Time> restarts_;           // monitor thread only: recent recoveries
+  std::string rendezvous_address_;             // set in StartWorkers
+  const uint64_t coordinator_id_ = NewCoordinatorId();  // names this coordinator to its workers
 };
 
 }  // namespace lorc

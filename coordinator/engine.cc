@@ -44,9 +44,22 @@ SchedulerConfig MakeSchedulerConfig(const ModelConfig& config, const KvCacheSpec
   return c;
 }
 
-Engine::Engine(StepRunner* runner, const ModelConfig& config, const KvCacheSpec& kv,
-               const Tokenizer* tokenizer, const EngineOptions& options)
-    : runner_(runner), tokenizer_(tokenizer), scheduler_(MakeSchedulerConfig(config, kv, options)) {}
+absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(StepRunner* runner,
+                                                        const ModelConfig& config,
+                                                        const KvCacheSpec& kv,
+                                                        const Tokenizer* tokenizer,
+                                                        const EngineOptions& options) {
+  ASSIGN_OR_RETURN(std::unique_ptr<Scheduler> scheduler,
+                   Scheduler::Create(MakeSchedulerConfig(config, kv, options)));
+  return std::unique_ptr<Engine>(new Engine(runner, tokenizer, std::move(scheduler)));
+}
+
+Engine::Engine(StepRunner* runner, const Tokenizer* tokenizer,
+               std::unique_ptr<Scheduler> scheduler)
+    : runner_(runner),
+      tokenizer_(tokenizer),
+      scheduler_owner_(std::move(scheduler)),
+      scheduler_(*scheduler_owner_) {}
 
 Engine::~Engine() = default;
 

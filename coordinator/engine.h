@@ -16,6 +16,7 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "common/defaults.h"
 #include "common/sampling_params.h"
 #include "coordinator/output_processor.h"
 #include "coordinator/scheduler.h"
@@ -60,9 +61,9 @@ struct GenerationResult {
 };
 
 struct EngineOptions {
-  int32_t max_step_tokens = 2048;  // chunked-prefill budget per step
-  int32_t max_running = 256;       // sequences decoding at once
-  int32_t max_waiting = 1024;      // bounded admission queue
+  int32_t max_step_tokens = defaults::kMaxStepTokens;  // chunked-prefill budget per step
+  int32_t max_running = defaults::kMaxRunning;          // sequences decoding at once
+  int32_t max_waiting = defaults::kMaxWaiting;          // bounded admission queue
 };
 
 struct EngineStats {
@@ -82,8 +83,13 @@ class Engine {
   using UpdateFn = std::function<void(const RequestUpdate&)>;
 
   // `tokenizer` may be null (no text; stop strings rejected). Everything must outlive the engine.
-  Engine(StepRunner* runner, const ModelConfig& config, const KvCacheSpec& kv,
-         const Tokenizer* tokenizer, const EngineOptions& options);
+  // INVALID_ARGUMENT naming the field when the model config, KV spec and options do not make a
+  // valid SchedulerConfig (e.g. an eos id outside the vocabulary, a zero step budget).
+  static absl::StatusOr<std::unique_ptr<Engine>> Create(StepRunner* runner,
+                                                        const ModelConfig& config,
+                                                        const KvCacheSpec& kv,
+                                                        const Tokenizer* tokenizer,
+                                                        const EngineOptions& options);
   ~Engine();
   Engine(const Engine&) = delete;
   Engine& operator=(const Engine&) = delete;
@@ -112,13 +118,15 @@ class Engine {
 
  private:
   struct Request;
+  Engine(StepRunner* runner, const Tokenizer* tokenizer, std::unique_ptr<Scheduler> scheduler);
   void Complete(Request& r, RequestUpdate& u);
   // Fails every live request with `status` (the runner is broken) and returns it.
   absl::Status Fail(const absl::Status& status);
 
   StepRunner* runner_;
   const Tokenizer* tokenizer_;
-  Scheduler scheduler_;
+  std::unique_ptr<Scheduler> scheduler_owner_;
+  Scheduler& scheduler_;  // *scheduler_owner_
   absl::flat_hash_map<int64_t, std::unique_ptr<Request>> requests_;
   EngineStats stats_;
   int in_flight_ = 0;  // plans submitted and not yet awaited

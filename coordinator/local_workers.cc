@@ -1,5 +1,6 @@
 #include "coordinator/local_workers.h"
 
+#include <fcntl.h>
 #include <signal.h>
 #include <spawn.h>
 #include <sys/wait.h>
@@ -14,6 +15,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
+#include "common/status_macros.h"
 
 extern char** environ;
 
@@ -49,84 +51,164 @@ absl::StatusOr<std::unique_ptr<LocalWorkers>> LocalWorkers::Start(const LocalWor
                                                                    ExitFn on_exit) {
   if (options.count < 1) return absl::InvalidArgumentError("--local-workers must be >= 1");
   std::unique_ptr<LocalWorkers> w(new LocalWorkers());
+  w->options_ = options;
   w->on_exit_ = std::move(on_exit);
-  const std::string binary = options.binary.empty() ? "/proc/self/exe" : options.binary;
+  w->binary_ = options.binary.empty() ? "/proc/self/exe" : options.binary;
   const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  const int threads =
+  w->threads_ =
       options.threads_per_worker > 0 ? options.threads_per_worker : std::max(1, cores / options.count);
-  for (int r = 0; r < options.count; ++r) {
-    int out[2];
-    if (pipe(out) != 0) return absl::InternalError(absl::StrCat("pipe: ", std::strerror(errno)));
-    posix_spawn_file_actions_t fa;
-    posix_spawn_file_actions_init(&fa);
-    posix_spawn_file_actions_adddup2(&fa, out[1], STDOUT_FILENO);
-    posix_spawn_file_actions_addclose(&fa, out[0]);
-    std::vector<std::string> args = {"lorcserve", "worker", "--listen", "127.0.0.1:0", "--backend",
-                                     options.backend, "--threads", std::to_string(threads),
-                                     "--device", std::to_string(options.first_device + r),
-                                     "--rank-hint", std::to_string(r),
-                                     "--parent-pid", std::to_string(getpid())};
-    std::vector<char*> argv;
-    for (auto& a : args) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    pid_t pid;
-    const int rc = posix_spawn(&pid, binary.c_str(), &fa, nullptr, argv.data(), environ);
-    posix_spawn_file_actions_destroy(&fa);
-    close(out[1]);
-    if (rc != 0) {
-      close(out[0]);
-      return absl::InternalError(absl::StrCat("cannot start worker ", r, " (", binary, "): ", std::strerror(rc)));
-    }
-    w->pids_.push_back(pid);
-    absl::StatusOr<std::string> line = ReadLine(out[0]);
-    close(out[0]);
-    if (!line.ok()) return absl::Status(line.status().code(), absl::StrCat("worker ", r, ": ", line.status().message()));
-    absl::string_view addr = *line;
-    if (!absl::ConsumePrefix(&addr, "LISTENING ")) {
-      return absl::InternalError(absl::StrCat("worker ", r, " printed '", *line, "' instead of its address"));
-    }
-    w->addresses_.emplace_back(addr);
+  {
+    absl::MutexLock lock(&w->mu_);
+    w->addresses_.assign(options.count, "");
+    w->pids_.assign(options.count, -1);
   }
   w->supervisor_ = std::thread([p = w.get()] { p->Supervise(); });
+  for (int r = 0; r < options.count; ++r) RETURN_IF_ERROR(w->Spawn(r));
   return w;
 }
 
+absl::Status LocalWorkers::Spawn(int r) {
+  int out[2];
+  if (pipe2(out, O_CLOEXEC) != 0) return absl::InternalError(absl::StrCat("pipe: ", std::strerror(errno)));
+  posix_spawn_file_actions_t fa;
+  posix_spawn_file_actions_init(&fa);
+  posix_spawn_file_actions_adddup2(&fa, out[1], STDOUT_FILENO);
+  std::vector<std::string> args = {"lorcserve", "worker", "--listen", "127.0.0.1:0", "--backend",
+                                   options_.backend, "--threads", std::to_string(threads_),
+                                   "--device", std::to_string(options_.first_device + r),
+                                   "--rank-hint", std::to_string(r),
+                                   "--parent-pid", std::to_string(getpid())};
+  std::vector<char*> argv;
+  for (auto& a : args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  pid_t pid;
+  int rc;
+  {
+    // Under the lock: the supervisor must not reap the child before it is registered.
+    absl::MutexLock lock(&mu_);
+    if (pids_[r] > 0) {
+      rc = -1;
+    } else {
+      rc = posix_spawn(&pid, binary_.c_str(), &fa, nullptr, argv.data(), environ);
+      if (rc == 0) {
+        pids_[r] = pid;
+        ++alive_;
+      }
+    }
+  }
+  posix_spawn_file_actions_destroy(&fa);
+  close(out[1]);
+  if (rc == -1) {
+    close(out[0]);
+    return absl::FailedPreconditionError(absl::StrCat("worker ", r, " is still running"));
+  }
+  if (rc != 0) {
+    close(out[0]);
+    return absl::InternalError(absl::StrCat("cannot start worker ", r, " (", binary_, "): ", std::strerror(rc)));
+  }
+  absl::StatusOr<std::string> line = ReadLine(out[0]);
+  close(out[0]);
+  if (!line.ok()) return absl::Status(line.status().code(), absl::StrCat("worker ", r, ": ", line.status().message()));
+  absl::string_view addr = *line;
+  if (!absl::ConsumePrefix(&addr, "LISTENING ")) {
+    return absl::InternalError(absl::StrCat("worker ", r, " printed '", *line, "' instead of its address"));
+  }
+  absl::MutexLock lock(&mu_);
+  addresses_[r] = std::string(addr);
+  return absl::OkStatus();
+}
+
+absl::Status LocalWorkers::Restart(int rank) {
+  if (rank < 0 || rank >= options_.count) {
+    return absl::InvalidArgumentError(absl::StrCat("no worker rank ", rank));
+  }
+  return Spawn(rank);
+}
+
+std::vector<std::string> LocalWorkers::addresses() const {
+  absl::MutexLock lock(&mu_);
+  return addresses_;
+}
+
+std::vector<pid_t> LocalWorkers::pids() const {
+  absl::MutexLock lock(&mu_);
+  return pids_;
+}
+
+std::vector<int> LocalWorkers::exited() const {
+  absl::MutexLock lock(&mu_);
+  std::vector<int> out;
+  for (int r = 0; r < static_cast<int>(pids_.size()); ++r) {
+    if (pids_[r] <= 0) out.push_back(r);
+  }
+  return out;
+}
+
+std::vector<int> LocalWorkers::WaitForExit(absl::Duration timeout) const {
+  {
+    absl::MutexLock lock(&mu_);
+    auto any = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+      return stopping_ || std::find(pids_.begin(), pids_.end(), -1) != pids_.end();
+    };
+    mu_.AwaitWithTimeout(absl::Condition(&any), timeout);
+  }
+  return exited();
+}
+
 void LocalWorkers::Supervise() {
-  size_t alive = pids_.size();
-  while (alive > 0) {
+  for (;;) {
+    {
+      absl::MutexLock lock(&mu_);
+      // Nothing to reap: wait for a (re)start or the end.
+      auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stopping_ || alive_ > 0; };
+      mu_.Await(absl::Condition(&ready));
+      if (alive_ == 0) return;  // stopping
+    }
     int status = 0;
     const pid_t pid = waitpid(-1, &status, 0);
     if (pid < 0) {
-      if (errno == EINTR) continue;
-      if (errno == ECHILD) return;
+      if (errno == ECHILD) {
+        // A child registered under the lock is always waitable; only a foreign waitpid gets here.
+        absl::MutexLock lock(&mu_);
+        if (stopping_) return;
+      }
       continue;
     }
-    auto it = std::find(pids_.begin(), pids_.end(), pid);
-    if (it == pids_.end()) continue;  // not one of ours
-    --alive;
+    int rank = -1;
     bool stopping;
     {
       absl::MutexLock lock(&mu_);
+      auto it = std::find(pids_.begin(), pids_.end(), pid);
+      if (it == pids_.end()) continue;  // not one of ours
+      rank = static_cast<int>(it - pids_.begin());
+      *it = -1;
+      --alive_;
       stopping = stopping_;
     }
-    if (!stopping && on_exit_) on_exit_(static_cast<int>(it - pids_.begin()), pid, ExitDescription(status));
+    if (!stopping && on_exit_) on_exit_(rank, pid, ExitDescription(status));
   }
 }
 
 LocalWorkers::~LocalWorkers() {
+  std::vector<pid_t> pids;
   {
     absl::MutexLock lock(&mu_);
     stopping_ = true;
+    pids = pids_;
   }
-  for (pid_t p : pids_) kill(p, SIGTERM);
-  // Give them a moment, then make sure.
-  for (int i = 0; i < 50; ++i) {
-    bool any = false;
-    for (pid_t p : pids_) any |= kill(p, 0) == 0;
-    if (!any) break;
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  for (pid_t p : pids) {
+    if (p > 0) kill(p, SIGTERM);
   }
-  for (pid_t p : pids_) kill(p, SIGKILL);
+  // Give them a moment (the supervisor reaps them), then make sure.
+  {
+    absl::MutexLock lock(&mu_);
+    auto gone = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return alive_ == 0; };
+    if (!mu_.AwaitWithTimeout(absl::Condition(&gone), absl::Seconds(5))) {
+      for (pid_t p : pids_) {
+        if (p > 0) kill(p, SIGKILL);
+      }
+    }
+  }
   if (supervisor_.joinable()) supervisor_.join();
 }
 

@@ -1,12 +1,15 @@
 // Worker processes started and supervised by the coordinator (`--local-workers N`): each is
 // `lorcserve worker --listen 127.0.0.1:0 ...`, which prints the address it bound. A worker that
-// exits is reported through the callback with its rank, pid and exit status.
-// Threads: one supervisor thread (waitpid on the children).
+// exits is reported through the callback with its rank, pid and exit status, and can be
+// started again with Restart(rank) (the coordinator's recovery path).
+// Threads: one supervisor thread (waitpid on the children; runs the callback); Restart and the
+// accessors from any thread (they take the mutex).
 #pragma once
 
 #include <sys/types.h>
 
 #include <functional>
+#include <memory>
 #include <string>
 #include <thread>
 #include <vector>
@@ -31,17 +34,32 @@ class LocalWorkers {
                                                              ExitFn on_exit);
   ~LocalWorkers();  // terminates the children (SIGTERM, then SIGKILL)
 
-  const std::vector<std::string>& addresses() const { return addresses_; }
-  const std::vector<pid_t>& pids() const { return pids_; }
+  // Rank order. A restarted rank has a new address and pid.
+  std::vector<std::string> addresses() const;
+  std::vector<pid_t> pids() const;
+  // Ranks whose process has exited (reported through the callback) and not been restarted.
+  std::vector<int> exited() const;
+  // exited(), waiting up to `timeout` for at least one rank to exit (a step that saw a worker
+  // vanish can be ahead of the supervisor reaping it).
+  std::vector<int> WaitForExit(absl::Duration timeout) const;
+  // Starts rank `rank` again (after it exited); returns once it printed its new address.
+  // FAILED_PRECONDITION while that rank's process is still running.
+  absl::Status Restart(int rank);
 
  private:
   LocalWorkers() = default;
   void Supervise();
+  // Spawns rank `r` and waits for its address.
+  absl::Status Spawn(int r);
 
-  std::vector<std::string> addresses_;
-  std::vector<pid_t> pids_;
+  LocalWorkersOptions options_;
+  std::string binary_;
+  int threads_ = 1;
   ExitFn on_exit_;
-  absl::Mutex mu_;
+  mutable absl::Mutex mu_;
+  std::vector<std::string> addresses_ ABSL_GUARDED_BY(mu_);
+  std::vector<pid_t> pids_ ABSL_GUARDED_BY(mu_);     // -1: exited
+  int alive_ ABSL_GUARDED_BY(mu_) = 0;              // spawned and not yet reaped
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   std::thread supervisor_;
 };

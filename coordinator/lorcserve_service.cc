@@ -1,6 +1,7 @@
 #include "coordinator/lorcserve_service.h"
 
 #include "absl/strings/str_cat.h"
+#include "common/defaults.h"
 #include "common/grpc_status.h"
 #include "common/status_macros.h"
 #include "tokenizer/prompt.h"
@@ -66,7 +67,7 @@ absl::StatusOr<GenerationRequest> LorcServeService::Convert(const lorcserve::v1:
   p.min_p = s.min_p();
   p.repetition_penalty = s.has_repetition_penalty() ? s.repetition_penalty() : 1.0f;
   if (s.has_seed()) p.seed = s.seed();
-  p.max_tokens = s.max_tokens() == 0 ? 16 : s.max_tokens();
+  p.max_tokens = s.max_tokens() == 0 ? defaults::kMaxTokens : s.max_tokens();
   p.stop_token_ids.assign(s.stop_token_ids().begin(), s.stop_token_ids().end());
   p.stop_strings.assign(s.stop().begin(), s.stop().end());
   p.ignore_eos = s.ignore_eos();
@@ -75,10 +76,23 @@ absl::StatusOr<GenerationRequest> LorcServeService::Convert(const lorcserve::v1:
   return g;
 }
 
+void LorcServeService::SetLoop(std::shared_ptr<EngineLoop> loop, absl::Status why_not) {
+  absl::MutexLock lock(&mu_);
+  loop_ = std::move(loop);
+  why_not_ = why_not.ok() ? absl::UnavailableError("not serving") : std::move(why_not);
+}
+
+absl::StatusOr<std::shared_ptr<EngineLoop>> LorcServeService::Loop() const {
+  absl::MutexLock lock(&mu_);
+  if (loop_ == nullptr) return why_not_;
+  return loop_;
+}
+
 grpc::Status LorcServeService::Generate(grpc::ServerContext* ctx, const lorcserve::v1::GenerateRequest* req,
                                         grpc::ServerWriter<lorcserve::v1::GenerateResponse>* writer) {
-  EngineLoop* loop = loop_.load();
-  if (loop == nullptr) return grpc::Status(grpc::StatusCode::UNAVAILABLE, "model is still loading");
+  absl::StatusOr<std::shared_ptr<EngineLoop>> current = Loop();
+  if (!current.ok()) return ToGrpcStatus(current.status());
+  const std::shared_ptr<EngineLoop> loop = *std::move(current);
   if (absl::Status f = loop->failure(); !f.ok()) return ToGrpcStatus(f);
   absl::StatusOr<GenerationRequest> g = Convert(*req);
   if (!g.ok()) return ToGrpcStatus(g.status());

@@ -85,10 +85,13 @@ struct Scheduler::Entry {
   std::vector<BlockCopy> copies;
 };
 
-Scheduler::Scheduler(const SchedulerConfig& config)
-    : config_(config), blocks_(config.block_size, config.num_blocks) {
-  CHECK_OK(config.Validate());
+absl::StatusOr<std::unique_ptr<Scheduler>> Scheduler::Create(const SchedulerConfig& config) {
+  RETURN_IF_ERROR(config.Validate());
+  return std::unique_ptr<Scheduler>(new Scheduler(config));
 }
+
+Scheduler::Scheduler(const SchedulerConfig& config)
+    : config_(config), blocks_(config.block_size, config.num_blocks) {}
 
 Scheduler::~Scheduler() = default;
 
@@ -112,9 +115,10 @@ absl::Status Scheduler::Add(int64_t seq_id, std::vector<int32_t> prompt,
   }
   const int64_t blocks_needed = CeilDiv(total, config_.block_size);
   if (blocks_needed > config_.num_blocks) {
-    return absl::ResourceExhaustedError(absl::StrCat(
+    return absl::InvalidArgumentError(absl::StrCat(
         "request needs ", blocks_needed, " KV blocks for ", total,
-        " tokens (prompt + max_tokens), the whole cache has ", config_.num_blocks));
+        " tokens (prompt + max_tokens), the whole cache has ", config_.num_blocks,
+        ": it can never fit (lower max_tokens or shorten the prompt)"));
   }
   if (seqs_.contains(seq_id) || ContainsValue(ended_, seq_id)) {
     return absl::AlreadyExistsError(absl::StrCat("sequence id ", seq_id, " is already in use"));

@@ -49,7 +49,9 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "common/defaults.h"
 #include "common/sampling_params.h"
 #include "kvstore/kv_block_manager.h"
 #include "step/step.h"
@@ -60,11 +62,12 @@ enum class FinishReason { kNone, kLength, kStop, kAborted, kError };
 const char* FinishReasonName(FinishReason r);
 
 struct SchedulerConfig {
-  int32_t block_size = 16;
-  int32_t num_blocks = 0;          // KV cache blocks (the smallest over the workers)
-  int32_t max_step_tokens = 2048;  // tokens computed per step over all sequences (chunked prefill)
-  int32_t max_running = 256;       // sequences in the running set
-  int32_t max_waiting = 1024;      // bounded queue: past it Add returns RESOURCE_EXHAUSTED
+  int32_t block_size = defaults::kBlockSize;
+  int32_t num_blocks = 0;  // KV cache blocks (the smallest over the workers)
+  // Tokens computed per step over all sequences (chunked prefill).
+  int32_t max_step_tokens = defaults::kMaxStepTokens;
+  int32_t max_running = defaults::kMaxRunning;  // sequences in the running set
+  int32_t max_waiting = defaults::kMaxWaiting;  // bounded queue: past it Add: RESOURCE_EXHAUSTED
   int64_t max_model_len = 4096;    // prompt + max_tokens must fit
   int64_t vocab_size = 0;
   std::vector<int64_t> eos_token_ids;
@@ -98,17 +101,18 @@ struct SequenceInfo {
 
 class Scheduler {
  public:
-  // `config` must be valid (SchedulerConfig::Validate); CHECK-fails otherwise.
-  explicit Scheduler(const SchedulerConfig& config);
+  // INVALID_ARGUMENT naming the field when `config` fails SchedulerConfig::Validate (values come
+  // from config files and flags, so a bad one is an error, never a crash).
+  static absl::StatusOr<std::unique_ptr<Scheduler>> Create(const SchedulerConfig& config);
   Scheduler(const Scheduler&) = delete;
   Scheduler& operator=(const Scheduler&) = delete;
   ~Scheduler();
 
   // Validates and enqueues a request; higher `priority` is served first. Errors (nothing
   // enqueued): INVALID_ARGUMENT for an empty prompt, a prompt id outside the vocabulary, bad
-  // sampling values, prompt + max_tokens > max_model_len; RESOURCE_EXHAUSTED for a request that
-  // could never fit in the whole cache, or when max_waiting requests are waiting
-  // ("queue full (N waiting)"); ALREADY_EXISTS for an id in use (also one whose end the workers
+  // sampling values, prompt + max_tokens > max_model_len, a request that could never fit in the
+  // whole KV cache (not retryable); RESOURCE_EXHAUSTED (retryable) only when max_waiting requests
+  // are waiting ("queue full (N waiting)"); ALREADY_EXISTS for an id in use (also one whose end the workers
   // have not yet been told of).
   absl::Status Add(int64_t seq_id, std::vector<int32_t> prompt, const SamplingParams& params,
                    int32_t priority = 0);
@@ -161,6 +165,8 @@ class Scheduler {
   struct Entry;  // one sequence's share of the plan being built
   // (-priority, queue position, id): iteration order is admission order.
   using WaitKey = std::tuple<int64_t, int64_t, int64_t>;
+
+  explicit Scheduler(const SchedulerConfig& config);  // `config` validated by Create
 
   void End(Seq& s);
   void Enqueue(Seq& s, bool front);

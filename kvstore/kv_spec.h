@@ -23,27 +23,24 @@
 #include "absl/status/status.h"
 
 #include "absl/status/statusor.h"
+#include "common/defaults.h"
 #include "common/dtype.h"
 #include "model/model_config.h"
 
 namespace lorc {
 
-// Defaults of the step limits (vLLM's names); defined here only.
-inline constexpr int32_t kDefaultMaxNumSeqs = 256;
-inline constexpr int32_t kDefaultMaxNumBatchedTokens = 2048;
-
 // KV cache sizing and the step limits the runner's fixed buffers are sized for.
 struct KvCacheOptions {
-  int32_t block_size = 16;
+  int32_t block_size = defaults::kBlockSize;
   int32_t num_blocks = 0;         // when 0: as many as the memory budget holds
-  int64_t memory_bytes = 512ll << 20;  // the budget when gpu_memory_utilization is 0
+  int64_t memory_bytes = defaults::kKvCacheMiB << 20;  // the budget when gpu_memory_utilization is 0
   // When > 0 (at most 1): the budget is total * utilization minus what the device already uses
   // after weights and step buffers (Backend::GetMemoryInfo). 0 keeps `memory_bytes` (the CPU way).
   double gpu_memory_utilization = 0;
   // Most sequences in one step.
-  int32_t max_num_seqs = kDefaultMaxNumSeqs;
+  int32_t max_num_seqs = defaults::kMaxRunning;
   // Most new tokens in one step over all sequences (also the most logit rows of one step).
-  int32_t max_num_batched_tokens = kDefaultMaxNumBatchedTokens;
+  int32_t max_num_batched_tokens = defaults::kMaxStepTokens;
   // Most tokens of one sequence (num_computed_tokens + new); 0: the model's max_position_embeddings.
   int32_t max_model_len = 0;
 };
@@ -55,7 +52,7 @@ enum class KvRope : uint8_t {
 };
 
 struct KvCacheSpec {
-  int32_t block_size = 16;
+  int32_t block_size = defaults::kBlockSize;
   int32_t num_blocks = 0;
   DType dtype = DType::kF32;
   std::vector<int64_t> k_width;  // per layer
@@ -80,7 +77,7 @@ struct KvCacheSpec {
 
 // Inputs of MakeKvCacheSpec besides the model config.
 struct KvSpecOptions {
-  int32_t block_size = 16;
+  int32_t block_size = defaults::kBlockSize;
   DType dtype = DType::kF32;
   // KV heads held by this rank (its shard layout); 0 means all of the model's (tp 1).
   int64_t num_kv_heads = 0;

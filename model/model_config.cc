@@ -12,6 +12,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
+#include "common/defaults.h"
 #include "common/json_util.h"
 #include "common/status_macros.h"
 
@@ -316,7 +317,7 @@ absl::StatusOr<ModelConfig> ParseConfig(const json& j) {
   }
 
   ASSIGN_OR_RETURN(std::optional<int64_t> max_pos, OptInt(j, "", "max_position_embeddings"));
-  c.max_position_embeddings = max_pos.value_or(2048);
+  c.max_position_embeddings = max_pos.value_or(defaults::kMaxModelLen);
   RETURN_IF_ERROR(CheckPositive("max_position_embeddings", c.max_position_embeddings));
 
   ASSIGN_OR_RETURN(std::optional<double> eps, OptDouble(j, "", "rms_norm_eps"));
@@ -329,31 +330,28 @@ absl::StatusOr<ModelConfig> ParseConfig(const json& j) {
   ASSIGN_OR_RETURN(std::optional<bool> tie, OptBool(j, "tie_word_embeddings"));
   c.tie_word_embeddings = tie.value_or(false);
 
-  // Special tokens.
+  // Special tokens: ids inside the vocabulary [0, vocab_size).
+  auto token_id = [&c](const std::string& field, int64_t id) -> absl::Status {
+    if (id >= 0 && id < c.vocab_size) return absl::OkStatus();
+    return absl::InvalidArgumentError(absl::StrCat("config field '", field, "' is ", id,
+                                                   ", outside the vocabulary [0, ", c.vocab_size,
+                                                   ") (vocab_size)"));
+  };
   ASSIGN_OR_RETURN(std::optional<int64_t> bos, OptInt(j, "", "bos_token_id"));
   if (bos.has_value()) {
-    if (*bos < 0) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("config field 'bos_token_id' must be non-negative, got ", *bos));
-    }
+    RETURN_IF_ERROR(token_id("bos_token_id", *bos));
     c.bos_token_id = *bos;
   }
   if (const json* eos = FindNonNull(j, "eos_token_id"); eos != nullptr) {
     if (eos->is_array()) {
       for (size_t i = 0; i < eos->size(); ++i) {
         ASSIGN_OR_RETURN(int64_t id, AsInt((*eos)[i], absl::StrCat("eos_token_id[", i, "]")));
-        if (id < 0) {
-          return absl::InvalidArgumentError(absl::StrCat(
-              "config field 'eos_token_id[", i, "]' must be non-negative, got ", id));
-        }
+        RETURN_IF_ERROR(token_id(absl::StrCat("eos_token_id[", i, "]"), id));
         c.eos_token_ids.push_back(id);
       }
     } else {
       ASSIGN_OR_RETURN(int64_t id, AsInt(*eos, "eos_token_id"));
-      if (id < 0) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("config field 'eos_token_id' must be non-negative, got ", id));
-      }
+      RETURN_IF_ERROR(token_id("eos_token_id", id));
       c.eos_token_ids.push_back(id);
     }
   }

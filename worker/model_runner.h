@@ -19,6 +19,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "common/defaults.h"
 #include "kvstore/kv_block_manager.h"
 #include "kvstore/kv_spec.h"
 #include "backend/backend.h"

@@ -7,6 +7,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "common/check.h"
+#include "common/defaults.h"
 #include "common/grpc_status.h"
 #include "common/status_macros.h"
 #include "worker/comm/communicator.h"
@@ -259,7 +260,7 @@ absl::StatusOr<lorcserve::internal::LoadModelResponse> WorkerService::LoadModelO
   d.ResetModel();
   ModelSource src{req.model_dir(), req.random_weights(), req.weights_seed(), req.shard_lm_head()};
   KvCacheOptions kv;
-  kv.block_size = req.block_size() > 0 ? req.block_size() : 16;
+  kv.block_size = req.block_size() > 0 ? req.block_size() : defaults::kBlockSize;
   kv.num_blocks = req.num_blocks();
   if (req.kv_cache_bytes() > 0) kv.memory_bytes = req.kv_cache_bytes();
   if (req.max_num_seqs() > 0) kv.max_num_seqs = req.max_num_seqs();

@@ -54,7 +54,12 @@ int main(int argc, char** argv) {
   c.max_model_len = context + steps + 8;
   c.vocab_size = 4096;
   c.eos_token_ids = {1};
-  lorc::Scheduler sched(c);
+  absl::StatusOr<std::unique_ptr<lorc::Scheduler>> created = lorc::Scheduler::Create(c);
+  if (!created.ok()) {
+    std::fprintf(stderr, "step_protocol_bench: %s\n", created.status().ToString().c_str());
+    return 2;
+  }
+  lorc::Scheduler& sched = **created;
   lorc::SamplingParams p;
   p.max_tokens = static_cast<int32_t>(steps + 4);
   for (int64_t i = 0; i < seqs; ++i) {

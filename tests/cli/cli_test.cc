@@ -359,6 +359,66 @@ TEST_F(CliTest, MalformedConfigNamesTheField) {
   }
 }
 
+// Values from a config file or a flag that used to reach a CHECK: exit code 2 and a message
+// naming the field or flag, never a crash.
+TEST_F(CliTest, EosIdOutsideTheVocabularyIsAnErrorNamingFieldAndFile) {
+  const fs::path dir = ScratchDir() / "bad_eos";
+  fs::create_directories(dir);
+  absl::StatusOr<json> config = ReadJsonFile(Tiny() + "/config.json");
+  ASSERT_TRUE(config.ok()) << config.status();
+  const int64_t vocab = (*config)["vocab_size"].get<int64_t>();
+  (*config)["eos_token_id"] = vocab;
+  std::ofstream(dir / "config.json") << config->dump(2);
+  fs::copy_file(Tiny() + "/model.safetensors", dir / "model.safetensors");
+  // (eval opens the model through the same OpenSession as generate.)
+  std::vector<std::vector<std::string>> commands = {
+      {"generate", "--model", dir.string(), "--prompt-ids", "0,1"},
+  };
+#ifdef LORC_WITH_GRPC
+  commands.push_back({"coordinator", "--model", dir.string(), "--listen", "127.0.0.1:0",
+                      "--local-workers", "1"});
+#endif
+  for (const std::vector<std::string>& args : commands) {
+    const RunResult r = Lorcserve(args);
+    EXPECT_EQ(r.exit_code, 2) << r;
+    EXPECT_THAT(r.err, HasSubstr("'eos_token_id' is " + std::to_string(vocab))) << r;
+    EXPECT_THAT(r.err, HasSubstr("outside the vocabulary")) << r;
+    EXPECT_THAT(r.err, HasSubstr((dir / "config.json").string())) << r;
+  }
+}
+
+TEST_F(CliTest, IntegerFlagsAreRangeCheckedIntoTheirType) {
+  struct Case {
+    std::vector<std::string> flag;
+    std::string message;
+  };
+  const std::vector<Case> cases = {
+      {{"--max-step-tokens", "4294967296"}, "--max-step-tokens: 4294967296 is outside the range [1, 2147483647]"},
+      {{"--max-step-tokens", "0"}, "--max-step-tokens: 0 is outside the range"},
+      {{"--block-size", "4294967312"}, "--block-size: 4294967312 is outside the range [1, 1024]"},
+      {{"--kv-cache-mb", "9223372036854775807"}, "--kv-cache-mb: 9223372036854775807 is outside"},
+      {{"--num-blocks", "4294967296"}, "--num-blocks: 4294967296 is outside"},
+      {{"--max-running", "-1"}, "--max-running: -1 is outside"},
+      {{"--max-tokens", "4294967297"}, "--max-tokens: 4294967297 is outside"},
+  };
+  for (const Case& c : cases) {
+    std::vector<std::vector<std::string>> commands = {
+        {"generate", "--model", Tiny(), "--prompt-ids", "0,1"}};
+#ifdef LORC_WITH_GRPC
+    if (c.flag[0] != "--max-tokens") {
+      commands.push_back({"coordinator", "--model", Tiny(), "--listen", "127.0.0.1:0",
+                          "--local-workers", "1"});
+    }
+#endif
+    for (std::vector<std::string> args : commands) {
+      args.insert(args.end(), c.flag.begin(), c.flag.end());
+      const RunResult r = Lorcserve(args);
+      EXPECT_EQ(r.exit_code, 2) << r;
+      EXPECT_THAT(r.err, HasSubstr(c.message)) << r;
+    }
+  }
+}
+
 TEST_F(CliTest, TruncatedWeightsNameTheFile) {
   const fs::path dir = ScratchDir() / "truncated";
   fs::create_directories(dir);

@@ -71,8 +71,10 @@ class EngineLoopTest : public ::testing::Test {
       prompts_.push_back(g["prompt_ids"].get<std::vector<int32_t>>());
       greedy_.push_back(g["greedy_48_ids"].get<std::vector<int32_t>>());
     }
-    loop_ = std::make_unique<EngineLoop>(std::make_unique<Engine>(
-        exec_.get(), model_.config, model_.runner->kv_spec(), nullptr, EngineOptions()));
+    auto engine = Engine::Create(exec_.get(), model_.config, model_.runner->kv_spec(), nullptr,
+                                 EngineOptions());
+    ASSERT_OK(engine);
+    loop_ = std::make_unique<EngineLoop>(*std::move(engine));
   }
   void TearDown() override { loop_.reset(); }
 

@@ -2,6 +2,7 @@
 #include "coordinator/engine.h"
 
 #include <functional>
+#include <map>
 
 #include "common/check.h"
 #include "common/json_util.h"
@@ -49,7 +50,7 @@ class EngineTest : public ::testing::Test {
   }
 
   std::unique_ptr<Engine> MakeEngine(EngineOptions eo = {}) {
-    return std::make_unique<Engine>(exec_.get(), model_.config, model_.runner->kv_spec(),
+    return *Engine::Create(exec_.get(), model_.config, model_.runner->kv_spec(),
                                     tokenizer_.get(), eo);
   }
 
@@ -153,7 +154,7 @@ TEST_F(EngineTest, TightCacheQueuesAndPreemptsWithoutChangingOutputs) {
   GenerationRequest huge = Greedy(0, 200);  // needs 14 blocks, more than the cache has
   out = engine.Generate({huge});
   ASSERT_OK(out);
-  EXPECT_THAT((*out)[0].status, StatusIs(absl::StatusCode::kResourceExhausted, HasSubstr("KV blocks")));
+  EXPECT_THAT((*out)[0].status, StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("KV blocks")));
 }
 
 TEST_F(EngineTest, ScoreNllIsTeacherForcedCrossEntropy) {
@@ -260,7 +261,9 @@ TEST_F(EngineTest, ABadSequenceReachingTheWorkerFailsAloneAndTheBatchIsGolden) {
     SCOPED_TRACE(c.what);
     Load(256);
     TamperingRunner runner(exec_.get(), marker, c.tamper);
-    Engine engine(&runner, model_.config, model_.runner->kv_spec(), tokenizer_.get(), {});
+    auto created = Engine::Create(&runner, model_.config, model_.runner->kv_spec(), tokenizer_.get(), {});
+    ASSERT_OK(created);
+    Engine& engine = **created;
     std::vector<GenerationRequest> reqs;
     for (int i = 0; i < 4; ++i) reqs.push_back(Greedy(i, 48));
     GenerationRequest bad = Greedy(0, 48);
@@ -303,6 +306,71 @@ TEST_F(EngineTest, AStepOutOfOrderFailsAsAWholeAndChangesNothing) {
   // The worker's history ends with the token it sampled; the next plan need not carry it.
   EXPECT_EQ(exec_->Tokens(7).size(), prompts_[0].size() + 1);
   EXPECT_EQ(exec_->Tokens(7).back(), greedy_[0][0]);
+}
+
+}  // namespace
+}  // namespace lorc
+
+namespace lorc {
+namespace {
+
+// Forwards to the real executor and records what each sequence was given per step.
+class CountingRunner : public StepRunner {
+ public:
+  explicit CountingRunner(StepRunner* inner) : inner_(inner) {}
+  absl::Status Submit(const StepPlan& plan) override {
+    for (const ScheduledSequence& s : plan.seqs) {
+      ++steps[s.seq_id];
+      tokens[s.seq_id] += s.num_scheduled_tokens;
+    }
+    return inner_->Submit(plan);
+  }
+  absl::StatusOr<StepResult> Await() override { return inner_->Await(); }
+  int max_in_flight() const override { return inner_->max_in_flight(); }
+  std::map<int64_t, int> steps;
+  std::map<int64_t, int64_t> tokens;
+
+ private:
+  StepRunner* inner_;
+};
+
+// A step is bounded by the token budget, so a long prefill is chunked, and a cancel between
+// steps stops it after the chunk in flight: no further step computes anything for it, and its
+// blocks are free at once.
+TEST_F(EngineTest, CancelledLongPrefillStopsWithinOneChunk) {
+  Load(256);
+  CountingRunner runner(exec_.get());
+  EngineOptions eo;
+  eo.max_step_tokens = 32;
+  auto engine_or = Engine::Create(&runner, model_.config, model_.runner->kv_spec(), tokenizer_.get(), eo);
+  ASSERT_OK(engine_or.status());
+  Engine& engine = **engine_or;
+  constexpr int64_t kId = 7;
+  GenerationRequest long_prompt;
+  for (int i = 0; i < 1000; ++i) long_prompt.prompt_ids.push_back(prompts_[0][i % prompts_[0].size()]);
+  long_prompt.params.max_tokens = 4;
+  std::vector<RequestUpdate> updates;
+  ASSERT_OK(engine.Add(kId, long_prompt, [&](const RequestUpdate& u) { updates.push_back(u); }));
+
+  ASSERT_OK(engine.Step());
+  EXPECT_EQ(runner.steps[kId], 1);
+  EXPECT_EQ(runner.tokens[kId], 32);  // the first chunk only
+  ASSERT_TRUE(engine.scheduler().GetSequence(kId).has_value());
+  EXPECT_EQ(engine.scheduler().GetSequence(kId)->num_computed, 32);
+  EXPECT_GT(engine.scheduler().num_free_blocks(), 0);
+  EXPECT_LT(engine.scheduler().num_free_blocks(), engine.scheduler().num_blocks());
+
+  engine.Abort(kId);
+  ASSERT_EQ(updates.size(), 1u);
+  EXPECT_TRUE(updates[0].finished);
+  EXPECT_THAT(updates[0].status, StatusIs(absl::StatusCode::kCancelled));
+  EXPECT_TRUE(updates[0].new_ids.empty());
+  EXPECT_EQ(engine.scheduler().num_free_blocks(), engine.scheduler().num_blocks());
+  for (int i = 0; i < 10 && engine.HasWork(); ++i) ASSERT_OK(engine.Step());  // announces the end
+  EXPECT_FALSE(engine.HasWork());
+  EXPECT_EQ(runner.steps[kId], 1) << "a step computed tokens for the cancelled request";
+  EXPECT_EQ(runner.tokens[kId], 32);
+  EXPECT_EQ(engine.num_requests(), 0u);
 }
 
 }  // namespace

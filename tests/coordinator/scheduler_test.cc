@@ -54,6 +54,13 @@ int32_t PlainModel(int64_t seq, int64_t pos) { return static_cast<int32_t>((seq 
 
 int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Scheduler::Create for configs the test knows are valid.
+std::unique_ptr<Scheduler> MakeScheduler(const SchedulerConfig& config) {
+  absl::StatusOr<std::unique_ptr<Scheduler>> s = Scheduler::Create(config);
+  EXPECT_OK(s.status());
+  return s.ok() ? std::move(*s) : nullptr;
+}
+
 // What one request computes in a step, as a worker reconstructs it from the incremental plan
 // (step/step.h) and its own state: the tokens, the full block table.
 struct SeqView {
@@ -177,7 +184,7 @@ class FakeWorker {
 class Harness {
  public:
   explicit Harness(const SchedulerConfig& config, FakeWorker::Model model = PlainModel)
-      : sched(config), worker(config.block_size, std::move(model)) {}
+      : sched_owner(MakeScheduler(config)), sched(*sched_owner), worker(config.block_size, std::move(model)) {}
 
   absl::Status Add(int64_t id, std::vector<int32_t> prompt, const SamplingParams& params,
                    int32_t priority = 0) {
@@ -305,7 +312,8 @@ class Harness {
     return steps;
   }
 
-  Scheduler sched;
+  std::unique_ptr<Scheduler> sched_owner;
+  Scheduler& sched;
   FakeWorker worker;
   std::set<int64_t> live;
   std::map<int64_t, std::vector<int32_t>> prompts;
@@ -482,8 +490,9 @@ TEST(SchedulerTest, BoundedQueue) {
 
 TEST(SchedulerTest, RequestLargerThanTheWholeCacheIsRejected) {
   Harness h(Config(4, 10));
+  // Never fits: INVALID_ARGUMENT (retrying cannot help), not the retryable RESOURCE_EXHAUSTED.
   EXPECT_THAT(h.Add(1, Prompt(30), Params(20)),
-              StatusIs(absl::StatusCode::kResourceExhausted,
+              StatusIs(absl::StatusCode::kInvalidArgument,
                        HasSubstr("needs 13 KV blocks for 50 tokens (prompt + max_tokens), the "
                                  "whole cache has 10")));
   // Exactly the whole cache: runs alone, to the end.
@@ -920,10 +929,37 @@ TEST(SchedulerTest, ADecodingSequencesStepMessageIsIndependentOfItsContext) {
 
 // --- Validation -----------------------------------------------------------------------------
 
+TEST(SchedulerTest, CreateRejectsBadConfigsNamingTheField) {
+  using absl::StatusCode;
+  SchedulerConfig eos = Config(16, 64);
+  eos.eos_token_ids = {kEos, kVocab};  // one past the vocabulary (a bad config.json)
+  EXPECT_THAT(Scheduler::Create(eos).status(),
+              StatusIs(StatusCode::kInvalidArgument,
+                       HasSubstr("eos token id 1000 outside the vocabulary [0, 1000)")));
+  SchedulerConfig neg = Config(16, 64);
+  neg.eos_token_ids = {-1};
+  EXPECT_THAT(Scheduler::Create(neg).status(), StatusIs(StatusCode::kInvalidArgument,
+                                                        HasSubstr("eos token id -1")));
+  // block_size 0 used to reach KvBlockManager's CHECK before the config was validated.
+  EXPECT_THAT(Scheduler::Create(Config(0, 64)).status(),
+              StatusIs(StatusCode::kInvalidArgument, HasSubstr("block_size must be > 0, got 0")));
+  EXPECT_THAT(Scheduler::Create(Config(16, 0)).status(),
+              StatusIs(StatusCode::kInvalidArgument, HasSubstr("num_blocks must be > 0")));
+  EXPECT_THAT(Scheduler::Create(Config(16, 64, /*budget=*/0)).status(),
+              StatusIs(StatusCode::kInvalidArgument, HasSubstr("max_step_tokens must be > 0")));
+  SchedulerConfig vocab = Config(16, 64);
+  vocab.vocab_size = 0;
+  EXPECT_THAT(Scheduler::Create(vocab).status(),
+              StatusIs(StatusCode::kInvalidArgument, HasSubstr("vocab_size must be > 0")));
+  EXPECT_OK(Scheduler::Create(Config(16, 64)).status());
+}
+
 TEST(SchedulerTest, AddRejectsBadRequests) {
   SchedulerConfig c = Config(4, 100);
   c.max_model_len = 64;
-  Scheduler s(c);
+  std::unique_ptr<Scheduler> owner = MakeScheduler(c);
+  ASSERT_NE(owner, nullptr);
+  Scheduler& s = *owner;
   using absl::StatusCode;
   EXPECT_THAT(s.Add(1, {}, Params(4)),
               StatusIs(StatusCode::kInvalidArgument, HasSubstr("empty prompt")));

@@ -32,6 +32,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_split.h"
 #include "cli/api_client.h"
 #include "common/json_util.h"
@@ -223,6 +224,8 @@ class ServerProcess {
   }
 
   pid_t pid() const { return pid_; }
+  // The coordinator's wait status once Stop() reaped it.
+  int exit_status() const { return exit_status_; }
   const std::string& address() const { return address_; }
   const std::string& command() const { return command_; }
   std::string Stderr() const { return stderr_path_.empty() ? "" : ReadAll(stderr_path_); }
@@ -742,10 +745,11 @@ TEST_F(ServerE2ETest, BoundedQueueRejectsWithResourceExhausted) {
   const Golden& g = GoldenPrompts()[0];
   ASSERT_EQ(Info().kv_capacity_blocks(), 8);
 
-  // A request that can never fit: 6 + 200 tokens need 13 blocks of 16, the cache has 8.
+  // A request that can never fit: 6 + 200 tokens need 13 blocks of 16, the cache has 8. Not
+  // retryable, so INVALID_ARGUMENT (RESOURCE_EXHAUSTED is only for the full queue below).
   {
     const cli::StreamResult r = Generate(IdsRequest(g.prompt_ids, 200), 30);
-    EXPECT_EQ(r.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << StatusText(r.status);
+    EXPECT_EQ(r.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << StatusText(r.status);
     EXPECT_THAT(r.status.error_message(), HasSubstr("request needs 13 KV blocks for 206 tokens"));
     EXPECT_THAT(r.status.error_message(), HasSubstr("the whole cache has 8"));
   }
@@ -817,7 +821,8 @@ TEST_F(ServerE2ETest, BoundedQueueRejectsWithResourceExhausted) {
 // ---- 5. a worker killed mid-generation ---------------------------------------------------------
 
 TEST_F(ServerE2ETest, WorkerKilledMidGeneration) {
-  ASSERT_NO_FATAL_FAILURE(StartServer(2));
+  // Recovery off: the failure is final (the recovery tests below cover the default).
+  ASSERT_NO_FATAL_FAILURE(StartServer(2, {"--max-restarts", "0"}));
   const Golden& g = GoldenPrompts()[0];
   const pid_t rank1 = server_->WorkerPid(1);
   const pid_t rank0 = server_->WorkerPid(0);
@@ -899,6 +904,103 @@ TEST_F(ServerE2ETest, SecondCoordinatorIsRefusedByAServingWorker) {
   ASSERT_TRUE(r.status.ok()) << StatusText(r.status);
   EXPECT_EQ(r.ids, g.greedy_ids);
   EXPECT_TRUE(Info().serving());
+}
+
+// Polls `done` (state, not a fixed sleep) until it holds or `limit_s` passes.
+bool WaitFor(const std::function<bool()>& done, double limit_s) {
+  const auto t0 = Clock::now();
+  while (!done()) {
+    if (SecondsSince(t0) > limit_s) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  return true;
+}
+
+TEST_F(ServerE2ETest, KilledLocalWorkerIsRestartedAndServesGoldenTokensAgain) {
+  ASSERT_NO_FATAL_FAILURE(StartServer(2));
+  const Golden& g = GoldenPrompts()[0];
+  const pid_t coordinator = server_->pid();
+  const pid_t old_rank1 = server_->WorkerPid(1);
+  ASSERT_GT(old_rank1, 0);
+  ASSERT_EQ(Health(), HealthCheckResponse::SERVING);
+
+  std::atomic<int> streamed{0};
+  cli::StreamResult in_flight;
+  std::thread long_request([&] {
+    v1::GenerateRequest req = IdsRequest(g.prompt_ids, 3000);
+    req.mutable_sampling()->set_ignore_eos(true);
+    in_flight = Generate(req, 600, [&](const v1::GenerateResponse& m) { streamed += m.token_ids_size(); });
+  });
+  ASSERT_TRUE(WaitFor([&] { return streamed.load() >= 4; }, 60)) << "nothing streamed";
+  ASSERT_EQ(kill(old_rank1, SIGKILL), 0) << std::strerror(errno);
+  const auto killed_at = Clock::now();
+  long_request.join();
+  // The request in flight on the old group ends with UNAVAILABLE naming the worker.
+  EXPECT_EQ(in_flight.status.error_code(), grpc::StatusCode::UNAVAILABLE) << StatusText(in_flight.status);
+  EXPECT_THAT(in_flight.status.error_message(), HasSubstr("worker 1"));
+
+  // Requests while it recovers: UNAVAILABLE saying so (retryable); recovery may already be done.
+  const cli::StreamResult during = Generate(IdsRequest(g.prompt_ids, 4), 30);
+  if (!during.status.ok()) {
+    EXPECT_EQ(during.status.error_code(), grpc::StatusCode::UNAVAILABLE) << StatusText(during.status);
+    EXPECT_THAT(during.status.error_message(), ::testing::AnyOf(HasSubstr("recovering"), HasSubstr("worker 1")));
+  }
+
+  // Back to SERVING with a new rank-1 process, the same coordinator, within 30 s.
+  ASSERT_TRUE(WaitFor([&] {
+    const pid_t p = server_->WorkerPid(1);
+    return p > 0 && p != old_rank1 && Health() == HealthCheckResponse::SERVING;
+  }, 30)) << server_->Stderr();
+  const cli::StreamResult r = Generate(IdsRequest(g.prompt_ids, 48));
+  const double recovered_s = SecondsSince(killed_at);
+  std::cerr << "[recover] serving golden tokens again " << recovered_s << " s after the kill\n";
+  ASSERT_TRUE(r.status.ok()) << StatusText(r.status);
+  EXPECT_EQ(r.ids, g.greedy_ids);
+  EXPECT_LT(recovered_s, 30);
+  EXPECT_EQ(server_->pid(), coordinator);
+  EXPECT_TRUE(server_->Alive());
+  const v1::ModelInfoResponse info = Info();
+  EXPECT_TRUE(info.serving());
+  EXPECT_EQ(info.tensor_parallel_size(), 2);
+  EXPECT_EQ(info.worker_failure(), "");
+}
+
+TEST_F(ServerE2ETest, RestartsAreBoundedThenNotServingWithAReason) {
+  ASSERT_NO_FATAL_FAILURE(StartServer(1, {"--max-restarts", "1"}));
+  const pid_t first = server_->WorkerPid(0);
+  ASSERT_GT(first, 0);
+  ASSERT_EQ(kill(first, SIGKILL), 0);
+  pid_t second = -1;
+  ASSERT_TRUE(WaitFor([&] {
+    second = server_->WorkerPid(0);
+    return second > 0 && second != first && Health() == HealthCheckResponse::SERVING;
+  }, 30)) << server_->Stderr();
+  ASSERT_EQ(kill(second, SIGKILL), 0);  // the second failure within the window: give up
+  ASSERT_TRUE(WaitFor([&] { return absl::StrContains(Info().worker_failure(), "gave up"); }, 30))
+      << server_->Stderr();
+  EXPECT_EQ(Health(), HealthCheckResponse::NOT_SERVING);
+  EXPECT_FALSE(Info().serving());
+  const cli::StreamResult r = Generate(IdsRequest(GoldenPrompts()[0].prompt_ids, 4), 30);
+  EXPECT_EQ(r.status.error_code(), grpc::StatusCode::UNAVAILABLE) << StatusText(r.status);
+  EXPECT_THAT(r.status.error_message(), HasSubstr("gave up after 1 worker recoveries"));
+  EXPECT_EQ(server_->WorkerPid(0), -1);  // not restarted again
+  EXPECT_TRUE(server_->Alive());
+}
+
+TEST_F(ServerE2ETest, ShutdownRightAfterAWorkerFailureExitsCleanly) {
+  for (int round = 0; round < 3; ++round) {
+    ASSERT_NO_FATAL_FAILURE(StartServer(2));
+    const pid_t w = server_->WorkerPid(round % 2);
+    ASSERT_GT(w, 0);
+    ASSERT_EQ(kill(w, SIGKILL), 0);
+    // Shut down while the failure is being handled (or recovery has started).
+    ASSERT_TRUE(WaitFor([&] { return server_->WorkerPid(round % 2) != w; }, 10));
+    server_->Stop();
+    const int status = server_->exit_status();
+    EXPECT_TRUE(WIFEXITED(status)) << "round " << round << ": " << (WIFSIGNALED(status) ? WTERMSIG(status) : -1)
+                                   << "\n" << server_->Stderr();
+    if (WIFEXITED(status)) EXPECT_EQ(WEXITSTATUS(status), 0) << "round " << round;
+  }
 }
 
 // ---- 6. health, Tokenize, ModelInfo ------------------------------------------------------------

@@ -36,8 +36,10 @@ class EvalTest : public ::testing::Test {
     ASSERT_OK(m);
     model_ = *std::move(m);
     exec_ = std::make_unique<StepExecutor>(model_.runner.get());
-    engine_ = std::make_unique<Engine>(exec_.get(), model_.config, model_.runner->kv_spec(),
-                                       nullptr, EngineOptions());
+    auto engine = Engine::Create(exec_.get(), model_.config, model_.runner->kv_spec(), nullptr,
+                                 EngineOptions());
+    ASSERT_OK(engine);
+    engine_ = *std::move(engine);
   }
   std::unique_ptr<Backend> backend_;
   LoadedModel model_;

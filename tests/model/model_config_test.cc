@@ -3,11 +3,16 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
 #include <numbers>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include <unistd.h>
+
+#include "absl/strings/str_cat.h"
 #include "common/json_util.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -375,6 +380,39 @@ TEST(ModelConfigTest, UnsupportedArchitectureFeatures) {
   m["model_type"] = "qwen2";
   EXPECT_THAT(ModelConfigFromJson(m),
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("'model_type'")));
+}
+
+TEST(ModelConfigTest, SpecialTokenIdsOutsideTheVocabularyNameFieldAndFile) {
+  json j = TinyConfigJson();
+  const int64_t vocab = j["vocab_size"].get<int64_t>();
+  j["eos_token_id"] = vocab;  // one past the end: used to CHECK-fail in the scheduler
+  EXPECT_THAT(ModelConfigFromJson(j),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr(absl::StrCat("config field 'eos_token_id' is ", vocab,
+                                              ", outside the vocabulary [0, ", vocab, ")"))));
+  j["eos_token_id"] = json::array({1, vocab + 5});
+  EXPECT_THAT(ModelConfigFromJson(j), StatusIs(absl::StatusCode::kInvalidArgument,
+                                               HasSubstr("'eos_token_id[1]' is ")));
+  j["eos_token_id"] = -1;
+  EXPECT_THAT(ModelConfigFromJson(j), StatusIs(absl::StatusCode::kInvalidArgument,
+                                               HasSubstr("'eos_token_id' is -1")));
+  j["eos_token_id"] = vocab - 1;
+  j["bos_token_id"] = vocab;
+  EXPECT_THAT(ModelConfigFromJson(j), StatusIs(absl::StatusCode::kInvalidArgument,
+                                               HasSubstr("'bos_token_id' is ")));
+
+  // From a file: the error names the file too.
+  j["bos_token_id"] = 0;
+  j["eos_token_id"] = vocab;
+  const std::filesystem::path dir =
+      std::filesystem::path(::testing::TempDir()) / absl::StrCat("lorc_eos_", getpid());
+  std::filesystem::create_directories(dir);
+  std::ofstream(dir / "config.json") << j.dump();
+  EXPECT_THAT(LoadModelConfig(dir.string()),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       AllOf(HasSubstr((dir / "config.json").string()),
+                             HasSubstr("'eos_token_id'"))));
+  std::filesystem::remove_all(dir);
 }
 
 TEST(ModelConfigTest, MissingFileNamesPath) {

@@ -234,7 +234,9 @@ TEST(CheckpointFormatsTest, ShardedMixedDtypeCheckpointWithTopLevelRopeTheta) {
 
   const std::vector<Golden> golden = LoadGolden();
   StepExecutor exec(m->runner.get());
-  Engine engine(&exec, m->config, m->runner->kv_spec(), nullptr, {});
+  auto engine_or = Engine::Create(&exec, m->config, m->runner->kv_spec(), nullptr, {});
+  CHECK_OK(engine_or.status());
+  Engine& engine = **engine_or;
   std::vector<GenerationRequest> reqs;
   for (const Golden& g : golden) {
     GenerationRequest r;

@@ -103,7 +103,9 @@ TEST_F(TinyLlamaTest, ChunkedPrefillMatchesSinglePass) {
 TEST_F(TinyLlamaTest, Greedy48TokensMatchReferenceBatchedAndAlone) {
   const std::vector<Golden> golden = LoadGolden();
   StepExecutor exec(model_.runner.get());
-  Engine engine(&exec, model_.config, model_.runner->kv_spec(), nullptr, {});
+  auto engine_or = Engine::Create(&exec, model_.config, model_.runner->kv_spec(), nullptr, {});
+  CHECK_OK(engine_or.status());
+  Engine& engine = **engine_or;
   std::vector<GenerationRequest> reqs;
   for (const Golden& g : golden) {
     GenerationRequest r;
@@ -207,7 +209,9 @@ TEST_F(TinyLlamaTest, StepBuffersKeepTheirAddressesAcrossStepSizes) {
   for (size_t i = 0; i < whole.size(); ++i) ASSERT_NEAR(chunked[i], whole[i], 1e-3);
   // Every row's logits (scoring: prompt log-probabilities) go through the same buffers.
   StepExecutor exec(model_.runner.get());
-  Engine engine(&exec, model_.config, model_.runner->kv_spec(), nullptr, {});
+  auto created = Engine::Create(&exec, model_.config, model_.runner->kv_spec(), nullptr, {});
+  ASSERT_OK(created);
+  Engine& engine = **created;
   ASSERT_OK(ScorePromptNll(engine, absl::MakeConstSpan(prompt).subspan(0, prompt.size() - 1),
                            absl::MakeConstSpan(prompt).subspan(1)));
   EXPECT_EQ(model_.runner->StepBufferAddresses(), before);
@@ -234,6 +238,16 @@ TEST(KvCacheSizingTest, GpuMemoryUtilizationSizesFromMemoryInfo) {
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("gpu_memory_utilization")));
 }
 
+TEST_F(TinyLlamaTest, RejectsBlockCopiesOutsideTheCache) {
+  const int32_t n = model_.runner->kv_spec().num_blocks;
+  EXPECT_OK(model_.runner->CopyBlocks({BlockCopy{0, 1}}));
+  EXPECT_THAT(model_.runner->CopyBlocks({BlockCopy{0, 1}, BlockCopy{n, 2}}),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr(absl::StrCat("block copy 1: src block ", n, " outside the cache"))));
+  EXPECT_THAT(model_.runner->CopyBlocks({BlockCopy{0, -1}}),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("dst block -1")));
+}
+
 // A model directory with only a config.json, for --random-weights.
 std::string WriteRandomModelDir(const std::string& name) {
   const std::string dir = (std::filesystem::temp_directory_path() / name).string();
@@ -258,7 +272,9 @@ TEST(RandomWeightsTest, AnyConfigShapeRunsAndIsSeeded) {
     CHECK_OK(m.status());
     EXPECT_EQ(m->runner->kv_spec().k_width[0], 2 * 16);
     StepExecutor exec(m->runner.get());
-    Engine engine(&exec, m->config, m->runner->kv_spec(), nullptr, {});
+    auto engine_or = Engine::Create(&exec, m->config, m->runner->kv_spec(), nullptr, {});
+    CHECK_OK(engine_or.status());
+    Engine& engine = **engine_or;
     GenerationRequest r;
     r.prompt_ids = {0, 5, 17, 42, 299};
     r.params.max_tokens = 12;

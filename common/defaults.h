@@ -1,0 +1,18 @@
+// One default per engine/KV setting, referenced by the options structs' member initialisers and
+// by the CLI flag help text (so `--help` cannot drift from what the code does).
+#pragma once
+
+#include <cstdint>
+
+namespace lorc::defaults {
+
+inline constexpr int32_t kBlockSize = 16;         // KV cache block size, tokens
+inline constexpr int64_t kKvCacheMiB = 512;       // KV cache memory per worker, MiB
+inline constexpr int32_t kMaxStepTokens = 2048;   // max_num_batched_tokens: tokens per step
+inline constexpr int32_t kMaxRunning = 256;       // max_num_seqs: sequences running at once
+inline constexpr int32_t kMaxWaiting = 1024;      // bounded queue before RESOURCE_EXHAUSTED
+inline constexpr int32_t kMaxTokens = 16;         // a request's max_tokens when it gives none
+inline constexpr int32_t kCliMaxTokens = 64;      // `generate` / `bench` --max-tokens
+inline constexpr int64_t kMaxModelLen = 2048;     // config.json without max_position_embeddings
+
+}  // namespace lorc::defaults

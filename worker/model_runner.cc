@@ -217,9 +217,8 @@ absl::Status ModelRunner::ValidateSequence(const SequenceStep& s) const {
 
 absl::Status ModelRunner::AllReduce(Tensor2D t) {
   if (comm_ == nullptr || weights_.shard.tp_size == 1) return absl::OkStatus();
-  // The Communicator interface is fp32 today; a bf16/fp16 all-reduce needs its dtype argument.
-  RETURN_IF_ERROR(RequireF32(backend_->name(), "AllReduce", "activation", t.dtype));
-  return comm_->AllReduceSum(t.as<float>(), static_cast<size_t>(t.rows * t.cols));
+  // Row-contiguous activations (ld == cols): one collective in the activations' dtype.
+  return comm_->AllReduceSum(t.data, static_cast<size_t>(t.rows * t.cols), t.dtype);
 }
 
 Tensor2D ModelRunner::Weight(const DeviceBuffer& b, int64_t rows, int64_t cols) const {

@@ -19,6 +19,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "common/dtype.h"
 #include "worker/comm/rendezvous.h"
 #include "worker/comm/world_config.h"
 
@@ -34,14 +35,20 @@ class Communicator {
   virtual const WorldConfig& world() const = 0;
   virtual std::string_view backend_name() const = 0;  // "gloo" / "nccl"
 
-  // In-place sum over ranks of `count` floats. Gloo: host memory, returns when done. NCCL: device
-  // memory, enqueued on the stream given at creation; returns once enqueued, and errors of the
-  // asynchronous part are reported by the next call or by Sync().
-  virtual absl::Status AllReduceSum(float* data, size_t count) = 0;
+  // In-place sum over ranks of `count` elements of `dtype` (F32, F16, BF16; summed in that
+  // dtype). Gloo: host memory, returns when done; BF16 is Unimplemented (Gloo has no bf16 sum;
+  // the CPU backend computes in F32). NCCL: device memory, enqueued on the stream given at
+  // creation; returns once enqueued, and errors of the asynchronous part are reported by the
+  // next call or by Sync().
+  virtual absl::Status AllReduceSum(void* data, size_t count, DType dtype) = 0;
+  absl::Status AllReduceSum(float* data, size_t count) { return AllReduceSum(data, count, DType::kF32); }
 
-  // `recv` holds world_size * count floats; rank r's `count` floats land at recv + r * count.
-  // `send` and `recv` must not overlap.
-  virtual absl::Status AllGather(const float* send, float* recv, size_t count) = 0;
+  // `recv` holds world_size * count elements of `dtype`; rank r's `count` elements land at
+  // recv + r * count. `send` and `recv` must not overlap.
+  virtual absl::Status AllGather(const void* send, void* recv, size_t count, DType dtype) = 0;
+  absl::Status AllGather(const float* send, float* recv, size_t count) {
+    return AllGather(send, recv, count, DType::kF32);
+  }
 
   // In place: `bytes` bytes at `data` on rank `root` are copied to `data` on every rank.
   virtual absl::Status Broadcast(void* data, size_t bytes, int root) = 0;

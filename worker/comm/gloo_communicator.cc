@@ -152,28 +152,31 @@ class GlooCommunicator final : public Communicator {
   const WorldConfig& world() const override { return world_; }
   std::string_view backend_name() const override { return "gloo"; }
 
-  absl::Status AllReduceSum(float* data, size_t count) override {
+  using Communicator::AllGather;
+  using Communicator::AllReduceSum;
+
+  absl::Status AllReduceSum(void* data, size_t count, DType dtype) override {
     if (count == 0) return absl::OkStatus();
     if (data == nullptr) return NullArgument("AllReduceSum");
-    return Run("AllReduceSum", [&](uint32_t tag) {
-      gloo::AllreduceOptions opts(context_);
-      opts.setOutput<float>(data, count);
-      opts.setReduceFunction(
-          static_cast<void (*)(void*, const void*, const void*, size_t)>(&gloo::sum<float>));
-      opts.setTag(tag);
-      opts.setTimeout(op_timeout_);
-      gloo::allreduce(opts);
-    });
+    switch (dtype) {
+      case DType::kF32: return AllReduceAs<float>(data, count);
+      case DType::kF16: return AllReduceAs<gloo::float16>(data, count);
+      default:
+        return absl::UnimplementedError(absl::StrCat(group_, " group: gloo AllReduceSum of ",
+                                                     DTypeName(dtype), " (F32 and F16 only)"));
+    }
   }
 
-  absl::Status AllGather(const float* send, float* recv, size_t count) override {
+  absl::Status AllGather(const void* send, void* recv, size_t count, DType dtype) override {
     if (count == 0) return absl::OkStatus();
     if (send == nullptr || recv == nullptr) return NullArgument("AllGather");
+    // A gather moves bytes: any dtype is its width in bytes.
+    const size_t bytes = count * static_cast<size_t>(DTypeSize(dtype));
     return Run("AllGather", [&](uint32_t tag) {
       gloo::AllgatherOptions opts(context_);
       // Gloo only reads the input buffer; its API just lacks a const overload.
-      opts.setInput<float>(const_cast<float*>(send), count);
-      opts.setOutput<float>(recv, count * static_cast<size_t>(world_.world_size));
+      opts.setInput<uint8_t>(static_cast<uint8_t*>(const_cast<void*>(send)), bytes);
+      opts.setOutput<uint8_t>(static_cast<uint8_t*>(recv), bytes * static_cast<size_t>(world_.world_size));
       opts.setTag(tag);
       opts.setTimeout(op_timeout_);
       gloo::allgather(opts);
@@ -207,6 +210,19 @@ class GlooCommunicator final : public Communicator {
   }
 
  private:
+  template <typename T>
+  absl::Status AllReduceAs(void* data, size_t count) {
+    return Run("AllReduceSum", [&](uint32_t tag) {
+      gloo::AllreduceOptions opts(context_);
+      opts.setOutput<T>(static_cast<T*>(data), count);
+      opts.setReduceFunction(
+          static_cast<void (*)(void*, const void*, const void*, size_t)>(&gloo::sum<T>));
+      opts.setTag(tag);
+      opts.setTimeout(op_timeout_);
+      gloo::allreduce(opts);
+    });
+  }
+
   absl::Status NullArgument(const char* op) const {
     return absl::InvalidArgumentError(
         absl::StrCat(group_, " group: ", op, " called with a null buffer"));

@@ -134,22 +134,38 @@ class NcclCommunicator final : public Communicator {
   const WorldConfig& world() const override { return world_; }
   std::string_view backend_name() const override { return "nccl"; }
 
-  absl::Status AllReduceSum(float* data, size_t count) override {
+  using Communicator::AllGather;
+  using Communicator::AllReduceSum;
+
+  absl::Status AllReduceSum(void* data, size_t count, DType dtype) override {
     if (count == 0) return absl::OkStatus();
     if (data == nullptr) return NullArgument("AllReduceSum");
+    ASSIGN_OR_RETURN(ncclDataType_t t, NcclType(dtype));
     absl::MutexLock lock(&mu_);
     return EnqueueLocked("AllReduceSum", [&] {
-      return ncclAllReduce(data, data, count, ncclFloat, ncclSum, comm_, stream_);
+      return ncclAllReduce(data, data, count, t, ncclSum, comm_, stream_);
     });
   }
 
-  absl::Status AllGather(const float* send, float* recv, size_t count) override {
+  absl::Status AllGather(const void* send, void* recv, size_t count, DType dtype) override {
     if (count == 0) return absl::OkStatus();
     if (send == nullptr || recv == nullptr) return NullArgument("AllGather");
+    ASSIGN_OR_RETURN(ncclDataType_t t, NcclType(dtype));
     absl::MutexLock lock(&mu_);
     return EnqueueLocked("AllGather", [&] {
-      return ncclAllGather(send, recv, count, ncclFloat, comm_, stream_);
+      return ncclAllGather(send, recv, count, t, comm_, stream_);
     });
+  }
+
+  absl::StatusOr<ncclDataType_t> NcclType(DType dtype) const {
+    switch (dtype) {
+      case DType::kF32: return ncclFloat32;
+      case DType::kF16: return ncclFloat16;
+      case DType::kBF16: return ncclBfloat16;
+      default:
+        return absl::UnimplementedError(
+            absl::StrCat(group_, " group: NCCL collective of ", DTypeName(dtype)));
+    }
   }
 
   absl::Status Broadcast(void* data, size_t bytes, int root) override {

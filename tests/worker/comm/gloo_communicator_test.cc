@@ -13,6 +13,7 @@
 #include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "gloo/types.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/testing/status_matchers.h"
@@ -150,6 +151,32 @@ TEST_P(GlooWorldTest, AllGather) {
         ASSERT_EQ(recv[r * kCount + i], float(r * 100 + i)) << "rank " << rank;
       }
     }
+  });
+}
+
+TEST_P(GlooWorldTest, HalfPrecisionAllReduceAndGatherAndBf16Refused) {
+  const int n = GetParam();
+  constexpr size_t kCount = 9;
+  InProcessStore store;
+  RunRanks(n, [&](int rank) {
+    auto comm = CreateGlooCommunicator({rank, n}, &store, TestOptions());
+    ASSERT_OK(comm);
+    // F16: small integers are exact in half precision, so the sum is too.
+    std::vector<gloo::float16> half(kCount);
+    for (size_t i = 0; i < kCount; ++i) half[i] = gloo::cpu_float2half_rn(float(rank + i));
+    ASSERT_OK((*comm)->AllReduceSum(half.data(), kCount, DType::kF16));
+    for (size_t i = 0; i < kCount; ++i) {
+      ASSERT_EQ(gloo::cpu_half2float(half[i]), float(n * (n - 1) / 2 + n * int(i))) << "rank " << rank;
+    }
+    // A gather moves any dtype's bytes: BF16 (2 bytes) rank by rank.
+    std::vector<uint16_t> send(kCount, static_cast<uint16_t>(0x3f80 + rank));
+    std::vector<uint16_t> recv(kCount * n, 0);
+    ASSERT_OK((*comm)->AllGather(send.data(), recv.data(), kCount, DType::kBF16));
+    for (int r = 0; r < n; ++r) ASSERT_EQ(recv[r * kCount + kCount - 1], 0x3f80 + r);
+    // Gloo has no bf16 sum: refused, naming the dtype, and nothing is sent (ranks stay matched).
+    EXPECT_THAT((*comm)->AllReduceSum(send.data(), kCount, DType::kBF16),
+                StatusIs(absl::StatusCode::kUnimplemented, HasSubstr("BF16")));
+    ASSERT_OK((*comm)->Barrier());
   });
 }
 

@@ -31,6 +31,11 @@ std::vector<FlagSpec> KvCacheFlags() {
        absl::StrCat("KV cache memory per worker in MiB (default ", defaults::kKvCacheMiB, ")"),
        "MB"},
       {"num-blocks", true, "KV cache blocks per worker (overrides --kv-cache-mb)", "N"},
+      {"gpu-memory-utilization", true,
+       absl::StrCat("share of each GPU's memory for weights, step buffers and KV cache; the cache "
+                    "gets what is left (CUDA default ", defaults::kGpuMemoryUtilization,
+                    "; on the CPU backend --kv-cache-mb sizes the cache unless this is given)"),
+       "F"},
       {"block-size", true,
        absl::StrCat("KV cache block size in tokens (default ", defaults::kBlockSize, ")"), "N"},
   };
@@ -80,6 +85,15 @@ absl::StatusOr<KvCacheOptions> ParseKvCacheOptions(const Args& args) {
   ASSIGN_OR_RETURN(kv.block_size, args.GetInt32("block-size", defaults::kBlockSize, 1, 1024));
   ASSIGN_OR_RETURN(kv.num_blocks, args.GetInt32("num-blocks", 0, 0));
   kv.memory_bytes = kv_mb << 20;
+  const bool cuda = args.Get("backend", "cpu") == "cuda";
+  ASSIGN_OR_RETURN(kv.gpu_memory_utilization,
+                   args.GetDouble("gpu-memory-utilization", cuda ? defaults::kGpuMemoryUtilization : 0.0));
+  if (args.Has("gpu-memory-utilization") &&
+      !(kv.gpu_memory_utilization > 0.0 && kv.gpu_memory_utilization <= 1.0)) {
+    return absl::InvalidArgumentError(absl::StrCat("--gpu-memory-utilization: ",
+                                                   kv.gpu_memory_utilization,
+                                                   " is outside (0, 1]"));
+  }
   // The runners' fixed step buffers must hold what the scheduler may put in one step: the same
   // flags (and defaults) as the engine's budget and running set.
   ASSIGN_OR_RETURN(EngineOptions eo, ParseEngineOptions(args));

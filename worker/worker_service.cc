@@ -81,7 +81,7 @@ class WorkerService::StepStream final : public grpc::ServerBidiReactor<pb::StepP
   }
 
   void OnReadDone(bool ok) override {
-    std::optional<grpc::Status> finish;
+    Next next;
     {
       absl::MutexLock lock(&mu_);
       if (!ok) {
@@ -99,13 +99,13 @@ class WorkerService::StepStream final : public grpc::ServerBidiReactor<pb::StepP
       } else {
         reads_done_ = true;  // ending: read no more
       }
-      finish = NextLocked();
+      next = NextLocked();
     }
-    if (finish.has_value()) Finish(*std::move(finish));  // last: OnDone may follow at once
+    Act(std::move(next));
   }
 
   void OnWriteDone(bool ok) override {
-    std::optional<grpc::Status> finish;
+    Next next;
     {
       absl::MutexLock lock(&mu_);
       writing_ = false;
@@ -116,9 +116,9 @@ class WorkerService::StepStream final : public grpc::ServerBidiReactor<pb::StepP
         owner_closed_ = true;
         results_.clear();
       }
-      finish = NextLocked();
+      next = NextLocked();
     }
-    if (finish.has_value()) Finish(*std::move(finish));
+    Act(std::move(next));
   }
 
   void OnDone() override {
@@ -136,7 +136,6 @@ class WorkerService::StepStream final : public grpc::ServerBidiReactor<pb::StepP
     }
     absl::StatusOr<pb::StepResult> r =
         skip ? absl::CancelledError("not run") : service_->RunStepOnDevice(plan);
-    std::optional<grpc::Status> finish;
     {
       absl::MutexLock lock(&mu_);
       --in_flight_;
@@ -147,9 +146,22 @@ class WorkerService::StepStream final : public grpc::ServerBidiReactor<pb::StepP
           Fail(r.status());
         }
       }
-      finish = NextLocked();
+      // The write (or the finish) starts on the writer thread; until it has run, the stream
+      // cannot finish (NextLocked counts it), so `this` outlives the task.
+      ++writer_tasks_;
     }
-    if (finish.has_value()) Finish(*std::move(finish));
+    if (!service_->writer_.Post([this] { StartNextOnWriter(); })) StartNextOnWriter();
+  }
+
+  // On the writer thread (or inline when it is shutting down).
+  void StartNextOnWriter() {
+    Next next;
+    {
+      absl::MutexLock lock(&mu_);
+      --writer_tasks_;
+      next = NextLocked();
+    }
+    Act(std::move(next));
   }
 
   void Fail(const absl::Status& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
@@ -157,20 +169,35 @@ class WorkerService::StepStream final : public grpc::ServerBidiReactor<pb::StepP
     failed_ = true;
   }
 
-  // Starts the next write, or returns the status to finish with once everything is done.
-  std::optional<grpc::Status> NextLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (finished_ || writing_) return std::nullopt;
+  // What to do next, decided under the lock and done after it (a gRPC write can take a while
+  // and must not hold up the device thread, which takes the lock between steps).
+  struct Next {
+    const pb::StepResult* write = nullptr;  // start this write (results_.front(), stable)
+    std::optional<grpc::Status> finish;     // or finish the stream with this
+  };
+  void Act(Next next) {
+    if (next.write != nullptr) {
+      StartWrite(next.write);
+    } else if (next.finish.has_value()) {
+      Finish(*std::move(next.finish));  // last: OnDone may follow at once
+    }
+  }
+
+  // The next write, or the status to finish with once everything is done.
+  Next NextLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (finished_ || writing_) return {};
     if (!results_.empty()) {
       writing_ = true;
-      StartWrite(&results_.front());
-      return std::nullopt;
+      return {&results_.front(), std::nullopt};
     }
-    if (in_flight_ > 0 || !(reads_done_ || failed_ || write_failed_)) return std::nullopt;
+    if (in_flight_ > 0 || writer_tasks_ > 0 || !(reads_done_ || failed_ || write_failed_)) {
+      return {};
+    }
     finished_ = true;
     if (write_failed_ && !failed_) {
-      return grpc::Status(grpc::StatusCode::CANCELLED, "step stream closed by the coordinator");
+      return {nullptr, grpc::Status(grpc::StatusCode::CANCELLED, "step stream closed by the coordinator")};
     }
-    return status_;
+    return {nullptr, status_};
   }
 
   WorkerService* const service_;
@@ -179,6 +206,7 @@ class WorkerService::StepStream final : public grpc::ServerBidiReactor<pb::StepP
   pb::StepPlan plan_ ABSL_GUARDED_BY(mu_);               // the read in progress
   std::deque<pb::StepResult> results_ ABSL_GUARDED_BY(mu_);  // front: being written
   int in_flight_ ABSL_GUARDED_BY(mu_) = 0;           // posted, not yet run
+  int writer_tasks_ ABSL_GUARDED_BY(mu_) = 0;        // StartNextOnWriter posted, not yet run
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
   bool reads_done_ ABSL_GUARDED_BY(mu_) = false;
   bool failed_ ABSL_GUARDED_BY(mu_) = false;         // a step failed: status_ says why
@@ -198,6 +226,7 @@ WorkerService::~WorkerService() {
     return absl::OkStatus();
   });
   device_.Shutdown();
+  writer_.Shutdown();
 }
 
 WorkerService::Device& WorkerService::device() {

@@ -81,6 +81,9 @@ class WorkerService final
   const WorkerOptions options_;
   Ownership ownership_;
   DeviceThread device_;
+  // Starts the step streams' writes, so the device thread goes on to the next queued step at
+  // once (a gRPC write started inline took ~0.6 ms of the device thread between steps).
+  DeviceThread writer_;
   std::unique_ptr<Device> device_state_;  // device thread only
   // Read by Ping without waiting: a long step must not make the worker look dead.
   std::atomic<bool> model_loaded_{false};

@@ -21,11 +21,15 @@
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 #include "tests/testing/fixtures.h"
+#include "tests/testing/golden.h"
 #include "tests/testing/run_lorcserve.h"
 
 
 namespace lorc {
 namespace {
+
+using ::lorc::testing::Golden;
+using ::lorc::testing::GoldenPrompts;
 
 namespace fs = std::filesystem;
 using json = nlohmann::json;
@@ -70,25 +74,6 @@ std::string JoinIds(const std::vector<int32_t>& ids) {
   return s;
 }
 
-struct Golden {
-  std::string prompt;
-  std::vector<int32_t> prompt_ids, greedy_ids;
-  std::string greedy_text;
-};
-
-std::vector<Golden> LoadGolden() {
-  absl::StatusOr<json> j = ReadJsonFile(Tiny() + "/golden_fp32.json");
-  EXPECT_TRUE(j.ok()) << j.status();
-  std::vector<Golden> out;
-  if (!j.ok()) return out;
-  for (const json& g : *j) {
-    out.push_back({g["prompt"].get<std::string>(), g["prompt_ids"].get<std::vector<int32_t>>(),
-                   g["greedy_48_ids"].get<std::vector<int32_t>>(),
-                   g["greedy_48_text"].get<std::string>()});
-  }
-  return out;
-}
-
 class CliTest : public ::testing::Test {
  protected:
   void SetUp() override { REQUIRE_TINY_LLAMA(); }
@@ -97,7 +82,7 @@ class CliTest : public ::testing::Test {
 // ---- generate ---------------------------------------------------------------------------------
 
 TEST_F(CliTest, GenerateGreedyMatchesGoldenForAllPrompts) {
-  const std::vector<Golden> golden = LoadGolden();
+  const std::vector<Golden> golden = GoldenPrompts();
   ASSERT_EQ(golden.size(), 4u);
   for (const Golden& g : golden) {
     const RunResult r = Lorcserve({"generate", "--model", Tiny(), "--prompt-ids", JoinIds(g.prompt_ids),
@@ -115,7 +100,7 @@ TEST_F(CliTest, GenerateGreedyMatchesGoldenForAllPrompts) {
 }
 
 TEST_F(CliTest, GeneratePromptTextEqualsIdsWithBos) {
-  const Golden g = LoadGolden().at(0);
+  const Golden g = GoldenPrompts().at(0);
   ASSERT_EQ(g.prompt, "The meaning of the word");
   const RunResult r = Lorcserve({"generate", "--model", Tiny(), "--prompt", "The meaning of the word",
                            "--max-tokens", "48", "--json"});
@@ -127,7 +112,7 @@ TEST_F(CliTest, GeneratePromptTextEqualsIdsWithBos) {
 }
 
 TEST_F(CliTest, GeneratePlainOutputPrintsTextAndSummary) {
-  const Golden g = LoadGolden().at(0);
+  const Golden g = GoldenPrompts().at(0);
   const RunResult r = Lorcserve({"generate", "--model", Tiny(), "--prompt-ids", JoinIds(g.prompt_ids),
                            "--max-tokens", "48"});
   ASSERT_EQ(r.exit_code, 0) << r;
@@ -136,7 +121,7 @@ TEST_F(CliTest, GeneratePlainOutputPrintsTextAndSummary) {
 }
 
 TEST_F(CliTest, SeededSamplingIsReproducible) {
-  const std::vector<int32_t> prompt = LoadGolden().at(0).prompt_ids;
+  const std::vector<int32_t> prompt = GoldenPrompts().at(0).prompt_ids;
   auto sample = [&](const char* seed) {
     return Lorcserve({"generate", "--model", Tiny(), "--prompt-ids", JoinIds(prompt), "--max-tokens", "32",
                 "--temperature", "0.8", "--top-p", "0.9", "--seed", seed, "--ignore-eos", "--json"});
@@ -153,7 +138,7 @@ TEST_F(CliTest, SeededSamplingIsReproducible) {
 }
 
 TEST_F(CliTest, StopStringCutsTextAndFinishesWithStop) {
-  const Golden g = LoadGolden().at(0);
+  const Golden g = GoldenPrompts().at(0);
   const size_t cut = g.greedy_text.find("verb");
   ASSERT_NE(cut, std::string::npos);
   const RunResult r = Lorcserve({"generate", "--model", Tiny(), "--prompt-ids", JoinIds(g.prompt_ids),
@@ -168,7 +153,7 @@ TEST_F(CliTest, StopStringCutsTextAndFinishesWithStop) {
 }
 
 TEST_F(CliTest, StopIdEndsAtThatToken) {
-  const Golden g = LoadGolden().at(0);
+  const Golden g = GoldenPrompts().at(0);
   const int32_t stop = g.greedy_ids.at(3);  // " like", first produced 4th
   ASSERT_EQ(std::find(g.greedy_ids.begin(), g.greedy_ids.end(), stop) - g.greedy_ids.begin(), 3);
   const RunResult r = Lorcserve({"generate", "--model", Tiny(), "--prompt-ids", JoinIds(g.prompt_ids),
@@ -205,7 +190,7 @@ TEST_F(CliTest, TokenizeTextAndFile) {
   EXPECT_EQ(Json(r)["ids"].get<std::vector<int32_t>>(), hello_world);
 
   // The golden prompt without its BOS: the tokenizer adds none itself.
-  const Golden g = LoadGolden().at(0);
+  const Golden g = GoldenPrompts().at(0);
   r = Lorcserve({"tokenize", "--model", Tiny(), "--text", g.prompt, "--json"});
   ASSERT_EQ(r.exit_code, 0) << r;
   EXPECT_EQ(Json(r)["ids"].get<std::vector<int32_t>>(),
@@ -455,7 +440,7 @@ TEST_F(CliTest, RequestBeyondModelLengthIsRejected) {
   EXPECT_THAT(r.err, HasSubstr("4096"));
   // Exactly the maximum is fine (3 + 4093 = 4096); only checked for acceptance, kept short by a
   // stop id that greedy decoding reaches at once.
-  r = Lorcserve({"generate", "--model", Tiny(), "--prompt-ids", JoinIds(LoadGolden().at(0).prompt_ids),
+  r = Lorcserve({"generate", "--model", Tiny(), "--prompt-ids", JoinIds(GoldenPrompts().at(0).prompt_ids),
            "--max-tokens", "4090", "--stop-id", "14", "--json"});
   EXPECT_EQ(r.exit_code, 0) << r;
   EXPECT_EQ(Json(r)["finish_reason"], "stop");

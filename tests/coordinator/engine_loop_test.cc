@@ -8,6 +8,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/testing/fixtures.h"
+#include "tests/testing/golden.h"
 #include "tests/testing/status_matchers.h"
 #include "worker/model_loader.h"
 #include "worker/step_executor.h"
@@ -65,11 +66,9 @@ class EngineLoopTest : public ::testing::Test {
     ASSERT_OK(m);
     model_ = *std::move(m);
     exec_ = std::make_unique<StepExecutor>(model_.runner.get());
-    auto j = ReadJsonFile(::lorc::testing::TinyLlamaDir() + "/golden_fp32.json");
-    ASSERT_OK(j);
-    for (const auto& g : *j) {
-      prompts_.push_back(g["prompt_ids"].get<std::vector<int32_t>>());
-      greedy_.push_back(g["greedy_48_ids"].get<std::vector<int32_t>>());
+    for (const ::lorc::testing::Golden& g : ::lorc::testing::GoldenPrompts()) {
+      prompts_.push_back(g.prompt_ids);
+      greedy_.push_back(g.greedy_ids);
     }
     auto engine = Engine::Create(exec_.get(), model_.config, model_.runner->kv_spec(), nullptr,
                                  EngineOptions());

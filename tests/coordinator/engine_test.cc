@@ -10,6 +10,7 @@
 #include "gtest/gtest.h"
 #include "eval/eval.h"
 #include "tests/testing/fixtures.h"
+#include "tests/testing/golden.h"
 #include "tests/testing/status_matchers.h"
 #include "worker/model_loader.h"
 #include "worker/step_executor.h"
@@ -30,12 +31,10 @@ class EngineTest : public ::testing::Test {
     auto tok = Tokenizer::FromModelDir(::lorc::testing::TinyLlamaDir());
     ASSERT_OK(tok);
     tokenizer_ = *std::move(tok);
-    auto j = ReadJsonFile(::lorc::testing::TinyLlamaDir() + "/golden_fp32.json");
-    ASSERT_OK(j);
-    for (const auto& g : *j) {
-      prompts_.push_back(g["prompt_ids"].get<std::vector<int32_t>>());
-      greedy_.push_back(g["greedy_48_ids"].get<std::vector<int32_t>>());
-      greedy_text_.push_back(g["greedy_48_text"].get<std::string>());
+    for (const ::lorc::testing::Golden& g : ::lorc::testing::GoldenPrompts()) {
+      prompts_.push_back(g.prompt_ids);
+      greedy_.push_back(g.greedy_ids);
+      greedy_text_.push_back(g.greedy_text);
     }
   }
 

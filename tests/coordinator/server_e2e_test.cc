@@ -44,6 +44,7 @@
 #include "lorcserve/v1/lorcserve.grpc.pb.h"
 #include "nlohmann/json.hpp"
 #include "tests/testing/fixtures.h"
+#include "tests/testing/golden.h"
 
 extern char** environ;
 
@@ -52,6 +53,8 @@ namespace {
 
 namespace fs = std::filesystem;
 namespace v1 = ::lorcserve::v1;
+using ::lorc::testing::Golden;
+using ::lorc::testing::GoldenPrompts;
 using Clock = std::chrono::steady_clock;
 using ::grpc::health::v1::HealthCheckRequest;
 using ::grpc::health::v1::HealthCheckResponse;
@@ -78,27 +81,6 @@ std::string StatusText(const grpc::Status& s) {
 }
 
 // ---- the golden reference -----------------------------------------------------------------------
-
-struct Golden {
-  std::string prompt;
-  std::vector<int32_t> prompt_ids, greedy_ids;
-  std::string greedy_text;
-};
-
-const std::vector<Golden>& GoldenPrompts() {
-  static const std::vector<Golden>* golden = [] {
-    auto* out = new std::vector<Golden>();
-    absl::StatusOr<nlohmann::json> j = ReadJsonFile(Tiny() + "/golden_fp32.json");
-    if (!j.ok()) return out;
-    for (const nlohmann::json& g : *j) {
-      out->push_back({g["prompt"].get<std::string>(), g["prompt_ids"].get<std::vector<int32_t>>(),
-                      g["greedy_48_ids"].get<std::vector<int32_t>>(),
-                      g["greedy_48_text"].get<std::string>()});
-    }
-    return out;
-  }();
-  return *golden;
-}
 
 v1::GenerateRequest IdsRequest(const std::vector<int32_t>& ids, int max_tokens) {
   v1::GenerateRequest req;

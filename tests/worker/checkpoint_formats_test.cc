@@ -27,6 +27,7 @@
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 #include "tests/testing/fixtures.h"
+#include "tests/testing/golden.h"
 #include "tests/testing/run_lorcserve.h"
 #include "tests/testing/status_matchers.h"
 #include "worker/model_loader.h"
@@ -36,6 +37,9 @@
 
 namespace lorc {
 namespace {
+
+using ::lorc::testing::Golden;
+using ::lorc::testing::GoldenPrompts;
 
 namespace fs = std::filesystem;
 using json = nlohmann::json;
@@ -121,20 +125,6 @@ int LayerOf(const std::string& name) {
   const std::string prefix = "model.layers.";
   if (!absl::StartsWith(name, prefix)) return -1;
   return std::stoi(name.substr(prefix.size()));
-}
-
-struct Golden {
-  std::vector<int32_t> prompt_ids, greedy_ids;
-};
-
-std::vector<Golden> LoadGolden() {
-  auto j = ReadJsonFile(::lorc::testing::TinyLlamaDir() + "/golden_fp32.json");
-  CHECK_OK(j.status());
-  std::vector<Golden> out;
-  for (const auto& g : *j) {
-    out.push_back({g["prompt_ids"].get<std::vector<int32_t>>(), g["greedy_48_ids"].get<std::vector<int32_t>>()});
-  }
-  return out;
 }
 
 // ---- sharded, mixed-dtype checkpoint ------------------------------------------------------------
@@ -232,7 +222,7 @@ TEST(CheckpointFormatsTest, ShardedMixedDtypeCheckpointWithTopLevelRopeTheta) {
   EXPECT_DOUBLE_EQ(m->config.rope.theta, 500000.0);
   EXPECT_EQ(m->config.torch_dtype, "bfloat16");
 
-  const std::vector<Golden> golden = LoadGolden();
+  const std::vector<Golden> golden = GoldenPrompts();
   StepExecutor exec(m->runner.get());
   auto engine_or = Engine::Create(&exec, m->config, m->runner->kv_spec(), nullptr, {});
   CHECK_OK(engine_or.status());

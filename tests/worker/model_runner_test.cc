@@ -12,6 +12,7 @@
 #include "gtest/gtest.h"
 #include "eval/eval.h"
 #include "tests/testing/fixtures.h"
+#include "tests/testing/golden.h"
 #include "tests/testing/status_matchers.h"
 #include "worker/model_loader.h"
 #include "worker/step_executor.h"
@@ -19,26 +20,11 @@
 namespace lorc {
 namespace {
 
+using ::lorc::testing::Golden;
+using ::lorc::testing::GoldenPrompts;
+
 using ::lorc::testing::StatusIs;
 using ::testing::HasSubstr;
-
-struct Golden {
-  std::vector<int32_t> prompt_ids, top_ids, greedy_ids;
-  std::vector<float> top_values;
-};
-
-std::vector<Golden> LoadGolden() {
-  auto j = ReadJsonFile(::lorc::testing::TinyLlamaDir() + "/golden_fp32.json");
-  CHECK_OK(j.status());
-  std::vector<Golden> out;
-  for (const auto& g : *j) {
-    out.push_back({g["prompt_ids"].get<std::vector<int32_t>>(),
-                   g["last_logits_top20_ids"].get<std::vector<int32_t>>(),
-                   g["greedy_48_ids"].get<std::vector<int32_t>>(),
-                   g["last_logits_top20_values"].get<std::vector<float>>()});
-  }
-  return out;
-}
 
 class TinyLlamaTest : public ::testing::Test {
  protected:
@@ -81,7 +67,7 @@ class TinyLlamaTest : public ::testing::Test {
 };
 
 TEST_F(TinyLlamaTest, LastPositionTop20LogitsMatchReference) {
-  for (const Golden& g : LoadGolden()) {
+  for (const Golden& g : GoldenPrompts()) {
     const std::vector<float> logits = LastLogits(g.prompt_ids, 1 << 20);
     ASSERT_EQ(logits.size(), 4096u);
     for (size_t i = 0; i < g.top_ids.size(); ++i) {
@@ -92,7 +78,7 @@ TEST_F(TinyLlamaTest, LastPositionTop20LogitsMatchReference) {
 }
 
 TEST_F(TinyLlamaTest, ChunkedPrefillMatchesSinglePass) {
-  const Golden g = LoadGolden()[1];  // the longest prompt (12 tokens)
+  const Golden g = GoldenPrompts()[1];  // the longest prompt (12 tokens)
   const std::vector<float> whole = LastLogits(g.prompt_ids, 1 << 20);
   for (int chunk : {1, 5, 11}) {
     const std::vector<float> chunked = LastLogits(g.prompt_ids, chunk);
@@ -101,7 +87,7 @@ TEST_F(TinyLlamaTest, ChunkedPrefillMatchesSinglePass) {
 }
 
 TEST_F(TinyLlamaTest, Greedy48TokensMatchReferenceBatchedAndAlone) {
-  const std::vector<Golden> golden = LoadGolden();
+  const std::vector<Golden> golden = GoldenPrompts();
   StepExecutor exec(model_.runner.get());
   auto engine_or = Engine::Create(&exec, model_.config, model_.runner->kv_spec(), nullptr, {});
   CHECK_OK(engine_or.status());
@@ -199,7 +185,7 @@ TEST(StepLimitsTest, ExecuteRejectsStepsOverTheLimits) {
 
 TEST_F(TinyLlamaTest, StepBuffersKeepTheirAddressesAcrossStepSizes) {
   const std::vector<const void*> before = model_.runner->StepBufferAddresses();
-  const std::vector<int32_t> prompt = LoadGolden()[1].prompt_ids;
+  const std::vector<int32_t> prompt = GoldenPrompts()[1].prompt_ids;
   // A long prefill, chunked prefills of odd sizes and single-token decodes: the sizes that used
   // to grow the scratch.
   const std::vector<float> whole = LastLogits(prompt, 1 << 20);

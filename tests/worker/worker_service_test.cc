@@ -19,11 +19,15 @@
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
 #include "tests/testing/fixtures.h"
+#include "tests/testing/golden.h"
 #include "tests/testing/status_matchers.h"
 #include "step/step_proto.h"
 
 namespace lorc {
 namespace {
+
+using ::lorc::testing::Golden;
+using ::lorc::testing::GoldenPrompts;
 
 namespace pb = ::lorcserve::internal;
 using ::lorc::testing::IsOk;
@@ -35,20 +39,6 @@ const CoordinatorRef kA{0xA11CE, "a.example:1"};
 const CoordinatorRef kB{0xB0B, "b.example:2"};
 constexpr int kBlockSize = 16;
 constexpr int kBlocksPerSeq = 8;  // 128 tokens: more than any golden prompt + a few tokens
-
-struct Golden {
-  std::vector<int32_t> prompt_ids, greedy_ids;
-};
-
-std::vector<Golden> LoadGolden() {
-  std::vector<Golden> out;
-  absl::StatusOr<nlohmann::json> j = ReadJsonFile(::lorc::testing::TinyLlamaDir() + "/golden_fp32.json");
-  if (!j.ok()) return out;
-  for (const nlohmann::json& g : *j) {
-    out.push_back({g["prompt_ids"].get<std::vector<int32_t>>(), g["greedy_48_ids"].get<std::vector<int32_t>>()});
-  }
-  return out;
-}
 
 // A greedy step for sequence `seq_id` (which owns blocks [seq_id * 8, seq_id * 8 + 8)) in the
 // incremental protocol (step/step.h): on first sight (`num_cached` 0) it brings `tokens` (the
@@ -100,7 +90,7 @@ class WorkerServiceTest : public ::testing::Test {
  protected:
   void SetUp() override {
     REQUIRE_TINY_LLAMA();
-    golden_ = LoadGolden();
+    golden_ = GoldenPrompts();
     ASSERT_GE(golden_.size(), 2u) << "cannot read golden_fp32.json";
     WorkerOptions o;
     o.backend.threads = 1;

@@ -54,6 +54,19 @@ absl::Status RequireF32(const char* backend, const char* op, const char* what, D
                                                DTypeName(dtype), " not implemented"));
 }
 
+absl::Status ValidateBlockCopies(absl::Span<const BlockCopy> copies, int32_t num_blocks) {
+  for (size_t i = 0; i < copies.size(); ++i) {
+    for (auto [field, b] : {std::pair{"src", copies[i].src}, std::pair{"dst", copies[i].dst}}) {
+      if (b < 0 || b >= num_blocks) {
+        return absl::InvalidArgumentError(absl::StrCat("block copy ", i, ": ", field, " block ", b,
+                                                       " outside the cache of ", num_blocks,
+                                                       " blocks"));
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(const BackendOptions& options) {
   switch (options.kind) {
     case BackendKind::kCpu:

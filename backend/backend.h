@@ -317,4 +317,9 @@ absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(const BackendOptions& opt
 // "cpu backend: <op>: <what> dtype <DT> not implemented" as Unimplemented unless t.dtype is F32.
 absl::Status RequireF32(const char* backend, const char* op, const char* what, DType dtype);
 
+// InvalidArgument naming the first copy with a block outside [0, num_blocks) ("block copy i: src
+// block b outside the cache of n blocks"); what every backend's CopyBlocks checks before copying
+// anything.
+absl::Status ValidateBlockCopies(absl::Span<const BlockCopy> copies, int32_t num_blocks);
+
 }  // namespace lorc

@@ -417,12 +417,7 @@ absl::Status CpuBackend::Attend(const AttentionParams& p, const AttentionBatch& 
 
 absl::Status CpuBackend::CopyBlocks(absl::Span<const KvLayer> layers, int32_t block_size,
                                     int32_t num_blocks, absl::Span<const BlockCopy> copies) {
-  for (const BlockCopy& c : copies) {
-    if (c.src < 0 || c.src >= num_blocks || c.dst < 0 || c.dst >= num_blocks) {
-      return absl::InvalidArgumentError(absl::StrCat("cpu backend: CopyBlocks: block copy ", c.src,
-                                                     " -> ", c.dst, " outside [0, ", num_blocks, ")"));
-    }
-  }
+  if (absl::Status s = ValidateBlockCopies(copies, num_blocks); !s.ok()) return s;
   for (const KvLayer& layer : layers) {
     const size_t esz = DTypeSize(layer.dtype);
     const size_t k_block = static_cast<size_t>(block_size) * layer.k_width * esz;

@@ -194,12 +194,7 @@ class CudaBackend final : public Backend {
   // One device-to-device copy per (pair, layer, K/V) for now; a single batched kernel later.
   absl::Status CopyBlocks(absl::Span<const KvLayer> layers, int32_t block_size, int32_t num_blocks,
                           absl::Span<const BlockCopy> copies) override {
-    for (const BlockCopy& c : copies) {
-      if (c.src < 0 || c.src >= num_blocks || c.dst < 0 || c.dst >= num_blocks) {
-        return absl::InvalidArgumentError(absl::StrCat("cuda backend: CopyBlocks: block copy ", c.src,
-                                                       " -> ", c.dst, " outside [0, ", num_blocks, ")"));
-      }
-    }
+    RETURN_IF_ERROR(ValidateBlockCopies(copies, num_blocks));
     for (const KvLayer& l : layers) {
       const size_t esz = DTypeSize(l.dtype);
       const size_t kb = static_cast<size_t>(block_size) * l.k_width * esz;

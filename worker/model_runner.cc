@@ -393,16 +393,7 @@ absl::Status ModelRunner::ComputeLogits(const Tensor2D& x, const int32_t* rows_a
 }
 
 absl::Status ModelRunner::CopyBlocks(absl::Span<const BlockCopy> copies) {
-  // Check every copy before doing any, so a bad one changes nothing.
-  for (size_t i = 0; i < copies.size(); ++i) {
-    for (auto [field, b] : {std::pair{"src", copies[i].src}, std::pair{"dst", copies[i].dst}}) {
-      if (b < 0 || b >= kv_spec_.num_blocks) {
-        return absl::InvalidArgumentError(absl::StrCat("block copy ", i, ": ", field, " block ", b,
-                                                       " outside the cache of ",
-                                                       kv_spec_.num_blocks, " blocks"));
-      }
-    }
-  }
+  // The backend checks every copy (ValidateBlockCopies) before doing any.
   if (copies.empty()) return absl::OkStatus();
   return backend_->CopyBlocks(kv_layers_, kv_spec_.block_size, kv_spec_.num_blocks, copies);
 }

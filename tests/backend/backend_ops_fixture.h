@@ -19,6 +19,7 @@
 #include "gtest/gtest.h"
 #include "tests/testing/status_matchers.h"
 #include "backend/backend.h"
+#include "backend/cuda_backend.h"
 
 namespace lorc {
 
@@ -68,8 +69,15 @@ class BackendOpsTest : public ::testing::TestWithParam<BackendKind> {
     opts.kind = GetParam();
     auto b = CreateBackend(opts);
     if (!b.ok()) {
-      if (GetParam() == BackendKind::kCpu) FAIL() << b.status();
-      GTEST_SKIP() << "backend not available: " << b.status();
+      // CUDA cases skip only for want of a device (or of CUDA in the build); with a device any
+      // backend error fails them (today: the kernels of the CUDA backend issue are missing).
+      if (GetParam() == BackendKind::kCuda) {
+        auto devices = ListCudaDevices();
+        if (!devices.ok() || devices->empty()) {
+          GTEST_SKIP() << "no CUDA device (" << b.status() << ")";
+        }
+      }
+      FAIL() << b.status();
     }
     be_ = std::move(*b);
   }

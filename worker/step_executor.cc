@@ -53,6 +53,11 @@ absl::Status StepExecutor::Prepare(const ScheduledSequence& s, SequenceStep* ste
   if (st != nullptr && s.params.has_value()) {
     return absl::FailedPreconditionError(absl::StrCat("sequence ", id, " is already known"));
   }
+  if (st != nullptr && !st->tokens.empty() && !s.new_token_ids.empty()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "sequence ", id, ": tokens re-sent while this worker holds its history (only a new or a "
+        "preempted sequence gets its tokens)"));
+  }
   if (s.params.has_value()) RETURN_IF_ERROR(s.params->Validate(runner_->config().vocab_size));
   const int64_t have = st == nullptr ? 0 : st->num_computed_tokens;
   if (s.num_computed_tokens != have) {
@@ -104,7 +109,8 @@ absl::Status StepExecutor::ShareSampled(std::vector<int32_t>* tokens) {
   if (samples_) RETURN_IF_ERROR(be.CopyToDevice(share_buf_.data(), tokens->data(), bytes));
   RETURN_IF_ERROR(comm_->Broadcast(share_buf_.data(), bytes, /*root=*/0));
   RETURN_IF_ERROR(comm_->Sync());
-  return be.CopyToHost(tokens->data(), share_buf_.data(), bytes);
+  RETURN_IF_ERROR(be.CopyToHost(tokens->data(), share_buf_.data(), bytes));
+  return be.Synchronize();  // a device-to-host copy is complete only after it
 }
 
 absl::StatusOr<StepResult> StepExecutor::Execute(const StepPlan& plan) {

@@ -305,6 +305,22 @@ TEST_F(EngineTest, AStepOutOfOrderFailsAsAWholeAndChangesNothing) {
   // The worker's history ends with the token it sampled; the next plan need not carry it.
   EXPECT_EQ(exec_->Tokens(7).size(), prompts_[0].size() + 1);
   EXPECT_EQ(exec_->Tokens(7).back(), greedy_[0][0]);
+  // A plan that re-sends the tokens (or the params) of a running sequence fails it alone.
+  StepPlan resent;
+  resent.step_id = 2;
+  ScheduledSequence again;
+  again.seq_id = 7;
+  again.new_token_ids = {5};
+  again.num_computed_tokens = static_cast<int64_t>(prompts_[0].size());
+  again.num_scheduled_tokens = 1;
+  again.sample = true;
+  resent.seqs.push_back(again);
+  auto r = exec_->Execute(resent);
+  ASSERT_OK(r);
+  ASSERT_EQ(r->failed.size(), 1u);
+  EXPECT_THAT(r->failed[0].status, StatusIs(absl::StatusCode::kFailedPrecondition,
+                                            HasSubstr("tokens re-sent")));
+  EXPECT_EQ(exec_->num_sequences(), 0u);
 }
 
 }  // namespace

@@ -86,7 +86,7 @@ absl::StatusOr<double> Args::GetDouble(const std::string& name, double def) cons
 
 absl::StatusOr<std::vector<int32_t>> Args::GetIntList(const std::string& name) const {
   std::vector<int32_t> out;
-  for (absl::string_view part : absl::StrSplit(Get(name), ',', absl::SkipWhitespace())) {
+  for (absl::string_view part : absl::StrSplit(Get(name), ',')) {
     int32_t v;
     if (!absl::SimpleAtoi(absl::StripAsciiWhitespace(part), &v)) {
       return absl::InvalidArgumentError(absl::StrCat("--", name, ": '", part, "' is not an integer"));
@@ -94,6 +94,18 @@ absl::StatusOr<std::vector<int32_t>> Args::GetIntList(const std::string& name) c
     out.push_back(v);
   }
   return out;
+}
+
+absl::StatusOr<std::string> Args::GetListenAddress(const std::string& name, const std::string& def) const {
+  const std::string addr = Get(name, def);
+  const size_t colon = addr.rfind(':');
+  int64_t port = -1;
+  if (colon == std::string::npos || colon == 0 ||
+      !absl::SimpleAtoi(absl::string_view(addr).substr(colon + 1), &port) || port < 0 || port > 65535) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--", name, ": '", addr, "' is not HOST:PORT with a port in [0, 65535] (0: pick one)"));
+  }
+  return addr;
 }
 
 std::string Usage(const std::string& command, const std::string& synopsis,

@@ -41,6 +41,8 @@ class Args {
                                    int32_t lo = std::numeric_limits<int32_t>::min(),
                                    int32_t hi = std::numeric_limits<int32_t>::max()) const;
   absl::StatusOr<double> GetDouble(const std::string& name, double def) const;
+  // A HOST:PORT to listen on, the port in [0, 65535]; InvalidArgument naming the flag otherwise.
+  absl::StatusOr<std::string> GetListenAddress(const std::string& name, const std::string& def) const;
   // Comma-separated integers ("0,1,2").
   absl::StatusOr<std::vector<int32_t>> GetIntList(const std::string& name) const;
 

@@ -19,7 +19,7 @@ absl::StatusOr<CoordinatorOptions> ParseOptions(const Args& args) {
   CoordinatorOptions o;
   ASSIGN_OR_RETURN(o.model, ParseModelSource(args));
   ASSIGN_OR_RETURN(o.kv, ParseKvCacheOptions(args));
-  o.listen = args.Get("listen", "127.0.0.1:50051");
+  ASSIGN_OR_RETURN(o.listen, args.GetListenAddress("listen", "127.0.0.1:50051"));
   o.advertise_address = args.Get("advertise-address");
   if (args.Has("workers") == args.Has("local-workers")) {
     return absl::InvalidArgumentError("give exactly one of --workers and --local-workers");

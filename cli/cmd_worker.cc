@@ -61,7 +61,9 @@ int RunWorker(int argc, char** argv) {
   wo.backend.kind = *kind;
   wo.backend.device = static_cast<int>(*device);
   wo.backend.threads = static_cast<int>(*threads);
-  const std::string listen = args->Get("listen", "127.0.0.1:0");
+  const absl::StatusOr<std::string> listen_or = args->GetListenAddress("listen", "127.0.0.1:0");
+  if (!listen_or.ok()) return Fail("worker", listen_or.status());
+  const std::string& listen = *listen_or;
   const std::string host = listen.substr(0, listen.rfind(':'));
   wo.comm_address = args->Get("comm-address", host == "0.0.0.0" || host.empty() ? "" : host);
 

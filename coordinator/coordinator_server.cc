@@ -11,7 +11,7 @@
 #include "common/status_macros.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
-#include "worker/ownership.h"
+#include "step/coordinator_ref.h"
 
 namespace lorc {
 namespace {
@@ -29,6 +29,17 @@ std::string Hostname() {
   char buf[256] = {};
   if (gethostname(buf, sizeof(buf) - 1) != 0) return "127.0.0.1";
   return buf;
+}
+
+// Whether the worker at `address` answers a Ping within `timeout` (Ping needs no owner).
+bool AnswersPing(const std::string& address, absl::Duration timeout) {
+  auto stub = lorcserve::internal::Worker::NewStub(
+      grpc::CreateChannel(address, grpc::InsecureChannelCredentials()));
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + absl::ToChronoMilliseconds(timeout));
+  lorcserve::internal::PingRequest req;
+  lorcserve::internal::PingResponse resp;
+  return stub->Ping(&ctx, req, &resp).ok();
 }
 
 }  // namespace
@@ -233,6 +244,16 @@ void CoordinatorServer::Recover() {
     }
     absl::Status st;
     if (local_ != nullptr) {
+      // A worker that is still there but does not answer (hung, stopped) would never exit by
+      // itself and every re-join would wait for it: kill it, so it is restarted like a dead one.
+      const std::vector<std::string> addresses = local_->addresses();
+      for (int rank = 0; rank < static_cast<int>(addresses.size()); ++rank) {
+        if (!addresses[rank].empty() && !AnswersPing(addresses[rank], absl::Seconds(2)) &&
+            local_->Kill(rank)) {
+          std::cerr << "lorcserve coordinator: worker " << rank
+                    << " does not answer; killed it to restart it\n";
+        }
+      }
       for (int rank : local_->WaitForExit(absl::Seconds(2))) {
         std::cerr << "lorcserve coordinator: restarting worker " << rank << "\n";
         st = local_->Restart(rank);

@@ -144,6 +144,12 @@ std::vector<int> LocalWorkers::exited() const {
   return out;
 }
 
+bool LocalWorkers::Kill(int rank) {
+  absl::MutexLock lock(&mu_);
+  if (rank < 0 || rank >= static_cast<int>(pids_.size()) || pids_[rank] <= 0) return false;
+  return kill(pids_[rank], SIGKILL) == 0;
+}
+
 std::vector<int> LocalWorkers::WaitForExit(absl::Duration timeout) const {
   {
     absl::MutexLock lock(&mu_);

@@ -42,6 +42,9 @@ class LocalWorkers {
   // exited(), waiting up to `timeout` for at least one rank to exit (a step that saw a worker
   // vanish can be ahead of the supervisor reaping it).
   std::vector<int> WaitForExit(absl::Duration timeout) const;
+  // Kills rank `rank` (SIGKILL; also a stopped or hung process) if it is running; the
+  // supervisor then reports its exit like any other. False when it was not running.
+  bool Kill(int rank);
   // Starts rank `rank` again (after it exited); returns once it printed its new address.
   // FAILED_PRECONDITION while that rank's process is still running.
   absl::Status Restart(int rank);

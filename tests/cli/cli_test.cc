@@ -405,6 +405,22 @@ TEST_F(CliTest, IntegerFlagsAreRangeCheckedIntoTheirType) {
   }
 }
 
+TEST_F(CliTest, ListenAddressesAndIdListsAreChecked) {
+  const std::vector<std::vector<std::string>> bad_listen = {
+      {"coordinator", "--model", Tiny(), "--local-workers", "1", "--listen", "127.0.0.1:99999"},
+      {"worker", "--listen", "127.0.0.1:70000"},
+      {"worker", "--listen", "no-port"}};
+  for (const auto& args : bad_listen) {
+    const RunResult r = Lorcserve(args);
+    EXPECT_EQ(r.exit_code, 2) << r;
+    EXPECT_THAT(r.err, HasSubstr("--listen: '")) << r;
+    EXPECT_THAT(r.err, HasSubstr("port in [0, 65535]")) << r;
+  }
+  const RunResult empty_item = Lorcserve({"generate", "--model", Tiny(), "--prompt-ids", "0,,1"});
+  EXPECT_EQ(empty_item.exit_code, 2) << empty_item;
+  EXPECT_THAT(empty_item.err, HasSubstr("--prompt-ids: '' is not an integer")) << empty_item;
+}
+
 TEST_F(CliTest, TruncatedWeightsNameTheFile) {
   const fs::path dir = ScratchDir() / "truncated";
   fs::create_directories(dir);

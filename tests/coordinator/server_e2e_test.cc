@@ -947,6 +947,28 @@ TEST_F(ServerE2ETest, KilledLocalWorkerIsRestartedAndServesGoldenTokensAgain) {
   EXPECT_EQ(info.worker_failure(), "");
 }
 
+TEST_F(ServerE2ETest, AStoppedLocalWorkerIsKilledAndRestarted) {
+  // A worker that hangs (here: SIGSTOP) never exits by itself: the health probe finds it, the
+  // recovery kills it and restarts it like a dead one.
+  ASSERT_NO_FATAL_FAILURE(StartServer(2));
+  const Golden& g = GoldenPrompts()[0];
+  const pid_t stopped = server_->WorkerPid(0);
+  ASSERT_GT(stopped, 0);
+  ASSERT_EQ(kill(stopped, SIGSTOP), 0) << std::strerror(errno);
+  const auto stopped_at = Clock::now();
+  ASSERT_TRUE(WaitFor([&] {
+    const pid_t p = server_->WorkerPid(0);
+    return p > 0 && p != stopped && Health() == HealthCheckResponse::SERVING;
+  }, 60)) << server_->Stderr();
+  const cli::StreamResult r = Generate(IdsRequest(g.prompt_ids, 48));
+  std::cerr << "[stop] serving golden tokens again " << SecondsSince(stopped_at)
+            << " s after the SIGSTOP\n";
+  ASSERT_TRUE(r.status.ok()) << StatusText(r.status);
+  EXPECT_EQ(r.ids, g.greedy_ids);
+  EXPECT_THAT(server_->Stderr(), HasSubstr("worker 0 does not answer; killed it to restart it"));
+  EXPECT_NE(kill(stopped, 0), 0) << "the stopped worker still exists";
+}
+
 TEST_F(ServerE2ETest, RestartsAreBoundedThenNotServingWithAReason) {
   ASSERT_NO_FATAL_FAILURE(StartServer(1, {"--max-restarts", "1"}));
   const pid_t first = server_->WorkerPid(0);
@@ -981,7 +1003,9 @@ TEST_F(ServerE2ETest, ShutdownRightAfterAWorkerFailureExitsCleanly) {
     const int status = server_->exit_status();
     EXPECT_TRUE(WIFEXITED(status)) << "round " << round << ": " << (WIFSIGNALED(status) ? WTERMSIG(status) : -1)
                                    << "\n" << server_->Stderr();
-    if (WIFEXITED(status)) EXPECT_EQ(WEXITSTATUS(status), 0) << "round " << round;
+    if (WIFEXITED(status)) {
+      EXPECT_EQ(WEXITSTATUS(status), 0) << "round " << round;
+    }
   }
 }
 

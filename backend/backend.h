@@ -38,6 +38,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/types/span.h"
+#include "backend/sampling.h"
 #include "common/dtype.h"
 #include "kvstore/kv_block_manager.h"
 
@@ -296,6 +297,14 @@ class Backend {
   // tier). Pairs apply in order; InvalidArgument for a block id outside [0, num_blocks).
   virtual absl::Status CopyBlocks(absl::Span<const KvLayer> layers, int32_t block_size,
                                   int32_t num_blocks, absl::Span<const BlockCopy> copies) = 0;
+
+  // Sampling (backend/sampling.h gives the contract and the CPU reference): one token id per row
+  // of `rows` into `out` (host, rows.size() ids, valid when the call returns), reading row
+  // rows[i].logits_row of `logits` [n, vocab] F32 (device memory; the rows are modified:
+  // penalties, temperature). Only token ids go back to the host. InvalidArgument for a
+  // logits_row outside [0, n).
+  virtual absl::Status Sample(const Tensor2D& logits, absl::Span<const SamplingRow> rows,
+                              int32_t* out) = 0;
 
  protected:
   friend class DeviceBuffer;

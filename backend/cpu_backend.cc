@@ -280,6 +280,8 @@ class CpuBackend final : public Backend {
     return absl::OkStatus();
   }
 
+  absl::Status Sample(const Tensor2D& logits, absl::Span<const SamplingRow> rows,
+                      int32_t* out) override;
   absl::Status CopyBlocks(absl::Span<const KvLayer> layers, int32_t block_size, int32_t num_blocks,
                           absl::Span<const BlockCopy> copies) override;
 
@@ -309,6 +311,7 @@ class CpuBackend final : public Backend {
 
   bool capturing_ = false;
   std::vector<float> cos_, sin_, k_buf_, v_buf_, scores_;
+  SampleScratch sample_scratch_;
 };
 
 MemoryInfo CpuBackend::GetMemoryInfo() const {
@@ -411,6 +414,21 @@ absl::Status CpuBackend::Attend(const AttentionParams& p, const AttentionBatch& 
                     scores_.data(), len, v_buf_.data(), hd, 0.0f, out, static_cast<int>(o_ld));
       }
     }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::Sample(const Tensor2D& logits, absl::Span<const SamplingRow> rows,
+                                int32_t* out) {
+  RETURN_IF_ERROR(RequireF32(kCpu, "Sample", "logits", logits.dtype));
+  for (size_t i = 0; i < rows.size(); ++i) {
+    const int32_t r = rows[i].logits_row;
+    if (r < 0 || r >= logits.rows) {
+      return absl::InvalidArgumentError(absl::StrCat("cpu backend: Sample: row ", i, " reads logits row ",
+                                                     r, " of ", logits.rows));
+    }
+    out[i] = SampleRow(absl::MakeSpan(Row(logits, r), static_cast<size_t>(logits.cols)), rows[i],
+                       &sample_scratch_);
   }
   return absl::OkStatus();
 }

@@ -1,14 +1,13 @@
-// Token sampling from a logit row, with Hugging Face semantics and order: repetition penalty,
-// temperature, top-k, top-p, min-p, then a draw from the remaining distribution (argmax when
-// greedy). Each sequence owns a Sampler so seeded requests are reproducible whatever else runs
-// in the same batch.
+// A request's sampling stream: its options, its seed (the request's, or drawn at random when it
+// gave none) and how many draws it has made. The draws themselves follow the backend sampling
+// contract (backend/sampling.h: Backend::Sample, counter-based), so a seeded request is
+// reproducible whatever else runs in the same batch, across preemptions and on every backend.
 #pragma once
 
 #include <cstdint>
-#include <random>
-#include <vector>
 
 #include "absl/types/span.h"
+#include "backend/sampling.h"
 #include "common/sampling_params.h"
 
 namespace lorc {
@@ -17,18 +16,21 @@ class Sampler {
  public:
   explicit Sampler(const SamplingParams& params);
 
-  // Picks the next token. `logits` is modified (penalties, filtering). `context` holds the
-  // prompt and the tokens generated so far (for the repetition penalty).
+  // The row for this request's next draw (advances the draw counter). `context` (prompt and
+  // generated tokens, for the repetition penalty) must stay valid while the row is used.
+  SamplingRow NextRow(absl::Span<const int32_t> context, int32_t logits_row = 0);
+
+  // NextRow + the CPU reference (backend/sampling.h) on one logit row, which it modifies.
   int32_t Sample(absl::Span<float> logits, absl::Span<const int32_t> context);
+
+  uint64_t seed() const { return seed_; }
+  uint64_t draws() const { return offset_; }
 
  private:
   SamplingParams params_;
-  std::mt19937_64 rng_;
-  std::vector<int32_t> order_;
-  std::vector<float> probs_;
+  uint64_t seed_;
+  uint64_t offset_ = 0;
+  SampleScratch scratch_;
 };
-
-// Index of the largest value, the first one on ties (as torch.argmax).
-int32_t ArgMax(absl::Span<const float> v);
 
 }  // namespace lorc

@@ -162,9 +162,7 @@ absl::StatusOr<StepResult> StepExecutor::Execute(const StepPlan& plan) {
     ASSIGN_OR_RETURN(out, runner_->Execute(steps_));
   }
 
-  // Commit the new state, then sample.
-  std::vector<int32_t> sampled;
-  std::vector<int64_t> sampled_ids;  // ids, not pointers: inserting new requests rehashes seqs_
+  // Commit the new state (every entry first: inserting new requests rehashes seqs_), then sample.
   for (size_t i = 0; i < n; ++i) {
     const ScheduledSequence& s = *scheduled_[i];
     SeqState& st = seqs_[s.seq_id];
@@ -186,16 +184,27 @@ absl::StatusOr<StepResult> StepExecutor::Execute(const StepPlan& plan) {
       }
       result.prompt_logprobs.push_back(std::move(lp));
     }
+  }
+  std::vector<int64_t> sampled_ids;
+  sample_rows_.clear();
+  for (size_t i = 0; i < n; ++i) {
+    const ScheduledSequence& s = *scheduled_[i];
     if (!s.sample) continue;
-    int32_t token = 0;
-    if (samples_) {
-      const float* r = out.Row(out.row_begin[i + 1] - 1);  // the chunk's last row
-      row_.assign(r, r + out.vocab_size);
-      token = st.sampler->Sample(absl::MakeSpan(row_), st.tokens);
-    }
-    sampled.push_back(token);
     sampled_ids.push_back(s.seq_id);
-    if (samples_) result.sampled.push_back({s.seq_id, token});
+    if (!samples_) continue;
+    SeqState& st = seqs_.at(s.seq_id);
+    // The chunk's last logit row; the history (for the penalty) stays put until Sample returns.
+    sample_rows_.push_back(st.sampler->NextRow(st.tokens, out.row_begin[i + 1] - 1));
+  }
+  std::vector<int32_t> sampled(sampled_ids.size(), 0);
+  if (samples_ && !sampled.empty()) {
+    // The runner returns logit rows in host memory, which is the CPU backend's device memory;
+    // the CUDA backend will keep them on the device for its sampler (the CUDA backend issue).
+    const Tensor2D logits{out.logits.data(), DType::kF32,
+                          static_cast<int64_t>(out.logits.size()) / out.vocab_size, out.vocab_size,
+                          out.vocab_size};
+    RETURN_IF_ERROR(runner_->backend().Sample(logits, sample_rows_, sampled.data()));
+    for (size_t i = 0; i < sampled.size(); ++i) result.sampled.push_back({sampled_ids[i], sampled[i]});
   }
   RETURN_IF_ERROR(ShareSampled(&sampled));
   for (size_t i = 0; i < sampled.size(); ++i) seqs_[sampled_ids[i]].tokens.push_back(sampled[i]);

@@ -5,7 +5,9 @@
 // disagrees with this rank's, bad sampling params) is left out of the batch, its state dropped,
 // and reported in StepResult::failed: it fails alone.
 //
-// Sampling: rank 0 samples; with tensor parallelism it broadcasts the sampled ids to the other
+// Sampling: rank 0 samples, with the backend's sampler (Backend::Sample: one call per step for
+// every sampling request, from each request's own counter-based stream, worker/sampler.h); with
+// tensor parallelism it broadcasts the sampled ids to the other
 // ranks (one small collective per sampling step), so every rank appends the same token to its
 // history and a later plan never has to carry it (async scheduling). Validation depends only on
 // the plans, so every rank drops the same requests and the collectives stay matched.
@@ -77,7 +79,7 @@ class StepExecutor final : public StepRunner {
   // Reused between steps.
   std::vector<SequenceStep> steps_;
   std::vector<const ScheduledSequence*> scheduled_;
-  std::vector<float> row_;
+  std::vector<SamplingRow> sample_rows_;
   DeviceBuffer share_buf_;
 };
 

@@ -3,7 +3,6 @@
 #include <cmath>
 #include <cstdint>
 #include <exception>
-#include <limits>
 #include <numbers>
 #include <optional>
 #include <string>
@@ -13,6 +12,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
 #include "common/defaults.h"
+#include "common/json_fields.h"
 #include "common/json_util.h"
 #include "common/status_macros.h"
 
@@ -25,97 +25,46 @@ using json = nlohmann::json;
 // vocab_size * hidden_size cannot overflow int64.
 constexpr int64_t kMaxDimension = int64_t{1} << 31;
 
-// A short, exception-free rendering of a JSON value for error messages.
-std::string Describe(const json& v) {
-  std::string s = v.dump(-1, ' ', /*ensure_ascii=*/false, json::error_handler_t::replace);
-  if (s.size() > 60) s = s.substr(0, 57) + "...";
-  return absl::StrCat(v.type_name(), " ", s);
-}
-
-// Field name for messages: "hidden_size" or "rope_scaling.factor".
-std::string FieldName(absl::string_view ctx, absl::string_view key) {
-  if (ctx.empty()) return std::string(key);
-  return absl::StrCat(ctx, ".", key);
-}
-
-absl::Status WrongType(const std::string& field, absl::string_view expected, const json& v) {
-  return absl::InvalidArgumentError(
-      absl::StrCat("config field '", field, "' must be ", expected, ", got ", Describe(v)));
-}
-
-absl::Status Missing(const std::string& field) {
-  return absl::InvalidArgumentError(
-      absl::StrCat("config field '", field, "' is required but missing"));
-}
-
-// Member `key` of object `obj`; nullptr when absent or null. `obj` must be an object.
-const json* FindNonNull(const json& obj, absl::string_view key) {
-  auto it = obj.find(std::string(key));
-  if (it == obj.end() || it->is_null()) return nullptr;
-  return &*it;
-}
-
-absl::StatusOr<int64_t> AsInt(const json& v, const std::string& field) {
-  if (v.is_number_unsigned()) {
-    const uint64_t u = v.get<uint64_t>();
-    if (u > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("config field '", field, "' is out of range: ", u));
-    }
-    return static_cast<int64_t>(u);
-  }
-  if (v.is_number_integer()) return v.get<int64_t>();
-  if (v.is_number_float()) {
-    // Accept integral floats such as 4096.0, which some exporters write.
-    const double d = v.get<double>();
-    if (std::isfinite(d) && d == std::floor(d) && std::fabs(d) < 9.0e15) {
-      return static_cast<int64_t>(d);
-    }
-  }
-  return WrongType(field, "an integer", v);
-}
-
-absl::StatusOr<double> AsDouble(const json& v, const std::string& field) {
-  if (!v.is_number()) return WrongType(field, "a number", v);
-  const double d = v.get<double>();
-  if (!std::isfinite(d)) return WrongType(field, "a finite number", v);
-  return d;
+// Field path for messages: "config field 'hidden_size'" or "config field 'rope_scaling.factor'".
+// The generic readers in common/json_fields.h prefix their messages with it.
+std::string ConfigField(absl::string_view ctx, absl::string_view key) {
+  return absl::StrCat("config field '", SubField(std::string(ctx), std::string(key)), "'");
 }
 
 absl::StatusOr<std::optional<int64_t>> OptInt(const json& obj, absl::string_view ctx,
                                               absl::string_view key) {
-  const json* v = FindNonNull(obj, key);
+  const json* v = FindNonNull(obj, std::string(key));
   if (v == nullptr) return std::optional<int64_t>();
-  ASSIGN_OR_RETURN(int64_t x, AsInt(*v, FieldName(ctx, key)));
+  ASSIGN_OR_RETURN(int64_t x, JsonAsInt64(*v, ConfigField(ctx, key)));
   return std::optional<int64_t>(x);
 }
 
 absl::StatusOr<std::optional<double>> OptDouble(const json& obj, absl::string_view ctx,
                                                 absl::string_view key) {
-  const json* v = FindNonNull(obj, key);
+  const json* v = FindNonNull(obj, std::string(key));
   if (v == nullptr) return std::optional<double>();
-  ASSIGN_OR_RETURN(double x, AsDouble(*v, FieldName(ctx, key)));
+  ASSIGN_OR_RETURN(double x, JsonAsDouble(*v, ConfigField(ctx, key)));
   return std::optional<double>(x);
 }
 
 absl::StatusOr<std::optional<bool>> OptBool(const json& obj, absl::string_view key) {
-  const json* v = FindNonNull(obj, key);
+  const json* v = FindNonNull(obj, std::string(key));
   if (v == nullptr) return std::optional<bool>();
-  if (!v->is_boolean()) return WrongType(std::string(key), "a boolean", *v);
-  return std::optional<bool>(v->get<bool>());
+  ASSIGN_OR_RETURN(bool x, JsonAsBool(*v, ConfigField("", key)));
+  return std::optional<bool>(x);
 }
 
 absl::StatusOr<std::optional<std::string>> OptString(const json& obj, absl::string_view ctx,
                                                      absl::string_view key) {
-  const json* v = FindNonNull(obj, key);
+  const json* v = FindNonNull(obj, std::string(key));
   if (v == nullptr) return std::optional<std::string>();
-  if (!v->is_string()) return WrongType(FieldName(ctx, key), "a string", *v);
-  return std::optional<std::string>(v->get_ref<const std::string&>());
+  ASSIGN_OR_RETURN(std::string x, JsonAsString(*v, ConfigField(ctx, key)));
+  return std::optional<std::string>(std::move(x));
 }
 
 absl::StatusOr<int64_t> RequiredInt(const json& obj, absl::string_view key) {
   ASSIGN_OR_RETURN(std::optional<int64_t> v, OptInt(obj, "", key));
-  if (!v.has_value()) return Missing(std::string(key));
+  if (!v.has_value()) return MissingFieldError(ConfigField("", key));
   return *v;
 }
 
@@ -135,9 +84,8 @@ absl::StatusOr<double> RequiredRopeDouble(const json& params, absl::string_view 
                                           absl::string_view key, absl::string_view rope_type) {
   ASSIGN_OR_RETURN(std::optional<double> v, OptDouble(params, ctx, key));
   if (!v.has_value()) {
-    return absl::InvalidArgumentError(absl::StrCat("config field '", FieldName(ctx, key),
-                                                   "' is required for rope_type '", rope_type,
-                                                   "'"));
+    return absl::InvalidArgumentError(absl::StrCat(ConfigField(ctx, key),
+                                                   " is required for rope_type '", rope_type, "'"));
   }
   return *v;
 }
@@ -151,13 +99,11 @@ absl::StatusOr<RopeConfig> ParseRope(const json& j) {
   const json* params = nullptr;
   std::string ctx;
   if (rope_parameters != nullptr) {
-    if (!rope_parameters->is_object()) {
-      return WrongType("rope_parameters", "an object", *rope_parameters);
-    }
+    RETURN_IF_ERROR(ExpectObject(*rope_parameters, ConfigField("", "rope_parameters")));
     params = rope_parameters;
     ctx = "rope_parameters";
   } else if (rope_scaling != nullptr) {
-    if (!rope_scaling->is_object()) return WrongType("rope_scaling", "an object", *rope_scaling);
+    RETURN_IF_ERROR(ExpectObject(*rope_scaling, ConfigField("", "rope_scaling")));
     params = rope_scaling;
     ctx = "rope_scaling";
   }
@@ -193,7 +139,7 @@ absl::StatusOr<RopeConfig> ParseRope(const json& j) {
     ASSIGN_OR_RETURN(rope.factor, RequiredRopeDouble(*params, ctx, "factor", rope_type));
     if (!(rope.factor > 0.0)) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "config field '", FieldName(ctx, "factor"), "' must be positive, got ", rope.factor));
+          "config field '", SubField(ctx, "factor"), "' must be positive, got ", rope.factor));
     }
     return rope;
   }
@@ -208,31 +154,31 @@ absl::StatusOr<RopeConfig> ParseRope(const json& j) {
                      OptInt(*params, ctx, "original_max_position_embeddings"));
     if (!original.has_value()) {
       return absl::InvalidArgumentError(
-          absl::StrCat("config field '", FieldName(ctx, "original_max_position_embeddings"),
+          absl::StrCat("config field '", SubField(ctx, "original_max_position_embeddings"),
                        "' is required for rope_type 'llama3'"));
     }
     rope.original_max_position_embeddings = *original;
     if (!(rope.factor > 0.0)) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "config field '", FieldName(ctx, "factor"), "' must be positive, got ", rope.factor));
+          "config field '", SubField(ctx, "factor"), "' must be positive, got ", rope.factor));
     }
     if (!(rope.low_freq_factor > 0.0)) {
       return absl::InvalidArgumentError(
-          absl::StrCat("config field '", FieldName(ctx, "low_freq_factor"),
+          absl::StrCat("config field '", SubField(ctx, "low_freq_factor"),
                        "' must be positive, got ", rope.low_freq_factor));
     }
     if (!(rope.high_freq_factor > rope.low_freq_factor)) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "config field '", FieldName(ctx, "high_freq_factor"), "' (", rope.high_freq_factor,
-          ") must be greater than '", FieldName(ctx, "low_freq_factor"), "' (",
+          "config field '", SubField(ctx, "high_freq_factor"), "' (", rope.high_freq_factor,
+          ") must be greater than '", SubField(ctx, "low_freq_factor"), "' (",
           rope.low_freq_factor, ")"));
     }
-    RETURN_IF_ERROR(CheckPositive(FieldName(ctx, "original_max_position_embeddings"),
+    RETURN_IF_ERROR(CheckPositive(SubField(ctx, "original_max_position_embeddings"),
                                   rope.original_max_position_embeddings));
     return rope;
   }
   return absl::UnimplementedError(
-      absl::StrCat("config field '", FieldName(ctx, "rope_type"), "': rope_type '", rope_type,
+      absl::StrCat("config field '", SubField(ctx, "rope_type"), "': rope_type '", rope_type,
                    "' is not supported (supported: default, linear, llama3)"));
 }
 
@@ -251,7 +197,7 @@ absl::StatusOr<ModelConfig> ParseConfig(const json& j) {
       return absl::UnimplementedError(absl::StrCat(
           "config field 'sliding_window': mistral models with sliding-window attention are not "
           "supported (sliding_window = ",
-          Describe(*sw), "); only sliding_window null is accepted"));
+          DescribeJson(*sw), "); only sliding_window null is accepted"));
     }
   } else if (c.model_type != "llama") {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -345,12 +291,13 @@ absl::StatusOr<ModelConfig> ParseConfig(const json& j) {
   if (const json* eos = FindNonNull(j, "eos_token_id"); eos != nullptr) {
     if (eos->is_array()) {
       for (size_t i = 0; i < eos->size(); ++i) {
-        ASSIGN_OR_RETURN(int64_t id, AsInt((*eos)[i], absl::StrCat("eos_token_id[", i, "]")));
-        RETURN_IF_ERROR(token_id(absl::StrCat("eos_token_id[", i, "]"), id));
+        const std::string field = IndexField("eos_token_id", i);
+        ASSIGN_OR_RETURN(int64_t id, JsonAsInt64((*eos)[i], ConfigField("", field)));
+        RETURN_IF_ERROR(token_id(field, id));
         c.eos_token_ids.push_back(id);
       }
     } else {
-      ASSIGN_OR_RETURN(int64_t id, AsInt(*eos, "eos_token_id"));
+      ASSIGN_OR_RETURN(int64_t id, JsonAsInt64(*eos, ConfigField("", "eos_token_id")));
       RETURN_IF_ERROR(token_id("eos_token_id", id));
       c.eos_token_ids.push_back(id);
     }

@@ -1,4 +1,4 @@
-// Tokenizer internals: typed access to tokenizer.json fields with errors naming the field.
+// Tokenizer internals: tokenizer-specific readers of tokenizer.json fields (errors name the field).
 // `field` arguments are paths such as "/m/tokenizer.json: model.vocab".
 #pragma once
 
@@ -10,6 +10,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
+#include "common/json_fields.h"
 #include "nlohmann/json.hpp"
 
 namespace lorc::tokenizer_internal {
@@ -26,38 +27,22 @@ std::string Cat(const Args&... args) {
   return absl::StrCat(Sv(args)...);
 }
 
-// InvalidArgument "<field>: <message>".
-absl::Status FieldError(std::string_view field, std::string_view message);
-
-// "<field>.<key>".
-std::string SubField(std::string_view field, std::string_view key);
-
-// "<field>[<index>]".
-std::string IndexField(std::string_view field, size_t index);
-
-// InvalidArgument unless `value` is a JSON object.
-absl::Status ExpectObject(const nlohmann::json& value, std::string_view field);
-
-// obj[key] as a bool; `default_value` when missing or null.
-absl::StatusOr<bool> GetBool(const nlohmann::json& obj, std::string_view key, bool default_value,
-                             std::string_view field);
-
-// obj[key] as a string; error when missing or not a string.
-absl::StatusOr<std::string> GetString(const nlohmann::json& obj, std::string_view key,
-                                      std::string_view field);
-
-// obj[key] as a string; nullopt when missing or null.
-absl::StatusOr<std::optional<std::string>> GetOptionalString(const nlohmann::json& obj,
-                                                             std::string_view key,
-                                                             std::string_view field);
+// The generic field helpers live in common/json_fields.h (namespace lorc); re-exported here so
+// that existing `tokenizer_internal::` references keep working. Only GetType and GetTokenId are
+// tokenizer-specific.
+using ::lorc::ExpectObject;
+using ::lorc::FieldError;
+using ::lorc::GetBool;
+using ::lorc::GetOptionalString;
+using ::lorc::GetString;
+using ::lorc::HasNonNull;
+using ::lorc::IndexField;
+using ::lorc::SubField;
 
 // The "type" of a component object (error if missing).
 absl::StatusOr<std::string> GetType(const nlohmann::json& obj, std::string_view field);
 
 // `value` as an int32 token id in [0, 2^30); error otherwise.
 absl::StatusOr<int32_t> GetTokenId(const nlohmann::json& value, std::string_view field);
-
-// True when obj has `key` with a non-null value.
-bool HasNonNull(const nlohmann::json& obj, std::string_view key);
 
 }  // namespace lorc::tokenizer_internal

@@ -1,5 +1,6 @@
 // Runs on machines with >= 2 GPUs; skips cleanly without CUDA, without a driver, or with one GPU.
 #include <cstdlib>
+#include <cstring>
 #include <functional>
 #include <memory>
 #include <string>
@@ -151,6 +152,51 @@ TEST(NcclCommunicatorTest, CollectivesOnTwoGpus) {
       CUDA_ASSERT(cudaFree(send));
       CUDA_ASSERT(cudaFree(recv));
     }
+    CUDA_ASSERT(cudaStreamDestroy(stream));
+  });
+}
+
+TEST(NcclCommunicatorTest, HalfPrecisionAllReduceOnTwoGpus) {
+  // BF16 and F16 sums of small integers (exact in both): the dtype reaches NCCL.
+  if (GpuCount() < 2) GTEST_SKIP() << "needs 2 GPUs, found " << GpuCount();
+  InProcessStore store;
+  RunRanks(2, [&](int rank) {
+    CUDA_ASSERT(cudaSetDevice(rank));
+    cudaStream_t stream = nullptr;
+    CUDA_ASSERT(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    auto comm = CreateNcclCommunicator({rank, 2}, &store, rank, stream, TestOptions("nccl-half"));
+    ASSERT_OK(comm);
+    constexpr size_t kCount = 257;
+    // bf16 of v is the top 16 bits of float v; f16 of small integers via the IEEE half layout.
+    auto bf16 = [](float v) { uint32_t b; std::memcpy(&b, &v, 4); return static_cast<uint16_t>(b >> 16); };
+    auto f16 = [](int v) {  // 0 <= v < 2048: exact in half precision
+      if (v == 0) return static_cast<uint16_t>(0);
+      int e = 0;
+      while ((v >> (e + 1)) != 0) ++e;
+      const int mant = (v << (10 - e)) & 0x3ff;
+      return static_cast<uint16_t>(((e + 15) << 10) | mant);
+    };
+    for (DType dt : {DType::kBF16, DType::kF16}) {
+      std::vector<uint16_t> host(kCount);
+      for (size_t i = 0; i < kCount; ++i) {
+        const int v = static_cast<int>(i % 64) + rank;
+        host[i] = dt == DType::kBF16 ? bf16(static_cast<float>(v)) : f16(v);
+      }
+      uint16_t* dev = nullptr;
+      CUDA_ASSERT(cudaMalloc(&dev, kCount * 2));
+      CUDA_ASSERT(cudaMemcpy(dev, host.data(), kCount * 2, cudaMemcpyHostToDevice));
+      ASSERT_OK((*comm)->AllReduceSum(dev, kCount, dt));
+      ASSERT_OK((*comm)->Sync());
+      std::vector<uint16_t> got(kCount);
+      CUDA_ASSERT(cudaMemcpy(got.data(), dev, kCount * 2, cudaMemcpyDeviceToHost));
+      for (size_t i = 0; i < kCount; ++i) {
+        const int want = 2 * static_cast<int>(i % 64) + 1;  // rank 0 + rank 1
+        ASSERT_EQ(got[i], dt == DType::kBF16 ? bf16(static_cast<float>(want)) : f16(want))
+            << DTypeName(dt) << " element " << i << " on rank " << rank;
+      }
+      CUDA_ASSERT(cudaFree(dev));
+    }
+    comm->reset();
     CUDA_ASSERT(cudaStreamDestroy(stream));
   });
 }

@@ -23,9 +23,6 @@ class Sampler {
   // NextRow + the CPU reference (backend/sampling.h) on one logit row, which it modifies.
   int32_t Sample(absl::Span<float> logits, absl::Span<const int32_t> context);
 
-  uint64_t seed() const { return seed_; }
-  uint64_t draws() const { return offset_; }
-
  private:
   SamplingParams params_;
   uint64_t seed_;

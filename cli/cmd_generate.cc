@@ -52,9 +52,10 @@ int RunGenerate(int argc, char** argv) {
   if (!req.ok()) return Fail("generate", req.status());
   absl::StatusOr<std::vector<GenerationResult>> out = (*s)->engine->Generate({*req});
   if (!out.ok()) return Fail("generate", out.status());
-  const GenerationResult& r = (*out)[0];
-  if (!r.status.ok()) return Fail("generate", r.status);
-  const double decode_s = r.total_time_s - r.time_to_first_token_s;
+  const GenerationResult& g = (*out)[0];
+  if (!g.status.ok()) return Fail("generate", g.status);
+  const CompletionOutput& r = g.first();
+  const double decode_s = g.total_time_s - g.time_to_first_token_s;
   const size_t n = r.output_ids.size();
   if (args->Has("json")) {
     nlohmann::json j;
@@ -62,18 +63,18 @@ int RunGenerate(int argc, char** argv) {
     j["output_ids"] = r.output_ids;
     j["text"] = r.text;
     j["finish_reason"] = FinishReasonName(r.finish);
-    j["prompt_tokens"] = r.prompt_tokens;
+    j["prompt_tokens"] = g.prompt_tokens;
     j["completion_tokens"] = n;
-    j["time_to_first_token_s"] = r.time_to_first_token_s;
-    j["total_time_s"] = r.total_time_s;
+    j["time_to_first_token_s"] = g.time_to_first_token_s;
+    j["total_time_s"] = g.total_time_s;
     j["decode_tokens_per_s"] = n > 1 && decode_s > 0 ? (n - 1) / decode_s : 0.0;
     j["backend"] = (*s)->backend->name();
     std::cout << j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
   } else {
     std::cout << r.text << "\n";
-    std::cerr << absl::StrCat("[", r.prompt_tokens, " prompt tokens, ", n, " generated (",
+    std::cerr << absl::StrCat("[", g.prompt_tokens, " prompt tokens, ", n, " generated (",
                               FinishReasonName(r.finish), "), first token ",
-                              static_cast<int>(r.time_to_first_token_s * 1000), " ms, ",
+                              static_cast<int>(g.time_to_first_token_s * 1000), " ms, ",
                               n > 1 && decode_s > 0 ? static_cast<int>((n - 1) / decode_s) : 0,
                               " tokens/s on ", (*s)->backend->name(), "]\n");
   }

@@ -14,6 +14,13 @@ inline constexpr int32_t kMaxRunning = 256;       // max_num_seqs: sequences run
 inline constexpr int32_t kMaxWaiting = 1024;      // bounded queue before RESOURCE_EXHAUSTED
 inline constexpr int32_t kMaxTokens = 16;         // a request's max_tokens when it gives none
 inline constexpr int32_t kCliMaxTokens = 64;      // `generate` / `bench` --max-tokens
+inline constexpr int32_t kMaxLogprobs = 20;       // top-N alternatives per position, at most
+inline constexpr int32_t kMaxNumCompletions = 64; // a request's n, at most
+inline constexpr float kMaxLogitBias = 100.0f;    // |logit_bias| at most (OpenAI's range)
+inline constexpr float kMaxPresencePenalty = 2.0f;  // |presence_penalty|, |frequency_penalty|
+// Temperatures below this sample greedily (as vLLM's _SAMPLING_EPS): dividing logits by a
+// smaller one only rounds, and the limit T -> 0 is the argmax.
+inline constexpr float kGreedyTemperature = 1e-5f;
 inline constexpr int64_t kMaxModelLen = 2048;     // config.json without max_position_embeddings
 
 }  // namespace lorc::defaults

@@ -21,7 +21,7 @@ double Seconds(Clock::time_point a, Clock::time_point b) {
 
 struct Engine::Request {
   int64_t id = 0;
-  std::vector<float> prompt_logprobs;  // positions 1, 2, ... received so far
+  std::vector<TokenLogprobs> prompt_logprobs;  // positions 1, 2, ... received so far
   int64_t prompt_tokens = 0;
   int64_t completion_tokens = 0;
   std::unique_ptr<OutputProcessor> output;
@@ -154,7 +154,7 @@ absl::Status Engine::Step() {
     auto it = requests_.find(lp.seq_id);
     if (it == requests_.end()) continue;
     // Positions arrive in order; a recomputation after preemption repeats known ones.
-    std::vector<float>& have = it->second->prompt_logprobs;
+    std::vector<TokenLogprobs>& have = it->second->prompt_logprobs;
     const int64_t next = static_cast<int64_t>(have.size()) + 1;
     const int64_t skip = next - lp.first_position;
     if (skip < 0 || skip >= static_cast<int64_t>(lp.logprobs.size())) continue;
@@ -203,12 +203,17 @@ absl::StatusOr<std::vector<GenerationResult>> Engine::Generate(
   for (size_t i = 0; i < requests.size(); ++i) {
     GenerationResult* out = &results[i];
     out->prompt_tokens = static_cast<int64_t>(requests[i].prompt_ids.size());
+    out->completions.resize(std::max(1, requests[i].params.n));
     const absl::Status s = Add(next_generate_id_++, requests[i], [out](const RequestUpdate& u) {
-      out->output_ids.insert(out->output_ids.end(), u.new_ids.begin(), u.new_ids.end());
-      out->text += u.new_text;
+      if (u.index < 0 || u.index >= static_cast<int32_t>(out->completions.size())) return;
+      CompletionOutput& c = out->completions[u.index];
+      c.output_ids.insert(c.output_ids.end(), u.new_ids.begin(), u.new_ids.end());
+      c.logprobs.insert(c.logprobs.end(), u.logprobs.begin(), u.logprobs.end());
+      c.text += u.new_text;
       if (u.finished) {
-        out->finish = u.reason;
-        out->status = u.status;
+        c.finish = u.reason;
+        c.stop_reason = u.stop_reason;
+        if (!u.status.ok()) out->status = u.status;
         out->prompt_logprobs = u.prompt_logprobs;
         out->time_to_first_token_s = u.time_to_first_token_s;
         out->total_time_s = u.total_time_s;
@@ -216,7 +221,7 @@ absl::StatusOr<std::vector<GenerationResult>> Engine::Generate(
     });
     if (!s.ok()) {
       out->status = s;
-      out->finish = FinishReason::kError;
+      for (CompletionOutput& c : out->completions) c.finish = FinishReason::kError;
     }
   }
   while (HasWork()) RETURN_IF_ERROR(Step());

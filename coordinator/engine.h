@@ -33,31 +33,45 @@ struct GenerationRequest {
   int32_t priority = 0;
 };
 
-// What a request gets after each step that touched it.
+// What a request gets after each step that touched it. With n > 1 completions each update
+// belongs to one of them (`index`); each completion gets its own final update.
 struct RequestUpdate {
+  int32_t index = 0;           // completion, [0, n)
   std::vector<int32_t> new_ids;
+  std::vector<TokenLogprobs> logprobs;  // params.logprobs: one per new id
   std::string new_text;        // whole UTF-8 characters; stop-string prefixes held back
-  bool finished = false;
+  bool finished = false;       // this completion ended
   FinishReason reason = FinishReason::kNone;
-  absl::Status status;         // non-OK: the request failed (finished is true)
-  // Usage, filled on the final update.
-  std::vector<float> prompt_logprobs;  // final update, when asked for: positions 1..prompt_len-1
+  StopReason stop_reason;      // reason kStop: what matched
+  absl::Status status;         // non-OK: the request failed (every completion ends with it)
+  // Filled on the final update.
+  std::vector<TokenLogprobs> prompt_logprobs;  // params.prompt_logprobs: positions 1..prompt_len-1
   int64_t prompt_tokens = 0;
-  int64_t completion_tokens = 0;
+  int64_t completion_tokens = 0;  // of this completion
   double time_to_first_token_s = 0;
   double total_time_s = 0;
 };
 
-struct GenerationResult {
+// One completion of a request.
+struct CompletionOutput {
   std::vector<int32_t> output_ids;
   std::string text;
   FinishReason finish = FinishReason::kNone;
+  StopReason stop_reason;
+  std::vector<TokenLogprobs> logprobs;  // params.logprobs: one per output id
+};
+
+struct GenerationResult {
+  std::vector<CompletionOutput> completions;  // params.n of them, by index
   absl::Status status;          // non-OK only for a request that failed on its own
-  // params.prompt_logprobs: log-probability of prompt token i given tokens [0, i), i >= 1.
-  std::vector<float> prompt_logprobs;
+  // params.prompt_logprobs: log-probabilities of prompt token i given tokens [0, i), i >= 1.
+  std::vector<TokenLogprobs> prompt_logprobs;
   int64_t prompt_tokens = 0;
   double time_to_first_token_s = 0;
   double total_time_s = 0;
+
+  // Completion 0 (the only one when n = 1).
+  const CompletionOutput& first() const { return completions.at(0); }
 };
 
 struct EngineOptions {

@@ -44,6 +44,7 @@
 #include <memory>
 #include <optional>
 #include <set>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -60,6 +61,14 @@ namespace lorc {
 
 enum class FinishReason { kNone, kLength, kStop, kAborted, kError };
 const char* FinishReasonName(FinishReason r);
+
+// What ended a request with FinishReason::kStop: a token id (an EOS id or one of the request's
+// stop_token_ids; the token is not part of the output) or one of its stop strings.
+struct StopReason {
+  int32_t token_id = -1;    // >= 0: this id
+  std::string stop_string;  // non-empty: this string
+  bool empty() const { return token_id < 0 && stop_string.empty(); }
+};
 
 struct SchedulerConfig {
   int32_t block_size = defaults::kBlockSize;

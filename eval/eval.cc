@@ -36,7 +36,7 @@ absl::StatusOr<std::vector<double>> ScorePromptNll(Engine& engine, absl::Span<co
   }
   std::vector<double> nll;
   nll.reserve(ids.size());
-  for (float lp : out[0].prompt_logprobs) nll.push_back(-static_cast<double>(lp));
+  for (const TokenLogprobs& lp : out[0].prompt_logprobs) nll.push_back(-static_cast<double>(lp.logprob));
   return nll;
 }
 
@@ -89,7 +89,7 @@ absl::StatusOr<PasskeyResult> EvalPasskey(Engine& engine, const std::string& pat
     if (!out[i].status.ok()) return out[i].status;
     auto& [correct, total] = r.by_length[meta[i].first];
     ++total;
-    if (absl::StartsWith(out[i].text, meta[i].second)) ++correct;
+    if (absl::StartsWith(out[i].first().text, meta[i].second)) ++correct;
   }
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return r;

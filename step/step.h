@@ -52,6 +52,16 @@ struct ScheduledSequence {
   // First sight only: the request's sampling options. The worker keeps its sampler (and so a
   // seeded random stream) across preemptions.
   std::optional<SamplingParams> params;
+  // Parallel sampling (params.n > 1), with `sample` on the step that computes the prompt's last
+  // token: the ids of completions 1..n-1. The worker samples one token for this request and one
+  // for each child from the same logit row, each child with its own sampler (the params with
+  // seed + index when seeded), and forks its state: a child starts with this request's prompt,
+  // its block table (the blocks are shared) and computed count, plus its sampled token.
+  std::vector<int64_t> fork_child_ids;
+  // Copy-on-write: the block that replaces the last entry of the block table before
+  // new_block_ids are appended (its contents are copied by a BlockCopy of the same plan); -1:
+  // none. Happens when a sequence that shares a partially filled block with a fork writes to it.
+  int32_t replace_last_block = -1;
 };
 
 struct StepPlan {
@@ -68,9 +78,20 @@ struct StepPlan {
   bool empty() const { return seqs.empty() && finished.empty() && preempted.empty(); }
 };
 
+// Log-probabilities at one position (SamplingParams::logprobs / prompt_logprobs): of the model's
+// raw distribution, log_softmax(logits), before any sampling option is applied.
+struct TokenLogprobs {
+  float logprob = 0.0f;  // of the token at this position (the sampled one, or the prompt's)
+  int32_t rank = 0;      // 1 + number of tokens with a higher logit
+  // The N most likely tokens, most likely first (ties by id); N = the request's logprobs value.
+  std::vector<int32_t> top_ids;
+  std::vector<float> top_logprobs;
+};
+
 struct SampledToken {
   int64_t seq_id = 0;
   int32_t token = 0;
+  std::optional<TokenLogprobs> logprobs;  // when the request asked for them
 };
 
 // A request the worker could not run (bad token or block id, unknown id, bad params): it was
@@ -86,12 +107,14 @@ struct FailedSequence {
 struct PromptLogprobs {
   int64_t seq_id = 0;
   int64_t first_position = 0;
-  std::vector<float> logprobs;
+  std::vector<TokenLogprobs> logprobs;
 };
 
 struct StepResult {
   uint64_t step_id = 0;
-  std::vector<SampledToken> sampled;  // rank 0: one per sequence with sample = true, plan order
+  // Rank 0: one per sequence with sample = true, plan order; a forking sequence's token is
+  // followed by its children's, in fork_child_ids order.
+  std::vector<SampledToken> sampled;
   std::vector<FailedSequence> failed;
   std::vector<PromptLogprobs> prompt_logprobs;  // rank 0
   int64_t compute_us = 0;  // time the rank spent executing the step

@@ -1,5 +1,7 @@
 #include "step/step_proto.h"
 
+#include <algorithm>
+
 namespace lorc {
 namespace {
 
@@ -12,8 +14,24 @@ void ParamsToProto(const SamplingParams& p, lorcserve::internal::SamplingParams*
   out->set_has_seed(p.seed.has_value());
   out->set_seed(p.seed.value_or(0));
   out->set_prompt_logprobs(p.prompt_logprobs.has_value());
+  out->set_prompt_logprobs_top(p.prompt_logprobs.value_or(0));
+  out->set_has_logprobs(p.logprobs.has_value());
+  out->set_logprobs_top(p.logprobs.value_or(0));
+  out->set_n(p.n);
+  out->set_min_tokens(p.min_tokens);
+  out->mutable_allowed_token_ids()->Add(p.allowed_token_ids.begin(), p.allowed_token_ids.end());
+  for (const auto& [id, bias] : p.logit_bias) {
+    out->add_logit_bias_ids(id);
+    out->add_logit_bias_values(bias);
+  }
+  out->set_presence_penalty(p.presence_penalty);
+  out->set_frequency_penalty(p.frequency_penalty);
+  out->mutable_stop_token_ids()->Add(p.stop_token_ids.begin(), p.stop_token_ids.end());
+  out->set_ignore_eos(p.ignore_eos);
+  out->set_max_tokens(p.max_tokens);
 }
 
+// Stop strings stay with the coordinator (it detokenises); the worker gets what it samples with.
 SamplingParams ParamsFromProto(const lorcserve::internal::SamplingParams& p) {
   SamplingParams sp;
   sp.temperature = p.temperature();
@@ -22,8 +40,35 @@ SamplingParams ParamsFromProto(const lorcserve::internal::SamplingParams& p) {
   sp.min_p = p.min_p();
   sp.repetition_penalty = p.repetition_penalty();
   if (p.has_seed()) sp.seed = p.seed();
-  if (p.prompt_logprobs()) sp.prompt_logprobs = 0;
+  if (p.prompt_logprobs()) sp.prompt_logprobs = p.prompt_logprobs_top();
+  if (p.has_logprobs()) sp.logprobs = p.logprobs_top();
+  sp.n = p.n() == 0 ? 1 : p.n();
+  sp.min_tokens = p.min_tokens();
+  sp.allowed_token_ids.assign(p.allowed_token_ids().begin(), p.allowed_token_ids().end());
+  const int nb = std::min(p.logit_bias_ids_size(), p.logit_bias_values_size());
+  for (int i = 0; i < nb; ++i) sp.logit_bias.emplace_back(p.logit_bias_ids(i), p.logit_bias_values(i));
+  sp.presence_penalty = p.presence_penalty();
+  sp.frequency_penalty = p.frequency_penalty();
+  sp.stop_token_ids.assign(p.stop_token_ids().begin(), p.stop_token_ids().end());
+  sp.ignore_eos = p.ignore_eos();
+  if (p.max_tokens() > 0) sp.max_tokens = p.max_tokens();
   return sp;
+}
+
+void LogprobsToProto(const TokenLogprobs& l, lorcserve::internal::TokenLogprobs* out) {
+  out->set_logprob(l.logprob);
+  out->set_rank(l.rank);
+  out->mutable_top_ids()->Add(l.top_ids.begin(), l.top_ids.end());
+  out->mutable_top_logprobs()->Add(l.top_logprobs.begin(), l.top_logprobs.end());
+}
+
+TokenLogprobs LogprobsFromProto(const lorcserve::internal::TokenLogprobs& p) {
+  TokenLogprobs l;
+  l.logprob = p.logprob();
+  l.rank = p.rank();
+  l.top_ids.assign(p.top_ids().begin(), p.top_ids().end());
+  l.top_logprobs.assign(p.top_logprobs().begin(), p.top_logprobs().end());
+  return l;
 }
 
 }  // namespace
@@ -41,6 +86,8 @@ void StepPlanToProto(const StepPlan& plan, lorcserve::internal::StepPlan* out) {
     p->mutable_new_block_ids()->Add(s.new_block_ids.begin(), s.new_block_ids.end());
     p->set_sample(s.sample);
     if (s.params.has_value()) ParamsToProto(*s.params, p->mutable_params());
+    p->mutable_fork_child_ids()->Add(s.fork_child_ids.begin(), s.fork_child_ids.end());
+    if (s.replace_last_block >= 0) p->set_replace_last_block(s.replace_last_block);
   }
   for (const BlockCopy& c : plan.copies) {
     auto* p = out->add_copies();
@@ -64,6 +111,8 @@ StepPlan StepPlanFromProto(const lorcserve::internal::StepPlan& p) {
     q.new_block_ids.assign(s.new_block_ids().begin(), s.new_block_ids().end());
     q.sample = s.sample();
     if (s.has_params()) q.params = ParamsFromProto(s.params());
+    q.fork_child_ids.assign(s.fork_child_ids().begin(), s.fork_child_ids().end());
+    q.replace_last_block = s.has_replace_last_block() ? s.replace_last_block() : -1;
     plan.seqs.push_back(std::move(q));
   }
   for (const auto& c : p.copies()) plan.copies.push_back({c.src(), c.dst()});
@@ -79,6 +128,7 @@ void StepResultToProto(const StepResult& r, lorcserve::internal::StepResult* out
     auto* p = out->add_sampled();
     p->set_seq_id(t.seq_id);
     p->set_token(t.token);
+    if (t.logprobs.has_value()) LogprobsToProto(*t.logprobs, p->mutable_logprobs());
   }
   for (const FailedSequence& f : r.failed) {
     auto* p = out->add_failed();
@@ -90,7 +140,7 @@ void StepResultToProto(const StepResult& r, lorcserve::internal::StepResult* out
     auto* p = out->add_prompt_logprobs();
     p->set_seq_id(l.seq_id);
     p->set_first_position(l.first_position);
-    p->mutable_logprobs()->Add(l.logprobs.begin(), l.logprobs.end());
+    for (const TokenLogprobs& t : l.logprobs) LogprobsToProto(t, p->add_positions());
   }
   out->set_compute_us(r.compute_us);
   out->set_idle_us(r.idle_us);
@@ -102,7 +152,11 @@ StepResult StepResultFromProto(const lorcserve::internal::StepResult& p) {
   r.compute_us = p.compute_us();
   r.idle_us = p.idle_us();
   r.sampled.reserve(p.sampled_size());
-  for (const auto& t : p.sampled()) r.sampled.push_back({t.seq_id(), t.token()});
+  for (const auto& t : p.sampled()) {
+    SampledToken s{t.seq_id(), t.token(), std::nullopt};
+    if (t.has_logprobs()) s.logprobs = LogprobsFromProto(t.logprobs());
+    r.sampled.push_back(std::move(s));
+  }
   for (const auto& f : p.failed()) {
     // A worker never reports OK for a failed sequence; an out-of-range code still fails it.
     absl::StatusCode code = static_cast<absl::StatusCode>(f.code());
@@ -110,8 +164,9 @@ StepResult StepResultFromProto(const lorcserve::internal::StepResult& p) {
     r.failed.push_back({f.seq_id(), absl::Status(code, f.message())});
   }
   for (const auto& l : p.prompt_logprobs()) {
-    r.prompt_logprobs.push_back(
-        {l.seq_id(), l.first_position(), std::vector<float>(l.logprobs().begin(), l.logprobs().end())});
+    PromptLogprobs lp{l.seq_id(), l.first_position(), {}};
+    for (const auto& t : l.positions()) lp.logprobs.push_back(LogprobsFromProto(t));
+    r.prompt_logprobs.push_back(std::move(lp));
   }
   return r;
 }

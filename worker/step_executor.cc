@@ -179,8 +179,10 @@ absl::StatusOr<StepResult> StepExecutor::Execute(const StepPlan& plan) {
       PromptLogprobs lp{s.seq_id, computed_before + 1, {}};
       const int64_t rows = PromptLogprobRows(st.prompt_len, computed_before, s.num_scheduled_tokens);
       for (int64_t j = 0; j < rows; ++j) {
-        lp.logprobs.push_back(LogProb(out.Row(out.row_begin[i] + j), out.vocab_size,
-                                      st.tokens[computed_before + j + 1]));
+        TokenLogprobs t;
+        t.logprob = LogProb(out.Row(out.row_begin[i] + j), out.vocab_size,
+                            st.tokens[computed_before + j + 1]);
+        lp.logprobs.push_back(std::move(t));
       }
       result.prompt_logprobs.push_back(std::move(lp));
     }

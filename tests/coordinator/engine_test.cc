@@ -74,16 +74,16 @@ TEST_F(EngineTest, TextMatchesReferenceAndStopStringsCutIt) {
   Engine& engine = *engine_ptr;
   auto out = engine.Generate({Greedy(0, 48)});
   ASSERT_OK(out);
-  EXPECT_EQ((*out)[0].text, greedy_text_[0]);
+  EXPECT_EQ((*out)[0].first().text, greedy_text_[0]);
 
   GenerationRequest r = Greedy(0, 48);
   r.params.stop_strings = {"verb"};
   out = engine.Generate({r});
   ASSERT_OK(out);
   const std::string cut = greedy_text_[0].substr(0, greedy_text_[0].find("verb"));
-  EXPECT_EQ((*out)[0].text, cut);
-  EXPECT_EQ((*out)[0].finish, FinishReason::kStop);
-  EXPECT_LT((*out)[0].output_ids.size(), 48u);
+  EXPECT_EQ((*out)[0].first().text, cut);
+  EXPECT_EQ((*out)[0].first().finish, FinishReason::kStop);
+  EXPECT_LT((*out)[0].first().output_ids.size(), 48u);
 }
 
 TEST_F(EngineTest, StopTokenIdEndsGenerationIncludingTheToken) {
@@ -94,11 +94,11 @@ TEST_F(EngineTest, StopTokenIdEndsGenerationIncludingTheToken) {
   r.params.stop_token_ids = {greedy_[3][5]};
   auto out = engine.Generate({r});
   ASSERT_OK(out);
-  const auto& ids = (*out)[0].output_ids;
+  const auto& ids = (*out)[0].first().output_ids;
   ASSERT_FALSE(ids.empty());
   EXPECT_EQ(ids.back(), greedy_[3][5]);
   EXPECT_LE(ids.size(), 6u);
-  EXPECT_EQ((*out)[0].finish, FinishReason::kStop);
+  EXPECT_EQ((*out)[0].first().finish, FinishReason::kStop);
 }
 
 TEST_F(EngineTest, SeededSamplingIsReproducible) {
@@ -112,7 +112,7 @@ TEST_F(EngineTest, SeededSamplingIsReproducible) {
     r.params.seed = seed;
     auto out = engine.Generate({r, Greedy(1, 8)});  // batched with another request
     CHECK_OK(out.status());
-    return (*out)[0].output_ids;
+    return (*out)[0].first().output_ids;
   };
   EXPECT_EQ(sample(1), sample(1));
   EXPECT_NE(sample(1), sample(2));
@@ -131,7 +131,7 @@ TEST_F(EngineTest, BadRequestFailsAloneOthersComplete) {
   auto out = engine.Generate({empty, Greedy(2, 48), too_long, bad_id, bad_temp});
   ASSERT_OK(out);
   EXPECT_THAT((*out)[0].status, StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("empty prompt")));
-  EXPECT_EQ((*out)[1].output_ids, greedy_[2]);
+  EXPECT_EQ((*out)[1].first().output_ids, greedy_[2]);
   EXPECT_THAT((*out)[2].status, StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("exceeds the maximum model length")));
   EXPECT_THAT((*out)[3].status, StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("5000")));
   EXPECT_THAT((*out)[4].status, StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("temperature")));
@@ -147,7 +147,7 @@ TEST_F(EngineTest, TightCacheQueuesAndPreemptsWithoutChangingOutputs) {
   for (int i = 0; i < 4; ++i) reqs.push_back(Greedy(i, 48));
   auto out = engine.Generate(reqs);
   ASSERT_OK(out);
-  for (int i = 0; i < 4; ++i) EXPECT_EQ((*out)[i].output_ids, greedy_[i]) << "request " << i;
+  for (int i = 0; i < 4; ++i) EXPECT_EQ((*out)[i].first().output_ids, greedy_[i]) << "request " << i;
   EXPECT_EQ(engine.scheduler().num_free_blocks(), 9);
 
   GenerationRequest huge = Greedy(0, 200);  // needs 14 blocks, more than the cache has
@@ -203,7 +203,7 @@ TEST_F(EngineTest, PromptLogprobsSurviveAPreemption) {
     ASSERT_OK((*out)[i].status);
     ASSERT_EQ((*out)[i].prompt_logprobs.size(), prompts_[i].size() - 1);
     for (size_t j = 0; j < prompts_[i].size() - 1; ++j) {
-      EXPECT_NEAR((*out)[i].prompt_logprobs[j], (*ref)[i].prompt_logprobs[j], 1e-3) << i << " " << j;
+      EXPECT_NEAR((*out)[i].prompt_logprobs[j].logprob, (*ref)[i].prompt_logprobs[j].logprob, 1e-3) << i << " " << j;
     }
   }
 }
@@ -271,12 +271,12 @@ TEST_F(EngineTest, ABadSequenceReachingTheWorkerFailsAloneAndTheBatchIsGolden) {
     auto out = engine.Generate(reqs);
     ASSERT_OK(out);
     const GenerationResult& failed = (*out)[2];
-    EXPECT_EQ(failed.finish, FinishReason::kError);
+    EXPECT_EQ(failed.first().finish, FinishReason::kError);
     EXPECT_THAT(failed.status, StatusIs(c.code, HasSubstr(c.message)));
     for (int i = 0; i < 4; ++i) {
       const GenerationResult& r = (*out)[i < 2 ? i : i + 1];
       EXPECT_OK(r.status);
-      EXPECT_EQ(r.output_ids, greedy_[i]) << "prompt " << i;
+      EXPECT_EQ(r.first().output_ids, greedy_[i]) << "prompt " << i;
     }
     EXPECT_EQ(engine.scheduler().num_free_blocks(), model_.runner->kv_spec().num_blocks);
     EXPECT_EQ(exec_->num_sequences(), 0u) << "the workers still hold state";

@@ -978,7 +978,7 @@ TEST(SchedulerTest, AddRejectsBadRequests) {
   SamplingParams stop = Params(4);
   stop.stop_token_ids = {1000};
   EXPECT_THAT(s.Add(1, {5}, stop),
-              StatusIs(StatusCode::kInvalidArgument, HasSubstr("stop token id 1000 outside")));
+              StatusIs(StatusCode::kInvalidArgument, HasSubstr("stop_token_ids: id 1000 outside")));
   EXPECT_THAT(s.Add(1, Prompt(60), Params(5)),
               StatusIs(StatusCode::kInvalidArgument,
                        HasSubstr("prompt (60 tokens) + max_tokens (5) = 65 exceeds the maximum "

@@ -655,7 +655,7 @@ TEST_F(ServerE2ETest, InvalidRequestsAreRejectedAndServingContinues) {
   {
     v1::GenerateRequest r = IdsRequest(g.prompt_ids, 4);
     r.mutable_sampling()->set_temperature(-1);
-    cases.push_back({"temperature -1", r, "temperature must be >= 0, got -1"});
+    cases.push_back({"temperature -1", r, "temperature must be a finite value >= 0, got -1"});
   }
   {
     v1::GenerateRequest r = IdsRequest(g.prompt_ids, 4);
@@ -670,7 +670,7 @@ TEST_F(ServerE2ETest, InvalidRequestsAreRejectedAndServingContinues) {
   {
     v1::GenerateRequest r = IdsRequest(g.prompt_ids, 4);
     r.mutable_sampling()->add_stop_token_ids(4096);
-    cases.push_back({"stop token id 4096", r, "stop token id 4096 outside the vocabulary [0, 4096)"});
+    cases.push_back({"stop token id 4096", r, "stop_token_ids: id 4096 outside the vocabulary [0, 4096)"});
   }
   {
     v1::GenerateRequest r;

@@ -239,7 +239,7 @@ TEST(CheckpointFormatsTest, ShardedMixedDtypeCheckpointWithTopLevelRopeTheta) {
   ASSERT_EQ(out->size(), golden.size());
   for (size_t i = 0; i < golden.size(); ++i) {
     EXPECT_OK((*out)[i].status);
-    EXPECT_EQ((*out)[i].output_ids, golden[i].greedy_ids) << "prompt " << i;
+    EXPECT_EQ((*out)[i].first().output_ids, golden[i].greedy_ids) << "prompt " << i;
   }
 }
 

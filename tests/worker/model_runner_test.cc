@@ -102,11 +102,11 @@ TEST_F(TinyLlamaTest, Greedy48TokensMatchReferenceBatchedAndAlone) {
   auto batched = engine.Generate(reqs);
   ASSERT_OK(batched);
   for (size_t i = 0; i < golden.size(); ++i) {
-    EXPECT_EQ((*batched)[i].output_ids, golden[i].greedy_ids) << "prompt " << i << " (batched)";
-    EXPECT_EQ((*batched)[i].finish, FinishReason::kLength) << (*batched)[i].status;
+    EXPECT_EQ((*batched)[i].first().output_ids, golden[i].greedy_ids) << "prompt " << i << " (batched)";
+    EXPECT_EQ((*batched)[i].first().finish, FinishReason::kLength) << (*batched)[i].status;
     auto alone = engine.Generate({reqs[i]});
     ASSERT_OK(alone);
-    EXPECT_EQ((*alone)[0].output_ids, golden[i].greedy_ids) << "prompt " << i << " (alone)";
+    EXPECT_EQ((*alone)[0].first().output_ids, golden[i].greedy_ids) << "prompt " << i << " (alone)";
   }
   EXPECT_EQ(engine.scheduler().num_free_blocks(), model_.runner->kv_spec().num_blocks);
 }
@@ -267,7 +267,7 @@ TEST(RandomWeightsTest, AnyConfigShapeRunsAndIsSeeded) {
     r.params.ignore_eos = true;
     auto out = engine.Generate({r});
     CHECK_OK(out.status());
-    EXPECT_EQ((*out)[0].output_ids.size(), 12u);
+    EXPECT_EQ((*out)[0].first().output_ids.size(), 12u);
     auto nll = ScorePromptNll(engine, {0, 5, 17, 42, 299, 7}, {5, 17, 42, 299, 7, 9});
     CHECK_OK(nll.status());
     return *nll;

@@ -361,9 +361,9 @@ INSTANTIATE_TEST_SUITE_P(
                      [](SamplingParams& p) { p.repetition_penalty = -1.0f; }, "repetition_penalty"},
         BadParamCase{"MaxTokensZero", [](SamplingParams& p) { p.max_tokens = 0; }, "max_tokens"},
         BadParamCase{"StopIdEqualsVocab", [](SamplingParams& p) { p.stop_token_ids = {3, 100}; },
-                     "stop token id 100"},
+                     "stop_token_ids: id 100"},
         BadParamCase{"StopIdNegative", [](SamplingParams& p) { p.stop_token_ids = {-1}; },
-                     "stop token id -1"},
+                     "stop_token_ids: id -1"},
         BadParamCase{"EmptyStopString", [](SamplingParams& p) { p.stop_strings = {"ok", ""}; },
                      "stop strings"}),
     [](const ::testing::TestParamInfo<BadParamCase>& i) { return std::string(i.param.name); });

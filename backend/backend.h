@@ -298,13 +298,14 @@ class Backend {
   virtual absl::Status CopyBlocks(absl::Span<const KvLayer> layers, int32_t block_size,
                                   int32_t num_blocks, absl::Span<const BlockCopy> copies) = 0;
 
-  // Sampling (backend/sampling.h gives the contract and the CPU reference): one token id per row
-  // of `rows` into `out` (host, rows.size() ids, valid when the call returns), reading row
-  // rows[i].logits_row of `logits` [n, vocab] F32 (device memory; the rows are modified:
-  // penalties, temperature). Only token ids go back to the host. InvalidArgument for a
-  // logits_row outside [0, n).
+  // Sampling (backend/sampling.h gives the contract and the CPU reference): for each of `rows`,
+  // reading row rows[i].logits_row of `logits` [n, vocab] F32 (device memory, not modified), the
+  // token and, for rows with logprobs >= 0, its raw log-probability, rank and top-N alternatives,
+  // into `out` (host memory, resized to rows.size() rows, valid when the call returns). Several
+  // rows may read the same logits row (parallel sampling). InvalidArgument for a logits_row
+  // outside [0, n) or a logprobs value outside [-1, kMaxLogprobs].
   virtual absl::Status Sample(const Tensor2D& logits, absl::Span<const SamplingRow> rows,
-                              int32_t* out) = 0;
+                              SampleOutput* out) = 0;
 
  protected:
   friend class DeviceBuffer;

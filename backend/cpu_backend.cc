@@ -281,7 +281,7 @@ class CpuBackend final : public Backend {
   }
 
   absl::Status Sample(const Tensor2D& logits, absl::Span<const SamplingRow> rows,
-                      int32_t* out) override;
+                      SampleOutput* out) override;
   absl::Status CopyBlocks(absl::Span<const KvLayer> layers, int32_t block_size, int32_t num_blocks,
                           absl::Span<const BlockCopy> copies) override;
 
@@ -419,7 +419,7 @@ absl::Status CpuBackend::Attend(const AttentionParams& p, const AttentionBatch& 
 }
 
 absl::Status CpuBackend::Sample(const Tensor2D& logits, absl::Span<const SamplingRow> rows,
-                                int32_t* out) {
+                                SampleOutput* out) {
   RETURN_IF_ERROR(RequireF32(kCpu, "Sample", "logits", logits.dtype));
   for (size_t i = 0; i < rows.size(); ++i) {
     const int32_t r = rows[i].logits_row;
@@ -427,8 +427,22 @@ absl::Status CpuBackend::Sample(const Tensor2D& logits, absl::Span<const Samplin
       return absl::InvalidArgumentError(absl::StrCat("cpu backend: Sample: row ", i, " reads logits row ",
                                                      r, " of ", logits.rows));
     }
-    out[i] = SampleRow(absl::MakeSpan(Row(logits, r), static_cast<size_t>(logits.cols)), rows[i],
-                       &sample_scratch_);
+    if (rows[i].logprobs < -1 || rows[i].logprobs > SampleOutput::kStride) {
+      return absl::InvalidArgumentError(absl::StrCat("cpu backend: Sample: row ", i, " asks for ",
+                                                     rows[i].logprobs, " logprobs (at most ",
+                                                     SampleOutput::kStride, ")"));
+    }
+  }
+  out->Resize(rows.size());
+  for (size_t i = 0; i < rows.size(); ++i) {
+    const absl::Span<const float> row(Row(logits, rows[i].logits_row),
+                                      static_cast<size_t>(logits.cols));
+    out->tokens[i] = SampleRow(row, rows[i], &sample_scratch_);
+    if (rows[i].logprobs >= 0) {
+      const size_t at = i * SampleOutput::kStride;
+      ComputeLogprobs(row, out->tokens[i], rows[i].logprobs, &sample_scratch_, &out->logprobs[i],
+                      &out->ranks[i], &out->top_ids[at], &out->top_logprobs[at]);
+    }
   }
   return absl::OkStatus();
 }

@@ -189,7 +189,7 @@ class CudaBackend final : public Backend {
   absl::Status PrefillAttention(const AttentionParams&, const AttentionPlan&) override {
     return NoKernel("PrefillAttention");
   }
-  absl::Status Sample(const Tensor2D&, absl::Span<const SamplingRow>, int32_t*) override {
+  absl::Status Sample(const Tensor2D&, absl::Span<const SamplingRow>, SampleOutput*) override {
     return NoKernel("Sample");
   }
   absl::Status GatherRows(const Tensor2D&, const int32_t*, Tensor2D) override { return NoKernel("GatherRows"); }

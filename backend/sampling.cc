@@ -5,10 +5,10 @@
 #include <limits>
 #include <numeric>
 
-#include "absl/container/flat_hash_set.h"
-
 namespace lorc {
 namespace {
+
+constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 
 uint64_t SplitMix64(uint64_t x) {
   x += 0x9E3779B97F4A7C15ull;
@@ -17,66 +17,130 @@ uint64_t SplitMix64(uint64_t x) {
   return x ^ (x >> 31);
 }
 
+double Clean(float v) { return std::isnan(v) ? kNegInf : static_cast<double>(v); }
+
+template <typename T>
+int32_t ArgMaxOf(absl::Span<const T> v) {
+  int32_t best = 0;
+  T best_v = -std::numeric_limits<T>::infinity();
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (v[i] > best_v) {  // false for NaN: it never wins
+      best_v = v[i];
+      best = static_cast<int32_t>(i);
+    }
+  }
+  return best;
+}
+
 }  // namespace
+
+void SampleOutput::Resize(size_t rows) {
+  tokens.assign(rows, 0);
+  logprobs.assign(rows, 0.0f);
+  ranks.assign(rows, 0);
+  top_ids.assign(rows * kStride, 0);
+  top_logprobs.assign(rows * kStride, 0.0f);
+}
 
 double CounterUniform(uint64_t seed, uint64_t offset) {
   const uint64_t bits = SplitMix64(SplitMix64(seed) ^ offset);
   return static_cast<double>(bits >> 11) * (1.0 / 9007199254740992.0);  // / 2^53
 }
 
-int32_t ArgMax(absl::Span<const float> v) {
-  int32_t best = 0;
-  for (size_t i = 1; i < v.size(); ++i) {
-    if (v[i] > v[best]) best = static_cast<int32_t>(i);
-  }
-  return best;
-}
+int32_t ArgMax(absl::Span<const float> v) { return ArgMaxOf(v); }
+int32_t ArgMax(absl::Span<const double> v) { return ArgMaxOf(v); }
 
-int32_t SampleRow(absl::Span<float> logits, const SamplingRow& row, SampleScratch* scratch) {
-  const float neg_inf = -std::numeric_limits<float>::infinity();
-  if (row.repetition_penalty != 1.0f && row.num_penalty_tokens > 0) {
-    absl::flat_hash_set<int32_t> seen(row.penalty_tokens, row.penalty_tokens + row.num_penalty_tokens);
-    for (int32_t t : seen) {
-      if (t < 0 || t >= static_cast<int32_t>(logits.size())) continue;
-      float& l = logits[t];
-      l = l > 0 ? l / row.repetition_penalty : l * row.repetition_penalty;
+void ProcessLogits(absl::Span<const float> logits, const SamplingRow& row, SampleScratch* scratch,
+                   std::vector<double>* x) {
+  const int64_t vocab = static_cast<int64_t>(logits.size());
+  auto in_vocab = [vocab](int32_t id) { return id >= 0 && id < vocab; };
+  x->resize(logits.size());
+  for (size_t i = 0; i < logits.size(); ++i) (*x)[i] = Clean(logits[i]);
+  // 1. allowed_token_ids.
+  if (row.num_allowed_token_ids > 0) {
+    std::vector<uint8_t>& allowed = scratch->flags;
+    allowed.assign(logits.size(), 0);
+    for (int64_t j = 0; j < row.num_allowed_token_ids; ++j) {
+      if (in_vocab(row.allowed_token_ids[j])) allowed[row.allowed_token_ids[j]] = 1;
+    }
+    for (size_t i = 0; i < logits.size(); ++i) {
+      if (!allowed[i]) (*x)[i] = kNegInf;
     }
   }
-  if (row.temperature == 0.0f) return ArgMax(logits);
-
-  const int32_t n = static_cast<int32_t>(logits.size());
-  for (float& l : logits) l /= row.temperature;
-
-  // Candidates sorted by logit, highest first (ties by id), truncated to top-k.
-  std::vector<int32_t>& order = scratch->order;
-  std::vector<float>& probs = scratch->probs;
-  order.resize(n);
-  std::iota(order.begin(), order.end(), 0);
-  const int32_t k = row.top_k > 0 ? std::min(row.top_k, n) : n;
-  auto by_logit = [&](int32_t a, int32_t b) {
-    return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
-  };
-  if (k < n) {
-    std::partial_sort(order.begin(), order.begin() + k, order.end(), by_logit);
-    order.resize(k);
-  } else {
-    std::sort(order.begin(), order.end(), by_logit);
+  // 2. min_tokens.
+  if (row.num_output_tokens < row.min_tokens) {
+    for (int64_t j = 0; j < row.num_stop_ids; ++j) {
+      if (in_vocab(row.stop_ids[j])) (*x)[row.stop_ids[j]] = kNegInf;
+    }
   }
-  // Softmax over the candidates.
-  probs.resize(order.size());
-  const float mx = logits[order[0]];
+  // 3. logit_bias.
+  for (int64_t j = 0; j < row.num_logit_bias; ++j) {
+    if (in_vocab(row.logit_bias_ids[j])) (*x)[row.logit_bias_ids[j]] += row.logit_bias_values[j];
+  }
+  // 4. Repetition penalty, each distinct id once.
+  if (row.repetition_penalty != 1.0f && row.num_penalty_tokens > 0) {
+    const double rp = row.repetition_penalty;
+    std::vector<uint8_t>& seen = scratch->flags;
+    seen.assign(logits.size(), 0);
+    for (int64_t j = 0; j < row.num_penalty_tokens; ++j) {
+      const int32_t t = row.penalty_tokens[j];
+      if (!in_vocab(t) || seen[t]) continue;
+      seen[t] = 1;
+      double& l = (*x)[t];
+      l = l > 0 ? l / rp : l * rp;
+    }
+  }
+  // 5. Frequency and presence penalties over the generated tokens.
+  if ((row.frequency_penalty != 0.0f || row.presence_penalty != 0.0f) &&
+      row.num_output_tokens > 0) {
+    std::vector<int32_t>& counts = scratch->counts;
+    counts.assign(logits.size(), 0);
+    for (int64_t j = 0; j < row.num_output_tokens; ++j) {
+      if (in_vocab(row.output_tokens[j])) ++counts[row.output_tokens[j]];
+    }
+    for (size_t i = 0; i < logits.size(); ++i) {
+      if (counts[i] > 0) {
+        (*x)[i] -= static_cast<double>(row.frequency_penalty) * counts[i] + row.presence_penalty;
+      }
+    }
+  }
+}
+
+int32_t SampleRow(absl::Span<const float> logits, const SamplingRow& row, SampleScratch* scratch) {
+  std::vector<double>& x = scratch->x;
+  ProcessLogits(logits, row, scratch, &x);
+  // 6. Greedy.
+  if (row.temperature < defaults::kGreedyTemperature || row.top_k == 1) {
+    return ArgMax(absl::MakeConstSpan(x));
+  }
+  // 7. Candidates by x, highest first (ties by id); top-k.
+  std::vector<int32_t>& order = scratch->order;
+  order.clear();
+  for (size_t i = 0; i < x.size(); ++i) {
+    if (x[i] > kNegInf) order.push_back(static_cast<int32_t>(i));
+  }
+  if (order.empty()) return ArgMax(absl::MakeConstSpan(x));
+  auto by_x = [&](int32_t a, int32_t b) { return x[a] > x[b] || (x[a] == x[b] && a < b); };
+  const size_t k = row.top_k > 0 ? std::min<size_t>(row.top_k, order.size()) : order.size();
+  std::partial_sort(order.begin(), order.begin() + k, order.end(), by_x);
+  order.resize(k);
+  // 8. Temperature and softmax over the candidates (the first one has weight exactly 1).
+  std::vector<double>& probs = scratch->probs;
+  probs.resize(k);
+  const double m = x[order[0]];
+  const double t = row.temperature;
   double sum = 0;
-  for (size_t i = 0; i < order.size(); ++i) {
-    const float l = logits[order[i]];
-    probs[i] = l == neg_inf ? 0.0f : std::exp(l - mx);
+  for (size_t i = 0; i < k; ++i) {
+    const double l = x[order[i]];
+    probs[i] = l == m ? 1.0 : std::exp((l - m) / t);
     sum += probs[i];
   }
-  for (float& p : probs) p = static_cast<float>(p / sum);
-  // Top-p: the smallest prefix whose mass reaches top_p (at least one token).
-  size_t keep = probs.size();
+  for (double& p : probs) p /= sum;
+  // 9. Top-p, then min-p.
+  size_t keep = k;
   if (row.top_p < 1.0f) {
     double cum = 0;
-    for (size_t i = 0; i < probs.size(); ++i) {
+    for (size_t i = 0; i < k; ++i) {
       cum += probs[i];
       if (cum >= row.top_p) {
         keep = i + 1;
@@ -84,13 +148,13 @@ int32_t SampleRow(absl::Span<float> logits, const SamplingRow& row, SampleScratc
       }
     }
   }
-  // Min-p: drop tokens below min_p times the most likely one.
   if (row.min_p > 0.0f) {
-    const float floor = row.min_p * probs[0];
-    size_t m = 1;
-    while (m < keep && probs[m] >= floor) ++m;
-    keep = m;
+    const double floor = static_cast<double>(row.min_p) * probs[0];
+    size_t m_keep = 1;
+    while (m_keep < keep && probs[m_keep] >= floor) ++m_keep;
+    keep = m_keep;
   }
+  // 10. One draw.
   double mass = 0;
   for (size_t i = 0; i < keep; ++i) mass += probs[i];
   const double r = CounterUniform(row.seed, row.offset) * mass;
@@ -100,6 +164,43 @@ int32_t SampleRow(absl::Span<float> logits, const SamplingRow& row, SampleScratc
     if (r < cum) return order[i];
   }
   return order[keep - 1];
+}
+
+void ComputeLogprobs(absl::Span<const float> logits, int32_t token, int32_t top_n,
+                     SampleScratch* scratch, float* logprob, int32_t* rank, int32_t* top_ids,
+                     float* top_logprobs) {
+  const size_t vocab = logits.size();
+  double mx = kNegInf;
+  for (float v : logits) mx = std::max(mx, Clean(v));
+  double sum = 0;
+  if (std::isfinite(mx)) {
+    for (float v : logits) sum += std::exp(Clean(v) - mx);
+  }
+  // log-sum-exp; when nothing is finite every log-probability is -inf (or NaN-free 0 for +inf).
+  const double lse = std::isfinite(mx) ? mx + std::log(sum) : mx;
+  auto lp = [&](int32_t id) -> float {
+    const double l = Clean(logits[id]);
+    if (!std::isfinite(lse)) return l == lse ? 0.0f : -std::numeric_limits<float>::infinity();
+    return static_cast<float>(l - lse);
+  };
+  const double lt = Clean(logits[token]);
+  int32_t higher = 0;
+  for (float v : logits) higher += Clean(v) > lt;
+  *logprob = lp(token);
+  *rank = 1 + higher;
+  const size_t n = std::min<size_t>(std::max(top_n, 0), vocab);
+  if (n == 0) return;
+  std::vector<int32_t>& order = scratch->order;
+  order.resize(vocab);
+  std::iota(order.begin(), order.end(), 0);
+  std::partial_sort(order.begin(), order.begin() + n, order.end(), [&](int32_t a, int32_t b) {
+    const double la = Clean(logits[a]), lb = Clean(logits[b]);
+    return la > lb || (la == lb && a < b);
+  });
+  for (size_t i = 0; i < n; ++i) {
+    top_ids[i] = order[i];
+    top_logprobs[i] = lp(order[i]);
+  }
 }
 
 }  // namespace lorc

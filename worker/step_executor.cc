@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 
+#include "absl/container/flat_hash_set.h"
+
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 #include "worker/comm/communicator.h"
@@ -14,15 +16,6 @@ using Clock = std::chrono::steady_clock;
 
 int64_t Micros(Clock::duration d) {
   return std::chrono::duration_cast<std::chrono::microseconds>(d).count();
-}
-
-// log softmax(row)[target], in double.
-float LogProb(const float* row, int64_t n, int32_t target) {
-  float mx = row[0];
-  for (int64_t i = 1; i < n; ++i) mx = std::max(mx, row[i]);
-  double sum = 0;
-  for (int64_t i = 0; i < n; ++i) sum += std::exp(static_cast<double>(row[i] - mx));
-  return static_cast<float>(static_cast<double>(row[target] - mx) - std::log(sum));
 }
 
 }  // namespace
@@ -42,7 +35,53 @@ std::vector<int32_t> StepExecutor::Tokens(int64_t seq_id) const {
   return it == seqs_.end() ? std::vector<int32_t>() : it->second.tokens;
 }
 
-absl::Status StepExecutor::Prepare(const ScheduledSequence& s, SequenceStep* step) const {
+absl::Status StepExecutor::PrepareFork(const ScheduledSequence& s, const SeqState* st,
+                                       int64_t known,
+                                       const absl::flat_hash_map<int64_t, int>& claimed) const {
+  const int64_t id = s.seq_id;
+  if (s.replace_last_block < -1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "sequence ", id, ": replace_last_block ", s.replace_last_block, " (-1: none)"));
+  }
+  if (s.replace_last_block >= 0 && (st == nullptr || st->block_table.empty())) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "sequence ", id, ": replace_last_block ", s.replace_last_block,
+        " but its block table is empty"));
+  }
+  if (s.fork_child_ids.empty()) return absl::OkStatus();
+  const SamplingParams& params = st == nullptr ? *s.params : st->sampler->params();
+  const int64_t prompt_len =
+      st == nullptr ? static_cast<int64_t>(s.new_token_ids.size()) : st->prompt_len;
+  if (params.n != static_cast<int64_t>(s.fork_child_ids.size()) + 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "sequence ", id, ": forks ", s.fork_child_ids.size(), " children but its n is ", params.n,
+        " (children must be n - 1)"));
+  }
+  if (!s.sample || known != prompt_len ||
+      s.num_computed_tokens + s.num_scheduled_tokens != prompt_len) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "sequence ", id, ": forks only on the step that samples after the prompt's last token (",
+        prompt_len, " prompt tokens; ", known, " known, ",
+        s.num_computed_tokens + s.num_scheduled_tokens, " computed after this step)"));
+  }
+  for (int64_t child : s.fork_child_ids) {
+    if (seqs_.contains(child)) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("sequence ", id, ": fork child ", child, " is already known"));
+    }
+    auto it = claimed.find(child);
+    if (it != claimed.end() && it->second > 1) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "sequence ", id, ": fork child ", child, " occurs ", it->second,
+          " times in the step (as a request or a fork child)"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status StepExecutor::Prepare(const ScheduledSequence& s,
+                                   const absl::flat_hash_map<int64_t, int>& claimed,
+                                   SequenceStep* step) const {
   const int64_t id = s.seq_id;
   auto it = seqs_.find(id);
   const SeqState* st = it == seqs_.end() ? nullptr : &it->second;
@@ -72,6 +111,7 @@ absl::Status StepExecutor::Prepare(const ScheduledSequence& s, SequenceStep* ste
         "sequence ", id, ": ", s.num_scheduled_tokens, " tokens scheduled after ",
         s.num_computed_tokens, " computed, but ", known, " are known"));
   }
+  RETURN_IF_ERROR(PrepareFork(s, st, static_cast<int64_t>(known), claimed));
   step->seq_id = id;
   step->num_computed_tokens = s.num_computed_tokens;
   step->tokens.clear();
@@ -81,10 +121,12 @@ absl::Status StepExecutor::Prepare(const ScheduledSequence& s, SequenceStep* ste
   }
   step->block_table.clear();
   if (st != nullptr) step->block_table = st->block_table;
+  if (s.replace_last_block >= 0) step->block_table.back() = s.replace_last_block;
   step->block_table.insert(step->block_table.end(), s.new_block_ids.begin(), s.new_block_ids.end());
   // Every rank computes the same logit rows when the LM head is split (they all-gather them).
   const bool computes_logits = samples_ || runner_->lm_head_sharded();
-  const bool prompt_lp = st == nullptr ? s.params->prompt_logprobs.has_value() : st->prompt_logprobs;
+  const bool prompt_lp =
+      st == nullptr ? s.params->prompt_logprobs.has_value() : st->prompt_logprobs >= 0;
   const int64_t prompt_len =
       st == nullptr ? static_cast<int64_t>(s.new_token_ids.size()) : st->prompt_len;
   if (computes_logits && prompt_lp &&
@@ -136,7 +178,12 @@ absl::StatusOr<StepResult> StepExecutor::Execute(const StepPlan& plan) {
 
   // Validate each request on its own; the bad ones are dropped and reported (once each).
   absl::flat_hash_map<int64_t, int> occurrences;
-  for (const ScheduledSequence& s : plan.seqs) ++occurrences[s.seq_id];
+  absl::flat_hash_map<int64_t, int> claimed;  // as a request or a fork child
+  for (const ScheduledSequence& s : plan.seqs) {
+    ++occurrences[s.seq_id];
+    ++claimed[s.seq_id];
+    for (int64_t c : s.fork_child_ids) ++claimed[c];
+  }
   steps_.resize(plan.seqs.size());
   scheduled_.clear();
   size_t n = 0;
@@ -145,7 +192,7 @@ absl::StatusOr<StepResult> StepExecutor::Execute(const StepPlan& plan) {
     if (count == 0) continue;  // a duplicate already reported
     absl::Status st = count > 1 ? absl::InvalidArgumentError(absl::StrCat(
                                       "sequence ", s.seq_id, " appears ", count, " times in one step"))
-                                : Prepare(s, &steps_[n]);
+                                : Prepare(s, claimed, &steps_[n]);
     if (!st.ok()) {
       result.failed.push_back({s.seq_id, std::move(st)});
       seqs_.erase(s.seq_id);
@@ -167,11 +214,12 @@ absl::StatusOr<StepResult> StepExecutor::Execute(const StepPlan& plan) {
     const ScheduledSequence& s = *scheduled_[i];
     SeqState& st = seqs_[s.seq_id];
     if (s.params.has_value()) {
-      st.sampler = std::make_unique<Sampler>(*s.params);
+      st.sampler = std::make_unique<Sampler>(*s.params, runner_->config().eos_token_ids);
       st.prompt_len = static_cast<int64_t>(s.new_token_ids.size());
-      st.prompt_logprobs = s.params->prompt_logprobs.has_value();
+      st.prompt_logprobs = s.params->prompt_logprobs.value_or(-1);
     }
     st.tokens.insert(st.tokens.end(), s.new_token_ids.begin(), s.new_token_ids.end());
+    if (s.replace_last_block >= 0) st.block_table.back() = s.replace_last_block;
     st.block_table.insert(st.block_table.end(), s.new_block_ids.begin(), s.new_block_ids.end());
     const int64_t computed_before = st.num_computed_tokens;
     st.num_computed_tokens += s.num_scheduled_tokens;
@@ -180,36 +228,80 @@ absl::StatusOr<StepResult> StepExecutor::Execute(const StepPlan& plan) {
       const int64_t rows = PromptLogprobRows(st.prompt_len, computed_before, s.num_scheduled_tokens);
       for (int64_t j = 0; j < rows; ++j) {
         TokenLogprobs t;
-        t.logprob = LogProb(out.Row(out.row_begin[i] + j), out.vocab_size,
-                            st.tokens[computed_before + j + 1]);
+        t.top_ids.resize(st.prompt_logprobs);
+        t.top_logprobs.resize(st.prompt_logprobs);
+        ComputeLogprobs(absl::MakeConstSpan(out.Row(out.row_begin[i] + j), out.vocab_size),
+                        st.tokens[computed_before + j + 1], st.prompt_logprobs, &logprob_scratch_,
+                        &t.logprob, &t.rank, t.top_ids.data(), t.top_logprobs.data());
         lp.logprobs.push_back(std::move(t));
       }
       result.prompt_logprobs.push_back(std::move(lp));
     }
   }
-  std::vector<int64_t> sampled_ids;
+  // One entry per sampled token: the request's, then its fork children's (sampled on every rank:
+  // the ids come in the broadcast).
+  struct Draw {
+    int64_t seq_id;
+    int64_t parent = -1;  // a fork child: its parent's id
+  };
+  std::vector<Draw> draws;
+  std::vector<std::unique_ptr<Sampler>> child_samplers;  // parallel to the draws of children
   sample_rows_.clear();
   for (size_t i = 0; i < n; ++i) {
     const ScheduledSequence& s = *scheduled_[i];
     if (!s.sample) continue;
-    sampled_ids.push_back(s.seq_id);
-    if (!samples_) continue;
     SeqState& st = seqs_.at(s.seq_id);
-    // The chunk's last logit row; the history (for the penalty) stays put until Sample returns.
-    sample_rows_.push_back(st.sampler->NextRow(st.tokens, out.row_begin[i + 1] - 1));
+    const int32_t row = samples_ ? out.row_begin[i + 1] - 1 : 0;  // the chunk's last logit row
+    draws.push_back({s.seq_id});
+    // The history (for the penalties) stays put until Sample returns.
+    if (samples_) sample_rows_.push_back(st.sampler->NextRow(st.tokens, st.prompt_len, row));
+    for (size_t c = 0; c < s.fork_child_ids.size(); ++c) {
+      SamplingParams p = st.sampler->params();
+      if (p.seed.has_value()) *p.seed += c + 1;
+      child_samplers.push_back(std::make_unique<Sampler>(p, runner_->config().eos_token_ids));
+      draws.push_back({s.fork_child_ids[c], s.seq_id});
+      if (samples_) {
+        sample_rows_.push_back(child_samplers.back()->NextRow(st.tokens, st.prompt_len, row));
+      }
+    }
   }
-  std::vector<int32_t> sampled(sampled_ids.size(), 0);
+  std::vector<int32_t> sampled(draws.size(), 0);
   if (samples_ && !sampled.empty()) {
     // The runner returns logit rows in host memory, which is the CPU backend's device memory;
     // the CUDA backend will keep them on the device for its sampler (the CUDA backend issue).
     const Tensor2D logits{out.logits.data(), DType::kF32,
                           static_cast<int64_t>(out.logits.size()) / out.vocab_size, out.vocab_size,
                           out.vocab_size};
-    RETURN_IF_ERROR(runner_->backend().Sample(logits, sample_rows_, sampled.data()));
-    for (size_t i = 0; i < sampled.size(); ++i) result.sampled.push_back({sampled_ids[i], sampled[i]});
+    RETURN_IF_ERROR(runner_->backend().Sample(logits, sample_rows_, &sample_out_));
+    for (size_t i = 0; i < sampled.size(); ++i) {
+      sampled[i] = sample_out_.tokens[i];
+      SampledToken t{draws[i].seq_id, sampled[i], std::nullopt};
+      if (const int32_t top = sample_rows_[i].logprobs; top >= 0) {
+        const size_t at = i * SampleOutput::kStride;
+        t.logprobs = TokenLogprobs{sample_out_.logprobs[i], sample_out_.ranks[i],
+                                   {sample_out_.top_ids.begin() + at,
+                                    sample_out_.top_ids.begin() + at + top},
+                                   {sample_out_.top_logprobs.begin() + at,
+                                    sample_out_.top_logprobs.begin() + at + top}};
+      }
+      result.sampled.push_back(std::move(t));
+    }
   }
   RETURN_IF_ERROR(ShareSampled(&sampled));
-  for (size_t i = 0; i < sampled.size(); ++i) seqs_[sampled_ids[i]].tokens.push_back(sampled[i]);
+  // Fork first (a child copies its parent's state before the parent's token is appended).
+  size_t next_child = 0;
+  for (const Draw& d : draws) {
+    if (d.parent < 0) continue;
+    const SeqState& parent = seqs_.at(d.parent);
+    SeqState child;
+    child.sampler = std::move(child_samplers[next_child++]);
+    child.tokens = parent.tokens;
+    child.block_table = parent.block_table;
+    child.num_computed_tokens = parent.num_computed_tokens;
+    child.prompt_len = parent.prompt_len;
+    seqs_.emplace(d.seq_id, std::move(child));  // may rehash: no reference kept across it
+  }
+  for (size_t i = 0; i < draws.size(); ++i) seqs_.at(draws[i].seq_id).tokens.push_back(sampled[i]);
 
   last_end_ = Clock::now();
   result.compute_us = Micros(last_end_ - t0);

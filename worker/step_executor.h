@@ -6,11 +6,21 @@
 // and reported in StepResult::failed: it fails alone.
 //
 // Sampling: rank 0 samples, with the backend's sampler (Backend::Sample: one call per step for
-// every sampling request, from each request's own counter-based stream, worker/sampler.h); with
-// tensor parallelism it broadcasts the sampled ids to the other
-// ranks (one small collective per sampling step), so every rank appends the same token to its
-// history and a later plan never has to carry it (async scheduling). Validation depends only on
-// the plans, so every rank drops the same requests and the collectives stay matched.
+// every sampling request, from each request's own counter-based stream, worker/sampler.h; the
+// model's EOS ids come from the runner's config); with tensor parallelism it broadcasts the
+// sampled ids to the other ranks (one small collective per sampling step), so every rank appends
+// the same token to its history and a later plan never has to carry it (async scheduling).
+// Validation depends only on the plans, so every rank drops the same requests and the
+// collectives stay matched. Log-probabilities (sampled tokens and prompt tokens) follow
+// backend/sampling.h (raw distribution, rank, top-N).
+//
+// Parallel sampling (ScheduledSequence::fork_child_ids): on the request's sampling step, one row
+// per completion reads the same logits; child i (1-based position in fork_child_ids) gets its
+// own Sampler (seed + i when seeded), the parent's prompt, block table (shared blocks), computed
+// count and prompt length, plus its own sampled token; every rank forks identically (the
+// children's ids are in the broadcast). Copy-on-write: replace_last_block swaps the table's last
+// entry before new_block_ids are appended (plan.copies have copied the data before the forward
+// pass).
 //
 // Used in-process by the local engine and inside every worker process (on its device thread).
 // One thread at a time.
@@ -59,13 +69,18 @@ class StepExecutor final : public StepRunner {
     std::vector<int32_t> tokens;       // every token known (prompt + generated)
     std::vector<int32_t> block_table;
     int64_t num_computed_tokens = 0;
-    int64_t prompt_len = 0;         // tokens given on first sight
-    bool prompt_logprobs = false;   // report the prompt tokens' log-probabilities
+    int64_t prompt_len = 0;         // tokens given on first sight (a fork: its parent's)
+    int32_t prompt_logprobs = -1;   // -1: off; N: the prompt tokens' log-probabilities + top N
   };
   // Rows of the chunk whose next token is a prompt token (positions before prompt_len - 1).
   static int64_t PromptLogprobRows(int64_t prompt_len, int64_t num_computed, int64_t n);
-  // Checks one scheduled request against this rank's state; fills `step` on success.
-  absl::Status Prepare(const ScheduledSequence& s, SequenceStep* step) const;
+  // Checks one scheduled request against this rank's state; fills `step` on success. `claimed`:
+  // how often each id occurs in the plan as a scheduled request or a fork child.
+  absl::Status Prepare(const ScheduledSequence& s,
+                       const absl::flat_hash_map<int64_t, int>& claimed, SequenceStep* step) const;
+  // The checks of fork_child_ids and replace_last_block (part of Prepare).
+  absl::Status PrepareFork(const ScheduledSequence& s, const SeqState* st, int64_t known,
+                           const absl::flat_hash_map<int64_t, int>& claimed) const;
   absl::Status ShareSampled(std::vector<int32_t>* tokens);
 
   ModelRunner* runner_;
@@ -80,6 +95,8 @@ class StepExecutor final : public StepRunner {
   std::vector<SequenceStep> steps_;
   std::vector<const ScheduledSequence*> scheduled_;
   std::vector<SamplingRow> sample_rows_;
+  SampleOutput sample_out_;
+  SampleScratch logprob_scratch_;  // prompt log-probabilities
   DeviceBuffer share_buf_;
 };
 

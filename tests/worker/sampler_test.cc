@@ -67,6 +67,16 @@ double ChiSquare(const std::vector<int>& counts, const std::vector<double>& prob
   return chi2;
 }
 
+// The sampler's processed logits (backend/sampling.h steps 0-5) for `logits` after `context`,
+// all of it prompt.
+std::vector<double> ProcessedBy(Sampler& s, const std::vector<float>& logits,
+                                const std::vector<int32_t>& context) {
+  SampleScratch scratch;
+  std::vector<double> x;
+  ProcessLogits(logits, s.NextRow(context, context.size()), &scratch, &x);
+  return x;
+}
+
 SamplingParams Seeded(float temperature, uint64_t seed = 1234) {
   SamplingParams p;
   p.temperature = temperature;
@@ -255,10 +265,10 @@ TEST(SamplerTest, RepetitionPenaltyHuggingFaceSemantics) {
   std::vector<float> l = {2.0f, -1.0f, 0.5f, 3.0f, -2.0f, 0.0f};
   // Tokens 0, 1 (twice), 5 in context; 99 and -1 are outside the vocabulary and ignored.
   const std::vector<int32_t> ctx = {0, 1, 1, 5, 99, -1};
-  EXPECT_EQ(s.Sample(absl::MakeSpan(l), ctx), 3);
+  EXPECT_EQ(s.Sample(l, ctx), 3);
   // Positive logits divided, negative multiplied, each token once however often it occurs;
   // tokens not in the context untouched.
-  EXPECT_THAT(l, ElementsAre(1.0f, -2.0f, 0.5f, 3.0f, -2.0f, 0.0f));
+  EXPECT_THAT(ProcessedBy(s, l, ctx), ElementsAre(1.0, -2.0, 0.5, 3.0, -2.0, 0.0));
 }
 
 TEST(SamplerTest, RepetitionPenaltyChangesTheGreedyChoice) {
@@ -269,7 +279,7 @@ TEST(SamplerTest, RepetitionPenaltyChangesTheGreedyChoice) {
   EXPECT_EQ(s.Sample(absl::MakeSpan(l), std::vector<int32_t>{0}), 1);  // 2.0 -> 1.0 < 1.5
   std::vector<float> l2 = {2.0f, 1.5f, -0.5f};
   EXPECT_EQ(s.Sample(absl::MakeSpan(l2), std::vector<int32_t>{2}), 0);  // -0.5 -> -1.0
-  EXPECT_FLOAT_EQ(l2[2], -1.0f);
+  EXPECT_DOUBLE_EQ(ProcessedBy(s, l2, {2})[2], -1.0);
 
   // A penalty below 1 rewards repetition.
   SamplingParams q;
@@ -277,14 +287,12 @@ TEST(SamplerTest, RepetitionPenaltyChangesTheGreedyChoice) {
   Sampler r(q);
   std::vector<float> l3 = {2.0f, 1.5f, -0.5f};
   EXPECT_EQ(r.Sample(absl::MakeSpan(l3), std::vector<int32_t>{1, 2}), 1);  // 1.5 -> 3.0
-  EXPECT_THAT(l3, ElementsAre(2.0f, 3.0f, -0.25f));
+  EXPECT_THAT(ProcessedBy(r, l3, {1, 2}), ElementsAre(2.0, 3.0, -0.25));
 }
 
 TEST(SamplerTest, RepetitionPenaltyOneLeavesLogitsAlone) {
   Sampler s(SamplingParams{});
-  std::vector<float> l = {2.0f, -1.0f, 0.5f};
-  s.Sample(absl::MakeSpan(l), std::vector<int32_t>{0, 1, 2});
-  EXPECT_THAT(l, ElementsAre(2.0f, -1.0f, 0.5f));
+  EXPECT_THAT(ProcessedBy(s, {2.0f, -1.0f, 0.5f}, {0, 1, 2}), ElementsAre(2.0, -1.0, 0.5));
 }
 
 TEST(SamplerTest, RepetitionPenaltyAppliesBeforeTemperatureSampling) {
@@ -298,6 +306,61 @@ TEST(SamplerTest, RepetitionPenaltyAppliesBeforeTemperatureSampling) {
   const double p0 = std::exp(0.08) / (std::exp(0.08) + 2.0);
   const double sigma = std::sqrt(2000 * p0 * (1 - p0));
   EXPECT_NEAR(c[0], 2000 * p0, 5 * sigma);
+}
+
+// --- min_tokens, logit_bias, allowed ids, OpenAI penalties ---------------------------------------
+
+TEST(SamplerTest, MinTokensSuppressesEosAndStopIdsUntilReached) {
+  const std::vector<float> logits = {0.0f, 9.0f, 8.0f, 7.0f, 1.0f};  // EOS 1, stop id 2
+  SamplingParams p;
+  p.min_tokens = 2;
+  p.stop_token_ids = {2};
+  const std::vector<int64_t> eos = {1};
+  Sampler s(p, eos);
+  const std::vector<int32_t> prompt_and_one = {4, 4, 0};  // prompt {4, 4}, 1 generated
+  EXPECT_EQ(s.Sample(logits, prompt_and_one, 2), 3);
+  const std::vector<int32_t> prompt_and_two = {4, 4, 0, 0};
+  EXPECT_EQ(s.Sample(logits, prompt_and_two, 2), 1);
+  // ignore_eos: EOS is never a stop, so it is not suppressed; the stop ids still are.
+  p.ignore_eos = true;
+  Sampler t(p, eos);
+  EXPECT_EQ(t.Sample(logits, prompt_and_one, 2), 1);
+  std::vector<float> no_eos = logits;
+  no_eos[1] = -1.0f;
+  EXPECT_EQ(t.Sample(no_eos, prompt_and_one, 2), 3);
+}
+
+TEST(SamplerTest, LogitBiasAndAllowedIdsReachTheRow) {
+  const std::vector<float> logits = {1.0f, 2.0f, 3.0f, 0.0f};
+  SamplingParams p;
+  p.logit_bias = {{0, 2.5f}, {2, -100.0f}};
+  Sampler s(p);
+  EXPECT_EQ(s.Sample(logits, {}), 0);  // 3.5 > 2 > -97
+  p.allowed_token_ids = {2, 3};
+  Sampler a(p);
+  EXPECT_EQ(a.Sample(logits, {}), 3);  // 0 and 1 masked; 2 biased down to -97
+}
+
+TEST(SamplerTest, FrequencyAndPresencePenaltiesCountOnlyGeneratedTokens) {
+  SamplingParams p;
+  p.frequency_penalty = 1.0f;
+  p.presence_penalty = 0.5f;
+  Sampler s(p);
+  const std::vector<int32_t> ctx = {0, 0, 1, 1, 1};  // prompt {0, 0}; generated {1, 1, 1}
+  SampleScratch scratch;
+  std::vector<double> x;
+  ProcessLogits(std::vector<float>{2.0f, 4.0f, 0.0f}, s.NextRow(ctx, 2), &scratch, &x);
+  EXPECT_THAT(x, ElementsAre(2.0, 4.0 - 3.0 - 0.5, 0.0));
+}
+
+TEST(SamplerTest, RowCarriesLogprobsRequest) {
+  SamplingParams p;
+  Sampler off(p);
+  EXPECT_EQ(off.NextRow({}, 0).logprobs, -1);
+  p.logprobs = 0;
+  EXPECT_EQ(Sampler(p).NextRow({}, 0).logprobs, 0);
+  p.logprobs = 20;
+  EXPECT_EQ(Sampler(p).NextRow({}, 0).logprobs, 20);
 }
 
 // --- SamplingParams::Validate -------------------------------------------------------------------

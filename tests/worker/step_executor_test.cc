@@ -1,0 +1,345 @@
+// StepExecutor with hand-built plans over the fixture model: parallel sampling (forks sharing the
+// prompt's blocks, copy-on-write), log-probabilities in the step result, the extreme sampling
+// values of issue #7, per-request validation of the fork fields, and forking under tensor
+// parallelism.
+#include "worker/step_executor.h"
+
+#include <memory>
+#include <set>
+#include <thread>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tests/testing/fixtures.h"
+#include "tests/testing/golden.h"
+#include "tests/testing/status_matchers.h"
+#include "worker/comm/communicator.h"
+#include "worker/comm/rendezvous.h"
+#include "worker/model_loader.h"
+
+namespace lorc {
+namespace {
+
+using ::lorc::testing::GoldenPrompts;
+using ::testing::HasSubstr;
+
+constexpr int32_t kBlockSize = 16;
+
+// Builds plans the way a scheduler would (block ids from a counter), independent of any
+// executor, so that the same plans can run on every tensor-parallel rank.
+class PlanBuilder {
+ public:
+  // First sight: the whole prompt, its blocks, sample; `children` fork from it (params.n must be
+  // children + 1 for a valid plan).
+  ScheduledSequence Prefill(int64_t id, const std::vector<int32_t>& prompt, SamplingParams params,
+                            std::vector<int64_t> children = {}) {
+    ScheduledSequence s;
+    s.seq_id = id;
+    s.new_token_ids = prompt;
+    s.num_scheduled_tokens = static_cast<int32_t>(prompt.size());
+    s.sample = true;
+    s.params = std::move(params);
+    s.fork_child_ids = children;
+    Seq& q = seqs_[id];
+    while (static_cast<int64_t>(q.table.size()) * kBlockSize < static_cast<int64_t>(prompt.size())) {
+      q.table.push_back(next_block_);
+      s.new_block_ids.push_back(next_block_++);
+    }
+    q.computed = static_cast<int64_t>(prompt.size());
+    for (int64_t c : children) seqs_[c] = seqs_[id];  // shared blocks
+    return s;
+  }
+  // One decode token; `cow`: copy the (shared) last block into a fresh one first.
+  ScheduledSequence Decode(int64_t id, StepPlan* plan, bool cow = false) {
+    Seq& q = seqs_[id];
+    ScheduledSequence s;
+    s.seq_id = id;
+    s.num_computed_tokens = q.computed;
+    s.num_scheduled_tokens = 1;
+    s.sample = true;
+    if (cow) {
+      plan->copies.push_back({q.table.back(), next_block_});
+      s.replace_last_block = next_block_;
+      q.table.back() = next_block_++;
+    }
+    if (q.computed + 1 > static_cast<int64_t>(q.table.size()) * kBlockSize) {
+      q.table.push_back(next_block_);
+      s.new_block_ids.push_back(next_block_++);
+    }
+    ++q.computed;
+    return s;
+  }
+  StepPlan NewPlan() {
+    StepPlan p;
+    p.step_id = ++step_id_;
+    return p;
+  }
+
+ private:
+  struct Seq {
+    int64_t computed = 0;
+    std::vector<int32_t> table;
+  };
+  absl::flat_hash_map<int64_t, Seq> seqs_;
+  int32_t next_block_ = 0;
+  uint64_t step_id_ = 0;
+};
+
+// The plans of: every request of `prefills` (one step), then `decode_steps` decode steps of every
+// request and fork child; children copy their shared last block on their first decode.
+std::vector<StepPlan> PrefillThenDecode(PlanBuilder& b, std::vector<ScheduledSequence> prefills,
+                                        int decode_steps) {
+  std::vector<StepPlan> plans(1, b.NewPlan());
+  std::vector<int64_t> ids, children;
+  for (ScheduledSequence& s : prefills) {
+    ids.push_back(s.seq_id);
+    children.insert(children.end(), s.fork_child_ids.begin(), s.fork_child_ids.end());
+    plans[0].seqs.push_back(std::move(s));
+  }
+  for (int step = 0; step < decode_steps; ++step) {
+    StepPlan p = b.NewPlan();
+    for (int64_t id : ids) p.seqs.push_back(b.Decode(id, &p));
+    for (int64_t id : children) p.seqs.push_back(b.Decode(id, &p, /*cow=*/step == 0));
+    plans.push_back(std::move(p));
+  }
+  return plans;
+}
+
+SamplingParams Params(float temperature, std::optional<uint64_t> seed = std::nullopt, int32_t n = 1) {
+  SamplingParams p;
+  p.temperature = temperature;
+  p.seed = seed;
+  p.n = n;
+  p.max_tokens = 64;
+  return p;
+}
+
+KvCacheOptions SmallCache() {
+  KvCacheOptions kv;
+  kv.block_size = kBlockSize;
+  kv.memory_bytes = 64ll << 20;
+  return kv;
+}
+
+class StepExecutorTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    REQUIRE_TINY_LLAMA();
+    auto b = CreateBackend({});
+    ASSERT_OK(b);
+    backend_ = *std::move(b);
+    auto m = LoadModel({::lorc::testing::TinyLlamaDir()}, backend_.get(), 0, 1, nullptr, SmallCache());
+    ASSERT_OK(m);
+    model_ = *std::move(m);
+    exec_ = std::make_unique<StepExecutor>(model_.runner.get());
+    prompt_ = GoldenPrompts()[1].prompt_ids;  // 12 tokens: the last block is shared, partly full
+    greedy_ = GoldenPrompts()[1].greedy_ids;
+  }
+
+  std::vector<StepResult> RunAll(const std::vector<StepPlan>& plans) {
+    std::vector<StepResult> results;
+    for (const StepPlan& p : plans) {
+      auto r = exec_->Execute(p);
+      EXPECT_OK(r);
+      if (!r.ok()) break;
+      EXPECT_TRUE(r->failed.empty()) << r->failed[0].status;
+      results.push_back(*std::move(r));
+    }
+    return results;
+  }
+
+  // What `id` generated after the prompt.
+  std::vector<int32_t> Generated(int64_t id) {
+    std::vector<int32_t> t = exec_->Tokens(id);
+    return {t.begin() + static_cast<ptrdiff_t>(std::min(t.size(), prompt_.size())), t.end()};
+  }
+
+  std::unique_ptr<Backend> backend_;
+  LoadedModel model_;
+  std::unique_ptr<StepExecutor> exec_;
+  std::vector<int32_t> prompt_, greedy_;
+};
+
+TEST_F(StepExecutorTest, ForkedGreedyChildrenDecodeLikeThePlainRequest) {
+  PlanBuilder b;
+  const auto plans = PrefillThenDecode(b, {b.Prefill(10, prompt_, Params(0.0f, {}, 3), {11, 12})},
+                                       /*decode_steps=*/8);
+  ASSERT_EQ(plans[1].copies.size(), 2u);  // both children copy the shared block on write
+  const std::vector<StepResult> results = RunAll(plans);
+  ASSERT_EQ(results.size(), plans.size());
+  // The forking step samples the parent, then its children, from the same row.
+  ASSERT_EQ(results[0].sampled.size(), 3u);
+  EXPECT_EQ(results[0].sampled[0].seq_id, 10);
+  EXPECT_EQ(results[0].sampled[1].seq_id, 11);
+  EXPECT_EQ(results[0].sampled[2].seq_id, 12);
+  const std::vector<int32_t> want(greedy_.begin(), greedy_.begin() + 9);
+  for (int64_t id : {10, 11, 12}) EXPECT_EQ(Generated(id), want) << "sequence " << id;
+  EXPECT_EQ(exec_->num_sequences(), 3u);
+}
+
+TEST_F(StepExecutorTest, SeededChildrenFollowSeedPlusIndexAndDiffer) {
+  // Completion i of a fork samples as a plain request seeded with seed + i would.
+  PlanBuilder b;
+  std::vector<ScheduledSequence> prefills = {b.Prefill(20, prompt_, Params(1.0f, 5, 4), {21, 22, 23})};
+  for (int i = 0; i < 4; ++i) prefills.push_back(b.Prefill(30 + i, prompt_, Params(1.0f, 5 + i)));
+  RunAll(PrefillThenDecode(b, std::move(prefills), /*decode_steps=*/10));
+  std::set<std::vector<int32_t>> distinct;
+  for (int i = 0; i < 4; ++i) {
+    const std::vector<int32_t> got = Generated(20 + i);
+    ASSERT_EQ(got.size(), 11u);
+    EXPECT_EQ(got, Generated(30 + i)) << "completion " << i;
+    distinct.insert(got);
+  }
+  EXPECT_GE(distinct.size(), 3u) << "seeded children should not repeat each other";
+}
+
+TEST_F(StepExecutorTest, ExtremeTemperaturesOfIssue7AreGreedy) {
+  // `generate --temperature 1e-38 --seed 1` returned ids 4095, 4093, ... (logits / T overflowed).
+  PlanBuilder b;
+  SamplingParams tiny = Params(1e-38f, 1);
+  SamplingParams tiny_k1 = tiny;
+  tiny_k1.top_k = 1;
+  SamplingParams hot_k1 = Params(3e38f, 1);
+  hot_k1.top_k = 1;
+  SamplingParams hot_p = Params(1.0f, 1);
+  hot_p.top_p = 1e-38f;
+  hot_p.repetition_penalty = 3e38f;  // the penalised tokens drop out; still finite
+  RunAll(PrefillThenDecode(b, {b.Prefill(1, prompt_, tiny), b.Prefill(2, prompt_, tiny_k1),
+                               b.Prefill(3, prompt_, hot_k1), b.Prefill(4, prompt_, Params(3e38f, 1)),
+                               b.Prefill(5, prompt_, hot_p)},
+                           /*decode_steps=*/7));
+  const std::vector<int32_t> want(greedy_.begin(), greedy_.begin() + 8);
+  for (int64_t id : {1, 2, 3}) EXPECT_EQ(Generated(id), want) << "sequence " << id;
+  for (int64_t id : {4, 5}) {
+    for (int32_t t : Generated(id)) {
+      EXPECT_GE(t, 0);
+      EXPECT_LT(t, model_.config.vocab_size);
+    }
+  }
+}
+
+TEST_F(StepExecutorTest, SampledAndPromptLogprobsWithRankAndTopN) {
+  PlanBuilder b;
+  SamplingParams p = Params(0.0f);
+  p.logprobs = 5;
+  p.prompt_logprobs = 3;
+  SamplingParams own = Params(0.0f);
+  own.logprobs = 0;
+  const auto results = RunAll(PrefillThenDecode(
+      b, {b.Prefill(1, prompt_, p), b.Prefill(2, prompt_, own), b.Prefill(3, prompt_, Params(0.0f))},
+      1));
+  ASSERT_EQ(results.size(), 2u);
+  for (const StepResult& r : results) {
+    ASSERT_EQ(r.sampled.size(), 3u);
+    const SampledToken& t = r.sampled[0];
+    ASSERT_TRUE(t.logprobs.has_value());
+    EXPECT_EQ(t.logprobs->rank, 1);  // greedy: the most likely token
+    ASSERT_EQ(t.logprobs->top_ids.size(), 5u);
+    ASSERT_EQ(t.logprobs->top_logprobs.size(), 5u);
+    EXPECT_EQ(t.logprobs->top_ids[0], t.token);
+    EXPECT_EQ(t.logprobs->top_logprobs[0], t.logprobs->logprob);
+    for (size_t j = 1; j < 5; ++j) {
+      EXPECT_GE(t.logprobs->top_logprobs[j - 1], t.logprobs->top_logprobs[j]);
+    }
+    EXPECT_LT(t.logprobs->logprob, 0.0f);
+    ASSERT_TRUE(r.sampled[1].logprobs.has_value());
+    EXPECT_TRUE(r.sampled[1].logprobs->top_ids.empty());
+    EXPECT_EQ(r.sampled[1].logprobs->logprob, t.logprobs->logprob);
+    EXPECT_FALSE(r.sampled[2].logprobs.has_value());
+  }
+  ASSERT_EQ(results[0].prompt_logprobs.size(), 1u);
+  const PromptLogprobs& pl = results[0].prompt_logprobs[0];
+  EXPECT_EQ(pl.first_position, 1);
+  ASSERT_EQ(pl.logprobs.size(), prompt_.size() - 1);
+  for (size_t i = 0; i < pl.logprobs.size(); ++i) {
+    const TokenLogprobs& t = pl.logprobs[i];
+    ASSERT_EQ(t.top_ids.size(), 3u);
+    EXPECT_GE(t.rank, 1);
+    EXPECT_LE(t.logprob, t.top_logprobs[0]);
+    if (t.rank == 1) {
+      EXPECT_EQ(t.top_ids[0], prompt_[i + 1]);
+    }
+    if (t.rank <= 3) EXPECT_EQ(t.top_ids[t.rank - 1], prompt_[i + 1]) << i;
+  }
+  EXPECT_TRUE(results[1].prompt_logprobs.empty());
+}
+
+TEST_F(StepExecutorTest, BadForksAndCopyOnWriteFieldsFailTheirRequestAlone) {
+  PlanBuilder b;
+  StepPlan p = b.NewPlan();
+  p.seqs.push_back(b.Prefill(1, prompt_, Params(0.0f, {}, 2), {2}));      // valid
+  p.seqs.push_back(b.Prefill(5, prompt_, Params(0.0f, {}, 3), {6}));      // n = 3, one child
+  p.seqs.push_back(b.Prefill(7, prompt_, Params(0.0f, {}, 2), {1}));      // child 1 is a request
+  ScheduledSequence no_sample = b.Prefill(8, prompt_, Params(0.0f, {}, 2), {9});
+  no_sample.sample = false;
+  p.seqs.push_back(no_sample);
+  ScheduledSequence cow_empty = b.Prefill(12, prompt_, Params(0.0f));
+  cow_empty.replace_last_block = 100;  // a first sight has no table to replace in
+  p.seqs.push_back(cow_empty);
+  auto r = exec_->Execute(p);
+  ASSERT_OK(r);
+  absl::flat_hash_map<int64_t, std::string> failed;
+  for (const FailedSequence& f : r->failed) failed[f.seq_id] = std::string(f.status.message());
+  ASSERT_EQ(failed.size(), 4u);
+  EXPECT_THAT(failed[5], HasSubstr("forks 1 children but its n is 3"));
+  EXPECT_THAT(failed[7], HasSubstr("fork child 1 occurs 2 times"));
+  EXPECT_THAT(failed[8], HasSubstr("forks only on the step that samples"));
+  EXPECT_THAT(failed[12], HasSubstr("replace_last_block 100 but its block table is empty"));
+  ASSERT_EQ(r->sampled.size(), 2u);
+  EXPECT_EQ(r->sampled[1].seq_id, 2);
+  EXPECT_EQ(exec_->num_sequences(), 2u);  // 1 and its child 2
+
+  // A child id this worker already holds.
+  StepPlan q = b.NewPlan();
+  q.seqs.push_back(b.Prefill(20, prompt_, Params(0.0f, {}, 2), {2}));
+  r = exec_->Execute(q);
+  ASSERT_OK(r);
+  ASSERT_EQ(r->failed.size(), 1u);
+  EXPECT_THAT(r->failed[0].status.message(), HasSubstr("fork child 2 is already known"));
+  EXPECT_EQ(r->failed[0].status.code(), absl::StatusCode::kFailedPrecondition);
+}
+
+TEST(StepExecutorTensorParallelTest, EveryRankForksIdentically) {
+  REQUIRE_TINY_LLAMA();
+  PlanBuilder b;
+  const std::vector<int32_t> prompt = GoldenPrompts()[1].prompt_ids;
+  const auto plans =
+      PrefillThenDecode(b, {b.Prefill(1, prompt, Params(1.0f, 3, 3), {2, 3})}, /*decode_steps=*/4);
+  InProcessStore store;
+  std::vector<std::vector<std::vector<int32_t>>> tokens(2);  // [rank][seq 1..3]
+  std::vector<size_t> sampled(2, 0);
+  auto rank_main = [&](int rank) {
+    auto backend = CreateBackend({});
+    ASSERT_OK(backend);
+    CommOptions o;
+    o.hostname_or_iface = "127.0.0.1";
+    o.join_timeout = absl::Seconds(30);
+    o.op_timeout = absl::Seconds(60);
+    auto comm = CreateGlooCommunicator({rank, 2}, &store, o);
+    ASSERT_OK(comm);
+    auto m = LoadModel({::lorc::testing::TinyLlamaDir()}, backend->get(), rank, 2, comm->get(),
+                       SmallCache());
+    ASSERT_OK(m);
+    StepExecutor exec(m->runner.get(), comm->get());
+    for (const StepPlan& p : plans) {
+      auto r = exec.Execute(p);
+      ASSERT_OK(r);
+      ASSERT_TRUE(r->failed.empty());
+      sampled[rank] += r->sampled.size();
+    }
+    for (int64_t id : {1, 2, 3}) tokens[rank].push_back(exec.Tokens(id));
+  };
+  std::thread r1(rank_main, 1);
+  rank_main(0);
+  r1.join();
+  ASSERT_EQ(tokens[0].size(), 3u);
+  EXPECT_EQ(tokens[0], tokens[1]);
+  for (const auto& t : tokens[0]) EXPECT_EQ(t.size(), prompt.size() + 5);
+  EXPECT_EQ(sampled[0], 3u * 5u);
+  EXPECT_EQ(sampled[1], 0u);  // only rank 0 reports sampled tokens
+}
+
+}  // namespace
+}  // namespace lorc

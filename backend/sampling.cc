@@ -125,16 +125,23 @@ int32_t SampleRow(absl::Span<const float> logits, const SamplingRow& row, Sample
   std::partial_sort(order.begin(), order.begin() + k, order.end(), by_x);
   order.resize(k);
   // 8. Temperature and softmax over the candidates (the first one has weight exactly 1).
-  std::vector<double>& probs = scratch->probs;
+  std::vector<double>& probs = scratch->probs;  // first the scaled logits z, then p
   probs.resize(k);
   const double m = x[order[0]];
   const double t = row.temperature;
-  double sum = 0;
   for (size_t i = 0; i < k; ++i) {
     const double l = x[order[i]];
-    probs[i] = l == m ? 1.0 : std::exp((l - m) / t);
-    sum += probs[i];
+    probs[i] = l == m ? 0.0 : (l - m) / t;  // <= 0; -inf for an id far below
   }
+  // Min-p's floor in log space: z >= log(min_p) (exact for min_p 1: only z == 0 stays).
+  size_t min_p_keep = k;
+  if (row.min_p > 0.0f) {
+    const double log_floor = std::log(static_cast<double>(row.min_p));
+    min_p_keep = 1;
+    while (min_p_keep < k && probs[min_p_keep] >= log_floor) ++min_p_keep;
+  }
+  double sum = 0;
+  for (double& p : probs) sum += p = std::exp(p);
   for (double& p : probs) p /= sum;
   // 9. Top-p, then min-p.
   size_t keep = k;
@@ -148,12 +155,7 @@ int32_t SampleRow(absl::Span<const float> logits, const SamplingRow& row, Sample
       }
     }
   }
-  if (row.min_p > 0.0f) {
-    const double floor = static_cast<double>(row.min_p) * probs[0];
-    size_t m_keep = 1;
-    while (m_keep < keep && probs[m_keep] >= floor) ++m_keep;
-    keep = m_keep;
-  }
+  keep = std::min(keep, min_p_keep);
   // 10. One draw.
   double mass = 0;
   for (size_t i = 0; i < keep; ++i) mass += probs[i];

@@ -21,12 +21,14 @@
 //     offset is the caller's).
 //  7. Candidates: the ids with x > -inf, sorted by x (highest first, ties by lower id). None:
 //     the token is ArgMax(x). Top-k (top_k > 0): the first top_k candidates.
-//  8. Temperature: weight w = 1 when x equals the first candidate's x (m), else
-//     exp((x - m) / temperature) (so no overflow for any temperature and any x); probability
-//     p = w / (sum of the kept candidates' w) (>= 1, so never 0/0).
+//  8. Temperature: z = 0 when x equals the first candidate's x (m), else (x - m) / temperature
+//     (<= 0, no overflow for any temperature and any x); weight w = exp(z); probability
+//     p = w / (sum of the kept candidates' w) (the sum is >= 1, so never 0/0).
 //  9. Top-p (top_p < 1): keep the shortest prefix whose cumulative p reaches top_p (at least
-//     one candidate). Min-p (min_p > 0): then keep the prefix of candidates with
-//     p >= min_p * p[0].
+//     one candidate). Min-p (min_p > 0): keep the prefix of candidates with z >= log(min_p)
+//     (p >= min_p * p[0], compared in log space so that min_p = 1 keeps exactly the ties of
+//     the top logit at any temperature). The kept set is the shorter of the two prefixes; p
+//     is not renormalised between them.
 // 10. One draw: u = CounterUniform(seed, offset) (a pure function of the request's seed and of
 //     how many draws it made before, so a GPU sampler draws the same u whatever else is in the
 //     batch, and a seeded request is reproducible across batches, preemptions and backends);

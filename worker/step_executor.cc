@@ -1,9 +1,7 @@
 #include "worker/step_executor.h"
 
 #include <algorithm>
-#include <cmath>
-
-#include "absl/container/flat_hash_set.h"
+#include <memory>
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"

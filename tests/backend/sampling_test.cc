@@ -80,10 +80,8 @@ TEST(SamplingContractTest, ExtremeValuesGiveValidIdsAndGreedyWhereGreedyEquivale
               // these rows), and temperature 1e-5 when the top two differ by far more than it.
               std::vector<double> sorted = x;
               std::sort(sorted.rbegin(), sorted.rend());
-              // (min-p 1 is not greedy at a huge temperature: every probability rounds to the
-              // top one's, all tokens tie and all stay.)
               const bool greedy = temperature < 1e-5f || top_k == 1 || top_p < 1e-30f ||
-                                  (min_p == 1.0f && temperature <= 1.0f) ||
+                                  min_p == 1.0f ||
                                   (temperature <= 1e-5f && sorted[0] - sorted[1] > 1e-2);
               if (greedy) {
                 ASSERT_EQ(token, ArgMax(absl::MakeConstSpan(x)));

@@ -220,6 +220,32 @@ TEST_F(StepExecutorTest, ExtremeTemperaturesOfIssue7AreGreedy) {
   }
 }
 
+TEST_F(StepExecutorTest, MinTokensSuppressesTheModelsEosAndStopIds) {
+  // The fixture's EOS id is 1 (config.json). Bias it (request 1) or stop id 264 (request 3) so
+  // that greedy picks it whenever it is allowed.
+  ASSERT_EQ(model_.config.eos_token_ids, std::vector<int64_t>{1});
+  SamplingParams eos = Params(0.0f);
+  eos.min_tokens = 3;
+  eos.stop_token_ids = {264};
+  eos.logit_bias = {{1, 100.0f}};
+  SamplingParams ignore = eos;
+  ignore.ignore_eos = true;
+  SamplingParams stop = eos;
+  stop.logit_bias = {{264, 100.0f}};
+  PlanBuilder b;
+  RunAll(PrefillThenDecode(
+      b, {b.Prefill(1, prompt_, eos), b.Prefill(2, prompt_, ignore), b.Prefill(3, prompt_, stop)}, 3));
+  for (int64_t id : {1, 3}) {
+    const int32_t held = id == 1 ? 1 : 264;
+    const std::vector<int32_t> got = Generated(id);
+    ASSERT_EQ(got.size(), 4u);
+    for (int i = 0; i < 3; ++i) EXPECT_NE(got[i], held) << "sequence " << id << " token " << i;
+    EXPECT_EQ(got[3], held) << "sequence " << id;
+  }
+  // ignore_eos: EOS is no stop, so nothing holds it back.
+  EXPECT_EQ(Generated(2), (std::vector<int32_t>{1, 1, 1, 1}));
+}
+
 TEST_F(StepExecutorTest, SampledAndPromptLogprobsWithRankAndTopN) {
   PlanBuilder b;
   SamplingParams p = Params(0.0f);

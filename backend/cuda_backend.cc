@@ -1,5 +1,6 @@
 #include "backend/cuda_backend.h"
 
+#include <initializer_list>
 #include <memory>
 #include <string>
 #include <utility>
@@ -8,7 +9,11 @@
 #include "common/status_macros.h"
 
 #ifdef LORC_HAVE_CUDA
+#include "kernels/copy_rows.cuh"
 #include "kernels/device_query.cuh"
+#include "kernels/elementwise.cuh"
+#include "kernels/rms_norm.cuh"
+#include "kernels/rope.cuh"
 #endif
 
 namespace lorc {
@@ -75,9 +80,9 @@ class CudaGraph final : public Graph {
   cudaGraphExec_t exec = nullptr;
 };
 
-// The runtime half of the CUDA backend: one non-blocking stream on one device, events, graph
-// capture, device and pinned memory, async copies and CopyBlocks. Compute ops report
-// Unimplemented until kernels/ has them. The device is made current on the creating thread,
+// The CUDA backend: one non-blocking stream on one device, events, graph capture, device and
+// pinned memory, async copies, CopyBlocks and the element-wise / row ops over kernels/ launchers.
+// Matmul, attention and Sample report Unimplemented until kernels/ has them. The device is made current on the creating thread,
 // which must be the thread that uses the backend (the worker's engine thread).
 class CudaBackend final : public Backend {
  public:
@@ -166,19 +171,18 @@ class CudaBackend final : public Backend {
     return CudaError(cudaMemsetAsync(dst, value, bytes, stream_), "memset");
   }
 
-  absl::Status Embedding(const Tensor2D&, const int32_t*, Tensor2D) override { return NoKernel("Embedding"); }
-  absl::Status RmsNorm(const Tensor2D&, const Tensor2D&, float, Tensor2D) override { return NoKernel("RmsNorm"); }
-  absl::Status FusedAddRmsNorm(Tensor2D, const Tensor2D&, const Tensor2D&, float, Tensor2D) override {
-    return NoKernel("FusedAddRmsNorm");
-  }
+  // Element-wise and row ops: kernels/ launchers on the stream (definitions below the class).
+  absl::Status Embedding(const Tensor2D& table, const int32_t* ids, Tensor2D out) override;
+  absl::Status RmsNorm(const Tensor2D& x, const Tensor2D& weight, float eps, Tensor2D out) override;
+  absl::Status FusedAddRmsNorm(Tensor2D residual, const Tensor2D& x, const Tensor2D& weight, float eps,
+                               Tensor2D out) override;
   absl::Status Matmul(const Tensor2D&, const Tensor2D&, Tensor2D) override { return NoKernel("Matmul"); }
-  absl::Status AddInPlace(Tensor2D, const Tensor2D&) override { return NoKernel("AddInPlace"); }
-  absl::Status SiluMul(const Tensor2D&, Tensor2D) override { return NoKernel("SiluMul"); }
-  absl::Status Rope(const RopeParams&) override { return NoKernel("Rope"); }
-  absl::Status WriteKv(const KvLayer&, const Tensor2D&, const Tensor2D&, const int32_t*) override {
-    return NoKernel("WriteKv");
-  }
-  absl::Status RopeKvWrite(const RopeKvWriteParams&) override { return NoKernel("RopeKvWrite"); }
+  absl::Status AddInPlace(Tensor2D acc, const Tensor2D& x) override;
+  absl::Status SiluMul(const Tensor2D& gate_up, Tensor2D out) override;
+  absl::Status Rope(const RopeParams& p) override;
+  absl::Status WriteKv(const KvLayer& cache, const Tensor2D& k, const Tensor2D& v,
+                       const int32_t* slot_mapping) override;
+  absl::Status RopeKvWrite(const RopeKvWriteParams& p) override;
   absl::StatusOr<std::unique_ptr<AttentionPlan>> CreateAttentionPlan(const AttentionLimits&) override {
     return NoKernel("CreateAttentionPlan");
   }
@@ -192,7 +196,7 @@ class CudaBackend final : public Backend {
   absl::Status Sample(const Tensor2D&, absl::Span<const SamplingRow>, SampleOutput*) override {
     return NoKernel("Sample");
   }
-  absl::Status GatherRows(const Tensor2D&, const int32_t*, Tensor2D) override { return NoKernel("GatherRows"); }
+  absl::Status GatherRows(const Tensor2D& x, const int32_t* rows, Tensor2D out) override;
 
   // One device-to-device copy per (pair, layer, K/V) for now; a single batched kernel later.
   absl::Status CopyBlocks(absl::Span<const KvLayer> layers, int32_t block_size, int32_t num_blocks,
@@ -227,9 +231,210 @@ class CudaBackend final : public Backend {
   bool capturing_ = false;
 };
 
+// --- element-wise and row ops -------------------------------------------------------------------
+
+// "x[3,4]" for messages.
+std::string ShapeOf(const char* name, const Tensor2D& t) {
+  return absl::StrCat(name, "[", t.rows, ",", t.cols, "]");
+}
+
+absl::Status ShapeError(const char* op, const std::string& what) {
+  return absl::InvalidArgumentError(absl::StrCat("cuda backend: ", op, ": ", what));
+}
+
+struct Named {
+  const char* name;
+  DType dtype;
+};
+
+// The kernels' element type of an op whose tensors all share the first one's dtype: F32 or BF16.
+// Unimplemented naming the op and the dtype for anything else (mixed dtypes included).
+absl::StatusOr<kernels::ElemType> KernelType(const char* op, std::initializer_list<Named> tensors) {
+  const Named& first = *tensors.begin();
+  for (const Named& t : tensors) {
+    if (t.dtype != first.dtype) {
+      return absl::UnimplementedError(absl::StrCat("cuda backend: ", op, ": ", t.name, " dtype ",
+                                                   DTypeName(t.dtype), " with ", first.name, " dtype ",
+                                                   DTypeName(first.dtype), " not implemented (one dtype per op)"));
+    }
+  }
+  if (first.dtype == DType::kF32) return kernels::ElemType::kF32;
+  if (first.dtype == DType::kBF16) return kernels::ElemType::kBF16;
+  return absl::UnimplementedError(absl::StrCat("cuda backend: ", op, ": ", first.name, " dtype ",
+                                               DTypeName(first.dtype), " not implemented (F32, BF16)"));
+}
+
+// A dtype-free row copy of `cols` elements between two views.
+kernels::RowCopy Rows(const Tensor2D& src, const Tensor2D& dst, int64_t cols) {
+  const int64_t esz = static_cast<int64_t>(DTypeSize(src.dtype));
+  return {src.data, src.stride() * esz, dst.data, dst.stride() * esz, cols * esz};
+}
+
+absl::Status CudaBackend::Embedding(const Tensor2D& table, const int32_t* ids, Tensor2D out) {
+  if (table.dtype != out.dtype) {
+    return absl::UnimplementedError(absl::StrCat("cuda backend: Embedding: output dtype ", DTypeName(out.dtype),
+                                                 " with table dtype ", DTypeName(table.dtype), " not implemented"));
+  }
+  if (table.cols != out.cols) {
+    return ShapeError("Embedding", absl::StrCat(ShapeOf("table", table), " vs ", ShapeOf("out", out)));
+  }
+  return CudaError(kernels::LaunchGatherRows(Rows(table, out, out.cols), ids, out.rows, stream_), "Embedding");
+}
+
+absl::Status CudaBackend::GatherRows(const Tensor2D& x, const int32_t* rows, Tensor2D out) {
+  if (x.dtype != out.dtype) {
+    return absl::UnimplementedError(absl::StrCat("cuda backend: GatherRows: output dtype ", DTypeName(out.dtype),
+                                                 " with input dtype ", DTypeName(x.dtype), " not implemented"));
+  }
+  if (x.cols != out.cols) {
+    return ShapeError("GatherRows", absl::StrCat(ShapeOf("x", x), " vs ", ShapeOf("out", out)));
+  }
+  return CudaError(kernels::LaunchGatherRows(Rows(x, out, out.cols), rows, out.rows, stream_), "GatherRows");
+}
+
+absl::Status CudaBackend::RmsNorm(const Tensor2D& x, const Tensor2D& weight, float eps, Tensor2D out) {
+  ASSIGN_OR_RETURN(const kernels::ElemType et,
+                   KernelType("RmsNorm", {{"input", x.dtype}, {"weight", weight.dtype}, {"output", out.dtype}}));
+  if (weight.cols != x.cols || out.rows != x.rows || out.cols != x.cols) {
+    return ShapeError("RmsNorm", absl::StrCat(ShapeOf("x", x), ", ", ShapeOf("weight", weight), ", ",
+                                              ShapeOf("out", out)));
+  }
+  kernels::RmsNormArgs a;
+  a.dtype = et;
+  a.rows = x.rows;
+  a.cols = x.cols;
+  a.x = x.data;
+  a.x_ld = x.stride();
+  a.weight = weight.data;
+  a.out = out.data;
+  a.out_ld = out.stride();
+  a.eps = eps;
+  return CudaError(kernels::LaunchRmsNorm(a, stream_), "RmsNorm");
+}
+
+absl::Status CudaBackend::FusedAddRmsNorm(Tensor2D residual, const Tensor2D& x, const Tensor2D& weight,
+                                          float eps, Tensor2D out) {
+  ASSIGN_OR_RETURN(const kernels::ElemType et,
+                   KernelType("FusedAddRmsNorm", {{"residual", residual.dtype}, {"input", x.dtype},
+                                                  {"weight", weight.dtype}, {"output", out.dtype}}));
+  if (x.rows != residual.rows || x.cols != residual.cols || out.rows != residual.rows ||
+      out.cols != residual.cols || weight.cols != residual.cols) {
+    return ShapeError("FusedAddRmsNorm",
+                      absl::StrCat(ShapeOf("residual", residual), ", ", ShapeOf("x", x), ", ",
+                                   ShapeOf("weight", weight), ", ", ShapeOf("out", out)));
+  }
+  kernels::RmsNormArgs a;
+  a.dtype = et;
+  a.rows = residual.rows;
+  a.cols = residual.cols;
+  a.x = x.data;
+  a.x_ld = x.stride();
+  a.residual = residual.data;
+  a.residual_ld = residual.stride();
+  a.weight = weight.data;
+  a.out = out.data;
+  a.out_ld = out.stride();
+  a.eps = eps;
+  return CudaError(kernels::LaunchRmsNorm(a, stream_), "FusedAddRmsNorm");
+}
+
+absl::Status CudaBackend::AddInPlace(Tensor2D acc, const Tensor2D& x) {
+  ASSIGN_OR_RETURN(const kernels::ElemType et,
+                   KernelType("AddInPlace", {{"accumulator", acc.dtype}, {"input", x.dtype}}));
+  if (acc.rows != x.rows || acc.cols != x.cols) {
+    return ShapeError("AddInPlace", absl::StrCat(ShapeOf("acc", acc), " vs ", ShapeOf("x", x)));
+  }
+  return CudaError(kernels::LaunchAddInPlace(et, acc.data, acc.stride(), x.data, x.stride(), acc.rows,
+                                             acc.cols, stream_),
+                   "AddInPlace");
+}
+
+absl::Status CudaBackend::SiluMul(const Tensor2D& gate_up, Tensor2D out) {
+  ASSIGN_OR_RETURN(const kernels::ElemType et,
+                   KernelType("SiluMul", {{"input", gate_up.dtype}, {"output", out.dtype}}));
+  if (gate_up.rows != out.rows || gate_up.cols != 2 * out.cols) {
+    return ShapeError("SiluMul", absl::StrCat(ShapeOf("gate_up", gate_up), " vs ", ShapeOf("out", out)));
+  }
+  return CudaError(kernels::LaunchSiluMul(et, gate_up.data, gate_up.stride(), out.data, out.stride(),
+                                          out.rows, out.cols, stream_),
+                   "SiluMul");
+}
+
+// head_dim even and positive, heads * head_dim == the view's columns.
+absl::Status CheckHeads(const char* op, const char* name, const Tensor2D& t, int32_t heads, int32_t head_dim) {
+  if (head_dim <= 0 || head_dim % 2 != 0 || heads < 0 ||
+      static_cast<int64_t>(heads) * head_dim != t.cols) {
+    return ShapeError(op, absl::StrCat(ShapeOf(name, t), " is not ", heads, " heads of head_dim ", head_dim,
+                                       " (even, positive)"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::Rope(const RopeParams& p) {
+  ASSIGN_OR_RETURN(const kernels::ElemType et, KernelType("Rope", {{"input", p.x.dtype}}));
+  RETURN_IF_ERROR(CheckHeads("Rope", "x", p.x, p.num_heads, p.head_dim));
+  kernels::RopeArgs a;
+  a.dtype = et;
+  a.num_tokens = p.x.rows;
+  a.head_dim = p.head_dim;
+  a.positions = p.positions;
+  a.inv_freq = p.inv_freq;
+  a.q = p.x.data;
+  a.q_ld = p.x.stride();
+  a.num_heads = p.num_heads;
+  return CudaError(kernels::LaunchRope(a, stream_), "Rope");
+}
+
+absl::Status CudaBackend::WriteKv(const KvLayer& cache, const Tensor2D& k, const Tensor2D& v,
+                                  const int32_t* slot_mapping) {
+  RETURN_IF_ERROR(
+      KernelType("WriteKv", {{"cache", cache.dtype}, {"key", k.dtype}, {"value", v.dtype}}).status());
+  if (k.cols != cache.k_width || v.cols != cache.v_width || k.rows != v.rows) {
+    return ShapeError("WriteKv", absl::StrCat(ShapeOf("k", k), ", ", ShapeOf("v", v), ", cache widths ",
+                                              cache.k_width, "/", cache.v_width));
+  }
+  const int64_t esz = static_cast<int64_t>(DTypeSize(cache.dtype));
+  const kernels::RowCopy kr{k.data, k.stride() * esz, cache.k, cache.k_width * esz, cache.k_width * esz};
+  const kernels::RowCopy vr{v.data, v.stride() * esz, cache.v, cache.v_width * esz, cache.v_width * esz};
+  return CudaError(kernels::LaunchScatterRows(kr, vr, slot_mapping, k.rows, stream_), "WriteKv");
+}
+
+absl::Status CudaBackend::RopeKvWrite(const RopeKvWriteParams& p) {
+  ASSIGN_OR_RETURN(const kernels::ElemType et,
+                   KernelType("RopeKvWrite", {{"query", p.q.dtype}, {"key", p.k.dtype}, {"value", p.v.dtype},
+                                              {"cache", p.cache.dtype}}));
+  RETURN_IF_ERROR(CheckHeads("RopeKvWrite", "q", p.q, p.num_heads, p.head_dim));
+  RETURN_IF_ERROR(CheckHeads("RopeKvWrite", "k", p.k, p.num_kv_heads, p.head_dim));
+  if (p.k.cols != p.cache.k_width || p.v.cols != p.cache.v_width || p.k.rows != p.q.rows ||
+      p.v.rows != p.q.rows) {
+    return ShapeError("RopeKvWrite", absl::StrCat(ShapeOf("q", p.q), ", ", ShapeOf("k", p.k), ", ",
+                                                  ShapeOf("v", p.v), ", cache widths ", p.cache.k_width, "/",
+                                                  p.cache.v_width));
+  }
+  kernels::RopeArgs a;
+  a.dtype = et;
+  a.num_tokens = p.q.rows;
+  a.head_dim = p.head_dim;
+  a.positions = p.positions;
+  a.inv_freq = p.inv_freq;
+  a.q = p.q.data;
+  a.q_ld = p.q.stride();
+  a.num_heads = p.num_heads;
+  a.k = p.k.data;
+  a.k_ld = p.k.stride();
+  a.num_kv_heads = p.num_kv_heads;
+  a.slot_mapping = p.slot_mapping;
+  a.v = p.v.data;
+  a.v_ld = p.v.stride();
+  a.k_cache = p.cache.k;
+  a.v_cache = p.cache.v;
+  a.v_width = p.cache.v_width;
+  return CudaError(kernels::LaunchRope(a, stream_), "RopeKvWrite");
+}
+
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackendWithoutKernels(const BackendOptions& options) {
+absl::StatusOr<std::unique_ptr<Backend>> CreatePartialCudaBackend(const BackendOptions& options) {
   ASSIGN_OR_RETURN(std::vector<CudaDeviceInfo> devices, ListCudaDevices());
   if (options.device < 0 || options.device >= static_cast<int>(devices.size())) {
     return absl::FailedPreconditionError(absl::StrCat("CUDA device ", options.device, " not present (",
@@ -248,9 +453,10 @@ absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackendWithoutKernels(const B
 
 absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackend(const BackendOptions& options) {
   // Fails early with the runtime's reason when there is no usable device.
-  ASSIGN_OR_RETURN(std::unique_ptr<Backend> runtime, CreateCudaBackendWithoutKernels(options));
+  ASSIGN_OR_RETURN(std::unique_ptr<Backend> runtime, CreatePartialCudaBackend(options));
   return absl::UnimplementedError(
-      "the CUDA backend's forward-pass kernels are not part of this build yet; use --backend cpu");
+      "the CUDA backend's Matmul, attention and sampling kernels are not part of this build yet; "
+      "use --backend cpu");
 }
 
 #else  // !LORC_HAVE_CUDA
@@ -260,7 +466,7 @@ absl::StatusOr<std::vector<CudaDeviceInfo>> ListCudaDevices() {
   return absl::UnimplementedError("built without CUDA");
 }
 std::string CudaVersionString() { return "not compiled in"; }
-absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackendWithoutKernels(const BackendOptions&) {
+absl::StatusOr<std::unique_ptr<Backend>> CreatePartialCudaBackend(const BackendOptions&) {
   return absl::UnimplementedError("the CUDA backend is not compiled into this binary (built without nvcc)");
 }
 absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackend(const BackendOptions&) {

@@ -26,15 +26,18 @@ absl::StatusOr<std::vector<CudaDeviceInfo>> ListCudaDevices();
 // "runtime 13.0, driver 13.0" or why it is unknown.
 std::string CudaVersionString();
 
-// The whole CUDA backend: Unimplemented while its forward-pass kernels are missing (after the
-// device checks below, so a missing device reads as such).
+// The whole CUDA backend: Unimplemented while Matmul, attention and Sample have no kernels yet
+// (after the device checks below, so a missing device reads as such).
 absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackend(const BackendOptions& options);
 
-// The runtime half of the CUDA backend, usable today: a non-blocking stream on the device (made
-// current on the calling thread), events, graph capture/replay, cudaMalloc / cudaMallocHost
-// memory, async copies with backend.h's lifetime rules, GetMemoryInfo and CopyBlocks. Every
-// compute op returns Unimplemented naming the op. Unimplemented without CUDA in the build,
-// Unavailable without a driver, FailedPrecondition for a device ordinal that is not present.
-absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackendWithoutKernels(const BackendOptions& options);
+// The CUDA backend as far as it is implemented, for its parity tests: a non-blocking stream on
+// the device (made current on the calling thread), events, graph capture/replay, cudaMalloc /
+// cudaMallocHost memory, async copies with backend.h's lifetime rules, GetMemoryInfo,
+// CopyBlocks, and the kernels/ ops Embedding, GatherRows, RmsNorm, FusedAddRmsNorm, AddInPlace,
+// SiluMul, Rope, WriteKv and RopeKvWrite (F32 and BF16, one dtype per op; others Unimplemented
+// naming the op and dtype). Matmul, the attention ops and Sample return Unimplemented naming the
+// op. Unimplemented without CUDA in the build, Unavailable without a driver, FailedPrecondition
+// for a device ordinal that is not present.
+absl::StatusOr<std::unique_ptr<Backend>> CreatePartialCudaBackend(const BackendOptions& options);
 
 }  // namespace lorc

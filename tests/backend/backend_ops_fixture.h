@@ -67,10 +67,12 @@ class BackendOpsTest : public ::testing::TestWithParam<BackendKind> {
   void SetUp() override {
     BackendOptions opts;
     opts.kind = GetParam();
-    auto b = CreateBackend(opts);
+    // CUDA: the backend as far as its kernels go (CreateCudaBackend answers Unimplemented until
+    // Matmul, attention and Sample exist), so the implemented ops run their cases; the others
+    // fail with Unimplemented naming the op.
+    auto b = GetParam() == BackendKind::kCuda ? CreatePartialCudaBackend(opts) : CreateBackend(opts);
     if (!b.ok()) {
-      // CUDA cases skip only for want of a device (or of CUDA in the build); with a device any
-      // backend error fails them (today: the kernels of the CUDA backend issue are missing).
+      // CUDA cases skip only for want of a device (or of CUDA in the build).
       if (GetParam() == BackendKind::kCuda) {
         auto devices = ListCudaDevices();
         if (!devices.ok() || devices->empty()) {

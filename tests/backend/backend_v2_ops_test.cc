@@ -234,7 +234,7 @@ TEST(CpuBackendDtypeTest, RejectsNonF32WithUnimplementedNamingOpAndDtype) {
 TEST(CudaRuntimeTest, StreamCopiesEventsGraphsAndBlockCopies) {
   auto devices = ListCudaDevices();
   if (!devices.ok() || devices->empty()) GTEST_SKIP() << "no CUDA device: " << devices.status();
-  auto be = CreateCudaBackendWithoutKernels(BackendOptions{BackendKind::kCuda});
+  auto be = CreatePartialCudaBackend(BackendOptions{BackendKind::kCuda});
   ASSERT_OK(be);
   Backend& b = **be;
   EXPECT_NE(b.stream_handle(), nullptr);

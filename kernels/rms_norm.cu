@@ -1,0 +1,75 @@
+#include "kernels/rms_norm.cuh"
+
+#include "kernels/vec.cuh"
+
+namespace lorc::kernels {
+namespace {
+
+// One block per row. Each thread visits the same elements in both passes, so `out` may alias
+// `x`: a thread overwrites only what it has already read.
+template <typename T, int N>
+__device__ __forceinline__ void NormRow(const RmsNormArgs& a) {
+  const int64_t r = blockIdx.x;
+  const int units = static_cast<int>(a.cols / N);
+  const T* x = static_cast<const T*>(a.x) + r * a.x_ld;
+  T* res = a.residual ? static_cast<T*>(a.residual) + r * a.residual_ld : nullptr;
+  const T* src = res ? res : x;
+  const T* w = static_cast<const T*>(a.weight);
+  T* out = static_cast<T*>(a.out) + r * a.out_ld;
+
+  float ss = 0.f;
+  for (int u = threadIdx.x; u < units; u += blockDim.x) {
+    float v[N];
+    LoadF32<T, N>(x + u * N, v);
+    if (res) {
+      float rv[N];
+      LoadF32<T, N>(res + u * N, rv);
+#pragma unroll
+      for (int i = 0; i < N; ++i) rv[i] = ToF32(FromF32<T>(rv[i] + v[i]));  // the stored value
+      StoreF32<T, N>(res + u * N, rv);
+#pragma unroll
+      for (int i = 0; i < N; ++i) v[i] = rv[i];
+    }
+#pragma unroll
+    for (int i = 0; i < N; ++i) ss += v[i] * v[i];
+  }
+  const float inv = rsqrtf(BlockSum(ss) / static_cast<float>(a.cols) + a.eps);
+  for (int u = threadIdx.x; u < units; u += blockDim.x) {
+    float v[N], wv[N];
+    LoadF32<T, N>(src + u * N, v);
+    LoadF32<T, N>(w + u * N, wv);
+#pragma unroll
+    for (int i = 0; i < N; ++i) v[i] = wv[i] * (v[i] * inv);
+    StoreF32<T, N>(out + u * N, v);
+  }
+}
+
+template <typename T>
+__global__ void RmsNormKernel(const RmsNormArgs a, bool vec) {
+  if (vec) {
+    NormRow<T, kVec<T>>(a);
+  } else {
+    NormRow<T, 1>(a);
+  }
+}
+
+}  // namespace
+
+cudaError_t LaunchRmsNorm(const RmsNormArgs& a, cudaStream_t stream) {
+  if (a.cols <= 0 || a.cols > INT32_MAX || a.rows < 0) return cudaErrorInvalidValue;
+  if (a.rows == 0) return cudaSuccess;
+  const int n = static_cast<int>(16 / ElemSize(a.dtype));
+  const bool vec = a.cols % n == 0 && a.x_ld % n == 0 && a.out_ld % n == 0 && Aligned16(a.x) &&
+                   Aligned16(a.weight) && Aligned16(a.out) &&
+                   (a.residual == nullptr || (a.residual_ld % n == 0 && Aligned16(a.residual)));
+  const unsigned threads = BlockThreads(vec ? a.cols / n : a.cols, 1024);
+  const dim3 grid(static_cast<unsigned>(a.rows));
+  if (a.dtype == ElemType::kF32) {
+    RmsNormKernel<float><<<grid, threads, 0, stream>>>(a, vec);
+  } else {
+    RmsNormKernel<__nv_bfloat16><<<grid, threads, 0, stream>>>(a, vec);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace lorc::kernels

@@ -1,7 +1,7 @@
 // Rough timings of the CUDA backend's element-wise and row kernels in BF16 (not a test): each op
 // is captured 100 times into one CUDA graph and replayed, so launch overhead is mostly hidden;
 // prints microseconds per op and the effective bandwidth of the bytes it must move.
-// Usage: backend_cuda_kernels_bench (needs a CUDA device).
+// Usage: build/bin/cuda_kernels_bench (needs a CUDA device).
 #include <chrono>
 #include <cstdio>
 #include <functional>

@@ -72,6 +72,8 @@ struct SeqView {
   std::optional<SamplingParams> params;
   std::vector<int32_t> new_token_ids;
   std::vector<int32_t> new_block_ids;
+  std::vector<int64_t> fork_child_ids;
+  int32_t replace_last_block = -1;
 };
 
 struct PlanView {
@@ -84,7 +86,10 @@ struct PlanView {
 
 // A tensor-parallel worker as far as the contract goes: each request's token history, block table
 // and computed count, kept between steps as the real worker (StepExecutor) does; the sampled
-// token is appended to the history by the worker itself. It checks each plan against step.h.
+// token is appended to the history by the worker itself; forks (fork_child_ids) and
+// copy-on-write (copies, replace_last_block) as step.h says. It keeps the "K/V" of every block
+// slot (the token written there), so that a wrong block table, a missing copy or a write into a
+// shared block shows as wrong K/V. It checks each plan against step.h.
 class FakeWorker {
  public:
   using Model = std::function<int32_t(int64_t seq, int64_t pos)>;
@@ -113,7 +118,11 @@ class FakeWorker {
       st.table.clear();
       st.computed = 0;
     }
-    std::set<int32_t> blocks;
+    for (const BlockCopy& c : plan.copies) {  // before the forward pass
+      EXPECT_NE(c.src, c.dst);
+      slots_[c.dst] = slots_[c.src];
+    }
+    std::vector<std::pair<int64_t, int32_t>> written;  // (sequence, block) written this step
     for (const ScheduledSequence& s : plan.seqs) {
       if (s.params.has_value()) {
         EXPECT_FALSE(state_.contains(s.seq_id)) << "params again for " << s.seq_id;
@@ -126,6 +135,10 @@ class FakeWorker {
         EXPECT_TRUE(st.history.empty()) << "tokens re-sent for running " << s.seq_id;
         st.history = s.new_token_ids;
       }
+      if (s.replace_last_block >= 0) {
+        EXPECT_FALSE(st.table.empty()) << "replace_last_block for an empty table of " << s.seq_id;
+        if (!st.table.empty()) st.table.back() = s.replace_last_block;
+      }
       st.table.insert(st.table.end(), s.new_block_ids.begin(), s.new_block_ids.end());
       EXPECT_GT(s.num_scheduled_tokens, 0);
       EXPECT_LE(st.computed + s.num_scheduled_tokens, static_cast<int64_t>(st.history.size()))
@@ -135,25 +148,64 @@ class FakeWorker {
       q.num_cached = st.computed;
       const int64_t end = std::min<int64_t>(st.computed + s.num_scheduled_tokens, st.history.size());
       q.tokens.assign(st.history.begin() + st.computed, st.history.begin() + end);
-      st.computed = end;
-      kv_[s.seq_id].assign(st.history.begin(), st.history.begin() + st.computed);
-      EXPECT_EQ(static_cast<int64_t>(st.table.size()), CeilDiv(st.computed, block_size_))
+      EXPECT_EQ(static_cast<int64_t>(st.table.size()), CeilDiv(end, block_size_))
           << "sequence " << s.seq_id;
-      for (int32_t b : st.table) {
-        EXPECT_TRUE(blocks.insert(b).second) << "block " << b << " in two tables";
+      for (int64_t pos = st.computed; pos < end; ++pos) {
+        const size_t i = static_cast<size_t>(pos / block_size_);
+        if (i >= st.table.size()) break;
+        std::vector<int32_t>& slots = slots_[st.table[i]];
+        slots.resize(block_size_, -1);
+        slots[pos % block_size_] = st.history[pos];
+        if (written.empty() || written.back() != std::make_pair(s.seq_id, st.table[i])) {
+          written.emplace_back(s.seq_id, st.table[i]);
+        }
       }
+      st.computed = end;
+      kv_[s.seq_id];
       q.block_table = st.table;
       q.sample = s.sample;
       q.params = s.params;
       q.new_token_ids = s.new_token_ids;
       q.new_block_ids = s.new_block_ids;
+      q.fork_child_ids = s.fork_child_ids;
+      q.replace_last_block = s.replace_last_block;
+      EXPECT_TRUE(s.sample || s.fork_child_ids.empty()) << "fork without sampling " << s.seq_id;
       if (s.sample) {
         EXPECT_EQ(st.computed, static_cast<int64_t>(st.history.size()));
+        const State parent = st;  // before its token: what the children start from
         const int32_t token = model_(s.seq_id, st.computed);
         st.history.push_back(token);
         r->sampled.push_back({s.seq_id, token});
+        for (int64_t c : s.fork_child_ids) {
+          EXPECT_FALSE(state_.contains(c)) << "fork into known sequence " << c;
+          State& child = state_[c];
+          child = parent;
+          const int32_t t = model_(c, child.computed);
+          child.history.push_back(t);
+          r->sampled.push_back({c, t});
+          kv_[c];
+        }
       }
       v.seqs.push_back(std::move(q));
+    }
+    // A block written this step belongs to that sequence alone (copy-on-write before sharing).
+    for (const auto& [id, b] : written) {
+      for (const auto& [other, st] : state_) {
+        if (other == id || !kv_.contains(other)) continue;
+        EXPECT_FALSE(std::count(st.table.begin(), st.table.end(), b))
+            << "sequence " << id << " wrote block " << b << ", shared with " << other;
+      }
+    }
+    // What the blocks now hold for each running sequence.
+    for (auto& [id, kv] : kv_) {
+      const State& st = state_[id];
+      kv.clear();
+      for (int64_t pos = 0; pos < st.computed; ++pos) {
+        const std::vector<int32_t>& slots = slots_[st.table[pos / block_size_]];
+        kv.push_back(static_cast<size_t>(pos % block_size_) < slots.size()
+                         ? slots[pos % block_size_]
+                         : -1);
+      }
     }
     return v;
   }
@@ -178,6 +230,7 @@ class FakeWorker {
   uint64_t last_step_id_ = 0;
   std::map<int64_t, State> state_;
   std::map<int64_t, std::vector<int32_t>> kv_;
+  std::map<int32_t, std::vector<int32_t>> slots_;  // block -> the token written at each slot
 };
 
 // Scheduler + worker + bookkeeping of what each request produced.
@@ -187,16 +240,21 @@ class Harness {
       : sched_owner(MakeScheduler(config)), sched(*sched_owner), worker(config.block_size, std::move(model)) {}
 
   absl::Status Add(int64_t id, std::vector<int32_t> prompt, const SamplingParams& params,
-                   int32_t priority = 0) {
-    absl::Status s = sched.Add(id, prompt, params, priority);
+                   int32_t priority = 0, std::vector<int64_t> child_ids = {}) {
+    absl::Status s = sched.Add(id, prompt, params, priority, child_ids);
     if (s.ok()) {
       live.insert(id);
+      for (int64_t c : child_ids) {
+        live.insert(c);
+        unforked.insert(c);
+        prompts[c] = prompt;
+      }
       prompts[id] = std::move(prompt);
     }
     return s;
   }
   void Abort(int64_t id) {
-    if (sched.Contains(id)) MarkEnded(id, FinishReason::kAborted);
+    if (sched.Contains(id) || unforked.contains(id)) MarkEnded(id, FinishReason::kAborted);
     sched.Abort(id);
   }
 
@@ -205,15 +263,20 @@ class Harness {
   // those tokens.
   void CheckInvariants() {
     EXPECT_OK(sched.Validate());
-    int64_t held = 0;
+    std::set<int32_t> held;  // a block shared by forked sequences counts once
     int32_t waiting = 0, running = 0;
     for (int64_t id : live) {
       std::optional<SequenceInfo> info = sched.GetSequence(id);
       if (!info.has_value()) {
-        ADD_FAILURE() << "live sequence " << id << " unknown to the scheduler";
+        if (!unforked.contains(id)) {
+          ADD_FAILURE() << "live sequence " << id << " unknown to the scheduler";
+        }
         continue;
       }
-      held += info->num_blocks;
+      unforked.erase(id);
+      if (info->state == SequenceState::kRunning) {
+        for (int32_t b : sched.blocks().BlockTable(id)) held.insert(b);
+      }
       if (info->state == SequenceState::kWaiting) {
         ++waiting;
         EXPECT_EQ(info->num_blocks, 0);
@@ -236,7 +299,7 @@ class Harness {
     }
     EXPECT_EQ(waiting, sched.num_waiting());
     EXPECT_EQ(running, sched.num_running());
-    EXPECT_EQ(held + sched.num_free_blocks(), sched.num_blocks());
+    EXPECT_EQ(static_cast<int64_t>(held.size()) + sched.num_free_blocks(), sched.num_blocks());
   }
 
   // Schedule, check and run the next plan; its result waits in `in_flight` for ApplyOldest.
@@ -316,6 +379,7 @@ class Harness {
   Scheduler& sched;
   FakeWorker worker;
   std::set<int64_t> live;
+  std::set<int64_t> unforked;  // live child ids the scheduler has not forked yet
   std::map<int64_t, std::vector<int32_t>> prompts;
   std::map<int64_t, std::vector<int32_t>> outputs;
   std::map<int64_t, FinishReason> ended;
@@ -327,6 +391,7 @@ class Harness {
   void MarkEnded(int64_t id, FinishReason reason) {
     EXPECT_TRUE(ended.emplace(id, reason).second) << "sequence " << id << " ended twice";
     live.erase(id);
+    unforked.erase(id);
   }
 };
 

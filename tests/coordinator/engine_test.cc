@@ -520,6 +520,23 @@ TEST_F(EngineTest, SeededCompletionsAreTheSeedPlusIndexStreams) {
   EXPECT_EQ(engine.scheduler().num_free_blocks(), 256);
 }
 
+TEST_F(EngineTest, ParallelCompletionsUnderATightCacheStayGreedy) {
+  // 3 completions of 6 + 48 tokens share the prompt's partial block (copy-on-write on the
+  // workers) and need 12 blocks together; beside another request, 12 blocks force preemptions.
+  Load(12);
+  auto engine_ptr = MakeEngine();
+  Engine& engine = *engine_ptr;
+  GenerationRequest r = Greedy(0, 48);
+  r.params.n = 3;
+  auto out = engine.Generate({Greedy(3, 48), r});
+  ASSERT_OK(out);
+  ASSERT_OK((*out)[1].status);
+  EXPECT_EQ((*out)[0].first().output_ids, greedy_[3]);
+  for (const CompletionOutput& c : (*out)[1].completions) EXPECT_EQ(c.output_ids, greedy_[0]);
+  EXPECT_GT(engine.scheduler().num_preemptions(), 0);
+  EXPECT_EQ(engine.scheduler().num_free_blocks(), 12);
+}
+
 TEST_F(EngineTest, CancellingAParallelRequestEndsEveryCompletion) {
   Load(256);
   auto engine_ptr = MakeEngine();

@@ -476,6 +476,50 @@ TEST_F(EngineTest, LogprobsComeWithEveryTokenIncludingAStopId) {
   EXPECT_EQ((*out)[0].prompt_logprobs.size(), prompts_[3].size() - 1);
 }
 
+// The engine's side of logprobs alone (the worker's values are the worker tests'): a runner that
+// stamps each sampled token with logprob = -token.
+class StampingRunner : public StepRunner {
+ public:
+  explicit StampingRunner(StepRunner* inner) : inner_(inner) {}
+  absl::Status Submit(const StepPlan& plan) override { return inner_->Submit(plan); }
+  absl::StatusOr<StepResult> Await() override {
+    absl::StatusOr<StepResult> r = inner_->Await();
+    if (r.ok()) {
+      for (SampledToken& t : r->sampled) {
+        TokenLogprobs lp;
+        lp.logprob = -static_cast<float>(t.token);
+        lp.rank = 1;
+        t.logprobs = lp;
+      }
+    }
+    return r;
+  }
+  int max_in_flight() const override { return inner_->max_in_flight(); }
+
+ private:
+  StepRunner* inner_;
+};
+
+TEST_F(EngineTest, TokenLogprobsReachTheUpdatesParallelToTheIdsStopIdIncluded) {
+  Load(256);
+  StampingRunner runner(exec_.get());
+  auto engine_or = Engine::Create(&runner, model_.config, model_.runner->kv_spec(),
+                                  tokenizer_.get(), {});
+  ASSERT_OK(engine_or.status());
+  GenerationRequest r = Greedy(3, 8);
+  r.params.logprobs = 0;
+  r.params.stop_token_ids = {greedy_[3][4]};
+  GenerationRequest plain = Greedy(3, 8);
+  auto out = (*engine_or)->Generate({r, plain});
+  ASSERT_OK(out);
+  const CompletionOutput& c = (*out)[0].first();
+  EXPECT_EQ(c.finish, FinishReason::kStop);
+  ASSERT_EQ(c.output_ids.size(), 5u);
+  ASSERT_EQ(c.logprobs.size(), 5u);
+  for (size_t i = 0; i < 5; ++i) EXPECT_EQ(c.logprobs[i].logprob, -c.output_ids[i]);
+  EXPECT_TRUE((*out)[1].first().logprobs.empty());  // not asked for
+}
+
 // Parallel sampling. These need the worker side of #7 (sampling children on the fork step).
 TEST_F(EngineTest, ThreeGreedyCompletionsEachEqualTheGreedyOutput) {
   Load(256);

@@ -19,15 +19,22 @@ double Seconds(Clock::time_point a, Clock::time_point b) {
 
 }  // namespace
 
+struct Engine::Completion {
+  int64_t seq_id = 0;
+  std::unique_ptr<OutputProcessor> output;
+  int64_t completion_tokens = 0;
+  bool ended = false;  // its final update was sent
+};
+
 struct Engine::Request {
   int64_t id = 0;
   std::vector<TokenLogprobs> prompt_logprobs;  // positions 1, 2, ... received so far
   int64_t prompt_tokens = 0;
-  int64_t completion_tokens = 0;
-  std::unique_ptr<OutputProcessor> output;
+  std::vector<Completion> completions;  // params.n, by index
+  int32_t num_live = 0;                 // completions without their final update
   UpdateFn on_update;
   Clock::time_point start;
-  double ttft_s = 0;
+  double ttft_s = 0;  // to the first token of any completion
 };
 
 SchedulerConfig MakeSchedulerConfig(const ModelConfig& config, const KvCacheSpec& kv,
@@ -67,38 +74,74 @@ absl::Status Engine::Add(int64_t id, const GenerationRequest& request, UpdateFn 
   if (!request.params.stop_strings.empty() && tokenizer_ == nullptr) {
     return absl::InvalidArgumentError("stop strings need a tokenizer");
   }
-  RETURN_IF_ERROR(scheduler_.Add(id, request.prompt_ids, request.params, request.priority));
+  if (requests_.contains(id)) {
+    return absl::AlreadyExistsError(absl::StrCat("request id ", id, " is already in use"));
+  }
+  const int32_t n = std::max(1, request.params.n);  // the scheduler validates it
+  std::vector<int64_t> child_ids;
+  for (int32_t i = 1; i < n; ++i) child_ids.push_back(next_child_id_++);
+  RETURN_IF_ERROR(
+      scheduler_.Add(id, request.prompt_ids, request.params, request.priority, child_ids));
   auto r = std::make_unique<Request>();
   r->id = id;
   r->prompt_tokens = static_cast<int64_t>(request.prompt_ids.size());
-  r->output = std::make_unique<OutputProcessor>(tokenizer_, request.params.stop_strings);
+  r->completions.resize(n);
+  for (int32_t i = 0; i < n; ++i) {
+    Completion& c = r->completions[i];
+    c.seq_id = i == 0 ? id : child_ids[i - 1];
+    c.output = std::make_unique<OutputProcessor>(tokenizer_, request.params.stop_strings,
+                                                 request.params.include_stop_str_in_output,
+                                                 request.params.min_tokens);
+    completion_of_[c.seq_id] = {id, i};
+  }
+  r->num_live = n;
   r->on_update = std::move(on_update);
   r->start = Clock::now();
   requests_[id] = std::move(r);
   return absl::OkStatus();
 }
 
-void Engine::Complete(Request& r, RequestUpdate& u) {
+void Engine::EndCompletion(Request& r, RequestUpdate& u) {
+  Completion& c = r.completions[u.index];
+  c.ended = true;
+  completion_of_.erase(c.seq_id);
   u.finished = true;
-  u.new_text += r.output->Finish();
-  u.prompt_logprobs = std::move(r.prompt_logprobs);
+  u.new_text += c.output->Finish();
+  u.prompt_logprobs = r.prompt_logprobs;  // complete: every completion starts after the prompt
   u.prompt_tokens = r.prompt_tokens;
-  u.completion_tokens = r.completion_tokens;
+  u.completion_tokens = c.completion_tokens;
   u.time_to_first_token_s = r.ttft_s;
   u.total_time_s = Seconds(r.start, Clock::now());
+  if (--r.num_live > 0) {
+    r.on_update(u);
+    return;
+  }
+  auto it = requests_.find(r.id);
+  std::unique_ptr<Request> done = std::move(it->second);
+  requests_.erase(it);
+  done->on_update(u);  // the callback lives until the last completion's final update
+}
+
+void Engine::EndRequest(Request& r, FinishReason reason, const absl::Status& status) {
+  std::vector<int32_t> live;
+  for (int32_t i = 0; i < static_cast<int32_t>(r.completions.size()); ++i) {
+    if (r.completions[i].ended) continue;
+    live.push_back(i);
+    scheduler_.Abort(r.completions[i].seq_id);  // unforked children: released with the parent
+  }
+  for (int32_t i : live) {  // all blocks are free before the first update goes out
+    RequestUpdate u;
+    u.index = i;
+    u.reason = reason;
+    u.status = status;
+    EndCompletion(r, u);  // `r` is gone after the last one
+  }
 }
 
 void Engine::Abort(int64_t id, absl::Status status) {
   auto it = requests_.find(id);
   if (it == requests_.end()) return;
-  scheduler_.Abort(id);
-  std::unique_ptr<Request> r = std::move(it->second);
-  requests_.erase(it);
-  RequestUpdate u;
-  u.reason = FinishReason::kAborted;
-  u.status = std::move(status);
-  Complete(*r, u);
-  r->on_update(u);
+  EndRequest(*it->second, FinishReason::kAborted, status);
 }
 
 void Engine::AbortAll(const absl::Status& status) {
@@ -161,36 +204,45 @@ absl::Status Engine::Step() {
     have.insert(have.end(), lp.logprobs.begin() + skip, lp.logprobs.end());
   }
   for (SequenceEvent& e : scheduler_.Apply(*result)) {
-    auto it = requests_.find(e.seq_id);
-    if (it == requests_.end()) continue;
-    Request& r = *it->second;
+    auto where = completion_of_.find(e.seq_id);
+    if (where == completion_of_.end()) continue;  // its request ended meanwhile
+    Request& r = *requests_.at(where->second.first);
+    Completion& c = r.completions[where->second.second];
     RequestUpdate u;
+    u.index = where->second.second;
     if (e.token >= 0) {
       u.new_ids.push_back(e.token);
-      ++r.completion_tokens;
-      if (r.completion_tokens == 1) r.ttft_s = Seconds(r.start, Clock::now());
-      // A token that ended the request by id (EOS, stop id) adds no text.
+      if (e.logprobs.has_value()) u.logprobs.push_back(*std::move(e.logprobs));
+      ++c.completion_tokens;
+      if (r.ttft_s == 0) r.ttft_s = Seconds(r.start, Clock::now());
+      // A token that ended the completion by id (EOS, stop id) adds no text.
       if (!(e.finished && e.reason == FinishReason::kStop)) {
-        OutputProcessor::Delta d = r.output->Push(e.token);
+        OutputProcessor::Delta d = c.output->Push(e.token);
         u.new_text = std::move(d.text);
-        if (d.stopped && !e.finished) {
-          scheduler_.Finish(e.seq_id, FinishReason::kStop);
+        if (d.stopped) {
+          // A matched stop string is a stop, also on the max_tokens-th token (kLength event).
+          if (!e.finished) scheduler_.Finish(e.seq_id, FinishReason::kStop);
           u.finished = true;
           u.reason = FinishReason::kStop;
+          u.stop_reason.stop_string = std::move(d.stop_string);
         }
       }
     }
-    if (e.finished) {
+    if (e.finished && !u.finished) {
+      u.finished = true;
       u.reason = e.reason;
+      u.stop_reason = e.stop_reason;
       if (e.reason == FinishReason::kError) u.status = std::move(e.status);
     }
-    if (e.finished || u.finished) {
-      Complete(r, u);
-      std::unique_ptr<Request> done = std::move(it->second);
-      requests_.erase(it);
-      done->on_update(u);
-    } else {
+    if (!u.finished) {
       r.on_update(u);
+    } else if (u.status.ok() || r.num_live == 1) {
+      EndCompletion(r, u);
+    } else {
+      // An error fails the whole request: this completion first, then the others.
+      const absl::Status status = u.status;
+      EndCompletion(r, u);
+      EndRequest(r, FinishReason::kError, status);
     }
   }
   stats_.apply_s += Seconds(t3, Clock::now());

@@ -34,15 +34,21 @@ struct GenerationRequest {
 };
 
 // What a request gets after each step that touched it. With n > 1 completions each update
-// belongs to one of them (`index`); each completion gets its own final update.
+// belongs to one of them (`index`); each completion gets its own final update, and the request's
+// callback lives until all n have had theirs.
 struct RequestUpdate {
   int32_t index = 0;           // completion, [0, n)
   std::vector<int32_t> new_ids;
-  std::vector<TokenLogprobs> logprobs;  // params.logprobs: one per new id
+  // params.logprobs: one per new id, also for a token that ended the completion by id (EOS, stop
+  // id: it is in new_ids too), as vLLM.
+  std::vector<TokenLogprobs> logprobs;
   std::string new_text;        // whole UTF-8 characters; stop-string prefixes held back
   bool finished = false;       // this completion ended
   FinishReason reason = FinishReason::kNone;
-  StopReason stop_reason;      // reason kStop: what matched
+  // reason kStop: what matched: the EOS / stop id (its token adds no text), or the stop string
+  // (the text ends before it, or with it when params.include_stop_str_in_output). A stop string
+  // that completes on the max_tokens-th token is a stop too.
+  StopReason stop_reason;
   absl::Status status;         // non-OK: the request failed (every completion ends with it)
   // Filled on the final update.
   std::vector<TokenLogprobs> prompt_logprobs;  // params.prompt_logprobs: positions 1..prompt_len-1
@@ -109,9 +115,13 @@ class Engine {
   Engine& operator=(const Engine&) = delete;
 
   // Validates and queues a request; `on_update` is called from Step() (and from Abort()).
+  // params.n > 1: completion 0 is scheduled as sequence `id`, completions 1..n-1 under child ids
+  // the engine takes from its own range (from 2^62 up; callers' ids must stay below it).
+  // ALREADY_EXISTS for an id with a completion still live.
   absl::Status Add(int64_t id, const GenerationRequest& request, UpdateFn on_update);
-  // Ends a request at once (cancellation, deadline) and frees its KV blocks; its final update
-  // carries `status` (default: CANCELLED). Unknown ids are ignored.
+  // Ends a request at once (cancellation, deadline): every live completion, each with a final
+  // update carrying `status` (default: CANCELLED); all its KV blocks are free when they are
+  // sent. Unknown ids are ignored.
   void Abort(int64_t id, absl::Status status = absl::CancelledError("request cancelled"));
   // Aborts every live request with `status`.
   void AbortAll(const absl::Status& status);
@@ -132,8 +142,14 @@ class Engine {
 
  private:
   struct Request;
+  struct Completion;
   Engine(StepRunner* runner, const Tokenizer* tokenizer, std::unique_ptr<Scheduler> scheduler);
-  void Complete(Request& r, RequestUpdate& u);
+  // Sends completion `u.index`'s final update (u.finished set here); the request is dropped
+  // after its last completion's. `r` may be gone when this returns.
+  void EndCompletion(Request& r, RequestUpdate& u);
+  // Ends every live completion of `r` (scheduler included) with `reason` and `status`; `r` is
+  // gone when this returns.
+  void EndRequest(Request& r, FinishReason reason, const absl::Status& status);
   // Fails every live request with `status` (the runner is broken) and returns it.
   absl::Status Fail(const absl::Status& status);
 
@@ -141,11 +157,14 @@ class Engine {
   const Tokenizer* tokenizer_;
   std::unique_ptr<Scheduler> scheduler_owner_;
   Scheduler& scheduler_;  // *scheduler_owner_
-  absl::flat_hash_map<int64_t, std::unique_ptr<Request>> requests_;
+  absl::flat_hash_map<int64_t, std::unique_ptr<Request>> requests_;  // by request id
+  // Live sequence id -> (request id, completion index).
+  absl::flat_hash_map<int64_t, std::pair<int64_t, int32_t>> completion_of_;
   EngineStats stats_;
   int in_flight_ = 0;  // plans submitted and not yet awaited
   std::deque<bool> pipelined_;  // per plan in flight: submitted while another was in flight
   int64_t next_generate_id_ = int64_t{1} << 40;  // Generate()'s ids, apart from callers' ids
+  int64_t next_child_id_ = int64_t{1} << 62;     // sequence ids of completions 1..n-1
 };
 
 SchedulerConfig MakeSchedulerConfig(const ModelConfig& config, const KvCacheSpec& kv,

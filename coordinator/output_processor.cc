@@ -4,8 +4,11 @@
 
 namespace lorc {
 
-OutputProcessor::OutputProcessor(const Tokenizer* tokenizer, std::vector<std::string> stop_strings)
-    : stops_(std::move(stop_strings)) {
+OutputProcessor::OutputProcessor(const Tokenizer* tokenizer, std::vector<std::string> stop_strings,
+                                 bool include_stop_str_in_output, int32_t min_tokens)
+    : stops_(std::move(stop_strings)),
+      include_stop_(include_stop_str_in_output),
+      min_tokens_(min_tokens) {
   if (tokenizer != nullptr) decoder_ = std::make_unique<IncrementalDecoder>(*tokenizer, true);
 }
 
@@ -28,11 +31,22 @@ OutputProcessor::Delta OutputProcessor::Push(int32_t token) {
   Delta d;
   if (decoder_ == nullptr || stopped_) return d;
   pending_ += decoder_->Push(token);
+  ++num_tokens_;
   size_t cut = std::string::npos;
-  for (const std::string& s : stops_) cut = std::min(cut, pending_.find(s));
-  if (cut != std::string::npos) {
-    d.text = pending_.substr(0, cut);
+  const std::string* match = nullptr;
+  if (num_tokens_ >= min_tokens_) {
+    for (const std::string& s : stops_) {
+      const size_t at = pending_.find(s);
+      if (at < cut) {
+        cut = at;
+        match = &s;
+      }
+    }
+  }
+  if (match != nullptr) {
+    d.text = pending_.substr(0, include_stop_ ? cut + match->size() : cut);
     d.stopped = stopped_ = true;
+    d.stop_string = *match;
     pending_.clear();
   } else {
     const size_t safe = SafeEnd();

@@ -71,6 +71,11 @@ struct Scheduler::Seq {
   bool workers_have_tokens = false;  // the workers hold its history (since the latest admission)
   size_t blocks_sent = 0;            // block ids the workers hold for it
   bool seen_by_workers = false;      // ever scheduled: its end must be announced
+  // Parallel sampling: a parent's completions 1..n-1 not forked yet (reserved ids); a forked
+  // child's parent and the step that forked it (its first token is sampled there).
+  std::vector<int64_t> child_ids;
+  int64_t parent = -1;
+  uint64_t fork_step = 0;
 
   int64_t num_pending() const { return static_cast<int64_t>(sample_steps.size()); }
   // Tokens the workers will have once the steps in flight are done.
@@ -95,8 +100,11 @@ Scheduler::Scheduler(const SchedulerConfig& config)
 
 Scheduler::~Scheduler() = default;
 
+int64_t Scheduler::Slots(const Seq& s) { return 1 + static_cast<int64_t>(s.child_ids.size()); }
+
 absl::Status Scheduler::Add(int64_t seq_id, std::vector<int32_t> prompt,
-                            const SamplingParams& params, int32_t priority) {
+                            const SamplingParams& params, int32_t priority,
+                            std::vector<int64_t> child_ids) {
   if (prompt.empty()) return absl::InvalidArgumentError("empty prompt");
   for (size_t i = 0; i < prompt.size(); ++i) {
     if (prompt[i] < 0 || prompt[i] >= config_.vocab_size) {
@@ -111,17 +119,49 @@ absl::Status Scheduler::Add(int64_t seq_id, std::vector<int32_t> prompt,
   if (total > config_.max_model_len) {
     return absl::InvalidArgumentError(absl::StrCat(
         "prompt (", prompt_len, " tokens) + max_tokens (", params.max_tokens, ") = ", total,
-        " exceeds the maximum model length of ", config_.max_model_len));
+        " exceeds the maximum model length of ", config_.max_model_len,
+        " (max_model_len): lower max_tokens or shorten the prompt"));
   }
-  const int64_t blocks_needed = CeilDiv(total, config_.block_size);
-  if (blocks_needed > config_.num_blocks) {
+  const int64_t n = params.n;  // >= 1 (validated)
+  if (static_cast<int64_t>(child_ids.size()) != n - 1) {
+    return absl::InvalidArgumentError(absl::StrCat("n = ", n, " completions need ", n - 1,
+                                                   " child sequence ids, got ", child_ids.size()));
+  }
+  if (n > config_.max_running) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "request needs ", blocks_needed, " KV blocks for ", total,
-        " tokens (prompt + max_tokens), the whole cache has ", config_.num_blocks,
-        ": it can never fit (lower max_tokens or shorten the prompt)"));
+        "n (", n, ") exceeds max_running (", config_.max_running,
+        "): the completions could never run together"));
   }
-  if (seqs_.contains(seq_id) || ContainsValue(ended_, seq_id)) {
+  // The n completions at full length together: the prompt's full blocks are shared, every other
+  // block (the partial last prompt block included, copied on write) is each completion's own.
+  const int64_t shared = n > 1 ? prompt_len / config_.block_size : 0;
+  const int64_t blocks_needed = shared + n * (CeilDiv(total, config_.block_size) - shared);
+  if (blocks_needed > config_.num_blocks) {
+    if (n == 1) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "request needs ", blocks_needed, " KV blocks for ", total,
+          " tokens (prompt + max_tokens), the whole cache has ", config_.num_blocks,
+          ": it can never fit (lower max_tokens or shorten the prompt)"));
+    }
+    return absl::InvalidArgumentError(absl::StrCat(
+        "request needs ", blocks_needed, " KV blocks for n = ", n, " completions of ", total,
+        " tokens (prompt + max_tokens; the prompt's ", shared,
+        " full blocks shared), the whole cache has ", config_.num_blocks,
+        ": it can never fit (lower n or max_tokens, or shorten the prompt)"));
+  }
+  auto in_use = [&](int64_t id) {
+    return seqs_.contains(id) || ContainsValue(ended_, id) || reserved_.contains(id);
+  };
+  if (in_use(seq_id)) {
     return absl::AlreadyExistsError(absl::StrCat("sequence id ", seq_id, " is already in use"));
+  }
+  for (size_t i = 0; i < child_ids.size(); ++i) {
+    const int64_t c = child_ids[i];
+    if (in_use(c) || c == seq_id ||
+        std::find(child_ids.begin(), child_ids.begin() + i, c) != child_ids.begin() + i) {
+      return absl::AlreadyExistsError(
+          absl::StrCat("child sequence id ", c, " is already in use"));
+    }
   }
   if (waiting_.size() >= static_cast<size_t>(config_.max_waiting)) {
     return absl::ResourceExhaustedError(absl::StrCat("queue full (", waiting_.size(), " waiting)"));
@@ -132,6 +172,8 @@ absl::Status Scheduler::Add(int64_t seq_id, std::vector<int32_t> prompt,
   seq->prompt_len = prompt_len;
   seq->params = params;
   seq->priority = priority;
+  reserved_.insert(child_ids.begin(), child_ids.end());
+  seq->child_ids = std::move(child_ids);
   Enqueue(*seq, /*front=*/false);
   seqs_.emplace(seq_id, std::move(seq));
   return absl::OkStatus();
@@ -152,7 +194,32 @@ void Scheduler::End(Seq& s) {
     waiting_.erase(s.wait_key);
   }
   if (s.seen_by_workers) ended_.push_back(id);
+  for (int64_t c : s.child_ids) reserved_.erase(c);  // never forked: they never start
   seqs_.erase(id);  // destroys `s`
+}
+
+void Scheduler::EndUnstartedChildren(const Seq& parent, uint64_t step_id,
+                                     const absl::Status& status,
+                                     std::vector<SequenceEvent>& events) {
+  auto fail = [&](int64_t id) {
+    SequenceEvent ev;
+    ev.seq_id = id;
+    ev.finished = true;
+    ev.reason = FinishReason::kError;
+    ev.status = status;
+    events.push_back(std::move(ev));
+  };
+  for (int64_t c : parent.child_ids) fail(c);  // End(parent) releases the reservations
+  std::vector<Seq*> forked;  // in a step whose result is not applied yet
+  for (Seq* c : running_) {
+    if (c->parent == parent.id && c->num_generated == 0 && c->fork_step >= step_id) {
+      forked.push_back(c);
+    }
+  }
+  for (Seq* c : forked) {
+    fail(c->id);
+    End(*c);
+  }
 }
 
 void Scheduler::Abort(int64_t seq_id) { Finish(seq_id, FinishReason::kAborted); }
@@ -253,16 +320,21 @@ StepPlan Scheduler::Schedule() {
 
   // 2. Admissions, unless this step had to preempt.
   if (!preempted) {
-    // Blocks the running sequences still need to finish their prefill (promised to them).
+    // Blocks the running sequences still need to finish their prefill (promised to them), with
+    // one block per unforked child (its first token's copy-on-write or new block).
     int64_t promised = 0;
+    int64_t slots = 0;  // against max_running
     for (const Seq* s : running_) {
-      promised += blocks_.BlocksNeeded(s->id, static_cast<int64_t>(s->tokens.size()));
+      promised += blocks_.BlocksNeeded(s->id, static_cast<int64_t>(s->tokens.size())) +
+                  static_cast<int64_t>(s->child_ids.size());
+      slots += Slots(*s);
     }
-    while (!waiting_.empty() && budget > 0 &&
-           running_.size() < static_cast<size_t>(config_.max_running)) {
+    while (!waiting_.empty() && budget > 0) {
       Seq& s = *seqs_.at(std::get<2>(*waiting_.begin()));
+      if (slots + Slots(s) > config_.max_running) break;  // in order: no skipping ahead
       const int64_t num_tokens = static_cast<int64_t>(s.tokens.size());
-      const int64_t need = CeilDiv(num_tokens + 1, config_.block_size);
+      const int64_t children = static_cast<int64_t>(s.child_ids.size());
+      const int64_t need = CeilDiv(num_tokens + 1, config_.block_size) + children;
       const int64_t reserve =
           running_.empty() ? 0 : promised + static_cast<int64_t>(running_.size());
       if (need + reserve > blocks_.num_free_blocks()) break;  // in order: no skipping ahead
@@ -276,7 +348,8 @@ StepPlan Scheduler::Schedule() {
       CHECK_OK(copies.status());  // need <= free
       entries.push_back({&s, n, *std::move(copies)});
       budget -= n;
-      promised += blocks_.BlocksNeeded(s.id, num_tokens);
+      promised += blocks_.BlocksNeeded(s.id, num_tokens) + children;
+      slots += Slots(s);
     }
   }
 
@@ -294,6 +367,13 @@ StepPlan Scheduler::Schedule() {
     out.num_computed_tokens = s.num_computed;
     out.num_scheduled_tokens = static_cast<int32_t>(e.n);
     const absl::Span<const int32_t> table = blocks_.BlockTable(s.id);
+    if (!e.copies.empty()) {
+      // Copy-on-write: Reserve replaced the shared partial last block the workers hold.
+      CHECK(e.copies.size() == 1 && s.blocks_sent > 0 &&
+            table[s.blocks_sent - 1] == e.copies[0].dst)
+          << "sequence " << s.id << ": unexpected copy-on-write";
+      out.replace_last_block = e.copies[0].dst;
+    }
     out.new_block_ids.assign(table.begin() + static_cast<int64_t>(s.blocks_sent), table.end());
     s.blocks_sent = table.size();
     s.num_computed += e.n;
@@ -302,6 +382,7 @@ StepPlan Scheduler::Schedule() {
     if (!s.seen_by_workers) out.params = s.params;  // first sight; kept across preemptions
     s.seen_by_workers = true;
     plan.copies.insert(plan.copies.end(), e.copies.begin(), e.copies.end());
+    if (out.sample && !s.child_ids.empty()) Fork(s, plan.step_id, out);
     plan.seqs.push_back(std::move(out));
   }
   if (plan.empty()) {
@@ -310,6 +391,35 @@ StepPlan Scheduler::Schedule() {
     step_id_ = plan.step_id;
   }
   return plan;
+}
+
+void Scheduler::Fork(Seq& parent, uint64_t step_id, ScheduledSequence& out) {
+  // The parent samples its prompt's first token in this step: its children sample theirs from
+  // the same logits and share its blocks from here on (step/step.h).
+  const size_t table_size = blocks_.BlockTable(parent.id).size();
+  out.fork_child_ids = parent.child_ids;
+  for (int64_t id : parent.child_ids) {
+    reserved_.erase(id);
+    CHECK_OK(blocks_.Fork(parent.id, id));  // ids checked free by Add
+    auto c = std::make_unique<Seq>();
+    c->id = id;
+    c->tokens = parent.tokens;  // the prompt: the parent has generated nothing yet
+    c->prompt_len = parent.prompt_len;
+    c->params = parent.params;
+    c->priority = parent.priority;
+    c->state = SequenceState::kRunning;
+    c->admission = next_admission_++;
+    c->num_computed = parent.num_computed;
+    c->sample_steps.push_back(step_id);
+    c->workers_have_tokens = true;
+    c->blocks_sent = table_size;
+    c->seen_by_workers = true;
+    c->parent = parent.id;
+    c->fork_step = step_id;
+    running_.push_back(c.get());
+    seqs_.emplace(id, std::move(c));
+  }
+  parent.child_ids.clear();
 }
 
 std::vector<SequenceEvent> Scheduler::Apply(const StepResult& result) {
@@ -325,7 +435,9 @@ std::vector<SequenceEvent> Scheduler::Apply(const StepResult& result) {
     ev.finished = true;
     ev.reason = FinishReason::kError;
     ev.status = f.status.ok() ? absl::InternalError("worker failed the sequence") : f.status;
+    const absl::Status status = ev.status;
     events.push_back(std::move(ev));
+    EndUnstartedChildren(s, result.step_id, status, events);
     End(s);
   }
   for (const SampledToken& t : result.sampled) {
@@ -345,13 +457,26 @@ std::vector<SequenceEvent> Scheduler::Apply(const StepResult& result) {
       End(s);
       continue;
     }
+    if (s.params.logprobs.has_value() && !t.logprobs.has_value()) {
+      ev.finished = true;
+      ev.reason = FinishReason::kError;
+      ev.status = absl::InternalError(absl::StrCat(
+          "the worker sent no logprobs for token ", t.token, " of a request that asked for them"));
+      events.push_back(std::move(ev));
+      End(s);
+      continue;
+    }
     ev.token = t.token;
+    if (s.params.logprobs.has_value()) ev.logprobs = t.logprobs;
     s.tokens.push_back(t.token);
     ++s.num_generated;
+    // Tokens 1..min_tokens never stop (the workers suppress EOS and stop ids there too).
+    const bool may_stop = s.num_generated > s.params.min_tokens;
     const bool eos = !s.params.ignore_eos &&
                      ContainsValue(config_.eos_token_ids, static_cast<int64_t>(t.token));
-    if (eos || ContainsValue(s.params.stop_token_ids, t.token)) {
+    if (may_stop && (eos || ContainsValue(s.params.stop_token_ids, t.token))) {
       ev.reason = FinishReason::kStop;
+      ev.stop_reason.token_id = t.token;
     } else if (s.num_generated >= s.params.max_tokens) {
       ev.reason = FinishReason::kLength;
     }
@@ -359,19 +484,28 @@ std::vector<SequenceEvent> Scheduler::Apply(const StepResult& result) {
     events.push_back(ev);
     if (ev.finished) End(s);
   }
-  // Sequences that were to be sampled in that step but got no token.
-  std::vector<Seq*> missing;
+  // Sequences that were to be sampled in that step but got no token (a forking parent's
+  // children with it).
+  std::vector<int64_t> missing;
   for (Seq* s : running_) {
-    if (!s->sample_steps.empty() && s->sample_steps.front() == result.step_id) missing.push_back(s);
+    if (!s->sample_steps.empty() && s->sample_steps.front() == result.step_id) {
+      missing.push_back(s->id);
+    }
   }
-  for (Seq* s : missing) {
+  for (int64_t id : missing) {
+    auto it = seqs_.find(id);
+    if (it == seqs_.end()) continue;  // a child ended with its parent
+    Seq& s = *it->second;
     SequenceEvent ev;
-    ev.seq_id = s->id;
+    ev.seq_id = s.id;
     ev.finished = true;
     ev.reason = FinishReason::kError;
-    ev.status = absl::InternalError(absl::StrCat("step ", result.step_id, " sampled no token for the request"));
+    ev.status = absl::InternalError(
+        absl::StrCat("step ", result.step_id, " sampled no token for the request"));
+    const absl::Status status = ev.status;
     events.push_back(std::move(ev));
-    End(*s);
+    EndUnstartedChildren(s, result.step_id, status, events);
+    End(s);
   }
   return events;
 }
@@ -410,8 +544,22 @@ absl::Status Scheduler::Validate() const {
     return bad(waiting_.size(), " waiting + ", running_.size(), " running != ", seqs_.size(),
                " sequences");
   }
-  if (running_.size() > static_cast<size_t>(config_.max_running)) {
-    return bad(running_.size(), " running > max_running ", config_.max_running);
+  int64_t slots = 0;
+  for (const Seq* s : running_) slots += Slots(*s);
+  if (slots > config_.max_running) {
+    return bad(slots, " running (with unforked children) > max_running ", config_.max_running);
+  }
+  size_t num_reserved = 0;
+  for (const auto& [id, p] : seqs_) {
+    for (int64_t c : p->child_ids) {
+      ++num_reserved;
+      if (!reserved_.contains(c) || seqs_.contains(c)) {
+        return bad("child id ", c, " of sequence ", id, " is not reserved or is live");
+      }
+    }
+  }
+  if (num_reserved != reserved_.size()) {
+    return bad(reserved_.size(), " reserved child ids, ", num_reserved, " unforked children");
   }
   if (blocks_.num_sequences() != running_.size()) {
     return bad("the block manager holds ", blocks_.num_sequences(), " sequences, ",

@@ -9,6 +9,19 @@
 // freed and it goes back to the front of its priority class in the waiting queue, to be
 // recomputed later from all its tokens (prompt + generated so far).
 //
+// Parallel sampling (params.n > 1; step/step.h): Add takes the request as one sequence (the
+// parent, completion 0) plus n - 1 child ids reserved for completions 1..n-1. The parent
+// prefills like any sequence; the plan entry that computes its prompt's last token (sample =
+// true) carries the child ids in fork_child_ids, and the scheduler forks the KV bookkeeping
+// there (KvBlockManager::Fork: the children share every block, a partially filled last one
+// included). From that plan on each child is an ordinary running sequence whose first token is
+// in flight (its own max_tokens / min_tokens count, finish reason, preemption = recompute from its
+// own tokens). The first sharer that writes into a shared partial block gets a private copy:
+// plan.copies carries the BlockCopy, its entry's replace_last_block the new block. A parent that
+// ends before its fork step's result (worker failure, missing token) ends its children with the
+// same status (events with token -1); Abort / Finish of a parent whose fork is not planned yet
+// drops the reserved ids (the caller ends those completions itself).
+//
 // Policy of Schedule():
 //  1. Running sequences first: decoding ones (one token each), then partially prefilled ones
 //     (their next prefill chunk), each group by (priority desc, admission asc), while the token
@@ -18,9 +31,12 @@
 //  2. If nothing was preempted, waiting sequences are admitted by (priority desc, arrival asc),
 //     strictly in that order (no skipping ahead, so large requests are not starved), while the
 //     budget, max_running and the blocks allow. Admission needs blocks for the whole prompt plus
-//     one token, on top of the blocks that admitted sequences still need to finish their prefill,
-//     plus a watermark of one spare block per running sequence (so that admitting does not force
-//     an immediate preemption). With nothing running, anything that fits is admitted.
+//     one token (plus one block per unforked child: its first token's copy-on-write or new
+//     block), on top of the blocks that admitted sequences still need to finish their prefill
+//     (their unforked children included), plus a watermark of one spare block per running
+//     sequence (so that admitting does not force an immediate preemption). With nothing running,
+//     anything that fits is admitted. A parent with unforked children counts as 1 + children
+//     against max_running.
 //  Each newly admitted sequence takes a prefill chunk from what is left of the budget.
 //  (Prefix caching would start an admitted sequence at num_computed > 0; not done yet.)
 //
@@ -35,7 +51,9 @@
 //
 // Invariants (checked by Validate()): every sequence is in exactly one of waiting / running;
 // running sequences own exactly the blocks for their computed tokens, waiting ones own none;
-// blocks in use + free blocks = num_blocks.
+// a block's ref count = the number of block tables holding it; blocks in use + free blocks =
+// num_blocks; running sequences + their unforked children <= max_running; reserved child ids are
+// exactly the unforked children of live parents and none is a live id.
 //
 // Thread safety: none. Owned by the engine thread.
 #pragma once
@@ -49,6 +67,7 @@
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
@@ -89,8 +108,12 @@ struct SchedulerConfig {
 struct SequenceEvent {
   int64_t seq_id = 0;
   int32_t token = -1;  // the sampled token, appended to the output; -1: none (kError only)
+  // The token's log-probabilities (the request asked for them: params.logprobs set). Also for
+  // a token that ends the sequence by id (EOS, stop id), which is part of the output ids.
+  std::optional<TokenLogprobs> logprobs;
   bool finished = false;
   FinishReason reason = FinishReason::kNone;  // set when finished
+  StopReason stop_reason;  // kStop: the EOS / stop id (stop strings are the caller's)
   absl::Status status;  // kError: why (the worker's status for a request it failed)
 };
 
@@ -117,18 +140,23 @@ class Scheduler {
   Scheduler& operator=(const Scheduler&) = delete;
   ~Scheduler();
 
-  // Validates and enqueues a request; higher `priority` is served first. Errors (nothing
-  // enqueued): INVALID_ARGUMENT for an empty prompt, a prompt id outside the vocabulary, bad
-  // sampling values, prompt + max_tokens > max_model_len, a request that could never fit in the
-  // whole KV cache (not retryable); RESOURCE_EXHAUSTED (retryable) only when max_waiting requests
-  // are waiting ("queue full (N waiting)"); ALREADY_EXISTS for an id in use (also one whose end the workers
-  // have not yet been told of).
+  // Validates and enqueues a request; higher `priority` is served first. `child_ids`: exactly
+  // params.n - 1 distinct ids for completions 1..n-1 (header comment), reserved from here on.
+  // Errors (nothing enqueued): INVALID_ARGUMENT for an empty prompt, a prompt id outside the
+  // vocabulary, bad sampling values, prompt + max_tokens > max_model_len (naming the three
+  // numbers), a wrong number of child ids, n > max_running, a request whose n completions could
+  // never fit in the whole KV cache together (the prompt's full blocks shared, each completion's
+  // other blocks its own; not retryable); RESOURCE_EXHAUSTED (retryable) only when max_waiting
+  // requests are waiting ("queue full (N waiting)"); ALREADY_EXISTS for an id (or child id) in
+  // use or reserved (also one whose end the workers have not yet been told of).
   absl::Status Add(int64_t seq_id, std::vector<int32_t> prompt, const SamplingParams& params,
-                   int32_t priority = 0);
+                   int32_t priority = 0, std::vector<int64_t> child_ids = {});
 
   // Cancellation, deadline, failure: ends the sequence (waiting or running) and frees its KV
   // blocks at once. Its id goes into the next plan's `finished` if any worker has seen it; a
-  // token sampled for it meanwhile is dropped by Apply. Unknown ids are ignored.
+  // token sampled for it meanwhile is dropped by Apply. Unknown ids are ignored. Ends only this
+  // sequence: a forked child is independent (abort a whole group by aborting every id); the
+  // reserved ids of a parent not forked yet are released.
   void Abort(int64_t seq_id);
   // Ends a sequence for a reason found outside the scheduler (a stop string): same as Abort.
   // `reason` must not be kNone.
@@ -142,12 +170,14 @@ class Scheduler {
   StepPlan Schedule();
 
   // Applies rank 0's result for plan `result.step_id` (results in step order): first the
-  // sequences the workers failed (kError with the worker's status), then each sampled token is
-  // appended to its sequence, ending it on EOS (unless ignore_eos) or a stop id (kStop), or at
-  // max_tokens (kLength), freeing its blocks. One event per failed sequence and per applied
-  // token, in that order. Tokens for sequences not awaiting one from that step (ended meanwhile,
-  // unknown) are dropped. A sequence that was to be sampled in that step but got no token, or a
-  // token outside the vocabulary, ends with kError (event token -1).
+  // sequences the workers failed (kError with the worker's status; a parent's children that have
+  // no token yet, forked or not, end with it too), then each sampled token is appended to its
+  // sequence, ending it on EOS (unless ignore_eos) or a stop id (kStop, stop_reason.token_id) once
+  // more than min_tokens tokens are generated, or at max_tokens (kLength), freeing its blocks.
+  // One event per failed sequence and per applied token, in that order. Tokens for sequences not
+  // awaiting one from that step (ended meanwhile, unknown) are dropped. A sequence that was to be
+  // sampled in that step but got no token, a token outside the vocabulary, or no logprobs when the
+  // request asked for them, ends with kError (event token -1).
   std::vector<SequenceEvent> Apply(const StepResult& result);
 
   // --- Introspection ---
@@ -178,6 +208,14 @@ class Scheduler {
   explicit Scheduler(const SchedulerConfig& config);  // `config` validated by Create
 
   void End(Seq& s);
+  // Ends the children of `parent` that have no token yet (unforked reserved ids, or forked at a
+  // step whose result is not applied) with `status`, one kError event each.
+  void EndUnstartedChildren(const Seq& parent, uint64_t step_id, const absl::Status& status,
+                            std::vector<SequenceEvent>& events);
+  // Forks `parent`'s reserved children in plan `step_id` (its entry `out`).
+  void Fork(Seq& parent, uint64_t step_id, ScheduledSequence& out);
+  // Running slots a sequence takes against max_running: itself + its unforked children.
+  static int64_t Slots(const Seq& s);
   void Enqueue(Seq& s, bool front);
   // Largest m <= n such that `s` can grow by m tokens with the blocks now free.
   int64_t TokensThatFit(const Seq& s, int64_t n) const;
@@ -190,6 +228,7 @@ class Scheduler {
   std::set<WaitKey> waiting_;
   std::vector<Seq*> running_;          // in admission order
   std::vector<int64_t> ended_;         // ended ids the workers have seen: next plan's `finished`
+  absl::flat_hash_set<int64_t> reserved_;  // child ids of parents not forked yet
   uint64_t step_id_ = 0;
   int64_t next_back_ = 0;              // queue positions of new requests: 0, 1, 2, ...
   int64_t next_front_ = 0;             // of requeued (preempted) ones: -1, -2, ...

@@ -12,6 +12,7 @@
 #include "tests/testing/fixtures.h"
 #include "tests/testing/golden.h"
 #include "tests/testing/status_matchers.h"
+#include "tokenizer/prompt.h"
 #include "worker/model_loader.h"
 #include "worker/step_executor.h"
 
@@ -386,6 +387,223 @@ TEST_F(EngineTest, CancelledLongPrefillStopsWithinOneChunk) {
   EXPECT_EQ(runner.steps[kId], 1) << "a step computed tokens for the cancelled request";
   EXPECT_EQ(runner.tokens[kId], 32);
   EXPECT_EQ(engine.num_requests(), 0u);
+}
+
+// --- Request semantics (#7) -----------------------------------------------------------------
+
+// Issue #7 fault 3: a stop string that completes on the last allowed token is a stop.
+TEST_F(EngineTest, AStopStringOnTheLastAllowedTokenIsAStop) {
+  Load(256);
+  auto engine_ptr = MakeEngine();
+  Engine& engine = *engine_ptr;
+  GenerationRequest r;
+  r.prompt_ids = *PromptToIds(*tokenizer_, "The pass key of", model_.config.bos_token_id);
+  r.params.max_tokens = 3;
+  r.params.stop_strings = {" Header"};
+  auto out = engine.Generate({r});
+  ASSERT_OK(out);
+  const CompletionOutput& c = (*out)[0].first();
+  EXPECT_EQ(c.output_ids.size(), 3u);
+  EXPECT_EQ(c.text, "");
+  EXPECT_EQ(c.finish, FinishReason::kStop);
+  EXPECT_EQ(c.stop_reason.stop_string, " Header");
+  EXPECT_EQ(c.stop_reason.token_id, -1);
+
+  // The whole kind: whatever the 3rd token's text, as the stop string of a 3-token request,
+  // ends with stop, cut before it (or keeping it with include_stop_str_in_output).
+  const std::string two = *tokenizer_->Decode(absl::MakeConstSpan(greedy_[0]).subspan(0, 2));
+  const std::string three = *tokenizer_->Decode(absl::MakeConstSpan(greedy_[0]).subspan(0, 3));
+  const std::string stop = three.substr(two.size());
+  ASSERT_FALSE(stop.empty());
+  ASSERT_EQ(three.find(stop), two.size());
+  GenerationRequest cut = Greedy(0, 3);
+  cut.params.stop_strings = {stop};
+  GenerationRequest keep = cut;
+  keep.params.include_stop_str_in_output = true;
+  out = engine.Generate({cut, keep});
+  ASSERT_OK(out);
+  EXPECT_EQ((*out)[0].first().finish, FinishReason::kStop);
+  EXPECT_EQ((*out)[0].first().text, two);
+  EXPECT_EQ((*out)[0].first().stop_reason.stop_string, stop);
+  EXPECT_EQ((*out)[1].first().finish, FinishReason::kStop);
+  EXPECT_EQ((*out)[1].first().text, three);
+}
+
+TEST_F(EngineTest, StopReasonNamesTheIdAndMinTokensDefersStops) {
+  Load(256);
+  auto engine_ptr = MakeEngine();
+  Engine& engine = *engine_ptr;
+  GenerationRequest id_stop = Greedy(3, 48);
+  id_stop.params.stop_token_ids = {greedy_[3][1]};
+  // The same stop id and a stop string that the greedy text meets at once, deferred past 3.
+  GenerationRequest deferred = id_stop;
+  deferred.params.min_tokens = 3;
+  deferred.params.stop_strings = {greedy_text_[3].substr(0, 1)};
+  auto out = engine.Generate({id_stop, deferred});
+  ASSERT_OK(out);
+  const CompletionOutput& a = (*out)[0].first();
+  EXPECT_EQ(a.finish, FinishReason::kStop);
+  EXPECT_EQ(a.output_ids.size(), 2u);
+  EXPECT_EQ(a.stop_reason.token_id, greedy_[3][1]);
+  EXPECT_TRUE(a.stop_reason.stop_string.empty());
+  const CompletionOutput& b = (*out)[1].first();
+  EXPECT_GT(b.output_ids.size(), 3u) << "a stop before min_tokens tokens";
+  if (b.finish == FinishReason::kStop && b.stop_reason.token_id >= 0) {
+    EXPECT_EQ(b.output_ids.back(), b.stop_reason.token_id);
+  }
+  EXPECT_EQ(engine.scheduler().num_free_blocks(), 256);
+}
+
+TEST_F(EngineTest, LogprobsComeWithEveryTokenIncludingAStopId) {
+  Load(256);
+  auto engine_ptr = MakeEngine();
+  Engine& engine = *engine_ptr;
+  GenerationRequest r = Greedy(3, 8);
+  r.params.logprobs = 2;
+  r.params.prompt_logprobs = 1;
+  r.params.stop_token_ids = {greedy_[3][4]};
+  auto out = engine.Generate({r});
+  ASSERT_OK(out);
+  ASSERT_OK((*out)[0].status);
+  const CompletionOutput& c = (*out)[0].first();
+  ASSERT_EQ(c.output_ids.size(), 5u);
+  ASSERT_EQ(c.logprobs.size(), c.output_ids.size());
+  for (const TokenLogprobs& t : c.logprobs) {
+    EXPECT_EQ(t.rank, 1);  // greedy: the most likely token
+    ASSERT_EQ(t.top_ids.size(), 2u);
+    EXPECT_EQ(t.top_logprobs[0], t.logprob);
+  }
+  EXPECT_EQ((*out)[0].prompt_logprobs.size(), prompts_[3].size() - 1);
+}
+
+// The engine's side of logprobs alone (the worker's values are the worker tests'): a runner that
+// stamps each sampled token with logprob = -token.
+class StampingRunner : public StepRunner {
+ public:
+  explicit StampingRunner(StepRunner* inner) : inner_(inner) {}
+  absl::Status Submit(const StepPlan& plan) override { return inner_->Submit(plan); }
+  absl::StatusOr<StepResult> Await() override {
+    absl::StatusOr<StepResult> r = inner_->Await();
+    if (r.ok()) {
+      for (SampledToken& t : r->sampled) {
+        TokenLogprobs lp;
+        lp.logprob = -static_cast<float>(t.token);
+        lp.rank = 1;
+        t.logprobs = lp;
+      }
+    }
+    return r;
+  }
+  int max_in_flight() const override { return inner_->max_in_flight(); }
+
+ private:
+  StepRunner* inner_;
+};
+
+TEST_F(EngineTest, TokenLogprobsReachTheUpdatesParallelToTheIdsStopIdIncluded) {
+  Load(256);
+  StampingRunner runner(exec_.get());
+  auto engine_or = Engine::Create(&runner, model_.config, model_.runner->kv_spec(),
+                                  tokenizer_.get(), {});
+  ASSERT_OK(engine_or.status());
+  GenerationRequest r = Greedy(3, 8);
+  r.params.logprobs = 0;
+  r.params.stop_token_ids = {greedy_[3][4]};
+  GenerationRequest plain = Greedy(3, 8);
+  auto out = (*engine_or)->Generate({r, plain});
+  ASSERT_OK(out);
+  const CompletionOutput& c = (*out)[0].first();
+  EXPECT_EQ(c.finish, FinishReason::kStop);
+  ASSERT_EQ(c.output_ids.size(), 5u);
+  ASSERT_EQ(c.logprobs.size(), 5u);
+  for (size_t i = 0; i < 5; ++i) EXPECT_EQ(c.logprobs[i].logprob, -c.output_ids[i]);
+  EXPECT_TRUE((*out)[1].first().logprobs.empty());  // not asked for
+}
+
+// Parallel sampling. These need the worker side of #7 (sampling children on the fork step).
+TEST_F(EngineTest, ThreeGreedyCompletionsEachEqualTheGreedyOutput) {
+  Load(256);
+  auto engine_ptr = MakeEngine();
+  Engine& engine = *engine_ptr;
+  GenerationRequest r = Greedy(0, 48);
+  r.params.n = 3;
+  auto out = engine.Generate({r, Greedy(1, 48)});
+  ASSERT_OK(out);
+  ASSERT_OK((*out)[0].status);
+  ASSERT_EQ((*out)[0].completions.size(), 3u);
+  for (const CompletionOutput& c : (*out)[0].completions) {
+    EXPECT_EQ(c.output_ids, greedy_[0]);
+    EXPECT_EQ(c.text, greedy_text_[0]);
+    EXPECT_EQ(c.finish, FinishReason::kLength);
+  }
+  EXPECT_EQ((*out)[1].first().output_ids, greedy_[1]);
+  EXPECT_EQ(engine.scheduler().num_free_blocks(), 256);
+  EXPECT_EQ(engine.num_requests(), 0u);
+}
+
+TEST_F(EngineTest, SeededCompletionsAreTheSeedPlusIndexStreams) {
+  Load(256);
+  auto engine_ptr = MakeEngine();
+  Engine& engine = *engine_ptr;
+  auto sampled = [&](int32_t n, uint64_t seed) {
+    GenerationRequest r = Greedy(0, 24);
+    r.params.temperature = 1.0f;
+    r.params.seed = seed;
+    r.params.n = n;
+    auto out = engine.Generate({r});
+    CHECK_OK(out.status());
+    EXPECT_OK((*out)[0].status);
+    return (*out)[0].completions;
+  };
+  const std::vector<CompletionOutput> three = sampled(3, 5);
+  ASSERT_EQ(three.size(), 3u);
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_EQ(three[i].output_ids, sampled(1, 5 + i)[0].output_ids) << "completion " << i;
+  }
+  EXPECT_NE(three[0].output_ids, three[1].output_ids);
+  EXPECT_EQ(engine.scheduler().num_free_blocks(), 256);
+}
+
+TEST_F(EngineTest, ParallelCompletionsUnderATightCacheStayGreedy) {
+  // 3 completions of 6 + 48 tokens share the prompt's partial block (copy-on-write on the
+  // workers) and need 12 blocks together; beside another request, 12 blocks force preemptions.
+  Load(12);
+  auto engine_ptr = MakeEngine();
+  Engine& engine = *engine_ptr;
+  GenerationRequest r = Greedy(0, 48);
+  r.params.n = 3;
+  auto out = engine.Generate({Greedy(3, 48), r});
+  ASSERT_OK(out);
+  ASSERT_OK((*out)[1].status);
+  EXPECT_EQ((*out)[0].first().output_ids, greedy_[3]);
+  for (const CompletionOutput& c : (*out)[1].completions) EXPECT_EQ(c.output_ids, greedy_[0]);
+  EXPECT_GT(engine.scheduler().num_preemptions(), 0);
+  EXPECT_EQ(engine.scheduler().num_free_blocks(), 12);
+}
+
+TEST_F(EngineTest, CancellingAParallelRequestEndsEveryCompletion) {
+  Load(256);
+  auto engine_ptr = MakeEngine();
+  Engine& engine = *engine_ptr;
+  GenerationRequest r = Greedy(2, 40);
+  r.params.n = 3;
+  std::vector<RequestUpdate> finals;
+  ASSERT_OK(engine.Add(1, r, [&](const RequestUpdate& u) {
+    if (u.finished) finals.push_back(u);
+  }));
+  ASSERT_OK(engine.Step());  // the prompt (and the fork) submitted
+  EXPECT_THAT(engine.Add(1, Greedy(0, 4), [](const RequestUpdate&) {}),
+              StatusIs(absl::StatusCode::kAlreadyExists));
+  engine.Abort(1);
+  ASSERT_EQ(finals.size(), 3u);
+  for (int32_t i = 0; i < 3; ++i) {
+    EXPECT_EQ(finals[i].index, i);
+    EXPECT_THAT(finals[i].status, StatusIs(absl::StatusCode::kCancelled));
+  }
+  EXPECT_EQ(engine.scheduler().num_free_blocks(), 256);
+  EXPECT_EQ(engine.num_requests(), 0u);
+  while (engine.HasWork()) ASSERT_OK(engine.Step());
+  EXPECT_EQ(finals.size(), 3u);
 }
 
 }  // namespace

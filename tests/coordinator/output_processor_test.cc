@@ -92,5 +92,61 @@ TEST_F(OutputProcessorTest, NothingAfterTheStopAndNoTokenizerMeansNoText) {
   EXPECT_TRUE(none.Finish().empty());
 }
 
+// Streams `text` through a processor with the given options: (text, the stop that matched, the
+// 1-based token at which it matched; 0: none).
+struct Streamed {
+  std::string text;
+  std::string stop_string;
+  int at_token = 0;
+};
+
+TEST_F(OutputProcessorTest, IncludeStopStrKeepsTheMatchAndTheMatchIsReported) {
+  auto run = [&](const std::string& text, std::vector<std::string> stops, bool include,
+                 int32_t min_tokens) {
+    OutputProcessor p(tok_.get(), std::move(stops), include, min_tokens);
+    Streamed out;
+    int k = 0;
+    for (int32_t id : Ids(text)) {
+      ++k;
+      const OutputProcessor::Delta d = p.Push(id);
+      out.text += d.text;
+      if (d.stopped) {
+        out.stop_string = d.stop_string;
+        out.at_token = k;
+        return out;
+      }
+      EXPECT_TRUE(d.stop_string.empty());
+    }
+    out.text += p.Finish();
+    return out;
+  };
+  Streamed s = run("The pass key of Alice is 12345.", {"12345", "key of"}, true, 0);
+  EXPECT_EQ(s.text, "The pass key of");
+  EXPECT_EQ(s.stop_string, "key of");
+  s = run("The pass key of Alice is 12345.", {"12345", "key of"}, false, 0);
+  EXPECT_EQ(s.text, "The pass ");
+  EXPECT_EQ(s.stop_string, "key of");
+  s = run("one two three four", {"four", "two"}, false, 0);
+  EXPECT_EQ(s.stop_string, "two");
+
+  // min_tokens: a stop string completing before the min_tokens-th token does not count (its
+  // text is sent); one completing at it or later does.
+  const std::string text = "a b a b c";
+  const Streamed first = run(text, {"b"}, false, 0);
+  ASSERT_GT(first.at_token, 0);
+  EXPECT_EQ(first.text, "a ");
+  EXPECT_EQ(run(text, {"b"}, false, first.at_token).at_token, first.at_token);
+  s = run(text, {"b"}, false, first.at_token + 1);
+  EXPECT_GT(s.at_token, first.at_token);
+  EXPECT_EQ(s.text, "a b a ");
+  EXPECT_EQ(s.stop_string, "b");
+  s = run(text, {"b"}, true, first.at_token + 1);
+  EXPECT_EQ(s.text, "a b a b");
+  // Never reached: all the text, no stop.
+  s = run(text, {"b"}, false, 1000);
+  EXPECT_EQ(s.text, text);
+  EXPECT_EQ(s.at_token, 0);
+}
+
 }  // namespace
 }  // namespace lorc

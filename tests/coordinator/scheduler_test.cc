@@ -72,6 +72,8 @@ struct SeqView {
   std::optional<SamplingParams> params;
   std::vector<int32_t> new_token_ids;
   std::vector<int32_t> new_block_ids;
+  std::vector<int64_t> fork_child_ids;
+  int32_t replace_last_block = -1;
 };
 
 struct PlanView {
@@ -84,7 +86,10 @@ struct PlanView {
 
 // A tensor-parallel worker as far as the contract goes: each request's token history, block table
 // and computed count, kept between steps as the real worker (StepExecutor) does; the sampled
-// token is appended to the history by the worker itself. It checks each plan against step.h.
+// token is appended to the history by the worker itself; forks (fork_child_ids) and
+// copy-on-write (copies, replace_last_block) as step.h says. It keeps the "K/V" of every block
+// slot (the token written there), so that a wrong block table, a missing copy or a write into a
+// shared block shows as wrong K/V. It checks each plan against step.h.
 class FakeWorker {
  public:
   using Model = std::function<int32_t(int64_t seq, int64_t pos)>;
@@ -113,7 +118,12 @@ class FakeWorker {
       st.table.clear();
       st.computed = 0;
     }
-    std::set<int32_t> blocks;
+    for (const BlockCopy& c : plan.copies) {  // before the forward pass
+      EXPECT_NE(c.src, c.dst);
+      slots_[c.dst] = slots_[c.src];
+    }
+    std::vector<std::pair<int64_t, int32_t>> written;  // (sequence, block) written this step
+    std::map<int64_t, int64_t> forked;  // child -> parent, forked in this step after the write
     for (const ScheduledSequence& s : plan.seqs) {
       if (s.params.has_value()) {
         EXPECT_FALSE(state_.contains(s.seq_id)) << "params again for " << s.seq_id;
@@ -126,6 +136,10 @@ class FakeWorker {
         EXPECT_TRUE(st.history.empty()) << "tokens re-sent for running " << s.seq_id;
         st.history = s.new_token_ids;
       }
+      if (s.replace_last_block >= 0) {
+        EXPECT_FALSE(st.table.empty()) << "replace_last_block for an empty table of " << s.seq_id;
+        if (!st.table.empty()) st.table.back() = s.replace_last_block;
+      }
       st.table.insert(st.table.end(), s.new_block_ids.begin(), s.new_block_ids.end());
       EXPECT_GT(s.num_scheduled_tokens, 0);
       EXPECT_LE(st.computed + s.num_scheduled_tokens, static_cast<int64_t>(st.history.size()))
@@ -135,25 +149,66 @@ class FakeWorker {
       q.num_cached = st.computed;
       const int64_t end = std::min<int64_t>(st.computed + s.num_scheduled_tokens, st.history.size());
       q.tokens.assign(st.history.begin() + st.computed, st.history.begin() + end);
-      st.computed = end;
-      kv_[s.seq_id].assign(st.history.begin(), st.history.begin() + st.computed);
-      EXPECT_EQ(static_cast<int64_t>(st.table.size()), CeilDiv(st.computed, block_size_))
+      EXPECT_EQ(static_cast<int64_t>(st.table.size()), CeilDiv(end, block_size_))
           << "sequence " << s.seq_id;
-      for (int32_t b : st.table) {
-        EXPECT_TRUE(blocks.insert(b).second) << "block " << b << " in two tables";
+      for (int64_t pos = st.computed; pos < end; ++pos) {
+        const size_t i = static_cast<size_t>(pos / block_size_);
+        if (i >= st.table.size()) break;
+        std::vector<int32_t>& slots = slots_[st.table[i]];
+        slots.resize(block_size_, -1);
+        slots[pos % block_size_] = st.history[pos];
+        if (written.empty() || written.back() != std::make_pair(s.seq_id, st.table[i])) {
+          written.emplace_back(s.seq_id, st.table[i]);
+        }
       }
+      st.computed = end;
+      kv_[s.seq_id];
       q.block_table = st.table;
       q.sample = s.sample;
       q.params = s.params;
       q.new_token_ids = s.new_token_ids;
       q.new_block_ids = s.new_block_ids;
+      q.fork_child_ids = s.fork_child_ids;
+      q.replace_last_block = s.replace_last_block;
+      EXPECT_TRUE(s.sample || s.fork_child_ids.empty()) << "fork without sampling " << s.seq_id;
       if (s.sample) {
         EXPECT_EQ(st.computed, static_cast<int64_t>(st.history.size()));
+        const State parent = st;  // before its token: what the children start from
         const int32_t token = model_(s.seq_id, st.computed);
         st.history.push_back(token);
         r->sampled.push_back({s.seq_id, token});
+        for (int64_t c : s.fork_child_ids) {
+          EXPECT_FALSE(state_.contains(c)) << "fork into known sequence " << c;
+          forked[c] = s.seq_id;
+          State& child = state_[c];
+          child = parent;
+          const int32_t t = model_(c, child.computed);
+          child.history.push_back(t);
+          r->sampled.push_back({c, t});
+          kv_[c];
+        }
       }
       v.seqs.push_back(std::move(q));
+    }
+    // A block written this step belongs to that sequence alone (copy-on-write before sharing).
+    for (const auto& [id, b] : written) {
+      for (const auto& [other, st] : state_) {
+        if (other == id || !kv_.contains(other)) continue;
+        if (auto f = forked.find(other); f != forked.end() && f->second == id) continue;
+        EXPECT_FALSE(std::count(st.table.begin(), st.table.end(), b))
+            << "sequence " << id << " wrote block " << b << ", shared with " << other;
+      }
+    }
+    // What the blocks now hold for each running sequence.
+    for (auto& [id, kv] : kv_) {
+      const State& st = state_[id];
+      kv.clear();
+      for (int64_t pos = 0; pos < st.computed; ++pos) {
+        const std::vector<int32_t>& slots = slots_[st.table[pos / block_size_]];
+        kv.push_back(static_cast<size_t>(pos % block_size_) < slots.size()
+                         ? slots[pos % block_size_]
+                         : -1);
+      }
     }
     return v;
   }
@@ -178,6 +233,7 @@ class FakeWorker {
   uint64_t last_step_id_ = 0;
   std::map<int64_t, State> state_;
   std::map<int64_t, std::vector<int32_t>> kv_;
+  std::map<int32_t, std::vector<int32_t>> slots_;  // block -> the token written at each slot
 };
 
 // Scheduler + worker + bookkeeping of what each request produced.
@@ -187,16 +243,21 @@ class Harness {
       : sched_owner(MakeScheduler(config)), sched(*sched_owner), worker(config.block_size, std::move(model)) {}
 
   absl::Status Add(int64_t id, std::vector<int32_t> prompt, const SamplingParams& params,
-                   int32_t priority = 0) {
-    absl::Status s = sched.Add(id, prompt, params, priority);
+                   int32_t priority = 0, std::vector<int64_t> child_ids = {}) {
+    absl::Status s = sched.Add(id, prompt, params, priority, child_ids);
     if (s.ok()) {
       live.insert(id);
+      for (int64_t c : child_ids) {
+        live.insert(c);
+        unforked.insert(c);
+        prompts[c] = prompt;
+      }
       prompts[id] = std::move(prompt);
     }
     return s;
   }
   void Abort(int64_t id) {
-    if (sched.Contains(id)) MarkEnded(id, FinishReason::kAborted);
+    if (sched.Contains(id) || unforked.contains(id)) MarkEnded(id, FinishReason::kAborted);
     sched.Abort(id);
   }
 
@@ -205,15 +266,20 @@ class Harness {
   // those tokens.
   void CheckInvariants() {
     EXPECT_OK(sched.Validate());
-    int64_t held = 0;
+    std::set<int32_t> held;  // a block shared by forked sequences counts once
     int32_t waiting = 0, running = 0;
     for (int64_t id : live) {
       std::optional<SequenceInfo> info = sched.GetSequence(id);
       if (!info.has_value()) {
-        ADD_FAILURE() << "live sequence " << id << " unknown to the scheduler";
+        if (!unforked.contains(id)) {
+          ADD_FAILURE() << "live sequence " << id << " unknown to the scheduler";
+        }
         continue;
       }
-      held += info->num_blocks;
+      unforked.erase(id);
+      if (info->state == SequenceState::kRunning) {
+        for (int32_t b : sched.blocks().BlockTable(id)) held.insert(b);
+      }
       if (info->state == SequenceState::kWaiting) {
         ++waiting;
         EXPECT_EQ(info->num_blocks, 0);
@@ -236,7 +302,7 @@ class Harness {
     }
     EXPECT_EQ(waiting, sched.num_waiting());
     EXPECT_EQ(running, sched.num_running());
-    EXPECT_EQ(held + sched.num_free_blocks(), sched.num_blocks());
+    EXPECT_EQ(static_cast<int64_t>(held.size()) + sched.num_free_blocks(), sched.num_blocks());
   }
 
   // Schedule, check and run the next plan; its result waits in `in_flight` for ApplyOldest.
@@ -316,6 +382,7 @@ class Harness {
   Scheduler& sched;
   FakeWorker worker;
   std::set<int64_t> live;
+  std::set<int64_t> unforked;  // live child ids the scheduler has not forked yet
   std::map<int64_t, std::vector<int32_t>> prompts;
   std::map<int64_t, std::vector<int32_t>> outputs;
   std::map<int64_t, FinishReason> ended;
@@ -327,6 +394,7 @@ class Harness {
   void MarkEnded(int64_t id, FinishReason reason) {
     EXPECT_TRUE(ended.emplace(id, reason).second) << "sequence " << id << " ended twice";
     live.erase(id);
+    unforked.erase(id);
   }
 };
 
@@ -927,6 +995,320 @@ TEST(SchedulerTest, ADecodingSequencesStepMessageIsIndependentOfItsContext) {
   }
 }
 
+// --- Parallel sampling (n > 1) --------------------------------------------------------------
+
+SamplingParams ParamsN(int32_t max_tokens, int32_t n) {
+  SamplingParams p = Params(max_tokens);
+  p.n = n;
+  return p;
+}
+
+TEST(SchedulerTest, TheForkStepSharesEveryBlockAndTheFirstWritesCopyOnWrite) {
+  Harness h(Config(4, 100));
+  ASSERT_OK(h.Add(1, Prompt(10), ParamsN(5, 3), 0, {101, 102}));
+  EXPECT_EQ(h.sched.num_waiting(), 1);  // the children are not sequences yet
+  EXPECT_FALSE(h.sched.Contains(101));
+
+  PlanView p = h.Step();
+  ASSERT_EQ(p.seqs.size(), 1u);
+  EXPECT_EQ(p.seqs[0].seq_id, 1);
+  EXPECT_TRUE(p.seqs[0].sample);
+  EXPECT_THAT(p.seqs[0].fork_child_ids, ElementsAre(101, 102));
+  EXPECT_THAT(p.copies, IsEmpty());
+  // Parent's token, then the children's, in fork_child_ids order.
+  ASSERT_EQ(h.last_events.size(), 3u);
+  EXPECT_EQ(h.last_events[0].seq_id, 1);
+  EXPECT_EQ(h.last_events[1].seq_id, 101);
+  EXPECT_EQ(h.last_events[2].seq_id, 102);
+  EXPECT_EQ(h.sched.num_running(), 3);
+  // One set of blocks (10 tokens: 3 blocks, the last one partial), held by all three.
+  EXPECT_EQ(h.sched.num_free_blocks(), 97);
+  const std::vector<int32_t> shared(h.sched.blocks().BlockTable(1).begin(),
+                                    h.sched.blocks().BlockTable(1).end());
+  for (int64_t id : {101, 102}) {
+    EXPECT_THAT(h.sched.blocks().BlockTable(id), ::testing::ElementsAreArray(shared));
+    EXPECT_EQ(h.sched.GetSequence(id)->num_computed, 10);
+    EXPECT_EQ(h.sched.GetSequence(id)->prompt_len, 10);
+  }
+  for (int32_t b : shared) EXPECT_EQ(h.sched.blocks().pool().RefCount(b), 3);
+
+  // Position 10 goes into the shared partial block: the first two writers copy it, the last one
+  // (then its only holder) writes in place.
+  p = h.Step();
+  ASSERT_EQ(p.seqs.size(), 3u);
+  ASSERT_EQ(p.copies.size(), 2u);
+  for (const BlockCopy& c : p.copies) EXPECT_EQ(c.src, shared[2]);
+  EXPECT_EQ(p.seqs[0].replace_last_block, p.copies[0].dst);
+  EXPECT_EQ(p.seqs[1].replace_last_block, p.copies[1].dst);
+  EXPECT_EQ(p.seqs[2].replace_last_block, -1);
+  for (const SeqView& s : p.seqs) {
+    EXPECT_THAT(s.new_block_ids, IsEmpty());
+    EXPECT_THAT(s.fork_child_ids, IsEmpty());
+    EXPECT_FALSE(s.params.has_value());
+    EXPECT_EQ(s.block_table[0], shared[0]);
+    EXPECT_EQ(s.block_table[1], shared[1]);
+  }
+  EXPECT_EQ(p.seqs[2].block_table[2], shared[2]);
+  EXPECT_EQ(h.sched.blocks().pool().RefCount(shared[0]), 3);
+  EXPECT_EQ(h.sched.blocks().pool().RefCount(shared[2]), 1);
+  EXPECT_EQ(h.sched.num_free_blocks(), 95);
+
+  h.RunToCompletion();
+  for (int64_t id : {1, 101, 102}) {
+    EXPECT_EQ(h.outputs[id], Expected(id, 10, 5)) << "completion " << id;
+    EXPECT_EQ(h.ended[id], FinishReason::kLength);
+  }
+}
+
+TEST(SchedulerTest, APromptThatFillsItsBlocksForksWithoutCopies) {
+  Harness h(Config(4, 100));
+  ASSERT_OK(h.Add(1, Prompt(8), ParamsN(3, 2), 0, {7}));
+  h.Step();
+  PlanView p = h.Step();
+  ASSERT_EQ(p.seqs.size(), 2u);
+  EXPECT_THAT(p.copies, IsEmpty());
+  EXPECT_EQ(p.seqs[0].new_block_ids.size(), 1u);
+  EXPECT_EQ(p.seqs[1].new_block_ids.size(), 1u);
+  EXPECT_NE(p.seqs[0].new_block_ids, p.seqs[1].new_block_ids);
+  h.RunToCompletion();
+  EXPECT_EQ(h.outputs[7], Expected(7, 8, 3));
+}
+
+TEST(SchedulerTest, ForkAfterChunkedPrefillWithTwoStepsInFlight) {
+  Harness h(Config(4, 200, 16));
+  ASSERT_OK(h.Add(1, Prompt(30), ParamsN(9, 3), 0, {11, 12}));
+  ASSERT_OK(h.Add(2, Prompt(5), Params(12)));
+  std::vector<PlanView> plans;
+  while (h.sched.HasWork() || !h.in_flight.empty()) plans.push_back(h.PipelineStep(2));
+  int forks = 0;
+  for (const PlanView& p : plans) {
+    for (const SeqView& s : p.seqs) {
+      if (s.fork_child_ids.empty()) continue;
+      ++forks;
+      EXPECT_EQ(s.seq_id, 1);
+      EXPECT_EQ(s.num_cached + static_cast<int64_t>(s.tokens.size()), 30);  // the last chunk
+    }
+  }
+  EXPECT_EQ(forks, 1);
+  for (int64_t id : {1, 11, 12}) EXPECT_EQ(h.outputs[id], Expected(id, 30, 9));
+  EXPECT_EQ(h.outputs[2], Expected(2, 5, 12));
+  EXPECT_EQ(h.sched.num_free_blocks(), 200);
+}
+
+TEST(SchedulerTest, APreemptedChildRecomputesFromItsOwnTokens) {
+  // 2 (higher priority) and the group (n = 2) do not fit together to the end: the latest
+  // admitted sequence of the lowest priority, a child, is the victim.
+  Harness h(Config(4, 10));
+  ASSERT_OK(h.Add(2, Prompt(8, 2), Params(12), /*priority=*/1));
+  ASSERT_OK(h.Add(1, Prompt(8, 1), ParamsN(12, 2), 0, {11}));
+  bool child_preempted = false;
+  while (h.sched.HasWork()) {
+    const int64_t generated = static_cast<int64_t>(h.outputs[11].size());
+    PlanView p = h.Step();
+    for (int64_t id : p.preempted) child_preempted |= id == 11;
+    for (const SeqView& s : p.seqs) {
+      if (s.seq_id == 11 && !s.new_token_ids.empty()) {  // re-admitted: its own history
+        EXPECT_EQ(static_cast<int64_t>(s.new_token_ids.size()), 8 + generated);
+        EXPECT_FALSE(s.params.has_value());  // the worker kept its sampler
+      }
+    }
+  }
+  EXPECT_TRUE(child_preempted);
+  h.RunToCompletion();
+  EXPECT_EQ(h.outputs[1], Expected(1, 8, 12));
+  EXPECT_EQ(h.outputs[11], Expected(11, 8, 12));
+  EXPECT_EQ(h.outputs[2], Expected(2, 8, 12));
+}
+
+TEST(SchedulerTest, AbortingEveryIdOfAGroupFreesEveryBlock) {
+  // Before the fork: the reserved ids are released with the parent.
+  {
+    Harness h(Config(4, 100, 8));
+    ASSERT_OK(h.Add(1, Prompt(20), ParamsN(5, 3), 0, {101, 102}));
+    h.Step();  // the first chunk
+    for (int64_t id : {1, 101, 102}) h.Abort(id);
+    EXPECT_EQ(h.sched.num_free_blocks(), 100);
+    EXPECT_OK(h.sched.Validate());
+    EXPECT_THAT(h.Step().finished, ElementsAre(1));
+    h.RunToCompletion();
+    EXPECT_OK(h.sched.Add(101, Prompt(3), Params(1)));  // no longer reserved
+  }
+  // After the fork, with the children's first tokens in flight.
+  {
+    Harness h(Config(4, 100));
+    ASSERT_OK(h.Add(1, Prompt(10), ParamsN(5, 3), 0, {101, 102}));
+    h.PipelineStep(2);  // the fork step, in flight
+    h.PipelineStep(2);  // the first decodes (copy-on-write), in flight too
+    EXPECT_EQ(h.in_flight.size(), 1u);
+    for (int64_t id : {1, 101, 102}) h.Abort(id);
+    EXPECT_EQ(h.sched.num_free_blocks(), 100);
+    EXPECT_OK(h.sched.Validate());
+    h.RunToCompletion(100, 2);  // late tokens dropped; every id announced
+    for (int64_t id : {1, 101, 102}) EXPECT_EQ(h.ended[id], FinishReason::kAborted);
+  }
+}
+
+TEST(SchedulerTest, AParentFailedBeforeItsForkEndsItsChildrenWithTheSameStatus) {
+  const absl::Status bad = absl::InvalidArgumentError("the worker could not run it");
+  // Failed during prefill: the children were never forked.
+  {
+    Harness h(Config(4, 100, 8));
+    ASSERT_OK(h.Add(1, Prompt(20), ParamsN(5, 3), 0, {101, 102}));
+    StepPlan p = h.sched.Schedule();
+    StepResult r;
+    h.worker.Run(p, &r);
+    r.failed.push_back({1, bad});
+    h.ApplyResult(r);
+    ASSERT_EQ(h.last_events.size(), 3u);
+    for (size_t i = 0; i < 3; ++i) {
+      EXPECT_EQ(h.last_events[i].seq_id, std::vector<int64_t>({1, 101, 102})[i]);
+      EXPECT_EQ(h.last_events[i].reason, FinishReason::kError);
+      EXPECT_EQ(h.last_events[i].status, bad);
+      EXPECT_EQ(h.last_events[i].token, -1);
+    }
+    EXPECT_THAT(h.live, IsEmpty());
+    h.RunToCompletion();
+  }
+  // Failed in an earlier step while the fork step is in flight: the forked children have no
+  // token yet and end with it; their late tokens are dropped.
+  {
+    Harness h(Config(4, 100, 16));
+    ASSERT_OK(h.Add(1, Prompt(20), ParamsN(5, 3), 0, {101, 102}));
+    h.PipelineStep(2);  // chunk 1
+    h.PipelineStep(2);  // chunk 2 + fork, both in flight
+    ASSERT_TRUE(h.sched.Contains(101));
+    StepResult first = std::move(h.in_flight.front());
+    h.in_flight.pop_front();
+    first.failed.push_back({1, bad});
+    h.ApplyResult(first);
+    ASSERT_EQ(h.last_events.size(), 3u);
+    EXPECT_EQ(h.last_events[1].status, bad);
+    EXPECT_EQ(h.last_events[2].status, bad);
+    EXPECT_EQ(h.sched.num_free_blocks(), 100);
+    h.RunToCompletion(100, 2);
+    EXPECT_THAT(h.outputs, IsEmpty());
+  }
+}
+
+TEST(SchedulerTest, AdmissionCountsTheChildren) {
+  SchedulerConfig c = Config(4, 100);
+  c.max_running = 3;
+  Harness h(c);
+  ASSERT_OK(h.Add(1, Prompt(8), Params(4)));
+  h.Step();
+  ASSERT_OK(h.Add(2, Prompt(8), ParamsN(4, 3), 0, {21, 22}));
+  // 1 + 3 completions > max_running: the group waits for 1.
+  while (h.sched.Contains(1)) {
+    h.Step();
+    if (h.sched.Contains(1)) EXPECT_EQ(h.sched.GetSequence(2)->state, SequenceState::kWaiting);
+  }
+  h.RunToCompletion();
+  for (int64_t id : {2, 21, 22}) EXPECT_EQ(h.outputs[id], Expected(id, 8, 4));
+
+  // Blocks: the group needs its prompt + 1 token and one block per child (3 + 2), + 1 spare
+  // for the running 1: 6 > 5 free. Without the children (4 <= 5) it would be admitted and the
+  // children's first tokens would force a preemption.
+  Harness tight(Config(4, 6));
+  ASSERT_OK(tight.Add(1, Prompt(2), Params(6)));                   // 2 blocks at the end
+  ASSERT_OK(tight.Add(2, Prompt(8), ParamsN(1, 3), 0, {21, 22}));
+  tight.Step();
+  EXPECT_EQ(tight.sched.GetSequence(2)->state, SequenceState::kWaiting);
+  tight.RunToCompletion();
+  EXPECT_EQ(tight.sched.num_preemptions(), 0);
+  for (int64_t id : {2, 21, 22}) EXPECT_EQ(tight.outputs[id], Expected(id, 8, 1));
+}
+
+TEST(SchedulerTest, AddRejectsBadGroups) {
+  std::unique_ptr<Scheduler> owner = MakeScheduler(Config(4, 10));
+  Scheduler& s = *owner;
+  using absl::StatusCode;
+  EXPECT_THAT(s.Add(1, Prompt(4), ParamsN(4, 3), 0, {2}),
+              StatusIs(StatusCode::kInvalidArgument,
+                       HasSubstr("n = 3 completions need 2 child sequence ids, got 1")));
+  EXPECT_THAT(s.Add(1, Prompt(4), Params(4), 0, {2}),
+              StatusIs(StatusCode::kInvalidArgument, HasSubstr("need 0 child sequence ids")));
+  EXPECT_THAT(s.Add(1, Prompt(4), ParamsN(4, 3), 0, {2, 2}),
+              StatusIs(StatusCode::kAlreadyExists, HasSubstr("child sequence id 2")));
+  EXPECT_THAT(s.Add(1, Prompt(4), ParamsN(4, 2), 0, {1}),
+              StatusIs(StatusCode::kAlreadyExists, HasSubstr("child sequence id 1")));
+  // 10 tokens each: 2 shared full prompt blocks + 3 x 1 own = 5 fit; 8 + 12 tokens: 2 + 3 x 3.
+  EXPECT_OK(s.Add(1, Prompt(8), ParamsN(2, 3), 0, {2, 3}));
+  EXPECT_THAT(s.Add(4, Prompt(8), ParamsN(12, 3), 0, {5, 6}),
+              StatusIs(StatusCode::kInvalidArgument,
+                       HasSubstr("needs 11 KV blocks for n = 3 completions of 20 tokens (prompt + "
+                                 "max_tokens; the prompt's 2 full blocks shared), the whole cache "
+                                 "has 10")));
+  EXPECT_THAT(s.Add(4, Prompt(3), Params(1), 0), StatusIs(StatusCode::kOk));
+  EXPECT_THAT(s.Add(5, Prompt(3), ParamsN(2, 2), 0, {3}),
+              StatusIs(StatusCode::kAlreadyExists, HasSubstr("child sequence id 3")));
+  EXPECT_THAT(s.Add(3, Prompt(3), Params(1)),
+              StatusIs(StatusCode::kAlreadyExists, HasSubstr("sequence id 3 is already in use")));
+  SchedulerConfig few = Config(4, 100);
+  few.max_running = 2;
+  std::unique_ptr<Scheduler> small = MakeScheduler(few);
+  EXPECT_THAT(small->Add(1, Prompt(4), ParamsN(4, 3), 0, {2, 3}),
+              StatusIs(StatusCode::kInvalidArgument, HasSubstr("n (3) exceeds max_running (2)")));
+  EXPECT_OK(s.Validate());
+}
+
+// --- min_tokens, stop reasons, logprobs -----------------------------------------------------
+
+TEST(SchedulerTest, MinTokensDefersEosAndStopIds) {
+  // The model says EOS (or stop id 555) everywhere; the worker would suppress them below
+  // min_tokens, but the scheduler must not end on them either.
+  auto model = [](int64_t seq, int64_t pos) { return seq == 1 ? kEos : 555; };
+  Harness h(Config(4, 100), model);
+  SamplingParams eos = Params(8);
+  eos.min_tokens = 3;
+  ASSERT_OK(h.Add(1, Prompt(10), eos));
+  SamplingParams stop = Params(8);
+  stop.min_tokens = 2;
+  stop.stop_token_ids = {555};
+  ASSERT_OK(h.Add(2, Prompt(10), stop));
+  std::map<int64_t, SequenceEvent> last;
+  while (h.sched.HasWork()) {
+    h.Step();
+    for (const SequenceEvent& e : h.last_events) last[e.seq_id] = e;
+  }
+  EXPECT_EQ(h.outputs[1].size(), 4u);  // tokens 1..3 cannot stop
+  EXPECT_EQ(h.outputs[2].size(), 3u);
+  EXPECT_EQ(last[1].reason, FinishReason::kStop);
+  EXPECT_EQ(last[1].stop_reason.token_id, kEos);
+  EXPECT_EQ(last[2].reason, FinishReason::kStop);
+  EXPECT_EQ(last[2].stop_reason.token_id, 555);
+  EXPECT_TRUE(last[2].stop_reason.stop_string.empty());
+}
+
+TEST(SchedulerTest, LogprobsTravelWithTheirTokensAndMissingOnesAreAnError) {
+  Harness h(Config(4, 100));
+  SamplingParams lp = Params(4);
+  lp.logprobs = 1;
+  ASSERT_OK(h.Add(1, Prompt(10), lp));
+  ASSERT_OK(h.Add(2, Prompt(10), lp));
+  ASSERT_OK(h.Add(3, Prompt(10), Params(4)));
+  StepPlan p = h.sched.Schedule();
+  StepResult r;
+  h.worker.Run(p, &r);
+  ASSERT_EQ(r.sampled.size(), 3u);
+  TokenLogprobs t;
+  t.logprob = -0.25f;
+  t.rank = 2;
+  t.top_ids = {7};
+  t.top_logprobs = {-0.1f};
+  r.sampled[0].logprobs = t;  // 2 gets none
+  h.ApplyResult(r);
+  ASSERT_EQ(h.last_events.size(), 3u);
+  ASSERT_TRUE(h.last_events[0].logprobs.has_value());
+  EXPECT_EQ(h.last_events[0].logprobs->logprob, -0.25f);
+  EXPECT_EQ(h.last_events[0].logprobs->rank, 2);
+  EXPECT_THAT(h.last_events[0].logprobs->top_ids, ElementsAre(7));
+  EXPECT_TRUE(h.last_events[1].finished);
+  EXPECT_THAT(h.last_events[1].status,
+              StatusIs(absl::StatusCode::kInternal, HasSubstr("no logprobs")));
+  EXPECT_FALSE(h.last_events[2].logprobs.has_value());
+  EXPECT_FALSE(h.last_events[2].finished);
+}
+
 // --- Validation -----------------------------------------------------------------------------
 
 TEST(SchedulerTest, CreateRejectsBadConfigsNamingTheField) {
@@ -982,7 +1364,7 @@ TEST(SchedulerTest, AddRejectsBadRequests) {
   EXPECT_THAT(s.Add(1, Prompt(60), Params(5)),
               StatusIs(StatusCode::kInvalidArgument,
                        HasSubstr("prompt (60 tokens) + max_tokens (5) = 65 exceeds the maximum "
-                                 "model length of 64")));
+                                 "model length of 64 (max_model_len)")));
   EXPECT_EQ(s.num_waiting(), 0);
   EXPECT_OK(s.Add(1, Prompt(60), Params(4)));
   EXPECT_THAT(s.Add(1, Prompt(3), Params(4)),
@@ -1031,8 +1413,9 @@ int32_t SoakModel(int64_t seq, int64_t pos) {
   return m < 15 ? kEos : static_cast<int32_t>(m % 997);
 }
 
-// Random arrivals, priorities, cancellations, stop strings and EOS over a cache small enough to
-// force preemptions; `depth` plans in flight at a time (1: synchronous, 2: async scheduling).
+// Random arrivals, priorities, cancellations, stop strings, EOS and parallel sampling (n = 2, 3)
+// over a cache small enough to force preemptions; `depth` plans in flight at a time (1:
+// synchronous, 2: async scheduling).
 void RandomSoak(size_t depth) {
   for (uint32_t seed = 1; seed <= 10; ++seed) {
     SCOPED_TRACE(::testing::Message() << "seed " << seed);
@@ -1048,23 +1431,37 @@ void RandomSoak(size_t depth) {
       std::vector<int32_t> prompt;
       SamplingParams params;
       int32_t priority;
+      std::vector<int64_t> children;
     };
     std::vector<Request> pending;
     std::map<int64_t, SamplingParams> params;
+    std::map<int64_t, std::vector<int64_t>> group;  // every id of a request -> all its ids
+    size_t num_ids = 0;
     for (int64_t id = 1; id <= 200; ++id) {
       Request r{id, Prompt(uniform(1, 60), static_cast<int32_t>(id)), Params(uniform(1, 40)),
-                uniform(0, 2)};
+                uniform(0, 2), {}};
+      if (uniform(0, 3) == 0) {  // small enough for 3 completions to fit the cache together
+        r.prompt.resize(uniform(1, 24));
+        r.params = ParamsN(uniform(1, 12), uniform(2, 3));
+        for (int k = 1; k < r.params.n; ++k) r.children.push_back(1000 + id * 10 + k);
+      }
       if (uniform(0, 9) == 0) r.params.ignore_eos = true;
       if (uniform(0, 4) == 0) r.params.stop_token_ids = {static_cast<int32_t>(uniform(0, 996))};
-      params[id] = r.params;
+      std::vector<int64_t> ids = r.children;
+      ids.push_back(id);
+      for (int64_t x : ids) {
+        params[x] = r.params;
+        group[x] = ids;
+      }
+      num_ids += ids.size();
       pending.push_back(std::move(r));
     }
     size_t next = 0;
-    int queue_full = 0, steps = 0;
+    int queue_full = 0, steps = 0, forks = 0, copies = 0;
     while ((next < pending.size() || h.sched.HasWork()) && steps < 20000) {
       for (int k = uniform(0, 3); k > 0 && next < pending.size(); --k) {
         const Request& r = pending[next];
-        absl::Status s = h.Add(r.id, r.prompt, r.params, r.priority);
+        absl::Status s = h.Add(r.id, r.prompt, r.params, r.priority, r.children);
         if (absl::IsResourceExhausted(s)) {
           EXPECT_THAT(s, StatusIs(absl::StatusCode::kResourceExhausted, HasSubstr("queue full")));
           ++queue_full;
@@ -1073,21 +1470,26 @@ void RandomSoak(size_t depth) {
         ASSERT_OK(s);
         ++next;
       }
-      if (uniform(0, 99) < 4 && !h.live.empty()) {  // cancel a random live request
+      if (uniform(0, 99) < 4 && !h.live.empty()) {  // cancel a random live request: all its ids
         auto it = h.live.begin();
         std::advance(it, uniform(0, static_cast<int>(h.live.size()) - 1));
-        h.Abort(*it);
+        for (int64_t id : group[*it]) {
+          if (h.live.contains(id)) h.Abort(id);
+        }
       }
       if (uniform(0, 99) < 2 && !h.live.empty()) {  // a stop string matched
         const int64_t id = *h.live.begin();
-        if (h.sched.GetSequence(id)->num_generated > 0) {
+        std::optional<SequenceInfo> info = h.sched.GetSequence(id);
+        if (info.has_value() && info->num_generated > 0) {
           h.live.erase(id);
           h.ended.emplace(id, FinishReason::kStop);
           h.sched.Finish(id, FinishReason::kStop);
         }
       }
       h.CheckInvariants();
-      h.PipelineStep(depth);
+      const PlanView v = h.PipelineStep(depth);
+      copies += static_cast<int>(v.copies.size());
+      for (const SeqView& q : v.seqs) forks += q.fork_child_ids.empty() ? 0 : 1;
       ++steps;
       if (::testing::Test::HasFailure()) return;
     }
@@ -1095,7 +1497,7 @@ void RandomSoak(size_t depth) {
     h.RunToCompletion(100000, depth);
 
     // Every request ended exactly once (the harness fails on a second end or a late event).
-    EXPECT_EQ(h.ended.size(), 200u);
+    EXPECT_EQ(h.ended.size(), num_ids);
     EXPECT_THAT(h.live, IsEmpty());
     // Outputs follow the model exactly, whatever the preemptions, and end for the right reason.
     int by_reason[5] = {};
@@ -1118,6 +1520,8 @@ void RandomSoak(size_t depth) {
       }
     }
     EXPECT_GT(h.sched.num_preemptions(), 0);
+    EXPECT_GT(forks, 10);
+    EXPECT_GT(copies, 0);
     EXPECT_GT(by_reason[static_cast<int>(FinishReason::kLength)], 0);
     EXPECT_GT(by_reason[static_cast<int>(FinishReason::kStop)], 0);
     EXPECT_GT(by_reason[static_cast<int>(FinishReason::kAborted)], 0);

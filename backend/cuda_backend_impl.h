@@ -1,0 +1,203 @@
+// The CUDA backend's class, shared by the files that implement its ops: cuda_backend.cc
+// (runtime, memory, element-wise and row ops), cuda_matmul.cc (cuBLASLt), cuda_attention.cc
+// (paged attention), cuda_sampling.cc (the sampling contract of backend/sampling.h). Internal to
+// backend/: everything else goes through backend.h / cuda_backend.h. Only with LORC_HAVE_CUDA.
+#pragma once
+
+#ifdef LORC_HAVE_CUDA
+
+#include <cuda_runtime.h>
+
+#include <memory>
+#include <string>
+#include <utility>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+#include "backend/backend.h"
+#include "common/status_macros.h"
+
+namespace lorc::cuda_internal {
+
+inline absl::Status CudaError(cudaError_t e, const char* what) {
+  if (e == cudaSuccess) return absl::OkStatus();
+  const std::string msg = absl::StrCat("cuda backend: ", what, ": ", cudaGetErrorString(e));
+  if (e == cudaErrorMemoryAllocation) return absl::ResourceExhaustedError(msg);
+  if (e == cudaErrorStreamCaptureUnsupported || e == cudaErrorStreamCaptureInvalidated ||
+      e == cudaErrorIllegalState) {
+    return absl::FailedPreconditionError(msg);
+  }
+  return absl::InternalError(msg);
+}
+
+inline absl::Status NoKernel(const char* op) {
+  return absl::UnimplementedError(absl::StrCat("cuda backend: ", op,
+                                               ": kernel not implemented yet (use --backend cpu)"));
+}
+
+class CudaEvent final : public Event {
+ public:
+  ~CudaEvent() override {
+    if (event != nullptr) cudaEventDestroy(event);
+  }
+  cudaEvent_t event = nullptr;
+};
+
+class CudaGraph final : public Graph {
+ public:
+  ~CudaGraph() override {
+    if (exec != nullptr) cudaGraphExecDestroy(exec);
+  }
+  cudaGraphExec_t exec = nullptr;
+};
+
+// The CUDA backend: one non-blocking stream on one device, events, graph capture, device and
+// pinned memory, async copies, CopyBlocks and the element-wise / row ops over kernels/ launchers.
+// Matmul, attention and Sample report Unimplemented until kernels/ has them. The device is made current on the creating thread,
+// which must be the thread that uses the backend (the worker's engine thread).
+class CudaBackend final : public Backend {
+ public:
+  CudaBackend(int device, std::string description, cudaStream_t stream)
+      : device_(device), description_(std::move(description)), stream_(stream) {}
+  ~CudaBackend() override {
+    cudaSetDevice(device_);
+    cudaStreamSynchronize(stream_);
+    cudaStreamDestroy(stream_);
+  }
+
+  const char* name() const override { return "cuda"; }
+  std::string Describe() const override { return description_; }
+
+  void* stream_handle() const override { return stream_; }
+  absl::Status Synchronize() override { return CudaError(cudaStreamSynchronize(stream_), "synchronize"); }
+  absl::StatusOr<std::unique_ptr<Event>> CreateEvent() override {
+    auto e = std::make_unique<CudaEvent>();
+    RETURN_IF_ERROR(CudaError(cudaEventCreateWithFlags(&e->event, cudaEventDisableTiming), "event"));
+    return std::unique_ptr<Event>(std::move(e));
+  }
+  absl::Status RecordEvent(Event& e) override {
+    return CudaError(cudaEventRecord(static_cast<CudaEvent&>(e).event, stream_), "record event");
+  }
+  absl::Status SynchronizeEvent(Event& e) override {
+    return CudaError(cudaEventSynchronize(static_cast<CudaEvent&>(e).event), "synchronize event");
+  }
+  absl::Status StreamWaitEvent(Event& e) override {
+    return CudaError(cudaStreamWaitEvent(stream_, static_cast<CudaEvent&>(e).event, 0), "wait event");
+  }
+  bool SupportsGraphs() const override { return true; }
+  absl::Status BeginCapture() override {
+    if (capturing_) return absl::FailedPreconditionError("cuda backend: BeginCapture while capturing");
+    RETURN_IF_ERROR(CudaError(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal), "begin capture"));
+    capturing_ = true;
+    return absl::OkStatus();
+  }
+  absl::StatusOr<std::unique_ptr<Graph>> EndCapture() override {
+    if (!capturing_) return absl::FailedPreconditionError("cuda backend: EndCapture without BeginCapture");
+    capturing_ = false;
+    cudaGraph_t graph = nullptr;
+    RETURN_IF_ERROR(CudaError(cudaStreamEndCapture(stream_, &graph), "end capture"));
+    auto g = std::make_unique<CudaGraph>();
+    const cudaError_t e = cudaGraphInstantiate(&g->exec, graph, 0);
+    cudaGraphDestroy(graph);
+    RETURN_IF_ERROR(CudaError(e, "instantiate graph"));
+    return std::unique_ptr<Graph>(std::move(g));
+  }
+  absl::Status ReplayGraph(const Graph& g) override {
+    return CudaError(cudaGraphLaunch(static_cast<const CudaGraph&>(g).exec, stream_), "replay graph");
+  }
+
+  absl::StatusOr<DeviceBuffer> Allocate(size_t bytes) override {
+    if (bytes == 0) return DeviceBuffer();
+    void* p = nullptr;
+    RETURN_IF_ERROR(CudaError(cudaMalloc(&p, bytes), "cudaMalloc"));
+    return DeviceBuffer(this, p, bytes, MemoryKind::kDevice);
+  }
+  absl::StatusOr<DeviceBuffer> AllocateHost(size_t bytes) override {
+    if (bytes == 0) return DeviceBuffer();
+    void* p = nullptr;
+    RETURN_IF_ERROR(CudaError(cudaMallocHost(&p, bytes), "cudaMallocHost"));
+    return DeviceBuffer(this, p, bytes, MemoryKind::kPinnedHost);
+  }
+  MemoryInfo GetMemoryInfo() const override {
+    size_t free_b = 0, total_b = 0;
+    if (cudaMemGetInfo(&free_b, &total_b) != cudaSuccess) return {};
+    return {static_cast<int64_t>(free_b), static_cast<int64_t>(total_b)};
+  }
+  // cudaMemcpyAsync from pageable memory stages the source before returning (the documented
+  // contract in backend.h); from pinned memory it is truly asynchronous.
+  absl::Status CopyToDevice(void* dst, const void* src, size_t bytes) override {
+    if (bytes == 0) return absl::OkStatus();
+    return CudaError(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_), "copy to device");
+  }
+  absl::Status CopyToHost(void* dst, const void* src, size_t bytes) override {
+    if (bytes == 0) return absl::OkStatus();
+    return CudaError(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_), "copy to host");
+  }
+  absl::Status CopyOnDevice(void* dst, const void* src, size_t bytes) override {
+    if (bytes == 0) return absl::OkStatus();
+    return CudaError(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream_), "copy on device");
+  }
+  absl::Status Memset(void* dst, int value, size_t bytes) override {
+    if (bytes == 0) return absl::OkStatus();
+    return CudaError(cudaMemsetAsync(dst, value, bytes, stream_), "memset");
+  }
+
+  // Element-wise and row ops: kernels/ launchers on the stream (definitions below the class).
+  absl::Status Embedding(const Tensor2D& table, const int32_t* ids, Tensor2D out) override;
+  absl::Status RmsNorm(const Tensor2D& x, const Tensor2D& weight, float eps, Tensor2D out) override;
+  absl::Status FusedAddRmsNorm(Tensor2D residual, const Tensor2D& x, const Tensor2D& weight, float eps,
+                               Tensor2D out) override;
+  // cuda_matmul.cc
+  absl::Status Matmul(const Tensor2D& x, const Tensor2D& w, Tensor2D out) override;
+  absl::Status AddInPlace(Tensor2D acc, const Tensor2D& x) override;
+  absl::Status SiluMul(const Tensor2D& gate_up, Tensor2D out) override;
+  absl::Status Rope(const RopeParams& p) override;
+  absl::Status WriteKv(const KvLayer& cache, const Tensor2D& k, const Tensor2D& v,
+                       const int32_t* slot_mapping) override;
+  absl::Status RopeKvWrite(const RopeKvWriteParams& p) override;
+  // cuda_attention.cc
+  absl::StatusOr<std::unique_ptr<AttentionPlan>> CreateAttentionPlan(const AttentionLimits& limits) override;
+  absl::Status PlanAttention(const AttentionBatch& batch, AttentionPlan& plan) override;
+  absl::Status DecodeAttention(const AttentionParams& p, const AttentionPlan& plan) override;
+  absl::Status PrefillAttention(const AttentionParams& p, const AttentionPlan& plan) override;
+  // cuda_sampling.cc
+  absl::Status Sample(const Tensor2D& logits, absl::Span<const SamplingRow> rows, SampleOutput* out) override;
+  absl::Status GatherRows(const Tensor2D& x, const int32_t* rows, Tensor2D out) override;
+
+  // One device-to-device copy per (pair, layer, K/V) for now; a single batched kernel later.
+  absl::Status CopyBlocks(absl::Span<const KvLayer> layers, int32_t block_size, int32_t num_blocks,
+                          absl::Span<const BlockCopy> copies) override {
+    RETURN_IF_ERROR(ValidateBlockCopies(copies, num_blocks));
+    for (const KvLayer& l : layers) {
+      const size_t esz = DTypeSize(l.dtype);
+      const size_t kb = static_cast<size_t>(block_size) * l.k_width * esz;
+      const size_t vb = static_cast<size_t>(block_size) * l.v_width * esz;
+      for (const BlockCopy& c : copies) {
+        if (c.src == c.dst) continue;
+        RETURN_IF_ERROR(CopyOnDevice(static_cast<char*>(l.k) + c.dst * kb, static_cast<char*>(l.k) + c.src * kb, kb));
+        RETURN_IF_ERROR(CopyOnDevice(static_cast<char*>(l.v) + c.dst * vb, static_cast<char*>(l.v) + c.src * vb, vb));
+      }
+    }
+    return absl::OkStatus();
+  }
+
+ protected:
+  void Free(void* data, MemoryKind kind) override {
+    if (kind == MemoryKind::kPinnedHost) {
+      cudaFreeHost(data);
+    } else {
+      cudaFree(data);
+    }
+  }
+
+ private:
+  int device_;
+  std::string description_;
+  cudaStream_t stream_;
+  bool capturing_ = false;
+};
+
+}  // namespace lorc::cuda_internal
+
+#endif  // LORC_HAVE_CUDA

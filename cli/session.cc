@@ -1,5 +1,7 @@
 #include "cli/session.h"
 
+#include <unistd.h>
+
 #include <filesystem>
 #include <iostream>
 #include <limits>
@@ -86,6 +88,16 @@ absl::StatusOr<KvCacheOptions> ParseKvCacheOptions(const Args& args) {
   ASSIGN_OR_RETURN(kv.num_blocks, args.GetInt32("num-blocks", 0, 0));
   kv.memory_bytes = kv_mb << 20;
   const bool cuda = args.Get("backend", "cpu") == "cuda";
+  // The CPU cache lives in this machine's memory (remote workers: theirs, unknown here); a budget
+  // beyond it would fail later as an allocation error that names no flag.
+  const int64_t pages = sysconf(_SC_PHYS_PAGES);
+  const int64_t page_size = sysconf(_SC_PAGESIZE);
+  if (!cuda && !args.Has("workers") && kv.num_blocks == 0 && pages > 0 && page_size > 0 &&
+      kv_mb > pages / ((int64_t{1} << 20) / page_size)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--kv-cache-mb: ", kv_mb, " MiB is more than this machine's memory (",
+        pages / ((int64_t{1} << 20) / page_size), " MiB)"));
+  }
   ASSIGN_OR_RETURN(kv.gpu_memory_utilization,
                    args.GetDouble("gpu-memory-utilization", cuda ? defaults::kGpuMemoryUtilization : 0.0));
   if (args.Has("gpu-memory-utilization") &&

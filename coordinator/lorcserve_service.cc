@@ -234,10 +234,10 @@ absl::StatusOr<GenerationRequest> LorcServeService::Convert(
   // Unset means the default; an explicit 0 is an error (it used to become 16 silently).
   if (s.has_max_tokens() && s.max_tokens() < 1) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "max_tokens must be >= 1 (unset: ", defaults::kMaxTokens, "), got ", s.max_tokens()));
+        "max_tokens must be >= 1, got ", s.max_tokens(), " (unset: ", defaults::kMaxTokens, ")"));
   }
   if (s.has_n() && s.n() < 1) {
-    return absl::InvalidArgumentError(absl::StrCat("n must be >= 1 (unset: 1), got ", s.n()));
+    return absl::InvalidArgumentError(absl::StrCat("n must be >= 1, got ", s.n(), " (unset: 1)"));
   }
   switch (req.prompt_case()) {
     case lorcserve::v1::GenerateRequest::kText: {

@@ -233,6 +233,8 @@ TEST_F(CliTest, InfoDescribesModel) {
   EXPECT_EQ(j["model"]["layers"], 8);
   EXPECT_EQ(j["model"]["vocab_size"], 4096);
   EXPECT_EQ(j["model"]["kv_heads"], 2);
+  EXPECT_EQ(j["model"]["eos_token_ids"], json::array({1}));
+  EXPECT_EQ(j["model"]["generation_defaults"], json({{"eos_token_ids", {1}}, {"do_sample", false}}));
 }
 
 // ---- eval -------------------------------------------------------------------------------------

@@ -810,6 +810,25 @@ TEST_F(ServerE2ETest, NewSamplingFieldsAreValidatedNamingTheField) {
     EXPECT_EQ(r.ids.size(), 16u);
     EXPECT_EQ(r.final.usage().completion_tokens(), 16);
   }
+  // `lorcserve client --json` sends them and prints the completions.
+  {
+    int exit_code = 0;
+    const std::string out = RunLorcserve(
+        {"client", "--server", server_->address(), "--prompt-ids", "0,611,896,1229,287",
+         "--max-tokens", "3", "--min-tokens", "1", "--presence-penalty", "0.5", "--logit-bias",
+         "5:-1", "--json"},
+        &exit_code);
+    ASSERT_EQ(exit_code, 0) << out;
+    const nlohmann::json j = nlohmann::json::parse(out, nullptr, false);
+    ASSERT_FALSE(j.is_discarded()) << out;
+    EXPECT_EQ(j["n"], 1);
+    ASSERT_EQ(j["completions"].size(), 1u);
+    EXPECT_EQ(j["completions"][0]["output_ids"], j["output_ids"]);
+    EXPECT_EQ(j["output_ids"].size(), 3u);
+    EXPECT_EQ(j["finish_reason"], "length");
+    EXPECT_TRUE(j.contains("stop_reason")) << out;
+    EXPECT_EQ(j["usage"]["completion_tokens"], 3);
+  }
   EXPECT_EQ(Health(), HealthCheckResponse::SERVING);
   const v1::ModelInfoResponse info = WaitIdle(5);
   EXPECT_EQ(info.kv_free_blocks(), info.kv_capacity_blocks());

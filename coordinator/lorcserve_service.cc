@@ -207,11 +207,9 @@ LorcServeService::LorcServeService(const ModelConfig& config, const Tokenizer* t
           this)));
   AddMethod(new RpcServiceMethod(
       model_info_name_.c_str(), RpcMethod::NORMAL_RPC,
-      new grpc::internal::RpcMethodHandler<Self, lorcserve::v1::ModelInfoRequest,
-                                           lorcserve::v1::ModelInfoResponse,
-                                           grpc::protobuf::MessageLite,
-                                           grpc::protobuf::MessageLite>(
-          [](Self* s, grpc::ServerContext* ctx, const lorcserve::v1::ModelInfoRequest* req,
+      new grpc::internal::RpcMethodHandler<Self, grpc::ByteBuffer, lorcserve::v1::ModelInfoResponse,
+                                           grpc::ByteBuffer, grpc::protobuf::MessageLite>(
+          [](Self* s, grpc::ServerContext* ctx, const grpc::ByteBuffer* req,
              lorcserve::v1::ModelInfoResponse* resp) { return s->ModelInfo(ctx, req, resp); },
           this)));
 }
@@ -373,8 +371,10 @@ grpc::Status LorcServeService::Tokenize(grpc::ServerContext*, const grpc::ByteBu
   return grpc::Status::OK;
 }
 
-grpc::Status LorcServeService::ModelInfo(grpc::ServerContext*, const lorcserve::v1::ModelInfoRequest*,
+grpc::Status LorcServeService::ModelInfo(grpc::ServerContext*, const grpc::ByteBuffer* raw,
                                          lorcserve::v1::ModelInfoResponse* resp) {
+  lorcserve::v1::ModelInfoRequest req;
+  if (grpc::Status s = ParseBuffer(*raw, &req); !s.ok()) return s;
   *resp = info_;
   if (live_) live_(resp);
   return grpc::Status::OK;

@@ -1,10 +1,10 @@
 // The public gRPC service, lorcserve.v1.LorcServe: validates and tokenizes requests, hands
 // them to the engine thread, and streams each request's updates back to its client.
 //
-// Generate and Tokenize are registered over raw request bytes (grpc::ByteBuffer) and parsed
-// here, so that a request gRPC's own protobuf parsing would reject with an empty INTERNAL (a
-// proto3 `string` field holding invalid UTF-8) gets INVALID_ARGUMENT naming the field and the
-// byte offset instead. The method names and message types are those of lorcserve.proto, so
+// The methods are registered over raw request bytes (grpc::ByteBuffer) and parsed here, so that
+// a request gRPC's own protobuf parsing would reject with an empty INTERNAL (a proto3 `string`
+// field holding invalid UTF-8, or bytes that are no message) gets INVALID_ARGUMENT naming the
+// field and the byte offset instead. The method names and message types are those of lorcserve.proto, so
 // generated clients, grpcurl and server reflection see the usual service.
 //
 // Threads: gRPC handler threads; each Generate call blocks on its own RequestChannel. The engine
@@ -62,7 +62,7 @@ class LorcServeService final : public grpc::Service {
                         grpc::ServerWriter<lorcserve::v1::GenerateResponse>* writer);
   grpc::Status Tokenize(grpc::ServerContext* ctx, const grpc::ByteBuffer* req,
                         lorcserve::v1::TokenizeResponse* resp);
-  grpc::Status ModelInfo(grpc::ServerContext* ctx, const lorcserve::v1::ModelInfoRequest* req,
+  grpc::Status ModelInfo(grpc::ServerContext* ctx, const grpc::ByteBuffer* req,
                          lorcserve::v1::ModelInfoResponse* resp);
 
  private:

@@ -874,6 +874,8 @@ TEST_F(ServerE2ETest, InvalidUtf8IsInvalidArgumentNamingFieldAndOffset) {
   // Not a GenerateRequest at all: field 1 (request_id) claims 255 bytes, 1 follows.
   cases.push_back({"truncated", "Generate", std::string("\x0a\xff\x01x", 4),
                    "request is not a valid lorcserve.v1.GenerateRequest"});
+  cases.push_back({"truncated ModelInfo", "ModelInfo", std::string("\x0a\xff\x01x", 4),
+                   "request is not a valid lorcserve.v1.ModelInfoRequest"});
   for (const Case& c : cases) {
     SCOPED_TRACE(c.name);
     int messages = 0;

@@ -587,6 +587,15 @@ TEST_F(CliTest, NewSamplingFlagsAreCheckedNamingTheFlag) {
   EXPECT_THAT(r.err, HasSubstr("allowed_token_ids: id 5000 outside the vocabulary [0, 4096)")) << r;
 }
 
+// A KV cache the machine cannot hold: the allocation error names the flag that sized it.
+TEST_F(CliTest, KvCacheAllocationFailureNamesTheFlag) {
+  const RunResult r = Lorcserve({"generate", "--model", Tiny(), "--prompt-ids", "0,1",
+                                 "--num-blocks", "2000000000"});
+  EXPECT_EQ(r.exit_code, 1) << r;
+  EXPECT_THAT(r.err, HasSubstr("RESOURCE_EXHAUSTED")) << r;
+  EXPECT_THAT(r.err, HasSubstr("(the KV cache is sized by --num-blocks 2000000000)")) << r;
+}
+
 #ifdef LORC_WITH_GRPC
 // Fault 4 on the client side: a prompt or stop string that is not UTF-8 is named with its byte
 // offset before anything is sent (protobuf used to print its own error line).

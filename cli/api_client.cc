@@ -1,11 +1,36 @@
 #include "cli/api_client.h"
 
+#include <algorithm>
 #include <chrono>
 
 #include "cli/sampling_flags.h"
 #include "common/status_macros.h"
+#include "coordinator/lorcserve_service.h"
 
 namespace lorc::cli {
+namespace {
+
+TokenLogprobs FromProto(const lorcserve::v1::TokenLogprobs& p) {
+  TokenLogprobs t;
+  t.logprob = p.logprob();
+  t.rank = p.rank();
+  for (const lorcserve::v1::TopLogprob& top : p.top()) {
+    t.top_ids.push_back(top.id());
+    t.top_logprobs.push_back(top.logprob());
+  }
+  return t;
+}
+
+FinishReason FromProto(lorcserve::v1::FinishReason r) {
+  switch (r) {
+    case lorcserve::v1::FINISH_REASON_LENGTH: return FinishReason::kLength;
+    case lorcserve::v1::FINISH_REASON_STOP: return FinishReason::kStop;
+    case lorcserve::v1::FINISH_REASON_ABORTED: return FinishReason::kAborted;
+    default: return FinishReason::kNone;
+  }
+}
+
+}  // namespace
 
 std::vector<FlagSpec> RequestFlags() {
   std::vector<FlagSpec> f = PromptAndSamplingFlags();
@@ -26,6 +51,15 @@ absl::StatusOr<lorcserve::v1::GenerateRequest> RequestFromArgs(const Args& args)
   ASSIGN_OR_RETURN(SamplingParams p, ParseSampling(args));
   auto* s = req.mutable_sampling();
   s->set_max_tokens(p.max_tokens);
+  if (args.Has("n")) s->set_n(p.n);
+  s->set_min_tokens(p.min_tokens);
+  s->mutable_allowed_token_ids()->Add(p.allowed_token_ids.begin(), p.allowed_token_ids.end());
+  for (const auto& [id, bias] : p.logit_bias) (*s->mutable_logit_bias())[id] = bias;
+  s->set_presence_penalty(p.presence_penalty);
+  s->set_frequency_penalty(p.frequency_penalty);
+  if (p.logprobs.has_value()) s->set_logprobs(*p.logprobs);
+  if (p.prompt_logprobs.has_value()) s->set_prompt_logprobs(*p.prompt_logprobs);
+  s->set_include_stop_str_in_output(p.include_stop_str_in_output);
   s->set_temperature(p.temperature);
   s->set_top_k(p.top_k);
   s->set_top_p(p.top_p);
@@ -38,6 +72,8 @@ absl::StatusOr<lorcserve::v1::GenerateRequest> RequestFromArgs(const Args& args)
   ASSIGN_OR_RETURN(int32_t priority, args.GetInt32("priority", 0));
   req.set_priority(priority);
   req.set_request_id(args.Get("request-id"));
+  // Before sending: protobuf would refuse to serialize it (logging a line of its own).
+  RETURN_IF_ERROR(CheckUtf8Fields(req));
   return req;
 }
 
@@ -60,16 +96,32 @@ StreamResult StreamGenerate(lorcserve::v1::LorcServe::Stub& stub,
   const auto t0 = Clock::now();
   auto reader = stub.Generate(&ctx, request);
   lorcserve::v1::GenerateResponse msg;
+  r.completions.resize(std::max(1, request.sampling().has_n() ? request.sampling().n() : 1));
   while (reader->Read(&msg)) {
     const double now = std::chrono::duration<double>(Clock::now() - t0).count();
-    for (int32_t id : msg.token_ids()) {
-      if (r.ids.empty()) r.ttft_s = now;
-      r.ids.push_back(id);
-      r.token_times_s.push_back(now);
+    if (msg.index() < 0 || msg.index() >= static_cast<int32_t>(r.completions.size())) continue;
+    CompletionOutput& c = r.completions[msg.index()];
+    c.output_ids.insert(c.output_ids.end(), msg.token_ids().begin(), msg.token_ids().end());
+    c.text += msg.text();
+    for (const lorcserve::v1::TokenLogprobs& t : msg.logprobs()) c.logprobs.push_back(FromProto(t));
+    for (const lorcserve::v1::TokenLogprobs& t : msg.prompt_logprobs()) {
+      r.prompt_logprobs.push_back(FromProto(t));
     }
-    r.text += msg.text();
+    if (msg.final()) {
+      c.finish = FromProto(msg.finish_reason());
+      if (msg.has_stop_token_id()) c.stop_reason.token_id = msg.stop_token_id();
+      if (msg.has_stop_string()) c.stop_reason.stop_string = msg.stop_string();
+    }
+    if (msg.index() == 0) {
+      for (int32_t id : msg.token_ids()) {
+        if (r.ids.empty()) r.ttft_s = now;
+        r.ids.push_back(id);
+        r.token_times_s.push_back(now);
+      }
+      r.text += msg.text();
+      if (msg.final()) r.final = msg;
+    }
     if (on_chunk) on_chunk(msg);
-    if (msg.final()) r.final = msg;
   }
   r.status = reader->Finish();
   r.total_s = std::chrono::duration<double>(Clock::now() - t0).count();

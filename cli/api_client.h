@@ -9,6 +9,7 @@
 
 #include "absl/status/statusor.h"
 #include "cli/args.h"
+#include "coordinator/engine.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
 #include "lorcserve/v1/lorcserve.grpc.pb.h"
@@ -17,15 +18,22 @@ namespace lorc::cli {
 
 // --prompt / --prompt-ids and the sampling flags, as `generate` names them.
 std::vector<FlagSpec> RequestFlags();
+// The request those flags describe. Errors (InvalidArgument): the flags' (naming the flag), and
+// a string that is not valid UTF-8 ("text is not valid UTF-8 at byte offset 2 (byte 0xFF)", as
+// the server would answer), found before anything is sent.
 absl::StatusOr<lorcserve::v1::GenerateRequest> RequestFromArgs(const Args& args);
 
 struct StreamResult {
+  // Completion 0's tokens, text and final message (finish reason, usage).
   std::vector<int32_t> ids;
   std::string text;
-  lorcserve::v1::GenerateResponse final;  // the final message (finish reason, usage)
+  lorcserve::v1::GenerateResponse final;
+  // Every completion by index (sampling.n of them): ids, text, logprobs, finish and stop reason.
+  std::vector<CompletionOutput> completions;
+  std::vector<TokenLogprobs> prompt_logprobs;  // when the request asked for them
   grpc::Status status;
   double ttft_s = 0;            // client-side: call start to first token
-  std::vector<double> token_times_s;  // client-side arrival time of each token
+  std::vector<double> token_times_s;  // client-side arrival time of each token (completion 0)
   double total_s = 0;
 };
 

@@ -6,6 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "cli/api_client.h"
 #include "cli/commands.h"
+#include "cli/sampling_flags.h"
 #include "cli/session.h"
 #include "common/grpc_status.h"
 #include "google/protobuf/util/json_util.h"
@@ -76,18 +77,37 @@ int RunClient(int argc, char** argv) {
   absl::StatusOr<lorcserve::v1::GenerateRequest> req = RequestFromArgs(*args);
   if (!req.ok()) return Fail("client", req.status());
   const bool json = args->Has("json");
-  StreamResult r = StreamGenerate(*stub, *req, *timeout, [json](const lorcserve::v1::GenerateResponse& m) {
-    if (!json) std::cout << m.text() << std::flush;
+  // One completion streams as it comes; several are printed at the end, one per line.
+  const bool stream_text = !json && !req->sampling().has_n();
+  StreamResult r = StreamGenerate(*stub, *req, *timeout, [stream_text](const lorcserve::v1::GenerateResponse& m) {
+    if (stream_text) std::cout << m.text() << std::flush;
   });
-  if (!json) std::cout << "\n";
+  if (stream_text) std::cout << "\n";
   if (!r.status.ok()) return Fail("client", FromGrpcStatus(r.status));
+  if (!json && !stream_text) {
+    for (size_t i = 0; i < r.completions.size(); ++i) {
+      std::cout << "[" << i << "] " << r.completions[i].text << "\n";
+    }
+  }
   const auto& u = r.final.usage();
   if (json) {
-    nlohmann::json j;
+    const bool with_logprobs = req->sampling().has_logprobs();
+    // Completion 0 at the top level (as before n existed), every completion in "completions".
+    nlohmann::json j = CompletionJson(0, r.completions[0], with_logprobs);
+    j.erase("index");
     j["request_id"] = r.final.request_id();
-    j["output_ids"] = r.ids;
-    j["text"] = r.text;
     j["finish_reason"] = FinishName(r.final.finish_reason());
+    j["n"] = r.completions.size();
+    nlohmann::json all = nlohmann::json::array();
+    for (size_t i = 0; i < r.completions.size(); ++i) {
+      all.push_back(CompletionJson(static_cast<int>(i), r.completions[i], with_logprobs));
+    }
+    j["completions"] = std::move(all);
+    if (req->sampling().has_prompt_logprobs()) {
+      nlohmann::json lp = nlohmann::json::array();
+      for (const TokenLogprobs& t : r.prompt_logprobs) lp.push_back(LogprobsJson(t));
+      j["prompt_logprobs"] = std::move(lp);
+    }
     j["usage"] = {{"prompt_tokens", u.prompt_tokens()},
                   {"cached_prompt_tokens", u.cached_prompt_tokens()},
                   {"completion_tokens", u.completion_tokens()},

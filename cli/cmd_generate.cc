@@ -58,11 +58,22 @@ int RunGenerate(int argc, char** argv) {
   const double decode_s = g.total_time_s - g.time_to_first_token_s;
   const size_t n = r.output_ids.size();
   if (args->Has("json")) {
-    nlohmann::json j;
+    const bool with_logprobs = req->params.logprobs.has_value();
+    // Completion 0 at the top level (as before n existed), every completion in "completions".
+    nlohmann::json j = CompletionJson(0, r, with_logprobs);
+    j.erase("index");
     j["prompt_ids"] = req->prompt_ids;
-    j["output_ids"] = r.output_ids;
-    j["text"] = r.text;
-    j["finish_reason"] = FinishReasonName(r.finish);
+    j["n"] = g.completions.size();
+    nlohmann::json all = nlohmann::json::array();
+    for (size_t i = 0; i < g.completions.size(); ++i) {
+      all.push_back(CompletionJson(static_cast<int>(i), g.completions[i], with_logprobs));
+    }
+    j["completions"] = std::move(all);
+    if (req->params.prompt_logprobs.has_value()) {
+      nlohmann::json lp = nlohmann::json::array();
+      for (const TokenLogprobs& t : g.prompt_logprobs) lp.push_back(LogprobsJson(t));
+      j["prompt_logprobs"] = std::move(lp);
+    }
     j["prompt_tokens"] = g.prompt_tokens;
     j["completion_tokens"] = n;
     j["time_to_first_token_s"] = g.time_to_first_token_s;
@@ -71,7 +82,13 @@ int RunGenerate(int argc, char** argv) {
     j["backend"] = (*s)->backend->name();
     std::cout << j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
   } else {
-    std::cout << r.text << "\n";
+    if (g.completions.size() == 1) {
+      std::cout << r.text << "\n";
+    } else {
+      for (size_t i = 0; i < g.completions.size(); ++i) {
+        std::cout << "[" << i << "] " << g.completions[i].text << "\n";
+      }
+    }
     std::cerr << absl::StrCat("[", g.prompt_tokens, " prompt tokens, ", n, " generated (",
                               FinishReasonName(r.finish), "), first token ",
                               static_cast<int>(g.time_to_first_token_s * 1000), " ms, ",

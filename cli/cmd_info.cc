@@ -65,7 +65,22 @@ int RunInfo(int argc, char** argv) {
                   {"head_dim", c->head_dim},      {"intermediate_size", c->intermediate_size},
                   {"vocab_size", c->vocab_size},  {"parameters", c->NumParameters()},
                   {"max_position_embeddings", c->max_position_embeddings},
-                  {"kv_bytes_per_token_bf16", 2 * 2 * c->num_layers * c->kv_size()}};
+                  {"kv_bytes_per_token_bf16", 2 * 2 * c->num_layers * c->kv_size()},
+                  {"eos_token_ids", c->eos_token_ids}};
+    // generation_config.json's defaults, as given (reported, not applied).
+    const GenerationDefaults& g = c->generation;
+    nlohmann::json gen = nlohmann::json::object();
+    if (g.present) {
+      gen["eos_token_ids"] = g.eos_token_ids;
+      if (g.do_sample) gen["do_sample"] = *g.do_sample;
+      if (g.temperature) gen["temperature"] = *g.temperature;
+      if (g.top_p) gen["top_p"] = *g.top_p;
+      if (g.top_k) gen["top_k"] = *g.top_k;
+      if (g.min_p) gen["min_p"] = *g.min_p;
+      if (g.repetition_penalty) gen["repetition_penalty"] = *g.repetition_penalty;
+      if (g.max_new_tokens) gen["max_new_tokens"] = *g.max_new_tokens;
+    }
+    j["model"]["generation_defaults"] = g.present ? gen : nlohmann::json(nullptr);
   }
   if (args->Has("json")) {
     std::cout << j.dump(2) << "\n";

@@ -1,5 +1,7 @@
 #include "cli/session.h"
 
+#include <unistd.h>
+
 #include <filesystem>
 #include <iostream>
 #include <limits>
@@ -86,6 +88,18 @@ absl::StatusOr<KvCacheOptions> ParseKvCacheOptions(const Args& args) {
   ASSIGN_OR_RETURN(kv.num_blocks, args.GetInt32("num-blocks", 0, 0));
   kv.memory_bytes = kv_mb << 20;
   const bool cuda = args.Get("backend", "cpu") == "cuda";
+  // The CPU cache lives in this machine's memory (remote workers: theirs, unknown here); a budget
+  // beyond it would fail later as an allocation error that names no flag.
+  const long pages = sysconf(_SC_PHYS_PAGES);
+  const long page_size = sysconf(_SC_PAGESIZE);
+  const int64_t memory_mib =
+      pages > 0 && page_size > 0
+          ? static_cast<int64_t>(static_cast<double>(pages) * static_cast<double>(page_size) / (1 << 20))
+          : 0;
+  if (!cuda && !args.Has("workers") && kv.num_blocks == 0 && memory_mib > 0 && kv_mb > memory_mib) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--kv-cache-mb: ", kv_mb, " MiB is more than this machine's memory (", memory_mib, " MiB)"));
+  }
   ASSIGN_OR_RETURN(kv.gpu_memory_utilization,
                    args.GetDouble("gpu-memory-utilization", cuda ? defaults::kGpuMemoryUtilization : 0.0));
   if (args.Has("gpu-memory-utilization") &&
@@ -112,7 +126,19 @@ absl::StatusOr<std::unique_ptr<Session>> OpenSession(const Args& args) {
   ASSIGN_OR_RETURN(s->backend, CreateBackend(bo));
 
   ASSIGN_OR_RETURN(KvCacheOptions kv, ParseKvCacheOptions(args));
-  ASSIGN_OR_RETURN(s->model, LoadModel(src, s->backend.get(), 0, 1, nullptr, kv));
+  absl::StatusOr<LoadedModel> model = LoadModel(src, s->backend.get(), 0, 1, nullptr, kv);
+  if (absl::IsResourceExhausted(model.status())) {
+    // Memory ran out; name the flag that sized the KV cache (the backend cannot).
+    const std::string budget =
+        kv.num_blocks > 0 ? absl::StrCat("--num-blocks ", kv.num_blocks)
+        : kv.gpu_memory_utilization > 0
+            ? absl::StrCat("--gpu-memory-utilization ", kv.gpu_memory_utilization)
+            : absl::StrCat("--kv-cache-mb ", kv.memory_bytes >> 20);
+    return absl::ResourceExhaustedError(absl::StrCat(
+        model.status().message(), " (the KV cache is sized by ", budget, ")"));
+  }
+  if (!model.ok()) return model.status();
+  s->model = *std::move(model);
 
   if (std::filesystem::exists(std::filesystem::path(src.dir) / "tokenizer.json")) {
     ASSIGN_OR_RETURN(s->tokenizer, Tokenizer::FromModelDir(src.dir));

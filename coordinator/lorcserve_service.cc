@@ -1,13 +1,98 @@
 #include "coordinator/lorcserve_service.h"
 
+#include <algorithm>
+#include <utility>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "common/defaults.h"
 #include "common/grpc_status.h"
 #include "common/status_macros.h"
+#include "google/protobuf/descriptor.h"
+#include "google/protobuf/unknown_field_set.h"
 #include "tokenizer/prompt.h"
+#include "tokenizer/tokenizer_unicode.h"
 
 namespace lorc {
 namespace {
+
+using google::protobuf::Descriptor;
+using google::protobuf::FieldDescriptor;
+using google::protobuf::Message;
+using google::protobuf::Reflection;
+using google::protobuf::UnknownField;
+using google::protobuf::UnknownFieldSet;
+
+constexpr int kMaxNesting = 16;  // lorcserve.proto nests 2 levels; deeper is not ours to check
+
+absl::Status CheckUtf8(const std::string& field, std::string_view bytes) {
+  const std::optional<size_t> bad = tokenizer_internal::FindInvalidUtf8(bytes);
+  if (!bad.has_value()) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrFormat(
+      "%s is not valid UTF-8 at byte offset %d (byte 0x%02X)", field, *bad,
+      static_cast<unsigned>(static_cast<uint8_t>(bytes[*bad]))));
+}
+
+// "prefix" + name, "[k]" appended for repeated fields.
+std::string FieldPath(const std::string& prefix, const FieldDescriptor* fd, int k) {
+  std::string path = absl::StrCat(prefix, fd->name());
+  if (fd->is_repeated()) absl::StrAppend(&path, "[", k, "]");
+  return path;
+}
+
+// Walks wire-format `bytes` of a message of type `d` without parsing it as that type (a parse
+// would stop at the first invalid string without saying where): string fields are checked,
+// message fields recursed into. Bytes that are not wire format are left to the real parse.
+absl::Status CheckUtf8OnWire(const Descriptor* d, std::string_view bytes,
+                             const std::string& prefix, int depth) {
+  if (depth > kMaxNesting) return absl::OkStatus();
+  UnknownFieldSet fields;
+  if (!fields.ParseFromArray(bytes.data(), static_cast<int>(bytes.size()))) {
+    return absl::OkStatus();
+  }
+  absl::flat_hash_map<int, int> seen;  // field number -> occurrences so far (repeated index)
+  for (int i = 0; i < fields.field_count(); ++i) {
+    const UnknownField& f = fields.field(i);
+    if (f.type() != UnknownField::TYPE_LENGTH_DELIMITED) continue;
+    const FieldDescriptor* fd = d->FindFieldByNumber(f.number());
+    if (fd == nullptr) continue;
+    const std::string path = FieldPath(prefix, fd, seen[f.number()]++);
+    if (fd->type() == FieldDescriptor::TYPE_STRING) {
+      RETURN_IF_ERROR(CheckUtf8(path, f.length_delimited()));
+    } else if (fd->type() == FieldDescriptor::TYPE_MESSAGE) {
+      RETURN_IF_ERROR(
+          CheckUtf8OnWire(fd->message_type(), f.length_delimited(), path + ".", depth + 1));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckUtf8Message(const Message& msg, const std::string& prefix, int depth) {
+  if (depth > kMaxNesting) return absl::OkStatus();
+  const Reflection* r = msg.GetReflection();
+  std::vector<const FieldDescriptor*> set;
+  r->ListFields(msg, &set);
+  for (const FieldDescriptor* fd : set) {
+    const int count = fd->is_repeated() ? r->FieldSize(msg, fd) : 1;
+    for (int k = 0; k < count; ++k) {
+      const std::string path = FieldPath(prefix, fd, k);
+      if (fd->type() == FieldDescriptor::TYPE_STRING) {
+        std::string scratch;
+        const std::string& s = fd->is_repeated()
+                                   ? r->GetRepeatedStringReference(msg, fd, k, &scratch)
+                                   : r->GetStringReference(msg, fd, &scratch);
+        RETURN_IF_ERROR(CheckUtf8(path, s));
+      } else if (fd->type() == FieldDescriptor::TYPE_MESSAGE) {
+        const Message& sub =
+            fd->is_repeated() ? r->GetRepeatedMessage(msg, fd, k) : r->GetMessage(msg, fd);
+        RETURN_IF_ERROR(CheckUtf8Message(sub, path + ".", depth + 1));
+      }
+    }
+  }
+  return absl::OkStatus();
+}
 
 lorcserve::v1::FinishReason ToProto(FinishReason r) {
   switch (r) {
@@ -18,36 +103,145 @@ lorcserve::v1::FinishReason ToProto(FinishReason r) {
   }
 }
 
+void ToProto(const TokenLogprobs& t, lorcserve::v1::TokenLogprobs* out) {
+  out->set_logprob(t.logprob);
+  out->set_rank(t.rank);
+  const size_t n = std::min(t.top_ids.size(), t.top_logprobs.size());
+  for (size_t i = 0; i < n; ++i) {
+    lorcserve::v1::TopLogprob* top = out->add_top();
+    top->set_id(t.top_ids[i]);
+    top->set_logprob(t.top_logprobs[i]);
+  }
+}
+
+void AddGenerationDefaults(const ModelConfig& c, lorcserve::v1::ModelInfoResponse* info) {
+  for (int64_t id : c.eos_token_ids) info->add_eos_token_ids(static_cast<int32_t>(id));
+  const GenerationDefaults& g = c.generation;
+  lorcserve::v1::GenerationDefaults* d = info->mutable_generation_defaults();
+  d->set_present(g.present);
+  for (int64_t id : g.eos_token_ids) d->add_eos_token_ids(static_cast<int32_t>(id));
+  if (g.do_sample) d->set_do_sample(*g.do_sample);
+  if (g.temperature) d->set_temperature(static_cast<float>(*g.temperature));
+  if (g.top_p) d->set_top_p(static_cast<float>(*g.top_p));
+  if (g.top_k) d->set_top_k(static_cast<int32_t>(std::min<int64_t>(*g.top_k, INT32_MAX)));
+  if (g.min_p) d->set_min_p(static_cast<float>(*g.min_p));
+  if (g.repetition_penalty) d->set_repetition_penalty(static_cast<float>(*g.repetition_penalty));
+  if (g.max_new_tokens) {
+    d->set_max_new_tokens(static_cast<int32_t>(std::min<int64_t>(*g.max_new_tokens, INT32_MAX)));
+  }
+}
+
+std::string MethodName(const char* method) {
+  return absl::StrCat("/", lorcserve::v1::GenerateRequest::descriptor()->file()->package(),
+                      ".LorcServe/", method);
+}
+
+}  // namespace
+
+absl::Status CheckUtf8Fields(const google::protobuf::Message& msg) {
+  return CheckUtf8Message(msg, "", 0);
+}
+
+absl::Status ParseRequest(std::string_view bytes, google::protobuf::Message* msg) {
+  if (bytes.size() > LorcServeService::kMaxRequestBytes) {
+    return absl::InvalidArgumentError(absl::StrCat("request of ", bytes.size(),
+                                                   " bytes exceeds the limit of ",
+                                                   LorcServeService::kMaxRequestBytes, " bytes"));
+  }
+  // Before the parse, which would log and fail without naming the field.
+  RETURN_IF_ERROR(CheckUtf8OnWire(msg->GetDescriptor(), bytes, "", 0));
+  if (!msg->ParseFromArray(bytes.data(), static_cast<int>(bytes.size()))) {
+    return absl::InvalidArgumentError(absl::StrCat("request is not a valid ",
+                                                   msg->GetDescriptor()->full_name()));
+  }
+  return absl::OkStatus();
+}
+
+namespace {
+
+// Parses a request's raw bytes into `msg` (ParseRequest), as a grpc::Status.
+grpc::Status ParseBuffer(const grpc::ByteBuffer& buffer, google::protobuf::Message* msg) {
+  if (buffer.Length() > LorcServeService::kMaxRequestBytes) {
+    return ToGrpcStatus(absl::InvalidArgumentError(
+        absl::StrCat("request of ", buffer.Length(), " bytes exceeds the limit of ",
+                     LorcServeService::kMaxRequestBytes, " bytes")));
+  }
+  grpc::Slice slice;
+  if (grpc::Status s = buffer.DumpToSingleSlice(&slice); !s.ok()) return s;
+  return ToGrpcStatus(ParseRequest(
+      std::string_view(reinterpret_cast<const char*>(slice.begin()), slice.size()), msg));
+}
+
 }  // namespace
 
 LorcServeService::LorcServeService(const ModelConfig& config, const Tokenizer* tokenizer,
                                    lorcserve::v1::ModelInfoResponse info,
                                    std::function<void(lorcserve::v1::ModelInfoResponse*)> live)
-    : config_(config), tokenizer_(tokenizer), info_(std::move(info)), live_(std::move(live)) {}
+    : generate_name_(MethodName("Generate")),
+      tokenize_name_(MethodName("Tokenize")),
+      model_info_name_(MethodName("ModelInfo")),
+      config_(config),
+      tokenizer_(tokenizer),
+      info_(std::move(info)),
+      live_(std::move(live)) {
+  AddGenerationDefaults(config_, &info_);
+  // As the generated LorcServe::Service registers them, but over the raw request bytes.
+  using grpc::internal::RpcMethod;
+  using grpc::internal::RpcServiceMethod;
+  using Self = LorcServeService;
+  AddMethod(new RpcServiceMethod(
+      generate_name_.c_str(), RpcMethod::SERVER_STREAMING,
+      new grpc::internal::ServerStreamingHandler<Self, grpc::ByteBuffer,
+                                                 lorcserve::v1::GenerateResponse>(
+          [](Self* s, grpc::ServerContext* ctx, const grpc::ByteBuffer* req,
+             grpc::ServerWriter<lorcserve::v1::GenerateResponse>* w) {
+            return s->Generate(ctx, req, w);
+          },
+          this)));
+  AddMethod(new RpcServiceMethod(
+      tokenize_name_.c_str(), RpcMethod::NORMAL_RPC,
+      new grpc::internal::RpcMethodHandler<Self, grpc::ByteBuffer, lorcserve::v1::TokenizeResponse,
+                                           grpc::ByteBuffer, grpc::protobuf::MessageLite>(
+          [](Self* s, grpc::ServerContext* ctx, const grpc::ByteBuffer* req,
+             lorcserve::v1::TokenizeResponse* resp) { return s->Tokenize(ctx, req, resp); },
+          this)));
+  AddMethod(new RpcServiceMethod(
+      model_info_name_.c_str(), RpcMethod::NORMAL_RPC,
+      new grpc::internal::RpcMethodHandler<Self, grpc::ByteBuffer, lorcserve::v1::ModelInfoResponse,
+                                           grpc::ByteBuffer, grpc::protobuf::MessageLite>(
+          [](Self* s, grpc::ServerContext* ctx, const grpc::ByteBuffer* req,
+             lorcserve::v1::ModelInfoResponse* resp) { return s->ModelInfo(ctx, req, resp); },
+          this)));
+}
 
-absl::StatusOr<GenerationRequest> LorcServeService::Convert(const lorcserve::v1::GenerateRequest& req) const {
+absl::StatusOr<GenerationRequest> LorcServeService::Convert(
+    const lorcserve::v1::GenerateRequest& req) const {
   GenerationRequest g;
-  if (const size_t n = req.ByteSizeLong(); n > kMaxRequestBytes) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("request of ", n, " bytes exceeds the limit of ", kMaxRequestBytes, " bytes"));
-  }
   if (req.sampling().stop_size() > kMaxStopStrings) {
-    return absl::InvalidArgumentError(absl::StrCat("at most ", kMaxStopStrings, " stop strings"));
+    return absl::InvalidArgumentError(absl::StrCat("stop: at most ", kMaxStopStrings,
+                                                   " stop strings, got ", req.sampling().stop_size()));
   }
-  for (const std::string& s : req.sampling().stop()) {
+  for (int i = 0; i < req.sampling().stop_size(); ++i) {
+    const std::string& s = req.sampling().stop(i);
     if (s.size() > kMaxStopStringBytes) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("stop string of ", s.size(), " bytes exceeds ", kMaxStopStringBytes));
+      return absl::InvalidArgumentError(absl::StrCat("stop[", i, "]: stop string of ", s.size(),
+                                                     " bytes exceeds ", kMaxStopStringBytes));
     }
   }
-  if (req.sampling().max_tokens() < 0) {
-    return absl::InvalidArgumentError(absl::StrCat("max_tokens must be >= 1, got ", req.sampling().max_tokens()));
+  const lorcserve::v1::SamplingOptions& s = req.sampling();
+  // Unset means the default; an explicit 0 is an error (it used to become 16 silently).
+  if (s.has_max_tokens() && s.max_tokens() < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "max_tokens must be >= 1, got ", s.max_tokens(), " (unset: ", defaults::kMaxTokens, ")"));
+  }
+  if (s.has_n() && s.n() < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("n must be >= 1, got ", s.n(), " (unset: 1)"));
   }
   switch (req.prompt_case()) {
     case lorcserve::v1::GenerateRequest::kText: {
-      if (req.text().empty()) return absl::InvalidArgumentError("empty prompt");
+      if (req.text().empty()) return absl::InvalidArgumentError("text: empty prompt");
       if (tokenizer_ == nullptr) {
-        return absl::InvalidArgumentError("the model has no tokenizer: send token_ids");
+        return absl::InvalidArgumentError("text: the model has no tokenizer: send token_ids");
       }
       ASSIGN_OR_RETURN(g.prompt_ids, PromptToIds(*tokenizer_, req.text(), config_.bos_token_id));
       break;
@@ -59,20 +253,30 @@ absl::StatusOr<GenerationRequest> LorcServeService::Convert(const lorcserve::v1:
       return absl::InvalidArgumentError("empty prompt: set text or token_ids");
   }
   if (g.prompt_ids.empty()) return absl::InvalidArgumentError("empty prompt");
-  const lorcserve::v1::SamplingOptions& s = req.sampling();
   SamplingParams& p = g.params;
+  p.n = s.has_n() ? s.n() : 1;
+  p.max_tokens = s.has_max_tokens() ? s.max_tokens() : defaults::kMaxTokens;
+  p.min_tokens = s.min_tokens();
+  p.allowed_token_ids.assign(s.allowed_token_ids().begin(), s.allowed_token_ids().end());
+  p.logit_bias.assign(s.logit_bias().begin(), s.logit_bias().end());
+  std::sort(p.logit_bias.begin(), p.logit_bias.end());  // map order is unspecified
+  p.repetition_penalty = s.has_repetition_penalty() ? s.repetition_penalty() : 1.0f;
+  p.presence_penalty = s.presence_penalty();
+  p.frequency_penalty = s.frequency_penalty();
   p.temperature = s.temperature();
   p.top_k = s.top_k();
   p.top_p = s.has_top_p() ? s.top_p() : 1.0f;
   p.min_p = s.min_p();
-  p.repetition_penalty = s.has_repetition_penalty() ? s.repetition_penalty() : 1.0f;
   if (s.has_seed()) p.seed = s.seed();
-  p.max_tokens = s.max_tokens() == 0 ? defaults::kMaxTokens : s.max_tokens();
   p.stop_token_ids.assign(s.stop_token_ids().begin(), s.stop_token_ids().end());
   p.stop_strings.assign(s.stop().begin(), s.stop().end());
+  p.include_stop_str_in_output = s.include_stop_str_in_output();
   p.ignore_eos = s.ignore_eos();
+  if (s.has_logprobs()) p.logprobs = s.logprobs();
+  if (s.has_prompt_logprobs()) p.prompt_logprobs = s.prompt_logprobs();
   g.priority = req.priority();
-  // The scheduler validates ids, sampling values and lengths (INVALID_ARGUMENT) on Add.
+  // Sampling values (names the field); the scheduler checks ids and lengths again on Add.
+  RETURN_IF_ERROR(p.Validate(config_.vocab_size));
   return g;
 }
 
@@ -88,23 +292,31 @@ absl::StatusOr<std::shared_ptr<EngineLoop>> LorcServeService::Loop() const {
   return loop_;
 }
 
-grpc::Status LorcServeService::Generate(grpc::ServerContext* ctx, const lorcserve::v1::GenerateRequest* req,
+grpc::Status LorcServeService::Generate(grpc::ServerContext* ctx, const grpc::ByteBuffer* raw,
                                         grpc::ServerWriter<lorcserve::v1::GenerateResponse>* writer) {
+  lorcserve::v1::GenerateRequest req;
+  if (grpc::Status s = ParseBuffer(*raw, &req); !s.ok()) return s;
   absl::StatusOr<std::shared_ptr<EngineLoop>> current = Loop();
   if (!current.ok()) return ToGrpcStatus(current.status());
   const std::shared_ptr<EngineLoop> loop = *std::move(current);
   if (absl::Status f = loop->failure(); !f.ok()) return ToGrpcStatus(f);
-  absl::StatusOr<GenerationRequest> g = Convert(*req);
+  absl::StatusOr<GenerationRequest> g = Convert(req);
   if (!g.ok()) return ToGrpcStatus(g.status());
   const int64_t id = next_id_.fetch_add(1);
-  const std::string request_id = req->request_id().empty() ? absl::StrCat("req-", id) : req->request_id();
+  const std::string request_id =
+      req.request_id().empty() ? absl::StrCat("req-", id) : req.request_id();
+  const int32_t num_completions = g->params.n;
+  int32_t num_final = 0;
+  bool prompt_logprobs_sent = false;
   auto channel = std::make_shared<RequestChannel>();
   loop->Submit(id, *std::move(g), channel);
   for (;;) {
     for (RequestUpdate& u : channel->Take(absl::Milliseconds(50))) {
       lorcserve::v1::GenerateResponse resp;
       resp.set_request_id(request_id);
+      resp.set_index(u.index);
       resp.mutable_token_ids()->Add(u.new_ids.begin(), u.new_ids.end());
+      for (const TokenLogprobs& t : u.logprobs) ToProto(t, resp.add_logprobs());
       resp.set_text(std::move(u.new_text));
       if (u.finished) {
         if (!u.status.ok()) {
@@ -114,19 +326,29 @@ grpc::Status LorcServeService::Generate(grpc::ServerContext* ctx, const lorcserv
         }
         resp.set_final(true);
         resp.set_finish_reason(ToProto(u.reason));
+        if (u.stop_reason.token_id >= 0) {
+          resp.set_stop_token_id(u.stop_reason.token_id);
+        } else if (!u.stop_reason.stop_string.empty()) {
+          resp.set_stop_string(u.stop_reason.stop_string);
+        }
+        if (!prompt_logprobs_sent && !u.prompt_logprobs.empty()) {
+          for (const TokenLogprobs& t : u.prompt_logprobs) ToProto(t, resp.add_prompt_logprobs());
+          prompt_logprobs_sent = true;
+        }
         auto* usage = resp.mutable_usage();
         usage->set_prompt_tokens(static_cast<int32_t>(u.prompt_tokens));
         usage->set_cached_prompt_tokens(0);
         usage->set_completion_tokens(static_cast<int32_t>(u.completion_tokens));
         usage->set_time_to_first_token_ms(u.time_to_first_token_s * 1e3);
         usage->set_total_time_ms(u.total_time_s * 1e3);
-        writer->Write(resp);
-        return grpc::Status::OK;
+        const bool written = writer->Write(resp);
+        if (++num_final >= num_completions) return grpc::Status::OK;
+        if (written) continue;
+      } else if (writer->Write(resp)) {
+        continue;
       }
-      if (!writer->Write(resp)) {
-        loop->Cancel(id, absl::CancelledError("client went away"));
-        return grpc::Status(grpc::StatusCode::CANCELLED, "client went away");
-      }
+      loop->Cancel(id, absl::CancelledError("client went away"));
+      return grpc::Status(grpc::StatusCode::CANCELLED, "client went away");
     }
     if (ctx->IsCancelled()) {
       // Client cancellation or deadline: free the request's KV blocks now.
@@ -136,17 +358,23 @@ grpc::Status LorcServeService::Generate(grpc::ServerContext* ctx, const lorcserv
   }
 }
 
-grpc::Status LorcServeService::Tokenize(grpc::ServerContext*, const lorcserve::v1::TokenizeRequest* req,
+grpc::Status LorcServeService::Tokenize(grpc::ServerContext*, const grpc::ByteBuffer* raw,
                                         lorcserve::v1::TokenizeResponse* resp) {
-  if (tokenizer_ == nullptr) return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "the model has no tokenizer");
-  absl::StatusOr<std::vector<int32_t>> ids = tokenizer_->Encode(req->text(), req->add_special_tokens());
+  lorcserve::v1::TokenizeRequest req;
+  if (grpc::Status s = ParseBuffer(*raw, &req); !s.ok()) return s;
+  if (tokenizer_ == nullptr) {
+    return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "the model has no tokenizer");
+  }
+  absl::StatusOr<std::vector<int32_t>> ids = tokenizer_->Encode(req.text(), req.add_special_tokens());
   if (!ids.ok()) return ToGrpcStatus(ids.status());
   resp->mutable_ids()->Add(ids->begin(), ids->end());
   return grpc::Status::OK;
 }
 
-grpc::Status LorcServeService::ModelInfo(grpc::ServerContext*, const lorcserve::v1::ModelInfoRequest*,
+grpc::Status LorcServeService::ModelInfo(grpc::ServerContext*, const grpc::ByteBuffer* raw,
                                          lorcserve::v1::ModelInfoResponse* resp) {
+  lorcserve::v1::ModelInfoRequest req;
+  if (grpc::Status s = ParseBuffer(*raw, &req); !s.ok()) return s;
   *resp = info_;
   if (live_) live_(resp);
   return grpc::Status::OK;

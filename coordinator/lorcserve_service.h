@@ -1,5 +1,12 @@
 // The public gRPC service, lorcserve.v1.LorcServe: validates and tokenizes requests, hands
 // them to the engine thread, and streams each request's updates back to its client.
+//
+// The methods are registered over raw request bytes (grpc::ByteBuffer) and parsed here, so that
+// a request gRPC's own protobuf parsing would reject with an empty INTERNAL (a proto3 `string`
+// field holding invalid UTF-8, or bytes that are no message) gets INVALID_ARGUMENT naming the
+// field and the byte offset instead. The method names and message types are those of lorcserve.proto, so
+// generated clients, grpcurl and server reflection see the usual service.
+//
 // Threads: gRPC handler threads; each Generate call blocks on its own RequestChannel. The engine
 // loop is swapped by the coordinator (start, worker recovery, shutdown) while handlers run: each
 // call takes a shared_ptr snapshot under the mutex, so a loop outlives the calls that use it.
@@ -9,18 +16,33 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <string_view>
 
+#include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
 #include "coordinator/engine_loop.h"
-#include "tokenizer/tokenizer.h"
-#include "lorcserve/v1/lorcserve.grpc.pb.h"
+#include "google/protobuf/message.h"
+#include "grpcpp/grpcpp.h"
+#include "lorcserve/v1/lorcserve.grpc.pb.h"  // gRPC's service and handler types, the stub
 #include "model/model_config.h"
+#include "tokenizer/tokenizer.h"
 
 namespace lorc {
 
-class LorcServeService final : public lorcserve::v1::LorcServe::Service {
+// INVALID_ARGUMENT "<field> is not valid UTF-8 at byte offset <i> (byte 0x..)" for the first
+// `string` field of `msg` (nested and repeated ones included: "sampling.stop[1]") whose bytes
+// are not valid UTF-8; OK otherwise. For clients, before sending.
+absl::Status CheckUtf8Fields(const google::protobuf::Message& msg);
+
+// Parses wire-format `bytes` as `msg`. Errors (INVALID_ARGUMENT): a string field that is not
+// valid UTF-8 (as CheckUtf8Fields, found on the wire before parsing), or bytes that are not a
+// `msg` at all ("request is not a valid lorcserve.v1.GenerateRequest").
+absl::Status ParseRequest(std::string_view bytes, google::protobuf::Message* msg);
+
+class LorcServeService final : public grpc::Service {
  public:
-  // `info` is the static part of ModelInfo; `live` fills in the live part (serving state, KV use).
+  // `info` is the static part of ModelInfo (the EOS ids and generation defaults are added from
+  // `config`); `live` fills in the live part (serving state, KV use).
   LorcServeService(const ModelConfig& config, const Tokenizer* tokenizer,
                    lorcserve::v1::ModelInfoResponse info,
                    std::function<void(lorcserve::v1::ModelInfoResponse*)> live);
@@ -35,16 +57,19 @@ class LorcServeService final : public lorcserve::v1::LorcServe::Service {
   static constexpr int kMaxStopStrings = 64;
   static constexpr size_t kMaxStopStringBytes = 512;
 
-  grpc::Status Generate(grpc::ServerContext* ctx, const lorcserve::v1::GenerateRequest* req,
-                        grpc::ServerWriter<lorcserve::v1::GenerateResponse>* writer) override;
-  grpc::Status Tokenize(grpc::ServerContext* ctx, const lorcserve::v1::TokenizeRequest* req,
-                        lorcserve::v1::TokenizeResponse* resp) override;
-  grpc::Status ModelInfo(grpc::ServerContext* ctx, const lorcserve::v1::ModelInfoRequest* req,
-                         lorcserve::v1::ModelInfoResponse* resp) override;
+  // The handlers (registered in the constructor).
+  grpc::Status Generate(grpc::ServerContext* ctx, const grpc::ByteBuffer* req,
+                        grpc::ServerWriter<lorcserve::v1::GenerateResponse>* writer);
+  grpc::Status Tokenize(grpc::ServerContext* ctx, const grpc::ByteBuffer* req,
+                        lorcserve::v1::TokenizeResponse* resp);
+  grpc::Status ModelInfo(grpc::ServerContext* ctx, const grpc::ByteBuffer* req,
+                         lorcserve::v1::ModelInfoResponse* resp);
 
  private:
   absl::StatusOr<GenerationRequest> Convert(const lorcserve::v1::GenerateRequest& req) const;
 
+  // "/lorcserve.v1.LorcServe/<method>", referenced by the registered methods.
+  const std::string generate_name_, tokenize_name_, model_info_name_;
   ModelConfig config_;
   const Tokenizer* tokenizer_;
   lorcserve::v1::ModelInfoResponse info_;

@@ -1,6 +1,10 @@
 #include "model/model_config.h"
 
+#include <algorithm>
 #include <cmath>
+#include <filesystem>
+#include <system_error>
+#include <vector>
 #include <cstdint>
 #include <exception>
 #include <numbers>
@@ -88,6 +92,38 @@ absl::StatusOr<double> RequiredRopeDouble(const json& params, absl::string_view 
                                                    " is required for rope_type '", rope_type, "'"));
   }
   return *v;
+}
+
+absl::Status CheckTokenId(absl::string_view file, absl::string_view field, int64_t id,
+                          int64_t vocab_size) {
+  if (id >= 0 && id < vocab_size) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat(file, " field '", field, "' is ", id,
+                                                 ", outside the vocabulary [0, ", vocab_size,
+                                                 ") (vocab_size)"));
+}
+
+// `eos_token_id`: one id or a list of ids (config.json and generation_config.json alike).
+// `file` prefixes the field in messages: "config" or "generation config".
+absl::StatusOr<std::vector<int64_t>> ParseEosIds(const json& j, absl::string_view file,
+                                                 int64_t vocab_size) {
+  std::vector<int64_t> ids;
+  const json* eos = FindNonNull(j, "eos_token_id");
+  if (eos == nullptr) return ids;
+  const std::string prefix = absl::StrCat(file, " field '");
+  auto one = [&](const json& v, const std::string& field) -> absl::Status {
+    ASSIGN_OR_RETURN(int64_t id, JsonAsInt64(v, absl::StrCat(prefix, field, "'")));
+    RETURN_IF_ERROR(CheckTokenId(file, field, id, vocab_size));
+    ids.push_back(id);
+    return absl::OkStatus();
+  };
+  if (eos->is_array()) {
+    for (size_t i = 0; i < eos->size(); ++i) {
+      RETURN_IF_ERROR(one((*eos)[i], IndexField("eos_token_id", i)));
+    }
+  } else {
+    RETURN_IF_ERROR(one(*eos, "eos_token_id"));
+  }
+  return ids;
 }
 
 // RoPE settings: `rope_parameters` (newer transformers) or top-level `rope_theta` +
@@ -277,31 +313,12 @@ absl::StatusOr<ModelConfig> ParseConfig(const json& j) {
   c.tie_word_embeddings = tie.value_or(false);
 
   // Special tokens: ids inside the vocabulary [0, vocab_size).
-  auto token_id = [&c](const std::string& field, int64_t id) -> absl::Status {
-    if (id >= 0 && id < c.vocab_size) return absl::OkStatus();
-    return absl::InvalidArgumentError(absl::StrCat("config field '", field, "' is ", id,
-                                                   ", outside the vocabulary [0, ", c.vocab_size,
-                                                   ") (vocab_size)"));
-  };
   ASSIGN_OR_RETURN(std::optional<int64_t> bos, OptInt(j, "", "bos_token_id"));
   if (bos.has_value()) {
-    RETURN_IF_ERROR(token_id("bos_token_id", *bos));
+    RETURN_IF_ERROR(CheckTokenId("config", "bos_token_id", *bos, c.vocab_size));
     c.bos_token_id = *bos;
   }
-  if (const json* eos = FindNonNull(j, "eos_token_id"); eos != nullptr) {
-    if (eos->is_array()) {
-      for (size_t i = 0; i < eos->size(); ++i) {
-        const std::string field = IndexField("eos_token_id", i);
-        ASSIGN_OR_RETURN(int64_t id, JsonAsInt64((*eos)[i], ConfigField("", field)));
-        RETURN_IF_ERROR(token_id(field, id));
-        c.eos_token_ids.push_back(id);
-      }
-    } else {
-      ASSIGN_OR_RETURN(int64_t id, JsonAsInt64(*eos, ConfigField("", "eos_token_id")));
-      RETURN_IF_ERROR(token_id("eos_token_id", id));
-      c.eos_token_ids.push_back(id);
-    }
-  }
+  ASSIGN_OR_RETURN(c.eos_token_ids, ParseEosIds(j, "config", c.vocab_size));
 
   // Weight dtype: newer transformers write `dtype`, older `torch_dtype`.
   ASSIGN_OR_RETURN(std::optional<std::string> dtype, OptString(j, "", "dtype"));
@@ -344,16 +361,84 @@ absl::StatusOr<ModelConfig> ModelConfigFromJson(const nlohmann::json& j) {
   }
 }
 
+absl::StatusOr<GenerationDefaults> GenerationDefaultsFromJson(const nlohmann::json& j,
+                                                              int64_t vocab_size) {
+  RETURN_IF_ERROR(ExpectObject(j, "generation config"));
+  GenerationDefaults g;
+  g.present = true;
+  ASSIGN_OR_RETURN(g.eos_token_ids, ParseEosIds(j, "generation config", vocab_size));
+  auto field = [](absl::string_view key) {
+    return absl::StrCat("generation config field '", key, "'");
+  };
+  auto range = [&](absl::string_view key, double v, absl::string_view want) {
+    return absl::InvalidArgumentError(absl::StrCat(field(key), " must be ", want, ", got ", v));
+  };
+  auto opt_double = [&](absl::string_view key) -> absl::StatusOr<std::optional<double>> {
+    const json* v = FindNonNull(j, std::string(key));
+    if (v == nullptr) return std::optional<double>();
+    ASSIGN_OR_RETURN(double x, JsonAsDouble(*v, field(key)));
+    return std::optional<double>(x);
+  };
+  auto opt_int = [&](absl::string_view key) -> absl::StatusOr<std::optional<int64_t>> {
+    const json* v = FindNonNull(j, std::string(key));
+    if (v == nullptr) return std::optional<int64_t>();
+    ASSIGN_OR_RETURN(int64_t x, JsonAsInt64(*v, field(key)));
+    return std::optional<int64_t>(x);
+  };
+  if (const json* v = FindNonNull(j, "do_sample"); v != nullptr) {
+    ASSIGN_OR_RETURN(g.do_sample, JsonAsBool(*v, field("do_sample")));
+  }
+  ASSIGN_OR_RETURN(g.temperature, opt_double("temperature"));
+  if (g.temperature.has_value() && *g.temperature < 0) return range("temperature", *g.temperature, ">= 0");
+  ASSIGN_OR_RETURN(g.top_p, opt_double("top_p"));
+  if (g.top_p.has_value() && !(*g.top_p > 0 && *g.top_p <= 1)) return range("top_p", *g.top_p, "in (0, 1]");
+  ASSIGN_OR_RETURN(g.min_p, opt_double("min_p"));
+  if (g.min_p.has_value() && !(*g.min_p >= 0 && *g.min_p <= 1)) return range("min_p", *g.min_p, "in [0, 1]");
+  ASSIGN_OR_RETURN(g.repetition_penalty, opt_double("repetition_penalty"));
+  if (g.repetition_penalty.has_value() && !(*g.repetition_penalty > 0)) {
+    return range("repetition_penalty", *g.repetition_penalty, "> 0");
+  }
+  ASSIGN_OR_RETURN(g.top_k, opt_int("top_k"));
+  if (g.top_k.has_value() && *g.top_k < 0) return range("top_k", *g.top_k, ">= 0");
+  ASSIGN_OR_RETURN(g.max_new_tokens, opt_int("max_new_tokens"));
+  if (g.max_new_tokens.has_value() && *g.max_new_tokens < 1) {
+    return range("max_new_tokens", *g.max_new_tokens, ">= 1");
+  }
+  return g;
+}
+
 absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& model_dir) {
-  std::string path = model_dir;
-  if (!path.empty() && path.back() != '/') path += '/';
-  path += "config.json";
+  std::string dir = model_dir;
+  if (!dir.empty() && dir.back() != '/') dir += '/';
+  const std::string path = dir + "config.json";
   ASSIGN_OR_RETURN(nlohmann::json j, ReadJsonFile(path));
   absl::StatusOr<ModelConfig> config = ModelConfigFromJson(j);
   if (!config.ok()) {
     return absl::Status(config.status().code(),
                         absl::StrCat(path, ": ", config.status().message()));
   }
+  // generation_config.json (optional), as transformers' GenerationConfig.from_pretrained.
+  const std::string gen_path = dir + "generation_config.json";
+  std::error_code ec;
+  if (!std::filesystem::exists(gen_path, ec)) return config;
+  ASSIGN_OR_RETURN(nlohmann::json gj, ReadJsonFile(gen_path));
+  absl::StatusOr<GenerationDefaults> gen = [&]() -> absl::StatusOr<GenerationDefaults> {
+    try {
+      return GenerationDefaultsFromJson(gj, config->vocab_size);
+    } catch (const std::exception& e) {
+      return absl::InvalidArgumentError(absl::StrCat("malformed JSON value: ", e.what()));
+    }
+  }();
+  if (!gen.ok()) {
+    return absl::Status(gen.status().code(), absl::StrCat(gen_path, ": ", gen.status().message()));
+  }
+  for (int64_t id : gen->eos_token_ids) {
+    if (std::find(config->eos_token_ids.begin(), config->eos_token_ids.end(), id) ==
+        config->eos_token_ids.end()) {
+      config->eos_token_ids.push_back(id);
+    }
+  }
+  config->generation = *std::move(gen);
   return config;
 }
 

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -25,6 +26,21 @@ struct RopeConfig {
   int64_t original_max_position_embeddings = 8192;
 };
 
+// The generation defaults a model directory ships in generation_config.json (Hugging Face's
+// GenerationConfig). Reported (ModelInfo), not applied: a request's unset options keep
+// lorcserve's defaults. Unset: the file does not give the field (or there is no file).
+struct GenerationDefaults {
+  bool present = false;                     // generation_config.json exists
+  std::vector<int64_t> eos_token_ids;       // its eos_token_id (int or list), in file order
+  std::optional<bool> do_sample;
+  std::optional<double> temperature;        // >= 0
+  std::optional<double> top_p;              // (0, 1]
+  std::optional<int64_t> top_k;             // >= 0
+  std::optional<double> min_p;              // [0, 1]
+  std::optional<double> repetition_penalty; // > 0
+  std::optional<int64_t> max_new_tokens;    // >= 1
+};
+
 struct ModelConfig {
   std::string model_type = "llama";
   int64_t vocab_size = 0;
@@ -39,8 +55,12 @@ struct ModelConfig {
   bool tie_word_embeddings = false;
   RopeConfig rope;
   int64_t bos_token_id = -1;                // -1 when absent
-  std::vector<int64_t> eos_token_ids;       // config.json may give one id or a list
+  // config.json's eos_token_id (one id or a list), joined (union, config.json's first) by
+  // generation_config.json's when LoadModelConfig finds one, as Hugging Face's generate() and
+  // vLLM stop on both.
+  std::vector<int64_t> eos_token_ids;
   std::string torch_dtype;                  // "bfloat16", "float16", "float32" or ""
+  GenerationDefaults generation;            // from generation_config.json (LoadModelConfig)
 
   int64_t q_size() const { return num_heads * head_dim; }
   int64_t kv_size() const { return num_kv_heads * head_dim; }
@@ -53,7 +73,13 @@ struct ModelConfig {
 // (newer transformers). Errors are InvalidArgument and name the offending field.
 absl::StatusOr<ModelConfig> ModelConfigFromJson(const nlohmann::json& j);
 
-// Reads DIR/config.json; errors name the file.
+// Parses a generation_config.json document; token ids are checked against `vocab_size`.
+// Errors are InvalidArgument naming the field ("generation config field 'top_p': ...").
+absl::StatusOr<GenerationDefaults> GenerationDefaultsFromJson(const nlohmann::json& j,
+                                                              int64_t vocab_size);
+
+// Reads DIR/config.json and, when present, DIR/generation_config.json (its EOS ids join
+// eos_token_ids; its sampling defaults go to `generation`). Errors name the file and field.
 absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& model_dir);
 
 // Inverse frequencies (head_dim / 2 values) with the configured scaling applied, with the

@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "common/json_util.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -232,6 +233,8 @@ TEST_F(CliTest, InfoDescribesModel) {
   EXPECT_EQ(j["model"]["layers"], 8);
   EXPECT_EQ(j["model"]["vocab_size"], 4096);
   EXPECT_EQ(j["model"]["kv_heads"], 2);
+  EXPECT_EQ(j["model"]["eos_token_ids"], json::array({1}));
+  EXPECT_EQ(j["model"]["generation_defaults"], json({{"eos_token_ids", {1}}, {"do_sample", false}}));
 }
 
 // ---- eval -------------------------------------------------------------------------------------
@@ -320,8 +323,8 @@ TEST_F(CliTest, UsageErrorsExitTwo) {
 
 TEST_F(CliTest, ZeroMaxTokensIsRejected) {
   const RunResult r = Lorcserve({"generate", "--model", Tiny(), "--prompt-ids", "0,1", "--max-tokens", "0"});
-  EXPECT_NE(r.exit_code, 0);
-  EXPECT_THAT(r.err, HasSubstr("max_tokens"));
+  EXPECT_EQ(r.exit_code, 2) << r;
+  EXPECT_THAT(r.err, HasSubstr("--max-tokens: 0 is outside the range [1, ")) << r;
   EXPECT_THAT(r.out, ::testing::IsEmpty());
 }
 
@@ -386,6 +389,8 @@ TEST_F(CliTest, IntegerFlagsAreRangeCheckedIntoTheirType) {
       {{"--num-blocks", "4294967296"}, "--num-blocks: 4294967296 is outside"},
       {{"--max-running", "-1"}, "--max-running: -1 is outside"},
       {{"--max-tokens", "4294967297"}, "--max-tokens: 4294967297 is outside"},
+      // Beyond this machine's memory: used to fail at allocation naming no flag.
+      {{"--kv-cache-mb", "99999999"}, "--kv-cache-mb: 99999999 MiB is more than this machine's memory"},
   };
   for (const Case& c : cases) {
     std::vector<std::vector<std::string>> commands = {
@@ -460,6 +465,195 @@ TEST_F(CliTest, RequestBeyondModelLengthIsRejected) {
            "--max-tokens", "4090", "--stop-id", "14", "--json"});
   EXPECT_EQ(r.exit_code, 0) << r;
   EXPECT_EQ(Json(r)["finish_reason"], "stop");
+}
+
+}  // namespace
+}  // namespace lorc
+
+namespace lorc {
+namespace {
+
+// ---- issue #7: generation_config.json, the new sampling flags, UTF-8 ---------------------------
+
+// A copy of the fixture (links to its files) whose generation_config.json is `gen` (removed
+// when `gen` is null).
+fs::path FixtureWithGenerationConfig(const std::string& name, const json& gen) {
+  const fs::path dir = ScratchDir() / name;
+  fs::create_directories(dir);
+  for (const fs::directory_entry& e : fs::directory_iterator(Tiny())) {
+    if (e.path().filename() == "generation_config.json") continue;
+    std::error_code ec;
+    fs::create_symlink(fs::absolute(e.path()), dir / e.path().filename(), ec);
+  }
+  if (!gen.is_null()) std::ofstream(dir / "generation_config.json") << gen.dump(2);
+  return dir;
+}
+
+// Fault 2: generation_config.json's eos_token_id joins config.json's (Llama-3 instruct models
+// list their end-of-turn id only there).
+TEST_F(CliTest, GenerationConfigEosIdsStopGeneration) {
+  absl::StatusOr<json> gen = ReadJsonFile(Tiny() + "/generation_config.json");
+  ASSERT_TRUE(gen.ok()) << gen.status();
+  const std::vector<std::string> args = {"--prompt", "The pass key of", "--max-tokens", "12", "--json"};
+  // The fixture as shipped runs to 12 tokens; its third is 264.
+  std::vector<std::string> plain = {"generate", "--model", Tiny()};
+  plain.insert(plain.end(), args.begin(), args.end());
+  const RunResult base = Lorcserve(plain);
+  ASSERT_EQ(base.exit_code, 0) << base;
+  const auto base_ids = Json(base)["output_ids"].get<std::vector<int32_t>>();
+  ASSERT_EQ(base_ids.size(), 12u);
+  ASSERT_EQ(base_ids[2], 264);
+  ASSERT_EQ(std::count(base_ids.begin(), base_ids.begin() + 2, 264), 0);
+
+  (*gen)["eos_token_id"] = json::array({1, 264});
+  const fs::path dir = FixtureWithGenerationConfig("gen_eos", *gen);
+  std::vector<std::string> cmd = {"generate", "--model", dir.string()};
+  cmd.insert(cmd.end(), args.begin(), args.end());
+  const RunResult r = Lorcserve(cmd);
+  ASSERT_EQ(r.exit_code, 0) << r;
+  const json j = Json(r);
+  EXPECT_EQ(j["finish_reason"], "stop");
+  const auto ids = j["output_ids"].get<std::vector<int32_t>>();
+  EXPECT_EQ(ids, std::vector<int32_t>(base_ids.begin(), base_ids.begin() + 3));
+}
+
+TEST_F(CliTest, MalformedGenerationConfigNamesFileAndField) {
+  struct Case {
+    std::string name;
+    std::string contents;
+    std::string message;
+  };
+  const std::vector<Case> cases = {
+      {"not_json", "{\"eos_token_id\": [1,", "generation_config.json"},
+      {"not_object", "[1, 2]", "generation config: expected"},
+      {"eos_string", R"({"eos_token_id": [1, "two"]})", "generation config field 'eos_token_id[1]'"},
+      {"eos_vocab", R"({"eos_token_id": 4096})",
+       "generation config field 'eos_token_id' is 4096, outside the vocabulary [0, 4096)"},
+      {"top_p_string", R"({"top_p": "x"})", "generation config field 'top_p': expected a number"},
+      {"top_p_range", R"({"top_p": 1.5})", "generation config field 'top_p' must be in (0, 1], got 1.5"},
+      {"temperature", R"({"temperature": -1})", "generation config field 'temperature' must be >= 0"},
+      {"top_k", R"({"top_k": 2.5})", "generation config field 'top_k'"},
+      {"max_new_tokens", R"({"max_new_tokens": 0})", "generation config field 'max_new_tokens' must be >= 1"},
+      {"do_sample", R"({"do_sample": "yes"})", "generation config field 'do_sample': expected"},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    const fs::path dir = FixtureWithGenerationConfig("gen_" + c.name, json());
+    std::ofstream(dir / "generation_config.json") << c.contents;
+    const RunResult r = Lorcserve({"generate", "--model", dir.string(), "--prompt-ids", "0,1"});
+    EXPECT_EQ(r.exit_code, 2) << r;
+    EXPECT_THAT(r.err, HasSubstr((dir / "generation_config.json").string())) << r;
+    EXPECT_THAT(r.err, HasSubstr(c.message)) << r;
+  }
+}
+
+TEST_F(CliTest, NewSamplingFlagsAreCheckedNamingTheFlag) {
+  const std::vector<std::pair<std::vector<std::string>, std::string>> cases = {
+      {{"--n", "0"}, "--n: 0 is outside the range [1, 64]"},
+      {{"--n", "65"}, "--n: 65 is outside the range [1, 64]"},
+      {{"--min-tokens", "-1"}, "--min-tokens: -1 is outside the range [0, 8]"},
+      {{"--min-tokens", "9"}, "--min-tokens: 9 is outside the range [0, 8]"},
+      {{"--logprobs", "21"}, "--logprobs: 21 is outside the range [0, 20]"},
+      {{"--prompt-logprobs", "-1"}, "--prompt-logprobs: -1 is outside the range [0, 20]"},
+      {{"--presence-penalty", "3"}, "--presence-penalty: 3 is outside [-2, 2]"},
+      {{"--frequency-penalty", "nan"}, "--frequency-penalty: nan is outside [-2, 2]"},
+      {{"--logit-bias", "5"}, "--logit-bias: '5' is not ID:BIAS"},
+      {{"--logit-bias", "x:1"}, "--logit-bias: 'x' is not a token id"},
+      {{"--logit-bias", "5:500"}, "--logit-bias: bias 500 of id 5 is outside [-100, 100]"},
+      {{"--logit-bias", "5:1", "--logit-bias", "5:2"}, "--logit-bias: id 5 given twice"},
+      {{"--allowed-token-id", "3,x"}, "--allowed-token-id: 'x' is not a token id"},
+      {{"--stop-id", "y"}, "--stop-id: 'y' is not a token id"},
+  };
+  for (const auto& [flag, message] : cases) {
+    SCOPED_TRACE(flag[0] + " " + flag[1]);
+    std::vector<std::vector<std::string>> commands = {
+        {"generate", "--model", Tiny(), "--prompt-ids", "0,1", "--max-tokens", "8"}};
+#ifdef LORC_WITH_GRPC
+    // The client checks its flags before any call (no server at this address).
+    commands.push_back({"client", "--server", "127.0.0.1:1", "--prompt-ids", "0,1", "--max-tokens", "8"});
+#endif
+    for (std::vector<std::string> args : commands) {
+      args.insert(args.end(), flag.begin(), flag.end());
+      const RunResult r = Lorcserve(args);
+      EXPECT_EQ(r.exit_code, 2) << r;
+      EXPECT_THAT(r.err, HasSubstr(message)) << r;
+      EXPECT_THAT(r.out, ::testing::IsEmpty());
+    }
+  }
+  // Token ids are checked against the vocabulary by the engine, naming the field.
+  const RunResult r = Lorcserve({"generate", "--model", Tiny(), "--prompt-ids", "0,1",
+                                 "--allowed-token-id", "5000"});
+  EXPECT_EQ(r.exit_code, 2) << r;
+  EXPECT_THAT(r.err, HasSubstr("allowed_token_ids: id 5000 outside the vocabulary [0, 4096)")) << r;
+}
+
+// A KV cache the machine cannot hold: the allocation error names the flag that sized it.
+TEST_F(CliTest, KvCacheAllocationFailureNamesTheFlag) {
+  const RunResult r = Lorcserve({"generate", "--model", Tiny(), "--prompt-ids", "0,1",
+                                 "--num-blocks", "2000000000"});
+  EXPECT_EQ(r.exit_code, 1) << r;
+  EXPECT_THAT(r.err, HasSubstr("RESOURCE_EXHAUSTED")) << r;
+  EXPECT_THAT(r.err, HasSubstr("(the KV cache is sized by --num-blocks 2000000000)")) << r;
+}
+
+#ifdef LORC_WITH_GRPC
+// Fault 4 on the client side: a prompt or stop string that is not UTF-8 is named with its byte
+// offset before anything is sent (protobuf used to print its own error line).
+TEST_F(CliTest, ClientRejectsInvalidUtf8NamingFieldAndOffset) {
+  const std::vector<std::pair<std::vector<std::string>, std::string>> cases = {
+      {{"--prompt", "ab\xff"}, "INVALID_ARGUMENT: text is not valid UTF-8 at byte offset 2 (byte 0xFF)"},
+      {{"--prompt-ids", "0,1", "--stop", "ok", "--stop", "x\xc3"},
+       "INVALID_ARGUMENT: sampling.stop[1] is not valid UTF-8 at byte offset 1 (byte 0xC3)"},
+      {{"--prompt-ids", "0,1", "--request-id", "\xe2\x82"},
+       "INVALID_ARGUMENT: request_id is not valid UTF-8 at byte offset 0 (byte 0xE2)"},
+  };
+  for (const auto& [flags, message] : cases) {
+    std::vector<std::string> args = {"client", "--server", "127.0.0.1:1"};
+    args.insert(args.end(), flags.begin(), flags.end());
+    const RunResult r = Lorcserve(args);
+    EXPECT_EQ(r.exit_code, 2) << r;
+    EXPECT_THAT(r.err, HasSubstr(absl::StrCat("lorcserve client: ", message))) << r;
+    EXPECT_THAT(r.err, Not(HasSubstr("protobuf"))) << r;
+  }
+}
+#endif
+
+// `generate --json`: completions (n), finish and stop reason, logprobs. Needs the engine side
+// of issue #7 (n > 1 forking, logprobs, stop reasons).
+TEST_F(CliTest, GenerateJsonReportsCompletionsStopReasonAndLogprobs) {
+  const Golden g = GoldenPrompts().at(0);
+  const int32_t stop = g.greedy_ids.at(3);
+  const RunResult r = Lorcserve({"generate", "--model", Tiny(), "--prompt-ids", JoinIds(g.prompt_ids),
+                                 "--max-tokens", "8", "--stop-id", std::to_string(stop),
+                                 "--logprobs", "2", "--prompt-logprobs", "0", "--json"});
+  ASSERT_EQ(r.exit_code, 0) << r;
+  json j = Json(r);
+  EXPECT_EQ(j["n"], 1);
+  ASSERT_EQ(j["completions"].size(), 1u);
+  EXPECT_EQ(j["completions"][0]["output_ids"], j["output_ids"]);
+  EXPECT_EQ(j["finish_reason"], "stop");
+  EXPECT_EQ(j["stop_reason"], json({{"token_id", stop}}));
+  ASSERT_EQ(j["logprobs"].size(), j["output_ids"].size());
+  for (size_t i = 0; i < j["logprobs"].size(); ++i) {
+    const json& lp = j["logprobs"][i];
+    EXPECT_EQ(lp["rank"], 1);  // greedy
+    ASSERT_EQ(lp["top"].size(), 2u);
+    EXPECT_EQ(lp["top"][0]["id"], j["output_ids"][i]);
+  }
+  EXPECT_EQ(j["prompt_logprobs"].size(), g.prompt_ids.size() - 1);
+
+  const RunResult n3 = Lorcserve({"generate", "--model", Tiny(), "--prompt-ids", JoinIds(g.prompt_ids),
+                                  "--max-tokens", "5", "--n", "3", "--temperature", "1", "--seed", "3",
+                                  "--ignore-eos", "--json"});
+  ASSERT_EQ(n3.exit_code, 0) << n3;
+  j = Json(n3);
+  EXPECT_EQ(j["n"], 3);
+  ASSERT_EQ(j["completions"].size(), 3u);
+  for (size_t i = 0; i < 3; ++i) {
+    EXPECT_EQ(j["completions"][i]["index"], i);
+    EXPECT_EQ(j["completions"][i]["output_ids"].size(), 5u);
+    EXPECT_EQ(j["completions"][i]["finish_reason"], "length");
+  }
 }
 
 }  // namespace

@@ -415,6 +415,96 @@ TEST(ModelConfigTest, SpecialTokenIdsOutsideTheVocabularyNameFieldAndFile) {
   std::filesystem::remove_all(dir);
 }
 
+// ---- generation_config.json (issue #7, fault 2) -----------------------------------------------
+
+TEST(GenerationConfigTest, TinyLlamaShipsOne) {
+  absl::StatusOr<ModelConfig> c = LoadModelConfig(kTinyDir);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_TRUE(c->generation.present);
+  EXPECT_THAT(c->generation.eos_token_ids, ElementsAre(1));
+  EXPECT_THAT(c->eos_token_ids, ElementsAre(1));  // the union has it once
+  ASSERT_TRUE(c->generation.do_sample.has_value());
+  EXPECT_FALSE(*c->generation.do_sample);
+  EXPECT_FALSE(c->generation.temperature.has_value());
+  EXPECT_FALSE(c->generation.max_new_tokens.has_value());
+}
+
+TEST(GenerationConfigTest, ReadsSamplingDefaultsAndEosLists) {
+  const json j = json::parse(R"({"eos_token_id": [128001, 128009], "do_sample": true,
+      "temperature": 0.6, "top_p": 0.9, "top_k": 50, "min_p": 0.05, "repetition_penalty": 1.1,
+      "max_new_tokens": 256, "bos_token_id": 128000, "transformers_version": "4.45.0"})");
+  absl::StatusOr<GenerationDefaults> g = GenerationDefaultsFromJson(j, 128256);
+  ASSERT_TRUE(g.ok()) << g.status();
+  EXPECT_TRUE(g->present);
+  EXPECT_THAT(g->eos_token_ids, ElementsAre(128001, 128009));
+  EXPECT_EQ(g->do_sample, true);
+  EXPECT_DOUBLE_EQ(*g->temperature, 0.6);
+  EXPECT_DOUBLE_EQ(*g->top_p, 0.9);
+  EXPECT_EQ(*g->top_k, 50);
+  EXPECT_DOUBLE_EQ(*g->min_p, 0.05);
+  EXPECT_DOUBLE_EQ(*g->repetition_penalty, 1.1);
+  EXPECT_EQ(*g->max_new_tokens, 256);
+  // A single id, and nulls (as transformers writes unset fields) are unset.
+  g = GenerationDefaultsFromJson(json::parse(R"({"eos_token_id": 7, "temperature": null})"), 100);
+  ASSERT_TRUE(g.ok()) << g.status();
+  EXPECT_THAT(g->eos_token_ids, ElementsAre(7));
+  EXPECT_FALSE(g->temperature.has_value());
+}
+
+TEST(GenerationConfigTest, BadValuesNameTheField) {
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {R"([1])", "generation config: expected an object"},
+      {R"({"eos_token_id": "1"})", "generation config field 'eos_token_id': expected an integer"},
+      {R"({"eos_token_id": [1, 100]})", "generation config field 'eos_token_id[1]' is 100, outside the vocabulary [0, 100)"},
+      {R"({"eos_token_id": -2})", "generation config field 'eos_token_id' is -2"},
+      {R"({"temperature": "hot"})", "generation config field 'temperature': expected a number"},
+      {R"({"temperature": -0.5})", "generation config field 'temperature' must be >= 0, got -0.5"},
+      {R"({"top_p": 0})", "generation config field 'top_p' must be in (0, 1], got 0"},
+      {R"({"min_p": 2})", "generation config field 'min_p' must be in [0, 1], got 2"},
+      {R"({"repetition_penalty": 0})", "generation config field 'repetition_penalty' must be > 0"},
+      {R"({"top_k": -1})", "generation config field 'top_k' must be >= 0, got -1"},
+      {R"({"top_k": 1.5})", "generation config field 'top_k': expected an integer"},
+      {R"({"max_new_tokens": 0})", "generation config field 'max_new_tokens' must be >= 1, got 0"},
+      {R"({"do_sample": 1})", "generation config field 'do_sample': expected a bool"},
+  };
+  for (const auto& [text, message] : cases) {
+    SCOPED_TRACE(text);
+    EXPECT_THAT(GenerationDefaultsFromJson(json::parse(text), 100),
+                StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr(message)));
+  }
+}
+
+TEST(GenerationConfigTest, LoadJoinsEosIdsAndNamesTheFile) {
+  const std::filesystem::path dir =
+      std::filesystem::path(::testing::TempDir()) / absl::StrCat("lorc_gen_", getpid());
+  std::filesystem::create_directories(dir);
+  json config = TinyConfigJson();
+  config["eos_token_id"] = json::array({1, 2});
+  std::ofstream(dir / "config.json") << config.dump();
+  // No generation_config.json: config.json's ids, nothing present.
+  absl::StatusOr<ModelConfig> c = LoadModelConfig(dir.string());
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_THAT(c->eos_token_ids, ElementsAre(1, 2));
+  EXPECT_FALSE(c->generation.present);
+  // The union, config.json's first, no duplicates.
+  std::ofstream(dir / "generation_config.json") << R"({"eos_token_id": [264, 2, 9]})";
+  c = LoadModelConfig(dir.string());
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_THAT(c->eos_token_ids, ElementsAre(1, 2, 264, 9));
+  EXPECT_THAT(c->generation.eos_token_ids, ElementsAre(264, 2, 9));
+  // Errors name the file.
+  std::ofstream(dir / "generation_config.json") << R"({"top_p": "x"})";
+  EXPECT_THAT(LoadModelConfig(dir.string()),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       AllOf(HasSubstr((dir / "generation_config.json").string()),
+                             HasSubstr("generation config field 'top_p'"))));
+  std::ofstream(dir / "generation_config.json") << "{\"eos_token_id\": ";
+  EXPECT_THAT(LoadModelConfig(dir.string()),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr((dir / "generation_config.json").string())));
+  std::filesystem::remove_all(dir);
+}
+
 TEST(ModelConfigTest, MissingFileNamesPath) {
   EXPECT_THAT(LoadModelConfig("/nonexistent/lorc-model"),
               StatusIs(absl::StatusCode::kNotFound,

@@ -82,7 +82,7 @@ enum class FinishReason { kNone, kLength, kStop, kAborted, kError };
 const char* FinishReasonName(FinishReason r);
 
 // What ended a request with FinishReason::kStop: a token id (an EOS id or one of the request's
-// stop_token_ids; the token is not part of the output) or one of its stop strings.
+// stop_token_ids; the token is the last of the output ids, as in vLLM, and adds no text) or one of its stop strings.
 struct StopReason {
   int32_t token_id = -1;    // >= 0: this id
   std::string stop_string;  // non-empty: this string

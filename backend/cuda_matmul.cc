@@ -16,7 +16,8 @@
 // first inside a capture, the heuristic's first choice is used (host-only work) and cached
 // untimed; the next eager call of that key times it. Buckets are powers of two of the token count
 // T (1, 2, 4, ..., 256, ... : decode batches matter most). The workspace (kWorkspaceBytes) is
-// allocated with the backend, so Matmul never allocates and is capturable.
+// allocated with the backend, so Matmul never allocates and is capturable. `out` must not
+// overlap x or w (timing runs the GEMM several times on the call's own operands).
 #include "backend/cuda_backend_impl.h"
 
 #ifdef LORC_HAVE_CUDA

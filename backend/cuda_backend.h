@@ -35,8 +35,8 @@ absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackend(const BackendOptions&
 // cudaMallocHost memory, async copies with backend.h's lifetime rules, GetMemoryInfo,
 // CopyBlocks, and the kernels/ ops Embedding, GatherRows, RmsNorm, FusedAddRmsNorm, AddInPlace,
 // SiluMul, Rope, WriteKv and RopeKvWrite (F32 and BF16, one dtype per op; others Unimplemented
-// naming the op and dtype). Matmul, the attention ops and Sample return Unimplemented naming the
-// op. Unimplemented without CUDA in the build, Unavailable without a driver, FailedPrecondition
+// naming the op and dtype), and Matmul (cuBLASLt: F32, BF16 or F16 x and w, out the same or F32).
+// The attention ops and Sample return Unimplemented naming the op. Unimplemented without CUDA in the build, Unavailable without a driver, FailedPrecondition
 // for a device ordinal that is not present.
 absl::StatusOr<std::unique_ptr<Backend>> CreatePartialCudaBackend(const BackendOptions& options);
 

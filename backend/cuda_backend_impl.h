@@ -44,6 +44,11 @@ class CudaEvent final : public Event {
   cudaEvent_t event = nullptr;
 };
 
+// cuda_matmul.cc: the cuBLASLt handle, its fixed workspace and the per-shape algorithm cache,
+// made with the backend (so before any capture); holds the error if cuBLASLt is unusable.
+struct MatmulState;
+std::shared_ptr<MatmulState> NewMatmulState();
+
 class CudaGraph final : public Graph {
  public:
   ~CudaGraph() override {
@@ -54,7 +59,7 @@ class CudaGraph final : public Graph {
 
 // The CUDA backend: one non-blocking stream on one device, events, graph capture, device and
 // pinned memory, async copies, CopyBlocks and the element-wise / row ops over kernels/ launchers.
-// Matmul, attention and Sample report Unimplemented until kernels/ has them. The device is made current on the creating thread,
+// Matmul goes through cuBLASLt; attention and Sample report Unimplemented until kernels/ has them. The device is made current on the creating thread,
 // which must be the thread that uses the backend (the worker's engine thread).
 class CudaBackend final : public Backend {
  public:
@@ -196,6 +201,7 @@ class CudaBackend final : public Backend {
   std::string description_;
   cudaStream_t stream_;
   bool capturing_ = false;
+  std::shared_ptr<MatmulState> matmul_ = NewMatmulState();  // cuda_matmul.cc
 };
 
 }  // namespace lorc::cuda_internal

@@ -1,10 +1,266 @@
-// CudaBackend::Matmul: cuBLASLt GEMMs (the CUDA backend issue). Not implemented yet.
+// CudaBackend::Matmul through cuBLASLt: out = x * w^T (backend.h) as one cublasLtMatmul with fp32
+// accumulation (CUBLAS_COMPUTE_32F, fp32 alpha/beta).
+//
+// Dtypes (x and w alike; out the same or F32):
+//   F32 x F32 -> F32 (true fp32, no TF32), BF16 x BF16 -> BF16 | F32, F16 x F16 -> F16 | F32.
+// The "-> F32" forms serve the LM head (bf16 hidden states, fp32 logits). Anything else is
+// Unimplemented naming the three dtypes; shape mismatches (and strides below cols) are
+// InvalidArgument naming the three shapes.
+//
+// Row-major -> cuBLASLt's column-major: out^T [N, T] = (w [K, N] col-major)^T * (x [K, T]
+// col-major), i.e. m = N, n = T, k = K, A = w transposed ("TN"), every ld taken from the views.
+//
+// Algorithms: chosen once per (token-count bucket, N, K, dtypes, alignments): cuBLASLt's heuristic
+// gives up to kCandidates; when a key is first seen outside graph capture each candidate is timed
+// on the call's own operands (a one-off stream synchronization) and the fastest is cached. Seen
+// first inside a capture, the heuristic's first choice is used (host-only work) and cached
+// untimed; the next eager call of that key times it. Buckets are powers of two of the token count
+// T (1, 2, 4, ..., 256, ... : decode batches matter most). The workspace (kWorkspaceBytes) is
+// allocated with the backend, so Matmul never allocates and is capturable. `out` must not
+// overlap x or w (timing runs the GEMM several times on the call's own operands).
 #include "backend/cuda_backend_impl.h"
 
 #ifdef LORC_HAVE_CUDA
-namespace lorc::cuda_internal {
 
-absl::Status CudaBackend::Matmul(const Tensor2D&, const Tensor2D&, Tensor2D) { return NoKernel("Matmul"); }
+#include <cublasLt.h>
+
+#include <cstdint>
+#include <limits>
+
+#include "absl/container/flat_hash_map.h"
+
+namespace lorc::cuda_internal {
+namespace {
+
+constexpr size_t kWorkspaceBytes = size_t{32} << 20;
+constexpr int kCandidates = 8;  // heuristic results considered per key
+constexpr int kTimedReps = 5;   // timed runs per candidate (after one warm-up run)
+
+struct GemmKey {
+  int64_t t_bucket, n, k;
+  DType ab, out;
+  uint32_t align_w, align_x, align_out;  // pointer alignment, bytes (<= 256)
+  uint32_t ld_align;                     // alignment of the three row pitches, bytes (<= 16)
+  bool operator==(const GemmKey&) const = default;
+  template <typename H>
+  friend H AbslHashValue(H h, const GemmKey& g) {
+    return H::combine(std::move(h), g.t_bucket, g.n, g.k, g.ab, g.out, g.align_w, g.align_x,
+                      g.align_out, g.ld_align);
+  }
+};
+
+struct AlgoChoice {
+  cublasLtMatmulAlgo_t algo;
+  bool timed = false;
+};
+
+uint32_t PtrAlign(const void* p) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p) | 256;
+  return static_cast<uint32_t>(a & (~a + 1));
+}
+
+int64_t Bucket(int64_t t) {
+  int64_t b = 1;
+  while (b < t) b <<= 1;
+  return b;
+}
+
+cudaDataType_t CudaType(DType d) {
+  switch (d) {
+    case DType::kBF16: return CUDA_R_16BF;
+    case DType::kF16: return CUDA_R_16F;
+    default: return CUDA_R_32F;
+  }
+}
+
+std::string Shape(const Tensor2D& t) {
+  return absl::StrCat("[", t.rows, ",", t.cols, t.ld ? absl::StrCat(" ld ", t.ld) : "", "]");
+}
+
+absl::Status LtError(cublasStatus_t s, const std::string& what) {
+  if (s == CUBLAS_STATUS_SUCCESS) return absl::OkStatus();
+  return absl::InternalError(absl::StrCat("cuda backend: Matmul: ", what, ": ", cublasLtGetStatusString(s)));
+}
+
+}  // namespace
+
+struct MatmulState {
+  absl::Status init;  // OK, or why cuBLASLt cannot be used (returned by every Matmul)
+  cublasLtHandle_t handle = nullptr;
+  void* workspace = nullptr;
+  cudaEvent_t start = nullptr, stop = nullptr;  // for timing candidates
+  absl::flat_hash_map<GemmKey, AlgoChoice> algos;
+
+  ~MatmulState() {
+    if (start != nullptr) cudaEventDestroy(start);
+    if (stop != nullptr) cudaEventDestroy(stop);
+    if (workspace != nullptr) cudaFree(workspace);
+    if (handle != nullptr) cublasLtDestroy(handle);
+  }
+};
+
+std::shared_ptr<MatmulState> NewMatmulState() {
+  auto s = std::make_shared<MatmulState>();
+  s->init = LtError(cublasLtCreate(&s->handle), "cublasLtCreate");
+  if (s->init.ok()) s->init = CudaError(cudaMalloc(&s->workspace, kWorkspaceBytes), "Matmul workspace");
+  if (s->init.ok()) s->init = CudaError(cudaEventCreate(&s->start), "Matmul timing event");
+  if (s->init.ok()) s->init = CudaError(cudaEventCreate(&s->stop), "Matmul timing event");
+  return s;
+}
+
+namespace {
+
+// One GEMM's descriptors, initialised in place (no allocation), and its operands.
+struct Gemm {
+  cublasLtMatmulDescOpaque_t desc_storage;
+  cublasLtMatrixLayoutOpaque_t a_storage, b_storage, d_storage;
+  cublasLtMatmulDesc_t desc = reinterpret_cast<cublasLtMatmulDesc_t>(&desc_storage);
+  cublasLtMatrixLayout_t a = reinterpret_cast<cublasLtMatrixLayout_t>(&a_storage);
+  cublasLtMatrixLayout_t b = reinterpret_cast<cublasLtMatrixLayout_t>(&b_storage);
+  cublasLtMatrixLayout_t d = reinterpret_cast<cublasLtMatrixLayout_t>(&d_storage);
+  const void* w = nullptr;
+  const void* x = nullptr;
+  void* out = nullptr;
+
+  absl::Status Init(const Tensor2D& xt, const Tensor2D& wt, const Tensor2D& ot) {
+    w = wt.data;
+    x = xt.data;
+    out = ot.data;
+    const cublasOperation_t trans_a = CUBLAS_OP_T, trans_b = CUBLAS_OP_N;
+    RETURN_IF_ERROR(LtError(cublasLtMatmulDescInit(desc, CUBLAS_COMPUTE_32F, CUDA_R_32F), "descriptor"));
+    RETURN_IF_ERROR(LtError(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &trans_a,
+                                                           sizeof(trans_a)), "descriptor"));
+    RETURN_IF_ERROR(LtError(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &trans_b,
+                                                           sizeof(trans_b)), "descriptor"));
+    const auto rows = [](int64_t r) { return static_cast<uint64_t>(r); };
+    RETURN_IF_ERROR(LtError(cublasLtMatrixLayoutInit(a, CudaType(wt.dtype), rows(wt.cols), rows(wt.rows),
+                                                     wt.stride()), "layout of w"));
+    RETURN_IF_ERROR(LtError(cublasLtMatrixLayoutInit(b, CudaType(xt.dtype), rows(xt.cols), rows(xt.rows),
+                                                     xt.stride()), "layout of x"));
+    return LtError(cublasLtMatrixLayoutInit(d, CudaType(ot.dtype), rows(ot.cols), rows(ot.rows), ot.stride()),
+                   "layout of out");
+  }
+
+  cublasStatus_t Run(const MatmulState& s, const cublasLtMatmulAlgo_t& algo, cudaStream_t stream) const {
+    static const float kOne = 1.0f, kZero = 0.0f;
+    return cublasLtMatmul(s.handle, desc, &kOne, w, a, x, b, &kZero, out, d, out, d, &algo, s.workspace,
+                          kWorkspaceBytes, stream);
+  }
+};
+
+// Up to kCandidates algorithms for `g`, best estimate first (none: an error naming the problem).
+absl::Status Heuristics(const MatmulState& s, const Gemm& g, const GemmKey& key,
+                        cublasLtMatmulHeuristicResult_t* results, int* count) {
+  cublasLtMatmulPreferenceOpaque_t pref_storage;
+  auto pref = reinterpret_cast<cublasLtMatmulPreference_t>(&pref_storage);
+  RETURN_IF_ERROR(LtError(cublasLtMatmulPreferenceInit(pref), "preference"));
+  const uint64_t ws = kWorkspaceBytes;
+  const auto set = [&](cublasLtMatmulPreferenceAttributes_t attr, const void* v, size_t n) {
+    return LtError(cublasLtMatmulPreferenceSetAttribute(pref, attr, v, n), "preference");
+  };
+  RETURN_IF_ERROR(set(CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
+  RETURN_IF_ERROR(set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &key.align_w, sizeof(uint32_t)));
+  RETURN_IF_ERROR(set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &key.align_x, sizeof(uint32_t)));
+  RETURN_IF_ERROR(set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &key.align_out, sizeof(uint32_t)));
+  RETURN_IF_ERROR(set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &key.align_out, sizeof(uint32_t)));
+  *count = 0;
+  const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(s.handle, g.desc, g.a, g.b, g.d, g.d, pref,
+                                                           kCandidates, results, count);
+  if (st != CUBLAS_STATUS_SUCCESS || *count == 0) {
+    return absl::InternalError(absl::StrCat(
+        "cuda backend: Matmul: cuBLASLt has no algorithm for T=", key.t_bucket, " (bucket) N=", key.n,
+        " K=", key.k, " ", DTypeName(key.ab), " -> ", DTypeName(key.out), " (alignments w ", key.align_w,
+        " x ", key.align_x, " out ", key.align_out, ", pitch ", key.ld_align, "): ", cublasLtGetStatusString(st)));
+  }
+  return absl::OkStatus();
+}
+
+// The fastest of `results` on g's own operands (enqueues runs on `stream` and waits for them).
+absl::StatusOr<int> TimeCandidates(const MatmulState& s, const Gemm& g,
+                                   const cublasLtMatmulHeuristicResult_t* results, int count,
+                                   cudaStream_t stream) {
+  int best = 0;
+  float best_ms = std::numeric_limits<float>::infinity();
+  for (int i = 0; i < count; ++i) {
+    if (results[i].state != CUBLAS_STATUS_SUCCESS) continue;
+    if (g.Run(s, results[i].algo, stream) != CUBLAS_STATUS_SUCCESS) continue;  // warm-up
+    RETURN_IF_ERROR(CudaError(cudaEventRecord(s.start, stream), "Matmul timing"));
+    for (int r = 0; r < kTimedReps; ++r) g.Run(s, results[i].algo, stream);
+    RETURN_IF_ERROR(CudaError(cudaEventRecord(s.stop, stream), "Matmul timing"));
+    RETURN_IF_ERROR(CudaError(cudaEventSynchronize(s.stop), "Matmul timing"));
+    float ms = 0;
+    RETURN_IF_ERROR(CudaError(cudaEventElapsedTime(&ms, s.start, s.stop), "Matmul timing"));
+    if (ms < best_ms) {
+      best_ms = ms;
+      best = i;
+    }
+  }
+  return best;
+}
+
+absl::Status CheckMatmul(const Tensor2D& x, const Tensor2D& w, const Tensor2D& out) {
+  if (x.cols != w.cols || out.rows != x.rows || out.cols != w.rows || x.rows < 0 || w.rows < 0 ||
+      x.cols < 0 || x.stride() < x.cols || w.stride() < w.cols || out.stride() < out.cols) {
+    return absl::InvalidArgumentError(absl::StrCat("cuda backend: Matmul: shape mismatch x", Shape(x), " w",
+                                                   Shape(w), " out", Shape(out),
+                                                   " (want x[T,K] w[N,K] out[T,N], ld >= cols)"));
+  }
+  const bool ab_ok = x.dtype == w.dtype &&
+                     (x.dtype == DType::kF32 || x.dtype == DType::kBF16 || x.dtype == DType::kF16);
+  if (!ab_ok || (out.dtype != x.dtype && out.dtype != DType::kF32)) {
+    return absl::UnimplementedError(absl::StrCat(
+        "cuda backend: Matmul: dtypes x ", DTypeName(x.dtype), ", w ", DTypeName(w.dtype), ", out ",
+        DTypeName(out.dtype), " not implemented (x and w both F32, BF16 or F16; out the same or F32)"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status CudaBackend::Matmul(const Tensor2D& x, const Tensor2D& w, Tensor2D out) {
+  RETURN_IF_ERROR(CheckMatmul(x, w, out));
+  if (x.rows == 0 || w.rows == 0) return absl::OkStatus();
+  const size_t out_esz = DTypeSize(out.dtype);
+  if (x.cols == 0) {  // an empty sum
+    return CudaError(cudaMemset2DAsync(out.data, out.stride() * out_esz, 0, out.cols * out_esz, out.rows, stream_),
+                     "Matmul (K = 0)");
+  }
+  MatmulState& s = *matmul_;
+  RETURN_IF_ERROR(s.init);
+
+  Gemm g;
+  RETURN_IF_ERROR(g.Init(x, w, out));
+  const size_t ab_esz = DTypeSize(x.dtype);
+  const uint64_t pitches = (x.stride() * ab_esz) | (w.stride() * ab_esz) | (out.stride() * out_esz) | 16;
+  const GemmKey key{Bucket(x.rows), w.rows, x.cols, x.dtype, out.dtype, PtrAlign(w.data), PtrAlign(x.data),
+                    PtrAlign(out.data), static_cast<uint32_t>(pitches & (~pitches + 1))};
+
+  auto it = s.algos.find(key);
+  if (it == s.algos.end() || !it->second.timed) {
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    RETURN_IF_ERROR(CudaError(cudaStreamIsCapturing(stream_, &capture), "Matmul"));
+    const bool can_time = capture == cudaStreamCaptureStatusNone;
+    if (it == s.algos.end() || can_time) {
+      cublasLtMatmulHeuristicResult_t results[kCandidates] = {};
+      int count = 0;
+      RETURN_IF_ERROR(Heuristics(s, g, key, results, &count));
+      int pick = 0;
+      if (can_time && count > 1) {
+        ASSIGN_OR_RETURN(pick, TimeCandidates(s, g, results, count, stream_));
+      }
+      it = s.algos.insert_or_assign(key, AlgoChoice{results[pick].algo, can_time}).first;
+    }
+  }
+  cublasStatus_t st = g.Run(s, it->second.algo, stream_);
+  if (st == CUBLAS_STATUS_NOT_SUPPORTED || st == CUBLAS_STATUS_INVALID_VALUE) {
+    // The bucket's algorithm does not fit this token count: the heuristic's pick for exactly it.
+    cublasLtMatmulHeuristicResult_t results[kCandidates] = {};
+    int count = 0;
+    RETURN_IF_ERROR(Heuristics(s, g, key, results, &count));
+    st = g.Run(s, results[0].algo, stream_);
+  }
+  return LtError(st, absl::StrCat("x", Shape(x), " w", Shape(w), " out", Shape(out)));
+}
 
 }  // namespace lorc::cuda_internal
 #endif

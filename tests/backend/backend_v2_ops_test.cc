@@ -284,7 +284,7 @@ TEST(CudaRuntimeTest, StreamCopiesEventsGraphsAndBlockCopies) {
   }
   EXPECT_THAT(b.CopyBlocks({l0}, bs, blocks, {BlockCopy{0, 4}}),
               StatusIs(absl::StatusCode::kInvalidArgument));
-  EXPECT_THAT(b.Matmul(Tensor2D{}, Tensor2D{}, Tensor2D{}),
+  EXPECT_THAT(b.Matmul(Tensor2D{}, Tensor2D{nullptr, DType::kBF16}, Tensor2D{}),
               StatusIs(absl::StatusCode::kUnimplemented, HasSubstr("Matmul")));
 }
 

@@ -1,6 +1,6 @@
-// Parity of the CUDA backend's element-wise and row kernels (kernels/) with the CPU backend, the
-// reference: the same seeded inputs run through both, for F32 and BF16 tensors and several
-// shapes (odd sizes, strided and unaligned views that take the scalar paths). BF16 inputs are
+// Parity of the CUDA backend's element-wise and row kernels (kernels/) and of its cuBLASLt Matmul
+// (tolerances stated at its tests) with the CPU backend, the reference: the same seeded inputs
+// run through both, for F32 and BF16 tensors and several shapes (odd sizes, strided and unaligned views that take the scalar paths). BF16 inputs are
 // rounded to bf16 first, and the CPU runs on exactly those values in fp32.
 // Tolerances, |cuda - cpu| <= tol * max(1, |cpu|): F32 1e-5; BF16 1e-2 (one bf16 rounding of
 // each output is 2^-9 relative); copies (Embedding, GatherRows, WriteKv, v rows) exact.
@@ -21,6 +21,8 @@ using ::testing::HasSubstr;
 std::vector<float> RoundTo(DType dt, std::vector<float> v) {
   if (dt == DType::kBF16) {
     for (float& x : v) x = Bf16ToF32(F32ToBf16(x));
+  } else if (dt == DType::kF16) {
+    for (float& x : v) x = F16ToF32(F32ToF16(x));
   }
   return v;
 }
@@ -47,14 +49,14 @@ class CudaKernelParityTest : public ::testing::TestWithParam<DType> {
     return RoundTo(dt(), RandomVec(rng_, n, lo, hi));
   }
 
-  // Host values to `be` as dtype `d` (F32 or BF16).
+  // Host values to `be` as dtype `d` (F32, BF16 or F16).
   static DeviceBuffer Put(Backend& be, const std::vector<float>& v, DType d) {
     const size_t n = v.size(), esz = DTypeSize(d);
     auto buf = be.Allocate(n * esz);
     CHECK(buf.ok()) << buf.status();
-    if (d == DType::kBF16) {
+    if (d == DType::kBF16 || d == DType::kF16) {
       std::vector<uint16_t> h(n);
-      for (size_t i = 0; i < n; ++i) h[i] = F32ToBf16(v[i]);
+      for (size_t i = 0; i < n; ++i) h[i] = d == DType::kBF16 ? F32ToBf16(v[i]) : F32ToF16(v[i]);
       CHECK_OK(be.CopyToDevice(buf->data(), h.data(), n * esz));
     } else {
       CHECK_OK(be.CopyToDevice(buf->data(), v.data(), n * esz));
@@ -71,11 +73,11 @@ class CudaKernelParityTest : public ::testing::TestWithParam<DType> {
   static std::vector<float> Get(Backend& be, const DeviceBuffer& b, DType d) {
     const size_t n = b.bytes() / DTypeSize(d);
     std::vector<float> out(n);
-    if (d == DType::kBF16) {
+    if (d == DType::kBF16 || d == DType::kF16) {
       std::vector<uint16_t> h(n);
       CHECK_OK(be.CopyToHost(h.data(), b.data(), n * 2));
       CHECK_OK(be.Synchronize());
-      for (size_t i = 0; i < n; ++i) out[i] = Bf16ToF32(h[i]);
+      for (size_t i = 0; i < n; ++i) out[i] = d == DType::kBF16 ? Bf16ToF32(h[i]) : F16ToF32(h[i]);
     } else {
       CHECK_OK(be.CopyToHost(out.data(), b.data(), n * 4));
       CHECK_OK(be.Synchronize());
@@ -361,10 +363,195 @@ TEST_P(CudaKernelParityTest, RejectsOtherDtypesAndShapes) {
   EXPECT_THAT(cuda_->SiluMul(xf, xf), StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("SiluMul")));
   EXPECT_THAT(cuda_->Rope({xf, 3, 2, nullptr, nullptr}),
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("head_dim")));
-  EXPECT_THAT(cuda_->Matmul(xf, xf, xf), StatusIs(absl::StatusCode::kUnimplemented, HasSubstr("Matmul")));
+  EXPECT_THAT(cuda_->Matmul(xf, xf, xf),
+              StatusIs(absl::StatusCode::kInvalidArgument, AllOf(HasSubstr("Matmul"), HasSubstr("x[2,8]"))));
+}
+
+// --- Matmul (cuBLASLt) ---------------------------------------------------------------------------
+// Tolerance: |cuda - cpu| <= rel * |cpu| + 1e-6 * sum_k |x_k w_k|, where rel = 2^-8 for a 16-bit
+// output (its one rounding is at most 2^-9 relative) and 1e-6 for an F32 output; the second term
+// covers fp32 accumulation in another order (its error scales with the summed magnitudes: about
+// sqrt(K) of them for random signs, K at worst). A wrong layout, stride or dtype is off by O(1).
+
+struct MatmulCase {
+  int64_t T, K, N;
+  int64_t x_off = 0, w_row0 = 0, w_off = 0, out_off = 0, pad = 0;  // strided views when non-zero
+};
+
+class CudaMatmulParityTest : public CudaKernelParityTest {
+ protected:
+  // Runs one case on both backends (the CPU on the same rounded inputs, in F32) and compares the
+  // whole output buffer: the view within tolerance, every element outside it untouched.
+  void ExpectMatmulParity(DType ab, DType od, const MatmulCase& c);
+};
+
+void CudaMatmulParityTest::ExpectMatmulParity(DType ab, DType od, const MatmulCase& c) {
+  Backend &cpu = *cpu_, &cuda = *cuda_;
+  std::mt19937& rng = rng_;
+  SCOPED_TRACE(::testing::Message() << "T=" << c.T << " K=" << c.K << " N=" << c.N << " " << DTypeName(ab)
+                                    << " -> " << DTypeName(od) << (c.pad ? " strided" : ""));
+  const int64_t x_ld = c.K + c.x_off + c.pad, w_ld = c.K + c.w_off + c.pad, o_ld = c.N + c.out_off + c.pad;
+  const int64_t w_rows = c.N + c.w_row0;
+  const std::vector<float> x = RoundTo(ab, RandomVec(rng, c.T * x_ld)), w = RoundTo(ab, RandomVec(rng, w_rows * w_ld));
+  const float sentinel = 1024.f;
+  const std::vector<float> out0(c.T * o_ld, sentinel);
+  auto run = [&](Backend& be, DType in_t, DType out_t, const std::vector<float>& xs, const std::vector<float>& ws) {
+    DeviceBuffer dx = Put(be, xs, in_t), dw = Put(be, ws, in_t);
+    DeviceBuffer dout = Put(be, out0, out_t);
+    const Tensor2D xv = View(dx, in_t, c.T, x_ld).ColSlice(c.x_off, c.K);
+    const Tensor2D wv = View(dw, in_t, w_rows, w_ld).RowSlice(c.w_row0, c.N).ColSlice(c.w_off, c.K);
+    const Tensor2D ov = View(dout, out_t, c.T, o_ld).ColSlice(c.out_off, c.N);
+    CHECK_OK(be.Matmul(xv, wv, ov));
+    return Get(be, dout, out_t);
+  };
+  std::vector<float> ax = x, aw = w;
+  for (float& v : ax) v = std::abs(v);
+  for (float& v : aw) v = std::abs(v);
+  const std::vector<float> want = run(cpu, DType::kF32, DType::kF32, x, w);
+  const std::vector<float> mag = run(cpu, DType::kF32, DType::kF32, ax, aw);
+  const std::vector<float> got = run(cuda, ab, od, x, w);
+  const double rel = od == DType::kF32 ? 1e-6 : 1.0 / 256;
+  int bad = 0;
+  double worst = 0;
+  for (int64_t t = 0; t < c.T; ++t) {
+    for (int64_t j = 0; j < o_ld; ++j) {
+      const size_t i = t * o_ld + j;
+      if (j < c.out_off || j >= c.out_off + c.N) {
+        if (got[i] != sentinel && ++bad <= 5) ADD_FAILURE() << "row " << t << " col " << j << " overwritten";
+        continue;
+      }
+      const double err = std::abs(static_cast<double>(got[i]) - want[i]);
+      const double lim = rel * std::abs(want[i]) + 1e-6 * mag[i];
+      worst = std::max(worst, err / lim);
+      if (!(err <= lim) && ++bad <= 5) {
+        ADD_FAILURE() << "out[" << t << "," << j - c.out_off << "]: cuda " << got[i] << ", cpu " << want[i]
+                      << " (|err| " << err << " > " << lim << ")";
+      }
+    }
+  }
+  EXPECT_EQ(bad, 0) << "worst err/limit " << worst;
+}
+
+// Decode (T = 1..256, the token-count buckets and numbers between them), prefill, odd K and N
+// (unaligned rows), and strided views (column slices of wider buffers, as the qkv split makes).
+const MatmulCase kMatmulCases[] = {
+    {1, 4096, 6144}, {2, 1024, 1536}, {3, 1024, 1536}, {8, 1024, 1536}, {17, 1024, 1536},
+    {64, 1024, 1536}, {100, 1024, 1536}, {256, 1024, 1536}, {33, 512, 768}, {64, 512, 768},
+    {40, 512, 768},  // 33, 64 and 40 share a bucket: its cached algorithm serves all three
+    {512, 512, 768}, {1000, 384, 1000}, {3, 37, 23}, {7, 129, 1001}, {5, 4095, 7}, {1, 1, 1},
+    {9, 37, 23, 5, 2, 3, 4, 7},                 // unaligned strided views
+    {64, 256, 384, 8, 8, 8, 8, 8},              // 16-byte aligned strided views
+    {1, 4096, 1024, 0, 0, 0, 2048, 3072},       // an output column slice
+};
+
+TEST_P(CudaMatmulParityTest, MatmulMatchesCpuOnDecodePrefillOddAndStridedShapes) {
+  std::vector<DType> outs = {dt()};
+  if (dt() != DType::kF32) outs.push_back(DType::kF32);  // bf16 hidden states -> fp32 logits
+  for (const DType od : outs) {
+    for (const MatmulCase& c : kMatmulCases) ExpectMatmulParity(dt(), od, c);
+  }
+}
+
+TEST_P(CudaMatmulParityTest, MatmulF16) {
+  if (dt() == DType::kF32) GTEST_SKIP() << "the F16 cases run once, in the BF16 instance";
+  for (const DType od : {DType::kF16, DType::kF32}) {
+    for (const MatmulCase& c : {MatmulCase{1, 4096, 1024}, MatmulCase{64, 512, 768}, MatmulCase{7, 129, 1001},
+                                MatmulCase{9, 37, 23, 5, 2, 3, 4, 7}}) {
+      ExpectMatmulParity(DType::kF16, od, c);
+    }
+  }
+}
+
+// Captured GEMMs replay over refreshed inputs: one shape seen eagerly before the capture (its
+// algorithm timed and cached), one seen first inside it (the heuristic's pick, nothing timed or
+// allocated); then the latter eagerly again (now timed) gives the same result within tolerance.
+TEST_P(CudaMatmulParityTest, MatmulCapturesAndReplays) {
+  Backend& be = *cuda_;
+  const DType d = dt();
+  const MatmulCase a{8, 512, 640}, b{3, 320, 200};
+  struct Operands {
+    DeviceBuffer x, w, out;
+  };
+  auto alloc = [&](const MatmulCase& c) {
+    return Operands{Put(be, std::vector<float>(c.T * c.K, 0.f), d), Put(be, Random(c.N * c.K), d),
+                    Put(be, std::vector<float>(c.T * c.N, 0.f), d)};
+  };
+  Operands A = alloc(a), B = alloc(b);
+  auto gemm = [&](const MatmulCase& c, const Operands& m) {
+    return be.Matmul(View(m.x, d, c.T, c.K), View(m.w, d, c.N, c.K), View(m.out, d, c.T, c.N));
+  };
+  ASSERT_OK(gemm(a, A));
+  ASSERT_OK(be.Synchronize());
+  ASSERT_OK(be.BeginCapture());
+  ASSERT_OK(gemm(a, A));
+  ASSERT_OK(gemm(b, B));
+  auto graph = be.EndCapture();
+  ASSERT_OK(graph);
+  auto expect = [&](const MatmulCase& c, const Operands& m, const std::vector<float>& x) {
+    const std::vector<float> w = Get(be, m.w, d), got = Get(be, m.out, d);
+    DeviceBuffer cx = Put(*cpu_, x, DType::kF32), cw = Put(*cpu_, w, DType::kF32);
+    DeviceBuffer co = Put(*cpu_, std::vector<float>(c.T * c.N, 0.f), DType::kF32);
+    ASSERT_OK(cpu_->Matmul(View(cx, DType::kF32, c.T, c.K), View(cw, DType::kF32, c.N, c.K),
+                           View(co, DType::kF32, c.T, c.N)));
+    const std::vector<float> want = Get(*cpu_, co, DType::kF32);
+    for (size_t i = 0; i < want.size(); ++i) {
+      // |x|, |w| <= 1: the summed magnitudes are at most K.
+      ASSERT_NEAR(got[i], want[i], (d == DType::kF32 ? 1e-6 : 1.0 / 256) * std::abs(want[i]) + 1e-6 * c.K)
+          << "element " << i;
+    }
+  };
+  for (int round = 0; round < 2; ++round) {
+    SCOPED_TRACE(round);
+    const std::vector<float> xa = Random(a.T * a.K), xb = Random(b.T * b.K);
+    DeviceBuffer ta = Put(be, xa, d), tb = Put(be, xb, d);
+    ASSERT_OK(be.CopyOnDevice(A.x.data(), ta.data(), ta.bytes()));
+    ASSERT_OK(be.CopyOnDevice(B.x.data(), tb.data(), tb.bytes()));
+    ASSERT_OK(be.Memset(A.out.data(), 0, A.out.bytes()));
+    ASSERT_OK(be.Memset(B.out.data(), 0, B.out.bytes()));
+    ASSERT_OK(be.ReplayGraph(**graph));
+    ASSERT_OK(be.Synchronize());
+    expect(a, A, xa);
+    expect(b, B, xb);
+    if (round == 1) {
+      ASSERT_OK(be.Memset(B.out.data(), 0, B.out.bytes()));
+      ASSERT_OK(gemm(b, B));
+      expect(b, B, xb);
+    }
+  }
+}
+
+TEST_P(CudaMatmulParityTest, MatmulRejectsShapesAndDtypesNamingThem) {
+  DeviceBuffer buf = Put(*cuda_, std::vector<float>(256, 1.f), DType::kF32);
+  const DType d = dt();
+  auto t = [&](DType dtype, int64_t rows, int64_t cols, int64_t ld = 0) {
+    return Tensor2D{buf.data(), dtype, rows, cols, ld};
+  };
+  EXPECT_THAT(cuda_->Matmul(t(d, 3, 5), t(d, 4, 6), t(d, 3, 4)),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       AllOf(HasSubstr("Matmul"), HasSubstr("x[3,5]"), HasSubstr("w[4,6]"), HasSubstr("out[3,4]"))));
+  EXPECT_THAT(cuda_->Matmul(t(d, 3, 5), t(d, 4, 5), t(d, 3, 3)),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("out[3,3]")));
+  EXPECT_THAT(cuda_->Matmul(t(d, 3, 5, 4), t(d, 4, 5), t(d, 3, 4)),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("x[3,5 ld 4]")));
+  const DType other = d == DType::kF32 ? DType::kBF16 : DType::kF32;
+  EXPECT_THAT(cuda_->Matmul(t(d, 3, 5), t(other, 4, 5), t(d, 3, 4)),
+              StatusIs(absl::StatusCode::kUnimplemented,
+                       AllOf(HasSubstr("Matmul"), HasSubstr(DTypeName(d)), HasSubstr(DTypeName(other)))));
+  EXPECT_THAT(cuda_->Matmul(t(DType::kF32, 3, 5), t(DType::kF32, 4, 5), t(DType::kBF16, 3, 4)),
+              StatusIs(absl::StatusCode::kUnimplemented, HasSubstr("out BF16")));
+  EXPECT_THAT(cuda_->Matmul(t(DType::kI32, 3, 5), t(DType::kI32, 4, 5), t(DType::kI32, 3, 4)),
+              StatusIs(absl::StatusCode::kUnimplemented, HasSubstr("I32")));
+  // Empty cases: T = 0 and N = 0 do nothing; K = 0 writes zeros (an empty sum).
+  EXPECT_OK(cuda_->Matmul(t(d, 0, 5), t(d, 4, 5), t(d, 0, 4)));
+  EXPECT_OK(cuda_->Matmul(t(d, 3, 5), t(d, 0, 5), t(d, 3, 0)));
+  DeviceBuffer z = Put(*cuda_, std::vector<float>(12, 7.f), d);
+  ASSERT_OK(cuda_->Matmul(t(d, 3, 0), t(d, 4, 0), View(z, d, 3, 4)));
+  EXPECT_EQ(Get(*cuda_, z, d), std::vector<float>(12, 0.f));
 }
 
 INSTANTIATE_TEST_SUITE_P(Dtypes, CudaKernelParityTest, ::testing::Values(DType::kF32, DType::kBF16),
+                         DTypeParamName);
+INSTANTIATE_TEST_SUITE_P(Dtypes, CudaMatmulParityTest, ::testing::Values(DType::kF32, DType::kBF16),
                          DTypeParamName);
 
 }  // namespace

@@ -1,0 +1,147 @@
+// BF16 GEMM throughput of the CUDA backend's Matmul (cuBLASLt, fp32 accumulation) on the
+// Llama-3-8B linear layers at token counts M = 1, 8, 64, 256, 4096, next to the peak of a large
+// square GEMM (the physical floor that prefill figures are measured against).
+//
+// Each point: one eager call first (the backend picks and caches its algorithm), then a CUDA
+// graph of many calls cycling over enough copies of the weight that they do not stay in the 60 MB
+// L2 (decode reads every weight from HBM once per step; a single 50 MB weight would otherwise be
+// served from L2), replayed and timed on the host. Weights and inputs hold random values (zeros
+// draw less power and would run at higher clocks). Prints one JSON line per point, then a table:
+// microseconds per GEMM, TFLOP/s (2*M*N*K / t), and for the bandwidth-bound small-M points the
+// weight bytes read per second (N*K*2 / t) against the device's ~4.3 TB/s copy bandwidth.
+// Usage: build/bin/gemm_bench (needs a CUDA device; about a minute).
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "backend/backend.h"
+#include "backend/cuda_backend.h"
+#include "common/check.h"
+#include "common/dtype.h"
+
+namespace lorc {
+namespace {
+
+constexpr double kTargetSeconds = 0.02;  // work per graph replay
+constexpr int kReplays = 5;
+constexpr size_t kColdBytes = size_t{256} << 20;  // weight copies cycled per shape: > 4x L2
+
+struct Shape {
+  const char* name;
+  int64_t n, k;
+};
+constexpr Shape kShapes[] = {{"qkv", 6144, 4096},     {"o", 4096, 4096},          {"gate_up", 28672, 4096},
+                             {"down", 4096, 14336},   {"lm_head", 128256, 4096}};
+constexpr int64_t kTokens[] = {1, 8, 64, 256, 4096};
+
+double Now() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+// A device buffer of `bytes` filled with random bf16 values in [-1, 1] (a 16 MiB host pattern
+// repeated).
+DeviceBuffer RandomBf16(Backend& be, size_t bytes) {
+  static const std::vector<uint16_t> pattern = [] {
+    std::mt19937 rng(7);
+    std::uniform_real_distribution<float> u(-1.f, 1.f);
+    std::vector<uint16_t> p((size_t{16} << 20) / 2);
+    for (uint16_t& v : p) v = F32ToBf16(u(rng));
+    return p;
+  }();
+  auto b = be.Allocate(bytes);
+  CHECK(b.ok()) << b.status();
+  for (size_t off = 0; off < bytes; off += pattern.size() * 2) {
+    CHECK_OK(be.CopyToDevice(static_cast<char*>(b->data()) + off, pattern.data(),
+                             std::min(bytes - off, pattern.size() * 2)));
+  }
+  CHECK_OK(be.Synchronize());
+  return std::move(*b);
+}
+
+struct Point {
+  std::string name;
+  int64_t m, n, k;
+  DType out;
+  double us, tflops, weight_gbps;
+};
+
+// Seconds per x[m, k] * w[n, k]^T -> out[m, n] (out `od`), with `copies` distinct weights cycled.
+double TimeGemm(Backend& be, int64_t m, int64_t n, int64_t k, DType od, int copies) {
+  const size_t wbytes = static_cast<size_t>(n) * k * 2;
+  std::vector<DeviceBuffer> ws;
+  for (int i = 0; i < copies; ++i) ws.push_back(RandomBf16(be, wbytes));
+  DeviceBuffer x = RandomBf16(be, static_cast<size_t>(m) * k * 2);
+  auto out = be.Allocate(static_cast<size_t>(m) * n * DTypeSize(od));
+  CHECK(out.ok()) << out.status();
+  const Tensor2D xv{x.data(), DType::kBF16, m, k, 0}, ov{out->data(), od, m, n, 0};
+  auto gemm = [&](int i) { CHECK_OK(be.Matmul(xv, Tensor2D{ws[i % copies].data(), DType::kBF16, n, k, 0}, ov)); };
+  gemm(0);  // picks (and times) the algorithm for this shape
+  CHECK_OK(be.Synchronize());
+  double t0 = Now();
+  for (int i = 0; i < copies; ++i) gemm(i);
+  CHECK_OK(be.Synchronize());
+  const double est = (Now() - t0) / copies;
+  int reps = static_cast<int>(std::clamp(kTargetSeconds / est, 1.0, 400.0));
+  reps = std::max(copies, (reps + copies - 1) / copies * copies);
+  CHECK_OK(be.BeginCapture());
+  for (int i = 0; i < reps; ++i) gemm(i);
+  auto graph = be.EndCapture();
+  CHECK(graph.ok()) << graph.status();
+  CHECK_OK(be.ReplayGraph(**graph));
+  CHECK_OK(be.Synchronize());
+  t0 = Now();
+  for (int r = 0; r < kReplays; ++r) CHECK_OK(be.ReplayGraph(**graph));
+  CHECK_OK(be.Synchronize());
+  return (Now() - t0) / (kReplays * reps);
+}
+
+Point Measure(Backend& be, const std::string& name, int64_t m, int64_t n, int64_t k, DType od) {
+  const double wbytes = 2.0 * n * k;
+  const int copies = static_cast<int>(std::clamp<double>(kColdBytes / wbytes + 0.999, 1, 8));
+  const double s = TimeGemm(be, m, n, k, od, copies);
+  Point p{name, m, n, k, od, s * 1e6, 2.0 * m * n * k / s * 1e-12, wbytes / s * 1e-9};
+  std::printf("{\"bench\":\"gemm\",\"shape\":\"%s\",\"M\":%ld,\"N\":%ld,\"K\":%ld,\"dtype\":\"BF16\","
+              "\"out\":\"%s\",\"us\":%.2f,\"tflops\":%.1f,\"weight_gbps\":%.0f}\n",
+              name.c_str(), static_cast<long>(m), static_cast<long>(n), static_cast<long>(k), DTypeName(od),
+              p.us, p.tflops, p.weight_gbps);
+  std::fflush(stdout);
+  return p;
+}
+
+int Main() {
+  auto made = CreatePartialCudaBackend(BackendOptions{BackendKind::kCuda});
+  if (!made.ok()) {
+    std::fprintf(stderr, "%s\n", std::string(made.status().message()).c_str());
+    return 1;
+  }
+  Backend& be = **made;
+  std::printf("# %s\n", be.Describe().c_str());
+  double peak = 0;
+  for (const int64_t s : {8192, 16384}) {
+    peak = std::max(peak, Measure(be, "square", s, s, s, DType::kBF16).tflops);
+  }
+  std::printf("{\"bench\":\"gemm_peak\",\"tflops\":%.1f}\n", peak);
+  std::vector<Point> points;
+  for (const Shape& sh : kShapes) {
+    for (const int64_t m : kTokens) points.push_back(Measure(be, sh.name, m, sh.n, sh.k, DType::kBF16));
+  }
+  for (const int64_t m : kTokens) points.push_back(Measure(be, "lm_head", m, 128256, 4096, DType::kF32));
+
+  std::printf("\n%-8s %5s %6s %6s %4s %10s %8s %7s %9s\n", "shape", "M", "N", "K", "out", "us", "TFLOP/s",
+              "%peak", "w GB/s");
+  for (const Point& p : points) {
+    std::printf("%-8s %5ld %6ld %6ld %4s %10.2f %8.1f %6.1f%% %9.0f\n", p.name.c_str(), static_cast<long>(p.m),
+                static_cast<long>(p.n), static_cast<long>(p.k), DTypeName(p.out), p.us, p.tflops,
+                100.0 * p.tflops / peak, p.weight_gbps);
+  }
+  std::printf("peak (square GEMM, best of 8192^3 and 16384^3): %.1f TFLOP/s\n", peak);
+  return 0;
+}
+
+}  // namespace
+}  // namespace lorc
+
+int main() { return lorc::Main(); }

@@ -32,7 +32,7 @@ class Args {
   std::vector<std::string> GetAll(const std::string& name) const;
   absl::StatusOr<int64_t> GetInt(const std::string& name, int64_t def) const;
   // The value of --name (or `def`) when it lies in [lo, hi]; otherwise InvalidArgument naming the
-  // flag, the value and the range (so "--max-step-tokens 4294967296" is an error, not a wrap to 0
+  // flag, the value and the range (so "--max-num-batched-tokens 4294967296" is an error, not a wrap to 0
   // in an int32).
   absl::StatusOr<int64_t> GetIntInRange(const std::string& name, int64_t def, int64_t lo,
                                         int64_t hi) const;

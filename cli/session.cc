@@ -45,12 +45,12 @@ std::vector<FlagSpec> KvCacheFlags() {
 
 std::vector<FlagSpec> SchedulerFlags() {
   return {
-      {"max-step-tokens", true,
+      {"max-num-batched-tokens", true,
        absl::StrCat("tokens per engine step (chunked prefill budget, default ",
-                    defaults::kMaxStepTokens, ")"),
+                    defaults::kMaxNumBatchedTokens, ")"),
        "N"},
-      {"max-running", true,
-       absl::StrCat("sequences running at once (default ", defaults::kMaxRunning, ")"), "N"},
+      {"max-num-seqs", true,
+       absl::StrCat("sequences running at once (default ", defaults::kMaxNumSeqs, ")"), "N"},
       {"max-waiting", true,
        absl::StrCat("queued requests before RESOURCE_EXHAUSTED (default ", defaults::kMaxWaiting,
                     ")"),
@@ -61,9 +61,9 @@ std::vector<FlagSpec> SchedulerFlags() {
 absl::StatusOr<EngineOptions> ParseEngineOptions(const Args& args) {
   constexpr int32_t kMax = std::numeric_limits<int32_t>::max();
   EngineOptions eo;
-  ASSIGN_OR_RETURN(eo.max_step_tokens,
-                   args.GetInt32("max-step-tokens", defaults::kMaxStepTokens, 1, kMax));
-  ASSIGN_OR_RETURN(eo.max_running, args.GetInt32("max-running", defaults::kMaxRunning, 1, kMax));
+  ASSIGN_OR_RETURN(eo.max_num_batched_tokens,
+                   args.GetInt32("max-num-batched-tokens", defaults::kMaxNumBatchedTokens, 1, kMax));
+  ASSIGN_OR_RETURN(eo.max_num_seqs, args.GetInt32("max-num-seqs", defaults::kMaxNumSeqs, 1, kMax));
   ASSIGN_OR_RETURN(eo.max_waiting, args.GetInt32("max-waiting", defaults::kMaxWaiting, 1, kMax));
   return eo;
 }
@@ -111,8 +111,8 @@ absl::StatusOr<KvCacheOptions> ParseKvCacheOptions(const Args& args) {
   // The runners' fixed step buffers must hold what the scheduler may put in one step: the same
   // flags (and defaults) as the engine's budget and running set.
   ASSIGN_OR_RETURN(EngineOptions eo, ParseEngineOptions(args));
-  kv.max_num_batched_tokens = eo.max_step_tokens;
-  kv.max_num_seqs = eo.max_running;
+  kv.max_num_batched_tokens = eo.max_num_batched_tokens;
+  kv.max_num_seqs = eo.max_num_seqs;
   return kv;
 }
 

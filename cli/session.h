@@ -22,7 +22,7 @@ std::vector<FlagSpec> EngineFlags();
 // The engine/KV flag group shared by generate, eval and coordinator (defaults: common/defaults.h).
 // --kv-cache-mb, --num-blocks, --block-size.
 std::vector<FlagSpec> KvCacheFlags();
-// --max-step-tokens, --max-running, --max-waiting.
+// --max-num-batched-tokens, --max-num-seqs, --max-waiting.
 std::vector<FlagSpec> SchedulerFlags();
 // SchedulerFlags() into EngineOptions, each range-checked into its int32 field (errors name the
 // flag).

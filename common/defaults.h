@@ -9,8 +9,8 @@ namespace lorc::defaults {
 inline constexpr int32_t kBlockSize = 16;         // KV cache block size, tokens
 inline constexpr int64_t kKvCacheMiB = 512;       // KV cache memory per worker, MiB (CPU backend)
 inline constexpr double kGpuMemoryUtilization = 0.9;  // CUDA: share of GPU memory lorcserve uses
-inline constexpr int32_t kMaxStepTokens = 2048;   // max_num_batched_tokens: tokens per step
-inline constexpr int32_t kMaxRunning = 256;       // max_num_seqs: sequences running at once
+inline constexpr int32_t kMaxNumBatchedTokens = 2048;   // max_num_batched_tokens: tokens per step
+inline constexpr int32_t kMaxNumSeqs = 256;       // max_num_seqs: sequences running at once
 inline constexpr int32_t kMaxWaiting = 1024;      // bounded queue before RESOURCE_EXHAUSTED
 inline constexpr int32_t kMaxTokens = 16;         // a request's max_tokens when it gives none
 inline constexpr int32_t kCliMaxTokens = 64;      // `generate` / `bench` --max-tokens

@@ -42,8 +42,8 @@ SchedulerConfig MakeSchedulerConfig(const ModelConfig& config, const KvCacheSpec
   SchedulerConfig c;
   c.block_size = kv.block_size;
   c.num_blocks = kv.num_blocks;
-  c.max_step_tokens = options.max_step_tokens;
-  c.max_running = options.max_running;
+  c.max_num_batched_tokens = options.max_num_batched_tokens;
+  c.max_num_seqs = options.max_num_seqs;
   c.max_waiting = options.max_waiting;
   c.max_model_len = config.max_position_embeddings;
   c.vocab_size = config.vocab_size;

@@ -81,8 +81,8 @@ struct GenerationResult {
 };
 
 struct EngineOptions {
-  int32_t max_step_tokens = defaults::kMaxStepTokens;  // chunked-prefill budget per step
-  int32_t max_running = defaults::kMaxRunning;          // sequences decoding at once
+  int32_t max_num_batched_tokens = defaults::kMaxNumBatchedTokens;  // chunked-prefill budget per step
+  int32_t max_num_seqs = defaults::kMaxNumSeqs;          // sequences decoding at once
   int32_t max_waiting = defaults::kMaxWaiting;          // bounded admission queue
 };
 

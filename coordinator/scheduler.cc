@@ -39,8 +39,8 @@ absl::Status SchedulerConfig::Validate() const {
   };
   RETURN_IF_ERROR(positive("block_size", block_size));
   RETURN_IF_ERROR(positive("num_blocks", num_blocks));
-  RETURN_IF_ERROR(positive("max_step_tokens", max_step_tokens));
-  RETURN_IF_ERROR(positive("max_running", max_running));
+  RETURN_IF_ERROR(positive("max_num_batched_tokens", max_num_batched_tokens));
+  RETURN_IF_ERROR(positive("max_num_seqs", max_num_seqs));
   RETURN_IF_ERROR(positive("max_waiting", max_waiting));
   RETURN_IF_ERROR(positive("max_model_len", max_model_len));
   RETURN_IF_ERROR(positive("vocab_size", vocab_size));
@@ -127,9 +127,9 @@ absl::Status Scheduler::Add(int64_t seq_id, std::vector<int32_t> prompt,
     return absl::InvalidArgumentError(absl::StrCat("n = ", n, " completions need ", n - 1,
                                                    " child sequence ids, got ", child_ids.size()));
   }
-  if (n > config_.max_running) {
+  if (n > config_.max_num_seqs) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "n (", n, ") exceeds max_running (", config_.max_running,
+        "n (", n, ") exceeds max_num_seqs (", config_.max_num_seqs,
         "): the completions could never run together"));
   }
   // The n completions at full length together: the prompt's full blocks are shared, every other
@@ -283,7 +283,7 @@ StepPlan Scheduler::Schedule() {
   plan.step_id = step_id_ + 1;
   plan.finished = std::move(ended_);
   ended_.clear();
-  int64_t budget = config_.max_step_tokens;
+  int64_t budget = config_.max_num_batched_tokens;
   std::vector<Entry> entries;
 
   // 1. Running sequences: decodes, then prefill chunks; each group by priority, then admission.
@@ -323,7 +323,7 @@ StepPlan Scheduler::Schedule() {
     // Blocks the running sequences still need to finish their prefill (promised to them), with
     // one block per unforked child (its first token's copy-on-write or new block).
     int64_t promised = 0;
-    int64_t slots = 0;  // against max_running
+    int64_t slots = 0;  // against max_num_seqs
     for (const Seq* s : running_) {
       promised += blocks_.BlocksNeeded(s->id, static_cast<int64_t>(s->tokens.size())) +
                   static_cast<int64_t>(s->child_ids.size());
@@ -331,7 +331,7 @@ StepPlan Scheduler::Schedule() {
     }
     while (!waiting_.empty() && budget > 0) {
       Seq& s = *seqs_.at(std::get<2>(*waiting_.begin()));
-      if (slots + Slots(s) > config_.max_running) break;  // in order: no skipping ahead
+      if (slots + Slots(s) > config_.max_num_seqs) break;  // in order: no skipping ahead
       const int64_t num_tokens = static_cast<int64_t>(s.tokens.size());
       const int64_t children = static_cast<int64_t>(s.child_ids.size());
       const int64_t need = CeilDiv(num_tokens + 1, config_.block_size) + children;
@@ -546,8 +546,8 @@ absl::Status Scheduler::Validate() const {
   }
   int64_t slots = 0;
   for (const Seq* s : running_) slots += Slots(*s);
-  if (slots > config_.max_running) {
-    return bad(slots, " running (with unforked children) > max_running ", config_.max_running);
+  if (slots > config_.max_num_seqs) {
+    return bad(slots, " running (with unforked children) > max_num_seqs ", config_.max_num_seqs);
   }
   size_t num_reserved = 0;
   for (const auto& [id, p] : seqs_) {

@@ -30,13 +30,13 @@
 //     sequence, repeatedly, until it fits or it is the victim itself.
 //  2. If nothing was preempted, waiting sequences are admitted by (priority desc, arrival asc),
 //     strictly in that order (no skipping ahead, so large requests are not starved), while the
-//     budget, max_running and the blocks allow. Admission needs blocks for the whole prompt plus
+//     budget, max_num_seqs and the blocks allow. Admission needs blocks for the whole prompt plus
 //     one token (plus one block per unforked child: its first token's copy-on-write or new
 //     block), on top of the blocks that admitted sequences still need to finish their prefill
 //     (their unforked children included), plus a watermark of one spare block per running
 //     sequence (so that admitting does not force an immediate preemption). With nothing running,
 //     anything that fits is admitted. A parent with unforked children counts as 1 + children
-//     against max_running.
+//     against max_num_seqs.
 //  Each newly admitted sequence takes a prefill chunk from what is left of the budget.
 //  (Prefix caching would start an admitted sequence at num_computed > 0; not done yet.)
 //
@@ -52,7 +52,7 @@
 // Invariants (checked by Validate()): every sequence is in exactly one of waiting / running;
 // running sequences own exactly the blocks for their computed tokens, waiting ones own none;
 // a block's ref count = the number of block tables holding it; blocks in use + free blocks =
-// num_blocks; running sequences + their unforked children <= max_running; reserved child ids are
+// num_blocks; running sequences + their unforked children <= max_num_seqs; reserved child ids are
 // exactly the unforked children of live parents and none is a live id.
 //
 // Thread safety: none. Owned by the engine thread.
@@ -93,8 +93,8 @@ struct SchedulerConfig {
   int32_t block_size = defaults::kBlockSize;
   int32_t num_blocks = 0;  // KV cache blocks (the smallest over the workers)
   // Tokens computed per step over all sequences (chunked prefill).
-  int32_t max_step_tokens = defaults::kMaxStepTokens;
-  int32_t max_running = defaults::kMaxRunning;  // sequences in the running set
+  int32_t max_num_batched_tokens = defaults::kMaxNumBatchedTokens;
+  int32_t max_num_seqs = defaults::kMaxNumSeqs;  // sequences in the running set
   int32_t max_waiting = defaults::kMaxWaiting;  // bounded queue: past it Add: RESOURCE_EXHAUSTED
   int64_t max_model_len = 4096;    // prompt + max_tokens must fit
   int64_t vocab_size = 0;
@@ -144,7 +144,7 @@ class Scheduler {
   // params.n - 1 distinct ids for completions 1..n-1 (header comment), reserved from here on.
   // Errors (nothing enqueued): INVALID_ARGUMENT for an empty prompt, a prompt id outside the
   // vocabulary, bad sampling values, prompt + max_tokens > max_model_len (naming the three
-  // numbers), a wrong number of child ids, n > max_running, a request whose n completions could
+  // numbers), a wrong number of child ids, n > max_num_seqs, a request whose n completions could
   // never fit in the whole KV cache together (the prompt's full blocks shared, each completion's
   // other blocks its own; not retryable); RESOURCE_EXHAUSTED (retryable) only when max_waiting
   // requests are waiting ("queue full (N waiting)"); ALREADY_EXISTS for an id (or child id) in
@@ -214,7 +214,7 @@ class Scheduler {
                             std::vector<SequenceEvent>& events);
   // Forks `parent`'s reserved children in plan `step_id` (its entry `out`).
   void Fork(Seq& parent, uint64_t step_id, ScheduledSequence& out);
-  // Running slots a sequence takes against max_running: itself + its unforked children.
+  // Running slots a sequence takes against max_num_seqs: itself + its unforked children.
   static int64_t Slots(const Seq& s);
   void Enqueue(Seq& s, bool front);
   // Largest m <= n such that `s` can grow by m tokens with the blocks now free.

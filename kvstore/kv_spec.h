@@ -38,9 +38,9 @@ struct KvCacheOptions {
   // after weights and step buffers (Backend::GetMemoryInfo). 0 keeps `memory_bytes` (the CPU way).
   double gpu_memory_utilization = 0;
   // Most sequences in one step.
-  int32_t max_num_seqs = defaults::kMaxRunning;
+  int32_t max_num_seqs = defaults::kMaxNumSeqs;
   // Most new tokens in one step over all sequences (also the most logit rows of one step).
-  int32_t max_num_batched_tokens = defaults::kMaxStepTokens;
+  int32_t max_num_batched_tokens = defaults::kMaxNumBatchedTokens;
   // Most tokens of one sequence (num_computed_tokens + new); 0: the model's max_position_embeddings.
   int32_t max_model_len = 0;
 };

@@ -48,8 +48,8 @@ int main(int argc, char** argv) {
   lorc::SchedulerConfig c;
   c.block_size = block_size;
   c.num_blocks = static_cast<int32_t>(seqs * ((context + steps + 8) / block_size + 2));
-  c.max_step_tokens = static_cast<int32_t>(context);
-  c.max_running = static_cast<int32_t>(seqs);
+  c.max_num_batched_tokens = static_cast<int32_t>(context);
+  c.max_num_seqs = static_cast<int32_t>(seqs);
   c.max_waiting = static_cast<int32_t>(seqs);
   c.max_model_len = context + steps + 8;
   c.vocab_size = 4096;

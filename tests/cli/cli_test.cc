@@ -381,13 +381,13 @@ TEST_F(CliTest, IntegerFlagsAreRangeCheckedIntoTheirType) {
     std::string message;
   };
   const std::vector<Case> cases = {
-      {{"--max-step-tokens", "4294967296"}, "--max-step-tokens: 4294967296 is outside the range [1, 2147483647]"},
-      {{"--max-step-tokens", "0"}, "--max-step-tokens: 0 is outside the range"},
+      {{"--max-num-batched-tokens", "4294967296"}, "--max-num-batched-tokens: 4294967296 is outside the range [1, 2147483647]"},
+      {{"--max-num-batched-tokens", "0"}, "--max-num-batched-tokens: 0 is outside the range"},
       {{"--block-size", "4294967312"}, "--block-size: 4294967312 is outside the range [1, 1024]"},
       {{"--gpu-memory-utilization", "1.5"}, "--gpu-memory-utilization: 1.5 is outside (0, 1]"},
       {{"--kv-cache-mb", "9223372036854775807"}, "--kv-cache-mb: 9223372036854775807 is outside"},
       {{"--num-blocks", "4294967296"}, "--num-blocks: 4294967296 is outside"},
-      {{"--max-running", "-1"}, "--max-running: -1 is outside"},
+      {{"--max-num-seqs", "-1"}, "--max-num-seqs: -1 is outside"},
       {{"--max-tokens", "4294967297"}, "--max-tokens: 4294967297 is outside"},
       // Beyond this machine's memory: used to fail at allocation naming no flag.
       {{"--kv-cache-mb", "99999999"}, "--kv-cache-mb: 99999999 MiB is more than this machine's memory"},

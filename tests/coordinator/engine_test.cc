@@ -176,7 +176,7 @@ TEST_F(EngineTest, ScoreNllIsTeacherForcedCrossEntropy) {
   // the engine's own allocator).
   Load(256);  // a fresh executor: one engine drives one (steps are numbered per engine)
   EngineOptions small;
-  small.max_step_tokens = 3;
+  small.max_num_batched_tokens = 3;
   auto chunked = MakeEngine(small);
   auto nll2 = ScorePromptNll(*chunked, ids, targets);
   ASSERT_OK(nll2);
@@ -357,7 +357,7 @@ TEST_F(EngineTest, CancelledLongPrefillStopsWithinOneChunk) {
   Load(256);
   CountingRunner runner(exec_.get());
   EngineOptions eo;
-  eo.max_step_tokens = 32;
+  eo.max_num_batched_tokens = 32;
   auto engine_or = Engine::Create(&runner, model_.config, model_.runner->kv_spec(), tokenizer_.get(), eo);
   ASSERT_OK(engine_or.status());
   Engine& engine = **engine_or;

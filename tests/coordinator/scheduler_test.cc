@@ -30,7 +30,7 @@ SchedulerConfig Config(int32_t block_size, int32_t num_blocks, int32_t budget = 
   SchedulerConfig c;
   c.block_size = block_size;
   c.num_blocks = num_blocks;
-  c.max_step_tokens = budget;
+  c.max_num_batched_tokens = budget;
   c.max_model_len = 8192;
   c.vocab_size = kVocab;
   c.eos_token_ids = {kEos};
@@ -320,7 +320,7 @@ class Harness {
       EXPECT_TRUE(ids.insert(s.seq_id).second) << "sequence " << s.seq_id << " twice in a plan";
       if (s.params.has_value()) first_step.try_emplace(s.seq_id, plan.step_id);
     }
-    EXPECT_LE(tokens, sched.config().max_step_tokens);
+    EXPECT_LE(tokens, sched.config().max_num_batched_tokens);
     for (int64_t id : plan.preempted) EXPECT_FALSE(ids.contains(id));
     for (int64_t id : plan.finished) EXPECT_FALSE(ids.contains(id));
     StepResult result;
@@ -532,7 +532,7 @@ TEST(SchedulerTest, LaterRequestsWaitForBlocks) {
 
 TEST(SchedulerTest, MaxRunningBoundsTheRunningSet) {
   SchedulerConfig c = Config(4, 1000);
-  c.max_running = 2;
+  c.max_num_seqs = 2;
   Harness h(c);
   for (int64_t id = 1; id <= 5; ++id) ASSERT_OK(h.Add(id, Prompt(3, id), Params(3)));
   h.Step();
@@ -1192,12 +1192,12 @@ TEST(SchedulerTest, AParentFailedBeforeItsForkEndsItsChildrenWithTheSameStatus) 
 
 TEST(SchedulerTest, AdmissionCountsTheChildren) {
   SchedulerConfig c = Config(4, 100);
-  c.max_running = 3;
+  c.max_num_seqs = 3;
   Harness h(c);
   ASSERT_OK(h.Add(1, Prompt(8), Params(4)));
   h.Step();
   ASSERT_OK(h.Add(2, Prompt(8), ParamsN(4, 3), 0, {21, 22}));
-  // 1 + 3 completions > max_running: the group waits for 1.
+  // 1 + 3 completions > max_num_seqs: the group waits for 1.
   while (h.sched.Contains(1)) {
     h.Step();
     if (h.sched.Contains(1)) EXPECT_EQ(h.sched.GetSequence(2)->state, SequenceState::kWaiting);
@@ -1244,10 +1244,10 @@ TEST(SchedulerTest, AddRejectsBadGroups) {
   EXPECT_THAT(s.Add(3, Prompt(3), Params(1)),
               StatusIs(StatusCode::kAlreadyExists, HasSubstr("sequence id 3 is already in use")));
   SchedulerConfig few = Config(4, 100);
-  few.max_running = 2;
+  few.max_num_seqs = 2;
   std::unique_ptr<Scheduler> small = MakeScheduler(few);
   EXPECT_THAT(small->Add(1, Prompt(4), ParamsN(4, 3), 0, {2, 3}),
-              StatusIs(StatusCode::kInvalidArgument, HasSubstr("n (3) exceeds max_running (2)")));
+              StatusIs(StatusCode::kInvalidArgument, HasSubstr("n (3) exceeds max_num_seqs (2)")));
   EXPECT_OK(s.Validate());
 }
 
@@ -1328,7 +1328,7 @@ TEST(SchedulerTest, CreateRejectsBadConfigsNamingTheField) {
   EXPECT_THAT(Scheduler::Create(Config(16, 0)).status(),
               StatusIs(StatusCode::kInvalidArgument, HasSubstr("num_blocks must be > 0")));
   EXPECT_THAT(Scheduler::Create(Config(16, 64, /*budget=*/0)).status(),
-              StatusIs(StatusCode::kInvalidArgument, HasSubstr("max_step_tokens must be > 0")));
+              StatusIs(StatusCode::kInvalidArgument, HasSubstr("max_num_batched_tokens must be > 0")));
   SchedulerConfig vocab = Config(16, 64);
   vocab.vocab_size = 0;
   EXPECT_THAT(Scheduler::Create(vocab).status(),
@@ -1383,9 +1383,9 @@ TEST(SchedulerTest, ConfigValidation) {
   c = Config(0, 10);
   EXPECT_THAT(c.Validate(), StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("block_size")));
   c = Config(16, 10);
-  c.max_step_tokens = 0;
+  c.max_num_batched_tokens = 0;
   EXPECT_THAT(c.Validate(),
-              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("max_step_tokens")));
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("max_num_batched_tokens")));
   c = Config(16, 10);
   c.vocab_size = 0;
   EXPECT_THAT(c.Validate(), StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("vocab_size")));
@@ -1422,7 +1422,7 @@ void RandomSoak(size_t depth) {
     std::mt19937 rng(seed);
     auto uniform = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); };
     SchedulerConfig c = Config(4, 32, 48);
-    c.max_running = 8;
+    c.max_num_seqs = 8;
     c.max_waiting = 40;
     c.max_model_len = 128;
     Harness h(c, SoakModel);

@@ -1014,7 +1014,7 @@ TEST_F(ServerE2ETest, LogprobsStopReasonsAndPromptLogprobs) {
 
 TEST_F(ServerE2ETest, BoundedQueueRejectsWithResourceExhausted) {
   ASSERT_NO_FATAL_FAILURE(
-      StartServer(1, {"--num-blocks", "8", "--max-running", "1", "--max-waiting", "2"}));
+      StartServer(1, {"--num-blocks", "8", "--max-num-seqs", "1", "--max-waiting", "2"}));
   const Golden& g = GoldenPrompts()[0];
   ASSERT_EQ(Info().kv_capacity_blocks(), 8);
 
@@ -1044,11 +1044,11 @@ TEST_F(ServerE2ETest, BoundedQueueRejectsWithResourceExhausted) {
   }
   // Meanwhile the live state never exceeds the bounds.
   std::atomic<bool> done{false};
-  int max_running = 0, max_waiting = 0, samples = 0;
+  int max_num_seqs = 0, max_waiting = 0, samples = 0;
   std::thread poller([&] {
     while (!done.load()) {
       const v1::ModelInfoResponse info = Info();
-      max_running = std::max(max_running, info.num_running());
+      max_num_seqs = std::max(max_num_seqs, info.num_running());
       max_waiting = std::max(max_waiting, info.num_waiting());
       ++samples;
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
@@ -1058,11 +1058,11 @@ TEST_F(ServerE2ETest, BoundedQueueRejectsWithResourceExhausted) {
   done = true;
   poller.join();
   std::cerr << "[queue] 8 clients done in " << SecondsSince(t0) << " s; " << samples
-            << " ModelInfo samples, at most " << max_running << " running, " << max_waiting
+            << " ModelInfo samples, at most " << max_num_seqs << " running, " << max_waiting
             << " waiting\n";
-  EXPECT_LE(max_running, 1);
+  EXPECT_LE(max_num_seqs, 1);
   EXPECT_LE(max_waiting, 2);
-  EXPECT_GE(max_running, 1);
+  EXPECT_GE(max_num_seqs, 1);
   int admitted = 0, rejected = 0;
   for (int i = 0; i < kClients; ++i) {
     const cli::StreamResult& r = results[i];
@@ -1080,7 +1080,7 @@ TEST_F(ServerE2ETest, BoundedQueueRejectsWithResourceExhausted) {
       EXPECT_TRUE(r.ids.empty());
     }
   }
-  // max_running 1 + max_waiting 2: at most 3 are admitted while the 8 arrive together (one
+  // max_num_seqs 1 + max_waiting 2: at most 3 are admitted while the 8 arrive together (one
   // request takes far longer than their arrival); the others find the queue full.
   EXPECT_GE(admitted, 1);
   EXPECT_GE(rejected, 1);

@@ -30,12 +30,22 @@ __device__ __forceinline__ void Bf16x8ToF32(const uint4& raw, float (&out)[8]) {
   }
 }
 
-__device__ __forceinline__ uint4 F32ToBf16x8(const float (&in)[8]) {
-  uint4 raw;
-  __nv_bfloat162* p = reinterpret_cast<__nv_bfloat162*>(&raw);
+// Keys and values of tokens [t0, t0 + kTokensPerStep) (zeros past kv_end) at this lane's 8 dims.
+__device__ __forceinline__ void LoadStep(const PagedAttentionArgs& a, const int32_t* table,
+                                         const __nv_bfloat16* kc, const __nv_bfloat16* vc, int t0,
+                                         int kv_end, uint4 (&kr)[kTokensPerStep], uint4 (&vr)[kTokensPerStep]) {
 #pragma unroll
-  for (int i = 0; i < 4; ++i) p[i] = __floats2bfloat162_rn(in[2 * i], in[2 * i + 1]);
-  return raw;
+  for (int j = 0; j < kTokensPerStep; ++j) {
+    const int t = t0 + j;
+    if (t < kv_end) {
+      const int64_t slot = static_cast<int64_t>(table[t / a.block_size]) * a.block_size + t % a.block_size;
+      kr[j] = __ldg(reinterpret_cast<const uint4*>(kc + slot * a.k_ld));
+      vr[j] = __ldg(reinterpret_cast<const uint4*>(vc + slot * a.v_ld));
+    } else {
+      kr[j] = make_uint4(0, 0, 0, 0);
+      vr[j] = kr[j];
+    }
+  }
 }
 
 // D: head_dim; G: the group size bucket (the real group a.num_heads / a.num_kv_heads <= G).
@@ -88,21 +98,25 @@ __global__ void __launch_bounds__(kThreads)
     // warp's groups past kv_end are masked.
     constexpr int kGroupsPerWarp = 32 / kLanes;
     const int warp_first = item.kv_start + (tg - tg % kGroupsPerWarp) * kTokensPerStep;
-    for (int base = warp_first; base < item.kv_end; base += kGroups * kTokensPerStep) {
+    // kPrefetch: the next step's loads are issued before this step's math (register double
+    // buffering; the group sizes whose registers allow it).
+    constexpr bool kPrefetch = G <= 4;
+    constexpr int kStride = kGroups * kTokensPerStep;
+    const int my_first = warp_first + (tg % kGroupsPerWarp) * kTokensPerStep;
+    uint4 kn[kTokensPerStep], vn[kTokensPerStep];
+    if (kPrefetch) LoadStep(a, table, kc, vc, my_first, item.kv_end, kn, vn);
+    for (int base = warp_first; base < item.kv_end; base += kStride) {
       const int t0 = base + (tg % kGroupsPerWarp) * kTokensPerStep;
       uint4 kr[kTokensPerStep], vr[kTokensPerStep];
+      if (kPrefetch) {
 #pragma unroll
-      for (int j = 0; j < kTokensPerStep; ++j) {
-        const int t = t0 + j;
-        if (t < item.kv_end) {
-          const int64_t slot =
-              static_cast<int64_t>(table[t / a.block_size]) * a.block_size + t % a.block_size;
-          kr[j] = __ldg(reinterpret_cast<const uint4*>(kc + slot * a.k_ld));
-          vr[j] = __ldg(reinterpret_cast<const uint4*>(vc + slot * a.v_ld));
-        } else {
-          kr[j] = make_uint4(0, 0, 0, 0);
-          vr[j] = kr[j];
+        for (int j = 0; j < kTokensPerStep; ++j) {
+          kr[j] = kn[j];
+          vr[j] = vn[j];
         }
+        LoadStep(a, table, kc, vc, t0 + kStride, item.kv_end, kn, vn);
+      } else {
+        LoadStep(a, table, kc, vc, t0, item.kv_end, kr, vr);
       }
       float s[kTokensPerStep][G];
 #pragma unroll
@@ -184,39 +198,59 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// One CTA per split sequence (striding); threads over (head, 8 dims).
+// One warp per (split sequence, query head), striding over them: the lanes reduce the chunks'
+// lse (max, then the sum of weights), then each lane owns head_dim / 32 output dims and sums the
+// weighted partial outputs, four chunks per step so their loads overlap.
 __global__ void __launch_bounds__(kThreads) DecodeMergeKernel(const PagedAttentionArgs a, const DecodeSchedule sch) {
-  const int num_merge = sch.counts[1];
+  const int pairs = sch.counts[1] * a.num_heads;
   const int width = a.num_heads * a.head_dim;
-  for (int mi = blockIdx.x; mi < num_merge; mi += gridDim.x) {
-    const DecodeMergeItem it = sch.merge[mi];
-    const int row = a.query_start[it.seq];
-    for (int c = threadIdx.x * 8; c < width; c += kThreads * 8) {
-      const int head = c / a.head_dim;
-      float mx = -INFINITY;
-      for (int i = 0; i < it.num; ++i) {
-        mx = fmaxf(mx, sch.partial_lse[static_cast<int64_t>(it.first + i) * a.num_heads + head]);
-      }
-      float sum = 0.f, o[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-      for (int i = 0; i < it.num; ++i) {
-        const int64_t p = it.first + i;
-        const float wgt = exp2f(sch.partial_lse[p * a.num_heads + head] - mx);
-        sum += wgt;
-        const float4* src = reinterpret_cast<const float4*>(sch.partial_out + p * width + c);
-        const float4 x0 = src[0], x1 = src[1];
-        o[0] = fmaf(wgt, x0.x, o[0]);
-        o[1] = fmaf(wgt, x0.y, o[1]);
-        o[2] = fmaf(wgt, x0.z, o[2]);
-        o[3] = fmaf(wgt, x0.w, o[3]);
-        o[4] = fmaf(wgt, x1.x, o[4]);
-        o[5] = fmaf(wgt, x1.y, o[5]);
-        o[6] = fmaf(wgt, x1.z, o[6]);
-        o[7] = fmaf(wgt, x1.w, o[7]);
-      }
-      const float inv = 1.0f / sum;
+  const int lane = threadIdx.x % 32, warps = gridDim.x * (kThreads / 32);
+  const int per_lane = a.head_dim / 32;  // 2 or 4
+  for (int pi = blockIdx.x * (kThreads / 32) + threadIdx.x / 32; pi < pairs; pi += warps) {
+    const DecodeMergeItem it = sch.merge[pi / a.num_heads];
+    const int head = pi % a.num_heads;
+    const float* lse = sch.partial_lse + static_cast<int64_t>(it.first) * a.num_heads + head;
+    float mx = -INFINITY;
+    for (int i = lane; i < it.num; i += 32) mx = fmaxf(mx, lse[static_cast<int64_t>(i) * a.num_heads]);
 #pragma unroll
-      for (int e = 0; e < 8; ++e) o[e] *= inv;
-      *reinterpret_cast<uint4*>(static_cast<__nv_bfloat16*>(a.out) + row * a.out_ld + c) = F32ToBf16x8(o);
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    float sum = 0.f;
+    for (int i = lane; i < it.num; i += 32) sum += exp2f(lse[static_cast<int64_t>(i) * a.num_heads] - mx);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    const float* src = sch.partial_out + static_cast<int64_t>(it.first) * width + head * a.head_dim + lane * per_lane;
+    float o[4] = {0.f, 0.f, 0.f, 0.f};
+    int i = 0;
+    for (; i + 4 <= it.num; i += 4) {
+      float x[4][4], wgt[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        wgt[j] = exp2f(lse[static_cast<int64_t>(i + j) * a.num_heads] - mx);
+        const float* p = src + static_cast<int64_t>(i + j) * width;
+        if (per_lane == 4) {
+          const float4 v = *reinterpret_cast<const float4*>(p);
+          x[j][0] = v.x, x[j][1] = v.y, x[j][2] = v.z, x[j][3] = v.w;
+        } else {
+          const float2 v = *reinterpret_cast<const float2*>(p);
+          x[j][0] = v.x, x[j][1] = v.y, x[j][2] = 0.f, x[j][3] = 0.f;
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) o[e] = fmaf(wgt[j], x[j][e], o[e]);
+      }
+    }
+    for (; i < it.num; ++i) {
+      const float wgt = exp2f(lse[static_cast<int64_t>(i) * a.num_heads] - mx);
+      const float* p = src + static_cast<int64_t>(i) * width;
+      for (int e = 0; e < per_lane; ++e) o[e] = fmaf(wgt, p[e], o[e]);
+    }
+    const float inv = 1.0f / sum;
+    __nv_bfloat16* dst = static_cast<__nv_bfloat16*>(a.out) + a.query_start[it.seq] * a.out_ld +
+                         head * a.head_dim + lane * per_lane;
+    for (int e = 0; e < per_lane; e += 2) {
+      *reinterpret_cast<__nv_bfloat162*>(dst + e) = __floats2bfloat162_rn(o[e] * inv, o[e + 1] * inv);
     }
   }
 }
@@ -264,7 +298,10 @@ cudaError_t LaunchDecodeAttention(const PagedAttentionArgs& a, const DecodeSched
   } else {
     LaunchPartialForGroup<128>(a, s, group, stream);
   }
-  const int merge_ctas = 2 * s.num_sms < s.max_merge ? 2 * s.num_sms : s.max_merge;
+  // Warps stride over (split sequence, head) pairs.
+  const int64_t merge_pairs = static_cast<int64_t>(s.max_merge) * a.num_heads;
+  const int64_t merge_want = (merge_pairs + kThreads / 32 - 1) / (kThreads / 32);
+  const int merge_ctas = static_cast<int>(merge_want < 4 * s.num_sms ? merge_want : 4 * s.num_sms);
   DecodeMergeKernel<<<merge_ctas, kThreads, 0, stream>>>(a, s);
   return cudaGetLastError();
 }

@@ -7,8 +7,8 @@
 // tensor cores (WMMA bf16 16x16x16, fp32 accumulate), an online softmax per row in fp32 (two
 // lanes per row), P rounded to bf16, O += P V on the tensor cores with O kept in shared memory
 // (WMMA accumulator layouts are opaque, so the per-row rescale goes through shared memory).
-// TODO(perf): mma.sync with O in registers, cp.async double-buffered K/V, skipping the warp's
-// fully masked tiles.
+// TODO(perf): mma.sync with O and P in registers, cp.async multi-stage K/V, 128-row tiles,
+// skipping a warp's fully masked tiles (measured: see kernels/README.md).
 #include <cuda_bf16.h>
 #include <mma.h>
 
@@ -34,9 +34,9 @@ constexpr int kPLd = kKvTile + 8;
 
 template <int D>
 struct Smem {
-  __nv_bfloat16 q[kRows][D];
-  __nv_bfloat16 k[kKvTile][D];
-  __nv_bfloat16 v[kKvTile][D];
+  __nv_bfloat16 q[kRows][D + 8];
+  __nv_bfloat16 k[kKvTile][D + 8];
+  __nv_bfloat16 v[kKvTile][D + 8];
   float s[kWarps][16][kSLd];
   __nv_bfloat16 p[kWarps][16][kPLd];
   float o[kWarps][16][D + 4];
@@ -95,21 +95,34 @@ __global__ void __launch_bounds__(kThreads) PrefillKernel(const PagedAttentionAr
   const int last_tok = (tok0 + tq < q_len ? tok0 + tq : q_len) - 1;
   const int kv_end = ctx + last_tok + 1;  // keys any row of the CTA attends to
 
-  for (int kv0 = 0; kv0 < kv_end; kv0 += kKvTile) {
-    __syncthreads();  // the previous tile's K/V are consumed (and Q is stored, first time)
-    for (int idx = threadIdx.x; idx < kKvTile * kChunks; idx += kThreads) {
-      const int n = idx / kChunks, c = idx % kChunks;
-      const int t = kv0 + n;
-      uint4 kv = make_uint4(0, 0, 0, 0), vv = kv;
+  // K/V tiles go global -> registers -> shared memory; the next tile's loads are issued before
+  // this tile's math (register double buffering).
+  constexpr int kPerThread = kKvTile * kChunks / kThreads;
+  uint4 kreg[kPerThread], vreg[kPerThread];
+  auto load_tile = [&](int kv0) {
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) {
+      const int idx = threadIdx.x + j * kThreads;
+      const int t = kv0 + idx / kChunks, c = idx % kChunks;
+      kreg[j] = vreg[j] = make_uint4(0, 0, 0, 0);
       if (t < kv_end) {
         const int64_t slot = static_cast<int64_t>(table[t / a.block_size]) * a.block_size + t % a.block_size;
-        kv = __ldg(reinterpret_cast<const uint4*>(kc + slot * a.k_ld + c * 8));
-        vv = __ldg(reinterpret_cast<const uint4*>(vc + slot * a.v_ld + c * 8));
+        kreg[j] = __ldg(reinterpret_cast<const uint4*>(kc + slot * a.k_ld + c * 8));
+        vreg[j] = __ldg(reinterpret_cast<const uint4*>(vc + slot * a.v_ld + c * 8));
       }
-      *reinterpret_cast<uint4*>(&sm.k[n][c * 8]) = kv;
-      *reinterpret_cast<uint4*>(&sm.v[n][c * 8]) = vv;
+    }
+  };
+  load_tile(0);
+  for (int kv0 = 0; kv0 < kv_end; kv0 += kKvTile) {
+    __syncthreads();  // the previous tile's K/V are consumed (and Q is stored, first time)
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) {
+      const int idx = threadIdx.x + j * kThreads;
+      *reinterpret_cast<uint4*>(&sm.k[idx / kChunks][(idx % kChunks) * 8]) = kreg[j];
+      *reinterpret_cast<uint4*>(&sm.v[idx / kChunks][(idx % kChunks) * 8]) = vreg[j];
     }
     __syncthreads();
+    if (kv0 + kKvTile < kv_end) load_tile(kv0 + kKvTile);
 
     // S = Q K^T for the warp's 16 rows.
     {
@@ -119,11 +132,11 @@ __global__ void __launch_bounds__(kThreads) PrefillKernel(const PagedAttentionAr
 #pragma unroll
       for (int k0 = 0; k0 < D; k0 += 16) {
         wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> qf;
-        wmma::load_matrix_sync(qf, &sm.q[warp * 16][k0], D);
+        wmma::load_matrix_sync(qf, &sm.q[warp * 16][k0], D + 8);
 #pragma unroll
         for (int n = 0; n < kKvTile / 16; ++n) {
           wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> kf;
-          wmma::load_matrix_sync(kf, &sm.k[n * 16][k0], D);
+          wmma::load_matrix_sync(kf, &sm.k[n * 16][k0], D + 8);
           wmma::mma_sync(sf[n], qf, kf, sf[n]);
         }
       }
@@ -134,13 +147,13 @@ __global__ void __launch_bounds__(kThreads) PrefillKernel(const PagedAttentionAr
     }
     __syncwarp();
 
-    // Online softmax: lanes 2r and 2r+1 share row r (32 columns each).
+    // Online softmax: lanes 2r and 2r+1 share row r (alternate columns: fewer bank conflicts).
     {
       float x[kKvTile / 2];
       float mx = -INFINITY;
 #pragma unroll
       for (int j = 0; j < kKvTile / 2; ++j) {
-        const int col = half * (kKvTile / 2) + j;
+        const int col = 2 * j + half;
         x[j] = kv0 + col <= my_pos ? sm.s[warp][lr][col] * scale2 : -INFINITY;
         mx = fmaxf(mx, x[j]);
       }
@@ -153,12 +166,12 @@ __global__ void __launch_bounds__(kThreads) PrefillKernel(const PagedAttentionAr
       for (int j = 0; j < kKvTile / 2; ++j) {
         const float p = exp2f(x[j] - m_new);
         sum += p;
-        sm.p[warp][lr][half * (kKvTile / 2) + j] = __float2bfloat16_rn(p);
+        sm.p[warp][lr][2 * j + half] = __float2bfloat16_rn(p);
       }
       sum += __shfl_xor_sync(0xffffffffu, sum, 1);
       l = l * c + sum;
       m = m_new;
-      for (int d = half * (D / 2); d < (half + 1) * (D / 2); ++d) sm.o[warp][lr][d] *= c;
+      for (int d = half; d < D; d += 2) sm.o[warp][lr][d] *= c;
     }
     __syncwarp();
 
@@ -172,7 +185,7 @@ __global__ void __launch_bounds__(kThreads) PrefillKernel(const PagedAttentionAr
         wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> pf;
         wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> vf;
         wmma::load_matrix_sync(pf, &sm.p[warp][0][k0], kPLd);
-        wmma::load_matrix_sync(vf, &sm.v[k0][n0], D);
+        wmma::load_matrix_sync(vf, &sm.v[k0][n0], D + 8);
         wmma::mma_sync(of, pf, vf, of);
       }
       wmma::store_matrix_sync(&sm.o[warp][0][n0], of, D + 4, wmma::mem_row_major);

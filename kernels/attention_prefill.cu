@@ -207,7 +207,8 @@ __global__ void __launch_bounds__(kThreads) PrefillKernel(const PagedAttentionAr
 template <int D>
 cudaError_t Launch(const PagedAttentionArgs& a, const PrefillSchedule& s, cudaStream_t stream) {
   const size_t smem = sizeof(Smem<D>);
-  static bool attribute_set = false;  // once per instantiation (not a stream operation)
+  // Once per instantiation and process (a worker process drives one device; not a stream op).
+  static bool attribute_set = false;
   if (!attribute_set) {
     const cudaError_t e = cudaFuncSetAttribute(PrefillKernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                static_cast<int>(smem));

@@ -1,19 +1,253 @@
-// CudaBackend's paged attention: plan, decode (split-KV) and prefill (the CUDA backend issue).
-// Not implemented yet.
+// CudaBackend's paged attention: the plan (split-KV work lists in a fixed device workspace),
+// decode (kernels/attention_decode.cu) and prefill (kernels/attention_prefill.cu). BF16 only.
 #include "backend/cuda_backend_impl.h"
 
 #ifdef LORC_HAVE_CUDA
-namespace lorc::cuda_internal {
+#include <algorithm>
+#include <cstring>
+#include <vector>
 
-absl::StatusOr<std::unique_ptr<AttentionPlan>> CudaBackend::CreateAttentionPlan(const AttentionLimits&) {
-  return NoKernel("CreateAttentionPlan");
+#include "kernels/attention_paged.cuh"
+#include "kernels/elem_type.cuh"
+
+namespace lorc::cuda_internal {
+namespace {
+
+// Split-KV heuristic: aim for this many decode CTAs per SM (work items x KV heads), never cut a
+// sequence into chunks shorter than kMinChunk keys, and hold at most kPartialsPerSm x SMs
+// partial (out, lse) slots.
+constexpr int kTargetCtasPerSm = 3;
+constexpr int kMinChunk = 64;
+constexpr int kPartialsPerSm = 4;
+// KV heads assumed by the first plan, before a decode call has shown the real count.
+constexpr int kDefaultKvHeads = 8;
+
+// The device workspace: [counts: 2 x int32, padded to 16 bytes][work items][merge items], one
+// buffer so PlanAttention refreshes it with one copy; plus the fp32 partial outputs.
+class CudaAttentionPlan final : public AttentionPlan {
+ public:
+  absl::Status Plan(Backend& be, const AttentionBatch& b);
+  kernels::DecodeSchedule decode_schedule() const;
+  kernels::PrefillSchedule prefill_schedule(int group) const;
+
+  AttentionLimits limits;
+  int num_sms = 1;
+  int max_work = 0, max_partials = 0;
+  // Learned from the last decode call (the split heuristic only; correctness never depends on it).
+  mutable int kv_heads_hint = kDefaultKvHeads;
+  DeviceBuffer workspace, partial_out, partial_lse;
+  // Host staging of the workspace (pageable: CopyToDevice has consumed it when it returns).
+  std::vector<char> host;
+  std::vector<int32_t> prefill_q_lens;  // host, the prefills' q_len in prefill order
+
+  size_t work_offset() const { return 16; }
+  size_t merge_offset() const { return 16 + sizeof(kernels::DecodeWorkItem) * max_work; }
+  size_t prefill_offset() const { return merge_offset() + sizeof(kernels::DecodeMergeItem) * limits.max_num_seqs; }
+  size_t workspace_bytes() const { return prefill_offset() + sizeof(int32_t) * limits.max_num_seqs; }
+};
+
+absl::Status CudaAttentionPlan::Plan(Backend& be, const AttentionBatch& b) {
+  if (b.num_seqs < 0 || b.num_seqs > limits.max_num_seqs) {
+    return absl::InvalidArgumentError(absl::StrCat("attention plan: ", b.num_seqs,
+                                                   " sequences exceed max_num_seqs ", limits.max_num_seqs));
+  }
+  if (b.num_tokens > limits.max_num_batched_tokens) {
+    return absl::InvalidArgumentError(absl::StrCat("attention plan: ", b.num_tokens,
+                                                   " tokens exceed max_num_batched_tokens ",
+                                                   limits.max_num_batched_tokens));
+  }
+  if (b.max_blocks_per_seq > limits.max_blocks_per_seq || b.block_size <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat("attention plan: max_blocks_per_seq ", b.max_blocks_per_seq,
+                                                   " exceeds ", limits.max_blocks_per_seq, " or block_size ",
+                                                   b.block_size, " <= 0"));
+  }
+  std::vector<int32_t> decodes, prefills;
+  int64_t decode_keys = 0;
+  prefill_q_lens.clear();
+  for (int32_t s = 0; s < b.num_seqs; ++s) {
+    const int32_t q_len = b.host_query_start[s + 1] - b.host_query_start[s];
+    const int32_t len = b.host_seq_lens[s];
+    if (q_len < 0 || len < q_len || len > static_cast<int64_t>(b.max_blocks_per_seq) * b.block_size) {
+      return absl::InvalidArgumentError(absl::StrCat("attention plan: sequence ", s, " has ", q_len,
+                                                     " queries and seq_len ", len));
+    }
+    if (q_len == 1) {
+      decodes.push_back(s);
+      decode_keys += len;
+    } else if (q_len > 1) {
+      prefills.push_back(s);
+      prefill_q_lens.push_back(q_len);
+    }
+  }
+
+  // Split-KV: with fewer decodes than the target work items, cut sequences into chunks of
+  // `chunk` keys (the keys spread evenly over the target), doubling it until the partial slots fit.
+  const int target_items = std::max(1, (kTargetCtasPerSm * num_sms + kv_heads_hint - 1) / kv_heads_hint);
+  int64_t chunk = INT32_MAX;
+  if (static_cast<int>(decodes.size()) < target_items && decode_keys > 0) {
+    chunk = std::max<int64_t>(kMinChunk, (decode_keys + target_items - 1) / target_items);
+    for (;;) {
+      int64_t partials = 0;
+      for (int32_t s : decodes) {
+        const int64_t n = (b.host_seq_lens[s] + chunk - 1) / chunk;
+        if (n > 1) partials += n;
+      }
+      if (partials <= max_partials) break;
+      chunk *= 2;
+    }
+  }
+  host.assign(workspace_bytes(), 0);
+  auto* counts = reinterpret_cast<int32_t*>(host.data());
+  auto* work = reinterpret_cast<kernels::DecodeWorkItem*>(host.data() + work_offset());
+  auto* merge = reinterpret_cast<kernels::DecodeMergeItem*>(host.data() + merge_offset());
+  auto* prefill_seqs = reinterpret_cast<int32_t*>(host.data() + prefill_offset());
+  int num_work = 0, num_merge = 0, next_partial = 0;
+  for (int32_t s : decodes) {
+    const int64_t len = b.host_seq_lens[s];
+    const int64_t n = (len + chunk - 1) / chunk;
+    if (n <= 1) {
+      work[num_work++] = {s, 0, static_cast<int32_t>(len), -1};
+      continue;
+    }
+    merge[num_merge++] = {s, next_partial, static_cast<int32_t>(n), 0};
+    for (int64_t c = 0; c < n; ++c) {
+      work[num_work++] = {s, static_cast<int32_t>(c * chunk), static_cast<int32_t>(std::min(len, (c + 1) * chunk)),
+                          next_partial++};
+    }
+  }
+  counts[0] = num_work;
+  counts[1] = num_merge;
+  counts[2] = static_cast<int32_t>(prefills.size());
+  std::copy(prefills.begin(), prefills.end(), prefill_seqs);
+  RETURN_IF_ERROR(be.CopyToDevice(workspace.data(), host.data(), host.size()));
+  batch_ = b;
+  num_decodes_ = static_cast<int32_t>(decodes.size());
+  num_prefills_ = static_cast<int32_t>(prefills.size());
+  return absl::OkStatus();
 }
-absl::Status CudaBackend::PlanAttention(const AttentionBatch&, AttentionPlan&) { return NoKernel("PlanAttention"); }
-absl::Status CudaBackend::DecodeAttention(const AttentionParams&, const AttentionPlan&) {
-  return NoKernel("DecodeAttention");
+
+kernels::DecodeSchedule CudaAttentionPlan::decode_schedule() const {
+  kernels::DecodeSchedule s;
+  const char* base = workspace.as<char>();
+  s.counts = reinterpret_cast<const int32_t*>(base);
+  s.work = reinterpret_cast<const kernels::DecodeWorkItem*>(base + work_offset());
+  s.merge = reinterpret_cast<const kernels::DecodeMergeItem*>(base + merge_offset());
+  s.max_work = max_work;
+  s.max_merge = limits.max_num_seqs;
+  s.partial_out = partial_out.as<float>();
+  s.partial_lse = partial_lse.as<float>();
+  s.num_sms = num_sms;
+  return s;
 }
-absl::Status CudaBackend::PrefillAttention(const AttentionParams&, const AttentionPlan&) {
-  return NoKernel("PrefillAttention");
+
+kernels::PrefillSchedule CudaAttentionPlan::prefill_schedule(int group) const {
+  kernels::PrefillSchedule s;
+  const char* base = workspace.as<char>();
+  s.prefill_seqs = reinterpret_cast<const int32_t*>(base + prefill_offset());
+  s.num_prefills = reinterpret_cast<const int32_t*>(base) + 2;
+  const int tq = kernels::kPrefillRows / group;
+  for (int32_t q_len : prefill_q_lens) s.num_tiles += (q_len + tq - 1) / tq;
+  return s;
+}
+
+// Checks what both paths need and fills the kernels' arguments.
+absl::StatusOr<kernels::PagedAttentionArgs> KernelArgs(const char* op, const AttentionParams& p,
+                                                       const AttentionBatch& b) {
+  for (const auto& [name, dt] : {std::pair<const char*, DType>{"query", p.q.dtype}, {"output", p.out.dtype},
+                                 {"cache", p.cache.dtype}}) {
+    if (dt != DType::kBF16) {
+      return absl::UnimplementedError(absl::StrCat("cuda backend: ", op, ": ", name, " dtype ", DTypeName(dt),
+                                                   " not implemented (BF16)"));
+    }
+  }
+  if (p.num_kv_heads <= 0 || p.num_heads <= 0 || p.num_heads % p.num_kv_heads != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("cuda backend: ", op, ": ", p.num_heads, " query heads over ",
+                                                   p.num_kv_heads, " KV heads"));
+  }
+  const int group = p.num_heads / p.num_kv_heads;
+  if ((p.head_dim != 64 && p.head_dim != 128) || group > 8) {
+    return absl::UnimplementedError(absl::StrCat("cuda backend: ", op, ": head_dim ", p.head_dim, " with ", group,
+                                                 " query heads per KV head not implemented (64 or 128; at most 8)"));
+  }
+  const int64_t width = static_cast<int64_t>(p.num_heads) * p.head_dim;
+  const int64_t kv_width = static_cast<int64_t>(p.num_kv_heads) * p.head_dim;
+  if (p.q.cols != width || p.out.cols != width || p.cache.k_width < kv_width || p.cache.v_width < kv_width ||
+      width > kernels::kMaxPartialWidth) {
+    return absl::InvalidArgumentError(absl::StrCat("cuda backend: ", op, ": q[", p.q.rows, ",", p.q.cols, "] out[",
+                                                   p.out.rows, ",", p.out.cols, "] cache widths ", p.cache.k_width,
+                                                   "/", p.cache.v_width, " for ", p.num_heads, "x", p.head_dim,
+                                                   " query and ", p.num_kv_heads, " KV heads"));
+  }
+  kernels::PagedAttentionArgs a;
+  a.q = p.q.data;
+  a.q_ld = p.q.stride();
+  a.out = p.out.data;
+  a.out_ld = p.out.stride();
+  a.k_cache = p.cache.k;
+  a.v_cache = p.cache.v;
+  a.k_ld = p.cache.k_width;
+  a.v_ld = p.cache.v_width;
+  a.num_heads = p.num_heads;
+  a.num_kv_heads = p.num_kv_heads;
+  a.head_dim = p.head_dim;
+  a.scale = p.scale;
+  a.query_start = b.query_start;
+  a.seq_lens = b.seq_lens;
+  a.block_tables = b.block_tables;
+  a.max_blocks_per_seq = b.max_blocks_per_seq;
+  a.block_size = b.block_size;
+  if (!kernels::Aligned16(a.q) || !kernels::Aligned16(a.out) || !kernels::Aligned16(a.k_cache) ||
+      !kernels::Aligned16(a.v_cache) || a.q_ld % 8 || a.out_ld % 8 || a.k_ld % 8 || a.v_ld % 8) {
+    return absl::InvalidArgumentError(absl::StrCat("cuda backend: ", op, ": q, out and cache need 16-byte aligned "
+                                                   "rows (row strides ", a.q_ld, ", ", a.out_ld, ", ", a.k_ld, ", ",
+                                                   a.v_ld, " elements)"));
+  }
+  return a;
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<AttentionPlan>> CudaBackend::CreateAttentionPlan(const AttentionLimits& limits) {
+  if (limits.max_num_seqs <= 0 || limits.max_num_batched_tokens <= 0 || limits.max_blocks_per_seq <= 0) {
+    return absl::InvalidArgumentError("cuda backend: attention limits must be positive");
+  }
+  auto plan = std::make_unique<CudaAttentionPlan>();
+  plan->limits = limits;
+  RETURN_IF_ERROR(CudaError(cudaDeviceGetAttribute(&plan->num_sms, cudaDevAttrMultiProcessorCount, device_),
+                            "CreateAttentionPlan: SM count"));
+  plan->max_partials = std::max(64, kPartialsPerSm * plan->num_sms);
+  plan->max_work = limits.max_num_seqs + plan->max_partials;
+  ASSIGN_OR_RETURN(plan->workspace, Allocate(plan->workspace_bytes()));
+  RETURN_IF_ERROR(Memset(plan->workspace.data(), 0, plan->workspace_bytes()));
+  ASSIGN_OR_RETURN(plan->partial_out,
+                   Allocate(sizeof(float) * plan->max_partials * static_cast<size_t>(kernels::kMaxPartialWidth)));
+  ASSIGN_OR_RETURN(plan->partial_lse,
+                   Allocate(sizeof(float) * plan->max_partials * static_cast<size_t>(kernels::kMaxPartialHeads)));
+  return std::unique_ptr<AttentionPlan>(std::move(plan));
+}
+
+absl::Status CudaBackend::PlanAttention(const AttentionBatch& batch, AttentionPlan& plan) {
+  return static_cast<CudaAttentionPlan&>(plan).Plan(*this, batch);
+}
+
+absl::Status CudaBackend::DecodeAttention(const AttentionParams& p, const AttentionPlan& plan) {
+  const auto& cp = static_cast<const CudaAttentionPlan&>(plan);
+  ASSIGN_OR_RETURN(const kernels::PagedAttentionArgs a, KernelArgs("DecodeAttention", p, plan.batch()));
+  cp.kv_heads_hint = p.num_kv_heads;
+  return CudaError(kernels::LaunchDecodeAttention(a, cp.decode_schedule(), stream_), "DecodeAttention");
+}
+
+absl::Status CudaBackend::PrefillAttention(const AttentionParams& p, const AttentionPlan& plan) {
+  const auto& cp = static_cast<const CudaAttentionPlan&>(plan);
+  ASSIGN_OR_RETURN(const kernels::PagedAttentionArgs a, KernelArgs("PrefillAttention", p, plan.batch()));
+  const int group = p.num_heads / p.num_kv_heads;
+  if (kernels::kPrefillRows % group != 0) {
+    return absl::UnimplementedError(absl::StrCat("cuda backend: PrefillAttention: ", group,
+                                                 " query heads per KV head not implemented (1, 2, 4 or 8)"));
+  }
+  if (cp.num_prefills() == 0) return absl::OkStatus();
+  return CudaError(kernels::LaunchPrefillAttention(a, cp.prefill_schedule(group), stream_),
+                   "PrefillAttention");
 }
 
 }  // namespace lorc::cuda_internal

@@ -1,0 +1,309 @@
+// Split-KV ("flash-decoding") paged decode attention; see attention_paged.cuh.
+//
+// Partial kernel: a CTA of 128 threads takes one (work item, KV head). Threads form token
+// groups of D/8 lanes (one 16-byte bf16x8 slice of a K/V row per lane); each group streams its
+// share of the item's keys four tokens at a time with its own online softmax for all query heads
+// of the KV head (GQA: one read of each K/V row per group of heads), then the groups' states are
+// combined through shared memory. Merge kernel: per split sequence, the lse-weighted sum of its
+// partial outputs.
+#include <cuda_bf16.h>
+
+#include <cmath>
+
+#include "kernels/attention_paged.cuh"
+#include "kernels/elem_type.cuh"
+
+namespace lorc::kernels {
+namespace {
+
+constexpr int kThreads = 128;
+constexpr int kTokensPerStep = 4;  // tokens a group loads before one softmax update
+constexpr float kLog2e = 1.4426950408889634f;
+
+__device__ __forceinline__ void Bf16x8ToF32(const uint4& raw, float (&out)[8]) {
+  const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __bfloat1622float2(p[i]);
+    out[2 * i] = f.x;
+    out[2 * i + 1] = f.y;
+  }
+}
+
+// Keys and values of tokens [t0, t0 + kTokensPerStep) (zeros past kv_end) at this lane's 8 dims.
+__device__ __forceinline__ void LoadStep(const PagedAttentionArgs& a, const int32_t* table,
+                                         const __nv_bfloat16* kc, const __nv_bfloat16* vc, int t0,
+                                         int kv_end, uint4 (&kr)[kTokensPerStep], uint4 (&vr)[kTokensPerStep]) {
+#pragma unroll
+  for (int j = 0; j < kTokensPerStep; ++j) {
+    const int t = t0 + j;
+    if (t < kv_end) {
+      const int64_t slot = static_cast<int64_t>(table[t / a.block_size]) * a.block_size + t % a.block_size;
+      kr[j] = __ldg(reinterpret_cast<const uint4*>(kc + slot * a.k_ld));
+      vr[j] = __ldg(reinterpret_cast<const uint4*>(vc + slot * a.v_ld));
+    } else {
+      kr[j] = make_uint4(0, 0, 0, 0);
+      vr[j] = kr[j];
+    }
+  }
+}
+
+// D: head_dim; G: the group size bucket (the real group a.num_heads / a.num_kv_heads <= G).
+template <int D, int G>
+__global__ void __launch_bounds__(kThreads)
+    DecodePartialKernel(const PagedAttentionArgs a, const DecodeSchedule sch) {
+  constexpr int kLanes = D / 8;             // lanes per token
+  constexpr int kGroups = kThreads / kLanes;  // token groups per CTA
+  __shared__ float s_m[kGroups][G];
+  __shared__ float s_l[kGroups][G];
+  __shared__ __align__(16) float s_acc[kGroups][G][D];
+
+  const int kvh = blockIdx.y;
+  const int group = a.num_heads / a.num_kv_heads;
+  const int lane = threadIdx.x % kLanes, tg = threadIdx.x / kLanes;
+  const int num_work = sch.counts[0];
+  const float qscale = a.scale * kLog2e;
+  const __nv_bfloat16* kc = static_cast<const __nv_bfloat16*>(a.k_cache) + kvh * D + lane * 8;
+  const __nv_bfloat16* vc = static_cast<const __nv_bfloat16*>(a.v_cache) + kvh * D + lane * 8;
+
+  for (int w = blockIdx.x; w < num_work; w += gridDim.x) {
+    const DecodeWorkItem item = sch.work[w];
+    const int row = a.query_start[item.seq];
+    const int32_t* table = a.block_tables + static_cast<int64_t>(item.seq) * a.max_blocks_per_seq;
+
+    float q[G][8];
+#pragma unroll
+    for (int h = 0; h < G; ++h) {
+      if (h < group) {
+        const uint4 raw = *reinterpret_cast<const uint4*>(
+            static_cast<const __nv_bfloat16*>(a.q) + row * a.q_ld + (kvh * group + h) * D + lane * 8);
+        Bf16x8ToF32(raw, q[h]);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) q[h][e] *= qscale;
+      } else {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) q[h][e] = 0.f;
+      }
+    }
+    float m[G], l[G], acc[G][8];
+#pragma unroll
+    for (int h = 0; h < G; ++h) {
+      m[h] = -INFINITY;
+      l[h] = 0.f;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[h][e] = 0.f;
+    }
+
+    // The loop bound is uniform over the warp (the shuffles need every lane): tokens of the
+    // warp's groups past kv_end are masked.
+    constexpr int kGroupsPerWarp = 32 / kLanes;
+    const int warp_first = item.kv_start + (tg - tg % kGroupsPerWarp) * kTokensPerStep;
+    // kPrefetch: the next step's loads are issued before this step's math (register double
+    // buffering; the group sizes whose registers allow it).
+    constexpr bool kPrefetch = G <= 4;
+    constexpr int kStride = kGroups * kTokensPerStep;
+    const int my_first = warp_first + (tg % kGroupsPerWarp) * kTokensPerStep;
+    uint4 kn[kTokensPerStep], vn[kTokensPerStep];
+    if (kPrefetch) LoadStep(a, table, kc, vc, my_first, item.kv_end, kn, vn);
+    for (int base = warp_first; base < item.kv_end; base += kStride) {
+      const int t0 = base + (tg % kGroupsPerWarp) * kTokensPerStep;
+      uint4 kr[kTokensPerStep], vr[kTokensPerStep];
+      if (kPrefetch) {
+#pragma unroll
+        for (int j = 0; j < kTokensPerStep; ++j) {
+          kr[j] = kn[j];
+          vr[j] = vn[j];
+        }
+        LoadStep(a, table, kc, vc, t0 + kStride, item.kv_end, kn, vn);
+      } else {
+        LoadStep(a, table, kc, vc, t0, item.kv_end, kr, vr);
+      }
+      float s[kTokensPerStep][G];
+#pragma unroll
+      for (int j = 0; j < kTokensPerStep; ++j) {
+        float k[8];
+        Bf16x8ToF32(kr[j], k);
+#pragma unroll
+        for (int h = 0; h < G; ++h) {
+          float d = 0.f;
+#pragma unroll
+          for (int e = 0; e < 8; ++e) d = fmaf(q[h][e], k[e], d);
+#pragma unroll
+          for (int o = kLanes / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
+          s[j][h] = (t0 + j < item.kv_end) ? d : -INFINITY;
+        }
+      }
+      float v[kTokensPerStep][8];
+#pragma unroll
+      for (int j = 0; j < kTokensPerStep; ++j) Bf16x8ToF32(vr[j], v[j]);
+#pragma unroll
+      for (int h = 0; h < G; ++h) {
+        float mx = s[0][h];
+#pragma unroll
+        for (int j = 1; j < kTokensPerStep; ++j) mx = fmaxf(mx, s[j][h]);
+        const float m_new = fmaxf(m[h], mx);
+        // -inf while this group has seen no key: then c and p are 0 and the state stays empty.
+        const float m_ref = m_new == -INFINITY ? 0.f : m_new;
+        const float c = exp2f(m[h] - m_ref);
+        float p[kTokensPerStep], sum = 0.f;
+#pragma unroll
+        for (int j = 0; j < kTokensPerStep; ++j) {
+          p[j] = exp2f(s[j][h] - m_ref);
+          sum += p[j];
+        }
+        l[h] = l[h] * c + sum;
+        m[h] = m_new;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          float x = acc[h][e] * c;
+#pragma unroll
+          for (int j = 0; j < kTokensPerStep; ++j) x = fmaf(p[j], v[j][e], x);
+          acc[h][e] = x;
+        }
+      }
+    }
+
+    // Combine the token groups' (m, l, acc).
+#pragma unroll
+    for (int h = 0; h < G; ++h) {
+      if (lane == 0) {
+        s_m[tg][h] = m[h];
+        s_l[tg][h] = l[h];
+      }
+#pragma unroll
+      for (int e = 0; e < 8; ++e) s_acc[tg][h][lane * 8 + e] = acc[h][e];
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < group * D; idx += kThreads) {
+      const int h = idx / D, d = idx % D;
+      float mx = -INFINITY;
+#pragma unroll
+      for (int g = 0; g < kGroups; ++g) mx = fmaxf(mx, s_m[g][h]);  // finite: group 0 has a key
+      float sum = 0.f, o = 0.f;
+#pragma unroll
+      for (int g = 0; g < kGroups; ++g) {
+        const float wgt = exp2f(s_m[g][h] - mx);  // 0 for a group without keys (m = -inf)
+        sum = fmaf(s_l[g][h], wgt, sum);
+        o = fmaf(s_acc[g][h][d], wgt, o);
+      }
+      const int head = kvh * group + h;
+      if (item.partial < 0) {
+        static_cast<__nv_bfloat16*>(a.out)[row * a.out_ld + head * D + d] = __float2bfloat16_rn(o / sum);
+      } else {
+        sch.partial_out[static_cast<int64_t>(item.partial) * a.num_heads * D + head * D + d] = o / sum;
+        if (d == 0) sch.partial_lse[static_cast<int64_t>(item.partial) * a.num_heads + head] = mx + log2f(sum);
+      }
+    }
+    __syncthreads();  // s_* are reused by the next item
+  }
+}
+
+// One warp per (split sequence, query head), striding over them: the lanes reduce the chunks'
+// lse (max, then the sum of weights), then each lane owns head_dim / 32 output dims and sums the
+// weighted partial outputs, four chunks per step so their loads overlap.
+__global__ void __launch_bounds__(kThreads) DecodeMergeKernel(const PagedAttentionArgs a, const DecodeSchedule sch) {
+  const int pairs = sch.counts[1] * a.num_heads;
+  const int width = a.num_heads * a.head_dim;
+  const int lane = threadIdx.x % 32, warps = gridDim.x * (kThreads / 32);
+  const int per_lane = a.head_dim / 32;  // 2 or 4
+  for (int pi = blockIdx.x * (kThreads / 32) + threadIdx.x / 32; pi < pairs; pi += warps) {
+    const DecodeMergeItem it = sch.merge[pi / a.num_heads];
+    const int head = pi % a.num_heads;
+    const float* lse = sch.partial_lse + static_cast<int64_t>(it.first) * a.num_heads + head;
+    float mx = -INFINITY;
+    for (int i = lane; i < it.num; i += 32) mx = fmaxf(mx, lse[static_cast<int64_t>(i) * a.num_heads]);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    float sum = 0.f;
+    for (int i = lane; i < it.num; i += 32) sum += exp2f(lse[static_cast<int64_t>(i) * a.num_heads] - mx);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    const float* src = sch.partial_out + static_cast<int64_t>(it.first) * width + head * a.head_dim + lane * per_lane;
+    float o[4] = {0.f, 0.f, 0.f, 0.f};
+    int i = 0;
+    for (; i + 4 <= it.num; i += 4) {
+      float x[4][4], wgt[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        wgt[j] = exp2f(lse[static_cast<int64_t>(i + j) * a.num_heads] - mx);
+        const float* p = src + static_cast<int64_t>(i + j) * width;
+        if (per_lane == 4) {
+          const float4 v = *reinterpret_cast<const float4*>(p);
+          x[j][0] = v.x, x[j][1] = v.y, x[j][2] = v.z, x[j][3] = v.w;
+        } else {
+          const float2 v = *reinterpret_cast<const float2*>(p);
+          x[j][0] = v.x, x[j][1] = v.y, x[j][2] = 0.f, x[j][3] = 0.f;
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) o[e] = fmaf(wgt[j], x[j][e], o[e]);
+      }
+    }
+    for (; i < it.num; ++i) {
+      const float wgt = exp2f(lse[static_cast<int64_t>(i) * a.num_heads] - mx);
+      const float* p = src + static_cast<int64_t>(i) * width;
+      for (int e = 0; e < per_lane; ++e) o[e] = fmaf(wgt, p[e], o[e]);
+    }
+    const float inv = 1.0f / sum;
+    __nv_bfloat16* dst = static_cast<__nv_bfloat16*>(a.out) + a.query_start[it.seq] * a.out_ld +
+                         head * a.head_dim + lane * per_lane;
+    for (int e = 0; e < per_lane; e += 2) {
+      *reinterpret_cast<__nv_bfloat162*>(dst + e) = __floats2bfloat162_rn(o[e] * inv, o[e + 1] * inv);
+    }
+  }
+}
+
+template <int D, int G>
+void LaunchPartial(const PagedAttentionArgs& a, const DecodeSchedule& s, cudaStream_t stream) {
+  // Enough CTAs for several waves of resident work; each strides over the work list.
+  const int per_head = (8 * s.num_sms + a.num_kv_heads - 1) / a.num_kv_heads;
+  const dim3 grid(static_cast<unsigned>(per_head < s.max_work ? per_head : s.max_work),
+                  static_cast<unsigned>(a.num_kv_heads));
+  DecodePartialKernel<D, G><<<grid, kThreads, 0, stream>>>(a, s);
+}
+
+template <int D>
+void LaunchPartialForGroup(const PagedAttentionArgs& a, const DecodeSchedule& s, int group,
+                           cudaStream_t stream) {
+  if (group <= 1) {
+    LaunchPartial<D, 1>(a, s, stream);
+  } else if (group <= 2) {
+    LaunchPartial<D, 2>(a, s, stream);
+  } else if (group <= 4) {
+    LaunchPartial<D, 4>(a, s, stream);
+  } else {
+    LaunchPartial<D, 8>(a, s, stream);
+  }
+}
+
+}  // namespace
+
+cudaError_t LaunchDecodeAttention(const PagedAttentionArgs& a, const DecodeSchedule& s,
+                                  cudaStream_t stream) {
+  if ((a.head_dim != 64 && a.head_dim != 128) || a.num_kv_heads <= 0 ||
+      a.num_heads % a.num_kv_heads != 0 || a.num_heads / a.num_kv_heads > 8 ||
+      a.num_heads * a.head_dim > kMaxPartialWidth || a.num_heads > kMaxPartialHeads ||
+      a.block_size <= 0 || s.max_work <= 0 || s.max_merge <= 0 || s.num_sms <= 0) {
+    return cudaErrorInvalidValue;
+  }
+  if (!Aligned16(a.q) || !Aligned16(a.out) || !Aligned16(a.k_cache) || !Aligned16(a.v_cache) ||
+      a.q_ld % 8 != 0 || a.out_ld % 8 != 0 || a.k_ld % 8 != 0 || a.v_ld % 8 != 0) {
+    return cudaErrorInvalidValue;
+  }
+  const int group = a.num_heads / a.num_kv_heads;
+  if (a.head_dim == 64) {
+    LaunchPartialForGroup<64>(a, s, group, stream);
+  } else {
+    LaunchPartialForGroup<128>(a, s, group, stream);
+  }
+  // Warps stride over (split sequence, head) pairs.
+  const int64_t merge_pairs = static_cast<int64_t>(s.max_merge) * a.num_heads;
+  const int64_t merge_want = (merge_pairs + kThreads / 32 - 1) / (kThreads / 32);
+  const int merge_ctas = static_cast<int>(merge_want < 4 * s.num_sms ? merge_want : 4 * s.num_sms);
+  DecodeMergeKernel<<<merge_ctas, kThreads, 0, stream>>>(a, s);
+  return cudaGetLastError();
+}
+
+}  // namespace lorc::kernels

@@ -1,0 +1,87 @@
+// Paged attention over the KV cache of kvstore/kv_spec.h (kernels/attention_decode.cu,
+// kernels/attention_prefill.cu). Framework-free: plain CUDA runtime types. BF16 q, cache and out;
+// fp32 scores, softmax (base 2, the scale folded into log2(e) * scale) and accumulation.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace lorc::kernels {
+
+// What both paths read: the step's queries and outputs, one layer's cache and the batch arrays
+// (AttentionBatch in backend/backend.h). Sequence s has query rows [query_start[s],
+// query_start[s+1]); row i sits at position seq_lens[s] - q_len + i and attends to [0, position].
+// Every pointer 16-byte aligned, every stride a multiple of 8 elements.
+struct PagedAttentionArgs {
+  const void* q = nullptr;  // [num_tokens, num_heads * head_dim] bf16, row stride q_ld
+  int64_t q_ld = 0;
+  void* out = nullptr;      // [num_tokens, num_heads * head_dim] bf16, row stride out_ld
+  int64_t out_ld = 0;
+  const void* k_cache = nullptr;  // [slots, k_ld] bf16; KV head h at columns [h * head_dim, ...)
+  const void* v_cache = nullptr;  // [slots, v_ld] bf16
+  int64_t k_ld = 0;
+  int64_t v_ld = 0;
+  int32_t num_heads = 0;
+  int32_t num_kv_heads = 0;
+  int32_t head_dim = 0;  // 64 or 128
+  float scale = 1.0f;
+  const int32_t* query_start = nullptr;   // device, [num_seqs + 1]
+  const int32_t* seq_lens = nullptr;      // device, [num_seqs]
+  const int32_t* block_tables = nullptr;  // device, [num_seqs][max_blocks_per_seq]
+  int32_t max_blocks_per_seq = 0;
+  int32_t block_size = 0;
+};
+
+// One piece of split-KV decode: keys [kv_start, kv_end) of sequence `seq` (all its KV heads).
+// partial < 0: the item covers the whole sequence and writes its out row directly; else it
+// writes fp32 (out, lse) into partial slot `partial`, merged later.
+struct DecodeWorkItem {
+  int32_t seq, kv_start, kv_end, partial;
+};
+// A split sequence: its partial slots [first, first + num).
+struct DecodeMergeItem {
+  int32_t seq, first, num, unused;
+};
+
+// Largest num_heads * head_dim and num_heads a partial slot holds.
+inline constexpr int kMaxPartialWidth = 16384;
+inline constexpr int kMaxPartialHeads = 256;
+
+// The decode schedule PlanAttention wrote (device memory at fixed addresses, so a captured
+// launch replays with whatever the latest plan holds). The grid is sized by max_work/max_merge,
+// never by the counts, which are read on the device.
+struct DecodeSchedule {
+  const int32_t* counts = nullptr;          // device: [0] work items, [1] merge items
+  const DecodeWorkItem* work = nullptr;     // device, [max_work]
+  const DecodeMergeItem* merge = nullptr;   // device, [max_merge]
+  int32_t max_work = 0;
+  int32_t max_merge = 0;
+  float* partial_out = nullptr;  // device, [max_partials][num_heads * head_dim] fp32
+  float* partial_lse = nullptr;  // device, [max_partials][num_heads] fp32 (log2 domain)
+  int32_t num_sms = 1;           // grid sizing: CTAs stride over the work list
+};
+
+// Decode (q_len 1) for every item of the schedule: a partial kernel (one CTA per work item and
+// KV head, all query heads of the group at once, so each K/V row is read once) and a merge
+// kernel for split sequences. cudaErrorInvalidValue for head_dim other than 64/128, a group
+// (num_heads / num_kv_heads) above 8 or not whole, unaligned pointers or strides.
+cudaError_t LaunchDecodeAttention(const PagedAttentionArgs& args, const DecodeSchedule& schedule,
+                                  cudaStream_t stream);
+
+// Rows (query token x query head of one KV head) per prefill CTA; a CTA covers
+// kPrefillRows / group query tokens of one sequence.
+inline constexpr int kPrefillRows = 64;
+
+// Prefill (q_len > 1): the sequences prefill_seqs[0 .. num_prefills) (device), tiles of
+// kPrefillRows / group query tokens; num_tiles (host) = sum over them of ceil(q_len / that),
+// the grid. cudaErrorInvalidValue as for decode, or a group that does not divide kPrefillRows.
+struct PrefillSchedule {
+  const int32_t* prefill_seqs = nullptr;  // device
+  const int32_t* num_prefills = nullptr;  // device, one value
+  int32_t num_tiles = 0;                  // host
+};
+cudaError_t LaunchPrefillAttention(const PagedAttentionArgs& args, const PrefillSchedule& schedule,
+                                   cudaStream_t stream);
+
+}  // namespace lorc::kernels

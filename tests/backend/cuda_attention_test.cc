@@ -1,0 +1,341 @@
+// Parity of the CUDA backend's paged attention (backend/cuda_attention.cc, kernels/attention_*)
+// with the CPU backend, the reference: seeded mixed batches (decodes, whole-prompt prefills,
+// chunked prefills over a cached prefix; GQA 32/8 and 8/2, MHA; head_dim 64 and 128; block_size
+// 16; seq_lens 1 .. 8192, one long sequence among many short ones), the decode path alone, the
+// prefill path alone and both, plus a decode captured in a CUDA graph and replayed after
+// PlanAttention refreshed the plan for another batch at the same addresses.
+// CUDA runs BF16 (q, cache, out); the CPU runs F32 on exactly the bf16-rounded inputs.
+// Tolerance: |cuda - cpu| <= 1e-2 * max(1, |cpu|) (outputs are convex combinations of values in
+// [-1, 1]; bf16 output rounding alone is 2^-9 relative, P is rounded to bf16 in prefill).
+// Rows of the other path keep their sentinel on both backends. Skipped without a CUDA device.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <numeric>
+
+#include "tests/backend/backend_ops_fixture.h"
+
+namespace lorc {
+namespace backend_test {
+namespace {
+
+constexpr float kSentinel = 7.0f;  // exact in bf16
+constexpr double kAttnTol = 1e-2;
+
+struct Seq {
+  int q_len, seq_len;
+};
+
+// One step's inputs on the host: bf16-rounded q and cache, block tables over shuffled blocks.
+struct Problem {
+  int heads = 0, kv_heads = 0, hd = 0, bs = 16;
+  std::vector<Seq> seqs;
+  std::vector<int32_t> query_start, seq_lens, tables;
+  int max_blocks = 0, num_blocks = 0, num_tokens = 0;
+  std::vector<float> q, k, v;
+};
+
+float RoundBf16(float x) { return Bf16ToF32(F32ToBf16(x)); }
+
+Problem MakeProblem(std::mt19937& rng, int heads, int kv_heads, int hd, std::vector<Seq> seqs,
+                    int max_blocks = 0) {
+  Problem p;
+  p.heads = heads;
+  p.kv_heads = kv_heads;
+  p.hd = hd;
+  p.seqs = std::move(seqs);
+  p.query_start.push_back(0);
+  int blocks = 0;
+  for (const Seq& s : p.seqs) {
+    p.query_start.push_back(p.query_start.back() + s.q_len);
+    p.seq_lens.push_back(s.seq_len);
+    p.max_blocks = std::max(p.max_blocks, (s.seq_len + p.bs - 1) / p.bs);
+    blocks += (s.seq_len + p.bs - 1) / p.bs;
+  }
+  p.max_blocks = std::max(p.max_blocks, max_blocks);
+  p.num_tokens = p.query_start.back();
+  p.num_blocks = blocks + 3;
+  std::vector<int32_t> ids(p.num_blocks);
+  std::iota(ids.begin(), ids.end(), 0);
+  std::shuffle(ids.begin(), ids.end(), rng);
+  p.tables.assign(static_cast<size_t>(p.seqs.size()) * p.max_blocks, 0);
+  int next = 0;
+  for (size_t s = 0; s < p.seqs.size(); ++s) {
+    for (int b = 0; b < (p.seqs[s].seq_len + p.bs - 1) / p.bs; ++b) p.tables[s * p.max_blocks + b] = ids[next++];
+  }
+  auto fill = [&](size_t n, float lo, float hi) {
+    std::vector<float> x = RandomVec(rng, n, lo, hi);
+    for (float& e : x) e = RoundBf16(e);
+    return x;
+  };
+  // Larger queries than keys so the softmax is far from uniform.
+  p.q = fill(static_cast<size_t>(p.num_tokens) * heads * hd, -3.f, 3.f);
+  p.k = fill(static_cast<size_t>(p.num_blocks) * p.bs * kv_heads * hd, -1.f, 1.f);
+  p.v = fill(p.k.size(), -1.f, 1.f);
+  return p;
+}
+
+DeviceBuffer Put(Backend& be, const std::vector<float>& v, DType d) {
+  const size_t n = v.size(), esz = DTypeSize(d);
+  auto buf = be.Allocate(n * esz);
+  CHECK(buf.ok()) << buf.status();
+  if (d == DType::kBF16) {
+    std::vector<uint16_t> h(n);
+    for (size_t i = 0; i < n; ++i) h[i] = F32ToBf16(v[i]);
+    CHECK_OK(be.CopyToDevice(buf->data(), h.data(), n * esz));
+  } else {
+    CHECK_OK(be.CopyToDevice(buf->data(), v.data(), n * esz));
+  }
+  return std::move(*buf);
+}
+
+template <typename T>
+DeviceBuffer PutRaw(Backend& be, const std::vector<T>& v) {
+  auto buf = be.Allocate(std::max<size_t>(1, v.size()) * sizeof(T));
+  CHECK(buf.ok()) << buf.status();
+  CHECK_OK(be.CopyToDevice(buf->data(), v.data(), v.size() * sizeof(T)));
+  return std::move(*buf);
+}
+
+std::vector<float> Get(Backend& be, const DeviceBuffer& b, DType d) {
+  const size_t n = b.bytes() / DTypeSize(d);
+  std::vector<float> out(n);
+  if (d == DType::kBF16) {
+    std::vector<uint16_t> h(n);
+    CHECK_OK(be.CopyToHost(h.data(), b.data(), n * 2));
+    CHECK_OK(be.Synchronize());
+    for (size_t i = 0; i < n; ++i) out[i] = Bf16ToF32(h[i]);
+  } else {
+    CHECK_OK(be.CopyToHost(out.data(), b.data(), n * 4));
+    CHECK_OK(be.Synchronize());
+  }
+  return out;
+}
+
+// The problem's device state on one backend.
+struct OnDevice {
+  DeviceBuffer q, out, k, v, query_start, seq_lens, tables;
+  AttentionBatch batch;
+  AttentionParams params;
+};
+
+OnDevice Upload(Backend& be, DType d, const Problem& p) {
+  OnDevice o;
+  o.q = Put(be, p.q, d);
+  o.out = Put(be, std::vector<float>(static_cast<size_t>(p.num_tokens) * p.heads * p.hd, kSentinel), d);
+  o.k = Put(be, p.k, d);
+  o.v = Put(be, p.v, d);
+  o.query_start = PutRaw(be, p.query_start);
+  o.seq_lens = PutRaw(be, p.seq_lens);
+  o.tables = PutRaw(be, p.tables);
+  AttentionBatch& b = o.batch;
+  b.num_seqs = static_cast<int32_t>(p.seqs.size());
+  b.num_tokens = p.num_tokens;
+  b.max_seq_len = *std::max_element(p.seq_lens.begin(), p.seq_lens.end());
+  b.max_blocks_per_seq = p.max_blocks;
+  b.block_size = p.bs;
+  b.query_start = o.query_start.as<int32_t>();
+  b.seq_lens = o.seq_lens.as<int32_t>();
+  b.block_tables = o.tables.as<int32_t>();
+  b.host_query_start = p.query_start.data();
+  b.host_seq_lens = p.seq_lens.data();
+  const int64_t width = static_cast<int64_t>(p.heads) * p.hd, kv_width = static_cast<int64_t>(p.kv_heads) * p.hd;
+  AttentionParams& a = o.params;
+  a.q = Tensor2D{o.q.data(), d, p.num_tokens, width, 0};
+  a.out = Tensor2D{o.out.data(), d, p.num_tokens, width, 0};
+  a.cache = KvLayer{o.k.data(), o.v.data(), kv_width, kv_width, d};
+  a.num_heads = p.heads;
+  a.num_kv_heads = p.kv_heads;
+  a.head_dim = p.hd;
+  a.scale = 1.0f / std::sqrt(static_cast<float>(p.hd));
+  return o;
+}
+
+enum Paths { kDecode = 1, kPrefill = 2, kBoth = 3 };
+
+std::vector<float> RunAttention(Backend& be, DType d, const Problem& p, int paths) {
+  OnDevice o = Upload(be, d, p);
+  auto plan = be.CreateAttentionPlan({static_cast<int32_t>(p.seqs.size()), p.num_tokens, p.max_blocks});
+  CHECK(plan.ok()) << plan.status();
+  CHECK_OK(be.PlanAttention(o.batch, **plan));
+  if (paths & kDecode) CHECK_OK(be.DecodeAttention(o.params, **plan));
+  if (paths & kPrefill) CHECK_OK(be.PrefillAttention(o.params, **plan));
+  return Get(be, o.out, d);
+}
+
+void ExpectNear(const std::vector<float>& got, const std::vector<float>& want) {
+  ASSERT_EQ(got.size(), want.size());
+  int bad = 0;
+  double worst = 0;
+  for (size_t i = 0; i < want.size(); ++i) {
+    const double w = want[i], g = got[i];
+    const double err = std::abs(g - w), lim = kAttnTol * std::max(1.0, std::abs(w));
+    worst = std::max(worst, err);
+    if (!(err <= lim) && ++bad <= 5) {
+      ADD_FAILURE() << "element " << i << ": cuda " << g << ", cpu " << w << " (|err| " << err << ")";
+    }
+  }
+  EXPECT_EQ(bad, 0) << "mismatches of " << want.size();
+  std::printf("    %zu values, worst |cuda - cpu| %.2e\n", want.size(), worst);
+}
+
+class CudaAttentionTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    auto devices = ListCudaDevices();
+    if (!devices.ok() || devices->empty()) GTEST_SKIP() << "no CUDA device: " << devices.status();
+    auto cpu = CreateBackend(BackendOptions{BackendKind::kCpu});
+    ASSERT_OK(cpu);
+    cpu_ = std::move(*cpu);
+    auto cuda = CreatePartialCudaBackend(BackendOptions{BackendKind::kCuda});
+    ASSERT_OK(cuda);
+    cuda_ = std::move(*cuda);
+  }
+
+  void ExpectParity(const Problem& p, int paths) {
+    ExpectNear(RunAttention(*cuda_, DType::kBF16, p, paths), RunAttention(*cpu_, DType::kF32, p, paths));
+  }
+
+  // Decodes with seq_lens in [lo, hi].
+  std::vector<Seq> Decodes(int n, int lo, int hi) {
+    std::uniform_int_distribution<int> len(lo, hi);
+    std::vector<Seq> out;
+    for (int i = 0; i < n; ++i) out.push_back({1, len(rng_)});
+    return out;
+  }
+
+  std::unique_ptr<Backend> cpu_, cuda_;
+  std::mt19937 rng_{20261130};
+};
+
+// Decodes (one 8192 long, split over many chunks), whole prompts, chunked prefills; each path
+// alone leaves the other path's rows untouched, both together fill every row.
+TEST_F(CudaAttentionTest, MixedBatchGqa32x8Dim128) {
+  std::vector<Seq> seqs = Decodes(20, 1, 600);
+  seqs.insert(seqs.begin() + 3, {1, 8192});
+  seqs.push_back({77, 77});      // a whole prompt
+  seqs.push_back({64, 1064});    // a chunk over 1000 cached tokens
+  seqs.push_back({1, 4097});
+  seqs.push_back({2, 2});
+  seqs.push_back({200, 3000});
+  seqs.push_back({0, 5});        // no new tokens this step
+  seqs.push_back({1, 1});
+  const Problem p = MakeProblem(rng_, 32, 8, 128, seqs);
+  for (const int paths : {kDecode, kPrefill, kBoth}) {
+    SCOPED_TRACE(::testing::Message() << "paths " << paths);
+    ExpectParity(p, paths);
+  }
+}
+
+TEST_F(CudaAttentionTest, MixedBatchGqa8x2Dim64) {
+  const Problem p = MakeProblem(rng_, 8, 2, 64,
+                                {{1, 1}, {129, 129}, {1, 17}, {31, 500}, {1, 4096}, {1, 333}, {16, 16}, {5, 700}});
+  ExpectParity(p, kBoth);
+}
+
+TEST_F(CudaAttentionTest, MixedBatchMhaDim128AndDim64) {
+  const std::vector<Seq> seqs = {{1, 5}, {100, 100}, {1, 1000}, {17, 50}, {1, 2048}, {3, 3}};
+  ExpectParity(MakeProblem(rng_, 8, 8, 128, seqs), kBoth);
+  ExpectParity(MakeProblem(rng_, 4, 4, 64, seqs), kBoth);
+}
+
+TEST_F(CudaAttentionTest, GroupOf8AndOddGroupDecode) {
+  // 64 query heads over 8 KV heads (Llama-70B), and a group of 3 on the decode path.
+  ExpectParity(MakeProblem(rng_, 64, 8, 128, {{1, 3000}, {40, 300}, {1, 9}}), kBoth);
+  ExpectParity(MakeProblem(rng_, 12, 4, 64, {{1, 3000}, {1, 9}, {1, 250}}), kDecode);
+}
+
+// One very long decode among many short ones: the long one is split, the short ones are not.
+TEST_F(CudaAttentionTest, OneLongAmongManyShortDecodes) {
+  std::vector<Seq> seqs = Decodes(63, 1, 64);
+  seqs.insert(seqs.begin() + 17, {1, 8192});
+  ExpectParity(MakeProblem(rng_, 32, 8, 128, seqs), kDecode);
+}
+
+// Large decode batches are not split; a batch of one is split over all SMs.
+TEST_F(CudaAttentionTest, WideAndSingleDecodeBatches) {
+  ExpectParity(MakeProblem(rng_, 32, 8, 128, Decodes(256, 1, 300)), kDecode);
+  ExpectParity(MakeProblem(rng_, 32, 8, 128, {{1, 8192}}), kDecode);
+  ExpectParity(MakeProblem(rng_, 8, 1, 128, {{1, 5000}}), kDecode);
+}
+
+// A decode captured in a graph replays over a new batch written in place (same addresses, the
+// plan refreshed by PlanAttention) and matches the CPU on that batch.
+TEST_F(CudaAttentionTest, CapturedDecodeReplaysAfterReplanning) {
+  const int max_seqs = 16, max_blocks = 8192 / 16;
+  const Problem a = MakeProblem(rng_, 32, 8, 128, {{1, 100}, {1, 5000}, {1, 7}, {1, 1}}, max_blocks);
+  std::vector<Seq> seqs_b = Decodes(8, 1, 900);
+  seqs_b.insert(seqs_b.begin() + 2, {1, 8000});
+  Problem b = MakeProblem(rng_, 32, 8, 128, seqs_b, max_blocks);
+  Backend& be = *cuda_;
+  const DType d = DType::kBF16;
+  // Buffers sized for either batch.
+  Problem cap = b;
+  cap.num_blocks = std::max(a.num_blocks, b.num_blocks);
+  cap.k.resize(static_cast<size_t>(cap.num_blocks) * cap.bs * cap.kv_heads * cap.hd, 0.f);
+  cap.v.resize(cap.k.size(), 0.f);
+  cap.q.resize(static_cast<size_t>(max_seqs) * cap.heads * cap.hd, 0.f);
+  cap.num_tokens = max_seqs;
+  cap.query_start.resize(max_seqs + 1, cap.query_start.back());
+  cap.seq_lens.resize(max_seqs, 1);
+  cap.tables.resize(static_cast<size_t>(max_seqs) * max_blocks, 0);
+  OnDevice o = Upload(be, d, cap);
+  auto plan = be.CreateAttentionPlan({max_seqs, max_seqs, max_blocks});
+  ASSERT_OK(plan);
+  auto load = [&](const Problem& p) {
+    DeviceBuffer q = Put(be, p.q, d), k = Put(be, p.k, d), v = Put(be, p.v, d);
+    CHECK_OK(be.CopyOnDevice(o.q.data(), q.data(), q.bytes()));
+    CHECK_OK(be.CopyOnDevice(o.k.data(), k.data(), k.bytes()));
+    CHECK_OK(be.CopyOnDevice(o.v.data(), v.data(), v.bytes()));
+    CHECK_OK(be.CopyToDevice(o.query_start.data(), p.query_start.data(), p.query_start.size() * 4));
+    CHECK_OK(be.CopyToDevice(o.seq_lens.data(), p.seq_lens.data(), p.seq_lens.size() * 4));
+    CHECK_OK(be.CopyToDevice(o.tables.data(), p.tables.data(), p.tables.size() * 4));
+    AttentionBatch batch = o.batch;
+    batch.num_seqs = static_cast<int32_t>(p.seqs.size());
+    batch.num_tokens = p.num_tokens;
+    batch.host_query_start = p.query_start.data();
+    batch.host_seq_lens = p.seq_lens.data();
+    CHECK_OK(be.PlanAttention(batch, **plan));
+    CHECK_OK(be.Synchronize());
+  };
+  load(a);
+  ASSERT_OK(be.BeginCapture());
+  ASSERT_OK(be.DecodeAttention(o.params, **plan));
+  auto graph = be.EndCapture();
+  ASSERT_OK(graph);
+  ASSERT_OK(be.ReplayGraph(**graph));
+  std::vector<float> got = Get(be, o.out, d);
+  got.resize(static_cast<size_t>(a.num_tokens) * a.heads * a.hd);
+  ExpectNear(got, RunAttention(*cpu_, DType::kF32, a, kDecode));
+
+  load(b);
+  ASSERT_OK(be.ReplayGraph(**graph));
+  got = Get(be, o.out, d);
+  got.resize(static_cast<size_t>(b.num_tokens) * b.heads * b.hd);
+  ExpectNear(got, RunAttention(*cpu_, DType::kF32, b, kDecode));
+}
+
+TEST_F(CudaAttentionTest, RejectsWhatItDoesNotImplement) {
+  Problem p = MakeProblem(rng_, 8, 2, 64, {{1, 10}, {4, 4}});
+  OnDevice o = Upload(*cuda_, DType::kBF16, p);
+  auto plan = cuda_->CreateAttentionPlan({2, 5, p.max_blocks});
+  ASSERT_OK(plan);
+  ASSERT_OK(cuda_->PlanAttention(o.batch, **plan));
+  AttentionParams f32 = o.params;
+  f32.q.dtype = DType::kF32;
+  EXPECT_THAT(cuda_->DecodeAttention(f32, **plan),
+              ::lorc::testing::StatusIs(absl::StatusCode::kUnimplemented, ::testing::HasSubstr("F32")));
+  AttentionParams hd96 = o.params;
+  hd96.head_dim = 96;
+  EXPECT_THAT(cuda_->PrefillAttention(hd96, **plan),
+              ::lorc::testing::StatusIs(absl::StatusCode::kUnimplemented, ::testing::HasSubstr("head_dim 96")));
+  auto small = cuda_->CreateAttentionPlan({1, 5, p.max_blocks});
+  ASSERT_OK(small);
+  EXPECT_THAT(cuda_->PlanAttention(o.batch, **small),
+              ::lorc::testing::StatusIs(absl::StatusCode::kInvalidArgument, ::testing::HasSubstr("max_num_seqs")));
+}
+
+}  // namespace
+}  // namespace backend_test
+}  // namespace lorc

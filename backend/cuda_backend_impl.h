@@ -44,6 +44,10 @@ class CudaEvent final : public Event {
   cudaEvent_t event = nullptr;
 };
 
+// Sample's workspaces (cuda_sampling.cc); the deleter frees them.
+struct CudaSampler;
+struct CudaSamplerDeleter { void operator()(CudaSampler* s) const; };
+
 class CudaGraph final : public Graph {
  public:
   ~CudaGraph() override {
@@ -196,6 +200,7 @@ class CudaBackend final : public Backend {
   std::string description_;
   cudaStream_t stream_;
   bool capturing_ = false;
+  std::unique_ptr<CudaSampler, CudaSamplerDeleter> sampler_;  // cuda_sampling.cc, on first Sample
 };
 
 }  // namespace lorc::cuda_internal

@@ -58,7 +58,7 @@ class CudaGraph final : public Graph {
 
 // The CUDA backend: one non-blocking stream on one device, events, graph capture, device and
 // pinned memory, async copies, CopyBlocks and the element-wise / row ops over kernels/ launchers.
-// Matmul, attention and Sample report Unimplemented until kernels/ has them. The device is made current on the creating thread,
+// Matmul and attention report Unimplemented until kernels/ has them. The device is made current on the creating thread,
 // which must be the thread that uses the backend (the worker's engine thread).
 class CudaBackend final : public Backend {
  public:

@@ -281,8 +281,8 @@ absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackend(const BackendOptions&
   // Fails early with the runtime's reason when there is no usable device.
   ASSIGN_OR_RETURN(std::unique_ptr<Backend> runtime, CreatePartialCudaBackend(options));
   return absl::UnimplementedError(
-      "the CUDA backend's Matmul, attention and sampling kernels are not part of this build yet; "
-      "use --backend cpu");
+      "the CUDA backend's kernels are built, but serving on it (bf16 weights and activations in the "
+      "model runner, CUDA graphs) is not wired yet; use --backend cpu");
 }
 
 #else  // !LORC_HAVE_CUDA

@@ -48,6 +48,9 @@ class CudaEvent final : public Event {
 // made with the backend (so before any capture); holds the error if cuBLASLt is unusable.
 struct MatmulState;
 std::shared_ptr<MatmulState> NewMatmulState();
+// Sample's workspaces (cuda_sampling.cc); the deleter frees them.
+struct CudaSampler;
+struct CudaSamplerDeleter { void operator()(CudaSampler* s) const; };
 
 class CudaGraph final : public Graph {
  public:
@@ -59,7 +62,7 @@ class CudaGraph final : public Graph {
 
 // The CUDA backend: one non-blocking stream on one device, events, graph capture, device and
 // pinned memory, async copies, CopyBlocks and the element-wise / row ops over kernels/ launchers.
-// Matmul goes through cuBLASLt; attention and Sample report Unimplemented until kernels/ has them. The device is made current on the creating thread,
+// Matmul goes through cuBLASLt, attention and Sample through kernels/. The device is made current on the creating thread,
 // which must be the thread that uses the backend (the worker's engine thread).
 class CudaBackend final : public Backend {
  public:
@@ -202,6 +205,7 @@ class CudaBackend final : public Backend {
   cudaStream_t stream_;
   bool capturing_ = false;
   std::shared_ptr<MatmulState> matmul_ = NewMatmulState();  // cuda_matmul.cc
+  std::unique_ptr<CudaSampler, CudaSamplerDeleter> sampler_;  // cuda_sampling.cc, on first Sample
 };
 
 }  // namespace lorc::cuda_internal

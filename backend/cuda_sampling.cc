@@ -1,12 +1,276 @@
-// CudaBackend::Sample: the sampling contract of backend/sampling.h on the GPU (the CUDA backend
-// issue). Not implemented yet.
+// CudaBackend::Sample: the sampling contract of backend/sampling.h on the GPU (kernels/sampling.cuh
+// has the pipeline). Per call: the rows' metadata and the id lists the kernels need are packed
+// into one pinned staging buffer and uploaded with one async copy; the tokens (and, when some row
+// asks, the log-probability arrays) come back with one async copy into a pinned buffer; then the
+// stream is synchronised. Every buffer is kept and grown (never shrunk) when a call needs more, so
+// a steady state allocates nothing.
 #include "backend/cuda_backend_impl.h"
 
 #ifdef LORC_HAVE_CUDA
+
+#include <algorithm>
+#include <cstring>
+#include <numeric>
+#include <vector>
+
+#include "kernels/sampling.cuh"
+
 namespace lorc::cuda_internal {
 
-absl::Status CudaBackend::Sample(const Tensor2D&, absl::Span<const SamplingRow>, SampleOutput*) {
-  return NoKernel("Sample");
+namespace k = ::lorc::kernels;
+
+// Device and pinned buffers of Sample, each grown to the largest call so far.
+struct CudaSampler {
+  struct Buf {
+    void* p = nullptr;
+    size_t bytes = 0;
+    bool pinned = false;
+    void Release() {
+      if (p != nullptr) pinned ? cudaFreeHost(p) : cudaFree(p);
+      p = nullptr;
+      bytes = 0;
+    }
+    // Grows to at least `need` bytes (contents lost); *grown tells whether it moved.
+    cudaError_t Reserve(size_t need, bool* grown = nullptr) {
+      if (grown) *grown = false;
+      if (need <= bytes) return cudaSuccess;
+      Release();
+      const size_t n = std::max(need, static_cast<size_t>(4096));
+      const cudaError_t e = pinned ? cudaMallocHost(&p, n) : cudaMalloc(&p, n);
+      if (e != cudaSuccess) {
+        p = nullptr;
+        return e;
+      }
+      bytes = n;
+      if (grown) *grown = true;
+      return cudaSuccess;
+    }
+  };
+  Buf stage_host{nullptr, 0, true}, stage_dev;  // [metas][ints][floats]
+  Buf out_host{nullptr, 0, true}, out_dev;      // [tokens][logprob][rank][top_ids][top_logprobs]
+  Buf counts, x, sorted_x, iota, sorted_ids, sort_temp;
+  int64_t iota_vocab = 0;
+  int32_t iota_rows = 0;
+  std::vector<int32_t> bias_order;  // host scratch for grouping bias entries by id
+  ~CudaSampler() {
+    for (Buf* b : {&stage_host, &stage_dev, &out_host, &out_dev, &counts, &x, &sorted_x, &iota,
+                   &sorted_ids, &sort_temp}) {
+      b->Release();
+    }
+  }
+};
+
+void CudaSamplerDeleter::operator()(CudaSampler* s) const { delete s; }
+
+namespace {
+
+constexpr char kOp[] = "Sample";
+
+size_t Align16(size_t n) { return (n + 15) / 16 * 16; }
+
+bool IsGreedy(const SamplingRow& r) {
+  return r.temperature < defaults::kGreedyTemperature || r.top_k == 1;
+}
+
+}  // namespace
+
+absl::Status CudaBackend::Sample(const Tensor2D& logits, absl::Span<const SamplingRow> rows,
+                                 SampleOutput* out) {
+  RETURN_IF_ERROR(RequireF32("cuda", kOp, "logits", logits.dtype));
+  for (size_t i = 0; i < rows.size(); ++i) {
+    const int32_t r = rows[i].logits_row;
+    if (r < 0 || r >= logits.rows) {
+      return absl::InvalidArgumentError(absl::StrCat("cuda backend: Sample: row ", i, " reads logits row ",
+                                                     r, " of ", logits.rows));
+    }
+    if (rows[i].logprobs < -1 || rows[i].logprobs > SampleOutput::kStride) {
+      return absl::InvalidArgumentError(absl::StrCat("cuda backend: Sample: row ", i, " asks for ",
+                                                     rows[i].logprobs, " logprobs (at most ",
+                                                     SampleOutput::kStride, ")"));
+    }
+  }
+  const int64_t vocab = logits.cols;
+  const int32_t n = static_cast<int32_t>(rows.size());
+  out->Resize(rows.size());
+  if (n == 0) return absl::OkStatus();
+  if (vocab <= 0 || vocab >= INT32_MAX) {
+    return absl::InvalidArgumentError(absl::StrCat("cuda backend: Sample: vocabulary of ", vocab, " ids"));
+  }
+  if (!sampler_) sampler_.reset(new CudaSampler);
+  CudaSampler& s = *sampler_;
+
+  // Row metadata: which lists matter, and slots (sampled rows take x slots 0.. first).
+  std::vector<k::SampleRowMeta> metas(n);
+  int32_t num_sorted = 0, num_x = 0, num_counts = 0;
+  int64_t num_ints = 0;
+  bool any_logprobs = false;
+  for (int32_t i = 0; i < n; ++i) {
+    const SamplingRow& r = rows[i];
+    k::SampleRowMeta& m = metas[i];
+    std::memset(&m, 0, sizeof(m));
+    m.logits_row = r.logits_row;
+    m.top_k = r.top_k;
+    m.logprobs = r.logprobs;
+    m.temperature = r.temperature;
+    m.top_p = r.top_p;
+    m.min_p = r.min_p;
+    m.repetition_penalty = r.repetition_penalty;
+    m.frequency_penalty = r.frequency_penalty;
+    m.presence_penalty = r.presence_penalty;
+    m.seed = r.seed;
+    m.offset = r.offset;
+    auto take = [&](int64_t count, int32_t flag, int64_t* off, int64_t* num) {
+      if (count <= 0) return;
+      m.flags |= flag;
+      *off = num_ints;
+      *num = count;
+      num_ints += count;
+    };
+    take(r.num_allowed_token_ids, k::kSampleAllowed, &m.allowed_off, &m.num_allowed);
+    if (r.num_output_tokens < r.min_tokens) take(r.num_stop_ids, k::kSampleStop, &m.stop_off, &m.num_stop);
+    take(r.num_logit_bias, k::kSampleBias, &m.bias_off, &m.num_bias);
+    if (r.repetition_penalty != 1.0f) {
+      take(r.num_penalty_tokens, k::kSampleRepetition, &m.penalty_off, &m.num_penalty);
+    }
+    if (r.frequency_penalty != 0.0f || r.presence_penalty != 0.0f) {
+      take(r.num_output_tokens, k::kSampleFreqPres, &m.output_off, &m.num_output);
+    }
+    m.count_slot = m.flags != 0 ? num_counts++ : -1;
+    if (IsGreedy(r)) m.flags |= k::kSampleGreedy;
+    if (r.logprobs >= 0) {
+      m.flags |= k::kSampleLogprobs;
+      any_logprobs = true;
+    }
+    m.x_slot = IsGreedy(r) ? -1 : num_sorted++;
+  }
+  for (k::SampleRowMeta& m : metas) {  // greedy rows with processing: x slots after the sorted
+    if (m.x_slot < 0 && m.count_slot >= 0) m.x_slot = num_sorted + num_x++;
+  }
+  num_x += num_sorted;
+  if (static_cast<int64_t>(num_sorted) * vocab >= INT32_MAX) {
+    return absl::InvalidArgumentError(absl::StrCat("cuda backend: Sample: ", num_sorted,
+                                                   " sampled rows of ", vocab, " ids exceed 2^31 sort items"));
+  }
+
+  // Staging: [metas][ints: lists, sort offsets, sorted rows][floats: bias values by int offset].
+  const int64_t sort_ints = num_sorted > 0 ? 2 * num_sorted + 1 : 0;
+  const size_t meta_bytes = Align16(sizeof(k::SampleRowMeta) * n);
+  const size_t ints_bytes = Align16(sizeof(int32_t) * (num_ints + sort_ints));
+  const size_t stage_bytes = meta_bytes + ints_bytes + sizeof(float) * num_ints;
+  RETURN_IF_ERROR(CudaError(s.stage_host.Reserve(stage_bytes), "pinned staging"));
+  RETURN_IF_ERROR(CudaError(s.stage_dev.Reserve(stage_bytes), "staging"));
+  char* host = static_cast<char*>(s.stage_host.p);
+  std::memcpy(host, metas.data(), sizeof(k::SampleRowMeta) * n);
+  int32_t* ints = reinterpret_cast<int32_t*>(host + meta_bytes);
+  float* floats = reinterpret_cast<float*>(host + meta_bytes + ints_bytes);
+  for (int32_t i = 0; i < n; ++i) {
+    const SamplingRow& r = rows[i];
+    const k::SampleRowMeta& m = metas[i];
+    auto put = [&](const int32_t* src, int64_t off, int64_t num) {
+      if (num > 0) std::memcpy(ints + off, src, sizeof(int32_t) * num);
+    };
+    put(r.allowed_token_ids, m.allowed_off, m.num_allowed);
+    put(r.stop_ids, m.stop_off, m.num_stop);
+    put(r.penalty_tokens, m.penalty_off, m.num_penalty);
+    put(r.output_tokens, m.output_off, m.num_output);
+    if (m.num_bias > 0) {  // grouped by id, list order kept within an id
+      s.bias_order.resize(m.num_bias);
+      std::iota(s.bias_order.begin(), s.bias_order.end(), 0);
+      std::stable_sort(s.bias_order.begin(), s.bias_order.end(), [&](int32_t a, int32_t b) {
+        return r.logit_bias_ids[a] < r.logit_bias_ids[b];
+      });
+      for (int64_t j = 0; j < m.num_bias; ++j) {
+        ints[m.bias_off + j] = r.logit_bias_ids[s.bias_order[j]];
+        floats[m.bias_off + j] = r.logit_bias_values[s.bias_order[j]];
+      }
+    }
+  }
+  int32_t* sort_offsets = ints + num_ints;
+  for (int32_t j = 0; j <= num_sorted && num_sorted > 0; ++j) sort_offsets[j] = static_cast<int32_t>(j * vocab);
+  int32_t* sorted_rows = sort_offsets + num_sorted + 1;
+  for (int32_t i = 0; i < n; ++i) {
+    if (!(metas[i].flags & k::kSampleGreedy)) sorted_rows[metas[i].x_slot] = i;
+  }
+  RETURN_IF_ERROR(CudaError(cudaMemcpyAsync(s.stage_dev.p, host, stage_bytes, cudaMemcpyHostToDevice, stream_),
+                            "upload sampling rows"));
+
+  // Workspaces.
+  const size_t v = static_cast<size_t>(vocab);
+  bool grown = false;
+  RETURN_IF_ERROR(CudaError(s.counts.Reserve(sizeof(int32_t) * v * num_counts, &grown), "sampling counts"));
+  if (grown) RETURN_IF_ERROR(CudaError(cudaMemsetAsync(s.counts.p, 0, s.counts.bytes, stream_), "clear counts"));
+  RETURN_IF_ERROR(CudaError(s.x.Reserve(sizeof(double) * v * num_x), "sampling logits"));
+  RETURN_IF_ERROR(CudaError(s.sorted_x.Reserve(sizeof(double) * v * num_sorted), "sorted logits"));
+  RETURN_IF_ERROR(CudaError(s.sorted_ids.Reserve(sizeof(int32_t) * v * num_sorted), "sorted ids"));
+  RETURN_IF_ERROR(CudaError(s.iota.Reserve(sizeof(int32_t) * v * num_sorted, &grown), "sort ids"));
+  if (num_sorted > 0 && (grown || s.iota_vocab != vocab || s.iota_rows < num_sorted)) {
+    s.iota_vocab = vocab;
+    s.iota_rows = static_cast<int32_t>(s.iota.bytes / (sizeof(int32_t) * v));
+    RETURN_IF_ERROR(CudaError(k::LaunchSampleIota(static_cast<int32_t*>(s.iota.p), s.iota_rows, vocab, stream_),
+                              "sort ids"));
+  }
+  const size_t temp = k::SampleSortTempBytes(num_sorted, vocab);
+  if (num_sorted > 0 && temp == 0) return absl::InternalError("cuda backend: Sample: sort workspace query failed");
+  RETURN_IF_ERROR(CudaError(s.sort_temp.Reserve(temp), "sort workspace"));
+  const int32_t stride = SampleOutput::kStride;
+  const size_t out_bytes = (3 + 2 * static_cast<size_t>(stride)) * sizeof(int32_t) * n;
+  RETURN_IF_ERROR(CudaError(s.out_dev.Reserve(out_bytes), "sampling outputs"));
+  RETURN_IF_ERROR(CudaError(s.out_host.Reserve(out_bytes), "pinned sampling outputs"));
+
+  k::SampleArgs a;
+  a.num_rows = n;
+  a.num_sorted = num_sorted;
+  a.any_counts = num_counts > 0;
+  a.any_x = num_x > 0;
+  a.any_logprobs = any_logprobs;
+  a.vocab = vocab;
+  a.logits = logits.as<const float>();
+  a.logits_ld = logits.stride();
+  char* dev = static_cast<char*>(s.stage_dev.p);
+  a.rows = reinterpret_cast<const k::SampleRowMeta*>(dev);
+  a.ints = reinterpret_cast<const int32_t*>(dev + meta_bytes);
+  a.floats = reinterpret_cast<const float*>(dev + meta_bytes + ints_bytes);
+  a.sort_offsets = a.ints + num_ints;
+  a.sorted_rows = a.sort_offsets + num_sorted + 1;
+  a.counts = static_cast<int32_t*>(s.counts.p);
+  a.x = static_cast<double*>(s.x.p);
+  a.sorted_x = static_cast<double*>(s.sorted_x.p);
+  a.iota = static_cast<const int32_t*>(s.iota.p);
+  a.sorted_ids = static_cast<int32_t*>(s.sorted_ids.p);
+  a.sort_temp = s.sort_temp.p;
+  a.sort_temp_bytes = s.sort_temp.bytes;
+  int32_t* od = static_cast<int32_t*>(s.out_dev.p);
+  a.tokens = od;
+  a.logprob = reinterpret_cast<float*>(od + n);
+  a.rank = od + 2 * n;
+  a.top_ids = od + 3 * n;
+  a.top_logprobs = reinterpret_cast<float*>(od + 3 * n + static_cast<size_t>(stride) * n);
+  a.top_stride = stride;
+  RETURN_IF_ERROR(CudaError(k::LaunchSample(a, stream_), "sample kernels"));
+
+  const size_t back = any_logprobs ? out_bytes : sizeof(int32_t) * n;
+  RETURN_IF_ERROR(CudaError(cudaMemcpyAsync(s.out_host.p, s.out_dev.p, back, cudaMemcpyDeviceToHost, stream_),
+                            "download samples"));
+  RETURN_IF_ERROR(CudaError(cudaStreamSynchronize(stream_), "sample synchronize"));
+  const int32_t* oh = static_cast<const int32_t*>(s.out_host.p);
+  std::memcpy(out->tokens.data(), oh, sizeof(int32_t) * n);
+  if (any_logprobs) {
+    const float* lp = reinterpret_cast<const float*>(oh + n);
+    const int32_t* rank = oh + 2 * n;
+    const int32_t* top_ids = oh + 3 * n;
+    const float* top_lp = reinterpret_cast<const float*>(oh + 3 * n + static_cast<size_t>(stride) * n);
+    for (int32_t i = 0; i < n; ++i) {
+      const int32_t top = rows[i].logprobs;
+      if (top < 0) continue;
+      out->logprobs[i] = lp[i];
+      out->ranks[i] = rank[i];
+      const size_t at = static_cast<size_t>(i) * stride;
+      const size_t cnt = static_cast<size_t>(std::min<int64_t>(top, vocab));
+      std::memcpy(&out->top_ids[at], top_ids + at, sizeof(int32_t) * cnt);
+      std::memcpy(&out->top_logprobs[at], top_lp + at, sizeof(float) * cnt);
+    }
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace lorc::cuda_internal

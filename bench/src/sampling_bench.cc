@@ -1,0 +1,88 @@
+// Microseconds per CudaBackend::Sample call (not a test): vocab 128256, batches of 1, 8, 64 and
+// 256 rows, each row reading its own logits row (normal, std 2), in three modes: greedy,
+// top-p 0.9 at temperature 0.8, and top-k 50 at temperature 0.8. A call is timed end to end on
+// the host (upload, kernels, download, synchronisation), after warm-up calls, so the buffers are
+// already grown. Prints one JSON line per case, then a table.
+// Usage: build/bin/sampling_bench [reps] (needs a CUDA device).
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "backend/backend.h"
+#include "backend/cuda_backend.h"
+#include "common/check.h"
+
+namespace lorc {
+namespace {
+
+struct Mode {
+  const char* name;
+  float temperature, top_p;
+  int32_t top_k;
+};
+
+int Main(int argc, char** argv) {
+  const int reps = argc > 1 ? std::atoi(argv[1]) : 50;
+  auto made = CreatePartialCudaBackend(BackendOptions{BackendKind::kCuda});
+  if (!made.ok()) {
+    std::fprintf(stderr, "%s\n", std::string(made.status().message()).c_str());
+    return 1;
+  }
+  Backend& be = **made;
+  std::fprintf(stderr, "%s\n", be.Describe().c_str());
+  const int64_t vocab = 128256;
+  const int batches[] = {1, 8, 64, 256};
+  const Mode modes[] = {{"greedy", 0.f, 1.f, 0}, {"top_p0.9_t0.8", 0.8f, 0.9f, 0}, {"top_k50_t0.8", 0.8f, 1.f, 50}};
+  std::vector<float> host(256 * vocab);
+  std::mt19937 rng(7);
+  std::normal_distribution<float> d(0.f, 2.f);
+  for (float& v : host) v = d(rng);
+  auto dev = be.Allocate(host.size() * sizeof(float));
+  CHECK(dev.ok()) << dev.status();
+  CHECK_OK(be.CopyToDevice(dev->data(), host.data(), host.size() * sizeof(float)));
+  CHECK_OK(be.Synchronize());
+  const Tensor2D logits{dev->data(), DType::kF32, 256, vocab};
+  struct Result {
+    const char* mode;
+    int batch;
+    double us;
+  };
+  std::vector<Result> results;
+  for (const Mode& m : modes) {
+    for (const int b : batches) {
+      std::vector<SamplingRow> rows(b);
+      for (int i = 0; i < b; ++i) {
+        rows[i].logits_row = i;
+        rows[i].temperature = m.temperature;
+        rows[i].top_p = m.top_p;
+        rows[i].top_k = m.top_k;
+        rows[i].seed = 1000 + i;
+      }
+      SampleOutput out;
+      for (int w = 0; w < 3; ++w) CHECK_OK(be.Sample(logits, rows, &out));
+      const auto t0 = std::chrono::steady_clock::now();
+      for (int r = 0; r < reps; ++r) {
+        for (SamplingRow& row : rows) row.offset = r;
+        CHECK_OK(be.Sample(logits, rows, &out));
+      }
+      const double us =
+          std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count() / reps;
+      std::printf("{\"bench\":\"sampling\",\"mode\":\"%s\",\"batch\":%d,\"vocab\":%lld,\"us_per_call\":%.1f}\n",
+                  m.name, b, static_cast<long long>(vocab), us);
+      results.push_back({m.name, b, us});
+    }
+  }
+  std::printf("\n%-16s %6s %14s %14s\n", "mode", "batch", "us/call", "us/row");
+  for (const Result& r : results) {
+    std::printf("%-16s %6d %14.1f %14.2f\n", r.mode, r.batch, r.us, r.us / r.batch);
+  }
+  return 0;
+}
+
+}  // namespace
+}  // namespace lorc
+
+int main(int argc, char** argv) { return lorc::Main(argc, argv); }

@@ -1,0 +1,114 @@
+// The sampling contract of backend/sampling.h on the GPU (kernels/sampling.cu). Framework-free:
+// the caller (backend/cuda_sampling.cc) packs per-row metadata and id lists into one device
+// buffer, owns every workspace and turns cudaError_t into absl::Status.
+//
+// Pipeline of LaunchSample, all on one stream:
+//  1. Mark: per row with a count slot, flags and counts per id in counts[slot][vocab] (int32,
+//     all zero between calls): allowed ids, active stop ids, logit-bias ids, repetition-penalty
+//     ids (bits) and output-token counts (low bits), by atomics over the lists.
+//  2. Process: x[slot][id] = steps 0-5 in double for rows with an x slot (ids with a logit bias
+//     are left to 3); NaN and -0 of the final value are stored as -inf and +0 (the contract's
+//     comparisons treat them alike, the sort needs them alike).
+//  3. Bias: per distinct bias id (entries grouped by id on the host, list order kept), steps 0-5
+//     with the biases added one by one in list order, as the CPU reference does.
+//  4. Unmark: counts back to zero at the listed ids.
+//  5. Greedy rows: block argmax (first index on ties) over x, or straight over the float logits
+//     for rows with nothing to process.
+//  6. Sampled rows (x slots [0, num_sorted)): CUB segmented radix sort of (x, id), descending,
+//     stable (ties keep ascending ids); then one block per row walks the sorted candidates:
+//     top-k, temperature, min-p, top-p and the draw, in double.
+//  7. Logprobs rows: raw log-softmax in double, rank, top-N (ties by lower id).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace lorc::kernels {
+
+// u in [0, 1) from (seed, offset): SplitMix64 of both, the top 53 bits; bit-identical to
+// lorc::CounterUniform (backend/sampling.cc).
+__host__ __device__ inline uint64_t SampleSplitMix64(uint64_t x) {
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+__host__ __device__ inline double SampleCounterUniform(uint64_t seed, uint64_t offset) {
+  const uint64_t bits = SampleSplitMix64(SampleSplitMix64(seed) ^ offset);
+  return static_cast<double>(bits >> 11) * (1.0 / 9007199254740992.0);
+}
+
+// Per-row flags (SampleRowMeta::flags).
+enum : int32_t {
+  kSampleAllowed = 1,      // allowed list non-empty
+  kSampleStop = 2,         // stop ids active (num_output_tokens < min_tokens)
+  kSampleBias = 4,         // logit bias entries
+  kSampleRepetition = 8,   // repetition penalty != 1 over penalty tokens
+  kSampleFreqPres = 16,    // frequency / presence penalty over output tokens
+  kSampleGreedy = 32,      // step 6
+  kSampleLogprobs = 64,    // logprobs >= 0
+};
+
+// One row, packed by the host. Offsets index the int32 / float pools of SampleArgs; counts are
+// element counts; lists were not filtered for range (the kernels ignore ids outside the vocab).
+struct SampleRowMeta {
+  int32_t logits_row;
+  int32_t flags;
+  int32_t x_slot;      // row of the x workspace, -1: none (plain greedy)
+  int32_t count_slot;  // row of the counts workspace, -1: none
+  int32_t top_k;
+  int32_t logprobs;    // top-N (>= 0 when kSampleLogprobs)
+  float temperature, top_p, min_p;
+  float repetition_penalty, frequency_penalty, presence_penalty;
+  uint64_t seed, offset;
+  int64_t allowed_off, num_allowed;
+  int64_t stop_off, num_stop;
+  int64_t bias_off, num_bias;   // ids at ints[bias_off..], values at floats[bias_off..], by id
+  int64_t penalty_off, num_penalty;
+  int64_t output_off, num_output;
+};
+
+struct SampleArgs {
+  int32_t num_rows = 0;
+  int32_t num_sorted = 0;             // sampled rows; they hold x slots [0, num_sorted)
+  bool any_counts = false;            // some row has a count slot
+  bool any_x = false;                 // some row has an x slot
+  bool any_logprobs = false;
+  int64_t vocab = 0;
+  const float* logits = nullptr;      // [n, vocab] F32, row stride logits_ld elements
+  int64_t logits_ld = 0;
+  const SampleRowMeta* rows = nullptr;  // [num_rows], device
+  const int32_t* ints = nullptr;      // id pool, device
+  const float* floats = nullptr;      // bias values, device (same offsets as ints)
+  const int32_t* sort_offsets = nullptr;  // [num_sorted + 1]: s * vocab, device
+  const int32_t* sorted_rows = nullptr;   // [num_sorted]: the row holding x slot s, device
+  int32_t* counts = nullptr;          // [count slots, vocab], zero on entry and on return
+  double* x = nullptr;                // [x slots, vocab]
+  double* sorted_x = nullptr;         // [num_sorted, vocab]
+  const int32_t* iota = nullptr;      // [num_sorted, vocab]: id i at s * vocab + i
+  int32_t* sorted_ids = nullptr;      // [num_sorted, vocab]
+  void* sort_temp = nullptr;          // SampleSortTempBytes bytes
+  size_t sort_temp_bytes = 0;
+  // Outputs (device): tokens [num_rows]; for logprob rows: logprob, rank, top_ids and
+  // top_logprobs [num_rows * top_stride].
+  int32_t* tokens = nullptr;
+  float* logprob = nullptr;
+  int32_t* rank = nullptr;
+  int32_t* top_ids = nullptr;
+  float* top_logprobs = nullptr;
+  int32_t top_stride = 0;
+};
+
+// CUB temporary storage for sorting num_sorted segments of vocab (x, id) pairs; 0 on error.
+size_t SampleSortTempBytes(int32_t num_sorted, int64_t vocab);
+
+// Runs the pipeline above. cudaErrorInvalidValue for vocab outside [1, 2^31 / max(1,
+// num_sorted)) or num_rows < 0; num_rows == 0 launches nothing.
+cudaError_t LaunchSample(const SampleArgs& args, cudaStream_t stream);
+
+// ids[s * vocab + i] = i for s < num_sorted (SampleArgs::iota; filled when it grows).
+cudaError_t LaunchSampleIota(int32_t* ids, int32_t num_sorted, int64_t vocab, cudaStream_t stream);
+
+}  // namespace lorc::kernels

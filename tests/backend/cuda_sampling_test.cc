@@ -1,0 +1,236 @@
+// Parity of CudaBackend::Sample with the CPU reference (backend/sampling.h): thousands of seeded
+// random rows over every option and their combinations (greedy, temperatures down to 1e-38 and
+// up to 3e38, top-k, top-p, min-p, repetition / frequency / presence penalties, logit bias with
+// repeated and out-of-vocabulary ids, allowed ids, min_tokens stop masks, NaN / inf logits, ties,
+// several rows per logits row), vocab 4096 and 128256. Tokens must be equal; log-probabilities
+// within 1e-5 (absolute), ranks and top ids equal. Skipped without a CUDA device.
+#include <cmath>
+#include <limits>
+#include <memory>
+#include <random>
+#include <vector>
+
+#include "backend/backend.h"
+#include "backend/cuda_backend.h"
+#include "common/check.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tests/testing/status_matchers.h"
+
+namespace lorc {
+namespace {
+
+using ::lorc::testing::StatusIs;
+using ::testing::HasSubstr;
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+// One random row and the lists its pointers refer to.
+struct RowLists {
+  std::vector<int32_t> allowed, stop, bias_ids, penalty, output;
+  std::vector<float> bias_values;
+};
+
+class CudaSamplingTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    auto devices = ListCudaDevices();
+    if (!devices.ok() || devices->empty()) GTEST_SKIP() << "no CUDA device: " << devices.status();
+    auto cpu = CreateBackend(BackendOptions{BackendKind::kCpu});
+    ASSERT_OK(cpu);
+    cpu_ = std::move(*cpu);
+    auto cuda = CreatePartialCudaBackend(BackendOptions{BackendKind::kCuda});
+    ASSERT_OK(cuda);
+    cuda_ = std::move(*cuda);
+  }
+
+  template <typename T>
+  T Pick(std::initializer_list<T> v) {
+    return v.begin()[std::uniform_int_distribution<size_t>(0, v.size() - 1)(rng_)];
+  }
+  bool Coin(double p) { return std::uniform_real_distribution<double>(0, 1)(rng_) < p; }
+  int32_t Id(int64_t vocab, bool allow_out = false) {
+    if (allow_out && Coin(0.05)) return Pick<int32_t>({-1, static_cast<int32_t>(vocab), 1 << 30});
+    return std::uniform_int_distribution<int32_t>(0, static_cast<int32_t>(vocab) - 1)(rng_);
+  }
+
+  // Logits rows: normal with a random scale; some rows coarse (many ties), some with NaN/inf.
+  std::vector<float> Logits(int64_t rows, int64_t vocab) {
+    std::vector<float> v(rows * vocab);
+    for (int64_t r = 0; r < rows; ++r) {
+      float* row = &v[r * vocab];
+      const float scale = Pick<float>({0.05f, 1.f, 4.f, 30.f});
+      std::normal_distribution<float> d(0.f, scale);
+      const bool coarse = Coin(0.3);
+      for (int64_t i = 0; i < vocab; ++i) {
+        row[i] = d(rng_);
+        if (coarse) row[i] = std::round(row[i] * 2) / 2;
+      }
+      const int kind = std::uniform_int_distribution<int>(0, 9)(rng_);
+      if (kind == 0) {  // NaN and inf sprinkled
+        for (int j = 0; j < 20; ++j) row[Id(vocab)] = Pick<float>({NAN, kInf, -kInf, -kInf});
+      } else if (kind == 1) {
+        for (int64_t i = 0; i < vocab; ++i) row[i] = Coin(0.5) ? NAN : -kInf;  // nothing finite
+      } else if (kind == 2) {
+        for (int64_t i = 0; i < vocab; ++i) {
+          if (Coin(0.9)) row[i] = -kInf;  // few candidates
+        }
+      } else if (kind == 3) {
+        for (int j = 0; j < 5; ++j) row[Id(vocab)] = row[0];  // ties with a top value
+        row[Id(vocab)] = 1e30f;
+        row[Id(vocab)] = 1e30f;
+      }
+    }
+    return v;
+  }
+
+  SamplingRow RandomRow(int64_t vocab, int32_t logits_rows, RowLists* l) {
+    SamplingRow r;
+    r.logits_row = std::uniform_int_distribution<int32_t>(0, logits_rows - 1)(rng_);
+    r.temperature = Pick<float>({0.f, 1e-38f, 1e-6f, 1e-5f, 0.05f, 0.8f, 1.f, 1.7f, 1e6f, 3e38f});
+    r.top_k = Coin(0.4) ? Pick<int32_t>({1, 2, 5, 40, 1000, static_cast<int32_t>(vocab) + 7}) : 0;
+    r.top_p = Coin(0.5) ? Pick<float>({0.01f, 0.5f, 0.9f, 0.95f, 0.999f}) : 1.f;
+    r.min_p = Coin(0.3) ? Pick<float>({0.001f, 0.05f, 0.5f, 1.f}) : 0.f;
+    const int out_n = Coin(0.5) ? std::uniform_int_distribution<int>(0, 40)(rng_) : 0;
+    for (int j = 0; j < out_n; ++j) l->output.push_back(Coin(0.3) ? Id(8) : Id(vocab, true));
+    if (Coin(0.3)) {
+      r.repetition_penalty = Pick<float>({0.7f, 1.1f, 1.5f});
+      l->penalty = l->output;
+      for (int j = 0; j < 60; ++j) l->penalty.push_back(Id(vocab, true));
+    }
+    if (Coin(0.3)) {
+      r.frequency_penalty = Pick<float>({0.f, -1.3f, 0.7f, 2.f});
+      r.presence_penalty = Pick<float>({0.f, 0.4f, -2.f});
+    }
+    if (Coin(0.3)) {
+      const int nb = std::uniform_int_distribution<int>(1, 30)(rng_);
+      for (int j = 0; j < nb; ++j) {
+        l->bias_ids.push_back(Coin(0.2) && !l->bias_ids.empty() ? l->bias_ids[0] : Id(vocab, true));
+        l->bias_values.push_back(Pick<float>({-100.f, -3.3f, 0.1f, 5.f, 100.f}));
+      }
+    }
+    if (Coin(0.15)) {
+      const int na = Pick<int>({1, 3, 50, 2000});
+      for (int j = 0; j < na; ++j) l->allowed.push_back(Id(vocab, true));
+    }
+    if (Coin(0.3)) {
+      r.min_tokens = Pick<int32_t>({0, 5, 100});
+      for (int j = 0; j < 4; ++j) l->stop.push_back(Coin(0.5) ? 0 : Id(vocab, true));
+    }
+    r.seed = rng_();
+    r.offset = rng_() % 1000;
+    r.logprobs = Coin(0.3) ? Pick<int32_t>({0, 1, 5, 20}) : -1;
+    return r;
+  }
+
+  static void Point(SamplingRow* r, const RowLists& l) {
+    r->allowed_token_ids = l.allowed.data();
+    r->num_allowed_token_ids = static_cast<int64_t>(l.allowed.size());
+    r->stop_ids = l.stop.data();
+    r->num_stop_ids = static_cast<int64_t>(l.stop.size());
+    r->logit_bias_ids = l.bias_ids.data();
+    r->logit_bias_values = l.bias_values.data();
+    r->num_logit_bias = static_cast<int64_t>(l.bias_ids.size());
+    r->penalty_tokens = l.penalty.data();
+    r->num_penalty_tokens = static_cast<int64_t>(l.penalty.size());
+    r->output_tokens = l.output.data();
+    r->num_output_tokens = static_cast<int64_t>(l.output.size());
+  }
+
+  // Runs `batches` random batches of `rows` rows over `logits_rows` logits rows on both backends.
+  void Parity(int64_t vocab, int batches, int rows, int logits_rows) {
+    int64_t total = 0, sampled = 0;
+    for (int b = 0; b < batches; ++b) {
+      const std::vector<float> host = Logits(logits_rows, vocab);
+      auto dev = cuda_->Allocate(host.size() * sizeof(float));
+      ASSERT_OK(dev);
+      ASSERT_OK(cuda_->CopyToDevice(dev->data(), host.data(), host.size() * sizeof(float)));
+      std::vector<RowLists> lists(rows);
+      std::vector<SamplingRow> rs(rows);
+      for (int i = 0; i < rows; ++i) rs[i] = RandomRow(vocab, logits_rows, &lists[i]);
+      for (int i = 0; i < rows; ++i) Point(&rs[i], lists[i]);
+      Tensor2D cpu_t{const_cast<float*>(host.data()), DType::kF32, logits_rows, vocab};
+      Tensor2D gpu_t{dev->data(), DType::kF32, logits_rows, vocab};
+      SampleOutput want, got;
+      ASSERT_OK(cpu_->Sample(cpu_t, rs, &want));
+      ASSERT_OK(cuda_->Sample(gpu_t, rs, &got));
+      for (int i = 0; i < rows; ++i) {
+        const SamplingRow& r = rs[i];
+        sampled += !(r.temperature < defaults::kGreedyTemperature || r.top_k == 1);
+        ASSERT_EQ(got.tokens[i], want.tokens[i])
+            << "vocab " << vocab << " batch " << b << " row " << i << ": temperature " << r.temperature
+            << " top_k " << r.top_k << " top_p " << r.top_p << " min_p " << r.min_p << " rep "
+            << r.repetition_penalty << " freq " << r.frequency_penalty << " pres " << r.presence_penalty
+            << " bias " << r.num_logit_bias << " allowed " << r.num_allowed_token_ids << " min_tokens "
+            << r.min_tokens;
+        if (r.logprobs < 0) continue;
+        auto near = [](float g, float w) { return g == w || std::abs(g - w) <= 1e-5f; };
+        EXPECT_TRUE(near(got.logprobs[i], want.logprobs[i])) << got.logprobs[i] << " vs " << want.logprobs[i];
+        EXPECT_EQ(got.ranks[i], want.ranks[i]);
+        for (int j = 0; j < r.logprobs; ++j) {
+          const size_t at = static_cast<size_t>(i) * SampleOutput::kStride + j;
+          ASSERT_EQ(got.top_ids[at], want.top_ids[at]) << "row " << i << " top " << j;
+          EXPECT_TRUE(near(got.top_logprobs[at], want.top_logprobs[at]));
+        }
+      }
+      total += rows;
+    }
+    std::printf("vocab %lld: %lld rows (%lld sampled) token-exact\n", static_cast<long long>(vocab),
+                static_cast<long long>(total), static_cast<long long>(sampled));
+  }
+
+  std::mt19937_64 rng_{20261130};
+  std::unique_ptr<Backend> cpu_, cuda_;
+};
+
+TEST_F(CudaSamplingTest, TokenParityVocab4096) { Parity(4096, 60, 64, 24); }
+TEST_F(CudaSamplingTest, TokenParityVocab4096Batch256) { Parity(4096, 4, 256, 256); }
+TEST_F(CudaSamplingTest, TokenParityVocab128256) { Parity(128256, 8, 48, 16); }
+TEST_F(CudaSamplingTest, TokenParityOddVocab) { Parity(1000, 20, 33, 7); }
+
+TEST_F(CudaSamplingTest, SameRowsSameTokensAcrossCalls) {  // steady state: buffers reused
+  const int64_t vocab = 4096;
+  const std::vector<float> host = Logits(4, vocab);
+  auto dev = cuda_->Allocate(host.size() * sizeof(float));
+  ASSERT_OK(dev);
+  ASSERT_OK(cuda_->CopyToDevice(dev->data(), host.data(), host.size() * sizeof(float)));
+  std::vector<RowLists> lists(16);
+  std::vector<SamplingRow> rs(16);
+  for (int i = 0; i < 16; ++i) rs[i] = RandomRow(vocab, 4, &lists[i]);
+  for (int i = 0; i < 16; ++i) Point(&rs[i], lists[i]);
+  Tensor2D t{dev->data(), DType::kF32, 4, vocab};
+  SampleOutput first, again;
+  ASSERT_OK(cuda_->Sample(t, rs, &first));
+  ASSERT_OK(cuda_->Sample(t, absl::MakeConstSpan(rs).subspan(0, 3), &again));
+  ASSERT_OK(cuda_->Sample(t, rs, &again));
+  EXPECT_EQ(first.tokens, again.tokens);
+  EXPECT_EQ(first.top_ids, again.top_ids);
+}
+
+TEST_F(CudaSamplingTest, InvalidRowsAreInvalidArgument) {
+  auto dev = cuda_->Allocate(2 * 16 * sizeof(float));
+  ASSERT_OK(dev);
+  Tensor2D t{dev->data(), DType::kF32, 2, 16};
+  SamplingRow r;
+  r.logits_row = 2;
+  SampleOutput out;
+  EXPECT_THAT(cuda_->Sample(t, {r}, &out),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("reads logits row 2 of 2")));
+  r.logits_row = -1;
+  EXPECT_THAT(cuda_->Sample(t, {r}, &out), StatusIs(absl::StatusCode::kInvalidArgument));
+  r.logits_row = 0;
+  r.logprobs = SampleOutput::kStride + 1;
+  EXPECT_THAT(cuda_->Sample(t, {r}, &out),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("logprobs")));
+  r.logprobs = -2;
+  EXPECT_THAT(cuda_->Sample(t, {r}, &out), StatusIs(absl::StatusCode::kInvalidArgument));
+  Tensor2D bf16 = t;
+  bf16.dtype = DType::kBF16;
+  r.logprobs = -1;
+  EXPECT_THAT(cuda_->Sample(bf16, {r}, &out), StatusIs(absl::StatusCode::kUnimplemented));
+  ASSERT_OK(cuda_->Sample(t, {}, &out));
+  EXPECT_TRUE(out.tokens.empty());
+}
+
+}  // namespace
+}  // namespace lorc

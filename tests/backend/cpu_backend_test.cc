@@ -315,7 +315,12 @@ TEST_P(BackendOpsTest, WriteKvPlacesRowsAtFlatSlots) {
   }
 }
 
-TEST_P(BackendOpsTest, PagedAttentionMatchesDenseCausalAttention) {
+// The CPU reference's paged attention against dense math, at small odd shapes (F32, head_dim
+// 10 and 6). The CUDA kernels support BF16 and head_dim 64/128; their parity against this
+// reference is tests/backend/cuda_attention_test.cc.
+using CpuAttentionReferenceTest = BackendOpsTest;
+
+TEST_P(CpuAttentionReferenceTest, PagedAttentionMatchesDenseCausalAttention) {
   // Three sequences: (already cached, new this step) = (0, 7) prefill, (13, 1) decode,
   // (5, 9) chunked prefill on top of a cached prefix. GQA: 6 query heads over 2 KV heads.
   const int num_heads = 6, kv_heads = 2, hd = 10, group = num_heads / kv_heads;
@@ -465,7 +470,7 @@ TEST_P(BackendOpsTest, PagedAttentionMatchesDenseCausalAttention) {
   }
 }
 
-TEST_P(BackendOpsTest, PagedAttentionSingleTokenContextIsTheValue) {
+TEST_P(CpuAttentionReferenceTest, PagedAttentionSingleTokenContextIsTheValue) {
   // With one key the softmax is 1: the output is that token's value, for every head in the group.
   const int num_heads = 4, kv_heads = 2, hd = 6;
   const int32_t bs = 4;
@@ -524,6 +529,7 @@ TEST_P(BackendOpsTest, CopyBlocksCopiesWholeBlockOfKAndV) {
 
 INSTANTIATE_TEST_SUITE_P(Backends, BackendOpsTest,
                          ::testing::Values(BackendKind::kCpu, BackendKind::kCuda), KindName);
+INSTANTIATE_TEST_SUITE_P(Cpu, CpuAttentionReferenceTest, ::testing::Values(BackendKind::kCpu), KindName);
 
 TEST(BackendFactoryTest, CpuBackendIsAvailable) {
   auto b = CreateBackend(BackendOptions{BackendKind::kCpu});

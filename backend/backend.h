@@ -2,8 +2,7 @@
 // the operations of a Llama forward pass.
 //
 // One interface, two implementations: CpuBackend (computes in fp32 with OpenBLAS; the reference
-// every CUDA kernel is checked against) and CudaBackend (kernels/ + cuBLAS; reports Unimplemented
-// while its kernels are missing). All data pointers handed to ops are device pointers of this
+// every CUDA kernel is checked against) and CudaBackend (kernels/ + cuBLASLt, BF16 serving). All data pointers handed to ops are device pointers of this
 // backend (host memory for the CPU backend) unless a field says "host".
 //
 // Execution model (designed for CUDA, trivially true on the CPU):
@@ -208,6 +207,9 @@ class Backend {
   virtual const char* name() const = 0;
   // A one-line description of the device ("cpu: fp32, OpenBLAS ...", "NVIDIA H200 ...").
   virtual std::string Describe() const = 0;
+  // The dtype the model runner keeps weights, activations and the KV cache in on this backend
+  // (logits are always F32): F32 on the CPU, BF16 on CUDA.
+  virtual DType compute_dtype() const { return DType::kF32; }
 
   // --- stream, events, graphs -------------------------------------------------------------------
   // The native stream (cudaStream_t as void*); nullptr on the CPU. Lives as long as the backend.
@@ -321,7 +323,8 @@ struct BackendOptions {
   int threads = 0;  // CPU: BLAS threads (0 = library default)
 };
 
-// Creates a backend. CUDA: Unimplemented when built without CUDA, FailedPrecondition without a device.
+// Creates a backend. CUDA: Unimplemented when built without CUDA, Unavailable without a driver,
+// FailedPrecondition for a device ordinal that is not present.
 absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(const BackendOptions& options);
 
 // "cpu backend: <op>: <what> dtype <DT> not implemented" as Unimplemented unless t.dtype is F32.

@@ -26,18 +26,17 @@ absl::StatusOr<std::vector<CudaDeviceInfo>> ListCudaDevices();
 // "runtime 13.0, driver 13.0" or why it is unknown.
 std::string CudaVersionString();
 
-// The whole CUDA backend: Unimplemented while Matmul, attention and Sample have no kernels yet
-// (after the device checks below, so a missing device reads as such).
+// The CUDA backend (serving computes in BF16: compute_dtype()). Unimplemented without CUDA in the
+// build, Unavailable without a driver, FailedPrecondition for a device ordinal that is not present.
 absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackend(const BackendOptions& options);
 
-// The CUDA backend as far as it is implemented, for its parity tests: a non-blocking stream on
+// The same backend under its older name (its parity tests use it): a non-blocking stream on
 // the device (made current on the calling thread), events, graph capture/replay, cudaMalloc /
 // cudaMallocHost memory, async copies with backend.h's lifetime rules, GetMemoryInfo,
 // CopyBlocks, and the kernels/ ops Embedding, GatherRows, RmsNorm, FusedAddRmsNorm, AddInPlace,
 // SiluMul, Rope, WriteKv and RopeKvWrite (F32 and BF16, one dtype per op; others Unimplemented
-// naming the op and dtype), and Matmul (cuBLASLt: F32, BF16 or F16 x and w, out the same or F32).
-// The attention ops and Sample return Unimplemented naming the op. Unimplemented without CUDA in the build, Unavailable without a driver, FailedPrecondition
-// for a device ordinal that is not present.
+// naming the op and dtype), Matmul (cuBLASLt: F32, BF16 or F16 x and w, out the same or F32),
+// paged attention (BF16, head_dim 64/128) and Sample. Errors as CreateCudaBackend.
 absl::StatusOr<std::unique_ptr<Backend>> CreatePartialCudaBackend(const BackendOptions& options);
 
 }  // namespace lorc

@@ -76,6 +76,7 @@ class CudaBackend final : public Backend {
 
   const char* name() const override { return "cuda"; }
   std::string Describe() const override { return description_; }
+  DType compute_dtype() const override { return DType::kBF16; }  // weights, activations, KV cache
 
   void* stream_handle() const override { return stream_; }
   absl::Status Synchronize() override { return CudaError(cudaStreamSynchronize(stream_), "synchronize"); }

@@ -4,6 +4,7 @@
 #include <functional>
 
 #include "absl/strings/str_cat.h"
+#include "common/dtype.h"
 #include "common/status_macros.h"
 
 namespace lorc {
@@ -81,11 +82,16 @@ class RandomSource final : public WeightSource {
 class Loader {
  public:
   Loader(const ModelConfig& c, const ShardLayout& s, Backend& b, WeightSource& src)
-      : c_(c), s_(s), b_(b), src_(src) {}
+      : c_(c), s_(s), b_(b), src_(src), dtype_(b.compute_dtype()) {}
 
   absl::StatusOr<ModelWeights> Load() {
+    if (dtype_ != DType::kF32 && dtype_ != DType::kBF16) {
+      return absl::UnimplementedError(absl::StrCat("weights: ", DTypeName(dtype_),
+                                                   " on the device not implemented (F32, BF16)"));
+    }
     ModelWeights w;
     w.shard = s_;
+    w.dtype = dtype_;
     const int64_t d = c_.hidden_size;
     ASSIGN_OR_RETURN(w.embed, Full("model.embed_tokens.weight", {c_.vocab_size, d}));
     ASSIGN_OR_RETURN(w.final_norm, Full("model.norm.weight", {d}));
@@ -105,9 +111,17 @@ class Loader {
   }
 
  private:
+  // Host fp32 values -> a device buffer of dtype_ (BF16: rounded to nearest even on the host).
   absl::StatusOr<DeviceBuffer> Upload(const std::vector<float>& host) {
-    ASSIGN_OR_RETURN(DeviceBuffer buf, b_.Allocate(host.size() * sizeof(float)));
-    RETURN_IF_ERROR(b_.CopyToDevice(buf.data(), host.data(), host.size() * sizeof(float)));
+    const size_t bytes = host.size() * DTypeSize(dtype_);
+    ASSIGN_OR_RETURN(DeviceBuffer buf, b_.Allocate(bytes));
+    if (dtype_ == DType::kBF16) {
+      bf16_.resize(host.size());
+      for (size_t i = 0; i < host.size(); ++i) bf16_[i] = F32ToBf16(host[i]);
+      RETURN_IF_ERROR(b_.CopyToDevice(buf.data(), bf16_.data(), bytes));
+    } else {
+      RETURN_IF_ERROR(b_.CopyToDevice(buf.data(), host.data(), bytes));
+    }
     return buf;
   }
 
@@ -164,6 +178,8 @@ class Loader {
   const ShardLayout& s_;
   Backend& b_;
   WeightSource& src_;
+  DType dtype_;                  // on the device: the backend's compute dtype
+  std::vector<uint16_t> bf16_;   // staging for BF16 uploads (pageable: consumed by CopyToDevice)
 };
 
 }  // namespace

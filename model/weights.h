@@ -60,11 +60,13 @@ struct ModelWeights {
   DeviceBuffer final_norm;  // [hidden]
   DeviceBuffer lm_head;     // [shard.vocab_size, hidden]; empty when tied and not sharded (use embed)
   std::vector<LayerWeights> layers;
-  DType dtype = DType::kF32;  // element type on the device
+  DType dtype = DType::kF32;  // element type on the device: the backend's compute_dtype()
 
   const DeviceBuffer& lm_head_or_embed() const { return lm_head.empty() ? embed : lm_head; }
 };
 
+// Both loaders read fp32/fp16/bf16 files as fp32 on the host and store every tensor in the
+// backend's compute_dtype() (BF16 on CUDA: rounded to nearest even; F32 on the CPU).
 absl::StatusOr<ModelWeights> LoadWeights(const ModelConfig& config, const CheckpointReader& reader,
                                          const ShardLayout& shard, Backend& backend);
 

@@ -27,7 +27,7 @@ absl::StatusOr<LoadedModel> LoadModel(const ModelSource& source, Backend* backen
   // The KV geometry comes from kvstore/ (one per-layer spec); the runner only sizes and allocates.
   KvSpecOptions spec_options;
   spec_options.block_size = kv.block_size;
-  spec_options.dtype = DType::kF32;  // what the CPU backend computes in
+  spec_options.dtype = backend->compute_dtype();  // CPU: F32, CUDA: BF16 (as the weights)
   spec_options.num_kv_heads = shard.num_kv_heads;
   ASSIGN_OR_RETURN(const KvCacheSpec spec, MakeKvCacheSpec(m.config, spec_options));
   ASSIGN_OR_RETURN(m.runner,

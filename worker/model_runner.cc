@@ -49,6 +49,14 @@ absl::Status ModelRunner::Init(const KvCacheSpec& spec, const KvCacheOptions& kv
   }
   kv_spec_ = spec;
   RETURN_IF_ERROR(kv_spec_.Validate());
+  // One dtype per op: activations and the cache in the weights' dtype (the backend's
+  // compute_dtype(): F32 on the CPU, BF16 on CUDA); logits are F32 everywhere.
+  act_dtype_ = weights_.dtype;
+  if (kv_spec_.dtype != act_dtype_) {
+    return absl::InvalidArgumentError(absl::StrCat("kv spec dtype ", DTypeName(kv_spec_.dtype),
+                                                   " differs from the weights' ",
+                                                   DTypeName(act_dtype_)));
+  }
   if (kv_spec_.num_layers() != config_.num_layers) {
     return absl::InvalidArgumentError(absl::StrCat("kv spec has ", kv_spec_.num_layers(),
                                                    " layers, the model ", config_.num_layers));
@@ -94,7 +102,12 @@ absl::Status ModelRunner::AllocateStepBuffers() {
   RETURN_IF_ERROR(alloc(logits_, R * config_.vocab_size, sizeof(float)));
   if (s.lm_head_sharded) {
     RETURN_IF_ERROR(alloc(logits_local_, R * s.vocab_size, sizeof(float)));
-    gathered_.resize(static_cast<size_t>(R * config_.vocab_size));
+    RETURN_IF_ERROR(alloc(gathered_, R * config_.vocab_size, sizeof(float)));
+    std::vector<int32_t> iota(static_cast<size_t>(s.tp_size * R));
+    for (size_t i = 0; i < iota.size(); ++i) iota[i] = static_cast<int32_t>(i);
+    RETURN_IF_ERROR(alloc(gather_iota_, static_cast<int64_t>(iota.size()), sizeof(int32_t)));
+    RETURN_IF_ERROR(backend_->CopyToDevice(gather_iota_.data(), iota.data(),
+                                           iota.size() * sizeof(int32_t)));  // pageable: staged
   }
   MetaLayout& m = meta_at_;
   m.ids = 0;
@@ -150,8 +163,9 @@ absl::Status ModelRunner::AllocateCache(const KvCacheOptions& kv) {
 }
 
 std::vector<const void*> ModelRunner::StepBufferAddresses() const {
-  return {x_.data(),  h_.data(),    qkv_.data(),    attn_.data(),         gate_up_.data(),
-          act_.data(), rows_.data(), logits_.data(), logits_local_.data(), meta_.data(),
+  return {x_.data(),           h_.data(),     qkv_.data(),       attn_.data(),
+          gate_up_.data(),     act_.data(),   rows_.data(),      logits_.data(),
+          logits_local_.data(), gathered_.data(), gather_iota_.data(), meta_.data(),
           meta_host_.data()};
 }
 
@@ -229,13 +243,18 @@ Tensor2D ModelRunner::Act(const DeviceBuffer& b, int64_t rows, int64_t cols) con
   return Tensor2D{b.data(), act_dtype_, rows, cols, cols};
 }
 
-absl::StatusOr<StepOutput> ModelRunner::Execute(absl::Span<const SequenceStep> steps) {
+absl::StatusOr<StepOutput> ModelRunner::Execute(absl::Span<const SequenceStep> steps,
+                                                bool host_logits) {
   RETURN_IF_ERROR(Validate(steps));
   const int32_t bs = kv_spec_.block_size;
   const int32_t num_seqs = static_cast<int32_t>(steps.size());
   const int32_t mb = max_blocks_per_seq_;
 
-  // Host metadata, written straight into the pinned staging mirror at the fixed offsets.
+  // Eager execution: every op is enqueued as it comes. TODO(cuda graphs): capture the layers loop
+  // of decode-only steps per padded batch size (the step buffers and meta_ already sit at fixed
+  // addresses; pad ids/positions with slot -1) and replay it here instead of enqueueing it.
+  // Host metadata, written straight into the pinned staging mirror at the fixed offsets. The
+  // previous step's uploads have completed: Execute ends with a Synchronize.
   int32_t* hm = meta_host_.as<int32_t>();
   const MetaLayout& m = meta_at_;
   int32_t* ids = hm + m.ids;
@@ -351,18 +370,48 @@ absl::StatusOr<StepOutput> ModelRunner::Execute(absl::Span<const SequenceStep> s
     RETURN_IF_ERROR(AllReduce(h));
   }
   RETURN_IF_ERROR(backend_->AddInPlace(x, h));
-  out.logits.resize(static_cast<size_t>(num_rows) * config_.vocab_size);
-  for (int32_t r0 = 0; r0 < num_rows; r0 += max_logit_rows_) {
-    const int32_t n = std::min(max_logit_rows_, num_rows - r0);
-    RETURN_IF_ERROR(ComputeLogits(x, dm + m.logit_rows + r0, n,
-                                  out.logits.data() + static_cast<int64_t>(r0) * config_.vocab_size));
+
+  const int64_t vocab = config_.vocab_size;
+  const size_t row_bytes = static_cast<size_t>(vocab) * sizeof(float);
+  out.device_logits = Tensor2D{logits_.data(), DType::kF32, num_rows, vocab, vocab};
+  out.sample_row.assign(num_seqs, -1);
+  if (num_rows <= max_logit_rows_) {
+    // One LM-head pass: every row stays in logits_ for the sampler.
+    if (num_rows > 0) RETURN_IF_ERROR(ComputeLogits(x, dm + m.logit_rows, num_rows));
+    for (int32_t i = 0; i < num_seqs; ++i) {
+      if (out.row_begin[i + 1] > out.row_begin[i]) out.sample_row[i] = out.row_begin[i + 1] - 1;
+    }
+    if (host_logits) {
+      out.logits.resize(static_cast<size_t>(num_rows) * vocab);
+      RETURN_IF_ERROR(backend_->CopyToHost(out.logits.data(), logits_.data(), num_rows * row_bytes));
+    }
+  } else {
+    // More rows than one pass holds (all-token logits of long chunks, for prompt
+    // log-probabilities): every pass goes to the host, then each sequence's last row comes back
+    // to logits_ for the sampler (at most num_seqs <= max_logit_rows_ rows).
+    out.logits.resize(static_cast<size_t>(num_rows) * vocab);
+    for (int32_t r0 = 0; r0 < num_rows; r0 += max_logit_rows_) {
+      const int32_t n = std::min(max_logit_rows_, num_rows - r0);
+      RETURN_IF_ERROR(ComputeLogits(x, dm + m.logit_rows + r0, n));
+      RETURN_IF_ERROR(backend_->CopyToHost(out.logits.data() + static_cast<int64_t>(r0) * vocab,
+                                           logits_.data(), n * row_bytes));
+    }
+    RETURN_IF_ERROR(backend_->Synchronize());  // the host rows are complete
+    int32_t k = 0;
+    for (int32_t i = 0; i < num_seqs; ++i) {
+      if (out.row_begin[i + 1] == out.row_begin[i]) continue;
+      // Pageable source: staged by the time the call returns.
+      RETURN_IF_ERROR(backend_->CopyToDevice(logits_.as<float>() + static_cast<int64_t>(k) * vocab,
+                                             out.Row(out.row_begin[i + 1] - 1), row_bytes));
+      out.sample_row[i] = k++;
+    }
+    out.device_logits.rows = k;
   }
   RETURN_IF_ERROR(backend_->Synchronize());
   return out;
 }
 
-absl::Status ModelRunner::ComputeLogits(const Tensor2D& x, const int32_t* rows_at, int64_t n,
-                                        float* dst) {
+absl::Status ModelRunner::ComputeLogits(const Tensor2D& x, const int32_t* rows_at, int64_t n) {
   const int64_t vocab = config_.vocab_size, d = config_.hidden_size;
   const ShardLayout& sh = weights_.shard;
   const Tensor2D rows = Act(rows_, n, d);
@@ -371,23 +420,19 @@ absl::Status ModelRunner::ComputeLogits(const Tensor2D& x, const int32_t* rows_a
                                     static_cast<float>(config_.rms_norm_eps), rows));
   const Tensor2D full{logits_.data(), DType::kF32, n, vocab, vocab};
   if (!sh.lm_head_sharded) {
-    RETURN_IF_ERROR(backend_->Matmul(rows, Weight(weights_.lm_head_or_embed(), vocab, d), full));
-    RETURN_IF_ERROR(backend_->CopyToHost(dst, full.data, static_cast<size_t>(n * vocab) * sizeof(float)));
-    return backend_->Synchronize();
+    return backend_->Matmul(rows, Weight(weights_.lm_head_or_embed(), vocab, d), full);
   }
   // Each rank: logits of its vocabulary slice [n, V/tp]; the all-gather stacks the slices rank
-  // by rank ([tp][n][V/tp]), then the host puts each row's slices side by side.
+  // by rank ([tp][n][V/tp]); one row gather per rank puts its slice into columns
+  // [r * V/tp, (r + 1) * V/tp) of every row.
   const int64_t vl = sh.vocab_size;
   const Tensor2D local{logits_local_.data(), DType::kF32, n, vl, vl};
   RETURN_IF_ERROR(backend_->Matmul(rows, Weight(weights_.lm_head, vl, d), local));
-  RETURN_IF_ERROR(comm_->AllGather(local.as<float>(), full.as<float>(), static_cast<size_t>(n * vl)));
-  RETURN_IF_ERROR(backend_->CopyToHost(gathered_.data(), full.data,
-                                       static_cast<size_t>(n * vocab) * sizeof(float)));
-  RETURN_IF_ERROR(backend_->Synchronize());
+  RETURN_IF_ERROR(comm_->AllGather(local.as<float>(), gathered_.as<float>(), static_cast<size_t>(n * vl)));
+  const Tensor2D stacked{gathered_.data(), DType::kF32, sh.tp_size * n, vl, vl};
   for (int64_t r = 0; r < sh.tp_size; ++r) {
-    for (int64_t i = 0; i < n; ++i) {
-      std::copy_n(gathered_.data() + (r * n + i) * vl, vl, dst + i * vocab + r * vl);
-    }
+    RETURN_IF_ERROR(backend_->GatherRows(stacked, gather_iota_.as<int32_t>() + r * n,
+                                         full.ColSlice(r * vl, vl)));
   }
   return absl::OkStatus();
 }

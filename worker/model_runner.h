@@ -40,9 +40,17 @@ struct SequenceStep {
 
 struct StepOutput {
   int64_t vocab_size = 0;
-  // Logit rows in step order: for each sequence, none, its last token's, or one per new token.
+  // Host logit rows in step order: for each sequence, none, its last token's, or one per new
+  // token. Filled when Execute is asked for host logits; empty otherwise.
   std::vector<float> logits;
   std::vector<int32_t> row_begin;  // per sequence: first row in `logits` (rows of s: [begin[s], begin[s+1]))
+  // The logits for sampling, in backend memory (device memory on CUDA; what Backend::Sample
+  // reads): F32 [rows, vocab_size]. Valid until the runner's next Execute.
+  Tensor2D device_logits;
+  // Per sequence: the row of `device_logits` holding its last logit row; -1 when it has none.
+  // When all rows fit one LM-head pass, device_logits holds every row and this is
+  // row_begin[s + 1] - 1; otherwise it holds only these last rows, one per sequence.
+  std::vector<int32_t> sample_row;
   const float* Row(int64_t r) const { return logits.data() + r * vocab_size; }
 };
 
@@ -59,10 +67,13 @@ class ModelRunner {
                                                              const KvCacheSpec& spec,
                                                              const KvCacheOptions& kv);
 
+  // Runs the step on the backend's stream and waits for it. `host_logits`: also copy every logit
+  // row to StepOutput::logits (tests, prompt log-probabilities); without it the logits stay in
+  // backend memory (StepOutput::device_logits) for Backend::Sample.
   // InvalidArgument for malformed steps (token ids outside the vocabulary, block tables that do
   // not cover the tokens or name blocks outside the cache, positions past max_model_len) and for
   // steps over max_num_seqs or max_num_batched_tokens.
-  absl::StatusOr<StepOutput> Execute(absl::Span<const SequenceStep> steps);
+  absl::StatusOr<StepOutput> Execute(absl::Span<const SequenceStep> steps, bool host_logits = true);
   // The per-sequence checks of Execute (everything but duplicate ids across the batch), so a
   // caller can leave a bad sequence out of the batch instead of failing all of it.
   absl::Status ValidateSequence(const SequenceStep& s) const;
@@ -88,10 +99,11 @@ class ModelRunner {
   absl::Status AllocateCache(const KvCacheOptions& kv);
   absl::Status Validate(absl::Span<const SequenceStep> steps) const;
   absl::Status AllReduce(Tensor2D t);
-  // Logits of the rows `x[rows[i]]` for i in [0, n) (n <= max_num_seqs) into `dst` (host,
-  // n * vocab floats): gather, final norm, one matmul, or with a sharded LM head a matmul over
-  // this rank's vocabulary slice and an all-gather.
-  absl::Status ComputeLogits(const Tensor2D& x, const int32_t* rows, int64_t n, float* dst);
+  // Logits of the rows `x[rows[i]]` for i in [0, n) (n <= max_logit_rows_) into `logits_` (F32
+  // [n, vocab], backend memory): gather, final norm, one matmul, or with a sharded LM head a
+  // matmul over this rank's vocabulary slice, an all-gather and a row gather that puts each row's
+  // slices side by side.
+  absl::Status ComputeLogits(const Tensor2D& x, const int32_t* rows, int64_t n);
   Tensor2D Weight(const DeviceBuffer& b, int64_t rows, int64_t cols) const;
   Tensor2D Act(const DeviceBuffer& b, int64_t rows, int64_t cols) const;
 
@@ -101,7 +113,7 @@ class ModelRunner {
   Communicator* comm_;
   KvCacheSpec kv_spec_;
   KvCacheOptions limits_;
-  DType act_dtype_ = DType::kF32;  // activations (the CPU backend computes in fp32)
+  DType act_dtype_ = DType::kF32;  // activations and KV cache: the weights' dtype (Backend::compute_dtype)
   int32_t max_blocks_per_seq_ = 0;
   int32_t max_logit_rows_ = 0;     // logit rows per LM-head pass
   std::vector<DeviceBuffer> k_cache_, v_cache_;
@@ -115,7 +127,9 @@ class ModelRunner {
     int64_t ids, positions, slots, query_start, seq_lens, tables, logit_rows, total;
   } meta_at_{};
   DeviceBuffer x_, h_, qkv_, attn_, gate_up_, act_, rows_, logits_, logits_local_, meta_, meta_host_;
-  std::vector<float> gathered_;  // host, sharded LM head only
+  // Sharded LM head only: the all-gather's output ([tp][n][V/tp], F32) and the row indices
+  // 0 .. tp * R - 1 (int32) that GatherRows uses to interleave it into logits_.
+  DeviceBuffer gathered_, gather_iota_;
 };
 
 }  // namespace lorc

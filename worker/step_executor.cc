@@ -204,7 +204,13 @@ absl::StatusOr<StepResult> StepExecutor::Execute(const StepPlan& plan) {
 
   StepOutput out;
   if (n > 0) {
-    ASSIGN_OR_RETURN(out, runner_->Execute(steps_));
+    // Logits stay in backend memory for Backend::Sample; only prompt log-probabilities (computed
+    // on the host from all-token rows) need them copied back.
+    bool host_logits = false;
+    for (const SequenceStep& st : steps_) {
+      host_logits |= samples_ && st.logits == SequenceStep::Logits::kAll;
+    }
+    ASSIGN_OR_RETURN(out, runner_->Execute(steps_, host_logits));
   }
 
   // Commit the new state (every entry first: inserting new requests rehashes seqs_), then sample.
@@ -249,7 +255,7 @@ absl::StatusOr<StepResult> StepExecutor::Execute(const StepPlan& plan) {
     const ScheduledSequence& s = *scheduled_[i];
     if (!s.sample) continue;
     SeqState& st = seqs_.at(s.seq_id);
-    const int32_t row = samples_ ? out.row_begin[i + 1] - 1 : 0;  // the chunk's last logit row
+    const int32_t row = samples_ ? out.sample_row[i] : 0;  // the chunk's last logit row
     draws.push_back({s.seq_id});
     // The history (for the penalties) stays put until Sample returns.
     if (samples_) sample_rows_.push_back(st.sampler->NextRow(st.tokens, st.prompt_len, row));
@@ -265,12 +271,8 @@ absl::StatusOr<StepResult> StepExecutor::Execute(const StepPlan& plan) {
   }
   std::vector<int32_t> sampled(draws.size(), 0);
   if (samples_ && !sampled.empty()) {
-    // The runner returns logit rows in host memory, which is the CPU backend's device memory;
-    // the CUDA backend will keep them on the device for its sampler (the CUDA backend issue).
-    const Tensor2D logits{out.logits.data(), DType::kF32,
-                          static_cast<int64_t>(out.logits.size()) / out.vocab_size, out.vocab_size,
-                          out.vocab_size};
-    RETURN_IF_ERROR(runner_->backend().Sample(logits, sample_rows_, &sample_out_));
+    // The logits in backend memory (device memory on CUDA), never copied to the host for this.
+    RETURN_IF_ERROR(runner_->backend().Sample(out.device_logits, sample_rows_, &sample_out_));
     for (size_t i = 0; i < sampled.size(); ++i) {
       sampled[i] = sample_out_.tokens[i];
       SampledToken t{draws[i].seq_id, sampled[i], std::nullopt};

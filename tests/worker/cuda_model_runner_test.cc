@@ -1,0 +1,254 @@
+// The fixture model served on the CUDA backend (BF16 weights, activations and KV cache, F32
+// logits, sampling on the device) against the CPU backend (F32), the reference: greedy tokens of
+// every golden prompt, prompt log-probabilities, and tensor parallelism 2 over NCCL (with and
+// without a sharded LM head). The CUDA cases skip without enough devices; the two-rank runner
+// also runs on the CPU (Gloo), which checks the sharded LM head's row interleave there.
+#include <condition_variable>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "backend/cuda_backend.h"
+#include "common/status_macros.h"
+#include "coordinator/engine.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tests/testing/fixtures.h"
+#include "tests/testing/golden.h"
+#include "tests/testing/status_matchers.h"
+#include "worker/comm/communicator.h"
+#include "worker/comm/rendezvous.h"
+#include "worker/model_loader.h"
+#include "worker/step_executor.h"
+
+namespace lorc {
+namespace {
+
+constexpr int kGreedyTokens = 32;  // compared token for token with the CPU reference
+
+bool HaveCudaDevices(size_t n) {
+  absl::StatusOr<std::vector<CudaDeviceInfo>> d = ListCudaDevices();
+  return d.ok() && d->size() >= n;
+}
+
+KvCacheOptions SmallCache() {
+  KvCacheOptions kv;
+  kv.block_size = 16;
+  kv.num_blocks = 512;
+  kv.max_num_seqs = 16;
+  kv.max_num_batched_tokens = 256;
+  return kv;
+}
+
+std::vector<GenerationRequest> GreedyRequests(int32_t prompt_logprobs = -1) {
+  std::vector<GenerationRequest> reqs;
+  for (const ::lorc::testing::Golden& g : ::lorc::testing::GoldenPrompts()) {
+    GenerationRequest r;
+    r.prompt_ids = g.prompt_ids;
+    r.params.max_tokens = kGreedyTokens;
+    if (prompt_logprobs >= 0) r.params.prompt_logprobs = prompt_logprobs;
+    reqs.push_back(r);
+  }
+  return reqs;
+}
+
+// All golden prompts batched through one engine over `runner`.
+std::vector<GenerationResult> Generate(StepRunner* runner, const LoadedModel& m,
+                                       const std::vector<GenerationRequest>& reqs) {
+  EngineOptions eo;
+  eo.max_num_seqs = m.runner->limits().max_num_seqs;
+  eo.max_num_batched_tokens = m.runner->limits().max_num_batched_tokens;
+  auto engine = Engine::Create(runner, m.config, m.runner->kv_spec(), nullptr, eo);
+  EXPECT_OK(engine);
+  if (!engine.ok()) return {};
+  auto out = (*engine)->Generate(reqs);
+  EXPECT_OK(out);
+  return out.ok() ? *std::move(out) : std::vector<GenerationResult>{};
+}
+
+std::vector<GenerationResult> GenerateOn(BackendKind kind, const std::vector<GenerationRequest>& reqs) {
+  auto backend = CreateBackend({kind});
+  EXPECT_OK(backend);
+  if (!backend.ok()) return {};
+  auto m = LoadModel({::lorc::testing::TinyLlamaDir()}, backend->get(), 0, 1, nullptr, SmallCache());
+  EXPECT_OK(m);
+  if (!m.ok()) return {};
+  if (kind == BackendKind::kCuda) {
+    EXPECT_EQ(m->runner->kv_spec().dtype, DType::kBF16);
+  }
+  StepExecutor exec(m->runner.get());
+  return Generate(&exec, *m, reqs);
+}
+
+void ExpectSameGreedy(const std::vector<GenerationResult>& got,
+                      const std::vector<GenerationResult>& want, const char* what) {
+  ASSERT_EQ(got.size(), want.size()) << what;
+  for (size_t i = 0; i < got.size(); ++i) {
+    EXPECT_EQ(got[i].first().output_ids, want[i].first().output_ids) << what << ", prompt " << i;
+  }
+}
+
+TEST(CudaModelRunnerTest, GreedyMatchesCpuReferenceOnEveryGoldenPrompt) {
+  REQUIRE_TINY_LLAMA();
+  if (!HaveCudaDevices(1)) GTEST_SKIP() << "no CUDA device";
+  const auto cpu = GenerateOn(BackendKind::kCpu, GreedyRequests());
+  const auto cuda = GenerateOn(BackendKind::kCuda, GreedyRequests());
+  ASSERT_EQ(cpu.size(), ::lorc::testing::GoldenPrompts().size());
+  for (const GenerationResult& r : cpu) ASSERT_EQ(r.first().output_ids.size(), size_t{kGreedyTokens});
+  ExpectSameGreedy(cuda, cpu, "cuda vs cpu");
+}
+
+TEST(CudaModelRunnerTest, PromptLogprobsComeBackFromTheDevice) {
+  REQUIRE_TINY_LLAMA();
+  if (!HaveCudaDevices(1)) GTEST_SKIP() << "no CUDA device";
+  const auto cpu = GenerateOn(BackendKind::kCpu, GreedyRequests(/*prompt_logprobs=*/1));
+  const auto cuda = GenerateOn(BackendKind::kCuda, GreedyRequests(/*prompt_logprobs=*/1));
+  ASSERT_EQ(cuda.size(), cpu.size());
+  for (size_t i = 0; i < cpu.size(); ++i) {
+    ASSERT_EQ(cuda[i].prompt_logprobs.size(), cpu[i].prompt_logprobs.size()) << i;
+    ASSERT_EQ(cpu[i].prompt_logprobs.size(), cpu[i].prompt_tokens - 1) << i;
+    for (size_t j = 0; j < cpu[i].prompt_logprobs.size(); ++j) {
+      // BF16 activations against F32: log-probabilities agree to a few hundredths.
+      EXPECT_NEAR(cuda[i].prompt_logprobs[j].logprob, cpu[i].prompt_logprobs[j].logprob, 0.25)
+          << "prompt " << i << " position " << j + 1;
+    }
+  }
+}
+
+// Tensor parallelism 2 in one process: rank 1 sets up its backend, communicator and model on its
+// own thread (the CUDA backend is used by the thread that made it) and executes every plan rank 0
+// submits, at the same time (their collectives pair up).
+class TwoRanks final : public StepRunner {
+ public:
+  TwoRanks(BackendKind kind, bool shard_lm_head) : kind_(kind), shard_(shard_lm_head) {
+    rank1_ = std::thread([this] { RankOne(); });
+    setup_status_ = SetUp(0, &backend0_, &comm0_, &model0_);
+    if (setup_status_.ok()) exec0_ = std::make_unique<StepExecutor>(model0_.runner.get(), comm0_.get());
+  }
+  ~TwoRanks() override {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      done_ = true;
+    }
+    cv_.notify_all();
+    rank1_.join();
+    exec0_.reset();
+    model0_ = LoadedModel();
+    comm0_.reset();
+  }
+  const absl::Status& setup_status() const { return setup_status_; }
+  const LoadedModel& model() const { return model0_; }
+  absl::Status rank1_status() {
+    std::lock_guard<std::mutex> l(mu_);
+    return rank1_status_;
+  }
+
+  absl::Status Submit(const StepPlan& plan) override {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      plans_.push_back(plan);
+    }
+    cv_.notify_all();
+    results_.push_back(exec0_->Execute(plan));
+    return absl::OkStatus();
+  }
+  absl::StatusOr<StepResult> Await() override {
+    if (results_.empty()) return absl::FailedPreconditionError("no step in flight");
+    absl::StatusOr<StepResult> r = std::move(results_.front());
+    results_.pop_front();
+    return r;
+  }
+  int max_in_flight() const override { return 1; }
+
+ private:
+  absl::Status SetUp(int rank, std::unique_ptr<Backend>* backend, std::unique_ptr<Communicator>* comm,
+                     LoadedModel* model) {
+    BackendOptions bo;
+    bo.kind = kind_;
+    bo.device = kind_ == BackendKind::kCuda ? rank : 0;
+    ASSIGN_OR_RETURN(*backend, CreateBackend(bo));
+    CommOptions o;
+    o.group = "tp";
+    o.hostname_or_iface = "127.0.0.1";
+    o.join_timeout = absl::Seconds(60);
+    o.op_timeout = absl::Seconds(120);
+    if (kind_ == BackendKind::kCuda) {
+      ASSIGN_OR_RETURN(*comm, CreateNcclCommunicator({rank, 2}, &store_, rank, (*backend)->stream_handle(), o));
+    } else {
+      ASSIGN_OR_RETURN(*comm, CreateGlooCommunicator({rank, 2}, &store_, o));
+    }
+    ModelSource src{::lorc::testing::TinyLlamaDir()};
+    src.shard_lm_head = shard_;
+    ASSIGN_OR_RETURN(*model, LoadModel(src, backend->get(), rank, 2, comm->get(), SmallCache()));
+    return absl::OkStatus();
+  }
+
+  void RankOne() {
+    std::unique_ptr<Backend> backend;
+    std::unique_ptr<Communicator> comm;
+    LoadedModel model;
+    absl::Status s = SetUp(1, &backend, &comm, &model);
+    std::unique_ptr<StepExecutor> exec;
+    if (s.ok()) exec = std::make_unique<StepExecutor>(model.runner.get(), comm.get());
+    for (;;) {
+      StepPlan plan;
+      {
+        std::unique_lock<std::mutex> l(mu_);
+        if (rank1_status_.ok()) rank1_status_ = s;  // set-up or the previous plan
+        cv_.wait(l, [&] { return done_ || !plans_.empty(); });
+        if (plans_.empty()) break;
+        plan = std::move(plans_.front());
+        plans_.pop_front();
+      }
+      if (s.ok()) s = exec->Execute(plan).status();
+      std::lock_guard<std::mutex> l(mu_);
+      if (rank1_status_.ok()) rank1_status_ = s;
+    }
+    exec.reset();
+    model = LoadedModel();
+    comm.reset();
+  }
+
+  BackendKind kind_;
+  bool shard_;
+  InProcessStore store_;
+  std::unique_ptr<Backend> backend0_;
+  std::unique_ptr<Communicator> comm0_;
+  LoadedModel model0_;
+  std::unique_ptr<StepExecutor> exec0_;
+  absl::Status setup_status_;
+  std::deque<absl::StatusOr<StepResult>> results_;
+  std::thread rank1_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<StepPlan> plans_;  // guarded by mu_
+  bool done_ = false;           // guarded by mu_
+  absl::Status rank1_status_;   // guarded by mu_
+};
+
+void ExpectTwoRanksMatch(BackendKind kind, bool shard_lm_head,
+                         const std::vector<GenerationResult>& want) {
+  TwoRanks tp(kind, shard_lm_head);
+  ASSERT_OK(tp.setup_status());
+  const auto got = Generate(&tp, tp.model(), GreedyRequests());
+  EXPECT_OK(tp.rank1_status());
+  ExpectSameGreedy(got, want, shard_lm_head ? "tp=2, sharded LM head" : "tp=2");
+}
+
+TEST(TensorParallelModelTest, CpuTwoRanksMatchOneIncludingShardedLmHead) {
+  REQUIRE_TINY_LLAMA();
+  const auto want = GenerateOn(BackendKind::kCpu, GreedyRequests());
+  ExpectTwoRanksMatch(BackendKind::kCpu, /*shard_lm_head=*/true, want);
+}
+
+TEST(TensorParallelModelTest, CudaTwoRanksOverNcclMatchCpuReference) {
+  REQUIRE_TINY_LLAMA();
+  if (!HaveCudaDevices(2)) GTEST_SKIP() << "fewer than 2 CUDA devices";
+  const auto want = GenerateOn(BackendKind::kCpu, GreedyRequests());
+  for (bool shard : {false, true}) ExpectTwoRanksMatch(BackendKind::kCuda, shard, want);
+}
+
+}  // namespace
+}  // namespace lorc

@@ -41,7 +41,8 @@ struct SequenceStep {
 struct StepOutput {
   int64_t vocab_size = 0;
   // Host logit rows in step order: for each sequence, none, its last token's, or one per new
-  // token. Filled when Execute is asked for host logits; empty otherwise.
+  // token. Filled when Execute is asked for host logits, or when the rows take more than one
+  // LM-head pass (max_num_seqs rows); empty otherwise.
   std::vector<float> logits;
   std::vector<int32_t> row_begin;  // per sequence: first row in `logits` (rows of s: [begin[s], begin[s+1]))
   // The logits for sampling, in backend memory (device memory on CUDA; what Backend::Sample

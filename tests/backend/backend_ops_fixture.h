@@ -67,9 +67,8 @@ class BackendOpsTest : public ::testing::TestWithParam<BackendKind> {
   void SetUp() override {
     BackendOptions opts;
     opts.kind = GetParam();
-    // CUDA: the backend as far as its kernels go (CreateCudaBackend answers Unimplemented until
-    // Matmul, attention and Sample exist), so the implemented ops run their cases; the others
-    // fail with Unimplemented naming the op.
+    // CUDA: CreatePartialCudaBackend is now the same backend as CreateCudaBackend (every op has
+    // its kernel); unsupported dtypes fail with Unimplemented naming the op.
     auto b = GetParam() == BackendKind::kCuda ? CreatePartialCudaBackend(opts) : CreateBackend(opts);
     if (!b.ok()) {
       // CUDA cases skip only for want of a device (or of CUDA in the build).

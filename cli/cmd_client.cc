@@ -69,6 +69,10 @@ int RunClient(int argc, char** argv) {
   if (!args.has_value()) return exit_code;
   absl::StatusOr<double> timeout = args->GetDouble("timeout-s", 600);
   if (!timeout.ok()) return Fail("client", timeout.status());
+  if (!(*timeout > 0) || *timeout > 1e7) {
+    return Fail("client", absl::InvalidArgumentError(absl::StrCat(
+                              "--timeout-s: ", *timeout, " is not in (0, 1e7] seconds")));
+  }
   auto channel = Connect(args->Get("server", "127.0.0.1:50051"));
   auto stub = lorcserve::v1::LorcServe::NewStub(channel);
   if (args->Has("info")) return PrintInfo(*stub, *timeout);

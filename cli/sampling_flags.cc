@@ -114,8 +114,13 @@ absl::StatusOr<SamplingParams> ParseSampling(const Args& args) {
     }
   }
   if (args.Has("seed")) {
-    ASSIGN_OR_RETURN(int64_t seed, args.GetInt("seed", 0));
-    p.seed = static_cast<uint64_t>(seed);
+    const std::string text = args.Get("seed", "");
+    uint64_t seed = 0;
+    if (text.empty() || text[0] == '-' || text[0] == '+' || !absl::SimpleAtoi(text, &seed)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--seed: '", text, "' is not an integer in [0, 18446744073709551615]"));
+    }
+    p.seed = seed;
   }
   p.stop_strings = args.GetAll("stop");
   for (const std::string& id : args.GetAll("stop-id")) {

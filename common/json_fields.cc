@@ -52,6 +52,7 @@ absl::Status WrongTypeError(std::string_view field, std::string_view expected,
 std::string DescribeJson(const json& value) {
   std::string s = value.dump(-1, ' ', /*ensure_ascii=*/false, json::error_handler_t::replace);
   if (s.size() > 60) s = s.substr(0, 57) + "...";
+  if (value.is_null()) return "null";  // type and value are the same word
   return absl::StrCat(value.type_name(), " ", s);
 }
 

@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/check.h"
 #include "common/status_macros.h"
+#include "tokenizer/tokenizer_unicode.h"
 
 namespace lorc {
 namespace {
@@ -73,6 +74,12 @@ Engine::~Engine() = default;
 absl::Status Engine::Add(int64_t id, const GenerationRequest& request, UpdateFn on_update) {
   if (!request.params.stop_strings.empty() && tokenizer_ == nullptr) {
     return absl::InvalidArgumentError("stop strings need a tokenizer");
+  }
+  // Stop strings match decoded text, which is valid UTF-8 (the gRPC layer checks its own bytes
+  // with the same words; this covers the in-process callers).
+  for (size_t i = 0; i < request.params.stop_strings.size(); ++i) {
+    RETURN_IF_ERROR(tokenizer_internal::CheckUtf8(absl::StrCat("sampling.stop[", i, "]"),
+                                                  request.params.stop_strings[i]));
   }
   if (requests_.contains(id)) {
     return absl::AlreadyExistsError(absl::StrCat("request id ", id, " is already in use"));

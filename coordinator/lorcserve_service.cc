@@ -27,13 +27,7 @@ using google::protobuf::UnknownFieldSet;
 
 constexpr int kMaxNesting = 16;  // lorcserve.proto nests 2 levels; deeper is not ours to check
 
-absl::Status CheckUtf8(const std::string& field, std::string_view bytes) {
-  const std::optional<size_t> bad = tokenizer_internal::FindInvalidUtf8(bytes);
-  if (!bad.has_value()) return absl::OkStatus();
-  return absl::InvalidArgumentError(absl::StrFormat(
-      "%s is not valid UTF-8 at byte offset %d (byte 0x%02X)", field, *bad,
-      static_cast<unsigned>(static_cast<uint8_t>(bytes[*bad]))));
-}
+using tokenizer_internal::CheckUtf8;
 
 // "prefix" + name, "[k]" appended for repeated fields.
 std::string FieldPath(const std::string& prefix, const FieldDescriptor* fd, int k) {

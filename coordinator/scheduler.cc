@@ -122,6 +122,18 @@ absl::Status Scheduler::Add(int64_t seq_id, std::vector<int32_t> prompt,
         " exceeds the maximum model length of ", config_.max_model_len,
         " (max_model_len): lower max_tokens or shorten the prompt"));
   }
+  if (params.min_tokens > 0 && !params.allowed_token_ids.empty()) {
+    // The min_tokens mask would leave nothing to sample: reject rather than emit a masked id.
+    auto stops = [&](int32_t id) {
+      return ContainsValue(params.stop_token_ids, id) ||
+             (!params.ignore_eos && ContainsValue(config_.eos_token_ids, static_cast<int64_t>(id)));
+    };
+    if (std::all_of(params.allowed_token_ids.begin(), params.allowed_token_ids.end(), stops)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "allowed_token_ids: every allowed id is an EOS or stop id, which min_tokens (",
+          params.min_tokens, ") suppresses: nothing could be sampled"));
+    }
+  }
   const int64_t n = params.n;  // >= 1 (validated)
   if (static_cast<int64_t>(child_ids.size()) != n - 1) {
     return absl::InvalidArgumentError(absl::StrCat("n = ", n, " completions need ", n - 1,
@@ -134,18 +146,20 @@ absl::Status Scheduler::Add(int64_t seq_id, std::vector<int32_t> prompt,
   }
   // The n completions at full length together: the prompt's full blocks are shared, every other
   // block (the partial last prompt block included, copied on write) is each completion's own.
+  // The last sampled token is never computed, so at most total - 1 tokens are ever cached.
+  const int64_t cached = total - 1;
   const int64_t shared = n > 1 ? prompt_len / config_.block_size : 0;
-  const int64_t blocks_needed = shared + n * (CeilDiv(total, config_.block_size) - shared);
+  const int64_t blocks_needed = shared + n * (CeilDiv(cached, config_.block_size) - shared);
   if (blocks_needed > config_.num_blocks) {
     if (n == 1) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "request needs ", blocks_needed, " KV blocks for ", total,
-          " tokens (prompt + max_tokens), the whole cache has ", config_.num_blocks,
+          "request needs ", blocks_needed, " KV blocks for ", cached,
+          " cached tokens (prompt + max_tokens - 1), the whole cache has ", config_.num_blocks,
           ": it can never fit (lower max_tokens or shorten the prompt)"));
     }
     return absl::InvalidArgumentError(absl::StrCat(
-        "request needs ", blocks_needed, " KV blocks for n = ", n, " completions of ", total,
-        " tokens (prompt + max_tokens; the prompt's ", shared,
+        "request needs ", blocks_needed, " KV blocks for n = ", n, " completions of ", cached,
+        " cached tokens (prompt + max_tokens - 1; the prompt's ", shared,
         " full blocks shared), the whole cache has ", config_.num_blocks,
         ": it can never fit (lower n or max_tokens, or shorten the prompt)"));
   }
@@ -334,7 +348,11 @@ StepPlan Scheduler::Schedule() {
       if (slots + Slots(s) > config_.max_num_seqs) break;  // in order: no skipping ahead
       const int64_t num_tokens = static_cast<int64_t>(s.tokens.size());
       const int64_t children = static_cast<int64_t>(s.child_ids.size());
-      const int64_t need = CeilDiv(num_tokens + 1, config_.block_size) + children;
+      // Room for the next token it computes, unless the token it samples next is its last
+      // (a sampled token is written to the cache only when a later step computes it).
+      const bool grows = s.num_generated + 1 < s.params.max_tokens;
+      const int64_t need =
+          CeilDiv(num_tokens + (grows ? 1 : 0), config_.block_size) + (grows ? children : 0);
       const int64_t reserve =
           running_.empty() ? 0 : promised + static_cast<int64_t>(running_.size());
       if (need + reserve > blocks_.num_free_blocks()) break;  // in order: no skipping ahead

@@ -32,7 +32,7 @@
 //     strictly in that order (no skipping ahead, so large requests are not starved), while the
 //     budget, max_num_seqs and the blocks allow. Admission needs blocks for the whole prompt plus
 //     one token (plus one block per unforked child: its first token's copy-on-write or new
-//     block), on top of the blocks that admitted sequences still need to finish their prefill
+//     block; neither when the next sampled token is the last, which is never cached), on top of the blocks that admitted sequences still need to finish their prefill
 //     (their unforked children included), plus a watermark of one spare block per running
 //     sequence (so that admitting does not force an immediate preemption). With nothing running,
 //     anything that fits is admitted. A parent with unforked children counts as 1 + children

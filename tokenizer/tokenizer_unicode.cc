@@ -2,6 +2,8 @@
 
 #include <vector>
 
+#include "absl/strings/str_format.h"
+
 namespace lorc::tokenizer_internal {
 namespace {
 
@@ -72,6 +74,14 @@ std::optional<size_t> FindInvalidUtf8(std::string_view text) {
     i += info.len;
   }
   return std::nullopt;
+}
+
+absl::Status CheckUtf8(std::string_view field, std::string_view bytes) {
+  const std::optional<size_t> bad = FindInvalidUtf8(bytes);
+  if (!bad.has_value()) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrFormat(
+      "%s is not valid UTF-8 at byte offset %d (byte 0x%02X)", field, *bad,
+      static_cast<unsigned>(static_cast<uint8_t>(bytes[*bad]))));
 }
 
 size_t Utf8SequenceLength(uint8_t lead) {

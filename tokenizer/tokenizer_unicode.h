@@ -8,11 +8,17 @@
 #include <string>
 #include <string_view>
 
+#include "absl/status/status.h"
+
 namespace lorc::tokenizer_internal {
 
 // Byte offset of the first byte that makes `text` invalid UTF-8 (strict, like Rust's str: no
 // overlong forms, surrogates or code points above U+10FFFF), or nullopt if it is valid.
 std::optional<size_t> FindInvalidUtf8(std::string_view text);
+
+// OK, or InvalidArgument "<field> is not valid UTF-8 at byte offset N (byte 0xXX)": the one
+// message every layer gives for a request's text field that is not UTF-8.
+absl::Status CheckUtf8(std::string_view field, std::string_view bytes);
 
 // Length in bytes of the UTF-8 sequence that starts with lead byte `lead` (1 for invalid leads).
 size_t Utf8SequenceLength(uint8_t lead);

@@ -136,7 +136,20 @@ TEST_F(CliTest, SeededSamplingIsReproducible) {
   EXPECT_EQ(ja["output_ids"], jb["output_ids"]);
   EXPECT_EQ(ja["text"], jb["text"]);
   EXPECT_NE(ja["output_ids"], jc["output_ids"]) << "a different seed should sample differently";
+  const RunResult top = sample("18446744073709551615");  // the whole uint64 range of the API
+  EXPECT_EQ(top.exit_code, 0) << top;
 }
+
+#ifdef LORC_WITH_GRPC
+TEST_F(CliTest, ClientRejectsANonPositiveTimeout) {
+  for (const char* t : {"0", "-1", "nan"}) {
+    const RunResult r = Lorcserve({"client", "--server", "127.0.0.1:1", "--prompt-ids", "0,1",
+                                   "--timeout-s", t});
+    EXPECT_EQ(r.exit_code, 2) << r;
+    EXPECT_THAT(r.err, HasSubstr("--timeout-s: ")) << r;
+  }
+}
+#endif
 
 TEST_F(CliTest, StopStringCutsTextAndFinishesWithStop) {
   const Golden g = GoldenPrompts().at(0);
@@ -563,6 +576,8 @@ TEST_F(CliTest, NewSamplingFlagsAreCheckedNamingTheFlag) {
       {{"--logit-bias", "5:1", "--logit-bias", "5:2"}, "--logit-bias: id 5 given twice"},
       {{"--allowed-token-id", "3,x"}, "--allowed-token-id: 'x' is not a token id"},
       {{"--stop-id", "y"}, "--stop-id: 'y' is not a token id"},
+      {{"--seed", "-1"}, "--seed: '-1' is not an integer in [0, 18446744073709551615]"},
+      {{"--seed", "18446744073709551616"}, "--seed: '18446744073709551616' is not an integer"},
   };
   for (const auto& [flag, message] : cases) {
     SCOPED_TRACE(flag[0] + " " + flag[1]);

@@ -85,6 +85,14 @@ TEST_F(EngineTest, TextMatchesReferenceAndStopStringsCutIt) {
   EXPECT_EQ((*out)[0].first().text, cut);
   EXPECT_EQ((*out)[0].first().finish, FinishReason::kStop);
   EXPECT_LT((*out)[0].first().output_ids.size(), 48u);
+
+  // A stop string that is not UTF-8 can never match decoded text: rejected, naming it.
+  GenerationRequest bad = Greedy(0, 4);
+  bad.params.stop_strings = {"ok", std::string("a\xac")};
+  EXPECT_THAT(engine.Add(77, bad, [](const RequestUpdate&) {}),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("sampling.stop[1] is not valid UTF-8 at byte offset 1 (byte 0xAC)")));
+  EXPECT_EQ(engine.num_requests(), 0u);
 }
 
 TEST_F(EngineTest, StopTokenIdEndsGenerationIncludingTheToken) {

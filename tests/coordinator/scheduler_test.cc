@@ -561,13 +561,18 @@ TEST(SchedulerTest, RequestLargerThanTheWholeCacheIsRejected) {
   // Never fits: INVALID_ARGUMENT (retrying cannot help), not the retryable RESOURCE_EXHAUSTED.
   EXPECT_THAT(h.Add(1, Prompt(30), Params(20)),
               StatusIs(absl::StatusCode::kInvalidArgument,
-                       HasSubstr("needs 13 KV blocks for 50 tokens (prompt + max_tokens), the "
-                                 "whole cache has 10")));
-  // Exactly the whole cache: runs alone, to the end.
-  ASSERT_OK(h.Add(2, Prompt(30), Params(10)));
+                       HasSubstr("needs 13 KV blocks for 49 cached tokens (prompt + max_tokens - "
+                                 "1), the whole cache has 10")));
+  // Exactly the whole cache (30 + 11 - 1 = 40 cached tokens: the last sampled token is never
+  // written): runs alone, to the end.
+  ASSERT_OK(h.Add(2, Prompt(30), Params(11)));
   ASSERT_OK(h.Add(3, Prompt(2), Params(2)));
   h.RunToCompletion();
-  EXPECT_EQ(h.outputs[2], Expected(2, 30, 10));
+  EXPECT_EQ(h.outputs[2], Expected(2, 30, 11));
+  // A prompt that fills the whole cache and samples one token: admitted and run.
+  ASSERT_OK(h.Add(4, Prompt(40), Params(1)));
+  h.RunToCompletion();
+  EXPECT_EQ(h.outputs[4], Expected(4, 40, 1));
   EXPECT_EQ(h.outputs[3], Expected(3, 2, 2));
 }
 
@@ -1210,12 +1215,23 @@ TEST(SchedulerTest, AdmissionCountsTheChildren) {
   // children's first tokens would force a preemption.
   Harness tight(Config(4, 6));
   ASSERT_OK(tight.Add(1, Prompt(2), Params(6)));                   // 2 blocks at the end
-  ASSERT_OK(tight.Add(2, Prompt(8), ParamsN(1, 3), 0, {21, 22}));
+  ASSERT_OK(tight.Add(2, Prompt(8), ParamsN(2, 3), 0, {21, 22}));
   tight.Step();
   EXPECT_EQ(tight.sched.GetSequence(2)->state, SequenceState::kWaiting);
   tight.RunToCompletion();
   EXPECT_EQ(tight.sched.num_preemptions(), 0);
-  for (int64_t id : {2, 21, 22}) EXPECT_EQ(tight.outputs[id], Expected(id, 8, 1));
+  for (int64_t id : {2, 21, 22}) EXPECT_EQ(tight.outputs[id], Expected(id, 8, 2));
+
+  // With max_tokens 1 no completion ever writes a token: the group needs only its prompt's
+  // blocks and is admitted beside 1 at once.
+  Harness once(Config(4, 6));
+  ASSERT_OK(once.Add(1, Prompt(2), Params(6)));
+  ASSERT_OK(once.Add(2, Prompt(8), ParamsN(1, 3), 0, {21, 22}));
+  once.Step();
+  EXPECT_EQ(once.sched.GetSequence(2)->state, SequenceState::kRunning);
+  once.RunToCompletion();
+  EXPECT_EQ(once.sched.num_preemptions(), 0);
+  for (int64_t id : {2, 21, 22}) EXPECT_EQ(once.outputs[id], Expected(id, 8, 1));
 }
 
 TEST(SchedulerTest, AddRejectsBadGroups) {
@@ -1231,13 +1247,14 @@ TEST(SchedulerTest, AddRejectsBadGroups) {
               StatusIs(StatusCode::kAlreadyExists, HasSubstr("child sequence id 2")));
   EXPECT_THAT(s.Add(1, Prompt(4), ParamsN(4, 2), 0, {1}),
               StatusIs(StatusCode::kAlreadyExists, HasSubstr("child sequence id 1")));
-  // 10 tokens each: 2 shared full prompt blocks + 3 x 1 own = 5 fit; 8 + 12 tokens: 2 + 3 x 3.
+  // 9 cached tokens each: 2 shared full prompt blocks + 3 x 1 own = 5 fit; 8 + 12 - 1 cached
+  // tokens: 2 + 3 x 3.
   EXPECT_OK(s.Add(1, Prompt(8), ParamsN(2, 3), 0, {2, 3}));
   EXPECT_THAT(s.Add(4, Prompt(8), ParamsN(12, 3), 0, {5, 6}),
               StatusIs(StatusCode::kInvalidArgument,
-                       HasSubstr("needs 11 KV blocks for n = 3 completions of 20 tokens (prompt + "
-                                 "max_tokens; the prompt's 2 full blocks shared), the whole cache "
-                                 "has 10")));
+                       HasSubstr("needs 11 KV blocks for n = 3 completions of 19 cached tokens "
+                                 "(prompt + max_tokens - 1; the prompt's 2 full blocks shared), "
+                                 "the whole cache has 10")));
   EXPECT_THAT(s.Add(4, Prompt(3), Params(1), 0), StatusIs(StatusCode::kOk));
   EXPECT_THAT(s.Add(5, Prompt(3), ParamsN(2, 2), 0, {3}),
               StatusIs(StatusCode::kAlreadyExists, HasSubstr("child sequence id 3")));
@@ -1371,6 +1388,37 @@ TEST(SchedulerTest, AddRejectsBadRequests) {
               StatusIs(StatusCode::kAlreadyExists, HasSubstr("sequence id 1 is already in use")));
   EXPECT_EQ(s.num_waiting(), 1);
   EXPECT_OK(s.Validate());
+}
+
+TEST(SchedulerTest, MinTokensWithOnlyStopIdsAllowedIsRejected) {
+  std::unique_ptr<Scheduler> s = MakeScheduler(Config(4, 100));
+  ASSERT_NE(s, nullptr);
+  SamplingParams p = Params(8);
+  p.min_tokens = 4;
+  p.allowed_token_ids = {kEos};
+  EXPECT_THAT(s->Add(1, {5}, p),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("allowed_token_ids: every allowed id is an EOS or stop id")));
+  p.allowed_token_ids = {7};
+  p.stop_token_ids = {7};
+  EXPECT_THAT(s->Add(1, {5}, p), StatusIs(absl::StatusCode::kInvalidArgument));
+  p.allowed_token_ids = {7, 8};  // 8 can be sampled until min_tokens
+  EXPECT_OK(s->Add(1, {5}, p));
+  SamplingParams eos_ok = Params(8);
+  eos_ok.min_tokens = 4;
+  eos_ok.allowed_token_ids = {kEos};
+  eos_ok.ignore_eos = true;  // EOS is not suppressed then
+  EXPECT_OK(s->Add(2, {5}, eos_ok));
+}
+
+TEST(SchedulerTest, NeverFitCountsOnlyCachedTokens) {
+  // 4 blocks of 4 = 16 slots; the last sampled token is never cached, so 10 + 7 tokens fit.
+  std::unique_ptr<Scheduler> s = MakeScheduler(Config(4, 4));
+  ASSERT_NE(s, nullptr);
+  EXPECT_OK(s->Add(1, Prompt(10), Params(7)));
+  EXPECT_THAT(s->Add(2, Prompt(10), Params(8)),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("needs 5 KV blocks for 17 cached tokens")));
 }
 
 TEST(SchedulerTest, ConfigValidation) {

@@ -1018,12 +1018,12 @@ TEST_F(ServerE2ETest, BoundedQueueRejectsWithResourceExhausted) {
   const Golden& g = GoldenPrompts()[0];
   ASSERT_EQ(Info().kv_capacity_blocks(), 8);
 
-  // A request that can never fit: 6 + 200 tokens need 13 blocks of 16, the cache has 8. Not
+  // A request that can never fit: 6 + 200 - 1 cached tokens need 13 blocks of 16, the cache has 8. Not
   // retryable, so INVALID_ARGUMENT (RESOURCE_EXHAUSTED is only for the full queue below).
   {
     const cli::StreamResult r = Generate(IdsRequest(g.prompt_ids, 200), 30);
     EXPECT_EQ(r.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << StatusText(r.status);
-    EXPECT_THAT(r.status.error_message(), HasSubstr("request needs 13 KV blocks for 206 tokens"));
+    EXPECT_THAT(r.status.error_message(), HasSubstr("request needs 13 KV blocks for 205 cached tokens"));
     EXPECT_THAT(r.status.error_message(), HasSubstr("the whole cache has 8"));
   }
 

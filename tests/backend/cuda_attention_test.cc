@@ -14,6 +14,7 @@
 #include <cstring>
 #include <numeric>
 
+#include "tests/backend/cuda_parity_fixture.h"
 #include "tests/backend/backend_ops_fixture.h"
 
 namespace lorc {
@@ -180,19 +181,8 @@ void ExpectNear(const std::vector<float>& got, const std::vector<float>& want) {
   std::printf("    %zu values, worst |cuda - cpu| %.2e\n", want.size(), worst);
 }
 
-class CudaAttentionTest : public ::testing::Test {
+class CudaAttentionTest : public CpuCudaPair<> {
  protected:
-  void SetUp() override {
-    auto devices = ListCudaDevices();
-    if (!devices.ok() || devices->empty()) GTEST_SKIP() << "no CUDA device: " << devices.status();
-    auto cpu = CreateBackend(BackendOptions{BackendKind::kCpu});
-    ASSERT_OK(cpu);
-    cpu_ = std::move(*cpu);
-    auto cuda = CreatePartialCudaBackend(BackendOptions{BackendKind::kCuda});
-    ASSERT_OK(cuda);
-    cuda_ = std::move(*cuda);
-  }
-
   void ExpectParity(const Problem& p, int paths) {
     ExpectNear(RunAttention(*cuda_, DType::kBF16, p, paths), RunAttention(*cpu_, DType::kF32, p, paths));
   }
@@ -205,7 +195,6 @@ class CudaAttentionTest : public ::testing::Test {
     return out;
   }
 
-  std::unique_ptr<Backend> cpu_, cuda_;
   std::mt19937 rng_{20261130};
 };
 

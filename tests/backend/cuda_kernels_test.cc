@@ -7,6 +7,7 @@
 // Skipped without a CUDA device.
 #include <cstring>
 
+#include "tests/backend/cuda_parity_fixture.h"
 #include "model/model_config.h"
 #include "tests/backend/backend_ops_fixture.h"
 
@@ -29,19 +30,8 @@ std::vector<float> RoundTo(DType dt, std::vector<float> v) {
 
 std::string DTypeParamName(const ::testing::TestParamInfo<DType>& i) { return DTypeName(i.param); }
 
-class CudaKernelParityTest : public ::testing::TestWithParam<DType> {
+class CudaKernelParityTest : public CpuCudaPair<::testing::TestWithParam<DType>> {
  protected:
-  void SetUp() override {
-    auto devices = ListCudaDevices();
-    if (!devices.ok() || devices->empty()) GTEST_SKIP() << "no CUDA device: " << devices.status();
-    auto cpu = CreateBackend(BackendOptions{BackendKind::kCpu});
-    ASSERT_OK(cpu);
-    cpu_ = std::move(*cpu);
-    auto cuda = CreatePartialCudaBackend(BackendOptions{BackendKind::kCuda});
-    ASSERT_OK(cuda);
-    cuda_ = std::move(*cuda);
-  }
-
   DType dt() const { return GetParam(); }
   double tol() const { return dt() == DType::kF32 ? 1e-5 : 1e-2; }
   // Seeded random values, already representable in the test's dtype.
@@ -116,7 +106,6 @@ class CudaKernelParityTest : public ::testing::TestWithParam<DType> {
     }
   }
 
-  std::unique_ptr<Backend> cpu_, cuda_;
   std::mt19937 rng_{20261130};
 };
 

@@ -10,6 +10,7 @@
 #include <random>
 #include <vector>
 
+#include "tests/backend/cuda_parity_fixture.h"
 #include "backend/backend.h"
 #include "backend/cuda_backend.h"
 #include "common/check.h"
@@ -31,19 +32,8 @@ struct RowLists {
   std::vector<float> bias_values;
 };
 
-class CudaSamplingTest : public ::testing::Test {
+class CudaSamplingTest : public CpuCudaPair<> {
  protected:
-  void SetUp() override {
-    auto devices = ListCudaDevices();
-    if (!devices.ok() || devices->empty()) GTEST_SKIP() << "no CUDA device: " << devices.status();
-    auto cpu = CreateBackend(BackendOptions{BackendKind::kCpu});
-    ASSERT_OK(cpu);
-    cpu_ = std::move(*cpu);
-    auto cuda = CreatePartialCudaBackend(BackendOptions{BackendKind::kCuda});
-    ASSERT_OK(cuda);
-    cuda_ = std::move(*cuda);
-  }
-
   template <typename T>
   T Pick(std::initializer_list<T> v) {
     return v.begin()[std::uniform_int_distribution<size_t>(0, v.size() - 1)(rng_)];
@@ -180,7 +170,6 @@ class CudaSamplingTest : public ::testing::Test {
   }
 
   std::mt19937_64 rng_{20261130};
-  std::unique_ptr<Backend> cpu_, cuda_;
 };
 
 TEST_F(CudaSamplingTest, TokenParityVocab4096) { Parity(4096, 60, 64, 24); }

@@ -40,6 +40,7 @@ std::vector<FlagSpec> KvCacheFlags() {
        "F"},
       {"block-size", true,
        absl::StrCat("KV cache block size in tokens (default ", defaults::kBlockSize, ")"), "N"},
+      {"enforce-eager", false, "CUDA: run decode steps eagerly (no CUDA graphs)"},
   };
 }
 
@@ -113,6 +114,7 @@ absl::StatusOr<KvCacheOptions> ParseKvCacheOptions(const Args& args) {
   ASSIGN_OR_RETURN(EngineOptions eo, ParseEngineOptions(args));
   kv.max_num_batched_tokens = eo.max_num_batched_tokens;
   kv.max_num_seqs = eo.max_num_seqs;
+  kv.enforce_eager = args.Has("enforce-eager");
   return kv;
 }
 

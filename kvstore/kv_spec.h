@@ -43,6 +43,8 @@ struct KvCacheOptions {
   int32_t max_num_batched_tokens = defaults::kMaxNumBatchedTokens;
   // Most tokens of one sequence (num_computed_tokens + new); 0: the model's max_position_embeddings.
   int32_t max_model_len = 0;
+  // Run every step eagerly: no CUDA graphs for decode steps (worker/model_runner.h).
+  bool enforce_eager = false;
 };
 
 // Where rotary position embedding is applied to a layer's keys.

@@ -76,10 +76,16 @@ absl::Status ModelRunner::Init(const KvCacheSpec& spec, const KvCacheOptions& kv
   max_blocks_per_seq_ = kv_spec_.BlocksForTokens(limits_.max_model_len);
   max_logit_rows_ = std::min(limits_.max_num_seqs, limits_.max_num_batched_tokens);
   RETURN_IF_ERROR(AllocateStepBuffers());
-  RETURN_IF_ERROR(AllocateCache(kv));
   const std::vector<float> inv_freq = RopeInverseFrequencies(config_);
   ASSIGN_OR_RETURN(inv_freq_, backend_->Allocate(inv_freq.size() * sizeof(float)));
   RETURN_IF_ERROR(backend_->CopyToDevice(inv_freq_.data(), inv_freq.data(), inv_freq.size() * sizeof(float)));
+  int64_t reserve = 0;
+  if (backend_->SupportsGraphs() && !kv.enforce_eager) {
+    graph_sizes_ = DecodeGraphSizes(max_logit_rows_);
+    ASSIGN_OR_RETURN(reserve, MeasureGraphMemory());
+  }
+  RETURN_IF_ERROR(AllocateCache(kv, reserve));
+  if (!graph_sizes_.empty()) RETURN_IF_ERROR(CaptureDecodeGraphs());
   return backend_->Synchronize();
 }
 
@@ -125,7 +131,7 @@ absl::Status ModelRunner::AllocateStepBuffers() {
   return absl::OkStatus();
 }
 
-absl::Status ModelRunner::AllocateCache(const KvCacheOptions& kv) {
+absl::Status ModelRunner::AllocateCache(const KvCacheOptions& kv, int64_t reserve_bytes) {
   if (kv.block_size != kv_spec_.block_size) {
     return absl::InvalidArgumentError(absl::StrCat("kv cache: block_size ", kv.block_size,
                                                    " differs from the spec's ", kv_spec_.block_size));
@@ -134,11 +140,13 @@ absl::Status ModelRunner::AllocateCache(const KvCacheOptions& kv) {
   if (kv.gpu_memory_utilization > 0) {
     const MemoryInfo mem = backend_->GetMemoryInfo();
     const int64_t used = mem.total_bytes - mem.free_bytes;
-    budget = static_cast<int64_t>(static_cast<double>(mem.total_bytes) * kv.gpu_memory_utilization) - used;
+    budget = static_cast<int64_t>(static_cast<double>(mem.total_bytes) * kv.gpu_memory_utilization) - used -
+             reserve_bytes;
     if (budget <= 0) {
       return absl::ResourceExhaustedError(absl::StrCat(
           "kv cache: gpu_memory_utilization ", kv.gpu_memory_utilization, " of ", mem.total_bytes,
-          " bytes leaves nothing after the ", used, " bytes in use (weights, step buffers, others)"));
+          " bytes leaves nothing after the ", used, " bytes in use (weights, step buffers, others) and ",
+          reserve_bytes, " bytes for decode graphs"));
     }
   }
   kv_spec_.num_blocks = kv.num_blocks > 0 ? kv.num_blocks
@@ -250,9 +258,9 @@ absl::StatusOr<StepOutput> ModelRunner::Execute(absl::Span<const SequenceStep> s
   const int32_t num_seqs = static_cast<int32_t>(steps.size());
   const int32_t mb = max_blocks_per_seq_;
 
-  // Eager execution: every op is enqueued as it comes. TODO(cuda graphs): capture the layers loop
-  // of decode-only steps per padded batch size (the step buffers and meta_ already sit at fixed
-  // addresses; pad ids/positions with slot -1) and replay it here instead of enqueueing it.
+  // A pure-decode step that fits a captured size replays that graph over padded metadata; any
+  // other step is enqueued op by op (eager).
+  const int graph = FindDecodeGraph(steps);
   // Host metadata, written straight into the pinned staging mirror at the fixed offsets. The
   // previous step's uploads have completed: Execute ends with a Synchronize.
   int32_t* hm = meta_host_.as<int32_t>();
@@ -294,19 +302,28 @@ absl::StatusOr<StepOutput> ModelRunner::Execute(absl::Span<const SequenceStep> s
     qstart[i + 1] = T;
   }
   out.row_begin.push_back(num_rows);
+  // The rows the forward pass runs: the step's, or the graph's padded size (padding rows: token
+  // 0 at position 0, slot -1 so nothing is written, their own logit row; not attention sequences).
+  const int32_t rows_run = graph >= 0 ? graph_sizes_[graph] : T;
+  for (int32_t r = T; r < rows_run; ++r) {
+    ids[r] = 0;
+    positions[r] = 0;
+    slots[r] = -1;
+    logit_rows[r] = r;
+  }
 
   // One copy per region, of the used prefix only; the device addresses never change.
   int32_t* dm = meta_.as<int32_t>();
   auto upload = [&](int64_t at, int64_t count) {
     return backend_->CopyToDevice(dm + at, hm + at, static_cast<size_t>(count) * sizeof(int32_t));
   };
-  RETURN_IF_ERROR(upload(m.ids, T));
-  RETURN_IF_ERROR(upload(m.positions, T));
-  RETURN_IF_ERROR(upload(m.slots, T));
+  RETURN_IF_ERROR(upload(m.ids, rows_run));
+  RETURN_IF_ERROR(upload(m.positions, rows_run));
+  RETURN_IF_ERROR(upload(m.slots, rows_run));
   RETURN_IF_ERROR(upload(m.query_start, num_seqs + 1));
   RETURN_IF_ERROR(upload(m.seq_lens, num_seqs));
   RETURN_IF_ERROR(upload(m.tables, static_cast<int64_t>(num_seqs) * mb));
-  RETURN_IF_ERROR(upload(m.logit_rows, num_rows));
+  RETURN_IF_ERROR(upload(m.logit_rows, graph >= 0 ? rows_run : num_rows));
 
   AttentionBatch batch;
   batch.num_seqs = num_seqs;
@@ -321,6 +338,64 @@ absl::StatusOr<StepOutput> ModelRunner::Execute(absl::Span<const SequenceStep> s
   batch.host_seq_lens = seq_lens;
   RETURN_IF_ERROR(backend_->PlanAttention(batch, *plan_));
 
+  const int64_t vocab = config_.vocab_size;
+  const size_t row_bytes = static_cast<size_t>(vocab) * sizeof(float);
+  out.device_logits = Tensor2D{logits_.data(), DType::kF32, num_rows, vocab, vocab};
+  out.sample_row.assign(num_seqs, -1);
+  if (graph >= 0) {
+    // One row per sequence, row i of logits_ (FindDecodeGraph checked).
+    RETURN_IF_ERROR(backend_->ReplayGraph(*graphs_[graph]));
+    ++num_graph_steps_;
+    for (int32_t i = 0; i < num_seqs; ++i) out.sample_row[i] = i;
+    if (host_logits) {
+      out.logits.resize(static_cast<size_t>(num_rows) * vocab);
+      RETURN_IF_ERROR(backend_->CopyToHost(out.logits.data(), logits_.data(), num_rows * row_bytes));
+    }
+    RETURN_IF_ERROR(backend_->Synchronize());
+    return out;
+  }
+  ++num_eager_steps_;
+  if (num_rows <= max_logit_rows_) {
+    // One LM-head pass: every row stays in logits_ for the sampler.
+    RETURN_IF_ERROR(Forward(T, num_rows));
+    for (int32_t i = 0; i < num_seqs; ++i) {
+      if (out.row_begin[i + 1] > out.row_begin[i]) out.sample_row[i] = out.row_begin[i + 1] - 1;
+    }
+    if (host_logits) {
+      out.logits.resize(static_cast<size_t>(num_rows) * vocab);
+      RETURN_IF_ERROR(backend_->CopyToHost(out.logits.data(), logits_.data(), num_rows * row_bytes));
+    }
+  } else {
+    // More rows than one pass holds (all-token logits of long chunks, for prompt
+    // log-probabilities): every pass goes to the host, then each sequence's last row comes back
+    // to logits_ for the sampler (at most num_seqs <= max_logit_rows_ rows).
+    RETURN_IF_ERROR(Forward(T, 0));
+    const Tensor2D x = Act(x_, T, config_.hidden_size);
+    out.logits.resize(static_cast<size_t>(num_rows) * vocab);
+    for (int32_t r0 = 0; r0 < num_rows; r0 += max_logit_rows_) {
+      const int32_t n = std::min(max_logit_rows_, num_rows - r0);
+      RETURN_IF_ERROR(ComputeLogits(x, dm + m.logit_rows + r0, n));
+      RETURN_IF_ERROR(backend_->CopyToHost(out.logits.data() + static_cast<int64_t>(r0) * vocab,
+                                           logits_.data(), n * row_bytes));
+    }
+    RETURN_IF_ERROR(backend_->Synchronize());  // the host rows are complete
+    int32_t k = 0;
+    for (int32_t i = 0; i < num_seqs; ++i) {
+      if (out.row_begin[i + 1] == out.row_begin[i]) continue;
+      // Pageable source: staged by the time the call returns.
+      RETURN_IF_ERROR(backend_->CopyToDevice(logits_.as<float>() + static_cast<int64_t>(k) * vocab,
+                                             out.Row(out.row_begin[i + 1] - 1), row_bytes));
+      out.sample_row[i] = k++;
+    }
+    out.device_logits.rows = k;
+  }
+  RETURN_IF_ERROR(backend_->Synchronize());
+  return out;
+}
+
+absl::Status ModelRunner::Forward(int32_t T, int32_t num_rows) {
+  const int32_t* dm = meta_.as<int32_t>();
+  const MetaLayout& m = meta_at_;
   const ShardLayout& sh = weights_.shard;
   const int64_t d = config_.hidden_size, hd = config_.head_dim;
   const int64_t q_sz = sh.num_heads * hd, kv_sz = sh.num_kv_heads * hd;
@@ -370,45 +445,8 @@ absl::StatusOr<StepOutput> ModelRunner::Execute(absl::Span<const SequenceStep> s
     RETURN_IF_ERROR(AllReduce(h));
   }
   RETURN_IF_ERROR(backend_->AddInPlace(x, h));
-
-  const int64_t vocab = config_.vocab_size;
-  const size_t row_bytes = static_cast<size_t>(vocab) * sizeof(float);
-  out.device_logits = Tensor2D{logits_.data(), DType::kF32, num_rows, vocab, vocab};
-  out.sample_row.assign(num_seqs, -1);
-  if (num_rows <= max_logit_rows_) {
-    // One LM-head pass: every row stays in logits_ for the sampler.
-    if (num_rows > 0) RETURN_IF_ERROR(ComputeLogits(x, dm + m.logit_rows, num_rows));
-    for (int32_t i = 0; i < num_seqs; ++i) {
-      if (out.row_begin[i + 1] > out.row_begin[i]) out.sample_row[i] = out.row_begin[i + 1] - 1;
-    }
-    if (host_logits) {
-      out.logits.resize(static_cast<size_t>(num_rows) * vocab);
-      RETURN_IF_ERROR(backend_->CopyToHost(out.logits.data(), logits_.data(), num_rows * row_bytes));
-    }
-  } else {
-    // More rows than one pass holds (all-token logits of long chunks, for prompt
-    // log-probabilities): every pass goes to the host, then each sequence's last row comes back
-    // to logits_ for the sampler (at most num_seqs <= max_logit_rows_ rows).
-    out.logits.resize(static_cast<size_t>(num_rows) * vocab);
-    for (int32_t r0 = 0; r0 < num_rows; r0 += max_logit_rows_) {
-      const int32_t n = std::min(max_logit_rows_, num_rows - r0);
-      RETURN_IF_ERROR(ComputeLogits(x, dm + m.logit_rows + r0, n));
-      RETURN_IF_ERROR(backend_->CopyToHost(out.logits.data() + static_cast<int64_t>(r0) * vocab,
-                                           logits_.data(), n * row_bytes));
-    }
-    RETURN_IF_ERROR(backend_->Synchronize());  // the host rows are complete
-    int32_t k = 0;
-    for (int32_t i = 0; i < num_seqs; ++i) {
-      if (out.row_begin[i + 1] == out.row_begin[i]) continue;
-      // Pageable source: staged by the time the call returns.
-      RETURN_IF_ERROR(backend_->CopyToDevice(logits_.as<float>() + static_cast<int64_t>(k) * vocab,
-                                             out.Row(out.row_begin[i + 1] - 1), row_bytes));
-      out.sample_row[i] = k++;
-    }
-    out.device_logits.rows = k;
-  }
-  RETURN_IF_ERROR(backend_->Synchronize());
-  return out;
+  if (num_rows > 0) RETURN_IF_ERROR(ComputeLogits(x, dm + m.logit_rows, num_rows));
+  return absl::OkStatus();
 }
 
 absl::Status ModelRunner::ComputeLogits(const Tensor2D& x, const int32_t* rows_at, int64_t n) {

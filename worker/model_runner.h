@@ -11,6 +11,14 @@
 // Create for max_num_seqs / max_num_batched_tokens / max_model_len and never moves, so a decode
 // step can be captured as a CUDA graph and replayed with refreshed contents. A step over those
 // limits fails with InvalidArgument naming the limit.
+//
+// CUDA graphs (backends with SupportsGraphs(), unless KvCacheOptions::enforce_eager): at start-up
+// the forward pass of a pure-decode step (every sequence one new token, one logit row) is captured
+// once per padded batch size (DecodeGraphSizes); their memory is measured before the KV cache is
+// sized (a probe capture of the largest size) so it counts against gpu_memory_utilization. A pure-decode step of n sequences replays the
+// graph of the smallest size >= n with its metadata copied into the fixed buffers; padding rows
+// have token 0, position 0, slot -1 (no KV write) and are not attention sequences; their logit
+// rows are computed and ignored. Prefill and mixed steps run eagerly.
 #pragma once
 
 #include <cstdint>
@@ -91,13 +99,20 @@ class ModelRunner {
   // Device addresses of every step buffer (activations, metadata, logits), for tests and graph
   // debugging: constant for the runner's lifetime.
   std::vector<const void*> StepBufferAddresses() const;
+  // Padded batch sizes captured as decode graphs (ascending; empty when running eagerly).
+  const std::vector<int32_t>& decode_graph_sizes() const { return graph_sizes_; }
+  // Steps of this runner's lifetime replayed from a graph / run eagerly.
+  int64_t num_graph_steps() const { return num_graph_steps_; }
+  int64_t num_eager_steps() const { return num_eager_steps_; }
+  // Device memory the start-up capture took out of the KV budget (0 without graphs).
+  int64_t graph_memory_bytes() const { return graph_memory_bytes_; }
 
  private:
   ModelRunner(const ModelConfig& config, ModelWeights weights, Backend* backend, Communicator* comm)
       : config_(config), weights_(std::move(weights)), backend_(backend), comm_(comm) {}
   absl::Status Init(const KvCacheSpec& spec, const KvCacheOptions& kv);
   absl::Status AllocateStepBuffers();
-  absl::Status AllocateCache(const KvCacheOptions& kv);
+  absl::Status AllocateCache(const KvCacheOptions& kv, int64_t reserve_bytes);
   absl::Status Validate(absl::Span<const SequenceStep> steps) const;
   absl::Status AllReduce(Tensor2D t);
   // Logits of the rows `x[rows[i]]` for i in [0, n) (n <= max_logit_rows_) into `logits_` (F32
@@ -105,6 +120,21 @@ class ModelRunner {
   // matmul over this rank's vocabulary slice, an all-gather and a row gather that puts each row's
   // slices side by side.
   absl::Status ComputeLogits(const Tensor2D& x, const int32_t* rows, int64_t n);
+  // Enqueues the forward pass over the uploaded metadata: T token rows, logits of the first
+  // `num_rows` entries of the logit-row list (num_rows <= max_logit_rows_) into logits_.
+  absl::Status Forward(int32_t T, int32_t num_rows);
+  // Graph capture (model_runner_graphs.cc). Writes, uploads and plans a dummy decode step of n
+  // padding rows (slot -1, one attention sequence of length 1 per row reading block 0).
+  absl::Status PrepareDummyDecode(int32_t n);
+  // Runs the dummy step of size n eagerly once (matmul algorithms are chosen outside capture),
+  // then captures it.
+  absl::StatusOr<std::unique_ptr<Graph>> CaptureDecode(int32_t n);
+  // Before AllocateCache: the memory of the largest graph, captured over a one-block probe
+  // cache, times the number of sizes; subtracted from the KV budget.
+  absl::StatusOr<int64_t> MeasureGraphMemory();
+  absl::Status CaptureDecodeGraphs();
+  // The graph index for a step of `steps` when it is pure decode and fits; -1 otherwise.
+  int FindDecodeGraph(absl::Span<const SequenceStep> steps) const;
   Tensor2D Weight(const DeviceBuffer& b, int64_t rows, int64_t cols) const;
   Tensor2D Act(const DeviceBuffer& b, int64_t rows, int64_t cols) const;
 
@@ -131,6 +161,14 @@ class ModelRunner {
   // Sharded LM head only: the all-gather's output ([tp][n][V/tp], F32) and the row indices
   // 0 .. tp * R - 1 (int32) that GatherRows uses to interleave it into logits_.
   DeviceBuffer gathered_, gather_iota_;
+
+  std::vector<int32_t> graph_sizes_;
+  std::vector<std::unique_ptr<Graph>> graphs_;  // graphs_[i] runs a decode step of graph_sizes_[i] rows
+  int64_t num_graph_steps_ = 0, num_eager_steps_ = 0, graph_memory_bytes_ = 0;
 };
+
+// Padded batch sizes for decode graphs, vLLM-style: 1, 2, 4, then multiples of 8 up to
+// `max_rows`, and `max_rows` itself (the largest decode step).
+std::vector<int32_t> DecodeGraphSizes(int32_t max_rows);
 
 }  // namespace lorc

@@ -296,6 +296,7 @@ absl::StatusOr<lorcserve::internal::LoadModelResponse> WorkerService::LoadModelO
   if (req.max_num_batched_tokens() > 0) kv.max_num_batched_tokens = req.max_num_batched_tokens();
   kv.max_model_len = req.max_model_len();
   kv.gpu_memory_utilization = req.gpu_memory_utilization();
+  kv.enforce_eager = req.enforce_eager();
   ASSIGN_OR_RETURN(d.model, lorc::LoadModel(src, d.backend.get(), req.tp_rank(), tp_size, d.comm.get(), kv));
   d.executor = std::make_unique<StepExecutor>(d.model.runner.get(), d.comm.get());
   model_loaded_ = true;

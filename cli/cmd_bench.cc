@@ -43,6 +43,11 @@ absl::StatusOr<lorcserve::v1::ModelInfoResponse> Info(lorcserve::v1::LorcServe::
 }  // namespace
 
 int RunBench(int argc, char** argv) {
+  // --model DIR: the offline engine benchmark in this process (no server).
+  for (int i = 2; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--model" || a.rfind("--model=", 0) == 0) return RunEngineBench(argc, argv);
+  }
   const std::vector<FlagSpec> flags = {
       {"server", true, "coordinator address (default 127.0.0.1:50051)", "ADDR"},
       {"requests", true, "requests in total (default 64)", "N"},

@@ -11,5 +11,7 @@ int RunWorker(int argc, char** argv);
 int RunCoordinator(int argc, char** argv);
 int RunClient(int argc, char** argv);
 int RunBench(int argc, char** argv);
+// bench --model DIR: the offline engine benchmark (cli/bench_engine.cc).
+int RunEngineBench(int argc, char** argv);
 
 }  // namespace lorc::cli

@@ -18,7 +18,7 @@ constexpr char kUsage[] =
     "  coordinator  serve the gRPC API in front of tensor-parallel workers\n"
     "  worker     one tensor-parallel rank (started by hand or by the coordinator)\n"
     "  client     stream a generation from a running server\n"
-    "  bench      load-test a running server (JSON and a table)\n"
+    "  bench      load-test a running server (--server), or the engine in-process (--model)\n"
     "\n"
     "Run 'lorcserve <command> --help' for a command's flags.\n";
 

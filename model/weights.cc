@@ -1,7 +1,10 @@
 #include "model/weights.h"
 
 #include <cmath>
+#include <algorithm>
 #include <functional>
+#include <thread>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "common/dtype.h"
@@ -50,6 +53,20 @@ uint64_t SplitMix64(uint64_t x) {
   return x ^ (x >> 31);
 }
 
+// Runs fn(begin, end) over [0, n) split across the cores when n * work_per_item is large.
+template <typename Fn>
+void ParallelFor(int64_t n, int64_t work_per_item, Fn fn) {
+  const int64_t threads = std::min<int64_t>(
+      std::max<unsigned>(1, std::thread::hardware_concurrency()), (n * work_per_item) >> 20);
+  if (threads <= 1) {
+    fn(int64_t{0}, n);
+    return;
+  }
+  std::vector<std::thread> pool;
+  for (int64_t t = 0; t < threads; ++t) pool.emplace_back(fn, n * t / threads, n * (t + 1) / threads);
+  for (std::thread& th : pool) th.join();
+}
+
 class RandomSource final : public WeightSource {
  public:
   explicit RandomSource(uint64_t seed) : seed_(seed) {}
@@ -64,14 +81,19 @@ class RandomSource final : public WeightSource {
     const int64_t full_cols = shape[1];
     // Uniform on [-a, a] with a = 0.02 * sqrt(3): standard deviation 0.02.
     const float a = 0.02f * std::sqrt(3.0f);
-    for (int64_t r = 0; r < nrows; ++r) {
-      for (int64_t c = 0; c < ncols; ++c) {
-        const uint64_t idx = static_cast<uint64_t>((r0 + r) * full_cols + (c0 + c));
-        const uint64_t h = SplitMix64(key + idx);
-        const float u = static_cast<float>(h >> 40) * (1.0f / 16777216.0f);  // [0, 1)
-        out[r * ncols + c] = (2.0f * u - 1.0f) * a;
+    auto fill_rows = [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        for (int64_t c = 0; c < ncols; ++c) {
+          const uint64_t idx = static_cast<uint64_t>((r0 + r) * full_cols + (c0 + c));
+          const uint64_t h = SplitMix64(key + idx);
+          const float u = static_cast<float>(h >> 40) * (1.0f / 16777216.0f);  // [0, 1)
+          out[r * ncols + c] = (2.0f * u - 1.0f) * a;
+        }
       }
-    }
+    };
+    // Each value depends only on (seed, name, index): split over the cores (an 8B-shaped model
+    // is 8e9 values) with the same result as one thread.
+    ParallelFor(nrows, ncols, fill_rows);
     return absl::OkStatus();
   }
 
@@ -117,7 +139,9 @@ class Loader {
     ASSIGN_OR_RETURN(DeviceBuffer buf, b_.Allocate(bytes));
     if (dtype_ == DType::kBF16) {
       bf16_.resize(host.size());
-      for (size_t i = 0; i < host.size(); ++i) bf16_[i] = F32ToBf16(host[i]);
+      ParallelFor(static_cast<int64_t>(host.size()), 1, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) bf16_[i] = F32ToBf16(host[i]);
+      });
       RETURN_IF_ERROR(b_.CopyToDevice(buf.data(), bf16_.data(), bytes));
     } else {
       RETURN_IF_ERROR(b_.CopyToDevice(buf.data(), host.data(), bytes));

@@ -671,5 +671,53 @@ TEST_F(CliTest, GenerateJsonReportsCompletionsStopReasonAndLogprobs) {
   }
 }
 
+#ifdef LORC_WITH_GRPC
+// bench --model: the offline engine benchmark prints one JSON object a line (config, each
+// decode (batch, context), each prefill length), skips a shape the KV cache cannot hold, and
+// frees every block (it fails otherwise).
+TEST_F(CliTest, EngineBenchPrintsDecodeAndPrefillLinesAndSkipsWhatDoesNotFit) {
+  const RunResult r = Lorcserve({"bench", "--model", Tiny(), "--decode-batches", "1,16",
+                                 "--contexts", "8,100", "--prefill", "16", "--steps", "3",
+                                 "--warmup-steps", "1", "--prefill-reps", "1", "--num-blocks", "8",
+                                 "--block-size", "16", "--threads", "1", "--json"});
+  ASSERT_EQ(r.exit_code, 0) << r;
+  std::vector<json> lines;
+  std::istringstream in(r.out);
+  for (std::string line; std::getline(in, line);) {
+    lines.push_back(json::parse(line, nullptr, /*allow_exceptions=*/false));
+    ASSERT_FALSE(lines.back().is_discarded()) << line;
+  }
+  ASSERT_EQ(lines.size(), 1u + 4u + 1u) << r;  // config, 2 x 2 decode shapes, 1 prefill
+  EXPECT_EQ(lines[0]["kind"], "config");
+  EXPECT_EQ(lines[0]["kv_capacity_tokens"], 8 * 16);
+  EXPECT_EQ(lines[0]["weight_bytes_read"], lines[0]["params"].get<double>() * 4 - 4096.0 * 512 * 4);
+  int measured = 0, skipped = 0;
+  for (size_t i = 1; i < 5; ++i) {
+    const json& j = lines[i];
+    EXPECT_EQ(j["kind"], "decode");
+    if (j.contains("skipped")) {
+      ++skipped;
+      EXPECT_EQ(j["batch"], 16) << j;
+      continue;
+    }
+    ++measured;
+    EXPECT_EQ(j["steps"], 3) << j;
+    EXPECT_GT(j["ms_per_step"].get<double>(), 0.0) << j;
+    EXPECT_GT(j["pct_of_floor"].get<double>(), 0.0) << j;
+    EXPECT_LT(j["floor_ms"].get<double>(), j["ms_per_step"].get<double>()) << j;
+  }
+  EXPECT_EQ(measured, 2);  // batch 1 at contexts 8 and 100 (7 blocks); batch 16 needs > 8 blocks
+  EXPECT_EQ(skipped, 2);
+  EXPECT_EQ(lines[5]["kind"], "prefill");
+  EXPECT_EQ(lines[5]["tokens"], 16);
+  EXPECT_GT(lines[5]["ttft_ms"].get<double>(), 0.0);
+  EXPECT_GT(lines[5]["tokens_per_s"].get<double>(), 0.0);
+
+  const RunResult bad = Lorcserve({"bench", "--model", Tiny(), "--decode-batches", "1,0"});
+  EXPECT_NE(bad.exit_code, 0);
+  EXPECT_THAT(bad.err, HasSubstr("--decode-batches: 0"));
+}
+#endif
+
 }  // namespace
 }  // namespace lorc

@@ -1,0 +1,208 @@
+#!/usr/bin/env python3
+"""The peer of `lorcserve bench --model DIR`: Hugging Face transformers + PyTorch on the same
+shapes, batches and contexts (random weights from the same config.json), printing the same JSON
+fields (one object a line). bf16, SDPA attention, the static KV cache; decode through
+torch.compile (generate's compiled static-cache path) unless --eager, falling back to eager for a
+shape whose compiled run fails (the JSON line's "mode" says which ran).
+
+Decode: for each (batch, context), `generate` with random prompts of `context` tokens, EOS
+ignored (min_new_tokens = max_new_tokens); a streamer synchronises the device and stamps each
+token; ms per step is the median interval after the first token. Compiled runs do one untimed
+warm-up generate of the same shape first (compilation). Prefill: one prompt, max_new_tokens 1,
+time to first token (median of --prefill-reps after a warm-up).
+
+Floors as lorcserve's: (weights read per step + KV bytes) / --hbm-tbps, and prefill FLOPs
+(2 * params * tokens + attention) against --gemm-peak-tflops.
+
+  python3 bench/hf_peer.py --model bench/configs/llama3-8b [--eager] [--ours ours.jsonl]
+
+--ours FILE (lorcserve bench's JSON lines) adds a table of both side by side.
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+
+
+def parse_list(s):
+    return [int(x) for x in s.split(",") if x]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="directory with config.json (weights unused)")
+    ap.add_argument("--decode-batches", default="1,8,64,256")
+    ap.add_argument("--contexts", default="128,4096")
+    ap.add_argument("--prefill", default="512,4096")
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--prefill-reps", type=int, default=3)
+    ap.add_argument("--eager", action="store_true", help="no torch.compile")
+    ap.add_argument("--hbm-tbps", type=float, default=4.275)
+    ap.add_argument("--gemm-peak-tflops", type=float, default=696.0)
+    ap.add_argument("--kv-budget-gb", type=float, default=100.0,
+                    help="skip a shape whose static cache needs more (default 100)")
+    ap.add_argument("--time-budget-s", type=float, default=0,
+                    help="skip the shapes left once this much time has passed (0: no limit)")
+    ap.add_argument("--ours", help="lorcserve bench JSON lines to print next to these")
+    a = ap.parse_args()
+
+    import torch
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.generation.streamers import BaseStreamer
+
+    t_start = time.perf_counter()
+    torch.manual_seed(0)
+    cfg = AutoConfig.from_pretrained(a.model)
+    t0 = time.perf_counter()
+    with torch.device("cuda"):
+        try:
+            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
+        except TypeError:  # older transformers: torch_dtype
+            model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.bfloat16, attn_implementation="sdpa")
+    model.eval()
+    torch.cuda.synchronize()
+    load_s = time.perf_counter() - t0
+    embed = model.get_input_embeddings().weight
+    params = sum(p.numel() for p in model.parameters())
+    matmul_params = params - (0 if cfg.tie_word_embeddings else embed.numel())
+    elem = 2
+    weight_bytes = matmul_params * elem
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * elem
+    q_size = cfg.num_attention_heads * head_dim
+    mode = "eager" if a.eager else "compile"
+    print(json.dumps({"kind": "config", "engine": "hf-transformers", "model": a.model,
+                      "torch": torch.__version__, "transformers": transformers.__version__,
+                      "device": torch.cuda.get_device_name(), "params": params,
+                      "weight_bytes_read": weight_bytes, "kv_bytes_per_token": kv_per_token,
+                      "load_s": load_s, "mode": mode, "hbm_tbps": a.hbm_tbps,
+                      "gemm_peak_tflops": a.gemm_peak_tflops}), flush=True)
+
+    class Stamps(BaseStreamer):
+        def __init__(self):
+            self.t = []
+
+        def put(self, value):
+            torch.cuda.synchronize()
+            self.t.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    gen = torch.Generator(device="cuda").manual_seed(1)
+
+    def run(batch, context, new_tokens, compiled):
+        ids = torch.randint(3, cfg.vocab_size, (batch, context), device="cuda", generator=gen)
+        s = Stamps()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        # generate compiles the static-cache decode step itself unless told not to.
+        model.generation_config.disable_compile = not compiled
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, do_sample=False, cache_implementation="static",
+                           streamer=s, pad_token_id=0)
+        # s.t[0]: the prompt; s.t[1]: the first token; then one stamp per decode step.
+        if len(s.t) == new_tokens:  # a generate that does not stream the prompt
+            s.t.insert(0, t)
+        return t, s.t
+
+    def over_budget():
+        return a.time_budget_s > 0 and time.perf_counter() - t_start > a.time_budget_s
+
+    def attempt(batch, context, new_tokens, warm):
+        """Runs (after a warm-up when `warm`), falling back to eager when compile fails."""
+        modes = [False] if a.eager else [True, False]
+        err = None
+        for compiled in modes:
+            try:
+                if warm or compiled:
+                    run(batch, context, new_tokens if compiled else 2, compiled)
+                return run(batch, context, new_tokens, compiled), ("compile" if compiled else "eager"), err
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception as e:  # compile failures: say so and run eager
+                err = f"{type(e).__name__}: {str(e)[:200]}"
+                torch.cuda.empty_cache()
+        raise RuntimeError(err)
+
+    rows = []
+    for n in parse_list(a.prefill):
+        j = {"kind": "prefill", "tokens": n}
+        if over_budget():
+            j["skipped"] = "time budget"
+        else:
+            try:
+                ttft = []
+                for i in range(a.prefill_reps + 1):
+                    t, st = run(1, n, 1, False)
+                    if i > 0:
+                        ttft.append(st[1] - t)
+                tt = statistics.median(ttft)
+                flops = 2.0 * matmul_params * n + 2.0 * n * n * q_size * cfg.num_hidden_layers
+                j.update({"mode": "eager", "ttft_ms": tt * 1e3, "tokens_per_s": n / tt,
+                          "tflops": flops / tt * 1e-12,
+                          "pct_of_gemm_peak": 100.0 * flops / tt * 1e-12 / a.gemm_peak_tflops})
+            except Exception as e:
+                j["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                torch.cuda.empty_cache()
+        print(json.dumps(j), flush=True)
+        rows.append(j)
+
+    for context in parse_list(a.contexts):
+        for batch in parse_list(a.decode_batches):
+            j = {"kind": "decode", "batch": batch, "context": context}
+            need = kv_per_token * batch * (context + a.steps + 2)
+            if need > a.kv_budget_gb * 1e9 or context + a.steps + 2 > cfg.max_position_embeddings:
+                j["skipped"] = f"static cache {need / 1e9:.1f} GB or positions beyond the model's"
+            elif over_budget():
+                j["skipped"] = "time budget"
+            else:
+                try:
+                    (t, st), m, err = attempt(batch, context, a.steps + 1, warm=False)
+                    steps = [1e3 * (y - x) for x, y in zip(st[2:], st[3:])]
+                    ms = statistics.median(steps)
+                    kv_bytes = kv_per_token * batch * (context + a.steps / 2.0)
+                    floor_ms = (weight_bytes + kv_bytes) / (a.hbm_tbps * 1e12) * 1e3
+                    j.update({"mode": m, "ms_per_step": ms, "tokens_per_s": batch / (ms * 1e-3),
+                              "floor_ms": floor_ms, "pct_of_floor": 100.0 * floor_ms / ms,
+                              "fill_s": st[1] - t, "steps": len(steps)})
+                    if err:
+                        j["compile_error"] = err
+                except Exception as e:
+                    j["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                    torch.cuda.empty_cache()
+            print(json.dumps(j), flush=True)
+            rows.append(j)
+    if a.ours:
+        ours = {}
+        with open(a.ours) as f:
+            for line in f:
+                line = line.strip()
+                if line.startswith("{"):
+                    o = json.loads(line)
+                    ours[(o.get("kind"), o.get("batch"), o.get("context"), o.get("tokens"))] = o
+        print(f"# {a.model} on {torch.cuda.get_device_name()}: lorcserve vs HF transformers "
+              f"{transformers.__version__} (torch {torch.__version__})")
+        for j in rows:
+            if "skipped" in j or "error" in j:
+                print(j)
+                continue
+            o = ours.get((j["kind"], j.get("batch"), j.get("context"), j.get("tokens")), {})
+            if j["kind"] == "decode":
+                fl = o.get("floor_ms", j.get("floor_ms", 0))
+                print("decode b=%-4d ctx=%-5d ours %8.3f ms (%5.1f%% of floor)  peer %8.3f ms %-7s  floor %7.3f ms"
+                      % (j["batch"], j["context"], o.get("ms_per_step", float("nan")),
+                         o.get("pct_of_floor", float("nan")), j.get("ms_per_step", float("nan")),
+                         j.get("mode", "-"), fl))
+            elif j["kind"] == "prefill":
+                print("prefill %-5d ours %8.1f ms %6.1f TFLOP/s (%4.1f%%)  peer %8.1f ms %6.1f TFLOP/s (%4.1f%%)"
+                      % (j["tokens"], o.get("ttft_ms", float("nan")), o.get("tflops", float("nan")),
+                         o.get("pct_of_gemm_peak", float("nan")), j.get("ttft_ms", float("nan")),
+                         j.get("tflops", float("nan")), j.get("pct_of_gemm_peak", float("nan"))))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,7 +9,6 @@
 // number of (query, key) pairs attended (T (T + 1) / 2).
 // Usage: build/bin/attention_bench (needs a CUDA device).
 #include <algorithm>
-#include <chrono>
 #include <cstdio>
 #include <functional>
 #include <string>
@@ -17,6 +16,7 @@
 
 #include "backend/backend.h"
 #include "backend/cuda_backend.h"
+#include "bench/src/graph_timer.h"
 #include "common/check.h"
 
 namespace lorc {
@@ -43,20 +43,7 @@ DeviceBuffer Put(Backend& be, const std::vector<T>& v) {
 // Microseconds per call: `op(i)` for i in [0, kReps) captured once, best of 3 replays.
 double TimeUs(Backend& be, const std::function<void(int)>& op) {
   op(0);  // warm-up (and lazy kernel attributes) outside the capture
-  CHECK_OK(be.BeginCapture());
-  for (int i = 0; i < kReps; ++i) op(i);
-  auto graph = be.EndCapture();
-  CHECK(graph.ok()) << graph.status();
-  CHECK_OK(be.ReplayGraph(**graph));
-  CHECK_OK(be.Synchronize());
-  double best = 1e30;
-  for (int r = 0; r < 3; ++r) {
-    const auto t0 = std::chrono::steady_clock::now();
-    CHECK_OK(be.ReplayGraph(**graph));
-    CHECK_OK(be.Synchronize());
-    best = std::min(best, std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count());
-  }
-  return best / kReps;
+  return GraphMicrosPerCall(be, kReps, 3, ReplayStat::kBest, op);
 }
 
 // `batch` sequences of `ctx` cached tokens each, q_len `q_len` (1: decode), one cache per layer

@@ -2,7 +2,6 @@
 // is captured 100 times into one CUDA graph and replayed, so launch overhead is mostly hidden;
 // prints microseconds per op and the effective bandwidth of the bytes it must move.
 // Usage: build/bin/cuda_kernels_bench (needs a CUDA device).
-#include <chrono>
 #include <cstdio>
 #include <functional>
 #include <string>
@@ -10,6 +9,7 @@
 
 #include "backend/backend.h"
 #include "backend/cuda_backend.h"
+#include "bench/src/graph_timer.h"
 #include "common/check.h"
 
 namespace lorc {
@@ -30,17 +30,7 @@ Tensor2D Bf16(const DeviceBuffer& b, int64_t rows, int64_t cols) {
 
 void Time(Backend& be, const std::string& name, double bytes, const std::function<void()>& op) {
   op();  // warm-up
-  CHECK_OK(be.BeginCapture());
-  for (int i = 0; i < kReps; ++i) op();
-  auto graph = be.EndCapture();
-  CHECK(graph.ok()) << graph.status();
-  CHECK_OK(be.ReplayGraph(**graph));
-  CHECK_OK(be.Synchronize());
-  const auto t0 = std::chrono::steady_clock::now();
-  CHECK_OK(be.ReplayGraph(**graph));
-  CHECK_OK(be.Synchronize());
-  const double us =
-      std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count() / kReps;
+  const double us = GraphMicrosPerCall(be, kReps, 1, ReplayStat::kMean, [&](int) { op(); });
   std::printf("%-44s %9.2f us  %7.0f GB/s\n", name.c_str(), us, bytes / us * 1e-3);
 }
 

@@ -19,6 +19,7 @@
 
 #include "backend/backend.h"
 #include "backend/cuda_backend.h"
+#include "bench/src/graph_timer.h"
 #include "common/check.h"
 #include "common/dtype.h"
 
@@ -86,16 +87,7 @@ double TimeGemm(Backend& be, int64_t m, int64_t n, int64_t k, DType od, int copi
   const double est = (Now() - t0) / copies;
   int reps = static_cast<int>(std::clamp(kTargetSeconds / est, 1.0, 400.0));
   reps = std::max(copies, (reps + copies - 1) / copies * copies);
-  CHECK_OK(be.BeginCapture());
-  for (int i = 0; i < reps; ++i) gemm(i);
-  auto graph = be.EndCapture();
-  CHECK(graph.ok()) << graph.status();
-  CHECK_OK(be.ReplayGraph(**graph));
-  CHECK_OK(be.Synchronize());
-  t0 = Now();
-  for (int r = 0; r < kReplays; ++r) CHECK_OK(be.ReplayGraph(**graph));
-  CHECK_OK(be.Synchronize());
-  return (Now() - t0) / (kReplays * reps);
+  return GraphMicrosPerCall(be, reps, kReplays, ReplayStat::kMean, gemm) * 1e-6;
 }
 
 Point Measure(Backend& be, const std::string& name, int64_t m, int64_t n, int64_t k, DType od) {

@@ -83,6 +83,22 @@ absl::StatusOr<kernels::ElemType> KernelType(const char* op, std::initializer_li
                                                DTypeName(first.dtype), " not implemented (F32, BF16)"));
 }
 
+// The launcher's arguments of out = RmsNorm(x) * weight (no residual), shapes already checked.
+kernels::RmsNormArgs NormArgs(kernels::ElemType et, const Tensor2D& x, const Tensor2D& weight, float eps,
+                              const Tensor2D& out) {
+  kernels::RmsNormArgs a;
+  a.dtype = et;
+  a.rows = x.rows;
+  a.cols = x.cols;
+  a.x = x.data;
+  a.x_ld = x.stride();
+  a.weight = weight.data;
+  a.out = out.data;
+  a.out_ld = out.stride();
+  a.eps = eps;
+  return a;
+}
+
 // A dtype-free row copy of `cols` elements between two views.
 kernels::RowCopy Rows(const Tensor2D& src, const Tensor2D& dst, int64_t cols) {
   const int64_t esz = static_cast<int64_t>(DTypeSize(src.dtype));
@@ -122,17 +138,7 @@ absl::Status CudaBackend::RmsNorm(const Tensor2D& x, const Tensor2D& weight, flo
     return ShapeError("RmsNorm", absl::StrCat(ShapeOf("x", x), ", ", ShapeOf("weight", weight), ", ",
                                               ShapeOf("out", out)));
   }
-  kernels::RmsNormArgs a;
-  a.dtype = et;
-  a.rows = x.rows;
-  a.cols = x.cols;
-  a.x = x.data;
-  a.x_ld = x.stride();
-  a.weight = weight.data;
-  a.out = out.data;
-  a.out_ld = out.stride();
-  a.eps = eps;
-  return CudaError(kernels::LaunchRmsNorm(a, stream_), "RmsNorm");
+  return CudaError(kernels::LaunchRmsNorm(NormArgs(et, x, weight, eps, out), stream_), "RmsNorm");
 }
 
 absl::Status CudaBackend::FusedAddRmsNorm(Tensor2D residual, const Tensor2D& x, const Tensor2D& weight,
@@ -146,18 +152,9 @@ absl::Status CudaBackend::FusedAddRmsNorm(Tensor2D residual, const Tensor2D& x, 
                       absl::StrCat(ShapeOf("residual", residual), ", ", ShapeOf("x", x), ", ",
                                    ShapeOf("weight", weight), ", ", ShapeOf("out", out)));
   }
-  kernels::RmsNormArgs a;
-  a.dtype = et;
-  a.rows = residual.rows;
-  a.cols = residual.cols;
-  a.x = x.data;
-  a.x_ld = x.stride();
+  kernels::RmsNormArgs a = NormArgs(et, x, weight, eps, out);  // x's shape is residual's (checked)
   a.residual = residual.data;
   a.residual_ld = residual.stride();
-  a.weight = weight.data;
-  a.out = out.data;
-  a.out_ld = out.stride();
-  a.eps = eps;
   return CudaError(kernels::LaunchRmsNorm(a, stream_), "FusedAddRmsNorm");
 }
 

@@ -19,28 +19,32 @@ namespace lorc::cuda_internal {
 
 namespace k = ::lorc::kernels;
 
-// Device and pinned buffers of Sample, each grown to the largest call so far.
+// Device and pinned buffers of Sample, each grown to the largest call so far. A buffer that grows
+// does not free its old allocation while serving: cudaFree and cudaFreeHost synchronise the device
+// (cudaFreeHost every device of the process), and with tensor parallelism that can wait on a
+// collective the peer ranks only reach after this rank's next step: a deadlock when two GPUs are
+// driven from one process. Outgrown allocations are kept in `retired` (growth at least doubles, so
+// they hold less than the live buffer) and freed with the sampler.
 struct CudaSampler {
+  struct Retired {
+    void* p;
+    bool pinned;
+  };
+  std::vector<Retired> retired;
   struct Buf {
     void* p = nullptr;
     size_t bytes = 0;
     bool pinned = false;
-    void Release() {
-      if (p != nullptr) pinned ? cudaFreeHost(p) : cudaFree(p);
-      p = nullptr;
-      bytes = 0;
-    }
     // Grows to at least `need` bytes (contents lost); *grown tells whether it moved.
-    cudaError_t Reserve(size_t need, bool* grown = nullptr) {
+    cudaError_t Reserve(size_t need, std::vector<Retired>& retired, bool* grown = nullptr) {
       if (grown) *grown = false;
       if (need <= bytes) return cudaSuccess;
-      Release();
-      const size_t n = std::max(need, static_cast<size_t>(4096));
-      const cudaError_t e = pinned ? cudaMallocHost(&p, n) : cudaMalloc(&p, n);
-      if (e != cudaSuccess) {
-        p = nullptr;
-        return e;
-      }
+      const size_t n = std::max({need, 2 * bytes, static_cast<size_t>(4096)});
+      void* q = nullptr;
+      const cudaError_t e = pinned ? cudaMallocHost(&q, n) : cudaMalloc(&q, n);
+      if (e != cudaSuccess) return e;  // the old buffer stays usable for smaller calls
+      if (p != nullptr) retired.push_back({p, pinned});
+      p = q;
       bytes = n;
       if (grown) *grown = true;
       return cudaSuccess;
@@ -55,8 +59,9 @@ struct CudaSampler {
   ~CudaSampler() {
     for (Buf* b : {&stage_host, &stage_dev, &out_host, &out_dev, &counts, &x, &sorted_x, &iota,
                    &sorted_ids, &sort_temp}) {
-      b->Release();
+      if (b->p != nullptr) retired.push_back({b->p, b->pinned});
     }
+    for (const Retired& r : retired) r.pinned ? cudaFreeHost(r.p) : cudaFree(r.p);
   }
 };
 
@@ -157,8 +162,8 @@ absl::Status CudaBackend::Sample(const Tensor2D& logits, absl::Span<const Sampli
   const size_t meta_bytes = Align16(sizeof(k::SampleRowMeta) * n);
   const size_t ints_bytes = Align16(sizeof(int32_t) * (num_ints + sort_ints));
   const size_t stage_bytes = meta_bytes + ints_bytes + sizeof(float) * num_ints;
-  RETURN_IF_ERROR(CudaError(s.stage_host.Reserve(stage_bytes), "pinned staging"));
-  RETURN_IF_ERROR(CudaError(s.stage_dev.Reserve(stage_bytes), "staging"));
+  RETURN_IF_ERROR(CudaError(s.stage_host.Reserve(stage_bytes, s.retired), "pinned staging"));
+  RETURN_IF_ERROR(CudaError(s.stage_dev.Reserve(stage_bytes, s.retired), "staging"));
   char* host = static_cast<char*>(s.stage_host.p);
   std::memcpy(host, metas.data(), sizeof(k::SampleRowMeta) * n);
   int32_t* ints = reinterpret_cast<int32_t*>(host + meta_bytes);
@@ -197,12 +202,12 @@ absl::Status CudaBackend::Sample(const Tensor2D& logits, absl::Span<const Sampli
   // Workspaces.
   const size_t v = static_cast<size_t>(vocab);
   bool grown = false;
-  RETURN_IF_ERROR(CudaError(s.counts.Reserve(sizeof(int32_t) * v * num_counts, &grown), "sampling counts"));
+  RETURN_IF_ERROR(CudaError(s.counts.Reserve(sizeof(int32_t) * v * num_counts, s.retired, &grown), "sampling counts"));
   if (grown) RETURN_IF_ERROR(CudaError(cudaMemsetAsync(s.counts.p, 0, s.counts.bytes, stream_), "clear counts"));
-  RETURN_IF_ERROR(CudaError(s.x.Reserve(sizeof(double) * v * num_x), "sampling logits"));
-  RETURN_IF_ERROR(CudaError(s.sorted_x.Reserve(sizeof(double) * v * num_sorted), "sorted logits"));
-  RETURN_IF_ERROR(CudaError(s.sorted_ids.Reserve(sizeof(int32_t) * v * num_sorted), "sorted ids"));
-  RETURN_IF_ERROR(CudaError(s.iota.Reserve(sizeof(int32_t) * v * num_sorted, &grown), "sort ids"));
+  RETURN_IF_ERROR(CudaError(s.x.Reserve(sizeof(double) * v * num_x, s.retired), "sampling logits"));
+  RETURN_IF_ERROR(CudaError(s.sorted_x.Reserve(sizeof(double) * v * num_sorted, s.retired), "sorted logits"));
+  RETURN_IF_ERROR(CudaError(s.sorted_ids.Reserve(sizeof(int32_t) * v * num_sorted, s.retired), "sorted ids"));
+  RETURN_IF_ERROR(CudaError(s.iota.Reserve(sizeof(int32_t) * v * num_sorted, s.retired, &grown), "sort ids"));
   if (num_sorted > 0 && (grown || s.iota_vocab != vocab || s.iota_rows < num_sorted)) {
     s.iota_vocab = vocab;
     s.iota_rows = static_cast<int32_t>(s.iota.bytes / (sizeof(int32_t) * v));
@@ -211,11 +216,11 @@ absl::Status CudaBackend::Sample(const Tensor2D& logits, absl::Span<const Sampli
   }
   const size_t temp = k::SampleSortTempBytes(num_sorted, vocab);
   if (num_sorted > 0 && temp == 0) return absl::InternalError("cuda backend: Sample: sort workspace query failed");
-  RETURN_IF_ERROR(CudaError(s.sort_temp.Reserve(temp), "sort workspace"));
+  RETURN_IF_ERROR(CudaError(s.sort_temp.Reserve(temp, s.retired), "sort workspace"));
   const int32_t stride = SampleOutput::kStride;
   const size_t out_bytes = (3 + 2 * static_cast<size_t>(stride)) * sizeof(int32_t) * n;
-  RETURN_IF_ERROR(CudaError(s.out_dev.Reserve(out_bytes), "sampling outputs"));
-  RETURN_IF_ERROR(CudaError(s.out_host.Reserve(out_bytes), "pinned sampling outputs"));
+  RETURN_IF_ERROR(CudaError(s.out_dev.Reserve(out_bytes, s.retired), "sampling outputs"));
+  RETURN_IF_ERROR(CudaError(s.out_host.Reserve(out_bytes, s.retired), "pinned sampling outputs"));
 
   k::SampleArgs a;
   a.num_rows = n;

@@ -80,11 +80,7 @@ absl::Status ModelRunner::Init(const KvCacheSpec& spec, const KvCacheOptions& kv
   ASSIGN_OR_RETURN(inv_freq_, backend_->Allocate(inv_freq.size() * sizeof(float)));
   RETURN_IF_ERROR(backend_->CopyToDevice(inv_freq_.data(), inv_freq.data(), inv_freq.size() * sizeof(float)));
   int64_t reserve = 0;
-  // Graphs only without tensor parallelism for now: on 2 x H200 (2026-11-30) TP = 2 with the
-  // collectives captured hung at the first large decode batch (worker 0 gave no result for 5 min
-  // under 64 concurrent clients); TP = 2 runs eagerly until that is understood (issue #8 note).
-  const bool tensor_parallel = comm_ != nullptr && weights_.shard.tp_size > 1;
-  if (backend_->SupportsGraphs() && !kv.enforce_eager && !tensor_parallel) {
+  if (backend_->SupportsGraphs() && !kv.enforce_eager) {
     graph_sizes_ = DecodeGraphSizes(max_logit_rows_);
     ASSIGN_OR_RETURN(reserve, MeasureGraphMemory());
   }
@@ -313,7 +309,13 @@ absl::StatusOr<StepOutput> ModelRunner::Execute(absl::Span<const SequenceStep> s
     ids[r] = 0;
     positions[r] = 0;
     slots[r] = -1;
-    logit_rows[r] = r;
+  }
+  if (graph >= 0) {
+    // A graph computes row r's logits into logits_ row r for every row (one token per sequence),
+    // whichever rows this rank asked for (DecodeGraphIndex): sequence i's logits are row i.
+    for (int32_t r = 0; r < rows_run; ++r) logit_rows[r] = r;
+    num_rows = num_seqs;
+    for (int32_t i = 0; i <= num_seqs; ++i) out.row_begin[i] = i;
   }
 
   // One copy per region, of the used prefix only; the device addresses never change.
@@ -347,10 +349,13 @@ absl::StatusOr<StepOutput> ModelRunner::Execute(absl::Span<const SequenceStep> s
   out.device_logits = Tensor2D{logits_.data(), DType::kF32, num_rows, vocab, vocab};
   out.sample_row.assign(num_seqs, -1);
   if (graph >= 0) {
-    // One row per sequence, row i of logits_ (FindDecodeGraph checked).
+    // One row per sequence, row i of logits_ (DecodeGraphIndex checked); a sequence that asked
+    // for none (a rank that does not sample, a one-token prompt chunk) has no sample row.
     RETURN_IF_ERROR(backend_->ReplayGraph(*graphs_[graph]));
     ++num_graph_steps_;
-    for (int32_t i = 0; i < num_seqs; ++i) out.sample_row[i] = i;
+    for (int32_t i = 0; i < num_seqs; ++i) {
+      out.sample_row[i] = steps[i].logits == SequenceStep::Logits::kNone ? -1 : i;
+    }
     if (host_logits) {
       out.logits.resize(static_cast<size_t>(num_rows) * vocab);
       RETURN_IF_ERROR(backend_->CopyToHost(out.logits.data(), logits_.data(), num_rows * row_bytes));

@@ -19,6 +19,10 @@
 // graph of the smallest size >= n with its metadata copied into the fixed buffers; padding rows
 // have token 0, position 0, slot -1 (no KV write) and are not attention sequences; their logit
 // rows are computed and ignored. Prefill and mixed steps run eagerly.
+// With tensor parallelism every rank must take the same path for a step (a graph of n padded rows
+// and an eager step of fewer rows all-reduce different sizes: NCCL hangs), so the choice depends
+// only on the plan's shape (DecodeGraphIndex), never on which logits this rank wants: a graph step
+// computes a logit row for every sequence, also on ranks that do not sample.
 #pragma once
 
 #include <cstdint>
@@ -170,5 +174,13 @@ class ModelRunner {
 // Padded batch sizes for decode graphs, vLLM-style: 1, 2, 4, then multiples of 8 up to
 // `max_rows`, and `max_rows` itself (the largest decode step).
 std::vector<int32_t> DecodeGraphSizes(int32_t max_rows);
+
+// The index into `graph_sizes` (ascending) of the graph that runs `steps`: the smallest size >=
+// steps.size() when every sequence has exactly one new token; -1 when the step must run eagerly
+// (empty, a prefill chunk, more sequences than the largest graph). It depends only on token
+// counts, which every tensor-parallel rank sees alike, never on the logits a rank asks for (kNone
+// on ranks that do not sample, kAll for prompt log-probabilities on the sampling rank): with one
+// new token, kLast and kAll are the same single row, which the graph computes for every sequence.
+int DecodeGraphIndex(absl::Span<const SequenceStep> steps, absl::Span<const int32_t> graph_sizes);
 
 }  // namespace lorc

@@ -19,14 +19,18 @@ std::vector<int32_t> DecodeGraphSizes(int32_t max_rows) {
   return sizes;
 }
 
-int ModelRunner::FindDecodeGraph(absl::Span<const SequenceStep> steps) const {
-  if (graphs_.empty() || steps.empty()) return -1;
+int DecodeGraphIndex(absl::Span<const SequenceStep> steps, absl::Span<const int32_t> graph_sizes) {
+  if (graph_sizes.empty() || steps.empty()) return -1;
   for (const SequenceStep& s : steps) {
-    if (s.tokens.size() != 1 || s.logits == SequenceStep::Logits::kNone) return -1;
+    if (s.tokens.size() != 1) return -1;
   }
-  const auto it = std::lower_bound(graph_sizes_.begin(), graph_sizes_.end(), static_cast<int32_t>(steps.size()));
-  if (it == graph_sizes_.end()) return -1;
-  return static_cast<int>(it - graph_sizes_.begin());
+  const auto it = std::lower_bound(graph_sizes.begin(), graph_sizes.end(), static_cast<int32_t>(steps.size()));
+  if (it == graph_sizes.end()) return -1;
+  return static_cast<int>(it - graph_sizes.begin());
+}
+
+int ModelRunner::FindDecodeGraph(absl::Span<const SequenceStep> steps) const {
+  return graphs_.empty() ? -1 : DecodeGraphIndex(steps, graph_sizes_);
 }
 
 absl::Status ModelRunner::PrepareDummyDecode(int32_t n) {

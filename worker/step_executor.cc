@@ -143,8 +143,12 @@ absl::Status StepExecutor::ShareSampled(std::vector<int32_t>* tokens) {
   const size_t bytes = tokens->size() * sizeof(int32_t);
   Backend& be = runner_->backend();
   if (share_buf_.bytes() < bytes) {
-    share_buf_.Reset();
-    ASSIGN_OR_RETURN(share_buf_, be.Allocate(std::max<size_t>(bytes, 1024)));
+    // The outgrown buffer is kept, not freed: freeing device memory synchronises the device, which
+    // can wait on a peer's collective (see retired_share_bufs_).
+    ASSIGN_OR_RETURN(DeviceBuffer grown,
+                     be.Allocate(std::max({bytes, 2 * share_buf_.bytes(), size_t{4096}})));
+    retired_share_bufs_.push_back(std::move(share_buf_));
+    share_buf_ = std::move(grown);
   }
   if (samples_) RETURN_IF_ERROR(be.CopyToDevice(share_buf_.data(), tokens->data(), bytes));
   RETURN_IF_ERROR(comm_->Broadcast(share_buf_.data(), bytes, /*root=*/0));

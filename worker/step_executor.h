@@ -98,6 +98,9 @@ class StepExecutor final : public StepRunner {
   SampleOutput sample_out_;
   SampleScratch logprob_scratch_;  // prompt log-probabilities
   DeviceBuffer share_buf_;
+  // Outgrown share buffers, freed with the executor: a free while serving synchronises the device
+  // and, with two GPUs in one process, can deadlock against a peer's collective.
+  std::vector<DeviceBuffer> retired_share_bufs_;
 };
 
 }  // namespace lorc

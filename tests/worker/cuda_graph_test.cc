@@ -86,6 +86,36 @@ TEST(DecodeGraphSizesTest, PowersOfTwoThenMultiplesOfEightAndTheLimit) {
   EXPECT_THAT(DecodeGraphSizes(30), ElementsAre(1, 2, 4, 8, 16, 24, 30));
 }
 
+SequenceStep OneStep(size_t tokens, SequenceStep::Logits logits) {
+  SequenceStep s;
+  s.tokens.assign(tokens, 5);
+  s.logits = logits;
+  return s;
+}
+
+// The graph choice must be the same on every tensor-parallel rank: it may depend on token counts
+// only, not on the logits a rank asks for (rank 0 samples: kLast, or kAll for a one-token prompt
+// chunk with prompt log-probabilities; the other ranks: kNone).
+TEST(DecodeGraphIndexTest, DependsOnTokenCountsNotOnTheLogitsARankWants) {
+  using L = SequenceStep::Logits;
+  const std::vector<int32_t> sizes = {1, 2, 4, 8};
+  for (L logits : {L::kNone, L::kLast, L::kAll}) {
+    std::vector<SequenceStep> steps(3, OneStep(1, L::kLast));
+    steps[1].logits = logits;
+    EXPECT_EQ(DecodeGraphIndex(steps, sizes), 2) << static_cast<int>(logits);  // 3 rows -> 4
+    for (SequenceStep& s : steps) s.logits = logits;
+    EXPECT_EQ(DecodeGraphIndex(steps, sizes), 2) << static_cast<int>(logits);
+  }
+  EXPECT_EQ(DecodeGraphIndex(std::vector<SequenceStep>(1, OneStep(1, L::kNone)), sizes), 0);
+  EXPECT_EQ(DecodeGraphIndex(std::vector<SequenceStep>(8, OneStep(1, L::kLast)), sizes), 3);
+  EXPECT_EQ(DecodeGraphIndex(std::vector<SequenceStep>(9, OneStep(1, L::kLast)), sizes), -1);
+  std::vector<SequenceStep> mixed(2, OneStep(1, L::kLast));
+  mixed[0] = OneStep(2, L::kLast);  // a prefill chunk makes the step eager
+  EXPECT_EQ(DecodeGraphIndex(mixed, sizes), -1);
+  EXPECT_EQ(DecodeGraphIndex({}, sizes), -1);
+  EXPECT_EQ(DecodeGraphIndex(std::vector<SequenceStep>(1, OneStep(1, L::kLast)), {}), -1);
+}
+
 TEST(CudaGraphTest, CpuBackendRunsEagerly) {
   REQUIRE_TINY_LLAMA();
   const GenRun run = GenerateBatch(BackendKind::kCpu, /*eager=*/false, GoldenIds({0, 1}));

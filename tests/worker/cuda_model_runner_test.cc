@@ -1,7 +1,7 @@
 // The fixture model served on the CUDA backend (BF16 weights, activations and KV cache, F32
 // logits, sampling on the device) against the CPU backend (F32), the reference: greedy tokens of
-// every golden prompt, prompt log-probabilities, and tensor parallelism 2 over NCCL (with and
-// without a sharded LM head; disabled, see below). The CUDA cases skip without enough devices.
+// every golden prompt, prompt log-probabilities, and tensor parallelism 2 over NCCL with decode
+// graphs (with and without a sharded LM head). The CUDA cases skip without enough devices.
 // CPU cases check the backend-independent parts: the sharded LM head's row interleave (two
 // ranks over Gloo) and sampling from rows that took several LM-head passes.
 #include <cstdlib>
@@ -166,12 +166,7 @@ class TwoRanks final : public StepRunner {
     if (setup_status_.ok()) exec0_ = std::make_unique<StepExecutor>(model0_.runner.get(), comm0_.get());
   }
   ~TwoRanks() override {
-    {
-      std::lock_guard<std::mutex> l(mu_);
-      done_ = true;
-    }
-    cv_.notify_all();
-    rank1_.join();
+    Stop();
     exec0_.reset();
     model0_ = LoadedModel();
     comm0_.reset();
@@ -181,6 +176,20 @@ class TwoRanks final : public StepRunner {
   absl::Status rank1_status() {
     std::lock_guard<std::mutex> l(mu_);
     return rank1_status_;
+  }
+  // Rank 1's decode steps replayed from CUDA graphs (set when the rank's thread ends).
+  int64_t rank1_graph_steps() {
+    std::lock_guard<std::mutex> l(mu_);
+    return rank1_graph_steps_;
+  }
+  void Stop() {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (done_) return;
+      done_ = true;
+    }
+    cv_.notify_all();
+    rank1_.join();
   }
 
   absl::Status Submit(const StepPlan& plan) override {
@@ -244,6 +253,10 @@ class TwoRanks final : public StepRunner {
       std::lock_guard<std::mutex> l(mu_);
       if (rank1_status_.ok()) rank1_status_ = s;
     }
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      rank1_graph_steps_ = model.runner != nullptr ? model.runner->num_graph_steps() : 0;
+    }
     exec.reset();
     model = LoadedModel();
     comm.reset();
@@ -264,15 +277,25 @@ class TwoRanks final : public StepRunner {
   std::deque<StepPlan> plans_;  // guarded by mu_
   bool done_ = false;           // guarded by mu_
   absl::Status rank1_status_;   // guarded by mu_
+  int64_t rank1_graph_steps_ = 0;  // guarded by mu_
 };
 
 void ExpectTwoRanksMatch(BackendKind kind, bool shard_lm_head,
+                         const std::vector<GenerationRequest>& reqs,
                          const std::vector<GenerationResult>& want, float near_tie) {
   TwoRanks tp(kind, shard_lm_head);
   ASSERT_OK(tp.setup_status());
-  const auto got = Generate(&tp, tp.model(), GreedyRequests());
+  const auto got = Generate(&tp, tp.model(), reqs);
   EXPECT_OK(tp.rank1_status());
   ExpectSameGreedy(got, want, shard_lm_head ? "tp=2, sharded LM head" : "tp=2", near_tie);
+  if (kind == BackendKind::kCuda) {
+    // Both ranks replayed decode graphs, the same steps (rank 1 samples nothing: its steps ask
+    // for no logits, yet it must take the graph rank 0 takes, or their all-reduces differ).
+    tp.Stop();
+    const int64_t rank0 = tp.model().runner->num_graph_steps();
+    EXPECT_GT(rank0, 0);
+    EXPECT_EQ(tp.rank1_graph_steps(), rank0);
+  }
 }
 
 // Prompt log-probabilities make the first step's 42 all-token rows take three LM-head passes of
@@ -290,21 +313,23 @@ TEST(ModelRunnerLogitsTest, CpuSamplingAfterSeveralLmHeadPassesMatchesOnePass) {
 TEST(TensorParallelModelTest, CpuTwoRanksMatchOneIncludingShardedLmHead) {
   REQUIRE_TINY_LLAMA();
   const auto want = GenerateOn(BackendKind::kCpu, GreedyRequests());
-  ExpectTwoRanksMatch(BackendKind::kCpu, /*shard_lm_head=*/true, want, /*near_tie=*/0.0f);
+  ExpectTwoRanksMatch(BackendKind::kCpu, /*shard_lm_head=*/true, GreedyRequests(), want, /*near_tie=*/0.0f);
 }
 
-// DISABLED: hangs on 2 x H200 (2026-11-30, also with CUDA_MODULE_LOADING=EAGER and
-// NCCL_LAUNCH_MODE=GROUP), while the same TP=2 model over NCCL serves correctly from two worker
-// processes (`lorcserve coordinator --backend cuda --local-workers 2`). Likely cause: two GPUs
-// driven from one process, where a device-wide synchronizing call on one thread (the CUDA
-// sampler's lazily grown pinned buffers, cudaMallocHost/cudaFreeHost, map into every context)
-// waits for the other GPU's NCCL kernel, which waits for this thread. Next step: run each rank
-// in its own process, or reserve the sampler's workspaces before the first collective.
-TEST(TensorParallelModelTest, DISABLED_CudaTwoRanksOverNcclMatchCpuReference) {
+// Two GPUs from one process, decode steps as CUDA graphs with the all-reduces captured. Five
+// sequences (one stops early): decode batches of 5 and 4, so rank 0 replays the padded graph of 8
+// rows while rank 1, which samples nothing, must replay it too (it once ran 5 rows eagerly and the
+// two ranks' all-reduces never matched: a hang). Growing buffers are never freed while serving:
+// a free synchronises the device, which here could wait on the other thread's collective.
+TEST(TensorParallelModelTest, CudaTwoRanksOverNcclMatchCpuReference) {
   REQUIRE_TINY_LLAMA();
   if (!HaveCudaDevices(2)) GTEST_SKIP() << "fewer than 2 CUDA devices";
-  const auto want = GenerateOn(BackendKind::kCpu, GreedyRequests());
-  for (bool shard : {false, true}) ExpectTwoRanksMatch(BackendKind::kCuda, shard, want, kBf16NearTie);
+  std::vector<GenerationRequest> reqs = GreedyRequests();
+  GenerationRequest extra = reqs[1];
+  extra.params.max_tokens = kGreedyTokens / 2;
+  reqs.push_back(extra);
+  const auto want = GenerateOn(BackendKind::kCpu, reqs);
+  for (bool shard : {false, true}) ExpectTwoRanksMatch(BackendKind::kCuda, shard, reqs, want, kBf16NearTie);
 }
 
 }  // namespace

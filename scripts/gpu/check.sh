@@ -1,0 +1,159 @@
+#!/usr/bin/env bash
+# On a GPU host, from the repository root: unpacks .gpu/bundle.tar.xz (made by scripts/gpu/pack.sh
+# on a build machine) and runs the GPU checks and benchmarks of one machine kind, one phase after
+# the other, logging each to $OUT/<phase>*.txt and printing a summary line per check.
+#
+#   scripts/gpu/check.sh                       # every phase, on every visible GPU
+#   PHASES="parity serve" scripts/gpu/check.sh # some phases
+#
+# Phases:
+#   parity  every CUDA/NCCL test binary (parity with the CPU reference, TP = 2 in one process)
+#   serve   the fixture served by `coordinator --backend cuda --local-workers N` for N = 1 and the
+#           number of GPUs: the golden prompts' greedy tokens against the CPU reference (first 32),
+#           64 concurrent streaming clients, 32 cancelled (deadline) requests, every KV block free
+#   bench   kernel benchmarks; `lorcserve bench` on the 8B shape (one GPU) and, with 2+ GPUs, the
+#           70B shape at TP = 2 (random weights; skipped when the GPUs are too small) and the
+#           all-reduce benchmark
+#   peer    bench/hf_peer.py (transformers + PyTorch) on the same shapes (8B one GPU; 70B over 2)
+# Environment: OUT (default /tmp/lorc-gpu), GPUS (default: all visible), STEPS (decode steps, 32),
+# BIN_DIR (binaries from a local build instead of the bundle), BACKEND (serve phase; default cuda).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-/tmp/lorc-gpu}
+PHASES=${PHASES:-"parity serve bench peer"}
+STEPS=${STEPS:-32}
+mkdir -p "$OUT"
+B=${BIN_DIR:-/tmp/lorc-gpu-bin}  # BIN_DIR: run binaries from there instead of the bundle
+if [ ! -x "$B/lorcserve" ]; then
+  mkdir -p "$B"
+  python3 -c "import tarfile,sys; tarfile.open('.gpu/bundle.tar.xz').extractall(sys.argv[1])" "$B"
+fi
+export LD_LIBRARY_PATH="$B:$(cat "$B/cuda-lib-path" 2>/dev/null || true):${LD_LIBRARY_PATH:-}"
+export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}  # NVLink multicast off (the lent machines' rule)
+export LORC_MODELS_DIR=$PWD/models
+L="$B/lorcserve"
+if [ ! -f models/tiny-llama-a/model.safetensors ]; then
+  (cd models/tiny-llama-a && { cmake -E tar xf model.safetensors.tar.zst 2>/dev/null ||
+     python3 -c "import tarfile; tarfile.open('model.safetensors.tar.zst').extractall()"; })
+fi
+GPUS=${GPUS:-$(nvidia-smi -L 2>/dev/null | wc -l)}
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/device.txt" 2>&1
+date -u +%FT%TZ >> "$OUT/device.txt"
+echo "== $(head -1 "$OUT/device.txt") x $GPUS, $(date -u +%FT%TZ)"
+fails=0
+note() { echo "$1"; echo "$1" >> "$OUT/summary.txt"; }
+
+phase_parity() {
+  for t in "$B"/*cuda*_test "$B"/*nccl*_test; do
+    [ -x "$t" ] || continue
+    local name; name=$(basename "$t")
+    if timeout 600 "$t" --gtest_brief=1 > "$OUT/parity-$name.txt" 2>&1; then
+      note "parity $name: ok ($(grep -c '^\[  SKIPPED' "$OUT/parity-$name.txt") skipped lines)"
+    else
+      note "parity $name: FAILED (see parity-$name.txt)"; fails=$((fails + 1))
+      grep -E "Failure|FAILED|error" "$OUT/parity-$name.txt" | head -5
+    fi
+  done
+}
+
+start_coordinator() {  # $1 = workers; sets ADDR and CPID
+  local log="$OUT/serve-tp$1"
+  "$L" coordinator --model models/tiny-llama-a --backend "${BACKEND:-cuda}" --local-workers "$1" \
+    --listen 127.0.0.1:0 > "$log.out" 2> "$log.err" &
+  CPID=$!
+  for _ in $(seq 1 240); do
+    grep -q LISTENING "$log.out" 2>/dev/null && break
+    kill -0 $CPID 2>/dev/null || break
+    sleep 0.5
+  done
+  ADDR=$(awk '/LISTENING/{print $2}' "$log.out")
+  for _ in $(seq 1 240); do "$L" client --server "$ADDR" --health >/dev/null 2>&1 && return 0; sleep 0.5; done
+  return 1
+}
+
+phase_serve() {
+  local tps="1"; [ "$GPUS" -ge 2 ] && tps="1 $GPUS"
+  for tp in $tps; do
+    if ! start_coordinator "$tp"; then
+      note "serve tp=$tp: coordinator did not become healthy (serve-tp$tp.err)"; fails=$((fails + 1))
+      kill $CPID 2>/dev/null; continue
+    fi
+    # Golden greedy tokens: the first 32 of each prompt against the CPU reference (fp32).
+    python3 - "$L" "$ADDR" "$tp" > "$OUT/serve-tp$tp-golden.txt" 2>&1 <<'PY'
+import json, subprocess, sys
+lorc, addr, tp = sys.argv[1:]
+golden = json.load(open("models/tiny-llama-a/golden_fp32.json"))
+equal = 0
+for i, g in enumerate(golden):
+    out = subprocess.run([lorc, "client", "--server", addr, "--prompt-ids", ",".join(map(str, g["prompt_ids"])),
+                          "--max-tokens", "32", "--json"], capture_output=True, text=True)
+    got = json.loads(out.stdout.strip().splitlines()[-1])["output_ids"] if out.returncode == 0 else []
+    want = g["greedy_48_ids"][:32]
+    k = next((j for j in range(32) if j >= len(got) or got[j] != want[j]), 32)
+    equal += k == 32
+    print(f"prompt {i}: {'equal for 32 tokens' if k == 32 else f'departs at token {k}'}")
+print(f"tp={tp}: {equal} of {len(golden)} golden prompts equal the CPU reference for 32 tokens")
+PY
+    note "serve tp=$tp: $(tail -1 "$OUT/serve-tp$tp-golden.txt")"
+    # 64 concurrent streaming clients (128 requests: decode batches of every size as they come and go).
+    if timeout 600 "$L" bench --server "$ADDR" --requests 128 --concurrency 64 --prompt-len 100 \
+         --max-tokens 64 > "$OUT/serve-tp$tp-load.txt" 2>&1; then
+      note "serve tp=$tp: 64 concurrent clients, $(head -1 "$OUT/serve-tp$tp-load.txt")"
+    else
+      note "serve tp=$tp: load FAILED ($(head -2 "$OUT/serve-tp$tp-load.txt" | tr '\n' ' '))"; fails=$((fails + 1))
+    fi
+    # 32 requests cancelled by their deadline mid-generation; then every block must be free.
+    local pids=()
+    for i in $(seq 1 32); do
+      "$L" client --server "$ADDR" --prompt-ids "$((i + 3)),17,99,250,1000" --max-tokens 3000 \
+        --ignore-eos --timeout-s 0.5 --json > /dev/null 2>&1 &
+      pids+=($!)
+    done
+    local cancelled=0
+    for p in "${pids[@]}"; do wait "$p" 2>/dev/null || cancelled=$((cancelled + 1)); done
+    local free cap
+    for _ in $(seq 1 20); do
+      read -r free cap < <("$L" client --server "$ADDR" --info | python3 -c \
+        "import json,sys; d=json.load(sys.stdin); print(d['kvFreeBlocks'], d['kvCapacityBlocks'])")
+      [ "$free" = "$cap" ] && break
+      sleep 0.5
+    done
+    if [ "$free" = "$cap" ]; then note "serve tp=$tp: $cancelled of 32 requests cancelled by their deadline, all $cap KV blocks free"
+    else note "serve tp=$tp: KV blocks NOT free after cancellations ($free of $cap)"; fails=$((fails + 1)); fi
+    "$L" client --server "$ADDR" --info > "$OUT/serve-tp$tp-info.json" 2>&1
+    kill -INT $CPID 2>/dev/null; wait $CPID 2>/dev/null
+  done
+}
+
+phase_bench() {
+  for k in cuda_kernels_bench gemm_bench attention_bench sampling_bench gemv_bench; do
+    [ -x "$B/$k" ] && CUDA_VISIBLE_DEVICES=0 timeout 300 "$B/$k" > "$OUT/bench-$k.txt" 2>&1 &&
+      note "bench $k: done"
+  done
+  CUDA_VISIBLE_DEVICES=0 timeout 600 "$L" bench --model bench/configs/llama3-8b --backend cuda \
+    --random-weights --steps "$STEPS" > "$OUT/bench-8b-tp1.txt" 2>&1 &&
+    note "bench 8B tp=1: done" || { note "bench 8B tp=1: FAILED"; fails=$((fails + 1)); }
+  if [ "$GPUS" -ge 2 ]; then
+    [ -x "$B/allreduce_bench" ] && timeout 300 "$B/allreduce_bench" > "$OUT/bench-allreduce.txt" 2>&1 &&
+      note "bench allreduce: done"
+    for head in "" "--shard-lm-head"; do
+      timeout 900 "$L" bench --model bench/configs/llama3-70b --backend cuda --random-weights \
+        --local-workers 2 $head --steps "$STEPS" > "$OUT/bench-70b-tp2${head:+-sharded}.txt" 2>&1 &&
+        note "bench 70B tp=2 ${head:-replicated LM head}: done" ||
+        { note "bench 70B tp=2 $head: FAILED"; fails=$((fails + 1)); }
+    done
+  fi
+}
+
+phase_peer() {
+  CUDA_VISIBLE_DEVICES=0 timeout 900 python3 bench/hf_peer.py --model bench/configs/llama3-8b \
+    --ours "$OUT/bench-8b-tp1.txt" > "$OUT/peer-8b.txt" 2>&1 && note "peer 8B: done" || note "peer 8B: FAILED"
+  if [ "$GPUS" -ge 2 ]; then
+    timeout 1200 python3 bench/hf_peer.py --model bench/configs/llama3-70b --devices 2 \
+      > "$OUT/peer-70b.txt" 2>&1 && note "peer 70B (2 GPUs): done" || note "peer 70B: FAILED"
+  fi
+}
+
+for p in $PHASES; do "phase_$p"; done
+note "== $fails failed checks"
+[ "$fails" -eq 0 ]

@@ -267,11 +267,13 @@ absl::StatusOr<std::unique_ptr<Backend>> CreatePartialCudaBackend(const BackendO
   cudaStream_t stream = nullptr;
   RETURN_IF_ERROR(CudaError(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "create stream"));
   const CudaDeviceInfo& d = devices[options.device];
-  return std::unique_ptr<Backend>(new CudaBackend(
+  auto backend = std::unique_ptr<CudaBackend>(new CudaBackend(
       options.device,
       absl::StrCat(d.name, " (device ", d.ordinal, ", sm_", d.compute_major, d.compute_minor, ", ",
                    d.multiprocessors, " SMs, ", d.memory_bytes >> 20, " MiB), CUDA ", CudaVersionString()),
       stream));
+  RETURN_IF_ERROR(backend->ReserveSampler());
+  return std::unique_ptr<Backend>(std::move(backend));
 }
 
 absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackend(const BackendOptions& options) {

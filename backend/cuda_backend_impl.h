@@ -172,6 +172,10 @@ class CudaBackend final : public Backend {
   absl::Status PrefillAttention(const AttentionParams& p, const AttentionPlan& plan) override;
   // cuda_sampling.cc
   absl::Status Sample(const Tensor2D& logits, absl::Span<const SamplingRow> rows, SampleOutput* out) override;
+  // At creation (cuda_sampling.cc): the sampler's pinned staging and output buffers for typical
+  // steps, so that serving rarely allocates pinned memory (cudaMallocHost maps into every context
+  // of the process and can wait on another GPU's running collective).
+  absl::Status ReserveSampler();
   absl::Status GatherRows(const Tensor2D& x, const int32_t* rows, Tensor2D out) override;
 
   // One device-to-device copy per (pair, layer, K/V) for now; a single batched kernel later.
@@ -206,7 +210,7 @@ class CudaBackend final : public Backend {
   cudaStream_t stream_;
   bool capturing_ = false;
   std::shared_ptr<MatmulState> matmul_ = NewMatmulState();  // cuda_matmul.cc
-  std::unique_ptr<CudaSampler, CudaSamplerDeleter> sampler_;  // cuda_sampling.cc, on first Sample
+  std::unique_ptr<CudaSampler, CudaSamplerDeleter> sampler_;  // cuda_sampling.cc, ReserveSampler
 };
 
 }  // namespace lorc::cuda_internal

@@ -67,6 +67,18 @@ struct CudaSampler {
 
 void CudaSamplerDeleter::operator()(CudaSampler* s) const { delete s; }
 
+absl::Status CudaBackend::ReserveSampler() {
+  if (!sampler_) sampler_.reset(new CudaSampler);
+  CudaSampler& s = *sampler_;
+  // 1 MiB each: the metadata and penalty histories of a few hundred rows, and the outputs of
+  // 1,000+ rows with 20 log-probabilities each. Larger calls grow them (rare).
+  constexpr size_t kBytes = size_t{1} << 20;
+  for (CudaSampler::Buf* b : {&s.stage_host, &s.stage_dev, &s.out_host, &s.out_dev}) {
+    RETURN_IF_ERROR(CudaError(b->Reserve(kBytes, s.retired), "sampler buffers"));
+  }
+  return absl::OkStatus();
+}
+
 namespace {
 
 constexpr char kOp[] = "Sample";

@@ -3,20 +3,22 @@
 # CPU backend (a coordinator with two tensor-parallel worker processes, on loopback) and send it
 # sample requests. MODEL_DIR overrides the model (default models/tiny-llama-a,
 # the fixture in this repository);
-# TP sets the number of workers (default 2).
+# TP sets the number of workers (default 2); BACKEND=cuda serves on GPUs instead (one worker per
+# GPU, TP of them: the GPU quick start of the README).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
 bash scripts/build.sh lorcserve fixture_model
 MODEL_DIR=${MODEL_DIR:-models/tiny-llama-a}
 TP=${TP:-2}
+BACKEND=${BACKEND:-cpu}
 BIN=${BUILD_DIR:-build}/bin/lorcserve
 "$BIN" info
 echo
 
 log=$(mktemp -d)
 "$BIN" coordinator --model "$MODEL_DIR" --listen 127.0.0.1:0 --local-workers "$TP" \
-  >"$log/out" 2>"$log/err" &
+  --backend "$BACKEND" >"$log/out" 2>"$log/err" &
 coord=$!
 trap 'kill $coord 2>/dev/null; wait $coord 2>/dev/null; rm -rf "$log"' EXIT
 for _ in $(seq 1 240); do
@@ -25,7 +27,7 @@ for _ in $(seq 1 240); do
   sleep 0.5
 done
 addr=$(awk '/LISTENING/{print $2}' "$log/out")
-echo "== coordinator with $TP CPU workers (tensor parallel) serving $MODEL_DIR on $addr"
+echo "== coordinator with $TP $BACKEND workers (tensor parallel) serving $MODEL_DIR on $addr"
 "$BIN" client --server "$addr" --health
 echo
 echo "== lorcserve client --server $addr --prompt 'The meaning of the word' --max-tokens 48"
@@ -36,4 +38,4 @@ echo "== sampled (temperature 0.8, top-p 0.95, seed 1), JSON"
   --temperature 0.8 --top-p 0.95 --seed 1 --json
 echo
 echo "== the same model in-process: lorcserve generate"
-"$BIN" generate --model "$MODEL_DIR" --prompt "A fool and his money" --max-tokens 32
+"$BIN" generate --model "$MODEL_DIR" --backend "$BACKEND" --prompt "A fool and his money" --max-tokens 32

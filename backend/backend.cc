@@ -1,5 +1,8 @@
 #include "backend/backend.h"
 
+#include <limits>
+#include <string>
+
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "backend/cpu_backend.h"
@@ -63,6 +66,27 @@ absl::Status ValidateBlockCopies(absl::Span<const BlockCopy> copies, int32_t num
                                                        " blocks"));
       }
     }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ValidateWeightFill(const char* backend, const WeightFillParams& p) {
+  const Tensor2D& o = p.out;
+  auto bad = [&](const std::string& what) {
+    return absl::InvalidArgumentError(absl::StrCat(backend, " backend: FillWeights: ", what));
+  };
+  if (o.rows < 0 || o.cols < 0 || o.stride() < o.cols) {
+    return bad(absl::StrCat("out [", o.rows, ", ", o.cols, "] with ld ", o.ld));
+  }
+  if (o.data == nullptr && o.rows > 0 && o.cols > 0) return bad("out.data is null");
+  if (p.constant) return absl::OkStatus();
+  if (p.row0 < 0 || p.col0 < 0 || p.full_cols < 0 || p.col0 + o.cols > p.full_cols) {
+    return bad(absl::StrCat("block at row0 ", p.row0, ", col0 ", p.col0, " of ", o.cols,
+                            " columns outside a tensor of full_cols ", p.full_cols));
+  }
+  if (p.full_cols > 0 && p.row0 + o.rows > std::numeric_limits<int64_t>::max() / p.full_cols) {
+    return bad(absl::StrCat("rows up to ", p.row0 + o.rows, " x full_cols ", p.full_cols,
+                            " overflow a 64-bit index"));
   }
   return absl::OkStatus();
 }

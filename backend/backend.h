@@ -182,6 +182,21 @@ struct RopeKvWriteParams {
   const int32_t* slot_mapping = nullptr;  // [num_tokens], device, flat slot or -1
 };
 
+// Seeded weight initialisation (`--random-weights`) of one block, computed where the buffer
+// lives (no host staging). The block is rows [row0, row0 + out.rows) x columns [col0, col0 +
+// out.cols) of a full row-major tensor with `full_cols` columns, so the tensor-parallel slices of
+// one tensor get the values of the same full tensor.
+struct WeightFillParams {
+  Tensor2D out;           // [rows, cols], written; its dtype is the stored type (see FillWeights)
+  bool constant = false;  // true: every element = `value` (norm weights); the fields below unused
+  float value = 0.0f;
+  uint64_t key = 0;       // the tensor's key: kernels::WeightInitKey(seed, hash of its name)
+  int64_t row0 = 0;       // first row / column of the block in the full tensor, >= 0
+  int64_t col0 = 0;
+  int64_t full_cols = 0;  // columns of the full tensor, >= col0 + out.cols
+  float scale = 0.0f;     // values uniform on [-scale, scale)
+};
+
 // Free and total memory of the backend's device, in bytes (CPU: MemAvailable and MemTotal of
 // /proc/meminfo, or sysconf where that is missing).
 struct MemoryInfo {
@@ -300,6 +315,14 @@ class Backend {
   virtual absl::Status CopyBlocks(absl::Span<const KvLayer> layers, int32_t block_size,
                                   int32_t num_blocks, absl::Span<const BlockCopy> copies) = 0;
 
+  // Weight initialisation: out[r, c] = kernels::UniformWeightValue(key, (row0 + r) * full_cols +
+  // col0 + c, scale) (kernels/random_init.h: the same fp32 value on every backend), or `value`
+  // when p.constant, stored as out.dtype (BF16: rounded to nearest even, as F32ToBf16).
+  // InvalidArgument for negative sizes or offsets, col0 + cols > full_cols, an index beyond
+  // int64 or ld < cols (ValidateWeightFill); Unimplemented for a dtype the backend does not
+  // store (CPU: F32 only; CUDA: F32 and BF16).
+  virtual absl::Status FillWeights(const WeightFillParams& p) = 0;
+
   // Sampling (backend/sampling.h gives the contract and the CPU reference): for each of `rows`,
   // reading row rows[i].logits_row of `logits` [n, vocab] F32 (device memory, not modified), the
   // token and, for rows with logprobs >= 0, its raw log-probability, rank and top-N alternatives,
@@ -334,5 +357,9 @@ absl::Status RequireF32(const char* backend, const char* op, const char* what, D
 // block b outside the cache of n blocks"); what every backend's CopyBlocks checks before copying
 // anything.
 absl::Status ValidateBlockCopies(absl::Span<const BlockCopy> copies, int32_t num_blocks);
+
+// The InvalidArgument checks of FillWeights ("<backend> backend: FillWeights: ..." naming the
+// field), shared by every backend.
+absl::Status ValidateWeightFill(const char* backend, const WeightFillParams& p);
 
 }  // namespace lorc

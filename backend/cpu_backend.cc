@@ -14,7 +14,9 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "common/parallel_for.h"
 #include "common/status_macros.h"
+#include "kernels/random_init.h"
 
 namespace lorc {
 namespace {
@@ -277,6 +279,28 @@ class CpuBackend final : public Backend {
     for (int64_t i = 0; i < out.rows; ++i) {
       std::memcpy(Row(out, i), Row(x, rows[i]), sizeof(float) * out.cols);
     }
+    return absl::OkStatus();
+  }
+
+  // Rows split over the host cores (common/parallel_for.h): each row's values depend only on
+  // its indices, so the result is the one-thread result.
+  absl::Status FillWeights(const WeightFillParams& p) override {
+    RETURN_IF_ERROR(RequireF32(kCpu, "FillWeights", "output", p.out.dtype));
+    RETURN_IF_ERROR(ValidateWeightFill(kCpu, p));
+    const Tensor2D& o = p.out;
+    ParallelFor(o.rows, o.cols, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        float* row = Row(o, r);
+        if (p.constant) {
+          std::fill(row, row + o.cols, p.value);
+          continue;
+        }
+        const uint64_t base = static_cast<uint64_t>((p.row0 + r) * p.full_cols + p.col0);
+        for (int64_t c = 0; c < o.cols; ++c) {
+          row[c] = kernels::UniformWeightValue(p.key, base + static_cast<uint64_t>(c), p.scale);
+        }
+      }
+    });
     return absl::OkStatus();
   }
 

@@ -13,6 +13,7 @@
 #include "kernels/copy_rows.cuh"
 #include "kernels/device_query.cuh"
 #include "kernels/elementwise.cuh"
+#include "kernels/random_fill.cuh"
 #include "kernels/rms_norm.cuh"
 #include "kernels/rope.cuh"
 #endif
@@ -250,6 +251,25 @@ absl::Status CudaBackend::RopeKvWrite(const RopeKvWriteParams& p) {
   a.v_cache = p.cache.v;
   a.v_width = p.cache.v_width;
   return CudaError(kernels::LaunchRope(a, stream_), "RopeKvWrite");
+}
+
+absl::Status CudaBackend::FillWeights(const WeightFillParams& p) {
+  ASSIGN_OR_RETURN(const kernels::ElemType et, KernelType("FillWeights", {{"output", p.out.dtype}}));
+  RETURN_IF_ERROR(ValidateWeightFill("cuda", p));
+  kernels::WeightFillArgs a;
+  a.dtype = et;
+  a.out = p.out.data;
+  a.ld = p.out.stride();
+  a.rows = p.out.rows;
+  a.cols = p.out.cols;
+  a.constant = p.constant;
+  a.value = p.value;
+  a.key = p.key;
+  a.row0 = p.row0;
+  a.col0 = p.col0;
+  a.full_cols = p.full_cols;
+  a.scale = p.scale;
+  return CudaError(kernels::LaunchWeightFill(a, stream_), "FillWeights");
 }
 
 }  // namespace cuda_internal

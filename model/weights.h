@@ -15,6 +15,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -65,14 +66,28 @@ struct ModelWeights {
   const DeviceBuffer& lm_head_or_embed() const { return lm_head.empty() ? embed : lm_head; }
 };
 
-// Both loaders read fp32/fp16/bf16 files as fp32 on the host and store every tensor in the
-// backend's compute_dtype() (BF16 on CUDA: rounded to nearest even; F32 on the CPU).
-absl::StatusOr<ModelWeights> LoadWeights(const ModelConfig& config, const CheckpointReader& reader,
-                                         const ShardLayout& shard, Backend& backend);
+// Receives the loaders' progress lines (no trailing newline); the worker prints them to stderr.
+using WeightsProgress = std::function<void(const std::string& line)>;
 
-// Seeded random weights of the config's shape (uniform, std 0.02; norms 1). Values depend only
-// on (seed, tensor, element index), so every tp split sees slices of the same full model.
+// Reads this rank's slices of a checkpoint into buffers of the backend's compute_dtype():
+// tensors already in that dtype are copied as bytes (BF16 files on CUDA, F32 on the CPU); F32,
+// F16 and BF16 tensors of another dtype are read as fp32 and converted on the host (BF16:
+// rounded to nearest even). After the last tensor this rank needs from a file, one line
+// "weights: <file> (<i>/<n>, <X> GB) read in <T> s": i = the file's place among the
+// checkpoint's n files sorted by name, X = the bytes of this rank's slices as stored in the
+// file, T = the time spent reading, converting and enqueueing them. Errors name file and tensor.
+absl::StatusOr<ModelWeights> LoadWeights(const ModelConfig& config, const CheckpointReader& reader,
+                                         const ShardLayout& shard, Backend& backend,
+                                         const WeightsProgress& progress = nullptr);
+
+// Seeded random weights of the config's shape (uniform, std 0.02; norms 1), generated on the
+// backend (Backend::FillWeights: no host staging). Values depend only on (seed, tensor name,
+// element index in the full tensor), so every tp split sees slices of the same full model and
+// every backend the same fp32 values (CUDA stores them rounded to BF16). With `progress`, after
+// synchronizing the backend, one line "weights: random (seed S), X GB generated on <backend>
+// in T s".
 absl::StatusOr<ModelWeights> RandomWeights(const ModelConfig& config, uint64_t seed,
-                                           const ShardLayout& shard, Backend& backend);
+                                           const ShardLayout& shard, Backend& backend,
+                                           const WeightsProgress& progress = nullptr);
 
 }  // namespace lorc

@@ -1,6 +1,8 @@
 #include "worker/model_loader.h"
 
 #include <chrono>
+#include <cstdio>
+#include <string>
 
 #include "common/status_macros.h"
 #include "kvstore/kv_spec.h"
@@ -17,12 +19,21 @@ absl::StatusOr<LoadedModel> LoadModel(const ModelSource& source, Backend* backen
   ASSIGN_OR_RETURN(m.config, LoadModelConfig(source.dir));
   ASSIGN_OR_RETURN(ShardLayout shard,
                    ShardLayout::Make(m.config, tp_rank, tp_size, source.shard_lm_head));
+  // Progress lines (one per checkpoint file, or one for random weights) on stderr, by the worker
+  // process and the in-process CLI alike; each rank prints its own.
+  const WeightsProgress progress = [tp_rank, tp_size](const std::string& line) {
+    if (tp_size > 1) {
+      std::fprintf(stderr, "[rank %d/%d] %s\n", tp_rank, tp_size, line.c_str());
+    } else {
+      std::fprintf(stderr, "%s\n", line.c_str());
+    }
+  };
   ModelWeights weights;
   if (source.random_weights) {
-    ASSIGN_OR_RETURN(weights, RandomWeights(m.config, source.seed, shard, *backend));
+    ASSIGN_OR_RETURN(weights, RandomWeights(m.config, source.seed, shard, *backend, progress));
   } else {
     ASSIGN_OR_RETURN(std::unique_ptr<CheckpointReader> reader, CheckpointReader::Open(source.dir));
-    ASSIGN_OR_RETURN(weights, LoadWeights(m.config, *reader, shard, *backend));
+    ASSIGN_OR_RETURN(weights, LoadWeights(m.config, *reader, shard, *backend, progress));
   }
   // The KV geometry comes from kvstore/ (one per-layer spec); the runner only sizes and allocates.
   KvSpecOptions spec_options;

@@ -187,10 +187,8 @@ TEST_F(CudaGemvAutoTest, MatmulOnDecodeShapesMatchesCpu) {
   auto matmul = [this](const Tensor2D& x, const Tensor2D& w, const Tensor2D& out) {
     return cuda_->Matmul(x, w, out);
   };
-  for (const int64_t m : {1, 3, 8, 16}) {
-    Expect(Case{m, 6144, 4096}, DType::kBF16, matmul);
-    Expect(Case{m, 4096, 14336}, DType::kBF16, matmul);
-  }
+  for (const int64_t m : {1, 3, 8, 16}) Expect(Case{m, 6144, 4096}, DType::kBF16, matmul);
+  for (const int64_t m : {1, 16}) Expect(Case{m, 4096, 14336}, DType::kBF16, matmul);
   Expect(Case{2, 16384, 4096}, DType::kF32, matmul);  // an LM-head-like F32 output
 }
 

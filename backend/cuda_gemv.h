@@ -37,8 +37,8 @@ namespace lorc::cuda_internal {
 // aligned with 16-byte row pitches (kernels::GemvSupported).
 bool GemvApplies(const Tensor2D& x, const Tensor2D& w, const Tensor2D& out);
 
-// Number of GEMV configurations (kernels::GemvConfig: cluster splits x k steps) Matmul chooses
-// from; RunGemv's `config` is an index below it.
+// Number of GEMV configurations (kernels::GemvConfig: cluster splits x k steps); RunGemv's
+// `config` is an index below it. Matmul times the first two (unsplit, k_steps 4 and 8).
 int GemvConfigCount();
 // "splits 2, k_steps 4" for config `config` (benchmarks print it).
 std::string GemvConfigName(int config);
@@ -48,7 +48,8 @@ std::string GemvConfigName(int config);
 absl::Status RunGemv(const Tensor2D& x, const Tensor2D& w, const Tensor2D& out, int config,
                      cudaStream_t stream);
 
-// The fastest configuration on the call's own operands: each one run once (warm-up) and then
+// The fastest of Matmul's candidate configurations (those without a cluster split; see
+// cuda_gemv.cc) on the call's own operands: each one run once (warm-up) and then
 // `reps` times between `start` and `stop`, waiting for them. config -1 (ms infinite) when none
 // launches; an Internal error only for a failing event.
 struct GemvTiming {

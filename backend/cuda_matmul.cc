@@ -18,6 +18,12 @@
 // T (1, 2, 4, ..., 256, ... : decode batches matter most). The workspace (kWorkspaceBytes) is
 // allocated with the backend, so Matmul never allocates and is capturable. `out` must not
 // overlap x or w (timing runs the GEMM several times on the call's own operands).
+//
+// Small M: where the GEMV of cuda_gemv.h applies (BF16, T <= 16, aligned, K % 8 == 0; part of the
+// key), its configurations are timed the same way after cuBLASLt's candidates and the fastest of
+// all is cached (CudaMatmulPolicy kAuto), so a shape never gets slower than cuBLASLt's best;
+// kCublasLtOnly / kGemvFirst pin one path (benchmarks, tests). Seen first inside a capture:
+// cuBLASLt's heuristic pick (kGemvFirst: the GEMV's first configuration), timed later as above.
 #include "backend/cuda_backend_impl.h"
 
 #ifdef LORC_HAVE_CUDA
@@ -28,6 +34,7 @@
 #include <limits>
 
 #include "absl/container/flat_hash_map.h"
+#include "backend/cuda_gemv.h"
 
 namespace lorc::cuda_internal {
 namespace {
@@ -41,17 +48,19 @@ struct GemmKey {
   DType ab, out;
   uint32_t align_w, align_x, align_out;  // pointer alignment, bytes (<= 256)
   uint32_t ld_align;                     // alignment of the three row pitches, bytes (<= 16)
+  bool gemv;                             // GemvApplies (the same for every call of the key)
   bool operator==(const GemmKey&) const = default;
   template <typename H>
   friend H AbslHashValue(H h, const GemmKey& g) {
     return H::combine(std::move(h), g.t_bucket, g.n, g.k, g.ab, g.out, g.align_w, g.align_x,
-                      g.align_out, g.ld_align);
+                      g.align_out, g.ld_align, g.gemv);
   }
 };
 
 struct AlgoChoice {
   cublasLtMatmulAlgo_t algo;
   bool timed = false;
+  int gemv = -1;  // >= 0: the GEMV with this configuration (cuda_gemv.h) instead of `algo`
 };
 
 uint32_t PtrAlign(const void* p) {
@@ -86,6 +95,7 @@ absl::Status LtError(cublasStatus_t s, const std::string& what) {
 
 struct MatmulState {
   absl::Status init;  // OK, or why cuBLASLt cannot be used (returned by every Matmul)
+  CudaMatmulPolicy policy = GetCudaMatmulPolicy();
   cublasLtHandle_t handle = nullptr;
   void* workspace = nullptr;
   cudaEvent_t start = nullptr, stop = nullptr;  // for timing candidates
@@ -175,12 +185,14 @@ absl::Status Heuristics(const MatmulState& s, const Gemm& g, const GemmKey& key,
   return absl::OkStatus();
 }
 
-// The fastest of `results` on g's own operands (enqueues runs on `stream` and waits for them).
+// The fastest of `results` on g's own operands (enqueues runs on `stream` and waits for them);
+// *best_ms: its time for kTimedReps runs (infinite when none ran).
 absl::StatusOr<int> TimeCandidates(const MatmulState& s, const Gemm& g,
                                    const cublasLtMatmulHeuristicResult_t* results, int count,
-                                   cudaStream_t stream) {
+                                   cudaStream_t stream, float* best_ms_out) {
   int best = 0;
-  float best_ms = std::numeric_limits<float>::infinity();
+  float& best_ms = *best_ms_out;
+  best_ms = std::numeric_limits<float>::infinity();
   for (int i = 0; i < count; ++i) {
     if (results[i].state != CUBLAS_STATUS_SUCCESS) continue;
     if (g.Run(s, results[i].algo, stream) != CUBLAS_STATUS_SUCCESS) continue;  // warm-up
@@ -232,8 +244,10 @@ absl::Status CudaBackend::Matmul(const Tensor2D& x, const Tensor2D& w, Tensor2D 
   RETURN_IF_ERROR(g.Init(x, w, out));
   const size_t ab_esz = DTypeSize(x.dtype);
   const uint64_t pitches = (x.stride() * ab_esz) | (w.stride() * ab_esz) | (out.stride() * out_esz) | 16;
-  const GemmKey key{Bucket(x.rows), w.rows, x.cols, x.dtype, out.dtype, PtrAlign(w.data), PtrAlign(x.data),
-                    PtrAlign(out.data), static_cast<uint32_t>(pitches & (~pitches + 1))};
+  const GemmKey key{Bucket(x.rows),     w.rows,           x.cols,
+                    x.dtype,             out.dtype,        PtrAlign(w.data),
+                    PtrAlign(x.data),    PtrAlign(out.data), static_cast<uint32_t>(pitches & (~pitches + 1)),
+                    GemvApplies(x, w, out)};
 
   auto it = s.algos.find(key);
   if (it == s.algos.end() || !it->second.timed) {
@@ -244,13 +258,23 @@ absl::Status CudaBackend::Matmul(const Tensor2D& x, const Tensor2D& w, Tensor2D 
       cublasLtMatmulHeuristicResult_t results[kCandidates] = {};
       int count = 0;
       RETURN_IF_ERROR(Heuristics(s, g, key, results, &count));
+      const bool try_gemv = key.gemv && s.policy != CudaMatmulPolicy::kCublasLtOnly;
       int pick = 0;
-      if (can_time && count > 1) {
-        ASSIGN_OR_RETURN(pick, TimeCandidates(s, g, results, count, stream_));
+      float lt_ms = 0;
+      if (can_time && (count > 1 || try_gemv)) {
+        ASSIGN_OR_RETURN(pick, TimeCandidates(s, g, results, count, stream_, &lt_ms));
       }
-      it = s.algos.insert_or_assign(key, AlgoChoice{results[pick].algo, can_time}).first;
+      AlgoChoice choice{results[pick].algo, can_time};
+      if (try_gemv && can_time) {
+        ASSIGN_OR_RETURN(const GemvTiming gt, TimeGemv(x, w, out, kTimedReps, s.start, s.stop, stream_));
+        if (gt.config >= 0 && (gt.ms < lt_ms || s.policy == CudaMatmulPolicy::kGemvFirst)) choice.gemv = gt.config;
+      } else if (try_gemv && s.policy == CudaMatmulPolicy::kGemvFirst) {
+        choice.gemv = 0;  // inside a capture: untimed
+      }
+      it = s.algos.insert_or_assign(key, choice).first;
     }
   }
+  if (it->second.gemv >= 0) return RunGemv(x, w, out, it->second.gemv, stream_);
   cublasStatus_t st = g.Run(s, it->second.algo, stream_);
   if (st == CUBLAS_STATUS_NOT_SUPPORTED || st == CUBLAS_STATUS_INVALID_VALUE) {
     // The bucket's algorithm does not fit this token count: the heuristic's pick for exactly it.

@@ -10,15 +10,26 @@
 // microseconds per GEMM, TFLOP/s (2*M*N*K / t), and for the bandwidth-bound small-M points the
 // weight bytes read per second (N*K*2 / t) against the device's ~4.3 TB/s copy bandwidth.
 // Usage: build/bin/gemm_bench (needs a CUDA device; about a minute).
+//
+// `gemm_bench decode`: batch-1..8 decode GEMMs of the Llama-3-8B layer and LM head and of a
+// Llama-3-70B tensor-parallel shard (TP = 2), M = 1, 2, 4, 8, each timed (as above, cold weights)
+// through Matmul with cuBLASLt pinned, with the default choice (kAuto: the faster of cuBLASLt and
+// the small-M GEMV, timed per shape), with the GEMV preferred, and for every GEMV configuration
+// launched directly; microseconds and % of the floor (weight bytes / 4.275 TB/s, the H200's
+// measured copy bandwidth). About 30 s.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <functional>
+#include <iterator>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "backend/backend.h"
 #include "backend/cuda_backend.h"
+#include "backend/cuda_gemv.h"
 #include "bench/src/graph_timer.h"
 #include "common/check.h"
 #include "common/dtype.h"
@@ -103,6 +114,105 @@ Point Measure(Backend& be, const std::string& name, int64_t m, int64_t n, int64_
   return p;
 }
 
+// --- decode: cuBLASLt against the small-M GEMV ------------------------------------------------
+
+constexpr double kCopyBytesPerSecond = 4.275e12;  // H200 device-to-device copy, measured
+constexpr int64_t kDecodeTokens[] = {1, 2, 4, 8};
+
+struct DecodeShape {
+  const char* name;
+  int64_t n, k;
+  DType out;
+};
+constexpr DecodeShape kDecodeShapes[] = {
+    {"8B qkv", 6144, 4096, DType::kBF16},        {"8B o", 4096, 4096, DType::kBF16},
+    {"8B gate_up", 28672, 4096, DType::kBF16},   {"8B down", 4096, 14336, DType::kBF16},
+    {"8B lm_head", 128256, 4096, DType::kF32},   {"70B/2 qkv", 5120, 8192, DType::kBF16},
+    {"70B/2 o", 8192, 4096, DType::kBF16},       {"70B/2 gate_up", 28672, 8192, DType::kBF16},
+    {"70B/2 down", 8192, 14336, DType::kBF16},
+};
+
+std::unique_ptr<Backend> CudaWithPolicy(CudaMatmulPolicy policy) {
+  SetCudaMatmulPolicy(policy);
+  auto made = CreatePartialCudaBackend(BackendOptions{BackendKind::kCuda});
+  SetCudaMatmulPolicy(CudaMatmulPolicy::kAuto);
+  CHECK(made.ok()) << made.status();
+  return std::move(*made);
+}
+
+// Microseconds per op(i) over a graph of `reps` calls (op(0) run eagerly first: lazy choices).
+double DecodeMicros(Backend& be, int reps, const std::function<void(int)>& op) {
+  op(0);
+  CHECK_OK(be.Synchronize());
+  return GraphMicrosPerCall(be, reps, 3, ReplayStat::kMean, op);
+}
+
+int DecodeMain() {
+  auto lt = CudaWithPolicy(CudaMatmulPolicy::kCublasLtOnly);
+  auto au = CudaWithPolicy(CudaMatmulPolicy::kAuto);
+  auto gv = CudaWithPolicy(CudaMatmulPolicy::kGemvFirst);
+  const auto gv_stream = static_cast<cudaStream_t>(gv->stream_handle());
+  const int configs = cuda_internal::GemvConfigCount();
+  std::printf("# %s\n# GEMV configurations:", lt->Describe().c_str());
+  for (int c = 0; c < configs; ++c) std::printf(" %d = %s;", c, cuda_internal::GemvConfigName(c).c_str());
+  std::printf("\n");
+  struct Row {
+    std::string name;
+    int64_t m;
+    double floor_us, lt, au, gv, best;
+    int best_config;
+  };
+  std::vector<Row> rows;
+  for (const DecodeShape& sh : kDecodeShapes) {
+    const size_t wbytes = static_cast<size_t>(sh.n) * sh.k * 2;
+    const int copies = static_cast<int>(std::clamp<double>(kColdBytes / double(wbytes) + 0.999, 1, 8));
+    std::vector<DeviceBuffer> ws;
+    for (int i = 0; i < copies; ++i) ws.push_back(RandomBf16(*lt, wbytes));
+    const int64_t max_m = kDecodeTokens[std::size(kDecodeTokens) - 1];
+    DeviceBuffer x = RandomBf16(*lt, static_cast<size_t>(max_m) * sh.k * 2);
+    auto out = lt->Allocate(static_cast<size_t>(max_m) * sh.n * DTypeSize(sh.out));
+    CHECK(out.ok()) << out.status();
+    const double floor_us = wbytes / kCopyBytesPerSecond * 1e6;
+    int reps = static_cast<int>(std::clamp(1e6 * kTargetSeconds / 2 / floor_us, 1.0, 400.0));
+    reps = std::max(copies, (reps + copies - 1) / copies * copies);
+    for (const int64_t m : kDecodeTokens) {
+      const Tensor2D xv{x.data(), DType::kBF16, m, sh.k, 0}, ov{out->data(), sh.out, m, sh.n, 0};
+      auto wv = [&](int i) { return Tensor2D{ws[i % copies].data(), DType::kBF16, sh.n, sh.k, 0}; };
+      auto matmul = [&](Backend& be) { return DecodeMicros(be, reps, [&](int i) { CHECK_OK(be.Matmul(xv, wv(i), ov)); }); };
+      Row r{sh.name, m, floor_us, matmul(*lt), matmul(*au), matmul(*gv), 1e300, -1};
+      std::printf("{\"bench\":\"decode_gemm\",\"shape\":\"%s\",\"M\":%ld,\"N\":%ld,\"K\":%ld,\"out\":\"%s\","
+                  "\"floor_us\":%.2f,\"cublaslt_us\":%.2f,\"auto_us\":%.2f,\"gemv_us\":%.2f,\"config_us\":[",
+                  sh.name, static_cast<long>(m), static_cast<long>(sh.n), static_cast<long>(sh.k), DTypeName(sh.out),
+                  floor_us, r.lt, r.au, r.gv);
+      for (int c = 0; c < configs; ++c) {
+        const double us = DecodeMicros(*gv, reps, [&](int i) {
+          CHECK_OK(cuda_internal::RunGemv(xv, wv(i), ov, c, gv_stream));
+        });
+        if (us < r.best) r.best = us, r.best_config = c;
+        std::printf("%s%.2f", c ? "," : "", us);
+      }
+      std::printf("]}\n");
+      std::fflush(stdout);
+      rows.push_back(r);
+    }
+  }
+  std::printf("\n%-14s %2s %8s %16s %16s %16s %18s\n", "shape", "M", "floor us", "cuBLASLt us (%)",
+              "auto us (%)", "GEMV us (%)", "best config us (%)");
+  auto cell = [](double us, double floor_us) {
+    char b[32];
+    std::snprintf(b, sizeof b, "%7.2f (%3.0f%%)", us, 100 * floor_us / us);
+    return std::string(b);
+  };
+  for (const Row& r : rows) {
+    std::printf("%-14s %2ld %8.2f %16s %16s %16s %14s [%d]\n", r.name.c_str(), static_cast<long>(r.m), r.floor_us,
+                cell(r.lt, r.floor_us).c_str(), cell(r.au, r.floor_us).c_str(), cell(r.gv, r.floor_us).c_str(),
+                cell(r.best, r.floor_us).c_str(), r.best_config);
+  }
+  std::printf("auto: Matmul's default (timed choice per shape); GEMV: Matmul preferring the GEMV (its timed "
+              "configuration); best config: the fastest configuration launched directly, [its index]\n");
+  return 0;
+}
+
 int Main() {
   auto made = CreatePartialCudaBackend(BackendOptions{BackendKind::kCuda});
   if (!made.ok()) {
@@ -136,4 +246,7 @@ int Main() {
 }  // namespace
 }  // namespace lorc
 
-int main() { return lorc::Main(); }
+int main(int argc, char** argv) {
+  if (argc > 1 && std::string(argv[1]) == "decode") return lorc::DecodeMain();
+  return lorc::Main();
+}

@@ -1,0 +1,83 @@
+// The small-M GEMV path of CudaBackend::Matmul (see cuda_gemv.h): applicability, configurations,
+// launch and timing over kernels/gemv.cuh. The choice between it and cuBLASLt is cuda_matmul.cc's.
+#include "backend/cuda_gemv.h"
+
+#include <atomic>
+#include <iterator>
+#include <limits>
+
+namespace lorc {
+namespace {
+std::atomic<CudaMatmulPolicy> g_policy{CudaMatmulPolicy::kAuto};
+}  // namespace
+
+void SetCudaMatmulPolicy(CudaMatmulPolicy policy) { g_policy.store(policy); }
+CudaMatmulPolicy GetCudaMatmulPolicy() { return g_policy.load(); }
+
+}  // namespace lorc
+
+#ifdef LORC_HAVE_CUDA
+
+#include "absl/strings/str_cat.h"
+#include "backend/cuda_backend_impl.h"
+#include "kernels/gemv.cuh"
+
+namespace lorc::cuda_internal {
+namespace {
+
+// Cluster splits of K (few-row shapes fill the SMs with more CTAs) x loads in flight per thread.
+constexpr kernels::GemvConfig kConfigs[] = {{1, 4}, {1, 8}, {2, 4}, {2, 8}, {3, 4}, {4, 4}};
+// The first kTimedConfigs are Matmul's candidates. On an H200 (2026-12-01, `gemm_bench decode`,
+// 9 shapes x M = 1, 2, 4, 8, cold weights) the fastest configuration was unsplit at every point
+// (k_steps 4 or 8 by shape) and every split one slower (by 1.7 us or more). Matmul times on hot
+// operands (the call's own), which can misrank candidates that are close cold (8B qkv, M = 1: its
+// pick took 16.4 us where the unsplit GEMV takes 14.9); fewer candidates, fewer such misses. The
+// split ones stay for the parity tests and the benchmark.
+constexpr int kTimedConfigs = 2;
+
+}  // namespace
+
+bool GemvApplies(const Tensor2D& x, const Tensor2D& w, const Tensor2D& out) {
+  return x.dtype == DType::kBF16 && w.dtype == DType::kBF16 &&
+         (out.dtype == DType::kBF16 || out.dtype == DType::kF32) &&
+         kernels::GemvSupported(x.rows, x.cols, x.data, x.stride(), w.data, w.stride());
+}
+
+int GemvConfigCount() { return static_cast<int>(std::size(kConfigs)); }
+
+std::string GemvConfigName(int config) {
+  const kernels::GemvConfig& c = kConfigs[config];
+  return absl::StrCat("splits ", c.splits, ", k_steps ", c.k_steps);
+}
+
+absl::Status RunGemv(const Tensor2D& x, const Tensor2D& w, const Tensor2D& out, int config,
+                     cudaStream_t stream) {
+  const cudaError_t e = kernels::LaunchGemvBf16(
+      x.rows, w.rows, x.cols, x.data, x.stride(), w.data, w.stride(),
+      out.dtype == DType::kF32 ? kernels::ElemType::kF32 : kernels::ElemType::kBF16, out.data, out.stride(),
+      kConfigs[config], stream);
+  if (e == cudaSuccess) return absl::OkStatus();
+  cudaGetLastError();  // a refused launch is not sticky; do not leave it for the next check
+  return absl::InternalError(absl::StrCat("cuda backend: Matmul (GEMV, ", GemvConfigName(config), ") x[",
+                                          x.rows, ",", x.cols, "] w[", w.rows, ",", w.cols, "]: ",
+                                          cudaGetErrorString(e)));
+}
+
+absl::StatusOr<GemvTiming> TimeGemv(const Tensor2D& x, const Tensor2D& w, const Tensor2D& out, int reps,
+                                    cudaEvent_t start, cudaEvent_t stop, cudaStream_t stream) {
+  GemvTiming best{-1, std::numeric_limits<float>::infinity()};
+  for (int c = 0; c < kTimedConfigs; ++c) {
+    if (!RunGemv(x, w, out, c, stream).ok()) continue;  // warm-up; unavailable here (no clusters)
+    RETURN_IF_ERROR(CudaError(cudaEventRecord(start, stream), "Matmul timing"));
+    for (int r = 0; r < reps; ++r) RunGemv(x, w, out, c, stream).IgnoreError();
+    RETURN_IF_ERROR(CudaError(cudaEventRecord(stop, stream), "Matmul timing"));
+    RETURN_IF_ERROR(CudaError(cudaEventSynchronize(stop), "Matmul timing"));
+    float ms = 0;
+    RETURN_IF_ERROR(CudaError(cudaEventElapsedTime(&ms, start, stop), "Matmul timing"));
+    if (ms < best.ms) best = GemvTiming{c, ms};
+  }
+  return best;
+}
+
+}  // namespace lorc::cuda_internal
+#endif

@@ -1,0 +1,63 @@
+// The small-M GEMV (kernels/gemv.cuh) as a second Matmul path of the CUDA backend, next to
+// cuBLASLt (backend/cuda_matmul.cc): which shapes it takes, its timed configurations, and the
+// process-wide policy that benchmarks and tests use to pin one path.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#ifdef LORC_HAVE_CUDA
+#include <cuda_runtime.h>
+
+#include "absl/status/statusor.h"
+#include "backend/backend.h"
+#endif
+
+namespace lorc {
+
+// Which kernels CudaBackend::Matmul picks from, per shape key (cuda_matmul.cc):
+enum class CudaMatmulPolicy : uint8_t {
+  kAuto,          // the fastest of cuBLASLt's candidates and the GEMV's configurations (timed)
+  kCublasLtOnly,  // cuBLASLt only (the behaviour before the GEMV)
+  kGemvFirst,     // the GEMV (its fastest configuration) wherever it applies, cuBLASLt elsewhere
+};
+
+// Sets the policy of the CUDA backends created after the call (default kAuto; serving never sets
+// it). For benchmarks and tests; call it before creating backends, not concurrently with that.
+void SetCudaMatmulPolicy(CudaMatmulPolicy policy);
+CudaMatmulPolicy GetCudaMatmulPolicy();
+
+}  // namespace lorc
+
+#ifdef LORC_HAVE_CUDA
+namespace lorc::cuda_internal {
+
+// True when the GEMV can compute out = x * w^T (backend.h Matmul, shapes already checked): x and w
+// BF16, out BF16 or F32, 1 <= T <= kernels::kGemvMaxRows, K a multiple of 8, x and w 16-byte
+// aligned with 16-byte row pitches (kernels::GemvSupported).
+bool GemvApplies(const Tensor2D& x, const Tensor2D& w, const Tensor2D& out);
+
+// Number of GEMV configurations (kernels::GemvConfig: cluster splits x k steps); RunGemv's
+// `config` is an index below it. Matmul times the first two (unsplit, k_steps 4 and 8).
+int GemvConfigCount();
+// "splits 2, k_steps 4" for config `config` (benchmarks print it).
+std::string GemvConfigName(int config);
+
+// Enqueues the GEMV with configuration `config` on `stream` (GemvApplies must hold). Internal
+// naming the shapes when the launch fails (e.g. a cluster split on a device without clusters).
+absl::Status RunGemv(const Tensor2D& x, const Tensor2D& w, const Tensor2D& out, int config,
+                     cudaStream_t stream);
+
+// The fastest of Matmul's candidate configurations (those without a cluster split; see
+// cuda_gemv.cc) on the call's own operands: each one run once (warm-up) and then
+// `reps` times between `start` and `stop`, waiting for them. config -1 (ms infinite) when none
+// launches; an Internal error only for a failing event.
+struct GemvTiming {
+  int config = -1;
+  float ms = 0;  // for `reps` runs
+};
+absl::StatusOr<GemvTiming> TimeGemv(const Tensor2D& x, const Tensor2D& w, const Tensor2D& out, int reps,
+                                    cudaEvent_t start, cudaEvent_t stop, cudaStream_t stream);
+
+}  // namespace lorc::cuda_internal
+#endif

@@ -1,0 +1,197 @@
+// Small-M BF16 GEMM for decode: see gemv.cuh for the contract and the layout of the work.
+//
+// Fragment mapping (mma.m16n8k16.row.col, lane = 4 * g + t): A (w tile, 16 rows x 16 k) gives
+// lane (g, t) rows g and g + 8 at fragment columns {2t, 2t+1, 2t+8, 2t+9}; B (x^T, 16 k x 8
+// tokens) gives it token g at the same fragment rows; C gives it rows g, g + 8 x tokens 2t, 2t+1.
+// A dot product does not care in which order its k terms come, so for each 32-wide k step lane
+// (g, t) loads the 16 bytes at k0 + 8t of w rows g and g + 8 and of x row g (token), and feeds
+// elements 0-3 to one mma and 4-7 to a second: fragment column 2t+e holds element e, column
+// 2t+8+e element 2+e, in w and x alike (a bijection onto the step's 32 columns).
+#include "kernels/gemv.cuh"
+
+#include <cooperative_groups.h>
+
+#include "kernels/vec.cuh"
+
+namespace lorc::kernels {
+namespace {
+
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * 32;
+constexpr int kTileRows = 16;
+
+// 16 bytes of weight, not kept in L1 (read once), with a 256-byte L2 prefetch (a warp reads 64
+// contiguous bytes of a row per step and the following steps of its chunk read the rest).
+__device__ __forceinline__ uint4 LoadWeight(const __nv_bfloat16* p) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p));
+  return v;
+}
+
+// c += a * b for one m16n8k16 tile (bf16 inputs, fp32 accumulators).
+__device__ __forceinline__ void Mma(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                    uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+  __trap();  // the launcher's devices are sm_80+ (bf16 mma); never reached on older ones
+#endif
+}
+
+// One CTA: rows [16 * blockIdx.x, +16) of w, K chunks of cluster rank blockIdx.y of gridDim.y.
+// NT: 8-token column tiles (M <= 8 * NT); STEPS: 32-wide k steps per warp chunk.
+template <int NT, int STEPS, typename OutT>
+__global__ void __launch_bounds__(kThreads, 2)
+    GemvKernel(int m, int n, int k, const __nv_bfloat16* __restrict__ x, int64_t ldx,
+               const __nv_bfloat16* __restrict__ w, int64_t ldw, OutT* __restrict__ out, int64_t ldo) {
+  constexpr int kChunk = 32 * STEPS;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int row0 = blockIdx.x * kTileRows;
+  const int splits = gridDim.y, split = blockIdx.y;
+
+  // Rows past n re-read row n - 1 (valid memory) and are not stored.
+  const __nv_bfloat16* wa = w + static_cast<int64_t>(min(row0 + g, n - 1)) * ldw + 8 * t;
+  const __nv_bfloat16* wb = w + static_cast<int64_t>(min(row0 + g + 8, n - 1)) * ldw + 8 * t;
+  const __nv_bfloat16* xr[NT];
+  bool x_live[NT];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+    x_live[j] = g + 8 * j < m;
+    xr[j] = x + static_cast<int64_t>(x_live[j] ? g + 8 * j : 0) * ldx + 8 * t;
+  }
+
+  const int chunks = (k + kChunk - 1) / kChunk;
+  const int c_begin = static_cast<int>(static_cast<int64_t>(chunks) * split / splits);
+  const int c_end = static_cast<int>(static_cast<int64_t>(chunks) * (split + 1) / splits);
+  float acc[NT][4] = {};
+  const uint4 zero = make_uint4(0, 0, 0, 0);
+  for (int c = c_begin + warp; c < c_end; c += kWarps) {
+    uint4 va[STEPS], vb[STEPS], vx[NT][STEPS];
+#pragma unroll
+    for (int s = 0; s < STEPS; ++s) {  // every load of the chunk before any mma
+      const int k0 = c * kChunk + 32 * s;
+      const bool live = k0 + 8 * t < k;  // k % 8 == 0: a vector is all in or all out
+      va[s] = live ? LoadWeight(wa + k0) : zero;
+      vb[s] = live ? LoadWeight(wb + k0) : zero;
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        vx[j][s] = live && x_live[j] ? __ldg(reinterpret_cast<const uint4*>(xr[j] + k0)) : zero;
+      }
+    }
+#pragma unroll
+    for (int s = 0; s < STEPS; ++s) {
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        Mma(acc[j], va[s].x, vb[s].x, va[s].y, vb[s].y, vx[j][s].x, vx[j][s].y);
+        Mma(acc[j], va[s].z, vb[s].z, va[s].w, vb[s].w, vx[j][s].z, vx[j][s].w);
+      }
+    }
+  }
+
+  // Warp partials -> the CTA's [token][row] sums.
+  __shared__ float red[kWarps][kTileRows][8 * NT];
+  __shared__ float part[8 * NT * kTileRows];  // [token][row]
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+    red[warp][g][8 * j + 2 * t] = acc[j][0];
+    red[warp][g][8 * j + 2 * t + 1] = acc[j][1];
+    red[warp][g + 8][8 * j + 2 * t] = acc[j][2];
+    red[warp][g + 8][8 * j + 2 * t + 1] = acc[j][3];
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < 8 * NT * kTileRows; i += kThreads) {
+    const int row = i % kTileRows, token = i / kTileRows;
+    float sum = 0.f;
+#pragma unroll
+    for (int v = 0; v < kWarps; ++v) sum += red[v][row][token];
+    part[i] = sum;
+  }
+  if (splits > 1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    namespace cg = cooperative_groups;
+    cg::cluster_group cluster = cg::this_cluster();
+    cluster.sync();  // every rank's part is complete
+    if (split == 0) {
+      for (int i = threadIdx.x; i < m * kTileRows; i += kThreads) {
+        float sum = part[i];
+        for (int r = 1; r < splits; ++r) sum += cluster.map_shared_rank(part, r)[i];
+        part[i] = sum;
+      }
+    }
+    cluster.sync();  // rank 0 has read the others' part (they may exit now) and written its own
+#else
+    __trap();  // the launcher asks for clusters only where they exist
+#endif
+  } else {
+    __syncthreads();
+  }
+  if (split != 0) return;
+  for (int i = threadIdx.x; i < m * kTileRows; i += kThreads) {
+    const int row = row0 + i % kTileRows, token = i / kTileRows;
+    if (row < n) out[static_cast<int64_t>(token) * ldo + row] = FromF32<OutT>(part[i]);
+  }
+}
+
+template <int NT, int STEPS, typename OutT>
+cudaError_t Launch(const cudaLaunchConfig_t& cfg, int m, int n, int k, const void* x, int64_t ldx,
+                   const void* w, int64_t ldw, void* out, int64_t ldo) {
+  return cudaLaunchKernelEx(&cfg, GemvKernel<NT, STEPS, OutT>, m, n, k, static_cast<const __nv_bfloat16*>(x),
+                            ldx, static_cast<const __nv_bfloat16*>(w), ldw, static_cast<OutT*>(out), ldo);
+}
+
+template <int STEPS, typename OutT>
+cudaError_t LaunchSteps(const cudaLaunchConfig_t& cfg, int m, int n, int k, const void* x, int64_t ldx,
+                        const void* w, int64_t ldw, void* out, int64_t ldo) {
+  return m <= 8 ? Launch<1, STEPS, OutT>(cfg, m, n, k, x, ldx, w, ldw, out, ldo)
+                : Launch<2, STEPS, OutT>(cfg, m, n, k, x, ldx, w, ldw, out, ldo);
+}
+
+template <typename OutT>
+cudaError_t LaunchOut(const cudaLaunchConfig_t& cfg, int k_steps, int m, int n, int k, const void* x,
+                      int64_t ldx, const void* w, int64_t ldw, void* out, int64_t ldo) {
+  return k_steps == 4 ? LaunchSteps<4, OutT>(cfg, m, n, k, x, ldx, w, ldw, out, ldo)
+                      : LaunchSteps<8, OutT>(cfg, m, n, k, x, ldx, w, ldw, out, ldo);
+}
+
+}  // namespace
+
+bool GemvSupported(int64_t m, int64_t k, const void* x, int64_t ldx, const void* w, int64_t ldw) {
+  return m >= 1 && m <= kGemvMaxRows && k > 0 && k % 8 == 0 && ldx >= k && ldw >= k && ldx % 8 == 0 &&
+         ldw % 8 == 0 && Aligned16(x) && Aligned16(w);
+}
+
+cudaError_t LaunchGemvBf16(int64_t m, int64_t n, int64_t k, const void* x, int64_t ldx, const void* w,
+                           int64_t ldw, ElemType out_type, void* out, int64_t ldo, GemvConfig cfg,
+                           cudaStream_t stream) {
+  constexpr int64_t kIntMax = 0x7fffffff;
+  if (!GemvSupported(m, k, x, ldx, w, ldw) || n < 0 || ldo < n || n >= kIntMax || k >= kIntMax ||
+      cfg.splits < 1 || cfg.splits > kGemvMaxSplits || (cfg.k_steps != 4 && cfg.k_steps != 8)) {
+    return cudaErrorInvalidValue;
+  }
+  if (n == 0) return cudaSuccess;
+  cudaLaunchConfig_t lc = {};
+  lc.gridDim = dim3(static_cast<unsigned>((n + kTileRows - 1) / kTileRows), static_cast<unsigned>(cfg.splits));
+  lc.blockDim = dim3(kThreads);
+  lc.stream = stream;
+  cudaLaunchAttribute cluster[1];
+  if (cfg.splits > 1) {
+    cluster[0].id = cudaLaunchAttributeClusterDimension;
+    cluster[0].val.clusterDim.x = 1;
+    cluster[0].val.clusterDim.y = static_cast<unsigned>(cfg.splits);
+    cluster[0].val.clusterDim.z = 1;
+    lc.attrs = cluster;
+    lc.numAttrs = 1;
+  }
+  const int mi = static_cast<int>(m), ni = static_cast<int>(n), ki = static_cast<int>(k);
+  return out_type == ElemType::kF32
+             ? LaunchOut<float>(lc, cfg.k_steps, mi, ni, ki, x, ldx, w, ldw, out, ldo)
+             : LaunchOut<__nv_bfloat16>(lc, cfg.k_steps, mi, ni, ki, x, ldx, w, ldw, out, ldo);
+}
+
+}  // namespace lorc::kernels

@@ -1,0 +1,49 @@
+// Small-M BF16 GEMM for decode (kernels/gemv.cu): out[M, N] = x[M, K] * w[N, K]^T with fp32
+// accumulation, M <= kGemvMaxRows. Bandwidth-bound by design: every weight byte is read once, as
+// 16-byte vectors streamed past L1, several per thread issued before any arithmetic.
+// Framework-free: plain CUDA runtime types.
+//
+// Layout of the work: a CTA of 8 warps owns 16 rows of w (16 output columns); its warps take
+// interleaved chunks of K (each chunk `k_steps` x 32 columns), multiply with tensor-core
+// mma.m16n8k16 (bf16 in, fp32 accumulate; the k order inside an mma is permuted the same way in
+// w and x so each thread feeds it from its own 16-byte loads), and sum their partials in shared
+// memory. With `splits` > 1 the K range is also split over a thread-block cluster of `splits` CTAs
+// (sm_90+) whose partials rank 0 adds through distributed shared memory: one launch, no
+// workspace, no atomics, deterministic (capturable in CUDA graphs).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "kernels/elem_type.cuh"
+
+namespace lorc::kernels {
+
+// Largest token count M (rows of x and out) LaunchGemvBf16 takes.
+inline constexpr int64_t kGemvMaxRows = 16;
+// Largest cluster split of K (the portable cluster size).
+inline constexpr int kGemvMaxSplits = 8;
+
+// One launch configuration: `splits` CTAs of a cluster share a tile's K range (1..kGemvMaxSplits;
+// > 1 needs sm_90), `k_steps` 32-wide k steps per warp chunk (4 or 8: 8 or 16 16-byte weight
+// loads in flight per thread).
+struct GemvConfig {
+  int splits = 1;
+  int k_steps = 4;
+};
+
+// True when LaunchGemvBf16 takes these operands: 1 <= m <= kGemvMaxRows, k a positive multiple
+// of 8, x and w 16-byte aligned with row pitches (elements) multiples of 8. n and ldo are free.
+bool GemvSupported(int64_t m, int64_t k, const void* x, int64_t ldx, const void* w, int64_t ldw);
+
+// out[i, j] = sum_k x[i, k] * w[j, k] for i < m, j < n: x [m, k] BF16 (row pitch ldx elements),
+// w [n, k] BF16 (pitch ldw), out [m, n] of `out_type` (F32 or BF16, pitch ldo >= n, rounded once
+// from fp32). Only out's [m, n] view is written; out must not overlap x or w. n == 0 launches
+// nothing. cudaErrorInvalidValue when !GemvSupported(...), n < 0, ldo < n, n or k >= 2^31, or
+// `cfg` is out of range; a cluster split on a device without clusters fails at launch.
+cudaError_t LaunchGemvBf16(int64_t m, int64_t n, int64_t k, const void* x, int64_t ldx, const void* w,
+                           int64_t ldw, ElemType out_type, void* out, int64_t ldo, GemvConfig cfg,
+                           cudaStream_t stream);
+
+}  // namespace lorc::kernels

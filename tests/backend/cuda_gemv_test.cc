@@ -1,0 +1,257 @@
+// Parity of the small-M BF16 GEMV (kernels/gemv.cu, backend/cuda_gemv.cc) with the CPU backend's
+// Matmul, the reference: every configuration the dispatcher may pick, M = 1..8, 11 and 16, odd N,
+// K multiples of 8 that are not multiples of a warp chunk, strided views; Matmul under each
+// policy, falling back to cuBLASLt where the GEMV does not apply; graph capture.
+// Inputs are bf16 values; the CPU runs on exactly those values in fp32.
+// Tolerance: |cuda - cpu| <= rel * |cpu| + 1e-5 * sum_k |x_k w_k|, rel = 2^-8 for a BF16 output
+// (one rounding: at most 2^-9 relative) and 1e-6 for F32. The second term covers fp32
+// accumulation in another order (tensor-core tiles, warp and cluster partial sums); one missing
+// or repeated product (a layout, split or tail bug) is about 1 / K of the summed magnitudes,
+// above it for every K tested (K <= 14336, 1 / K >= 7e-5).
+// Skipped without a CUDA device.
+#include <cmath>
+#include <tuple>
+
+#include "backend/cuda_gemv.h"
+#include "tests/backend/backend_ops_fixture.h"
+#include "tests/backend/cuda_parity_fixture.h"
+
+namespace lorc {
+namespace backend_test {
+namespace {
+
+float Bf16(float v) { return Bf16ToF32(F32ToBf16(v)); }
+
+DeviceBuffer Put(Backend& be, const std::vector<float>& v, DType d) {
+  const size_t esz = DTypeSize(d);
+  auto buf = be.Allocate(v.size() * esz);
+  CHECK(buf.ok()) << buf.status();
+  if (d == DType::kBF16) {
+    std::vector<uint16_t> h(v.size());
+    for (size_t i = 0; i < v.size(); ++i) h[i] = F32ToBf16(v[i]);
+    CHECK_OK(be.CopyToDevice(buf->data(), h.data(), h.size() * 2));
+  } else {
+    CHECK_OK(be.CopyToDevice(buf->data(), v.data(), v.size() * 4));
+  }
+  CHECK_OK(be.Synchronize());  // pageable sources are staged, but keep the host vectors simple
+  return std::move(*buf);
+}
+
+std::vector<float> Get(Backend& be, const DeviceBuffer& b, DType d) {
+  const size_t n = b.bytes() / DTypeSize(d);
+  std::vector<float> out(n);
+  if (d == DType::kBF16) {
+    std::vector<uint16_t> h(n);
+    CHECK_OK(be.CopyToHost(h.data(), b.data(), n * 2));
+    CHECK_OK(be.Synchronize());
+    for (size_t i = 0; i < n; ++i) out[i] = Bf16ToF32(h[i]);
+  } else {
+    CHECK_OK(be.CopyToHost(out.data(), b.data(), n * 4));
+    CHECK_OK(be.Synchronize());
+  }
+  return out;
+}
+
+// One problem: x [M, K] at column x_off of rows of pitch K + pad, w [N, K] likewise, out [M, N] at
+// column out_off of rows of pitch N + out_off + pad (pad, offsets in elements).
+struct Case {
+  int64_t M, N, K;
+  int64_t x_off = 0, pad = 0, out_off = 0;
+};
+
+class CudaGemvTest : public CpuCudaPair<> {
+ protected:
+  void SetUp() override {
+    SetCudaMatmulPolicy(policy_);
+    CpuCudaPair<>::SetUp();
+  }
+  void TearDown() override { SetCudaMatmulPolicy(CudaMatmulPolicy::kAuto); }
+
+  // Runs `c` through `run(x, w, out)` on the CUDA backend (bf16 operands, `od` output) and the
+  // CPU Matmul, and compares the whole output buffer: the view within tolerance, the rest
+  // untouched.
+  template <typename Run>
+  void Expect(const Case& c, DType od, Run run) {
+    SCOPED_TRACE(::testing::Message() << "M=" << c.M << " N=" << c.N << " K=" << c.K << " -> " << DTypeName(od)
+                                      << (c.pad || c.x_off || c.out_off ? " strided" : ""));
+    const int64_t x_ld = c.K + c.x_off + c.pad, w_ld = c.K + c.pad, o_ld = c.N + c.out_off + c.pad;
+    std::vector<float> x = RandomVec(rng_, c.M * x_ld), w = RandomVec(rng_, c.N * w_ld);
+    for (float& v : x) v = Bf16(v);
+    for (float& v : w) v = Bf16(v);
+    const float sentinel = 1024.f;
+    auto views = [&](const DeviceBuffer& dx, const DeviceBuffer& dw, const DeviceBuffer& dout, DType in_t,
+                     DType out_t) {
+      return std::tuple<Tensor2D, Tensor2D, Tensor2D>{
+          Tensor2D{dx.data(), in_t, c.M, x_ld}.ColSlice(c.x_off, c.K),
+          Tensor2D{dw.data(), in_t, c.N, w_ld}.ColSlice(0, c.K),
+          Tensor2D{dout.data(), out_t, c.M, o_ld}.ColSlice(c.out_off, c.N)};
+    };
+    auto cpu = [&](const std::vector<float>& xs, const std::vector<float>& ws) {
+      DeviceBuffer dx = Put(*cpu_, xs, DType::kF32), dw = Put(*cpu_, ws, DType::kF32);
+      DeviceBuffer dout = Put(*cpu_, std::vector<float>(c.M * o_ld, sentinel), DType::kF32);
+      auto [xv, wv, ov] = views(dx, dw, dout, DType::kF32, DType::kF32);
+      CHECK_OK(cpu_->Matmul(xv, wv, ov));
+      return Get(*cpu_, dout, DType::kF32);
+    };
+    std::vector<float> ax = x, aw = w;
+    for (float& v : ax) v = std::abs(v);
+    for (float& v : aw) v = std::abs(v);
+    const std::vector<float> want = cpu(x, w), mag = cpu(ax, aw);
+
+    DeviceBuffer dx = Put(*cuda_, x, DType::kBF16), dw = Put(*cuda_, w, DType::kBF16);
+    DeviceBuffer dout = Put(*cuda_, std::vector<float>(c.M * o_ld, sentinel), od);
+    auto [xv, wv, ov] = views(dx, dw, dout, DType::kBF16, od);
+    ASSERT_OK(run(xv, wv, ov));
+    const std::vector<float> got = Get(*cuda_, dout, od);
+
+    const double rel = od == DType::kF32 ? 1e-6 : 1.0 / 256;
+    int bad = 0;
+    for (int64_t t = 0; t < c.M; ++t) {
+      for (int64_t j = 0; j < o_ld; ++j) {
+        const size_t i = t * o_ld + j;
+        if (j < c.out_off || j >= c.out_off + c.N) {
+          if (got[i] != sentinel && ++bad <= 5) ADD_FAILURE() << "row " << t << " col " << j << " overwritten";
+          continue;
+        }
+        const double err = std::abs(static_cast<double>(got[i]) - want[i]);
+        const double lim = rel * std::abs(want[i]) + 1e-5 * mag[i];
+        if (!(err <= lim) && ++bad <= 5) {
+          ADD_FAILURE() << "out[" << t << "," << j - c.out_off << "]: cuda " << got[i] << ", cpu " << want[i]
+                        << " (|err| " << err << " > " << lim << ")";
+        }
+      }
+    }
+    EXPECT_EQ(bad, 0);
+  }
+
+  CudaMatmulPolicy policy_ = CudaMatmulPolicy::kGemvFirst;
+  std::mt19937 rng_{20261201};
+};
+
+#ifdef LORC_HAVE_CUDA
+// Every configuration (cluster splits 1-4, 4 or 8 k steps) on every M, odd N (a partial 16-row
+// tile), K = 264 and 1032 (multiples of 8, not of a 128/256-wide warp chunk: masked tail loads),
+// K = 8 (fewer chunks than warps and splits), a long K (14336, the down projection) and strided
+// views. BF16 and F32 outputs.
+TEST_F(CudaGemvTest, EveryConfigurationMatchesCpu) {
+  const auto stream = static_cast<cudaStream_t>(cuda_->stream_handle());
+  for (int config = 0; config < cuda_internal::GemvConfigCount(); ++config) {
+    SCOPED_TRACE(cuda_internal::GemvConfigName(config));
+    auto gemv = [&](const Tensor2D& x, const Tensor2D& w, const Tensor2D& out) {
+      EXPECT_TRUE(cuda_internal::GemvApplies(x, w, out));
+      return cuda_internal::RunGemv(x, w, out, config, stream);
+    };
+    for (const int64_t m : {1, 2, 3, 4, 5, 6, 7, 8, 11, 16}) {
+      for (const DType od : {DType::kBF16, DType::kF32}) {
+        Expect(Case{m, 37, 264}, od, gemv);
+        Expect(Case{m, 130, 1032, 8, 16, 3}, od, gemv);
+      }
+    }
+    Expect(Case{3, 21, 8}, DType::kBF16, gemv);
+    Expect(Case{8, 48, 14336}, DType::kBF16, gemv);
+    Expect(Case{16, 17, 4096, 0, 8, 1}, DType::kF32, gemv);
+  }
+}
+
+// Where the GEMV does not apply, GemvApplies says so and Matmul (preferring the GEMV) falls back
+// to cuBLASLt with correct results: K not a multiple of 8, an x view 2 bytes off 16-byte
+// alignment, a row pitch that is not a multiple of 8 elements, M = 17.
+TEST_F(CudaGemvTest, MatmulFallsBackToCublasLtWhereTheGemvDoesNotApply) {
+  int checked = 0;
+  auto matmul = [&](bool applies) {
+    return [this, applies, &checked](const Tensor2D& x, const Tensor2D& w, const Tensor2D& out) {
+      EXPECT_EQ(cuda_internal::GemvApplies(x, w, out), applies);
+      ++checked;
+      return cuda_->Matmul(x, w, out);
+    };
+  };
+  for (const DType od : {DType::kBF16, DType::kF32}) {
+    Expect(Case{4, 33, 100}, od, matmul(false));
+    Expect(Case{4, 33, 96, 1}, od, matmul(false));  // x starts one element into its row
+    Expect(Case{4, 33, 96, 0, 3}, od, matmul(false));
+    Expect(Case{17, 33, 96}, od, matmul(false));
+    Expect(Case{16, 33, 96}, od, matmul(true));
+    Expect(Case{1, 4096, 4096}, od, matmul(true));
+  }
+  EXPECT_EQ(checked, 12);
+}
+#endif
+
+// Decode shapes of an 8B layer through Matmul with the default policy (whichever path its timing
+// picks) and with cuBLASLt pinned: both match the CPU.
+class CudaGemvAutoTest : public CudaGemvTest {
+ protected:
+  CudaGemvAutoTest() { policy_ = CudaMatmulPolicy::kAuto; }
+};
+TEST_F(CudaGemvAutoTest, MatmulOnDecodeShapesMatchesCpu) {
+  auto matmul = [this](const Tensor2D& x, const Tensor2D& w, const Tensor2D& out) {
+    return cuda_->Matmul(x, w, out);
+  };
+  for (const int64_t m : {1, 3, 8, 16}) Expect(Case{m, 6144, 4096}, DType::kBF16, matmul);
+  for (const int64_t m : {1, 16}) Expect(Case{m, 4096, 14336}, DType::kBF16, matmul);
+  Expect(Case{2, 16384, 4096}, DType::kF32, matmul);  // an LM-head-like F32 output
+}
+
+// A GEMV seen first inside a capture (its first configuration, untimed) and one timed eagerly
+// before it replay over refreshed inputs and match the CPU; the untimed one, called eagerly
+// again, is timed and still matches.
+TEST_F(CudaGemvTest, CapturesAndReplays) {
+  Backend& be = *cuda_;
+  const Case a{8, 640, 512}, b{3, 200, 1024};
+  struct Operands {
+    DeviceBuffer x, w, out;
+    std::vector<float> wh;
+  };
+  auto alloc = [&](const Case& c) {
+    std::vector<float> w = RandomVec(rng_, c.N * c.K);
+    for (float& v : w) v = Bf16(v);
+    return Operands{Put(be, std::vector<float>(c.M * c.K, 0.f), DType::kBF16), Put(be, w, DType::kBF16),
+                    Put(be, std::vector<float>(c.M * c.N, 0.f), DType::kBF16), w};
+  };
+  Operands A = alloc(a), B = alloc(b);
+  auto gemm = [&](const Case& c, const Operands& o) {
+    return be.Matmul(Tensor2D{o.x.data(), DType::kBF16, c.M, c.K, 0}, Tensor2D{o.w.data(), DType::kBF16, c.N, c.K, 0},
+                     Tensor2D{o.out.data(), DType::kBF16, c.M, c.N, 0});
+  };
+  auto expect = [&](const Case& c, const Operands& o, const std::vector<float>& x) {
+    DeviceBuffer cx = Put(*cpu_, x, DType::kF32), cw = Put(*cpu_, o.wh, DType::kF32);
+    DeviceBuffer co = Put(*cpu_, std::vector<float>(c.M * c.N, 0.f), DType::kF32);
+    ASSERT_OK(cpu_->Matmul(Tensor2D{cx.data(), DType::kF32, c.M, c.K, 0}, Tensor2D{cw.data(), DType::kF32, c.N, c.K, 0},
+                           Tensor2D{co.data(), DType::kF32, c.M, c.N, 0}));
+    const std::vector<float> want = Get(*cpu_, co, DType::kF32), got = Get(be, o.out, DType::kBF16);
+    for (size_t i = 0; i < want.size(); ++i) {
+      ASSERT_NEAR(got[i], want[i], std::abs(want[i]) / 256 + 1e-5 * c.K) << "element " << i;  // |x|,|w| <= 1
+    }
+  };
+  auto fresh_x = [&](const Case& c, Operands& o) {
+    std::vector<float> x = RandomVec(rng_, c.M * c.K);
+    for (float& v : x) v = Bf16(v);
+    DeviceBuffer t = Put(be, x, DType::kBF16);
+    CHECK_OK(be.CopyOnDevice(o.x.data(), t.data(), t.bytes()));
+    CHECK_OK(be.Memset(o.out.data(), 0, o.out.bytes()));
+    CHECK_OK(be.Synchronize());
+    return x;
+  };
+  ASSERT_OK(gemm(a, A));
+  ASSERT_OK(be.Synchronize());
+  ASSERT_OK(be.BeginCapture());
+  ASSERT_OK(gemm(a, A));
+  ASSERT_OK(gemm(b, B));
+  auto graph = be.EndCapture();
+  ASSERT_OK(graph);
+  for (int round = 0; round < 2; ++round) {
+    SCOPED_TRACE(round);
+    const std::vector<float> xa = fresh_x(a, A), xb = fresh_x(b, B);
+    ASSERT_OK(be.ReplayGraph(**graph));
+    ASSERT_OK(be.Synchronize());
+    expect(a, A, xa);
+    expect(b, B, xb);
+  }
+  const std::vector<float> xb = fresh_x(b, B);
+  ASSERT_OK(gemm(b, B));
+  expect(b, B, xb);
+}
+
+}  // namespace
+}  // namespace backend_test
+}  // namespace lorc

@@ -63,17 +63,12 @@ absl::Status RunGemv(const Tensor2D& x, const Tensor2D& w, const Tensor2D& out, 
                                           cudaGetErrorString(e)));
 }
 
-absl::StatusOr<GemvTiming> TimeGemv(const Tensor2D& x, const Tensor2D& w, const Tensor2D& out, int reps,
-                                    cudaEvent_t start, cudaEvent_t stop, cudaStream_t stream) {
+absl::StatusOr<GemvTiming> TimeGemv(const Tensor2D& x, const Tensor2D& w, const Tensor2D& out,
+                                    const ColdTimer& time, cudaStream_t stream) {
   GemvTiming best{-1, std::numeric_limits<float>::infinity()};
   for (int c = 0; c < kTimedConfigs; ++c) {
     if (!RunGemv(x, w, out, c, stream).ok()) continue;  // warm-up; unavailable here (no clusters)
-    RETURN_IF_ERROR(CudaError(cudaEventRecord(start, stream), "Matmul timing"));
-    for (int r = 0; r < reps; ++r) RunGemv(x, w, out, c, stream).IgnoreError();
-    RETURN_IF_ERROR(CudaError(cudaEventRecord(stop, stream), "Matmul timing"));
-    RETURN_IF_ERROR(CudaError(cudaEventSynchronize(stop), "Matmul timing"));
-    float ms = 0;
-    RETURN_IF_ERROR(CudaError(cudaEventElapsedTime(&ms, start, stop), "Matmul timing"));
+    ASSIGN_OR_RETURN(const float ms, time([&] { return RunGemv(x, w, out, c, stream).ok(); }));
     if (ms < best.ms) best = GemvTiming{c, ms};
   }
   return best;

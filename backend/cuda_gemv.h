@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 
 #ifdef LORC_HAVE_CUDA
@@ -48,16 +49,20 @@ std::string GemvConfigName(int config);
 absl::Status RunGemv(const Tensor2D& x, const Tensor2D& w, const Tensor2D& out, int config,
                      cudaStream_t stream);
 
+// Matmul's timer (cuda_matmul.cc): the summed milliseconds of its repetitions of `run` (which
+// enqueues one run and returns false when it could not), each on a cold L2 cache; infinity when
+// `run` refused.
+using ColdTimer = std::function<absl::StatusOr<float>(const std::function<bool()>& run)>;
+
 // The fastest of Matmul's candidate configurations (those without a cluster split; see
-// cuda_gemv.cc) on the call's own operands: each one run once (warm-up) and then
-// `reps` times between `start` and `stop`, waiting for them. config -1 (ms infinite) when none
-// launches; an Internal error only for a failing event.
+// cuda_gemv.cc) on the call's own operands: each one run once (warm-up), then timed by `time`.
+// config -1 (ms infinite) when none launches; an Internal error only for a failing event.
 struct GemvTiming {
   int config = -1;
-  float ms = 0;  // for `reps` runs
+  float ms = 0;  // as `time` returned it
 };
-absl::StatusOr<GemvTiming> TimeGemv(const Tensor2D& x, const Tensor2D& w, const Tensor2D& out, int reps,
-                                    cudaEvent_t start, cudaEvent_t stop, cudaStream_t stream);
+absl::StatusOr<GemvTiming> TimeGemv(const Tensor2D& x, const Tensor2D& w, const Tensor2D& out,
+                                    const ColdTimer& time, cudaStream_t stream);
 
 }  // namespace lorc::cuda_internal
 #endif

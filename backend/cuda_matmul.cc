@@ -12,16 +12,19 @@
 //
 // Algorithms: chosen once per (token-count bucket, N, K, dtypes, alignments): cuBLASLt's heuristic
 // gives up to kCandidates; when a key is first seen outside graph capture each candidate is timed
-// on the call's own operands (a one-off stream synchronization) and the fastest is cached. Seen
+// on the call's own operands, each timed run after the L2 cache was overwritten (TimeCold: decode
+// weights come from HBM; a one-off stream synchronization) and the fastest is cached. Seen
 // first inside a capture, the heuristic's first choice is used (host-only work) and cached
 // untimed; the next eager call of that key times it. Buckets are powers of two of the token count
 // T (1, 2, 4, ..., 256, ... : decode batches matter most). The workspace (kWorkspaceBytes) is
-// allocated with the backend, so Matmul never allocates and is capturable. `out` must not
+// allocated with the backend, the L2 flush buffer (twice the L2 size) at the first timing (with
+// CUDA graphs that is in start-up's warm-up, before the KV cache is sized; when it cannot be
+// allocated, timing runs hot), so Matmul is capturable. `out` must not
 // overlap x or w (timing runs the GEMM several times on the call's own operands).
 //
 // Small M: where the GEMV of cuda_gemv.h applies (BF16, T <= 16, aligned, K % 8 == 0; part of the
 // key), its configurations are timed the same way after cuBLASLt's candidates and the fastest of
-// all is cached (CudaMatmulPolicy kAuto), so a shape never gets slower than cuBLASLt's best;
+// all is cached (CudaMatmulPolicy kAuto);
 // kCublasLtOnly / kGemvFirst pin one path (benchmarks, tests). Seen first inside a capture:
 // cuBLASLt's heuristic pick (kGemvFirst: the GEMV's first configuration), timed later as above.
 #include "backend/cuda_backend_impl.h"
@@ -99,12 +102,18 @@ struct MatmulState {
   cublasLtHandle_t handle = nullptr;
   void* workspace = nullptr;
   cudaEvent_t start = nullptr, stop = nullptr;  // for timing candidates
+  // Overwritten before each timed run so that its operands come from HBM, as a decode step's
+  // weights do (twice the L2 size; allocated at the first timing; null: timing runs hot).
+  void* flush = nullptr;
+  size_t flush_bytes = 0;
+  bool flush_tried = false;
   absl::flat_hash_map<GemmKey, AlgoChoice> algos;
 
   ~MatmulState() {
     if (start != nullptr) cudaEventDestroy(start);
     if (stop != nullptr) cudaEventDestroy(stop);
     if (workspace != nullptr) cudaFree(workspace);
+    if (flush != nullptr) cudaFree(flush);
     if (handle != nullptr) cublasLtDestroy(handle);
   }
 };
@@ -185,9 +194,42 @@ absl::Status Heuristics(const MatmulState& s, const Gemm& g, const GemmKey& key,
   return absl::OkStatus();
 }
 
+// The summed milliseconds of kTimedReps runs of `run`, each after the L2 cache was overwritten:
+// decode GEMMs read their weights from HBM once a step, and timed with the weights hot in L2 close
+// candidates rank wrongly (on an H200, 2026-12-01: the 8B qkv GEMM at M = 1 picked a 16.4 us
+// configuration over a 14.9 us one). Infinity when `run` refused.
+absl::StatusOr<float> TimeCold(MatmulState& s, cudaStream_t stream, const std::function<bool()>& run) {
+  if (!s.flush_tried) {
+    s.flush_tried = true;
+    int device = 0, l2 = 0;
+    if (cudaGetDevice(&device) == cudaSuccess &&
+        cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, device) == cudaSuccess && l2 > 0 &&
+        cudaMalloc(&s.flush, 2 * static_cast<size_t>(l2)) == cudaSuccess) {
+      s.flush_bytes = 2 * static_cast<size_t>(l2);
+    } else {
+      s.flush = nullptr;
+      cudaGetLastError();  // no memory to spare: time hot rather than fail
+    }
+  }
+  float total = 0;
+  for (int r = 0; r < kTimedReps; ++r) {
+    if (s.flush != nullptr) {
+      RETURN_IF_ERROR(CudaError(cudaMemsetAsync(s.flush, r & 0xff, s.flush_bytes, stream), "Matmul timing"));
+    }
+    RETURN_IF_ERROR(CudaError(cudaEventRecord(s.start, stream), "Matmul timing"));
+    if (!run()) return std::numeric_limits<float>::infinity();
+    RETURN_IF_ERROR(CudaError(cudaEventRecord(s.stop, stream), "Matmul timing"));
+    RETURN_IF_ERROR(CudaError(cudaEventSynchronize(s.stop), "Matmul timing"));
+    float ms = 0;
+    RETURN_IF_ERROR(CudaError(cudaEventElapsedTime(&ms, s.start, s.stop), "Matmul timing"));
+    total += ms;
+  }
+  return total;
+}
+
 // The fastest of `results` on g's own operands (enqueues runs on `stream` and waits for them);
-// *best_ms: its time for kTimedReps runs (infinite when none ran).
-absl::StatusOr<int> TimeCandidates(const MatmulState& s, const Gemm& g,
+// *best_ms: its TimeCold time (infinite when none ran).
+absl::StatusOr<int> TimeCandidates(MatmulState& s, const Gemm& g,
                                    const cublasLtMatmulHeuristicResult_t* results, int count,
                                    cudaStream_t stream, float* best_ms_out) {
   int best = 0;
@@ -196,12 +238,9 @@ absl::StatusOr<int> TimeCandidates(const MatmulState& s, const Gemm& g,
   for (int i = 0; i < count; ++i) {
     if (results[i].state != CUBLAS_STATUS_SUCCESS) continue;
     if (g.Run(s, results[i].algo, stream) != CUBLAS_STATUS_SUCCESS) continue;  // warm-up
-    RETURN_IF_ERROR(CudaError(cudaEventRecord(s.start, stream), "Matmul timing"));
-    for (int r = 0; r < kTimedReps; ++r) g.Run(s, results[i].algo, stream);
-    RETURN_IF_ERROR(CudaError(cudaEventRecord(s.stop, stream), "Matmul timing"));
-    RETURN_IF_ERROR(CudaError(cudaEventSynchronize(s.stop), "Matmul timing"));
-    float ms = 0;
-    RETURN_IF_ERROR(CudaError(cudaEventElapsedTime(&ms, s.start, s.stop), "Matmul timing"));
+    ASSIGN_OR_RETURN(const float ms, TimeCold(s, stream, [&] {
+                       return g.Run(s, results[i].algo, stream) == CUBLAS_STATUS_SUCCESS;
+                     }));
     if (ms < best_ms) {
       best_ms = ms;
       best = i;
@@ -266,7 +305,9 @@ absl::Status CudaBackend::Matmul(const Tensor2D& x, const Tensor2D& w, Tensor2D 
       }
       AlgoChoice choice{results[pick].algo, can_time};
       if (try_gemv && can_time) {
-        ASSIGN_OR_RETURN(const GemvTiming gt, TimeGemv(x, w, out, kTimedReps, s.start, s.stop, stream_));
+        ASSIGN_OR_RETURN(const GemvTiming gt,
+                         TimeGemv(x, w, out, [&](const std::function<bool()>& run) { return TimeCold(s, stream_, run); },
+                                  stream_));
         if (gt.config >= 0 && (gt.ms < lt_ms || s.policy == CudaMatmulPolicy::kGemvFirst)) choice.gemv = gt.config;
       } else if (try_gemv && s.policy == CudaMatmulPolicy::kGemvFirst) {
         choice.gemv = 0;  // inside a capture: untimed

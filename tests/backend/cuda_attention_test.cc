@@ -77,42 +77,9 @@ Problem MakeProblem(std::mt19937& rng, int heads, int kv_heads, int hd, std::vec
   return p;
 }
 
-DeviceBuffer Put(Backend& be, const std::vector<float>& v, DType d) {
-  const size_t n = v.size(), esz = DTypeSize(d);
-  auto buf = be.Allocate(n * esz);
-  CHECK(buf.ok()) << buf.status();
-  if (d == DType::kBF16) {
-    std::vector<uint16_t> h(n);
-    for (size_t i = 0; i < n; ++i) h[i] = F32ToBf16(v[i]);
-    CHECK_OK(be.CopyToDevice(buf->data(), h.data(), n * esz));
-  } else {
-    CHECK_OK(be.CopyToDevice(buf->data(), v.data(), n * esz));
-  }
-  return std::move(*buf);
-}
-
-template <typename T>
-DeviceBuffer PutRaw(Backend& be, const std::vector<T>& v) {
-  auto buf = be.Allocate(std::max<size_t>(1, v.size()) * sizeof(T));
-  CHECK(buf.ok()) << buf.status();
-  CHECK_OK(be.CopyToDevice(buf->data(), v.data(), v.size() * sizeof(T)));
-  return std::move(*buf);
-}
-
-std::vector<float> Get(Backend& be, const DeviceBuffer& b, DType d) {
-  const size_t n = b.bytes() / DTypeSize(d);
-  std::vector<float> out(n);
-  if (d == DType::kBF16) {
-    std::vector<uint16_t> h(n);
-    CHECK_OK(be.CopyToHost(h.data(), b.data(), n * 2));
-    CHECK_OK(be.Synchronize());
-    for (size_t i = 0; i < n; ++i) out[i] = Bf16ToF32(h[i]);
-  } else {
-    CHECK_OK(be.CopyToHost(out.data(), b.data(), n * 4));
-    CHECK_OK(be.Synchronize());
-  }
-  return out;
-}
+using parity::Get;
+using parity::Put;
+using parity::PutRaw;
 
 // The problem's device state on one backend.
 struct OnDevice {

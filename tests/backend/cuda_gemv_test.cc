@@ -22,35 +22,8 @@ namespace {
 
 float Bf16(float v) { return Bf16ToF32(F32ToBf16(v)); }
 
-DeviceBuffer Put(Backend& be, const std::vector<float>& v, DType d) {
-  const size_t esz = DTypeSize(d);
-  auto buf = be.Allocate(v.size() * esz);
-  CHECK(buf.ok()) << buf.status();
-  if (d == DType::kBF16) {
-    std::vector<uint16_t> h(v.size());
-    for (size_t i = 0; i < v.size(); ++i) h[i] = F32ToBf16(v[i]);
-    CHECK_OK(be.CopyToDevice(buf->data(), h.data(), h.size() * 2));
-  } else {
-    CHECK_OK(be.CopyToDevice(buf->data(), v.data(), v.size() * 4));
-  }
-  CHECK_OK(be.Synchronize());  // pageable sources are staged, but keep the host vectors simple
-  return std::move(*buf);
-}
-
-std::vector<float> Get(Backend& be, const DeviceBuffer& b, DType d) {
-  const size_t n = b.bytes() / DTypeSize(d);
-  std::vector<float> out(n);
-  if (d == DType::kBF16) {
-    std::vector<uint16_t> h(n);
-    CHECK_OK(be.CopyToHost(h.data(), b.data(), n * 2));
-    CHECK_OK(be.Synchronize());
-    for (size_t i = 0; i < n; ++i) out[i] = Bf16ToF32(h[i]);
-  } else {
-    CHECK_OK(be.CopyToHost(out.data(), b.data(), n * 4));
-    CHECK_OK(be.Synchronize());
-  }
-  return out;
-}
+using parity::Get;
+using parity::Put;
 
 // One problem: x [M, K] at column x_off of rows of pitch K + pad, w [N, K] likewise, out [M, N] at
 // column out_off of rows of pitch N + out_off + pad (pad, offsets in elements).

@@ -18,6 +18,9 @@ namespace {
 using ::lorc::testing::StatusIs;
 using ::testing::AllOf;
 using ::testing::HasSubstr;
+using parity::Get;
+using parity::Put;
+using parity::PutRaw;
 
 std::vector<float> RoundTo(DType dt, std::vector<float> v) {
   if (dt == DType::kBF16) {
@@ -39,41 +42,6 @@ class CudaKernelParityTest : public CpuCudaPair<::testing::TestWithParam<DType>>
     return RoundTo(dt(), RandomVec(rng_, n, lo, hi));
   }
 
-  // Host values to `be` as dtype `d` (F32, BF16 or F16).
-  static DeviceBuffer Put(Backend& be, const std::vector<float>& v, DType d) {
-    const size_t n = v.size(), esz = DTypeSize(d);
-    auto buf = be.Allocate(n * esz);
-    CHECK(buf.ok()) << buf.status();
-    if (d == DType::kBF16 || d == DType::kF16) {
-      std::vector<uint16_t> h(n);
-      for (size_t i = 0; i < n; ++i) h[i] = d == DType::kBF16 ? F32ToBf16(v[i]) : F32ToF16(v[i]);
-      CHECK_OK(be.CopyToDevice(buf->data(), h.data(), n * esz));
-    } else {
-      CHECK_OK(be.CopyToDevice(buf->data(), v.data(), n * esz));
-    }
-    return std::move(*buf);
-  }
-  template <typename T>
-  static DeviceBuffer PutRaw(Backend& be, const std::vector<T>& v) {
-    auto buf = be.Allocate(v.size() * sizeof(T));
-    CHECK(buf.ok()) << buf.status();
-    CHECK_OK(be.CopyToDevice(buf->data(), v.data(), v.size() * sizeof(T)));
-    return std::move(*buf);
-  }
-  static std::vector<float> Get(Backend& be, const DeviceBuffer& b, DType d) {
-    const size_t n = b.bytes() / DTypeSize(d);
-    std::vector<float> out(n);
-    if (d == DType::kBF16 || d == DType::kF16) {
-      std::vector<uint16_t> h(n);
-      CHECK_OK(be.CopyToHost(h.data(), b.data(), n * 2));
-      CHECK_OK(be.Synchronize());
-      for (size_t i = 0; i < n; ++i) out[i] = d == DType::kBF16 ? Bf16ToF32(h[i]) : F16ToF32(h[i]);
-    } else {
-      CHECK_OK(be.CopyToHost(out.data(), b.data(), n * 4));
-      CHECK_OK(be.Synchronize());
-    }
-    return out;
-  }
   // rows x cols of `b` from element `offset` on, row stride `ld` (0: cols).
   static Tensor2D View(const DeviceBuffer& b, DType d, int64_t rows, int64_t cols, int64_t ld = 0,
                        int64_t offset = 0) {

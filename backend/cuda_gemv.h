@@ -49,6 +49,13 @@ std::string GemvConfigName(int config);
 absl::Status RunGemv(const Tensor2D& x, const Tensor2D& w, const Tensor2D& out, int config,
                      cudaStream_t stream);
 
+// A timed kernel replaces the current choice only when it is faster by more than kSwitchMargin:
+// choices then follow real differences, not timing noise, so two processes (two runs, the eager
+// and the graph path, two tensor-parallel ranks) pick the same kernels for a shape and round alike
+// (on an H200, 2026-12-01, noise-level picks made the graph and eager runs part on a golden prompt).
+constexpr float kSwitchMargin = 0.03f;
+inline bool TimedFaster(float ms, float than_ms) { return ms < than_ms * (1.0f - kSwitchMargin); }
+
 // Matmul's timer (cuda_matmul.cc): the summed milliseconds of its repetitions of `run` (which
 // enqueues one run and returns false when it could not), each on a cold L2 cache; infinity when
 // `run` refused.

@@ -241,7 +241,9 @@ absl::StatusOr<int> TimeCandidates(MatmulState& s, const Gemm& g,
     ASSIGN_OR_RETURN(const float ms, TimeCold(s, stream, [&] {
                        return g.Run(s, results[i].algo, stream) == CUBLAS_STATUS_SUCCESS;
                      }));
-    if (ms < best_ms) {
+    // The heuristic's order wins near-ties (TimedFaster), so that timing noise does not pick different
+    // algorithms, hence different roundings, in different processes.
+    if (best_ms == std::numeric_limits<float>::infinity() || TimedFaster(ms, best_ms)) {
       best_ms = ms;
       best = i;
     }
@@ -308,7 +310,7 @@ absl::Status CudaBackend::Matmul(const Tensor2D& x, const Tensor2D& w, Tensor2D 
         ASSIGN_OR_RETURN(const GemvTiming gt,
                          TimeGemv(x, w, out, [&](const std::function<bool()>& run) { return TimeCold(s, stream_, run); },
                                   stream_));
-        if (gt.config >= 0 && (gt.ms < lt_ms || s.policy == CudaMatmulPolicy::kGemvFirst)) choice.gemv = gt.config;
+        if (gt.config >= 0 && (TimedFaster(gt.ms, lt_ms) || s.policy == CudaMatmulPolicy::kGemvFirst)) choice.gemv = gt.config;
       } else if (try_gemv && s.policy == CudaMatmulPolicy::kGemvFirst) {
         choice.gemv = 0;  // inside a capture: untimed
       }

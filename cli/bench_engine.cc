@@ -153,7 +153,7 @@ struct Target {
   double elem_bytes = 0;        // weight (= KV) element size on the device
   double kv_bytes_per_token = 0;  // per rank: the KV of the rank's heads
   std::string backend;          // cpu, cuda
-  std::string device;           // what it runs on (rank 0's, with workers)
+  std::string device;           // what it runs on (with workers: one rank's device)
   double load_s = 0;            // the slowest rank
 };
 

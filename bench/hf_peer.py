@@ -15,6 +15,14 @@ Floors as lorcserve's: (weights read per step + KV bytes) / --hbm-tbps, and pref
 (2 * params * tokens + attention) against --gemm-peak-tflops.
 
   python3 bench/hf_peer.py --model bench/configs/llama3-8b [--eager] [--ours ours.jsonl]
+  python3 bench/hf_peer.py --model bench/configs/llama3-70b --devices 2   # does not fit one GPU
+
+--devices N (N > 1) splits the model over N GPUs with a device_map (transformers' / accelerate's
+pipeline split: consecutive layers per GPU, one GPU busy at a time), created on the meta device
+and materialised on its GPU (to_empty), then initialised there (normal(0, initializer_range)
+matrices, unit norms), so the host never holds the weights. torch.compile may fail across
+devices; a shape whose compiled run fails runs eagerly ("mode" says which ran, "compile_error"
+why). The config line's "floor_assumes" says what the floor means for the split.
 
 --ours FILE (lorcserve bench's JSON lines) adds a table of both side by side.
 """
@@ -27,6 +35,39 @@ import time
 
 def parse_list(s):
     return [int(x) for x in s.split(",") if x]
+
+
+def split_over_devices(model, cfg, devices, torch):
+    """Materialises a meta-device model over `devices` GPUs (consecutive layers per GPU; the
+    embedding on the first, the final norm and LM head on the last), initialises it there, and
+    dispatches it (accelerate's hooks move activations between GPUs)."""
+    from accelerate import dispatch_model
+
+    n = cfg.num_hidden_layers
+    per = (n + devices - 1) // devices
+    device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0}
+    for i in range(n):
+        device_map[f"model.layers.{i}"] = i // per
+    device_map["model.norm"] = devices - 1
+    device_map["lm_head"] = devices - 1
+    for name, dev in device_map.items():
+        model.get_submodule(name).to_empty(device=f"cuda:{dev}")
+    # to_empty leaves the RoPE frequencies (a computed buffer) uninitialised: rebuild it there.
+    rot = model.model.rotary_emb
+    model.model.rotary_emb = type(rot)(config=cfg, device="cuda:0")
+    std = getattr(cfg, "initializer_range", 0.02) or 0.02
+    gen = {}
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.device not in gen:
+                gen[p.device] = torch.Generator(device=p.device).manual_seed(p.device.index or 0)
+            if p.dim() >= 2:
+                p.normal_(0.0, std, generator=gen[p.device])
+            else:
+                p.fill_(1.0)  # RMSNorm weights
+    if getattr(cfg, "tie_word_embeddings", False):
+        model.tie_weights()
+    return dispatch_model(model, device_map=device_map)
 
 
 def main():
@@ -44,6 +85,8 @@ def main():
                     help="skip a shape whose static cache needs more (default 100)")
     ap.add_argument("--time-budget-s", type=float, default=0,
                     help="skip the shapes left once this much time has passed (0: no limit)")
+    ap.add_argument("--devices", type=int, default=1,
+                    help="split the model over N GPUs (device_map pipeline split; default 1)")
     ap.add_argument("--ours", help="lorcserve bench JSON lines to print next to these")
     a = ap.parse_args()
 
@@ -55,14 +98,28 @@ def main():
     t_start = time.perf_counter()
     torch.manual_seed(0)
     cfg = AutoConfig.from_pretrained(a.model)
+    if a.devices < 1 or a.devices > torch.cuda.device_count():
+        ap.error(f"--devices: {a.devices} is not in [1, {torch.cuda.device_count()}] (the GPUs present)")
+
+    def sync():
+        for d in range(a.devices):
+            torch.cuda.synchronize(d)
+
+    def make(device):
+        with torch.device(device):
+            try:
+                return AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
+            except TypeError:  # older transformers: torch_dtype
+                return AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.bfloat16,
+                                                        attn_implementation="sdpa")
+
     t0 = time.perf_counter()
-    with torch.device("cuda"):
-        try:
-            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
-        except TypeError:  # older transformers: torch_dtype
-            model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.bfloat16, attn_implementation="sdpa")
+    if a.devices == 1:
+        model = make("cuda")
+    else:
+        model = split_over_devices(make("meta"), cfg, a.devices, torch)
     model.eval()
-    torch.cuda.synchronize()
+    sync()
     load_s = time.perf_counter() - t0
     embed = model.get_input_embeddings().weight
     params = sum(p.numel() for p in model.parameters())
@@ -73,11 +130,17 @@ def main():
     kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * elem
     q_size = cfg.num_attention_heads * head_dim
     mode = "eager" if a.eager else "compile"
+    if a.devices == 1:
+        floor_assumes = "all weights but the embedding table + the KV of every sequence, over hbm_tbps"
+    else:
+        floor_assumes = (f"pipeline over {a.devices} GPUs, one busy at a time: all weights but the "
+                         "embedding table + all KV, over one GPU's hbm_tbps")
     print(json.dumps({"kind": "config", "engine": "hf-transformers", "model": a.model,
                       "torch": torch.__version__, "transformers": transformers.__version__,
                       "device": torch.cuda.get_device_name(), "params": params,
                       "weight_bytes_read": weight_bytes, "kv_bytes_per_token": kv_per_token,
-                      "load_s": load_s, "mode": mode, "hbm_tbps": a.hbm_tbps,
+                      "load_s": load_s, "mode": mode, "devices": a.devices,
+                      "floor_assumes": floor_assumes, "hbm_tbps": a.hbm_tbps,
                       "gemm_peak_tflops": a.gemm_peak_tflops}), flush=True)
 
     class Stamps(BaseStreamer):
@@ -85,7 +148,7 @@ def main():
             self.t = []
 
         def put(self, value):
-            torch.cuda.synchronize()
+            sync()
             self.t.append(time.perf_counter())
 
         def end(self):
@@ -96,7 +159,7 @@ def main():
     def run(batch, context, new_tokens, compiled):
         ids = torch.randint(3, cfg.vocab_size, (batch, context), device="cuda", generator=gen)
         s = Stamps()
-        torch.cuda.synchronize()
+        sync()
         t = time.perf_counter()
         # generate compiles the static-cache decode step itself unless told not to.
         model.generation_config.disable_compile = not compiled

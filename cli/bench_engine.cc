@@ -1,6 +1,9 @@
 // lorcserve bench --model DIR: the offline engine benchmark (issue #8). The engine runs in this
-// process (no gRPC): decode ms per step for each (batch, context), prefill tokens/s and time to
-// first token for single prompts, each next to its physical floor (JSON lines + a table).
+// process: decode ms per step for each (batch, context), prefill tokens/s and time to first token
+// for single prompts, each next to its physical floor (JSON lines + a table). The model runs in
+// this process too (tensor-parallel size 1), or, with --local-workers N, sharded over N local
+// worker processes (one per GPU) that the engine drives through a WorkerGroup, as the
+// coordinator does (coordinator/local_group.h).
 #include <algorithm>
 #include <chrono>
 #include <iostream>
@@ -13,7 +16,11 @@
 #include "cli/commands.h"
 #include "cli/session.h"
 #include "common/status_macros.h"
+#include "model/weights.h"
 #include "nlohmann/json.hpp"
+#ifdef LORC_WITH_GRPC
+#include "coordinator/local_group.h"
+#endif
 
 namespace lorc::cli {
 namespace {
@@ -42,6 +49,12 @@ std::vector<FlagSpec> Flags() {
       {"prefill-reps", true, "timed runs per prefill length, median (default 3)", "N"},
       {"hbm-tbps", true, "device copy bandwidth of the decode floor, TB/s (default 4.275)", "X"},
       {"gemm-peak-tflops", true, "BF16 GEMM peak of the prefill floor, TFLOP/s (default 696)", "X"},
+      {"local-workers", true,
+       "run the model sharded over N local worker processes (tensor parallelism, one per GPU "
+       "from --device on); default: in this process",
+       "N"},
+      {"shard-lm-head", false,
+       "with --local-workers: split the LM head by vocabulary across the workers (default: replicated)"},
       {"json", false, "print only the JSON lines"},
       {"help", false, "show this help"},
   };
@@ -123,12 +136,114 @@ absl::StatusOr<DecodeRun> RunDecode(Engine& engine, int64_t vocab, int32_t batch
   return out;
 }
 
+// What the benchmark drives: the engine and, for the floors, what one rank holds.
+struct Target {
+  std::unique_ptr<Session> session;  // in-process (tensor-parallel size 1)
+#ifdef LORC_WITH_GRPC
+  std::unique_ptr<LocalGroup> workers;  // --local-workers
+#endif
+  std::unique_ptr<Engine> engine_over_workers;  // destroyed before `workers` (declared after)
+  Engine* engine = nullptr;
+  ModelConfig config;
+  EngineOptions engine_options;
+  int32_t tp = 1;
+  bool shard_lm_head = false;   // the LM head split by vocabulary across the ranks
+  int32_t block_size = 0;
+  int32_t num_blocks = 0;       // the smallest over the ranks
+  double elem_bytes = 0;        // weight (= KV) element size on the device
+  double kv_bytes_per_token = 0;  // per rank: the KV of the rank's heads
+  std::string backend;          // cpu, cuda
+  std::string device;           // what it runs on (with workers: one rank's device)
+  double load_s = 0;            // the slowest rank
+};
+
+absl::StatusOr<std::unique_ptr<Target>> OpenInProcess(const Args& args) {
+  auto t = std::make_unique<Target>();
+  ASSIGN_OR_RETURN(t->session, OpenSession(args));
+  const Session& s = *t->session;
+  const KvCacheSpec& kv = s.model.runner->kv_spec();
+  t->engine = s.engine.get();
+  t->config = s.model.config;
+  t->engine_options = s.engine_options;
+  t->block_size = kv.block_size;
+  t->num_blocks = kv.num_blocks;
+  t->elem_bytes = static_cast<double>(DTypeSize(kv.dtype));  // weights share the KV dtype
+  t->kv_bytes_per_token = static_cast<double>(kv.BytesPerToken());
+  t->backend = s.backend->name();
+  t->device = s.backend->Describe();
+  t->load_s = s.model.load_seconds;
+  return t;
+}
+
+#ifdef LORC_WITH_GRPC
+// --local-workers N: N worker processes, each loading its shard; errors name the flag (a
+// worker's own error, e.g. a device that is not there, is part of the message).
+absl::StatusOr<std::unique_ptr<Target>> OpenLocalWorkers(const Args& args, int32_t n) {
+  auto t = std::make_unique<Target>();
+  const std::string flag = absl::StrCat("--local-workers ", n, ": ");
+  LocalGroupOptions o;
+  ASSIGN_OR_RETURN(o.model, ParseModelSource(args));
+  ASSIGN_OR_RETURN(o.kv, ParseKvCacheOptions(args));
+  ASSIGN_OR_RETURN(t->engine_options, ParseEngineOptions(args));
+  o.workers.count = n;
+  o.workers.backend = args.Get("backend", "cpu");
+  RETURN_IF_ERROR(ParseBackendKind(o.workers.backend).status());
+  ASSIGN_OR_RETURN(o.workers.threads_per_worker, args.GetInt32("threads", 0, 0));
+  ASSIGN_OR_RETURN(o.workers.first_device, args.GetInt32("device", 0, 0));
+  ASSIGN_OR_RETURN(t->config, LoadModelConfig(o.model.dir));
+  // The split is checked here too, so that a shape N does not divide names the flag at once.
+  absl::StatusOr<ShardLayout> layout = ShardLayout::Make(t->config, 0, n, o.model.shard_lm_head);
+  if (!layout.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat(flag, layout.status().message()));
+  }
+  absl::StatusOr<std::unique_ptr<LocalGroup>> group = LocalGroup::Start(o);
+  if (!group.ok()) {
+    return absl::Status(group.status().code(), absl::StrCat(flag, group.status().message()));
+  }
+  t->workers = *std::move(group);
+  const WorkerGroupInfo& info = t->workers->group().info();
+  // One rank's KV geometry in F32 gives the element size the workers store (and compute) in.
+  KvSpecOptions ko;
+  ko.block_size = o.kv.block_size;
+  ko.num_kv_heads = layout->num_kv_heads;
+  ASSIGN_OR_RETURN(KvCacheSpec f32, MakeKvCacheSpec(t->config, ko));
+  t->tp = n;
+  t->shard_lm_head = layout->lm_head_sharded;
+  t->block_size = o.kv.block_size;
+  t->num_blocks = info.num_blocks;
+  t->kv_bytes_per_token = static_cast<double>(info.kv_bytes_per_token);
+  t->elem_bytes = 4.0 * t->kv_bytes_per_token / static_cast<double>(f32.BytesPerToken());
+  t->backend = info.backend;
+  t->device = info.device;
+  t->load_s = info.load_seconds;
+  KvCacheSpec kv;  // what the scheduler allocates: blocks of block_size tokens
+  kv.block_size = t->block_size;
+  kv.num_blocks = t->num_blocks;
+  ASSIGN_OR_RETURN(t->engine_over_workers,
+                   Engine::Create(&t->workers->group(), t->config, kv, nullptr, t->engine_options));
+  t->engine = t->engine_over_workers.get();
+  return t;
+}
+#endif
+
+absl::StatusOr<std::unique_ptr<Target>> OpenTarget(const Args& args) {
+  if (!args.Has("local-workers")) return OpenInProcess(args);
+  ASSIGN_OR_RETURN(const int32_t n, args.GetInt32("local-workers", 1, 1, 64));
+#ifdef LORC_WITH_GRPC
+  return OpenLocalWorkers(args, n);
+#else
+  return absl::UnimplementedError(
+      absl::StrCat("--local-workers ", n, ": this build has no gRPC (no worker processes)"));
+#endif
+}
+
 }  // namespace
 
 int RunEngineBench(int argc, char** argv) {
   const std::vector<FlagSpec> flags = Flags();
   const char* synopsis =
-      "--model DIR [--backend cuda] [--random-weights] [--decode-batches 1,8,64,256] "
+      "--model DIR [--backend cuda] [--random-weights] [--local-workers N [--shard-lm-head]] "
+      "[--decode-batches 1,8,64,256] "
       "[--contexts 128,4096] [--prefill 512,4096] [--steps N] [--json]";
   int exit_code = 0;
   const std::optional<Args> args = ParseCommand("bench", synopsis, flags, argc, argv, &exit_code);
@@ -151,40 +266,55 @@ int RunEngineBench(int argc, char** argv) {
     if (!v->ok()) return Fail("bench", v->status());
     if (!(**v > 0)) return Fail("bench", absl::InvalidArgumentError("--hbm-tbps / --gemm-peak-tflops must be > 0"));
   }
-  absl::StatusOr<std::unique_ptr<Session>> s = OpenSession(*args);
-  if (!s.ok()) return Fail("bench", s.status());
-  Engine& engine = *(*s)->engine;
-  const ModelConfig& cfg = (*s)->model.config;
-  const KvCacheSpec& kv = (*s)->model.runner->kv_spec();
+  absl::StatusOr<std::unique_ptr<Target>> target = OpenTarget(*args);
+  if (!target.ok()) return Fail("bench", target.status());
+  const Target& t = **target;
+  Engine& engine = *t.engine;
+  const ModelConfig& cfg = t.config;
   const bool json_only = args->Has("json");
-  const double elem = static_cast<double>(DTypeSize(kv.dtype));  // weights share the KV dtype
-  // Bytes a decode step must read: every weight but the embedding table (gathered rows only).
+  const double elem = t.elem_bytes;
+  const double tp = static_cast<double>(t.tp);
+  // Bytes one rank must read per decode step: every weight but the embedding table (gathered
+  // rows only), split tp ways, except the LM head: whole on every rank unless split by vocabulary.
   const double embed = static_cast<double>(cfg.vocab_size * cfg.hidden_size);
   const double params = static_cast<double>(cfg.NumParameters());
   const double matmul_params = params - (cfg.tie_word_embeddings ? 0.0 : embed);
-  const double weight_bytes = matmul_params * elem;
-  const double kv_per_token = static_cast<double>(kv.BytesPerToken());
-  const int64_t capacity = static_cast<int64_t>(kv.num_blocks) * kv.block_size;
+  const double lm_head = embed;
+  const double rank_params = (matmul_params - lm_head) / tp + (t.shard_lm_head ? lm_head / tp : lm_head);
+  const double weight_bytes = rank_params * elem;
+  const double kv_per_token = t.kv_bytes_per_token;
+  const int64_t capacity = static_cast<int64_t>(t.num_blocks) * t.block_size;
+  const std::string floor_assumes = absl::StrCat(
+      "decode floor: one GPU's bytes per step over hbm_tbps: weights but the embedding table",
+      t.tp > 1 ? absl::StrCat(" split ", t.tp, " ways, the LM head ",
+                              t.shard_lm_head ? "split by vocabulary" : "whole on every GPU (replicated)")
+               : "",
+      ", plus the KV of ", t.tp > 1 ? "its" : "all", " heads for every sequence; ",
+      t.tp > 1 ? "all-reduce time not counted; " : "",
+      "prefill: 2 x params x tokens + causal attention FLOPs over ",
+      t.tp > 1 ? absl::StrCat(t.tp, " x ") : "", "gemm_peak_tflops");
 
   nlohmann::json head = {{"kind", "config"}, {"engine", "lorcserve"}, {"model", args->Get("model")},
-                         {"backend", (*s)->backend->name()}, {"params", params},
+                         {"backend", t.backend}, {"device", t.device}, {"params", params},
+                         {"tensor_parallel_size", t.tp}, {"shard_lm_head", t.shard_lm_head},
                          {"weight_bytes_read", weight_bytes}, {"kv_bytes_per_token", kv_per_token},
-                         {"kv_capacity_tokens", capacity}, {"load_s", (*s)->model.load_seconds},
-                         {"hbm_tbps", *hbm}, {"gemm_peak_tflops", *peak}};
+                         {"kv_capacity_tokens", capacity}, {"load_s", t.load_s},
+                         {"hbm_tbps", *hbm}, {"gemm_peak_tflops", *peak},
+                         {"floor_assumes", floor_assumes}};
   std::cout << head.dump() << std::endl;
   std::vector<std::string> table;
-  const int32_t budget = (*s)->engine_options.max_num_batched_tokens;
+  const int32_t budget = t.engine_options.max_num_batched_tokens;
   for (int32_t context : *contexts) {
     for (int32_t batch : *batches) {
       nlohmann::json j = {{"kind", "decode"}, {"batch", batch}, {"context", context}};
       // Early sequences decode while later ones prefill: one token per fill step at most.
       const int64_t fill_steps = (int64_t{batch} * context + budget - 1) / budget + batch;
       const int32_t max_tokens = static_cast<int32_t>(fill_steps + *warmup + *steps + 2);
-      const int64_t per_seq = (int64_t{context} + max_tokens + kv.block_size - 1) / kv.block_size;
-      if (batch > (*s)->engine_options.max_num_seqs || per_seq * batch * kv.block_size > capacity) {
-        j["skipped"] = absl::StrCat("needs ", per_seq * batch * kv.block_size, " KV slots and ",
+      const int64_t per_seq = (int64_t{context} + max_tokens + t.block_size - 1) / t.block_size;
+      if (batch > t.engine_options.max_num_seqs || per_seq * batch * t.block_size > capacity) {
+        j["skipped"] = absl::StrCat("needs ", per_seq * batch * t.block_size, " KV slots and ",
                                     batch, " seqs; the cache holds ", capacity, ", max_num_seqs ",
-                                    (*s)->engine_options.max_num_seqs);
+                                    t.engine_options.max_num_seqs);
         std::cout << j.dump() << std::endl;
         table.push_back(absl::StrFormat("decode  b=%-4d ctx=%-6d skipped (KV capacity)", batch, context));
         continue;
@@ -221,25 +351,29 @@ int RunEngineBench(int argc, char** argv) {
       if (!r.ok()) return Fail("bench", r.status());
       if (i > 0) ttft.push_back(r->fill_s);
     }
-    const double t = Median(ttft);
+    const double sec = Median(ttft);
+    // All ranks together (a replicated LM head counted once) against all their GPUs' peak.
     const double flops = 2.0 * matmul_params * len +
                          2.0 * static_cast<double>(len) * len * cfg.q_size() * cfg.num_layers;
-    j["ttft_ms"] = t * 1e3;
-    j["tokens_per_s"] = len / t;
-    j["tflops"] = flops / t * 1e-12;
-    j["pct_of_gemm_peak"] = 100.0 * flops / t * 1e-12 / *peak;
+    const double tflops = flops / sec * 1e-12;
+    j["ttft_ms"] = sec * 1e3;
+    j["tokens_per_s"] = len / sec;
+    j["tflops"] = tflops;
+    j["pct_of_gemm_peak"] = 100.0 * tflops / (*peak * tp);
     std::cout << j.dump() << std::endl;
     table.push_back(absl::StrFormat("prefill %-6d tokens  TTFT %9.2f ms  %10.0f tok/s  %7.1f TFLOP/s  %5.1f %% of %.0f",
-                                    len, t * 1e3, len / t, flops / t * 1e-12,
-                                    100.0 * flops / t * 1e-12 / *peak, *peak));
+                                    len, sec * 1e3, len / sec, tflops, 100.0 * tflops / (*peak * tp),
+                                    *peak * tp));
   }
-  if (engine.scheduler().num_free_blocks() != kv.num_blocks) {
+  if (engine.scheduler().num_free_blocks() != t.num_blocks) {
     return Fail("bench", absl::InternalError("KV blocks leaked after the benchmark"));
   }
   if (!json_only) {
-    std::cout << absl::StrFormat("# %s on %s, load %.1f s, %.2f GB weights read per step\n",
-                                 args->Get("model"), (*s)->backend->name(),
-                                 (*s)->model.load_seconds, weight_bytes * 1e-9);
+    std::cout << absl::StrFormat("# %s on %s, tensor-parallel size %d%s, load %.1f s, %.2f GB weights "
+                                 "read per step per GPU\n# %s\n",
+                                 args->Get("model"), t.device, t.tp,
+                                 t.tp > 1 ? (t.shard_lm_head ? " (LM head split)" : " (LM head replicated)") : "",
+                                 t.load_s, weight_bytes * 1e-9, floor_assumes);
     for (const std::string& line : table) std::cout << line << "\n";
   }
   return 0;

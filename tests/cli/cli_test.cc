@@ -717,6 +717,59 @@ TEST_F(CliTest, EngineBenchPrintsDecodeAndPrefillLinesAndSkipsWhatDoesNotFit) {
   EXPECT_NE(bad.exit_code, 0);
   EXPECT_THAT(bad.err, HasSubstr("--decode-batches: 0"));
 }
+
+// bench --model --local-workers 2: the same benchmark with the model split over two worker
+// processes (Gloo on the CPU backend), driven through a WorkerGroup; the config line says so and
+// halves the per-rank KV bytes; every figure is positive and every block is free at the end
+// (exit 0). A bad worker count names the flag.
+TEST_F(CliTest, EngineBenchRunsOverLocalWorkers) {
+  const RunResult r = Lorcserve({"bench", "--model", Tiny(), "--local-workers", "2",
+                                 "--decode-batches", "1,2", "--contexts", "16", "--prefill", "16",
+                                 "--steps", "2", "--warmup-steps", "1", "--prefill-reps", "1",
+                                 "--threads", "1", "--json"});
+  ASSERT_EQ(r.exit_code, 0) << r;
+  std::vector<json> lines;
+  std::istringstream in(r.out);
+  for (std::string line; std::getline(in, line);) {
+    lines.push_back(json::parse(line, nullptr, /*allow_exceptions=*/false));
+    ASSERT_FALSE(lines.back().is_discarded()) << line;
+  }
+  ASSERT_EQ(lines.size(), 1u + 2u + 1u) << r;  // config, 2 decode shapes, 1 prefill
+  const json& cfg = lines[0];
+  EXPECT_EQ(cfg["kind"], "config");
+  EXPECT_EQ(cfg["tensor_parallel_size"], 2);
+  EXPECT_EQ(cfg["shard_lm_head"], false);
+  EXPECT_EQ(cfg["backend"], "cpu");
+  // tiny-llama-a: 8 layers x 2 KV heads x 128 x (K, V) x fp32, one KV head per rank.
+  EXPECT_EQ(cfg["kv_bytes_per_token"], 8 * 1 * 128 * 2 * 4);
+  // Per rank: everything but the embedding and the replicated LM head halved, plus that head.
+  const double head = 4096.0 * 512;
+  EXPECT_EQ(cfg["weight_bytes_read"], ((cfg["params"].get<double>() - 2 * head) / 2 + head) * 4);
+  EXPECT_THAT(cfg["floor_assumes"].get<std::string>(), HasSubstr("split 2 ways"));
+  for (size_t i = 1; i < 3; ++i) {
+    const json& j = lines[i];
+    EXPECT_EQ(j["kind"], "decode") << j;
+    EXPECT_EQ(j["batch"], i) << j;
+    EXPECT_EQ(j["steps"], 2) << j;
+    for (const char* k : {"ms_per_step", "tokens_per_s", "floor_ms", "pct_of_floor", "fill_s"}) {
+      ASSERT_TRUE(j.contains(k)) << j;
+      EXPECT_GT(j[k].get<double>(), 0.0) << k << " " << j;
+    }
+  }
+  EXPECT_EQ(lines[3]["kind"], "prefill");
+  for (const char* k : {"ttft_ms", "tokens_per_s", "tflops", "pct_of_gemm_peak"}) {
+    ASSERT_TRUE(lines[3].contains(k)) << lines[3];
+    EXPECT_GT(lines[3][k].get<double>(), 0.0) << k << " " << lines[3];
+  }
+
+  const RunResult zero = Lorcserve({"bench", "--model", Tiny(), "--local-workers", "0"});
+  EXPECT_EQ(zero.exit_code, 2) << zero;
+  EXPECT_THAT(zero.err, HasSubstr("--local-workers: 0"));
+  // Three ranks cannot split tiny-llama-a's 4 heads: refused before any worker starts.
+  const RunResult three = Lorcserve({"bench", "--model", Tiny(), "--local-workers", "3"});
+  EXPECT_EQ(three.exit_code, 2) << three;
+  EXPECT_THAT(three.err, HasSubstr("--local-workers 3: tensor parallelism 3"));
+}
 #endif
 
 }  // namespace

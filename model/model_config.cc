@@ -418,8 +418,24 @@ absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& model_dir) {
                         absl::StrCat(path, ": ", config.status().message()));
   }
   // generation_config.json (optional), as transformers' GenerationConfig.from_pretrained.
-  const std::string gen_path = dir + "generation_config.json";
   std::error_code ec;
+  // lorc.json (optional): the LoRC compressed K/V of this directory (compress/FORMAT.md).
+  const std::string lorc_path = dir + kLorcJsonName;
+  if (std::filesystem::exists(lorc_path, ec)) {
+    ASSIGN_OR_RETURN(nlohmann::json lj, ReadJsonFile(lorc_path));
+    absl::StatusOr<LorcConfig> lorc = [&]() -> absl::StatusOr<LorcConfig> {
+      try {
+        return LorcConfigFromJson(lj, config->num_layers, config->num_kv_heads, config->head_dim);
+      } catch (const std::exception& e) {
+        return absl::InvalidArgumentError(absl::StrCat("lorc.json: malformed JSON value: ", e.what()));
+      }
+    }();
+    if (!lorc.ok()) {
+      return absl::Status(lorc.status().code(), absl::StrCat(lorc_path, ": ", lorc.status().message()));
+    }
+    config->lorc = *std::move(lorc);
+  }
+  const std::string gen_path = dir + "generation_config.json";
   if (!std::filesystem::exists(gen_path, ec)) return config;
   ASSIGN_OR_RETURN(nlohmann::json gj, ReadJsonFile(gen_path));
   absl::StatusOr<GenerationDefaults> gen = [&]() -> absl::StatusOr<GenerationDefaults> {

@@ -348,8 +348,16 @@ int64_t ModelConfig::NumParameters() const {
   const int64_t mlp = 3 * h * intermediate_size;
   const int64_t norms = 2 * h;
   const int64_t embeddings = vocab_size * h;
-  return embeddings + num_layers * (attention + mlp + norms) + h /* final norm */ +
-         (tie_word_embeddings ? 0 : embeddings);
+  int64_t layers = num_layers * (attention + mlp + norms);
+  if (lorc && static_cast<int64_t>(lorc->layers.size()) == num_layers) {
+    // LoRC factors (compress/FORMAT.md): q, A_K, B_K, A_V and the r_v-wide o_proj per layer.
+    layers = 0;
+    for (const LorcLayerRanks& r : lorc->layers) {
+      layers += h * q_size() + num_kv_heads * r.k_rank * h + num_kv_heads * head_dim * r.k_rank +
+                num_kv_heads * r.v_rank * h + h * num_heads * r.v_rank + mlp + norms;
+    }
+  }
+  return embeddings + layers + h /* final norm */ + (tie_word_embeddings ? 0 : embeddings);
 }
 
 absl::StatusOr<ModelConfig> ModelConfigFromJson(const nlohmann::json& j) {

@@ -69,7 +69,8 @@ struct ModelConfig {
 
   int64_t q_size() const { return num_heads * head_dim; }
   int64_t kv_size() const { return num_kv_heads * head_dim; }
-  // Total parameter count of the dense model (embeddings, LM head unless tied, norms).
+  // Total parameter count of the dense model (embeddings, LM head unless tied, norms); with
+  // `lorc`, of its factor tensors (compress/FORMAT.md) in place of k/v/o_proj.
   int64_t NumParameters() const;
 };
 

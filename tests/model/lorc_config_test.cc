@@ -120,6 +120,13 @@ TEST_F(ScratchDir, LoadModelConfigReadsAndValidatesLorcJson) {
   ASSERT_OK(c);
   ASSERT_TRUE(c->lorc.has_value());
   EXPECT_EQ(c->lorc->layers[2].k_rank, 80);
+  // Parameters: the factor tensors replace k/v/o_proj (8 layers, D 512, 4 q heads, 2 KV heads).
+  int64_t attn_delta = 0;
+  for (const LorcLayerRanks& r : c->lorc->layers) {
+    attn_delta += (2 * r.k_rank * 512 + 2 * 128 * r.k_rank + 2 * r.v_rank * 512 + 512 * 4 * r.v_rank) -
+                  (2 * 256 * 512 + 512 * 512);
+  }
+  EXPECT_EQ(c->NumParameters(), plain->NumParameters() + attn_delta);
 
   json bad = Valid();
   bad["layers"][3]["k_rank"] = 200;

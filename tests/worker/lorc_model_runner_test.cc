@@ -12,6 +12,7 @@
 #include <condition_variable>
 #include <filesystem>
 #include <fstream>
+#include <iostream>
 #include <map>
 #include <random>
 #include <string>
@@ -287,12 +288,18 @@ TEST(LorcModelRunnerTest, ExactFactorsGiveTheUncompressedOutputs) {
   // (e) F32 on the CPU: 8 layers x (256 + 256) latent values x 4 bytes, as full K/V.
   EXPECT_EQ(spec.BytesPerToken(), 8 * (256 + 256) * 4);
   EXPECT_EQ(spec.BytesPerToken(), full.model.runner->kv_spec().BytesPerToken());
+  float worst = 0;
   for (const Golden& g : GoldenPrompts()) {
-    const std::vector<float> want = LastLogits(*full.model.runner, g.prompt_ids, 1 << 20);
-    EXPECT_LE(MaxAbsDiff(LastLogits(*lorc.model.runner, g.prompt_ids, 1 << 20), want), 1e-4f) << g.prompt;
-    EXPECT_LE(MaxAbsDiff(LastLogits(*lorc.model.runner, g.prompt_ids, 5), want), 1e-4f)
-        << g.prompt << " (chunks of 5)";
+    // The same chunking on both sides (chunking alone changes fp32 rounding, see
+    // worker_model_runner_test): the latent path at r = d computes the same fp32 values.
+    for (size_t chunk : {size_t{1} << 20, size_t{5}}) {
+      const std::vector<float> want = LastLogits(*full.model.runner, g.prompt_ids, chunk);
+      const float diff = MaxAbsDiff(LastLogits(*lorc.model.runner, g.prompt_ids, chunk), want);
+      EXPECT_LE(diff, 1e-4f) << g.prompt << " (chunks of " << chunk << ")";
+      worst = std::max(worst, diff);
+    }
   }
+  std::cout << "exact factors: max |logit difference| " << worst << "\n";
   const auto want = Greedy(full.model, 32);
   const auto got = Greedy(lorc.model, 32);
   ASSERT_EQ(got.size(), GoldenPrompts().size());
@@ -333,16 +340,19 @@ TEST_F(RandomFactors, RankDeficientLatentsMatchTheReconstructedModel) {
   EXPECT_EQ(spec.BytesPerToken(), widths * 4);
   EXPECT_EQ(widths, 2 * (288 + 288));
   EXPECT_EQ(spec.CompressionName(), "lorc:svd k=16..56 v=32..40, 28.1% KV");
+  float worst = 0;
   for (const Golden& g : GoldenPrompts()) {
     const std::vector<float> want = LastLogits(*full.model.runner, g.prompt_ids, 1 << 20);
     float scale = 0;
     for (float x : want) scale = std::max(scale, std::abs(x));
     ASSERT_GT(scale, 1.0f);
     for (size_t chunk : {size_t{1} << 20, size_t{5}, size_t{1}}) {
-      EXPECT_LE(MaxAbsDiff(LastLogits(*lorc.model.runner, g.prompt_ids, chunk), want), 2e-4f * scale)
-          << g.prompt << ", chunks of " << chunk;
+      const float diff = MaxAbsDiff(LastLogits(*lorc.model.runner, g.prompt_ids, chunk), want);
+      EXPECT_LE(diff, 2e-4f * scale) << g.prompt << ", chunks of " << chunk;
+      worst = std::max(worst, diff / scale);
     }
   }
+  std::cout << "rank-deficient factors: max |logit difference| / max |logit| " << worst << "\n";
   // Batched prefill + decode steps.
   EXPECT_EQ(Greedy(lorc.model, 16), Greedy(full.model, 16));
 }

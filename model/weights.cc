@@ -46,6 +46,10 @@ class Loader {
       return absl::UnimplementedError(absl::StrCat("weights: ", DTypeName(dtype_),
                                                    " on the device not implemented (F32, BF16)"));
     }
+    if (c_.lorc && static_cast<int64_t>(c_.lorc->layers.size()) != c_.num_layers) {
+      return absl::InvalidArgumentError(absl::StrCat("weights: lorc.json has ", c_.lorc->layers.size(),
+                                                     " layers, the model ", c_.num_layers));
+    }
     ModelWeights w;
     w.shard = s_;
     w.dtype = dtype_;

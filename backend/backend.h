@@ -169,17 +169,46 @@ struct RopeParams {
 // rotated k and of v into one layer's cache at slot_mapping. q is rotated in place; k is rotated
 // in place too (callers must not rely on either way). A slot of -1 skips that token's write
 // (padding rows of a replayed graph).
+// With rotate_k false (LoRC latent layers, kvstore KvRope::kAtAttention) only q is rotated; k
+// holds the key latents [num_tokens, cache.k_width] (num_kv_heads * r_k), written unrotated
+// (LatentAttention rotates the reconstructed keys). CUDA: Unimplemented for rotate_k false.
 struct RopeKvWriteParams {
   Tensor2D q;  // [num_tokens, num_heads * head_dim]
-  Tensor2D k;  // [num_tokens, num_kv_heads * head_dim] = cache.k_width
+  Tensor2D k;  // [num_tokens, cache.k_width]: num_kv_heads * head_dim, or latents (rotate_k false)
   Tensor2D v;  // [num_tokens, cache.v_width]
   KvLayer cache;
+  bool rotate_k = true;
   int32_t num_heads = 0;
   int32_t num_kv_heads = 0;
   int32_t head_dim = 0;
   const int32_t* positions = nullptr;     // [num_tokens], device
   const float* inv_freq = nullptr;        // [head_dim / 2], device, fp32
   const int32_t* slot_mapping = nullptr;  // [num_tokens], device, flat slot or -1
+};
+
+// Attention over LoRC latents (compress/FORMAT.md) for one layer. The cache holds, per token
+// and KV head g, the unrotated key latent c_K (r_k values at columns [g*r_k, (g+1)*r_k)) and value
+// latent c_V (r_v values at [g*r_v, (g+1)*r_v)). For every sequence of the plan (decode and
+// prefill alike: paged through block_tables, chunks attend to the cached context) and KV head g,
+// the key of the token at position t is k_t = B_K,g c_K,t (B_K,g = k_up rows [g*head_dim,
+// (g+1)*head_dim)), rotated at position t with the same RoPE as RopeKvWrite (inv_freq, fp32
+// angles, rotate_half); each query head j of g's group (j / (num_heads / num_kv_heads) == g)
+// takes the causal softmax of scale * q_j . k_t and writes sum_t p_t c_V,t (r_v wide) to out
+// columns [j*v_rank, (j+1)*v_rank). The output projection then reads those r_v-wide rows.
+// InvalidArgument for shapes that do not match the ranks; CPU: F32 only (exact fp32 reference);
+// CUDA: Unimplemented (the fused latent kernel is a later task).
+struct LatentAttentionParams {
+  Tensor2D q;     // [num_tokens, num_heads * head_dim], RoPE applied
+  Tensor2D k_up;  // [num_kv_heads * head_dim, k_rank]
+  Tensor2D out;   // [num_tokens, num_heads * v_rank]
+  KvLayer cache;  // k_width = num_kv_heads * k_rank, v_width = num_kv_heads * v_rank
+  int32_t num_heads = 0;     // query heads (on this rank)
+  int32_t num_kv_heads = 0;  // KV heads (on this rank); divides num_heads
+  int32_t head_dim = 0;
+  int32_t k_rank = 0;        // r_k, 1..head_dim
+  int32_t v_rank = 0;        // r_v, 1..head_dim
+  float scale = 1.0f;        // softmax scale, 1/sqrt(head_dim)
+  const float* inv_freq = nullptr;  // [head_dim / 2], device, fp32 (the runner's, scaling applied)
 };
 
 // Seeded weight initialisation (`--random-weights`) of one block, computed where the buffer
@@ -306,6 +335,13 @@ class Backend {
   // both (either may have no sequences).
   virtual absl::Status DecodeAttention(const AttentionParams& p, const AttentionPlan& plan) = 0;
   virtual absl::Status PrefillAttention(const AttentionParams& p, const AttentionPlan& plan) = 0;
+
+  // Whether LatentAttention (and RopeKvWrite with rotate_k false) run here: the model runner
+  // refuses a LoRC model at load otherwise (Unimplemented naming the backend).
+  virtual bool SupportsLatentAttention() const { return false; }
+  // Per layer, for a LoRC layer: latent attention for every sequence of the plan, decode and
+  // prefill (see LatentAttentionParams).
+  virtual absl::Status LatentAttention(const LatentAttentionParams& p, const AttentionPlan& plan) = 0;
 
   // out[i, :] = x[rows[i], :].
   virtual absl::Status GatherRows(const Tensor2D& x, const int32_t* rows, Tensor2D out) = 0;

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "backend/cpu_kernels.h"
 #include "common/parallel_for.h"
 #include "common/status_macros.h"
 #include "kernels/random_init.h"
@@ -245,14 +246,15 @@ class CpuBackend final : public Backend {
     RETURN_IF_ERROR(RequireF32(kCpu, "RopeKvWrite", "query", p.q.dtype));
     RETURN_IF_ERROR(RequireF32(kCpu, "RopeKvWrite", "key", p.k.dtype));
     if (p.k.cols != p.cache.k_width || p.v.cols != p.cache.v_width ||
-        p.k.cols != static_cast<int64_t>(p.num_kv_heads) * p.head_dim) {
+        (p.rotate_k && p.k.cols != static_cast<int64_t>(p.num_kv_heads) * p.head_dim)) {
       return absl::InvalidArgumentError(absl::StrCat(
           "cpu backend: RopeKvWrite: k has ", p.k.cols, " columns, v ", p.v.cols, ", cache widths ",
           p.cache.k_width, "/", p.cache.v_width, ", kv heads x head_dim ",
           p.num_kv_heads * p.head_dim));
     }
     RotateRows(p.q, p.num_heads, p.head_dim, p.positions, p.inv_freq);
-    RotateRows(p.k, p.num_kv_heads, p.head_dim, p.positions, p.inv_freq);
+    // LoRC latent layers store the key latents unrotated (LatentAttention rotates keys).
+    if (p.rotate_k) RotateRows(p.k, p.num_kv_heads, p.head_dim, p.positions, p.inv_freq);
     return WriteKv(p.cache, p.k, p.v, p.slot_mapping);
   }
 
@@ -272,6 +274,13 @@ class CpuBackend final : public Backend {
   }
   absl::Status PrefillAttention(const AttentionParams& p, const AttentionPlan& plan) override {
     return Attend(p, plan.batch(), static_cast<const CpuAttentionPlan&>(plan).prefills(), "PrefillAttention");
+  }
+
+  bool SupportsLatentAttention() const override { return true; }
+  absl::Status LatentAttention(const LatentAttentionParams& p, const AttentionPlan& plan) override {
+    const auto& cp = static_cast<const CpuAttentionPlan&>(plan);
+    RETURN_IF_ERROR(cpu_internal::LatentAttention(p, plan.batch(), cp.decodes(), &latent_));
+    return cpu_internal::LatentAttention(p, plan.batch(), cp.prefills(), &latent_);
   }
 
   absl::Status GatherRows(const Tensor2D& x, const int32_t* rows, Tensor2D out) override {
@@ -336,6 +345,7 @@ class CpuBackend final : public Backend {
   bool capturing_ = false;
   std::vector<float> cos_, sin_, k_buf_, v_buf_, scores_;
   SampleScratch sample_scratch_;
+  cpu_internal::LatentScratch latent_;
 };
 
 MemoryInfo CpuBackend::GetMemoryInfo() const {
@@ -356,27 +366,8 @@ MemoryInfo CpuBackend::GetMemoryInfo() const {
 
 void CpuBackend::RotateRows(const Tensor2D& x, int heads, int head_dim, const int32_t* positions,
                             const float* inv_freq) {
-  const int half = head_dim / 2;
-  cos_.resize(half);
-  sin_.resize(half);
-  for (int64_t t = 0; t < x.rows; ++t) {
-    const float pos = static_cast<float>(positions[t]);
-    for (int i = 0; i < half; ++i) {
-      // fp32 angle, as transformers computes it (inv_freq @ positions in float32).
-      const float angle = pos * inv_freq[i];
-      cos_[i] = static_cast<float>(std::cos(static_cast<double>(angle)));
-      sin_[i] = static_cast<float>(std::sin(static_cast<double>(angle)));
-    }
-    float* row = Row(x, t);
-    for (int h = 0; h < heads; ++h) {
-      float* v = row + static_cast<int64_t>(h) * head_dim;
-      for (int i = 0; i < half; ++i) {
-        const float a = v[i], b = v[i + half];
-        v[i] = a * cos_[i] - b * sin_[i];
-        v[i + half] = b * cos_[i] + a * sin_[i];
-      }
-    }
-  }
+  cpu_internal::RotateRows(x.as<float>(), x.rows, x.stride(), heads, head_dim, positions, inv_freq,
+                           &cos_, &sin_);
 }
 
 // Decode and prefill share this body on the CPU: per sequence and KV head, gather the keys and
@@ -420,20 +411,7 @@ absl::Status CpuBackend::Attend(const AttentionParams& p, const AttentionBatch& 
         float* out = p.out.as<float>() + static_cast<int64_t>(q0) * o_ld + h * hd;
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, q_len, len, hd, p.scale, q,
                     static_cast<int>(q_ld), k_buf_.data(), hd, 0.0f, scores_.data(), len);
-        for (int i = 0; i < q_len; ++i) {
-          float* row = &scores_[static_cast<size_t>(i) * len];
-          const int last = len - q_len + i;  // causal: keys at positions <= last
-          float mx = -std::numeric_limits<float>::infinity();
-          for (int j = 0; j <= last; ++j) mx = std::max(mx, row[j]);
-          float sum = 0.f;
-          for (int j = 0; j <= last; ++j) {
-            row[j] = std::exp(row[j] - mx);
-            sum += row[j];
-          }
-          const float inv = 1.0f / sum;
-          for (int j = 0; j <= last; ++j) row[j] *= inv;
-          for (int j = last + 1; j < len; ++j) row[j] = 0.f;
-        }
+        cpu_internal::CausalSoftmax(scores_.data(), q_len, len);
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, q_len, hd, len, 1.0f,
                     scores_.data(), len, v_buf_.data(), hd, 0.0f, out, static_cast<int>(o_ld));
       }

@@ -237,6 +237,12 @@ absl::Status CudaBackend::DecodeAttention(const AttentionParams& p, const Attent
   return CudaError(kernels::LaunchDecodeAttention(a, cp.decode_schedule(), stream_), "DecodeAttention");
 }
 
+absl::Status CudaBackend::LatentAttention(const LatentAttentionParams&, const AttentionPlan&) {
+  return absl::UnimplementedError(
+      "cuda backend: LatentAttention (LoRC latent KV) not implemented; serve LoRC models on the "
+      "cpu backend");
+}
+
 absl::Status CudaBackend::PrefillAttention(const AttentionParams& p, const AttentionPlan& plan) {
   const auto& cp = static_cast<const CudaAttentionPlan&>(plan);
   ASSIGN_OR_RETURN(const kernels::PagedAttentionArgs a, KernelArgs("PrefillAttention", p, plan.batch()));

@@ -221,6 +221,10 @@ absl::Status CudaBackend::WriteKv(const KvLayer& cache, const Tensor2D& k, const
 }
 
 absl::Status CudaBackend::RopeKvWrite(const RopeKvWriteParams& p) {
+  if (!p.rotate_k) {
+    return absl::UnimplementedError(
+        "cuda backend: RopeKvWrite: rotate_k false (unrotated LoRC key latents) not implemented");
+  }
   ASSIGN_OR_RETURN(const kernels::ElemType et,
                    KernelType("RopeKvWrite", {{"query", p.q.dtype}, {"key", p.k.dtype}, {"value", p.v.dtype},
                                               {"cache", p.cache.dtype}}));

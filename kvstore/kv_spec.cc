@@ -1,5 +1,8 @@
 #include "kvstore/kv_spec.h"
 
+#include <cstdio>
+
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 
 namespace lorc {
@@ -29,11 +32,34 @@ absl::Status KvCacheSpec::Validate() const {
   return absl::OkStatus();
 }
 
+namespace {
+
+std::string Ranks(const std::vector<int64_t>& r) {
+  if (r.empty()) return "?";
+  bool uniform = true;
+  for (int64_t x : r) uniform = uniform && x == r.front();
+  return uniform ? absl::StrCat(r.front()) : absl::StrCat(r.front(), "..", r.back());
+}
+
+}  // namespace
+
 std::string KvCacheSpec::CompressionName() const {
-  for (KvRope r : rope) {
-    if (r != KvRope::kBeforeCache) return "latent";
+  bool latent = false;
+  for (KvRope r : rope) latent = latent || r != KvRope::kBeforeCache;
+  if (!latent) return "none";
+  int64_t elems = 0;
+  for (size_t l = 0; l < k_width.size(); ++l) elems += k_width[l] + v_width[l];
+  std::string pct = "?";
+  if (full_width > 0) {
+    char buf[32];
+    std::snprintf(buf, sizeof(buf), "%.1f",
+                  100.0 * static_cast<double>(elems) /
+                      static_cast<double>(2 * full_width * static_cast<int64_t>(k_width.size())));
+    pct = buf;
+    if (absl::EndsWith(pct, ".0")) pct.resize(pct.size() - 2);
   }
-  return "none";
+  return absl::StrCat("lorc:", latent_method.empty() ? "latent" : latent_method, " k=", Ranks(k_rank),
+                      " v=", Ranks(v_rank), ", ", pct, "% KV");
 }
 
 absl::StatusOr<KvCacheSpec> MakeKvCacheSpec(const ModelConfig& config, const KvSpecOptions& options) {
@@ -50,9 +76,27 @@ absl::StatusOr<KvCacheSpec> MakeKvCacheSpec(const ModelConfig& config, const KvS
   KvCacheSpec spec;
   spec.block_size = options.block_size;
   spec.dtype = options.dtype;
-  spec.k_width.assign(config.num_layers, heads * config.head_dim);
-  spec.v_width.assign(config.num_layers, heads * config.head_dim);
-  spec.rope.assign(config.num_layers, KvRope::kBeforeCache);
+  spec.full_width = heads * config.head_dim;
+  if (!config.lorc) {
+    spec.k_width.assign(config.num_layers, heads * config.head_dim);
+    spec.v_width.assign(config.num_layers, heads * config.head_dim);
+    spec.rope.assign(config.num_layers, KvRope::kBeforeCache);
+    return spec;
+  }
+  // LoRC: unrotated latents, r_k / r_v per KV head (compress/FORMAT.md).
+  const LorcConfig& lorc = *config.lorc;
+  if (static_cast<int64_t>(lorc.layers.size()) != config.num_layers) {
+    return absl::InvalidArgumentError(absl::StrCat("kv cache: lorc.json has ", lorc.layers.size(),
+                                                   " layers, the model ", config.num_layers));
+  }
+  spec.latent_method = lorc.method;
+  for (const LorcLayerRanks& r : lorc.layers) {
+    spec.k_width.push_back(heads * r.k_rank);
+    spec.v_width.push_back(heads * r.v_rank);
+    spec.rope.push_back(KvRope::kAtAttention);
+    spec.k_rank.push_back(r.k_rank);
+    spec.v_rank.push_back(r.v_rank);
+  }
   return spec;
 }
 

@@ -60,6 +60,12 @@ struct KvCacheSpec {
   std::vector<int64_t> k_width;  // per layer
   std::vector<int64_t> v_width;  // per layer
   std::vector<KvRope> rope;      // per layer; empty means kBeforeCache everywhere
+  // LoRC latent layers (kAtAttention) only, for reporting: the factorization method ("svd",
+  // "whitened-svd"), per layer the latent ranks per KV head (empty without compression) and the
+  // width an uncompressed layer would have on this rank (KV heads x head_dim).
+  std::string latent_method;
+  std::vector<int64_t> k_rank, v_rank;
+  int64_t full_width = 0;
 
   int num_layers() const { return static_cast<int>(k_width.size()); }
   KvRope rope_at(int layer) const { return rope.empty() ? KvRope::kBeforeCache : rope[layer]; }
@@ -72,8 +78,12 @@ struct KvCacheSpec {
     return static_cast<int32_t>((num_tokens + block_size - 1) / block_size);
   }
   absl::Status Validate() const;
-  // What ModelInfo.kv_compression reports: "none" when every layer stores full rotated K/V,
-  // later "lorc:..." with the ranks.
+  // What ModelInfo.kv_compression (and info / eval) report: "none" when every layer stores full
+  // rotated K/V; for LoRC latents "lorc:<method> k=<ranks> v=<ranks>, <P>% KV" where <ranks> is
+  // the rank of every layer ("64") or, when layers differ, the first layer's and the last
+  // layer's ("64..32"; progressive schedules decrease with depth), and P the KV bytes against
+  // full K/V (sum of widths / (2 * layers * full_width)), e.g.
+  // "lorc:whitened-svd k=64..32 v=64..32, 37.5% KV".
   std::string CompressionName() const;
 };
 
@@ -83,12 +93,13 @@ struct KvSpecOptions {
   DType dtype = DType::kF32;
   // KV heads held by this rank (its shard layout); 0 means all of the model's (tp 1).
   int64_t num_kv_heads = 0;
-  // Later: the low-rank compression config (per-layer ranks; RoPE at attention time).
 };
 
 // The one place the KV geometry is decided: per layer K and V widths (KV heads on this rank x
-// head_dim for an uncompressed model), dtype and RoPE placement. num_blocks is left 0: the
-// worker sizes the cache from memory. InvalidArgument for a non-positive block_size or heads.
+// head_dim for an uncompressed model; KV heads x r_k and x r_v with kAtAttention for a LoRC
+// model, config.lorc), dtype and RoPE placement. num_blocks is left 0: the worker sizes the
+// cache from memory. InvalidArgument for a non-positive block_size or heads, or a config.lorc
+// whose layer count differs from the model's.
 absl::StatusOr<KvCacheSpec> MakeKvCacheSpec(const ModelConfig& config, const KvSpecOptions& options);
 
 }  // namespace lorc

@@ -348,8 +348,16 @@ int64_t ModelConfig::NumParameters() const {
   const int64_t mlp = 3 * h * intermediate_size;
   const int64_t norms = 2 * h;
   const int64_t embeddings = vocab_size * h;
-  return embeddings + num_layers * (attention + mlp + norms) + h /* final norm */ +
-         (tie_word_embeddings ? 0 : embeddings);
+  int64_t layers = num_layers * (attention + mlp + norms);
+  if (lorc && static_cast<int64_t>(lorc->layers.size()) == num_layers) {
+    // LoRC factors (compress/FORMAT.md): q, A_K, B_K, A_V and the r_v-wide o_proj per layer.
+    layers = 0;
+    for (const LorcLayerRanks& r : lorc->layers) {
+      layers += h * q_size() + num_kv_heads * r.k_rank * h + num_kv_heads * head_dim * r.k_rank +
+                num_kv_heads * r.v_rank * h + h * num_heads * r.v_rank + mlp + norms;
+    }
+  }
+  return embeddings + layers + h /* final norm */ + (tie_word_embeddings ? 0 : embeddings);
 }
 
 absl::StatusOr<ModelConfig> ModelConfigFromJson(const nlohmann::json& j) {
@@ -418,8 +426,24 @@ absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& model_dir) {
                         absl::StrCat(path, ": ", config.status().message()));
   }
   // generation_config.json (optional), as transformers' GenerationConfig.from_pretrained.
-  const std::string gen_path = dir + "generation_config.json";
   std::error_code ec;
+  // lorc.json (optional): the LoRC compressed K/V of this directory (compress/FORMAT.md).
+  const std::string lorc_path = dir + kLorcJsonName;
+  if (std::filesystem::exists(lorc_path, ec)) {
+    ASSIGN_OR_RETURN(nlohmann::json lj, ReadJsonFile(lorc_path));
+    absl::StatusOr<LorcConfig> lorc = [&]() -> absl::StatusOr<LorcConfig> {
+      try {
+        return LorcConfigFromJson(lj, config->num_layers, config->num_kv_heads, config->head_dim);
+      } catch (const std::exception& e) {
+        return absl::InvalidArgumentError(absl::StrCat("lorc.json: malformed JSON value: ", e.what()));
+      }
+    }();
+    if (!lorc.ok()) {
+      return absl::Status(lorc.status().code(), absl::StrCat(lorc_path, ": ", lorc.status().message()));
+    }
+    config->lorc = *std::move(lorc);
+  }
+  const std::string gen_path = dir + "generation_config.json";
   if (!std::filesystem::exists(gen_path, ec)) return config;
   ASSIGN_OR_RETURN(nlohmann::json gj, ReadJsonFile(gen_path));
   absl::StatusOr<GenerationDefaults> gen = [&]() -> absl::StatusOr<GenerationDefaults> {

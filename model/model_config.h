@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "model/lorc_config.h"
 #include "nlohmann/json.hpp"
 
 namespace lorc {
@@ -61,10 +62,15 @@ struct ModelConfig {
   std::vector<int64_t> eos_token_ids;
   std::string torch_dtype;                  // "bfloat16", "float16", "float32" or ""
   GenerationDefaults generation;            // from generation_config.json (LoadModelConfig)
+  // LoRC compressed K/V (compress/FORMAT.md): set when the directory has a lorc.json
+  // (LoadModelConfig). Every layer is then a latent layer: k_proj/v_proj hold the per-KV-head
+  // down-projections, k_up_proj the key up-projections, o_proj is r_v-wide per query head.
+  std::optional<LorcConfig> lorc;
 
   int64_t q_size() const { return num_heads * head_dim; }
   int64_t kv_size() const { return num_kv_heads * head_dim; }
-  // Total parameter count of the dense model (embeddings, LM head unless tied, norms).
+  // Total parameter count of the dense model (embeddings, LM head unless tied, norms); with
+  // `lorc`, of its factor tensors (compress/FORMAT.md) in place of k/v/o_proj.
   int64_t NumParameters() const;
 };
 
@@ -79,7 +85,8 @@ absl::StatusOr<GenerationDefaults> GenerationDefaultsFromJson(const nlohmann::js
                                                               int64_t vocab_size);
 
 // Reads DIR/config.json and, when present, DIR/generation_config.json (its EOS ids join
-// eos_token_ids; its sampling defaults go to `generation`). Errors name the file and field.
+// eos_token_ids; its sampling defaults go to `generation`) and DIR/lorc.json (validated against
+// config.json: LorcConfigFromJson; goes to `lorc`). Errors name the file and field.
 absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& model_dir);
 
 // Inverse frequencies (head_dim / 2 values) with the configured scaling applied, with the

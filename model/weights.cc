@@ -46,6 +46,10 @@ class Loader {
       return absl::UnimplementedError(absl::StrCat("weights: ", DTypeName(dtype_),
                                                    " on the device not implemented (F32, BF16)"));
     }
+    if (c_.lorc && static_cast<int64_t>(c_.lorc->layers.size()) != c_.num_layers) {
+      return absl::InvalidArgumentError(absl::StrCat("weights: lorc.json has ", c_.lorc->layers.size(),
+                                                     " layers, the model ", c_.num_layers));
+    }
     ModelWeights w;
     w.shard = s_;
     w.dtype = dtype_;
@@ -103,12 +107,21 @@ class Loader {
     const int64_t d = c_.hidden_size, hd = c_.head_dim, inter = c_.intermediate_size;
     Add(lw.input_norm, {Norm(p + "input_layernorm.weight")});
     Add(lw.post_norm, {Norm(p + "post_attention_layernorm.weight")});
+    // Full layers: K/V/O per head are head_dim wide; LoRC layers: r_k (keys), r_v (values and
+    // the o_proj columns of each query head), plus the key up-projection (FORMAT.md).
+    const int64_t rk = c_.lorc ? c_.lorc->layers[l].k_rank : hd;
+    const int64_t rv = c_.lorc ? c_.lorc->layers[l].v_rank : hd;
+    const int64_t nkv = c_.num_kv_heads, nq = c_.num_heads;
     Add(lw.qkv, {Rows(p + "self_attn.q_proj.weight", c_.q_size(), d, s_.head_begin * hd, s_.num_heads * hd),
-                 Rows(p + "self_attn.k_proj.weight", c_.kv_size(), d, s_.kv_head_begin * hd,
-                      s_.num_kv_heads * hd),
-                 Rows(p + "self_attn.v_proj.weight", c_.kv_size(), d, s_.kv_head_begin * hd,
-                      s_.num_kv_heads * hd)});
-    Add(lw.o, {Cols(p + "self_attn.o_proj.weight", d, c_.q_size(), s_.head_begin * hd, s_.num_heads * hd)});
+                 Rows(p + "self_attn.k_proj.weight", nkv * rk, d, s_.kv_head_begin * rk,
+                      s_.num_kv_heads * rk),
+                 Rows(p + "self_attn.v_proj.weight", nkv * rv, d, s_.kv_head_begin * rv,
+                      s_.num_kv_heads * rv)});
+    if (c_.lorc) {
+      Add(lw.k_up, {Rows(p + "self_attn.k_up_proj.weight", nkv * hd, rk, s_.kv_head_begin * hd,
+                         s_.num_kv_heads * hd)});
+    }
+    Add(lw.o, {Cols(p + "self_attn.o_proj.weight", d, nq * rv, s_.head_begin * rv, s_.num_heads * rv)});
     Add(lw.gate_up, {Rows(p + "mlp.gate_proj.weight", inter, d, s_.inter_begin, s_.inter_size),
                      Rows(p + "mlp.up_proj.weight", inter, d, s_.inter_begin, s_.inter_size)});
     Add(lw.down, {Cols(p + "mlp.down_proj.weight", d, inter, s_.inter_begin, s_.inter_size)});

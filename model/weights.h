@@ -12,6 +12,14 @@
 //           vocab_size) of it (the tied embedding's rows when tied), logits all-gathered.
 // When tp exceeds the KV-head count, each rank holds the one KV head its query heads use
 // (KV heads replicated tp / num_kv_heads times).
+//
+// A LoRC layer (ModelConfig::lorc; compress/FORMAT.md; ranks r_k, r_v of the layer) is sliced by
+// heads the same way, with latent widths in place of head_dim:
+//   qkv     [q_local + kv_heads_local * (r_k + r_v), hidden]: this rank's query heads' q rows,
+//           then A_K rows of its KV heads (k_proj rows [h*r_k, (h+1)*r_k)), then A_V rows;
+//   k_up    [kv_heads_local * head_dim, r_k]: B_K of its KV heads (k_up_proj rows);
+//   o       [hidden, q_heads_local * r_v]: o_proj columns [j*r_v, (j+1)*r_v) of its query heads.
+// Each tensor's shape is checked at load (the error names tensor and expected shape).
 #pragma once
 
 #include <cstdint>
@@ -50,6 +58,7 @@ struct LayerWeights {
   DeviceBuffer input_norm;  // [hidden]
   DeviceBuffer qkv;         // see above
   DeviceBuffer o;
+  DeviceBuffer k_up;        // LoRC layers only: [kv_heads_local * head_dim, r_k]; empty otherwise
   DeviceBuffer post_norm;   // [hidden]
   DeviceBuffer gate_up;
   DeviceBuffer down;
@@ -80,7 +89,8 @@ absl::StatusOr<ModelWeights> LoadWeights(const ModelConfig& config, const Checkp
                                          const ShardLayout& shard, Backend& backend,
                                          const WeightsProgress& progress = nullptr);
 
-// Seeded random weights of the config's shape (uniform, std 0.02; norms 1), generated on the
+// Seeded random weights of the config's shape (LoRC factors of lorc.json's ranks when
+// config.lorc is set) (uniform, std 0.02; norms 1), generated on the
 // backend (Backend::FillWeights: no host staging). Values depend only on (seed, tensor name,
 // element index in the full tensor), so every tp split sees slices of the same full model and
 // every backend the same fp32 values (CUDA stores them rounded to BF16). With `progress`, after

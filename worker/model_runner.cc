@@ -63,9 +63,9 @@ absl::Status ModelRunner::Init(const KvCacheSpec& spec, const KvCacheOptions& kv
   }
   const int64_t full = weights_.shard.num_kv_heads * config_.head_dim;
   for (int l = 0; l < kv_spec_.num_layers(); ++l) {
-    if (kv_spec_.rope_at(l) != KvRope::kBeforeCache) {
-      return absl::UnimplementedError(absl::StrCat("kv spec layer ", l,
-                                                   ": RoPE at attention time (latent KV) is not implemented"));
+    if (IsLatent(l)) {
+      RETURN_IF_ERROR(CheckLatentLayer(l));  // model_runner_latent.cc
+      continue;
     }
     if (kv_spec_.k_width[l] != full || kv_spec_.v_width[l] != full) {
       return absl::InvalidArgumentError(absl::StrCat("kv spec layer ", l, ": widths ",
@@ -100,8 +100,14 @@ absl::Status ModelRunner::AllocateStepBuffers() {
   };
   RETURN_IF_ERROR(alloc(x_, T * d, esz));
   RETURN_IF_ERROR(alloc(h_, T * d, esz));
-  RETURN_IF_ERROR(alloc(qkv_, T * (s.num_heads + 2 * s.num_kv_heads) * hd, esz));
-  RETURN_IF_ERROR(alloc(attn_, T * s.num_heads * hd, esz));
+  // Sized for the widest layer (LoRC layers: latent K/V widths, r_v-wide attention outputs).
+  int64_t qkv_cols = 0, attn_cols = 0;
+  for (int l = 0; l < kv_spec_.num_layers(); ++l) {
+    qkv_cols = std::max(qkv_cols, s.num_heads * hd + kv_spec_.k_width[l] + kv_spec_.v_width[l]);
+    attn_cols = std::max(attn_cols, s.num_heads * (IsLatent(l) ? kv_spec_.v_rank[l] : hd));
+  }
+  RETURN_IF_ERROR(alloc(qkv_, T * qkv_cols, esz));
+  RETURN_IF_ERROR(alloc(attn_, T * attn_cols, esz));
   RETURN_IF_ERROR(alloc(gate_up_, T * 2 * s.inter_size, esz));
   RETURN_IF_ERROR(alloc(act_, T * s.inter_size, esz));
   RETURN_IF_ERROR(alloc(rows_, R * d, esz));
@@ -440,12 +446,16 @@ absl::Status ModelRunner::Forward(int32_t T, int32_t num_rows) {
     } else {
       RETURN_IF_ERROR(backend_->FusedAddRmsNorm(x, h, Weight(w.input_norm, 1, d), eps, h));
     }
-    RETURN_IF_ERROR(backend_->Matmul(h, Weight(w.qkv, q_sz + 2 * kv_sz, d), qkv));
-    rk.cache = ap.cache = kv_layers_[l];
-    RETURN_IF_ERROR(backend_->RopeKvWrite(rk));
-    RETURN_IF_ERROR(backend_->DecodeAttention(ap, *plan_));
-    RETURN_IF_ERROR(backend_->PrefillAttention(ap, *plan_));
-    RETURN_IF_ERROR(backend_->Matmul(attn, Weight(w.o, d, q_sz), h));
+    if (IsLatent(static_cast<int>(l))) {
+      RETURN_IF_ERROR(LatentAttentionBlock(static_cast<int>(l), T, h));  // h = o(attention(h))
+    } else {
+      RETURN_IF_ERROR(backend_->Matmul(h, Weight(w.qkv, q_sz + 2 * kv_sz, d), qkv));
+      rk.cache = ap.cache = kv_layers_[l];
+      RETURN_IF_ERROR(backend_->RopeKvWrite(rk));
+      RETURN_IF_ERROR(backend_->DecodeAttention(ap, *plan_));
+      RETURN_IF_ERROR(backend_->PrefillAttention(ap, *plan_));
+      RETURN_IF_ERROR(backend_->Matmul(attn, Weight(w.o, d, q_sz), h));
+    }
     RETURN_IF_ERROR(AllReduce(h));
     RETURN_IF_ERROR(backend_->FusedAddRmsNorm(x, h, Weight(w.post_norm, 1, d), eps, h));
     RETURN_IF_ERROR(backend_->Matmul(h, Weight(w.gate_up, 2 * sh.inter_size, d), gate_up));

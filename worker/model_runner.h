@@ -19,6 +19,11 @@
 // graph of the smallest size >= n with its metadata copied into the fixed buffers; padding rows
 // have token 0, position 0, slot -1 (no KV write) and are not attention sequences; their logit
 // rows are computed and ignored. Prefill and mixed steps run eagerly.
+// LoRC layers (kvstore KvRope::kAtAttention; ModelConfig::lorc; model_runner_latent.cc): qkv
+// matmul (q, key latents, value latents) -> RoPE on q only + the latents written unrotated ->
+// Backend::LatentAttention (keys reconstructed and rotated per position) -> o matmul over the
+// r_v-wide outputs. Backends without latent attention (CUDA for now) fail Create with
+// Unimplemented naming the backend.
 // With tensor parallelism every rank must take the same path for a step (a graph of n padded rows
 // and an eager step of fewer rows all-reduce different sizes: NCCL hangs), so the choice depends
 // only on the plan's shape (DecodeGraphIndex), never on which logits this rank wants: a graph step
@@ -139,6 +144,13 @@ class ModelRunner {
   absl::Status CaptureDecodeGraphs();
   // The graph index for a step of `steps` when it is pure decode and fits; -1 otherwise.
   int FindDecodeGraph(absl::Span<const SequenceStep> steps) const;
+  // LoRC latent layers (model_runner_latent.cc).
+  bool IsLatent(int layer) const { return kv_spec_.rope_at(layer) == KvRope::kAtAttention; }
+  // At Init: the backend runs latent attention (Unimplemented naming it otherwise), the layer's
+  // widths are this rank's KV heads x the ranks of config.lorc, its k_up was loaded.
+  absl::Status CheckLatentLayer(int layer) const;
+  // The attention block of latent layer `layer` over T rows: reads h, writes o(attention) to h.
+  absl::Status LatentAttentionBlock(int layer, int32_t T, const Tensor2D& h);
   Tensor2D Weight(const DeviceBuffer& b, int64_t rows, int64_t cols) const;
   Tensor2D Act(const DeviceBuffer& b, int64_t rows, int64_t cols) const;
 

@@ -53,6 +53,35 @@ TEST(MakeKvCacheSpecTest, LatentLayersReportCompressionAndValidateLengths) {
   EXPECT_THAT(spec->Validate(), StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("rope has 2")));
 }
 
+// A LoRC model (compress/FORMAT.md): per layer KV heads x r_k / r_v, unrotated latents.
+TEST(MakeKvCacheSpecTest, LorcLayersHoldLatentsOfTheirRanks) {
+  ModelConfig c = Gqa();
+  c.lorc = LorcConfig{};
+  c.lorc->method = "whitened-svd";
+  c.lorc->layers = {{16, 12}, {8, 8}, {4, 8}};
+  KvSpecOptions o;
+  o.num_kv_heads = 2;  // tp 2
+  auto spec = MakeKvCacheSpec(c, o);
+  ASSERT_OK(spec);
+  EXPECT_EQ(spec->k_width, (std::vector<int64_t>{32, 16, 8}));
+  EXPECT_EQ(spec->v_width, (std::vector<int64_t>{24, 16, 16}));
+  EXPECT_THAT(spec->rope, Each(KvRope::kAtAttention));
+  EXPECT_OK(spec->Validate());
+  // F32: 4 bytes per element of every layer's widths.
+  EXPECT_EQ(spec->BytesPerToken(), (32 + 16 + 8 + 24 + 16 + 16) * 4);
+  // 112 of 3 * 2 * 32 = 192 full elements.
+  EXPECT_EQ(spec->CompressionName(), "lorc:whitened-svd k=16..4 v=12..8, 58.3% KV");
+  c.lorc->method = "svd";
+  c.lorc->layers = {{8, 8}, {8, 8}, {8, 8}};
+  auto uniform = MakeKvCacheSpec(c, {});
+  ASSERT_OK(uniform);
+  EXPECT_EQ(uniform->CompressionName(), "lorc:svd k=8 v=8, 50% KV");
+  EXPECT_THAT(uniform->k_width, Each(4 * 8));
+  c.lorc->layers.pop_back();
+  EXPECT_THAT(MakeKvCacheSpec(c, {}),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("lorc.json has 2 layers")));
+}
+
 TEST(MakeKvCacheSpecTest, RejectsBadInputs) {
   KvSpecOptions o;
   o.block_size = 0;

@@ -1,0 +1,131 @@
+// The CPU reference of LoRC latent attention (backend.h, LatentAttentionParams): per sequence and
+// KV head, gather the latents, reconstruct the keys with one GEMM, rotate them at their positions,
+// then scores, causal softmax and probabilities x value latents, all in fp32. Written for
+// exactness, not speed: the GPU kernel is tested against it.
+#include <cblas.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "absl/strings/str_cat.h"
+#include "backend/cpu_kernels.h"
+#include "common/status_macros.h"
+
+namespace lorc::cpu_internal {
+
+void RotateRows(float* x, int64_t rows, int64_t ld, int heads, int head_dim,
+                const int32_t* positions, const float* inv_freq, std::vector<float>* cos,
+                std::vector<float>* sin) {
+  const int half = head_dim / 2;
+  cos->resize(half);
+  sin->resize(half);
+  for (int64_t t = 0; t < rows; ++t) {
+    const float pos = static_cast<float>(positions[t]);
+    for (int i = 0; i < half; ++i) {
+      // fp32 angle, as transformers computes it (inv_freq @ positions in float32).
+      const float angle = pos * inv_freq[i];
+      (*cos)[i] = static_cast<float>(std::cos(static_cast<double>(angle)));
+      (*sin)[i] = static_cast<float>(std::sin(static_cast<double>(angle)));
+    }
+    float* row = x + t * ld;
+    for (int h = 0; h < heads; ++h) {
+      float* v = row + static_cast<int64_t>(h) * head_dim;
+      for (int i = 0; i < half; ++i) {
+        const float a = v[i], b = v[i + half];
+        v[i] = a * (*cos)[i] - b * (*sin)[i];
+        v[i + half] = b * (*cos)[i] + a * (*sin)[i];
+      }
+    }
+  }
+}
+
+void CausalSoftmax(float* scores, int q_len, int len) {
+  for (int i = 0; i < q_len; ++i) {
+    float* row = scores + static_cast<size_t>(i) * len;
+    const int last = len - q_len + i;  // causal: keys at positions <= last
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int j = 0; j <= last; ++j) mx = std::max(mx, row[j]);
+    float sum = 0.f;
+    for (int j = 0; j <= last; ++j) {
+      row[j] = std::exp(row[j] - mx);
+      sum += row[j];
+    }
+    const float inv = 1.0f / sum;
+    for (int j = 0; j <= last; ++j) row[j] *= inv;
+    for (int j = last + 1; j < len; ++j) row[j] = 0.f;
+  }
+}
+
+absl::Status LatentAttention(const LatentAttentionParams& p, const AttentionBatch& b,
+                             absl::Span<const int32_t> seqs, LatentScratch* sc) {
+  RETURN_IF_ERROR(RequireF32("cpu", "LatentAttention", "query", p.q.dtype));
+  RETURN_IF_ERROR(RequireF32("cpu", "LatentAttention", "k_up", p.k_up.dtype));
+  RETURN_IF_ERROR(RequireF32("cpu", "LatentAttention", "output", p.out.dtype));
+  RETURN_IF_ERROR(RequireF32("cpu", "LatentAttention", "cache", p.cache.dtype));
+  const int hd = p.head_dim, rk = p.k_rank, rv = p.v_rank;
+  if (p.num_kv_heads <= 0 || p.num_heads % p.num_kv_heads != 0 || hd <= 0 || hd % 2 != 0 ||
+      rk < 1 || rk > hd || rv < 1 || rv > hd) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "cpu backend: LatentAttention: ", p.num_heads, " query heads over ", p.num_kv_heads,
+        " KV heads, head_dim ", hd, ", k_rank ", rk, ", v_rank ", rv));
+  }
+  if (p.cache.k_width != static_cast<int64_t>(p.num_kv_heads) * rk ||
+      p.cache.v_width != static_cast<int64_t>(p.num_kv_heads) * rv ||
+      p.k_up.rows != static_cast<int64_t>(p.num_kv_heads) * hd || p.k_up.cols != rk ||
+      p.q.cols != static_cast<int64_t>(p.num_heads) * hd ||
+      p.out.cols != static_cast<int64_t>(p.num_heads) * rv || p.out.rows != p.q.rows) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "cpu backend: LatentAttention: shapes q[", p.q.rows, ",", p.q.cols, "] k_up[", p.k_up.rows,
+        ",", p.k_up.cols, "] out[", p.out.rows, ",", p.out.cols, "] cache widths ", p.cache.k_width,
+        "/", p.cache.v_width, " do not match ", p.num_heads, " query heads, ", p.num_kv_heads,
+        " KV heads, head_dim ", hd, ", k_rank ", rk, ", v_rank ", rv));
+  }
+  const int group = p.num_heads / p.num_kv_heads;
+  const float* kc = static_cast<const float*>(p.cache.k);
+  const float* vc = static_cast<const float*>(p.cache.v);
+  const int64_t q_ld = p.q.stride(), o_ld = p.out.stride(), up_ld = p.k_up.stride();
+  for (const int32_t s : seqs) {
+    const int q0 = b.query_start[s];
+    const int q_len = b.query_start[s + 1] - q0;
+    if (q_len == 0) continue;
+    const int len = b.seq_lens[s];
+    const int32_t* table = b.block_tables + static_cast<int64_t>(s) * b.max_blocks_per_seq;
+    sc->c_k.resize(static_cast<size_t>(len) * rk);
+    sc->c_v.resize(static_cast<size_t>(len) * rv);
+    sc->k.resize(static_cast<size_t>(len) * hd);
+    sc->scores.resize(static_cast<size_t>(q_len) * len);
+    sc->positions.resize(len);
+    for (int pos = 0; pos < len; ++pos) sc->positions[pos] = pos;
+    for (int g = 0; g < p.num_kv_heads; ++g) {
+      for (int pos = 0; pos < len; ++pos) {
+        const int64_t slot =
+            static_cast<int64_t>(table[pos / b.block_size]) * b.block_size + pos % b.block_size;
+        std::memcpy(&sc->c_k[static_cast<size_t>(pos) * rk], kc + slot * p.cache.k_width + g * rk,
+                    sizeof(float) * rk);
+        std::memcpy(&sc->c_v[static_cast<size_t>(pos) * rv], vc + slot * p.cache.v_width + g * rv,
+                    sizeof(float) * rv);
+      }
+      // k [len, hd] = c_K [len, rk] x B_K,g^T (B_K,g: [hd, rk]), then RoPE at each position.
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, len, hd, rk, 1.0f, sc->c_k.data(), rk,
+                  p.k_up.as<float>() + static_cast<int64_t>(g) * hd * up_ld, static_cast<int>(up_ld),
+                  0.0f, sc->k.data(), hd);
+      RotateRows(sc->k.data(), len, hd, 1, hd, sc->positions.data(), p.inv_freq, &sc->cos, &sc->sin);
+      for (int hh = 0; hh < group; ++hh) {
+        const int h = g * group + hh;
+        const float* q = p.q.as<float>() + static_cast<int64_t>(q0) * q_ld + static_cast<int64_t>(h) * hd;
+        float* out = p.out.as<float>() + static_cast<int64_t>(q0) * o_ld + static_cast<int64_t>(h) * rv;
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, q_len, len, hd, p.scale, q,
+                    static_cast<int>(q_ld), sc->k.data(), hd, 0.0f, sc->scores.data(), len);
+        CausalSoftmax(sc->scores.data(), q_len, len);
+        // out [q_len, rv] = P [q_len, len] x c_V [len, rv]: the value up-projection is in o_proj.
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, q_len, rv, len, 1.0f,
+                    sc->scores.data(), len, sc->c_v.data(), rv, 0.0f, out, static_cast<int>(o_ld));
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace lorc::cpu_internal

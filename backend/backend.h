@@ -177,13 +177,14 @@ struct RopeKvWriteParams {
   Tensor2D k;  // [num_tokens, cache.k_width]: num_kv_heads * head_dim, or latents (rotate_k false)
   Tensor2D v;  // [num_tokens, cache.v_width]
   KvLayer cache;
-  bool rotate_k = true;
   int32_t num_heads = 0;
   int32_t num_kv_heads = 0;
   int32_t head_dim = 0;
   const int32_t* positions = nullptr;     // [num_tokens], device
   const float* inv_freq = nullptr;        // [head_dim / 2], device, fp32
   const int32_t* slot_mapping = nullptr;  // [num_tokens], device, flat slot or -1
+  // false: LoRC latents (compress/FORMAT.md): q rotated, k stored as given (rotated at attention).
+  bool rotate_k = true;
 };
 
 // Attention over LoRC latents (compress/FORMAT.md) for one layer. The cache holds, per token

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <string_view>
 #include <utility>
 
 #include "absl/container/flat_hash_set.h"
@@ -402,6 +403,14 @@ absl::StatusOr<StepOutput> ModelRunner::Execute(absl::Span<const SequenceStep> s
   return out;
 }
 
+absl::Status ModelRunner::SetLayerInputObserver(LayerInputObserver observer) {
+  if (observer && std::string_view(backend_->name()) != "cpu") {
+    return absl::FailedPreconditionError("SetLayerInputObserver: needs the CPU backend");
+  }
+  layer_input_observer_ = std::move(observer);
+  return absl::OkStatus();
+}
+
 absl::Status ModelRunner::Forward(int32_t T, int32_t num_rows) {
   const int32_t* dm = meta_.as<int32_t>();
   const MetaLayout& m = meta_at_;
@@ -440,6 +449,7 @@ absl::Status ModelRunner::Forward(int32_t T, int32_t num_rows) {
     } else {
       RETURN_IF_ERROR(backend_->FusedAddRmsNorm(x, h, Weight(w.input_norm, 1, d), eps, h));
     }
+    if (layer_input_observer_) layer_input_observer_(static_cast<int>(l), h);
     RETURN_IF_ERROR(backend_->Matmul(h, Weight(w.qkv, q_sz + 2 * kv_sz, d), qkv));
     rk.cache = ap.cache = kv_layers_[l];
     RETURN_IF_ERROR(backend_->RopeKvWrite(rk));

@@ -118,10 +118,11 @@ TEST_F(CompressFixture, WhitenedHasSmallerActivationErrorThanPlain) {
       const double e_plain = ActivationErrorSq(Sub(w, MatMul(plain.b, plain.a)), c);
       const double e_wh = ActivationErrorSq(Sub(w, MatMul(wh.b, wh.a)), c);
       EXPECT_LT(e_wh, e_plain) << proj << " layer " << layer;
-      // Whitened SVD is optimal for the activation error: it equals the tail of W L's spectrum.
+      // Whitened SVD is optimal for the activation error: it equals the tail of W L's spectrum
+      // (L factors C + eps I, eps = 1e-6 of the mean diagonal: a relative gap of about 1e-6).
       double tail = 0;
       for (size_t i = 32; i < wh.s.size(); ++i) tail += wh.s[i] * wh.s[i];
-      EXPECT_NEAR(e_wh, tail, 1e-6 * tail) << proj << " layer " << layer;
+      EXPECT_NEAR(e_wh, tail, 1e-5 * tail) << proj << " layer " << layer;
     }
   }
 }

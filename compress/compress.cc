@@ -73,6 +73,12 @@ absl::Status CheckOptions(const CompressOptions& o, const ModelConfig& c) {
     return absl::InvalidArgumentError(absl::StrCat("--schedule: '", o.schedule,
                                                    "' is not uniform or progressive"));
   }
+  if (o.kv_ratio.has_value() && o.schedule == "progressive" &&
+      *o.kv_ratio * static_cast<double>(c.head_dim) < static_cast<double>(kRankMultiple) - 1e-9) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--kv-ratio: ", *o.kv_ratio, " is below the smallest progressive schedule (rank ",
+        kRankMultiple, " of head_dim ", c.head_dim, ")"));
+  }
   if (o.ranks.has_value() && o.schedule != "uniform") {
     return absl::InvalidArgumentError("--schedule: applies only with --kv-ratio, not --ranks");
   }

@@ -33,12 +33,6 @@ MatD RowBlock(const MatD& m, int64_t begin, int64_t n) {
   return out;
 }
 
-absl::StatusOr<double> ConditionNumber(const MatD& m) {
-  ASSIGN_OR_RETURN(Svd svd, ComputeSvd(m));
-  if (svd.s.back() <= 0) return std::numeric_limits<double>::infinity();
-  return svd.s.front() / svd.s.back();
-}
-
 namespace {
 
 std::string LayerName(int64_t l, const char* what) {
@@ -138,11 +132,18 @@ absl::StatusOr<CompressResult> Compress(const CompressOptions& o, const Progress
     for (int64_t l = 0; l < L; ++l) {
       ASSIGN_OR_RETURN(MatD wk, ReadMatrix(*reader, LayerName(l, "k_proj"), nkv * d, D));
       ASSIGN_OR_RETURN(MatD wv, ReadMatrix(*reader, LayerName(l, "v_proj"), nkv * d, D));
-      ASSIGN_OR_RETURN(double ck, ConditionNumber(wk));
-      ASSIGN_OR_RETURN(double cv, ConditionNumber(wv));
-      kk.push_back(ck);
-      kv.push_back(cv);
-      if (progress) progress(absl::StrFormat("layer %d/%d: condition number K %.4g V %.4g", l + 1, L, ck, cv));
+      ASSIGN_OR_RETURN(const Svd sk, ComputeSvd(wk));
+      ASSIGN_OR_RETURN(const Svd sv, ComputeSvd(wv));
+      const auto kappa = [](const Svd& x) {
+        return x.s.back() > 0 ? x.s.front() / x.s.back() : std::numeric_limits<double>::infinity();
+      };
+      kk.push_back(kappa(sk));
+      kv.push_back(kappa(sv));
+      if (progress) {
+        progress(absl::StrFormat(
+            "layer %d/%d: condition number K %.4g (s %.4g..%.4g) V %.4g (s %.4g..%.4g)", l + 1, L,
+            kk.back(), sk.s.front(), sk.s.back(), kv.back(), sv.s.front(), sv.s.back()));
+      }
     }
     ASSIGN_OR_RETURN(res.ranks, ProgressiveRanks(kk, kv, d, *o.kv_ratio));
   }

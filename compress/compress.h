@@ -52,9 +52,6 @@ absl::StatusOr<MatD> ReadMatrix(const CheckpointReader& reader, const std::strin
 // Rows [begin, begin + n) of m.
 MatD RowBlock(const MatD& m, int64_t begin, int64_t n);
 
-// Condition number s_max / s_min of m (infinity when s_min is 0).
-absl::StatusOr<double> ConditionNumber(const MatD& m);
-
 // Validates a parsed lorc.json against FORMAT.md for `config` (InvalidArgument naming the field,
 // e.g. "lorc.json: layers[3].k_rank: 200 is outside [1, 128]").
 absl::Status ValidateLorcJson(const nlohmann::json& j, const ModelConfig& config);

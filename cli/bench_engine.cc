@@ -53,8 +53,9 @@ std::vector<FlagSpec> Flags() {
        "run the model sharded over N local worker processes (tensor parallelism, one per GPU "
        "from --device on); default: in this process",
        "N"},
-      {"shard-lm-head", false,
-       "with --local-workers: split the LM head by vocabulary across the workers (default: replicated)"},
+      {"lm-head", true,
+       "with --local-workers: split | replicated LM head (default: split on GPUs, on CPUs from 4 workers)",
+       "HOW"},
       {"json", false, "print only the JSON lines"},
       {"help", false, "show this help"},
   };
@@ -192,7 +193,9 @@ absl::StatusOr<std::unique_ptr<Target>> OpenLocalWorkers(const Args& args, int32
   ASSIGN_OR_RETURN(o.workers.first_device, args.GetInt32("device", 0, 0));
   ASSIGN_OR_RETURN(t->config, LoadModelConfig(o.model.dir));
   // The split is checked here too, so that a shape N does not divide names the flag at once.
-  absl::StatusOr<ShardLayout> layout = ShardLayout::Make(t->config, 0, n, o.model.shard_lm_head);
+  // The workers resolve an unset --lm-head the same way (model/weights.h DefaultLmHeadSplit).
+  absl::StatusOr<ShardLayout> layout =
+      ShardLayout::Make(t->config, 0, n, o.model.shard_lm_head, /*cuda=*/o.workers.backend == "cuda");
   if (!layout.ok()) {
     return absl::InvalidArgumentError(absl::StrCat(flag, layout.status().message()));
   }
@@ -242,7 +245,7 @@ absl::StatusOr<std::unique_ptr<Target>> OpenTarget(const Args& args) {
 int RunEngineBench(int argc, char** argv) {
   const std::vector<FlagSpec> flags = Flags();
   const char* synopsis =
-      "--model DIR [--backend cuda] [--random-weights] [--local-workers N [--shard-lm-head]] "
+      "--model DIR [--backend cuda] [--random-weights] [--local-workers N [--lm-head split|replicated]] "
       "[--decode-batches 1,8,64,256] "
       "[--contexts 128,4096] [--prefill 512,4096] [--steps N] [--json]";
   int exit_code = 0;

@@ -58,7 +58,7 @@ int RunCoordinator(int argc, char** argv) {
       {"advertise-address", true, "how workers reach this server (default: from --listen)", "HOST:PORT"},
       {"random-weights", false, "workers use seeded random weights of config.json's shape"},
       {"weights-seed", true, "seed for --random-weights", "S"},
-      {"shard-lm-head", false, "split the LM head by vocabulary across the workers (default: replicated)"},
+      {"lm-head", true, "split | replicated: the LM head under tensor parallelism (default: split on GPUs, and on CPUs from 4 workers; measured, docs/PERFORMANCE.md)", "HOW"},
       {"step-transport", true, "stream (default) or unary step RPCs", "KIND"},
       {"join-timeout-s", true, "seconds the ranks have to join the communicator (default 60)", "S"},
       {"max-restarts", true,

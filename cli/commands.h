@@ -11,6 +11,8 @@ int RunWorker(int argc, char** argv);
 int RunCoordinator(int argc, char** argv);
 int RunClient(int argc, char** argv);
 int RunBench(int argc, char** argv);
+// compress: the offline LoRC compressor (compress/).
+int RunCompress(int argc, char** argv);
 // bench --model DIR: the offline engine benchmark (cli/bench_engine.cc).
 int RunEngineBench(int argc, char** argv);
 

@@ -15,6 +15,7 @@ constexpr char kUsage[] =
     "  eval       perplexity and pass-key retrieval accuracy of a model\n"
     "  tokenize   print the token ids of a text\n"
     "  info       versions, compiled backends and the devices this machine has\n"
+    "  compress   write a low-rank (LoRC) KV-compressed copy of a model directory\n"
     "  coordinator  serve the gRPC API in front of tensor-parallel workers\n"
     "  worker     one tensor-parallel rank (started by hand or by the coordinator)\n"
     "  client     stream a generation from a running server\n"
@@ -34,6 +35,7 @@ int main(int argc, char** argv) {
   if (cmd == "eval") return lorc::cli::RunEval(argc, argv);
   if (cmd == "tokenize") return lorc::cli::RunTokenize(argc, argv);
   if (cmd == "info") return lorc::cli::RunInfo(argc, argv);
+  if (cmd == "compress") return lorc::cli::RunCompress(argc, argv);
 #ifdef LORC_WITH_GRPC
   if (cmd == "coordinator") return lorc::cli::RunCoordinator(argc, argv);
   if (cmd == "worker") return lorc::cli::RunWorker(argc, argv);

@@ -74,7 +74,13 @@ absl::StatusOr<ModelSource> ParseModelSource(const Args& args) {
   ModelSource src;
   src.dir = args.Get("model");
   src.random_weights = args.Has("random-weights");
-  src.shard_lm_head = args.Has("shard-lm-head");
+  if (args.Has("lm-head")) {
+    const std::string v = args.Get("lm-head");
+    if (v != "split" && v != "replicated") {
+      return absl::InvalidArgumentError(absl::StrCat("--lm-head: '", v, "' is not split or replicated"));
+    }
+    src.shard_lm_head = v == "split";
+  }
   ASSIGN_OR_RETURN(int64_t seed, args.GetInt("weights-seed", 0));
   src.seed = static_cast<uint64_t>(seed);
   return src;

@@ -28,7 +28,7 @@ std::vector<FlagSpec> SchedulerFlags();
 // flag).
 absl::StatusOr<EngineOptions> ParseEngineOptions(const Args& args);
 
-// --model, --random-weights, --weights-seed, --shard-lm-head (where the command has it).
+// --model, --random-weights, --weights-seed, --lm-head (where the command has it).
 absl::StatusOr<ModelSource> ParseModelSource(const Args& args);
 // KvCacheFlags(), range-checked (errors name the flag).
 absl::StatusOr<KvCacheOptions> ParseKvCacheOptions(const Args& args);

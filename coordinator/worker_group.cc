@@ -128,7 +128,7 @@ absl::Status WorkerGroup::Connect() {
       req.set_model_dir(options_.model.dir);
       req.set_random_weights(options_.model.random_weights);
       req.set_weights_seed(options_.model.seed);
-      req.set_shard_lm_head(options_.model.shard_lm_head);
+      if (options_.model.shard_lm_head.has_value()) req.set_shard_lm_head(*options_.model.shard_lm_head);
       req.set_tp_rank(wp->rank);
       req.set_tp_size(n);
       req.set_block_size(options_.kv.block_size);

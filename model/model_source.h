@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 
 namespace lorc {
@@ -11,7 +12,9 @@ struct ModelSource {
   std::string dir;              // holds config.json (and the weights unless random)
   bool random_weights = false;  // ignore weight files; generate from `seed`
   uint64_t seed = 0;
-  bool shard_lm_head = false;   // tensor parallelism: split the LM head by vocabulary
+  // Tensor parallelism: split the LM head by vocabulary (true) or replicate it on every rank
+  // (false); unset: DefaultLmHeadSplit decides (model/weights.h).
+  std::optional<bool> shard_lm_head;
 };
 
 }  // namespace lorc

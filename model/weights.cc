@@ -137,8 +137,15 @@ class Loader {
 
 }  // namespace
 
+bool DefaultLmHeadSplit(const ModelConfig& config, int32_t tp_size, bool cuda) {
+  if (tp_size <= 1 || config.vocab_size % tp_size != 0) return false;
+  return cuda || tp_size >= 4;
+}
+
 absl::StatusOr<ShardLayout> ShardLayout::Make(const ModelConfig& c, int32_t tp_rank,
-                                              int32_t tp_size, bool shard_lm_head) {
+                                              int32_t tp_size, std::optional<bool> shard_lm_head_opt,
+                                              bool cuda) {
+  const bool shard_lm_head = shard_lm_head_opt.value_or(DefaultLmHeadSplit(c, tp_size, cuda));
   if (tp_size < 1 || tp_rank < 0 || tp_rank >= tp_size) {
     return absl::InvalidArgumentError(absl::StrCat("invalid tensor-parallel rank ", tp_rank, " of ", tp_size));
   }

@@ -3,6 +3,7 @@
 #include <chrono>
 #include <cstdio>
 #include <string>
+#include <string_view>
 
 #include "common/status_macros.h"
 #include "kvstore/kv_spec.h"
@@ -18,7 +19,8 @@ absl::StatusOr<LoadedModel> LoadModel(const ModelSource& source, Backend* backen
   LoadedModel m;
   ASSIGN_OR_RETURN(m.config, LoadModelConfig(source.dir));
   ASSIGN_OR_RETURN(ShardLayout shard,
-                   ShardLayout::Make(m.config, tp_rank, tp_size, source.shard_lm_head));
+                   ShardLayout::Make(m.config, tp_rank, tp_size, source.shard_lm_head,
+                                     /*cuda=*/std::string_view(backend->name()) == "cuda"));
   // Progress lines (one per checkpoint file, or one for random weights) on stderr, by the worker
   // process and the in-process CLI alike; each rank prints its own.
   const WeightsProgress progress = [tp_rank, tp_size](const std::string& line) {

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <string_view>
 #include <utility>
 
 #include "absl/container/flat_hash_set.h"
@@ -408,6 +409,14 @@ absl::StatusOr<StepOutput> ModelRunner::Execute(absl::Span<const SequenceStep> s
   return out;
 }
 
+absl::Status ModelRunner::SetLayerInputObserver(LayerInputObserver observer) {
+  if (observer && std::string_view(backend_->name()) != "cpu") {
+    return absl::FailedPreconditionError("SetLayerInputObserver: needs the CPU backend");
+  }
+  layer_input_observer_ = std::move(observer);
+  return absl::OkStatus();
+}
+
 absl::Status ModelRunner::Forward(int32_t T, int32_t num_rows) {
   const int32_t* dm = meta_.as<int32_t>();
   const MetaLayout& m = meta_at_;
@@ -446,6 +455,7 @@ absl::Status ModelRunner::Forward(int32_t T, int32_t num_rows) {
     } else {
       RETURN_IF_ERROR(backend_->FusedAddRmsNorm(x, h, Weight(w.input_norm, 1, d), eps, h));
     }
+    if (layer_input_observer_) layer_input_observer_(static_cast<int>(l), h);
     if (IsLatent(static_cast<int>(l))) {
       RETURN_IF_ERROR(LatentAttentionBlock(static_cast<int>(l), T, h));  // h = o(attention(h))
     } else {

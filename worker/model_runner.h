@@ -31,6 +31,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -115,6 +116,11 @@ class ModelRunner {
   int64_t num_eager_steps() const { return num_eager_steps_; }
   // Device memory the start-up capture took out of the KV budget (0 without graphs).
   int64_t graph_memory_bytes() const { return graph_memory_bytes_; }
+  // Offline calibration (compress/): called in Forward after layer `layer`'s input norm with its
+  // output, F32 [T, hidden] in host memory (row stride normed_input.stride()), valid only during
+  // the call. CPU backend only (FailedPrecondition otherwise); an empty function removes it.
+  using LayerInputObserver = std::function<void(int layer, const Tensor2D& normed_input)>;
+  absl::Status SetLayerInputObserver(LayerInputObserver observer);
 
  private:
   ModelRunner(const ModelConfig& config, ModelWeights weights, Backend* backend, Communicator* comm)
@@ -181,6 +187,7 @@ class ModelRunner {
   std::vector<int32_t> graph_sizes_;
   std::vector<std::unique_ptr<Graph>> graphs_;  // graphs_[i] runs a decode step of graph_sizes_[i] rows
   int64_t num_graph_steps_ = 0, num_eager_steps_ = 0, graph_memory_bytes_ = 0;
+  LayerInputObserver layer_input_observer_;
 };
 
 // Padded batch sizes for decode graphs, vLLM-style: 1, 2, 4, then multiples of 8 up to

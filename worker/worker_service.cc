@@ -287,7 +287,8 @@ absl::StatusOr<lorcserve::internal::LoadModelResponse> WorkerService::LoadModelO
   }
   model_loaded_ = false;
   d.ResetModel();
-  ModelSource src{req.model_dir(), req.random_weights(), req.weights_seed(), req.shard_lm_head()};
+  ModelSource src{req.model_dir(), req.random_weights(), req.weights_seed(),
+                  req.has_shard_lm_head() ? std::optional<bool>(req.shard_lm_head()) : std::nullopt};
   KvCacheOptions kv;
   kv.block_size = req.block_size() > 0 ? req.block_size() : defaults::kBlockSize;
   kv.num_blocks = req.num_blocks();

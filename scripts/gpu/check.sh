@@ -147,11 +147,11 @@ phase_bench() {
   if [ "$GPUS" -ge 2 ]; then
     [ -x "$B/allreduce_bench" ] && timeout 300 "$B/allreduce_bench" > "$OUT/bench-allreduce.txt" 2>&1 &&
       note "bench allreduce: done"
-    for head in "" "--shard-lm-head"; do
+    for head in split replicated; do
       timeout 900 "$L" bench --model bench/configs/llama3-70b --backend cuda --random-weights \
-        --local-workers 2 $head --steps "$STEPS" > "$OUT/bench-70b-tp2${head:+-sharded}.txt" 2>&1 &&
-        note "bench 70B tp=2 ${head:-replicated LM head}: done" ||
-        { note "bench 70B tp=2 $head: FAILED"; fails=$((fails + 1)); }
+        --local-workers 2 --lm-head $head --steps "$STEPS" > "$OUT/bench-70b-tp2-lmhead-$head.txt" 2>&1 &&
+        note "bench 70B tp=2, LM head $head: done" ||
+        { note "bench 70B tp=2, LM head $head: FAILED"; fails=$((fails + 1)); }
     done
   fi
 }

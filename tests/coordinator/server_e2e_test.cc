@@ -34,7 +34,7 @@ INSTANTIATE_TEST_SUITE_P(TensorParallel, ServerGoldenTest, ::testing::Values(1, 
 class ShardedLmHeadTest : public ServerE2ETest, public ::testing::WithParamInterface<int> {};
 
 TEST_P(ShardedLmHeadTest, GreedyMatchesGolden) {
-  ASSERT_NO_FATAL_FAILURE(StartServer(GetParam(), {"--shard-lm-head"}));
+  ASSERT_NO_FATAL_FAILURE(StartServer(GetParam(), {"--lm-head", "split"}));
   EXPECT_EQ(Info().tensor_parallel_size(), GetParam());
   ASSERT_NO_FATAL_FAILURE(ExpectGoldenGreedy());
 }

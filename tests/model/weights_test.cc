@@ -87,5 +87,25 @@ TEST(ShardLayoutTest, RejectsSplitsThatDoNotDivide) {
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("rank 2 of 2")));
 }
 
+// The LM head placement when the user does not say: split on GPUs, on CPUs from TP = 4 (both
+// measured), replicated when the vocabulary does not split evenly; ShardLayout::Make follows it.
+TEST(ShardLayoutTest, DefaultLmHeadPlacementFollowsTheMeasurements) {
+  const ModelConfig c = Config(8, 8, 64, 4096);
+  EXPECT_FALSE(DefaultLmHeadSplit(c, 1, /*cuda=*/true));
+  EXPECT_TRUE(DefaultLmHeadSplit(c, 2, /*cuda=*/true));
+  EXPECT_FALSE(DefaultLmHeadSplit(c, 2, /*cuda=*/false));
+  EXPECT_TRUE(DefaultLmHeadSplit(c, 4, /*cuda=*/false));
+  EXPECT_FALSE(DefaultLmHeadSplit(Config(8, 8, 64, 4095), 2, /*cuda=*/true));
+  auto gpu = ShardLayout::Make(c, 0, 2, std::nullopt, /*cuda=*/true);
+  ASSERT_TRUE(gpu.ok());
+  EXPECT_TRUE(gpu->lm_head_sharded);
+  auto cpu = ShardLayout::Make(c, 0, 2, std::nullopt, /*cuda=*/false);
+  ASSERT_TRUE(cpu.ok());
+  EXPECT_FALSE(cpu->lm_head_sharded);
+  auto odd = ShardLayout::Make(Config(8, 8, 64, 4095), 0, 2, std::nullopt, /*cuda=*/true);
+  ASSERT_TRUE(odd.ok()) << odd.status();  // auto falls back to replicated, explicit split fails
+  EXPECT_FALSE(odd->lm_head_sharded);
+}
+
 }  // namespace
 }  // namespace lorc

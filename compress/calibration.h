@@ -1,0 +1,38 @@
+// Calibration for whitened factorization: second moments C_l = sum_t x_t x_t^T (fp64, [D, D]) of
+// the inputs of every layer's K/V projections (the input_layernorm output), from running the
+// model on the CPU backend over a calibration text (worker/ModelRunner's layer-input observer).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "compress/linalg.h"
+
+namespace lorc::compress {
+
+struct CalibrationText {
+  std::string source;  // "default" or the file name as given
+  std::string text;
+};
+
+// `path` empty: the default text compiled in from compress/calib/default.txt. Otherwise plain
+// text, or JSONL (a file ending .jsonl, or whose first non-blank line starts with '{') with a
+// string "text" field per non-blank line, joined with blank lines. NotFound / InvalidArgument
+// naming the file and line.
+absl::StatusOr<CalibrationText> LoadCalibrationText(const std::string& path);
+
+struct CalibrationMoments {
+  std::vector<MatD> c;  // per layer, [hidden, hidden], symmetric
+  int64_t tokens = 0;   // token rows accumulated (each chunk starts with BOS when the model has one)
+};
+
+// Tokenizes `text` with the model's tokenizer and runs it in chunks of `chunk_tokens` (one
+// sequence per chunk, on a CPU backend with fp32 weights). InvalidArgument when the text gives
+// no tokens.
+absl::StatusOr<CalibrationMoments> ComputeCalibrationMoments(const std::string& model_dir,
+                                                             const std::string& text,
+                                                             int32_t chunk_tokens = 512);
+
+}  // namespace lorc::compress

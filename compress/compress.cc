@@ -1,0 +1,295 @@
+#include "compress/compress.h"
+
+#include <cblas.h>
+
+#include <cmath>
+#include <filesystem>
+#include <limits>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "common/json_util.h"
+#include "common/status_macros.h"
+#include "compress/calibration.h"
+#include "compress/safetensors_writer.h"
+
+namespace lorc::compress {
+
+namespace fs = std::filesystem;
+
+absl::StatusOr<MatD> ReadMatrix(const CheckpointReader& reader, const std::string& name,
+                                int64_t rows, int64_t cols) {
+  std::vector<float> f(static_cast<size_t>(rows * cols));
+  const int64_t shape[2] = {rows, cols};
+  RETURN_IF_ERROR(reader.ReadF32(name, shape, absl::MakeSpan(f)));
+  MatD m(rows, cols);
+  std::copy(f.begin(), f.end(), m.v.begin());
+  return m;
+}
+
+MatD RowBlock(const MatD& m, int64_t begin, int64_t n) {
+  MatD out(n, m.cols);
+  std::copy_n(m.v.begin() + begin * m.cols, n * m.cols, out.v.begin());
+  return out;
+}
+
+namespace {
+
+std::string LayerName(int64_t l, const char* what) {
+  return absl::StrCat("model.layers.", l, ".self_attn.", what, ".weight");
+}
+
+absl::StatusOr<DType> OutputDType(const ModelConfig& c) {
+  if (c.torch_dtype == "bfloat16") return DType::kBF16;
+  if (c.torch_dtype == "float16") return DType::kF16;
+  if (c.torch_dtype.empty() || c.torch_dtype == "float32") return DType::kF32;
+  return absl::InvalidArgumentError(absl::StrCat("config.json: dtype ", c.torch_dtype,
+                                                 " is not bfloat16, float16 or float32"));
+}
+
+absl::Status CheckOptions(const CompressOptions& o, const ModelConfig& c) {
+  if (o.kv_ratio.has_value() == o.ranks.has_value()) {
+    return absl::InvalidArgumentError("give exactly one of --kv-ratio and --ranks");
+  }
+  if (o.kv_ratio.has_value() && !(*o.kv_ratio > 0 && *o.kv_ratio <= 1)) {
+    return absl::InvalidArgumentError(absl::StrCat("--kv-ratio: ", *o.kv_ratio,
+                                                   " is outside (0, 1]"));
+  }
+  if (o.ranks.has_value()) {
+    for (int64_t r : {o.ranks->k_rank, o.ranks->v_rank}) {
+      if (r < 1 || r > c.head_dim) {
+        return absl::InvalidArgumentError(absl::StrCat("--ranks: rank ", r, " is outside [1, ",
+                                                       c.head_dim, "] (head_dim)"));
+      }
+    }
+  }
+  if (o.schedule != "uniform" && o.schedule != "progressive") {
+    return absl::InvalidArgumentError(absl::StrCat("--schedule: '", o.schedule,
+                                                   "' is not uniform or progressive"));
+  }
+  if (o.kv_ratio.has_value() && o.schedule == "progressive" &&
+      *o.kv_ratio * static_cast<double>(c.head_dim) < static_cast<double>(kRankMultiple) - 1e-9) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--kv-ratio: ", *o.kv_ratio, " is below the smallest progressive schedule (rank ",
+        kRankMultiple, " of head_dim ", c.head_dim, ")"));
+  }
+  if (o.ranks.has_value() && o.schedule != "uniform") {
+    return absl::InvalidArgumentError("--schedule: applies only with --kv-ratio, not --ranks");
+  }
+  if (!o.calib_path.empty() && !o.whiten) {
+    return absl::InvalidArgumentError("--calib: needs --whiten");
+  }
+  if (o.tp < 1 || c.num_kv_heads % o.tp != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--tp: ", o.tp, " does not divide the model's ", c.num_kv_heads,
+        " KV heads (latents are per KV head and shard with the heads)"));
+  }
+  if (o.out_dir.empty()) return absl::InvalidArgumentError("--out DIR is required");
+  std::error_code ec;
+  if (fs::exists(o.out_dir, ec)) {
+    if (fs::equivalent(o.out_dir, o.model_dir, ec)) {
+      return absl::InvalidArgumentError("--out: is the --model directory");
+    }
+    if (!fs::is_directory(o.out_dir, ec)) {
+      return absl::InvalidArgumentError(absl::StrCat("--out: ", o.out_dir, " is not a directory"));
+    }
+    if (!fs::is_empty(o.out_dir, ec) && !o.force) {
+      return absl::AlreadyExistsError(absl::StrCat(
+          "--out: ", o.out_dir, " exists and is not empty (--force writes into it)"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+// sum of s_i^2 for i >= r, and for all i.
+std::pair<double, double> TailAndTotal(const std::vector<double>& s, int64_t r) {
+  double tail = 0, total = 0;
+  for (size_t i = 0; i < s.size(); ++i) {
+    total += s[i] * s[i];
+    if (static_cast<int64_t>(i) >= r) tail += s[i] * s[i];
+  }
+  return {tail, total};
+}
+
+}  // namespace
+
+absl::StatusOr<CompressResult> Compress(const CompressOptions& o, const ProgressFn& progress) {
+  ASSIGN_OR_RETURN(const ModelConfig c, LoadModelConfig(o.model_dir));
+  RETURN_IF_ERROR(CheckOptions(o, c));
+  ASSIGN_OR_RETURN(const DType out_dtype, OutputDType(c));
+  ASSIGN_OR_RETURN(std::unique_ptr<CheckpointReader> reader, CheckpointReader::Open(o.model_dir));
+  const int64_t L = c.num_layers, D = c.hidden_size, d = c.head_dim, nkv = c.num_kv_heads,
+                nq = c.num_heads;
+
+  // Ranks.
+  CompressResult res;
+  if (o.ranks.has_value()) {
+    res.ranks.assign(static_cast<size_t>(L), *o.ranks);
+  } else if (o.schedule == "uniform") {
+    res.ranks = UniformRanks(L, d, *o.kv_ratio);
+  } else {
+    std::vector<double> kk, kv;
+    for (int64_t l = 0; l < L; ++l) {
+      ASSIGN_OR_RETURN(MatD wk, ReadMatrix(*reader, LayerName(l, "k_proj"), nkv * d, D));
+      ASSIGN_OR_RETURN(MatD wv, ReadMatrix(*reader, LayerName(l, "v_proj"), nkv * d, D));
+      ASSIGN_OR_RETURN(const Svd sk, ComputeSvd(wk));
+      ASSIGN_OR_RETURN(const Svd sv, ComputeSvd(wv));
+      const auto kappa = [](const Svd& x) {
+        return x.s.back() > 0 ? x.s.front() / x.s.back() : std::numeric_limits<double>::infinity();
+      };
+      kk.push_back(kappa(sk));
+      kv.push_back(kappa(sv));
+      if (progress) {
+        progress(absl::StrFormat(
+            "layer %d/%d: condition number K %.4g (s %.4g..%.4g) V %.4g (s %.4g..%.4g)", l + 1, L,
+            kk.back(), sk.s.front(), sk.s.back(), kv.back(), sv.s.front(), sv.s.back()));
+      }
+    }
+    ASSIGN_OR_RETURN(res.ranks, ProgressiveRanks(kk, kv, d, *o.kv_ratio));
+  }
+  res.kv_bytes_ratio = KvBytesRatio(res.ranks, d);
+
+  // Calibration.
+  std::optional<CalibrationMoments> moments;
+  std::optional<CalibrationText> calib;
+  if (o.whiten) {
+    ASSIGN_OR_RETURN(calib, LoadCalibrationText(o.calib_path));
+    ASSIGN_OR_RETURN(moments, ComputeCalibrationMoments(o.model_dir, calib->text));
+    if (progress) progress(absl::StrCat("calibration: ", moments->tokens, " tokens from ", calib->source));
+  }
+
+  SafetensorsWriter writer;
+  for (int64_t l = 0; l < L; ++l) {
+    const LayerRanks r = res.ranks[static_cast<size_t>(l)];
+    std::optional<MatD> chol;
+    if (moments.has_value()) {
+      ASSIGN_OR_RETURN(chol, WhiteningFactor(moments->c[static_cast<size_t>(l)]));
+    }
+    const MatD* lp = chol.has_value() ? &*chol : nullptr;
+    ASSIGN_OR_RETURN(MatD wk, ReadMatrix(*reader, LayerName(l, "k_proj"), nkv * d, D));
+    ASSIGN_OR_RETURN(MatD wv, ReadMatrix(*reader, LayerName(l, "v_proj"), nkv * d, D));
+    ASSIGN_OR_RETURN(MatD wo, ReadMatrix(*reader, LayerName(l, "o_proj"), D, nq * d));
+    MatD ak(nkv * r.k_rank, D), bk(nkv * d, r.k_rank), av(nkv * r.v_rank, D), o2(D, nq * r.v_rank);
+    double tail_k = 0, total_k = 0, tail_v = 0, total_v = 0;
+    for (int64_t h = 0; h < nkv; ++h) {
+      ASSIGN_OR_RETURN(HeadFactors fk, FactorizeHead(RowBlock(wk, h * d, d), r.k_rank, lp));
+      ASSIGN_OR_RETURN(HeadFactors fv, FactorizeHead(RowBlock(wv, h * d, d), r.v_rank, lp));
+      std::copy(fk.a.v.begin(), fk.a.v.end(), ak.v.begin() + h * r.k_rank * D);
+      std::copy(fk.b.v.begin(), fk.b.v.end(), bk.v.begin() + h * d * r.k_rank);
+      std::copy(fv.a.v.begin(), fv.a.v.end(), av.v.begin() + h * r.v_rank * D);
+      // Query heads of group h: o_proj columns [j*d, (j+1)*d) times B_V,h -> [j*r_v, (j+1)*r_v).
+      for (int64_t j = h * (nq / nkv); j < (h + 1) * (nq / nkv); ++j) {
+        cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(D),
+                    static_cast<int>(r.v_rank), static_cast<int>(d), 1.0, &wo.v[j * d],
+                    static_cast<int>(nq * d), fv.b.v.data(), static_cast<int>(r.v_rank), 0.0,
+                    &o2.v[j * r.v_rank], static_cast<int>(nq * r.v_rank));
+      }
+      const auto [tk, sk] = TailAndTotal(fk.s, r.k_rank);
+      const auto [tv, sv] = TailAndTotal(fv.s, r.v_rank);
+      tail_k += tk; total_k += sk; tail_v += tv; total_v += sv;
+    }
+    RETURN_IF_ERROR(writer.AddMatrix(LayerName(l, "k_proj"), out_dtype, ak));
+    RETURN_IF_ERROR(writer.AddMatrix(LayerName(l, "k_up_proj"), out_dtype, bk));
+    RETURN_IF_ERROR(writer.AddMatrix(LayerName(l, "v_proj"), out_dtype, av));
+    RETURN_IF_ERROR(writer.AddMatrix(LayerName(l, "o_proj"), out_dtype, o2));
+    if (progress) {
+      progress(absl::StrFormat("layer %d/%d: k_rank %d v_rank %d, relative error K %.4f V %.4f%s",
+                               l + 1, L, r.k_rank, r.v_rank, std::sqrt(tail_k / total_k),
+                               std::sqrt(tail_v / total_v), o.whiten ? " (whitened)" : ""));
+    }
+  }
+  for (const std::string& name : reader->TensorNames()) {
+    if (name.find(".self_attn.k_proj.") != std::string::npos ||
+        name.find(".self_attn.v_proj.") != std::string::npos ||
+        name.find(".self_attn.o_proj.") != std::string::npos) {
+      continue;
+    }
+    ASSIGN_OR_RETURN(const TensorInfo* t, reader->Find(name));
+    RETURN_IF_ERROR(writer.AddView(name, t->dtype, t->shape, t->data, t->nbytes));
+  }
+
+  std::error_code ec;
+  fs::create_directories(o.out_dir, ec);
+  if (ec) return absl::InternalError(absl::StrCat("--out: cannot create ", o.out_dir, ": ", ec.message()));
+  // A stale index would point the loader at other shards.
+  fs::remove(fs::path(o.out_dir) / "model.safetensors.index.json", ec);
+  RETURN_IF_ERROR(writer.Write((fs::path(o.out_dir) / "model.safetensors").string()));
+  for (const char* f : {"config.json", "generation_config.json", "tokenizer.json",
+                        "tokenizer_config.json", "special_tokens_map.json"}) {
+    const fs::path src = fs::path(o.model_dir) / f;
+    if (!fs::exists(src)) continue;
+    fs::copy_file(src, fs::path(o.out_dir) / f, fs::copy_options::overwrite_existing, ec);
+    if (ec) return absl::InternalError(absl::StrCat("copying ", src.string(), ": ", ec.message()));
+  }
+
+  ASSIGN_OR_RETURN(const std::string config_text,
+                   ReadFileToString((fs::path(o.model_dir) / "config.json").string()));
+  nlohmann::ordered_json j;
+  j["format"] = "lorcserve-lorc";
+  j["version"] = 1;
+  j["method"] = o.whiten ? "whitened-svd" : "svd";
+  j["schedule"] = o.ranks.has_value() ? "uniform" : o.schedule;
+  j["target"] = {{"kv_ratio", o.kv_ratio.has_value() ? *o.kv_ratio : res.kv_bytes_ratio}};
+  j["num_layers"] = L;
+  j["num_kv_heads"] = nkv;
+  j["head_dim"] = d;
+  j["layers"] = nlohmann::ordered_json::array();
+  for (const LayerRanks& r : res.ranks) j["layers"].push_back({{"k_rank", r.k_rank}, {"v_rank", r.v_rank}});
+  j["kv_bytes_ratio"] = res.kv_bytes_ratio;
+  if (moments.has_value()) {
+    j["calibration"] = {{"source", calib->source}, {"tokens", moments->tokens}};
+  } else {
+    j["calibration"] = nullptr;
+  }
+  j["source_model"] = {{"dir", o.model_dir}, {"config_sha256", Sha256Hex(config_text)}};
+  const std::string path = (fs::path(o.out_dir) / "lorc.json").string();
+  std::FILE* f = std::fopen(path.c_str(), "wb");
+  if (f == nullptr) return absl::InternalError(absl::StrCat("cannot create ", path));
+  const std::string text = j.dump(2) + "\n";
+  const bool ok = std::fwrite(text.data(), 1, text.size(), f) == text.size();
+  if (std::fclose(f) != 0 || !ok) return absl::InternalError(absl::StrCat("writing ", path));
+  res.lorc_json = std::move(j);
+  return res;
+}
+
+absl::Status ValidateLorcJson(const nlohmann::json& j, const ModelConfig& c) {
+  const auto bad = [](const std::string& field, const std::string& why) {
+    return absl::InvalidArgumentError(absl::StrCat("lorc.json: ", field, ": ", why));
+  };
+  if (!j.is_object()) return bad("(top level)", "not an object");
+  if (j.value("format", "") != "lorcserve-lorc") return bad("format", "is not \"lorcserve-lorc\"");
+  if (!j.contains("version") || j["version"] != 1) return bad("version", "is not 1");
+  const std::string method = j.value("method", "");
+  if (method != "svd" && method != "whitened-svd") return bad("method", "is not svd or whitened-svd");
+  const std::string schedule = j.value("schedule", "");
+  if (schedule != "uniform" && schedule != "progressive" && schedule != "search") {
+    return bad("schedule", "is not uniform, progressive or search");
+  }
+  for (const auto& [field, want] : {std::pair<const char*, int64_t>{"num_layers", c.num_layers},
+                                    {"num_kv_heads", c.num_kv_heads}, {"head_dim", c.head_dim}}) {
+    if (!j.contains(field) || !j[field].is_number_integer() || j[field].get<int64_t>() != want) {
+      return bad(field, absl::StrCat("is not config.json's ", want));
+    }
+  }
+  if (!j.contains("layers") || !j["layers"].is_array() ||
+      static_cast<int64_t>(j["layers"].size()) != c.num_layers) {
+    return bad("layers", absl::StrCat("is not an array of ", c.num_layers, " entries"));
+  }
+  for (size_t l = 0; l < j["layers"].size(); ++l) {
+    for (const char* k : {"k_rank", "v_rank"}) {
+      const nlohmann::json& e = j["layers"][l];
+      const std::string field = absl::StrCat("layers[", l, "].", k);
+      if (!e.is_object() || !e.contains(k) || !e[k].is_number_integer()) return bad(field, "missing");
+      const int64_t r = e[k].get<int64_t>();
+      if (r < 1 || r > c.head_dim) return bad(field, absl::StrCat(r, " is outside [1, ", c.head_dim, "]"));
+    }
+  }
+  if (!j.contains("kv_bytes_ratio") || !j["kv_bytes_ratio"].is_number()) return bad("kv_bytes_ratio", "missing");
+  if (!j.contains("calibration") || !(j["calibration"].is_null() || j["calibration"].is_object())) {
+    return bad("calibration", "is not null or an object");
+  }
+  if (!j.contains("source_model") || !j["source_model"].is_object()) return bad("source_model", "missing");
+  return absl::OkStatus();
+}
+
+}  // namespace lorc::compress

@@ -11,7 +11,7 @@
 #include "common/json_util.h"
 #include "common/status_macros.h"
 #include "compress/calibration.h"
-#include "compress/safetensors_writer.h"
+#include "model/safetensors_writer.h"
 
 namespace lorc::compress {
 
@@ -34,6 +34,16 @@ MatD RowBlock(const MatD& m, int64_t begin, int64_t n) {
 }
 
 namespace {
+
+// The fp64 matrix `m` as a [rows, cols] tensor of `dtype` (F32, BF16 or F16; rounded to nearest
+// even).
+absl::Status AddMatrix(SafetensorsWriter& w, const std::string& name, DType dtype, const MatD& m) {
+  std::vector<float> f(m.v.begin(), m.v.end());
+  std::vector<uint8_t> bytes;
+  absl::Status s = EncodeF32(f, dtype, &bytes);
+  if (!s.ok()) return absl::InvalidArgumentError(absl::StrCat("tensor ", name, ": ", s.message()));
+  return w.AddBytes(name, dtype, {m.rows, m.cols}, std::move(bytes));
+}
 
 std::string LayerName(int64_t l, const char* what) {
   return absl::StrCat("model.layers.", l, ".self_attn.", what, ".weight");
@@ -188,10 +198,10 @@ absl::StatusOr<CompressResult> Compress(const CompressOptions& o, const Progress
       const auto [tv, sv] = TailAndTotal(fv.s, r.v_rank);
       tail_k += tk; total_k += sk; tail_v += tv; total_v += sv;
     }
-    RETURN_IF_ERROR(writer.AddMatrix(LayerName(l, "k_proj"), out_dtype, ak));
-    RETURN_IF_ERROR(writer.AddMatrix(LayerName(l, "k_up_proj"), out_dtype, bk));
-    RETURN_IF_ERROR(writer.AddMatrix(LayerName(l, "v_proj"), out_dtype, av));
-    RETURN_IF_ERROR(writer.AddMatrix(LayerName(l, "o_proj"), out_dtype, o2));
+    RETURN_IF_ERROR(AddMatrix(writer, LayerName(l, "k_proj"), out_dtype, ak));
+    RETURN_IF_ERROR(AddMatrix(writer, LayerName(l, "k_up_proj"), out_dtype, bk));
+    RETURN_IF_ERROR(AddMatrix(writer, LayerName(l, "v_proj"), out_dtype, av));
+    RETURN_IF_ERROR(AddMatrix(writer, LayerName(l, "o_proj"), out_dtype, o2));
     if (progress) {
       progress(absl::StrFormat("layer %d/%d: k_rank %d v_rank %d, relative error K %.4f V %.4f%s",
                                l + 1, L, r.k_rank, r.v_rank, std::sqrt(tail_k / total_k),

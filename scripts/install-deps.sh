@@ -7,7 +7,7 @@ PACKAGES=(
   build-essential cmake ninja-build pkg-config git
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev libgtest-dev libgmock-dev
-  libopenblas-dev nlohmann-json3-dev libpcre2-dev libgloo-dev
+  libopenblas-dev nlohmann-json3-dev libpcre2-dev libgloo-dev libssl-dev
 )
 
 missing=()

@@ -58,6 +58,7 @@ int RunEval(int argc, char** argv) {
   const KvCacheSpec& kv = (*s)->model.runner->kv_spec();
   j["kv_bytes_per_token"] = kv.BytesPerToken();
   j["kv_dtype"] = DTypeName(kv.dtype);
+  j["kv_compression"] = kv.CompressionName();
   j["load_time_s"] = (*s)->model.load_seconds;
   if (!ppl_file.empty()) {
     absl::StatusOr<PplResult> p = EvalPerplexity(engine, ppl_file, *limit);

@@ -22,6 +22,24 @@
 #endif
 
 namespace lorc::cli {
+namespace {
+
+// The model's KV cache at TP 1 in BF16 (the CUDA backend's), LoRC latents included.
+absl::StatusOr<KvCacheSpec> Bf16KvSpec(const ModelConfig& c) {
+  KvSpecOptions o;
+  o.dtype = DType::kBF16;
+  return MakeKvCacheSpec(c, o);
+}
+int64_t BfloatKvBytesPerToken(const ModelConfig& c) {
+  absl::StatusOr<KvCacheSpec> s = Bf16KvSpec(c);
+  return s.ok() ? s->BytesPerToken() : 2 * 2 * c.num_layers * c.kv_size();
+}
+std::string KvCompression(const ModelConfig& c) {
+  absl::StatusOr<KvCacheSpec> s = Bf16KvSpec(c);
+  return s.ok() ? s->CompressionName() : std::string(s.status().message());
+}
+
+}  // namespace
 
 int RunInfo(int argc, char** argv) {
   const std::vector<FlagSpec> flags = {
@@ -65,7 +83,8 @@ int RunInfo(int argc, char** argv) {
                   {"head_dim", c->head_dim},      {"intermediate_size", c->intermediate_size},
                   {"vocab_size", c->vocab_size},  {"parameters", c->NumParameters()},
                   {"max_position_embeddings", c->max_position_embeddings},
-                  {"kv_bytes_per_token_bf16", 2 * 2 * c->num_layers * c->kv_size()},
+                  {"kv_bytes_per_token_bf16", BfloatKvBytesPerToken(*c)},
+                  {"kv_compression", KvCompression(*c)},
                   {"eos_token_ids", c->eos_token_ids}};
     // generation_config.json's defaults, as given (reported, not applied).
     const GenerationDefaults& g = c->generation;

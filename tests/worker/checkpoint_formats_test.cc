@@ -25,10 +25,12 @@
 #include "tokenizer/tokenizer.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "model/safetensors_writer.h"
 #include "nlohmann/json.hpp"
 #include "tests/testing/fixtures.h"
 #include "tests/testing/golden.h"
 #include "tests/testing/run_lorcserve.h"
+#include "tests/testing/scratch_dir.h"
 #include "tests/testing/status_matchers.h"
 #include "worker/model_loader.h"
 #include "model/safetensors.h"
@@ -44,81 +46,24 @@ using ::lorc::testing::GoldenPrompts;
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 
-fs::path MakeScratchDir(const std::string& name) {
-  const fs::path dir = fs::temp_directory_path() /
-                       ("lorc_ckpt_formats_" + std::to_string(::getpid())) / name;
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  return dir;
-}
+constexpr char kScratch[] = "lorc_ckpt_formats";
+fs::path MakeScratchDir(const std::string& name) { return ::lorc::testing::MakeScratchDir(kScratch, name); }
+const auto* const kCleanup =
+    ::testing::AddGlobalTestEnvironment(new ::lorc::testing::ScratchCleanup(kScratch));
 
-class ScratchCleanup : public ::testing::Environment {
- public:
-  void TearDown() override {
-    std::error_code ec;
-    fs::remove_all(fs::temp_directory_path() / ("lorc_ckpt_formats_" + std::to_string(::getpid())), ec);
-  }
-};
-const auto* const kCleanup = ::testing::AddGlobalTestEnvironment(new ScratchCleanup);
-
-// ---- a minimal safetensors writer ---------------------------------------------------------------
-
-struct OutTensor {
-  std::string name;
-  DType dtype = DType::kF32;
-  std::vector<int64_t> shape;
-  std::vector<uint8_t> bytes;
-};
-
-// Encodes fp32 values as `dtype` (F32, F16 or BF16).
+// Tensors are written with model/safetensors_writer.h.
 std::vector<uint8_t> Encode(const std::vector<float>& v, DType dtype) {
-  std::vector<uint8_t> out(v.size() * DTypeSize(dtype));
-  for (size_t i = 0; i < v.size(); ++i) {
-    switch (dtype) {
-      case DType::kF32:
-        std::memcpy(out.data() + 4 * i, &v[i], 4);
-        break;
-      case DType::kF16: {
-        const uint16_t h = F32ToF16(v[i]);
-        std::memcpy(out.data() + 2 * i, &h, 2);
-        break;
-      }
-      case DType::kBF16: {
-        const uint16_t b = F32ToBf16(v[i]);
-        std::memcpy(out.data() + 2 * i, &b, 2);
-        break;
-      }
-      default:
-        CHECK(false);
-    }
-  }
+  std::vector<uint8_t> out;
+  CHECK_OK(EncodeF32(v, dtype, &out));
   return out;
 }
 
-// Writes the tensors in the order given (data offsets relative to the data section, so they
-// need not follow the header's key order). Returns the data section's size.
-uint64_t WriteSafetensors(const fs::path& path, const std::vector<OutTensor>& tensors) {
-  json header = json::object();
-  header["__metadata__"] = {{"format", "pt"}};
-  uint64_t offset = 0;
-  for (const OutTensor& t : tensors) {
-    header[t.name] = {{"dtype", DTypeName(t.dtype)},
-                      {"shape", t.shape},
-                      {"data_offsets", {offset, offset + t.bytes.size()}}};
-    offset += t.bytes.size();
-  }
-  std::string h = header.dump();
-  h.resize((h.size() + 7) / 8 * 8, ' ');  // pad to 8 bytes, as the reference writer does
-  std::ofstream out(path, std::ios::binary);
-  uint8_t len[8];
-  for (int i = 0; i < 8; ++i) len[i] = static_cast<uint8_t>(static_cast<uint64_t>(h.size()) >> (8 * i));
-  out.write(reinterpret_cast<const char*>(len), 8);
-  out.write(h.data(), static_cast<std::streamsize>(h.size()));
-  for (const OutTensor& t : tensors) {
-    out.write(reinterpret_cast<const char*>(t.bytes.data()), static_cast<std::streamsize>(t.bytes.size()));
-  }
-  CHECK(out.good());
-  return offset;
+// Writes a file; returns its data section's size.
+uint64_t WriteFile(const fs::path& path, const std::vector<TensorToWrite>& tensors) {
+  CHECK_OK(WriteSafetensors(path.string(), tensors));
+  uint64_t bytes = 0;
+  for (const TensorToWrite& t : tensors) bytes += t.bytes.size();
+  return bytes;
 }
 
 int LayerOf(const std::string& name) {
@@ -150,7 +95,7 @@ TEST(CheckpointFormatsTest, ShardedMixedDtypeCheckpointWithTopLevelRopeTheta) {
 
   // Tensors: norms as F16 (bf16 values of norm weights are exact in fp16), attention and the
   // embedding as F32 (always exact), the MLPs of odd layers and the LM head kept BF16.
-  std::map<int, std::vector<OutTensor>> shards;  // 1..3
+  std::map<int, std::vector<TensorToWrite>> shards;  // 1..3
   std::map<std::string, DType> written;
   int64_t f16_inexact = 0;
   for (const std::string& name : (*src)->TensorNames()) {
@@ -189,8 +134,8 @@ TEST(CheckpointFormatsTest, ShardedMixedDtypeCheckpointWithTopLevelRopeTheta) {
     const std::string file = "model-0000" + std::to_string(k) + "-of-00003.safetensors";
     // Data in reverse name order: offsets need not follow the header's (sorted) key order.
     std::reverse(tensors.begin(), tensors.end());
-    total += WriteSafetensors(dir / file, tensors);
-    for (const OutTensor& t : tensors) index["weight_map"][t.name] = file;
+    total += WriteFile(dir / file, tensors);
+    for (const TensorToWrite& t : tensors) index["weight_map"][t.name] = file;
   }
   index["metadata"] = {{"total_size", total}};
   std::ofstream(dir / "model.safetensors.index.json") << index.dump(2);

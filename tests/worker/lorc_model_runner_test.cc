@@ -25,6 +25,7 @@
 #include "gtest/gtest.h"
 #include "model/safetensors.h"
 #include "model/safetensors_writer.h"
+#include "tests/testing/scratch_dir.h"
 #include "nlohmann/json.hpp"
 #include "tests/testing/fixtures.h"
 #include "tests/testing/golden.h"
@@ -47,21 +48,10 @@ namespace fs = std::filesystem;
 
 constexpr int64_t kLayers = 8, kHidden = 512, kHeads = 4, kKvHeads = 2, kHeadDim = 128;
 
-fs::path Scratch(const std::string& name) {
-  const fs::path dir = fs::temp_directory_path() / ("lorc_lorc_runner_" + std::to_string(::getpid())) / name;
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  return dir;
-}
-
-class ScratchCleanup : public ::testing::Environment {
- public:
-  void TearDown() override {
-    std::error_code ec;
-    fs::remove_all(fs::temp_directory_path() / ("lorc_lorc_runner_" + std::to_string(::getpid())), ec);
-  }
-};
-const auto* const kCleanup = ::testing::AddGlobalTestEnvironment(new ScratchCleanup);
+constexpr char kScratch[] = "lorc_lorc_runner";
+fs::path Scratch(const std::string& name) { return ::lorc::testing::MakeScratchDir(kScratch, name); }
+const auto* const kCleanup =
+    ::testing::AddGlobalTestEnvironment(new ::lorc::testing::ScratchCleanup(kScratch));
 
 struct HostTensor {
   std::vector<int64_t> shape;

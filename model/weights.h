@@ -8,8 +8,9 @@
 //   gate_up [2 * inter_local, hidden]: gate rows then up rows of this rank's slice;
 //   down    [hidden, inter_local]: down_proj split by columns, summed by all-reduce;
 //   embed, norms: replicated;
-//   lm_head: replicated by default; with `shard_lm_head`, rows [vocab_begin, vocab_begin +
-//           vocab_size) of it (the tied embedding's rows when tied), logits all-gathered.
+//   lm_head: replicated, or split (ShardLayout::Make's shard_lm_head; unset: DefaultLmHeadSplit):
+//           rows [vocab_begin, vocab_begin + vocab_size) of it (the tied embedding's rows when
+//           tied), logits all-gathered.
 // When tp exceeds the KV-head count, each rank holds the one KV head its query heads use
 // (KV heads replicated tp / num_kv_heads times).
 //

@@ -335,15 +335,20 @@ TEST(GlooCommunicatorTest, PeerDeathIsUnavailableThenSticky) {
   InProcessStore store;
   CommOptions options = TestOptions("dying");
   options.op_timeout = absl::Seconds(2);
-  absl::Notification peer_gone;
+  absl::Notification peer_gone, rank0_connected;
   RunRanks(2, [&](int rank) {
     auto comm = CreateGlooCommunicator({rank, 2}, &store, options);
-    ASSERT_OK(comm);
     if (rank == 1) {
-      comm->reset();  // closes its connections
+      // Rank 1's setup can return before rank 0's: closing then would fail rank 0's connect (a
+      // flake seen under CI load, 2026-12-01), not the collective this test is about.
+      rank0_connected.WaitForNotificationWithTimeout(absl::Seconds(60));
+      if (comm.ok()) comm->reset();  // closes its connections
       peer_gone.Notify();
+      ASSERT_OK(comm);
       return;
     }
+    rank0_connected.Notify();
+    ASSERT_OK(comm);
     peer_gone.WaitForNotification();
     std::vector<float> data(1001, 1.0f);
     const absl::Time start = absl::Now();

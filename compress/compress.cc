@@ -11,6 +11,7 @@
 #include "common/json_util.h"
 #include "common/status_macros.h"
 #include "compress/calibration.h"
+#include "model/lorc_config.h"
 #include "model/safetensors_writer.h"
 
 namespace lorc::compress {
@@ -263,42 +264,12 @@ absl::StatusOr<CompressResult> Compress(const CompressOptions& o, const Progress
 }
 
 absl::Status ValidateLorcJson(const nlohmann::json& j, const ModelConfig& c) {
-  const auto bad = [](const std::string& field, const std::string& why) {
-    return absl::InvalidArgumentError(absl::StrCat("lorc.json: ", field, ": ", why));
-  };
-  if (!j.is_object()) return bad("(top level)", "not an object");
-  if (j.value("format", "") != "lorcserve-lorc") return bad("format", "is not \"lorcserve-lorc\"");
-  if (!j.contains("version") || j["version"] != 1) return bad("version", "is not 1");
-  const std::string method = j.value("method", "");
-  if (method != "svd" && method != "whitened-svd") return bad("method", "is not svd or whitened-svd");
-  const std::string schedule = j.value("schedule", "");
-  if (schedule != "uniform" && schedule != "progressive" && schedule != "search") {
-    return bad("schedule", "is not uniform, progressive or search");
+  // The loader's validation (model/lorc_config.h), plus the fields the loader treats as optional
+  // but this writer always records.
+  RETURN_IF_ERROR(LorcConfigFromJson(j, c.num_layers, c.num_kv_heads, c.head_dim).status());
+  for (const char* field : {"kv_bytes_ratio", "calibration", "source_model"}) {
+    if (!j.contains(field)) return absl::InvalidArgumentError(absl::StrCat("lorc.json: ", field, ": missing"));
   }
-  for (const auto& [field, want] : {std::pair<const char*, int64_t>{"num_layers", c.num_layers},
-                                    {"num_kv_heads", c.num_kv_heads}, {"head_dim", c.head_dim}}) {
-    if (!j.contains(field) || !j[field].is_number_integer() || j[field].get<int64_t>() != want) {
-      return bad(field, absl::StrCat("is not config.json's ", want));
-    }
-  }
-  if (!j.contains("layers") || !j["layers"].is_array() ||
-      static_cast<int64_t>(j["layers"].size()) != c.num_layers) {
-    return bad("layers", absl::StrCat("is not an array of ", c.num_layers, " entries"));
-  }
-  for (size_t l = 0; l < j["layers"].size(); ++l) {
-    for (const char* k : {"k_rank", "v_rank"}) {
-      const nlohmann::json& e = j["layers"][l];
-      const std::string field = absl::StrCat("layers[", l, "].", k);
-      if (!e.is_object() || !e.contains(k) || !e[k].is_number_integer()) return bad(field, "missing");
-      const int64_t r = e[k].get<int64_t>();
-      if (r < 1 || r > c.head_dim) return bad(field, absl::StrCat(r, " is outside [1, ", c.head_dim, "]"));
-    }
-  }
-  if (!j.contains("kv_bytes_ratio") || !j["kv_bytes_ratio"].is_number()) return bad("kv_bytes_ratio", "missing");
-  if (!j.contains("calibration") || !(j["calibration"].is_null() || j["calibration"].is_object())) {
-    return bad("calibration", "is not null or an object");
-  }
-  if (!j.contains("source_model") || !j["source_model"].is_object()) return bad("source_model", "missing");
   return absl::OkStatus();
 }
 

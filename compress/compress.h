@@ -52,7 +52,8 @@ absl::StatusOr<MatD> ReadMatrix(const CheckpointReader& reader, const std::strin
 // Rows [begin, begin + n) of m.
 MatD RowBlock(const MatD& m, int64_t begin, int64_t n);
 
-// Validates a parsed lorc.json against FORMAT.md for `config` (InvalidArgument naming the field,
+// Validates a parsed lorc.json against FORMAT.md for `config`: the loader's LorcConfigFromJson plus
+// the presence of kv_bytes_ratio, calibration and source_model (InvalidArgument naming the field,
 // e.g. "lorc.json: layers[3].k_rank: 200 is outside [1, 128]").
 absl::Status ValidateLorcJson(const nlohmann::json& j, const ModelConfig& config);
 

@@ -80,6 +80,8 @@ struct Compressed {
   std::string name;
   std::vector<std::string> args;
 };
+// gtest prints the parameter in the test list (and so in the ctest names): the name, not bytes.
+void PrintTo(const Compressed& c, std::ostream* os) { *os << c.name; }
 
 class LorcServerTest : public ServerE2ETest, public ::testing::WithParamInterface<Compressed> {};
 

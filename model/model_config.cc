@@ -15,6 +15,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
+#include "absl/strings/strip.h"
 #include "common/defaults.h"
 #include "common/json_fields.h"
 #include "common/json_util.h"
@@ -439,7 +440,10 @@ absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& model_dir) {
       }
     }();
     if (!lorc.ok()) {
-      return absl::Status(lorc.status().code(), absl::StrCat(lorc_path, ": ", lorc.status().message()));
+      // The validator's messages start with "lorc.json: "; name the full path instead.
+      absl::string_view msg = lorc.status().message();
+      absl::ConsumePrefix(&msg, "lorc.json: ");
+      return absl::Status(lorc.status().code(), absl::StrCat(lorc_path, ": ", msg));
     }
     config->lorc = *std::move(lorc);
   }

@@ -133,7 +133,7 @@ TEST_F(ScratchDir, LoadModelConfigReadsAndValidatesLorcJson) {
   std::ofstream(dir_ / "lorc.json") << bad.dump();
   EXPECT_THAT(LoadModelConfig(dir_.string()),
               StatusIs(absl::StatusCode::kInvalidArgument,
-                       HasSubstr("lorc.json: lorc.json: layers[3].k_rank: 200 is outside [1, 128]")));
+                       HasSubstr("/lorc.json: layers[3].k_rank: 200 is outside [1, 128]")));
   std::ofstream(dir_ / "lorc.json") << "{\"format\": ";  // truncated
   EXPECT_THAT(LoadModelConfig(dir_.string()),
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("lorc.json")));

@@ -1,11 +1,13 @@
 // Fused LoRC latent attention (see attention_latent.cuh). One kernel body serves decode and
-// prefill: a CTA of 4 warps takes one item (a sequence's key range for up to 16 (query token,
+// prefill: a CTA of 8 warps takes one item (a sequence's key range for up to 16 (query token,
 // query head) rows of one KV head) and B_K of its KV head (staged once in shared memory).
-// Each warp streams its own 16-token key tiles (cp.async, two stages, no block barriers inside
-// the loop) and per tile, all with mma.sync m16n8k16 (bf16 in, fp32 accumulate):
-//   K [16 x 128] = C_K [16 x r_k] B_K^T        (key reconstruction, fp32 in registers)
-//   RoPE on K in registers (pairs i, i + 64 sit in the same thread: n-tiles n and n + 8)
-//   S^T [16 rows x 16 tokens] = Q K^T           (K's accumulators repacked as bf16 B fragments)
+// Each warp streams its own 16-token key tiles (cp.async, two stages, slots looked up one tile
+// ahead, no block barriers inside the loop) and per tile, all with mma.sync m16n8k16 (bf16 in,
+// fp32 accumulate), in two halves of 64 key columns ({32h..32h+31} and their RoPE partners
+// {64+32h..}: 32 accumulator registers instead of 64, so two CTAs fit an SM):
+//   K [16 x 64] = C_K [16 x r_k] B_K^T         (key reconstruction, fp32 in registers)
+//   RoPE on K in registers (pairs i, i + 64 sit in the same thread)
+//   S^T [16 rows x 16 tokens] += Q K^T          (K's accumulators repacked as bf16 B fragments)
 //   online softmax per row (fp32, base 2), P rounded to bf16
 //   O [16 x r_v] += P C_V                      (value latents; B_V is folded into o_proj)
 // At the end of an item the warps' (m, l, O) are combined through shared memory. Decode items
@@ -21,7 +23,7 @@
 namespace lorc::kernels {
 namespace {
 
-constexpr int kThreads = 128;
+constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kD = 128;        // head_dim
 constexpr int kTile = 16;      // key tokens per warp tile
@@ -106,6 +108,8 @@ struct Smem {
   float* inv_freq;
 };
 
+// VT: n-tiles (8 columns each) of the value latents held in registers, >= rvp / 8.
+template <int VT>
 __device__ void ProcessItem(const LatentAttentionArgs& a, const Layout& L, const Smem& sm, const Item& it,
                             float* partial_out, float* partial_lse) {
   const int kvh = blockIdx.y;
@@ -136,9 +140,6 @@ __device__ void ProcessItem(const LatentAttentionArgs& a, const Layout& L, const
     *reinterpret_cast<uint4*>(region + s * L.stage_elems + r * L.ldk + rk) = make_uint4(0, 0, 0, 0);
   }
   __syncthreads();
-  uint32_t qf[kD / 16][4];
-#pragma unroll
-  for (int kk = 0; kk < kD / 16; ++kk) Ldsm4(qf[kk], sm.q + (lane % 16) * kQLd + kk * 16 + (lane / 16) * 8);
 
   // Causal limit of this thread's rows g and g + 8 (padding rows see every key; never written).
   int lim[2];
@@ -149,81 +150,108 @@ __device__ void ProcessItem(const LatentAttentionArgs& a, const Layout& L, const
   }
   const float qscale = a.scale * kLog2e;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
-  float o[kMaxRank / 8][4];
+  float o[VT][4];
 #pragma unroll
-  for (int n = 0; n < kMaxRank / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  for (int n = 0; n < VT; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
 
   const int32_t* table = a.block_tables + static_cast<int64_t>(it.seq) * a.max_blocks_per_seq;
   const __nv_bfloat16* kc = static_cast<const __nv_bfloat16*>(a.k_cache) + kvh * rk;
   const __nv_bfloat16* vc = static_cast<const __nv_bfloat16*>(a.v_cache) + kvh * rv;
+  // A tile is 16 rows x `chunks` 16-byte pieces (C_K's, then C_V's); lane-strided, the row of
+  // piece idx is idx / chunks (by a multiply-high: exact for idx < 2^32 / chunks^2) and its slot
+  // comes from the lane that looked it up (lane r % 16 holds token r's slot).
   const int kch = rk / 8, chunks = kch + rv / 8;
-  auto issue = [&](int base, int stage) {
+  const uint32_t magic = 0xffffffffu / static_cast<uint32_t>(chunks) + 1u;
+  const int per_lane = (kTile * chunks + 31) / 32;
+  auto issue = [&](int stage, int64_t my_slot) {
     __nv_bfloat16* ck = region + stage * L.stage_elems;
     __nv_bfloat16* cv = ck + kTile * L.ldk;
-    for (int idx = lane; idx < kTile * chunks; idx += 32) {
-      const int r = idx / chunks, c = idx % chunks, tok = base + r;
-      const bool valid = tok < it.kv_end;
-      const int64_t slot =
-          valid ? static_cast<int64_t>(table[tok / a.block_size]) * a.block_size + tok % a.block_size : 0;
-      if (c < kch) {
-        CpAsync16(ck + r * L.ldk + c * 8, kc + slot * a.k_ld + c * 8, valid);
-      } else {
-        CpAsync16(cv + r * L.ldv + (c - kch) * 8, vc + slot * a.v_ld + (c - kch) * 8, valid);
+    for (int j = 0; j < per_lane; ++j) {  // uniform over the warp (the shuffle needs all lanes)
+      const int idx = lane + 32 * j;
+      const int r = static_cast<int>(__umulhi(static_cast<uint32_t>(idx), magic)), c = idx - r * chunks;
+      const int64_t slot = __shfl_sync(0xffffffffu, my_slot, r & 31);
+      if (r < kTile) {
+        const bool valid = slot >= 0;
+        const int64_t sl = valid ? slot : 0;
+        if (c < kch) {
+          CpAsync16(ck + r * L.ldk + c * 8, kc + sl * a.k_ld + c * 8, valid);
+        } else {
+          CpAsync16(cv + r * L.ldv + (c - kch) * 8, vc + sl * a.v_ld + (c - kch) * 8, valid);
+        }
       }
     }
+  };
+  // Lane l's token in a tile starting at `base` is base + l % 16; -1: past kv_end.
+  auto slot_of = [&](int base) -> int64_t {
+    const int tok = base + lane % kTile;
+    return tok < it.kv_end ? static_cast<int64_t>(table[tok / a.block_size]) * a.block_size + tok % a.block_size
+                           : int64_t{-1};
   };
 
   constexpr int kStep = kWarps * kTile;
   const int first = it.kv_start + warp * kTile;
-  if (first < it.kv_end) issue(first, 0);
+  if (first < it.kv_end) issue(0, slot_of(first));
   CpAsyncCommit();
+  int64_t next_slot = slot_of(first + kStep);  // looked up one tile ahead of its issue
   int stage = 0;
   for (int base = first; base < it.kv_end; base += kStep) {  // uniform over the warp
-    if (base + kStep < it.kv_end) issue(base + kStep, stage ^ 1);
+    if (base + kStep < it.kv_end) issue(stage ^ 1, next_slot);
     CpAsyncCommit();
+    next_slot = slot_of(base + 2 * kStep);
     CpAsyncWait<1>();
     __syncwarp();
     const __nv_bfloat16* ck = region + stage * L.stage_elems;
     const __nv_bfloat16* cv = ck + kTile * L.ldk;
 
-    // K = C_K B_K^T: rows g, g + 8 (tokens), columns 8n + 2t + {0, 1} in acc[n].
-    float acc[kD / 8][4];
+    float sacc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    // Keys in two halves of columns, {32h .. 32h+31} and their RoPE partners {64+32h ..}: acc[j]
+    // (j < 4) is n-tile 4h + j (columns 8(4h+j) + 2t + {0,1}, rows g and g + 8), acc[j + 4] its
+    // partner 64 columns on.
 #pragma unroll
-    for (int n = 0; n < kD / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
-    for (int k0 = 0; k0 < L.rkp; k0 += 16) {
-      uint32_t af[4];
-      Ldsm4(af, ck + (lane % 16) * L.ldk + k0 + (lane / 16) * 8);
+    for (int h = 0; h < 2; ++h) {
+      float acc[8][4];
 #pragma unroll
-      for (int n = 0; n < kD / 8; n += 2) {
-        uint32_t bf[4];
-        Ldsm4(bf, sm.bk + (n * 8 + (lane & 7) + ((lane >> 4) << 3)) * L.ldk + k0 + ((lane >> 3) & 1) * 8);
-        Mma(acc[n], af, bf[0], bf[1]);
-        Mma(acc[n + 1], af, bf[2], bf[3]);
-      }
-    }
-    // RoPE (rotate_half): column i < 64 in acc[n] pairs with i + 64 in acc[n + 8].
+      for (int j = 0; j < 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+      for (int k0 = 0; k0 < L.rkp; k0 += 16) {  // K = C_K B_K^T
+        uint32_t af[4];
+        Ldsm4(af, ck + (lane % 16) * L.ldk + k0 + (lane / 16) * 8);
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const float pos = static_cast<float>(base + g + 8 * r);
-#pragma unroll
-      for (int n = 0; n < kD / 16; ++n) {
-        const float2 f = *reinterpret_cast<const float2*>(sm.inv_freq + 8 * n + 2 * t);
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          float s, c;
-          AngleSinCos(__fmul_rn(pos, e == 0 ? f.x : f.y), &s, &c);
-          const float x1 = acc[n][2 * r + e], x2 = acc[n + 8][2 * r + e];
-          acc[n][2 * r + e] = __fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, s));
-          acc[n + 8][2 * r + e] = __fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s));
+        for (int j = 0; j < 8; j += 2) {
+          const int n = (j < 4 ? 4 * h : 8 + 4 * h) + (j % 4);
+          uint32_t bf[4];
+          Ldsm4(bf, sm.bk + (n * 8 + (lane & 7) + ((lane >> 4) << 3)) * L.ldk + k0 + ((lane >> 3) & 1) * 8);
+          Mma(acc[j], af, bf[0], bf[1]);
+          Mma(acc[j + 1], af, bf[2], bf[3]);
         }
       }
-    }
-    // S^T = Q K^T: query rows g, g + 8; tokens 8j + 2t + {0, 1} in sacc[j].
-    float sacc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+      // RoPE (rotate_half) at each row's position.
 #pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk) {
-      Mma(sacc[0], qf[kk], PackBf16(acc[2 * kk][0], acc[2 * kk][1]), PackBf16(acc[2 * kk + 1][0], acc[2 * kk + 1][1]));
-      Mma(sacc[1], qf[kk], PackBf16(acc[2 * kk][2], acc[2 * kk][3]), PackBf16(acc[2 * kk + 1][2], acc[2 * kk + 1][3]));
+      for (int j = 0; j < 4; ++j) {
+        const float2 f = *reinterpret_cast<const float2*>(sm.inv_freq + 8 * (4 * h + j) + 2 * t);
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const float pos = static_cast<float>(base + g + 8 * r);
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            float sn, cs;
+            AngleSinCos(__fmul_rn(pos, e == 0 ? f.x : f.y), &sn, &cs);
+            const float x1 = acc[j][2 * r + e], x2 = acc[j + 4][2 * r + e];
+            acc[j][2 * r + e] = fmaf(x1, cs, -x2 * sn);
+            acc[j + 4][2 * r + e] = fmaf(x2, cs, x1 * sn);
+          }
+        }
+      }
+      // S^T += Q K^T over this half's 64 columns: k-steps 2h, 2h + 1 (acc[0..3]) and 4 + 2h,
+      // 5 + 2h (acc[4..7]); K's accumulators are the B fragments (tokens 0-7: rows g, 8-15: g + 8).
+#pragma unroll
+      for (int s = 0; s < 4; ++s) {
+        const int kk = (s < 2 ? 2 * h : 4 + 2 * h) + (s % 2);
+        uint32_t qf[4];
+        Ldsm4(qf, sm.q + (lane % 16) * kQLd + kk * 16 + (lane / 16) * 8);
+        const int j = 2 * s;
+        Mma(sacc[0], qf, PackBf16(acc[j][0], acc[j][1]), PackBf16(acc[j + 1][0], acc[j + 1][1]));
+        Mma(sacc[1], qf, PackBf16(acc[j][2], acc[j][3]), PackBf16(acc[j + 1][2], acc[j + 1][3]));
+      }
     }
     // Online softmax per row; the quad (t = 0..3) shares a row.
     uint32_t pa[4];
@@ -253,7 +281,7 @@ __device__ void ProcessItem(const LatentAttentionArgs& a, const Layout& L, const
       l[r] = l[r] * c + (p[0][0] + p[0][1] + p[1][0] + p[1][1]);
       m[r] = m_new;
 #pragma unroll
-      for (int n = 0; n < kMaxRank / 8; ++n) {
+      for (int n = 0; n < VT; ++n) {
         o[n][2 * r] *= c;
         o[n][2 * r + 1] *= c;
       }
@@ -262,7 +290,7 @@ __device__ void ProcessItem(const LatentAttentionArgs& a, const Layout& L, const
     }
     // O += P C_V over the value latents' n-tiles.
 #pragma unroll
-    for (int n = 0; n < kMaxRank / 8; n += 2) {
+    for (int n = 0; n < VT; n += 2) {
       if (n * 8 < L.rvp) {
         uint32_t bf[4];
         Ldsm4T(bf, cv + ((lane & 7) + ((lane >> 3) & 1) * 8) * L.ldv + n * 8 + (lane >> 4) * 8);
@@ -290,7 +318,7 @@ __device__ void ProcessItem(const LatentAttentionArgs& a, const Layout& L, const
     wl[g] = l[0], wl[g + 8] = l[1];
   }
 #pragma unroll
-  for (int n = 0; n < kMaxRank / 8; ++n) {
+  for (int n = 0; n < VT; ++n) {
     if (n * 8 < L.rvp) {
       *reinterpret_cast<float2*>(wo + g * L.ldo + n * 8 + 2 * t) = make_float2(o[n][0], o[n][1]);
       *reinterpret_cast<float2*>(wo + (g + 8) * L.ldo + n * 8 + 2 * t) = make_float2(o[n][2], o[n][3]);
@@ -347,18 +375,20 @@ __device__ Smem Setup(const LatentAttentionArgs& a, const Layout& L) {
   return sm;  // the first item's __syncthreads publishes B_K
 }
 
-__global__ void __launch_bounds__(kThreads) LatentDecodeKernel(const LatentAttentionArgs a, const DecodeSchedule sch) {
+template <int VT>
+__global__ void __launch_bounds__(kThreads, VT <= 8 ? 2 : 1) LatentDecodeKernel(const LatentAttentionArgs a, const DecodeSchedule sch) {
   const Layout L(a.k_rank, a.v_rank);
   const Smem sm = Setup(a, L);
   const int num_work = sch.counts[0];
   for (int w = blockIdx.x; w < num_work; w += gridDim.x) {
     const DecodeWorkItem wi = sch.work[w];
     const Item it{wi.seq, 0, 1, wi.kv_start, wi.kv_end, wi.partial};
-    ProcessItem(a, L, sm, it, sch.partial_out, sch.partial_lse);
+    ProcessItem<VT>(a, L, sm, it, sch.partial_out, sch.partial_lse);
   }
 }
 
-__global__ void __launch_bounds__(kThreads) LatentPrefillKernel(const LatentAttentionArgs a, const PrefillSchedule sch) {
+template <int VT>
+__global__ void __launch_bounds__(kThreads, VT <= 8 ? 2 : 1) LatentPrefillKernel(const LatentAttentionArgs a, const PrefillSchedule sch) {
   const int group = a.num_heads / a.num_kv_heads;
   const int tq = kLatentRows / group;
   int tile = blockIdx.x, seq = -1;
@@ -380,7 +410,7 @@ __global__ void __launch_bounds__(kThreads) LatentPrefillKernel(const LatentAtte
   const int q_first = tile * tq;
   const int ntok = q_len - q_first < tq ? q_len - q_first : tq;
   const Item it{seq, q_first, ntok, 0, ctx + q_first + ntok, -1};
-  ProcessItem(a, L, sm, it, nullptr, nullptr);
+  ProcessItem<VT>(a, L, sm, it, nullptr, nullptr);
 }
 
 // One warp per (split sequence, query head): the chunks' lse reduced by the lanes, then each lane
@@ -443,14 +473,21 @@ bool LatentShapeSupported(int num_heads, int num_kv_heads, int head_dim, int k_r
 
 cudaError_t LaunchLatentDecode(const LatentAttentionArgs& a, const DecodeSchedule& s, cudaStream_t stream) {
   if (!ArgsOk(a) || s.max_work <= 0 || s.max_merge <= 0 || s.num_sms <= 0) return cudaErrorInvalidValue;
-  static bool smem_set = false;
-  cudaError_t e = AllowSmem(LatentDecodeKernel, &smem_set);
-  if (e != cudaSuccess) return e;
-  // Enough CTAs for a few resident waves; each strides over the work list (read on the device).
+  // Enough CTAs for two resident waves; each strides over the work list (read on the device).
   const int per_head = (4 * s.num_sms + a.num_kv_heads - 1) / a.num_kv_heads;
   const dim3 grid(static_cast<unsigned>(per_head < s.max_work ? per_head : s.max_work),
                   static_cast<unsigned>(a.num_kv_heads));
-  LatentDecodeKernel<<<grid, kThreads, Layout(a.k_rank, a.v_rank).bytes(), stream>>>(a, s);
+  const size_t smem = Layout(a.k_rank, a.v_rank).bytes();
+  cudaError_t e;
+  if (Pad16(a.v_rank) <= 64) {
+    static bool smem_set = false;
+    if ((e = AllowSmem(LatentDecodeKernel<8>, &smem_set)) != cudaSuccess) return e;
+    LatentDecodeKernel<8><<<grid, kThreads, smem, stream>>>(a, s);
+  } else {
+    static bool smem_set = false;
+    if ((e = AllowSmem(LatentDecodeKernel<16>, &smem_set)) != cudaSuccess) return e;
+    LatentDecodeKernel<16><<<grid, kThreads, smem, stream>>>(a, s);
+  }
   const int64_t merge_pairs = static_cast<int64_t>(s.max_merge) * a.num_heads;
   const int64_t merge_want = (merge_pairs + kThreads / 32 - 1) / (kThreads / 32);
   const int merge_ctas = static_cast<int>(merge_want < 4 * s.num_sms ? merge_want : 4 * s.num_sms);
@@ -461,11 +498,18 @@ cudaError_t LaunchLatentDecode(const LatentAttentionArgs& a, const DecodeSchedul
 cudaError_t LaunchLatentPrefill(const LatentAttentionArgs& a, const PrefillSchedule& s, cudaStream_t stream) {
   if (!ArgsOk(a) || s.num_tiles < 0) return cudaErrorInvalidValue;
   if (s.num_tiles == 0) return cudaSuccess;
-  static bool smem_set = false;
-  cudaError_t e = AllowSmem(LatentPrefillKernel, &smem_set);
-  if (e != cudaSuccess) return e;
   const dim3 grid(static_cast<unsigned>(s.num_tiles), static_cast<unsigned>(a.num_kv_heads));
-  LatentPrefillKernel<<<grid, kThreads, Layout(a.k_rank, a.v_rank).bytes(), stream>>>(a, s);
+  const size_t smem = Layout(a.k_rank, a.v_rank).bytes();
+  cudaError_t e;
+  if (Pad16(a.v_rank) <= 64) {
+    static bool smem_set = false;
+    if ((e = AllowSmem(LatentPrefillKernel<8>, &smem_set)) != cudaSuccess) return e;
+    LatentPrefillKernel<8><<<grid, kThreads, smem, stream>>>(a, s);
+  } else {
+    static bool smem_set = false;
+    if ((e = AllowSmem(LatentPrefillKernel<16>, &smem_set)) != cudaSuccess) return e;
+    LatentPrefillKernel<16><<<grid, kThreads, smem, stream>>>(a, s);
+  }
   return cudaGetLastError();
 }
 

@@ -36,8 +36,12 @@ class CudaAttentionPlan final : public AttentionPlan {
   AttentionLimits limits;
   int num_sms = 1;
   int max_work = 0, max_partials = 0;
-  // Learned from the last decode call (the split heuristic only; correctness never depends on it).
+  // Learned from the last decode call (the split heuristic only; correctness never depends on it):
+  // KV heads, resident decode CTAs per SM and the shortest chunk worth a CTA (full-KV decode:
+  // kTargetCtasPerSm / kMinChunk; latent decode: its own, set by LatentAttention).
   mutable int kv_heads_hint = kDefaultKvHeads;
+  mutable int ctas_per_sm_hint = kTargetCtasPerSm;
+  mutable int min_chunk_hint = kMinChunk;
   DeviceBuffer workspace, partial_out, partial_lse;
   // Host staging of the workspace (pageable: CopyToDevice has consumed it when it returns).
   std::vector<char> host;
@@ -85,10 +89,10 @@ absl::Status CudaAttentionPlan::Plan(Backend& be, const AttentionBatch& b) {
 
   // Split-KV: with fewer decodes than the target work items, cut sequences into chunks of
   // `chunk` keys (the keys spread evenly over the target), doubling it until the partial slots fit.
-  const int target_items = std::max(1, (kTargetCtasPerSm * num_sms + kv_heads_hint - 1) / kv_heads_hint);
+  const int target_items = std::max(1, (ctas_per_sm_hint * num_sms + kv_heads_hint - 1) / kv_heads_hint);
   int64_t chunk = INT32_MAX;
   if (static_cast<int>(decodes.size()) < target_items && decode_keys > 0) {
-    chunk = std::max<int64_t>(kMinChunk, (decode_keys + target_items - 1) / target_items);
+    chunk = std::max<int64_t>(min_chunk_hint, (decode_keys + target_items - 1) / target_items);
     for (;;) {
       int64_t partials = 0;
       for (int32_t s : decodes) {
@@ -304,6 +308,8 @@ absl::Status CudaBackend::DecodeAttention(const AttentionParams& p, const Attent
   const auto& cp = static_cast<const CudaAttentionPlan&>(plan);
   ASSIGN_OR_RETURN(const kernels::PagedAttentionArgs a, KernelArgs("DecodeAttention", p, plan.batch()));
   cp.kv_heads_hint = p.num_kv_heads;
+  cp.ctas_per_sm_hint = kTargetCtasPerSm;
+  cp.min_chunk_hint = kMinChunk;
   return CudaError(kernels::LaunchDecodeAttention(a, cp.decode_schedule(), stream_), "DecodeAttention");
 }
 
@@ -311,6 +317,8 @@ absl::Status CudaBackend::LatentAttention(const LatentAttentionParams& p, const 
   const auto& cp = static_cast<const CudaAttentionPlan&>(plan);
   ASSIGN_OR_RETURN(const kernels::LatentAttentionArgs a, LatentKernelArgs(p, plan.batch()));
   cp.kv_heads_hint = p.num_kv_heads;
+  cp.ctas_per_sm_hint = kernels::kLatentDecodeCtasPerSm;
+  cp.min_chunk_hint = kernels::kLatentMinChunk;
   // A captured step always launches the decode kernels (the replayed plan may hold decodes).
   if (cp.num_decodes() > 0 || capturing_) {
     RETURN_IF_ERROR(CudaError(kernels::LaunchLatentDecode(a, cp.decode_schedule(), stream_), "LatentAttention decode"));

@@ -377,9 +377,10 @@ __device__ Smem Setup(const LatentAttentionArgs& a, const Layout& L) {
 
 template <int VT>
 __global__ void __launch_bounds__(kThreads, VT <= 8 ? 2 : 1) LatentDecodeKernel(const LatentAttentionArgs a, const DecodeSchedule sch) {
+  const int num_work = sch.counts[0];
+  if (static_cast<int>(blockIdx.x) >= num_work) return;  // uniform over the CTA; spares B_K's load
   const Layout L(a.k_rank, a.v_rank);
   const Smem sm = Setup(a, L);
-  const int num_work = sch.counts[0];
   for (int w = blockIdx.x; w < num_work; w += gridDim.x) {
     const DecodeWorkItem wi = sch.work[w];
     const Item it{wi.seq, 0, 1, wi.kv_start, wi.kv_end, wi.partial};

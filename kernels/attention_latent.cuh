@@ -47,6 +47,10 @@ struct LatentAttentionArgs {
 // (query token, query head) rows per CTA: a decode CTA covers the group of one KV head (at most
 // 16 heads); a prefill CTA covers kLatentRows / group query tokens of one sequence.
 inline constexpr int kLatentRows = 16;
+// For the split-KV plan: decode CTAs resident per SM (8 warps, two CTAs for r_v <= 64) and the
+// shortest key chunk worth a CTA (each of its 8 warps takes 16-token tiles).
+inline constexpr int kLatentDecodeCtasPerSm = 2;
+inline constexpr int kLatentMinChunk = 128;
 
 // True when the kernels take this shape: head_dim 128, the group (num_heads / num_kv_heads) a
 // divisor of 16, ranks in [8, 128] and multiples of 8, num_heads * v_rank within a partial slot.

@@ -171,7 +171,7 @@ struct RopeParams {
 // (padding rows of a replayed graph).
 // With rotate_k false (LoRC latent layers, kvstore KvRope::kAtAttention) only q is rotated; k
 // holds the key latents [num_tokens, cache.k_width] (num_kv_heads * r_k), written unrotated
-// (LatentAttention rotates the reconstructed keys). CUDA: Unimplemented for rotate_k false.
+// (LatentAttention rotates the reconstructed keys).
 struct RopeKvWriteParams {
   Tensor2D q;  // [num_tokens, num_heads * head_dim]
   Tensor2D k;  // [num_tokens, cache.k_width]: num_kv_heads * head_dim, or latents (rotate_k false)
@@ -197,7 +197,7 @@ struct RopeKvWriteParams {
 // takes the causal softmax of scale * q_j . k_t and writes sum_t p_t c_V,t (r_v wide) to out
 // columns [j*v_rank, (j+1)*v_rank). The output projection then reads those r_v-wide rows.
 // InvalidArgument for shapes that do not match the ranks; CPU: F32 only (exact fp32 reference);
-// CUDA: Unimplemented (the fused latent kernel is a later task).
+// CUDA: BF16, head_dim 128, group 1/2/4/8/16, ranks multiples of 8 (Unimplemented otherwise).
 struct LatentAttentionParams {
   Tensor2D q;     // [num_tokens, num_heads * head_dim], RoPE applied
   Tensor2D k_up;  // [num_kv_heads * head_dim, k_rank]

@@ -1,5 +1,6 @@
 // CudaBackend's paged attention: the plan (split-KV work lists in a fixed device workspace),
-// decode (kernels/attention_decode.cu) and prefill (kernels/attention_prefill.cu). BF16 only.
+// decode (kernels/attention_decode.cu), prefill (kernels/attention_prefill.cu) and LoRC latent
+// attention over the same plan (kernels/attention_latent.cu). BF16 only.
 #include "backend/cuda_backend_impl.h"
 
 #ifdef LORC_HAVE_CUDA
@@ -7,6 +8,7 @@
 #include <cstring>
 #include <vector>
 
+#include "kernels/attention_latent.cuh"
 #include "kernels/attention_paged.cuh"
 #include "kernels/elem_type.cuh"
 
@@ -28,13 +30,18 @@ class CudaAttentionPlan final : public AttentionPlan {
  public:
   absl::Status Plan(Backend& be, const AttentionBatch& b);
   kernels::DecodeSchedule decode_schedule() const;
-  kernels::PrefillSchedule prefill_schedule(int group) const;
+  // Tiles of rows / group query tokens (rows: kPrefillRows, or kLatentRows for latent attention).
+  kernels::PrefillSchedule prefill_schedule(int group, int rows = kernels::kPrefillRows) const;
 
   AttentionLimits limits;
   int num_sms = 1;
   int max_work = 0, max_partials = 0;
-  // Learned from the last decode call (the split heuristic only; correctness never depends on it).
+  // Learned from the last decode call (the split heuristic only; correctness never depends on it):
+  // KV heads, resident decode CTAs per SM and the shortest chunk worth a CTA (full-KV decode:
+  // kTargetCtasPerSm / kMinChunk; latent decode: its own, set by LatentAttention).
   mutable int kv_heads_hint = kDefaultKvHeads;
+  mutable int ctas_per_sm_hint = kTargetCtasPerSm;
+  mutable int min_chunk_hint = kMinChunk;
   DeviceBuffer workspace, partial_out, partial_lse;
   // Host staging of the workspace (pageable: CopyToDevice has consumed it when it returns).
   std::vector<char> host;
@@ -82,10 +89,10 @@ absl::Status CudaAttentionPlan::Plan(Backend& be, const AttentionBatch& b) {
 
   // Split-KV: with fewer decodes than the target work items, cut sequences into chunks of
   // `chunk` keys (the keys spread evenly over the target), doubling it until the partial slots fit.
-  const int target_items = std::max(1, (kTargetCtasPerSm * num_sms + kv_heads_hint - 1) / kv_heads_hint);
+  const int target_items = std::max(1, (ctas_per_sm_hint * num_sms + kv_heads_hint - 1) / kv_heads_hint);
   int64_t chunk = INT32_MAX;
   if (static_cast<int>(decodes.size()) < target_items && decode_keys > 0) {
-    chunk = std::max<int64_t>(kMinChunk, (decode_keys + target_items - 1) / target_items);
+    chunk = std::max<int64_t>(min_chunk_hint, (decode_keys + target_items - 1) / target_items);
     for (;;) {
       int64_t partials = 0;
       for (int32_t s : decodes) {
@@ -140,12 +147,12 @@ kernels::DecodeSchedule CudaAttentionPlan::decode_schedule() const {
   return s;
 }
 
-kernels::PrefillSchedule CudaAttentionPlan::prefill_schedule(int group) const {
+kernels::PrefillSchedule CudaAttentionPlan::prefill_schedule(int group, int rows) const {
   kernels::PrefillSchedule s;
   const char* base = workspace.as<char>();
   s.prefill_seqs = reinterpret_cast<const int32_t*>(base + prefill_offset());
   s.num_prefills = reinterpret_cast<const int32_t*>(base) + 2;
-  const int tq = kernels::kPrefillRows / group;
+  const int tq = rows / group;
   for (int32_t q_len : prefill_q_lens) s.num_tiles += (q_len + tq - 1) / tq;
   return s;
 }
@@ -205,6 +212,73 @@ absl::StatusOr<kernels::PagedAttentionArgs> KernelArgs(const char* op, const Att
   return a;
 }
 
+// LatentAttention's checks (errors name the field) and the kernels' arguments.
+absl::StatusOr<kernels::LatentAttentionArgs> LatentKernelArgs(const LatentAttentionParams& p, const AttentionBatch& b) {
+  for (const auto& [name, dt] : {std::pair<const char*, DType>{"query", p.q.dtype}, {"k_up", p.k_up.dtype},
+                                 {"output", p.out.dtype}, {"cache", p.cache.dtype}}) {
+    if (dt != DType::kBF16) {
+      return absl::UnimplementedError(absl::StrCat("cuda backend: LatentAttention: ", name, " dtype ", DTypeName(dt),
+                                                   " not implemented (BF16)"));
+    }
+  }
+  const int hd = p.head_dim, rk = p.k_rank, rv = p.v_rank;
+  if (p.num_kv_heads <= 0 || p.num_heads <= 0 || p.num_heads % p.num_kv_heads != 0 || hd <= 0 || hd % 2 != 0 ||
+      rk < 1 || rk > hd || rv < 1 || rv > hd) {
+    return absl::InvalidArgumentError(absl::StrCat("cuda backend: LatentAttention: ", p.num_heads,
+                                                   " query heads over ", p.num_kv_heads, " KV heads, head_dim ", hd,
+                                                   ", k_rank ", rk, ", v_rank ", rv));
+  }
+  if (p.cache.k_width != static_cast<int64_t>(p.num_kv_heads) * rk ||
+      p.cache.v_width != static_cast<int64_t>(p.num_kv_heads) * rv ||
+      p.k_up.rows != static_cast<int64_t>(p.num_kv_heads) * hd || p.k_up.cols != rk ||
+      p.q.cols != static_cast<int64_t>(p.num_heads) * hd || p.out.cols != static_cast<int64_t>(p.num_heads) * rv ||
+      p.out.rows != p.q.rows) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "cuda backend: LatentAttention: shapes q[", p.q.rows, ",", p.q.cols, "] k_up[", p.k_up.rows, ",", p.k_up.cols,
+        "] out[", p.out.rows, ",", p.out.cols, "] cache widths ", p.cache.k_width, "/", p.cache.v_width,
+        " do not match ", p.num_heads, " query heads, ", p.num_kv_heads, " KV heads, head_dim ", hd, ", k_rank ", rk,
+        ", v_rank ", rv));
+  }
+  if (!kernels::LatentShapeSupported(p.num_heads, p.num_kv_heads, hd, rk, rv)) {
+    return absl::UnimplementedError(absl::StrCat(
+        "cuda backend: LatentAttention: head_dim ", hd, ", ", p.num_heads / p.num_kv_heads,
+        " query heads per KV head, k_rank ", rk, ", v_rank ", rv,
+        " not implemented (head_dim 128; group 1, 2, 4, 8 or 16; ranks multiples of 8)"));
+  }
+  if (p.inv_freq == nullptr) return absl::InvalidArgumentError("cuda backend: LatentAttention: inv_freq is null");
+  kernels::LatentAttentionArgs a;
+  a.q = p.q.data;
+  a.q_ld = p.q.stride();
+  a.out = p.out.data;
+  a.out_ld = p.out.stride();
+  a.k_up = p.k_up.data;
+  a.k_up_ld = p.k_up.stride();
+  a.k_cache = p.cache.k;
+  a.v_cache = p.cache.v;
+  a.k_ld = p.cache.k_width;
+  a.v_ld = p.cache.v_width;
+  a.num_heads = p.num_heads;
+  a.num_kv_heads = p.num_kv_heads;
+  a.head_dim = hd;
+  a.k_rank = rk;
+  a.v_rank = rv;
+  a.scale = p.scale;
+  a.inv_freq = p.inv_freq;
+  a.query_start = b.query_start;
+  a.seq_lens = b.seq_lens;
+  a.block_tables = b.block_tables;
+  a.max_blocks_per_seq = b.max_blocks_per_seq;
+  a.block_size = b.block_size;
+  if (!kernels::Aligned16(a.q) || !kernels::Aligned16(a.out) || !kernels::Aligned16(a.k_up) ||
+      !kernels::Aligned16(a.k_cache) || !kernels::Aligned16(a.v_cache) || a.q_ld % 8 || a.out_ld % 8 ||
+      a.k_up_ld % 8) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "cuda backend: LatentAttention: q, out, k_up and cache need 16-byte aligned rows (row strides ", a.q_ld, ", ",
+        a.out_ld, ", ", a.k_up_ld, " elements)"));
+  }
+  return a;
+}
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<AttentionPlan>> CudaBackend::CreateAttentionPlan(const AttentionLimits& limits) {
@@ -234,13 +308,25 @@ absl::Status CudaBackend::DecodeAttention(const AttentionParams& p, const Attent
   const auto& cp = static_cast<const CudaAttentionPlan&>(plan);
   ASSIGN_OR_RETURN(const kernels::PagedAttentionArgs a, KernelArgs("DecodeAttention", p, plan.batch()));
   cp.kv_heads_hint = p.num_kv_heads;
+  cp.ctas_per_sm_hint = kTargetCtasPerSm;
+  cp.min_chunk_hint = kMinChunk;
   return CudaError(kernels::LaunchDecodeAttention(a, cp.decode_schedule(), stream_), "DecodeAttention");
 }
 
-absl::Status CudaBackend::LatentAttention(const LatentAttentionParams&, const AttentionPlan&) {
-  return absl::UnimplementedError(
-      "cuda backend: LatentAttention (LoRC latent KV) not implemented; serve LoRC models on the "
-      "cpu backend");
+absl::Status CudaBackend::LatentAttention(const LatentAttentionParams& p, const AttentionPlan& plan) {
+  const auto& cp = static_cast<const CudaAttentionPlan&>(plan);
+  ASSIGN_OR_RETURN(const kernels::LatentAttentionArgs a, LatentKernelArgs(p, plan.batch()));
+  cp.kv_heads_hint = p.num_kv_heads;
+  cp.ctas_per_sm_hint = kernels::kLatentDecodeCtasPerSm;
+  cp.min_chunk_hint = kernels::kLatentMinChunk;
+  // A captured step always launches the decode kernels (the replayed plan may hold decodes).
+  if (cp.num_decodes() > 0 || capturing_) {
+    RETURN_IF_ERROR(CudaError(kernels::LaunchLatentDecode(a, cp.decode_schedule(), stream_), "LatentAttention decode"));
+  }
+  if (cp.num_prefills() == 0) return absl::OkStatus();
+  const int group = p.num_heads / p.num_kv_heads;
+  return CudaError(kernels::LaunchLatentPrefill(a, cp.prefill_schedule(group, kernels::kLatentRows), stream_),
+                   "LatentAttention prefill");
 }
 
 absl::Status CudaBackend::PrefillAttention(const AttentionParams& p, const AttentionPlan& plan) {

@@ -221,14 +221,18 @@ absl::Status CudaBackend::WriteKv(const KvLayer& cache, const Tensor2D& k, const
 }
 
 absl::Status CudaBackend::RopeKvWrite(const RopeKvWriteParams& p) {
-  if (!p.rotate_k) {
-    return absl::UnimplementedError(
-        "cuda backend: RopeKvWrite: rotate_k false (unrotated LoRC key latents) not implemented");
-  }
   ASSIGN_OR_RETURN(const kernels::ElemType et,
                    KernelType("RopeKvWrite", {{"query", p.q.dtype}, {"key", p.k.dtype}, {"value", p.v.dtype},
                                               {"cache", p.cache.dtype}}));
   RETURN_IF_ERROR(CheckHeads("RopeKvWrite", "q", p.q, p.num_heads, p.head_dim));
+  if (!p.rotate_k) {  // LoRC latents: rotate q only, store the key / value latents as given
+    if (p.k.rows != p.q.rows) {
+      return ShapeError("RopeKvWrite", absl::StrCat(ShapeOf("q", p.q), ", ", ShapeOf("k", p.k)));
+    }
+    RopeParams r{p.q, p.num_heads, p.head_dim, p.positions, p.inv_freq};
+    RETURN_IF_ERROR(Rope(r));
+    return WriteKv(p.cache, p.k, p.v, p.slot_mapping);
+  }
   RETURN_IF_ERROR(CheckHeads("RopeKvWrite", "k", p.k, p.num_kv_heads, p.head_dim));
   if (p.k.cols != p.cache.k_width || p.v.cols != p.cache.v_width || p.k.rows != p.q.rows ||
       p.v.rows != p.q.rows) {

@@ -171,7 +171,8 @@ class CudaBackend final : public Backend {
   absl::Status PlanAttention(const AttentionBatch& batch, AttentionPlan& plan) override;
   absl::Status DecodeAttention(const AttentionParams& p, const AttentionPlan& plan) override;
   absl::Status PrefillAttention(const AttentionParams& p, const AttentionPlan& plan) override;
-  // LoRC: not yet on CUDA (SupportsLatentAttention() false); Unimplemented naming the backend.
+  // LoRC latent attention (kernels/attention_latent.cu) over the same plan.
+  bool SupportsLatentAttention() const override { return true; }
   absl::Status LatentAttention(const LatentAttentionParams& p, const AttentionPlan& plan) override;
   // cuda_sampling.cc
   absl::Status Sample(const Tensor2D& logits, absl::Span<const SamplingRow> rows, SampleOutput* out) override;

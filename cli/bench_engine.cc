@@ -309,7 +309,10 @@ int RunEngineBench(int argc, char** argv) {
   const int32_t budget = t.engine_options.max_num_batched_tokens;
   for (int32_t context : *contexts) {
     for (int32_t batch : *batches) {
-      nlohmann::json j = {{"kind", "decode"}, {"batch", batch}, {"context", context}};
+      // Sequences of `context` tokens the KV cache holds at once (the capacity at a fixed KV memory).
+      const int64_t fit = std::min<int64_t>(t.engine_options.max_num_seqs,
+                                            t.num_blocks / ((int64_t{context} + t.block_size - 1) / t.block_size));
+      nlohmann::json j = {{"kind", "decode"}, {"batch", batch}, {"context", context}, {"max_seqs_at_context", fit}};
       // Early sequences decode while later ones prefill: one token per fill step at most.
       const int64_t fill_steps = (int64_t{batch} * context + budget - 1) / budget + batch;
       const int32_t max_tokens = static_cast<int32_t>(fill_steps + *warmup + *steps + 2);

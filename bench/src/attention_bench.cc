@@ -7,9 +7,14 @@
 // read bandwidth (batch x context x 8 heads x 128 x 2 (K, V) x 2 bytes per layer time).
 // Prefill: one whole causal prompt of T tokens, TFLOP/s counted as 4 x heads x head_dim x the
 // number of (query, key) pairs attended (T (T + 1) / 2).
+// LoRC: the latent decode (LatentAttention, kernels/attention_latent.cu) at ranks 64/64 (half the
+// KV bytes) next to the full-KV decode at context 4k/16k/32k, batch 1 and 64, with each one's
+// DRAM floor: its KV bytes (plus B_K, per KV head and CTA) at kFloorGBs, the H200's measured copy
+// bandwidth (/work/shared/device/README.md). Table, then one JSON line.
 // Usage: build/bin/attention_bench (needs a CUDA device).
 #include <algorithm>
 #include <cstdio>
+#include <cmath>
 #include <functional>
 #include <string>
 #include <vector>
@@ -24,6 +29,7 @@ namespace {
 
 constexpr int kHeads = 32, kKvHeads = 8, kDim = 128, kBlock = 16, kReps = 32;
 constexpr int64_t kCycleBytes = int64_t{256} << 20;
+constexpr double kFloorGBs = 4275.0;
 
 DeviceBuffer Filled(Backend& be, size_t bytes, int value) {
   auto b = be.Allocate(bytes);
@@ -47,15 +53,17 @@ double TimeUs(Backend& be, const std::function<void(int)>& op) {
 }
 
 // `batch` sequences of `ctx` cached tokens each, q_len `q_len` (1: decode), one cache per layer
-// of the cycle; returns microseconds per layer.
-double Run(Backend& be, int batch, int ctx, int q_len, bool decode) {
+// of the cycle; returns microseconds per layer. rank > 0: LoRC latents of ranks rank/rank
+// through LatentAttention (decode and prefill in one call).
+double Run(Backend& be, int batch, int ctx, int q_len, bool decode, int rank = 0) {
   const int blocks_per_seq = (ctx + kBlock - 1) / kBlock;
-  const int64_t kv_width = kKvHeads * kDim, width = kHeads * kDim;
+  const int64_t kv_width = kKvHeads * (rank > 0 ? rank : kDim), width = kHeads * kDim;
+  const int64_t out_width = rank > 0 ? kHeads * rank : width;
   const int64_t layer_bytes = int64_t{batch} * blocks_per_seq * kBlock * kv_width * 2;
   const int layers = static_cast<int>(std::clamp<int64_t>(kCycleBytes / layer_bytes, 1, 16));
   DeviceBuffer k = Filled(be, layer_bytes * layers, 0x3c), v = Filled(be, layer_bytes * layers, 0x3c);
   const int tokens = batch * q_len;
-  DeviceBuffer q = Filled(be, int64_t{tokens} * width * 2, 0x3c), out = Filled(be, int64_t{tokens} * width * 2, 0);
+  DeviceBuffer q = Filled(be, int64_t{tokens} * width * 2, 0x3c), out = Filled(be, int64_t{tokens} * out_width * 2, 0);
   std::vector<int32_t> qs(batch + 1), lens(batch, ctx), tables(int64_t{batch} * blocks_per_seq);
   for (int s = 0; s <= batch; ++s) qs[s] = s * q_len;
   for (size_t i = 0; i < tables.size(); ++i) tables[i] = static_cast<int32_t>(i);
@@ -74,6 +82,29 @@ double Run(Backend& be, int batch, int ctx, int q_len, bool decode) {
   auto plan = be.CreateAttentionPlan({std::max(batch, 256), std::max(tokens, 8192), blocks_per_seq});
   CHECK(plan.ok()) << plan.status();
   CHECK_OK(be.PlanAttention(b, **plan));
+  if (rank > 0) {
+    std::vector<float> inv_freq(kDim / 2);
+    for (int i = 0; i < kDim / 2; ++i) inv_freq[i] = static_cast<float>(std::pow(500000.0, -2.0 * i / kDim));
+    DeviceBuffer k_up = Filled(be, int64_t{kKvHeads} * kDim * rank * 2, 0x3c), freq = Put(be, inv_freq);
+    LatentAttentionParams lp;
+    lp.q = Tensor2D{q.data(), DType::kBF16, tokens, width, 0};
+    lp.k_up = Tensor2D{k_up.data(), DType::kBF16, int64_t{kKvHeads} * kDim, rank, 0};
+    lp.out = Tensor2D{out.data(), DType::kBF16, tokens, out_width, 0};
+    lp.num_heads = kHeads;
+    lp.num_kv_heads = kKvHeads;
+    lp.head_dim = kDim;
+    lp.k_rank = lp.v_rank = rank;
+    lp.scale = 0.08838834764f;
+    lp.inv_freq = freq.as<float>();
+    lp.cache = KvLayer{k.data(), v.data(), kv_width, kv_width, DType::kBF16};
+    CHECK_OK(be.LatentAttention(lp, **plan));  // teaches the plan the KV head count
+    CHECK_OK(be.PlanAttention(b, **plan));
+    return TimeUs(be, [&](int i) {
+      const int64_t off = (i % layers) * layer_bytes;
+      lp.cache = KvLayer{k.as<char>() + off, v.as<char>() + off, kv_width, kv_width, DType::kBF16};
+      CHECK_OK(be.LatentAttention(lp, **plan));
+    });
+  }
   AttentionParams p;
   p.q = Tensor2D{q.data(), DType::kBF16, tokens, width, 0};
   p.out = Tensor2D{out.data(), DType::kBF16, tokens, width, 0};
@@ -121,6 +152,41 @@ int Main() {
     const double flops = 8 * 4.0 * kHeads * kDim * (512.0 * 513 / 2);
     std::printf("  8 x   512 tokens        %9.2f  %9.1f\n", us, flops / us * 1e-6);
   }
+  // LoRC latent decode vs full KV, ranks 64/64: per layer, and each one's DRAM floor.
+  constexpr int kRank = 64;
+  std::printf("LoRC latent decode (ranks %d/%d) vs full-KV decode, per layer; floor = KV bytes / %.0f GB/s\n",
+              kRank, kRank, kFloorGBs);
+  std::printf("  batch x ctx        full us  floor us  latent us  floor us  latent/full\n");
+  std::string json = "{\"bench\":\"attention_latent_decode\",\"device\":\"" + be.Describe() +
+                     "\",\"heads\":32,\"kv_heads\":8,\"head_dim\":128,\"k_rank\":64,\"v_rank\":64,"
+                     "\"floor_gbs\":" + std::to_string(kFloorGBs) + ",\"cases\":[";
+  bool first = true;
+  for (const int batch : {1, 64}) {
+    for (const int ctx : {4096, 16384, 32768}) {
+      const double full = Run(be, batch, ctx, 1, true);
+      const double lat = Run(be, batch, ctx, 1, true, kRank);
+      const double tokens = double{1.0} * batch * ctx * kKvHeads;
+      const double full_floor = tokens * kDim * 2 * 2 / kFloorGBs * 1e-3;
+      const double lat_floor = (tokens * kRank * 2 * 2 + double{1.0} * kKvHeads * kDim * kRank * 2) / kFloorGBs * 1e-3;
+      std::printf("  %3d x %5d      %9.2f %9.2f  %9.2f %9.2f  %9.3f\n", batch, ctx, full, full_floor, lat, lat_floor,
+                  lat / full);
+      char buf[256];
+      std::snprintf(buf, sizeof(buf),
+                    "%s{\"batch\":%d,\"ctx\":%d,\"full_us\":%.2f,\"full_floor_us\":%.2f,\"latent_us\":%.2f,"
+                    "\"latent_floor_us\":%.2f}",
+                    first ? "" : ",", batch, ctx, full, full_floor, lat, lat_floor);
+      json += buf;
+      first = false;
+    }
+  }
+  {
+    const double full = Run(be, 1, 4096, 4096, false), lat = Run(be, 1, 4096, 4096, false, kRank);
+    std::printf("  prefill 1 x 4096 (causal): full %.2f us, latent %.2f us\n", full, lat);
+    char buf[128];
+    std::snprintf(buf, sizeof(buf), "],\"prefill_4096\":{\"full_us\":%.2f,\"latent_us\":%.2f}}", full, lat);
+    json += buf;
+  }
+  std::printf("%s\n", json.c_str());
   return 0;
 }
 

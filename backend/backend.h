@@ -205,7 +205,8 @@ struct RopeKvWriteParams {
 // angles, rotate_half); each query head j of g's group (j / (num_heads / num_kv_heads) == g)
 // takes the causal softmax of scale * q_j . k_t and writes sum_t p_t c_V,t (r_v wide) to out
 // columns [j*v_rank, (j+1)*v_rank). The output projection then reads those r_v-wide rows.
-// InvalidArgument for shapes that do not match the ranks; CPU: F32 only (exact fp32 reference);
+// InvalidArgument for shapes that do not match the ranks; CPU: F32 q/k_up/out (exact fp32
+// reference), the cache F32, BF16 or quantized (latents dequantized per KV head);
 // CUDA: Unimplemented (the fused latent kernel is a later task).
 struct LatentAttentionParams {
   Tensor2D q;     // [num_tokens, num_heads * head_dim], RoPE applied

@@ -25,7 +25,8 @@
 // Dtypes: tensors carry their dtype (Tensor2D::dtype, KvLayer::dtype); the interface is generic
 // over F32, BF16 and F16 activations, weights and KV caches. A backend rejects a combination it
 // does not implement with Unimplemented naming the op and the dtype ("cpu backend: Matmul: weight
-// dtype BF16 not implemented"). The CPU backend implements F32 only.
+// dtype BF16 not implemented"). The CPU backend implements F32 only, except its KV cache, which
+// may also be BF16 or quantized (KvLayer::quant): F32 activations rounded on write.
 #pragma once
 
 #include <cstddef>
@@ -39,6 +40,7 @@
 #include "absl/types/span.h"
 #include "backend/sampling.h"
 #include "common/dtype.h"
+#include "kernels/kv_quant.h"
 #include "kvstore/kv_block_manager.h"
 
 namespace lorc {
@@ -97,6 +99,13 @@ struct KvLayer {
   int64_t k_width = 0;
   int64_t v_width = 0;
   DType dtype = DType::kF32;
+  // Quantized storage (--kv-cache-dtype fp8 / int8 / int4; kernels/kv_quant.h): each block of k
+  // (v) holds block_size code rows then block_size fp16 scale rows, scale groups per KV head of
+  // k_width / num_kv_heads (v_width / num_kv_heads) values; `dtype` is then U8. kNone: the
+  // element layout above and num_kv_heads / block_size unused.
+  kernels::KvQuant quant = kernels::KvQuant::kNone;
+  int32_t num_kv_heads = 0;
+  int32_t block_size = 0;
 };
 
 // --- attention: a per-step plan and a per-layer run -------------------------------------------
@@ -196,8 +205,10 @@ struct RopeKvWriteParams {
 // angles, rotate_half); each query head j of g's group (j / (num_heads / num_kv_heads) == g)
 // takes the causal softmax of scale * q_j . k_t and writes sum_t p_t c_V,t (r_v wide) to out
 // columns [j*v_rank, (j+1)*v_rank). The output projection then reads those r_v-wide rows.
-// InvalidArgument for shapes that do not match the ranks; CPU: F32 only (exact fp32 reference);
-// CUDA: BF16, head_dim 128, group 1/2/4/8/16, ranks multiples of 8 (Unimplemented otherwise).
+// InvalidArgument for shapes that do not match the ranks; CPU: F32 q/k_up/out (exact fp32
+// reference), the cache F32, BF16 or quantized (latents dequantized per KV head);
+// CUDA: BF16 (cache BF16 only), head_dim 128, group 1/2/4/8/16, ranks multiples of 8
+// (Unimplemented otherwise).
 struct LatentAttentionParams {
   Tensor2D q;     // [num_tokens, num_heads * head_dim], RoPE applied
   Tensor2D k_up;  // [num_kv_heads * head_dim, k_rank]
@@ -337,6 +348,9 @@ class Backend {
   virtual absl::Status DecodeAttention(const AttentionParams& p, const AttentionPlan& plan) = 0;
   virtual absl::Status PrefillAttention(const AttentionParams& p, const AttentionPlan& plan) = 0;
 
+  // Whether KV caches with quant != kNone (--kv-cache-dtype fp8 / int8 / int4) are written and
+  // read here: the model runner refuses them at load otherwise (Unimplemented naming the flag).
+  virtual bool SupportsQuantizedKvCache() const { return false; }
   // Whether LatentAttention (and RopeKvWrite with rotate_k false) run here: the model runner
   // refuses a LoRC model at load otherwise (Unimplemented naming the backend).
   virtual bool SupportsLatentAttention() const { return false; }

@@ -226,18 +226,18 @@ class CpuBackend final : public Backend {
     return absl::OkStatus();
   }
 
+  // F32 rows copied; BF16 rounded to nearest even; quantized caches quantized per token
+  // (kernels/kv_quant.h).
   absl::Status WriteKv(const KvLayer& cache, const Tensor2D& k, const Tensor2D& v,
                        const int32_t* slot_mapping) override {
-    RETURN_IF_ERROR(RequireF32(kCpu, "WriteKv", "cache", cache.dtype));
+    RETURN_IF_ERROR(cpu_internal::CheckKvCache("WriteKv", cache));
     RETURN_IF_ERROR(RequireF32(kCpu, "WriteKv", "key", k.dtype));
     RETURN_IF_ERROR(RequireF32(kCpu, "WriteKv", "value", v.dtype));
-    float* kc = static_cast<float*>(cache.k);
-    float* vc = static_cast<float*>(cache.v);
     for (int64_t t = 0; t < k.rows; ++t) {
       const int64_t slot = slot_mapping[t];
       if (slot < 0) continue;
-      std::memcpy(kc + slot * cache.k_width, Row(k, t), sizeof(float) * cache.k_width);
-      std::memcpy(vc + slot * cache.v_width, Row(v, t), sizeof(float) * cache.v_width);
+      cpu_internal::StoreKvRow(cache, /*v_side=*/false, slot, Row(k, t));
+      cpu_internal::StoreKvRow(cache, /*v_side=*/true, slot, Row(v, t));
     }
     return absl::OkStatus();
   }
@@ -276,6 +276,7 @@ class CpuBackend final : public Backend {
     return Attend(p, plan.batch(), static_cast<const CpuAttentionPlan&>(plan).prefills(), "PrefillAttention");
   }
 
+  bool SupportsQuantizedKvCache() const override { return true; }
   bool SupportsLatentAttention() const override { return true; }
   absl::Status LatentAttention(const LatentAttentionParams& p, const AttentionPlan& plan) override {
     const auto& cp = static_cast<const CpuAttentionPlan&>(plan);
@@ -371,10 +372,11 @@ void CpuBackend::RotateRows(const Tensor2D& x, int heads, int head_dim, const in
 }
 
 // Decode and prefill share this body on the CPU: per sequence and KV head, gather the keys and
-// values into contiguous rows, then two GEMMs around a causal softmax.
+// values into contiguous fp32 rows (dequantized from a BF16 or quantized cache), then two GEMMs
+// around a causal softmax.
 absl::Status CpuBackend::Attend(const AttentionParams& p, const AttentionBatch& b,
                                 const std::vector<int32_t>& seqs, const char* op) {
-  RETURN_IF_ERROR(RequireF32(kCpu, op, "cache", p.cache.dtype));
+  RETURN_IF_ERROR(cpu_internal::CheckKvCache(op, p.cache));
   RETURN_IF_ERROR(RequireF32(kCpu, op, "query", p.q.dtype));
   RETURN_IF_ERROR(RequireF32(kCpu, op, "output", p.out.dtype));
   if (p.num_kv_heads <= 0 || p.num_heads % p.num_kv_heads != 0) {
@@ -383,8 +385,6 @@ absl::Status CpuBackend::Attend(const AttentionParams& p, const AttentionBatch& 
   }
   const int hd = p.head_dim;
   const int group = p.num_heads / p.num_kv_heads;
-  const float* kc = static_cast<const float*>(p.cache.k);
-  const float* vc = static_cast<const float*>(p.cache.v);
   const int64_t q_ld = p.q.stride();
   const int64_t o_ld = p.out.stride();
   for (const int32_t s : seqs) {
@@ -400,10 +400,8 @@ absl::Status CpuBackend::Attend(const AttentionParams& p, const AttentionBatch& 
       for (int pos = 0; pos < len; ++pos) {
         const int64_t slot =
             static_cast<int64_t>(table[pos / b.block_size]) * b.block_size + pos % b.block_size;
-        std::memcpy(&k_buf_[static_cast<size_t>(pos) * hd], kc + slot * p.cache.k_width + g * hd,
-                    sizeof(float) * hd);
-        std::memcpy(&v_buf_[static_cast<size_t>(pos) * hd], vc + slot * p.cache.v_width + g * hd,
-                    sizeof(float) * hd);
+        cpu_internal::LoadKvHead(p.cache, false, slot, g, hd, &k_buf_[static_cast<size_t>(pos) * hd]);
+        cpu_internal::LoadKvHead(p.cache, true, slot, g, hd, &v_buf_[static_cast<size_t>(pos) * hd]);
       }
       for (int hh = 0; hh < group; ++hh) {
         const int h = g * group + hh;
@@ -453,9 +451,12 @@ absl::Status CpuBackend::CopyBlocks(absl::Span<const KvLayer> layers, int32_t bl
                                     int32_t num_blocks, absl::Span<const BlockCopy> copies) {
   if (absl::Status s = ValidateBlockCopies(copies, num_blocks); !s.ok()) return s;
   for (const KvLayer& layer : layers) {
-    const size_t esz = DTypeSize(layer.dtype);
-    const size_t k_block = static_cast<size_t>(block_size) * layer.k_width * esz;
-    const size_t v_block = static_cast<size_t>(block_size) * layer.v_width * esz;
+    RETURN_IF_ERROR(cpu_internal::CheckKvCache("CopyBlocks", layer));
+  }
+  // A block's bytes hold its codes and scales alike (kvstore/kv_spec.h).
+  for (const KvLayer& layer : layers) {
+    const size_t k_block = static_cast<size_t>(cpu_internal::KvBlockBytes(layer, false, block_size));
+    const size_t v_block = static_cast<size_t>(cpu_internal::KvBlockBytes(layer, true, block_size));
     char* k = static_cast<char*>(layer.k);
     char* v = static_cast<char*>(layer.v);
     for (const BlockCopy& c : copies) {

@@ -1,6 +1,6 @@
 // Internal to backend/: fp32 building blocks shared by the CPU backend's ops (cpu_backend.cc)
-// and its LoRC latent attention (cpu_latent_attention.cc), so both paths rotate and normalise
-// with the same arithmetic.
+// and its LoRC latent attention (cpu_latent_attention.cc), so both paths rotate, normalise and
+// read / write the KV cache (F32, BF16 or quantized: cpu_kv_cache.cc) with the same arithmetic.
 #pragma once
 
 #include <cstdint>
@@ -23,6 +23,23 @@ void RotateRows(float* x, int64_t rows, int64_t ld, int heads, int head_dim,
 // Causal softmax over rows of `scores` [q_len, len] (row-major, ld len): query row i attends to
 // keys [0, len - q_len + i]; later entries are set to 0.
 void CausalSoftmax(float* scores, int q_len, int len);
+
+// The KV cache storage of the CPU backend (kvstore/kv_spec.h layout). A cache is F32, BF16
+// (round-to-nearest-even on write) or quantized (KvLayer::quant, kernels/kv_quant.h: quantized on
+// write, dequantized on read). Unimplemented naming `op` for another element dtype;
+// InvalidArgument for a quantized layer without KV heads or block_size, or whose widths the heads
+// do not divide.
+absl::Status CheckKvCache(const char* op, const KvLayer& cache);
+// Writes one token's row (fp32, k_width or v_width values) to flat slot `slot` of K (v_side
+// false) or V.
+void StoreKvRow(const KvLayer& cache, bool v_side, int64_t slot, const float* row);
+// Reads KV head `head` of the token at `slot` (head_width = width / num_kv_heads values, i.e.
+// head_dim for full K/V or r for latents) as fp32 into out[head_width].
+void LoadKvHead(const KvLayer& cache, bool v_side, int64_t slot, int64_t head, int64_t head_width,
+                float* out);
+// Bytes of one block of K (v_side false) or V: block_size x (width x element size, or the
+// quantized token bytes).
+int64_t KvBlockBytes(const KvLayer& cache, bool v_side, int32_t block_size);
 
 // Scratch reused across calls (sized on demand).
 struct LatentScratch {

@@ -1,6 +1,7 @@
 // The CPU reference of LoRC latent attention (backend.h, LatentAttentionParams): per sequence and
 // KV head, gather the latents, reconstruct the keys with one GEMM, rotate them at their positions,
-// then scores, causal softmax and probabilities x value latents, all in fp32. Written for
+// then scores, causal softmax and probabilities x value latents, all in fp32 (latents read from
+// an F32, BF16 or quantized cache through cpu_kv_cache.cc). Written for
 // exactness, not speed: the GPU kernel is tested against it.
 #include <cblas.h>
 
@@ -63,7 +64,7 @@ absl::Status LatentAttention(const LatentAttentionParams& p, const AttentionBatc
   RETURN_IF_ERROR(RequireF32("cpu", "LatentAttention", "query", p.q.dtype));
   RETURN_IF_ERROR(RequireF32("cpu", "LatentAttention", "k_up", p.k_up.dtype));
   RETURN_IF_ERROR(RequireF32("cpu", "LatentAttention", "output", p.out.dtype));
-  RETURN_IF_ERROR(RequireF32("cpu", "LatentAttention", "cache", p.cache.dtype));
+  RETURN_IF_ERROR(CheckKvCache("LatentAttention", p.cache));
   const int hd = p.head_dim, rk = p.k_rank, rv = p.v_rank;
   if (p.num_kv_heads <= 0 || p.num_heads % p.num_kv_heads != 0 || hd <= 0 || hd % 2 != 0 ||
       rk < 1 || rk > hd || rv < 1 || rv > hd) {
@@ -83,8 +84,6 @@ absl::Status LatentAttention(const LatentAttentionParams& p, const AttentionBatc
         " KV heads, head_dim ", hd, ", k_rank ", rk, ", v_rank ", rv));
   }
   const int group = p.num_heads / p.num_kv_heads;
-  const float* kc = static_cast<const float*>(p.cache.k);
-  const float* vc = static_cast<const float*>(p.cache.v);
   const int64_t q_ld = p.q.stride(), o_ld = p.out.stride(), up_ld = p.k_up.stride();
   for (const int32_t s : seqs) {
     const int q0 = b.query_start[s];
@@ -102,10 +101,9 @@ absl::Status LatentAttention(const LatentAttentionParams& p, const AttentionBatc
       for (int pos = 0; pos < len; ++pos) {
         const int64_t slot =
             static_cast<int64_t>(table[pos / b.block_size]) * b.block_size + pos % b.block_size;
-        std::memcpy(&sc->c_k[static_cast<size_t>(pos) * rk], kc + slot * p.cache.k_width + g * rk,
-                    sizeof(float) * rk);
-        std::memcpy(&sc->c_v[static_cast<size_t>(pos) * rv], vc + slot * p.cache.v_width + g * rv,
-                    sizeof(float) * rv);
+        // Latents of KV head g, dequantized (BF16 / quantized caches) to fp32.
+        LoadKvHead(p.cache, false, slot, g, rk, &sc->c_k[static_cast<size_t>(pos) * rk]);
+        LoadKvHead(p.cache, true, slot, g, rv, &sc->c_v[static_cast<size_t>(pos) * rv]);
       }
       // k [len, hd] = c_K [len, rk] x B_K,g^T (B_K,g: [hd, rk]), then RoPE at each position.
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, len, hd, rk, 1.0f, sc->c_k.data(), rk,

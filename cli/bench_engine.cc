@@ -168,7 +168,8 @@ absl::StatusOr<std::unique_ptr<Target>> OpenInProcess(const Args& args) {
   t->engine_options = s.engine_options;
   t->block_size = kv.block_size;
   t->num_blocks = kv.num_blocks;
-  t->elem_bytes = static_cast<double>(DTypeSize(kv.dtype));  // weights share the KV dtype
+  t->elem_bytes = static_cast<double>(DTypeSize(s.backend->compute_dtype()));  // the weights'
+
   t->kv_bytes_per_token = static_cast<double>(kv.BytesPerToken());
   t->backend = s.backend->name();
   t->device = s.backend->Describe();
@@ -215,7 +216,10 @@ absl::StatusOr<std::unique_ptr<Target>> OpenLocalWorkers(const Args& args, int32
   t->block_size = o.kv.block_size;
   t->num_blocks = info.num_blocks;
   t->kv_bytes_per_token = static_cast<double>(info.kv_bytes_per_token);
-  t->elem_bytes = 4.0 * t->kv_bytes_per_token / static_cast<double>(f32.BytesPerToken());
+  // (With --kv-cache-dtype other than auto the KV bytes no longer tell: the backend's dtype.)
+  t->elem_bytes = o.kv.kv_cache_dtype == KvCacheDtype::kAuto
+                      ? 4.0 * t->kv_bytes_per_token / static_cast<double>(f32.BytesPerToken())
+                      : (info.backend == "cuda" ? 2.0 : 4.0);
   t->backend = info.backend;
   t->device = info.device;
   t->load_s = info.load_seconds;

@@ -56,9 +56,11 @@ int RunEval(int argc, char** argv) {
   j["model"] = args->Get("model");
   j["backend"] = (*s)->backend->name();
   const KvCacheSpec& kv = (*s)->model.runner->kv_spec();
-  j["kv_bytes_per_token"] = kv.BytesPerToken();
-  j["kv_dtype"] = DTypeName(kv.dtype);
+  j["kv_bytes_per_token"] = kv.BytesPerToken();  // scales of quantized caches included
+  j["kv_cache_dtype"] = KvCacheDtypeName(kv.kv_cache_dtype);
+  j["kv_dtype"] = kv.StorageName();  // what is stored: F32, BF16, fp8_e4m3, int8, int4
   j["kv_compression"] = kv.CompressionName();
+  j["kv_capacity_tokens"] = static_cast<int64_t>(kv.num_blocks) * kv.block_size;
   j["load_time_s"] = (*s)->model.load_seconds;
   if (!ppl_file.empty()) {
     absl::StatusOr<PplResult> p = EvalPerplexity(engine, ppl_file, *limit);
@@ -96,8 +98,10 @@ int RunEval(int argc, char** argv) {
     }
     std::cout << absl::StrFormat("pass-key     %.1f s\n", j["passkey_time_s"].get<double>());
   }
-  std::cout << absl::StrFormat("kv bytes/token %d (%s)\n", j["kv_bytes_per_token"].get<int64_t>(),
-                               j["kv_dtype"].get<std::string>());
+  std::cout << absl::StrFormat("kv bytes/token %d (%s, %s), capacity %d tokens\n",
+                               j["kv_bytes_per_token"].get<int64_t>(), j["kv_dtype"].get<std::string>(),
+                               j["kv_compression"].get<std::string>(),
+                               j["kv_capacity_tokens"].get<int64_t>());
   return 0;
 }
 

@@ -34,6 +34,18 @@ int64_t BfloatKvBytesPerToken(const ModelConfig& c) {
   absl::StatusOr<KvCacheSpec> s = Bf16KvSpec(c);
   return s.ok() ? s->BytesPerToken() : 2 * 2 * c.num_layers * c.kv_size();
 }
+// KV bytes per token at TP 1 for each --kv-cache-dtype (scales of fp8 / int8 / int4 counted).
+nlohmann::json KvBytesPerTokenByDtype(const ModelConfig& c) {
+  nlohmann::json j = nlohmann::json::object();
+  for (KvCacheDtype d : {KvCacheDtype::kBf16, KvCacheDtype::kFp8, KvCacheDtype::kInt8,
+                         KvCacheDtype::kInt4}) {
+    KvSpecOptions o;
+    o.kv_cache_dtype = d;
+    absl::StatusOr<KvCacheSpec> s = MakeKvCacheSpec(c, o);
+    if (s.ok()) j[KvCacheDtypeName(d)] = s->BytesPerToken();
+  }
+  return j;
+}
 std::string KvCompression(const ModelConfig& c) {
   absl::StatusOr<KvCacheSpec> s = Bf16KvSpec(c);
   return s.ok() ? s->CompressionName() : std::string(s.status().message());
@@ -84,6 +96,7 @@ int RunInfo(int argc, char** argv) {
                   {"vocab_size", c->vocab_size},  {"parameters", c->NumParameters()},
                   {"max_position_embeddings", c->max_position_embeddings},
                   {"kv_bytes_per_token_bf16", BfloatKvBytesPerToken(*c)},
+                  {"kv_bytes_per_token_by_dtype", KvBytesPerTokenByDtype(*c)},
                   {"kv_compression", KvCompression(*c)},
                   {"eos_token_ids", c->eos_token_ids}};
     // generation_config.json's defaults, as given (reported, not applied).

@@ -40,6 +40,11 @@ std::vector<FlagSpec> KvCacheFlags() {
        "F"},
       {"block-size", true,
        absl::StrCat("KV cache block size in tokens (default ", defaults::kBlockSize, ")"), "N"},
+      {"kv-cache-dtype", true,
+       "KV cache storage: auto (the backend's: cpu F32, cuda BF16; default), bf16, fp8 (e4m3, "
+       "per-token per-head scales), int8 (per-token per-head scales) or int4 (per-token groups of "
+       "32 channels, scale and zero point); for full and LoRC latent caches; fp8/int8/int4: cpu only",
+       "DT"},
       {"enforce-eager", false, "CUDA: run decode steps eagerly (no CUDA graphs)"},
   };
 }
@@ -92,6 +97,7 @@ absl::StatusOr<KvCacheOptions> ParseKvCacheOptions(const Args& args) {
   ASSIGN_OR_RETURN(int64_t kv_mb,
                    args.GetIntInRange("kv-cache-mb", defaults::kKvCacheMiB, 1, int64_t{1} << 30));
   ASSIGN_OR_RETURN(kv.block_size, args.GetInt32("block-size", defaults::kBlockSize, 1, 1024));
+  ASSIGN_OR_RETURN(kv.kv_cache_dtype, ParseKvCacheDtype(args.Get("kv-cache-dtype", "auto")));
   ASSIGN_OR_RETURN(kv.num_blocks, args.GetInt32("num-blocks", 0, 0));
   kv.memory_bytes = kv_mb << 20;
   const bool cuda = args.Get("backend", "cpu") == "cuda";

@@ -74,8 +74,12 @@ absl::Status CoordinatorServer::StartServer() {
   info.set_num_heads(static_cast<int32_t>(config_.num_heads));
   info.set_num_kv_heads(static_cast<int32_t>(config_.num_kv_heads));
   info.set_block_size(options_.kv.block_size);
+  KvSpecOptions spec_options;
+  spec_options.block_size = options_.kv.block_size;
+  spec_options.kv_cache_dtype = options_.kv.kv_cache_dtype;
   info.set_kv_compression(
-      MakeKvCacheSpec(config_, {options_.kv.block_size}).value_or(KvCacheSpec{}).CompressionName());
+      MakeKvCacheSpec(config_, spec_options).value_or(KvCacheSpec{}).CompressionName());
+  info.set_kv_cache_dtype(KvCacheDtypeName(options_.kv.kv_cache_dtype));
   service_ = std::make_unique<LorcServeService>(
       config_, tokenizer_.get(), info, [this](lorcserve::v1::ModelInfoResponse* r) { FillLive(r); });
 

@@ -140,6 +140,7 @@ absl::Status WorkerGroup::Connect() {
       req.set_max_model_len(options_.kv.max_model_len);
       req.set_gpu_memory_utilization(options_.kv.gpu_memory_utilization);
       req.set_enforce_eager(options_.kv.enforce_eager);
+      req.set_kv_cache_dtype(KvCacheDtypeName(options_.kv.kv_cache_dtype));
       lorcserve::internal::LoadModelResponse resp;
       const absl::Status s = FromGrpcStatus(wp->stub->LoadModel(&ctx, req, &resp));
       if (!s.ok()) return absl::Status(s.code(), absl::StrCat(wp->Name(), ": ", s.message()));

@@ -7,10 +7,59 @@
 
 namespace lorc {
 
+absl::StatusOr<KvCacheDtype> ParseKvCacheDtype(absl::string_view s) {
+  if (s == "auto") return KvCacheDtype::kAuto;
+  if (s == "bf16" || s == "bfloat16") return KvCacheDtype::kBf16;
+  if (s == "fp8" || s == "fp8_e4m3") return KvCacheDtype::kFp8;
+  if (s == "int8") return KvCacheDtype::kInt8;
+  if (s == "int4") return KvCacheDtype::kInt4;
+  return absl::InvalidArgumentError(absl::StrCat(
+      "--kv-cache-dtype: '", s, "' is not one of auto, bf16, fp8, int8, int4"));
+}
+
+const char* KvCacheDtypeName(KvCacheDtype d) {
+  switch (d) {
+    case KvCacheDtype::kAuto: return "auto";
+    case KvCacheDtype::kBf16: return "bf16";
+    case KvCacheDtype::kFp8: return "fp8";
+    case KvCacheDtype::kInt8: return "int8";
+    case KvCacheDtype::kInt4: return "int4";
+  }
+  return "?";
+}
+
+kernels::KvQuant KvQuantOf(KvCacheDtype d) {
+  switch (d) {
+    case KvCacheDtype::kFp8: return kernels::KvQuant::kFp8E4m3;
+    case KvCacheDtype::kInt8: return kernels::KvQuant::kInt8;
+    case KvCacheDtype::kInt4: return kernels::KvQuant::kInt4;
+    default: return kernels::KvQuant::kNone;
+  }
+}
+
+int64_t KvCacheSpec::SideBytesPerToken(int64_t width) const {
+  const kernels::KvQuant q = quant();
+  if (q == kernels::KvQuant::kNone) return width * static_cast<int64_t>(DTypeSize(dtype));
+  if (num_kv_heads <= 0) return 0;  // Validate() reports it
+  return kernels::KvqTokenBytes(q, num_kv_heads, width / num_kv_heads);
+}
+
 int64_t KvCacheSpec::BytesPerToken() const {
-  int64_t elems = 0;
-  for (size_t l = 0; l < k_width.size(); ++l) elems += k_width[l] + v_width[l];
-  return elems * static_cast<int64_t>(DTypeSize(dtype));
+  int64_t bytes = 0;
+  for (size_t l = 0; l < k_width.size(); ++l) {
+    bytes += SideBytesPerToken(k_width[l]) + SideBytesPerToken(v_width[l]);
+  }
+  return bytes;
+}
+
+std::string KvCacheSpec::StorageName() const {
+  switch (quant()) {
+    case kernels::KvQuant::kFp8E4m3: return "fp8_e4m3";
+    case kernels::KvQuant::kInt8: return "int8";
+    case kernels::KvQuant::kInt4: return "int4";
+    case kernels::KvQuant::kNone: break;
+  }
+  return DTypeName(dtype);
 }
 
 absl::Status KvCacheSpec::Validate() const {
@@ -27,6 +76,12 @@ absl::Status KvCacheSpec::Validate() const {
   for (size_t l = 0; l < k_width.size(); ++l) {
     if (k_width[l] <= 0 || v_width[l] <= 0) {
       return absl::InvalidArgumentError(absl::StrCat("kv cache: layer ", l, " has width <= 0"));
+    }
+    if (quant() != kernels::KvQuant::kNone &&
+        (num_kv_heads <= 0 || k_width[l] % num_kv_heads != 0 || v_width[l] % num_kv_heads != 0)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "kv cache: --kv-cache-dtype ", KvCacheDtypeName(kv_cache_dtype), " needs the KV heads (",
+          num_kv_heads, ") to divide layer ", l, "'s widths ", k_width[l], "/", v_width[l]));
     }
   }
   return absl::OkStatus();
@@ -46,7 +101,8 @@ std::string Ranks(const std::vector<int64_t>& r) {
 std::string KvCacheSpec::CompressionName() const {
   bool latent = false;
   for (KvRope r : rope) latent = latent || r != KvRope::kBeforeCache;
-  if (!latent) return "none";
+  const bool lowp = kv_cache_dtype != KvCacheDtype::kAuto;
+  if (!latent) return lowp ? KvCacheDtypeName(kv_cache_dtype) : "none";
   int64_t elems = 0;
   for (size_t l = 0; l < k_width.size(); ++l) elems += k_width[l] + v_width[l];
   std::string pct = "?";
@@ -59,7 +115,8 @@ std::string KvCacheSpec::CompressionName() const {
     if (absl::EndsWith(pct, ".0")) pct.resize(pct.size() - 2);
   }
   return absl::StrCat("lorc:", latent_method.empty() ? "latent" : latent_method, " k=", Ranks(k_rank),
-                      " v=", Ranks(v_rank), ", ", pct, "% KV");
+                      " v=", Ranks(v_rank), ", ", pct, "% KV",
+                      lowp ? absl::StrCat(", ", KvCacheDtypeName(kv_cache_dtype)) : "");
 }
 
 absl::StatusOr<KvCacheSpec> MakeKvCacheSpec(const ModelConfig& config, const KvSpecOptions& options) {
@@ -75,7 +132,11 @@ absl::StatusOr<KvCacheSpec> MakeKvCacheSpec(const ModelConfig& config, const KvS
   }
   KvCacheSpec spec;
   spec.block_size = options.block_size;
-  spec.dtype = options.dtype;
+  spec.kv_cache_dtype = options.kv_cache_dtype;
+  spec.dtype = options.kv_cache_dtype == KvCacheDtype::kAuto   ? options.dtype
+               : options.kv_cache_dtype == KvCacheDtype::kBf16 ? DType::kBF16
+                                                                : DType::kU8;
+  spec.num_kv_heads = heads;
   spec.full_width = heads * config.head_dim;
   if (!config.lorc) {
     spec.k_width.assign(config.num_layers, heads * config.head_dim);

@@ -42,6 +42,7 @@ absl::StatusOr<LoadedModel> LoadModel(const ModelSource& source, Backend* backen
   spec_options.block_size = kv.block_size;
   spec_options.dtype = backend->compute_dtype();  // CPU: F32, CUDA: BF16 (as the weights)
   spec_options.num_kv_heads = shard.num_kv_heads;
+  spec_options.kv_cache_dtype = kv.kv_cache_dtype;  // --kv-cache-dtype
   ASSIGN_OR_RETURN(const KvCacheSpec spec, MakeKvCacheSpec(m.config, spec_options));
   ASSIGN_OR_RETURN(m.runner,
                    ModelRunner::Create(m.config, std::move(weights), backend, comm, spec, kv));

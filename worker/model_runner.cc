@@ -53,10 +53,16 @@ absl::Status ModelRunner::Init(const KvCacheSpec& spec, const KvCacheOptions& kv
   // One dtype per op: activations and the cache in the weights' dtype (the backend's
   // compute_dtype(): F32 on the CPU, BF16 on CUDA); logits are F32 everywhere.
   act_dtype_ = weights_.dtype;
-  if (kv_spec_.dtype != act_dtype_) {
+  // --kv-cache-dtype other than auto stores BF16 or quantized codes (the backend converts).
+  if (kv_spec_.kv_cache_dtype == KvCacheDtype::kAuto && kv_spec_.dtype != act_dtype_) {
     return absl::InvalidArgumentError(absl::StrCat("kv spec dtype ", DTypeName(kv_spec_.dtype),
                                                    " differs from the weights' ",
                                                    DTypeName(act_dtype_)));
+  }
+  if (kv_spec_.quant() != kernels::KvQuant::kNone && !backend_->SupportsQuantizedKvCache()) {
+    return absl::UnimplementedError(absl::StrCat(
+        "--kv-cache-dtype ", KvCacheDtypeName(kv_spec_.kv_cache_dtype), ": the ", backend_->name(),
+        " backend does not implement quantized KV caches yet (auto or bf16 there; cpu has all)"));
   }
   if (kv_spec_.num_layers() != config_.num_layers) {
     return absl::InvalidArgumentError(absl::StrCat("kv spec has ", kv_spec_.num_layers(),
@@ -164,17 +170,23 @@ absl::Status ModelRunner::AllocateCache(const KvCacheOptions& kv, int64_t reserv
     return absl::InvalidArgumentError(absl::StrCat("kv cache: ", budget, " bytes hold no block of ",
                                                    kv_spec_.BytesPerBlock(), " bytes"));
   }
-  const size_t esz = DTypeSize(kv_spec_.dtype);
   const size_t slots = static_cast<size_t>(kv_spec_.num_blocks) * kv_spec_.block_size;
   for (int l = 0; l < kv_spec_.num_layers(); ++l) {
-    ASSIGN_OR_RETURN(DeviceBuffer k, backend_->Allocate(slots * kv_spec_.k_width[l] * esz));
-    ASSIGN_OR_RETURN(DeviceBuffer v, backend_->Allocate(slots * kv_spec_.v_width[l] * esz));
-    kv_layers_.push_back(KvLayer{k.data(), v.data(), kv_spec_.k_width[l], kv_spec_.v_width[l],
-                                 kv_spec_.dtype});
+    ASSIGN_OR_RETURN(DeviceBuffer k, backend_->Allocate(slots * kv_spec_.KBytesPerToken(l)));
+    ASSIGN_OR_RETURN(DeviceBuffer v, backend_->Allocate(slots * kv_spec_.VBytesPerToken(l)));
+    kv_layers_.push_back(CacheLayer(l, k.data(), v.data()));
     k_cache_.push_back(std::move(k));
     v_cache_.push_back(std::move(v));
   }
   return absl::OkStatus();
+}
+
+KvLayer ModelRunner::CacheLayer(int l, void* k, void* v) const {
+  KvLayer c{k, v, kv_spec_.k_width[l], kv_spec_.v_width[l], kv_spec_.dtype};
+  c.quant = kv_spec_.quant();
+  c.num_kv_heads = static_cast<int32_t>(kv_spec_.num_kv_heads);
+  c.block_size = kv_spec_.block_size;
+  return c;
 }
 
 std::vector<const void*> ModelRunner::StepBufferAddresses() const {

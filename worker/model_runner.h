@@ -128,6 +128,8 @@ class ModelRunner {
   absl::Status Init(const KvCacheSpec& spec, const KvCacheOptions& kv);
   absl::Status AllocateStepBuffers();
   absl::Status AllocateCache(const KvCacheOptions& kv, int64_t reserve_bytes);
+  // Layer l's KvLayer over the arrays k and v (dtype, quantization, heads, block size of the spec).
+  KvLayer CacheLayer(int l, void* k, void* v) const;
   absl::Status Validate(absl::Span<const SequenceStep> steps) const;
   absl::Status AllReduce(Tensor2D t);
   // Logits of the rows `x[rows[i]]` for i in [0, n) (n <= max_logit_rows_) into `logits_` (F32
@@ -166,7 +168,7 @@ class ModelRunner {
   Communicator* comm_;
   KvCacheSpec kv_spec_;
   KvCacheOptions limits_;
-  DType act_dtype_ = DType::kF32;  // activations and KV cache: the weights' dtype (Backend::compute_dtype)
+  DType act_dtype_ = DType::kF32;  // activations (and the auto KV cache): the weights' dtype (Backend::compute_dtype)
   int32_t max_blocks_per_seq_ = 0;
   int32_t max_logit_rows_ = 0;     // logit rows per LM-head pass
   std::vector<DeviceBuffer> k_cache_, v_cache_;

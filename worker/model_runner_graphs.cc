@@ -80,12 +80,11 @@ absl::StatusOr<std::unique_ptr<Graph>> ModelRunner::CaptureDecode(int32_t n) {
 absl::StatusOr<int64_t> ModelRunner::MeasureGraphMemory() {
   // A one-block cache per layer stands in for the real one: the dummy step writes nothing
   // (slot -1) and its attention reads block 0.
-  const size_t esz = DTypeSize(kv_spec_.dtype);
   std::vector<DeviceBuffer> probe;
   for (int l = 0; l < kv_spec_.num_layers(); ++l) {
-    ASSIGN_OR_RETURN(DeviceBuffer k, backend_->Allocate(static_cast<size_t>(kv_spec_.block_size) * kv_spec_.k_width[l] * esz));
-    ASSIGN_OR_RETURN(DeviceBuffer v, backend_->Allocate(static_cast<size_t>(kv_spec_.block_size) * kv_spec_.v_width[l] * esz));
-    kv_layers_.push_back(KvLayer{k.data(), v.data(), kv_spec_.k_width[l], kv_spec_.v_width[l], kv_spec_.dtype});
+    ASSIGN_OR_RETURN(DeviceBuffer k, backend_->Allocate(static_cast<size_t>(kv_spec_.block_size) * kv_spec_.KBytesPerToken(l)));
+    ASSIGN_OR_RETURN(DeviceBuffer v, backend_->Allocate(static_cast<size_t>(kv_spec_.block_size) * kv_spec_.VBytesPerToken(l)));
+    kv_layers_.push_back(CacheLayer(l, k.data(), v.data()));
     probe.push_back(std::move(k));
     probe.push_back(std::move(v));
   }

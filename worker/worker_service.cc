@@ -298,6 +298,9 @@ absl::StatusOr<lorcserve::internal::LoadModelResponse> WorkerService::LoadModelO
   kv.max_model_len = req.max_model_len();
   kv.gpu_memory_utilization = req.gpu_memory_utilization();
   kv.enforce_eager = req.enforce_eager();
+  if (!req.kv_cache_dtype().empty()) {
+    ASSIGN_OR_RETURN(kv.kv_cache_dtype, ParseKvCacheDtype(req.kv_cache_dtype()));
+  }
   ASSIGN_OR_RETURN(d.model, lorc::LoadModel(src, d.backend.get(), req.tp_rank(), tp_size, d.comm.get(), kv));
   d.executor = std::make_unique<StepExecutor>(d.model.runner.get(), d.comm.get());
   model_loaded_ = true;

@@ -15,6 +15,11 @@
 #           70B shape at TP = 2 (random weights; skipped when the GPUs are too small) and the
 #           all-reduce benchmark
 #   peer    bench/hf_peer.py (transformers + PyTorch) on the same shapes (8B one GPU; 70B over 2)
+#   lorc    not in the default phases: the LoRC quality sweep of scripts/lorc/configs.txt on the
+#           fixture (issue #9). Configs with a quantized KV dtype (fp8/int8/int4) run on the CPU
+#           backend (the CUDA backend has no quantized-KV kernels yet), the rest on the GPU, both
+#           at once; results packed into $OUT/lorc-sweep.tar.gz with the report's table in
+#           $OUT/lorc-table.md. LORC_JOBS_CPU / LORC_JOBS_GPU (default 6 / 4), LORC_ONLY (regex).
 # Environment: OUT (default /tmp/lorc-gpu), GPUS (default: all visible), STEPS (decode steps, 32),
 # BIN_DIR (binaries from a local build instead of the bundle), BACKEND (serve phase; default cuda).
 set -uo pipefail
@@ -163,6 +168,29 @@ phase_peer() {
     timeout 1200 python3 bench/hf_peer.py --model bench/configs/llama3-70b --devices 2 \
       > "$OUT/peer-70b.txt" 2>&1 && note "peer 70B (2 GPUs): done" || note "peer 70B: FAILED"
   fi
+}
+
+phase_lorc() {
+  local sw=/tmp/lorc-sweep cfg=scripts/lorc/configs.txt
+  mkdir -p "$sw"
+  grep -E '^[^#].*--kv-cache-dtype (fp8|int8|int4)' "$cfg" > /tmp/lorc-cpu.txt
+  grep -vE -- '--kv-cache-dtype (fp8|int8|int4)' "$cfg" > /tmp/lorc-gpu.txt
+  local only=()
+  [ -n "${LORC_ONLY:-}" ] && only=(--only "$LORC_ONLY")
+  timeout 560 bash scripts/lorc/sweep.sh --lorcserve "$L" --model models/tiny-llama-a --out "$sw" \
+    --configs /tmp/lorc-cpu.txt -j "${LORC_JOBS_CPU:-6}" --threads 2 "${only[@]}" \
+    > "$OUT/lorc-cpu.txt" 2>&1 &
+  local cpu_pid=$!
+  timeout 560 bash scripts/lorc/sweep.sh --lorcserve "$L" --model models/tiny-llama-a --out "$sw" \
+    --configs /tmp/lorc-gpu.txt -j "${LORC_JOBS_GPU:-4}" --threads 1 --eval-args "--backend cuda --num-blocks 4096" \
+    "${only[@]}" > "$OUT/lorc-gpu.txt" 2>&1
+  local gpu_rc=$?
+  wait "$cpu_pid"
+  local cpu_rc=$?
+  tar czf "$OUT/lorc-sweep.tar.gz" -C "$sw" .
+  python3 scripts/lorc/report.py "$sw" --md "$OUT/lorc-table.md" --no-gnuplot > /dev/null 2>&1
+  note "lorc sweep: gpu rc $gpu_rc, cpu rc $cpu_rc, $(ls "$sw"/*.json 2>/dev/null | wc -l) results, $(ls "$sw"/*.failed 2>/dev/null | wc -l) failed"
+  [ "$gpu_rc" -eq 0 ] && [ "$cpu_rc" -eq 0 ] || fails=$((fails + 1))
 }
 
 for p in $PHASES; do "phase_$p"; done

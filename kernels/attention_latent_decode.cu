@@ -15,7 +15,7 @@ namespace {
 // TileLoader for the fixed layout Layout(64, 64) (ranks <= 64): a token row is 16 pieces of 16
 // bytes (C_K chunks 0-7, C_V chunks 0-7), a warp instruction covers two rows; pieces past a rank
 // are zero-filled (C_K's padding columns zero, no reads), so there is no padding pass. Slots are
-// int32 here (2^31 slots of even 64 + 64 latents in one layer would be 512 GB).
+// int32 here, as backend.h's slot_mapping everywhere.
 struct FixedTileLoader {
   static constexpr Layout L{64, 64};
   const Item& it;

@@ -12,101 +12,20 @@
 //   O [16 x r_v] += P C_V                      (value latents; B_V is folded into o_proj)
 // At the end of an item the warps' (m, l, O) are combined through shared memory. Decode items
 // come from the split-KV schedule of PlanAttention; split items write fp32 partials that a
-// merge kernel combines by their log-sum-exp.
+// merge kernel combines by their log-sum-exp. Decode of groups <= 8 (every GQA model we serve)
+// runs a transposed variant of this body (attention_latent_decode.cu); ProcessItem serves
+// prefill and decode of group 16. Shared pieces: attention_latent_common.cuh.
 #include <cuda_bf16.h>
 
 #include <cmath>
 
-#include "kernels/attention_latent.cuh"
+#include "kernels/attention_latent_common.cuh"
 #include "kernels/elem_type.cuh"
 
 namespace lorc::kernels {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
-constexpr int kD = 128;        // head_dim
-constexpr int kTile = 16;      // key tokens per warp tile
-constexpr int kStages = 2;     // cp.async stages per warp
-constexpr int kMaxRank = 128;
-constexpr int kQLd = kD + 8;   // padded shared-memory row strides (conflict-free ldmatrix)
-constexpr float kLog2e = 1.4426950408889634f;
-
-__host__ __device__ inline int Pad16(int r) { return (r + 15) & ~15; }
-
-// Shared-memory layout (bf16 elements unless noted): B_K [kD][ldk], Q [16][kQLd], then per warp
-// kStages x (C_K [16][ldk], C_V [16][ldv]) (at the end of an item a warp's region holds its
-// fp32 m[16], l[16], O[16][ldo]), then inv_freq [kD / 2] fp32.
-struct Layout {
-  int rkp, rvp, ldk, ldv, ldo;
-  int stage_elems, region_elems;
-  __host__ __device__ explicit Layout(int rk, int rv)
-      : rkp(Pad16(rk)), rvp(Pad16(rv)), ldk(rkp + 8), ldv(rvp + 8), ldo(rvp + 4),
-        stage_elems(kTile * (ldk + ldv)), region_elems(kStages * stage_elems) {}
-  __host__ __device__ size_t bytes() const {
-    return sizeof(__nv_bfloat16) * (static_cast<size_t>(kD) * ldk + kLatentRows * kQLd + kWarps * region_elems) +
-           sizeof(float) * kD / 2;
-  }
-};
-
-__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-// 16 bytes global -> shared; zero-filled when !valid (src is then not read).
-__device__ __forceinline__ void CpAsync16(void* dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(SmemAddr(dst)), "l"(src),
-               "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void CpAsyncWait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-__device__ __forceinline__ void Ldsm4(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(SmemAddr(p)));
-}
-__device__ __forceinline__ void Ldsm4T(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(SmemAddr(p)));
-}
-// d += a b (m16n8k16, bf16 inputs, fp32 accumulators).
-__device__ __forceinline__ void Mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-// cos and sin of the fp32 angle a >= 0 (a = float(position) * inv_freq, the RoPE convention):
-// a reduced by 2 pi (two-constant Cody-Waite, exact to ~1e-7 for angles up to ~1e6), then the
-// SFU on [-pi, pi] (abs error < 4e-7). Far cheaper than sincosf, whose cost would rival the
-// memory time of a long decode; the difference to it is below a bf16 key's rounding by 10^4.
-__device__ __forceinline__ void AngleSinCos(float a, float* s, float* c) {
-  const float k = rintf(a * 0.159154943091895336f);
-  float r = fmaf(-k, 6.28318548202514648f, a);  // 2 pi rounded to fp32
-  r = fmaf(-k, -1.74845553e-7f, r);             // 2 pi - that
-  __sincosf(r, s, c);
-}
-__device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // lo in the low half (the lower column)
-  return *reinterpret_cast<uint32_t*>(&v);
-}
-
-// One unit of work: keys [kv_start, kv_end) of `seq` for query tokens [q_first, q_first +
-// num_tokens) of its query rows; partial < 0 writes out, else fp32 partial slot `partial`.
-struct Item {
-  int seq, q_first, num_tokens, kv_start, kv_end, partial;
-};
-
-struct Smem {
-  __nv_bfloat16* bk;
-  __nv_bfloat16* q;
-  __nv_bfloat16* regions;
-  float* inv_freq;
-};
+using namespace latent_internal;  // NOLINT: the kernels' internal helpers
 
 // VT: n-tiles (8 columns each) of the value latents held in registers, >= rvp / 8.
 template <int VT>
@@ -119,7 +38,7 @@ __device__ void ProcessItem(const LatentAttentionArgs& a, const Layout& L, const
   const int q_len = a.query_start[it.seq + 1] - row0;
   const int ctx = a.seq_lens[it.seq] - q_len;
   const int rows = it.num_tokens * group;
-  const int rk = a.k_rank, rv = a.v_rank;
+  const int rk = a.k_rank;
   __nv_bfloat16* region = sm.regions + warp * L.region_elems;
 
   // Q rows: row r is query token q_first + r / group, head kvh * group + r % group.
@@ -154,50 +73,17 @@ __device__ void ProcessItem(const LatentAttentionArgs& a, const Layout& L, const
 #pragma unroll
   for (int n = 0; n < VT; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
 
-  const int32_t* table = a.block_tables + static_cast<int64_t>(it.seq) * a.max_blocks_per_seq;
-  const __nv_bfloat16* kc = static_cast<const __nv_bfloat16*>(a.k_cache) + kvh * rk;
-  const __nv_bfloat16* vc = static_cast<const __nv_bfloat16*>(a.v_cache) + kvh * rv;
-  // A tile is 16 rows x `chunks` 16-byte pieces (C_K's, then C_V's); lane-strided, the row of
-  // piece idx is idx / chunks (by a multiply-high: exact for idx < 2^32 / chunks^2) and its slot
-  // comes from the lane that looked it up (lane r % 16 holds token r's slot).
-  const int kch = rk / 8, chunks = kch + rv / 8;
-  const uint32_t magic = 0xffffffffu / static_cast<uint32_t>(chunks) + 1u;
-  const int per_lane = (kTile * chunks + 31) / 32;
-  auto issue = [&](int stage, int64_t my_slot) {
-    __nv_bfloat16* ck = region + stage * L.stage_elems;
-    __nv_bfloat16* cv = ck + kTile * L.ldk;
-    for (int j = 0; j < per_lane; ++j) {  // uniform over the warp (the shuffle needs all lanes)
-      const int idx = lane + 32 * j;
-      const int r = static_cast<int>(__umulhi(static_cast<uint32_t>(idx), magic)), c = idx - r * chunks;
-      const int64_t slot = __shfl_sync(0xffffffffu, my_slot, r & 31);
-      if (r < kTile) {
-        const bool valid = slot >= 0;
-        const int64_t sl = valid ? slot : 0;
-        if (c < kch) {
-          CpAsync16(ck + r * L.ldk + c * 8, kc + sl * a.k_ld + c * 8, valid);
-        } else {
-          CpAsync16(cv + r * L.ldv + (c - kch) * 8, vc + sl * a.v_ld + (c - kch) * 8, valid);
-        }
-      }
-    }
-  };
-  // Lane l's token in a tile starting at `base` is base + l % 16; -1: past kv_end.
-  auto slot_of = [&](int base) -> int64_t {
-    const int tok = base + lane % kTile;
-    return tok < it.kv_end ? static_cast<int64_t>(table[tok / a.block_size]) * a.block_size + tok % a.block_size
-                           : int64_t{-1};
-  };
-
+  const TileLoader ld(a, L, it, region, lane);
   constexpr int kStep = kWarps * kTile;
   const int first = it.kv_start + warp * kTile;
-  if (first < it.kv_end) issue(0, slot_of(first));
+  if (first < it.kv_end) ld.Issue(0, ld.SlotOf(first));
   CpAsyncCommit();
-  int64_t next_slot = slot_of(first + kStep);  // looked up one tile ahead of its issue
+  int64_t next_slot = ld.SlotOf(first + kStep);  // looked up one tile ahead of its issue
   int stage = 0;
   for (int base = first; base < it.kv_end; base += kStep) {  // uniform over the warp
-    if (base + kStep < it.kv_end) issue(stage ^ 1, next_slot);
+    if (base + kStep < it.kv_end) ld.Issue(stage ^ 1, next_slot);
     CpAsyncCommit();
-    next_slot = slot_of(base + 2 * kStep);
+    next_slot = ld.SlotOf(base + 2 * kStep);
     CpAsyncWait<1>();
     __syncwarp();
     const __nv_bfloat16* ck = region + stage * L.stage_elems;
@@ -325,56 +211,8 @@ __device__ void ProcessItem(const LatentAttentionArgs& a, const Layout& L, const
     }
   }
   __syncthreads();
-  const int width = a.num_heads * rv;
-  for (int idx = threadIdx.x; idx < rows * rv; idx += kThreads) {
-    const int r = idx / rv, col = idx % rv;
-    float mx = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, reinterpret_cast<const float*>(sm.regions + w * L.region_elems)[r]);
-    float sum = 0.f, acc = 0.f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
-      const float* ws = reinterpret_cast<const float*>(sm.regions + w * L.region_elems);
-      const float wgt = exp2f(ws[r] - mx);  // 0 for a warp without keys (m = -inf)
-      sum = fmaf(ws[kLatentRows + r], wgt, sum);
-      acc = fmaf(ws[2 * kLatentRows + r * L.ldo + col], wgt, acc);
-    }
-    const int head = kvh * group + r % group;
-    if (it.partial < 0) {
-      const int64_t row = row0 + it.q_first + r / group;
-      static_cast<__nv_bfloat16*>(a.out)[row * a.out_ld + head * rv + col] = __float2bfloat16_rn(acc / sum);
-    } else {
-      partial_out[static_cast<int64_t>(it.partial) * width + head * rv + col] = acc / sum;
-      if (col == 0) partial_lse[static_cast<int64_t>(it.partial) * a.num_heads + head] = mx + log2f(sum);
-    }
-  }
-  __syncthreads();  // regions and Q are reused by the next item
+  CombineWarps(a, L, sm, it, rows, partial_out, partial_lse);
 }
-
-// Per CTA: shared-memory carve-up, B_K of the CTA's KV head (zero-padded to rkp columns) and the
-// RoPE frequencies.
-__device__ Smem Setup(const LatentAttentionArgs& a, const Layout& L) {
-  extern __shared__ __align__(128) unsigned char smem_raw[];
-  Smem sm;
-  sm.bk = reinterpret_cast<__nv_bfloat16*>(smem_raw);
-  sm.q = sm.bk + kD * L.ldk;
-  sm.regions = sm.q + kLatentRows * kQLd;
-  sm.inv_freq = reinterpret_cast<float*>(sm.regions + kWarps * L.region_elems);
-  const int kvh = blockIdx.y;
-  const int cpr = L.rkp / 8;  // 16-byte chunks per padded row
-  for (int idx = threadIdx.x; idx < kD * cpr; idx += kThreads) {
-    const int r = idx / cpr, c = idx % cpr;
-    uint4 val = make_uint4(0, 0, 0, 0);
-    if (c * 8 < a.k_rank) {
-      val = *reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(a.k_up) +
-                                            static_cast<int64_t>(kvh * kD + r) * a.k_up_ld + c * 8);
-    }
-    *reinterpret_cast<uint4*>(sm.bk + r * L.ldk + c * 8) = val;
-  }
-  for (int i = threadIdx.x; i < kD / 2; i += kThreads) sm.inv_freq[i] = a.inv_freq[i];
-  return sm;  // the first item's __syncthreads publishes B_K
-}
-
 template <int VT>
 __global__ void __launch_bounds__(kThreads, VT <= 8 ? 2 : 1) LatentDecodeKernel(const LatentAttentionArgs a, const DecodeSchedule sch) {
   const int num_work = sch.counts[0];
@@ -451,17 +289,6 @@ bool ArgsOk(const LatentAttentionArgs& a) {
          Aligned16(a.v_cache) && a.q_ld % 8 == 0 && a.out_ld % 8 == 0 && a.k_up_ld % 8 == 0 && a.k_ld % 8 == 0 &&
          a.v_ld % 8 == 0;
 }
-
-// Dynamic shared memory up to the largest layout (ranks 128), once per kernel and process.
-template <typename Kernel>
-cudaError_t AllowSmem(Kernel kernel, bool* done) {
-  if (*done) return cudaSuccess;
-  const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                             static_cast<int>(Layout(kMaxRank, kMaxRank).bytes()));
-  if (e == cudaSuccess) *done = true;
-  return e;
-}
-
 }  // namespace
 
 bool LatentShapeSupported(int num_heads, int num_kv_heads, int head_dim, int k_rank, int v_rank) {
@@ -480,7 +307,10 @@ cudaError_t LaunchLatentDecode(const LatentAttentionArgs& a, const DecodeSchedul
                   static_cast<unsigned>(a.num_kv_heads));
   const size_t smem = Layout(a.k_rank, a.v_rank).bytes();
   cudaError_t e;
-  if (Pad16(a.v_rank) <= 64) {
+  const int group = a.num_heads / a.num_kv_heads;
+  if (group <= 8) {
+    if ((e = latent_internal::LaunchLatentDecodeSmallGroup(a, s, grid, stream)) != cudaSuccess) return e;
+  } else if (Pad16(a.v_rank) <= 64) {
     static bool smem_set = false;
     if ((e = AllowSmem(LatentDecodeKernel<8>, &smem_set)) != cudaSuccess) return e;
     LatentDecodeKernel<8><<<grid, kThreads, smem, stream>>>(a, s);

@@ -1,0 +1,227 @@
+// Internal to the latent attention kernels (attention_latent.cu: ProcessItem, prefill, merge;
+// attention_latent_decode.cu: the decode of groups <= 8): tile constants, the shared-memory
+// layout, mma / ldmatrix / cp.async wrappers, the key-tile loader, the per-CTA setup and the
+// combine of the warps' softmax states. Not part of the kernels' interface (attention_latent.cuh).
+#pragma once
+
+#include <cuda_bf16.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "kernels/attention_latent.cuh"
+
+namespace lorc::kernels::latent_internal {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kD = 128;        // head_dim
+constexpr int kTile = 16;      // key tokens per warp tile
+constexpr int kStages = 2;     // cp.async stages per warp
+constexpr int kMaxRank = 128;
+constexpr int kQLd = kD + 8;   // padded shared-memory row strides (conflict-free ldmatrix)
+constexpr float kLog2e = 1.4426950408889634f;
+
+__host__ __device__ constexpr int Pad16(int r) { return (r + 15) & ~15; }
+
+// Shared-memory layout (bf16 elements unless noted): B_K [kD][ldk], Q [16][kQLd], then per warp
+// kStages x (C_K [16][ldk], C_V [16][ldv]) (at the end of an item a warp's region holds its
+// fp32 m[16], l[16], O[16][ldo]), then inv_freq [kD / 2] fp32 and rope8 [kD / 2][2] fp32.
+struct Layout {
+  int rkp, rvp, ldk, ldv, ldo;
+  int stage_elems, region_elems;
+  __host__ __device__ constexpr explicit Layout(int rk, int rv)
+      : rkp(Pad16(rk)), rvp(Pad16(rv)), ldk(rkp + 8), ldv(rvp + 8), ldo(rvp + 4),
+        stage_elems(kTile * (ldk + ldv)), region_elems(kStages * stage_elems) {}
+  __host__ __device__ constexpr size_t bytes() const {
+    return sizeof(__nv_bfloat16) * (static_cast<size_t>(kD) * ldk + kLatentRows * kQLd + kWarps * region_elems) +
+           sizeof(float) * kD / 2 * 3;
+  }
+};
+
+__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+// 16 bytes global -> shared; zero-filled when !valid (src is then not read).
+__device__ __forceinline__ void CpAsync16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(SmemAddr(dst)), "l"(src),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void CpAsyncWait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+__device__ __forceinline__ void Ldsm4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(SmemAddr(p)));
+}
+__device__ __forceinline__ void Ldsm4T(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(SmemAddr(p)));
+}
+// d += a b (m16n8k16, bf16 inputs, fp32 accumulators).
+__device__ __forceinline__ void Mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+// cos and sin of the fp32 angle a >= 0 (a = float(position) * inv_freq, the RoPE convention):
+// a reduced by 2 pi (two-constant Cody-Waite, exact to ~1e-7 for angles up to ~1e6), then the
+// SFU on [-pi, pi] (abs error < 4e-7). Far cheaper than sincosf, whose cost would rival the
+// memory time of a long decode; the difference to it is below a bf16 key's rounding by 10^4.
+__device__ __forceinline__ void AngleSinCos(float a, float* s, float* c) {
+  const float k = rintf(a * 0.159154943091895336f);
+  float r = fmaf(-k, 6.28318548202514648f, a);  // 2 pi rounded to fp32
+  r = fmaf(-k, -1.74845553e-7f, r);             // 2 pi - that
+  __sincosf(r, s, c);
+}
+__device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // lo in the low half (the lower column)
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// One unit of work: keys [kv_start, kv_end) of `seq` for query tokens [q_first, q_first +
+// num_tokens) of its query rows; partial < 0 writes out, else fp32 partial slot `partial`.
+struct Item {
+  int seq, q_first, num_tokens, kv_start, kv_end, partial;
+};
+
+struct Smem {
+  __nv_bfloat16* bk;
+  __nv_bfloat16* q;
+  __nv_bfloat16* regions;
+  float* inv_freq;
+  float* rope8;  // [kD / 2][2] fp32: cos, sin of 8 * inv_freq (DecodeItemT<.., true>)
+};
+
+// A warp's 16-token key tiles: C_K and C_V rows by cp.async into a stage of its region. A tile
+// is 16 rows x `chunks` 16-byte pieces (C_K's, then C_V's); lane-strided, the row of piece idx
+// is idx / chunks (by a multiply-high: exact for idx < 2^32 / chunks^2) and its slot comes from
+// the lane that looked it up (lane r % 16 holds token r's slot).
+struct TileLoader {
+  const LatentAttentionArgs& a;
+  const Layout& L;
+  const Item& it;
+  __nv_bfloat16* region;
+  int lane;
+  const int32_t* table;
+  const __nv_bfloat16* kc;
+  const __nv_bfloat16* vc;
+  int kch, chunks, per_lane;
+  uint32_t magic;
+  __device__ TileLoader(const LatentAttentionArgs& a_, const Layout& L_, const Item& it_, __nv_bfloat16* region_,
+                        int lane_)
+      : a(a_), L(L_), it(it_), region(region_), lane(lane_),
+        table(a_.block_tables + static_cast<int64_t>(it_.seq) * a_.max_blocks_per_seq),
+        kc(static_cast<const __nv_bfloat16*>(a_.k_cache) + blockIdx.y * a_.k_rank),
+        vc(static_cast<const __nv_bfloat16*>(a_.v_cache) + blockIdx.y * a_.v_rank), kch(a_.k_rank / 8),
+        chunks(a_.k_rank / 8 + a_.v_rank / 8), per_lane((kTile * chunks + 31) / 32),
+        magic(0xffffffffu / static_cast<uint32_t>(chunks) + 1u) {}
+  __device__ void Issue(int stage, int64_t my_slot) const {
+    __nv_bfloat16* ck = region + stage * L.stage_elems;
+    __nv_bfloat16* cv = ck + kTile * L.ldk;
+    for (int j = 0; j < per_lane; ++j) {  // uniform over the warp (the shuffle needs all lanes)
+      const int idx = lane + 32 * j;
+      const int r = static_cast<int>(__umulhi(static_cast<uint32_t>(idx), magic)), c = idx - r * chunks;
+      const int64_t slot = __shfl_sync(0xffffffffu, my_slot, r & 31);
+      if (r < kTile) {
+        const bool valid = slot >= 0;
+        const int64_t sl = valid ? slot : 0;
+        if (c < kch) {
+          CpAsync16(ck + r * L.ldk + c * 8, kc + sl * a.k_ld + c * 8, valid);
+        } else {
+          CpAsync16(cv + r * L.ldv + (c - kch) * 8, vc + sl * a.v_ld + (c - kch) * 8, valid);
+        }
+      }
+    }
+  }
+  // Lane l's token in a tile starting at `base` is base + l % 16; -1: past kv_end.
+  __device__ int64_t SlotOf(int base) const {
+    const int tok = base + lane % kTile;
+    return tok < it.kv_end ? static_cast<int64_t>(table[tok / a.block_size]) * a.block_size + tok % a.block_size
+                           : int64_t{-1};
+  }
+};
+
+// After each warp left its fp32 (m[16], l[16], O[16][ldo]) in its region (and a block barrier):
+// rows [0, rows) combined over the warps, written to out or to the item's partial slot. Ends
+// with a block barrier (regions are reused by the next item).
+__device__ __forceinline__ void CombineWarps(const LatentAttentionArgs& a, const Layout& L, const Smem& sm, const Item& it, int rows,
+                             float* partial_out, float* partial_lse) {
+  const int kvh = blockIdx.y;
+  const int group = a.num_heads / a.num_kv_heads;
+  const int rv = a.v_rank;
+  const int row0 = a.query_start[it.seq];
+  const int width = a.num_heads * rv;
+  for (int idx = threadIdx.x; idx < rows * rv; idx += kThreads) {
+    const int r = idx / rv, col = idx % rv;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, reinterpret_cast<const float*>(sm.regions + w * L.region_elems)[r]);
+    float sum = 0.f, acc = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const float* ws = reinterpret_cast<const float*>(sm.regions + w * L.region_elems);
+      const float wgt = exp2f(ws[r] - mx);  // 0 for a warp without keys (m = -inf)
+      sum = fmaf(ws[kLatentRows + r], wgt, sum);
+      acc = fmaf(ws[2 * kLatentRows + r * L.ldo + col], wgt, acc);
+    }
+    const int head = kvh * group + r % group;
+    if (it.partial < 0) {
+      const int64_t row = row0 + it.q_first + r / group;
+      static_cast<__nv_bfloat16*>(a.out)[row * a.out_ld + head * rv + col] = __float2bfloat16_rn(acc / sum);
+    } else {
+      partial_out[static_cast<int64_t>(it.partial) * width + head * rv + col] = acc / sum;
+      if (col == 0) partial_lse[static_cast<int64_t>(it.partial) * a.num_heads + head] = mx + log2f(sum);
+    }
+  }
+  __syncthreads();  // regions and Q are reused by the next item
+}
+// Per CTA: shared-memory carve-up, B_K of the CTA's KV head (zero-padded to rkp columns), the
+// RoPE frequencies and cos / sin of 8 x each (sincosf, exact: 8 f is exact in fp32).
+__device__ __forceinline__ Smem Setup(const LatentAttentionArgs& a, const Layout& L) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  Smem sm;
+  sm.bk = reinterpret_cast<__nv_bfloat16*>(smem_raw);
+  sm.q = sm.bk + kD * L.ldk;
+  sm.regions = sm.q + kLatentRows * kQLd;
+  sm.inv_freq = reinterpret_cast<float*>(sm.regions + kWarps * L.region_elems);
+  const int kvh = blockIdx.y;
+  const int cpr = L.rkp / 8;  // 16-byte chunks per padded row
+  for (int idx = threadIdx.x; idx < kD * cpr; idx += kThreads) {
+    const int r = idx / cpr, c = idx % cpr;
+    uint4 val = make_uint4(0, 0, 0, 0);
+    if (c * 8 < a.k_rank) {
+      val = *reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(a.k_up) +
+                                            static_cast<int64_t>(kvh * kD + r) * a.k_up_ld + c * 8);
+    }
+    *reinterpret_cast<uint4*>(sm.bk + r * L.ldk + c * 8) = val;
+  }
+  sm.rope8 = sm.inv_freq + kD / 2;
+  for (int i = threadIdx.x; i < kD / 2; i += kThreads) {
+    sm.inv_freq[i] = a.inv_freq[i];
+    sincosf(8.0f * a.inv_freq[i], &sm.rope8[2 * i + 1], &sm.rope8[2 * i]);
+  }
+  return sm;  // the first item's __syncthreads publishes B_K
+}
+// Dynamic shared memory up to the largest layout (ranks 128), once per kernel and process.
+template <typename Kernel>
+cudaError_t AllowSmem(Kernel kernel, bool* done) {
+  if (*done) return cudaSuccess;
+  const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             static_cast<int>(Layout(kMaxRank, kMaxRank).bytes()));
+  if (e == cudaSuccess) *done = true;
+  return e;
+}
+
+// Decode of groups <= 8 (attention_latent_decode.cu): the launch of its kernel over the
+// schedule with LaunchLatentDecode's grid; the merge kernel is launched by the caller.
+cudaError_t LaunchLatentDecodeSmallGroup(const LatentAttentionArgs& a, const DecodeSchedule& s, dim3 grid,
+                                         cudaStream_t stream);
+
+}  // namespace lorc::kernels::latent_internal

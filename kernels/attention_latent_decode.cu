@@ -1,0 +1,305 @@
+// LoRC latent decode of groups <= 8 (see DecodeItemT): the per-CTA work loop, tiles, key
+// reconstruction and combine of attention_latent.cu with the score and value products transposed,
+// a compile-time layout for ranks <= 64 and half the RoPE sin/cos. Launched by LaunchLatentDecode
+// (attention_latent.cu), which then merges split items as for every group.
+#include <cuda_bf16.h>
+
+#include <cmath>
+#include <type_traits>
+
+#include "kernels/attention_latent_common.cuh"
+
+namespace lorc::kernels::latent_internal {
+namespace {
+
+// TileLoader for the fixed layout Layout(64, 64) (ranks <= 64): a token row is 16 pieces of 16
+// bytes (C_K chunks 0-7, C_V chunks 0-7), a warp instruction covers two rows; pieces past a rank
+// are zero-filled (C_K's padding columns zero, no reads), so there is no padding pass. Slots are
+// int32 here, as backend.h's slot_mapping everywhere.
+struct FixedTileLoader {
+  static constexpr Layout L{64, 64};
+  const Item& it;
+  int lane;
+  const int32_t* table;
+  int block_size;
+  __nv_bfloat16* dst;        // this lane's piece in row 0 of stage 0
+  const __nv_bfloat16* src;  // this lane's piece in slot 0
+  int64_t ld;
+  bool in_rank;
+  __device__ FixedTileLoader(const LatentAttentionArgs& a, const Layout&, const Item& it_, __nv_bfloat16* region,
+                             int lane_)
+      : it(it_), lane(lane_), table(a.block_tables + static_cast<int64_t>(it_.seq) * a.max_blocks_per_seq),
+        block_size(a.block_size) {
+    const int pc = lane & 15, c = pc & 7;
+    const bool v = pc >= 8;
+    dst = region + (v ? kTile * L.ldk : 0) + 8 * c;
+    src = v ? static_cast<const __nv_bfloat16*>(a.v_cache) + blockIdx.y * a.v_rank + 8 * c
+            : static_cast<const __nv_bfloat16*>(a.k_cache) + blockIdx.y * a.k_rank + 8 * c;
+    ld = v ? a.v_ld : a.k_ld;
+    in_rank = 8 * c < (v ? a.v_rank : a.k_rank);
+    if (!in_rank) src = static_cast<const __nv_bfloat16*>(v ? a.v_cache : a.k_cache);
+  }
+  __device__ __forceinline__ void Issue(int stage, int my_slot) const {
+    static_assert(L.ldk == L.ldv, "one row stride for both latents");
+#pragma unroll
+    for (int j = 0; j < kTile / 2; ++j) {
+      const int r = 2 * j + (lane >> 4);
+      const int slot = __shfl_sync(0xffffffffu, my_slot, r);
+      const bool valid = in_rank && slot >= 0;
+      CpAsync16(dst + stage * L.stage_elems + r * L.ldk, src + (valid ? slot : 0) * ld, valid);
+    }
+  }
+  // Lane l's token in a tile starting at `base` is base + l % 16; -1: past kv_end.
+  __device__ __forceinline__ int SlotOf(int base) const {
+    const int tok = base + lane % kTile;
+    return tok < it.kv_end ? table[tok / block_size] * block_size + tok % block_size : -1;
+  }
+};
+// movmatrix: the transpose of an 8x8 bf16 matrix held in the mma fragment layout.
+__device__ __forceinline__ uint32_t MovTrans(uint32_t x) {
+  uint32_t y;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
+  return y;
+}
+
+// One decode item (one query token; the group's <= 8 heads fit one mma n-tile), ProcessItem's
+// tiles and key reconstruction with the score transposed: S [16 tokens x 8 heads] = K Q^T, so
+// K's accumulators are A fragments as they stand and Q^T is a B operand held in registers for
+// the whole item (no Q in shared memory); P^T reaches the B layout by movmatrix and
+// O^T [r_v x 8 heads] += C_V^T P^T runs over 16-row tiles of value columns. Per 16-token tile
+// that halves ProcessItem's score and value mma count and its softmax work (its 16 rows are
+// mostly padding at group <= 8), and C_K's A fragments are loaded once for both key halves.
+// KS / VM: k-steps of C_K (>= rkp / 16) and 16-column tiles of C_V (>= rvp / 16) in registers;
+// KS = VM = 4 is the fixed Layout(64, 64) (compile-time strides, FixedTileLoader).
+// FR: token g + 8's RoPE angle is token g's rotated on by 8 * inv_freq (Setup's rope8 table)
+// instead of its own reduction and SFU pair: half the sin/cos work. The angle is then
+// float(p) * f + 8 f, not float(p + 8) * f: at most ~1 ulp of the angle apart (2e-3 rad at
+// position 32k for f = 1, below a bf16 key's rounding), well inside the parity tolerance.
+// The kernel is issue-bound (H200: dropping RoPE entirely cut ~20% of its time), hence these.
+template <int KS, int VM, bool FR>
+__device__ __forceinline__ void DecodeItemT(const LatentAttentionArgs& a, const Layout& L, const Smem& sm, const Item& it,
+                            float* partial_out, float* partial_lse) {
+  // KS = VM = 4: L is Layout(64, 64) (compile-time strides) whatever the ranks <= 64.
+  constexpr bool kFixed = KS == 4 && VM == 4;
+  using Loader = std::conditional_t<kFixed, FixedTileLoader, TileLoader>;
+  const int kvh = blockIdx.y;
+  const int group = a.num_heads / a.num_kv_heads;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int rk = a.k_rank;
+  __nv_bfloat16* region = sm.regions + warp * L.region_elems;
+
+  // Q^T's B fragments: head column g (query head kvh * group + g), dims 16 kk + 2t (+1) and
+  // 16 kk + 8 + 2t (+1); zero for g >= group.
+  uint32_t qf[kD / 16][2];
+  {
+    const __nv_bfloat16* qr = static_cast<const __nv_bfloat16*>(a.q) +
+                              static_cast<int64_t>(a.query_start[it.seq]) * a.q_ld + (kvh * group + g) * kD;
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      qf[kk][0] = g < group ? *reinterpret_cast<const uint32_t*>(qr + 16 * kk + 2 * t) : 0u;
+      qf[kk][1] = g < group ? *reinterpret_cast<const uint32_t*>(qr + 16 * kk + 8 + 2 * t) : 0u;
+    }
+  }
+  if (!kFixed && rk != L.rkp) {  // as ProcessItem: C_K's padding columns zero in both stages
+    const int s = lane / kTile, r = lane % kTile;
+    *reinterpret_cast<uint4*>(region + s * L.stage_elems + r * L.ldk + rk) = make_uint4(0, 0, 0, 0);
+  }
+  __syncthreads();  // B_K (first item) and the previous item's combine
+
+  const float qscale = a.scale * kLog2e;
+  // Softmax state of heads 2t and 2t + 1 (l: this thread's tokens only, summed at the end).
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  float o[VM][4];
+#pragma unroll
+  for (int n = 0; n < VM; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+
+  const Loader ld(a, L, it, region, lane);
+  constexpr int kStep = kWarps * kTile;
+  const int first = it.kv_start + warp * kTile;
+  if (first < it.kv_end) ld.Issue(0, ld.SlotOf(first));
+  CpAsyncCommit();
+  auto next_slot = ld.SlotOf(first + kStep);
+  int stage = 0;
+  for (int base = first; base < it.kv_end; base += kStep) {  // uniform over the warp
+    if (base + kStep < it.kv_end) ld.Issue(stage ^ 1, next_slot);
+    CpAsyncCommit();
+    next_slot = ld.SlotOf(base + 2 * kStep);
+    CpAsyncWait<1>();
+    __syncwarp();
+    const __nv_bfloat16* ck = region + stage * L.stage_elems;
+    const __nv_bfloat16* cv = ck + kTile * L.ldk;
+
+    uint32_t af[KS][4];
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+      af[ks][0] = af[ks][1] = af[ks][2] = af[ks][3] = 0u;
+      if (16 * ks < L.rkp) Ldsm4(af[ks], ck + (lane % 16) * L.ldk + 16 * ks + (lane / 16) * 8);
+    }
+    float sacc[4] = {0.f, 0.f, 0.f, 0.f};  // (token g, heads 2t, 2t+1), (token g + 8, ...)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float acc[8][4];  // as ProcessItem: n-tiles 4h + j (j < 4) and their partners 8 + 4h + j
+#pragma unroll
+      for (int j = 0; j < 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+#pragma unroll
+      for (int ks = 0; ks < KS; ++ks) {
+        if (16 * ks < L.rkp) {
+#pragma unroll
+          for (int j = 0; j < 8; j += 2) {
+            const int n = (j < 4 ? 4 * h : 8 + 4 * h) + (j % 4);
+            uint32_t bf[4];
+            Ldsm4(bf, sm.bk + (n * 8 + (lane & 7) + ((lane >> 4) << 3)) * L.ldk + 16 * ks + ((lane >> 3) & 1) * 8);
+            Mma(acc[j], af[ks], bf[0], bf[1]);
+            Mma(acc[j + 1], af[ks], bf[2], bf[3]);
+          }
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float2 f = *reinterpret_cast<const float2*>(sm.inv_freq + 8 * (4 * h + j) + 2 * t);
+        if constexpr (FR) {  // token g + 8's angle: token g's rotated on by 8 * inv_freq
+          const float4 r8 = *reinterpret_cast<const float4*>(sm.rope8 + 2 * (8 * (4 * h + j) + 2 * t));
+          const float pos = static_cast<float>(base + g);
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            float sn, cs;
+            AngleSinCos(__fmul_rn(pos, e == 0 ? f.x : f.y), &sn, &cs);
+            const float c8 = e == 0 ? r8.x : r8.z, s8 = e == 0 ? r8.y : r8.w;
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+              if (r == 1) {
+                const float c1 = fmaf(cs, c8, -sn * s8);
+                sn = fmaf(sn, c8, cs * s8);
+                cs = c1;
+              }
+              const float x1 = acc[j][2 * r + e], x2 = acc[j + 4][2 * r + e];
+              acc[j][2 * r + e] = fmaf(x1, cs, -x2 * sn);
+              acc[j + 4][2 * r + e] = fmaf(x2, cs, x1 * sn);
+            }
+          }
+        } else {
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const float pos = static_cast<float>(base + g + 8 * r);
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              float sn, cs;
+              AngleSinCos(__fmul_rn(pos, e == 0 ? f.x : f.y), &sn, &cs);
+              const float x1 = acc[j][2 * r + e], x2 = acc[j + 4][2 * r + e];
+              acc[j][2 * r + e] = fmaf(x1, cs, -x2 * sn);
+              acc[j + 4][2 * r + e] = fmaf(x2, cs, x1 * sn);
+            }
+          }
+        }
+      }
+      // S += K Q^T over this half's k-steps (as ProcessItem's); K's accumulators of n-tiles
+      // (j, j + 1) are the A fragment of one k-step.
+#pragma unroll
+      for (int s = 0; s < 4; ++s) {
+        const int kk = (s < 2 ? 2 * h : 4 + 2 * h) + (s % 2);
+        const int j = 2 * s;
+        const uint32_t ka[4] = {PackBf16(acc[j][0], acc[j][1]), PackBf16(acc[j][2], acc[j][3]),
+                                PackBf16(acc[j + 1][0], acc[j + 1][1]), PackBf16(acc[j + 1][2], acc[j + 1][3])};
+        Mma(sacc, ka, qf[kk][0], qf[kk][1]);
+      }
+    }
+    // Online softmax per head column: its 16 tokens sit in the 8 lanes of equal t.
+    float p[4];
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const float x0 = base + g < it.kv_end ? sacc[e] * qscale : -INFINITY;
+      const float x1 = base + g + 8 < it.kv_end ? sacc[2 + e] * qscale : -INFINITY;
+      float mx = fmaxf(x0, x1);
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
+      const float m_new = fmaxf(m[e], mx);
+      const float m_ref = m_new == -INFINITY ? 0.f : m_new;  // no visible key yet: p = c = 0
+      const float c = exp2f(m[e] - m_ref);
+      p[e] = exp2f(x0 - m_ref);
+      p[2 + e] = exp2f(x1 - m_ref);
+      l[e] = fmaf(l[e], c, p[e] + p[2 + e]);
+      m[e] = m_new;
+#pragma unroll
+      for (int n = 0; n < VM; ++n) {
+        o[n][e] *= c;
+        o[n][2 + e] *= c;
+      }
+    }
+    // P^T's B fragments: (tokens 2t, 2t+1 | 8 + 2t, 9 + 2t; head g).
+    const uint32_t pb0 = MovTrans(PackBf16(p[0], p[1])), pb1 = MovTrans(PackBf16(p[2], p[3]));
+    // O^T += C_V^T P^T: A fragments of value columns 16n .. 16n + 15 by transposed ldmatrix.
+#pragma unroll
+    for (int n = 0; n < VM; ++n) {
+      if (16 * n < L.rvp) {
+        uint32_t vf[4];
+        Ldsm4T(vf, cv + ((lane & 7) + ((lane >> 4) & 1) * 8) * L.ldv + 16 * n + ((lane >> 3) & 1) * 8);
+        Mma(o[n], vf, pb0, pb1);
+      }
+    }
+    __syncwarp();  // this stage is refilled by the next iteration's issue
+    stage ^= 1;
+  }
+  CpAsyncWait<0>();
+
+  // The warp's state into its region in ProcessItem's layout (rows = heads), then combined.
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    l[e] += __shfl_xor_sync(0xffffffffu, l[e], 4);
+    l[e] += __shfl_xor_sync(0xffffffffu, l[e], 8);
+    l[e] += __shfl_xor_sync(0xffffffffu, l[e], 16);
+  }
+  __syncwarp();
+  float* wm = reinterpret_cast<float*>(region);
+  float* wl = wm + kLatentRows;
+  float* wo = wl + kLatentRows;
+  if (g == 0) {
+    wm[2 * t] = m[0], wm[2 * t + 1] = m[1];
+    wl[2 * t] = l[0], wl[2 * t + 1] = l[1];
+  }
+#pragma unroll
+  for (int n = 0; n < VM; ++n) {
+    if (16 * n < L.rvp) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        wo[(2 * t + e) * L.ldo + 16 * n + g] = o[n][e];
+        wo[(2 * t + e) * L.ldo + 16 * n + g + 8] = o[n][2 + e];
+      }
+    }
+  }
+  __syncthreads();
+  CombineWarps(a, L, sm, it, group, partial_out, partial_lse);
+}
+
+template <int KS, int VM, bool FR>
+__global__ void __launch_bounds__(kThreads, KS <= 4 && VM <= 4 ? 2 : 1)
+    LatentDecodeKernelT(const LatentAttentionArgs a, const DecodeSchedule sch) {
+  const int num_work = sch.counts[0];
+  if (static_cast<int>(blockIdx.x) >= num_work) return;
+  const Layout L = KS == 4 && VM == 4 ? FixedTileLoader::L : Layout(a.k_rank, a.v_rank);
+  const Smem sm = Setup(a, L);
+  for (int w = blockIdx.x; w < num_work; w += gridDim.x) {
+    const DecodeWorkItem wi = sch.work[w];
+    const Item it{wi.seq, 0, 1, wi.kv_start, wi.kv_end, wi.partial};
+    DecodeItemT<KS, VM, FR>(a, L, sm, it, sch.partial_out, sch.partial_lse);
+  }
+}
+
+}  // namespace
+
+cudaError_t LaunchLatentDecodeSmallGroup(const LatentAttentionArgs& a, const DecodeSchedule& s, dim3 grid,
+                                         cudaStream_t stream) {
+  cudaError_t e;
+  if (a.k_rank <= 64 && a.v_rank <= 64) {
+    static bool smem_set = false;
+    if ((e = AllowSmem(LatentDecodeKernelT<4, 4, true>, &smem_set)) != cudaSuccess) return e;
+    LatentDecodeKernelT<4, 4, true><<<grid, kThreads, FixedTileLoader::L.bytes(), stream>>>(a, s);
+  } else {
+    static bool smem_set = false;
+    if ((e = AllowSmem(LatentDecodeKernelT<8, 8, false>, &smem_set)) != cudaSuccess) return e;
+    LatentDecodeKernelT<8, 8, false><<<grid, kThreads, Layout(a.k_rank, a.v_rank).bytes(), stream>>>(a, s);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace lorc::kernels::latent_internal

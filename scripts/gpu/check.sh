@@ -19,7 +19,9 @@
 #           fixture (issue #9). Configs with a quantized KV dtype (fp8/int8/int4) run on the CPU
 #           backend (the CUDA backend has no quantized-KV kernels yet), the rest on the GPU, both
 #           at once; results packed into $OUT/lorc-sweep.tar.gz with the report's table in
-#           $OUT/lorc-table.md. LORC_JOBS_CPU / LORC_JOBS_GPU (default 6 / 4), LORC_ONLY (regex).
+#           $OUT/lorc-table.md. LORC_JOBS_CPU / LORC_JOBS_GPU (default 6 / 4), LORC_ONLY (regex),
+#           LORC_EXCLUDE (regex of names to leave out), LORC_TIMEOUT (s, default 540); results
+#           carried in .gpu/lorc-sweep/ are kept (the sweep resumes).
 # Environment: OUT (default /tmp/lorc-gpu), GPUS (default: all visible), STEPS (decode steps, 32),
 # BIN_DIR (binaries from a local build instead of the bundle), BACKEND (serve phase; default cuda).
 set -uo pipefail
@@ -171,17 +173,22 @@ phase_peer() {
 }
 
 phase_lorc() {
-  local sw=/tmp/lorc-sweep cfg=scripts/lorc/configs.txt
+  local sw=/tmp/lorc-sweep cfg=scripts/lorc/configs.txt t=${LORC_TIMEOUT:-540}
   mkdir -p "$sw"
+  # Results of an earlier (interrupted) run carried in .gpu/lorc-sweep are kept: the sweep resumes.
+  [ -d .gpu/lorc-sweep ] && cp -n .gpu/lorc-sweep/*.json "$sw"/ 2>/dev/null
   grep -E '^[^#].*--kv-cache-dtype (fp8|int8|int4)' "$cfg" > /tmp/lorc-cpu.txt
   grep -vE -- '--kv-cache-dtype (fp8|int8|int4)' "$cfg" > /tmp/lorc-gpu.txt
+  if [ -n "${LORC_EXCLUDE:-}" ]; then  # config names to leave out (e.g. ^maxppl, run elsewhere)
+    for f in /tmp/lorc-cpu.txt /tmp/lorc-gpu.txt; do grep -vE -- "$LORC_EXCLUDE" "$f" > "$f.x"; mv "$f.x" "$f"; done
+  fi
   local only=()
   [ -n "${LORC_ONLY:-}" ] && only=(--only "$LORC_ONLY")
-  timeout 560 bash scripts/lorc/sweep.sh --lorcserve "$L" --model models/tiny-llama-a --out "$sw" \
+  timeout "$t" bash scripts/lorc/sweep.sh --lorcserve "$L" --model models/tiny-llama-a --out "$sw" \
     --configs /tmp/lorc-cpu.txt -j "${LORC_JOBS_CPU:-6}" --threads 2 "${only[@]}" \
     > "$OUT/lorc-cpu.txt" 2>&1 &
   local cpu_pid=$!
-  timeout 560 bash scripts/lorc/sweep.sh --lorcserve "$L" --model models/tiny-llama-a --out "$sw" \
+  timeout "$t" bash scripts/lorc/sweep.sh --lorcserve "$L" --model models/tiny-llama-a --out "$sw" \
     --configs /tmp/lorc-gpu.txt -j "${LORC_JOBS_GPU:-4}" --threads 1 --eval-args "--backend cuda --num-blocks 4096" \
     "${only[@]}" > "$OUT/lorc-gpu.txt" 2>&1
   local gpu_rc=$?

@@ -288,9 +288,7 @@ absl::StatusOr<CompressResult> Compress(const CompressOptions& o, const Progress
   RETURN_IF_ERROR(CheckOptions(o, c));
   RETURN_IF_ERROR(OutputDType(c).status());
   ASSIGN_OR_RETURN(std::unique_ptr<CheckpointReader> reader, CheckpointReader::Open(o.model_dir));
-  const int64_t L = c.num_layers, D = c.hidden_size, d = c.head_dim, nkv = c.num_kv_heads,
-                nq = c.num_heads;
-  (void)nq;
+  const int64_t L = c.num_layers, D = c.hidden_size, d = c.head_dim, nkv = c.num_kv_heads;
 
   // Ranks of the fixed schedules.
   CompressResult res;

@@ -32,18 +32,23 @@ int RunCompress(int argc, char** argv) {
       {"model", true, "source Hugging Face Llama directory (config.json, safetensors)", "DIR"},
       {"out", true, "output directory (created; must be absent or empty unless --force)", "DIR"},
       {"kv-ratio", true, "target KV bytes per token relative to the full cache, in (0, 1]", "R"},
+      {"max-ppl-increase", true, "instead of --kv-ratio: search per-layer ranks with the fewest KV "
+                                 "bytes whose calibration perplexity rises by at most P percent", "P"},
+      {"search-chunks", true, "--max-ppl-increase: calibration chunks of 512 tokens per trial "
+                              "(default 16, spread over the text)", "N"},
       {"ranks", true, "key and value rank of every layer instead of --kv-ratio", "K:V"},
       {"schedule", true, "with --kv-ratio: uniform (default) or progressive (LoRC)", "S"},
       {"whiten", false, "activation-aware (whitened) SVD from calibration second moments"},
-      {"calib", true, "calibration text for --whiten: plain text or JSONL with \"text\" "
+      {"calib", true, "calibration text for --whiten and --max-ppl-increase: plain text or JSONL with \"text\" "
                       "(default: the built-in compress/calib/default.txt)", "FILE"},
       {"tp", true, "tensor-parallel degree to check the output for (must divide the KV heads)", "N"},
       {"force", false, "write into a non-empty --out (files of the same name are replaced)"},
       {"help", false, "show this help"},
   };
   const char* synopsis =
-      "--model DIR --out DIR (--kv-ratio R | --ranks K:V) [--schedule uniform|progressive] "
-      "[--whiten [--calib FILE]] [--tp N] [--force]";
+      "--model DIR --out DIR (--kv-ratio R | --max-ppl-increase P | --ranks K:V) "
+      "[--schedule uniform|progressive] [--whiten] [--calib FILE] [--search-chunks N] [--tp N] "
+      "[--force]";
   int exit_code = 0;
   const std::optional<Args> args = ParseCommand("compress", synopsis, flags, argc, argv, &exit_code);
   if (!args.has_value()) return exit_code;
@@ -57,6 +62,14 @@ int RunCompress(int argc, char** argv) {
     if (!r.ok()) return Fail("compress", r.status());
     o.kv_ratio = *r;
   }
+  if (args->Has("max-ppl-increase")) {
+    absl::StatusOr<double> p = args->GetDouble("max-ppl-increase", 1.0);
+    if (!p.ok()) return Fail("compress", p.status());
+    o.max_ppl_increase = *p;
+  }
+  absl::StatusOr<int64_t> chunks = args->GetIntInRange("search-chunks", o.search_chunks, 1, 1 << 20);
+  if (!chunks.ok()) return Fail("compress", chunks.status());
+  o.search_chunks = *chunks;
   if (args->Has("ranks")) {
     absl::StatusOr<compress::LayerRanks> r = ParseRanks(args->Get("ranks"));
     if (!r.ok()) return Fail("compress", r.status());

@@ -28,11 +28,30 @@ struct CalibrationMoments {
   int64_t tokens = 0;   // token rows accumulated (each chunk starts with BOS when the model has one)
 };
 
-// Tokenizes `text` with the model's tokenizer and runs it in chunks of `chunk_tokens` (one
-// sequence per chunk, on a CPU backend with fp32 weights). InvalidArgument when the text gives
-// no tokens.
+// `text` tokenized with the model's tokenizer and cut into chunks of at most `chunk_tokens`
+// tokens, each starting with BOS when the model has one. InvalidArgument when the text gives no
+// tokens.
+absl::StatusOr<std::vector<std::vector<int32_t>>> CalibrationChunks(const std::string& model_dir,
+                                                                    const std::string& text,
+                                                                    int32_t chunk_tokens = 512);
+
+// Runs the chunks (one sequence each, on a CPU backend with fp32 weights) and accumulates every
+// layer's input-norm output second moment in fp64.
+absl::StatusOr<CalibrationMoments> ComputeCalibrationMoments(
+    const std::string& model_dir, const std::vector<std::vector<int32_t>>& chunks);
+// Tokenizes `text` (CalibrationChunks) and computes its moments.
 absl::StatusOr<CalibrationMoments> ComputeCalibrationMoments(const std::string& model_dir,
                                                              const std::string& text,
                                                              int32_t chunk_tokens = 512);
+
+struct CalibrationPpl {
+  double ppl = 0;       // exp(mean next-token NLL), natural log
+  int64_t tokens = 0;   // predicted tokens (chunk length - 1 per chunk)
+};
+// Perplexity of the model in `model_dir` (a plain or LoRC compressed directory) over the chunks,
+// on a CPU backend in fp32: every token of a chunk but the first is predicted from the ones
+// before it. InvalidArgument when no chunk has two tokens.
+absl::StatusOr<CalibrationPpl> ComputeCalibrationPerplexity(
+    const std::string& model_dir, const std::vector<std::vector<int32_t>>& chunks);
 
 }  // namespace lorc::compress

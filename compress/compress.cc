@@ -3,6 +3,7 @@
 #include <cblas.h>
 
 #include <cmath>
+#include <unistd.h>
 #include <filesystem>
 #include <limits>
 
@@ -11,6 +12,7 @@
 #include "common/json_util.h"
 #include "common/status_macros.h"
 #include "compress/calibration.h"
+#include "compress/rank_search.h"
 #include "model/lorc_config.h"
 #include "model/safetensors_writer.h"
 
@@ -59,8 +61,20 @@ absl::StatusOr<DType> OutputDType(const ModelConfig& c) {
 }
 
 absl::Status CheckOptions(const CompressOptions& o, const ModelConfig& c) {
-  if (o.kv_ratio.has_value() == o.ranks.has_value()) {
-    return absl::InvalidArgumentError("give exactly one of --kv-ratio and --ranks");
+  if (static_cast<int>(o.kv_ratio.has_value()) + static_cast<int>(o.ranks.has_value()) +
+          static_cast<int>(o.max_ppl_increase.has_value()) != 1) {
+    return absl::InvalidArgumentError("give exactly one of --kv-ratio, --max-ppl-increase and --ranks");
+  }
+  if (o.max_ppl_increase.has_value() && !(*o.max_ppl_increase >= 0 && *o.max_ppl_increase <= 1000)) {
+    return absl::InvalidArgumentError(absl::StrCat("--max-ppl-increase: ", *o.max_ppl_increase,
+                                                   " is outside [0, 1000] (percent)"));
+  }
+  if (o.max_ppl_increase.has_value() && (c.head_dim % kRankMultiple != 0 || c.head_dim < kRankMultiple)) {
+    return absl::InvalidArgumentError(absl::StrCat("--max-ppl-increase: head_dim ", c.head_dim,
+                                                   " is not a multiple of ", kRankMultiple));
+  }
+  if (o.search_chunks < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("--search-chunks: ", o.search_chunks, " is not positive"));
   }
   if (o.kv_ratio.has_value() && !(*o.kv_ratio > 0 && *o.kv_ratio <= 1)) {
     return absl::InvalidArgumentError(absl::StrCat("--kv-ratio: ", *o.kv_ratio,
@@ -87,8 +101,11 @@ absl::Status CheckOptions(const CompressOptions& o, const ModelConfig& c) {
   if (o.ranks.has_value() && o.schedule != "uniform") {
     return absl::InvalidArgumentError("--schedule: applies only with --kv-ratio, not --ranks");
   }
-  if (!o.calib_path.empty() && !o.whiten) {
-    return absl::InvalidArgumentError("--calib: needs --whiten");
+  if (!o.calib_path.empty() && !o.whiten && !o.max_ppl_increase.has_value()) {
+    return absl::InvalidArgumentError("--calib: needs --whiten or --max-ppl-increase");
+  }
+  if (o.max_ppl_increase.has_value() && o.schedule != "uniform") {
+    return absl::InvalidArgumentError("--schedule: applies only with --kv-ratio, not --max-ppl-increase");
   }
   if (o.tp < 1 || c.num_kv_heads % o.tp != 0) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -112,14 +129,156 @@ absl::Status CheckOptions(const CompressOptions& o, const ModelConfig& c) {
   return absl::OkStatus();
 }
 
-// sum of s_i^2 for i >= r, and for all i.
-std::pair<double, double> TailAndTotal(const std::vector<double>& s, int64_t r) {
-  double tail = 0, total = 0;
-  for (size_t i = 0; i < s.size(); ++i) {
-    total += s[i] * s[i];
-    if (static_cast<int64_t>(i) >= r) tail += s[i] * s[i];
+}  // namespace
+
+namespace {
+
+// Everything rank-independent: the per-head SVDs of the (metric-weighted) K and V weights, their
+// metric factors (owned here, pointed to by the HeadSvds) and o_proj for the fold.
+struct LayerSvds {
+  MatD chol;                 // input whitening factor (empty: plain)
+  std::vector<MatD> mk, mv;  // per KV head: Cholesky factors of the key / value output metrics
+  std::vector<HeadSvd> k, v; // per KV head
+  MatD wo;                   // [D, n_q d]
+};
+
+absl::StatusOr<std::vector<std::unique_ptr<LayerSvds>>> ComputeSvds(
+    const ModelConfig& c, const CheckpointReader& reader, const CalibrationMoments* moments) {
+  const int64_t L = c.num_layers, D = c.hidden_size, d = c.head_dim, nkv = c.num_kv_heads,
+                nq = c.num_heads, group = nq / nkv;
+  const std::vector<float> inv_freq = RopeInverseFrequencies(c);
+  std::vector<std::unique_ptr<LayerSvds>> out;
+  for (int64_t l = 0; l < L; ++l) {
+    auto s = std::make_unique<LayerSvds>();
+    ASSIGN_OR_RETURN(const MatD wk, ReadMatrix(reader, LayerName(l, "k_proj"), nkv * d, D));
+    ASSIGN_OR_RETURN(const MatD wv, ReadMatrix(reader, LayerName(l, "v_proj"), nkv * d, D));
+    ASSIGN_OR_RETURN(s->wo, ReadMatrix(reader, LayerName(l, "o_proj"), D, nq * d));
+    if (moments != nullptr) {
+      ASSIGN_OR_RETURN(s->chol, WhiteningFactor(moments->c[static_cast<size_t>(l)]));
+      ASSIGN_OR_RETURN(const MatD wq, ReadMatrix(reader, LayerName(l, "q_proj"), nq * d, D));
+      // HeadSvd points into mk / mv: reserved, so never reallocated.
+      s->mk.reserve(static_cast<size_t>(nkv));
+      s->mv.reserve(static_cast<size_t>(nkv));
+      for (int64_t h = 0; h < nkv; ++h) {
+        ASSIGN_OR_RETURN(MatD mk, WhiteningFactor(RopeQueryMetric(
+                                      RowBlock(wq, h * group * d, group * d),
+                                      moments->c[static_cast<size_t>(l)], inv_freq, kRopeMetricWindow)));
+        s->mk.push_back(std::move(mk));
+        ASSIGN_OR_RETURN(MatD mv, WhiteningFactor(OProjMetric(s->wo, h * group, group, d)));
+        s->mv.push_back(std::move(mv));
+      }
+    }
+    const MatD* lp = moments != nullptr ? &s->chol : nullptr;
+    for (int64_t h = 0; h < nkv; ++h) {
+      ASSIGN_OR_RETURN(HeadSvd hk, ComputeHeadSvd(RowBlock(wk, h * d, d), lp,
+                                                  moments != nullptr ? &s->mk[h] : nullptr));
+      ASSIGN_OR_RETURN(HeadSvd hv, ComputeHeadSvd(RowBlock(wv, h * d, d), lp,
+                                                  moments != nullptr ? &s->mv[h] : nullptr));
+      s->k.push_back(std::move(hk));
+      s->v.push_back(std::move(hv));
+    }
+    out.push_back(std::move(s));
   }
-  return {tail, total};
+  return out;
+}
+
+// Relative truncation error energy of a layer's heads at every rank in [0, d].
+std::vector<double> ErrorTable(const std::vector<HeadSvd>& heads, int64_t d) {
+  std::vector<double> tail(static_cast<size_t>(d + 1), 0.0);
+  double total = 0;
+  for (const HeadSvd& h : heads) {
+    for (int64_t i = 0; i < static_cast<int64_t>(h.svd.s.size()) && i < d; ++i) {
+      const double e = h.svd.s[static_cast<size_t>(i)] * h.svd.s[static_cast<size_t>(i)];
+      total += e;
+      for (int64_t r = 0; r <= i; ++r) tail[static_cast<size_t>(r)] += e;
+    }
+  }
+  for (double& t : tail) t = total > 0 ? t / total : 0;
+  return tail;
+}
+
+// Writes OUT (tensors, copied files, lorc.json from `j` with the ranks added) for `ranks`.
+absl::Status WriteModel(const CompressOptions& o, const ModelConfig& c, const CheckpointReader& reader,
+                        const std::vector<std::unique_ptr<LayerSvds>>& svds,
+                        const std::vector<LayerRanks>& ranks, const std::string& out_dir,
+                        nlohmann::ordered_json j, const ProgressFn& progress) {
+  ASSIGN_OR_RETURN(const DType out_dtype, OutputDType(c));
+  const int64_t L = c.num_layers, D = c.hidden_size, d = c.head_dim, nkv = c.num_kv_heads,
+                nq = c.num_heads;
+  SafetensorsWriter writer;
+  for (int64_t l = 0; l < L; ++l) {
+    const LayerRanks r = ranks[static_cast<size_t>(l)];
+    const LayerSvds& s = *svds[static_cast<size_t>(l)];
+    MatD ak(nkv * r.k_rank, D), bk(nkv * d, r.k_rank), av(nkv * r.v_rank, D), o2(D, nq * r.v_rank);
+    for (int64_t h = 0; h < nkv; ++h) {
+      ASSIGN_OR_RETURN(HeadFactors fk, TruncateHead(s.k[static_cast<size_t>(h)], r.k_rank));
+      ASSIGN_OR_RETURN(HeadFactors fv, TruncateHead(s.v[static_cast<size_t>(h)], r.v_rank));
+      std::copy(fk.a.v.begin(), fk.a.v.end(), ak.v.begin() + h * r.k_rank * D);
+      std::copy(fk.b.v.begin(), fk.b.v.end(), bk.v.begin() + h * d * r.k_rank);
+      std::copy(fv.a.v.begin(), fv.a.v.end(), av.v.begin() + h * r.v_rank * D);
+      // Query heads of group h: o_proj columns [j*d, (j+1)*d) times B_V,h -> [j*r_v, (j+1)*r_v).
+      for (int64_t q = h * (nq / nkv); q < (h + 1) * (nq / nkv); ++q) {
+        cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(D),
+                    static_cast<int>(r.v_rank), static_cast<int>(d), 1.0, &s.wo.v[q * d],
+                    static_cast<int>(nq * d), fv.b.v.data(), static_cast<int>(r.v_rank), 0.0,
+                    &o2.v[q * r.v_rank], static_cast<int>(nq * r.v_rank));
+      }
+    }
+    RETURN_IF_ERROR(AddMatrix(writer, LayerName(l, "k_proj"), out_dtype, ak));
+    RETURN_IF_ERROR(AddMatrix(writer, LayerName(l, "k_up_proj"), out_dtype, bk));
+    RETURN_IF_ERROR(AddMatrix(writer, LayerName(l, "v_proj"), out_dtype, av));
+    RETURN_IF_ERROR(AddMatrix(writer, LayerName(l, "o_proj"), out_dtype, o2));
+    if (progress) {
+      progress(absl::StrFormat("layer %d/%d: k_rank %d v_rank %d, relative error K %.4f V %.4f%s",
+                               l + 1, L, r.k_rank, r.v_rank,
+                               std::sqrt(ErrorTable(s.k, d)[static_cast<size_t>(r.k_rank)]),
+                               std::sqrt(ErrorTable(s.v, d)[static_cast<size_t>(r.v_rank)]),
+                               o.whiten ? " (whitened)" : ""));
+    }
+  }
+  for (const std::string& name : reader.TensorNames()) {
+    if (name.find(".self_attn.k_proj.") != std::string::npos ||
+        name.find(".self_attn.v_proj.") != std::string::npos ||
+        name.find(".self_attn.o_proj.") != std::string::npos) {
+      continue;
+    }
+    ASSIGN_OR_RETURN(const TensorInfo* t, reader.Find(name));
+    RETURN_IF_ERROR(writer.AddView(name, t->dtype, t->shape, t->data, t->nbytes));
+  }
+
+  std::error_code ec;
+  fs::create_directories(out_dir, ec);
+  if (ec) return absl::InternalError(absl::StrCat("--out: cannot create ", out_dir, ": ", ec.message()));
+  // A stale index would point the loader at other shards.
+  fs::remove(fs::path(out_dir) / "model.safetensors.index.json", ec);
+  RETURN_IF_ERROR(writer.Write((fs::path(out_dir) / "model.safetensors").string()));
+  for (const char* f : {"config.json", "generation_config.json", "tokenizer.json",
+                        "tokenizer_config.json", "special_tokens_map.json"}) {
+    const fs::path src = fs::path(o.model_dir) / f;
+    if (!fs::exists(src)) continue;
+    fs::copy_file(src, fs::path(out_dir) / f, fs::copy_options::overwrite_existing, ec);
+    if (ec) return absl::InternalError(absl::StrCat("copying ", src.string(), ": ", ec.message()));
+  }
+  j["layers"] = nlohmann::ordered_json::array();
+  for (const LayerRanks& r : ranks) j["layers"].push_back({{"k_rank", r.k_rank}, {"v_rank", r.v_rank}});
+  j["kv_bytes_ratio"] = KvBytesRatio(ranks, d);
+  const std::string path = (fs::path(out_dir) / "lorc.json").string();
+  std::FILE* f = std::fopen(path.c_str(), "wb");
+  if (f == nullptr) return absl::InternalError(absl::StrCat("cannot create ", path));
+  const std::string text = j.dump(2) + "\n";
+  const bool ok = std::fwrite(text.data(), 1, text.size(), f) == text.size();
+  if (std::fclose(f) != 0 || !ok) return absl::InternalError(absl::StrCat("writing ", path));
+  return absl::OkStatus();
+}
+
+// Evenly spaced chunks, at most n of them.
+std::vector<std::vector<int32_t>> SpreadChunks(const std::vector<std::vector<int32_t>>& chunks, int64_t n) {
+  if (static_cast<int64_t>(chunks.size()) <= n) return chunks;
+  std::vector<std::vector<int32_t>> out;
+  for (int64_t i = 0; i < n; ++i) {
+    out.push_back(chunks[static_cast<size_t>(i * static_cast<int64_t>(chunks.size()) / n)]);
+  }
+  return out;
 }
 
 }  // namespace
@@ -127,18 +286,17 @@ std::pair<double, double> TailAndTotal(const std::vector<double>& s, int64_t r) 
 absl::StatusOr<CompressResult> Compress(const CompressOptions& o, const ProgressFn& progress) {
   ASSIGN_OR_RETURN(const ModelConfig c, LoadModelConfig(o.model_dir));
   RETURN_IF_ERROR(CheckOptions(o, c));
-  ASSIGN_OR_RETURN(const DType out_dtype, OutputDType(c));
+  RETURN_IF_ERROR(OutputDType(c).status());
   ASSIGN_OR_RETURN(std::unique_ptr<CheckpointReader> reader, CheckpointReader::Open(o.model_dir));
-  const int64_t L = c.num_layers, D = c.hidden_size, d = c.head_dim, nkv = c.num_kv_heads,
-                nq = c.num_heads;
+  const int64_t L = c.num_layers, D = c.hidden_size, d = c.head_dim, nkv = c.num_kv_heads;
 
-  // Ranks.
+  // Ranks of the fixed schedules.
   CompressResult res;
   if (o.ranks.has_value()) {
     res.ranks.assign(static_cast<size_t>(L), *o.ranks);
-  } else if (o.schedule == "uniform") {
+  } else if (o.kv_ratio.has_value() && o.schedule == "uniform") {
     res.ranks = UniformRanks(L, d, *o.kv_ratio);
-  } else {
+  } else if (o.kv_ratio.has_value()) {
     std::vector<double> kk, kv;
     for (int64_t l = 0; l < L; ++l) {
       ASSIGN_OR_RETURN(MatD wk, ReadMatrix(*reader, LayerName(l, "k_proj"), nkv * d, D));
@@ -158,80 +316,20 @@ absl::StatusOr<CompressResult> Compress(const CompressOptions& o, const Progress
     }
     ASSIGN_OR_RETURN(res.ranks, ProgressiveRanks(kk, kv, d, *o.kv_ratio));
   }
-  res.kv_bytes_ratio = KvBytesRatio(res.ranks, d);
 
-  // Calibration.
+  // Calibration: moments for --whiten, perplexity chunks for --max-ppl-increase.
   std::optional<CalibrationMoments> moments;
   std::optional<CalibrationText> calib;
-  if (o.whiten) {
+  std::vector<std::vector<int32_t>> chunks;
+  if (o.whiten || o.max_ppl_increase.has_value()) {
     ASSIGN_OR_RETURN(calib, LoadCalibrationText(o.calib_path));
-    ASSIGN_OR_RETURN(moments, ComputeCalibrationMoments(o.model_dir, calib->text));
+    ASSIGN_OR_RETURN(chunks, CalibrationChunks(o.model_dir, calib->text));
+  }
+  if (o.whiten) {
+    ASSIGN_OR_RETURN(moments, ComputeCalibrationMoments(o.model_dir, chunks));
     if (progress) progress(absl::StrCat("calibration: ", moments->tokens, " tokens from ", calib->source));
   }
-
-  SafetensorsWriter writer;
-  for (int64_t l = 0; l < L; ++l) {
-    const LayerRanks r = res.ranks[static_cast<size_t>(l)];
-    std::optional<MatD> chol;
-    if (moments.has_value()) {
-      ASSIGN_OR_RETURN(chol, WhiteningFactor(moments->c[static_cast<size_t>(l)]));
-    }
-    const MatD* lp = chol.has_value() ? &*chol : nullptr;
-    ASSIGN_OR_RETURN(MatD wk, ReadMatrix(*reader, LayerName(l, "k_proj"), nkv * d, D));
-    ASSIGN_OR_RETURN(MatD wv, ReadMatrix(*reader, LayerName(l, "v_proj"), nkv * d, D));
-    ASSIGN_OR_RETURN(MatD wo, ReadMatrix(*reader, LayerName(l, "o_proj"), D, nq * d));
-    MatD ak(nkv * r.k_rank, D), bk(nkv * d, r.k_rank), av(nkv * r.v_rank, D), o2(D, nq * r.v_rank);
-    double tail_k = 0, total_k = 0, tail_v = 0, total_v = 0;
-    for (int64_t h = 0; h < nkv; ++h) {
-      ASSIGN_OR_RETURN(HeadFactors fk, FactorizeHead(RowBlock(wk, h * d, d), r.k_rank, lp));
-      ASSIGN_OR_RETURN(HeadFactors fv, FactorizeHead(RowBlock(wv, h * d, d), r.v_rank, lp));
-      std::copy(fk.a.v.begin(), fk.a.v.end(), ak.v.begin() + h * r.k_rank * D);
-      std::copy(fk.b.v.begin(), fk.b.v.end(), bk.v.begin() + h * d * r.k_rank);
-      std::copy(fv.a.v.begin(), fv.a.v.end(), av.v.begin() + h * r.v_rank * D);
-      // Query heads of group h: o_proj columns [j*d, (j+1)*d) times B_V,h -> [j*r_v, (j+1)*r_v).
-      for (int64_t j = h * (nq / nkv); j < (h + 1) * (nq / nkv); ++j) {
-        cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(D),
-                    static_cast<int>(r.v_rank), static_cast<int>(d), 1.0, &wo.v[j * d],
-                    static_cast<int>(nq * d), fv.b.v.data(), static_cast<int>(r.v_rank), 0.0,
-                    &o2.v[j * r.v_rank], static_cast<int>(nq * r.v_rank));
-      }
-      const auto [tk, sk] = TailAndTotal(fk.s, r.k_rank);
-      const auto [tv, sv] = TailAndTotal(fv.s, r.v_rank);
-      tail_k += tk; total_k += sk; tail_v += tv; total_v += sv;
-    }
-    RETURN_IF_ERROR(AddMatrix(writer, LayerName(l, "k_proj"), out_dtype, ak));
-    RETURN_IF_ERROR(AddMatrix(writer, LayerName(l, "k_up_proj"), out_dtype, bk));
-    RETURN_IF_ERROR(AddMatrix(writer, LayerName(l, "v_proj"), out_dtype, av));
-    RETURN_IF_ERROR(AddMatrix(writer, LayerName(l, "o_proj"), out_dtype, o2));
-    if (progress) {
-      progress(absl::StrFormat("layer %d/%d: k_rank %d v_rank %d, relative error K %.4f V %.4f%s",
-                               l + 1, L, r.k_rank, r.v_rank, std::sqrt(tail_k / total_k),
-                               std::sqrt(tail_v / total_v), o.whiten ? " (whitened)" : ""));
-    }
-  }
-  for (const std::string& name : reader->TensorNames()) {
-    if (name.find(".self_attn.k_proj.") != std::string::npos ||
-        name.find(".self_attn.v_proj.") != std::string::npos ||
-        name.find(".self_attn.o_proj.") != std::string::npos) {
-      continue;
-    }
-    ASSIGN_OR_RETURN(const TensorInfo* t, reader->Find(name));
-    RETURN_IF_ERROR(writer.AddView(name, t->dtype, t->shape, t->data, t->nbytes));
-  }
-
-  std::error_code ec;
-  fs::create_directories(o.out_dir, ec);
-  if (ec) return absl::InternalError(absl::StrCat("--out: cannot create ", o.out_dir, ": ", ec.message()));
-  // A stale index would point the loader at other shards.
-  fs::remove(fs::path(o.out_dir) / "model.safetensors.index.json", ec);
-  RETURN_IF_ERROR(writer.Write((fs::path(o.out_dir) / "model.safetensors").string()));
-  for (const char* f : {"config.json", "generation_config.json", "tokenizer.json",
-                        "tokenizer_config.json", "special_tokens_map.json"}) {
-    const fs::path src = fs::path(o.model_dir) / f;
-    if (!fs::exists(src)) continue;
-    fs::copy_file(src, fs::path(o.out_dir) / f, fs::copy_options::overwrite_existing, ec);
-    if (ec) return absl::InternalError(absl::StrCat("copying ", src.string(), ": ", ec.message()));
-  }
+  ASSIGN_OR_RETURN(const auto svds, ComputeSvds(c, *reader, moments.has_value() ? &*moments : nullptr));
 
   ASSIGN_OR_RETURN(const std::string config_text,
                    ReadFileToString((fs::path(o.model_dir) / "config.json").string()));
@@ -239,26 +337,67 @@ absl::StatusOr<CompressResult> Compress(const CompressOptions& o, const Progress
   j["format"] = "lorcserve-lorc";
   j["version"] = 1;
   j["method"] = o.whiten ? "whitened-svd" : "svd";
-  j["schedule"] = o.ranks.has_value() ? "uniform" : o.schedule;
-  j["target"] = {{"kv_ratio", o.kv_ratio.has_value() ? *o.kv_ratio : res.kv_bytes_ratio}};
+  j["schedule"] = o.max_ppl_increase.has_value() ? "search" : o.ranks.has_value() ? "uniform" : o.schedule;
+  if (o.max_ppl_increase.has_value()) {
+    j["target"] = {{"max_ppl_increase_pct", *o.max_ppl_increase}};
+  } else {
+    j["target"] = {{"kv_ratio", o.kv_ratio.has_value() ? *o.kv_ratio : KvBytesRatio(res.ranks, d)}};
+  }
+  if (o.whiten) j["objective"] = {{"k", "rope-scores"}, {"v", "o_proj-output"}};
   j["num_layers"] = L;
   j["num_kv_heads"] = nkv;
   j["head_dim"] = d;
-  j["layers"] = nlohmann::ordered_json::array();
-  for (const LayerRanks& r : res.ranks) j["layers"].push_back({{"k_rank", r.k_rank}, {"v_rank", r.v_rank}});
-  j["kv_bytes_ratio"] = res.kv_bytes_ratio;
+  j["layers"] = nullptr;          // WriteModel fills these two
+  j["kv_bytes_ratio"] = nullptr;
   if (moments.has_value()) {
     j["calibration"] = {{"source", calib->source}, {"tokens", moments->tokens}};
+  } else if (calib.has_value()) {
+    j["calibration"] = {{"source", calib->source}, {"tokens", nullptr}};
   } else {
     j["calibration"] = nullptr;
   }
   j["source_model"] = {{"dir", o.model_dir}, {"config_sha256", Sha256Hex(config_text)}};
-  const std::string path = (fs::path(o.out_dir) / "lorc.json").string();
-  std::FILE* f = std::fopen(path.c_str(), "wb");
-  if (f == nullptr) return absl::InternalError(absl::StrCat("cannot create ", path));
-  const std::string text = j.dump(2) + "\n";
-  const bool ok = std::fwrite(text.data(), 1, text.size(), f) == text.size();
-  if (std::fclose(f) != 0 || !ok) return absl::InternalError(absl::StrCat("writing ", path));
+
+  if (o.max_ppl_increase.has_value()) {
+    const auto search_chunks = SpreadChunks(chunks, o.search_chunks);
+    int64_t search_tokens = 0;
+    for (const auto& ch : search_chunks) search_tokens += static_cast<int64_t>(ch.size()) - 1;
+    ASSIGN_OR_RETURN(const CalibrationPpl base, ComputeCalibrationPerplexity(o.model_dir, search_chunks));
+    if (progress) {
+      progress(absl::StrFormat("search: uncompressed calibration ppl %.4f over %d tokens (%d chunks)",
+                               base.ppl, search_tokens, search_chunks.size()));
+    }
+    RankSearchInput in;
+    in.head_dim = d;
+    for (const auto& s : svds) {
+      in.k_err.push_back(ErrorTable(s->k, d));
+      in.v_err.push_back(ErrorTable(s->v, d));
+    }
+    in.base_ppl = base.ppl;
+    in.max_increase_pct = *o.max_ppl_increase;
+    const fs::path trial_dir = fs::temp_directory_path() /
+                               absl::StrCat("lorc_search_", ::getpid(), "_", reinterpret_cast<uintptr_t>(&in));
+    const auto measure = [&](const std::vector<LayerRanks>& ranks) -> absl::StatusOr<double> {
+      RETURN_IF_ERROR(WriteModel(o, c, *reader, svds, ranks, trial_dir.string(), j, nullptr));
+      ASSIGN_OR_RETURN(const CalibrationPpl p, ComputeCalibrationPerplexity(trial_dir.string(), search_chunks));
+      return p.ppl;
+    };
+    absl::StatusOr<RankSearchResult> found = SearchRanks(in, measure, progress);
+    std::error_code ec;
+    fs::remove_all(trial_dir, ec);
+    if (!found.ok()) return found.status();
+    res.ranks = found->ranks;
+    j["search"] = {{"calibration_tokens", search_tokens},
+                   {"uncompressed_ppl", base.ppl},
+                   {"compressed_ppl", found->ppl},
+                   {"ppl_increase_pct", 100.0 * (found->ppl / base.ppl - 1.0)},
+                   {"trials", found->trials}};
+  }
+  res.kv_bytes_ratio = KvBytesRatio(res.ranks, d);
+  RETURN_IF_ERROR(WriteModel(o, c, *reader, svds, res.ranks, o.out_dir, j, progress));
+  j["layers"] = nlohmann::ordered_json::array();
+  for (const LayerRanks& r : res.ranks) j["layers"].push_back({{"k_rank", r.k_rank}, {"v_rank", r.v_rank}});
+  j["kv_bytes_ratio"] = res.kv_bytes_ratio;
   res.lorc_json = std::move(j);
   return res;
 }

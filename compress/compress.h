@@ -22,6 +22,8 @@ struct CompressOptions {
   std::string out_dir;
   std::optional<double> kv_ratio;     // --kv-ratio, in (0, 1]
   std::optional<LayerRanks> ranks;    // --ranks K:V, every layer
+  std::optional<double> max_ppl_increase;  // --max-ppl-increase P (percent): rank search
+  int64_t search_chunks = 16;         // --search-chunks: calibration chunks (512 tokens) per trial
   std::string schedule = "uniform";   // --schedule uniform|progressive (with --kv-ratio)
   bool whiten = false;
   std::string calib_path;             // --calib; empty: compress/calib/default.txt
@@ -42,7 +44,9 @@ struct CompressResult {
 using ProgressFn = std::function<void(const std::string&)>;
 
 // Checks the options against the model (InvalidArgument naming the flag: --out, --kv-ratio,
-// --ranks, --schedule, --calib, --tp), then factors and writes OUT. AlreadyExists for a
+// --max-ppl-increase, --ranks, --schedule, --calib, --tp), then factors and writes OUT. With
+// --max-ppl-increase, searches the ranks first (rank_search.h; trial directories under the
+// system temp directory, removed afterwards). AlreadyExists for a
 // non-empty OUT without force.
 absl::StatusOr<CompressResult> Compress(const CompressOptions& options, const ProgressFn& progress);
 

@@ -1,5 +1,7 @@
 #include "compress/factorize.h"
 
+#include <cblas.h>
+
 #include <algorithm>
 #include <cmath>
 
@@ -8,30 +10,113 @@
 
 namespace lorc::compress {
 
-absl::StatusOr<HeadFactors> FactorizeHead(const MatD& w, int64_t rank, const MatD* l) {
+absl::StatusOr<HeadSvd> ComputeHeadSvd(const MatD& w, const MatD* l, const MatD* m) {
+  MatD target = l != nullptr ? MatMul(w, *l) : w;
+  if (m != nullptr) target = MatMul(Transpose(*m), target);
+  HeadSvd h;
+  ASSIGN_OR_RETURN(h.svd, ComputeSvd(target));
+  h.l = l;
+  h.m = m;
+  return h;
+}
+
+absl::StatusOr<HeadFactors> TruncateHead(const HeadSvd& h, int64_t rank) {
+  const Svd& svd = h.svd;
+  const int64_t rows = svd.u.rows, cols = svd.vt.cols;
+  const int64_t kmax = static_cast<int64_t>(svd.s.size());
+  if (rank < 1 || rank > kmax) {
+    return absl::InvalidArgumentError(absl::StrCat("rank ", rank, " is outside [1, ", kmax, "]"));
+  }
+  HeadFactors f;
+  f.s = svd.s;
+  MatD vt_r(rank, cols);
+  for (int64_t i = 0; i < rank; ++i) {
+    std::copy_n(&svd.vt.v[static_cast<size_t>(i * cols)], cols, &vt_r.v[static_cast<size_t>(i * cols)]);
+  }
+  if (h.l != nullptr) {
+    ASSIGN_OR_RETURN(f.a, RightSolveLower(vt_r, *h.l));
+  } else {
+    f.a = std::move(vt_r);
+  }
+  // B^T = (U_r S_r)^T M_L^-1, i.e. B = M_L^-T U_r S_r.
+  MatD bt(rank, rows);
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t j = 0; j < rank; ++j) bt.at(j, i) = svd.u.at(i, j) * svd.s[j];
+  }
+  if (h.m != nullptr) {
+    ASSIGN_OR_RETURN(bt, RightSolveLower(bt, *h.m));
+  }
+  f.b = Transpose(bt);
+  return f;
+}
+
+absl::StatusOr<HeadFactors> FactorizeHead(const MatD& w, int64_t rank, const MatD* l, const MatD* m) {
   const int64_t kmax = std::min(w.rows, w.cols);
   if (rank < 1 || rank > kmax) {
     return absl::InvalidArgumentError(absl::StrCat("rank ", rank, " is outside [1, ", kmax, "]"));
   }
-  MatD target = l != nullptr ? MatMul(w, *l) : w;
-  ASSIGN_OR_RETURN(Svd svd, ComputeSvd(target));
-  HeadFactors f;
-  f.s = svd.s;
-  MatD vt_r(rank, w.cols);
-  for (int64_t i = 0; i < rank; ++i) {
-    std::copy_n(&svd.vt.v[static_cast<size_t>(i * w.cols)], w.cols,
-                &vt_r.v[static_cast<size_t>(i * w.cols)]);
+  ASSIGN_OR_RETURN(const HeadSvd h, ComputeHeadSvd(w, l, m));
+  return TruncateHead(h, rank);
+}
+
+MatD RopeQueryMetric(const MatD& wq_group, const MatD& c, const std::vector<float>& inv_freq,
+                     int64_t window) {
+  const int64_t d = static_cast<int64_t>(inv_freq.size()) * 2, h = d / 2;
+  // C_q = sum_j W_Q,j C W_Q,j^T.
+  MatD cq(d, d);
+  const MatD wc = MatMul(wq_group, c);  // [n_group d, D]
+  for (int64_t j0 = 0; j0 < wq_group.rows; j0 += d) {
+    cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(d), static_cast<int>(d),
+                static_cast<int>(c.rows), 1.0, &wc.v[static_cast<size_t>(j0 * c.rows)],
+                static_cast<int>(c.rows), &wq_group.v[static_cast<size_t>(j0 * c.rows)],
+                static_cast<int>(c.rows), 1.0, cq.v.data(), static_cast<int>(d));
   }
-  if (l != nullptr) {
-    ASSIGN_OR_RETURN(f.a, RightSolveLower(vt_r, *l));
-  } else {
-    f.a = std::move(vt_r);
+  // Weighted averages over delta of cos_i cos_j, cos_i sin_j, sin_i cos_j, sin_i sin_j.
+  std::vector<double> cc(static_cast<size_t>(h * h)), cs(cc.size()), sc(cc.size()), ss(cc.size());
+  std::vector<double> co(static_cast<size_t>(h)), si(static_cast<size_t>(h));
+  double wsum = 0;
+  for (int64_t delta = 0; delta < window; ++delta) {
+    const double wt = static_cast<double>(window - delta);
+    wsum += wt;
+    for (int64_t i = 0; i < h; ++i) {
+      const double a = static_cast<double>(delta) * static_cast<double>(inv_freq[i]);
+      co[i] = std::cos(a);
+      si[i] = std::sin(a);
+    }
+    for (int64_t i = 0; i < h; ++i) {
+      const double wci = wt * co[i], wsi = wt * si[i];
+      double* pcc = &cc[i * h]; double* pcs = &cs[i * h]; double* psc = &sc[i * h]; double* pss = &ss[i * h];
+      for (int64_t j = 0; j < h; ++j) {
+        pcc[j] += wci * co[j]; pcs[j] += wci * si[j]; psc[j] += wsi * co[j]; pss[j] += wsi * si[j];
+      }
+    }
   }
-  f.b = MatD(w.rows, rank);
-  for (int64_t i = 0; i < w.rows; ++i) {
-    for (int64_t j = 0; j < rank; ++j) f.b.at(i, j) = svd.u.at(i, j) * svd.s[j];
+  // Block (i, j) of R C R^T with R_i = [[c_i, -s_i], [s_i, c_i]] on dims (i, i + h).
+  MatD m(d, d);
+  for (int64_t i = 0; i < h; ++i) {
+    for (int64_t j = 0; j < h; ++j) {
+      const size_t k = static_cast<size_t>(i * h + j);
+      const double CC = cc[k] / wsum, CS = cs[k] / wsum, SC = sc[k] / wsum, SS = ss[k] / wsum;
+      const double a = cq.at(i, j), b = cq.at(i, j + h), e = cq.at(i + h, j), f = cq.at(i + h, j + h);
+      m.at(i, j) = a * CC - e * SC - b * CS + f * SS;
+      m.at(i, j + h) = a * CS - e * SS + b * CC - f * SC;
+      m.at(i + h, j) = a * SC + e * CC - b * SS - f * CS;
+      m.at(i + h, j + h) = a * SS + e * CS + b * SC + f * CC;
+    }
   }
-  return f;
+  return m;
+}
+
+MatD OProjMetric(const MatD& wo, int64_t j0, int64_t n_group, int64_t head_dim) {
+  MatD m(head_dim, head_dim);
+  for (int64_t j = j0; j < j0 + n_group; ++j) {
+    cblas_dgemm(CblasRowMajor, CblasTrans, CblasNoTrans, static_cast<int>(head_dim),
+                static_cast<int>(head_dim), static_cast<int>(wo.rows), 1.0,
+                &wo.v[static_cast<size_t>(j * head_dim)], static_cast<int>(wo.cols),
+                &wo.v[static_cast<size_t>(j * head_dim)], static_cast<int>(wo.cols), 1.0,
+                m.v.data(), static_cast<int>(head_dim));
+  }
+  return m;
 }
 
 absl::StatusOr<MatD> WhiteningFactor(const MatD& c, double rel_eps) {

@@ -20,8 +20,33 @@ struct HeadFactors {
 
 // Truncated SVD at rank r in [1, min(d, D)]. Plain (l == nullptr): W = U S V^T, A = V_r^T,
 // B = U_r S_r. Whitened (l: the Cholesky factor of the input second moment, [D, D] lower):
-// W L = U S V^T, A = V_r^T L^-1, B = U_r S_r. InvalidArgument for a rank out of range.
-absl::StatusOr<HeadFactors> FactorizeHead(const MatD& w, int64_t rank, const MatD* l);
+// W L = U S V^T, A = V_r^T L^-1, B = U_r S_r. With an output metric too (m: lower Cholesky
+// factor [d, d] of M, the weight of the output error: tr(E C E^T M) is minimised):
+// M_L^T W L = U S V^T, A = V_r^T L^-1, B = M_L^-T U_r S_r. InvalidArgument for a rank out of
+// range.
+absl::StatusOr<HeadFactors> FactorizeHead(const MatD& w, int64_t rank, const MatD* l,
+                                          const MatD* m = nullptr);
+
+// The SVD of one head's (metric-weighted) weight, computed once and truncated at any rank.
+struct HeadSvd {
+  Svd svd;                 // of M_L^T W L (or W L, or W)
+  const MatD* l = nullptr; // input whitening factor (not owned)
+  const MatD* m = nullptr; // output metric factor (not owned)
+};
+absl::StatusOr<HeadSvd> ComputeHeadSvd(const MatD& w, const MatD* l, const MatD* m);
+absl::StatusOr<HeadFactors> TruncateHead(const HeadSvd& h, int64_t rank);
+
+// Output metric of a key head for the attention scores after RoPE (README.md "Key metric"):
+// M = sum_{j in group} E_delta[R(delta) C_q,j R(delta)^T] with C_q,j = W_Q,j C W_Q,j^T ([d, d]),
+// R(delta) the RoPE rotation (rotate-half pairs (i, i + d/2), angles delta * inv_freq[i]) and
+// delta weighted by the number of (query, key) pairs at that distance in a causal window of
+// `window` tokens. wq_group: the group's query rows stacked, [n_group * d, D].
+inline constexpr int64_t kRopeMetricWindow = 2048;  // tokens
+MatD RopeQueryMetric(const MatD& wq_group, const MatD& c, const std::vector<float>& inv_freq,
+                     int64_t window);
+// Output metric of a value head through the output projection: sum_{j in group} W_O,j^T W_O,j
+// ([d, d]); wo: o_proj [D, n_q * d], query heads [j0, j0 + n_group).
+MatD OProjMetric(const MatD& wo, int64_t j0, int64_t n_group, int64_t head_dim);
 
 // Cholesky factor of c + eps I with eps = rel_eps * trace(c) / D (relative to the mean diagonal).
 inline constexpr double kWhitenRelEps = 1e-6;

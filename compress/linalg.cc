@@ -90,6 +90,14 @@ MatD MatMul(const MatD& a, const MatD& b) {
   return c;
 }
 
+MatD Transpose(const MatD& a) {
+  MatD t(a.cols, a.rows);
+  for (int64_t i = 0; i < a.rows; ++i) {
+    for (int64_t j = 0; j < a.cols; ++j) t.at(j, i) = a.at(i, j);
+  }
+  return t;
+}
+
 double FrobeniusSq(const MatD& a) {
   double s = 0;
   for (double x : a.v) s += x * x;

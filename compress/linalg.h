@@ -40,6 +40,9 @@ absl::StatusOr<MatD> RightSolveLower(const MatD& b, const MatD& l);
 // a [m, k] * b [k, n] (cblas_dgemm).
 MatD MatMul(const MatD& a, const MatD& b);
 
+// a^T.
+MatD Transpose(const MatD& a);
+
 // Squared Frobenius norm.
 double FrobeniusSq(const MatD& a);
 

@@ -25,7 +25,8 @@ std::string Tmp(const std::string& name) {
 TEST(CompressCli, HelpListsTheFlags) {
   const testing::RunResult r = RunLorcserve({"compress", "--help"});
   ASSERT_EQ(r.exit_code, 0) << r;
-  for (const char* f : {"--kv-ratio", "--ranks", "--schedule", "--whiten", "--calib", "--tp", "--force"}) {
+  for (const char* f : {"--kv-ratio", "--max-ppl-increase", "--search-chunks", "--ranks", "--schedule",
+                        "--whiten", "--calib", "--tp", "--force"}) {
     EXPECT_NE(r.out.find(f), std::string::npos) << f << "\n" << r.out;
   }
 }
@@ -44,6 +45,13 @@ TEST(CompressCli, ErrorsNameTheFlag) {
       {{"compress", "--model", m, "--out", out, "--kv-ratio", "0.5", "--tp", "3"}, "--tp"},
       {{"compress", "--model", m, "--out", out, "--kv-ratio", "0.5", "--schedule", "fancy"}, "--schedule"},
       {{"compress", "--model", m, "--out", out, "--kv-ratio", "0.5", "--calib", "x.txt"}, "--calib"},
+      {{"compress", "--model", m, "--out", out, "--kv-ratio", "0.5", "--max-ppl-increase", "1"},
+       "--max-ppl-increase"},
+      {{"compress", "--model", m, "--out", out, "--max-ppl-increase", "-1"}, "--max-ppl-increase"},
+      {{"compress", "--model", m, "--out", out, "--max-ppl-increase", "1", "--schedule", "progressive"},
+       "--schedule"},
+      {{"compress", "--model", m, "--out", out, "--max-ppl-increase", "1", "--search-chunks", "0"},
+       "--search-chunks"},
   };
   for (const auto& [args, flag] : cases) {
     const testing::RunResult r = RunLorcserve(args);

@@ -33,14 +33,6 @@ MatD Sub(const MatD& a, const MatD& b) {
   return c;
 }
 
-MatD Transpose(const MatD& a) {
-  MatD t(a.cols, a.rows);
-  for (int64_t i = 0; i < a.rows; ++i) {
-    for (int64_t j = 0; j < a.cols; ++j) t.at(j, i) = a.at(i, j);
-  }
-  return t;
-}
-
 // ||E X||_F^2 over the calibration activations = tr(E C E^T).
 double ActivationErrorSq(const MatD& e, const MatD& c) {
   const MatD ec = MatMul(e, c);
@@ -56,7 +48,12 @@ class CompressFixture : public ::testing::Test {
     reader_ = CheckpointReader::Open(testing::TinyLlamaDir())->release();
     absl::StatusOr<CalibrationText> text = LoadCalibrationText("");
     ASSERT_TRUE(text.ok());
-    absl::StatusOr<CalibrationMoments> m = ComputeCalibrationMoments(testing::TinyLlamaDir(), text->text);
+    default_tokens_ = 0;
+    absl::StatusOr<std::vector<std::vector<int32_t>>> chunks = CalibrationChunks(testing::TinyLlamaDir(), text->text);
+    ASSERT_TRUE(chunks.ok()) << chunks.status();
+    for (const auto& c : *chunks) default_tokens_ += static_cast<int64_t>(c.size());
+    // The moments of a slice of the default text (the whole takes a minute on two cores).
+    absl::StatusOr<CalibrationMoments> m = ComputeCalibrationMoments(testing::TinyLlamaDir(), CalibSlice());
     ASSERT_TRUE(m.ok()) << m.status();
     moments_ = new CalibrationMoments(*std::move(m));
   }
@@ -67,13 +64,19 @@ class CompressFixture : public ::testing::Test {
     return RowBlock(*w, head * 128, 128);
   }
   void SetUp() override { REQUIRE_TINY_LLAMA(); ASSERT_NE(moments_, nullptr); }
+  // The first 24,000 characters of the default calibration text (prose and Python source).
+  static std::string CalibSlice() { return LoadCalibrationText("")->text.substr(0, 24000); }
+  static inline int64_t default_tokens_ = 0;
   static inline CheckpointReader* reader_ = nullptr;
   static inline CalibrationMoments* moments_ = nullptr;
 };
 
 TEST_F(CompressFixture, CalibrationCountsTokensOfTheDefaultText) {
-  EXPECT_GE(moments_->tokens, 2000);
-  EXPECT_LE(moments_->tokens, 6000);
+  // README.md "Calibration": about 63,000 tokens (205 KB) by compress/calib/make_default.py.
+  EXPECT_GE(default_tokens_, 50000);
+  EXPECT_LE(default_tokens_, 80000);
+  EXPECT_GE(moments_->tokens, 6000);
+  EXPECT_LE(moments_->tokens, 10000);
   ASSERT_EQ(moments_->c.size(), 8u);
   EXPECT_GT(moments_->c[3].at(7, 7), 0);
   EXPECT_DOUBLE_EQ(moments_->c[3].at(7, 100), moments_->c[3].at(100, 7));
@@ -124,6 +127,89 @@ TEST_F(CompressFixture, WhitenedHasSmallerActivationErrorThanPlain) {
       for (size_t i = 32; i < wh.s.size(); ++i) tail += wh.s[i] * wh.s[i];
       EXPECT_NEAR(e_wh, tail, 1e-5 * tail) << proj << " layer " << layer;
     }
+  }
+}
+
+// tr(E C E^T M): the output-metric-weighted activation error.
+double MetricErrorSq(const MatD& e, const MatD& c, const MatD& m) {
+  const MatD ece = MatMul(MatMul(e, c), Transpose(e));
+  double s = 0;
+  for (size_t i = 0; i < ece.v.size(); ++i) s += ece.v[i] * m.v[i];  // m symmetric
+  return s;
+}
+
+MatD Regularized(const MatD& c) {  // c + eps I as WhiteningFactor regularizes it
+  double trace = 0;
+  for (int64_t i = 0; i < c.rows; ++i) trace += c.at(i, i);
+  MatD r = c;
+  for (int64_t i = 0; i < c.rows; ++i) r.at(i, i) += kWhitenRelEps * trace / static_cast<double>(c.rows);
+  return r;
+}
+
+TEST_F(CompressFixture, OutputMetricFactorizationIsOptimalForItsMetric) {
+  const int layer = 3;
+  const MatD c = Regularized(moments_->c[layer]);
+  ASSERT_OK_AND_ASSIGN(const MatD l, WhiteningFactor(moments_->c[layer]));
+  ASSERT_OK_AND_ASSIGN(const MatD wo, ReadMatrix(*reader_, "model.layers.3.self_attn.o_proj.weight", 512, 512));
+  ASSERT_OK_AND_ASSIGN(const MatD wq, ReadMatrix(*reader_, "model.layers.3.self_attn.q_proj.weight", 512, 512));
+  ASSERT_OK_AND_ASSIGN(const ModelConfig cfg, LoadModelConfig(testing::TinyLlamaDir()));
+  // KV head 1: query heads 2 and 3.
+  const MatD mv = OProjMetric(wo, 2, 2, 128);
+  const MatD mk = RopeQueryMetric(RowBlock(wq, 256, 256), moments_->c[layer], RopeInverseFrequencies(cfg),
+                                  kRopeMetricWindow);
+  for (const auto& [proj, m] : {std::pair<const char*, const MatD*>{"k_proj", &mk}, {"v_proj", &mv}}) {
+    const MatD w = Head(proj, layer, 1);
+    ASSERT_OK_AND_ASSIGN(const MatD lm, WhiteningFactor(*m));
+    const MatD mr = Regularized(*m);
+    ASSERT_OK_AND_ASSIGN(const HeadFactors full, FactorizeHead(w, 128, &l, &lm));
+    EXPECT_LT(std::sqrt(FrobeniusSq(Sub(MatMul(full.b, full.a), w)) / FrobeniusSq(w)), 1e-7) << proj;
+    ASSERT_OK_AND_ASSIGN(const HeadFactors with_m, FactorizeHead(w, 32, &l, &lm));
+    ASSERT_OK_AND_ASSIGN(const HeadFactors without_m, FactorizeHead(w, 32, &l));
+    const double e_m = MetricErrorSq(Sub(w, MatMul(with_m.b, with_m.a)), c, mr);
+    const double e_plain = MetricErrorSq(Sub(w, MatMul(without_m.b, without_m.a)), c, mr);
+    double tail = 0, total = 0;
+    for (size_t i = 0; i < with_m.s.size(); ++i) {
+      total += with_m.s[i] * with_m.s[i];
+      if (i >= 32) tail += with_m.s[i] * with_m.s[i];
+    }
+    EXPECT_NEAR(e_m, tail, 1e-6 * total) << proj;  // the optimum at rank 32 (Eckart-Young)
+    EXPECT_LT(e_m, e_plain) << proj;
+  }
+}
+
+TEST(KeyMetric, RopeQueryMetricMatchesExplicitRotations) {
+  // head_dim 8 (4 rotation pairs (i, i + 4)), hidden 6, one group of 2 query heads, window 5.
+  std::mt19937 rng(3);
+  std::normal_distribution<double> nd;
+  MatD wq(16, 6), x(6, 6);
+  for (double& v : wq.v) v = nd(rng);
+  for (double& v : x.v) v = nd(rng);
+  const MatD c = MatMul(x, Transpose(x));
+  const std::vector<float> inv_freq = {1.0f, 0.3f, 0.05f, 0.001f};
+  const MatD m = RopeQueryMetric(wq, c, inv_freq, 5);
+  MatD cq(8, 8);
+  for (int j = 0; j < 2; ++j) {
+    const MatD wj = RowBlock(wq, j * 8, 8);
+    const MatD t = MatMul(MatMul(wj, c), Transpose(wj));
+    for (size_t i = 0; i < t.v.size(); ++i) cq.v[i] += t.v[i];
+  }
+  MatD want(8, 8);
+  double wsum = 0;
+  for (int delta = 0; delta < 5; ++delta) {
+    MatD r(8, 8);
+    for (int i = 0; i < 4; ++i) {
+      const double a = delta * static_cast<double>(inv_freq[i]);
+      r.at(i, i) = std::cos(a);
+      r.at(i, i + 4) = -std::sin(a);
+      r.at(i + 4, i) = std::sin(a);
+      r.at(i + 4, i + 4) = std::cos(a);
+    }
+    const MatD t = MatMul(MatMul(r, cq), Transpose(r));
+    for (size_t i = 0; i < t.v.size(); ++i) want.v[i] += (5 - delta) * t.v[i];
+    wsum += 5 - delta;
+  }
+  for (size_t i = 0; i < want.v.size(); ++i) {
+    EXPECT_NEAR(m.v[i], want.v[i] / wsum, 1e-9 * std::abs(want.v[0] / wsum)) << i;
   }
 }
 
@@ -238,6 +324,14 @@ TEST_F(CompressFixture, WhitenedProgressiveRecordsCalibrationAndRatio) {
   o.kv_ratio = 0.5;
   o.schedule = "progressive";
   o.whiten = true;
+  o.calib_path = TempOut("calib.txt");
+  {
+    std::FILE* f = std::fopen(o.calib_path.c_str(), "wb");
+    ASSERT_NE(f, nullptr);
+    const std::string text = CalibSlice();
+    ASSERT_EQ(std::fwrite(text.data(), 1, text.size(), f), text.size());
+    std::fclose(f);
+  }
   std::vector<std::string> lines;
   ASSERT_OK_AND_ASSIGN(const CompressResult res, Compress(o, [&](const std::string& s) { lines.push_back(s); }));
   for (const std::string& s : lines) std::printf("%s\n", s.c_str());
@@ -250,8 +344,10 @@ TEST_F(CompressFixture, WhitenedProgressiveRecordsCalibrationAndRatio) {
   const nlohmann::json& j = res.lorc_json;
   EXPECT_EQ(j["method"], "whitened-svd");
   EXPECT_EQ(j["schedule"], "progressive");
-  EXPECT_EQ(j["calibration"]["source"], "default");
+  EXPECT_EQ(j["calibration"]["source"], o.calib_path);
   EXPECT_EQ(j["calibration"]["tokens"], moments_->tokens);
+  EXPECT_EQ(j["objective"]["k"], "rope-scores");
+  EXPECT_EQ(j["objective"]["v"], "o_proj-output");
   EXPECT_EQ(j["target"]["kv_ratio"], 0.5);
   ASSERT_OK_AND_ASSIGN(auto out, CheckpointReader::Open(o.out_dir));
   const int64_t r0 = res.ranks[0].v_rank;
@@ -260,6 +356,7 @@ TEST_F(CompressFixture, WhitenedProgressiveRecordsCalibrationAndRatio) {
   ASSERT_OK_AND_ASSIGN(t, out->Find("model.layers.0.self_attn.k_up_proj.weight"));
   EXPECT_EQ(t->shape, (std::vector<int64_t>{256, res.ranks[0].k_rank}));
   fs::remove_all(o.out_dir);
+  fs::remove(o.calib_path);
 }
 
 }  // namespace

@@ -194,11 +194,12 @@ absl::StatusOr<std::vector<LayerRanks>> ProgressiveRanks(const std::vector<doubl
     }
     return lo;
   };
-  if (fits(r8, hd)) {
-    const double r_min = bisect([&](double x) { return fits(x, hd); }, r8, hd);
-    return make(r_min, hd);
+  const double cap = std::clamp(kProgressiveMaxRankFactor * kv_ratio * hd, r8, hd);
+  if (fits(r8, cap)) {
+    const double r_min = bisect([&](double x) { return fits(x, cap); }, r8, cap);
+    return make(r_min, cap);
   }
-  const double r_max = bisect([&](double x) { return fits(r8, x); }, r8, hd);
+  const double r_max = bisect([&](double x) { return fits(r8, x); }, r8, cap);
   return make(r8, r_max);
 }
 

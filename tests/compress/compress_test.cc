@@ -236,6 +236,8 @@ TEST(Schedule, ProgressiveGivesShallowLayersMoreRankWithinTheRatio) {
       EXPECT_EQ(x.v_rank % 8, 0);
     }
     EXPECT_GT(r.front().k_rank, r.back().k_rank) << ratio;
+    // The shallowest layer is capped at 1.5x the uniform rank (kProgressiveMaxRankFactor).
+    EXPECT_LE(r.front().k_rank, std::min(128.0, kProgressiveMaxRankFactor * ratio * 128) + 4) << ratio;
   }
   EXPECT_EQ(KvBytesRatio(*ProgressiveRanks(kk, kv, 128, 1.0), 128), 1.0);
   EXPECT_FALSE(ProgressiveRanks(kk, kv, 128, 0.05).ok());  // below rank 8 of 128

@@ -19,7 +19,7 @@
 #           fixture (issue #9). Configs with a quantized KV dtype (fp8/int8/int4) run on the CPU
 #           backend (the CUDA backend has no quantized-KV kernels yet), the rest on the GPU, both
 #           at once; results packed into $OUT/lorc-sweep.tar.gz with the report's table in
-#           $OUT/lorc-table.md. LORC_JOBS_CPU / LORC_JOBS_GPU (default 6 / 4), LORC_ONLY (regex),
+#           $OUT/lorc-table.md. LORC_JOBS_CPU / LORC_JOBS_GPU (default 6 / 4), LORC_THREADS_CPU / _GPU (2 / 1), LORC_ONLY (regex),
 #           LORC_EXCLUDE (regex of names to leave out), LORC_TIMEOUT (s, default 540); results
 #           carried in .gpu/lorc-sweep/ are kept (the sweep resumes).
 # Environment: OUT (default /tmp/lorc-gpu), GPUS (default: all visible), STEPS (decode steps, 32),
@@ -185,11 +185,11 @@ phase_lorc() {
   local only=()
   [ -n "${LORC_ONLY:-}" ] && only=(--only "$LORC_ONLY")
   timeout "$t" bash scripts/lorc/sweep.sh --lorcserve "$L" --model models/tiny-llama-a --out "$sw" \
-    --configs /tmp/lorc-cpu.txt -j "${LORC_JOBS_CPU:-6}" --threads 2 "${only[@]}" \
+    --configs /tmp/lorc-cpu.txt -j "${LORC_JOBS_CPU:-6}" --threads "${LORC_THREADS_CPU:-2}" --share-compressed "${only[@]}" \
     > "$OUT/lorc-cpu.txt" 2>&1 &
   local cpu_pid=$!
   timeout "$t" bash scripts/lorc/sweep.sh --lorcserve "$L" --model models/tiny-llama-a --out "$sw" \
-    --configs /tmp/lorc-gpu.txt -j "${LORC_JOBS_GPU:-4}" --threads 1 --eval-args "--backend cuda --num-blocks 4096" \
+    --configs /tmp/lorc-gpu.txt -j "${LORC_JOBS_GPU:-4}" --threads "${LORC_THREADS_GPU:-1}" --share-compressed --eval-args "--backend cuda --num-blocks 4096" \
     "${only[@]}" > "$OUT/lorc-gpu.txt" 2>&1
   local gpu_rc=$?
   wait "$cpu_pid"

@@ -9,6 +9,7 @@ usage() {
   cat <<'EOF'
 Usage: sweep.sh --lorcserve BIN --model DIR --out DIR [--configs FILE] [-j N] [--threads N]
                 [--eval-args "ARGS"] [--devices 0,1,...] [--tmp DIR] [--keep] [--only REGEX]
+                [--share-compressed]
                 [--dry-run]
 
   --lorcserve BIN   the lorcserve binary (e.g. build/bin/lorcserve)
@@ -28,6 +29,9 @@ Usage: sweep.sh --lorcserve BIN --model DIR --out DIR [--configs FILE] [-j N] [-
   --tmp DIR         where compressed models are written (default: $TMPDIR or /tmp)
   --keep            keep the compressed models (in DIR/models/NAME) instead of deleting them
   --only REGEX      only configs whose NAME matches (grep -E)
+  --share-compressed  configs with identical compress args compress once, into DIR/models/c<cksum>
+                    (kept; a job waits for another's compression; remove DIR/models after an
+                    interrupted run, its .lock would make later jobs wait)
   --dry-run         print the commands, run nothing
 
 A config whose DIR/NAME.json exists is skipped (delete it to run it again). A failed config
@@ -41,7 +45,7 @@ EOF
 die() { echo "sweep.sh: $*" >&2; exit 2; }
 
 bin="" model="" out="" configs="$(dirname "$0")/configs.txt" jobs=1 threads=1 eval_extra=""
-devices="" tmp="${TMPDIR:-/tmp}" keep=0 only="" dry=0
+devices="" tmp="${TMPDIR:-/tmp}" keep=0 only="" dry=0 share=0
 while (($#)); do
   case "$1" in
     --lorcserve) bin="${2:?--lorcserve needs a value}"; shift 2 ;;
@@ -56,6 +60,7 @@ while (($#)); do
     --tmp) tmp="${2:?--tmp needs a value}"; shift 2 ;;
     --keep) keep=1; shift ;;
     --only) only="${2:?--only needs a value}"; shift 2 ;;
+    --share-compressed) share=1; shift ;;
     --dry-run) dry=1; shift ;;
     -h|--help) usage; exit 0 ;;
     *) usage >&2; die "unknown argument '$1'" ;;
@@ -123,7 +128,23 @@ run_one() {
     return 1
   }
   t0="$(now)"
-  if [[ -n "$c" ]]; then
+  if [[ -n "$c" && $share -eq 1 && $dry -eq 0 ]]; then
+    # --share-compressed: configs with the same compress args share one kept directory; the
+    # first job compresses (mkdir is the lock), the others wait for its .done (or .failed).
+    local key
+    key="$(printf '%s' "$c" | cksum | cut -d' ' -f1)"
+    cdir="$out/models/c$key"
+    mkdir -p "$out/models"
+    if mkdir "$cdir.lock" 2>/dev/null; then
+      local cmd=("$bin" compress --model "$model" --out "$cdir" --force "${c_args[@]}")
+      if OPENBLAS_NUM_THREADS="$threads" "${cmd[@]}" >"$log_c" 2>&1; then touch "$cdir.done"
+      else touch "$cdir.failed"; local fc="$cdir"; cdir=""; fail "${cmd[*]} exited $?" "$log_c"; rm -rf "$fc"; return 1; fi
+    else
+      while [[ ! -e "$cdir.done" && ! -e "$cdir.failed" ]]; do sleep 2; done
+      [[ -e "$cdir.done" ]] || { cdir=""; fail "the shared compression of '$c' failed" /dev/null; return 1; }
+    fi
+    dir="$cdir"; cdir=""  # shared: never deleted here
+  elif [[ -n "$c" ]]; then
     if ((dry)); then cdir="$tmp/lorc_sweep_${name}_XXXXXX"
     elif ((keep)); then cdir="$out/models/$name"; rm -rf "$cdir"; mkdir -p "$out/models"
     else cdir="$(mktemp -d "$tmp/lorc_sweep_${name}_XXXXXX")" || { fail "mktemp -d in $tmp failed" /dev/null; return 1; }

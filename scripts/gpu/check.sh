@@ -194,7 +194,7 @@ phase_lorc() {
   local gpu_rc=$?
   wait "$cpu_pid"
   local cpu_rc=$?
-  tar czf "$OUT/lorc-sweep.tar.gz" -C "$sw" .
+  tar czf "$OUT/lorc-sweep.tar.gz" -C "$sw" --exclude ./models .  # results and logs, not models
   python3 scripts/lorc/report.py "$sw" --md "$OUT/lorc-table.md" --no-gnuplot > /dev/null 2>&1
   note "lorc sweep: gpu rc $gpu_rc, cpu rc $cpu_rc, $(ls "$sw"/*.json 2>/dev/null | wc -l) results, $(ls "$sw"/*.failed 2>/dev/null | wc -l) failed"
   [ "$gpu_rc" -eq 0 ] && [ "$cpu_rc" -eq 0 ] || fails=$((fails + 1))

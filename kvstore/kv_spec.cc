@@ -1,5 +1,7 @@
 #include "kvstore/kv_spec.h"
 
+#include <algorithm>
+
 #include <cstdio>
 
 #include "absl/strings/match.h"
@@ -91,9 +93,15 @@ namespace {
 
 std::string Ranks(const std::vector<int64_t>& r) {
   if (r.empty()) return "?";
-  bool uniform = true;
-  for (int64_t x : r) uniform = uniform && x == r.front();
-  return uniform ? absl::StrCat(r.front()) : absl::StrCat(r.front(), "..", r.back());
+  bool uniform = true, non_increasing = true;
+  for (size_t i = 0; i < r.size(); ++i) {
+    uniform = uniform && r[i] == r.front();
+    non_increasing = non_increasing && (i == 0 || r[i] <= r[i - 1]);
+  }
+  if (uniform) return absl::StrCat(r.front());
+  if (non_increasing) return absl::StrCat(r.front(), "..", r.back());
+  const auto [lo, hi] = std::minmax_element(r.begin(), r.end());
+  return absl::StrCat(*lo, "-", *hi);  // any order (a searched schedule): the range
 }
 
 }  // namespace

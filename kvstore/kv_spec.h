@@ -122,8 +122,9 @@ struct KvCacheSpec {
   // What ModelInfo.kv_compression (and info / eval) report: "none" when every layer stores full
   // rotated K/V in the activation dtype (kv_cache_dtype auto); for LoRC latents
   // "lorc:<method> k=<ranks> v=<ranks>, <P>% KV" where <ranks> is the rank of every layer ("64")
-  // or, when layers differ, the first layer's and the last layer's ("64..32"; progressive
-  // schedules decrease with depth), and P the KV elements against full K/V (sum of widths /
+  // or, when layers differ and never increase with depth (progressive), the first layer's and the
+  // last layer's ("64..32"), otherwise the smallest and largest rank ("24-120": a searched
+  // schedule), and P the KV elements against full K/V (sum of widths /
   // (2 * layers * full_width)), e.g. "lorc:whitened-svd k=64..32 v=64..32, 37.5% KV"; a
   // kv_cache_dtype other than auto is appended ("int8" alone for full K/V, else
   // "lorc:svd k=64 v=64, 50% KV, int4").

@@ -71,6 +71,11 @@ TEST(MakeKvCacheSpecTest, LorcLayersHoldLatentsOfTheirRanks) {
   EXPECT_EQ(spec->BytesPerToken(), (32 + 16 + 8 + 24 + 16 + 16) * 4);
   // 112 of 3 * 2 * 32 = 192 full elements.
   EXPECT_EQ(spec->CompressionName(), "lorc:whitened-svd k=16..4 v=12..8, 58.3% KV");
+  // Ranks that rise again with depth (a searched schedule) report their range, not first..last.
+  c.lorc->layers = {{8, 12}, {4, 8}, {16, 12}};
+  auto searched = MakeKvCacheSpec(c, o);
+  ASSERT_OK(searched);
+  EXPECT_EQ(searched->CompressionName(), "lorc:whitened-svd k=4-16 v=8-12, 62.5% KV");
   c.lorc->method = "svd";
   c.lorc->layers = {{8, 8}, {8, 8}, {8, 8}};
   auto uniform = MakeKvCacheSpec(c, {});

@@ -14,14 +14,6 @@
 #include "tests/testing/fixtures.h"
 #include "tests/testing/status_matchers.h"
 
-#define LC_CAT2(a, b) a##b
-#define LC_CAT(a, b) LC_CAT2(a, b)
-#define ASSERT_OK_AND_ASSIGN(lhs, expr) LC_ASSIGN_IMPL(LC_CAT(lc_so_, __LINE__), lhs, expr)
-#define LC_ASSIGN_IMPL(tmp, lhs, expr)          \
-  auto tmp = (expr);                            \
-  ASSERT_TRUE(tmp.ok()) << tmp.status();        \
-  lhs = *std::move(tmp)
-
 namespace lorc::compress {
 namespace {
 

@@ -40,3 +40,13 @@ MATCHER_P(StatusIs, code, "has code " + absl::StatusCodeToString(code)) {
 
 #define ASSERT_OK(expr) ASSERT_THAT((expr), ::lorc::testing::IsOk())
 #define EXPECT_OK(expr) EXPECT_THAT((expr), ::lorc::testing::IsOk())
+// `ASSERT_OK_AND_ASSIGN(lhs, expr)`: asserts the StatusOr `expr` is OK and assigns its value to
+// `lhs` (a declaration or an lvalue); the test function returns on failure.
+#define LORC_TESTING_CAT2(a, b) a##b
+#define LORC_TESTING_CAT(a, b) LORC_TESTING_CAT2(a, b)
+#define ASSERT_OK_AND_ASSIGN(lhs, expr) \
+  LORC_TESTING_ASSIGN_IMPL(LORC_TESTING_CAT(lorc_status_or_, __LINE__), lhs, expr)
+#define LORC_TESTING_ASSIGN_IMPL(tmp, lhs, expr) \
+  auto tmp = (expr);                             \
+  ASSERT_TRUE(tmp.ok()) << tmp.status();         \
+  lhs = *std::move(tmp)

@@ -163,10 +163,10 @@ def markdown(rows, base, bf16_bytes, bad, failed, results_dir):
                f"{'/'.join(map(str, ns)) or '?'} prompts per length; backend {', '.join(backends)}. "
                "Delta %: perplexity change; delta pts: mean pass-key change in points.")
     out.append("")
-    head = ["name", "method", "schedule", "ranks (first..last)", "kv dtype", "KV bytes/token", "ratio",
+    head = ["name", "method", "schedule", "ranks (first..last)", "kv dtype", "backend", "KV bytes/token", "ratio",
             "ppl", "delta %"] + [f"pk {n}" for n in lengths] + ["pk mean", "delta pts"]
     out.append("| " + " | ".join(head) + " |")
-    out.append("|" + "|".join(["---"] * 5 + ["---:"] * (len(head) - 5)) + "|")
+    out.append("|" + "|".join(["---"] * 6 + ["---:"] * (len(head) - 6)) + "|")
     order = {f: i for i, f in enumerate(FAMILIES)}
     for r in sorted(rows, key=lambda r: (order.get(r.family, len(FAMILIES)), -(r.bytes or 0), r.name)):
         ratio = r.bytes / bf16_bytes if bf16_bytes and r.bytes is not None else None
@@ -179,7 +179,7 @@ def markdown(rows, base, bf16_bytes, bad, failed, results_dir):
         if r.family == "max-ppl":
             method = f"max-ppl {r.max_ppl:g}% ({r.method})"
         cells = [f"`{r.name}`", method, r.schedule, ranks_text(r.k_ranks, r.v_ranks), r.dtype,
-                 fmt(r.bytes, "d"), fmt(ratio, ".3f"), fmt(r.ppl, ".3f"), fmt(d_ppl, "+.2f")]
+                 str(r.raw.get("backend", "?")), fmt(r.bytes, "d"), fmt(ratio, ".3f"), fmt(r.ppl, ".3f"), fmt(d_ppl, "+.2f")]
         cells += [fmt(r.passkey.get(n), ".2f") for n in lengths]
         cells += [fmt(r.passkey_mean, ".3f"), fmt(d_pk, "+.1f")]
         out.append("| " + " | ".join(cells) + " |")

@@ -100,6 +100,9 @@ class ModelRunner {
   absl::Status CopyBlocks(absl::Span<const BlockCopy> copies);
 
   const KvCacheSpec& kv_spec() const { return kv_spec_; }
+  // Layer l's KV cache arrays (backend memory: host memory on the CPU backend) in the layout of
+  // kv_spec() (kvstore/kv_spec.h), for tests that read the cache bytes. l in [0, num_layers).
+  const KvLayer& kv_cache_layer(int l) const { return kv_layers_[l]; }
   const KvCacheOptions& limits() const { return limits_; }
   const ModelConfig& config() const { return config_; }
   const ShardLayout& shard() const { return weights_.shard; }

@@ -4,7 +4,8 @@
 //  - random rank-deficient factors at per-layer ranks: the logits of the uncompressed model whose
 //    K/V/O weights are the reconstructed products (B_K A_K, B_V A_V; W_O unfolded), i.e. keys
 //    reconstructed, rotated, attended and the value projection folded, computed naively here;
-//  - tensor parallelism 2 over Gloo gives the tp 1 tokens;
+//  - tensor parallelism 2 over Gloo gives the tp 1 tokens, and with fp8 / int8 / int4 caches
+//    layer 0's codes and scales of every KV head equal tp 1's (kvstore/README.md);
 //  - inconsistent lorc.json and wrong tensor shapes fail the load naming field / tensor;
 //  - KV bytes per token are the latent widths.
 #include <unistd.h>
@@ -17,12 +18,14 @@
 #include <random>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "coordinator/engine.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "kernels/kv_quant.h"
 #include "model/safetensors.h"
 #include "model/safetensors_writer.h"
 #include "tests/testing/scratch_dir.h"
@@ -131,16 +134,22 @@ fs::path ExactDir(const std::string& name,
 const std::vector<std::pair<int64_t, int64_t>> kRanks = {{16, 32}, {32, 16}, {48, 8},  {64, 64},
                                                          {8, 48},  {24, 24}, {40, 56}, {56, 40}};
 
-// Random factors A [r, D], B [d, r] per KV head; writes the LoRC directory and the uncompressed
-// reference (W_K' = B_K A_K, W_V' = B_V A_V per head in fp64, W_O unchanged; the LoRC o_proj
+// Progressive per-layer ranks: what `compress --schedule progressive --kv-ratio 0.5` picks for the
+// fixture (every layer's latent widths differ, 88 and 72 are not multiples of the int4 group).
+const std::vector<std::pair<int64_t, int64_t>> kProgressiveRanks = {
+    {96, 96}, {88, 88}, {80, 80}, {72, 72}, {56, 56}, {48, 48}, {40, 40}, {32, 32}};
+
+// Random factors A [r, D], B [d, r] per KV head at `ranks`; writes the LoRC directory and the
+// uncompressed reference (W_K' = B_K A_K, W_V' = B_V A_V per head in fp64, W_O unchanged; the LoRC o_proj
 // columns of query head j are W_O[:, j*d:(j+1)*d] B_V,g(j)).
-void RandomFactorDirs(const fs::path& lorc_dir, const fs::path& full_dir) {
+void RandomFactorDirs(const fs::path& lorc_dir, const fs::path& full_dir,
+                      const std::vector<std::pair<int64_t, int64_t>>& ranks = kRanks) {
   std::mt19937 rng(1234);
   std::normal_distribution<float> a_dist(0.0f, 0.05f), b_dist(0.0f, 0.3f);
   Tensors lorc = Fixture(), full = Fixture();
   const int64_t D = kHidden, d = kHeadDim, group = kHeads / kKvHeads;
   for (int64_t l = 0; l < kLayers; ++l) {
-    const auto [rk, rv] = kRanks[l];
+    const auto [rk, rv] = ranks[l];
     HostTensor ak{{kKvHeads * rk, D}, {}, DType::kF32}, bk{{kKvHeads * d, rk}, {}, DType::kF32};
     HostTensor av{{kKvHeads * rv, D}, {}, DType::kF32}, bv_all{{kKvHeads * d, rv}, {}, DType::kF32};
     for (HostTensor* t : {&ak, &bk, &av, &bv_all}) {
@@ -185,7 +194,7 @@ void RandomFactorDirs(const fs::path& lorc_dir, const fs::path& full_dir) {
     lorc[L(l, "v_proj")] = av;
     lorc[L(l, "o_proj")] = o;
   }
-  const json j = LorcJson(kRanks);
+  const json j = LorcJson(ranks);
   WriteDir(lorc_dir, lorc, &j);
   WriteDir(full_dir, full, nullptr);
 }
@@ -329,7 +338,7 @@ TEST_F(RandomFactors, RankDeficientLatentsMatchTheReconstructedModel) {
   // (e) KV bytes per token: the sum of the latent widths x 4 (F32), 576 of 4096 values.
   EXPECT_EQ(spec.BytesPerToken(), widths * 4);
   EXPECT_EQ(widths, 2 * (288 + 288));
-  EXPECT_EQ(spec.CompressionName(), "lorc:svd k=16..56 v=32..40, 28.1% KV");
+  EXPECT_EQ(spec.CompressionName(), "lorc:svd k=8-64 v=8-64, 28.1% KV");  // not monotone: min-max
   float worst = 0;
   for (const Golden& g : GoldenPrompts()) {
     const std::vector<float> want = LastLogits(*full.model.runner, g.prompt_ids, 1 << 20);
@@ -410,6 +419,115 @@ TEST_F(RandomFactors, TensorParallelTwoRanksGiveTheSameTokens) {
   ASSERT_OK(status[1]);
   EXPECT_EQ(got[0], want);
   EXPECT_EQ(got[1], want);
+}
+
+// A quantized cache's bytes per (layer, side 0 K / 1 V, slot, model-wide KV head): that head's
+// codes, then its fp16 scales (kernels/kv_quant.h), for slots [0, num_slots).
+using HeadBytes = std::map<std::tuple<int, int, int64_t, int64_t>, std::string>;
+void ReadHeadBytes(const ModelRunner& r, int64_t num_slots, HeadBytes* out) {
+  const KvCacheSpec& spec = r.kv_spec();
+  const kernels::KvQuant q = spec.quant();
+  const int64_t nkv = spec.num_kv_heads;
+  for (int l = 0; l < spec.num_layers(); ++l) {
+    for (int side = 0; side < 2; ++side) {
+      const int64_t hw = (side ? spec.v_width[l] : spec.k_width[l]) / nkv;
+      void* base = side ? r.kv_cache_layer(l).v : r.kv_cache_layer(l).k;
+      const int64_t code_bytes = kernels::KvqHeadCodeBytes(q, hw);
+      const int64_t scales = kernels::KvqGroupsPerHead(q, hw) * kernels::KvqScalesPerGroup(q);
+      for (int64_t slot = 0; slot < num_slots; ++slot) {
+        const uint8_t* c = kernels::KvqTokenCodes(base, q, spec.block_size, nkv, hw, slot);
+        const uint16_t* sc = kernels::KvqTokenScales(base, q, spec.block_size, nkv, hw, slot);
+        for (int64_t h = 0; h < nkv; ++h) {
+          (*out)[{l, side, slot, r.shard().kv_head_begin + h}] =
+              std::string(reinterpret_cast<const char*>(c + h * code_bytes), code_bytes) +
+              std::string(reinterpret_cast<const char*>(sc + h * scales), 2 * scales);
+        }
+      }
+    }
+  }
+}
+
+// Every golden prompt followed by its first 8 greedy tokens (fixed inputs, so both degrees see the
+// same tokens), run in chunks of 5; the cache bytes after each.
+std::vector<HeadBytes> RunGoldenSequences(ModelRunner& r) {
+  std::vector<HeadBytes> out;
+  for (const Golden& g : GoldenPrompts()) {
+    std::vector<int32_t> ids = g.prompt_ids;
+    ids.insert(ids.end(), g.greedy_ids.begin(), g.greedy_ids.begin() + 8);
+    EXPECT_FALSE(LastLogits(r, ids, 5).empty());
+    ReadHeadBytes(r, static_cast<int64_t>(ids.size()), &out.emplace_back());
+  }
+  return out;
+}
+
+// Quantized caches and tensor parallelism (kvstore/README.md): layer 0's K/V latents are
+// column-parallel projections of the embeddings, so for a progressive-ranked model TP 2 rank h
+// writes exactly TP 1's head-h codes and scales, with fp8, int8 and int4. Deeper layers read the
+// all-reduced residual (a different fp32 summation order than TP 1, about 1 ulp) and may round a
+// code or an int4 zero point the other way; that is counted, not asserted.
+TEST(LorcModelRunnerTest, TensorParallelQuantizedCachesMatchAtLayerZero) {
+  REQUIRE_TINY_LLAMA();
+  const fs::path dir = Scratch("progressive_lorc");
+  RandomFactorDirs(dir, Scratch("progressive_full"), kProgressiveRanks);
+  for (const KvCacheDtype dtype : {KvCacheDtype::kFp8, KvCacheDtype::kInt8, KvCacheDtype::kInt4}) {
+    SCOPED_TRACE(KvCacheDtypeName(dtype));
+    KvCacheOptions kv = Cache();
+    kv.kv_cache_dtype = dtype;
+    std::vector<HeadBytes> want;
+    {
+      auto backend = CreateBackend({});
+      ASSERT_OK(backend);
+      auto m = LoadModel({dir.string()}, backend->get(), 0, 1, nullptr, kv);
+      ASSERT_OK(m);
+      want = RunGoldenSequences(*m->runner);
+    }
+    InProcessStore store;
+    std::vector<HeadBytes> got[2];
+    absl::Status status[2];
+    auto rank = [&](int r) {
+      status[r] = [&]() -> absl::Status {
+        auto backend = CreateBackend({});
+        if (!backend.ok()) return backend.status();
+        CommOptions o;
+        o.group = absl::StrCat("lorc_tp_", KvCacheDtypeName(dtype));
+        o.hostname_or_iface = "127.0.0.1";
+        auto comm = CreateGlooCommunicator({r, 2}, &store, o);
+        if (!comm.ok()) return comm.status();
+        auto m = LoadModel({dir.string()}, backend->get(), r, 2, comm->get(), kv);
+        if (!m.ok()) return m.status();
+        got[r] = RunGoldenSequences(*m->runner);
+        return absl::OkStatus();
+      }();
+    };
+    std::thread t1(rank, 1);
+    rank(0);
+    t1.join();
+    ASSERT_OK(status[0]);
+    ASSERT_OK(status[1]);
+    ASSERT_EQ(got[0].size(), want.size());
+    ASSERT_EQ(got[1].size(), want.size());
+    int64_t layer0 = 0, deeper = 0, deeper_differ = 0;
+    for (size_t p = 0; p < want.size(); ++p) {
+      ASSERT_EQ(got[0][p].size() + got[1][p].size(), want[p].size());
+      for (const HeadBytes* part : {&got[0][p], &got[1][p]}) {
+        for (const auto& [key, bytes] : *part) {
+          const auto it = want[p].find(key);
+          ASSERT_NE(it, want[p].end());
+          if (std::get<0>(key) == 0) {
+            ++layer0;
+            EXPECT_EQ(bytes, it->second) << "prompt " << p << " layer 0 side " << std::get<1>(key)
+                                         << " slot " << std::get<2>(key) << " head " << std::get<3>(key);
+          } else {
+            ++deeper;
+            deeper_differ += bytes != it->second;
+          }
+        }
+      }
+    }
+    EXPECT_GT(layer0, 0);
+    std::cout << KvCacheDtypeName(dtype) << ": layer 0 " << layer0 << " head rows identical; layers 1-7 "
+              << deeper_differ << " of " << deeper << " head rows differ between tp 1 and tp 2\n";
+  }
 }
 
 TEST(LorcModelRunnerTest, RandomWeightsTakeTheFactorShapesOfLorcJson) {

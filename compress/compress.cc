@@ -396,14 +396,11 @@ absl::StatusOr<CompressResult> Compress(const CompressOptions& o, const Progress
     }
   }
   if (o.max_ppl_increase.has_value()) {
-    if (chunks.size() < 2) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "--max-ppl-increase: the calibration text (", calib->source, ") gives ", chunks.size(),
-          " chunk of 512 tokens; the search needs at least 2"));
-    }
+    // Not refused: one short chunk is a legitimate (fast, noisy) search, e.g. in tests.
     if (static_cast<int64_t>(chunks.size()) < o.search_chunks && progress) {
       progress(absl::StrCat("warning: --search-chunks ", o.search_chunks, ": the calibration text gives only ",
-                            chunks.size(), " chunks of 512 tokens; using ", chunks.size()));
+                            chunks.size(), chunks.size() == 1 ? " chunk" : " chunks",
+                            " of 512 tokens; using ", chunks.size()));
     }
   }
   if (o.whiten) {

@@ -48,8 +48,8 @@ using ProgressFn = std::function<void(const std::string&)>;
 // already compressed, --out, --kv-ratio, --max-ppl-increase, --ranks, --schedule, --calib, --tp,
 // --threads), then factors and writes OUT. --tp N: N divides num_attention_heads and either
 // divides num_kv_heads or is a multiple of it. --whiten: InvalidArgument naming --calib when the
-// calibration text gives fewer tokens than hidden_size; --max-ppl-increase: when it gives fewer
-// than 2 chunks of 512 tokens (a progress warning when fewer than search_chunks). With
+// calibration text gives fewer tokens than hidden_size; --max-ppl-increase: a progress line
+// "warning: --search-chunks N: ... using M" when the text gives fewer chunks than asked. With
 // --max-ppl-increase, searches the ranks first (rank_search.h; trial directories under the
 // system temp directory, removed afterwards). AlreadyExists for a non-empty OUT without force.
 // Files are written as NAME.partial in OUT and renamed into place at the end (model.safetensors

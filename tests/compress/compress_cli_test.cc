@@ -126,8 +126,6 @@ TEST(CompressCli, RefusesBadInputsWithPreciseMessages) {
        {"--calib " + blank + ": ", "tokens"}},
       {{"compress", "--model", m, "--out", out, "--kv-ratio", "0.5", "--whiten", "--calib", small},
        {"--calib " + small + ": ", "hidden_size = 512"}},
-      {{"compress", "--model", m, "--out", out, "--max-ppl-increase", "1", "--calib", small},
-       {"--max-ppl-increase", "1 chunk", "at least 2"}},
       {{"compress", "--model", done, "--out", out, "--kv-ratio", "0.5"},
        {"--model: " + done + " is already LoRC-compressed (lorc.json); compress the source model"}},
       {{"compress", "--model", m, "--out", afile + "/sub", "--kv-ratio", "0.5"}, {"--out", "not a directory"}},

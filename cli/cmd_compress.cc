@@ -41,14 +41,16 @@ int RunCompress(int argc, char** argv) {
       {"whiten", false, "activation-aware (whitened) SVD from calibration second moments"},
       {"calib", true, "calibration text for --whiten and --max-ppl-increase: plain text or JSONL with \"text\" "
                       "(default: the built-in compress/calib/default.txt)", "FILE"},
-      {"tp", true, "tensor-parallel degree to check the output for (must divide the KV heads)", "N"},
+      {"tp", true, "tensor-parallel degree to check the output for (divides the attention heads; "
+                   "divides the KV heads or is a multiple of them)", "N"},
+      {"threads", true, "BLAS threads for the SVDs and the calibration runs (default, 0: all cores)", "N"},
       {"force", false, "write into a non-empty --out (files of the same name are replaced)"},
       {"help", false, "show this help"},
   };
   const char* synopsis =
       "--model DIR --out DIR (--kv-ratio R | --max-ppl-increase P | --ranks K:V) "
       "[--schedule uniform|progressive] [--whiten] [--calib FILE] [--search-chunks N] [--tp N] "
-      "[--force]";
+      "[--threads N] [--force]";
   int exit_code = 0;
   const std::optional<Args> args = ParseCommand("compress", synopsis, flags, argc, argv, &exit_code);
   if (!args.has_value()) return exit_code;
@@ -66,6 +68,9 @@ int RunCompress(int argc, char** argv) {
     absl::StatusOr<double> p = args->GetDouble("max-ppl-increase", 1.0);
     if (!p.ok()) return Fail("compress", p.status());
     o.max_ppl_increase = *p;
+  }
+  if (args->Has("search-chunks") && !args->Has("max-ppl-increase")) {
+    return Fail("compress", absl::InvalidArgumentError("--search-chunks: needs --max-ppl-increase"));
   }
   absl::StatusOr<int64_t> chunks = args->GetIntInRange("search-chunks", o.search_chunks, 1, 1 << 20);
   if (!chunks.ok()) return Fail("compress", chunks.status());
@@ -85,6 +90,9 @@ int RunCompress(int argc, char** argv) {
   if (!tp.ok()) return Fail("compress", tp.status());
   o.tp = *tp;
   o.force = args->Has("force");
+  absl::StatusOr<int32_t> threads = args->GetInt32("threads", 0, 0);
+  if (!threads.ok()) return Fail("compress", threads.status());
+  o.threads = *threads;
   absl::StatusOr<compress::CompressResult> res =
       compress::Compress(o, [](const std::string& line) { std::fprintf(stderr, "%s\n", line.c_str()); });
   if (!res.ok()) return Fail("compress", res.status());

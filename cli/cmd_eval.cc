@@ -1,6 +1,7 @@
 // lorcserve eval: perplexity over held-out windows and pass-key retrieval accuracy.
 #include <filesystem>
 #include <iostream>
+#include <limits>
 #include <optional>
 
 #include "absl/strings/str_cat.h"
@@ -41,7 +42,10 @@ int RunEval(int argc, char** argv) {
   int exit_code = 0;
   const std::optional<Args> args = ParseCommand("eval", synopsis, flags, argc, argv, &exit_code);
   if (!args.has_value()) return exit_code;
-  absl::StatusOr<int64_t> limit = args->GetInt("limit", 0);
+  // 0 (the default): every window / prompt; a given --limit must be >= 1.
+  absl::StatusOr<int64_t> limit =
+      args->Has("limit") ? args->GetIntInRange("limit", 0, 1, std::numeric_limits<int64_t>::max())
+                         : absl::StatusOr<int64_t>(0);
   if (!limit.ok()) return Fail("eval", limit.status());
   const std::string ppl_file = DefaultFile(*args, "ppl", "eval_ppl_windows.jsonl");
   const std::string passkey_file = DefaultFile(*args, "passkey", "eval_passkey.jsonl");

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <filesystem>
 #include <functional>
 #include <sstream>
 
@@ -28,6 +29,10 @@ constexpr char kDefaultText[] =
 
 absl::StatusOr<CalibrationText> LoadCalibrationText(const std::string& path) {
   if (path.empty()) return CalibrationText{"default", kDefaultText};
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec)) {
+    return absl::InvalidArgumentError(absl::StrCat("--calib: ", path, " is a directory, not a text file"));
+  }
   ASSIGN_OR_RETURN(std::string content, ReadFileToString(path));
   const absl::string_view first = absl::StripLeadingAsciiWhitespace(content);
   if (!absl::EndsWith(path, ".jsonl") && !absl::StartsWith(first, "{")) {
@@ -54,7 +59,7 @@ absl::StatusOr<std::vector<std::vector<int32_t>>> CalibrationChunks(const std::s
   ASSIGN_OR_RETURN(const ModelConfig config, LoadModelConfig(model_dir));
   ASSIGN_OR_RETURN(std::unique_ptr<Tokenizer> tok, Tokenizer::FromModelDir(model_dir));
   ASSIGN_OR_RETURN(std::vector<int32_t> ids, tok->Encode(text, false));
-  if (ids.empty()) return absl::InvalidArgumentError("--calib: the text gives no tokens");
+  if (ids.empty()) return absl::InvalidArgumentError("the text gives no tokens");
   const bool bos = config.bos_token_id >= 0;
   const size_t per_chunk = static_cast<size_t>(chunk_tokens - (bos ? 1 : 0));
   std::vector<std::vector<int32_t>> chunks;

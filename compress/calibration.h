@@ -20,7 +20,7 @@ struct CalibrationText {
 // `path` empty: the default text compiled in from compress/calib/default.txt. Otherwise plain
 // text, or JSONL (a file ending .jsonl, or whose first non-blank line starts with '{') with a
 // string "text" field per non-blank line, joined with blank lines. NotFound / InvalidArgument
-// naming the file and line.
+// naming the file and line (and naming --calib for a directory).
 absl::StatusOr<CalibrationText> LoadCalibrationText(const std::string& path);
 
 struct CalibrationMoments {

@@ -3,6 +3,7 @@
 #include <cblas.h>
 
 #include <cmath>
+#include <cstring>
 #include <unistd.h>
 #include <filesystem>
 #include <limits>
@@ -19,6 +20,8 @@
 namespace lorc::compress {
 
 namespace fs = std::filesystem;
+
+constexpr char kPartialSuffix[] = ".partial";
 
 absl::StatusOr<MatD> ReadMatrix(const CheckpointReader& reader, const std::string& name,
                                 int64_t rows, int64_t cols) {
@@ -65,9 +68,9 @@ absl::Status CheckOptions(const CompressOptions& o, const ModelConfig& c) {
           static_cast<int>(o.max_ppl_increase.has_value()) != 1) {
     return absl::InvalidArgumentError("give exactly one of --kv-ratio, --max-ppl-increase and --ranks");
   }
-  if (o.max_ppl_increase.has_value() && !(*o.max_ppl_increase >= 0 && *o.max_ppl_increase <= 1000)) {
+  if (o.max_ppl_increase.has_value() && !(*o.max_ppl_increase > 0 && *o.max_ppl_increase <= 1000)) {
     return absl::InvalidArgumentError(absl::StrCat("--max-ppl-increase: ", *o.max_ppl_increase,
-                                                   " is outside [0, 1000] (percent)"));
+                                                   " is outside (0, 1000] (percent)"));
   }
   if (o.max_ppl_increase.has_value() && (c.head_dim % kRankMultiple != 0 || c.head_dim < kRankMultiple)) {
     return absl::InvalidArgumentError(absl::StrCat("--max-ppl-increase: head_dim ", c.head_dim,
@@ -92,10 +95,12 @@ absl::Status CheckOptions(const CompressOptions& o, const ModelConfig& c) {
     return absl::InvalidArgumentError(absl::StrCat("--schedule: '", o.schedule,
                                                    "' is not uniform or progressive"));
   }
-  if (o.kv_ratio.has_value() && o.schedule == "progressive" &&
+  // Both schedules use ranks of at least kRankMultiple (uniform would silently round up to it).
+  if (o.kv_ratio.has_value() &&
       *o.kv_ratio * static_cast<double>(c.head_dim) < static_cast<double>(kRankMultiple) - 1e-9) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "--kv-ratio: ", *o.kv_ratio, " is below the smallest progressive schedule (rank ",
+        "--kv-ratio: ", *o.kv_ratio, " is below the smallest ratio ",
+        static_cast<double>(kRankMultiple) / static_cast<double>(c.head_dim), " (rank ",
         kRankMultiple, " of head_dim ", c.head_dim, ")"));
   }
   if (o.ranks.has_value() && o.schedule != "uniform") {
@@ -107,13 +112,26 @@ absl::Status CheckOptions(const CompressOptions& o, const ModelConfig& c) {
   if (o.max_ppl_increase.has_value() && o.schedule != "uniform") {
     return absl::InvalidArgumentError("--schedule: applies only with --kv-ratio, not --max-ppl-increase");
   }
-  if (o.tp < 1 || c.num_kv_heads % o.tp != 0) {
+  // Latents are per KV head and shard with the heads; at a degree that is a multiple of the KV
+  // heads each rank holds a replica of one KV head (kvstore/README.md).
+  if (o.tp < 1 || (c.num_kv_heads % o.tp != 0 && o.tp % c.num_kv_heads != 0) ||
+      c.num_heads % o.tp != 0) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "--tp: ", o.tp, " does not divide the model's ", c.num_kv_heads,
-        " KV heads (latents are per KV head and shard with the heads)"));
+        "--tp: ", o.tp, " must divide the model's ", c.num_heads,
+        " attention heads and either divide its ", c.num_kv_heads,
+        " KV heads or be a multiple of them (latents shard with the KV heads)"));
   }
   if (o.out_dir.empty()) return absl::InvalidArgumentError("--out DIR is required");
   std::error_code ec;
+  // A path under a regular file can never be created.
+  for (fs::path p = fs::path(o.out_dir).parent_path(); !p.empty(); p = p.parent_path()) {
+    if (fs::is_directory(p, ec)) break;
+    if (fs::exists(p, ec)) {
+      return absl::InvalidArgumentError(absl::StrCat("--out: ", o.out_dir, ": ", p.string(),
+                                                     " is not a directory"));
+    }
+    if (p == p.parent_path()) break;
+  }
   if (fs::exists(o.out_dir, ec)) {
     if (fs::equivalent(o.out_dir, o.model_dir, ec)) {
       return absl::InvalidArgumentError("--out: is the --model directory");
@@ -249,26 +267,52 @@ absl::Status WriteModel(const CompressOptions& o, const ModelConfig& c, const Ch
   std::error_code ec;
   fs::create_directories(out_dir, ec);
   if (ec) return absl::InternalError(absl::StrCat("--out: cannot create ", out_dir, ": ", ec.message()));
-  // A stale index would point the loader at other shards.
-  fs::remove(fs::path(out_dir) / "model.safetensors.index.json", ec);
-  RETURN_IF_ERROR(writer.Write((fs::path(out_dir) / "model.safetensors").string()));
+  // Every file goes to NAME.partial first and is renamed into place only once all are written
+  // (model.safetensors first, lorc.json last): an interrupted or failed run leaves an existing
+  // directory as it was and a new one without model.safetensors.
+  const auto out = [&](const std::string& name) { return fs::path(out_dir) / name; };
+  const auto partial = [&](const std::string& name) { return fs::path(out_dir) / (name + kPartialSuffix); };
+  std::vector<std::string> names = {"model.safetensors"};
+  RETURN_IF_ERROR(writer.Write(partial("model.safetensors").string()));
   for (const char* f : {"config.json", "generation_config.json", "tokenizer.json",
                         "tokenizer_config.json", "special_tokens_map.json"}) {
     const fs::path src = fs::path(o.model_dir) / f;
     if (!fs::exists(src)) continue;
-    fs::copy_file(src, fs::path(out_dir) / f, fs::copy_options::overwrite_existing, ec);
+    fs::copy_file(src, partial(f), fs::copy_options::overwrite_existing, ec);
     if (ec) return absl::InternalError(absl::StrCat("copying ", src.string(), ": ", ec.message()));
+    names.push_back(f);
   }
   j["layers"] = nlohmann::ordered_json::array();
   for (const LayerRanks& r : ranks) j["layers"].push_back({{"k_rank", r.k_rank}, {"v_rank", r.v_rank}});
   j["kv_bytes_ratio"] = KvBytesRatio(ranks, d);
-  const std::string path = (fs::path(out_dir) / "lorc.json").string();
+  const std::string path = partial("lorc.json").string();
   std::FILE* f = std::fopen(path.c_str(), "wb");
   if (f == nullptr) return absl::InternalError(absl::StrCat("cannot create ", path));
   const std::string text = j.dump(2) + "\n";
   const bool ok = std::fwrite(text.data(), 1, text.size(), f) == text.size();
   if (std::fclose(f) != 0 || !ok) return absl::InternalError(absl::StrCat("writing ", path));
+  names.push_back("lorc.json");
+  // A stale index would point the loader at other shards.
+  fs::remove(out("model.safetensors.index.json"), ec);
+  for (const std::string& name : names) {
+    fs::rename(partial(name), out(name), ec);
+    if (ec) {
+      return absl::InternalError(absl::StrCat("renaming ", partial(name).string(), ": ", ec.message()));
+    }
+  }
   return absl::OkStatus();
+}
+
+// Removes NAME.partial files left in `dir` by an interrupted run.
+void RemoveStalePartials(const std::string& dir) {
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec)) return;
+  std::vector<fs::path> stale;
+  for (const fs::directory_entry& e : fs::directory_iterator(dir, ec)) {
+    const std::string name = e.path().filename().string();
+    if (name.size() > std::strlen(kPartialSuffix) && name.ends_with(kPartialSuffix)) stale.push_back(e.path());
+  }
+  for (const fs::path& p : stale) fs::remove(p, ec);
 }
 
 // Evenly spaced chunks, at most n of them.
@@ -284,8 +328,18 @@ std::vector<std::vector<int32_t>> SpreadChunks(const std::vector<std::vector<int
 }  // namespace
 
 absl::StatusOr<CompressResult> Compress(const CompressOptions& o, const ProgressFn& progress) {
+  std::error_code model_ec;
+  if (fs::exists(fs::path(o.model_dir) / "lorc.json", model_ec)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--model: ", o.model_dir, " is already LoRC-compressed (lorc.json); compress the source model"));
+  }
   ASSIGN_OR_RETURN(const ModelConfig c, LoadModelConfig(o.model_dir));
   RETURN_IF_ERROR(CheckOptions(o, c));
+  if (o.threads < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("--threads: ", o.threads, " is negative"));
+  }
+  if (o.threads > 0) openblas_set_num_threads(o.threads);
+  RemoveStalePartials(o.out_dir);
   RETURN_IF_ERROR(OutputDType(c).status());
   ASSIGN_OR_RETURN(std::unique_ptr<CheckpointReader> reader, CheckpointReader::Open(o.model_dir));
   const int64_t L = c.num_layers, D = c.hidden_size, d = c.head_dim, nkv = c.num_kv_heads;
@@ -323,7 +377,31 @@ absl::StatusOr<CompressResult> Compress(const CompressOptions& o, const Progress
   std::vector<std::vector<int32_t>> chunks;
   if (o.whiten || o.max_ppl_increase.has_value()) {
     ASSIGN_OR_RETURN(calib, LoadCalibrationText(o.calib_path));
-    ASSIGN_OR_RETURN(chunks, CalibrationChunks(o.model_dir, calib->text));
+    absl::StatusOr<std::vector<std::vector<int32_t>>> ch = CalibrationChunks(o.model_dir, calib->text);
+    if (!ch.ok()) {
+      return absl::Status(ch.status().code(),
+                          absl::StrCat("--calib ", calib->source, ": ", ch.status().message()));
+    }
+    chunks = *std::move(ch);
+  }
+  if (o.whiten) {
+    // Fewer token rows than hidden_size leave every C_l singular: the whitening would only
+    // protect the few directions seen (worse than plain SVD).
+    int64_t tokens = 0;
+    for (const auto& ch : chunks) tokens += static_cast<int64_t>(ch.size());
+    if (tokens < D) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--calib ", calib->source, ": the text gives ", tokens,
+          " tokens; --whiten needs at least hidden_size = ", D, " (better many thousands)"));
+    }
+  }
+  if (o.max_ppl_increase.has_value()) {
+    // Not refused: one short chunk is a legitimate (fast, noisy) search, e.g. in tests.
+    if (static_cast<int64_t>(chunks.size()) < o.search_chunks && progress) {
+      progress(absl::StrCat("warning: --search-chunks ", o.search_chunks, ": the calibration text gives only ",
+                            chunks.size(), chunks.size() == 1 ? " chunk" : " chunks",
+                            " of 512 tokens; using ", chunks.size()));
+    }
   }
   if (o.whiten) {
     ASSIGN_OR_RETURN(moments, ComputeCalibrationMoments(o.model_dir, chunks));

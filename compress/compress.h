@@ -27,8 +27,9 @@ struct CompressOptions {
   std::string schedule = "uniform";   // --schedule uniform|progressive (with --kv-ratio)
   bool whiten = false;
   std::string calib_path;             // --calib; empty: compress/calib/default.txt
-  int64_t tp = 1;                     // --tp: checked to divide num_kv_heads, nothing else
+  int64_t tp = 1;                     // --tp: checked against the heads (Compress), nothing else
   bool force = false;                 // write into an existing non-empty --out
+  int threads = 0;                    // --threads: BLAS threads (openblas_set_num_threads); 0: all cores
 };
 
 struct CompressResult {
@@ -43,11 +44,16 @@ struct CompressResult {
 // (whitened).
 using ProgressFn = std::function<void(const std::string&)>;
 
-// Checks the options against the model (InvalidArgument naming the flag: --out, --kv-ratio,
-// --max-ppl-increase, --ranks, --schedule, --calib, --tp), then factors and writes OUT. With
+// Checks the options against the model (InvalidArgument naming the flag: --model when it is
+// already compressed, --out, --kv-ratio, --max-ppl-increase, --ranks, --schedule, --calib, --tp,
+// --threads), then factors and writes OUT. --tp N: N divides num_attention_heads and either
+// divides num_kv_heads or is a multiple of it. --whiten: InvalidArgument naming --calib when the
+// calibration text gives fewer tokens than hidden_size; --max-ppl-increase: a progress line
+// "warning: --search-chunks N: ... using M" when the text gives fewer chunks than asked. With
 // --max-ppl-increase, searches the ranks first (rank_search.h; trial directories under the
-// system temp directory, removed afterwards). AlreadyExists for a
-// non-empty OUT without force.
+// system temp directory, removed afterwards). AlreadyExists for a non-empty OUT without force.
+// Files are written as NAME.partial in OUT and renamed into place at the end (model.safetensors
+// first, lorc.json last); stale *.partial files in OUT are removed at the start.
 absl::StatusOr<CompressResult> Compress(const CompressOptions& options, const ProgressFn& progress);
 
 // Tensor `name` [rows, cols] of the checkpoint as fp64 (read as fp32, exact for BF16/F16/F32).

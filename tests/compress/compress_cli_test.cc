@@ -26,7 +26,7 @@ TEST(CompressCli, HelpListsTheFlags) {
   const testing::RunResult r = RunLorcserve({"compress", "--help"});
   ASSERT_EQ(r.exit_code, 0) << r;
   for (const char* f : {"--kv-ratio", "--max-ppl-increase", "--search-chunks", "--ranks", "--schedule",
-                        "--whiten", "--calib", "--tp", "--force"}) {
+                        "--whiten", "--calib", "--tp", "--threads", "--force"}) {
     EXPECT_NE(r.out.find(f), std::string::npos) << f << "\n" << r.out;
   }
 }
@@ -52,6 +52,14 @@ TEST(CompressCli, ErrorsNameTheFlag) {
        "--schedule"},
       {{"compress", "--model", m, "--out", out, "--max-ppl-increase", "1", "--search-chunks", "0"},
        "--search-chunks"},
+      // Flags that would do nothing.
+      {{"compress", "--model", m, "--out", out, "--kv-ratio", "0.5", "--search-chunks", "4"}, "--search-chunks"},
+      {{"compress", "--model", m, "--out", out, "--max-ppl-increase", "0"}, "--max-ppl-increase"},
+      // 8 divides neither the 4 attention heads nor is 2 KV heads' multiple dividing them.
+      {{"compress", "--model", m, "--out", out, "--kv-ratio", "0.5", "--tp", "8"}, "--tp"},
+      {{"compress", "--model", m, "--out", out, "--kv-ratio", "0.5", "--threads", "-1"}, "--threads"},
+      {{"eval", "--model", m, "--limit", "0"}, "--limit"},
+      {{"eval", "--model", m, "--limit", "-1"}, "--limit"},
   };
   for (const auto& [args, flag] : cases) {
     const testing::RunResult r = RunLorcserve(args);
@@ -65,9 +73,13 @@ TEST(CompressCli, WritesRefusesNonEmptyOutAndOverwritesWithForce) {
   REQUIRE_TINY_LLAMA();
   const std::string m = testing::TinyLlamaDir(), out = Tmp("out"), calib = Tmp("calib.jsonl");
   {
+    // At least hidden_size (512) tokens: --whiten refuses fewer.
     std::ofstream f(calib);
-    f << "{\"text\": \"The river turned slowly past the old mill, and the miller counted sacks.\"}\n\n"
-      << "{\"text\": \"Every spring the swallows came back to the barn under the eaves.\"}\n";
+    for (int i = 0; i < 40; ++i) {
+      f << "{\"text\": \"The river turned slowly past the old mill, and the miller counted sacks " << i
+        << ".\"}\n\n"
+        << "{\"text\": \"Every spring the swallows came back to the barn under the eaves.\"}\n";
+    }
   }
   testing::RunResult r = RunLorcserve({"compress", "--model", m, "--out", out, "--ranks", "32:16",
                                        "--tp", "2"});
@@ -90,6 +102,45 @@ TEST(CompressCli, WritesRefusesNonEmptyOutAndOverwritesWithForce) {
   EXPECT_EQ((*j)["layers"][5]["v_rank"], 32);
   fs::remove_all(out);
   fs::remove(calib);
+}
+
+// Each case: the exit code of InvalidArgument (2) and the words the message must contain.
+TEST(CompressCli, RefusesBadInputsWithPreciseMessages) {
+  REQUIRE_TINY_LLAMA();
+  const std::string m = testing::TinyLlamaDir(), out = Tmp("msg"), dir = Tmp("calibdir"),
+                    bin = Tmp("bin.txt"), blank = Tmp("blank.txt"), small = Tmp("small.txt"),
+                    afile = Tmp("afile"), done = Tmp("done");
+  fs::create_directories(dir);
+  { std::ofstream(bin, std::ios::binary) << "plain text here, then bytes: \xff\xfe\x80 and more"; }
+  { std::ofstream(blank) << "  \n\n   \n"; }
+  { std::ofstream(small) << "The river turned slowly past the old mill, and the miller counted sacks.\n"; }
+  { std::ofstream(afile) << "x"; }
+  ASSERT_EQ(RunLorcserve({"compress", "--model", m, "--out", done, "--ranks", "32:32"}).exit_code, 0);
+  const std::vector<std::pair<std::vector<std::string>, std::vector<std::string>>> cases = {
+      {{"compress", "--model", m, "--out", out, "--kv-ratio", "0.01"}, {"--kv-ratio", "0.0625"}},
+      {{"compress", "--model", m, "--out", out, "--kv-ratio", "0.5", "--whiten", "--calib", dir},
+       {"--calib", "is a directory"}},
+      {{"compress", "--model", m, "--out", out, "--kv-ratio", "0.5", "--whiten", "--calib", bin},
+       {"--calib " + bin + ": ", "UTF-8"}},
+      {{"compress", "--model", m, "--out", out, "--kv-ratio", "0.5", "--whiten", "--calib", blank},
+       {"--calib " + blank + ": ", "tokens"}},
+      {{"compress", "--model", m, "--out", out, "--kv-ratio", "0.5", "--whiten", "--calib", small},
+       {"--calib " + small + ": ", "hidden_size = 512"}},
+      {{"compress", "--model", done, "--out", out, "--kv-ratio", "0.5"},
+       {"--model: " + done + " is already LoRC-compressed (lorc.json); compress the source model"}},
+      {{"compress", "--model", m, "--out", afile + "/sub", "--kv-ratio", "0.5"}, {"--out", "not a directory"}},
+  };
+  for (const auto& [args, words] : cases) {
+    const testing::RunResult r = RunLorcserve(args);
+    EXPECT_EQ(r.exit_code, 2) << r;
+    for (const std::string& w : words) EXPECT_NE(r.err.find(w), std::string::npos) << w << ": " << r;
+  }
+  EXPECT_FALSE(fs::exists(out));
+  // --tp 4: a multiple of the 2 KV heads (replicated) that divides the 4 attention heads.
+  const testing::RunResult r = RunLorcserve({"compress", "--model", m, "--out", out, "--ranks", "32:32",
+                                             "--tp", "4", "--threads", "1"});
+  EXPECT_EQ(r.exit_code, 0) << r;
+  for (const std::string& p : {out, dir, bin, blank, small, afile, done}) fs::remove_all(p);
 }
 
 }  // namespace

@@ -4,6 +4,7 @@
 #include <cstring>
 #include <unistd.h>
 #include <filesystem>
+#include <fstream>
 #include <random>
 
 #include "common/json_util.h"
@@ -351,6 +352,70 @@ TEST_F(CompressFixture, WhitenedProgressiveRecordsCalibrationAndRatio) {
   EXPECT_EQ(t->shape, (std::vector<int64_t>{256, res.ranks[0].k_rank}));
   fs::remove_all(o.out_dir);
   fs::remove(o.calib_path);
+}
+
+}  // namespace
+}  // namespace lorc::compress
+
+namespace lorc::compress {
+namespace {
+
+int64_t KProjRows(const std::string& dir) {
+  absl::StatusOr<std::unique_ptr<CheckpointReader>> r = CheckpointReader::Open(dir);
+  EXPECT_TRUE(r.ok()) << r.status();
+  if (!r.ok()) return -1;
+  absl::StatusOr<const TensorInfo*> t = (*r)->Find("model.layers.0.self_attn.k_proj.weight");
+  EXPECT_TRUE(t.ok()) << t.status();
+  return t.ok() ? (*t)->shape[0] : -1;
+}
+
+// Files go to NAME.partial and are renamed into place only when all are written: a run that fails
+// late (here: copying special_tokens_map.json, after the tensors) leaves a good --force target as
+// it was and a new --out without model.safetensors; stale .partial files are removed.
+TEST(CompressOutput, FailedRunLeavesTheOutputDirectoryAsItWas) {
+  REQUIRE_TINY_LLAMA();
+  const std::string src = TempOut("broken_src"), out = TempOut("keep"), fresh = TempOut("fresh");
+  fs::create_directories(src);
+  for (const char* f : {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                        "model.safetensors"}) {
+    fs::create_symlink(fs::absolute(fs::path(testing::TinyLlamaDir()) / f), fs::path(src) / f);
+  }
+  fs::create_directories(fs::path(src) / "special_tokens_map.json");  // copy_file fails on it
+
+  CompressOptions good;
+  good.model_dir = testing::TinyLlamaDir();
+  good.out_dir = out;
+  good.ranks = LayerRanks{32, 16};
+  ASSERT_OK_AND_ASSIGN(const CompressResult first, Compress(good, nullptr));
+  ASSERT_EQ(KProjRows(out), 2 * 32);
+
+  CompressOptions bad = good;
+  bad.model_dir = src;
+  bad.ranks = LayerRanks{64, 64};
+  bad.force = true;
+  EXPECT_FALSE(Compress(bad, nullptr).ok());
+  // The old model is intact and matches its lorc.json.
+  EXPECT_EQ(KProjRows(out), 2 * 32);
+  ASSERT_OK_AND_ASSIGN(const nlohmann::json j, ReadJsonFile(out + "/lorc.json"));
+  EXPECT_EQ(j["layers"][0]["k_rank"], 32);
+
+  bad.out_dir = fresh;
+  EXPECT_FALSE(Compress(bad, nullptr).ok());
+  EXPECT_FALSE(fs::exists(fs::path(fresh) / "model.safetensors"));
+  EXPECT_FALSE(fs::exists(fs::path(fresh) / "lorc.json"));
+
+  // A later good run replaces the model and removes the stale partials (of this and other runs).
+  { std::ofstream(fs::path(out) / "tokenizer.json.partial") << "stale"; }
+  good.force = true;
+  good.ranks = LayerRanks{64, 64};
+  ASSERT_OK_AND_ASSIGN(const CompressResult second, Compress(good, nullptr));
+  EXPECT_EQ(KProjRows(out), 2 * 64);
+  for (const fs::directory_entry& e : fs::directory_iterator(out)) {
+    EXPECT_FALSE(e.path().string().ends_with(".partial")) << e.path();
+  }
+  fs::remove_all(src);
+  fs::remove_all(out);
+  fs::remove_all(fresh);
 }
 
 }  // namespace

@@ -118,6 +118,10 @@ TEST(RankSearch, EndToEndOnTheFixtureRespectsTheBoundOnTheCalibrationText) {
   absl::StatusOr<CompressResult> res = Compress(o, [&](const std::string& s) { lines.push_back(s); });
   ASSERT_TRUE(res.ok()) << res.status();
   for (const std::string& s : lines) std::printf("%s\n", s.c_str());
+  // One chunk where 16 (the default --search-chunks) were asked: a warning says so.
+  ASSERT_FALSE(lines.empty());
+  EXPECT_EQ(lines[0], "warning: --search-chunks 16: the calibration text gives only 1 chunk of 512 "
+                      "tokens; using 1");
   const nlohmann::ordered_json& j = res->lorc_json;
   EXPECT_EQ(j["schedule"], "search");
   EXPECT_EQ(j["target"]["max_ppl_increase_pct"], 3.0);

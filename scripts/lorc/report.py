@@ -59,7 +59,11 @@ def ranks_text(ks, vs):
         return "-"
 
     def span(r):
-        return str(r[0]) if min(r) == max(r) else f"{r[0]}..{r[-1]}"
+        if min(r) == max(r):
+            return str(r[0])
+        if all(a >= b for a, b in zip(r, r[1:])):
+            return f"{r[0]}..{r[-1]}"  # non-increasing with depth (progressive)
+        return f"{min(r)}-{max(r)}"  # any order (a searched schedule): the range
 
     return span(ks) if ks == vs else f"k {span(ks)} / v {span(vs)}"
 
@@ -75,6 +79,11 @@ class Row:
         self.dtype = dtype.lower()
         self.low_precision = self.dtype not in FULL_PRECISION
         self.bytes = r.get("kv_bytes_per_token")
+        if self.dtype == "f32" and self.bytes is not None:
+            # The CPU backend's auto cache is F32: report the bf16 bytes of the same geometry, so
+            # rows compare with the GPU's bf16 ones (the dtype column says "bf16 (f32 cpu)").
+            self.bytes //= 2
+            self.dtype = "bf16 (f32 cpu)"
         self.ppl = r.get("ppl")
         self.windows = r.get("ppl_windows")
         self.passkey = {int(k): v for k, v in (r.get("passkey_acc") or {}).items()}
@@ -235,6 +244,9 @@ def write_plot(rows, base, plot_dir, png, terminal):
     ref_pk = (f"set arrow from graph 0, first {base.passkey_mean} to graph 1, first {base.passkey_mean} "
               "nohead dt 2 lc rgb 'gray40'\n") if base is not None and base.passkey_mean is not None else ""
     font = "font 'sans,11'" if terminal == "pngcairo" else ""
+    ppls = [r.ppl for r in rows if r.ppl is not None]
+    ppl_range = (f"set yrange [{0.95 * min(ppls):.3g}:{1.1 * max(ppls):.3g}]\n"
+                 "set ytics (10, 10.5, 11, 12, 13, 15, 20, 25, 30, 40, 50, 70, 100)") if ppls else ""
     gp = f"""# Written by scripts/lorc/report.py: `gnuplot lorc_frontier.gp` in this directory.
 set terminal {terminal or 'pngcairo'} size 1500,620 {font}
 set output '{os.path.abspath(png)}'
@@ -245,9 +257,13 @@ set offsets graph 0.04, graph 0.04, graph 0.05, graph 0.05
 set xlabel 'KV bytes per token'
 set grid
 set key top right
-set ylabel 'perplexity ({windows} windows)'
+set ylabel 'perplexity ({windows} windows, log scale)'
+set logscale y
+{ppl_range}
 {ref_ppl}{plot_cmd(2)}
 unset arrow
+unset logscale y
+set ytics autofreq
 set ylabel 'mean pass-key accuracy'
 set yrange [0:1.05]
 set key bottom right

@@ -6,6 +6,8 @@
 #ifdef LORC_HAVE_CUDA
 #include <algorithm>
 #include <cstring>
+#include <initializer_list>
+#include <utility>
 #include <vector>
 
 #include "kernels/attention_latent.cuh"
@@ -157,16 +159,22 @@ kernels::PrefillSchedule CudaAttentionPlan::prefill_schedule(int group, int rows
   return s;
 }
 
-// Checks what both paths need and fills the kernels' arguments.
-absl::StatusOr<kernels::PagedAttentionArgs> KernelArgs(const char* op, const AttentionParams& p,
-                                                       const AttentionBatch& b) {
-  for (const auto& [name, dt] : {std::pair<const char*, DType>{"query", p.q.dtype}, {"output", p.out.dtype},
-                                 {"cache", p.cache.dtype}}) {
+// Unimplemented naming the op and the tensor unless every tensor is BF16 (the attention kernels'
+// one element type).
+absl::Status RequireBf16(const char* op, std::initializer_list<std::pair<const char*, DType>> tensors) {
+  for (const auto& [name, dt] : tensors) {
     if (dt != DType::kBF16) {
       return absl::UnimplementedError(absl::StrCat("cuda backend: ", op, ": ", name, " dtype ", DTypeName(dt),
                                                    " not implemented (BF16)"));
     }
   }
+  return absl::OkStatus();
+}
+
+// Checks what both paths need and fills the kernels' arguments.
+absl::StatusOr<kernels::PagedAttentionArgs> KernelArgs(const char* op, const AttentionParams& p,
+                                                       const AttentionBatch& b) {
+  RETURN_IF_ERROR(RequireBf16(op, {{"query", p.q.dtype}, {"output", p.out.dtype}, {"cache", p.cache.dtype}}));
   if (p.num_kv_heads <= 0 || p.num_heads <= 0 || p.num_heads % p.num_kv_heads != 0) {
     return absl::InvalidArgumentError(absl::StrCat("cuda backend: ", op, ": ", p.num_heads, " query heads over ",
                                                    p.num_kv_heads, " KV heads"));
@@ -214,13 +222,8 @@ absl::StatusOr<kernels::PagedAttentionArgs> KernelArgs(const char* op, const Att
 
 // LatentAttention's checks (errors name the field) and the kernels' arguments.
 absl::StatusOr<kernels::LatentAttentionArgs> LatentKernelArgs(const LatentAttentionParams& p, const AttentionBatch& b) {
-  for (const auto& [name, dt] : {std::pair<const char*, DType>{"query", p.q.dtype}, {"k_up", p.k_up.dtype},
-                                 {"output", p.out.dtype}, {"cache", p.cache.dtype}}) {
-    if (dt != DType::kBF16) {
-      return absl::UnimplementedError(absl::StrCat("cuda backend: LatentAttention: ", name, " dtype ", DTypeName(dt),
-                                                   " not implemented (BF16)"));
-    }
-  }
+  RETURN_IF_ERROR(RequireBf16("LatentAttention", {{"query", p.q.dtype}, {"k_up", p.k_up.dtype},
+                                                  {"output", p.out.dtype}, {"cache", p.cache.dtype}}));
   const int hd = p.head_dim, rk = p.k_rank, rv = p.v_rank;
   if (p.num_kv_heads <= 0 || p.num_heads <= 0 || p.num_heads % p.num_kv_heads != 0 || hd <= 0 || hd % 2 != 0 ||
       rk < 1 || rk > hd || rv < 1 || rv > hd) {

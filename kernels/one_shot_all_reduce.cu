@@ -6,6 +6,7 @@
 #include <cstring>
 
 #include "kernels/one_shot_all_reduce.cuh"
+#include "kernels/peer_sync.cuh"
 
 namespace lorc::kernels {
 namespace {
@@ -16,20 +17,6 @@ struct Pointers {
   OneShotSignal* signals[kOneShotMaxRanks];
   const __nv_bfloat16* staging[kOneShotMaxRanks];
 };
-
-__device__ __forceinline__ void StoreRelease(uint32_t* p, uint32_t v) {
-  asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-}
-__device__ __forceinline__ uint32_t LoadAcquire(const uint32_t* p) {
-  uint32_t v;
-  asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-__device__ __forceinline__ uint64_t GlobalTimerNs() {
-  uint64_t t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
 
 // Block b of this rank meets block b of every rank: thread r < n stores `epoch` into rank r's
 // slot for this rank, then waits until rank r has stored `epoch` (or later) into this rank's slot
@@ -44,10 +31,10 @@ __device__ bool BlockBarrier(const Pointers& p, int rank, int n, bool end, uint3
   __syncthreads();
   if (r < n && *block_failed == 0) {
     OneShotSignal* peer = p.signals[r];
-    StoreRelease(end ? &peer->end[b][rank] : &peer->start[b][rank], epoch);
+    StoreReleaseSys(end ? &peer->end[b][rank] : &peer->start[b][rank], epoch);
     const uint32_t* mine = end ? &p.signals[rank]->end[b][r] : &p.signals[rank]->start[b][r];
     const uint64_t t0 = GlobalTimerNs();
-    while (static_cast<int32_t>(LoadAcquire(mine) - epoch) < 0) {
+    while (static_cast<int32_t>(LoadAcquireSys(mine) - epoch) < 0) {
       if (GlobalTimerNs() - t0 > timeout_ns) {
         *timed_out = 1;
         atomicExch(block_failed, 1);

@@ -45,6 +45,7 @@
 #include <vector>
 
 #include "bench/src/allreduce_bench_engine.h"
+#include "kernels/peer_sync.cuh"
 
 namespace {
 
@@ -85,19 +86,9 @@ struct Peers {
   Signal* sig[kMaxRanks];
 };
 
-__device__ __forceinline__ void StoreRelease(uint32_t* p, uint32_t v) {
-  asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-}
-__device__ __forceinline__ uint32_t LoadAcquire(const uint32_t* p) {
-  uint32_t v;
-  asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-__device__ __forceinline__ uint64_t GlobalTimerNs() {
-  uint64_t t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
+using lorc::kernels::GlobalTimerNs;
+using lorc::kernels::LoadAcquireSys;
+using lorc::kernels::StoreReleaseSys;
 
 // Block b of this rank and block b of every other rank: thread r < n tells rank r that this
 // rank arrived at `epoch`, then waits until rank r has told us the same.
@@ -106,10 +97,10 @@ __device__ void BlockBarrier(const Peers& p, int rank, int n, bool end, uint32_t
   const int r = threadIdx.x;
   if (r < n) {
     Signal* peer = p.sig[r];
-    StoreRelease(end ? &peer->end[b][rank] : &peer->start[b][rank], epoch);
+    StoreReleaseSys(end ? &peer->end[b][rank] : &peer->start[b][rank], epoch);
     const uint32_t* mine = end ? &p.sig[rank]->end[b][r] : &p.sig[rank]->start[b][r];
     const uint64_t t0 = GlobalTimerNs();
-    while (LoadAcquire(mine) < epoch) {
+    while (LoadAcquireSys(mine) < epoch) {
       if (GlobalTimerNs() - t0 > kBarrierTimeoutNs) {
         atomicExch(timed_out, 1);
         break;

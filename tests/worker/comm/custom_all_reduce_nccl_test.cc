@@ -32,6 +32,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/testing/status_matchers.h"
+#include "tests/worker/comm/comm_test_util.h"
 #include "worker/comm/communicator.h"
 #include "worker/comm/rendezvous.h"
 
@@ -43,11 +44,6 @@
 
 namespace lorc {
 namespace {
-
-const bool kNvlsDisabled = [] {
-  setenv("NCCL_NVLS_ENABLE", "0", 1);
-  return true;
-}();
 
 #if !LORC_COMM_TEST_CUDA
 
@@ -62,14 +58,7 @@ using ::testing::StartsWith;
 constexpr char kRankEnv[] = "LORC_CAR_TEST_RANK";
 constexpr char kDirEnv[] = "LORC_CAR_TEST_DIR";
 
-int GpuCount() {
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess) {
-    cudaGetLastError();
-    return 0;
-  }
-  return n;
-}
+using ::lorc::testing::GpuCount;
 
 // A store shared by processes: one file per key in `dir` (written to a temporary name, then
 // renamed, so a reader never sees half a value); Get polls.
@@ -117,11 +106,6 @@ class FileStore final : public RendezvousStore {
   std::string dir_;
 };
 
-#define CUDA_ASSERT(expr)                                                  \
-  do {                                                                     \
-    cudaError_t e_ = (expr);                                               \
-    ASSERT_EQ(e_, cudaSuccess) << #expr << ": " << cudaGetErrorString(e_); \
-  } while (0)
 
 // bf16 bits of rank `rank`'s element i in case `c`: random sign, exponent in [-8, 7], mantissa,
 // so that the sums need rounding.
@@ -166,13 +150,7 @@ float Ulp(uint16_t ref) {
   return std::fabs(Bf16(up) - Bf16(static_cast<uint16_t>(ref & 0x7fff)));
 }
 
-CommOptions Options(const std::string& group) {
-  CommOptions o;
-  o.group = group;
-  o.join_timeout = absl::Seconds(120);
-  o.op_timeout = absl::Seconds(60);
-  return o;
-}
+CommOptions Options(const std::string& group) { return ::lorc::testing::TestCommOptions(group); }
 
 // Everything one rank does, in the same order on both ranks.
 class RankRun {

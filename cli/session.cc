@@ -64,6 +64,13 @@ std::vector<FlagSpec> SchedulerFlags() {
   };
 }
 
+FlagSpec DisableCustomAllReduceFlag() {
+  return {"disable-custom-all-reduce", false,
+          absl::StrCat("CUDA tensor parallelism: every all-reduce through NCCL (default: BF16 "
+                       "all-reduces up to ", defaults::kCustomAllReduceMaxBytes >> 20,
+                       " MiB take a one-shot all-reduce through peer memory when the GPUs allow it)")};
+}
+
 absl::StatusOr<EngineOptions> ParseEngineOptions(const Args& args) {
   constexpr int32_t kMax = std::numeric_limits<int32_t>::max();
   EngineOptions eo;

@@ -22,5 +22,10 @@ inline constexpr float kMaxPresencePenalty = 2.0f;  // |presence_penalty|, |freq
 // smaller one only rounds, and the limit T -> 0 is the argmax.
 inline constexpr float kGreedyTemperature = 1e-5f;
 inline constexpr int64_t kMaxModelLen = 2048;     // config.json without max_position_embeddings
+// CUDA tensor parallelism: BF16 all-reduces up to this many bytes take the one-shot peer-memory
+// path instead of NCCL (worker/comm/custom_all_reduce.h; --disable-custom-all-reduce turns it
+// off). Chosen by measurement at world size 2 on 2 x H200 (docs/PERFORMANCE.md, "Llama-3-70B
+// shape at TP = 2"): faster than NCCL up to 1024 rows x 8192 (16 MiB), slower from 2048 rows.
+inline constexpr int64_t kCustomAllReduceMaxBytes = int64_t{16} << 20;
 
 }  // namespace lorc::defaults

@@ -134,6 +134,7 @@ absl::Status CoordinatorServer::JoinGroup() {
   wg.model = options_.model;
   wg.kv = options_.kv;
   wg.use_stream = options_.step_stream;
+  wg.disable_custom_all_reduce = options_.disable_custom_all_reduce;
   wg.step_timeout = options_.step_timeout;
   wg.join_timeout = options_.join_timeout;
   {

@@ -107,10 +107,12 @@ absl::Status WorkerGroup::Connect() {
         req.set_world_size(n);
         req.set_timeout_ms(absl::ToInt64Milliseconds(options_.join_timeout));
         req.set_bind_address(options_.bind_address);
+        req.set_disable_custom_all_reduce(options_.disable_custom_all_reduce);
         NameCoordinator(req.mutable_coordinator());
         lorcserve::internal::InitCommunicatorResponse resp;
         const absl::Status s = FromGrpcStatus(wp->stub->InitCommunicator(&ctx, req, &resp));
         if (!s.ok()) return absl::Status(s.code(), absl::StrCat(wp->Name(), ": ", s.message()));
+        if (wp->rank == 0) info_.all_reduce = resp.all_reduce();  // only rank 0's task writes it
         return s;
       }));
     }

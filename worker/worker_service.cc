@@ -263,6 +263,7 @@ absl::StatusOr<lorcserve::internal::InitCommunicatorResponse> WorkerService::Ini
   co.group = req.group();
   co.join_timeout = absl::Milliseconds(req.timeout_ms() > 0 ? req.timeout_ms() : 60000);
   co.hostname_or_iface = req.bind_address().empty() ? options_.comm_address : req.bind_address();
+  co.disable_custom_all_reduce = req.disable_custom_all_reduce();
   ASSIGN_OR_RETURN(d.comm, options_.backend.kind == BackendKind::kCuda
                                ? CreateNcclCommunicator(world, d.store.get(), options_.backend.device,
                                                         d.backend->stream_handle(), co)
@@ -270,6 +271,7 @@ absl::StatusOr<lorcserve::internal::InitCommunicatorResponse> WorkerService::Ini
   comm_ready_ = true;
   lorcserve::internal::InitCommunicatorResponse resp;
   resp.set_backend(std::string(d.comm->backend_name()));
+  resp.set_all_reduce(d.comm->AllReduceDescription());
   return resp;
 }
 

@@ -12,8 +12,8 @@
 #           number of GPUs: the golden prompts' greedy tokens against the CPU reference (first 32),
 #           64 concurrent streaming clients, 32 cancelled (deadline) requests, every KV block free
 #   bench   kernel benchmarks; `lorcserve bench` on the 8B shape (one GPU) and, with 2+ GPUs, the
-#           70B shape at TP = 2 (random weights; skipped when the GPUs are too small) and the
-#           all-reduce benchmark
+#           70B shape at TP = 2 (random weights; skipped when the GPUs are too small; also with
+#           --disable-custom-all-reduce) and the all-reduce benchmark
 #   peer    bench/hf_peer.py (transformers + PyTorch) on the same shapes (8B one GPU; 70B over 2)
 #   lorcserve  not in the default phases: phase serve on a LoRC-compressed fixture (see below)
 #   lorc    not in the default phases: the LoRC quality sweep of scripts/lorc/configs.txt on the
@@ -172,6 +172,10 @@ phase_bench() {
         note "bench 70B tp=2, LM head $head: done" ||
         { note "bench 70B tp=2, LM head $head: FAILED"; fails=$((fails + 1)); }
     done
+    # The same without the custom all-reduce (NCCL for every all-reduce): its gain, A/B.
+    timeout 900 "$L" bench --model bench/configs/llama3-70b --backend cuda --random-weights \
+      --local-workers 2 --disable-custom-all-reduce --steps "$STEPS" > "$OUT/bench-70b-tp2-nccl-only.txt" 2>&1 &&
+      note "bench 70B tp=2, NCCL only: done" || { note "bench 70B tp=2, NCCL only: FAILED"; fails=$((fails + 1)); }
   fi
 }
 

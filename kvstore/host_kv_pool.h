@@ -30,21 +30,9 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"
+#include "kvstore/block_hash.h"
 
 namespace lorc {
-
-// A full KV block's identity in the prefix index: a 128-bit hash of (parent hash, the block's
-// tokens, cache_salt, model and KV format).
-struct BlockHash {
-  uint64_t hi = 0;
-  uint64_t lo = 0;
-  friend bool operator==(const BlockHash& a, const BlockHash& b) { return a.hi == b.hi && a.lo == b.lo; }
-  friend bool operator!=(const BlockHash& a, const BlockHash& b) { return !(a == b); }
-  template <typename H>
-  friend H AbslHashValue(H h, const BlockHash& b) {
-    return H::combine(std::move(h), b.hi, b.lo);
-  }
-};
 
 // One block moved between the device KV cache and the host tier: device block id `block`
 // (in [0, num_blocks)) and host slot `slot` (in [0, num_host_blocks)). The direction is given by

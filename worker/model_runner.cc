@@ -97,6 +97,8 @@ absl::Status ModelRunner::Init(const KvCacheSpec& spec, const KvCacheOptions& kv
   return backend_->Synchronize();
 }
 
+ModelRunner::~ModelRunner() { (void)FinishHostKvTransfers(); }
+
 absl::Status ModelRunner::AllocateHostKv(const KvCacheOptions& kv) {
   if (kv.kv_offloading_bytes < 0) {
     return absl::InvalidArgumentError(

@@ -81,6 +81,8 @@ class ModelRunner {
   // `kv`. InvalidArgument for limits that are not positive, a max_model_len over the model's
   // context, or a spec that does not match this rank's KV heads; ResourceExhausted when memory
   // is short.
+  // Waits for host KV copies still in flight (a failed step's) before the memory goes.
+  ~ModelRunner();
   static absl::StatusOr<std::unique_ptr<ModelRunner>> Create(const ModelConfig& config,
                                                              ModelWeights weights,
                                                              Backend* backend, Communicator* comm,

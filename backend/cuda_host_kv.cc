@@ -36,8 +36,10 @@ cudaError_t BatchCopy(const KvTransferSegments& s, cudaStream_t stream) {
                                        const_cast<size_t*>(s.sizes.data()), n, &attr, &first, 1,
                                        &fail, stream);
 #endif
-  if (e != cudaErrorNotSupported && e != cudaErrorCallRequiresNewerDriver) return e;
-  (void)cudaGetLastError();  // a driver without batched copies: one copy per segment
+  if (e == cudaSuccess) return e;
+  // A driver without batched copies (or one refusing this batch): one copy per segment; a real
+  // fault fails those too and is reported from there.
+  (void)cudaGetLastError();
 #endif
   for (size_t i = 0; i < n; ++i) {
     const cudaError_t e1 = cudaMemcpyAsync(s.dsts[i], s.srcs[i], s.sizes[i], cudaMemcpyDefault, stream);

@@ -135,38 +135,45 @@ absl::Status ModelRunner::TransferHostKv(absl::Span<const HostBlockCopy> offload
   if (!offloads.empty()) RETURN_IF_ERROR(backend_->OffloadKvBlocks(kv_layers_, bs, nb, host_kv_, offloads));
   if (!loads.empty()) RETURN_IF_ERROR(backend_->LoadKvBlocks(kv_layers_, bs, nb, host_kv_, loads));
   host_kv_pending_ = true;
-  host_kv_loads_pending_ = !loads.empty();
   for (const HostBlockCopy& c : offloads) host_kv_offloaded_.insert(c.block);
+  for (const HostBlockCopy& c : loads) host_kv_loaded_.insert(c.block);
   return absl::OkStatus();
 }
 
+void ModelRunner::ForgetHostKvBlocks() {
+  host_kv_offloaded_.clear();
+  host_kv_loaded_.clear();
+}
+
 absl::Status ModelRunner::WaitHostKvBefore(absl::Span<const SequenceStep> steps) {
-  if (!host_kv_pending_ || (!host_kv_loads_pending_ && host_kv_offloaded_.empty())) {
+  if (!host_kv_pending_ || (host_kv_loaded_.empty() && host_kv_offloaded_.empty())) {
     return absl::OkStatus();
   }
-  // Loads: the forward reads the loaded blocks. Offloads: only if this step writes one of them.
-  bool wait = host_kv_loads_pending_;
+  // A loaded block must have arrived before the forward reads (or writes) it; an offloaded one
+  // must have left before the forward writes it. Other copies overlap with the forward pass
+  // (e.g. a load for a request scheduled in the next step).
+  bool wait = false;
   const int32_t bs = kv_spec_.block_size;
   for (size_t i = 0; i < steps.size() && !wait; ++i) {
     const SequenceStep& s = steps[i];
     if (s.tokens.empty()) continue;
-    const int64_t last = s.num_computed_tokens + static_cast<int64_t>(s.tokens.size()) - 1;
-    for (int64_t b = s.num_computed_tokens / bs; b <= last / bs && !wait; ++b) {
-      wait = host_kv_offloaded_.contains(s.block_table[b]);
+    const int64_t end = s.num_computed_tokens + static_cast<int64_t>(s.tokens.size());
+    const int64_t first_written = s.num_computed_tokens / bs;
+    for (int64_t b = 0; b < kv_spec_.BlocksForTokens(end) && !wait; ++b) {
+      wait = host_kv_loaded_.contains(s.block_table[b]) ||
+             (b >= first_written && host_kv_offloaded_.contains(s.block_table[b]));
     }
   }
   if (!wait) return absl::OkStatus();
   RETURN_IF_ERROR(backend_->WaitKvTransfers());
-  host_kv_loads_pending_ = false;
-  host_kv_offloaded_.clear();
+  ForgetHostKvBlocks();
   return absl::OkStatus();
 }
 
 absl::Status ModelRunner::FinishHostKvTransfers() {
   if (!host_kv_pending_) return absl::OkStatus();
   host_kv_pending_ = false;
-  host_kv_loads_pending_ = false;
-  host_kv_offloaded_.clear();
+  ForgetHostKvBlocks();
   return backend_->SynchronizeKvTransfers();
 }
 
@@ -600,8 +607,7 @@ absl::Status ModelRunner::CopyBlocks(absl::Span<const BlockCopy> copies) {
     // Rare (copy-on-write in a step with host transfers): order the copies after them all.
     RETURN_IF_ERROR(ValidateBlockCopies(copies, kv_spec_.num_blocks));
     RETURN_IF_ERROR(backend_->WaitKvTransfers());
-    host_kv_loads_pending_ = false;
-    host_kv_offloaded_.clear();
+    ForgetHostKvBlocks();
   }
   return backend_->CopyBlocks(kv_layers_, kv_spec_.block_size, kv_spec_.num_blocks, copies);
 }

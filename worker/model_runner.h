@@ -108,9 +108,11 @@ class ModelRunner {
   // FailedPrecondition when the runner has no host tier and a list is not empty, InvalidArgument
   // naming the list and entry for a block outside [0, num_blocks) or a slot outside [0,
   // num_host_blocks); nothing is copied then. The copies run on the backend's copy stream; the
-  // next CopyBlocks waits for all of them, the next Execute for the loads and for offloads of a
-  // block it writes (the others overlap with its forward pass). Call FinishHostKvTransfers() at
-  // the end of the step (StepExecutor does): every copy of a step is complete when it ends.
+  // next CopyBlocks waits for all of them, the next Execute for all of them when its sequences
+  // read or write a loaded block or write an offloaded one (otherwise they overlap with its
+  // forward pass, e.g. loads for a request the next plan schedules). Call
+  // FinishHostKvTransfers() at the end of the step (StepExecutor does): every copy of a step is
+  // complete when it ends.
   absl::Status TransferHostKv(absl::Span<const HostBlockCopy> offloads,
                               absl::Span<const HostBlockCopy> loads);
   // The host waits for the copies of TransferHostKv (no-op when none is pending).
@@ -155,9 +157,10 @@ class ModelRunner {
   absl::Status AllocateCache(const KvCacheOptions& kv, int64_t reserve_bytes);
   // After AllocateCache: the host tier of kv.kv_offloading_bytes (none when 0).
   absl::Status AllocateHostKv(const KvCacheOptions& kv);
-  // Before a forward pass over `steps`: the compute stream waits for pending loads, and for
-  // pending offloads when the step writes one of their blocks.
+  // Before a forward pass over `steps`: the compute stream waits for the pending host KV copies
+  // when the step reads or writes a loaded block or writes an offloaded one.
   absl::Status WaitHostKvBefore(absl::Span<const SequenceStep> steps);
+  void ForgetHostKvBlocks();
   // Layer l's KvLayer over the arrays k and v (dtype, quantization, heads, block size of the spec).
   KvLayer CacheLayer(int l, void* k, void* v) const;
   absl::Status Validate(absl::Span<const SequenceStep> steps) const;
@@ -204,11 +207,11 @@ class ModelRunner {
   std::vector<DeviceBuffer> k_cache_, v_cache_;
   std::vector<KvLayer> kv_layers_;
   // Host KV tier: its memory; transfers enqueued and not yet waited for by the host
-  // (host_kv_pending_), loads / offloaded blocks the compute stream has not waited for yet.
+  // (host_kv_pending_); the blocks offloaded / loaded by them that the compute stream has not
+  // waited for yet.
   HostKvStorage host_kv_;
   bool host_kv_pending_ = false;
-  bool host_kv_loads_pending_ = false;
-  absl::flat_hash_set<int32_t> host_kv_offloaded_;
+  absl::flat_hash_set<int32_t> host_kv_offloaded_, host_kv_loaded_;
   DeviceBuffer inv_freq_;
   std::unique_ptr<AttentionPlan> plan_;
 

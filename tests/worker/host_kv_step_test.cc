@@ -3,7 +3,8 @@
 // --kv-cache-dtype: a request's blocks written by a real prefill are offloaded in the same step
 // in which another request overwrites them, loaded back a step later, hold exactly the prefill's
 // bytes again, and the request then decodes the same greedy tokens as without any of it. Bad
-// block ids and slots fail the step as a whole, naming the list, and change nothing.
+// block ids and slots fail the step as a whole, naming the list, and change nothing. Loads in the
+// step that reads the blocks and one step ahead of it both work.
 #include <cstring>
 #include <ostream>
 #include <vector>
@@ -200,6 +201,28 @@ TEST_P(HostKvStepTest, LoadInTheStepThatReadsTheBlocks) {
   ASSERT_OK_AND_ASSIGN(StepResult r3, exec_->Execute(p3));
   got.push_back(Token(r3, 1));
   EXPECT_EQ(got, want);
+}
+
+// A load one step ahead (a prefetch): it overlaps with a forward pass that does not touch the
+// loaded blocks, and the step that reads them comes after it has completed.
+TEST_P(HostKvStepTest, LoadOneStepAheadOfTheStepThatReadsTheBlocks) {
+  const std::vector<int32_t> a = Prompt(3), b = Prompt(21), c = Prompt(11);
+  Load(0);
+  ASSERT_OK_AND_ASSIGN(StepResult w0, exec_->Execute(StepPlan{1, {Prefill(1, a, {0, 1, 2})}}));
+  ASSERT_OK_AND_ASSIGN(StepResult w1, exec_->Execute(StepPlan{2, {Decode(1, kPromptLen)}}));
+  Load(16 << 20);
+  ASSERT_OK_AND_ASSIGN(StepResult r1, exec_->Execute(StepPlan{1, {Prefill(1, a, {0, 1, 2})}}));
+  EXPECT_EQ(Token(r1, 1), Token(w0, 1));
+  StepPlan p2{2, {Prefill(2, b, {0, 1, 2})}};  // B reuses A's blocks: A goes to the host
+  p2.kv_offloads = {{0, 4}, {1, 5}, {2, 6}};
+  ASSERT_OK(exec_->Execute(p2).status());
+  StepPlan p3{3, {Prefill(3, c, {3, 4, 5})}};  // C runs while A's blocks come back
+  p3.finished = {2};
+  p3.kv_loads = {{0, 4}, {1, 5}, {2, 6}};
+  ASSERT_OK_AND_ASSIGN(StepResult r3, exec_->Execute(p3));
+  ASSERT_TRUE(r3.failed.empty()) << r3.failed[0].status;
+  ASSERT_OK_AND_ASSIGN(StepResult r4, exec_->Execute(StepPlan{4, {Decode(1, kPromptLen)}}));
+  EXPECT_EQ(Token(r4, 1), Token(w1, 1));
 }
 
 TEST_P(HostKvStepTest, BadIdsFailTheStepAndChangeNothing) {

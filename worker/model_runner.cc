@@ -114,8 +114,14 @@ absl::Status ModelRunner::AllocateHostKv(const KvCacheOptions& kv) {
         "--kv-offloading-size: ", kv.kv_offloading_bytes, " bytes over ", tp, " rank(s) leave ",
         rank_bytes, " a rank, less than one KV block of ", kv_spec_.BytesPerBlock(), " bytes"));
   }
-  ASSIGN_OR_RETURN(host_kv_, backend_->CreateHostKvStorage(kv_layers_, kv_spec_.block_size,
-                                                           static_cast<int32_t>(slots)));
+  absl::StatusOr<HostKvStorage> host =
+      backend_->CreateHostKvStorage(kv_layers_, kv_spec_.block_size, static_cast<int32_t>(slots));
+  if (!host.ok()) {  // name the flag that sized it (the backend cannot)
+    return absl::Status(host.status().code(),
+                        absl::StrCat("--kv-offloading-size: ", slots, " host slots of ",
+                                     kv_spec_.BytesPerBlock(), " bytes: ", host.status().message()));
+  }
+  host_kv_ = *std::move(host);
   return absl::OkStatus();
 }
 

@@ -71,6 +71,7 @@ class CudaBackend final : public Backend {
   ~CudaBackend() override {
     cudaSetDevice(device_);
     cudaStreamSynchronize(stream_);
+    DestroyCopyStream();  // cuda_host_kv.cc
     cudaStreamDestroy(stream_);
   }
 
@@ -187,9 +188,8 @@ class CudaBackend final : public Backend {
                           absl::Span<const BlockCopy> copies) override {
     RETURN_IF_ERROR(ValidateBlockCopies(copies, num_blocks));
     for (const KvLayer& l : layers) {
-      const size_t esz = DTypeSize(l.dtype);
-      const size_t kb = static_cast<size_t>(block_size) * l.k_width * esz;
-      const size_t vb = static_cast<size_t>(block_size) * l.v_width * esz;
+      const size_t kb = static_cast<size_t>(KvLayerBlockBytes(l, false, block_size));
+      const size_t vb = static_cast<size_t>(KvLayerBlockBytes(l, true, block_size));
       for (const BlockCopy& c : copies) {
         if (c.src == c.dst) continue;
         RETURN_IF_ERROR(CopyOnDevice(static_cast<char*>(l.k) + c.dst * kb, static_cast<char*>(l.k) + c.src * kb, kb));
@@ -198,6 +198,15 @@ class CudaBackend final : public Backend {
     }
     return absl::OkStatus();
   }
+
+  // Host KV tier (cuda_host_kv.cc): batched copies on a second stream (copy_stream_), ordered
+  // against stream_ with events (backend.h states the contract).
+  absl::Status OffloadKvBlocks(absl::Span<const KvLayer> layers, int32_t block_size, int32_t num_blocks,
+                               HostKvStorage& host, absl::Span<const HostBlockCopy> copies) override;
+  absl::Status LoadKvBlocks(absl::Span<const KvLayer> layers, int32_t block_size, int32_t num_blocks,
+                            const HostKvStorage& host, absl::Span<const HostBlockCopy> copies) override;
+  absl::Status WaitKvTransfers() override;
+  absl::Status SynchronizeKvTransfers() override;
 
  protected:
   void Free(void* data, MemoryKind kind) override {
@@ -215,6 +224,19 @@ class CudaBackend final : public Backend {
   bool capturing_ = false;
   std::shared_ptr<MatmulState> matmul_ = NewMatmulState();  // cuda_matmul.cc
   std::unique_ptr<CudaSampler, CudaSamplerDeleter> sampler_;  // cuda_sampling.cc, ReserveSampler
+  // Host KV tier (cuda_host_kv.cc), made on first use: the copy stream, an event marking the
+  // compute stream's end when a transfer is enqueued, an event after the last transfer; whether
+  // stream_ / the host have waited for that last event yet.
+  absl::Status TransferKvBlocks(const char* what, absl::Span<const KvLayer> layers, int32_t block_size,
+                                int32_t num_blocks, const HostKvStorage& host,
+                                absl::Span<const HostBlockCopy> copies, bool to_host);
+  void DestroyCopyStream();
+  cudaStream_t copy_stream_ = nullptr;
+  cudaEvent_t compute_mark_ = nullptr;
+  cudaEvent_t transfers_done_ = nullptr;
+  bool compute_waited_ = true;
+  bool host_waited_ = true;
+  KvTransferSegments segments_;
 };
 
 }  // namespace lorc::cuda_internal

@@ -49,6 +49,9 @@ struct WorkerGroupOptions {
 
 struct WorkerGroupInfo {
   int32_t num_blocks = 0;         // the smallest over the workers
+  // Host KV tier slots (--kv-offloading-size; kvstore/host_kv_pool.h's capacity), the smallest
+  // over the workers (they agree unless misconfigured); 0: no host tier.
+  int32_t num_host_blocks = 0;
   int64_t kv_bytes_per_token = 0; // per rank
   std::string backend, device;
   double load_seconds = 0;        // the slowest worker

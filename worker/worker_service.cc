@@ -300,6 +300,7 @@ absl::StatusOr<lorcserve::internal::LoadModelResponse> WorkerService::LoadModelO
   kv.max_model_len = req.max_model_len();
   kv.gpu_memory_utilization = req.gpu_memory_utilization();
   kv.enforce_eager = req.enforce_eager();
+  kv.kv_offloading_bytes = req.kv_offloading_bytes();
   if (!req.kv_cache_dtype().empty()) {
     ASSIGN_OR_RETURN(kv.kv_cache_dtype, ParseKvCacheDtype(req.kv_cache_dtype()));
   }
@@ -309,6 +310,7 @@ absl::StatusOr<lorcserve::internal::LoadModelResponse> WorkerService::LoadModelO
   lorcserve::internal::LoadModelResponse resp;
   resp.set_num_blocks(d.model.runner->kv_spec().num_blocks);
   resp.set_kv_bytes_per_token(d.model.runner->kv_spec().BytesPerToken());
+  resp.set_num_host_blocks(d.model.runner->num_host_blocks());
   resp.set_load_seconds(d.model.load_seconds);
   resp.set_backend(d.backend->name());
   resp.set_device(d.backend->Describe());

@@ -156,7 +156,7 @@ PY
 }
 
 phase_bench() {
-  for k in cuda_kernels_bench gemm_bench attention_bench sampling_bench gemv_bench; do
+  for k in cuda_kernels_bench gemm_bench attention_bench sampling_bench gemv_bench host_kv_bench; do
     [ -x "$B/$k" ] && CUDA_VISIBLE_DEVICES=0 timeout 300 "$B/$k" > "$OUT/bench-$k.txt" 2>&1 &&
       note "bench $k: done"
   done

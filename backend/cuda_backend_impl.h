@@ -8,6 +8,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <memory>
 #include <string>
 #include <utility>
@@ -35,6 +36,10 @@ inline absl::Status NoKernel(const char* op) {
   return absl::UnimplementedError(absl::StrCat("cuda backend: ", op,
                                                ": kernel not implemented yet (use --backend cpu)"));
 }
+
+// InvalidArgument naming the op unless a quantized cache (KvLayer::quant != kNone) has KV heads
+// dividing its widths and a block size (cuda_backend.cc).
+absl::Status CheckQuantizedCache(const char* op, const KvLayer& c);
 
 class CudaEvent final : public Event {
  public:
@@ -173,6 +178,9 @@ class CudaBackend final : public Backend {
   absl::Status PrefillAttention(const AttentionParams& p, const AttentionPlan& plan) override;
   // LoRC latent attention (kernels/attention_latent.cu) over the same plan.
   bool SupportsLatentAttention() const override { return true; }
+  // fp8 / int8 / int4 caches: quantized by RopeKvWrite / WriteKv (kernels/rope.cu), read by every
+  // attention kernel (kernels/kv_quant.cuh).
+  bool SupportsQuantizedKvCache() const override { return true; }
   absl::Status LatentAttention(const LatentAttentionParams& p, const AttentionPlan& plan) override;
   // cuda_sampling.cc
   absl::Status Sample(const Tensor2D& logits, absl::Span<const SamplingRow> rows, SampleOutput* out) override;
@@ -187,9 +195,13 @@ class CudaBackend final : public Backend {
                           absl::Span<const BlockCopy> copies) override {
     RETURN_IF_ERROR(ValidateBlockCopies(copies, num_blocks));
     for (const KvLayer& l : layers) {
-      const size_t esz = DTypeSize(l.dtype);
-      const size_t kb = static_cast<size_t>(block_size) * l.k_width * esz;
-      const size_t vb = static_cast<size_t>(block_size) * l.v_width * esz;
+      // A quantized block (kernels/kv_quant.h) is its codes then its scales, contiguous.
+      auto block_bytes = [&](int64_t width) -> size_t {
+        if (l.quant == kernels::KvQuant::kNone) return static_cast<size_t>(block_size) * width * DTypeSize(l.dtype);
+        return static_cast<size_t>(
+            kernels::KvqBlockBytes(l.quant, block_size, l.num_kv_heads, width / std::max(1, l.num_kv_heads)));
+      };
+      const size_t kb = block_bytes(l.k_width), vb = block_bytes(l.v_width);
       for (const BlockCopy& c : copies) {
         if (c.src == c.dst) continue;
         RETURN_IF_ERROR(CopyOnDevice(static_cast<char*>(l.k) + c.dst * kb, static_cast<char*>(l.k) + c.src * kb, kb));

@@ -26,12 +26,22 @@ struct FixedTileLoader {
   const __nv_bfloat16* src;  // this lane's piece in slot 0
   int64_t ld;
   bool in_rank;
+  // A quantized cache: this lane's side and channel, read by KvqLoad8.
+  KvQuant quant;
+  bool v_side;
+  int channel;
+  const uint8_t* qbase;
+  KvqSide side;
   __device__ FixedTileLoader(const LatentAttentionArgs& a, const Layout&, const Item& it_, __nv_bfloat16* region,
                              int lane_)
       : it(it_), lane(lane_), table(a.block_tables + static_cast<int64_t>(it_.seq) * a.max_blocks_per_seq),
-        block_size(a.block_size) {
+        block_size(a.block_size), quant(a.kv_quant) {
     const int pc = lane & 15, c = pc & 7;
     const bool v = pc >= 8;
+    v_side = v;
+    channel = 8 * c;
+    qbase = static_cast<const uint8_t*>(v ? a.v_cache : a.k_cache);
+    side = v ? a.v_q : a.k_q;
     dst = region + (v ? kTile * L.ldk : 0) + 8 * c;
     src = v ? static_cast<const __nv_bfloat16*>(a.v_cache) + blockIdx.y * a.v_rank + 8 * c
             : static_cast<const __nv_bfloat16*>(a.k_cache) + blockIdx.y * a.k_rank + 8 * c;
@@ -41,6 +51,21 @@ struct FixedTileLoader {
   }
   __device__ __forceinline__ void Issue(int stage, int my_slot) const {
     static_assert(L.ldk == L.ldv, "one row stride for both latents");
+    if (quant != KvQuant::kNone) {  // codes: all 8 rows' loads first, then dequantize and store
+      uint4 raw[kTile / 2];
+#pragma unroll
+      for (int j = 0; j < kTile / 2; ++j) {
+        const int slot = __shfl_sync(0xffffffffu, my_slot, 2 * j + (lane >> 4));
+        raw[j] = in_rank && slot >= 0 ? KvqLoad8Slot(quant, qbase, side, slot, blockIdx.y, channel)
+                                      : make_uint4(0, 0, 0, 0);  // dequantizes to zeros
+      }
+#pragma unroll
+      for (int j = 0; j < kTile / 2; ++j) {
+        *reinterpret_cast<uint4*>(dst + stage * L.stage_elems + (2 * j + (lane >> 4)) * L.ldk) =
+            KvqDequant8Bf16(quant, raw[j]);
+      }
+      return;
+    }
 #pragma unroll
     for (int j = 0; j < kTile / 2; ++j) {
       const int r = 2 * j + (lane >> 4);
@@ -71,10 +96,7 @@ __device__ __forceinline__ uint32_t MovTrans(uint32_t x) {
 // mostly padding at group <= 8), and C_K's A fragments are loaded once for both key halves.
 // KS / VM: k-steps of C_K (>= rkp / 16) and 16-column tiles of C_V (>= rvp / 16) in registers;
 // KS = VM = 4 is the fixed Layout(64, 64) (compile-time strides, FixedTileLoader).
-// FR: token g + 8's RoPE angle is token g's rotated on by 8 * inv_freq (Setup's rope8 table)
-// instead of its own reduction and SFU pair: half the sin/cos work. The angle is then
-// float(p) * f + 8 f, not float(p + 8) * f: at most ~1 ulp of the angle apart (2e-3 rad at
-// position 32k for f = 1, below a bf16 key's rounding), well inside the parity tolerance.
+// FR: token g + 8's RoPE angle rotated on from token g's (RotateKeyHalf): half the sin/cos work.
 // The kernel is issue-bound (H200: dropping RoPE entirely cut ~20% of its time), hence these.
 template <int KS, int VM, bool FR>
 __device__ __forceinline__ void DecodeItemT(const LatentAttentionArgs& a, const Layout& L, const Smem& sm, const Item& it,
@@ -154,44 +176,7 @@ __device__ __forceinline__ void DecodeItemT(const LatentAttentionArgs& a, const 
           }
         }
       }
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const float2 f = *reinterpret_cast<const float2*>(sm.inv_freq + 8 * (4 * h + j) + 2 * t);
-        if constexpr (FR) {  // token g + 8's angle: token g's rotated on by 8 * inv_freq
-          const float4 r8 = *reinterpret_cast<const float4*>(sm.rope8 + 2 * (8 * (4 * h + j) + 2 * t));
-          const float pos = static_cast<float>(base + g);
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            float sn, cs;
-            AngleSinCos(__fmul_rn(pos, e == 0 ? f.x : f.y), &sn, &cs);
-            const float c8 = e == 0 ? r8.x : r8.z, s8 = e == 0 ? r8.y : r8.w;
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-              if (r == 1) {
-                const float c1 = fmaf(cs, c8, -sn * s8);
-                sn = fmaf(sn, c8, cs * s8);
-                cs = c1;
-              }
-              const float x1 = acc[j][2 * r + e], x2 = acc[j + 4][2 * r + e];
-              acc[j][2 * r + e] = fmaf(x1, cs, -x2 * sn);
-              acc[j + 4][2 * r + e] = fmaf(x2, cs, x1 * sn);
-            }
-          }
-        } else {
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            const float pos = static_cast<float>(base + g + 8 * r);
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              float sn, cs;
-              AngleSinCos(__fmul_rn(pos, e == 0 ? f.x : f.y), &sn, &cs);
-              const float x1 = acc[j][2 * r + e], x2 = acc[j + 4][2 * r + e];
-              acc[j][2 * r + e] = fmaf(x1, cs, -x2 * sn);
-              acc[j + 4][2 * r + e] = fmaf(x2, cs, x1 * sn);
-            }
-          }
-        }
-      }
+      RotateKeyHalf<FR>(acc, sm, h, base, g, t);
       // S += K Q^T over this half's k-steps (as ProcessItem's); K's accumulators of n-tiles
       // (j, j + 1) are the A fragment of one k-step.
 #pragma unroll

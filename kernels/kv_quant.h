@@ -186,6 +186,36 @@ LORC_HD inline uint16_t* KvqTokenScales(void* base, KvQuant q, int32_t block_siz
                                      row * KvqScaleRowBytes(q, heads, head_width));
 }
 
+// Byte geometry of one side (K or V) of a quantized layer, what the CUDA kernels address it by:
+// the token at (block b, row r) has its codes at b * block_bytes() + r * code_row (head h's at
+// + h * head_code) and its fp16 scales at b * block_bytes() + block_size * code_row +
+// r * scale_row (head h's at + h * head_scales fp16 values).
+struct KvqSide {
+  int64_t code_row = 0;     // bytes, KvqCodeRowBytes
+  int64_t scale_row = 0;    // bytes, KvqScaleRowBytes
+  int32_t head_code = 0;    // bytes, KvqHeadCodeBytes
+  int32_t head_scales = 0;  // fp16 values per head: groups x scales per group
+  int32_t block_size = 0;
+  LORC_HD int64_t block_bytes() const { return block_size * (code_row + scale_row); }
+};
+LORC_HD inline KvqSide MakeKvqSide(KvQuant q, int32_t block_size, int64_t heads, int64_t head_width) {
+  KvqSide s;
+  s.code_row = KvqCodeRowBytes(q, heads, head_width);
+  s.scale_row = KvqScaleRowBytes(q, heads, head_width);
+  s.head_code = static_cast<int32_t>(KvqHeadCodeBytes(q, head_width));
+  s.head_scales = static_cast<int32_t>(KvqGroupsPerHead(q, head_width) * KvqScalesPerGroup(q));
+  s.block_size = block_size;
+  return s;
+}
+
+// Whether the CUDA kernels can read a side of this geometry with their 8-channel loads: its
+// block_size is the batch's, blocks start 16-byte aligned and each head's codes 8-byte aligned
+// (4 for int4), i.e. head widths multiples of 8.
+LORC_HD inline bool KvqSideReadable(KvQuant q, const KvqSide& s, int32_t block_size) {
+  return q != KvQuant::kNone && s.block_size == block_size && block_size > 0 && s.block_bytes() % 16 == 0 &&
+         s.head_code % (q == KvQuant::kInt4 ? 4 : 8) == 0;
+}
+
 // --- one group ----------------------------------------------------------------------------------
 
 // fp8 / int8: `n` values -> n codes and one fp16 scale (see the header comment).

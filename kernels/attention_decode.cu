@@ -32,23 +32,53 @@ __device__ __forceinline__ void Bf16x8ToF32(const uint4& raw, float (&out)[8]) {
   }
 }
 
+// A quantized cache as this lane reads it: its channels' codes and its scales of KV head kvh in
+// block 0, row 0 (K; V at + v_off). Full attention stores K and V with one geometry (head_dim
+// values per head), so a token's offsets serve both sides.
+struct QuantLane {
+  const uint8_t* codes;
+  const uint16_t* scales;
+  int64_t v_off;  // bytes from K's cache to V's
+  int64_t block_bytes, code_row, scale_row;
+};
+
+__device__ __forceinline__ QuantLane MakeQuantLane(const PagedAttentionArgs& a, int kvh, int c) {
+  QuantLane l;
+  const auto* k = static_cast<const uint8_t*>(a.k_cache);
+  l.codes = KvqCodePtr(a.kv_quant, k, a.k_q, 0, 0, kvh, c);
+  const uint16_t* s = KvqScalePtr(k, a.k_q, 0, 0, kvh);
+  l.scales = a.kv_quant == KvQuant::kInt4 ? s + 2 * (c / kKvInt4Group) : s;
+  l.v_off = static_cast<const uint8_t*>(a.v_cache) - k;
+  l.block_bytes = a.k_q.block_bytes();
+  l.code_row = a.k_q.code_row;
+  l.scale_row = a.k_q.scale_row;
+  return l;
+}
+
 // Keys and values of tokens [t0, t0 + kTokensPerStep) (zeros past kv_end) at this lane's 8 dims:
-// bf16x8 rows, or (quantized cache) KvqLoad8's codes and scale of KV head kvh.
+// bf16x8 rows, or (quantized cache) KvqLoadAt's codes and scale.
 __device__ __forceinline__ void LoadStep(const PagedAttentionArgs& a, const int32_t* table,
-                                         const __nv_bfloat16* kc, const __nv_bfloat16* vc, int kvh, int c, int t0,
-                                         int kv_end, uint4 (&kr)[kTokensPerStep], uint4 (&vr)[kTokensPerStep]) {
+                                         const __nv_bfloat16* kc, const __nv_bfloat16* vc, const QuantLane& ql,
+                                         int t0, int kv_end, uint4 (&kr)[kTokensPerStep],
+                                         uint4 (&vr)[kTokensPerStep]) {
 #pragma unroll
   for (int j = 0; j < kTokensPerStep; ++j) {
     const int t = t0 + j;
     if (t < kv_end) {
       const int64_t block = table[t / a.block_size];
+      const int row = t % a.block_size;
       if (a.kv_quant == KvQuant::kNone) {
-        const int64_t slot = block * a.block_size + t % a.block_size;
+        const int64_t slot = block * a.block_size + row;
         kr[j] = __ldg(reinterpret_cast<const uint4*>(kc + slot * a.k_ld));
         vr[j] = __ldg(reinterpret_cast<const uint4*>(vc + slot * a.v_ld));
       } else {
-        kr[j] = KvqLoad8(a.kv_quant, static_cast<const uint8_t*>(a.k_cache), a.k_q, block, t % a.block_size, kvh, c);
-        vr[j] = KvqLoad8(a.kv_quant, static_cast<const uint8_t*>(a.v_cache), a.v_q, block, t % a.block_size, kvh, c);
+        const int64_t b = block * ql.block_bytes;
+        const uint8_t* codes = ql.codes + b + row * ql.code_row;
+        const uint16_t* scales =
+            reinterpret_cast<const uint16_t*>(reinterpret_cast<const uint8_t*>(ql.scales) + b + row * ql.scale_row);
+        kr[j] = KvqLoadAt(a.kv_quant, codes, scales);
+        vr[j] = KvqLoadAt(a.kv_quant, codes + ql.v_off,
+                          reinterpret_cast<const uint16_t*>(reinterpret_cast<const uint8_t*>(scales) + ql.v_off));
       }
     } else {
       kr[j] = make_uint4(0, 0, 0, 0);
@@ -57,13 +87,15 @@ __device__ __forceinline__ void LoadStep(const PagedAttentionArgs& a, const int3
   }
 }
 
-// LoadStep's raw value -> 8 fp32 values (the runtime dtype switch is uniform over the grid).
-__device__ __forceinline__ void RawToF32(KvQuant q, const uint4& raw, float (&out)[8]) {
+// LoadStep's raw value -> 8 fp32 values and the factor they still need (the runtime dtype switch
+// is uniform over the grid): bf16 values and 1, or KvqCodes8 (fp8 / int8: the codes and their
+// scale, applied once per token to the reduced score or to the probability).
+__device__ __forceinline__ float RawToF32(KvQuant q, const uint4& raw, float (&out)[8]) {
   if (q == KvQuant::kNone) {
     Bf16x8ToF32(raw, out);
-  } else {
-    KvqDequant8(q, raw, out);
+    return 1.0f;
   }
+  return KvqCodes8(q, raw, out);
 }
 
 // D: head_dim; G: the group size bucket (the real group a.num_heads / a.num_kv_heads <= G).
@@ -83,6 +115,7 @@ __global__ void __launch_bounds__(kThreads)
   const float qscale = a.scale * kLog2e;
   const __nv_bfloat16* kc = static_cast<const __nv_bfloat16*>(a.k_cache) + kvh * D + lane * 8;
   const __nv_bfloat16* vc = static_cast<const __nv_bfloat16*>(a.v_cache) + kvh * D + lane * 8;
+  const QuantLane ql = MakeQuantLane(a, kvh, lane * 8);  // unused for a bf16 cache
 
   for (int w = blockIdx.x; w < num_work; w += gridDim.x) {
     const DecodeWorkItem item = sch.work[w];
@@ -122,7 +155,7 @@ __global__ void __launch_bounds__(kThreads)
     constexpr int kStride = kGroups * kTokensPerStep;
     const int my_first = warp_first + (tg % kGroupsPerWarp) * kTokensPerStep;
     uint4 kn[kTokensPerStep], vn[kTokensPerStep];
-    if (kPrefetch) LoadStep(a, table, kc, vc, kvh, lane * 8, my_first, item.kv_end, kn, vn);
+    if (kPrefetch) LoadStep(a, table, kc, vc, ql, my_first, item.kv_end, kn, vn);
     for (int base = warp_first; base < item.kv_end; base += kStride) {
       const int t0 = base + (tg % kGroupsPerWarp) * kTokensPerStep;
       uint4 kr[kTokensPerStep], vr[kTokensPerStep];
@@ -132,15 +165,15 @@ __global__ void __launch_bounds__(kThreads)
           kr[j] = kn[j];
           vr[j] = vn[j];
         }
-        LoadStep(a, table, kc, vc, kvh, lane * 8, t0 + kStride, item.kv_end, kn, vn);
+        LoadStep(a, table, kc, vc, ql, t0 + kStride, item.kv_end, kn, vn);
       } else {
-        LoadStep(a, table, kc, vc, kvh, lane * 8, t0, item.kv_end, kr, vr);
+        LoadStep(a, table, kc, vc, ql, t0, item.kv_end, kr, vr);
       }
-      float s[kTokensPerStep][G];
+      float s[kTokensPerStep][G], vscale[kTokensPerStep];
 #pragma unroll
       for (int j = 0; j < kTokensPerStep; ++j) {
         float k[8];
-        RawToF32(a.kv_quant, kr[j], k);
+        const float kscale = RawToF32(a.kv_quant, kr[j], k);
 #pragma unroll
         for (int h = 0; h < G; ++h) {
           float d = 0.f;
@@ -148,12 +181,12 @@ __global__ void __launch_bounds__(kThreads)
           for (int e = 0; e < 8; ++e) d = fmaf(q[h][e], k[e], d);
 #pragma unroll
           for (int o = kLanes / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
-          s[j][h] = (t0 + j < item.kv_end) ? d : -INFINITY;
+          s[j][h] = (t0 + j < item.kv_end) ? d * kscale : -INFINITY;
         }
       }
       float v[kTokensPerStep][8];
 #pragma unroll
-      for (int j = 0; j < kTokensPerStep; ++j) RawToF32(a.kv_quant, vr[j], v[j]);
+      for (int j = 0; j < kTokensPerStep; ++j) vscale[j] = RawToF32(a.kv_quant, vr[j], v[j]);
 #pragma unroll
       for (int h = 0; h < G; ++h) {
         float mx = s[0][h];
@@ -171,11 +204,14 @@ __global__ void __launch_bounds__(kThreads)
         }
         l[h] = l[h] * c + sum;
         m[h] = m_new;
+        float pv[kTokensPerStep];  // p times the value row's scale (1 unless fp8 / int8)
+#pragma unroll
+        for (int j = 0; j < kTokensPerStep; ++j) pv[j] = p[j] * vscale[j];
 #pragma unroll
         for (int e = 0; e < 8; ++e) {
           float x = acc[h][e] * c;
 #pragma unroll
-          for (int j = 0; j < kTokensPerStep; ++j) x = fmaf(p[j], v[j][e], x);
+          for (int j = 0; j < kTokensPerStep; ++j) x = fmaf(pv[j], v[j][e], x);
           acc[h][e] = x;
         }
       }
@@ -269,8 +305,9 @@ cudaError_t LaunchDecodeAttention(const PagedAttentionArgs& a, const DecodeSched
     return cudaErrorInvalidValue;
   }
   if (a.kv_quant != KvQuant::kNone &&
-      (!KvqSideReadable(a.kv_quant, a.k_q, a.block_size) || !KvqSideReadable(a.kv_quant, a.v_q, a.block_size))) {
-    return cudaErrorInvalidValue;
+      (!KvqSideReadable(a.kv_quant, a.k_q, a.block_size) || !KvqSideReadable(a.kv_quant, a.v_q, a.block_size) ||
+       a.k_q.code_row != a.v_q.code_row || a.k_q.scale_row != a.v_q.scale_row)) {
+    return cudaErrorInvalidValue;  // K and V of one geometry (QuantLane)
   }
   const int group = a.num_heads / a.num_kv_heads;
   if (a.head_dim == 64) {

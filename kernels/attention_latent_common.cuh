@@ -48,6 +48,14 @@ __device__ __forceinline__ void CpAsync16(void* dst, const void* src, bool valid
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(SmemAddr(dst)), "l"(src),
                "r"(valid ? 16 : 0));
 }
+// 8 (or, !eight, 4) bytes global -> shared, through L1; zero-filled when !valid.
+__device__ __forceinline__ void CpAsyncSmall(void* dst, const void* src, bool eight, bool valid) {
+  if (eight) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(SmemAddr(dst)), "l"(src), "r"(valid ? 8 : 0));
+  } else {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(SmemAddr(dst)), "l"(src), "r"(valid ? 4 : 0));
+  }
+}
 __device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void CpAsyncWait() {
@@ -176,6 +184,8 @@ struct TileLoader {
       }
     }
   }
+  // The bf16 C_K tile of `stage` (C_V follows at kTile * ldk), ready once its copies landed.
+  __device__ const __nv_bfloat16* Tile(int stage) const { return region + stage * L.stage_elems; }
   // Lane l's token in a tile starting at `base` is base + l % 16; -1: past kv_end.
   __device__ int64_t SlotOf(int base) const {
     const int tok = base + lane % kTile;

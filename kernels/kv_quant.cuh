@@ -19,29 +19,46 @@
 
 namespace lorc::kernels {
 
-// The codes of channels [c, c + 8) of head `head` of the token at (block, row), c a multiple of 8
-// (and of 32 / 4 for int4's group: c / 32 is the group): .x .y the 8 fp8 / int8 codes (int4: .x
-// the 8 nibbles), .z the fp16 scale (int4: scale | zero point << 16). Needs 8-byte aligned code
-// rows and head offsets (the launchers check block_bytes() % 16 and head widths % 8).
-__device__ __forceinline__ uint4 KvqLoad8(KvQuant q, const uint8_t* base, const KvqSide& s, int64_t block, int row,
-                                          int head, int c) {
-  const uint8_t* b = base + block * s.block_bytes();
-  const uint8_t* codes = b + row * s.code_row + head * s.head_code;
-  const uint16_t* scales =
-      reinterpret_cast<const uint16_t*>(b + s.block_size * s.code_row + row * s.scale_row) + head * s.head_scales;
+// Where head `head`'s codes of channel c (c even; int4: byte c / 2) and its scales (fp16 values)
+// sit for the token at (block, row).
+__device__ __forceinline__ const uint8_t* KvqCodePtr(KvQuant q, const uint8_t* base, const KvqSide& s, int64_t block,
+                                                     int row, int head, int c) {
+  return base + block * s.block_bytes() + row * s.code_row + head * s.head_code + (q == KvQuant::kInt4 ? c / 2 : c);
+}
+__device__ __forceinline__ const uint16_t* KvqScalePtr(const uint8_t* base, const KvqSide& s, int64_t block, int row,
+                                                       int head) {
+  return reinterpret_cast<const uint16_t*>(base + block * s.block_bytes() + s.block_size * s.code_row +
+                                           row * s.scale_row) +
+         head * s.head_scales;
+}
+
+// KvqLoad8's value from the codes of the 8 channels and the head's scales (int4: the group's
+// (scale, zero) pair) already located.
+__device__ __forceinline__ uint4 KvqLoadAt(KvQuant q, const uint8_t* codes, const uint16_t* scales) {
   uint4 r;
   if (q == KvQuant::kInt4) {
-    r.x = __ldg(reinterpret_cast<const uint32_t*>(codes + c / 2));
+    r.x = __ldg(reinterpret_cast<const uint32_t*>(codes));
     r.y = 0;
-    r.z = __ldg(reinterpret_cast<const uint32_t*>(scales + 2 * (c / kKvInt4Group)));
+    r.z = __ldg(reinterpret_cast<const uint32_t*>(scales));
   } else {
-    const uint2 v = __ldg(reinterpret_cast<const uint2*>(codes + c));
+    const uint2 v = __ldg(reinterpret_cast<const uint2*>(codes));
     r.x = v.x;
     r.y = v.y;
     r.z = __ldg(scales);
   }
   r.w = 0;
   return r;
+}
+
+// The codes of channels [c, c + 8) of head `head` of the token at (block, row), c a multiple of 8
+// (and of 32 / 4 for int4's group: c / 32 is the group): .x .y the 8 fp8 / int8 codes (int4: .x
+// the 8 nibbles), .z the fp16 scale (int4: scale | zero point << 16). Needs 8-byte aligned code
+// rows and head offsets (the launchers check KvqSideReadable).
+__device__ __forceinline__ uint4 KvqLoad8(KvQuant q, const uint8_t* base, const KvqSide& s, int64_t block, int row,
+                                          int head, int c) {
+  const uint16_t* scales = KvqScalePtr(base, s, block, row, head);
+  return KvqLoadAt(q, KvqCodePtr(q, base, s, block, row, head, c),
+                   q == KvQuant::kInt4 ? scales + 2 * (c / kKvInt4Group) : scales);
 }
 // The same for a flat slot (block slot / block_size, row slot % block_size).
 __device__ __forceinline__ uint4 KvqLoad8Slot(KvQuant q, const uint8_t* base, const KvqSide& s, int64_t slot, int head,
@@ -77,6 +94,31 @@ __device__ __forceinline__ void KvqDequant8(KvQuant q, const uint4& raw, float (
       out[i] = static_cast<float>(static_cast<int8_t>((w[i / 4] >> (8 * (i % 4))) & 0xffu)) * s;
     }
   }
+}
+
+// fp8 / int8: KvqLoad8's 8 codes as fp32 values WITHOUT the scale (returned: the row's scale, to
+// apply to a reduced dot product or a probability instead of to every element); int4: the
+// dequantized values (zero point and scale per group; returned 1).
+__device__ __forceinline__ float KvqCodes8(KvQuant q, const uint4& raw, float (&out)[8]) {
+  if (q == KvQuant::kInt4) {
+    KvqDequant8(q, raw, out);
+    return 1.0f;
+  }
+  const uint32_t w[2] = {raw.x, raw.y};
+  if (q == KvQuant::kFp8E4m3) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(w[i / 2] >> (16 * (i % 2))),
+                                                       __NV_E4M3);
+      const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&h));
+      out[2 * i] = f.x;
+      out[2 * i + 1] = f.y;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) out[i] = static_cast<float>(static_cast<int8_t>((w[i / 4] >> (8 * (i % 4))) & 0xffu));
+  }
+  return KvqHalfBits(raw.z);
 }
 
 // KvqLoad8's raw value -> 8 bf16 values (KvqDequant8 rounded to nearest even) as one uint4, for

@@ -23,10 +23,10 @@ namespace {
 // tile ahead; Tile() then dequantizes the landed raw stage into bf16 stage 0 (scales by
 // shuffle) for the tile's products. Q: the quantized variant (its own instantiation, so the bf16
 // one keeps its registers).
+constexpr int kRawRow = 128;  // bytes of one token's codes in a quantized raw stage (16 pieces of 8)
 template <bool Q>
 struct FixedTileLoader {
   static constexpr Layout L{64, 64};
-  static constexpr int kRawRow = 128;  // bytes of one token's codes in a raw stage
   const Item& it;
   int lane;
   const int32_t* table;

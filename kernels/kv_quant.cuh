@@ -68,40 +68,14 @@ __device__ __forceinline__ uint4 KvqLoad8Slot(KvQuant q, const uint8_t* base, co
 
 __device__ __forceinline__ float KvqHalfBits(uint32_t h) { return __half2float(__ushort_as_half(static_cast<unsigned short>(h))); }
 
-// KvqLoad8's raw value -> 8 fp32 values: fp8 code (exact via fp16) x scale, int8 code x scale,
-// int4 zero + code x scale (one fused rounding; the CPU rounds the product and the sum).
-__device__ __forceinline__ void KvqDequant8(KvQuant q, const uint4& raw, float (&out)[8]) {
-  if (q == KvQuant::kInt4) {
-    const float s = KvqHalfBits(raw.z & 0xffffu), z = KvqHalfBits(raw.z >> 16);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) out[i] = __fmaf_rn(static_cast<float>((raw.x >> (4 * i)) & 0xfu), s, z);
-    return;
-  }
-  const float s = KvqHalfBits(raw.z);
-  const uint32_t w[2] = {raw.x, raw.y};
-  if (q == KvQuant::kFp8E4m3) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(w[i / 2] >> (16 * (i % 2))),
-                                                       __NV_E4M3);
-      const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&h));
-      out[2 * i] = f.x * s;
-      out[2 * i + 1] = f.y * s;
-    }
-  } else {
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      out[i] = static_cast<float>(static_cast<int8_t>((w[i / 4] >> (8 * (i % 4))) & 0xffu)) * s;
-    }
-  }
-}
-
 // fp8 / int8: KvqLoad8's 8 codes as fp32 values WITHOUT the scale (returned: the row's scale, to
 // apply to a reduced dot product or a probability instead of to every element); int4: the
 // dequantized values (zero point and scale per group; returned 1).
 __device__ __forceinline__ float KvqCodes8(KvQuant q, const uint4& raw, float (&out)[8]) {
   if (q == KvQuant::kInt4) {
-    KvqDequant8(q, raw, out);
+    const float s = KvqHalfBits(raw.z & 0xffffu), z = KvqHalfBits(raw.z >> 16);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) out[i] = __fmaf_rn(static_cast<float>((raw.x >> (4 * i)) & 0xfu), s, z);
     return 1.0f;
   }
   const uint32_t w[2] = {raw.x, raw.y};
@@ -119,6 +93,15 @@ __device__ __forceinline__ float KvqCodes8(KvQuant q, const uint4& raw, float (&
     for (int i = 0; i < 8; ++i) out[i] = static_cast<float>(static_cast<int8_t>((w[i / 4] >> (8 * (i % 4))) & 0xffu));
   }
   return KvqHalfBits(raw.z);
+}
+
+// KvqLoad8's raw value -> 8 fp32 values: fp8 code (exact via fp16) x scale, int8 code x scale,
+// int4 zero + code x scale (one fused rounding; the CPU rounds the product and the sum).
+__device__ __forceinline__ void KvqDequant8(KvQuant q, const uint4& raw, float (&out)[8]) {
+  const float s = KvqCodes8(q, raw, out);
+  if (q == KvQuant::kInt4) return;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) out[i] *= s;
 }
 
 // KvqLoad8's raw value -> 8 bf16 values (KvqDequant8 rounded to nearest even) as one uint4, for
@@ -148,29 +131,17 @@ __device__ __forceinline__ void KvqQuantizeRow(KvQuant q, const float* x, int he
   const int code_row = static_cast<int>(KvqCodeRowBytes(q, heads, head_width));
   for (int i = heads * head_code + threadIdx.x; i < code_row; i += blockDim.x) codes[i] = 0;
   if (q != KvQuant::kInt4) {
-    const float qmax = q == KvQuant::kFp8E4m3 ? kFp8E4m3Max : kKvInt8Max;
     for (int h = warp; h < heads; h += warps) {
       const float* xh = x + h * head_width;
       float amax = 0.0f;
       for (int i = lane; i < head_width; i += 32) amax = fmaxf(amax, fabsf(xh[i]));
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-      float s = amax / qmax;
-      if (s > kKvF16Max) s = kKvF16Max;
-      const uint16_t sh = KvqF16RoundUp(s);
+      float inv;
+      const uint16_t sh = KvqSymmetricScale(q, amax, &inv);
       if (lane == 0) scales[h] = sh;
-      const float sf = KvqF16ToF32(sh);
-      const float inv = sf > 0.0f ? 1.0f / sf : 0.0f;
       uint8_t* ch = codes + h * head_code;
-      for (int i = lane; i < head_width; i += 32) {
-        const float v = xh[i] * inv;
-        if (q == KvQuant::kFp8E4m3) {
-          ch[i] = KvqF32ToFp8E4m3(v);
-        } else {
-          const float r = fminf(fmaxf(rintf(v), -kKvInt8Max), kKvInt8Max);
-          ch[i] = static_cast<uint8_t>(static_cast<int8_t>(r));
-        }
-      }
+      for (int i = lane; i < head_width; i += 32) ch[i] = KvqSymmetricCode(q, xh[i] * inv);
     }
     return;
   }
@@ -186,20 +157,14 @@ __device__ __forceinline__ void KvqQuantizeRow(KvQuant q, const float* x, int he
       mn = fminf(mn, __shfl_xor_sync(0xffffffffu, mn, o));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
     }
-    mn = fminf(fmaxf(mn, -kKvF16Max), kKvF16Max);
-    mx = fminf(fmaxf(mx, -kKvF16Max), kKvF16Max);
-    const uint16_t zh = KvqF16RoundDown(mn);
-    const float z = KvqF16ToF32(zh);
-    float s = (mx - z) / kKvInt4Max;
-    if (s > kKvF16Max) s = kKvF16Max;
-    const uint16_t sh = KvqF16RoundUp(s);
+    uint16_t sz[2];
+    float z, inv;
+    KvqInt4ScaleZero(mn, mx, sz, &z, &inv);
     if (lane == 0) {
-      scales[2 * u] = sh;
-      scales[2 * u + 1] = zh;
+      scales[2 * u] = sz[0];
+      scales[2 * u + 1] = sz[1];
     }
-    const float sf = KvqF16ToF32(sh);
-    const float inv = sf > 0.0f ? 1.0f / sf : 0.0f;
-    const uint32_t code = on ? static_cast<uint32_t>(fminf(fmaxf(rintf((xv - z) * inv), 0.0f), kKvInt4Max)) : 0u;
+    const uint32_t code = on ? KvqInt4Code(xv, z, inv) : 0u;
     const uint32_t hi = __shfl_down_sync(0xffffffffu, code, 1);
     if (on && lane % 2 == 0) {
       codes[h * head_code + (c0 + lane) / 2] = static_cast<uint8_t>(code | ((lane + 1 < n ? hi : 0u) << 4));

@@ -124,14 +124,19 @@ OnDevice Upload(Backend& be, DType d, const Problem& p) {
 
 enum Paths { kDecode = 1, kPrefill = 2, kBoth = 3 };
 
-std::vector<float> RunAttention(Backend& be, DType d, const Problem& p, int paths) {
-  OnDevice o = Upload(be, d, p);
+// Plans the problem's batch and runs the chosen paths over o's cache; returns the output.
+std::vector<float> PlanAndRun(Backend& be, DType d, const Problem& p, const OnDevice& o, int paths) {
   auto plan = be.CreateAttentionPlan({static_cast<int32_t>(p.seqs.size()), p.num_tokens, p.max_blocks});
   CHECK(plan.ok()) << plan.status();
   CHECK_OK(be.PlanAttention(o.batch, **plan));
   if (paths & kDecode) CHECK_OK(be.DecodeAttention(o.params, **plan));
   if (paths & kPrefill) CHECK_OK(be.PrefillAttention(o.params, **plan));
   return Get(be, o.out, d);
+}
+
+std::vector<float> RunAttention(Backend& be, DType d, const Problem& p, int paths) {
+  const OnDevice o = Upload(be, d, p);
+  return PlanAndRun(be, d, p, o, paths);
 }
 
 void ExpectNear(const std::vector<float>& got, const std::vector<float>& want) {
@@ -290,14 +295,10 @@ std::vector<float> RunQuantAttention(Backend& be, DType d, const Problem& p, int
   parity::QuantCache c = parity::MakeQuantCache(be, q, p.num_blocks, p.bs, p.kv_heads, kv_width, kv_width);
   parity::WriteAllSlots(be, d, c.layer, p.k, p.v, static_cast<int64_t>(p.num_blocks) * p.bs);
   o.params.cache = c.layer;
-  auto plan = be.CreateAttentionPlan({static_cast<int32_t>(p.seqs.size()), p.num_tokens, p.max_blocks});
-  CHECK(plan.ok()) << plan.status();
-  CHECK_OK(be.PlanAttention(o.batch, **plan));
-  if (paths & kDecode) CHECK_OK(be.DecodeAttention(o.params, **plan));
-  if (paths & kPrefill) CHECK_OK(be.PrefillAttention(o.params, **plan));
+  std::vector<float> out = PlanAndRun(be, d, p, o, paths);
   *k_bytes = parity::GetBytes(be, c.k);
   *v_bytes = parity::GetBytes(be, c.v);
-  return Get(be, o.out, d);
+  return out;
 }
 
 // Per dtype: the caches the two backends write from equal inputs are byte-identical (no

@@ -241,7 +241,7 @@ struct RopeKvWriteParams {
 // columns [j*v_rank, (j+1)*v_rank). The output projection then reads those r_v-wide rows.
 // InvalidArgument for shapes that do not match the ranks; CPU: F32 q/k_up/out (exact fp32
 // reference), the cache F32, BF16 or quantized (latents dequantized per KV head);
-// CUDA: BF16 (cache BF16 only), head_dim 128, group 1/2/4/8/16, ranks multiples of 8
+// CUDA: BF16 (the cache BF16 or quantized), head_dim 128, group 1/2/4/8/16, ranks multiples of 8
 // (Unimplemented otherwise).
 struct LatentAttentionParams {
   Tensor2D q;     // [num_tokens, num_heads * head_dim], RoPE applied

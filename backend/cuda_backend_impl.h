@@ -8,6 +8,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <memory>
 #include <string>
 #include <utility>
@@ -35,6 +36,10 @@ inline absl::Status NoKernel(const char* op) {
   return absl::UnimplementedError(absl::StrCat("cuda backend: ", op,
                                                ": kernel not implemented yet (use --backend cpu)"));
 }
+
+// InvalidArgument naming the op unless a quantized cache (KvLayer::quant != kNone) has KV heads
+// dividing its widths and a block size (cuda_backend.cc).
+absl::Status CheckQuantizedCache(const char* op, const KvLayer& c);
 
 class CudaEvent final : public Event {
  public:
@@ -174,6 +179,9 @@ class CudaBackend final : public Backend {
   absl::Status PrefillAttention(const AttentionParams& p, const AttentionPlan& plan) override;
   // LoRC latent attention (kernels/attention_latent.cu) over the same plan.
   bool SupportsLatentAttention() const override { return true; }
+  // fp8 / int8 / int4 caches: quantized by RopeKvWrite / WriteKv (kernels/rope.cu), read by every
+  // attention kernel (kernels/kv_quant.cuh).
+  bool SupportsQuantizedKvCache() const override { return true; }
   absl::Status LatentAttention(const LatentAttentionParams& p, const AttentionPlan& plan) override;
   // cuda_sampling.cc
   absl::Status Sample(const Tensor2D& logits, absl::Span<const SamplingRow> rows, SampleOutput* out) override;

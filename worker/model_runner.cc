@@ -62,7 +62,7 @@ absl::Status ModelRunner::Init(const KvCacheSpec& spec, const KvCacheOptions& kv
   if (kv_spec_.quant() != kernels::KvQuant::kNone && !backend_->SupportsQuantizedKvCache()) {
     return absl::UnimplementedError(absl::StrCat(
         "--kv-cache-dtype ", KvCacheDtypeName(kv_spec_.kv_cache_dtype), ": the ", backend_->name(),
-        " backend does not implement quantized KV caches yet (auto or bf16 there; cpu has all)"));
+        " backend does not implement quantized KV caches (auto or bf16 there; cpu and cuda have all)"));
   }
   if (kv_spec_.num_layers() != config_.num_layers) {
     return absl::InvalidArgumentError(absl::StrCat("kv spec has ", kv_spec_.num_layers(),

@@ -17,12 +17,12 @@
 #   peer    bench/hf_peer.py (transformers + PyTorch) on the same shapes (8B one GPU; 70B over 2)
 #   lorcserve  not in the default phases: phase serve on a LoRC-compressed fixture (see below)
 #   lorc    not in the default phases: the LoRC quality sweep of scripts/lorc/configs.txt on the
-#           fixture (issue #9). Configs with a quantized KV dtype (fp8/int8/int4) run on the CPU
-#           backend (the CUDA backend has no quantized-KV kernels yet), the rest on the GPU, both
-#           at once; results packed into $OUT/lorc-sweep.tar.gz with the report's table in
-#           $OUT/lorc-table.md. LORC_JOBS_CPU / LORC_JOBS_GPU (default 6 / 4), LORC_THREADS_CPU / _GPU (2 / 1), LORC_ONLY (regex),
-#           LORC_EXCLUDE (regex of names to leave out), LORC_TIMEOUT (s, default 540); results
-#           carried in .gpu/lorc-sweep/ are kept (the sweep resumes).
+#           fixture (issue #9), every config on the GPU (`eval --backend cuda`, quantized KV dtypes
+#           fp8/int8/int4 included: the CUDA kernels read them); results packed into
+#           $OUT/lorc-sweep.tar.gz with the report's table in $OUT/lorc-table.md. LORC_JOBS_GPU
+#           (default 4), LORC_THREADS_GPU (1), LORC_ONLY (regex), LORC_EXCLUDE (regex of names to
+#           leave out), LORC_TIMEOUT (s, default 540); results carried in .gpu/lorc-sweep/ are kept
+#           (the sweep resumes).
 # Environment: OUT (default /tmp/lorc-gpu), GPUS (default: all visible), STEPS (decode steps, 32),
 # BIN_DIR (binaries from a local build instead of the bundle), BACKEND (serve phase; default cuda).
 set -uo pipefail
@@ -193,27 +193,20 @@ phase_lorc() {
   mkdir -p "$sw"
   # Results of an earlier (interrupted) run carried in .gpu/lorc-sweep are kept: the sweep resumes.
   [ -d .gpu/lorc-sweep ] && cp -n .gpu/lorc-sweep/*.json "$sw"/ 2>/dev/null
-  grep -E '^[^#].*--kv-cache-dtype (fp8|int8|int4)' "$cfg" > /tmp/lorc-cpu.txt
-  grep -vE -- '--kv-cache-dtype (fp8|int8|int4)' "$cfg" > /tmp/lorc-gpu.txt
+  grep -E '^[^#]' "$cfg" > /tmp/lorc-gpu.txt
   if [ -n "${LORC_EXCLUDE:-}" ]; then  # config names to leave out (e.g. ^maxppl, run elsewhere)
-    for f in /tmp/lorc-cpu.txt /tmp/lorc-gpu.txt; do grep -vE -- "$LORC_EXCLUDE" "$f" > "$f.x"; mv "$f.x" "$f"; done
+    grep -vE -- "$LORC_EXCLUDE" /tmp/lorc-gpu.txt > /tmp/lorc-gpu.txt.x; mv /tmp/lorc-gpu.txt.x /tmp/lorc-gpu.txt
   fi
   local only=()
   [ -n "${LORC_ONLY:-}" ] && only=(--only "$LORC_ONLY")
   timeout "$t" bash scripts/lorc/sweep.sh --lorcserve "$L" --model models/tiny-llama-a --out "$sw" \
-    --configs /tmp/lorc-cpu.txt -j "${LORC_JOBS_CPU:-6}" --threads "${LORC_THREADS_CPU:-2}" --share-compressed "${only[@]}" \
-    > "$OUT/lorc-cpu.txt" 2>&1 &
-  local cpu_pid=$!
-  timeout "$t" bash scripts/lorc/sweep.sh --lorcserve "$L" --model models/tiny-llama-a --out "$sw" \
     --configs /tmp/lorc-gpu.txt -j "${LORC_JOBS_GPU:-4}" --threads "${LORC_THREADS_GPU:-1}" --share-compressed --eval-args "--backend cuda --num-blocks 4096" \
     "${only[@]}" > "$OUT/lorc-gpu.txt" 2>&1
   local gpu_rc=$?
-  wait "$cpu_pid"
-  local cpu_rc=$?
   tar czf "$OUT/lorc-sweep.tar.gz" -C "$sw" --exclude ./models .  # results and logs, not models
   python3 scripts/lorc/report.py "$sw" --md "$OUT/lorc-table.md" --no-gnuplot > /dev/null 2>&1
-  note "lorc sweep: gpu rc $gpu_rc, cpu rc $cpu_rc, $(ls "$sw"/*.json 2>/dev/null | wc -l) results, $(ls "$sw"/*.failed 2>/dev/null | wc -l) failed"
-  [ "$gpu_rc" -eq 0 ] && [ "$cpu_rc" -eq 0 ] || fails=$((fails + 1))
+  note "lorc sweep: gpu rc $gpu_rc, $(ls "$sw"/*.json 2>/dev/null | wc -l) results, $(ls "$sw"/*.failed 2>/dev/null | wc -l) failed"
+  [ "$gpu_rc" -eq 0 ] || fails=$((fails + 1))
 }
 
 # Not in the default phases: a LoRC-compressed copy of the fixture (whitened SVD, uniform rank, half

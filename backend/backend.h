@@ -314,6 +314,11 @@ class Backend {
   // Later work on this backend's stream waits for `event` (recorded on any stream of the device).
   virtual absl::Status StreamWaitEvent(Event& event) = 0;
   virtual bool SupportsGraphs() const = 0;
+  // Whether Matmul picks its algorithm by timing candidates at the first call of a shape bucket
+  // (CUDA: per power-of-two bucket of the token count, timed at the token count of that first
+  // call). The model runner then runs its start-up warm-up (ModelRunner, MatmulWarmUpSizes) so
+  // that every bucket is timed at the largest token count a step of it can have.
+  virtual bool TimesMatmulAtFirstUse() const { return false; }
   // Starts recording this stream's ops into a graph (FailedPrecondition when already capturing).
   // While capturing, nothing may synchronize and no memory may be allocated or freed.
   virtual absl::Status BeginCapture() = 0;

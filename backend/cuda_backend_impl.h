@@ -101,6 +101,7 @@ class CudaBackend final : public Backend {
     return CudaError(cudaStreamWaitEvent(stream_, static_cast<CudaEvent&>(e).event, 0), "wait event");
   }
   bool SupportsGraphs() const override { return true; }
+  bool TimesMatmulAtFirstUse() const override { return true; }
   absl::Status BeginCapture() override {
     if (capturing_) return absl::FailedPreconditionError("cuda backend: BeginCapture while capturing");
     RETURN_IF_ERROR(CudaError(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal), "begin capture"));

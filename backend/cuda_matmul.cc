@@ -16,7 +16,9 @@
 // weights come from HBM; a one-off stream synchronization) and the fastest is cached. Seen
 // first inside a capture, the heuristic's first choice is used (host-only work) and cached
 // untimed; the next eager call of that key times it. Buckets are powers of two of the token count
-// T (1, 2, 4, ..., 256, ... : decode batches matter most). The workspace (kWorkspaceBytes) is
+// T (1, 2, 4, ..., 256, ... : decode batches matter most); a bucket is timed at the token count
+// of its first call, so the model runner warms every bucket up at its largest reachable count at
+// start-up (TimesMatmulAtFirstUse; worker/README.md). The workspace (kWorkspaceBytes) is
 // allocated with the backend, the L2 flush buffer (twice the L2 size) at the first timing (with
 // CUDA graphs that is in start-up's warm-up, before the KV cache is sized; when it cannot be
 // allocated, timing runs hot), so Matmul is capturable. `out` must not

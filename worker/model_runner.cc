@@ -87,9 +87,16 @@ absl::Status ModelRunner::Init(const KvCacheSpec& spec, const KvCacheOptions& kv
   ASSIGN_OR_RETURN(inv_freq_, backend_->Allocate(inv_freq.size() * sizeof(float)));
   RETURN_IF_ERROR(backend_->CopyToDevice(inv_freq_.data(), inv_freq.data(), inv_freq.size() * sizeof(float)));
   int64_t reserve = 0;
-  if (backend_->SupportsGraphs() && !kv.enforce_eager) {
-    graph_sizes_ = DecodeGraphSizes(max_logit_rows_);
-    ASSIGN_OR_RETURN(reserve, MeasureGraphMemory());
+  const bool graphs = backend_->SupportsGraphs() && !kv.enforce_eager;
+  if (graphs) graph_sizes_ = DecodeGraphSizes(max_logit_rows_);
+  if (graphs || backend_->TimesMatmulAtFirstUse()) {
+    // Before the KV cache is sized, over a one-block probe cache (model_runner_graphs.cc).
+    ASSIGN_OR_RETURN(std::vector<DeviceBuffer> probe, AttachProbeCache());
+    if (backend_->TimesMatmulAtFirstUse()) RETURN_IF_ERROR(WarmUpMatmuls());
+    if (graphs) {
+      ASSIGN_OR_RETURN(reserve, MeasureGraphMemory());
+    }
+    kv_layers_.clear();
   }
   RETURN_IF_ERROR(AllocateCache(kv, reserve));
   RETURN_IF_ERROR(AllocateHostKv(kv));

@@ -173,14 +173,28 @@ class ModelRunner {
   // Enqueues the forward pass over the uploaded metadata: T token rows, logits of the first
   // `num_rows` entries of the logit-row list (num_rows <= max_logit_rows_) into logits_.
   absl::Status Forward(int32_t T, int32_t num_rows);
-  // Graph capture (model_runner_graphs.cc). Writes, uploads and plans a dummy decode step of n
-  // padding rows (slot -1, one attention sequence of length 1 per row reading block 0).
-  absl::Status PrepareDummyDecode(int32_t n);
+  // Start-up (model_runner_graphs.cc). Writes, uploads and plans a dummy step of `tokens` padding
+  // rows (slot -1: no KV write) in `seqs` attention sequences of (nearly) equal length, each a
+  // prefill from position 0 whose block table is all block 0; seqs == tokens: a decode step (one
+  // sequence of length 1 per row). tokens <= max_num_batched_tokens, seqs <= max_num_seqs,
+  // tokens / seqs (rounded up) <= max_model_len.
+  absl::Status PrepareDummyStep(int32_t tokens, int32_t seqs);
+  // A one-block cache per layer in kv_layers_ (the returned buffers), standing in for the real
+  // cache before AllocateCache: dummy steps write nothing and read block 0.
+  absl::StatusOr<std::vector<DeviceBuffer>> AttachProbeCache();
+  // Backends with TimesMatmulAtFirstUse(): one dummy forward pass per MatmulWarmUpSizes entry,
+  // largest first, so that each of the backend's token-count buckets is timed at the largest
+  // count a step of that bucket can have, whatever max_num_seqs is and whichever step comes
+  // first (bucket 64 timed at the decode graph of 40 rows made the 8B batch-64 step 13 % slower
+  // on an H200; docs/PERFORMANCE.md). Counts up to max_logit_rows_ run as
+  // decode steps with their LM head; larger ones as prefill steps without (LM-head rows never
+  // exceed max_logit_rows_). Over the probe cache.
+  absl::Status WarmUpMatmuls();
   // Runs the dummy step of size n eagerly once (matmul algorithms are chosen outside capture),
   // then captures it.
   absl::StatusOr<std::unique_ptr<Graph>> CaptureDecode(int32_t n);
-  // Before AllocateCache: the memory of the largest graph, captured over a one-block probe
-  // cache, times the number of sizes; subtracted from the KV budget.
+  // Before AllocateCache, over the probe cache: the memory of the largest graph times the number
+  // of sizes; subtracted from the KV budget.
   absl::StatusOr<int64_t> MeasureGraphMemory();
   absl::Status CaptureDecodeGraphs();
   // The graph index for a step of `steps` when it is pure decode and fits; -1 otherwise.
@@ -230,6 +244,10 @@ class ModelRunner {
   int64_t num_graph_steps_ = 0, num_eager_steps_ = 0, graph_memory_bytes_ = 0;
   LayerInputObserver layer_input_observer_;
 };
+
+// Token counts of ModelRunner's start-up matmul warm-up, descending: `max_num_batched_tokens`,
+// every power of two below it and `max_rows` (the largest decode step), each once.
+std::vector<int32_t> MatmulWarmUpSizes(int32_t max_num_batched_tokens, int32_t max_rows);
 
 // Padded batch sizes for decode graphs, vLLM-style: 1, 2, 4, then multiples of 8 up to
 // `max_rows`, and `max_rows` itself (the largest decode step).

@@ -1,6 +1,8 @@
-// ModelRunner's decode graphs: the padded sizes, the start-up capture (and its memory, measured
-// before the KV cache is sized) and the choice of a graph for a step. See model_runner.h.
+// ModelRunner's start-up over a probe cache (the matmul warm-up, the decode graphs' memory) and
+// its decode graphs: the padded sizes, the capture and the choice of a graph for a step. See
+// model_runner.h.
 #include <algorithm>
+#include <functional>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -33,27 +35,41 @@ int ModelRunner::FindDecodeGraph(absl::Span<const SequenceStep> steps) const {
   return graphs_.empty() ? -1 : DecodeGraphIndex(steps, graph_sizes_);
 }
 
-absl::Status ModelRunner::PrepareDummyDecode(int32_t n) {
+std::vector<int32_t> MatmulWarmUpSizes(int32_t max_num_batched_tokens, int32_t max_rows) {
+  std::vector<int32_t> sizes = {max_num_batched_tokens, max_rows};
+  for (int64_t n = 1; n < max_num_batched_tokens; n *= 2) sizes.push_back(static_cast<int32_t>(n));
+  std::sort(sizes.begin(), sizes.end(), std::greater<>());
+  sizes.erase(std::unique(sizes.begin(), sizes.end()), sizes.end());
+  return sizes;
+}
+
+absl::Status ModelRunner::PrepareDummyStep(int32_t tokens, int32_t seqs) {
   int32_t* hm = meta_host_.as<int32_t>();
   int32_t* dm = meta_.as<int32_t>();
   const MetaLayout& m = meta_at_;
   const int32_t mb = max_blocks_per_seq_;
-  for (int32_t i = 0; i < n; ++i) {
-    hm[m.ids + i] = 0;
-    hm[m.positions + i] = 0;
-    hm[m.slots + i] = -1;
-    hm[m.logit_rows + i] = i;
-    hm[m.query_start + i] = i;
-    hm[m.seq_lens + i] = 1;
+  int32_t max_len = 0;
+  hm[m.query_start] = 0;
+  for (int32_t i = 0; i < seqs; ++i) {
+    const int32_t begin = static_cast<int32_t>(static_cast<int64_t>(tokens) * i / seqs);
+    const int32_t end = static_cast<int32_t>(static_cast<int64_t>(tokens) * (i + 1) / seqs);
+    for (int32_t r = begin; r < end; ++r) {
+      hm[m.ids + r] = 0;
+      hm[m.positions + r] = r - begin;
+      hm[m.slots + r] = -1;
+    }
+    hm[m.logit_rows + i] = end - 1;
+    hm[m.query_start + i + 1] = end;
+    hm[m.seq_lens + i] = end - begin;
+    max_len = std::max(max_len, end - begin);
     std::fill(hm + m.tables + static_cast<int64_t>(i) * mb, hm + m.tables + static_cast<int64_t>(i + 1) * mb, 0);
   }
-  hm[m.query_start + n] = n;
   // The whole used prefix of the metadata in one copy (the dummy step fills every region's head).
   RETURN_IF_ERROR(backend_->CopyToDevice(dm, hm, static_cast<size_t>(m.total) * sizeof(int32_t)));
   AttentionBatch batch;
-  batch.num_seqs = n;
-  batch.num_tokens = n;
-  batch.max_seq_len = 1;
+  batch.num_seqs = seqs;
+  batch.num_tokens = tokens;
+  batch.max_seq_len = max_len;
   batch.max_blocks_per_seq = mb;
   batch.block_size = kv_spec_.block_size;
   batch.query_start = dm + m.query_start;
@@ -64,8 +80,37 @@ absl::Status ModelRunner::PrepareDummyDecode(int32_t n) {
   return backend_->PlanAttention(batch, *plan_);
 }
 
+absl::StatusOr<std::vector<DeviceBuffer>> ModelRunner::AttachProbeCache() {
+  std::vector<DeviceBuffer> probe;
+  kv_layers_.clear();
+  for (int l = 0; l < kv_spec_.num_layers(); ++l) {
+    ASSIGN_OR_RETURN(DeviceBuffer k, backend_->Allocate(static_cast<size_t>(kv_spec_.block_size) * kv_spec_.KBytesPerToken(l)));
+    ASSIGN_OR_RETURN(DeviceBuffer v, backend_->Allocate(static_cast<size_t>(kv_spec_.block_size) * kv_spec_.VBytesPerToken(l)));
+    kv_layers_.push_back(CacheLayer(l, k.data(), v.data()));
+    probe.push_back(std::move(k));
+    probe.push_back(std::move(v));
+  }
+  return probe;
+}
+
+absl::Status ModelRunner::WarmUpMatmuls() {
+  const int32_t max_len = limits_.max_model_len;
+  for (int32_t n : MatmulWarmUpSizes(limits_.max_num_batched_tokens, max_logit_rows_)) {
+    if (n <= max_logit_rows_) {
+      RETURN_IF_ERROR(PrepareDummyStep(n, n));
+      RETURN_IF_ERROR(Forward(n, n));
+      continue;
+    }
+    const int32_t seqs = static_cast<int32_t>((static_cast<int64_t>(n) + max_len - 1) / max_len);
+    if (seqs > limits_.max_num_seqs) continue;  // no step has n tokens
+    RETURN_IF_ERROR(PrepareDummyStep(n, seqs));
+    RETURN_IF_ERROR(Forward(n, 0));
+  }
+  return backend_->Synchronize();
+}
+
 absl::StatusOr<std::unique_ptr<Graph>> ModelRunner::CaptureDecode(int32_t n) {
-  RETURN_IF_ERROR(PrepareDummyDecode(n));
+  RETURN_IF_ERROR(PrepareDummyStep(n, n));
   RETURN_IF_ERROR(Forward(n, n));  // warm-up: matmul algorithms are picked (timed) outside capture
   RETURN_IF_ERROR(backend_->Synchronize());
   RETURN_IF_ERROR(backend_->BeginCapture());
@@ -78,27 +123,17 @@ absl::StatusOr<std::unique_ptr<Graph>> ModelRunner::CaptureDecode(int32_t n) {
 }
 
 absl::StatusOr<int64_t> ModelRunner::MeasureGraphMemory() {
-  // A one-block cache per layer stands in for the real one: the dummy step writes nothing
-  // (slot -1) and its attention reads block 0.
-  std::vector<DeviceBuffer> probe;
-  for (int l = 0; l < kv_spec_.num_layers(); ++l) {
-    ASSIGN_OR_RETURN(DeviceBuffer k, backend_->Allocate(static_cast<size_t>(kv_spec_.block_size) * kv_spec_.KBytesPerToken(l)));
-    ASSIGN_OR_RETURN(DeviceBuffer v, backend_->Allocate(static_cast<size_t>(kv_spec_.block_size) * kv_spec_.VBytesPerToken(l)));
-    kv_layers_.push_back(CacheLayer(l, k.data(), v.data()));
-    probe.push_back(std::move(k));
-    probe.push_back(std::move(v));
-  }
+  // Over the probe cache (AttachProbeCache): the dummy step writes nothing and reads block 0.
   const int32_t largest = graph_sizes_.back();
   RETURN_IF_ERROR(backend_->Synchronize());
   const int64_t free0 = backend_->GetMemoryInfo().free_bytes;
   // The warm-up's own allocations (matmul workspaces, if any) stay for the process: count once.
-  RETURN_IF_ERROR(PrepareDummyDecode(largest));
+  RETURN_IF_ERROR(PrepareDummyStep(largest, largest));
   RETURN_IF_ERROR(Forward(largest, largest));
   RETURN_IF_ERROR(backend_->Synchronize());
   const int64_t free1 = backend_->GetMemoryInfo().free_bytes;
   absl::StatusOr<std::unique_ptr<Graph>> g = CaptureDecode(largest);
   const int64_t free2 = backend_->GetMemoryInfo().free_bytes;
-  kv_layers_.clear();
   if (!g.ok()) {
     return absl::Status(g.status().code(), absl::StrCat("decode graph of ", largest, " rows: ",
                                                         g.status().message(), " (--enforce-eager runs without graphs)"));

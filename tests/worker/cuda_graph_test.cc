@@ -83,6 +83,15 @@ TEST(DecodeGraphSizesTest, PowersOfTwoThenMultiplesOfEightAndTheLimit) {
   EXPECT_THAT(DecodeGraphSizes(30), ElementsAre(1, 2, 4, 8, 16, 24, 30));
 }
 
+// Largest first, so that each power-of-two token-count bucket of the CUDA matmul tuning is first
+// timed at its largest reachable count (the decode limit where it falls inside a bucket).
+TEST(MatmulWarmUpSizesTest, DescendingPowersOfTwoWithBothLimits) {
+  EXPECT_THAT(MatmulWarmUpSizes(2048, 256), ElementsAre(2048, 1024, 512, 256, 128, 64, 32, 16, 8, 4, 2, 1));
+  EXPECT_THAT(MatmulWarmUpSizes(3000, 100), ElementsAre(3000, 2048, 1024, 512, 256, 128, 100, 64, 32, 16, 8, 4, 2, 1));
+  EXPECT_THAT(MatmulWarmUpSizes(1, 1), ElementsAre(1));
+  EXPECT_THAT(MatmulWarmUpSizes(5, 5), ElementsAre(5, 4, 2, 1));
+}
+
 SequenceStep OneStep(size_t tokens, SequenceStep::Logits logits) {
   SequenceStep s;
   s.tokens.assign(tokens, 5);

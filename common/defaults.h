@@ -21,6 +21,17 @@ inline constexpr float kMaxPresencePenalty = 2.0f;  // |presence_penalty|, |freq
 // Temperatures below this sample greedily (as vLLM's _SAMPLING_EPS): dividing logits by a
 // smaller one only rounds, and the limit T -> 0 is the argmax.
 inline constexpr float kGreedyTemperature = 1e-5f;
-inline constexpr int64_t kMaxModelLen = 2048;     // config.json without max_position_embeddings
+inline constexpr int64_t kMaxModelLen = 2048;
+// Prefix caching (kvstore/prefix_cache.h): `--enable-prefix-caching` (vLLM's name, on as there).
+inline constexpr bool kEnablePrefixCaching = true;
+// Sessions (kvstore/session_store.h): `--session-ttl-s`, idle seconds before a session's pinned
+// blocks are released; `--max-session-kv-fraction`, the share of the KV blocks all sessions may
+// pin together (oldest sessions released past it).
+inline constexpr double kSessionTtlS = 600.0;
+inline constexpr double kMaxSessionKvFraction = 0.5;
+// Admission prefers a waiting request with a longer cached prefix over those ahead of it (same
+// priority, within this many of the queue's head), but bypasses a request at most this many times.
+inline constexpr int32_t kPrefixPreferenceWindow = 16;
+inline constexpr int32_t kMaxPrefixBypass = 4;     // config.json without max_position_embeddings
 
 }  // namespace lorc::defaults

@@ -174,9 +174,10 @@ void Engine::AbortAll(const absl::Status& status) {
 absl::Status Engine::Fail(const absl::Status& status) {
   for (; in_flight_ > 0; --in_flight_) (void)runner_->Await();  // drop what the runner still holds
   pipelined_.clear();
-  // The workers' cache contents are unknown now: no later hit may serve them.
-  scheduler_.ResetPrefixCache();
   AbortAll(status);
+  // The workers' cache contents are unknown now: no later hit may serve them (after AbortAll,
+  // so the ended requests' sessions pin nothing either).
+  scheduler_.ResetPrefixCache();
   return status;
 }
 

@@ -240,7 +240,11 @@ void Scheduler::End(Seq& s) {
         if (!blocks_.prefix_cache().IsCached(b)) break;
         keep.push_back(b);
       }
-      sessions_.Keep(s.session_id, std::move(keep), Now());
+      if (keep.empty()) {
+        sessions_.Touch(s.session_id, Now());  // nothing new: a session keeps what it had
+      } else {
+        sessions_.Keep(s.session_id, std::move(keep), Now());
+      }
     }
     blocks_.Free(id);
   } else {

@@ -56,6 +56,12 @@ std::vector<FlagSpec> Flags() {
       {"lm-head", true,
        "with --local-workers: split | replicated LM head (default: split on GPUs, on CPUs from 4 workers)",
        "HOW"},
+      {"shared-prefix", true,
+       "instead: time to first token with a shared prefix of N random tokens plus --question "
+       "tokens, the first request (cold) against --prefix-reps later ones with other questions "
+       "(prefix caching: on unless --no-enable-prefix-caching)", "N"},
+      {"question", true, "question tokens after --shared-prefix (default 50)", "Q"},
+      {"prefix-reps", true, "later requests of --shared-prefix, median (default 5)", "N"},
       {"json", false, "print only the JSON lines"},
       {"help", false, "show this help"},
   };
@@ -135,6 +141,85 @@ absl::StatusOr<DecodeRun> RunDecode(Engine& engine, int64_t vocab, int32_t batch
     out.step_ms.push_back(1e3 * Seconds(t0_times[i - 1], t0_times[i]));
   }
   return out;
+}
+
+// One request alone: time to its first token and the prompt tokens found in the prefix cache.
+struct SingleRun {
+  double ttft_s = 0;
+  int64_t cached_prompt_tokens = 0;
+};
+
+absl::StatusOr<SingleRun> RunSingle(Engine& engine, int64_t id, const std::vector<int32_t>& prompt) {
+  GenerationRequest r;
+  r.prompt_ids = prompt;
+  r.params.max_tokens = 1;
+  r.params.ignore_eos = true;
+  SingleRun out;
+  bool done = false;
+  absl::Status status;
+  const auto t0 = Clock::now();
+  RETURN_IF_ERROR(engine.Add(id, r, [&](const RequestUpdate& u) {
+    if (!u.new_ids.empty() && out.ttft_s == 0) out.ttft_s = Seconds(t0, Clock::now());
+    if (u.finished) {
+      done = true;
+      status = u.status;
+      out.cached_prompt_tokens = u.cached_prompt_tokens;
+    }
+  }));
+  while (engine.HasWork()) RETURN_IF_ERROR(engine.Step());
+  if (!done) return absl::InternalError("bench: the request did not finish");
+  RETURN_IF_ERROR(status);
+  return out;
+}
+
+// --shared-prefix: the issue #10 TTFT benchmark (one JSON line, kind "shared_prefix").
+absl::Status RunSharedPrefix(Engine& engine, int64_t vocab, int32_t prefix, int32_t question,
+                             int32_t reps, bool json_only) {
+  uint64_t x = 0x5eed;
+  auto random_ids = [&](int32_t n) {
+    std::vector<int32_t> v(n);
+    for (int32_t& id : v) {
+      x = x * 6364136223846793005ull + 1442695040888963407ull;
+      id = 3 + static_cast<int32_t>((x >> 33) % static_cast<uint64_t>(vocab - 3));
+    }
+    return v;
+  };
+  const std::vector<int32_t> shared = random_ids(prefix);
+  auto prompt = [&]() {
+    std::vector<int32_t> p = shared;
+    const std::vector<int32_t> q = random_ids(question);
+    p.insert(p.end(), q.begin(), q.end());
+    return p;
+  };
+  // A warm-up request of other tokens (allocations, caches), then the cold one.
+  RETURN_IF_ERROR(RunSingle(engine, 1, random_ids(prefix + question)).status());
+  ASSIGN_OR_RETURN(SingleRun first, RunSingle(engine, 2, prompt()));
+  std::vector<double> later;
+  int64_t cached = 0;
+  for (int32_t i = 0; i < reps; ++i) {
+    ASSIGN_OR_RETURN(SingleRun r, RunSingle(engine, 3 + i, prompt()));
+    later.push_back(r.ttft_s);
+    cached = r.cached_prompt_tokens;
+  }
+  const double later_s = Median(later);
+  nlohmann::json j = {{"kind", "shared_prefix"},
+                      {"prefix_tokens", prefix},
+                      {"question_tokens", question},
+                      {"enable_prefix_caching", engine.scheduler().config().enable_prefix_caching},
+                      {"first_ttft_ms", first.ttft_s * 1e3},
+                      {"first_cached_prompt_tokens", first.cached_prompt_tokens},
+                      {"later_ttft_ms_median", later_s * 1e3},
+                      {"later_cached_prompt_tokens", cached},
+                      {"later_reps", reps},
+                      {"speedup", first.ttft_s / later_s}};
+  std::cout << j.dump() << std::endl;
+  if (!json_only) {
+    std::cout << absl::StrFormat(
+        "shared prefix %d + question %d tokens: first TTFT %.2f ms, later %.2f ms (median of %d, "
+        "%d prompt tokens cached): %.1fx\n",
+        prefix, question, first.ttft_s * 1e3, later_s * 1e3, reps, cached, first.ttft_s / later_s);
+  }
+  return absl::OkStatus();
 }
 
 // What the benchmark drives: the engine and, for the floors, what one rank holds.
@@ -279,6 +364,17 @@ int RunEngineBench(int argc, char** argv) {
   Engine& engine = *t.engine;
   const ModelConfig& cfg = t.config;
   const bool json_only = args->Has("json");
+  if (args->Has("shared-prefix")) {
+    absl::StatusOr<int32_t> prefix = args->GetInt32("shared-prefix", 2000, 1, 1 << 24),
+                            question = args->GetInt32("question", 50, 1, 1 << 24),
+                            prefix_reps = args->GetInt32("prefix-reps", 5, 1, 1000);
+    for (const auto* v : {&prefix, &question, &prefix_reps}) {
+      if (!v->ok()) return Fail("bench", v->status());
+    }
+    const absl::Status s =
+        RunSharedPrefix(engine, cfg.vocab_size, *prefix, *question, *prefix_reps, json_only);
+    return s.ok() ? 0 : Fail("bench", s);
+  }
   const double elem = t.elem_bytes;
   const double tp = static_cast<double>(t.tp);
   // Bytes one rank must read per decode step: every weight but the embedding table (gathered

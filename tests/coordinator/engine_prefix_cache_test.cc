@@ -6,6 +6,7 @@
 
 #include "common/check.h"
 #include "coordinator/engine.h"
+#include "eval/eval.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/testing/fixtures.h"
@@ -30,6 +31,7 @@ struct Format {
   const char* name;
   KvCacheDtype dtype;
   bool lorc;  // a LoRC-compressed copy of the fixture (lorcserve compress --ranks 64:64)
+  friend void PrintTo(const Format& f, std::ostream* os) { *os << f.name; }
 };
 
 fs::path LorcDir() {
@@ -55,7 +57,7 @@ class EnginePrefixCacheTest : public ::testing::TestWithParam<Format> {
     ASSERT_FALSE(dir.empty());
     KvCacheOptions kv;
     kv.block_size = 16;
-    kv.num_blocks = 128;
+    kv.num_blocks = 512;
     kv.kv_cache_dtype = GetParam().dtype;
     auto m = LoadModel({dir}, backend_.get(), 0, 1, nullptr, kv);
     ASSERT_OK(m.status());
@@ -187,6 +189,44 @@ TEST_P(EnginePrefixCacheTest, ASessionsNextTurnPrefillsOnlyItsNewTokens) {
     auto want = off->Generate({turns[i]});
     ASSERT_OK(want);
     EXPECT_EQ(got[i], (*want)[0].first().output_ids) << "turn " << i;
+  }
+}
+
+// The SCBench-style check: a ~1,600-token shared context with four pass-key facts, four
+// turns in one session each asking another fact: per-turn accuracy with the store equals the
+// accuracy without it, and turns 2-4 find the conversation so far in the cache.
+TEST_P(EnginePrefixCacheTest, MultiTurnPassKeyAccuracyIsTheSameWithTheStore) {
+  auto tok = Tokenizer::FromModelDir(::lorc::testing::TinyLlamaDir());
+  ASSERT_OK(tok);
+  const std::string file = ::lorc::testing::TinyLlamaDir() + "/eval_passkey.jsonl";
+  constexpr int64_t kConversations = 2;
+  std::unique_ptr<Engine> on = MakeEngine(true);
+  auto with = EvalMultiTurnPasskey(*on, **tok, file, 1536, kConversations);
+  ASSERT_OK(with);
+  EXPECT_EQ(on->scheduler().prefix_cache_report().sessions, 0);  // closed at the end
+  EXPECT_EQ(on->scheduler().num_free_blocks(), on->scheduler().num_blocks());
+  std::unique_ptr<Engine> off = MakeEngine(false);
+  auto without = EvalMultiTurnPasskey(*off, **tok, file, 1536, kConversations);
+  ASSERT_OK(without);
+  ASSERT_EQ(with->turns.size(), 4u);
+  ASSERT_EQ(without->turns.size(), 4u);
+  EXPECT_GT(with->context_tokens, 1500);
+  for (int t = 0; t < 4; ++t) {
+    SCOPED_TRACE(t + 1);
+    const MultiTurnResult::Turn& a = with->turns[t];
+    const MultiTurnResult::Turn& b = without->turns[t];
+    std::cerr << "[multi-turn] " << GetParam().name << " turn " << t + 1 << ": accuracy "
+              << a.correct << "/" << a.total << " with the store, " << b.correct << "/" << b.total
+              << " without; prompt tokens " << a.prompt_tokens << ", cached " << a.cached_prompt_tokens
+              << "\n";
+    EXPECT_EQ(a.correct, b.correct);
+    EXPECT_GT(b.correct, 0) << "the check measures nothing when no turn is right";
+    EXPECT_EQ(a.total, kConversations);
+    EXPECT_EQ(b.cached_prompt_tokens, 0);
+    if (t > 0) {
+      // All but the new question, the previous answer's last token and a partial block.
+      EXPECT_GE(a.cached_prompt_tokens, a.prompt_tokens - kConversations * (32 + 16));
+    }
   }
 }
 

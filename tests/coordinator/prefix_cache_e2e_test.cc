@@ -7,15 +7,6 @@ namespace lorc {
 namespace e2e {
 namespace {
 
-bool WaitFor(const std::function<bool()>& done, double limit_s) {
-  const auto t0 = Clock::now();
-  while (!done()) {
-    if (SecondsSince(t0) > limit_s) return false;
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  }
-  return true;
-}
-
 class PrefixCacheE2ETest : public ServerE2ETest {
  protected:
   // The golden prompts one after another: a ~90-token shared context.

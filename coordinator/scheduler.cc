@@ -131,7 +131,7 @@ absl::Status Scheduler::Add(int64_t seq_id, std::vector<int32_t> prompt,
   if (!prefix.session_id.empty() && !config_.enable_prefix_caching) {
     return absl::InvalidArgumentError(
         "session_id: sessions keep blocks in the prefix cache, which is off "
-        "(--enable-prefix-caching=false)");
+        "(--no-enable-prefix-caching)");
   }
   for (size_t i = 0; i < prompt.size(); ++i) {
     if (prompt[i] < 0 || prompt[i] >= config_.vocab_size) {

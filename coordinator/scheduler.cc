@@ -357,7 +357,11 @@ Scheduler::Seq& Scheduler::PickWaiting(std::vector<Seq*>& bypassed) {
   }
   size_t best = 0, best_hit = 0;
   for (size_t i = 0; i < window.size(); ++i) {
-    const size_t hit = LookupPrefix(*window[i]).size();
+    // Looked up once per Schedule: within one, the index only loses blocks (evictions), so a
+    // remembered hit may be stale upwards, which only affects the order (admission looks again).
+    auto [it, fresh] = hit_memo_.try_emplace(window[i]->id, 0);
+    if (fresh) it->second = LookupPrefix(*window[i]).size();
+    const size_t hit = it->second;
     if (hit > best_hit) {
       best = i;
       best_hit = hit;
@@ -456,6 +460,7 @@ StepPlan Scheduler::Schedule() {
       slots += Slots(*s);
     }
     std::vector<Seq*> bypassed;
+    hit_memo_.clear();
     while (!waiting_.empty() && budget > 0) {
       Seq& s = PickWaiting(bypassed);
       if (slots + Slots(s) > config_.max_num_seqs) break;  // in order: no skipping ahead

@@ -302,6 +302,7 @@ class Scheduler {
   std::vector<Seq*> running_;          // in admission order
   std::vector<int64_t> ended_;         // ended ids the workers have seen: next plan's `finished`
   absl::flat_hash_set<int64_t> reserved_;  // child ids of parents not forked yet
+  absl::flat_hash_map<int64_t, size_t> hit_memo_;  // PickWaiting's lookups in this Schedule
   uint64_t step_id_ = 0;
   int64_t next_back_ = 0;              // queue positions of new requests: 0, 1, 2, ...
   int64_t next_front_ = 0;             // of requeued (preempted) ones: -1, -2, ...

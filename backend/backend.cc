@@ -2,11 +2,13 @@
 
 #include <limits>
 #include <string>
+#include <tuple>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "backend/cpu_backend.h"
 #include "backend/cuda_backend.h"
+#include "common/status_macros.h"
 
 namespace lorc {
 
@@ -68,6 +70,97 @@ absl::Status ValidateBlockCopies(absl::Span<const BlockCopy> copies, int32_t num
     }
   }
   return absl::OkStatus();
+}
+
+int64_t KvLayerBlockBytes(const KvLayer& layer, bool v_side, int32_t block_size) {
+  const int64_t w = v_side ? layer.v_width : layer.k_width;
+  if (layer.quant == kernels::KvQuant::kNone) return block_size * w * static_cast<int64_t>(DTypeSize(layer.dtype));
+  return kernels::KvqBlockBytes(layer.quant, block_size, layer.num_kv_heads, w / layer.num_kv_heads);
+}
+
+absl::StatusOr<HostKvStorage> Backend::CreateHostKvStorage(absl::Span<const KvLayer> layers,
+                                                           int32_t block_size, int32_t num_slots) {
+  if (num_slots <= 0 || block_size <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat(name(), " backend: CreateHostKvStorage: ",
+                                                   num_slots, " slots of blocks of ", block_size,
+                                                   " tokens (both must be positive)"));
+  }
+  HostKvStorage h;
+  for (const KvLayer& l : layers) {
+    if (l.quant != kernels::KvQuant::kNone && l.num_kv_heads <= 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          name(), " backend: CreateHostKvStorage: a quantized layer without KV heads"));
+    }
+    h.offsets_.push_back(h.slot_bytes_);
+    h.k_bytes_.push_back(KvLayerBlockBytes(l, false, block_size));
+    h.v_bytes_.push_back(KvLayerBlockBytes(l, true, block_size));
+    h.slot_bytes_ += h.k_bytes_.back() + h.v_bytes_.back();
+  }
+  if (h.slot_bytes_ > 0 && num_slots > std::numeric_limits<int64_t>::max() / h.slot_bytes_) {
+    return absl::InvalidArgumentError(absl::StrCat(name(), " backend: CreateHostKvStorage: ", num_slots,
+                                                   " slots of ", h.slot_bytes_, " bytes overflow"));
+  }
+  ASSIGN_OR_RETURN(h.memory_, AllocateHost(static_cast<size_t>(num_slots) * h.slot_bytes_));
+  h.num_slots_ = num_slots;
+  return h;
+}
+
+absl::Status ValidateHostBlockCopies(const char* what, absl::Span<const HostBlockCopy> copies,
+                                     int32_t num_blocks, int32_t num_slots) {
+  for (size_t i = 0; i < copies.size(); ++i) {
+    if (copies[i].block < 0 || copies[i].block >= num_blocks) {
+      return absl::InvalidArgumentError(absl::StrCat(what, " ", i, ": block ", copies[i].block,
+                                                     " outside the cache of ", num_blocks, " blocks"));
+    }
+    if (copies[i].slot < 0 || copies[i].slot >= num_slots) {
+      return absl::InvalidArgumentError(absl::StrCat(what, " ", i, ": slot ", copies[i].slot,
+                                                     " outside the host KV pool of ", num_slots,
+                                                     " slots"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ValidateKvTransfer(const char* backend, const char* what,
+                                absl::Span<const KvLayer> layers, int32_t block_size,
+                                int32_t num_blocks, const HostKvStorage& host,
+                                absl::Span<const HostBlockCopy> copies) {
+  RETURN_IF_ERROR(ValidateHostBlockCopies(what, copies, num_blocks, host.num_slots()));
+  if (host.num_layers() != static_cast<int>(layers.size())) {
+    return absl::InvalidArgumentError(absl::StrCat(backend, " backend: ", what,
+                                                   ": the host storage holds ", host.num_layers(),
+                                                   " layers, the cache ", layers.size()));
+  }
+  for (size_t l = 0; l < layers.size(); ++l) {
+    const int li = static_cast<int>(l);
+    if (KvLayerBlockBytes(layers[l], false, block_size) != host.k_bytes(li) ||
+        KvLayerBlockBytes(layers[l], true, block_size) != host.v_bytes(li)) {
+      return absl::InvalidArgumentError(absl::StrCat(backend, " backend: ", what, ": layer ", l,
+                                                     "'s blocks differ from the host storage's"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+void AppendKvTransferSegments(absl::Span<const KvLayer> layers, const HostKvStorage& host,
+                              absl::Span<const HostBlockCopy> copies, bool to_host,
+                              KvTransferSegments* out) {
+  for (const HostBlockCopy& c : copies) {
+    uint8_t* slot = host.slot(c.slot);
+    for (size_t l = 0; l < layers.size(); ++l) {
+      const int li = static_cast<int>(l);
+      const int64_t kb = host.k_bytes(li), vb = host.v_bytes(li);
+      uint8_t* hk = slot + host.k_offset(li);
+      uint8_t* dk = static_cast<uint8_t*>(layers[l].k) + c.block * kb;
+      uint8_t* dv = static_cast<uint8_t*>(layers[l].v) + c.block * vb;
+      for (auto [dev, hst, bytes] : {std::tuple{dk, hk, kb}, std::tuple{dv, hk + kb, vb}}) {
+        if (bytes == 0) continue;
+        out->dsts.push_back(to_host ? static_cast<void*>(hst) : dev);
+        out->srcs.push_back(to_host ? static_cast<const void*>(dev) : hst);
+        out->sizes.push_back(static_cast<size_t>(bytes));
+      }
+    }
+  }
 }
 
 absl::Status ValidateWeightFill(const char* backend, const WeightFillParams& p) {

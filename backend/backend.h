@@ -34,6 +34,7 @@
 #include <memory>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
@@ -41,6 +42,7 @@
 #include "backend/sampling.h"
 #include "common/dtype.h"
 #include "kernels/kv_quant.h"
+#include "kvstore/host_kv_pool.h"
 #include "kvstore/kv_block_manager.h"
 
 namespace lorc {
@@ -106,6 +108,38 @@ struct KvLayer {
   kernels::KvQuant quant = kernels::KvQuant::kNone;
   int32_t num_kv_heads = 0;
   int32_t block_size = 0;
+};
+
+// Bytes of one block of a layer's K (v_side false) or V (v_side true) array: block_size x width x
+// the dtype's size, or for a quantized cache the block's codes and scales (kvstore/kv_spec.h,
+// kernels::KvqBlockBytes). What CopyBlocks and the host tier move per block, layer and side.
+int64_t KvLayerBlockBytes(const KvLayer& layer, bool v_side, int32_t block_size);
+
+// The host tier's memory on one worker (issue #10; the bookkeeping is kvstore/host_kv_pool.h):
+// `num_slots` slots, each the exact bytes of one KV block of every layer (layer 0's K block, its
+// V block, layer 1's K block, ...; quantized blocks with their scales), slot after slot, in
+// memory from Backend::AllocateHost (pinned on CUDA, so copies are asynchronous DMA). Made by
+// Backend::CreateHostKvStorage for one cache geometry; moved by OffloadKvBlocks / LoadKvBlocks.
+class HostKvStorage {
+ public:
+  HostKvStorage() = default;
+  int32_t num_slots() const { return num_slots_; }
+  int64_t slot_bytes() const { return slot_bytes_; }
+  // Slot s's bytes (host memory). Read or write them only when no copy is in flight
+  // (Backend::SynchronizeKvTransfers): tests, debugging.
+  uint8_t* slot(int32_t s) const { return memory_.as<uint8_t>() + s * slot_bytes_; }
+  // Byte offset of layer l's K block (V block: k_offset(l) + k_bytes(l)) inside a slot.
+  int64_t k_offset(int l) const { return offsets_[l]; }
+  int64_t k_bytes(int l) const { return k_bytes_[l]; }
+  int64_t v_bytes(int l) const { return v_bytes_[l]; }
+  int num_layers() const { return static_cast<int>(offsets_.size()); }
+
+ private:
+  friend class Backend;
+  DeviceBuffer memory_;
+  int32_t num_slots_ = 0;
+  int64_t slot_bytes_ = 0;
+  std::vector<int64_t> offsets_, k_bytes_, v_bytes_;
 };
 
 // --- attention: a per-step plan and a per-layer run -------------------------------------------
@@ -207,7 +241,7 @@ struct RopeKvWriteParams {
 // columns [j*v_rank, (j+1)*v_rank). The output projection then reads those r_v-wide rows.
 // InvalidArgument for shapes that do not match the ranks; CPU: F32 q/k_up/out (exact fp32
 // reference), the cache F32, BF16 or quantized (latents dequantized per KV head);
-// CUDA: BF16 (cache BF16 only), head_dim 128, group 1/2/4/8/16, ranks multiples of 8
+// CUDA: BF16 (the cache BF16 or quantized), head_dim 128, group 1/2/4/8/16, ranks multiples of 8
 // (Unimplemented otherwise).
 struct LatentAttentionParams {
   Tensor2D q;     // [num_tokens, num_heads * head_dim], RoPE applied
@@ -366,6 +400,35 @@ class Backend {
   virtual absl::Status CopyBlocks(absl::Span<const KvLayer> layers, int32_t block_size,
                                   int32_t num_blocks, absl::Span<const BlockCopy> copies) = 0;
 
+  // --- host KV tier (issue #10; StepPlan::kv_offloads / kv_loads) ------------------------------
+  // Host memory for `num_slots` blocks of `layers` (block_size tokens each; see HostKvStorage).
+  // InvalidArgument for num_slots <= 0 or block_size <= 0; ResourceExhausted when the memory is
+  // not there. Call at start-up (pinned allocations can wait on the device).
+  absl::StatusOr<HostKvStorage> CreateHostKvStorage(absl::Span<const KvLayer> layers,
+                                                    int32_t block_size, int32_t num_slots);
+  // Copies device block `block` -> host slot `slot` (offload) / slot -> block (load) for every
+  // pair and every layer of `layers` (the layers `host` was made for), K and V, the block's exact
+  // bytes. Pairs apply in order. InvalidArgument naming the pair (ValidateHostBlockCopies) before
+  // anything is copied. Ordering (CUDA: a copy stream of the backend, one batched copy per call):
+  //  - the copies start after all work enqueued on the compute stream before the call (so an
+  //    offload reads what the forward passes wrote) and run in call order among themselves (so a
+  //    load after an offload of the same slot reads the new bytes);
+  //  - the compute stream does NOT wait for them: call WaitKvTransfers() before the first compute
+  //    op that reads a loaded block or overwrites an offloaded one (until then they overlap);
+  //  - SynchronizeKvTransfers() waits on the host (before reading a slot on the host, freeing
+  //    the storage, or ending a step).
+  // CPU: memcpy on the calling thread; the waits are no-ops.
+  virtual absl::Status OffloadKvBlocks(absl::Span<const KvLayer> layers, int32_t block_size,
+                                       int32_t num_blocks, HostKvStorage& host,
+                                       absl::Span<const HostBlockCopy> copies) = 0;
+  virtual absl::Status LoadKvBlocks(absl::Span<const KvLayer> layers, int32_t block_size,
+                                    int32_t num_blocks, const HostKvStorage& host,
+                                    absl::Span<const HostBlockCopy> copies) = 0;
+  // Later work on the compute stream waits for every Offload/LoadKvBlocks call so far.
+  virtual absl::Status WaitKvTransfers() { return absl::OkStatus(); }
+  // The host waits for every Offload/LoadKvBlocks call so far; reports their errors.
+  virtual absl::Status SynchronizeKvTransfers() { return absl::OkStatus(); }
+
   // Weight initialisation: out[r, c] = kernels::UniformWeightValue(key, (row0 + r) * full_cols +
   // col0 + c, scale) (kernels/random_init.h: the same fp32 value on every backend), or `value`
   // when p.constant, stored as out.dtype (BF16: rounded to nearest even, as F32ToBf16).
@@ -408,6 +471,30 @@ absl::Status RequireF32(const char* backend, const char* op, const char* what, D
 // block b outside the cache of n blocks"); what every backend's CopyBlocks checks before copying
 // anything.
 absl::Status ValidateBlockCopies(absl::Span<const BlockCopy> copies, int32_t num_blocks);
+
+// InvalidArgument naming the first pair with a block outside [0, num_blocks) or a slot outside
+// [0, num_slots) ("<what> 3: slot 70 outside the host KV pool of 64 slots"; `what` names the
+// list, e.g. "kv_loads"); what OffloadKvBlocks / LoadKvBlocks check before copying anything.
+absl::Status ValidateHostBlockCopies(const char* what, absl::Span<const HostBlockCopy> copies,
+                                     int32_t num_blocks, int32_t num_slots);
+
+// ValidateHostBlockCopies plus the geometry: `host` was made for `layers` and `block_size` (same
+// layer count and block bytes), else InvalidArgument "<backend> backend: <what>: ...".
+absl::Status ValidateKvTransfer(const char* backend, const char* what,
+                                absl::Span<const KvLayer> layers, int32_t block_size,
+                                int32_t num_blocks, const HostKvStorage& host,
+                                absl::Span<const HostBlockCopy> copies);
+
+// For backends: the memcpy segments of Offload/LoadKvBlocks (to_host: device -> host), one per
+// pair, layer and side in that order, appended to dsts / srcs / sizes. Assumes valid pairs.
+struct KvTransferSegments {
+  std::vector<void*> dsts;
+  std::vector<const void*> srcs;
+  std::vector<size_t> sizes;
+};
+void AppendKvTransferSegments(absl::Span<const KvLayer> layers, const HostKvStorage& host,
+                              absl::Span<const HostBlockCopy> copies, bool to_host,
+                              KvTransferSegments* out);
 
 // The InvalidArgument checks of FillWeights ("<backend> backend: FillWeights: ..." naming the
 // field), shared by every backend.

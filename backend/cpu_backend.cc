@@ -316,6 +316,15 @@ class CpuBackend final : public Backend {
 
   absl::Status Sample(const Tensor2D& logits, absl::Span<const SamplingRow> rows,
                       SampleOutput* out) override;
+  // Host tier: plain memcpy (the "device" is host memory), complete on return.
+  absl::Status OffloadKvBlocks(absl::Span<const KvLayer> layers, int32_t block_size, int32_t num_blocks,
+                               HostKvStorage& host, absl::Span<const HostBlockCopy> copies) override {
+    return TransferKvBlocks("kv_offloads", layers, block_size, num_blocks, host, copies, true);
+  }
+  absl::Status LoadKvBlocks(absl::Span<const KvLayer> layers, int32_t block_size, int32_t num_blocks,
+                            const HostKvStorage& host, absl::Span<const HostBlockCopy> copies) override {
+    return TransferKvBlocks("kv_loads", layers, block_size, num_blocks, host, copies, false);
+  }
   absl::Status CopyBlocks(absl::Span<const KvLayer> layers, int32_t block_size, int32_t num_blocks,
                           absl::Span<const BlockCopy> copies) override;
 
@@ -323,6 +332,11 @@ class CpuBackend final : public Backend {
   void Free(void* data, MemoryKind) override { std::free(data); }
 
  private:
+  // Offload (to_host) or load: validates everything, then copies pair after pair.
+  absl::Status TransferKvBlocks(const char* what, absl::Span<const KvLayer> layers, int32_t block_size,
+                                int32_t num_blocks, const HostKvStorage& host,
+                                absl::Span<const HostBlockCopy> copies, bool to_host);
+  KvTransferSegments segments_;  // reused by TransferKvBlocks
   absl::StatusOr<DeviceBuffer> Alloc(size_t bytes, MemoryKind kind) {
     if (bytes == 0) return DeviceBuffer();
     const size_t rounded = (bytes + 63) / 64 * 64;
@@ -447,6 +461,23 @@ absl::Status CpuBackend::Sample(const Tensor2D& logits, absl::Span<const Samplin
   return absl::OkStatus();
 }
 
+absl::Status CpuBackend::TransferKvBlocks(const char* what, absl::Span<const KvLayer> layers,
+                                          int32_t block_size, int32_t num_blocks,
+                                          const HostKvStorage& host,
+                                          absl::Span<const HostBlockCopy> copies, bool to_host) {
+  RETURN_IF_ERROR(ValidateKvTransfer(name(), what, layers, block_size, num_blocks, host, copies));
+  for (const KvLayer& layer : layers) RETURN_IF_ERROR(cpu_internal::CheckKvCache(what, layer));
+  // Pairs in order, so a later pair sees an earlier one's bytes (the segments are per pair).
+  segments_.dsts.clear();
+  segments_.srcs.clear();
+  segments_.sizes.clear();
+  AppendKvTransferSegments(layers, host, copies, to_host, &segments_);
+  for (size_t i = 0; i < segments_.sizes.size(); ++i) {
+    std::memcpy(segments_.dsts[i], segments_.srcs[i], segments_.sizes[i]);
+  }
+  return absl::OkStatus();
+}
+
 absl::Status CpuBackend::CopyBlocks(absl::Span<const KvLayer> layers, int32_t block_size,
                                     int32_t num_blocks, absl::Span<const BlockCopy> copies) {
   if (absl::Status s = ValidateBlockCopies(copies, num_blocks); !s.ok()) return s;
@@ -455,8 +486,8 @@ absl::Status CpuBackend::CopyBlocks(absl::Span<const KvLayer> layers, int32_t bl
   }
   // A block's bytes hold its codes and scales alike (kvstore/kv_spec.h).
   for (const KvLayer& layer : layers) {
-    const size_t k_block = static_cast<size_t>(cpu_internal::KvBlockBytes(layer, false, block_size));
-    const size_t v_block = static_cast<size_t>(cpu_internal::KvBlockBytes(layer, true, block_size));
+    const size_t k_block = static_cast<size_t>(KvLayerBlockBytes(layer, false, block_size));
+    const size_t v_block = static_cast<size_t>(KvLayerBlockBytes(layer, true, block_size));
     char* k = static_cast<char*>(layer.k);
     char* v = static_cast<char*>(layer.v);
     for (const BlockCopy& c : copies) {

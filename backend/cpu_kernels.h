@@ -37,9 +37,6 @@ void StoreKvRow(const KvLayer& cache, bool v_side, int64_t slot, const float* ro
 // head_dim for full K/V or r for latents) as fp32 into out[head_width].
 void LoadKvHead(const KvLayer& cache, bool v_side, int64_t slot, int64_t head, int64_t head_width,
                 float* out);
-// Bytes of one block of K (v_side false) or V: block_size x (width x element size, or the
-// quantized token bytes).
-int64_t KvBlockBytes(const KvLayer& cache, bool v_side, int32_t block_size);
 
 // Scratch reused across calls (sized on demand).
 struct LatentScratch {

@@ -69,10 +69,4 @@ void LoadKvHead(const KvLayer& c, bool v_side, int64_t slot, int64_t head, int64
       head_width, head, out);
 }
 
-int64_t KvBlockBytes(const KvLayer& c, bool v_side, int32_t block_size) {
-  const int64_t w = Width(c, v_side);
-  if (c.quant == KvQuant::kNone) return block_size * w * static_cast<int64_t>(DTypeSize(c.dtype));
-  return kernels::KvqBlockBytes(c.quant, block_size, c.num_kv_heads, w / c.num_kv_heads);
-}
-
 }  // namespace lorc::cpu_internal

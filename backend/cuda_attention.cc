@@ -1,6 +1,7 @@
 // CudaBackend's paged attention: the plan (split-KV work lists in a fixed device workspace),
 // decode (kernels/attention_decode.cu), prefill (kernels/attention_prefill.cu) and LoRC latent
-// attention over the same plan (kernels/attention_latent.cu). BF16 only.
+// attention over the same plan (kernels/attention_latent.cu). BF16 activations; the cache BF16
+// or quantized (fp8 / int8 / int4 codes dequantized inside the kernels).
 #include "backend/cuda_backend_impl.h"
 
 #ifdef LORC_HAVE_CUDA
@@ -171,10 +172,39 @@ absl::Status RequireBf16(const char* op, std::initializer_list<std::pair<const c
   return absl::OkStatus();
 }
 
+// A quantized cache (p.cache.quant != kNone) as the kernels read it: KV heads and block size
+// those of the call, each side's widths exactly heads x head_width, the byte geometry the
+// kernels' 8-channel loads take (head widths multiples of 8, blocks 16-byte aligned). Fills
+// kv_quant, k_q and v_q of the kernels' arguments.
+template <typename Args>
+absl::Status QuantizedCacheArgs(const char* op, const KvLayer& c, int32_t num_kv_heads, int64_t k_head,
+                                int64_t v_head, const AttentionBatch& b, Args& a) {
+  RETURN_IF_ERROR(CheckQuantizedCache(op, c));
+  if (c.num_kv_heads != num_kv_heads || c.block_size != b.block_size || c.k_width != num_kv_heads * k_head ||
+      c.v_width != num_kv_heads * v_head) {
+    return absl::InvalidArgumentError(absl::StrCat("cuda backend: ", op, ": quantized cache of ", c.num_kv_heads,
+                                                   " KV heads, block_size ", c.block_size, ", widths ", c.k_width,
+                                                   "/", c.v_width, " for ", num_kv_heads, " KV heads of ", k_head,
+                                                   "/", v_head, " values and block_size ", b.block_size));
+  }
+  a.kv_quant = c.quant;
+  a.k_q = kernels::MakeKvqSide(c.quant, c.block_size, num_kv_heads, k_head);
+  a.v_q = kernels::MakeKvqSide(c.quant, c.block_size, num_kv_heads, v_head);
+  if (!kernels::KvqSideReadable(c.quant, a.k_q, b.block_size) ||
+      !kernels::KvqSideReadable(c.quant, a.v_q, b.block_size)) {
+    return absl::UnimplementedError(absl::StrCat("cuda backend: ", op, ": quantized cache with head widths ", k_head,
+                                                 "/", v_head, " and block_size ", c.block_size,
+                                                 " not implemented (head widths multiples of 8, 16-byte blocks)"));
+  }
+  return absl::OkStatus();
+}
+
 // Checks what both paths need and fills the kernels' arguments.
 absl::StatusOr<kernels::PagedAttentionArgs> KernelArgs(const char* op, const AttentionParams& p,
                                                        const AttentionBatch& b) {
-  RETURN_IF_ERROR(RequireBf16(op, {{"query", p.q.dtype}, {"output", p.out.dtype}, {"cache", p.cache.dtype}}));
+  const bool quant = p.cache.quant != kernels::KvQuant::kNone;
+  RETURN_IF_ERROR(quant ? RequireBf16(op, {{"query", p.q.dtype}, {"output", p.out.dtype}})
+                        : RequireBf16(op, {{"query", p.q.dtype}, {"output", p.out.dtype}, {"cache", p.cache.dtype}}));
   if (p.num_kv_heads <= 0 || p.num_heads <= 0 || p.num_heads % p.num_kv_heads != 0) {
     return absl::InvalidArgumentError(absl::StrCat("cuda backend: ", op, ": ", p.num_heads, " query heads over ",
                                                    p.num_kv_heads, " KV heads"));
@@ -211,6 +241,7 @@ absl::StatusOr<kernels::PagedAttentionArgs> KernelArgs(const char* op, const Att
   a.block_tables = b.block_tables;
   a.max_blocks_per_seq = b.max_blocks_per_seq;
   a.block_size = b.block_size;
+  if (quant) RETURN_IF_ERROR(QuantizedCacheArgs(op, p.cache, p.num_kv_heads, p.head_dim, p.head_dim, b, a));
   if (!kernels::Aligned16(a.q) || !kernels::Aligned16(a.out) || !kernels::Aligned16(a.k_cache) ||
       !kernels::Aligned16(a.v_cache) || a.q_ld % 8 || a.out_ld % 8 || a.k_ld % 8 || a.v_ld % 8) {
     return absl::InvalidArgumentError(absl::StrCat("cuda backend: ", op, ": q, out and cache need 16-byte aligned "
@@ -222,8 +253,11 @@ absl::StatusOr<kernels::PagedAttentionArgs> KernelArgs(const char* op, const Att
 
 // LatentAttention's checks (errors name the field) and the kernels' arguments.
 absl::StatusOr<kernels::LatentAttentionArgs> LatentKernelArgs(const LatentAttentionParams& p, const AttentionBatch& b) {
-  RETURN_IF_ERROR(RequireBf16("LatentAttention", {{"query", p.q.dtype}, {"k_up", p.k_up.dtype},
-                                                  {"output", p.out.dtype}, {"cache", p.cache.dtype}}));
+  const bool quant = p.cache.quant != kernels::KvQuant::kNone;
+  RETURN_IF_ERROR(quant ? RequireBf16("LatentAttention",
+                                      {{"query", p.q.dtype}, {"k_up", p.k_up.dtype}, {"output", p.out.dtype}})
+                        : RequireBf16("LatentAttention", {{"query", p.q.dtype}, {"k_up", p.k_up.dtype},
+                                                          {"output", p.out.dtype}, {"cache", p.cache.dtype}}));
   const int hd = p.head_dim, rk = p.k_rank, rv = p.v_rank;
   if (p.num_kv_heads <= 0 || p.num_heads <= 0 || p.num_heads % p.num_kv_heads != 0 || hd <= 0 || hd % 2 != 0 ||
       rk < 1 || rk > hd || rv < 1 || rv > hd) {
@@ -272,6 +306,7 @@ absl::StatusOr<kernels::LatentAttentionArgs> LatentKernelArgs(const LatentAttent
   a.block_tables = b.block_tables;
   a.max_blocks_per_seq = b.max_blocks_per_seq;
   a.block_size = b.block_size;
+  if (quant) RETURN_IF_ERROR(QuantizedCacheArgs("LatentAttention", p.cache, p.num_kv_heads, rk, rv, b, a));
   if (!kernels::Aligned16(a.q) || !kernels::Aligned16(a.out) || !kernels::Aligned16(a.k_up) ||
       !kernels::Aligned16(a.k_cache) || !kernels::Aligned16(a.v_cache) || a.q_ld % 8 || a.out_ld % 8 ||
       a.k_up_ld % 8) {

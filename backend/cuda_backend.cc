@@ -206,8 +206,55 @@ absl::Status CudaBackend::Rope(const RopeParams& p) {
   return CudaError(kernels::LaunchRope(a, stream_), "Rope");
 }
 
+absl::Status CheckQuantizedCache(const char* op, const KvLayer& c) {
+  if (c.num_kv_heads <= 0 || c.block_size <= 0 || c.k_width % c.num_kv_heads != 0 ||
+      c.v_width % c.num_kv_heads != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "cuda backend: ", op, ": a quantized cache needs KV heads dividing its widths and a block size: ",
+        c.num_kv_heads, " heads, widths ", c.k_width, "/", c.v_width, ", block_size ", c.block_size));
+  }
+  return absl::OkStatus();
+}
+
+namespace {
+
+// The quantizing KV write (kernels/rope.cu; rotate_k false: k is stored as given): rows of
+// `et` quantized per KV head into the cache's codes and scales.
+kernels::RopeArgs QuantizedWriteArgs(kernels::ElemType et, const KvLayer& cache, const Tensor2D& k,
+                                     const Tensor2D& v, const int32_t* slot_mapping) {
+  kernels::RopeArgs a;
+  a.dtype = et;
+  a.num_tokens = k.rows;
+  a.k = k.data;
+  a.k_ld = k.stride();
+  a.num_kv_heads = cache.num_kv_heads;
+  a.slot_mapping = slot_mapping;
+  a.v = v.data;
+  a.v_ld = v.stride();
+  a.k_cache = cache.k;
+  a.v_cache = cache.v;
+  a.v_width = cache.v_width;
+  a.k_width = cache.k_width;
+  a.kv_quant = cache.quant;
+  a.block_size = cache.block_size;
+  return a;
+}
+
+}  // namespace
+
 absl::Status CudaBackend::WriteKv(const KvLayer& cache, const Tensor2D& k, const Tensor2D& v,
                                   const int32_t* slot_mapping) {
+  if (cache.quant != kernels::KvQuant::kNone) {
+    ASSIGN_OR_RETURN(const kernels::ElemType et, KernelType("WriteKv", {{"key", k.dtype}, {"value", v.dtype}}));
+    RETURN_IF_ERROR(CheckQuantizedCache("WriteKv", cache));
+    if (k.cols != cache.k_width || v.cols != cache.v_width || k.rows != v.rows) {
+      return ShapeError("WriteKv", absl::StrCat(ShapeOf("k", k), ", ", ShapeOf("v", v), ", cache widths ",
+                                                cache.k_width, "/", cache.v_width));
+    }
+    kernels::RopeArgs a = QuantizedWriteArgs(et, cache, k, v, slot_mapping);
+    a.rotate_k = false;
+    return CudaError(kernels::LaunchRope(a, stream_), "WriteKv");
+  }
   RETURN_IF_ERROR(
       KernelType("WriteKv", {{"cache", cache.dtype}, {"key", k.dtype}, {"value", v.dtype}}).status());
   if (k.cols != cache.k_width || v.cols != cache.v_width || k.rows != v.rows) {
@@ -221,9 +268,12 @@ absl::Status CudaBackend::WriteKv(const KvLayer& cache, const Tensor2D& k, const
 }
 
 absl::Status CudaBackend::RopeKvWrite(const RopeKvWriteParams& p) {
+  const bool quant = p.cache.quant != kernels::KvQuant::kNone;
+  // A quantized cache stores U8 codes: only the activations share one dtype then.
   ASSIGN_OR_RETURN(const kernels::ElemType et,
-                   KernelType("RopeKvWrite", {{"query", p.q.dtype}, {"key", p.k.dtype}, {"value", p.v.dtype},
-                                              {"cache", p.cache.dtype}}));
+                   quant ? KernelType("RopeKvWrite", {{"query", p.q.dtype}, {"key", p.k.dtype}, {"value", p.v.dtype}})
+                         : KernelType("RopeKvWrite", {{"query", p.q.dtype}, {"key", p.k.dtype}, {"value", p.v.dtype},
+                                                      {"cache", p.cache.dtype}}));
   RETURN_IF_ERROR(CheckHeads("RopeKvWrite", "q", p.q, p.num_heads, p.head_dim));
   if (!p.rotate_k) {  // LoRC latents: rotate q only, store the key / value latents as given
     if (p.k.rows != p.q.rows) {
@@ -240,24 +290,22 @@ absl::Status CudaBackend::RopeKvWrite(const RopeKvWriteParams& p) {
                                                   ShapeOf("v", p.v), ", cache widths ", p.cache.k_width, "/",
                                                   p.cache.v_width));
   }
-  kernels::RopeArgs a;
-  a.dtype = et;
-  a.num_tokens = p.q.rows;
+  if (quant) {
+    RETURN_IF_ERROR(CheckQuantizedCache("RopeKvWrite", p.cache));
+    if (p.cache.num_kv_heads != p.num_kv_heads) {
+      return ShapeError("RopeKvWrite", absl::StrCat("cache of ", p.cache.num_kv_heads, " KV heads, keys of ",
+                                                    p.num_kv_heads));
+    }
+  }
+  kernels::RopeArgs a = QuantizedWriteArgs(et, p.cache, p.k, p.v, p.slot_mapping);
+  a.kv_quant = p.cache.quant;  // kNone: the element write
+  a.num_kv_heads = p.num_kv_heads;
   a.head_dim = p.head_dim;
   a.positions = p.positions;
   a.inv_freq = p.inv_freq;
   a.q = p.q.data;
   a.q_ld = p.q.stride();
   a.num_heads = p.num_heads;
-  a.k = p.k.data;
-  a.k_ld = p.k.stride();
-  a.num_kv_heads = p.num_kv_heads;
-  a.slot_mapping = p.slot_mapping;
-  a.v = p.v.data;
-  a.v_ld = p.v.stride();
-  a.k_cache = p.cache.k;
-  a.v_cache = p.cache.v;
-  a.v_width = p.cache.v_width;
   return CudaError(kernels::LaunchRope(a, stream_), "RopeKvWrite");
 }
 

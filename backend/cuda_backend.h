@@ -35,8 +35,10 @@ absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackend(const BackendOptions&
 // cudaMallocHost memory, async copies with backend.h's lifetime rules, GetMemoryInfo,
 // CopyBlocks, and the kernels/ ops Embedding, GatherRows, RmsNorm, FusedAddRmsNorm, AddInPlace,
 // SiluMul, Rope, WriteKv and RopeKvWrite (F32 and BF16, one dtype per op; others Unimplemented
-// naming the op and dtype), Matmul (cuBLASLt: F32, BF16 or F16 x and w, out the same or F32),
-// paged attention (BF16, head_dim 64/128) and Sample. Errors as CreateCudaBackend.
+// naming the op and dtype; the KV cache may also be quantized: fp8 / int8 / int4 codes written
+// by WriteKv / RopeKvWrite), Matmul (cuBLASLt: F32, BF16 or F16 x and w, out the same or F32),
+// paged and latent attention (BF16, cache BF16 or quantized; head_dim 64/128) and Sample. Errors
+// as CreateCudaBackend.
 absl::StatusOr<std::unique_ptr<Backend>> CreatePartialCudaBackend(const BackendOptions& options);
 
 }  // namespace lorc

@@ -8,6 +8,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <memory>
 #include <string>
 #include <utility>
@@ -35,6 +36,10 @@ inline absl::Status NoKernel(const char* op) {
   return absl::UnimplementedError(absl::StrCat("cuda backend: ", op,
                                                ": kernel not implemented yet (use --backend cpu)"));
 }
+
+// InvalidArgument naming the op unless a quantized cache (KvLayer::quant != kNone) has KV heads
+// dividing its widths and a block size (cuda_backend.cc).
+absl::Status CheckQuantizedCache(const char* op, const KvLayer& c);
 
 class CudaEvent final : public Event {
  public:
@@ -71,6 +76,7 @@ class CudaBackend final : public Backend {
   ~CudaBackend() override {
     cudaSetDevice(device_);
     cudaStreamSynchronize(stream_);
+    DestroyCopyStream();  // cuda_host_kv.cc
     cudaStreamDestroy(stream_);
   }
 
@@ -173,6 +179,9 @@ class CudaBackend final : public Backend {
   absl::Status PrefillAttention(const AttentionParams& p, const AttentionPlan& plan) override;
   // LoRC latent attention (kernels/attention_latent.cu) over the same plan.
   bool SupportsLatentAttention() const override { return true; }
+  // fp8 / int8 / int4 caches: quantized by RopeKvWrite / WriteKv (kernels/rope.cu), read by every
+  // attention kernel (kernels/kv_quant.cuh).
+  bool SupportsQuantizedKvCache() const override { return true; }
   absl::Status LatentAttention(const LatentAttentionParams& p, const AttentionPlan& plan) override;
   // cuda_sampling.cc
   absl::Status Sample(const Tensor2D& logits, absl::Span<const SamplingRow> rows, SampleOutput* out) override;
@@ -187,9 +196,8 @@ class CudaBackend final : public Backend {
                           absl::Span<const BlockCopy> copies) override {
     RETURN_IF_ERROR(ValidateBlockCopies(copies, num_blocks));
     for (const KvLayer& l : layers) {
-      const size_t esz = DTypeSize(l.dtype);
-      const size_t kb = static_cast<size_t>(block_size) * l.k_width * esz;
-      const size_t vb = static_cast<size_t>(block_size) * l.v_width * esz;
+      const size_t kb = static_cast<size_t>(KvLayerBlockBytes(l, false, block_size));
+      const size_t vb = static_cast<size_t>(KvLayerBlockBytes(l, true, block_size));
       for (const BlockCopy& c : copies) {
         if (c.src == c.dst) continue;
         RETURN_IF_ERROR(CopyOnDevice(static_cast<char*>(l.k) + c.dst * kb, static_cast<char*>(l.k) + c.src * kb, kb));
@@ -198,6 +206,15 @@ class CudaBackend final : public Backend {
     }
     return absl::OkStatus();
   }
+
+  // Host KV tier (cuda_host_kv.cc): batched copies on a second stream (copy_stream_), ordered
+  // against stream_ with events (backend.h states the contract).
+  absl::Status OffloadKvBlocks(absl::Span<const KvLayer> layers, int32_t block_size, int32_t num_blocks,
+                               HostKvStorage& host, absl::Span<const HostBlockCopy> copies) override;
+  absl::Status LoadKvBlocks(absl::Span<const KvLayer> layers, int32_t block_size, int32_t num_blocks,
+                            const HostKvStorage& host, absl::Span<const HostBlockCopy> copies) override;
+  absl::Status WaitKvTransfers() override;
+  absl::Status SynchronizeKvTransfers() override;
 
  protected:
   void Free(void* data, MemoryKind kind) override {
@@ -215,6 +232,19 @@ class CudaBackend final : public Backend {
   bool capturing_ = false;
   std::shared_ptr<MatmulState> matmul_ = NewMatmulState();  // cuda_matmul.cc
   std::unique_ptr<CudaSampler, CudaSamplerDeleter> sampler_;  // cuda_sampling.cc, ReserveSampler
+  // Host KV tier (cuda_host_kv.cc), made on first use: the copy stream, an event marking the
+  // compute stream's end when a transfer is enqueued, an event after the last transfer; whether
+  // stream_ / the host have waited for that last event yet.
+  absl::Status TransferKvBlocks(const char* what, absl::Span<const KvLayer> layers, int32_t block_size,
+                                int32_t num_blocks, const HostKvStorage& host,
+                                absl::Span<const HostBlockCopy> copies, bool to_host);
+  void DestroyCopyStream();
+  cudaStream_t copy_stream_ = nullptr;
+  cudaEvent_t compute_mark_ = nullptr;
+  cudaEvent_t transfers_done_ = nullptr;
+  bool compute_waited_ = true;
+  bool host_waited_ = true;
+  KvTransferSegments segments_;
 };
 
 }  // namespace lorc::cuda_internal

@@ -56,6 +56,7 @@ std::vector<FlagSpec> Flags() {
       {"lm-head", true,
        "with --local-workers: split | replicated LM head (default: split on GPUs, on CPUs from 4 workers)",
        "HOW"},
+      DisableCustomAllReduceFlag(),
       {"shared-prefix", true,
        "instead: time to first token with a shared prefix of N random tokens plus --question "
        "tokens, the first request (cold) against --prefix-reps later ones with other questions "
@@ -301,6 +302,7 @@ struct Target {
   double kv_bytes_per_token = 0;  // per rank: the KV of the rank's heads
   std::string backend;          // cpu, cuda
   std::string device;           // what it runs on (with workers: one rank's device)
+  std::string all_reduce;       // with workers: the paths the all-reduces take
   double load_s = 0;            // the slowest rank
 };
 
@@ -333,6 +335,7 @@ absl::StatusOr<std::unique_ptr<Target>> OpenLocalWorkers(const Args& args, int32
   ASSIGN_OR_RETURN(o.model, ParseModelSource(args));
   ASSIGN_OR_RETURN(o.kv, ParseKvCacheOptions(args));
   ASSIGN_OR_RETURN(t->engine_options, ParseEngineOptions(args));
+  o.disable_custom_all_reduce = args.Has("disable-custom-all-reduce");
   o.workers.count = n;
   o.workers.backend = args.Get("backend", "cpu");
   RETURN_IF_ERROR(ParseBackendKind(o.workers.backend).status());
@@ -368,6 +371,7 @@ absl::StatusOr<std::unique_ptr<Target>> OpenLocalWorkers(const Args& args, int32
                       : (info.backend == "cuda" ? 2.0 : 4.0);
   t->backend = info.backend;
   t->device = info.device;
+  t->all_reduce = info.all_reduce;
   t->load_s = info.load_seconds;
   KvCacheSpec kv;  // what the scheduler allocates: blocks of block_size tokens
   kv.block_size = t->block_size;
@@ -470,6 +474,7 @@ int RunEngineBench(int argc, char** argv) {
   nlohmann::json head = {{"kind", "config"}, {"engine", "lorcserve"}, {"model", args->Get("model")},
                          {"backend", t.backend}, {"device", t.device}, {"params", params},
                          {"tensor_parallel_size", t.tp}, {"shard_lm_head", t.shard_lm_head},
+                         {"all_reduce", t.all_reduce},
                          {"weight_bytes_read", weight_bytes}, {"kv_bytes_per_token", kv_per_token},
                          {"kv_capacity_tokens", capacity}, {"load_s", t.load_s},
                          {"hbm_tbps", *hbm}, {"gemm_peak_tflops", *peak},
@@ -545,10 +550,11 @@ int RunEngineBench(int argc, char** argv) {
     return Fail("bench", absl::InternalError("KV blocks leaked after the benchmark"));
   }
   if (!json_only) {
-    std::cout << absl::StrFormat("# %s on %s, tensor-parallel size %d%s, load %.1f s, %.2f GB weights "
+    std::cout << absl::StrFormat("# %s on %s, tensor-parallel size %d%s%s, load %.1f s, %.2f GB weights "
                                  "read per step per GPU\n# %s\n",
                                  args->Get("model"), t.device, t.tp,
                                  t.tp > 1 ? (t.shard_lm_head ? " (LM head split)" : " (LM head replicated)") : "",
+                                 t.tp > 1 ? absl::StrCat(", all-reduce: ", t.all_reduce) : "",
                                  t.load_s, weight_bytes * 1e-9, floor_assumes);
     for (const std::string& line : table) std::cout << line << "\n";
   }

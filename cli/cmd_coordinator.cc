@@ -42,6 +42,7 @@ absl::StatusOr<CoordinatorOptions> ParseOptions(const Args& args) {
   ASSIGN_OR_RETURN(int64_t join_s, args.GetIntInRange("join-timeout-s", 60, 1, 86400));
   o.join_timeout = absl::Seconds(join_s);
   ASSIGN_OR_RETURN(o.max_restarts, args.GetInt32("max-restarts", o.max_restarts, 0, 1000));
+  o.disable_custom_all_reduce = args.Has("disable-custom-all-reduce");
   return o;
 }
 
@@ -60,6 +61,7 @@ int RunCoordinator(int argc, char** argv) {
       {"weights-seed", true, "seed for --random-weights", "S"},
       {"lm-head", true, "split | replicated: the LM head under tensor parallelism (default: split on GPUs, and on CPUs from 4 workers; measured, docs/PERFORMANCE.md)", "HOW"},
       {"step-transport", true, "stream (default) or unary step RPCs", "KIND"},
+      DisableCustomAllReduceFlag(),
       {"join-timeout-s", true, "seconds the ranks have to join the communicator (default 60)", "S"},
       {"max-restarts", true,
        absl::StrCat("worker-failure recoveries allowed within ",

@@ -46,6 +46,10 @@ std::vector<FlagSpec> KvCacheFlags() {
        "32 channels, scale and zero point); for full and LoRC latent caches; fp8/int8/int4: cpu only",
        "DT"},
       {"enforce-eager", false, "CUDA: run decode steps eagerly (no CUDA graphs)"},
+      {"kv-offloading-size", true,
+       "host-memory KV tier in GiB for the whole tensor-parallel group, split evenly over the "
+       "ranks (vLLM's flag; pinned memory on GPUs; default 0: off)",
+       "GIB"},
   };
 }
 
@@ -74,6 +78,13 @@ std::vector<FlagSpec> SchedulerFlags() {
                     "it (default ", defaults::kMaxSessionKvFraction, ")"),
        "F"},
   };
+}
+
+FlagSpec DisableCustomAllReduceFlag() {
+  return {"disable-custom-all-reduce", false,
+          absl::StrCat("CUDA tensor parallelism: every all-reduce through NCCL (default: BF16 "
+                       "all-reduces up to ", defaults::kCustomAllReduceMaxBytes >> 20,
+                       " MiB take a one-shot all-reduce through peer memory when the GPUs allow it)")};
 }
 
 absl::StatusOr<EngineOptions> ParseEngineOptions(const Args& args) {
@@ -157,6 +168,12 @@ absl::StatusOr<KvCacheOptions> ParseKvCacheOptions(const Args& args) {
   kv.max_num_batched_tokens = eo.max_num_batched_tokens;
   kv.max_num_seqs = eo.max_num_seqs;
   kv.enforce_eager = args.Has("enforce-eager");
+  ASSIGN_OR_RETURN(const double offload_gib, args.GetDouble("kv-offloading-size", 0.0));
+  if (!(offload_gib >= 0.0 && offload_gib <= double{1 << 20})) {  // NaN fails too
+    return absl::InvalidArgumentError(absl::StrCat("--kv-offloading-size: ", offload_gib,
+                                                   " GiB is outside [0, 1048576]"));
+  }
+  kv.kv_offloading_bytes = static_cast<int64_t>(offload_gib * double{1 << 30});
   return kv;
 }
 

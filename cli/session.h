@@ -24,6 +24,9 @@ std::vector<FlagSpec> EngineFlags();
 std::vector<FlagSpec> KvCacheFlags();
 // --max-num-batched-tokens, --max-num-seqs, --max-waiting.
 std::vector<FlagSpec> SchedulerFlags();
+
+// --disable-custom-all-reduce (coordinator and bench with worker processes).
+FlagSpec DisableCustomAllReduceFlag();
 // SchedulerFlags() into EngineOptions, each range-checked into its int32 field (errors name the
 // flag).
 absl::StatusOr<EngineOptions> ParseEngineOptions(const Args& args);

@@ -21,7 +21,12 @@ inline constexpr float kMaxPresencePenalty = 2.0f;  // |presence_penalty|, |freq
 // Temperatures below this sample greedily (as vLLM's _SAMPLING_EPS): dividing logits by a
 // smaller one only rounds, and the limit T -> 0 is the argmax.
 inline constexpr float kGreedyTemperature = 1e-5f;
-inline constexpr int64_t kMaxModelLen = 2048;
+inline constexpr int64_t kMaxModelLen = 2048;     // config.json without max_position_embeddings
+// CUDA tensor parallelism: BF16 all-reduces up to this many bytes take the one-shot peer-memory
+// path instead of NCCL (worker/comm/custom_all_reduce.h; --disable-custom-all-reduce turns it
+// off). Chosen by measurement at world size 2 on 2 x H200 (docs/PERFORMANCE.md, "Llama-3-70B
+// shape at TP = 2"): faster than NCCL up to 1024 rows x 8192 (16 MiB), slower from 2048 rows.
+inline constexpr int64_t kCustomAllReduceMaxBytes = int64_t{16} << 20;
 // Prefix caching (kvstore/prefix_cache.h): `--enable-prefix-caching` (vLLM's name, on as there).
 inline constexpr bool kEnablePrefixCaching = true;
 // Sessions (kvstore/session_store.h): `--session-ttl-s`, idle seconds before a session's pinned
@@ -32,6 +37,6 @@ inline constexpr double kMaxSessionKvFraction = 0.5;
 // Admission prefers a waiting request with a longer cached prefix over those ahead of it (same
 // priority, within this many of the queue's head), but bypasses a request at most this many times.
 inline constexpr int32_t kPrefixPreferenceWindow = 16;
-inline constexpr int32_t kMaxPrefixBypass = 4;     // config.json without max_position_embeddings
+inline constexpr int32_t kMaxPrefixBypass = 4;
 
 }  // namespace lorc::defaults

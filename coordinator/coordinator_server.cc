@@ -134,6 +134,7 @@ absl::Status CoordinatorServer::JoinGroup() {
   wg.model = options_.model;
   wg.kv = options_.kv;
   wg.use_stream = options_.step_stream;
+  wg.disable_custom_all_reduce = options_.disable_custom_all_reduce;
   wg.step_timeout = options_.step_timeout;
   wg.join_timeout = options_.join_timeout;
   {
@@ -350,7 +351,9 @@ void CoordinatorServer::FillLive(lorcserve::v1::ModelInfoResponse* r) {
     p->set_sessions_expired(pc.sessions_expired);
     p->set_sessions_capped(pc.sessions_capped);
     p->set_sessions_closed(pc.sessions_closed);
-    r->set_host_kv_blocks_total(0);  // no host tier yet (worker side, another change)
+    // The workers' host tier (--kv-offloading-size); the scheduler does not use it yet, so none
+    // is occupied.
+    r->set_host_kv_blocks_total(g->group->info().num_host_blocks);
     r->set_host_kv_blocks_used(0);
     auto* st = r->mutable_step_stats();
     const double n = static_cast<double>(std::max<int64_t>(1, s.engine.steps));

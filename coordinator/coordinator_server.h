@@ -52,6 +52,7 @@ struct CoordinatorOptions {
   KvCacheOptions kv;
   EngineOptions engine;
   bool step_stream = true;                     // bidi stream per worker, or unary calls
+  bool disable_custom_all_reduce = false;      // CUDA workers: NCCL for every all-reduce
   absl::Duration step_timeout = absl::Minutes(5);
   absl::Duration join_timeout = absl::Seconds(60);
   absl::Duration probe_interval = absl::Seconds(2);  // worker health checks while idle

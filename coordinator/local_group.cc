@@ -26,6 +26,7 @@ absl::StatusOr<std::unique_ptr<LocalGroup>> LocalGroup::Start(const LocalGroupOp
   wg.bind_address = "";  // each worker binds its own --comm-address (its listen host)
   wg.model = options.model;
   wg.kv = options.kv;
+  wg.disable_custom_all_reduce = options.disable_custom_all_reduce;
   wg.join_timeout = options.join_timeout;
   wg.step_timeout = options.step_timeout;
   absl::StatusOr<std::unique_ptr<WorkerGroup>> group = WorkerGroup::Start(wg);

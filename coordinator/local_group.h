@@ -29,6 +29,7 @@ struct LocalGroupOptions {
   LocalWorkersOptions workers;  // count = the tensor-parallel size; backend, devices, threads
   ModelSource model;            // every worker loads its shard of it
   KvCacheOptions kv;            // per worker
+  bool disable_custom_all_reduce = false;  // CUDA: NCCL for every all-reduce
   absl::Duration join_timeout = absl::Seconds(60);
   absl::Duration step_timeout = absl::Minutes(5);
 };

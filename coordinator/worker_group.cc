@@ -3,6 +3,7 @@
 #include <chrono>
 #include <deque>
 #include <future>
+#include <iostream>
 
 #include "absl/strings/str_cat.h"
 #include "common/grpc_status.h"
@@ -107,10 +108,12 @@ absl::Status WorkerGroup::Connect() {
         req.set_world_size(n);
         req.set_timeout_ms(absl::ToInt64Milliseconds(options_.join_timeout));
         req.set_bind_address(options_.bind_address);
+        req.set_disable_custom_all_reduce(options_.disable_custom_all_reduce);
         NameCoordinator(req.mutable_coordinator());
         lorcserve::internal::InitCommunicatorResponse resp;
         const absl::Status s = FromGrpcStatus(wp->stub->InitCommunicator(&ctx, req, &resp));
         if (!s.ok()) return absl::Status(s.code(), absl::StrCat(wp->Name(), ": ", s.message()));
+        if (wp->rank == 0) info_.all_reduce = resp.all_reduce();  // only rank 0's task writes it
         return s;
       }));
     }
@@ -141,6 +144,7 @@ absl::Status WorkerGroup::Connect() {
       req.set_gpu_memory_utilization(options_.kv.gpu_memory_utilization);
       req.set_enforce_eager(options_.kv.enforce_eager);
       req.set_kv_cache_dtype(KvCacheDtypeName(options_.kv.kv_cache_dtype));
+      req.set_kv_offloading_bytes(options_.kv.kv_offloading_bytes);
       lorcserve::internal::LoadModelResponse resp;
       const absl::Status s = FromGrpcStatus(wp->stub->LoadModel(&ctx, req, &resp));
       if (!s.ok()) return absl::Status(s.code(), absl::StrCat(wp->Name(), ": ", s.message()));
@@ -155,6 +159,15 @@ absl::Status WorkerGroup::Connect() {
       continue;
     }
     info_.num_blocks = r == 0 ? resp->num_blocks() : std::min(info_.num_blocks, resp->num_blocks());
+    // Every rank gets the same share of the same block bytes, so the counts agree; a plan may
+    // only name slots every rank has.
+    if (r > 0 && resp->num_host_blocks() != info_.num_host_blocks) {
+      std::cerr << "lorcserve coordinator: host KV tier: rank " << r << " has "
+                << resp->num_host_blocks() << " slots, rank 0 " << info_.num_host_blocks
+                << "; using the smaller\n";
+    }
+    info_.num_host_blocks =
+        r == 0 ? resp->num_host_blocks() : std::min(info_.num_host_blocks, resp->num_host_blocks());
     info_.kv_bytes_per_token = resp->kv_bytes_per_token();
     info_.backend = resp->backend();
     info_.device = resp->device();

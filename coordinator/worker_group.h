@@ -40,6 +40,7 @@ struct WorkerGroupOptions {
   ModelSource model;
   KvCacheOptions kv;
   bool use_stream = true;
+  bool disable_custom_all_reduce = false;  // CUDA workers: NCCL for every all-reduce
   absl::Duration connect_timeout = absl::Seconds(60);
   absl::Duration join_timeout = absl::Seconds(60);
   absl::Duration load_timeout = absl::Minutes(30);
@@ -48,9 +49,13 @@ struct WorkerGroupOptions {
 
 struct WorkerGroupInfo {
   int32_t num_blocks = 0;         // the smallest over the workers
+  // Host KV tier slots (--kv-offloading-size; kvstore/host_kv_pool.h's capacity), the smallest
+  // over the workers (they agree unless misconfigured); 0: no host tier.
+  int32_t num_host_blocks = 0;
   int64_t kv_bytes_per_token = 0; // per rank
   std::string backend, device;
   double load_seconds = 0;        // the slowest worker
+  std::string all_reduce;         // rank 0's Communicator::AllReduceDescription (TP > 1)
 };
 
 class WorkerGroup final : public StepRunner {

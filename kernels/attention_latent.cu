@@ -20,6 +20,7 @@
 #include <cmath>
 
 #include "kernels/attention_latent_common.cuh"
+#include "kernels/attention_merge.cuh"
 #include "kernels/elem_type.cuh"
 
 namespace lorc::kernels {
@@ -110,23 +111,7 @@ __device__ void ProcessItem(const LatentAttentionArgs& a, const Layout& L, const
           Mma(acc[j + 1], af, bf[2], bf[3]);
         }
       }
-      // RoPE (rotate_half) at each row's position.
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const float2 f = *reinterpret_cast<const float2*>(sm.inv_freq + 8 * (4 * h + j) + 2 * t);
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const float pos = static_cast<float>(base + g + 8 * r);
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            float sn, cs;
-            AngleSinCos(__fmul_rn(pos, e == 0 ? f.x : f.y), &sn, &cs);
-            const float x1 = acc[j][2 * r + e], x2 = acc[j + 4][2 * r + e];
-            acc[j][2 * r + e] = fmaf(x1, cs, -x2 * sn);
-            acc[j + 4][2 * r + e] = fmaf(x2, cs, x1 * sn);
-          }
-        }
-      }
+      RotateKeyHalf<false>(acc, sm, h, base, g, t);  // RoPE at each token's position
       // S^T += Q K^T over this half's 64 columns: k-steps 2h, 2h + 1 (acc[0..3]) and 4 + 2h,
       // 5 + 2h (acc[4..7]); K's accumulators are the B fragments (tokens 0-7: rows g, 8-15: g + 8).
 #pragma unroll
@@ -252,34 +237,17 @@ __global__ void __launch_bounds__(kThreads, VT <= 8 ? 2 : 1) LatentPrefillKernel
   ProcessItem<VT>(a, L, sm, it, nullptr, nullptr);
 }
 
-// One warp per (split sequence, query head): the chunks' lse reduced by the lanes, then each lane
-// sums the weighted partials of its columns (v_rank wide).
+// One warp per (split sequence, query head), v_rank columns (MergeSplitChunks).
 __global__ void __launch_bounds__(kThreads) LatentMergeKernel(const LatentAttentionArgs a, const DecodeSchedule sch) {
   const int pairs = sch.counts[1] * a.num_heads;
   const int rv = a.v_rank, width = a.num_heads * rv;
-  const int lane = threadIdx.x % 32, warps = gridDim.x * (kThreads / 32);
+  const int warps = gridDim.x * (kThreads / 32);
   for (int pi = blockIdx.x * (kThreads / 32) + threadIdx.x / 32; pi < pairs; pi += warps) {
     const DecodeMergeItem it = sch.merge[pi / a.num_heads];
     const int head = pi % a.num_heads;
-    const float* lse = sch.partial_lse + static_cast<int64_t>(it.first) * a.num_heads + head;
-    float mx = -INFINITY;
-    for (int i = lane; i < it.num; i += 32) mx = fmaxf(mx, lse[static_cast<int64_t>(i) * a.num_heads]);
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-    float sum = 0.f;
-    for (int i = lane; i < it.num; i += 32) sum += exp2f(lse[static_cast<int64_t>(i) * a.num_heads] - mx);
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-    const float inv = 1.0f / sum;
-    const float* src = sch.partial_out + static_cast<int64_t>(it.first) * width + head * rv;
-    __nv_bfloat16* dst = static_cast<__nv_bfloat16*>(a.out) + a.query_start[it.seq] * a.out_ld + head * rv;
-    for (int col = lane; col < rv; col += 32) {
-      float acc = 0.f;
-      for (int i = 0; i < it.num; ++i) {
-        acc = fmaf(exp2f(lse[static_cast<int64_t>(i) * a.num_heads] - mx), src[static_cast<int64_t>(i) * width + col], acc);
-      }
-      dst[col] = __float2bfloat16_rn(acc * inv);
-    }
+    MergeSplitChunks(sch.partial_lse + static_cast<int64_t>(it.first) * a.num_heads + head, a.num_heads,
+                     sch.partial_out + static_cast<int64_t>(it.first) * width + head * rv, width, it.num, rv,
+                     static_cast<__nv_bfloat16*>(a.out) + a.query_start[it.seq] * a.out_ld + head * rv);
   }
 }
 
@@ -287,7 +255,9 @@ bool ArgsOk(const LatentAttentionArgs& a) {
   return LatentShapeSupported(a.num_heads, a.num_kv_heads, a.head_dim, a.k_rank, a.v_rank) && a.block_size > 0 &&
          a.inv_freq != nullptr && Aligned16(a.q) && Aligned16(a.out) && Aligned16(a.k_up) && Aligned16(a.k_cache) &&
          Aligned16(a.v_cache) && a.q_ld % 8 == 0 && a.out_ld % 8 == 0 && a.k_up_ld % 8 == 0 && a.k_ld % 8 == 0 &&
-         a.v_ld % 8 == 0;
+         a.v_ld % 8 == 0 &&
+         (a.kv_quant == KvQuant::kNone ||
+          (KvqSideReadable(a.kv_quant, a.k_q, a.block_size) && KvqSideReadable(a.kv_quant, a.v_q, a.block_size)));
 }
 }  // namespace
 

@@ -18,7 +18,9 @@ namespace lorc::kernels {
 // row i sits at position seq_lens[s] - q_len + i and attends to [0, position]. The cache holds per
 // token (slot) and KV head g the unrotated key latent at columns [g*k_rank, (g+1)*k_rank) of
 // k_cache and the value latent at [g*v_rank, (g+1)*v_rank) of v_cache.
-// Every pointer 16-byte aligned, every stride a multiple of 8 elements.
+// Every pointer 16-byte aligned, every stride a multiple of 8 elements. A quantized cache
+// (kv_quant fp8 / int8 / int4, kernels/kv_quant.h: a KV head's latent is one scale group, int4:
+// groups of 32 of it) is read as codes and dequantized to bf16 as the tiles are staged.
 struct LatentAttentionArgs {
   const void* q = nullptr;     // [num_tokens, num_heads * head_dim] bf16, RoPE applied
   int64_t q_ld = 0;
@@ -42,6 +44,10 @@ struct LatentAttentionArgs {
   const int32_t* block_tables = nullptr;  // device, [num_seqs][max_blocks_per_seq]
   int32_t max_blocks_per_seq = 0;
   int32_t block_size = 0;
+  // Quantized cache: k_cache / v_cache hold blocks of codes then fp16 scales (k_ld / v_ld
+  // unused), head widths k_rank / v_rank, geometry k_q / v_q (MakeKvqSide).
+  KvQuant kv_quant = KvQuant::kNone;
+  KvqSide k_q, v_q;
 };
 
 // (query token, query head) rows per CTA: a decode CTA covers the group of one KV head (at most

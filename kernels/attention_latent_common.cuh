@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "kernels/attention_latent.cuh"
+#include "kernels/kv_quant.cuh"
 
 namespace lorc::kernels::latent_internal {
 
@@ -46,6 +47,14 @@ __device__ __forceinline__ uint32_t SmemAddr(const void* p) {
 __device__ __forceinline__ void CpAsync16(void* dst, const void* src, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(SmemAddr(dst)), "l"(src),
                "r"(valid ? 16 : 0));
+}
+// 8 (or, !eight, 4) bytes global -> shared, through L1; zero-filled when !valid.
+__device__ __forceinline__ void CpAsyncSmall(void* dst, const void* src, bool eight, bool valid) {
+  if (eight) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(SmemAddr(dst)), "l"(src), "r"(valid ? 8 : 0));
+  } else {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(SmemAddr(dst)), "l"(src), "r"(valid ? 4 : 0));
+  }
 }
 __device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
@@ -125,6 +134,10 @@ struct TileLoader {
   __device__ void Issue(int stage, int64_t my_slot) const {
     __nv_bfloat16* ck = region + stage * L.stage_elems;
     __nv_bfloat16* cv = ck + kTile * L.ldk;
+    if (a.kv_quant != KvQuant::kNone) {
+      IssueQuantized(ck, cv, my_slot);
+      return;
+    }
     for (int j = 0; j < per_lane; ++j) {  // uniform over the warp (the shuffle needs all lanes)
       const int idx = lane + 32 * j;
       const int r = static_cast<int>(__umulhi(static_cast<uint32_t>(idx), magic)), c = idx - r * chunks;
@@ -140,6 +153,39 @@ struct TileLoader {
       }
     }
   }
+  // A quantized cache: the same pieces read as codes (KvqLoad8), four per lane at a time so their
+  // loads overlap, dequantized to bf16 and stored (zeros past kv_end: zero codes and scales
+  // dequantize to 0). Synchronous: the next tile's loads are not in flight during this tile's math.
+  __device__ void IssueQuantized(__nv_bfloat16* ck, __nv_bfloat16* cv, int64_t my_slot) const {
+    const auto* kb = static_cast<const uint8_t*>(a.k_cache);
+    const auto* vb = static_cast<const uint8_t*>(a.v_cache);
+    for (int j0 = 0; j0 < per_lane; j0 += 4) {  // uniform over the warp
+      uint4 raw[4];
+      __nv_bfloat16* dst[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int idx = lane + 32 * (j0 + u);
+        const int r = static_cast<int>(__umulhi(static_cast<uint32_t>(idx), magic)), c = idx - r * chunks;
+        const int64_t slot = __shfl_sync(0xffffffffu, my_slot, r & 31);
+        raw[u] = make_uint4(0, 0, 0, 0);
+        dst[u] = nullptr;
+        if (j0 + u < per_lane && r < kTile) {
+          const bool kside = c < kch;
+          dst[u] = kside ? ck + r * L.ldk + c * 8 : cv + r * L.ldv + (c - kch) * 8;
+          if (slot >= 0) {
+            raw[u] = KvqLoad8Slot(a.kv_quant, kside ? kb : vb, kside ? a.k_q : a.v_q, slot, blockIdx.y,
+                                  (kside ? c : c - kch) * 8);
+          }
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        if (dst[u] != nullptr) *reinterpret_cast<uint4*>(dst[u]) = KvqDequant8Bf16(a.kv_quant, raw[u]);
+      }
+    }
+  }
+  // The bf16 C_K tile of `stage` (C_V follows at kTile * ldk), ready once its copies landed.
+  __device__ const __nv_bfloat16* Tile(int stage) const { return region + stage * L.stage_elems; }
   // Lane l's token in a tile starting at `base` is base + l % 16; -1: past kv_end.
   __device__ int64_t SlotOf(int base) const {
     const int tok = base + lane % kTile;
@@ -147,6 +193,41 @@ struct TileLoader {
                            : int64_t{-1};
   }
 };
+
+// RoPE (rotate_half) on one half h of a 16-token key tile's reconstruction accumulators: acc[j]
+// (j < 4) holds n-tile 4h + j (columns 8(4h + j) + 2t + {0, 1}, tokens base + g and base + g + 8),
+// acc[j + 4] its partner 64 columns on. The angle is float(position) * inv_freq (AngleSinCos).
+// FR: token g + 8's angle is token g's rotated on by 8 * inv_freq (Setup's rope8 table) instead
+// of its own reduction and SFU pair: half the sin/cos work; the angle is then float(p) * f + 8 f,
+// not float(p + 8) * f: at most ~1 ulp of the angle apart (2e-3 rad at position 32k for f = 1,
+// below a bf16 key's rounding), well inside the parity tolerance.
+template <bool FR>
+__device__ __forceinline__ void RotateKeyHalf(float (&acc)[8][4], const Smem& sm, int h, int base, int g, int t) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float2 f = *reinterpret_cast<const float2*>(sm.inv_freq + 8 * (4 * h + j) + 2 * t);
+    float4 r8 = make_float4(0.f, 0.f, 0.f, 0.f);
+    if constexpr (FR) r8 = *reinterpret_cast<const float4*>(sm.rope8 + 2 * (8 * (4 * h + j) + 2 * t));
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      float sn, cs;
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        if (!FR || r == 0) {
+          AngleSinCos(__fmul_rn(static_cast<float>(base + g + 8 * r), e == 0 ? f.x : f.y), &sn, &cs);
+        } else {
+          const float c8 = e == 0 ? r8.x : r8.z, s8 = e == 0 ? r8.y : r8.w;
+          const float c1 = fmaf(cs, c8, -sn * s8);
+          sn = fmaf(sn, c8, cs * s8);
+          cs = c1;
+        }
+        const float x1 = acc[j][2 * r + e], x2 = acc[j + 4][2 * r + e];
+        acc[j][2 * r + e] = fmaf(x1, cs, -x2 * sn);
+        acc[j + 4][2 * r + e] = fmaf(x2, cs, x1 * sn);
+      }
+    }
+  }
+}
 
 // After each warp left its fp32 (m[16], l[16], O[16][ldo]) in its region (and a block barrier):
 // rows [0, rows) combined over the warps, written to out or to the item's partial slot. Ends

@@ -16,6 +16,15 @@ namespace {
 // bytes (C_K chunks 0-7, C_V chunks 0-7), a warp instruction covers two rows; pieces past a rank
 // are zero-filled (C_K's padding columns zero, no reads), so there is no padding pass. Slots are
 // int32 here, as backend.h's slot_mapping everywhere.
+// A quantized cache keeps the asynchronous pipeline: the same pieces are copied as codes (8 bytes
+// of 8 fp8 / int8 channels, 4 bytes of 8 int4 channels) by cp.async into two raw stages of 16 rows
+// x 128 bytes that live in the region's bf16 stage 1, while each lane loads the scales of one
+// row and side (lanes 0-15: C_K of row lane, 16-31: C_V of row lane - 16) into registers, one
+// tile ahead; Tile() then dequantizes the landed raw stage into bf16 stage 0 (scales by
+// shuffle) for the tile's products. Q: the quantized variant (its own instantiation, so the bf16
+// one keeps its registers).
+constexpr int kRawRow = 128;  // bytes of one token's codes in a quantized raw stage (16 pieces of 8)
+template <bool Q>
 struct FixedTileLoader {
   static constexpr Layout L{64, 64};
   const Item& it;
@@ -26,21 +35,63 @@ struct FixedTileLoader {
   const __nv_bfloat16* src;  // this lane's piece in slot 0
   int64_t ld;
   bool in_rank;
-  __device__ FixedTileLoader(const LatentAttentionArgs& a, const Layout&, const Item& it_, __nv_bfloat16* region,
+  // A quantized cache (args.kv_quant != kNone): the scales of this lane's row and side per raw
+  // stage (int4: the (scale, zero) pairs of groups 0 and 1); the rest is read from the arguments.
+  const LatentAttentionArgs& args;
+  __nv_bfloat16* region;
+  mutable uint32_t sc0a = 0, sc0b = 0, sc1a = 0, sc1b = 0;
+  __device__ FixedTileLoader(const LatentAttentionArgs& a, const Layout&, const Item& it_, __nv_bfloat16* region_,
                              int lane_)
       : it(it_), lane(lane_), table(a.block_tables + static_cast<int64_t>(it_.seq) * a.max_blocks_per_seq),
-        block_size(a.block_size) {
+        block_size(a.block_size), args(a), region(region_) {
     const int pc = lane & 15, c = pc & 7;
     const bool v = pc >= 8;
-    dst = region + (v ? kTile * L.ldk : 0) + 8 * c;
+    dst = region_ + (v ? kTile * L.ldk : 0) + 8 * c;
     src = v ? static_cast<const __nv_bfloat16*>(a.v_cache) + blockIdx.y * a.v_rank + 8 * c
             : static_cast<const __nv_bfloat16*>(a.k_cache) + blockIdx.y * a.k_rank + 8 * c;
     ld = v ? a.v_ld : a.k_ld;
     in_rank = 8 * c < (v ? a.v_rank : a.k_rank);
     if (!in_rank) src = static_cast<const __nv_bfloat16*>(v ? a.v_cache : a.k_cache);
   }
+  __device__ __forceinline__ uint8_t* Raw(int stage) const {
+    return reinterpret_cast<uint8_t*>(region + L.stage_elems) + stage * kTile * kRawRow;
+  }
   __device__ __forceinline__ void Issue(int stage, int my_slot) const {
     static_assert(L.ldk == L.ldv, "one row stride for both latents");
+    const KvQuant quant = args.kv_quant;
+    if constexpr (Q) {
+      const bool v = (lane & 15) >= 8;
+      const auto* qbase = static_cast<const uint8_t*>(v ? args.v_cache : args.k_cache);
+      uint8_t* rs = Raw(stage);
+#pragma unroll
+      for (int j = 0; j < kTile / 2; ++j) {
+        const int r = 2 * j + (lane >> 4);
+        const int slot = __shfl_sync(0xffffffffu, my_slot, r);
+        const bool valid = in_rank && slot >= 0;
+        const uint8_t* p = valid ? KvqCodePtr(quant, qbase, v ? args.v_q : args.k_q, slot / block_size,
+                                              slot % block_size, blockIdx.y, 8 * (lane & 7))
+                                 : qbase;
+        CpAsyncSmall(rs + r * kRawRow + (lane & 15) * 8, p, quant != KvQuant::kInt4, valid);
+      }
+      uint32_t s0 = 0, s1 = 0;  // an invalid row: scale (and zero point) 0, so its zero codes give 0
+      if (my_slot >= 0) {
+        const bool vs = lane >= 16;  // this lane's scales: row lane % 16 of C_K (lanes 0-15) or C_V
+        const uint16_t* sp = KvqScalePtr(static_cast<const uint8_t*>(vs ? args.v_cache : args.k_cache),
+                                         vs ? args.v_q : args.k_q, my_slot / block_size, my_slot % block_size,
+                                         blockIdx.y);
+        if (quant == KvQuant::kInt4) {
+          s0 = __ldg(reinterpret_cast<const uint32_t*>(sp));
+          if ((vs ? args.v_rank : args.k_rank) > kKvInt4Group) s1 = __ldg(reinterpret_cast<const uint32_t*>(sp) + 1);
+        } else {
+          s0 = __ldg(sp);
+        }
+      }
+      if (stage != 0) {  // selects, not an indexed array: the scales stay in registers
+        sc1a = s0, sc1b = s1;
+      } else {
+        sc0a = s0, sc0b = s1;
+      }
+    } else {
 #pragma unroll
     for (int j = 0; j < kTile / 2; ++j) {
       const int r = 2 * j + (lane >> 4);
@@ -48,6 +99,34 @@ struct FixedTileLoader {
       const bool valid = in_rank && slot >= 0;
       CpAsync16(dst + stage * L.stage_elems + r * L.ldk, src + (valid ? slot : 0) * ld, valid);
     }
+    }
+  }
+  // The bf16 C_K tile of `stage` (C_V follows at kTile * ldk), once its copies landed (after the
+  // caller's CpAsyncWait and __syncwarp): a quantized cache's raw stage dequantized into stage 0.
+  __device__ __forceinline__ const __nv_bfloat16* Tile(int stage) const {
+    const KvQuant quant = args.kv_quant;
+    if constexpr (!Q) return region + stage * L.stage_elems;
+    const uint8_t* rs = Raw(stage);
+    const int channel = 8 * (lane & 7);
+    const bool v = (lane & 15) >= 8;
+#pragma unroll
+    for (int j = 0; j < kTile / 2; ++j) {
+      const int r = 2 * j + (lane >> 4);
+      const int from = (v ? 16 : 0) + r;
+      const uint32_t a0 = __shfl_sync(0xffffffffu, stage != 0 ? sc1a : sc0a, from);
+      const uint32_t a1 = __shfl_sync(0xffffffffu, stage != 0 ? sc1b : sc0b, from);
+      uint4 rv;
+      if (quant == KvQuant::kInt4) {
+        rv = make_uint4(*reinterpret_cast<const uint32_t*>(rs + r * kRawRow + (lane & 15) * 8), 0,
+                        channel < kKvInt4Group ? a0 : a1, 0);
+      } else {
+        const uint2 c2 = *reinterpret_cast<const uint2*>(rs + r * kRawRow + (lane & 15) * 8);
+        rv = make_uint4(c2.x, c2.y, a0, 0);
+      }
+      *reinterpret_cast<uint4*>(dst + r * L.ldk) = in_rank ? KvqDequant8Bf16(quant, rv) : make_uint4(0, 0, 0, 0);
+    }
+    __syncwarp();
+    return region;
   }
   // Lane l's token in a tile starting at `base` is base + l % 16; -1: past kv_end.
   __device__ __forceinline__ int SlotOf(int base) const {
@@ -71,17 +150,14 @@ __device__ __forceinline__ uint32_t MovTrans(uint32_t x) {
 // mostly padding at group <= 8), and C_K's A fragments are loaded once for both key halves.
 // KS / VM: k-steps of C_K (>= rkp / 16) and 16-column tiles of C_V (>= rvp / 16) in registers;
 // KS = VM = 4 is the fixed Layout(64, 64) (compile-time strides, FixedTileLoader).
-// FR: token g + 8's RoPE angle is token g's rotated on by 8 * inv_freq (Setup's rope8 table)
-// instead of its own reduction and SFU pair: half the sin/cos work. The angle is then
-// float(p) * f + 8 f, not float(p + 8) * f: at most ~1 ulp of the angle apart (2e-3 rad at
-// position 32k for f = 1, below a bf16 key's rounding), well inside the parity tolerance.
+// FR: token g + 8's RoPE angle rotated on from token g's (RotateKeyHalf): half the sin/cos work.
 // The kernel is issue-bound (H200: dropping RoPE entirely cut ~20% of its time), hence these.
-template <int KS, int VM, bool FR>
+template <int KS, int VM, bool FR, bool QF = false>
 __device__ __forceinline__ void DecodeItemT(const LatentAttentionArgs& a, const Layout& L, const Smem& sm, const Item& it,
                             float* partial_out, float* partial_lse) {
   // KS = VM = 4: L is Layout(64, 64) (compile-time strides) whatever the ranks <= 64.
   constexpr bool kFixed = KS == 4 && VM == 4;
-  using Loader = std::conditional_t<kFixed, FixedTileLoader, TileLoader>;
+  using Loader = std::conditional_t<kFixed, FixedTileLoader<QF>, TileLoader>;
   const int kvh = blockIdx.y;
   const int group = a.num_heads / a.num_kv_heads;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
@@ -126,7 +202,12 @@ __device__ __forceinline__ void DecodeItemT(const LatentAttentionArgs& a, const 
     next_slot = ld.SlotOf(base + 2 * kStep);
     CpAsyncWait<1>();
     __syncwarp();
-    const __nv_bfloat16* ck = region + stage * L.stage_elems;
+    const __nv_bfloat16* ck;
+    if constexpr (kFixed && QF) {
+      ck = ld.Tile(stage);  // the raw stage dequantized into bf16 stage 0
+    } else {
+      ck = region + stage * L.stage_elems;
+    }
     const __nv_bfloat16* cv = ck + kTile * L.ldk;
 
     uint32_t af[KS][4];
@@ -154,44 +235,7 @@ __device__ __forceinline__ void DecodeItemT(const LatentAttentionArgs& a, const 
           }
         }
       }
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const float2 f = *reinterpret_cast<const float2*>(sm.inv_freq + 8 * (4 * h + j) + 2 * t);
-        if constexpr (FR) {  // token g + 8's angle: token g's rotated on by 8 * inv_freq
-          const float4 r8 = *reinterpret_cast<const float4*>(sm.rope8 + 2 * (8 * (4 * h + j) + 2 * t));
-          const float pos = static_cast<float>(base + g);
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            float sn, cs;
-            AngleSinCos(__fmul_rn(pos, e == 0 ? f.x : f.y), &sn, &cs);
-            const float c8 = e == 0 ? r8.x : r8.z, s8 = e == 0 ? r8.y : r8.w;
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-              if (r == 1) {
-                const float c1 = fmaf(cs, c8, -sn * s8);
-                sn = fmaf(sn, c8, cs * s8);
-                cs = c1;
-              }
-              const float x1 = acc[j][2 * r + e], x2 = acc[j + 4][2 * r + e];
-              acc[j][2 * r + e] = fmaf(x1, cs, -x2 * sn);
-              acc[j + 4][2 * r + e] = fmaf(x2, cs, x1 * sn);
-            }
-          }
-        } else {
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            const float pos = static_cast<float>(base + g + 8 * r);
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              float sn, cs;
-              AngleSinCos(__fmul_rn(pos, e == 0 ? f.x : f.y), &sn, &cs);
-              const float x1 = acc[j][2 * r + e], x2 = acc[j + 4][2 * r + e];
-              acc[j][2 * r + e] = fmaf(x1, cs, -x2 * sn);
-              acc[j + 4][2 * r + e] = fmaf(x2, cs, x1 * sn);
-            }
-          }
-        }
-      }
+      RotateKeyHalf<FR>(acc, sm, h, base, g, t);
       // S += K Q^T over this half's k-steps (as ProcessItem's); K's accumulators of n-tiles
       // (j, j + 1) are the A fragment of one k-step.
 #pragma unroll
@@ -271,17 +315,17 @@ __device__ __forceinline__ void DecodeItemT(const LatentAttentionArgs& a, const 
   CombineWarps(a, L, sm, it, group, partial_out, partial_lse);
 }
 
-template <int KS, int VM, bool FR>
+template <int KS, int VM, bool FR, bool QF = false>
 __global__ void __launch_bounds__(kThreads, KS <= 4 && VM <= 4 ? 2 : 1)
     LatentDecodeKernelT(const LatentAttentionArgs a, const DecodeSchedule sch) {
   const int num_work = sch.counts[0];
   if (static_cast<int>(blockIdx.x) >= num_work) return;
-  const Layout L = KS == 4 && VM == 4 ? FixedTileLoader::L : Layout(a.k_rank, a.v_rank);
+  const Layout L = KS == 4 && VM == 4 ? FixedTileLoader<QF>::L : Layout(a.k_rank, a.v_rank);
   const Smem sm = Setup(a, L);
   for (int w = blockIdx.x; w < num_work; w += gridDim.x) {
     const DecodeWorkItem wi = sch.work[w];
     const Item it{wi.seq, 0, 1, wi.kv_start, wi.kv_end, wi.partial};
-    DecodeItemT<KS, VM, FR>(a, L, sm, it, sch.partial_out, sch.partial_lse);
+    DecodeItemT<KS, VM, FR, QF>(a, L, sm, it, sch.partial_out, sch.partial_lse);
   }
 }
 
@@ -292,8 +336,14 @@ cudaError_t LaunchLatentDecodeSmallGroup(const LatentAttentionArgs& a, const Dec
   cudaError_t e;
   if (a.k_rank <= 64 && a.v_rank <= 64) {
     static bool smem_set = false;
+    if (a.kv_quant != KvQuant::kNone) {  // the quantized fixed-layout loader: its own instantiation
+      static bool q_smem_set = false;
+      if ((e = AllowSmem(LatentDecodeKernelT<4, 4, true, true>, &q_smem_set)) != cudaSuccess) return e;
+      LatentDecodeKernelT<4, 4, true, true><<<grid, kThreads, FixedTileLoader<true>::L.bytes(), stream>>>(a, s);
+      return cudaGetLastError();
+    }
     if ((e = AllowSmem(LatentDecodeKernelT<4, 4, true>, &smem_set)) != cudaSuccess) return e;
-    LatentDecodeKernelT<4, 4, true><<<grid, kThreads, FixedTileLoader::L.bytes(), stream>>>(a, s);
+    LatentDecodeKernelT<4, 4, true><<<grid, kThreads, FixedTileLoader<false>::L.bytes(), stream>>>(a, s);
   } else {
     static bool smem_set = false;
     if ((e = AllowSmem(LatentDecodeKernelT<8, 8, false>, &smem_set)) != cudaSuccess) return e;

@@ -7,12 +7,17 @@
 
 #include <cstdint>
 
+#include "kernels/kv_quant.h"
+
 namespace lorc::kernels {
 
 // What both paths read: the step's queries and outputs, one layer's cache and the batch arrays
 // (AttentionBatch in backend/backend.h). Sequence s has query rows [query_start[s],
 // query_start[s+1]); row i sits at position seq_lens[s] - q_len + i and attends to [0, position].
-// Every pointer 16-byte aligned, every stride a multiple of 8 elements.
+// Every pointer 16-byte aligned, every stride a multiple of 8 elements. A quantized cache
+// (kv_quant fp8 / int8 / int4, kernels/kv_quant.h) is read as codes and dequantized in registers
+// as K/V are loaded (bf16 for prefill's tensor-core tiles); its block bytes must be a multiple
+// of 16.
 struct PagedAttentionArgs {
   const void* q = nullptr;  // [num_tokens, num_heads * head_dim] bf16, row stride q_ld
   int64_t q_ld = 0;
@@ -31,6 +36,10 @@ struct PagedAttentionArgs {
   const int32_t* block_tables = nullptr;  // device, [num_seqs][max_blocks_per_seq]
   int32_t max_blocks_per_seq = 0;
   int32_t block_size = 0;
+  // Quantized cache: k_cache / v_cache hold blocks of codes then fp16 scales (k_ld / v_ld unused),
+  // head h of a token at head_dim channels, geometry k_q / v_q (MakeKvqSide).
+  KvQuant kv_quant = KvQuant::kNone;
+  KvqSide k_q, v_q;
 };
 
 // One piece of split-KV decode: keys [kv_start, kv_end) of sequence `seq` (all its KV heads).

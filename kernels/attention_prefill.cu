@@ -16,6 +16,7 @@
 
 #include "kernels/attention_paged.cuh"
 #include "kernels/elem_type.cuh"
+#include "kernels/kv_quant.cuh"
 
 namespace lorc::kernels {
 namespace {
@@ -42,8 +43,11 @@ struct Smem {
   float o[kWarps][16][D + 4];
 };
 
-template <int D>
+// kQuant: a quantized cache (a.kv_quant, switched at run time) or bf16, instantiated apart so
+// that the bf16 kernel carries none of the dequantization (attention_decode.cu says why).
+template <int D, bool kQuant>
 __global__ void __launch_bounds__(kThreads) PrefillKernel(const PagedAttentionArgs a, const PrefillSchedule sch) {
+  const KvQuant kq = kQuant ? a.kv_quant : KvQuant::kNone;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   Smem<D>& sm = *reinterpret_cast<Smem<D>*>(smem_raw);
   const int group = a.num_heads / a.num_kv_heads;
@@ -106,9 +110,17 @@ __global__ void __launch_bounds__(kThreads) PrefillKernel(const PagedAttentionAr
       const int t = kv0 + idx / kChunks, c = idx % kChunks;
       kreg[j] = vreg[j] = make_uint4(0, 0, 0, 0);
       if (t < kv_end) {
-        const int64_t slot = static_cast<int64_t>(table[t / a.block_size]) * a.block_size + t % a.block_size;
-        kreg[j] = __ldg(reinterpret_cast<const uint4*>(kc + slot * a.k_ld + c * 8));
-        vreg[j] = __ldg(reinterpret_cast<const uint4*>(vc + slot * a.v_ld + c * 8));
+        const int64_t block = table[t / a.block_size];
+        if (kq == KvQuant::kNone) {
+          const int64_t slot = block * a.block_size + t % a.block_size;
+          kreg[j] = __ldg(reinterpret_cast<const uint4*>(kc + slot * a.k_ld + c * 8));
+          vreg[j] = __ldg(reinterpret_cast<const uint4*>(vc + slot * a.v_ld + c * 8));
+        } else {  // codes + scale now, dequantized to bf16 when stored to shared memory
+          kreg[j] = KvqLoad8(kq, static_cast<const uint8_t*>(a.k_cache), a.k_q, block, t % a.block_size,
+                             kvh, c * 8);
+          vreg[j] = KvqLoad8(kq, static_cast<const uint8_t*>(a.v_cache), a.v_q, block, t % a.block_size,
+                             kvh, c * 8);
+        }
       }
     }
   };
@@ -118,8 +130,11 @@ __global__ void __launch_bounds__(kThreads) PrefillKernel(const PagedAttentionAr
 #pragma unroll
     for (int j = 0; j < kPerThread; ++j) {
       const int idx = threadIdx.x + j * kThreads;
-      *reinterpret_cast<uint4*>(&sm.k[idx / kChunks][(idx % kChunks) * 8]) = kreg[j];
-      *reinterpret_cast<uint4*>(&sm.v[idx / kChunks][(idx % kChunks) * 8]) = vreg[j];
+      const bool dq = kq != KvQuant::kNone && kv0 + idx / kChunks < kv_end;
+      *reinterpret_cast<uint4*>(&sm.k[idx / kChunks][(idx % kChunks) * 8]) =
+          dq ? KvqDequant8Bf16(kq, kreg[j]) : kreg[j];
+      *reinterpret_cast<uint4*>(&sm.v[idx / kChunks][(idx % kChunks) * 8]) =
+          dq ? KvqDequant8Bf16(kq, vreg[j]) : vreg[j];
     }
     __syncthreads();
     if (kv0 + kKvTile < kv_end) load_tile(kv0 + kKvTile);
@@ -204,20 +219,25 @@ __global__ void __launch_bounds__(kThreads) PrefillKernel(const PagedAttentionAr
   }
 }
 
-template <int D>
-cudaError_t Launch(const PagedAttentionArgs& a, const PrefillSchedule& s, cudaStream_t stream) {
+template <int D, bool kQuant>
+cudaError_t LaunchKernel(const PagedAttentionArgs& a, const PrefillSchedule& s, cudaStream_t stream) {
   const size_t smem = sizeof(Smem<D>);
   // Once per instantiation and process (a worker process drives one device; not a stream op).
   static bool attribute_set = false;
   if (!attribute_set) {
-    const cudaError_t e = cudaFuncSetAttribute(PrefillKernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               static_cast<int>(smem));
+    const cudaError_t e = cudaFuncSetAttribute(PrefillKernel<D, kQuant>,
+                                               cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (e != cudaSuccess) return e;
     attribute_set = true;
   }
   const dim3 grid(static_cast<unsigned>(s.num_tiles), static_cast<unsigned>(a.num_kv_heads));
-  PrefillKernel<D><<<grid, kThreads, smem, stream>>>(a, s);
+  PrefillKernel<D, kQuant><<<grid, kThreads, smem, stream>>>(a, s);
   return cudaGetLastError();
+}
+
+template <int D>
+cudaError_t Launch(const PagedAttentionArgs& a, const PrefillSchedule& s, cudaStream_t stream) {
+  return a.kv_quant == KvQuant::kNone ? LaunchKernel<D, false>(a, s, stream) : LaunchKernel<D, true>(a, s, stream);
 }
 
 }  // namespace
@@ -231,6 +251,10 @@ cudaError_t LaunchPrefillAttention(const PagedAttentionArgs& a, const PrefillSch
   }
   if (!Aligned16(a.q) || !Aligned16(a.out) || !Aligned16(a.k_cache) || !Aligned16(a.v_cache) ||
       a.q_ld % 8 != 0 || a.out_ld % 8 != 0 || a.k_ld % 8 != 0 || a.v_ld % 8 != 0) {
+    return cudaErrorInvalidValue;
+  }
+  if (a.kv_quant != KvQuant::kNone &&
+      (!KvqSideReadable(a.kv_quant, a.k_q, a.block_size) || !KvqSideReadable(a.kv_quant, a.v_q, a.block_size))) {
     return cudaErrorInvalidValue;
   }
   if (s.num_tiles == 0) return cudaSuccess;

@@ -186,33 +186,88 @@ LORC_HD inline uint16_t* KvqTokenScales(void* base, KvQuant q, int32_t block_siz
                                      row * KvqScaleRowBytes(q, heads, head_width));
 }
 
+// Byte geometry of one side (K or V) of a quantized layer, what the CUDA kernels address it by:
+// the token at (block b, row r) has its codes at b * block_bytes() + r * code_row (head h's at
+// + h * head_code) and its fp16 scales at b * block_bytes() + block_size * code_row +
+// r * scale_row (head h's at + h * head_scales fp16 values).
+struct KvqSide {
+  int64_t code_row = 0;     // bytes, KvqCodeRowBytes
+  int64_t scale_row = 0;    // bytes, KvqScaleRowBytes
+  int32_t head_code = 0;    // bytes, KvqHeadCodeBytes
+  int32_t head_scales = 0;  // fp16 values per head: groups x scales per group
+  int32_t block_size = 0;
+  LORC_HD int64_t block_bytes() const { return block_size * (code_row + scale_row); }
+};
+LORC_HD inline KvqSide MakeKvqSide(KvQuant q, int32_t block_size, int64_t heads, int64_t head_width) {
+  KvqSide s;
+  s.code_row = KvqCodeRowBytes(q, heads, head_width);
+  s.scale_row = KvqScaleRowBytes(q, heads, head_width);
+  s.head_code = static_cast<int32_t>(KvqHeadCodeBytes(q, head_width));
+  s.head_scales = static_cast<int32_t>(KvqGroupsPerHead(q, head_width) * KvqScalesPerGroup(q));
+  s.block_size = block_size;
+  return s;
+}
+
+// Whether the CUDA kernels can read a side of this geometry with their 8-channel loads: its
+// block_size is the batch's, blocks start 16-byte aligned and each head's codes 8-byte aligned
+// (4 for int4), i.e. head widths multiples of 8.
+LORC_HD inline bool KvqSideReadable(KvQuant q, const KvqSide& s, int32_t block_size) {
+  return q != KvQuant::kNone && s.block_size == block_size && block_size > 0 && s.block_bytes() % 16 == 0 &&
+         s.head_code % (q == KvQuant::kInt4 ? 4 : 8) == 0;
+}
+
 // --- one group ----------------------------------------------------------------------------------
+
+// fp8 / int8: the fp16 scale of a group whose largest |x| is `amax`; *inv = 1 / scale (0 for a
+// zero scale), the factor codes are taken of.
+LORC_HD inline uint16_t KvqSymmetricScale(KvQuant q, float amax, float* inv) {
+  float s = amax / (q == KvQuant::kFp8E4m3 ? kFp8E4m3Max : kKvInt8Max);
+  if (s > kKvF16Max) s = kKvF16Max;
+  const uint16_t sh = KvqF16RoundUp(s);
+  const float sf = KvqF16ToF32(sh);
+  *inv = sf > 0.0f ? 1.0f / sf : 0.0f;
+  return sh;
+}
+// fp8 / int8: the code of x * inv.
+LORC_HD inline uint8_t KvqSymmetricCode(KvQuant q, float v) {
+  if (q == KvQuant::kFp8E4m3) return KvqF32ToFp8E4m3(v);
+  const float r = fminf(fmaxf(rintf(v), -kKvInt8Max), kKvInt8Max);
+  return static_cast<uint8_t>(static_cast<int8_t>(r));
+}
 
 // fp8 / int8: `n` values -> n codes and one fp16 scale (see the header comment).
 LORC_HD inline void KvqQuantizeSymmetric(KvQuant q, const float* x, int64_t n, uint8_t* codes,
                                          uint16_t* scale) {
   float amax = 0.0f;
   for (int64_t i = 0; i < n; ++i) amax = fmaxf(amax, fabsf(x[i]));
-  float s = amax / (q == KvQuant::kFp8E4m3 ? kFp8E4m3Max : kKvInt8Max);
-  if (s > kKvF16Max) s = kKvF16Max;
-  const uint16_t sh = KvqF16RoundUp(s);
-  *scale = sh;
-  const float sf = KvqF16ToF32(sh);
-  const float inv = sf > 0.0f ? 1.0f / sf : 0.0f;
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = x[i] * inv;
-    if (q == KvQuant::kFp8E4m3) {
-      codes[i] = KvqF32ToFp8E4m3(v);
-    } else {
-      const float r = fminf(fmaxf(rintf(v), -kKvInt8Max), kKvInt8Max);
-      codes[i] = static_cast<uint8_t>(static_cast<int8_t>(r));
-    }
-  }
+  float inv;
+  *scale = KvqSymmetricScale(q, amax, &inv);
+  for (int64_t i = 0; i < n; ++i) codes[i] = KvqSymmetricCode(q, x[i] * inv);
 }
 
 LORC_HD inline float KvqDequantizeSymmetric(KvQuant q, uint8_t code, float scale) {
   return q == KvQuant::kFp8E4m3 ? KvqFp8E4m3ToF32(code) * scale
                                 : static_cast<float>(static_cast<int8_t>(code)) * scale;
+}
+
+// int4: a group's fp16 (scale, zero point) into scale_zero[0..1] from its minimum and maximum;
+// *z = the zero point, *inv = 1 / scale (0 for a zero scale).
+LORC_HD inline void KvqInt4ScaleZero(float mn, float mx, uint16_t* scale_zero, float* z, float* inv) {
+  mn = fminf(fmaxf(mn, -kKvF16Max), kKvF16Max);
+  mx = fminf(fmaxf(mx, -kKvF16Max), kKvF16Max);
+  const uint16_t zh = KvqF16RoundDown(mn);
+  *z = KvqF16ToF32(zh);
+  float s = (mx - *z) / kKvInt4Max;
+  if (s > kKvF16Max) s = kKvF16Max;
+  const uint16_t sh = KvqF16RoundUp(s);
+  scale_zero[0] = sh;
+  scale_zero[1] = zh;
+  const float sf = KvqF16ToF32(sh);
+  *inv = sf > 0.0f ? 1.0f / sf : 0.0f;
+}
+// int4: the code of x in a group of zero point z and 1 / scale inv.
+LORC_HD inline uint32_t KvqInt4Code(float x, float z, float inv) {
+  return static_cast<uint32_t>(fminf(fmaxf(rintf((x - z) * inv), 0.0f), kKvInt4Max));
 }
 
 // int4: `n` values (at most kKvInt4Group) -> n nibbles from the start of `codes` (channel i in
@@ -223,21 +278,12 @@ LORC_HD inline void KvqQuantizeInt4Group(const float* x, int64_t n, uint8_t* cod
     mn = fminf(mn, x[i]);
     mx = fmaxf(mx, x[i]);
   }
-  mn = fminf(fmaxf(mn, -kKvF16Max), kKvF16Max);
-  mx = fminf(fmaxf(mx, -kKvF16Max), kKvF16Max);
-  const uint16_t zh = KvqF16RoundDown(mn);
-  const float z = KvqF16ToF32(zh);
-  float s = (mx - z) / kKvInt4Max;
-  if (s > kKvF16Max) s = kKvF16Max;
-  const uint16_t sh = KvqF16RoundUp(s);
-  scale_zero[0] = sh;
-  scale_zero[1] = zh;
-  const float sf = KvqF16ToF32(sh);
-  const float inv = sf > 0.0f ? 1.0f / sf : 0.0f;
+  float z, inv;
+  KvqInt4ScaleZero(mn, mx, scale_zero, &z, &inv);
   for (int64_t i = 0; i < n; i += 2) {
-    const float r0 = fminf(fmaxf(rintf((x[i] - z) * inv), 0.0f), kKvInt4Max);
-    const float r1 = i + 1 < n ? fminf(fmaxf(rintf((x[i + 1] - z) * inv), 0.0f), kKvInt4Max) : 0.0f;
-    codes[i / 2] = static_cast<uint8_t>(static_cast<uint32_t>(r0) | (static_cast<uint32_t>(r1) << 4));
+    const uint32_t r0 = KvqInt4Code(x[i], z, inv);
+    const uint32_t r1 = i + 1 < n ? KvqInt4Code(x[i + 1], z, inv) : 0u;
+    codes[i / 2] = static_cast<uint8_t>(r0 | (r1 << 4));
   }
 }
 

@@ -73,6 +73,10 @@ struct KvCacheOptions {
   int32_t max_model_len = 0;
   // Run every step eagerly: no CUDA graphs for decode steps (worker/model_runner.h).
   bool enforce_eager = false;
+  // Host KV tier (issue #10; `--kv-offloading-size` GiB, vLLM's name and meaning): bytes of host
+  // memory for offloaded blocks over the whole tensor-parallel group; each rank holds
+  // kv_offloading_bytes / tp_size (pinned on a GPU), i.e. that / BytesPerBlock() slots. 0: none.
+  int64_t kv_offloading_bytes = 0;
 };
 
 // Where rotary position embedding is applied to a layer's keys.

@@ -28,22 +28,11 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/types/span.h"
+#include "kvstore/block_hash.h"  // BlockHash: 128 bits (here: of SHA-256)
 #include "kvstore/kv_spec.h"
 #include "model/model_config.h"
 
 namespace lorc {
-
-// 128 bits of SHA-256.
-struct BlockHash {
-  uint64_t hi = 0, lo = 0;
-  friend bool operator==(const BlockHash& a, const BlockHash& b) {
-    return a.hi == b.hi && a.lo == b.lo;
-  }
-  template <typename H>
-  friend H AbslHashValue(H h, const BlockHash& b) {
-    return H::combine(std::move(h), b.hi, b.lo);
-  }
-};
 
 // What a KV block's contents depend on besides its tokens: the model's geometry (type, vocab,
 // layers, hidden size, heads, head_dim, rope theta, and a LoRC model's method and factor source)

@@ -28,6 +28,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "common/sampling_params.h"
+#include "kvstore/host_kv_pool.h"
 #include "kvstore/kv_block_manager.h"
 
 namespace lorc {
@@ -70,6 +71,15 @@ struct ScheduledSequence {
 struct StepPlan {
   uint64_t step_id = 0;  // 1, 2, 3, ...: consecutive
   std::vector<ScheduledSequence> seqs;
+  // Host KV tier (kvstore/host_kv_pool.h decides, every rank executes): device block -> host slot
+  // copies, then host slot -> device block copies, all before `copies` and the forward pass, each
+  // list in order. So a block offloaded here may be reused in the same step (by a load or by a
+  // new write), and a slot loaded here must not be the target of an offload of the same step.
+  // A block id outside the device cache or a slot outside the host pool (or any entry when the
+  // worker has no host pool, --kv-offloading-size 0) fails the step as a whole with
+  // InvalidArgument / FailedPrecondition naming the list and the entry; nothing is copied then.
+  std::vector<HostBlockCopy> kv_offloads;
+  std::vector<HostBlockCopy> kv_loads;
   // Copy-on-write block copies to perform before the forward pass.
   std::vector<BlockCopy> copies;
   // Requests that ended (finished, cancelled, failed): workers drop their state.
@@ -78,7 +88,10 @@ struct StepPlan {
   // and computed count but keep the sampler.
   std::vector<int64_t> preempted;
 
-  bool empty() const { return seqs.empty() && finished.empty() && preempted.empty(); }
+  bool empty() const {
+    return seqs.empty() && finished.empty() && preempted.empty() && kv_offloads.empty() &&
+           kv_loads.empty();
+  }
 };
 
 // Log-probabilities at one position (SamplingParams::logprobs / prompt_logprobs): of the model's

@@ -94,6 +94,16 @@ void StepPlanToProto(const StepPlan& plan, lorcserve::internal::StepPlan* out) {
     p->set_src(c.src);
     p->set_dst(c.dst);
   }
+  for (const HostBlockCopy& c : plan.kv_offloads) {
+    auto* p = out->add_kv_offloads();
+    p->set_block(c.block);
+    p->set_slot(c.slot);
+  }
+  for (const HostBlockCopy& c : plan.kv_loads) {
+    auto* p = out->add_kv_loads();
+    p->set_block(c.block);
+    p->set_slot(c.slot);
+  }
   out->mutable_finished()->Add(plan.finished.begin(), plan.finished.end());
   out->mutable_preempted()->Add(plan.preempted.begin(), plan.preempted.end());
 }
@@ -116,6 +126,8 @@ StepPlan StepPlanFromProto(const lorcserve::internal::StepPlan& p) {
     plan.seqs.push_back(std::move(q));
   }
   for (const auto& c : p.copies()) plan.copies.push_back({c.src(), c.dst()});
+  for (const auto& c : p.kv_offloads()) plan.kv_offloads.push_back({c.block(), c.slot()});
+  for (const auto& c : p.kv_loads()) plan.kv_loads.push_back({c.block(), c.slot()});
   plan.finished.assign(p.finished().begin(), p.finished().end());
   plan.preempted.assign(p.preempted().begin(), p.preempted().end());
   return plan;

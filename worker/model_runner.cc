@@ -62,7 +62,7 @@ absl::Status ModelRunner::Init(const KvCacheSpec& spec, const KvCacheOptions& kv
   if (kv_spec_.quant() != kernels::KvQuant::kNone && !backend_->SupportsQuantizedKvCache()) {
     return absl::UnimplementedError(absl::StrCat(
         "--kv-cache-dtype ", KvCacheDtypeName(kv_spec_.kv_cache_dtype), ": the ", backend_->name(),
-        " backend does not implement quantized KV caches yet (auto or bf16 there; cpu has all)"));
+        " backend does not implement quantized KV caches (auto or bf16 there; cpu and cuda have all)"));
   }
   if (kv_spec_.num_layers() != config_.num_layers) {
     return absl::InvalidArgumentError(absl::StrCat("kv spec has ", kv_spec_.num_layers(),
@@ -92,8 +92,95 @@ absl::Status ModelRunner::Init(const KvCacheSpec& spec, const KvCacheOptions& kv
     ASSIGN_OR_RETURN(reserve, MeasureGraphMemory());
   }
   RETURN_IF_ERROR(AllocateCache(kv, reserve));
+  RETURN_IF_ERROR(AllocateHostKv(kv));
   if (!graph_sizes_.empty()) RETURN_IF_ERROR(CaptureDecodeGraphs());
   return backend_->Synchronize();
+}
+
+ModelRunner::~ModelRunner() { (void)FinishHostKvTransfers(); }
+
+absl::Status ModelRunner::AllocateHostKv(const KvCacheOptions& kv) {
+  if (kv.kv_offloading_bytes < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--kv-offloading-size: ", kv.kv_offloading_bytes, " bytes is negative"));
+  }
+  if (kv.kv_offloading_bytes == 0) return absl::OkStatus();
+  const int64_t tp = std::max<int64_t>(1, weights_.shard.tp_size);
+  const int64_t rank_bytes = kv.kv_offloading_bytes / tp;  // the group's share of this rank
+  const int64_t slots = std::min<int64_t>(rank_bytes / kv_spec_.BytesPerBlock(),
+                                          std::numeric_limits<int32_t>::max());
+  if (slots <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--kv-offloading-size: ", kv.kv_offloading_bytes, " bytes over ", tp, " rank(s) leave ",
+        rank_bytes, " a rank, less than one KV block of ", kv_spec_.BytesPerBlock(), " bytes"));
+  }
+  absl::StatusOr<HostKvStorage> host =
+      backend_->CreateHostKvStorage(kv_layers_, kv_spec_.block_size, static_cast<int32_t>(slots));
+  if (!host.ok()) {  // name the flag that sized it (the backend cannot)
+    return absl::Status(host.status().code(),
+                        absl::StrCat("--kv-offloading-size: ", slots, " host slots of ",
+                                     kv_spec_.BytesPerBlock(), " bytes: ", host.status().message()));
+  }
+  host_kv_ = *std::move(host);
+  return absl::OkStatus();
+}
+
+absl::Status ModelRunner::TransferHostKv(absl::Span<const HostBlockCopy> offloads,
+                                         absl::Span<const HostBlockCopy> loads) {
+  RETURN_IF_ERROR(FinishHostKvTransfers());  // a failed step may have left some
+  if (offloads.empty() && loads.empty()) return absl::OkStatus();
+  if (host_kv_.num_slots() == 0) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        offloads.empty() ? "kv_loads" : "kv_offloads",
+        ": this worker has no host KV tier (--kv-offloading-size 0)"));
+  }
+  // Both lists are checked before anything is copied.
+  RETURN_IF_ERROR(ValidateHostBlockCopies("kv_offloads", offloads, kv_spec_.num_blocks, host_kv_.num_slots()));
+  RETURN_IF_ERROR(ValidateHostBlockCopies("kv_loads", loads, kv_spec_.num_blocks, host_kv_.num_slots()));
+  const int32_t bs = kv_spec_.block_size, nb = kv_spec_.num_blocks;
+  if (!offloads.empty()) RETURN_IF_ERROR(backend_->OffloadKvBlocks(kv_layers_, bs, nb, host_kv_, offloads));
+  if (!loads.empty()) RETURN_IF_ERROR(backend_->LoadKvBlocks(kv_layers_, bs, nb, host_kv_, loads));
+  host_kv_pending_ = true;
+  for (const HostBlockCopy& c : offloads) host_kv_offloaded_.insert(c.block);
+  for (const HostBlockCopy& c : loads) host_kv_loaded_.insert(c.block);
+  return absl::OkStatus();
+}
+
+void ModelRunner::ForgetHostKvBlocks() {
+  host_kv_offloaded_.clear();
+  host_kv_loaded_.clear();
+}
+
+absl::Status ModelRunner::WaitHostKvBefore(absl::Span<const SequenceStep> steps) {
+  if (!host_kv_pending_ || (host_kv_loaded_.empty() && host_kv_offloaded_.empty())) {
+    return absl::OkStatus();
+  }
+  // A loaded block must have arrived before the forward reads (or writes) it; an offloaded one
+  // must have left before the forward writes it. Other copies overlap with the forward pass
+  // (e.g. a load for a request scheduled in the next step).
+  bool wait = false;
+  const int32_t bs = kv_spec_.block_size;
+  for (size_t i = 0; i < steps.size() && !wait; ++i) {
+    const SequenceStep& s = steps[i];
+    if (s.tokens.empty()) continue;
+    const int64_t end = s.num_computed_tokens + static_cast<int64_t>(s.tokens.size());
+    const int64_t first_written = s.num_computed_tokens / bs;
+    for (int64_t b = 0; b < kv_spec_.BlocksForTokens(end) && !wait; ++b) {
+      wait = host_kv_loaded_.contains(s.block_table[b]) ||
+             (b >= first_written && host_kv_offloaded_.contains(s.block_table[b]));
+    }
+  }
+  if (!wait) return absl::OkStatus();
+  RETURN_IF_ERROR(backend_->WaitKvTransfers());
+  ForgetHostKvBlocks();
+  return absl::OkStatus();
+}
+
+absl::Status ModelRunner::FinishHostKvTransfers() {
+  if (!host_kv_pending_) return absl::OkStatus();
+  host_kv_pending_ = false;
+  ForgetHostKvBlocks();
+  return backend_->SynchronizeKvTransfers();
 }
 
 absl::Status ModelRunner::AllocateStepBuffers() {
@@ -337,6 +424,9 @@ absl::StatusOr<StepOutput> ModelRunner::Execute(absl::Span<const SequenceStep> s
     for (int32_t i = 0; i <= num_seqs; ++i) out.row_begin[i] = i;
   }
 
+  // Host KV transfers of this step: loads complete before the forward, offloads before it
+  // overwrites one of their blocks (otherwise they overlap with it).
+  RETURN_IF_ERROR(WaitHostKvBefore(steps));
   // One copy per region, of the used prefix only; the device addresses never change.
   int32_t* dm = meta_.as<int32_t>();
   auto upload = [&](int64_t at, int64_t count) {
@@ -519,6 +609,12 @@ absl::Status ModelRunner::ComputeLogits(const Tensor2D& x, const int32_t* rows_a
 absl::Status ModelRunner::CopyBlocks(absl::Span<const BlockCopy> copies) {
   // The backend checks every copy (ValidateBlockCopies) before doing any.
   if (copies.empty()) return absl::OkStatus();
+  if (host_kv_pending_) {
+    // Rare (copy-on-write in a step with host transfers): order the copies after them all.
+    RETURN_IF_ERROR(ValidateBlockCopies(copies, kv_spec_.num_blocks));
+    RETURN_IF_ERROR(backend_->WaitKvTransfers());
+    ForgetHostKvBlocks();
+  }
   return backend_->CopyBlocks(kv_layers_, kv_spec_.block_size, kv_spec_.num_blocks, copies);
 }
 

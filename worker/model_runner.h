@@ -35,6 +35,7 @@
 #include <memory>
 #include <vector>
 
+#include "absl/container/flat_hash_set.h"
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "common/defaults.h"
@@ -80,6 +81,8 @@ class ModelRunner {
   // `kv`. InvalidArgument for limits that are not positive, a max_model_len over the model's
   // context, or a spec that does not match this rank's KV heads; ResourceExhausted when memory
   // is short.
+  // Waits for host KV copies still in flight (a failed step's) before the memory goes.
+  ~ModelRunner();
   static absl::StatusOr<std::unique_ptr<ModelRunner>> Create(const ModelConfig& config,
                                                              ModelWeights weights,
                                                              Backend* backend, Communicator* comm,
@@ -98,6 +101,27 @@ class ModelRunner {
   absl::Status ValidateSequence(const SequenceStep& s) const;
   // Copy-on-write block copies requested by the block manager, all layers, one backend call.
   absl::Status CopyBlocks(absl::Span<const BlockCopy> copies);
+
+  // Host KV tier (issue #10; StepPlan::kv_offloads / kv_loads). Enqueues device block -> host
+  // slot copies, then slot -> block copies (Backend::OffloadKvBlocks / LoadKvBlocks: each list in
+  // order, every layer, K and V, the blocks' exact bytes). Both lists are checked first:
+  // FailedPrecondition when the runner has no host tier and a list is not empty, InvalidArgument
+  // naming the list and entry for a block outside [0, num_blocks) or a slot outside [0,
+  // num_host_blocks); nothing is copied then. The copies run on the backend's copy stream; the
+  // next CopyBlocks waits for all of them, the next Execute for all of them when its sequences
+  // read or write a loaded block or write an offloaded one (otherwise they overlap with its
+  // forward pass, e.g. loads for a request the next plan schedules). Call
+  // FinishHostKvTransfers() at the end of the step (StepExecutor does): every copy of a step is
+  // complete when it ends.
+  absl::Status TransferHostKv(absl::Span<const HostBlockCopy> offloads,
+                              absl::Span<const HostBlockCopy> loads);
+  // The host waits for the copies of TransferHostKv (no-op when none is pending).
+  absl::Status FinishHostKvTransfers();
+  // Slots of the host tier (KvCacheOptions::kv_offloading_bytes / kv_spec().BytesPerBlock()); 0:
+  // none. What the worker reports as LoadModelResponse.num_host_blocks.
+  int32_t num_host_blocks() const { return host_kv_.num_slots(); }
+  // The host tier's memory (tests read slots after FinishHostKvTransfers).
+  const HostKvStorage& host_kv() const { return host_kv_; }
 
   const KvCacheSpec& kv_spec() const { return kv_spec_; }
   // Layer l's KV cache arrays (backend memory: host memory on the CPU backend) in the layout of
@@ -131,6 +155,12 @@ class ModelRunner {
   absl::Status Init(const KvCacheSpec& spec, const KvCacheOptions& kv);
   absl::Status AllocateStepBuffers();
   absl::Status AllocateCache(const KvCacheOptions& kv, int64_t reserve_bytes);
+  // After AllocateCache: the host tier of kv.kv_offloading_bytes (none when 0).
+  absl::Status AllocateHostKv(const KvCacheOptions& kv);
+  // Before a forward pass over `steps`: the compute stream waits for the pending host KV copies
+  // when the step reads or writes a loaded block or writes an offloaded one.
+  absl::Status WaitHostKvBefore(absl::Span<const SequenceStep> steps);
+  void ForgetHostKvBlocks();
   // Layer l's KvLayer over the arrays k and v (dtype, quantization, heads, block size of the spec).
   KvLayer CacheLayer(int l, void* k, void* v) const;
   absl::Status Validate(absl::Span<const SequenceStep> steps) const;
@@ -176,6 +206,12 @@ class ModelRunner {
   int32_t max_logit_rows_ = 0;     // logit rows per LM-head pass
   std::vector<DeviceBuffer> k_cache_, v_cache_;
   std::vector<KvLayer> kv_layers_;
+  // Host KV tier: its memory; transfers enqueued and not yet waited for by the host
+  // (host_kv_pending_); the blocks offloaded / loaded by them that the compute stream has not
+  // waited for yet.
+  HostKvStorage host_kv_;
+  bool host_kv_pending_ = false;
+  absl::flat_hash_set<int32_t> host_kv_offloaded_, host_kv_loaded_;
   DeviceBuffer inv_freq_;
   std::unique_ptr<AttentionPlan> plan_;
 

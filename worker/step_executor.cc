@@ -170,6 +170,9 @@ absl::StatusOr<StepResult> StepExecutor::Execute(const StepPlan& plan) {
   StepResult result;
   result.step_id = plan.step_id;
   if (last_end_ != Clock::time_point{}) result.idle_us = Micros(t0 - last_end_);
+  // Host KV tier, then copy-on-write: both lists are checked before anything is copied, and a
+  // bad entry fails the step as a whole before any per-request state changes.
+  RETURN_IF_ERROR(runner_->TransferHostKv(plan.kv_offloads, plan.kv_loads));
   RETURN_IF_ERROR(runner_->CopyBlocks(plan.copies));
   last_step_id_ = plan.step_id;
   for (int64_t id : plan.finished) seqs_.erase(id);
@@ -312,6 +315,9 @@ absl::StatusOr<StepResult> StepExecutor::Execute(const StepPlan& plan) {
     seqs_.emplace(d.seq_id, std::move(child));  // may rehash: no reference kept across it
   }
   for (size_t i = 0; i < draws.size(); ++i) seqs_.at(draws[i].seq_id).tokens.push_back(sampled[i]);
+  // Offloads that did not have to finish before the forward pass overlapped with it; every host
+  // KV copy of the step is complete when the step ends.
+  RETURN_IF_ERROR(runner_->FinishHostKvTransfers());
 
   last_end_ = Clock::now();
   result.compute_us = Micros(last_end_ - t0);

@@ -20,7 +20,9 @@
 // count and prompt length, plus its own sampled token; every rank forks identically (the
 // children's ids are in the broadcast). Copy-on-write: replace_last_block swaps the table's last
 // entry before new_block_ids are appended (plan.copies have copied the data before the forward
-// pass).
+// pass). Host KV tier: plan.kv_offloads then plan.kv_loads run before plan.copies
+// (ModelRunner::TransferHostKv); a bad block id or slot fails the step as a whole (nothing copied,
+// no state changed); every copy has completed when Execute returns.
 //
 // Used in-process by the local engine and inside every worker process (on its device thread).
 // One thread at a time.

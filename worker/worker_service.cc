@@ -263,6 +263,7 @@ absl::StatusOr<lorcserve::internal::InitCommunicatorResponse> WorkerService::Ini
   co.group = req.group();
   co.join_timeout = absl::Milliseconds(req.timeout_ms() > 0 ? req.timeout_ms() : 60000);
   co.hostname_or_iface = req.bind_address().empty() ? options_.comm_address : req.bind_address();
+  co.disable_custom_all_reduce = req.disable_custom_all_reduce();
   ASSIGN_OR_RETURN(d.comm, options_.backend.kind == BackendKind::kCuda
                                ? CreateNcclCommunicator(world, d.store.get(), options_.backend.device,
                                                         d.backend->stream_handle(), co)
@@ -270,6 +271,7 @@ absl::StatusOr<lorcserve::internal::InitCommunicatorResponse> WorkerService::Ini
   comm_ready_ = true;
   lorcserve::internal::InitCommunicatorResponse resp;
   resp.set_backend(std::string(d.comm->backend_name()));
+  resp.set_all_reduce(d.comm->AllReduceDescription());
   return resp;
 }
 
@@ -298,6 +300,7 @@ absl::StatusOr<lorcserve::internal::LoadModelResponse> WorkerService::LoadModelO
   kv.max_model_len = req.max_model_len();
   kv.gpu_memory_utilization = req.gpu_memory_utilization();
   kv.enforce_eager = req.enforce_eager();
+  kv.kv_offloading_bytes = req.kv_offloading_bytes();
   if (!req.kv_cache_dtype().empty()) {
     ASSIGN_OR_RETURN(kv.kv_cache_dtype, ParseKvCacheDtype(req.kv_cache_dtype()));
   }
@@ -307,6 +310,7 @@ absl::StatusOr<lorcserve::internal::LoadModelResponse> WorkerService::LoadModelO
   lorcserve::internal::LoadModelResponse resp;
   resp.set_num_blocks(d.model.runner->kv_spec().num_blocks);
   resp.set_kv_bytes_per_token(d.model.runner->kv_spec().BytesPerToken());
+  resp.set_num_host_blocks(d.model.runner->num_host_blocks());
   resp.set_load_seconds(d.model.load_seconds);
   resp.set_backend(d.backend->name());
   resp.set_device(d.backend->Describe());

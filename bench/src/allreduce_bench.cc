@@ -9,19 +9,24 @@
 //                 epochs kept in device memory, so the kernel is graph-capturable,
 //   oneshot_copy  the same after a device copy of the activations into the peer-visible buffer
 //                 (what it costs when the producer cannot write there directly),
+//   engine        the engine's all-reduce: the NCCL communicator of worker/comm with its custom
+//                 one-shot path (kernels/one_shot_all_reduce.cu: in place, the input copied into
+//                 the peer-visible buffer inside the kernel, one launch) forced for every size
+//                 (limit raised to the largest message), through Communicator::AllReduceSum,
 // each as `--iters` back-to-back calls captured into one CUDA graph per GPU, the graphs launched
 // on all GPUs together, `--replays` times; the median replay over --iters is the time per call.
 // Before timing, one eager call of each is checked against a host reference (fp32 sums of the
 // same inputs in rank order, rounded to bf16) and against each other; a mismatch beyond bf16
-// rounding fails the run (exit 1). The prototype exists only here: it tells whether a one-shot
-// all-reduce in the engine would pay (NCCL stays the engine's path).
+// rounding fails the run (exit 1); the engine's result must equal the reference bit for bit on
+// every GPU. The prototype (out of place, two barriers, separate copy) stays for comparison; the
+// crossover of `engine` and `nccl` sets the engine's limit (common/defaults.h).
 //
 // Prints a config line and one JSON line per size (microseconds per all-reduce, bus bandwidth
 // 2 (N-1)/N x bytes / time as nccl-tests, per_step_ms = 2 x --num-layers x us / 1000: the two
 // all-reduces of a decoder layer over the model), then a table. With fewer than 2 GPUs it prints
 // a "skipped" line and exits 0.
 //
-// Usage: build/bin/allreduce_bench [--gpus N] [--hidden 8192] [--rows 1,8,64,256,512,4096]
+// Usage: build/bin/allreduce_bench [--gpus N] [--hidden 8192] [--rows 1,8,64,256,512,1024,2048,4096]
 //        [--num-layers 80] [--iters 100] [--replays 20]
 // Set NCCL_NVLS_ENABLE=0 on the lent H200 machines (see /work/shared/device).
 #include <cuda_bf16.h>
@@ -38,6 +43,9 @@
 #include <string>
 #include <thread>
 #include <vector>
+
+#include "bench/src/allreduce_bench_engine.h"
+#include "kernels/peer_sync.cuh"
 
 namespace {
 
@@ -78,19 +86,9 @@ struct Peers {
   Signal* sig[kMaxRanks];
 };
 
-__device__ __forceinline__ void StoreRelease(uint32_t* p, uint32_t v) {
-  asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-}
-__device__ __forceinline__ uint32_t LoadAcquire(const uint32_t* p) {
-  uint32_t v;
-  asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-__device__ __forceinline__ uint64_t GlobalTimerNs() {
-  uint64_t t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
+using lorc::kernels::GlobalTimerNs;
+using lorc::kernels::LoadAcquireSys;
+using lorc::kernels::StoreReleaseSys;
 
 // Block b of this rank and block b of every other rank: thread r < n tells rank r that this
 // rank arrived at `epoch`, then waits until rank r has told us the same.
@@ -99,10 +97,10 @@ __device__ void BlockBarrier(const Peers& p, int rank, int n, bool end, uint32_t
   const int r = threadIdx.x;
   if (r < n) {
     Signal* peer = p.sig[r];
-    StoreRelease(end ? &peer->end[b][rank] : &peer->start[b][rank], epoch);
+    StoreReleaseSys(end ? &peer->end[b][rank] : &peer->start[b][rank], epoch);
     const uint32_t* mine = end ? &p.sig[rank]->end[b][r] : &p.sig[rank]->start[b][r];
     const uint64_t t0 = GlobalTimerNs();
-    while (LoadAcquire(mine) < epoch) {
+    while (LoadAcquireSys(mine) < epoch) {
       if (GlobalTimerNs() - t0 > kBarrierTimeoutNs) {
         atomicExch(timed_out, 1);
         break;
@@ -175,7 +173,7 @@ struct Gpu {
   int device = 0;
   cudaStream_t stream = nullptr;
   ncclComm_t comm = nullptr;
-  __nv_bfloat16 *in = nullptr, *src = nullptr, *out_nccl = nullptr, *out_os = nullptr;
+  __nv_bfloat16 *in = nullptr, *src = nullptr, *out_nccl = nullptr, *out_os = nullptr, *eng = nullptr;
   Signal* sig = nullptr;
   int* timed_out = nullptr;
 };
@@ -252,11 +250,11 @@ int Blocks(int64_t vecs) {
 
 int main(int argc, char** argv) {
   int want_gpus = 0, hidden = 8192, num_layers = 80, iters = 100, replays = 20;
-  std::vector<int> rows = {1, 8, 64, 256, 512, 4096};
+  std::vector<int> rows = {1, 8, 64, 256, 512, 1024, 2048, 4096};
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--help") {
-      std::printf("allreduce_bench [--gpus N] [--hidden 8192] [--rows 1,8,64,256,512,4096] "
+      std::printf("allreduce_bench [--gpus N] [--hidden 8192] [--rows 1,8,64,256,512,1024,2048,4096] "
                   "[--num-layers 80] [--iters 100] [--replays 20]\n");
       return 0;
     }
@@ -321,7 +319,7 @@ int main(int argc, char** argv) {
       }
     }
     CUDA_OK(cudaStreamCreateWithFlags(&d.stream, cudaStreamNonBlocking));
-    for (__nv_bfloat16** p : {&d.in, &d.src, &d.out_nccl, &d.out_os}) CUDA_OK(cudaMalloc(p, max_bytes));
+    for (__nv_bfloat16** p : {&d.in, &d.src, &d.out_nccl, &d.out_os, &d.eng}) CUDA_OK(cudaMalloc(p, max_bytes));
     CUDA_OK(cudaMalloc(&d.sig, sizeof(Signal)));
     CUDA_OK(cudaMemset(d.sig, 0, sizeof(Signal)));
     CUDA_OK(cudaMalloc(&d.timed_out, sizeof(int)));
@@ -336,14 +334,25 @@ int main(int argc, char** argv) {
     peers.in[g] = gpus[g].in;
     peers.sig[g] = gpus[g].sig;
   }
+  std::vector<void*> streams(n);
+  for (int g = 0; g < n; ++g) streams[g] = gpus[g].stream;
+  std::string engine_description, engine_error;
+  lorc::bench::EngineComms* engine = lorc::bench::CreateEngineComms(
+      n, streams.data(), max_bytes, &engine_description, &engine_error);
+  if (engine == nullptr) {
+    std::fprintf(stderr, "allreduce_bench: the engine's communicator: %s\n", engine_error.c_str());
+    return 1;
+  }
+  const bool engine_custom = engine_description.rfind("custom", 0) == 0;
   cudaDeviceProp prop{};
   CUDA_OK(cudaGetDeviceProperties(&prop, 0));
   int nccl_version = 0;
   NCCL_OK(ncclGetVersion(&nccl_version));
   std::printf("{\"kind\":\"config\",\"bench\":\"allreduce\",\"gpus\":%d,\"device\":\"%s\",\"nccl\":%d,"
               "\"peer_access\":%s,\"hidden\":%d,\"num_layers\":%d,\"iters\":%d,\"replays\":%d,"
-              "\"dtype\":\"bf16\",\"statistic\":\"median replay / iters\"}\n",
-              n, prop.name, nccl_version, peer ? "true" : "false", hidden, num_layers, iters, replays);
+              "\"dtype\":\"bf16\",\"statistic\":\"median replay / iters\",\"engine_all_reduce\":\"%s\"}\n",
+              n, prop.name, nccl_version, peer ? "true" : "false", hidden, num_layers, iters, replays,
+              engine_description.c_str());
   std::fflush(stdout);
 
   auto nccl = [&](int g, int64_t elems) {
@@ -360,9 +369,18 @@ int main(int argc, char** argv) {
     CUDA_OK(cudaGetLastError());
   };
 
+  auto engine_call = [&](int g, int64_t elems) {
+    const std::string e = lorc::bench::EngineAllReduceBf16(engine, g, gpus[g].eng, static_cast<size_t>(elems));
+    if (!e.empty()) {
+      std::fprintf(stderr, "allreduce_bench: engine all-reduce on GPU %d: %s\n", g, e.c_str());
+      std::exit(1);
+    }
+  };
+
   struct Row {
     int rows;
-    double nccl_us, os_us, osc_us, diff_nccl, diff_os;
+    double nccl_us, os_us, osc_us, diff_nccl, diff_os, eng_us;
+    bool eng_exact;
   };
   std::vector<Row> results;
   bool all_ok = true;
@@ -378,6 +396,11 @@ int main(int argc, char** argv) {
       CUDA_OK(cudaSetDevice(g));
       oneshot(g, elems, false);
     }
+    for (int g = 0; g < n && engine_custom; ++g) {
+      CUDA_OK(cudaSetDevice(g));
+      CUDA_OK(cudaMemcpyAsync(gpus[g].eng, gpus[g].in, elems * 2, cudaMemcpyDeviceToDevice, gpus[g].stream));
+    }
+    for (int g = 0; g < n && engine_custom; ++g) engine_call(g, elems);
     std::vector<float> ref(elems);
     for (int64_t i = 0; i < elems; ++i) {
       float s = 0;
@@ -397,20 +420,44 @@ int main(int argc, char** argv) {
         if (peer) diff_os = std::max(diff_os, static_cast<double>(std::fabs(Bf16ToFloat(host_os[i]) - v)));
       }
     }
+    bool eng_exact = engine_custom;
+    for (int g = 0; g < n && engine_custom; ++g) {
+      CUDA_OK(cudaSetDevice(g));
+      CUDA_OK(cudaStreamSynchronize(gpus[g].stream));
+      CUDA_OK(cudaMemcpy(host.data(), gpus[g].eng, elems * 2, cudaMemcpyDeviceToHost));
+      for (int64_t i = 0; i < elems && eng_exact; ++i) {
+        if (Bf16ToFloat(host[i]) != ref[i]) {
+          std::fprintf(stderr, "allreduce_bench: rows %d: engine result on GPU %d differs from the "
+                       "reference at element %lld (%g vs %g)\n", r, g, static_cast<long long>(i),
+                       Bf16ToFloat(host[i]), ref[i]);
+          eng_exact = false;
+        }
+      }
+    }
     int timed_out = 0;
     for (int g = 0; g < n && peer; ++g) {
       int t = 0;
       CUDA_OK(cudaMemcpy(&t, gpus[g].timed_out, sizeof(int), cudaMemcpyDeviceToHost));
       timed_out |= t;
     }
-    const bool ok = diff_nccl <= tol && diff_os <= tol && !timed_out;
+    const bool ok = diff_nccl <= tol && diff_os <= tol && !timed_out && (eng_exact || !engine_custom);
     all_ok = all_ok && ok;
 
-    Row row{r, 0, NAN, NAN, diff_nccl, diff_os};
+    Row row{r, 0, NAN, NAN, diff_nccl, diff_os, NAN, eng_exact};
     row.nccl_us = TimeGraphs(gpus, iters, replays, [&](int g) { nccl(g, elems); });
     if (peer && ok) {
       row.os_us = TimeGraphs(gpus, iters, replays, [&](int g) { oneshot(g, elems, false); });
       row.osc_us = TimeGraphs(gpus, iters, replays, [&](int g) { oneshot(g, elems, true); });
+    }
+    if (engine_custom && ok) {
+      row.eng_us = TimeGraphs(gpus, iters, replays, [&](int g) { engine_call(g, elems); });
+      std::string e;
+      for (int g = 0; g < n && e.empty(); ++g) e = lorc::bench::EngineAllReduceBf16(engine, g, gpus[g].eng, 8);
+      if (!e.empty()) {  // reports a barrier timeout of the timed calls
+        std::fprintf(stderr, "allreduce_bench: engine all-reduce after timing: %s\n", e.c_str());
+        all_ok = false;
+      }
+      for (int g = 0; g < n; ++g) CUDA_OK(cudaStreamSynchronize(gpus[g].stream));
       for (int g = 0; g < n; ++g) {
         int t = 0;
         CUDA_OK(cudaMemcpy(&t, gpus[g].timed_out, sizeof(int), cudaMemcpyDeviceToHost));
@@ -426,12 +473,14 @@ int main(int argc, char** argv) {
     std::printf("{\"kind\":\"allreduce\",\"gpus\":%d,\"rows\":%d,\"hidden\":%d,\"bytes\":%.0f,"
                 "\"nccl_us\":%.3f,\"nccl_busbw_gbps\":%.2f,\"nccl_per_step_ms\":%.4f,"
                 "\"oneshot_us\":%s,\"oneshot_busbw_gbps\":%s,\"oneshot_per_step_ms\":%s,"
-                "\"oneshot_copy_us\":%s,\"max_abs_diff_nccl_vs_ref\":%g,"
+                "\"oneshot_copy_us\":%s,\"engine_us\":%s,\"engine_per_step_ms\":%s,\"engine_exact\":%s,"
+                "\"max_abs_diff_nccl_vs_ref\":%g,"
                 "\"max_abs_diff_oneshot_vs_nccl\":%s,\"checked\":%s}\n",
                 n, r, hidden, bytes, row.nccl_us, bytes * bus / row.nccl_us * 1e-3,
                 2.0 * num_layers * row.nccl_us * 1e-3, num(row.os_us).c_str(),
                 num(bytes * bus / row.os_us * 1e-3).c_str(), num(2.0 * num_layers * row.os_us * 1e-3).c_str(),
-                num(row.osc_us).c_str(), diff_nccl, peer ? num(diff_os).c_str() : "null",
+                num(row.osc_us).c_str(), num(row.eng_us).c_str(), num(2.0 * num_layers * row.eng_us * 1e-3).c_str(),
+                eng_exact ? "true" : "false", diff_nccl, peer ? num(diff_os).c_str() : "null",
                 ok ? "true" : "false");
     std::fflush(stdout);
     if (!ok) {
@@ -442,20 +491,24 @@ int main(int argc, char** argv) {
 
   std::printf("\n# %d x %s, bf16 all-reduce of rows x %d, per_step = 2 x %d layers (median of %d replays of %d calls)\n",
               n, prop.name, hidden, num_layers, replays, iters);
-  std::printf("%6s %10s | %9s %9s %10s | %9s %9s %10s | %11s\n", "rows", "bytes", "nccl us", "GB/s",
-              "step ms", "1shot us", "GB/s", "step ms", "1shot+cp us");
+  std::printf("%6s %10s | %9s %9s %10s | %9s %9s %10s | %11s | %9s %10s\n", "rows", "bytes", "nccl us", "GB/s",
+              "step ms", "1shot us", "GB/s", "step ms", "1shot+cp us", "engine us", "step ms");
   for (const Row& row : results) {
     const double bytes = static_cast<double>(row.rows) * hidden * 2;
     const double bus = 2.0 * (n - 1) / n;
-    std::printf("%6d %10.0f | %9.2f %9.1f %10.3f | %9.2f %9.1f %10.3f | %11.2f\n", row.rows, bytes,
+    std::printf("%6d %10.0f | %9.2f %9.1f %10.3f | %9.2f %9.1f %10.3f | %11.2f | %9.2f %10.3f\n", row.rows, bytes,
                 row.nccl_us, bytes * bus / row.nccl_us * 1e-3, 2.0 * num_layers * row.nccl_us * 1e-3,
-                row.os_us, bytes * bus / row.os_us * 1e-3, 2.0 * num_layers * row.os_us * 1e-3, row.osc_us);
+                row.os_us, bytes * bus / row.os_us * 1e-3, 2.0 * num_layers * row.os_us * 1e-3, row.osc_us,
+                row.eng_us, 2.0 * num_layers * row.eng_us * 1e-3);
   }
+  std::printf("# engine: %s\n", engine_description.c_str());
+  lorc::bench::DestroyEngineComms(engine);
   for (Gpu& d : gpus) {
     CUDA_OK(cudaSetDevice(d.device));
     NCCL_OK(ncclCommDestroy(d.comm));
     for (void* p : {static_cast<void*>(d.in), static_cast<void*>(d.src), static_cast<void*>(d.out_nccl),
-                    static_cast<void*>(d.out_os), static_cast<void*>(d.sig), static_cast<void*>(d.timed_out)}) {
+                    static_cast<void*>(d.out_os), static_cast<void*>(d.sig), static_cast<void*>(d.timed_out),
+                    static_cast<void*>(d.eng)}) {
       CUDA_OK(cudaFree(p));
     }
     CUDA_OK(cudaStreamDestroy(d.stream));

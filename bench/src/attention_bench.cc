@@ -11,7 +11,11 @@
 // KV bytes) next to the full-KV decode at context 4k/16k/32k, batch 1 and 64, with each one's
 // DRAM floor: its KV bytes (plus B_K, per KV head and CTA) at kFloorGBs, the H200's measured copy
 // bandwidth (/work/shared/device/README.md). Table, then one JSON line.
-// Usage: build/bin/attention_bench (needs a CUDA device).
+// --kv-cache-dtype bf16|fp8|int8|int4: instead, the decode at context 4096, batch 1 and 64, and
+// the causal prefill of 4096 tokens over a cache of that dtype (kernels/kv_quant.h: codes and
+// fp16 scales), full KV and LoRC latents (ranks 64/64), each decode with its DRAM floor (the
+// cache's bytes, scales included, plus B_K for latents, at kFloorGBs). Table, then one JSON line.
+// Usage: build/bin/attention_bench [--kv-cache-dtype D] (needs a CUDA device).
 #include <algorithm>
 #include <cstdio>
 #include <cmath>
@@ -23,6 +27,7 @@
 #include "backend/cuda_backend.h"
 #include "bench/src/graph_timer.h"
 #include "common/check.h"
+#include "kernels/kv_quant.h"
 
 namespace lorc {
 namespace {
@@ -52,14 +57,27 @@ double TimeUs(Backend& be, const std::function<void(int)>& op) {
   return GraphMicrosPerCall(be, kReps, 3, ReplayStat::kBest, op);
 }
 
+using kernels::KvQuant;
+
+// Bytes of one token's K (or V) of one layer: bf16 elements or codes and scales.
+int64_t SideBytesPerToken(KvQuant q, int64_t head_width) {
+  return q == KvQuant::kNone ? kKvHeads * head_width * 2 : kernels::KvqTokenBytes(q, kKvHeads, head_width);
+}
+
 // `batch` sequences of `ctx` cached tokens each, q_len `q_len` (1: decode), one cache per layer
 // of the cycle; returns microseconds per layer. rank > 0: LoRC latents of ranks rank/rank
-// through LatentAttention (decode and prefill in one call).
-double Run(Backend& be, int batch, int ctx, int q_len, bool decode, int rank = 0) {
+// through LatentAttention (decode and prefill in one call). quant: the cache's storage (kNone:
+// bf16); its bytes are filled with 0x3c (finite codes and scales).
+double Run(Backend& be, int batch, int ctx, int q_len, bool decode, int rank = 0, KvQuant quant = KvQuant::kNone) {
   const int blocks_per_seq = (ctx + kBlock - 1) / kBlock;
   const int64_t kv_width = kKvHeads * (rank > 0 ? rank : kDim), width = kHeads * kDim;
   const int64_t out_width = rank > 0 ? kHeads * rank : width;
-  const int64_t layer_bytes = int64_t{batch} * blocks_per_seq * kBlock * kv_width * 2;
+  const int64_t layer_bytes =
+      int64_t{batch} * blocks_per_seq * kBlock * SideBytesPerToken(quant, rank > 0 ? rank : kDim);
+  const DType cache_dtype = quant == KvQuant::kNone ? DType::kBF16 : DType::kU8;
+  auto layer = [&](void* kp, void* vp) {
+    return KvLayer{kp, vp, kv_width, kv_width, cache_dtype, quant, kKvHeads, kBlock};
+  };
   const int layers = static_cast<int>(std::clamp<int64_t>(kCycleBytes / layer_bytes, 1, 16));
   DeviceBuffer k = Filled(be, layer_bytes * layers, 0x3c), v = Filled(be, layer_bytes * layers, 0x3c);
   const int tokens = batch * q_len;
@@ -96,12 +114,12 @@ double Run(Backend& be, int batch, int ctx, int q_len, bool decode, int rank = 0
     lp.k_rank = lp.v_rank = rank;
     lp.scale = 0.08838834764f;
     lp.inv_freq = freq.as<float>();
-    lp.cache = KvLayer{k.data(), v.data(), kv_width, kv_width, DType::kBF16};
+    lp.cache = layer(k.data(), v.data());
     CHECK_OK(be.LatentAttention(lp, **plan));  // teaches the plan the KV head count
     CHECK_OK(be.PlanAttention(b, **plan));
     return TimeUs(be, [&](int i) {
       const int64_t off = (i % layers) * layer_bytes;
-      lp.cache = KvLayer{k.as<char>() + off, v.as<char>() + off, kv_width, kv_width, DType::kBF16};
+      lp.cache = layer(k.as<char>() + off, v.as<char>() + off);
       CHECK_OK(be.LatentAttention(lp, **plan));
     });
   }
@@ -113,24 +131,83 @@ double Run(Backend& be, int batch, int ctx, int q_len, bool decode, int rank = 0
   p.head_dim = kDim;
   p.scale = 0.08838834764f;
   if (decode) {  // a first call teaches the plan the KV head count, then plan again
-    p.cache = KvLayer{k.data(), v.data(), kv_width, kv_width, DType::kBF16};
+    p.cache = layer(k.data(), v.data());
     CHECK_OK(be.DecodeAttention(p, **plan));
     CHECK_OK(be.PlanAttention(b, **plan));
   }
   return TimeUs(be, [&](int i) {
     const int64_t off = (i % layers) * layer_bytes;
-    p.cache = KvLayer{k.as<char>() + off, v.as<char>() + off, kv_width, kv_width, DType::kBF16};
+    p.cache = layer(k.as<char>() + off, v.as<char>() + off);
     CHECK_OK(decode ? be.DecodeAttention(p, **plan) : be.PrefillAttention(p, **plan));
   });
 }
 
-int Main() {
+// --kv-cache-dtype: decode at ctx 4096 (batch 1, 64) and prefill 1 x 4096 over a cache of
+// `name`'s dtype, full KV and latents of ranks 64/64, with the decode floors.
+int DtypeTable(Backend& be, const std::string& name, KvQuant q) {
+  constexpr int kRank = 64, kCtx = 4096;
+  std::printf("%s\nLlama-3-8B attention (32 q / 8 kv heads x 128, block_size 16), kv cache %s; floor = cache bytes "
+              "(scales included) / %.0f GB/s\n",
+              be.Describe().c_str(), name.c_str(), kFloorGBs);
+  std::printf("  decode batch x ctx   full us  floor us  latent us  floor us\n");
+  std::string json = "{\"bench\":\"attention_kv_cache_dtype\",\"kv_cache_dtype\":\"" + name + "\",\"device\":\"" +
+                     be.Describe() + "\",\"k_rank\":64,\"v_rank\":64,\"floor_gbs\":" + std::to_string(kFloorGBs) +
+                     ",\"decode\":[";
+  for (const int batch : {1, 64}) {
+    const double full = Run(be, batch, kCtx, 1, true, 0, q), lat = Run(be, batch, kCtx, 1, true, kRank, q);
+    const double tokens = double{1.0} * batch * kCtx;
+    const double full_floor = tokens * 2 * SideBytesPerToken(q, kDim) / kFloorGBs * 1e-3;
+    const double lat_floor =
+        (tokens * 2 * SideBytesPerToken(q, kRank) + double{1.0} * kKvHeads * kDim * kRank * 2) / kFloorGBs * 1e-3;
+    std::printf("  %3d x %5d         %9.2f %9.2f  %9.2f %9.2f\n", batch, kCtx, full, full_floor, lat, lat_floor);
+    char buf[256];
+    std::snprintf(buf, sizeof(buf),
+                  "%s{\"batch\":%d,\"ctx\":%d,\"full_us\":%.2f,\"full_floor_us\":%.2f,\"latent_us\":%.2f,"
+                  "\"latent_floor_us\":%.2f}",
+                  batch == 1 ? "" : ",", batch, kCtx, full, full_floor, lat, lat_floor);
+    json += buf;
+  }
+  const double pf = Run(be, 1, kCtx, kCtx, false, 0, q), pl = Run(be, 1, kCtx, kCtx, false, kRank, q);
+  std::printf("  prefill 1 x %d (causal): full %.2f us, latent %.2f us\n", kCtx, pf, pl);
+  char buf[128];
+  std::snprintf(buf, sizeof(buf), "],\"prefill_4096\":{\"full_us\":%.2f,\"latent_us\":%.2f}}", pf, pl);
+  std::printf("%s%s\n", json.c_str(), buf);
+  return 0;
+}
+
+int Main(int argc, char** argv) {
+  std::string dtype;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg == "--kv-cache-dtype" && i + 1 < argc) {
+      dtype = argv[++i];
+    } else if (arg.rfind("--kv-cache-dtype=", 0) == 0) {
+      dtype = arg.substr(17);
+    } else {
+      std::fprintf(stderr, "attention_bench: unknown argument %s (usage: [--kv-cache-dtype bf16|fp8|int8|int4])\n",
+                   arg.c_str());
+      return 2;
+    }
+  }
+  KvQuant quant = KvQuant::kNone;
+  if (dtype == "fp8" || dtype == "fp8_e4m3") {
+    quant = KvQuant::kFp8E4m3;
+  } else if (dtype == "int8") {
+    quant = KvQuant::kInt8;
+  } else if (dtype == "int4") {
+    quant = KvQuant::kInt4;
+  } else if (!dtype.empty() && dtype != "bf16" && dtype != "auto") {
+    std::fprintf(stderr, "attention_bench: --kv-cache-dtype %s: expected auto, bf16, fp8, int8 or int4\n",
+                 dtype.c_str());
+    return 2;
+  }
   auto made = CreatePartialCudaBackend(BackendOptions{BackendKind::kCuda});
   if (!made.ok()) {
     std::fprintf(stderr, "%s\n", std::string(made.status().message()).c_str());
     return 1;
   }
   Backend& be = **made;
+  if (!dtype.empty()) return DtypeTable(be, dtype == "auto" ? "bf16" : dtype, quant);
   std::printf("%s\nLlama-3-8B attention: %d q / %d kv heads, head_dim %d, block_size %d, bf16\n",
               be.Describe().c_str(), kHeads, kKvHeads, kDim, kBlock);
   std::printf("decode (per layer)          us      KV GB/s\n");
@@ -193,4 +270,4 @@ int Main() {
 }  // namespace
 }  // namespace lorc
 
-int main() { return lorc::Main(); }
+int main(int argc, char** argv) { return lorc::Main(argc, argv); }

@@ -12,16 +12,17 @@
 #           number of GPUs: the golden prompts' greedy tokens against the CPU reference (first 32),
 #           64 concurrent streaming clients, 32 cancelled (deadline) requests, every KV block free
 #   bench   kernel benchmarks; `lorcserve bench` on the 8B shape (one GPU) and, with 2+ GPUs, the
-#           70B shape at TP = 2 (random weights; skipped when the GPUs are too small) and the
-#           all-reduce benchmark
+#           70B shape at TP = 2 (random weights; skipped when the GPUs are too small; also with
+#           --disable-custom-all-reduce) and the all-reduce benchmark
 #   peer    bench/hf_peer.py (transformers + PyTorch) on the same shapes (8B one GPU; 70B over 2)
+#   lorcserve  not in the default phases: phase serve on a LoRC-compressed fixture (see below)
 #   lorc    not in the default phases: the LoRC quality sweep of scripts/lorc/configs.txt on the
-#           fixture (issue #9). Configs with a quantized KV dtype (fp8/int8/int4) run on the CPU
-#           backend (the CUDA backend has no quantized-KV kernels yet), the rest on the GPU, both
-#           at once; results packed into $OUT/lorc-sweep.tar.gz with the report's table in
-#           $OUT/lorc-table.md. LORC_JOBS_CPU / LORC_JOBS_GPU (default 6 / 4), LORC_THREADS_CPU / _GPU (2 / 1), LORC_ONLY (regex),
-#           LORC_EXCLUDE (regex of names to leave out), LORC_TIMEOUT (s, default 540); results
-#           carried in .gpu/lorc-sweep/ are kept (the sweep resumes).
+#           fixture (issue #9), every config on the GPU (`eval --backend cuda`, quantized KV dtypes
+#           fp8/int8/int4 included: the CUDA kernels read them); results packed into
+#           $OUT/lorc-sweep.tar.gz with the report's table in $OUT/lorc-table.md. LORC_JOBS_GPU
+#           (default 4), LORC_THREADS_GPU (1), LORC_ONLY (regex), LORC_EXCLUDE (regex of names to
+#           leave out), LORC_TIMEOUT (s, default 540); results carried in .gpu/lorc-sweep/ are kept
+#           (the sweep resumes).
 # Environment: OUT (default /tmp/lorc-gpu), GPUS (default: all visible), STEPS (decode steps, 32),
 # BIN_DIR (binaries from a local build instead of the bundle), BACKEND (serve phase; default cuda).
 set -uo pipefail
@@ -29,6 +30,8 @@ cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/lorc-gpu}
 PHASES=${PHASES:-"parity serve bench peer"}
 STEPS=${STEPS:-32}
+SERVE_MODEL=${SERVE_MODEL:-models/tiny-llama-a}  # serve phase: the model served (and its tag in logs)
+SERVE_TAG=${SERVE_TAG:-}
 mkdir -p "$OUT"
 B=${BIN_DIR:-/tmp/lorc-gpu-bin}  # BIN_DIR: run binaries from there instead of the bundle
 if [ ! -x "$B/lorcserve" ]; then
@@ -64,9 +67,9 @@ phase_parity() {
 }
 
 start_coordinator() {  # $1 = workers; sets ADDR and CPID
-  local log="$OUT/serve-tp$1"
-  "$L" coordinator --model models/tiny-llama-a --backend "${BACKEND:-cuda}" --local-workers "$1" \
-    --listen 127.0.0.1:0 > "$log.out" 2> "$log.err" &
+  local log="$OUT/serve$SERVE_TAG-tp$1"
+  "$L" coordinator --model "$SERVE_MODEL" --backend "${BACKEND:-cuda}" --local-workers "$1" \
+    --listen 127.0.0.1:0 ${SERVE_ARGS:-} > "$log.out" 2> "$log.err" &
   CPID=$!
   for _ in $(seq 1 240); do
     grep -q LISTENING "$log.out" 2>/dev/null && break
@@ -93,32 +96,41 @@ phase_serve() {
   local tps="1"; [ "$GPUS" -ge 2 ] && tps="1 $GPUS"
   for tp in $tps; do
     if ! start_coordinator "$tp"; then
-      note "serve tp=$tp: coordinator did not become healthy (serve-tp$tp.err)"; fails=$((fails + 1))
+      note "serve$SERVE_TAG tp=$tp: coordinator did not become healthy (serve$SERVE_TAG-tp$tp.err)"; fails=$((fails + 1))
       kill $CPID 2>/dev/null; continue
     fi
     # Golden greedy tokens: the first 32 of each prompt against the CPU reference (fp32).
-    python3 - "$L" "$ADDR" "$tp" > "$OUT/serve-tp$tp-golden.txt" 2>&1 <<'PY'
-import json, subprocess, sys
-lorc, addr, tp = sys.argv[1:]
+    python3 - "$L" "$ADDR" "$tp" "$SERVE_MODEL" "$SERVE_TAG" ${SERVE_ARGS:-} > "$OUT/serve$SERVE_TAG-tp$tp-golden.txt" 2>&1 <<'PY'
+import json, os, subprocess, sys
+lorc, addr, tp, model, tag = sys.argv[1:6]
+engine_args = sys.argv[6:]  # the coordinator's extra flags (e.g. --kv-cache-dtype int8), for the reference too
 golden = json.load(open("models/tiny-llama-a/golden_fp32.json"))
+fixture = os.path.realpath(model) == os.path.realpath("models/tiny-llama-a")
+def run_json(cmd):
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["output_ids"] if out.returncode == 0 else []
 equal = 0
 for i, g in enumerate(golden):
-    out = subprocess.run([lorc, "client", "--server", addr, "--prompt-ids", ",".join(map(str, g["prompt_ids"])),
-                          "--max-tokens", "32", "--json"], capture_output=True, text=True)
-    got = json.loads(out.stdout.strip().splitlines()[-1])["output_ids"] if out.returncode == 0 else []
-    want = g["greedy_48_ids"][:32]
+    ids = ",".join(map(str, g["prompt_ids"]))
+    got = run_json([lorc, "client", "--server", addr, "--prompt-ids", ids, "--max-tokens", "32", "--json"]
+                   + ([] if fixture else ["--ignore-eos"]))
+    # The fixture's reference is its fp32 golden file; any other model's (a LoRC-compressed copy)
+    # is the CPU backend's fp32 greedy output for the same model, computed here.
+    want = g["greedy_48_ids"][:32] if fixture else run_json(
+        [lorc, "generate", "--model", model, "--backend", "cpu", "--prompt-ids", ids, "--max-tokens", "32",
+         "--ignore-eos", "--json"] + engine_args)[:32]
     k = next((j for j in range(32) if j >= len(got) or got[j] != want[j]), 32)
     equal += k == 32
     print(f"prompt {i}: {'equal for 32 tokens' if k == 32 else f'departs at token {k}'}")
-print(f"tp={tp}: {equal} of {len(golden)} golden prompts equal the CPU reference for 32 tokens")
+print(f"tp={tp}{tag}: {equal} of {len(golden)} golden prompts equal the CPU reference for 32 tokens")
 PY
-    note "serve tp=$tp: $(tail -1 "$OUT/serve-tp$tp-golden.txt")"
+    note "serve$SERVE_TAG tp=$tp: $(tail -1 "$OUT/serve$SERVE_TAG-tp$tp-golden.txt")"
     # 64 concurrent streaming clients (128 requests: decode batches of every size as they come and go).
     if timeout 600 "$L" bench --server "$ADDR" --requests 128 --concurrency 64 --prompt-len 100 \
-         --max-tokens 64 > "$OUT/serve-tp$tp-load.txt" 2>&1; then
-      note "serve tp=$tp: 64 concurrent clients, $(head -1 "$OUT/serve-tp$tp-load.txt")"
+         --max-tokens 64 > "$OUT/serve$SERVE_TAG-tp$tp-load.txt" 2>&1; then
+      note "serve$SERVE_TAG tp=$tp: 64 concurrent clients, $(head -1 "$OUT/serve$SERVE_TAG-tp$tp-load.txt")"
     else
-      note "serve tp=$tp: load FAILED ($(head -2 "$OUT/serve-tp$tp-load.txt" | tr '\n' ' '))"; fails=$((fails + 1))
+      note "serve$SERVE_TAG tp=$tp: load FAILED ($(head -2 "$OUT/serve$SERVE_TAG-tp$tp-load.txt" | tr '\n' ' '))"; fails=$((fails + 1))
     fi
     # 32 requests cancelled by their deadline mid-generation; then every block must be free.
     local pids=()
@@ -136,15 +148,15 @@ PY
       [ "$free" = "$cap" ] && break
       sleep 0.5
     done
-    if [ "$free" = "$cap" ]; then note "serve tp=$tp: $cancelled of 32 requests cancelled by their deadline, all $cap KV blocks free"
-    else note "serve tp=$tp: KV blocks NOT free after cancellations ($free of $cap)"; fails=$((fails + 1)); fi
-    "$L" client --server "$ADDR" --info > "$OUT/serve-tp$tp-info.json" 2>&1
+    if [ "$free" = "$cap" ]; then note "serve$SERVE_TAG tp=$tp: $cancelled of 32 requests cancelled by their deadline, all $cap KV blocks free"
+    else note "serve$SERVE_TAG tp=$tp: KV blocks NOT free after cancellations ($free of $cap)"; fails=$((fails + 1)); fi
+    "$L" client --server "$ADDR" --info > "$OUT/serve$SERVE_TAG-tp$tp-info.json" 2>&1
     kill -INT $CPID 2>/dev/null; wait $CPID 2>/dev/null
   done
 }
 
 phase_bench() {
-  for k in cuda_kernels_bench gemm_bench attention_bench sampling_bench gemv_bench; do
+  for k in cuda_kernels_bench gemm_bench attention_bench sampling_bench gemv_bench host_kv_bench; do
     [ -x "$B/$k" ] && CUDA_VISIBLE_DEVICES=0 timeout 300 "$B/$k" > "$OUT/bench-$k.txt" 2>&1 &&
       note "bench $k: done"
   done
@@ -160,6 +172,10 @@ phase_bench() {
         note "bench 70B tp=2, LM head $head: done" ||
         { note "bench 70B tp=2, LM head $head: FAILED"; fails=$((fails + 1)); }
     done
+    # The same without the custom all-reduce (NCCL for every all-reduce): its gain, A/B.
+    timeout 900 "$L" bench --model bench/configs/llama3-70b --backend cuda --random-weights \
+      --local-workers 2 --disable-custom-all-reduce --steps "$STEPS" > "$OUT/bench-70b-tp2-nccl-only.txt" 2>&1 &&
+      note "bench 70B tp=2, NCCL only: done" || { note "bench 70B tp=2, NCCL only: FAILED"; fails=$((fails + 1)); }
   fi
 }
 
@@ -177,27 +193,36 @@ phase_lorc() {
   mkdir -p "$sw"
   # Results of an earlier (interrupted) run carried in .gpu/lorc-sweep are kept: the sweep resumes.
   [ -d .gpu/lorc-sweep ] && cp -n .gpu/lorc-sweep/*.json "$sw"/ 2>/dev/null
-  grep -E '^[^#].*--kv-cache-dtype (fp8|int8|int4)' "$cfg" > /tmp/lorc-cpu.txt
-  grep -vE -- '--kv-cache-dtype (fp8|int8|int4)' "$cfg" > /tmp/lorc-gpu.txt
+  grep -E '^[^#]' "$cfg" > /tmp/lorc-gpu.txt
   if [ -n "${LORC_EXCLUDE:-}" ]; then  # config names to leave out (e.g. ^maxppl, run elsewhere)
-    for f in /tmp/lorc-cpu.txt /tmp/lorc-gpu.txt; do grep -vE -- "$LORC_EXCLUDE" "$f" > "$f.x"; mv "$f.x" "$f"; done
+    grep -vE -- "$LORC_EXCLUDE" /tmp/lorc-gpu.txt > /tmp/lorc-gpu.txt.x; mv /tmp/lorc-gpu.txt.x /tmp/lorc-gpu.txt
   fi
   local only=()
   [ -n "${LORC_ONLY:-}" ] && only=(--only "$LORC_ONLY")
   timeout "$t" bash scripts/lorc/sweep.sh --lorcserve "$L" --model models/tiny-llama-a --out "$sw" \
-    --configs /tmp/lorc-cpu.txt -j "${LORC_JOBS_CPU:-6}" --threads "${LORC_THREADS_CPU:-2}" --share-compressed "${only[@]}" \
-    > "$OUT/lorc-cpu.txt" 2>&1 &
-  local cpu_pid=$!
-  timeout "$t" bash scripts/lorc/sweep.sh --lorcserve "$L" --model models/tiny-llama-a --out "$sw" \
     --configs /tmp/lorc-gpu.txt -j "${LORC_JOBS_GPU:-4}" --threads "${LORC_THREADS_GPU:-1}" --share-compressed --eval-args "--backend cuda --num-blocks 4096" \
     "${only[@]}" > "$OUT/lorc-gpu.txt" 2>&1
   local gpu_rc=$?
-  wait "$cpu_pid"
-  local cpu_rc=$?
   tar czf "$OUT/lorc-sweep.tar.gz" -C "$sw" --exclude ./models .  # results and logs, not models
   python3 scripts/lorc/report.py "$sw" --md "$OUT/lorc-table.md" --no-gnuplot > /dev/null 2>&1
-  note "lorc sweep: gpu rc $gpu_rc, cpu rc $cpu_rc, $(ls "$sw"/*.json 2>/dev/null | wc -l) results, $(ls "$sw"/*.failed 2>/dev/null | wc -l) failed"
-  [ "$gpu_rc" -eq 0 ] && [ "$cpu_rc" -eq 0 ] || fails=$((fails + 1))
+  note "lorc sweep: gpu rc $gpu_rc, $(ls "$sw"/*.json 2>/dev/null | wc -l) results, $(ls "$sw"/*.failed 2>/dev/null | wc -l) failed"
+  [ "$gpu_rc" -eq 0 ] || fails=$((fails + 1))
+}
+
+# Not in the default phases: a LoRC-compressed copy of the fixture (whitened SVD, uniform rank, half
+# the KV bytes; compressed here on the CPU) served like the fixture in phase serve at TP = 1 and 2,
+# greedy tokens against the CPU backend's on the same compressed model; then once per KV dtype in
+# LORC_SERVE_DTYPES (e.g. "int8 fp8").
+phase_lorcserve() {
+  local m=/tmp/lorc-serve-model
+  if [ ! -f "$m/lorc.json" ] && ! timeout 400 "$L" compress --model models/tiny-llama-a --out "$m" \
+       --kv-ratio 0.5 --schedule uniform --whiten --threads "$(nproc)" > "$OUT/lorcserve-compress.txt" 2>&1; then
+    note "lorcserve: compress FAILED (lorcserve-compress.txt)"; fails=$((fails + 1)); return
+  fi
+  SERVE_MODEL=$m SERVE_TAG=-lorc phase_serve
+  for dtype in ${LORC_SERVE_DTYPES:-}; do
+    SERVE_MODEL=$m SERVE_TAG=-lorc-$dtype SERVE_ARGS="--kv-cache-dtype $dtype" phase_serve
+  done
 }
 
 for p in $PHASES; do "phase_$p"; done

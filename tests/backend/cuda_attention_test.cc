@@ -7,7 +7,9 @@
 // CUDA runs BF16 (q, cache, out); the CPU runs F32 on exactly the bf16-rounded inputs.
 // Tolerance: |cuda - cpu| <= 1e-2 * max(1, |cpu|) (outputs are convex combinations of values in
 // [-1, 1]; bf16 output rounding alone is 2^-9 relative, P is rounded to bf16 in prefill).
-// Rows of the other path keep their sentinel on both backends. Skipped without a CUDA device.
+// Rows of the other path keep their sentinel on both backends. Quantized caches (fp8 / int8 /
+// int4): the write's codes and scales and attention over them, tolerances at those tests.
+// Skipped without a CUDA device.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -122,14 +124,19 @@ OnDevice Upload(Backend& be, DType d, const Problem& p) {
 
 enum Paths { kDecode = 1, kPrefill = 2, kBoth = 3 };
 
-std::vector<float> RunAttention(Backend& be, DType d, const Problem& p, int paths) {
-  OnDevice o = Upload(be, d, p);
+// Plans the problem's batch and runs the chosen paths over o's cache; returns the output.
+std::vector<float> PlanAndRun(Backend& be, DType d, const Problem& p, const OnDevice& o, int paths) {
   auto plan = be.CreateAttentionPlan({static_cast<int32_t>(p.seqs.size()), p.num_tokens, p.max_blocks});
   CHECK(plan.ok()) << plan.status();
   CHECK_OK(be.PlanAttention(o.batch, **plan));
   if (paths & kDecode) CHECK_OK(be.DecodeAttention(o.params, **plan));
   if (paths & kPrefill) CHECK_OK(be.PrefillAttention(o.params, **plan));
   return Get(be, o.out, d);
+}
+
+std::vector<float> RunAttention(Backend& be, DType d, const Problem& p, int paths) {
+  const OnDevice o = Upload(be, d, p);
+  return PlanAndRun(be, d, p, o, paths);
 }
 
 void ExpectNear(const std::vector<float>& got, const std::vector<float>& want) {
@@ -270,6 +277,124 @@ TEST_F(CudaAttentionTest, CapturedDecodeReplaysAfterReplanning) {
   got = Get(be, o.out, d);
   got.resize(static_cast<size_t>(b.num_tokens) * b.heads * b.hd);
   ExpectNear(got, RunAttention(*cpu_, DType::kF32, b, kDecode));
+}
+
+// --- quantized caches (--kv-cache-dtype fp8 / int8 / int4) ---------------------------------------
+
+using kernels::KvQuant;
+constexpr KvQuant kQuants[] = {KvQuant::kFp8E4m3, KvQuant::kInt8, KvQuant::kInt4};
+const char* QuantName(KvQuant q) { return q == KvQuant::kFp8E4m3 ? "fp8" : q == KvQuant::kInt8 ? "int8" : "int4"; }
+
+// The problem's K/V written by `be` itself into a quantized cache (WriteKv of every slot: the CPU
+// from the fp32 values, CUDA from the same values in bf16), then attention over it; the cache's
+// K and V bytes are returned in *k_bytes / *v_bytes.
+std::vector<float> RunQuantAttention(Backend& be, DType d, const Problem& p, int paths, KvQuant q,
+                                     std::vector<uint8_t>* k_bytes, std::vector<uint8_t>* v_bytes) {
+  OnDevice o = Upload(be, d, p);
+  const int64_t kv_width = static_cast<int64_t>(p.kv_heads) * p.hd;
+  parity::QuantCache c = parity::MakeQuantCache(be, q, p.num_blocks, p.bs, p.kv_heads, kv_width, kv_width);
+  parity::WriteAllSlots(be, d, c.layer, p.k, p.v, static_cast<int64_t>(p.num_blocks) * p.bs);
+  o.params.cache = c.layer;
+  std::vector<float> out = PlanAndRun(be, d, p, o, paths);
+  *k_bytes = parity::GetBytes(be, c.k);
+  *v_bytes = parity::GetBytes(be, c.v);
+  return out;
+}
+
+// Per dtype: the caches the two backends write from equal inputs are byte-identical (no
+// rotation: the same fp32 values through the same IEEE operations, kernels/kv_quant.cuh), and
+// attention over them agrees within kAttnTol, the bf16 tolerance: both dequantize the same codes
+// in fp32 (CUDA's int4 fuses zero + code x scale into one rounding; prefill rounds the
+// dequantized K/V tile to bf16, 2^-9 relative, as a bf16 cache already is), so only the bf16
+// rounding of q, P and out remains, as in the tests above. Mixed decode / prefill / chunked
+// batches, GQA 32/8 at head_dim 128 and 8/2 at 64, a long split decode.
+TEST_F(CudaAttentionTest, QuantizedCachesMatchCpu) {
+  std::vector<Seq> seqs = Decodes(12, 1, 600);
+  seqs.insert(seqs.begin() + 2, {1, 5000});
+  seqs.push_back({77, 77});
+  seqs.push_back({64, 1064});
+  seqs.push_back({0, 5});
+  seqs.push_back({200, 1500});
+  const Problem big = MakeProblem(rng_, 32, 8, 128, seqs);
+  const Problem small = MakeProblem(rng_, 8, 2, 64, {{1, 1}, {129, 129}, {1, 4096}, {31, 500}, {16, 16}, {1, 333}});
+  for (const KvQuant q : kQuants) {
+    for (const Problem* p : {&big, &small}) {
+      SCOPED_TRACE(::testing::Message() << QuantName(q) << ", " << p->heads << "/" << p->kv_heads << " x " << p->hd);
+      std::vector<uint8_t> ck, cv, gk, gv;
+      const std::vector<float> want = RunQuantAttention(*cpu_, DType::kF32, *p, kBoth, q, &ck, &cv);
+      const std::vector<float> got = RunQuantAttention(*cuda_, DType::kBF16, *p, kBoth, q, &gk, &gv);
+      EXPECT_TRUE(gk == ck) << "K codes / scales differ";
+      EXPECT_TRUE(gv == cv) << "V codes / scales differ";
+      ExpectNear(got, want);
+    }
+  }
+}
+
+// The fused RoPE + quantized KV write (kernels/rope.cu) against the CPU's RopeKvWrite on the same
+// (bf16-valued) q, k, v: V is stored from equal fp32 values, so its codes and scales are
+// bit-equal. K is quantized from the fp32 rotation, whose cos / sin differ by an ulp or two
+// between the CPU (double cos / sin rounded to fp32) and CUDA (sincosf): a code may then sit on
+// the other side of a rounding boundary (off by one) and a head's fp16 scale, rounded up from
+// absmax / qmax, may be one fp16 step apart. Allowed: at most 1% of K scales one step apart and,
+// in heads with equal scales, at most 0.1% of codes one step apart (measured: 0 of ~80k).
+TEST_F(CudaAttentionTest, QuantizedRopeKvWriteMatchesCpu) {
+  for (const auto& [kv_heads, hd] : {std::pair<int, int>{8, 128}, {2, 64}}) {
+    const int heads = 4 * kv_heads, tokens = 80, bs = 16, num_blocks = 8, slots = num_blocks * bs;
+    std::vector<int32_t> positions(tokens), mapping(tokens);
+    std::vector<int32_t> free_slots(slots);
+    std::iota(free_slots.begin(), free_slots.end(), 0);
+    std::shuffle(free_slots.begin(), free_slots.end(), rng_);
+    std::uniform_int_distribution<int> pos(0, 32767);
+    for (int t = 0; t < tokens; ++t) {
+      positions[t] = pos(rng_);
+      mapping[t] = t % 9 == 4 ? -1 : free_slots[t];
+    }
+    auto fill = [&](size_t n, float lo, float hi) {
+      std::vector<float> x = RandomVec(rng_, n, lo, hi);
+      for (float& e : x) e = RoundBf16(e);
+      return x;
+    };
+    const std::vector<float> q = fill(static_cast<size_t>(tokens) * heads * hd, -2.f, 2.f);
+    const std::vector<float> k = fill(static_cast<size_t>(tokens) * kv_heads * hd, -3.f, 3.f);
+    const std::vector<float> v = fill(k.size(), -1.f, 1.f);
+    std::vector<float> inv_freq;
+    for (int i = 0; i < hd / 2; ++i) inv_freq.push_back(static_cast<float>(std::pow(500000.0, -2.0 * i / hd)));
+    for (const KvQuant qt : kQuants) {
+      SCOPED_TRACE(::testing::Message() << QuantName(qt) << ", " << kv_heads << " KV heads x " << hd);
+      auto run = [&](Backend& be, DType d, std::vector<uint8_t>* kb, std::vector<uint8_t>* vb) {
+        DeviceBuffer dq = Put(be, q, d), dk = Put(be, k, d), dv = Put(be, v, d);
+        DeviceBuffer inv = Put(be, inv_freq, DType::kF32), dp = PutRaw(be, positions), dm = PutRaw(be, mapping);
+        const int64_t kvw = static_cast<int64_t>(kv_heads) * hd;
+        parity::QuantCache c = parity::MakeQuantCache(be, qt, num_blocks, bs, kv_heads, kvw, kvw);
+        RopeKvWriteParams r;
+        r.q = Tensor2D{dq.data(), d, tokens, static_cast<int64_t>(heads) * hd, 0};
+        r.k = Tensor2D{dk.data(), d, tokens, kvw, 0};
+        r.v = Tensor2D{dv.data(), d, tokens, kvw, 0};
+        r.cache = c.layer;
+        r.num_heads = heads;
+        r.num_kv_heads = kv_heads;
+        r.head_dim = hd;
+        r.positions = dp.as<int32_t>();
+        r.inv_freq = inv.as<float>();
+        r.slot_mapping = dm.as<int32_t>();
+        CHECK_OK(be.RopeKvWrite(r));
+        *kb = parity::GetBytes(be, c.k);
+        *vb = parity::GetBytes(be, c.v);
+      };
+      std::vector<uint8_t> ck, cv, gk, gv;
+      run(*cpu_, DType::kF32, &ck, &cv);
+      run(*cuda_, DType::kBF16, &gk, &gv);
+      EXPECT_TRUE(gv == cv) << "V codes / scales differ";
+      const parity::QuantDiff dk = parity::CompareQuantSide(qt, gk, ck, num_blocks, bs, kv_heads, hd);
+      EXPECT_LE(dk.max_scale_dist, 1);
+      EXPECT_LE(dk.scale_mismatch * 100, dk.scales);
+      EXPECT_LE(dk.max_code_dist, 1);
+      EXPECT_LE(dk.code_mismatch * 1000, dk.codes);
+      std::printf("    %s K: %lld of %lld scales, %lld of %lld codes differ\n", QuantName(qt),
+                  static_cast<long long>(dk.scale_mismatch), static_cast<long long>(dk.scales),
+                  static_cast<long long>(dk.code_mismatch), static_cast<long long>(dk.codes));
+    }
+  }
 }
 
 TEST_F(CudaAttentionTest, RejectsWhatItDoesNotImplement) {

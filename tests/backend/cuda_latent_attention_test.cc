@@ -9,7 +9,8 @@
 // Tolerance: |cuda - cpu| <= 1.5e-2 * max(1, |cpu|): outputs are convex combinations of value
 // latents in [-1, 1]; the reconstructed, rotated keys and the probabilities are rounded to bf16
 // before their tensor-core products (2^-9 relative each) and the output once more.
-// Skipped without a CUDA device.
+// Quantized latent caches (fp8 / int8 / int4): written codes and scales bit-equal, attention
+// within the same tolerance (see QuantizedCachesMatchCpu). Skipped without a CUDA device.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -257,6 +258,56 @@ TEST_F(CudaLatentAttentionTest, RopeKvWriteWithoutKeyRotation) {
   ExpectNear(got[0], want[0]);
   EXPECT_EQ(got[1], want[1]);
   EXPECT_EQ(got[2], want[2]);
+}
+
+// --- quantized latent caches (--kv-cache-dtype fp8 / int8 / int4) ------------------------------
+
+using kernels::KvQuant;
+
+// The problem's latents written by `be` itself into a quantized cache (WriteKv of every slot, the
+// write of RopeKvWrite with rotate_k false: the CPU from fp32 values, CUDA from the same values in
+// bf16), then LatentAttention over it; the cache's bytes are returned in *k_bytes / *v_bytes.
+std::vector<float> RunQuantLatent(Backend& be, DType d, const Problem& p, KvQuant q, std::vector<uint8_t>* k_bytes,
+                                  std::vector<uint8_t>* v_bytes) {
+  OnDevice o = Upload(be, d, p);
+  parity::QuantCache c = parity::MakeQuantCache(be, q, p.num_blocks, kBs, p.kv_heads,
+                                                static_cast<int64_t>(p.kv_heads) * p.rk,
+                                                static_cast<int64_t>(p.kv_heads) * p.rv);
+  parity::WriteAllSlots(be, d, c.layer, p.ck, p.cv, static_cast<int64_t>(p.num_blocks) * kBs);
+  o.params.cache = c.layer;
+  auto plan = be.CreateAttentionPlan({static_cast<int32_t>(p.seqs.size()), std::max(1, p.num_tokens), p.max_blocks});
+  CHECK(plan.ok()) << plan.status();
+  CHECK_OK(be.PlanAttention(o.batch, **plan));
+  CHECK_OK(be.LatentAttention(o.params, **plan));
+  *k_bytes = parity::GetBytes(be, c.k);
+  *v_bytes = parity::GetBytes(be, c.v);
+  return Get(be, o.out, d);
+}
+
+// Per dtype: the latent caches both backends write from equal inputs are byte-identical (a KV
+// head's latent is one scale group; int4: groups of 32 of it, rank 48 ending on a group of 16),
+// and latent attention over them agrees within kTol, the bf16 tolerance: both dequantize the same
+// codes in fp32 and CUDA rounds them to bf16 for the tensor-core tiles (2^-9 relative, as a bf16
+// cache already is); CUDA's int4 fuses zero + code x scale into one rounding. Shapes: the
+// small-group decode (ranks <= 64: the fixed-layout loader; 128: the general one), group 16
+// (ProcessItem decode), prefill and chunked prefill in the mixed batch, a split long decode.
+TEST_F(CudaLatentAttentionTest, QuantizedCachesMatchCpu) {
+  const std::vector<Problem> problems = {MakeProblem(rng_, 32, 8, 64, 64, Mixed()),
+                                         MakeProblem(rng_, 8, 2, 48, 80, Mixed()),
+                                         MakeProblem(rng_, 4, 4, 128, 128, {{1, 3000}, {33, 33}, {1, 7}, {9, 400}}),
+                                         MakeProblem(rng_, 32, 2, 8, 16, {{1, 3000}, {33, 33}, {1, 7}, {9, 400}})};
+  for (const KvQuant q : {KvQuant::kFp8E4m3, KvQuant::kInt8, KvQuant::kInt4}) {
+    for (const Problem& p : problems) {
+      SCOPED_TRACE(::testing::Message() << "quant " << static_cast<int>(q) << ", " << p.heads << "/" << p.kv_heads
+                                        << " ranks " << p.rk << "/" << p.rv);
+      std::vector<uint8_t> ck, cv, gk, gv;
+      const std::vector<float> want = RunQuantLatent(*cpu_, DType::kF32, p, q, &ck, &cv);
+      const std::vector<float> got = RunQuantLatent(*cuda_, DType::kBF16, p, q, &gk, &gv);
+      EXPECT_TRUE(gk == ck) << "key latent codes / scales differ";
+      EXPECT_TRUE(gv == cv) << "value latent codes / scales differ";
+      ExpectNear(got, want);
+    }
+  }
 }
 
 TEST_F(CudaLatentAttentionTest, RejectsWhatItDoesNotImplement) {

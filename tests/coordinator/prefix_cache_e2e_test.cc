@@ -26,7 +26,8 @@ class PrefixCacheE2ETest : public ServerE2ETest {
 };
 
 TEST_F(PrefixCacheE2ETest, CachedPromptTokensSaltsAndSessions) {
-  ASSERT_NO_FATAL_FAILURE(StartServer(1));
+  // With a host tier on the worker (ModelInfo reports its slots; none used yet).
+  ASSERT_NO_FATAL_FAILURE(StartServer(1, {"--kv-offloading-size", "0.01"}));
   const std::vector<int32_t> ctx = Context();
   const int expected_hit = static_cast<int>((ctx.size() - 1) / 16 * 16);
   const cli::StreamResult first = Generate(IdsRequest(ctx, 8));
@@ -50,7 +51,8 @@ TEST_F(PrefixCacheE2ETest, CachedPromptTokensSaltsAndSessions) {
   EXPECT_EQ(info.prefix_cache().hit_tokens(), expected_hit);
   EXPECT_NEAR(info.prefix_cache().hit_rate(), 1.0 / 3, 1e-9);
   EXPECT_GT(info.prefix_cache().cached_blocks(), 0);
-  EXPECT_EQ(info.host_kv_blocks_total(), 0);
+  EXPECT_GT(info.host_kv_blocks_total(), 0);
+  EXPECT_EQ(info.host_kv_blocks_used(), 0);
 
   // A session keeps its blocks after the request; CloseSession releases them.
   v1::GenerateRequest turn = IdsRequest(ctx, 8);
@@ -87,6 +89,7 @@ TEST_F(PrefixCacheE2ETest, AWorkerRestartDropsTheWholeIndex) {
     return p > 0 && p != old && Health() == HealthCheckResponse::SERVING;
   }, 60)) << server_->Stderr();
   const v1::ModelInfoResponse info = Info();
+  EXPECT_EQ(info.host_kv_blocks_total(), 0);  // no --kv-offloading-size here
   EXPECT_EQ(info.prefix_cache().cached_blocks(), 0);
   EXPECT_EQ(info.prefix_cache().pinned_sessions(), 0);
   EXPECT_EQ(info.prefix_cache().queries(), 0);

@@ -5,7 +5,9 @@
 
 #include <memory>
 #include <string>
+#include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "gmock/gmock.h"
 #include "grpcpp/grpcpp.h"
@@ -32,10 +34,23 @@ class FakeWorker final : public internal::Worker::Service {
     resp->set_backend("fake");
     return grpc::Status::OK;
   }
-  grpc::Status InitCommunicator(grpc::ServerContext*, const internal::InitCommunicatorRequest*,
+  grpc::Status InitCommunicator(grpc::ServerContext*, const internal::InitCommunicatorRequest* req,
                                 internal::InitCommunicatorResponse* resp) override {
     resp->set_backend("fake");
+    resp->set_all_reduce(absl::StrCat("fake rank ", req->rank(), " disable_custom_all_reduce=",
+                                      req->disable_custom_all_reduce()));
+    absl::MutexLock lock(&mu_);
+    ++init_calls_;
+    last_disable_custom_all_reduce_ = req->disable_custom_all_reduce();
     return grpc::Status::OK;
+  }
+  int init_calls() {
+    absl::MutexLock lock(&mu_);
+    return init_calls_;
+  }
+  bool last_disable_custom_all_reduce() {
+    absl::MutexLock lock(&mu_);
+    return last_disable_custom_all_reduce_;
   }
   grpc::Status Ping(grpc::ServerContext*, const internal::PingRequest*,
                     internal::PingResponse* resp) override {
@@ -87,6 +102,8 @@ class FakeWorker final : public internal::Worker::Service {
   uint64_t fail_stream_at_ = 0;
   absl::Mutex mu_;
   int plans_received_ ABSL_GUARDED_BY(mu_) = 0;
+  int init_calls_ ABSL_GUARDED_BY(mu_) = 0;
+  bool last_disable_custom_all_reduce_ ABSL_GUARDED_BY(mu_) = false;
 };
 
 class WorkerGroupTest : public ::testing::Test {
@@ -198,6 +215,36 @@ TEST_F(WorkerGroupTest, AFailureFromOutsideEndsTheStepInFlight) {
   });
   EXPECT_THAT(g->Await(), StatusIs(absl::StatusCode::kUnavailable, HasSubstr("was killed")));
   fail.join();
+}
+
+TEST(WorkerGroupJoinTest, DisableCustomAllReduceReachesEveryRankAndRankZeroReportsThePaths) {
+  // Two fake workers: the group joins them (InitCommunicator) before loading.
+  FakeWorker w0, w1;
+  std::vector<std::unique_ptr<grpc::Server>> servers;
+  std::vector<std::string> addresses;
+  for (FakeWorker* w : {&w0, &w1}) {
+    int port = 0;
+    grpc::ServerBuilder b;
+    b.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+    b.RegisterService(w);
+    servers.push_back(b.BuildAndStart());
+    ASSERT_NE(servers.back(), nullptr);
+    addresses.push_back("127.0.0.1:" + std::to_string(port));
+  }
+  for (bool disable : {true, false}) {
+    WorkerGroupOptions o;
+    o.addresses = addresses;
+    o.disable_custom_all_reduce = disable;
+    auto g = WorkerGroup::Start(o);
+    ASSERT_OK(g);
+    EXPECT_EQ((*g)->info().all_reduce,
+              absl::StrCat("fake rank 0 disable_custom_all_reduce=", disable ? 1 : 0));
+    EXPECT_EQ(w0.last_disable_custom_all_reduce(), disable);
+    EXPECT_EQ(w1.last_disable_custom_all_reduce(), disable);
+  }
+  EXPECT_EQ(w0.init_calls(), 2);
+  EXPECT_EQ(w1.init_calls(), 2);
+  for (auto& s : servers) s->Shutdown();
 }
 
 }  // namespace

@@ -55,18 +55,26 @@ TEST(KvCacheDtypeCli, LorcLatentsWithInt4CacheEvaluate) {
   EXPECT_EQ((*j)["passkey_n"].size(), 4u) << r.out;
 }
 
-// CUDA has no quantized-cache kernels yet: loading refuses fp8 / int8 / int4 naming the flag
-// (skipped where no CUDA backend can be created).
-TEST(KvCacheDtypeCli, CudaRefusesQuantizedCachesAtLoad) {
+// CUDA serves quantized caches (kernels/kv_quant.cuh; parity in tests/backend/cuda_*_test.cc):
+// an int8 eval of the fixture loads and reports the dtype and its bytes (skipped where no CUDA
+// backend can be created).
+TEST(KvCacheDtypeCli, CudaEvaluatesQuantizedCaches) {
   REQUIRE_TINY_LLAMA();
-  const testing::RunResult r = RunLorcserve({"eval", "--model", testing::TinyLlamaDir(), "--backend",
-                                             "cuda", "--kv-cache-dtype", "int8", "--limit", "1"});
-  ASSERT_NE(r.exit_code, 0) << r;
-  if (r.err.find("--kv-cache-dtype") == std::string::npos) {
+  const std::string fixture = testing::TinyLlamaDir();
+  const testing::RunResult r =
+      RunLorcserve({"eval", "--model", fixture, "--backend", "cuda", "--kv-cache-dtype", "int8", "--json", "--limit",
+                    "1", "--ppl", fixture + "/eval_ppl_windows.jsonl", "--passkey", fixture + "/eval_passkey.jsonl"});
+  if (r.exit_code != 0 && r.err.find("--kv-cache-dtype") == std::string::npos &&
+      r.err.find("CUDA") != std::string::npos) {
     GTEST_SKIP() << "no CUDA backend here: " << r.err;
   }
-  EXPECT_NE(r.err.find("UNIMPLEMENTED"), std::string::npos) << r;
-  EXPECT_NE(r.err.find("--kv-cache-dtype int8: the cuda backend"), std::string::npos) << r;
+  ASSERT_EQ(r.exit_code, 0) << r;
+  absl::StatusOr<nlohmann::json> j = ParseJson(r.out, "eval --json");
+  ASSERT_TRUE(j.ok()) << j.status() << "\n" << r.out;
+  EXPECT_EQ((*j)["backend"], "cuda");
+  EXPECT_EQ((*j)["kv_dtype"], "int8");
+  const double ppl = (*j)["ppl"];
+  EXPECT_TRUE(std::isfinite(ppl) && ppl > 1.0 && ppl < 20.0) << ppl;
 }
 
 }  // namespace

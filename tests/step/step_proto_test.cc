@@ -62,6 +62,32 @@ TEST(StepProtoTest, PlanRoundTripKeepsEveryField) {
   EXPECT_THAT(back.preempted, ElementsAre(9));
 }
 
+// The host KV tier's copies keep their order and both ids; a plan of copies alone is not empty
+// (the scheduler sends it).
+TEST(StepProtoTest, PlanRoundTripKeepsHostKvCopiesInOrder) {
+  StepPlan plan;
+  plan.step_id = 3;
+  plan.kv_offloads = {{7, 0}, {2, 31}, {7, 5}};
+  plan.kv_loads = {{4, 31}, {0, 2}};
+  EXPECT_FALSE(plan.empty());
+  lorcserve::internal::StepPlan msg;
+  StepPlanToProto(plan, &msg);
+  ASSERT_EQ(msg.kv_offloads_size(), 3);
+  EXPECT_EQ(msg.kv_offloads(1).block(), 2);
+  EXPECT_EQ(msg.kv_offloads(1).slot(), 31);
+  const StepPlan back = StepPlanFromProto(msg);
+  EXPECT_THAT(back.kv_offloads, ElementsAre(HostBlockCopy{7, 0}, HostBlockCopy{2, 31}, HostBlockCopy{7, 5}));
+  EXPECT_THAT(back.kv_loads, ElementsAre(HostBlockCopy{4, 31}, HostBlockCopy{0, 2}));
+  StepPlan only_loads;
+  only_loads.kv_loads = {{1, 1}};
+  EXPECT_FALSE(only_loads.empty());
+  EXPECT_TRUE(StepPlan{}.empty());
+  // Absent on the wire: none.
+  const StepPlan none = StepPlanFromProto(lorcserve::internal::StepPlan());
+  EXPECT_TRUE(none.kv_offloads.empty());
+  EXPECT_TRUE(none.kv_loads.empty());
+}
+
 TEST(StepProtoTest, ResultRoundTripKeepsFailedSequencesAndTheirStatus) {
   StepResult r;
   r.step_id = 5;

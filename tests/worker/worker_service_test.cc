@@ -137,9 +137,11 @@ class WorkerServiceTest : public ::testing::Test {
     hold_steps_ = false;
   }
 
-  absl::Status Load(const CoordinatorRef& c) {
+  absl::Status Load(const CoordinatorRef& c, int64_t kv_offloading_bytes = 0,
+                    pb::LoadModelResponse* out = nullptr) {
     grpc::ClientContext ctx;
     pb::LoadModelRequest req;
+    req.set_kv_offloading_bytes(kv_offloading_bytes);
     req.set_model_dir(::lorc::testing::TinyLlamaDir());
     req.set_tp_rank(0);
     req.set_tp_size(1);
@@ -148,7 +150,9 @@ class WorkerServiceTest : public ::testing::Test {
     req.mutable_coordinator()->set_id(c.id);
     req.mutable_coordinator()->set_address(c.address);
     pb::LoadModelResponse resp;
-    return FromGrpcStatus(stub_->LoadModel(&ctx, req, &resp));
+    const absl::Status st = FromGrpcStatus(stub_->LoadModel(&ctx, req, &resp));
+    if (out != nullptr) *out = resp;
+    return st;
   }
 
   absl::Status Init(const CoordinatorRef& c) {
@@ -244,6 +248,40 @@ TEST_F(WorkerServiceTest, SecondCoordinatorIsRefusedByNameAndTheOwnerKeepsItsSta
   ASSERT_EQ(results.size(), 1u);
   EXPECT_EQ(results[0].step_id(), 2u);
   EXPECT_EQ(SampledToken(results[0]), golden_[0].greedy_ids[1]);
+}
+
+// The host KV tier over the wire: LoadModel sizes it from kv_offloading_bytes and reports its
+// slots; a step's kv_offloads / kv_loads run on the worker; a bad slot fails the step, naming it.
+TEST_F(WorkerServiceTest, HostKvTierIsReportedAndDrivenByTheStepPlans) {
+  pb::LoadModelResponse resp;
+  ASSERT_THAT(Load(kA, 0, &resp), IsOk());
+  EXPECT_EQ(resp.num_host_blocks(), 0);
+  const int64_t block_bytes = resp.kv_bytes_per_token() * kBlockSize;
+  ASSERT_THAT(Load(kA, 3 * block_bytes + block_bytes / 2, &resp), IsOk());
+  EXPECT_EQ(resp.num_host_blocks(), 3);
+  const auto& g = golden_[0];
+  const int64_t n = static_cast<int64_t>(g.prompt_ids.size());
+  ASSERT_THAT(UnaryStep(kA, Plan(1, 1, g.prompt_ids, 0)), IsOk());
+  // Park sequence 1's first block on the host and bring it back (into the same block): the
+  // decode still gives the golden token.
+  pb::StepPlan park = Plan(2, 2, g.prompt_ids, 0);  // an unrelated request, so the step is not empty
+  auto* off = park.add_kv_offloads();
+  off->set_block(kBlocksPerSeq);  // sequence 1's first block
+  off->set_slot(2);
+  ASSERT_THAT(UnaryStep(kA, park), IsOk());
+  pb::StepPlan back = Plan(3, 1, {g.greedy_ids[0]}, n);
+  auto* load = back.add_kv_loads();
+  load->set_block(kBlocksPerSeq);
+  load->set_slot(2);
+  absl::StatusOr<pb::StepResult> r = UnaryStep(kA, back);
+  ASSERT_THAT(r, IsOk());
+  EXPECT_EQ(SampledToken(*r), g.greedy_ids[1]);
+  pb::StepPlan bad = Plan(4, 1, {}, n + 1);
+  load = bad.add_kv_loads();
+  load->set_block(0);
+  load->set_slot(3);
+  EXPECT_THAT(UnaryStep(kA, bad), StatusIs(absl::StatusCode::kInvalidArgument,
+                                           AllOf(HasSubstr("kv_loads 0"), HasSubstr("slot 3"))));
 }
 
 TEST_F(WorkerServiceTest, CallsWithoutACoordinatorIdAreInvalid) {

@@ -19,6 +19,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "common/defaults.h"
 #include "common/dtype.h"
 #include "worker/comm/rendezvous.h"
 #include "worker/comm/world_config.h"
@@ -40,8 +41,21 @@ class Communicator {
   // the CPU backend computes in F32). NCCL: device memory, enqueued on the stream given at
   // creation; returns once enqueued, and errors of the asynchronous part are reported by the
   // next call or by Sync().
+  // NCCL: BF16 messages of at most the custom all-reduce limit (CommOptions) take the one-shot
+  // peer-memory path instead (custom_all_reduce.h): the same result on every rank, bit for bit,
+  // the fp32 sum in rank order rounded once to bf16; its errors (a peer that stopped issuing the
+  // same calls: DeadlineExceeded after op_timeout) are reported like NCCL's asynchronous ones.
   virtual absl::Status AllReduceSum(void* data, size_t count, DType dtype) = 0;
   absl::Status AllReduceSum(float* data, size_t count) { return AllReduceSum(data, count, DType::kF32); }
+
+  // The path AllReduceSum takes for `count` elements of `dtype`: "custom" (the one-shot
+  // peer-memory all-reduce) or the backend's name. The same on every rank.
+  virtual std::string_view AllReduceAlgorithm(size_t count, DType dtype) const {
+    return backend_name();
+  }
+  // For logs and benchmark records: the paths AllReduceSum takes, e.g. "custom one-shot for BF16
+  // up to 8388608 bytes, nccl above" or "nccl (custom all-reduce off: <why>)".
+  virtual std::string AllReduceDescription() const { return std::string(backend_name()); }
 
   // `recv` holds world_size * count elements of `dtype`; rank r's `count` elements land at
   // recv + r * count. `send` and `recv` must not overlap.
@@ -74,6 +88,13 @@ struct CommOptions {
   // Prefix of every rendezvous key ("<group>/..."); distinct communicators sharing a store need
   // distinct group names.
   std::string group = "tp";
+  // NCCL only. --disable-custom-all-reduce (vLLM's name): every all-reduce through NCCL. Left
+  // false, BF16 all-reduces of at most custom_all_reduce_max_bytes take the one-shot peer-memory
+  // path when every rank can map every other rank's memory (same host, peer access or CUDA IPC);
+  // when some rank cannot, NCCL takes everything and the reason is logged once. Must be the same
+  // on every rank (a rank that disables it turns it off for the group).
+  bool disable_custom_all_reduce = false;
+  size_t custom_all_reduce_max_bytes = defaults::kCustomAllReduceMaxBytes;
   // Gloo TCP only: where this rank listens and what it advertises to its peers. Either the name
   // of a local network interface (e.g. "eth0"; its address is used) or a hostname / IP address
   // (e.g. "10.0.0.5", "127.0.0.1"). Empty: this machine's hostname, resolved with getaddrinfo

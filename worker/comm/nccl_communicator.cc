@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <iostream>
 #include <memory>
 #include <string>
 #include <thread>
@@ -21,6 +22,7 @@
 #include "common/status_macros.h"
 #include "worker/comm/comm_internal.h"
 #include "worker/comm/communicator.h"
+#include "worker/comm/custom_all_reduce.h"
 #include "worker/comm/rendezvous.h"
 
 namespace lorc {
@@ -102,13 +104,16 @@ struct CudaFree {
 class NcclCommunicator final : public Communicator {
  public:
   NcclCommunicator(const WorldConfig& world, const CommOptions& options, int device,
-                   cudaStream_t stream, ncclComm_t comm, std::unique_ptr<float, CudaFree> scratch)
+                   cudaStream_t stream, ncclComm_t comm, std::unique_ptr<float, CudaFree> scratch,
+                   std::unique_ptr<CustomAllReduce> custom, std::string all_reduce_description)
       : world_(world),
         group_(options.group),
         op_timeout_(options.op_timeout),
         device_(device),
         stream_(stream),
         scratch_(std::move(scratch)),
+        custom_(std::move(custom)),
+        all_reduce_description_(std::move(all_reduce_description)),
         comm_(comm) {}
 
   ~NcclCommunicator() override {
@@ -128,6 +133,16 @@ class NcclCommunicator final : public Communicator {
       }
       comm_ = nullptr;
     }
+    if (custom_ != nullptr) {
+      // Its kernels read peers' buffers and write this rank's: none may run when it is freed. A
+      // kernel waiting on a dead peer ends by its barrier timeout.
+      const absl::Time deadline = absl::Now() + 2 * op_timeout_;
+      while (cudaStreamQuery(stream_) == cudaErrorNotReady && absl::Now() < deadline) {
+        absl::SleepFor(absl::Microseconds(100));
+      }
+      (void)cudaGetLastError();
+      custom_.reset();
+    }
     scratch_.reset();
   }
 
@@ -137,11 +152,27 @@ class NcclCommunicator final : public Communicator {
   using Communicator::AllGather;
   using Communicator::AllReduceSum;
 
+  std::string AllReduceDescription() const override { return all_reduce_description_; }
+
+  std::string_view AllReduceAlgorithm(size_t count, DType dtype) const override {
+    return custom_ != nullptr && custom_->Applies(count, dtype) ? "custom" : "nccl";
+  }
+
   absl::Status AllReduceSum(void* data, size_t count, DType dtype) override {
     if (count == 0) return absl::OkStatus();
     if (data == nullptr) return NullArgument("AllReduceSum");
     ASSIGN_OR_RETURN(ncclDataType_t t, NcclType(dtype));
     absl::MutexLock lock(&mu_);
+    if (custom_ != nullptr && custom_->Applies(count, dtype)) {
+      ScopedCudaDevice guard(device_);
+      RETURN_IF_ERROR(CheckUsableLocked("AllReduceSum"));
+      if (const cudaError_t e = custom_->Enqueue(data, count, stream_); e != cudaSuccess) {
+        return BreakLocked(absl::InternalError(
+            absl::StrCat(group_, " group: custom all-reduce launch failed on ", Where(), ": ",
+                         CudaErrorText(e))));
+      }
+      return absl::OkStatus();
+    }
     return EnqueueLocked("AllReduceSum", [&] {
       return ncclAllReduce(data, data, count, t, ncclSum, comm_, stream_);
     });
@@ -225,6 +256,13 @@ class NcclCommunicator final : public Communicator {
                        " on an NCCL communicator broken by an earlier failure: ",
                        broken_.message()));
     }
+    if (custom_ != nullptr && custom_->TimedOut()) {
+      return BreakLocked(absl::DeadlineExceededError(absl::StrCat(
+          group_, " group: a custom all-reduce barrier timed out (a wait of more than ",
+          absl::FormatDuration(op_timeout_ / 2), " for a peer) on ", Where(),
+          " (a peer is probably dead or stuck, or issued different collectives); communicator "
+          "aborted")));
+    }
     ncclResult_t state = ncclSuccess;
     ncclResult_t r = ncclCommGetAsyncError(comm_, &state);
     if (r == ncclSuccess) r = state;
@@ -303,6 +341,8 @@ class NcclCommunicator final : public Communicator {
   const int device_;
   const cudaStream_t stream_;
   std::unique_ptr<float, CudaFree> scratch_;  // one float on device_, for Barrier()
+  std::unique_ptr<CustomAllReduce> custom_;   // null: NCCL for every all-reduce
+  const std::string all_reduce_description_;
 
   absl::Mutex mu_;
   ncclComm_t comm_ ABSL_GUARDED_BY(mu_);  // null once aborted
@@ -402,9 +442,38 @@ absl::StatusOr<std::unique_ptr<Communicator>> CreateNcclCommunicator(const World
     if (comm != nullptr) ncclCommAbort(comm);
     return s;
   }
+  // The custom all-reduce after NCCL: its setup exchanges buffers through the same store; its
+  // failure to set up only turns it off (NCCL works), a store error fails the group.
+  std::unique_ptr<CustomAllReduce> custom;
+  std::string description = "nccl";
+  if (world.world_size > 1) {
+    CustomAllReduce::Options co;
+    co.group = group;
+    co.device = cuda_device;
+    co.max_bytes = options.custom_all_reduce_max_bytes;
+    co.disabled = options.disable_custom_all_reduce;
+    // Two barriers a call: the kernel ends within op_timeout, before Sync's own deadline.
+    co.barrier_timeout = options.op_timeout / 2;
+    co.deadline = deadline;
+    std::string why_not;
+    absl::StatusOr<std::unique_ptr<CustomAllReduce>> c =
+        CustomAllReduce::Create(world, store, co, &why_not);
+    if (!c.ok()) {
+      ncclCommAbort(comm);
+      return c.status();
+    }
+    custom = *std::move(c);
+    description = custom != nullptr
+                      ? absl::StrCat("custom one-shot for BF16 up to ", custom->max_bytes_for_world(),
+                                     " bytes, nccl above")
+                      : absl::StrCat("nccl (custom all-reduce off: ", why_not, ")");
+    if (world.rank == 0) {  // once per group
+      std::cerr << "lorcserve: " << group << " group all-reduce: " << description << "\n";
+    }
+  }
   return std::unique_ptr<Communicator>(new NcclCommunicator(
       world, options, cuda_device, static_cast<cudaStream_t>(cuda_stream), comm,
-      std::move(scratch)));
+      std::move(scratch), std::move(custom), std::move(description)));
 }
 
 }  // namespace lorc

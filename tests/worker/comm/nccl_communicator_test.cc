@@ -15,6 +15,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/testing/status_matchers.h"
+#include "tests/worker/comm/comm_test_util.h"
 #include "worker/comm/communicator.h"
 #include "worker/comm/rendezvous.h"
 
@@ -25,22 +26,10 @@
 namespace lorc {
 namespace {
 
-// NVLink multicast (NVLS) must stay off on the GPU hosts; set before NCCL reads its environment.
-const bool kNvlsDisabled = [] {
-  setenv("NCCL_NVLS_ENABLE", "0", 1);
-  return true;
-}();
-
 using ::lorc::testing::StatusIs;
 using ::testing::HasSubstr;
 
-CommOptions TestOptions(const std::string& group) {
-  CommOptions o;
-  o.group = group;
-  o.join_timeout = absl::Seconds(120);
-  o.op_timeout = absl::Seconds(120);
-  return o;
-}
+CommOptions TestOptions(const std::string& group) { return ::lorc::testing::TestCommOptions(group); }
 
 #if !LORC_COMM_TEST_CUDA
 
@@ -59,21 +48,7 @@ void RunRanks(int n, const std::function<void(int)>& fn) {
   for (std::thread& t : threads) t.join();
 }
 
-// Number of usable GPUs, 0 when the runtime has no driver or device.
-int GpuCount() {
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess) {
-    cudaGetLastError();  // clear the sticky-free error state
-    return 0;
-  }
-  return n;
-}
-
-#define CUDA_ASSERT(expr)                                                         \
-  do {                                                                            \
-    cudaError_t e_ = (expr);                                                      \
-    ASSERT_EQ(e_, cudaSuccess) << #expr << ": " << cudaGetErrorString(e_);        \
-  } while (0)
+using ::lorc::testing::GpuCount;
 
 TEST(NcclCommunicatorTest, NoDeviceIsFailedPrecondition) {
   if (GpuCount() > 0) GTEST_SKIP() << "a GPU is present";

@@ -36,6 +36,8 @@ std::vector<FlagSpec> RequestFlags() {
   std::vector<FlagSpec> f = PromptAndSamplingFlags();
   f.push_back({"priority", true, "higher is scheduled first", "N"});
   f.push_back({"request-id", true, "echoed back in the responses", "ID"});
+  f.push_back({"session-id", true, "multi-turn session: keep this conversation's KV blocks", "ID"});
+  f.push_back({"cache-salt", true, "tenant salt: never share cached blocks with other salts", "S"});
   return f;
 }
 
@@ -72,6 +74,8 @@ absl::StatusOr<lorcserve::v1::GenerateRequest> RequestFromArgs(const Args& args)
   ASSIGN_OR_RETURN(int32_t priority, args.GetInt32("priority", 0));
   req.set_priority(priority);
   req.set_request_id(args.Get("request-id"));
+  req.set_session_id(args.Get("session-id"));
+  req.set_cache_salt(args.Get("cache-salt"));
   // Before sending: protobuf would refuse to serialize it (logging a line of its own).
   RETURN_IF_ERROR(CheckUtf8Fields(req));
   return req;

@@ -57,6 +57,18 @@ std::vector<FlagSpec> Flags() {
        "with --local-workers: split | replicated LM head (default: split on GPUs, on CPUs from 4 workers)",
        "HOW"},
       DisableCustomAllReduceFlag(),
+      {"shared-prefix", true,
+       "instead: time to first token with a shared prefix of N random tokens plus --question "
+       "tokens, the first request (cold) against --prefix-reps later ones with other questions "
+       "(prefix caching: on unless --no-enable-prefix-caching)", "N"},
+      {"question", true, "question tokens after --shared-prefix, or per --chat-turns turn (default 50)",
+       "Q"},
+      {"chat-turns", true,
+       "with --shared-prefix: instead a chat of N turns in one session (system prompt of "
+       "--shared-prefix tokens; each turn adds --question tokens and generates --chat-output); "
+       "prompt tokens computed against prompt tokens", "N"},
+      {"chat-output", true, "tokens generated per --chat-turns turn (default 32)", "T"},
+      {"prefix-reps", true, "later requests of --shared-prefix, median (default 5)", "N"},
       {"json", false, "print only the JSON lines"},
       {"help", false, "show this help"},
   };
@@ -136,6 +148,140 @@ absl::StatusOr<DecodeRun> RunDecode(Engine& engine, int64_t vocab, int32_t batch
     out.step_ms.push_back(1e3 * Seconds(t0_times[i - 1], t0_times[i]));
   }
   return out;
+}
+
+// One request alone: time to its first token and the prompt tokens found in the prefix cache.
+struct SingleRun {
+  double ttft_s = 0;
+  int64_t cached_prompt_tokens = 0;
+};
+
+absl::StatusOr<SingleRun> RunSingle(Engine& engine, int64_t id, const std::vector<int32_t>& prompt,
+                                   int32_t max_tokens = 1, const std::string& session_id = "",
+                                   std::vector<int32_t>* output = nullptr) {
+  GenerationRequest r;
+  r.prompt_ids = prompt;
+  r.params.max_tokens = max_tokens;
+  r.params.ignore_eos = true;
+  r.session_id = session_id;
+  SingleRun out;
+  bool done = false;
+  absl::Status status;
+  const auto t0 = Clock::now();
+  RETURN_IF_ERROR(engine.Add(id, r, [&](const RequestUpdate& u) {
+    if (!u.new_ids.empty() && out.ttft_s == 0) out.ttft_s = Seconds(t0, Clock::now());
+    if (output != nullptr) output->insert(output->end(), u.new_ids.begin(), u.new_ids.end());
+    if (u.finished) {
+      done = true;
+      status = u.status;
+      out.cached_prompt_tokens = u.cached_prompt_tokens;
+    }
+  }));
+  while (engine.HasWork()) RETURN_IF_ERROR(engine.Step());
+  if (!done) return absl::InternalError("bench: the request did not finish");
+  RETURN_IF_ERROR(status);
+  return out;
+}
+
+// --chat-turns: one conversation of `turns` requests in a session (one JSON line, kind "chat").
+absl::Status RunChat(Engine& engine, int64_t vocab, int32_t system, int32_t question,
+                     int32_t turns, int32_t max_tokens, bool json_only) {
+  uint64_t x = 0xc4a7;
+  auto append_random = [&](std::vector<int32_t>& v, int32_t n) {
+    for (int32_t i = 0; i < n; ++i) {
+      x = x * 6364136223846793005ull + 1442695040888963407ull;
+      v.push_back(3 + static_cast<int32_t>((x >> 33) % static_cast<uint64_t>(vocab - 3)));
+    }
+  };
+  const bool sessions = engine.scheduler().config().enable_prefix_caching;
+  std::vector<int32_t> conversation;
+  append_random(conversation, system);
+  int64_t prompt_tokens = 0, cached = 0;
+  double ttft_sum = 0;
+  const auto t0 = Clock::now();
+  for (int32_t t = 0; t < turns; ++t) {
+    append_random(conversation, question);
+    std::vector<int32_t> answer;
+    ASSIGN_OR_RETURN(SingleRun r, RunSingle(engine, 100 + t, conversation, max_tokens,
+                                            sessions ? "bench-chat" : "", &answer));
+    prompt_tokens += static_cast<int64_t>(conversation.size());
+    cached += r.cached_prompt_tokens;
+    ttft_sum += r.ttft_s;
+    conversation.insert(conversation.end(), answer.begin(), answer.end());
+  }
+  const double total_s = Seconds(t0, Clock::now());
+  if (sessions) RETURN_IF_ERROR(engine.CloseSession("bench-chat"));
+  const int64_t computed = prompt_tokens - cached;
+  nlohmann::json j = {{"kind", "chat"},
+                      {"turns", turns},
+                      {"system_tokens", system},
+                      {"user_tokens_per_turn", question},
+                      {"output_tokens_per_turn", max_tokens},
+                      {"enable_prefix_caching", sessions},
+                      {"prompt_tokens", prompt_tokens},
+                      {"prompt_tokens_computed", computed},
+                      {"computed_fraction", static_cast<double>(computed) / prompt_tokens},
+                      {"ttft_ms_mean", ttft_sum / turns * 1e3},
+                      {"total_s", total_s}};
+  std::cout << j.dump() << std::endl;
+  if (!json_only) {
+    std::cout << absl::StrFormat(
+        "chat of %d turns (system %d, user %d, output %d tokens a turn): %d of %d prompt tokens "
+        "computed (%.1f %%), mean TTFT %.1f ms, %.1f s\n",
+        turns, system, question, max_tokens, computed, prompt_tokens,
+        100.0 * static_cast<double>(computed) / prompt_tokens, ttft_sum / turns * 1e3, total_s);
+  }
+  return absl::OkStatus();
+}
+
+// --shared-prefix: the issue #10 TTFT benchmark (one JSON line, kind "shared_prefix").
+absl::Status RunSharedPrefix(Engine& engine, int64_t vocab, int32_t prefix, int32_t question,
+                             int32_t reps, bool json_only) {
+  uint64_t x = 0x5eed;
+  auto random_ids = [&](int32_t n) {
+    std::vector<int32_t> v(n);
+    for (int32_t& id : v) {
+      x = x * 6364136223846793005ull + 1442695040888963407ull;
+      id = 3 + static_cast<int32_t>((x >> 33) % static_cast<uint64_t>(vocab - 3));
+    }
+    return v;
+  };
+  const std::vector<int32_t> shared = random_ids(prefix);
+  auto prompt = [&]() {
+    std::vector<int32_t> p = shared;
+    const std::vector<int32_t> q = random_ids(question);
+    p.insert(p.end(), q.begin(), q.end());
+    return p;
+  };
+  // A warm-up request of other tokens (allocations, caches), then the cold one.
+  RETURN_IF_ERROR(RunSingle(engine, 1, random_ids(prefix + question)).status());
+  ASSIGN_OR_RETURN(SingleRun first, RunSingle(engine, 2, prompt()));
+  std::vector<double> later;
+  int64_t cached = 0;
+  for (int32_t i = 0; i < reps; ++i) {
+    ASSIGN_OR_RETURN(SingleRun r, RunSingle(engine, 3 + i, prompt()));
+    later.push_back(r.ttft_s);
+    cached = r.cached_prompt_tokens;
+  }
+  const double later_s = Median(later);
+  nlohmann::json j = {{"kind", "shared_prefix"},
+                      {"prefix_tokens", prefix},
+                      {"question_tokens", question},
+                      {"enable_prefix_caching", engine.scheduler().config().enable_prefix_caching},
+                      {"first_ttft_ms", first.ttft_s * 1e3},
+                      {"first_cached_prompt_tokens", first.cached_prompt_tokens},
+                      {"later_ttft_ms_median", later_s * 1e3},
+                      {"later_cached_prompt_tokens", cached},
+                      {"later_reps", reps},
+                      {"speedup", first.ttft_s / later_s}};
+  std::cout << j.dump() << std::endl;
+  if (!json_only) {
+    std::cout << absl::StrFormat(
+        "shared prefix %d + question %d tokens: first TTFT %.2f ms, later %.2f ms (median of %d, "
+        "%d prompt tokens cached): %.1fx\n",
+        prefix, question, first.ttft_s * 1e3, later_s * 1e3, reps, cached, first.ttft_s / later_s);
+  }
+  return absl::OkStatus();
 }
 
 // What the benchmark drives: the engine and, for the floors, what one rank holds.
@@ -283,6 +429,26 @@ int RunEngineBench(int argc, char** argv) {
   Engine& engine = *t.engine;
   const ModelConfig& cfg = t.config;
   const bool json_only = args->Has("json");
+  if (args->Has("shared-prefix")) {
+    absl::StatusOr<int32_t> prefix = args->GetInt32("shared-prefix", 2000, 1, 1 << 24),
+                            question = args->GetInt32("question", 50, 1, 1 << 24),
+                            prefix_reps = args->GetInt32("prefix-reps", 5, 1, 1000);
+    for (const auto* v : {&prefix, &question, &prefix_reps}) {
+      if (!v->ok()) return Fail("bench", v->status());
+    }
+    absl::Status s;
+    if (args->Has("chat-turns")) {
+      absl::StatusOr<int32_t> turns = args->GetInt32("chat-turns", 10, 1, 10000),
+                              max_tokens = args->GetInt32("chat-output", 32, 1, 1 << 20);
+      for (const auto* v : {&turns, &max_tokens}) {
+        if (!v->ok()) return Fail("bench", v->status());
+      }
+      s = RunChat(engine, cfg.vocab_size, *prefix, *question, *turns, *max_tokens, json_only);
+    } else {
+      s = RunSharedPrefix(engine, cfg.vocab_size, *prefix, *question, *prefix_reps, json_only);
+    }
+    return s.ok() ? 0 : Fail("bench", s);
+  }
   const double elem = t.elem_bytes;
   const double tp = static_cast<double>(t.tp);
   // Bytes one rank must read per decode step: every weight but the embedding table (gathered

@@ -24,6 +24,7 @@ int PrintInfo(lorcserve::v1::LorcServe::Stub& stub, double timeout_s) {
   std::string json;
   google::protobuf::util::JsonPrintOptions o;
   o.add_whitespace = true;
+  o.always_print_primitive_fields = true;  // zero counters too (prefix cache, host tier)
   (void)google::protobuf::util::MessageToJsonString(resp, &json, o);
   std::cout << json;
   return 0;
@@ -58,6 +59,7 @@ int RunClient(int argc, char** argv) {
       {"timeout-s", true, "deadline of the call in seconds (default 600)", "S"},
       {"info", false, "print ModelInfo as JSON"},
       {"health", false, "print the grpc.health.v1 status (exit 0 when SERVING)"},
+      {"close-session", true, "end a multi-turn session (CloseSession) and exit", "ID"},
       {"json", false, "print one JSON object at the end instead of streaming text"},
       {"help", false, "show this help"},
   };
@@ -77,6 +79,17 @@ int RunClient(int argc, char** argv) {
   auto stub = lorcserve::v1::LorcServe::NewStub(channel);
   if (args->Has("info")) return PrintInfo(*stub, *timeout);
   if (args->Has("health")) return PrintHealth(channel, *timeout);
+  if (args->Has("close-session")) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() +
+                     std::chrono::milliseconds(static_cast<int64_t>(*timeout * 1000)));
+    lorcserve::v1::CloseSessionRequest creq;
+    creq.set_session_id(args->Get("close-session"));
+    lorcserve::v1::CloseSessionResponse cresp;
+    const grpc::Status s = stub->CloseSession(&ctx, creq, &cresp);
+    if (!s.ok()) return Fail("client", FromGrpcStatus(s));
+    return 0;
+  }
 
   absl::StatusOr<lorcserve::v1::GenerateRequest> req = RequestFromArgs(*args);
   if (!req.ok()) return Fail("client", req.status());
@@ -119,7 +132,8 @@ int RunClient(int argc, char** argv) {
                   {"total_time_ms", u.total_time_ms()}};
     std::cout << j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
   } else {
-    std::cerr << absl::StrCat("[", u.prompt_tokens(), " prompt tokens, ", u.completion_tokens(),
+    std::cerr << absl::StrCat("[", u.prompt_tokens(), " prompt tokens (", u.cached_prompt_tokens(),
+                              " cached), ", u.completion_tokens(),
                               " generated (", FinishName(r.final.finish_reason()), "), first token ",
                               static_cast<int>(r.ttft_s * 1000), " ms, total ",
                               static_cast<int>(r.total_s * 1000), " ms]\n");

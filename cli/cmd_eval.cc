@@ -21,6 +21,11 @@ std::vector<FlagSpec> Flags() {
       {"ppl", true, "eval_ppl_windows.jsonl (default: the model directory's, if present)", "FILE"},
       {"passkey", true, "eval_passkey.jsonl (default: the model directory's, if present)", "FILE"},
       {"limit", true, "perplexity: first N windows; pass-key: first N prompts per length", "N"},
+      {"multi-turn", false,
+       "instead: the SCBench-style multi-turn check (eval/eval.h EvalMultiTurnPasskey): the "
+       "contexts of the 1536-filler pass-key prompts, four turns each asking another fact, one "
+       "session per conversation when prefix caching is on (--limit N: N conversations); "
+       "accuracy and cached prompt tokens per turn"},
       {"json", false, "print one JSON object"},
       {"help", false, "show this help"},
   };
@@ -38,7 +43,8 @@ std::string DefaultFile(const Args& args, const char* flag, const char* name) {
 
 int RunEval(int argc, char** argv) {
   const std::vector<FlagSpec> flags = Flags();
-  const char* synopsis = "--model DIR [--ppl FILE] [--passkey FILE] [--limit N] [--json]";
+  const char* synopsis =
+      "--model DIR [--ppl FILE] [--passkey FILE] [--multi-turn] [--limit N] [--json]";
   int exit_code = 0;
   const std::optional<Args> args = ParseCommand("eval", synopsis, flags, argc, argv, &exit_code);
   if (!args.has_value()) return exit_code;
@@ -47,7 +53,9 @@ int RunEval(int argc, char** argv) {
       args->Has("limit") ? args->GetIntInRange("limit", 0, 1, std::numeric_limits<int64_t>::max())
                          : absl::StatusOr<int64_t>(0);
   if (!limit.ok()) return Fail("eval", limit.status());
-  const std::string ppl_file = DefaultFile(*args, "ppl", "eval_ppl_windows.jsonl");
+  const bool multi_turn = args->Has("multi-turn");
+  const std::string ppl_file =
+      multi_turn ? "" : DefaultFile(*args, "ppl", "eval_ppl_windows.jsonl");
   const std::string passkey_file = DefaultFile(*args, "passkey", "eval_passkey.jsonl");
   if (ppl_file.empty() && passkey_file.empty()) {
     return Fail("eval", absl::InvalidArgumentError("nothing to evaluate: give --ppl and/or --passkey"));
@@ -74,7 +82,24 @@ int RunEval(int argc, char** argv) {
     j["ppl_tokens"] = p->tokens;
     j["ppl_time_s"] = p->seconds;
   }
-  if (!passkey_file.empty()) {
+  if (multi_turn) {
+    if (passkey_file.empty() || (*s)->tokenizer == nullptr) {
+      return Fail("eval", absl::InvalidArgumentError(
+                              "--multi-turn needs --passkey FILE and a model with a tokenizer"));
+    }
+    absl::StatusOr<MultiTurnResult> m =
+        EvalMultiTurnPasskey(engine, *(*s)->tokenizer, passkey_file, 1536, *limit);
+    if (!m.ok()) return Fail("eval", m.status());
+    j["multi_turn_conversations"] = m->conversations;
+    j["multi_turn_context_tokens"] = m->context_tokens;
+    j["multi_turn_time_s"] = m->seconds;
+    j["enable_prefix_caching"] = engine.scheduler().config().enable_prefix_caching;
+    for (const MultiTurnResult::Turn& t : m->turns) {
+      j["multi_turn_acc"].push_back(static_cast<double>(t.correct) / static_cast<double>(t.total));
+      j["multi_turn_prompt_tokens"].push_back(t.prompt_tokens);
+      j["multi_turn_cached_prompt_tokens"].push_back(t.cached_prompt_tokens);
+    }
+  } else if (!passkey_file.empty()) {
     absl::StatusOr<PasskeyResult> p = EvalPasskey(engine, passkey_file, *limit);
     if (!p.ok()) return Fail("eval", p.status());
     for (const auto& [filler, ct] : p->by_length) {
@@ -101,6 +126,18 @@ int RunEval(int argc, char** argv) {
                                    acc.get<double>(), j["passkey_n"][len].get<int64_t>());
     }
     std::cout << absl::StrFormat("pass-key     %.1f s\n", j["passkey_time_s"].get<double>());
+  }
+  if (j.contains("multi_turn_acc")) {
+    for (size_t t = 0; t < j["multi_turn_acc"].size(); ++t) {
+      std::cout << absl::StrFormat(
+          "multi-turn   turn %d: accuracy %.2f (n=%d), prompt tokens %d, cached %d\n", t + 1,
+          j["multi_turn_acc"][t].get<double>(), j["multi_turn_conversations"].get<int64_t>(),
+          j["multi_turn_prompt_tokens"][t].get<int64_t>(),
+          j["multi_turn_cached_prompt_tokens"][t].get<int64_t>());
+    }
+    std::cout << absl::StrFormat("multi-turn   %.1f s (prefix caching %s)\n",
+                                 j["multi_turn_time_s"].get<double>(),
+                                 j["enable_prefix_caching"].get<bool>() ? "on" : "off");
   }
   std::cout << absl::StrFormat("kv bytes/token %d (%s, %s), capacity %d tokens\n",
                                j["kv_bytes_per_token"].get<int64_t>(), j["kv_dtype"].get<std::string>(),

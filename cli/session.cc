@@ -65,6 +65,18 @@ std::vector<FlagSpec> SchedulerFlags() {
        absl::StrCat("queued requests before RESOURCE_EXHAUSTED (default ", defaults::kMaxWaiting,
                     ")"),
        "N"},
+      {"enable-prefix-caching", false,
+       absl::StrCat("reuse the KV blocks of prompt prefixes computed before (per cache_salt; "
+                    "default ", defaults::kEnablePrefixCaching ? "on" : "off", ")")},
+      {"no-enable-prefix-caching", false, "turn prefix caching (and sessions) off"},
+      {"session-ttl-s", true,
+       absl::StrCat("seconds a session (session_id) keeps its KV blocks after its last turn "
+                    "(default ", defaults::kSessionTtlS, ")"),
+       "S"},
+      {"max-session-kv-fraction", true,
+       absl::StrCat("share of the KV blocks all sessions may keep pinned; oldest released past "
+                    "it (default ", defaults::kMaxSessionKvFraction, ")"),
+       "F"},
   };
 }
 
@@ -82,6 +94,24 @@ absl::StatusOr<EngineOptions> ParseEngineOptions(const Args& args) {
                    args.GetInt32("max-num-batched-tokens", defaults::kMaxNumBatchedTokens, 1, kMax));
   ASSIGN_OR_RETURN(eo.max_num_seqs, args.GetInt32("max-num-seqs", defaults::kMaxNumSeqs, 1, kMax));
   ASSIGN_OR_RETURN(eo.max_waiting, args.GetInt32("max-waiting", defaults::kMaxWaiting, 1, kMax));
+  if (args.Has("enable-prefix-caching") && args.Has("no-enable-prefix-caching")) {
+    return absl::InvalidArgumentError(
+        "--enable-prefix-caching and --no-enable-prefix-caching contradict each other");
+  }
+  eo.enable_prefix_caching = args.Has("no-enable-prefix-caching")
+                                 ? false
+                                 : (args.Has("enable-prefix-caching") || defaults::kEnablePrefixCaching);
+  ASSIGN_OR_RETURN(eo.session_ttl_s, args.GetDouble("session-ttl-s", defaults::kSessionTtlS));
+  if (!(eo.session_ttl_s > 0)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--session-ttl-s must be > 0, got ", eo.session_ttl_s));
+  }
+  ASSIGN_OR_RETURN(eo.max_session_kv_fraction,
+                   args.GetDouble("max-session-kv-fraction", defaults::kMaxSessionKvFraction));
+  if (!(eo.max_session_kv_fraction >= 0 && eo.max_session_kv_fraction <= 1)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--max-session-kv-fraction must be in [0, 1], got ", eo.max_session_kv_fraction));
+  }
   return eo;
 }
 

@@ -27,5 +27,16 @@ inline constexpr int64_t kMaxModelLen = 2048;     // config.json without max_pos
 // off). Chosen by measurement at world size 2 on 2 x H200 (docs/PERFORMANCE.md, "Llama-3-70B
 // shape at TP = 2"): faster than NCCL up to 1024 rows x 8192 (16 MiB), slower from 2048 rows.
 inline constexpr int64_t kCustomAllReduceMaxBytes = int64_t{16} << 20;
+// Prefix caching (kvstore/prefix_cache.h): `--enable-prefix-caching` (vLLM's name, on as there).
+inline constexpr bool kEnablePrefixCaching = true;
+// Sessions (kvstore/session_store.h): `--session-ttl-s`, idle seconds before a session's pinned
+// blocks are released; `--max-session-kv-fraction`, the share of the KV blocks all sessions may
+// pin together (oldest sessions released past it).
+inline constexpr double kSessionTtlS = 600.0;
+inline constexpr double kMaxSessionKvFraction = 0.5;
+// Admission prefers a waiting request with a longer cached prefix over those ahead of it (same
+// priority, within this many of the queue's head), but bypasses a request at most this many times.
+inline constexpr int32_t kPrefixPreferenceWindow = 16;
+inline constexpr int32_t kMaxPrefixBypass = 4;
 
 }  // namespace lorc::defaults

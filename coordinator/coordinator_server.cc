@@ -149,6 +149,7 @@ absl::Status CoordinatorServer::JoinGroup() {
   KvCacheSpec kv;
   kv.block_size = options_.kv.block_size;
   kv.num_blocks = g->group->info().num_blocks;
+  kv.kv_cache_dtype = options_.kv.kv_cache_dtype;  // with the model: the format identity
   ASSIGN_OR_RETURN(std::unique_ptr<Engine> engine,
                    Engine::Create(g->group.get(), config_, kv, tokenizer_.get(), options_.engine));
   g->loop = std::make_shared<EngineLoop>(std::move(engine));
@@ -334,6 +335,26 @@ void CoordinatorServer::FillLive(lorcserve::v1::ModelInfoResponse* r) {
     r->set_kv_free_blocks(s.kv_free_blocks);
     r->set_num_running(s.num_running);
     r->set_num_waiting(s.num_waiting);
+    const PrefixCacheReport& pc = s.prefix_cache;
+    auto* p = r->mutable_prefix_cache();
+    p->set_enabled(pc.enabled);
+    p->set_queries(pc.stats.queries);
+    p->set_query_tokens(pc.stats.query_tokens);
+    p->set_hit_tokens(pc.stats.hit_tokens);
+    p->set_hit_rate(pc.stats.query_tokens > 0 ? static_cast<double>(pc.stats.hit_tokens) /
+                                                    static_cast<double>(pc.stats.query_tokens)
+                                              : 0.0);
+    p->set_evictions(pc.stats.evictions);
+    p->set_cached_blocks(pc.cached_blocks);
+    p->set_pinned_sessions(pc.sessions);
+    p->set_pinned_session_blocks(pc.session_blocks);
+    p->set_sessions_expired(pc.sessions_expired);
+    p->set_sessions_capped(pc.sessions_capped);
+    p->set_sessions_closed(pc.sessions_closed);
+    // The workers' host tier (--kv-offloading-size); the scheduler does not use it yet, so none
+    // is occupied.
+    r->set_host_kv_blocks_total(g->group->info().num_host_blocks);
+    r->set_host_kv_blocks_used(0);
     auto* st = r->mutable_step_stats();
     const double n = static_cast<double>(std::max<int64_t>(1, s.engine.steps));
     st->set_steps(s.engine.steps);

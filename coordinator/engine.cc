@@ -31,6 +31,7 @@ struct Engine::Request {
   int64_t id = 0;
   std::vector<TokenLogprobs> prompt_logprobs;  // positions 1, 2, ... received so far
   int64_t prompt_tokens = 0;
+  int64_t cached_prompt_tokens = 0;
   std::vector<Completion> completions;  // params.n, by index
   int32_t num_live = 0;                 // completions without their final update
   UpdateFn on_update;
@@ -49,6 +50,18 @@ SchedulerConfig MakeSchedulerConfig(const ModelConfig& config, const KvCacheSpec
   c.max_model_len = config.max_position_embeddings;
   c.vocab_size = config.vocab_size;
   c.eos_token_ids = config.eos_token_ids;
+  c.enable_prefix_caching = options.enable_prefix_caching;
+  c.session_ttl_s = options.session_ttl_s;
+  c.max_session_kv_fraction = options.max_session_kv_fraction;
+  KvCacheSpec format = kv;
+  if (format.k_width.empty()) {
+    KvSpecOptions o;
+    o.block_size = kv.block_size;
+    o.dtype = kv.dtype;
+    o.kv_cache_dtype = kv.kv_cache_dtype;
+    format = MakeKvCacheSpec(config, o).value_or(kv);
+  }
+  c.kv_format_identity = KvFormatIdentity(config, format);
   return c;
 }
 
@@ -87,8 +100,8 @@ absl::Status Engine::Add(int64_t id, const GenerationRequest& request, UpdateFn 
   const int32_t n = std::max(1, request.params.n);  // the scheduler validates it
   std::vector<int64_t> child_ids;
   for (int32_t i = 1; i < n; ++i) child_ids.push_back(next_child_id_++);
-  RETURN_IF_ERROR(
-      scheduler_.Add(id, request.prompt_ids, request.params, request.priority, child_ids));
+  RETURN_IF_ERROR(scheduler_.Add(id, request.prompt_ids, request.params, request.priority,
+                                 child_ids, {request.cache_salt, request.session_id}));
   auto r = std::make_unique<Request>();
   r->id = id;
   r->prompt_tokens = static_cast<int64_t>(request.prompt_ids.size());
@@ -116,6 +129,7 @@ void Engine::EndCompletion(Request& r, RequestUpdate& u) {
   u.new_text += c.output->Finish();
   u.prompt_logprobs = r.prompt_logprobs;  // complete: every completion starts after the prompt
   u.prompt_tokens = r.prompt_tokens;
+  u.cached_prompt_tokens = r.cached_prompt_tokens;
   u.completion_tokens = c.completion_tokens;
   u.time_to_first_token_s = r.ttft_s;
   u.total_time_s = Seconds(r.start, Clock::now());
@@ -161,6 +175,9 @@ absl::Status Engine::Fail(const absl::Status& status) {
   for (; in_flight_ > 0; --in_flight_) (void)runner_->Await();  // drop what the runner still holds
   pipelined_.clear();
   AbortAll(status);
+  // The workers' cache contents are unknown now: no later hit may serve them (after AbortAll,
+  // so the ended requests' sessions pin nothing either).
+  scheduler_.ResetPrefixCache();
   return status;
 }
 
@@ -173,6 +190,15 @@ absl::Status Engine::Step() {
     const auto t0 = Clock::now();
     StepPlan plan = scheduler_.Schedule();
     const auto t1 = Clock::now();
+    for (const ScheduledSequence& s : plan.seqs) {
+      if (!s.params.has_value()) continue;  // first sight only: its first admission's hit
+      auto where = completion_of_.find(s.seq_id);
+      if (where == completion_of_.end()) continue;
+      std::optional<SequenceInfo> info = scheduler_.GetSequence(s.seq_id);
+      if (info.has_value() && info->num_cached_prompt_tokens > 0) {
+        requests_.at(where->second.first)->cached_prompt_tokens = info->num_cached_prompt_tokens;
+      }
+    }
     stats_.schedule_s += Seconds(t0, t1);
     if (!plan.empty()) {
       if (absl::Status s = runner_->Submit(plan); !s.ok()) return Fail(s);
@@ -274,6 +300,7 @@ absl::StatusOr<std::vector<GenerationResult>> Engine::Generate(
         c.stop_reason = u.stop_reason;
         if (!u.status.ok()) out->status = u.status;
         out->prompt_logprobs = u.prompt_logprobs;
+        out->cached_prompt_tokens = u.cached_prompt_tokens;
         out->time_to_first_token_s = u.time_to_first_token_s;
         out->total_time_s = u.total_time_s;
       }

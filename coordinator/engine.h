@@ -31,6 +31,8 @@ struct GenerationRequest {
   std::vector<int32_t> prompt_ids;
   SamplingParams params;
   int32_t priority = 0;
+  std::string cache_salt;  // requests with different salts never share cached blocks
+  std::string session_id;  // non-empty: keep the conversation's blocks for the next turn
 };
 
 // What a request gets after each step that touched it. With n > 1 completions each update
@@ -53,6 +55,7 @@ struct RequestUpdate {
   // Filled on the final update.
   std::vector<TokenLogprobs> prompt_logprobs;  // params.prompt_logprobs: positions 1..prompt_len-1
   int64_t prompt_tokens = 0;
+  int64_t cached_prompt_tokens = 0;  // found in the prefix cache (not computed)
   int64_t completion_tokens = 0;  // of this completion
   double time_to_first_token_s = 0;
   double total_time_s = 0;
@@ -73,6 +76,7 @@ struct GenerationResult {
   // params.prompt_logprobs: log-probabilities of prompt token i given tokens [0, i), i >= 1.
   std::vector<TokenLogprobs> prompt_logprobs;
   int64_t prompt_tokens = 0;
+  int64_t cached_prompt_tokens = 0;
   double time_to_first_token_s = 0;
   double total_time_s = 0;
 
@@ -84,6 +88,9 @@ struct EngineOptions {
   int32_t max_num_batched_tokens = defaults::kMaxNumBatchedTokens;  // chunked-prefill budget per step
   int32_t max_num_seqs = defaults::kMaxNumSeqs;          // sequences decoding at once
   int32_t max_waiting = defaults::kMaxWaiting;          // bounded admission queue
+  bool enable_prefix_caching = defaults::kEnablePrefixCaching;  // --enable-prefix-caching
+  double session_ttl_s = defaults::kSessionTtlS;                 // --session-ttl-s
+  double max_session_kv_fraction = defaults::kMaxSessionKvFraction;  // --max-session-kv-fraction
 };
 
 struct EngineStats {
@@ -131,12 +138,18 @@ class Engine {
   // that status and is returned.
   absl::Status Step();
   bool HasWork() const { return scheduler_.HasWork() || in_flight_ > 0; }
+  // Sessions (Scheduler::CloseSession / ExpireSessions): NOT_FOUND for an unknown session.
+  absl::Status CloseSession(const std::string& session_id) {
+    return scheduler_.CloseSession(session_id);
+  }
+  void ExpireSessions() { scheduler_.ExpireSessions(); }
 
   // Runs the requests to completion, batched together. Per-request problems end that request
   // with its status; the others continue.
   absl::StatusOr<std::vector<GenerationResult>> Generate(absl::Span<const GenerationRequest> requests);
 
   const Scheduler& scheduler() const { return scheduler_; }
+  Scheduler& mutable_scheduler() { return scheduler_; }  // tests
   const EngineStats& stats() const { return stats_; }
   size_t num_requests() const { return requests_.size(); }
 
@@ -167,6 +180,8 @@ class Engine {
   int64_t next_child_id_ = int64_t{1} << 62;     // sequence ids of completions 1..n-1
 };
 
+// `kv` gives block_size, num_blocks and the format (KvFormatIdentity); a spec without per-layer
+// widths (the coordinator knows only sizes and kv_cache_dtype) is completed by MakeKvCacheSpec.
 SchedulerConfig MakeSchedulerConfig(const ModelConfig& config, const KvCacheSpec& kv,
                                     const EngineOptions& options);
 

@@ -46,6 +46,19 @@ void EngineLoop::Fail(absl::Status why) {
   if (failure_.ok()) failure_ = std::move(why);
 }
 
+absl::Status EngineLoop::CloseSession(const std::string& session_id) {
+  CloseSession_ cmd{session_id, std::make_shared<absl::Notification>(),
+                    std::make_shared<absl::Status>()};
+  {
+    absl::MutexLock lock(&mu_);
+    inbox_.push_back(cmd);
+  }
+  if (!cmd.done->WaitForNotificationWithTimeout(absl::Seconds(10))) {
+    return absl::UnavailableError("the engine did not answer CloseSession within 10 s");
+  }
+  return *cmd.status;
+}
+
 absl::Status EngineLoop::failure() const {
   absl::MutexLock lock(&mu_);
   return failure_;
@@ -61,6 +74,7 @@ void EngineLoop::Publish() {
   s.kv_free_blocks = engine_->scheduler().num_free_blocks();
   s.num_running = engine_->scheduler().num_running();
   s.num_waiting = engine_->scheduler().num_waiting();
+  s.prefix_cache = engine_->scheduler().prefix_cache_report();
   s.engine = engine_->stats();
   absl::MutexLock lock(&mu_);
   stats_ = s;
@@ -68,7 +82,7 @@ void EngineLoop::Publish() {
 
 void EngineLoop::Run() {
   for (;;) {
-    std::deque<std::variant<Add, Cancel_>> inbox;
+    std::deque<std::variant<Add, Cancel_, CloseSession_>> inbox;
     absl::Status failure;
     {
       absl::MutexLock lock(&mu_);
@@ -97,11 +111,15 @@ void EngineLoop::Run() {
           u.status = s;
           outbox_.emplace_back(ch, std::move(u));
         }
+      } else if (auto* close = std::get_if<CloseSession_>(&cmd)) {
+        *close->status = engine_->CloseSession(close->session_id);
+        close->done->Notify();
       } else {
         auto& c = std::get<Cancel_>(cmd);
         engine_->Abort(c.id, c.why);
       }
     }
+    engine_->ExpireSessions();  // also while idle
     if (!failure.ok()) {
       engine_->AbortAll(failure);  // workers are not stepped any more
     } else if (engine_->HasWork()) {

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
 #include "coordinator/engine.h"
 
 namespace lorc {
@@ -34,6 +35,7 @@ struct LoopStats {
   int32_t num_running = 0;
   int32_t num_waiting = 0;
   EngineStats engine;
+  PrefixCacheReport prefix_cache;
 };
 
 class EngineLoop {
@@ -45,6 +47,9 @@ class EngineLoop {
   // Queues a request; its updates (including a validation failure) arrive on `channel`.
   void Submit(int64_t id, GenerationRequest request, std::shared_ptr<RequestChannel> channel);
   void Cancel(int64_t id, absl::Status why);
+  // Ends a session on the engine thread (Scheduler::CloseSession) and waits for the answer:
+  // NOT_FOUND for an unknown session, UNAVAILABLE when the loop does not answer within 10 s.
+  absl::Status CloseSession(const std::string& session_id);
   // Fails every live request and every later one with `why` (a worker is gone).
   void Fail(absl::Status why);
   absl::Status failure() const;
@@ -60,6 +65,11 @@ class EngineLoop {
     int64_t id;
     absl::Status why;
   };
+  struct CloseSession_ {
+    std::string session_id;
+    std::shared_ptr<absl::Notification> done;
+    std::shared_ptr<absl::Status> status;  // written before `done` is notified
+  };
   void Run();
   void Publish();
 
@@ -67,7 +77,7 @@ class EngineLoop {
   // Updates of the current iteration, delivered after its stats are published (engine thread).
   std::vector<std::pair<std::shared_ptr<RequestChannel>, RequestUpdate>> outbox_;
   mutable absl::Mutex mu_;
-  std::deque<std::variant<Add, Cancel_>> inbox_ ABSL_GUARDED_BY(mu_);
+  std::deque<std::variant<Add, Cancel_, CloseSession_>> inbox_ ABSL_GUARDED_BY(mu_);
   absl::Status failure_ ABSL_GUARDED_BY(mu_);
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
   LoopStats stats_ ABSL_GUARDED_BY(mu_);

@@ -174,6 +174,7 @@ LorcServeService::LorcServeService(const ModelConfig& config, const Tokenizer* t
     : generate_name_(MethodName("Generate")),
       tokenize_name_(MethodName("Tokenize")),
       model_info_name_(MethodName("ModelInfo")),
+      close_session_name_(MethodName("CloseSession")),
       config_(config),
       tokenizer_(tokenizer),
       info_(std::move(info)),
@@ -205,6 +206,14 @@ LorcServeService::LorcServeService(const ModelConfig& config, const Tokenizer* t
                                            grpc::ByteBuffer, grpc::protobuf::MessageLite>(
           [](Self* s, grpc::ServerContext* ctx, const grpc::ByteBuffer* req,
              lorcserve::v1::ModelInfoResponse* resp) { return s->ModelInfo(ctx, req, resp); },
+          this)));
+  AddMethod(new RpcServiceMethod(
+      close_session_name_.c_str(), RpcMethod::NORMAL_RPC,
+      new grpc::internal::RpcMethodHandler<Self, grpc::ByteBuffer,
+                                           lorcserve::v1::CloseSessionResponse, grpc::ByteBuffer,
+                                           grpc::protobuf::MessageLite>(
+          [](Self* s, grpc::ServerContext* ctx, const grpc::ByteBuffer* req,
+             lorcserve::v1::CloseSessionResponse* resp) { return s->CloseSession(ctx, req, resp); },
           this)));
 }
 
@@ -269,6 +278,16 @@ absl::StatusOr<GenerationRequest> LorcServeService::Convert(
   if (s.has_logprobs()) p.logprobs = s.logprobs();
   if (s.has_prompt_logprobs()) p.prompt_logprobs = s.prompt_logprobs();
   g.priority = req.priority();
+  if (req.session_id().size() > kMaxSessionIdBytes) {
+    return absl::InvalidArgumentError(absl::StrCat("session_id: ", req.session_id().size(),
+                                                   " bytes exceeds ", kMaxSessionIdBytes));
+  }
+  if (req.cache_salt().size() > kMaxSessionIdBytes) {
+    return absl::InvalidArgumentError(absl::StrCat("cache_salt: ", req.cache_salt().size(),
+                                                   " bytes exceeds ", kMaxSessionIdBytes));
+  }
+  g.session_id = req.session_id();
+  g.cache_salt = req.cache_salt();
   // Sampling values (names the field); the scheduler checks ids and lengths again on Add.
   RETURN_IF_ERROR(p.Validate(config_.vocab_size));
   return g;
@@ -331,7 +350,7 @@ grpc::Status LorcServeService::Generate(grpc::ServerContext* ctx, const grpc::By
         }
         auto* usage = resp.mutable_usage();
         usage->set_prompt_tokens(static_cast<int32_t>(u.prompt_tokens));
-        usage->set_cached_prompt_tokens(0);
+        usage->set_cached_prompt_tokens(static_cast<int32_t>(u.cached_prompt_tokens));
         usage->set_completion_tokens(static_cast<int32_t>(u.completion_tokens));
         usage->set_time_to_first_token_ms(u.time_to_first_token_s * 1e3);
         usage->set_total_time_ms(u.total_time_s * 1e3);
@@ -372,6 +391,18 @@ grpc::Status LorcServeService::ModelInfo(grpc::ServerContext*, const grpc::ByteB
   *resp = info_;
   if (live_) live_(resp);
   return grpc::Status::OK;
+}
+
+grpc::Status LorcServeService::CloseSession(grpc::ServerContext*, const grpc::ByteBuffer* raw,
+                                            lorcserve::v1::CloseSessionResponse*) {
+  lorcserve::v1::CloseSessionRequest req;
+  if (grpc::Status s = ParseBuffer(*raw, &req); !s.ok()) return s;
+  if (req.session_id().empty()) {
+    return ToGrpcStatus(absl::InvalidArgumentError("session_id: empty"));
+  }
+  absl::StatusOr<std::shared_ptr<EngineLoop>> loop = Loop();
+  if (!loop.ok()) return ToGrpcStatus(loop.status());
+  return ToGrpcStatus((*loop)->CloseSession(req.session_id()));
 }
 
 }  // namespace lorc

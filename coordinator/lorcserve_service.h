@@ -56,6 +56,7 @@ class LorcServeService final : public grpc::Service {
   static constexpr size_t kMaxRequestBytes = 4 << 20;
   static constexpr int kMaxStopStrings = 64;
   static constexpr size_t kMaxStopStringBytes = 512;
+  static constexpr size_t kMaxSessionIdBytes = 256;  // session_id and cache_salt
 
   // The handlers (registered in the constructor).
   grpc::Status Generate(grpc::ServerContext* ctx, const grpc::ByteBuffer* req,
@@ -64,12 +65,14 @@ class LorcServeService final : public grpc::Service {
                         lorcserve::v1::TokenizeResponse* resp);
   grpc::Status ModelInfo(grpc::ServerContext* ctx, const grpc::ByteBuffer* req,
                          lorcserve::v1::ModelInfoResponse* resp);
+  grpc::Status CloseSession(grpc::ServerContext* ctx, const grpc::ByteBuffer* req,
+                            lorcserve::v1::CloseSessionResponse* resp);
 
  private:
   absl::StatusOr<GenerationRequest> Convert(const lorcserve::v1::GenerateRequest& req) const;
 
   // "/lorcserve.v1.LorcServe/<method>", referenced by the registered methods.
-  const std::string generate_name_, tokenize_name_, model_info_name_;
+  const std::string generate_name_, tokenize_name_, model_info_name_, close_session_name_;
   ModelConfig config_;
   const Tokenizer* tokenizer_;
   lorcserve::v1::ModelInfoResponse info_;

@@ -44,6 +44,15 @@ absl::Status SchedulerConfig::Validate() const {
   RETURN_IF_ERROR(positive("max_waiting", max_waiting));
   RETURN_IF_ERROR(positive("max_model_len", max_model_len));
   RETURN_IF_ERROR(positive("vocab_size", vocab_size));
+  if (!(session_ttl_s > 0)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("scheduler config: session_ttl_s must be > 0, got ", session_ttl_s));
+  }
+  if (!(max_session_kv_fraction >= 0 && max_session_kv_fraction <= 1)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "scheduler config: max_session_kv_fraction must be in [0, 1], got ",
+        max_session_kv_fraction));
+  }
   for (int64_t id : eos_token_ids) {
     if (id < 0 || id >= vocab_size) {
       return absl::InvalidArgumentError(absl::StrCat(
@@ -76,6 +85,15 @@ struct Scheduler::Seq {
   std::vector<int64_t> child_ids;
   int64_t parent = -1;
   uint64_t fork_step = 0;
+  // Prefix cache: the chain's root (salt + format), the hashes of the full blocks of `tokens`
+  // computed so far (extended lazily), and per step in flight since the latest admission the
+  // computed count after it (indexed when its result is applied).
+  BlockHash root;
+  std::vector<BlockHash> hashes;
+  std::deque<std::pair<uint64_t, int64_t>> computing;
+  std::string session_id;
+  int64_t num_cached_prompt_tokens = -1;
+  int32_t num_bypassed = 0;  // times a request behind it was admitted first (prefix preference)
 
   int64_t num_pending() const { return static_cast<int64_t>(sample_steps.size()); }
   // Tokens the workers will have once the steps in flight are done.
@@ -96,7 +114,11 @@ absl::StatusOr<std::unique_ptr<Scheduler>> Scheduler::Create(const SchedulerConf
 }
 
 Scheduler::Scheduler(const SchedulerConfig& config)
-    : config_(config), blocks_(config.block_size, config.num_blocks) {}
+    : config_(config),
+      blocks_(config.block_size, config.num_blocks),
+      sessions_(&blocks_, absl::Seconds(config.session_ttl_s),
+                static_cast<int64_t>(config.max_session_kv_fraction *
+                                     static_cast<double>(config.num_blocks))) {}
 
 Scheduler::~Scheduler() = default;
 
@@ -104,8 +126,13 @@ int64_t Scheduler::Slots(const Seq& s) { return 1 + static_cast<int64_t>(s.child
 
 absl::Status Scheduler::Add(int64_t seq_id, std::vector<int32_t> prompt,
                             const SamplingParams& params, int32_t priority,
-                            std::vector<int64_t> child_ids) {
+                            std::vector<int64_t> child_ids, const PrefixOptions& prefix) {
   if (prompt.empty()) return absl::InvalidArgumentError("empty prompt");
+  if (!prefix.session_id.empty() && !config_.enable_prefix_caching) {
+    return absl::InvalidArgumentError(
+        "session_id: sessions keep blocks in the prefix cache, which is off "
+        "(--no-enable-prefix-caching)");
+  }
   for (size_t i = 0; i < prompt.size(); ++i) {
     if (prompt[i] < 0 || prompt[i] >= config_.vocab_size) {
       return absl::InvalidArgumentError(absl::StrCat("prompt token id ", prompt[i], " at position ",
@@ -186,6 +213,8 @@ absl::Status Scheduler::Add(int64_t seq_id, std::vector<int32_t> prompt,
   seq->prompt_len = prompt_len;
   seq->params = params;
   seq->priority = priority;
+  seq->root = PrefixRootHash(config_.kv_format_identity, prefix.cache_salt);
+  seq->session_id = prefix.session_id;
   reserved_.insert(child_ids.begin(), child_ids.end());
   seq->child_ids = std::move(child_ids);
   Enqueue(*seq, /*front=*/false);
@@ -203,6 +232,20 @@ void Scheduler::End(Seq& s) {
   const int64_t id = s.id;
   if (s.state == SequenceState::kRunning) {
     running_.erase(std::find(running_.begin(), running_.end(), &s));
+    if (!s.session_id.empty() && s.parent < 0) {
+      // The conversation so far: the leading blocks of its table that are in the index (computed
+      // and confirmed by an applied result).
+      std::vector<int32_t> keep;
+      for (int32_t b : blocks_.BlockTable(id)) {
+        if (!blocks_.prefix_cache().IsCached(b)) break;
+        keep.push_back(b);
+      }
+      if (keep.empty()) {
+        sessions_.Touch(s.session_id, Now());  // nothing new: a session keeps what it had
+      } else {
+        sessions_.Keep(s.session_id, std::move(keep), Now());
+      }
+    }
     blocks_.Free(id);
   } else {
     waiting_.erase(s.wait_key);
@@ -284,6 +327,7 @@ void Scheduler::Preempt(Seq& victim, std::vector<Entry>& entries, int64_t& budge
   blocks_.Free(victim.id);
   running_.erase(std::find(running_.begin(), running_.end(), &victim));
   victim.num_computed = 0;
+  victim.computing.clear();
   victim.workers_have_tokens = false;  // they keep its sampler, so no params are re-sent
   victim.blocks_sent = 0;
   ++victim.num_preemptions;
@@ -292,7 +336,79 @@ void Scheduler::Preempt(Seq& victim, std::vector<Entry>& entries, int64_t& budge
   if (victim.seen_by_workers) plan.preempted.push_back(victim.id);
 }
 
+std::vector<int32_t> Scheduler::LookupPrefix(Seq& s) {
+  if (!config_.enable_prefix_caching || s.params.prompt_logprobs.has_value()) return {};
+  ExtendBlockHashes(s.root, s.tokens, config_.block_size, &s.hashes);
+  // At least the last token is computed (its logits are sampled): only blocks before it.
+  const size_t usable = (s.tokens.size() - 1) / static_cast<size_t>(config_.block_size);
+  return blocks_.MatchPrefix(absl::MakeConstSpan(s.hashes).first(std::min(usable, s.hashes.size())));
+}
+
+Scheduler::Seq& Scheduler::PickWaiting(std::vector<Seq*>& bypassed) {
+  bypassed.clear();
+  Seq& head = *seqs_.at(std::get<2>(*waiting_.begin()));
+  if (!config_.enable_prefix_caching) return head;
+  std::vector<Seq*> window;
+  for (auto it = waiting_.begin();
+       it != waiting_.end() && window.size() < static_cast<size_t>(defaults::kPrefixPreferenceWindow) &&
+       std::get<0>(*it) == std::get<0>(*waiting_.begin());
+       ++it) {
+    window.push_back(seqs_.at(std::get<2>(*it)).get());
+  }
+  size_t best = 0, best_hit = 0;
+  for (size_t i = 0; i < window.size(); ++i) {
+    // Looked up once per Schedule: within one, the index only loses blocks (evictions), so a
+    // remembered hit may be stale upwards, which only affects the order (admission looks again).
+    auto [it, fresh] = hit_memo_.try_emplace(window[i]->id, 0);
+    if (fresh) it->second = LookupPrefix(*window[i]).size();
+    const size_t hit = it->second;
+    if (hit > best_hit) {
+      best = i;
+      best_hit = hit;
+    }
+  }
+  for (size_t i = 0; i < best; ++i) {
+    if (window[i]->num_bypassed >= defaults::kMaxPrefixBypass) return head;  // no more waiting
+  }
+  bypassed.assign(window.begin(), window.begin() + best);
+  return *window[best];
+}
+
+void Scheduler::CacheComputed(Seq& s, int64_t num_computed) {
+  if (!config_.enable_prefix_caching) return;
+  const size_t known = std::min(static_cast<size_t>(num_computed), s.tokens.size());
+  ExtendBlockHashes(s.root, absl::MakeConstSpan(s.tokens).first(known), config_.block_size,
+                    &s.hashes);
+  const size_t full = known / static_cast<size_t>(config_.block_size);
+  blocks_.CacheFullBlocks(s.id, absl::MakeConstSpan(s.hashes).first(std::min(full, s.hashes.size())));
+}
+
+absl::Status Scheduler::CloseSession(const std::string& session_id) {
+  return sessions_.Close(session_id);
+}
+
+void Scheduler::ExpireSessions() { sessions_.Expire(Now()); }
+
+void Scheduler::ResetPrefixCache() {
+  sessions_.Clear();
+  blocks_.ClearPrefixCache();
+}
+
+PrefixCacheReport Scheduler::prefix_cache_report() const {
+  PrefixCacheReport r;
+  r.enabled = config_.enable_prefix_caching;
+  r.stats = blocks_.prefix_cache().stats();
+  r.cached_blocks = blocks_.prefix_cache().num_cached_blocks();
+  r.sessions = sessions_.num_sessions();
+  r.session_blocks = sessions_.num_pinned_blocks();
+  r.sessions_expired = sessions_.num_expired();
+  r.sessions_capped = sessions_.num_capped();
+  r.sessions_closed = sessions_.num_closed();
+  return r;
+}
+
 StepPlan Scheduler::Schedule() {
+  ExpireSessions();
   StepPlan plan;
   plan.step_id = step_id_ + 1;
   plan.finished = std::move(ended_);
@@ -343,26 +459,48 @@ StepPlan Scheduler::Schedule() {
                   static_cast<int64_t>(s->child_ids.size());
       slots += Slots(*s);
     }
+    std::vector<Seq*> bypassed;
+    hit_memo_.clear();
     while (!waiting_.empty() && budget > 0) {
-      Seq& s = *seqs_.at(std::get<2>(*waiting_.begin()));
+      Seq& s = PickWaiting(bypassed);
       if (slots + Slots(s) > config_.max_num_seqs) break;  // in order: no skipping ahead
       const int64_t num_tokens = static_cast<int64_t>(s.tokens.size());
       const int64_t children = static_cast<int64_t>(s.child_ids.size());
+      const std::vector<int32_t> hit = LookupPrefix(s);
+      const int64_t num_hit = static_cast<int64_t>(hit.size());
+      const int64_t hit_tokens = num_hit * config_.block_size;
       // Room for the next token it computes, unless the token it samples next is its last
-      // (a sampled token is written to the cache only when a later step computes it).
+      // (a sampled token is written to the cache only when a later step computes it). Cached
+      // blocks cost nothing unless they are free (cached but unreferenced).
       const bool grows = s.num_generated + 1 < s.params.max_tokens;
-      const int64_t need =
-          CeilDiv(num_tokens + (grows ? 1 : 0), config_.block_size) + (grows ? children : 0);
+      const int64_t need = CeilDiv(num_tokens + (grows ? 1 : 0), config_.block_size) - num_hit +
+                           blocks_.NumFree(hit) + (grows ? children : 0);
       const int64_t reserve =
           running_.empty() ? 0 : promised + static_cast<int64_t>(running_.size());
-      if (need + reserve > blocks_.num_free_blocks()) break;  // in order: no skipping ahead
-      waiting_.erase(waiting_.begin());
+      if (need + reserve > blocks_.num_free_blocks()) {
+        // Nothing running: only sessions' pins can be in the way; release the oldest.
+        if (running_.empty() && sessions_.ReleaseOldest()) continue;
+        break;  // in order: no skipping ahead
+      }
+      waiting_.erase(s.wait_key);
+      for (Seq* b : bypassed) ++b->num_bypassed;
       s.state = SequenceState::kRunning;
       s.admission = next_admission_++;
       running_.push_back(&s);
-      CHECK_OK(blocks_.AddSequence(s.id));
-      const int64_t n = std::min(num_tokens, budget);
-      absl::StatusOr<std::vector<BlockCopy>> copies = blocks_.Reserve(s.id, n);
+      CHECK_OK(blocks_.AddSequence(s.id, hit));
+      if (config_.enable_prefix_caching && !s.params.prompt_logprobs.has_value()) {
+        PrefixCacheStats& st = blocks_.prefix_cache_stats();
+        ++st.queries;
+        st.query_tokens += (num_tokens - 1) / config_.block_size * config_.block_size;
+        st.hit_tokens += hit_tokens;
+      }
+      if (s.num_cached_prompt_tokens < 0) {
+        s.num_cached_prompt_tokens = std::min(hit_tokens, s.prompt_len);
+      }
+      if (!s.session_id.empty()) sessions_.Touch(s.session_id, Now());
+      s.num_computed = hit_tokens;
+      const int64_t n = std::min(num_tokens - hit_tokens, budget);
+      absl::StatusOr<std::vector<BlockCopy>> copies = blocks_.Reserve(s.id, hit_tokens + n);
       CHECK_OK(copies.status());  // need <= free
       entries.push_back({&s, n, *std::move(copies)});
       budget -= n;
@@ -395,6 +533,7 @@ StepPlan Scheduler::Schedule() {
     out.new_block_ids.assign(table.begin() + static_cast<int64_t>(s.blocks_sent), table.end());
     s.blocks_sent = table.size();
     s.num_computed += e.n;
+    s.computing.emplace_back(plan.step_id, s.num_computed);
     out.sample = s.num_computed == s.num_tokens();
     if (out.sample) s.sample_steps.push_back(plan.step_id);
     if (!s.seen_by_workers) out.params = s.params;  // first sight; kept across preemptions
@@ -434,6 +573,9 @@ void Scheduler::Fork(Seq& parent, uint64_t step_id, ScheduledSequence& out) {
     c->seen_by_workers = true;
     c->parent = parent.id;
     c->fork_step = step_id;
+    c->root = parent.root;
+    c->hashes = parent.hashes;
+    c->computing = parent.computing;  // its blocks are the parent's up to here
     running_.push_back(c.get());
     seqs_.emplace(id, std::move(c));
   }
@@ -457,6 +599,16 @@ std::vector<SequenceEvent> Scheduler::Apply(const StepResult& result) {
     events.push_back(std::move(ev));
     EndUnstartedChildren(s, result.step_id, status, events);
     End(s);
+  }
+  // The step's computed blocks are confirmed (for the sequences it did not fail): index them.
+  for (Seq* s : running_) {
+    while (!s->computing.empty() && s->computing.front().first < result.step_id) {
+      s->computing.pop_front();  // not expected: results come in step order
+    }
+    if (s->computing.empty() || s->computing.front().first != result.step_id) continue;
+    const int64_t done = s->computing.front().second;
+    s->computing.pop_front();
+    CacheComputed(*s, done);
   }
   for (const SampledToken& t : result.sampled) {
     auto it = seqs_.find(t.seq_id);
@@ -547,6 +699,7 @@ std::optional<SequenceInfo> Scheduler::GetSequence(int64_t seq_id) const {
                         ? static_cast<int32_t>(blocks_.BlockTable(s.id).size())
                         : 0;
   info.num_preemptions = s.num_preemptions;
+  info.num_cached_prompt_tokens = s.num_cached_prompt_tokens;
   return info;
 }
 
@@ -620,6 +773,10 @@ absl::Status Scheduler::Validate() const {
     }
   }
   std::vector<int32_t> holders(config_.num_blocks, 0);
+  for (int32_t b : sessions_.AllPinnedBlocks()) {
+    if (b < 0 || b >= config_.num_blocks) return bad("a session pins block ", b);
+    ++holders[b];
+  }
   for (size_t i = 0; i < running_.size(); ++i) {
     const Seq& s = *running_[i];
     auto it = seqs_.find(s.id);

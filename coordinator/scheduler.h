@@ -38,7 +38,27 @@
 //     anything that fits is admitted. A parent with unforked children counts as 1 + children
 //     against max_num_seqs.
 //  Each newly admitted sequence takes a prefill chunk from what is left of the budget.
-//  (Prefix caching would start an admitted sequence at num_computed > 0; not done yet.)
+//
+// Prefix caching (enable_prefix_caching; kvstore/prefix_cache.h): on admission the scheduler
+// looks up the longest indexed prefix of the sequence's full blocks (hash chain over its tokens,
+// its cache_salt and the KV format identity) among the first (num_tokens - 1) tokens, so at least
+// the last token is computed and its logits exist (as vLLM). A hit starts the sequence with those
+// blocks (referenced, shared) and num_computed = hit blocks x block_size; the workers get the
+// whole block table and compute only the rest. Admission counts blocks for the rest only, plus
+// the hit blocks that are free (cached but unreferenced: taking them uses free blocks). Requests
+// asking for prompt_logprobs skip the lookup (every prompt position is computed), as vLLM.
+// Full blocks enter the index when the result of the step that computed them is applied (a step
+// that failed for a sequence never indexes garbage); unreferenced indexed blocks stay in the
+// pool's free queue and are evicted in its LRU order (a sequence's tail blocks first) when the
+// pool hands them out. Waiting requests: within the first kPrefixPreferenceWindow of the
+// highest waiting priority class, the one with the longest cached prefix goes first (ties: queue
+// order), but no request is bypassed more than kMaxPrefixBypass times (then strict order again):
+// bounded unfairness, a cheap form of SGLang's longest-prefix-match policy.
+// Sessions (session_id; kvstore/session_store.h): when a sequence (completion 0) with a session
+// ends, the leading indexed blocks of its table (its computed prompt + output) are pinned for the
+// session, replacing what the session pinned before; they end by ttl, cap, CloseSession, memory
+// pressure (a waiting request that cannot be admitted while nothing runs releases the oldest
+// session) and ResetPrefixCache.
 //
 // Steps in flight (async scheduling, design/ENGINE.md §1.3): Schedule may be called again before
 // the previous plans' results are applied. A decoding sequence whose next token is being sampled
@@ -51,7 +71,7 @@
 //
 // Invariants (checked by Validate()): every sequence is in exactly one of waiting / running;
 // running sequences own exactly the blocks for their computed tokens, waiting ones own none;
-// a block's ref count = the number of block tables holding it; blocks in use + free blocks =
+// a block's ref count = the number of block tables holding it + the sessions pinning it; blocks in use + free blocks =
 // num_blocks; running sequences + their unforked children <= max_num_seqs; reserved child ids are
 // exactly the unforked children of live parents and none is a live id.
 //
@@ -70,10 +90,14 @@
 #include "absl/container/flat_hash_set.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "absl/types/span.h"
 #include "common/defaults.h"
+#include <functional>
 #include "common/sampling_params.h"
 #include "kvstore/kv_block_manager.h"
+#include "kvstore/prefix_cache.h"
+#include "kvstore/session_store.h"
 #include "step/step.h"
 
 namespace lorc {
@@ -99,6 +123,14 @@ struct SchedulerConfig {
   int64_t max_model_len = 4096;    // prompt + max_tokens must fit
   int64_t vocab_size = 0;
   std::vector<int64_t> eos_token_ids;
+  // Prefix caching and sessions (header comment). kv_format_identity: KvFormatIdentity() of the
+  // model and KV cache (part of every block's hash).
+  bool enable_prefix_caching = defaults::kEnablePrefixCaching;
+  std::string kv_format_identity;
+  double session_ttl_s = defaults::kSessionTtlS;                      // > 0
+  double max_session_kv_fraction = defaults::kMaxSessionKvFraction;   // [0, 1]
+  // The sessions' clock; null: absl::Now (tests pass a fake one).
+  std::function<absl::Time()> clock;
 
   // InvalidArgument naming the field for any out-of-range value.
   absl::Status Validate() const;
@@ -129,6 +161,24 @@ struct SequenceInfo {
   int32_t num_generated = 0;
   int32_t num_blocks = 0;     // KV blocks held
   int32_t num_preemptions = 0;
+  // Prompt tokens found in the prefix cache at its first admission (-1: not admitted yet).
+  int64_t num_cached_prompt_tokens = -1;
+};
+
+// A request's prefix-cache inputs (lorcserve.proto GenerateRequest).
+struct PrefixOptions {
+  std::string cache_salt;  // different salts never share blocks
+  std::string session_id;  // non-empty: keep the conversation's blocks after the request ends
+};
+
+// Prefix cache and sessions state, for ModelInfo.
+struct PrefixCacheReport {
+  bool enabled = false;
+  PrefixCacheStats stats;
+  int64_t cached_blocks = 0;    // indexed blocks (in use or evictable)
+  int64_t sessions = 0;         // live sessions
+  int64_t session_blocks = 0;   // blocks they pin
+  int64_t sessions_expired = 0, sessions_capped = 0, sessions_closed = 0;
 };
 
 class Scheduler {
@@ -149,8 +199,10 @@ class Scheduler {
   // other blocks its own; not retryable); RESOURCE_EXHAUSTED (retryable) only when max_waiting
   // requests are waiting ("queue full (N waiting)"); ALREADY_EXISTS for an id (or child id) in
   // use or reserved (also one whose end the workers have not yet been told of).
+  // `prefix`: cache salt and session (INVALID_ARGUMENT for a session with prefix caching off).
   absl::Status Add(int64_t seq_id, std::vector<int32_t> prompt, const SamplingParams& params,
-                   int32_t priority = 0, std::vector<int64_t> child_ids = {});
+                   int32_t priority = 0, std::vector<int64_t> child_ids = {},
+                   const PrefixOptions& prefix = {});
 
   // Cancellation, deadline, failure: ends the sequence (waiting or running) and frees its KV
   // blocks at once. Its id goes into the next plan's `finished` if any worker has seen it; a
@@ -179,6 +231,17 @@ class Scheduler {
   // sampled in that step but got no token, a token outside the vocabulary, or no logprobs when the
   // request asked for them, ends with kError (event token -1).
   std::vector<SequenceEvent> Apply(const StepResult& result);
+
+  // --- Prefix cache and sessions ---
+  // Ends a session now (its blocks unpinned); NOT_FOUND for an unknown id.
+  absl::Status CloseSession(const std::string& session_id);
+  // Ends the sessions idle past the ttl (also done at the start of every Schedule).
+  void ExpireSessions();
+  // Drops the whole prefix index and every session: the workers' cache contents can no longer
+  // be trusted (a failed runner). Sequences keep their blocks.
+  void ResetPrefixCache();
+  PrefixCacheReport prefix_cache_report() const;
+  const SessionStore& sessions() const { return sessions_; }
 
   // --- Introspection ---
   const SchedulerConfig& config() const { return config_; }
@@ -220,15 +283,26 @@ class Scheduler {
   // Largest m <= n such that `s` can grow by m tokens with the blocks now free.
   int64_t TokensThatFit(const Seq& s, int64_t n) const;
   Seq* PickVictim() const;
+  absl::Time Now() const { return config_.clock ? config_.clock() : absl::Now(); }
+  // The indexed blocks a sequence (being admitted) can start with: its chain's longest cached
+  // prefix within its first num_tokens - 1 tokens; empty when caching is off or it wants prompt
+  // logprobs.
+  std::vector<int32_t> LookupPrefix(Seq& s);
+  // The waiting sequence to admit next (policy in the header comment) and the ones it bypasses.
+  Seq& PickWaiting(std::vector<Seq*>& bypassed);
+  // Indexes `s`'s full blocks among its first `num_computed` tokens (a step's result applied).
+  void CacheComputed(Seq& s, int64_t num_computed);
   void Preempt(Seq& victim, std::vector<Entry>& entries, int64_t& budget, StepPlan& plan);
 
   SchedulerConfig config_;
   KvBlockManager blocks_;
+  SessionStore sessions_;  // pins blocks_'s blocks: declared after it, destroyed before it
   absl::flat_hash_map<int64_t, std::unique_ptr<Seq>> seqs_;
   std::set<WaitKey> waiting_;
   std::vector<Seq*> running_;          // in admission order
   std::vector<int64_t> ended_;         // ended ids the workers have seen: next plan's `finished`
   absl::flat_hash_set<int64_t> reserved_;  // child ids of parents not forked yet
+  absl::flat_hash_map<int64_t, size_t> hit_memo_;  // PickWaiting's lookups in this Schedule
   uint64_t step_id_ = 0;
   int64_t next_back_ = 0;              // queue positions of new requests: 0, 1, 2, ...
   int64_t next_front_ = 0;             // of requeued (preempted) ones: -1, -2, ...

@@ -13,6 +13,7 @@
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "coordinator/engine.h"
+#include "tokenizer/tokenizer.h"
 
 namespace lorc {
 
@@ -43,5 +44,29 @@ struct PasskeyResult {
 // prompt is correct when its greedy continuation (6 tokens) starts with the answer. `limit` > 0:
 // the first `limit` prompts of each length. All prompts run as one batch.
 absl::StatusOr<PasskeyResult> EvalPasskey(Engine& engine, const std::string& path, int64_t limit);
+
+// A multi-turn check in the spirit of SCBench (Li et al. 2024, "SCBench: A KV Cache-Centric
+// Analysis of Long-Context Methods", shared-context multi-turn mode): each pass-key prompt of
+// `filler` filler tokens (eval_passkey.jsonl; 1536: ~1,600 tokens of context) loses its question;
+// its context, with its four facts "The pass key of NAME is 12345.", is shared by four turns, each
+// a separate request asking for a different fact (in the order they appear), each turn's prompt
+// the conversation so far (context, earlier questions and greedy answers) plus its question. With
+// prefix caching on, the turns of a conversation are one session ("multi-turn-<i>", closed at the
+// end), so turns 2-4 prefill only their new tokens. A turn is correct when its greedy 6-token
+// continuation starts with the fact's " 12345". All conversations run as one batch per turn.
+// `limit` > 0: the first `limit` prompts. Errors name the file and line.
+struct MultiTurnResult {
+  struct Turn {
+    int64_t correct = 0, total = 0;
+    int64_t prompt_tokens = 0, cached_prompt_tokens = 0;  // summed over the conversations
+  };
+  std::vector<Turn> turns;  // 4
+  int64_t conversations = 0;
+  int64_t context_tokens = 0;  // of the first conversation (BOS included)
+  double seconds = 0;
+};
+absl::StatusOr<MultiTurnResult> EvalMultiTurnPasskey(Engine& engine, const Tokenizer& tokenizer,
+                                                     const std::string& path, int64_t filler,
+                                                     int64_t limit);
 
 }  // namespace lorc

@@ -1,20 +1,69 @@
 #include "kvstore/kv_block_manager.h"
 
+#include <algorithm>
+
 #include "common/check.h"
 #include "absl/strings/str_cat.h"
 
 namespace lorc {
 
 KvBlockManager::KvBlockManager(int32_t block_size, int32_t num_blocks)
-    : block_size_(block_size), pool_(num_blocks) {
+    : block_size_(block_size), pool_(num_blocks), cache_(num_blocks) {
   CHECK_GT(block_size, 0);
 }
 
-absl::Status KvBlockManager::AddSequence(int64_t seq) {
-  if (!seqs_.try_emplace(seq).second) {
+absl::Status KvBlockManager::AddSequence(int64_t seq, absl::Span<const int32_t> cached_blocks) {
+  auto [it, added] = seqs_.try_emplace(seq);
+  if (!added) {
     return absl::AlreadyExistsError(absl::StrCat("sequence ", seq, " already has KV blocks"));
   }
+  Seq& s = it->second;
+  for (int32_t b : cached_blocks) {
+    CHECK(cache_.IsCached(b)) << "block " << b << " is not in the prefix index";
+    pool_.Acquire(b);
+    s.blocks.push_back(b);
+  }
+  s.num_tokens = static_cast<int64_t>(cached_blocks.size()) * block_size_;
+  s.num_indexed = cached_blocks.size();
   return absl::OkStatus();
+}
+
+std::vector<int32_t> KvBlockManager::MatchPrefix(absl::Span<const BlockHash> hashes) const {
+  std::vector<int32_t> out;
+  for (const BlockHash& h : hashes) {
+    const int32_t b = cache_.Find(h);
+    if (b < 0) break;
+    out.push_back(b);
+  }
+  return out;
+}
+
+int32_t KvBlockManager::NumFree(absl::Span<const int32_t> blocks) const {
+  int32_t n = 0;
+  for (int32_t b : blocks) n += pool_.RefCount(b) == 0 ? 1 : 0;
+  return n;
+}
+
+int32_t KvBlockManager::CacheFullBlocks(int64_t seq, absl::Span<const BlockHash> hashes) {
+  auto it = seqs_.find(seq);
+  CHECK(it != seqs_.end()) << "unknown sequence " << seq;
+  Seq& s = it->second;
+  CHECK_LE(hashes.size(), s.blocks.size()) << "sequence " << seq;
+  CHECK_LE(static_cast<int64_t>(hashes.size()) * block_size_, s.num_tokens) << "sequence " << seq;
+  int32_t added = 0;
+  for (size_t i = s.num_indexed; i < hashes.size(); ++i) {
+    added += cache_.Insert(hashes[i], s.blocks[i]) ? 1 : 0;
+  }
+  s.num_indexed = std::max(s.num_indexed, hashes.size());
+  return added;
+}
+
+void KvBlockManager::Pin(absl::Span<const int32_t> blocks) {
+  for (int32_t b : blocks) pool_.Acquire(b);
+}
+
+void KvBlockManager::Unpin(absl::Span<const int32_t> blocks) {
+  for (size_t i = blocks.size(); i-- > 0;) pool_.Release(blocks[i]);
 }
 
 bool KvBlockManager::NeedsCopyOnWrite(const Seq& s) const {
@@ -50,6 +99,7 @@ absl::StatusOr<std::vector<BlockCopy>> KvBlockManager::Reserve(int64_t seq, int6
   if (NeedsCopyOnWrite(s)) {
     auto fresh = pool_.Allocate(1);
     CHECK(fresh.ok()) << fresh.status();  // capacity checked above
+    cache_.Evict((*fresh)[0]);
     copies.push_back({s.blocks.back(), (*fresh)[0]});
     pool_.Release(s.blocks.back());
     s.blocks.back() = (*fresh)[0];
@@ -58,6 +108,7 @@ absl::StatusOr<std::vector<BlockCopy>> KvBlockManager::Reserve(int64_t seq, int6
   if (want > static_cast<int64_t>(s.blocks.size())) {
     auto fresh = pool_.Allocate(static_cast<int32_t>(want - s.blocks.size()));
     CHECK(fresh.ok()) << fresh.status();
+    for (int32_t b : *fresh) cache_.Evict(b);  // new contents: no longer the cached prefix
     s.blocks.insert(s.blocks.end(), fresh->begin(), fresh->end());
   }
   s.num_tokens = total_tokens;
@@ -79,7 +130,9 @@ absl::Status KvBlockManager::Fork(int64_t parent, int64_t child) {
 void KvBlockManager::Free(int64_t seq) {
   auto it = seqs_.find(seq);
   if (it == seqs_.end()) return;
-  for (int32_t b : it->second.blocks) pool_.Release(b);
+  // Tail first: the tail blocks reach the LRU queue first and are evicted before the head.
+  const std::vector<int32_t>& blocks = it->second.blocks;
+  for (size_t i = blocks.size(); i-- > 0;) pool_.Release(blocks[i]);
   seqs_.erase(it);
 }
 

@@ -1,11 +1,19 @@
 // Sequence-level view of the paged KV cache: which blocks each sequence owns (its block table),
-// allocation as sequences grow, sharing between sequences (fork) with copy-on-write, and freeing.
+// allocation as sequences grow, sharing between sequences (fork) with copy-on-write, freeing, and
+// the prefix index over full computed blocks (prefix_cache.h): a new sequence can start with
+// cached blocks (AddSequence with a MatchPrefix result), computed full blocks are indexed
+// (CacheFullBlocks), blocks can be pinned without a sequence (Pin / Unpin: sessions).
 //
 // Invariants:
 //  - a sequence with n tokens owns exactly ceil(n / block_size) blocks (after Reserve);
 //  - a block shared by several sequences (ref count > 1) is never written: Reserve replaces a
 //    shared, partially filled last block with a private copy and returns the copy to perform;
-//  - Reserve is all-or-nothing: on ResourceExhausted nothing changed.
+//  - Reserve is all-or-nothing: on ResourceExhausted nothing changed;
+//  - an indexed block is full and never written while indexed: only a partially filled last
+//    block receives tokens (copied first when shared), and a block handed out by the pool for new
+//    contents leaves the index first (Evict), so a hit never returns a block being rewritten;
+//  - Free releases a table tail first: the tail blocks of a sequence enter the pool's LRU queue
+//    before its head blocks and are evicted first (a prefix is only useful from its start).
 // Thread safety: none; owned by one scheduler / engine thread.
 #pragma once
 
@@ -16,6 +24,7 @@
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "kvstore/block_pool.h"
+#include "kvstore/prefix_cache.h"
 
 namespace lorc {
 
@@ -35,8 +44,30 @@ class KvBlockManager {
   size_t num_sequences() const { return seqs_.size(); }
 
   bool Has(int64_t seq) const { return seqs_.contains(seq); }
-  // Registers an empty sequence; AlreadyExists if the id is taken.
-  absl::Status AddSequence(int64_t seq);
+  // Registers a sequence; AlreadyExists if the id is taken. `cached_blocks` (a MatchPrefix
+  // result: indexed full blocks, in chain order) start its block table, referenced (a free one
+  // leaves the free queue), and count as its first cached_blocks.size() * block_size tokens.
+  absl::Status AddSequence(int64_t seq, absl::Span<const int32_t> cached_blocks = {});
+
+  // --- Prefix index (prefix_cache.h) ---
+  // The blocks of the longest prefix of `hashes` (a request's chain) that is indexed.
+  std::vector<int32_t> MatchPrefix(absl::Span<const BlockHash> hashes) const;
+  // How many of `blocks` are free (ref count 0): taking them costs free blocks.
+  int32_t NumFree(absl::Span<const int32_t> blocks) const;
+  // Indexes the sequence's full blocks whose hashes are given (the chain of its first
+  // hashes.size() blocks, which the caller knows are computed; at most its table's size). Blocks
+  // indexed before are skipped; a hash already indexed under another block leaves this block
+  // unindexed. Returns the number of blocks newly indexed.
+  int32_t CacheFullBlocks(int64_t seq, absl::Span<const BlockHash> hashes);
+  // References blocks outside any sequence (a session keeping its conversation), and drops them
+  // (tail first, as Free).
+  void Pin(absl::Span<const int32_t> blocks);
+  void Unpin(absl::Span<const int32_t> blocks);
+  // Drops the whole index (the blocks stay with their holders; free ones are plain free blocks).
+  void ClearPrefixCache() { cache_.Clear(); }
+  const PrefixCache& prefix_cache() const { return cache_; }
+  PrefixCacheStats& prefix_cache_stats() { return cache_.stats(); }
+
   // New blocks Reserve(seq, total_tokens) would take (including a copy-on-write block).
   int32_t BlocksNeeded(int64_t seq, int64_t total_tokens) const;
   // Grows `seq` to hold `total_tokens` tokens; positions [NumTokens(seq), total_tokens) are about
@@ -44,7 +75,8 @@ class KvBlockManager {
   absl::StatusOr<std::vector<BlockCopy>> Reserve(int64_t seq, int64_t total_tokens);
   // `child` (new id) shares all of `parent`'s blocks and its token count.
   absl::Status Fork(int64_t parent, int64_t child);
-  // Releases the sequence's blocks; no-op for unknown ids.
+  // Releases the sequence's blocks (tail first); no-op for unknown ids. Indexed blocks stay
+  // indexed: reusable until the pool hands them out again.
   void Free(int64_t seq);
 
   absl::Span<const int32_t> BlockTable(int64_t seq) const;
@@ -54,11 +86,13 @@ class KvBlockManager {
   struct Seq {
     std::vector<int32_t> blocks;
     int64_t num_tokens = 0;
+    size_t num_indexed = 0;  // leading blocks CacheFullBlocks has seen
   };
   bool NeedsCopyOnWrite(const Seq& s) const;
 
   int32_t block_size_;
   BlockPool pool_;
+  PrefixCache cache_;
   absl::flat_hash_map<int64_t, Seq> seqs_;
 };
 

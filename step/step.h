@@ -41,7 +41,10 @@ struct ScheduledSequence {
   // preemption, empty otherwise (the worker's history already ends with every token up to this
   // step, sampled ones included).
   std::vector<int32_t> new_token_ids;
-  // Tokens already in the cache before this step; the worker checks it against its own count.
+  // Tokens already in the cache before this step; the worker checks it against its own count,
+  // except on (re)admission (new_token_ids set): then the first num_computed_tokens positions are
+  // a prefix-cache hit, already in the first blocks of new_block_ids (the coordinator's prefix
+  // index; kvstore/prefix_cache.h), and the worker starts from there.
   int64_t num_computed_tokens = 0;
   // Tokens to compute this step: history positions [num_computed_tokens, + this).
   int32_t num_scheduled_tokens = 0;

@@ -97,7 +97,10 @@ absl::Status StepExecutor::Prepare(const ScheduledSequence& s,
   }
   if (s.params.has_value()) RETURN_IF_ERROR(s.params->Validate(runner_->config().vocab_size));
   const int64_t have = st == nullptr ? 0 : st->num_computed_tokens;
-  if (s.num_computed_tokens != have) {
+  // A (re)admitted request brings its tokens; its first num_computed_tokens may already be in
+  // the blocks of its table (a prefix-cache hit, decided by the coordinator).
+  const bool admitted = !s.new_token_ids.empty() && have == 0;
+  if (admitted ? s.num_computed_tokens < 0 : s.num_computed_tokens != have) {
     return absl::FailedPreconditionError(absl::StrCat(
         "sequence ", id, ": the plan says ", s.num_computed_tokens,
         " tokens are computed, this worker has ", have));
@@ -232,6 +235,9 @@ absl::StatusOr<StepResult> StepExecutor::Execute(const StepPlan& plan) {
     st.tokens.insert(st.tokens.end(), s.new_token_ids.begin(), s.new_token_ids.end());
     if (s.replace_last_block >= 0) st.block_table.back() = s.replace_last_block;
     st.block_table.insert(st.block_table.end(), s.new_block_ids.begin(), s.new_block_ids.end());
+    if (!s.new_token_ids.empty() && st.num_computed_tokens == 0) {
+      st.num_computed_tokens = s.num_computed_tokens;  // a prefix-cache hit
+    }
     const int64_t computed_before = st.num_computed_tokens;
     st.num_computed_tokens += s.num_scheduled_tokens;
     if (samples_ && steps_[i].logits == SequenceStep::Logits::kAll) {

@@ -772,5 +772,40 @@ TEST_F(CliTest, EngineBenchRunsOverLocalWorkers) {
 }
 #endif
 
+TEST_F(CliTest, BenchSharedPrefixAndChatReportTheCache) {
+  RunResult r = Lorcserve({"bench", "--model", Tiny(), "--shared-prefix", "64", "--question", "8",
+                           "--prefix-reps", "2", "--json"});
+  ASSERT_EQ(r.exit_code, 0) << r;
+  json j = Json(r);
+  EXPECT_EQ(j["kind"], "shared_prefix");
+  EXPECT_EQ(j["first_cached_prompt_tokens"], 0);
+  EXPECT_EQ(j["later_cached_prompt_tokens"], 64);
+  r = Lorcserve({"bench", "--model", Tiny(), "--shared-prefix", "40", "--question", "10",
+                 "--chat-turns", "3", "--chat-output", "4", "--json"});
+  ASSERT_EQ(r.exit_code, 0) << r;
+  j = Json(r);
+  EXPECT_EQ(j["kind"], "chat");
+  EXPECT_EQ(j["prompt_tokens"], 50 + 64 + 78);
+  // Turn 2 finds 48 of its 64 tokens (3 blocks), turn 3 64 of 78.
+  EXPECT_EQ(j["prompt_tokens_computed"], 50 + 16 + 14);
+  r = Lorcserve({"bench", "--model", Tiny(), "--shared-prefix", "40", "--question", "10",
+                 "--chat-turns", "3", "--chat-output", "4", "--no-enable-prefix-caching", "--json"});
+  ASSERT_EQ(r.exit_code, 0) << r;
+  EXPECT_EQ(Json(r)["prompt_tokens_computed"], 50 + 64 + 78);
+}
+
+TEST_F(CliTest, PrefixCachingFlagsAreChecked) {
+  RunResult r = Lorcserve({"bench", "--model", Tiny(), "--shared-prefix", "16",
+                           "--enable-prefix-caching", "--no-enable-prefix-caching"});
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_THAT(r.err, HasSubstr("contradict"));
+  r = Lorcserve({"bench", "--model", Tiny(), "--shared-prefix", "16", "--session-ttl-s", "0"});
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_THAT(r.err, HasSubstr("--session-ttl-s"));
+  r = Lorcserve({"bench", "--model", Tiny(), "--shared-prefix", "16", "--max-session-kv-fraction", "2"});
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_THAT(r.err, HasSubstr("--max-session-kv-fraction"));
+}
+
 }  // namespace
 }  // namespace lorc

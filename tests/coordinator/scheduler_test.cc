@@ -83,7 +83,8 @@ TEST(SchedulerTest, ChunkedPrefillSamplesOnlyAfterTheLastChunk) {
 }
 
 TEST(SchedulerTest, DecodesGoBeforePrefillsWithinTheBudget) {
-  Harness h(Config(4, 1000, 64));
+  // Without prefix caching: request 5's prompt is a prefix of 4's (prefix_cache_test covers that).
+  Harness h(NoPrefixCaching(Config(4, 1000, 64)));
   for (int64_t id = 1; id <= 3; ++id) ASSERT_OK(h.Add(id, Prompt(10, id), Params(20)));
   PlanView p = h.Step();
   ASSERT_EQ(p.seqs.size(), 3u);  // 30 tokens of prefill
@@ -195,7 +196,9 @@ std::map<int64_t, std::vector<int32_t>> Reference(
 TEST(SchedulerTest, PreemptsTheLatestAdmittedAndRecomputesTransparently) {
   // Two requests of 8 + 16 tokens: 6 blocks each at most, 8 in the cache.
   const std::vector<std::tuple<int64_t, int64_t, int32_t>> reqs = {{1, 8, 16}, {2, 8, 16}};
-  Harness h(Config(4, 8));
+  // Without prefix caching (with it, readmission starts at its own cached blocks:
+  // SchedulerPrefixCacheTest.APreemptedSequenceResumesFromItsCachedBlocks).
+  Harness h(NoPrefixCaching(Config(4, 8)));
   for (auto [id, prompt, max_tokens] : reqs) {
     ASSERT_OK(h.Add(id, Prompt(prompt, id), Params(max_tokens)));
   }

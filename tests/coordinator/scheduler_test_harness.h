@@ -40,6 +40,11 @@ inline SchedulerConfig Config(int32_t block_size, int32_t num_blocks, int32_t bu
   return c;
 }
 
+inline SchedulerConfig NoPrefixCaching(SchedulerConfig c) {
+  c.enable_prefix_caching = false;
+  return c;
+}
+
 inline SamplingParams Params(int32_t max_tokens) {
   SamplingParams p;
   p.max_tokens = max_tokens;
@@ -141,6 +146,15 @@ class FakeWorker {
         EXPECT_TRUE(state_.contains(s.seq_id)) << "no params for new sequence " << s.seq_id;
       }
       State& st = state_[s.seq_id];
+      if (!s.new_token_ids.empty() && st.history.empty() && st.computed == 0) {
+        // (Re)admission: a prefix-cache hit starts at num_computed_tokens, whole blocks whose
+        // slots must already hold the tokens (checked through kv() below).
+        EXPECT_EQ(s.num_computed_tokens % block_size_, 0) << "sequence " << s.seq_id;
+        EXPECT_LT(s.num_computed_tokens, static_cast<int64_t>(s.new_token_ids.size()))
+            << "sequence " << s.seq_id << ": the last token must be computed";
+        st.computed = s.num_computed_tokens;
+        ++num_hits_;
+      }
       EXPECT_EQ(s.num_computed_tokens, st.computed) << "sequence " << s.seq_id;
       if (!s.new_token_ids.empty()) {
         EXPECT_TRUE(st.history.empty()) << "tokens re-sent for running " << s.seq_id;
@@ -223,6 +237,13 @@ class FakeWorker {
     return v;
   }
 
+  // Admissions that started at a prefix-cache hit.
+  int64_t num_hits() const { return num_hits_; }
+  // The token written at each slot of `block` (-1: none yet).
+  std::vector<int32_t> Slots(int32_t block) const {
+    auto it = slots_.find(block);
+    return it == slots_.end() ? std::vector<int32_t>() : it->second;
+  }
   // Per request, the tokens whose K/V this worker holds.
   const std::map<int64_t, std::vector<int32_t>>& kv() const { return kv_; }
   // Requests whose state (sampler) this worker keeps.
@@ -241,6 +262,7 @@ class FakeWorker {
   int32_t block_size_;
   Model model_;
   uint64_t last_step_id_ = 0;
+  int64_t num_hits_ = 0;
   std::map<int64_t, State> state_;
   std::map<int64_t, std::vector<int32_t>> kv_;
   std::map<int32_t, std::vector<int32_t>> slots_;  // block -> the token written at each slot
@@ -253,8 +275,9 @@ class Harness {
       : sched_owner(MakeScheduler(config)), sched(*sched_owner), worker(config.block_size, std::move(model)) {}
 
   absl::Status Add(int64_t id, std::vector<int32_t> prompt, const SamplingParams& params,
-                   int32_t priority = 0, std::vector<int64_t> child_ids = {}) {
-    absl::Status s = sched.Add(id, prompt, params, priority, child_ids);
+                   int32_t priority = 0, std::vector<int64_t> child_ids = {},
+                   const PrefixOptions& prefix = {}) {
+    absl::Status s = sched.Add(id, prompt, params, priority, child_ids, prefix);
     if (s.ok()) {
       live.insert(id);
       for (int64_t c : child_ids) {
@@ -312,6 +335,7 @@ class Harness {
     }
     EXPECT_EQ(waiting, sched.num_waiting());
     EXPECT_EQ(running, sched.num_running());
+    for (int32_t b : sched.sessions().AllPinnedBlocks()) held.insert(b);
     EXPECT_EQ(static_cast<int64_t>(held.size()) + sched.num_free_blocks(), sched.num_blocks());
   }
 

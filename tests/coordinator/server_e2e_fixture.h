@@ -69,6 +69,16 @@ double SecondsSince(Clock::time_point t0) {
   return std::chrono::duration<double>(Clock::now() - t0).count();
 }
 
+// Polls `done` every 20 ms for up to `limit_s` seconds.
+bool WaitFor(const std::function<bool()>& done, double limit_s) {
+  const auto t0 = Clock::now();
+  while (!done()) {
+    if (SecondsSince(t0) > limit_s) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  return true;
+}
+
 std::string ReadAll(const fs::path& p) {
   std::ifstream in(p, std::ios::binary);
   std::stringstream ss;

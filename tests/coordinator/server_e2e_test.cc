@@ -297,15 +297,6 @@ TEST_F(ServerE2ETest, SecondCoordinatorIsRefusedByAServingWorker) {
 }
 
 // Polls `done` (state, not a fixed sleep) until it holds or `limit_s` passes.
-bool WaitFor(const std::function<bool()>& done, double limit_s) {
-  const auto t0 = Clock::now();
-  while (!done()) {
-    if (SecondsSince(t0) > limit_s) return false;
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  }
-  return true;
-}
-
 TEST_F(ServerE2ETest, KilledLocalWorkerIsRestartedAndServesGoldenTokensAgain) {
   ASSERT_NO_FATAL_FAILURE(StartServer(2));
   const Golden& g = GoldenPrompts()[0];

@@ -1,0 +1,106 @@
+// Prefix caching over gRPC against a real `lorcserve coordinator --local-workers 1`: usage's
+// cached_prompt_tokens, ModelInfo's prefix-cache fields, salts, sessions and CloseSession, and
+// a worker restart dropping the whole index.
+#include "tests/coordinator/server_e2e_fixture.h"
+
+namespace lorc {
+namespace e2e {
+namespace {
+
+class PrefixCacheE2ETest : public ServerE2ETest {
+ protected:
+  // The golden prompts one after another: a ~90-token shared context.
+  std::vector<int32_t> Context() {
+    std::vector<int32_t> ids;
+    for (const Golden& g : GoldenPrompts()) ids.insert(ids.end(), g.prompt_ids.begin(), g.prompt_ids.end());
+    return ids;
+  }
+  grpc::Status CloseSession(const std::string& id) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+    v1::CloseSessionRequest req;
+    req.set_session_id(id);
+    v1::CloseSessionResponse resp;
+    return stub_->CloseSession(&ctx, req, &resp);
+  }
+};
+
+TEST_F(PrefixCacheE2ETest, CachedPromptTokensSaltsAndSessions) {
+  // With a host tier on the worker (ModelInfo reports its slots; none used yet).
+  ASSERT_NO_FATAL_FAILURE(StartServer(1, {"--kv-offloading-size", "0.01"}));
+  const std::vector<int32_t> ctx = Context();
+  const int expected_hit = static_cast<int>((ctx.size() - 1) / 16 * 16);
+  const cli::StreamResult first = Generate(IdsRequest(ctx, 8));
+  ASSERT_TRUE(first.status.ok()) << StatusText(first.status);
+  EXPECT_EQ(first.final.usage().cached_prompt_tokens(), 0);
+  const cli::StreamResult second = Generate(IdsRequest(ctx, 8));
+  ASSERT_TRUE(second.status.ok()) << StatusText(second.status);
+  EXPECT_EQ(second.final.usage().cached_prompt_tokens(), expected_hit);
+  EXPECT_EQ(second.ids, first.ids);
+  // Another tenant finds nothing.
+  v1::GenerateRequest salted = IdsRequest(ctx, 8);
+  salted.set_cache_salt("tenant-b");
+  const cli::StreamResult other = Generate(salted);
+  ASSERT_TRUE(other.status.ok()) << StatusText(other.status);
+  EXPECT_EQ(other.final.usage().cached_prompt_tokens(), 0);
+  EXPECT_EQ(other.ids, first.ids);
+
+  v1::ModelInfoResponse info = Info();
+  EXPECT_TRUE(info.prefix_cache().enabled());
+  EXPECT_EQ(info.prefix_cache().queries(), 3);
+  EXPECT_EQ(info.prefix_cache().hit_tokens(), expected_hit);
+  EXPECT_NEAR(info.prefix_cache().hit_rate(), 1.0 / 3, 1e-9);
+  EXPECT_GT(info.prefix_cache().cached_blocks(), 0);
+  EXPECT_GT(info.host_kv_blocks_total(), 0);
+  EXPECT_EQ(info.host_kv_blocks_used(), 0);
+
+  // A session keeps its blocks after the request; CloseSession releases them.
+  v1::GenerateRequest turn = IdsRequest(ctx, 8);
+  turn.set_session_id("conversation-1");
+  ASSERT_TRUE(Generate(turn).status.ok());
+  info = Info();
+  EXPECT_EQ(info.prefix_cache().pinned_sessions(), 1);
+  EXPECT_GT(info.prefix_cache().pinned_session_blocks(), 0);
+  EXPECT_LT(info.kv_free_blocks(), info.kv_capacity_blocks());
+  EXPECT_TRUE(CloseSession("conversation-1").ok());
+  info = Info();
+  EXPECT_EQ(info.prefix_cache().pinned_sessions(), 0);
+  EXPECT_EQ(info.prefix_cache().sessions_closed(), 1);
+  EXPECT_EQ(info.kv_free_blocks(), info.kv_capacity_blocks());
+  const grpc::Status again = CloseSession("conversation-1");
+  EXPECT_EQ(again.error_code(), grpc::StatusCode::NOT_FOUND) << StatusText(again);
+  EXPECT_EQ(CloseSession("").error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(Health(), HealthCheckResponse::SERVING);
+}
+
+TEST_F(PrefixCacheE2ETest, AWorkerRestartDropsTheWholeIndex) {
+  ASSERT_NO_FATAL_FAILURE(StartServer(1));
+  const std::vector<int32_t> ctx = Context();
+  v1::GenerateRequest s = IdsRequest(ctx, 8);
+  s.set_session_id("kept");
+  const cli::StreamResult before = Generate(s);
+  ASSERT_TRUE(before.status.ok()) << StatusText(before.status);
+  ASSERT_GT(Info().prefix_cache().cached_blocks(), 0);
+  const pid_t old = server_->WorkerPid(0);
+  ASSERT_GT(old, 0);
+  ASSERT_EQ(kill(old, SIGKILL), 0) << std::strerror(errno);
+  ASSERT_TRUE(WaitFor([&] {
+    const pid_t p = server_->WorkerPid(0);
+    return p > 0 && p != old && Health() == HealthCheckResponse::SERVING;
+  }, 60)) << server_->Stderr();
+  const v1::ModelInfoResponse info = Info();
+  EXPECT_EQ(info.host_kv_blocks_total(), 0);  // no --kv-offloading-size here
+  EXPECT_EQ(info.prefix_cache().cached_blocks(), 0);
+  EXPECT_EQ(info.prefix_cache().pinned_sessions(), 0);
+  EXPECT_EQ(info.prefix_cache().queries(), 0);
+  // The same prompt computes again (the new worker's cache is empty) and gives the same tokens.
+  const cli::StreamResult after = Generate(IdsRequest(ctx, 8));
+  ASSERT_TRUE(after.status.ok()) << StatusText(after.status);
+  EXPECT_EQ(after.final.usage().cached_prompt_tokens(), 0);
+  EXPECT_EQ(after.ids, before.ids);
+  EXPECT_EQ(CloseSession("kept").error_code(), grpc::StatusCode::NOT_FOUND);
+}
+
+}  // namespace
+}  // namespace e2e
+}  // namespace lorc

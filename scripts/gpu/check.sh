@@ -15,6 +15,7 @@
 #           70B shape at TP = 2 (random weights; skipped when the GPUs are too small; also with
 #           --disable-custom-all-reduce) and the all-reduce benchmark
 #   peer    bench/hf_peer.py (transformers + PyTorch) on the same shapes (8B one GPU; 70B over 2)
+#   prefix  not in the default phases: prefix-caching TTFT and chat benchmarks on one GPU (issue #10)
 #   lorcserve  not in the default phases: phase serve on a LoRC-compressed fixture (see below)
 #   lorc    not in the default phases: the LoRC quality sweep of scripts/lorc/configs.txt on the
 #           fixture (issue #9), every config on the GPU (`eval --backend cuda`, quantized KV dtypes
@@ -223,6 +224,24 @@ phase_lorcserve() {
   for dtype in ${LORC_SERVE_DTYPES:-}; do
     SERVE_MODEL=$m SERVE_TAG=-lorc-$dtype SERVE_ARGS="--kv-cache-dtype $dtype" phase_serve
   done
+}
+
+# Not in the default phases: prefix caching on one GPU (issue #10): time to first token of a
+# 2,000-token shared prefix + 50-token question, the first request against later ones, on the
+# fixture and on the Llama-3-8B shape (random weights), and the 10-turn chat's computed prompt tokens.
+phase_prefix() {
+  local m name
+  for m in models/tiny-llama-a bench/configs/llama3-8b; do
+    name=$(basename "$m")
+    local rw=(); [ "$m" = bench/configs/llama3-8b ] && rw=(--random-weights)
+    CUDA_VISIBLE_DEVICES=0 timeout 300 "$L" bench --model "$m" --backend cuda "${rw[@]}" --shared-prefix 2000 \
+      --question 50 --prefix-reps 5 > "$OUT/prefix-ttft-$name.txt" 2>&1 &&
+      note "prefix ttft $name: $(grep -o '"speedup[^,]*' "$OUT/prefix-ttft-$name.txt" | head -1)" ||
+      { note "prefix ttft $name: FAILED"; fails=$((fails + 1)); }
+  done
+  CUDA_VISIBLE_DEVICES=0 timeout 300 "$L" bench --model models/tiny-llama-a --backend cuda --shared-prefix 500 \
+    --question 50 --chat-turns 10 > "$OUT/prefix-chat.txt" 2>&1 && note "prefix chat: done" ||
+    { note "prefix chat: FAILED"; fails=$((fails + 1)); }
 }
 
 for p in $PHASES; do "phase_$p"; done

@@ -97,6 +97,7 @@ struct PlanView {
   std::vector<BlockCopy> copies;
   std::vector<int64_t> finished;
   std::vector<int64_t> preempted;
+  std::vector<HostBlockCopy> kv_offloads, kv_loads;
 };
 
 // A tensor-parallel worker as far as the contract goes: each request's token history, block table
@@ -132,6 +133,29 @@ class FakeWorker {
       st.history.clear();
       st.table.clear();
       st.computed = 0;
+    }
+    // Host tier (step.h): offloads, then loads, before the copies and the forward pass. The
+    // host slots hold what the device block held, so a load restores exactly what was saved (a
+    // wrong slot, a stale one, or one an offload of the same plan overwrote with another block
+    // shows as wrong K/V below; an offload then a load of the same block through one slot in
+    // one plan is fine).
+    v.kv_offloads = plan.kv_offloads;
+    v.kv_loads = plan.kv_loads;
+    std::set<int32_t> in_use;  // blocks of the requests still running here
+    for (const auto& [id, st] : state_) {
+      if (kv_.contains(id)) in_use.insert(st.table.begin(), st.table.end());
+    }
+    for (const HostBlockCopy& c : plan.kv_offloads) {
+      EXPECT_FALSE(in_use.contains(c.block)) << "offload of block " << c.block << " in use";
+      EXPECT_TRUE(slots_.contains(c.block)) << "offload of never written block " << c.block;
+      host_[c.slot] = slots_[c.block];
+      ++num_offloads_;
+    }
+    for (const HostBlockCopy& c : plan.kv_loads) {
+      EXPECT_TRUE(host_.contains(c.slot)) << "load of empty host slot " << c.slot;
+      EXPECT_FALSE(in_use.contains(c.block)) << "load into block " << c.block << " in use";
+      slots_[c.block] = host_[c.slot];
+      ++num_loads_;
     }
     for (const BlockCopy& c : plan.copies) {  // before the forward pass
       EXPECT_NE(c.src, c.dst);
@@ -239,6 +263,11 @@ class FakeWorker {
 
   // Admissions that started at a prefix-cache hit.
   int64_t num_hits() const { return num_hits_; }
+  // Host tier copies performed (blocks).
+  int64_t num_offloads() const { return num_offloads_; }
+  int64_t num_loads() const { return num_loads_; }
+  // A restarted worker: its host memory is new (device contents are dropped by the caller).
+  void ClearHost() { host_.clear(); }
   // The token written at each slot of `block` (-1: none yet).
   std::vector<int32_t> Slots(int32_t block) const {
     auto it = slots_.find(block);
@@ -263,6 +292,8 @@ class FakeWorker {
   Model model_;
   uint64_t last_step_id_ = 0;
   int64_t num_hits_ = 0;
+  int64_t num_offloads_ = 0, num_loads_ = 0;
+  std::map<int32_t, std::vector<int32_t>> host_;  // host slot -> the tokens of the saved block
   std::map<int64_t, State> state_;
   std::map<int64_t, std::vector<int32_t>> kv_;
   std::map<int32_t, std::vector<int32_t>> slots_;  // block -> the token written at each slot

@@ -54,6 +54,16 @@
 // highest waiting priority class, the one with the longest cached prefix goes first (ties: queue
 // order), but no request is bypassed more than kMaxPrefixBypass times (then strict order again):
 // bounded unfairness, a cheap form of SGLang's longest-prefix-match policy.
+// Host KV tier (num_host_blocks > 0 with prefix caching; kvstore/host_kv_pool.h): when the pool
+// hands out an indexed, unreferenced block for new contents (Reserve, a load's block), the plan
+// being built gets an offload {block -> slot} (HostKvPool::Insert, least recently used host entry
+// replaced; none when the hash is on the host already), which the workers run before the step's
+// writes. On admission, past the device hit, the chain continues into the host pool: each
+// consecutive host hit gets a fresh device block, a load {slot -> block} in this plan, its slot
+// pinned until the plan is built (an offload of the same plan runs first and must not take it),
+// and the block is indexed under its hash at once; those tokens count as computed (and in
+// cached_prompt_tokens) but not against the token budget; admission counts their blocks.
+// ResetPrefixCache clears the host pool too.
 // Sessions (session_id; kvstore/session_store.h): when a sequence (completion 0) with a session
 // ends, the leading indexed blocks of its table (its computed prompt + output) are pinned for the
 // session, replacing what the session pinned before; they end by ttl, cap, CloseSession, memory

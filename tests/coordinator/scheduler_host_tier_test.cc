@@ -28,12 +28,6 @@ PlanView RunOne(Harness& h, int64_t id, const std::vector<int32_t>& prompt, int3
   return first;
 }
 
-std::vector<int32_t> WithTail(std::vector<int32_t> p, size_t keep, int n, int32_t first) {
-  p.resize(keep);
-  for (int i = 0; i < n; ++i) p.push_back(first + i);
-  return p;
-}
-
 TEST(SchedulerHostTierTest, APrefixEvictedFromTheDeviceIsLoadedBackFromTheHost) {
   // 12 device blocks of 4 tokens. A (20 tokens, 5 full blocks) runs; B (40 tokens) then needs
   // 11 blocks, evicting A's cached blocks; a request starting with A finds them on the host.
@@ -167,28 +161,15 @@ TEST(SchedulerHostTierTest, SoakWithSharedPrefixesATinyCacheAHostTierAndTwoSteps
     SCOPED_TRACE(depth);
     Harness h(HostConfig(4, 24, 10, 32));
     std::mt19937 rng(21 + depth);
-    std::map<int64_t, std::pair<int64_t, int32_t>> want;  // id -> (prompt_len, max_tokens)
-    int64_t next = 1;
-    for (int iter = 0; iter < 600; ++iter) {
-      if (rng() % 3 == 0 && h.sched.num_waiting() < 6) {
-        const int32_t family = static_cast<int32_t>(rng() % 5);
-        const int len = 6 + static_cast<int>(rng() % 40);
-        std::vector<int32_t> prompt = WithTail(Prompt(48, family), 4 + rng() % 28, 0, 0);
-        while (static_cast<int>(prompt.size()) < len) prompt.push_back(700 + rng() % 50);
-        const int32_t max_tokens = 1 + static_cast<int32_t>(rng() % 12);
-        if (h.Add(next, prompt, Params(max_tokens)).ok()) {
-          want[next] = {static_cast<int64_t>(prompt.size()), max_tokens};
-        }
-        ++next;
-      }
-      if (rng() % 40 == 0 && !h.live.empty()) {
-        const int64_t victim = *std::next(h.live.begin(), rng() % h.live.size());
-        h.Abort(victim);
-        want.erase(victim);
-      }
-      h.PipelineStep(depth);
-      h.CheckInvariants();
-    }
+    SoakShape shape;
+    shape.families = 5;
+    shape.family_len = 48;
+    shape.keep_range = 28;
+    shape.len_range = 40;
+    shape.salts = false;
+    shape.check = true;
+    const std::map<int64_t, std::pair<int64_t, int32_t>> want =
+        SoakSharedPrefixes(h, rng, 600, depth, shape);
     h.RunToCompletion(100000, depth);
     for (const auto& [id, w] : want) {
       EXPECT_EQ(h.outputs[id], Expected(id, w.first, w.second)) << "request " << id;

@@ -469,5 +469,55 @@ inline std::vector<int32_t> Expected(int64_t seq, int64_t prompt_len, int32_t n)
   return out;
 }
 
+// `p`'s first `keep` tokens followed by n tokens first, first + 1, ...
+inline std::vector<int32_t> WithTail(std::vector<int32_t> p, size_t keep, int n, int32_t first) {
+  p.resize(keep);
+  for (int i = 0; i < n; ++i) p.push_back(first + i);
+  return p;
+}
+
+// A random workload of shared prefixes for the prefix-cache soaks: `iters` pipelined steps; now
+// and then a request whose prompt is the start (4 + [0, keep_range) tokens) of one of `families`
+// prompts of `family_len` tokens, padded with random tokens to 6 + [0, len_range), max_tokens in
+// [1, 12], with probability 1/5 another cache salt (when `salts`); sometimes an abort. Checks the
+// invariants after every step when `check`. Returns id -> (prompt_len, max_tokens) of the
+// requests not aborted.
+struct SoakShape {
+  int32_t families = 3;
+  int64_t family_len = 40;
+  uint32_t keep_range = 20;
+  uint32_t len_range = 30;
+  bool salts = true;
+  bool check = false;
+};
+inline std::map<int64_t, std::pair<int64_t, int32_t>> SoakSharedPrefixes(
+    Harness& h, std::mt19937& rng, int iters, size_t depth, const SoakShape& shape) {
+  std::map<int64_t, std::pair<int64_t, int32_t>> want;
+  int64_t next = 1;
+  for (int iter = 0; iter < iters; ++iter) {
+    if (rng() % 3 == 0 && h.sched.num_waiting() < 6) {
+      const int32_t family = static_cast<int32_t>(rng() % shape.families);
+      const int len = 6 + static_cast<int>(rng() % shape.len_range);
+      std::vector<int32_t> prompt =
+          WithTail(Prompt(shape.family_len, family), 4 + rng() % shape.keep_range, 0, 0);
+      while (static_cast<int>(prompt.size()) < len) prompt.push_back(700 + rng() % 50);
+      const int32_t max_tokens = 1 + static_cast<int32_t>(rng() % 12);
+      const std::string salt = shape.salts && rng() % 5 == 0 ? "other" : "";
+      if (h.Add(next, prompt, Params(max_tokens), 0, {}, {salt, ""}).ok()) {
+        want[next] = {static_cast<int64_t>(prompt.size()), max_tokens};
+      }
+      ++next;
+    }
+    if (rng() % 40 == 0 && !h.live.empty()) {
+      const int64_t victim = *std::next(h.live.begin(), rng() % h.live.size());
+      h.Abort(victim);
+      want.erase(victim);
+    }
+    h.PipelineStep(depth);
+    if (shape.check) h.CheckInvariants();
+  }
+  return want;
+}
+
 }  // namespace scheduler_test
 }  // namespace lorc

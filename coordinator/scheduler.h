@@ -62,8 +62,10 @@
 // consecutive host hit gets a fresh device block, a load {slot -> block} in this plan, its slot
 // pinned until the plan is built (an offload of the same plan runs first and must not take it),
 // and the block is indexed under its hash at once; those tokens count as computed (and in
-// cached_prompt_tokens) but not against the token budget; admission counts their blocks.
-// ResetPrefixCache clears the host pool too.
+// cached_prompt_tokens) but not against the token budget; admission counts their blocks. The
+// preference among waiting requests looks at device hits only. Plans run in step order, so a
+// slot read by a load of one plan may take an offload of a later plan (the pin ends when the
+// plan is built). ResetPrefixCache clears the host pool too.
 // Sessions (session_id; kvstore/session_store.h): when a sequence (completion 0) with a session
 // ends, the leading indexed blocks of its table (its computed prompt + output) are pinned for the
 // session, replacing what the session pinned before; they end by ttl, cap, CloseSession, memory

@@ -6,6 +6,7 @@
 // coordinator does (coordinator/local_group.h).
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <iostream>
 #include <optional>
 
@@ -69,6 +70,13 @@ std::vector<FlagSpec> Flags() {
        "prompt tokens computed against prompt tokens", "N"},
       {"chat-output", true, "tokens generated per --chat-turns turn (default 32)", "T"},
       {"prefix-reps", true, "later requests of --shared-prefix, median (default 5)", "N"},
+      {"working-set", true,
+       "with --shared-prefix: instead a mixed workload over contexts of --shared-prefix tokens "
+       "whose working set is X times the device KV pool: --mixed-requests requests, each a random "
+       "context plus --question new tokens generating --chat-output, --mixed-concurrency at a "
+       "time; hit rate (device and host tier: --kv-offloading-size) and throughput", "X"},
+      {"mixed-requests", true, "requests of --working-set (default 4 per context)", "N"},
+      {"mixed-concurrency", true, "requests of --working-set in flight at once (default 4)", "N"},
       {"json", false, "print only the JSON lines"},
       {"help", false, "show this help"},
   };
@@ -284,6 +292,101 @@ absl::Status RunSharedPrefix(Engine& engine, int64_t vocab, int32_t prefix, int3
   return absl::OkStatus();
 }
 
+// --working-set: the issue #10 host-tier benchmark (one JSON line, kind "mixed_working_set"):
+// ceil(ratio x pool tokens / prefix) contexts of `prefix` random tokens; `requests` requests,
+// each a uniformly drawn context plus `question` new random tokens, generating `output` tokens,
+// `concurrency` in flight. Hit rate = prompt tokens found cached (device or host tier) / prompt
+// tokens; throughput = (prompt + generated tokens) / wall time.
+absl::Status RunMixedWorkingSet(Engine& engine, int64_t vocab, int32_t pool_tokens, double ratio,
+                                int32_t prefix, int32_t question, int32_t output,
+                                int32_t requests, int32_t concurrency, bool json_only) {
+  uint64_t x = 0x3ea7;
+  auto next = [&]() {
+    x = x * 6364136223846793005ull + 1442695040888963407ull;
+    return x >> 33;
+  };
+  auto random_ids = [&](int32_t n) {
+    std::vector<int32_t> v(n);
+    for (int32_t& id : v) id = 3 + static_cast<int32_t>(next() % static_cast<uint64_t>(vocab - 3));
+    return v;
+  };
+  const int32_t num_contexts = std::max<int32_t>(
+      1, static_cast<int32_t>(std::ceil(ratio * pool_tokens / static_cast<double>(prefix))));
+  if (requests <= 0) requests = 4 * num_contexts;
+  std::vector<std::vector<int32_t>> contexts;
+  for (int32_t c = 0; c < num_contexts; ++c) contexts.push_back(random_ids(prefix));
+  int64_t prompt_tokens = 0, cached = 0, generated = 0;
+  double ttft_sum = 0;
+  int32_t submitted = 0, finished = 0, in_flight = 0;
+  absl::Status failure;
+  const auto t0 = Clock::now();
+  auto submit = [&]() -> absl::Status {
+    GenerationRequest r;
+    r.prompt_ids = contexts[next() % static_cast<uint64_t>(num_contexts)];
+    const std::vector<int32_t> q = random_ids(question);
+    r.prompt_ids.insert(r.prompt_ids.end(), q.begin(), q.end());
+    r.params.max_tokens = output;
+    r.params.ignore_eos = true;
+    prompt_tokens += static_cast<int64_t>(r.prompt_ids.size());
+    ++in_flight;
+    return engine.Add(submitted++, r, [&](const RequestUpdate& u) {
+      generated += static_cast<int64_t>(u.new_ids.size());
+      if (!u.finished) return;
+      if (!u.status.ok() && failure.ok()) failure = u.status;
+      cached += u.cached_prompt_tokens;
+      ttft_sum += u.time_to_first_token_s;
+      ++finished;
+      --in_flight;
+    });
+  };
+  while (finished < requests) {
+    while (submitted < requests && in_flight < concurrency) RETURN_IF_ERROR(submit());
+    if (!engine.HasWork()) return absl::InternalError("bench: the engine ran out of work early");
+    RETURN_IF_ERROR(engine.Step());
+    RETURN_IF_ERROR(failure);
+  }
+  const double total_s = Seconds(t0, Clock::now());
+  const PrefixCacheReport pc = engine.scheduler().prefix_cache_report();
+  const double hit_rate = static_cast<double>(cached) / static_cast<double>(prompt_tokens);
+  nlohmann::json j = {{"kind", "mixed_working_set"},
+                      {"contexts", num_contexts},
+                      {"context_tokens", prefix},
+                      {"question_tokens", question},
+                      {"output_tokens", output},
+                      {"device_pool_tokens", pool_tokens},
+                      {"working_set_ratio",
+                       static_cast<double>(num_contexts) * prefix / pool_tokens},
+                      {"host_blocks_total", pc.host_blocks_total},
+                      {"host_blocks_used", pc.host_blocks_used},
+                      {"enable_prefix_caching", pc.enabled},
+                      {"requests", requests},
+                      {"concurrency", concurrency},
+                      {"prompt_tokens", prompt_tokens},
+                      {"cached_prompt_tokens", cached},
+                      {"hit_rate", hit_rate},
+                      {"device_hit_tokens", pc.stats.hit_tokens},
+                      {"host_hit_tokens", pc.stats.host_hit_tokens},
+                      {"host_offloads", pc.stats.host_offloads},
+                      {"host_loads", pc.stats.host_loads},
+                      {"generated_tokens", generated},
+                      {"ttft_ms_mean", ttft_sum / requests * 1e3},
+                      {"total_s", total_s},
+                      {"requests_per_s", requests / total_s},
+                      {"tokens_per_s", static_cast<double>(prompt_tokens + generated) / total_s}};
+  std::cout << j.dump() << std::endl;
+  if (!json_only) {
+    std::cout << absl::StrFormat(
+        "mixed workload: %d contexts of %d tokens (%.1fx the device pool of %d tokens), host tier "
+        "%d blocks: %d requests, %d at a time: hit rate %.1f %% (device %d, host %d tokens), "
+        "%.2f requests/s, %.0f tokens/s, mean TTFT %.1f ms\n",
+        num_contexts, prefix, static_cast<double>(num_contexts) * prefix / pool_tokens,
+        pool_tokens, pc.host_blocks_total, requests, concurrency, 100 * hit_rate,
+        pc.stats.hit_tokens, pc.stats.host_hit_tokens, requests / total_s,
+        static_cast<double>(prompt_tokens + generated) / total_s, ttft_sum / requests * 1e3);
+  }
+  return absl::OkStatus();
+}
+
 // What the benchmark drives: the engine and, for the floors, what one rank holds.
 struct Target {
   std::unique_ptr<Session> session;  // in-process (tensor-parallel size 1)
@@ -373,6 +476,7 @@ absl::StatusOr<std::unique_ptr<Target>> OpenLocalWorkers(const Args& args, int32
   t->device = info.device;
   t->all_reduce = info.all_reduce;
   t->load_s = info.load_seconds;
+  t->engine_options.num_host_blocks = info.num_host_blocks;  // the workers' host KV tier
   KvCacheSpec kv;  // what the scheduler allocates: blocks of block_size tokens
   kv.block_size = t->block_size;
   kv.num_blocks = t->num_blocks;
@@ -437,7 +541,23 @@ int RunEngineBench(int argc, char** argv) {
       if (!v->ok()) return Fail("bench", v->status());
     }
     absl::Status s;
-    if (args->Has("chat-turns")) {
+    if (args->Has("working-set")) {
+      absl::StatusOr<double> ratio = args->GetDouble("working-set", 3.0);
+      absl::StatusOr<int32_t> output = args->GetInt32("chat-output", 32, 1, 1 << 20),
+                              requests = args->GetInt32("mixed-requests", 0, 1, 1 << 20),
+                              concurrency = args->GetInt32("mixed-concurrency", 4, 1, 1 << 16);
+      if (!ratio.ok()) return Fail("bench", ratio.status());
+      if (!(*ratio > 0)) {
+        return Fail("bench", absl::InvalidArgumentError(
+                                 absl::StrCat("--working-set: ", *ratio, " is not > 0")));
+      }
+      for (const auto* v : {&output, &requests, &concurrency}) {
+        if (!v->ok()) return Fail("bench", v->status());
+      }
+      s = RunMixedWorkingSet(engine, cfg.vocab_size, t.num_blocks * t.block_size, *ratio, *prefix,
+                             *question, *output, args->Has("mixed-requests") ? *requests : 0,
+                             *concurrency, json_only);
+    } else if (args->Has("chat-turns")) {
       absl::StatusOr<int32_t> turns = args->GetInt32("chat-turns", 10, 1, 10000),
                               max_tokens = args->GetInt32("chat-output", 32, 1, 1 << 20);
       for (const auto* v : {&turns, &max_tokens}) {

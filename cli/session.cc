@@ -205,6 +205,7 @@ absl::StatusOr<std::unique_ptr<Session>> OpenSession(const Args& args) {
     ASSIGN_OR_RETURN(s->tokenizer, Tokenizer::FromModelDir(src.dir));
   }
   ASSIGN_OR_RETURN(EngineOptions eo, ParseEngineOptions(args));
+  eo.num_host_blocks = s->model.runner->num_host_blocks();  // --kv-offloading-size
   s->engine_options = eo;
   s->executor = std::make_unique<StepExecutor>(s->model.runner.get());
   ASSIGN_OR_RETURN(s->engine, Engine::Create(s->executor.get(), s->model.config,

@@ -150,8 +150,11 @@ absl::Status CoordinatorServer::JoinGroup() {
   kv.block_size = options_.kv.block_size;
   kv.num_blocks = g->group->info().num_blocks;
   kv.kv_cache_dtype = options_.kv.kv_cache_dtype;  // with the model: the format identity
+  EngineOptions engine_options = options_.engine;
+  // A new group's host memory is new: the new engine's host tier starts empty.
+  engine_options.num_host_blocks = g->group->info().num_host_blocks;
   ASSIGN_OR_RETURN(std::unique_ptr<Engine> engine,
-                   Engine::Create(g->group.get(), config_, kv, tokenizer_.get(), options_.engine));
+                   Engine::Create(g->group.get(), config_, kv, tokenizer_.get(), engine_options));
   g->loop = std::make_shared<EngineLoop>(std::move(engine));
   {
     absl::MutexLock lock(&mu_);
@@ -341,9 +344,13 @@ void CoordinatorServer::FillLive(lorcserve::v1::ModelInfoResponse* r) {
     p->set_queries(pc.stats.queries);
     p->set_query_tokens(pc.stats.query_tokens);
     p->set_hit_tokens(pc.stats.hit_tokens);
-    p->set_hit_rate(pc.stats.query_tokens > 0 ? static_cast<double>(pc.stats.hit_tokens) /
-                                                    static_cast<double>(pc.stats.query_tokens)
-                                              : 0.0);
+    p->set_hit_rate(pc.stats.query_tokens > 0
+                        ? static_cast<double>(pc.stats.hit_tokens + pc.stats.host_hit_tokens) /
+                              static_cast<double>(pc.stats.query_tokens)
+                        : 0.0);
+    p->set_host_hit_tokens(pc.stats.host_hit_tokens);
+    p->set_host_offloads(pc.stats.host_offloads);
+    p->set_host_loads(pc.stats.host_loads);
     p->set_evictions(pc.stats.evictions);
     p->set_cached_blocks(pc.cached_blocks);
     p->set_pinned_sessions(pc.sessions);
@@ -351,10 +358,9 @@ void CoordinatorServer::FillLive(lorcserve::v1::ModelInfoResponse* r) {
     p->set_sessions_expired(pc.sessions_expired);
     p->set_sessions_capped(pc.sessions_capped);
     p->set_sessions_closed(pc.sessions_closed);
-    // The workers' host tier (--kv-offloading-size); the scheduler does not use it yet, so none
-    // is occupied.
+    // The workers' host tier (--kv-offloading-size) and the slots the scheduler filled.
     r->set_host_kv_blocks_total(g->group->info().num_host_blocks);
-    r->set_host_kv_blocks_used(0);
+    r->set_host_kv_blocks_used(pc.host_blocks_used);
     auto* st = r->mutable_step_stats();
     const double n = static_cast<double>(std::max<int64_t>(1, s.engine.steps));
     st->set_steps(s.engine.steps);

@@ -53,6 +53,7 @@ SchedulerConfig MakeSchedulerConfig(const ModelConfig& config, const KvCacheSpec
   c.enable_prefix_caching = options.enable_prefix_caching;
   c.session_ttl_s = options.session_ttl_s;
   c.max_session_kv_fraction = options.max_session_kv_fraction;
+  c.num_host_blocks = options.num_host_blocks;
   KvCacheSpec format = kv;
   if (format.k_width.empty()) {
     KvSpecOptions o;

@@ -91,6 +91,9 @@ struct EngineOptions {
   bool enable_prefix_caching = defaults::kEnablePrefixCaching;  // --enable-prefix-caching
   double session_ttl_s = defaults::kSessionTtlS;                 // --session-ttl-s
   double max_session_kv_fraction = defaults::kMaxSessionKvFraction;  // --max-session-kv-fraction
+  // Host KV tier slots the workers hold (WorkerGroupInfo::num_host_blocks, from their
+  // --kv-offloading-size; not a coordinator flag): 0 none. SchedulerConfig::num_host_blocks.
+  int32_t num_host_blocks = 0;
 };
 
 struct EngineStats {

@@ -44,6 +44,10 @@ absl::Status SchedulerConfig::Validate() const {
   RETURN_IF_ERROR(positive("max_waiting", max_waiting));
   RETURN_IF_ERROR(positive("max_model_len", max_model_len));
   RETURN_IF_ERROR(positive("vocab_size", vocab_size));
+  if (num_host_blocks < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("scheduler config: num_host_blocks must be >= 0, got ", num_host_blocks));
+  }
   if (!(session_ttl_s > 0)) {
     return absl::InvalidArgumentError(
         absl::StrCat("scheduler config: session_ttl_s must be > 0, got ", session_ttl_s));
@@ -118,7 +122,10 @@ Scheduler::Scheduler(const SchedulerConfig& config)
       blocks_(config.block_size, config.num_blocks),
       sessions_(&blocks_, absl::Seconds(config.session_ttl_s),
                 static_cast<int64_t>(config.max_session_kv_fraction *
-                                     static_cast<double>(config.num_blocks))) {}
+                                     static_cast<double>(config.num_blocks))),
+      host_(config.num_host_blocks) {
+  blocks_.set_record_evictions(host_tier());
+}
 
 Scheduler::~Scheduler() = default;
 
@@ -392,6 +399,28 @@ void Scheduler::ExpireSessions() { sessions_.Expire(Now()); }
 void Scheduler::ResetPrefixCache() {
   sessions_.Clear();
   blocks_.ClearPrefixCache();
+  host_.Clear();
+  host_pins_.clear();
+}
+
+void Scheduler::OffloadEvicted(StepPlan& plan) {
+  if (!host_tier()) return;
+  for (const EvictedBlock& e : blocks_.TakeEvicted()) {
+    absl::StatusOr<HostKvPool::Insertion> ins = host_.Insert(e.hash);
+    if (!ins.ok()) continue;  // every slot is pinned by this plan's loads: the block is lost
+    if (!ins->copy) continue;  // the host tier holds this prefix already (inclusive)
+    plan.kv_offloads.push_back({e.block, ins->slot});
+    ++blocks_.prefix_cache_stats().host_offloads;
+  }
+}
+
+size_t Scheduler::HostPrefix(const Seq& s, size_t start) const {
+  if (!host_tier() || s.params.prompt_logprobs.has_value()) return 0;
+  const size_t usable = std::min((s.tokens.size() - 1) / static_cast<size_t>(config_.block_size),
+                                 s.hashes.size());
+  size_t n = 0;
+  while (start + n < usable && host_.Peek(s.hashes[start + n]) >= 0) ++n;
+  return n;
 }
 
 PrefixCacheReport Scheduler::prefix_cache_report() const {
@@ -404,6 +433,8 @@ PrefixCacheReport Scheduler::prefix_cache_report() const {
   r.sessions_expired = sessions_.num_expired();
   r.sessions_capped = sessions_.num_capped();
   r.sessions_closed = sessions_.num_closed();
+  r.host_blocks_total = host_tier() ? host_.num_slots() : 0;
+  r.host_blocks_used = host_.num_used();
   return r;
 }
 
@@ -444,6 +475,7 @@ StepPlan Scheduler::Schedule() {
     if (s->state != SequenceState::kRunning || m == 0) continue;
     absl::StatusOr<std::vector<BlockCopy>> copies = blocks_.Reserve(s->id, s->num_computed + m);
     CHECK_OK(copies.status());  // TokensThatFit checked the blocks
+    OffloadEvicted(plan);
     entries.push_back({s, m, *std::move(copies)});
     budget -= m;
   }
@@ -468,7 +500,10 @@ StepPlan Scheduler::Schedule() {
       const int64_t children = static_cast<int64_t>(s.child_ids.size());
       const std::vector<int32_t> hit = LookupPrefix(s);
       const int64_t num_hit = static_cast<int64_t>(hit.size());
-      const int64_t hit_tokens = num_hit * config_.block_size;
+      // The host tier continues the chain past the device hit: those blocks are loaded (device
+      // blocks allocated: counted in `need` below) but not computed (not in the token budget).
+      const int64_t num_host = static_cast<int64_t>(HostPrefix(s, hit.size()));
+      const int64_t hit_tokens = (num_hit + num_host) * config_.block_size;
       // Room for the next token it computes, unless the token it samples next is its last
       // (a sampled token is written to the cache only when a later step computes it). Cached
       // blocks cost nothing unless they are free (cached but unreferenced).
@@ -488,11 +523,29 @@ StepPlan Scheduler::Schedule() {
       s.admission = next_admission_++;
       running_.push_back(&s);
       CHECK_OK(blocks_.AddSequence(s.id, hit));
+      if (num_host > 0) {
+        // Pin the slots until this plan is sent: an offload of the same plan (run before the
+        // loads) must not overwrite them.
+        const absl::Span<const BlockHash> loaded =
+            absl::MakeConstSpan(s.hashes).subspan(hit.size(), static_cast<size_t>(num_host));
+        std::vector<int32_t> slots;
+        for (const BlockHash& h : loaded) {
+          slots.push_back(host_.Lookup(h));  // refreshed as most recently used
+          CHECK_OK(host_.Pin(h));
+          host_pins_.push_back(h);
+        }
+        absl::StatusOr<std::vector<int32_t>> fresh = blocks_.AppendLoadedBlocks(s.id, loaded);
+        CHECK_OK(fresh.status());  // need <= free
+        for (size_t i = 0; i < fresh->size(); ++i) plan.kv_loads.push_back({(*fresh)[i], slots[i]});
+        OffloadEvicted(plan);
+      }
       if (config_.enable_prefix_caching && !s.params.prompt_logprobs.has_value()) {
         PrefixCacheStats& st = blocks_.prefix_cache_stats();
         ++st.queries;
         st.query_tokens += (num_tokens - 1) / config_.block_size * config_.block_size;
-        st.hit_tokens += hit_tokens;
+        st.hit_tokens += num_hit * config_.block_size;
+        st.host_hit_tokens += num_host * config_.block_size;
+        st.host_loads += num_host;
       }
       if (s.num_cached_prompt_tokens < 0) {
         s.num_cached_prompt_tokens = std::min(hit_tokens, s.prompt_len);
@@ -502,6 +555,7 @@ StepPlan Scheduler::Schedule() {
       const int64_t n = std::min(num_tokens - hit_tokens, budget);
       absl::StatusOr<std::vector<BlockCopy>> copies = blocks_.Reserve(s.id, hit_tokens + n);
       CHECK_OK(copies.status());  // need <= free
+      OffloadEvicted(plan);
       entries.push_back({&s, n, *std::move(copies)});
       budget -= n;
       promised += blocks_.BlocksNeeded(s.id, num_tokens) + children;
@@ -542,6 +596,9 @@ StepPlan Scheduler::Schedule() {
     if (out.sample && !s.child_ids.empty()) Fork(s, plan.step_id, out);
     plan.seqs.push_back(std::move(out));
   }
+  // The plan is built: later plans run after its loads, so their slots may be reused again.
+  for (const BlockHash& h : host_pins_) CHECK_OK(host_.Unpin(h));
+  host_pins_.clear();
   if (plan.empty()) {
     plan.step_id = 0;  // nothing to send: no step id is used up
   } else {

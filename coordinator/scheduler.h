@@ -54,6 +54,18 @@
 // highest waiting priority class, the one with the longest cached prefix goes first (ties: queue
 // order), but no request is bypassed more than kMaxPrefixBypass times (then strict order again):
 // bounded unfairness, a cheap form of SGLang's longest-prefix-match policy.
+// Host KV tier (num_host_blocks > 0 with prefix caching; kvstore/host_kv_pool.h): when the pool
+// hands out an indexed, unreferenced block for new contents (Reserve, a load's block), the plan
+// being built gets an offload {block -> slot} (HostKvPool::Insert, least recently used host entry
+// replaced; none when the hash is on the host already), which the workers run before the step's
+// writes. On admission, past the device hit, the chain continues into the host pool: each
+// consecutive host hit gets a fresh device block, a load {slot -> block} in this plan, its slot
+// pinned until the plan is built (an offload of the same plan runs first and must not take it),
+// and the block is indexed under its hash at once; those tokens count as computed (and in
+// cached_prompt_tokens) but not against the token budget; admission counts their blocks. The
+// preference among waiting requests looks at device hits only. Plans run in step order, so a
+// slot read by a load of one plan may take an offload of a later plan (the pin ends when the
+// plan is built). ResetPrefixCache clears the host pool too.
 // Sessions (session_id; kvstore/session_store.h): when a sequence (completion 0) with a session
 // ends, the leading indexed blocks of its table (its computed prompt + output) are pinned for the
 // session, replacing what the session pinned before; they end by ttl, cap, CloseSession, memory
@@ -95,6 +107,7 @@
 #include "common/defaults.h"
 #include <functional>
 #include "common/sampling_params.h"
+#include "kvstore/host_kv_pool.h"
 #include "kvstore/kv_block_manager.h"
 #include "kvstore/prefix_cache.h"
 #include "kvstore/session_store.h"
@@ -129,6 +142,10 @@ struct SchedulerConfig {
   std::string kv_format_identity;
   double session_ttl_s = defaults::kSessionTtlS;                      // > 0
   double max_session_kv_fraction = defaults::kMaxSessionKvFraction;   // [0, 1]
+  // Host KV tier (kvstore/host_kv_pool.h): slots every worker holds (WorkerGroupInfo's
+  // num_host_blocks, from --kv-offloading-size; the smallest over the ranks), >= 0. 0, or prefix
+  // caching off: no tier.
+  int32_t num_host_blocks = 0;
   // The sessions' clock; null: absl::Now (tests pass a fake one).
   std::function<absl::Time()> clock;
 
@@ -179,6 +196,8 @@ struct PrefixCacheReport {
   int64_t sessions = 0;         // live sessions
   int64_t session_blocks = 0;   // blocks they pin
   int64_t sessions_expired = 0, sessions_capped = 0, sessions_closed = 0;
+  int64_t host_blocks_total = 0;  // host tier slots (0: no tier)
+  int64_t host_blocks_used = 0;   // slots holding an evicted block
 };
 
 class Scheduler {
@@ -237,8 +256,9 @@ class Scheduler {
   absl::Status CloseSession(const std::string& session_id);
   // Ends the sessions idle past the ttl (also done at the start of every Schedule).
   void ExpireSessions();
-  // Drops the whole prefix index and every session: the workers' cache contents can no longer
-  // be trusted (a failed runner). Sequences keep their blocks.
+  // Drops the whole prefix index, every session and the host tier's bookkeeping: the workers'
+  // cache contents (device and host) can no longer be trusted (a failed runner, a restarted
+  // worker group, whose host memory is new). Sequences keep their blocks.
   void ResetPrefixCache();
   PrefixCacheReport prefix_cache_report() const;
   const SessionStore& sessions() const { return sessions_; }
@@ -257,6 +277,7 @@ class Scheduler {
   // Prompt + generated tokens of a live sequence; empty for unknown ids.
   absl::Span<const int32_t> Tokens(int64_t seq_id) const;
   const KvBlockManager& blocks() const { return blocks_; }
+  const HostKvPool& host_pool() const { return host_; }
 
   // Checks the invariants listed at the top; Internal naming the first broken one. Debug aid,
   // O(sequences + blocks).
@@ -292,6 +313,14 @@ class Scheduler {
   Seq& PickWaiting(std::vector<Seq*>& bypassed);
   // Indexes `s`'s full blocks among its first `num_computed` tokens (a step's result applied).
   void CacheComputed(Seq& s, int64_t num_computed);
+  bool host_tier() const { return host_.num_slots() > 0 && config_.enable_prefix_caching; }
+  // The device blocks just handed out for new contents that held an indexed prefix: each gets a
+  // host slot (HostKvPool::Insert) and, unless its hash is there already, an offload in `plan`
+  // (offloads run before the step writes). A block is dropped when every slot is pinned.
+  void OffloadEvicted(StepPlan& plan);
+  // How many blocks of `s`'s chain, from block `start` on (past the device hit), the host tier
+  // holds consecutively, within the first num_tokens - 1 tokens.
+  size_t HostPrefix(const Seq& s, size_t start) const;
   void Preempt(Seq& victim, std::vector<Entry>& entries, int64_t& budget, StepPlan& plan);
 
   SchedulerConfig config_;
@@ -303,6 +332,8 @@ class Scheduler {
   std::vector<int64_t> ended_;         // ended ids the workers have seen: next plan's `finished`
   absl::flat_hash_set<int64_t> reserved_;  // child ids of parents not forked yet
   absl::flat_hash_map<int64_t, size_t> hit_memo_;  // PickWaiting's lookups in this Schedule
+  HostKvPool host_;                    // host tier bookkeeping (slots: num_host_blocks)
+  std::vector<BlockHash> host_pins_;   // host entries loaded by the plan being built
   uint64_t step_id_ = 0;
   int64_t next_back_ = 0;              // queue positions of new requests: 0, 1, 2, ...
   int64_t next_front_ = 0;             // of requeued (preempted) ones: -1, -2, ...

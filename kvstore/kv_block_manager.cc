@@ -4,6 +4,7 @@
 
 #include "common/check.h"
 #include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
 
 namespace lorc {
 
@@ -99,7 +100,7 @@ absl::StatusOr<std::vector<BlockCopy>> KvBlockManager::Reserve(int64_t seq, int6
   if (NeedsCopyOnWrite(s)) {
     auto fresh = pool_.Allocate(1);
     CHECK(fresh.ok()) << fresh.status();  // capacity checked above
-    cache_.Evict((*fresh)[0]);
+    EvictForReuse((*fresh)[0]);
     copies.push_back({s.blocks.back(), (*fresh)[0]});
     pool_.Release(s.blocks.back());
     s.blocks.back() = (*fresh)[0];
@@ -108,11 +109,40 @@ absl::StatusOr<std::vector<BlockCopy>> KvBlockManager::Reserve(int64_t seq, int6
   if (want > static_cast<int64_t>(s.blocks.size())) {
     auto fresh = pool_.Allocate(static_cast<int32_t>(want - s.blocks.size()));
     CHECK(fresh.ok()) << fresh.status();
-    for (int32_t b : *fresh) cache_.Evict(b);  // new contents: no longer the cached prefix
+    for (int32_t b : *fresh) EvictForReuse(b);  // new contents: no longer the cached prefix
     s.blocks.insert(s.blocks.end(), fresh->begin(), fresh->end());
   }
   s.num_tokens = total_tokens;
   return copies;
+}
+
+void KvBlockManager::EvictForReuse(int32_t block) {
+  if (record_evictions_ && cache_.IsCached(block)) {
+    evicted_.push_back({block, cache_.HashOf(block)});
+  }
+  cache_.Evict(block);
+}
+
+absl::StatusOr<std::vector<int32_t>> KvBlockManager::AppendLoadedBlocks(
+    int64_t seq, absl::Span<const BlockHash> hashes) {
+  auto it = seqs_.find(seq);
+  if (it == seqs_.end()) return absl::NotFoundError(absl::StrCat("unknown sequence ", seq));
+  Seq& s = it->second;
+  if (s.num_tokens != static_cast<int64_t>(s.blocks.size()) * block_size_) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "sequence ", seq, ": loaded blocks must follow whole blocks, it has ", s.num_tokens,
+        " tokens in ", s.blocks.size(), " blocks"));
+  }
+  ASSIGN_OR_RETURN(std::vector<int32_t> fresh,
+                   pool_.Allocate(static_cast<int32_t>(hashes.size())));
+  for (size_t i = 0; i < fresh.size(); ++i) {
+    EvictForReuse(fresh[i]);
+    cache_.Insert(hashes[i], fresh[i]);
+  }
+  s.blocks.insert(s.blocks.end(), fresh.begin(), fresh.end());
+  s.num_tokens = static_cast<int64_t>(s.blocks.size()) * block_size_;
+  s.num_indexed = s.blocks.size();
+  return fresh;
 }
 
 absl::Status KvBlockManager::Fork(int64_t parent, int64_t child) {

@@ -18,6 +18,7 @@
 #pragma once
 
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
@@ -32,6 +33,13 @@ namespace lorc {
 struct BlockCopy {
   int32_t src = 0;
   int32_t dst = 0;
+};
+
+// An indexed block handed out for new contents (its prefix-index entry dropped): what the host
+// tier may save before the block is overwritten (coordinator/scheduler.h).
+struct EvictedBlock {
+  int32_t block = 0;
+  BlockHash hash;
 };
 
 class KvBlockManager {
@@ -63,8 +71,25 @@ class KvBlockManager {
   // (tail first, as Free).
   void Pin(absl::Span<const int32_t> blocks);
   void Unpin(absl::Span<const int32_t> blocks);
+  // A sequence just added (AddSequence: whole cached blocks only) continues with blocks whose
+  // contents come from the host tier: allocates hashes.size() fresh blocks (least recently freed
+  // first, evicting as Reserve does), indexes each under its hash (the caller's plan loads them
+  // before any step reads them; a hash already indexed elsewhere leaves its block unindexed) and
+  // counts their tokens as the sequence's. Returns the blocks, in chain order. ResourceExhausted
+  // (nothing changed) when too few are free; NotFound for an unknown sequence;
+  // FailedPrecondition when the sequence's last block is partial.
+  absl::StatusOr<std::vector<int32_t>> AppendLoadedBlocks(int64_t seq,
+                                                          absl::Span<const BlockHash> hashes);
   // Drops the whole index (the blocks stay with their holders; free ones are plain free blocks).
-  void ClearPrefixCache() { cache_.Clear(); }
+  // Also forgets evictions not yet taken.
+  void ClearPrefixCache() {
+    cache_.Clear();
+    evicted_.clear();
+  }
+  // Evictions (indexed blocks handed out for new contents by Reserve / AppendLoadedBlocks) are
+  // recorded, in order, while `on`; TakeEvicted returns and forgets them. Off by default.
+  void set_record_evictions(bool on) { record_evictions_ = on; }
+  std::vector<EvictedBlock> TakeEvicted() { return std::exchange(evicted_, {}); }
   const PrefixCache& prefix_cache() const { return cache_; }
   PrefixCacheStats& prefix_cache_stats() { return cache_.stats(); }
 
@@ -89,11 +114,15 @@ class KvBlockManager {
     size_t num_indexed = 0;  // leading blocks CacheFullBlocks has seen
   };
   bool NeedsCopyOnWrite(const Seq& s) const;
+  // `block` was just allocated for new contents: drop its index entry (recorded when asked).
+  void EvictForReuse(int32_t block);
 
   int32_t block_size_;
   BlockPool pool_;
   PrefixCache cache_;
   absl::flat_hash_map<int64_t, Seq> seqs_;
+  bool record_evictions_ = false;
+  std::vector<EvictedBlock> evicted_;
 };
 
 }  // namespace lorc

@@ -58,6 +58,10 @@ struct PrefixCacheStats {
   int64_t hit_tokens = 0;     // tokens found cached
   int64_t evictions = 0;      // indexed blocks handed out for new contents
   int64_t resets = 0;         // whole-index drops (Clear)
+  // Host KV tier (host_kv_pool.h; the scheduler counts these):
+  int64_t host_hit_tokens = 0;  // tokens found in the host tier past the device hit (loaded)
+  int64_t host_offloads = 0;    // blocks copied device -> host (evicted from the device)
+  int64_t host_loads = 0;       // blocks copied host -> device (host hits)
 };
 
 class PrefixCache {
@@ -72,6 +76,8 @@ class PrefixCache {
   // `block` gets new contents: drop its entry (counted as an eviction). No-op when not indexed.
   void Evict(int32_t block);
   bool IsCached(int32_t block) const { return hash_of_[block].indexed; }
+  // The hash `block` is indexed under; only for an indexed block (IsCached).
+  const BlockHash& HashOf(int32_t block) const { return hash_of_[block].hash; }
   // Drops every entry (a worker restart or failure: cached contents can no longer be trusted).
   void Clear();
 

@@ -230,6 +230,78 @@ TEST_P(EnginePrefixCacheTest, MultiTurnPassKeyAccuracyIsTheSameWithTheStore) {
   }
 }
 
+TEST_P(EnginePrefixCacheTest, AHostTierServesPrefixesThatDoNotFitTheDevicePool) {
+  // Six contexts of 96 tokens (BOS + 95 ids, different from the first block on), each asked two
+  // questions (golden prompts without BOS) one after another, in two rounds. A device pool of
+  // 20 blocks of 16 tokens holds about two requests, so by round 2 the early contexts are
+  // evicted: without a host tier they are recomputed, with one they are loaded back. Greedy
+  // outputs must not change (the CPU backend's offload / load are memcpy of the block's bytes).
+  const auto& golden = ::lorc::testing::GoldenPrompts();
+  const size_t n = golden.size();
+  const int64_t vocab = model_.config.vocab_size;
+  std::vector<GenerationRequest> reqs;
+  for (int round = 0; round < 2; ++round) {
+    for (int64_t f = 0; f < 6; ++f) {
+      std::vector<int32_t> p = {golden[0].prompt_ids[0]};  // BOS
+      for (int64_t k = 1; k < 96; ++k) {
+        p.push_back(static_cast<int32_t>(100 + (f * 131 + k * 17 + k * k * 3) % (vocab - 200)));
+      }
+      const auto& q = golden[(static_cast<size_t>(f) + 1 + round) % n].prompt_ids;
+      p.insert(p.end(), q.begin() + 1, q.end());
+      reqs.push_back(Greedy(p, 6));
+    }
+  }
+  std::vector<std::vector<int32_t>> want;
+  {
+    std::unique_ptr<Engine> off = MakeEngine(false);
+    for (const GenerationRequest& r : reqs) {
+      auto out = off->Generate({r});
+      ASSERT_OK(out);
+      want.push_back((*out)[0].first().output_ids);
+    }
+  }
+  auto run = [&](int64_t offloading_blocks, int64_t* round2_cached,
+                 PrefixCacheReport* report) {
+    KvCacheOptions kv;
+    kv.block_size = 16;
+    kv.num_blocks = 20;
+    kv.kv_cache_dtype = GetParam().dtype;
+    const std::string dir = GetParam().lorc ? LorcDir().string() : ::lorc::testing::TinyLlamaDir();
+    KvCacheSpec probe = model_.runner->kv_spec();
+    kv.kv_offloading_bytes = offloading_blocks * probe.BytesPerBlock();
+    auto m = LoadModel({dir}, backend_.get(), 0, 1, nullptr, kv);
+    ASSERT_OK(m.status());
+    ASSERT_EQ(m->runner->num_host_blocks(), offloading_blocks);
+    StepExecutor exec(m->runner.get());
+    EngineOptions eo;
+    eo.enable_prefix_caching = true;
+    eo.num_host_blocks = m->runner->num_host_blocks();
+    auto e = Engine::Create(&exec, m->config, m->runner->kv_spec(), nullptr, eo);
+    ASSERT_OK(e.status());
+    *round2_cached = 0;
+    for (size_t i = 0; i < reqs.size(); ++i) {
+      auto out = (*e)->Generate({reqs[i]});
+      ASSERT_OK(out);
+      EXPECT_EQ((*out)[0].first().output_ids, want[i]) << "request " << i;
+      if (i >= 6) *round2_cached += (*out)[0].cached_prompt_tokens;
+    }
+    *report = (*e)->scheduler().prefix_cache_report();
+  };
+  int64_t cached_without = 0, cached_with = 0;
+  PrefixCacheReport without, with;
+  run(0, &cached_without, &without);
+  run(64, &cached_with, &with);
+  EXPECT_EQ(without.stats.host_hit_tokens, 0);
+  EXPECT_EQ(without.host_blocks_total, 0);
+  EXPECT_GT(with.stats.host_offloads, 0);
+  EXPECT_GT(with.stats.host_loads, 0);
+  EXPECT_EQ(with.stats.host_hit_tokens, with.stats.host_loads * 16);
+  EXPECT_GT(with.host_blocks_used, 0);
+  // Every round-2 context's six full blocks (96 tokens) are found, on the device or the host.
+  EXPECT_EQ(cached_with, 6 * 96);
+  EXPECT_LT(cached_without, cached_with);
+}
+
 INSTANTIATE_TEST_SUITE_P(Formats, EnginePrefixCacheTest,
                          ::testing::Values(Format{"full", KvCacheDtype::kAuto, false},
                                            Format{"int8", KvCacheDtype::kInt8, false},

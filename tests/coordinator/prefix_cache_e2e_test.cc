@@ -1,6 +1,6 @@
 // Prefix caching over gRPC against a real `lorcserve coordinator --local-workers 1`: usage's
-// cached_prompt_tokens, ModelInfo's prefix-cache fields, salts, sessions and CloseSession, and
-// a worker restart dropping the whole index.
+// cached_prompt_tokens, ModelInfo's prefix-cache fields, salts, sessions and CloseSession, the
+// host KV tier, and a worker restart dropping the whole index and the host tier.
 #include "tests/coordinator/server_e2e_fixture.h"
 
 namespace lorc {
@@ -15,6 +15,16 @@ class PrefixCacheE2ETest : public ServerE2ETest {
     for (const Golden& g : GoldenPrompts()) ids.insert(ids.end(), g.prompt_ids.begin(), g.prompt_ids.end());
     return ids;
   }
+  // SIGKILLs worker 0 and waits until its replacement serves.
+  void KillWorkerAndAwaitRestart() {
+    const pid_t old = server_->WorkerPid(0);
+    ASSERT_GT(old, 0);
+    ASSERT_EQ(kill(old, SIGKILL), 0) << std::strerror(errno);
+    ASSERT_TRUE(WaitFor([&] {
+      const pid_t p = server_->WorkerPid(0);
+      return p > 0 && p != old && Health() == HealthCheckResponse::SERVING;
+    }, 60)) << server_->Stderr();
+  }
   grpc::Status CloseSession(const std::string& id) {
     grpc::ClientContext ctx;
     ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
@@ -26,7 +36,7 @@ class PrefixCacheE2ETest : public ServerE2ETest {
 };
 
 TEST_F(PrefixCacheE2ETest, CachedPromptTokensSaltsAndSessions) {
-  // With a host tier on the worker (ModelInfo reports its slots; none used yet).
+  // With a host tier on the worker (ModelInfo reports its slots; none used: nothing evicted).
   ASSERT_NO_FATAL_FAILURE(StartServer(1, {"--kv-offloading-size", "0.01"}));
   const std::vector<int32_t> ctx = Context();
   const int expected_hit = static_cast<int>((ctx.size() - 1) / 16 * 16);
@@ -73,6 +83,46 @@ TEST_F(PrefixCacheE2ETest, CachedPromptTokensSaltsAndSessions) {
   EXPECT_EQ(Health(), HealthCheckResponse::SERVING);
 }
 
+TEST_F(PrefixCacheE2ETest, TheHostTierServesAnEvictedPrefixAndARestartClearsIt) {
+  // 12 device blocks of 16 tokens and a host tier: a 180-token request takes the whole pool,
+  // evicting the context's blocks to the host; the context comes back from there.
+  ASSERT_NO_FATAL_FAILURE(
+      StartServer(1, {"--num-blocks", "12", "--kv-offloading-size", "0.01"}));
+  const std::vector<int32_t> ctx = Context();
+  const int expected_hit = static_cast<int>((ctx.size() - 1) / 16 * 16);
+  ASSERT_GT(expected_hit, 0);
+  std::vector<int32_t> filler;
+  for (int i = 0; i < 180; ++i) filler.push_back(100 + (i * 37) % 3000);
+  const cli::StreamResult first = Generate(IdsRequest(ctx, 8));
+  ASSERT_TRUE(first.status.ok()) << StatusText(first.status);
+  const cli::StreamResult fill = Generate(IdsRequest(filler, 4));
+  ASSERT_TRUE(fill.status.ok()) << StatusText(fill.status);
+  v1::ModelInfoResponse info = Info();
+  EXPECT_GT(info.prefix_cache().host_offloads(), 0);
+  EXPECT_GT(info.host_kv_blocks_used(), 0);
+  EXPECT_LE(info.host_kv_blocks_used(), info.host_kv_blocks_total());
+  const cli::StreamResult again = Generate(IdsRequest(ctx, 8));
+  ASSERT_TRUE(again.status.ok()) << StatusText(again.status);
+  EXPECT_EQ(again.final.usage().cached_prompt_tokens(), expected_hit);
+  EXPECT_EQ(again.ids, first.ids);
+  info = Info();
+  EXPECT_EQ(info.prefix_cache().host_hit_tokens(), expected_hit);
+  EXPECT_EQ(info.prefix_cache().host_loads(), expected_hit / 16);
+  EXPECT_EQ(info.prefix_cache().hit_tokens(), 0);  // nothing of it was left on the device
+
+  // A restarted worker's host memory is new: nothing is served from it.
+  ASSERT_TRUE(Generate(IdsRequest(filler, 4)).status.ok());  // the context on the host again
+  ASSERT_NO_FATAL_FAILURE(KillWorkerAndAwaitRestart());
+  info = Info();
+  EXPECT_GT(info.host_kv_blocks_total(), 0);
+  EXPECT_EQ(info.host_kv_blocks_used(), 0);
+  const cli::StreamResult after = Generate(IdsRequest(ctx, 8));
+  ASSERT_TRUE(after.status.ok()) << StatusText(after.status);
+  EXPECT_EQ(after.final.usage().cached_prompt_tokens(), 0);
+  EXPECT_EQ(after.ids, first.ids);
+  EXPECT_EQ(Info().prefix_cache().host_loads(), 0);
+}
+
 TEST_F(PrefixCacheE2ETest, AWorkerRestartDropsTheWholeIndex) {
   ASSERT_NO_FATAL_FAILURE(StartServer(1));
   const std::vector<int32_t> ctx = Context();
@@ -81,13 +131,7 @@ TEST_F(PrefixCacheE2ETest, AWorkerRestartDropsTheWholeIndex) {
   const cli::StreamResult before = Generate(s);
   ASSERT_TRUE(before.status.ok()) << StatusText(before.status);
   ASSERT_GT(Info().prefix_cache().cached_blocks(), 0);
-  const pid_t old = server_->WorkerPid(0);
-  ASSERT_GT(old, 0);
-  ASSERT_EQ(kill(old, SIGKILL), 0) << std::strerror(errno);
-  ASSERT_TRUE(WaitFor([&] {
-    const pid_t p = server_->WorkerPid(0);
-    return p > 0 && p != old && Health() == HealthCheckResponse::SERVING;
-  }, 60)) << server_->Stderr();
+  ASSERT_NO_FATAL_FAILURE(KillWorkerAndAwaitRestart());
   const v1::ModelInfoResponse info = Info();
   EXPECT_EQ(info.host_kv_blocks_total(), 0);  // no --kv-offloading-size here
   EXPECT_EQ(info.prefix_cache().cached_blocks(), 0);

@@ -27,12 +27,6 @@ const SeqView* Find(const PlanView& p, int64_t id) {
   return nullptr;
 }
 
-std::vector<int32_t> WithTail(std::vector<int32_t> p, size_t keep, int n, int32_t first) {
-  p.resize(keep);
-  for (int i = 0; i < n; ++i) p.push_back(first + i);
-  return p;
-}
-
 TEST(SchedulerPrefixCacheTest, ALaterRequestSharesTheBlocksOfACommonPrefix) {
   Harness h(Config(4, 64));
   const std::vector<int32_t> p1 = Prompt(20);
@@ -233,28 +227,8 @@ TEST(SchedulerPrefixCacheTest, SoakWithSharedPrefixesATinyCacheAndTwoStepsInFlig
     SCOPED_TRACE(depth);
     Harness h(Config(4, 24, 32));
     std::mt19937 rng(11 + depth);
-    std::map<int64_t, std::pair<int64_t, int32_t>> want;  // id -> (prompt_len, max_tokens)
-    int64_t next = 1;
-    for (int iter = 0; iter < 400; ++iter) {
-      if (rng() % 3 == 0 && h.sched.num_waiting() < 6) {
-        const int32_t family = static_cast<int32_t>(rng() % 3);
-        const int len = 6 + static_cast<int>(rng() % 30);
-        std::vector<int32_t> prompt = WithTail(Prompt(40, family), 4 + rng() % 20, 0, 0);
-        while (static_cast<int>(prompt.size()) < len) prompt.push_back(700 + rng() % 50);
-        const int32_t max_tokens = 1 + static_cast<int32_t>(rng() % 12);
-        const std::string salt = rng() % 5 == 0 ? "other" : "";
-        if (h.Add(next, prompt, Params(max_tokens), 0, {}, {salt, ""}).ok()) {
-          want[next] = {static_cast<int64_t>(prompt.size()), max_tokens};
-        }
-        ++next;
-      }
-      if (rng() % 40 == 0 && !h.live.empty()) {
-        const int64_t victim = *std::next(h.live.begin(), rng() % h.live.size());
-        h.Abort(victim);
-        want.erase(victim);
-      }
-      h.PipelineStep(depth);
-    }
+    const std::map<int64_t, std::pair<int64_t, int32_t>> want =
+        SoakSharedPrefixes(h, rng, 400, depth, SoakShape{});
     h.RunToCompletion(100000, depth);
     for (const auto& [id, w] : want) {
       EXPECT_EQ(h.outputs[id], Expected(id, w.first, w.second)) << "request " << id;

@@ -97,6 +97,7 @@ struct PlanView {
   std::vector<BlockCopy> copies;
   std::vector<int64_t> finished;
   std::vector<int64_t> preempted;
+  std::vector<HostBlockCopy> kv_offloads, kv_loads;
 };
 
 // A tensor-parallel worker as far as the contract goes: each request's token history, block table
@@ -132,6 +133,29 @@ class FakeWorker {
       st.history.clear();
       st.table.clear();
       st.computed = 0;
+    }
+    // Host tier (step.h): offloads, then loads, before the copies and the forward pass. The
+    // host slots hold what the device block held, so a load restores exactly what was saved (a
+    // wrong slot, a stale one, or one an offload of the same plan overwrote with another block
+    // shows as wrong K/V below; an offload then a load of the same block through one slot in
+    // one plan is fine).
+    v.kv_offloads = plan.kv_offloads;
+    v.kv_loads = plan.kv_loads;
+    std::set<int32_t> in_use;  // blocks of the requests still running here
+    for (const auto& [id, st] : state_) {
+      if (kv_.contains(id)) in_use.insert(st.table.begin(), st.table.end());
+    }
+    for (const HostBlockCopy& c : plan.kv_offloads) {
+      EXPECT_FALSE(in_use.contains(c.block)) << "offload of block " << c.block << " in use";
+      EXPECT_TRUE(slots_.contains(c.block)) << "offload of never written block " << c.block;
+      host_[c.slot] = slots_[c.block];
+      ++num_offloads_;
+    }
+    for (const HostBlockCopy& c : plan.kv_loads) {
+      EXPECT_TRUE(host_.contains(c.slot)) << "load of empty host slot " << c.slot;
+      EXPECT_FALSE(in_use.contains(c.block)) << "load into block " << c.block << " in use";
+      slots_[c.block] = host_[c.slot];
+      ++num_loads_;
     }
     for (const BlockCopy& c : plan.copies) {  // before the forward pass
       EXPECT_NE(c.src, c.dst);
@@ -239,6 +263,11 @@ class FakeWorker {
 
   // Admissions that started at a prefix-cache hit.
   int64_t num_hits() const { return num_hits_; }
+  // Host tier copies performed (blocks).
+  int64_t num_offloads() const { return num_offloads_; }
+  int64_t num_loads() const { return num_loads_; }
+  // A restarted worker: its host memory is new (device contents are dropped by the caller).
+  void ClearHost() { host_.clear(); }
   // The token written at each slot of `block` (-1: none yet).
   std::vector<int32_t> Slots(int32_t block) const {
     auto it = slots_.find(block);
@@ -263,6 +292,8 @@ class FakeWorker {
   Model model_;
   uint64_t last_step_id_ = 0;
   int64_t num_hits_ = 0;
+  int64_t num_offloads_ = 0, num_loads_ = 0;
+  std::map<int32_t, std::vector<int32_t>> host_;  // host slot -> the tokens of the saved block
   std::map<int64_t, State> state_;
   std::map<int64_t, std::vector<int32_t>> kv_;
   std::map<int32_t, std::vector<int32_t>> slots_;  // block -> the token written at each slot
@@ -436,6 +467,56 @@ inline std::vector<int32_t> Expected(int64_t seq, int64_t prompt_len, int32_t n)
   std::vector<int32_t> out;
   for (int32_t i = 0; i < n; ++i) out.push_back(PlainModel(seq, prompt_len + i));
   return out;
+}
+
+// `p`'s first `keep` tokens followed by n tokens first, first + 1, ...
+inline std::vector<int32_t> WithTail(std::vector<int32_t> p, size_t keep, int n, int32_t first) {
+  p.resize(keep);
+  for (int i = 0; i < n; ++i) p.push_back(first + i);
+  return p;
+}
+
+// A random workload of shared prefixes for the prefix-cache soaks: `iters` pipelined steps; now
+// and then a request whose prompt is the start (4 + [0, keep_range) tokens) of one of `families`
+// prompts of `family_len` tokens, padded with random tokens to 6 + [0, len_range), max_tokens in
+// [1, 12], with probability 1/5 another cache salt (when `salts`); sometimes an abort. Checks the
+// invariants after every step when `check`. Returns id -> (prompt_len, max_tokens) of the
+// requests not aborted.
+struct SoakShape {
+  int32_t families = 3;
+  int64_t family_len = 40;
+  uint32_t keep_range = 20;
+  uint32_t len_range = 30;
+  bool salts = true;
+  bool check = false;
+};
+inline std::map<int64_t, std::pair<int64_t, int32_t>> SoakSharedPrefixes(
+    Harness& h, std::mt19937& rng, int iters, size_t depth, const SoakShape& shape) {
+  std::map<int64_t, std::pair<int64_t, int32_t>> want;
+  int64_t next = 1;
+  for (int iter = 0; iter < iters; ++iter) {
+    if (rng() % 3 == 0 && h.sched.num_waiting() < 6) {
+      const int32_t family = static_cast<int32_t>(rng() % shape.families);
+      const int len = 6 + static_cast<int>(rng() % shape.len_range);
+      std::vector<int32_t> prompt =
+          WithTail(Prompt(shape.family_len, family), 4 + rng() % shape.keep_range, 0, 0);
+      while (static_cast<int>(prompt.size()) < len) prompt.push_back(700 + rng() % 50);
+      const int32_t max_tokens = 1 + static_cast<int32_t>(rng() % 12);
+      const std::string salt = shape.salts && rng() % 5 == 0 ? "other" : "";
+      if (h.Add(next, prompt, Params(max_tokens), 0, {}, {salt, ""}).ok()) {
+        want[next] = {static_cast<int64_t>(prompt.size()), max_tokens};
+      }
+      ++next;
+    }
+    if (rng() % 40 == 0 && !h.live.empty()) {
+      const int64_t victim = *std::next(h.live.begin(), rng() % h.live.size());
+      h.Abort(victim);
+      want.erase(victim);
+    }
+    h.PipelineStep(depth);
+    if (shape.check) h.CheckInvariants();
+  }
+  return want;
 }
 
 }  // namespace scheduler_test

@@ -224,6 +224,74 @@ TEST(KvBlockManagerTest, NoCopyWhenSharedLastBlockIsFull) {
   EXPECT_EQ(Table(m, 2), shared);
 }
 
+std::vector<BlockHash> Chain(int n, int32_t salt) {
+  std::vector<int32_t> tokens;
+  for (int i = 0; i < 4 * n; ++i) tokens.push_back(salt * 1000 + i);
+  std::vector<BlockHash> hashes;
+  ExtendBlockHashes(PrefixRootHash("test", ""), tokens, 4, &hashes);
+  return hashes;
+}
+
+TEST(KvBlockManagerTest, EvictionsAreRecordedWithTheirHashesOnlyWhenAsked) {
+  for (bool record : {false, true}) {
+    KvBlockManager m(4, 4);
+    m.set_record_evictions(record);
+    const std::vector<BlockHash> h = Chain(2, 1);
+    ASSERT_OK(m.AddSequence(1));
+    ASSERT_OK(m.Reserve(1, 9).status());  // blocks 0, 1 full, 2 partial
+    EXPECT_EQ(m.CacheFullBlocks(1, h), 2);
+    const std::vector<int32_t> t1 = Table(m, 1);
+    m.Free(1);  // free queue: 3, then 2, 1, 0 (tail first)
+    EXPECT_THAT(m.TakeEvicted(), IsEmpty());
+    ASSERT_OK(m.AddSequence(2));
+    ASSERT_OK(m.Reserve(2, 12).status());  // 3, 2, then 1: the indexed tail block (h[1])
+    const std::vector<EvictedBlock> ev = m.TakeEvicted();
+    if (!record) {
+      EXPECT_THAT(ev, IsEmpty());
+      continue;
+    }
+    ASSERT_EQ(ev.size(), 1u);
+    EXPECT_EQ(ev[0].block, t1[1]);
+    EXPECT_EQ(ev[0].hash, h[1]);
+    EXPECT_THAT(m.TakeEvicted(), IsEmpty());  // taken once
+    EXPECT_THAT(m.MatchPrefix(h), ElementsAre(t1[0]));
+  }
+}
+
+TEST(KvBlockManagerTest, AppendLoadedBlocksContinuesADeviceHitAndIndexesTheBlocks) {
+  KvBlockManager m(4, 6);
+  m.set_record_evictions(true);
+  const std::vector<BlockHash> h = Chain(3, 2);
+  ASSERT_OK(m.AddSequence(1));
+  ASSERT_OK(m.Reserve(1, 12).status());
+  EXPECT_EQ(m.CacheFullBlocks(1, absl::MakeConstSpan(h).first(1)), 1);
+  const int32_t head = Table(m, 1)[0];
+  m.Free(1);
+  // A new sequence: the device hit (h[0]) plus two blocks from the host (h[1], h[2]).
+  ASSERT_OK(m.AddSequence(2, m.MatchPrefix(h)));
+  absl::StatusOr<std::vector<int32_t>> loaded =
+      m.AppendLoadedBlocks(2, absl::MakeConstSpan(h).subspan(1));
+  ASSERT_OK(loaded.status());
+  ASSERT_EQ(loaded->size(), 2u);
+  EXPECT_THAT(Table(m, 2), ElementsAre(head, (*loaded)[0], (*loaded)[1]));
+  EXPECT_EQ(m.NumTokens(2), 12);
+  EXPECT_THAT(m.MatchPrefix(h), ElementsAre(head, (*loaded)[0], (*loaded)[1]));
+  EXPECT_EQ(m.num_free_blocks(), 3);
+  // Indexed already: CacheFullBlocks adds nothing for them.
+  EXPECT_EQ(m.CacheFullBlocks(2, h), 0);
+  // All or nothing: 4 more blocks than are free.
+  ASSERT_OK(m.AddSequence(3));
+  EXPECT_THAT(m.AppendLoadedBlocks(3, Chain(4, 3)),
+              StatusIs(absl::StatusCode::kResourceExhausted));
+  EXPECT_EQ(m.num_free_blocks(), 3);
+  EXPECT_EQ(m.NumTokens(3), 0);
+  // Only after whole blocks.
+  ASSERT_OK(m.Reserve(3, 2).status());
+  EXPECT_THAT(m.AppendLoadedBlocks(3, Chain(1, 4)),
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("sequence 3")));
+  EXPECT_THAT(m.AppendLoadedBlocks(9, Chain(1, 4)), StatusIs(absl::StatusCode::kNotFound));
+}
+
 TEST(KvBlockManagerTest, FreeReleasesEverything) {
   KvBlockManager m(4, 10);
   ASSERT_OK(m.AddSequence(1));

@@ -218,7 +218,7 @@ absl::Status RunChat(Engine& engine, int64_t vocab, int32_t system, int32_t ques
     conversation.insert(conversation.end(), answer.begin(), answer.end());
   }
   const double total_s = Seconds(t0, Clock::now());
-  if (sessions) RETURN_IF_ERROR(engine.CloseSession("bench-chat"));
+  if (sessions) RETURN_IF_ERROR(engine.CloseSession("", "bench-chat"));
   const int64_t computed = prompt_tokens - cached;
   nlohmann::json j = {{"kind", "chat"},
                       {"turns", turns},

@@ -85,6 +85,7 @@ int RunClient(int argc, char** argv) {
                      std::chrono::milliseconds(static_cast<int64_t>(*timeout * 1000)));
     lorcserve::v1::CloseSessionRequest creq;
     creq.set_session_id(args->Get("close-session"));
+    creq.set_cache_salt(args->Get("cache-salt"));  // sessions are per (cache_salt, session_id)
     lorcserve::v1::CloseSessionResponse cresp;
     const grpc::Status s = stub->CloseSession(&ctx, creq, &cresp);
     if (!s.ok()) return Fail("client", FromGrpcStatus(s));

@@ -101,6 +101,14 @@ absl::StatusOr<EngineOptions> ParseEngineOptions(const Args& args) {
   eo.enable_prefix_caching = args.Has("no-enable-prefix-caching")
                                  ? false
                                  : (args.Has("enable-prefix-caching") || defaults::kEnablePrefixCaching);
+  // Sessions live in the prefix cache: setting them with it off is a contradiction.
+  for (const char* flag : {"session-ttl-s", "max-session-kv-fraction"}) {
+    if (!eo.enable_prefix_caching && args.Has(flag)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--", flag, " and --no-enable-prefix-caching contradict each other (sessions keep "
+          "blocks in the prefix cache)"));
+    }
+  }
   ASSIGN_OR_RETURN(eo.session_ttl_s, args.GetDouble("session-ttl-s", defaults::kSessionTtlS));
   if (!(eo.session_ttl_s > 0)) {
     return absl::InvalidArgumentError(

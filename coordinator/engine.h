@@ -142,8 +142,8 @@ class Engine {
   absl::Status Step();
   bool HasWork() const { return scheduler_.HasWork() || in_flight_ > 0; }
   // Sessions (Scheduler::CloseSession / ExpireSessions): NOT_FOUND for an unknown session.
-  absl::Status CloseSession(const std::string& session_id) {
-    return scheduler_.CloseSession(session_id);
+  absl::Status CloseSession(const std::string& cache_salt, const std::string& session_id) {
+    return scheduler_.CloseSession(cache_salt, session_id);
   }
   void ExpireSessions() { scheduler_.ExpireSessions(); }
 

@@ -46,8 +46,9 @@ void EngineLoop::Fail(absl::Status why) {
   if (failure_.ok()) failure_ = std::move(why);
 }
 
-absl::Status EngineLoop::CloseSession(const std::string& session_id) {
-  CloseSession_ cmd{session_id, std::make_shared<absl::Notification>(),
+absl::Status EngineLoop::CloseSession(const std::string& cache_salt,
+                                      const std::string& session_id) {
+  CloseSession_ cmd{cache_salt, session_id, std::make_shared<absl::Notification>(),
                     std::make_shared<absl::Status>()};
   {
     absl::MutexLock lock(&mu_);
@@ -112,7 +113,8 @@ void EngineLoop::Run() {
           outbox_.emplace_back(ch, std::move(u));
         }
       } else if (auto* close = std::get_if<CloseSession_>(&cmd)) {
-        *close->status = engine_->CloseSession(close->session_id);
+        *close->status = engine_->CloseSession(close->cache_salt, close->session_id);
+        Publish();  // ModelInfo read after CloseSession returns reflects it
         close->done->Notify();
       } else {
         auto& c = std::get<Cancel_>(cmd);

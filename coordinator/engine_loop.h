@@ -49,7 +49,7 @@ class EngineLoop {
   void Cancel(int64_t id, absl::Status why);
   // Ends a session on the engine thread (Scheduler::CloseSession) and waits for the answer:
   // NOT_FOUND for an unknown session, UNAVAILABLE when the loop does not answer within 10 s.
-  absl::Status CloseSession(const std::string& session_id);
+  absl::Status CloseSession(const std::string& cache_salt, const std::string& session_id);
   // Fails every live request and every later one with `why` (a worker is gone).
   void Fail(absl::Status why);
   absl::Status failure() const;
@@ -66,6 +66,7 @@ class EngineLoop {
     absl::Status why;
   };
   struct CloseSession_ {
+    std::string cache_salt;
     std::string session_id;
     std::shared_ptr<absl::Notification> done;
     std::shared_ptr<absl::Status> status;  // written before `done` is notified

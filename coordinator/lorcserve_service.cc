@@ -402,7 +402,7 @@ grpc::Status LorcServeService::CloseSession(grpc::ServerContext*, const grpc::By
   }
   absl::StatusOr<std::shared_ptr<EngineLoop>> loop = Loop();
   if (!loop.ok()) return ToGrpcStatus(loop.status());
-  return ToGrpcStatus((*loop)->CloseSession(req.session_id()));
+  return ToGrpcStatus((*loop)->CloseSession(req.cache_salt(), req.session_id()));
 }
 
 }  // namespace lorc

@@ -95,7 +95,10 @@ struct Scheduler::Seq {
   BlockHash root;
   std::vector<BlockHash> hashes;
   std::deque<std::pair<uint64_t, int64_t>> computing;
-  std::string session_id;
+  // Session (empty session_id: none) and the session clock when it was added: a CloseSession
+  // after that (SessionRequests::closed_at) stops it from keeping blocks.
+  SessionKey session;
+  uint64_t session_epoch = 0;
   int64_t num_cached_prompt_tokens = -1;
   int32_t num_bypassed = 0;  // times a request behind it was admitted first (prefix preference)
 
@@ -221,7 +224,11 @@ absl::Status Scheduler::Add(int64_t seq_id, std::vector<int32_t> prompt,
   seq->params = params;
   seq->priority = priority;
   seq->root = PrefixRootHash(config_.kv_format_identity, prefix.cache_salt);
-  seq->session_id = prefix.session_id;
+  seq->session = {prefix.cache_salt, prefix.session_id};
+  if (!prefix.session_id.empty()) {
+    ++session_requests_[seq->session].live;
+    seq->session_epoch = session_clock_;
+  }
   reserved_.insert(child_ids.begin(), child_ids.end());
   seq->child_ids = std::move(child_ids);
   Enqueue(*seq, /*front=*/false);
@@ -239,7 +246,7 @@ void Scheduler::End(Seq& s) {
   const int64_t id = s.id;
   if (s.state == SequenceState::kRunning) {
     running_.erase(std::find(running_.begin(), running_.end(), &s));
-    if (!s.session_id.empty() && s.parent < 0) {
+    if (!s.session.session_id.empty() && s.parent < 0 && !SessionClosedSince(s)) {
       // The conversation so far: the leading blocks of its table that are in the index (computed
       // and confirmed by an applied result).
       std::vector<int32_t> keep;
@@ -248,14 +255,18 @@ void Scheduler::End(Seq& s) {
         keep.push_back(b);
       }
       if (keep.empty()) {
-        sessions_.Touch(s.session_id, Now());  // nothing new: a session keeps what it had
+        sessions_.Touch(s.session, Now());  // nothing new: a session keeps what it had
       } else {
-        sessions_.Keep(s.session_id, std::move(keep), Now());
+        sessions_.Keep(s.session, std::move(keep), Now());
       }
     }
     blocks_.Free(id);
   } else {
     waiting_.erase(s.wait_key);
+  }
+  if (!s.session.session_id.empty() && s.parent < 0) {
+    auto it = session_requests_.find(s.session);
+    if (it != session_requests_.end() && --it->second.live <= 0) session_requests_.erase(it);
   }
   if (s.seen_by_workers) ended_.push_back(id);
   for (int64_t c : s.child_ids) reserved_.erase(c);  // never forked: they never start
@@ -390,8 +401,21 @@ void Scheduler::CacheComputed(Seq& s, int64_t num_computed) {
   blocks_.CacheFullBlocks(s.id, absl::MakeConstSpan(s.hashes).first(std::min(full, s.hashes.size())));
 }
 
-absl::Status Scheduler::CloseSession(const std::string& session_id) {
-  return sessions_.Close(session_id);
+bool Scheduler::SessionClosedSince(const Seq& s) const {
+  auto it = session_requests_.find(s.session);
+  return it != session_requests_.end() && it->second.closed_at > s.session_epoch;
+}
+
+absl::Status Scheduler::CloseSession(const std::string& cache_salt,
+                                     const std::string& session_id) {
+  const SessionKey key{cache_salt, session_id};
+  auto it = session_requests_.find(key);
+  if (it == session_requests_.end()) return sessions_.Close(key);
+  // Requests of the session are waiting or running: none of them may keep blocks for it when
+  // it ends (a request added after this starts a new session).
+  it->second.closed_at = ++session_clock_;
+  if (sessions_.Has(key)) return sessions_.Close(key);
+  return absl::OkStatus();
 }
 
 void Scheduler::ExpireSessions() { sessions_.Expire(Now()); }
@@ -541,16 +565,20 @@ StepPlan Scheduler::Schedule() {
       }
       if (config_.enable_prefix_caching && !s.params.prompt_logprobs.has_value()) {
         PrefixCacheStats& st = blocks_.prefix_cache_stats();
-        ++st.queries;
-        st.query_tokens += (num_tokens - 1) / config_.block_size * config_.block_size;
-        st.hit_tokens += num_hit * config_.block_size;
-        st.host_hit_tokens += num_host * config_.block_size;
-        st.host_loads += num_host;
+        // The query and its hit once per request (its first admission, the one that sets
+        // num_cached_prompt_tokens), not again when a preempted request is readmitted.
+        if (s.num_cached_prompt_tokens < 0) {
+          ++st.queries;
+          st.query_tokens += (num_tokens - 1) / config_.block_size * config_.block_size;
+          st.hit_tokens += num_hit * config_.block_size;
+          st.host_hit_tokens += num_host * config_.block_size;
+        }
+        st.host_loads += num_host;  // blocks actually loaded, on every admission
       }
       if (s.num_cached_prompt_tokens < 0) {
         s.num_cached_prompt_tokens = std::min(hit_tokens, s.prompt_len);
       }
-      if (!s.session_id.empty()) sessions_.Touch(s.session_id, Now());
+      if (!s.session.session_id.empty() && !SessionClosedSince(s)) sessions_.Touch(s.session, Now());
       s.num_computed = hit_tokens;
       const int64_t n = std::min(num_tokens - hit_tokens, budget);
       absl::StatusOr<std::vector<BlockCopy>> copies = blocks_.Reserve(s.id, hit_tokens + n);

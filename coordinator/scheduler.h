@@ -66,8 +66,9 @@
 // preference among waiting requests looks at device hits only. Plans run in step order, so a
 // slot read by a load of one plan may take an offload of a later plan (the pin ends when the
 // plan is built). ResetPrefixCache clears the host pool too.
-// Sessions (session_id; kvstore/session_store.h): when a sequence (completion 0) with a session
-// ends, the leading indexed blocks of its table (its computed prompt + output) are pinned for the
+// Sessions (keyed by cache_salt + session_id; kvstore/session_store.h): when a sequence
+// (completion 0) with a session ends, unless CloseSession closed the session after it was
+// added, the leading indexed blocks of its table (its computed prompt + output) are pinned for the
 // session, replacing what the session pinned before; they end by ttl, cap, CloseSession, memory
 // pressure (a waiting request that cannot be admitted while nothing runs releases the oldest
 // session) and ResetPrefixCache.
@@ -252,8 +253,11 @@ class Scheduler {
   std::vector<SequenceEvent> Apply(const StepResult& result);
 
   // --- Prefix cache and sessions ---
-  // Ends a session now (its blocks unpinned); NOT_FOUND for an unknown id.
-  absl::Status CloseSession(const std::string& session_id);
+  // Ends the session (cache_salt, session_id) now (its blocks unpinned). When requests of it are
+  // waiting or running, OK even if it keeps nothing yet, and none of them keeps blocks for it when
+  // it ends (a request added after the close starts a new session). NOT_FOUND naming the id when
+  // there is neither such a session nor a request of it.
+  absl::Status CloseSession(const std::string& cache_salt, const std::string& session_id);
   // Ends the sessions idle past the ttl (also done at the start of every Schedule).
   void ExpireSessions();
   // Drops the whole prefix index, every session and the host tier's bookkeeping: the workers'
@@ -322,6 +326,8 @@ class Scheduler {
   // holds consecutively, within the first num_tokens - 1 tokens.
   size_t HostPrefix(const Seq& s, size_t start) const;
   void Preempt(Seq& victim, std::vector<Entry>& entries, int64_t& budget, StepPlan& plan);
+  // True when `s`'s session was closed after `s` was added.
+  bool SessionClosedSince(const Seq& s) const;
 
   SchedulerConfig config_;
   KvBlockManager blocks_;
@@ -339,6 +345,14 @@ class Scheduler {
   int64_t next_front_ = 0;             // of requeued (preempted) ones: -1, -2, ...
   uint64_t next_admission_ = 0;
   int64_t num_preemptions_ = 0;
+  // Per session with requests waiting or running: how many (parents), and the session clock at
+  // its latest CloseSession (0: none). Erased when the last of them ends.
+  struct SessionRequests {
+    int64_t live = 0;
+    uint64_t closed_at = 0;
+  };
+  absl::flat_hash_map<SessionKey, SessionRequests> session_requests_;
+  uint64_t session_clock_ = 0;  // bumped by each CloseSession that finds requests
 };
 
 }  // namespace lorc

@@ -90,7 +90,7 @@ absl::StatusOr<MultiTurnResult> EvalMultiTurnPasskey(Engine& engine, const Token
     r.turns.push_back(t);
   }
   for (size_t i = 0; i < convs.size(); ++i) {
-    (void)engine.CloseSession(absl::StrCat("multi-turn-", i));  // NOT_FOUND when caching is off
+    (void)engine.CloseSession("", absl::StrCat("multi-turn-", i));  // NOT_FOUND when caching is off
   }
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return r;

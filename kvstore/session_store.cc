@@ -11,32 +11,56 @@ SessionStore::SessionStore(KvBlockManager* blocks, absl::Duration ttl, int64_t m
 
 SessionStore::~SessionStore() { Clear(); }
 
-void SessionStore::Drop(absl::flat_hash_map<std::string, Session>::iterator it) {
-  blocks_->Unpin(it->second.blocks);
-  num_pinned_ -= static_cast<int64_t>(it->second.blocks.size());
+void SessionStore::PinAll(const std::vector<int32_t>& blocks) {
+  blocks_->Pin(blocks);
+  for (int32_t b : blocks) ++pin_count_[b];
+}
+
+void SessionStore::UnpinAll(const std::vector<int32_t>& blocks) {
+  blocks_->Unpin(blocks);
+  for (int32_t b : blocks) {
+    auto it = pin_count_.find(b);
+    if (it != pin_count_.end() && --it->second <= 0) pin_count_.erase(it);
+  }
+}
+
+void SessionStore::Drop(absl::flat_hash_map<SessionKey, Session>::iterator it) {
+  UnpinAll(it->second.blocks);
   sessions_.erase(it);
 }
 
-void SessionStore::Keep(const std::string& id, std::vector<int32_t> blocks, absl::Time now) {
-  blocks_->Pin(blocks);
-  num_pinned_ += static_cast<int64_t>(blocks.size());
+void SessionStore::Keep(const SessionKey& id, std::vector<int32_t> blocks, absl::Time now) {
+  // A chain's blocks are distinct: alone over the cap, the session is not kept (what it pinned
+  // before is released too: the conversation moved past it), and the others stay.
+  if (static_cast<int64_t>(blocks.size()) > max_blocks_) {
+    auto it = sessions_.find(id);
+    if (it != sessions_.end()) Drop(it);
+    ++num_capped_;
+    return;
+  }
+  PinAll(blocks);
   Session& s = sessions_[id];
   std::vector<int32_t> old = std::exchange(s.blocks, std::move(blocks));
   s.last_used = now;
-  blocks_->Unpin(old);
-  num_pinned_ -= static_cast<int64_t>(old.size());
-  while (num_pinned_ > max_blocks_ && ReleaseOldest()) ++num_capped_;
+  UnpinAll(old);
+  // Oldest first, never `id` itself (it fits alone, so this ends before reaching it).
+  while (num_pinned_blocks() > max_blocks_ && ReleaseOldest(&id)) ++num_capped_;
 }
 
-void SessionStore::Touch(const std::string& id, absl::Time now) {
+int32_t SessionStore::PinCount(int32_t b) const {
+  auto it = pin_count_.find(b);
+  return it == pin_count_.end() ? 0 : it->second;
+}
+
+void SessionStore::Touch(const SessionKey& id, absl::Time now) {
   auto it = sessions_.find(id);
   if (it != sessions_.end()) it->second.last_used = now;
 }
 
-absl::Status SessionStore::Close(const std::string& id) {
+absl::Status SessionStore::Close(const SessionKey& id) {
   auto it = sessions_.find(id);
   if (it == sessions_.end()) {
-    return absl::NotFoundError(absl::StrCat("session_id '", id, "': no such session (never "
+    return absl::NotFoundError(absl::StrCat("session_id '", id.session_id, "' (cache_salt of ", id.cache_salt.size(), " bytes): no such session (never "
                                             "started, or already ended: closed, idle past the "
                                             "ttl, or released for memory)"));
   }
@@ -59,9 +83,10 @@ int32_t SessionStore::Expire(absl::Time now) {
   return n;
 }
 
-bool SessionStore::ReleaseOldest() {
+bool SessionStore::ReleaseOldest(const SessionKey* except) {
   auto oldest = sessions_.end();
   for (auto it = sessions_.begin(); it != sessions_.end(); ++it) {
+    if (except != nullptr && it->first == *except) continue;
     if (oldest == sessions_.end() || it->second.last_used < oldest->second.last_used ||
         (it->second.last_used == oldest->second.last_used && it->first < oldest->first)) {
       oldest = it;
@@ -76,7 +101,7 @@ void SessionStore::Clear() {
   while (!sessions_.empty()) Drop(sessions_.begin());
 }
 
-std::vector<int32_t> SessionStore::PinnedBlocks(const std::string& id) const {
+std::vector<int32_t> SessionStore::PinnedBlocks(const SessionKey& id) const {
   auto it = sessions_.find(id);
   return it == sessions_.end() ? std::vector<int32_t>() : it->second.blocks;
 }

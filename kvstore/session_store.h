@@ -6,19 +6,23 @@
 // A session ends (its blocks unpinned, then reusable as ordinary cached blocks until evicted):
 //  - after `ttl` without a turn ending or starting (Expire, called by the scheduler thread with
 //    its clock, so tests can use a fake one);
-//  - when the blocks pinned by all sessions exceed `max_blocks`: oldest first (by last use),
-//    the session just kept included if it alone is over the cap;
-//  - on Close (the CloseSession RPC); NotFound for an unknown id;
+//  - when the distinct blocks pinned by all sessions exceed `max_blocks`: oldest first (by last
+//    use), never the session just kept; a session that alone exceeds the cap is not kept at all
+//    (its blocks are not pinned, the others stay);
+//  - on Close (the CloseSession RPC); NotFound for an unknown key;
 //  - under memory pressure, when a waiting request cannot be admitted with nothing running
 //    (ReleaseOldest, the scheduler's call), and on Clear (a worker restart or failure).
-// Pinned blocks are counted per session (a block two sessions share counts twice: the cap is
-// conservative). The store is format-agnostic: block ids of whatever the cache holds (full,
+// Sessions are keyed by (cache_salt, session_id): tenants with different salts never see, replace
+// or close each other's sessions. Pinned blocks are counted once however many sessions pin them
+// (a per-block pin count), for the cap and num_pinned_blocks. The store is format-agnostic: block ids of whatever the cache holds (full,
 // LoRC latents, low-precision codes).
 // Thread safety: none (the scheduler thread).
 #pragma once
 
 #include <cstdint>
+#include <compare>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
@@ -27,6 +31,18 @@
 #include "kvstore/kv_block_manager.h"
 
 namespace lorc {
+
+// A session's identity: the request's cache_salt and session_id.
+struct SessionKey {
+  std::string cache_salt;
+  std::string session_id;
+  friend bool operator==(const SessionKey&, const SessionKey&) = default;
+  friend auto operator<=>(const SessionKey&, const SessionKey&) = default;
+  template <typename H>
+  friend H AbslHashValue(H h, const SessionKey& k) {
+    return H::combine(std::move(h), k.cache_salt, k.session_id);
+  }
+};
 
 class SessionStore {
  public:
@@ -39,40 +55,45 @@ class SessionStore {
   // Pins `blocks` (in use by the ending turn, chain order) for `id`, replacing what it pinned
   // (the new blocks are pinned before the old ones are released, so shared ones stay), then
   // enforces the cap.
-  void Keep(const std::string& id, std::vector<int32_t> blocks, absl::Time now);
+  void Keep(const SessionKey& id, std::vector<int32_t> blocks, absl::Time now);
   // A turn of `id` started: its idle time restarts. No-op for unknown ids.
-  void Touch(const std::string& id, absl::Time now);
+  void Touch(const SessionKey& id, absl::Time now);
   // NotFound naming the id when there is no such session.
-  absl::Status Close(const std::string& id);
+  absl::Status Close(const SessionKey& id);
   // Ends sessions idle for longer than the ttl; returns how many.
   int32_t Expire(absl::Time now);
-  // Ends the least recently used session; false when there is none.
-  bool ReleaseOldest();
+  // Ends the least recently used session other than `except` (null: any); false when there is
+  // none.
+  bool ReleaseOldest(const SessionKey* except = nullptr);
   void Clear();
 
-  bool Has(const std::string& id) const { return sessions_.contains(id); }
+  bool Has(const SessionKey& id) const { return sessions_.contains(id); }
   int64_t num_sessions() const { return static_cast<int64_t>(sessions_.size()); }
-  int64_t num_pinned_blocks() const { return num_pinned_; }
+  int64_t num_pinned_blocks() const { return static_cast<int64_t>(pin_count_.size()); }
   int64_t num_expired() const { return num_expired_; }   // by ttl, since construction
   int64_t num_capped() const { return num_capped_; }     // by the cap or memory pressure
   int64_t num_closed() const { return num_closed_; }     // by Close
   // The blocks `id` pins (empty for unknown ids). For tests.
-  std::vector<int32_t> PinnedBlocks(const std::string& id) const;
+  std::vector<int32_t> PinnedBlocks(const SessionKey& id) const;
   // Every session's pins, concatenated (a block once per session pinning it).
   std::vector<int32_t> AllPinnedBlocks() const;
+  // How many sessions pin block `b` (0 when none).
+  int32_t PinCount(int32_t b) const;
 
  private:
   struct Session {
     std::vector<int32_t> blocks;
     absl::Time last_used;
   };
-  void Drop(absl::flat_hash_map<std::string, Session>::iterator it);
+  void Drop(absl::flat_hash_map<SessionKey, Session>::iterator it);
+  void PinAll(const std::vector<int32_t>& blocks);
+  void UnpinAll(const std::vector<int32_t>& blocks);
 
   KvBlockManager* blocks_;
   absl::Duration ttl_;
   int64_t max_blocks_;
-  absl::flat_hash_map<std::string, Session> sessions_;
-  int64_t num_pinned_ = 0;
+  absl::flat_hash_map<SessionKey, Session> sessions_;
+  absl::flat_hash_map<int32_t, int32_t> pin_count_;  // block -> sessions pinning it (> 0)
   int64_t num_expired_ = 0, num_capped_ = 0, num_closed_ = 0;
 };
 

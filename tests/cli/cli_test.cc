@@ -805,6 +805,14 @@ TEST_F(CliTest, PrefixCachingFlagsAreChecked) {
   r = Lorcserve({"bench", "--model", Tiny(), "--shared-prefix", "16", "--max-session-kv-fraction", "2"});
   EXPECT_NE(r.exit_code, 0);
   EXPECT_THAT(r.err, HasSubstr("--max-session-kv-fraction"));
+  // Session settings with prefix caching off contradict it: the error names both flags.
+  for (const char* flag : {"--session-ttl-s", "--max-session-kv-fraction"}) {
+    r = Lorcserve({"bench", "--model", Tiny(), "--shared-prefix", "16", "--no-enable-prefix-caching",
+                   flag, "0.5"});
+    EXPECT_NE(r.exit_code, 0) << flag;
+    EXPECT_THAT(r.err, HasSubstr(flag));
+    EXPECT_THAT(r.err, HasSubstr("--no-enable-prefix-caching"));
+  }
 }
 
 }  // namespace

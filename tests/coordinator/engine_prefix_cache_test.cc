@@ -179,9 +179,9 @@ TEST_P(EnginePrefixCacheTest, ASessionsNextTurnPrefillsOnlyItsNewTokens) {
       conversation.insert(conversation.end(), prompts_[turn + 1].end() - 6, prompts_[turn + 1].end());
     }
     EXPECT_LT(on->scheduler().num_free_blocks(), on->scheduler().num_blocks());
-    EXPECT_OK(on->CloseSession("chat"));
+    EXPECT_OK(on->CloseSession("", "chat"));
     EXPECT_EQ(on->scheduler().num_free_blocks(), on->scheduler().num_blocks());
-    EXPECT_THAT(on->CloseSession("chat"), StatusIs(absl::StatusCode::kNotFound));
+    EXPECT_THAT(on->CloseSession("", "chat"), StatusIs(absl::StatusCode::kNotFound));
   }
   std::unique_ptr<Engine> off = MakeEngine(false);
   for (size_t i = 0; i < turns.size(); ++i) {

@@ -25,11 +25,12 @@ class PrefixCacheE2ETest : public ServerE2ETest {
       return p > 0 && p != old && Health() == HealthCheckResponse::SERVING;
     }, 60)) << server_->Stderr();
   }
-  grpc::Status CloseSession(const std::string& id) {
+  grpc::Status CloseSession(const std::string& id, const std::string& salt = "") {
     grpc::ClientContext ctx;
     ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
     v1::CloseSessionRequest req;
     req.set_session_id(id);
+    req.set_cache_salt(salt);
     v1::CloseSessionResponse resp;
     return stub_->CloseSession(&ctx, req, &resp);
   }
@@ -80,6 +81,17 @@ TEST_F(PrefixCacheE2ETest, CachedPromptTokensSaltsAndSessions) {
   const grpc::Status again = CloseSession("conversation-1");
   EXPECT_EQ(again.error_code(), grpc::StatusCode::NOT_FOUND) << StatusText(again);
   EXPECT_EQ(CloseSession("").error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+
+  // Sessions are per (cache_salt, session_id): only the same salt closes a salted session.
+  v1::GenerateRequest tenant_turn = IdsRequest(ctx, 8);
+  tenant_turn.set_session_id("conversation-2");
+  tenant_turn.set_cache_salt("tenant-b");
+  ASSERT_TRUE(Generate(tenant_turn).status.ok());
+  EXPECT_EQ(Info().prefix_cache().pinned_sessions(), 1);
+  EXPECT_EQ(CloseSession("conversation-2").error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(CloseSession("conversation-2", "tenant-a").error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_TRUE(CloseSession("conversation-2", "tenant-b").ok());
+  EXPECT_EQ(Info().prefix_cache().pinned_sessions(), 0);  // applied before CloseSession returned
   EXPECT_EQ(Health(), HealthCheckResponse::SERVING);
 }
 

@@ -238,6 +238,18 @@ TEST(SchedulerPrefixCacheTest, SoakWithSharedPrefixesATinyCacheAndTwoStepsInFlig
   }
 }
 
+// Preempted and readmitted requests are one query each in the stats (hitRate not inflated).
+TEST(SchedulerPrefixCacheTest, StatsCountAQueryOncePerRequestDespitePreemption) {
+  Harness h(Config(4, 12));
+  for (int64_t id = 1; id <= 3; ++id) {
+    ASSERT_OK(h.Add(id, Prompt(10, static_cast<int32_t>(id)), Params(20)));
+  }
+  h.RunToCompletion();
+  ASSERT_GT(h.sched.num_preemptions(), 0);
+  EXPECT_EQ(h.sched.prefix_cache_report().stats.queries, 3);
+  EXPECT_EQ(h.sched.prefix_cache_report().stats.query_tokens, 3 * 8);
+}
+
 // ---- sessions ----
 
 TEST(SchedulerSessionTest, ANextTurnPrefillsOnlyItsNewTokensAndTheTtlEndsTheSession) {
@@ -249,7 +261,7 @@ TEST(SchedulerSessionTest, ANextTurnPrefillsOnlyItsNewTokensAndTheTtlEndsTheSess
   ASSERT_OK(h.Add(1, Prompt(10), Params(6), 0, {}, {"", "chat"}));
   RunAll(h);
   // Prompt 10 + 6 output = 16 tokens; the last output token was never computed: 3 full blocks.
-  const std::vector<int32_t> pinned = h.sched.sessions().PinnedBlocks("chat");
+  const std::vector<int32_t> pinned = h.sched.sessions().PinnedBlocks({"", "chat"});
   ASSERT_EQ(pinned.size(), 3u);
   for (int32_t b : pinned) EXPECT_EQ(h.sched.blocks().pool().RefCount(b), 1);
   EXPECT_EQ(h.sched.num_free_blocks(), 61);
@@ -267,7 +279,7 @@ TEST(SchedulerSessionTest, ANextTurnPrefillsOnlyItsNewTokensAndTheTtlEndsTheSess
   EXPECT_THAT(absl::MakeConstSpan(Find(p, 2)->block_table).first(3), ElementsAreArray(pinned));
   RunAll(h);
   EXPECT_EQ(h.outputs[2], Expected(2, 21, 3));
-  EXPECT_EQ(h.sched.sessions().PinnedBlocks("chat").size(), 5u);  // 23 computed tokens
+  EXPECT_EQ(h.sched.sessions().PinnedBlocks({"", "chat"}).size(), 5u);  // 23 computed tokens
 
   // Idle past the ttl: released (at the next Schedule, or ExpireSessions while idle).
   now += absl::Seconds(59);
@@ -286,14 +298,73 @@ TEST(SchedulerSessionTest, CloseSessionReleasesItsBlocksAndUnknownIsNotFound) {
   ASSERT_OK(h.Add(1, Prompt(20), Params(2), 0, {}, {"", "s1"}));
   RunAll(h);
   EXPECT_LT(h.sched.num_free_blocks(), 64);
-  EXPECT_OK(h.sched.CloseSession("s1"));
+  EXPECT_OK(h.sched.CloseSession("", "s1"));
   EXPECT_EQ(h.sched.num_free_blocks(), 64);
-  EXPECT_THAT(h.sched.CloseSession("s1"), StatusIs(absl::StatusCode::kNotFound));
-  EXPECT_THAT(h.sched.CloseSession("nope"), StatusIs(absl::StatusCode::kNotFound, HasSubstr("nope")));
+  EXPECT_THAT(h.sched.CloseSession("", "s1"), StatusIs(absl::StatusCode::kNotFound));
+  EXPECT_THAT(h.sched.CloseSession("", "nope"), StatusIs(absl::StatusCode::kNotFound, HasSubstr("nope")));
   // The closed session's blocks are ordinary cached blocks now: still a hit until evicted.
   ASSERT_OK(h.Add(2, Prompt(20), Params(2)));
   EXPECT_EQ(Find(h.Step(), 2)->num_cached, 16);
   h.RunToCompletion();
+}
+
+// A close while a turn of the session runs (or waits) ends the session for good: that turn keeps
+// nothing when it finishes; a request added after the close starts a new session.
+TEST(SchedulerSessionTest, ATurnRunningAtCloseDoesNotResurrectTheSession) {
+  Harness h(Config(4, 64));
+  ASSERT_OK(h.Add(1, Prompt(10), Params(2), 0, {}, {"", "r"}));
+  RunAll(h);
+  ASSERT_TRUE(h.sched.sessions().Has({"", "r"}));
+  ASSERT_OK(h.Add(2, Prompt(20), Params(4), 0, {}, {"", "r"}));  // a later turn, running
+  h.Step();
+  EXPECT_OK(h.sched.CloseSession("", "r"));
+  EXPECT_EQ(h.sched.prefix_cache_report().sessions, 0);
+  RunAll(h);
+  EXPECT_FALSE(h.sched.sessions().Has({"", "r"}));
+  EXPECT_EQ(h.sched.num_free_blocks(), 64);
+
+  // The first turn of a session is running: the close is OK, and the turn keeps nothing.
+  ASSERT_OK(h.Add(3, Prompt(20, 3), Params(4), 0, {}, {"", "q"}));
+  h.Step();
+  EXPECT_OK(h.sched.CloseSession("", "q"));
+  // Waiting (not admitted yet): the same.
+  ASSERT_OK(h.Add(4, Prompt(12, 4), Params(2), 0, {}, {"", "q"}));
+  EXPECT_OK(h.sched.CloseSession("", "q"));
+  RunAll(h);
+  EXPECT_FALSE(h.sched.sessions().Has({"", "q"}));
+  EXPECT_EQ(h.sched.num_free_blocks(), 64);
+  EXPECT_EQ(h.sched.prefix_cache_report().sessions_closed, 1);  // only "r" held blocks
+
+  // A turn added after the close starts a new session, even while an older turn still runs
+  // (which finishes later and must not replace it).
+  ASSERT_OK(h.Add(5, Prompt(20, 5), Params(8), 0, {}, {"", "w"}));
+  h.Step();
+  EXPECT_OK(h.sched.CloseSession("", "w"));
+  ASSERT_OK(h.Add(6, Prompt(8, 6), Params(2), 0, {}, {"", "w"}));
+  RunAll(h);
+  EXPECT_EQ(h.outputs[5], Expected(5, 20, 8));
+  ASSERT_TRUE(h.sched.sessions().Has({"", "w"}));
+  EXPECT_EQ(h.sched.sessions().PinnedBlocks({"", "w"}).size(), 2u);  // request 6's 9 tokens
+  EXPECT_THAT(h.sched.CloseSession("", "never"), StatusIs(absl::StatusCode::kNotFound));
+  ASSERT_OK(h.sched.Validate());
+}
+
+// Sessions are per (cache_salt, session_id): another tenant's turn with the same id neither
+// replaces nor can close this tenant's session.
+TEST(SchedulerSessionTest, SessionsOfDifferentSaltsAreSeparate) {
+  Harness h(Config(4, 64));
+  ASSERT_OK(h.Add(1, Prompt(20), Params(2), 0, {}, {"tenant-a", "chat"}));
+  RunAll(h);
+  const std::vector<int32_t> a = h.sched.sessions().PinnedBlocks({"tenant-a", "chat"});
+  ASSERT_EQ(a.size(), 5u);
+  ASSERT_OK(h.Add(2, Prompt(8, 2), Params(2), 0, {}, {"tenant-b", "chat"}));
+  RunAll(h);
+  EXPECT_EQ(h.sched.sessions().PinnedBlocks({"tenant-a", "chat"}), a);
+  EXPECT_EQ(h.sched.prefix_cache_report().sessions, 2);
+  EXPECT_THAT(h.sched.CloseSession("", "chat"), StatusIs(absl::StatusCode::kNotFound));
+  EXPECT_OK(h.sched.CloseSession("tenant-b", "chat"));
+  EXPECT_TRUE(h.sched.sessions().Has({"tenant-a", "chat"}));
+  ASSERT_OK(h.sched.Validate());
 }
 
 TEST(SchedulerSessionTest, TheCapReleasesTheOldestSessionsAndPressureReleasesThemToo) {
@@ -309,9 +380,9 @@ TEST(SchedulerSessionTest, TheCapReleasesTheOldestSessionsAndPressureReleasesThe
     RunAll(h);
   }
   // 4 blocks each: the third session pushes the total to 12 > 10: s1 goes.
-  EXPECT_FALSE(h.sched.sessions().Has("s1"));
-  EXPECT_TRUE(h.sched.sessions().Has("s2"));
-  EXPECT_TRUE(h.sched.sessions().Has("s3"));
+  EXPECT_FALSE(h.sched.sessions().Has({"", "s1"}));
+  EXPECT_TRUE(h.sched.sessions().Has({"", "s2"}));
+  EXPECT_TRUE(h.sched.sessions().Has({"", "s3"}));
   EXPECT_EQ(h.sched.prefix_cache_report().sessions_capped, 1);
   // A request needing more than the unpinned blocks, with nothing running: sessions give way.
   ASSERT_OK(h.Add(9, Prompt(60, 9), Params(2)));

@@ -256,7 +256,7 @@ TEST(SessionStoreTest, KeepPinsUntilTtlCloseOrCap) {
   ASSERT_OK(m.Reserve(1, 12).status());
   const std::vector<int32_t> t1(m.BlockTable(1).begin(), m.BlockTable(1).end());
   m.CacheFullBlocks(1, Chain(Tokens(12)));
-  sessions.Keep("a", t1, t0);
+  sessions.Keep({"", "a"}, t1, t0);
   m.Free(1);
   for (int32_t b : t1) EXPECT_EQ(m.pool().RefCount(b), 1) << "pinned after the turn ended";
   EXPECT_EQ(sessions.num_pinned_blocks(), 3);
@@ -266,47 +266,109 @@ TEST(SessionStoreTest, KeepPinsUntilTtlCloseOrCap) {
   ASSERT_OK(m.AddSequence(2, absl::MakeConstSpan(t1).first(2)));
   ASSERT_OK(m.Reserve(2, 16).status());
   const std::vector<int32_t> t2(m.BlockTable(2).begin(), m.BlockTable(2).end());
-  sessions.Keep("a", t2, t0 + absl::Seconds(30));
+  sessions.Keep({"", "a"}, t2, t0 + absl::Seconds(30));
   m.Free(2);
-  EXPECT_THAT(sessions.PinnedBlocks("a"), ElementsAreArray(t2));
+  EXPECT_THAT(sessions.PinnedBlocks({"", "a"}), ElementsAreArray(t2));
   EXPECT_EQ(m.pool().RefCount(t1[2]), 0);  // the old third block is no longer the conversation
   EXPECT_EQ(sessions.num_pinned_blocks(), 4);
 
   // Idle time: 60 s after its last use (t0 + 30 s), not before.
   EXPECT_EQ(sessions.Expire(t0 + absl::Seconds(89)), 0);
-  sessions.Touch("a", t0 + absl::Seconds(80));
+  sessions.Touch({"", "a"}, t0 + absl::Seconds(80));
   EXPECT_EQ(sessions.Expire(t0 + absl::Seconds(139)), 0);
   EXPECT_EQ(sessions.Expire(t0 + absl::Seconds(141)), 1);
-  EXPECT_FALSE(sessions.Has("a"));
+  EXPECT_FALSE(sessions.Has({"", "a"}));
   EXPECT_EQ(m.num_free_blocks(), 12);
   EXPECT_EQ(sessions.num_expired(), 1);
 
   // Close; unknown ids are NotFound.
   ASSERT_OK(m.AddSequence(3));
   ASSERT_OK(m.Reserve(3, 8).status());
-  sessions.Keep("b", std::vector<int32_t>(m.BlockTable(3).begin(), m.BlockTable(3).end()), t0);
+  sessions.Keep({"", "b"}, std::vector<int32_t>(m.BlockTable(3).begin(), m.BlockTable(3).end()), t0);
   m.Free(3);
   EXPECT_EQ(m.num_free_blocks(), 10);
-  EXPECT_OK(sessions.Close("b"));
+  EXPECT_OK(sessions.Close({"", "b"}));
   EXPECT_EQ(m.num_free_blocks(), 12);
-  EXPECT_THAT(sessions.Close("b"), StatusIs(absl::StatusCode::kNotFound, HasSubstr("'b'")));
-  EXPECT_THAT(sessions.Close("never"), StatusIs(absl::StatusCode::kNotFound));
+  EXPECT_THAT(sessions.Close({"", "b"}), StatusIs(absl::StatusCode::kNotFound, HasSubstr("'b'")));
+  EXPECT_THAT(sessions.Close({"", "never"}), StatusIs(absl::StatusCode::kNotFound));
 
   // The cap (5 blocks): the oldest session goes first.
   for (int64_t id : {4, 5}) {
     ASSERT_OK(m.AddSequence(id));
     ASSERT_OK(m.Reserve(id, 12).status());
-    sessions.Keep(id == 4 ? "old" : "new",
+    sessions.Keep({"", id == 4 ? "old" : "new"},
                   std::vector<int32_t>(m.BlockTable(id).begin(), m.BlockTable(id).end()),
                   t0 + absl::Seconds(id));
     m.Free(id);
   }
-  EXPECT_FALSE(sessions.Has("old"));
-  EXPECT_TRUE(sessions.Has("new"));
+  EXPECT_FALSE(sessions.Has({"", "old"}));
+  EXPECT_TRUE(sessions.Has({"", "new"}));
   EXPECT_EQ(sessions.num_pinned_blocks(), 3);
   EXPECT_EQ(sessions.num_capped(), 1);
   EXPECT_EQ(m.num_free_blocks(), 9);
   sessions.Clear();
+  EXPECT_EQ(m.num_free_blocks(), 12);
+}
+
+// Sessions are per (cache_salt, session_id): another tenant's session of the same id neither
+// replaces nor closes this one.
+TEST(SessionStoreTest, KeyedBySaltAndId) {
+  KvBlockManager m(kBs, 12);
+  const absl::Time t0 = absl::FromUnixSeconds(1000);
+  SessionStore sessions(&m, absl::Seconds(60), /*max_blocks=*/12);
+  for (int64_t id : {1, 2}) {
+    ASSERT_OK(m.AddSequence(id));
+    ASSERT_OK(m.Reserve(id, 8).status());
+    sessions.Keep({id == 1 ? "tenant-a" : "tenant-b", "chat"},
+                  std::vector<int32_t>(m.BlockTable(id).begin(), m.BlockTable(id).end()), t0);
+    m.Free(id);
+  }
+  EXPECT_EQ(sessions.num_sessions(), 2);
+  EXPECT_EQ(sessions.num_pinned_blocks(), 4);
+  EXPECT_EQ(sessions.PinnedBlocks({"tenant-a", "chat"}).size(), 2u);
+  EXPECT_THAT(sessions.Close({"", "chat"}), StatusIs(absl::StatusCode::kNotFound));
+  EXPECT_OK(sessions.Close({"tenant-b", "chat"}));
+  EXPECT_TRUE(sessions.Has({"tenant-a", "chat"}));
+  EXPECT_EQ(sessions.num_pinned_blocks(), 2);
+}
+
+// A block shared by several sessions (one system prompt) counts once, for the cap and
+// num_pinned_blocks; a session alone over the cap is not kept and the others stay.
+TEST(SessionStoreTest, SharedBlocksCountOnceAndAnOversizedSessionIsNotKept) {
+  KvBlockManager m(kBs, 16);
+  const absl::Time t0 = absl::FromUnixSeconds(1000);
+  SessionStore sessions(&m, absl::Seconds(60), /*max_blocks=*/4);
+  // Three sessions share 2 prefix blocks and own 1 block each: 5 distinct blocks, 9 per session.
+  ASSERT_OK(m.AddSequence(1));
+  ASSERT_OK(m.Reserve(1, 8).status());
+  m.CacheFullBlocks(1, Chain(Tokens(8)));
+  const std::vector<int32_t> prefix(m.BlockTable(1).begin(), m.BlockTable(1).end());
+  for (int64_t id : {2, 3}) {
+    ASSERT_OK(m.AddSequence(id, prefix));
+    ASSERT_OK(m.Reserve(id, 12).status());
+    sessions.Keep({"", id == 2 ? "x" : "y"},
+                  std::vector<int32_t>(m.BlockTable(id).begin(), m.BlockTable(id).end()),
+                  t0 + absl::Seconds(id));
+    m.Free(id);
+  }
+  m.Free(1);
+  EXPECT_EQ(sessions.num_sessions(), 2);      // 4 distinct blocks: within the cap
+  EXPECT_EQ(sessions.num_pinned_blocks(), 4);  // not 6
+  EXPECT_EQ(sessions.PinCount(prefix[0]), 2);
+  EXPECT_EQ(sessions.num_capped(), 0);
+  EXPECT_EQ(m.num_free_blocks(), 12);
+
+  // A 5-block session alone exceeds the cap of 4: not kept, x and y stay.
+  ASSERT_OK(m.AddSequence(9));
+  ASSERT_OK(m.Reserve(9, 20).status());
+  sessions.Keep({"", "big"}, std::vector<int32_t>(m.BlockTable(9).begin(), m.BlockTable(9).end()),
+                t0 + absl::Seconds(9));
+  m.Free(9);
+  EXPECT_FALSE(sessions.Has({"", "big"}));
+  EXPECT_TRUE(sessions.Has({"", "x"}));
+  EXPECT_TRUE(sessions.Has({"", "y"}));
+  EXPECT_EQ(sessions.num_capped(), 1);
+  EXPECT_EQ(sessions.num_pinned_blocks(), 4);
   EXPECT_EQ(m.num_free_blocks(), 12);
 }
 

@@ -9,7 +9,7 @@ namespace host_kv_step_test {
 
 BackendKind HostKvStepBackend() { return BackendKind::kCuda; }
 
-INSTANTIATE_TEST_SUITE_P(KvCacheDtypes, HostKvStepTest,
+INSTANTIATE_TEST_SUITE_P(CudaKvCacheDtypes, HostKvStepTest,
                          ::testing::Values(DtypeCase{"Auto", KvCacheDtype::kAuto},
                                            DtypeCase{"Bf16", KvCacheDtype::kBf16}),
                          CaseName);

@@ -198,7 +198,7 @@ void CheckEager(RankRun& run, Communicator& comm, cudaStream_t stream, uint16_t*
   run.Record(name, out);
 }
 
-TEST(CustomAllReduceRank, Body) {
+TEST(CustomAllReduceNcclRank, Body) {
   const char* rank_env = std::getenv(kRankEnv);
   const char* dir_env = std::getenv(kDirEnv);
   if (rank_env == nullptr || dir_env == nullptr) {
@@ -387,7 +387,7 @@ TEST(CustomAllReduceNcclTest, TwoProcesses) {
       }
       setenv(kRankEnv, std::to_string(rank).c_str(), 1);
       setenv(kDirEnv, dir.c_str(), 1);
-      execl("/proc/self/exe", "custom_all_reduce_child", "--gtest_filter=CustomAllReduceRank.Body",
+      execl("/proc/self/exe", "custom_all_reduce_child", "--gtest_filter=CustomAllReduceNcclRank.Body",
             static_cast<char*>(nullptr));
       _exit(127);
     }

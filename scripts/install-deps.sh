@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian 12 packages lorcserve builds against, if any is missing. Safe to re-run:
 # when everything is present it changes nothing and needs no network.
+#   LORC_DEPS=build  only what the build needs (the Dockerfile's build stage); default: build + test
 set -euo pipefail
 
 PACKAGES=(
@@ -9,6 +10,15 @@ PACKAGES=(
   libabsl-dev libgtest-dev libgmock-dev
   libopenblas-dev nlohmann-json3-dev libpcre2-dev libgloo-dev libssl-dev
 )
+# The tests' own tools: the deployment manifests' test (tests/deploy/) renders the kustomize
+# overlays with kubectl and validates them with jsonschema and the Kubernetes Python models.
+TEST_PACKAGES=(python3-kubernetes python3-jsonschema python3-yaml)
+if [ "${LORC_DEPS:-all}" != build ]; then
+  PACKAGES+=("${TEST_PACKAGES[@]}")
+  # Debian's kubectl; a kubectl already on PATH (e.g. Google Cloud SDK's package, which owns the
+  # same /usr/bin/kubectl) serves as well and would conflict with it.
+  command -v kubectl >/dev/null || PACKAGES+=(kubernetes-client)
+fi
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -1,0 +1,71 @@
+# lorcserve container image (deploy/README.md: "Building the image").
+#   docker build -t lorcserve:dev .
+#   docker build --build-arg CUDA_ARCHITECTURES=80 -t lorcserve:dev .   # A100
+# Stage "build": Debian 12 with NVIDIA's CUDA toolkit packages (nvcc, cudart, cuBLAS, NCCL) in
+# /usr/local/cuda, where scripts/build.sh and CMakeLists.txt look for nvcc; then the same scripts
+# as CI (scripts/install-deps.sh, scripts/build.sh). Stage "runtime": Debian 12 slim with only the
+# Debian and CUDA runtime packages the binary links (computed from ldd in the build stage), the
+# binary, and the fixture model (for the cpu-demo overlay); runs as an unprivileged user.
+
+ARG DEBIAN_IMAGE=debian:12
+ARG DEBIAN_SLIM_IMAGE=debian:12-slim
+
+FROM ${DEBIAN_IMAGE} AS build
+# CUDA 13.0 (what the project is built and measured with); the apt package suffix is 13-0.
+ARG CUDA_VERSION=13.0
+ARG CUDA_ARCHITECTURES=90
+ENV DEBIAN_FRONTEND=noninteractive
+RUN apt-get update -q \
+ && apt-get install -y -q --no-install-recommends ca-certificates curl \
+ && curl -fsSL -o /tmp/cuda-keyring.deb \
+      https://developer.download.nvidia.com/compute/cuda/repos/debian12/x86_64/cuda-keyring_1.1-1_all.deb \
+ && dpkg -i /tmp/cuda-keyring.deb && rm /tmp/cuda-keyring.deb \
+ && apt-get update -q \
+ && v=$(echo "${CUDA_VERSION}" | tr . -) \
+ && apt-get install -y -q --no-install-recommends \
+      "cuda-nvcc-$v" "cuda-cudart-dev-$v" "libcublas-dev-$v" libnccl-dev \
+ && ln -sfn "/usr/local/cuda-${CUDA_VERSION}" /usr/local/cuda \
+ && /usr/local/cuda/bin/nvcc --version \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+# The Debian packages first (a layer that survives source changes); build deps only, no test tools.
+COPY scripts/install-deps.sh scripts/install-deps.sh
+RUN LORC_DEPS=build bash scripts/install-deps.sh && rm -rf /var/lib/apt/lists/*
+COPY . .
+RUN LORC_CUDA=ON LORC_CMAKE_ARGS="-DLORC_BUILD_TESTS=OFF -DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCHITECTURES}" \
+      bash scripts/build.sh lorcserve fixture_model \
+ && mkdir -p /out/bin /out/lib /out/models/tiny-llama-a \
+ && cp build/bin/lorcserve /out/bin/ \
+ && bash deploy/docker/runtime-deps.sh /out/bin/lorcserve /out/lib > /out/runtime-packages.txt \
+ && cat /out/runtime-packages.txt \
+ && cd models/tiny-llama-a \
+ && cp config.json generation_config.json tokenizer.json tokenizer_config.json model.safetensors \
+      README.md /out/models/tiny-llama-a/
+
+FROM ${DEBIAN_SLIM_IMAGE} AS runtime
+ARG CUDA_VERSION=13.0
+ENV DEBIAN_FRONTEND=noninteractive
+COPY --from=build /out/runtime-packages.txt /tmp/runtime-packages.txt
+# The CUDA runtime packages (cudart, cuBLAS, NCCL) come from NVIDIA's repository, as in the build.
+RUN apt-get update -q \
+ && apt-get install -y -q --no-install-recommends ca-certificates curl \
+ && curl -fsSL -o /tmp/cuda-keyring.deb \
+      https://developer.download.nvidia.com/compute/cuda/repos/debian12/x86_64/cuda-keyring_1.1-1_all.deb \
+ && dpkg -i /tmp/cuda-keyring.deb && rm /tmp/cuda-keyring.deb \
+ && apt-get update -q \
+ && xargs -a /tmp/runtime-packages.txt apt-get install -y -q --no-install-recommends \
+ && apt-get purge -y -q curl && apt-get autoremove -y -q \
+ && rm -rf /var/lib/apt/lists/* /tmp/runtime-packages.txt \
+ && groupadd --gid 10001 lorc && useradd --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin lorc
+COPY --from=build /out/lib/ /usr/local/lib/lorcserve/
+COPY --from=build /out/bin/lorcserve /usr/local/bin/lorcserve
+COPY --from=build /out/models/ /opt/lorcserve/models/
+# The NVIDIA container runtime mounts the driver (libcuda) when these are set.
+ENV NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    LD_LIBRARY_PATH=/usr/local/cuda-${CUDA_VERSION}/targets/x86_64-linux/lib:/usr/local/lib/lorcserve
+USER 10001:10001
+# Public API, internal services (workers, rendezvous), Prometheus metrics.
+EXPOSE 50051 50052 9090
+ENTRYPOINT ["lorcserve"]
+CMD ["info"]

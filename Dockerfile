@@ -15,18 +15,14 @@ FROM ${DEBIAN_IMAGE} AS build
 ARG CUDA_VERSION=13.0
 ARG CUDA_ARCHITECTURES=90
 ENV DEBIAN_FRONTEND=noninteractive
-RUN apt-get update -q \
- && apt-get install -y -q --no-install-recommends ca-certificates curl \
- && curl -fsSL -o /tmp/cuda-keyring.deb \
-      https://developer.download.nvidia.com/compute/cuda/repos/debian12/x86_64/cuda-keyring_1.1-1_all.deb \
- && dpkg -i /tmp/cuda-keyring.deb && rm /tmp/cuda-keyring.deb \
- && apt-get update -q \
+COPY deploy/docker/cuda-apt-repo.sh /tmp/cuda-apt-repo.sh
+RUN bash /tmp/cuda-apt-repo.sh \
  && v=$(echo "${CUDA_VERSION}" | tr . -) \
  && apt-get install -y -q --no-install-recommends \
       "cuda-nvcc-$v" "cuda-cudart-dev-$v" "libcublas-dev-$v" libnccl-dev \
  && ln -sfn "/usr/local/cuda-${CUDA_VERSION}" /usr/local/cuda \
  && /usr/local/cuda/bin/nvcc --version \
- && rm -rf /var/lib/apt/lists/*
+ && rm -rf /var/lib/apt/lists/* /tmp/cuda-apt-repo.sh
 WORKDIR /src
 # The Debian packages first (a layer that survives source changes); build deps only, no test tools.
 COPY scripts/install-deps.sh scripts/install-deps.sh
@@ -46,16 +42,12 @@ FROM ${DEBIAN_SLIM_IMAGE} AS runtime
 ARG CUDA_VERSION=13.0
 ENV DEBIAN_FRONTEND=noninteractive
 COPY --from=build /out/runtime-packages.txt /tmp/runtime-packages.txt
+COPY deploy/docker/cuda-apt-repo.sh /tmp/cuda-apt-repo.sh
 # The CUDA runtime packages (cudart, cuBLAS, NCCL) come from NVIDIA's repository, as in the build.
-RUN apt-get update -q \
- && apt-get install -y -q --no-install-recommends ca-certificates curl \
- && curl -fsSL -o /tmp/cuda-keyring.deb \
-      https://developer.download.nvidia.com/compute/cuda/repos/debian12/x86_64/cuda-keyring_1.1-1_all.deb \
- && dpkg -i /tmp/cuda-keyring.deb && rm /tmp/cuda-keyring.deb \
- && apt-get update -q \
+RUN bash /tmp/cuda-apt-repo.sh \
  && xargs -a /tmp/runtime-packages.txt apt-get install -y -q --no-install-recommends \
  && apt-get purge -y -q curl && apt-get autoremove -y -q \
- && rm -rf /var/lib/apt/lists/* /tmp/runtime-packages.txt \
+ && rm -rf /var/lib/apt/lists/* /tmp/runtime-packages.txt /tmp/cuda-apt-repo.sh \
  && groupadd --gid 10001 lorc && useradd --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin lorc
 COPY --from=build /out/lib/ /usr/local/lib/lorcserve/
 COPY --from=build /out/bin/lorcserve /usr/local/bin/lorcserve

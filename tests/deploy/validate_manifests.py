@@ -332,6 +332,13 @@ def sleep_seconds(container):
 
 
 def check_invariants(objs, where, problems):
+    try:
+        _check_invariants(objs, where, problems)
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        problems.add(where, f"cannot check the deployment invariants: {type(e).__name__}: {e}")
+
+
+def _check_invariants(objs, where, problems):
     lws_objs = [o for o in objs if o.get("kind") == "LeaderWorkerSet"]
     claims = {o["metadata"]["name"] for o in objs if o.get("kind") == "PersistentVolumeClaim"}
     if not lws_objs:

@@ -13,7 +13,7 @@ What is checked, for every overlay (`kubectl kustomize deploy/overlays/X`):
     model's type (`openapi_types`), recursively; required fields through the client's own
     deserializer.
   * Deployment invariants: Service selectors pick LWS leaders of a rendered LWS and target named
-    ports the leader declares; probe ports are container ports; --listen / --internal-listen /
+    ports the leader declares, and no Service takes the LWS's name (LWS's headless Service); probe ports are container ports; --listen / --internal-listen /
     --metrics-port agree with the ports; --tensor-parallel-size = group size x --local-workers;
     nvidia.com/gpu = --local-workers on CUDA pods; the termination grace period covers preStop
     + --drain-timeout-s, and worker pods outlive the leader's drain; volumes and claims exist.
@@ -421,6 +421,9 @@ def _check_invariants(objs, where, problems):
     # Services: leaders of a rendered LWS, named target ports the leader declares.
     for svc in (o for o in objs if o.get("kind") == "Service"):
         w = f"{where} Service/{svc['metadata']['name']}"
+        if any(svc["metadata"]["name"] == o["metadata"]["name"] for o in lws_objs):
+            problems.add(w, "a Service named like the LeaderWorkerSet keeps LWS from creating its "
+                            "headless Service (the pods' DNS names, $LWS_LEADER_ADDRESS)")
         selector = svc["spec"].get("selector") or {}
         lws = next((o for o in lws_objs if o["metadata"]["name"] == selector.get(LWS_NAME_LABEL)),
                    None)
@@ -619,6 +622,8 @@ def self_test(objs, lws, lorcserve, cache):
          "Service", lambda o: o["spec"]["ports"][0].pop("port")),
         ("Service metadata typo (labels -> lables)",
          "Service", mutate_rename(lambda o: o["metadata"], "labels", "lables")),
+        ("Service named like the LeaderWorkerSet (hides LWS's headless Service)",
+         "Service", lambda o: o["metadata"].__setitem__("name", "lorcserve")),
         ("Service selects workers too (no worker-index)",
          "Service", lambda o: o["spec"]["selector"].pop(LWS_INDEX_LABEL)),
         ("invariant: --tensor-parallel-size disagrees with the group",

@@ -13,7 +13,8 @@ What is checked, for every overlay (`kubectl kustomize deploy/overlays/X`):
     model's type (`openapi_types`), recursively; required fields through the client's own
     deserializer.
   * Deployment invariants: Service selectors pick LWS leaders of a rendered LWS and target named
-    ports the leader declares, and no Service takes the LWS's name (LWS's headless Service); probe ports are container ports; --listen / --internal-listen /
+    ports the leader declares, and no Service takes the LWS's name (LWS's headless Service);
+    every pod of a group mounts a volume at the coordinator's --model path; probe ports are container ports; --listen / --internal-listen /
     --metrics-port agree with the ports; --tensor-parallel-size = group size x --local-workers;
     nvidia.com/gpu = --local-workers on CUDA pods; the termination grace period covers preStop
     + --drain-timeout-s, and worker pods outlive the leader's drain; volumes and claims exist.
@@ -406,6 +407,15 @@ def _check_invariants(objs, where, problems):
                                 f"leader's preStop + drain ({sleep_seconds(leader) + drain} s)")
             if wgrace <= sleep_seconds(worker):
                 problems.add(w, f"worker terminationGracePeriodSeconds={wgrace} <= its preStop")
+        # The model: the coordinator names a path every rank opens, so every pod of the group
+        # mounts a volume there (the workers read the weights from the coordinator's --model).
+        model = lflags.get("--model")
+        for role, c in (("leader", leader), ("worker", worker)):
+            if role == "worker" and size == 1:
+                continue
+            mounts = [m["mountPath"].rstrip("/") + "/" for m in c.get("volumeMounts") or []]
+            if model is None or not any(model.startswith(m) for m in mounts):
+                problems.add(w, f"{role} container mounts no volume holding --model={model}")
         # Volumes: mounts name volumes of the pod; claims are rendered.
         for role, spec in (("leader", leader_spec), ("worker", worker_spec)):
             volumes = {v["name"]: v for v in spec.get("volumes") or []}
@@ -631,6 +641,9 @@ def self_test(objs, lws, lorcserve, cache):
              "--tensor-parallel-size=3")),
         ("invariant: grace period shorter than preStop + drain",
          "LeaderWorkerSet", lambda o: leader(o).__setitem__("terminationGracePeriodSeconds", 10)),
+        ("invariant: worker pods do not mount the model",
+         "LeaderWorkerSet", lambda o: o["spec"]["leaderWorkerTemplate"]["workerTemplate"]["spec"][
+             "containers"][0].pop("volumeMounts")),
         ("flag unknown to lorcserve (--no-such-flag)",
          "LeaderWorkerSet", lambda o: leader(o)["containers"][0]["args"].append("--no-such-flag")),
     ]

@@ -450,6 +450,17 @@ class ServerE2ETest : public ::testing::Test {
     }
   }
 
+  // SIGKILLs worker 0 and waits until its replacement serves. Use under ASSERT_NO_FATAL_FAILURE.
+  void KillWorkerAndAwaitRestart() {
+    const pid_t old = server_->WorkerPid(0);
+    ASSERT_GT(old, 0);
+    ASSERT_EQ(kill(old, SIGKILL), 0) << std::strerror(errno);
+    ASSERT_TRUE(WaitFor([&] {
+      const pid_t p = server_->WorkerPid(0);
+      return p > 0 && p != old && Health() == HealthCheckResponse::SERVING;
+    }, 60)) << server_->Stderr();
+  }
+
   // Sends raw `bytes` as the request of LorcServe's `method` ("Generate", "Tokenize"), as a
   // client whose protobuf library does not check UTF-8 would; returns the call's status.
   grpc::Status RawCall(const std::string& method, const std::string& bytes, int* messages) {

@@ -203,13 +203,7 @@ TEST_F(MetricsE2ETest, EveryMetricPresentAndMoving) {
   EXPECT_TRUE(by_id["no-prompt"].at("ttft_ms").is_null());
 
   // ---- a worker recovery: the same registry keeps counting.
-  const pid_t old = server_->WorkerPid(0);
-  ASSERT_GT(old, 0);
-  ASSERT_EQ(kill(old, SIGKILL), 0) << std::strerror(errno);
-  ASSERT_TRUE(WaitFor([&] {
-    const pid_t p = server_->WorkerPid(0);
-    return p > 0 && p != old && Health() == HealthCheckResponse::SERVING;
-  }, 60)) << server_->Stderr();
+  ASSERT_NO_FATAL_FAILURE(KillWorkerAndAwaitRestart());
   const Samples s3 = Scrape();
   EXPECT_EQ(Delta(s3, s2, "lorcserve_worker_failures_total"), 1);
   EXPECT_EQ(Delta(s3, s2, "lorcserve_worker_recoveries_total"), 1);

@@ -169,12 +169,13 @@ absl::Status CoordinatorServer::JoinGroup() {
     gen_ = g;
     state_ = State::kServing;
     failure_ = absl::OkStatus();
+    // Under mu_ with state_, so a failure right after cannot be overwritten.
+    metrics_->SetWorkerGroupSize(g->group->size());
+    metrics_->SetServingState(ServingState::kServing);
   }
   // The aliasing shared_ptr keeps the whole generation (the loop's group) alive in handlers.
   service_->SetLoop(std::shared_ptr<EngineLoop>(g, g->loop.get()));
   SetHealth(true);
-  metrics_->SetWorkerGroupSize(g->group->size());
-  metrics_->SetServingState(ServingState::kServing);
   log_->Worker({"join", absl::StrCat(g->group->size(), " worker(s) joined and loaded the model: ",
                                      absl::StrJoin(wg.addresses, ","))});
   return absl::OkStatus();
@@ -206,10 +207,10 @@ void CoordinatorServer::OnWorkerFailure(const absl::Status& why) {
     recover = options_.max_restarts > 0;
     state_ = recover ? State::kRecovering : State::kFailed;
     g = gen_;  // a snapshot: stays valid even if Shutdown drops gen_ meanwhile
+    metrics_->CountWorkerFailure();
+    metrics_->SetWorkerGroupSize(0);
+    metrics_->SetServingState(recover ? ServingState::kRecovering : ServingState::kFailed);
   }
-  metrics_->CountWorkerFailure();
-  metrics_->SetWorkerGroupSize(0);
-  metrics_->SetServingState(recover ? ServingState::kRecovering : ServingState::kFailed);
   log_->Worker({"failure", absl::StrCat(why.message(), "; health is NOT_SERVING",
                                         recover ? ", recovering" : "")});
   service_->SetLoop(nullptr, absl::UnavailableError(absl::StrCat(
@@ -259,8 +260,8 @@ void CoordinatorServer::Recover() {
         if (stopping_) return;
         state_ = State::kFailed;
         failure_ = final_status;
+        metrics_->SetServingState(ServingState::kFailed);
       }
-      metrics_->SetServingState(ServingState::kFailed);
       log_->Worker({"give_up", std::string(final_status.message())});
       service_->SetLoop(nullptr, final_status);
       return;

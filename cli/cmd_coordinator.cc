@@ -11,6 +11,7 @@
 #include "cli/signals.h"
 #include "common/status_macros.h"
 #include "coordinator/coordinator_server.h"
+#include "metrics/metrics_exposer.h"
 
 namespace lorc::cli {
 namespace {
@@ -43,6 +44,7 @@ absl::StatusOr<CoordinatorOptions> ParseOptions(const Args& args) {
   o.join_timeout = absl::Seconds(join_s);
   ASSIGN_OR_RETURN(o.max_restarts, args.GetInt32("max-restarts", o.max_restarts, 0, 1000));
   o.disable_custom_all_reduce = args.Has("disable-custom-all-reduce");
+  ASSIGN_OR_RETURN(o.log_format, ParseLogFormat(args.Get("log-format", "text")));
   return o;
 }
 
@@ -69,6 +71,8 @@ int RunCoordinator(int argc, char** argv) {
                     " before staying NOT_SERVING (0: none; default ",
                     CoordinatorOptions{}.max_restarts, ")"),
        "K"},
+      {"metrics-port", true, "serve Prometheus metrics on 0.0.0.0:PORT/metrics (default: off; 0: pick one)", "PORT"},
+      {"log-format", true, "request and worker-event log lines on stderr: text (default) or json", "FMT"},
       {"help", false, "show this help"},
   };
   for (std::vector<FlagSpec> group : {KvCacheFlags(), SchedulerFlags()}) {
@@ -81,10 +85,24 @@ int RunCoordinator(int argc, char** argv) {
   if (!args.has_value()) return exit_code;
   absl::StatusOr<CoordinatorOptions> options = ParseOptions(*args);
   if (!options.ok()) return Fail("coordinator", options.status());
+  // The metrics endpoint comes up first (a busy port fails fast; scrapes see the load).
+  std::unique_ptr<MetricsExposer> metrics_exposer;
+  if (args->Has("metrics-port")) {
+    absl::StatusOr<int64_t> port = args->GetIntInRange("metrics-port", 0, 0, 65535);
+    if (!port.ok()) return Fail("coordinator", port.status());
+    options->metrics = std::make_shared<ServingMetrics>();
+    absl::StatusOr<std::unique_ptr<MetricsExposer>> e =
+        MetricsExposer::Start(static_cast<int>(*port), options->metrics->registry());
+    if (!e.ok()) return Fail("coordinator", e.status());
+    metrics_exposer = *std::move(e);
+  }
   InstallTerminationHandlers();
   absl::StatusOr<std::unique_ptr<CoordinatorServer>> server = CoordinatorServer::Start(*options);
   if (!server.ok()) return Fail("coordinator", server.status());
   std::cout << "LISTENING " << (*server)->address() << std::endl;
+  if (metrics_exposer != nullptr) {
+    std::cout << "METRICS_LISTENING " << metrics_exposer->address() << std::endl;
+  }
   std::cerr << "lorcserve coordinator: serving " << options->model.dir << " on " << (*server)->address()
             << "\n";
   {

@@ -15,6 +15,9 @@ if(LORC_WITH_GRPC)
     add_library(gRPC::grpc++ ALIAS PkgConfig::GRPCPP)
   endif()
   find_program(LORC_GRPC_CPP_PLUGIN grpc_cpp_plugin REQUIRED)
+  # The coordinator's metrics (metrics/): core (registry, atomics) and pull (the /metrics HTTP
+  # endpoint over civetweb). Debian's prometheus-cpp-dev.
+  find_package(prometheus-cpp CONFIG REQUIRED)
 endif()
 
 if(LORC_BUILD_TESTS)

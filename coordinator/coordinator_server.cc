@@ -7,6 +7,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "common/status_macros.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
@@ -47,6 +48,9 @@ bool AnswersPing(const std::string& address, absl::Duration timeout) {
 absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(const CoordinatorOptions& options) {
   std::unique_ptr<CoordinatorServer> s(new CoordinatorServer());
   s->options_ = options;
+  s->metrics_ = options.metrics != nullptr ? options.metrics : std::make_shared<ServingMetrics>();
+  s->metrics_->SetServingState(ServingState::kStarting);
+  s->log_ = std::make_unique<EventLog>(options.log_format);
   ASSIGN_OR_RETURN(s->config_, LoadModelConfig(options.model.dir));
   if (std::filesystem::exists(std::filesystem::path(options.model.dir) / "tokenizer.json")) {
     ASSIGN_OR_RETURN(s->tokenizer_, Tokenizer::FromModelDir(options.model.dir));
@@ -82,6 +86,7 @@ absl::Status CoordinatorServer::StartServer() {
   info.set_kv_cache_dtype(KvCacheDtypeName(options_.kv.kv_cache_dtype));
   service_ = std::make_unique<LorcServeService>(
       config_, tokenizer_.get(), info, [this](lorcserve::v1::ModelInfoResponse* r) { FillLive(r); });
+  service_->SetObservability(metrics_.get(), log_.get());
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
@@ -155,18 +160,24 @@ absl::Status CoordinatorServer::JoinGroup() {
   engine_options.num_host_blocks = g->group->info().num_host_blocks;
   ASSIGN_OR_RETURN(std::unique_ptr<Engine> engine,
                    Engine::Create(g->group.get(), config_, kv, tokenizer_.get(), engine_options));
-  g->loop = std::make_shared<EngineLoop>(std::move(engine));
+  g->loop = std::make_shared<EngineLoop>(std::move(engine), metrics_.get());
   {
     absl::MutexLock lock(&mu_);
     if (stopping_) return absl::CancelledError("shutting down");
     if (state_ == State::kStarting && !failure_.ok()) return failure_;  // died while loading
+    if (state_ == State::kRecovering) metrics_->CountWorkerRecovery();
     gen_ = g;
     state_ = State::kServing;
     failure_ = absl::OkStatus();
+    // Under mu_ with state_, so a failure right after cannot be overwritten.
+    metrics_->SetWorkerGroupSize(g->group->size());
+    metrics_->SetServingState(ServingState::kServing);
   }
   // The aliasing shared_ptr keeps the whole generation (the loop's group) alive in handlers.
   service_->SetLoop(std::shared_ptr<EngineLoop>(g, g->loop.get()));
   SetHealth(true);
+  log_->Worker({"join", absl::StrCat(g->group->size(), " worker(s) joined and loaded the model: ",
+                                     absl::StrJoin(wg.addresses, ","))});
   return absl::OkStatus();
 }
 
@@ -196,9 +207,12 @@ void CoordinatorServer::OnWorkerFailure(const absl::Status& why) {
     recover = options_.max_restarts > 0;
     state_ = recover ? State::kRecovering : State::kFailed;
     g = gen_;  // a snapshot: stays valid even if Shutdown drops gen_ meanwhile
+    metrics_->CountWorkerFailure();
+    metrics_->SetWorkerGroupSize(0);
+    metrics_->SetServingState(recover ? ServingState::kRecovering : ServingState::kFailed);
   }
-  std::cerr << "lorcserve coordinator: " << why.message() << "; health is NOT_SERVING"
-            << (recover ? ", recovering" : "") << "\n";
+  log_->Worker({"failure", absl::StrCat(why.message(), "; health is NOT_SERVING",
+                                        recover ? ", recovering" : "")});
   service_->SetLoop(nullptr, absl::UnavailableError(absl::StrCat(
                                  recover ? "recovering from a worker failure (retry shortly): "
                                          : "not serving: ",
@@ -246,8 +260,9 @@ void CoordinatorServer::Recover() {
         if (stopping_) return;
         state_ = State::kFailed;
         failure_ = final_status;
+        metrics_->SetServingState(ServingState::kFailed);
       }
-      std::cerr << "lorcserve coordinator: " << final_status.message() << "\n";
+      log_->Worker({"give_up", std::string(final_status.message())});
       service_->SetLoop(nullptr, final_status);
       return;
     }
@@ -259,24 +274,24 @@ void CoordinatorServer::Recover() {
       for (int rank = 0; rank < static_cast<int>(addresses.size()); ++rank) {
         if (!addresses[rank].empty() && !AnswersPing(addresses[rank], absl::Seconds(2)) &&
             local_->Kill(rank)) {
-          std::cerr << "lorcserve coordinator: worker " << rank
-                    << " does not answer; killed it to restart it\n";
+          log_->Worker({"kill", absl::StrCat("worker ", rank, " does not answer; killed it to restart it"),
+                        rank});
         }
       }
       for (int rank : local_->WaitForExit(absl::Seconds(2))) {
-        std::cerr << "lorcserve coordinator: restarting worker " << rank << "\n";
+        log_->Worker({"restart", absl::StrCat("restarting worker ", rank), rank});
         st = local_->Restart(rank);
         if (!st.ok()) break;
       }
     }
     if (st.ok()) st = JoinGroup();
     if (st.ok()) {
-      std::cerr << "lorcserve coordinator: workers re-joined; health is SERVING\n";
+      log_->Worker({"recovery", "workers re-joined; health is SERVING"});
       return;
     }
     if (absl::IsCancelled(st)) return;  // shutting down
     last = st;
-    std::cerr << "lorcserve coordinator: recovery attempt failed: " << st.message() << "\n";
+    log_->Worker({"recovery_failed", absl::StrCat("recovery attempt failed: ", st.message())});
     if (SleepUnlessStopping(backoff)) return;
     backoff = std::min(backoff * 2, options_.max_backoff);
   }

@@ -36,6 +36,8 @@
 #include "tokenizer/tokenizer.h"
 #include "coordinator/worker_group.h"
 #include "grpcpp/grpcpp.h"
+#include "metrics/request_log.h"
+#include "metrics/serving_metrics.h"
 #include "step/coordinator_ref.h"
 #include "worker/comm/grpc_rendezvous.h"
 
@@ -61,6 +63,10 @@ struct CoordinatorOptions {
   int32_t max_restarts = 3;
   absl::Duration restart_window = absl::Minutes(10);
   absl::Duration max_backoff = absl::Seconds(30);  // between re-join attempts
+  // Prometheus metrics (metrics/README.md), kept across recoveries; null: the server keeps its
+  // own (the caller exposes `metrics->registry()`, e.g. on --metrics-port).
+  std::shared_ptr<ServingMetrics> metrics;
+  LogFormat log_format = LogFormat::kText;  // request and worker-event lines on stderr
 };
 
 class CoordinatorServer {
@@ -99,6 +105,8 @@ class CoordinatorServer {
   void FillLive(lorcserve::v1::ModelInfoResponse* resp);
 
   CoordinatorOptions options_;
+  std::shared_ptr<ServingMetrics> metrics_;  // options_.metrics or our own; never null
+  std::unique_ptr<EventLog> log_;
   ModelConfig config_;
   std::unique_ptr<Tokenizer> tokenizer_;
   RendezvousService rendezvous_;

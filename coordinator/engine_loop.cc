@@ -1,5 +1,7 @@
 #include "coordinator/engine_loop.h"
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 
 namespace lorc {
@@ -18,7 +20,18 @@ std::deque<RequestUpdate> RequestChannel::Take(absl::Duration timeout) {
   return out;
 }
 
-EngineLoop::EngineLoop(std::unique_ptr<Engine> engine) : engine_(std::move(engine)) {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double Seconds(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double>(b - a).count();
+}
+
+}  // namespace
+
+EngineLoop::EngineLoop(std::unique_ptr<Engine> engine, ServingMetrics* metrics)
+    : metrics_(metrics), engine_(std::move(engine)) {
   Publish();
   thread_ = std::thread([this] { Run(); });
 }
@@ -33,7 +46,7 @@ EngineLoop::~EngineLoop() {
 
 void EngineLoop::Submit(int64_t id, GenerationRequest request, std::shared_ptr<RequestChannel> channel) {
   absl::MutexLock lock(&mu_);
-  inbox_.push_back(Add{id, std::move(request), std::move(channel)});
+  inbox_.push_back(Add{id, std::move(request), std::move(channel), Clock::now()});
 }
 
 void EngineLoop::Cancel(int64_t id, absl::Status why) {
@@ -77,8 +90,71 @@ void EngineLoop::Publish() {
   s.num_waiting = engine_->scheduler().num_waiting();
   s.prefix_cache = engine_->scheduler().prefix_cache_report();
   s.engine = engine_->stats();
+  if (metrics_ != nullptr) {
+    const Scheduler& sched = engine_->scheduler();
+    SchedulerGauges g;
+    g.num_waiting = s.num_waiting;
+    g.num_running = s.num_running;
+    g.kv_blocks_capacity = sched.num_blocks();
+    g.kv_blocks_used = sched.num_blocks() - s.kv_free_blocks;
+    g.host_kv_blocks_capacity = s.prefix_cache.host_blocks_total;
+    g.host_kv_blocks_used = s.prefix_cache.host_blocks_used;
+    metrics_->SetScheduler(g);
+    // The scheduler's counters run from its construction (this engine's): add what is new.
+    const PrefixCacheStats& pc = s.prefix_cache.stats;
+    SchedulerCounterDeltas d;
+    d.preemptions = sched.num_preemptions() - mark_.preemptions;
+    d.prefix_cache_queries = pc.queries - mark_.prefix_cache.queries;
+    d.prefix_cache_query_tokens = pc.query_tokens - mark_.prefix_cache.query_tokens;
+    d.prefix_cache_hit_tokens = pc.hit_tokens - mark_.prefix_cache.hit_tokens;
+    d.prefix_cache_host_hit_tokens = pc.host_hit_tokens - mark_.prefix_cache.host_hit_tokens;
+    metrics_->AddScheduler(d);
+    mark_.preemptions = sched.num_preemptions();
+    mark_.prefix_cache = pc;
+  }
   absl::MutexLock lock(&mu_);
   stats_ = s;
+}
+
+Engine::UpdateFn EngineLoop::MakeUpdateFn(const Add& add) {
+  std::shared_ptr<RequestChannel> ch = add.channel;
+  if (metrics_ == nullptr) {
+    return [this, ch](const RequestUpdate& u) { outbox_.emplace_back(ch, u); };
+  }
+  // Per request, on the engine thread: the last token's time per completion, finals seen.
+  struct Timing {
+    Clock::time_point submitted;
+    std::vector<Clock::time_point> last_token;  // per completion; epoch: none yet
+    bool first_token = false;
+    int32_t num_final = 0;
+    bool all_ok = true;
+  };
+  auto t = std::make_shared<Timing>();
+  t->submitted = add.submitted;
+  t->last_token.resize(std::max(1, add.request.params.n));
+  return [this, ch, t](const RequestUpdate& u) {
+    ServingMetrics& m = *metrics_;
+    const Clock::time_point now = Clock::now();
+    if (!u.new_ids.empty() && u.index >= 0 && u.index < static_cast<int32_t>(t->last_token.size())) {
+      m.AddGenerationTokens(static_cast<int64_t>(u.new_ids.size()));
+      Clock::time_point& last = t->last_token[u.index];
+      if (last != Clock::time_point{}) m.ObserveInterTokenLatency(Seconds(last, now));
+      last = now;
+      if (!t->first_token) {
+        t->first_token = true;
+        m.ObserveTimeToFirstToken(Seconds(t->submitted, now));
+      }
+    }
+    if (u.finished) {
+      t->all_ok = t->all_ok && u.status.ok();
+      if (++t->num_final == static_cast<int32_t>(t->last_token.size())) {  // the request ended
+        m.AddPromptTokens(u.prompt_tokens);
+        m.AddCachedPromptTokens(u.cached_prompt_tokens);
+        if (t->all_ok) m.ObserveE2eLatency(Seconds(t->submitted, now));
+      }
+    }
+    outbox_.emplace_back(ch, u);
+  };
 }
 
 void EngineLoop::Run() {
@@ -99,12 +175,8 @@ void EngineLoop::Run() {
     for (auto& cmd : inbox) {
       if (auto* add = std::get_if<Add>(&cmd)) {
         std::shared_ptr<RequestChannel> ch = add->channel;
-        absl::Status s = failure.ok()
-                             ? engine_->Add(add->id, add->request,
-                                            [this, ch](const RequestUpdate& u) {
-                                              outbox_.emplace_back(ch, u);
-                                            })
-                             : failure;
+        absl::Status s =
+            failure.ok() ? engine_->Add(add->id, add->request, MakeUpdateFn(*add)) : failure;
         if (!s.ok()) {
           RequestUpdate u;
           u.finished = true;
@@ -125,7 +197,18 @@ void EngineLoop::Run() {
     if (!failure.ok()) {
       engine_->AbortAll(failure);  // workers are not stepped any more
     } else if (engine_->HasWork()) {
+      const EngineStats before = engine_->stats();
       const absl::Status s = engine_->Step();
+      if (metrics_ != nullptr) {
+        // This iteration's phases (Engine::Step: schedule + submit while the pipeline has room,
+        // await + apply once it is full); a phase that did not run is not observed.
+        const EngineStats& after = engine_->stats();
+        const bool applied = after.steps > before.steps;
+        const double workers_s = after.run_s - before.run_s;
+        metrics_->ObserveStep(after.schedule_s - before.schedule_s, workers_s > 0 ? workers_s : -1,
+                              applied ? after.apply_s - before.apply_s : -1);
+        metrics_->AddEngineSteps(after.steps - before.steps);
+      }
       if (!s.ok() && (s.code() == absl::StatusCode::kUnavailable ||
                       s.code() == absl::StatusCode::kDeadlineExceeded)) {
         Fail(s);

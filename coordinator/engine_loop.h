@@ -1,9 +1,12 @@
 // The server's engine thread: owns an Engine, takes submissions and cancellations from gRPC
 // handler threads through a queue, and steps the engine while there is work. Each request's
-// updates go to its RequestChannel, which its handler thread drains.
+// updates go to its RequestChannel, which its handler thread drains. With a ServingMetrics the
+// engine thread also keeps the Prometheus metrics it sees (tokens, latencies, step phases,
+// scheduler occupancy and counters); a recovery's new loop gets the same object.
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <deque>
 #include <memory>
 #include <string>
@@ -15,6 +18,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
 #include "coordinator/engine.h"
+#include "metrics/serving_metrics.h"
 
 namespace lorc {
 
@@ -40,8 +44,9 @@ struct LoopStats {
 
 class EngineLoop {
  public:
-  // Takes ownership of the engine; starts the thread.
-  explicit EngineLoop(std::unique_ptr<Engine> engine);
+  // Takes ownership of the engine; starts the thread. `metrics` (may be null) must outlive the
+  // loop; it is updated from the engine thread only.
+  explicit EngineLoop(std::unique_ptr<Engine> engine, ServingMetrics* metrics = nullptr);
   ~EngineLoop();  // stops the thread; live requests end with UNAVAILABLE
 
   // Queues a request; its updates (including a validation failure) arrive on `channel`.
@@ -60,6 +65,7 @@ class EngineLoop {
     int64_t id;
     GenerationRequest request;
     std::shared_ptr<RequestChannel> channel;
+    std::chrono::steady_clock::time_point submitted;
   };
   struct Cancel_ {
     int64_t id;
@@ -73,6 +79,17 @@ class EngineLoop {
   };
   void Run();
   void Publish();
+  // The callback Engine::Add gets: queues the update for `ch` and, with metrics, counts its
+  // tokens and observes TTFT / inter-token / end-to-end latency from the submission time.
+  Engine::UpdateFn MakeUpdateFn(const Add& add);
+  // Engine stats and scheduler counters already added to the metrics (engine thread).
+  struct MetricsMark {
+    int64_t preemptions = 0;
+    PrefixCacheStats prefix_cache;
+  };
+
+  ServingMetrics* const metrics_;
+  MetricsMark mark_;
 
   std::unique_ptr<Engine> engine_;
   // Updates of the current iteration, delivered after its stats are published (engine thread).

@@ -1,6 +1,7 @@
 #include "coordinator/lorcserve_service.h"
 
 #include <algorithm>
+#include <chrono>
 #include <utility>
 #include <vector>
 
@@ -307,8 +308,32 @@ absl::StatusOr<std::shared_ptr<EngineLoop>> LorcServeService::Loop() const {
 
 grpc::Status LorcServeService::Generate(grpc::ServerContext* ctx, const grpc::ByteBuffer* raw,
                                         grpc::ServerWriter<lorcserve::v1::GenerateResponse>* writer) {
+  const auto start = std::chrono::steady_clock::now();
+  RequestLogRecord rec;
+  grpc::Status status = GenerateImpl(ctx, raw, writer, &rec);
+  rec.duration_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  if (!status.ok()) {
+    // A cancellation past the client's deadline is the deadline's.
+    const absl::StatusCode code =
+        status.error_code() == grpc::StatusCode::CANCELLED &&
+                ctx->deadline() <= std::chrono::system_clock::now()
+            ? absl::StatusCode::kDeadlineExceeded
+            : static_cast<absl::StatusCode>(status.error_code());
+    rec.outcome = ServingMetrics::OutcomeOfStatus(code);
+    rec.status_message = status.error_message();
+  }
+  if (metrics_ != nullptr) metrics_->CountRequest(rec.outcome);
+  if (log_ != nullptr) log_->Request(rec);
+  return status;
+}
+
+grpc::Status LorcServeService::GenerateImpl(grpc::ServerContext* ctx, const grpc::ByteBuffer* raw,
+                                            grpc::ServerWriter<lorcserve::v1::GenerateResponse>* writer,
+                                            RequestLogRecord* rec) {
+  const auto start = std::chrono::steady_clock::now();
   lorcserve::v1::GenerateRequest req;
   if (grpc::Status s = ParseBuffer(*raw, &req); !s.ok()) return s;
+  rec->request_id = req.request_id();
   absl::StatusOr<std::shared_ptr<EngineLoop>> current = Loop();
   if (!current.ok()) return ToGrpcStatus(current.status());
   const std::shared_ptr<EngineLoop> loop = *std::move(current);
@@ -319,12 +344,26 @@ grpc::Status LorcServeService::Generate(grpc::ServerContext* ctx, const grpc::By
   const std::string request_id =
       req.request_id().empty() ? absl::StrCat("req-", id) : req.request_id();
   const int32_t num_completions = g->params.n;
+  rec->request_id = request_id;
+  rec->n = num_completions;
+  rec->prompt_tokens = static_cast<int64_t>(g->prompt_ids.size());
+  rec->outcome = "stop";  // "length" once any completion ends at its limit
   int32_t num_final = 0;
   bool prompt_logprobs_sent = false;
   auto channel = std::make_shared<RequestChannel>();
   loop->Submit(id, *std::move(g), channel);
   for (;;) {
     for (RequestUpdate& u : channel->Take(absl::Milliseconds(50))) {
+      if (!u.new_ids.empty()) {
+        rec->completion_tokens += static_cast<int64_t>(u.new_ids.size());
+        if (rec->ttft_s < 0) {
+          rec->ttft_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        }
+      }
+      if (u.finished && u.status.ok()) {
+        rec->cached_prompt_tokens = u.cached_prompt_tokens;
+        if (u.reason == FinishReason::kLength) rec->outcome = "length";
+      }
       lorcserve::v1::GenerateResponse resp;
       resp.set_request_id(request_id);
       resp.set_index(u.index);

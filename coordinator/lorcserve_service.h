@@ -24,6 +24,8 @@
 #include "google/protobuf/message.h"
 #include "grpcpp/grpcpp.h"
 #include "lorcserve/v1/lorcserve.grpc.pb.h"  // gRPC's service and handler types, the stub
+#include "metrics/request_log.h"
+#include "metrics/serving_metrics.h"
 #include "model/model_config.h"
 #include "tokenizer/tokenizer.h"
 
@@ -52,6 +54,13 @@ class LorcServeService final : public grpc::Service {
   void SetLoop(std::shared_ptr<EngineLoop> loop,
                absl::Status why_not = absl::UnavailableError("model is still loading"));
 
+  // Where each Generate call's outcome is counted (lorcserve_requests_total) and logged (one
+  // line per call); either may be null. Call before serving; both must outlive the service.
+  void SetObservability(ServingMetrics* metrics, const EventLog* log) {
+    metrics_ = metrics;
+    log_ = log;
+  }
+
   // Requests larger than this are INVALID_ARGUMENT (the transport limit is set higher).
   static constexpr size_t kMaxRequestBytes = 4 << 20;
   static constexpr int kMaxStopStrings = 64;
@@ -70,6 +79,10 @@ class LorcServeService final : public grpc::Service {
 
  private:
   absl::StatusOr<GenerationRequest> Convert(const lorcserve::v1::GenerateRequest& req) const;
+  // Generate's work; fills `rec` (id, tokens, finish outcome, first-token time) as it goes.
+  grpc::Status GenerateImpl(grpc::ServerContext* ctx, const grpc::ByteBuffer* req,
+                            grpc::ServerWriter<lorcserve::v1::GenerateResponse>* writer,
+                            RequestLogRecord* rec);
 
   // "/lorcserve.v1.LorcServe/<method>", referenced by the registered methods.
   const std::string generate_name_, tokenize_name_, model_info_name_, close_session_name_;
@@ -84,6 +97,8 @@ class LorcServeService final : public grpc::Service {
   std::shared_ptr<EngineLoop> loop_ ABSL_GUARDED_BY(mu_);
   absl::Status why_not_ ABSL_GUARDED_BY(mu_) = absl::UnavailableError("model is still loading");
   std::atomic<int64_t> next_id_{1};
+  ServingMetrics* metrics_ = nullptr;
+  const EventLog* log_ = nullptr;
 };
 
 }  // namespace lorc

@@ -9,6 +9,7 @@ PACKAGES=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev libgtest-dev libgmock-dev
   libopenblas-dev nlohmann-json3-dev libpcre2-dev libgloo-dev libssl-dev
+  prometheus-cpp-dev
 )
 # The tests' own tools: the deployment manifests' test (tests/deploy/) renders the kustomize
 # overlays with kubectl and validates them with jsonschema and the Kubernetes Python models.

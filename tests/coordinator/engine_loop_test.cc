@@ -8,6 +8,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/testing/fixtures.h"
+#include "tests/testing/http_get.h"
 #include "tests/testing/golden.h"
 #include "tests/testing/status_matchers.h"
 #include "worker/model_loader.h"
@@ -145,6 +146,70 @@ TEST_F(EngineLoopTest, AFailureEndsLiveAndLaterRequestsWithItsStatus) {
   loop_->Submit(2, Greedy(0, 4), later);
   EXPECT_THAT(Drain(*later).final.status, StatusIs(absl::StatusCode::kUnavailable));
   EXPECT_THAT(loop_->failure(), StatusIs(absl::StatusCode::kUnavailable));
+}
+
+// The metrics the engine thread keeps: tokens, latencies (per request, per completion), step
+// phases and scheduler counters; a second loop over a new engine (a recovery) adds to them.
+TEST_F(EngineLoopTest, MetricsCountEveryTokenAndKeepCountingOverANewLoop) {
+  ServingMetrics metrics;
+  auto make_loop = [&](StepRunner* runner, const LoadedModel& model) {
+    auto engine = Engine::Create(runner, model.config, model.runner->kv_spec(), nullptr,
+                                 EngineOptions());
+    EXPECT_OK(engine);
+    return std::make_unique<EngineLoop>(*std::move(engine), &metrics);
+  };
+  loop_.reset();
+  loop_ = make_loop(exec_.get(), model_);
+  // Two requests: one with two completions (each its own inter-token gaps).
+  GenerationRequest two = Greedy(0, 10);
+  two.params.n = 2;
+  auto ch_two = std::make_shared<RequestChannel>();
+  auto ch_one = std::make_shared<RequestChannel>();
+  loop_->Submit(1, two, ch_two);
+  loop_->Submit(2, Greedy(1, 7), ch_one);
+  int64_t generated = 0;
+  for (auto [ch, finals] : {std::pair{ch_two, 2}, std::pair{ch_one, 1}}) {
+    for (int waited = 0; finals > 0 && waited < kMaxWaitSeconds; ++waited) {
+      for (RequestUpdate& u : ch->Take(absl::Seconds(1))) {
+        generated += static_cast<int64_t>(u.new_ids.size());
+        finals -= u.finished;
+      }
+    }
+    ASSERT_EQ(finals, 0);
+  }
+  ASSERT_EQ(generated, 10 + 10 + 7);
+  auto s = ::lorc::testing::ParseExposition(metrics.Serialize());
+  EXPECT_EQ(s.at("lorcserve_generation_tokens_total"), 27);
+  EXPECT_EQ(s.at("lorcserve_prompt_tokens_total"), prompts_[0].size() + prompts_[1].size());
+  EXPECT_EQ(s.at("lorcserve_time_to_first_token_seconds_count"), 2);  // per request
+  EXPECT_EQ(s.at("lorcserve_inter_token_latency_seconds_count"), 9 + 9 + 6);  // per completion
+  EXPECT_EQ(s.at("lorcserve_e2e_request_latency_seconds_count"), 2);
+  EXPECT_EQ(s.at("lorcserve_step_duration_seconds_count{phase=\"apply\"}"),
+            s.at("lorcserve_engine_steps_total"));
+  EXPECT_EQ(s.at("lorcserve_engine_steps_total"), loop_->stats().engine.steps);
+  EXPECT_EQ(s.at("lorcserve_prefix_cache_queries_total"), 2);
+  EXPECT_EQ(s.at("lorcserve_kv_blocks_capacity"), 256);
+  EXPECT_EQ(s.at("lorcserve_kv_blocks_used"), 0);
+
+  // A new engine and loop (as after a worker recovery): its counters start at 0, the metrics'
+  // do not.
+  // (new workers: a fresh model and executor, as a re-joined group loads).
+  loop_.reset();
+  KvCacheOptions kv;
+  kv.num_blocks = 256;
+  auto fresh = LoadModel({::lorc::testing::TinyLlamaDir()}, backend_.get(), 0, 1, nullptr, kv);
+  ASSERT_OK(fresh);
+  StepExecutor fresh_exec(fresh->runner.get());
+  loop_ = make_loop(&fresh_exec, *fresh);
+  auto ch = std::make_shared<RequestChannel>();
+  loop_->Submit(3, Greedy(2, 5), ch);
+  Collected c = Drain(*ch);
+  EXPECT_OK(c.final.status);
+  s = ::lorc::testing::ParseExposition(metrics.Serialize());
+  EXPECT_EQ(s.at("lorcserve_generation_tokens_total"), 27 + 5);
+  EXPECT_EQ(s.at("lorcserve_prefix_cache_queries_total"), 3);
+  EXPECT_EQ(s.at("lorcserve_time_to_first_token_seconds_count"), 3);
+  loop_.reset();  // before the executor and model it steps
 }
 
 }  // namespace

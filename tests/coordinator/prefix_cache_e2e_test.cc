@@ -15,16 +15,6 @@ class PrefixCacheE2ETest : public ServerE2ETest {
     for (const Golden& g : GoldenPrompts()) ids.insert(ids.end(), g.prompt_ids.begin(), g.prompt_ids.end());
     return ids;
   }
-  // SIGKILLs worker 0 and waits until its replacement serves.
-  void KillWorkerAndAwaitRestart() {
-    const pid_t old = server_->WorkerPid(0);
-    ASSERT_GT(old, 0);
-    ASSERT_EQ(kill(old, SIGKILL), 0) << std::strerror(errno);
-    ASSERT_TRUE(WaitFor([&] {
-      const pid_t p = server_->WorkerPid(0);
-      return p > 0 && p != old && Health() == HealthCheckResponse::SERVING;
-    }, 60)) << server_->Stderr();
-  }
   grpc::Status CloseSession(const std::string& id, const std::string& salt = "") {
     grpc::ClientContext ctx;
     ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));

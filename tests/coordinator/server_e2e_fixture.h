@@ -165,6 +165,7 @@ class ServerProcess {
           return absl::StrCat("`", command_, "` printed '", line, "' instead of LISTENING\n", Stderr());
         }
         address_ = line.substr(10);
+        stdout_pending_ = buf.substr(nl + 1);  // e.g. METRICS_LISTENING, read by ReadStdoutLine
         return "";
       }
       const int left_ms = static_cast<int>(
@@ -181,6 +182,29 @@ class ServerProcess {
         return absl::StrCat("`", command_, "` exited before printing LISTENING\n", Stderr());
       }
       if (got > 0) buf.append(chunk, static_cast<size_t>(got));
+    }
+  }
+
+  // The next line the coordinator prints on stdout after LISTENING (without its '\n'), or ""
+  // when none comes within `limit_s` seconds.
+  std::string ReadStdoutLine(double limit_s) {
+    const auto deadline = Clock::now() + std::chrono::milliseconds(static_cast<int64_t>(limit_s * 1e3));
+    for (;;) {
+      const size_t nl = stdout_pending_.find('\n');
+      if (nl != std::string::npos) {
+        std::string line = stdout_pending_.substr(0, nl);
+        stdout_pending_.erase(0, nl + 1);
+        return line;
+      }
+      const int left_ms = static_cast<int>(
+          std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count());
+      if (left_ms <= 0 || stdout_fd_ < 0) return "";
+      pollfd p{stdout_fd_, POLLIN, 0};
+      if (poll(&p, 1, left_ms) <= 0) continue;
+      char chunk[256];
+      const ssize_t got = read(stdout_fd_, chunk, sizeof(chunk));
+      if (got == 0) return "";
+      if (got > 0) stdout_pending_.append(chunk, static_cast<size_t>(got));
     }
   }
 
@@ -275,6 +299,7 @@ class ServerProcess {
   int exit_status_ = 0;
   std::string stderr_path_;
   std::string address_;
+  std::string stdout_pending_;  // read past the LISTENING line
   std::string command_;
 };
 
@@ -423,6 +448,17 @@ class ServerE2ETest : public ::testing::Test {
       EXPECT_GT(r.final.usage().time_to_first_token_ms(), 0);
       EXPECT_GE(r.final.usage().total_time_ms(), r.final.usage().time_to_first_token_ms());
     }
+  }
+
+  // SIGKILLs worker 0 and waits until its replacement serves. Use under ASSERT_NO_FATAL_FAILURE.
+  void KillWorkerAndAwaitRestart() {
+    const pid_t old = server_->WorkerPid(0);
+    ASSERT_GT(old, 0);
+    ASSERT_EQ(kill(old, SIGKILL), 0) << std::strerror(errno);
+    ASSERT_TRUE(WaitFor([&] {
+      const pid_t p = server_->WorkerPid(0);
+      return p > 0 && p != old && Health() == HealthCheckResponse::SERVING;
+    }, 60)) << server_->Stderr();
   }
 
   // Sends raw `bytes` as the request of LorcServe's `method` ("Generate", "Tokenize"), as a

@@ -1,0 +1,369 @@
+// metrics/: the registry's families (names are an interface: the Grafana dashboard and users'
+// alerts use them), updates as seen in the exposition, the structured log lines (parsed back),
+// the /metrics HTTP endpoint, and the dashboard's PromQL naming only metrics that exist.
+#include <fstream>
+#include <regex>
+#include <set>
+#include <sstream>
+
+#include "absl/status/status.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "metrics/metrics_exposer.h"
+#include "metrics/request_log.h"
+#include "metrics/serving_metrics.h"
+#include "nlohmann/json.hpp"
+#include "tests/testing/http_get.h"
+
+namespace lorc {
+namespace {
+
+using ::lorc::testing::HttpGet;
+using ::lorc::testing::ParseExposition;
+using ::testing::HasSubstr;
+
+// Every family, as metrics/README.md lists them (histograms by their base name).
+const std::vector<std::string> kCounters = {
+    "lorcserve_requests_total",
+    "lorcserve_prompt_tokens_total",
+    "lorcserve_cached_prompt_tokens_total",
+    "lorcserve_generation_tokens_total",
+    "lorcserve_engine_steps_total",
+    "lorcserve_preemptions_total",
+    "lorcserve_prefix_cache_queries_total",
+    "lorcserve_prefix_cache_query_tokens_total",
+    "lorcserve_prefix_cache_hit_tokens_total",
+    "lorcserve_worker_failures_total",
+    "lorcserve_worker_recoveries_total",
+};
+const std::vector<std::string> kGauges = {
+    "lorcserve_num_sequences_waiting",  "lorcserve_num_sequences_running",
+    "lorcserve_kv_blocks_used",         "lorcserve_kv_blocks_capacity",
+    "lorcserve_host_kv_blocks_used",    "lorcserve_host_kv_blocks_capacity",
+    "lorcserve_serving_state",          "lorcserve_worker_group_size",
+};
+const std::vector<std::string> kHistograms = {
+    "lorcserve_time_to_first_token_seconds",
+    "lorcserve_inter_token_latency_seconds",
+    "lorcserve_e2e_request_latency_seconds",
+    "lorcserve_step_duration_seconds",
+};
+
+TEST(ServingMetricsTest, ExposesExactlyTheListedFamilies) {
+  ServingMetrics m;
+  std::vector<std::string> expected = kCounters;
+  expected.insert(expected.end(), kGauges.begin(), kGauges.end());
+  for (const std::string& h : kHistograms) {
+    for (const char* suffix : {"_bucket", "_sum", "_count"}) expected.push_back(h + suffix);
+  }
+  std::sort(expected.begin(), expected.end());
+  EXPECT_EQ(m.SampleNames(), expected);
+  // Every series exists before anything happens (a scrape at start-up shows all of them).
+  const std::map<std::string, double> s = ParseExposition(m.Serialize());
+  for (const std::string& name : expected) {
+    const bool found = std::any_of(s.begin(), s.end(), [&](const auto& kv) {
+      return kv.first == name || kv.first.rfind(name + "{", 0) == 0;
+    });
+    EXPECT_TRUE(found) << name;
+  }
+  EXPECT_EQ(s.at("lorcserve_requests_total{outcome=\"stop\"}"), 0);
+  EXPECT_EQ(s.at("lorcserve_requests_total{outcome=\"deadline\"}"), 0);
+  EXPECT_EQ(s.at("lorcserve_serving_state{state=\"starting\"}"), 1);
+  EXPECT_EQ(s.at("lorcserve_serving_state{state=\"serving\"}"), 0);
+}
+
+TEST(ServingMetricsTest, UpdatesShowInTheExposition) {
+  ServingMetrics m;
+  m.CountRequest("stop");
+  m.CountRequest("stop");
+  m.CountRequest("length");
+  m.CountRequest(ServingMetrics::OutcomeOfStatus(absl::StatusCode::kCancelled));
+  m.CountRequest(ServingMetrics::OutcomeOfStatus(absl::StatusCode::kInvalidArgument));
+  m.CountRequest("no-such-outcome");
+  m.AddPromptTokens(21);
+  m.AddCachedPromptTokens(16);
+  m.AddGenerationTokens(8);
+  m.AddGenerationTokens(0);
+  m.AddGenerationTokens(-3);  // ignored: counters only go up
+  m.ObserveTimeToFirstToken(0.02);
+  m.ObserveInterTokenLatency(0.004);
+  m.ObserveInterTokenLatency(0.006);
+  m.ObserveE2eLatency(0.5);
+  m.ObserveStep(0.0001, 0.003, -1);  // no result applied in this iteration
+  m.ObserveStep(-1, 0.004, 0.0002);
+  m.AddEngineSteps(1);
+  m.SetScheduler({.num_waiting = 3, .num_running = 2, .kv_blocks_used = 10,
+                  .kv_blocks_capacity = 100, .host_kv_blocks_used = 1, .host_kv_blocks_capacity = 8});
+  m.AddScheduler({.preemptions = 2, .prefix_cache_queries = 1, .prefix_cache_query_tokens = 32,
+                  .prefix_cache_hit_tokens = 16, .prefix_cache_host_hit_tokens = 4});
+  m.SetServingState(ServingState::kRecovering);
+  m.SetWorkerGroupSize(2);
+  m.CountWorkerFailure();
+  m.CountWorkerRecovery();
+
+  const std::map<std::string, double> s = ParseExposition(m.Serialize());
+  EXPECT_EQ(s.at("lorcserve_requests_total{outcome=\"stop\"}"), 2);
+  EXPECT_EQ(s.at("lorcserve_requests_total{outcome=\"length\"}"), 1);
+  EXPECT_EQ(s.at("lorcserve_requests_total{outcome=\"cancelled\"}"), 1);
+  EXPECT_EQ(s.at("lorcserve_requests_total{outcome=\"invalid_argument\"}"), 1);
+  EXPECT_EQ(s.at("lorcserve_requests_total{outcome=\"other\"}"), 1);
+  EXPECT_EQ(s.at("lorcserve_prompt_tokens_total"), 21);
+  EXPECT_EQ(s.at("lorcserve_cached_prompt_tokens_total"), 16);
+  EXPECT_EQ(s.at("lorcserve_generation_tokens_total"), 8);
+  EXPECT_EQ(s.at("lorcserve_time_to_first_token_seconds_count"), 1);
+  EXPECT_DOUBLE_EQ(s.at("lorcserve_time_to_first_token_seconds_sum"), 0.02);
+  EXPECT_EQ(s.at("lorcserve_inter_token_latency_seconds_count"), 2);
+  // 0.004 and 0.006 both fall at or below the 0.0075 bucket, not the 0.005 one both.
+  EXPECT_EQ(s.at("lorcserve_inter_token_latency_seconds_bucket{le=\"0.005\"}"), 1);
+  EXPECT_EQ(s.at("lorcserve_inter_token_latency_seconds_bucket{le=\"0.0075\"}"), 2);
+  EXPECT_EQ(s.at("lorcserve_e2e_request_latency_seconds_count"), 1);
+  EXPECT_EQ(s.at("lorcserve_step_duration_seconds_count{phase=\"schedule\"}"), 1);
+  EXPECT_EQ(s.at("lorcserve_step_duration_seconds_count{phase=\"workers\"}"), 2);
+  EXPECT_EQ(s.at("lorcserve_step_duration_seconds_count{phase=\"apply\"}"), 1);
+  EXPECT_EQ(s.at("lorcserve_engine_steps_total"), 1);
+  EXPECT_EQ(s.at("lorcserve_num_sequences_waiting"), 3);
+  EXPECT_EQ(s.at("lorcserve_num_sequences_running"), 2);
+  EXPECT_EQ(s.at("lorcserve_kv_blocks_used"), 10);
+  EXPECT_EQ(s.at("lorcserve_kv_blocks_capacity"), 100);
+  EXPECT_EQ(s.at("lorcserve_host_kv_blocks_used"), 1);
+  EXPECT_EQ(s.at("lorcserve_host_kv_blocks_capacity"), 8);
+  EXPECT_EQ(s.at("lorcserve_preemptions_total"), 2);
+  EXPECT_EQ(s.at("lorcserve_prefix_cache_queries_total"), 1);
+  EXPECT_EQ(s.at("lorcserve_prefix_cache_query_tokens_total"), 32);
+  EXPECT_EQ(s.at("lorcserve_prefix_cache_hit_tokens_total{tier=\"device\"}"), 16);
+  EXPECT_EQ(s.at("lorcserve_prefix_cache_hit_tokens_total{tier=\"host\"}"), 4);
+  EXPECT_EQ(s.at("lorcserve_serving_state{state=\"recovering\"}"), 1);
+  EXPECT_EQ(s.at("lorcserve_serving_state{state=\"serving\"}"), 0);
+  EXPECT_EQ(s.at("lorcserve_serving_state{state=\"starting\"}"), 0);
+  EXPECT_EQ(s.at("lorcserve_worker_group_size"), 2);
+  EXPECT_EQ(s.at("lorcserve_worker_failures_total"), 1);
+  EXPECT_EQ(s.at("lorcserve_worker_recoveries_total"), 1);
+}
+
+TEST(ServingMetricsTest, OutcomeLabels) {
+  EXPECT_EQ(ServingMetrics::OutcomeOfStatus(absl::StatusCode::kCancelled), "cancelled");
+  EXPECT_EQ(ServingMetrics::OutcomeOfStatus(absl::StatusCode::kDeadlineExceeded), "deadline");
+  EXPECT_EQ(ServingMetrics::OutcomeOfStatus(absl::StatusCode::kResourceExhausted), "resource_exhausted");
+  EXPECT_EQ(ServingMetrics::OutcomeOfStatus(absl::StatusCode::kUnavailable), "unavailable");
+}
+
+// ---- log lines ------------------------------------------------------------------------------
+
+RequestLogRecord Record() {
+  RequestLogRecord r;
+  r.request_id = "chat-\"7\"\nx";  // a quote and a newline: still one line, parsed back exactly
+  r.outcome = "length";
+  r.n = 2;
+  r.prompt_tokens = 90;
+  r.cached_prompt_tokens = 80;
+  r.completion_tokens = 16;
+  r.ttft_s = 0.0123456;
+  r.duration_s = 0.25;
+  return r;
+}
+
+TEST(RequestLogTest, JsonLineParsesBack) {
+  const absl::Time now = absl::FromUnixSeconds(1764590400) + absl::Milliseconds(5);
+  const std::string line = FormatRequestLine(Record(), LogFormat::kJson, now);
+  ASSERT_FALSE(line.empty());
+  EXPECT_EQ(line.back(), '\n');
+  EXPECT_EQ(line.find('\n'), line.size() - 1) << "one object per line";
+  const nlohmann::json j = nlohmann::json::parse(line);
+  EXPECT_EQ(j.at("ts"), "2025-12-01T12:00:00.005Z");
+  EXPECT_EQ(j.at("event"), "request");
+  EXPECT_EQ(j.at("request_id"), "chat-\"7\"\nx");
+  EXPECT_EQ(j.at("outcome"), "length");
+  EXPECT_EQ(j.at("n"), 2);
+  EXPECT_EQ(j.at("prompt_tokens"), 90);
+  EXPECT_EQ(j.at("cached_prompt_tokens"), 80);
+  EXPECT_EQ(j.at("completion_tokens"), 16);
+  EXPECT_DOUBLE_EQ(j.at("ttft_ms").get<double>(), 12.346);  // rounded to microseconds
+  EXPECT_DOUBLE_EQ(j.at("duration_ms").get<double>(), 250);
+  EXPECT_FALSE(j.contains("status"));
+  // The first keys are the timestamp and the event, for people reading the raw stream.
+  EXPECT_EQ(line.rfind("{\"ts\":", 0), 0u);
+
+  RequestLogRecord failed;
+  failed.request_id = "req-3";
+  failed.outcome = "invalid_argument";
+  failed.status_message = "empty prompt: set text or token_ids";
+  failed.duration_s = 0.001;
+  const nlohmann::json f = nlohmann::json::parse(FormatRequestLine(failed, LogFormat::kJson, now));
+  EXPECT_TRUE(f.at("ttft_ms").is_null());
+  EXPECT_EQ(f.at("status"), "empty prompt: set text or token_ids");
+  EXPECT_EQ(f.at("prompt_tokens"), 0);
+
+  // Bytes that are not UTF-8 in a client's request_id do not throw.
+  RequestLogRecord bad = failed;
+  bad.request_id = "\xff\xfe";
+  EXPECT_NO_THROW(nlohmann::json::parse(FormatRequestLine(bad, LogFormat::kJson, now)));
+}
+
+TEST(RequestLogTest, TextLine) {
+  const std::string line = FormatRequestLine(Record(), LogFormat::kText, absl::Now());
+  EXPECT_EQ(line,
+            "lorcserve request id=\"chat-\\\"7\\\"\\nx\" outcome=length prompt_tokens=90 "
+            "cached_prompt_tokens=80 completion_tokens=16 n=2 ttft_ms=12.346 duration_ms=250.000\n");
+  RequestLogRecord failed;
+  failed.request_id = "r";
+  failed.outcome = "cancelled";
+  failed.status_message = "request cancelled";
+  EXPECT_THAT(FormatRequestLine(failed, LogFormat::kText, absl::Now()),
+              HasSubstr("ttft_ms=-1 duration_ms=0.000 status=\"request cancelled\"\n"));
+}
+
+TEST(RequestLogTest, WorkerEventLines) {
+  const WorkerEvent e{"restart", "restarting worker 1", 1};
+  EXPECT_EQ(FormatWorkerLine(e, LogFormat::kText, absl::Now()),
+            "lorcserve coordinator: restarting worker 1\n");
+  const nlohmann::json j = nlohmann::json::parse(FormatWorkerLine(e, LogFormat::kJson, absl::Now()));
+  EXPECT_EQ(j.at("event"), "worker_restart");
+  EXPECT_EQ(j.at("message"), "restarting worker 1");
+  EXPECT_EQ(j.at("rank"), 1);
+  const nlohmann::json g = nlohmann::json::parse(
+      FormatWorkerLine({"give_up", "not serving: gave up"}, LogFormat::kJson, absl::Now()));
+  EXPECT_EQ(g.at("event"), "worker_give_up");
+  EXPECT_FALSE(g.contains("rank"));
+}
+
+TEST(RequestLogTest, ParseLogFormat) {
+  EXPECT_EQ(ParseLogFormat("text").value(), LogFormat::kText);
+  EXPECT_EQ(ParseLogFormat("json").value(), LogFormat::kJson);
+  const absl::StatusOr<LogFormat> bad = ParseLogFormat("JSON");
+  ASSERT_FALSE(bad.ok());
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(bad.status().message()), HasSubstr("--log-format"));
+}
+
+TEST(RequestLogTest, EventLogWritesWholeLines) {
+  std::FILE* f = std::tmpfile();
+  ASSERT_NE(f, nullptr);
+  const EventLog log(LogFormat::kJson, f);
+  log.Request(Record());
+  log.Worker({"join", "2 worker(s) joined"});
+  std::rewind(f);
+  std::string text;
+  char buf[512];
+  for (size_t n; (n = std::fread(buf, 1, sizeof(buf), f)) > 0;) text.append(buf, n);
+  std::fclose(f);
+  std::vector<std::string> lines = absl::StrSplit(text, '\n', absl::SkipEmpty());
+  ASSERT_EQ(lines.size(), 2u) << text;
+  EXPECT_EQ(nlohmann::json::parse(lines[0]).at("event"), "request");
+  EXPECT_EQ(nlohmann::json::parse(lines[1]).at("event"), "worker_join");
+}
+
+// ---- the /metrics endpoint ------------------------------------------------------------------
+
+TEST(MetricsExposerTest, ServesTheRegistry) {
+  ServingMetrics m;
+  absl::StatusOr<std::unique_ptr<MetricsExposer>> e = MetricsExposer::Start(0, m.registry());
+  ASSERT_TRUE(e.ok()) << e.status();
+  const int port = (*e)->port();
+  EXPECT_GT(port, 0);
+  EXPECT_EQ((*e)->address(), absl::StrCat("0.0.0.0:", port));
+  m.AddGenerationTokens(5);
+  absl::StatusOr<testing::HttpResponse> r = HttpGet(port, "/metrics");
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->status, 200);
+  EXPECT_EQ(ParseExposition(r->body).at("lorcserve_generation_tokens_total"), 5);
+  m.AddGenerationTokens(2);  // a later scrape sees the update
+  r = HttpGet(port, "/metrics?x=1");
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(ParseExposition(r->body).at("lorcserve_generation_tokens_total"), 7);
+  r = HttpGet(port, "/");
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->status, 404);
+  r = HttpGet(port, "/metrics", "POST");
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->status, 405);
+  r = HttpGet(port, "/metrics", "HEAD");
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->status, 200);
+  EXPECT_EQ(r->body, "");
+
+  // The same port again: in use.
+  absl::StatusOr<std::unique_ptr<MetricsExposer>> again = MetricsExposer::Start(port, m.registry());
+  ASSERT_FALSE(again.ok());
+  EXPECT_EQ(again.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(std::string(again.status().message()), HasSubstr("--metrics-port"));
+  // Gone after destruction.
+  e->reset();
+  EXPECT_FALSE(HttpGet(port, "/metrics").ok());
+}
+
+TEST(MetricsExposerTest, RejectsBadPorts) {
+  ServingMetrics m;
+  for (int port : {-1, 65536}) {
+    absl::StatusOr<std::unique_ptr<MetricsExposer>> e = MetricsExposer::Start(port, m.registry());
+    ASSERT_FALSE(e.ok());
+    EXPECT_EQ(e.status().code(), absl::StatusCode::kInvalidArgument);
+  }
+}
+
+// ---- the Grafana dashboard ------------------------------------------------------------------
+
+// Every string under `j` whose key is `key` (recursively).
+void Collect(const nlohmann::json& j, const std::string& key, std::vector<std::string>* out) {
+  if (j.is_object()) {
+    for (auto it = j.begin(); it != j.end(); ++it) {
+      if (it.key() == key && it.value().is_string()) out->push_back(it.value().get<std::string>());
+      Collect(it.value(), key, out);
+    }
+  } else if (j.is_array()) {
+    for (const nlohmann::json& v : j) Collect(v, key, out);
+  }
+}
+
+TEST(GrafanaDashboardTest, ParsesAndQueriesOnlyExposedMetrics) {
+  const std::string path = std::string(LORC_SOURCE_DIR) + "/deploy/grafana/lorcserve-dashboard.json";
+  std::ifstream in(path);
+  ASSERT_TRUE(in.good()) << "cannot read " << path;
+  std::stringstream ss;
+  ss << in.rdbuf();
+  nlohmann::json d;
+  ASSERT_NO_THROW(d = nlohmann::json::parse(ss.str())) << path << " is not valid JSON";
+  EXPECT_EQ(d.at("uid"), "lorcserve");
+  ASSERT_TRUE(d.at("panels").is_array());
+  std::set<int> ids;
+  int with_queries = 0;
+  for (const nlohmann::json& p : d.at("panels")) {
+    EXPECT_TRUE(ids.insert(p.at("id").get<int>()).second) << "duplicate panel id " << p.at("id");
+    EXPECT_TRUE(p.at("gridPos").contains("w")) << p.at("title");
+    if (p.at("type") == "row") continue;
+    ASSERT_FALSE(p.at("targets").empty()) << p.at("title");
+    ++with_queries;
+  }
+  EXPECT_GE(with_queries, 10);
+
+  std::vector<std::string> exprs;
+  Collect(d, "expr", &exprs);
+  Collect(d, "definition", &exprs);  // the template variable's query
+  ServingMetrics m;
+  const std::vector<std::string> names = m.SampleNames();
+  const std::set<std::string> exposed(names.begin(), names.end());
+  const std::regex metric(R"(lorcserve_[a-z0-9_]+)");
+  std::set<std::string> used;
+  for (const std::string& e : exprs) {
+    for (auto it = std::sregex_iterator(e.begin(), e.end(), metric); it != std::sregex_iterator(); ++it) {
+      used.insert(it->str());
+      EXPECT_TRUE(exposed.contains(it->str())) << it->str() << " (in `" << e << "`) is not exposed";
+    }
+  }
+  // The panels the issue asks for: request outcomes, TTFT / ITL / e2e quantiles, KV usage,
+  // queue, prefix hit rate, the step split.
+  for (const char* m : {"lorcserve_requests_total", "lorcserve_time_to_first_token_seconds_bucket",
+                        "lorcserve_inter_token_latency_seconds_bucket",
+                        "lorcserve_e2e_request_latency_seconds_bucket", "lorcserve_kv_blocks_used",
+                        "lorcserve_kv_blocks_capacity", "lorcserve_num_sequences_waiting",
+                        "lorcserve_prefix_cache_hit_tokens_total",
+                        "lorcserve_prefix_cache_query_tokens_total",
+                        "lorcserve_step_duration_seconds_sum", "lorcserve_serving_state"}) {
+    EXPECT_TRUE(used.contains(m)) << m << " is on no panel";
+  }
+  int quantiles = 0;
+  for (const std::string& e : exprs) quantiles += e.find("histogram_quantile(0.99") != std::string::npos;
+  EXPECT_GE(quantiles, 3);
+}
+
+}  // namespace
+}  // namespace lorc

@@ -14,6 +14,7 @@
 #include "kernels/attention_merge.cuh"
 #include "kernels/elem_type.cuh"
 #include "kernels/kv_quant.cuh"
+#include "kernels/pdl.cuh"
 
 namespace lorc::kernels {
 namespace {
@@ -121,9 +122,26 @@ __global__ void __launch_bounds__(kThreads)
   const KvQuant kq = kQuant ? a.kv_quant : KvQuant::kNone;
   const QuantLane ql = kQuant ? MakeQuantLane(a, kvh, lane * 8) : QuantLane{};  // unused for bf16
 
+  // Before the PDL wait: the schedule, query_start and the block tables are host uploads (the
+  // plan's metadata), never written by the kernel before this one, so the chain of dependent
+  // loads that leads to the first K/V address runs while that kernel (RoPE + KV write) finishes;
+  // q and the caches are read after the wait.
+  PdlTrigger();
+  DecodeWorkItem first_item{};
+  int first_row = 0;
+  if (static_cast<int>(blockIdx.x) < num_work) {
+    first_item = sch.work[blockIdx.x];
+    first_row = a.query_start[first_item.seq];
+    const int32_t first_block = a.block_tables[static_cast<int64_t>(first_item.seq) * a.max_blocks_per_seq +
+                                               first_item.kv_start / a.block_size];
+    asm volatile("" ::"r"(first_block));  // keep the load: it brings the table's line into cache
+  }
+  PdlWait();
+
   for (int w = blockIdx.x; w < num_work; w += gridDim.x) {
-    const DecodeWorkItem item = sch.work[w];
-    const int row = a.query_start[item.seq];
+    const bool first = w == static_cast<int>(blockIdx.x);
+    const DecodeWorkItem item = first ? first_item : sch.work[w];
+    const int row = first ? first_row : a.query_start[item.seq];
     const int32_t* table = a.block_tables + static_cast<int64_t>(item.seq) * a.max_blocks_per_seq;
 
     float q[G][8];
@@ -258,6 +276,8 @@ __global__ void __launch_bounds__(kThreads)
 
 // One warp per (split sequence, query head), striding over them (MergeSplitChunks).
 __global__ void __launch_bounds__(kThreads) DecodeMergeKernel(const PagedAttentionArgs a, const DecodeSchedule sch) {
+  PdlTrigger();
+  PdlWait();
   const int pairs = sch.counts[1] * a.num_heads;
   const int width = a.num_heads * a.head_dim;
   const int warps = gridDim.x * (kThreads / 32);
@@ -272,30 +292,22 @@ __global__ void __launch_bounds__(kThreads) DecodeMergeKernel(const PagedAttenti
 }
 
 template <int D, int G>
-void LaunchPartial(const PagedAttentionArgs& a, const DecodeSchedule& s, cudaStream_t stream) {
+cudaError_t LaunchPartial(const PagedAttentionArgs& a, const DecodeSchedule& s, cudaStream_t stream) {
   // Enough CTAs for several waves of resident work; each strides over the work list.
   const int per_head = (8 * s.num_sms + a.num_kv_heads - 1) / a.num_kv_heads;
   const dim3 grid(static_cast<unsigned>(per_head < s.max_work ? per_head : s.max_work),
                   static_cast<unsigned>(a.num_kv_heads));
-  if (a.kv_quant == KvQuant::kNone) {
-    DecodePartialKernel<D, G, false><<<grid, kThreads, 0, stream>>>(a, s);
-  } else {
-    DecodePartialKernel<D, G, true><<<grid, kThreads, 0, stream>>>(a, s);
-  }
+  return a.kv_quant == KvQuant::kNone ? LaunchPdl(DecodePartialKernel<D, G, false>, grid, kThreads, 0, stream, nullptr, a, s)
+                                      : LaunchPdl(DecodePartialKernel<D, G, true>, grid, kThreads, 0, stream, nullptr, a, s);
 }
 
 template <int D>
-void LaunchPartialForGroup(const PagedAttentionArgs& a, const DecodeSchedule& s, int group,
-                           cudaStream_t stream) {
-  if (group <= 1) {
-    LaunchPartial<D, 1>(a, s, stream);
-  } else if (group <= 2) {
-    LaunchPartial<D, 2>(a, s, stream);
-  } else if (group <= 4) {
-    LaunchPartial<D, 4>(a, s, stream);
-  } else {
-    LaunchPartial<D, 8>(a, s, stream);
-  }
+cudaError_t LaunchPartialForGroup(const PagedAttentionArgs& a, const DecodeSchedule& s, int group,
+                                  cudaStream_t stream) {
+  if (group <= 1) return LaunchPartial<D, 1>(a, s, stream);
+  if (group <= 2) return LaunchPartial<D, 2>(a, s, stream);
+  if (group <= 4) return LaunchPartial<D, 4>(a, s, stream);
+  return LaunchPartial<D, 8>(a, s, stream);
 }
 
 }  // namespace
@@ -318,17 +330,14 @@ cudaError_t LaunchDecodeAttention(const PagedAttentionArgs& a, const DecodeSched
     return cudaErrorInvalidValue;  // K and V of one geometry (QuantLane)
   }
   const int group = a.num_heads / a.num_kv_heads;
-  if (a.head_dim == 64) {
-    LaunchPartialForGroup<64>(a, s, group, stream);
-  } else {
-    LaunchPartialForGroup<128>(a, s, group, stream);
-  }
+  const cudaError_t e = a.head_dim == 64 ? LaunchPartialForGroup<64>(a, s, group, stream)
+                                          : LaunchPartialForGroup<128>(a, s, group, stream);
+  if (e != cudaSuccess) return e;
   // Warps stride over (split sequence, head) pairs.
   const int64_t merge_pairs = static_cast<int64_t>(s.max_merge) * a.num_heads;
   const int64_t merge_want = (merge_pairs + kThreads / 32 - 1) / (kThreads / 32);
   const int merge_ctas = static_cast<int>(merge_want < 4 * s.num_sms ? merge_want : 4 * s.num_sms);
-  DecodeMergeKernel<<<merge_ctas, kThreads, 0, stream>>>(a, s);
-  return cudaGetLastError();
+  return LaunchPdl(DecodeMergeKernel, dim3(merge_ctas), dim3(kThreads), 0, stream, nullptr, a, s);
 }
 
 }  // namespace lorc::kernels

@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "kernels/kv_quant.cuh"
+#include "kernels/pdl.cuh"
 #include "kernels/vec.cuh"
 
 namespace lorc::kernels {
@@ -78,6 +79,9 @@ __global__ void RopeKernel(const RopeArgs a, bool vec) {
   const int64_t t = blockIdx.x;
   const int half = a.head_dim / 2;
   const bool quant = a.kv_quant != KvQuant::kNone;
+  PdlTrigger();
+  // Before the PDL wait: positions, inv_freq and slot_mapping are host uploads or constants (never
+  // written by the kernel before this one); q, k, v and the caches are read and written after it.
   if (a.positions != nullptr) {
     const float pos = static_cast<float>(a.positions[t]);
     for (int i = threadIdx.x; i < half; i += blockDim.x) {
@@ -89,6 +93,7 @@ __global__ void RopeKernel(const RopeArgs a, bool vec) {
     __syncthreads();
   }
   const int64_t slot = a.slot_mapping != nullptr ? a.slot_mapping[t] : -1;
+  PdlWait();
   float* kq = quant ? cos_sin + 2 * half : nullptr;
   if (vec) {
     RopeToken<T, kVec<T>>(a, t, slot, cos_sin, kq);
@@ -147,12 +152,8 @@ cudaError_t LaunchRope(const RopeArgs& a, cudaStream_t stream) {
   const unsigned threads = std::max(BlockThreads(units, 256), quant && write ? 128u : 32u);
   const size_t smem = sizeof(float) * (a.head_dim + (quant && write ? k_width + a.v_width : 0));
   const dim3 grid(static_cast<unsigned>(a.num_tokens));
-  if (a.dtype == ElemType::kF32) {
-    RopeKernel<float><<<grid, threads, smem, stream>>>(a, vec);
-  } else {
-    RopeKernel<__nv_bfloat16><<<grid, threads, smem, stream>>>(a, vec);
-  }
-  return cudaGetLastError();
+  return a.dtype == ElemType::kF32 ? LaunchPdl(RopeKernel<float>, grid, threads, smem, stream, nullptr, a, vec)
+                                   : LaunchPdl(RopeKernel<__nv_bfloat16>, grid, threads, smem, stream, nullptr, a, vec);
 }
 
 }  // namespace lorc::kernels

@@ -126,22 +126,19 @@ __global__ void __launch_bounds__(kThreads)
   // plan's metadata), never written by the kernel before this one, so the chain of dependent
   // loads that leads to the first K/V address runs while that kernel (RoPE + KV write) finishes;
   // q and the caches are read after the wait.
+  // Only prefetches into L1 (no value stays live: registers decide this kernel's occupancy).
   PdlTrigger();
-  DecodeWorkItem first_item{};
-  int first_row = 0;
   if (static_cast<int>(blockIdx.x) < num_work) {
-    first_item = sch.work[blockIdx.x];
-    first_row = a.query_start[first_item.seq];
-    const int32_t first_block = a.block_tables[static_cast<int64_t>(first_item.seq) * a.max_blocks_per_seq +
-                                               first_item.kv_start / a.block_size];
-    asm volatile("" ::"r"(first_block));  // keep the load: it brings the table's line into cache
+    const DecodeWorkItem it = sch.work[blockIdx.x];
+    asm volatile("prefetch.global.L1 [%0];" ::"l"(a.query_start + it.seq));
+    asm volatile("prefetch.global.L1 [%0];" ::"l"(a.block_tables + static_cast<int64_t>(it.seq) * a.max_blocks_per_seq +
+                                                    it.kv_start / a.block_size));
   }
   PdlWait();
 
   for (int w = blockIdx.x; w < num_work; w += gridDim.x) {
-    const bool first = w == static_cast<int>(blockIdx.x);
-    const DecodeWorkItem item = first ? first_item : sch.work[w];
-    const int row = first ? first_row : a.query_start[item.seq];
+    const DecodeWorkItem item = sch.work[w];
+    const int row = a.query_start[item.seq];
     const int32_t* table = a.block_tables + static_cast<int64_t>(item.seq) * a.max_blocks_per_seq;
 
     float q[G][8];
@@ -271,23 +268,33 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
     __syncthreads();  // s_* are reused by the next item
-  }
-}
-
-// One warp per (split sequence, query head), striding over them (MergeSplitChunks).
-__global__ void __launch_bounds__(kThreads) DecodeMergeKernel(const PagedAttentionArgs a, const DecodeSchedule sch) {
-  PdlTrigger();
-  PdlWait();
-  const int pairs = sch.counts[1] * a.num_heads;
-  const int width = a.num_heads * a.head_dim;
-  const int warps = gridDim.x * (kThreads / 32);
-  for (int pi = blockIdx.x * (kThreads / 32) + threadIdx.x / 32; pi < pairs; pi += warps) {
-    const DecodeMergeItem it = sch.merge[pi / a.num_heads];
-    const int head = pi % a.num_heads;
-    MergeSplitChunks(sch.partial_lse + static_cast<int64_t>(it.first) * a.num_heads + head, a.num_heads,
-                     sch.partial_out + static_cast<int64_t>(it.first) * width + head * a.head_dim, width, it.num,
-                     a.head_dim,
-                     static_cast<__nv_bfloat16*>(a.out) + a.query_start[it.seq] * a.out_ld + head * a.head_dim);
+    if (item.partial >= 0) {  // uniform over the CTA
+      // Last chunk of this (sequence, KV head) to finish? (The threadFenceReduction pattern: each
+      // writer fences, the barrier orders them before thread 0's count.)
+      __shared__ int s_last;
+      int32_t* counter = sch.merge_counters + static_cast<int64_t>(item.merge) * kMaxPartialHeads + kvh;
+      __threadfence();
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        const int num = sch.merge[item.merge].num;
+        const bool last = atomicAdd(counter, 1) == num - 1;
+        if (last) *counter = 0;  // no other CTA touches it in this launch: zero for the next one
+        s_last = last;
+      }
+      __syncthreads();
+      if (s_last) {
+        __threadfence();  // the other chunks' writes, seen through their fences and the count
+        const DecodeMergeItem mi = sch.merge[item.merge];
+        const int width = a.num_heads * D;
+        for (int h = threadIdx.x / 32; h < group; h += kThreads / 32) {
+          const int head = kvh * group + h;
+          MergeSplitChunks(sch.partial_lse + static_cast<int64_t>(mi.first) * a.num_heads + head, a.num_heads,
+                           sch.partial_out + static_cast<int64_t>(mi.first) * width + head * D, width, mi.num, D,
+                           static_cast<__nv_bfloat16*>(a.out) + row * a.out_ld + head * D);
+        }
+      }
+      __syncthreads();  // s_last is reused by the next item
+    }
   }
 }
 
@@ -330,14 +337,10 @@ cudaError_t LaunchDecodeAttention(const PagedAttentionArgs& a, const DecodeSched
     return cudaErrorInvalidValue;  // K and V of one geometry (QuantLane)
   }
   const int group = a.num_heads / a.num_kv_heads;
+  if (s.merge_counters == nullptr) return cudaErrorInvalidValue;
   const cudaError_t e = a.head_dim == 64 ? LaunchPartialForGroup<64>(a, s, group, stream)
                                           : LaunchPartialForGroup<128>(a, s, group, stream);
-  if (e != cudaSuccess) return e;
-  // Warps stride over (split sequence, head) pairs.
-  const int64_t merge_pairs = static_cast<int64_t>(s.max_merge) * a.num_heads;
-  const int64_t merge_want = (merge_pairs + kThreads / 32 - 1) / (kThreads / 32);
-  const int merge_ctas = static_cast<int>(merge_want < 4 * s.num_sms ? merge_want : 4 * s.num_sms);
-  return LaunchPdl(DecodeMergeKernel, dim3(merge_ctas), dim3(kThreads), 0, stream, nullptr, a, s);
+  return e;
 }
 
 }  // namespace lorc::kernels

@@ -20,8 +20,6 @@ namespace {
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
 constexpr int kTileRows = 16;
-// Chunks per warp after the first that the prologue prefetches into L2 before the PDL wait.
-constexpr int kPrefetchChunks = 2;
 
 // 16 bytes of weight, not kept in L1 (read once), with a 256-byte L2 prefetch (a warp reads 64
 // contiguous bytes of a row per step and the following steps of its chunk read the rest).
@@ -85,21 +83,11 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
   };
   // Prologue, independent of the previous kernel (PDL, pdl.cuh): the warp's first chunk of
-  // weights into registers and its next kPrefetchChunks chunks into L2 (lane t: 128-byte line t of
-  // rows g and g + 8 of a chunk's 2 * kChunk bytes per row), then the wait for x.
+  // weights into registers, then the wait for x. (Prefetching the next two chunks into L2 here as
+  // well made the 8B decode step 0.3 ms slower on an H200, 2026-12-01: not done.)
   int c = c_begin + warp;
   const bool preloaded = c < c_end;
   if (preloaded) load_w(c);
-  constexpr int kLinesPerRow = kChunk * 2 / 128;  // 2 (STEPS 4) or 4 (STEPS 8)
-#pragma unroll
-  for (int p = 1; p <= kPrefetchChunks; ++p) {
-    const int cp = c + p * kWarps;
-    const int kp = cp * kChunk + 64 * t;  // 64 bf16 = one 128-byte line
-    if (cp < c_end && t < kLinesPerRow && kp < k) {
-      asm volatile("prefetch.global.L2 [%0];" ::"l"(wa - 8 * t + kp));
-      asm volatile("prefetch.global.L2 [%0];" ::"l"(wb - 8 * t + kp));
-    }
-  }
   PdlWait();
   PdlTrigger();
   for (bool first = true; c < c_end; c += kWarps, first = false) {

@@ -41,7 +41,7 @@ bool GemvSupported(int64_t m, int64_t k, const void* x, int64_t ldx, const void*
 // w [n, k] BF16 (pitch ldw), out [m, n] of `out_type` (F32 or BF16, pitch ldo >= n, rounded once
 // from fp32). Only out's [m, n] view is written; out must not overlap x or w. n == 0 launches
 // nothing. Launched with programmatic dependent launch (pdl.cuh): each warp loads its first chunk
-// of w into registers and prefetches the next two into L2 before waiting for the previous kernel,
+// of w into registers before waiting for the previous kernel,
 // so w must not be written by the kernel just before this one on the stream (weights never are);
 // x is read after the wait. cudaErrorInvalidValue when !GemvSupported(...), n < 0, ldo < n, n or k >= 2^31, or
 // `cfg` is out of range; a cluster split on a device without clusters fails at launch.

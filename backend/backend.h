@@ -360,7 +360,9 @@ class Backend {
   virtual absl::Status FusedAddRmsNorm(Tensor2D residual, const Tensor2D& x, const Tensor2D& weight,
                                        float eps, Tensor2D out) = 0;
   // out = x * w^T for x [T, K], w [N, K] (a Hugging Face nn.Linear weight), out [T, N].
-  // InvalidArgument on a shape mismatch.
+  // InvalidArgument on a shape mismatch. w must not be written by the backend op just before
+  // this one (the CUDA GEMV reads it before its programmatic-dependent-launch wait,
+  // kernels/pdl.cuh); weights never are.
   virtual absl::Status Matmul(const Tensor2D& x, const Tensor2D& w, Tensor2D out) = 0;
   // acc += x, elementwise.
   virtual absl::Status AddInPlace(Tensor2D acc, const Tensor2D& x) = 0;

@@ -45,7 +45,7 @@ class CudaAttentionPlan final : public AttentionPlan {
   mutable int kv_heads_hint = kDefaultKvHeads;
   mutable int ctas_per_sm_hint = kTargetCtasPerSm;
   mutable int min_chunk_hint = kMinChunk;
-  DeviceBuffer workspace, partial_out, partial_lse;
+  DeviceBuffer workspace, partial_out, partial_lse, merge_counters;
   // Host staging of the workspace (pageable: CopyToDevice has consumed it when it returns).
   std::vector<char> host;
   std::vector<int32_t> prefill_q_lens;  // host, the prefills' q_len in prefill order
@@ -116,13 +116,13 @@ absl::Status CudaAttentionPlan::Plan(Backend& be, const AttentionBatch& b) {
     const int64_t len = b.host_seq_lens[s];
     const int64_t n = (len + chunk - 1) / chunk;
     if (n <= 1) {
-      work[num_work++] = {s, 0, static_cast<int32_t>(len), -1};
+      work[num_work++] = {s, 0, static_cast<int32_t>(len), -1, -1};
       continue;
     }
     merge[num_merge++] = {s, next_partial, static_cast<int32_t>(n), 0};
     for (int64_t c = 0; c < n; ++c) {
       work[num_work++] = {s, static_cast<int32_t>(c * chunk), static_cast<int32_t>(std::min(len, (c + 1) * chunk)),
-                          next_partial++};
+                          next_partial++, num_merge - 1};
     }
   }
   counts[0] = num_work;
@@ -147,6 +147,7 @@ kernels::DecodeSchedule CudaAttentionPlan::decode_schedule() const {
   s.partial_out = partial_out.as<float>();
   s.partial_lse = partial_lse.as<float>();
   s.num_sms = num_sms;
+  s.merge_counters = merge_counters.as<int32_t>();
   return s;
 }
 
@@ -335,6 +336,9 @@ absl::StatusOr<std::unique_ptr<AttentionPlan>> CudaBackend::CreateAttentionPlan(
                    Allocate(sizeof(float) * plan->max_partials * static_cast<size_t>(kernels::kMaxPartialWidth)));
   ASSIGN_OR_RETURN(plan->partial_lse,
                    Allocate(sizeof(float) * plan->max_partials * static_cast<size_t>(kernels::kMaxPartialHeads)));
+  const size_t counter_bytes = sizeof(int32_t) * limits.max_num_seqs * static_cast<size_t>(kernels::kMaxPartialHeads);
+  ASSIGN_OR_RETURN(plan->merge_counters, Allocate(counter_bytes));
+  RETURN_IF_ERROR(Memset(plan->merge_counters.data(), 0, counter_bytes));
   return std::unique_ptr<AttentionPlan>(std::move(plan));
 }
 

@@ -14,6 +14,7 @@
 #include "kernels/attention_merge.cuh"
 #include "kernels/elem_type.cuh"
 #include "kernels/kv_quant.cuh"
+#include "kernels/pdl.cuh"
 
 namespace lorc::kernels {
 namespace {
@@ -120,6 +121,20 @@ __global__ void __launch_bounds__(kThreads)
   const __nv_bfloat16* vc = static_cast<const __nv_bfloat16*>(a.v_cache) + kvh * D + lane * 8;
   const KvQuant kq = kQuant ? a.kv_quant : KvQuant::kNone;
   const QuantLane ql = kQuant ? MakeQuantLane(a, kvh, lane * 8) : QuantLane{};  // unused for bf16
+
+  // Before the PDL wait: the schedule, query_start and the block tables are host uploads (the
+  // plan's metadata), never written by the kernel before this one, so the chain of dependent
+  // loads that leads to the first K/V address runs while that kernel (RoPE + KV write) finishes;
+  // q and the caches are read after the wait.
+  // Only prefetches into L1 (no value stays live: registers decide this kernel's occupancy).
+  PdlTrigger();
+  if (static_cast<int>(blockIdx.x) < num_work) {
+    const DecodeWorkItem it = sch.work[blockIdx.x];
+    asm volatile("prefetch.global.L1 [%0];" ::"l"(a.query_start + it.seq));
+    asm volatile("prefetch.global.L1 [%0];" ::"l"(a.block_tables + static_cast<int64_t>(it.seq) * a.max_blocks_per_seq +
+                                                    it.kv_start / a.block_size));
+  }
+  PdlWait();
 
   for (int w = blockIdx.x; w < num_work; w += gridDim.x) {
     const DecodeWorkItem item = sch.work[w];
@@ -253,49 +268,53 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
     __syncthreads();  // s_* are reused by the next item
-  }
-}
-
-// One warp per (split sequence, query head), striding over them (MergeSplitChunks).
-__global__ void __launch_bounds__(kThreads) DecodeMergeKernel(const PagedAttentionArgs a, const DecodeSchedule sch) {
-  const int pairs = sch.counts[1] * a.num_heads;
-  const int width = a.num_heads * a.head_dim;
-  const int warps = gridDim.x * (kThreads / 32);
-  for (int pi = blockIdx.x * (kThreads / 32) + threadIdx.x / 32; pi < pairs; pi += warps) {
-    const DecodeMergeItem it = sch.merge[pi / a.num_heads];
-    const int head = pi % a.num_heads;
-    MergeSplitChunks(sch.partial_lse + static_cast<int64_t>(it.first) * a.num_heads + head, a.num_heads,
-                     sch.partial_out + static_cast<int64_t>(it.first) * width + head * a.head_dim, width, it.num,
-                     a.head_dim,
-                     static_cast<__nv_bfloat16*>(a.out) + a.query_start[it.seq] * a.out_ld + head * a.head_dim);
+    if (item.partial >= 0) {  // uniform over the CTA
+      // Last chunk of this (sequence, KV head) to finish? (The threadFenceReduction pattern: each
+      // writer fences, the barrier orders them before thread 0's count.)
+      __shared__ int s_last;
+      int32_t* counter = sch.merge_counters + static_cast<int64_t>(item.merge) * kMaxPartialHeads + kvh;
+      __threadfence();
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        const int num = sch.merge[item.merge].num;
+        const bool last = atomicAdd(counter, 1) == num - 1;
+        if (last) *counter = 0;  // no other CTA touches it in this launch: zero for the next one
+        s_last = last;
+      }
+      __syncthreads();
+      if (s_last) {
+        __threadfence();  // the other chunks' writes, seen through their fences and the count
+        const DecodeMergeItem mi = sch.merge[item.merge];
+        const int width = a.num_heads * D;
+        for (int h = threadIdx.x / 32; h < group; h += kThreads / 32) {
+          const int head = kvh * group + h;
+          MergeSplitChunks(sch.partial_lse + static_cast<int64_t>(mi.first) * a.num_heads + head, a.num_heads,
+                           sch.partial_out + static_cast<int64_t>(mi.first) * width + head * D, width, mi.num, D,
+                           static_cast<__nv_bfloat16*>(a.out) + row * a.out_ld + head * D);
+        }
+      }
+      __syncthreads();  // s_last is reused by the next item
+    }
   }
 }
 
 template <int D, int G>
-void LaunchPartial(const PagedAttentionArgs& a, const DecodeSchedule& s, cudaStream_t stream) {
+cudaError_t LaunchPartial(const PagedAttentionArgs& a, const DecodeSchedule& s, cudaStream_t stream) {
   // Enough CTAs for several waves of resident work; each strides over the work list.
   const int per_head = (8 * s.num_sms + a.num_kv_heads - 1) / a.num_kv_heads;
   const dim3 grid(static_cast<unsigned>(per_head < s.max_work ? per_head : s.max_work),
                   static_cast<unsigned>(a.num_kv_heads));
-  if (a.kv_quant == KvQuant::kNone) {
-    DecodePartialKernel<D, G, false><<<grid, kThreads, 0, stream>>>(a, s);
-  } else {
-    DecodePartialKernel<D, G, true><<<grid, kThreads, 0, stream>>>(a, s);
-  }
+  return a.kv_quant == KvQuant::kNone ? LaunchPdl(DecodePartialKernel<D, G, false>, grid, kThreads, 0, stream, nullptr, a, s)
+                                      : LaunchPdl(DecodePartialKernel<D, G, true>, grid, kThreads, 0, stream, nullptr, a, s);
 }
 
 template <int D>
-void LaunchPartialForGroup(const PagedAttentionArgs& a, const DecodeSchedule& s, int group,
-                           cudaStream_t stream) {
-  if (group <= 1) {
-    LaunchPartial<D, 1>(a, s, stream);
-  } else if (group <= 2) {
-    LaunchPartial<D, 2>(a, s, stream);
-  } else if (group <= 4) {
-    LaunchPartial<D, 4>(a, s, stream);
-  } else {
-    LaunchPartial<D, 8>(a, s, stream);
-  }
+cudaError_t LaunchPartialForGroup(const PagedAttentionArgs& a, const DecodeSchedule& s, int group,
+                                  cudaStream_t stream) {
+  if (group <= 1) return LaunchPartial<D, 1>(a, s, stream);
+  if (group <= 2) return LaunchPartial<D, 2>(a, s, stream);
+  if (group <= 4) return LaunchPartial<D, 4>(a, s, stream);
+  return LaunchPartial<D, 8>(a, s, stream);
 }
 
 }  // namespace
@@ -318,17 +337,10 @@ cudaError_t LaunchDecodeAttention(const PagedAttentionArgs& a, const DecodeSched
     return cudaErrorInvalidValue;  // K and V of one geometry (QuantLane)
   }
   const int group = a.num_heads / a.num_kv_heads;
-  if (a.head_dim == 64) {
-    LaunchPartialForGroup<64>(a, s, group, stream);
-  } else {
-    LaunchPartialForGroup<128>(a, s, group, stream);
-  }
-  // Warps stride over (split sequence, head) pairs.
-  const int64_t merge_pairs = static_cast<int64_t>(s.max_merge) * a.num_heads;
-  const int64_t merge_want = (merge_pairs + kThreads / 32 - 1) / (kThreads / 32);
-  const int merge_ctas = static_cast<int>(merge_want < 4 * s.num_sms ? merge_want : 4 * s.num_sms);
-  DecodeMergeKernel<<<merge_ctas, kThreads, 0, stream>>>(a, s);
-  return cudaGetLastError();
+  if (s.merge_counters == nullptr) return cudaErrorInvalidValue;
+  const cudaError_t e = a.head_dim == 64 ? LaunchPartialForGroup<64>(a, s, group, stream)
+                                          : LaunchPartialForGroup<128>(a, s, group, stream);
+  return e;
 }
 
 }  // namespace lorc::kernels

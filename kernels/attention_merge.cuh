@@ -23,11 +23,12 @@ __device__ __forceinline__ void MergeSplitChunks(const float* lse, int64_t lse_s
   constexpr int kPer = kMergeMaxCols / 32;
   const int lane = threadIdx.x % 32;
   float mx = -INFINITY;
-  for (int i = lane; i < num; i += 32) mx = fmaxf(mx, lse[i * lse_stride]);
+  // __ldcg: the chunks were written by other CTAs (of this launch or an earlier one): read at L2.
+  for (int i = lane; i < num; i += 32) mx = fmaxf(mx, __ldcg(lse + i * lse_stride));
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
   float sum = 0.f;
-  for (int i = lane; i < num; i += 32) sum += exp2f(lse[i * lse_stride] - mx);
+  for (int i = lane; i < num; i += 32) sum += exp2f(__ldcg(lse + i * lse_stride) - mx);
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
   float o[kPer] = {0.f, 0.f, 0.f, 0.f};
@@ -36,10 +37,10 @@ __device__ __forceinline__ void MergeSplitChunks(const float* lse, int64_t lse_s
     float x[4][kPer], wgt[4];
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      wgt[j] = exp2f(lse[(i + j) * lse_stride] - mx);
+      wgt[j] = exp2f(__ldcg(lse + (i + j) * lse_stride) - mx);
       const float* p = src + (i + j) * src_stride;
 #pragma unroll
-      for (int e = 0; e < kPer; ++e) x[j][e] = lane + 32 * e < cols ? p[lane + 32 * e] : 0.f;
+      for (int e = 0; e < kPer; ++e) x[j][e] = lane + 32 * e < cols ? __ldcg(p + lane + 32 * e) : 0.f;
     }
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
@@ -48,11 +49,11 @@ __device__ __forceinline__ void MergeSplitChunks(const float* lse, int64_t lse_s
     }
   }
   for (; i < num; ++i) {
-    const float wgt = exp2f(lse[i * lse_stride] - mx);
+    const float wgt = exp2f(__ldcg(lse + i * lse_stride) - mx);
     const float* p = src + i * src_stride;
 #pragma unroll
     for (int e = 0; e < kPer; ++e) {
-      if (lane + 32 * e < cols) o[e] = fmaf(wgt, p[lane + 32 * e], o[e]);
+      if (lane + 32 * e < cols) o[e] = fmaf(wgt, __ldcg(p + lane + 32 * e), o[e]);
     }
   }
   const float inv = 1.0f / sum;

@@ -44,9 +44,9 @@ struct PagedAttentionArgs {
 
 // One piece of split-KV decode: keys [kv_start, kv_end) of sequence `seq` (all its KV heads).
 // partial < 0: the item covers the whole sequence and writes its out row directly; else it
-// writes fp32 (out, lse) into partial slot `partial`, merged later.
+// writes fp32 (out, lse) into partial slot `partial`, merged later (merge item `merge`).
 struct DecodeWorkItem {
-  int32_t seq, kv_start, kv_end, partial;
+  int32_t seq, kv_start, kv_end, partial, merge;
 };
 // A split sequence: its partial slots [first, first + num).
 struct DecodeMergeItem {
@@ -69,11 +69,16 @@ struct DecodeSchedule {
   float* partial_out = nullptr;  // device, [max_partials][num_heads * head_dim] fp32
   float* partial_lse = nullptr;  // device, [max_partials][num_heads] fp32 (log2 domain)
   int32_t num_sms = 1;           // grid sizing: CTAs stride over the work list
+  // device, [max_merge][kMaxPartialHeads], all zero between launches: the paged decode's count of
+  // finished chunks per (merge item, KV head); the CTA that finishes the last one merges them
+  // and sets the count back to 0. Unused by the latent decode.
+  int32_t* merge_counters = nullptr;
 };
 
-// Decode (q_len 1) for every item of the schedule: a partial kernel (one CTA per work item and
-// KV head, all query heads of the group at once, so each K/V row is read once) and a merge
-// kernel for split sequences. cudaErrorInvalidValue for head_dim other than 64/128, a group
+// Decode (q_len 1) for every item of the schedule: one kernel, a CTA per work item and KV head
+// (all query heads of the group at once, so each K/V row is read once); of a split sequence, the
+// CTA that finishes its last chunk (for that KV head) merges the chunks (one launch, no merge
+// kernel; schedule.merge_counters must be zero before the launch and are zero after it). cudaErrorInvalidValue for head_dim other than 64/128, a group
 // (num_heads / num_kv_heads) above 8 or not whole, unaligned pointers or strides.
 cudaError_t LaunchDecodeAttention(const PagedAttentionArgs& args, const DecodeSchedule& schedule,
                                   cudaStream_t stream);

@@ -1,5 +1,6 @@
 #include "kernels/copy_rows.cuh"
 
+#include "kernels/pdl.cuh"
 #include "kernels/vec.cuh"
 
 namespace lorc::kernels {
@@ -16,6 +17,8 @@ __device__ __forceinline__ void CopyRow(const char* src, char* dst, int64_t byte
 // scatter: dst row idx[i] <- src row i, skipped when idx[i] < 0.
 __global__ void CopyRowsKernel(const RowCopy c0, const RowCopy c1, int unit0, int unit1,
                                const int32_t* idx, bool scatter) {
+  PdlTrigger();
+  PdlWait();
   // Field by field: selecting a whole parameter struct by reference would copy it to the stack.
   const bool second = blockIdx.y != 0;
   const int64_t bytes = second ? c1.row_bytes : c0.row_bytes;
@@ -54,8 +57,7 @@ cudaError_t Launch(const RowCopy& c0, const RowCopy& c1, const int32_t* idx, int
   const int u0 = Unit(c0), u1 = Unit(c1);
   const int64_t most = c0.row_bytes / u0 > c1.row_bytes / u1 ? c0.row_bytes / u0 : c1.row_bytes / u1;
   const dim3 grid(static_cast<unsigned>(n), c1.row_bytes > 0 ? 2 : 1);
-  CopyRowsKernel<<<grid, BlockThreads(most, 256), 0, stream>>>(c0, c1, u0, u1, idx, scatter);
-  return cudaGetLastError();
+  return LaunchPdl(CopyRowsKernel, grid, BlockThreads(most, 256), 0, stream, nullptr, c0, c1, u0, u1, idx, scatter);
 }
 
 }  // namespace

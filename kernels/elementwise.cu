@@ -1,5 +1,6 @@
 #include "kernels/elementwise.cuh"
 
+#include "kernels/pdl.cuh"
 #include "kernels/vec.cuh"
 
 namespace lorc::kernels {
@@ -26,6 +27,8 @@ __device__ __forceinline__ void AddUnits(T* acc, int64_t acc_ld, const T* x, int
 template <typename T>
 __global__ void AddInPlaceKernel(T* acc, int64_t acc_ld, const T* x, int64_t x_ld, int64_t rows,
                                  int64_t cols, bool vec) {
+  PdlTrigger();
+  PdlWait();
   if (vec) {
     AddUnits<T, kVec<T>>(acc, acc_ld, x, x_ld, rows, cols);
   } else {
@@ -52,6 +55,8 @@ __device__ __forceinline__ void SiluMulUnits(const T* gu, int64_t gu_ld, T* out,
 template <typename T>
 __global__ void SiluMulKernel(const T* gu, int64_t gu_ld, T* out, int64_t out_ld, int64_t rows,
                               int64_t inter, bool vec) {
+  PdlTrigger();
+  PdlWait();
   if (vec) {
     SiluMulUnits<T, kVec<T>>(gu, gu_ld, out, out_ld, rows, inter);
   } else {
@@ -77,14 +82,12 @@ cudaError_t LaunchAddInPlace(ElemType dtype, void* acc, int64_t acc_ld, const vo
   const bool vec = cols % n == 0 && acc_ld % n == 0 && x_ld % n == 0 && Aligned16(acc) && Aligned16(x);
   const dim3 grid = Blocks(rows * (vec ? cols / n : cols));
   if (dtype == ElemType::kF32) {
-    AddInPlaceKernel<float><<<grid, kThreads, 0, stream>>>(
-        static_cast<float*>(acc), acc_ld, static_cast<const float*>(x), x_ld, rows, cols, vec);
-  } else {
-    AddInPlaceKernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(
-        static_cast<__nv_bfloat16*>(acc), acc_ld, static_cast<const __nv_bfloat16*>(x), x_ld, rows,
-        cols, vec);
+    return LaunchPdl(AddInPlaceKernel<float>, grid, kThreads, 0, stream, nullptr, static_cast<float*>(acc), acc_ld,
+                     static_cast<const float*>(x), x_ld, rows, cols, vec);
   }
-  return cudaGetLastError();
+  return LaunchPdl(AddInPlaceKernel<__nv_bfloat16>, grid, kThreads, 0, stream, nullptr,
+                   static_cast<__nv_bfloat16*>(acc), acc_ld, static_cast<const __nv_bfloat16*>(x), x_ld, rows, cols,
+                   vec);
 }
 
 cudaError_t LaunchSiluMul(ElemType dtype, const void* gate_up, int64_t gate_up_ld, void* out,
@@ -96,14 +99,12 @@ cudaError_t LaunchSiluMul(ElemType dtype, const void* gate_up, int64_t gate_up_l
                    Aligned16(out);
   const dim3 grid = Blocks(rows * (vec ? inter / n : inter));
   if (dtype == ElemType::kF32) {
-    SiluMulKernel<float><<<grid, kThreads, 0, stream>>>(static_cast<const float*>(gate_up), gate_up_ld,
-                                                        static_cast<float*>(out), out_ld, rows, inter, vec);
-  } else {
-    SiluMulKernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(
-        static_cast<const __nv_bfloat16*>(gate_up), gate_up_ld, static_cast<__nv_bfloat16*>(out),
-        out_ld, rows, inter, vec);
+    return LaunchPdl(SiluMulKernel<float>, grid, kThreads, 0, stream, nullptr, static_cast<const float*>(gate_up),
+                     gate_up_ld, static_cast<float*>(out), out_ld, rows, inter, vec);
   }
-  return cudaGetLastError();
+  return LaunchPdl(SiluMulKernel<__nv_bfloat16>, grid, kThreads, 0, stream, nullptr,
+                   static_cast<const __nv_bfloat16*>(gate_up), gate_up_ld, static_cast<__nv_bfloat16*>(out), out_ld,
+                   rows, inter, vec);
 }
 
 }  // namespace lorc::kernels

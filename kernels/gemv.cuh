@@ -40,7 +40,10 @@ bool GemvSupported(int64_t m, int64_t k, const void* x, int64_t ldx, const void*
 // out[i, j] = sum_k x[i, k] * w[j, k] for i < m, j < n: x [m, k] BF16 (row pitch ldx elements),
 // w [n, k] BF16 (pitch ldw), out [m, n] of `out_type` (F32 or BF16, pitch ldo >= n, rounded once
 // from fp32). Only out's [m, n] view is written; out must not overlap x or w. n == 0 launches
-// nothing. cudaErrorInvalidValue when !GemvSupported(...), n < 0, ldo < n, n or k >= 2^31, or
+// nothing. Launched with programmatic dependent launch (pdl.cuh): each warp loads its first chunk
+// of w into registers before waiting for the previous kernel,
+// so w must not be written by the kernel just before this one on the stream (weights never are);
+// x is read after the wait. cudaErrorInvalidValue when !GemvSupported(...), n < 0, ldo < n, n or k >= 2^31, or
 // `cfg` is out of range; a cluster split on a device without clusters fails at launch.
 cudaError_t LaunchGemvBf16(int64_t m, int64_t n, int64_t k, const void* x, int64_t ldx, const void* w,
                            int64_t ldw, ElemType out_type, void* out, int64_t ldo, GemvConfig cfg,

@@ -1,5 +1,6 @@
 #include "kernels/rms_norm.cuh"
 
+#include "kernels/pdl.cuh"
 #include "kernels/vec.cuh"
 
 namespace lorc::kernels {
@@ -46,6 +47,8 @@ __device__ __forceinline__ void NormRow(const RmsNormArgs& a) {
 
 template <typename T>
 __global__ void RmsNormKernel(const RmsNormArgs a, bool vec) {
+  PdlTrigger();
+  PdlWait();
   if (vec) {
     NormRow<T, kVec<T>>(a);
   } else {
@@ -64,12 +67,8 @@ cudaError_t LaunchRmsNorm(const RmsNormArgs& a, cudaStream_t stream) {
                    (a.residual == nullptr || (a.residual_ld % n == 0 && Aligned16(a.residual)));
   const unsigned threads = BlockThreads(vec ? a.cols / n : a.cols, 1024);
   const dim3 grid(static_cast<unsigned>(a.rows));
-  if (a.dtype == ElemType::kF32) {
-    RmsNormKernel<float><<<grid, threads, 0, stream>>>(a, vec);
-  } else {
-    RmsNormKernel<__nv_bfloat16><<<grid, threads, 0, stream>>>(a, vec);
-  }
-  return cudaGetLastError();
+  return a.dtype == ElemType::kF32 ? LaunchPdl(RmsNormKernel<float>, grid, threads, 0, stream, nullptr, a, vec)
+                                   : LaunchPdl(RmsNormKernel<__nv_bfloat16>, grid, threads, 0, stream, nullptr, a, vec);
 }
 
 }  // namespace lorc::kernels

@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "kernels/kv_quant.cuh"
+#include "kernels/pdl.cuh"
 #include "kernels/vec.cuh"
 
 namespace lorc::kernels {
@@ -18,6 +19,16 @@ __device__ __forceinline__ void RopeToken(const RopeArgs& a, int64_t t, int64_t 
   const bool rot_k = a.k != nullptr && a.rotate_k;
   const int heads = a.num_heads + (rot_k ? a.num_kv_heads : 0);
   const int64_t k_width = a.k_width > 0 ? a.k_width : static_cast<int64_t>(a.num_kv_heads) * hd;
+  // The rows copied as given (v; k when not rotated; bf16 cache, 16-byte units): this thread's
+  // first unit of each is loaded before the rotation, so both wait on one memory round trip.
+  constexpr bool kRaw = N * sizeof(T) == 16;
+  const bool preload = kRaw && kq == nullptr && slot >= 0;
+  const int64_t c_first = threadIdx.x * static_cast<int64_t>(N);
+  uint4 pre[2] = {};
+  if (preload) {
+    if (!rot_k && c_first < k_width) pre[0] = *reinterpret_cast<const uint4*>(static_cast<const T*>(a.k) + t * a.k_ld + c_first);
+    if (c_first < a.v_width) pre[1] = *reinterpret_cast<const uint4*>(static_cast<const T*>(a.v) + t * a.v_ld + c_first);
+  }
   for (int w = threadIdx.x; w < heads * per_head; w += blockDim.x) {
     const int h = w / per_head, i = (w - h * per_head) * N;
     const bool is_k = h >= a.num_heads;
@@ -63,7 +74,11 @@ __device__ __forceinline__ void RopeToken(const RopeArgs& a, int64_t t, int64_t 
         for (int j = 0; j < N; ++j) kq[(side == 0 ? 0 : k_width) + c + j] = x[j];
       } else {
         T* dst = static_cast<T*>(side == 0 ? a.k_cache : a.v_cache) + slot * width;
-        CopyN<T, N>(dst + c, src + c);
+        if (preload && c == c_first) {
+          *reinterpret_cast<uint4*>(dst + c) = pre[side];
+        } else {
+          CopyN<T, N>(dst + c, src + c);
+        }
       }
     }
   }
@@ -78,6 +93,9 @@ __global__ void RopeKernel(const RopeArgs a, bool vec) {
   const int64_t t = blockIdx.x;
   const int half = a.head_dim / 2;
   const bool quant = a.kv_quant != KvQuant::kNone;
+  PdlTrigger();
+  // Before the PDL wait: positions, inv_freq and slot_mapping are host uploads or constants (never
+  // written by the kernel before this one); q, k, v and the caches are read and written after it.
   if (a.positions != nullptr) {
     const float pos = static_cast<float>(a.positions[t]);
     for (int i = threadIdx.x; i < half; i += blockDim.x) {
@@ -89,6 +107,7 @@ __global__ void RopeKernel(const RopeArgs a, bool vec) {
     __syncthreads();
   }
   const int64_t slot = a.slot_mapping != nullptr ? a.slot_mapping[t] : -1;
+  PdlWait();
   float* kq = quant ? cos_sin + 2 * half : nullptr;
   if (vec) {
     RopeToken<T, kVec<T>>(a, t, slot, cos_sin, kq);
@@ -144,15 +163,12 @@ cudaError_t LaunchRope(const RopeArgs& a, cudaStream_t stream) {
   int64_t units = static_cast<int64_t>(heads) * (a.head_dim / 2) / (vec ? n : 1);
   if (write) units = std::max(units, (k_width + a.v_width) / (vec ? n : 1));
   // A quantized write takes a warp per KV head (group): at least 4 warps.
-  const unsigned threads = std::max(BlockThreads(units, 256), quant && write ? 128u : 32u);
+  // Up to 512 threads: a decode token of 32 + 8 heads x 128 (320 units) takes one pass, not two.
+  const unsigned threads = std::max(BlockThreads(units, 512), quant && write ? 128u : 32u);
   const size_t smem = sizeof(float) * (a.head_dim + (quant && write ? k_width + a.v_width : 0));
   const dim3 grid(static_cast<unsigned>(a.num_tokens));
-  if (a.dtype == ElemType::kF32) {
-    RopeKernel<float><<<grid, threads, smem, stream>>>(a, vec);
-  } else {
-    RopeKernel<__nv_bfloat16><<<grid, threads, smem, stream>>>(a, vec);
-  }
-  return cudaGetLastError();
+  return a.dtype == ElemType::kF32 ? LaunchPdl(RopeKernel<float>, grid, threads, smem, stream, nullptr, a, vec)
+                                   : LaunchPdl(RopeKernel<__nv_bfloat16>, grid, threads, smem, stream, nullptr, a, vec);
 }
 
 }  // namespace lorc::kernels

@@ -223,6 +223,28 @@ TEST_F(CudaAttentionTest, WideAndSingleDecodeBatches) {
   ExpectParity(MakeProblem(rng_, 8, 1, 128, {{1, 5000}}), kDecode);
 }
 
+// The merge of split chunks is done by the CTA that finishes a sequence's last chunk, counted in
+// the plan's merge counters, which must be zero again after every launch: consecutive launches
+// over one plan (as in the layers of a step) each match the CPU, the output cleared in between.
+TEST_F(CudaAttentionTest, ConsecutiveSplitDecodesMatch) {
+  const Problem p = MakeProblem(rng_, 32, 8, 128, {{1, 128}, {1, 3000}, {1, 9}});
+  Backend& be = *cuda_;
+  const DType d = DType::kBF16;
+  const OnDevice o = Upload(be, d, p);
+  const std::vector<float> want = RunAttention(*cpu_, DType::kF32, p, kDecode);
+  auto plan = be.CreateAttentionPlan({static_cast<int32_t>(p.seqs.size()), p.num_tokens, p.max_blocks});
+  ASSERT_OK(plan);
+  ASSERT_OK(be.PlanAttention(o.batch, **plan));
+  const std::vector<float> sentinel(want.size(), kSentinel);  // rows a launch left unwritten fail
+  for (int launch = 0; launch < 3; ++launch) {
+    DeviceBuffer z = Put(be, sentinel, d);
+    ASSERT_OK(be.CopyOnDevice(o.out.data(), z.data(), z.bytes()));
+    ASSERT_OK(be.DecodeAttention(o.params, **plan));
+    std::vector<float> got = Get(be, o.out, d);
+    ExpectNear(got, want);
+  }
+}
+
 // A decode captured in a graph replays over a new batch written in place (same addresses, the
 // plan refreshed by PlanAttention) and matches the CPU on that batch.
 TEST_F(CudaAttentionTest, CapturedDecodeReplaysAfterReplanning) {

@@ -234,12 +234,11 @@ __global__ void __launch_bounds__(kThreads) QuantPrefillKernel(const PagedAttent
 // ldmatrix phase reads fall in distinct banks. Tiles are launched longest first (the last tiles
 // of a causal prompt carry the most keys).
 
-constexpr int kFlashThreads = 256;
+constexpr int kMergeThreads = 256;
 constexpr int kFlashRows = kPrefillRowsBf16;  // 16 per warp
-constexpr int kFlashKv = 64;                  // keys per tile
 constexpr int kFlashStages = 2;
 
-template <int D>
+template <int D, int kFlashKv>
 constexpr size_t FlashSmemBytes() {
   return sizeof(__nv_bfloat16) * D * (kFlashRows + 2 * kFlashStages * kFlashKv);
 }
@@ -250,11 +249,16 @@ __device__ __forceinline__ int Swz(int r, int c) {
   return r * D + ((c ^ (r & 7)) << 3);
 }
 
-// Grid (num_kv_heads, num_tiles, num_splits); kSplit: write fp32 partials (split-KV) instead of out.
-template <int D, bool kSplit, int kMinBlocks>
-__global__ void __launch_bounds__(kFlashThreads, kMinBlocks)
+// Grid (num_kv_heads, num_tiles, num_splits). kMT: m-tiles of 16 rows per warp (1: 8 warps of 16
+// rows; 2: 4 warps of 32 rows, each K/V fragment feeding two mma). kSplit: write fp32 partials
+// (split-KV) instead of out.
+template <int D, int kMT, int kFlashKv, int kMinBlocks, bool kSplit>
+__global__ void __launch_bounds__(kFlashRows * 2 / kMT, kMinBlocks)
     FlashPrefillKernel(const PagedAttentionArgs a, const PrefillSchedule sch) {
+  constexpr int kThreadsT = kFlashRows * 2 / kMT;
+  constexpr int kWarpRows = 16 * kMT;
   constexpr int kChunks = D / 8;  // 16-byte chunks per row
+  constexpr int kNT = kFlashKv / 8;  // 8-key n-tiles of S
   extern __shared__ __align__(128) unsigned char smem_raw[];
   __nv_bfloat16* sq = reinterpret_cast<__nv_bfloat16*>(smem_raw);
   __nv_bfloat16* skv = sq + kFlashRows * D;  // stage s: K at skv + 2 s tile, V after it
@@ -282,7 +286,7 @@ __global__ void __launch_bounds__(kFlashThreads, kMinBlocks)
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const __nv_bfloat16* qg = static_cast<const __nv_bfloat16*>(a.q);
   // Q rows: row r is query token tok0 + r / group, head kvh * group + r % group (zeros past q_len).
-  for (int idx = tid; idx < kFlashRows * kChunks; idx += kFlashThreads) {
+  for (int idx = tid; idx < kFlashRows * kChunks; idx += kThreadsT) {
     const int r = idx / kChunks, c = idx % kChunks;
     const int i = tok0 + r / group;
     const bool valid = i < q_len;
@@ -296,8 +300,8 @@ __global__ void __launch_bounds__(kFlashThreads, kMinBlocks)
     __nv_bfloat16* sk = skv + (kt % kFlashStages) * 2 * kTileElems;
     __nv_bfloat16* sv = sk + kTileElems;
 #pragma unroll
-    for (int j = 0; j < kFlashKv * kChunks / kFlashThreads; ++j) {
-      const int idx = tid + j * kFlashThreads;
+    for (int j = 0; j < kFlashKv * kChunks / kThreadsT; ++j) {
+      const int idx = tid + j * kThreadsT;
       const int r = idx / kChunks, c = idx % kChunks;
       const int t = kt * kFlashKv + r;
       const bool valid = t < kv_end;  // zeros past it (masked, and 0 x V must not be NaN)
@@ -308,21 +312,43 @@ __global__ void __launch_bounds__(kFlashThreads, kMinBlocks)
     }
   };
 
-  // This lane's rows: g and g + 8 of the warp's 16 (mma accumulator layout: lane = 4 g + t).
+  // This lane's rows: g and g + 8 of each of the warp's m-tiles (accumulator layout: lane = 4 g + t).
   const int g = lane / 4, t4 = lane % 4;
-  const int row0 = warp * 16 + g, row1 = row0 + 8;
+  const int wrow = warp * kWarpRows;
   // Padding rows (past q_len) take the last row's position; their output is never written.
-  const int pos0 = ctx + min(tok0 + row0 / group, q_len - 1);
-  const int pos1 = ctx + min(tok0 + row1 / group, q_len - 1);
-  const int warp_first = ctx + min(tok0 + warp * 16 / group, q_len - 1);
-  const int warp_last = ctx + min(tok0 + (warp * 16 + 15) / group, q_len - 1);
-  const bool warp_live = tok0 + warp * 16 / group < q_len;
+  int pos[kMT][2];
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt) {
+    pos[mt][0] = ctx + min(tok0 + (wrow + mt * 16 + g) / group, q_len - 1);
+    pos[mt][1] = ctx + min(tok0 + (wrow + mt * 16 + g + 8) / group, q_len - 1);
+  }
+  const int warp_first = ctx + min(tok0 + wrow / group, q_len - 1);
+  const int warp_last = ctx + min(tok0 + (wrow + kWarpRows - 1) / group, q_len - 1);
+  const bool warp_live = tok0 + wrow / group < q_len;
   const float scale2 = a.scale * 1.4426950408889634f;  // scores to log2 units
 
-  float o[D / 8][4];
+  // ldmatrix addresses. Every row a lane addresses has row % 8 == lane % 8 = 2 y + x0, so chunk
+  // 2 j + b of it sits at chunk 2 (j ^ y) + (b ^ x0) = 2 (j & 4) + 2 ((j & 3) ^ y) + (b ^ x0):
+  // four per-lane offsets per operand, the rest compile-time immediates.
+  const int y = (lane & 7) >> 1, x0 = lane & 1;
+  uint32_t q_off[4], k_off[4], v_off[4];
 #pragma unroll
-  for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
-  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // raw-score max; this lane's part of the sum
+  for (int jj = 0; jj < 4; ++jj) {
+    const int sw = 32 * (jj ^ y);
+    q_off[jj] = SmemAddr(sq) + (wrow + lane % 16) * D * 2 + sw + 16 * ((lane >> 4) ^ x0);
+    k_off[jj] = (lane % 8 + (lane / 16) * 8) * D * 2 + sw + 16 * (((lane >> 3) & 1) ^ x0);
+    v_off[jj] = (lane % 16) * D * 2 + sw + 16 * ((lane >> 4) ^ x0);
+  }
+
+  float o[kMT][D / 8][4];
+  float m[kMT][2], l[kMT][2];  // raw-score row max; this lane's part of the row sum
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) o[mt][n][0] = o[mt][n][1] = o[mt][n][2] = o[mt][n][3] = 0.f;
+    m[mt][0] = m[mt][1] = -INFINITY;
+    l[mt][0] = l[mt][1] = 0.f;
+  }
 
   if (t_begin < t_end) issue_tile(t_begin);
   CpAsyncCommit();
@@ -333,77 +359,93 @@ __global__ void __launch_bounds__(kFlashThreads, kMinBlocks)
     __syncthreads();   // everyone's
     const int kv0 = kt * kFlashKv;
     if (warp_live && kv0 <= warp_last) {
-      const __nv_bfloat16* sk = skv + (kt % kFlashStages) * 2 * kTileElems;
-      const __nv_bfloat16* sv = sk + kTileElems;
-      float s[kFlashKv / 8][4];
+      const uint32_t sk = SmemAddr(skv) + (kt % kFlashStages) * 2 * kTileElems * 2;
+      const uint32_t sv = sk + kTileElems * 2;
+      float s[kMT][kNT][4];
 #pragma unroll
-      for (int n = 0; n < kFlashKv / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+      for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+        for (int n = 0; n < kNT; ++n) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.f;
+      }
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
-        uint32_t qa[4];
-        Ldsm4(qa, sq + Swz<D>(warp * 16 + lane % 16, 2 * kk + lane / 16));
+        uint32_t qa[kMT][4];
 #pragma unroll
-        for (int np = 0; np < kFlashKv / 16; ++np) {
+        for (int mt = 0; mt < kMT; ++mt) Ldsm4(qa[mt], q_off[kk & 3] + 32 * (kk & 4) + mt * 16 * D * 2);
+#pragma unroll
+        for (int np = 0; np < kNT / 2; ++np) {
           uint32_t kb[4];
-          Ldsm4(kb, sk + Swz<D>(np * 16 + lane % 8 + (lane / 16) * 8, 2 * kk + (lane / 8) % 2));
-          Mma(s[2 * np], qa, kb[0], kb[1]);
-          Mma(s[2 * np + 1], qa, kb[2], kb[3]);
+          Ldsm4(kb, sk + k_off[kk & 3] + 32 * (kk & 4) + np * 16 * D * 2);
+#pragma unroll
+          for (int mt = 0; mt < kMT; ++mt) {
+            Mma(s[mt][2 * np], qa[mt], kb[0], kb[1]);
+            Mma(s[mt][2 * np + 1], qa[mt], kb[2], kb[3]);
+          }
         }
       }
-      if (kv0 + kFlashKv - 1 > warp_first) {  // a diagonal tile: keys past a row's position
+      const bool diag = kv0 + kFlashKv - 1 > warp_first;  // keys past some row's position
+      uint32_t pa[kMT][kFlashKv / 16][4];  // P as the A operand of P V, k-step by k-step
 #pragma unroll
-        for (int n = 0; n < kFlashKv / 8; ++n) {
-          const int key = kv0 + n * 8 + 2 * t4;
-          if (key > pos0) s[n][0] = -INFINITY;
-          if (key + 1 > pos0) s[n][1] = -INFINITY;
-          if (key > pos1) s[n][2] = -INFINITY;
-          if (key + 1 > pos1) s[n][3] = -INFINITY;
+      for (int mt = 0; mt < kMT; ++mt) {
+        if (diag) {
+#pragma unroll
+          for (int n = 0; n < kNT; ++n) {
+            const int key = kv0 + n * 8 + 2 * t4;
+            if (key > pos[mt][0]) s[mt][n][0] = -INFINITY;
+            if (key + 1 > pos[mt][0]) s[mt][n][1] = -INFINITY;
+            if (key > pos[mt][1]) s[mt][n][2] = -INFINITY;
+            if (key + 1 > pos[mt][1]) s[mt][n][3] = -INFINITY;
+          }
         }
-      }
-      float mx0 = m0, mx1 = m1;
+        float mx0 = m[mt][0], mx1 = m[mt][1];
 #pragma unroll
-      for (int n = 0; n < kFlashKv / 8; ++n) {
-        mx0 = fmaxf(mx0, fmaxf(s[n][0], s[n][1]));
-        mx1 = fmaxf(mx1, fmaxf(s[n][2], s[n][3]));
-      }
-      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-      // A row with no key so far (split-KV) keeps max -inf: refer to 0 so p and c are 0, not NaN.
-      const float ref0 = mx0 == -INFINITY ? 0.f : mx0 * scale2;
-      const float ref1 = mx1 == -INFINITY ? 0.f : mx1 * scale2;
-      const float c0 = Exp2Approx(m0 * scale2 - ref0), c1 = Exp2Approx(m1 * scale2 - ref1);
-      m0 = mx0;
-      m1 = mx1;
-      float sum0 = 0.f, sum1 = 0.f;
-      uint32_t pa[kFlashKv / 16][4];  // P as the A operand of P V, k-step by k-step
+        for (int n = 0; n < kNT; ++n) {
+          mx0 = fmaxf(mx0, fmaxf(s[mt][n][0], s[mt][n][1]));
+          mx1 = fmaxf(mx1, fmaxf(s[mt][n][2], s[mt][n][3]));
+        }
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        // A row with no key so far (split-KV) keeps max -inf: refer to 0 so p and c are 0, not NaN.
+        const float ref0 = mx0 == -INFINITY ? 0.f : mx0 * scale2;
+        const float ref1 = mx1 == -INFINITY ? 0.f : mx1 * scale2;
+        const float c0 = Exp2Approx(m[mt][0] * scale2 - ref0), c1 = Exp2Approx(m[mt][1] * scale2 - ref1);
+        m[mt][0] = mx0;
+        m[mt][1] = mx1;
+        float sum0 = 0.f, sum1 = 0.f;
 #pragma unroll
-      for (int n = 0; n < kFlashKv / 8; ++n) {
-        const float p0 = Exp2Approx(fmaf(s[n][0], scale2, -ref0)), p1 = Exp2Approx(fmaf(s[n][1], scale2, -ref0));
-        const float p2 = Exp2Approx(fmaf(s[n][2], scale2, -ref1)), p3 = Exp2Approx(fmaf(s[n][3], scale2, -ref1));
-        sum0 += p0 + p1;
-        sum1 += p2 + p3;
-        pa[n / 2][(n % 2) * 2] = PackBf16(p0, p1);
-        pa[n / 2][(n % 2) * 2 + 1] = PackBf16(p2, p3);
-      }
-      l0 = l0 * c0 + sum0;
-      l1 = l1 * c1 + sum1;
+        for (int n = 0; n < kNT; ++n) {
+          const float p0 = Exp2Approx(fmaf(s[mt][n][0], scale2, -ref0));
+          const float p1 = Exp2Approx(fmaf(s[mt][n][1], scale2, -ref0));
+          const float p2 = Exp2Approx(fmaf(s[mt][n][2], scale2, -ref1));
+          const float p3 = Exp2Approx(fmaf(s[mt][n][3], scale2, -ref1));
+          sum0 += p0 + p1;
+          sum1 += p2 + p3;
+          pa[mt][n / 2][(n % 2) * 2] = PackBf16(p0, p1);
+          pa[mt][n / 2][(n % 2) * 2 + 1] = PackBf16(p2, p3);
+        }
+        l[mt][0] = l[mt][0] * c0 + sum0;
+        l[mt][1] = l[mt][1] * c1 + sum1;
 #pragma unroll
-      for (int n = 0; n < D / 8; ++n) {
-        o[n][0] *= c0;
-        o[n][1] *= c0;
-        o[n][2] *= c1;
-        o[n][3] *= c1;
+        for (int n = 0; n < D / 8; ++n) {
+          o[mt][n][0] *= c0;
+          o[mt][n][1] *= c0;
+          o[mt][n][2] *= c1;
+          o[mt][n][3] *= c1;
+        }
       }
 #pragma unroll
       for (int kk = 0; kk < kFlashKv / 16; ++kk) {
 #pragma unroll
         for (int dp = 0; dp < D / 16; ++dp) {
           uint32_t vb[4];
-          Ldsm4T(vb, sv + Swz<D>(kk * 16 + lane % 8 + ((lane / 8) % 2) * 8, 2 * dp + lane / 16));
-          Mma(o[2 * dp], pa[kk], vb[0], vb[1]);
-          Mma(o[2 * dp + 1], pa[kk], vb[2], vb[3]);
+          Ldsm4T(vb, sv + v_off[dp & 3] + 32 * (dp & 4) + kk * 16 * D * 2);
+#pragma unroll
+          for (int mt = 0; mt < kMT; ++mt) {
+            Mma(o[mt][2 * dp], pa[mt][kk], vb[0], vb[1]);
+            Mma(o[mt][2 * dp + 1], pa[mt][kk], vb[2], vb[3]);
+          }
         }
       }
     }
@@ -412,44 +454,45 @@ __global__ void __launch_bounds__(kFlashThreads, kMinBlocks)
   CpAsyncWait<0>();
 
   if (!warp_live) return;
-  l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-  l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-  l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-  l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-  const float inv0 = l0 > 0.f ? 1.0f / l0 : 0.f, inv1 = l1 > 0.f ? 1.0f / l1 : 0.f;
-  if (kSplit) {
-    // Partial p = (tile, KV head, split): rows [128 p, 128 p + 128) of partial_out / partial_lse.
-    const int64_t p = (static_cast<int64_t>(tile) * gridDim.x + kvh) * gridDim.z + blockIdx.z;
-    float* po = sch.partial_out + p * kFlashRows * D;
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-      *reinterpret_cast<float2*>(po + row0 * D + n * 8 + 2 * t4) = make_float2(o[n][0] * inv0, o[n][1] * inv0);
-      *reinterpret_cast<float2*>(po + row1 * D + n * 8 + 2 * t4) = make_float2(o[n][2] * inv1, o[n][3] * inv1);
-    }
-    if (t4 == 0) {
-      sch.partial_lse[p * kFlashRows + row0] = l0 > 0.f ? m0 * scale2 + log2f(l0) : -INFINITY;
-      sch.partial_lse[p * kFlashRows + row1] = l1 > 0.f ? m1 * scale2 + log2f(l1) : -INFINITY;
-    }
-    return;
-  }
   __nv_bfloat16* out = static_cast<__nv_bfloat16*>(a.out);
-  const int tok_0 = tok0 + row0 / group, tok_1 = tok0 + row1 / group;
+  // Partial p = (tile, KV head, split): rows [128 p, 128 p + 128) of partial_out / partial_lse.
+  const int64_t p = (static_cast<int64_t>(tile) * gridDim.x + kvh) * gridDim.z + blockIdx.z;
 #pragma unroll
-  for (int n = 0; n < D / 8; ++n) {
-    if (tok_0 < q_len) {
-      *reinterpret_cast<uint32_t*>(out + (q0 + tok_0) * a.out_ld + (kvh * group + row0 % group) * D + n * 8 + 2 * t4) =
-          PackBf16(o[n][0] * inv0, o[n][1] * inv0);
-    }
-    if (tok_1 < q_len) {
-      *reinterpret_cast<uint32_t*>(out + (q0 + tok_1) * a.out_ld + (kvh * group + row1 % group) * D + n * 8 + 2 * t4) =
-          PackBf16(o[n][2] * inv1, o[n][3] * inv1);
+  for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {  // rows g and g + 8 of the m-tile
+      float lsum = l[mt][h];
+      lsum += __shfl_xor_sync(0xffffffffu, lsum, 1);
+      lsum += __shfl_xor_sync(0xffffffffu, lsum, 2);
+      const float inv = lsum > 0.f ? 1.0f / lsum : 0.f;
+      const int row = wrow + mt * 16 + g + 8 * h;
+      if (kSplit) {
+        float* po = sch.partial_out + (p * kFlashRows + row) * D;
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) {
+          *reinterpret_cast<float2*>(po + n * 8 + 2 * t4) =
+              make_float2(o[mt][n][2 * h] * inv, o[mt][n][2 * h + 1] * inv);
+        }
+        if (t4 == 0) {
+          sch.partial_lse[p * kFlashRows + row] = lsum > 0.f ? m[mt][h] * scale2 + log2f(lsum) : -INFINITY;
+        }
+      } else {
+        const int tok = tok0 + row / group;
+        if (tok < q_len) {
+          __nv_bfloat16* dst = out + (q0 + tok) * a.out_ld + (kvh * group + row % group) * D + 2 * t4;
+#pragma unroll
+          for (int n = 0; n < D / 8; ++n) {
+            *reinterpret_cast<uint32_t*>(dst + n * 8) = PackBf16(o[mt][n][2 * h] * inv, o[mt][n][2 * h + 1] * inv);
+          }
+        }
+      }
     }
   }
 }
 
 // Split-KV merge: a CTA per (KV head, tile) as the partial kernel's grid (in tile order), a warp
 // per row (MergeSplitChunks over the num_splits partials), rows of padding tokens skipped.
-__global__ void __launch_bounds__(kFlashThreads)
+__global__ void __launch_bounds__(kMergeThreads)
     FlashMergeKernel(const PagedAttentionArgs a, const PrefillSchedule sch) {
   const int group = a.num_heads / a.num_kv_heads;
   const int tq = kFlashRows / group;
@@ -459,7 +502,7 @@ __global__ void __launch_bounds__(kFlashThreads)
   const int q0 = a.query_start[seq];
   const int q_len = a.query_start[seq + 1] - q0;
   const int64_t p = (static_cast<int64_t>(tile) * gridDim.x + kvh) * sch.num_splits;
-  for (int row = threadIdx.x / 32; row < kFlashRows; row += kFlashThreads / 32) {
+  for (int row = threadIdx.x / 32; row < kFlashRows; row += kMergeThreads / 32) {
     const int tok = tok0 + row / group;
     if (tok >= q_len) break;  // rows are in token order
     MergeSplitChunks(sch.partial_lse + p * kFlashRows + row, kFlashRows, sch.partial_out + (p * kFlashRows + row) * d,
@@ -477,28 +520,32 @@ cudaError_t AllowSmem(Kernel* kernel, size_t bytes, bool* done) {
   return e;
 }
 
-template <int D, int kMinBlocks>
-cudaError_t LaunchFlashMb(const PagedAttentionArgs& a, const PrefillSchedule& s, cudaStream_t stream) {
-  constexpr size_t smem = FlashSmemBytes<D>();
+template <int D, int kMT, int kKv, int kMinB>
+cudaError_t LaunchFlashMt(const PagedAttentionArgs& a, const PrefillSchedule& s, cudaStream_t stream) {
+  constexpr size_t smem = FlashSmemBytes<D, kKv>();
+  constexpr int threads = kFlashRows * 2 / kMT;
   const dim3 grid(static_cast<unsigned>(a.num_kv_heads), static_cast<unsigned>(s.num_tiles),
                   static_cast<unsigned>(s.num_splits));
   if (s.num_splits == 1) {
     static bool done = false;
-    if (const cudaError_t e = AllowSmem(FlashPrefillKernel<D, false, kMinBlocks>, smem, &done); e != cudaSuccess) return e;
-    FlashPrefillKernel<D, false, kMinBlocks><<<grid, kFlashThreads, smem, stream>>>(a, s);
+    if (const cudaError_t e = AllowSmem(FlashPrefillKernel<D, kMT, kKv, kMinB, false>, smem, &done); e != cudaSuccess) return e;
+    FlashPrefillKernel<D, kMT, kKv, kMinB, false><<<grid, threads, smem, stream>>>(a, s);
     return cudaGetLastError();
   }
   static bool done = false;
-  if (const cudaError_t e = AllowSmem(FlashPrefillKernel<D, true, kMinBlocks>, smem, &done); e != cudaSuccess) return e;
-  FlashPrefillKernel<D, true, kMinBlocks><<<grid, kFlashThreads, smem, stream>>>(a, s);
-  FlashMergeKernel<<<dim3(grid.x, grid.y), kFlashThreads, 0, stream>>>(a, s);
+  if (const cudaError_t e = AllowSmem(FlashPrefillKernel<D, kMT, kKv, kMinB, true>, smem, &done); e != cudaSuccess) return e;
+  FlashPrefillKernel<D, kMT, kKv, kMinB, true><<<grid, threads, smem, stream>>>(a, s);
+  FlashMergeKernel<<<dim3(grid.x, grid.y), kMergeThreads, 0, stream>>>(a, s);
   return cudaGetLastError();
 }
 
 template <int D>
 cudaError_t LaunchFlash(const PagedAttentionArgs& a, const PrefillSchedule& s, cudaStream_t stream) {
-  static const bool one = std::getenv("LORC_FLASH_MINBLOCKS") != nullptr && std::getenv("LORC_FLASH_MINBLOCKS")[0] == '1';
-  return one ? LaunchFlashMb<D, 1>(a, s, stream) : LaunchFlashMb<D, 2>(a, s, stream);
+  static const int v = std::getenv("LORC_FLASH_VARIANT") != nullptr ? std::getenv("LORC_FLASH_VARIANT")[0] - '0' : 0;
+  if (v == 1) return LaunchFlashMt<D, 2, 64, 2>(a, s, stream);
+  if (v == 2) return LaunchFlashMt<D, 2, 32, 2>(a, s, stream);
+  if (v == 3) return LaunchFlashMt<D, 1, 64, 2>(a, s, stream);
+  return LaunchFlashMt<D, 1, 64, 1>(a, s, stream);
 }
 
 template <int D>

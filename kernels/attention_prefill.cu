@@ -353,10 +353,12 @@ __global__ void __launch_bounds__(kFlashRows * 2 / kMT, kMinBlocks)
   if (t_begin < t_end) issue_tile(t_begin);
   CpAsyncCommit();
   for (int kt = t_begin; kt < t_end; ++kt) {
+    CpAsyncWait<0>();  // Q and tile kt have landed (this thread's copies)
+    // Everyone's copies are visible, and every warp is done with tile kt - 1, whose stage tile
+    // kt + 1 now overwrites while tile kt is consumed (one barrier per tile).
+    __syncthreads();
     if (kt + 1 < t_end) issue_tile(kt + 1);
     CpAsyncCommit();
-    CpAsyncWait<1>();  // Q and tile kt have landed (this thread's copies)
-    __syncthreads();   // everyone's
     const int kv0 = kt * kFlashKv;
     if (warp_live && kv0 <= warp_last) {
       const uint32_t sk = SmemAddr(skv) + (kt % kFlashStages) * 2 * kTileElems * 2;
@@ -449,7 +451,6 @@ __global__ void __launch_bounds__(kFlashRows * 2 / kMT, kMinBlocks)
         }
       }
     }
-    __syncthreads();  // stage kt % 2 is free for tile kt + 2
   }
   CpAsyncWait<0>();
 
@@ -545,6 +546,7 @@ cudaError_t LaunchFlash(const PagedAttentionArgs& a, const PrefillSchedule& s, c
   if (v == 1) return LaunchFlashMt<D, 2, 64, 2>(a, s, stream);
   if (v == 2) return LaunchFlashMt<D, 2, 32, 2>(a, s, stream);
   if (v == 3) return LaunchFlashMt<D, 1, 64, 2>(a, s, stream);
+  if (v == 4) return LaunchFlashMt<D, 1, 32, 2>(a, s, stream);
   return LaunchFlashMt<D, 1, 64, 1>(a, s, stream);
 }
 

@@ -14,7 +14,6 @@
 #include <mma.h>
 
 #include <cmath>
-#include <cstdlib>
 
 #include "kernels/attention_paged.cuh"
 #include "kernels/elem_type.cuh"
@@ -234,13 +233,22 @@ __global__ void __launch_bounds__(kThreads) QuantPrefillKernel(const PagedAttent
 // ldmatrix phase reads fall in distinct banks. Tiles are launched longest first (the last tiles
 // of a causal prompt carry the most keys).
 
-constexpr int kMergeThreads = 256;
-constexpr int kFlashRows = kPrefillRowsBf16;  // 16 per warp
+constexpr int kFlashRows = kPrefillRowsBf16;
 constexpr int kFlashStages = 2;
+// The one configuration instantiated: 1 m-tile of 16 rows per warp (8 warps), 64-key tiles, two
+// CTAs per SM (128 registers, ~100 bytes of spill). Measured alternatives (H200, 2026-12-01,
+// attention_bench --prefill, 1 x 4096 causal, docs/data/2026-12-01-h200-flashprefill-run3-*):
+// this 246 TFLOP/s; one CTA per SM (194 registers, no spill) 214; 2 m-tiles per warp (4 warps,
+// FlashAttention-2's layout, 255 registers) 237; 32-key tiles 236. One CTA per SM wins only
+// where the grid is below one CTA per SM (1 x 512: 82 against 70 TFLOP/s).
+constexpr int kFlashMTiles = 1;
+constexpr int kFlashKv = 64;
+constexpr int kFlashMinBlocks = 2;
+constexpr int kMergeThreads = 256;
 
-template <int D, int kFlashKv>
+template <int D, int kKv>
 constexpr size_t FlashSmemBytes() {
-  return sizeof(__nv_bfloat16) * D * (kFlashRows + 2 * kFlashStages * kFlashKv);
+  return sizeof(__nv_bfloat16) * D * (kFlashRows + 2 * kFlashStages * kKv);
 }
 
 // Element offset of 16-byte chunk c of row r in a swizzled [rows][D] bf16 tile.
@@ -250,19 +258,20 @@ __device__ __forceinline__ int Swz(int r, int c) {
 }
 
 // Grid (num_kv_heads, num_tiles, num_splits). kMT: m-tiles of 16 rows per warp (1: 8 warps of 16
-// rows; 2: 4 warps of 32 rows, each K/V fragment feeding two mma). kSplit: write fp32 partials
-// (split-KV) instead of out.
-template <int D, int kMT, int kFlashKv, int kMinBlocks, bool kSplit>
+// rows; 2: 4 warps of 32 rows, each K/V fragment feeding two mma); kKv: keys per tile;
+// kMinBlocks: CTAs per SM the registers are capped for. kSplit: write fp32 partials (split-KV)
+// instead of out.
+template <int D, int kMT, int kKv, int kMinBlocks, bool kSplit>
 __global__ void __launch_bounds__(kFlashRows * 2 / kMT, kMinBlocks)
     FlashPrefillKernel(const PagedAttentionArgs a, const PrefillSchedule sch) {
   constexpr int kThreadsT = kFlashRows * 2 / kMT;
   constexpr int kWarpRows = 16 * kMT;
   constexpr int kChunks = D / 8;  // 16-byte chunks per row
-  constexpr int kNT = kFlashKv / 8;  // 8-key n-tiles of S
+  constexpr int kNT = kKv / 8;  // 8-key n-tiles of S
   extern __shared__ __align__(128) unsigned char smem_raw[];
   __nv_bfloat16* sq = reinterpret_cast<__nv_bfloat16*>(smem_raw);
   __nv_bfloat16* skv = sq + kFlashRows * D;  // stage s: K at skv + 2 s tile, V after it
-  constexpr int kTileElems = kFlashKv * D;
+  constexpr int kTileElems = kKv * D;
 
   const int group = a.num_heads / a.num_kv_heads;
   const int tq = kFlashRows / group;
@@ -276,7 +285,7 @@ __global__ void __launch_bounds__(kFlashRows * 2 / kMT, kMinBlocks)
   const int32_t* table = a.block_tables + static_cast<int64_t>(seq) * a.max_blocks_per_seq;
   const int last_tok = min(tok0 + tq, q_len) - 1;
   const int kv_end = ctx + last_tok + 1;  // keys any row of the CTA attends to
-  int t_begin = 0, t_end = (kv_end + kFlashKv - 1) / kFlashKv;  // key tiles of this CTA
+  int t_begin = 0, t_end = (kv_end + kKv - 1) / kKv;  // key tiles of this CTA
   if (kSplit) {
     const int per = (t_end + gridDim.z - 1) / gridDim.z;
     t_begin = min(t_end, static_cast<int>(blockIdx.z) * per);
@@ -300,10 +309,10 @@ __global__ void __launch_bounds__(kFlashRows * 2 / kMT, kMinBlocks)
     __nv_bfloat16* sk = skv + (kt % kFlashStages) * 2 * kTileElems;
     __nv_bfloat16* sv = sk + kTileElems;
 #pragma unroll
-    for (int j = 0; j < kFlashKv * kChunks / kThreadsT; ++j) {
+    for (int j = 0; j < kKv * kChunks / kThreadsT; ++j) {
       const int idx = tid + j * kThreadsT;
       const int r = idx / kChunks, c = idx % kChunks;
-      const int t = kt * kFlashKv + r;
+      const int t = kt * kKv + r;
       const bool valid = t < kv_end;  // zeros past it (masked, and 0 x V must not be NaN)
       int64_t slot = 0;
       if (valid) slot = static_cast<int64_t>(table[t / a.block_size]) * a.block_size + t % a.block_size;
@@ -359,7 +368,7 @@ __global__ void __launch_bounds__(kFlashRows * 2 / kMT, kMinBlocks)
     __syncthreads();
     if (kt + 1 < t_end) issue_tile(kt + 1);
     CpAsyncCommit();
-    const int kv0 = kt * kFlashKv;
+    const int kv0 = kt * kKv;
     if (warp_live && kv0 <= warp_last) {
       const uint32_t sk = SmemAddr(skv) + (kt % kFlashStages) * 2 * kTileElems * 2;
       const uint32_t sv = sk + kTileElems * 2;
@@ -385,8 +394,8 @@ __global__ void __launch_bounds__(kFlashRows * 2 / kMT, kMinBlocks)
           }
         }
       }
-      const bool diag = kv0 + kFlashKv - 1 > warp_first;  // keys past some row's position
-      uint32_t pa[kMT][kFlashKv / 16][4];  // P as the A operand of P V, k-step by k-step
+      const bool diag = kv0 + kKv - 1 > warp_first;  // keys past some row's position
+      uint32_t pa[kMT][kKv / 16][4];  // P as the A operand of P V, k-step by k-step
 #pragma unroll
       for (int mt = 0; mt < kMT; ++mt) {
         if (diag) {
@@ -438,7 +447,7 @@ __global__ void __launch_bounds__(kFlashRows * 2 / kMT, kMinBlocks)
         }
       }
 #pragma unroll
-      for (int kk = 0; kk < kFlashKv / 16; ++kk) {
+      for (int kk = 0; kk < kKv / 16; ++kk) {
 #pragma unroll
         for (int dp = 0; dp < D / 16; ++dp) {
           uint32_t vb[4];
@@ -542,12 +551,7 @@ cudaError_t LaunchFlashMt(const PagedAttentionArgs& a, const PrefillSchedule& s,
 
 template <int D>
 cudaError_t LaunchFlash(const PagedAttentionArgs& a, const PrefillSchedule& s, cudaStream_t stream) {
-  static const int v = std::getenv("LORC_FLASH_VARIANT") != nullptr ? std::getenv("LORC_FLASH_VARIANT")[0] - '0' : 0;
-  if (v == 1) return LaunchFlashMt<D, 2, 64, 2>(a, s, stream);
-  if (v == 2) return LaunchFlashMt<D, 2, 32, 2>(a, s, stream);
-  if (v == 3) return LaunchFlashMt<D, 1, 64, 2>(a, s, stream);
-  if (v == 4) return LaunchFlashMt<D, 1, 32, 2>(a, s, stream);
-  return LaunchFlashMt<D, 1, 64, 1>(a, s, stream);
+  return LaunchFlashMt<D, kFlashMTiles, kFlashKv, kFlashMinBlocks>(a, s, stream);
 }
 
 template <int D>

@@ -227,11 +227,11 @@ TEST_F(CudaAttentionTest, FlashPrefillShapesMatchCpu) {
 }
 
 // Prefix-cache hits: short query chunks after long cached contexts. The grid (q tiles x KV heads)
-// is far below the SM count, so the plan splits each tile's keys over many CTAs (8/2 x 128:
-// 4 tiles x 2 KV heads -> 23 pieces of ~512 keys on 132 SMs) whose fp32 partials the merge
+// is far below the SM count, so the plan splits each tile's keys over many CTAs (on 132 SMs,
+// 8/2 x 128: 6 tiles x 2 KV heads -> 23 pieces of ~512 keys) whose fp32 partials the merge
 // kernel combines; the second sequence is shorter, so some of its pieces are empty (lse -inf).
-// A Llama-3-8B-shaped chunk of 64 after 9000 tokens, and a batch of a long chunk beside a
-// whole prompt.
+// A Llama-3-8B-shaped chunk of 64 after 8936 tokens (17 pieces), and MHA at head_dim 64 with a
+// long chunk beside a whole prompt and a decode (11 pieces).
 TEST_F(CudaAttentionTest, ChunksOverLongContextSplitKv) {
   ExpectParity(MakeProblem(rng_, 8, 2, 128, {{128, 12000}, {40, 2100}}), kPrefill);
   ExpectParity(MakeProblem(rng_, 32, 8, 128, {{64, 9000}}), kPrefill);

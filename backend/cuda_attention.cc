@@ -26,6 +26,13 @@ constexpr int kMinChunk = 64;
 constexpr int kPartialsPerSm = 4;
 // KV heads assumed by the first plan, before a decode call has shown the real count.
 constexpr int kDefaultKvHeads = 8;
+// Prefill split-KV (bf16 cache): a grid of fewer than kPrefillSplitBelowCtasPerSm x SMs CTAs (two
+// flash CTAs are resident per SM) is split so that about kPrefillSplitTargetCtasPerSm x SMs run,
+// no piece shorter than kPrefillMinSplitKeys keys (the merge's fp32 round trip must stay small
+// next to the attention it spreads), as far as the partial buffers hold them.
+constexpr int kPrefillSplitBelowCtasPerSm = 2;
+constexpr int kPrefillSplitTargetCtasPerSm = 4;
+constexpr int kPrefillMinSplitKeys = 512;
 
 // The device workspace: [counts: 2 x int32, padded to 16 bytes][work items][merge items], one
 // buffer so PlanAttention refreshes it with one copy; plus the fp32 partial outputs.
@@ -33,8 +40,11 @@ class CudaAttentionPlan final : public AttentionPlan {
  public:
   absl::Status Plan(Backend& be, const AttentionBatch& b);
   kernels::DecodeSchedule decode_schedule() const;
-  // Tiles of rows / group query tokens (rows: kPrefillRows, or kLatentRows for latent attention).
-  kernels::PrefillSchedule prefill_schedule(int group, int rows = kernels::kPrefillRows) const;
+  // Tiles of rows / group query tokens (rows: kernels::PrefillTileRows, or kLatentRows for
+  // latent attention), not split.
+  kernels::PrefillSchedule prefill_schedule(int group, int rows) const;
+  // PrefillAttention's schedule for `a`: its tiles and, over a bf16 cache, the split-KV choice.
+  kernels::PrefillSchedule paged_prefill_schedule(const kernels::PagedAttentionArgs& a) const;
 
   AttentionLimits limits;
   int num_sms = 1;
@@ -49,6 +59,7 @@ class CudaAttentionPlan final : public AttentionPlan {
   // Host staging of the workspace (pageable: CopyToDevice has consumed it when it returns).
   std::vector<char> host;
   std::vector<int32_t> prefill_q_lens;  // host, the prefills' q_len in prefill order
+  int32_t prefill_max_seq_len = 0;      // host, the longest prefill's seq_len
 
   size_t work_offset() const { return 16; }
   size_t merge_offset() const { return 16 + sizeof(kernels::DecodeWorkItem) * max_work; }
@@ -74,6 +85,7 @@ absl::Status CudaAttentionPlan::Plan(Backend& be, const AttentionBatch& b) {
   std::vector<int32_t> decodes, prefills;
   int64_t decode_keys = 0;
   prefill_q_lens.clear();
+  prefill_max_seq_len = 0;
   for (int32_t s = 0; s < b.num_seqs; ++s) {
     const int32_t q_len = b.host_query_start[s + 1] - b.host_query_start[s];
     const int32_t len = b.host_seq_lens[s];
@@ -87,6 +99,7 @@ absl::Status CudaAttentionPlan::Plan(Backend& be, const AttentionBatch& b) {
     } else if (q_len > 1) {
       prefills.push_back(s);
       prefill_q_lens.push_back(q_len);
+      prefill_max_seq_len = std::max(prefill_max_seq_len, len);
     }
   }
 
@@ -158,6 +171,26 @@ kernels::PrefillSchedule CudaAttentionPlan::prefill_schedule(int group, int rows
   s.num_prefills = reinterpret_cast<const int32_t*>(base) + 2;
   const int tq = rows / group;
   for (int32_t q_len : prefill_q_lens) s.num_tiles += (q_len + tq - 1) / tq;
+  return s;
+}
+
+kernels::PrefillSchedule CudaAttentionPlan::paged_prefill_schedule(const kernels::PagedAttentionArgs& a) const {
+  const int group = a.num_heads / a.num_kv_heads;
+  kernels::PrefillSchedule s = prefill_schedule(group, kernels::PrefillTileRows(a.kv_quant));
+  const int64_t ctas = static_cast<int64_t>(s.num_tiles) * a.num_kv_heads;
+  if (a.kv_quant != kernels::KvQuant::kNone || ctas == 0 || ctas >= kPrefillSplitBelowCtasPerSm * num_sms) return s;
+  const int64_t rows = kernels::kPrefillRowsBf16;
+  const int64_t max_ctas = std::min<int64_t>(
+      static_cast<int64_t>(max_partials) * kernels::kMaxPartialWidth / (rows * a.head_dim),
+      static_cast<int64_t>(max_partials) * kernels::kMaxPartialHeads / rows);
+  const int64_t target = static_cast<int64_t>(kPrefillSplitTargetCtasPerSm) * num_sms;
+  const int64_t splits = std::min({(target + ctas - 1) / ctas, int64_t{prefill_max_seq_len} / kPrefillMinSplitKeys,
+                                   max_ctas / ctas});
+  if (splits < 2) return s;
+  s.num_splits = static_cast<int32_t>(splits);
+  s.partial_out = partial_out.as<float>();
+  s.partial_lse = partial_lse.as<float>();
+  s.max_split_ctas = static_cast<int32_t>(max_ctas);
   return s;
 }
 
@@ -375,13 +408,12 @@ absl::Status CudaBackend::PrefillAttention(const AttentionParams& p, const Atten
   const auto& cp = static_cast<const CudaAttentionPlan&>(plan);
   ASSIGN_OR_RETURN(const kernels::PagedAttentionArgs a, KernelArgs("PrefillAttention", p, plan.batch()));
   const int group = p.num_heads / p.num_kv_heads;
-  if (kernels::kPrefillRows % group != 0) {
+  if (kernels::PrefillTileRows(a.kv_quant) % group != 0) {
     return absl::UnimplementedError(absl::StrCat("cuda backend: PrefillAttention: ", group,
                                                  " query heads per KV head not implemented (1, 2, 4 or 8)"));
   }
   if (cp.num_prefills() == 0) return absl::OkStatus();
-  return CudaError(kernels::LaunchPrefillAttention(a, cp.prefill_schedule(group), stream_),
-                   "PrefillAttention");
+  return CudaError(kernels::LaunchPrefillAttention(a, cp.paged_prefill_schedule(a), stream_), "PrefillAttention");
 }
 
 }  // namespace lorc::cuda_internal

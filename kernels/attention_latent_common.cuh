@@ -1,7 +1,8 @@
 // Internal to the latent attention kernels (attention_latent.cu: ProcessItem, prefill, merge;
 // attention_latent_decode.cu: the decode of groups <= 8): tile constants, the shared-memory
-// layout, mma / ldmatrix / cp.async wrappers, the key-tile loader, the per-CTA setup and the
-// combine of the warps' softmax states. Not part of the kernels' interface (attention_latent.cuh).
+// layout, the key-tile loader, the per-CTA setup and the combine of the warps' softmax states
+// (mma / ldmatrix / cp.async wrappers: kernels/mma.cuh). Not part of the kernels' interface
+// (attention_latent.cuh).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -11,6 +12,7 @@
 
 #include "kernels/attention_latent.cuh"
 #include "kernels/kv_quant.cuh"
+#include "kernels/mma.cuh"
 
 namespace lorc::kernels::latent_internal {
 
@@ -40,14 +42,6 @@ struct Layout {
   }
 };
 
-__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-// 16 bytes global -> shared; zero-filled when !valid (src is then not read).
-__device__ __forceinline__ void CpAsync16(void* dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(SmemAddr(dst)), "l"(src),
-               "r"(valid ? 16 : 0));
-}
 // 8 (or, !eight, 4) bytes global -> shared, through L1; zero-filled when !valid.
 __device__ __forceinline__ void CpAsyncSmall(void* dst, const void* src, bool eight, bool valid) {
   if (eight) {
@@ -55,29 +49,6 @@ __device__ __forceinline__ void CpAsyncSmall(void* dst, const void* src, bool ei
   } else {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(SmemAddr(dst)), "l"(src), "r"(valid ? 4 : 0));
   }
-}
-__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void CpAsyncWait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-__device__ __forceinline__ void Ldsm4(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(SmemAddr(p)));
-}
-__device__ __forceinline__ void Ldsm4T(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(SmemAddr(p)));
-}
-// d += a b (m16n8k16, bf16 inputs, fp32 accumulators).
-__device__ __forceinline__ void Mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 // cos and sin of the fp32 angle a >= 0 (a = float(position) * inv_freq, the RoPE convention):
 // a reduced by 2 pi (two-constant Cody-Waite, exact to ~1e-7 for angles up to ~1e6), then the
@@ -88,10 +59,6 @@ __device__ __forceinline__ void AngleSinCos(float a, float* s, float* c) {
   float r = fmaf(-k, 6.28318548202514648f, a);  // 2 pi rounded to fp32
   r = fmaf(-k, -1.74845553e-7f, r);             // 2 pi - that
   __sincosf(r, s, c);
-}
-__device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // lo in the low half (the lower column)
-  return *reinterpret_cast<uint32_t*>(&v);
 }
 
 // One unit of work: keys [kv_start, kv_end) of `seq` for query tokens [q_first, q_first +

@@ -83,17 +83,31 @@ struct DecodeSchedule {
 cudaError_t LaunchDecodeAttention(const PagedAttentionArgs& args, const DecodeSchedule& schedule,
                                   cudaStream_t stream);
 
-// Rows (query token x query head of one KV head) per prefill CTA; a CTA covers
-// kPrefillRows / group query tokens of one sequence.
-inline constexpr int kPrefillRows = 64;
+// Rows (query token x query head of one KV head) per prefill CTA; a CTA covers rows / group
+// query tokens of one sequence. A bf16 cache runs the flash kernel (mma.sync, 8 warps of 16
+// rows); a quantized cache the 64-row WMMA kernel that dequantizes tiles as it stages them.
+inline constexpr int kPrefillRowsBf16 = 128;
+inline constexpr int kPrefillRowsQuantized = 64;
+constexpr int PrefillTileRows(KvQuant q) { return q == KvQuant::kNone ? kPrefillRowsBf16 : kPrefillRowsQuantized; }
 
 // Prefill (q_len > 1): the sequences prefill_seqs[0 .. num_prefills) (device), tiles of
-// kPrefillRows / group query tokens; num_tiles (host) = sum over them of ceil(q_len / that),
-// the grid. cudaErrorInvalidValue as for decode, or a group that does not divide kPrefillRows.
+// PrefillTileRows(kv_quant) / group query tokens; num_tiles (host) = sum over them of
+// ceil(q_len / that). Split-KV (bf16 cache only; num_splits > 1): each tile's key range
+// [0, its last row's position] is cut into num_splits pieces of whole 64-key tiles, one CTA each,
+// writing fp32 partials (the normalized output of its rows and their log2-domain log-sum-exp,
+// -inf for a row without keys in the piece) that a merge kernel combines; the grid is then
+// num_tiles x num_kv_heads x num_splits CTAs and needs max_split_ctas >= that, partial_out
+// holding max_split_ctas x kPrefillRowsBf16 x head_dim floats and partial_lse max_split_ctas x
+// kPrefillRowsBf16. cudaErrorInvalidValue as for decode, a group that does not divide the rows,
+// num_splits < 1, or a split schedule without room or over a quantized cache.
 struct PrefillSchedule {
   const int32_t* prefill_seqs = nullptr;  // device
   const int32_t* num_prefills = nullptr;  // device, one value
   int32_t num_tiles = 0;                  // host
+  int32_t num_splits = 1;                 // host
+  float* partial_out = nullptr;           // device, split-KV only
+  float* partial_lse = nullptr;           // device, split-KV only
+  int32_t max_split_ctas = 0;
 };
 cudaError_t LaunchPrefillAttention(const PagedAttentionArgs& args, const PrefillSchedule& schedule,
                                    cudaStream_t stream);

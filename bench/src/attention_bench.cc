@@ -15,7 +15,10 @@
 // the causal prefill of 4096 tokens over a cache of that dtype (kernels/kv_quant.h: codes and
 // fp16 scales), full KV and LoRC latents (ranks 64/64), each decode with its DRAM floor (the
 // cache's bytes, scales included, plus B_K for latents, at kFloorGBs). Table, then one JSON line.
-// Usage: build/bin/attention_bench [--kv-cache-dtype D] (needs a CUDA device).
+// --prefill: only the bf16 prefill cases: causal prompts of 512 and 4096 tokens, 8 x 512, and
+// chunks of 256 / 512 query tokens after 16k cached tokens (prefix-cache hits; the TFLOP/s count
+// the pairs q_len x (ctx - q_len) + q_len (q_len + 1) / 2).
+// Usage: build/bin/attention_bench [--kv-cache-dtype D | --prefill] (needs a CUDA device).
 #include <algorithm>
 #include <cstdio>
 #include <cmath>
@@ -175,16 +178,44 @@ int DtypeTable(Backend& be, const std::string& name, KvQuant q) {
   return 0;
 }
 
+// Causal prefill TFLOP/s: `batch` sequences of seq_len `ctx`, the last `q_len` tokens queried.
+int PrefillTable(Backend& be) {
+  std::printf("%s\nLlama-3-8B prefill attention: %d q / %d kv heads, head_dim %d, block_size %d, bf16\n",
+              be.Describe().c_str(), kHeads, kKvHeads, kDim, kBlock);
+  std::printf("prefill (per layer, causal)        us      TFLOP/s\n");
+  std::string json = "{\"bench\":\"attention_prefill\",\"device\":\"" + be.Describe() + "\",\"cases\":[";
+  const int cases[][3] = {{1, 512, 512}, {1, 4096, 4096}, {8, 512, 512}, {1, 8192, 8192},
+                          {1, 16384 + 256, 256}, {1, 16384 + 512, 512}};
+  bool first = true;
+  for (const auto& c : cases) {
+    const int batch = c[0], ctx = c[1], q_len = c[2];
+    const double us = Run(be, batch, ctx, q_len, false);
+    const double pairs = double{1.0} * q_len * (ctx - q_len) + double{1.0} * q_len * (q_len + 1) / 2;
+    const double tflops = batch * 4.0 * kHeads * kDim * pairs / us * 1e-6;
+    std::printf("  %d x %5d queries, seq_len %5d  %9.2f  %9.1f\n", batch, q_len, ctx, us, tflops);
+    char buf[160];
+    std::snprintf(buf, sizeof(buf), "%s{\"batch\":%d,\"q_len\":%d,\"seq_len\":%d,\"us\":%.2f,\"tflops\":%.1f}",
+                  first ? "" : ",", batch, q_len, ctx, us, tflops);
+    json += buf;
+    first = false;
+  }
+  std::printf("%s]}\n", json.c_str());
+  return 0;
+}
+
 int Main(int argc, char** argv) {
   std::string dtype;
+  bool prefill_only = false;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
-    if (arg == "--kv-cache-dtype" && i + 1 < argc) {
+    if (arg == "--prefill") {
+      prefill_only = true;
+    } else if (arg == "--kv-cache-dtype" && i + 1 < argc) {
       dtype = argv[++i];
     } else if (arg.rfind("--kv-cache-dtype=", 0) == 0) {
       dtype = arg.substr(17);
     } else {
-      std::fprintf(stderr, "attention_bench: unknown argument %s (usage: [--kv-cache-dtype bf16|fp8|int8|int4])\n",
+      std::fprintf(stderr, "attention_bench: unknown argument %s (usage: [--kv-cache-dtype bf16|fp8|int8|int4] [--prefill])\n",
                    arg.c_str());
       return 2;
     }
@@ -207,6 +238,7 @@ int Main(int argc, char** argv) {
     return 1;
   }
   Backend& be = **made;
+  if (prefill_only) return PrefillTable(be);
   if (!dtype.empty()) return DtypeTable(be, dtype == "auto" ? "bf16" : dtype, quant);
   std::printf("%s\nLlama-3-8B attention: %d q / %d kv heads, head_dim %d, block_size %d, bf16\n",
               be.Describe().c_str(), kHeads, kKvHeads, kDim, kBlock);

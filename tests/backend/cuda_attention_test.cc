@@ -1,12 +1,14 @@
 // Parity of the CUDA backend's paged attention (backend/cuda_attention.cc, kernels/attention_*)
 // with the CPU backend, the reference: seeded mixed batches (decodes, whole-prompt prefills,
 // chunked prefills over a cached prefix; GQA 32/8 and 8/2, MHA; head_dim 64 and 128; block_size
-// 16; seq_lens 1 .. 8192, one long sequence among many short ones), the decode path alone, the
-// prefill path alone and both, plus a decode captured in a CUDA graph and replayed after
-// PlanAttention refreshed the plan for another batch at the same addresses.
+// 16; seq_lens 1 .. 12000, one long sequence among many short ones; prefill chunks over long
+// cached contexts, split over CTAs), the decode path alone, the prefill path alone and both,
+// plus a decode captured in a CUDA graph and replayed after PlanAttention refreshed the plan for
+// another batch at the same addresses.
 // CUDA runs BF16 (q, cache, out); the CPU runs F32 on exactly the bf16-rounded inputs.
 // Tolerance: |cuda - cpu| <= 1e-2 * max(1, |cpu|) (outputs are convex combinations of values in
-// [-1, 1]; bf16 output rounding alone is 2^-9 relative, P is rounded to bf16 in prefill).
+// [-1, 1]; bf16 output rounding alone is 2^-9 relative, P is rounded to bf16 in prefill, exp2
+// on the SFU is ~2^-22 relative; split-KV partials and their merge stay fp32).
 // Rows of the other path keep their sentinel on both backends. Quantized caches (fp8 / int8 /
 // int4): the write's codes and scales and attention over them, tolerances at those tests.
 // Skipped without a CUDA device.
@@ -207,6 +209,33 @@ TEST_F(CudaAttentionTest, GroupOf8AndOddGroupDecode) {
   // 64 query heads over 8 KV heads (Llama-70B), and a group of 3 on the decode path.
   ExpectParity(MakeProblem(rng_, 64, 8, 128, {{1, 3000}, {40, 300}, {1, 9}}), kBoth);
   ExpectParity(MakeProblem(rng_, 12, 4, 64, {{1, 3000}, {1, 9}, {1, 250}}), kDecode);
+}
+
+// The bf16 flash prefill (kernels/attention_prefill.cu) alone over every instantiated shape:
+// head_dim 64 and 128, groups 1, 4 and 8, several sequences of different lengths in one launch
+// (whole prompts and chunks over cached context, lengths not multiples of the 128-row tile or
+// the 64-key tile, a 2-token prompt, a decode row left alone). These grids are small, so the
+// plan splits the key ranges (split-KV + merge) for the longer ones on a device of many SMs.
+TEST_F(CudaAttentionTest, FlashPrefillShapesMatchCpu) {
+  const std::vector<Seq> seqs = {{300, 300}, {77, 1077}, {129, 129}, {2, 2}, {1, 40}, {33, 700}, {130, 200}};
+  for (const int hd : {64, 128}) {
+    for (const auto& [heads, kv_heads] : {std::pair<int, int>{8, 8}, {16, 4}, {32, 4}}) {
+      SCOPED_TRACE(::testing::Message() << heads << "/" << kv_heads << " x " << hd);
+      ExpectParity(MakeProblem(rng_, heads, kv_heads, hd, seqs), kPrefill);
+    }
+  }
+}
+
+// Prefix-cache hits: short query chunks after long cached contexts. The grid (q tiles x KV heads)
+// is far below the SM count, so the plan splits each tile's keys over many CTAs (on 132 SMs,
+// 8/2 x 128: 6 tiles x 2 KV heads -> 23 pieces of ~512 keys) whose fp32 partials the merge
+// kernel combines; the second sequence is shorter, so some of its pieces are empty (lse -inf).
+// A Llama-3-8B-shaped chunk of 64 after 8936 tokens (17 pieces), and MHA at head_dim 64 with a
+// long chunk beside a whole prompt and a decode (11 pieces).
+TEST_F(CudaAttentionTest, ChunksOverLongContextSplitKv) {
+  ExpectParity(MakeProblem(rng_, 8, 2, 128, {{128, 12000}, {40, 2100}}), kPrefill);
+  ExpectParity(MakeProblem(rng_, 32, 8, 128, {{64, 9000}}), kPrefill);
+  ExpectParity(MakeProblem(rng_, 8, 8, 64, {{100, 6000}, {50, 50}, {1, 3000}}), kBoth);
 }
 
 // One very long decode among many short ones: the long one is split, the short ones are not.

@@ -27,7 +27,9 @@ absl::StatusOr<CoordinatorOptions> ParseOptions(const Args& args) {
     ASSIGN_OR_RETURN(o.internal_listen, args.GetListenAddress("internal-listen", ""));
   }
   o.advertise_address = args.Get("advertise-address");
-  ASSIGN_OR_RETURN(o.tensor_parallel_size, args.GetInt32("tensor-parallel-size", 0, 1, 1024));
+  if (args.Has("tensor-parallel-size")) {
+    ASSIGN_OR_RETURN(o.tensor_parallel_size, args.GetInt32("tensor-parallel-size", 1, 1, 1024));
+  }
   if (args.Has("workers") && args.Has("local-workers")) {
     return absl::InvalidArgumentError("give at most one of --workers and --local-workers");
   }
@@ -35,7 +37,10 @@ absl::StatusOr<CoordinatorOptions> ParseOptions(const Args& args) {
     o.worker_addresses = absl::StrSplit(args.Get("workers"), ',', absl::SkipWhitespace());
     if (o.worker_addresses.empty()) return absl::InvalidArgumentError("--workers: no addresses");
   } else {
-    ASSIGN_OR_RETURN(o.local_workers.count, args.GetInt32("local-workers", 0, 1, 64));
+    o.local_workers.count = 0;
+    if (args.Has("local-workers")) {
+      ASSIGN_OR_RETURN(o.local_workers.count, args.GetInt32("local-workers", 1, 1, 64));
+    }
     o.local_workers.backend = args.Get("backend", "cpu");
     ASSIGN_OR_RETURN(o.local_workers.threads_per_worker, args.GetInt32("threads", 0, 0));
     if (!args.Has("tensor-parallel-size") && std::getenv("LWS_GROUP_SIZE") != nullptr) {

@@ -52,11 +52,18 @@ absl::StatusOr<JoinSetup> ParseJoin(const Args& args) {
     return j;
   }
   RETURN_IF_ERROR(LocalAddressTowards(j.coordinator).status());  // a bad address fails here, named
-  ASSIGN_OR_RETURN(j.local_workers, args.GetInt32("local-workers", 0, 1, 64));
-  ASSIGN_OR_RETURN(j.rank, args.GetInt32("rank", -1, 0, 1 << 20));
+  if (args.Has("local-workers")) {
+    ASSIGN_OR_RETURN(j.local_workers, args.GetInt32("local-workers", 1, 1, 64));
+  }
+  if (args.Has("rank")) {
+    ASSIGN_OR_RETURN(j.rank, args.GetInt32("rank", 0, 0, 1 << 20));
+  }
   ASSIGN_OR_RETURN(const int32_t local_index, args.GetInt32("local-index", 0, 0, 63));
   ASSIGN_OR_RETURN(const int32_t local_count, args.GetInt32("local-count", 1, 1, 64));
-  ASSIGN_OR_RETURN(const int32_t tp, args.GetInt32("tensor-parallel-size", 0, 1, 1024));
+  int32_t tp = 0;
+  if (args.Has("tensor-parallel-size")) {
+    ASSIGN_OR_RETURN(tp, args.GetInt32("tensor-parallel-size", 1, 1, 1024));
+  }
   if (j.rank < 0 && j.lws.leader_address.empty()) {
     return absl::InvalidArgumentError("--join needs --rank R (or the LeaderWorkerSet environment)");
   }

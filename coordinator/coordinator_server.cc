@@ -244,7 +244,7 @@ void CoordinatorServer::FormJoinedGroup() {
     if (absl::Now() >= next_report) {
       next_report = absl::Now() + options_.join_timeout;
       const std::string msg = absl::StrCat("the group is incomplete after ",
-                                           absl::FormatDuration(absl::Now() - start), " (--join-timeout-s ",
+                                           absl::FormatDuration(absl::Trunc(absl::Now() - start, absl::Seconds(1))), " (--join-timeout-s ",
                                            absl::ToInt64Seconds(options_.join_timeout), "): ",
                                            registry_->Describe(), "; still waiting");
       std::cerr << "lorcserve coordinator: " << msg << "\n";

@@ -165,6 +165,10 @@ class ServerProcess {
           return absl::StrCat("`", command_, "` printed '", line, "' instead of LISTENING\n", Stderr());
         }
         address_ = line.substr(10);
+        // The coordinator prints `INTERNAL_LISTENING host:port` with it (one flush).
+        const size_t nl2 = buf.find('\n', nl + 1);
+        const std::string next = nl2 == std::string::npos ? "" : buf.substr(nl + 1, nl2 - nl - 1);
+        if (next.rfind("INTERNAL_LISTENING ", 0) == 0) internal_address_ = next.substr(19);
         return "";
       }
       const int left_ms = static_cast<int>(
@@ -219,6 +223,8 @@ class ServerProcess {
   // The coordinator's wait status once Stop() reaped it.
   int exit_status() const { return exit_status_; }
   const std::string& address() const { return address_; }
+  // The internal port (Rendezvous, WorkerJoin), from the INTERNAL_LISTENING line.
+  const std::string& internal_address() const { return internal_address_; }
   const std::string& command() const { return command_; }
   std::string Stderr() const { return stderr_path_.empty() ? "" : ReadAll(stderr_path_); }
 
@@ -275,6 +281,7 @@ class ServerProcess {
   int exit_status_ = 0;
   std::string stderr_path_;
   std::string address_;
+  std::string internal_address_;
   std::string command_;
 };
 

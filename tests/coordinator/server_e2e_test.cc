@@ -543,6 +543,8 @@ TEST_F(ServerE2ETest, ServerReflectionListsTheService) {
   for (const grpc::Slice& s : slices) bytes.append(reinterpret_cast<const char*>(s.begin()), s.size());
   EXPECT_THAT(bytes, HasSubstr("lorcserve.v1.LorcServe"));
   EXPECT_THAT(bytes, HasSubstr("grpc.health.v1.Health"));
+  // The internal services (Rendezvous, WorkerJoin) are on --internal-listen only.
+  EXPECT_THAT(bytes, Not(HasSubstr("lorcserve.internal")));
   // The service's types too (Generate and Tokenize are served over raw bytes, but reflection
   // describes them with lorcserve.proto): ServerReflectionRequest{file_containing_symbol: ...}
   // is field 4.

@@ -39,7 +39,9 @@ absl::StatusOr<JoinSetup> ParseJoin(const Args& args) {
   JoinSetup j;
   ASSIGN_OR_RETURN(j.lws, ReadLwsEnv([](const char* name) { return std::getenv(name); }));
   j.coordinator = args.Get("join");
-  if (j.coordinator.empty() && !j.lws.leader_address.empty()) {
+  // A worker started by a coordinator's --local-workers (--parent-pid, no --join) is its local
+  // rank, even in a LeaderWorkerSet pod.
+  if (j.coordinator.empty() && !j.lws.leader_address.empty() && !args.Has("parent-pid")) {
     j.coordinator = absl::StrCat(j.lws.leader_address, ":", defaults::kInternalPort);
   }
   if (j.coordinator.empty()) {

@@ -14,6 +14,7 @@
 # (ctest's SKIP_RETURN_CODE) with the reason.
 #
 # Usage: netns_test.sh LORCSERVE_BINARY MODEL_DIR     (from ctest: MultiHostNetnsTest)
+#        NETNS_LINK_DOWN_S=S keeps the link down S seconds longer in check 2/3 (default 0).
 set -uo pipefail
 
 BIN=${1:?usage: netns_test.sh LORCSERVE_BINARY MODEL_DIR}
@@ -41,9 +42,13 @@ PIDS=()
 
 cleanup() {
   local rc=$?
+  local pid deadline=$(( $(date +%s) + 5 ))
   for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null; done
-  sleep 0.5
-  for pid in "${PIDS[@]}"; do kill -9 "$pid" 2>/dev/null; done
+  for pid in "${PIDS[@]}"; do
+    while kill -0 "$pid" 2>/dev/null && [ "$(date +%s)" -lt "$deadline" ]; do sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null
+  done
+  wait 2>/dev/null
   for ns in "$NS_C" "$NS_A" "$NS_B" "$NS_SW"; do ip netns del "$ns" 2>/dev/null; done
   if [ "$rc" -ne 0 ] && [ "$rc" -ne $SKIP ]; then
     for f in "$WORK"/*.log; do
@@ -140,7 +145,7 @@ CHECK="1 golden at TP=2"
 start_coordinator
 start_worker 1 "$NS_A"
 start_worker 2 "$NS_B"
-wait_health SERVING 120
+wait_health SERVING 180
 info=$(client --info)
 grep -q '"tensorParallelSize": 2' <<<"$info" || fail "ModelInfo does not say tensor_parallel_size 2: $info"
 for a in $IP_A $IP_B; do grep -q "\"$a:" <<<"$info" || fail "ModelInfo lists no worker at $a: $info"; done
@@ -178,6 +183,8 @@ client --prompt "hello" --max-tokens 4 --timeout-s 20 >/dev/null 2>"$WORK/new.er
 log "health NOT_SERVING, new requests UNAVAILABLE"
 
 # ---- 3. link back up: the group re-forms --------------------------------------------------------
+# NETNS_LINK_DOWN_S: keep the link down this many seconds longer (default 0).
+sleep "${NETNS_LINK_DOWN_S:-0}"
 CHECK="3 link up, re-join"
 ip -n "$NS_SW" link set pb up || fail "ip link set pb up"
 log "worker 2's link up"
@@ -210,7 +217,7 @@ CHECK="5 coordinator restart"
 kill -9 "$COORD_PID"; wait "$COORD_PID" 2>/dev/null
 log "coordinator killed (SIGKILL); starting a new one"
 start_coordinator
-wait_health SERVING 120
+wait_health SERVING 180
 expect_golden
 
 CHECK="workers alive"

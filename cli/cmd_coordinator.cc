@@ -1,7 +1,9 @@
 // lorcserve coordinator: the gRPC server in front of N tensor-parallel workers.
+#include <cstdlib>
 #include <iostream>
 #include <optional>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/time.h"
@@ -9,6 +11,7 @@
 #include "cli/commands.h"
 #include "cli/session.h"
 #include "cli/signals.h"
+#include "common/defaults.h"
 #include "common/status_macros.h"
 #include "coordinator/coordinator_server.h"
 #include "metrics/metrics_exposer.h"
@@ -21,17 +24,44 @@ absl::StatusOr<CoordinatorOptions> ParseOptions(const Args& args) {
   ASSIGN_OR_RETURN(o.model, ParseModelSource(args));
   ASSIGN_OR_RETURN(o.kv, ParseKvCacheOptions(args));
   ASSIGN_OR_RETURN(o.listen, args.GetListenAddress("listen", "127.0.0.1:50051"));
+  if (args.Has("internal-listen")) {
+    ASSIGN_OR_RETURN(o.internal_listen, args.GetListenAddress("internal-listen", ""));
+  }
   o.advertise_address = args.Get("advertise-address");
-  if (args.Has("workers") == args.Has("local-workers")) {
-    return absl::InvalidArgumentError("give exactly one of --workers and --local-workers");
+  if (args.Has("tensor-parallel-size")) {
+    ASSIGN_OR_RETURN(o.tensor_parallel_size, args.GetInt32("tensor-parallel-size", 1, 1, 1024));
+  }
+  if (args.Has("workers") && args.Has("local-workers")) {
+    return absl::InvalidArgumentError("give at most one of --workers and --local-workers");
   }
   if (args.Has("workers")) {
     o.worker_addresses = absl::StrSplit(args.Get("workers"), ',', absl::SkipWhitespace());
     if (o.worker_addresses.empty()) return absl::InvalidArgumentError("--workers: no addresses");
   } else {
-    ASSIGN_OR_RETURN(o.local_workers.count, args.GetInt32("local-workers", 1, 1, 64));
+    o.local_workers.count = 0;
+    if (args.Has("local-workers")) {
+      ASSIGN_OR_RETURN(o.local_workers.count, args.GetInt32("local-workers", 1, 1, 64));
+    }
     o.local_workers.backend = args.Get("backend", "cpu");
     ASSIGN_OR_RETURN(o.local_workers.threads_per_worker, args.GetInt32("threads", 0, 0));
+    if (!args.Has("tensor-parallel-size") && std::getenv("LWS_GROUP_SIZE") != nullptr) {
+      // The LeaderWorkerSet leader: as many local workers on each pod as here.
+      int64_t pods = 0;
+      if (!absl::SimpleAtoi(std::getenv("LWS_GROUP_SIZE"), &pods) || pods < 1 || pods > 1024) {
+        return absl::InvalidArgumentError(absl::StrCat("LWS_GROUP_SIZE: '", std::getenv("LWS_GROUP_SIZE"),
+                                                       "' is not an integer in [1, 1024]"));
+      }
+      if (o.local_workers.count == 0) {
+        return absl::InvalidArgumentError(
+            "LWS_GROUP_SIZE is set but --local-workers is not: give --tensor-parallel-size (the leader "
+            "runs no worker) or --local-workers N (N per pod)");
+      }
+      o.tensor_parallel_size = static_cast<int32_t>(pods) * o.local_workers.count;
+    }
+    if (o.local_workers.count == 0 && o.tensor_parallel_size == 0) {
+      return absl::InvalidArgumentError(
+          "no workers: give --workers A,B,..., --local-workers N or --tensor-parallel-size N (workers join)");
+    }
   }
   RETURN_IF_ERROR(ParseBackendKind(args.Get("backend", "cpu")).status());
   ASSIGN_OR_RETURN(o.engine, ParseEngineOptions(args));
@@ -55,16 +85,27 @@ int RunCoordinator(int argc, char** argv) {
       {"model", true, "model directory (config.json, tokenizer.json; workers read the weights)", "DIR"},
       {"listen", true, "address to serve the API on (default 127.0.0.1:50051; port 0: pick one)", "ADDR"},
       {"workers", true, "worker addresses in rank order (started with 'lorcserve worker')", "A,B,..."},
-      {"local-workers", true, "start and supervise N worker processes on this machine", "N"},
+      {"local-workers", true, "start and supervise N worker processes on this machine (ranks 0..N-1)", "N"},
+      {"tensor-parallel-size", true,
+       "total ranks; those beyond --local-workers join with 'lorcserve worker --join' (default: "
+       "--workers' count, --local-workers, or LWS_GROUP_SIZE x --local-workers)",
+       "N"},
+      {"internal-listen", true,
+       absl::StrCat("address of the internal services (rendezvous, worker join; default: the --listen host, port ",
+                    defaults::kInternalPort, ", or 0 when --listen's port is 0)"),
+       "ADDR"},
       {"backend", true, "local workers' backend: cpu (default) or cuda", "KIND"},
       {"threads", true, "local CPU workers: BLAS threads each (default: cores / N)", "N"},
-      {"advertise-address", true, "how workers reach this server (default: from --listen)", "HOST:PORT"},
+      {"advertise-address", true, "how listed and local workers reach the internal port (default: from --internal-listen)", "HOST:PORT"},
       {"random-weights", false, "workers use seeded random weights of config.json's shape"},
       {"weights-seed", true, "seed for --random-weights", "S"},
       {"lm-head", true, "split | replicated: the LM head under tensor parallelism (default: split on GPUs, and on CPUs from 4 workers; measured, docs/PERFORMANCE.md)", "HOW"},
       {"step-transport", true, "stream (default) or unary step RPCs", "KIND"},
       DisableCustomAllReduceFlag(),
-      {"join-timeout-s", true, "seconds the ranks have to join the communicator (default 60)", "S"},
+      {"join-timeout-s", true,
+       "seconds the ranks have to join the communicator; with joining workers, the missing ranks are "
+       "reported after this long (and again every S seconds) while the coordinator keeps waiting (default 60)",
+       "S"},
       {"max-restarts", true,
        absl::StrCat("worker-failure recoveries allowed within ",
                     absl::FormatDuration(CoordinatorOptions{}.restart_window),
@@ -78,7 +119,8 @@ int RunCoordinator(int argc, char** argv) {
   for (std::vector<FlagSpec> group : {KvCacheFlags(), SchedulerFlags()}) {
     flags.insert(flags.end() - 1, group.begin(), group.end());  // before --help
   }
-  const char* synopsis = "--model DIR --listen ADDR (--workers A,B | --local-workers N) [flags]";
+  const char* synopsis =
+      "--model DIR --listen ADDR (--workers A,B | --local-workers N | --tensor-parallel-size N [--local-workers K]) [flags]";
   int exit_code = 0;
   const std::optional<Args> args =
       ParseCommand("coordinator", synopsis, flags, argc, argv, &exit_code);
@@ -99,7 +141,8 @@ int RunCoordinator(int argc, char** argv) {
   InstallTerminationHandlers();
   absl::StatusOr<std::unique_ptr<CoordinatorServer>> server = CoordinatorServer::Start(*options);
   if (!server.ok()) return Fail("coordinator", server.status());
-  std::cout << "LISTENING " << (*server)->address() << std::endl;
+  std::cout << "LISTENING " << (*server)->address() << "\nINTERNAL_LISTENING " << (*server)->internal_address()
+            << std::endl;
   if (metrics_exposer != nullptr) {
     std::cout << "METRICS_LISTENING " << metrics_exposer->address() << std::endl;
   }

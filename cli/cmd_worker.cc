@@ -3,6 +3,8 @@
 #include <sys/prctl.h>
 #include <unistd.h>
 
+#include <atomic>
+#include <cstdlib>
 #include <iostream>
 #include <optional>
 
@@ -11,11 +13,144 @@
 #include "cli/commands.h"
 #include "cli/session.h"
 #include "cli/signals.h"
+#include "common/defaults.h"
+#include "step/coordinator_ref.h"
 #include "common/status_macros.h"
 #include "grpcpp/grpcpp.h"
+#include "coordinator/local_workers.h"
+#include "worker/comm/internal_grpc.h"
+#include "worker/join_client.h"
 #include "worker/worker_service.h"
 
 namespace lorc::cli {
+namespace {
+
+// How this worker joins its coordinator; `coordinator` empty: it does not (listed in --workers,
+// or started by a coordinator's --local-workers).
+struct JoinSetup {
+  std::string coordinator;                  // the internal port, HOST:PORT
+  lorcserve::internal::JoinRequest request;  // without the address, filled once serving
+  int local_workers = 0;                    // > 0: spawn this many joined workers, one per device
+  int32_t rank = -1;                        // --rank (explicit)
+  LwsEnv lws;
+};
+
+absl::StatusOr<JoinSetup> ParseJoin(const Args& args) {
+  JoinSetup j;
+  ASSIGN_OR_RETURN(j.lws, ReadLwsEnv([](const char* name) { return std::getenv(name); }));
+  j.coordinator = args.Get("join");
+  // A worker started by a coordinator's --local-workers (--parent-pid, no --join) is its local
+  // rank, even in a LeaderWorkerSet pod.
+  if (j.coordinator.empty() && !j.lws.leader_address.empty() && !args.Has("parent-pid")) {
+    j.coordinator = absl::StrCat(j.lws.leader_address, ":", defaults::kInternalPort);
+  }
+  if (j.coordinator.empty()) {
+    for (const char* f : {"rank", "local-workers", "advertise-address", "tensor-parallel-size"}) {
+      if (args.Has(f)) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("--", f, " needs --join HOST:PORT (or the LeaderWorkerSet environment)"));
+      }
+    }
+    return j;
+  }
+  RETURN_IF_ERROR(LocalAddressTowards(j.coordinator).status());  // a bad address fails here, named
+  if (args.Has("local-workers")) {
+    ASSIGN_OR_RETURN(j.local_workers, args.GetInt32("local-workers", 1, 1, 64));
+  }
+  if (args.Has("rank")) {
+    ASSIGN_OR_RETURN(j.rank, args.GetInt32("rank", 0, 0, 1 << 20));
+  }
+  ASSIGN_OR_RETURN(const int32_t local_index, args.GetInt32("local-index", 0, 0, 63));
+  ASSIGN_OR_RETURN(const int32_t local_count, args.GetInt32("local-count", 1, 1, 64));
+  int32_t tp = 0;
+  if (args.Has("tensor-parallel-size")) {
+    ASSIGN_OR_RETURN(tp, args.GetInt32("tensor-parallel-size", 1, 1, 1024));
+  }
+  if (j.rank < 0 && j.lws.leader_address.empty()) {
+    return absl::InvalidArgumentError("--join needs --rank R (or the LeaderWorkerSet environment)");
+  }
+  j.request.set_tensor_parallel_size(tp);
+  if (j.rank >= 0) {
+    j.request.set_rank(j.rank);
+  } else {
+    lorcserve::internal::LwsSlot* slot = j.request.mutable_lws();
+    slot->set_worker_index(j.lws.worker_index);
+    slot->set_group_size(j.lws.group_size);
+    slot->set_local_index(local_index);
+    slot->set_local_count(local_count);
+  }
+  return j;
+}
+
+// `lorcserve worker --join ... --local-workers N`: one joined worker process per local device
+// (device i, rank --rank + i or LWS device i), restarted with a backoff when one exits; a child
+// the coordinator refused for good (exit code 2) ends this process with code 2.
+int RunJoinedWorkers(const Args& args, const JoinSetup& j) {
+  LocalWorkersOptions o;
+  o.count = j.local_workers;
+  o.backend = args.Get("backend", "cpu");
+  absl::StatusOr<int32_t> threads = args.GetInt32("threads", 0, 0);
+  absl::StatusOr<int32_t> device = args.GetInt32("device", 0, 0);
+  if (!threads.ok()) return Fail("worker", threads.status());
+  if (!device.ok()) return Fail("worker", device.status());
+  o.threads_per_worker = *threads;
+  o.first_device = *device;
+  o.listen = args.Get("listen", "0.0.0.0:0");
+  o.extra_args = [&](int r) {
+    std::vector<std::string> extra = {"--join", j.coordinator};
+    if (j.rank >= 0) {
+      extra.insert(extra.end(), {"--rank", std::to_string(j.rank + r)});
+    } else {
+      extra.insert(extra.end(), {"--local-index", std::to_string(r), "--local-count", std::to_string(o.count)});
+    }
+    for (const char* f : {"tensor-parallel-size", "owner-lease-s"}) {
+      if (args.Has(f)) extra.insert(extra.end(), {absl::StrCat("--", f), args.Get(f)});
+    }
+    return extra;
+  };
+  absl::Mutex mu;
+  bool stop = false;
+  int exit_code = 0;
+  absl::StatusOr<std::unique_ptr<LocalWorkers>> workers =
+      LocalWorkers::Start(o, [&](int rank, pid_t pid, const std::string& how) {
+        std::cerr << "lorcserve worker: local worker " << rank << " (pid " << pid << ") " << how << "\n";
+        if (how == "exited with code 2") {
+          absl::MutexLock lock(&mu);
+          stop = true;
+          exit_code = 2;
+        }
+      });
+  if (!workers.ok()) return Fail("worker", workers.status());
+  std::cout << "LISTENING";
+  for (const std::string& a : (*workers)->addresses()) std::cout << " " << a;
+  std::cout << std::endl;
+  TerminationSignalWatcher signals([&](int) {
+    absl::MutexLock lock(&mu);
+    stop = true;
+  });
+  absl::Duration backoff = absl::Seconds(1);
+  for (;;) {
+    {
+      absl::MutexLock lock(&mu);
+      auto done = [&]() { return stop; };
+      if (mu.AwaitWithTimeout(absl::Condition(&done), absl::Milliseconds(200))) break;
+    }
+    const std::vector<int> exited = (*workers)->exited();
+    if (exited.empty()) continue;
+    absl::SleepFor(backoff);
+    backoff = std::min(backoff * 2, absl::Seconds(30));
+    for (int r : exited) {
+      if (absl::Status st = (*workers)->Restart(r); !st.ok()) {
+        std::cerr << "lorcserve worker: restarting local worker " << r << ": " << st.message() << "\n";
+      }
+    }
+  }
+  workers->reset();
+  absl::MutexLock lock(&mu);
+  return exit_code;
+}
+
+}  // namespace
 
 int RunWorker(int argc, char** argv) {
   const std::vector<FlagSpec> flags = {
@@ -26,6 +161,19 @@ int RunWorker(int argc, char** argv) {
       {"comm-address", true, "address peers reach this worker at for Gloo (default: the listen host)", "HOST"},
       {"rank-hint", true, "rank, for log messages only", "R"},
       {"parent-pid", true, "exit when this process (the supervising coordinator) is gone", "PID"},
+      {"join", true,
+       absl::StrCat("join the coordinator's internal port instead of being listed in its --workers (default "
+                    "under LeaderWorkerSet: $LWS_LEADER_ADDRESS:", defaults::kInternalPort, ")"),
+       "HOST:PORT"},
+      {"rank", true, "with --join: this worker's rank (the first one with --local-workers)", "R"},
+      {"tensor-parallel-size", true, "with --join: the group size this worker expects (checked by the coordinator)", "N"},
+      {"advertise-address", true,
+       "with --join: how the coordinator reaches this worker (default: the listen host, or when that is a "
+       "wildcard this machine's address on the route to the coordinator, with the bound port)",
+       "HOST:PORT"},
+      {"local-workers", true, "with --join: start N joined worker processes, one per device from --device", "N"},
+      {"local-index", true, "(set by --local-workers) this process's device among the pod's, for LWS ranks", "I"},
+      {"local-count", true, "(set by --local-workers) worker processes per pod, for LWS ranks", "N"},
       {"owner-lease-s", true,
        absl::StrCat("seconds the coordinator serving this worker may stay silent before another may "
                     "take it (default ", absl::FormatDuration(WorkerOptions().owner_lease), ")"),
@@ -37,6 +185,9 @@ int RunWorker(int argc, char** argv) {
   const std::optional<Args> args = ParseCommand("worker", synopsis, flags, argc, argv, &exit_code);
   if (!args.has_value()) return exit_code;
   InstallTerminationHandlers();
+  const absl::StatusOr<JoinSetup> join = ParseJoin(*args);
+  if (!join.ok()) return Fail("worker", join.status());
+  if (join->local_workers > 0) return RunJoinedWorkers(*args, *join);
   if (args->Has("parent-pid")) {
     // Started by a coordinator: die with it, even when it is killed outright.
     absl::StatusOr<int64_t> parent = args->GetInt("parent-pid", 0);
@@ -61,16 +212,36 @@ int RunWorker(int argc, char** argv) {
   wo.backend.kind = *kind;
   wo.backend.device = static_cast<int>(*device);
   wo.backend.threads = static_cast<int>(*threads);
-  const absl::StatusOr<std::string> listen_or = args->GetListenAddress("listen", "127.0.0.1:0");
+  const bool joining = !join->coordinator.empty();
+  // A joined worker must be reachable from another host: all interfaces by default.
+  const absl::StatusOr<std::string> listen_or =
+      args->GetListenAddress("listen", joining ? "0.0.0.0:0" : "127.0.0.1:0");
   if (!listen_or.ok()) return Fail("worker", listen_or.status());
   const std::string& listen = *listen_or;
-  const std::string host = listen.substr(0, listen.rfind(':'));
-  wo.comm_address = args->Get("comm-address", host == "0.0.0.0" || host.empty() ? "" : host);
+  std::string host = listen.substr(0, listen.rfind(':'));
+  const bool wildcard = host == "0.0.0.0" || host.empty() || host == "[::]";
+  std::string advertise = args->Get("advertise-address");
+  if (joining) {
+    if (!advertise.empty()) {
+      if (advertise.rfind(':') == std::string::npos) {
+        return Fail("worker", absl::InvalidArgumentError(absl::StrCat(
+                                  "--advertise-address: '", advertise, "' is not HOST:PORT")));
+      }
+    } else if (wildcard) {
+      absl::StatusOr<std::string> local = LocalAddressTowards(join->coordinator);
+      if (!local.ok()) return Fail("worker", local.status());
+      host = *local;
+    }
+    wo.rendezvous_address = join->coordinator;
+  }
+  std::string comm_host = advertise.empty() ? host : advertise.substr(0, advertise.rfind(':'));
+  if (comm_host.size() > 2 && comm_host.front() == '[') comm_host = comm_host.substr(1, comm_host.size() - 2);
+  wo.comm_address = args->Get("comm-address", (!joining && wildcard) ? "" : comm_host);
 
   WorkerService service(wo);
   grpc::ServerBuilder builder;
   int port = 0;
-  builder.AddListeningPort(listen, grpc::InsecureServerCredentials(), &port);
+  AddInternalListeningPort(builder, listen, &port);
   builder.SetMaxReceiveMessageSize(256 << 20);
   builder.SetMaxSendMessageSize(256 << 20);
   builder.RegisterService(&service);
@@ -78,17 +249,33 @@ int RunWorker(int argc, char** argv) {
   if (server == nullptr || port == 0) {
     return Fail("worker", absl::UnavailableError(absl::StrCat("cannot listen on ", listen)));
   }
-  std::cout << "LISTENING " << host << ":" << port << std::endl;
-  std::cerr << "lorcserve worker " << args->Get("rank-hint", "?") << ": serving on " << host << ":"
-            << port << " (" << args->Get("backend", "cpu") << ")\n";
+  if (advertise.empty()) advertise = absl::StrCat(host, ":", port);
+  std::cout << "LISTENING " << advertise << std::endl;
+  std::cerr << "lorcserve worker " << args->Get("rank-hint", "?") << ": serving on " << advertise << " ("
+            << args->Get("backend", "cpu") << ")\n";
+  std::atomic<bool> refused{false};
   {
+    std::unique_ptr<JoinLoop> joiner;
+    if (joining) {
+      lorcserve::internal::JoinRequest req = join->request;
+      req.set_worker_address(advertise);
+      req.set_instance_id(NewCoordinatorId());  // a random nonzero id for this process
+      char hostname[256] = {};
+      gethostname(hostname, sizeof(hostname) - 1);
+      req.set_hostname(hostname);
+      joiner = std::make_unique<JoinLoop>(join->coordinator, req, [&, s = server.get()](const absl::Status& st) {
+        std::cerr << "lorcserve worker: " << st << "\n";
+        refused = true;
+        s->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+      });
+    }
     // Joined before `server` is destroyed (it was detached, racing the destructor).
     TerminationSignalWatcher signals([s = server.get()](int) {
       s->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
     });
     server->Wait();
   }
-  return 0;
+  return refused ? 2 : 0;
 }
 
 }  // namespace lorc::cli

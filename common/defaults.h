@@ -38,5 +38,12 @@ inline constexpr double kMaxSessionKvFraction = 0.5;
 // priority, within this many of the queue's head), but bypasses a request at most this many times.
 inline constexpr int32_t kPrefixPreferenceWindow = 16;
 inline constexpr int32_t kMaxPrefixBypass = 4;
+// The coordinator's internal port (Rendezvous, WorkerJoin): `--internal-listen` defaults to the
+// `--listen` host with this port, and a LeaderWorkerSet worker joins $LWS_LEADER_ADDRESS on it.
+inline constexpr int32_t kInternalPort = 50052;
+// A joined worker repeats its Join this often (so a restarted coordinator learns it again), and
+// retries a failed one with a backoff doubling from 200 ms up to kJoinMaxBackoffS.
+inline constexpr double kJoinHeartbeatS = 2.0;
+inline constexpr double kJoinMaxBackoffS = 5.0;
 
 }  // namespace lorc::defaults

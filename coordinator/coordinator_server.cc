@@ -9,10 +9,12 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "common/defaults.h"
 #include "common/status_macros.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
 #include "step/coordinator_ref.h"
+#include "worker/comm/internal_grpc.h"
 
 namespace lorc {
 namespace {
@@ -34,8 +36,7 @@ std::string Hostname() {
 
 // Whether the worker at `address` answers a Ping within `timeout` (Ping needs no owner).
 bool AnswersPing(const std::string& address, absl::Duration timeout) {
-  auto stub = lorcserve::internal::Worker::NewStub(
-      grpc::CreateChannel(address, grpc::InsecureChannelCredentials()));
+  auto stub = lorcserve::internal::Worker::NewStub(InternalChannel(address));
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + absl::ToChronoMilliseconds(timeout));
   lorcserve::internal::PingRequest req;
@@ -43,7 +44,16 @@ bool AnswersPing(const std::string& address, absl::Duration timeout) {
   return stub->Ping(&ctx, req, &resp).ok();
 }
 
+bool IsWildcard(const std::string& host) {
+  return host.empty() || host == "0.0.0.0" || host == "[::]" || host == "::";
+}
+
 }  // namespace
+
+std::string DefaultInternalListen(const std::string& listen) {
+  const auto [host, port] = SplitHostPort(listen);
+  return absl::StrCat(host, ":", port == "0" ? 0 : defaults::kInternalPort);
+}
 
 absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(const CoordinatorOptions& options) {
   std::unique_ptr<CoordinatorServer> s(new CoordinatorServer());
@@ -51,6 +61,26 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(cons
   s->metrics_ = options.metrics != nullptr ? options.metrics : std::make_shared<ServingMetrics>();
   s->metrics_->SetServingState(ServingState::kStarting);
   s->log_ = std::make_unique<EventLog>(options.log_format);
+  if (s->options_.internal_listen.empty()) s->options_.internal_listen = DefaultInternalListen(options.listen);
+  const int num_local = options.worker_addresses.empty() ? options.local_workers.count : 0;
+  const int listed = static_cast<int>(options.worker_addresses.size());
+  int32_t& tp = s->options_.tensor_parallel_size;
+  if (listed > 0 && tp != 0 && tp != listed) {
+    return absl::InvalidArgumentError(absl::StrCat("--tensor-parallel-size ", tp, " but --workers lists ",
+                                                   listed, " addresses"));
+  }
+  if (tp == 0) tp = listed > 0 ? listed : num_local;
+  if (tp < 1) return absl::InvalidArgumentError("no workers: give --workers, --local-workers or --tensor-parallel-size");
+  if (tp < num_local) {
+    return absl::InvalidArgumentError(absl::StrCat("--tensor-parallel-size ", tp, " is less than --local-workers ",
+                                                   num_local));
+  }
+  if (listed == 0 && tp > num_local) {
+    s->registry_ = std::make_unique<JoinRegistry>(
+        tp, num_local, [](const std::string& a) { return AnswersPing(a, absl::Seconds(1)); },
+        [p = s.get()](const JoinedWorker& now, const JoinedWorker& previous) { p->OnJoin(now, previous); });
+    s->join_service_ = std::make_unique<WorkerJoinService>(s->registry_.get(), s->coordinator_id_);
+  }
   ASSIGN_OR_RETURN(s->config_, LoadModelConfig(options.model.dir));
   if (std::filesystem::exists(std::filesystem::path(options.model.dir) / "tokenizer.json")) {
     ASSIGN_OR_RETURN(s->tokenizer_, Tokenizer::FromModelDir(options.model.dir));
@@ -66,6 +96,10 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(cons
 
 std::string CoordinatorServer::address() const {
   return absl::StrCat(SplitHostPort(options_.listen).first, ":", port_);
+}
+
+std::string CoordinatorServer::internal_address() const {
+  return absl::StrCat(SplitHostPort(options_.internal_listen).first, ":", internal_port_);
 }
 
 absl::Status CoordinatorServer::StartServer() {
@@ -94,10 +128,18 @@ absl::Status CoordinatorServer::StartServer() {
   builder.AddListeningPort(options_.listen, grpc::InsecureServerCredentials(), &port_);
   builder.SetMaxReceiveMessageSize(64 << 20);
   builder.RegisterService(service_.get());
-  builder.RegisterService(&rendezvous_);
   server_ = builder.BuildAndStart();
   if (server_ == nullptr || port_ == 0) {
     return absl::UnavailableError(absl::StrCat("cannot listen on ", options_.listen));
+  }
+  // The internal services on their own port: never reachable through the public API's.
+  grpc::ServerBuilder internal;
+  AddInternalListeningPort(internal, options_.internal_listen, &internal_port_);
+  internal.RegisterService(&rendezvous_);
+  if (join_service_ != nullptr) internal.RegisterService(join_service_.get());
+  internal_server_ = internal.BuildAndStart();
+  if (internal_server_ == nullptr || internal_port_ == 0) {
+    return absl::UnavailableError(absl::StrCat("--internal-listen: cannot listen on ", options_.internal_listen));
   }
   server_->GetHealthCheckService()->SetServingStatus("", false);
   server_->GetHealthCheckService()->SetServingStatus(kServiceName, false);
@@ -111,19 +153,20 @@ struct CoordinatorServer::Generation {
 
 absl::Status CoordinatorServer::StartWorkers() {
   std::string rendezvous = options_.advertise_address;
-  const auto [host, unused_port] = SplitHostPort(options_.listen);
-  const bool wildcard = host.empty() || host == "0.0.0.0" || host == "[::]" || host == "::";
-  if (options_.worker_addresses.empty()) {
+  const auto [host, unused_port] = SplitHostPort(options_.internal_listen);
+  const bool wildcard = IsWildcard(host);
+  if (options_.worker_addresses.empty() && options_.local_workers.count > 0) {
     ASSIGN_OR_RETURN(local_, LocalWorkers::Start(options_.local_workers,
                                                  [this](int rank, pid_t pid, const std::string& how) {
                                                    OnWorkerFailure(absl::UnavailableError(absl::StrCat(
                                                        "worker ", rank, " (pid ", pid, ") ", how)));
                                                  }));
-    if (rendezvous.empty()) rendezvous = absl::StrCat(wildcard ? "127.0.0.1" : host, ":", port_);
+    if (rendezvous.empty()) rendezvous = absl::StrCat(wildcard ? "127.0.0.1" : host, ":", internal_port_);
   } else if (rendezvous.empty()) {
-    rendezvous = absl::StrCat(wildcard ? Hostname() : host, ":", port_);
+    rendezvous = absl::StrCat(wildcard ? Hostname() : host, ":", internal_port_);
   }
   rendezvous_address_ = rendezvous;
+  if (registry_ != nullptr) return absl::OkStatus();  // the monitor forms the group (FormJoinedGroup)
   RETURN_IF_ERROR(JoinGroup());
   absl::MutexLock lock(&mu_);
   return failure_;  // a worker died while loading
@@ -131,7 +174,7 @@ absl::Status CoordinatorServer::StartWorkers() {
 
 absl::Status CoordinatorServer::JoinGroup() {
   WorkerGroupOptions wg;
-  wg.addresses = local_ != nullptr ? local_->addresses() : options_.worker_addresses;
+  wg.addresses = WorkerAddresses();
   wg.rendezvous_address = rendezvous_address_;
   // The same id on every (re)join: the workers keep serving this coordinator across recoveries.
   wg.coordinator_id = coordinator_id_;
@@ -179,6 +222,63 @@ absl::Status CoordinatorServer::JoinGroup() {
   log_->Worker({"join", absl::StrCat(g->group->size(), " worker(s) joined and loaded the model: ",
                                      absl::StrJoin(wg.addresses, ","))});
   return absl::OkStatus();
+}
+
+std::vector<std::string> CoordinatorServer::WorkerAddresses() const {
+  if (local_ == nullptr) return registry_ != nullptr ? registry_->addresses() : options_.worker_addresses;
+  std::vector<std::string> out = local_->addresses();
+  if (registry_ != nullptr) {
+    for (std::string& a : registry_->addresses()) out.push_back(std::move(a));
+  }
+  return out;
+}
+
+void CoordinatorServer::OnJoin(const JoinedWorker& now, const JoinedWorker& previous) {
+  std::cerr << "lorcserve coordinator: worker rank " << now.rank << " joined from " << now.address
+            << (now.hostname.empty() ? "" : absl::StrCat(" (", now.hostname, ")"))
+            << (previous.address.empty() ? "" : absl::StrCat(", replacing ", previous.address)) << "\n";
+  if (previous.address.empty()) return;
+  {
+    absl::MutexLock lock(&mu_);
+    if (state_ != State::kServing) return;  // the next formation / recovery uses the new address
+  }
+  OnWorkerFailure(absl::UnavailableError(absl::StrCat(
+      "worker ", now.rank, " re-joined as a new process at ", now.address, " (was ", previous.address,
+      "); re-forming the group")));
+}
+
+void CoordinatorServer::FormJoinedGroup() {
+  const absl::Time start = absl::Now();
+  absl::Time next_report = start + options_.join_timeout;
+  while (!registry_->complete()) {
+    if (SleepUnlessStopping(absl::Milliseconds(100))) return;
+    if (absl::Now() >= next_report) {
+      next_report = absl::Now() + options_.join_timeout;
+      const std::string msg = absl::StrCat("the group is incomplete after ",
+                                           absl::FormatDuration(absl::Trunc(absl::Now() - start, absl::Seconds(1))), " (--join-timeout-s ",
+                                           absl::ToInt64Seconds(options_.join_timeout), "): ",
+                                           registry_->Describe(), "; still waiting");
+      std::cerr << "lorcserve coordinator: " << msg << "\n";
+      absl::MutexLock lock(&mu_);
+      join_waiting_ = msg;
+    }
+  }
+  {
+    absl::MutexLock lock(&mu_);
+    join_waiting_.clear();
+  }
+  std::cerr << "lorcserve coordinator: all " << registry_->size() << " ranks joined; forming the group\n";
+  absl::Status st = JoinGroup();
+  if (st.ok()) {
+    std::cerr << "lorcserve coordinator: group formed; health is SERVING\n";
+    return;
+  }
+  if (absl::IsCancelled(st)) return;
+  std::cerr << "lorcserve coordinator: forming the group failed: " << st.message() << "; retrying\n";
+  absl::MutexLock lock(&mu_);
+  if (stopping_) return;
+  failure_ = st;
+  state_ = options_.max_restarts > 0 ? State::kRecovering : State::kFailed;
 }
 
 std::shared_ptr<CoordinatorServer::Generation> CoordinatorServer::Current() const {
@@ -251,7 +351,7 @@ void CoordinatorServer::Recover() {
   };
   absl::Duration backoff = absl::Milliseconds(200);
   for (bool first = true;; first = false) {
-    if ((first || local_ != nullptr) && !take_budget()) {
+    if ((first || (local_ != nullptr && registry_ == nullptr)) && !take_budget()) {
       const absl::Status final_status = absl::UnavailableError(absl::StrCat(
           "not serving: gave up after ", restarts_.size(), " worker recoveries within ",
           absl::FormatDuration(options_.restart_window), "; last failure: ", last.message()));
@@ -292,7 +392,16 @@ void CoordinatorServer::Recover() {
     if (absl::IsCancelled(st)) return;  // shutting down
     last = st;
     log_->Worker({"recovery_failed", absl::StrCat("recovery attempt failed: ", st.message())});
-    if (SleepUnlessStopping(backoff)) return;
+    if (registry_ != nullptr) {
+      // Join mode: a worker that re-joins (a restart, a new address) is tried at once.
+      const uint64_t seen = registry_->changes();
+      const absl::Time until = absl::Now() + backoff;
+      while (absl::Now() < until && registry_->changes() == seen) {
+        if (SleepUnlessStopping(absl::Milliseconds(100))) return;
+      }
+    } else if (SleepUnlessStopping(backoff)) {
+      return;
+    }
     backoff = std::min(backoff * 2, options_.max_backoff);
   }
 }
@@ -308,6 +417,10 @@ void CoordinatorServer::Monitor() {
       if (mu_.AwaitWithTimeout(absl::Condition(&stop), absl::Milliseconds(100))) return;
       state = state_;
       g = gen_;
+    }
+    if (state == State::kStarting && registry_ != nullptr) {
+      FormJoinedGroup();
+      continue;
     }
     if (state == State::kRecovering) {
       Recover();
@@ -330,10 +443,12 @@ void CoordinatorServer::Monitor() {
 void CoordinatorServer::FillLive(lorcserve::v1::ModelInfoResponse* r) {
   absl::Status failure;
   std::shared_ptr<Generation> g;
+  std::string waiting;
   {
     absl::MutexLock lock(&mu_);
     failure = failure_;
     g = gen_;
+    waiting = join_waiting_;
   }
   if (g != nullptr) {
     const WorkerGroup& group = *g->group;
@@ -342,12 +457,10 @@ void CoordinatorServer::FillLive(lorcserve::v1::ModelInfoResponse* r) {
     r->set_kv_capacity_tokens(static_cast<int64_t>(group.info().num_blocks) * options_.kv.block_size);
     r->set_kv_bytes_per_token(group.info().kv_bytes_per_token);
     r->set_backend(group.info().backend);
-    for (const std::string& a : local_ != nullptr ? local_->addresses() : options_.worker_addresses) {
-      r->add_workers(a);
-    }
+    for (const std::string& a : WorkerAddresses()) r->add_workers(a);
   }
   r->set_serving(failure.ok() && g != nullptr);
-  r->set_worker_failure(std::string(failure.message()));
+  r->set_worker_failure(failure.ok() ? waiting : std::string(failure.message()));
   if (g != nullptr) {
     const LoopStats s = g->loop->stats();
     r->set_kv_free_blocks(s.kv_free_blocks);
@@ -408,6 +521,9 @@ void CoordinatorServer::Shutdown() {
   RequestShutdown();
   if (monitor_.joinable()) monitor_.join();
   if (server_ != nullptr) server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  if (internal_server_ != nullptr) {
+    internal_server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
+  }
   if (service_ != nullptr) service_->SetLoop(nullptr, absl::UnavailableError("shutting down"));
   std::shared_ptr<Generation> g;
   {

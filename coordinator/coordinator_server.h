@@ -1,6 +1,14 @@
-// The coordinator process: the gRPC server (public LorcServe API, grpc.health.v1, reflection,
-// and the internal Rendezvous store), its workers (remote, or started and supervised here),
-// and the engine thread that drives them.
+// The coordinator process: two gRPC servers, the public one on `listen` (LorcServe API,
+// grpc.health.v1, reflection) and the internal one on `internal_listen` (the Rendezvous store and
+// WorkerJoin), its workers (remote, joined, or started and supervised here), and the engine
+// thread that drives them.
+//
+// Joining (tensor_parallel_size > local workers, no worker_addresses): ranks
+// [local_workers.count, tensor_parallel_size) register through WorkerJoin (join_registry.h).
+// Start returns once both servers are up (health NOT_SERVING); the monitor forms the group when
+// every rank has joined, and while ranks are missing reports them (stderr and
+// ModelInfo.worker_failure) every `join_timeout`, and keeps waiting. A joined worker that
+// re-joins as a new process re-forms a serving group; recovery uses the latest addresses.
 //
 // Start order: the server comes up first with health NOT_SERVING (the workers need the
 // Rendezvous service to join), then the workers join and load the model, then the engine thread
@@ -31,6 +39,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "coordinator/engine_loop.h"
+#include "coordinator/join_registry.h"
 #include "coordinator/local_workers.h"
 #include "coordinator/lorcserve_service.h"
 #include "tokenizer/tokenizer.h"
@@ -45,11 +54,18 @@ namespace lorc {
 
 struct CoordinatorOptions {
   std::string listen = "127.0.0.1:50051";
-  // How workers reach this server's Rendezvous service; default: the listen address (with a
-  // wildcard host replaced by 127.0.0.1 for local workers, or this host's name).
+  // The internal services' address; empty: the listen host with port defaults::kInternalPort
+  // (port 0 when listen's port is 0). DefaultInternalListen.
+  std::string internal_listen;
+  // How workers reach the internal port (Rendezvous); default: the internal listen address (with
+  // a wildcard host replaced by 127.0.0.1 for local workers, or this host's name). Joined
+  // workers use the address they joined at instead.
   std::string advertise_address;
   std::vector<std::string> worker_addresses;  // remote workers, rank order
-  LocalWorkersOptions local_workers;           // used when worker_addresses is empty
+  LocalWorkersOptions local_workers;           // used when worker_addresses is empty (count 0: none)
+  // Total ranks; 0: worker_addresses.size() or local_workers.count. Larger than the local count
+  // (without worker_addresses): the rest join.
+  int32_t tensor_parallel_size = 0;
   ModelSource model;
   KvCacheOptions kv;
   EngineOptions engine;
@@ -69,6 +85,9 @@ struct CoordinatorOptions {
   LogFormat log_format = LogFormat::kText;  // request and worker-event lines on stderr
 };
 
+// `listen`'s host with port defaults::kInternalPort, or port 0 when `listen`'s port is 0.
+std::string DefaultInternalListen(const std::string& listen);
+
 class CoordinatorServer {
  public:
   static absl::StatusOr<std::unique_ptr<CoordinatorServer>> Start(const CoordinatorOptions& options);
@@ -76,6 +95,8 @@ class CoordinatorServer {
 
   int port() const { return port_; }
   std::string address() const;
+  // The internal port's address (Rendezvous, WorkerJoin), as bound.
+  std::string internal_address() const;
   // Blocks until RequestShutdown() or Shutdown().
   void Wait();
   // Makes Wait() return (safe from any thread, e.g. a signal watcher); the owner then calls
@@ -96,6 +117,13 @@ class CoordinatorServer {
   absl::Status JoinGroup();
   void OnWorkerFailure(const absl::Status& why);
   void Monitor();
+  // Monitor thread, join mode, at start: waits until every rank joined (reporting the missing
+  // ones every join_timeout), then JoinGroup; a failed formation goes on as a recovery.
+  void FormJoinedGroup();
+  // A joined rank changed holder (registry callback, gRPC thread).
+  void OnJoin(const JoinedWorker& now, const JoinedWorker& previous);
+  // Worker addresses in rank order: local, then listed or joined.
+  std::vector<std::string> WorkerAddresses() const;
   // Monitor thread: restarts / re-joins until serving again, stopping, or out of restarts.
   void Recover();
   // Sleeps up to `d` unless stopping; returns true when stopping.
@@ -110,9 +138,13 @@ class CoordinatorServer {
   ModelConfig config_;
   std::unique_ptr<Tokenizer> tokenizer_;
   RendezvousService rendezvous_;
+  std::unique_ptr<JoinRegistry> registry_;          // join mode only
+  std::unique_ptr<WorkerJoinService> join_service_;  // over registry_
   std::unique_ptr<LorcServeService> service_;
   std::unique_ptr<grpc::Server> server_;
+  std::unique_ptr<grpc::Server> internal_server_;
   int port_ = 0;
+  int internal_port_ = 0;
   std::unique_ptr<LocalWorkers> local_;  // set in StartWorkers, reset in Shutdown (owner)
   std::thread monitor_;
   mutable absl::Mutex mu_;
@@ -121,6 +153,7 @@ class CoordinatorServer {
   State state_ ABSL_GUARDED_BY(mu_) = State::kStarting;
   std::shared_ptr<Generation> gen_ ABSL_GUARDED_BY(mu_);  // null unless serving
   absl::Status failure_ ABSL_GUARDED_BY(mu_);  // the latest worker failure (OK while serving)
+  std::string join_waiting_ ABSL_GUARDED_BY(mu_);  // join mode: the missing ranks after join_timeout
   std::vector<absl::Time> restarts_;           // monitor thread only: recent recoveries
   std::string rendezvous_address_;             // set in StartWorkers
   const uint64_t coordinator_id_ = NewCoordinatorId();  // names this coordinator to its workers

@@ -2,6 +2,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "worker/comm/internal_grpc.h"
 
 namespace lorc {
 
@@ -9,7 +10,7 @@ absl::StatusOr<std::unique_ptr<LocalGroup>> LocalGroup::Start(const LocalGroupOp
   std::unique_ptr<LocalGroup> g(new LocalGroup());
   grpc::ServerBuilder builder;
   int port = 0;
-  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+  AddInternalListeningPort(builder, "127.0.0.1:0", &port);
   builder.RegisterService(&g->rendezvous_);
   g->server_ = builder.BuildAndStart();
   if (g->server_ == nullptr || port == 0) {

@@ -73,11 +73,14 @@ absl::Status LocalWorkers::Spawn(int r) {
   posix_spawn_file_actions_t fa;
   posix_spawn_file_actions_init(&fa);
   posix_spawn_file_actions_adddup2(&fa, out[1], STDOUT_FILENO);
-  std::vector<std::string> args = {"lorcserve", "worker", "--listen", "127.0.0.1:0", "--backend",
+  std::vector<std::string> args = {"lorcserve", "worker", "--listen", options_.listen, "--backend",
                                    options_.backend, "--threads", std::to_string(threads_),
                                    "--device", std::to_string(options_.first_device + r),
                                    "--rank-hint", std::to_string(r),
                                    "--parent-pid", std::to_string(getpid())};
+  if (options_.extra_args) {
+    for (std::string& a : options_.extra_args(r)) args.push_back(std::move(a));
+  }
   std::vector<char*> argv;
   for (auto& a : args) argv.push_back(a.data());
   argv.push_back(nullptr);

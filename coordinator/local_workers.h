@@ -25,6 +25,9 @@ struct LocalWorkersOptions {
   std::string backend = "cpu";
   int threads_per_worker = 0;  // CPU backend BLAS threads; 0: cores / count
   int first_device = 0;        // CUDA: worker r uses device first_device + r
+  std::string listen = "127.0.0.1:0";  // each worker's --listen
+  // More flags for worker r (e.g. `--join ADDR --rank R`); may be empty.
+  std::function<std::vector<std::string>(int r)> extra_args;
 };
 
 class LocalWorkers {

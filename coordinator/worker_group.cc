@@ -11,6 +11,7 @@
 #include "grpcpp/grpcpp.h"
 #include "step/coordinator_ref.h"
 #include "step/step_proto.h"
+#include "worker/comm/internal_grpc.h"
 
 namespace lorc {
 namespace {
@@ -83,7 +84,7 @@ absl::Status WorkerGroup::Connect() {
     auto w = std::make_unique<Worker>();
     w->rank = r;
     w->address = options_.addresses[r];
-    w->channel = grpc::CreateCustomChannel(w->address, grpc::InsecureChannelCredentials(), args);
+    w->channel = InternalChannel(w->address, args);
     w->stub = lorcserve::internal::Worker::NewStub(w->channel);
     workers_.push_back(std::move(w));
   }

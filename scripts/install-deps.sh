@@ -10,6 +10,7 @@ PACKAGES=(
   libabsl-dev libgtest-dev libgmock-dev
   libopenblas-dev nlohmann-json3-dev libpcre2-dev libgloo-dev libssl-dev
   prometheus-cpp-dev
+  iproute2  # tests/multihost: ip netns, veth, bridge, tc
 )
 # The tests' own tools: the deployment manifests' test (tests/deploy/) renders the kustomize
 # overlays with kubectl and validates them with jsonschema and the Kubernetes Python models.

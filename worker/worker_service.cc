@@ -258,7 +258,8 @@ absl::StatusOr<lorcserve::internal::InitCommunicatorResponse> WorkerService::Ini
   d.comm.reset();
   const WorldConfig world{req.rank(), req.world_size()};
   RETURN_IF_ERROR(ValidateWorldConfig(world));
-  d.store = std::make_unique<GrpcRendezvousStore>(req.rendezvous_address());
+  d.store = std::make_unique<GrpcRendezvousStore>(
+      options_.rendezvous_address.empty() ? req.rendezvous_address() : options_.rendezvous_address);
   CommOptions co;
   co.group = req.group();
   co.join_timeout = absl::Milliseconds(req.timeout_ms() > 0 ? req.timeout_ms() : 60000);

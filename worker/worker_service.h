@@ -33,6 +33,10 @@ struct WorkerOptions {
   BackendOptions backend;
   // Gloo: the address this worker listens on for its peers, unless the coordinator names one.
   std::string comm_address = "127.0.0.1";
+  // Join mode (`--join`): the coordinator's internal port as this worker reaches it; used for the
+  // rendezvous store instead of InitCommunicatorRequest.rendezvous_address (which names the
+  // coordinator as it sees itself). Empty: the request's.
+  std::string rendezvous_address;
   // How long the owning coordinator may stay silent, with no call open, before another
   // coordinator may take the worker (`lorcserve worker --owner-lease-s`).
   absl::Duration owner_lease = absl::Seconds(30);

@@ -439,6 +439,31 @@ TEST_F(CliTest, ListenAddressesAndIdListsAreChecked) {
   EXPECT_THAT(empty_item.err, HasSubstr("--prompt-ids: '' is not an integer")) << empty_item;
 }
 
+TEST_F(CliTest, JoinFlagsAreChecked) {
+  struct Case {
+    std::vector<std::string> args;
+    std::string message;
+  };
+  const std::vector<Case> cases = {
+      {{"worker", "--rank", "1"}, "--rank needs --join HOST:PORT"},
+      {{"worker", "--join", "127.0.0.1:1"}, "--join needs --rank R"},
+      {{"worker", "--join", "no-port", "--rank", "0"}, "'no-port' is not HOST:PORT"},
+      {{"worker", "--join", "127.0.0.1:1", "--rank", "-1"}, "--rank"},
+      {{"coordinator", "--model", Tiny(), "--local-workers", "2", "--tensor-parallel-size", "1"},
+       "--tensor-parallel-size 1 is less than --local-workers 2"},
+      {{"coordinator", "--model", Tiny(), "--workers", "a:1,b:2", "--tensor-parallel-size", "3"},
+       "--tensor-parallel-size 3 but --workers lists 2 addresses"},
+      {{"coordinator", "--model", Tiny()}, "no workers: give --workers"},
+      {{"coordinator", "--model", Tiny(), "--tensor-parallel-size", "2", "--internal-listen", "x"},
+       "--internal-listen: 'x' is not HOST:PORT"},
+  };
+  for (const Case& c : cases) {
+    const RunResult r = Lorcserve(c.args);
+    EXPECT_EQ(r.exit_code, 2) << r;
+    EXPECT_THAT(r.err, HasSubstr(c.message)) << r;
+  }
+}
+
 TEST_F(CliTest, TruncatedWeightsNameTheFile) {
   const fs::path dir = ScratchDir() / "truncated";
   fs::create_directories(dir);

@@ -166,6 +166,13 @@ class ServerProcess {
         }
         address_ = line.substr(10);
         stdout_pending_ = buf.substr(nl + 1);  // e.g. METRICS_LISTENING, read by ReadStdoutLine
+        // The coordinator prints `INTERNAL_LISTENING host:port` right after it (one flush).
+        const std::string next = ReadStdoutLine(2.0);
+        if (next.rfind("INTERNAL_LISTENING ", 0) == 0) {
+          internal_address_ = next.substr(19);
+        } else if (!next.empty()) {
+          stdout_pending_ = next + "\n" + stdout_pending_;
+        }
         return "";
       }
       const int left_ms = static_cast<int>(
@@ -243,6 +250,8 @@ class ServerProcess {
   // The coordinator's wait status once Stop() reaped it.
   int exit_status() const { return exit_status_; }
   const std::string& address() const { return address_; }
+  // The internal port (Rendezvous, WorkerJoin), from the INTERNAL_LISTENING line.
+  const std::string& internal_address() const { return internal_address_; }
   const std::string& command() const { return command_; }
   std::string Stderr() const { return stderr_path_.empty() ? "" : ReadAll(stderr_path_); }
 
@@ -300,6 +309,7 @@ class ServerProcess {
   std::string stderr_path_;
   std::string address_;
   std::string stdout_pending_;  // read past the LISTENING line
+  std::string internal_address_;
   std::string command_;
 };
 

@@ -287,7 +287,8 @@ TEST_F(ServerE2ETest, SecondCoordinatorIsRefusedByAServingWorker) {
   const std::string error = second.Start(0, {"--workers", info.workers(0)});
   EXPECT_THAT(error, HasSubstr("exited before printing LISTENING"));
   EXPECT_THAT(error, HasSubstr(absl::StrCat("this worker is serving coordinator 0x")));
-  EXPECT_THAT(error, HasSubstr(absl::StrCat("(at ", server_->address(), ")")));
+  // Workers know a coordinator by its internal port (where they reach its rendezvous store).
+  EXPECT_THAT(error, HasSubstr(absl::StrCat("(at ", server_->internal_address(), ")")));
   // The first one keeps serving, with golden output.
   const Golden& g = GoldenPrompts()[0];
   const cli::StreamResult r = Generate(IdsRequest(g.prompt_ids, 48));
@@ -543,6 +544,8 @@ TEST_F(ServerE2ETest, ServerReflectionListsTheService) {
   for (const grpc::Slice& s : slices) bytes.append(reinterpret_cast<const char*>(s.begin()), s.size());
   EXPECT_THAT(bytes, HasSubstr("lorcserve.v1.LorcServe"));
   EXPECT_THAT(bytes, HasSubstr("grpc.health.v1.Health"));
+  // The internal services (Rendezvous, WorkerJoin) are on --internal-listen only.
+  EXPECT_THAT(bytes, Not(HasSubstr("lorcserve.internal")));
   // The service's types too (Generate and Tokenize are served over raw bytes, but reflection
   // describes them with lorcserve.proto): ServerReflectionRequest{file_containing_symbol: ...}
   // is field 4.

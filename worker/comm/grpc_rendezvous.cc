@@ -5,13 +5,13 @@
 #include "absl/strings/str_cat.h"
 #include "common/grpc_status.h"
 #include "grpcpp/grpcpp.h"
+#include "worker/comm/internal_grpc.h"
 
 namespace lorc {
 
 GrpcRendezvousStore::GrpcRendezvousStore(const std::string& address)
     : address_(address),
-      stub_(lorcserve::internal::Rendezvous::NewStub(
-          grpc::CreateChannel(address, grpc::InsecureChannelCredentials()))) {}
+      stub_(lorcserve::internal::Rendezvous::NewStub(InternalChannel(address))) {}
 
 absl::Status GrpcRendezvousStore::Set(const std::string& key, const std::string& value) {
   grpc::ClientContext ctx;

@@ -8,6 +8,7 @@ PACKAGES=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev libgtest-dev libgmock-dev
   libopenblas-dev nlohmann-json3-dev libpcre2-dev libgloo-dev libssl-dev
+  openssl  # the TLS tests make their certificates with the openssl CLI
 )
 
 missing=()

@@ -63,8 +63,9 @@ int RunClient(int argc, char** argv) {
       {"json", false, "print one JSON object at the end instead of streaming text"},
       {"help", false, "show this help"},
   };
-  const std::vector<FlagSpec> req_flags = RequestFlags();
-  flags.insert(flags.end(), req_flags.begin(), req_flags.end());
+  for (const std::vector<FlagSpec>& group : {ClientSecurityFlags(), RequestFlags()}) {
+    flags.insert(flags.end(), group.begin(), group.end());
+  }
   const char* synopsis = "--server ADDR (--prompt TEXT | --prompt-ids IDS | --info | --health) [flags]";
   int exit_code = 0;
   const std::optional<Args> args = ParseCommand("client", synopsis, flags, argc, argv, &exit_code);
@@ -75,7 +76,12 @@ int RunClient(int argc, char** argv) {
     return Fail("client", absl::InvalidArgumentError(absl::StrCat(
                               "--timeout-s: ", *timeout, " is not in (0, 1e7] seconds")));
   }
-  auto channel = Connect(args->Get("server", "127.0.0.1:50051"));
+  absl::StatusOr<ClientSecurity> security = ParseClientSecurity(*args);
+  if (!security.ok()) return Fail("client", security.status());
+  absl::StatusOr<std::shared_ptr<grpc::Channel>> connected =
+      Connect(args->Get("server", "127.0.0.1:50051"), *security);
+  if (!connected.ok()) return Fail("client", connected.status());
+  const std::shared_ptr<grpc::Channel> channel = *std::move(connected);
   auto stub = lorcserve::v1::LorcServe::NewStub(channel);
   if (args->Has("info")) return PrintInfo(*stub, *timeout);
   if (args->Has("health")) return PrintHealth(channel, *timeout);

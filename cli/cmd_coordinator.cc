@@ -1,4 +1,6 @@
 // lorcserve coordinator: the gRPC server in front of N tensor-parallel workers.
+#include <signal.h>
+
 #include <iostream>
 #include <optional>
 
@@ -7,6 +9,8 @@
 #include "absl/time/time.h"
 #include "cli/args.h"
 #include "cli/commands.h"
+#include "cli/security_flags.h"
+#include "common/defaults.h"
 #include "cli/session.h"
 #include "cli/signals.h"
 #include "common/status_macros.h"
@@ -43,6 +47,14 @@ absl::StatusOr<CoordinatorOptions> ParseOptions(const Args& args) {
   o.join_timeout = absl::Seconds(join_s);
   ASSIGN_OR_RETURN(o.max_restarts, args.GetInt32("max-restarts", o.max_restarts, 0, 1000));
   o.disable_custom_all_reduce = args.Has("disable-custom-all-reduce");
+  ASSIGN_OR_RETURN(int64_t drain_s,
+                   args.GetIntInRange("drain-timeout-s", defaults::kDrainTimeoutS, 0, 86400));
+  o.drain_timeout = absl::Seconds(drain_s);
+  ASSIGN_OR_RETURN(ServerSecurity security, ParseServerSecurity(args));
+  o.tls = security.tls;
+  o.auth = security.auth;
+  o.internal_tls = ParseInternalTls(args);
+  o.local_workers.extra_args = InternalTlsArgs(o.internal_tls);
   return o;
 }
 
@@ -69,9 +81,15 @@ int RunCoordinator(int argc, char** argv) {
                     " before staying NOT_SERVING (0: none; default ",
                     CoordinatorOptions{}.max_restarts, ")"),
        "K"},
+      {"drain-timeout-s", true,
+       absl::StrCat("on SIGTERM: NOT_SERVING at once, new requests UNAVAILABLE, in-flight ones get S "
+                    "seconds to finish before they are aborted (default ", defaults::kDrainTimeoutS,
+                    "; a second signal aborts at once)"),
+       "S"},
       {"help", false, "show this help"},
   };
-  for (std::vector<FlagSpec> group : {KvCacheFlags(), SchedulerFlags()}) {
+  for (std::vector<FlagSpec> group :
+       {KvCacheFlags(), SchedulerFlags(), ServerSecurityFlags(), InternalTlsFlags()}) {
     flags.insert(flags.end() - 1, group.begin(), group.end());  // before --help
   }
   const char* synopsis = "--model DIR --listen ADDR (--workers A,B | --local-workers N) [flags]";
@@ -89,11 +107,26 @@ int RunCoordinator(int argc, char** argv) {
             << "\n";
   {
     // Joined (destroyed) before the server goes: the callback never sees a destroyed server.
-    TerminationSignalWatcher signals([s = server->get()](int sig) {
-      std::cerr << "lorcserve coordinator: signal " << sig << ", shutting down\n";
-      s->RequestShutdown();
-    });
+    // SIGTERM: a graceful drain (FinishDrain); SIGINT, or any signal during the drain: now.
+    TerminationSignalWatcher signals(
+        [s = server->get()](int sig) {
+          if (sig == SIGTERM && !s->draining()) {
+            std::cerr << "lorcserve coordinator: SIGTERM, draining (NOT_SERVING; new requests "
+                         "UNAVAILABLE)\n";
+            s->RequestDrain();
+            return;
+          }
+          std::cerr << "lorcserve coordinator: signal " << sig << ", shutting down\n";
+          s->RequestShutdown();
+        },
+        /*every_signal=*/true);
     (*server)->Wait();
+    if ((*server)->draining()) {
+      const int64_t aborted = (*server)->FinishDrain();
+      std::cerr << "lorcserve coordinator: drained"
+                << (aborted > 0 ? absl::StrCat(", ", aborted, " requests aborted") : "")
+                << "; shutting down\n";
+    }
   }
   (*server)->Shutdown();
   server->reset();

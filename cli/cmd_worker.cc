@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "cli/args.h"
 #include "cli/commands.h"
+#include "cli/security_flags.h"
 #include "cli/session.h"
 #include "cli/signals.h"
 #include "common/status_macros.h"
@@ -18,7 +19,7 @@
 namespace lorc::cli {
 
 int RunWorker(int argc, char** argv) {
-  const std::vector<FlagSpec> flags = {
+  std::vector<FlagSpec> flags = {
       {"listen", true, "address to serve on (port 0: pick one; printed as 'LISTENING host:port')", "ADDR"},
       {"backend", true, "cpu (default) or cuda", "KIND"},
       {"device", true, "CUDA device ordinal (default 0)", "K"},
@@ -32,6 +33,7 @@ int RunWorker(int argc, char** argv) {
        "S"},
       {"help", false, "show this help"},
   };
+  for (const FlagSpec& f : InternalTlsFlags()) flags.insert(flags.end() - 1, f);  // before --help
   const char* synopsis = "--listen ADDR [--backend cpu|cuda] [--device K]";
   int exit_code = 0;
   const std::optional<Args> args = ParseCommand("worker", synopsis, flags, argc, argv, &exit_code);
@@ -67,10 +69,13 @@ int RunWorker(int argc, char** argv) {
   const std::string host = listen.substr(0, listen.rfind(':'));
   wo.comm_address = args->Get("comm-address", host == "0.0.0.0" || host.empty() ? "" : host);
 
+  absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> creds =
+      security::InternalServerCredentials(ParseInternalTls(*args));
+  if (!creds.ok()) return Fail("worker", creds.status());
   WorkerService service(wo);
   grpc::ServerBuilder builder;
   int port = 0;
-  builder.AddListeningPort(listen, grpc::InsecureServerCredentials(), &port);
+  builder.AddListeningPort(listen, *creds, &port);
   builder.SetMaxReceiveMessageSize(256 << 20);
   builder.SetMaxSendMessageSize(256 << 20);
   builder.RegisterService(&service);

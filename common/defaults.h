@@ -38,5 +38,8 @@ inline constexpr double kMaxSessionKvFraction = 0.5;
 // priority, within this many of the queue's head), but bypasses a request at most this many times.
 inline constexpr int32_t kPrefixPreferenceWindow = 16;
 inline constexpr int32_t kMaxPrefixBypass = 4;
+// Graceful drain (SIGTERM, `--drain-timeout-s`): seconds in-flight requests have to finish
+// before they are aborted (Kubernetes' default terminationGracePeriodSeconds is 30 as well).
+inline constexpr int32_t kDrainTimeoutS = 30;
 
 }  // namespace lorc::defaults

@@ -17,6 +17,7 @@ namespace lorc {
 namespace {
 
 constexpr char kServiceName[] = "lorcserve.v1.LorcServe";
+constexpr char kLivenessService[] = "liveness";
 
 // Splits "host:port" at the last colon.
 std::pair<std::string, std::string> SplitHostPort(const std::string& addr) {
@@ -32,9 +33,9 @@ std::string Hostname() {
 }
 
 // Whether the worker at `address` answers a Ping within `timeout` (Ping needs no owner).
-bool AnswersPing(const std::string& address, absl::Duration timeout) {
-  auto stub = lorcserve::internal::Worker::NewStub(
-      grpc::CreateChannel(address, grpc::InsecureChannelCredentials()));
+bool AnswersPing(const std::string& address, const std::shared_ptr<grpc::ChannelCredentials>& creds,
+                 absl::Duration timeout) {
+  auto stub = lorcserve::internal::Worker::NewStub(grpc::CreateChannel(address, creds));
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + absl::ToChronoMilliseconds(timeout));
   lorcserve::internal::PingRequest req;
@@ -83,10 +84,23 @@ absl::Status CoordinatorServer::StartServer() {
   service_ = std::make_unique<LorcServeService>(
       config_, tokenizer_.get(), info, [this](lorcserve::v1::ModelInfoResponse* r) { FillLive(r); });
 
+  ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> creds,
+                   security::ServerCredentials(options_.tls));
+  ASSIGN_OR_RETURN(worker_credentials_, security::InternalChannelCredentials(options_.internal_tls));
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(options_.listen, grpc::InsecureServerCredentials(), &port_);
+  builder.AddListeningPort(options_.listen, creds, &port_);
+  if (options_.tls.enabled()) {
+    builder.AddListeningPort(absl::StrCat(SplitHostPort(options_.listen).first, ":0"),
+                             grpc::InsecureServerCredentials(), &rendezvous_port_);
+  }
+  if (options_.auth != nullptr) {
+    service_->SetAuthenticator(options_.auth);
+    std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
+    interceptors.push_back(security::AuthInterceptorFactory(options_.auth));
+    builder.experimental().SetInterceptorCreators(std::move(interceptors));
+  }
   builder.SetMaxReceiveMessageSize(64 << 20);
   builder.RegisterService(service_.get());
   builder.RegisterService(&rendezvous_);
@@ -94,8 +108,8 @@ absl::Status CoordinatorServer::StartServer() {
   if (server_ == nullptr || port_ == 0) {
     return absl::UnavailableError(absl::StrCat("cannot listen on ", options_.listen));
   }
-  server_->GetHealthCheckService()->SetServingStatus("", false);
-  server_->GetHealthCheckService()->SetServingStatus(kServiceName, false);
+  SetHealth(false);
+  SetLiveness(true);
   return absl::OkStatus();
 }
 
@@ -118,6 +132,9 @@ absl::Status CoordinatorServer::StartWorkers() {
   } else if (rendezvous.empty()) {
     rendezvous = absl::StrCat(wildcard ? Hostname() : host, ":", port_);
   }
+  if (rendezvous_port_ != 0 && options_.advertise_address.empty()) {
+    rendezvous = absl::StrCat(SplitHostPort(rendezvous).first, ":", rendezvous_port_);
+  }
   rendezvous_address_ = rendezvous;
   RETURN_IF_ERROR(JoinGroup());
   absl::MutexLock lock(&mu_);
@@ -137,6 +154,7 @@ absl::Status CoordinatorServer::JoinGroup() {
   wg.disable_custom_all_reduce = options_.disable_custom_all_reduce;
   wg.step_timeout = options_.step_timeout;
   wg.join_timeout = options_.join_timeout;
+  wg.channel_credentials = worker_credentials_;
   {
     // While recovering, a worker that is still down fails the attempt quickly (then backoff),
     // so Shutdown is not held up for the full connect timeout.
@@ -177,8 +195,16 @@ std::shared_ptr<CoordinatorServer::Generation> CoordinatorServer::Current() cons
 
 void CoordinatorServer::SetHealth(bool serving) {
   if (server_ == nullptr) return;
+  {
+    absl::MutexLock lock(&mu_);
+    if (draining_) serving = false;
+  }
   server_->GetHealthCheckService()->SetServingStatus("", serving);
   server_->GetHealthCheckService()->SetServingStatus(kServiceName, serving);
+}
+
+void CoordinatorServer::SetLiveness(bool alive) {
+  if (server_ != nullptr) server_->GetHealthCheckService()->SetServingStatus(kLivenessService, alive);
 }
 
 void CoordinatorServer::OnWorkerFailure(const absl::Status& why) {
@@ -204,6 +230,7 @@ void CoordinatorServer::OnWorkerFailure(const absl::Status& why) {
                                          : "not serving: ",
                                  why.message())));
   SetHealth(false);
+  if (!recover) SetLiveness(false);  // failed for good: only a restart of the process helps
   if (g != nullptr) {
     g->group->Fail(why);  // in-flight requests end with UNAVAILABLE naming the worker
     g->loop->Fail(why);
@@ -249,6 +276,7 @@ void CoordinatorServer::Recover() {
       }
       std::cerr << "lorcserve coordinator: " << final_status.message() << "\n";
       service_->SetLoop(nullptr, final_status);
+      SetLiveness(false);
       return;
     }
     absl::Status st;
@@ -257,7 +285,7 @@ void CoordinatorServer::Recover() {
       // itself and every re-join would wait for it: kill it, so it is restarted like a dead one.
       const std::vector<std::string> addresses = local_->addresses();
       for (int rank = 0; rank < static_cast<int>(addresses.size()); ++rank) {
-        if (!addresses[rank].empty() && !AnswersPing(addresses[rank], absl::Seconds(2)) &&
+        if (!addresses[rank].empty() && !AnswersPing(addresses[rank], worker_credentials_, absl::Seconds(2)) &&
             local_->Kill(rank)) {
           std::cerr << "lorcserve coordinator: worker " << rank
                     << " does not answer; killed it to restart it\n";
@@ -331,7 +359,7 @@ void CoordinatorServer::FillLive(lorcserve::v1::ModelInfoResponse* r) {
       r->add_workers(a);
     }
   }
-  r->set_serving(failure.ok() && g != nullptr);
+  r->set_serving(failure.ok() && g != nullptr && !draining());
   r->set_worker_failure(std::string(failure.message()));
   if (g != nullptr) {
     const LoopStats s = g->loop->stats();
@@ -378,8 +406,51 @@ void CoordinatorServer::FillLive(lorcserve::v1::ModelInfoResponse* r) {
 
 void CoordinatorServer::Wait() {
   absl::MutexLock lock(&mu_);
-  auto stop = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stopping_; };
+  auto stop = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stopping_ || draining_; };
   mu_.Await(absl::Condition(&stop));
+}
+
+bool CoordinatorServer::draining() const {
+  absl::MutexLock lock(&mu_);
+  return draining_;
+}
+
+void CoordinatorServer::RequestDrain() {
+  {
+    absl::MutexLock lock(&mu_);
+    if (draining_ || stopping_) return;
+    draining_ = true;
+  }
+  service_->StartDrain(absl::UnavailableError(
+      "draining: the server is shutting down and takes no new requests (retry on another replica)"));
+  SetHealth(false);
+}
+
+int64_t CoordinatorServer::FinishDrain() {
+  const absl::Time deadline = absl::Now() + options_.drain_timeout;
+  bool second_signal = false;
+  // Polled: the count lives under the service's mutex, the stop flag under ours.
+  while (service_->in_flight() > 0 && absl::Now() < deadline) {
+    absl::MutexLock lock(&mu_);
+    auto stop = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stopping_; };
+    if (mu_.AwaitWithTimeout(absl::Condition(&stop), absl::Milliseconds(20))) {
+      second_signal = true;
+      break;
+    }
+  }
+  const int64_t left = service_->in_flight();
+  if (left == 0) return 0;
+  service_->AbortInFlight(absl::UnavailableError(
+      second_signal ? "server shutting down: a second termination signal ended the drain and this request"
+                    : absl::StrCat("server shutting down: the drain timeout (",
+                                   absl::FormatDuration(options_.drain_timeout),
+                                   ") ended this request")));
+  // Handlers notice within their 50 ms poll.
+  const absl::Time handlers_deadline = absl::Now() + absl::Seconds(5);
+  while (service_->in_flight() > 0 && absl::Now() < handlers_deadline) {
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  return left;
 }
 
 void CoordinatorServer::RequestShutdown() {
@@ -391,6 +462,7 @@ void CoordinatorServer::Shutdown() {
   if (torn_down_) return;
   torn_down_ = true;
   RequestShutdown();
+  SetLiveness(false);
   if (monitor_.joinable()) monitor_.join();
   if (server_ != nullptr) server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
   if (service_ != nullptr) service_->SetLoop(nullptr, absl::UnavailableError("shutting down"));

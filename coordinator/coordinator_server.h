@@ -15,6 +15,17 @@
 // UNAVAILABLE ("recovering ..."; retryable). More than `max_restarts` recoveries within
 // `restart_window` end it: health stays NOT_SERVING with the reason in ModelInfo.
 //
+// Health (grpc.health.v1): readiness is the overall "" service (and lorcserve.v1.LorcServe):
+// SERVING only after the load and while not draining, recovering or failed. Liveness is the
+// service name "liveness": SERVING from the moment the server listens (during the load, a
+// recovery and a drain) until the process shuts down for good, or the coordinator has given up
+// on its workers (more than max_restarts recoveries: only a restart helps then).
+//
+// Drain (SIGTERM): RequestDrain() turns readiness NOT_SERVING at once and new Generate/Tokenize
+// calls get UNAVAILABLE ("draining ..."); FinishDrain() lets the admitted calls finish for up to
+// `drain_timeout`, then ends the rest with UNAVAILABLE ("... drain timeout ...") and returns; the
+// owner then calls Shutdown().
+//
 // Threads: the owner (Start, Wait, Shutdown); the monitor thread (health probes, recovery); the
 // local-worker supervisor (exit callbacks -> OnWorkerFailure); gRPC handler threads (FillLive,
 // Generate through the service). The current worker group and engine loop live in one
@@ -30,12 +41,15 @@
 
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "common/defaults.h"
 #include "coordinator/engine_loop.h"
 #include "coordinator/local_workers.h"
 #include "coordinator/lorcserve_service.h"
 #include "tokenizer/tokenizer.h"
 #include "coordinator/worker_group.h"
 #include "grpcpp/grpcpp.h"
+#include "security/auth.h"
+#include "security/tls.h"
 #include "step/coordinator_ref.h"
 #include "worker/comm/grpc_rendezvous.h"
 
@@ -61,6 +75,11 @@ struct CoordinatorOptions {
   int32_t max_restarts = 3;
   absl::Duration restart_window = absl::Minutes(10);
   absl::Duration max_backoff = absl::Seconds(30);  // between re-join attempts
+  // Graceful drain: how long admitted requests may run after RequestDrain().
+  absl::Duration drain_timeout = absl::Seconds(defaults::kDrainTimeoutS);
+  security::ServerTlsOptions tls;                  // the public port (empty: plaintext)
+  std::shared_ptr<const security::Authenticator> auth;  // bearer tokens (null: none)
+  security::InternalTlsOptions internal_tls;       // coordinator -> worker channels (empty: plaintext)
 };
 
 class CoordinatorServer {
@@ -70,8 +89,17 @@ class CoordinatorServer {
 
   int port() const { return port_; }
   std::string address() const;
-  // Blocks until RequestShutdown() or Shutdown().
+  // Blocks until RequestShutdown(), Shutdown() or RequestDrain().
   void Wait();
+  // Starts a graceful drain (safe from any thread, e.g. a signal watcher): readiness
+  // NOT_SERVING, new requests UNAVAILABLE, Wait() returns. Idempotent.
+  void RequestDrain();
+  bool draining() const;
+  // Owner thread, after RequestDrain(): waits until the admitted requests have finished, or
+  // `drain_timeout` passed, or RequestShutdown() was called (a second signal); then ends the
+  // rest with UNAVAILABLE and waits (up to 5 s) for their handlers. Returns how many were
+  // aborted.
+  int64_t FinishDrain();
   // Makes Wait() return (safe from any thread, e.g. a signal watcher); the owner then calls
   // Shutdown() or destroys the server.
   void RequestShutdown();
@@ -94,7 +122,9 @@ class CoordinatorServer {
   void Recover();
   // Sleeps up to `d` unless stopping; returns true when stopping.
   bool SleepUnlessStopping(absl::Duration d);
+  // Readiness ("" and the service name): `serving` unless draining.
   void SetHealth(bool serving);
+  void SetLiveness(bool alive);
   std::shared_ptr<Generation> Current() const;
   void FillLive(lorcserve::v1::ModelInfoResponse* resp);
 
@@ -105,10 +135,16 @@ class CoordinatorServer {
   std::unique_ptr<LorcServeService> service_;
   std::unique_ptr<grpc::Server> server_;
   int port_ = 0;
+  // Interim, with TLS on the public port: an extra plaintext port of the same server on the
+  // listen host that the workers reach the Rendezvous on (their store client has no TLS). The
+  // internal port of --internal-listen replaces it.
+  int rendezvous_port_ = 0;
+  std::shared_ptr<grpc::ChannelCredentials> worker_credentials_;  // coordinator -> workers
   std::unique_ptr<LocalWorkers> local_;  // set in StartWorkers, reset in Shutdown (owner)
   std::thread monitor_;
   mutable absl::Mutex mu_;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  bool draining_ ABSL_GUARDED_BY(mu_) = false;
   bool torn_down_ = false;  // owner thread only
   State state_ ABSL_GUARDED_BY(mu_) = State::kStarting;
   std::shared_ptr<Generation> gen_ ABSL_GUARDED_BY(mu_);  // null unless serving

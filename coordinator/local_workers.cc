@@ -78,6 +78,7 @@ absl::Status LocalWorkers::Spawn(int r) {
                                    "--device", std::to_string(options_.first_device + r),
                                    "--rank-hint", std::to_string(r),
                                    "--parent-pid", std::to_string(getpid())};
+  args.insert(args.end(), options_.extra_args.begin(), options_.extra_args.end());
   std::vector<char*> argv;
   for (auto& a : args) argv.push_back(a.data());
   argv.push_back(nullptr);

@@ -25,6 +25,7 @@ struct LocalWorkersOptions {
   std::string backend = "cpu";
   int threads_per_worker = 0;  // CPU backend BLAS threads; 0: cores / count
   int first_device = 0;        // CUDA: worker r uses device first_device + r
+  std::vector<std::string> extra_args;  // appended to every worker's command line
 };
 
 class LocalWorkers {

@@ -25,6 +25,7 @@
 #include "grpcpp/grpcpp.h"
 #include "lorcserve/v1/lorcserve.grpc.pb.h"  // gRPC's service and handler types, the stub
 #include "model/model_config.h"
+#include "security/auth.h"
 #include "tokenizer/tokenizer.h"
 
 namespace lorc {
@@ -51,6 +52,21 @@ class LorcServeService final : public grpc::Service {
   // down): requests get UNAVAILABLE with `why_not`'s message. Thread-safe.
   void SetLoop(std::shared_ptr<EngineLoop> loop,
                absl::Status why_not = absl::UnavailableError("model is still loading"));
+
+  // Bearer tokens (--auth-token-file): every method answers UNAUTHENTICATED without a valid
+  // `authorization: Bearer <token>` before doing anything. Null (default): no tokens. Set before
+  // the server starts.
+  void SetAuthenticator(std::shared_ptr<const security::Authenticator> auth) { auth_ = std::move(auth); }
+
+  // Graceful drain (SIGTERM): from now on new Generate and Tokenize calls get `why`
+  // (UNAVAILABLE); the Generate calls already admitted keep streaming. Thread-safe; the first
+  // call wins.
+  void StartDrain(absl::Status why);
+  // Ends every admitted Generate call still running with `why` (its request cancelled in the
+  // engine, the tokens streamed so far stay with the client). Thread-safe.
+  void AbortInFlight(absl::Status why);
+  // Generate and Tokenize calls admitted and not yet returned.
+  int64_t in_flight() const;
 
   // Requests larger than this are INVALID_ARGUMENT (the transport limit is set higher).
   static constexpr size_t kMaxRequestBytes = 4 << 20;
@@ -80,7 +96,21 @@ class LorcServeService final : public grpc::Service {
   // Returns the current loop, or the status to answer with.
   absl::StatusOr<std::shared_ptr<EngineLoop>> Loop() const;
 
+  // Admits a Generate/Tokenize call (counted in in_flight() until Leave()), or the drain status.
+  absl::Status Enter();
+  void Leave();
+  // OK without an authenticator, else its verdict on the call's metadata.
+  grpc::Status CheckAuth(const grpc::ServerContext& ctx) const;
+  // The AbortInFlight status, or OK.
+  absl::Status Aborted() const;
+
+  std::shared_ptr<const security::Authenticator> auth_;
   mutable absl::Mutex mu_;
+  bool draining_ ABSL_GUARDED_BY(mu_) = false;
+  absl::Status drain_status_ ABSL_GUARDED_BY(mu_);
+  int64_t in_flight_ ABSL_GUARDED_BY(mu_) = 0;
+  std::atomic<bool> aborting_{false};
+  absl::Status abort_status_ ABSL_GUARDED_BY(mu_);
   std::shared_ptr<EngineLoop> loop_ ABSL_GUARDED_BY(mu_);
   absl::Status why_not_ ABSL_GUARDED_BY(mu_) = absl::UnavailableError("model is still loading");
   std::atomic<int64_t> next_id_{1};

@@ -83,7 +83,11 @@ absl::Status WorkerGroup::Connect() {
     auto w = std::make_unique<Worker>();
     w->rank = r;
     w->address = options_.addresses[r];
-    w->channel = grpc::CreateCustomChannel(w->address, grpc::InsecureChannelCredentials(), args);
+    w->channel = grpc::CreateCustomChannel(
+        w->address,
+        options_.channel_credentials != nullptr ? options_.channel_credentials
+                                                : grpc::InsecureChannelCredentials(),
+        args);
     w->stub = lorcserve::internal::Worker::NewStub(w->channel);
     workers_.push_back(std::move(w));
   }

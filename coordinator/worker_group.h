@@ -22,6 +22,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "grpcpp/security/credentials.h"
 #include "lorcserve/internal/worker.grpc.pb.h"
 #include "kvstore/kv_spec.h"
 #include "model/model_source.h"
@@ -45,6 +46,8 @@ struct WorkerGroupOptions {
   absl::Duration join_timeout = absl::Seconds(60);
   absl::Duration load_timeout = absl::Minutes(30);
   absl::Duration step_timeout = absl::Minutes(5);
+  // The worker channels' credentials (security::InternalChannelCredentials); null: plaintext.
+  std::shared_ptr<grpc::ChannelCredentials> channel_credentials;
 };
 
 struct WorkerGroupInfo {

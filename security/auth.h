@@ -27,6 +27,7 @@
 
 #include "absl/status/statusor.h"
 #include "grpcpp/grpcpp.h"
+#include "grpcpp/support/client_interceptor.h"
 #include "grpcpp/support/server_interceptor.h"
 
 namespace lorc::security {

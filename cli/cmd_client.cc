@@ -30,11 +30,13 @@ int PrintInfo(lorcserve::v1::LorcServe::Stub& stub, double timeout_s) {
   return 0;
 }
 
-int PrintHealth(const std::shared_ptr<grpc::Channel>& channel, double timeout_s) {
+int PrintHealth(const std::shared_ptr<grpc::Channel>& channel, const std::string& service,
+                double timeout_s) {
   auto stub = grpc::health::v1::Health::NewStub(channel);
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000)));
   grpc::health::v1::HealthCheckRequest req;
+  req.set_service(service);
   grpc::health::v1::HealthCheckResponse resp;
   const grpc::Status s = stub->Check(&ctx, req, &resp);
   if (!s.ok()) return Fail("client", FromGrpcStatus(s));
@@ -59,6 +61,7 @@ int RunClient(int argc, char** argv) {
       {"timeout-s", true, "deadline of the call in seconds (default 600)", "S"},
       {"info", false, "print ModelInfo as JSON"},
       {"health", false, "print the grpc.health.v1 status (exit 0 when SERVING)"},
+      {"health-service", true, "with --health: the service name (default \"\": readiness; liveness)", "NAME"},
       {"close-session", true, "end a multi-turn session (CloseSession) and exit", "ID"},
       {"json", false, "print one JSON object at the end instead of streaming text"},
       {"help", false, "show this help"},
@@ -84,7 +87,7 @@ int RunClient(int argc, char** argv) {
   const std::shared_ptr<grpc::Channel> channel = *std::move(connected);
   auto stub = lorcserve::v1::LorcServe::NewStub(channel);
   if (args->Has("info")) return PrintInfo(*stub, *timeout);
-  if (args->Has("health")) return PrintHealth(channel, *timeout);
+  if (args->Has("health")) return PrintHealth(channel, args->Get("health-service"), *timeout);
   if (args->Has("close-session")) {
     grpc::ClientContext ctx;
     ctx.set_deadline(std::chrono::system_clock::now() +

@@ -7,6 +7,9 @@
 // field and the byte offset instead. The method names and message types are those of lorcserve.proto, so
 // generated clients, grpcurl and server reflection see the usual service.
 //
+// Bearer tokens (SetAuthenticator) are checked before anything else in every method; a drain
+// (StartDrain) refuses new Generate/Tokenize calls and AbortInFlight ends the admitted ones.
+//
 // Threads: gRPC handler threads; each Generate call blocks on its own RequestChannel. The engine
 // loop is swapped by the coordinator (start, worker recovery, shutdown) while handlers run: each
 // call takes a shared_ptr snapshot under the mutex, so a loop outlives the calls that use it.

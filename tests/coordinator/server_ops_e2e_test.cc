@@ -86,6 +86,11 @@ TEST_F(ServerOpsTest, SigtermDrainsInFlightRefusesNewAndExitsZero) {
     EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAVAILABLE) << StatusText(s);
   }
   EXPECT_FALSE(Info().serving());
+  int code = -1;
+  RunLorcserve({"client", "--server", server_->address(), "--health", "--health-service", "liveness"}, &code);
+  EXPECT_EQ(code, 0);
+  RunLorcserve({"client", "--server", server_->address(), "--health"}, &code);
+  EXPECT_EQ(code, 1);  // readiness NOT_SERVING
   const bool still_running = server_->Alive();
   EXPECT_TRUE(still_running) << "exited before the in-flight request finished";
   // The in-flight request completes with all its tokens (greedy: the golden ones first).

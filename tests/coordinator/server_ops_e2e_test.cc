@@ -61,10 +61,17 @@ class ServerOpsTest : public ServerE2ETest {
 // ---- drain ---------------------------------------------------------------------------------
 
 TEST_F(ServerOpsTest, SigtermDrainsInFlightRefusesNewAndExitsZero) {
-  ASSERT_NO_FATAL_FAILURE(StartServer(1, {"--drain-timeout-s", "120"}));
+  ASSERT_NO_FATAL_FAILURE(StartServer(1, {"--drain-timeout-s", "600"}));
   EXPECT_EQ(Health(""), HealthCheckResponse::SERVING);
   EXPECT_EQ(Health("liveness"), HealthCheckResponse::SERVING);
-  constexpr int kTokens = 400;
+  // A request that lasts about 8 s on this machine now (the CI machine's load varies): the
+  // checks below run while it is in flight.
+  const auto t_probe = Clock::now();
+  const cli::StreamResult probe = Generate(LongRequest(32));
+  ASSERT_TRUE(probe.status.ok()) << StatusText(probe.status);
+  const double per_token_s = SecondsSince(t_probe) / 32;
+  const int kTokens = static_cast<int>(std::clamp(8.0 / per_token_s, 64.0, 3000.0));
+  std::cerr << "[drain] " << per_token_s * 1e3 << " ms a token: " << kTokens << " tokens in flight\n";
   ASSERT_NO_FATAL_FAILURE(StartLongRequest(kTokens));
   const auto t_term = Clock::now();
   ASSERT_EQ(kill(server_->pid(), SIGTERM), 0);

@@ -87,6 +87,20 @@ std::shared_ptr<grpc::Channel> Connect(const std::string& address) {
   return grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), ch);
 }
 
+absl::StatusOr<std::shared_ptr<grpc::Channel>> Connect(const std::string& address,
+                                                       const ClientSecurity& security) {
+  grpc::ChannelArguments ch;
+  ch.SetMaxReceiveMessageSize(64 << 20);
+  if (!security.tls.server_name.empty()) ch.SetSslTargetNameOverride(security.tls.server_name);
+  ASSIGN_OR_RETURN(std::shared_ptr<grpc::ChannelCredentials> creds,
+                   security::ChannelCredentials(security.tls));
+  if (security.token.empty()) return grpc::CreateCustomChannel(address, creds, ch);
+  std::vector<std::unique_ptr<grpc::experimental::ClientInterceptorFactoryInterface>> interceptors;
+  interceptors.push_back(security::BearerTokenInterceptorFactory(security.token));
+  return grpc::experimental::CreateCustomChannelWithInterceptors(address, creds, ch,
+                                                                 std::move(interceptors));
+}
+
 StreamResult StreamGenerate(lorcserve::v1::LorcServe::Stub& stub,
                             const lorcserve::v1::GenerateRequest& request, double timeout_s,
                             const std::function<void(const lorcserve::v1::GenerateResponse&)>& on_chunk) {

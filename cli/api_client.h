@@ -9,6 +9,7 @@
 
 #include "absl/status/statusor.h"
 #include "cli/args.h"
+#include "cli/security_flags.h"
 #include "coordinator/engine.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
@@ -42,6 +43,11 @@ StreamResult StreamGenerate(lorcserve::v1::LorcServe::Stub& stub,
                             const lorcserve::v1::GenerateRequest& request, double timeout_s,
                             const std::function<void(const lorcserve::v1::GenerateResponse&)>& on_chunk = {});
 
+// A plaintext channel to `address` without a token.
 std::shared_ptr<grpc::Channel> Connect(const std::string& address);
+// A channel with `security`'s TLS and bearer token (sent with every call, also over
+// plaintext). Errors: unreadable or malformed files (naming the flag and file).
+absl::StatusOr<std::shared_ptr<grpc::Channel>> Connect(const std::string& address,
+                                                       const ClientSecurity& security);
 
 }  // namespace lorc::cli

@@ -48,7 +48,7 @@ int RunBench(int argc, char** argv) {
     const std::string a = argv[i];
     if (a == "--model" || a.rfind("--model=", 0) == 0) return RunEngineBench(argc, argv);
   }
-  const std::vector<FlagSpec> flags = {
+  std::vector<FlagSpec> flags = {
       {"server", true, "coordinator address (default 127.0.0.1:50051)", "ADDR"},
       {"requests", true, "requests in total (default 64)", "N"},
       {"concurrency", true, "clients streaming at once (default 8)", "C"},
@@ -61,6 +61,7 @@ int RunBench(int argc, char** argv) {
       {"json", false, "print only the JSON object"},
       {"help", false, "show this help"},
   };
+  for (const FlagSpec& f : ClientSecurityFlags()) flags.insert(flags.end() - 1, f);  // before --help
   const char* synopsis = "--server ADDR [--requests N] [--concurrency C] [--prompt-len L] [--max-tokens T]";
   int exit_code = 0;
   const std::optional<Args> args = ParseCommand("bench", synopsis, flags, argc, argv, &exit_code);
@@ -74,8 +75,12 @@ int RunBench(int argc, char** argv) {
   for (const auto* v : {&n, &c, &plen, &tmax, &seed}) {
     if (!v->ok()) return Fail("bench", v->status());
   }
-  auto channel = Connect(args->Get("server", "127.0.0.1:50051"));
-  auto stub = lorcserve::v1::LorcServe::NewStub(channel);
+  absl::StatusOr<ClientSecurity> security = ParseClientSecurity(*args);
+  if (!security.ok()) return Fail("bench", security.status());
+  absl::StatusOr<std::shared_ptr<grpc::Channel>> channel =
+      Connect(args->Get("server", "127.0.0.1:50051"), *security);
+  if (!channel.ok()) return Fail("bench", channel.status());
+  auto stub = lorcserve::v1::LorcServe::NewStub(*channel);
   absl::StatusOr<lorcserve::v1::ModelInfoResponse> before = Info(*stub);
   if (!before.ok()) return Fail("bench", before.status());
 

@@ -30,11 +30,13 @@ int PrintInfo(lorcserve::v1::LorcServe::Stub& stub, double timeout_s) {
   return 0;
 }
 
-int PrintHealth(const std::shared_ptr<grpc::Channel>& channel, double timeout_s) {
+int PrintHealth(const std::shared_ptr<grpc::Channel>& channel, const std::string& service,
+                double timeout_s) {
   auto stub = grpc::health::v1::Health::NewStub(channel);
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000)));
   grpc::health::v1::HealthCheckRequest req;
+  req.set_service(service);
   grpc::health::v1::HealthCheckResponse resp;
   const grpc::Status s = stub->Check(&ctx, req, &resp);
   if (!s.ok()) return Fail("client", FromGrpcStatus(s));
@@ -59,12 +61,14 @@ int RunClient(int argc, char** argv) {
       {"timeout-s", true, "deadline of the call in seconds (default 600)", "S"},
       {"info", false, "print ModelInfo as JSON"},
       {"health", false, "print the grpc.health.v1 status (exit 0 when SERVING)"},
+      {"health-service", true, "with --health: the service name (default \"\": readiness; liveness)", "NAME"},
       {"close-session", true, "end a multi-turn session (CloseSession) and exit", "ID"},
       {"json", false, "print one JSON object at the end instead of streaming text"},
       {"help", false, "show this help"},
   };
-  const std::vector<FlagSpec> req_flags = RequestFlags();
-  flags.insert(flags.end(), req_flags.begin(), req_flags.end());
+  for (const std::vector<FlagSpec>& group : {ClientSecurityFlags(), RequestFlags()}) {
+    flags.insert(flags.end(), group.begin(), group.end());
+  }
   const char* synopsis = "--server ADDR (--prompt TEXT | --prompt-ids IDS | --info | --health) [flags]";
   int exit_code = 0;
   const std::optional<Args> args = ParseCommand("client", synopsis, flags, argc, argv, &exit_code);
@@ -75,10 +79,15 @@ int RunClient(int argc, char** argv) {
     return Fail("client", absl::InvalidArgumentError(absl::StrCat(
                               "--timeout-s: ", *timeout, " is not in (0, 1e7] seconds")));
   }
-  auto channel = Connect(args->Get("server", "127.0.0.1:50051"));
+  absl::StatusOr<ClientSecurity> security = ParseClientSecurity(*args);
+  if (!security.ok()) return Fail("client", security.status());
+  absl::StatusOr<std::shared_ptr<grpc::Channel>> connected =
+      Connect(args->Get("server", "127.0.0.1:50051"), *security);
+  if (!connected.ok()) return Fail("client", connected.status());
+  const std::shared_ptr<grpc::Channel> channel = *std::move(connected);
   auto stub = lorcserve::v1::LorcServe::NewStub(channel);
   if (args->Has("info")) return PrintInfo(*stub, *timeout);
-  if (args->Has("health")) return PrintHealth(channel, *timeout);
+  if (args->Has("health")) return PrintHealth(channel, args->Get("health-service"), *timeout);
   if (args->Has("close-session")) {
     grpc::ClientContext ctx;
     ctx.set_deadline(std::chrono::system_clock::now() +

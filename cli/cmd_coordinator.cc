@@ -1,5 +1,7 @@
 // lorcserve coordinator: the gRPC server in front of N tensor-parallel workers.
 #include <cstdlib>
+#include <signal.h>
+
 #include <iostream>
 #include <optional>
 
@@ -9,6 +11,8 @@
 #include "absl/time/time.h"
 #include "cli/args.h"
 #include "cli/commands.h"
+#include "cli/security_flags.h"
+#include "common/defaults.h"
 #include "cli/session.h"
 #include "cli/signals.h"
 #include "common/defaults.h"
@@ -75,6 +79,14 @@ absl::StatusOr<CoordinatorOptions> ParseOptions(const Args& args) {
   ASSIGN_OR_RETURN(o.max_restarts, args.GetInt32("max-restarts", o.max_restarts, 0, 1000));
   o.disable_custom_all_reduce = args.Has("disable-custom-all-reduce");
   ASSIGN_OR_RETURN(o.log_format, ParseLogFormat(args.Get("log-format", "text")));
+  ASSIGN_OR_RETURN(int64_t drain_s,
+                   args.GetIntInRange("drain-timeout-s", defaults::kDrainTimeoutS, 0, 86400));
+  o.drain_timeout = absl::Seconds(drain_s);
+  ASSIGN_OR_RETURN(ServerSecurity security, ParseServerSecurity(args));
+  o.tls = security.tls;
+  o.auth = security.auth;
+  o.internal_tls = ParseInternalTls(args);
+  o.local_workers.extra_args = [a = InternalTlsArgs(o.internal_tls)](int) { return a; };
   return o;
 }
 
@@ -114,9 +126,15 @@ int RunCoordinator(int argc, char** argv) {
        "K"},
       {"metrics-port", true, "serve Prometheus metrics on 0.0.0.0:PORT/metrics (default: off; 0: pick one)", "PORT"},
       {"log-format", true, "request and worker-event log lines on stderr: text (default) or json", "FMT"},
+      {"drain-timeout-s", true,
+       absl::StrCat("on SIGTERM: NOT_SERVING at once, new requests UNAVAILABLE, in-flight ones get S "
+                    "seconds to finish before they are aborted (default ", defaults::kDrainTimeoutS,
+                    "; a second signal aborts at once)"),
+       "S"},
       {"help", false, "show this help"},
   };
-  for (std::vector<FlagSpec> group : {KvCacheFlags(), SchedulerFlags()}) {
+  for (std::vector<FlagSpec> group :
+       {KvCacheFlags(), SchedulerFlags(), ServerSecurityFlags(), InternalTlsFlags()}) {
     flags.insert(flags.end() - 1, group.begin(), group.end());  // before --help
   }
   const char* synopsis =
@@ -150,11 +168,26 @@ int RunCoordinator(int argc, char** argv) {
             << "\n";
   {
     // Joined (destroyed) before the server goes: the callback never sees a destroyed server.
-    TerminationSignalWatcher signals([s = server->get()](int sig) {
-      std::cerr << "lorcserve coordinator: signal " << sig << ", shutting down\n";
-      s->RequestShutdown();
-    });
+    // SIGTERM: a graceful drain (FinishDrain); SIGINT, or any signal during the drain: now.
+    TerminationSignalWatcher signals(
+        [s = server->get()](int sig) {
+          if (sig == SIGTERM && !s->draining()) {
+            std::cerr << "lorcserve coordinator: SIGTERM, draining (NOT_SERVING; new requests "
+                         "UNAVAILABLE)\n";
+            s->RequestDrain();
+            return;
+          }
+          std::cerr << "lorcserve coordinator: signal " << sig << ", shutting down\n";
+          s->RequestShutdown();
+        },
+        /*every_signal=*/true);
     (*server)->Wait();
+    if ((*server)->draining()) {
+      const int64_t aborted = (*server)->FinishDrain();
+      std::cerr << "lorcserve coordinator: drained"
+                << (aborted > 0 ? absl::StrCat(", ", aborted, " requests aborted") : "")
+                << "; shutting down\n";
+    }
   }
   (*server)->Shutdown();
   server->reset();

@@ -11,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "cli/args.h"
 #include "cli/commands.h"
+#include "cli/security_flags.h"
 #include "cli/session.h"
 #include "cli/signals.h"
 #include "common/defaults.h"
@@ -106,6 +107,7 @@ int RunJoinedWorkers(const Args& args, const JoinSetup& j) {
     for (const char* f : {"tensor-parallel-size", "owner-lease-s"}) {
       if (args.Has(f)) extra.insert(extra.end(), {absl::StrCat("--", f), args.Get(f)});
     }
+    for (std::string& a : InternalTlsArgs(ParseInternalTls(args))) extra.push_back(std::move(a));
     return extra;
   };
   absl::Mutex mu;
@@ -153,7 +155,7 @@ int RunJoinedWorkers(const Args& args, const JoinSetup& j) {
 }  // namespace
 
 int RunWorker(int argc, char** argv) {
-  const std::vector<FlagSpec> flags = {
+  std::vector<FlagSpec> flags = {
       {"listen", true, "address to serve on (port 0: pick one; printed as 'LISTENING host:port')", "ADDR"},
       {"backend", true, "cpu (default) or cuda", "KIND"},
       {"device", true, "CUDA device ordinal (default 0)", "K"},
@@ -180,6 +182,7 @@ int RunWorker(int argc, char** argv) {
        "S"},
       {"help", false, "show this help"},
   };
+  for (const FlagSpec& f : InternalTlsFlags()) flags.insert(flags.end() - 1, f);  // before --help
   const char* synopsis = "--listen ADDR [--backend cpu|cuda] [--device K]";
   int exit_code = 0;
   const std::optional<Args> args = ParseCommand("worker", synopsis, flags, argc, argv, &exit_code);
@@ -187,6 +190,8 @@ int RunWorker(int argc, char** argv) {
   InstallTerminationHandlers();
   const absl::StatusOr<JoinSetup> join = ParseJoin(*args);
   if (!join.ok()) return Fail("worker", join.status());
+  // Before any internal server or channel (worker/comm/internal_grpc.h); bad files end here.
+  if (absl::Status tls = ConfigureInternalTls(ParseInternalTls(*args)); !tls.ok()) return Fail("worker", tls);
   if (join->local_workers > 0) return RunJoinedWorkers(*args, *join);
   if (args->Has("parent-pid")) {
     // Started by a coordinator: die with it, even when it is killed outright.

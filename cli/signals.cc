@@ -35,17 +35,18 @@ void InstallTerminationHandlers() {
 // Byte 0 on the pipe (no signal has number 0): the watcher's destructor asking it to stop.
 constexpr unsigned char kStop = 0;
 
-TerminationSignalWatcher::TerminationSignalWatcher(std::function<void(int)> on_signal) {
+TerminationSignalWatcher::TerminationSignalWatcher(std::function<void(int)> on_signal,
+                                                   bool every_signal) {
   if (g_pipe[0] < 0) return;  // InstallTerminationHandlers failed or was not called
-  thread_ = std::thread([on_signal = std::move(on_signal)] {
-    unsigned char b = 0;
+  thread_ = std::thread([on_signal = std::move(on_signal), every_signal] {
     for (;;) {
+      unsigned char b = 0;
       const ssize_t n = read(g_pipe[0], &b, 1);
-      if (n == 1) break;
       if (n < 0 && errno == EINTR) continue;
-      return;
+      if (n != 1 || b == kStop) return;
+      on_signal(b);
+      if (!every_signal) return;
     }
-    if (b != kStop) on_signal(b);
   });
 }
 

@@ -10,12 +10,13 @@ namespace lorc::cli {
 
 // Installs the handlers. Call once, early.
 void InstallTerminationHandlers();
-// A thread that waits for SIGINT/SIGTERM and then calls `on_signal` once. The destructor stops
-// it (if no signal came) and joins it, so `on_signal` never runs after the watcher is gone:
-// destroy the watcher before whatever the callback uses. One watcher at a time per process.
+// A thread that waits for SIGINT/SIGTERM and then calls `on_signal` once (with `every_signal`:
+// for each signal, until the watcher is destroyed). The destructor stops it and joins it, so
+// `on_signal` never runs after the watcher is gone: destroy the watcher before whatever the
+// callback uses. One watcher at a time per process.
 class TerminationSignalWatcher {
  public:
-  explicit TerminationSignalWatcher(std::function<void(int)> on_signal);
+  explicit TerminationSignalWatcher(std::function<void(int)> on_signal, bool every_signal = false);
   ~TerminationSignalWatcher();
   TerminationSignalWatcher(const TerminationSignalWatcher&) = delete;
   TerminationSignalWatcher& operator=(const TerminationSignalWatcher&) = delete;

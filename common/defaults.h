@@ -45,5 +45,8 @@ inline constexpr int32_t kInternalPort = 50052;
 // retries a failed one with a backoff doubling from 200 ms up to kJoinMaxBackoffS.
 inline constexpr double kJoinHeartbeatS = 2.0;
 inline constexpr double kJoinMaxBackoffS = 5.0;
+// Graceful drain (SIGTERM, `--drain-timeout-s`): seconds in-flight requests have to finish
+// before they are aborted (Kubernetes' default terminationGracePeriodSeconds is 30 as well).
+inline constexpr int32_t kDrainTimeoutS = 30;
 
 }  // namespace lorc::defaults

@@ -20,6 +20,7 @@ namespace lorc {
 namespace {
 
 constexpr char kServiceName[] = "lorcserve.v1.LorcServe";
+constexpr char kLivenessService[] = "liveness";
 
 // Splits "host:port" at the last colon.
 std::pair<std::string, std::string> SplitHostPort(const std::string& addr) {
@@ -122,10 +123,20 @@ absl::Status CoordinatorServer::StartServer() {
       config_, tokenizer_.get(), info, [this](lorcserve::v1::ModelInfoResponse* r) { FillLive(r); });
   service_->SetObservability(metrics_.get(), log_.get());
 
+  ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> creds,
+                   security::ServerCredentials(options_.tls));
+  // Every internal server and channel of this process (worker/comm/internal_grpc.h).
+  RETURN_IF_ERROR(ConfigureInternalTls(options_.internal_tls));
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(options_.listen, grpc::InsecureServerCredentials(), &port_);
+  builder.AddListeningPort(options_.listen, creds, &port_);
+  if (options_.auth != nullptr) {
+    service_->SetAuthenticator(options_.auth);
+    std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
+    interceptors.push_back(security::AuthInterceptorFactory(options_.auth));
+    builder.experimental().SetInterceptorCreators(std::move(interceptors));
+  }
   builder.SetMaxReceiveMessageSize(64 << 20);
   builder.RegisterService(service_.get());
   server_ = builder.BuildAndStart();
@@ -141,8 +152,8 @@ absl::Status CoordinatorServer::StartServer() {
   if (internal_server_ == nullptr || internal_port_ == 0) {
     return absl::UnavailableError(absl::StrCat("--internal-listen: cannot listen on ", options_.internal_listen));
   }
-  server_->GetHealthCheckService()->SetServingStatus("", false);
-  server_->GetHealthCheckService()->SetServingStatus(kServiceName, false);
+  SetHealth(false);
+  SetLiveness(true);
   return absl::OkStatus();
 }
 
@@ -288,8 +299,16 @@ std::shared_ptr<CoordinatorServer::Generation> CoordinatorServer::Current() cons
 
 void CoordinatorServer::SetHealth(bool serving) {
   if (server_ == nullptr) return;
+  {
+    absl::MutexLock lock(&mu_);
+    if (draining_) serving = false;
+  }
   server_->GetHealthCheckService()->SetServingStatus("", serving);
   server_->GetHealthCheckService()->SetServingStatus(kServiceName, serving);
+}
+
+void CoordinatorServer::SetLiveness(bool alive) {
+  if (server_ != nullptr) server_->GetHealthCheckService()->SetServingStatus(kLivenessService, alive);
 }
 
 void CoordinatorServer::OnWorkerFailure(const absl::Status& why) {
@@ -318,6 +337,7 @@ void CoordinatorServer::OnWorkerFailure(const absl::Status& why) {
                                          : "not serving: ",
                                  why.message())));
   SetHealth(false);
+  if (!recover) SetLiveness(false);  // failed for good: only a restart of the process helps
   if (g != nullptr) {
     g->group->Fail(why);  // in-flight requests end with UNAVAILABLE naming the worker
     g->loop->Fail(why);
@@ -364,6 +384,7 @@ void CoordinatorServer::Recover() {
       }
       log_->Worker({"give_up", std::string(final_status.message())});
       service_->SetLoop(nullptr, final_status);
+      SetLiveness(false);
       return;
     }
     absl::Status st;
@@ -459,7 +480,7 @@ void CoordinatorServer::FillLive(lorcserve::v1::ModelInfoResponse* r) {
     r->set_backend(group.info().backend);
     for (const std::string& a : WorkerAddresses()) r->add_workers(a);
   }
-  r->set_serving(failure.ok() && g != nullptr);
+  r->set_serving(failure.ok() && g != nullptr && !draining());
   r->set_worker_failure(failure.ok() ? waiting : std::string(failure.message()));
   if (g != nullptr) {
     const LoopStats s = g->loop->stats();
@@ -506,8 +527,51 @@ void CoordinatorServer::FillLive(lorcserve::v1::ModelInfoResponse* r) {
 
 void CoordinatorServer::Wait() {
   absl::MutexLock lock(&mu_);
-  auto stop = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stopping_; };
+  auto stop = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stopping_ || draining_; };
   mu_.Await(absl::Condition(&stop));
+}
+
+bool CoordinatorServer::draining() const {
+  absl::MutexLock lock(&mu_);
+  return draining_;
+}
+
+void CoordinatorServer::RequestDrain() {
+  {
+    absl::MutexLock lock(&mu_);
+    if (draining_ || stopping_) return;
+    draining_ = true;
+  }
+  service_->StartDrain(absl::UnavailableError(
+      "draining: the server is shutting down and takes no new requests (retry on another replica)"));
+  SetHealth(false);
+}
+
+int64_t CoordinatorServer::FinishDrain() {
+  const absl::Time deadline = absl::Now() + options_.drain_timeout;
+  bool second_signal = false;
+  // Polled: the count lives under the service's mutex, the stop flag under ours.
+  while (service_->in_flight() > 0 && absl::Now() < deadline) {
+    absl::MutexLock lock(&mu_);
+    auto stop = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stopping_; };
+    if (mu_.AwaitWithTimeout(absl::Condition(&stop), absl::Milliseconds(20))) {
+      second_signal = true;
+      break;
+    }
+  }
+  const int64_t left = service_->in_flight();
+  if (left == 0) return 0;
+  service_->AbortInFlight(absl::UnavailableError(
+      second_signal ? "server shutting down: a second termination signal ended the drain and this request"
+                    : absl::StrCat("server shutting down: the drain timeout (",
+                                   absl::FormatDuration(options_.drain_timeout),
+                                   ") ended this request")));
+  // Handlers notice within their 50 ms poll.
+  const absl::Time handlers_deadline = absl::Now() + absl::Seconds(5);
+  while (service_->in_flight() > 0 && absl::Now() < handlers_deadline) {
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  return left;
 }
 
 void CoordinatorServer::RequestShutdown() {
@@ -519,6 +583,7 @@ void CoordinatorServer::Shutdown() {
   if (torn_down_) return;
   torn_down_ = true;
   RequestShutdown();
+  SetLiveness(false);
   if (monitor_.joinable()) monitor_.join();
   if (server_ != nullptr) server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
   if (internal_server_ != nullptr) {

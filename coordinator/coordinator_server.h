@@ -23,6 +23,17 @@
 // UNAVAILABLE ("recovering ..."; retryable). More than `max_restarts` recoveries within
 // `restart_window` end it: health stays NOT_SERVING with the reason in ModelInfo.
 //
+// Health (grpc.health.v1): readiness is the overall "" service (and lorcserve.v1.LorcServe):
+// SERVING only after the load and while not draining, recovering or failed. Liveness is the
+// service name "liveness": SERVING from the moment the server listens (during the load, a
+// recovery and a drain) until the process shuts down for good, or the coordinator has given up
+// on its workers (more than max_restarts recoveries: only a restart helps then).
+//
+// Drain (SIGTERM): RequestDrain() turns readiness NOT_SERVING at once and new Generate/Tokenize
+// calls get UNAVAILABLE ("draining ..."); FinishDrain() lets the admitted calls finish for up to
+// `drain_timeout`, then ends the rest with UNAVAILABLE ("... drain timeout ...") and returns; the
+// owner then calls Shutdown().
+//
 // Threads: the owner (Start, Wait, Shutdown); the monitor thread (health probes, recovery); the
 // local-worker supervisor (exit callbacks -> OnWorkerFailure); gRPC handler threads (FillLive,
 // Generate through the service). The current worker group and engine loop live in one
@@ -38,6 +49,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "common/defaults.h"
 #include "coordinator/engine_loop.h"
 #include "coordinator/join_registry.h"
 #include "coordinator/local_workers.h"
@@ -47,6 +59,8 @@
 #include "grpcpp/grpcpp.h"
 #include "metrics/request_log.h"
 #include "metrics/serving_metrics.h"
+#include "security/auth.h"
+#include "security/tls.h"
 #include "step/coordinator_ref.h"
 #include "worker/comm/grpc_rendezvous.h"
 
@@ -83,6 +97,11 @@ struct CoordinatorOptions {
   // own (the caller exposes `metrics->registry()`, e.g. on --metrics-port).
   std::shared_ptr<ServingMetrics> metrics;
   LogFormat log_format = LogFormat::kText;  // request and worker-event lines on stderr
+  // Graceful drain: how long admitted requests may run after RequestDrain().
+  absl::Duration drain_timeout = absl::Seconds(defaults::kDrainTimeoutS);
+  security::ServerTlsOptions tls;                  // the public port (empty: plaintext)
+  std::shared_ptr<const security::Authenticator> auth;  // bearer tokens (null: none)
+  security::InternalTlsOptions internal_tls;  // every internal link (worker/comm/internal_grpc.h; empty: plaintext)
 };
 
 // `listen`'s host with port defaults::kInternalPort, or port 0 when `listen`'s port is 0.
@@ -97,8 +116,17 @@ class CoordinatorServer {
   std::string address() const;
   // The internal port's address (Rendezvous, WorkerJoin), as bound.
   std::string internal_address() const;
-  // Blocks until RequestShutdown() or Shutdown().
+  // Blocks until RequestShutdown(), Shutdown() or RequestDrain().
   void Wait();
+  // Starts a graceful drain (safe from any thread, e.g. a signal watcher): readiness
+  // NOT_SERVING, new requests UNAVAILABLE, Wait() returns. Idempotent.
+  void RequestDrain();
+  bool draining() const;
+  // Owner thread, after RequestDrain(): waits until the admitted requests have finished, or
+  // `drain_timeout` passed, or RequestShutdown() was called (a second signal); then ends the
+  // rest with UNAVAILABLE and waits (up to 5 s) for their handlers. Returns how many were
+  // aborted.
+  int64_t FinishDrain();
   // Makes Wait() return (safe from any thread, e.g. a signal watcher); the owner then calls
   // Shutdown() or destroys the server.
   void RequestShutdown();
@@ -128,7 +156,9 @@ class CoordinatorServer {
   void Recover();
   // Sleeps up to `d` unless stopping; returns true when stopping.
   bool SleepUnlessStopping(absl::Duration d);
+  // Readiness ("" and the service name): `serving` unless draining.
   void SetHealth(bool serving);
+  void SetLiveness(bool alive);
   std::shared_ptr<Generation> Current() const;
   void FillLive(lorcserve::v1::ModelInfoResponse* resp);
 
@@ -149,6 +179,7 @@ class CoordinatorServer {
   std::thread monitor_;
   mutable absl::Mutex mu_;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  bool draining_ ABSL_GUARDED_BY(mu_) = false;
   bool torn_down_ = false;  // owner thread only
   State state_ ABSL_GUARDED_BY(mu_) = State::kStarting;
   std::shared_ptr<Generation> gen_ ABSL_GUARDED_BY(mu_);  // null unless serving

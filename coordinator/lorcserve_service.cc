@@ -5,6 +5,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -300,6 +301,46 @@ void LorcServeService::SetLoop(std::shared_ptr<EngineLoop> loop, absl::Status wh
   why_not_ = why_not.ok() ? absl::UnavailableError("not serving") : std::move(why_not);
 }
 
+void LorcServeService::StartDrain(absl::Status why) {
+  absl::MutexLock lock(&mu_);
+  if (draining_) return;
+  draining_ = true;
+  drain_status_ = std::move(why);
+}
+
+void LorcServeService::AbortInFlight(absl::Status why) {
+  absl::MutexLock lock(&mu_);
+  abort_status_ = std::move(why);
+  aborting_.store(true);
+}
+
+int64_t LorcServeService::in_flight() const {
+  absl::MutexLock lock(&mu_);
+  return in_flight_;
+}
+
+absl::Status LorcServeService::Enter() {
+  absl::MutexLock lock(&mu_);
+  if (draining_) return drain_status_;
+  ++in_flight_;
+  return absl::OkStatus();
+}
+
+void LorcServeService::Leave() {
+  absl::MutexLock lock(&mu_);
+  --in_flight_;
+}
+
+grpc::Status LorcServeService::CheckAuth(const grpc::ServerContext& ctx) const {
+  return auth_ == nullptr ? grpc::Status::OK : auth_->Check(ctx);
+}
+
+absl::Status LorcServeService::Aborted() const {
+  if (!aborting_.load()) return absl::OkStatus();
+  absl::MutexLock lock(&mu_);
+  return abort_status_;
+}
+
 absl::StatusOr<std::shared_ptr<EngineLoop>> LorcServeService::Loop() const {
   absl::MutexLock lock(&mu_);
   if (loop_ == nullptr) return why_not_;
@@ -331,6 +372,9 @@ grpc::Status LorcServeService::GenerateImpl(grpc::ServerContext* ctx, const grpc
                                             grpc::ServerWriter<lorcserve::v1::GenerateResponse>* writer,
                                             RequestLogRecord* rec) {
   const auto start = std::chrono::steady_clock::now();
+  if (grpc::Status s = CheckAuth(*ctx); !s.ok()) return s;
+  if (absl::Status s = Enter(); !s.ok()) return ToGrpcStatus(s);
+  const absl::Cleanup leave = [this] { Leave(); };
   lorcserve::v1::GenerateRequest req;
   if (grpc::Status s = ParseBuffer(*raw, &req); !s.ok()) return s;
   rec->request_id = req.request_id();
@@ -402,6 +446,11 @@ grpc::Status LorcServeService::GenerateImpl(grpc::ServerContext* ctx, const grpc
       loop->Cancel(id, absl::CancelledError("client went away"));
       return grpc::Status(grpc::StatusCode::CANCELLED, "client went away");
     }
+    if (absl::Status aborted = Aborted(); !aborted.ok()) {
+      // The drain timeout: end the request (its KV blocks freed) with the drain's status.
+      loop->Cancel(id, aborted);
+      return ToGrpcStatus(aborted);
+    }
     if (ctx->IsCancelled()) {
       // Client cancellation or deadline: free the request's KV blocks now.
       loop->Cancel(id, absl::CancelledError("cancelled by the client or its deadline"));
@@ -410,8 +459,11 @@ grpc::Status LorcServeService::GenerateImpl(grpc::ServerContext* ctx, const grpc
   }
 }
 
-grpc::Status LorcServeService::Tokenize(grpc::ServerContext*, const grpc::ByteBuffer* raw,
+grpc::Status LorcServeService::Tokenize(grpc::ServerContext* ctx, const grpc::ByteBuffer* raw,
                                         lorcserve::v1::TokenizeResponse* resp) {
+  if (grpc::Status s = CheckAuth(*ctx); !s.ok()) return s;
+  if (absl::Status s = Enter(); !s.ok()) return ToGrpcStatus(s);
+  const absl::Cleanup leave = [this] { Leave(); };
   lorcserve::v1::TokenizeRequest req;
   if (grpc::Status s = ParseBuffer(*raw, &req); !s.ok()) return s;
   if (tokenizer_ == nullptr) {
@@ -423,8 +475,9 @@ grpc::Status LorcServeService::Tokenize(grpc::ServerContext*, const grpc::ByteBu
   return grpc::Status::OK;
 }
 
-grpc::Status LorcServeService::ModelInfo(grpc::ServerContext*, const grpc::ByteBuffer* raw,
+grpc::Status LorcServeService::ModelInfo(grpc::ServerContext* ctx, const grpc::ByteBuffer* raw,
                                          lorcserve::v1::ModelInfoResponse* resp) {
+  if (grpc::Status s = CheckAuth(*ctx); !s.ok()) return s;
   lorcserve::v1::ModelInfoRequest req;
   if (grpc::Status s = ParseBuffer(*raw, &req); !s.ok()) return s;
   *resp = info_;
@@ -432,8 +485,9 @@ grpc::Status LorcServeService::ModelInfo(grpc::ServerContext*, const grpc::ByteB
   return grpc::Status::OK;
 }
 
-grpc::Status LorcServeService::CloseSession(grpc::ServerContext*, const grpc::ByteBuffer* raw,
+grpc::Status LorcServeService::CloseSession(grpc::ServerContext* ctx, const grpc::ByteBuffer* raw,
                                             lorcserve::v1::CloseSessionResponse*) {
+  if (grpc::Status s = CheckAuth(*ctx); !s.ok()) return s;
   lorcserve::v1::CloseSessionRequest req;
   if (grpc::Status s = ParseBuffer(*raw, &req); !s.ok()) return s;
   if (req.session_id().empty()) {

@@ -7,6 +7,9 @@
 // field and the byte offset instead. The method names and message types are those of lorcserve.proto, so
 // generated clients, grpcurl and server reflection see the usual service.
 //
+// Bearer tokens (SetAuthenticator) are checked before anything else in every method; a drain
+// (StartDrain) refuses new Generate/Tokenize calls and AbortInFlight ends the admitted ones.
+//
 // Threads: gRPC handler threads; each Generate call blocks on its own RequestChannel. The engine
 // loop is swapped by the coordinator (start, worker recovery, shutdown) while handlers run: each
 // call takes a shared_ptr snapshot under the mutex, so a loop outlives the calls that use it.
@@ -27,6 +30,7 @@
 #include "metrics/request_log.h"
 #include "metrics/serving_metrics.h"
 #include "model/model_config.h"
+#include "security/auth.h"
 #include "tokenizer/tokenizer.h"
 
 namespace lorc {
@@ -61,6 +65,21 @@ class LorcServeService final : public grpc::Service {
     log_ = log;
   }
 
+  // Bearer tokens (--auth-token-file): every method answers UNAUTHENTICATED without a valid
+  // `authorization: Bearer <token>` before doing anything. Null (default): no tokens. Set before
+  // the server starts.
+  void SetAuthenticator(std::shared_ptr<const security::Authenticator> auth) { auth_ = std::move(auth); }
+
+  // Graceful drain (SIGTERM): from now on new Generate and Tokenize calls get `why`
+  // (UNAVAILABLE); the Generate calls already admitted keep streaming. Thread-safe; the first
+  // call wins.
+  void StartDrain(absl::Status why);
+  // Ends every admitted Generate call still running with `why` (its request cancelled in the
+  // engine, the tokens streamed so far stay with the client). Thread-safe.
+  void AbortInFlight(absl::Status why);
+  // Generate and Tokenize calls admitted and not yet returned.
+  int64_t in_flight() const;
+
   // Requests larger than this are INVALID_ARGUMENT (the transport limit is set higher).
   static constexpr size_t kMaxRequestBytes = 4 << 20;
   static constexpr int kMaxStopStrings = 64;
@@ -93,7 +112,21 @@ class LorcServeService final : public grpc::Service {
   // Returns the current loop, or the status to answer with.
   absl::StatusOr<std::shared_ptr<EngineLoop>> Loop() const;
 
+  // Admits a Generate/Tokenize call (counted in in_flight() until Leave()), or the drain status.
+  absl::Status Enter();
+  void Leave();
+  // OK without an authenticator, else its verdict on the call's metadata.
+  grpc::Status CheckAuth(const grpc::ServerContext& ctx) const;
+  // The AbortInFlight status, or OK.
+  absl::Status Aborted() const;
+
+  std::shared_ptr<const security::Authenticator> auth_;
   mutable absl::Mutex mu_;
+  bool draining_ ABSL_GUARDED_BY(mu_) = false;
+  absl::Status drain_status_ ABSL_GUARDED_BY(mu_);
+  int64_t in_flight_ ABSL_GUARDED_BY(mu_) = 0;
+  std::atomic<bool> aborting_{false};
+  absl::Status abort_status_ ABSL_GUARDED_BY(mu_);
   std::shared_ptr<EngineLoop> loop_ ABSL_GUARDED_BY(mu_);
   absl::Status why_not_ ABSL_GUARDED_BY(mu_) = absl::UnavailableError("model is still loading");
   std::atomic<int64_t> next_id_{1};

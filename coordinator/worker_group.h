@@ -22,6 +22,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "grpcpp/security/credentials.h"
 #include "lorcserve/internal/worker.grpc.pb.h"
 #include "kvstore/kv_spec.h"
 #include "model/model_source.h"

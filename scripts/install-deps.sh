@@ -11,6 +11,7 @@ PACKAGES=(
   libopenblas-dev nlohmann-json3-dev libpcre2-dev libgloo-dev libssl-dev
   prometheus-cpp-dev
   iproute2  # tests/multihost: ip netns, veth, bridge, tc
+  openssl  # the TLS tests make their certificates with the openssl CLI
 )
 # The tests' own tools: the deployment manifests' test (tests/deploy/) renders the kustomize
 # overlays with kubectl and validates them with jsonschema and the Kubernetes Python models.

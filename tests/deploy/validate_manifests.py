@@ -53,25 +53,7 @@ except ImportError as e:
 # every branch implementing them is merged: (subcommand, flag). The test fails once a listed flag
 # appears in `lorcserve <subcommand> --help`, so this list is emptied as the branches land.
 # >>> PENDING_FLAGS: the lead empties this after merging the disc, metrics and sec branches. <<<
-PENDING_FLAGS = {
-    ("coordinator", "--internal-listen"),      # disc
-    ("coordinator", "--tensor-parallel-size"), # disc
-    ("worker", "--local-workers"),             # disc
-    ("coordinator", "--metrics-port"),         # metrics
-    ("coordinator", "--log-format"),           # metrics
-    ("coordinator", "--drain-timeout-s"),      # sec
-    ("coordinator", "--tls-cert"),             # sec
-    ("coordinator", "--tls-key"),              # sec
-    ("coordinator", "--auth-token-file"),      # sec
-    ("coordinator", "--auth-exempt"),          # sec
-    ("coordinator", "--internal-tls-cert"),    # sec
-    ("coordinator", "--internal-tls-key"),     # sec
-    ("coordinator", "--internal-tls-ca"),      # sec
-    ("worker", "--internal-tls-cert"),         # sec
-    ("worker", "--internal-tls-key"),          # sec
-    ("worker", "--internal-tls-ca"),           # sec
-    ("client", "--tls-ca"),                    # sec
-}
+PENDING_FLAGS = set()  # every flag the manifests use exists now
 
 LWS_API = "leaderworkerset.x-k8s.io/v1"
 LWS_NAME_LABEL = "leaderworkerset.sigs.k8s.io/name"

@@ -1,14 +1,54 @@
 #include "worker/comm/internal_grpc.h"
 
-namespace lorc {
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
+#include "common/status_macros.h"
 
-void AddInternalListeningPort(grpc::ServerBuilder& builder, const std::string& address, int* port) {
-  builder.AddListeningPort(address, grpc::InsecureServerCredentials(), port);
+namespace lorc {
+namespace {
+
+struct InternalCredentials {
+  absl::Mutex mu;
+  std::shared_ptr<grpc::ServerCredentials> server ABSL_GUARDED_BY(mu);
+  std::shared_ptr<grpc::ChannelCredentials> channel ABSL_GUARDED_BY(mu);
+  bool tls ABSL_GUARDED_BY(mu) = false;
+};
+
+InternalCredentials& Credentials() {
+  static InternalCredentials* c = new InternalCredentials();  // never destroyed: used at exit
+  return *c;
 }
 
-std::shared_ptr<grpc::Channel> InternalChannel(const std::string& address,
-                                               const grpc::ChannelArguments& args) {
-  return grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
+}  // namespace
+
+absl::Status ConfigureInternalTls(const security::InternalTlsOptions& options) {
+  ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> server,
+                   security::InternalServerCredentials(options));
+  ASSIGN_OR_RETURN(std::shared_ptr<grpc::ChannelCredentials> channel,
+                   security::InternalChannelCredentials(options));
+  InternalCredentials& c = Credentials();
+  absl::MutexLock lock(&c.mu);
+  c.server = std::move(server);
+  c.channel = std::move(channel);
+  c.tls = options.enabled();
+  return absl::OkStatus();
+}
+
+void AddInternalListeningPort(grpc::ServerBuilder& builder, const std::string& address, int* port) {
+  InternalCredentials& c = Credentials();
+  absl::MutexLock lock(&c.mu);
+  builder.AddListeningPort(address, c.server != nullptr ? c.server : grpc::InsecureServerCredentials(), port);
+}
+
+std::shared_ptr<grpc::Channel> InternalChannel(const std::string& address, const grpc::ChannelArguments& args) {
+  InternalCredentials& c = Credentials();
+  absl::MutexLock lock(&c.mu);
+  if (c.channel == nullptr || !c.tls) {
+    return grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
+  }
+  grpc::ChannelArguments with_name = args;
+  with_name.SetSslTargetNameOverride(kInternalTlsServerName);
+  return grpc::CreateCustomChannel(address, c.channel, with_name);
 }
 
 }  // namespace lorc

@@ -1,16 +1,31 @@
 // The one place internal gRPC links are made: every server of an internal service (the
 // coordinator's --internal-listen port: Rendezvous, WorkerJoin; a worker's Worker service; the
 // bench's loopback rendezvous) adds its port through AddInternalListeningPort, and every channel
-// to one (coordinator -> worker, worker -> rendezvous / join) comes from InternalChannel. Today
-// both are plaintext (insecure credentials); mTLS on the internal links plugs in here.
+// to one (coordinator -> worker, worker -> rendezvous / join, the coordinator's pings) comes from
+// InternalChannel. Both use the process's internal credentials: plaintext until
+// ConfigureInternalTls is given the --internal-tls-* files, then mTLS (security/tls.h): the
+// server requires a client certificate from the internal CA, and the channel checks the server's
+// certificate against that CA for the fixed name kInternalTlsServerName (so one certificate
+// serves every pod and address; the CA, not the address, is the identity).
 #pragma once
 
 #include <memory>
 #include <string>
 
+#include "absl/status/status.h"
 #include "grpcpp/grpcpp.h"
+#include "security/tls.h"
 
 namespace lorc {
+
+// The name internal channels verify the server certificate for (its SAN must hold
+// DNS:lorcserve-internal); addresses of pods change, this name does not.
+inline constexpr char kInternalTlsServerName[] = "lorcserve-internal";
+
+// Sets the process's internal-link credentials (call once at start-up, before any internal
+// server or channel is made). Empty options: plaintext. Errors: INVALID_ARGUMENT naming the
+// --internal-tls-* flag and file (a partial set, unreadable or malformed PEM).
+absl::Status ConfigureInternalTls(const security::InternalTlsOptions& options);
 
 // Adds `address` (HOST:PORT, port 0: pick one; the bound port lands in *port, 0 on failure
 // once the server is built) to `builder` with the internal links' server credentials.

@@ -1,0 +1,194 @@
+#include "security/tls.h"
+
+#include <openssl/bio.h>
+#include <openssl/err.h>
+#include <openssl/pem.h>
+#include <openssl/x509.h>
+
+#include <cerrno>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+
+namespace lorc::security {
+namespace {
+
+// The newest OpenSSL error as text ("" when none), clearing the queue.
+std::string OpenSslError() {
+  const unsigned long e = ERR_peek_last_error();
+  std::string out;
+  if (e != 0) {
+    char buf[256];
+    ERR_error_string_n(e, buf, sizeof(buf));
+    out = buf;
+  }
+  ERR_clear_error();
+  return out;
+}
+
+absl::Status FileError(const std::string& flag, const std::string& path, const std::string& what) {
+  return absl::InvalidArgumentError(absl::StrCat(flag, " ", path, ": ", what));
+}
+
+absl::StatusOr<std::string> ReadPem(const std::string& flag, const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return FileError(flag, path, absl::StrCat("cannot open: ", std::strerror(errno)));
+  std::stringstream ss;
+  ss << in.rdbuf();
+  if (in.bad()) return FileError(flag, path, "read error");
+  if (ss.str().empty()) return FileError(flag, path, "empty file");
+  return ss.str();
+}
+
+struct BioDeleter { void operator()(BIO* b) const { BIO_free(b); } };
+struct X509Deleter { void operator()(X509* x) const { X509_free(x); } };
+struct KeyDeleter { void operator()(EVP_PKEY* k) const { EVP_PKEY_free(k); } };
+using BioPtr = std::unique_ptr<BIO, BioDeleter>;
+using X509Ptr = std::unique_ptr<X509, X509Deleter>;
+using KeyPtr = std::unique_ptr<EVP_PKEY, KeyDeleter>;
+
+BioPtr MemBio(const std::string& pem) {
+  return BioPtr(BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())));
+}
+
+// The first certificate of `pem` (a bundle holds at least one).
+absl::StatusOr<X509Ptr> FirstCertificate(const std::string& flag, const std::string& path,
+                                         const std::string& pem) {
+  BioPtr bio = MemBio(pem);
+  X509Ptr cert(bio ? PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr) : nullptr);
+  if (cert == nullptr) {
+    return FileError(flag, path, absl::StrCat("no PEM certificate (", OpenSslError(), ")"));
+  }
+  return cert;
+}
+
+absl::StatusOr<std::string> ReadCertificates(const std::string& flag, const std::string& path) {
+  ASSIGN_OR_RETURN(std::string pem, ReadPem(flag, path));
+  RETURN_IF_ERROR(FirstCertificate(flag, path, pem).status());
+  return pem;
+}
+
+// Reads a certificate and its key, checking that they belong together.
+absl::StatusOr<grpc::SslServerCredentialsOptions::PemKeyCertPair> ReadKeyCertPair(
+    const std::string& cert_flag, const std::string& cert_path, const std::string& key_flag,
+    const std::string& key_path) {
+  ASSIGN_OR_RETURN(std::string cert_pem, ReadPem(cert_flag, cert_path));
+  ASSIGN_OR_RETURN(X509Ptr cert, FirstCertificate(cert_flag, cert_path, cert_pem));
+  ASSIGN_OR_RETURN(std::string key_pem, ReadPem(key_flag, key_path));
+  BioPtr bio = MemBio(key_pem);
+  KeyPtr key(bio ? PEM_read_bio_PrivateKey(bio.get(), nullptr, nullptr, nullptr) : nullptr);
+  if (key == nullptr) {
+    return FileError(key_flag, key_path,
+                     absl::StrCat("no unencrypted PEM private key (", OpenSslError(), ")"));
+  }
+  if (X509_check_private_key(cert.get(), key.get()) != 1) {
+    OpenSslError();
+    return FileError(key_flag, key_path,
+                     absl::StrCat("does not match the certificate in ", cert_flag, " ", cert_path));
+  }
+  return grpc::SslServerCredentialsOptions::PemKeyCertPair{key_pem, cert_pem};
+}
+
+absl::Status NeedBoth(const std::string& a_flag, const std::string& a, const std::string& b_flag,
+                      const std::string& b) {
+  if (a.empty() != b.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(a.empty() ? a_flag : b_flag, " is required with ",
+                                                   a.empty() ? b_flag : a_flag));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ServerCredentials(const ServerTlsOptions& o) {
+  if (!o.enabled()) return grpc::InsecureServerCredentials();
+  RETURN_IF_ERROR(NeedBoth("--tls-cert", o.cert_file, "--tls-key", o.key_file));
+  if (o.cert_file.empty()) {
+    return absl::InvalidArgumentError("--tls-client-ca needs --tls-cert and --tls-key");
+  }
+  grpc::SslServerCredentialsOptions ssl(GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE);
+  ASSIGN_OR_RETURN(auto pair, ReadKeyCertPair("--tls-cert", o.cert_file, "--tls-key", o.key_file));
+  ssl.pem_key_cert_pairs.push_back(std::move(pair));
+  if (!o.client_ca_file.empty()) {
+    ASSIGN_OR_RETURN(ssl.pem_root_certs, ReadCertificates("--tls-client-ca", o.client_ca_file));
+    ssl.client_certificate_request = GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY;
+  }
+  return grpc::SslServerCredentials(ssl);
+}
+
+absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> ChannelCredentials(const ClientTlsOptions& o) {
+  if (!o.enabled()) {
+    if (!o.server_name.empty()) {
+      return absl::InvalidArgumentError("--tls-server-name needs TLS (--tls-ca or --tls-cert)");
+    }
+    return grpc::InsecureChannelCredentials();
+  }
+  RETURN_IF_ERROR(NeedBoth("--tls-cert", o.cert_file, "--tls-key", o.key_file));
+  grpc::SslCredentialsOptions ssl;
+  if (!o.ca_file.empty()) {
+    ASSIGN_OR_RETURN(ssl.pem_root_certs, ReadCertificates("--tls-ca", o.ca_file));
+  }
+  if (!o.cert_file.empty()) {
+    ASSIGN_OR_RETURN(auto pair, ReadKeyCertPair("--tls-cert", o.cert_file, "--tls-key", o.key_file));
+    ssl.pem_private_key = std::move(pair.private_key);
+    ssl.pem_cert_chain = std::move(pair.cert_chain);
+  }
+  return grpc::SslCredentials(ssl);
+}
+
+absl::StatusOr<std::shared_ptr<grpc::Channel>> CreateChannel(const std::string& address,
+                                                             const ClientTlsOptions& o,
+                                                             grpc::ChannelArguments args) {
+  ASSIGN_OR_RETURN(std::shared_ptr<grpc::ChannelCredentials> creds, ChannelCredentials(o));
+  if (!o.server_name.empty()) args.SetSslTargetNameOverride(o.server_name);
+  return grpc::CreateCustomChannel(address, creds, args);
+}
+
+namespace {
+
+absl::Status CheckInternalComplete(const InternalTlsOptions& o) {
+  if (o.cert_file.empty() || o.key_file.empty() || o.ca_file.empty()) {
+    std::string missing;
+    for (const auto& [flag, v] : {std::pair<const char*, const std::string*>{"--internal-tls-cert", &o.cert_file},
+                                  {"--internal-tls-key", &o.key_file},
+                                  {"--internal-tls-ca", &o.ca_file}}) {
+      if (v->empty()) absl::StrAppend(&missing, missing.empty() ? "" : ", ", flag);
+    }
+    return absl::InvalidArgumentError(absl::StrCat(
+        "internal mTLS needs --internal-tls-cert, --internal-tls-key and --internal-tls-ca; missing: ",
+        missing));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> InternalServerCredentials(
+    const InternalTlsOptions& o) {
+  if (!o.enabled()) return grpc::InsecureServerCredentials();
+  RETURN_IF_ERROR(CheckInternalComplete(o));
+  grpc::SslServerCredentialsOptions ssl(GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
+  ASSIGN_OR_RETURN(auto pair, ReadKeyCertPair("--internal-tls-cert", o.cert_file,
+                                              "--internal-tls-key", o.key_file));
+  ssl.pem_key_cert_pairs.push_back(std::move(pair));
+  ASSIGN_OR_RETURN(ssl.pem_root_certs, ReadCertificates("--internal-tls-ca", o.ca_file));
+  return grpc::SslServerCredentials(ssl);
+}
+
+absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> InternalChannelCredentials(
+    const InternalTlsOptions& o) {
+  if (!o.enabled()) return grpc::InsecureChannelCredentials();
+  RETURN_IF_ERROR(CheckInternalComplete(o));
+  grpc::SslCredentialsOptions ssl;
+  ASSIGN_OR_RETURN(auto pair, ReadKeyCertPair("--internal-tls-cert", o.cert_file,
+                                              "--internal-tls-key", o.key_file));
+  ssl.pem_private_key = std::move(pair.private_key);
+  ssl.pem_cert_chain = std::move(pair.cert_chain);
+  ASSIGN_OR_RETURN(ssl.pem_root_certs, ReadCertificates("--internal-tls-ca", o.ca_file));
+  return grpc::SslCredentials(ssl);
+}
+
+}  // namespace lorc::security

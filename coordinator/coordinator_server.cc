@@ -81,6 +81,13 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(cons
         tp, num_local, [](const std::string& a) { return AnswersPing(a, absl::Seconds(1)); },
         [p = s.get()](const JoinedWorker& now, const JoinedWorker& previous) { p->OnJoin(now, previous); });
     s->join_service_ = std::make_unique<WorkerJoinService>(s->registry_.get(), s->coordinator_id_);
+    // A mixed group (this host's ranks plus joined ones on other hosts): the local workers'
+    // communicator must be reachable from those hosts, so they bind all interfaces (a wildcard
+    // listen makes a worker bind its communicator to this host's name, e.g. the pod address)
+    // instead of loopback.
+    if (num_local > 0 && s->options_.local_workers.listen.rfind("127.0.0.1:", 0) == 0) {
+      s->options_.local_workers.listen = "0.0.0.0:0";
+    }
   }
   ASSIGN_OR_RETURN(s->config_, LoadModelConfig(options.model.dir));
   if (std::filesystem::exists(std::filesystem::path(options.model.dir) / "tokenizer.json")) {

@@ -29,7 +29,7 @@ for tp in $TPS; do
           ${COORD_FLAGS:-} >"$log.out" 2>"$log" &
         pid=$!
         for _ in $(seq 1 240); do grep -q LISTENING "$log.out" 2>/dev/null && break; sleep 0.25; done
-        addr=$(awk '/LISTENING/{print $2}' "$log.out")
+        addr=$(awk '/^LISTENING /{print $2; exit}' "$log.out")
         if [ -z "$addr" ]; then cat "$log" >&2; kill "$pid" 2>/dev/null; exit 1; fi
         json=$("$bin" bench --server "$addr" --requests "$REQUESTS" --concurrency "$c" \
                  --prompt-len "$PROMPT_LEN" --max-tokens "$MAX_TOKENS" --json | tail -1)

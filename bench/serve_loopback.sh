@@ -29,7 +29,7 @@ for tp in $TPS; do
       --step-transport "$transport" >"$log.out" 2>"$log" &
     pid=$!
     for _ in $(seq 1 120); do grep -q LISTENING "$log.out" 2>/dev/null && break; sleep 0.5; done
-    addr=$(awk '/LISTENING/{print $2}' "$log.out")
+    addr=$(awk '/^LISTENING /{print $2; exit}' "$log.out")
     if [ -z "$addr" ]; then cat "$log" >&2; kill "$pid" 2>/dev/null; exit 1; fi
     json=$("$BIN" bench --server "$addr" --requests "$REQUESTS" --concurrency "$CONCURRENCY" \
              --prompt-len "$PROMPT_LEN" --max-tokens "$MAX_TOKENS" --json)

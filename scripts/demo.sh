@@ -26,7 +26,7 @@ for _ in $(seq 1 240); do
   kill -0 $coord 2>/dev/null || { cat "$log/err"; exit 1; }
   sleep 0.5
 done
-addr=$(awk '/LISTENING/{print $2}' "$log/out")
+addr=$(awk '/^LISTENING /{print $2; exit}' "$log/out")
 echo "== coordinator with $TP $BACKEND workers (tensor parallel) serving $MODEL_DIR on $addr"
 "$BIN" client --server "$addr" --health
 echo

@@ -77,7 +77,7 @@ start_coordinator() {  # $1 = workers; sets ADDR and CPID
     kill -0 $CPID 2>/dev/null || break
     sleep 0.5
   done
-  ADDR=$(awk '/LISTENING/{print $2}' "$log.out")
+  ADDR=$(awk '/^LISTENING /{print $2; exit}' "$log.out")
   for _ in $(seq 1 240); do "$L" client --server "$ADDR" --health >/dev/null 2>&1 && return 0; sleep 0.5; done
   return 1
 }

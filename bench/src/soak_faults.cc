@@ -32,7 +32,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
-#include <spawn.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -210,6 +210,24 @@ ProcStats Stats(pid_t pid) {
   return s;
 }
 
+// Threads of gRPC's own pools (sync-server pollers, event engine, timers, executors) come and go
+// with load within gRPC's bounds; the process's other threads (ours: engine loop, stream readers,
+// monitor, supervisor, BLAS) must be exactly back, gRPC's within kGrpcPoolSlack of the baseline.
+constexpr int kGrpcPoolSlack = 4;
+bool IsGrpcPoolThread(const std::string& comm) {
+  for (const char* p : {"grpcpp_sync_ser", "event_engine", "grpc_global_tim", "default-executo",
+                        "resolver-execut", "timer_manager", "nexting_thread"}) {
+    if (comm == p) return true;
+  }
+  return false;
+}
+bool ThreadsBack(const ProcStats& base, const ProcStats& now) {
+  int own_b = 0, own_n = 0, grpc_b = 0, grpc_n = 0;
+  for (const auto& [n, c] : base.thread_names) (IsGrpcPoolThread(n) ? grpc_b : own_b) += c;
+  for (const auto& [n, c] : now.thread_names) (IsGrpcPoolThread(n) ? grpc_n : own_n) += c;
+  return own_n == own_b && grpc_n <= grpc_b + kGrpcPoolSlack;
+}
+
 // The coordinator as a child process: stdout a pipe (the LISTENING line), stderr a file.
 class Server {
  public:
@@ -229,18 +247,24 @@ class Server {
     std::vector<char*> argv;
     for (std::string& a : args) argv.push_back(a.data());
     argv.push_back(nullptr);
-    posix_spawn_file_actions_t fa;
-    posix_spawn_file_actions_init(&fa);
-    posix_spawn_file_actions_adddup2(&fa, out[1], STDOUT_FILENO);
-    posix_spawn_file_actions_adddup2(&fa, err_fd, STDERR_FILENO);
-    const int rc = posix_spawn(&pid_, argv[0], &fa, nullptr, argv.data(), environ);
-    posix_spawn_file_actions_destroy(&fa);
+    // fork + exec rather than posix_spawn: the child dies with this process (PR_SET_PDEATHSIG;
+    // its workers die with it in turn), so a killed soak (a CI timeout) leaves no server behind.
+    const pid_t parent = getpid();
+    pid_ = fork();
+    if (pid_ == 0) {
+      prctl(PR_SET_PDEATHSIG, SIGKILL);
+      if (getppid() != parent) _exit(127);
+      dup2(out[1], STDOUT_FILENO);
+      dup2(err_fd, STDERR_FILENO);
+      execve(argv[0], argv.data(), environ);
+      _exit(127);
+    }
+    const int fork_errno = errno;
     close(out[1]);
     close(err_fd);
-    if (rc != 0) {
+    if (pid_ < 0) {
       close(out[0]);
-      pid_ = -1;
-      return absl::StrCat("cannot spawn ", argv[0], ": ", std::strerror(rc));
+      return absl::StrCat("cannot fork: ", std::strerror(fork_errno));
     }
     out_fd_ = out[0];
     const auto t0 = Clock::now();
@@ -735,6 +759,9 @@ bool Check(const Planned& p, const Outcome& r, const std::vector<Reference>& ref
         Violation(absl::StrCat(who, ": UNAVAILABLE outside any fault: ", r.status.error_message()));
         return true;
       }
+      if (!absl::StrContains(r.status.error_message(), "worker")) {
+        Violation(absl::StrCat(who, ": UNAVAILABLE that names no worker: ", r.status.error_message()));
+      }
       return false;  // retry
     case grpc::RESOURCE_EXHAUSTED:
       return false;  // queue full: retry
@@ -924,10 +951,41 @@ int main(int argc, char** argv) {
     if (wait_done(0.4)) fault("long SIGSTOP", 1, SIGSTOP, o.long_stop_s, true);
     if (wait_done(0.65)) fault("SIGKILL", 1, SIGKILL, 0, true);
   });
+  // Throughout: ModelInfo every 250 ms (blocks within the pool, running within max_num_seqs,
+  // NOT_SERVING only during a fault); preemptions summed over the engines (a restart starts a
+  // new one, counting from 0).
+  int64_t preemptions = 0, max_waiting = 0, polls = 0;
+  std::thread watcher([&] {
+    int64_t last = 0;
+    while (!run_over) {
+      v1::ModelInfoResponse m;
+      const double t = Since(run_t0);
+      const bool serving = Serving(*stub, &m);
+      ++polls;
+      if (!serving && !faults.Overlaps(t, Since(run_t0))) {
+        Violation(absl::StrFormat("%.1f s: NOT_SERVING outside any fault: %s", t, m.worker_failure()));
+      }
+      if (serving) {
+        if (m.kv_free_blocks() < 0 || m.kv_free_blocks() > m.kv_capacity_blocks()) {
+          Violation(absl::StrCat("ModelInfo: ", m.kv_free_blocks(), " free of ", m.kv_capacity_blocks(), " blocks"));
+        }
+        if (m.num_running() > o.max_num_seqs) {
+          Violation(absl::StrCat("ModelInfo: ", m.num_running(), " running > max_num_seqs ", o.max_num_seqs));
+        }
+        max_waiting = std::max<int64_t>(max_waiting, m.num_waiting());
+        if (m.num_preemptions() < last) last = 0;  // a new engine
+        preemptions += m.num_preemptions() - last;
+        last = m.num_preemptions();
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(250));
+    }
+  });
   run(0, o.requests, "soak", run_t0, true);
   const double wall = Since(run_t0);
   run_over = true;
   fault_thread.join();
+  watcher.join();
+  if (preemptions == 0) Violation("no preemption during the run: the KV pool is not small enough");
   if (o.faults && faults.injected != 3) {
     Violation(absl::StrCat("only ", faults.injected, " of 3 faults injected (the run ended first)"));
   }
@@ -948,20 +1006,21 @@ int main(int argc, char** argv) {
   for (;;) {
     coord_end = Stats(server.pid());
     w0_end = Stats(w0);
-    const bool back = coord_end.threads == coord_base.threads && coord_end.fds == coord_base.fds &&
-                      w0_end.threads == w0_base.threads && w0_end.fds == w0_base.fds;
+    const bool back = ThreadsBack(coord_base, coord_end) && coord_end.fds == coord_base.fds &&
+                      ThreadsBack(w0_base, w0_end) && w0_end.fds == w0_base.fds;
     if (back || Since(settle_t0) > o.settle_s) break;
     std::this_thread::sleep_for(std::chrono::milliseconds(250));
   }
   auto check_proc = [&](const std::string& name, const ProcStats& b, const ProcStats& e) {
-    if (e.threads != b.threads) {
+    if (!ThreadsBack(b, e)) {
       std::string diff;
       std::map<std::string, int> names = e.thread_names;
       for (const auto& [n, c] : b.thread_names) names[n] -= c;
       for (const auto& [n, c] : names) {
         if (c != 0) absl::StrAppend(&diff, " ", n, " ", c > 0 ? "+" : "", c);
       }
-      Violation(absl::StrCat(name, ": ", e.threads, " threads, ", b.threads, " after warm-up (by name:", diff, ")"));
+      Violation(absl::StrCat(name, ": ", e.threads, " threads, ", b.threads, " after warm-up (by name:", diff,
+                             "; gRPC's own pools may vary by ", kGrpcPoolSlack, ")"));
     }
     if (e.fds != b.fds) Violation(absl::StrCat(name, ": ", e.fds, " fds, ", b.fds, " after warm-up"));
     if (static_cast<double>(e.rss_kb) > static_cast<double>(b.rss_kb) * (1 + o.rss_tolerance)) {
@@ -985,11 +1044,12 @@ int main(int argc, char** argv) {
       "soak: %d requests, concurrency %d, %d KV blocks/worker, seed %d: wall %.1f s, %.1f req/s, %.1f output tok/s\n"
       "TTFT ms      p50 %.1f  p99 %.1f (%d requests)\n"
       "faults       %d injected, %d survived; %d UNAVAILABLE, %d RESOURCE_EXHAUSTED retried (%d retries)\n"
+      "pressure     %d preemptions, up to %d waiting (%d ModelInfo polls)\n"
       "coordinator  rss %d -> %d kB, threads %d -> %d, fds %d -> %d\n"
       "worker 0     rss %d -> %d kB, threads %d -> %d, fds %d -> %d (survived %s)\n",
       o.requests, o.concurrency, o.num_blocks, o.seed, wall, o.requests / wall, out_tokens / wall,
       Percentile(ttft_ms, 0.5), Percentile(ttft_ms, 0.99), ttft_ms.size(), faults.injected, faults.survived,
-      unavailable, exhausted, retries, coord_base.rss_kb, coord_end.rss_kb, coord_base.threads, coord_end.threads,
+      unavailable, exhausted, retries, preemptions, max_waiting, polls, coord_base.rss_kb, coord_end.rss_kb, coord_base.threads, coord_end.threads,
       coord_base.fds, coord_end.fds, w0_base.rss_kb, w0_end.rss_kb, w0_base.threads, w0_end.threads, w0_base.fds,
       w0_end.fds, o.faults ? "two recoveries (reloads)" : "no faults");
   std::string by_status;
@@ -1000,12 +1060,13 @@ int main(int argc, char** argv) {
       "{\"requests\": %d, \"concurrency\": %d, \"num_blocks\": %d, \"seed\": %d, \"wall_s\": %.2f, "
       "\"requests_per_s\": %.2f, \"output_tokens_per_s\": %.1f, \"ttft_ms\": {\"p50\": %.1f, \"p99\": %.1f}, "
       "\"faults_injected\": %d, \"faults_survived\": %d, \"unavailable_retried\": %d, \"retries\": %d, "
+      "\"preemptions\": %d, \"max_waiting\": %d, "
       "\"coordinator\": {\"rss_kb\": [%d, %d], \"threads\": [%d, %d], \"fds\": [%d, %d]}, "
       "\"worker0\": {\"rss_kb\": [%d, %d], \"threads\": [%d, %d], \"fds\": [%d, %d]}, \"shutdown_s\": %.2f, "
       "\"violations\": %d}\n",
       o.requests, o.concurrency, o.num_blocks, o.seed, wall, o.requests / wall, out_tokens / wall,
       Percentile(ttft_ms, 0.5), Percentile(ttft_ms, 0.99), faults.injected, faults.survived, unavailable, retries,
-      coord_base.rss_kb, coord_end.rss_kb, coord_base.threads, coord_end.threads, coord_base.fds, coord_end.fds,
+      preemptions, max_waiting, coord_base.rss_kb, coord_end.rss_kb, coord_base.threads, coord_end.threads, coord_base.fds, coord_end.fds,
       w0_base.rss_kb, w0_end.rss_kb, w0_base.threads, w0_end.threads, w0_base.fds, w0_end.fds, shutdown_s,
       g_failures.size());
   if (!g_failures.empty()) {

@@ -92,7 +92,7 @@ struct Options {
   int32_t max_num_seqs = 24;
   int32_t ref_prompts = 16;       // distinct greedy prompts with references
   int32_t ref_tokens = 24;        // reference length (greedy requests ask for <= this)
-  int32_t long_prompt_max = 480;  // longest random prompt (long kind: up to 3 x max_tokens_max out)
+  int32_t long_prompt_max = 480;  // longest random prompt (long kind: max_tokens_max..4x out)
   int32_t max_tokens_max = 48;    // longest generation of the sampled / long kinds
   double short_stop_s = 3;
   double long_stop_s = 10;
@@ -450,11 +450,11 @@ Planned Plan(const Options& o, int64_t i, const std::vector<Reference>& refs, in
       break;
     }
     case Kind::kLong: {
-      const int32_t len = static_cast<int32_t>(uni(o.long_prompt_max / 2, o.long_prompt_max));
+      const int32_t len = static_cast<int32_t>(uni(o.long_prompt_max / 4, o.long_prompt_max));
       SetIds(&p.req, RandomIds(rng, len, vocab));
-      // Long generations too: the decodes outgrow the admission watermark (one spare block per
-      // running sequence), so running sequences get preempted.
-      s->set_max_tokens(static_cast<int32_t>(uni(1, 3 * o.max_tokens_max)));
+      // Long generations: together the decodes outgrow the admission watermark (one spare block
+      // per running sequence), so running sequences get preempted (recomputed later).
+      s->set_max_tokens(static_cast<int32_t>(uni(o.max_tokens_max, 4 * o.max_tokens_max)));
       s->set_ignore_eos(true);
       if (uni(0, 3) == 0) s->set_prompt_logprobs(static_cast<int32_t>(uni(0, 2)));
       break;

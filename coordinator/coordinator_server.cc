@@ -494,6 +494,7 @@ void CoordinatorServer::FillLive(lorcserve::v1::ModelInfoResponse* r) {
     r->set_kv_free_blocks(s.kv_free_blocks);
     r->set_num_running(s.num_running);
     r->set_num_waiting(s.num_waiting);
+    r->set_num_preemptions(s.num_preemptions);
     const PrefixCacheReport& pc = s.prefix_cache;
     auto* p = r->mutable_prefix_cache();
     p->set_enabled(pc.enabled);

@@ -88,6 +88,7 @@ void EngineLoop::Publish() {
   s.kv_free_blocks = engine_->scheduler().num_free_blocks();
   s.num_running = engine_->scheduler().num_running();
   s.num_waiting = engine_->scheduler().num_waiting();
+  s.num_preemptions = engine_->scheduler().num_preemptions();
   s.prefix_cache = engine_->scheduler().prefix_cache_report();
   s.engine = engine_->stats();
   if (metrics_ != nullptr) {

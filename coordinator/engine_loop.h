@@ -38,6 +38,7 @@ struct LoopStats {
   int64_t kv_free_blocks = 0;
   int32_t num_running = 0;
   int32_t num_waiting = 0;
+  int64_t num_preemptions = 0;  // since the engine started
   EngineStats engine;
   PrefixCacheReport prefix_cache;
 };

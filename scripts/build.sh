@@ -11,6 +11,6 @@ if command -v ccache >/dev/null; then
   launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache -DCMAKE_CUDA_COMPILER_LAUNCHER=ccache)
 fi
 cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release -DLORC_CUDA="${LORC_CUDA:-AUTO}" \
-  "${launcher[@]}" ${LORC_CMAKE_ARGS:-} >/dev/null
+  -DLORC_SOAK_TEST="$([ "${LORC_SOAK:-0}" = 1 ] && echo ON || echo OFF)" "${launcher[@]}" ${LORC_CMAKE_ARGS:-} >/dev/null
 # Targets: all by default, or those given as arguments (e.g. lorcserve).
 cmake --build "$BUILD_DIR" -j "$JOBS" ${1:+--target "$@"}

@@ -5,8 +5,9 @@
 #       backend; the slow FullEval cases and the GPU cases are left out).
 #   scripts/sanitize.sh tsan [ctest args...]   ThreadSanitizer in build-tsan/: the scheduler,
 #       engine loop, worker group, worker service and coordinator server (end-to-end) tests.
-# Host C++ only: CUDA code is compiled when nvcc is found (LORC_CUDA, as scripts/build.sh) but not
-# instrumented and not run. Findings fail the run: every report of the tests and of the lorcserve
+# Host C++ only, CPU backend: LORC_CUDA defaults to OFF here (no CUDA code runs without a device
+# and scripts/build.sh compiles all of it in the same CI run); LORC_CUDA=AUTO compiles the .cu
+# kernels with plain nvcc flags and links them in. Findings fail the run: every report of the tests and of the lorcserve
 # processes they start is written under <build>/sanitizer-logs/ and printed at the end.
 # Suppressions (third-party code only, each with its reason): scripts/sanitizers/*.supp.
 # Env: BUILD_DIR (build-asan / build-tsan), JOBS (nproc), CTEST_JOBS (2), LORC_CCACHE=0 to build
@@ -46,7 +47,7 @@ else
   launcher=(-UCMAKE_CXX_COMPILER_LAUNCHER -UCMAKE_CUDA_COMPILER_LAUNCHER)
 fi
 start=$(date +%s)
-cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DLORC_CUDA="${LORC_CUDA:-AUTO}" \
+cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DLORC_CUDA="${LORC_CUDA:-OFF}" \
   -DLORC_SANITIZE="$sanitize" "${launcher[@]}" >/dev/null
 cmake --build "$build" -j "${JOBS:-$(nproc)}" --target "${targets[@]}"
 built=$(date +%s)

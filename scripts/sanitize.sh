@@ -10,7 +10,7 @@
 # kernels with plain nvcc flags and links them in. Findings fail the run: every report of the tests and of the lorcserve
 # processes they start is written under <build>/sanitizer-logs/ and printed at the end.
 # Suppressions (third-party code only, each with its reason): scripts/sanitizers/*.supp.
-# Env: BUILD_DIR (build-asan / build-tsan), JOBS (nproc), CTEST_JOBS (2), LORC_CCACHE=0 to build
+# Env: JOBS (nproc), CTEST_JOBS (2), LORC_CCACHE=0 to build
 # without ccache (cold-build timing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,14 +21,14 @@ supp=$root/scripts/sanitizers
 case "$kind" in
   asan)
     sanitize=address,undefined
-    build=${BUILD_DIR:-build-asan}
+    build=build-asan
     # Every test executable (the lorc_tests target) and lorcserve for the end-to-end tests.
     targets=(lorc_tests lorcserve)
     select=(-E 'FullEval|Cuda|Nccl')
     ;;
   tsan)
     sanitize=thread
-    build=${BUILD_DIR:-build-tsan}
+    build=build-tsan
     tsan_tests=(coordinator_scheduler_test coordinator_engine_loop_test coordinator_worker_group_test
                 coordinator_server_e2e_test worker_service_test)
     targets=("${tsan_tests[@]}" lorcserve)

@@ -30,7 +30,7 @@ case "$kind" in
     sanitize=thread
     build=build-tsan
     tsan_tests=(coordinator_scheduler_test coordinator_engine_loop_test coordinator_worker_group_test
-                coordinator_server_e2e_test worker_service_test)
+                coordinator_server_e2e_test worker_service_test sanitizers_tsan_absl_sync_test)
     targets=("${tsan_tests[@]}" lorcserve)
     select=(-L "^($(IFS='|'; echo "${tsan_tests[*]}"))\$" -E 'Cuda|Nccl')
     ;;

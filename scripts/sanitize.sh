@@ -21,14 +21,14 @@ supp=$root/scripts/sanitizers
 case "$kind" in
   asan)
     sanitize=address,undefined
-    build=build-asan
+    build="build-asan"
     # Every test executable (the lorc_tests target) and lorcserve for the end-to-end tests.
     targets=(lorc_tests lorcserve)
     select=(-E 'FullEval|Cuda|Nccl')
     ;;
   tsan)
     sanitize=thread
-    build=build-tsan
+    build="build-tsan"
     tsan_tests=(coordinator_scheduler_test coordinator_engine_loop_test coordinator_worker_group_test
                 coordinator_server_e2e_test worker_service_test sanitizers_tsan_absl_sync_test)
     targets=("${tsan_tests[@]}" lorcserve)

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Builds and runs the tests under a sanitizer (tests/README.md, "Sanitizers"):
+#   scripts/sanitize.sh asan [ctest args...]   AddressSanitizer + UndefinedBehaviorSanitizer (and
+#       LeakSanitizer) in build-asan/: every unit test and the serving end-to-end tests (CPU
+#       backend; the slow FullEval cases and the GPU cases are left out).
+#   scripts/sanitize.sh tsan [ctest args...]   ThreadSanitizer in build-tsan/: the scheduler,
+#       engine loop, worker group, worker service and coordinator server (end-to-end) tests.
+# Host C++ only, CPU backend: LORC_CUDA defaults to OFF here (no CUDA code runs without a device
+# and scripts/build.sh compiles all of it in the same CI run); LORC_CUDA=AUTO compiles the .cu
+# kernels with plain nvcc flags and links them in. Findings fail the run: every report of the tests and of the lorcserve
+# processes they start is written under <build>/sanitizer-logs/ and printed at the end.
+# Suppressions (third-party code only, each with its reason): scripts/sanitizers/*.supp.
+# Env: JOBS (nproc), CTEST_JOBS (2), LORC_CCACHE=0 to build
+# without ccache (cold-build timing).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+kind=${1:-}
+shift || true
+supp=$root/scripts/sanitizers
+case "$kind" in
+  asan)
+    sanitize=address,undefined
+    build="build-asan"
+    # Every test executable (the lorc_tests target) and lorcserve for the end-to-end tests.
+    targets=(lorc_tests lorcserve)
+    select=(-E 'FullEval|Cuda|Nccl')
+    ;;
+  tsan)
+    sanitize=thread
+    build="build-tsan"
+    tsan_tests=(coordinator_scheduler_test coordinator_engine_loop_test coordinator_worker_group_test
+                coordinator_server_e2e_test worker_service_test sanitizers_tsan_absl_sync_test)
+    targets=("${tsan_tests[@]}" lorcserve)
+    select=(-L "^($(IFS='|'; echo "${tsan_tests[*]}"))\$" -E 'Cuda|Nccl')
+    ;;
+  *)
+    echo "usage: scripts/sanitize.sh asan|tsan [ctest args...]" >&2
+    exit 2
+    ;;
+esac
+
+launcher=()
+if [ "${LORC_CCACHE:-1}" != 0 ] && command -v ccache >/dev/null; then
+  launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache -DCMAKE_CUDA_COMPILER_LAUNCHER=ccache)
+else
+  launcher=(-UCMAKE_CXX_COMPILER_LAUNCHER -UCMAKE_CUDA_COMPILER_LAUNCHER)
+fi
+start=$(date +%s)
+cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DLORC_CUDA="${LORC_CUDA:-OFF}" \
+  -DLORC_SANITIZE="$sanitize" "${launcher[@]}" >/dev/null
+cmake --build "$build" -j "${JOBS:-$(nproc)}" --target "${targets[@]}"
+built=$(date +%s)
+
+logs=$root/$build/sanitizer-logs
+rm -rf "$logs"
+mkdir -p "$logs"
+common="halt_on_error=1:print_stacktrace=1"
+export ASAN_OPTIONS="log_path=$logs/asan:detect_leaks=1:strict_string_checks=1:check_initialization_order=1:detect_odr_violation=1"
+export LSAN_OPTIONS="suppressions=$supp/lsan.supp:print_suppressions=0"
+export UBSAN_OPTIONS="log_path=$logs/ubsan:suppressions=$supp/ubsan.supp:$common"
+export TSAN_OPTIONS="log_path=$logs/tsan:suppressions=$supp/tsan.supp:second_deadlock_stack=1:$common"
+status=0
+(cd "$build" && ctest --output-on-failure -j "${CTEST_JOBS:-2}" --timeout 1800 "${select[@]}" "$@") ||
+  status=$?
+done_at=$(date +%s)
+
+reports=$(find "$logs" -type f | sort)
+if [ -n "$reports" ]; then
+  for f in $reports; do
+    echo "==== $f"
+    cat "$f"
+  done
+  echo "sanitize.sh $kind: $(echo "$reports" | wc -l) sanitizer report(s), above" >&2
+  status=1
+fi
+echo "sanitize.sh $kind: build $((built - start)) s, tests $((done_at - built)) s, status $status"
+exit $status

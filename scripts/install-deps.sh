@@ -8,6 +8,7 @@ PACKAGES=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev libgtest-dev libgmock-dev
   libopenblas-dev nlohmann-json3-dev libpcre2-dev libgloo-dev libssl-dev
+  clang libclang-rt-14-dev  # scripts/fuzz.sh: libFuzzer with ASan + UBSan
 )
 
 missing=()

@@ -5,6 +5,7 @@
 // scheduling, preemption in a small KV pool, stop ids and strings, n completions) with a fake
 // step runner that samples tokens derived from the input. Invariants: every completion ends
 // with exactly one final update; the KV blocks all come back; the engine forgets the request.
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <string>

@@ -4,7 +4,8 @@
 // an accepted request then goes through the engine (Engine::Add: the scheduler's checks; Step:
 // scheduling, preemption in a small KV pool, stop ids and strings, n completions) with a fake
 // step runner that samples tokens derived from the input. Invariants: every completion ends
-// with exactly one final update; the KV blocks all come back; the engine forgets the request.
+// with exactly one final update; the scheduler's invariants hold after every step (Validate);
+// the KV blocks all come back (the session, if any, closed); the engine forgets the request.
 #include <algorithm>
 #include <cstdint>
 #include <memory>
@@ -136,15 +137,19 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     return 0;
   }
   int steps = 0;
-  while (engine.HasWork() && steps < kMaxSteps) {
-    if (absl::Status s = engine.Step(); !s.ok()) fuzz::Fail("Step: " + s.ToString());
+  auto step = [&](const char* when) {
+    if (absl::Status s = engine.Step(); !s.ok()) fuzz::Fail(absl::StrCat("Step ", when, ": ", s.ToString()));
+    if (absl::Status v = engine.scheduler().Validate(); !v.ok()) {
+      fuzz::Fail(absl::StrCat("scheduler invariant ", when, ": ", v.ToString()));
+    }
     ++steps;
-  }
+  };
+  while (engine.HasWork() && steps < kMaxSteps) step("while running");
   if (engine.num_requests() > 0) engine.Abort(1);
-  while (engine.HasWork() && steps < 2 * kMaxSteps) {
-    if (absl::Status s = engine.Step(); !s.ok()) fuzz::Fail("Step after abort: " + s.ToString());
-    ++steps;
-  }
+  while (engine.HasWork() && steps < 2 * kMaxSteps) step("after the abort");
+  // A session keeps the finished turn's blocks (pinned) until it is closed; NOT_FOUND when the
+  // turn kept none (aborted, failed).
+  if (!g->session_id.empty()) (void)engine.CloseSession(g->cache_salt, g->session_id);
   if (out_of_range) fuzz::Fail("an update with a completion index outside [0, n)");
   for (size_t i = 0; i < finals.size(); ++i) {
     if (finals[i] != 1) {

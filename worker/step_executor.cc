@@ -106,8 +106,10 @@ absl::Status StepExecutor::Prepare(const ScheduledSequence& s,
         " tokens are computed, this worker has ", have));
   }
   const size_t known = (st == nullptr ? 0 : st->tokens.size()) + s.new_token_ids.size();
-  if (s.num_scheduled_tokens <= 0 ||
-      s.num_computed_tokens + s.num_scheduled_tokens > static_cast<int64_t>(known)) {
+  // num_computed_tokens >= 0 here; compared before adding, as a plan's value may be near
+  // INT64_MAX (the sum overflowed; fuzz/corpus/step_plan_fuzz/crash-computed-overflow).
+  if (s.num_scheduled_tokens <= 0 || s.num_computed_tokens > static_cast<int64_t>(known) ||
+      s.num_scheduled_tokens > static_cast<int64_t>(known) - s.num_computed_tokens) {
     return absl::InvalidArgumentError(absl::StrCat(
         "sequence ", id, ": ", s.num_scheduled_tokens, " tokens scheduled after ",
         s.num_computed_tokens, " computed, but ", known, " are known"));

@@ -327,6 +327,29 @@ TEST_F(StepExecutorTest, BadForksAndCopyOnWriteFieldsFailTheirRequestAlone) {
   EXPECT_EQ(r->failed[0].status.code(), absl::StatusCode::kFailedPrecondition);
 }
 
+// Found by fuzz/step_plan_fuzz (fuzz/corpus/step_plan_fuzz/crash-computed-overflow): on first
+// sight num_computed_tokens may be any prefix-cache hit >= 0, and INT64_MAX + num_scheduled_tokens
+// overflowed (signed) in the check meant to catch it.
+TEST_F(StepExecutorTest, AComputedCountNearInt64MaxFailsItsRequestAlone) {
+  PlanBuilder b;
+  StepPlan p = b.NewPlan();
+  ScheduledSequence bad = b.Prefill(1, prompt_, Params(0.0f));
+  bad.num_computed_tokens = INT64_MAX;
+  bad.num_scheduled_tokens = 1;
+  p.seqs.push_back(bad);
+  p.seqs.push_back(b.Prefill(2, prompt_, Params(0.0f)));
+  auto r = exec_->Execute(p);
+  ASSERT_OK(r);
+  ASSERT_EQ(r->failed.size(), 1u);
+  EXPECT_EQ(r->failed[0].seq_id, 1);
+  EXPECT_EQ(r->failed[0].status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(r->failed[0].status.message(),
+              HasSubstr("1 tokens scheduled after 9223372036854775807 computed, but 12 are known"));
+  ASSERT_EQ(r->sampled.size(), 1u);
+  EXPECT_EQ(r->sampled[0].seq_id, 2);
+  EXPECT_EQ(r->sampled[0].token, greedy_[0]);
+}
+
 TEST(StepExecutorTensorParallelTest, EveryRankForksIdentically) {
   REQUIRE_TINY_LLAMA();
   PlanBuilder b;

@@ -5,25 +5,14 @@
 #include <cstdint>
 #include <string>
 
-#include "fuzz/fuzz_util.h"
+#include "fuzz/model_dir.h"
 #include "kvstore/kv_spec.h"
 #include "model/model_config.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   using namespace lorc;
-  static const bool init = [] {
-    fuzz::CopyFixture("tiny-llama-a/config.json", "config.json");
-    return true;
-  }();
-  (void)init;
-  fuzz::WriteScratchFile("lorc.json", std::string_view(reinterpret_cast<const char*>(data), size));
-  absl::StatusOr<ModelConfig> config = LoadModelConfig(fuzz::ScratchDir());
-  if (!config.ok()) {
-    if (config.status().message().find("lorc.json") == std::string_view::npos) {
-      fuzz::Fail("error does not name lorc.json: " + config.status().ToString());
-    }
-    return 0;
-  }
+  absl::StatusOr<ModelConfig> config = fuzz::LoadModelDirWith("lorc.json", data, size);
+  if (!config.ok()) return 0;
   if (!config->lorc.has_value()) fuzz::Fail("lorc.json accepted but not reported");
   (void)config->NumParameters();
   absl::StatusOr<KvCacheSpec> kv = MakeKvCacheSpec(*config, KvSpecOptions{});

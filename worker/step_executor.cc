@@ -96,6 +96,17 @@ absl::Status StepExecutor::Prepare(const ScheduledSequence& s,
         "preempted sequence gets its tokens)"));
   }
   if (s.params.has_value()) RETURN_IF_ERROR(s.params->Validate(runner_->config().vocab_size));
+  // Every token on arrival, not only those computed this step: a chunked prefill computes the
+  // rest later, and prompt log-probabilities read the logit of the token after the chunk
+  // (fuzz/corpus/step_plan_fuzz/crash-unscheduled-token: read past the logit row).
+  const int64_t vocab = runner_->config().vocab_size;
+  for (size_t k = 0; k < s.new_token_ids.size(); ++k) {
+    if (const int32_t t = s.new_token_ids[k]; t < 0 || t >= vocab) {
+      return absl::InvalidArgumentError(absl::StrCat("sequence ", id, ": new_token_ids[", k,
+                                                     "]: token id ", t,
+                                                     " outside the vocabulary [0, ", vocab, ")"));
+    }
+  }
   const int64_t have = st == nullptr ? 0 : st->num_computed_tokens;
   // A (re)admitted request brings its tokens; its first num_computed_tokens may already be in
   // the blocks of its table (a prefix-cache hit, decided by the coordinator).

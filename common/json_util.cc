@@ -25,10 +25,12 @@ absl::StatusOr<std::string> ReadFileToString(const std::string& path) {
 absl::StatusOr<nlohmann::json> ParseJson(std::string_view text, std::string_view what) {
   nlohmann::json j = nlohmann::json::parse(text, /*cb=*/nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded()) {
-    // Re-parse with exceptions only to get the position of the error for the message.
+    // Re-parse with exceptions only to get the position of the error for the message. Any
+    // nlohmann exception, not only parse_error: a number too large for a double ("1e309") is an
+    // out_of_range (fuzz/corpus/config_json_fuzz/crash-number-overflow).
     try {
       (void)nlohmann::json::parse(text);
-    } catch (const nlohmann::json::parse_error& e) {
+    } catch (const nlohmann::json::exception& e) {
       return absl::InvalidArgumentError(absl::StrCat(std::string(what), ": invalid JSON: ", e.what()));
     }
     return absl::InvalidArgumentError(absl::StrCat(std::string(what), ": invalid JSON"));

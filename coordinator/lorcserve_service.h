@@ -1,7 +1,8 @@
 // The public gRPC service, lorcserve.v1.LorcServe: validates and tokenizes requests, hands
 // them to the engine thread, and streams each request's updates back to its client.
 //
-// The methods are registered over raw request bytes (grpc::ByteBuffer) and parsed here, so that
+// The methods are registered over raw request bytes (grpc::ByteBuffer) and parsed here
+// (request_conversion.h: ParseRequest, ConvertGenerateRequest, TokenizeRequestIds), so that
 // a request gRPC's own protobuf parsing would reject with an empty INTERNAL (a proto3 `string`
 // field holding invalid UTF-8, or bytes that are no message) gets INVALID_ARGUMENT naming the
 // field and the byte offset instead. The method names and message types are those of lorcserve.proto, so
@@ -24,6 +25,7 @@
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
 #include "coordinator/engine_loop.h"
+#include "coordinator/request_conversion.h"  // ParseRequest, ConvertGenerateRequest, limits
 #include "google/protobuf/message.h"
 #include "grpcpp/grpcpp.h"
 #include "lorcserve/v1/lorcserve.grpc.pb.h"  // gRPC's service and handler types, the stub
@@ -34,16 +36,6 @@
 #include "tokenizer/tokenizer.h"
 
 namespace lorc {
-
-// INVALID_ARGUMENT "<field> is not valid UTF-8 at byte offset <i> (byte 0x..)" for the first
-// `string` field of `msg` (nested and repeated ones included: "sampling.stop[1]") whose bytes
-// are not valid UTF-8; OK otherwise. For clients, before sending.
-absl::Status CheckUtf8Fields(const google::protobuf::Message& msg);
-
-// Parses wire-format `bytes` as `msg`. Errors (INVALID_ARGUMENT): a string field that is not
-// valid UTF-8 (as CheckUtf8Fields, found on the wire before parsing), or bytes that are not a
-// `msg` at all ("request is not a valid lorcserve.v1.GenerateRequest").
-absl::Status ParseRequest(std::string_view bytes, google::protobuf::Message* msg);
 
 class LorcServeService final : public grpc::Service {
  public:
@@ -80,12 +72,6 @@ class LorcServeService final : public grpc::Service {
   // Generate and Tokenize calls admitted and not yet returned.
   int64_t in_flight() const;
 
-  // Requests larger than this are INVALID_ARGUMENT (the transport limit is set higher).
-  static constexpr size_t kMaxRequestBytes = 4 << 20;
-  static constexpr int kMaxStopStrings = 64;
-  static constexpr size_t kMaxStopStringBytes = 512;
-  static constexpr size_t kMaxSessionIdBytes = 256;  // session_id and cache_salt
-
   // The handlers (registered in the constructor).
   grpc::Status Generate(grpc::ServerContext* ctx, const grpc::ByteBuffer* req,
                         grpc::ServerWriter<lorcserve::v1::GenerateResponse>* writer);
@@ -97,7 +83,6 @@ class LorcServeService final : public grpc::Service {
                             lorcserve::v1::CloseSessionResponse* resp);
 
  private:
-  absl::StatusOr<GenerationRequest> Convert(const lorcserve::v1::GenerateRequest& req) const;
   // Generate's work; fills `rec` (id, tokens, finish outcome, first-token time) as it goes.
   grpc::Status GenerateImpl(grpc::ServerContext* ctx, const grpc::ByteBuffer* req,
                             grpc::ServerWriter<lorcserve::v1::GenerateResponse>* writer,

@@ -29,6 +29,45 @@ using json = nlohmann::json;
 // Upper bound for every size field, so that products such as num_heads * head_dim or
 // vocab_size * hidden_size cannot overflow int64.
 constexpr int64_t kMaxDimension = int64_t{1} << 31;
+// Upper bound for the parameter count (about 1.1e15, a thousand times today's largest models):
+// fields each within kMaxDimension can still multiply past int64 (hidden_size *
+// intermediate_size * num_hidden_layers), and what is derived from them (the parameter count,
+// KV bytes per token over all layers) must fit.
+constexpr int64_t kMaxParameters = int64_t{1} << 50;
+
+// ModelConfig::NumParameters in 128-bit arithmetic: every factor is below 2^31 (config fields)
+// or a LoRC rank (<= head_dim), so no term overflows, and the sum of at most 2^31 layers of them
+// stays far below 2^127.
+__int128 ParameterCount(const ModelConfig& c) {
+  using I = __int128;
+  const I h = c.hidden_size, q = I{c.num_heads} * c.head_dim, kv = I{c.num_kv_heads} * c.head_dim;
+  const I mlp = 3 * h * c.intermediate_size;
+  const I norms = 2 * h;
+  const I embeddings = I{c.vocab_size} * h;
+  I layers = I{c.num_layers} * (h * q + 2 * h * kv + q * h + mlp + norms);
+  if (c.lorc && static_cast<int64_t>(c.lorc->layers.size()) == c.num_layers) {
+    // LoRC factors (compress/FORMAT.md): q, A_K, B_K, A_V and the r_v-wide o_proj per layer.
+    layers = 0;
+    for (const LorcLayerRanks& r : c.lorc->layers) {
+      layers += h * q + I{c.num_kv_heads} * r.k_rank * h + kv * r.k_rank +
+                I{c.num_kv_heads} * r.v_rank * h + h * c.num_heads * r.v_rank + mlp + norms;
+    }
+  }
+  return embeddings + layers + h /* final norm */ + (c.tie_word_embeddings ? 0 : embeddings);
+}
+
+// InvalidArgument when the parameter count exceeds kMaxParameters (`file`: "config" or the
+// lorc.json path), naming the size fields it comes from.
+absl::Status CheckParameterCount(const ModelConfig& c, absl::string_view file) {
+  const __int128 n = ParameterCount(c);
+  if (n <= kMaxParameters) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat(
+      file, ": the model would have ", static_cast<double>(n),
+      " parameters, more than the limit of 2^50 (from vocab_size ", c.vocab_size,
+      ", hidden_size ", c.hidden_size, ", intermediate_size ", c.intermediate_size,
+      ", num_hidden_layers ", c.num_layers, ", num_attention_heads ", c.num_heads,
+      ", num_key_value_heads ", c.num_kv_heads, ", head_dim ", c.head_dim, ")"));
+}
 
 // Field path for messages: "config field 'hidden_size'" or "config field 'rope_scaling.factor'".
 // The generic readers in common/json_fields.h prefix their messages with it.
@@ -338,27 +377,15 @@ absl::StatusOr<ModelConfig> ParseConfig(const json& j) {
   }
 
   ASSIGN_OR_RETURN(c.rope, ParseRope(j));
+  RETURN_IF_ERROR(CheckParameterCount(c, "config"));
   return c;
 }
 
 }  // namespace
 
 int64_t ModelConfig::NumParameters() const {
-  const int64_t h = hidden_size;
-  const int64_t attention = h * q_size() + 2 * h * kv_size() + q_size() * h;
-  const int64_t mlp = 3 * h * intermediate_size;
-  const int64_t norms = 2 * h;
-  const int64_t embeddings = vocab_size * h;
-  int64_t layers = num_layers * (attention + mlp + norms);
-  if (lorc && static_cast<int64_t>(lorc->layers.size()) == num_layers) {
-    // LoRC factors (compress/FORMAT.md): q, A_K, B_K, A_V and the r_v-wide o_proj per layer.
-    layers = 0;
-    for (const LorcLayerRanks& r : lorc->layers) {
-      layers += h * q_size() + num_kv_heads * r.k_rank * h + num_kv_heads * head_dim * r.k_rank +
-                num_kv_heads * r.v_rank * h + h * num_heads * r.v_rank + mlp + norms;
-    }
-  }
-  return embeddings + layers + h /* final norm */ + (tie_word_embeddings ? 0 : embeddings);
+  const __int128 n = ParameterCount(*this);
+  return n > INT64_MAX ? INT64_MAX : static_cast<int64_t>(n);
 }
 
 absl::StatusOr<ModelConfig> ModelConfigFromJson(const nlohmann::json& j) {
@@ -446,6 +473,7 @@ absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& model_dir) {
       return absl::Status(lorc.status().code(), absl::StrCat(lorc_path, ": ", msg));
     }
     config->lorc = *std::move(lorc);
+    RETURN_IF_ERROR(CheckParameterCount(*config, lorc_path));
   }
   const std::string gen_path = dir + "generation_config.json";
   if (!std::filesystem::exists(gen_path, ec)) return config;

@@ -70,13 +70,16 @@ struct ModelConfig {
   int64_t q_size() const { return num_heads * head_dim; }
   int64_t kv_size() const { return num_kv_heads * head_dim; }
   // Total parameter count of the dense model (embeddings, LM head unless tied, norms); with
-  // `lorc`, of its factor tensors (compress/FORMAT.md) in place of k/v/o_proj.
+  // `lorc`, of its factor tensors (compress/FORMAT.md) in place of k/v/o_proj. At most 2^50 for
+  // a config from ModelConfigFromJson / LoadModelConfig (larger ones are rejected there); a
+  // hand-made one with sizes within config.json's limits (2^31 each) saturates at INT64_MAX.
   int64_t NumParameters() const;
 };
 
 // Parses and validates a config.json document. Accepts RoPE settings either as top-level
 // `rope_theta` + `rope_scaling` (older checkpoints, Llama-3.1/3.3) or as `rope_parameters`
-// (newer transformers). Errors are InvalidArgument and name the offending field.
+// (newer transformers). Errors are InvalidArgument and name the offending field; a config whose
+// parameter count (NumParameters) would exceed 2^50 is rejected naming its size fields.
 absl::StatusOr<ModelConfig> ModelConfigFromJson(const nlohmann::json& j);
 
 // Parses a generation_config.json document; token ids are checked against `vocab_size`.

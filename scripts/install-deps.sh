@@ -12,6 +12,7 @@ PACKAGES=(
   prometheus-cpp-dev
   iproute2  # tests/multihost: ip netns, veth, bridge, tc
   openssl  # the TLS tests make their certificates with the openssl CLI
+  clang libclang-rt-14-dev  # scripts/fuzz.sh: libFuzzer with ASan + UBSan
 )
 # The tests' own tools: the deployment manifests' test (tests/deploy/) renders the kustomize
 # overlays with kubectl and validates them with jsonschema and the Kubernetes Python models.

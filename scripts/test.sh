@@ -14,3 +14,11 @@ if [ "${LORC_SANITIZERS:-0}" = 1 ]; then
   bash scripts/sanitize.sh asan
   bash scripts/sanitize.sh tsan
 fi
+
+# --- Fuzzing (fuzz/README.md): every libFuzzer harness for LORC_FUZZ_SECONDS seconds (default 0:
+# skipped, until its time on the CI machine is measured; 30 is the intended CI budget) over its
+# seed corpus, in its own clang ASan+UBSan build (build-fuzz/). A finding fails the run and
+# prints the reproducer's path.
+if [ "${LORC_FUZZ_SECONDS:-0}" != 0 ]; then
+  bash scripts/fuzz.sh --seconds "${LORC_FUZZ_SECONDS}"
+fi

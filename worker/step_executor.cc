@@ -96,6 +96,17 @@ absl::Status StepExecutor::Prepare(const ScheduledSequence& s,
         "preempted sequence gets its tokens)"));
   }
   if (s.params.has_value()) RETURN_IF_ERROR(s.params->Validate(runner_->config().vocab_size));
+  // Every token on arrival, not only those computed this step: a chunked prefill computes the
+  // rest later, and prompt log-probabilities read the logit of the token after the chunk
+  // (fuzz/corpus/step_plan_fuzz/crash-unscheduled-token: read past the logit row).
+  const int64_t vocab = runner_->config().vocab_size;
+  for (size_t k = 0; k < s.new_token_ids.size(); ++k) {
+    if (const int32_t t = s.new_token_ids[k]; t < 0 || t >= vocab) {
+      return absl::InvalidArgumentError(absl::StrCat("sequence ", id, ": new_token_ids[", k,
+                                                     "]: token id ", t,
+                                                     " outside the vocabulary [0, ", vocab, ")"));
+    }
+  }
   const int64_t have = st == nullptr ? 0 : st->num_computed_tokens;
   // A (re)admitted request brings its tokens; its first num_computed_tokens may already be in
   // the blocks of its table (a prefix-cache hit, decided by the coordinator).
@@ -106,8 +117,10 @@ absl::Status StepExecutor::Prepare(const ScheduledSequence& s,
         " tokens are computed, this worker has ", have));
   }
   const size_t known = (st == nullptr ? 0 : st->tokens.size()) + s.new_token_ids.size();
-  if (s.num_scheduled_tokens <= 0 ||
-      s.num_computed_tokens + s.num_scheduled_tokens > static_cast<int64_t>(known)) {
+  // num_computed_tokens >= 0 here; compared before adding, as a plan's value may be near
+  // INT64_MAX (the sum overflowed; fuzz/corpus/step_plan_fuzz/crash-computed-overflow).
+  if (s.num_scheduled_tokens <= 0 || s.num_computed_tokens > static_cast<int64_t>(known) ||
+      s.num_scheduled_tokens > static_cast<int64_t>(known) - s.num_computed_tokens) {
     return absl::InvalidArgumentError(absl::StrCat(
         "sequence ", id, ": ", s.num_scheduled_tokens, " tokens scheduled after ",
         s.num_computed_tokens, " computed, but ", known, " are known"));

@@ -21,6 +21,18 @@ std::string WriteTemp(const std::string& name, const std::string& text) {
   return path;
 }
 
+// Found by fuzz/config_json_fuzz (fuzz/corpus/config_json_fuzz/crash-number-overflow): a number
+// beyond a double made nlohmann throw out_of_range from the re-parse, which ended the process.
+TEST(JsonUtilTest, ANumberTooLargeForADoubleIsAnErrorNotAnException) {
+  for (const char* text : {"[1e309", "1e309", "{\"rope_theta\": -1e400}"}) {
+    SCOPED_TRACE(text);
+    EXPECT_THAT(ParseJson(text, "f.json"),
+                StatusIs(absl::StatusCode::kInvalidArgument,
+                         HasSubstr("f.json: invalid JSON: [json.exception.out_of_range.406] "
+                                   "number overflow parsing")));
+  }
+}
+
 TEST(JsonUtilTest, ReadJsonLinesSkipsBlankLinesAndNamesTheBadOne) {
   const std::string ok = WriteTemp("lorc_lines_ok.jsonl", "{\"a\": 1}\n\n  \n{\"a\": 2}\n");
   auto rows = ReadJsonLines(ok);

@@ -98,6 +98,25 @@ TEST(ModelConfigTest, LoadsTinyLlama) {
   EXPECT_EQ(c->NumParameters(), 27795968);
 }
 
+// Found by fuzz/config_json_fuzz (fuzz/corpus/config_json_fuzz/crash-parameter-overflow): sizes
+// each within the 2^31 field limit multiplied past int64 in NumParameters (signed overflow).
+TEST(ModelConfigTest, AParameterCountPast2To50IsRejectedNamingTheSizes) {
+  json j = TinyConfigJson();
+  j["vocab_size"] = int64_t{1} << 31;
+  j["hidden_size"] = int64_t{1} << 31;
+  j["intermediate_size"] = int64_t{1} << 31;
+  j["num_hidden_layers"] = int64_t{1} << 31;
+  EXPECT_THAT(ModelConfigFromJson(j),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       AllOf(HasSubstr("config: the model would have"),
+                             HasSubstr("parameters, more than the limit of 2^50"),
+                             HasSubstr("hidden_size 2147483648"))));
+  // Large real models stay well inside: Llama-3.1-70B has about 7.1e10.
+  auto big = ModelConfigFromJson(Llama31_70BJson());
+  ASSERT_OK(big);
+  EXPECT_EQ(big->NumParameters(), 70553706496);
+}
+
 TEST(ModelConfigTest, TopLevelRopeThetaGivesSameConfig) {
   json j = TinyConfigJson();
   j.erase("rope_parameters");

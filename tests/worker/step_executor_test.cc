@@ -23,6 +23,7 @@ namespace lorc {
 namespace {
 
 using ::lorc::testing::GoldenPrompts;
+using ::lorc::testing::StatusIs;
 using ::testing::HasSubstr;
 
 constexpr int32_t kBlockSize = 16;
@@ -325,6 +326,54 @@ TEST_F(StepExecutorTest, BadForksAndCopyOnWriteFieldsFailTheirRequestAlone) {
   ASSERT_EQ(r->failed.size(), 1u);
   EXPECT_THAT(r->failed[0].status.message(), HasSubstr("fork child 2 is already known"));
   EXPECT_EQ(r->failed[0].status.code(), absl::StatusCode::kFailedPrecondition);
+}
+
+// Found by fuzz/step_plan_fuzz (fuzz/corpus/step_plan_fuzz/crash-computed-overflow): on first
+// sight num_computed_tokens may be any prefix-cache hit >= 0, and INT64_MAX + num_scheduled_tokens
+// overflowed (signed) in the check meant to catch it.
+TEST_F(StepExecutorTest, AComputedCountNearInt64MaxFailsItsRequestAlone) {
+  PlanBuilder b;
+  StepPlan p = b.NewPlan();
+  ScheduledSequence bad = b.Prefill(1, prompt_, Params(0.0f));
+  bad.num_computed_tokens = INT64_MAX;
+  bad.num_scheduled_tokens = 1;
+  p.seqs.push_back(bad);
+  p.seqs.push_back(b.Prefill(2, prompt_, Params(0.0f)));
+  auto r = exec_->Execute(p);
+  ASSERT_OK(r);
+  ASSERT_EQ(r->failed.size(), 1u);
+  EXPECT_EQ(r->failed[0].seq_id, 1);
+  EXPECT_EQ(r->failed[0].status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(r->failed[0].status.message(),
+              HasSubstr("1 tokens scheduled after 9223372036854775807 computed, but 12 are known"));
+  ASSERT_EQ(r->sampled.size(), 1u);
+  EXPECT_EQ(r->sampled[0].seq_id, 2);
+  EXPECT_EQ(r->sampled[0].token, greedy_[0]);
+}
+
+// Found by fuzz/step_plan_fuzz (fuzz/corpus/step_plan_fuzz/crash-unscheduled-token): a token
+// sent but not computed in this step was not checked, and with prompt_logprobs the logit of the
+// token after the chunk was read at that id, past the end of the logit row.
+TEST_F(StepExecutorTest, ATokenOutsideTheVocabularyFailsOnArrivalEvenIfNotScheduled) {
+  PlanBuilder b;
+  StepPlan p = b.NewPlan();
+  SamplingParams params = Params(0.0f);
+  params.prompt_logprobs = 2;
+  ScheduledSequence bad = b.Prefill(1, prompt_, params);
+  bad.new_token_ids.push_back(5000);  // sent, not scheduled (num_scheduled_tokens stays 12)
+  p.seqs.push_back(bad);
+  p.seqs.push_back(b.Prefill(2, prompt_, Params(0.0f)));
+  auto r = exec_->Execute(p);
+  ASSERT_OK(r);
+  ASSERT_EQ(r->failed.size(), 1u);
+  EXPECT_EQ(r->failed[0].seq_id, 1);
+  EXPECT_THAT(r->failed[0].status,
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("sequence 1: new_token_ids[12]: token id 5000 outside the "
+                                 "vocabulary [0, 4096)")));
+  ASSERT_EQ(r->sampled.size(), 1u);
+  EXPECT_EQ(r->sampled[0].token, greedy_[0]);
+  EXPECT_TRUE(r->prompt_logprobs.empty());
 }
 
 TEST(StepExecutorTensorParallelTest, EveryRankForksIdentically) {

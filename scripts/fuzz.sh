@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Builds the libFuzzer harnesses (fuzz/README.md) into $FUZZ_BUILD_DIR (default build-fuzz/) with
+# clang, AddressSanitizer, UndefinedBehaviorSanitizer and libFuzzer's coverage (CUDA, tests off),
+# then runs each for a bounded time over its seed corpus (fuzz/corpus/<harness>/, read-only; new
+# inputs go to $FUZZ_BUILD_DIR/corpus/<harness>/). Any crash, leak, timeout, out-of-memory or
+# broken invariant fails the run; the reproducer's path and the command that replays it are
+# printed. A summary line per harness gives executions, execs/s, cov and ft.
+#   scripts/fuzz.sh [--seconds N] [--build-only] [harness...]   (default: 60 s each, all)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+seconds=60
+build_only=0
+harnesses=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --seconds) seconds=$2; shift 2 ;;
+    --seconds=*) seconds=${1#*=}; shift ;;
+    --build-only) build_only=1; shift ;;
+    -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
+    -*) echo "fuzz.sh: unknown option $1" >&2; exit 2 ;;
+    *) harnesses+=("$1"); shift ;;
+  esac
+done
+BUILD=${FUZZ_BUILD_DIR:-build-fuzz}
+JOBS=${JOBS:-$(nproc)}
+all=$(sed -n 's/^lorc_fuzzer(\([a-z_]*\) .*/\1/p' fuzz/CMakeLists.txt)
+[ ${#harnesses[@]} -gt 0 ] || read -r -a harnesses <<<"$(echo $all)"
+
+command -v clang++ >/dev/null || { echo "fuzz.sh: clang++ not found (apt-get install clang)" >&2; exit 1; }
+launcher=()
+if command -v ccache >/dev/null; then launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache); fi
+flags="-fsanitize=fuzzer-no-link,address,undefined -fno-sanitize-recover=undefined"
+flags+=" -fno-omit-frame-pointer -g -O1"
+cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Fuzz \
+  -DCMAKE_CXX_COMPILER=clang++ "-DCMAKE_CXX_FLAGS=$flags" -DLORC_CUDA=OFF -DLORC_BUILD_TESTS=OFF \
+  -DLORC_FUZZ=ON "${launcher[@]}" >/dev/null
+cmake --build "$BUILD" -j "$JOBS" --target "${harnesses[@]}"
+[ "$build_only" = 1 ] && exit 0
+
+export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=1:symbolize=1}
+export UBSAN_OPTIONS=${UBSAN_OPTIONS:-halt_on_error=1:print_stacktrace=1}
+failed=()
+for h in "${harnesses[@]}"; do
+  seeds=fuzz/corpus/$h
+  work=$BUILD/corpus/$h
+  artifacts=$BUILD/artifacts/$h
+  log=$BUILD/logs/$h.log
+  mkdir -p "$work" "$artifacts" "$(dirname "$log")"
+  dict=()
+  case "$h" in
+    *json_fuzz|safetensors_fuzz) dict=(-dict=fuzz/dict/json.dict) ;;
+    tokenizer_encode_decode_fuzz|tokenize_request_fuzz|generate_request_fuzz) dict=(-dict=fuzz/dict/tokens.dict) ;;
+  esac
+  echo "== $h: ${seconds}s over $(ls "$seeds" | wc -l) seeds"
+  rc=0
+  "$BUILD/bin/$h" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -max_len=65536 \
+    -print_final_stats=1 -artifact_prefix="$artifacts/" "${dict[@]}" "$work" "$seeds" \
+    >"$log" 2>&1 || rc=$?
+  execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
+  speed=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log" | tail -1)
+  last=$(grep -E '^#[0-9]+' "$log" | tail -1 || true)
+  cov=$(sed -n 's/.* cov: \([0-9]*\).*/\1/p' <<<"$last")
+  ft=$(sed -n 's/.* ft: \([0-9]*\).*/\1/p' <<<"$last")
+  echo "$h: rc=$rc execs=${execs:-?} execs/s=${speed:-?} cov=${cov:-?} ft=${ft:-?} corpus=$(ls "$work" | wc -l)"
+  if [ "$rc" != 0 ]; then
+    tail -60 "$log"
+    repro=$(sed -n 's/.*Test unit written to \(.*\)$/\1/p' "$log" | tail -1)
+    echo "fuzz.sh: $h FAILED (rc $rc); log $log; reproducer: ${repro:-none written}"
+    [ -n "$repro" ] && echo "  replay: $BUILD/bin/$h $repro"
+    failed+=("$h")
+  fi
+done
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "fuzz.sh: failed: ${failed[*]}" >&2
+  exit 1
+fi
+echo "fuzz.sh: ${#harnesses[@]} harnesses ran ${seconds}s each without a finding"

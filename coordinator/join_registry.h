@@ -6,7 +6,7 @@
 // The group has `tensor_parallel_size` ranks; the first `num_local` are the coordinator's own
 // `--local-workers` and never join; ranks [num_local, tensor_parallel_size) do. A LeaderWorkerSet
 // slot (worker index i >= 1, local device d of N per pod) is rank num_local + (i - 1) * N + d,
-// which is OPS_SPEC's i * N + d when the leader runs N local workers.
+// which is i * N + d (worker index times devices per pod, plus the device) when the leader runs N local workers.
 //
 // Rules (every refusal names the field and both values):
 // - a rank outside [0, size), a coordinator-local rank, an LWS group size that makes a

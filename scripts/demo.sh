@@ -7,6 +7,7 @@
 # GPU, TP of them: the GPU quick start of the README).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib/coordinator.sh
 bash scripts/install-deps.sh
 bash scripts/build.sh lorcserve fixture_model
 MODEL_DIR=${MODEL_DIR:-models/tiny-llama-a}
@@ -21,12 +22,7 @@ log=$(mktemp -d)
   --backend "$BACKEND" >"$log/out" 2>"$log/err" &
 coord=$!
 trap 'kill $coord 2>/dev/null; wait $coord 2>/dev/null; rm -rf "$log"' EXIT
-for _ in $(seq 1 240); do
-  grep -q LISTENING "$log/out" 2>/dev/null && break
-  kill -0 $coord 2>/dev/null || { cat "$log/err"; exit 1; }
-  sleep 0.5
-done
-addr=$(awk '/^LISTENING /{print $2; exit}' "$log/out")
+addr=$(lorc_wait_listening "$log/out" "$coord") || { cat "$log/err"; exit 1; }
 echo "== coordinator with $TP $BACKEND workers (tensor parallel) serving $MODEL_DIR on $addr"
 "$BIN" client --server "$addr" --health
 echo

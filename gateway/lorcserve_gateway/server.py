@@ -145,8 +145,8 @@ class Gateway:
             template = self.template_override
             vocab = None
             if os.path.isdir(model_dir):
-                if template is None:
-                    template = chat_template_mod.load(model_dir)
+                # The model's template, or the override with the model's special tokens.
+                template = chat_template_mod.load(model_dir, self.options.chat_template)
                 tok = os.path.join(model_dir, "tokenizer.json")
                 if os.path.exists(tok):
                     vocab = Vocab.from_tokenizer_json(tok)

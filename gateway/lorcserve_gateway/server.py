@@ -109,11 +109,12 @@ class Gateway:
             await self.channel.close()
 
     # -- auth ------------------------------------------------------------------------------
-    def metadata(self, request):
-        """Checks the bearer token when --auth-token-file is set (401 otherwise) and returns
+    def metadata(self, request, check=True):
+        """Checks the bearer token when --auth-token-file is set (401 otherwise; not with
+        check=False: /health, like the coordinator's default --auth-exempt health) and returns
         the gRPC metadata that forwards the caller's token to the coordinator."""
         header = request.headers.get("authorization")
-        if self.digests is not None:
+        if self.digests is not None and check:
             if not header or not header.startswith("Bearer "):
                 raise OpenAIError(401, "missing 'Authorization: Bearer <token>' header",
                                   type_="authentication_error", code="invalid_api_key")
@@ -324,7 +325,8 @@ def create_app(gateway):
     @app.get("/health")
     async def health(request: Request):
         try:
-            data = await gateway.health(b"", metadata=gateway.metadata(request), timeout=5)
+            data = await gateway.health(b"", metadata=gateway.metadata(request, check=False),
+                                        timeout=5)
         except grpc.aio.AioRpcError as e:
             return from_grpc(e).response()
         if _parse_health(data) != 1:

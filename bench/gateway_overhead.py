@@ -11,7 +11,9 @@ hits), greedy, `ignore_eos`, exactly --max-tokens tokens. The clients are thread
 process (http.client / grpc sync stubs): on a small machine they share the cores with the
 servers, which the numbers include. Prints one JSON line per mode and round, then the medians.
 TTFT: request sent -> first chunk with text (HTTP) or tokens (gRPC). tokens/s: all completion
-tokens / wall time of the round (first send -> last stream end).
+tokens / wall time of the round (first send -> last stream end). Gateway CPU ms/token: the
+gateway process's CPU time (/proc utime + stime) over the round / tokens streamed (about 0 in
+the gRPC rounds): its cost independent of how loaded the machine is.
 """
 
 import argparse
@@ -30,7 +32,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def start(argv, out_path, prefix, timeout=180):
     out = open(out_path, "w")
-    proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.DEVNULL, start_new_session=True)
+    err = open(out_path + ".err", "w")
+    proc = subprocess.Popen(argv, stdout=out, stderr=err, start_new_session=True)
+    err.close()
     out.close()
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -90,8 +94,16 @@ def grpc_stream(stub, pb2, text, max_tokens, result):
     result.update(ttft=ttft, tokens=tokens, end=time.perf_counter())
 
 
-def run_round(mode, fn, streams, r):
+def cpu_seconds(pid):
+    """utime + stime of a process (/proc/PID/stat), in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_round(mode, fn, streams, r, gateway_pid):
     results = [{} for _ in range(streams)]
+    cpu0 = cpu_seconds(gateway_pid)
     threads = [threading.Thread(target=fn, args=(prompt(i, r), results[i]))
                for i in range(streams)]
     t0 = time.perf_counter()
@@ -100,13 +112,15 @@ def run_round(mode, fn, streams, r):
     for t in threads:
         t.join()
     wall = max(x["end"] for x in results) - t0
+    gateway_cpu = cpu_seconds(gateway_pid) - cpu0
     ttfts = sorted(x["ttft"] * 1e3 for x in results)
     tokens = sum(x["tokens"] for x in results)
     return {"mode": mode, "round": r, "streams": streams, "tokens": tokens,
             "wall_s": round(wall, 3), "tokens_per_s": round(tokens / wall, 1),
             "ttft_ms_median": round(statistics.median(ttfts), 1),
             "ttft_ms_p90": round(ttfts[int(0.9 * (len(ttfts) - 1))], 1),
-            "ttft_ms_max": round(ttfts[-1], 1)}
+            "ttft_ms_max": round(ttfts[-1], 1),
+            "gateway_cpu_ms_per_token": round(gateway_cpu * 1e3 / max(tokens, 1), 3)}
 
 
 def main():
@@ -120,6 +134,7 @@ def main():
     p.add_argument("--rounds", type=int, default=3)
     a = p.parse_args()
     tmp = tempfile.mkdtemp(prefix="lorc-gateway-bench-")
+    print(f"logs: {tmp}", file=sys.stderr)
     procs = []
     try:
         coord, caddr = start([a.lorcserve, "coordinator", "--model", a.model, "--listen",
@@ -149,24 +164,26 @@ def main():
             "gateway": lambda text, res: http_stream(gaddr, model, text, a.max_tokens, res),
             "grpc": lambda text, res: grpc_stream(stub, pb2, text, a.max_tokens, res),
         }
-        run_round("warmup", modes["grpc"], a.streams, -1)
+        run_round("warmup", modes["gateway"], a.streams, -1, gw.pid)
         rows = []
         for r in range(a.rounds):
             order = ["gateway", "grpc"] if r % 2 == 0 else ["grpc", "gateway"]
             for mode in order:
-                row = run_round(mode, modes[mode], a.streams, r)
+                row = run_round(mode, modes[mode], a.streams, r, gw.pid)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
         print(f"\nmedians over {a.rounds} rounds, {a.streams} concurrent streams x "
               f"{a.max_tokens} tokens ({a.backend}, {os.cpu_count()} cores):")
-        print("| path | tokens/s | TTFT median ms | TTFT p90 ms | TTFT max ms |")
-        print("|---|---|---|---|---|")
+        print("| path | tokens/s | TTFT median ms | TTFT p90 ms | TTFT max ms | gateway CPU ms/token |")
+        print("|---|---|---|---|---|---|")
         for mode in ("grpc", "gateway"):
             mine = [x for x in rows if x["mode"] == mode]
             med = {k: statistics.median(x[k] for x in mine)
-                   for k in ("tokens_per_s", "ttft_ms_median", "ttft_ms_p90", "ttft_ms_max")}
+                   for k in ("tokens_per_s", "ttft_ms_median", "ttft_ms_p90", "ttft_ms_max",
+                             "gateway_cpu_ms_per_token")}
             print(f"| {mode} | {med['tokens_per_s']:.1f} | {med['ttft_ms_median']:.1f} | "
-                  f"{med['ttft_ms_p90']:.1f} | {med['ttft_ms_max']:.1f} |")
+                  f"{med['ttft_ms_p90']:.1f} | {med['ttft_ms_max']:.1f} | "
+                  f"{med['gateway_cpu_ms_per_token']:.3f} |")
     finally:
         for proc in procs:
             proc.terminate()

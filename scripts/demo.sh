@@ -23,12 +23,16 @@ log=$(mktemp -d)
 coord=$!
 gw=""
 trap 'kill $coord $gw 2>/dev/null; wait $coord $gw 2>/dev/null; rm -rf "$log"' EXIT
-for _ in $(seq 1 240); do
-  grep -q LISTENING "$log/out" 2>/dev/null && break
-  kill -0 $coord 2>/dev/null || { cat "$log/err"; exit 1; }
-  sleep 0.5
-done
-addr=$(awk '/^LISTENING /{print $2; exit}' "$log/out")
+# wait_for WORD OUT ERR PID: prints the address after WORD once PID printed it to OUT (2 min).
+wait_for() {
+  for _ in $(seq 1 240); do
+    grep -q "^$1 " "$2" 2>/dev/null && break
+    kill -0 "$4" 2>/dev/null || { cat "$3" >&2; exit 1; }
+    sleep 0.5
+  done
+  awk -v w="$1" '$1 == w {print $2; exit}' "$2"
+}
+addr=$(wait_for LISTENING "$log/out" "$log/err" $coord)
 echo "== coordinator with $TP $BACKEND workers (tensor parallel) serving $MODEL_DIR on $addr"
 "$BIN" client --server "$addr" --health
 echo
@@ -48,12 +52,7 @@ echo
 bash scripts/gateway.sh --coordinator "$addr" --port "${GATEWAY_PORT:-8000}" \
   --chat-template tests/gateway/llama3_chat_template.jinja >"$log/gw" 2>"$log/gw.err" &
 gw=$!
-for _ in $(seq 1 100); do
-  grep -q GATEWAY_LISTENING "$log/gw" 2>/dev/null && break
-  kill -0 $gw 2>/dev/null || { cat "$log/gw.err"; exit 1; }
-  sleep 0.2
-done
-http=$(awk '/^GATEWAY_LISTENING /{print $2; exit}' "$log/gw")
+http=$(wait_for GATEWAY_LISTENING "$log/gw" "$log/gw.err" $gw)
 name=$(basename "$MODEL_DIR")  # the served model name (--served-model-name changes it)
 echo "== OpenAI-compatible gateway on http://$http: POST /v1/chat/completions"
 curl -sS "http://$http/v1/chat/completions" -H 'Content-Type: application/json' -d '{

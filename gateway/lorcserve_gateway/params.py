@@ -29,7 +29,7 @@ CHAT_FIELDS = COMMON_FIELDS | {
 }
 
 
-def _is_int(v):
+def is_int(v):
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -38,48 +38,40 @@ def _is_number(v):
 
 
 def get_int(body, name, lo=None, hi=None):
-    v = body.get(name)
+    v = _get(body, name, is_int, "an integer")
     if v is None:
         return None
-    if not _is_int(v):
-        raise bad_request(name, f"must be an integer, got {v!r}")
     if (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise bad_request(name, f"must be in [{lo}, {hi}], got {v}")
+        bounds = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise bad_request(name, f"must be {bounds}, got {v}")
+    return v
+
+
+def _get(body, name, ok, what):
+    v = body.get(name)
+    if v is not None and not ok(v):
+        raise bad_request(name, f"must be {what}, got {v!r}")
     return v
 
 
 def get_number(body, name):
-    v = body.get(name)
-    if v is None:
-        return None
-    if not _is_number(v):
-        raise bad_request(name, f"must be a number, got {v!r}")
-    return float(v)
+    v = _get(body, name, _is_number, "a number")
+    return None if v is None else float(v)
 
 
 def get_bool(body, name):
-    v = body.get(name)
-    if v is None:
-        return None
-    if not isinstance(v, bool):
-        raise bad_request(name, f"must be true or false, got {v!r}")
-    return v
+    return _get(body, name, lambda v: isinstance(v, bool), "true or false")
 
 
 def get_str(body, name):
-    v = body.get(name)
-    if v is None:
-        return None
-    if not isinstance(v, str):
-        raise bad_request(name, f"must be a string, got {v!r}")
-    return v
+    return _get(body, name, lambda v: isinstance(v, str), "a string")
 
 
 def get_int_list(body, name):
     v = body.get(name)
     if v is None:
         return None
-    if not isinstance(v, list) or not all(_is_int(x) for x in v):
+    if not isinstance(v, list) or not all(is_int(x) for x in v):
         raise bad_request(name, "must be a list of integers")
     return v
 

@@ -13,6 +13,7 @@ import hmac
 import json
 import os
 import time
+import traceback
 import uuid
 
 import grpc
@@ -317,6 +318,13 @@ def create_app(gateway):
     async def _openai_error(_request, exc):
         return exc.response()
 
+    @app.exception_handler(Exception)
+    async def _internal_error(_request, exc):
+        # A bug of the gateway: still OpenAI's shape (the traceback goes to stderr).
+        traceback.print_exception(exc)
+        return OpenAIError(500, f"internal gateway error: {type(exc).__name__}: {exc}",
+                           type_="internal_error").response()
+
     @app.exception_handler(chat_template_mod.ChatTemplateError)
     async def _template_error(_request, exc):
         return OpenAIError(400, f"messages: the chat template failed: {exc}",
@@ -342,12 +350,16 @@ def create_app(gateway):
             "owned_by": "lorcserve", "root": state.info.model,
             "max_model_len": state.info.max_model_len}]}
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
+    async def _begin(request, fields):
+        """Token check, body, field check, model: (metadata, body, model state)."""
         metadata = gateway.metadata(request)
         body = await _read_json(request)
-        params.check_fields(body, params.COMPLETION_FIELDS)
-        state = await gateway.check_model(body, metadata)
+        params.check_fields(body, fields)
+        return metadata, body, await gateway.check_model(body, metadata)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        metadata, body, state = await _begin(request, params.COMPLETION_FIELDS)
         req = gateway.pb2.GenerateRequest(request_id=f"cmpl-{uuid.uuid4().hex}")
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and not isinstance(prompt[0], int):
@@ -356,7 +368,7 @@ def create_app(gateway):
             if not prompt:
                 raise bad_request("prompt", "empty prompt")
             req.text = prompt
-        elif isinstance(prompt, list) and prompt and all(params._is_int(x) for x in prompt):
+        elif isinstance(prompt, list) and prompt and all(params.is_int(x) for x in prompt):
             req.token_ids.ids.extend(prompt)
         elif isinstance(prompt, list) and len(prompt) > 1:
             raise bad_request("prompt", "a batch of several prompts is not supported: send one "
@@ -374,10 +386,7 @@ def create_app(gateway):
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        metadata = gateway.metadata(request)
-        body = await _read_json(request)
-        params.check_fields(body, params.CHAT_FIELDS)
-        state = await gateway.check_model(body, metadata)
+        metadata, body, state = await _begin(request, params.CHAT_FIELDS)
         if state.template is None:
             raise OpenAIError(400, "the model has no chat_template in its tokenizer_config.json:"
                                    " start the gateway with --chat-template FILE",

@@ -13,7 +13,9 @@ servers, which the numbers include. Prints one JSON line per mode and round, the
 TTFT: request sent -> first chunk with text (HTTP) or tokens (gRPC). tokens/s: all completion
 tokens / wall time of the round (first send -> last stream end). Gateway CPU ms/token: the
 gateway process's CPU time (/proc utime + stime) over the round / tokens streamed (about 0 in
-the gRPC rounds): its cost independent of how loaded the machine is.
+the gRPC rounds): its cost independent of how loaded the machine is; client CPU ms/token the
+same for this process (the 32 client threads: SSE + JSON parsing, or gRPC stream reading), which
+shares the cores with the servers.
 """
 
 import argparse
@@ -104,6 +106,7 @@ def cpu_seconds(pid):
 def run_round(mode, fn, streams, r, gateway_pid):
     results = [{} for _ in range(streams)]
     cpu0 = cpu_seconds(gateway_pid)
+    client0 = sum(os.times()[:2])
     threads = [threading.Thread(target=fn, args=(prompt(i, r), results[i]))
                for i in range(streams)]
     t0 = time.perf_counter()
@@ -113,6 +116,7 @@ def run_round(mode, fn, streams, r, gateway_pid):
         t.join()
     wall = max(x["end"] for x in results) - t0
     gateway_cpu = cpu_seconds(gateway_pid) - cpu0
+    client_cpu = sum(os.times()[:2]) - client0
     ttfts = sorted(x["ttft"] * 1e3 for x in results)
     tokens = sum(x["tokens"] for x in results)
     return {"mode": mode, "round": r, "streams": streams, "tokens": tokens,
@@ -120,7 +124,8 @@ def run_round(mode, fn, streams, r, gateway_pid):
             "ttft_ms_median": round(statistics.median(ttfts), 1),
             "ttft_ms_p90": round(ttfts[int(0.9 * (len(ttfts) - 1))], 1),
             "ttft_ms_max": round(ttfts[-1], 1),
-            "gateway_cpu_ms_per_token": round(gateway_cpu * 1e3 / max(tokens, 1), 3)}
+            "gateway_cpu_ms_per_token": round(gateway_cpu * 1e3 / max(tokens, 1), 3),
+            "client_cpu_ms_per_token": round(client_cpu * 1e3 / max(tokens, 1), 3)}
 
 
 def main():
@@ -174,16 +179,18 @@ def main():
                 rows.append(row)
         print(f"\nmedians over {a.rounds} rounds, {a.streams} concurrent streams x "
               f"{a.max_tokens} tokens ({a.backend}, {os.cpu_count()} cores):")
-        print("| path | tokens/s | TTFT median ms | TTFT p90 ms | TTFT max ms | gateway CPU ms/token |")
-        print("|---|---|---|---|---|---|")
+        print("| path | tokens/s | TTFT median ms | TTFT p90 ms | TTFT max ms | gateway CPU ms/token "
+              "| client CPU ms/token |")
+        print("|---|---|---|---|---|---|---|")
         for mode in ("grpc", "gateway"):
             mine = [x for x in rows if x["mode"] == mode]
             med = {k: statistics.median(x[k] for x in mine)
                    for k in ("tokens_per_s", "ttft_ms_median", "ttft_ms_p90", "ttft_ms_max",
-                             "gateway_cpu_ms_per_token")}
+                             "gateway_cpu_ms_per_token", "client_cpu_ms_per_token")}
             print(f"| {mode} | {med['tokens_per_s']:.1f} | {med['ttft_ms_median']:.1f} | "
                   f"{med['ttft_ms_p90']:.1f} | {med['ttft_ms_max']:.1f} | "
-                  f"{med['gateway_cpu_ms_per_token']:.3f} |")
+                  f"{med['gateway_cpu_ms_per_token']:.3f} | "
+                  f"{med['client_cpu_ms_per_token']:.3f} |")
     finally:
         for proc in procs:
             proc.terminate()

@@ -147,6 +147,7 @@ class GatewayE2E(unittest.TestCase):
     # -- the official SDK ------------------------------------------------------------------
     def test_node_sdk(self):
         env = dict(os.environ, GATEWAY_URL=self.a, AUTH_URL=self.b, AUTH_TOKEN=TOKEN,
+                   DEAD_URL=self.c,
                    MODEL=MODEL_NAME, GREEDY_PROMPT=GREEDY_PROMPT,
                    GREEDY_TEXT=self.greedy_reference(),
                    NODE_PATH=os.path.join(ARGS.node_modules))
@@ -155,7 +156,7 @@ class GatewayE2E(unittest.TestCase):
                              timeout=300)
         print(out.stdout, out.stderr, file=sys.stderr)
         self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
-        self.assertIn("12/12 passed", out.stdout)
+        self.assertIn("14/14 passed", out.stdout)
 
     # -- curl ------------------------------------------------------------------------------
     def test_curl_completion_equals_lorcserve_generate(self):
@@ -314,6 +315,21 @@ class GatewayE2E(unittest.TestCase):
         # The first turn's prompt (full blocks of it) is not computed again.
         self.assertGreaterEqual(usage["prompt_tokens_details"]["cached_tokens"],
                                 first["usage"]["prompt_tokens"] // 16 * 16 - 16)
+
+    def test_chat_bos_once(self):
+        # The template emits <|begin_of_text|>; the coordinator's PromptToIds must not add one.
+        from lorcserve_gateway import chat_template
+        template = chat_template.load(ARGS.model, os.path.join(HERE, "llama3_chat_template.jinja"))
+        messages = [{"role": "user", "content": "Hello"}]
+        text = template.render(messages)
+        self.assertTrue(text.startswith("<|begin_of_text|>"))
+        ids = list(self.stub_a.Tokenize(self.pb2.TokenizeRequest(text=text)).ids)
+        self.assertEqual(ids[0], 0)  # the fixture's BOS id: the spelled-out token is one id
+        self.assertEqual(ids.count(0), 1)
+        code, body = curl(f"{self.a}/v1/chat/completions", {
+            "model": MODEL_NAME, "messages": messages, "max_tokens": 1})
+        self.assertEqual(code, 200, body)
+        self.assertEqual(json.loads(body)["usage"]["prompt_tokens"], len(ids))
 
     def test_zz_503_draining(self):
         # Last (alphabetical order): ends coordinator B.

@@ -1,6 +1,7 @@
 // The official OpenAI Node SDK (npm `openai`) against lorcserve's gateway. Started by
 // gateway_e2e_test.py, which passes:
-//   GATEWAY_URL (gateway A: no auth), AUTH_URL (gateway B: --auth-token-file), AUTH_TOKEN,
+//   GATEWAY_URL (gateway A: no auth), AUTH_URL (gateway B: --auth-token-file, in front of a
+//   coordinator with a queue of 1), AUTH_TOKEN, DEAD_URL (gateway C: no coordinator),
 //   MODEL (served name), GREEDY_PROMPT / GREEDY_TEXT (`lorcserve generate` greedy, 24 tokens).
 // Exits non-zero on the first failed assertion.
 import assert from "node:assert/strict";
@@ -180,6 +181,27 @@ check("401 without or with a wrong token when auth is on; OK with it", async () 
   const ok = new OpenAI({ baseURL: `${env.AUTH_URL}/v1`, apiKey: env.AUTH_TOKEN, maxRetries: 0 });
   const r = await ok.completions.create({ model, prompt: "x", max_tokens: 2 });
   assert.equal(r.usage.completion_tokens, 2);
+});
+
+check("429 when the coordinator's queue is full (RateLimitError)", async () => {
+  const c = new OpenAI({ baseURL: `${env.AUTH_URL}/v1`, apiKey: env.AUTH_TOKEN, maxRetries: 0 });
+  const results = await Promise.allSettled(Array.from({ length: 6 }, () =>
+    c.completions.create({ model, prompt: "x", max_tokens: 64, ignore_eos: true })));
+  const ok = results.filter((r) => r.status === "fulfilled");
+  const limited = results.filter((r) => r.status === "rejected");
+  assert.ok(ok.length >= 1, "none served");
+  assert.ok(limited.length >= 1, "none rejected");
+  for (const r of limited) {
+    assert.ok(r.reason instanceof OpenAI.RateLimitError, String(r.reason));
+    assert.equal(r.reason.status, 429);
+  }
+});
+
+check("503 when the coordinator is unreachable", async () => {
+  const c = new OpenAI({ baseURL: `${env.DEAD_URL}/v1`, apiKey: "x", maxRetries: 0 });
+  await assert.rejects(c.completions.create({ model, prompt: "x" }),
+    (e) => e instanceof OpenAI.InternalServerError && e.status === 503);
+  await assert.rejects(c.models.list(), (e) => e.status === 503);
 });
 
 let failed = 0;

@@ -201,22 +201,23 @@ def _stop_reason(msg):
 
 
 class _Usage:
+    """Usage over a request's prompts (each counted once, whatever its n) and completions."""
+
     def __init__(self):
-        self.prompt_tokens = None
-        self.cached_tokens = 0
+        self.prompts = {}  # prompt index -> (prompt_tokens, cached_prompt_tokens)
         self.completion_tokens = 0
 
-    def add(self, msg):
-        if self.prompt_tokens is None:
-            self.prompt_tokens = msg.usage.prompt_tokens
-            self.cached_tokens = msg.usage.cached_prompt_tokens
+    def add(self, prompt_index, msg):
+        self.prompts.setdefault(prompt_index, (msg.usage.prompt_tokens,
+                                               msg.usage.cached_prompt_tokens))
         self.completion_tokens += msg.usage.completion_tokens
 
     def body(self):
-        p = self.prompt_tokens or 0
+        p = sum(t for t, _ in self.prompts.values())
         return {"prompt_tokens": p, "completion_tokens": self.completion_tokens,
                 "total_tokens": p + self.completion_tokens,
-                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
+                "prompt_tokens_details": {
+                    "cached_tokens": sum(c for _, c in self.prompts.values())}}
 
 
 # -- logprobs in OpenAI's two shapes -------------------------------------------------------------
@@ -361,28 +362,26 @@ def create_app(gateway):
     async def completions(request: Request):
         metadata, body, state = await _begin(request, params.COMPLETION_FIELDS)
         req = gateway.pb2.GenerateRequest(request_id=f"cmpl-{uuid.uuid4().hex}")
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and not isinstance(prompt[0], int):
-            prompt = prompt[0]  # a batch of one
-        if isinstance(prompt, str):
-            if not prompt:
-                raise bad_request("prompt", "empty prompt")
-            req.text = prompt
-        elif isinstance(prompt, list) and prompt and all(params.is_int(x) for x in prompt):
-            req.token_ids.ids.extend(prompt)
-        elif isinstance(prompt, list) and len(prompt) > 1:
-            raise bad_request("prompt", "a batch of several prompts is not supported: send one "
-                                        "request per prompt")
-        else:
-            raise bad_request("prompt", "required: a string or a list of token ids")
+        prompts = _prompts(body.get("prompt"))
         top_n = params.get_int(body, "logprobs", 0, 20)
         if top_n is not None:
             req.sampling.logprobs = top_n
         params.fill_sampling(req.sampling, body, state.info.generation_defaults,
                              params.get_int(body, "max_tokens"))
         params.fill_request(req, body)
+        reqs = []
+        for i, prompt in enumerate(prompts):  # one Generate per prompt of a batch
+            r = gateway.pb2.GenerateRequest()
+            r.CopyFrom(req)
+            if len(prompts) > 1:
+                r.request_id = f"{req.request_id}-{i}"
+            if isinstance(prompt, str):
+                r.text = prompt
+            else:
+                r.token_ids.ids.extend(prompt)
+            reqs.append(r)
         ep = _Endpoint(False, req.request_id, state.name, state.vocab, top_n)
-        return await _run(request, body, req, ep, metadata)
+        return await _run(request, body, reqs, ep, metadata)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -427,35 +426,66 @@ def create_app(gateway):
         params.fill_sampling(req.sampling, body, state.info.generation_defaults, max_tokens)
         params.fill_request(req, body)
         ep = _Endpoint(True, req.request_id, state.name, state.vocab, top_n)
-        return await _run(request, body, req, ep, metadata)
+        return await _run(request, body, [req], ep, metadata)
 
-    async def _run(request, body, req, ep, metadata):
+    async def _run(request, body, reqs, ep, metadata):
+        """One Generate call per request (the prompts of a batch), answered together."""
         stream, include_usage = params.stream_flags(body)
-        call = gateway.stub.Generate(req, metadata=metadata)
+        calls = [gateway.stub.Generate(r, metadata=metadata) for r in reqs]
         try:
-            first = await _next(call)  # errors before any output answer with their status
+            # Errors before any output answer with their status.
+            firsts = await asyncio.gather(*(_next(c) for c in calls))
         except grpc.aio.AioRpcError as e:
+            _cancel(calls)
             raise from_grpc(e) from None
         except BaseException:
-            call.cancel()
+            _cancel(calls)
             raise
-        n = req.sampling.n if req.sampling.HasField("n") else 1
+        n = reqs[0].sampling.n if reqs[0].sampling.HasField("n") else 1
         if stream:
-            return StreamingResponse(_stream(call, first, ep, n, include_usage),
+            return StreamingResponse(_stream(calls, firsts, ep, n, include_usage),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        collect = asyncio.ensure_future(_collect(call, first, ep, n))
+        collect = asyncio.ensure_future(_collect(calls, firsts, ep, n))
         watch = asyncio.ensure_future(_watch_disconnect(request))
         try:
             await asyncio.wait({collect, watch}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             watch.cancel()
-            if not collect.done():  # the client went away: end its gRPC call
-                call.cancel()
+            if not collect.done():  # the client went away: end its gRPC calls
+                _cancel(calls)
                 collect.cancel()
-        return JSONResponse(collect.result())
+        try:
+            return JSONResponse(collect.result())
+        except grpc.aio.AioRpcError as e:  # a failure after the first message
+            _cancel(calls)
+            raise from_grpc(e) from None
 
     return app
+
+
+MAX_BATCH_PROMPTS = 64
+
+
+def _prompts(prompt):
+    """Completions `prompt`: a string, a list of token ids, or a batch (a list of strings or of
+    token id lists, at most MAX_BATCH_PROMPTS). Returns the list of prompts."""
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt
+                                   and all(params.is_int(x) for x in prompt)):
+        prompt = [prompt]
+    if not isinstance(prompt, list) or not prompt:
+        raise bad_request("prompt", "required: a string, a list of token ids, or a list of "
+                                    "those")
+    if len(prompt) > MAX_BATCH_PROMPTS:
+        raise bad_request("prompt", f"a batch of {len(prompt)} prompts exceeds "
+                                    f"{MAX_BATCH_PROMPTS}")
+    for i, p in enumerate(prompt):
+        ok = isinstance(p, str) or (isinstance(p, list) and all(params.is_int(x) for x in p))
+        if not ok:
+            raise bad_request(f"prompt[{i}]", "must be a string or a list of token ids")
+        if not p:
+            raise bad_request(f"prompt[{i}]" if len(prompt) > 1 else "prompt", "empty prompt")
+    return prompt
 
 
 def _messages(body):
@@ -494,20 +524,61 @@ def _messages(body):
     return out
 
 
-async def _collect(call, first, ep, n):
-    choices = [_Choice() for _ in range(n)]
+def _cancel(calls):
+    for c in calls:
+        c.cancel()  # a no-op for a call that ended
+
+
+async def _merged(calls, firsts):
+    """Yields (prompt index, GenerateResponse) from every call as they arrive (each call's
+    first message first); raises the first call's error. Closing it cancels nothing: the
+    caller owns the calls."""
+    if len(calls) == 1:
+        msg = firsts[0]
+        while msg is not None:
+            yield 0, msg
+            msg = await _next(calls[0])
+        return
+    queue = asyncio.Queue()
+
+    async def pump(i):
+        try:
+            msg = firsts[i]
+            while msg is not None:
+                await queue.put((i, msg, None))
+                msg = await _next(calls[i])
+            await queue.put((i, None, None))
+        except grpc.aio.AioRpcError as e:
+            await queue.put((i, None, e))
+
+    tasks = [asyncio.ensure_future(pump(i)) for i in range(len(calls))]
+    try:
+        live = len(calls)
+        while live:
+            i, msg, error = await queue.get()
+            if error is not None:
+                raise error
+            if msg is None:
+                live -= 1
+                continue
+            yield i, msg
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def _collect(calls, firsts, ep, n):
+    choices = [_Choice() for _ in range(n * len(calls))]
     usage = _Usage()
-    msg = first
-    while msg is not None:
-        c = choices[msg.index]
+    async for p, msg in _merged(calls, firsts):
+        c = choices[p * n + msg.index]
         c.text.append(msg.text)
         c.token_ids.extend(msg.token_ids)
         c.logprobs.extend(msg.logprobs)
         if msg.final:
             c.finish_reason = _FINISH.get(msg.finish_reason)
             c.stop_reason = _stop_reason(msg)
-            usage.add(msg)
-        msg = await _next(call)
+            usage.add(p, msg)
     out = []
     for i, c in enumerate(choices):
         lp = ep.logprobs(i, c.token_ids, c.logprobs)
@@ -517,7 +588,7 @@ async def _collect(call, first, ep, n):
     return body
 
 
-async def _stream(call, first, ep, n, include_usage):
+async def _stream(calls, firsts, ep, n, include_usage):
     usage = _Usage()
     try:
         if ep.chat:
@@ -525,21 +596,20 @@ async def _stream(call, first, ep, n, include_usage):
                 c = ep.choice(i, "", None, None, None, True, first=True)
                 yield _sse(ep.envelope([c], chunk=True) | ({"usage": None} if include_usage
                                                             else {}))
-        msg = first
-        while msg is not None:
+        async for p, msg in _merged(calls, firsts):
             finish = stop = None
             if msg.final:
                 finish = _FINISH.get(msg.finish_reason)
                 stop = _stop_reason(msg)
-                usage.add(msg)
+                usage.add(p, msg)
             if msg.text or msg.token_ids or msg.final:
-                lp = ep.logprobs(msg.index, msg.token_ids, msg.logprobs)
-                c = ep.choice(msg.index, msg.text, lp, finish, stop, True)
+                index = p * n + msg.index
+                lp = ep.logprobs(index, msg.token_ids, msg.logprobs)
+                c = ep.choice(index, msg.text, lp, finish, stop, True)
                 chunk = ep.envelope([c], chunk=True)
                 if include_usage:
                     chunk["usage"] = None
                 yield _sse(chunk)
-            msg = await _next(call)
         if include_usage:
             chunk = ep.envelope([], chunk=True)
             chunk["usage"] = usage.body()
@@ -547,5 +617,5 @@ async def _stream(call, first, ep, n, include_usage):
     except grpc.aio.AioRpcError as e:
         yield _sse(from_grpc(e).body())
     finally:
-        call.cancel()  # a no-op once the call ended; ends it when the client went away
+        _cancel(calls)  # ends them when the client went away
     yield "data: [DONE]\n\n"

@@ -168,6 +168,40 @@ class GatewayE2E(unittest.TestCase):
         self.assertEqual(body["usage"]["completion_tokens"], 24)
         self.assertIn("cached_tokens", body["usage"]["prompt_tokens_details"])
 
+    def test_curl_batch_of_prompts(self):
+        url = f"{self.a}/v1/completions"
+        single = {}
+        for p in (GREEDY_PROMPT, "A fool and his money"):
+            code, text = curl(url, {"model": MODEL_NAME, "prompt": p, "max_tokens": 6,
+                                    "temperature": 0})
+            self.assertEqual(code, 200, text)
+            single[p] = json.loads(text)
+        batch = {"model": MODEL_NAME, "prompt": [GREEDY_PROMPT, "A fool and his money"],
+                 "max_tokens": 6, "temperature": 0, "n": 2}
+        code, text = curl(url, batch)
+        self.assertEqual(code, 200, text)
+        body = json.loads(text)
+        # choices: prompt-major, n per prompt (OpenAI's order)
+        self.assertEqual([c["index"] for c in body["choices"]], [0, 1, 2, 3])
+        texts = [c["text"] for c in body["choices"]]
+        a, b = (single[p]["choices"][0]["text"] for p in batch["prompt"])
+        self.assertEqual(texts, [a, a, b, b])
+        self.assertEqual(body["usage"]["prompt_tokens"],
+                         sum(x["usage"]["prompt_tokens"] for x in single.values()))
+        self.assertEqual(body["usage"]["completion_tokens"], 24)
+        code, text = curl(url, dict(batch, stream=True), stream=True)
+        self.assertEqual(code, 200, text)
+        streamed = ["", "", "", ""]
+        finished = set()
+        for event in text.split("\n\n"):
+            if event.startswith("data: {"):
+                for c in json.loads(event[6:])["choices"]:
+                    streamed[c["index"]] += c["text"]
+                    if c["finish_reason"]:
+                        finished.add(c["index"])
+        self.assertEqual(streamed, texts)
+        self.assertEqual(finished, {0, 1, 2, 3})
+
     def test_curl_stream_sse(self):
         code, text = curl(f"{self.a}/v1/chat/completions", {
             "model": MODEL_NAME, "messages": [{"role": "user", "content": "Hello"}],
@@ -207,7 +241,10 @@ class GatewayE2E(unittest.TestCase):
                           "echo")
         self.assert_error(*curl(url, {"model": MODEL_NAME, "prompt": "x", "frobnicate": 1}),
                           400, "frobnicate", "not supported")
-        self.assert_error(*curl(url, {"model": MODEL_NAME, "prompt": ["a", "b"]}), 400, "prompt")
+        self.assert_error(*curl(url, {"model": MODEL_NAME, "prompt": ["a", 5]}), 400,
+                          "prompt[1]")
+        self.assert_error(*curl(url, {"model": MODEL_NAME, "prompt": ["a", ""]}), 400,
+                          "prompt[1]", "empty prompt")
         self.assert_error(*curl(url, {"model": MODEL_NAME, "prompt": "x", "max_tokens": 0}),
                           400, "max_tokens")
         self.assert_error(*curl(url, {"model": MODEL_NAME, "prompt": "x", "max_tokens": 5000}),
@@ -330,6 +367,18 @@ class GatewayE2E(unittest.TestCase):
             "model": MODEL_NAME, "messages": messages, "max_tokens": 1})
         self.assertEqual(code, 200, body)
         self.assertEqual(json.loads(body)["usage"]["prompt_tokens"], len(ids))
+
+    def test_malformed_chat_template_stops_the_start(self):
+        bad = os.path.join(self.tmp, "bad.jinja")
+        with open(bad, "w") as f:
+            f.write("{% for m in messages %}\n{{ m.content }\n")
+        out = subprocess.run(
+            ["env", f"BUILD_DIR={ARGS.build_dir}", os.path.join(REPO, "scripts", "gateway.sh"),
+             "--coordinator", self.coord_a, "--port", "0", "--chat-template", bad],
+            capture_output=True, text=True, timeout=60)
+        self.assertEqual(out.returncode, 2, out.stderr)
+        self.assertNotIn("GATEWAY_LISTENING", out.stdout)
+        self.assertRegex(out.stderr, r"--chat-template .*bad\.jinja: line 2: ")
 
     def test_zz_503_draining(self):
         # Last (alphabetical order): ends coordinator B.

@@ -70,6 +70,7 @@ def main(argv=None):
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((args.host, args.port))
+        sock.listen(2048)  # connections queue from GATEWAY_LISTENING on, before uvicorn serves
     except OSError as e:
         print(f"lorcserve-gateway: --host {args.host} --port {args.port}: {e.strerror}",
               file=sys.stderr)

@@ -83,6 +83,13 @@ class Gateway:
         # Compile an override template now: a malformed one stops the start-up.
         self.template_override = (chat_template_mod.load(options.model_dir, options.chat_template)
                                   if options.chat_template else None)
+        self.tls_roots = None
+        if options.tls_ca:
+            try:
+                with open(options.tls_ca, "rb") as f:
+                    self.tls_roots = f.read()
+            except OSError as e:
+                raise ValueError(f"--tls-ca {options.tls_ca}: {e.strerror}") from e
         self.channel = None
         self.stub = None
         self.state = None
@@ -92,9 +99,8 @@ class Gateway:
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self):
         o = self.options
-        if o.tls_ca:
-            with open(o.tls_ca, "rb") as f:
-                creds = grpc.ssl_channel_credentials(root_certificates=f.read())
+        if self.tls_roots is not None:
+            creds = grpc.ssl_channel_credentials(root_certificates=self.tls_roots)
             opts = [("grpc.ssl_target_name_override", o.tls_server_name)] if o.tls_server_name \
                 else []
             self.channel = grpc.aio.secure_channel(o.coordinator, creds, options=opts)

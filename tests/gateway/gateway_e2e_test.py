@@ -380,6 +380,33 @@ class GatewayE2E(unittest.TestCase):
         self.assertNotIn("GATEWAY_LISTENING", out.stdout)
         self.assertRegex(out.stderr, r"--chat-template .*bad\.jinja: line 2: ")
 
+    def test_tls_to_the_coordinator(self):
+        d = os.path.join(self.tmp, "tls")
+        os.makedirs(d)
+        ext = os.path.join(d, "ext")
+        with open(ext, "w") as f:
+            f.write("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+        for cmd in (
+                ["req", "-x509", *key, "-keyout", "ca.key", "-out", "ca.crt", "-days", "1",
+                 "-subj", "/CN=gateway-test-ca"],
+                ["req", *key, "-keyout", "srv.key", "-out", "srv.csr", "-subj", "/CN=localhost"],
+                ["x509", "-req", "-in", "srv.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+                 "-CAcreateserial", "-out", "srv.crt", "-days", "1", "-extfile", ext]):
+            subprocess.run(["openssl", *cmd], cwd=d, check=True, capture_output=True)
+        _, coord = self.s.coordinator("coord_tls", "--tls-cert", os.path.join(d, "srv.crt"),
+                                      "--tls-key", os.path.join(d, "srv.key"))
+        url = "http://" + self.s.gateway("gw_tls", coord, "--tls-ca", os.path.join(d, "ca.crt"))
+        wait_serving(url)
+        code, text = curl(f"{url}/v1/completions", {"model": MODEL_NAME, "prompt": GREEDY_PROMPT,
+                                                     "max_tokens": 4, "temperature": 0})
+        self.assertEqual(code, 200, text)
+        self.assertEqual(json.loads(text)["usage"]["completion_tokens"], 4)
+        # Without the CA the gateway cannot reach it: 503.
+        plain = "http://" + self.s.gateway("gw_plain", coord)
+        self.assert_error(*curl(f"{plain}/v1/completions", {"model": MODEL_NAME,
+                                                             "prompt": "x"}), 503)
+
     def test_zz_503_draining(self):
         # Last (alphabetical order): ends coordinator B.
         self.coord_b_proc.send_signal(signal.SIGTERM)

@@ -18,7 +18,7 @@ import uuid
 
 import grpc
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from . import chat_template as chat_template_mod
 from . import params
@@ -435,25 +435,36 @@ def create_app(gateway):
         return await _run(request, body, [req], ep, metadata)
 
     async def _run(request, body, reqs, ep, metadata):
-        """One Generate call per request (the prompts of a batch), answered together."""
+        """One Generate call per request (the prompts of a batch), answered together. A client
+        that disconnects cancels the calls, also while they wait for their first token (queued
+        or in prefill)."""
         stream, include_usage = params.stream_flags(body)
         calls = [gateway.stub.Generate(r, metadata=metadata) for r in reqs]
+        watch = asyncio.ensure_future(_watch_disconnect(request))
         try:
             # Errors before any output answer with their status.
-            firsts = await asyncio.gather(*(_next(c) for c in calls))
+            firsts = asyncio.ensure_future(asyncio.gather(*(_next(c) for c in calls)))
+            await asyncio.wait({firsts, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if not firsts.done():  # the client went away first
+                _cancel(calls)
+                firsts.cancel()
+                return Response(status_code=499)  # nobody reads it (nginx's "client closed")
+            firsts = firsts.result()
         except grpc.aio.AioRpcError as e:
+            watch.cancel()
             _cancel(calls)
             raise from_grpc(e) from None
         except BaseException:
+            watch.cancel()
             _cancel(calls)
             raise
         n = reqs[0].sampling.n if reqs[0].sampling.HasField("n") else 1
         if stream:
+            watch.cancel()  # Starlette's StreamingResponse listens for the disconnect itself
             return StreamingResponse(_stream(calls, firsts, ep, n, include_usage),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         collect = asyncio.ensure_future(_collect(calls, firsts, ep, n))
-        watch = asyncio.ensure_future(_watch_disconnect(request))
         try:
             await asyncio.wait({collect, watch}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -463,6 +474,8 @@ def create_app(gateway):
                 collect.cancel()
         try:
             return JSONResponse(collect.result())
+        except asyncio.CancelledError:
+            return Response(status_code=499)
         except grpc.aio.AioRpcError as e:  # a failure after the first message
             _cancel(calls)
             raise from_grpc(e) from None

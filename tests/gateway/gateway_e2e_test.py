@@ -129,6 +129,7 @@ class GatewayE2E(unittest.TestCase):
         from lorcserve_gateway import stubs
         import grpc
         cls.pb2, pb2_grpc = stubs.load(os.path.join(ARGS.build_dir, "gateway_stubs"))
+        cls.pb2_grpc = pb2_grpc
         cls.grpc = grpc
         cls.stub_a = pb2_grpc.LorcServeStub(grpc.insecure_channel(cls.coord_a))
 
@@ -332,6 +333,49 @@ class GatewayE2E(unittest.TestCase):
                 break
             time.sleep(0.1)
         self.assertEqual(info.num_running, 0, "the disconnected request still runs")
+
+    def test_disconnect_while_queued_cancels_the_grpc_call(self):
+        # Coordinator B runs one sequence at a time: the second request waits in its queue.
+        auth = (f"Authorization: Bearer {TOKEN}",)
+        meta = (("authorization", f"Bearer {TOKEN}"),)
+        stub_b = self.pb2_grpc.LorcServeStub(self.grpc.insecure_channel(self.coord_b))
+
+        def info():
+            return stub_b.ModelInfo(self.pb2.ModelInfoRequest(), metadata=meta)
+
+        def start(prompt, stream, max_tokens):
+            body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": max_tokens,
+                    "ignore_eos": True, "stream": stream}
+            return subprocess.Popen(
+                ["curl", "-s", f"{self.b}/v1/completions", "-H", auth[0], "-H",
+                 "Content-Type: application/json", "-d", json.dumps(body)],
+                stdout=subprocess.DEVNULL)
+
+        def wait_until(pred, what, timeout=30):
+            deadline = time.time() + timeout
+            while time.time() < deadline:
+                i = info()
+                if pred(i):
+                    return i
+                time.sleep(0.05)
+            self.fail(f"{what}: running {i.num_running}, waiting {i.num_waiting}")
+
+        # The first request runs for a minute or more (3,000 tokens on 2 loaded cores): longer
+        # than the checks below, so the queue empties only by the cancellation.
+        running = start("first", False, 3000)
+        wait_until(lambda i: i.num_running == 1, "the first request never ran")
+        for stream in (False, True):
+            queued = start("second", stream, 16)
+            wait_until(lambda i: i.num_waiting == 1, "the second request never queued")
+            queued.kill()
+            queued.wait()
+            i = wait_until(lambda i: i.num_waiting == 0, "the disconnected request still waits",
+                           timeout=10)
+            self.assertEqual(i.num_running, 1)  # the first one goes on
+        self.assertIsNone(running.poll(), "the first request ended: the check proves nothing")
+        running.kill()
+        running.wait()
+        wait_until(lambda i: i.num_running == 0, "the first request still runs")
 
     def test_session_id_maps_to_the_store_session(self):
         messages = [{"role": "system", "content": "You are a dictionary. " * 8},

@@ -5,7 +5,8 @@
 # /usr/local/cuda, where scripts/build.sh and CMakeLists.txt look for nvcc; then the same scripts
 # as CI (scripts/install-deps.sh, scripts/build.sh). Stage "runtime": Debian 12 slim with only the
 # Debian and CUDA runtime packages the binary links (computed from ldd in the build stage), the
-# binary, and the fixture model (for the cpu-demo overlay); runs as an unprivileged user.
+# binary, the fixture model (for the cpu-demo overlay) and the HTTP gateway (Debian's Python
+# packages, stubs generated here); runs as an unprivileged user.
 
 ARG DEBIAN_IMAGE=debian:12
 ARG DEBIAN_SLIM_IMAGE=debian:12-slim
@@ -34,6 +35,10 @@ RUN LORC_CUDA=ON LORC_CMAKE_ARGS="-DLORC_BUILD_TESTS=OFF -DCMAKE_CUDA_ARCHITECTU
  && cp build/bin/lorcserve /out/bin/ \
  && bash deploy/docker/runtime-deps.sh /out/bin/lorcserve /out/lib > /out/runtime-packages.txt \
  && cat /out/runtime-packages.txt \
+ && mkdir -p /out/gateway/stubs \
+ && cp -r gateway/lorcserve_gateway /out/gateway/ \
+ && protoc --proto_path=proto --python_out=/out/gateway/stubs --grpc_out=/out/gateway/stubs \
+      --plugin=protoc-gen-grpc="$(command -v grpc_python_plugin)" proto/lorcserve/v1/lorcserve.proto \
  && cd models/tiny-llama-a \
  && cp config.json generation_config.json tokenizer.json tokenizer_config.json model.safetensors \
       README.md /out/models/tiny-llama-a/
@@ -46,18 +51,23 @@ COPY deploy/docker/cuda-apt-repo.sh /tmp/cuda-apt-repo.sh
 # The CUDA runtime packages (cudart, cuBLAS, NCCL) come from NVIDIA's repository, as in the build.
 RUN bash /tmp/cuda-apt-repo.sh \
  && xargs -a /tmp/runtime-packages.txt apt-get install -y -q --no-install-recommends \
+ && apt-get install -y -q --no-install-recommends \
+      python3-fastapi python3-uvicorn python3-jinja2 python3-grpcio python3-protobuf \
  && apt-get purge -y -q curl && apt-get autoremove -y -q \
  && rm -rf /var/lib/apt/lists/* /tmp/runtime-packages.txt /tmp/cuda-apt-repo.sh \
  && groupadd --gid 10001 lorc && useradd --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin lorc
 COPY --from=build /out/lib/ /usr/local/lib/lorcserve/
 COPY --from=build /out/bin/lorcserve /usr/local/bin/lorcserve
 COPY --from=build /out/models/ /opt/lorcserve/models/
+# The OpenAI-compatible gateway (gateway/README.md), started as `lorcserve-gateway`.
+COPY --from=build /out/gateway/ /opt/lorcserve/gateway/
+COPY deploy/docker/lorcserve-gateway /usr/local/bin/lorcserve-gateway
 # The NVIDIA container runtime mounts the driver (libcuda) when these are set.
 ENV NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
     LD_LIBRARY_PATH=/usr/local/cuda-${CUDA_VERSION}/targets/x86_64-linux/lib:/usr/local/lib/lorcserve
 USER 10001:10001
-# Public API, internal services (workers, rendezvous), Prometheus metrics.
-EXPOSE 50051 50052 9090
+# Public API, internal services (workers, rendezvous), Prometheus metrics, the HTTP gateway.
+EXPOSE 50051 50052 9090 8000
 ENTRYPOINT ["lorcserve"]
 CMD ["info"]

@@ -20,7 +20,8 @@ What is checked, for every overlay (`kubectl kustomize deploy/overlays/X`):
     + --drain-timeout-s, and worker pods outlive the leader's drain; volumes and claims exist.
   * Every `--flag` of a `lorcserve <subcommand>` command line (containers, init containers, exec
     probes) is listed by `lorcserve <subcommand> --help` of the build, except those in
-    PENDING_FLAGS below.
+    PENDING_FLAGS below; every flag of a `lorcserve-gateway` container by the gateway's --help
+    (gateway/), whose --coordinator is the leader's gRPC port and --port a container port.
   * The Dockerfile: stages named and referenced in order, the scripts it runs exist, the final
     stage runs as a non-root user, and what it COPYs is not excluded by .dockerignore.
 Then a negative self-test mutates rendered objects (field-name typos in the LWS, its pod
@@ -270,6 +271,32 @@ def lorcserve_commands(pod_spec):
                     yield f"{kind}[{c.get('name')}].{probe}", cmd[1:]
 
 
+GATEWAY = "lorcserve-gateway"
+
+
+def gateway_containers(pod_spec):
+    """(container, argv after the command) of every gateway container of a pod spec."""
+    for c in pod_spec.get("containers") or []:
+        argv = list(c.get("command") or []) + list(c.get("args") or [])
+        if argv and os.path.basename(str(argv[0])) == GATEWAY:
+            yield c, argv[1:]
+
+
+def gateway_help_flags(cache):
+    """The flags `python3 -m lorcserve_gateway --help` lists (this repository's gateway/)."""
+    if GATEWAY not in cache:
+        repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env = dict(os.environ, PYTHONPATH=os.path.join(repo, "gateway"))
+        out = subprocess.run([sys.executable, "-m", "lorcserve_gateway", "--help"], env=env,
+                             capture_output=True, text=True, timeout=60)
+        flags = set(re.findall(r"(?<![\w-])(--[a-z0-9][a-z0-9-]*)", out.stdout))
+        if "--coordinator" not in flags:
+            raise RuntimeError(f"the gateway's --help printed no flag list:\n{out.stdout}"
+                               f"{out.stderr}")
+        cache[GATEWAY] = flags
+    return cache[GATEWAY]
+
+
 def help_flags(lorcserve, subcommand, cache):
     if subcommand not in cache:
         out = subprocess.run([lorcserve, subcommand, "--help"], capture_output=True, text=True,
@@ -300,6 +327,12 @@ def check_flags(objs, where, lorcserve, cache, problems, used):
                     if flag not in known and (sub, flag) not in PENDING_FLAGS:
                         problems.add(f"{where} {role}.{cwhere}",
                                      f"`lorcserve {sub}` has no flag {flag}")
+            for c, argv in gateway_containers(spec):
+                known = gateway_help_flags(cache)
+                for flag in parse_flags(argv):
+                    if flag not in known:
+                        problems.add(f"{where} {role}.containers[{c.get('name')}]",
+                                     f"`{GATEWAY}` has no flag {flag}")
 
 
 def port_of(addr):
@@ -350,6 +383,16 @@ def _check_invariants(objs, where, problems):
             if annotations.get("prometheus.io/port") not in (None, str(metrics)):
                 problems.add(w, f"prometheus.io/port={annotations['prometheus.io/port']} is "
                                 f"not --metrics-port={metrics}")
+        # The gateway: calls this pod's coordinator on its gRPC port, listens on a container port.
+        for c, argv in gateway_containers(leader_spec):
+            gflags = parse_flags(argv)
+            if port_of(gflags.get("--coordinator")) != ports.get("grpc"):
+                problems.add(w, f"gateway --coordinator={gflags.get('--coordinator')} is not the "
+                                f"leader's gRPC port ({ports.get('grpc')})")
+            gports = [p["containerPort"] for p in c.get("ports") or []]
+            if int(gflags.get("--port", 8000)) not in gports:
+                problems.add(w, f"gateway --port={gflags.get('--port', 8000)} is no port of its "
+                                f"container ({gports})")
         for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
             grpc = (leader.get(probe) or {}).get("grpc")
             if grpc and grpc.get("port") not in ports.values():
@@ -432,11 +475,12 @@ def _check_invariants(objs, where, problems):
         for k, v in selector.items():
             if labels.get(k) != v:
                 problems.add(w, f"selector {k}={v} matches no leader pod label")
-        names = {p.get("name") for p in template["spec"]["containers"][0].get("ports") or []}
+        names = {p.get("name") for c in template["spec"]["containers"]
+                 for p in c.get("ports") or []}
         for p in svc["spec"].get("ports") or []:
             target = p.get("targetPort")
             if isinstance(target, str) and target not in names:
-                problems.add(w, f"targetPort {target} is no named port of the leader container")
+                problems.add(w, f"targetPort {target} is no named port of a leader container")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -575,6 +619,9 @@ def self_test(objs, lws, lorcserve, cache):
     def leader(o):
         return o["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]
 
+    def gateway(o):
+        return next(c for c in leader(o)["containers"] if c["name"] == "gateway")
+
     def mutate_rename(get_parent, old, new):
         def f(o):
             parent = get_parent(o)
@@ -628,6 +675,12 @@ def self_test(objs, lws, lorcserve, cache):
              "containers"][0].pop("volumeMounts")),
         ("flag unknown to lorcserve (--no-such-flag)",
          "LeaderWorkerSet", lambda o: leader(o)["containers"][0]["args"].append("--no-such-flag")),
+        ("flag unknown to the gateway (--no-such-flag)",
+         "LeaderWorkerSet", lambda o: gateway(o)["args"].append("--no-such-flag")),
+        ("invariant: the gateway calls another port than the coordinator's",
+         "LeaderWorkerSet", lambda o: gateway(o)["args"].append("--coordinator=127.0.0.1:50052")),
+        ("invariant: the gateway listens on no container port",
+         "LeaderWorkerSet", lambda o: gateway(o)["args"].append("--port=8080")),
     ]
     baseline = validate(objs, "self-test baseline", lws, lorcserve, cache)
     if baseline:

@@ -1,0 +1,1 @@
+"""lorcserve's OpenAI-compatible HTTP gateway (gateway/README.md)."""

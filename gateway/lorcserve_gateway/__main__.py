@@ -1,0 +1,87 @@
+"""Command line: /usr/bin/python3 -m lorcserve_gateway --coordinator HOST:PORT [flags]
+(scripts/gateway.sh sets PYTHONPATH and the stubs; gateway/README.md lists the flags)."""
+
+import argparse
+import os
+import sys
+
+from . import stubs
+from .chat_template import ChatTemplateError
+
+DEFAULT_PORT = 8000
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="lorcserve-gateway",
+                                description="OpenAI-compatible HTTP gateway for a lorcserve "
+                                            "coordinator")
+    p.add_argument("--coordinator", required=True,
+                   help="the coordinator's public gRPC address HOST:PORT (its --listen)")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP listen address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT,
+                   help=f"HTTP port (default {DEFAULT_PORT}; 0: any free port, printed)")
+    p.add_argument("--served-model-name",
+                   help="the model id clients send (default: the base name of the coordinator's "
+                        "--model)")
+    p.add_argument("--model-dir",
+                   help="where tokenizer_config.json / tokenizer.json are (default: the "
+                        "coordinator's --model, as ModelInfo reports it)")
+    p.add_argument("--chat-template", help="a Jinja chat template file replacing the model's")
+    p.add_argument("--auth-token-file",
+                   help="bearer tokens clients must send (one a line, as the coordinator's "
+                        "flag); the caller's token is forwarded to the coordinator either way")
+    p.add_argument("--tls-ca", help="verify the coordinator's TLS certificate with this CA "
+                                    "bundle (TLS on; default plaintext)")
+    p.add_argument("--tls-server-name", help="the name to verify instead of the address's host")
+    p.add_argument("--stubs-dir", default=os.environ.get("LORC_GATEWAY_STUBS"),
+                   help="where the generated gRPC stubs are (default $LORC_GATEWAY_STUBS)")
+    p.add_argument("--proto-dir", default=None,
+                   help="generate the stubs from this proto/ folder when missing or stale")
+    p.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if not args.stubs_dir:
+        print("lorcserve-gateway: --stubs-dir (or $LORC_GATEWAY_STUBS) is required",
+              file=sys.stderr)
+        return 2
+    try:
+        pb2, pb2_grpc = stubs.load(args.stubs_dir, args.proto_dir)
+    except stubs.StubError as e:
+        print(f"lorcserve-gateway: {e}", file=sys.stderr)
+        return 2
+    import socket
+
+    import uvicorn
+
+    from .server import Gateway, Options, create_app
+    try:
+        gateway = Gateway(Options(args.coordinator, args.served_model_name, args.model_dir,
+                                  args.chat_template, args.auth_token_file, args.tls_ca,
+                                  args.tls_server_name), pb2, pb2_grpc)
+    except (ChatTemplateError, ValueError, OSError) as e:
+        print(f"lorcserve-gateway: {e}", file=sys.stderr)
+        return 2
+    # Bind here so that port 0 can be reported before serving (tests, scripts).
+    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((args.host, args.port))
+        sock.listen(2048)  # connections queue from GATEWAY_LISTENING on, before uvicorn serves
+    except OSError as e:
+        print(f"lorcserve-gateway: --host {args.host} --port {args.port}: {e.strerror}",
+              file=sys.stderr)
+        return 2
+    host, port = sock.getsockname()[:2]
+    config = uvicorn.Config(create_app(gateway), log_level=args.log_level, access_log=False)
+    server = uvicorn.Server(config)
+    print(f"GATEWAY_LISTENING {host}:{port}", flush=True)
+    server.run(sockets=[sock])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

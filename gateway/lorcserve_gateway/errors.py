@@ -1,0 +1,49 @@
+"""OpenAI's error shape, and the one mapping from gRPC status codes to HTTP statuses."""
+
+import grpc
+from fastapi.responses import JSONResponse
+
+# gRPC status -> (HTTP status, OpenAI error type).
+_GRPC_TO_HTTP = {
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    grpc.StatusCode.OUT_OF_RANGE: (400, "invalid_request_error"),
+    grpc.StatusCode.FAILED_PRECONDITION: (400, "invalid_request_error"),
+    grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
+    grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error"),
+    grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
+    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable_error"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout_error"),
+}
+
+
+class OpenAIError(Exception):
+    """An error answered as {"error": {"message", "type", "param", "code"}} with `status`."""
+
+    def __init__(self, status, message, type_="invalid_request_error", param=None, code=None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type_
+        self.param = param
+        self.code = code
+
+    def body(self):
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code if self.code is not None else self.status}}
+
+    def response(self):
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+def bad_request(param, message):
+    """400 naming the request field `param` (the message starts with it)."""
+    return OpenAIError(400, f"{param}: {message}", param=param)
+
+
+def from_grpc(error):
+    """An OpenAIError for a failed gRPC call (grpc.aio.AioRpcError or grpc.RpcError)."""
+    code = error.code()
+    status, type_ = _GRPC_TO_HTTP.get(code, (500, "internal_error"))
+    detail = error.details() or code.name
+    return OpenAIError(status, f"{detail} (coordinator: {code.name})", type_=type_)

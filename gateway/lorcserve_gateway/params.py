@@ -1,0 +1,217 @@
+"""An OpenAI request body -> the fields of one lorcserve.v1.GenerateRequest.
+
+Every field a user sends is either mapped onto the request or rejected with 400 naming it;
+nothing is ignored silently. `null` counts as absent (SDKs send it). Unset sampling fields take
+the model's generation_config.json values (ModelInfo.generation_defaults, as vLLM does), else
+OpenAI's defaults (OPENAI_DEFAULTS: temperature 1, top_p 1).
+"""
+
+from .errors import bad_request
+
+# OpenAI's documented defaults for fields whose lorcserve default differs (the proto's
+# temperature 0 means greedy; OpenAI's unset temperature samples at 1).
+OPENAI_DEFAULTS = {"temperature": 1.0}
+
+# Fields of both endpoints that map onto SamplingOptions / GenerateRequest. The last group is
+# vLLM's extensions and lorcserve's (session_id, cache_salt, priority).
+COMMON_FIELDS = {
+    "model", "stream", "stream_options", "temperature", "top_p", "seed", "stop", "max_tokens",
+    "n", "presence_penalty", "frequency_penalty", "logit_bias", "user",
+    "top_k", "min_p", "repetition_penalty", "ignore_eos", "min_tokens", "stop_token_ids",
+    "include_stop_str_in_output", "allowed_token_ids",
+    "session_id", "cache_salt", "priority",
+}
+COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "logprobs", "echo", "best_of", "suffix"}
+CHAT_FIELDS = COMMON_FIELDS | {
+    "messages", "max_completion_tokens", "logprobs", "top_logprobs", "add_generation_prompt",
+    "chat_template_kwargs", "tools", "tool_choice", "parallel_tool_calls", "response_format",
+    "store",
+}
+
+
+def is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def get_int(body, name, lo=None, hi=None):
+    v = _get(body, name, is_int, "an integer")
+    if v is None:
+        return None
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        bounds = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise bad_request(name, f"must be {bounds}, got {v}")
+    return v
+
+
+def _get(body, name, ok, what):
+    v = body.get(name)
+    if v is not None and not ok(v):
+        raise bad_request(name, f"must be {what}, got {v!r}")
+    return v
+
+
+def get_number(body, name):
+    v = _get(body, name, _is_number, "a number")
+    return None if v is None else float(v)
+
+
+def get_bool(body, name):
+    return _get(body, name, lambda v: isinstance(v, bool), "true or false")
+
+
+def get_str(body, name):
+    return _get(body, name, lambda v: isinstance(v, str), "a string")
+
+
+def get_int_list(body, name):
+    v = body.get(name)
+    if v is None:
+        return None
+    if not isinstance(v, list) or not all(is_int(x) for x in v):
+        raise bad_request(name, "must be a list of integers")
+    return v
+
+
+def strip_nulls(body):
+    return {k: v for k, v in body.items() if v is not None}
+
+
+def check_fields(body, allowed):
+    """400 for a field this gateway does not implement, or one that is set to what it cannot do
+    (tools, response formats other than text, echo, suffix, best_of > n, store)."""
+    for name in sorted(body):
+        if name not in allowed:
+            raise bad_request(name, "not supported by lorcserve")
+    if body.get("echo") not in (None, False):
+        raise bad_request("echo", "echoing the prompt is not supported")
+    if body.get("suffix") not in (None, ""):
+        raise bad_request("suffix", "insertion (suffix) is not supported")
+    if body.get("tools") not in (None, []):
+        raise bad_request("tools", "tool calling is not supported")
+    if body.get("tool_choice") not in (None, "none"):
+        raise bad_request("tool_choice", "tool calling is not supported")
+    fmt = body.get("response_format")
+    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
+        raise bad_request("response_format", "only {\"type\": \"text\"} is supported")
+    if body.get("store") not in (None, False):
+        raise bad_request("store", "stored completions are not supported")
+    best_of = get_int(body, "best_of", 1)
+    if best_of is not None and best_of != (body.get("n") or 1):
+        raise bad_request("best_of", "must equal n (no server-side best-of selection)")
+
+
+def fill_sampling(s, body, defaults, max_tokens):
+    """Sets SamplingOptions `s` from the body's common fields. defaults: the model's
+    generation defaults (ModelInfo.generation_defaults). max_tokens: the endpoint's value (or
+    None: lorcserve's default)."""
+    def pick(name, value, model_default_field=None):
+        if value is not None:
+            return value
+        if model_default_field and defaults is not None and defaults.HasField(model_default_field):
+            return getattr(defaults, model_default_field)
+        return OPENAI_DEFAULTS.get(name)
+
+    temperature = pick("temperature", get_number(body, "temperature"), "temperature")
+    if temperature is not None:
+        if temperature < 0:
+            raise bad_request("temperature", f"must be >= 0, got {temperature}")
+        s.temperature = temperature
+    top_p = pick("top_p", get_number(body, "top_p"), "top_p")
+    if top_p is not None:
+        s.top_p = top_p
+    top_k = get_int(body, "top_k")
+    if top_k is None and defaults is not None and defaults.HasField("top_k"):
+        top_k = defaults.top_k
+    if top_k is not None:
+        s.top_k = 0 if top_k == -1 else top_k  # vLLM: -1 is off
+    min_p = pick("min_p", get_number(body, "min_p"), "min_p")
+    if min_p is not None:
+        s.min_p = min_p
+    rep = pick("repetition_penalty", get_number(body, "repetition_penalty"), "repetition_penalty")
+    if rep is not None:
+        s.repetition_penalty = rep
+    for name in ("presence_penalty", "frequency_penalty"):
+        v = get_number(body, name)
+        if v is not None:
+            setattr(s, name, v)
+    seed = get_int(body, "seed")
+    if seed is not None:
+        if seed < 0 or seed >= 2**64:
+            raise bad_request("seed", f"must be in [0, 2^64), got {seed}")
+        s.seed = seed
+    if max_tokens is not None:
+        if max_tokens < 1:
+            raise bad_request("max_tokens", f"must be >= 1, got {max_tokens}")
+        s.max_tokens = min(max_tokens, 2**31 - 1)
+    n = get_int(body, "n")
+    if n is not None:
+        s.n = n
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None:
+        if not isinstance(stop, list) or not all(isinstance(x, str) for x in stop):
+            raise bad_request("stop", "must be a string or a list of strings")
+        for i, x in enumerate(stop):
+            if not x:
+                raise bad_request(f"stop[{i}]", "empty stop string")
+        s.stop.extend(stop)
+    ids = get_int_list(body, "stop_token_ids")
+    if ids:
+        s.stop_token_ids.extend(ids)
+    ids = get_int_list(body, "allowed_token_ids")
+    if ids:
+        s.allowed_token_ids.extend(ids)
+    bias = body.get("logit_bias")
+    if bias is not None:
+        if not isinstance(bias, dict):
+            raise bad_request("logit_bias", "must be an object of token id -> bias")
+        for k, v in bias.items():
+            try:
+                tid = int(k)
+            except (TypeError, ValueError):
+                raise bad_request("logit_bias", f"key {k!r} is not a token id") from None
+            if not _is_number(v):
+                raise bad_request("logit_bias", f"bias of token {k} must be a number, got {v!r}")
+            s.logit_bias[tid] = float(v)
+    for name in ("ignore_eos", "include_stop_str_in_output"):
+        v = get_bool(body, name)
+        if v is not None:
+            setattr(s, name, v)
+    min_tokens = get_int(body, "min_tokens", 0)
+    if min_tokens is not None:
+        s.min_tokens = min_tokens
+    get_str(body, "user")  # end-user id for the caller's own abuse tracking: typed, not used
+
+
+def fill_request(req, body):
+    """Sets the GenerateRequest's lorcserve extension fields (session_id, cache_salt,
+    priority)."""
+    for name in ("session_id", "cache_salt"):
+        v = get_str(body, name)
+        if v is not None:
+            setattr(req, name, v)
+    priority = get_int(body, "priority")
+    if priority is not None:
+        req.priority = priority
+
+
+def stream_flags(body):
+    """(stream, include_usage)."""
+    stream = bool(get_bool(body, "stream"))
+    opts = body.get("stream_options")
+    include_usage = False
+    if opts is not None:
+        if not stream:
+            raise bad_request("stream_options", "only allowed with stream: true")
+        if not isinstance(opts, dict):
+            raise bad_request("stream_options", "must be an object")
+        for k in opts:
+            if k != "include_usage":
+                raise bad_request(f"stream_options.{k}", "not supported by lorcserve")
+        include_usage = bool(get_bool(opts, "include_usage"))
+    return stream, include_usage

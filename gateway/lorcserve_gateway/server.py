@@ -1,0 +1,640 @@
+"""The FastAPI app: OpenAI's /v1/models, /v1/completions, /v1/chat/completions and /health in
+front of one coordinator's public gRPC API (gateway/README.md has the contract).
+
+Every request becomes one gRPC call (Generate, or ModelInfo / Tokenize / health); the gateway
+keeps no model state beyond what ModelInfo reports once (name, length limit, generation
+defaults) and the chat template. Threads: one asyncio event loop (uvicorn) runs every handler
+and every gRPC call (grpc.aio); gRPC's C core has its own I/O threads.
+"""
+
+import asyncio
+import hashlib
+import hmac
+import json
+import os
+import time
+import traceback
+import uuid
+
+import grpc
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from . import chat_template as chat_template_mod
+from . import params
+from .errors import OpenAIError, bad_request, from_grpc
+from .vocab import Vocab
+
+HEALTH_METHOD = "/grpc.health.v1.Health/Check"
+
+
+class Options:
+    """Gateway settings (the command-line flags, __main__.py)."""
+
+    def __init__(self, coordinator, served_model_name=None, model_dir=None, chat_template=None,
+                 auth_token_file=None, tls_ca=None, tls_server_name=None):
+        self.coordinator = coordinator
+        self.served_model_name = served_model_name
+        self.model_dir = model_dir
+        self.chat_template = chat_template
+        self.auth_token_file = auth_token_file
+        self.tls_ca = tls_ca
+        self.tls_server_name = tls_server_name
+
+
+def read_token_digests(path):
+    """SHA-256 digests of the tokens in `path` (security/README.md's format: one a line,
+    whitespace trimmed, blank and '#' lines skipped). Raises ValueError naming the flag."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise ValueError(f"--auth-token-file {path}: {e.strerror}") from e
+    tokens = [l.strip() for l in lines if l.strip() and not l.strip().startswith("#")]
+    if not tokens:
+        raise ValueError(f"--auth-token-file {path}: no token in the file")
+    return [hashlib.sha256(t.encode()).digest() for t in tokens]
+
+
+def _parse_health(data):
+    """HealthCheckResponse bytes -> status number (field 1, varint; 1 = SERVING)."""
+    if len(data) >= 2 and data[0] == 0x08:
+        return data[1]
+    return 0
+
+
+class _ModelState:
+    """What the gateway learns once from ModelInfo (and the model directory)."""
+
+    def __init__(self, name, info, template, vocab):
+        self.name = name
+        self.info = info
+        self.template = template
+        self.vocab = vocab
+
+
+class Gateway:
+    def __init__(self, options, pb2, pb2_grpc):
+        self.options = options
+        self.pb2 = pb2
+        self.pb2_grpc = pb2_grpc
+        self.digests = (read_token_digests(options.auth_token_file)
+                        if options.auth_token_file else None)
+        # Compile an override template now: a malformed one stops the start-up.
+        self.template_override = (chat_template_mod.load(options.model_dir, options.chat_template)
+                                  if options.chat_template else None)
+        self.tls_roots = None
+        if options.tls_ca:
+            try:
+                with open(options.tls_ca, "rb") as f:
+                    self.tls_roots = f.read()
+            except OSError as e:
+                raise ValueError(f"--tls-ca {options.tls_ca}: {e.strerror}") from e
+        self.channel = None
+        self.stub = None
+        self.state = None
+        self.state_lock = None
+        self.created = int(time.time())
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def start(self):
+        o = self.options
+        if self.tls_roots is not None:
+            creds = grpc.ssl_channel_credentials(root_certificates=self.tls_roots)
+            opts = [("grpc.ssl_target_name_override", o.tls_server_name)] if o.tls_server_name \
+                else []
+            self.channel = grpc.aio.secure_channel(o.coordinator, creds, options=opts)
+        else:
+            self.channel = grpc.aio.insecure_channel(o.coordinator)
+        self.stub = self.pb2_grpc.LorcServeStub(self.channel)
+        self.health = self.channel.unary_unary(HEALTH_METHOD, request_serializer=None,
+                                               response_deserializer=None)
+        self.state_lock = asyncio.Lock()
+
+    async def stop(self):
+        if self.channel is not None:
+            await self.channel.close()
+
+    # -- auth ------------------------------------------------------------------------------
+    def metadata(self, request, check=True):
+        """Checks the bearer token when --auth-token-file is set (401 otherwise; not with
+        check=False: /health, like the coordinator's default --auth-exempt health) and returns
+        the gRPC metadata that forwards the caller's token to the coordinator."""
+        header = request.headers.get("authorization")
+        if self.digests is not None and check:
+            if not header or not header.startswith("Bearer "):
+                raise OpenAIError(401, "missing 'Authorization: Bearer <token>' header",
+                                  type_="authentication_error", code="invalid_api_key")
+            digest = hashlib.sha256(header[len("Bearer "):].strip().encode()).digest()
+            ok = False
+            for d in self.digests:  # every digest compared: no early exit
+                ok |= hmac.compare_digest(d, digest)
+            if not ok:
+                raise OpenAIError(401, "invalid bearer token", type_="authentication_error",
+                                  code="invalid_api_key")
+        return (("authorization", header),) if header else ()
+
+    # -- model -----------------------------------------------------------------------------
+    async def model_state(self, metadata):
+        """The served model (ModelInfo once, the chat template and vocabulary of its directory).
+        The first call that succeeds fills it; errors map as every gRPC error."""
+        if self.state is not None:
+            return self.state
+        async with self.state_lock:
+            if self.state is not None:
+                return self.state
+            try:
+                info = await self.stub.ModelInfo(self.pb2.ModelInfoRequest(), metadata=metadata)
+            except grpc.aio.AioRpcError as e:
+                raise from_grpc(e) from None
+            name = self.options.served_model_name or os.path.basename(
+                info.model.rstrip("/")) or info.model
+            model_dir = self.options.model_dir or info.model
+            template = self.template_override
+            vocab = None
+            if os.path.isdir(model_dir):
+                # The model's template, or the override with the model's special tokens.
+                template = chat_template_mod.load(model_dir, self.options.chat_template)
+                tok = os.path.join(model_dir, "tokenizer.json")
+                if os.path.exists(tok):
+                    vocab = Vocab.from_tokenizer_json(tok)
+            self.state = _ModelState(name, info, template, vocab or Vocab({}))
+            return self.state
+
+    async def check_model(self, body, metadata):
+        state = await self.model_state(metadata)
+        model = body.get("model")
+        if model is None:
+            raise bad_request("model", "required")
+        if model != state.name:
+            raise OpenAIError(404, f"The model `{model}` does not exist (this server serves "
+                                   f"`{state.name}`)", param="model", code="model_not_found")
+        return state
+
+
+async def _read_json(request):
+    try:
+        body = json.loads(await request.body())
+    except ValueError as e:
+        raise OpenAIError(400, f"request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise OpenAIError(400, "request body must be a JSON object")
+    return params.strip_nulls(body)
+
+
+async def _next(call):
+    msg = await call.read()
+    return None if msg is grpc.aio.EOF else msg
+
+
+_FINISH = {1: "length", 2: "stop", 3: "abort"}
+
+
+class _Choice:
+    """One completion's accumulated output (non-streaming) and its final fields."""
+
+    def __init__(self):
+        self.text = []
+        self.token_ids = []
+        self.logprobs = []
+        self.finish_reason = None
+        self.stop_reason = None
+
+
+def _stop_reason(msg):
+    which = msg.WhichOneof("stop_reason")
+    return getattr(msg, which) if which else None
+
+
+class _Usage:
+    """Usage over a request's prompts (each counted once, whatever its n) and completions."""
+
+    def __init__(self):
+        self.prompts = {}  # prompt index -> (prompt_tokens, cached_prompt_tokens)
+        self.completion_tokens = 0
+
+    def add(self, prompt_index, msg):
+        self.prompts.setdefault(prompt_index, (msg.usage.prompt_tokens,
+                                               msg.usage.cached_prompt_tokens))
+        self.completion_tokens += msg.usage.completion_tokens
+
+    def body(self):
+        p = sum(t for t, _ in self.prompts.values())
+        return {"prompt_tokens": p, "completion_tokens": self.completion_tokens,
+                "total_tokens": p + self.completion_tokens,
+                "prompt_tokens_details": {
+                    "cached_tokens": sum(c for _, c in self.prompts.values())}}
+
+
+# -- logprobs in OpenAI's two shapes -------------------------------------------------------------
+def _completion_logprobs(vocab, ids, lps, offset):
+    """Legacy completions shape: tokens, token_logprobs, top_logprobs, text_offset."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for tid, lp in zip(ids, lps):
+        text = vocab.token_text(tid)
+        out["tokens"].append(text)
+        out["token_logprobs"].append(lp.logprob)
+        top = {vocab.token_text(t.id): t.logprob for t in lp.top}
+        top.setdefault(text, lp.logprob)
+        out["top_logprobs"].append(top)
+        out["text_offset"].append(offset)
+        offset += len(text)
+    return out, offset
+
+
+def _chat_logprobs(vocab, ids, lps, top_n):
+    content = []
+    for tid, lp in zip(ids, lps):
+        b = vocab.token_bytes(tid)
+        content.append({
+            "token": vocab.token_text(tid), "logprob": lp.logprob, "bytes": list(b),
+            "top_logprobs": [{"token": vocab.token_text(t.id), "logprob": t.logprob,
+                              "bytes": list(vocab.token_bytes(t.id))} for t in lp.top[:top_n]],
+        })
+    return {"content": content}
+
+
+class _Endpoint:
+    """What differs between /v1/completions and /v1/chat/completions."""
+
+    def __init__(self, chat, rid, model, vocab, top_n):
+        self.chat = chat
+        self.id = rid
+        self.model = model
+        self.vocab = vocab
+        self.top_n = top_n  # None: no logprobs
+        self.created = int(time.time())
+        self.offsets = {}
+
+    def logprobs(self, index, ids, lps):
+        if self.top_n is None:
+            return None
+        if self.chat:
+            return _chat_logprobs(self.vocab, ids, lps, self.top_n)
+        out, self.offsets[index] = _completion_logprobs(self.vocab, ids, lps,
+                                                        self.offsets.get(index, 0))
+        return out
+
+    def envelope(self, choices, chunk):
+        obj = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat \
+            else "text_completion"
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "choices": choices}
+
+    def choice(self, index, text, logprobs, finish_reason, stop_reason, chunk, first=False):
+        c = {"index": index}
+        if self.chat:
+            if chunk:
+                delta = {"role": "assistant", "content": text} if first else {"content": text}
+                if finish_reason is not None and not text and not first:
+                    delta = {}
+                c["delta"] = delta
+            else:
+                c["message"] = {"role": "assistant", "content": text}
+        else:
+            c["text"] = text
+        c["logprobs"] = logprobs
+        c["finish_reason"] = finish_reason
+        c["stop_reason"] = stop_reason
+        return c
+
+
+def _sse(obj):
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def _watch_disconnect(request):
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def create_app(gateway):
+    app = FastAPI(title="lorcserve OpenAI-compatible gateway")
+
+    @app.on_event("startup")
+    async def _start():
+        await gateway.start()
+
+    @app.on_event("shutdown")
+    async def _stop():
+        await gateway.stop()
+
+    @app.exception_handler(OpenAIError)
+    async def _openai_error(_request, exc):
+        return exc.response()
+
+    @app.exception_handler(Exception)
+    async def _internal_error(_request, exc):
+        # A bug of the gateway: still OpenAI's shape (the traceback goes to stderr).
+        traceback.print_exception(exc)
+        return OpenAIError(500, f"internal gateway error: {type(exc).__name__}: {exc}",
+                           type_="internal_error").response()
+
+    @app.exception_handler(chat_template_mod.ChatTemplateError)
+    async def _template_error(_request, exc):
+        return OpenAIError(400, f"messages: the chat template failed: {exc}",
+                           param="messages").response()
+
+    @app.get("/health")
+    async def health(request: Request):
+        try:
+            data = await gateway.health(b"", metadata=gateway.metadata(request, check=False),
+                                        timeout=5)
+        except grpc.aio.AioRpcError as e:
+            return from_grpc(e).response()
+        if _parse_health(data) != 1:
+            return OpenAIError(503, "the coordinator is not serving (health NOT_SERVING)",
+                               type_="service_unavailable_error").response()
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        state = await gateway.model_state(gateway.metadata(request))
+        return {"object": "list", "data": [{
+            "id": state.name, "object": "model", "created": gateway.created,
+            "owned_by": "lorcserve", "root": state.info.model,
+            "max_model_len": state.info.max_model_len}]}
+
+    async def _begin(request, fields):
+        """Token check, body, field check, model: (metadata, body, model state)."""
+        metadata = gateway.metadata(request)
+        body = await _read_json(request)
+        params.check_fields(body, fields)
+        return metadata, body, await gateway.check_model(body, metadata)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        metadata, body, state = await _begin(request, params.COMPLETION_FIELDS)
+        req = gateway.pb2.GenerateRequest(request_id=f"cmpl-{uuid.uuid4().hex}")
+        prompts = _prompts(body.get("prompt"))
+        top_n = params.get_int(body, "logprobs", 0, 20)
+        if top_n is not None:
+            req.sampling.logprobs = top_n
+        params.fill_sampling(req.sampling, body, state.info.generation_defaults,
+                             params.get_int(body, "max_tokens"))
+        params.fill_request(req, body)
+        reqs = []
+        for i, prompt in enumerate(prompts):  # one Generate per prompt of a batch
+            r = gateway.pb2.GenerateRequest()
+            r.CopyFrom(req)
+            if len(prompts) > 1:
+                r.request_id = f"{req.request_id}-{i}"
+            if isinstance(prompt, str):
+                r.text = prompt
+            else:
+                r.token_ids.ids.extend(prompt)
+            reqs.append(r)
+        ep = _Endpoint(False, req.request_id, state.name, state.vocab, top_n)
+        return await _run(request, body, reqs, ep, metadata)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        metadata, body, state = await _begin(request, params.CHAT_FIELDS)
+        if state.template is None:
+            raise OpenAIError(400, "the model has no chat_template in its tokenizer_config.json:"
+                                   " start the gateway with --chat-template FILE",
+                              param="messages")
+        messages = _messages(body)
+        add_gen = params.get_bool(body, "add_generation_prompt")
+        kwargs = body.get("chat_template_kwargs")
+        if kwargs is not None and not isinstance(kwargs, dict):
+            raise bad_request("chat_template_kwargs", "must be an object")
+        text = state.template.render(messages, add_generation_prompt=add_gen is not False,
+                                     extra=kwargs)
+        if not text:
+            raise bad_request("messages", "the chat template rendered an empty prompt")
+        req = gateway.pb2.GenerateRequest(request_id=f"chatcmpl-{uuid.uuid4().hex}", text=text)
+        want_logprobs = params.get_bool(body, "logprobs")
+        top_n = params.get_int(body, "top_logprobs", 0, 20)
+        if top_n is not None and not want_logprobs:
+            raise bad_request("top_logprobs", "needs logprobs: true")
+        if want_logprobs:
+            top_n = top_n or 0
+            req.sampling.logprobs = top_n
+        else:
+            top_n = None
+        max_tokens = params.get_int(body, "max_completion_tokens")
+        if max_tokens is None:
+            max_tokens = params.get_int(body, "max_tokens")
+        if max_tokens is None:
+            # OpenAI's chat default: until the model stops, within the model length.
+            try:
+                tok = await gateway.stub.Tokenize(gateway.pb2.TokenizeRequest(text=text),
+                                                  metadata=metadata)
+            except grpc.aio.AioRpcError as e:
+                raise from_grpc(e) from None
+            max_tokens = state.info.max_model_len - len(tok.ids) - 1
+            if max_tokens < 1:
+                raise bad_request("messages", f"the prompt ({len(tok.ids)} tokens) leaves no "
+                                              f"room in max_model_len {state.info.max_model_len}")
+        params.fill_sampling(req.sampling, body, state.info.generation_defaults, max_tokens)
+        params.fill_request(req, body)
+        ep = _Endpoint(True, req.request_id, state.name, state.vocab, top_n)
+        return await _run(request, body, [req], ep, metadata)
+
+    async def _run(request, body, reqs, ep, metadata):
+        """One Generate call per request (the prompts of a batch), answered together. A client
+        that disconnects cancels the calls, also while they wait for their first token (queued
+        or in prefill)."""
+        stream, include_usage = params.stream_flags(body)
+        calls = [gateway.stub.Generate(r, metadata=metadata) for r in reqs]
+        watch = asyncio.ensure_future(_watch_disconnect(request))
+        try:
+            # Errors before any output answer with their status.
+            firsts = asyncio.ensure_future(asyncio.gather(*(_next(c) for c in calls)))
+            await asyncio.wait({firsts, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if not firsts.done():  # the client went away first
+                _cancel(calls)
+                firsts.cancel()
+                return Response(status_code=499)  # nobody reads it (nginx's "client closed")
+            firsts = firsts.result()
+        except grpc.aio.AioRpcError as e:
+            watch.cancel()
+            _cancel(calls)
+            raise from_grpc(e) from None
+        except BaseException:
+            watch.cancel()
+            _cancel(calls)
+            raise
+        n = reqs[0].sampling.n if reqs[0].sampling.HasField("n") else 1
+        if stream:
+            watch.cancel()  # Starlette's StreamingResponse listens for the disconnect itself
+            return StreamingResponse(_stream(calls, firsts, ep, n, include_usage),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        collect = asyncio.ensure_future(_collect(calls, firsts, ep, n))
+        try:
+            await asyncio.wait({collect, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+            if not collect.done():  # the client went away: end its gRPC calls
+                _cancel(calls)
+                collect.cancel()
+        try:
+            return JSONResponse(collect.result())
+        except asyncio.CancelledError:
+            return Response(status_code=499)
+        except grpc.aio.AioRpcError as e:  # a failure after the first message
+            _cancel(calls)
+            raise from_grpc(e) from None
+
+    return app
+
+
+MAX_BATCH_PROMPTS = 64
+
+
+def _prompts(prompt):
+    """Completions `prompt`: a string, a list of token ids, or a batch (a list of strings or of
+    token id lists, at most MAX_BATCH_PROMPTS). Returns the list of prompts."""
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt
+                                   and all(params.is_int(x) for x in prompt)):
+        prompt = [prompt]
+    if not isinstance(prompt, list) or not prompt:
+        raise bad_request("prompt", "required: a string, a list of token ids, or a list of "
+                                    "those")
+    if len(prompt) > MAX_BATCH_PROMPTS:
+        raise bad_request("prompt", f"a batch of {len(prompt)} prompts exceeds "
+                                    f"{MAX_BATCH_PROMPTS}")
+    for i, p in enumerate(prompt):
+        ok = isinstance(p, str) or (isinstance(p, list) and all(params.is_int(x) for x in p))
+        if not ok:
+            raise bad_request(f"prompt[{i}]", "must be a string or a list of token ids")
+        if not p:
+            raise bad_request(f"prompt[{i}]" if len(prompt) > 1 else "prompt", "empty prompt")
+    return prompt
+
+
+def _messages(body):
+    """Validates `messages`; text parts of a list content are joined into one string (the form
+    chat templates expect)."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("messages", "required: a non-empty list of messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise bad_request(f"messages[{i}]", "must be an object")
+        role = m.get("role")
+        if not isinstance(role, str) or not role:
+            raise bad_request(f"messages[{i}].role", "required: a string")
+        content = m.get("content")
+        if isinstance(content, list):
+            parts = []
+            for j, p in enumerate(content):
+                if not isinstance(p, dict) or p.get("type") != "text" or \
+                        not isinstance(p.get("text"), str):
+                    raise bad_request(f"messages[{i}].content[{j}]",
+                                      "only {\"type\": \"text\", \"text\": ...} parts are "
+                                      "supported")
+                parts.append(p["text"])
+            content = "\n".join(parts)
+        elif content is None:
+            content = ""
+        elif not isinstance(content, str):
+            raise bad_request(f"messages[{i}].content", "must be a string or a list of parts")
+        if m.get("tool_calls"):
+            raise bad_request(f"messages[{i}].tool_calls", "tool calling is not supported")
+        msg = dict(m)
+        msg["content"] = content
+        out.append(msg)
+    return out
+
+
+def _cancel(calls):
+    for c in calls:
+        c.cancel()  # a no-op for a call that ended
+
+
+async def _merged(calls, firsts):
+    """Yields (prompt index, GenerateResponse) from every call as they arrive (each call's
+    first message first); raises the first call's error. Closing it cancels nothing: the
+    caller owns the calls."""
+    if len(calls) == 1:
+        msg = firsts[0]
+        while msg is not None:
+            yield 0, msg
+            msg = await _next(calls[0])
+        return
+    queue = asyncio.Queue()
+
+    async def pump(i):
+        try:
+            msg = firsts[i]
+            while msg is not None:
+                await queue.put((i, msg, None))
+                msg = await _next(calls[i])
+            await queue.put((i, None, None))
+        except grpc.aio.AioRpcError as e:
+            await queue.put((i, None, e))
+
+    tasks = [asyncio.ensure_future(pump(i)) for i in range(len(calls))]
+    try:
+        live = len(calls)
+        while live:
+            i, msg, error = await queue.get()
+            if error is not None:
+                raise error
+            if msg is None:
+                live -= 1
+                continue
+            yield i, msg
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def _collect(calls, firsts, ep, n):
+    choices = [_Choice() for _ in range(n * len(calls))]
+    usage = _Usage()
+    async for p, msg in _merged(calls, firsts):
+        c = choices[p * n + msg.index]
+        c.text.append(msg.text)
+        c.token_ids.extend(msg.token_ids)
+        c.logprobs.extend(msg.logprobs)
+        if msg.final:
+            c.finish_reason = _FINISH.get(msg.finish_reason)
+            c.stop_reason = _stop_reason(msg)
+            usage.add(p, msg)
+    out = []
+    for i, c in enumerate(choices):
+        lp = ep.logprobs(i, c.token_ids, c.logprobs)
+        out.append(ep.choice(i, "".join(c.text), lp, c.finish_reason, c.stop_reason, False))
+    body = ep.envelope(out, chunk=False)
+    body["usage"] = usage.body()
+    return body
+
+
+async def _stream(calls, firsts, ep, n, include_usage):
+    usage = _Usage()
+    try:
+        if ep.chat:
+            for i in range(n):
+                c = ep.choice(i, "", None, None, None, True, first=True)
+                yield _sse(ep.envelope([c], chunk=True) | ({"usage": None} if include_usage
+                                                            else {}))
+        async for p, msg in _merged(calls, firsts):
+            finish = stop = None
+            if msg.final:
+                finish = _FINISH.get(msg.finish_reason)
+                stop = _stop_reason(msg)
+                usage.add(p, msg)
+            if msg.text or msg.token_ids or msg.final:
+                index = p * n + msg.index
+                lp = ep.logprobs(index, msg.token_ids, msg.logprobs)
+                c = ep.choice(index, msg.text, lp, finish, stop, True)
+                chunk = ep.envelope([c], chunk=True)
+                if include_usage:
+                    chunk["usage"] = None
+                yield _sse(chunk)
+        if include_usage:
+            chunk = ep.envelope([], chunk=True)
+            chunk["usage"] = usage.body()
+            yield _sse(chunk)
+    except grpc.aio.AioRpcError as e:
+        yield _sse(from_grpc(e).body())
+    finally:
+        _cancel(calls)  # ends them when the client went away
+    yield "data: [DONE]\n\n"

@@ -1,0 +1,65 @@
+"""Token id -> its text and bytes, for the `logprobs` of responses (the gRPC API streams ids).
+
+Read from the model's tokenizer.json (`model.vocab` and `added_tokens`). Byte-level BPE
+(GPT-2 / Llama-3: `ByteLevel` decoder) maps each vocabulary character back to its byte;
+SentencePiece-style vocabularies (Llama-2: `Metaspace`, `<0xNN>` byte tokens) map `▁` to a space
+and byte tokens to their byte. A token that is not whole UTF-8 shows U+FFFD in `text`; `bytes`
+are exact. Ids the file does not name read `token_id:N` (vLLM's form).
+"""
+
+import json
+
+
+def _byte_level_decoder():
+    """GPT-2's bytes_to_unicode, inverted: vocabulary character -> byte."""
+    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+          + list(range(ord("®"), ord("ÿ") + 1)))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+class Vocab:
+    """Immutable after construction."""
+
+    def __init__(self, id_to_bytes):
+        self._bytes = id_to_bytes
+
+    @classmethod
+    def from_tokenizer_json(cls, path):
+        """Raises OSError / ValueError for an unreadable or malformed file."""
+        with open(path, encoding="utf-8") as f:
+            tok = json.load(f)
+        model = tok.get("model") or {}
+        vocab = model.get("vocab") or {}
+        if isinstance(vocab, list):  # Unigram: [[piece, score], ...]
+            vocab = {piece[0]: i for i, piece in enumerate(vocab)}
+        decoder = json.dumps(tok.get("decoder") or {})
+        byte_level = "ByteLevel" in decoder
+        table = _byte_level_decoder() if byte_level else None
+        id_to_bytes = {}
+        for piece, i in vocab.items():
+            if byte_level:
+                if all(ch in table for ch in piece):
+                    id_to_bytes[i] = bytes(table[ch] for ch in piece)
+                else:
+                    id_to_bytes[i] = piece.encode("utf-8")
+            elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+                id_to_bytes[i] = bytes([int(piece[3:5], 16)])
+            else:
+                id_to_bytes[i] = piece.replace("\u2581", " ").encode("utf-8")
+        for added in tok.get("added_tokens") or []:
+            id_to_bytes[added["id"]] = added["content"].encode("utf-8")
+        return cls(id_to_bytes)
+
+    def token_bytes(self, token_id):
+        b = self._bytes.get(token_id)
+        return b if b is not None else f"token_id:{token_id}".encode()
+
+    def token_text(self, token_id):
+        return self.token_bytes(token_id).decode("utf-8", errors="replace")

@@ -1,0 +1,485 @@
+"""End to end: the gateway (scripts/gateway.sh) in front of real coordinators serving the
+fixture model on the CPU backend, driven by the official OpenAI Node SDK (sdk_test.mjs) and by
+plain curl. ctest GatewayE2E:
+  /usr/bin/python3 tests/gateway/gateway_e2e_test.py --lorcserve build/bin/lorcserve \
+      --model models/tiny-llama-a --build-dir build
+
+Servers: coordinator A (defaults) behind gateway A (no auth); coordinator B
+(--auth-token-file, --max-num-seqs 1 --max-waiting 1: a full queue is easy to reach) behind
+gateway B (checks the same tokens itself) and gateway B2 (no tokens of its own: forwards the
+caller's to the coordinator); gateway C points at a port where nothing listens.
+"""
+
+import argparse
+import concurrent.futures
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+ARGS = None
+MODEL_NAME = "tiny-llama-a"
+TOKEN = "gateway-e2e-token"
+GREEDY_PROMPT = "The meaning of the word"
+
+
+def wait_line(proc, path, prefix, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(prefix):
+                    return line.split()[1]
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[:2]} exited {proc.returncode} before {prefix}")
+        time.sleep(0.1)
+    raise RuntimeError(f"no {prefix} in {path} after {timeout}s")
+
+
+def curl(url, body=None, headers=(), stream=False, timeout=120):
+    """(HTTP status, response text) of one request through the curl CLI."""
+    cmd = ["curl", "-sS", "-N" if stream else "-s", "-w", "\n%{http_code}", url,
+           "--max-time", str(timeout)]
+    if body is not None:
+        cmd += ["-H", "Content-Type: application/json", "-d", json.dumps(body)]
+    for h in headers:
+        cmd += ["-H", h]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 10)
+    text, _, code = out.stdout.rpartition("\n")
+    return int(code), text
+
+
+class Servers:
+    def __init__(self, tmp):
+        self.tmp = tmp
+        self.procs = []
+        self.token_file = os.path.join(tmp, "tokens")
+        with open(self.token_file, "w") as f:
+            f.write(f"# e2e\n{TOKEN}\n")
+
+    def start(self, name, argv, prefix):
+        out = os.path.join(self.tmp, f"{name}.out")
+        with open(out, "w") as o, open(os.path.join(self.tmp, f"{name}.err"), "w") as e:
+            proc = subprocess.Popen(argv, stdout=o, stderr=e, start_new_session=True)
+        self.procs.append(proc)
+        return proc, wait_line(proc, out, prefix)
+
+    def coordinator(self, name, *flags):
+        return self.start(name, [ARGS.lorcserve, "coordinator", "--model", ARGS.model,
+                                 "--listen", "127.0.0.1:0", "--local-workers", "1",
+                                 "--backend", "cpu", "--threads", "1", *flags], "LISTENING")
+
+    def gateway(self, name, coordinator, *flags):
+        env_build = ["env", f"BUILD_DIR={ARGS.build_dir}"]
+        return self.start(name, env_build + [
+            os.path.join(REPO, "scripts", "gateway.sh"), "--coordinator", coordinator,
+            "--port", "0", "--chat-template", os.path.join(HERE, "llama3_chat_template.jinja"),
+            *flags], "GATEWAY_LISTENING")[1]
+
+    def stop(self):
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        for p in self.procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def wait_serving(url, headers=(), timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if curl(f"{url}/health", headers=headers)[0] == 200:
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"{url}/health never answered 200")
+
+
+class GatewayE2E(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.mkdtemp(prefix="lorc-gateway-e2e-")
+        cls.s = Servers(cls.tmp)
+        s = cls.s
+        cls.coord_a_proc, cls.coord_a = s.coordinator("coord_a")
+        cls.coord_b_proc, cls.coord_b = s.coordinator(
+            "coord_b", "--auth-token-file", s.token_file, "--max-num-seqs", "1",
+            "--max-waiting", "1")
+        cls.a = "http://" + s.gateway("gw_a", cls.coord_a)
+        cls.b = "http://" + s.gateway("gw_b", cls.coord_b, "--auth-token-file", s.token_file)
+        cls.b2 = "http://" + s.gateway("gw_b2", cls.coord_b)
+        with socket.socket() as sock:  # a port nothing listens on
+            sock.bind(("127.0.0.1", 0))
+            dead = f"127.0.0.1:{sock.getsockname()[1]}"
+        cls.c = "http://" + s.gateway("gw_c", dead, "--served-model-name", MODEL_NAME)
+        wait_serving(cls.a)
+        wait_serving(cls.b)  # /health needs no token (kubelet probes)
+        # The gRPC stubs the gateway generated, for looking at the coordinator directly.
+        sys.path.insert(0, os.path.join(REPO, "gateway"))
+        from lorcserve_gateway import stubs
+        import grpc
+        cls.pb2, pb2_grpc = stubs.load(os.path.join(ARGS.build_dir, "gateway_stubs"))
+        cls.pb2_grpc = pb2_grpc
+        cls.grpc = grpc
+        cls.stub_a = pb2_grpc.LorcServeStub(grpc.insecure_channel(cls.coord_a))
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.s.stop()
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+
+    def greedy_reference(self, max_tokens=24):
+        out = subprocess.run([ARGS.lorcserve, "generate", "--model", ARGS.model, "--backend",
+                              "cpu", "--prompt", GREEDY_PROMPT, "--max-tokens", str(max_tokens),
+                              "--json"], capture_output=True, text=True, timeout=120)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        return json.loads(out.stdout)["text"]
+
+    # -- the official SDK ------------------------------------------------------------------
+    def test_node_sdk(self):
+        env = dict(os.environ, GATEWAY_URL=self.a, AUTH_URL=self.b, AUTH_TOKEN=TOKEN,
+                   DEAD_URL=self.c,
+                   MODEL=MODEL_NAME, GREEDY_PROMPT=GREEDY_PROMPT,
+                   GREEDY_TEXT=self.greedy_reference(),
+                   NODE_PATH=os.path.join(ARGS.node_modules))
+        script = os.path.join(ARGS.node_modules, "..", "sdk_test.mjs")
+        out = subprocess.run(["node", script], env=env, capture_output=True, text=True,
+                             timeout=300)
+        print(out.stdout, out.stderr, file=sys.stderr)
+        self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
+        self.assertIn("14/14 passed", out.stdout)
+
+    # -- curl ------------------------------------------------------------------------------
+    def test_curl_completion_equals_lorcserve_generate(self):
+        code, text = curl(f"{self.a}/v1/completions", {
+            "model": MODEL_NAME, "prompt": GREEDY_PROMPT, "max_tokens": 24, "temperature": 0})
+        self.assertEqual(code, 200, text)
+        body = json.loads(text)
+        self.assertEqual(body["choices"][0]["text"], self.greedy_reference())
+        self.assertEqual(body["usage"]["completion_tokens"], 24)
+        self.assertIn("cached_tokens", body["usage"]["prompt_tokens_details"])
+
+    def test_curl_batch_of_prompts(self):
+        url = f"{self.a}/v1/completions"
+        single = {}
+        for p in (GREEDY_PROMPT, "A fool and his money"):
+            code, text = curl(url, {"model": MODEL_NAME, "prompt": p, "max_tokens": 6,
+                                    "temperature": 0})
+            self.assertEqual(code, 200, text)
+            single[p] = json.loads(text)
+        batch = {"model": MODEL_NAME, "prompt": [GREEDY_PROMPT, "A fool and his money"],
+                 "max_tokens": 6, "temperature": 0, "n": 2}
+        code, text = curl(url, batch)
+        self.assertEqual(code, 200, text)
+        body = json.loads(text)
+        # choices: prompt-major, n per prompt (OpenAI's order)
+        self.assertEqual([c["index"] for c in body["choices"]], [0, 1, 2, 3])
+        texts = [c["text"] for c in body["choices"]]
+        a, b = (single[p]["choices"][0]["text"] for p in batch["prompt"])
+        self.assertEqual(texts, [a, a, b, b])
+        self.assertEqual(body["usage"]["prompt_tokens"],
+                         sum(x["usage"]["prompt_tokens"] for x in single.values()))
+        self.assertEqual(body["usage"]["completion_tokens"], 24)
+        code, text = curl(url, dict(batch, stream=True), stream=True)
+        self.assertEqual(code, 200, text)
+        streamed = ["", "", "", ""]
+        finished = set()
+        for event in text.split("\n\n"):
+            if event.startswith("data: {"):
+                for c in json.loads(event[6:])["choices"]:
+                    streamed[c["index"]] += c["text"]
+                    if c["finish_reason"]:
+                        finished.add(c["index"])
+        self.assertEqual(streamed, texts)
+        self.assertEqual(finished, {0, 1, 2, 3})
+
+    def test_curl_stream_sse(self):
+        code, text = curl(f"{self.a}/v1/chat/completions", {
+            "model": MODEL_NAME, "messages": [{"role": "user", "content": "Hello"}],
+            "max_tokens": 6, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}, stream=True)
+        self.assertEqual(code, 200, text)
+        events = [e for e in text.split("\n\n") if e.strip()]
+        self.assertTrue(all(e.startswith("data: ") for e in events), events)
+        self.assertEqual(events[-1], "data: [DONE]")
+        chunks = [json.loads(e[6:]) for e in events[:-1]]
+        self.assertEqual(chunks[0]["choices"][0]["delta"]["role"], "assistant")
+        self.assertEqual(chunks[-1]["choices"], [])
+        self.assertEqual(chunks[-1]["usage"]["completion_tokens"], 6)
+        self.assertEqual([c["choices"][0]["finish_reason"] for c in chunks[1:-1]][-1], "length")
+
+    def test_curl_models_and_health(self):
+        code, text = curl(f"{self.a}/v1/models")
+        self.assertEqual(code, 200)
+        self.assertEqual(json.loads(text)["data"][0]["id"], MODEL_NAME)
+        self.assertEqual(curl(f"{self.a}/health")[0], 200)
+
+    def assert_error(self, code, text, status, param=None, message=None):
+        self.assertEqual(code, status, text)
+        err = json.loads(text)["error"]
+        self.assertEqual(set(err), {"message", "type", "param", "code"})
+        if param is not None:
+            self.assertEqual(err["param"], param)
+        if message is not None:
+            self.assertRegex(err["message"], message)
+        return err
+
+    def test_curl_400(self):
+        url = f"{self.a}/v1/completions"
+        self.assert_error(*curl(url, {"model": MODEL_NAME, "prompt": "x", "top_p": "high"}), 400,
+                          "top_p", "top_p: must be a number")
+        self.assert_error(*curl(url, {"model": MODEL_NAME, "prompt": "x", "echo": True}), 400,
+                          "echo")
+        self.assert_error(*curl(url, {"model": MODEL_NAME, "prompt": "x", "frobnicate": 1}),
+                          400, "frobnicate", "not supported")
+        self.assert_error(*curl(url, {"model": MODEL_NAME, "prompt": ["a", 5]}), 400,
+                          "prompt[1]")
+        self.assert_error(*curl(url, {"model": MODEL_NAME, "prompt": ["a", ""]}), 400,
+                          "prompt[1]", "empty prompt")
+        self.assert_error(*curl(url, {"model": MODEL_NAME, "prompt": "x", "max_tokens": 0}),
+                          400, "max_tokens")
+        self.assert_error(*curl(url, {"model": MODEL_NAME, "prompt": "x", "max_tokens": 5000}),
+                          400, None, "max_model_len")  # the coordinator's INVALID_ARGUMENT
+        code, text = subprocess.run(
+            ["curl", "-s", "-w", "\n%{http_code}", url, "-H", "Content-Type: application/json",
+             "-d", "{not json"], capture_output=True, text=True).stdout.rpartition("\n")[::2]
+        self.assert_error(int(text), code, 400, None, "not valid JSON")
+        self.assert_error(*curl(f"{self.a}/v1/chat/completions", {
+            "model": MODEL_NAME, "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": "x"}}]}]}), 400,
+            "messages[0].content[0]")
+
+    def test_curl_404(self):
+        err = self.assert_error(*curl(f"{self.a}/v1/completions",
+                                      {"model": "gpt-4o", "prompt": "x"}), 404, "model")
+        self.assertEqual(err["code"], "model_not_found")
+
+    def test_curl_401(self):
+        url = f"{self.b}/v1/completions"
+        body = {"model": MODEL_NAME, "prompt": "x", "max_tokens": 2}
+        self.assert_error(*curl(url, body), 401, None, "missing")
+        self.assert_error(*curl(url, body, headers=("Authorization: Bearer nope",)), 401, None,
+                          "invalid bearer token")
+        self.assertEqual(curl(url, body, headers=(f"Authorization: Bearer {TOKEN}",))[0], 200)
+        # Gateway B2 has no tokens of its own: the coordinator's UNAUTHENTICATED becomes 401.
+        self.assert_error(*curl(f"{self.b2}/v1/completions", body,
+                                headers=("Authorization: Bearer nope",)), 401, None,
+                          "UNAUTHENTICATED")
+        self.assertEqual(curl(f"{self.b2}/v1/completions", body,
+                              headers=(f"Authorization: Bearer {TOKEN}",))[0], 200)
+
+    def test_curl_429_full_queue(self):
+        body = {"model": MODEL_NAME, "prompt": "x", "max_tokens": 64, "ignore_eos": True}
+        auth = (f"Authorization: Bearer {TOKEN}",)
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            results = list(pool.map(lambda _: curl(f"{self.b}/v1/completions", body, auth),
+                                    range(6)))
+        codes = sorted(c for c, _ in results)
+        self.assertIn(200, codes)
+        self.assertIn(429, codes)
+        for code, text in results:
+            if code == 429:
+                self.assertEqual(json.loads(text)["error"]["type"], "rate_limit_error")
+
+    def test_curl_503_coordinator_unreachable(self):
+        self.assert_error(*curl(f"{self.c}/v1/completions", {"model": MODEL_NAME,
+                                                              "prompt": "x"}), 503)
+        self.assert_error(*curl(f"{self.c}/health"), 503)
+
+    def test_disconnect_cancels_the_grpc_call(self):
+        proc = subprocess.Popen(
+            ["curl", "-sN", f"{self.a}/v1/completions", "-H", "Content-Type: application/json",
+             "-d", json.dumps({"model": MODEL_NAME, "prompt": "x", "max_tokens": 3000,
+                               "ignore_eos": True, "stream": True})],
+            stdout=subprocess.PIPE, text=True)
+        proc.stdout.readline()  # the first chunk: the request is running
+        info = self.stub_a.ModelInfo(self.pb2.ModelInfoRequest())
+        self.assertGreaterEqual(info.num_running, 1)
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            info = self.stub_a.ModelInfo(self.pb2.ModelInfoRequest())
+            if info.num_running == 0 and info.num_waiting == 0:
+                break
+            time.sleep(0.1)
+        self.assertEqual(info.num_running, 0, "the disconnected stream still runs")
+        # The same for a non-streaming request.
+        proc = subprocess.Popen(
+            ["curl", "-s", f"{self.a}/v1/completions", "-H", "Content-Type: application/json",
+             "-d", json.dumps({"model": MODEL_NAME, "prompt": "y", "max_tokens": 3000,
+                               "ignore_eos": True})], stdout=subprocess.DEVNULL)
+        deadline = time.time() + 20
+        while time.time() < deadline and \
+                self.stub_a.ModelInfo(self.pb2.ModelInfoRequest()).num_running == 0:
+            time.sleep(0.05)
+        proc.kill()
+        proc.wait()
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            info = self.stub_a.ModelInfo(self.pb2.ModelInfoRequest())
+            if info.num_running == 0:
+                break
+            time.sleep(0.1)
+        self.assertEqual(info.num_running, 0, "the disconnected request still runs")
+
+    def test_disconnect_while_queued_cancels_the_grpc_call(self):
+        # Coordinator B runs one sequence at a time: the second request waits in its queue.
+        auth = (f"Authorization: Bearer {TOKEN}",)
+        meta = (("authorization", f"Bearer {TOKEN}"),)
+        stub_b = self.pb2_grpc.LorcServeStub(self.grpc.insecure_channel(self.coord_b))
+
+        def info():
+            return stub_b.ModelInfo(self.pb2.ModelInfoRequest(), metadata=meta)
+
+        def start(prompt, stream, max_tokens):
+            body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": max_tokens,
+                    "ignore_eos": True, "stream": stream}
+            return subprocess.Popen(
+                ["curl", "-s", f"{self.b}/v1/completions", "-H", auth[0], "-H",
+                 "Content-Type: application/json", "-d", json.dumps(body)],
+                stdout=subprocess.DEVNULL)
+
+        def wait_until(pred, what, timeout=30):
+            deadline = time.time() + timeout
+            while time.time() < deadline:
+                i = info()
+                if pred(i):
+                    return i
+                time.sleep(0.05)
+            self.fail(f"{what}: running {i.num_running}, waiting {i.num_waiting}")
+
+        # The first request runs for a minute or more (3,000 tokens on 2 loaded cores): longer
+        # than the checks below, so the queue empties only by the cancellation.
+        running = start("first", False, 3000)
+        wait_until(lambda i: i.num_running == 1, "the first request never ran")
+        for stream in (False, True):
+            queued = start("second", stream, 16)
+            wait_until(lambda i: i.num_waiting == 1, "the second request never queued")
+            queued.kill()
+            queued.wait()
+            i = wait_until(lambda i: i.num_waiting == 0, "the disconnected request still waits",
+                           timeout=10)
+            self.assertEqual(i.num_running, 1)  # the first one goes on
+        self.assertIsNone(running.poll(), "the first request ended: the check proves nothing")
+        running.kill()
+        running.wait()
+        wait_until(lambda i: i.num_running == 0, "the first request still runs")
+
+    def test_session_id_maps_to_the_store_session(self):
+        messages = [{"role": "system", "content": "You are a dictionary. " * 8},
+                    {"role": "user", "content": "Define the word"}]
+        code, text = curl(f"{self.a}/v1/chat/completions", {
+            "model": MODEL_NAME, "messages": messages, "max_tokens": 20, "temperature": 0,
+            "session_id": "conv-1"})
+        self.assertEqual(code, 200, text)
+        first = json.loads(text)
+        info = self.stub_a.ModelInfo(self.pb2.ModelInfoRequest())
+        self.assertGreaterEqual(info.prefix_cache.pinned_sessions, 1)
+        messages += [first["choices"][0]["message"], {"role": "user", "content": "And again"}]
+        code, text = curl(f"{self.a}/v1/chat/completions", {
+            "model": MODEL_NAME, "messages": messages, "max_tokens": 4, "temperature": 0,
+            "session_id": "conv-1"})
+        self.assertEqual(code, 200, text)
+        usage = json.loads(text)["usage"]
+        # The first turn's prompt (full blocks of it) is not computed again.
+        self.assertGreaterEqual(usage["prompt_tokens_details"]["cached_tokens"],
+                                first["usage"]["prompt_tokens"] // 16 * 16 - 16)
+
+    def test_chat_bos_once(self):
+        # The template emits <|begin_of_text|>; the coordinator's PromptToIds must not add one.
+        from lorcserve_gateway import chat_template
+        template = chat_template.load(ARGS.model, os.path.join(HERE, "llama3_chat_template.jinja"))
+        messages = [{"role": "user", "content": "Hello"}]
+        text = template.render(messages)
+        self.assertTrue(text.startswith("<|begin_of_text|>"))
+        ids = list(self.stub_a.Tokenize(self.pb2.TokenizeRequest(text=text)).ids)
+        self.assertEqual(ids[0], 0)  # the fixture's BOS id: the spelled-out token is one id
+        self.assertEqual(ids.count(0), 1)
+        code, body = curl(f"{self.a}/v1/chat/completions", {
+            "model": MODEL_NAME, "messages": messages, "max_tokens": 1})
+        self.assertEqual(code, 200, body)
+        self.assertEqual(json.loads(body)["usage"]["prompt_tokens"], len(ids))
+
+    def test_malformed_chat_template_stops_the_start(self):
+        bad = os.path.join(self.tmp, "bad.jinja")
+        with open(bad, "w") as f:
+            f.write("{% for m in messages %}\n{{ m.content }\n")
+        out = subprocess.run(
+            ["env", f"BUILD_DIR={ARGS.build_dir}", os.path.join(REPO, "scripts", "gateway.sh"),
+             "--coordinator", self.coord_a, "--port", "0", "--chat-template", bad],
+            capture_output=True, text=True, timeout=60)
+        self.assertEqual(out.returncode, 2, out.stderr)
+        self.assertNotIn("GATEWAY_LISTENING", out.stdout)
+        self.assertRegex(out.stderr, r"--chat-template .*bad\.jinja: line 2: ")
+
+    def test_tls_to_the_coordinator(self):
+        d = os.path.join(self.tmp, "tls")
+        os.makedirs(d)
+        ext = os.path.join(d, "ext")
+        with open(ext, "w") as f:
+            f.write("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+        for cmd in (
+                ["req", "-x509", *key, "-keyout", "ca.key", "-out", "ca.crt", "-days", "1",
+                 "-subj", "/CN=gateway-test-ca"],
+                ["req", *key, "-keyout", "srv.key", "-out", "srv.csr", "-subj", "/CN=localhost"],
+                ["x509", "-req", "-in", "srv.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+                 "-CAcreateserial", "-out", "srv.crt", "-days", "1", "-extfile", ext]):
+            subprocess.run(["openssl", *cmd], cwd=d, check=True, capture_output=True)
+        _, coord = self.s.coordinator("coord_tls", "--tls-cert", os.path.join(d, "srv.crt"),
+                                      "--tls-key", os.path.join(d, "srv.key"))
+        url = "http://" + self.s.gateway("gw_tls", coord, "--tls-ca", os.path.join(d, "ca.crt"))
+        wait_serving(url)
+        code, text = curl(f"{url}/v1/completions", {"model": MODEL_NAME, "prompt": GREEDY_PROMPT,
+                                                     "max_tokens": 4, "temperature": 0})
+        self.assertEqual(code, 200, text)
+        self.assertEqual(json.loads(text)["usage"]["completion_tokens"], 4)
+        # Without the CA the gateway cannot reach it: 503.
+        plain = "http://" + self.s.gateway("gw_plain", coord)
+        self.assert_error(*curl(f"{plain}/v1/completions", {"model": MODEL_NAME,
+                                                             "prompt": "x"}), 503)
+
+    def test_zz_503_draining(self):
+        # Last (alphabetical order): ends coordinator B.
+        self.coord_b_proc.send_signal(signal.SIGTERM)
+        deadline = time.time() + 30
+        auth = (f"Authorization: Bearer {TOKEN}",)
+        statuses = set()
+        while time.time() < deadline:
+            code, text = curl(f"{self.b}/v1/completions",
+                              {"model": MODEL_NAME, "prompt": "x", "max_tokens": 2}, auth)
+            statuses.add(code)
+            if code == 503:
+                self.assert_error(code, text, 503)
+                break
+            time.sleep(0.1)
+        self.assertIn(503, statuses)
+        self.assertEqual(curl(f"{self.b}/health")[0], 503)
+
+
+def main():
+    global ARGS
+    p = argparse.ArgumentParser()
+    p.add_argument("--lorcserve", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--build-dir", required=True)
+    p.add_argument("--node-modules", required=True, help="npm ci'd node_modules of tests/gateway")
+    ARGS, rest = p.parse_known_args()
+    ARGS.build_dir = os.path.abspath(ARGS.build_dir)
+    unittest.main(argv=[sys.argv[0]] + rest, verbosity=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -26,6 +26,9 @@ from .errors import OpenAIError, bad_request, from_grpc
 from .vocab import Vocab
 
 HEALTH_METHOD = "/grpc.health.v1.Health/Check"
+# gRPC retries a lost coordinator connection with exponential backoff, by default up to 120 s:
+# a gateway would answer 503 for up to two minutes after its coordinator came back.
+CHANNEL_OPTIONS = [("grpc.max_reconnect_backoff_ms", 2000)]
 
 
 class Options:
@@ -54,6 +57,10 @@ def read_token_digests(path):
     if not tokens:
         raise ValueError(f"--auth-token-file {path}: no token in the file")
     return [hashlib.sha256(t.encode()).digest() for t in tokens]
+
+
+def _is_metadata_value(value):
+    return all(" " <= c <= "~" for c in value)
 
 
 def _parse_health(data):
@@ -103,9 +110,10 @@ class Gateway:
             creds = grpc.ssl_channel_credentials(root_certificates=self.tls_roots)
             opts = [("grpc.ssl_target_name_override", o.tls_server_name)] if o.tls_server_name \
                 else []
-            self.channel = grpc.aio.secure_channel(o.coordinator, creds, options=opts)
+            self.channel = grpc.aio.secure_channel(o.coordinator, creds,
+                                                   options=CHANNEL_OPTIONS + opts)
         else:
-            self.channel = grpc.aio.insecure_channel(o.coordinator)
+            self.channel = grpc.aio.insecure_channel(o.coordinator, options=CHANNEL_OPTIONS)
         self.stub = self.pb2_grpc.LorcServeStub(self.channel)
         self.health = self.channel.unary_unary(HEALTH_METHOD, request_serializer=None,
                                                response_deserializer=None)
@@ -121,11 +129,21 @@ class Gateway:
         check=False: /health, like the coordinator's default --auth-exempt health) and returns
         the gRPC metadata that forwards the caller's token to the coordinator."""
         header = request.headers.get("authorization")
+        if header is not None and not _is_metadata_value(header):
+            # gRPC metadata is printable ASCII: such a header (no token of ours is) would make
+            # the call fail inside gRPC, and grpc.aio then never ends it (the request hangs).
+            if not check:
+                return ()
+            raise OpenAIError(401, "the Authorization header must be printable ASCII",
+                              type_="authentication_error", code="invalid_api_key")
+        scheme, _, token = (header or "").partition(" ")
+        if scheme.lower() == "bearer" and token.strip():  # RFC 7235: the scheme in any case
+            header = f"Bearer {token.strip()}"
         if self.digests is not None and check:
-            if not header or not header.startswith("Bearer "):
+            if scheme.lower() != "bearer" or not token.strip():
                 raise OpenAIError(401, "missing 'Authorization: Bearer <token>' header",
                                   type_="authentication_error", code="invalid_api_key")
-            digest = hashlib.sha256(header[len("Bearer "):].strip().encode()).digest()
+            digest = hashlib.sha256(token.strip().encode()).digest()
             ok = False
             for d in self.digests:  # every digest compared: no early exit
                 ok |= hmac.compare_digest(d, digest)
@@ -172,13 +190,70 @@ class Gateway:
         return state
 
 
+# Request bodies: at most this many bytes (413 beyond: a batch of 64 prompts of 128k token ids
+# is about 57 MB) and this many levels of nesting (OpenAI's bodies use fewer than 10).
+MAX_REQUEST_BODY_BYTES = 64 << 20
+MAX_JSON_DEPTH = 64
+
+
+async def _read_body(request):
+    """The request's bytes; 413 past MAX_REQUEST_BODY_BYTES (checked as they arrive, so an
+    oversized body is never held whole)."""
+    too_large = OpenAIError(413, f"request body exceeds {MAX_REQUEST_BODY_BYTES} bytes",
+                            code="request_too_large")
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > MAX_REQUEST_BODY_BYTES:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_REQUEST_BODY_BYTES:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _check_json_value(body):
+    """400 for nesting deeper than MAX_JSON_DEPTH and for a string that is not valid Unicode
+    (a lone UTF-16 surrogate such as "\\ud800", which JSON's escapes allow): it names where."""
+    stack = [(body, "", 1)]
+    while stack:
+        v, path, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise OpenAIError(400, f"request body is nested deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as e:
+                # The path may hold a key with a surrogate itself: escaped for the answer.
+                where = (path or "body").encode("utf-8", "backslashreplace").decode()
+                raise bad_request(where, f"invalid Unicode: lone surrogate "
+                                         f"U+{ord(v[e.start]):04X} at character "
+                                         f"{e.start}") from None
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                name = f"{path}.{k}" if path else k
+                stack.append((k, name, depth + 1))
+                stack.append((x, name, depth + 1))
+        elif isinstance(v, list):
+            stack.extend((x, f"{path}[{i}]", depth + 1) for i, x in enumerate(v))
+
+
 async def _read_json(request):
+    raw = await _read_body(request)
     try:
-        body = json.loads(await request.body())
-    except ValueError as e:
+        body = json.loads(raw, parse_constant=_reject_constant)  # no NaN / Infinity
+    except ValueError as e:  # also UnicodeDecodeError: bytes that are not UTF-8
         raise OpenAIError(400, f"request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise OpenAIError(400, "request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise OpenAIError(400, "request body must be a JSON object")
+    _check_json_value(body)
     return params.strip_nulls(body)
 
 
@@ -373,7 +448,7 @@ def create_app(gateway):
         if top_n is not None:
             req.sampling.logprobs = top_n
         params.fill_sampling(req.sampling, body, state.info.generation_defaults,
-                             params.get_int(body, "max_tokens"))
+                             params.get_int(body, "max_tokens", 1, None))
         params.fill_request(req, body)
         reqs = []
         for i, prompt in enumerate(prompts):  # one Generate per prompt of a batch
@@ -415,9 +490,9 @@ def create_app(gateway):
             req.sampling.logprobs = top_n
         else:
             top_n = None
-        max_tokens = params.get_int(body, "max_completion_tokens")
+        max_tokens = params.get_int(body, "max_completion_tokens", 1, None)
         if max_tokens is None:
-            max_tokens = params.get_int(body, "max_tokens")
+            max_tokens = params.get_int(body, "max_tokens", 1, None)
         if max_tokens is None:
             # OpenAI's chat default: until the model stops, within the model length.
             try:
@@ -448,6 +523,7 @@ def create_app(gateway):
             if not firsts.done():  # the client went away first
                 _cancel(calls)
                 firsts.cancel()
+                firsts.add_done_callback(_consume)
                 return Response(status_code=499)  # nobody reads it (nginx's "client closed")
             firsts = firsts.result()
         except grpc.aio.AioRpcError as e:
@@ -472,10 +548,11 @@ def create_app(gateway):
             if not collect.done():  # the client went away: end its gRPC calls
                 _cancel(calls)
                 collect.cancel()
+                collect.add_done_callback(_consume)
+        if not collect.done():  # cancelled above: it ends later, nobody reads the answer
+            return Response(status_code=499)
         try:
             return JSONResponse(collect.result())
-        except asyncio.CancelledError:
-            return Response(status_code=499)
         except grpc.aio.AioRpcError as e:  # a failure after the first message
             _cancel(calls)
             raise from_grpc(e) from None
@@ -500,10 +577,15 @@ def _prompts(prompt):
                                     f"{MAX_BATCH_PROMPTS}")
     for i, p in enumerate(prompt):
         ok = isinstance(p, str) or (isinstance(p, list) and all(params.is_int(x) for x in p))
+        name = f"prompt[{i}]" if len(prompt) > 1 else "prompt"
         if not ok:
             raise bad_request(f"prompt[{i}]", "must be a string or a list of token ids")
         if not p:
-            raise bad_request(f"prompt[{i}]" if len(prompt) > 1 else "prompt", "empty prompt")
+            raise bad_request(name, "empty prompt")
+        if not isinstance(p, str):
+            for j, x in enumerate(p):
+                if not params.INT32_MIN <= x <= params.INT32_MAX:
+                    raise bad_request(f"{name}[{j}]", f"token id {x} outside the int32 range")
     return prompt
 
 
@@ -541,6 +623,13 @@ def _messages(body):
         msg["content"] = content
         out.append(msg)
     return out
+
+
+def _consume(future):
+    """Done callback of a future given up on: retrieves its outcome (no "exception was never
+    retrieved" log)."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _cancel(calls):

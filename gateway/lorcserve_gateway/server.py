@@ -18,6 +18,7 @@ import uuid
 
 import grpc
 from fastapi import FastAPI, Request
+from starlette.requests import ClientDisconnect
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from . import chat_template as chat_template_mod
@@ -406,6 +407,11 @@ def create_app(gateway):
         traceback.print_exception(exc)
         return OpenAIError(500, f"internal gateway error: {type(exc).__name__}: {exc}",
                            type_="internal_error").response()
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(_request, _exc):
+        # The client hung up while sending its body: nobody reads an answer, nothing to log.
+        return Response(status_code=499)
 
     @app.exception_handler(chat_template_mod.ChatTemplateError)
     async def _template_error(_request, exc):

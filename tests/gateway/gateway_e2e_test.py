@@ -479,6 +479,11 @@ class GatewayE2E(unittest.TestCase):
             text, _, code = out.stdout.rpartition("\n")
             self.assert_error(int(code), text, status, param)
 
+        host, port = self.a[len("http://"):].rsplit(":", 1)
+        for _ in range(3):  # hung up while sending the body (Starlette's ClientDisconnect)
+            with socket.create_connection((host, int(port))) as sock:
+                sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                             b"application/json\r\nContent-Length: 100\r\n\r\n{\"mo")
         with concurrent.futures.ThreadPoolExecutor(12) as pool:
             hangups = [pool.submit(hang_up, i) for i in range(16)]
             for f in [pool.submit(malformed, c) for c in raw]:

@@ -496,9 +496,10 @@ def create_app(gateway):
             req.sampling.logprobs = top_n
         else:
             top_n = None
-        max_tokens = params.get_int(body, "max_completion_tokens", 1, None)
-        if max_tokens is None:
-            max_tokens = params.get_int(body, "max_tokens", 1, None)
+        max_tokens = params.get_int(body, "max_tokens", 1, None)  # checked even when unused
+        max_completion_tokens = params.get_int(body, "max_completion_tokens", 1, None)
+        if max_completion_tokens is not None:
+            max_tokens = max_completion_tokens
         if max_tokens is None:
             # OpenAI's chat default: until the model stops, within the model length.
             try:
@@ -524,7 +525,8 @@ def create_app(gateway):
         watch = asyncio.ensure_future(_watch_disconnect(request))
         try:
             # Errors before any output answer with their status.
-            firsts = asyncio.ensure_future(asyncio.gather(*(_next(c) for c in calls)))
+            firsts = asyncio.ensure_future(asyncio.gather(*(_first(c, i)
+                                                            for i, c in enumerate(calls))))
             await asyncio.wait({firsts, watch}, return_when=asyncio.FIRST_COMPLETED)
             if not firsts.done():  # the client went away first
                 _cancel(calls)
@@ -532,10 +534,10 @@ def create_app(gateway):
                 firsts.add_done_callback(_consume)
                 return Response(status_code=499)  # nobody reads it (nginx's "client closed")
             firsts = firsts.result()
-        except grpc.aio.AioRpcError as e:
+        except _PromptError as e:
             watch.cancel()
             _cancel(calls)
-            raise from_grpc(e) from None
+            raise _batch_error(from_grpc(e.error), e.index, len(calls)) from None
         except BaseException:
             watch.cancel()
             _cancel(calls)
@@ -629,6 +631,30 @@ def _messages(body):
         msg["content"] = content
         out.append(msg)
     return out
+
+
+class _PromptError(Exception):
+    """A Generate call's error before its first message, with the index of its prompt."""
+
+    def __init__(self, error, index):
+        super().__init__(str(error))
+        self.error = error
+        self.index = index
+
+
+async def _first(call, index):
+    try:
+        return await _next(call)
+    except grpc.aio.AioRpcError as e:
+        raise _PromptError(e, index) from None
+
+
+def _batch_error(error, index, num_prompts):
+    """In a batch, the coordinator's "prompt ..." 400 names the prompt it is about."""
+    if num_prompts > 1 and error.param == "prompt":
+        error.param = f"prompt[{index}]"
+        error.message = f"prompt[{index}]: {error.message}"
+    return error
 
 
 def _consume(future):

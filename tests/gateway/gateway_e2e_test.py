@@ -202,6 +202,9 @@ class GatewayE2E(unittest.TestCase):
                         finished.add(c["index"])
         self.assertEqual(streamed, texts)
         self.assertEqual(finished, {0, 1, 2, 3})
+        # The coordinator's 400 about one prompt of a batch names that prompt.
+        self.assert_error(*curl(url, dict(batch, prompt=["x", "word " * 5000])), 400,
+                          "prompt[1]", r"^prompt\[1\]: prompt \(\d+ tokens\)")
 
     def test_curl_stream_sse(self):
         code, text = curl(f"{self.a}/v1/chat/completions", {
@@ -258,6 +261,11 @@ class GatewayE2E(unittest.TestCase):
             "model": MODEL_NAME, "messages": [{"role": "user", "content": [
                 {"type": "image_url", "image_url": {"url": "x"}}]}]}), 400,
             "messages[0].content[0]")
+        chat = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "x"}]}
+        self.assert_error(*curl(f"{self.a}/v1/chat/completions", dict(
+            chat, max_completion_tokens=2, max_tokens="x")), 400, "max_tokens")  # not ignored
+        self.assert_error(*curl(f"{self.a}/v1/chat/completions", dict(
+            chat, max_completion_tokens=0)), 400, "max_completion_tokens")
 
     def test_curl_404(self):
         err = self.assert_error(*curl(f"{self.a}/v1/completions",

@@ -60,8 +60,13 @@ def read_token_digests(path):
     return [hashlib.sha256(t.encode()).digest() for t in tokens]
 
 
+# gRPC refuses metadata over 8 KiB by default with RESOURCE_EXHAUSTED, which would read as a 429
+# (retried by SDKs): a longer Authorization header is a 401 here.
+MAX_AUTHORIZATION_BYTES = 4096
+
+
 def _is_metadata_value(value):
-    return all(" " <= c <= "~" for c in value)
+    return len(value) <= MAX_AUTHORIZATION_BYTES and all(" " <= c <= "~" for c in value)
 
 
 def _parse_health(data):
@@ -135,7 +140,8 @@ class Gateway:
             # the call fail inside gRPC, and grpc.aio then never ends it (the request hangs).
             if not check:
                 return ()
-            raise OpenAIError(401, "the Authorization header must be printable ASCII",
+            raise OpenAIError(401, "the Authorization header must be printable ASCII of at "
+                                   f"most {MAX_AUTHORIZATION_BYTES} bytes",
                               type_="authentication_error", code="invalid_api_key")
         scheme, _, token = (header or "").partition(" ")
         if scheme.lower() == "bearer" and token.strip():  # RFC 7235: the scheme in any case

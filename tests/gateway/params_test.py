@@ -240,6 +240,11 @@ class AuthorizationTest(unittest.TestCase):
             self.assertEqual(cm.exception.status, 401)
             self.assertEqual(gw.metadata(_FakeRequest(headers={"authorization": "Bearer a\tb"}),
                                          check=False), ())  # /health: just not forwarded
+            # Past gRPC's metadata limit the coordinator answered RESOURCE_EXHAUSTED: a 429
+            # that SDKs retry.
+            with self.assertRaises(OpenAIError) as cm:
+                gw.metadata(_FakeRequest(headers={"authorization": "Bearer " + "a" * 5000}))
+            self.assertEqual(cm.exception.status, 401)
 
     def test_scheme_in_any_case(self):
         for header in ("Bearer secret", "bearer secret", "BEARER  secret "):

@@ -237,6 +237,16 @@ class GatewayE2E(unittest.TestCase):
             self.assertRegex(err["message"], message)
         return err
 
+    def wait_a_idle(self, what, timeout=20):
+        """Waits for coordinator A to run and queue nothing (fails with `what` after timeout)."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            info = self.stub_a.ModelInfo(self.pb2.ModelInfoRequest())
+            if info.num_running == 0 and info.num_waiting == 0:
+                return
+            time.sleep(0.1)
+        self.fail(f"{what}: running {info.num_running}, waiting {info.num_waiting}")
+
     def test_curl_400(self):
         url = f"{self.a}/v1/completions"
         self.assert_error(*curl(url, {"model": MODEL_NAME, "prompt": "x", "top_p": "high"}), 400,
@@ -316,13 +326,7 @@ class GatewayE2E(unittest.TestCase):
         proc.kill()
         proc.wait()
         proc.stdout.close()
-        deadline = time.time() + 20
-        while time.time() < deadline:
-            info = self.stub_a.ModelInfo(self.pb2.ModelInfoRequest())
-            if info.num_running == 0 and info.num_waiting == 0:
-                break
-            time.sleep(0.1)
-        self.assertEqual(info.num_running, 0, "the disconnected stream still runs")
+        self.wait_a_idle("the disconnected stream still runs")
         # The same for a non-streaming request.
         proc = subprocess.Popen(
             ["curl", "-s", f"{self.a}/v1/completions", "-H", "Content-Type: application/json",
@@ -501,13 +505,7 @@ class GatewayE2E(unittest.TestCase):
                                     headers=("Authorization: Bearer caf\u00e9",)), 401)
             for f in hangups:
                 f.result()
-        deadline = time.time() + 20
-        while time.time() < deadline:
-            info = self.stub_a.ModelInfo(self.pb2.ModelInfoRequest())
-            if info.num_running == 0 and info.num_waiting == 0:
-                break
-            time.sleep(0.1)
-        self.assertEqual((info.num_running, info.num_waiting), (0, 0))
+        self.wait_a_idle("a request outlived its client")
         self.assertEqual(curl(url, {"model": MODEL_NAME, "prompt": "x", "max_tokens": 2})[0], 200)
         with open(os.path.join(self.tmp, "gw_a.err")) as f:
             log = f.read()

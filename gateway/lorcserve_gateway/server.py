@@ -18,6 +18,7 @@ import uuid
 
 import grpc
 from fastapi import FastAPI, Request
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
@@ -414,6 +415,13 @@ def create_app(gateway):
         return OpenAIError(500, f"internal gateway error: {type(exc).__name__}: {exc}",
                            type_="internal_error").response()
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request, exc):
+        # Routing's own answers (no such path 404, wrong method 405) in OpenAI's shape too.
+        type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        err = OpenAIError(exc.status_code, str(exc.detail), type_=type_)
+        return JSONResponse(err.body(), status_code=err.status, headers=exc.headers)  # Allow
+
     @app.exception_handler(ClientDisconnect)
     async def _client_gone(_request, _exc):
         # The client hung up while sending its body: nobody reads an answer, nothing to log.
@@ -436,13 +444,20 @@ def create_app(gateway):
                                type_="service_unavailable_error").response()
         return JSONResponse({"status": "ok"})
 
+    def model_card(state):
+        return {"id": state.name, "object": "model", "created": gateway.created,
+                "owned_by": "lorcserve", "root": state.info.model,
+                "max_model_len": state.info.max_model_len}
+
     @app.get("/v1/models")
     async def models(request: Request):
         state = await gateway.model_state(gateway.metadata(request))
-        return {"object": "list", "data": [{
-            "id": state.name, "object": "model", "created": gateway.created,
-            "owned_by": "lorcserve", "root": state.info.model,
-            "max_model_len": state.info.max_model_len}]}
+        return {"object": "list", "data": [model_card(state)]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str, request: Request):  # the SDKs' models.retrieve
+        return model_card(await gateway.check_model({"model": model},
+                                                    gateway.metadata(request)))
 
     async def _begin(request, fields):
         """Token check, body, field check, model: (metadata, body, model state)."""

@@ -157,7 +157,7 @@ class GatewayE2E(unittest.TestCase):
                              timeout=300)
         print(out.stdout, out.stderr, file=sys.stderr)
         self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
-        self.assertIn("14/14 passed", out.stdout)
+        self.assertIn("15/15 passed", out.stdout)
 
     # -- curl ------------------------------------------------------------------------------
     def test_curl_completion_equals_lorcserve_generate(self):
@@ -281,6 +281,10 @@ class GatewayE2E(unittest.TestCase):
         err = self.assert_error(*curl(f"{self.a}/v1/completions",
                                       {"model": "gpt-4o", "prompt": "x"}), 404, "model")
         self.assertEqual(err["code"], "model_not_found")
+        # Routing's own 404 / 405 in OpenAI's shape too (FastAPI answers {"detail": ...}).
+        self.assert_error(*curl(f"{self.a}/v1/embeddings", {"input": "x"}), 404, None,
+                          "Not Found")
+        self.assert_error(*curl(f"{self.a}/v1/completions"), 405)
 
     def test_curl_401(self):
         url = f"{self.b}/v1/completions"

@@ -12,6 +12,20 @@ DEFAULT_PORT = 8000
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
+
+def _port(text):
+    """argparse type of --port: an int in [0, 65535] (bind() raised OverflowError past it)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in [0, 65535], got {port}")
+    return port
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="lorcserve-gateway",
                                 description="OpenAI-compatible HTTP gateway for a lorcserve "
@@ -19,7 +33,7 @@ def parse_args(argv):
     p.add_argument("--coordinator", required=True,
                    help="the coordinator's public gRPC address HOST:PORT (its --listen)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP listen address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT,
+    p.add_argument("--port", type=_port, default=DEFAULT_PORT,
                    help=f"HTTP port (default {DEFAULT_PORT}; 0: any free port, printed)")
     p.add_argument("--served-model-name",
                    help="the model id clients send (default: the base name of the coordinator's "
@@ -38,8 +52,12 @@ def parse_args(argv):
                    help="where the generated gRPC stubs are (default $LORC_GATEWAY_STUBS)")
     p.add_argument("--proto-dir", default=None,
                    help="generate the stubs from this proto/ folder when missing or stale")
-    p.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
-    return p.parse_args(argv)
+    p.add_argument("--log-level", default="warning", choices=LOG_LEVELS,
+                   help="uvicorn log level (default warning)")
+    args = p.parse_args(argv)
+    if not args.coordinator.strip():
+        p.error("--coordinator: empty address (HOST:PORT)")
+    return args
 
 
 def main(argv=None):

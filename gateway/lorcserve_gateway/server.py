@@ -104,6 +104,9 @@ class Gateway:
                     self.tls_roots = f.read()
             except OSError as e:
                 raise ValueError(f"--tls-ca {options.tls_ca}: {e.strerror}") from e
+            if b"-----BEGIN CERTIFICATE-----" not in self.tls_roots:
+                # gRPC would only fail each connection later (every request a 503).
+                raise ValueError(f"--tls-ca {options.tls_ca}: no PEM certificate in the file")
         self.channel = None
         self.stub = None
         self.state = None

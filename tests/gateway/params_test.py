@@ -256,6 +256,31 @@ class AuthorizationTest(unittest.TestCase):
             self.assertEqual(cm.exception.status, 401)
 
 
+class FlagsTest(unittest.TestCase):
+    def test_bad_flags_exit_2_naming_the_flag(self):
+        import contextlib
+        import importlib
+        import io
+        cli = importlib.import_module("lorcserve_gateway.__main__")
+        for argv, text in [(["--port", "99999"], "--port"),  # was bind()'s OverflowError
+                           (["--port", "-1"], "--port"),
+                           (["--log-level", "loud"], "--log-level"),  # was uvicorn's KeyError
+                           (["--coordinator", " "], "--coordinator")]:
+            err = io.StringIO()
+            with self.assertRaises(SystemExit) as cm, contextlib.redirect_stderr(err):
+                cli.parse_args(["--coordinator", "127.0.0.1:1"] + argv)
+            self.assertEqual(cm.exception.code, 2)
+            self.assertIn(text, err.getvalue())
+        self.assertEqual(cli.parse_args(["--coordinator", "h:1", "--port", "0"]).port, 0)
+
+    def test_tls_ca_without_a_certificate_is_refused_at_start(self):
+        with tempfile.NamedTemporaryFile("w", suffix=".pem") as f:
+            f.write("not a certificate\n")
+            f.flush()
+            with self.assertRaisesRegex(ValueError, "--tls-ca .*no PEM certificate"):
+                server.Gateway(server.Options("127.0.0.1:1", tls_ca=f.name), pb2, None)
+
+
 class CoordinatorErrorTest(unittest.TestCase):
     def test_coordinator_400_names_the_field(self):
         for details, param in [("top_p must be in (0, 1], got 7", "top_p"),

@@ -516,6 +516,26 @@ class GatewayE2E(unittest.TestCase):
         self.assertNotIn("Traceback", log)
         self.assertNotIn("never retrieved", log)
 
+    def test_sigterm_exits_after_the_drain_timeout(self):
+        # uvicorn's graceful shutdown waited for a stream as long as it ran (or forever for a
+        # request that never ends): --drain-timeout-s bounds it, and the coordinator's request
+        # ends with the gateway.
+        addr = self.s.gateway("gw_drain", self.coord_a, "--drain-timeout-s", "1")
+        gw = self.s.procs[-1]
+        client = subprocess.Popen(
+            ["curl", "-sN", f"http://{addr}/v1/completions", "-H",
+             "Content-Type: application/json", "-d", json.dumps({
+                 "model": MODEL_NAME, "prompt": "x", "max_tokens": 3000, "ignore_eos": True,
+                 "stream": True})], stdout=subprocess.PIPE, text=True)
+        client.stdout.readline()  # the first chunk: the request is running
+        start = time.time()
+        gw.send_signal(signal.SIGTERM)
+        gw.wait(timeout=15)
+        self.assertLess(time.time() - start, 10)
+        client.wait(timeout=10)
+        client.stdout.close()
+        self.wait_a_idle("the request outlived the gateway")
+
     def test_zz_503_draining(self):
         # Last (alphabetical order): ends coordinator B.
         self.coord_b_proc.send_signal(signal.SIGTERM)

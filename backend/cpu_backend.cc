@@ -388,6 +388,11 @@ void CpuBackend::RotateRows(const Tensor2D& x, int heads, int head_dim, const in
                            &cos_, &sin_);
 }
 
+absl::Status KvPolicyBroken(const char* op, int32_t s) {
+  return absl::InternalError(absl::StrCat("cpu backend: ", op, ": sequence ", s,
+                                          ": the KV policy left out a token of this step"));
+}
+
 // Decode and prefill share this body on the CPU: per sequence and KV head, gather the keys and
 // values into contiguous fp32 rows (dequantized from a BF16 or quantized cache), then two GEMMs
 // around a causal softmax.
@@ -416,8 +421,9 @@ absl::Status CpuBackend::Attend(const AttentionParams& p, const AttentionBatch& 
       // The kept keys in position order (all of them without a policy); a step's own tokens are
       // always kept, so the causal mask over the kept list is CausalSoftmax's.
       const int n = cpu_internal::GatherKeptHead(p.cache, policy, p.kv_policy.layer, table,
-                                                 b.block_size, len, g, hd, hd, &kept_, &k_buf_,
-                                                 &v_buf_);
+                                                 b.block_size, len, q_len, g, hd, hd, &kept_,
+                                                 &k_buf_, &v_buf_);
+      if (n < 0) return KvPolicyBroken(op, s);
       scores_.resize(static_cast<size_t>(q_len) * n);
       const float* q_g = p.q.as<float>() + static_cast<int64_t>(q0) * q_ld + g * group * hd;
       if (policy != nullptr) policy->ObserveQueries(p.kv_policy.layer, g, q_g, q_len, q_ld, group, hd);

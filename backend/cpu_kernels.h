@@ -42,9 +42,10 @@ void LoadKvHead(const KvLayer& cache, bool v_side, int64_t slot, int64_t head, i
 // The keys / values of KV head `head` of one sequence (`len` tokens, paged by `table`) that
 // `policy` keeps (null: every position), in position order: kept[n] positions, k [n, k_width]
 // and v [n, v_width] fp32 (cache slots dequantized as LoadKvHead, kLow entries from the
-// policy). Returns n.
+// policy). Returns n, or -1 when one of the step's q_len tokens (the last q_len positions) is not
+// kept (the policy's invariant broken: callers fail with Internal).
 int GatherKeptHead(const KvLayer& cache, kvpolicy::SequenceKvPolicy* policy, int layer,
-                   const int32_t* table, int32_t block_size, int len, int head, int64_t k_width,
+                   const int32_t* table, int32_t block_size, int len, int q_len, int head, int64_t k_width,
                    int64_t v_width, std::vector<int32_t>* kept, std::vector<float>* k,
                    std::vector<float>* v);
 // CORM's statistic from one query head's causal probabilities over the kept keys, probs

@@ -9,7 +9,7 @@
 namespace lorc::cpu_internal {
 
 int GatherKeptHead(const KvLayer& cache, kvpolicy::SequenceKvPolicy* policy, int layer,
-                   const int32_t* table, int32_t block_size, int len, int head, int64_t k_width,
+                   const int32_t* table, int32_t block_size, int len, int q_len, int head, int64_t k_width,
                    int64_t v_width, std::vector<int32_t>* kept, std::vector<float>* k,
                    std::vector<float>* v) {
   kept->clear();
@@ -20,6 +20,8 @@ int GatherKeptHead(const KvLayer& cache, kvpolicy::SequenceKvPolicy* policy, int
     }
   }
   const int n = static_cast<int>(kept->size());
+  // The step's own tokens must all be kept (the causal mask assumes they end the list).
+  if (n < q_len || (*kept)[n - q_len] != len - q_len) return -1;
   k->resize(static_cast<size_t>(n) * k_width);
   v->resize(static_cast<size_t>(n) * v_width);
   for (int j = 0; j < n; ++j) {

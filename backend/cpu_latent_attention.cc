@@ -97,8 +97,12 @@ absl::Status LatentAttention(const LatentAttentionParams& p, const AttentionBatc
     for (int g = 0; g < p.num_kv_heads; ++g) {
       // Latents of KV head g that the policy keeps (all without one), dequantized to fp32, and
       // their positions (the reconstructed keys are rotated at them).
-      const int n = GatherKeptHead(p.cache, policy, p.kv_policy.layer, table, b.block_size, len, g,
-                                   rk, rv, &sc->positions, &sc->c_k, &sc->c_v);
+      const int n = GatherKeptHead(p.cache, policy, p.kv_policy.layer, table, b.block_size, len,
+                                   q_len, g, rk, rv, &sc->positions, &sc->c_k, &sc->c_v);
+      if (n < 0) {
+        return absl::InternalError(absl::StrCat("cpu backend: LatentAttention: sequence ", s,
+                                                ": the KV policy left out a token of this step"));
+      }
       sc->k.resize(static_cast<size_t>(n) * hd);
       sc->scores.resize(static_cast<size_t>(q_len) * n);
       // k [len, hd] = c_K [len, rk] x B_K,g^T (B_K,g: [hd, rk]), then RoPE at each position.

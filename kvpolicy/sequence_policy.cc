@@ -11,29 +11,32 @@ void SelectVictims(const KvPolicyConfig& c, int64_t seq_len, int64_t pinned, con
   victims->clear();
   const int64_t lo = std::max<int64_t>(c.sinks, pinned);
   const int64_t hi = seq_len - c.recent;  // [lo, hi): may be evicted
-  if (!c.has_budget()) {
-    const int64_t oldest_query = seq_len - c.window;
-    for (int64_t p = lo; p < hi; ++p) {
-      if (state[p] == static_cast<uint8_t>(SlotState::kFull) && last_hit[p] < oldest_query) {
-        victims->push_back(static_cast<int32_t>(p));
-      }
-    }
+  const uint8_t full_state = static_cast<uint8_t>(SlotState::kFull);
+  // The w rule: unimportant to every query of the last `window` positions.
+  const int64_t oldest_query = seq_len - c.window;
+  std::vector<int32_t>& rest = *victims;  // first the survivors of the rule (budget only)
+  std::vector<int32_t> rule;
+  int64_t full = 0;
+  for (int64_t p = 0; p < seq_len; ++p) {
+    if (state[p] != full_state) continue;
+    ++full;
+    if (p < lo || p >= hi) continue;
+    (last_hit[p] < oldest_query ? rule : rest).push_back(static_cast<int32_t>(p));
+  }
+  const int64_t budget = c.BudgetFor(seq_len);
+  full -= static_cast<int64_t>(rule.size());
+  if (!c.has_budget() || full <= budget) {
+    victims->swap(rule);
     return;
   }
-  int64_t full = 0;
-  for (int64_t p = 0; p < seq_len; ++p) full += state[p] == static_cast<uint8_t>(SlotState::kFull);
-  const int64_t budget = c.BudgetFor(seq_len);
-  if (full <= budget) return;
-  for (int64_t p = lo; p < hi; ++p) {
-    if (state[p] == static_cast<uint8_t>(SlotState::kFull)) victims->push_back(static_cast<int32_t>(p));
-  }
-  const size_t over = static_cast<size_t>(std::min<int64_t>(full - budget, victims->size()));
-  // The `over` least recently important (ties: earlier positions), then back in position order.
-  std::nth_element(victims->begin(), victims->begin() + over, victims->end(), [&](int32_t a, int32_t b) {
+  // Over the budget: also the least recently important survivors (ties: earlier positions).
+  const size_t over = static_cast<size_t>(std::min<int64_t>(full - budget, rest.size()));
+  std::nth_element(rest.begin(), rest.begin() + over, rest.end(), [&](int32_t a, int32_t b) {
     return last_hit[a] != last_hit[b] ? last_hit[a] < last_hit[b] : a < b;
   });
-  victims->resize(over);
-  std::sort(victims->begin(), victims->end());
+  rest.resize(over);
+  rest.insert(rest.end(), rule.begin(), rule.end());
+  std::sort(rest.begin(), rest.end());
 }
 
 SequenceKvPolicy::SequenceKvPolicy(const KvPolicyConfig* config, const std::vector<LayerShape>* layers,

@@ -47,11 +47,11 @@ struct LayerShape {
 // CORM's choice for one (layer, KV head) after a step, written into `victims` (ascending
 // positions): among the kFull positions p of [0, seq_len) that are not protected (p < sinks,
 // p >= seq_len - recent, p < pinned):
-//  - budget-free: those with last_hit[p] < seq_len - window (no query of the last `window`
-//    positions gave them probability >= 1/t);
-//  - with a budget B = config.BudgetFor(seq_len): when more than B positions are kFull, the
-//    unprotected ones with the oldest last_hit (ties: the earlier position) until B remain (or
-//    none is left unprotected).
+//  - always (CORM's rule): those with last_hit[p] < seq_len - window (no query of the last
+//    `window` positions gave them probability >= 1/t);
+//  - with a budget B = config.BudgetFor(seq_len), when more than B positions remain kFull after
+//    that: also the unprotected ones with the oldest last_hit (ties: the earlier position) until
+//    B remain (or none is left unprotected). The budget is an upper bound.
 void SelectVictims(const KvPolicyConfig& config, int64_t seq_len, int64_t pinned,
                    const uint8_t* state, const int32_t* last_hit, std::vector<int32_t>* victims);
 

@@ -93,7 +93,7 @@ TEST_P(KvPolicyAttentionTest, ReadsKeptEntriesOnlyAndMatchesDenseReference) {
   kvpolicy::KvPolicyConfig config;
   config.kind = kind;
   config.window = 4;
-  config.recent = 3;
+  config.recent = 5;  // covers the prefill chunk: step 2 runs the same queries again
   config.sinks = 2;
   config.budget_tokens = 10;
   const std::vector<kvpolicy::LayerShape> layers = {{khw, vhw, !latent, (khw + vhw) * 4}};
@@ -247,17 +247,24 @@ TEST_P(KvPolicyAttentionTest, ReadsKeptEntriesOnlyAndMatchesDenseReference) {
       }
     }
   }
-  // The budget was applied after the step: 10 full-precision entries per head, or the protected
-  // ones when more (seq 1: pinned 8 + recent 3 = 11); CORM dropped the rest, MiKV kept them low.
+  // The policy was applied after the step: at most 10 full-precision entries per head, or the
+  // protected ones when more (seq 1: pinned 8 + recent 5 = 13); CORM dropped the rest, MiKV
+  // kept them low.
   for (int s = 0; s < 2; ++s) {
     for (int g = 0; g < kKvHeads; ++g) {
       const kvpolicy::EntryCounts n = states[s]->Counts(0, g);
-      EXPECT_EQ(n.full, s == 0 ? 10 : 11) << "seq " << s;
+      if (s == 0) {
+        EXPECT_LE(n.full, 10);
+        EXPECT_GT(n.full, 7) << "some key beyond sinks and recent was important to the query";
+      } else {
+        EXPECT_EQ(n.full, 13);
+      }
+      EXPECT_GT(kind == KvPolicyKind::kMikv ? n.low : n.dead, 0);
       EXPECT_EQ(kind == KvPolicyKind::kMikv ? n.low : n.dead, seq_lens[s] - n.full);
       for (int t = 0; t < std::max<int64_t>(2, seqs[s].pinned); ++t) {
         EXPECT_EQ(states[s]->state(0, g, t), SlotState::kFull) << "sink / pinned " << t;
       }
-      for (int t = seq_lens[s] - 3; t < seq_lens[s]; ++t) {
+      for (int t = seq_lens[s] - config.recent; t < seq_lens[s]; ++t) {
         EXPECT_EQ(states[s]->state(0, g, t), SlotState::kFull) << "recent " << t;
       }
     }

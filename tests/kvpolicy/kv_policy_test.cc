@@ -97,14 +97,16 @@ TEST(SelectVictimsTest, WindowRuleKeepsSinksRecentPinnedAndRecentlyImportant) {
   EXPECT_EQ(v.back(), 91);
 }
 
-// With a budget: the full count ends at max(budget, protected), protected positions stay, and every
-// kept unprotected position was important no earlier than every victim.
+// With a budget: the w rule first (every unprotected full position no query of the last w hit
+// goes), then the full count ends at min(what the rule left, max(budget, protected)); protected
+// positions stay, and every kept unprotected position was important no earlier than any victim.
 TEST(SelectVictimsTest, BudgetKeepsTheMostRecentlyImportant) {
   std::mt19937 rng(7);
-  for (int trial = 0; trial < 200; ++trial) {
+  int binding = 0;
+  for (int trial = 0; trial < 300; ++trial) {
     KvPolicyConfig c;
     c.kind = trial % 2 ? KvPolicyKind::kMikv : KvPolicyKind::kCorm;
-    c.window = 1 + static_cast<int32_t>(rng() % 16);
+    c.window = 1 + static_cast<int32_t>(rng() % 64);
     c.recent = static_cast<int32_t>(rng() % 12);
     c.sinks = static_cast<int32_t>(rng() % 6);
     const int64_t len = 1 + rng() % 300;
@@ -131,25 +133,34 @@ TEST(SelectVictimsTest, BudgetKeepsTheMostRecentlyImportant) {
     const auto is_protected = [&](int64_t p) {
       return p < c.sinks || p < pinned || p >= len - c.recent;
     };
-    int64_t full = 0, protected_full = 0;
+    int64_t full = 0, protected_full = 0, after_rule = 0;
     int32_t oldest_kept = INT32_MAX, newest_victim = INT32_MIN;
     for (int64_t p = 0; p < len; ++p) {
       full += after[p] == kFull;
+      if (state[p] != kFull) continue;
       if (is_protected(p)) {
-        EXPECT_EQ(after[p], state[p]) << "protected position " << p << " changed";
-        protected_full += state[p] == kFull;
-      } else if (after[p] == kFull) {
+        EXPECT_EQ(after[p], kFull) << "protected position " << p << " evicted";
+        ++protected_full;
+        ++after_rule;
+        continue;
+      }
+      if (hit[p] < len - c.window) {
+        EXPECT_EQ(after[p], 0) << "position " << p << " unimportant to the last w queries kept";
+      } else {
+        ++after_rule;
+      }
+      if (after[p] == kFull) {
         oldest_kept = std::min(oldest_kept, hit[p]);
-      } else if (state[p] == kFull) {
+      } else {
         newest_victim = std::max(newest_victim, hit[p]);
       }
     }
     const int64_t budget = c.BudgetFor(len);
-    int64_t before = 0;
-    for (uint8_t s : state) before += s == kFull;
-    EXPECT_EQ(full, std::min(before, std::max(budget, protected_full))) << "trial " << trial;
+    binding += after_rule > budget;
+    EXPECT_EQ(full, std::min(after_rule, std::max(budget, protected_full))) << "trial " << trial;
     if (!v.empty() && oldest_kept != INT32_MAX) EXPECT_LE(newest_victim, oldest_kept);
   }
+  EXPECT_GT(binding, 50) << "the budget should bind in many trials";
 }
 
 // |x - dequantized| <= scale / 2 (+ fp32 rounding), scale = the entry's fp16 scale; and the

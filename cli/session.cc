@@ -49,7 +49,7 @@ std::vector<FlagSpec> KvCacheFlags() {
       {"kv-policy", true,
        "token-level KV policy (kvpolicy/README.md): none (default), corm (evict keys no recent "
        "query attended, arXiv 2404.15949) or mikv (keep them in low precision instead, arXiv "
-       "2402.18096); cpu backend, in-process workers only",
+       "2402.18096); cpu backend; generate, eval and bench (not the coordinator's workers yet)",
        "P"},
       {"kv-policy-window", true,
        absl::StrCat("CORM's w: a key stays while one of the last W queries gave it attention "
@@ -231,10 +231,6 @@ absl::StatusOr<kvpolicy::KvPolicyConfig> ParseKvPolicyFlags(const Args& args) {
   }
   if (c.kind != kvpolicy::KvPolicyKind::kMikv && args.Has("kv-policy-low-bits")) {
     return absl::InvalidArgumentError("--kv-policy-low-bits needs --kv-policy mikv");
-  }
-  if (c.enabled() && args.Has("workers")) {
-    return absl::InvalidArgumentError(
-        "--kv-policy: remote workers (--workers) do not take a KV policy yet (in-process only)");
   }
   RETURN_IF_ERROR(kvpolicy::ValidateKvPolicyConfig(c));
   return c;

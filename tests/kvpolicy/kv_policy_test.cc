@@ -158,7 +158,9 @@ TEST(SelectVictimsTest, BudgetKeepsTheMostRecentlyImportant) {
     const int64_t budget = c.BudgetFor(len);
     binding += after_rule > budget;
     EXPECT_EQ(full, std::min(after_rule, std::max(budget, protected_full))) << "trial " << trial;
-    if (!v.empty() && oldest_kept != INT32_MAX) EXPECT_LE(newest_victim, oldest_kept);
+    if (!v.empty() && oldest_kept != INT32_MAX) {
+      EXPECT_LE(newest_victim, oldest_kept);
+    }
   }
   EXPECT_GT(binding, 50) << "the budget should bind in many trials";
 }

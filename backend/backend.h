@@ -46,6 +46,22 @@
 #include "kvstore/kv_block_manager.h"
 
 namespace lorc {
+namespace kvpolicy {
+class SequenceKvPolicy;  // kvpolicy/sequence_policy.h
+}  // namespace kvpolicy
+
+// Token-level KV policy of one attention call (kvpolicy/, issue #17; backends with
+// SupportsKvPolicy()). `seqs`: per sequence of the plan's batch (num_seqs, batch order) its
+// state or null (no policy for that sequence); null `seqs`: no policy at all. Attention then
+// reads only the slots the state keeps (kDead skipped, kLow read from its low-precision entry),
+// takes the causal order over the kept keys (a step's own tokens are always kept), writes
+// last_hit for every key a query gives probability >= 1/t (t: the keys that query attends),
+// and after the step's attention of each (sequence, KV head) applies the policy's choice
+// (SequenceKvPolicy::Apply). The paged cache itself is never written.
+struct KvPolicyAttention {
+  kvpolicy::SequenceKvPolicy* const* seqs = nullptr;
+  int32_t layer = 0;  // the model layer (index into the policy's layers)
+};
 
 class Backend;
 
@@ -198,6 +214,7 @@ struct AttentionParams {
   int32_t num_kv_heads = 0;  // KV heads (on this rank); divides num_heads
   int32_t head_dim = 0;
   float scale = 1.0f;        // softmax scale, usually 1/sqrt(head_dim)
+  KvPolicyAttention kv_policy;  // none by default
 };
 
 struct RopeParams {
@@ -255,6 +272,7 @@ struct LatentAttentionParams {
   int32_t v_rank = 0;        // r_v, 1..head_dim
   float scale = 1.0f;        // softmax scale, 1/sqrt(head_dim)
   const float* inv_freq = nullptr;  // [head_dim / 2], device, fp32 (the runner's, scaling applied)
+  KvPolicyAttention kv_policy;      // none by default (latent widths: r_k / r_v per KV head)
 };
 
 // Seeded weight initialisation (`--random-weights`) of one block, computed where the buffer
@@ -395,6 +413,9 @@ class Backend {
   // Whether LatentAttention (and RopeKvWrite with rotate_k false) run here: the model runner
   // refuses a LoRC model at load otherwise (Unimplemented naming the backend).
   virtual bool SupportsLatentAttention() const { return false; }
+  // Whether attention honours AttentionParams / LatentAttentionParams::kv_policy (the CPU
+  // backend; CUDA: not yet). The model runner refuses --kv-policy otherwise.
+  virtual bool SupportsKvPolicy() const { return false; }
   // Per layer, for a LoRC layer: latent attention for every sequence of the plan, decode and
   // prefill (see LatentAttentionParams).
   virtual absl::Status LatentAttention(const LatentAttentionParams& p, const AttentionPlan& plan) = 0;

@@ -18,6 +18,7 @@
 #include "common/parallel_for.h"
 #include "common/status_macros.h"
 #include "kernels/random_init.h"
+#include "kvpolicy/sequence_policy.h"
 
 namespace lorc {
 namespace {
@@ -278,6 +279,7 @@ class CpuBackend final : public Backend {
 
   bool SupportsQuantizedKvCache() const override { return true; }
   bool SupportsLatentAttention() const override { return true; }
+  bool SupportsKvPolicy() const override { return true; }
   absl::Status LatentAttention(const LatentAttentionParams& p, const AttentionPlan& plan) override {
     const auto& cp = static_cast<const CpuAttentionPlan&>(plan);
     RETURN_IF_ERROR(cpu_internal::LatentAttention(p, plan.batch(), cp.decodes(), &latent_));
@@ -359,6 +361,7 @@ class CpuBackend final : public Backend {
 
   bool capturing_ = false;
   std::vector<float> cos_, sin_, k_buf_, v_buf_, scores_;
+  std::vector<int32_t> kept_;
   SampleScratch sample_scratch_;
   cpu_internal::LatentScratch latent_;
 };
@@ -385,6 +388,11 @@ void CpuBackend::RotateRows(const Tensor2D& x, int heads, int head_dim, const in
                            &cos_, &sin_);
 }
 
+absl::Status KvPolicyBroken(const char* op, int32_t s) {
+  return absl::InternalError(absl::StrCat("cpu backend: ", op, ": sequence ", s,
+                                          ": the KV policy left out a token of this step"));
+}
+
 // Decode and prefill share this body on the CPU: per sequence and KV head, gather the keys and
 // values into contiguous fp32 rows (dequantized from a BF16 or quantized cache), then two GEMMs
 // around a causal softmax.
@@ -407,26 +415,33 @@ absl::Status CpuBackend::Attend(const AttentionParams& p, const AttentionBatch& 
     if (q_len == 0) continue;
     const int len = b.seq_lens[s];
     const int32_t* table = b.block_tables + static_cast<int64_t>(s) * b.max_blocks_per_seq;
-    k_buf_.resize(static_cast<size_t>(len) * hd);
-    v_buf_.resize(static_cast<size_t>(len) * hd);
-    scores_.resize(static_cast<size_t>(q_len) * len);
+    kvpolicy::SequenceKvPolicy* policy =
+        p.kv_policy.seqs != nullptr ? p.kv_policy.seqs[s] : nullptr;
     for (int g = 0; g < p.num_kv_heads; ++g) {
-      for (int pos = 0; pos < len; ++pos) {
-        const int64_t slot =
-            static_cast<int64_t>(table[pos / b.block_size]) * b.block_size + pos % b.block_size;
-        cpu_internal::LoadKvHead(p.cache, false, slot, g, hd, &k_buf_[static_cast<size_t>(pos) * hd]);
-        cpu_internal::LoadKvHead(p.cache, true, slot, g, hd, &v_buf_[static_cast<size_t>(pos) * hd]);
-      }
+      // The kept keys in position order (all of them without a policy); a step's own tokens are
+      // always kept, so the causal mask over the kept list is CausalSoftmax's.
+      const int n = cpu_internal::GatherKeptHead(p.cache, policy, p.kv_policy.layer, table,
+                                                 b.block_size, len, q_len, g, hd, hd, &kept_,
+                                                 &k_buf_, &v_buf_);
+      if (n < 0) return KvPolicyBroken(op, s);
+      scores_.resize(static_cast<size_t>(q_len) * n);
+      const float* q_g = p.q.as<float>() + static_cast<int64_t>(q0) * q_ld + g * group * hd;
+      if (policy != nullptr) policy->ObserveQueries(p.kv_policy.layer, g, q_g, q_len, q_ld, group, hd);
       for (int hh = 0; hh < group; ++hh) {
         const int h = g * group + hh;
         const float* q = p.q.as<float>() + static_cast<int64_t>(q0) * q_ld + h * hd;
         float* out = p.out.as<float>() + static_cast<int64_t>(q0) * o_ld + h * hd;
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, q_len, len, hd, p.scale, q,
-                    static_cast<int>(q_ld), k_buf_.data(), hd, 0.0f, scores_.data(), len);
-        cpu_internal::CausalSoftmax(scores_.data(), q_len, len);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, q_len, hd, len, 1.0f,
-                    scores_.data(), len, v_buf_.data(), hd, 0.0f, out, static_cast<int>(o_ld));
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, q_len, n, hd, p.scale, q,
+                    static_cast<int>(q_ld), k_buf_.data(), hd, 0.0f, scores_.data(), n);
+        cpu_internal::CausalSoftmax(scores_.data(), q_len, n);
+        if (policy != nullptr) {
+          cpu_internal::RecordImportance(scores_.data(), q_len, n, len, kept_.data(),
+                                         policy->last_hit(p.kv_policy.layer, g));
+        }
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, q_len, hd, n, 1.0f,
+                    scores_.data(), n, v_buf_.data(), hd, 0.0f, out, static_cast<int>(o_ld));
       }
+      if (policy != nullptr) policy->Apply(p.kv_policy.layer, g, kept_, k_buf_.data(), v_buf_.data());
     }
   }
   return absl::OkStatus();

@@ -38,10 +38,26 @@ void StoreKvRow(const KvLayer& cache, bool v_side, int64_t slot, const float* ro
 void LoadKvHead(const KvLayer& cache, bool v_side, int64_t slot, int64_t head, int64_t head_width,
                 float* out);
 
+// Token-level KV policies (cpu_kv_policy.cc; backend.h KvPolicyAttention).
+// The keys / values of KV head `head` of one sequence (`len` tokens, paged by `table`) that
+// `policy` keeps (null: every position), in position order: kept[n] positions, k [n, k_width]
+// and v [n, v_width] fp32 (cache slots dequantized as LoadKvHead, kLow entries from the
+// policy). Returns n, or -1 when one of the step's q_len tokens (the last q_len positions) is not
+// kept (the policy's invariant broken: callers fail with Internal).
+int GatherKeptHead(const KvLayer& cache, kvpolicy::SequenceKvPolicy* policy, int layer,
+                   const int32_t* table, int32_t block_size, int len, int q_len, int head, int64_t k_width,
+                   int64_t v_width, std::vector<int32_t>* kept, std::vector<float>* k,
+                   std::vector<float>* v);
+// CORM's statistic from one query head's causal probabilities over the kept keys, probs
+// [q_len, n] (query i at position len - q_len + i attends kept keys [0, t), t = n - q_len + i + 1):
+// last_hit[kept[j]] = max(last_hit[kept[j]], that position) where probs[i][j] >= 1/t.
+void RecordImportance(const float* probs, int q_len, int n, int len, const int32_t* kept,
+                      int32_t* last_hit);
+
 // Scratch reused across calls (sized on demand).
 struct LatentScratch {
   std::vector<float> c_k, c_v, k, scores, cos, sin;
-  std::vector<int32_t> positions;
+  std::vector<int32_t> positions;  // the kept keys' positions
 };
 
 // CpuBackend::LatentAttention over the sequences `seqs` of batch `b` (LatentAttentionParams).

@@ -13,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "backend/cpu_kernels.h"
 #include "common/status_macros.h"
+#include "kvpolicy/sequence_policy.h"
 
 namespace lorc::cpu_internal {
 
@@ -91,35 +92,41 @@ absl::Status LatentAttention(const LatentAttentionParams& p, const AttentionBatc
     if (q_len == 0) continue;
     const int len = b.seq_lens[s];
     const int32_t* table = b.block_tables + static_cast<int64_t>(s) * b.max_blocks_per_seq;
-    sc->c_k.resize(static_cast<size_t>(len) * rk);
-    sc->c_v.resize(static_cast<size_t>(len) * rv);
-    sc->k.resize(static_cast<size_t>(len) * hd);
-    sc->scores.resize(static_cast<size_t>(q_len) * len);
-    sc->positions.resize(len);
-    for (int pos = 0; pos < len; ++pos) sc->positions[pos] = pos;
+    kvpolicy::SequenceKvPolicy* policy =
+        p.kv_policy.seqs != nullptr ? p.kv_policy.seqs[s] : nullptr;
     for (int g = 0; g < p.num_kv_heads; ++g) {
-      for (int pos = 0; pos < len; ++pos) {
-        const int64_t slot =
-            static_cast<int64_t>(table[pos / b.block_size]) * b.block_size + pos % b.block_size;
-        // Latents of KV head g, dequantized (BF16 / quantized caches) to fp32.
-        LoadKvHead(p.cache, false, slot, g, rk, &sc->c_k[static_cast<size_t>(pos) * rk]);
-        LoadKvHead(p.cache, true, slot, g, rv, &sc->c_v[static_cast<size_t>(pos) * rv]);
+      // Latents of KV head g that the policy keeps (all without one), dequantized to fp32, and
+      // their positions (the reconstructed keys are rotated at them).
+      const int n = GatherKeptHead(p.cache, policy, p.kv_policy.layer, table, b.block_size, len,
+                                   q_len, g, rk, rv, &sc->positions, &sc->c_k, &sc->c_v);
+      if (n < 0) {
+        return absl::InternalError(absl::StrCat("cpu backend: LatentAttention: sequence ", s,
+                                                ": the KV policy left out a token of this step"));
       }
+      sc->k.resize(static_cast<size_t>(n) * hd);
+      sc->scores.resize(static_cast<size_t>(q_len) * n);
       // k [len, hd] = c_K [len, rk] x B_K,g^T (B_K,g: [hd, rk]), then RoPE at each position.
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, len, hd, rk, 1.0f, sc->c_k.data(), rk,
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, hd, rk, 1.0f, sc->c_k.data(), rk,
                   p.k_up.as<float>() + static_cast<int64_t>(g) * hd * up_ld, static_cast<int>(up_ld),
                   0.0f, sc->k.data(), hd);
-      RotateRows(sc->k.data(), len, hd, 1, hd, sc->positions.data(), p.inv_freq, &sc->cos, &sc->sin);
+      RotateRows(sc->k.data(), n, hd, 1, hd, sc->positions.data(), p.inv_freq, &sc->cos, &sc->sin);
       for (int hh = 0; hh < group; ++hh) {
         const int h = g * group + hh;
         const float* q = p.q.as<float>() + static_cast<int64_t>(q0) * q_ld + static_cast<int64_t>(h) * hd;
         float* out = p.out.as<float>() + static_cast<int64_t>(q0) * o_ld + static_cast<int64_t>(h) * rv;
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, q_len, len, hd, p.scale, q,
-                    static_cast<int>(q_ld), sc->k.data(), hd, 0.0f, sc->scores.data(), len);
-        CausalSoftmax(sc->scores.data(), q_len, len);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, q_len, n, hd, p.scale, q,
+                    static_cast<int>(q_ld), sc->k.data(), hd, 0.0f, sc->scores.data(), n);
+        CausalSoftmax(sc->scores.data(), q_len, n);
+        if (policy != nullptr) {
+          RecordImportance(sc->scores.data(), q_len, n, len, sc->positions.data(),
+                           policy->last_hit(p.kv_policy.layer, g));
+        }
         // out [q_len, rv] = P [q_len, len] x c_V [len, rv]: the value up-projection is in o_proj.
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, q_len, rv, len, 1.0f,
-                    sc->scores.data(), len, sc->c_v.data(), rv, 0.0f, out, static_cast<int>(o_ld));
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, q_len, rv, n, 1.0f,
+                    sc->scores.data(), n, sc->c_v.data(), rv, 0.0f, out, static_cast<int>(o_ld));
+      }
+      if (policy != nullptr) {
+        policy->Apply(p.kv_policy.layer, g, sc->positions, sc->c_k.data(), sc->c_v.data());
       }
     }
   }

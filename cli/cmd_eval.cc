@@ -1,4 +1,5 @@
 // lorcserve eval: perplexity over held-out windows and pass-key retrieval accuracy.
+#include <algorithm>
 #include <filesystem>
 #include <iostream>
 #include <limits>
@@ -108,6 +109,22 @@ int RunEval(int argc, char** argv) {
     }
     j["passkey_time_s"] = p->seconds;
   }
+  if (const kvpolicy::KvPolicyStore* policy = (*s)->model.runner->kv_policy()) {
+    // What the sequences' policy kept when they ended (kvpolicy/sequence_policy.h KvPolicyStats).
+    const kvpolicy::KvPolicyStats& st = policy->stats();
+    const double tokens = static_cast<double>(std::max<int64_t>(st.tokens, 1));
+    const double entries = static_cast<double>(
+        std::max<int64_t>(st.entries.full + st.entries.low + st.entries.dead, 1));
+    j["kv_policy"] = policy->config().Describe();
+    j["kv_policy_sequences"] = st.sequences;
+    j["kv_policy_bytes_per_token"] = st.kv_bytes / tokens;
+    j["kv_policy_metadata_bytes_per_token"] = st.metadata_bytes / tokens;
+    j["kv_policy_full_kv_bytes_per_token"] = st.full_kv_bytes / tokens;
+    j["kv_policy_full_fraction"] = static_cast<double>(st.entries.full) / entries;
+    j["kv_policy_low_fraction"] = static_cast<double>(st.entries.low) / entries;
+  } else {
+    j["kv_policy"] = "none";
+  }
   if (engine.scheduler().num_free_blocks() != kv.num_blocks) {
     return Fail("eval", absl::InternalError("KV blocks leaked after evaluation"));
   }
@@ -138,6 +155,16 @@ int RunEval(int argc, char** argv) {
     std::cout << absl::StrFormat("multi-turn   %.1f s (prefix caching %s)\n",
                                  j["multi_turn_time_s"].get<double>(),
                                  j["enable_prefix_caching"].get<bool>() ? "on" : "off");
+  }
+  if (j.contains("kv_policy_bytes_per_token")) {
+    std::cout << absl::StrFormat(
+        "kv policy    %s: %.0f bytes/token kept at the end of the sequences (of %.0f; %.1f %% "
+        "full precision, %.1f %% low), policy metadata %.0f bytes/token\n",
+        j["kv_policy"].get<std::string>(), j["kv_policy_bytes_per_token"].get<double>(),
+        j["kv_policy_full_kv_bytes_per_token"].get<double>(),
+        100 * j["kv_policy_full_fraction"].get<double>(),
+        100 * j["kv_policy_low_fraction"].get<double>(),
+        j["kv_policy_metadata_bytes_per_token"].get<double>());
   }
   std::cout << absl::StrFormat("kv bytes/token %d (%s, %s), capacity %d tokens\n",
                                j["kv_bytes_per_token"].get<int64_t>(), j["kv_dtype"].get<std::string>(),

@@ -46,6 +46,30 @@ std::vector<FlagSpec> KvCacheFlags() {
        "32 channels, scale and zero point); for full and LoRC latent caches; fp8/int8/int4: cpu only",
        "DT"},
       {"enforce-eager", false, "CUDA: run decode steps eagerly (no CUDA graphs)"},
+      {"kv-policy", true,
+       "token-level KV policy (kvpolicy/README.md): none (default), corm (evict keys no recent "
+       "query attended, arXiv 2404.15949) or mikv (keep them in low precision instead, arXiv "
+       "2402.18096); cpu backend; generate, eval and bench (not the coordinator's workers yet)",
+       "P"},
+      {"kv-policy-window", true,
+       absl::StrCat("CORM's w: a key stays while one of the last W queries gave it attention "
+                    "probability >= 1/t (default ", kvpolicy::defaults::kWindow, ")"),
+       "W"},
+      {"kv-policy-recent", true,
+       absl::StrCat("the last R tokens are always kept (default ", kvpolicy::defaults::kRecent, ")"),
+       "R"},
+      {"kv-policy-sinks", true,
+       absl::StrCat("the first S tokens (attention sinks) are always kept (default ",
+                    kvpolicy::defaults::kSinks, ")"),
+       "S"},
+      {"kv-token-budget", true,
+       "full-precision tokens per sequence, layer and KV head: a fraction of the sequence (0.3 "
+       "or 30%) or a count (512); default: budget-free",
+       "B"},
+      {"kv-policy-low-bits", true,
+       absl::StrCat("mikv: bits of the low-precision tokens, 4 or 2 (default ",
+                    kvpolicy::defaults::kLowBits, ")"),
+       "N"},
       {"kv-offloading-size", true,
        "host-memory KV tier in GiB for the whole tensor-parallel group, split evenly over the "
        "ranks (vLLM's flag; pinned memory on GPUs; default 0: off)",
@@ -182,7 +206,34 @@ absl::StatusOr<KvCacheOptions> ParseKvCacheOptions(const Args& args) {
                                                    " GiB is outside [0, 1048576]"));
   }
   kv.kv_offloading_bytes = static_cast<int64_t>(offload_gib * double{1 << 30});
+  ASSIGN_OR_RETURN(kv.kv_policy, ParseKvPolicyFlags(args));
   return kv;
+}
+
+absl::StatusOr<kvpolicy::KvPolicyConfig> ParseKvPolicyFlags(const Args& args) {
+  kvpolicy::KvPolicyConfig c;
+  ASSIGN_OR_RETURN(c.kind, kvpolicy::ParseKvPolicyKind(args.Get("kv-policy", "none")));
+  constexpr int32_t kMax = std::numeric_limits<int32_t>::max();
+  ASSIGN_OR_RETURN(c.window, args.GetInt32("kv-policy-window", kvpolicy::defaults::kWindow, 1, kMax));
+  ASSIGN_OR_RETURN(c.recent, args.GetInt32("kv-policy-recent", kvpolicy::defaults::kRecent, 0, kMax));
+  ASSIGN_OR_RETURN(c.sinks, args.GetInt32("kv-policy-sinks", kvpolicy::defaults::kSinks, 0, kMax));
+  ASSIGN_OR_RETURN(c.low_bits, args.GetInt32("kv-policy-low-bits", kvpolicy::defaults::kLowBits, 2, 4));
+  if (args.Has("kv-token-budget")) {
+    RETURN_IF_ERROR(kvpolicy::ParseKvTokenBudget(args.Get("kv-token-budget"), &c));
+  }
+  if (!c.enabled()) {
+    for (const char* flag : {"kv-policy-window", "kv-policy-recent", "kv-policy-sinks",
+                             "kv-token-budget", "kv-policy-low-bits"}) {
+      if (args.Has(flag)) {
+        return absl::InvalidArgumentError(absl::StrCat("--", flag, " needs --kv-policy corm or mikv"));
+      }
+    }
+  }
+  if (c.kind != kvpolicy::KvPolicyKind::kMikv && args.Has("kv-policy-low-bits")) {
+    return absl::InvalidArgumentError("--kv-policy-low-bits needs --kv-policy mikv");
+  }
+  RETURN_IF_ERROR(kvpolicy::ValidateKvPolicyConfig(c));
+  return c;
 }
 
 absl::StatusOr<std::unique_ptr<Session>> OpenSession(const Args& args) {

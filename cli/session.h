@@ -35,6 +35,8 @@ absl::StatusOr<EngineOptions> ParseEngineOptions(const Args& args);
 absl::StatusOr<ModelSource> ParseModelSource(const Args& args);
 // KvCacheFlags(), range-checked (errors name the flag).
 absl::StatusOr<KvCacheOptions> ParseKvCacheOptions(const Args& args);
+// --kv-policy and its flags (KvCacheFlags) into a checked config; InvalidArgument naming the flag.
+absl::StatusOr<kvpolicy::KvPolicyConfig> ParseKvPolicyFlags(const Args& args);
 
 struct Session {
   std::unique_ptr<Backend> backend;

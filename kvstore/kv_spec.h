@@ -34,6 +34,7 @@
 
 #include "absl/status/statusor.h"
 #include "common/defaults.h"
+#include "kvpolicy/kv_policy_config.h"
 #include "absl/strings/string_view.h"
 #include "common/dtype.h"
 #include "kernels/kv_quant.h"
@@ -77,6 +78,9 @@ struct KvCacheOptions {
   // memory for offloaded blocks over the whole tensor-parallel group; each rank holds
   // kv_offloading_bytes / tp_size (pinned on a GPU), i.e. that / BytesPerBlock() slots. 0: none.
   int64_t kv_offloading_bytes = 0;
+  // Token-level KV policy (kvpolicy/kv_policy_config.h: --kv-policy and its flags); none by
+  // default. In-process CPU workers only for now (the model runner refuses it elsewhere).
+  kvpolicy::KvPolicyConfig kv_policy;
 };
 
 // Where rotary position embedding is applied to a layer's keys.

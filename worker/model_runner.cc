@@ -80,6 +80,7 @@ absl::Status ModelRunner::Init(const KvCacheSpec& spec, const KvCacheOptions& kv
                                                      ", this rank's KV heads need ", full));
     }
   }
+  RETURN_IF_ERROR(InitKvPolicy(kv));
   max_blocks_per_seq_ = kv_spec_.BlocksForTokens(limits_.max_model_len);
   max_logit_rows_ = std::min(limits_.max_num_seqs, limits_.max_num_batched_tokens);
   RETURN_IF_ERROR(AllocateStepBuffers());
@@ -105,6 +106,27 @@ absl::Status ModelRunner::Init(const KvCacheSpec& spec, const KvCacheOptions& kv
 }
 
 ModelRunner::~ModelRunner() { (void)FinishHostKvTransfers(); }
+
+absl::Status ModelRunner::InitKvPolicy(const KvCacheOptions& kv) {
+  if (!kv.kv_policy.enabled()) return kvpolicy::ValidateKvPolicyConfig(kv.kv_policy);
+  RETURN_IF_ERROR(kvpolicy::ValidateKvPolicyConfig(kv.kv_policy));
+  if (!backend_->SupportsKvPolicy()) {
+    return absl::UnimplementedError(absl::StrCat(
+        "--kv-policy ", kvpolicy::KvPolicyKindName(kv.kv_policy.kind), ": the ", backend_->name(),
+        " backend does not implement token-level KV policies yet (cpu does)"));
+  }
+  const int64_t heads = weights_.shard.num_kv_heads;
+  std::vector<kvpolicy::LayerShape> layers(kv_spec_.num_layers());
+  for (int l = 0; l < kv_spec_.num_layers(); ++l) {
+    layers[l].k_width = kv_spec_.k_width[l] / heads;
+    layers[l].v_width = kv_spec_.v_width[l] / heads;
+    layers[l].balance_keys = !IsLatent(l);
+    layers[l].full_bytes = (kv_spec_.KBytesPerToken(l) + kv_spec_.VBytesPerToken(l)) / heads;
+  }
+  kv_policy_ = std::make_unique<kvpolicy::KvPolicyStore>(kv.kv_policy, std::move(layers),
+                                                          static_cast<int32_t>(heads));
+  return absl::OkStatus();
+}
 
 absl::Status ModelRunner::AllocateHostKv(const KvCacheOptions& kv) {
   if (kv.kv_offloading_bytes < 0) {
@@ -459,6 +481,13 @@ absl::StatusOr<StepOutput> ModelRunner::Execute(absl::Span<const SequenceStep> s
   batch.host_query_start = qstart;
   batch.host_seq_lens = seq_lens;
   RETURN_IF_ERROR(backend_->PlanAttention(batch, *plan_));
+  policy_seqs_.clear();
+  if (kv_policy_) {
+    for (int32_t i = 0; i < num_seqs; ++i) {
+      policy_seqs_.push_back(kv_policy_->Prepare(steps[i].seq_id, steps[i].num_computed_tokens,
+                                                 seq_lens[i]));
+    }
+  }
 
   const int64_t vocab = config_.vocab_size;
   const size_t row_bytes = static_cast<size_t>(vocab) * sizeof(float);
@@ -570,6 +599,7 @@ absl::Status ModelRunner::Forward(int32_t T, int32_t num_rows) {
     } else {
       RETURN_IF_ERROR(backend_->Matmul(h, Weight(w.qkv, q_sz + 2 * kv_sz, d), qkv));
       rk.cache = ap.cache = kv_layers_[l];
+      ap.kv_policy = {policy_seqs_.empty() ? nullptr : policy_seqs_.data(), static_cast<int32_t>(l)};
       RETURN_IF_ERROR(backend_->RopeKvWrite(rk));
       RETURN_IF_ERROR(backend_->DecodeAttention(ap, *plan_));
       RETURN_IF_ERROR(backend_->PrefillAttention(ap, *plan_));

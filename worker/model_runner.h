@@ -35,6 +35,7 @@
 #include <memory>
 #include <vector>
 
+#include "kvpolicy/sequence_policy.h"
 #include "absl/container/flat_hash_set.h"
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
@@ -148,6 +149,14 @@ class ModelRunner {
   // the call. CPU backend only (FailedPrecondition otherwise); an empty function removes it.
   using LayerInputObserver = std::function<void(int layer, const Tensor2D& normed_input)>;
   absl::Status SetLayerInputObserver(LayerInputObserver observer);
+  // Token-level KV policy (KvCacheOptions::kv_policy, kvpolicy/): the per-sequence states, made
+  // by Execute for each sequence it runs; null when the policy is none.
+  kvpolicy::KvPolicyStore* kv_policy() { return kv_policy_.get(); }
+  // The request ended, was preempted or failed: its policy state goes (its counts into the
+  // store's stats). No-op without a policy or for an unknown id.
+  void ReleaseKvPolicy(int64_t seq_id) {
+    if (kv_policy_) kv_policy_->Release(seq_id);
+  }
 
  private:
   ModelRunner(const ModelConfig& config, ModelWeights weights, Backend* backend, Communicator* comm)
@@ -228,6 +237,10 @@ class ModelRunner {
   absl::flat_hash_set<int32_t> host_kv_offloaded_, host_kv_loaded_;
   DeviceBuffer inv_freq_;
   std::unique_ptr<AttentionPlan> plan_;
+  std::unique_ptr<kvpolicy::KvPolicyStore> kv_policy_;
+  std::vector<kvpolicy::SequenceKvPolicy*> policy_seqs_;  // this step's, batch order
+  // At Init: the store for kv.kv_policy (none: nothing), or Unimplemented / InvalidArgument.
+  absl::Status InitKvPolicy(const KvCacheOptions& kv);
 
   // Step buffers, allocated once (see the header comment). `meta_` holds the int32 metadata at
   // fixed offsets; `meta_host_` is its pinned host staging mirror.

@@ -72,6 +72,7 @@ absl::Status ModelRunner::LatentAttentionBlock(int l, int32_t T, const Tensor2D&
   lp.v_rank = static_cast<int32_t>(rv);
   lp.scale = 1.0f / std::sqrt(static_cast<float>(hd));
   lp.inv_freq = inv_freq_.as<float>();
+  lp.kv_policy = {policy_seqs_.empty() ? nullptr : policy_seqs_.data(), static_cast<int32_t>(l)};
   RETURN_IF_ERROR(backend_->LatentAttention(lp, *plan_));
   return backend_->Matmul(attn, Weight(w.o, d, sh.num_heads * rv), h);
 }

@@ -188,8 +188,12 @@ absl::StatusOr<StepResult> StepExecutor::Execute(const StepPlan& plan) {
   RETURN_IF_ERROR(runner_->TransferHostKv(plan.kv_offloads, plan.kv_loads));
   RETURN_IF_ERROR(runner_->CopyBlocks(plan.copies));
   last_step_id_ = plan.step_id;
-  for (int64_t id : plan.finished) seqs_.erase(id);
+  for (int64_t id : plan.finished) {
+    seqs_.erase(id);
+    runner_->ReleaseKvPolicy(id);
+  }
   for (int64_t id : plan.preempted) {
+    runner_->ReleaseKvPolicy(id);
     if (auto it = seqs_.find(id); it != seqs_.end()) {
       it->second.tokens.clear();
       it->second.block_table.clear();
@@ -217,6 +221,7 @@ absl::StatusOr<StepResult> StepExecutor::Execute(const StepPlan& plan) {
     if (!st.ok()) {
       result.failed.push_back({s.seq_id, std::move(st)});
       seqs_.erase(s.seq_id);
+      runner_->ReleaseKvPolicy(s.seq_id);
       count = 0;
       continue;
     }

@@ -9,7 +9,22 @@ from . import stubs
 from .chat_template import ChatTemplateError
 
 DEFAULT_PORT = 8000
+DEFAULT_DRAIN_TIMEOUT_S = 30.0  # as the coordinator's --drain-timeout-s
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
+
+def _port(text):
+    """argparse type of --port: an int in [0, 65535] (bind() raised OverflowError past it)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in [0, 65535], got {port}")
+    return port
 
 
 def parse_args(argv):
@@ -19,7 +34,7 @@ def parse_args(argv):
     p.add_argument("--coordinator", required=True,
                    help="the coordinator's public gRPC address HOST:PORT (its --listen)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP listen address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT,
+    p.add_argument("--port", type=_port, default=DEFAULT_PORT,
                    help=f"HTTP port (default {DEFAULT_PORT}; 0: any free port, printed)")
     p.add_argument("--served-model-name",
                    help="the model id clients send (default: the base name of the coordinator's "
@@ -38,8 +53,38 @@ def parse_args(argv):
                    help="where the generated gRPC stubs are (default $LORC_GATEWAY_STUBS)")
     p.add_argument("--proto-dir", default=None,
                    help="generate the stubs from this proto/ folder when missing or stale")
-    p.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
-    return p.parse_args(argv)
+    p.add_argument("--drain-timeout-s", type=float, default=DEFAULT_DRAIN_TIMEOUT_S,
+                   help="on SIGTERM / SIGINT, requests in flight get this long to finish "
+                        f"before the gateway exits anyway (default {DEFAULT_DRAIN_TIMEOUT_S:g})")
+    p.add_argument("--log-level", default="warning", choices=LOG_LEVELS,
+                   help="uvicorn log level (default warning)")
+    args = p.parse_args(argv)
+    if not args.coordinator.strip():
+        p.error("--coordinator: empty address (HOST:PORT)")
+    if not args.drain_timeout_s >= 0:  # also NaN
+        p.error(f"--drain-timeout-s: must be >= 0, got {args.drain_timeout_s}")
+    return args
+
+
+def _draining_server(config, drain_timeout_s):
+    """uvicorn's server, whose graceful shutdown waits for every connection and request without
+    limit (this uvicorn has no timeout_graceful_shutdown): drain_timeout_s after the first
+    SIGTERM / SIGINT it exits anyway, as a second Ctrl-C would (force_exit, which its loop reads
+    every 0.1 s)."""
+    import threading
+
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            first = not self.should_exit
+            super().handle_exit(sig, frame)
+            if first:
+                timer = threading.Timer(drain_timeout_s, setattr, (self, "force_exit", True))
+                timer.daemon = True
+                timer.start()
+
+    return DrainingServer(config)
 
 
 def main(argv=None):
@@ -77,7 +122,7 @@ def main(argv=None):
         return 2
     host, port = sock.getsockname()[:2]
     config = uvicorn.Config(create_app(gateway), log_level=args.log_level, access_log=False)
-    server = uvicorn.Server(config)
+    server = _draining_server(config, args.drain_timeout_s)
     print(f"GATEWAY_LISTENING {host}:{port}", flush=True)
     server.run(sockets=[sock])
     return 0

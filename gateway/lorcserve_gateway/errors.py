@@ -1,5 +1,7 @@
 """OpenAI's error shape, and the one mapping from gRPC status codes to HTTP statuses."""
 
+import re
+
 import grpc
 from fastapi.responses import JSONResponse
 
@@ -41,9 +43,22 @@ def bad_request(param, message):
     return OpenAIError(400, f"{param}: {message}", param=param)
 
 
+# The field a coordinator's INVALID_ARGUMENT message starts with ("top_p must be in (0, 1], got
+# 7", "stop[0]: stop string of ...", "prompt (9000 tokens) + max_tokens ...").
+_LEADING_FIELD = re.compile(r"([a-z_]+)(\[[0-9]+\])?[:\s]")
+
+
 def from_grpc(error):
-    """An OpenAIError for a failed gRPC call (grpc.aio.AioRpcError or grpc.RpcError)."""
+    """An OpenAIError for a failed gRPC call (grpc.aio.AioRpcError or grpc.RpcError). A 400
+    whose message starts with a request field's name (SamplingOptions / GenerateRequest names
+    are OpenAI's) gets it as `param`, like the gateway's own checks."""
+    from .params import COMMON_FIELDS  # params imports this module
+
     code = error.code()
     status, type_ = _GRPC_TO_HTTP.get(code, (500, "internal_error"))
     detail = error.details() or code.name
-    return OpenAIError(status, f"{detail} (coordinator: {code.name})", type_=type_)
+    param = None
+    m = _LEADING_FIELD.match(detail)
+    if status == 400 and m and (m.group(1) in COMMON_FIELDS or m.group(1) == "prompt"):
+        param = m.group(1) + (m.group(2) or "")
+    return OpenAIError(status, f"{detail} (coordinator: {code.name})", type_=type_, param=param)

@@ -6,7 +6,15 @@ the model's generation_config.json values (ModelInfo.generation_defaults, as vLL
 OpenAI's defaults (OPENAI_DEFAULTS: temperature 1, top_p 1).
 """
 
+import math
+import re
+
 from .errors import bad_request
+
+# The proto's int32 fields (n, top_k, min_tokens, priority, token ids, logit_bias keys): a value
+# outside this range is a 400 naming the field, never a protobuf ValueError (a 500).
+INT32_MIN, INT32_MAX = -2**31, 2**31 - 1
+_TOKEN_ID_KEY = re.compile(r"-?[0-9]+")
 
 # OpenAI's documented defaults for fields whose lorcserve default differs (the proto's
 # temperature 0 means greedy; OpenAI's unset temperature samples at 1).
@@ -37,14 +45,23 @@ def _is_number(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def get_int(body, name, lo=None, hi=None):
+def get_int(body, name, lo=INT32_MIN, hi=INT32_MAX):
+    """body[name] as an int in [lo, hi] (None: unbounded on that side; the default: the proto's
+    int32), None when absent; 400 naming the field otherwise."""
     v = _get(body, name, is_int, "an integer")
     if v is None:
         return None
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        bounds = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
-        raise bad_request(name, f"must be {bounds}, got {v}")
+    _check_range(name, v, lo, hi)
     return v
+
+
+def _check_range(name, v, lo, hi):
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        if lo is not None and hi is not None:
+            bounds = f"in [{lo}, {hi}]"
+        else:
+            bounds = f">= {lo}" if lo is not None else f"<= {hi}"
+        raise bad_request(name, f"must be {bounds}, got {v}")
 
 
 def _get(body, name, ok, what):
@@ -54,8 +71,13 @@ def _get(body, name, ok, what):
     return v
 
 
+def _is_finite_number(v):
+    return _is_number(v) and math.isfinite(v)
+
+
 def get_number(body, name):
-    v = _get(body, name, _is_number, "a number")
+    """body[name] as a float (finite: JSON's 1e400 parses as inf), None when absent."""
+    v = _get(body, name, _is_finite_number, "a finite number")
     return None if v is None else float(v)
 
 
@@ -73,6 +95,8 @@ def get_int_list(body, name):
         return None
     if not isinstance(v, list) or not all(is_int(x) for x in v):
         raise bad_request(name, "must be a list of integers")
+    for i, x in enumerate(v):
+        _check_range(f"{name}[{i}]", x, INT32_MIN, INT32_MAX)
     return v
 
 
@@ -138,10 +162,8 @@ def fill_sampling(s, body, defaults, max_tokens):
         v = get_number(body, name)
         if v is not None:
             setattr(s, name, v)
-    seed = get_int(body, "seed")
+    seed = get_int(body, "seed", 0, 2**64 - 1)  # uint64
     if seed is not None:
-        if seed < 0 or seed >= 2**64:
-            raise bad_request("seed", f"must be in [0, 2^64), got {seed}")
         s.seed = seed
     if max_tokens is not None:
         if max_tokens < 1:
@@ -171,12 +193,13 @@ def fill_sampling(s, body, defaults, max_tokens):
         if not isinstance(bias, dict):
             raise bad_request("logit_bias", "must be an object of token id -> bias")
         for k, v in bias.items():
-            try:
-                tid = int(k)
-            except (TypeError, ValueError):
-                raise bad_request("logit_bias", f"key {k!r} is not a token id") from None
-            if not _is_number(v):
-                raise bad_request("logit_bias", f"bias of token {k} must be a number, got {v!r}")
+            # Decimal digits only (Python's int() also takes " 5 " and "1_0").
+            if not _TOKEN_ID_KEY.fullmatch(k) or not INT32_MIN <= int(k) <= INT32_MAX:
+                raise bad_request("logit_bias", f"key {k!r} is not a token id")
+            tid = int(k)
+            if not _is_finite_number(v):
+                raise bad_request("logit_bias",
+                                  f"bias of token {k} must be a finite number, got {v!r}")
             s.logit_bias[tid] = float(v)
     for name in ("ignore_eos", "include_stop_str_in_output"):
         v = get_bool(body, name)

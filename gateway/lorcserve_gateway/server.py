@@ -18,6 +18,8 @@ import uuid
 
 import grpc
 from fastapi import FastAPI, Request
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from . import chat_template as chat_template_mod
@@ -26,6 +28,9 @@ from .errors import OpenAIError, bad_request, from_grpc
 from .vocab import Vocab
 
 HEALTH_METHOD = "/grpc.health.v1.Health/Check"
+# gRPC retries a lost coordinator connection with exponential backoff, by default up to 120 s:
+# a gateway would answer 503 for up to two minutes after its coordinator came back.
+CHANNEL_OPTIONS = [("grpc.max_reconnect_backoff_ms", 2000)]
 
 
 class Options:
@@ -54,6 +59,15 @@ def read_token_digests(path):
     if not tokens:
         raise ValueError(f"--auth-token-file {path}: no token in the file")
     return [hashlib.sha256(t.encode()).digest() for t in tokens]
+
+
+# gRPC refuses metadata over 8 KiB by default with RESOURCE_EXHAUSTED, which would read as a 429
+# (retried by SDKs): a longer Authorization header is a 401 here.
+MAX_AUTHORIZATION_BYTES = 4096
+
+
+def _is_metadata_value(value):
+    return len(value) <= MAX_AUTHORIZATION_BYTES and all(" " <= c <= "~" for c in value)
 
 
 def _parse_health(data):
@@ -90,6 +104,9 @@ class Gateway:
                     self.tls_roots = f.read()
             except OSError as e:
                 raise ValueError(f"--tls-ca {options.tls_ca}: {e.strerror}") from e
+            if b"-----BEGIN CERTIFICATE-----" not in self.tls_roots:
+                # gRPC would only fail each connection later (every request a 503).
+                raise ValueError(f"--tls-ca {options.tls_ca}: no PEM certificate in the file")
         self.channel = None
         self.stub = None
         self.state = None
@@ -103,9 +120,10 @@ class Gateway:
             creds = grpc.ssl_channel_credentials(root_certificates=self.tls_roots)
             opts = [("grpc.ssl_target_name_override", o.tls_server_name)] if o.tls_server_name \
                 else []
-            self.channel = grpc.aio.secure_channel(o.coordinator, creds, options=opts)
+            self.channel = grpc.aio.secure_channel(o.coordinator, creds,
+                                                   options=CHANNEL_OPTIONS + opts)
         else:
-            self.channel = grpc.aio.insecure_channel(o.coordinator)
+            self.channel = grpc.aio.insecure_channel(o.coordinator, options=CHANNEL_OPTIONS)
         self.stub = self.pb2_grpc.LorcServeStub(self.channel)
         self.health = self.channel.unary_unary(HEALTH_METHOD, request_serializer=None,
                                                response_deserializer=None)
@@ -121,11 +139,22 @@ class Gateway:
         check=False: /health, like the coordinator's default --auth-exempt health) and returns
         the gRPC metadata that forwards the caller's token to the coordinator."""
         header = request.headers.get("authorization")
+        if header is not None and not _is_metadata_value(header):
+            # gRPC metadata is printable ASCII: such a header (no token of ours is) would make
+            # the call fail inside gRPC, and grpc.aio then never ends it (the request hangs).
+            if not check:
+                return ()
+            raise OpenAIError(401, "the Authorization header must be printable ASCII of at "
+                                   f"most {MAX_AUTHORIZATION_BYTES} bytes",
+                              type_="authentication_error", code="invalid_api_key")
+        scheme, _, token = (header or "").partition(" ")
+        if scheme.lower() == "bearer" and token.strip():  # RFC 7235: the scheme in any case
+            header = f"Bearer {token.strip()}"
         if self.digests is not None and check:
-            if not header or not header.startswith("Bearer "):
+            if scheme.lower() != "bearer" or not token.strip():
                 raise OpenAIError(401, "missing 'Authorization: Bearer <token>' header",
                                   type_="authentication_error", code="invalid_api_key")
-            digest = hashlib.sha256(header[len("Bearer "):].strip().encode()).digest()
+            digest = hashlib.sha256(token.strip().encode()).digest()
             ok = False
             for d in self.digests:  # every digest compared: no early exit
                 ok |= hmac.compare_digest(d, digest)
@@ -172,13 +201,70 @@ class Gateway:
         return state
 
 
+# Request bodies: at most this many bytes (413 beyond: a batch of 64 prompts of 128k token ids
+# is about 57 MB) and this many levels of nesting (OpenAI's bodies use fewer than 10).
+MAX_REQUEST_BODY_BYTES = 64 << 20
+MAX_JSON_DEPTH = 64
+
+
+async def _read_body(request):
+    """The request's bytes; 413 past MAX_REQUEST_BODY_BYTES (checked as they arrive, so an
+    oversized body is never held whole)."""
+    too_large = OpenAIError(413, f"request body exceeds {MAX_REQUEST_BODY_BYTES} bytes",
+                            code="request_too_large")
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > MAX_REQUEST_BODY_BYTES:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_REQUEST_BODY_BYTES:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _check_json_value(body):
+    """400 for nesting deeper than MAX_JSON_DEPTH and for a string that is not valid Unicode
+    (a lone UTF-16 surrogate such as "\\ud800", which JSON's escapes allow): it names where."""
+    stack = [(body, "", 1)]
+    while stack:
+        v, path, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise OpenAIError(400, f"request body is nested deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as e:
+                # The path may hold a key with a surrogate itself: escaped for the answer.
+                where = (path or "body").encode("utf-8", "backslashreplace").decode()
+                raise bad_request(where, f"invalid Unicode: lone surrogate "
+                                         f"U+{ord(v[e.start]):04X} at character "
+                                         f"{e.start}") from None
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                name = f"{path}.{k}" if path else k
+                stack.append((k, name, depth + 1))
+                stack.append((x, name, depth + 1))
+        elif isinstance(v, list):
+            stack.extend((x, f"{path}[{i}]", depth + 1) for i, x in enumerate(v))
+
+
 async def _read_json(request):
+    raw = await _read_body(request)
     try:
-        body = json.loads(await request.body())
-    except ValueError as e:
+        body = json.loads(raw, parse_constant=_reject_constant)  # no NaN / Infinity
+    except ValueError as e:  # also UnicodeDecodeError: bytes that are not UTF-8
         raise OpenAIError(400, f"request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise OpenAIError(400, "request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise OpenAIError(400, "request body must be a JSON object")
+    _check_json_value(body)
     return params.strip_nulls(body)
 
 
@@ -332,6 +418,18 @@ def create_app(gateway):
         return OpenAIError(500, f"internal gateway error: {type(exc).__name__}: {exc}",
                            type_="internal_error").response()
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request, exc):
+        # Routing's own answers (no such path 404, wrong method 405) in OpenAI's shape too.
+        type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        err = OpenAIError(exc.status_code, str(exc.detail), type_=type_)
+        return JSONResponse(err.body(), status_code=err.status, headers=exc.headers)  # Allow
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(_request, _exc):
+        # The client hung up while sending its body: nobody reads an answer, nothing to log.
+        return Response(status_code=499)
+
     @app.exception_handler(chat_template_mod.ChatTemplateError)
     async def _template_error(_request, exc):
         return OpenAIError(400, f"messages: the chat template failed: {exc}",
@@ -349,13 +447,20 @@ def create_app(gateway):
                                type_="service_unavailable_error").response()
         return JSONResponse({"status": "ok"})
 
+    def model_card(state):
+        return {"id": state.name, "object": "model", "created": gateway.created,
+                "owned_by": "lorcserve", "root": state.info.model,
+                "max_model_len": state.info.max_model_len}
+
     @app.get("/v1/models")
     async def models(request: Request):
         state = await gateway.model_state(gateway.metadata(request))
-        return {"object": "list", "data": [{
-            "id": state.name, "object": "model", "created": gateway.created,
-            "owned_by": "lorcserve", "root": state.info.model,
-            "max_model_len": state.info.max_model_len}]}
+        return {"object": "list", "data": [model_card(state)]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str, request: Request):  # the SDKs' models.retrieve
+        return model_card(await gateway.check_model({"model": model},
+                                                    gateway.metadata(request)))
 
     async def _begin(request, fields):
         """Token check, body, field check, model: (metadata, body, model state)."""
@@ -373,7 +478,7 @@ def create_app(gateway):
         if top_n is not None:
             req.sampling.logprobs = top_n
         params.fill_sampling(req.sampling, body, state.info.generation_defaults,
-                             params.get_int(body, "max_tokens"))
+                             params.get_int(body, "max_tokens", 1, None))
         params.fill_request(req, body)
         reqs = []
         for i, prompt in enumerate(prompts):  # one Generate per prompt of a batch
@@ -415,9 +520,10 @@ def create_app(gateway):
             req.sampling.logprobs = top_n
         else:
             top_n = None
-        max_tokens = params.get_int(body, "max_completion_tokens")
-        if max_tokens is None:
-            max_tokens = params.get_int(body, "max_tokens")
+        max_tokens = params.get_int(body, "max_tokens", 1, None)  # checked even when unused
+        max_completion_tokens = params.get_int(body, "max_completion_tokens", 1, None)
+        if max_completion_tokens is not None:
+            max_tokens = max_completion_tokens
         if max_tokens is None:
             # OpenAI's chat default: until the model stops, within the model length.
             try:
@@ -443,17 +549,19 @@ def create_app(gateway):
         watch = asyncio.ensure_future(_watch_disconnect(request))
         try:
             # Errors before any output answer with their status.
-            firsts = asyncio.ensure_future(asyncio.gather(*(_next(c) for c in calls)))
+            firsts = asyncio.ensure_future(asyncio.gather(*(_first(c, i)
+                                                            for i, c in enumerate(calls))))
             await asyncio.wait({firsts, watch}, return_when=asyncio.FIRST_COMPLETED)
             if not firsts.done():  # the client went away first
                 _cancel(calls)
                 firsts.cancel()
+                firsts.add_done_callback(_consume)
                 return Response(status_code=499)  # nobody reads it (nginx's "client closed")
             firsts = firsts.result()
-        except grpc.aio.AioRpcError as e:
+        except _PromptError as e:
             watch.cancel()
             _cancel(calls)
-            raise from_grpc(e) from None
+            raise _batch_error(from_grpc(e.error), e.index, len(calls)) from None
         except BaseException:
             watch.cancel()
             _cancel(calls)
@@ -472,10 +580,11 @@ def create_app(gateway):
             if not collect.done():  # the client went away: end its gRPC calls
                 _cancel(calls)
                 collect.cancel()
+                collect.add_done_callback(_consume)
+        if not collect.done():  # cancelled above: it ends later, nobody reads the answer
+            return Response(status_code=499)
         try:
             return JSONResponse(collect.result())
-        except asyncio.CancelledError:
-            return Response(status_code=499)
         except grpc.aio.AioRpcError as e:  # a failure after the first message
             _cancel(calls)
             raise from_grpc(e) from None
@@ -500,10 +609,15 @@ def _prompts(prompt):
                                     f"{MAX_BATCH_PROMPTS}")
     for i, p in enumerate(prompt):
         ok = isinstance(p, str) or (isinstance(p, list) and all(params.is_int(x) for x in p))
+        name = f"prompt[{i}]" if len(prompt) > 1 else "prompt"
         if not ok:
             raise bad_request(f"prompt[{i}]", "must be a string or a list of token ids")
         if not p:
-            raise bad_request(f"prompt[{i}]" if len(prompt) > 1 else "prompt", "empty prompt")
+            raise bad_request(name, "empty prompt")
+        if not isinstance(p, str):
+            for j, x in enumerate(p):
+                if not params.INT32_MIN <= x <= params.INT32_MAX:
+                    raise bad_request(f"{name}[{j}]", f"token id {x} outside the int32 range")
     return prompt
 
 
@@ -541,6 +655,37 @@ def _messages(body):
         msg["content"] = content
         out.append(msg)
     return out
+
+
+class _PromptError(Exception):
+    """A Generate call's error before its first message, with the index of its prompt."""
+
+    def __init__(self, error, index):
+        super().__init__(str(error))
+        self.error = error
+        self.index = index
+
+
+async def _first(call, index):
+    try:
+        return await _next(call)
+    except grpc.aio.AioRpcError as e:
+        raise _PromptError(e, index) from None
+
+
+def _batch_error(error, index, num_prompts):
+    """In a batch, the coordinator's "prompt ..." 400 names the prompt it is about."""
+    if num_prompts > 1 and error.param == "prompt":
+        error.param = f"prompt[{index}]"
+        error.message = f"prompt[{index}]: {error.message}"
+    return error
+
+
+def _consume(future):
+    """Done callback of a future given up on: retrieves its outcome (no "exception was never
+    retrieved" log)."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _cancel(calls):

@@ -157,7 +157,7 @@ class GatewayE2E(unittest.TestCase):
                              timeout=300)
         print(out.stdout, out.stderr, file=sys.stderr)
         self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
-        self.assertIn("14/14 passed", out.stdout)
+        self.assertIn("15/15 passed", out.stdout)
 
     # -- curl ------------------------------------------------------------------------------
     def test_curl_completion_equals_lorcserve_generate(self):
@@ -202,6 +202,9 @@ class GatewayE2E(unittest.TestCase):
                         finished.add(c["index"])
         self.assertEqual(streamed, texts)
         self.assertEqual(finished, {0, 1, 2, 3})
+        # The coordinator's 400 about one prompt of a batch names that prompt.
+        self.assert_error(*curl(url, dict(batch, prompt=["x", "word " * 5000])), 400,
+                          "prompt[1]", r"^prompt\[1\]: prompt \(\d+ tokens\)")
 
     def test_curl_stream_sse(self):
         code, text = curl(f"{self.a}/v1/chat/completions", {
@@ -234,10 +237,20 @@ class GatewayE2E(unittest.TestCase):
             self.assertRegex(err["message"], message)
         return err
 
+    def wait_a_idle(self, what, timeout=20):
+        """Waits for coordinator A to run and queue nothing (fails with `what` after timeout)."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            info = self.stub_a.ModelInfo(self.pb2.ModelInfoRequest())
+            if info.num_running == 0 and info.num_waiting == 0:
+                return
+            time.sleep(0.1)
+        self.fail(f"{what}: running {info.num_running}, waiting {info.num_waiting}")
+
     def test_curl_400(self):
         url = f"{self.a}/v1/completions"
         self.assert_error(*curl(url, {"model": MODEL_NAME, "prompt": "x", "top_p": "high"}), 400,
-                          "top_p", "top_p: must be a number")
+                          "top_p", "top_p: must be a finite number")
         self.assert_error(*curl(url, {"model": MODEL_NAME, "prompt": "x", "echo": True}), 400,
                           "echo")
         self.assert_error(*curl(url, {"model": MODEL_NAME, "prompt": "x", "frobnicate": 1}),
@@ -258,11 +271,20 @@ class GatewayE2E(unittest.TestCase):
             "model": MODEL_NAME, "messages": [{"role": "user", "content": [
                 {"type": "image_url", "image_url": {"url": "x"}}]}]}), 400,
             "messages[0].content[0]")
+        chat = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "x"}]}
+        self.assert_error(*curl(f"{self.a}/v1/chat/completions", dict(
+            chat, max_completion_tokens=2, max_tokens="x")), 400, "max_tokens")  # not ignored
+        self.assert_error(*curl(f"{self.a}/v1/chat/completions", dict(
+            chat, max_completion_tokens=0)), 400, "max_completion_tokens")
 
     def test_curl_404(self):
         err = self.assert_error(*curl(f"{self.a}/v1/completions",
                                       {"model": "gpt-4o", "prompt": "x"}), 404, "model")
         self.assertEqual(err["code"], "model_not_found")
+        # Routing's own 404 / 405 in OpenAI's shape too (FastAPI answers {"detail": ...}).
+        self.assert_error(*curl(f"{self.a}/v1/embeddings", {"input": "x"}), 404, None,
+                          "Not Found")
+        self.assert_error(*curl(f"{self.a}/v1/completions"), 405)
 
     def test_curl_401(self):
         url = f"{self.b}/v1/completions"
@@ -308,13 +330,7 @@ class GatewayE2E(unittest.TestCase):
         proc.kill()
         proc.wait()
         proc.stdout.close()
-        deadline = time.time() + 20
-        while time.time() < deadline:
-            info = self.stub_a.ModelInfo(self.pb2.ModelInfoRequest())
-            if info.num_running == 0 and info.num_waiting == 0:
-                break
-            time.sleep(0.1)
-        self.assertEqual(info.num_running, 0, "the disconnected stream still runs")
+        self.wait_a_idle("the disconnected stream still runs")
         # The same for a non-streaming request.
         proc = subprocess.Popen(
             ["curl", "-s", f"{self.a}/v1/completions", "-H", "Content-Type: application/json",
@@ -450,6 +466,75 @@ class GatewayE2E(unittest.TestCase):
         plain = "http://" + self.s.gateway("gw_plain", coord)
         self.assert_error(*curl(f"{plain}/v1/completions", {"model": MODEL_NAME,
                                                              "prompt": "x"}), 503)
+
+    def test_hostile_clients_leave_the_gateway_serving(self):
+        # A burst of clients that hang up early (streamed, not, batches) beside malformed
+        # bodies: each malformed one gets its 400 / 401 (none a 500 or a hang), no gRPC request
+        # outlives its client, and the gateway logs no traceback.
+        url = f"{self.a}/v1/completions"
+        long = {"model": MODEL_NAME, "prompt": "x", "max_tokens": 3000, "ignore_eos": True}
+
+        def hang_up(i):
+            body = dict(long, stream=i % 2 == 0, prompt=["x", "y"] if i % 3 == 0 else "x")
+            subprocess.run(["curl", "-sN", url, "--max-time", f"0.{2 + i % 7}", "-H",
+                            "Content-Type: application/json", "-d", json.dumps(body)],
+                           capture_output=True)
+
+        raw = [('{"model": "%s", "prompt": "x", "temperature": NaN}' % MODEL_NAME, 400, None),
+               ('{"model": "%s", "prompt": "\\ud800"}' % MODEL_NAME, 400, "prompt"),
+               ('{"model": "%s", "prompt": "x", "n": 3000000000}' % MODEL_NAME, 400, "n"),
+               ('{"model": "%s", "prompt": [5000000000]}' % MODEL_NAME, 400, "prompt[0]"),
+               ('{"model": "%s", "prompt": %s}' % (MODEL_NAME, "[" * 5000 + "]" * 5000), 400,
+                None)]
+
+        def malformed(case):
+            body, status, param = case
+            out = subprocess.run(["curl", "-s", "-w", "\n%{http_code}", url, "--max-time", "20",
+                                  "-H", "Content-Type: application/json", "--data-binary",
+                                  body], capture_output=True, text=True)
+            text, _, code = out.stdout.rpartition("\n")
+            self.assert_error(int(code), text, status, param)
+
+        host, port = self.a[len("http://"):].rsplit(":", 1)
+        for _ in range(3):  # hung up while sending the body (Starlette's ClientDisconnect)
+            with socket.create_connection((host, int(port))) as sock:
+                sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                             b"application/json\r\nContent-Length: 100\r\n\r\n{\"mo")
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            hangups = [pool.submit(hang_up, i) for i in range(16)]
+            for f in [pool.submit(malformed, c) for c in raw]:
+                f.result()
+            # Not ASCII: gRPC refused the forwarded metadata and grpc.aio never ended the call.
+            self.assert_error(*curl(url, dict(long, max_tokens=2), timeout=20,
+                                    headers=("Authorization: Bearer caf\u00e9",)), 401)
+            for f in hangups:
+                f.result()
+        self.wait_a_idle("a request outlived its client")
+        self.assertEqual(curl(url, {"model": MODEL_NAME, "prompt": "x", "max_tokens": 2})[0], 200)
+        with open(os.path.join(self.tmp, "gw_a.err")) as f:
+            log = f.read()
+        self.assertNotIn("Traceback", log)
+        self.assertNotIn("never retrieved", log)
+
+    def test_sigterm_exits_after_the_drain_timeout(self):
+        # uvicorn's graceful shutdown waited for a stream as long as it ran (or forever for a
+        # request that never ends): --drain-timeout-s bounds it, and the coordinator's request
+        # ends with the gateway.
+        addr = self.s.gateway("gw_drain", self.coord_a, "--drain-timeout-s", "1")
+        gw = self.s.procs[-1]
+        client = subprocess.Popen(
+            ["curl", "-sN", f"http://{addr}/v1/completions", "-H",
+             "Content-Type: application/json", "-d", json.dumps({
+                 "model": MODEL_NAME, "prompt": "x", "max_tokens": 3000, "ignore_eos": True,
+                 "stream": True})], stdout=subprocess.PIPE, text=True)
+        client.stdout.readline()  # the first chunk: the request is running
+        start = time.time()
+        gw.send_signal(signal.SIGTERM)
+        gw.wait(timeout=15)
+        self.assertLess(time.time() - start, 10)
+        client.wait(timeout=10)
+        client.stdout.close()
+        self.wait_a_idle("the request outlived the gateway")
 
     def test_zz_503_draining(self):
         # Last (alphabetical order): ends coordinator B.

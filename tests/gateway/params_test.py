@@ -2,6 +2,8 @@
 (errors.py), without servers. ctest GatewayParams:
   /usr/bin/python3 tests/gateway/params_test.py (protoc generates the stubs into a temp dir)."""
 
+import asyncio
+import json
 import os
 import sys
 import tempfile
@@ -13,7 +15,7 @@ sys.path.insert(0, os.path.join(REPO, "gateway"))
 
 import grpc  # noqa: E402
 
-from lorcserve_gateway import errors, params, stubs  # noqa: E402
+from lorcserve_gateway import errors, params, server, stubs  # noqa: E402
 from lorcserve_gateway.errors import OpenAIError  # noqa: E402
 
 _TMP = tempfile.TemporaryDirectory()
@@ -94,6 +96,29 @@ class FillSamplingTest(unittest.TestCase):
         self.assert_400({"min_tokens": -1}, "min_tokens")
         self.assert_400({"user": 5}, "user")
 
+    def test_out_of_range_and_non_finite_values_are_400_not_500(self):
+        # int32 proto fields: protobuf raised ValueError (a 500) before they were bounded.
+        for field in ("n", "top_k", "min_tokens"):
+            self.assert_400({field: 2**31}, field)
+        self.assert_400({"stop_token_ids": [1, 2**31]}, "stop_token_ids[1]")
+        self.assert_400({"allowed_token_ids": [-2**40]}, "allowed_token_ids[0]")
+        self.assert_400({"logit_bias": {"99999999999": 1}}, "logit_bias")
+        self.assert_400({"logit_bias": {" 5 ": 1}}, "logit_bias")  # int() took these
+        self.assert_400({"logit_bias": {"1_0": 1}}, "logit_bias")
+        self.assert_400({"logit_bias": {"5": float("nan")}}, "logit_bias")
+        self.assert_400({"seed": 2**64}, "seed")
+        self.assertEqual(sampling({"seed": 2**64 - 1}).seed, 2**64 - 1)
+        self.assertEqual(dict(sampling({"logit_bias": {"-3": 1}}).logit_bias), {-3: 1.0})
+        # JSON's 1e400 parses as inf; NaN and Infinity literals are refused by the JSON reader.
+        for field in ("temperature", "top_p", "min_p", "presence_penalty"):
+            self.assert_400({field: float("inf")}, field)
+            self.assert_400({field: float("nan")}, field)
+        req = pb2.GenerateRequest()
+        with self.assertRaises(OpenAIError) as cm:
+            params.fill_request(req, {"priority": 2**31})
+        self.assertEqual(cm.exception.param, "priority")
+        self.assertEqual(sampling({}, max_tokens=2**40).max_tokens, 2**31 - 1)  # clamped
+
     def test_unsupported_fields_are_rejected(self):
         c = params.COMPLETION_FIELDS
         self.assert_400({"frobnicate": 1}, "frobnicate", c)
@@ -138,6 +163,135 @@ class _FakeRpcError:
 
     def details(self):
         return self._details
+
+
+class _FakeRequest:
+    """What server._read_json and Gateway.metadata use of a Starlette request."""
+
+    def __init__(self, body=b"", headers=None):
+        self.headers = headers or {}
+        self._body = body
+
+    async def stream(self):
+        for i in range(0, len(self._body), 1 << 20):
+            yield self._body[i:i + (1 << 20)]
+
+
+def read_json(raw, headers=None):
+    return asyncio.run(server._read_json(_FakeRequest(raw, headers)))
+
+
+class RequestBodyTest(unittest.TestCase):
+    def assert_400(self, raw, param, text):
+        with self.assertRaises(OpenAIError) as cm:
+            read_json(raw)
+        self.assertEqual((cm.exception.status, cm.exception.param), (400, param))
+        self.assertIn(text, cm.exception.message)
+        json.dumps(cm.exception.body(), ensure_ascii=False).encode()  # answerable as UTF-8
+
+    def test_hostile_bodies(self):
+        self.assertEqual(read_json(b'{"a": [1, {"b": "\\ud83d\\ude00"}], "c": null}'),
+                         {"a": [1, {"b": "\U0001F600"}]})  # a surrogate pair is fine
+        self.assert_400(b'{"temperature": NaN}', None, "NaN is not a JSON value")
+        self.assert_400(b'{"temperature": -Infinity}', None, "-Infinity is not a JSON value")
+        self.assert_400(b'{"prompt": "\\ud800"}', "prompt", "lone surrogate U+D800")
+        self.assert_400(b'{"messages": [{"role": "user", "content": "a\\udfff"}]}',
+                        "messages[0].content", "lone surrogate U+DFFF at character 1")
+        self.assert_400(b'{"logit_bias": {"\\ud800": 1}}', "logit_bias.\\ud800",
+                        "lone surrogate")
+        self.assert_400(b"[" * 100000 + b"]" * 100000, None, "nested too deeply")
+        self.assert_400(b'{"a":' + b"[" * 100 + b"]" * 100 + b"}", None, "deeper than 64")
+        self.assert_400(b'{"prompt": "\xff"}', None, "not valid JSON")  # not UTF-8
+
+    def test_body_size_limit(self):
+        big = b'{"prompt": "' + b"x" * server.MAX_REQUEST_BODY_BYTES + b'"}'
+        for headers in ({}, {"content-length": str(len(big))}):  # chunked, or declared
+            with self.assertRaises(OpenAIError) as cm:
+                read_json(big, headers)
+            self.assertEqual(cm.exception.status, 413)
+
+    def test_prompt_token_ids_in_int32(self):
+        with self.assertRaises(OpenAIError) as cm:
+            server._prompts([[1, 2], [3, 2**31]])
+        self.assertEqual(cm.exception.param, "prompt[1][1]")
+        with self.assertRaises(OpenAIError) as cm:
+            server._prompts([5_000_000_000])
+        self.assertEqual(cm.exception.param, "prompt[0]")
+
+
+class AuthorizationTest(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        tokens = os.path.join(self.tmp.name, "tokens")
+        with open(tokens, "w") as f:
+            f.write("secret\n")
+        self.open = server.Gateway(server.Options("127.0.0.1:1"), pb2, None)
+        self.auth = server.Gateway(server.Options("127.0.0.1:1", auth_token_file=tokens),
+                                   pb2, None)
+
+    def tearDown(self):
+        self.tmp.cleanup()
+
+    def test_non_ascii_header_is_401_not_forwarded(self):
+        # grpc.aio never ended a call with such metadata: the request hung.
+        for gw in (self.open, self.auth):
+            with self.assertRaises(OpenAIError) as cm:
+                gw.metadata(_FakeRequest(headers={"authorization": "Bearer \u00e9"}))
+            self.assertEqual(cm.exception.status, 401)
+            self.assertEqual(gw.metadata(_FakeRequest(headers={"authorization": "Bearer a\tb"}),
+                                         check=False), ())  # /health: just not forwarded
+            # Past gRPC's metadata limit the coordinator answered RESOURCE_EXHAUSTED: a 429
+            # that SDKs retry.
+            with self.assertRaises(OpenAIError) as cm:
+                gw.metadata(_FakeRequest(headers={"authorization": "Bearer " + "a" * 5000}))
+            self.assertEqual(cm.exception.status, 401)
+
+    def test_scheme_in_any_case(self):
+        for header in ("Bearer secret", "bearer secret", "BEARER  secret "):
+            self.assertEqual(self.auth.metadata(_FakeRequest(headers={"authorization": header})),
+                             (("authorization", "Bearer secret"),))
+        for header in ("Basic secret", "Bearer", "Bearer other"):
+            with self.assertRaises(OpenAIError) as cm:
+                self.auth.metadata(_FakeRequest(headers={"authorization": header}))
+            self.assertEqual(cm.exception.status, 401)
+
+
+class FlagsTest(unittest.TestCase):
+    def test_bad_flags_exit_2_naming_the_flag(self):
+        import contextlib
+        import importlib
+        import io
+        cli = importlib.import_module("lorcserve_gateway.__main__")
+        for argv, text in [(["--port", "99999"], "--port"),  # was bind()'s OverflowError
+                           (["--port", "-1"], "--port"),
+                           (["--log-level", "loud"], "--log-level"),  # was uvicorn's KeyError
+                           (["--coordinator", " "], "--coordinator")]:
+            err = io.StringIO()
+            with self.assertRaises(SystemExit) as cm, contextlib.redirect_stderr(err):
+                cli.parse_args(["--coordinator", "127.0.0.1:1"] + argv)
+            self.assertEqual(cm.exception.code, 2)
+            self.assertIn(text, err.getvalue())
+        self.assertEqual(cli.parse_args(["--coordinator", "h:1", "--port", "0"]).port, 0)
+
+    def test_tls_ca_without_a_certificate_is_refused_at_start(self):
+        with tempfile.NamedTemporaryFile("w", suffix=".pem") as f:
+            f.write("not a certificate\n")
+            f.flush()
+            with self.assertRaisesRegex(ValueError, "--tls-ca .*no PEM certificate"):
+                server.Gateway(server.Options("127.0.0.1:1", tls_ca=f.name), pb2, None)
+
+
+class CoordinatorErrorTest(unittest.TestCase):
+    def test_coordinator_400_names_the_field(self):
+        for details, param in [("top_p must be in (0, 1], got 7", "top_p"),
+                               ("stop[0]: stop string of 600 bytes exceeds 512", "stop[0]"),
+                               ("logit_bias: id 5000000 outside the vocabulary", "logit_bias"),
+                               ("prompt (9000 tokens) + max_tokens (4) = 9004 exceeds", "prompt"),
+                               ("the model is loading", None)]:
+            e = errors.from_grpc(_FakeRpcError(grpc.StatusCode.INVALID_ARGUMENT, details))
+            self.assertEqual(e.param, param, details)
+        e = errors.from_grpc(_FakeRpcError(grpc.StatusCode.UNAVAILABLE, "n: down"))
+        self.assertIsNone(e.param)  # only 400s name a field
 
 
 class GrpcMappingTest(unittest.TestCase):

@@ -18,6 +18,12 @@ check("models.list names the served model", async () => {
   assert.deepEqual(list.data.map((m) => m.id), [model]);
 });
 
+check("models.retrieve: the served model, NotFoundError for another", async () => {
+  assert.equal((await client.models.retrieve(model)).id, model);
+  await assert.rejects(client.models.retrieve("gpt-4o"),
+                       (e) => e instanceof OpenAI.NotFoundError && e.code === "model_not_found");
+});
+
 check("completion, greedy: text equals lorcserve generate", async () => {
   const r = await client.completions.create({
     model, prompt: env.GREEDY_PROMPT, max_tokens: 24, temperature: 0,

@@ -1,0 +1,102 @@
+#include "kvpolicy/kv_policy_config.h"
+
+#include <cmath>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/strip.h"
+
+namespace lorc::kvpolicy {
+
+int64_t KvPolicyConfig::BudgetFor(int64_t seq_len) const {
+  if (budget_tokens > 0) return budget_tokens;
+  if (budget_fraction > 0.0) {
+    return static_cast<int64_t>(std::ceil(budget_fraction * static_cast<double>(seq_len)));
+  }
+  return seq_len;
+}
+
+std::string KvPolicyConfig::Describe() const {
+  if (!enabled()) return "none";
+  std::string s = kind == KvPolicyKind::kCorm ? "corm" : absl::StrCat("mikv-int", low_bits);
+  if (budget_tokens > 0) absl::StrAppend(&s, " budget ", budget_tokens, " tokens");
+  if (budget_fraction > 0.0) absl::StrAppend(&s, absl::StrFormat(" budget %g%%", 100.0 * budget_fraction));
+  if (!has_budget()) absl::StrAppend(&s, " budget-free");
+  absl::StrAppend(&s, " (w ", window, ", r ", recent, ", sinks ", sinks, ")");
+  return s;
+}
+
+absl::StatusOr<KvPolicyKind> ParseKvPolicyKind(absl::string_view s) {
+  if (s == "none") return KvPolicyKind::kNone;
+  if (s == "corm") return KvPolicyKind::kCorm;
+  if (s == "mikv") return KvPolicyKind::kMikv;
+  return absl::InvalidArgumentError(
+      absl::StrCat("--kv-policy: '", s, "' is not one of none, corm, mikv"));
+}
+
+const char* KvPolicyKindName(KvPolicyKind k) {
+  switch (k) {
+    case KvPolicyKind::kCorm: return "corm";
+    case KvPolicyKind::kMikv: return "mikv";
+    default: return "none";
+  }
+}
+
+absl::Status ParseKvTokenBudget(absl::string_view s, KvPolicyConfig* c) {
+  c->budget_fraction = 0.0;
+  c->budget_tokens = 0;
+  const auto bad = [&](absl::string_view why) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--kv-token-budget: '", s, "' ", why,
+        " (a fraction of the sequence in (0, 1] such as 0.3 or 30%, or a token count >= 1)"));
+  };
+  absl::string_view v = s;
+  const bool percent = absl::ConsumeSuffix(&v, "%");
+  if (!percent && v.find_first_of(".eE") == absl::string_view::npos) {
+    int64_t n = 0;
+    if (!absl::SimpleAtoi(v, &n)) return bad("is not a number");
+    if (n < 1) return bad("is below 1");
+    c->budget_tokens = n;
+    return absl::OkStatus();
+  }
+  double f = 0;
+  if (!absl::SimpleAtod(v, &f) || !std::isfinite(f)) return bad("is not a number");
+  if (percent) f /= 100.0;
+  if (!(f > 0.0 && f <= 1.0)) return bad("is outside (0, 1]");
+  c->budget_fraction = f;
+  return absl::OkStatus();
+}
+
+absl::Status ValidateKvPolicyConfig(const KvPolicyConfig& c) {
+  if (c.window < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("--kv-policy-window: ", c.window, " is below 1"));
+  }
+  if (c.recent < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("--kv-policy-recent: ", c.recent, " is negative"));
+  }
+  if (c.sinks < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("--kv-policy-sinks: ", c.sinks, " is negative"));
+  }
+  if (c.low_bits != 4 && c.low_bits != 2) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--kv-policy-low-bits: ", c.low_bits, " is not 4 or 2"));
+  }
+  if (!c.enabled() && c.has_budget()) {
+    return absl::InvalidArgumentError("--kv-token-budget needs --kv-policy corm or mikv");
+  }
+  if (c.budget_fraction < 0.0 || c.budget_fraction > 1.0 || c.budget_tokens < 0 ||
+      (c.budget_fraction > 0.0 && c.budget_tokens > 0)) {
+    return absl::InvalidArgumentError(absl::StrCat("--kv-token-budget: fraction ", c.budget_fraction,
+                                                   " and count ", c.budget_tokens,
+                                                   ": give one, fraction in (0, 1] or count >= 1"));
+  }
+  if (c.budget_tokens > 0 && c.budget_tokens < static_cast<int64_t>(c.sinks) + c.recent) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--kv-token-budget: ", c.budget_tokens, " tokens cannot hold the ", c.sinks,
+        " sinks (--kv-policy-sinks) and ", c.recent, " recent tokens (--kv-policy-recent)"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace lorc::kvpolicy

@@ -1,0 +1,65 @@
+// Token-level KV cache policies (issue #17): which cached tokens a sequence keeps, per layer and
+// KV head, and at which precision. The configuration, its flags (vLLM-style names) and its checks.
+//   --kv-policy none|corm|mikv    none (default): every token kept at the cache's precision.
+//                                 corm: CORM eviction (arXiv 2404.15949), evicted tokens dropped.
+//                                 mikv: the same choice, but the tokens CORM would drop are kept
+//                                 in --kv-policy-low-bits (MiKV, arXiv 2402.18096).
+//   --kv-policy-window W          CORM's w: a key stays while one of the last W queries gave it
+//                                 attention probability >= 1/t (t: that query's context length).
+//   --kv-policy-recent R          the last R tokens are always kept (CORM: r = w).
+//   --kv-policy-sinks S           the first S tokens (attention sinks) are always kept.
+//   --kv-token-budget B           hard budget per sequence, layer and KV head of full-precision
+//                                 tokens: a fraction of the sequence's length ("0.3", "30%") or
+//                                 a count ("512"); absent: budget-free (CORM's w rule).
+//   --kv-policy-low-bits 4|2      MiKV's precision for the unimportant tokens.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include "absl/strings/string_view.h"
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+
+namespace lorc::kvpolicy {
+
+// One default per setting, here (the flags' help text reads them too).
+namespace defaults {
+inline constexpr int32_t kWindow = 32;   // CORM's w
+inline constexpr int32_t kRecent = 32;   // CORM's r (= w in the paper)
+inline constexpr int32_t kSinks = 4;     // attention sinks
+inline constexpr int32_t kLowBits = 4;   // MiKV: int4
+}  // namespace defaults
+
+enum class KvPolicyKind : uint8_t { kNone, kCorm, kMikv };
+
+struct KvPolicyConfig {
+  KvPolicyKind kind = KvPolicyKind::kNone;   // --kv-policy
+  int32_t window = defaults::kWindow;        // --kv-policy-window, >= 1
+  int32_t recent = defaults::kRecent;        // --kv-policy-recent, >= 0
+  int32_t sinks = defaults::kSinks;          // --kv-policy-sinks, >= 0
+  // --kv-token-budget: at most one of the two is set (> 0); both 0: budget-free.
+  double budget_fraction = 0.0;  // (0, 1]
+  int64_t budget_tokens = 0;     // >= 1
+  int32_t low_bits = defaults::kLowBits;     // --kv-policy-low-bits: 4 or 2 (mikv only)
+
+  bool enabled() const { return kind != KvPolicyKind::kNone; }
+  bool has_budget() const { return budget_fraction > 0.0 || budget_tokens > 0; }
+  // Full-precision tokens a sequence of `seq_len` tokens may keep per layer and KV head:
+  // ceil(fraction * seq_len) or the count; seq_len when budget-free.
+  int64_t BudgetFor(int64_t seq_len) const;
+  // "corm", "mikv-int4 budget 30%", ...: for tables and logs.
+  std::string Describe() const;
+};
+
+// "none" / "corm" / "mikv"; InvalidArgument naming --kv-policy otherwise.
+absl::StatusOr<KvPolicyKind> ParseKvPolicyKind(absl::string_view s);
+const char* KvPolicyKindName(KvPolicyKind k);
+// Sets budget_fraction or budget_tokens from "0.3", "30%" (fraction in (0, 1]) or "512" (a count
+// >= 1); InvalidArgument naming --kv-token-budget for anything else.
+absl::Status ParseKvTokenBudget(absl::string_view s, KvPolicyConfig* config);
+// InvalidArgument naming the flag: window < 1, recent / sinks < 0, low_bits not 4 or 2, low_bits
+// or a budget given with kind none, a budget count below sinks + recent (it could never hold).
+absl::Status ValidateKvPolicyConfig(const KvPolicyConfig& c);
+
+}  // namespace lorc::kvpolicy

@@ -1,0 +1,213 @@
+#include "kvpolicy/sequence_policy.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+namespace lorc::kvpolicy {
+
+void SelectVictims(const KvPolicyConfig& c, int64_t seq_len, int64_t pinned, const uint8_t* state,
+                   const int32_t* last_hit, std::vector<int32_t>* victims) {
+  victims->clear();
+  const int64_t lo = std::max<int64_t>(c.sinks, pinned);
+  const int64_t hi = seq_len - c.recent;  // [lo, hi): may be evicted
+  const uint8_t full_state = static_cast<uint8_t>(SlotState::kFull);
+  // The w rule: unimportant to every query of the last `window` positions.
+  const int64_t oldest_query = seq_len - c.window;
+  std::vector<int32_t>& rest = *victims;  // first the survivors of the rule (budget only)
+  std::vector<int32_t> rule;
+  int64_t full = 0;
+  for (int64_t p = 0; p < seq_len; ++p) {
+    if (state[p] != full_state) continue;
+    ++full;
+    if (p < lo || p >= hi) continue;
+    (last_hit[p] < oldest_query ? rule : rest).push_back(static_cast<int32_t>(p));
+  }
+  const int64_t budget = c.BudgetFor(seq_len);
+  full -= static_cast<int64_t>(rule.size());
+  if (!c.has_budget() || full <= budget) {
+    victims->swap(rule);
+    return;
+  }
+  // Over the budget: also the least recently important survivors (ties: earlier positions).
+  const size_t over = static_cast<size_t>(std::min<int64_t>(full - budget, rest.size()));
+  std::nth_element(rest.begin(), rest.begin() + over, rest.end(), [&](int32_t a, int32_t b) {
+    return last_hit[a] != last_hit[b] ? last_hit[a] < last_hit[b] : a < b;
+  });
+  rest.resize(over);
+  rest.insert(rest.end(), rule.begin(), rule.end());
+  std::sort(rest.begin(), rest.end());
+}
+
+SequenceKvPolicy::SequenceKvPolicy(const KvPolicyConfig* config, const std::vector<LayerShape>* layers,
+                                   int32_t num_kv_heads, int64_t pinned)
+    : config_(config), layers_(layers), num_kv_heads_(num_kv_heads), pinned_(pinned) {
+  heads_.resize(layers->size() * static_cast<size_t>(num_kv_heads));
+}
+
+void SequenceKvPolicy::Extend(int64_t new_len) {
+  if (new_len <= seq_len_) return;
+  for (Head& h : heads_) {
+    h.state.resize(new_len, static_cast<uint8_t>(SlotState::kFull));
+    h.low_slot.resize(new_len, -1);
+    h.last_hit.resize(new_len);
+    for (int64_t p = seq_len_; p < new_len; ++p) h.last_hit[p] = static_cast<int32_t>(p);
+  }
+  seq_len_ = new_len;
+}
+
+void SequenceKvPolicy::ObserveQueries(int layer, int head, const float* q, int64_t rows, int64_t ld,
+                                      int group, int64_t head_dim) {
+  Head& h = heads_[Index(layer, head)];
+  if (!(*layers_)[layer].balance_keys || !h.balance.empty()) return;
+  h.q_absmax.resize(head_dim, 0.f);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int hh = 0; hh < group; ++hh) {
+      const float* x = q + r * ld + hh * head_dim;
+      for (int64_t c = 0; c < head_dim; ++c) h.q_absmax[c] = std::max(h.q_absmax[c], std::fabs(x[c]));
+    }
+  }
+}
+
+void SequenceKvPolicy::LoadLow(int layer, int head, int64_t pos, float* k, float* v) const {
+  const Head& h = heads_[Index(layer, head)];
+  const LayerShape& s = (*layers_)[layer];
+  const int bits = config_->low_bits;
+  const int64_t kb = LowEntryBytes(s.k_width, bits), vb = LowEntryBytes(s.v_width, bits);
+  const int64_t e = h.low_slot[pos];
+  LowParams pk, pv;
+  const uint8_t* ke = h.low_k.data() + e * kb;
+  const uint8_t* ve = h.low_v.data() + e * vb;
+  std::memcpy(&pk, ke + LowCodeBytes(s.k_width, bits), sizeof(pk));
+  std::memcpy(&pv, ve + LowCodeBytes(s.v_width, bits), sizeof(pv));
+  DequantizeLow(ke, pk, s.k_width, bits, k);
+  DequantizeLow(ve, pv, s.v_width, bits, v);
+  if (!h.balance.empty()) {
+    for (int64_t c = 0; c < s.k_width; ++c) k[c] /= h.balance[c];
+  }
+}
+
+void SequenceKvPolicy::Apply(int layer, int head, absl::Span<const int32_t> kept, const float* k_rows,
+                             const float* v_rows) {
+  Head& h = heads_[Index(layer, head)];
+  SelectVictims(*config_, seq_len_, pinned_, h.state.data(), h.last_hit.data(), &h.victims);
+  if (h.victims.empty()) return;
+  if (config_->kind != KvPolicyKind::kMikv) {
+    for (int32_t p : h.victims) h.state[p] = static_cast<uint8_t>(SlotState::kDead);
+    return;
+  }
+  const LayerShape& s = (*layers_)[layer];
+  const int bits = config_->low_bits;
+  const int64_t kc = LowCodeBytes(s.k_width, bits), vc = LowCodeBytes(s.v_width, bits);
+  const int64_t kb = LowEntryBytes(s.k_width, bits), vb = LowEntryBytes(s.v_width, bits);
+  if (s.balance_keys && h.balance.empty()) {
+    // b_c = sqrt(max|q_c| / max|k_c|) over the queries seen and the keys kept so far (the prompt,
+    // at the first demotion), clamped to [1/64, 64]; 1 for a channel without data.
+    std::vector<float> kmax(s.k_width, 0.f);
+    for (size_t j = 0; j < kept.size(); ++j) {
+      for (int64_t c = 0; c < s.k_width; ++c) {
+        kmax[c] = std::max(kmax[c], std::fabs(k_rows[j * s.k_width + c]));
+      }
+    }
+    h.balance.assign(s.k_width, 1.f);
+    for (int64_t c = 0; c < s.k_width && c < static_cast<int64_t>(h.q_absmax.size()); ++c) {
+      if (h.q_absmax[c] > 0.f && kmax[c] > 0.f) {
+        h.balance[c] = std::clamp(std::sqrt(h.q_absmax[c] / kmax[c]), 1.0f / 64, 64.0f);
+      }
+    }
+  }
+  std::vector<float> scaled(s.k_width);
+  size_t j = 0;
+  for (int32_t p : h.victims) {
+    while (j < kept.size() && kept[j] < p) ++j;  // victims are kFull, hence in `kept`
+    const float* k = k_rows + j * s.k_width;
+    if (!h.balance.empty()) {
+      for (int64_t c = 0; c < s.k_width; ++c) scaled[c] = k[c] * h.balance[c];
+      k = scaled.data();
+    }
+    const int64_t e = static_cast<int64_t>(h.low_k.size()) / kb;
+    h.low_k.resize((e + 1) * kb);
+    h.low_v.resize((e + 1) * vb);
+    LowParams pk, pv;
+    QuantizeLow(k, s.k_width, bits, h.low_k.data() + e * kb, &pk);
+    QuantizeLow(v_rows + j * s.v_width, s.v_width, bits, h.low_v.data() + e * vb, &pv);
+    std::memcpy(h.low_k.data() + e * kb + kc, &pk, sizeof(pk));
+    std::memcpy(h.low_v.data() + e * vb + vc, &pv, sizeof(pv));
+    h.low_slot[p] = static_cast<int32_t>(e);
+    h.state[p] = static_cast<uint8_t>(SlotState::kLow);
+  }
+}
+
+EntryCounts SequenceKvPolicy::Counts(int layer, int head) const {
+  EntryCounts n;
+  const Head& h = heads_[Index(layer, head)];
+  for (int64_t p = 0; p < seq_len_; ++p) {
+    switch (static_cast<SlotState>(h.state[p])) {
+      case SlotState::kFull: ++n.full; break;
+      case SlotState::kLow: ++n.low; break;
+      default: ++n.dead;
+    }
+  }
+  return n;
+}
+
+double SequenceKvPolicy::KvBytes() const {
+  double bytes = 0;
+  for (size_t l = 0; l < layers_->size(); ++l) {
+    const LayerShape& s = (*layers_)[l];
+    const double low = static_cast<double>(LowEntryBytes(s.k_width, config_->low_bits) +
+                                           LowEntryBytes(s.v_width, config_->low_bits));
+    for (int g = 0; g < num_kv_heads_; ++g) {
+      const EntryCounts n = Counts(static_cast<int>(l), g);
+      bytes += static_cast<double>(n.full) * static_cast<double>(s.full_bytes) +
+               static_cast<double>(n.low) * low;
+    }
+  }
+  return bytes;
+}
+
+double SequenceKvPolicy::MetadataBytes() const {
+  const double per_entry = 1 + 4 + (config_->kind == KvPolicyKind::kMikv ? 4 : 0);
+  return per_entry * static_cast<double>(seq_len_) * static_cast<double>(heads_.size());
+}
+
+KvPolicyStore::KvPolicyStore(const KvPolicyConfig& config, std::vector<LayerShape> layers,
+                             int32_t num_kv_heads)
+    : config_(config), layers_(std::move(layers)), num_kv_heads_(num_kv_heads) {}
+
+SequenceKvPolicy* KvPolicyStore::Prepare(int64_t seq_id, int64_t num_computed_tokens, int64_t seq_len) {
+  auto it = seqs_.find(seq_id);
+  if (it == seqs_.end() || it->second->seq_len() != num_computed_tokens) {
+    if (it != seqs_.end()) seqs_.erase(it);
+    it = seqs_
+             .emplace(seq_id, std::make_unique<SequenceKvPolicy>(&config_, &layers_, num_kv_heads_,
+                                                                 num_computed_tokens))
+             .first;
+    it->second->Extend(num_computed_tokens);
+  }
+  it->second->Extend(seq_len);
+  return it->second.get();
+}
+
+void KvPolicyStore::Release(int64_t seq_id) {
+  auto it = seqs_.find(seq_id);
+  if (it == seqs_.end()) return;
+  const SequenceKvPolicy& s = *it->second;
+  ++stats_.sequences;
+  stats_.tokens += s.seq_len();
+  for (size_t l = 0; l < layers_.size(); ++l) {
+    for (int g = 0; g < num_kv_heads_; ++g) {
+      const EntryCounts n = s.Counts(static_cast<int>(l), g);
+      stats_.entries.full += n.full;
+      stats_.entries.low += n.low;
+      stats_.entries.dead += n.dead;
+    }
+    stats_.full_kv_bytes += static_cast<double>(layers_[l].full_bytes) * num_kv_heads_ *
+                            static_cast<double>(s.seq_len());
+  }
+  stats_.kv_bytes += s.KvBytes();
+  stats_.metadata_bytes += s.MetadataBytes();
+  seqs_.erase(it);
+}
+
+}  // namespace lorc::kvpolicy

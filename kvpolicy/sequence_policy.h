@@ -1,0 +1,149 @@
+// Per-sequence state of a token-level KV policy (kv_policy_config.h) and the store of all running
+// sequences' states on one worker.
+//
+// Layout (what a CUDA attention kernel will read, one (sequence, layer, KV head) at a time):
+//   state[layer][head][pos]     uint8 SlotState, pos = logical block * block_size + offset: one
+//                               block_size-byte live mask per paged block of the block table.
+//   last_hit[layer][head][pos]  int32: the latest query position that found key `pos` important
+//                               (attention probability >= 1/t); a new key starts at its own
+//                               position, so it lives at least w queries.
+//   low_slot[layer][head][pos]  int32: index of the key's low-precision entry (kLow), else -1;
+//   low K / V entries           per (layer, head), appended: LowCodeBytes codes then LowParams
+//                               (low_precision.h), widths = the cache's per-head widths (head_dim
+//                               for full KV, r_k / r_v for LoRC latents).
+//   balance[layer][head][k_w]   fp32 per-channel key factors b_c (MiKV outlier balancing), fixed
+//                               at the head's first demotion; low keys hold k * b, read as / b.
+//
+// The paged blocks themselves are never modified: a dead slot is only not read by this sequence,
+// a demoted one is read from its low entry instead. So a block shared with the prefix store, a
+// session or a fork keeps exactly the bytes its hash describes (kvpolicy/README.md: why), and the
+// positions of a request's prefix-cache hit (below `pinned`) are never evicted or demoted.
+//
+// Threads: one thread (the worker's device thread) uses a store and its states.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/types/span.h"
+#include "kvpolicy/kv_policy_config.h"
+#include "kvpolicy/low_precision.h"
+
+namespace lorc::kvpolicy {
+
+enum class SlotState : uint8_t { kDead = 0, kFull = 1, kLow = 2 };
+
+// One layer's per-KV-head widths of what its cache stores.
+struct LayerShape {
+  int64_t k_width = 0;   // head_dim (full KV) or r_k (LoRC latent)
+  int64_t v_width = 0;   // head_dim or r_v
+  bool balance_keys = false;  // MiKV outlier balancing of keys (full KV layers; latent keys are
+                              // unrotated latents, not in the query's channel space: off)
+  int64_t full_bytes = 0;     // bytes of one token's K + V of one KV head in the paged cache
+};
+
+// CORM's choice for one (layer, KV head) after a step, written into `victims` (ascending
+// positions): among the kFull positions p of [0, seq_len) that are not protected (p < sinks,
+// p >= seq_len - recent, p < pinned):
+//  - always (CORM's rule): those with last_hit[p] < seq_len - window (no query of the last
+//    `window` positions gave them probability >= 1/t);
+//  - with a budget B = config.BudgetFor(seq_len), when more than B positions remain kFull after
+//    that: also the unprotected ones with the oldest last_hit (ties: the earlier position) until
+//    B remain (or none is left unprotected). The budget is an upper bound.
+void SelectVictims(const KvPolicyConfig& config, int64_t seq_len, int64_t pinned,
+                   const uint8_t* state, const int32_t* last_hit, std::vector<int32_t>* victims);
+
+struct EntryCounts {
+  int64_t full = 0, low = 0, dead = 0;
+};
+
+class SequenceKvPolicy {
+ public:
+  // `config` and `layers` must outlive the state (the store's). Positions [0, pinned) are the
+  // request's prefix-cache hit: kept at full precision for its whole life.
+  SequenceKvPolicy(const KvPolicyConfig* config, const std::vector<LayerShape>* layers,
+                   int32_t num_kv_heads, int64_t pinned);
+
+  int64_t seq_len() const { return seq_len_; }
+  int64_t pinned() const { return pinned_; }
+  const KvPolicyConfig& config() const { return *config_; }
+  // Positions [seq_len, new_len) become kFull with last_hit = their position.
+  void Extend(int64_t new_len);
+
+  const uint8_t* states(int layer, int head) const { return heads_[Index(layer, head)].state.data(); }
+  int32_t* last_hit(int layer, int head) { return heads_[Index(layer, head)].last_hit.data(); }
+  SlotState state(int layer, int head, int64_t pos) const {
+    return static_cast<SlotState>(heads_[Index(layer, head)].state[pos]);
+  }
+  // Running per-channel max |q_c| over `rows` query rows (`ld` apart) of `group` query heads of
+  // `head_dim` values starting at q (the query heads of KV head `head`); kept until the balance
+  // is fixed. Only layers with balance_keys.
+  void ObserveQueries(int layer, int head, const float* q, int64_t rows, int64_t ld, int group,
+                      int64_t head_dim);
+  // A kLow entry's key and value (fp32, widths of the layer; keys divided by the balance).
+  void LoadLow(int layer, int head, int64_t pos, float* k, float* v) const;
+  // After the step's attention of (layer, head): SelectVictims, then CORM marks the victims
+  // kDead, MiKV quantizes them into low entries (values from k_rows / v_rows: the full-precision
+  // rows of the `kept` positions, in that order, as attention read them) and marks them kLow.
+  void Apply(int layer, int head, absl::Span<const int32_t> kept, const float* k_rows,
+             const float* v_rows);
+  EntryCounts Counts(int layer, int head) const;
+  // Bytes this sequence's policy keeps: full entries x full_bytes + low entries x their
+  // LowEntryBytes, summed over layers and heads; metadata: state + last_hit (+ low_slot) bytes.
+  double KvBytes() const;
+  double MetadataBytes() const;
+
+ private:
+  struct Head {
+    std::vector<uint8_t> state;
+    std::vector<int32_t> last_hit, low_slot;
+    std::vector<uint8_t> low_k, low_v;            // appended entries: codes then LowParams
+    std::vector<float> q_absmax, balance;         // balance empty until fixed
+    std::vector<int32_t> victims;                 // scratch
+  };
+  size_t Index(int layer, int head) const { return static_cast<size_t>(layer) * num_kv_heads_ + head; }
+
+  const KvPolicyConfig* config_;
+  const std::vector<LayerShape>* layers_;
+  int32_t num_kv_heads_;
+  int64_t pinned_;
+  int64_t seq_len_ = 0;
+  std::vector<Head> heads_;  // [layer][head]
+};
+
+// What the released sequences held when they ended (eval's KV-bytes measure).
+struct KvPolicyStats {
+  int64_t sequences = 0;
+  int64_t tokens = 0;           // sum of their lengths
+  EntryCounts entries;          // (token, layer, KV head) entries
+  double kv_bytes = 0;          // sum of SequenceKvPolicy::KvBytes at release
+  double metadata_bytes = 0;
+  double full_kv_bytes = 0;     // what the same tokens take without a policy
+};
+
+class KvPolicyStore {
+ public:
+  KvPolicyStore(const KvPolicyConfig& config, std::vector<LayerShape> layers, int32_t num_kv_heads);
+  const KvPolicyConfig& config() const { return config_; }
+  // The state of `seq_id` covering [0, seq_len): made on first sight (or when its length does not
+  // continue from num_computed_tokens: a preempted and recomputed request) with the
+  // num_computed_tokens already cached pinned (a prefix-cache or session hit, or a fork's shared
+  // blocks), then extended to seq_len.
+  SequenceKvPolicy* Prepare(int64_t seq_id, int64_t num_computed_tokens, int64_t seq_len);
+  // The request ended or was preempted: its counts go into stats(); unknown ids are ignored.
+  void Release(int64_t seq_id);
+  const KvPolicyStats& stats() const { return stats_; }
+  void ResetStats() { stats_ = KvPolicyStats(); }
+  size_t size() const { return seqs_.size(); }
+
+ private:
+  KvPolicyConfig config_;
+  std::vector<LayerShape> layers_;
+  int32_t num_kv_heads_;
+  absl::flat_hash_map<int64_t, std::unique_ptr<SequenceKvPolicy>> seqs_;
+  KvPolicyStats stats_;
+};
+
+}  // namespace lorc::kvpolicy

@@ -1,0 +1,303 @@
+// The token-level KV policy's invariants (kvpolicy/): flag parsing and checks, CORM's choice
+// (sinks, recent and pinned positions always kept; the w rule; the budget respected, keeping the
+// most recently important), MiKV's low-precision round trip within its stated bound, and the
+// state's bookkeeping. The attention side (dead slots skipped, low ones read, importance at
+// exactly 1/t, the paged cache never written) is tests/backend/kv_policy_attention_test.cc.
+#include <algorithm>
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "kernels/kv_quant.h"
+#include "kvpolicy/kv_policy_config.h"
+#include "kvpolicy/low_precision.h"
+#include "kvpolicy/sequence_policy.h"
+
+namespace lorc::kvpolicy {
+namespace {
+
+using ::testing::HasSubstr;
+
+constexpr uint8_t kFull = static_cast<uint8_t>(SlotState::kFull);
+
+TEST(KvPolicyConfigTest, ParsesKindsAndBudgets) {
+  EXPECT_EQ(*ParseKvPolicyKind("corm"), KvPolicyKind::kCorm);
+  EXPECT_EQ(*ParseKvPolicyKind("mikv"), KvPolicyKind::kMikv);
+  EXPECT_EQ(*ParseKvPolicyKind("none"), KvPolicyKind::kNone);
+  EXPECT_THAT(ParseKvPolicyKind("h2o").status().message(), HasSubstr("--kv-policy: 'h2o'"));
+  KvPolicyConfig c;
+  ASSERT_TRUE(ParseKvTokenBudget("0.3", &c).ok());
+  EXPECT_DOUBLE_EQ(c.budget_fraction, 0.3);
+  EXPECT_EQ(c.budget_tokens, 0);
+  EXPECT_EQ(c.BudgetFor(100), 30);
+  EXPECT_EQ(c.BudgetFor(101), 31);  // ceil
+  ASSERT_TRUE(ParseKvTokenBudget("50%", &c).ok());
+  EXPECT_DOUBLE_EQ(c.budget_fraction, 0.5);
+  ASSERT_TRUE(ParseKvTokenBudget("512", &c).ok());
+  EXPECT_EQ(c.budget_tokens, 512);
+  EXPECT_EQ(c.budget_fraction, 0.0);
+  EXPECT_EQ(c.BudgetFor(4096), 512);
+  for (const char* bad : {"abc", "0", "-3", "0.0", "1.5", "150%", "0%", "nan", "", "1e9x"}) {
+    const absl::Status s = ParseKvTokenBudget(bad, &c);
+    EXPECT_FALSE(s.ok()) << bad;
+    EXPECT_THAT(s.message(), HasSubstr("--kv-token-budget")) << bad;
+  }
+}
+
+TEST(KvPolicyConfigTest, ValidationNamesTheFlag) {
+  KvPolicyConfig c;
+  EXPECT_TRUE(ValidateKvPolicyConfig(c).ok());
+  c.kind = KvPolicyKind::kCorm;
+  c.window = 0;
+  EXPECT_THAT(ValidateKvPolicyConfig(c).message(), HasSubstr("--kv-policy-window"));
+  c.window = 8;
+  c.recent = -1;
+  EXPECT_THAT(ValidateKvPolicyConfig(c).message(), HasSubstr("--kv-policy-recent"));
+  c.recent = 8;
+  c.sinks = -2;
+  EXPECT_THAT(ValidateKvPolicyConfig(c).message(), HasSubstr("--kv-policy-sinks"));
+  c.sinks = 4;
+  c.low_bits = 3;
+  EXPECT_THAT(ValidateKvPolicyConfig(c).message(), HasSubstr("--kv-policy-low-bits"));
+  c.low_bits = 2;
+  c.budget_tokens = 11;  // < sinks + recent
+  EXPECT_THAT(ValidateKvPolicyConfig(c).message(), HasSubstr("--kv-token-budget: 11 tokens"));
+  c.budget_tokens = 12;
+  EXPECT_TRUE(ValidateKvPolicyConfig(c).ok());
+  c.kind = KvPolicyKind::kNone;
+  EXPECT_THAT(ValidateKvPolicyConfig(c).message(), HasSubstr("needs --kv-policy"));
+}
+
+// Budget-free: exactly the unprotected full positions no query of the last w hit.
+TEST(SelectVictimsTest, WindowRuleKeepsSinksRecentPinnedAndRecentlyImportant) {
+  KvPolicyConfig c;
+  c.kind = KvPolicyKind::kCorm;
+  c.window = 10;
+  c.recent = 8;
+  c.sinks = 4;
+  const int64_t len = 100;
+  std::vector<uint8_t> state(len, kFull);
+  std::vector<int32_t> hit(len, 0);  // nothing important lately
+  hit[50] = 90;                      // hit by the oldest query of the window [90, 100)
+  hit[51] = 89;                      // just outside it
+  state[60] = static_cast<uint8_t>(SlotState::kDead);  // already gone: not chosen again
+  std::vector<int32_t> v;
+  SelectVictims(c, len, /*pinned=*/0, state.data(), hit.data(), &v);
+  std::vector<int32_t> want;
+  for (int32_t p = 4; p < 92; ++p) {
+    if (p != 50 && p != 60) want.push_back(p);
+  }
+  EXPECT_EQ(v, want);
+  // A prefix-cache hit of 20 tokens: never chosen.
+  SelectVictims(c, len, /*pinned=*/20, state.data(), hit.data(), &v);
+  ASSERT_FALSE(v.empty());
+  EXPECT_EQ(v.front(), 20);
+  EXPECT_EQ(v.back(), 91);
+}
+
+// With a budget: the w rule first (every unprotected full position no query of the last w hit
+// goes), then the full count ends at min(what the rule left, max(budget, protected)); protected
+// positions stay, and every kept unprotected position was important no earlier than any victim.
+TEST(SelectVictimsTest, BudgetKeepsTheMostRecentlyImportant) {
+  std::mt19937 rng(7);
+  int binding = 0;
+  for (int trial = 0; trial < 300; ++trial) {
+    KvPolicyConfig c;
+    c.kind = trial % 2 ? KvPolicyKind::kMikv : KvPolicyKind::kCorm;
+    c.window = 1 + static_cast<int32_t>(rng() % 64);
+    c.recent = static_cast<int32_t>(rng() % 12);
+    c.sinks = static_cast<int32_t>(rng() % 6);
+    const int64_t len = 1 + rng() % 300;
+    if (trial % 3 == 0) {
+      c.budget_tokens = c.sinks + c.recent + static_cast<int64_t>(rng() % 40);
+    } else {
+      c.budget_fraction = 0.05 + 0.9 * (rng() % 1000) / 1000.0;
+    }
+    const int64_t pinned = trial % 5 == 0 ? static_cast<int64_t>(rng() % (len + 1)) : 0;
+    std::vector<uint8_t> state(len, kFull);
+    std::vector<int32_t> hit(len);
+    for (int64_t p = 0; p < len; ++p) {
+      if (rng() % 7 == 0) state[p] = static_cast<uint8_t>(SlotState::kDead);
+      hit[p] = static_cast<int32_t>(p + rng() % (len - p + 1));  // >= p, <= len
+    }
+    std::vector<int32_t> v;
+    SelectVictims(c, len, pinned, state.data(), hit.data(), &v);
+    ASSERT_TRUE(std::is_sorted(v.begin(), v.end()));
+    std::vector<uint8_t> after = state;
+    for (int32_t p : v) {
+      ASSERT_EQ(state[p], kFull);
+      after[p] = 0;
+    }
+    const auto is_protected = [&](int64_t p) {
+      return p < c.sinks || p < pinned || p >= len - c.recent;
+    };
+    int64_t full = 0, protected_full = 0, after_rule = 0;
+    int32_t oldest_kept = INT32_MAX, newest_victim = INT32_MIN;
+    for (int64_t p = 0; p < len; ++p) {
+      full += after[p] == kFull;
+      if (state[p] != kFull) continue;
+      if (is_protected(p)) {
+        EXPECT_EQ(after[p], kFull) << "protected position " << p << " evicted";
+        ++protected_full;
+        ++after_rule;
+        continue;
+      }
+      if (hit[p] < len - c.window) {
+        EXPECT_EQ(after[p], 0) << "position " << p << " unimportant to the last w queries kept";
+      } else {
+        ++after_rule;
+      }
+      if (after[p] == kFull) {
+        oldest_kept = std::min(oldest_kept, hit[p]);
+      } else {
+        newest_victim = std::max(newest_victim, hit[p]);
+      }
+    }
+    const int64_t budget = c.BudgetFor(len);
+    binding += after_rule > budget;
+    EXPECT_EQ(full, std::min(after_rule, std::max(budget, protected_full))) << "trial " << trial;
+    if (!v.empty() && oldest_kept != INT32_MAX) {
+      EXPECT_LE(newest_victim, oldest_kept);
+    }
+  }
+  EXPECT_GT(binding, 50) << "the budget should bind in many trials";
+}
+
+// |x - dequantized| <= scale / 2 (+ fp32 rounding), scale = the entry's fp16 scale; and the
+// scale is at most (max - min) / (2^bits - 1) plus fp16 rounding: int4 error <= range / 30.
+TEST(LowPrecisionTest, RoundTripWithinHalfAStep) {
+  std::mt19937 rng(11);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  for (int bits : {4, 2}) {
+    for (int64_t width : {1, 7, 64, 128}) {
+      for (int trial = 0; trial < 50; ++trial) {
+        std::vector<float> x(width);
+        float amax = 0;
+        for (float& e : x) {
+          e = nd(rng) * (trial % 5 == 0 ? 30.f : 1.f);
+          amax = std::max(amax, std::fabs(e));
+        }
+        if (trial % 7 == 0) x[rng() % width] = 50.f;  // an outlier channel
+        amax = std::max(amax, 50.f * (trial % 7 == 0));
+        std::vector<uint8_t> codes(LowCodeBytes(width, bits));
+        LowParams p;
+        QuantizeLow(x.data(), width, bits, codes.data(), &p);
+        std::vector<float> y(width);
+        DequantizeLow(codes.data(), p, width, bits, y.data());
+        const float scale = ::lorc::kernels::KvqF16ToF32(p.scale);
+        const float mn = *std::min_element(x.begin(), x.end()), mx = *std::max_element(x.begin(), x.end());
+        EXPECT_LE(scale, (mx - mn) / ((1 << bits) - 1) * (1 + 1.0f / 512) + 1e-7f + std::fabs(mn) / 1024 / ((1 << bits) - 1));
+        for (int64_t i = 0; i < width; ++i) {
+          EXPECT_LE(std::fabs(x[i] - y[i]), 0.5f * scale + 1e-6f * amax)
+              << "bits " << bits << " width " << width << " i " << i;
+        }
+      }
+    }
+  }
+  EXPECT_EQ(LowEntryBytes(128, 4), 64 + 4);
+  EXPECT_EQ(LowEntryBytes(128, 2), 32 + 4);
+  EXPECT_EQ(LowCodeBytes(7, 4), 4);
+}
+
+// The state: new positions full and fresh; pinned positions never touched; CORM kills, MiKV
+// keeps the victims as low entries whose values round-trip; balance divides back out.
+TEST(SequenceKvPolicyTest, ApplyEvictsOrDemotesAndNeverTouchesPinned) {
+  for (KvPolicyKind kind : {KvPolicyKind::kCorm, KvPolicyKind::kMikv}) {
+    KvPolicyConfig c;
+    c.kind = kind;
+    c.sinks = 2;
+    c.recent = 3;
+    c.window = 4;
+    c.budget_tokens = 8;
+    const int64_t w = 16;
+    std::vector<LayerShape> layers = {{w, w, true, 2 * w * 4}, {w, w / 2, false, 3 * w * 2}};
+    SequenceKvPolicy s(&c, &layers, /*num_kv_heads=*/2, /*pinned=*/6);
+    s.Extend(40);
+    EXPECT_EQ(s.seq_len(), 40);
+    EXPECT_EQ(s.last_hit(1, 1)[17], 17);
+    std::mt19937 rng(3);
+    std::normal_distribution<float> nd(0.f, 1.f);
+    std::vector<int32_t> kept(40);
+    for (int i = 0; i < 40; ++i) kept[i] = i;
+    std::vector<float> q(5 * 2 * w), k(40 * w), v(40 * w);
+    for (float& x : q) x = nd(rng);
+    for (float& x : k) x = nd(rng);
+    for (float& x : v) x = nd(rng);
+    for (int layer = 0; layer < 2; ++layer) {
+      const int64_t vw = layers[layer].v_width;
+      s.ObserveQueries(layer, 0, q.data(), 5, 2 * w, 2, w);
+      s.Apply(layer, 0, kept, k.data(), v.data());
+      const EntryCounts n = s.Counts(layer, 0);
+      // Budget 8, but the protected positions are 9 (pinned 0..5, which hold the 2 sinks, and
+      // the 3 recent): the budget cannot go below them.
+      EXPECT_EQ(n.full, 9);
+      for (int p = 0; p < 6; ++p) EXPECT_EQ(s.state(layer, 0, p), SlotState::kFull) << "pinned " << p;
+      for (int p = 37; p < 40; ++p) EXPECT_EQ(s.state(layer, 0, p), SlotState::kFull) << "recent " << p;
+      if (kind == KvPolicyKind::kCorm) {
+        EXPECT_EQ(n.low, 0);
+        EXPECT_EQ(n.dead, 40 - n.full);
+      } else {
+        EXPECT_EQ(n.dead, 0);
+        EXPECT_EQ(n.low, 40 - n.full);
+        std::vector<float> lk(w), lv(vw);
+        for (int p = 0; p < 40; ++p) {
+          if (s.state(layer, 0, p) != SlotState::kLow) continue;
+          s.LoadLow(layer, 0, p, lk.data(), lv.data());
+          float kr = 0, vr = 0, ke = 0, ve = 0;
+          for (int64_t i = 0; i < w; ++i) {
+            kr = std::max(kr, std::fabs(k[p * w + i]));
+            ke = std::max(ke, std::fabs(lk[i] - k[p * w + i]));
+          }
+          for (int64_t i = 0; i < vw; ++i) {
+            vr = std::max(vr, std::fabs(v[p * vw + i]));
+            ve = std::max(ve, std::fabs(lv[i] - v[p * vw + i]));
+          }
+          // int4 over a head vector: half a step of (max - min) / 15 <= 2 max|x| / 30; keys
+          // balanced per channel (factors up to 64) get a looser bound.
+          EXPECT_LE(ve, vr / 15 + 1e-5f) << "value " << p;
+          EXPECT_LE(ke, kr * (layers[layer].balance_keys ? 1.0f : 1.0f / 15) + 1e-5f) << "key " << p;
+        }
+      }
+      // The other head was not touched.
+      EXPECT_EQ(s.Counts(layer, 1).full, 40);
+    }
+    // KV bytes: full entries at full_bytes, low ones at their entry size.
+    double want = 0;
+    for (int layer = 0; layer < 2; ++layer) {
+      const EntryCounts n = s.Counts(layer, 0);
+      want += 40.0 * layers[layer].full_bytes + n.full * layers[layer].full_bytes +
+              n.low * static_cast<double>(LowEntryBytes(w, 4) + LowEntryBytes(layers[layer].v_width, 4));
+    }
+    EXPECT_DOUBLE_EQ(s.KvBytes(), want);
+  }
+}
+
+TEST(KvPolicyStoreTest, PrepareExtendsPinsHitsAndReleaseCounts) {
+  KvPolicyConfig c;
+  c.kind = KvPolicyKind::kCorm;
+  KvPolicyStore store(c, {{8, 8, true, 64}}, 1);
+  SequenceKvPolicy* a = store.Prepare(1, 0, 10);
+  EXPECT_EQ(a->pinned(), 0);
+  EXPECT_EQ(store.Prepare(1, 10, 11), a);  // continues
+  EXPECT_EQ(a->seq_len(), 11);
+  SequenceKvPolicy* b = store.Prepare(2, 32, 40);  // a prefix-cache hit of 32 tokens
+  EXPECT_EQ(b->pinned(), 32);
+  EXPECT_EQ(b->seq_len(), 40);
+  SequenceKvPolicy* a2 = store.Prepare(1, 0, 5);  // preempted, recomputed: a fresh state
+  EXPECT_EQ(a2->seq_len(), 5);
+  EXPECT_EQ(store.size(), 2u);
+  store.Release(1);
+  store.Release(2);
+  store.Release(3);  // unknown: ignored
+  EXPECT_EQ(store.size(), 0u);
+  EXPECT_EQ(store.stats().sequences, 2);
+  EXPECT_EQ(store.stats().tokens, 45);
+  EXPECT_EQ(store.stats().entries.full, 45);
+  EXPECT_DOUBLE_EQ(store.stats().kv_bytes, 45.0 * 64);
+  EXPECT_DOUBLE_EQ(store.stats().full_kv_bytes, 45.0 * 64);
+}
+
+}  // namespace
+}  // namespace lorc::kvpolicy

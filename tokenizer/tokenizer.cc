@@ -230,6 +230,14 @@ absl::Status Tokenizer::Load(std::string_view json_text, std::string_view what) 
                                                  prefix + "post_processor"));
   if (template_ == std::vector<int32_t>{kInput}) template_.clear();
   BuildIdTables();
+  // The template's special-token ids are only numbers in the file: each must name a token, or
+  // Encode would hand out ids past the vocabulary (fuzz finding, docs/FUZZING.md #6).
+  for (const int32_t id : template_) {
+    if (id != kInput && (id < 0 || id >= vocab_size_)) {
+      return FieldError(prefix + "post_processor",
+                        Cat("special token id ", id, " is outside the vocabulary [0, ", vocab_size_, ")"));
+    }
+  }
   return absl::OkStatus();
 } catch (const nlohmann::json::exception& e) {
   return absl::InvalidArgumentError(Cat(what, ": malformed tokenizer JSON: ", e.what()));

@@ -45,6 +45,22 @@ Fn Real(const char* head, const char* tail) {
 void Acquire(const void* p) { __tsan_acquire(const_cast<void*>(p)); }
 void Release(const void* p) { __tsan_release(const_cast<void*>(p)); }
 
+// abseil evaluates a waiter's condition with the mutex held, on the waiting thread or on the one
+// unlocking, inside the library: each evaluation is bracketed by an acquire and a release of the
+// mutex, so what the condition reads is ordered with the writes made under the lock (without
+// this, a condition reading a queue that another thread pushes to under the lock is a reported
+// race: EngineLoop::Run's wake condition, seen in coordinator_engine_loop_test).
+struct GuardedCondition {
+  const absl::Condition* cond;
+  const void* mu;
+  static bool Eval(GuardedCondition* g) {
+    Acquire(g->mu);
+    const bool result = g->cond->Eval();
+    Release(g->mu);
+    return result;
+  }
+};
+
 }  // namespace
 
 namespace absl {
@@ -88,40 +104,46 @@ void Mutex::ReaderUnlock() {
 void Mutex::LockWhen(const Condition& cond) {
   static const auto real =
       Real<void (*)(Mutex*, const Condition&)>("_ZN", "5Mutex8LockWhenERKNS0_9ConditionE");
-  real(this, cond);
+  GuardedCondition g{&cond, this};
+  real(this, absl::Condition(&GuardedCondition::Eval, &g));
   Acquire(this);
 }
 void Mutex::ReaderLockWhen(const Condition& cond) {
   static const auto real =
       Real<void (*)(Mutex*, const Condition&)>("_ZN", "5Mutex14ReaderLockWhenERKNS0_9ConditionE");
-  real(this, cond);
+  GuardedCondition g{&cond, this};
+  real(this, absl::Condition(&GuardedCondition::Eval, &g));
   Acquire(this);
 }
 bool Mutex::LockWhenWithTimeout(const Condition& cond, absl::Duration timeout) {
   static const auto real = Real<bool (*)(Mutex*, const Condition&, absl::Duration)>(
       "_ZN", "5Mutex19LockWhenWithTimeoutERKNS0_9ConditionENS0_8DurationE");
-  const bool met = real(this, cond, timeout);
+  GuardedCondition g{&cond, this};
+  const bool met = real(this, absl::Condition(&GuardedCondition::Eval, &g), timeout);
   Acquire(this);
   return met;
 }
 bool Mutex::LockWhenWithDeadline(const Condition& cond, absl::Time deadline) {
   static const auto real = Real<bool (*)(Mutex*, const Condition&, absl::Time)>(
       "_ZN", "5Mutex20LockWhenWithDeadlineERKNS0_9ConditionENS0_4TimeE");
-  const bool met = real(this, cond, deadline);
+  GuardedCondition g{&cond, this};
+  const bool met = real(this, absl::Condition(&GuardedCondition::Eval, &g), deadline);
   Acquire(this);
   return met;
 }
 bool Mutex::ReaderLockWhenWithTimeout(const Condition& cond, absl::Duration timeout) {
   static const auto real = Real<bool (*)(Mutex*, const Condition&, absl::Duration)>(
       "_ZN", "5Mutex25ReaderLockWhenWithTimeoutERKNS0_9ConditionENS0_8DurationE");
-  const bool met = real(this, cond, timeout);
+  GuardedCondition g{&cond, this};
+  const bool met = real(this, absl::Condition(&GuardedCondition::Eval, &g), timeout);
   Acquire(this);
   return met;
 }
 bool Mutex::ReaderLockWhenWithDeadline(const Condition& cond, absl::Time deadline) {
   static const auto real = Real<bool (*)(Mutex*, const Condition&, absl::Time)>(
       "_ZN", "5Mutex26ReaderLockWhenWithDeadlineERKNS0_9ConditionENS0_4TimeE");
-  const bool met = real(this, cond, deadline);
+  GuardedCondition g{&cond, this};
+  const bool met = real(this, absl::Condition(&GuardedCondition::Eval, &g), deadline);
   Acquire(this);
   return met;
 }
@@ -131,14 +153,16 @@ void Mutex::Await(const Condition& cond) {
   static const auto real =
       Real<void (*)(Mutex*, const Condition&)>("_ZN", "5Mutex5AwaitERKNS0_9ConditionE");
   Release(this);
-  real(this, cond);
+  GuardedCondition g{&cond, this};
+  real(this, absl::Condition(&GuardedCondition::Eval, &g));
   Acquire(this);
 }
 bool Mutex::AwaitWithTimeout(const Condition& cond, absl::Duration timeout) {
   static const auto real = Real<bool (*)(Mutex*, const Condition&, absl::Duration)>(
       "_ZN", "5Mutex16AwaitWithTimeoutERKNS0_9ConditionENS0_8DurationE");
   Release(this);
-  const bool met = real(this, cond, timeout);
+  GuardedCondition g{&cond, this};
+  const bool met = real(this, absl::Condition(&GuardedCondition::Eval, &g), timeout);
   Acquire(this);
   return met;
 }
@@ -146,7 +170,8 @@ bool Mutex::AwaitWithDeadline(const Condition& cond, absl::Time deadline) {
   static const auto real = Real<bool (*)(Mutex*, const Condition&, absl::Time)>(
       "_ZN", "5Mutex17AwaitWithDeadlineERKNS0_9ConditionENS0_4TimeE");
   Release(this);
-  const bool met = real(this, cond, deadline);
+  GuardedCondition g{&cond, this};
+  const bool met = real(this, absl::Condition(&GuardedCondition::Eval, &g), deadline);
   Acquire(this);
   return met;
 }

@@ -558,6 +558,27 @@ TEST(TokenizerPostProcessorTest, SequenceAndRoberta) {
   EXPECT_THAT((*roberta)->Encode("a", true).value(), ElementsAre(9, 'a', 10));
 }
 
+// Fuzz finding #6 (docs/FUZZING.md): a template's special-token id past the vocabulary loaded,
+// and Encode then returned it (fuzz/corpus/tokenizer_json_fuzz/crash-template-id-past-vocab).
+TEST(TokenizerPostProcessorTest, ATemplateIdOutsideTheVocabularyIsRejected) {
+  json j = MiniTokenizerJson();
+  auto plain = FromJson(j);
+  ASSERT_OK(plain);
+  const int32_t n = (*plain)->vocab_size();
+  for (const int32_t bad : {n, n + 1000, -2}) {
+    j["post_processor"] = {
+        {"type", "TemplateProcessing"},
+        {"single", {{{"SpecialToken", {{"id", "<s>"}, {"type_id", 0}}}},
+                    {{"Sequence", {{"id", "A"}, {"type_id", 0}}}}}},
+        {"special_tokens", {{"<s>", {{"id", "<s>"}, {"ids", {bad}}}}}}};
+    EXPECT_THAT(FromJson(j), StatusIs(absl::StatusCode::kInvalidArgument,
+                                      HasSubstr("is outside the vocabulary"))) << bad;
+  }
+  j["post_processor"] = {{"type", "RobertaProcessing"}, {"cls", {"<s>", n}}, {"sep", {"</s>", 10}}};
+  EXPECT_THAT(FromJson(j), StatusIs(absl::StatusCode::kInvalidArgument,
+                                    HasSubstr("special token id " + std::to_string(n))));
+}
+
 TEST(TokenizerConcurrencyTest, ParallelEncodeMatchesSerial) {
   REQUIRE_FIXTURE(kTinyDir);
   auto tok = LoadTiny();

@@ -44,12 +44,78 @@ __device__ __forceinline__ void Mma(float (&c)[4], uint32_t a0, uint32_t a1, uin
 #endif
 }
 
-// One CTA: rows [16 * blockIdx.x, +16) of w, K chunks of cluster rank blockIdx.y of gridDim.y.
-// NT: 8-token column tiles (M <= 8 * NT); STEPS: 32-wide k steps per warp chunk.
-template <int NT, int STEPS, typename OutT>
+// The rotary epilogue (kRope): the tile's 16 rows are dims [8c, 8c + 8) and their partners
+// [8c + half, 8c + half + 8) of one head (rotate_half pairs), so a CTA rotates its own rows.
+struct RopeTile {
+  int head, dim0;  // the tile's head (q, then k, then v heads) and first dim
+};
+__device__ __forceinline__ RopeTile RopeTileOf(const GemvRopeArgs& r) {
+  const int tiles_per_head = r.head_dim / kTileRows;
+  return {static_cast<int>(blockIdx.x) / tiles_per_head, static_cast<int>(blockIdx.x) % tiles_per_head * 8};
+}
+
+// Rounds, rotates (q and k heads) and stores the tile's [m][16] sums `part` as out's bf16 rows
+// and, for k and v heads, as the cache rows of slot_mapping[token] (>= 0). The rotation is
+// kernels/rope.cu's, on the bf16-rounded projection: the same bits as Matmul then RopeKvWrite
+// (when the projection sums alike).
+__device__ __forceinline__ void RopeEpilogue(const GemvRopeArgs& r, int m, const float* part, __nv_bfloat16* out,
+                                             int64_t ldo) {
+  const RopeTile tile = RopeTileOf(r);
+  const int hd = r.head_dim, half = hd / 2;
+  const int nq = r.num_heads, nkv = r.num_kv_heads;
+  for (int i = threadIdx.x; i < m * 8; i += kThreads) {
+    const int token = i / 8, dim = tile.dim0 + i % 8;
+    const float x1 = __bfloat162float(__float2bfloat16_rn(part[token * kTileRows + i % 8]));
+    const float x2 = __bfloat162float(__float2bfloat16_rn(part[token * kTileRows + i % 8 + 8]));
+    float y1 = x1, y2 = x2;
+    if (tile.head < nq + nkv) {
+      float sn, cs;
+      sincosf(__fmul_rn(static_cast<float>(r.positions[token]), r.inv_freq[dim]), &sn, &cs);
+      y1 = __fsub_rn(__fmul_rn(x1, cs), __fmul_rn(x2, sn));
+      y2 = __fadd_rn(__fmul_rn(x2, cs), __fmul_rn(x1, sn));
+    }
+    const __nv_bfloat16 b1 = __float2bfloat16_rn(y1), b2 = __float2bfloat16_rn(y2);
+    __nv_bfloat16* o = out + static_cast<int64_t>(token) * ldo + static_cast<int64_t>(tile.head) * hd + dim;
+    o[0] = b1;
+    o[half] = b2;
+    if (tile.head < nq) continue;
+    const int64_t slot = r.slot_mapping[token];
+    if (slot < 0) continue;
+    const bool is_k = tile.head < nq + nkv;
+    const int kvh = tile.head - nq - (is_k ? 0 : nkv);
+    __nv_bfloat16* c = static_cast<__nv_bfloat16*>(is_k ? r.k_cache : r.v_cache) +
+                       slot * (static_cast<int64_t>(nkv) * hd) + static_cast<int64_t>(kvh) * hd + dim;
+    c[0] = b1;
+    c[half] = b2;
+  }
+}
+
+// What the kernel reads as x and writes: plain, the rotary epilogue, or SwiGLU in the x load.
+enum Mode { kPlain, kRope, kSiluX };
+
+// 8 bf16 values silu(g) * u (elementwise.cu's SiluMul: same expression, one rounding).
+__device__ __forceinline__ uint4 SiluMul8(const uint4& g, const uint4& u) {
+  const __nv_bfloat162* gp = reinterpret_cast<const __nv_bfloat162*>(&g);
+  const __nv_bfloat162* up = reinterpret_cast<const __nv_bfloat162*>(&u);
+  uint4 r;
+  __nv_bfloat162* rp = reinterpret_cast<__nv_bfloat162*>(&r);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 gf = __bfloat1622float2(gp[i]), uf = __bfloat1622float2(up[i]);
+    rp[i] = __floats2bfloat162_rn(gf.x / (1.0f + expf(-gf.x)) * uf.x, gf.y / (1.0f + expf(-gf.y)) * uf.y);
+  }
+  return r;
+}
+
+// One CTA: rows [16 * blockIdx.x, +16) of w (kRope: RopeTileOf's rows), K chunks of cluster rank
+// blockIdx.y of gridDim.y. NT: 8-token column tiles (M <= 8 * NT); STEPS: 32-wide k steps per
+// warp chunk; kMode kRope: RopeEpilogue instead of the plain store (OutT bf16, no split);
+// kSiluX: x is [m, 2k] gate | up, read as SiluMul8 of its halves.
+template <int NT, int STEPS, typename OutT, Mode kMode = kPlain>
 __global__ void __launch_bounds__(kThreads, 2)
     GemvKernel(int m, int n, int k, const __nv_bfloat16* __restrict__ x, int64_t ldx,
-               const __nv_bfloat16* __restrict__ w, int64_t ldw, OutT* __restrict__ out, int64_t ldo) {
+               const __nv_bfloat16* __restrict__ w, int64_t ldw, OutT* __restrict__ out, int64_t ldo,
+               const GemvRopeArgs rope) {
   constexpr int kChunk = 32 * STEPS;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
@@ -57,8 +123,14 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int splits = gridDim.y, split = blockIdx.y;
 
   // Rows past n re-read row n - 1 (valid memory) and are not stored.
-  const __nv_bfloat16* wa = w + static_cast<int64_t>(min(row0 + g, n - 1)) * ldw + 8 * t;
-  const __nv_bfloat16* wb = w + static_cast<int64_t>(min(row0 + g + 8, n - 1)) * ldw + 8 * t;
+  int ra = min(row0 + g, n - 1), rb = min(row0 + g + 8, n - 1);
+  if (kMode == kRope) {
+    const RopeTile tile = RopeTileOf(rope);
+    ra = tile.head * rope.head_dim + tile.dim0 + g;
+    rb = ra + rope.head_dim / 2;
+  }
+  const __nv_bfloat16* wa = w + static_cast<int64_t>(ra) * ldw + 8 * t;
+  const __nv_bfloat16* wb = w + static_cast<int64_t>(rb) * ldw + 8 * t;
   const __nv_bfloat16* xr[NT];
   bool x_live[NT];
 #pragma unroll
@@ -99,7 +171,13 @@ __global__ void __launch_bounds__(kThreads, 2)
       const bool live = k0 + 8 * t < k;
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
-        vx[j][s] = live && x_live[j] ? __ldg(reinterpret_cast<const uint4*>(xr[j] + k0)) : zero;
+        if (kMode == kSiluX) {
+          vx[j][s] = live && x_live[j] ? SiluMul8(__ldg(reinterpret_cast<const uint4*>(xr[j] + k0)),
+                                                  __ldg(reinterpret_cast<const uint4*>(xr[j] + k + k0)))
+                                       : zero;
+        } else {
+          vx[j][s] = live && x_live[j] ? __ldg(reinterpret_cast<const uint4*>(xr[j] + k0)) : zero;
+        }
       }
     }
 #pragma unroll
@@ -150,9 +228,13 @@ __global__ void __launch_bounds__(kThreads, 2)
     __syncthreads();
   }
   if (split != 0) return;
-  for (int i = threadIdx.x; i < m * kTileRows; i += kThreads) {
-    const int row = row0 + i % kTileRows, token = i / kTileRows;
-    if (row < n) out[static_cast<int64_t>(token) * ldo + row] = FromF32<OutT>(part[i]);
+  if constexpr (kMode == kRope) {
+    RopeEpilogue(rope, m, part, out, ldo);
+  } else {
+    for (int i = threadIdx.x; i < m * kTileRows; i += kThreads) {
+      const int row = row0 + i % kTileRows, token = i / kTileRows;
+      if (row < n) out[static_cast<int64_t>(token) * ldo + row] = FromF32<OutT>(part[i]);
+    }
   }
 }
 
@@ -167,7 +249,7 @@ cudaError_t Launch(const GemvLaunch& cfg, int m, int n, int k, const void* x, in
                    const void* w, int64_t ldw, void* out, int64_t ldo) {
   return LaunchPdl(GemvKernel<NT, STEPS, OutT>, cfg.grid, dim3(kThreads), 0, cfg.stream, cfg.cluster, m, n, k,
                    static_cast<const __nv_bfloat16*>(x), ldx, static_cast<const __nv_bfloat16*>(w), ldw,
-                   static_cast<OutT*>(out), ldo);
+                   static_cast<OutT*>(out), ldo, GemvRopeArgs{});
 }
 
 template <int STEPS, typename OutT>
@@ -183,6 +265,14 @@ cudaError_t LaunchOut(const GemvLaunch& cfg, int k_steps, int m, int n, int k, c
   return k_steps == 4 ? LaunchSteps<4, OutT>(cfg, m, n, k, x, ldx, w, ldw, out, ldo)
                       : LaunchSteps<8, OutT>(cfg, m, n, k, x, ldx, w, ldw, out, ldo);
 }
+
+// The fused QKV projection's one configuration: unsplit, k_steps 4 (the fastest GEMV
+// configuration of the 8B and 70B/2 qkv shapes at M = 1..8 on an H200, 2026-12-01,
+// docs/data/2026-12-01-h200-gemm_bench-decode.txt).
+constexpr int kRopeSteps = 4;
+// The fused down projection's: unsplit, k_steps 8 (the fastest for the 8B down shape, 14336 ->
+// 4096, at M = 1..8 in the same run).
+constexpr int kSiluSteps = 8;
 
 }  // namespace
 
@@ -215,6 +305,47 @@ cudaError_t LaunchGemvBf16(int64_t m, int64_t n, int64_t k, const void* x, int64
   return out_type == ElemType::kF32
              ? LaunchOut<float>(lc, cfg.k_steps, mi, ni, ki, x, ldx, w, ldw, out, ldo)
              : LaunchOut<__nv_bfloat16>(lc, cfg.k_steps, mi, ni, ki, x, ldx, w, ldw, out, ldo);
+}
+
+bool GemvRopeSupported(int64_t m, int64_t n, int64_t k, const void* x, int64_t ldx, const void* w, int64_t ldw,
+                       const GemvRopeArgs& r) {
+  return GemvSupported(m, k, x, ldx, w, ldw) && r.head_dim > 0 && r.head_dim % kTileRows == 0 && r.num_heads >= 0 &&
+         r.num_kv_heads > 0 && n == static_cast<int64_t>(r.num_heads + 2 * r.num_kv_heads) * r.head_dim &&
+         n < 0x7fffffff && k < 0x7fffffff && r.positions != nullptr && r.inv_freq != nullptr &&
+         r.slot_mapping != nullptr && r.k_cache != nullptr && r.v_cache != nullptr;
+}
+
+cudaError_t LaunchGemvRopeKvWrite(int64_t m, int64_t n, int64_t k, const void* x, int64_t ldx, const void* w,
+                                  int64_t ldw, void* out, int64_t ldo, const GemvRopeArgs& rope,
+                                  cudaStream_t stream) {
+  if (!GemvRopeSupported(m, n, k, x, ldx, w, ldw, rope) || ldo < n) return cudaErrorInvalidValue;
+  const dim3 grid(static_cast<unsigned>(n / kTileRows));
+  const int mi = static_cast<int>(m), ni = static_cast<int>(n), ki = static_cast<int>(k);
+  const auto* xb = static_cast<const __nv_bfloat16*>(x);
+  const auto* wb = static_cast<const __nv_bfloat16*>(w);
+  auto* ob = static_cast<__nv_bfloat16*>(out);
+  return m <= 8 ? LaunchPdl(GemvKernel<1, kRopeSteps, __nv_bfloat16, kRope>, grid, dim3(kThreads), 0, stream, nullptr,
+                            mi, ni, ki, xb, ldx, wb, ldw, ob, ldo, rope)
+                : LaunchPdl(GemvKernel<2, kRopeSteps, __nv_bfloat16, kRope>, grid, dim3(kThreads), 0, stream, nullptr,
+                            mi, ni, ki, xb, ldx, wb, ldw, ob, ldo, rope);
+}
+
+cudaError_t LaunchGemvSiluMul(int64_t m, int64_t n, int64_t k, const void* gate_up, int64_t ld_gate_up,
+                              const void* w, int64_t ldw, void* out, int64_t ldo, cudaStream_t stream) {
+  if (!GemvSupported(m, k, gate_up, ld_gate_up, w, ldw) || ld_gate_up < 2 * k || n < 0 || ldo < n ||
+      n >= 0x7fffffff || 2 * k >= 0x7fffffff) {
+    return cudaErrorInvalidValue;
+  }
+  if (n == 0) return cudaSuccess;
+  const dim3 grid(static_cast<unsigned>((n + kTileRows - 1) / kTileRows));
+  const int mi = static_cast<int>(m), ni = static_cast<int>(n), ki = static_cast<int>(k);
+  const auto* xb = static_cast<const __nv_bfloat16*>(gate_up);
+  const auto* wb = static_cast<const __nv_bfloat16*>(w);
+  auto* ob = static_cast<__nv_bfloat16*>(out);
+  return m <= 8 ? LaunchPdl(GemvKernel<1, kSiluSteps, __nv_bfloat16, kSiluX>, grid, dim3(kThreads), 0, stream,
+                            nullptr, mi, ni, ki, xb, ld_gate_up, wb, ldw, ob, ldo, GemvRopeArgs{})
+                : LaunchPdl(GemvKernel<2, kSiluSteps, __nv_bfloat16, kSiluX>, grid, dim3(kThreads), 0, stream,
+                            nullptr, mi, ni, ki, xb, ld_gate_up, wb, ldw, ob, ldo, GemvRopeArgs{});
 }
 
 }  // namespace lorc::kernels

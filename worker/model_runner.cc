@@ -568,9 +568,8 @@ absl::Status ModelRunner::Forward(int32_t T, int32_t num_rows) {
     if (IsLatent(static_cast<int>(l))) {
       RETURN_IF_ERROR(LatentAttentionBlock(static_cast<int>(l), T, h));  // h = o(attention(h))
     } else {
-      RETURN_IF_ERROR(backend_->Matmul(h, Weight(w.qkv, q_sz + 2 * kv_sz, d), qkv));
       rk.cache = ap.cache = kv_layers_[l];
-      RETURN_IF_ERROR(backend_->RopeKvWrite(rk));
+      RETURN_IF_ERROR(backend_->MatmulRopeKvWrite(h, Weight(w.qkv, q_sz + 2 * kv_sz, d), qkv, rk));
       RETURN_IF_ERROR(backend_->DecodeAttention(ap, *plan_));
       RETURN_IF_ERROR(backend_->PrefillAttention(ap, *plan_));
       RETURN_IF_ERROR(backend_->Matmul(attn, Weight(w.o, d, q_sz), h));
@@ -578,8 +577,7 @@ absl::Status ModelRunner::Forward(int32_t T, int32_t num_rows) {
     RETURN_IF_ERROR(AllReduce(h));
     RETURN_IF_ERROR(backend_->FusedAddRmsNorm(x, h, Weight(w.post_norm, 1, d), eps, h));
     RETURN_IF_ERROR(backend_->Matmul(h, Weight(w.gate_up, 2 * sh.inter_size, d), gate_up));
-    RETURN_IF_ERROR(backend_->SiluMul(gate_up, act));
-    RETURN_IF_ERROR(backend_->Matmul(act, Weight(w.down, d, sh.inter_size), h));
+    RETURN_IF_ERROR(backend_->SiluMulMatmul(gate_up, act, Weight(w.down, d, sh.inter_size), h));
     RETURN_IF_ERROR(AllReduce(h));
   }
   RETURN_IF_ERROR(backend_->AddInPlace(x, h));

@@ -375,13 +375,6 @@ class Backend {
                                const int32_t* slot_mapping) = 0;
   // Rope on q and k + WriteKv in one op (see RopeKvWriteParams).
   virtual absl::Status RopeKvWrite(const RopeKvWriteParams& p) = 0;
-  // The MLP's down projection over SwiGLU: SiluMul(gate_up, act), then Matmul(act, w, out). This
-  // default runs the two ops; the CUDA backend fuses them into one GEMV for decode-sized batches
-  // (SiluMul in the GEMV's input load; act is then not written). act [T, I] is scratch.
-  virtual absl::Status SiluMulMatmul(const Tensor2D& gate_up, Tensor2D act, const Tensor2D& w, Tensor2D out) {
-    absl::Status s = SiluMul(gate_up, act);
-    return s.ok() ? Matmul(act, w, out) : s;
-  }
   // The QKV projection and RopeKvWrite: Matmul(x, w, out), then RopeKvWrite(p), where p.q, p.k
   // and p.v are views of out's columns. This default runs the two ops; the CUDA backend fuses
   // them into one GEMV for decode-sized batches over a BF16 cache (backend/README.md).

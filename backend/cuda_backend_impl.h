@@ -172,8 +172,6 @@ class CudaBackend final : public Backend {
   absl::Status WriteKv(const KvLayer& cache, const Tensor2D& k, const Tensor2D& v,
                        const int32_t* slot_mapping) override;
   absl::Status RopeKvWrite(const RopeKvWriteParams& p) override;
-  // One launch (kernels::LaunchGemvSiluMul) for M <= 16 BF16 operands the GEMV takes, else the two ops.
-  absl::Status SiluMulMatmul(const Tensor2D& gate_up, Tensor2D act, const Tensor2D& w, Tensor2D out) override;
   // One launch (kernels::LaunchGemvRopeKvWrite) when FusedQkvApplies, else the two ops.
   absl::Status MatmulRopeKvWrite(const Tensor2D& x, const Tensor2D& w, Tensor2D out,
                                  const RopeKvWriteParams& p) override;

@@ -36,7 +36,9 @@
 #include <cublasLt.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
+#include <string_view>
 
 #include "absl/container/flat_hash_map.h"
 #include "backend/cuda_gemv.h"
@@ -366,25 +368,15 @@ bool FusedQkvApplies(const Tensor2D& x, const Tensor2D& w, const Tensor2D& out, 
 
 }  // namespace
 
-absl::Status CudaBackend::SiluMulMatmul(const Tensor2D& gate_up, Tensor2D act, const Tensor2D& w, Tensor2D out) {
-  // Fused where the GEMV would take act (the same shapes, BF16, M <= 16) and act is gate_up's
-  // column halves' width.
-  if (matmul_->policy == CudaMatmulPolicy::kCublasLtOnly || gate_up.dtype != DType::kBF16 ||
-      act.dtype != DType::kBF16 || out.dtype != DType::kBF16 || gate_up.rows != act.rows ||
-      gate_up.cols != 2 * act.cols || !CheckMatmul(act, w, out).ok() || gate_up.rows < 1 ||
-      !kernels::GemvSupported(gate_up.rows, act.cols, gate_up.data, gate_up.stride(), w.data, w.stride()) ||
-      w.rows >= 0x7fffffff) {
-    return Backend::SiluMulMatmul(gate_up, act, w, out);
-  }
-  return CudaError(kernels::LaunchGemvSiluMul(gate_up.rows, w.rows, act.cols, gate_up.data, gate_up.stride(), w.data,
-                                              w.stride(), out.data, out.stride(), stream_),
-                   "SiluMulMatmul");
-}
-
 absl::Status CudaBackend::MatmulRopeKvWrite(const Tensor2D& x, const Tensor2D& w, Tensor2D out,
                                             const RopeKvWriteParams& p) {
+  // LORC_DISABLE_FUSED_QKV=1: the two ops (A/B measurements).
+  static const bool disabled = [] {
+    const char* e = std::getenv("LORC_DISABLE_FUSED_QKV");
+    return e != nullptr && std::string_view(e) != "0" && std::string_view(e) != "";
+  }();
   kernels::GemvRopeArgs r;
-  if (!FusedQkvApplies(x, w, out, p, matmul_->policy, &r)) return Backend::MatmulRopeKvWrite(x, w, out, p);
+  if (disabled || !FusedQkvApplies(x, w, out, p, matmul_->policy, &r)) return Backend::MatmulRopeKvWrite(x, w, out, p);
   return CudaError(kernels::LaunchGemvRopeKvWrite(x.rows, w.rows, x.cols, x.data, x.stride(), w.data, w.stride(),
                                                   out.data, out.stride(), r, stream_),
                    "MatmulRopeKvWrite");

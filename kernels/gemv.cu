@@ -90,27 +90,12 @@ __device__ __forceinline__ void RopeEpilogue(const GemvRopeArgs& r, int m, const
   }
 }
 
-// What the kernel reads as x and writes: plain, the rotary epilogue, or SwiGLU in the x load.
-enum Mode { kPlain, kRope, kSiluX };
-
-// 8 bf16 values silu(g) * u (elementwise.cu's SiluMul: same expression, one rounding).
-__device__ __forceinline__ uint4 SiluMul8(const uint4& g, const uint4& u) {
-  const __nv_bfloat162* gp = reinterpret_cast<const __nv_bfloat162*>(&g);
-  const __nv_bfloat162* up = reinterpret_cast<const __nv_bfloat162*>(&u);
-  uint4 r;
-  __nv_bfloat162* rp = reinterpret_cast<__nv_bfloat162*>(&r);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 gf = __bfloat1622float2(gp[i]), uf = __bfloat1622float2(up[i]);
-    rp[i] = __floats2bfloat162_rn(gf.x / (1.0f + expf(-gf.x)) * uf.x, gf.y / (1.0f + expf(-gf.y)) * uf.y);
-  }
-  return r;
-}
+// What the kernel writes: plain rows, or the rotary epilogue.
+enum Mode { kPlain, kRope };
 
 // One CTA: rows [16 * blockIdx.x, +16) of w (kRope: RopeTileOf's rows), K chunks of cluster rank
 // blockIdx.y of gridDim.y. NT: 8-token column tiles (M <= 8 * NT); STEPS: 32-wide k steps per
-// warp chunk; kMode kRope: RopeEpilogue instead of the plain store (OutT bf16, no split);
-// kSiluX: x is [m, 2k] gate | up, read as SiluMul8 of its halves.
+// warp chunk; kMode kRope: RopeEpilogue instead of the plain store (OutT bf16, no split).
 template <int NT, int STEPS, typename OutT, Mode kMode = kPlain>
 __global__ void __launch_bounds__(kThreads, 2)
     GemvKernel(int m, int n, int k, const __nv_bfloat16* __restrict__ x, int64_t ldx,
@@ -171,13 +156,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       const bool live = k0 + 8 * t < k;
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
-        if (kMode == kSiluX) {
-          vx[j][s] = live && x_live[j] ? SiluMul8(__ldg(reinterpret_cast<const uint4*>(xr[j] + k0)),
-                                                  __ldg(reinterpret_cast<const uint4*>(xr[j] + k + k0)))
-                                       : zero;
-        } else {
-          vx[j][s] = live && x_live[j] ? __ldg(reinterpret_cast<const uint4*>(xr[j] + k0)) : zero;
-        }
+        vx[j][s] = live && x_live[j] ? __ldg(reinterpret_cast<const uint4*>(xr[j] + k0)) : zero;
       }
     }
 #pragma unroll
@@ -270,10 +249,6 @@ cudaError_t LaunchOut(const GemvLaunch& cfg, int k_steps, int m, int n, int k, c
 // configuration of the 8B and 70B/2 qkv shapes at M = 1..8 on an H200, 2026-12-01,
 // docs/data/2026-12-01-h200-gemm_bench-decode.txt).
 constexpr int kRopeSteps = 4;
-// The fused down projection's: unsplit, k_steps 8 (the fastest for the 8B down shape, 14336 ->
-// 4096, at M = 1..8 in the same run).
-constexpr int kSiluSteps = 8;
-
 }  // namespace
 
 bool GemvSupported(int64_t m, int64_t k, const void* x, int64_t ldx, const void* w, int64_t ldw) {
@@ -328,24 +303,6 @@ cudaError_t LaunchGemvRopeKvWrite(int64_t m, int64_t n, int64_t k, const void* x
                             mi, ni, ki, xb, ldx, wb, ldw, ob, ldo, rope)
                 : LaunchPdl(GemvKernel<2, kRopeSteps, __nv_bfloat16, kRope>, grid, dim3(kThreads), 0, stream, nullptr,
                             mi, ni, ki, xb, ldx, wb, ldw, ob, ldo, rope);
-}
-
-cudaError_t LaunchGemvSiluMul(int64_t m, int64_t n, int64_t k, const void* gate_up, int64_t ld_gate_up,
-                              const void* w, int64_t ldw, void* out, int64_t ldo, cudaStream_t stream) {
-  if (!GemvSupported(m, k, gate_up, ld_gate_up, w, ldw) || ld_gate_up < 2 * k || n < 0 || ldo < n ||
-      n >= 0x7fffffff || 2 * k >= 0x7fffffff) {
-    return cudaErrorInvalidValue;
-  }
-  if (n == 0) return cudaSuccess;
-  const dim3 grid(static_cast<unsigned>((n + kTileRows - 1) / kTileRows));
-  const int mi = static_cast<int>(m), ni = static_cast<int>(n), ki = static_cast<int>(k);
-  const auto* xb = static_cast<const __nv_bfloat16*>(gate_up);
-  const auto* wb = static_cast<const __nv_bfloat16*>(w);
-  auto* ob = static_cast<__nv_bfloat16*>(out);
-  return m <= 8 ? LaunchPdl(GemvKernel<1, kSiluSteps, __nv_bfloat16, kSiluX>, grid, dim3(kThreads), 0, stream,
-                            nullptr, mi, ni, ki, xb, ld_gate_up, wb, ldw, ob, ldo, GemvRopeArgs{})
-                : LaunchPdl(GemvKernel<2, kSiluSteps, __nv_bfloat16, kSiluX>, grid, dim3(kThreads), 0, stream,
-                            nullptr, mi, ni, ki, xb, ld_gate_up, wb, ldw, ob, ldo, GemvRopeArgs{});
 }
 
 }  // namespace lorc::kernels

@@ -80,12 +80,4 @@ cudaError_t LaunchGemvRopeKvWrite(int64_t m, int64_t n, int64_t k, const void* x
                                   int64_t ldw, void* out, int64_t ldo, const GemvRopeArgs& rope,
                                   cudaStream_t stream);
 
-// The down projection over SwiGLU (the CUDA backend's SiluMulMatmul): out [m, n] (BF16) =
-// act * w [n, k]^T with act[i, j] = silu(gate_up[i, j]) * gate_up[i, k + j] rounded to bf16 (the
-// values SiluMul stores), computed in the GEMV's input load: gate_up [m, 2k] BF16, row pitch
-// ld_gate_up >= 2k; unsplit, k_steps 8. cudaErrorInvalidValue unless GemvSupported(m, k, gate_up,
-// ld_gate_up, w, ldw), ld_gate_up >= 2k, 0 <= n < 2^31 and ldo >= n.
-cudaError_t LaunchGemvSiluMul(int64_t m, int64_t n, int64_t k, const void* gate_up, int64_t ld_gate_up,
-                              const void* w, int64_t ldw, void* out, int64_t ldo, cudaStream_t stream);
-
 }  // namespace lorc::kernels

@@ -577,7 +577,8 @@ absl::Status ModelRunner::Forward(int32_t T, int32_t num_rows) {
     RETURN_IF_ERROR(AllReduce(h));
     RETURN_IF_ERROR(backend_->FusedAddRmsNorm(x, h, Weight(w.post_norm, 1, d), eps, h));
     RETURN_IF_ERROR(backend_->Matmul(h, Weight(w.gate_up, 2 * sh.inter_size, d), gate_up));
-    RETURN_IF_ERROR(backend_->SiluMulMatmul(gate_up, act, Weight(w.down, d, sh.inter_size), h));
+    RETURN_IF_ERROR(backend_->SiluMul(gate_up, act));
+    RETURN_IF_ERROR(backend_->Matmul(act, Weight(w.down, d, sh.inter_size), h));
     RETURN_IF_ERROR(AllReduce(h));
   }
   RETURN_IF_ERROR(backend_->AddInPlace(x, h));

@@ -23,7 +23,7 @@ namespace {
 // Split-KV heuristic: aim for this many decode CTAs per SM (work items x KV heads), never cut a
 // sequence into chunks shorter than kMinChunk keys, and hold at most kPartialsPerSm x SMs
 // partial (out, lse) slots.
-constexpr int kTargetCtasPerSm = 2;
+constexpr int kTargetCtasPerSm = 3;
 constexpr int kMinChunk = 64;
 constexpr int kPartialsPerSm = 4;
 // KV heads assumed by the first plan, before a decode call has shown the real count.

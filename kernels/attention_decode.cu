@@ -124,7 +124,8 @@ __global__ void __launch_bounds__(kThreads)
 
   // Before the PDL wait: the schedule, query_start and the block tables are host uploads (the
   // plan's metadata), never written by the kernel before this one, so the chain of dependent
-  // loads that leads to the first K/V address runs while that kernel (RoPE + KV write) finishes;
+  // loads that leads to the first K/V address runs while that kernel (RoPE + KV write, or the QKV
+  // GEMV with them fused) finishes;
   // q and the caches are read after the wait.
   // Only prefetches into L1 (no value stays live: registers decide this kernel's occupancy).
   PdlTrigger();

@@ -9,6 +9,7 @@
 #        COORD_FLAGS (e.g. "--random-weights" with bench/configs/overhead-tiny)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib/coordinator.sh
 name_a=$1 bin_a=$2 name_b=$3 bin_b=$4
 MODEL=${5:-models/tiny-llama-a}
 TPS=${TPS:-"1 2"}
@@ -28,8 +29,7 @@ for tp in $TPS; do
         "$bin" coordinator --model "$MODEL" --listen 127.0.0.1:0 --local-workers "$tp" \
           ${COORD_FLAGS:-} >"$log.out" 2>"$log" &
         pid=$!
-        for _ in $(seq 1 240); do grep -q LISTENING "$log.out" 2>/dev/null && break; sleep 0.25; done
-        addr=$(awk '/^LISTENING /{print $2; exit}' "$log.out")
+        addr=$(lorc_wait_listening "$log.out" "$pid" || true)
         if [ -z "$addr" ]; then cat "$log" >&2; kill "$pid" 2>/dev/null; exit 1; fi
         json=$("$bin" bench --server "$addr" --requests "$REQUESTS" --concurrency "$c" \
                  --prompt-len "$PROMPT_LEN" --max-tokens "$MAX_TOKENS" --json | tail -1)

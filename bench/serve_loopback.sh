@@ -11,6 +11,7 @@
 #                                             isolate the per-step overhead)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib/coordinator.sh
 MODEL=${1:-models/tiny-llama-a}
 BIN=${BIN:-build/bin/lorcserve}
 TPS=${TPS:-"1 2"}
@@ -28,8 +29,7 @@ for tp in $TPS; do
     "$BIN" coordinator --model "$MODEL" --listen 127.0.0.1:0 --local-workers "$tp" ${COORD_FLAGS:-} \
       --step-transport "$transport" >"$log.out" 2>"$log" &
     pid=$!
-    for _ in $(seq 1 120); do grep -q LISTENING "$log.out" 2>/dev/null && break; sleep 0.5; done
-    addr=$(awk '/^LISTENING /{print $2; exit}' "$log.out")
+    addr=$(lorc_wait_listening "$log.out" "$pid" || true)
     if [ -z "$addr" ]; then cat "$log" >&2; kill "$pid" 2>/dev/null; exit 1; fi
     json=$("$BIN" bench --server "$addr" --requests "$REQUESTS" --concurrency "$CONCURRENCY" \
              --prompt-len "$PROMPT_LEN" --max-tokens "$MAX_TOKENS" --json)

@@ -29,7 +29,8 @@ absl::StatusOr<nlohmann::json> ParseJson(std::string_view text, std::string_view
     // nlohmann exception, not only parse_error: a number too large for a double ("1e309") is an
     // out_of_range (fuzz/corpus/config_json_fuzz/crash-number-overflow).
     try {
-      (void)nlohmann::json::parse(text);
+      const nlohmann::json unused = nlohmann::json::parse(text);  // throws: the message
+      (void)unused;
     } catch (const nlohmann::json::exception& e) {
       return absl::InvalidArgumentError(absl::StrCat(std::string(what), ": invalid JSON: ", e.what()));
     }

@@ -85,8 +85,8 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(cons
     // communicator must be reachable from those hosts, so they bind all interfaces (a wildcard
     // listen makes a worker bind its communicator to this host's name, e.g. the pod address)
     // instead of loopback.
-    if (num_local > 0 && s->options_.local_workers.listen.rfind("127.0.0.1:", 0) == 0) {
-      s->options_.local_workers.listen = "0.0.0.0:0";
+    if (num_local > 0 && s->options_.local_workers.listen == LocalWorkersOptions::kLoopback) {
+      s->options_.local_workers.listen = LocalWorkersOptions::kAllInterfaces;
     }
   }
   ASSIGN_OR_RETURN(s->config_, LoadModelConfig(options.model.dir));

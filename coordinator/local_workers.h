@@ -25,7 +25,11 @@ struct LocalWorkersOptions {
   std::string backend = "cpu";
   int threads_per_worker = 0;  // CPU backend BLAS threads; 0: cores / count
   int first_device = 0;        // CUDA: worker r uses device first_device + r
-  std::string listen = "127.0.0.1:0";  // each worker's --listen
+  // Each worker's --listen. Loopback for a group on this host alone; a mixed group (ranks joined
+  // from other hosts) switches to kAllInterfaces, since those hosts must reach the communicator.
+  static constexpr const char* kLoopback = "127.0.0.1:0";
+  static constexpr const char* kAllInterfaces = "0.0.0.0:0";
+  std::string listen = kLoopback;
   // More flags for worker r (e.g. `--join ADDR --rank R`); may be empty.
   std::function<std::vector<std::string>(int r)> extra_args;
 };

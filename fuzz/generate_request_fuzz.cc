@@ -16,6 +16,7 @@
 #include "coordinator/engine.h"
 #include "coordinator/request_conversion.h"
 #include "fuzz/fuzz_util.h"
+#include "fuzz/protobuf_log.h"
 #include "model/model_config.h"
 #include "tokenizer/tokenizer.h"
 
@@ -94,6 +95,7 @@ uint64_t Hash(const uint8_t* data, size_t size) {
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const Fixture& fx = GetFixture();
+  fuzz::FailOnProtobufLog();
   lorcserve::v1::GenerateRequest req;
   if (!ParseRequest(std::string_view(reinterpret_cast<const char*>(data), size), &req).ok()) {
     return 0;

@@ -8,6 +8,7 @@
 
 #include "coordinator/request_conversion.h"
 #include "fuzz/fuzz_util.h"
+#include "fuzz/protobuf_log.h"
 #include "tokenizer/tokenizer.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
@@ -17,6 +18,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     if (!t.ok()) fuzz::Fail("fixture tokenizer: " + t.status().ToString());
     return t->release();
   }();
+  fuzz::FailOnProtobufLog();
   lorcserve::v1::TokenizeRequest req;
   if (absl::Status s = ParseRequest(std::string_view(reinterpret_cast<const char*>(data), size), &req);
       !s.ok()) {

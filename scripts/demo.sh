@@ -8,6 +8,7 @@
 # (scripts/gateway.sh) on GATEWAY_PORT (default 8000; 0: any free port) in front of it, and curl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib/coordinator.sh
 bash scripts/install-deps.sh
 bash scripts/build.sh lorcserve fixture_model
 MODEL_DIR=${MODEL_DIR:-models/tiny-llama-a}
@@ -23,16 +24,7 @@ log=$(mktemp -d)
 coord=$!
 gw=""
 trap 'kill $coord $gw 2>/dev/null; wait $coord $gw 2>/dev/null; rm -rf "$log"' EXIT
-# wait_for WORD OUT ERR PID: prints the address after WORD once PID printed it to OUT (2 min).
-wait_for() {
-  for _ in $(seq 1 240); do
-    grep -q "^$1 " "$2" 2>/dev/null && break
-    kill -0 "$4" 2>/dev/null || { cat "$3" >&2; exit 1; }
-    sleep 0.5
-  done
-  awk -v w="$1" '$1 == w {print $2; exit}' "$2"
-}
-addr=$(wait_for LISTENING "$log/out" "$log/err" $coord)
+addr=$(lorc_wait_listening "$log/out" "$coord") || { cat "$log/err"; exit 1; }
 echo "== coordinator with $TP $BACKEND workers (tensor parallel) serving $MODEL_DIR on $addr"
 "$BIN" client --server "$addr" --health
 echo
@@ -52,7 +44,7 @@ echo
 bash scripts/gateway.sh --coordinator "$addr" --port "${GATEWAY_PORT:-8000}" \
   --chat-template tests/gateway/llama3_chat_template.jinja >"$log/gw" 2>"$log/gw.err" &
 gw=$!
-http=$(wait_for GATEWAY_LISTENING "$log/gw" "$log/gw.err" $gw)
+http=$(lorc_wait_for GATEWAY_LISTENING "$log/gw" "$gw") || { cat "$log/gw.err"; exit 1; }
 name=$(basename "$MODEL_DIR")  # the served model name (--served-model-name changes it)
 echo "== OpenAI-compatible gateway on http://$http: POST /v1/chat/completions"
 curl -sS "http://$http/v1/chat/completions" -H 'Content-Type: application/json' -d '{

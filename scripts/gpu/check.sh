@@ -28,6 +28,7 @@
 # BIN_DIR (binaries from a local build instead of the bundle), BACKEND (serve phase; default cuda).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
+. scripts/lib/coordinator.sh
 OUT=${OUT:-/tmp/lorc-gpu}
 PHASES=${PHASES:-"parity serve bench peer"}
 STEPS=${STEPS:-32}
@@ -72,12 +73,7 @@ start_coordinator() {  # $1 = workers; sets ADDR and CPID
   "$L" coordinator --model "$SERVE_MODEL" --backend "${BACKEND:-cuda}" --local-workers "$1" \
     --listen 127.0.0.1:0 ${SERVE_ARGS:-} > "$log.out" 2> "$log.err" &
   CPID=$!
-  for _ in $(seq 1 240); do
-    grep -q LISTENING "$log.out" 2>/dev/null && break
-    kill -0 $CPID 2>/dev/null || break
-    sleep 0.5
-  done
-  ADDR=$(awk '/^LISTENING /{print $2; exit}' "$log.out")
+  ADDR=$(lorc_wait_listening "$log.out" "$CPID") || return 1
   for _ in $(seq 1 240); do "$L" client --server "$ADDR" --health >/dev/null 2>&1 && return 0; sleep 0.5; done
   return 1
 }

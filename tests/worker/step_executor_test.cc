@@ -49,7 +49,9 @@ class PlanBuilder {
       s.new_block_ids.push_back(next_block_++);
     }
     q.computed = static_cast<int64_t>(prompt.size());
-    for (int64_t c : children) seqs_[c] = seqs_[id];  // shared blocks
+    // Shared blocks. A copy first: inserting a child may rehash the map under a reference to q.
+    const Seq parent = q;
+    for (int64_t c : children) seqs_[c] = parent;
     return s;
   }
   // One decode token; `cow`: copy the (shared) last block into a fresh one first.

@@ -393,6 +393,14 @@ class Backend {
                                const int32_t* slot_mapping) = 0;
   // Rope on q and k + WriteKv in one op (see RopeKvWriteParams).
   virtual absl::Status RopeKvWrite(const RopeKvWriteParams& p) = 0;
+  // The QKV projection and RopeKvWrite: Matmul(x, w, out), then RopeKvWrite(p), where p.q, p.k
+  // and p.v are views of out's columns. This default runs the two ops; the CUDA backend fuses
+  // them into one GEMV for decode-sized batches over a BF16 cache (backend/README.md).
+  virtual absl::Status MatmulRopeKvWrite(const Tensor2D& x, const Tensor2D& w, Tensor2D out,
+                                         const RopeKvWriteParams& p) {
+    absl::Status s = Matmul(x, w, out);
+    return s.ok() ? RopeKvWrite(p) : s;
+  }
 
   // Attention plan: allocated once (its workspace never moves), refilled each step.
   virtual absl::StatusOr<std::unique_ptr<AttentionPlan>> CreateAttentionPlan(

@@ -6,6 +6,8 @@
 
 #ifdef LORC_HAVE_CUDA
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <initializer_list>
 #include <utility>
@@ -55,6 +57,22 @@ class CudaAttentionPlan final : public AttentionPlan {
   mutable int kv_heads_hint = kDefaultKvHeads;
   mutable int ctas_per_sm_hint = kTargetCtasPerSm;
   mutable int min_chunk_hint = kMinChunk;
+  int num_work_ = 0;  // host: the work items of the latest Plan
+  // The full-KV decode's split heuristic (LORC_DECODE_SPLIT="ctas_per_sm,min_chunk" overrides
+  // it for A/B measurements).
+  int decode_ctas_per_sm = kTargetCtasPerSm;
+  int decode_min_chunk = kMinChunk;
+
+  // Work items the split heuristic aims at when decodes are fewer.
+  int target_work_items() const {
+    return std::max(1, (ctas_per_sm_hint * num_sms + kv_heads_hint - 1) / kv_heads_hint);
+  }
+  // The most work items a plan of at most `num_seqs` sequences has: unsplit, one per decode;
+  // split (fewer decodes than the target), ceil(len / chunk) per sequence with chunk >=
+  // keys / target, so at most target + num_seqs.
+  int max_work_items(int num_seqs) const {
+    return static_cast<int>(std::min<int64_t>(max_work, int64_t{num_seqs} + target_work_items()));
+  }
   DeviceBuffer workspace, partial_out, partial_lse, merge_counters;
   // Host staging of the workspace (pageable: CopyToDevice has consumed it when it returns).
   std::vector<char> host;
@@ -105,7 +123,7 @@ absl::Status CudaAttentionPlan::Plan(Backend& be, const AttentionBatch& b) {
 
   // Split-KV: with fewer decodes than the target work items, cut sequences into chunks of
   // `chunk` keys (the keys spread evenly over the target), doubling it until the partial slots fit.
-  const int target_items = std::max(1, (ctas_per_sm_hint * num_sms + kv_heads_hint - 1) / kv_heads_hint);
+  const int target_items = target_work_items();
   int64_t chunk = INT32_MAX;
   if (static_cast<int>(decodes.size()) < target_items && decode_keys > 0) {
     chunk = std::max<int64_t>(min_chunk_hint, (decode_keys + target_items - 1) / target_items);
@@ -139,6 +157,7 @@ absl::Status CudaAttentionPlan::Plan(Backend& be, const AttentionBatch& b) {
     }
   }
   counts[0] = num_work;
+  num_work_ = num_work;
   counts[1] = num_merge;
   counts[2] = static_cast<int32_t>(prefills.size());
   std::copy(prefills.begin(), prefills.end(), prefill_seqs);
@@ -361,6 +380,13 @@ absl::StatusOr<std::unique_ptr<AttentionPlan>> CudaBackend::CreateAttentionPlan(
   plan->limits = limits;
   RETURN_IF_ERROR(CudaError(cudaDeviceGetAttribute(&plan->num_sms, cudaDevAttrMultiProcessorCount, device_),
                             "CreateAttentionPlan: SM count"));
+  if (const char* e = std::getenv("LORC_DECODE_SPLIT"); e != nullptr) {
+    int c = 0, m = 0;
+    if (std::sscanf(e, "%d,%d", &c, &m) == 2 && c > 0 && m > 0) {
+      plan->decode_ctas_per_sm = c;
+      plan->decode_min_chunk = m;
+    }
+  }
   plan->max_partials = std::max(64, kPartialsPerSm * plan->num_sms);
   plan->max_work = limits.max_num_seqs + plan->max_partials;
   ASSIGN_OR_RETURN(plan->workspace, Allocate(plan->workspace_bytes()));
@@ -383,9 +409,13 @@ absl::Status CudaBackend::DecodeAttention(const AttentionParams& p, const Attent
   const auto& cp = static_cast<const CudaAttentionPlan&>(plan);
   ASSIGN_OR_RETURN(const kernels::PagedAttentionArgs a, KernelArgs("DecodeAttention", p, plan.batch()));
   cp.kv_heads_hint = p.num_kv_heads;
-  cp.ctas_per_sm_hint = kTargetCtasPerSm;
-  cp.min_chunk_hint = kMinChunk;
-  return CudaError(kernels::LaunchDecodeAttention(a, cp.decode_schedule(), stream_), "DecodeAttention");
+  cp.ctas_per_sm_hint = cp.decode_ctas_per_sm;
+  cp.min_chunk_hint = cp.decode_min_chunk;
+  kernels::DecodeSchedule s = cp.decode_schedule();
+  // A captured launch replays over any later plan of its batch size (the capture's num_seqs);
+  // an eager one runs this plan only.
+  s.grid_work = capturing_ ? cp.max_work_items(plan.batch().num_seqs) : std::max(1, cp.num_work_);
+  return CudaError(kernels::LaunchDecodeAttention(a, s, stream_), "DecodeAttention");
 }
 
 absl::Status CudaBackend::LatentAttention(const LatentAttentionParams& p, const AttentionPlan& plan) {

@@ -172,6 +172,9 @@ class CudaBackend final : public Backend {
   absl::Status WriteKv(const KvLayer& cache, const Tensor2D& k, const Tensor2D& v,
                        const int32_t* slot_mapping) override;
   absl::Status RopeKvWrite(const RopeKvWriteParams& p) override;
+  // One launch (kernels::LaunchGemvRopeKvWrite) when FusedQkvApplies, else the two ops.
+  absl::Status MatmulRopeKvWrite(const Tensor2D& x, const Tensor2D& w, Tensor2D out,
+                                 const RopeKvWriteParams& p) override;
   absl::Status FillWeights(const WeightFillParams& p) override;  // kernels/random_fill.cu
   // cuda_attention.cc
   absl::StatusOr<std::unique_ptr<AttentionPlan>> CreateAttentionPlan(const AttentionLimits& limits) override;

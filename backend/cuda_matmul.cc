@@ -36,10 +36,13 @@
 #include <cublasLt.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
+#include <string_view>
 
 #include "absl/container/flat_hash_map.h"
 #include "backend/cuda_gemv.h"
+#include "kernels/gemv.cuh"
 
 namespace lorc::cuda_internal {
 namespace {
@@ -329,6 +332,54 @@ absl::Status CudaBackend::Matmul(const Tensor2D& x, const Tensor2D& w, Tensor2D 
     st = g.Run(s, results[0].algo, stream_);
   }
   return LtError(st, absl::StrCat("x", Shape(x), " w", Shape(w), " out", Shape(out)));
+}
+
+namespace {
+
+// The fused QKV path's conditions: Matmul's shapes, BF16 everywhere (a quantized cache needs
+// per-head scales over all of a head's dims: not one CTA's), q, k and v the consecutive column
+// blocks of out, the GEMV's operand rules and a policy that allows the GEMV.
+bool FusedQkvApplies(const Tensor2D& x, const Tensor2D& w, const Tensor2D& out, const RopeKvWriteParams& p,
+                     CudaMatmulPolicy policy, kernels::GemvRopeArgs* r) {
+  if (policy == CudaMatmulPolicy::kCublasLtOnly || !p.rotate_k || p.cache.quant != kernels::KvQuant::kNone ||
+      p.cache.dtype != DType::kBF16 || !CheckMatmul(x, w, out).ok() || !GemvApplies(x, w, out) ||
+      out.dtype != DType::kBF16 || x.rows < 1) {
+    return false;
+  }
+  const int64_t hd = p.head_dim, q_w = int64_t{p.num_heads} * hd, kv_w = int64_t{p.num_kv_heads} * hd;
+  auto at = [&](const Tensor2D& t, int64_t col, int64_t cols) {
+    return t.dtype == DType::kBF16 && t.rows == out.rows && t.cols == cols && t.stride() == out.stride() &&
+           t.data == static_cast<void*>(out.as<char>() + col * 2);
+  };
+  if (p.num_heads < 0 || p.num_kv_heads <= 0 || hd <= 0 || out.cols != q_w + 2 * kv_w || !at(p.q, 0, q_w) ||
+      !at(p.k, q_w, kv_w) || !at(p.v, q_w + kv_w, kv_w) || p.cache.k_width != kv_w || p.cache.v_width != kv_w) {
+    return false;
+  }
+  r->head_dim = p.head_dim;
+  r->num_heads = p.num_heads;
+  r->num_kv_heads = p.num_kv_heads;
+  r->positions = p.positions;
+  r->inv_freq = p.inv_freq;
+  r->slot_mapping = p.slot_mapping;
+  r->k_cache = p.cache.k;
+  r->v_cache = p.cache.v;
+  return kernels::GemvRopeSupported(x.rows, w.rows, x.cols, x.data, x.stride(), w.data, w.stride(), *r);
+}
+
+}  // namespace
+
+absl::Status CudaBackend::MatmulRopeKvWrite(const Tensor2D& x, const Tensor2D& w, Tensor2D out,
+                                            const RopeKvWriteParams& p) {
+  // LORC_DISABLE_FUSED_QKV=1: the two ops (A/B measurements).
+  static const bool disabled = [] {
+    const char* e = std::getenv("LORC_DISABLE_FUSED_QKV");
+    return e != nullptr && std::string_view(e) != "0" && std::string_view(e) != "";
+  }();
+  kernels::GemvRopeArgs r;
+  if (disabled || !FusedQkvApplies(x, w, out, p, matmul_->policy, &r)) return Backend::MatmulRopeKvWrite(x, w, out, p);
+  return CudaError(kernels::LaunchGemvRopeKvWrite(x.rows, w.rows, x.cols, x.data, x.stride(), w.data, w.stride(),
+                                                  out.data, out.stride(), r, stream_),
+                   "MatmulRopeKvWrite");
 }
 
 }  // namespace lorc::cuda_internal

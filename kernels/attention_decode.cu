@@ -112,7 +112,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ float s_l[kGroups][G];
   __shared__ __align__(16) float s_acc[kGroups][G][D];
 
-  const int kvh = blockIdx.y;
+  const int kvh = blockIdx.x;
   const int group = a.num_heads / a.num_kv_heads;
   const int lane = threadIdx.x % kLanes, tg = threadIdx.x / kLanes;
   const int num_work = sch.counts[0];
@@ -124,19 +124,26 @@ __global__ void __launch_bounds__(kThreads)
 
   // Before the PDL wait: the schedule, query_start and the block tables are host uploads (the
   // plan's metadata), never written by the kernel before this one, so the chain of dependent
-  // loads that leads to the first K/V address runs while that kernel (RoPE + KV write) finishes;
+  // loads that leads to the first K/V address runs while that kernel (RoPE + KV write, or the QKV
+  // GEMV with them fused) finishes;
   // q and the caches are read after the wait.
   // Only prefetches into L1 (no value stays live: registers decide this kernel's occupancy).
   PdlTrigger();
-  if (static_cast<int>(blockIdx.x) < num_work) {
-    const DecodeWorkItem it = sch.work[blockIdx.x];
+  // A CTA without a work item leaves before the wait (the grid is sized for the most work the
+  // captured batch size can plan, usually far more than a step has: at batch 1 and a short
+  // context, 3 items of up to 51), so that its slot goes to the next kernel's CTAs at once.
+  // CTA row 0 always waits: this grid completes only after the kernel before it, which the next
+  // kernel's PdlWait relies on even in a step without decodes.
+  if (static_cast<int>(blockIdx.y) >= max(num_work, 1)) return;
+  if (num_work > 0) {
+    const DecodeWorkItem it = sch.work[blockIdx.y];
     asm volatile("prefetch.global.L1 [%0];" ::"l"(a.query_start + it.seq));
     asm volatile("prefetch.global.L1 [%0];" ::"l"(a.block_tables + static_cast<int64_t>(it.seq) * a.max_blocks_per_seq +
                                                     it.kv_start / a.block_size));
   }
   PdlWait();
 
-  for (int w = blockIdx.x; w < num_work; w += gridDim.x) {
+  for (int w = blockIdx.y; w < num_work; w += gridDim.y) {
     const DecodeWorkItem item = sch.work[w];
     const int row = a.query_start[item.seq];
     const int32_t* table = a.block_tables + static_cast<int64_t>(item.seq) * a.max_blocks_per_seq;
@@ -300,10 +307,12 @@ __global__ void __launch_bounds__(kThreads)
 
 template <int D, int G>
 cudaError_t LaunchPartial(const PagedAttentionArgs& a, const DecodeSchedule& s, cudaStream_t stream) {
-  // Enough CTAs for several waves of resident work; each strides over the work list.
+  // Enough CTAs for several waves of resident work, at most one per work item the launch can
+  // meet (grid_work, else the capacity); each strides over the work list. KV heads along x, so
+  // that the CTAs of the first work items are dispatched first.
   const int per_head = (8 * s.num_sms + a.num_kv_heads - 1) / a.num_kv_heads;
-  const dim3 grid(static_cast<unsigned>(per_head < s.max_work ? per_head : s.max_work),
-                  static_cast<unsigned>(a.num_kv_heads));
+  const int work = s.grid_work > 0 && s.grid_work < s.max_work ? s.grid_work : s.max_work;
+  const dim3 grid(static_cast<unsigned>(a.num_kv_heads), static_cast<unsigned>(per_head < work ? per_head : work));
   return a.kv_quant == KvQuant::kNone ? LaunchPdl(DecodePartialKernel<D, G, false>, grid, kThreads, 0, stream, nullptr, a, s)
                                       : LaunchPdl(DecodePartialKernel<D, G, true>, grid, kThreads, 0, stream, nullptr, a, s);
 }

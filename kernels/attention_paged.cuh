@@ -69,6 +69,11 @@ struct DecodeSchedule {
   float* partial_out = nullptr;  // device, [max_partials][num_heads * head_dim] fp32
   float* partial_lse = nullptr;  // device, [max_partials][num_heads] fp32 (log2 domain)
   int32_t num_sms = 1;           // grid sizing: CTAs stride over the work list
+  // Grid sizing of the paged decode (the latent decode takes max_work): the most work items
+  // this launch can meet (a captured launch: any plan of its batch size; eager: the plan's
+  // count), or 0 for max_work. Only speed depends on it: CTAs stride over the work list and
+  // those without an item leave at once.
+  int32_t grid_work = 0;
   // device, [max_merge][kMaxPartialHeads], all zero between launches: the paged decode's count of
   // finished chunks per (merge item, KV head); the CTA that finishes the last one merges them
   // and sets the count back to 0. Unused by the latent decode.

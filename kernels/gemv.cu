@@ -44,12 +44,63 @@ __device__ __forceinline__ void Mma(float (&c)[4], uint32_t a0, uint32_t a1, uin
 #endif
 }
 
-// One CTA: rows [16 * blockIdx.x, +16) of w, K chunks of cluster rank blockIdx.y of gridDim.y.
-// NT: 8-token column tiles (M <= 8 * NT); STEPS: 32-wide k steps per warp chunk.
-template <int NT, int STEPS, typename OutT>
+// The rotary epilogue (kRope): the tile's 16 rows are dims [8c, 8c + 8) and their partners
+// [8c + half, 8c + half + 8) of one head (rotate_half pairs), so a CTA rotates its own rows.
+struct RopeTile {
+  int head, dim0;  // the tile's head (q, then k, then v heads) and first dim
+};
+__device__ __forceinline__ RopeTile RopeTileOf(const GemvRopeArgs& r) {
+  const int tiles_per_head = r.head_dim / kTileRows;
+  return {static_cast<int>(blockIdx.x) / tiles_per_head, static_cast<int>(blockIdx.x) % tiles_per_head * 8};
+}
+
+// Rounds, rotates (q and k heads) and stores the tile's [m][16] sums `part` as out's bf16 rows
+// and, for k and v heads, as the cache rows of slot_mapping[token] (>= 0). The rotation is
+// kernels/rope.cu's, on the bf16-rounded projection: the same bits as Matmul then RopeKvWrite
+// (when the projection sums alike).
+__device__ __forceinline__ void RopeEpilogue(const GemvRopeArgs& r, int m, const float* part, __nv_bfloat16* out,
+                                             int64_t ldo) {
+  const RopeTile tile = RopeTileOf(r);
+  const int hd = r.head_dim, half = hd / 2;
+  const int nq = r.num_heads, nkv = r.num_kv_heads;
+  for (int i = threadIdx.x; i < m * 8; i += kThreads) {
+    const int token = i / 8, dim = tile.dim0 + i % 8;
+    const float x1 = __bfloat162float(__float2bfloat16_rn(part[token * kTileRows + i % 8]));
+    const float x2 = __bfloat162float(__float2bfloat16_rn(part[token * kTileRows + i % 8 + 8]));
+    float y1 = x1, y2 = x2;
+    if (tile.head < nq + nkv) {
+      float sn, cs;
+      sincosf(__fmul_rn(static_cast<float>(r.positions[token]), r.inv_freq[dim]), &sn, &cs);
+      y1 = __fsub_rn(__fmul_rn(x1, cs), __fmul_rn(x2, sn));
+      y2 = __fadd_rn(__fmul_rn(x2, cs), __fmul_rn(x1, sn));
+    }
+    const __nv_bfloat16 b1 = __float2bfloat16_rn(y1), b2 = __float2bfloat16_rn(y2);
+    __nv_bfloat16* o = out + static_cast<int64_t>(token) * ldo + static_cast<int64_t>(tile.head) * hd + dim;
+    o[0] = b1;
+    o[half] = b2;
+    if (tile.head < nq) continue;
+    const int64_t slot = r.slot_mapping[token];
+    if (slot < 0) continue;
+    const bool is_k = tile.head < nq + nkv;
+    const int kvh = tile.head - nq - (is_k ? 0 : nkv);
+    __nv_bfloat16* c = static_cast<__nv_bfloat16*>(is_k ? r.k_cache : r.v_cache) +
+                       slot * (static_cast<int64_t>(nkv) * hd) + static_cast<int64_t>(kvh) * hd + dim;
+    c[0] = b1;
+    c[half] = b2;
+  }
+}
+
+// What the kernel writes: plain rows, or the rotary epilogue.
+enum Mode { kPlain, kRope };
+
+// One CTA: rows [16 * blockIdx.x, +16) of w (kRope: RopeTileOf's rows), K chunks of cluster rank
+// blockIdx.y of gridDim.y. NT: 8-token column tiles (M <= 8 * NT); STEPS: 32-wide k steps per
+// warp chunk; kMode kRope: RopeEpilogue instead of the plain store (OutT bf16, no split).
+template <int NT, int STEPS, typename OutT, Mode kMode = kPlain>
 __global__ void __launch_bounds__(kThreads, 2)
     GemvKernel(int m, int n, int k, const __nv_bfloat16* __restrict__ x, int64_t ldx,
-               const __nv_bfloat16* __restrict__ w, int64_t ldw, OutT* __restrict__ out, int64_t ldo) {
+               const __nv_bfloat16* __restrict__ w, int64_t ldw, OutT* __restrict__ out, int64_t ldo,
+               const GemvRopeArgs rope) {
   constexpr int kChunk = 32 * STEPS;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
@@ -57,8 +108,14 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int splits = gridDim.y, split = blockIdx.y;
 
   // Rows past n re-read row n - 1 (valid memory) and are not stored.
-  const __nv_bfloat16* wa = w + static_cast<int64_t>(min(row0 + g, n - 1)) * ldw + 8 * t;
-  const __nv_bfloat16* wb = w + static_cast<int64_t>(min(row0 + g + 8, n - 1)) * ldw + 8 * t;
+  int ra = min(row0 + g, n - 1), rb = min(row0 + g + 8, n - 1);
+  if (kMode == kRope) {
+    const RopeTile tile = RopeTileOf(rope);
+    ra = tile.head * rope.head_dim + tile.dim0 + g;
+    rb = ra + rope.head_dim / 2;
+  }
+  const __nv_bfloat16* wa = w + static_cast<int64_t>(ra) * ldw + 8 * t;
+  const __nv_bfloat16* wb = w + static_cast<int64_t>(rb) * ldw + 8 * t;
   const __nv_bfloat16* xr[NT];
   bool x_live[NT];
 #pragma unroll
@@ -150,9 +207,13 @@ __global__ void __launch_bounds__(kThreads, 2)
     __syncthreads();
   }
   if (split != 0) return;
-  for (int i = threadIdx.x; i < m * kTileRows; i += kThreads) {
-    const int row = row0 + i % kTileRows, token = i / kTileRows;
-    if (row < n) out[static_cast<int64_t>(token) * ldo + row] = FromF32<OutT>(part[i]);
+  if constexpr (kMode == kRope) {
+    RopeEpilogue(rope, m, part, out, ldo);
+  } else {
+    for (int i = threadIdx.x; i < m * kTileRows; i += kThreads) {
+      const int row = row0 + i % kTileRows, token = i / kTileRows;
+      if (row < n) out[static_cast<int64_t>(token) * ldo + row] = FromF32<OutT>(part[i]);
+    }
   }
 }
 
@@ -167,7 +228,7 @@ cudaError_t Launch(const GemvLaunch& cfg, int m, int n, int k, const void* x, in
                    const void* w, int64_t ldw, void* out, int64_t ldo) {
   return LaunchPdl(GemvKernel<NT, STEPS, OutT>, cfg.grid, dim3(kThreads), 0, cfg.stream, cfg.cluster, m, n, k,
                    static_cast<const __nv_bfloat16*>(x), ldx, static_cast<const __nv_bfloat16*>(w), ldw,
-                   static_cast<OutT*>(out), ldo);
+                   static_cast<OutT*>(out), ldo, GemvRopeArgs{});
 }
 
 template <int STEPS, typename OutT>
@@ -184,6 +245,10 @@ cudaError_t LaunchOut(const GemvLaunch& cfg, int k_steps, int m, int n, int k, c
                       : LaunchSteps<8, OutT>(cfg, m, n, k, x, ldx, w, ldw, out, ldo);
 }
 
+// The fused QKV projection's one configuration: unsplit, k_steps 4 (the fastest GEMV
+// configuration of the 8B and 70B/2 qkv shapes at M = 1..8 on an H200, 2026-12-01,
+// docs/data/2026-12-01-h200-gemm_bench-decode.txt).
+constexpr int kRopeSteps = 4;
 }  // namespace
 
 bool GemvSupported(int64_t m, int64_t k, const void* x, int64_t ldx, const void* w, int64_t ldw) {
@@ -215,6 +280,29 @@ cudaError_t LaunchGemvBf16(int64_t m, int64_t n, int64_t k, const void* x, int64
   return out_type == ElemType::kF32
              ? LaunchOut<float>(lc, cfg.k_steps, mi, ni, ki, x, ldx, w, ldw, out, ldo)
              : LaunchOut<__nv_bfloat16>(lc, cfg.k_steps, mi, ni, ki, x, ldx, w, ldw, out, ldo);
+}
+
+bool GemvRopeSupported(int64_t m, int64_t n, int64_t k, const void* x, int64_t ldx, const void* w, int64_t ldw,
+                       const GemvRopeArgs& r) {
+  return GemvSupported(m, k, x, ldx, w, ldw) && r.head_dim > 0 && r.head_dim % kTileRows == 0 && r.num_heads >= 0 &&
+         r.num_kv_heads > 0 && n == static_cast<int64_t>(r.num_heads + 2 * r.num_kv_heads) * r.head_dim &&
+         n < 0x7fffffff && k < 0x7fffffff && r.positions != nullptr && r.inv_freq != nullptr &&
+         r.slot_mapping != nullptr && r.k_cache != nullptr && r.v_cache != nullptr;
+}
+
+cudaError_t LaunchGemvRopeKvWrite(int64_t m, int64_t n, int64_t k, const void* x, int64_t ldx, const void* w,
+                                  int64_t ldw, void* out, int64_t ldo, const GemvRopeArgs& rope,
+                                  cudaStream_t stream) {
+  if (!GemvRopeSupported(m, n, k, x, ldx, w, ldw, rope) || ldo < n) return cudaErrorInvalidValue;
+  const dim3 grid(static_cast<unsigned>(n / kTileRows));
+  const int mi = static_cast<int>(m), ni = static_cast<int>(n), ki = static_cast<int>(k);
+  const auto* xb = static_cast<const __nv_bfloat16*>(x);
+  const auto* wb = static_cast<const __nv_bfloat16*>(w);
+  auto* ob = static_cast<__nv_bfloat16*>(out);
+  return m <= 8 ? LaunchPdl(GemvKernel<1, kRopeSteps, __nv_bfloat16, kRope>, grid, dim3(kThreads), 0, stream, nullptr,
+                            mi, ni, ki, xb, ldx, wb, ldw, ob, ldo, rope)
+                : LaunchPdl(GemvKernel<2, kRopeSteps, __nv_bfloat16, kRope>, grid, dim3(kThreads), 0, stream, nullptr,
+                            mi, ni, ki, xb, ldx, wb, ldw, ob, ldo, rope);
 }
 
 }  // namespace lorc::kernels

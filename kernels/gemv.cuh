@@ -49,4 +49,35 @@ cudaError_t LaunchGemvBf16(int64_t m, int64_t n, int64_t k, const void* x, int64
                            int64_t ldw, ElemType out_type, void* out, int64_t ldo, GemvConfig cfg,
                            cudaStream_t stream);
 
+// The decode QKV projection fused with RoPE and the KV write (the CUDA backend's
+// MatmulRopeKvWrite): out [m, n] = x [m, k] * w [n, k]^T, n = (num_heads + 2 * num_kv_heads) *
+// head_dim (q heads, then k heads, then v heads, each head_dim columns), every element rounded
+// to bf16 once; then q and k heads rotated in place as kernels/rope.cu does (rotate_half pairs i
+// and i + head_dim / 2, angle float(positions[t]) * inv_freq[i] in fp32, each value rounded once)
+// and, for slot_mapping[t] >= 0, the rotated k row and the v row stored into the BF16 caches
+// ([slots, num_kv_heads * head_dim]). Each CTA owns 8 dims of one head and their rotation
+// partners, so the rotation needs no second kernel. Unsplit, k_steps 4.
+struct GemvRopeArgs {
+  int32_t head_dim = 0;  // a multiple of 16
+  int32_t num_heads = 0;
+  int32_t num_kv_heads = 0;
+  const int32_t* positions = nullptr;     // [m], device
+  const float* inv_freq = nullptr;        // [head_dim / 2], device, fp32 (scaling applied)
+  const int32_t* slot_mapping = nullptr;  // [m], device, flat slot or -1
+  void* k_cache = nullptr;                // BF16 [slots, num_kv_heads * head_dim]
+  void* v_cache = nullptr;                // BF16 [slots, num_kv_heads * head_dim]
+};
+
+// True when LaunchGemvRopeKvWrite takes these operands: GemvSupported, head_dim a positive
+// multiple of 16, num_kv_heads > 0, n as above (< 2^31), every pointer of `rope` set.
+bool GemvRopeSupported(int64_t m, int64_t n, int64_t k, const void* x, int64_t ldx, const void* w, int64_t ldw,
+                       const GemvRopeArgs& rope);
+
+// Launches it (programmatic dependent launch as LaunchGemvBf16: w is read before the wait; the
+// metadata, x and the caches after it). out must not overlap x, w or the caches.
+// cudaErrorInvalidValue unless GemvRopeSupported and ldo >= n.
+cudaError_t LaunchGemvRopeKvWrite(int64_t m, int64_t n, int64_t k, const void* x, int64_t ldx, const void* w,
+                                  int64_t ldw, void* out, int64_t ldo, const GemvRopeArgs& rope,
+                                  cudaStream_t stream);
+
 }  // namespace lorc::kernels

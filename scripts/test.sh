@@ -1,24 +1,31 @@
 #!/usr/bin/env bash
 # Command (2) of the README: install what is missing, build, and run every test (ctest).
 # GPU tests skip themselves on machines without a CUDA device.
+#
+# The reliability jobs of tests/README.md run after the ordinary tests when asked; CI (.ci/run)
+# asks for all three, a plain local run for none (together they add about 45 minutes on 2 cores):
+#   LORC_SOAK=1            the 2,000-request soak with faults (SoakFaults2000) joins the ctest run
+#                          (docs/RELIABILITY.md);
+#   LORC_SANITIZERS=1      ASan+UBSan over the unit and end-to-end tests, then TSan over the
+#                          threaded serving parts (scripts/sanitize.sh; tests/README.md);
+#   LORC_FUZZ_SECONDS=N    every libFuzzer harness N seconds over its seed corpus and regression
+#                          inputs, in its own clang build (scripts/fuzz.sh; docs/FUZZING.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+t0=$SECONDS
+phase() { echo "== scripts/test.sh: $1 done at +$((SECONDS - t0)) s"; }
 bash scripts/install-deps.sh
 bash scripts/build.sh
+phase build
 (cd "${BUILD_DIR:-build}" && ctest --output-on-failure -j "${CTEST_JOBS:-2}" --timeout 1800)
-
-# Sanitizer builds (tests/README.md, "Sanitizers"): ASan+UBSan over the unit and end-to-end tests,
-# TSan over the threaded serving parts. On when LORC_SANITIZERS=1 (off by default, also in CI,
-# until a full run of both on the 2-core CI machine is measured: estimated ~40 min).
+phase ctest
 if [ "${LORC_SANITIZERS:-0}" = 1 ]; then
   bash scripts/sanitize.sh asan
+  phase "sanitize.sh asan"
   bash scripts/sanitize.sh tsan
+  phase "sanitize.sh tsan"
 fi
-
-# --- Fuzzing (fuzz/README.md): every libFuzzer harness for LORC_FUZZ_SECONDS seconds (default 0:
-# skipped, until its time on the CI machine is measured; 30 is the intended CI budget) over its
-# seed corpus, in its own clang ASan+UBSan build (build-fuzz/). A finding fails the run and
-# prints the reproducer's path.
 if [ "${LORC_FUZZ_SECONDS:-0}" != 0 ]; then
   bash scripts/fuzz.sh --seconds "${LORC_FUZZ_SECONDS}"
+  phase "fuzz.sh --seconds ${LORC_FUZZ_SECONDS}"
 fi

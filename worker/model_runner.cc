@@ -597,10 +597,9 @@ absl::Status ModelRunner::Forward(int32_t T, int32_t num_rows) {
     if (IsLatent(static_cast<int>(l))) {
       RETURN_IF_ERROR(LatentAttentionBlock(static_cast<int>(l), T, h));  // h = o(attention(h))
     } else {
-      RETURN_IF_ERROR(backend_->Matmul(h, Weight(w.qkv, q_sz + 2 * kv_sz, d), qkv));
       rk.cache = ap.cache = kv_layers_[l];
       ap.kv_policy = {policy_seqs_.empty() ? nullptr : policy_seqs_.data(), static_cast<int32_t>(l)};
-      RETURN_IF_ERROR(backend_->RopeKvWrite(rk));
+      RETURN_IF_ERROR(backend_->MatmulRopeKvWrite(h, Weight(w.qkv, q_sz + 2 * kv_sz, d), qkv, rk));
       RETURN_IF_ERROR(backend_->DecodeAttention(ap, *plan_));
       RETURN_IF_ERROR(backend_->PrefillAttention(ap, *plan_));
       RETURN_IF_ERROR(backend_->Matmul(attn, Weight(w.o, d, q_sz), h));

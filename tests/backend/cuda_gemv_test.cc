@@ -10,7 +10,9 @@
 // above it for every K tested (K <= 14336, 1 / K >= 7e-5).
 // Skipped without a CUDA device.
 #include <cmath>
+#include <functional>
 #include <tuple>
+#include <utility>
 
 #include "backend/cuda_gemv.h"
 #include "tests/backend/backend_ops_fixture.h"
@@ -148,6 +150,118 @@ TEST_F(CudaGemvTest, MatmulFallsBackToCublasLtWhereTheGemvDoesNotApply) {
   }
   EXPECT_EQ(checked, 12);
 }
+
+// The fused QKV projection + RoPE + KV write (MatmulRopeKvWrite on a BF16 cache, decode-sized
+// batches): (a) bit for bit what the GEMV's same configuration (unsplit, k_steps 4) followed by
+// RopeKvWrite stores, out and both caches; (b) within tolerance of the CPU's Matmul then
+// RopeKvWrite in fp32 (F32 cache): |cuda - cpu| <= 2^-7 * (|u_i| + |u_p|) + 1e-5 * (mag_i +
+// mag_p), u the unrotated projection of the element and of its rotation partner, mag the same
+// over |x| and |w| (two bf16 roundings of the rotated inputs and one of the result: at most
+// 2^-9 each, relative to |u_i| + |u_p|; the accumulation term as above). Slots not in
+// slot_mapping (and slot -1) stay untouched. Shapes: GQA 4/2 x 64, 8/2 x 128, MHA 2/2 x 128, K
+// with a masked tail (264) and 1024, M = 1..16.
+TEST_F(CudaGemvTest, FusedQkvRopeKvWriteMatchesUnfusedAndCpu) {
+  struct Shape {
+    int heads, kv_heads, hd;
+  };
+  const auto stream = static_cast<cudaStream_t>(cuda_->stream_handle());
+  const float sentinel = 1024.f;
+  for (const Shape sh : {Shape{4, 2, 64}, Shape{8, 2, 128}, Shape{2, 2, 128}}) {
+    for (const int64_t K : {264, 1024}) {
+      for (const int64_t M : {1, 2, 5, 8, 11, 16}) {
+        SCOPED_TRACE(::testing::Message() << sh.heads << "/" << sh.kv_heads << "x" << sh.hd << " K=" << K << " M=" << M);
+        const int64_t qw = int64_t{sh.heads} * sh.hd, kw = int64_t{sh.kv_heads} * sh.hd, N = qw + 2 * kw;
+        const int64_t nslots = 2 * M + 3;
+        std::vector<float> x = RandomVec(rng_, M * K), w = RandomVec(rng_, N * K);
+        for (float& v : x) v = Bf16(v);
+        for (float& v : w) v = Bf16(v);
+        std::vector<int32_t> pos(M), slots(M);
+        for (int64_t t = 0; t < M; ++t) {
+          pos[t] = static_cast<int32_t>(rng_() % 9000);
+          slots[t] = static_cast<int32_t>((2 * t + 1) % nslots);
+        }
+        if (M > 1) slots[1] = -1;  // a padding row: no write
+        std::vector<float> inv_freq(sh.hd / 2);
+        for (int i = 0; i < sh.hd / 2; ++i) {
+          inv_freq[i] = static_cast<float>(1.0 / std::pow(10000.0, 2.0 * i / sh.hd));
+        }
+        const std::vector<float> out0(M * N, sentinel), cache0(nslots * kw, sentinel);
+
+        // Runs on `be` with elements of dtype d; fused: MatmulRopeKvWrite, else `matmul` then RopeKvWrite.
+        auto run = [&](Backend& be, DType d, const std::vector<float>& xs, const std::vector<float>& ws,
+                       const std::function<absl::Status(const Tensor2D&, const Tensor2D&, const Tensor2D&)>& matmul) {
+          DeviceBuffer dx = Put(be, xs, d), dw = Put(be, ws, d), dout = Put(be, out0, d);
+          DeviceBuffer kc = Put(be, cache0, d), vc = Put(be, cache0, d);
+          DeviceBuffer dp = parity::PutRaw(be, pos), ds = parity::PutRaw(be, slots), df = parity::PutRaw(be, inv_freq);
+          const Tensor2D xv{dx.data(), d, M, K}, wv{dw.data(), d, N, K}, ov{dout.data(), d, M, N};
+          RopeKvWriteParams p{ov.ColSlice(0, qw), ov.ColSlice(qw, kw), ov.ColSlice(qw + kw, kw),
+                              KvLayer{kc.data(), vc.data(), kw, kw, d}, sh.heads, sh.kv_heads, sh.hd,
+                              dp.as<int32_t>(), df.as<float>(), ds.as<int32_t>()};
+          if (matmul) {
+            CHECK_OK(matmul(xv, wv, ov));
+            CHECK_OK(be.RopeKvWrite(p));
+          } else {
+            CHECK_OK(be.MatmulRopeKvWrite(xv, wv, ov, p));
+          }
+          return std::vector<std::vector<float>>{Get(be, dout, d), Get(be, kc, d), Get(be, vc, d)};
+        };
+        const auto fused = run(*cuda_, DType::kBF16, x, w, nullptr);
+        const auto unfused = run(*cuda_, DType::kBF16, x, w, [&](const Tensor2D& a, const Tensor2D& b, const Tensor2D& o) {
+          return cuda_internal::RunGemv(a, b, o, /*config: unsplit, k_steps 4*/ 0, stream);
+        });
+        EXPECT_EQ(fused[0], unfused[0]) << "out";
+        EXPECT_EQ(fused[1], unfused[1]) << "k cache";
+        EXPECT_EQ(fused[2], unfused[2]) << "v cache";
+
+        auto cpu_matmul = [&](const Tensor2D& a, const Tensor2D& b, const Tensor2D& o) { return cpu_->Matmul(a, b, o); };
+        const auto want = run(*cpu_, DType::kF32, x, w, cpu_matmul);
+        std::vector<float> ax = x, aw = w;
+        for (float& v : ax) v = std::abs(v);
+        for (float& v : aw) v = std::abs(v);
+        // The unrotated projections and their magnitudes (the limits).
+        const auto plain = [&] {
+          DeviceBuffer dx = Put(*cpu_, x, DType::kF32), dw = Put(*cpu_, w, DType::kF32), o = Put(*cpu_, out0, DType::kF32);
+          DeviceBuffer mx = Put(*cpu_, ax, DType::kF32), mw = Put(*cpu_, aw, DType::kF32), mo = Put(*cpu_, out0, DType::kF32);
+          CHECK_OK(cpu_->Matmul({dx.data(), DType::kF32, M, K}, {dw.data(), DType::kF32, N, K}, {o.data(), DType::kF32, M, N}));
+          CHECK_OK(cpu_->Matmul({mx.data(), DType::kF32, M, K}, {mw.data(), DType::kF32, N, K}, {mo.data(), DType::kF32, M, N}));
+          return std::pair{Get(*cpu_, o, DType::kF32), Get(*cpu_, mo, DType::kF32)};
+        }();
+        const std::vector<float>&u = plain.first, &mag = plain.second;
+        const int half = sh.hd / 2;
+        auto limit = [&](int64_t t, int64_t col) {  // col in [0, N)
+          const int64_t in_head = col % sh.hd, partner = col - in_head + (in_head + half) % sh.hd;
+          return std::ldexp(std::abs(u[t * N + col]) + std::abs(u[t * N + partner]), -7) +
+                 1e-5 * (mag[t * N + col] + mag[t * N + partner]);
+        };
+        int bad = 0;
+        auto check = [&](float got, float cpu, double lim, const char* what, int64_t r, int64_t c) {
+          if (!(std::abs(static_cast<double>(got) - cpu) <= lim) && ++bad <= 5) {
+            ADD_FAILURE() << what << "[" << r << "," << c << "]: cuda " << got << ", cpu " << cpu << " (limit " << lim << ")";
+          }
+        };
+        for (int64_t t = 0; t < M; ++t) {
+          for (int64_t c = 0; c < N; ++c) check(fused[0][t * N + c], want[0][t * N + c], limit(t, c), "out", t, c);
+        }
+        for (int64_t slot = 0; slot < nslots; ++slot) {
+          int64_t token = -1;
+          for (int64_t t = 0; t < M; ++t) token = slots[t] == slot ? t : token;
+          for (int side = 1; side <= 2; ++side) {
+            for (int64_t c = 0; c < kw; ++c) {
+              const float got = fused[side][slot * kw + c];
+              if (token < 0) {
+                if (got != sentinel && ++bad <= 5) ADD_FAILURE() << "slot " << slot << " written";
+                continue;
+              }
+              check(got, want[side][slot * kw + c], limit(token, qw + (side - 1) * kw + c), side == 1 ? "k" : "v", slot, c);
+            }
+          }
+        }
+        EXPECT_EQ(bad, 0);
+      }
+    }
+  }
+}
+
 #endif
 
 // Decode shapes of an 8B layer through Matmul with the default policy (whichever path its timing

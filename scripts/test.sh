@@ -3,11 +3,16 @@
 # GPU tests skip themselves on machines without a CUDA device.
 #
 # The reliability jobs of tests/README.md run after the ordinary tests when asked; CI (.ci/run)
-# asks for all three, a plain local run for none (together they add about 45 minutes on 2 cores):
+# asks for the soak, ASan and the fuzzers, a plain local run for none (together they add about 35
+# minutes on 2 cores):
 #   LORC_SOAK=1            the 2,000-request soak with faults (SoakFaults2000) joins the ctest run
 #                          (docs/RELIABILITY.md);
-#   LORC_SANITIZERS=1      ASan+UBSan over the unit and end-to-end tests, then TSan over the
-#                          threaded serving parts (scripts/sanitize.sh; tests/README.md);
+#   LORC_SANITIZERS=1      ASan+UBSan over the unit and end-to-end tests (scripts/sanitize.sh
+#                          asan; tests/README.md);
+#   LORC_TSAN=1            TSan over the threaded serving parts (scripts/sanitize.sh tsan). Not
+#                          in CI yet: Debian's gRPC is not instrumented, and the orderings it
+#                          provides (server shutdown after the last callback, completion queues)
+#                          are invisible to TSan; tests/README.md lists what is left;
 #   LORC_FUZZ_SECONDS=N    every libFuzzer harness N seconds over its seed corpus and regression
 #                          inputs, in its own clang build (scripts/fuzz.sh; docs/FUZZING.md).
 set -euo pipefail
@@ -22,6 +27,8 @@ phase ctest
 if [ "${LORC_SANITIZERS:-0}" = 1 ]; then
   bash scripts/sanitize.sh asan
   phase "sanitize.sh asan"
+fi
+if [ "${LORC_TSAN:-0}" = 1 ]; then
   bash scripts/sanitize.sh tsan
   phase "sanitize.sh tsan"
 fi

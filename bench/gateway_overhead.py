@@ -30,6 +30,8 @@ import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "scripts", "lib"))
+from lorc_process import wait_for  # noqa: E402
 
 
 def start(argv, out_path, prefix, timeout=180):
@@ -38,16 +40,10 @@ def start(argv, out_path, prefix, timeout=180):
     proc = subprocess.Popen(argv, stdout=out, stderr=err, start_new_session=True)
     err.close()
     out.close()
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        with open(out_path) as f:
-            for line in f:
-                if line.startswith(prefix):
-                    return proc, line.split()[1]
-        if proc.poll() is not None:
-            sys.exit(f"{argv[:2]} exited {proc.returncode}")
-        time.sleep(0.1)
-    sys.exit(f"no {prefix} from {argv[:2]}")
+    try:
+        return proc, wait_for(proc, out_path, prefix, timeout)
+    except RuntimeError as e:
+        sys.exit(str(e))
 
 
 def prompt(i, r):

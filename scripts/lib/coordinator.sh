@@ -1,5 +1,6 @@
 # Shell helpers for the scripts that start a coordinator and talk to it (scripts/demo.sh,
-# scripts/gpu/check.sh, bench/serve_loopback.sh, bench/compare_serving.sh, ...). Source it:
+# scripts/gpu/check.sh, bench/serve_loopback.sh, bench/compare_serving.sh, ...; the Python twin
+# is lorc_process.py beside it). Source it:
 #   . "<repo>/scripts/lib/coordinator.sh"
 
 # lorc_wait_for WORD OUT_FILE PID [TIMEOUT_S]

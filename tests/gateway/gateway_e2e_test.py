@@ -26,23 +26,12 @@ import unittest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, os.path.join(REPO, "scripts", "lib"))
+from lorc_process import wait_for  # noqa: E402
 ARGS = None
 MODEL_NAME = "tiny-llama-a"
 TOKEN = "gateway-e2e-token"
 GREEDY_PROMPT = "The meaning of the word"
-
-
-def wait_line(proc, path, prefix, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        with open(path) as f:
-            for line in f:
-                if line.startswith(prefix):
-                    return line.split()[1]
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[:2]} exited {proc.returncode} before {prefix}")
-        time.sleep(0.1)
-    raise RuntimeError(f"no {prefix} in {path} after {timeout}s")
 
 
 def curl(url, body=None, headers=(), stream=False, timeout=120):
@@ -71,7 +60,7 @@ class Servers:
         with open(out, "w") as o, open(os.path.join(self.tmp, f"{name}.err"), "w") as e:
             proc = subprocess.Popen(argv, stdout=o, stderr=e, start_new_session=True)
         self.procs.append(proc)
-        return proc, wait_line(proc, out, prefix)
+        return proc, wait_for(proc, out, prefix)
 
     def coordinator(self, name, *flags):
         return self.start(name, [ARGS.lorcserve, "coordinator", "--model", ARGS.model,

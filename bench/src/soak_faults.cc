@@ -100,6 +100,7 @@ struct Options {
   double settle_s = 30;
   double rss_tolerance = 0.05;
   int32_t max_attempts = 60;      // per request, UNAVAILABLE / RESOURCE_EXHAUSTED retries
+  int32_t worker_threads = 1;     // each worker's --threads (CPU backend compute threads)
   bool faults = true;
   std::string server_log;         // keep the coordinator's stderr here
 };
@@ -109,7 +110,7 @@ void Usage() {
                "  [--seed S] [--num-blocks B] [--max-num-seqs S] [--ref-prompts P] [--ref-tokens T]\n"
                "  [--long-prompt-max L] [--max-tokens-max T] [--short-stop-s S] [--long-stop-s S]\n"
                "  [--recovery-limit-s S] [--settle-s S] [--rss-tolerance F] [--no-faults]\n"
-               "  [--server-log FILE]\n";
+               "  [--worker-threads N] [--server-log FILE]\n";
 }
 
 std::optional<Options> ParseOptions(int argc, char** argv) {
@@ -138,6 +139,7 @@ std::optional<Options> ParseOptions(int argc, char** argv) {
     else if (a == "--seed") ok = absl::SimpleAtoi(v, &o.seed);
     else if (a == "--num-blocks") as_i32(&o.num_blocks, 8);
     else if (a == "--max-num-seqs") as_i32(&o.max_num_seqs, 1);
+    else if (a == "--worker-threads") as_i32(&o.worker_threads, 1);
     else if (a == "--ref-prompts") as_i32(&o.ref_prompts, 1);
     else if (a == "--ref-tokens") as_i32(&o.ref_tokens, 2);
     else if (a == "--long-prompt-max") as_i32(&o.long_prompt_max, 16);
@@ -242,7 +244,7 @@ class Server {
     if (pipe2(out, O_CLOEXEC) != 0) return absl::StrCat("pipe2: ", std::strerror(errno));
     std::vector<std::string> args = {o.lorcserve, "coordinator", "--model", o.model,
                                      "--listen", "127.0.0.1:0", "--local-workers", "2",
-                                     "--threads", "1", "--num-blocks", std::to_string(o.num_blocks),
+                                     "--threads", std::to_string(o.worker_threads), "--num-blocks", std::to_string(o.num_blocks),
                                      "--max-num-seqs", std::to_string(o.max_num_seqs)};
     std::vector<char*> argv;
     for (std::string& a : args) argv.push_back(a.data());

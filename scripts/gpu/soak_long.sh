@@ -11,6 +11,8 @@ cd "$(dirname "$0")/../.."
 B=/tmp/lorc-soak-bin
 mkdir -p $B && python3 -c "import tarfile,sys; tarfile.open(sys.argv[2]).extractall(sys.argv[1])" $B "${SOAK_BUNDLE:-.gpu-soak/soak.tar.xz}"
 export LD_LIBRARY_PATH=$B:$(cat $B/cuda-lib-path)
+# The fixture's weights travel compressed (the unpacked file is ignored by git).
+[ -f models/tiny-llama-a/model.safetensors ] || (cd models/tiny-llama-a && cmake -E tar xf model.safetensors.tar.zst)
 (nproc; lscpu | grep -E "Model name|^CPU\(s\)"; date -u) > $OUT/host.txt
 args=("$@")
 [ ${#args[@]} -gt 0 ] || args=(--requests 10000 --num-blocks 32 --long-prompt-max 160 --max-tokens-max 16 --ref-tokens 12)

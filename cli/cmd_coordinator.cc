@@ -149,6 +149,7 @@ int RunCoordinator(int argc, char** argv) {
   const std::optional<Args> args =
       ParseCommand("coordinator", synopsis, flags, argc, argv, &exit_code);
   if (!args.has_value()) return exit_code;
+  InstallTerminationHandlers();  // before any thread (the metrics endpoint's, the server's)
   absl::StatusOr<CoordinatorOptions> options = ParseOptions(*args);
   if (!options.ok()) return Fail("coordinator", options.status());
   // The metrics endpoint comes up first (a busy port fails fast; scrapes see the load).
@@ -162,7 +163,6 @@ int RunCoordinator(int argc, char** argv) {
     if (!e.ok()) return Fail("coordinator", e.status());
     metrics_exposer = *std::move(e);
   }
-  InstallTerminationHandlers();
   absl::StatusOr<std::unique_ptr<CoordinatorServer>> server = CoordinatorServer::Start(*options);
   if (!server.ok()) return Fail("coordinator", server.status());
   std::cout << "LISTENING " << (*server)->address() << "\nINTERNAL_LISTENING " << (*server)->internal_address()

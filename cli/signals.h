@@ -8,7 +8,8 @@
 
 namespace lorc::cli {
 
-// Installs the handlers. Call once, early.
+// Installs the handlers and blocks SIGINT/SIGTERM in the calling thread, so that only a watcher
+// thread takes them. Call once, early: on the main thread before it starts any other thread.
 void InstallTerminationHandlers();
 // A thread that waits for SIGINT/SIGTERM and then calls `on_signal` once (with `every_signal`:
 // for each signal, until the watcher is destroyed). The destructor stops it and joins it, so

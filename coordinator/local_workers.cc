@@ -73,6 +73,14 @@ absl::Status LocalWorkers::Spawn(int r) {
   posix_spawn_file_actions_t fa;
   posix_spawn_file_actions_init(&fa);
   posix_spawn_file_actions_adddup2(&fa, out[1], STDOUT_FILENO);
+  // The worker starts with no signal blocked: lorcserve blocks SIGINT/SIGTERM in its threads
+  // (cli/signals.h), and a blocked mask survives exec.
+  posix_spawnattr_t attr;
+  posix_spawnattr_init(&attr);
+  sigset_t none;
+  sigemptyset(&none);
+  posix_spawnattr_setsigmask(&attr, &none);
+  posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK);
   std::vector<std::string> args = {"lorcserve", "worker", "--listen", options_.listen, "--backend",
                                    options_.backend, "--threads", std::to_string(threads_),
                                    "--device", std::to_string(options_.first_device + r),
@@ -92,7 +100,7 @@ absl::Status LocalWorkers::Spawn(int r) {
     if (pids_[r] > 0) {
       rc = -1;
     } else {
-      rc = posix_spawn(&pid, binary_.c_str(), &fa, nullptr, argv.data(), environ);
+      rc = posix_spawn(&pid, binary_.c_str(), &fa, &attr, argv.data(), environ);
       if (rc == 0) {
         pids_[r] = pid;
         ++alive_;
@@ -100,6 +108,7 @@ absl::Status LocalWorkers::Spawn(int r) {
     }
   }
   posix_spawn_file_actions_destroy(&fa);
+  posix_spawnattr_destroy(&attr);
   close(out[1]);
   if (rc == -1) {
     close(out[0]);

@@ -3,16 +3,15 @@
 # GPU tests skip themselves on machines without a CUDA device.
 #
 # The reliability jobs of tests/README.md run after the ordinary tests when asked; CI (.ci/run)
-# asks for the soak, ASan and the fuzzers, a plain local run for none (together they add about 35
-# minutes on 2 cores):
+# asks for the soak, ASan, TSan and the fuzzers, a plain local run for none (tests/README.md has
+# each one's measured time on 2 cores):
 #   LORC_SOAK=1            the 2,000-request soak with faults (SoakFaults2000) joins the ctest run
 #                          (docs/RELIABILITY.md);
 #   LORC_SANITIZERS=1      ASan+UBSan over the unit and end-to-end tests (scripts/sanitize.sh
 #                          asan; tests/README.md);
-#   LORC_TSAN=1            TSan over the threaded serving parts (scripts/sanitize.sh tsan). Not
-#                          in CI yet: Debian's gRPC is not instrumented, and the orderings it
-#                          provides (server shutdown after the last callback, completion queues)
-#                          are invisible to TSan; tests/README.md lists what is left;
+#   LORC_TSAN=1            TSan over the threaded serving parts: scheduler, engine loop, worker
+#                          group, worker service and the coordinator server end to end
+#                          (scripts/sanitize.sh tsan; tests/README.md);
 #   LORC_FUZZ_SECONDS=N    every libFuzzer harness N seconds over its seed corpus and regression
 #                          inputs, in its own clang build (scripts/fuzz.sh; docs/FUZZING.md).
 set -euo pipefail

@@ -12,6 +12,7 @@
 #include "common/check.h"
 #include "common/defaults.h"
 #include "common/grpc_status.h"
+#include "common/happens_before.h"
 #include "common/status_macros.h"
 #include "worker/comm/communicator.h"
 #include "worker/comm/rendezvous.h"
@@ -131,7 +132,13 @@ class WorkerService::StepStream final : public grpc::ServerBidiReactor<pb::StepP
   }
 
   void OnDone() override {
-    service_->ownership_.End(epoch_, owner_closed_);
+    bool owner_closed;
+    {
+      absl::MutexLock lock(&mu_);
+      owner_closed = owner_closed_;
+    }
+    service_->ownership_.End(epoch_, owner_closed);
+    HappensBefore(service_);  // ~WorkerService: the server's shutdown waited for this OnDone
     delete this;
   }
 
@@ -220,7 +227,7 @@ class WorkerService::StepStream final : public grpc::ServerBidiReactor<pb::StepP
   bool reads_done_ ABSL_GUARDED_BY(mu_) = false;
   bool failed_ ABSL_GUARDED_BY(mu_) = false;         // a step failed: status_ says why
   bool write_failed_ ABSL_GUARDED_BY(mu_) = false;
-  bool owner_closed_ = false;                        // set under mu_, read in OnDone
+  bool owner_closed_ ABSL_GUARDED_BY(mu_) = false;  // read by OnDone
   bool finished_ ABSL_GUARDED_BY(mu_) = false;
   grpc::Status status_ ABSL_GUARDED_BY(mu_);
 };
@@ -229,6 +236,11 @@ WorkerService::WorkerService(const WorkerOptions& options)
     : options_(options), ownership_(options.owner_lease) {}
 
 WorkerService::~WorkerService() {
+  // The gRPC server was shut down first (the header's precondition): grpc::Server::Shutdown
+  // returns only after every handler returned and every reactor's OnDone ran. Each of them ends
+  // with HappensBefore(this) (a HappensBeforeOnExit guard, or StepStream::OnDone), which makes
+  // that ordering, kept inside the uninstrumented gRPC library, visible to ThreadSanitizer.
+  HappensAfter(this);
   (void)device_.Call([this] {
     DeviceOp("Teardown");
     device_state_.reset();
@@ -344,6 +356,7 @@ absl::StatusOr<pb::StepResult> WorkerService::RunStepOnDevice(const pb::StepPlan
 grpc::Status WorkerService::InitCommunicator(grpc::ServerContext*,
                                              const lorcserve::internal::InitCommunicatorRequest* req,
                                              lorcserve::internal::InitCommunicatorResponse* resp) {
+  const HappensBeforeOnExit handler_done(this);  // ~WorkerService
   absl::StatusOr<uint64_t> epoch = ownership_.Begin(FromProto(req->coordinator()), true, "InitCommunicator");
   if (!epoch.ok()) return ToGrpcStatus(epoch.status());
   absl::StatusOr<lorcserve::internal::InitCommunicatorResponse> r =
@@ -356,6 +369,7 @@ grpc::Status WorkerService::InitCommunicator(grpc::ServerContext*,
 
 grpc::Status WorkerService::LoadModel(grpc::ServerContext*, const lorcserve::internal::LoadModelRequest* req,
                                       lorcserve::internal::LoadModelResponse* resp) {
+  const HappensBeforeOnExit handler_done(this);  // ~WorkerService
   absl::StatusOr<uint64_t> epoch = ownership_.Begin(FromProto(req->coordinator()), true, "LoadModel");
   if (!epoch.ok()) return ToGrpcStatus(epoch.status());
   absl::StatusOr<lorcserve::internal::LoadModelResponse> r =
@@ -367,12 +381,14 @@ grpc::Status WorkerService::LoadModel(grpc::ServerContext*, const lorcserve::int
 }
 
 grpc::ServerBidiReactor<pb::StepPlan, pb::StepResult>* WorkerService::Steps(grpc::CallbackServerContext* ctx) {
+  const HappensBeforeOnExit handler_done(this);  // ~WorkerService
   absl::StatusOr<uint64_t> epoch = ownership_.Begin(FromMetadata(*ctx), false, "Steps");
   if (!epoch.ok()) return new RefusedStream(epoch.status());
   return new StepStream(this, *epoch);
 }
 
 grpc::Status WorkerService::Step(grpc::ServerContext* ctx, const pb::StepPlan* req, pb::StepResult* resp) {
+  const HappensBeforeOnExit handler_done(this);  // ~WorkerService
   absl::StatusOr<uint64_t> epoch = ownership_.Begin(FromMetadata(*ctx), false, "Step");
   if (!epoch.ok()) return ToGrpcStatus(epoch.status());
   absl::StatusOr<pb::StepResult> r = device_.Call([&] { return RunStepOnDevice(*req); });
@@ -384,6 +400,7 @@ grpc::Status WorkerService::Step(grpc::ServerContext* ctx, const pb::StepPlan* r
 
 grpc::Status WorkerService::Ping(grpc::ServerContext*, const lorcserve::internal::PingRequest* req,
                                  lorcserve::internal::PingResponse* resp) {
+  const HappensBeforeOnExit handler_done(this);  // ~WorkerService
   ownership_.Touch(FromProto(req->coordinator()));
   resp->set_model_loaded(model_loaded_.load());
   resp->set_communicator_ready(comm_ready_.load());

@@ -4,7 +4,7 @@
 #include <string>
 #include <tuple>
 
-#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "backend/cpu_backend.h"
 #include "backend/cuda_backend.h"
@@ -47,10 +47,17 @@ Tensor2D Tensor2D::RowSlice(int64_t r0, int64_t n) const {
 }
 
 absl::StatusOr<BackendKind> ParseBackendKind(absl::string_view s) {
-  const std::string lower = absl::AsciiStrToLower(s);
-  if (lower == "cpu") return BackendKind::kCpu;
-  if (lower == "cuda") return BackendKind::kCuda;
-  return absl::InvalidArgumentError(absl::StrCat("unknown backend '", s, "' (expected cpu or cuda)"));
+  for (BackendKind kind : {BackendKind::kCpu, BackendKind::kCuda}) {
+    if (absl::EqualsIgnoreCase(s, BackendKindName(kind))) return kind;
+  }
+  return absl::InvalidArgumentError(absl::StrCat("unknown backend '", s, "' (expected ",
+                                                 BackendKindName(BackendKind::kCpu), " or ",
+                                                 BackendKindName(BackendKind::kCuda), ")"));
+}
+
+bool IsBackendKind(absl::string_view name, BackendKind kind) {
+  absl::StatusOr<BackendKind> parsed = ParseBackendKind(name);
+  return parsed.ok() && *parsed == kind;
 }
 
 absl::Status RequireF32(const char* backend, const char* op, const char* what, DType dtype) {

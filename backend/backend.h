@@ -487,8 +487,17 @@ class Backend {
   virtual void Free(void* data, MemoryKind kind) = 0;
 };
 
+// The backends. Their names ("cpu", "cuda") are what --backend takes and Backend::name() returns;
+// BackendKindName is the one place they are spelled.
 enum class BackendKind { kCpu, kCuda };
+constexpr const char* BackendKindName(BackendKind kind) {
+  return kind == BackendKind::kCuda ? "cuda" : "cpu";
+}
+// A backend name, case-insensitive. InvalidArgument naming `s` for any other string.
 absl::StatusOr<BackendKind> ParseBackendKind(absl::string_view s);
+// Whether `name` (a --backend value or a Backend::name()) names `kind`, as ParseBackendKind
+// reads it; false for a name that is no backend's.
+bool IsBackendKind(absl::string_view name, BackendKind kind);
 
 struct BackendOptions {
   BackendKind kind = BackendKind::kCpu;

@@ -23,7 +23,7 @@
 namespace lorc {
 namespace {
 
-constexpr char kCpu[] = "cpu";
+constexpr const char* kCpu = BackendKindName(BackendKind::kCpu);
 
 inline float* Row(const Tensor2D& t, int64_t r) { return t.as<float>() + r * t.stride(); }
 

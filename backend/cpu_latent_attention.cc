@@ -62,9 +62,10 @@ void CausalSoftmax(float* scores, int q_len, int len) {
 
 absl::Status LatentAttention(const LatentAttentionParams& p, const AttentionBatch& b,
                              absl::Span<const int32_t> seqs, LatentScratch* sc) {
-  RETURN_IF_ERROR(RequireF32("cpu", "LatentAttention", "query", p.q.dtype));
-  RETURN_IF_ERROR(RequireF32("cpu", "LatentAttention", "k_up", p.k_up.dtype));
-  RETURN_IF_ERROR(RequireF32("cpu", "LatentAttention", "output", p.out.dtype));
+  constexpr const char* kCpu = BackendKindName(BackendKind::kCpu);
+  RETURN_IF_ERROR(RequireF32(kCpu, "LatentAttention", "query", p.q.dtype));
+  RETURN_IF_ERROR(RequireF32(kCpu, "LatentAttention", "k_up", p.k_up.dtype));
+  RETURN_IF_ERROR(RequireF32(kCpu, "LatentAttention", "output", p.out.dtype));
   RETURN_IF_ERROR(CheckKvCache("LatentAttention", p.cache));
   const int hd = p.head_dim, rk = p.k_rank, rv = p.v_rank;
   if (p.num_kv_heads <= 0 || p.num_heads % p.num_kv_heads != 0 || hd <= 0 || hd % 2 != 0 ||

@@ -311,7 +311,7 @@ absl::Status CudaBackend::RopeKvWrite(const RopeKvWriteParams& p) {
 
 absl::Status CudaBackend::FillWeights(const WeightFillParams& p) {
   ASSIGN_OR_RETURN(const kernels::ElemType et, KernelType("FillWeights", {{"output", p.out.dtype}}));
-  RETURN_IF_ERROR(ValidateWeightFill("cuda", p));
+  RETURN_IF_ERROR(ValidateWeightFill(name(), p));
   kernels::WeightFillArgs a;
   a.dtype = et;
   a.out = p.out.data;

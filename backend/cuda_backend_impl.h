@@ -80,7 +80,7 @@ class CudaBackend final : public Backend {
     cudaStreamDestroy(stream_);
   }
 
-  const char* name() const override { return "cuda"; }
+  const char* name() const override { return BackendKindName(BackendKind::kCuda); }
   std::string Describe() const override { return description_; }
   DType compute_dtype() const override { return DType::kBF16; }  // weights, activations, KV cache
 

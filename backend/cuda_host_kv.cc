@@ -66,7 +66,7 @@ absl::Status CudaBackend::TransferKvBlocks(const char* what, absl::Span<const Kv
                                            int32_t block_size, int32_t num_blocks,
                                            const HostKvStorage& host,
                                            absl::Span<const HostBlockCopy> copies, bool to_host) {
-  RETURN_IF_ERROR(ValidateKvTransfer("cuda", what, layers, block_size, num_blocks, host, copies));
+  RETURN_IF_ERROR(ValidateKvTransfer(name(), what, layers, block_size, num_blocks, host, copies));
   if (copies.empty()) return absl::OkStatus();
   if (capturing_) {
     return absl::FailedPreconditionError(

@@ -93,7 +93,7 @@ bool IsGreedy(const SamplingRow& r) {
 
 absl::Status CudaBackend::Sample(const Tensor2D& logits, absl::Span<const SamplingRow> rows,
                                  SampleOutput* out) {
-  RETURN_IF_ERROR(RequireF32("cuda", kOp, "logits", logits.dtype));
+  RETURN_IF_ERROR(RequireF32(name(), kOp, "logits", logits.dtype));
   for (size_t i = 0; i < rows.size(); ++i) {
     const int32_t r = rows[i].logits_row;
     if (r < 0 || r >= logits.rows) {

@@ -448,7 +448,7 @@ absl::StatusOr<std::unique_ptr<Target>> OpenLocalWorkers(const Args& args, int32
   // The split is checked here too, so that a shape N does not divide names the flag at once.
   // The workers resolve an unset --lm-head the same way (model/weights.h DefaultLmHeadSplit).
   absl::StatusOr<ShardLayout> layout =
-      ShardLayout::Make(t->config, 0, n, o.model.shard_lm_head, /*cuda=*/o.workers.backend == "cuda");
+      ShardLayout::Make(t->config, 0, n, o.model.shard_lm_head, /*cuda=*/IsBackendKind(o.workers.backend, BackendKind::kCuda));
   if (!layout.ok()) {
     return absl::InvalidArgumentError(absl::StrCat(flag, layout.status().message()));
   }
@@ -471,7 +471,7 @@ absl::StatusOr<std::unique_ptr<Target>> OpenLocalWorkers(const Args& args, int32
   // (With --kv-cache-dtype other than auto the KV bytes no longer tell: the backend's dtype.)
   t->elem_bytes = o.kv.kv_cache_dtype == KvCacheDtype::kAuto
                       ? 4.0 * t->kv_bytes_per_token / static_cast<double>(f32.BytesPerToken())
-                      : (info.backend == "cuda" ? 2.0 : 4.0);
+                      : (IsBackendKind(info.backend, BackendKind::kCuda) ? 2.0 : 4.0);
   t->backend = info.backend;
   t->device = info.device;
   t->all_reduce = info.all_reduce;

@@ -173,7 +173,7 @@ absl::StatusOr<KvCacheOptions> ParseKvCacheOptions(const Args& args) {
   ASSIGN_OR_RETURN(kv.kv_cache_dtype, ParseKvCacheDtype(args.Get("kv-cache-dtype", "auto")));
   ASSIGN_OR_RETURN(kv.num_blocks, args.GetInt32("num-blocks", 0, 0));
   kv.memory_bytes = kv_mb << 20;
-  const bool cuda = args.Get("backend", "cpu") == "cuda";
+  const bool cuda = IsBackendKind(args.Get("backend", "cpu"), BackendKind::kCuda);
   // The CPU cache lives in this machine's memory (remote workers: theirs, unknown here); a budget
   // beyond it would fail later as an allocation error that names no flag.
   const long pages = sysconf(_SC_PHYS_PAGES);

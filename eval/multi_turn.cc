@@ -1,5 +1,4 @@
 #include <chrono>
-#include <regex>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -7,6 +6,7 @@
 #include "common/status_macros.h"
 #include "eval/eval.h"
 #include "nlohmann/json.hpp"
+#include "tokenizer/tokenizer_regex.h"
 
 namespace lorc {
 
@@ -19,7 +19,10 @@ absl::StatusOr<MultiTurnResult> EvalMultiTurnPasskey(Engine& engine, const Token
     std::vector<std::pair<std::string, std::string>> facts;  // (name, " 12345")
   };
   std::vector<Conversation> convs;
-  const std::regex fact(R"(The pass key of (\w+) is (\d+)\.)");
+  // ASCII classes: what std::regex's \w and \d were (the wrapper's \w is Unicode).
+  ASSIGN_OR_RETURN(const std::unique_ptr<tokenizer_internal::Regex> fact,
+                   tokenizer_internal::Regex::FromOniguruma(
+                       R"(The pass key of ([A-Za-z0-9_]+) is ([0-9]+)\.)", "pass-key fact"));
   for (const nlohmann::json& row : rows) {
     const std::string where = absl::StrCat(path, ":", row["__line"].get<int>());
     if (!row.contains("filler_tokens") || !row["filler_tokens"].is_number_integer() ||
@@ -36,9 +39,13 @@ absl::StatusOr<MultiTurnResult> EvalMultiTurnPasskey(Engine& engine, const Token
     }
     Conversation c;
     const std::string context = prompt.substr(0, q);
-    for (std::sregex_iterator it(context.begin(), context.end(), fact), end; it != end; ++it) {
-      c.facts.emplace_back((*it)[1].str(), absl::StrCat(" ", (*it)[2].str()));
-    }
+    // The prompt is valid UTF-8 (nlohmann's parser checks it), as FindAllGroups needs.
+    std::vector<std::vector<tokenizer_internal::Regex::Match>> facts;
+    RETURN_IF_ERROR(fact->FindAllGroups(context, &facts));
+    auto group = [&context](const tokenizer_internal::Regex::Match& g) {
+      return context.substr(g.first, g.second - g.first);
+    };
+    for (const auto& f : facts) c.facts.emplace_back(group(f[1]), absl::StrCat(" ", group(f[2])));
     if (c.facts.size() != 4) {
       return absl::InvalidArgumentError(
           absl::StrCat(where, ": ", c.facts.size(), " pass-key facts in the context, want 4"));

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Writes the seed corpora under fuzz/corpus/<harness>/ (fuzz/README.md). Deterministic; re-run
 after changing a seed here. Regression inputs found by fuzzing live beside the seeds as
-crash-<what> files and are not touched. Needs protoc (for the protobuf seeds)."""
+crash-<what> files and are not touched. Needs protoc (for the protobuf seeds). Run:
+/usr/bin/python3 fuzz/make_corpus.py (the standard library only)."""
 import json
 import os
 import struct
@@ -10,6 +11,10 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORPUS = os.path.join(ROOT, "fuzz", "corpus")
+
+# GPT-2's byte -> character table, from the gateway (its vocab module imports only json).
+sys.path.insert(0, os.path.join(ROOT, "gateway"))
+from lorcserve_gateway.vocab import bytes_to_unicode  # noqa: E402
 
 
 def put(harness, name, data):
@@ -119,17 +124,8 @@ def seeds_lorc():
 
 def tiny_tokenizer(pre_tokenizer, post_processor=None, added=None, merges_as_pairs=False,
                    byte_fallback=False):
-    # The 256 byte-level symbols plus a few merges.
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    symbols = [chr(c) for c in cs]
-    vocab = {s: i for i, s in enumerate(symbols)}
+    # The 256 byte-level symbols (ids in GPT-2's order) plus a few merges.
+    vocab = {s: i for i, s in enumerate(bytes_to_unicode().values())}
     merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("Ġ", "a")]
     for a, b in merges:
         vocab.setdefault(a + b, len(vocab))

@@ -170,7 +170,8 @@ absl::StatusOr<std::unique_ptr<Regex>> Regex::Compile(std::string_view pattern, 
 
 Regex::~Regex() { pcre2_code_free(code_); }
 
-absl::Status Regex::FindAll(std::string_view text, std::vector<Match>* matches) const {
+template <typename OnMatch>
+absl::Status Regex::ForEachMatch(std::string_view text, OnMatch on_match) const {
   MatchData md(code_);
   if (md.get() == nullptr) return absl::ResourceExhaustedError("regex: out of memory");
   size_t search_from = 0;
@@ -192,9 +193,34 @@ absl::Status Regex::FindAll(std::string_view text, std::vector<Match>* matches) 
     }
     search_from = end;
     last_match_end = end;
-    matches->emplace_back(begin, end);
+    on_match(ovector, pcre2_get_ovector_count(md.get()));
   }
   return absl::OkStatus();
+}
+
+absl::Status Regex::FindAll(std::string_view text, std::vector<Match>* matches) const {
+  return ForEachMatch(text, [matches](const PCRE2_SIZE* ovector, uint32_t) {
+    matches->emplace_back(ovector[0], ovector[1]);
+  });
+}
+
+absl::Status Regex::FindAllGroups(std::string_view text,
+                                  std::vector<std::vector<Match>>* matches) const {
+  uint32_t groups = 0;
+  if (pcre2_pattern_info(code_, PCRE2_INFO_CAPTURECOUNT, &groups) != 0) {
+    return absl::InternalError("regex: cannot read the capture group count");
+  }
+  return ForEachMatch(text, [matches, groups](const PCRE2_SIZE* ovector, uint32_t pairs) {
+    std::vector<Match>& m = matches->emplace_back();
+    for (uint32_t k = 0; k <= groups; ++k) {
+      // PCRE2_UNSET (~0) marks a group that did not take part, as does one past `pairs`.
+      if (k < pairs && ovector[2 * k] != PCRE2_UNSET) {
+        m.emplace_back(ovector[2 * k], ovector[2 * k + 1]);
+      } else {
+        m.emplace_back(std::string_view::npos, std::string_view::npos);
+      }
+    }
+  });
 }
 
 }  // namespace lorc::tokenizer_internal

@@ -1,4 +1,5 @@
-// Tokenizer internals: PCRE2 regexes with the semantics HF tokenizers gets from Oniguruma.
+// Tokenizer internals: PCRE2 regexes with the semantics HF tokenizers gets from Oniguruma. Also
+// the project's one regex wrapper elsewhere (eval/multi_turn.cc, tests): no std::regex.
 #pragma once
 
 #include <cstddef>
@@ -45,7 +46,16 @@ class Regex {
   // Thread-safe.
   absl::Status FindAll(std::string_view text, std::vector<Match>* matches) const;
 
+  // FindAll with the capture groups: per match, element 0 is the whole match and element k
+  // capture group k ({npos, npos} for a group that took no part in the match). Thread-safe.
+  absl::Status FindAllGroups(std::string_view text, std::vector<std::vector<Match>>* matches) const;
+
  private:
+  // The FindAll iteration; calls on_match(ovector, pairs) for each match (pairs: the whole
+  // match, then the groups).
+  template <typename OnMatch>
+  absl::Status ForEachMatch(std::string_view text, OnMatch on_match) const;
+
   static absl::StatusOr<std::unique_ptr<Regex>> Compile(std::string_view pattern, uint32_t options,
                                                         std::string_view what);
   explicit Regex(pcre2_real_code_8* code) : code_(code) {}

@@ -3,8 +3,8 @@
 #include <chrono>
 #include <cstdio>
 #include <string>
-#include <string_view>
 
+#include "backend/backend.h"
 #include "common/status_macros.h"
 #include "kvstore/kv_spec.h"
 #include "model/safetensors.h"
@@ -20,7 +20,7 @@ absl::StatusOr<LoadedModel> LoadModel(const ModelSource& source, Backend* backen
   ASSIGN_OR_RETURN(m.config, LoadModelConfig(source.dir));
   ASSIGN_OR_RETURN(ShardLayout shard,
                    ShardLayout::Make(m.config, tp_rank, tp_size, source.shard_lm_head,
-                                     /*cuda=*/std::string_view(backend->name()) == "cuda"));
+                                     /*cuda=*/IsBackendKind(backend->name(), BackendKind::kCuda)));
   // Progress lines (one per checkpoint file, or one for random weights) on stderr, by the worker
   // process and the in-process CLI alike; each rank prints its own.
   const WeightsProgress progress = [tp_rank, tp_size](const std::string& line) {

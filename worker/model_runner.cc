@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <string_view>
 #include <utility>
 
 #include "absl/container/flat_hash_set.h"
@@ -548,7 +547,7 @@ absl::StatusOr<StepOutput> ModelRunner::Execute(absl::Span<const SequenceStep> s
 }
 
 absl::Status ModelRunner::SetLayerInputObserver(LayerInputObserver observer) {
-  if (observer && std::string_view(backend_->name()) != "cpu") {
+  if (observer && !IsBackendKind(backend_->name(), BackendKind::kCpu)) {
     return absl::FailedPreconditionError("SetLayerInputObserver: needs the CPU backend");
   }
   layer_input_observer_ = std::move(observer);

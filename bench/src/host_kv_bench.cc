@@ -21,7 +21,7 @@ namespace lorc {
 namespace {
 
 int Main(int argc, char** argv) {
-  const std::string kind = argc > 1 ? argv[1] : "cuda";
+  const std::string kind = argc > 1 ? argv[1] : BackendKindName(BackendKind::kCuda);
   const int reps = argc > 2 ? std::max(1, std::atoi(argv[2])) : 10;
   BackendOptions bo;
   auto k = ParseBackendKind(kind);

@@ -10,8 +10,11 @@ are exact. Ids the file does not name read `token_id:N` (vLLM's form).
 import json
 
 
-def _byte_level_decoder():
-    """GPT-2's bytes_to_unicode, inverted: vocabulary character -> byte."""
+def bytes_to_unicode():
+    """GPT-2's bytes_to_unicode: byte (0..255) -> the character byte-level BPE vocabularies
+    (GPT-2, Llama-3: `ByteLevel`) spell it with, in GPT-2's order: the printable bytes stand for
+    themselves, the other 68 take U+0100 on. The one copy of the table: fuzz/make_corpus.py builds
+    its seed tokenizers' alphabet from it (it imports only the standard library)."""
     bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
           + list(range(ord("®"), ord("ÿ") + 1)))
     cs = bs[:]
@@ -21,7 +24,12 @@ def _byte_level_decoder():
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+def _byte_level_decoder():
+    """bytes_to_unicode inverted: vocabulary character -> byte."""
+    return {c: b for b, c in bytes_to_unicode().items()}
 
 
 class Vocab:

@@ -538,6 +538,27 @@ TEST(BackendFactoryTest, CpuBackendIsAvailable) {
   EXPECT_FALSE((*b)->Describe().empty());
 }
 
+TEST(BackendKindTest, NamesParseBackCaseInsensitivelyAndNothingElseDoes) {
+  using ::lorc::testing::StatusIs;
+  using ::testing::HasSubstr;
+  for (BackendKind kind : {BackendKind::kCpu, BackendKind::kCuda}) {
+    ASSERT_OK_AND_ASSIGN(const BackendKind parsed, ParseBackendKind(BackendKindName(kind)));
+    EXPECT_EQ(parsed, kind);
+  }
+  EXPECT_STREQ(BackendKindName(BackendKind::kCuda), "cuda");
+  ASSERT_OK_AND_ASSIGN(const BackendKind upper, ParseBackendKind("CUDA"));
+  EXPECT_EQ(upper, BackendKind::kCuda);
+  EXPECT_THAT(ParseBackendKind("gpu"),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("unknown backend 'gpu' (expected cpu or cuda)")));
+  EXPECT_TRUE(IsBackendKind("cuda", BackendKind::kCuda));
+  EXPECT_TRUE(IsBackendKind("Cuda", BackendKind::kCuda));
+  EXPECT_FALSE(IsBackendKind("cpu", BackendKind::kCuda));
+  EXPECT_TRUE(IsBackendKind("cpu", BackendKind::kCpu));
+  EXPECT_FALSE(IsBackendKind("cuda0", BackendKind::kCuda));
+  EXPECT_FALSE(IsBackendKind("", BackendKind::kCpu));
+}
+
 }  // namespace
 }  // namespace backend_test
 }  // namespace lorc

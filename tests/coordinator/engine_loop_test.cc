@@ -12,6 +12,7 @@
 #include "common/json_util.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/testing/fixture_model.h"
 #include "tests/testing/fixtures.h"
 #include "tests/testing/http_get.h"
 #include "tests/testing/golden.h"
@@ -59,19 +60,13 @@ std::vector<RequestUpdate> FirstUpdates(RequestChannel& ch) {
   return {};
 }
 
-class EngineLoopTest : public ::testing::Test {
+class EngineLoopTest : public ::lorc::testing::FixtureModelTest<> {
  protected:
   void SetUp() override {
-    REQUIRE_TINY_LLAMA();
-    auto b = CreateBackend({});
-    ASSERT_OK(b);
-    backend_ = *std::move(b);
+    ASSERT_NO_FATAL_FAILURE(FixtureModelTest::SetUp());
     KvCacheOptions kv;
     kv.num_blocks = 256;
-    auto m = LoadModel({::lorc::testing::TinyLlamaDir()}, backend_.get(), 0, 1, nullptr, kv);
-    ASSERT_OK(m);
-    model_ = *std::move(m);
-    exec_ = std::make_unique<StepExecutor>(model_.runner.get());
+    ASSERT_OK(LoadFixtureModel(kv));
     for (const ::lorc::testing::Golden& g : ::lorc::testing::GoldenPrompts()) {
       prompts_.push_back(g.prompt_ids);
       greedy_.push_back(g.greedy_ids);
@@ -90,9 +85,6 @@ class EngineLoopTest : public ::testing::Test {
     return r;
   }
 
-  std::unique_ptr<Backend> backend_;
-  LoadedModel model_;
-  std::unique_ptr<StepExecutor> exec_;
   std::vector<std::vector<int32_t>> prompts_, greedy_;
   std::unique_ptr<EngineLoop> loop_;
 };
@@ -213,10 +205,8 @@ TEST_F(EngineLoopTest, MetricsCountEveryTokenAndKeepCountingOverANewLoop) {
   loop_.reset();
   KvCacheOptions kv;
   kv.num_blocks = 256;
-  auto fresh = LoadModel({::lorc::testing::TinyLlamaDir()}, backend_.get(), 0, 1, nullptr, kv);
-  ASSERT_OK(fresh);
-  StepExecutor fresh_exec(fresh->runner.get());
-  loop_ = make_loop(&fresh_exec, *fresh);
+  ASSERT_OK(LoadFixtureModel(kv));
+  loop_ = make_loop(exec_.get(), model_);
   auto ch = std::make_shared<RequestChannel>();
   loop_->Submit(3, Greedy(2, 5), ch);
   Collected c = Drain(*ch);

@@ -9,6 +9,7 @@
 #include "eval/eval.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/testing/fixture_model.h"
 #include "tests/testing/fixtures.h"
 #include "tests/testing/golden.h"
 #include "tests/testing/run_lorcserve.h"
@@ -46,22 +47,18 @@ fs::path LorcDir() {
   return dir;
 }
 
-class EnginePrefixCacheTest : public ::testing::TestWithParam<Format> {
+class EnginePrefixCacheTest
+    : public ::lorc::testing::FixtureModelTest<::testing::TestWithParam<Format>> {
  protected:
   void SetUp() override {
-    REQUIRE_TINY_LLAMA();
-    auto b = CreateBackend({});
-    ASSERT_OK(b);
-    backend_ = *std::move(b);
+    ASSERT_NO_FATAL_FAILURE(FixtureModelTest::SetUp());
     const std::string dir = GetParam().lorc ? LorcDir().string() : ::lorc::testing::TinyLlamaDir();
     ASSERT_FALSE(dir.empty());
     KvCacheOptions kv;
     kv.block_size = 16;
     kv.num_blocks = 512;
     kv.kv_cache_dtype = GetParam().dtype;
-    auto m = LoadModel({dir}, backend_.get(), 0, 1, nullptr, kv);
-    ASSERT_OK(m.status());
-    model_ = *std::move(m);
+    ASSERT_OK(LoadFixtureModel(kv, dir));
     // A shared context (the golden prompts one after another, ~90 tokens) and four questions.
     const auto& golden = ::lorc::testing::GoldenPrompts();
     for (const auto& g : golden) shared_.insert(shared_.end(), g.prompt_ids.begin(), g.prompt_ids.end());
@@ -98,9 +95,6 @@ class EnginePrefixCacheTest : public ::testing::TestWithParam<Format> {
     }
     return out;
   }
-
-  std::unique_ptr<Backend> backend_;
-  LoadedModel model_;
 
   std::vector<std::unique_ptr<StepExecutor>> execs_;
   std::vector<int32_t> shared_;
@@ -324,17 +318,14 @@ class FailingRunner : public StepRunner {
   int ok_;
 };
 
-TEST(EnginePrefixCacheResetTest, ARunnerFailureDropsTheIndexAndTheSessions) {
-  REQUIRE_TINY_LLAMA();
-  auto b = CreateBackend({});
-  ASSERT_OK(b);
+using EnginePrefixCacheResetTest = ::lorc::testing::FixtureModelTest<>;
+
+TEST_F(EnginePrefixCacheResetTest, ARunnerFailureDropsTheIndexAndTheSessions) {
   KvCacheOptions kv;
   kv.num_blocks = 64;
-  auto m = LoadModel({::lorc::testing::TinyLlamaDir()}, b->get(), 0, 1, nullptr, kv);
-  ASSERT_OK(m.status());
-  StepExecutor exec(m->runner.get());
-  FailingRunner runner(&exec, 1000);
-  auto e = Engine::Create(&runner, m->config, m->runner->kv_spec(), nullptr, {});
+  ASSERT_OK(LoadFixtureModel(kv));
+  FailingRunner runner(exec_.get(), 1000);
+  auto e = Engine::Create(&runner, model_.config, model_.runner->kv_spec(), nullptr, {});
   ASSERT_OK(e);
   Engine& engine = **e;
   GenerationRequest r;
@@ -348,7 +339,7 @@ TEST(EnginePrefixCacheResetTest, ARunnerFailureDropsTheIndexAndTheSessions) {
   ASSERT_OK((*first)[0].status);
   EXPECT_GT(engine.scheduler().prefix_cache_report().cached_blocks, 0);
   EXPECT_EQ(engine.scheduler().prefix_cache_report().sessions, 1);
-  runner = FailingRunner(&exec, 0);
+  runner = FailingRunner(exec_.get(), 0);
   EXPECT_THAT(engine.Generate({r}).status(), StatusIs(absl::StatusCode::kUnavailable));
   EXPECT_EQ(engine.scheduler().prefix_cache_report().cached_blocks, 0);
   EXPECT_EQ(engine.scheduler().prefix_cache_report().sessions, 0);

@@ -9,6 +9,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "eval/eval.h"
+#include "tests/testing/fixture_model.h"
 #include "tests/testing/fixtures.h"
 #include "tests/testing/golden.h"
 #include "tests/testing/status_matchers.h"
@@ -22,13 +23,10 @@ namespace {
 using ::lorc::testing::StatusIs;
 using ::testing::HasSubstr;
 
-class EngineTest : public ::testing::Test {
+class EngineTest : public ::lorc::testing::FixtureModelTest<> {
  protected:
   void SetUp() override {
-    REQUIRE_TINY_LLAMA();
-    auto b = CreateBackend({});
-    ASSERT_OK(b);
-    backend_ = *std::move(b);
+    ASSERT_NO_FATAL_FAILURE(FixtureModelTest::SetUp());
     auto tok = Tokenizer::FromModelDir(::lorc::testing::TinyLlamaDir());
     ASSERT_OK(tok);
     tokenizer_ = *std::move(tok);
@@ -43,10 +41,7 @@ class EngineTest : public ::testing::Test {
     KvCacheOptions kv;
     kv.block_size = 16;
     kv.num_blocks = num_blocks;
-    auto m = LoadModel({::lorc::testing::TinyLlamaDir()}, backend_.get(), 0, 1, nullptr, kv);
-    CHECK_OK(m.status());
-    model_ = *std::move(m);
-    exec_ = std::make_unique<StepExecutor>(model_.runner.get());
+    CHECK_OK(LoadFixtureModel(kv));
   }
 
   std::unique_ptr<Engine> MakeEngine(EngineOptions eo = {}) {
@@ -61,10 +56,7 @@ class EngineTest : public ::testing::Test {
     return r;
   }
 
-  std::unique_ptr<Backend> backend_;
   std::unique_ptr<Tokenizer> tokenizer_;
-  LoadedModel model_;
-  std::unique_ptr<StepExecutor> exec_;
   std::vector<std::vector<int32_t>> prompts_, greedy_;
   std::vector<std::string> greedy_text_;
 };

@@ -8,8 +8,10 @@
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/testing/fixture_model.h"
 #include "tests/testing/fixtures.h"
 #include "tests/testing/status_matchers.h"
+#include "tokenizer/tokenizer.h"
 #include "worker/model_loader.h"
 #include "worker/step_executor.h"
 
@@ -25,25 +27,16 @@ std::string WriteTemp(const std::string& name, const std::string& text) {
   return path;
 }
 
-class EvalTest : public ::testing::Test {
+class EvalTest : public ::lorc::testing::FixtureModelTest<> {
  protected:
   void SetUp() override {
-    REQUIRE_TINY_LLAMA();
-    auto b = CreateBackend({});
-    ASSERT_OK(b);
-    backend_ = *std::move(b);
-    auto m = LoadModel({::lorc::testing::TinyLlamaDir()}, backend_.get(), 0, 1, nullptr, {});
-    ASSERT_OK(m);
-    model_ = *std::move(m);
-    exec_ = std::make_unique<StepExecutor>(model_.runner.get());
+    ASSERT_NO_FATAL_FAILURE(FixtureModelTest::SetUp());
+    ASSERT_OK(LoadFixtureModel({}));
     auto engine = Engine::Create(exec_.get(), model_.config, model_.runner->kv_spec(), nullptr,
                                  EngineOptions());
     ASSERT_OK(engine);
     engine_ = *std::move(engine);
   }
-  std::unique_ptr<Backend> backend_;
-  LoadedModel model_;
-  std::unique_ptr<StepExecutor> exec_;
   std::unique_ptr<Engine> engine_;
 };
 
@@ -90,6 +83,22 @@ TEST_F(EvalTest, BadFilesNameTheFileAndLine) {
               StatusIs(absl::StatusCode::kInvalidArgument,
                        HasSubstr("lorc_eval_passkey.jsonl:1: needs integer 'filler_tokens'")));
   EXPECT_EQ(engine_->scheduler().num_free_blocks(), model_.runner->kv_spec().num_blocks);
+}
+
+// Fact names are ASCII words ([A-Za-z0-9_]+, std::regex's \w as the check was first written):
+// "Zoë" and a key that is not all digits are no facts, so three of the five count.
+TEST_F(EvalTest, MultiTurnFactsAreAsciiNamesWithDigitKeys) {
+  auto tok = Tokenizer::FromModelDir(::lorc::testing::TinyLlamaDir());
+  ASSERT_OK(tok);
+  const std::string path = WriteTemp(
+      "lorc_eval_multi_turn.jsonl",
+      R"({"filler_tokens": 8, "prompt_ids": [0, 5], "prompt": "The pass key of Ann is 11. )"
+      R"(The pass key of Bob_2 is 22. The pass key of Zo\u00eb is 33. The pass key of Cy is 4x. )"
+      R"(The pass key of Dee is 55.\nQuestion: what is it?"})"
+      "\n");
+  EXPECT_THAT(EvalMultiTurnPasskey(*engine_, **tok, path, 8, 0),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("lorc_eval_multi_turn.jsonl:1: 3 pass-key facts in the context, want 4")));
 }
 
 }  // namespace

@@ -2,7 +2,6 @@
 // alerts use them), updates as seen in the exposition, the structured log lines (parsed back),
 // the /metrics HTTP endpoint, and the dashboard's PromQL naming only metrics that exist.
 #include <fstream>
-#include <regex>
 #include <set>
 #include <sstream>
 
@@ -14,6 +13,8 @@
 #include "metrics/serving_metrics.h"
 #include "nlohmann/json.hpp"
 #include "tests/testing/http_get.h"
+#include "tests/testing/status_matchers.h"
+#include "tokenizer/tokenizer_regex.h"
 
 namespace lorc {
 namespace {
@@ -341,12 +342,16 @@ TEST(GrafanaDashboardTest, ParsesAndQueriesOnlyExposedMetrics) {
   ServingMetrics m;
   const std::vector<std::string> names = m.SampleNames();
   const std::set<std::string> exposed(names.begin(), names.end());
-  const std::regex metric(R"(lorcserve_[a-z0-9_]+)");
+  ASSERT_OK_AND_ASSIGN(const std::unique_ptr<tokenizer_internal::Regex> metric,
+                       tokenizer_internal::Regex::FromOniguruma("lorcserve_[a-z0-9_]+", "metric"));
   std::set<std::string> used;
   for (const std::string& e : exprs) {
-    for (auto it = std::sregex_iterator(e.begin(), e.end(), metric); it != std::sregex_iterator(); ++it) {
-      used.insert(it->str());
-      EXPECT_TRUE(exposed.contains(it->str())) << it->str() << " (in `" << e << "`) is not exposed";
+    std::vector<tokenizer_internal::Regex::Match> names_in_e;
+    ASSERT_OK(metric->FindAll(e, &names_in_e));
+    for (const auto& [begin, end] : names_in_e) {
+      const std::string name = e.substr(begin, end - begin);
+      used.insert(name);
+      EXPECT_TRUE(exposed.contains(name)) << name << " (in `" << e << "`) is not exposed";
     }
   }
   // The panels the issue asks for: request outcomes, TTFT / ITL / e2e quantiles, KV usage,

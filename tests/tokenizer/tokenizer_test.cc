@@ -2,7 +2,6 @@
 
 #include <filesystem>
 #include <fstream>
-#include <regex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -94,18 +93,19 @@ TEST(TokenizerFixtureTest, Llama3StyleMatchesAllSharedCases) {
 // (the GPT-2 regex makes ".)" or ".." one pre-token); encoding each part on its own reproduces
 // prompt_ids exactly.
 std::vector<std::string> PasskeySegments(const std::string& prompt) {
-  static const std::regex kFact(R"( The pass key of \S+ is [0-9]+\.)");
+  static const tokenizer_internal::Regex* const kFact =
+      tokenizer_internal::Regex::FromOniguruma(R"( The pass key of \S+ is [0-9]+\.)", "fact")
+          ->release();
   const size_t question = prompt.rfind("\nQuestion:");
   const std::string body = prompt.substr(0, question);
+  std::vector<tokenizer_internal::Regex::Match> facts;
+  EXPECT_OK(kFact->FindAll(body, &facts));
   std::vector<std::string> segments;
   size_t pos = 0;
-  for (auto it = std::sregex_iterator(body.begin(), body.end(), kFact);
-       it != std::sregex_iterator(); ++it) {
-    if (static_cast<size_t>(it->position()) > pos) {
-      segments.push_back(body.substr(pos, it->position() - pos));
-    }
-    segments.push_back(it->str());
-    pos = it->position() + it->length();
+  for (const auto& [begin, end] : facts) {
+    if (begin > pos) segments.push_back(body.substr(pos, begin - pos));
+    segments.push_back(body.substr(begin, end - begin));
+    pos = end;
   }
   if (pos < body.size()) segments.push_back(body.substr(pos));
   segments.push_back(prompt.substr(question));
@@ -624,6 +624,22 @@ TEST(TokenizerRegexTest, TranslatesOnigurumaClasses) {
             R"(\\s\p{N}{1,3})");
   EXPECT_THAT(tokenizer_internal::TranslateOnigurumaPattern("[a[b]]"),
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("nested")));
+}
+
+TEST(TokenizerRegexTest, FindAllGroupsGivesEachMatchsCaptureGroups) {
+  auto re = tokenizer_internal::Regex::FromOniguruma(R"((a)|(b)(c)?)", "test");
+  ASSERT_OK(re);
+  constexpr size_t kUnset = std::string_view::npos;
+  using M = tokenizer_internal::Regex::Match;
+  std::vector<std::vector<M>> got;
+  ASSERT_OK((*re)->FindAllGroups("xabcb", &got));
+  // Whole match first; a group that took no part is {npos, npos}.
+  EXPECT_THAT(got, ElementsAre(ElementsAre(M{1, 2}, M{1, 2}, M{kUnset, kUnset}, M{kUnset, kUnset}),
+                               ElementsAre(M{2, 4}, M{kUnset, kUnset}, M{2, 3}, M{3, 4}),
+                               ElementsAre(M{4, 5}, M{kUnset, kUnset}, M{4, 5}, M{kUnset, kUnset})));
+  std::vector<M> whole;
+  ASSERT_OK((*re)->FindAll("xabcb", &whole));
+  EXPECT_THAT(whole, ElementsAre(M{1, 2}, M{2, 4}, M{4, 5}));
 }
 
 TEST(TokenizerRegexTest, MongolianVowelSeparatorIsNotWhitespace) {

@@ -16,6 +16,7 @@
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/testing/fixture_model.h"
 #include "tests/testing/fixtures.h"
 #include "tests/testing/golden.h"
 #include "tests/testing/status_matchers.h"
@@ -79,8 +80,10 @@ inline ScheduledSequence Decode(int64_t id, int64_t computed) {
   return s;
 }
 
-class HostKvStepTest : public ::testing::TestWithParam<DtypeCase> {
+class HostKvStepTest
+    : public ::lorc::testing::FixtureModelTest<::testing::TestWithParam<DtypeCase>> {
  protected:
+  // The binary's backend (HostKvStepBackend), not the base's CPU one.
   void SetUp() override {
     REQUIRE_TINY_LLAMA();
     BackendOptions bo;
@@ -105,10 +108,7 @@ class HostKvStepTest : public ::testing::TestWithParam<DtypeCase> {
     kv.kv_offloading_bytes = host_bytes;
     kv.max_num_seqs = 4;  // few decode graphs to capture on CUDA
     kv.max_num_batched_tokens = 128;
-    auto m = LoadModel({::lorc::testing::TinyLlamaDir()}, backend_.get(), 0, 1, nullptr, kv);
-    ASSERT_OK(m);
-    model_ = *std::move(m);
-    exec_ = std::make_unique<StepExecutor>(model_.runner.get());
+    ASSERT_OK(LoadFixtureModel(kv));
   }
 
   // Blocks `blocks`' bytes, every layer, K then V (copied out of backend memory).
@@ -138,10 +138,6 @@ class HostKvStepTest : public ::testing::TestWithParam<DtypeCase> {
     ADD_FAILURE() << "no token for " << id;
     return -1;
   }
-
-  std::unique_ptr<Backend> backend_;
-  LoadedModel model_;
-  std::unique_ptr<StepExecutor> exec_;
 };
 
 TEST_P(HostKvStepTest, OffloadedBlocksComeBackBitExactAndDecodeTheSameTokens) {
@@ -290,7 +286,7 @@ TEST_P(HostKvStepTest, ATierTooSmallForOneBlockNamesTheFlag) {
   kv.num_blocks = 8;
   kv.kv_cache_dtype = GetParam().dtype;
   kv.kv_offloading_bytes = 1000;
-  EXPECT_THAT(LoadModel({::lorc::testing::TinyLlamaDir()}, backend_.get(), 0, 1, nullptr, kv).status(),
+  EXPECT_THAT(LoadFixtureModel(kv),
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("--kv-offloading-size")));
 }
 

@@ -11,6 +11,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "eval/eval.h"
+#include "tests/testing/fixture_model.h"
 #include "tests/testing/fixtures.h"
 #include "tests/testing/golden.h"
 #include "tests/testing/status_matchers.h"
@@ -26,19 +27,14 @@ using ::lorc::testing::GoldenPrompts;
 using ::lorc::testing::StatusIs;
 using ::testing::HasSubstr;
 
-class TinyLlamaTest : public ::testing::Test {
+class TinyLlamaTest : public ::lorc::testing::FixtureModelTest<> {
  protected:
   void SetUp() override {
-    REQUIRE_TINY_LLAMA();
-    auto b = CreateBackend({});
-    ASSERT_OK(b);
-    backend_ = *std::move(b);
+    ASSERT_NO_FATAL_FAILURE(FixtureModelTest::SetUp());
     KvCacheOptions kv;
     kv.block_size = 16;
     kv.memory_bytes = 64ll << 20;
-    auto m = LoadModel({::lorc::testing::TinyLlamaDir()}, backend_.get(), 0, 1, nullptr, kv);
-    ASSERT_OK(m);
-    model_ = *std::move(m);
+    ASSERT_OK(LoadFixtureModel(kv));
   }
 
   // Runs a whole prompt as one sequence (optionally in chunks) and returns the last logits.
@@ -61,9 +57,6 @@ class TinyLlamaTest : public ::testing::Test {
     }
     return last;
   }
-
-  std::unique_ptr<Backend> backend_;
-  LoadedModel model_;
 };
 
 TEST_F(TinyLlamaTest, LastPositionTop20LogitsMatchReference) {
@@ -88,8 +81,7 @@ TEST_F(TinyLlamaTest, ChunkedPrefillMatchesSinglePass) {
 
 TEST_F(TinyLlamaTest, Greedy48TokensMatchReferenceBatchedAndAlone) {
   const std::vector<Golden> golden = GoldenPrompts();
-  StepExecutor exec(model_.runner.get());
-  auto engine_or = Engine::Create(&exec, model_.config, model_.runner->kv_spec(), nullptr, {});
+  auto engine_or = Engine::Create(exec_.get(), model_.config, model_.runner->kv_spec(), nullptr, {});
   CHECK_OK(engine_or.status());
   Engine& engine = **engine_or;
   std::vector<GenerationRequest> reqs;
@@ -133,16 +125,15 @@ TEST_F(TinyLlamaTest, RejectsMalformedSteps) {
 
 // Steps over the fixed step buffers' limits fail with InvalidArgument naming the limit; a model
 // with small limits still computes steps within them.
-TEST(StepLimitsTest, ExecuteRejectsStepsOverTheLimits) {
-  REQUIRE_TINY_LLAMA();
-  auto backend = CreateBackend({});
-  ASSERT_OK(backend);
+using StepLimitsTest = ::lorc::testing::FixtureModelTest<>;
+
+TEST_F(StepLimitsTest, ExecuteRejectsStepsOverTheLimits) {
   KvCacheOptions kv;
   kv.memory_bytes = 16ll << 20;
   kv.max_num_seqs = 2;
   kv.max_num_batched_tokens = 8;
   kv.max_model_len = 64;
-  auto m = LoadModel({::lorc::testing::TinyLlamaDir()}, backend->get(), 0, 1, nullptr, kv);
+  auto m = LoadModel({::lorc::testing::TinyLlamaDir()}, backend_.get(), 0, 1, nullptr, kv);
   ASSERT_OK(m);
   ModelRunner& runner = *m->runner;
   auto seq = [](int64_t id, int n, int32_t first_block) {
@@ -165,7 +156,7 @@ TEST(StepLimitsTest, ExecuteRejectsStepsOverTheLimits) {
 
   // 8 logit rows with max_num_seqs 2: four LM-head passes, rows in step order, the same
   // logits as a runner with the default limits.
-  auto ref = LoadModel({::lorc::testing::TinyLlamaDir()}, backend->get(), 0, 1, nullptr, {});
+  auto ref = LoadModel({::lorc::testing::TinyLlamaDir()}, backend_.get(), 0, 1, nullptr, {});
   ASSERT_OK(ref);
   SequenceStep all = seq(1, 8, 0);
   all.tokens = {1, 17, 400, 9, 3000, 5, 5, 77};
@@ -179,7 +170,7 @@ TEST(StepLimitsTest, ExecuteRejectsStepsOverTheLimits) {
   for (size_t i = 0; i < got->logits.size(); ++i) ASSERT_NEAR(got->logits[i], want->logits[i], 1e-4) << i;
 
   kv.max_model_len = 1 << 20;  // beyond the model's 4096-token context
-  EXPECT_THAT(LoadModel({::lorc::testing::TinyLlamaDir()}, backend->get(), 0, 1, nullptr, kv),
+  EXPECT_THAT(LoadModel({::lorc::testing::TinyLlamaDir()}, backend_.get(), 0, 1, nullptr, kv),
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("max_model_len")));
 }
 
@@ -194,8 +185,7 @@ TEST_F(TinyLlamaTest, StepBuffersKeepTheirAddressesAcrossStepSizes) {
   EXPECT_EQ(model_.runner->StepBufferAddresses(), before);
   for (size_t i = 0; i < whole.size(); ++i) ASSERT_NEAR(chunked[i], whole[i], 1e-3);
   // Every row's logits (scoring: prompt log-probabilities) go through the same buffers.
-  StepExecutor exec(model_.runner.get());
-  auto created = Engine::Create(&exec, model_.config, model_.runner->kv_spec(), nullptr, {});
+  auto created = Engine::Create(exec_.get(), model_.config, model_.runner->kv_spec(), nullptr, {});
   ASSERT_OK(created);
   Engine& engine = **created;
   ASSERT_OK(ScorePromptNll(engine, absl::MakeConstSpan(prompt).subspan(0, prompt.size() - 1),
@@ -211,16 +201,15 @@ TEST_F(TinyLlamaTest, KvSpecComesFromKvstore) {
   EXPECT_EQ(spec.CompressionName(), "none");
 }
 
-TEST(KvCacheSizingTest, GpuMemoryUtilizationSizesFromMemoryInfo) {
-  REQUIRE_TINY_LLAMA();
-  auto backend = CreateBackend({});
-  ASSERT_OK(backend);
+using KvCacheSizingTest = ::lorc::testing::FixtureModelTest<>;
+
+TEST_F(KvCacheSizingTest, GpuMemoryUtilizationSizesFromMemoryInfo) {
   KvCacheOptions kv;
   kv.gpu_memory_utilization = 1e-12;  // less than what is already in use
-  EXPECT_THAT(LoadModel({::lorc::testing::TinyLlamaDir()}, backend->get(), 0, 1, nullptr, kv),
+  EXPECT_THAT(LoadModel({::lorc::testing::TinyLlamaDir()}, backend_.get(), 0, 1, nullptr, kv),
               StatusIs(absl::StatusCode::kResourceExhausted, HasSubstr("gpu_memory_utilization")));
   kv.gpu_memory_utilization = 1.5;
-  EXPECT_THAT(LoadModel({::lorc::testing::TinyLlamaDir()}, backend->get(), 0, 1, nullptr, kv),
+  EXPECT_THAT(LoadModel({::lorc::testing::TinyLlamaDir()}, backend_.get(), 0, 1, nullptr, kv),
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("gpu_memory_utilization")));
 }
 

@@ -12,6 +12,7 @@
 #include "absl/container/flat_hash_map.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/testing/fixture_model.h"
 #include "tests/testing/fixtures.h"
 #include "tests/testing/golden.h"
 #include "tests/testing/status_matchers.h"
@@ -126,17 +127,11 @@ KvCacheOptions SmallCache() {
   return kv;
 }
 
-class StepExecutorTest : public ::testing::Test {
+class StepExecutorTest : public ::lorc::testing::FixtureModelTest<> {
  protected:
   void SetUp() override {
-    REQUIRE_TINY_LLAMA();
-    auto b = CreateBackend({});
-    ASSERT_OK(b);
-    backend_ = *std::move(b);
-    auto m = LoadModel({::lorc::testing::TinyLlamaDir()}, backend_.get(), 0, 1, nullptr, SmallCache());
-    ASSERT_OK(m);
-    model_ = *std::move(m);
-    exec_ = std::make_unique<StepExecutor>(model_.runner.get());
+    ASSERT_NO_FATAL_FAILURE(FixtureModelTest::SetUp());
+    ASSERT_OK(LoadFixtureModel(SmallCache()));
     prompt_ = GoldenPrompts()[1].prompt_ids;  // 12 tokens: the last block is shared, partly full
     greedy_ = GoldenPrompts()[1].greedy_ids;
   }
@@ -159,9 +154,6 @@ class StepExecutorTest : public ::testing::Test {
     return {t.begin() + static_cast<ptrdiff_t>(std::min(t.size(), prompt_.size())), t.end()};
   }
 
-  std::unique_ptr<Backend> backend_;
-  LoadedModel model_;
-  std::unique_ptr<StepExecutor> exec_;
   std::vector<int32_t> prompt_, greedy_;
 };
 

@@ -70,6 +70,12 @@ std::vector<FlagSpec> KvCacheFlags() {
        absl::StrCat("mikv: bits of the low-precision tokens, 4 or 2 (default ",
                     kvpolicy::defaults::kLowBits, ")"),
        "N"},
+      {"kv-policy-prefill", true,
+       absl::StrCat("when the policy first chooses on a prompt: after-prompt (statistics over "
+                    "the prompt's chunks, the first choice after its last one, from its last W "
+                    "queries) or every-chunk (after every step; the budget holds during prefill) "
+                    "(default ", kvpolicy::KvPolicyPrefillName(kvpolicy::defaults::kPrefill), ")"),
+       "M"},
       {"kv-offloading-size", true,
        "host-memory KV tier in GiB for the whole tensor-parallel group, split evenly over the "
        "ranks (vLLM's flag; pinned memory on GPUs; default 0: off)",
@@ -221,9 +227,12 @@ absl::StatusOr<kvpolicy::KvPolicyConfig> ParseKvPolicyFlags(const Args& args) {
   if (args.Has("kv-token-budget")) {
     RETURN_IF_ERROR(kvpolicy::ParseKvTokenBudget(args.Get("kv-token-budget"), &c));
   }
+  if (args.Has("kv-policy-prefill")) {
+    ASSIGN_OR_RETURN(c.prefill, kvpolicy::ParseKvPolicyPrefill(args.Get("kv-policy-prefill")));
+  }
   if (!c.enabled()) {
     for (const char* flag : {"kv-policy-window", "kv-policy-recent", "kv-policy-sinks",
-                             "kv-token-budget", "kv-policy-low-bits"}) {
+                             "kv-token-budget", "kv-policy-low-bits", "kv-policy-prefill"}) {
       if (args.Has(flag)) {
         return absl::InvalidArgumentError(absl::StrCat("--", flag, " needs --kv-policy corm or mikv"));
       }

@@ -618,7 +618,11 @@ StepPlan Scheduler::Schedule() {
     s.computing.emplace_back(plan.step_id, s.num_computed);
     out.sample = s.num_computed == s.num_tokens();
     if (out.sample) s.sample_steps.push_back(plan.step_id);
-    if (!s.seen_by_workers) out.params = s.params;  // first sight; kept across preemptions
+    if (!s.seen_by_workers) {  // first sight; kept across preemptions
+      out.params = s.params;
+      // Only completion 0 keeps blocks for its session (Finish).
+      out.session = !s.session.session_id.empty() && s.parent < 0;
+    }
     s.seen_by_workers = true;
     plan.copies.insert(plan.copies.end(), e.copies.begin(), e.copies.end());
     if (out.sample && !s.child_ids.empty()) Fork(s, plan.step_id, out);

@@ -23,7 +23,8 @@ std::string KvPolicyConfig::Describe() const {
   if (budget_tokens > 0) absl::StrAppend(&s, " budget ", budget_tokens, " tokens");
   if (budget_fraction > 0.0) absl::StrAppend(&s, absl::StrFormat(" budget %g%%", 100.0 * budget_fraction));
   if (!has_budget()) absl::StrAppend(&s, " budget-free");
-  absl::StrAppend(&s, " (w ", window, ", r ", recent, ", sinks ", sinks, ")");
+  absl::StrAppend(&s, " (w ", window, ", r ", recent, ", sinks ", sinks, ", ",
+                  KvPolicyPrefillName(prefill), ")");
   return s;
 }
 
@@ -41,6 +42,17 @@ const char* KvPolicyKindName(KvPolicyKind k) {
     case KvPolicyKind::kMikv: return "mikv";
     default: return "none";
   }
+}
+
+absl::StatusOr<KvPolicyPrefill> ParseKvPolicyPrefill(absl::string_view s) {
+  if (s == "after-prompt") return KvPolicyPrefill::kAfterPrompt;
+  if (s == "every-chunk") return KvPolicyPrefill::kEveryChunk;
+  return absl::InvalidArgumentError(
+      absl::StrCat("--kv-policy-prefill: '", s, "' is not one of after-prompt, every-chunk"));
+}
+
+const char* KvPolicyPrefillName(KvPolicyPrefill p) {
+  return p == KvPolicyPrefill::kEveryChunk ? "every-chunk" : "after-prompt";
 }
 
 absl::Status ParseKvTokenBudget(absl::string_view s, KvPolicyConfig* c) {

@@ -12,6 +12,10 @@
 //                                 tokens: a fraction of the sequence's length ("0.3", "30%") or
 //                                 a count ("512"); absent: budget-free (CORM's w rule).
 //   --kv-policy-low-bits 4|2      MiKV's precision for the unimportant tokens.
+//   --kv-policy-prefill M         when the policy chooses during a prompt: after-prompt (default)
+//                                 gathers statistics over the prompt's chunks and chooses first
+//                                 after its last one (from its last W queries); every-chunk
+//                                 chooses after every step, prompt chunks included.
 #pragma once
 
 #include <cstdint>
@@ -33,6 +37,25 @@ inline constexpr int32_t kLowBits = 4;   // MiKV: int4
 
 enum class KvPolicyKind : uint8_t { kNone, kCorm, kMikv };
 
+// When a policy first chooses on a prompt (kvpolicy/README.md "Prompts: when the choice starts").
+//  kAfterPrompt: steps whose tokens all lie before the prompt's end only record importance; the
+//    first choice follows the step that computes the prompt's last token, so it is made from the
+//    prompt's last `window` queries whatever the chunk size, the same as one-step prefill. The
+//    budget does not hold during the prompt (all of it is kept until its last chunk).
+//  kEveryChunk: the choice follows every step, prompt chunks included: the budget holds during
+//    prefill, but a fact no query of a chunk's last `window` attends to is gone before the
+//    question after it arrives.
+// After the prompt both choose after every (decode) step.
+enum class KvPolicyPrefill : uint8_t { kAfterPrompt, kEveryChunk };
+
+namespace defaults {
+// after-prompt: what the choice keeps does not depend on --max-num-batched-tokens (a throughput
+// knob), and a dropping policy keeps what the prompt's question attends to (docs/KV_POLICIES.md:
+// pass-key and multi-turn, measured both ways). The price: a prompt is held whole until its last
+// chunk (every-chunk bounds it by the budget during prefill).
+inline constexpr KvPolicyPrefill kPrefill = KvPolicyPrefill::kAfterPrompt;
+}  // namespace defaults
+
 struct KvPolicyConfig {
   KvPolicyKind kind = KvPolicyKind::kNone;   // --kv-policy
   int32_t window = defaults::kWindow;        // --kv-policy-window, >= 1
@@ -42,19 +65,29 @@ struct KvPolicyConfig {
   double budget_fraction = 0.0;  // (0, 1]
   int64_t budget_tokens = 0;     // >= 1
   int32_t low_bits = defaults::kLowBits;     // --kv-policy-low-bits: 4 or 2 (mikv only)
+  KvPolicyPrefill prefill = defaults::kPrefill;  // --kv-policy-prefill
 
   bool enabled() const { return kind != KvPolicyKind::kNone; }
   bool has_budget() const { return budget_fraction > 0.0 || budget_tokens > 0; }
   // Full-precision tokens a sequence of `seq_len` tokens may keep per layer and KV head:
   // ceil(fraction * seq_len) or the count; seq_len when budget-free.
   int64_t BudgetFor(int64_t seq_len) const;
-  // "corm", "mikv-int4 budget 30%", ...: for tables and logs.
+  // Whether a step that ends the request's prompt (`prompt_done`) or not is followed by the
+  // choice: always with every-chunk, only when prompt_done with after-prompt.
+  bool ChoosesAfterStep(bool prompt_done) const {
+    return prompt_done || prefill == KvPolicyPrefill::kEveryChunk;
+  }
+  // "corm budget-free (w 32, r 32, sinks 4, after-prompt)", "mikv-int4 budget 30% (...)": for
+  // tables and logs.
   std::string Describe() const;
 };
 
 // "none" / "corm" / "mikv"; InvalidArgument naming --kv-policy otherwise.
 absl::StatusOr<KvPolicyKind> ParseKvPolicyKind(absl::string_view s);
 const char* KvPolicyKindName(KvPolicyKind k);
+// "after-prompt" / "every-chunk"; InvalidArgument naming --kv-policy-prefill otherwise.
+absl::StatusOr<KvPolicyPrefill> ParseKvPolicyPrefill(absl::string_view s);
+const char* KvPolicyPrefillName(KvPolicyPrefill p);
 // Sets budget_fraction or budget_tokens from "0.3", "30%" (fraction in (0, 1]) or "512" (a count
 // >= 1); InvalidArgument naming --kv-token-budget for anything else.
 absl::Status ParseKvTokenBudget(absl::string_view s, KvPolicyConfig* config);

@@ -89,6 +89,7 @@ void SequenceKvPolicy::LoadLow(int layer, int head, int64_t pos, float* k, float
 
 void SequenceKvPolicy::Apply(int layer, int head, absl::Span<const int32_t> kept, const float* k_rows,
                              const float* v_rows) {
+  if (!choose_) return;
   Head& h = heads_[Index(layer, head)];
   SelectVictims(*config_, seq_len_, pinned_, h.state.data(), h.last_hit.data(), &h.victims);
   if (h.victims.empty()) return;
@@ -175,18 +176,26 @@ KvPolicyStore::KvPolicyStore(const KvPolicyConfig& config, std::vector<LayerShap
                              int32_t num_kv_heads)
     : config_(config), layers_(std::move(layers)), num_kv_heads_(num_kv_heads) {}
 
-SequenceKvPolicy* KvPolicyStore::Prepare(int64_t seq_id, int64_t num_computed_tokens, int64_t seq_len) {
+SequenceKvPolicy* KvPolicyStore::Prepare(int64_t seq_id, int64_t num_computed_tokens, int64_t seq_len,
+                                         int64_t prompt_len, bool session) {
   auto it = seqs_.find(seq_id);
   if (it == seqs_.end() || it->second->seq_len() != num_computed_tokens) {
     if (it != seqs_.end()) seqs_.erase(it);
     it = seqs_
-             .emplace(seq_id, std::make_unique<SequenceKvPolicy>(&config_, &layers_, num_kv_heads_,
-                                                                 num_computed_tokens))
+             .emplace(seq_id, std::make_unique<SequenceKvPolicy>(
+                                  &config_, &layers_, num_kv_heads_,
+                                  std::max(num_computed_tokens, session ? prompt_len : 0)))
              .first;
     it->second->Extend(num_computed_tokens);
   }
   it->second->Extend(seq_len);
+  it->second->set_choose(config_.ChoosesAfterStep(seq_len >= prompt_len));
   return it->second.get();
+}
+
+const SequenceKvPolicy* KvPolicyStore::Find(int64_t seq_id) const {
+  auto it = seqs_.find(seq_id);
+  return it == seqs_.end() ? nullptr : it->second.get();
 }
 
 void KvPolicyStore::Release(int64_t seq_id) {

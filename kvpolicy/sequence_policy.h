@@ -71,6 +71,11 @@ class SequenceKvPolicy {
   const KvPolicyConfig& config() const { return *config_; }
   // Positions [seq_len, new_len) become kFull with last_hit = their position.
   void Extend(int64_t new_len);
+  // Whether Apply chooses after this step (KvPolicyConfig::ChoosesAfterStep: with after-prompt,
+  // only once the step reaches the prompt's end; set by KvPolicyStore::Prepare before each
+  // step). When false, attention still records importance (last_hit) and Apply keeps everything.
+  void set_choose(bool choose) { choose_ = choose; }
+  bool choose() const { return choose_; }
 
   const uint8_t* states(int layer, int head) const { return heads_[Index(layer, head)].state.data(); }
   int32_t* last_hit(int layer, int head) { return heads_[Index(layer, head)].last_hit.data(); }
@@ -84,8 +89,8 @@ class SequenceKvPolicy {
                       int64_t head_dim);
   // A kLow entry's key and value (fp32, widths of the layer; keys divided by the balance).
   void LoadLow(int layer, int head, int64_t pos, float* k, float* v) const;
-  // After the step's attention of (layer, head): SelectVictims, then CORM marks the victims
-  // kDead, MiKV quantizes them into low entries (values from k_rows / v_rows: the full-precision
+  // After the step's attention of (layer, head), when choose(): SelectVictims, then CORM marks
+  // the victims kDead, MiKV quantizes them into low entries (values from k_rows / v_rows: the full-precision
   // rows of the `kept` positions, in that order, as attention read them) and marks them kLow.
   void Apply(int layer, int head, absl::Span<const int32_t> kept, const float* k_rows,
              const float* v_rows);
@@ -110,6 +115,7 @@ class SequenceKvPolicy {
   int32_t num_kv_heads_;
   int64_t pinned_;
   int64_t seq_len_ = 0;
+  bool choose_ = true;
   std::vector<Head> heads_;  // [layer][head]
 };
 
@@ -130,8 +136,14 @@ class KvPolicyStore {
   // The state of `seq_id` covering [0, seq_len): made on first sight (or when its length does not
   // continue from num_computed_tokens: a preempted and recomputed request) with the
   // num_computed_tokens already cached pinned (a prefix-cache or session hit, or a fork's shared
-  // blocks), then extended to seq_len.
-  SequenceKvPolicy* Prepare(int64_t seq_id, int64_t num_computed_tokens, int64_t seq_len);
+  // blocks), and for a request of a session (`session`) its whole prompt too (kvpolicy/README.md
+  // "Sessions"); then extended to seq_len. `prompt_len`: the request's prompt tokens (0:
+  // unknown); with --kv-policy-prefill after-prompt the state chooses after this step only when
+  // seq_len >= prompt_len (SequenceKvPolicy::choose).
+  SequenceKvPolicy* Prepare(int64_t seq_id, int64_t num_computed_tokens, int64_t seq_len,
+                            int64_t prompt_len = 0, bool session = false);
+  // The state of a running sequence; null when unknown (tests, reports).
+  const SequenceKvPolicy* Find(int64_t seq_id) const;
   // The request ended or was preempted: its counts go into stats(); unknown ids are ignored.
   void Release(int64_t seq_id);
   const KvPolicyStats& stats() const { return stats_; }

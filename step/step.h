@@ -56,6 +56,12 @@ struct ScheduledSequence {
   // First sight only: the request's sampling options. The worker keeps its sampler (and so a
   // seeded random stream) across preemptions.
   std::optional<SamplingParams> params;
+  // First sight only (read with params, kept across preemptions): the request belongs to a
+  // session (coordinator/scheduler.h "Sessions"), so when it ends its blocks stay pinned, at
+  // full precision, for the conversation's later turns. A token-level KV policy then never
+  // evicts or demotes the request's prompt (kvpolicy/README.md "Sessions": evicting from blocks
+  // the session keeps returns no memory and only costs this turn its accuracy).
+  bool session = false;
   // Parallel sampling (params.n > 1), with `sample` on the step that computes the prompt's last
   // token: the ids of completions 1..n-1. The worker samples one token for this request and one
   // for each child from the same logit row, each child with its own sampler (the params with

@@ -88,6 +88,7 @@ void StepPlanToProto(const StepPlan& plan, lorcserve::internal::StepPlan* out) {
     if (s.params.has_value()) ParamsToProto(*s.params, p->mutable_params());
     p->mutable_fork_child_ids()->Add(s.fork_child_ids.begin(), s.fork_child_ids.end());
     if (s.replace_last_block >= 0) p->set_replace_last_block(s.replace_last_block);
+    p->set_session(s.session);
   }
   for (const BlockCopy& c : plan.copies) {
     auto* p = out->add_copies();
@@ -123,6 +124,7 @@ StepPlan StepPlanFromProto(const lorcserve::internal::StepPlan& p) {
     if (s.has_params()) q.params = ParamsFromProto(s.params());
     q.fork_child_ids.assign(s.fork_child_ids().begin(), s.fork_child_ids().end());
     q.replace_last_block = s.has_replace_last_block() ? s.replace_last_block() : -1;
+    q.session = s.session();
     plan.seqs.push_back(std::move(q));
   }
   for (const auto& c : p.copies()) plan.copies.push_back({c.src(), c.dst()});

@@ -483,8 +483,9 @@ absl::StatusOr<StepOutput> ModelRunner::Execute(absl::Span<const SequenceStep> s
   policy_seqs_.clear();
   if (kv_policy_) {
     for (int32_t i = 0; i < num_seqs; ++i) {
-      policy_seqs_.push_back(kv_policy_->Prepare(steps[i].seq_id, steps[i].num_computed_tokens,
-                                                 seq_lens[i]));
+      const SequenceStep& st = steps[i];
+      policy_seqs_.push_back(kv_policy_->Prepare(st.seq_id, st.num_computed_tokens, seq_lens[i],
+                                                 st.prompt_len, st.session));
     }
   }
 

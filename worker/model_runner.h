@@ -56,6 +56,15 @@ struct SequenceStep {
   int64_t num_computed_tokens = 0;   // tokens already in the cache for this sequence
   std::vector<int32_t> block_table;  // covers num_computed_tokens + tokens.size() tokens
   enum class Logits : uint8_t { kNone, kLast, kAll } logits = Logits::kLast;
+  // For a token-level KV policy (kvpolicy/; StepExecutor fills both). prompt_len: the request's
+  // prompt tokens; with --kv-policy-prefill after-prompt the policy chooses only after steps
+  // that reach it (prompt_done()); 0 (callers without a notion of a prompt): every step does.
+  // session: the request's prompt is pinned (ScheduledSequence::session).
+  int64_t prompt_len = 0;
+  bool session = false;
+  bool prompt_done() const {
+    return num_computed_tokens + static_cast<int64_t>(tokens.size()) >= prompt_len;
+  }
 };
 
 struct StepOutput {

@@ -143,6 +143,10 @@ absl::Status StepExecutor::Prepare(const ScheduledSequence& s,
       st == nullptr ? s.params->prompt_logprobs.has_value() : st->prompt_logprobs >= 0;
   const int64_t prompt_len =
       st == nullptr ? static_cast<int64_t>(s.new_token_ids.size()) : st->prompt_len;
+  // A (re)computed request's prompt is its original prompt: a preempted request's generated
+  // tokens come after it.
+  step->prompt_len = prompt_len;
+  step->session = st == nullptr ? s.session : st->session;
   if (computes_logits && prompt_lp &&
       PromptLogprobRows(prompt_len, s.num_computed_tokens, s.num_scheduled_tokens) > 0) {
     step->logits = SequenceStep::Logits::kAll;
@@ -248,6 +252,7 @@ absl::StatusOr<StepResult> StepExecutor::Execute(const StepPlan& plan) {
     if (s.params.has_value()) {
       st.sampler = std::make_unique<Sampler>(*s.params, runner_->config().eos_token_ids);
       st.prompt_len = static_cast<int64_t>(s.new_token_ids.size());
+      st.session = s.session;
       st.prompt_logprobs = s.params->prompt_logprobs.value_or(-1);
     }
     st.tokens.insert(st.tokens.end(), s.new_token_ids.begin(), s.new_token_ids.end());

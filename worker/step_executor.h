@@ -72,6 +72,7 @@ class StepExecutor final : public StepRunner {
     std::vector<int32_t> block_table;
     int64_t num_computed_tokens = 0;
     int64_t prompt_len = 0;         // tokens given on first sight (a fork: its parent's)
+    bool session = false;           // ScheduledSequence::session on first sight (a fork: false)
     int32_t prompt_logprobs = -1;   // -1: off; N: the prompt tokens' log-probabilities + top N
   };
   // Rows of the chunk whose next token is a prompt token (positions before prompt_len - 1).

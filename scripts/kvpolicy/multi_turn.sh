@@ -5,9 +5,10 @@
 # directory, e.g. the sweep's OUT/models/c*); without it they are skipped.
 #   scripts/kvpolicy/multi_turn.sh --lorcserve build/bin/lorcserve --model models/tiny-llama-a \
 #       --out /tmp/kvpolicy-mt [--lorc-model DIR] [--limit N] [--only REGEX] [--eval-args "ARGS"]
+#       [--configs FILE]   (default: configs.txt here; configs_prefill.txt: the after-prompt rows)
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-bin="" model="" out="" lorc="" limit="" only="" extra=""
+bin="" model="" out="" lorc="" limit="" only="" extra="" configs="$here/configs.txt"
 while (($#)); do
   case "$1" in
     --lorcserve) bin="${2:?}"; shift 2 ;;
@@ -17,6 +18,7 @@ while (($#)); do
     --limit) limit="${2:?}"; shift 2 ;;
     --only) only="${2:?}"; shift 2 ;;
     --eval-args) extra="${2?}"; shift 2 ;;
+    --configs) configs="${2:?}"; shift 2 ;;
     *) echo "multi_turn.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -42,5 +44,5 @@ while IFS='|' read -r name compress eval_args; do
     echo "[$name] failed: $(tail -1 "$out/$name.log")" >&2
     status=1
   fi
-done <"$here/configs.txt"
+done <"$configs"
 exit $status

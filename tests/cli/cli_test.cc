@@ -439,6 +439,9 @@ TEST_F(CliTest, KvPolicyFlagsAreCheckedNamingTheFlag) {
       {{"--kv-policy", "mikv", "--kv-policy-low-bits", "3"}, "--kv-policy-low-bits: 3 is not 4 or 2"},
       {{"--kv-policy", "corm", "--kv-policy-low-bits", "2"}, "--kv-policy-low-bits needs --kv-policy mikv"},
       {{"--kv-token-budget", "0.5"}, "--kv-token-budget needs --kv-policy corm or mikv"},
+      {{"--kv-policy", "corm", "--kv-policy-prefill", "never"},
+       "--kv-policy-prefill: 'never' is not one of after-prompt, every-chunk"},
+      {{"--kv-policy-prefill", "every-chunk"}, "--kv-policy-prefill needs --kv-policy corm or mikv"},
   };
   for (const Case& c : cases) {
     std::vector<std::string> args = {"generate", "--model", Tiny(), "--prompt-ids", "0,1"};
@@ -450,20 +453,22 @@ TEST_F(CliTest, KvPolicyFlagsAreCheckedNamingTheFlag) {
 }
 
 // One window and one prompt per length scored with MiKV at a 30 % budget, prefilled in chunks of
-// 256: the policy ran (30 % of the entries at full precision at the end, the rest int4), the
-// kept bytes are reported, and perplexity stays near the uncompressed one (this window: within
-// 5 %; docs/KV_POLICIES.md has the measured table).
+// 256 and chosen after every chunk (--kv-policy-prefill every-chunk): the policy ran (30 % of
+// the entries at full precision at the end, the rest int4), the kept bytes are reported, and
+// perplexity stays near the uncompressed one (this window: within 5 %; docs/KV_POLICIES.md has
+// the measured table).
 TEST_F(CliTest, EvalWithKvPolicyReportsKeptBytes) {
   const RunResult full = Lorcserve({"eval", "--model", Tiny(), "--limit", "1", "--json",
                                     "--max-num-batched-tokens", "256", "--passkey", "/dev/null"});
   ASSERT_EQ(full.exit_code, 0) << full;
   const RunResult r = Lorcserve({"eval", "--model", Tiny(), "--limit", "1", "--json",
                                  "--max-num-batched-tokens", "256", "--kv-policy", "mikv",
-                                 "--kv-token-budget", "0.3"});
+                                 "--kv-token-budget", "0.3", "--kv-policy-prefill", "every-chunk"});
   ASSERT_EQ(r.exit_code, 0) << r;
   const json j = Json(r);
   EXPECT_EQ(Json(full)["kv_policy"], "none");
   EXPECT_THAT(j["kv_policy"].get<std::string>(), HasSubstr("mikv-int4 budget 30%"));
+  EXPECT_THAT(j["kv_policy"].get<std::string>(), HasSubstr("every-chunk"));
   EXPECT_EQ(j["kv_policy_sequences"], 5);  // 1 window + 4 pass-key prompts
   EXPECT_LE(j["kv_policy_full_fraction"].get<double>(), 0.30 + 0.02);
   EXPECT_GT(j["kv_policy_low_fraction"].get<double>(), 0.5);
@@ -472,6 +477,26 @@ TEST_F(CliTest, EvalWithKvPolicyReportsKeptBytes) {
   const double ppl = j["ppl"].get<double>(), ppl_full = Json(full)["ppl"].get<double>();
   EXPECT_LT(ppl, 1.05 * ppl_full);
   EXPECT_GT(ppl, 0.95 * ppl_full);
+  EXPECT_NE(ppl, ppl_full);  // the window was scored with the policy active
+}
+
+// The default, --kv-policy-prefill after-prompt: a perplexity window is one prompt, so every one
+// of its chunks is scored before the first choice and the perplexity is full KV's exactly (the
+// same keys gathered in the same order); the choice after the last chunk still leaves at most
+// 30 % of the entries at full precision when the sequence ends.
+TEST_F(CliTest, EvalWithKvPolicyAfterPromptScoresTheWindowWithFullKv) {
+  const RunResult full = Lorcserve({"eval", "--model", Tiny(), "--limit", "1", "--json",
+                                    "--max-num-batched-tokens", "256", "--passkey", "/dev/null"});
+  ASSERT_EQ(full.exit_code, 0) << full;
+  const RunResult r = Lorcserve({"eval", "--model", Tiny(), "--limit", "1", "--json",
+                                 "--max-num-batched-tokens", "256", "--kv-policy", "mikv",
+                                 "--kv-token-budget", "0.3", "--passkey", "/dev/null"});
+  ASSERT_EQ(r.exit_code, 0) << r;
+  const json j = Json(r);
+  EXPECT_THAT(j["kv_policy"].get<std::string>(), HasSubstr("after-prompt"));
+  EXPECT_EQ(j["kv_policy_sequences"], 1);
+  EXPECT_LE(j["kv_policy_full_fraction"].get<double>(), 0.30 + 0.02);
+  EXPECT_DOUBLE_EQ(j["ppl"].get<double>(), Json(full)["ppl"].get<double>());
 }
 
 TEST_F(CliTest, ListenAddressesAndIdListsAreChecked) {

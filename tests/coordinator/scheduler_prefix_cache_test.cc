@@ -42,6 +42,7 @@ TEST(SchedulerPrefixCacheTest, ALaterRequestSharesTheBlocksOfACommonPrefix) {
   ASSERT_NE(s2, nullptr);
   EXPECT_EQ(s2->num_cached, 16);
   EXPECT_EQ(s2->tokens.size(), 7u);  // only the rest is computed
+  EXPECT_FALSE(s2->session);  // a prefix-cache hit without a session
   ASSERT_EQ(s2->block_table.size(), 6u);
   for (int i = 0; i < 4; ++i) EXPECT_EQ(s2->block_table[i], table1[i]) << i;
   EXPECT_NE(s2->block_table[4], table1[4]);
@@ -276,6 +277,7 @@ TEST(SchedulerSessionTest, ANextTurnPrefillsOnlyItsNewTokensAndTheTtlEndsTheSess
   PlanView p = h.Step();
   EXPECT_EQ(Find(p, 2)->num_cached, 12);
   EXPECT_EQ(Find(p, 2)->tokens.size(), 9u);
+  EXPECT_TRUE(Find(p, 2)->session);  // the workers' KV policy pins a session's prompt
   EXPECT_THAT(absl::MakeConstSpan(Find(p, 2)->block_table).first(3), ElementsAreArray(pinned));
   RunAll(h);
   EXPECT_EQ(h.outputs[2], Expected(2, 21, 3));

@@ -89,6 +89,7 @@ struct SeqView {
   std::vector<int32_t> new_block_ids;
   std::vector<int64_t> fork_child_ids;
   int32_t replace_last_block = -1;
+  bool session = false;
 };
 
 struct PlanView {
@@ -218,6 +219,8 @@ class FakeWorker {
       q.new_block_ids = s.new_block_ids;
       q.fork_child_ids = s.fork_child_ids;
       q.replace_last_block = s.replace_last_block;
+      q.session = s.session;
+      EXPECT_TRUE(s.params.has_value() || !s.session) << "session after first sight " << s.seq_id;
       EXPECT_TRUE(s.sample || s.fork_child_ids.empty()) << "fork without sampling " << s.seq_id;
       if (s.sample) {
         EXPECT_EQ(st.computed, static_cast<int64_t>(st.history.size()));

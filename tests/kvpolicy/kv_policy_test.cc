@@ -46,6 +46,24 @@ TEST(KvPolicyConfigTest, ParsesKindsAndBudgets) {
   }
 }
 
+TEST(KvPolicyConfigTest, PrefillModeParsesAndDecidesTheChoicePoints) {
+  EXPECT_EQ(*ParseKvPolicyPrefill("after-prompt"), KvPolicyPrefill::kAfterPrompt);
+  EXPECT_EQ(*ParseKvPolicyPrefill("every-chunk"), KvPolicyPrefill::kEveryChunk);
+  EXPECT_THAT(ParseKvPolicyPrefill("once").status().message(),
+              HasSubstr("--kv-policy-prefill: 'once' is not one of after-prompt, every-chunk"));
+  KvPolicyConfig c;
+  EXPECT_EQ(c.prefill, defaults::kPrefill);
+  EXPECT_EQ(c.prefill, KvPolicyPrefill::kAfterPrompt);
+  c.kind = KvPolicyKind::kCorm;
+  EXPECT_FALSE(c.ChoosesAfterStep(/*prompt_done=*/false));
+  EXPECT_TRUE(c.ChoosesAfterStep(true));
+  EXPECT_THAT(c.Describe(), HasSubstr("after-prompt"));
+  c.prefill = KvPolicyPrefill::kEveryChunk;
+  EXPECT_TRUE(c.ChoosesAfterStep(false));
+  EXPECT_TRUE(c.ChoosesAfterStep(true));
+  EXPECT_EQ(c.Describe(), "corm budget-free (w 32, r 32, sinks 4, every-chunk)");
+}
+
 TEST(KvPolicyConfigTest, ValidationNamesTheFlag) {
   KvPolicyConfig c;
   EXPECT_TRUE(ValidateKvPolicyConfig(c).ok());
@@ -297,6 +315,96 @@ TEST(KvPolicyStoreTest, PrepareExtendsPinsHitsAndReleaseCounts) {
   EXPECT_EQ(store.stats().entries.full, 45);
   EXPECT_DOUBLE_EQ(store.stats().kv_bytes, 45.0 * 64);
   EXPECT_DOUBLE_EQ(store.stats().full_kv_bytes, 45.0 * 64);
+}
+
+// A request of a session pins its whole prompt (its blocks stay pinned for the later turns, so
+// evicting from them would return no memory): nothing of it is evicted, however unimportant;
+// what it generates after the prompt still is.
+TEST(KvPolicyStoreTest, ASessionRequestPinsItsPrompt) {
+  KvPolicyConfig c;
+  c.kind = KvPolicyKind::kCorm;
+  c.sinks = 1;
+  c.recent = 2;
+  c.window = 2;
+  KvPolicyStore store(c, {{4, 4, false, 32}}, 1);
+  SequenceKvPolicy* s = store.Prepare(7, 0, 20, /*prompt_len=*/20, /*session=*/true);
+  EXPECT_EQ(s->pinned(), 20);
+  std::vector<float> k(40 * 4, 1.f), v(40 * 4, 1.f);
+  std::vector<int32_t> kept(20);
+  for (int i = 0; i < 20; ++i) kept[i] = i;
+  s->Apply(0, 0, kept, k.data(), v.data());
+  EXPECT_EQ(s->Counts(0, 0).full, 20);
+  // Ten decode steps later the generated tokens outside the recent window are gone.
+  EXPECT_EQ(store.Prepare(7, 20, 30, 20, true), s);
+  kept.resize(30);
+  for (int i = 0; i < 30; ++i) kept[i] = i;
+  s->Apply(0, 0, kept, k.data(), v.data());
+  EXPECT_EQ(s->Counts(0, 0).full, 20 + 2);
+  // The same request outside a session keeps only the sink and the recent tokens.
+  SequenceKvPolicy* t = store.Prepare(8, 0, 20, 20, /*session=*/false);
+  EXPECT_EQ(t->pinned(), 0);
+  kept.resize(20);
+  t->Apply(0, 0, kept, k.data(), v.data());
+  EXPECT_EQ(t->Counts(0, 0).full, 1 + 2);
+}
+
+// --kv-policy-prefill after-prompt: a step before the prompt's end records importance but keeps
+// everything; the step that ends the prompt chooses from the queries of all of them, exactly as
+// one step over the whole prompt would (the same last_hit, the same victims). every-chunk
+// chooses after the first chunk already.
+TEST(KvPolicyStoreTest, AfterPromptChoosesOnlyOnceThePromptIsDone) {
+  for (KvPolicyPrefill mode : {KvPolicyPrefill::kAfterPrompt, KvPolicyPrefill::kEveryChunk}) {
+    KvPolicyConfig c;
+    c.kind = KvPolicyKind::kCorm;
+    c.sinks = 1;
+    c.recent = 2;
+    c.window = 3;
+    c.prefill = mode;
+    const int64_t w = 4;
+    KvPolicyStore chunked(c, {{w, w, false, 2 * w * 4}}, 1), whole(c, {{w, w, false, 2 * w * 4}}, 1);
+    std::vector<float> k(32 * w, 1.f), v(32 * w, 1.f);
+    std::vector<int32_t> kept;
+    // Position 5 is important to query 9 (first chunk), position 12 to query 30 (last chunk).
+    const auto hits = [](SequenceKvPolicy* s, int64_t from, int64_t to) {
+      if (from <= 9 && 9 < to) s->last_hit(0, 0)[5] = 9;
+      if (from <= 30 && 30 < to) s->last_hit(0, 0)[12] = 30;
+    };
+    SequenceKvPolicy* a = chunked.Prepare(1, 0, 16, /*prompt_len=*/32);
+    hits(a, 0, 16);
+    kept.resize(16);
+    for (int i = 0; i < 16; ++i) kept[i] = i;
+    a->Apply(0, 0, kept, k.data(), v.data());
+    if (mode == KvPolicyPrefill::kAfterPrompt) {
+      EXPECT_FALSE(a->choose());
+      EXPECT_EQ(a->Counts(0, 0).full, 16);  // nothing chosen before the prompt's end
+    } else {
+      EXPECT_TRUE(a->choose());
+      EXPECT_LT(a->Counts(0, 0).full, 16);
+      EXPECT_EQ(a->state(0, 0, 5), SlotState::kDead);  // query 9 is not among the last 3 of 16
+    }
+    kept.clear();
+    for (int i = 0; i < 32; ++i) {
+      if (a->state(0, 0, i) != SlotState::kDead) kept.push_back(i);
+    }
+    EXPECT_EQ(chunked.Prepare(1, 16, 32, /*prompt_len=*/32), a);
+    EXPECT_TRUE(a->choose());
+    hits(a, 16, 32);
+    a->Apply(0, 0, kept, k.data(), v.data());
+    SequenceKvPolicy* b = whole.Prepare(1, 0, 32, /*prompt_len=*/32);
+    hits(b, 0, 32);
+    kept.resize(32);
+    for (int i = 0; i < 32; ++i) kept[i] = i;
+    b->Apply(0, 0, kept, k.data(), v.data());
+    // Kept: sink 0, position 12 (hit by query 30, one of the last 3), position 29 (a new key
+    // counts as hit by its own query), the recent 30 and 31.
+    EXPECT_EQ(b->Counts(0, 0).full, 5);
+    EXPECT_EQ(b->state(0, 0, 12), SlotState::kFull);
+    for (int p = 0; p < 32; ++p) {
+      if (mode == KvPolicyPrefill::kAfterPrompt) {
+        EXPECT_EQ(a->state(0, 0, p), b->state(0, 0, p)) << "position " << p;
+      }
+    }
+  }
 }
 
 }  // namespace

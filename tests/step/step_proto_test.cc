@@ -22,6 +22,7 @@ TEST(StepProtoTest, PlanRoundTripKeepsEveryField) {
   a.num_computed_tokens = 0;
   a.num_scheduled_tokens = 3;
   a.new_block_ids = {4};
+  a.session = true;
   a.sample = true;
   SamplingParams p;
   p.temperature = 0.7f;
@@ -48,6 +49,8 @@ TEST(StepProtoTest, PlanRoundTripKeepsEveryField) {
   EXPECT_EQ(back.seqs[0].new_block_ids, a.new_block_ids);
   EXPECT_EQ(back.seqs[0].num_scheduled_tokens, 3);
   EXPECT_TRUE(back.seqs[0].sample);
+  EXPECT_TRUE(back.seqs[0].session);
+  EXPECT_FALSE(back.seqs[1].session);
   ASSERT_TRUE(back.seqs[0].params.has_value());
   EXPECT_EQ(back.seqs[0].params->top_k, 20);
   EXPECT_FLOAT_EQ(back.seqs[0].params->min_p, 0.05f);

@@ -370,6 +370,144 @@ TEST_F(StepExecutorTest, ATokenOutsideTheVocabularyFailsOnArrivalEvenIfNotSchedu
   EXPECT_TRUE(r->prompt_logprobs.empty());
 }
 
+// --kv-policy-prefill (kvpolicy/kv_policy_config.h KvPolicyPrefill) through the executor, which
+// marks the step that computes a prompt's last token (SequenceStep::prompt_done). CORM with a
+// small window over an 84-token prompt: chunked in 16s, after-prompt keeps every entry until the
+// last chunk and then makes the choice one-step prefill makes (the same states, the same greedy
+// tokens after); every-chunk has evicted before the prompt's end.
+class KvPolicyPrefillTest : public ::testing::TestWithParam<kvpolicy::KvPolicyPrefill> {
+ protected:
+  void SetUp() override {
+    REQUIRE_TINY_LLAMA();
+    auto b = CreateBackend({});
+    ASSERT_OK(b);
+    backend_ = *std::move(b);
+    KvCacheOptions kv = SmallCache();
+    kv.kv_policy.kind = kvpolicy::KvPolicyKind::kCorm;
+    kv.kv_policy.window = 4;
+    kv.kv_policy.recent = 4;
+    kv.kv_policy.sinks = 2;
+    kv.kv_policy.prefill = GetParam();
+    auto m = LoadModel({::lorc::testing::TinyLlamaDir()}, backend_.get(), 0, 1, nullptr, kv);
+    ASSERT_OK(m);
+    model_ = *std::move(m);
+    exec_ = std::make_unique<StepExecutor>(model_.runner.get());
+    for (int rep = 0; rep < 2; ++rep) {  // 84 tokens: 6 chunks of 16
+      for (const auto& g : GoldenPrompts()) {
+        prompt_.insert(prompt_.end(), g.prompt_ids.begin(), g.prompt_ids.end());
+      }
+    }
+  }
+
+  // Plans of request `id`: its prompt in chunks of `chunk` tokens (blocks from `first_block`),
+  // sampling after the last, then `decode` decode steps.
+  std::vector<ScheduledSequence> Steps(int64_t id, int32_t chunk, int32_t first_block, int decode) {
+    const int64_t n = static_cast<int64_t>(prompt_.size());
+    std::vector<ScheduledSequence> out;
+    int32_t next = first_block;
+    int64_t done = 0, blocks = 0;
+    while (done < n + decode) {
+      ScheduledSequence s;
+      s.seq_id = id;
+      s.num_computed_tokens = done;
+      s.num_scheduled_tokens = static_cast<int32_t>(done < n ? std::min<int64_t>(chunk, n - done) : 1);
+      if (done == 0) {
+        s.new_token_ids = prompt_;
+        s.params = Params(0.0f);
+      }
+      s.sample = done + s.num_scheduled_tokens >= n;
+      done += s.num_scheduled_tokens;
+      while (blocks * kBlockSize < done) {
+        s.new_block_ids.push_back(next++);
+        ++blocks;
+      }
+      out.push_back(std::move(s));
+    }
+    return out;
+  }
+
+  const kvpolicy::SequenceKvPolicy* State(int64_t id) { return model_.runner->kv_policy()->Find(id); }
+  int64_t Full(int64_t id) {
+    int64_t full = 0;
+    const kvpolicy::SequenceKvPolicy* s = State(id);
+    for (int l = 0; l < model_.runner->config().num_layers; ++l) {
+      for (int g = 0; g < model_.runner->shard().num_kv_heads; ++g) full += s->Counts(l, g).full;
+    }
+    return full;
+  }
+
+  std::unique_ptr<Backend> backend_;
+  LoadedModel model_;
+  std::unique_ptr<StepExecutor> exec_;
+  std::vector<int32_t> prompt_;
+  uint64_t step_id_ = 0;
+};
+
+TEST_P(KvPolicyPrefillTest, ChoosesAfterThePromptOrEveryChunk) {
+  const bool after_prompt = GetParam() == kvpolicy::KvPolicyPrefill::kAfterPrompt;
+  ASSERT_GT(prompt_.size(), 48u);
+  const int decode = 4;
+  const std::vector<ScheduledSequence> chunked = Steps(1, 16, 0, decode);
+  const std::vector<ScheduledSequence> whole = Steps(2, 1 << 20, 100, decode);
+  const int prompt_steps = static_cast<int>(chunked.size()) - decode;
+  ASSERT_GE(prompt_steps, 4);
+  const int64_t heads = model_.runner->config().num_layers * model_.runner->shard().num_kv_heads;
+  for (int i = 0; i < prompt_steps; ++i) {
+    StepPlan p;
+    p.step_id = ++step_id_;
+    p.seqs.push_back(chunked[i]);
+    auto r = exec_->Execute(p);
+    ASSERT_OK(r);
+    ASSERT_TRUE(r->failed.empty()) << r->failed[0].status;
+    const int64_t len = chunked[i].num_computed_tokens + chunked[i].num_scheduled_tokens;
+    if (i + 1 < prompt_steps) {
+      if (after_prompt) {
+        EXPECT_EQ(Full(1), heads * len) << "chunk " << i << ": chosen before the prompt's end";
+      } else if (i > 0) {
+        EXPECT_LT(Full(1), heads * len) << "chunk " << i << ": every-chunk did not choose";
+      }
+    }
+  }
+  StepPlan p;
+  p.step_id = ++step_id_;
+  p.seqs.push_back(whole[0]);
+  auto r = exec_->Execute(p);
+  ASSERT_OK(r);
+  ASSERT_TRUE(r->failed.empty()) << r->failed[0].status;
+  EXPECT_LT(Full(1), heads * static_cast<int64_t>(prompt_.size()));  // chosen after the prompt
+  if (after_prompt) {
+    // The same choice, position by position, as one step over the whole prompt.
+    for (int l = 0; l < model_.runner->config().num_layers; ++l) {
+      for (int g = 0; g < model_.runner->shard().num_kv_heads; ++g) {
+        for (int64_t pos = 0; pos < static_cast<int64_t>(prompt_.size()); ++pos) {
+          ASSERT_EQ(State(1)->state(l, g, pos), State(2)->state(l, g, pos))
+              << "layer " << l << " head " << g << " position " << pos;
+        }
+      }
+    }
+  }
+  for (int i = 0; i < decode; ++i) {
+    StepPlan d;
+    d.step_id = ++step_id_;
+    d.seqs.push_back(chunked[prompt_steps + i]);
+    d.seqs.push_back(whole[1 + i]);
+    auto rd = exec_->Execute(d);
+    ASSERT_OK(rd);
+    ASSERT_TRUE(rd->failed.empty()) << rd->failed[0].status;
+  }
+  EXPECT_EQ(exec_->Tokens(1).size(), prompt_.size() + decode + 1);
+  if (after_prompt) EXPECT_EQ(exec_->Tokens(1), exec_->Tokens(2));
+}
+
+INSTANTIATE_TEST_SUITE_P(Modes, KvPolicyPrefillTest,
+                         ::testing::Values(kvpolicy::KvPolicyPrefill::kAfterPrompt,
+                                           kvpolicy::KvPolicyPrefill::kEveryChunk),
+                         [](const ::testing::TestParamInfo<kvpolicy::KvPolicyPrefill>& i) {
+                           return i.param == kvpolicy::KvPolicyPrefill::kAfterPrompt
+                                      ? std::string("AfterPrompt")
+                                      : std::string("EveryChunk");
+                         });
+
 TEST(StepExecutorTensorParallelTest, EveryRankForksIdentically) {
   REQUIRE_TINY_LLAMA();
   PlanBuilder b;

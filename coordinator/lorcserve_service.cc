@@ -266,8 +266,15 @@ grpc::Status LorcServeService::GenerateImpl(grpc::ServerContext* ctx, const grpc
         usage->set_completion_tokens(static_cast<int32_t>(u.completion_tokens));
         usage->set_time_to_first_token_ms(u.time_to_first_token_s * 1e3);
         usage->set_total_time_ms(u.total_time_s * 1e3);
+        if (++num_final >= num_completions) {
+          // The last final message goes out with the OK status in one batch (WriteLast): written
+          // apart, a client deadline expiring between the two gave the client a final message
+          // and then DEADLINE_EXCEEDED (seen once in the 10,000-request soak). Together, the
+          // client sees either both or, past its deadline, the status alone.
+          writer->WriteLast(resp, grpc::WriteOptions());
+          return grpc::Status::OK;
+        }
         const bool written = writer->Write(resp);
-        if (++num_final >= num_completions) return grpc::Status::OK;
         if (written) continue;
       } else if (writer->Write(resp)) {
         continue;

@@ -944,7 +944,8 @@ int main(int argc, char** argv) {
         Violation(absl::StrCat(name, ": worker ", rank, expect_restart ? " not restarted" : " restarted",
                                " or not serving within ", o.recovery_limit_s, " s (pid ", before, " -> ", after, ")"));
       } else {
-        note(absl::StrCat(name, ": serving again after ", Since(t0), " s (worker ", rank, " pid ", after, ")"));
+        note(absl::StrCat(name, ": serving again after ", Since(t0), " s (worker ", rank, " pid ", after,
+                          "; worker 0 rss ", Stats(server.WorkerPid(0)).rss_kb, " kB)"));
       }
       std::this_thread::sleep_for(std::chrono::seconds(2));
       std::lock_guard<std::mutex> lock(faults.mu);
@@ -984,9 +985,23 @@ int main(int argc, char** argv) {
       std::this_thread::sleep_for(std::chrono::milliseconds(250));
     }
   });
+  // Worker 0's and the coordinator's VmRSS at every tenth of the requests (stderr): tells a step
+  // per recovery (reload) from a plateau of high-water buffers when the end-of-run bound fails.
+  std::thread rss_thread([&] {
+    for (int tenth = 1; tenth <= 9 && !run_over.load(); ++tenth) {
+      while (!run_over.load() && done.load() < tenth * o.requests / 10) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      }
+      if (run_over.load()) return;
+      const ProcStats c = Stats(server.pid()), w = Stats(server.WorkerPid(0));
+      std::cerr << absl::StrFormat("[soak] %d0 %% done (%.1f s): coordinator rss %d kB, worker 0 rss %d kB\n",
+                                   tenth, Since(run_t0), c.rss_kb, w.rss_kb);
+    }
+  });
   run(0, o.requests, "soak", run_t0, true);
   const double wall = Since(run_t0);
   run_over = true;
+  rss_thread.join();
   fault_thread.join();
   watcher.join();
   if (preemptions == 0) Violation("no preemption during the run: the KV pool is not small enough");

@@ -382,11 +382,13 @@ TEST(KvPolicyStoreTest, AfterPromptChoosesOnlyOnceThePromptIsDone) {
       EXPECT_LT(a->Counts(0, 0).full, 16);
       EXPECT_EQ(a->state(0, 0, 5), SlotState::kDead);  // query 9 is not among the last 3 of 16
     }
+    // The next chunk's Prepare extends the states to 32 positions (its own keys kFull); only then
+    // are positions 16..31 readable.
+    EXPECT_EQ(chunked.Prepare(1, 16, 32, /*prompt_len=*/32), a);
     kept.clear();
     for (int i = 0; i < 32; ++i) {
       if (a->state(0, 0, i) != SlotState::kDead) kept.push_back(i);
     }
-    EXPECT_EQ(chunked.Prepare(1, 16, 32, /*prompt_len=*/32), a);
     EXPECT_TRUE(a->choose());
     hits(a, 16, 32);
     a->Apply(0, 0, kept, k.data(), v.data());

@@ -452,18 +452,25 @@ TEST_F(CliTest, KvPolicyFlagsAreCheckedNamingTheFlag) {
   }
 }
 
+// `lorcserve eval` of the fixture's first window (--limit 1, --json), prefilled in chunks of 256,
+// with `extra` flags appended: the kv-policy eval tests' full-KV baseline and policy runs.
+RunResult EvalFirstWindow(std::vector<std::string> extra) {
+  std::vector<std::string> args = {"eval", "--model", Tiny(), "--limit", "1", "--json",
+                                   "--max-num-batched-tokens", "256"};
+  args.insert(args.end(), extra.begin(), extra.end());
+  return Lorcserve(args);
+}
+
 // One window and one prompt per length scored with MiKV at a 30 % budget, prefilled in chunks of
 // 256 and chosen after every chunk (--kv-policy-prefill every-chunk): the policy ran (30 % of
 // the entries at full precision at the end, the rest int4), the kept bytes are reported, and
 // perplexity stays near the uncompressed one (this window: within 5 %; docs/KV_POLICIES.md has
 // the measured table).
 TEST_F(CliTest, EvalWithKvPolicyReportsKeptBytes) {
-  const RunResult full = Lorcserve({"eval", "--model", Tiny(), "--limit", "1", "--json",
-                                    "--max-num-batched-tokens", "256", "--passkey", "/dev/null"});
+  const RunResult full = EvalFirstWindow({"--passkey", "/dev/null"});
   ASSERT_EQ(full.exit_code, 0) << full;
-  const RunResult r = Lorcserve({"eval", "--model", Tiny(), "--limit", "1", "--json",
-                                 "--max-num-batched-tokens", "256", "--kv-policy", "mikv",
-                                 "--kv-token-budget", "0.3", "--kv-policy-prefill", "every-chunk"});
+  const RunResult r = EvalFirstWindow(
+      {"--kv-policy", "mikv", "--kv-token-budget", "0.3", "--kv-policy-prefill", "every-chunk"});
   ASSERT_EQ(r.exit_code, 0) << r;
   const json j = Json(r);
   EXPECT_EQ(Json(full)["kv_policy"], "none");
@@ -485,12 +492,10 @@ TEST_F(CliTest, EvalWithKvPolicyReportsKeptBytes) {
 // same keys gathered in the same order); the choice after the last chunk still leaves at most
 // 30 % of the entries at full precision when the sequence ends.
 TEST_F(CliTest, EvalWithKvPolicyAfterPromptScoresTheWindowWithFullKv) {
-  const RunResult full = Lorcserve({"eval", "--model", Tiny(), "--limit", "1", "--json",
-                                    "--max-num-batched-tokens", "256", "--passkey", "/dev/null"});
+  const RunResult full = EvalFirstWindow({"--passkey", "/dev/null"});
   ASSERT_EQ(full.exit_code, 0) << full;
-  const RunResult r = Lorcserve({"eval", "--model", Tiny(), "--limit", "1", "--json",
-                                 "--max-num-batched-tokens", "256", "--kv-policy", "mikv",
-                                 "--kv-token-budget", "0.3", "--passkey", "/dev/null"});
+  const RunResult r = EvalFirstWindow(
+      {"--kv-policy", "mikv", "--kv-token-budget", "0.3", "--passkey", "/dev/null"});
   ASSERT_EQ(r.exit_code, 0) << r;
   const json j = Json(r);
   EXPECT_THAT(j["kv_policy"].get<std::string>(), HasSubstr("after-prompt"));

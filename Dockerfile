@@ -33,7 +33,8 @@ RUN LORC_CUDA=ON LORC_CMAKE_ARGS="-DLORC_BUILD_TESTS=OFF -DCMAKE_CUDA_ARCHITECTU
       bash scripts/build.sh lorcserve fixture_model \
  && mkdir -p /out/bin /out/lib /out/models/tiny-llama-a \
  && cp build/bin/lorcserve /out/bin/ \
- && bash deploy/docker/runtime-deps.sh /out/bin/lorcserve /out/lib > /out/runtime-packages.txt \
+ && bash deploy/docker/runtime-deps.sh /out/bin/lorcserve /out/lib \
+      "$(readlink -f "/usr/local/cuda/lib64/libcublasLt.so.${CUDA_VERSION%%.*}")" > /out/runtime-packages.txt \
  && cat /out/runtime-packages.txt \
  && mkdir -p /out/gateway/stubs \
  && cp -r gateway/lorcserve_gateway /out/gateway/ \

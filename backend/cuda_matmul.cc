@@ -41,6 +41,7 @@
 #include <string_view>
 
 #include "absl/container/flat_hash_map.h"
+#include "backend/cublaslt_loader.h"
 #include "backend/cuda_gemv.h"
 #include "kernels/gemv.cuh"
 
@@ -94,15 +95,16 @@ std::string Shape(const Tensor2D& t) {
   return absl::StrCat("[", t.rows, ",", t.cols, t.ld ? absl::StrCat(" ld ", t.ld) : "", "]");
 }
 
-absl::Status LtError(cublasStatus_t s, const std::string& what) {
+absl::Status LtError(const CublasLtApi& lt, cublasStatus_t s, const std::string& what) {
   if (s == CUBLAS_STATUS_SUCCESS) return absl::OkStatus();
-  return absl::InternalError(absl::StrCat("cuda backend: Matmul: ", what, ": ", cublasLtGetStatusString(s)));
+  return absl::InternalError(absl::StrCat("cuda backend: Matmul: ", what, ": ", lt.GetStatusString(s)));
 }
 
 }  // namespace
 
 struct MatmulState {
   absl::Status init;  // OK, or why cuBLASLt cannot be used (returned by every Matmul)
+  const CublasLtApi* lt = nullptr;  // set when init is OK (cublaslt_loader.h)
   CudaMatmulPolicy policy = GetCudaMatmulPolicy();
   cublasLtHandle_t handle = nullptr;
   void* workspace = nullptr;
@@ -119,13 +121,19 @@ struct MatmulState {
     if (stop != nullptr) cudaEventDestroy(stop);
     if (workspace != nullptr) cudaFree(workspace);
     if (flush != nullptr) cudaFree(flush);
-    if (handle != nullptr) cublasLtDestroy(handle);
+    if (handle != nullptr) lt->Destroy(handle);
   }
 };
 
 std::shared_ptr<MatmulState> NewMatmulState() {
   auto s = std::make_shared<MatmulState>();
-  s->init = LtError(cublasLtCreate(&s->handle), "cublasLtCreate");
+  absl::StatusOr<const CublasLtApi*> lt = LoadCublasLt();
+  if (!lt.ok()) {
+    s->init = lt.status();
+    return s;
+  }
+  s->lt = *lt;
+  s->init = LtError(*s->lt, s->lt->Create(&s->handle), "cublasLtCreate");
   if (s->init.ok()) s->init = CudaError(cudaMalloc(&s->workspace, kWorkspaceBytes), "Matmul workspace");
   if (s->init.ok()) s->init = CudaError(cudaEventCreate(&s->start), "Matmul timing event");
   if (s->init.ok()) s->init = CudaError(cudaEventCreate(&s->stop), "Matmul timing event");
@@ -146,28 +154,28 @@ struct Gemm {
   const void* x = nullptr;
   void* out = nullptr;
 
-  absl::Status Init(const Tensor2D& xt, const Tensor2D& wt, const Tensor2D& ot) {
+  absl::Status Init(const CublasLtApi& lt, const Tensor2D& xt, const Tensor2D& wt, const Tensor2D& ot) {
     w = wt.data;
     x = xt.data;
     out = ot.data;
     const cublasOperation_t trans_a = CUBLAS_OP_T, trans_b = CUBLAS_OP_N;
-    RETURN_IF_ERROR(LtError(cublasLtMatmulDescInit(desc, CUBLAS_COMPUTE_32F, CUDA_R_32F), "descriptor"));
-    RETURN_IF_ERROR(LtError(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &trans_a,
+    RETURN_IF_ERROR(LtError(lt, lt.MatmulDescInit(desc, CUBLAS_COMPUTE_32F, CUDA_R_32F), "descriptor"));
+    RETURN_IF_ERROR(LtError(lt, lt.MatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &trans_a,
                                                            sizeof(trans_a)), "descriptor"));
-    RETURN_IF_ERROR(LtError(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &trans_b,
+    RETURN_IF_ERROR(LtError(lt, lt.MatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &trans_b,
                                                            sizeof(trans_b)), "descriptor"));
     const auto rows = [](int64_t r) { return static_cast<uint64_t>(r); };
-    RETURN_IF_ERROR(LtError(cublasLtMatrixLayoutInit(a, CudaType(wt.dtype), rows(wt.cols), rows(wt.rows),
+    RETURN_IF_ERROR(LtError(lt, lt.MatrixLayoutInit(a, CudaType(wt.dtype), rows(wt.cols), rows(wt.rows),
                                                      wt.stride()), "layout of w"));
-    RETURN_IF_ERROR(LtError(cublasLtMatrixLayoutInit(b, CudaType(xt.dtype), rows(xt.cols), rows(xt.rows),
+    RETURN_IF_ERROR(LtError(lt, lt.MatrixLayoutInit(b, CudaType(xt.dtype), rows(xt.cols), rows(xt.rows),
                                                      xt.stride()), "layout of x"));
-    return LtError(cublasLtMatrixLayoutInit(d, CudaType(ot.dtype), rows(ot.cols), rows(ot.rows), ot.stride()),
+    return LtError(lt, lt.MatrixLayoutInit(d, CudaType(ot.dtype), rows(ot.cols), rows(ot.rows), ot.stride()),
                    "layout of out");
   }
 
   cublasStatus_t Run(const MatmulState& s, const cublasLtMatmulAlgo_t& algo, cudaStream_t stream) const {
     static const float kOne = 1.0f, kZero = 0.0f;
-    return cublasLtMatmul(s.handle, desc, &kOne, w, a, x, b, &kZero, out, d, out, d, &algo, s.workspace,
+    return s.lt->Matmul(s.handle, desc, &kOne, w, a, x, b, &kZero, out, d, out, d, &algo, s.workspace,
                           kWorkspaceBytes, stream);
   }
 };
@@ -177,10 +185,10 @@ absl::Status Heuristics(const MatmulState& s, const Gemm& g, const GemmKey& key,
                         cublasLtMatmulHeuristicResult_t* results, int* count) {
   cublasLtMatmulPreferenceOpaque_t pref_storage;
   auto pref = reinterpret_cast<cublasLtMatmulPreference_t>(&pref_storage);
-  RETURN_IF_ERROR(LtError(cublasLtMatmulPreferenceInit(pref), "preference"));
+  RETURN_IF_ERROR(LtError(*s.lt, s.lt->MatmulPreferenceInit(pref), "preference"));
   const uint64_t ws = kWorkspaceBytes;
   const auto set = [&](cublasLtMatmulPreferenceAttributes_t attr, const void* v, size_t n) {
-    return LtError(cublasLtMatmulPreferenceSetAttribute(pref, attr, v, n), "preference");
+    return LtError(*s.lt, s.lt->MatmulPreferenceSetAttribute(pref, attr, v, n), "preference");
   };
   RETURN_IF_ERROR(set(CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
   RETURN_IF_ERROR(set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &key.align_w, sizeof(uint32_t)));
@@ -188,13 +196,13 @@ absl::Status Heuristics(const MatmulState& s, const Gemm& g, const GemmKey& key,
   RETURN_IF_ERROR(set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &key.align_out, sizeof(uint32_t)));
   RETURN_IF_ERROR(set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &key.align_out, sizeof(uint32_t)));
   *count = 0;
-  const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(s.handle, g.desc, g.a, g.b, g.d, g.d, pref,
+  const cublasStatus_t st = s.lt->MatmulAlgoGetHeuristic(s.handle, g.desc, g.a, g.b, g.d, g.d, pref,
                                                            kCandidates, results, count);
   if (st != CUBLAS_STATUS_SUCCESS || *count == 0) {
     return absl::InternalError(absl::StrCat(
         "cuda backend: Matmul: cuBLASLt has no algorithm for T=", key.t_bucket, " (bucket) N=", key.n,
         " K=", key.k, " ", DTypeName(key.ab), " -> ", DTypeName(key.out), " (alignments w ", key.align_w,
-        " x ", key.align_x, " out ", key.align_out, ", pitch ", key.ld_align, "): ", cublasLtGetStatusString(st)));
+        " x ", key.align_x, " out ", key.align_out, ", pitch ", key.ld_align, "): ", s.lt->GetStatusString(st)));
   }
   return absl::OkStatus();
 }
@@ -287,7 +295,7 @@ absl::Status CudaBackend::Matmul(const Tensor2D& x, const Tensor2D& w, Tensor2D 
   RETURN_IF_ERROR(s.init);
 
   Gemm g;
-  RETURN_IF_ERROR(g.Init(x, w, out));
+  RETURN_IF_ERROR(g.Init(*s.lt, x, w, out));
   const size_t ab_esz = DTypeSize(x.dtype);
   const uint64_t pitches = (x.stride() * ab_esz) | (w.stride() * ab_esz) | (out.stride() * out_esz) | 16;
   const GemmKey key{Bucket(x.rows),     w.rows,           x.cols,
@@ -331,7 +339,7 @@ absl::Status CudaBackend::Matmul(const Tensor2D& x, const Tensor2D& w, Tensor2D 
     RETURN_IF_ERROR(Heuristics(s, g, key, results, &count));
     st = g.Run(s, results[0].algo, stream_);
   }
-  return LtError(st, absl::StrCat("x", Shape(x), " w", Shape(w), " out", Shape(out)));
+  return LtError(*s.lt, st, absl::StrCat("x", Shape(x), " w", Shape(w), " out", Shape(out)));
 }
 
 namespace {

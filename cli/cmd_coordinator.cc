@@ -14,6 +14,7 @@
 #include "cli/security_flags.h"
 #include "common/defaults.h"
 #include "cli/session.h"
+#include "cli/process_memory.h"
 #include "cli/signals.h"
 #include "common/defaults.h"
 #include "common/status_macros.h"
@@ -150,6 +151,7 @@ int RunCoordinator(int argc, char** argv) {
       ParseCommand("coordinator", synopsis, flags, argc, argv, &exit_code);
   if (!args.has_value()) return exit_code;
   InstallTerminationHandlers();  // before any thread (the metrics endpoint's, the server's)
+  UseFixedMmapThreshold();  // before the weights and the KV cache (process_memory.h)
   absl::StatusOr<CoordinatorOptions> options = ParseOptions(*args);
   if (!options.ok()) return Fail("coordinator", options.status());
   // The metrics endpoint comes up first (a busy port fails fast; scrapes see the load).

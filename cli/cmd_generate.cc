@@ -22,20 +22,26 @@ std::vector<FlagSpec> Flags() {
   return f;
 }
 
-absl::StatusOr<GenerationRequest> BuildRequest(const Args& args, const Session& s) {
+// The request's flags, checked before the model loads (a bad flag must not wait for a 70B load):
+// the prompt choice, --prompt-ids and every sampling flag. A --prompt is tokenized by FinishRequest.
+absl::StatusOr<GenerationRequest> ParseRequest(const Args& args) {
   GenerationRequest r;
   RETURN_IF_ERROR(CheckOnePrompt(args));
   if (args.Has("prompt-ids")) {
     ASSIGN_OR_RETURN(r.prompt_ids, args.GetIntList("prompt-ids"));
-  } else {
-    if (s.tokenizer == nullptr) {
-      return absl::FailedPreconditionError("the model directory has no tokenizer.json: use --prompt-ids");
-    }
-    ASSIGN_OR_RETURN(r.prompt_ids,
-                     PromptToIds(*s.tokenizer, args.Get("prompt"), s.model.config.bos_token_id));
   }
   ASSIGN_OR_RETURN(r.params, ParseSampling(args));
   return r;
+}
+
+absl::Status FinishRequest(const Args& args, const Session& s, GenerationRequest& r) {
+  if (args.Has("prompt-ids")) return absl::OkStatus();
+  if (s.tokenizer == nullptr) {
+    return absl::FailedPreconditionError("the model directory has no tokenizer.json: use --prompt-ids");
+  }
+  ASSIGN_OR_RETURN(r.prompt_ids,
+                   PromptToIds(*s.tokenizer, args.Get("prompt"), s.model.config.bos_token_id));
+  return absl::OkStatus();
 }
 
 }  // namespace
@@ -46,10 +52,11 @@ int RunGenerate(int argc, char** argv) {
   const char* synopsis = "--model DIR (--prompt TEXT | --prompt-ids IDS) [flags]";
   const std::optional<Args> args = ParseCommand("generate", synopsis, flags, argc, argv, &exit_code);
   if (!args.has_value()) return exit_code;
+  absl::StatusOr<GenerationRequest> req = ParseRequest(*args);
+  if (!req.ok()) return Fail("generate", req.status());
   absl::StatusOr<std::unique_ptr<Session>> s = OpenSession(*args);
   if (!s.ok()) return Fail("generate", s.status());
-  absl::StatusOr<GenerationRequest> req = BuildRequest(*args, **s);
-  if (!req.ok()) return Fail("generate", req.status());
+  if (absl::Status st = FinishRequest(*args, **s, *req); !st.ok()) return Fail("generate", st);
   absl::StatusOr<std::vector<GenerationResult>> out = (*s)->engine->Generate({*req});
   if (!out.ok()) return Fail("generate", out.status());
   const GenerationResult& g = (*out)[0];

@@ -13,6 +13,7 @@
 #include "cli/commands.h"
 #include "cli/security_flags.h"
 #include "cli/session.h"
+#include "cli/process_memory.h"
 #include "cli/signals.h"
 #include "common/defaults.h"
 #include "step/coordinator_ref.h"
@@ -188,6 +189,7 @@ int RunWorker(int argc, char** argv) {
   const std::optional<Args> args = ParseCommand("worker", synopsis, flags, argc, argv, &exit_code);
   if (!args.has_value()) return exit_code;
   InstallTerminationHandlers();
+  UseFixedMmapThreshold();  // before the weights and the KV cache (process_memory.h)
   const absl::StatusOr<JoinSetup> join = ParseJoin(*args);
   if (!join.ok()) return Fail("worker", join.status());
   // Before any internal server or channel (worker/comm/internal_grpc.h); bad files end here.

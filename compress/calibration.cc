@@ -89,7 +89,9 @@ absl::Status RunChunks(const std::string& model_dir, const std::vector<std::vect
   kv.max_model_len = max_len;
   kv.num_blocks = (max_len + kv.block_size - 1) / kv.block_size + 1;
   kv.enforce_eager = true;
-  ASSIGN_OR_RETURN(LoadedModel m, LoadModel(ModelSource{model_dir}, backend.get(), 0, 1, nullptr, kv));
+  ModelSource model_source;  // every other field at its default
+  model_source.dir = model_dir;
+  ASSIGN_OR_RETURN(LoadedModel m, LoadModel(model_source, backend.get(), 0, 1, nullptr, kv));
   if (observer) RETURN_IF_ERROR(m.runner->SetLayerInputObserver(std::move(observer)));
   for (size_t i = 0; i < chunks.size(); ++i) {
     SequenceStep s;

@@ -3,9 +3,9 @@
 // method 405. Only the process that serves (cli/cmd_coordinator.cc) links this.
 //
 // Why not prometheus-cpp's pull Exposer: its civetweb server creates its threads with a fixed
-// 100 KiB stack (Debian's civetweb 1.15), smaller than the static TLS of this binary once the
-// CUDA libraries are linked (cublasLt + OpenBLAS: ~170 KiB), so pthread_create fails with EINVAL
-// ("null context when constructing CivetServer"). Scrapes are rare and small: one thread serving
+// 100 KiB stack (Debian's civetweb 1.15), smaller than the static TLS this binary had when the
+// CUDA libraries were linked (cublasLt + OpenBLAS: ~170 KiB; cuBLASLt is now loaded at first use),
+// so pthread_create failed with EINVAL ("null context when constructing CivetServer"). Scrapes are rare and small: one thread serving
 // one connection at a time (2 s socket timeouts, `Connection: close`) is enough.
 //
 // Threads: one serving thread, started by Start and joined by the destructor; it reads the

@@ -60,8 +60,11 @@ std::string Name(DType t) { return std::string(DTypeName(t)); }
 
 bool IsFloatDType(DType t) { return t == DType::kF32 || t == DType::kF16 || t == DType::kBF16; }
 
-// Converts `n` contiguous elements; `src` need not be aligned.
+// Converts `n` contiguous elements; `src` need not be aligned. With n == 0 either pointer may be
+// null (an empty output span, a zero-size tensor): nothing is touched, memcpy included (its
+// pointers must be non-null even for 0 bytes; UBSan, found by safetensors_fuzz).
 void ConvertRun(DType t, const uint8_t* src, size_t n, float* dst) {
+  if (n == 0) return;
   switch (t) {
     case DType::kF32:
       std::memcpy(dst, src, n * sizeof(float));

@@ -3,17 +3,23 @@
 # that own its shared libraries (one a line, on stdout), and copies the libraries no package owns
 # (a CUDA toolkit unpacked by hand, say) into LIBDIR. The NVIDIA driver's libcuda is left out: the
 # container runtime mounts the host's. Fails when a library is missing (ldd: not found).
-#   deploy/docker/runtime-deps.sh BINARY LIBDIR > packages.txt
+# DLOPENED: libraries the binary loads itself at run time (dlopen), listed with what they link;
+# lorcserve loads cuBLASLt so (backend/cublaslt_loader.h).
+#   deploy/docker/runtime-deps.sh BINARY LIBDIR [DLOPENED...] > packages.txt
 set -euo pipefail
 bin=$1
 libdir=$2
+shift 2
 mkdir -p "$libdir"
+for extra in "$@"; do
+  [ -f "$extra" ] || { echo "runtime-deps: $extra (loaded at run time) not found" >&2; exit 1; }
+done
 if ldd "$bin" | grep -v 'libcuda\.so' | grep -q 'not found'; then
   ldd "$bin" | grep 'not found' >&2
   echo "runtime-deps: $bin has unresolved libraries" >&2
   exit 1
 fi
-ldd "$bin" | awk '$3 ~ /^\// {print $3}' | while read -r lib; do
+{ ldd "$bin" | awk '$3 ~ /^\// {print $3}'; for extra in "$@"; do echo "$extra"; ldd "$extra" | awk '$3 ~ /^\// {print $3}'; done; } | while read -r lib; do
   case "$(basename "$lib")" in libcuda.so*) continue ;; esac
   real=$(readlink -f "$lib")
   pkg=""

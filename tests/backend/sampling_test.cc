@@ -147,7 +147,9 @@ TEST(SamplingContractTest, ReproducibleBySeedAndOffsetAtEveryTemperature) {
       dc.push_back(Sample(logits, c));
     }
     EXPECT_EQ(da, db) << t;
-    if (t >= 1e5f) EXPECT_NE(da, dc) << t;
+    if (t >= 1e5f) {
+      EXPECT_NE(da, dc) << t;
+    }
   }
 }
 

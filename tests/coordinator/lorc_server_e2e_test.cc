@@ -149,7 +149,9 @@ void WriteWithout(const fs::path& src, const fs::path& dst, const std::string& d
   ASSERT_TRUE((*f)->tensors().contains(drop)) << drop;
   SafetensorsWriter w;
   for (const auto& [name, t] : (*f)->tensors()) {
-    if (name != drop) ASSERT_TRUE(w.AddView(name, t.dtype, t.shape, t.data, t.nbytes).ok()) << name;
+    if (name != drop) {
+      ASSERT_TRUE(w.AddView(name, t.dtype, t.shape, t.data, t.nbytes).ok()) << name;
+    }
   }
   const absl::Status s = w.Write((dst / "model.safetensors").string());
   ASSERT_TRUE(s.ok()) << s;

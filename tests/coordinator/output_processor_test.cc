@@ -81,7 +81,9 @@ TEST_F(OutputProcessorTest, NothingAfterTheStopAndNoTokenizerMeansNoText) {
   bool stopped = false;
   for (int32_t id : ids) {
     const OutputProcessor::Delta d = p.Push(id);
-    if (stopped) EXPECT_TRUE(d.text.empty()) << "text after the stop";
+    if (stopped) {
+      EXPECT_TRUE(d.text.empty()) << "text after the stop";
+    }
     out += d.text;
     stopped = stopped || d.stopped;
   }

@@ -208,7 +208,9 @@ TEST(SchedulerTest, AdmissionCountsTheChildren) {
   // 1 + 3 completions > max_num_seqs: the group waits for 1.
   while (h.sched.Contains(1)) {
     h.Step();
-    if (h.sched.Contains(1)) EXPECT_EQ(h.sched.GetSequence(2)->state, SequenceState::kWaiting);
+    if (h.sched.Contains(1)) {
+      EXPECT_EQ(h.sched.GetSequence(2)->state, SequenceState::kWaiting);
+    }
   }
   h.RunToCompletion();
   for (int64_t id : {2, 21, 22}) EXPECT_EQ(h.outputs[id], Expected(id, 8, 4));

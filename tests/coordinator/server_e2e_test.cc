@@ -349,7 +349,12 @@ TEST_F(ServerE2ETest, KilledLocalWorkerIsRestartedAndServesGoldenTokensAgain) {
 
 // Regression (soak with faults, issue #16): every recovery re-loads the model in the surviving
 // ranks; the old weights' pages stayed resident in glibc's free lists (worker 0: +11 % VmRSS
-// after two reloads in the soak, +27 MB at one of 12 reloads here), now handed back on reset.
+// after two reloads in the soak, +27 MB at one of 12 reloads here), now handed back on reset,
+// and big buffers live in their own mappings (cli/process_memory.h). The bound is on growth
+// per reload, from the first reload on: that one brings a second malloc arena into use (the new
+// serving epoch's threads start while the old ones' arena is still held) and steps once, about
+// 8 MB, then stays (2026-12-01, 2-core VM: 89.9 MB after warm-up, 98.2 after the first reload,
+// 98.4 after 20; measured by /proc/PID/smaps: the step is one 64 MB-aligned heap's pages).
 int64_t VmRssKb(pid_t pid) {
   for (absl::string_view line : absl::StrSplit(ReadAll(fs::path("/proc") / std::to_string(pid) / "status"), '\n')) {
     if (absl::StartsWith(line, "VmRSS:")) {
@@ -362,7 +367,7 @@ int64_t VmRssKb(pid_t pid) {
 }
 
 TEST_F(ServerE2ETest, ReloadsAfterWorkerRestartsKeepTheSurvivorsMemory) {
-  constexpr int kRestarts = 8;
+  constexpr int kRestarts = 9;  // the first sets the baseline
   ASSERT_NO_FATAL_FAILURE(StartServer(2, {"--max-restarts", "20", "--num-blocks", "48"}));
   const Golden& g = GoldenPrompts()[0];
   const pid_t rank0 = server_->WorkerPid(0);
@@ -373,8 +378,7 @@ TEST_F(ServerE2ETest, ReloadsAfterWorkerRestartsKeepTheSurvivorsMemory) {
     EXPECT_TRUE(IsPrefix(r.ids, g.greedy_ids));
   };
   ASSERT_NO_FATAL_FAILURE(serve_golden());
-  const int64_t base_kb = VmRssKb(rank0);
-  ASSERT_GT(base_kb, 0);
+  int64_t base_kb = -1;  // after the first reload
   for (int i = 0; i < kRestarts; ++i) {
     const pid_t old_rank1 = server_->WorkerPid(1);
     ASSERT_EQ(kill(old_rank1, SIGKILL), 0) << std::strerror(errno);
@@ -383,11 +387,15 @@ TEST_F(ServerE2ETest, ReloadsAfterWorkerRestartsKeepTheSurvivorsMemory) {
       return p > 0 && p != old_rank1 && Health() == HealthCheckResponse::SERVING;
     }, 60)) << "restart " << i << "\n" << server_->Stderr();
     ASSERT_NO_FATAL_FAILURE(serve_golden());
+    if (i == 0) {
+      base_kb = VmRssKb(rank0);
+      ASSERT_GT(base_kb, 0);
+    }
   }
   ASSERT_EQ(server_->WorkerPid(0), rank0) << "rank 0 should survive (and reload at) every recovery";
   const int64_t end_kb = VmRssKb(rank0);
-  std::cerr << "[reload] rank 0 VmRSS " << base_kb << " kB -> " << end_kb << " kB after " << kRestarts
-            << " reloads\n";
+  std::cerr << "[reload] rank 0 VmRSS " << base_kb << " kB after the first reload -> " << end_kb
+            << " kB after " << kRestarts << "\n";
 #if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
   // Under AddressSanitizer freed memory sits in its quarantine (256 MB by default) instead of
   // going back, so resident memory is no measure of a leak here; LeakSanitizer checks the

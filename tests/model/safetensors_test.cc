@@ -160,6 +160,28 @@ TEST_F(SafetensorsTest, ReadsF32Bf16F16AndSlices) {
   EXPECT_THAT(v, ElementsAre(4.0f, 5.0f));
 }
 
+// A zero-size tensor read whole and as a slice into empty outputs: OK, nothing written. The empty
+// vector's data() is null, which memcpy must not receive even for 0 bytes (UBSan nonnull-attribute
+// in the ASan+UBSan build; found by safetensors_fuzz in CI, regression input
+// fuzz/corpus/safetensors_fuzz/crash-zero-element-memcpy).
+TEST_F(SafetensorsTest, ZeroElementTensorsReadAsEmpty) {
+  Write("model.safetensors", BuildFile({{"empty.f32", "F32", {0}, ""},
+                                        {"empty.bf16", "BF16", {0, 4}, ""},
+                                        {"x", "F32", {1}, EncodeF32({7}, "F32")}}));
+  absl::StatusOr<std::unique_ptr<CheckpointReader>> r = CheckpointReader::Open(dir_);
+  ASSERT_OK(r);
+  std::vector<float> none;
+  ASSERT_EQ(none.data(), nullptr);
+  EXPECT_OK((*r)->ReadF32("empty.f32", {0}, absl::MakeSpan(none)));
+  EXPECT_OK((*r)->ReadF32("empty.bf16", {0, 4}, absl::MakeSpan(none)));
+  EXPECT_OK((*r)->ReadF32Slice("empty.bf16", {0, 4}, TensorSlice{1, 2, -1}, absl::MakeSpan(none)));
+  std::vector<float> one(1);
+  EXPECT_THAT((*r)->ReadF32("empty.f32", {0}, absl::MakeSpan(one)),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("0 elements")));
+  ASSERT_OK((*r)->ReadF32("x", {1}, absl::MakeSpan(one)));
+  EXPECT_EQ(one[0], 7.0f);
+}
+
 TEST_F(SafetensorsTest, KeepsMetadata) {
   absl::StatusOr<std::unique_ptr<SafetensorsFile>> f =
       OpenBytes(BuildFile({{"x", "F32", {1}, EncodeF32({1}, "F32")}},

@@ -284,7 +284,9 @@ TEST_F(StepExecutorTest, SampledAndPromptLogprobsWithRankAndTopN) {
     if (t.rank == 1) {
       EXPECT_EQ(t.top_ids[0], prompt_[i + 1]);
     }
-    if (t.rank <= 3) EXPECT_EQ(t.top_ids[t.rank - 1], prompt_[i + 1]) << i;
+    if (t.rank <= 3) {
+      EXPECT_EQ(t.top_ids[t.rank - 1], prompt_[i + 1]) << i;
+    }
   }
   EXPECT_TRUE(results[1].prompt_logprobs.empty());
 }
@@ -498,7 +500,9 @@ TEST_P(KvPolicyPrefillTest, ChoosesAfterThePromptOrEveryChunk) {
     ASSERT_TRUE(rd->failed.empty()) << rd->failed[0].status;
   }
   EXPECT_EQ(exec_->Tokens(1).size(), prompt_.size() + decode + 1);
-  if (after_prompt) EXPECT_EQ(exec_->Tokens(1), exec_->Tokens(2));
+  if (after_prompt) {
+    EXPECT_EQ(exec_->Tokens(1), exec_->Tokens(2));
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Modes, KvPolicyPrefillTest,

@@ -34,7 +34,7 @@ RUN LORC_CUDA=ON LORC_CMAKE_ARGS="-DLORC_BUILD_TESTS=OFF -DCMAKE_CUDA_ARCHITECTU
  && mkdir -p /out/bin /out/lib /out/models/tiny-llama-a \
  && cp build/bin/lorcserve /out/bin/ \
  && bash deploy/docker/runtime-deps.sh /out/bin/lorcserve /out/lib \
-      "$(readlink -f "/usr/local/cuda/lib64/libcublasLt.so.${CUDA_VERSION%%.*}")" > /out/runtime-packages.txt \
+      "/usr/local/cuda/targets/x86_64-linux/lib/libcublasLt.so.${CUDA_VERSION%%.*}" > /out/runtime-packages.txt \
  && cat /out/runtime-packages.txt \
  && mkdir -p /out/gateway/stubs \
  && cp -r gateway/lorcserve_gateway /out/gateway/ \

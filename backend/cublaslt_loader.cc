@@ -16,16 +16,18 @@ namespace {
 
 const std::string kSoname = absl::StrCat("libcublasLt.so.", CUBLAS_VER_MAJOR);
 
-// The directory of the loaded libcudart (empty when unknown): cuBLASLt sits beside it in a CUDA
-// toolkit, which need not be on the dynamic linker's path when the executable found cudart
-// through its runpath.
+// The directory of the loaded shared libcudart (empty when unknown, or when cudart is linked
+// statically and dladdr names the executable): cuBLASLt sits beside it in a CUDA toolkit, which
+// need not be on the dynamic linker's path when the executable found cudart through its runpath.
 std::string CudartDir() {
   Dl_info info{};
   if (dladdr(reinterpret_cast<const void*>(&cudaGetDeviceCount), &info) == 0 ||
       info.dli_fname == nullptr) {
     return "";
   }
-  return std::filesystem::path(info.dli_fname).parent_path().string();
+  const std::filesystem::path lib(info.dli_fname);
+  if (!lib.is_absolute() || !lib.filename().string().starts_with("libcudart")) return "";
+  return lib.parent_path().string();
 }
 
 template <typename Fn>

@@ -151,7 +151,7 @@ int RunCoordinator(int argc, char** argv) {
       ParseCommand("coordinator", synopsis, flags, argc, argv, &exit_code);
   if (!args.has_value()) return exit_code;
   InstallTerminationHandlers();  // before any thread (the metrics endpoint's, the server's)
-  UseFixedMmapThreshold();  // before the weights and the KV cache (process_memory.h)
+  UseFixedMmapThreshold();  // before the engine and its buffers (process_memory.h)
   absl::StatusOr<CoordinatorOptions> options = ParseOptions(*args);
   if (!options.ok()) return Fail("coordinator", options.status());
   // The metrics endpoint comes up first (a busy port fails fast; scrapes see the load).

@@ -4,8 +4,10 @@
 namespace lorc::cli {
 
 // Fixes glibc malloc's mmap threshold at 1 MiB (setting it turns glibc's dynamic adjustment off):
-// every buffer of 1 MiB or more (weight tensors, the KV cache, step scratch) then lives in its own
-// mapping and goes back to the system when freed.
+// a buffer of 1 MiB or more (weight tensors, the KV cache, step scratch) that no free heap chunk
+// can hold then gets its own mapping, which goes back to the system when freed. Cost: a host
+// buffer of 1 MiB or more made anew each step pays an mmap and its page faults; on a CUDA
+// worker that is only the host copy of all-token logits for prompt log-probabilities.
 //
 // Why: by default glibc raises the threshold (up to 32 MiB) each time an mmapped chunk is freed,
 // so once a recovery's reload has freed the old weights, the new weights and KV cache come from

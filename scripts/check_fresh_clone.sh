@@ -19,7 +19,11 @@ cd "$clone"
 echo "== fresh clone of $(git rev-parse --short HEAD) in $clone (siblings: $(ls -A "$work" | tr '\n' ' '))"
 
 echo "== scripts/demo.sh"
+demo_t0=$SECONDS
 bash scripts/demo.sh 2>&1 | tee "$work/demo.log"
+# test.sh's last line repeats it (CI keeps only the end of the output).
+export LORC_CHECK_DEMO_S=$((SECONDS - demo_t0))
+echo "== scripts/demo.sh took ${LORC_CHECK_DEMO_S} s"
 # The demo must have generated text: the streaming client prints the request's usage last.
 grep -q "completion_tokens" "$work/demo.log" || grep -q "finish_reason" "$work/demo.log" ||
   { echo "check_fresh_clone: demo printed no completed generation" >&2; exit 1; }

@@ -17,7 +17,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 t0=$SECONDS
-phase() { echo "== scripts/test.sh: $1 done at +$((SECONDS - t0)) s"; }
+phases=""
+phase() {
+  echo "== scripts/test.sh: $1 done at +$((SECONDS - t0)) s"
+  phases+="${phases:+, }$1 +$((SECONDS - t0)) s"
+}
+# The phases' times again as the last line, pass or fail (CI keeps only the end of the output).
+trap 'echo "== scripts/test.sh: exit $? after $((SECONDS - t0)) s${LORC_CHECK_DEMO_S:+ (scripts/demo.sh before it: $LORC_CHECK_DEMO_S s)}; phases: ${phases:-none done}"' EXIT
 bash scripts/install-deps.sh
 bash scripts/build.sh
 phase build

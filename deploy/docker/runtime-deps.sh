@@ -11,8 +11,15 @@ bin=$1
 libdir=$2
 shift 2
 mkdir -p "$libdir"
+# Each by the name the binary asks dlopen for (its soname, copied under that name when no package
+# owns it), with its own libraries resolved.
 for extra in "$@"; do
   [ -f "$extra" ] || { echo "runtime-deps: $extra (loaded at run time) not found" >&2; exit 1; }
+  if ldd "$extra" | grep -v 'libcuda\.so' | grep -q 'not found'; then
+    ldd "$extra" | grep 'not found' >&2
+    echo "runtime-deps: $extra has unresolved libraries" >&2
+    exit 1
+  fi
 done
 if ldd "$bin" | grep -v 'libcuda\.so' | grep -q 'not found'; then
   ldd "$bin" | grep 'not found' >&2

@@ -167,6 +167,7 @@ TEST_F(SafetensorsTest, ReadsF32Bf16F16AndSlices) {
 TEST_F(SafetensorsTest, ZeroElementTensorsReadAsEmpty) {
   Write("model.safetensors", BuildFile({{"empty.f32", "F32", {0}, ""},
                                         {"empty.bf16", "BF16", {0, 4}, ""},
+                                        {"rows.f32", "F32", {4, 0}, ""},
                                         {"x", "F32", {1}, EncodeF32({7}, "F32")}}));
   absl::StatusOr<std::unique_ptr<CheckpointReader>> r = CheckpointReader::Open(dir_);
   ASSERT_OK(r);
@@ -175,6 +176,8 @@ TEST_F(SafetensorsTest, ZeroElementTensorsReadAsEmpty) {
   EXPECT_OK((*r)->ReadF32("empty.f32", {0}, absl::MakeSpan(none)));
   EXPECT_OK((*r)->ReadF32("empty.bf16", {0, 4}, absl::MakeSpan(none)));
   EXPECT_OK((*r)->ReadF32Slice("empty.bf16", {0, 4}, TensorSlice{1, 2, -1}, absl::MakeSpan(none)));
+  // Rows [2, 4) of a [4, 0] tensor: one run of zero elements, converted into a null pointer.
+  EXPECT_OK((*r)->ReadF32Slice("rows.f32", {4, 0}, TensorSlice{0, 2, -1}, absl::MakeSpan(none)));
   std::vector<float> one(1);
   EXPECT_THAT((*r)->ReadF32("empty.f32", {0}, absl::MakeSpan(one)),
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("0 elements")));

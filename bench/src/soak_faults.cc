@@ -889,6 +889,19 @@ int main(int argc, char** argv) {
     }
     return false;
   };
+  // After a fault on worker `rank` (pid `before`): polls until it runs under a new pid
+  // (`expect_restart`) or still under `before`, and the server serves, for at most
+  // --recovery-limit-s. Returns whether it did and the last pid seen.
+  auto wait_recovered = [&](int rank, pid_t before, bool expect_restart) -> std::pair<bool, pid_t> {
+    const auto t0 = Clock::now();
+    pid_t after = -1;
+    while (Since(t0) < o.recovery_limit_s) {
+      after = server.WorkerPid(rank);
+      if (after > 0 && (after != before) == expect_restart && Serving(*stub)) return {true, after};
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    return {false, after};
+  };
   v1::ModelInfoResponse idle;
   if (!wait_idle(60, &idle)) Violation("after warm-up: not idle within 60 s");
   // With faults, the warm-up also goes through one recovery (worker 1 SIGKILLed while idle,
@@ -900,13 +913,9 @@ int main(int argc, char** argv) {
     const pid_t before = server.WorkerPid(1);
     kill(before, SIGKILL);
     const auto t0 = Clock::now();
-    bool back = false;
-    while (!back && Since(t0) < o.recovery_limit_s) {
-      const pid_t after = server.WorkerPid(1);
-      back = after > 0 && after != before && Serving(*stub);
-      if (!back) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    if (!wait_recovered(1, before, true).first) {
+      Violation("warm-up: worker 1 not restarted or not serving after its SIGKILL");
     }
-    if (!back) Violation("warm-up: worker 1 not restarted or not serving after its SIGKILL");
     std::cerr << absl::StrFormat("[soak] warm-up: worker 1 killed and restarted in %.1f s\n", Since(t0));
     run(o.requests + warmup, o.requests + 2 * warmup, "warm-up after a recovery", t_start, false);
     if (!wait_idle(60, &idle)) Violation("after the warm-up's recovery: not idle within 60 s");
@@ -954,16 +963,7 @@ int main(int argc, char** argv) {
         kill(before, SIGCONT);  // harmless when it was killed meanwhile
       }
       const auto t0 = Clock::now();
-      pid_t after = -1;
-      bool ok = false;
-      while (Since(t0) < o.recovery_limit_s) {
-        after = server.WorkerPid(rank);
-        if (after > 0 && (after != before) == expect_restart && Serving(*stub)) {
-          ok = true;
-          break;
-        }
-        std::this_thread::sleep_for(std::chrono::milliseconds(50));
-      }
+      const auto [ok, after] = wait_recovered(rank, before, expect_restart);
       if (!ok) {
         Violation(absl::StrCat(name, ": worker ", rank, expect_restart ? " not restarted" : " restarted",
                                " or not serving within ", o.recovery_limit_s, " s (pid ", before, " -> ", after, ")"));

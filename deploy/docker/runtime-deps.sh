@@ -15,17 +15,14 @@ mkdir -p "$libdir"
 # owns it), with its own libraries resolved.
 for extra in "$@"; do
   [ -f "$extra" ] || { echo "runtime-deps: $extra (loaded at run time) not found" >&2; exit 1; }
-  if ldd "$extra" | grep -v 'libcuda\.so' | grep -q 'not found'; then
-    ldd "$extra" | grep 'not found' >&2
-    echo "runtime-deps: $extra has unresolved libraries" >&2
+done
+for f in "$bin" "$@"; do
+  if ldd "$f" | grep -v 'libcuda\.so' | grep -q 'not found'; then
+    ldd "$f" | grep 'not found' >&2
+    echo "runtime-deps: $f has unresolved libraries" >&2
     exit 1
   fi
 done
-if ldd "$bin" | grep -v 'libcuda\.so' | grep -q 'not found'; then
-  ldd "$bin" | grep 'not found' >&2
-  echo "runtime-deps: $bin has unresolved libraries" >&2
-  exit 1
-fi
 { ldd "$bin" | awk '$3 ~ /^\// {print $3}'; for extra in "$@"; do echo "$extra"; ldd "$extra" | awk '$3 ~ /^\// {print $3}'; done; } | while read -r lib; do
   case "$(basename "$lib")" in libcuda.so*) continue ;; esac
   real=$(readlink -f "$lib")

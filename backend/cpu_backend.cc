@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "backend/cpu_device_memory.h"
 #include "backend/cpu_kernels.h"
 #include "common/parallel_for.h"
 #include "common/status_macros.h"
@@ -331,7 +332,7 @@ class CpuBackend final : public Backend {
                           absl::Span<const BlockCopy> copies) override;
 
  protected:
-  void Free(void* data, MemoryKind) override { std::free(data); }
+  void Free(void* data, MemoryKind) override { memory_.Free(data); }
 
  private:
   // Offload (to_host) or load: validates everything, then copies pair after pair.
@@ -341,11 +342,7 @@ class CpuBackend final : public Backend {
   KvTransferSegments segments_;  // reused by TransferKvBlocks
   absl::StatusOr<DeviceBuffer> Alloc(size_t bytes, MemoryKind kind) {
     if (bytes == 0) return DeviceBuffer();
-    const size_t rounded = (bytes + 63) / 64 * 64;
-    void* p = std::aligned_alloc(64, rounded);
-    if (p == nullptr) {
-      return absl::ResourceExhaustedError(absl::StrCat("cpu backend: cannot allocate ", bytes, " bytes"));
-    }
+    ASSIGN_OR_RETURN(void* p, memory_.Allocate(bytes));
     return DeviceBuffer(this, p, bytes, kind);
   }
   static void NormRow(const float* x, const float* w, int64_t n, float eps, float* out) {
@@ -359,6 +356,7 @@ class CpuBackend final : public Backend {
   absl::Status Attend(const AttentionParams& p, const AttentionBatch& b,
                       const std::vector<int32_t>& seqs, const char* op);
 
+  CpuDeviceMemory memory_;  // every DeviceBuffer's storage (page-granular mappings)
   bool capturing_ = false;
   std::vector<float> cos_, sin_, k_buf_, v_buf_, scores_;
   std::vector<int32_t> kept_;

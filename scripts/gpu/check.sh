@@ -56,7 +56,7 @@ fails=0
 note() { echo "$1"; echo "$1" >> "$OUT/summary.txt"; }
 
 phase_parity() {
-  for t in "$B"/*cuda*_test "$B"/*nccl*_test; do
+  for t in "$B"/*cuda*_test "$B"/*cublas*_test "$B"/*nccl*_test; do
     [ -x "$t" ] || continue
     local name; name=$(basename "$t")
     if timeout 300 "$t" --gtest_brief=1 > "$OUT/parity-$name.txt" 2>&1; then

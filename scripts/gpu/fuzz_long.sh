@@ -37,8 +37,9 @@ for h in $harnesses; do
   ( cd /tmp/fz/$h && timeout $((SECS + 60)) $B/$h -fork=$WORKERS -max_total_time=$SECS -timeout=10 \
       -rss_limit_mb=2048 -max_len=65536 -print_final_stats=1 -artifact_prefix=$L/artifacts-$h/ \
       "${dict[@]}" /tmp/fz/$h/corpus $OLDPWD/fuzz/corpus/$h > $L/$h.log 2>&1; echo "$h rc=$?" >> $OUT/rc.txt
-    # CPU seconds of the harness and its fork workers (reaped, so counted in this subshell's children).
-    times | tail -1 | awk '{ t = 0; for (i = 1; i <= 2; ++i) { split($i, a, /[ms]/); t += a[1] * 60 + a[2] } printf "%.0f\n", t }' > $L/$h.cpu ) &
+    # CPU seconds of the harness and its fork workers (reaped, so counted in this subshell's
+    # children). `times` must not run in a pipeline: a forked pipeline stage starts with no children.
+    times > $L/$h.times; tail -1 $L/$h.times | awk '{ t = 0; for (i = 1; i <= 2; ++i) { split($i, a, /[ms]/); t += a[1] * 60 + a[2] } printf "%.0f\n", t }' > $L/$h.cpu ) &
 done
 wait
 for h in $harnesses; do

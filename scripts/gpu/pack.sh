@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 bash scripts/build.sh
 bins=(build/bin/lorcserve)
-for f in build/tests/*cuda*_test build/tests/*nccl*_test build/bin/*_bench; do
+for f in build/tests/*cuda*_test build/tests/*cublas*_test build/tests/*nccl*_test build/bin/*_bench; do
   [ -x "$f" ] && bins+=("$f")
 done
 stage=$(mktemp -d)

@@ -12,6 +12,17 @@
 // CopyBlocks, RopeKvWrite's cache rows vs Rope's output) must be exact.
 #include "tests/backend/backend_ops_fixture.h"
 
+#include <unistd.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "backend/cpu_device_memory.h"
+
 namespace lorc {
 namespace backend_test {
 namespace {
@@ -557,6 +568,49 @@ TEST(BackendKindTest, NamesParseBackCaseInsensitivelyAndNothingElseDoes) {
   EXPECT_TRUE(IsBackendKind("cpu", BackendKind::kCpu));
   EXPECT_FALSE(IsBackendKind("cuda0", BackendKind::kCuda));
   EXPECT_FALSE(IsBackendKind("", BackendKind::kCpu));
+}
+
+// The CPU backend's device memory (backend/cpu_device_memory.h): page-aligned, zero-filled, and
+// (outside AddressSanitizer, which keeps malloc's redzones) unmapped when freed, including a
+// buffer under glibc's mmap threshold (a heap chunk would stay mapped).
+bool IsMapped(const void* p) {
+  std::ifstream maps("/proc/self/maps");
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  for (std::string line; std::getline(maps, line);) {
+    uintptr_t lo = 0, hi = 0;
+    if (std::sscanf(line.c_str(), "%lx-%lx", &lo, &hi) == 2 && lo <= a && a < hi) return true;
+  }
+  return false;
+}
+
+TEST(CpuDeviceMemoryTest, BuffersArePageAlignedZeroedOwnMappingsGoneWhenFreed) {
+  CpuDeviceMemory memory;
+  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  for (size_t bytes : {size_t{1}, size_t{200} << 10, (size_t{3} << 20) + 5}) {
+    absl::StatusOr<void*> p = memory.Allocate(bytes);
+    ASSERT_TRUE(p.ok()) << p.status();
+    EXPECT_EQ(reinterpret_cast<uintptr_t>(*p) % page, 0u) << bytes;
+    const auto* bytes_in = static_cast<const unsigned char*>(*p);
+    for (size_t i = 0; i < bytes; i += 997) ASSERT_EQ(bytes_in[i], 0) << "byte " << i << " of " << bytes;
+    std::memset(*p, 0x5a, bytes);
+    ASSERT_TRUE(IsMapped(*p));
+    memory.Free(*p);
+#if !defined(__SANITIZE_ADDRESS__)
+    // A heap chunk (malloc) would stay mapped after free; a buffer's own mapping does not.
+    EXPECT_FALSE(IsMapped(*p)) << bytes << " bytes: still mapped after Free";
+#endif
+  }
+  memory.Free(nullptr);  // ignored
+}
+
+TEST(CpuDeviceMemoryTest, RefusedSizesAreErrorsNamingTheSize) {
+  CpuDeviceMemory memory;
+  absl::StatusOr<void*> huge = memory.Allocate(size_t{1} << 62);
+  ASSERT_FALSE(huge.ok());
+  EXPECT_EQ(huge.status().code(), absl::StatusCode::kResourceExhausted) << huge.status();
+  EXPECT_NE(huge.status().message().find(std::to_string(size_t{1} << 62)), std::string::npos)
+      << huge.status();
+  EXPECT_EQ(memory.Allocate(0).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
 }  // namespace

@@ -19,16 +19,23 @@
 
 namespace lorc {
 
+namespace {
+
+// Returns a buffer of CpuDeviceMemory::Allocate (`bytes`: its rounded size) to the system.
+void Release(void* p, size_t bytes) {
+#if defined(LORC_CPU_DEVICE_MEMORY_FROM_MALLOC)
+  (void)bytes;
+  std::free(p);
+#else
+  (void)munmap(p, bytes);
+#endif
+}
+
+}  // namespace
+
 CpuDeviceMemory::~CpuDeviceMemory() {
   absl::MutexLock lock(&mu_);
-  for (const auto& [p, bytes] : mapped_bytes_) {
-#if defined(LORC_CPU_DEVICE_MEMORY_FROM_MALLOC)
-    (void)bytes;
-    std::free(p);
-#else
-    (void)munmap(p, bytes);
-#endif
-  }
+  for (const auto& [p, bytes] : mapped_bytes_) Release(p, bytes);
 }
 
 absl::StatusOr<void*> CpuDeviceMemory::Allocate(size_t bytes) {
@@ -65,12 +72,7 @@ void CpuDeviceMemory::Free(void* data) {
     bytes = it->second;
     mapped_bytes_.erase(it);
   }
-#if defined(LORC_CPU_DEVICE_MEMORY_FROM_MALLOC)
-  (void)bytes;
-  std::free(data);
-#else
-  (void)munmap(data, bytes);
-#endif
+  Release(data, bytes);
 }
 
 }  // namespace lorc

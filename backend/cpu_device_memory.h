@@ -1,5 +1,6 @@
 // The CPU backend's "device memory": every buffer of Backend::Allocate / AllocateHost on the CPU
-// backend (weights, the KV cache, step buffers; all made when a model loads, none per step).
+// backend (weights, the KV cache, step buffers: made when a model loads; the tensor-parallel
+// sampled-token buffer grows by doubling a few times at most; none is made per step).
 #pragma once
 
 #include <cstddef>

@@ -19,6 +19,12 @@
 
 namespace lorc {
 
+#if defined(LORC_CPU_DEVICE_MEMORY_FROM_MALLOC)
+const bool CpuDeviceMemory::kOwnMappings = false;
+#else
+const bool CpuDeviceMemory::kOwnMappings = true;
+#endif
+
 namespace {
 
 // Returns a buffer of CpuDeviceMemory::Allocate (`bytes`: its rounded size) to the system.

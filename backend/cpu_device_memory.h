@@ -19,11 +19,14 @@ namespace lorc {
 // malloc arenas, and each recovery's reload left worker 0 up to ~4 MB more resident (2,000-request
 // soak with the GPU host's 16 cores emulated: +9.0 %; docs/RELIABILITY.md, bug 7).
 //
-// Memory is zero-filled and 4096-byte aligned (at least the 64 bytes the kernels assume). Under
-// AddressSanitizer the buffers come from aligned_alloc instead, so its redzones still catch a
-// kernel reading or writing past a buffer. Thread-safe.
+// Memory is zero-filled and page-aligned (at least the 64 bytes the kernels assume). Under
+// AddressSanitizer the buffers come from aligned_alloc instead (kOwnMappings false), so its
+// redzones still catch a kernel reading or writing past a buffer. Thread-safe.
 class CpuDeviceMemory {
  public:
+  // Whether each buffer is its own mapping, unmapped by Free (false under AddressSanitizer).
+  static const bool kOwnMappings;
+
   CpuDeviceMemory() = default;
   CpuDeviceMemory(const CpuDeviceMemory&) = delete;
   CpuDeviceMemory& operator=(const CpuDeviceMemory&) = delete;

@@ -15,6 +15,10 @@ namespace lorc::cli {
 // with bench/src/soak_faults (400 requests, TP=2 CPU, two worker reloads; 2-core Debian 12 VM,
 // 2026-12-01): worker 0's VmRSS 103.6 -> 112.1 MB (+8.2 %) by default, 99.7 -> 99.9 MB (+0.2 %)
 // with this threshold; CPU decode speed unchanged (135 tokens/s either way at batch 1).
+// Since then the CPU backend's buffers (weights, KV cache, step buffers) no longer come from
+// malloc at all (backend/cpu_device_memory.h, bug 7); the threshold still governs every other
+// large host buffer (checkpoint reads, CUDA workers' host copies, gRPC messages). Whether it is
+// still needed for the soak's bounds has not been re-measured.
 // Call once at the start of main's subcommand, before the first large allocation. No-op outside
 // glibc.
 void UseFixedMmapThreshold();

@@ -2,7 +2,8 @@
 # Builds the libFuzzer harnesses (fuzz/README.md) into $FUZZ_BUILD_DIR (default build-fuzz/) with
 # clang, AddressSanitizer, UndefinedBehaviorSanitizer and libFuzzer's coverage (CUDA, tests off),
 # then runs each for a bounded time over its seed corpus (fuzz/corpus/<harness>/, read-only; new
-# inputs go to $FUZZ_BUILD_DIR/corpus/<harness>/). Any crash, leak, timeout, out-of-memory or
+# inputs go to $FUZZ_BUILD_DIR/corpus/<harness>/), FUZZ_PARALLEL harnesses at a time (default one
+# per core: CI's 2 cores run its nine 30 s runs in about 150 s, not 270). Any crash, leak, timeout, out-of-memory or
 # broken invariant fails the run; the reproducer's path and the command that replays it are
 # printed. A summary line per harness gives executions, execs/s, cov and ft.
 #   scripts/fuzz.sh [--seconds N] [--build-only] [harness...]   (default: 60 s each, all)
@@ -39,36 +40,50 @@ cmake --build "$BUILD" -j "$JOBS" --target "${harnesses[@]}"
 
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=1:symbolize=1}
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-halt_on_error=1:print_stacktrace=1}
-failed=()
-for h in "${harnesses[@]}"; do
-  seeds=fuzz/corpus/$h
-  work=$BUILD/corpus/$h
-  artifacts=$BUILD/artifacts/$h
-  log=$BUILD/logs/$h.log
+# One harness: its run, its summary line (and on failure the log's tail and the reproducer) in
+# $BUILD/logs/<harness>.out, its exit code in <harness>.rc.
+run_one() {
+  local h=$1 seeds=fuzz/corpus/$1 work=$BUILD/corpus/$1 artifacts=$BUILD/artifacts/$1
+  local log=$BUILD/logs/$1.log out=$BUILD/logs/$1.out dict=() rc=0
   mkdir -p "$work" "$artifacts" "$(dirname "$log")"
-  dict=()
   case "$h" in
     *json_fuzz|safetensors_fuzz) dict=(-dict=fuzz/dict/json.dict) ;;
     tokenizer_encode_decode_fuzz|tokenize_request_fuzz|generate_request_fuzz) dict=(-dict=fuzz/dict/tokens.dict) ;;
   esac
-  echo "== $h: ${seconds}s over $(ls "$seeds" | wc -l) seeds"
-  rc=0
   "$BUILD/bin/$h" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -max_len=65536 \
     -print_final_stats=1 -artifact_prefix="$artifacts/" "${dict[@]}" "$work" "$seeds" \
     >"$log" 2>&1 || rc=$?
+  local execs speed last cov ft repro
   execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
   speed=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log" | tail -1)
   last=$(grep -E '^#[0-9]+' "$log" | tail -1 || true)
   cov=$(sed -n 's/.* cov: \([0-9]*\).*/\1/p' <<<"$last")
   ft=$(sed -n 's/.* ft: \([0-9]*\).*/\1/p' <<<"$last")
-  echo "$h: rc=$rc execs=${execs:-?} execs/s=${speed:-?} cov=${cov:-?} ft=${ft:-?} corpus=$(ls "$work" | wc -l)"
-  if [ "$rc" != 0 ]; then
-    tail -60 "$log"
-    repro=$(sed -n 's/.*Test unit written to \(.*\)$/\1/p' "$log" | tail -1)
-    echo "fuzz.sh: $h FAILED (rc $rc); log $log; reproducer: ${repro:-none written}"
-    [ -n "$repro" ] && echo "  replay: $BUILD/bin/$h $repro"
-    failed+=("$h")
-  fi
+  {
+    echo "$h: rc=$rc execs=${execs:-?} execs/s=${speed:-?} cov=${cov:-?} ft=${ft:-?} corpus=$(ls "$work" | wc -l)"
+    if [ "$rc" != 0 ]; then
+      tail -60 "$log"
+      repro=$(sed -n 's/.*Test unit written to \(.*\)$/\1/p' "$log" | tail -1)
+      echo "fuzz.sh: $h FAILED (rc $rc); log $log; reproducer: ${repro:-none written}"
+      if [ -n "$repro" ]; then echo "  replay: $BUILD/bin/$h $repro"; fi
+    fi
+  } >"$out"
+  echo "$rc" >"$BUILD/logs/$h.rc"
+}
+
+# FUZZ_PARALLEL harnesses at a time (default: one per core), each a single libFuzzer process.
+parallel=${FUZZ_PARALLEL:-$(nproc)}
+for h in "${harnesses[@]}"; do
+  while [ "$(jobs -rp | wc -l)" -ge "$parallel" ]; do wait -n || true; done
+  echo "== $h: ${seconds}s over $(ls "fuzz/corpus/$h" | wc -l) seeds"
+  rm -f "$BUILD/logs/$h.rc"
+  run_one "$h" &
+done
+wait
+failed=()
+for h in "${harnesses[@]}"; do
+  cat "$BUILD/logs/$h.out"
+  [ "$(cat "$BUILD/logs/$h.rc" 2>/dev/null)" = 0 ] || failed+=("$h")
 done
 if [ ${#failed[@]} -gt 0 ]; then
   echo "fuzz.sh: failed: ${failed[*]}" >&2

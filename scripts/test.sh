@@ -3,8 +3,8 @@
 # GPU tests skip themselves on machines without a CUDA device.
 #
 # The reliability jobs of tests/README.md run after the ordinary tests when asked; CI (.ci/run)
-# asks for the soak, ASan and the fuzzers (TSan not yet: tests/README.md says why), a plain local
-# run for none (tests/README.md has each one's measured time on 2 cores):
+# asks for all four, a plain local run for none (tests/README.md has each one's measured time on
+# 2 cores):
 #   LORC_SOAK=1            the 2,000-request soak with faults (SoakFaults2000) joins the ctest run
 #                          (docs/RELIABILITY.md);
 #   LORC_SANITIZERS=1      ASan+UBSan over the unit and end-to-end tests (scripts/sanitize.sh

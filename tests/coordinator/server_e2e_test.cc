@@ -369,7 +369,13 @@ int64_t VmRssKb(pid_t pid) {
 }
 
 TEST_F(ServerE2ETest, ReloadsAfterWorkerRestartsKeepTheSurvivorsMemory) {
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  // The memory bound is not checked under sanitizers (below): three restarts exercise the reload
+  // path's races and leaks as well as nine, at a third of the time (79 s for nine under TSan).
+  constexpr int kRestarts = 3;
+#else
   constexpr int kRestarts = 9;  // the first sets the baseline of the other 8
+#endif
   [[maybe_unused]] constexpr int64_t kFirstReloadKb = 16 * 1024;  // not checked under sanitizers
   ASSERT_NO_FATAL_FAILURE(StartServer(2, {"--max-restarts", "20", "--num-blocks", "48"}));
   const Golden& g = GoldenPrompts()[0];

@@ -3,9 +3,9 @@
 # clang, AddressSanitizer, UndefinedBehaviorSanitizer and libFuzzer's coverage (CUDA, tests off),
 # then runs each for a bounded time over its seed corpus (fuzz/corpus/<harness>/, read-only; new
 # inputs go to $FUZZ_BUILD_DIR/corpus/<harness>/), FUZZ_PARALLEL harnesses at a time (default one
-# per core: CI's 2 cores run its nine 30 s runs in about 150 s, not 270). Any crash, leak, timeout, out-of-memory or
-# broken invariant fails the run; the reproducer's path and the command that replays it are
-# printed. A summary line per harness gives executions, execs/s, cov and ft.
+# per core: on CI's 2 cores, nine 30 s runs take five rounds, ~150 s, instead of 270 s). Any crash,
+# leak, timeout, out-of-memory or broken invariant fails the run (the reproducer's path and its
+# replay command are printed); a summary line per harness gives executions, execs/s, cov and ft.
 #   scripts/fuzz.sh [--seconds N] [--build-only] [harness...]   (default: 60 s each, all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +17,7 @@ while [ $# -gt 0 ]; do
     --seconds) seconds=$2; shift 2 ;;
     --seconds=*) seconds=${1#*=}; shift ;;
     --build-only) build_only=1; shift ;;
-    -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
     -*) echo "fuzz.sh: unknown option $1" >&2; exit 2 ;;
     *) harnesses+=("$1"); shift ;;
   esac
@@ -76,13 +76,13 @@ parallel=${FUZZ_PARALLEL:-$(nproc)}
 for h in "${harnesses[@]}"; do
   while [ "$(jobs -rp | wc -l)" -ge "$parallel" ]; do wait -n || true; done
   echo "== $h: ${seconds}s over $(ls "fuzz/corpus/$h" | wc -l) seeds"
-  rm -f "$BUILD/logs/$h.rc"
+  rm -f "$BUILD/logs/$h.rc" "$BUILD/logs/$h.out"
   run_one "$h" &
 done
 wait
 failed=()
 for h in "${harnesses[@]}"; do
-  cat "$BUILD/logs/$h.out"
+  cat "$BUILD/logs/$h.out" 2>/dev/null || echo "$h: no result (its run ended before writing one)"
   [ "$(cat "$BUILD/logs/$h.rc" 2>/dev/null)" = 0 ] || failed+=("$h")
 done
 if [ ${#failed[@]} -gt 0 ]; then

@@ -150,6 +150,7 @@ int RunCoordinator(int argc, char** argv) {
   const std::optional<Args> args =
       ParseCommand("coordinator", synopsis, flags, argc, argv, &exit_code);
   if (!args.has_value()) return exit_code;
+  LimitMallocArenas();  // before any thread (process_memory.h)
   InstallTerminationHandlers();  // before any thread (the metrics endpoint's, the server's)
   UseFixedMmapThreshold();  // before the engine and its buffers (process_memory.h)
   absl::StatusOr<CoordinatorOptions> options = ParseOptions(*args);

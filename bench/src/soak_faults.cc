@@ -104,6 +104,7 @@ struct Options {
   int32_t worker_threads = 1;     // each worker's --threads (CPU backend compute threads)
   bool faults = true;
   std::string server_log;         // keep the coordinator's stderr here
+  std::string smaps_dir;          // copy both processes' /proc/PID/smaps here at baseline and end
 };
 
 void Usage() {
@@ -111,7 +112,7 @@ void Usage() {
                "  [--seed S] [--num-blocks B] [--max-num-seqs S] [--ref-prompts P] [--ref-tokens T]\n"
                "  [--long-prompt-max L] [--max-tokens-max T] [--short-stop-s S] [--long-stop-s S]\n"
                "  [--recovery-limit-s S] [--settle-s S] [--rss-tolerance F] [--no-faults]\n"
-               "  [--worker-threads N] [--server-log FILE]\n";
+               "  [--worker-threads N] [--server-log FILE] [--smaps-dir DIR]\n";
 }
 
 std::optional<Options> ParseOptions(int argc, char** argv) {
@@ -135,6 +136,7 @@ std::optional<Options> ParseOptions(int argc, char** argv) {
     if (a == "--lorcserve") o.lorcserve = v;
     else if (a == "--model") o.model = v;
     else if (a == "--server-log") o.server_log = v;
+    else if (a == "--smaps-dir") o.smaps_dir = v;
     else if (a == "--requests") as_i64(&o.requests, 1);
     else if (a == "--concurrency") as_i32(&o.concurrency, 1);
     else if (a == "--seed") ok = absl::SimpleAtoi(v, &o.seed);
@@ -224,6 +226,16 @@ bool IsGrpcPoolThread(const std::string& comm) {
   }
   return false;
 }
+// With --smaps-dir: /proc/PID/smaps of both processes as DIR/<when>-<name>.smaps, so that a
+// failed memory bound can be traced to the mapping that grew (heap, an arena, a thread stack).
+void SaveSmaps(const std::string& dir, const std::string& when, const std::string& name, pid_t pid) {
+  if (dir.empty()) return;
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  const fs::path out = fs::path(dir) / absl::StrCat(when, "-", name, ".smaps");
+  std::ofstream(out) << ReadAll(absl::StrCat("/proc/", pid, "/smaps"));
+}
+
 bool ThreadsBack(const ProcStats& base, const ProcStats& now) {
   int own_b = 0, own_n = 0, grpc_b = 0, grpc_n = 0;
   for (const auto& [n, c] : base.thread_names) (IsGrpcPoolThread(n) ? grpc_b : own_b) += c;
@@ -923,6 +935,8 @@ int main(int argc, char** argv) {
   std::this_thread::sleep_for(std::chrono::seconds(2));
   const pid_t w0 = server.WorkerPid(0);
   const ProcStats coord_base = Stats(server.pid()), w0_base = Stats(w0);
+  SaveSmaps(o.smaps_dir, "baseline", "coordinator", server.pid());
+  SaveSmaps(o.smaps_dir, "baseline", "worker0", w0);
   std::cerr << absl::StrFormat("[soak] baseline: coordinator rss %d kB threads %d fds %d; worker 0 (pid %d) rss %d kB threads %d fds %d\n",
                                coord_base.rss_kb, coord_base.threads, coord_base.fds, w0, w0_base.rss_kb,
                                w0_base.threads, w0_base.fds);
@@ -1075,6 +1089,8 @@ int main(int argc, char** argv) {
                                 100 * o.rss_tolerance));
     }
   };
+  SaveSmaps(o.smaps_dir, "end", "coordinator", server.pid());
+  SaveSmaps(o.smaps_dir, "end", "worker0", w0);
   check_proc("coordinator", coord_base, coord_end);
   check_proc("worker 0", w0_base, w0_end);
   channel.reset();

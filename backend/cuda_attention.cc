@@ -21,10 +21,16 @@ namespace lorc::cuda_internal {
 namespace {
 
 // Split-KV heuristic: aim for this many decode CTAs per SM (work items x KV heads), never cut a
-// sequence into chunks shorter than kMinChunk keys, and hold at most kPartialsPerSm x SMs
-// partial (out, lse) slots.
+// sequence into chunks shorter than kMinChunk keys, prefer chunks of at least kLongChunk keys
+// whenever they still give 1.5 CTAs per SM, and hold at most kPartialsPerSm x SMs partial
+// (out, lse) slots. The kLongChunk rule comes from LORC_DECODE_SPLIT A/Bs on an H200
+// (Llama-3-8B shape, 8 KV heads, 132 SMs, 2026-12-02, docs/PERFORMANCE.md), batch 1: 4,096 keys
+// ran 4.79-4.87 ms a step in chunks of 128 (264 CTAs) against 4.98-5.07 in chunks of 82 (400
+// CTAs) and 5.06-5.08 in chunks of 256 (136 CTAs); 2,048 keys 4.67-4.69 in chunks of 64 (264
+// CTAs) against 4.73-4.81 in chunks of 128 (136 CTAs); 1,024 and 128 keys faster in chunks of 64.
 constexpr int kTargetCtasPerSm = 3;
 constexpr int kMinChunk = 64;
+constexpr int kLongChunk = 128;
 constexpr int kPartialsPerSm = 4;
 // KV heads assumed by the first plan, before a decode call has shown the real count.
 constexpr int kDefaultKvHeads = 8;
@@ -57,11 +63,13 @@ class CudaAttentionPlan final : public AttentionPlan {
   mutable int kv_heads_hint = kDefaultKvHeads;
   mutable int ctas_per_sm_hint = kTargetCtasPerSm;
   mutable int min_chunk_hint = kMinChunk;
+  mutable int long_chunk_hint = kLongChunk;
   int num_work_ = 0;  // host: the work items of the latest Plan
-  // The full-KV decode's split heuristic (LORC_DECODE_SPLIT="ctas_per_sm,min_chunk" overrides
-  // it for A/B measurements).
+  // The full-KV decode's split heuristic (LORC_DECODE_SPLIT="ctas_per_sm,min_chunk[,long_chunk]"
+  // overrides it for A/B measurements; long_chunk defaults to min_chunk there, i.e. no rule).
   int decode_ctas_per_sm = kTargetCtasPerSm;
   int decode_min_chunk = kMinChunk;
+  int decode_long_chunk = kLongChunk;
 
   // Work items the split heuristic aims at when decodes are fewer.
   int target_work_items() const {
@@ -127,6 +135,11 @@ absl::Status CudaAttentionPlan::Plan(Backend& be, const AttentionBatch& b) {
   int64_t chunk = INT32_MAX;
   if (static_cast<int>(decodes.size()) < target_items && decode_keys > 0) {
     chunk = std::max<int64_t>(min_chunk_hint, (decode_keys + target_items - 1) / target_items);
+    if (chunk < long_chunk_hint) {
+      int64_t long_items = 0;
+      for (int32_t s : decodes) long_items += (b.host_seq_lens[s] + long_chunk_hint - 1) / long_chunk_hint;
+      if (2 * long_items * kv_heads_hint >= 3 * static_cast<int64_t>(num_sms)) chunk = long_chunk_hint;
+    }
     for (;;) {
       int64_t partials = 0;
       for (int32_t s : decodes) {
@@ -381,10 +394,12 @@ absl::StatusOr<std::unique_ptr<AttentionPlan>> CudaBackend::CreateAttentionPlan(
   RETURN_IF_ERROR(CudaError(cudaDeviceGetAttribute(&plan->num_sms, cudaDevAttrMultiProcessorCount, device_),
                             "CreateAttentionPlan: SM count"));
   if (const char* e = std::getenv("LORC_DECODE_SPLIT"); e != nullptr) {
-    int c = 0, m = 0;
-    if (std::sscanf(e, "%d,%d", &c, &m) == 2 && c > 0 && m > 0) {
+    int c = 0, m = 0, l = 0;
+    const int n = std::sscanf(e, "%d,%d,%d", &c, &m, &l);
+    if (n >= 2 && c > 0 && m > 0) {
       plan->decode_ctas_per_sm = c;
       plan->decode_min_chunk = m;
+      plan->decode_long_chunk = n == 3 && l > 0 ? l : m;
     }
   }
   plan->max_partials = std::max(64, kPartialsPerSm * plan->num_sms);
@@ -411,6 +426,7 @@ absl::Status CudaBackend::DecodeAttention(const AttentionParams& p, const Attent
   cp.kv_heads_hint = p.num_kv_heads;
   cp.ctas_per_sm_hint = cp.decode_ctas_per_sm;
   cp.min_chunk_hint = cp.decode_min_chunk;
+  cp.long_chunk_hint = cp.decode_long_chunk;
   kernels::DecodeSchedule s = cp.decode_schedule();
   // A captured launch replays over any later plan of its batch size (the capture's num_seqs);
   // an eager one runs this plan only.
@@ -424,6 +440,7 @@ absl::Status CudaBackend::LatentAttention(const LatentAttentionParams& p, const 
   cp.kv_heads_hint = p.num_kv_heads;
   cp.ctas_per_sm_hint = kernels::kLatentDecodeCtasPerSm;
   cp.min_chunk_hint = kernels::kLatentMinChunk;
+  cp.long_chunk_hint = kernels::kLatentMinChunk;  // no long-chunk rule measured for latents
   // A captured step always launches the decode kernels (the replayed plan may hold decodes).
   if (cp.num_decodes() > 0 || capturing_) {
     RETURN_IF_ERROR(CudaError(kernels::LaunchLatentDecode(a, cp.decode_schedule(), stream_), "LatentAttention decode"));

@@ -186,6 +186,7 @@ struct ProcStats {
   int64_t threads = -1;
   int64_t fds = -1;
   std::map<std::string, int> thread_names;  // /proc/PID/task/*/comm -> count
+  double cpu_s = 0;  // user + system CPU time so far (/proc/PID/stat utime + stime)
 };
 
 int64_t CountDir(const fs::path& p) {
@@ -212,6 +213,15 @@ ProcStats Stats(pid_t pid) {
     ++s.thread_names[comm];
   }
   s.fds = CountDir(dir / "fd");
+  // stat: "pid (comm) state ..." with utime and stime the 12th and 13th fields after ')'.
+  const std::string stat = ReadAll(dir / "stat");
+  if (const size_t rp = stat.rfind(')'); rp != std::string::npos) {
+    std::vector<std::string> f = absl::StrSplit(stat.substr(rp + 1), ' ', absl::SkipEmpty());
+    int64_t utime = 0, stime = 0;
+    if (f.size() > 12 && absl::SimpleAtoi(f[11], &utime) && absl::SimpleAtoi(f[12], &stime)) {
+      s.cpu_s = static_cast<double>(utime + stime) / static_cast<double>(sysconf(_SC_CLK_TCK));
+    }
+  }
   return s;
 }
 
@@ -1107,13 +1117,14 @@ int main(int argc, char** argv) {
       "TTFT ms      p50 %.1f  p99 %.1f (%d requests)\n"
       "faults       %d injected, %d survived; %d UNAVAILABLE, %d RESOURCE_EXHAUSTED retried (%d retries)\n"
       "pressure     %d preemptions, up to %d waiting (%d ModelInfo polls)\n"
-      "coordinator  rss %d -> %d kB, threads %d -> %d, fds %d -> %d\n"
-      "worker 0     rss %d -> %d kB, threads %d -> %d, fds %d -> %d (survived %s)\n",
+      "coordinator  rss %d -> %d kB, threads %d -> %d, fds %d -> %d, CPU %.1f s over the run\n"
+      "worker 0     rss %d -> %d kB, threads %d -> %d, fds %d -> %d, CPU %.1f s (survived %s)\n",
       o.requests, o.concurrency, o.num_blocks, o.seed, wall, o.requests / wall, out_tokens / wall,
       Percentile(ttft_ms, 0.5), Percentile(ttft_ms, 0.99), ttft_ms.size(), faults.injected, faults.survived,
       unavailable, exhausted, retries, preemptions, max_waiting, polls, coord_base.rss_kb, coord_end.rss_kb, coord_base.threads, coord_end.threads,
-      coord_base.fds, coord_end.fds, w0_base.rss_kb, w0_end.rss_kb, w0_base.threads, w0_end.threads, w0_base.fds,
-      w0_end.fds, o.faults ? "two recoveries (reloads)" : "no faults");
+      coord_base.fds, coord_end.fds, coord_end.cpu_s - coord_base.cpu_s, w0_base.rss_kb, w0_end.rss_kb,
+      w0_base.threads, w0_end.threads, w0_base.fds, w0_end.fds, w0_end.cpu_s - w0_base.cpu_s,
+      o.faults ? "two recoveries (reloads)" : "no faults");
   std::string by_status;
   for (const auto& [k, v] : statuses) absl::StrAppend(&by_status, by_status.empty() ? "" : ", ", k, " ", v);
   std::cout << "statuses     " << by_status << "\n";
@@ -1123,13 +1134,15 @@ int main(int argc, char** argv) {
       "\"requests_per_s\": %.2f, \"output_tokens_per_s\": %.1f, \"ttft_ms\": {\"p50\": %.1f, \"p99\": %.1f}, "
       "\"faults_injected\": %d, \"faults_survived\": %d, \"unavailable_retried\": %d, \"retries\": %d, "
       "\"preemptions\": %d, \"max_waiting\": %d, "
-      "\"coordinator\": {\"rss_kb\": [%d, %d], \"threads\": [%d, %d], \"fds\": [%d, %d]}, "
-      "\"worker0\": {\"rss_kb\": [%d, %d], \"threads\": [%d, %d], \"fds\": [%d, %d]}, \"shutdown_s\": %.2f, "
+      "\"coordinator\": {\"rss_kb\": [%d, %d], \"threads\": [%d, %d], \"fds\": [%d, %d], \"cpu_s\": %.1f}, "
+      "\"worker0\": {\"rss_kb\": [%d, %d], \"threads\": [%d, %d], \"fds\": [%d, %d], \"cpu_s\": %.1f}, "
+      "\"shutdown_s\": %.2f, "
       "\"violations\": %d}\n",
       o.requests, o.concurrency, o.num_blocks, o.seed, wall, o.requests / wall, out_tokens / wall,
       Percentile(ttft_ms, 0.5), Percentile(ttft_ms, 0.99), faults.injected, faults.survived, unavailable, retries,
       preemptions, max_waiting, coord_base.rss_kb, coord_end.rss_kb, coord_base.threads, coord_end.threads, coord_base.fds, coord_end.fds,
-      w0_base.rss_kb, w0_end.rss_kb, w0_base.threads, w0_end.threads, w0_base.fds, w0_end.fds, shutdown_s,
+      coord_end.cpu_s - coord_base.cpu_s, w0_base.rss_kb, w0_end.rss_kb, w0_base.threads, w0_end.threads, w0_base.fds,
+      w0_end.fds, w0_end.cpu_s - w0_base.cpu_s, shutdown_s,
       g_failures.size());
   if (!g_failures.empty()) {
     std::cerr << "soak_faults: " << g_failures.size() << " invariant violations; server log " << server.log() << "\n";

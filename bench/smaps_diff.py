@@ -7,9 +7,9 @@ Prints the Rss change per mapping (matched by start address; new and gone mappin
 largest first, and the totals by kind: [heap] (the main malloc arena), anonymous mappings of
 64 MiB or less aligned to 64 MiB (glibc's per-thread malloc arenas), writable anonymous mappings
 right above an inaccessible one (thread stacks above their guard page; a heuristic), other
-anonymous mappings, and files. Units: kB, as in
-smaps.
+anonymous mappings, and files. Units: kB, as in smaps.
 """
+import argparse
 import re
 import sys
 
@@ -53,11 +53,13 @@ def kinds(maps):
 
 
 def main(argv):
-    if len(argv) < 3:
-        print(__doc__, file=sys.stderr)
-        return 2
-    top = int(argv[argv.index("--top") + 1]) if "--top" in argv else 20
-    a, b = parse(argv[1]), parse(argv[2])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("before")
+    ap.add_argument("after")
+    ap.add_argument("--top", type=int, default=20, help="mappings listed (default 20)")
+    args = ap.parse_args(argv[1:])
+    top = args.top
+    a, b = parse(args.before), parse(args.after)
     ka, kb = kinds(a), kinds(b)
     am = {m["start"]: m for m in a}
     bm = {m["start"]: m for m in b}

@@ -19,10 +19,13 @@ void UseFixedMmapThreshold() {
 void LimitMallocArenas() {
 #if defined(__GLIBC__)
   constexpr int kCoordinatorMallocArenas = 4;
+  // The operator's choice wins: a MALLOC_ARENA_MAX glibc accepts (a positive number; it ignores
+  // an empty or zero one), or glibc.malloc.arena_max in GLIBC_TUNABLES.
+  const char* env = std::getenv("MALLOC_ARENA_MAX");
   const char* tunables = std::getenv("GLIBC_TUNABLES");
-  if (std::getenv("MALLOC_ARENA_MAX") != nullptr ||
-      (tunables != nullptr && std::strstr(tunables, "glibc.malloc.arena_max") != nullptr)) {
-    return;  // the operator's choice
+  if ((env != nullptr && std::strtol(env, nullptr, 10) > 0) ||
+      (tunables != nullptr && std::strstr(tunables, "glibc.malloc.arena_max=") != nullptr)) {
+    return;
   }
   (void)mallopt(M_ARENA_MAX, kCoordinatorMallocArenas);
 #endif

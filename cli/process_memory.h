@@ -23,21 +23,22 @@ namespace lorc::cli {
 // glibc.
 void UseFixedMmapThreshold();
 
-// Caps glibc malloc at kCoordinatorMallocArenas arenas (M_ARENA_MAX) unless the environment
-// already chose (MALLOC_ARENA_MAX, or arena_max in GLIBC_TUNABLES). For the coordinator, whose
-// many short-lived gRPC threads each get an arena: by default glibc allows 8 per core, and every
-// arena keeps its own high-water mark of touched pages (its top is not trimmed below the trim
-// threshold, and malloc_trim leaves it), so resident memory creeps up as threads come and go and
-// each arena meets its own peak, with the live heap flat. Cost: threads share arenas' locks for
-// what their per-thread cache (tcache) does not serve.
+// Caps glibc malloc at 4 arenas (M_ARENA_MAX) unless the environment already chose (a positive
+// MALLOC_ARENA_MAX, or glibc.malloc.arena_max in GLIBC_TUNABLES). For the coordinator, whose
+// many short-lived gRPC threads each get an arena: by default glibc allows 8 per core, and each
+// arena keeps resident the pages its own peaks touched wherever a live chunk still sits on them
+// (malloc_trim returns only whole free pages), so resident memory creeps up as threads come and
+// go and each arena meets its own peak, with the live heap flat. Cost: threads share arenas'
+// locks for what their per-thread cache (tcache) does not serve; not measurable in the soak.
 //
 // Measured with bench/src/soak_faults (CI's 2,000-request run with faults, TP=2 CPU; 2-core
 // Debian 12 VM, 2026-12-02): heaptrack over the run found the coordinator's live heap at 1.43 MB
 // after warm-up and 1.44 MB at the end, while VmRSS grew +5.8 % (+1.98 MB: +1.52 MB in the 15
 // malloc arenas' mappings, +0.29 MB in the stacks of 3 more gRPC threads). With the cap: +2.1 %
 // and +1.9 % over 2,000 requests (+4.1-4.2 % with 16 arenas in the same build), +4.7 % over
-// 10,000, the coordinator's CPU time over a run 15.9 s against 17.3 s uncapped; RELIABILITY.md. Call once at the start of the subcommand, before any thread. No-op
-// outside glibc.
+// 10,000; the coordinator's CPU time over a run 15.9 s capped, 17.3 s uncapped
+// (docs/RELIABILITY.md, bug 8). Call once at the start of the subcommand, before any thread.
+// No-op outside glibc.
 void LimitMallocArenas();
 
 }  // namespace lorc::cli

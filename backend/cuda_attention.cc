@@ -22,12 +22,13 @@ namespace {
 
 // Split-KV heuristic: aim for this many decode CTAs per SM (work items x KV heads), never cut a
 // sequence into chunks shorter than kMinChunk keys, prefer chunks of at least kLongChunk keys
-// whenever they still give 1.5 CTAs per SM (and no more items than the target), and hold at most kPartialsPerSm x SMs partial
-// (out, lse) slots. The kLongChunk rule comes from LORC_DECODE_SPLIT A/Bs on an H200
-// (Llama-3-8B shape, 8 KV heads, 132 SMs, 2026-12-02, docs/PERFORMANCE.md), batch 1: 4,096 keys
-// ran 4.75-4.88 ms a step in chunks of 128 (264 CTAs) against 4.98-5.07 in chunks of 82 (400
-// CTAs) and 5.06-5.08 in chunks of 256 (136 CTAs); 2,048 keys 4.66-4.69 in chunks of 64 (264
-// CTAs) against 4.73-4.81 in chunks of 128 (136 CTAs); 1,024 and 128 keys faster in chunks of 64.
+// whenever they still give 1.5 CTAs per SM (and no more items than the target), and hold at
+// most kPartialsPerSm x SMs partial (out, lse) slots. The kLongChunk rule comes from
+// LORC_DECODE_SPLIT A/Bs on an H200 (Llama-3-8B shape, 8 KV heads, 132 SMs, 2026-12-02,
+// docs/PERFORMANCE.md), batch 1: 4,096 keys ran 4.75-4.88 ms a step in chunks of 128 (264 CTAs)
+// against 4.98-5.07 in chunks of 82 (400 CTAs) and 5.06-5.08 in chunks of 256 (136 CTAs); 2,048
+// keys 4.66-4.69 in chunks of 64 (264 CTAs) against 4.73-4.81 in chunks of 128 (136 CTAs); 1,024
+// and 128 keys faster in chunks of 64.
 constexpr int kTargetCtasPerSm = 3;
 constexpr int kMinChunk = 64;
 constexpr int kLongChunk = 128;
@@ -139,8 +140,11 @@ absl::Status CudaAttentionPlan::Plan(Backend& be, const AttentionBatch& b) {
       // Only to trade CTAs for length (fewer items than the target); never to re-cut many short
       // sequences (e.g. 32 x 129 keys: 128 + 1 instead of 83 + 46), which was not measured.
       int64_t long_items = 0;
-      for (int32_t s : decodes) long_items += (int64_t{b.host_seq_lens[s]} + long_chunk_hint - 1) / long_chunk_hint;
-      if (long_items <= target_items && 2 * long_items * kv_heads_hint >= 3 * static_cast<int64_t>(num_sms)) {
+      for (int32_t s : decodes) {
+        long_items += (int64_t{b.host_seq_lens[s]} + long_chunk_hint - 1) / long_chunk_hint;
+      }
+      const bool enough_ctas = 2 * long_items * kv_heads_hint >= 3 * static_cast<int64_t>(num_sms);
+      if (long_items <= target_items && enough_ctas) {
         chunk = long_chunk_hint;
       }
     }

@@ -28,12 +28,6 @@ absl::StatusOr<CoordinatorOptions> ParseOptions(const Args& args) {
   CoordinatorOptions o;
   ASSIGN_OR_RETURN(o.model, ParseModelSource(args));
   ASSIGN_OR_RETURN(o.kv, ParseKvCacheOptions(args));
-  if (o.kv.kv_policy.enabled()) {
-    // The worker protocol does not carry it yet (kvpolicy/README.md).
-    return absl::InvalidArgumentError(
-        "--kv-policy: the coordinator's workers do not take a KV policy yet (generate, eval and "
-        "bench run it in process)");
-  }
   ASSIGN_OR_RETURN(o.listen, args.GetListenAddress("listen", "127.0.0.1:50051"));
   if (args.Has("internal-listen")) {
     ASSIGN_OR_RETURN(o.internal_listen, args.GetListenAddress("internal-listen", ""));

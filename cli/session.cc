@@ -49,7 +49,7 @@ std::vector<FlagSpec> KvCacheFlags() {
       {"kv-policy", true,
        "token-level KV policy (kvpolicy/README.md): none (default), corm (evict keys no recent "
        "query attended, arXiv 2404.15949) or mikv (keep them in low precision instead, arXiv "
-       "2402.18096); cpu backend; generate, eval and bench (not the coordinator's workers yet)",
+       "2402.18096); cpu backend; generate, eval, bench and the coordinator (sent to its workers)",
        "P"},
       {"kv-policy-window", true,
        absl::StrCat("CORM's w: a key stays while one of the last W queries gave it attention "

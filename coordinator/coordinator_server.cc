@@ -126,6 +126,7 @@ absl::Status CoordinatorServer::StartServer() {
   info.set_kv_compression(
       MakeKvCacheSpec(config_, spec_options).value_or(KvCacheSpec{}).CompressionName());
   info.set_kv_cache_dtype(KvCacheDtypeName(options_.kv.kv_cache_dtype));
+  info.set_kv_policy(options_.kv.kv_policy.Describe());  // "none" without one
   service_ = std::make_unique<LorcServeService>(
       config_, tokenizer_.get(), info, [this](lorcserve::v1::ModelInfoResponse* r) { FillLive(r); });
   service_->SetObservability(metrics_.get(), log_.get());

@@ -146,6 +146,7 @@ absl::Status WorkerGroup::Connect() {
       req.set_enforce_eager(options_.kv.enforce_eager);
       req.set_kv_cache_dtype(KvCacheDtypeName(options_.kv.kv_cache_dtype));
       req.set_kv_offloading_bytes(options_.kv.kv_offloading_bytes);
+      if (options_.kv.kv_policy.enabled()) KvPolicyToProto(options_.kv.kv_policy, req.mutable_kv_policy());
       lorcserve::internal::LoadModelResponse resp;
       const absl::Status s = FromGrpcStatus(wp->stub->LoadModel(&ctx, req, &resp));
       if (!s.ok()) return absl::Status(s.code(), absl::StrCat(wp->Name(), ": ", s.message()));

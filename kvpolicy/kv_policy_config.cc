@@ -97,7 +97,7 @@ absl::Status ValidateKvPolicyConfig(const KvPolicyConfig& c) {
   if (!c.enabled() && c.has_budget()) {
     return absl::InvalidArgumentError("--kv-token-budget needs --kv-policy corm or mikv");
   }
-  if (c.budget_fraction < 0.0 || c.budget_fraction > 1.0 || c.budget_tokens < 0 ||
+  if (!(c.budget_fraction >= 0.0 && c.budget_fraction <= 1.0) || c.budget_tokens < 0 ||  // NaN too
       (c.budget_fraction > 0.0 && c.budget_tokens > 0)) {
     return absl::InvalidArgumentError(absl::StrCat("--kv-token-budget: fraction ", c.budget_fraction,
                                                    " and count ", c.budget_tokens,

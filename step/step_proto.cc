@@ -2,6 +2,8 @@
 
 #include <algorithm>
 
+#include "absl/strings/str_cat.h"
+
 namespace lorc {
 namespace {
 
@@ -183,6 +185,40 @@ StepResult StepResultFromProto(const lorcserve::internal::StepResult& p) {
     r.prompt_logprobs.push_back(std::move(lp));
   }
   return r;
+}
+
+void KvPolicyToProto(const kvpolicy::KvPolicyConfig& c, lorcserve::internal::KvPolicy* out) {
+  out->set_kind(kvpolicy::KvPolicyKindName(c.kind));
+  out->set_window(c.window);
+  out->set_recent(c.recent);
+  out->set_sinks(c.sinks);
+  out->set_budget_fraction(c.budget_fraction);
+  out->set_budget_tokens(c.budget_tokens);
+  out->set_low_bits(c.low_bits);
+  out->set_prefill(kvpolicy::KvPolicyPrefillName(c.prefill));
+}
+
+absl::StatusOr<kvpolicy::KvPolicyConfig> KvPolicyFromProto(const lorcserve::internal::KvPolicy& p) {
+  kvpolicy::KvPolicyConfig c;
+  absl::StatusOr<kvpolicy::KvPolicyKind> kind = kvpolicy::ParseKvPolicyKind(p.kind());
+  if (!kind.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("kv_policy.kind: ", kind.status().message()));
+  }
+  absl::StatusOr<kvpolicy::KvPolicyPrefill> prefill = kvpolicy::ParseKvPolicyPrefill(p.prefill());
+  if (!prefill.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("kv_policy.prefill: ", prefill.status().message()));
+  }
+  c.kind = *kind;
+  c.prefill = *prefill;
+  c.window = p.window();
+  c.recent = p.recent();
+  c.sinks = p.sinks();
+  c.budget_fraction = p.budget_fraction();
+  c.budget_tokens = p.budget_tokens();
+  c.low_bits = p.low_bits();
+  const absl::Status s = kvpolicy::ValidateKvPolicyConfig(c);
+  if (!s.ok()) return absl::InvalidArgumentError(absl::StrCat("kv_policy: ", s.message()));
+  return c;
 }
 
 }  // namespace lorc

@@ -326,6 +326,9 @@ absl::StatusOr<lorcserve::internal::LoadModelResponse> WorkerService::LoadModelO
   if (!req.kv_cache_dtype().empty()) {
     ASSIGN_OR_RETURN(kv.kv_cache_dtype, ParseKvCacheDtype(req.kv_cache_dtype()));
   }
+  if (req.has_kv_policy()) {
+    ASSIGN_OR_RETURN(kv.kv_policy, KvPolicyFromProto(req.kv_policy()));
+  }
   ASSIGN_OR_RETURN(d.model, lorc::LoadModel(src, d.backend.get(), req.tp_rank(), tp_size, d.comm.get(), kv));
   d.executor = std::make_unique<StepExecutor>(d.model.runner.get(), d.comm.get());
   model_loaded_ = true;

@@ -1,6 +1,10 @@
 // The step contract's wire form: lossless round trips, and a decode step whose size does not
-// grow with the context (the point of the incremental protocol).
+// grow with the context (the point of the incremental protocol); the load-time KV policy's
+// round trip and its checks on arrival.
 #include "step/step_proto.h"
+
+#include <cmath>
+#include <functional>
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -134,6 +138,56 @@ TEST(StepProtoTest, ADecodeStepsBytesDoNotGrowWithTheContext) {
   };
   EXPECT_LE(bytes(32768), bytes(128) + 64);  // varints of num_computed_tokens: a byte each
   EXPECT_LT(bytes(32768), 1024u);
+}
+
+// LoadModelRequest.kv_policy: every field survives (both policies, both budgets, both prefill
+// modes, 2 bits), and what a worker receives is checked as the flags are, naming the field.
+TEST(StepProtoTest, KvPolicyRoundTripKeepsEveryFieldAndChecksOnArrival) {
+  kvpolicy::KvPolicyConfig a;
+  a.kind = kvpolicy::KvPolicyKind::kMikv;
+  a.window = 7;
+  a.recent = 5;
+  a.sinks = 2;
+  a.budget_fraction = 0.3;
+  a.low_bits = 2;
+  a.prefill = kvpolicy::KvPolicyPrefill::kEveryChunk;
+  kvpolicy::KvPolicyConfig b;
+  b.kind = kvpolicy::KvPolicyKind::kCorm;
+  b.budget_tokens = 512;
+  for (const kvpolicy::KvPolicyConfig& c : {a, b}) {
+    lorcserve::internal::KvPolicy p;
+    KvPolicyToProto(c, &p);
+    absl::StatusOr<kvpolicy::KvPolicyConfig> back = KvPolicyFromProto(p);
+    ASSERT_TRUE(back.ok()) << back.status();
+    EXPECT_EQ(back->Describe(), c.Describe());
+    EXPECT_EQ(back->kind, c.kind);
+    EXPECT_EQ(back->window, c.window);
+    EXPECT_EQ(back->recent, c.recent);
+    EXPECT_EQ(back->sinks, c.sinks);
+    EXPECT_EQ(back->budget_fraction, c.budget_fraction);
+    EXPECT_EQ(back->budget_tokens, c.budget_tokens);
+    EXPECT_EQ(back->low_bits, c.low_bits);
+    EXPECT_EQ(back->prefill, c.prefill);
+  }
+  lorcserve::internal::KvPolicy good;
+  KvPolicyToProto(a, &good);
+  auto bad = [&](const std::function<void(lorcserve::internal::KvPolicy*)>& edit) {
+    lorcserve::internal::KvPolicy p = good;
+    edit(&p);
+    return KvPolicyFromProto(p).status();
+  };
+  EXPECT_THAT(bad([](auto* p) { p->set_kind("h2o"); }),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("kv_policy.kind: --kv-policy: 'h2o'")));
+  EXPECT_THAT(bad([](auto* p) { p->set_prefill(""); }),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("kv_policy.prefill")));
+  EXPECT_THAT(bad([](auto* p) { p->set_window(0); }),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("--kv-policy-window")));
+  EXPECT_THAT(bad([](auto* p) { p->set_low_bits(3); }),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("--kv-policy-low-bits")));
+  EXPECT_THAT(bad([](auto* p) { p->set_budget_fraction(std::nan("")); }),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("--kv-token-budget")));
+  EXPECT_THAT(bad([](auto* p) { p->set_budget_tokens(100); }),  // and a fraction: one of the two
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("--kv-token-budget")));
 }
 
 }  // namespace

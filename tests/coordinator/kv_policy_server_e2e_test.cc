@@ -1,0 +1,154 @@
+// Token-level KV policies (issue #17, kvpolicy/) served end to end: `lorcserve coordinator
+// --local-workers 2 --kv-policy ...` (tensor parallelism 2 over Gloo, worker processes, gRPC; the
+// policy travels in LoadModelRequest.kv_policy, each rank keeps the states of its own KV heads)
+// streams the same greedy tokens for the golden prompts as the same policy run in this process at
+// TP = 1 (LoadModel + Engine::Generate), for CORM with a 30 % budget and MiKV int2 budget-free.
+// The windows are small (w 4, r 4, one sink) so that the policy chooses inside the golden prompts'
+// 48 tokens: the reference must differ from full KV's golden tokens somewhere, else a worker that
+// ignored the policy would pass. ModelInfo names the policy; a bad policy flag ends the
+// coordinator's startup naming the flag.
+// Fixture: server_e2e_fixture.h; the policy's own cases: tests/kvpolicy/, tests/worker/.
+#include <sys/wait.h>
+
+#include "coordinator/engine.h"
+#include "kvpolicy/kv_policy_config.h"
+#include "tests/coordinator/server_e2e_fixture.h"
+#include "worker/model_loader.h"
+#include "worker/step_executor.h"
+
+namespace lorc {
+namespace e2e {
+namespace {
+
+constexpr int kMaxTokens = 48;
+
+struct Policy {
+  std::string name;
+  std::vector<std::string> flags;  // for the coordinator
+  kvpolicy::KvPolicyConfig config;  // the same, for the in-process reference
+};
+void PrintTo(const Policy& p, std::ostream* os) { *os << p.name; }
+
+Policy Corm30() {
+  Policy p{"corm_budget_30", {"--kv-policy", "corm", "--kv-token-budget", "30%"}, {}};
+  p.config.kind = kvpolicy::KvPolicyKind::kCorm;
+  p.config.budget_fraction = 0.3;
+  return p;
+}
+// int2: int4 keeps every golden token of full KV here (docs/KV_POLICIES.md), so it would not show
+// that the workers ran the policy.
+Policy Mikv2Free() {
+  Policy p{"mikv_int2_budget_free", {"--kv-policy", "mikv", "--kv-policy-low-bits", "2"}, {}};
+  p.config.kind = kvpolicy::KvPolicyKind::kMikv;
+  p.config.low_bits = 2;
+  return p;
+}
+// Both: w 4, r 4, one sink.
+Policy SmallWindows(Policy p) {
+  for (const char* f : {"--kv-policy-window", "--kv-policy-recent"}) {
+    p.flags.push_back(f);
+    p.flags.push_back("4");
+  }
+  p.flags.push_back("--kv-policy-sinks");
+  p.flags.push_back("1");
+  p.config.window = 4;
+  p.config.recent = 4;
+  p.config.sinks = 1;
+  return p;
+}
+
+// Greedy tokens of every golden prompt through the in-process engine at TP = 1 with `policy`.
+std::vector<std::vector<int32_t>> RunInProcess(const kvpolicy::KvPolicyConfig& policy) {
+  std::vector<std::vector<int32_t>> out;
+  absl::StatusOr<std::unique_ptr<Backend>> backend = CreateBackend({});
+  EXPECT_TRUE(backend.ok()) << backend.status();
+  if (!backend.ok()) return out;
+  KvCacheOptions kv;
+  kv.kv_policy = policy;
+  absl::StatusOr<LoadedModel> m = LoadModel({Tiny()}, backend->get(), 0, 1, nullptr, kv);
+  EXPECT_TRUE(m.ok()) << m.status();
+  if (!m.ok()) return out;
+  StepExecutor exec(m->runner.get());
+  absl::StatusOr<std::unique_ptr<Engine>> engine =
+      Engine::Create(&exec, m->config, m->runner->kv_spec(), nullptr, {});
+  EXPECT_TRUE(engine.ok()) << engine.status();
+  if (!engine.ok()) return out;
+  std::vector<GenerationRequest> reqs;
+  for (const Golden& g : GoldenPrompts()) {
+    GenerationRequest r;
+    r.prompt_ids = g.prompt_ids;
+    r.params.max_tokens = kMaxTokens;
+    reqs.push_back(r);
+  }
+  absl::StatusOr<std::vector<GenerationResult>> res = (*engine)->Generate(reqs);
+  EXPECT_TRUE(res.ok()) << res.status();
+  if (res.ok()) {
+    for (const GenerationResult& r : *res) out.push_back(r.first().output_ids);
+  }
+  return out;
+}
+
+class KvPolicyServerTest : public ServerE2ETest, public ::testing::WithParamInterface<Policy> {};
+
+TEST_P(KvPolicyServerTest, TensorParallelTwoStreamsTheInProcessTokens) {
+  const Policy& policy = GetParam();
+  const std::vector<std::vector<int32_t>> want = RunInProcess(policy.config);
+  const std::vector<Golden>& golden = GoldenPrompts();
+  ASSERT_EQ(want.size(), golden.size());
+  bool differs = false;
+  for (size_t i = 0; i < want.size(); ++i) {
+    const size_t n = std::min<size_t>(kMaxTokens, golden[i].greedy_ids.size());
+    const std::vector<int32_t> full(golden[i].greedy_ids.begin(), golden[i].greedy_ids.begin() + n);
+    differs |= want[i] != full;
+  }
+  EXPECT_TRUE(differs) << policy.name << " gives full KV's golden tokens: the policy never chose";
+
+  ASSERT_NO_FATAL_FAILURE(StartServer(2, policy.flags));
+  const v1::ModelInfoResponse info = Info();
+  EXPECT_EQ(info.tensor_parallel_size(), 2);
+  EXPECT_EQ(info.kv_policy(), policy.config.Describe());
+
+  // All prompts concurrently (batched steps), then the first alone.
+  std::vector<cli::StreamResult> got(golden.size());
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < golden.size(); ++i) {
+    threads.emplace_back([&, i] { got[i] = Generate(IdsRequest(golden[i].prompt_ids, kMaxTokens)); });
+  }
+  for (std::thread& t : threads) t.join();
+  for (size_t i = 0; i < golden.size(); ++i) {
+    SCOPED_TRACE(absl::StrCat("golden prompt ", i, ": ", golden[i].prompt));
+    ASSERT_TRUE(got[i].status.ok()) << StatusText(got[i].status);
+    EXPECT_EQ(got[i].ids, want[i]);
+  }
+  const cli::StreamResult alone = Generate(IdsRequest(golden[0].prompt_ids, kMaxTokens));
+  ASSERT_TRUE(alone.status.ok()) << StatusText(alone.status);
+  EXPECT_EQ(alone.ids, want[0]);
+}
+
+INSTANTIATE_TEST_SUITE_P(KvPolicy, KvPolicyServerTest,
+                         ::testing::Values(SmallWindows(Corm30()), SmallWindows(Mikv2Free())),
+                         [](const ::testing::TestParamInfo<Policy>& p) { return p.param.name; });
+
+// Without a policy ModelInfo says "none".
+TEST_F(ServerE2ETest, ModelInfoSaysNoKvPolicyByDefault) {
+  ASSERT_NO_FATAL_FAILURE(StartServer(1));
+  EXPECT_EQ(Info().kv_policy(), "none");
+}
+
+// A policy flag the workers could never run ends the startup with the flag's name and a plain
+// exit code, before any worker starts.
+TEST_F(ServerE2ETest, ABadKvPolicyFlagFailsStartupNamingTheFlag) {
+  ServerProcess server;
+  const std::string error = server.Start(1, {"--kv-policy", "mikv", "--kv-policy-low-bits", "3"});
+  EXPECT_THAT(error, HasSubstr("exited before printing LISTENING"));
+  EXPECT_THAT(error, HasSubstr("--kv-policy-low-bits: 3 is not 4 or 2"));
+  const auto t0 = Clock::now();
+  while (server.Alive() && SecondsSince(t0) < 30) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  EXPECT_FALSE(server.Alive());
+  const int status = server.exit_status();
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) != 0) << "wait status " << status << "\n" << error;
+}
+
+}  // namespace
+}  // namespace e2e
+}  // namespace lorc

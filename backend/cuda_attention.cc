@@ -439,6 +439,7 @@ absl::Status CudaBackend::DecodeAttention(const AttentionParams& p, const Attent
   // A captured launch replays over any later plan of its batch size (the capture's num_seqs);
   // an eager one runs this plan only.
   s.grid_work = capturing_ ? cp.max_work_items(plan.batch().num_seqs) : std::max(1, cp.num_work_);
+  s.num_decodes = capturing_ ? plan.batch().num_seqs : cp.num_decodes();
   return CudaError(kernels::LaunchDecodeAttention(a, s, stream_), "DecodeAttention");
 }
 

@@ -9,11 +9,14 @@
 #include <cuda_bf16.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 
 #include "kernels/attention_paged.cuh"
 #include "kernels/attention_merge.cuh"
 #include "kernels/elem_type.cuh"
 #include "kernels/kv_quant.cuh"
+#include "kernels/mma.cuh"
 #include "kernels/pdl.cuh"
 
 namespace lorc::kernels {
@@ -97,6 +100,39 @@ __device__ __forceinline__ float RawToF32(KvQuant q, const uint4& raw, float (&o
     return 1.0f;
   }
   return KvqCodes8(q, raw, out);
+}
+
+// After a CTA has written its partial of a split item (every thread past a barrier): when it is
+// the last chunk of this (sequence, KV head) to finish, merges the chunks into the out row. (The
+// threadFenceReduction pattern: each writer fences, the barrier orders them before thread 0's
+// count.) Uniform over the CTA; ends with a barrier.
+template <int D>
+__device__ __forceinline__ void MergeIfLastChunk(const PagedAttentionArgs& a, const DecodeSchedule& sch,
+                                                 const DecodeWorkItem& item, int row, int kvh, int group) {
+  if (item.partial < 0) return;
+  __shared__ int s_last;
+  int32_t* counter = sch.merge_counters + static_cast<int64_t>(item.merge) * kMaxPartialHeads + kvh;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const int num = sch.merge[item.merge].num;
+    const bool last = atomicAdd(counter, 1) == num - 1;
+    if (last) *counter = 0;  // no other CTA touches it in this launch: zero for the next one
+    s_last = last;
+  }
+  __syncthreads();
+  if (s_last) {
+    __threadfence();  // the other chunks' writes, seen through their fences and the count
+    const DecodeMergeItem mi = sch.merge[item.merge];
+    const int width = a.num_heads * D;
+    for (int h = threadIdx.x / 32; h < group; h += blockDim.x / 32) {
+      const int head = kvh * group + h;
+      MergeSplitChunks(sch.partial_lse + static_cast<int64_t>(mi.first) * a.num_heads + head, a.num_heads,
+                       sch.partial_out + static_cast<int64_t>(mi.first) * width + head * D, width, mi.num, D,
+                       static_cast<__nv_bfloat16*>(a.out) + row * a.out_ld + head * D);
+    }
+  }
+  __syncthreads();  // s_last is reused by the next item
 }
 
 // D: head_dim; G: the group size bucket (the real group a.num_heads / a.num_kv_heads <= G);
@@ -275,34 +311,260 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
     __syncthreads();  // s_* are reused by the next item
-    if (item.partial >= 0) {  // uniform over the CTA
-      // Last chunk of this (sequence, KV head) to finish? (The threadFenceReduction pattern: each
-      // writer fences, the barrier orders them before thread 0's count.)
-      __shared__ int s_last;
-      int32_t* counter = sch.merge_counters + static_cast<int64_t>(item.merge) * kMaxPartialHeads + kvh;
-      __threadfence();
-      __syncthreads();
-      if (threadIdx.x == 0) {
-        const int num = sch.merge[item.merge].num;
-        const bool last = atomicAdd(counter, 1) == num - 1;
-        if (last) *counter = 0;  // no other CTA touches it in this launch: zero for the next one
-        s_last = last;
-      }
-      __syncthreads();
-      if (s_last) {
-        __threadfence();  // the other chunks' writes, seen through their fences and the count
-        const DecodeMergeItem mi = sch.merge[item.merge];
-        const int width = a.num_heads * D;
-        for (int h = threadIdx.x / 32; h < group; h += kThreads / 32) {
-          const int head = kvh * group + h;
-          MergeSplitChunks(sch.partial_lse + static_cast<int64_t>(mi.first) * a.num_heads + head, a.num_heads,
-                           sch.partial_out + static_cast<int64_t>(mi.first) * width + head * D, width, mi.num, D,
-                           static_cast<__nv_bfloat16*>(a.out) + row * a.out_ld + head * D);
-        }
-      }
-      __syncthreads();  // s_last is reused by the next item
-    }
+    MergeIfLastChunk<D>(a, sch, item, row, kvh, group);
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tensor-core decode over a bf16 cache (FlashAttention-2's fragments on mma.sync, as the flash
+// prefill kernel, attention_prefill.cu, with one 16-row m-tile: the group's query heads of the
+// item's token, rows past the group zero). A CTA of 4 warps takes one (work item, KV head); warp w
+// streams 16-key tiles w, w + 4, ... of the item global -> shared through its own 3-stage cp.async
+// ring (no CTA barrier in the loop), S = Q K^T and O += P V on the tensor cores with P straight
+// from the accumulators, the online softmax in registers; then the warps' (max, sum, O) are
+// combined through shared memory and written as the CUDA-core kernel above writes them (out row or
+// partial + lse, the last chunk merging). Why: that kernel is issue-bound at large batch (a dot
+// product and 4 shuffles per key, query head and lane group); here a 16-key tile costs 2 x D/16
+// mma for S and D/8 for P V per warp. Shared rows are XOR-swizzled 16-byte chunks (Swz).
+constexpr int kMmaWarps = 4;
+constexpr int kMmaThreads = 32 * kMmaWarps;
+constexpr int kMmaKv = 16;     // keys per tile
+constexpr int kMmaStages = 3;  // tiles in flight per warp
+
+template <int D>
+constexpr size_t MmaSmemBytes() {
+  // the warps' K/V rings, then Q ([16][D] bf16); the combine reuses the rings
+  return sizeof(__nv_bfloat16) * D * (kMmaWarps * kMmaStages * 2 * kMmaKv + 16);
+}
+
+// Element offset of 16-byte chunk c of row r in a swizzled [rows][D] bf16 tile.
+template <int D>
+__device__ __forceinline__ int MmaSwz(int r, int c) {
+  return r * D + ((c ^ (r & 7)) << 3);
+}
+
+template <int D>
+__global__ void __launch_bounds__(kMmaThreads, 2)
+    DecodeMmaKernel(const PagedAttentionArgs a, const DecodeSchedule sch) {
+  constexpr int kChunks = D / 8;
+  constexpr int kTileElems = kMmaKv * D;
+  static_assert(kMmaWarps * kMmaStages * 2 * kTileElems * 2 >= kMmaWarps * 8 * (D + 2) * 4,
+                "the combine's buffers fit in the rings");
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  __nv_bfloat16* const rings = reinterpret_cast<__nv_bfloat16*>(smem_raw);
+  __nv_bfloat16* const sq = rings + kMmaWarps * kMmaStages * 2 * kTileElems;
+
+  const int kvh = blockIdx.x;
+  const int group = a.num_heads / a.num_kv_heads;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int g = lane / 4, t4 = lane % 4;
+  const int num_work = sch.counts[0];
+  const float scale2 = a.scale * kLog2e;
+  const __nv_bfloat16* kc = static_cast<const __nv_bfloat16*>(a.k_cache) + kvh * D;
+  const __nv_bfloat16* vc = static_cast<const __nv_bfloat16*>(a.v_cache) + kvh * D;
+  __nv_bfloat16* const ring = rings + warp * kMmaStages * 2 * kTileElems;  // stage s: K, then V
+
+  // PDL as the CUDA-core kernel: metadata prefetched before the wait, q and the caches after it.
+  PdlTrigger();
+  if (static_cast<int>(blockIdx.y) >= max(num_work, 1)) return;
+  if (num_work > 0) {
+    const DecodeWorkItem it = sch.work[blockIdx.y];
+    asm volatile("prefetch.global.L1 [%0];" ::"l"(a.query_start + it.seq));
+    asm volatile("prefetch.global.L1 [%0];" ::"l"(a.block_tables + static_cast<int64_t>(it.seq) * a.max_blocks_per_seq +
+                                                    it.kv_start / a.block_size));
+  }
+  PdlWait();
+
+  // ldmatrix addresses (attention_prefill.cu: a row a lane addresses has row % 8 == 2 y + x0).
+  const int y = (lane & 7) >> 1, x0 = lane & 1;
+  uint32_t q_off[4], k_off[4], v_off[4];
+#pragma unroll
+  for (int jj = 0; jj < 4; ++jj) {
+    const int sw = 32 * (jj ^ y);
+    q_off[jj] = SmemAddr(sq) + (lane % 16) * D * 2 + sw + 16 * ((lane >> 4) ^ x0);
+    k_off[jj] = (lane % 8 + (lane / 16) * 8) * D * 2 + sw + 16 * (((lane >> 3) & 1) ^ x0);
+    v_off[jj] = (lane % 16) * D * 2 + sw + 16 * ((lane >> 4) ^ x0);
+  }
+
+  for (int w = blockIdx.y; w < num_work; w += gridDim.y) {
+    const DecodeWorkItem item = sch.work[w];
+    const int row = a.query_start[item.seq];
+    const int32_t* table = a.block_tables + static_cast<int64_t>(item.seq) * a.max_blocks_per_seq;
+    // Q: row r < group is head kvh * group + r of the item's token; zeros below.
+    const __nv_bfloat16* qg = static_cast<const __nv_bfloat16*>(a.q) + static_cast<int64_t>(row) * a.q_ld +
+                              static_cast<int64_t>(kvh) * group * D;
+    for (int idx = tid; idx < 16 * kChunks; idx += kMmaThreads) {
+      const int r = idx / kChunks, c = idx % kChunks;
+      const bool valid = r < group;
+      CpAsync16(sq + MmaSwz<D>(r, c), valid ? qg + r * D + c * 8 : qg, valid);
+    }
+    CpAsyncCommit();
+
+    const int num_tiles = (item.kv_end - item.kv_start + kMmaKv - 1) / kMmaKv;
+    const int my_tiles = num_tiles > warp ? (num_tiles - warp + kMmaWarps - 1) / kMmaWarps : 0;
+    auto issue = [&](int i) {  // this warp's i-th tile into stage i % kMmaStages
+      __nv_bfloat16* sk = ring + (i % kMmaStages) * 2 * kTileElems;
+      __nv_bfloat16* sv = sk + kTileElems;
+      const int kv0 = item.kv_start + (warp + kMmaWarps * i) * kMmaKv;
+#pragma unroll
+      for (int j = 0; j < kMmaKv * kChunks / 32; ++j) {
+        const int idx = lane + 32 * j;
+        const int r = idx / kChunks, c = idx % kChunks;
+        const int t = kv0 + r;
+        const bool valid = t < item.kv_end;  // zeros past it (masked; 0 x V must not be NaN)
+        int64_t slot = 0;
+        if (valid) slot = static_cast<int64_t>(table[t / a.block_size]) * a.block_size + t % a.block_size;
+        CpAsync16(sk + MmaSwz<D>(r, c), kc + slot * a.k_ld + c * 8, valid);
+        CpAsync16(sv + MmaSwz<D>(r, c), vc + slot * a.v_ld + c * 8, valid);
+      }
+    };
+#pragma unroll
+    for (int i = 0; i < kMmaStages - 1; ++i) {
+      if (i < my_tiles) issue(i);
+      CpAsyncCommit();
+    }
+    CpAsyncWait<kMmaStages - 1>();  // Q (committed first) has landed, for this thread
+    __syncthreads();                // ... and for everyone
+    uint32_t qa[D / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) Ldsm4(qa[kk], q_off[kk & 3] + 32 * (kk & 4));
+
+    float o[D / 8][4];
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+    float m = -INFINITY, l = 0.f;  // row g: raw-score max, this lane's part of the sum
+    for (int i = 0; i < my_tiles; ++i) {
+      CpAsyncWait<kMmaStages - 2>();  // tile i has landed (this thread's copies)
+      __syncwarp();                   // everyone's, and every lane is done with tile i - 1's stage
+      if (i + kMmaStages - 1 < my_tiles) issue(i + kMmaStages - 1);
+      CpAsyncCommit();
+      const uint32_t sk = SmemAddr(ring + (i % kMmaStages) * 2 * kTileElems);
+      const uint32_t sv = sk + kTileElems * 2;
+      float s[2][4] = {};
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t kb[4];
+        Ldsm4(kb, sk + k_off[kk & 3] + 32 * (kk & 4));
+        Mma(s[0], qa[kk], kb[0], kb[1]);
+        Mma(s[1], qa[kk], kb[2], kb[3]);
+      }
+      const int kv0 = item.kv_start + (warp + kMmaWarps * i) * kMmaKv;
+      float mx = m;
+#pragma unroll
+      for (int n = 0; n < 2; ++n) {
+        const int key = kv0 + n * 8 + 2 * t4;
+        if (key >= item.kv_end) s[n][0] = -INFINITY;
+        if (key + 1 >= item.kv_end) s[n][1] = -INFINITY;
+        mx = fmaxf(mx, fmaxf(s[n][0], s[n][1]));
+      }
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float ref = mx == -INFINITY ? 0.f : mx * scale2;  // finite: tile 0 of a warp has a key
+      const float c = Exp2Approx(m * scale2 - ref);
+      m = mx;
+      uint32_t pa[4];
+      float sum = 0.f;
+#pragma unroll
+      for (int n = 0; n < 2; ++n) {
+        const float p0 = Exp2Approx(fmaf(s[n][0], scale2, -ref));
+        const float p1 = Exp2Approx(fmaf(s[n][1], scale2, -ref));
+        sum += p0 + p1;
+        pa[2 * n] = PackBf16(p0, p1);
+        pa[2 * n + 1] = 0u;  // rows g + 8: no query head
+      }
+      l = l * c + sum;
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        o[n][0] *= c;
+        o[n][1] *= c;
+      }
+#pragma unroll
+      for (int dp = 0; dp < D / 16; ++dp) {
+        uint32_t vb[4];
+        Ldsm4T(vb, sv + v_off[dp & 3] + 32 * (dp & 4));
+        Mma(o[2 * dp], pa, vb[0], vb[1]);
+        Mma(o[2 * dp + 1], pa, vb[2], vb[3]);
+      }
+    }
+    CpAsyncWait<0>();
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+
+    // Combine the warps: [warp][row][D + 2] floats (O, then max and sum) over the rings.
+    __syncthreads();  // every warp is done with its ring
+    float* const comb = reinterpret_cast<float*>(smem_raw);
+    if (g < group) {
+      float* dst = comb + (warp * 8 + g) * (D + 2);
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        dst[n * 8 + 2 * t4] = o[n][0];
+        dst[n * 8 + 2 * t4 + 1] = o[n][1];
+      }
+      if (t4 == 0) {
+        dst[D] = m;
+        dst[D + 1] = l;
+      }
+    }
+    __syncthreads();
+    for (int idx = tid; idx < group * D; idx += kMmaThreads) {
+      const int h = idx / D, d = idx % D;
+      float mx = -INFINITY;
+#pragma unroll
+      for (int v = 0; v < kMmaWarps; ++v) mx = fmaxf(mx, comb[(v * 8 + h) * (D + 2) + D]);  // warp 0 has a key
+      float sum = 0.f, out = 0.f;
+#pragma unroll
+      for (int v = 0; v < kMmaWarps; ++v) {
+        const float* src = comb + (v * 8 + h) * (D + 2);
+        const float wgt = Exp2Approx((src[D] - mx) * scale2);  // 0 for a warp without keys (-inf)
+        sum = fmaf(src[D + 1], wgt, sum);
+        out = fmaf(src[d], wgt, out);
+      }
+      const int head = kvh * group + h;
+      if (item.partial < 0) {
+        static_cast<__nv_bfloat16*>(a.out)[row * a.out_ld + head * D + d] = __float2bfloat16_rn(out / sum);
+      } else {
+        sch.partial_out[static_cast<int64_t>(item.partial) * a.num_heads * D + head * D + d] = out / sum;
+        if (d == 0) sch.partial_lse[static_cast<int64_t>(item.partial) * a.num_heads + head] = mx * scale2 + log2f(sum);
+      }
+    }
+    __syncthreads();  // comb (the rings) and sq are reused by the next item
+    MergeIfLastChunk<D>(a, sch, item, row, kvh, group);
+  }
+}
+
+// Whether the bf16 decode of `s` runs on the tensor cores (DecodeMmaKernel): sm_80+, and
+// LORC_DECODE_MMA "1" (always) or unset / other (from kDecodeMmaMinSeqs decodes); "0": never.
+bool UseDecodeMma(const DecodeSchedule& s) {
+  static const int mode = [] {  // 0 never, 1 always, 2 by the rule; once per process
+    int dev = 0, major = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
+      cudaGetLastError();
+      return 0;
+    }
+    if (major < 8) return 0;
+    const char* env = std::getenv("LORC_DECODE_MMA");
+    if (env != nullptr && std::strcmp(env, "0") == 0) return 0;
+    if (env != nullptr && std::strcmp(env, "1") == 0) return 1;
+    return 2;
+  }();
+  return mode == 1 || (mode == 2 && s.num_decodes >= kDecodeMmaMinSeqs);
+}
+
+template <int D>
+cudaError_t LaunchMma(const PagedAttentionArgs& a, const DecodeSchedule& s, cudaStream_t stream) {
+  constexpr size_t smem = MmaSmemBytes<D>();
+  static bool allowed = false;  // once per process (a worker drives one device)
+  if (!allowed) {
+    const cudaError_t e = cudaFuncSetAttribute(DecodeMmaKernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               static_cast<int>(smem));
+    if (e != cudaSuccess) return e;
+    allowed = true;
+  }
+  const int per_head = (4 * s.num_sms + a.num_kv_heads - 1) / a.num_kv_heads;
+  const int work = s.grid_work > 0 && s.grid_work < s.max_work ? s.grid_work : s.max_work;
+  const dim3 grid(static_cast<unsigned>(a.num_kv_heads), static_cast<unsigned>(per_head < work ? per_head : work));
+  return LaunchPdl(DecodeMmaKernel<D>, grid, kMmaThreads, smem, stream, nullptr, a, s);
 }
 
 template <int D, int G>
@@ -347,6 +609,9 @@ cudaError_t LaunchDecodeAttention(const PagedAttentionArgs& a, const DecodeSched
   }
   const int group = a.num_heads / a.num_kv_heads;
   if (s.merge_counters == nullptr) return cudaErrorInvalidValue;
+  if (a.kv_quant == KvQuant::kNone && UseDecodeMma(s)) {
+    return a.head_dim == 64 ? LaunchMma<64>(a, s, stream) : LaunchMma<128>(a, s, stream);
+  }
   const cudaError_t e = a.head_dim == 64 ? LaunchPartialForGroup<64>(a, s, group, stream)
                                           : LaunchPartialForGroup<128>(a, s, group, stream);
   return e;

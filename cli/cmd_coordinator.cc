@@ -168,6 +168,7 @@ int RunCoordinator(int argc, char** argv) {
     std::cout << "METRICS_LISTENING " << metrics_exposer->address() << std::endl;
   }
   std::cerr << "lorcserve coordinator: serving " << options->model.dir << " on " << (*server)->address()
+            << (options->kv.kv_policy.enabled() ? ", kv policy " + options->kv.kv_policy.Describe() : "")
             << "\n";
   {
     // Joined (destroyed) before the server goes: the callback never sees a destroyed server.

@@ -223,25 +223,35 @@ absl::StatusOr<kvpolicy::KvPolicyConfig> ParseKvPolicyFlags(const Args& args) {
   ASSIGN_OR_RETURN(c.window, args.GetInt32("kv-policy-window", kvpolicy::defaults::kWindow, 1, kMax));
   ASSIGN_OR_RETURN(c.recent, args.GetInt32("kv-policy-recent", kvpolicy::defaults::kRecent, 0, kMax));
   ASSIGN_OR_RETURN(c.sinks, args.GetInt32("kv-policy-sinks", kvpolicy::defaults::kSinks, 0, kMax));
-  ASSIGN_OR_RETURN(c.low_bits, args.GetInt32("kv-policy-low-bits", kvpolicy::defaults::kLowBits, 2, 4));
+  // Any int: ValidateKvPolicyConfig says which values are taken ("is not 4 or 2").
+  ASSIGN_OR_RETURN(c.low_bits, args.GetInt32("kv-policy-low-bits", kvpolicy::defaults::kLowBits,
+                                             std::numeric_limits<int32_t>::min(), kMax));
   if (args.Has("kv-token-budget")) {
     RETURN_IF_ERROR(kvpolicy::ParseKvTokenBudget(args.Get("kv-token-budget"), &c));
   }
   if (args.Has("kv-policy-prefill")) {
     ASSIGN_OR_RETURN(c.prefill, kvpolicy::ParseKvPolicyPrefill(args.Get("kv-policy-prefill")));
   }
+  if (c.kind != kvpolicy::KvPolicyKind::kMikv && args.Has("kv-policy-low-bits")) {
+    return absl::InvalidArgumentError("--kv-policy-low-bits needs --kv-policy mikv");
+  }
   if (!c.enabled()) {
     for (const char* flag : {"kv-policy-window", "kv-policy-recent", "kv-policy-sinks",
-                             "kv-token-budget", "kv-policy-low-bits", "kv-policy-prefill"}) {
+                             "kv-token-budget", "kv-policy-prefill"}) {
       if (args.Has(flag)) {
         return absl::InvalidArgumentError(absl::StrCat("--", flag, " needs --kv-policy corm or mikv"));
       }
     }
   }
-  if (c.kind != kvpolicy::KvPolicyKind::kMikv && args.Has("kv-policy-low-bits")) {
-    return absl::InvalidArgumentError("--kv-policy-low-bits needs --kv-policy mikv");
-  }
   RETURN_IF_ERROR(kvpolicy::ValidateKvPolicyConfig(c));
+  // Known before any model loads: the CUDA backend refuses policies at load (ModelRunner), after
+  // the device and the weights; say so at once. (Remote workers' backends are theirs: they refuse
+  // at LoadModel, naming the flag.)
+  if (c.enabled() && args.Get("backend", "cpu") == "cuda") {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--kv-policy ", kvpolicy::KvPolicyKindName(c.kind),
+        ": the cuda backend does not implement token-level KV policies yet (--backend cpu does)"));
+  }
   return c;
 }
 
@@ -252,9 +262,9 @@ absl::StatusOr<std::unique_ptr<Session>> OpenSession(const Args& args) {
   ASSIGN_OR_RETURN(bo.kind, ParseBackendKind(args.Get("backend", "cpu")));
   ASSIGN_OR_RETURN(bo.device, args.GetInt32("device", 0, 0));
   ASSIGN_OR_RETURN(bo.threads, args.GetInt32("threads", 0, 0));
-  ASSIGN_OR_RETURN(s->backend, CreateBackend(bo));
-
+  // The flags first: a bad one is refused before a device is opened.
   ASSIGN_OR_RETURN(KvCacheOptions kv, ParseKvCacheOptions(args));
+  ASSIGN_OR_RETURN(s->backend, CreateBackend(bo));
   absl::StatusOr<LoadedModel> model = LoadModel(src, s->backend.get(), 0, 1, nullptr, kv);
   if (absl::IsResourceExhausted(model.status())) {
     // Memory ran out; name the flag that sized the KV cache (the backend cannot).

@@ -244,6 +244,7 @@ absl::Status Engine::Step() {
     Completion& c = r.completions[where->second.second];
     RequestUpdate u;
     u.index = where->second.second;
+    u.cached_prompt_tokens = r.cached_prompt_tokens;
     if (e.token >= 0) {
       u.new_ids.push_back(e.token);
       if (e.logprobs.has_value()) u.logprobs.push_back(*std::move(e.logprobs));

@@ -52,10 +52,12 @@ struct RequestUpdate {
   // that completes on the max_tokens-th token is a stop too.
   StopReason stop_reason;
   absl::Status status;         // non-OK: the request failed (every completion ends with it)
+  // Prompt tokens found in the prefix cache (not computed), on every update once the request's
+  // first admission is scheduled (so a request that ends by deadline or cancel reports it too).
+  int64_t cached_prompt_tokens = 0;
   // Filled on the final update.
   std::vector<TokenLogprobs> prompt_logprobs;  // params.prompt_logprobs: positions 1..prompt_len-1
   int64_t prompt_tokens = 0;
-  int64_t cached_prompt_tokens = 0;  // found in the prefix cache (not computed)
   int64_t completion_tokens = 0;  // of this completion
   double time_to_first_token_s = 0;
   double total_time_s = 0;

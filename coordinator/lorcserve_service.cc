@@ -233,10 +233,9 @@ grpc::Status LorcServeService::GenerateImpl(grpc::ServerContext* ctx, const grpc
           rec->ttft_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
         }
       }
-      if (u.finished && u.status.ok()) {
-        rec->cached_prompt_tokens = u.cached_prompt_tokens;
-        if (u.reason == FinishReason::kLength) rec->outcome = "length";
-      }
+      // Every update carries it once known: a request that ends by deadline or cancel logs it too.
+      rec->cached_prompt_tokens = std::max(rec->cached_prompt_tokens, u.cached_prompt_tokens);
+      if (u.finished && u.status.ok() && u.reason == FinishReason::kLength) rec->outcome = "length";
       lorcserve::v1::GenerateResponse resp;
       resp.set_request_id(request_id);
       resp.set_index(u.index);

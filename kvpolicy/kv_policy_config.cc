@@ -105,7 +105,7 @@ absl::Status ValidateKvPolicyConfig(const KvPolicyConfig& c) {
   }
   if (c.budget_tokens > 0 && c.budget_tokens < static_cast<int64_t>(c.sinks) + c.recent) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "--kv-token-budget: ", c.budget_tokens, " tokens cannot hold the ", c.sinks,
+        "--kv-token-budget: a budget of ", c.budget_tokens, " token(s) cannot hold the ", c.sinks,
         " sinks (--kv-policy-sinks) and ", c.recent, " recent tokens (--kv-policy-recent)"));
   }
   return absl::OkStatus();

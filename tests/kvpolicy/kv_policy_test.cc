@@ -81,7 +81,7 @@ TEST(KvPolicyConfigTest, ValidationNamesTheFlag) {
   EXPECT_THAT(ValidateKvPolicyConfig(c).message(), HasSubstr("--kv-policy-low-bits"));
   c.low_bits = 2;
   c.budget_tokens = 11;  // < sinks + recent
-  EXPECT_THAT(ValidateKvPolicyConfig(c).message(), HasSubstr("--kv-token-budget: 11 tokens"));
+  EXPECT_THAT(ValidateKvPolicyConfig(c).message(), HasSubstr("--kv-token-budget: a budget of 11 token(s)"));
   c.budget_tokens = 12;
   EXPECT_TRUE(ValidateKvPolicyConfig(c).ok());
   c.kind = KvPolicyKind::kNone;

@@ -150,7 +150,10 @@ TEST_F(MetricsE2ETest, EveryMetricPresentAndMoving) {
     EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
   }
   // ---- past its deadline, and invalid.
-  v1::GenerateRequest late = long_req;
+  // The context again (its full blocks cached), so the log line of a request that ends by its
+  // deadline has cached prompt tokens to report.
+  v1::GenerateRequest late = IdsRequest(ctx, 400);
+  late.mutable_sampling()->set_ignore_eos(true);
   late.set_request_id("too-late");
   const cli::StreamResult expired = Generate(late, /*timeout_s=*/0.3);
   EXPECT_EQ(expired.status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << StatusText(expired.status);
@@ -197,6 +200,10 @@ TEST_F(MetricsE2ETest, EveryMetricPresentAndMoving) {
   EXPECT_GE(by_id["to-cancel"].at("completion_tokens").get<int>(), 1);
   ASSERT_TRUE(by_id.contains("too-late"));
   EXPECT_EQ(by_id["too-late"].at("outcome"), "deadline");
+  // Known from its first token on (a very slow run may end it before one).
+  if (by_id["too-late"].at("completion_tokens").get<int>() >= 1) {
+    EXPECT_EQ(by_id["too-late"].at("cached_prompt_tokens"), served[1].final.usage().cached_prompt_tokens());
+  }
   ASSERT_TRUE(by_id.contains("no-prompt"));
   EXPECT_EQ(by_id["no-prompt"].at("outcome"), "invalid_argument");
   EXPECT_THAT(by_id["no-prompt"].at("status").get<std::string>(), HasSubstr("prompt"));

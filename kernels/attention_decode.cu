@@ -102,6 +102,29 @@ __device__ __forceinline__ float RawToF32(KvQuant q, const uint4& raw, float (&o
   return KvqCodes8(q, raw, out);
 }
 
+// Both decode kernels' start (PDL, pdl.cuh). Before the wait: the schedule, query_start and the
+// block tables are host uploads (the plan's metadata), never written by the kernel before this
+// one, so the chain of dependent loads that leads to the first K/V address runs while that kernel
+// (RoPE + KV write, or the QKV GEMV with them fused) finishes; q and the caches are read after
+// the wait. Only prefetches into L1 (no value stays live: registers decide occupancy). A CTA
+// without a work item leaves before the wait (false: the grid is sized for the most work the
+// captured batch size can plan, usually far more than a step has: at batch 1 and a short context,
+// 3 items of up to 51), so that its slot goes to the next kernel's CTAs at once. CTA row 0 always
+// waits: the grid completes only after the kernel before it, which the next kernel's PdlWait
+// relies on even in a step without decodes.
+__device__ __forceinline__ bool DecodePrologue(const PagedAttentionArgs& a, const DecodeSchedule& sch, int num_work) {
+  PdlTrigger();
+  if (static_cast<int>(blockIdx.y) >= max(num_work, 1)) return false;
+  if (num_work > 0) {
+    const DecodeWorkItem it = sch.work[blockIdx.y];
+    asm volatile("prefetch.global.L1 [%0];" ::"l"(a.query_start + it.seq));
+    asm volatile("prefetch.global.L1 [%0];" ::"l"(a.block_tables + static_cast<int64_t>(it.seq) * a.max_blocks_per_seq +
+                                                    it.kv_start / a.block_size));
+  }
+  PdlWait();
+  return true;
+}
+
 // After a CTA has written its partial of a split item (every thread past a barrier): when it is
 // the last chunk of this (sequence, KV head) to finish, merges the chunks into the out row. (The
 // threadFenceReduction pattern: each writer fences, the barrier orders them before thread 0's
@@ -158,26 +181,7 @@ __global__ void __launch_bounds__(kThreads)
   const KvQuant kq = kQuant ? a.kv_quant : KvQuant::kNone;
   const QuantLane ql = kQuant ? MakeQuantLane(a, kvh, lane * 8) : QuantLane{};  // unused for bf16
 
-  // Before the PDL wait: the schedule, query_start and the block tables are host uploads (the
-  // plan's metadata), never written by the kernel before this one, so the chain of dependent
-  // loads that leads to the first K/V address runs while that kernel (RoPE + KV write, or the QKV
-  // GEMV with them fused) finishes;
-  // q and the caches are read after the wait.
-  // Only prefetches into L1 (no value stays live: registers decide this kernel's occupancy).
-  PdlTrigger();
-  // A CTA without a work item leaves before the wait (the grid is sized for the most work the
-  // captured batch size can plan, usually far more than a step has: at batch 1 and a short
-  // context, 3 items of up to 51), so that its slot goes to the next kernel's CTAs at once.
-  // CTA row 0 always waits: this grid completes only after the kernel before it, which the next
-  // kernel's PdlWait relies on even in a step without decodes.
-  if (static_cast<int>(blockIdx.y) >= max(num_work, 1)) return;
-  if (num_work > 0) {
-    const DecodeWorkItem it = sch.work[blockIdx.y];
-    asm volatile("prefetch.global.L1 [%0];" ::"l"(a.query_start + it.seq));
-    asm volatile("prefetch.global.L1 [%0];" ::"l"(a.block_tables + static_cast<int64_t>(it.seq) * a.max_blocks_per_seq +
-                                                    it.kv_start / a.block_size));
-  }
-  PdlWait();
+  if (!DecodePrologue(a, sch, num_work)) return;
 
   for (int w = blockIdx.y; w < num_work; w += gridDim.y) {
     const DecodeWorkItem item = sch.work[w];
@@ -364,16 +368,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
   const __nv_bfloat16* vc = static_cast<const __nv_bfloat16*>(a.v_cache) + kvh * D;
   __nv_bfloat16* const ring = rings + warp * kMmaStages * 2 * kTileElems;  // stage s: K, then V
 
-  // PDL as the CUDA-core kernel: metadata prefetched before the wait, q and the caches after it.
-  PdlTrigger();
-  if (static_cast<int>(blockIdx.y) >= max(num_work, 1)) return;
-  if (num_work > 0) {
-    const DecodeWorkItem it = sch.work[blockIdx.y];
-    asm volatile("prefetch.global.L1 [%0];" ::"l"(a.query_start + it.seq));
-    asm volatile("prefetch.global.L1 [%0];" ::"l"(a.block_tables + static_cast<int64_t>(it.seq) * a.max_blocks_per_seq +
-                                                    it.kv_start / a.block_size));
-  }
-  PdlWait();
+  if (!DecodePrologue(a, sch, num_work)) return;
 
   // ldmatrix addresses (attention_prefill.cu: a row a lane addresses has row % 8 == 2 y + x0).
   const int y = (lane & 7) >> 1, x0 = lane & 1;

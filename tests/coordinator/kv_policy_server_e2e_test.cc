@@ -10,11 +10,9 @@
 // Fixture: server_e2e_fixture.h; the policy's own cases: tests/kvpolicy/, tests/worker/.
 #include <sys/wait.h>
 
-#include "coordinator/engine.h"
 #include "kvpolicy/kv_policy_config.h"
+#include "tests/coordinator/in_process_golden.h"
 #include "tests/coordinator/server_e2e_fixture.h"
-#include "worker/model_loader.h"
-#include "worker/step_executor.h"
 
 namespace lorc {
 namespace e2e {
@@ -59,33 +57,9 @@ Policy SmallWindows(Policy p) {
 
 // Greedy tokens of every golden prompt through the in-process engine at TP = 1 with `policy`.
 std::vector<std::vector<int32_t>> RunInProcess(const kvpolicy::KvPolicyConfig& policy) {
-  std::vector<std::vector<int32_t>> out;
-  absl::StatusOr<std::unique_ptr<Backend>> backend = CreateBackend({});
-  EXPECT_TRUE(backend.ok()) << backend.status();
-  if (!backend.ok()) return out;
   KvCacheOptions kv;
   kv.kv_policy = policy;
-  absl::StatusOr<LoadedModel> m = LoadModel({Tiny()}, backend->get(), 0, 1, nullptr, kv);
-  EXPECT_TRUE(m.ok()) << m.status();
-  if (!m.ok()) return out;
-  StepExecutor exec(m->runner.get());
-  absl::StatusOr<std::unique_ptr<Engine>> engine =
-      Engine::Create(&exec, m->config, m->runner->kv_spec(), nullptr, {});
-  EXPECT_TRUE(engine.ok()) << engine.status();
-  if (!engine.ok()) return out;
-  std::vector<GenerationRequest> reqs;
-  for (const Golden& g : GoldenPrompts()) {
-    GenerationRequest r;
-    r.prompt_ids = g.prompt_ids;
-    r.params.max_tokens = kMaxTokens;
-    reqs.push_back(r);
-  }
-  absl::StatusOr<std::vector<GenerationResult>> res = (*engine)->Generate(reqs);
-  EXPECT_TRUE(res.ok()) << res.status();
-  if (res.ok()) {
-    for (const GenerationResult& r : *res) out.push_back(r.first().output_ids);
-  }
-  return out;
+  return GoldenGreedyInProcess(Tiny(), kv, kMaxTokens);
 }
 
 class KvPolicyServerTest : public ServerE2ETest, public ::testing::WithParamInterface<Policy> {};
@@ -108,21 +82,7 @@ TEST_P(KvPolicyServerTest, TensorParallelTwoStreamsTheInProcessTokens) {
   EXPECT_EQ(info.tensor_parallel_size(), 2);
   EXPECT_EQ(info.kv_policy(), policy.config.Describe());
 
-  // All prompts concurrently (batched steps), then the first alone.
-  std::vector<cli::StreamResult> got(golden.size());
-  std::vector<std::thread> threads;
-  for (size_t i = 0; i < golden.size(); ++i) {
-    threads.emplace_back([&, i] { got[i] = Generate(IdsRequest(golden[i].prompt_ids, kMaxTokens)); });
-  }
-  for (std::thread& t : threads) t.join();
-  for (size_t i = 0; i < golden.size(); ++i) {
-    SCOPED_TRACE(absl::StrCat("golden prompt ", i, ": ", golden[i].prompt));
-    ASSERT_TRUE(got[i].status.ok()) << StatusText(got[i].status);
-    EXPECT_EQ(got[i].ids, want[i]);
-  }
-  const cli::StreamResult alone = Generate(IdsRequest(golden[0].prompt_ids, kMaxTokens));
-  ASSERT_TRUE(alone.status.ok()) << StatusText(alone.status);
-  EXPECT_EQ(alone.ids, want[0]);
+  ExpectGoldenStreams(want, kMaxTokens);
 }
 
 INSTANTIATE_TEST_SUITE_P(KvPolicy, KvPolicyServerTest,

@@ -11,12 +11,10 @@
 
 #include "model/safetensors.h"
 #include "model/safetensors_writer.h"
+#include "tests/coordinator/in_process_golden.h"
 #include "tests/coordinator/server_e2e_fixture.h"
 #include "tests/testing/run_lorcserve.h"
 #include "tests/testing/scratch_dir.h"
-#include "coordinator/engine.h"
-#include "worker/model_loader.h"
-#include "worker/step_executor.h"
 
 namespace lorc {
 namespace e2e {
@@ -48,31 +46,10 @@ struct InProcess {
 
 InProcess RunInProcess(const fs::path& dir) {
   InProcess out;
-  absl::StatusOr<std::unique_ptr<Backend>> backend = CreateBackend({});
-  EXPECT_TRUE(backend.ok()) << backend.status();
-  if (!backend.ok()) return out;
-  absl::StatusOr<LoadedModel> m = LoadModel({dir.string()}, backend->get(), 0, 1, nullptr, {});
-  EXPECT_TRUE(m.ok()) << m.status();
-  if (!m.ok()) return out;
-  out.compression = m->runner->kv_spec().CompressionName();
-  out.bytes_per_token = m->runner->kv_spec().BytesPerToken();
-  StepExecutor exec(m->runner.get());
-  absl::StatusOr<std::unique_ptr<Engine>> engine =
-      Engine::Create(&exec, m->config, m->runner->kv_spec(), nullptr, {});
-  EXPECT_TRUE(engine.ok()) << engine.status();
-  if (!engine.ok()) return out;
-  std::vector<GenerationRequest> reqs;
-  for (const Golden& g : GoldenPrompts()) {
-    GenerationRequest r;
-    r.prompt_ids = g.prompt_ids;
-    r.params.max_tokens = kMaxTokens;
-    reqs.push_back(r);
-  }
-  absl::StatusOr<std::vector<GenerationResult>> res = (*engine)->Generate(reqs);
-  EXPECT_TRUE(res.ok()) << res.status();
-  if (res.ok()) {
-    for (const GenerationResult& r : *res) out.tokens.push_back(r.first().output_ids);
-  }
+  KvCacheSpec spec;
+  out.tokens = GoldenGreedyInProcess(dir.string(), {}, kMaxTokens, &spec);
+  out.compression = spec.CompressionName();
+  out.bytes_per_token = spec.BytesPerToken();
   return out;
 }
 
@@ -105,23 +82,7 @@ TEST_P(LorcServerTest, TensorParallelTwoStreamsTheInProcessTokens) {
   // Per rank: one of the two KV heads' latents.
   EXPECT_EQ(info.kv_bytes_per_token(), want.bytes_per_token / 2);
 
-  // All prompts concurrently (batched decode steps), then the first alone.
-  const std::vector<Golden>& golden = GoldenPrompts();
-  std::vector<cli::StreamResult> got(golden.size());
-  std::vector<std::thread> threads;
-  for (size_t i = 0; i < golden.size(); ++i) {
-    threads.emplace_back([&, i] { got[i] = Generate(IdsRequest(golden[i].prompt_ids, kMaxTokens)); });
-  }
-  for (std::thread& t : threads) t.join();
-  for (size_t i = 0; i < golden.size(); ++i) {
-    SCOPED_TRACE(absl::StrCat("golden prompt ", i, ": ", golden[i].prompt));
-    ASSERT_TRUE(got[i].status.ok()) << StatusText(got[i].status);
-    EXPECT_EQ(got[i].ids, want.tokens[i]);
-    EXPECT_EQ(got[i].final.finish_reason(), v1::FINISH_REASON_LENGTH);
-  }
-  const cli::StreamResult alone = Generate(IdsRequest(golden[0].prompt_ids, kMaxTokens));
-  ASSERT_TRUE(alone.status.ok()) << StatusText(alone.status);
-  EXPECT_EQ(alone.ids, want.tokens[0]);
+  ExpectGoldenStreams(want.tokens, kMaxTokens);
 }
 
 INSTANTIATE_TEST_SUITE_P(

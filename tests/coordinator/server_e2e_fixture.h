@@ -397,6 +397,31 @@ class ServerE2ETest : public ::testing::Test {
     return cli::StreamGenerate(*stub_, req, timeout_s, on_chunk);
   }
 
+  // Streams every golden prompt (`max_tokens` each) concurrently (batched steps), then the first
+  // alone, and expects `want[i]` (an in-process reference, in_process_golden.h) from prompt i; a
+  // completion of max_tokens tokens ends by length.
+  void ExpectGoldenStreams(const std::vector<std::vector<int32_t>>& want, int max_tokens) {
+    const std::vector<Golden>& golden = GoldenPrompts();
+    ASSERT_EQ(want.size(), golden.size());
+    std::vector<cli::StreamResult> got(golden.size());
+    std::vector<std::thread> threads;
+    for (size_t i = 0; i < golden.size(); ++i) {
+      threads.emplace_back([&, i] { got[i] = Generate(IdsRequest(golden[i].prompt_ids, max_tokens)); });
+    }
+    for (std::thread& t : threads) t.join();
+    for (size_t i = 0; i < golden.size(); ++i) {
+      SCOPED_TRACE(absl::StrCat("golden prompt ", i, ": ", golden[i].prompt));
+      ASSERT_TRUE(got[i].status.ok()) << StatusText(got[i].status);
+      EXPECT_EQ(got[i].ids, want[i]);
+      if (static_cast<int>(got[i].ids.size()) == max_tokens) {
+        EXPECT_EQ(got[i].final.finish_reason(), v1::FINISH_REASON_LENGTH);
+      }
+    }
+    const cli::StreamResult alone = Generate(IdsRequest(golden[0].prompt_ids, max_tokens));
+    ASSERT_TRUE(alone.status.ok()) << StatusText(alone.status);
+    EXPECT_EQ(alone.ids, want[0]);
+  }
+
   v1::ModelInfoResponse Info() {
     grpc::ClientContext ctx;
     ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));

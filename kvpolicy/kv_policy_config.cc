@@ -1,7 +1,9 @@
 #include "kvpolicy/kv_policy_config.h"
 
+#include <algorithm>
 #include <cmath>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -67,7 +69,10 @@ absl::Status ParseKvTokenBudget(absl::string_view s, KvPolicyConfig* c) {
   const bool percent = absl::ConsumeSuffix(&v, "%");
   if (!percent && v.find_first_of(".eE") == absl::string_view::npos) {
     int64_t n = 0;
-    if (!absl::SimpleAtoi(v, &n)) return bad("is not a number");
+    if (!absl::SimpleAtoi(v, &n)) {
+      const bool digits = !v.empty() && std::all_of(v.begin(), v.end(), [](char ch) { return absl::ascii_isdigit(ch); });
+      return bad(digits ? "is too large a count" : "is not a number");
+    }
     if (n < 1) return bad("is below 1");
     c->budget_tokens = n;
     return absl::OkStatus();

@@ -44,6 +44,8 @@ TEST(KvPolicyConfigTest, ParsesKindsAndBudgets) {
     EXPECT_FALSE(s.ok()) << bad;
     EXPECT_THAT(s.message(), HasSubstr("--kv-token-budget")) << bad;
   }
+  EXPECT_THAT(ParseKvTokenBudget("99999999999999999999", &c).message(), HasSubstr("is too large a count"));
+  EXPECT_THAT(ParseKvTokenBudget("abc", &c).message(), HasSubstr("is not a number"));
 }
 
 TEST(KvPolicyConfigTest, PrefillModeParsesAndDecidesTheChoicePoints) {

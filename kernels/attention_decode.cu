@@ -333,12 +333,12 @@ __global__ void __launch_bounds__(kThreads)
 constexpr int kMmaWarps = 4;
 constexpr int kMmaThreads = 32 * kMmaWarps;
 constexpr int kMmaKv = 16;     // keys per tile
-constexpr int kMmaStages = 3;  // tiles in flight per warp
+constexpr int kMmaStages = 3;  // tiles in flight per warp (ring stages)
 
-template <int D>
+template <int D, int kStages = kMmaStages>
 constexpr size_t MmaSmemBytes() {
   // the warps' K/V rings, then Q ([16][D] bf16); the combine reuses the rings
-  return sizeof(__nv_bfloat16) * D * (kMmaWarps * kMmaStages * 2 * kMmaKv + 16);
+  return sizeof(__nv_bfloat16) * D * (kMmaWarps * kStages * 2 * kMmaKv + 16);
 }
 
 // Element offset of 16-byte chunk c of row r in a swizzled [rows][D] bf16 tile.
@@ -347,7 +347,7 @@ __device__ __forceinline__ int MmaSwz(int r, int c) {
   return r * D + ((c ^ (r & 7)) << 3);
 }
 
-template <int D>
+template <int D, int kMmaStages>
 __global__ void __launch_bounds__(kMmaThreads, 2)
     DecodeMmaKernel(const PagedAttentionArgs a, const DecodeSchedule sch) {
   constexpr int kChunks = D / 8;
@@ -546,12 +546,12 @@ bool UseDecodeMma(const DecodeSchedule& s) {
   return mode == 1 || (mode == 2 && s.num_decodes >= kDecodeMmaMinSeqs);
 }
 
-template <int D>
-cudaError_t LaunchMma(const PagedAttentionArgs& a, const DecodeSchedule& s, cudaStream_t stream) {
-  constexpr size_t smem = MmaSmemBytes<D>();
+template <int D, int kStages>
+cudaError_t LaunchMmaStages(const PagedAttentionArgs& a, const DecodeSchedule& s, cudaStream_t stream) {
+  constexpr size_t smem = MmaSmemBytes<D, kStages>();
   static bool allowed = false;  // once per process (a worker drives one device)
   if (!allowed) {
-    const cudaError_t e = cudaFuncSetAttribute(DecodeMmaKernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    const cudaError_t e = cudaFuncSetAttribute(DecodeMmaKernel<D, kStages>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                static_cast<int>(smem));
     if (e != cudaSuccess) return e;
     allowed = true;
@@ -559,7 +559,19 @@ cudaError_t LaunchMma(const PagedAttentionArgs& a, const DecodeSchedule& s, cuda
   const int per_head = (4 * s.num_sms + a.num_kv_heads - 1) / a.num_kv_heads;
   const int work = s.grid_work > 0 && s.grid_work < s.max_work ? s.grid_work : s.max_work;
   const dim3 grid(static_cast<unsigned>(a.num_kv_heads), static_cast<unsigned>(per_head < work ? per_head : work));
-  return LaunchPdl(DecodeMmaKernel<D>, grid, kMmaThreads, smem, stream, nullptr, a, s);
+  return LaunchPdl(DecodeMmaKernel<D, kStages>, grid, kMmaThreads, smem, stream, nullptr, a, s);
+}
+
+template <int D>
+cudaError_t LaunchMma(const PagedAttentionArgs& a, const DecodeSchedule& s, cudaStream_t stream) {
+  // Ring stages: kMmaStages (3, 100 KiB a CTA at head_dim 128), or 2 (68 KiB) with
+  // LORC_DECODE_MMA_STAGES=2, an A/B setting: measured faster below 32 decodes and slower at 64
+  // (docs/PERFORMANCE.md "Two ring stages"), parity 13/13, the model's greedy parity not yet run.
+  static const int stages = [] {
+    const char* v = std::getenv("LORC_DECODE_MMA_STAGES");
+    return v != nullptr && std::strcmp(v, "2") == 0 ? 2 : kMmaStages;
+  }();
+  return stages == 2 ? LaunchMmaStages<D, 2>(a, s, stream) : LaunchMmaStages<D, 3>(a, s, stream);
 }
 
 template <int D, int G>

@@ -88,8 +88,10 @@ struct DecodeSchedule {
 // (2026-12-02, 8B shape, docs/PERFORMANCE.md "Tensor-core decode attention"): per layer the
 // tensor-core kernel is faster at every batch (batch 64 x 4k 262 against 407 us), but in the
 // decode step (graphs, PDL) batch 64 gains (x 4k: 13.9 against 18.7 ms) while batch 1 x 4k and
-// batch 8 lose 0.3 ms or vary by up to 1.5 ms; 32 lies between the two measured sides.
-// LORC_DECODE_MMA=0 / =1 force either kernel (A/B measurements).
+// batch 8 lose 0.3 ms or vary by up to 1.5 ms; 32 lies between the two measured sides. (That
+// loss is the kernel's 100 KiB of shared memory: with 2 ring stages, LORC_DECODE_MMA_STAGES=2,
+// small batches gain too; "Two ring stages" there: the next default once the model's greedy
+// parity has run with it.) LORC_DECODE_MMA=0 / =1 force either kernel (A/B measurements).
 inline constexpr int kDecodeMmaMinSeqs = 32;
 
 // Decode (q_len 1) for every item of the schedule: one kernel, a CTA per work item and KV head

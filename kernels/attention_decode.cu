@@ -341,12 +341,6 @@ constexpr size_t MmaSmemBytes() {
   return sizeof(__nv_bfloat16) * D * (kMmaWarps * kStages * 2 * kMmaKv + 16);
 }
 
-// Element offset of 16-byte chunk c of row r in a swizzled [rows][D] bf16 tile.
-template <int D>
-__device__ __forceinline__ int MmaSwz(int r, int c) {
-  return r * D + ((c ^ (r & 7)) << 3);
-}
-
 template <int D, int kMmaStages>
 __global__ void __launch_bounds__(kMmaThreads, 2)
     DecodeMmaKernel(const PagedAttentionArgs a, const DecodeSchedule sch) {
@@ -391,7 +385,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
     for (int idx = tid; idx < 16 * kChunks; idx += kMmaThreads) {
       const int r = idx / kChunks, c = idx % kChunks;
       const bool valid = r < group;
-      CpAsync16(sq + MmaSwz<D>(r, c), valid ? qg + r * D + c * 8 : qg, valid);
+      CpAsync16(sq + Swz<D>(r, c), valid ? qg + r * D + c * 8 : qg, valid);
     }
     CpAsyncCommit();
 
@@ -409,8 +403,8 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
         const bool valid = t < item.kv_end;  // zeros past it (masked; 0 x V must not be NaN)
         int64_t slot = 0;
         if (valid) slot = static_cast<int64_t>(table[t / a.block_size]) * a.block_size + t % a.block_size;
-        CpAsync16(sk + MmaSwz<D>(r, c), kc + slot * a.k_ld + c * 8, valid);
-        CpAsync16(sv + MmaSwz<D>(r, c), vc + slot * a.v_ld + c * 8, valid);
+        CpAsync16(sk + Swz<D>(r, c), kc + slot * a.k_ld + c * 8, valid);
+        CpAsync16(sv + Swz<D>(r, c), vc + slot * a.v_ld + c * 8, valid);
       }
     };
 #pragma unroll
@@ -546,6 +540,16 @@ bool UseDecodeMma(const DecodeSchedule& s) {
   return mode == 1 || (mode == 2 && s.num_decodes >= kDecodeMmaMinSeqs);
 }
 
+// Both decode kernels' grid: enough CTAs for several waves of resident work (`ctas_per_sm` x the
+// SMs over the KV heads), at most one per work item the launch can meet (grid_work, else the
+// capacity); each CTA strides over the work list. KV heads along x, so that the CTAs of the first
+// work items are dispatched first.
+dim3 DecodeGrid(const PagedAttentionArgs& a, const DecodeSchedule& s, int ctas_per_sm) {
+  const int per_head = (ctas_per_sm * s.num_sms + a.num_kv_heads - 1) / a.num_kv_heads;
+  const int work = s.grid_work > 0 && s.grid_work < s.max_work ? s.grid_work : s.max_work;
+  return dim3(static_cast<unsigned>(a.num_kv_heads), static_cast<unsigned>(per_head < work ? per_head : work));
+}
+
 template <int D, int kStages>
 cudaError_t LaunchMmaStages(const PagedAttentionArgs& a, const DecodeSchedule& s, cudaStream_t stream) {
   constexpr size_t smem = MmaSmemBytes<D, kStages>();
@@ -556,10 +560,7 @@ cudaError_t LaunchMmaStages(const PagedAttentionArgs& a, const DecodeSchedule& s
     if (e != cudaSuccess) return e;
     allowed = true;
   }
-  const int per_head = (4 * s.num_sms + a.num_kv_heads - 1) / a.num_kv_heads;
-  const int work = s.grid_work > 0 && s.grid_work < s.max_work ? s.grid_work : s.max_work;
-  const dim3 grid(static_cast<unsigned>(a.num_kv_heads), static_cast<unsigned>(per_head < work ? per_head : work));
-  return LaunchPdl(DecodeMmaKernel<D, kStages>, grid, kMmaThreads, smem, stream, nullptr, a, s);
+  return LaunchPdl(DecodeMmaKernel<D, kStages>, DecodeGrid(a, s, 4), kMmaThreads, smem, stream, nullptr, a, s);
 }
 
 template <int D>
@@ -576,12 +577,7 @@ cudaError_t LaunchMma(const PagedAttentionArgs& a, const DecodeSchedule& s, cuda
 
 template <int D, int G>
 cudaError_t LaunchPartial(const PagedAttentionArgs& a, const DecodeSchedule& s, cudaStream_t stream) {
-  // Enough CTAs for several waves of resident work, at most one per work item the launch can
-  // meet (grid_work, else the capacity); each strides over the work list. KV heads along x, so
-  // that the CTAs of the first work items are dispatched first.
-  const int per_head = (8 * s.num_sms + a.num_kv_heads - 1) / a.num_kv_heads;
-  const int work = s.grid_work > 0 && s.grid_work < s.max_work ? s.grid_work : s.max_work;
-  const dim3 grid(static_cast<unsigned>(a.num_kv_heads), static_cast<unsigned>(per_head < work ? per_head : work));
+  const dim3 grid = DecodeGrid(a, s, 8);
   return a.kv_quant == KvQuant::kNone ? LaunchPdl(DecodePartialKernel<D, G, false>, grid, kThreads, 0, stream, nullptr, a, s)
                                       : LaunchPdl(DecodePartialKernel<D, G, true>, grid, kThreads, 0, stream, nullptr, a, s);
 }

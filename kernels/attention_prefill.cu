@@ -251,12 +251,6 @@ constexpr size_t FlashSmemBytes() {
   return sizeof(__nv_bfloat16) * D * (kFlashRows + 2 * kFlashStages * kKv);
 }
 
-// Element offset of 16-byte chunk c of row r in a swizzled [rows][D] bf16 tile.
-template <int D>
-__device__ __forceinline__ int Swz(int r, int c) {
-  return r * D + ((c ^ (r & 7)) << 3);
-}
-
 // Grid (num_kv_heads, num_tiles, num_splits). kMT: m-tiles of 16 rows per warp (1: 8 warps of 16
 // rows; 2: 4 warps of 32 rows, each K/V fragment feeding two mma); kKv: keys per tile;
 // kMinBlocks: CTAs per SM the registers are capped for. kSplit: write fp32 partials (split-KV)

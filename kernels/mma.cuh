@@ -1,7 +1,7 @@
 // Device-only wrappers of the sm_80+ tensor-core and async-copy instructions the attention
 // kernels share (attention_prefill.cu, attention_latent*.cu): cp.async 16-byte copies with zero
-// fill, ldmatrix (plain and transposed), mma.sync m16n8k16 bf16 -> fp32, bf16x2 packing and the
-// SFU exp2. Internal to the kernels' .cu files, not part of their interface.
+// fill, ldmatrix (plain and transposed), the swizzled tile layout they read, mma.sync m16n8k16
+// bf16 -> fp32, bf16x2 packing and the SFU exp2. Internal to the kernels' .cu files, not part of their interface.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -53,6 +53,12 @@ __device__ __forceinline__ void Mma(float (&d)[4], const uint32_t (&a)[4], uint3
       "{%0,%1,%2,%3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+// Element offset of 16-byte chunk c of row r in a [rows][D] bf16 shared-memory tile whose chunks
+// are XOR-swizzled by (row % 8), so the 8 rows an ldmatrix phase reads fall in distinct banks.
+template <int D>
+__device__ __forceinline__ int Swz(int r, int c) {
+  return r * D + ((c ^ (r & 7)) << 3);
 }
 __device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
   __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // lo in the low half (the lower column)

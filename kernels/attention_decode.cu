@@ -364,16 +364,8 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
 
   if (!DecodePrologue(a, sch, num_work)) return;
 
-  // ldmatrix addresses (attention_prefill.cu: a row a lane addresses has row % 8 == 2 y + x0).
-  const int y = (lane & 7) >> 1, x0 = lane & 1;
   uint32_t q_off[4], k_off[4], v_off[4];
-#pragma unroll
-  for (int jj = 0; jj < 4; ++jj) {
-    const int sw = 32 * (jj ^ y);
-    q_off[jj] = SmemAddr(sq) + (lane % 16) * D * 2 + sw + 16 * ((lane >> 4) ^ x0);
-    k_off[jj] = (lane % 8 + (lane / 16) * 8) * D * 2 + sw + 16 * (((lane >> 3) & 1) ^ x0);
-    v_off[jj] = (lane % 16) * D * 2 + sw + 16 * ((lane >> 4) ^ x0);
-  }
+  SwzLdsmOffsets<D>(lane, SmemAddr(sq), q_off, k_off, v_off);
 
   for (int w = blockIdx.y; w < num_work; w += gridDim.y) {
     const DecodeWorkItem item = sch.work[w];

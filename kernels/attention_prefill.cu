@@ -330,18 +330,10 @@ __global__ void __launch_bounds__(kFlashRows * 2 / kMT, kMinBlocks)
   const bool warp_live = tok0 + wrow / group < q_len;
   const float scale2 = a.scale * 1.4426950408889634f;  // scores to log2 units
 
-  // ldmatrix addresses. Every row a lane addresses has row % 8 == lane % 8 = 2 y + x0, so chunk
-  // 2 j + b of it sits at chunk 2 (j ^ y) + (b ^ x0) = 2 (j & 4) + 2 ((j & 3) ^ y) + (b ^ x0):
-  // four per-lane offsets per operand, the rest compile-time immediates.
-  const int y = (lane & 7) >> 1, x0 = lane & 1;
+  // ldmatrix addresses (mma.cuh SwzLdsmOffsets): four per-lane offsets per operand, the rest
+  // compile-time immediates; this warp's Q rows start at row wrow.
   uint32_t q_off[4], k_off[4], v_off[4];
-#pragma unroll
-  for (int jj = 0; jj < 4; ++jj) {
-    const int sw = 32 * (jj ^ y);
-    q_off[jj] = SmemAddr(sq) + (wrow + lane % 16) * D * 2 + sw + 16 * ((lane >> 4) ^ x0);
-    k_off[jj] = (lane % 8 + (lane / 16) * 8) * D * 2 + sw + 16 * (((lane >> 3) & 1) ^ x0);
-    v_off[jj] = (lane % 16) * D * 2 + sw + 16 * ((lane >> 4) ^ x0);
-  }
+  SwzLdsmOffsets<D>(lane, SmemAddr(sq) + wrow * D * 2, q_off, k_off, v_off);
 
   float o[kMT][D / 8][4];
   float m[kMT][2], l[kMT][2];  // raw-score row max; this lane's part of the row sum

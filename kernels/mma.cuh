@@ -60,6 +60,24 @@ template <int D>
 __device__ __forceinline__ int Swz(int r, int c) {
   return r * D + ((c ^ (r & 7)) << 3);
 }
+// ldmatrix addresses into Swz<D> tiles, per 32-column step jj & 3 of a 128-column group (add
+// 32 * (kk & 4) bytes for step kk): a row a lane addresses has row % 8 == lane % 8 = 2 y + x0, so
+// chunk 2 j + b of it sits at chunk 2 (j ^ y) + (b ^ x0) = 2 (j & 4) + 2 ((j & 3) ^ y) + (b ^ x0).
+// q: the A operand (rows [0, 16) from the shared address q_base, x4); k: K as the B operand (two
+// 8-key n-tiles, x4; offsets relative to the tile); v: V as the B operand of P V (ldmatrix.trans,
+// x4; relative to the tile).
+template <int D>
+__device__ __forceinline__ void SwzLdsmOffsets(int lane, uint32_t q_base, uint32_t (&q)[4], uint32_t (&k)[4],
+                                               uint32_t (&v)[4]) {
+  const int y = (lane & 7) >> 1, x0 = lane & 1;
+#pragma unroll
+  for (int jj = 0; jj < 4; ++jj) {
+    const int sw = 32 * (jj ^ y);
+    q[jj] = q_base + (lane % 16) * D * 2 + sw + 16 * ((lane >> 4) ^ x0);
+    k[jj] = (lane % 8 + (lane / 16) * 8) * D * 2 + sw + 16 * (((lane >> 3) & 1) ^ x0);
+    v[jj] = (lane % 16) * D * 2 + sw + 16 * ((lane >> 4) ^ x0);
+  }
+}
 __device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
   __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // lo in the low half (the lower column)
   return *reinterpret_cast<uint32_t*>(&v);

@@ -37,6 +37,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
 #include "absl/types/span.h"
 #include "backend/sampling.h"
@@ -61,6 +62,14 @@ class SequenceKvPolicy;  // kvpolicy/sequence_policy.h
 struct KvPolicyAttention {
   kvpolicy::SequenceKvPolicy* const* seqs = nullptr;
   int32_t layer = 0;  // the model layer (index into the policy's layers)
+};
+
+// One KV head's cache entry moving between two slots of the paged cache (Backend::MoveKvHeads).
+struct KvHeadMove {
+  int32_t layer = 0;
+  int32_t head = 0;  // KV head of this rank's shard
+  int64_t src = 0;   // cache slots: block id x block_size + offset
+  int64_t dst = 0;
 };
 
 class Backend;
@@ -435,6 +444,16 @@ class Backend {
   // tier). Pairs apply in order; InvalidArgument for a block id outside [0, num_blocks).
   virtual absl::Status CopyBlocks(absl::Span<const KvLayer> layers, int32_t block_size,
                                   int32_t num_blocks, absl::Span<const BlockCopy> copies) = 0;
+
+  // Token-level KV policies' compaction (kvpolicy/, StepPlan::kv_compactions): for each move in
+  // order, copies KV head `head`'s K and V entries of layer `layer` (of `layers`) from cache slot
+  // src to slot dst (slot = block id x block_size + offset; quantized caches: the head's codes and
+  // scales). InvalidArgument naming the first move with a layer, head or slot out of range,
+  // before anything is copied. Unimplemented on backends without SupportsKvPolicy().
+  virtual absl::Status MoveKvHeads(absl::Span<const KvLayer> layers, int32_t block_size,
+                                   int32_t num_blocks, absl::Span<const KvHeadMove> moves) {
+    return absl::UnimplementedError(absl::StrCat(name(), " backend: MoveKvHeads (KV policies) not implemented"));
+  }
 
   // --- host KV tier (issue #10; StepPlan::kv_offloads / kv_loads) ------------------------------
   // Host memory for `num_slots` blocks of `layers` (block_size tokens each; see HostKvStorage).

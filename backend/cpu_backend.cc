@@ -330,6 +330,8 @@ class CpuBackend final : public Backend {
   }
   absl::Status CopyBlocks(absl::Span<const KvLayer> layers, int32_t block_size, int32_t num_blocks,
                           absl::Span<const BlockCopy> copies) override;
+  absl::Status MoveKvHeads(absl::Span<const KvLayer> layers, int32_t block_size, int32_t num_blocks,
+                           absl::Span<const KvHeadMove> moves) override;
 
  protected:
   void Free(void* data, MemoryKind) override { memory_.Free(data); }
@@ -506,6 +508,30 @@ absl::Status CpuBackend::CopyBlocks(absl::Span<const KvLayer> layers, int32_t bl
     for (const BlockCopy& c : copies) {
       std::memmove(k + c.dst * k_block, k + c.src * k_block, k_block);
       std::memmove(v + c.dst * v_block, v + c.src * v_block, v_block);
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::MoveKvHeads(absl::Span<const KvLayer> layers, int32_t block_size,
+                                     int32_t num_blocks, absl::Span<const KvHeadMove> moves) {
+  const int64_t num_slots = static_cast<int64_t>(block_size) * num_blocks;
+  for (size_t i = 0; i < moves.size(); ++i) {
+    const KvHeadMove& m = moves[i];
+    const bool layer_ok = m.layer >= 0 && static_cast<size_t>(m.layer) < layers.size();
+    if (!layer_ok || m.head < 0 || m.head >= layers[m.layer].num_kv_heads || m.src < 0 ||
+        m.src >= num_slots || m.dst < 0 || m.dst >= num_slots) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "cpu backend: MoveKvHeads: move ", i, " (layer ", m.layer, ", head ", m.head, ", slot ",
+          m.src, " -> ", m.dst, ") outside ", layers.size(), " layers of ",
+          layer_ok ? layers[m.layer].num_kv_heads : 0, " KV heads and ", num_slots, " slots"));
+    }
+  }
+  for (const KvLayer& layer : layers) RETURN_IF_ERROR(cpu_internal::CheckKvCache("MoveKvHeads", layer));
+  for (const KvHeadMove& m : moves) {
+    const KvLayer& c = layers[m.layer];
+    for (bool v_side : {false, true}) {
+      cpu_internal::MoveKvHead(c, v_side, m.src, m.dst, m.head);
     }
   }
   return absl::OkStatus();

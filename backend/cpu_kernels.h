@@ -38,8 +38,13 @@ void StoreKvRow(const KvLayer& cache, bool v_side, int64_t slot, const float* ro
 void LoadKvHead(const KvLayer& cache, bool v_side, int64_t slot, int64_t head, int64_t head_width,
                 float* out);
 
+// Copies KV head `head`'s entry (K: v_side false, V: true) from cache slot src to slot dst, in
+// the cache's own format (a quantized cache: the head's codes and its scales).
+void MoveKvHead(const KvLayer& cache, bool v_side, int64_t src, int64_t dst, int64_t head);
+
 // Token-level KV policies (cpu_kv_policy.cc; backend.h KvPolicyAttention).
-// The keys / values of KV head `head` of one sequence (`len` tokens, paged by `table`) that
+// The keys / values of KV head `head` of one sequence (`len` tokens, paged by `table`; a kept
+// key of position p at the sequence's cache slot policy->slot(layer, head, p), else p) that
 // `policy` keeps (null: every position), in position order: kept[n] positions, k [n, k_width]
 // and v [n, v_width] fp32 (cache slots dequantized as LoadKvHead, kLow entries from the
 // policy). Returns n, or -1 when one of the step's q_len tokens (the last q_len positions) is not

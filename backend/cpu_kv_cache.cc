@@ -69,4 +69,24 @@ void LoadKvHead(const KvLayer& c, bool v_side, int64_t slot, int64_t head, int64
       head_width, head, out);
 }
 
+void MoveKvHead(const KvLayer& c, bool v_side, int64_t src, int64_t dst, int64_t head) {
+  const int64_t w = Width(c, v_side);
+  const int64_t hw = w / c.num_kv_heads;
+  void* base = Base(c, v_side);
+  if (c.quant == KvQuant::kNone) {
+    const size_t elem = c.dtype == DType::kF32 ? sizeof(float) : sizeof(uint16_t);
+    char* b = static_cast<char*>(base);
+    std::memmove(b + (dst * w + head * hw) * elem, b + (src * w + head * hw) * elem, hw * elem);
+    return;
+  }
+  const int64_t code_bytes = kernels::KvqHeadCodeBytes(c.quant, hw);
+  const int64_t scales = kernels::KvqGroupsPerHead(c.quant, hw) * kernels::KvqScalesPerGroup(c.quant);
+  std::memmove(kernels::KvqTokenCodes(base, c.quant, c.block_size, c.num_kv_heads, hw, dst) + head * code_bytes,
+               kernels::KvqTokenCodes(base, c.quant, c.block_size, c.num_kv_heads, hw, src) + head * code_bytes,
+               static_cast<size_t>(code_bytes));
+  std::memmove(kernels::KvqTokenScales(base, c.quant, c.block_size, c.num_kv_heads, hw, dst) + head * scales,
+               kernels::KvqTokenScales(base, c.quant, c.block_size, c.num_kv_heads, hw, src) + head * scales,
+               static_cast<size_t>(scales) * sizeof(uint16_t));
+}
+
 }  // namespace lorc::cpu_internal

@@ -32,7 +32,9 @@ int GatherKeptHead(const KvLayer& cache, kvpolicy::SequenceKvPolicy* policy, int
       policy->LoadLow(layer, head, pos, kj, vj);
       continue;
     }
-    const int64_t slot = static_cast<int64_t>(table[pos / block_size]) * block_size + pos % block_size;
+    // The sequence's cache slot of the key: its position, or where a compaction put it.
+    const int64_t at = policy != nullptr ? policy->slot(layer, head, pos) : pos;
+    const int64_t slot = static_cast<int64_t>(table[at / block_size]) * block_size + at % block_size;
     LoadKvHead(cache, false, slot, head, k_width, kj);
     LoadKvHead(cache, true, slot, head, v_width, vj);
   }

@@ -477,6 +477,7 @@ absl::StatusOr<std::unique_ptr<Target>> OpenLocalWorkers(const Args& args, int32
   t->all_reduce = info.all_reduce;
   t->load_s = info.load_seconds;
   t->engine_options.num_host_blocks = info.num_host_blocks;  // the workers' host KV tier
+  t->engine_options.kv_compaction = o.kv.kv_policy.enabled();
   KvCacheSpec kv;  // what the scheduler allocates: blocks of block_size tokens
   kv.block_size = t->block_size;
   kv.num_blocks = t->num_blocks;

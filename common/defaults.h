@@ -38,6 +38,11 @@ inline constexpr double kMaxSessionKvFraction = 0.5;
 // priority, within this many of the queue's head), but bypasses a request at most this many times.
 inline constexpr int32_t kPrefixPreferenceWindow = 16;
 inline constexpr int32_t kMaxPrefixBypass = 4;
+// A token-level KV policy's compaction (kvpolicy/README.md "Compaction") runs once it frees at
+// least this fraction of a sequence's blocks (and at least one): each one copies the sequence's
+// kept keys, so waiting for a quarter bounds the copies to about 4 keys per evicted key while
+// the cache holds at most a third more blocks than the kept keys need.
+inline constexpr double kKvCompactMinFreedFraction = 0.25;
 // The coordinator's internal port (Rendezvous, WorkerJoin): `--internal-listen` defaults to the
 // `--listen` host with this port, and a LeaderWorkerSet worker joins $LWS_LEADER_ADDRESS on it.
 inline constexpr int32_t kInternalPort = 50052;

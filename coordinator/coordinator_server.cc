@@ -220,6 +220,7 @@ absl::Status CoordinatorServer::JoinGroup() {
   EngineOptions engine_options = options_.engine;
   // A new group's host memory is new: the new engine's host tier starts empty.
   engine_options.num_host_blocks = g->group->info().num_host_blocks;
+  engine_options.kv_compaction = options_.kv.kv_policy.enabled();  // sent to every worker
   ASSIGN_OR_RETURN(std::unique_ptr<Engine> engine,
                    Engine::Create(g->group.get(), config_, kv, tokenizer_.get(), engine_options));
   g->loop = std::make_shared<EngineLoop>(std::move(engine), metrics_.get());

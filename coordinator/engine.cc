@@ -54,6 +54,7 @@ SchedulerConfig MakeSchedulerConfig(const ModelConfig& config, const KvCacheSpec
   c.session_ttl_s = options.session_ttl_s;
   c.max_session_kv_fraction = options.max_session_kv_fraction;
   c.num_host_blocks = options.num_host_blocks;
+  c.kv_compaction = options.kv_compaction;
   KvCacheSpec format = kv;
   if (format.k_width.empty()) {
     KvSpecOptions o;

@@ -96,6 +96,9 @@ struct EngineOptions {
   // Host KV tier slots the workers hold (WorkerGroupInfo::num_host_blocks, from their
   // --kv-offloading-size; not a coordinator flag): 0 none. SchedulerConfig::num_host_blocks.
   int32_t num_host_blocks = 0;
+  // The workers run a token-level KV policy (their --kv-policy; not a flag of its own): the
+  // scheduler compacts its sequences (SchedulerConfig::kv_compaction).
+  bool kv_compaction = false;
 };
 
 struct EngineStats {

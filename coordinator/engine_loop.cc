@@ -109,8 +109,12 @@ void EngineLoop::Publish() {
     d.prefix_cache_query_tokens = pc.query_tokens - mark_.prefix_cache.query_tokens;
     d.prefix_cache_hit_tokens = pc.hit_tokens - mark_.prefix_cache.hit_tokens;
     d.prefix_cache_host_hit_tokens = pc.host_hit_tokens - mark_.prefix_cache.host_hit_tokens;
+    d.kv_compactions = sched.num_kv_compactions() - mark_.kv_compactions;
+    d.kv_compaction_freed_blocks = sched.num_kv_compaction_freed_blocks() - mark_.kv_compaction_freed_blocks;
     metrics_->AddScheduler(d);
     mark_.preemptions = sched.num_preemptions();
+    mark_.kv_compactions = sched.num_kv_compactions();
+    mark_.kv_compaction_freed_blocks = sched.num_kv_compaction_freed_blocks();
     mark_.prefix_cache = pc;
   }
   absl::MutexLock lock(&mu_);

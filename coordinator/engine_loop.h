@@ -86,6 +86,7 @@ class EngineLoop {
   // Engine stats and scheduler counters already added to the metrics (engine thread).
   struct MetricsMark {
     int64_t preemptions = 0;
+    int64_t kv_compactions = 0, kv_compaction_freed_blocks = 0;
     PrefixCacheStats prefix_cache;
   };
 

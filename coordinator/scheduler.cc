@@ -1,6 +1,8 @@
 #include "coordinator/scheduler.h"
 
 #include <algorithm>
+#include <cmath>
+#include <cstdint>
 #include <deque>
 #include <utility>
 
@@ -101,6 +103,15 @@ struct Scheduler::Seq {
   uint64_t session_epoch = 0;
   int64_t num_cached_prompt_tokens = -1;
   int32_t num_bypassed = 0;  // times a request behind it was admitted first (prefix preference)
+  // KV policy compaction (header comment): positions minus cache slots (what blocks_ counts),
+  // the latest slot report since the latest admission (whose first step is admitted_step), and
+  // the blocks from which its table is no longer indexed (compacted in place).
+  int64_t slot_offset = 0;
+  std::optional<KvSlotReport> kv_slots;
+  uint64_t admitted_step = 0;
+  size_t index_limit = SIZE_MAX;
+  // Cache slots it holds (blocks_.NumTokens).
+  int64_t slots() const { return num_computed - slot_offset; }
 
   int64_t num_pending() const { return static_cast<int64_t>(sample_steps.size()); }
   // Tokens the workers will have once the steps in flight are done.
@@ -308,7 +319,7 @@ void Scheduler::Finish(int64_t seq_id, FinishReason reason) {
 
 int64_t Scheduler::TokensThatFit(const Seq& s, int64_t n) const {
   const int32_t free = blocks_.num_free_blocks();
-  auto fits = [&](int64_t m) { return blocks_.BlocksNeeded(s.id, s.num_computed + m) <= free; };
+  auto fits = [&](int64_t m) { return blocks_.BlocksNeeded(s.id, s.slots() + m) <= free; };
   if (fits(n)) return n;
   int64_t lo = 0, hi = n;  // fits(lo), !fits(hi); BlocksNeeded grows with the token count
   while (hi - lo > 1) {
@@ -345,6 +356,9 @@ void Scheduler::Preempt(Seq& victim, std::vector<Entry>& entries, int64_t& budge
   blocks_.Free(victim.id);
   running_.erase(std::find(running_.begin(), running_.end(), &victim));
   victim.num_computed = 0;
+  victim.slot_offset = 0;
+  victim.kv_slots.reset();
+  victim.index_limit = SIZE_MAX;
   victim.computing.clear();
   victim.workers_have_tokens = false;  // they keep its sampler, so no params are re-sent
   victim.blocks_sent = 0;
@@ -352,6 +366,33 @@ void Scheduler::Preempt(Seq& victim, std::vector<Entry>& entries, int64_t& budge
   ++num_preemptions_;
   Enqueue(victim, /*front=*/true);
   if (victim.seen_by_workers) plan.preempted.push_back(victim.id);
+}
+
+void Scheduler::CompactKv(StepPlan& plan) {
+  if (!config_.kv_compaction) return;
+  const int64_t bs = config_.block_size;
+  for (Seq* s : running_) {
+    if (!s->kv_slots.has_value() || !s->session.session_id.empty() || !s->child_ids.empty()) continue;
+    const KvSlotReport& r = *s->kv_slots;
+    if (r.compact_from % bs != 0) continue;
+    // Tokens computed since the reported step can only add kept keys.
+    const int64_t bound = r.slots_needed + (s->num_computed - r.num_computed_tokens);
+    const int64_t blocks = static_cast<int64_t>(blocks_.BlockTable(s->id).size());
+    const int64_t freed = blocks - CeilDiv(bound, bs);
+    const int64_t enough = std::max<int64_t>(
+        1, static_cast<int64_t>(std::ceil(static_cast<double>(blocks) * defaults::kKvCompactMinFreedFraction)));
+    if (bound >= s->slots() || freed < enough) continue;
+    const int32_t from_block = static_cast<int32_t>(r.compact_from / bs);
+    if (!blocks_.CanCompact(s->id, from_block)) continue;  // a block there is shared (a hit)
+    CHECK_OK(blocks_.Compact(s->id, from_block, bound));
+    plan.kv_compactions.push_back({s->id, bound});
+    s->slot_offset = s->num_computed - bound;
+    s->blocks_sent = blocks_.BlockTable(s->id).size();
+    s->index_limit = std::min(s->index_limit, static_cast<size_t>(from_block));
+    s->kv_slots.reset();
+    ++num_kv_compactions_;
+    num_kv_compaction_freed_blocks_ += freed;
+  }
 }
 
 std::vector<int32_t> Scheduler::LookupPrefix(Seq& s) {
@@ -397,7 +438,8 @@ void Scheduler::CacheComputed(Seq& s, int64_t num_computed) {
   const size_t known = std::min(static_cast<size_t>(num_computed), s.tokens.size());
   ExtendBlockHashes(s.root, absl::MakeConstSpan(s.tokens).first(known), config_.block_size,
                     &s.hashes);
-  const size_t full = known / static_cast<size_t>(config_.block_size);
+  // Blocks a KV policy compaction rewrote in place (index_limit on) hold no prefix.
+  const size_t full = std::min(known / static_cast<size_t>(config_.block_size), s.index_limit);
   blocks_.CacheFullBlocks(s.id, absl::MakeConstSpan(s.hashes).first(std::min(full, s.hashes.size())));
 }
 
@@ -470,6 +512,7 @@ StepPlan Scheduler::Schedule() {
   ended_.clear();
   int64_t budget = config_.max_num_batched_tokens;
   std::vector<Entry> entries;
+  CompactKv(plan);
 
   // 1. Running sequences: decodes, then prefill chunks; each group by priority, then admission.
   std::vector<Seq*> order = running_;
@@ -497,7 +540,7 @@ StepPlan Scheduler::Schedule() {
       m = TokensThatFit(*s, n);
     }
     if (s->state != SequenceState::kRunning || m == 0) continue;
-    absl::StatusOr<std::vector<BlockCopy>> copies = blocks_.Reserve(s->id, s->num_computed + m);
+    absl::StatusOr<std::vector<BlockCopy>> copies = blocks_.Reserve(s->id, s->slots() + m);
     CHECK_OK(copies.status());  // TokensThatFit checked the blocks
     OffloadEvicted(plan);
     entries.push_back({s, m, *std::move(copies)});
@@ -511,7 +554,7 @@ StepPlan Scheduler::Schedule() {
     int64_t promised = 0;
     int64_t slots = 0;  // against max_num_seqs
     for (const Seq* s : running_) {
-      promised += blocks_.BlocksNeeded(s->id, static_cast<int64_t>(s->tokens.size())) +
+      promised += blocks_.BlocksNeeded(s->id, static_cast<int64_t>(s->tokens.size()) - s->slot_offset) +
                   static_cast<int64_t>(s->child_ids.size());
       slots += Slots(*s);
     }
@@ -545,6 +588,7 @@ StepPlan Scheduler::Schedule() {
       for (Seq* b : bypassed) ++b->num_bypassed;
       s.state = SequenceState::kRunning;
       s.admission = next_admission_++;
+      s.admitted_step = plan.step_id;
       running_.push_back(&s);
       CHECK_OK(blocks_.AddSequence(s.id, hit));
       if (num_host > 0) {
@@ -665,6 +709,9 @@ void Scheduler::Fork(Seq& parent, uint64_t step_id, ScheduledSequence& out) {
     c->root = parent.root;
     c->hashes = parent.hashes;
     c->computing = parent.computing;  // its blocks are the parent's up to here
+    c->admitted_step = step_id;
+    c->slot_offset = parent.slot_offset;  // 0: a parent with unforked children is never compacted
+    c->index_limit = parent.index_limit;
     running_.push_back(c.get());
     seqs_.emplace(id, std::move(c));
   }
@@ -698,6 +745,15 @@ std::vector<SequenceEvent> Scheduler::Apply(const StepResult& result) {
     const int64_t done = s->computing.front().second;
     s->computing.pop_front();
     CacheComputed(*s, done);
+  }
+  for (const KvSlotReport& r : result.kv_slots) {
+    auto it = seqs_.find(r.seq_id);
+    if (it == seqs_.end()) continue;
+    Seq& s = *it->second;
+    // A report from before the latest admission describes a state the workers dropped.
+    if (s.state != SequenceState::kRunning || result.step_id < s.admitted_step) continue;
+    if (r.num_computed_tokens > s.num_computed || r.compact_from < 0 || r.slots_needed < r.compact_from) continue;
+    s.kv_slots = r;
   }
   for (const SampledToken& t : result.sampled) {
     auto it = seqs_.find(t.seq_id);
@@ -875,14 +931,14 @@ absl::Status Scheduler::Validate() const {
     if (i > 0 && running_[i - 1]->admission >= s.admission) {
       return bad("running set out of admission order at sequence ", s.id);
     }
-    if (!blocks_.Has(s.id) || blocks_.NumTokens(s.id) != s.num_computed) {
+    if (!blocks_.Has(s.id) || blocks_.NumTokens(s.id) != s.slots()) {
       return bad("running sequence ", s.id, ": block manager tokens != ", s.num_computed,
-                 " computed");
+                 " computed - ", s.slot_offset, " compacted");
     }
     const absl::Span<const int32_t> table = blocks_.BlockTable(s.id);
-    if (static_cast<int64_t>(table.size()) != CeilDiv(s.num_computed, config_.block_size)) {
-      return bad("running sequence ", s.id, ": ", table.size(), " blocks for ", s.num_computed,
-                 " computed tokens");
+    if (static_cast<int64_t>(table.size()) != CeilDiv(s.slots(), config_.block_size)) {
+      return bad("running sequence ", s.id, ": ", table.size(), " blocks for ", s.slots(),
+                 " cache slots");
     }
     for (int32_t b : table) {
       if (b < 0 || b >= config_.num_blocks) return bad("sequence ", s.id, " holds block ", b);

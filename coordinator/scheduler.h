@@ -73,6 +73,16 @@
 // pressure (a waiting request that cannot be admitted while nothing runs releases the oldest
 // session) and ResetPrefixCache.
 //
+// KV policy compaction (kv_compaction; kvpolicy/README.md "Compaction"): the workers report,
+// after each step, the cache slots each policy sequence would need if compacted
+// (StepResult::kv_slots: from compact_from, a block boundary, the most over the ranks). A
+// sequence's upper bound at plan time is that plus the tokens computed since the reported step
+// (evictions only lower it). When the bound frees at least kKvCompactMinFreedFraction of its
+// blocks (and one), the blocks from compact_from on are held by it alone and it is neither in a
+// session nor has unforked children, Schedule puts a KvCompaction first in the plan and releases
+// the blocks past the bound at once (the workers compact before anything else in that step);
+// from then on the sequence holds num_computed - slot_offset slots (blocks_ counts slots) and
+// its blocks from compact_from on are never indexed again. Preemption resets both.
 // Steps in flight (async scheduling, design/ENGINE.md §1.3): Schedule may be called again before
 // the previous plans' results are applied. A decoding sequence whose next token is being sampled
 // by a step in flight is scheduled as if that token were known (the workers feed it themselves),
@@ -83,7 +93,8 @@
 // Apply the results in step order.
 //
 // Invariants (checked by Validate()): every sequence is in exactly one of waiting / running;
-// running sequences own exactly the blocks for their computed tokens, waiting ones own none;
+// running sequences own exactly the blocks for their cache slots (computed tokens - slot_offset),
+// waiting ones own none;
 // a block's ref count = the number of block tables holding it + the sessions pinning it; blocks in use + free blocks =
 // num_blocks; running sequences + their unforked children <= max_num_seqs; reserved child ids are
 // exactly the unforked children of live parents and none is a live id.
@@ -147,6 +158,9 @@ struct SchedulerConfig {
   // num_host_blocks, from --kv-offloading-size; the smallest over the ranks), >= 0. 0, or prefix
   // caching off: no tier.
   int32_t num_host_blocks = 0;
+  // The workers run a token-level KV policy (--kv-policy): compact sequences from their slot
+  // reports (header comment "KV policy compaction").
+  bool kv_compaction = false;
   // The sessions' clock; null: absl::Now (tests pass a fake one).
   std::function<absl::Time()> clock;
 
@@ -274,6 +288,9 @@ class Scheduler {
   int32_t num_blocks() const { return config_.num_blocks; }
   int32_t num_free_blocks() const { return blocks_.num_free_blocks(); }
   int64_t num_preemptions() const { return num_preemptions_; }  // since construction
+  // KV policy compactions planned and the blocks they released, since construction.
+  int64_t num_kv_compactions() const { return num_kv_compactions_; }
+  int64_t num_kv_compaction_freed_blocks() const { return num_kv_compaction_freed_blocks_; }
   // Waiting or running sequences, or ended ones the workers still have to be told of.
   bool HasWork() const;
   bool Contains(int64_t seq_id) const { return seqs_.contains(seq_id); }
@@ -326,6 +343,8 @@ class Scheduler {
   // holds consecutively, within the first num_tokens - 1 tokens.
   size_t HostPrefix(const Seq& s, size_t start) const;
   void Preempt(Seq& victim, std::vector<Entry>& entries, int64_t& budget, StepPlan& plan);
+  // KV policy compactions of running sequences into `plan` (header comment).
+  void CompactKv(StepPlan& plan);
   // True when `s`'s session was closed after `s` was added.
   bool SessionClosedSince(const Seq& s) const;
 
@@ -345,6 +364,8 @@ class Scheduler {
   int64_t next_front_ = 0;             // of requeued (preempted) ones: -1, -2, ...
   uint64_t next_admission_ = 0;
   int64_t num_preemptions_ = 0;
+  int64_t num_kv_compactions_ = 0;
+  int64_t num_kv_compaction_freed_blocks_ = 0;
   // Per session with requests waiting or running: how many (parents), and the session clock at
   // its latest CloseSession (0: none). Erased when the last of them ends.
   struct SessionRequests {

@@ -1,5 +1,6 @@
 #include "coordinator/worker_group.h"
 
+#include <algorithm>
 #include <chrono>
 #include <deque>
 #include <future>
@@ -15,6 +16,26 @@
 
 namespace lorc {
 namespace {
+
+// A KV policy's slot reports of every rank, each for its own KV heads: the slots a sequence needs
+// are the most any rank needs; a sequence some rank did not report is dropped (no compaction).
+void MergeKvSlots(const std::vector<std::vector<lorcserve::internal::KvSlotReport>>& others,
+                  std::vector<KvSlotReport>* rank0) {
+  for (const auto& o : others) {
+    std::vector<KvSlotReport> kept;
+    for (const KvSlotReport& k : *rank0) {
+      auto it = std::find_if(o.begin(), o.end(), [&](const auto& x) { return x.seq_id() == k.seq_id; });
+      if (it == o.end() || it->compact_from() != k.compact_from ||
+          it->num_computed_tokens() != k.num_computed_tokens) {
+        continue;
+      }
+      KvSlotReport m = k;
+      m.slots_needed = std::max(m.slots_needed, it->slots_needed());
+      kept.push_back(m);
+    }
+    rank0->swap(kept);
+  }
+}
 
 std::chrono::system_clock::time_point DeadlineIn(absl::Duration d) {
   return std::chrono::system_clock::now() + absl::ToChronoMilliseconds(d);
@@ -276,6 +297,7 @@ absl::StatusOr<StepResult> WorkerGroup::AwaitStream(uint64_t step_id) {
   RETURN_IF_ERROR(health());
   const absl::Time deadline = absl::Now() + options_.step_timeout;
   absl::StatusOr<StepResult> rank0 = absl::InternalError("no result");
+  std::vector<std::vector<lorcserve::internal::KvSlotReport>> others;  // ranks 1.. (kv_slots)
   for (auto& w : workers_) {
     absl::ReleasableMutexLock lock(&w->mu);
     while (w->results.empty() && !w->closed) {
@@ -300,8 +322,13 @@ absl::StatusOr<StepResult> WorkerGroup::AwaitStream(uint64_t step_id) {
       return w->Unavailable(absl::InternalError(
           absl::StrCat("result for step ", res.step_id(), " while awaiting step ", step_id)));
     }
-    if (w->rank == 0) rank0 = StepResultFromProto(res);
+    if (w->rank == 0) {
+      rank0 = StepResultFromProto(res);
+    } else {
+      others.emplace_back(res.kv_slots().begin(), res.kv_slots().end());
+    }
   }
+  if (rank0.ok()) MergeKvSlots(others, &rank0->kv_slots);
   return rank0;
 }
 
@@ -347,13 +374,21 @@ absl::StatusOr<StepResult> WorkerGroup::RunUnary() {
     }));
   }
   absl::StatusOr<StepResult> rank0 = absl::InternalError("no result");
+  std::vector<std::vector<lorcserve::internal::KvSlotReport>> others;
   absl::Status failure;
   for (size_t r = 0; r < calls.size(); ++r) {
     absl::StatusOr<StepResult> res = calls[r].get();
-    if (!res.ok()) failure.Update(res.status());
-    else if (r == 0) rank0 = std::move(res);
+    if (!res.ok()) {
+      failure.Update(res.status());
+    } else if (r == 0) {
+      rank0 = std::move(res);
+    } else {
+      std::vector<lorcserve::internal::KvSlotReport>& o = others.emplace_back();
+      for (const KvSlotReport& k : res->kv_slots) KvSlotReportToProto(k, &o.emplace_back());
+    }
   }
   RETURN_IF_ERROR(failure);
+  MergeKvSlots(others, &rank0->kv_slots);
   return rank0;
 }
 

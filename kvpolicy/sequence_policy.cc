@@ -4,6 +4,8 @@
 #include <cmath>
 #include <cstring>
 
+#include "absl/strings/str_cat.h"
+
 namespace lorc::kvpolicy {
 
 void SelectVictims(const KvPolicyConfig& c, int64_t seq_len, int64_t pinned, const uint8_t* state,
@@ -51,7 +53,11 @@ void SequenceKvPolicy::Extend(int64_t new_len) {
     h.state.resize(new_len, static_cast<uint8_t>(SlotState::kFull));
     h.low_slot.resize(new_len, -1);
     h.last_hit.resize(new_len);
-    for (int64_t p = seq_len_; p < new_len; ++p) h.last_hit[p] = static_cast<int32_t>(p);
+    h.slot.resize(new_len);
+    for (int64_t p = seq_len_; p < new_len; ++p) {
+      h.last_hit[p] = static_cast<int32_t>(p);
+      h.slot[p] = static_cast<int32_t>(p - slot_offset_);
+    }
   }
   seq_len_ = new_len;
 }
@@ -139,6 +145,43 @@ void SequenceKvPolicy::Apply(int layer, int head, absl::Span<const int32_t> kept
   }
 }
 
+int64_t SequenceKvPolicy::SlotsNeeded(int64_t from) const {
+  const uint8_t full = static_cast<uint8_t>(SlotState::kFull);
+  int64_t most = 0;
+  for (const Head& h : heads_) {
+    int64_t n = 0;
+    for (int64_t p = 0; p < seq_len_; ++p) n += h.state[p] == full && h.slot[p] >= from;
+    most = std::max(most, n);
+  }
+  return from + most;
+}
+
+absl::Status SequenceKvPolicy::Compact(int64_t from, int64_t num_slots, std::vector<SlotMove>* moves) {
+  moves->clear();
+  const int64_t needed = SlotsNeeded(from);
+  if (from < 0 || from > num_slots || num_slots < needed || num_slots > this->num_slots()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "compaction to ", num_slots, " cache slots from slot ", from, ": the sequence holds ",
+        this->num_slots(), " slots and its kept keys need ", needed));
+  }
+  const uint8_t full = static_cast<uint8_t>(SlotState::kFull);
+  for (size_t i = 0; i < heads_.size(); ++i) {
+    Head& h = heads_[i];
+    int64_t next = from;
+    for (int64_t p = 0; p < seq_len_; ++p) {
+      if (h.state[p] != full || h.slot[p] < from) continue;
+      if (h.slot[p] != next) {
+        moves->push_back({static_cast<int32_t>(i / num_kv_heads_), static_cast<int32_t>(i % num_kv_heads_),
+                          h.slot[p], next});
+        h.slot[p] = static_cast<int32_t>(next);
+      }
+      ++next;
+    }
+  }
+  slot_offset_ = seq_len_ - num_slots;
+  return absl::OkStatus();
+}
+
 EntryCounts SequenceKvPolicy::Counts(int layer, int head) const {
   EntryCounts n;
   const Head& h = heads_[Index(layer, head)];
@@ -168,7 +211,8 @@ double SequenceKvPolicy::KvBytes() const {
 }
 
 double SequenceKvPolicy::MetadataBytes() const {
-  const double per_entry = 1 + 4 + (config_->kind == KvPolicyKind::kMikv ? 4 : 0);
+  // state, last_hit, slot (+ low_slot)
+  const double per_entry = 1 + 4 + 4 + (config_->kind == KvPolicyKind::kMikv ? 4 : 0);
   return per_entry * static_cast<double>(seq_len_) * static_cast<double>(heads_.size());
 }
 
@@ -194,6 +238,11 @@ SequenceKvPolicy* KvPolicyStore::Prepare(int64_t seq_id, int64_t num_computed_to
 }
 
 const SequenceKvPolicy* KvPolicyStore::Find(int64_t seq_id) const {
+  auto it = seqs_.find(seq_id);
+  return it == seqs_.end() ? nullptr : it->second.get();
+}
+
+SequenceKvPolicy* KvPolicyStore::FindMutable(int64_t seq_id) {
   auto it = seqs_.find(seq_id);
   return it == seqs_.end() ? nullptr : it->second.get();
 }

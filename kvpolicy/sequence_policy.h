@@ -8,6 +8,9 @@
 //                               (attention probability >= 1/t); a new key starts at its own
 //                               position, so it lives at least w queries.
 //   low_slot[layer][head][pos]  int32: index of the key's low-precision entry (kLow), else -1;
+//   slot[layer][head][pos]      int32: the sequence's cache slot (index into its block table's
+//                               slots) holding a kFull key: pos - slot_offset for a key written
+//                               after the latest compaction, its dense place after one (below).
 //   low K / V entries           per (layer, head), appended: LowCodeBytes codes then LowParams
 //                               (low_precision.h), widths = the cache's per-head widths (head_dim
 //                               for full KV, r_k / r_v for LoRC latents).
@@ -19,6 +22,12 @@
 // session or a fork keeps exactly the bytes its hash describes (kvpolicy/README.md: why), and the
 // positions of a request's prefix-cache hit (below `pinned`) are never evicted or demoted.
 //
+// Compaction (kvpolicy/README.md "Compaction"): the coordinator returns memory by moving, per
+// (layer, KV head), the kFull keys at slots >= compact_from (the first block boundary at or past
+// `pinned`; the blocks before it may be shared) into a dense run from compact_from, in position
+// order, and freeing the blocks past the longest run. Keys written later go to the slots after
+// it: slot = pos - slot_offset for the whole sequence (the model runner's slot_mapping).
+//
 // Threads: one thread (the worker's device thread) uses a store and its states.
 #pragma once
 
@@ -27,6 +36,7 @@
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
+#include "absl/status/status.h"
 #include "absl/types/span.h"
 #include "kvpolicy/kv_policy_config.h"
 #include "kvpolicy/low_precision.h"
@@ -55,6 +65,13 @@ struct LayerShape {
 void SelectVictims(const KvPolicyConfig& config, int64_t seq_len, int64_t pinned,
                    const uint8_t* state, const int32_t* last_hit, std::vector<int32_t>* victims);
 
+// One KV head's entry moving between two of a sequence's cache slots (indices into its block
+// table's slots, dst < src), in the order the moves must run.
+struct SlotMove {
+  int32_t layer = 0, head = 0;
+  int64_t src = 0, dst = 0;
+};
+
 struct EntryCounts {
   int64_t full = 0, low = 0, dead = 0;
 };
@@ -68,6 +85,26 @@ class SequenceKvPolicy {
 
   int64_t seq_len() const { return seq_len_; }
   int64_t pinned() const { return pinned_; }
+  // Positions minus cache slots of the keys written from now on (0 until a compaction), and the
+  // cache slots the sequence holds: seq_len - slot_offset.
+  int64_t slot_offset() const { return slot_offset_; }
+  int64_t num_slots() const { return seq_len_ - slot_offset_; }
+  // Where compaction may start: `pinned` rounded up to a whole block of `block_size` tokens.
+  int64_t CompactFrom(int32_t block_size) const {
+    return (pinned_ + block_size - 1) / block_size * block_size;
+  }
+  // The slots a compaction from `from` leaves: from + the most kFull keys at slots >= from over
+  // the (layer, KV head) pairs (O(seq_len x layers x heads)).
+  int64_t SlotsNeeded(int64_t from) const;
+  // Compacts (header comment): every (layer, head)'s kFull keys at slots >= from move to slots
+  // from, from + 1, ... in position order; then the sequence holds `num_slots` slots
+  // (slot_offset = seq_len - num_slots). `moves` (cleared) gets the copies the cache needs, per
+  // (layer, head) in ascending slots, so running them in order never overwrites an entry not yet
+  // moved. FailedPrecondition (nothing changed) when num_slots < SlotsNeeded(from) or exceeds
+  // num_slots(), or from is past num_slots.
+  absl::Status Compact(int64_t from, int64_t num_slots, std::vector<SlotMove>* moves);
+  // The cache slot of kFull position `pos` of (layer, head).
+  int64_t slot(int layer, int head, int64_t pos) const { return heads_[Index(layer, head)].slot[pos]; }
   const KvPolicyConfig& config() const { return *config_; }
   // Positions [seq_len, new_len) become kFull with last_hit = their position.
   void Extend(int64_t new_len);
@@ -103,7 +140,7 @@ class SequenceKvPolicy {
  private:
   struct Head {
     std::vector<uint8_t> state;
-    std::vector<int32_t> last_hit, low_slot;
+    std::vector<int32_t> last_hit, low_slot, slot;
     std::vector<uint8_t> low_k, low_v;            // appended entries: codes then LowParams
     std::vector<float> q_absmax, balance;         // balance empty until fixed
     std::vector<int32_t> victims;                 // scratch
@@ -115,6 +152,7 @@ class SequenceKvPolicy {
   int32_t num_kv_heads_;
   int64_t pinned_;
   int64_t seq_len_ = 0;
+  int64_t slot_offset_ = 0;
   bool choose_ = true;
   std::vector<Head> heads_;  // [layer][head]
 };
@@ -142,8 +180,9 @@ class KvPolicyStore {
   // seq_len >= prompt_len (SequenceKvPolicy::choose).
   SequenceKvPolicy* Prepare(int64_t seq_id, int64_t num_computed_tokens, int64_t seq_len,
                             int64_t prompt_len = 0, bool session = false);
-  // The state of a running sequence; null when unknown (tests, reports).
+  // The state of a running sequence; null when unknown (tests, reports, compaction).
   const SequenceKvPolicy* Find(int64_t seq_id) const;
+  SequenceKvPolicy* FindMutable(int64_t seq_id);
   // The request ended or was preempted: its counts go into stats(); unknown ids are ignored.
   void Release(int64_t seq_id);
   const KvPolicyStats& stats() const { return stats_; }

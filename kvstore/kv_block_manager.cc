@@ -166,6 +166,36 @@ void KvBlockManager::Free(int64_t seq) {
   seqs_.erase(it);
 }
 
+bool KvBlockManager::CanCompact(int64_t seq, int32_t from_block) const {
+  auto it = seqs_.find(seq);
+  if (it == seqs_.end() || from_block < 0) return false;
+  const std::vector<int32_t>& blocks = it->second.blocks;
+  for (size_t i = static_cast<size_t>(from_block); i < blocks.size(); ++i) {
+    if (pool_.RefCount(blocks[i]) != 1) return false;
+  }
+  return true;
+}
+
+absl::Status KvBlockManager::Compact(int64_t seq, int32_t from_block, int64_t num_tokens) {
+  auto it = seqs_.find(seq);
+  if (it == seqs_.end()) return absl::NotFoundError(absl::StrCat("unknown sequence ", seq));
+  Seq& s = it->second;
+  if (!CanCompact(seq, from_block) || num_tokens < static_cast<int64_t>(from_block) * block_size_ ||
+      num_tokens > s.num_tokens) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "sequence ", seq, ": cannot compact from block ", from_block, " to ", num_tokens, " of its ",
+        s.num_tokens, " tokens (a block from there on is shared, or the count is out of range)"));
+  }
+  // Rewritten in place: out of the index, not offloaded (their bytes are about to change).
+  for (size_t i = static_cast<size_t>(from_block); i < s.blocks.size(); ++i) cache_.Evict(s.blocks[i]);
+  s.num_indexed = std::min(s.num_indexed, static_cast<size_t>(from_block));
+  const size_t keep = static_cast<size_t>((num_tokens + block_size_ - 1) / block_size_);
+  for (size_t i = s.blocks.size(); i-- > keep;) pool_.Release(s.blocks[i]);  // tail first
+  s.blocks.resize(keep);
+  s.num_tokens = num_tokens;
+  return absl::OkStatus();
+}
+
 absl::Span<const int32_t> KvBlockManager::BlockTable(int64_t seq) const {
   auto it = seqs_.find(seq);
   CHECK(it != seqs_.end()) << "unknown sequence " << seq;

@@ -5,7 +5,8 @@
 // (CacheFullBlocks), blocks can be pinned without a sequence (Pin / Unpin: sessions).
 //
 // Invariants:
-//  - a sequence with n tokens owns exactly ceil(n / block_size) blocks (after Reserve);
+//  - a sequence with n tokens owns exactly ceil(n / block_size) blocks (after Reserve); its
+//    "tokens" are cache slots: fewer than its positions after a KV policy's Compact;
 //  - a block shared by several sequences (ref count > 1) is never written: Reserve replaces a
 //    shared, partially filled last block with a private copy and returns the copy to perform;
 //  - Reserve is all-or-nothing: on ResourceExhausted nothing changed;
@@ -104,6 +105,15 @@ class KvBlockManager {
   // indexed: reusable until the pool hands them out again.
   void Free(int64_t seq);
 
+  // Token-level KV policy compaction (kvpolicy/README.md "Compaction"): the sequence's blocks
+  // from `from_block` on are rewritten in place by the workers, so they leave the prefix index
+  // (not recorded as evictions: no host copy of bytes about to change), and it keeps
+  // num_tokens slots: the blocks past ceil(num_tokens / block_size) are released (tail first).
+  // CanCompact: every block from from_block on is held by this sequence alone. Compact:
+  // FailedPrecondition (nothing changed) unless CanCompact and num_tokens is in
+  // [from_block x block_size, NumTokens]; NotFound for an unknown sequence.
+  bool CanCompact(int64_t seq, int32_t from_block) const;
+  absl::Status Compact(int64_t seq, int32_t from_block, int64_t num_tokens);
   absl::Span<const int32_t> BlockTable(int64_t seq) const;
   int64_t NumTokens(int64_t seq) const;
 

@@ -148,6 +148,10 @@ ServingMetrics::ServingMetrics() : registry_(std::make_shared<prometheus::Regist
                                "Host KV tier slots (--kv-offloading-size; 0 without a tier)");
   preemptions_ = NewCounter(r, "lorcserve_preemptions_total",
                             "Running sequences preempted (blocks freed, recomputed later)");
+  kv_compactions_ = NewCounter(r, "lorcserve_kv_compactions_total",
+                               "Token-level KV policy compactions (--kv-policy; kvpolicy/README.md)");
+  kv_compaction_freed_ = NewCounter(r, "lorcserve_kv_compaction_freed_blocks_total",
+                                    "KV cache blocks those compactions gave back");
   pc_queries_ = NewCounter(r, "lorcserve_prefix_cache_queries_total",
                            "Admissions that looked the prefix cache up (once per request)");
   pc_query_tokens_ = NewCounter(r, "lorcserve_prefix_cache_query_tokens_total",
@@ -235,6 +239,8 @@ void ServingMetrics::AddScheduler(const SchedulerCounterDeltas& d) {
   Inc(pc_query_tokens_, d.prefix_cache_query_tokens);
   Inc(pc_hit_device_, d.prefix_cache_hit_tokens);
   Inc(pc_hit_host_, d.prefix_cache_host_hit_tokens);
+  Inc(kv_compactions_, d.kv_compactions);
+  Inc(kv_compaction_freed_, d.kv_compaction_freed_blocks);
 }
 
 void ServingMetrics::SetServingState(ServingState s) {

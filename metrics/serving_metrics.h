@@ -50,6 +50,8 @@ struct SchedulerCounterDeltas {
   int64_t prefix_cache_query_tokens = 0;
   int64_t prefix_cache_hit_tokens = 0;       // device tier
   int64_t prefix_cache_host_hit_tokens = 0;  // host tier, past the device hit
+  int64_t kv_compactions = 0;                // KV policy compactions (Scheduler::CompactKv)
+  int64_t kv_compaction_freed_blocks = 0;    // blocks they released
 };
 
 class ServingMetrics {
@@ -108,7 +110,7 @@ class ServingMetrics {
   prometheus::Gauge *waiting_, *running_, *kv_used_, *kv_capacity_, *host_kv_used_,
       *host_kv_capacity_;
   prometheus::Counter *preemptions_, *pc_queries_, *pc_query_tokens_, *pc_hit_device_,
-      *pc_hit_host_;
+      *pc_hit_host_, *kv_compactions_, *kv_compaction_freed_;
   std::array<prometheus::Gauge*, 4> state_{};  // by ServingState
   prometheus::Gauge* group_size_;
   prometheus::Counter *worker_failures_, *worker_recoveries_;

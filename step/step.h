@@ -74,6 +74,16 @@ struct ScheduledSequence {
   int32_t replace_last_block = -1;
 };
 
+// A token-level KV policy's compaction (kvpolicy/README.md "Compaction"): before anything else
+// in the step, the worker moves the kept keys of every (layer, KV head) of the sequence at cache
+// slots >= its compact_from (KvSlotReport) into a dense run from there; the sequence then holds
+// `num_slots` slots (its block table: the first ceil(num_slots / block_size) blocks; the
+// coordinator has freed the others) and writes its next token at slot num_slots.
+struct KvCompaction {
+  int64_t seq_id = 0;
+  int64_t num_slots = 0;
+};
+
 struct StepPlan {
   uint64_t step_id = 0;  // 1, 2, 3, ...: consecutive
   std::vector<ScheduledSequence> seqs;
@@ -86,6 +96,11 @@ struct StepPlan {
   // InvalidArgument / FailedPrecondition naming the list and the entry; nothing is copied then.
   std::vector<HostBlockCopy> kv_offloads;
   std::vector<HostBlockCopy> kv_loads;
+  // Compactions, run first (before the host tier's copies: a freed block may be a load's target
+  // in this very plan). Each names a known sequence with a policy state, and num_slots between
+  // the slots its kept keys need on this rank and the slots it holds; otherwise the step fails
+  // as a whole (InvalidArgument / FailedPrecondition naming the entry) and nothing is moved.
+  std::vector<KvCompaction> kv_compactions;
   // Copy-on-write block copies to perform before the forward pass.
   std::vector<BlockCopy> copies;
   // Requests that ended (finished, cancelled, failed): workers drop their state.
@@ -96,7 +111,7 @@ struct StepPlan {
 
   bool empty() const {
     return seqs.empty() && finished.empty() && preempted.empty() && kv_offloads.empty() &&
-           kv_loads.empty();
+           kv_loads.empty() && kv_compactions.empty();
   }
 };
 
@@ -132,6 +147,18 @@ struct PromptLogprobs {
   std::vector<TokenLogprobs> logprobs;
 };
 
+// A running sequence's cache slots under a token-level KV policy, after a step (every rank, for
+// its own KV heads; sequences of a session are not reported): compaction from compact_from (a
+// block boundary; slots below it are never moved) would leave slots_needed slots. The
+// coordinator takes the largest over the ranks (WorkerGroup) and compacts when that frees blocks
+// (Scheduler). num_computed_tokens: the sequence's computed tokens after the step.
+struct KvSlotReport {
+  int64_t seq_id = 0;
+  int64_t num_computed_tokens = 0;
+  int64_t compact_from = 0;
+  int64_t slots_needed = 0;
+};
+
 struct StepResult {
   uint64_t step_id = 0;
   // Rank 0: one per sequence with sample = true, plan order; a forking sequence's token is
@@ -139,6 +166,7 @@ struct StepResult {
   std::vector<SampledToken> sampled;
   std::vector<FailedSequence> failed;
   std::vector<PromptLogprobs> prompt_logprobs;  // rank 0
+  std::vector<KvSlotReport> kv_slots;  // per scheduled sequence with a KV policy state, plan order
   int64_t compute_us = 0;  // time the rank spent executing the step
   int64_t idle_us = 0;     // time the rank waited between the end of the previous step and this one
 };

@@ -107,6 +107,11 @@ void StepPlanToProto(const StepPlan& plan, lorcserve::internal::StepPlan* out) {
     p->set_block(c.block);
     p->set_slot(c.slot);
   }
+  for (const KvCompaction& c : plan.kv_compactions) {
+    auto* p = out->add_kv_compactions();
+    p->set_seq_id(c.seq_id);
+    p->set_num_slots(c.num_slots);
+  }
   out->mutable_finished()->Add(plan.finished.begin(), plan.finished.end());
   out->mutable_preempted()->Add(plan.preempted.begin(), plan.preempted.end());
 }
@@ -132,6 +137,7 @@ StepPlan StepPlanFromProto(const lorcserve::internal::StepPlan& p) {
   for (const auto& c : p.copies()) plan.copies.push_back({c.src(), c.dst()});
   for (const auto& c : p.kv_offloads()) plan.kv_offloads.push_back({c.block(), c.slot()});
   for (const auto& c : p.kv_loads()) plan.kv_loads.push_back({c.block(), c.slot()});
+  for (const auto& c : p.kv_compactions()) plan.kv_compactions.push_back({c.seq_id(), c.num_slots()});
   plan.finished.assign(p.finished().begin(), p.finished().end());
   plan.preempted.assign(p.preempted().begin(), p.preempted().end());
   return plan;
@@ -158,8 +164,20 @@ void StepResultToProto(const StepResult& r, lorcserve::internal::StepResult* out
     p->set_first_position(l.first_position);
     for (const TokenLogprobs& t : l.logprobs) LogprobsToProto(t, p->add_positions());
   }
+  for (const KvSlotReport& k : r.kv_slots) KvSlotReportToProto(k, out->add_kv_slots());
   out->set_compute_us(r.compute_us);
   out->set_idle_us(r.idle_us);
+}
+
+void KvSlotReportToProto(const KvSlotReport& k, lorcserve::internal::KvSlotReport* out) {
+  out->set_seq_id(k.seq_id);
+  out->set_num_computed_tokens(k.num_computed_tokens);
+  out->set_compact_from(k.compact_from);
+  out->set_slots_needed(k.slots_needed);
+}
+
+KvSlotReport KvSlotReportFromProto(const lorcserve::internal::KvSlotReport& p) {
+  return {p.seq_id(), p.num_computed_tokens(), p.compact_from(), p.slots_needed()};
 }
 
 StepResult StepResultFromProto(const lorcserve::internal::StepResult& p) {
@@ -184,6 +202,7 @@ StepResult StepResultFromProto(const lorcserve::internal::StepResult& p) {
     for (const auto& t : l.positions()) lp.logprobs.push_back(LogprobsFromProto(t));
     r.prompt_logprobs.push_back(std::move(lp));
   }
+  for (const auto& k : p.kv_slots()) r.kv_slots.push_back(KvSlotReportFromProto(k));
   return r;
 }
 

@@ -13,6 +13,9 @@ void StepPlanToProto(const StepPlan& plan, lorcserve::internal::StepPlan* out);
 StepPlan StepPlanFromProto(const lorcserve::internal::StepPlan& p);
 void StepResultToProto(const StepResult& r, lorcserve::internal::StepResult* out);
 StepResult StepResultFromProto(const lorcserve::internal::StepResult& p);
+// One rank's report (WorkerGroup merges the ranks' reports from the messages).
+void KvSlotReportToProto(const KvSlotReport& k, lorcserve::internal::KvSlotReport* out);
+KvSlotReport KvSlotReportFromProto(const lorcserve::internal::KvSlotReport& p);
 
 // LoadModelRequest.kv_policy, field for field.
 void KvPolicyToProto(const kvpolicy::KvPolicyConfig& c, lorcserve::internal::KvPolicy* out);

@@ -153,6 +153,61 @@ absl::Status ModelRunner::AllocateHostKv(const KvCacheOptions& kv) {
   return absl::OkStatus();
 }
 
+absl::Status ModelRunner::CheckHostKv(absl::Span<const HostBlockCopy> offloads,
+                                      absl::Span<const HostBlockCopy> loads) const {
+  if (offloads.empty() && loads.empty()) return absl::OkStatus();
+  if (host_kv_.num_slots() == 0) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        offloads.empty() ? "kv_loads" : "kv_offloads",
+        ": this worker has no host KV tier (--kv-offloading-size 0)"));
+  }
+  RETURN_IF_ERROR(ValidateHostBlockCopies("kv_offloads", offloads, kv_spec_.num_blocks, host_kv_.num_slots()));
+  return ValidateHostBlockCopies("kv_loads", loads, kv_spec_.num_blocks, host_kv_.num_slots());
+}
+
+absl::Status ModelRunner::CheckKvCompaction(int64_t seq_id, int64_t num_computed_tokens,
+                                            int64_t num_slots) const {
+  const kvpolicy::SequenceKvPolicy* st = kv_policy_ ? kv_policy_->Find(seq_id) : nullptr;
+  if (st == nullptr || st->seq_len() != num_computed_tokens) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "sequence ", seq_id, ": no KV policy state of ", num_computed_tokens, " tokens on this worker (",
+        kv_policy_ ? (st == nullptr ? "none" : absl::StrCat(st->seq_len(), " tokens")) : "no --kv-policy", ")"));
+  }
+  const int64_t from = st->CompactFrom(kv_spec_.block_size);
+  const int64_t needed = st->SlotsNeeded(from);
+  if (num_slots < needed || num_slots > st->num_slots()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "sequence ", seq_id, ": compaction to ", num_slots, " cache slots, its kept keys need ",
+        needed, " on this worker and it holds ", st->num_slots()));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ModelRunner::CompactKv(int64_t seq_id, absl::Span<const int32_t> block_table,
+                                    int64_t num_slots) {
+  kvpolicy::SequenceKvPolicy* st = kv_policy_ ? kv_policy_->FindMutable(seq_id) : nullptr;
+  if (st == nullptr) return absl::FailedPreconditionError(absl::StrCat("sequence ", seq_id, ": no KV policy state"));
+  const int32_t bs = kv_spec_.block_size;
+  if (static_cast<int64_t>(block_table.size()) < kv_spec_.BlocksForTokens(st->num_slots())) {
+    return absl::InvalidArgumentError(absl::StrCat("sequence ", seq_id, ": block table of ",
+                                                   block_table.size(), " blocks for ", st->num_slots(), " slots"));
+  }
+  std::vector<kvpolicy::SlotMove> moves;
+  RETURN_IF_ERROR(st->Compact(st->CompactFrom(bs), num_slots, &moves));
+  std::vector<KvHeadMove> cache_moves;
+  cache_moves.reserve(moves.size());
+  auto slot = [&](int64_t s) { return static_cast<int64_t>(block_table[s / bs]) * bs + s % bs; };
+  for (const kvpolicy::SlotMove& m : moves) cache_moves.push_back({m.layer, m.head, slot(m.src), slot(m.dst)});
+  return backend_->MoveKvHeads(kv_layers_, bs, kv_spec_.num_blocks, cache_moves);
+}
+
+std::optional<KvSlotReport> ModelRunner::KvSlots(int64_t seq_id) const {
+  const kvpolicy::SequenceKvPolicy* st = kv_policy_ ? kv_policy_->Find(seq_id) : nullptr;
+  if (st == nullptr) return std::nullopt;
+  const int64_t from = st->CompactFrom(kv_spec_.block_size);
+  return KvSlotReport{seq_id, st->seq_len(), from, st->SlotsNeeded(from)};
+}
+
 absl::Status ModelRunner::TransferHostKv(absl::Span<const HostBlockCopy> offloads,
                                          absl::Span<const HostBlockCopy> loads) {
   RETURN_IF_ERROR(FinishHostKvTransfers());  // a failed step may have left some
@@ -162,9 +217,7 @@ absl::Status ModelRunner::TransferHostKv(absl::Span<const HostBlockCopy> offload
         offloads.empty() ? "kv_loads" : "kv_offloads",
         ": this worker has no host KV tier (--kv-offloading-size 0)"));
   }
-  // Both lists are checked before anything is copied.
-  RETURN_IF_ERROR(ValidateHostBlockCopies("kv_offloads", offloads, kv_spec_.num_blocks, host_kv_.num_slots()));
-  RETURN_IF_ERROR(ValidateHostBlockCopies("kv_loads", loads, kv_spec_.num_blocks, host_kv_.num_slots()));
+  RETURN_IF_ERROR(CheckHostKv(offloads, loads));  // both lists before anything is copied
   const int32_t bs = kv_spec_.block_size, nb = kv_spec_.num_blocks;
   if (!offloads.empty()) RETURN_IF_ERROR(backend_->OffloadKvBlocks(kv_layers_, bs, nb, host_kv_, offloads));
   if (!loads.empty()) RETURN_IF_ERROR(backend_->LoadKvBlocks(kv_layers_, bs, nb, host_kv_, loads));
@@ -191,8 +244,8 @@ absl::Status ModelRunner::WaitHostKvBefore(absl::Span<const SequenceStep> steps)
   for (size_t i = 0; i < steps.size() && !wait; ++i) {
     const SequenceStep& s = steps[i];
     if (s.tokens.empty()) continue;
-    const int64_t end = s.num_computed_tokens + static_cast<int64_t>(s.tokens.size());
-    const int64_t first_written = s.num_computed_tokens / bs;
+    const int64_t end = s.num_computed_tokens - s.slot_offset + static_cast<int64_t>(s.tokens.size());
+    const int64_t first_written = (s.num_computed_tokens - s.slot_offset) / bs;
     for (int64_t b = 0; b < kv_spec_.BlocksForTokens(end) && !wait; ++b) {
       wait = host_kv_loaded_.contains(s.block_table[b]) ||
              (b >= first_written && host_kv_offloaded_.contains(s.block_table[b]));
@@ -354,11 +407,15 @@ absl::Status ModelRunner::ValidateSequence(const SequenceStep& s) const {
                                                    " tokens exceed the model context of ",
                                                    limits_.max_model_len, " (max_model_len)"));
   }
-  const int64_t need = kv_spec_.BlocksForTokens(total);
+  if (s.slot_offset < 0 || s.slot_offset > s.num_computed_tokens) {
+    return absl::InvalidArgumentError(absl::StrCat("sequence ", s.seq_id, ": slot_offset ", s.slot_offset,
+                                                   " outside [0, ", s.num_computed_tokens, "]"));
+  }
+  const int64_t need = kv_spec_.BlocksForTokens(total - s.slot_offset);
   if (static_cast<int64_t>(s.block_table.size()) < need) {
     return absl::InvalidArgumentError(absl::StrCat("sequence ", s.seq_id, ": block table has ",
-                                                   s.block_table.size(), " blocks, ", total,
-                                                   " tokens need ", need));
+                                                   s.block_table.size(), " blocks, ", total - s.slot_offset,
+                                                   " cache slots need ", need));
   }
   for (int64_t i = 0; i < need; ++i) {
     const int32_t b = s.block_table[i];
@@ -415,14 +472,15 @@ absl::StatusOr<StepOutput> ModelRunner::Execute(absl::Span<const SequenceStep> s
     const SequenceStep& s = steps[i];
     const int32_t n = static_cast<int32_t>(s.tokens.size());
     const int32_t c0 = static_cast<int32_t>(s.num_computed_tokens);
+    const int32_t off = static_cast<int32_t>(s.slot_offset);  // a KV policy's compactions
     for (int32_t j = 0; j < n; ++j) {
       const int32_t pos = c0 + j;
       ids[T + j] = s.tokens[j];
       positions[T + j] = pos;
-      slots[T + j] = s.block_table[pos / bs] * bs + pos % bs;
+      slots[T + j] = s.block_table[(pos - off) / bs] * bs + (pos - off) % bs;
     }
     const int32_t len = c0 + n;
-    const int32_t nb = kv_spec_.BlocksForTokens(len);
+    const int32_t nb = kv_spec_.BlocksForTokens(len - off);
     std::copy(s.block_table.begin(), s.block_table.begin() + nb, tables + static_cast<int64_t>(i) * mb);
     seq_lens[i] = len;
     max_len = std::max(max_len, len);
@@ -486,6 +544,11 @@ absl::StatusOr<StepOutput> ModelRunner::Execute(absl::Span<const SequenceStep> s
       const SequenceStep& st = steps[i];
       policy_seqs_.push_back(kv_policy_->Prepare(st.seq_id, st.num_computed_tokens, seq_lens[i],
                                                  st.prompt_len, st.session));
+      if (policy_seqs_.back()->slot_offset() != st.slot_offset) {
+        return absl::InternalError(absl::StrCat("sequence ", st.seq_id, ": slot_offset ", st.slot_offset,
+                                                " but its KV policy state's is ",
+                                                policy_seqs_.back()->slot_offset()));
+      }
     }
   }
 

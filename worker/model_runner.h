@@ -33,6 +33,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "kvpolicy/sequence_policy.h"
@@ -45,6 +46,7 @@
 #include "backend/backend.h"
 #include "model/model_config.h"
 #include "model/weights.h"
+#include "step/step.h"
 
 namespace lorc {
 
@@ -54,7 +56,10 @@ struct SequenceStep {
   int64_t seq_id = 0;
   std::vector<int32_t> tokens;       // new tokens, computed at positions [num_computed_tokens, ...)
   int64_t num_computed_tokens = 0;   // tokens already in the cache for this sequence
-  std::vector<int32_t> block_table;  // covers num_computed_tokens + tokens.size() tokens
+  std::vector<int32_t> block_table;  // covers num_computed_tokens + tokens.size() - slot_offset slots
+  // Positions minus cache slots: the slots a token-level KV policy's compactions gave back
+  // (kvpolicy/README.md "Compaction"); token p is written to slot p - slot_offset of the table.
+  int64_t slot_offset = 0;
   enum class Logits : uint8_t { kNone, kLast, kAll } logits = Logits::kLast;
   // For a token-level KV policy (kvpolicy/; StepExecutor fills both). prompt_len: the request's
   // prompt tokens; with --kv-policy-prefill after-prompt the policy chooses only after steps
@@ -125,6 +130,9 @@ class ModelRunner {
   // complete when it ends.
   absl::Status TransferHostKv(absl::Span<const HostBlockCopy> offloads,
                               absl::Span<const HostBlockCopy> loads);
+  // TransferHostKv's checks alone (nothing copied).
+  absl::Status CheckHostKv(absl::Span<const HostBlockCopy> offloads,
+                           absl::Span<const HostBlockCopy> loads) const;
   // The host waits for the copies of TransferHostKv (no-op when none is pending).
   absl::Status FinishHostKvTransfers();
   // Slots of the host tier (KvCacheOptions::kv_offloading_bytes / kv_spec().BytesPerBlock()); 0:
@@ -166,6 +174,16 @@ class ModelRunner {
   void ReleaseKvPolicy(int64_t seq_id) {
     if (kv_policy_) kv_policy_->Release(seq_id);
   }
+  // Compaction (StepPlan::kv_compactions; kvpolicy/README.md "Compaction") of sequence `seq_id`,
+  // `num_computed_tokens` computed, to `num_slots` cache slots. CheckKvCompaction: FailedPrecondition
+  // without a policy, for a sequence without a state or whose state disagrees with
+  // num_computed_tokens, or num_slots outside [the slots its kept keys need on this rank, the
+  // slots it holds]. CompactKv (after the check) moves the keys within `block_table` (the
+  // sequence's table before the compaction; Backend::MoveKvHeads) and updates the state.
+  absl::Status CheckKvCompaction(int64_t seq_id, int64_t num_computed_tokens, int64_t num_slots) const;
+  absl::Status CompactKv(int64_t seq_id, absl::Span<const int32_t> block_table, int64_t num_slots);
+  // The report (step/step.h KvSlotReport) of a sequence with a policy state; nullopt without one.
+  std::optional<KvSlotReport> KvSlots(int64_t seq_id) const;
 
  private:
   ModelRunner(const ModelConfig& config, ModelWeights weights, Backend* backend, Communicator* comm)

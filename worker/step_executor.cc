@@ -134,6 +134,7 @@ absl::Status StepExecutor::Prepare(const ScheduledSequence& s,
     step->tokens.push_back(static_cast<size_t>(p) < old ? st->tokens[p] : s.new_token_ids[p - old]);
   }
   step->block_table.clear();
+  step->slot_offset = st == nullptr ? 0 : st->slot_offset;
   if (st != nullptr) step->block_table = st->block_table;
   if (s.replace_last_block >= 0) step->block_table.back() = s.replace_last_block;
   step->block_table.insert(step->block_table.end(), s.new_block_ids.begin(), s.new_block_ids.end());
@@ -187,8 +188,15 @@ absl::StatusOr<StepResult> StepExecutor::Execute(const StepPlan& plan) {
   StepResult result;
   result.step_id = plan.step_id;
   if (last_end_ != Clock::time_point{}) result.idle_us = Micros(t0 - last_end_);
-  // Host KV tier, then copy-on-write: both lists are checked before anything is copied, and a
-  // bad entry fails the step as a whole before any per-request state changes.
+  // KV policy compactions, host KV tier, then copy-on-write: every list is checked before
+  // anything is moved or copied, and a bad entry fails the step as a whole before any
+  // per-request state changes. Compactions first: a block they free may be a load's or a copy's
+  // target in this plan.
+  if (!plan.kv_compactions.empty()) {
+    RETURN_IF_ERROR(runner_->CheckHostKv(plan.kv_offloads, plan.kv_loads));
+    RETURN_IF_ERROR(ValidateBlockCopies(plan.copies, runner_->kv_spec().num_blocks));
+    RETURN_IF_ERROR(Compact(plan));
+  }
   RETURN_IF_ERROR(runner_->TransferHostKv(plan.kv_offloads, plan.kv_loads));
   RETURN_IF_ERROR(runner_->CopyBlocks(plan.copies));
   last_step_id_ = plan.step_id;
@@ -202,6 +210,7 @@ absl::StatusOr<StepResult> StepExecutor::Execute(const StepPlan& plan) {
       it->second.tokens.clear();
       it->second.block_table.clear();
       it->second.num_computed_tokens = 0;
+      it->second.slot_offset = 0;
     }
   }
 
@@ -334,10 +343,19 @@ absl::StatusOr<StepResult> StepExecutor::Execute(const StepPlan& plan) {
     child.tokens = parent.tokens;
     child.block_table = parent.block_table;
     child.num_computed_tokens = parent.num_computed_tokens;
+    child.slot_offset = parent.slot_offset;
     child.prompt_len = parent.prompt_len;
     seqs_.emplace(d.seq_id, std::move(child));  // may rehash: no reference kept across it
   }
   for (size_t i = 0; i < draws.size(); ++i) seqs_.at(draws[i].seq_id).tokens.push_back(sampled[i]);
+  // This rank's KV slots of each scheduled sequence with a policy (not for sessions: their
+  // blocks are kept for the conversation, never compacted).
+  for (size_t i = 0; i < n; ++i) {
+    const int64_t id = scheduled_[i]->seq_id;
+    auto it = seqs_.find(id);
+    if (it == seqs_.end() || it->second.session) continue;
+    if (std::optional<KvSlotReport> r = runner_->KvSlots(id)) result.kv_slots.push_back(*r);
+  }
   // Offloads that did not have to finish before the forward pass overlapped with it; every host
   // KV copy of the step is complete when the step ends.
   RETURN_IF_ERROR(runner_->FinishHostKvTransfers());
@@ -345,6 +363,34 @@ absl::StatusOr<StepResult> StepExecutor::Execute(const StepPlan& plan) {
   last_end_ = Clock::now();
   result.compute_us = Micros(last_end_ - t0);
   return result;
+}
+
+absl::Status StepExecutor::Compact(const StepPlan& plan) {
+  absl::flat_hash_map<int64_t, int> seen;
+  for (size_t i = 0; i < plan.kv_compactions.size(); ++i) {
+    const KvCompaction& c = plan.kv_compactions[i];
+    auto it = seqs_.find(c.seq_id);
+    absl::Status st;
+    if (++seen[c.seq_id] > 1) {
+      st = absl::InvalidArgumentError("the sequence is compacted twice");
+    } else if (it == seqs_.end() || it->second.tokens.empty()) {
+      st = absl::FailedPreconditionError("the sequence is not running on this worker");
+    } else {
+      st = runner_->CheckKvCompaction(c.seq_id, it->second.num_computed_tokens, c.num_slots);
+    }
+    if (!st.ok()) {
+      return absl::Status(st.code(), absl::StrCat("kv_compactions[", i, "] (sequence ", c.seq_id,
+                                                  ", ", c.num_slots, " slots): ", st.message()));
+    }
+  }
+  const int32_t bs = runner_->kv_spec().block_size;
+  for (const KvCompaction& c : plan.kv_compactions) {
+    SeqState& st = seqs_.at(c.seq_id);
+    RETURN_IF_ERROR(runner_->CompactKv(c.seq_id, st.block_table, c.num_slots));
+    st.block_table.resize(std::min<size_t>(st.block_table.size(), (c.num_slots + bs - 1) / bs));
+    st.slot_offset = st.num_computed_tokens - c.num_slots;
+  }
+  return absl::OkStatus();
 }
 
 absl::Status StepExecutor::Submit(const StepPlan& plan) {

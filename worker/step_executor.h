@@ -22,7 +22,10 @@
 // entry before new_block_ids are appended (plan.copies have copied the data before the forward
 // pass). Host KV tier: plan.kv_offloads then plan.kv_loads run before plan.copies
 // (ModelRunner::TransferHostKv); a bad block id or slot fails the step as a whole (nothing copied,
-// no state changed); every copy has completed when Execute returns.
+// no state changed); every copy has completed when Execute returns. KV policy compactions
+// (plan.kv_compactions) run first of all, after the host copies and block copies are checked.
+// After the step, every scheduled sequence with a KV policy state and no session is reported in
+// StepResult::kv_slots (this rank's KV heads).
 //
 // Used in-process by the local engine and inside every worker process (on its device thread).
 // One thread at a time.
@@ -71,6 +74,7 @@ class StepExecutor final : public StepRunner {
     std::vector<int32_t> tokens;       // every token known (prompt + generated)
     std::vector<int32_t> block_table;
     int64_t num_computed_tokens = 0;
+    int64_t slot_offset = 0;        // positions minus cache slots (KV policy compactions)
     int64_t prompt_len = 0;         // tokens given on first sight (a fork: its parent's)
     bool session = false;           // ScheduledSequence::session on first sight (a fork: false)
     int32_t prompt_logprobs = -1;   // -1: off; N: the prompt tokens' log-probabilities + top N
@@ -85,6 +89,9 @@ class StepExecutor final : public StepRunner {
   absl::Status PrepareFork(const ScheduledSequence& s, const SeqState* st, int64_t known,
                            const absl::flat_hash_map<int64_t, int>& claimed) const;
   absl::Status ShareSampled(std::vector<int32_t>* tokens);
+  // plan.kv_compactions: every entry checked (InvalidArgument / FailedPrecondition naming it,
+  // nothing moved), then run; each sequence's block table keeps the blocks its slots need.
+  absl::Status Compact(const StepPlan& plan);
 
   ModelRunner* runner_;
   Communicator* comm_;

@@ -5,7 +5,9 @@
 // TP = 1 (LoadModel + Engine::Generate), for CORM with a 30 % budget and MiKV int2 budget-free.
 // The windows are small (w 4, r 4, one sink) so that the policy chooses inside the golden prompts'
 // 48 tokens: the reference must differ from full KV's golden tokens somewhere, else a worker that
-// ignored the policy would pass. ModelInfo names the policy; a bad policy flag ends the
+// ignored the policy would pass. The server compacts (kvpolicy/README.md "Compaction", from the
+// larger of the two ranks' slot reports) and the reference does not: the tokens must not care,
+// and the compaction counters must move. ModelInfo names the policy; a bad policy flag ends the
 // coordinator's startup naming the flag.
 // Fixture: server_e2e_fixture.h; the policy's own cases: tests/kvpolicy/, tests/worker/.
 #include <sys/wait.h>
@@ -13,6 +15,7 @@
 #include "kvpolicy/kv_policy_config.h"
 #include "tests/coordinator/in_process_golden.h"
 #include "tests/coordinator/server_e2e_fixture.h"
+#include "tests/testing/http_get.h"
 
 namespace lorc {
 namespace e2e {
@@ -77,12 +80,28 @@ TEST_P(KvPolicyServerTest, TensorParallelTwoStreamsTheInProcessTokens) {
   }
   EXPECT_TRUE(differs) << policy.name << " gives full KV's golden tokens: the policy never chose";
 
-  ASSERT_NO_FATAL_FAILURE(StartServer(2, policy.flags));
+  std::vector<std::string> flags = policy.flags;
+  flags.insert(flags.end(), {"--metrics-port", "0"});
+  ASSERT_NO_FATAL_FAILURE(StartServer(2, flags));
+  const std::string line = server_->ReadStdoutLine(10);
+  int metrics_port = 0;
+  ASSERT_EQ(line.rfind("METRICS_LISTENING 0.0.0.0:", 0), 0u) << "got '" << line << "'";
+  ASSERT_TRUE(absl::SimpleAtoi(line.substr(line.rfind(':') + 1), &metrics_port)) << line;
   const v1::ModelInfoResponse info = Info();
   EXPECT_EQ(info.tensor_parallel_size(), 2);
   EXPECT_EQ(info.kv_policy(), policy.config.Describe());
 
+  // Served with compaction (the coordinator compacts from the larger of the two ranks' slot
+  // reports), against the in-process run without it: the same tokens.
   ExpectGoldenStreams(want, kMaxTokens);
+  std::map<std::string, double> m;
+  WaitFor([&] {
+    absl::StatusOr<::lorc::testing::HttpResponse> r = ::lorc::testing::HttpGet(metrics_port, "/metrics");
+    if (r.ok()) m = ::lorc::testing::ParseExposition(r->body);
+    return m.contains("lorcserve_kv_compactions_total") && m.at("lorcserve_kv_compactions_total") > 0;
+  }, 10);
+  EXPECT_GT(m["lorcserve_kv_compactions_total"], 0) << "the policy never gave memory back";
+  EXPECT_GE(m["lorcserve_kv_compaction_freed_blocks_total"], m["lorcserve_kv_compactions_total"]);
 }
 
 INSTANTIATE_TEST_SUITE_P(KvPolicy, KvPolicyServerTest,

@@ -294,6 +294,77 @@ TEST(SequenceKvPolicyTest, ApplyEvictsOrDemotesAndNeverTouchesPinned) {
   }
 }
 
+// Compaction (kvpolicy/README.md "Compaction"): per (layer, KV head) the kept keys at slots from
+// compact_from on move into a dense run there, in position order, each move to a lower slot;
+// slots below compact_from never move; keys written afterwards follow at pos - slot_offset; a
+// target below what the keys need, or above what the sequence holds, changes nothing.
+TEST(SequenceKvPolicyTest, CompactionMovesKeptKeysIntoDenseRunsPerHead) {
+  KvPolicyConfig c;
+  c.kind = KvPolicyKind::kCorm;
+  c.sinks = 1;
+  c.recent = 2;
+  c.window = 2;
+  std::vector<LayerShape> layers = {{4, 4, false, 32}, {4, 4, false, 32}};
+  SequenceKvPolicy s(&c, &layers, /*num_kv_heads=*/2, /*pinned=*/5);  // a 5-token hit
+  s.Extend(30);
+  const int32_t bs = 4;
+  EXPECT_EQ(s.CompactFrom(bs), 8);
+  EXPECT_EQ(s.SlotsNeeded(8), 30);  // everything kept: nothing to gain
+  // Layer 0 head 0 keeps every third position from 8 on; layer 1 head 1 keeps 8..19; the rest
+  // nothing past the recent window. Apply decides from last_hit: set it so.
+  std::vector<float> k(30 * 4, 1.f), v(30 * 4, 1.f);
+  std::vector<int32_t> kept(30);
+  for (int i = 0; i < 30; ++i) kept[i] = i;
+  for (int l = 0; l < 2; ++l) {
+    for (int h = 0; h < 2; ++h) {
+      int32_t* hit = s.last_hit(l, h);
+      for (int p = 0; p < 30; ++p) {
+        const bool keep = (l == 0 && h == 0 && p >= 8 && p % 3 == 0) || (l == 1 && h == 1 && p >= 8 && p < 20);
+        hit[p] = keep ? 29 : p;
+      }
+      s.Apply(l, h, kept, k.data(), v.data());
+    }
+  }
+  // Kept at slots >= 8: l0h0 {9,12,...,27} + recent 28,29 = 9; l1h1 8..19 + 28,29 = 14; others 2.
+  EXPECT_EQ(s.SlotsNeeded(8), 8 + 14);
+  std::vector<SlotMove> moves;
+  EXPECT_EQ(s.Compact(8, 21, &moves).code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(s.Compact(8, 31, &moves).code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(s.slot_offset(), 0);
+  ASSERT_TRUE(s.Compact(8, 22, &moves).ok());
+  EXPECT_EQ(s.slot_offset(), 8);
+  EXPECT_EQ(s.num_slots(), 22);
+  for (const SlotMove& m : moves) {
+    EXPECT_LT(m.dst, m.src);
+    EXPECT_GE(m.dst, 8);
+  }
+  for (int l = 0; l < 2; ++l) {
+    for (int h = 0; h < 2; ++h) {
+      int64_t next = 8;
+      for (int p = 0; p < 30; ++p) {
+        if (s.state(l, h, p) != SlotState::kFull) continue;
+        EXPECT_EQ(s.slot(l, h, p), p < 8 ? p : next++) << l << " " << h << " " << p;
+      }
+    }
+  }
+  // Moves of one head run in ascending slots: replaying them on a slot array gives the layout.
+  std::vector<int64_t> where(40, -1);
+  for (int p = 0; p < 30; ++p) where[p] = p;  // slot -> position held, before
+  std::vector<std::vector<int64_t>> cache(4, where);
+  for (const SlotMove& m : moves) cache[m.layer * 2 + m.head][m.dst] = cache[m.layer * 2 + m.head][m.src];
+  for (int l = 0; l < 2; ++l) {
+    for (int h = 0; h < 2; ++h) {
+      for (int p = 0; p < 30; ++p) {
+        if (s.state(l, h, p) == SlotState::kFull) EXPECT_EQ(cache[l * 2 + h][s.slot(l, h, p)], p);
+      }
+    }
+  }
+  // The next token is written at slot 30 - 8 = 22 in every head.
+  s.Extend(31);
+  for (int l = 0; l < 2; ++l) EXPECT_EQ(s.slot(l, 1, 30), 22);
+  EXPECT_EQ(s.num_slots(), 23);
+}
+
 TEST(KvPolicyStoreTest, PrepareExtendsPinsHitsAndReleaseCounts) {
   KvPolicyConfig c;
   c.kind = KvPolicyKind::kCorm;

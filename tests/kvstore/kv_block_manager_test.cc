@@ -41,6 +41,40 @@ TEST(KvBlockManagerTest, AddSequenceTwiceIsAlreadyExists) {
   EXPECT_THAT(m.BlockTable(7), IsEmpty());
 }
 
+// KV policy compaction: the blocks from from_block on leave the index (rewritten in place), the
+// blocks past the new slot count are released tail first, the sequence then counts slots; a
+// shared block in the range, a count out of range or an unknown id changes nothing.
+TEST(KvBlockManagerTest, CompactReleasesTheTailAndUnindexesTheRewrittenBlocks) {
+  KvBlockManager m(4, 16);
+  ASSERT_OK(m.AddSequence(1));
+  ASSERT_OK(m.Reserve(1, 24).status());  // 6 blocks
+  std::vector<BlockHash> hashes;
+  std::vector<int32_t> tokens(24);
+  for (int i = 0; i < 24; ++i) tokens[i] = i;
+  ExtendBlockHashes(PrefixRootHash("", ""), tokens, 4, &hashes);
+  EXPECT_EQ(m.CacheFullBlocks(1, hashes), 6);
+  const std::vector<int32_t> before = Table(m, 1);
+  // A second sequence shares the first two blocks (a prefix hit).
+  ASSERT_OK(m.AddSequence(2, m.MatchPrefix(absl::MakeConstSpan(hashes).first(2))));
+  EXPECT_FALSE(m.CanCompact(1, 0));
+  EXPECT_THAT(m.Compact(1, 1, 10), StatusIs(absl::StatusCode::kFailedPrecondition));
+  EXPECT_TRUE(m.CanCompact(1, 2));
+  EXPECT_THAT(m.Compact(1, 2, 7), StatusIs(absl::StatusCode::kFailedPrecondition));   // < 2 x 4
+  EXPECT_THAT(m.Compact(1, 2, 25), StatusIs(absl::StatusCode::kFailedPrecondition));  // > 24
+  EXPECT_THAT(m.Compact(9, 2, 10), StatusIs(absl::StatusCode::kNotFound));
+  EXPECT_EQ(Table(m, 1), before);
+  const int32_t free_before = m.num_free_blocks();
+  ASSERT_OK(m.Compact(1, 2, 10));
+  EXPECT_EQ(m.NumTokens(1), 10);
+  EXPECT_THAT(Table(m, 1), ElementsAre(before[0], before[1], before[2]));
+  EXPECT_EQ(m.num_free_blocks(), free_before + 3);
+  EXPECT_TRUE(m.prefix_cache().IsCached(before[0]));
+  EXPECT_TRUE(m.prefix_cache().IsCached(before[1]));
+  for (int i = 2; i < 6; ++i) EXPECT_FALSE(m.prefix_cache().IsCached(before[i])) << i;
+  // It grows from its slots.
+  EXPECT_EQ(m.BlocksNeeded(1, 13), 1);
+}
+
 TEST(KvBlockManagerTest, ReserveUnknownSequenceIsNotFound) {
   KvBlockManager m(4, 8);
   EXPECT_THAT(m.Reserve(42, 3), StatusIs(absl::StatusCode::kNotFound, HasSubstr("42")));

@@ -95,6 +95,35 @@ TEST(StepProtoTest, PlanRoundTripKeepsHostKvCopiesInOrder) {
   EXPECT_TRUE(none.kv_loads.empty());
 }
 
+// KV policy compactions (plan) and slot reports (result) keep their order and every field; a
+// plan with only a compaction is not empty (it must reach the workers).
+TEST(StepProtoTest, KvCompactionsAndSlotReportsRoundTrip) {
+  StepPlan plan;
+  plan.step_id = 9;
+  plan.kv_compactions = {{12, 40}, {3, 17}};
+  EXPECT_FALSE(plan.empty());
+  lorcserve::internal::StepPlan msg;
+  StepPlanToProto(plan, &msg);
+  const StepPlan back = StepPlanFromProto(msg);
+  ASSERT_EQ(back.kv_compactions.size(), 2u);
+  EXPECT_EQ(back.kv_compactions[0].seq_id, 12);
+  EXPECT_EQ(back.kv_compactions[0].num_slots, 40);
+  EXPECT_EQ(back.kv_compactions[1].seq_id, 3);
+  EXPECT_EQ(back.kv_compactions[1].num_slots, 17);
+  StepResult r;
+  r.step_id = 9;
+  r.kv_slots = {{12, 100, 32, 57}, {3, 20, 0, 11}};
+  lorcserve::internal::StepResult rmsg;
+  StepResultToProto(r, &rmsg);
+  const StepResult rback = StepResultFromProto(rmsg);
+  ASSERT_EQ(rback.kv_slots.size(), 2u);
+  EXPECT_EQ(rback.kv_slots[0].seq_id, 12);
+  EXPECT_EQ(rback.kv_slots[0].num_computed_tokens, 100);
+  EXPECT_EQ(rback.kv_slots[0].compact_from, 32);
+  EXPECT_EQ(rback.kv_slots[0].slots_needed, 57);
+  EXPECT_EQ(rback.kv_slots[1].slots_needed, 11);
+}
+
 TEST(StepProtoTest, ResultRoundTripKeepsFailedSequencesAndTheirStatus) {
   StepResult r;
   r.step_id = 5;

@@ -505,6 +505,59 @@ TEST_P(KvPolicyPrefillTest, ChoosesAfterThePromptOrEveryChunk) {
   }
 }
 
+// KV policy compaction on one rank (step/step.h KvCompaction): after the prompt each step reports
+// the slots a compaction would leave; a compaction to fewer fails the step as a whole naming the
+// entry and changes nothing; one to exactly that many keeps every later token equal to the
+// uncompacted run of the same prompt beside it, while its table holds fewer blocks.
+TEST_P(KvPolicyPrefillTest, CompactionKeepsTheTokensAndNamesABadEntry) {
+  const int decode = 6;
+  const std::vector<ScheduledSequence> a = Steps(1, 1 << 20, 0, decode);
+  const std::vector<ScheduledSequence> b = Steps(2, 1 << 20, 100, decode);
+  StepPlan p;
+  p.step_id = ++step_id_;
+  p.seqs = {a[0], b[0]};
+  auto r = exec_->Execute(p);
+  ASSERT_OK(r);
+  ASSERT_EQ(r->kv_slots.size(), 2u);
+  const KvSlotReport rep = r->kv_slots[0];
+  EXPECT_EQ(rep.seq_id, 1);
+  EXPECT_EQ(rep.num_computed_tokens, static_cast<int64_t>(prompt_.size()));
+  EXPECT_EQ(rep.compact_from, 0);
+  ASSERT_LT(rep.slots_needed, static_cast<int64_t>(prompt_.size()) - kBlockSize);
+  // Too few slots: the step fails as a whole, nothing moved, nothing computed.
+  StepPlan bad;
+  bad.step_id = step_id_ + 1;
+  bad.kv_compactions = {{1, rep.slots_needed - 1}};
+  bad.seqs = {a[1], b[1]};
+  EXPECT_THAT(exec_->Execute(bad), StatusIs(absl::StatusCode::kFailedPrecondition,
+                                            HasSubstr("kv_compactions[0] (sequence 1")));
+  bad.kv_compactions = {{77, 10}};
+  EXPECT_THAT(exec_->Execute(bad), StatusIs(absl::StatusCode::kFailedPrecondition,
+                                            HasSubstr("not running on this worker")));
+  // Exactly what is needed: the table keeps ceil(slots / block_size) blocks; the next tokens go
+  // to the slots after them (new blocks from the plan only once those fill).
+  const int64_t slots = rep.slots_needed;
+  const size_t kept_blocks = static_cast<size_t>((slots + kBlockSize - 1) / kBlockSize);
+  int32_t next_block = 50;
+  for (int i = 1; i <= decode; ++i) {
+    StepPlan d;
+    d.step_id = ++step_id_;
+    if (i == 1) d.kv_compactions = {{1, slots}};
+    ScheduledSequence sa = a[i];
+    sa.new_block_ids.clear();
+    const int64_t used = slots + i;  // slots after this step's token
+    const size_t have = kept_blocks + static_cast<size_t>(next_block - 50);
+    if (static_cast<size_t>((used + kBlockSize - 1) / kBlockSize) > have) sa.new_block_ids = {next_block++};
+    d.seqs = {sa, b[i]};
+    auto rd = exec_->Execute(d);
+    ASSERT_OK(rd);
+    ASSERT_TRUE(rd->failed.empty()) << rd->failed[0].status;
+    EXPECT_EQ(State(1)->slot_offset(), static_cast<int64_t>(prompt_.size()) - slots);
+  }
+  EXPECT_EQ(exec_->Tokens(1), exec_->Tokens(2));
+  EXPECT_EQ(exec_->Tokens(1).size(), prompt_.size() + decode + 1);
+}
+
 INSTANTIATE_TEST_SUITE_P(Modes, KvPolicyPrefillTest,
                          ::testing::Values(kvpolicy::KvPolicyPrefill::kAfterPrompt,
                                            kvpolicy::KvPolicyPrefill::kEveryChunk),

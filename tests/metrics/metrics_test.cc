@@ -31,6 +31,8 @@ const std::vector<std::string> kCounters = {
     "lorcserve_generation_tokens_total",
     "lorcserve_engine_steps_total",
     "lorcserve_preemptions_total",
+    "lorcserve_kv_compactions_total",
+    "lorcserve_kv_compaction_freed_blocks_total",
     "lorcserve_prefix_cache_queries_total",
     "lorcserve_prefix_cache_query_tokens_total",
     "lorcserve_prefix_cache_hit_tokens_total",

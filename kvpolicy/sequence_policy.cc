@@ -247,6 +247,13 @@ SequenceKvPolicy* KvPolicyStore::FindMutable(int64_t seq_id) {
   return it == seqs_.end() ? nullptr : it->second.get();
 }
 
+void KvPolicyStore::Fork(int64_t parent, int64_t child) {
+  auto it = seqs_.find(parent);
+  if (it == seqs_.end()) return;
+  auto copy = std::make_unique<SequenceKvPolicy>(*it->second);
+  seqs_[child] = std::move(copy);  // `it` is not used after the insertion (it may rehash)
+}
+
 void KvPolicyStore::Release(int64_t seq_id) {
   auto it = seqs_.find(seq_id);
   if (it == seqs_.end()) return;

@@ -173,8 +173,8 @@ class KvPolicyStore {
   const KvPolicyConfig& config() const { return config_; }
   // The state of `seq_id` covering [0, seq_len): made on first sight (or when its length does not
   // continue from num_computed_tokens: a preempted and recomputed request) with the
-  // num_computed_tokens already cached pinned (a prefix-cache or session hit, or a fork's shared
-  // blocks), and for a request of a session (`session`) its whole prompt too (kvpolicy/README.md
+  // num_computed_tokens already cached pinned (a prefix-cache or session hit; a fork child's state
+  // comes from Fork, not from here), and for a request of a session (`session`) its whole prompt too (kvpolicy/README.md
   // "Sessions"); then extended to seq_len. `prompt_len`: the request's prompt tokens (0:
   // unknown); with --kv-policy-prefill after-prompt the state chooses after this step only when
   // seq_len >= prompt_len (SequenceKvPolicy::choose).
@@ -183,6 +183,11 @@ class KvPolicyStore {
   // The state of a running sequence; null when unknown (tests, reports, compaction).
   const SequenceKvPolicy* Find(int64_t seq_id) const;
   SequenceKvPolicy* FindMutable(int64_t seq_id);
+  // Parallel sampling: `child` (a fork of `parent` at the step that sampled after the prompt)
+  // starts with a copy of the parent's state (the same choice so far, pinned prefix, slot map),
+  // so greedy completions of one request stay equal. No-op when the parent has no state;
+  // replaces a state the child id had.
+  void Fork(int64_t parent, int64_t child);
   // The request ended or was preempted: its counts go into stats(); unknown ids are ignored.
   void Release(int64_t seq_id);
   const KvPolicyStats& stats() const { return stats_; }

@@ -174,6 +174,10 @@ class ModelRunner {
   void ReleaseKvPolicy(int64_t seq_id) {
     if (kv_policy_) kv_policy_->Release(seq_id);
   }
+  // A fork child continues its parent's policy state (KvPolicyStore::Fork); no-op without one.
+  void ForkKvPolicy(int64_t parent, int64_t child) {
+    if (kv_policy_) kv_policy_->Fork(parent, child);
+  }
   // Compaction (StepPlan::kv_compactions; kvpolicy/README.md "Compaction") of sequence `seq_id`,
   // `num_computed_tokens` computed, to `num_slots` cache slots. CheckKvCompaction: FailedPrecondition
   // without a policy, for a sequence without a state or whose state disagrees with

@@ -346,6 +346,7 @@ absl::StatusOr<StepResult> StepExecutor::Execute(const StepPlan& plan) {
     child.slot_offset = parent.slot_offset;
     child.prompt_len = parent.prompt_len;
     seqs_.emplace(d.seq_id, std::move(child));  // may rehash: no reference kept across it
+    runner_->ForkKvPolicy(d.parent, d.seq_id);  // the parent's choice so far
   }
   for (size_t i = 0; i < draws.size(); ++i) seqs_.at(draws[i].seq_id).tokens.push_back(sampled[i]);
   // This rank's KV slots of each scheduled sequence with a policy (not for sessions: their

@@ -33,7 +33,8 @@ class EngineKvCompactionTest : public ::lorc::testing::FixtureModelTest<::testin
  protected:
   // Greedy tokens of every golden prompt (max_tokens 64, one batch); the scheduler's compactions
   // and freed blocks.
-  std::vector<std::vector<int32_t>> Run(bool compaction, int64_t* compactions, int64_t* freed) {
+  // With n > 1 every completion's tokens, request after request.
+  std::vector<std::vector<int32_t>> Run(bool compaction, int64_t* compactions, int64_t* freed, int n = 1) {
     const Case& c = GetParam();
     KvCacheOptions kv;
     kv.block_size = 8;
@@ -57,13 +58,16 @@ class EngineKvCompactionTest : public ::lorc::testing::FixtureModelTest<::testin
       r.prompt_ids = g.prompt_ids;
       r.params.max_tokens = 64;
       r.params.ignore_eos = true;
+      r.params.n = n;
       reqs.push_back(r);
     }
     std::vector<std::vector<int32_t>> out;
     absl::StatusOr<std::vector<GenerationResult>> res = (*engine)->Generate(reqs);
     EXPECT_OK(res.status());
     if (res.ok()) {
-      for (const GenerationResult& r : *res) out.push_back(r.first().output_ids);
+      for (const GenerationResult& r : *res) {
+        for (const CompletionOutput& c : r.completions) out.push_back(c.output_ids);
+      }
     }
     *compactions = (*engine)->scheduler().num_kv_compactions();
     *freed = (*engine)->scheduler().num_kv_compaction_freed_blocks();
@@ -84,6 +88,19 @@ TEST_P(EngineKvCompactionTest, CompactionChangesMemoryNotTokens) {
   // and each compaction frees at least one block.
   EXPECT_GE(compactions, 2 * static_cast<int64_t>(plain.size()));
   EXPECT_GE(freed, compactions);
+}
+
+// Parallel sampling under a policy: a fork child continues its parent's state (KvPolicyStore::
+// Fork), so the three greedy completions of a request are its one greedy completion, compacted
+// or not (a child's blocks past the shared prompt are its own; the prompt's are compacted only
+// once no sibling holds them).
+TEST_P(EngineKvCompactionTest, GreedyParallelCompletionsAreTheGreedyCompletion) {
+  int64_t compactions = 0, freed = 0;
+  const std::vector<std::vector<int32_t>> one = Run(true, &compactions, &freed);
+  const std::vector<std::vector<int32_t>> three = Run(true, &compactions, &freed, 3);
+  ASSERT_EQ(three.size(), 3 * one.size());
+  for (size_t i = 0; i < three.size(); ++i) EXPECT_EQ(three[i], one[i / 3]) << "completion " << i % 3 << " of request " << i / 3;
+  EXPECT_GT(compactions, 0);
 }
 
 INSTANTIATE_TEST_SUITE_P(

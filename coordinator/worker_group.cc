@@ -19,18 +19,17 @@ namespace {
 
 // A KV policy's slot reports of every rank, each for its own KV heads: the slots a sequence needs
 // are the most any rank needs; a sequence some rank did not report is dropped (no compaction).
-void MergeKvSlots(const std::vector<std::vector<lorcserve::internal::KvSlotReport>>& others,
-                  std::vector<KvSlotReport>* rank0) {
+void MergeKvSlots(const std::vector<std::vector<KvSlotReport>>& others, std::vector<KvSlotReport>* rank0) {
   for (const auto& o : others) {
     std::vector<KvSlotReport> kept;
     for (const KvSlotReport& k : *rank0) {
-      auto it = std::find_if(o.begin(), o.end(), [&](const auto& x) { return x.seq_id() == k.seq_id; });
-      if (it == o.end() || it->compact_from() != k.compact_from ||
-          it->num_computed_tokens() != k.num_computed_tokens) {
+      auto it = std::find_if(o.begin(), o.end(), [&](const KvSlotReport& x) { return x.seq_id == k.seq_id; });
+      if (it == o.end() || it->compact_from != k.compact_from ||
+          it->num_computed_tokens != k.num_computed_tokens) {
         continue;
       }
       KvSlotReport m = k;
-      m.slots_needed = std::max(m.slots_needed, it->slots_needed());
+      m.slots_needed = std::max(m.slots_needed, it->slots_needed);
       kept.push_back(m);
     }
     rank0->swap(kept);
@@ -297,7 +296,7 @@ absl::StatusOr<StepResult> WorkerGroup::AwaitStream(uint64_t step_id) {
   RETURN_IF_ERROR(health());
   const absl::Time deadline = absl::Now() + options_.step_timeout;
   absl::StatusOr<StepResult> rank0 = absl::InternalError("no result");
-  std::vector<std::vector<lorcserve::internal::KvSlotReport>> others;  // ranks 1.. (kv_slots)
+  std::vector<std::vector<KvSlotReport>> others;  // ranks 1.. (kv_slots)
   for (auto& w : workers_) {
     absl::ReleasableMutexLock lock(&w->mu);
     while (w->results.empty() && !w->closed) {
@@ -325,7 +324,8 @@ absl::StatusOr<StepResult> WorkerGroup::AwaitStream(uint64_t step_id) {
     if (w->rank == 0) {
       rank0 = StepResultFromProto(res);
     } else {
-      others.emplace_back(res.kv_slots().begin(), res.kv_slots().end());
+      std::vector<KvSlotReport>& o = others.emplace_back();
+      for (const auto& k : res.kv_slots()) o.push_back(KvSlotReportFromProto(k));
     }
   }
   if (rank0.ok()) MergeKvSlots(others, &rank0->kv_slots);
@@ -374,7 +374,7 @@ absl::StatusOr<StepResult> WorkerGroup::RunUnary() {
     }));
   }
   absl::StatusOr<StepResult> rank0 = absl::InternalError("no result");
-  std::vector<std::vector<lorcserve::internal::KvSlotReport>> others;
+  std::vector<std::vector<KvSlotReport>> others;
   absl::Status failure;
   for (size_t r = 0; r < calls.size(); ++r) {
     absl::StatusOr<StepResult> res = calls[r].get();
@@ -383,8 +383,7 @@ absl::StatusOr<StepResult> WorkerGroup::RunUnary() {
     } else if (r == 0) {
       rank0 = std::move(res);
     } else {
-      std::vector<lorcserve::internal::KvSlotReport>& o = others.emplace_back();
-      for (const KvSlotReport& k : res->kv_slots) KvSlotReportToProto(k, &o.emplace_back());
+      others.push_back(std::move(res->kv_slots));
     }
   }
   RETURN_IF_ERROR(failure);

@@ -212,12 +212,7 @@ absl::Status ModelRunner::TransferHostKv(absl::Span<const HostBlockCopy> offload
                                          absl::Span<const HostBlockCopy> loads) {
   RETURN_IF_ERROR(FinishHostKvTransfers());  // a failed step may have left some
   if (offloads.empty() && loads.empty()) return absl::OkStatus();
-  if (host_kv_.num_slots() == 0) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        offloads.empty() ? "kv_loads" : "kv_offloads",
-        ": this worker has no host KV tier (--kv-offloading-size 0)"));
-  }
-  RETURN_IF_ERROR(CheckHostKv(offloads, loads));  // both lists before anything is copied
+  RETURN_IF_ERROR(CheckHostKv(offloads, loads));  // the tier, both lists, before anything is copied
   const int32_t bs = kv_spec_.block_size, nb = kv_spec_.num_blocks;
   if (!offloads.empty()) RETURN_IF_ERROR(backend_->OffloadKvBlocks(kv_layers_, bs, nb, host_kv_, offloads));
   if (!loads.empty()) RETURN_IF_ERROR(backend_->LoadKvBlocks(kv_layers_, bs, nb, host_kv_, loads));

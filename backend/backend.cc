@@ -85,6 +85,12 @@ int64_t KvLayerBlockBytes(const KvLayer& layer, bool v_side, int32_t block_size)
   return kernels::KvqBlockBytes(layer.quant, block_size, layer.num_kv_heads, w / layer.num_kv_heads);
 }
 
+int64_t KvHeadSlotBytes(const KvLayer& layer, bool v_side) {
+  const int64_t hw = (v_side ? layer.v_width : layer.k_width) / layer.num_kv_heads;
+  if (layer.quant == kernels::KvQuant::kNone) return hw * static_cast<int64_t>(DTypeSize(layer.dtype));
+  return kernels::KvqHeadCodeBytes(layer.quant, hw);
+}
+
 absl::StatusOr<HostKvStorage> Backend::CreateHostKvStorage(absl::Span<const KvLayer> layers,
                                                            int32_t block_size, int32_t num_slots) {
   if (num_slots <= 0 || block_size <= 0) {

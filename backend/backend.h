@@ -64,12 +64,27 @@ struct KvPolicyAttention {
   int32_t layer = 0;  // the model layer (index into the policy's layers)
 };
 
-// One KV head's cache entry moving between two slots of the paged cache (Backend::MoveKvHeads).
+// One KV head's cache entry moving between two slots of the paged cache (Backend::CompactKvHeads).
 struct KvHeadMove {
   int32_t layer = 0;
   int32_t head = 0;  // KV head of this rank's shard
   int64_t src = 0;   // cache slots: block id x block_size + offset
   int64_t dst = 0;
+};
+
+// MiKV's low-precision entries of one (layer, KV head) written as one packed run by a
+// compaction (Backend::CompactKvHeads; kvpolicy/README.md "Low entries in the paged cache";
+// entry format and run layout: kvpolicy/low_precision.h, widths = the layer's per-head widths,
+// slot regions of KvHeadSlotBytes bytes).
+struct KvLowRun {
+  int32_t layer = 0;
+  int32_t head = 0;              // KV head of this rank's shard
+  std::vector<int64_t> old_slots;  // cache slots of the run before it, in run order (may be empty)
+  std::vector<int64_t> new_slots;  // cache slots of the new run, in run order
+  // Per entry of the new run, in order: an entry of the old run (>= 0), or -1 - the cache slot of
+  // a full-precision entry to quantize (keys times `balance`).
+  std::vector<int64_t> sources;
+  const float* balance = nullptr;  // host memory, the layer's per-head K width; null: none
 };
 
 class Backend;
@@ -139,6 +154,10 @@ struct KvLayer {
 // the dtype's size, or for a quantized cache the block's codes and scales (kvstore/kv_spec.h,
 // kernels::KvqBlockBytes). What CopyBlocks and the host tier move per block, layer and side.
 int64_t KvLayerBlockBytes(const KvLayer& layer, bool v_side, int32_t block_size);
+// Bytes of one KV head's region of one slot of K (v_side false) or V: its width x the dtype's
+// size, or a quantized cache's codes (KvqHeadCodeBytes; the scales are not part of it). What a
+// packed run of MiKV low entries uses per slot (KvLowRun). Needs num_kv_heads > 0.
+int64_t KvHeadSlotBytes(const KvLayer& layer, bool v_side);
 
 // The host tier's memory on one worker (issue #10; the bookkeeping is kvstore/host_kv_pool.h):
 // `num_slots` slots, each the exact bytes of one KV block of every layer (layer 0's K block, its
@@ -445,14 +464,19 @@ class Backend {
   virtual absl::Status CopyBlocks(absl::Span<const KvLayer> layers, int32_t block_size,
                                   int32_t num_blocks, absl::Span<const BlockCopy> copies) = 0;
 
-  // Token-level KV policies' compaction (kvpolicy/, StepPlan::kv_compactions): for each move in
-  // order, copies KV head `head`'s K and V entries of layer `layer` (of `layers`) from cache slot
-  // src to slot dst (slot = block id x block_size + offset; quantized caches: the head's codes and
-  // scales). InvalidArgument naming the first move with a layer, head or slot out of range,
-  // before anything is copied. Unimplemented on backends without SupportsKvPolicy().
-  virtual absl::Status MoveKvHeads(absl::Span<const KvLayer> layers, int32_t block_size,
-                                   int32_t num_blocks, absl::Span<const KvHeadMove> moves) {
-    return absl::UnimplementedError(absl::StrCat(name(), " backend: MoveKvHeads (KV policies) not implemented"));
+  // Token-level KV policies' compaction (kvpolicy/, StepPlan::kv_compactions), in three phases:
+  // every entry of every `low` run is read first (an old run's entry, or a full slot quantized
+  // to `low_bits` 4 or 2: kvpolicy::EncodeLowEntry), then each of `moves` runs in order (KV head
+  // `head`'s K and V entries of layer `layer` copied from cache slot src to dst, slot = block id x
+  // block_size + offset; quantized caches: the head's codes and scales), then each run is written
+  // to its new slots. So a move may overwrite an old run or a demoted key's slot. InvalidArgument
+  // naming the first move or run with a layer, head, slot or entry out of range (a run's new slots
+  // too few for its entries, a source past its old run), before anything is read or copied.
+  // Unimplemented on backends without SupportsKvPolicy().
+  virtual absl::Status CompactKvHeads(absl::Span<const KvLayer> layers, int32_t block_size,
+                                      int32_t num_blocks, absl::Span<const KvHeadMove> moves,
+                                      absl::Span<const KvLowRun> low, int low_bits) {
+    return absl::UnimplementedError(absl::StrCat(name(), " backend: CompactKvHeads (KV policies) not implemented"));
   }
 
   // --- host KV tier (issue #10; StepPlan::kv_offloads / kv_loads) ------------------------------

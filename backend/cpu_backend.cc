@@ -330,8 +330,9 @@ class CpuBackend final : public Backend {
   }
   absl::Status CopyBlocks(absl::Span<const KvLayer> layers, int32_t block_size, int32_t num_blocks,
                           absl::Span<const BlockCopy> copies) override;
-  absl::Status MoveKvHeads(absl::Span<const KvLayer> layers, int32_t block_size, int32_t num_blocks,
-                           absl::Span<const KvHeadMove> moves) override;
+  absl::Status CompactKvHeads(absl::Span<const KvLayer> layers, int32_t block_size, int32_t num_blocks,
+                              absl::Span<const KvHeadMove> moves, absl::Span<const KvLowRun> low,
+                              int low_bits) override;
 
  protected:
   void Free(void* data, MemoryKind) override { memory_.Free(data); }
@@ -441,7 +442,7 @@ absl::Status CpuBackend::Attend(const AttentionParams& p, const AttentionBatch& 
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, q_len, hd, n, 1.0f,
                     scores_.data(), n, v_buf_.data(), hd, 0.0f, out, static_cast<int>(o_ld));
       }
-      if (policy != nullptr) policy->Apply(p.kv_policy.layer, g, kept_, k_buf_.data(), v_buf_.data());
+      if (policy != nullptr) policy->Apply(p.kv_policy.layer, g, kept_, k_buf_.data());
     }
   }
   return absl::OkStatus();
@@ -513,27 +514,65 @@ absl::Status CpuBackend::CopyBlocks(absl::Span<const KvLayer> layers, int32_t bl
   return absl::OkStatus();
 }
 
-absl::Status CpuBackend::MoveKvHeads(absl::Span<const KvLayer> layers, int32_t block_size,
-                                     int32_t num_blocks, absl::Span<const KvHeadMove> moves) {
+absl::Status CpuBackend::CompactKvHeads(absl::Span<const KvLayer> layers, int32_t block_size,
+                                        int32_t num_blocks, absl::Span<const KvHeadMove> moves,
+                                        absl::Span<const KvLowRun> low, int low_bits) {
   const int64_t num_slots = static_cast<int64_t>(block_size) * num_blocks;
+  auto slot_ok = [&](int64_t s) { return s >= 0 && s < num_slots; };
+  auto head_ok = [&](int32_t layer, int32_t head) {
+    return layer >= 0 && static_cast<size_t>(layer) < layers.size() && head >= 0 &&
+           head < layers[layer].num_kv_heads;
+  };
   for (size_t i = 0; i < moves.size(); ++i) {
     const KvHeadMove& m = moves[i];
-    const bool layer_ok = m.layer >= 0 && static_cast<size_t>(m.layer) < layers.size();
-    if (!layer_ok || m.head < 0 || m.head >= layers[m.layer].num_kv_heads || m.src < 0 ||
-        m.src >= num_slots || m.dst < 0 || m.dst >= num_slots) {
+    if (!head_ok(m.layer, m.head) || !slot_ok(m.src) || !slot_ok(m.dst)) {
+      const bool layer_ok = m.layer >= 0 && static_cast<size_t>(m.layer) < layers.size();
       return absl::InvalidArgumentError(absl::StrCat(
-          "cpu backend: MoveKvHeads: move ", i, " (layer ", m.layer, ", head ", m.head, ", slot ",
+          "cpu backend: CompactKvHeads: move ", i, " (layer ", m.layer, ", head ", m.head, ", slot ",
           m.src, " -> ", m.dst, ") outside ", layers.size(), " layers of ",
           layer_ok ? layers[m.layer].num_kv_heads : 0, " KV heads and ", num_slots, " slots"));
     }
   }
-  for (const KvLayer& layer : layers) RETURN_IF_ERROR(cpu_internal::CheckKvCache("MoveKvHeads", layer));
-  for (const KvHeadMove& m : moves) {
-    const KvLayer& c = layers[m.layer];
-    for (bool v_side : {false, true}) {
-      cpu_internal::MoveKvHead(c, v_side, m.src, m.dst, m.head);
+  if (!low.empty() && low_bits != 4 && low_bits != 2) {
+    return absl::InvalidArgumentError(absl::StrCat("cpu backend: CompactKvHeads: low_bits ", low_bits,
+                                                   " (4 or 2)"));
+  }
+  for (size_t r = 0; r < low.size(); ++r) {
+    const KvLowRun& run = low[r];
+    auto bad = [&](const std::string& why) {
+      return absl::InvalidArgumentError(absl::StrCat("cpu backend: CompactKvHeads: low run ", r,
+                                                     " (layer ", run.layer, ", head ", run.head, "): ", why));
+    };
+    if (!head_ok(run.layer, run.head)) return bad(absl::StrCat("outside ", layers.size(), " layers and their KV heads"));
+    const KvLayer& c = layers[run.layer];
+    for (const std::vector<int64_t>* slots : {&run.old_slots, &run.new_slots}) {
+      for (int64_t s : *slots) {
+        if (!slot_ok(s)) return bad(absl::StrCat("slot ", s, " outside ", num_slots, " slots"));
+      }
+    }
+    // Entries each run's slots hold: the fewer of its K and V capacities.
+    auto capacity = [&](size_t run_slots) {
+      int64_t most = std::numeric_limits<int64_t>::max();
+      for (bool v_side : {false, true}) {
+        const int64_t w = (v_side ? c.v_width : c.k_width) / c.num_kv_heads;
+        most = std::min(most, static_cast<int64_t>(run_slots) * KvHeadSlotBytes(c, v_side) /
+                                  kvpolicy::LowEntryBytes(w, low_bits));
+      }
+      return most;
+    };
+    if (static_cast<int64_t>(run.sources.size()) > capacity(run.new_slots.size())) {
+      return bad(absl::StrCat(run.sources.size(), " entries do not fit in ", run.new_slots.size(), " slots"));
+    }
+    const int64_t old_entries = capacity(run.old_slots.size());
+    for (int64_t src : run.sources) {
+      if (src >= old_entries || (src < 0 && !slot_ok(-1 - src))) {
+        return bad(absl::StrCat("source ", src, " is neither an entry of its old run (", old_entries,
+                                " fit its slots) nor -1 - a slot of ", num_slots));
+      }
     }
   }
+  for (const KvLayer& layer : layers) RETURN_IF_ERROR(cpu_internal::CheckKvCache("CompactKvHeads", layer));
+  cpu_internal::CompactKvHeads(layers, moves, low, low_bits);
   return absl::OkStatus();
 }
 

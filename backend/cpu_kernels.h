@@ -42,12 +42,16 @@ void LoadKvHead(const KvLayer& cache, bool v_side, int64_t slot, int64_t head, i
 // the cache's own format (a quantized cache: the head's codes and its scales).
 void MoveKvHead(const KvLayer& cache, bool v_side, int64_t src, int64_t dst, int64_t head);
 
+// KV head `head`'s region of cache slot `slot` (K: v_side false, V: true): KvHeadSlotBytes
+// bytes, the head's elements or a quantized cache's codes. Where packed MiKV low entries live.
+uint8_t* KvHeadSlot(const KvLayer& cache, bool v_side, int64_t slot, int64_t head);
+
 // Token-level KV policies (cpu_kv_policy.cc; backend.h KvPolicyAttention).
 // The keys / values of KV head `head` of one sequence (`len` tokens, paged by `table`; a kept
 // key of position p at the sequence's cache slot policy->slot(layer, head, p), else p) that
 // `policy` keeps (null: every position), in position order: kept[n] positions, k [n, k_width]
-// and v [n, v_width] fp32 (cache slots dequantized as LoadKvHead, kLow entries from the
-// policy). Returns n, or -1 when one of the step's q_len tokens (the last q_len positions) is not
+// and v [n, v_width] fp32 (cache slots dequantized as LoadKvHead; kLow entries decoded from the
+// head's packed run, or, not packed yet, their full slot encoded and decoded: the same values). Returns n, or -1 when one of the step's q_len tokens (the last q_len positions) is not
 // kept (the policy's invariant broken: callers fail with Internal).
 int GatherKeptHead(const KvLayer& cache, kvpolicy::SequenceKvPolicy* policy, int layer,
                    const int32_t* table, int32_t block_size, int len, int q_len, int head, int64_t k_width,
@@ -58,6 +62,10 @@ int GatherKeptHead(const KvLayer& cache, kvpolicy::SequenceKvPolicy* policy, int
 // last_hit[kept[j]] = max(last_hit[kept[j]], that position) where probs[i][j] >= 1/t.
 void RecordImportance(const float* probs, int q_len, int n, int len, const int32_t* kept,
                       int32_t* last_hit);
+// Backend::CompactKvHeads on the CPU cache (checked by the caller: every layer with
+// CheckKvCache, every move and run in range).
+void CompactKvHeads(absl::Span<const KvLayer> layers, absl::Span<const KvHeadMove> moves,
+                    absl::Span<const KvLowRun> low, int low_bits);
 
 // Scratch reused across calls (sized on demand).
 struct LatentScratch {

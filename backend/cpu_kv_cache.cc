@@ -69,6 +69,17 @@ void LoadKvHead(const KvLayer& c, bool v_side, int64_t slot, int64_t head, int64
       head_width, head, out);
 }
 
+uint8_t* KvHeadSlot(const KvLayer& c, bool v_side, int64_t slot, int64_t head) {
+  const int64_t w = Width(c, v_side);
+  const int64_t hw = w / c.num_kv_heads;
+  void* base = Base(c, v_side);
+  if (c.quant == KvQuant::kNone) {
+    return static_cast<uint8_t*>(base) + (slot * w + head * hw) * static_cast<int64_t>(DTypeSize(c.dtype));
+  }
+  return kernels::KvqTokenCodes(base, c.quant, c.block_size, c.num_kv_heads, hw, slot) +
+         head * kernels::KvqHeadCodeBytes(c.quant, hw);
+}
+
 void MoveKvHead(const KvLayer& c, bool v_side, int64_t src, int64_t dst, int64_t head) {
   const int64_t w = Width(c, v_side);
   const int64_t hw = w / c.num_kv_heads;

@@ -127,7 +127,7 @@ absl::Status LatentAttention(const LatentAttentionParams& p, const AttentionBatc
                     sc->scores.data(), n, sc->c_v.data(), rv, 0.0f, out, static_cast<int>(o_ld));
       }
       if (policy != nullptr) {
-        policy->Apply(p.kv_policy.layer, g, sc->positions, sc->c_k.data(), sc->c_v.data());
+        policy->Apply(p.kv_policy.layer, g, sc->positions, sc->c_k.data());
       }
     }
   }

@@ -42,4 +42,24 @@ void DequantizeLow(const uint8_t* codes, const LowParams& p, int64_t width, int 
   }
 }
 
+void EncodeLowEntry(const float* x, int64_t width, int bits, const float* balance, float* scratch,
+                    uint8_t* entry) {
+  if (balance != nullptr) {
+    for (int64_t c = 0; c < width; ++c) scratch[c] = x[c] * balance[c];
+    x = scratch;
+  }
+  LowParams p;
+  QuantizeLow(x, width, bits, entry, &p);
+  std::memcpy(entry + LowCodeBytes(width, bits), &p, sizeof(p));
+}
+
+void DecodeLowEntry(const uint8_t* entry, int64_t width, int bits, const float* balance, float* out) {
+  LowParams p;
+  std::memcpy(&p, entry + LowCodeBytes(width, bits), sizeof(p));
+  DequantizeLow(entry, p, width, bits, out);
+  if (balance != nullptr) {
+    for (int64_t c = 0; c < width; ++c) out[c] /= balance[c];
+  }
+}
+
 }  // namespace lorc::kvpolicy

@@ -75,26 +75,7 @@ void SequenceKvPolicy::ObserveQueries(int layer, int head, const float* q, int64
   }
 }
 
-void SequenceKvPolicy::LoadLow(int layer, int head, int64_t pos, float* k, float* v) const {
-  const Head& h = heads_[Index(layer, head)];
-  const LayerShape& s = (*layers_)[layer];
-  const int bits = config_->low_bits;
-  const int64_t kb = LowEntryBytes(s.k_width, bits), vb = LowEntryBytes(s.v_width, bits);
-  const int64_t e = h.low_slot[pos];
-  LowParams pk, pv;
-  const uint8_t* ke = h.low_k.data() + e * kb;
-  const uint8_t* ve = h.low_v.data() + e * vb;
-  std::memcpy(&pk, ke + LowCodeBytes(s.k_width, bits), sizeof(pk));
-  std::memcpy(&pv, ve + LowCodeBytes(s.v_width, bits), sizeof(pv));
-  DequantizeLow(ke, pk, s.k_width, bits, k);
-  DequantizeLow(ve, pv, s.v_width, bits, v);
-  if (!h.balance.empty()) {
-    for (int64_t c = 0; c < s.k_width; ++c) k[c] /= h.balance[c];
-  }
-}
-
-void SequenceKvPolicy::Apply(int layer, int head, absl::Span<const int32_t> kept, const float* k_rows,
-                             const float* v_rows) {
+void SequenceKvPolicy::Apply(int layer, int head, absl::Span<const int32_t> kept, const float* k_rows) {
   if (!choose_) return;
   Head& h = heads_[Index(layer, head)];
   SelectVictims(*config_, seq_len_, pinned_, h.state.data(), h.last_hit.data(), &h.victims);
@@ -104,9 +85,6 @@ void SequenceKvPolicy::Apply(int layer, int head, absl::Span<const int32_t> kept
     return;
   }
   const LayerShape& s = (*layers_)[layer];
-  const int bits = config_->low_bits;
-  const int64_t kc = LowCodeBytes(s.k_width, bits), vc = LowCodeBytes(s.v_width, bits);
-  const int64_t kb = LowEntryBytes(s.k_width, bits), vb = LowEntryBytes(s.v_width, bits);
   if (s.balance_keys && h.balance.empty()) {
     // b_c = sqrt(max|q_c| / max|k_c|) over the queries seen and the keys kept so far (the prompt,
     // at the first demotion), clamped to [1/64, 64]; 1 for a channel without data.
@@ -123,41 +101,45 @@ void SequenceKvPolicy::Apply(int layer, int head, absl::Span<const int32_t> kept
       }
     }
   }
-  std::vector<float> scaled(s.k_width);
-  size_t j = 0;
   for (int32_t p : h.victims) {
-    while (j < kept.size() && kept[j] < p) ++j;  // victims are kFull, hence in `kept`
-    const float* k = k_rows + j * s.k_width;
-    if (!h.balance.empty()) {
-      for (int64_t c = 0; c < s.k_width; ++c) scaled[c] = k[c] * h.balance[c];
-      k = scaled.data();
-    }
-    const int64_t e = static_cast<int64_t>(h.low_k.size()) / kb;
-    h.low_k.resize((e + 1) * kb);
-    h.low_v.resize((e + 1) * vb);
-    LowParams pk, pv;
-    QuantizeLow(k, s.k_width, bits, h.low_k.data() + e * kb, &pk);
-    QuantizeLow(v_rows + j * s.v_width, s.v_width, bits, h.low_v.data() + e * vb, &pv);
-    std::memcpy(h.low_k.data() + e * kb + kc, &pk, sizeof(pk));
-    std::memcpy(h.low_v.data() + e * vb + vc, &pv, sizeof(pv));
-    h.low_slot[p] = static_cast<int32_t>(e);
     h.state[p] = static_cast<uint8_t>(SlotState::kLow);
+    h.low_slot[p] = -1;  // read from its full slot until a compaction packs it
+  }
+}
+
+int64_t SequenceKvPolicy::LowRunSlotsOf(int layer, int64_t entries) const {
+  if (entries == 0) return 0;
+  const LayerShape& s = (*layers_)[layer];
+  const int bits = config_->low_bits;
+  return std::max(LowRunSlots(entries, LowEntryBytes(s.k_width, bits), s.k_slot_bytes),
+                  LowRunSlots(entries, LowEntryBytes(s.v_width, bits), s.v_slot_bytes));
+}
+
+void SequenceKvPolicy::CountCompactable(const Head& h, int64_t from, int64_t* full, int64_t* low) const {
+  *full = *low = 0;
+  for (int64_t p = 0; p < seq_len_; ++p) {
+    switch (static_cast<SlotState>(h.state[p])) {
+      case SlotState::kFull: *full += h.slot[p] >= from; break;
+      case SlotState::kLow: *low += h.low_slot[p] >= 0 || h.slot[p] >= from; break;
+      default: break;
+    }
   }
 }
 
 int64_t SequenceKvPolicy::SlotsNeeded(int64_t from) const {
-  const uint8_t full = static_cast<uint8_t>(SlotState::kFull);
   int64_t most = 0;
-  for (const Head& h : heads_) {
-    int64_t n = 0;
-    for (int64_t p = 0; p < seq_len_; ++p) n += h.state[p] == full && h.slot[p] >= from;
-    most = std::max(most, n);
+  for (size_t i = 0; i < heads_.size(); ++i) {
+    int64_t full = 0, low = 0;
+    CountCompactable(heads_[i], from, &full, &low);
+    most = std::max(most, full + LowRunSlotsOf(static_cast<int>(i / num_kv_heads_), low));
   }
   return from + most;
 }
 
-absl::Status SequenceKvPolicy::Compact(int64_t from, int64_t num_slots, std::vector<SlotMove>* moves) {
+absl::Status SequenceKvPolicy::Compact(int64_t from, int64_t num_slots, std::vector<SlotMove>* moves,
+                                       std::vector<LowRepack>* low) {
   moves->clear();
+  low->clear();
   const int64_t needed = SlotsNeeded(from);
   if (from < 0 || from > num_slots || num_slots < needed || num_slots > this->num_slots()) {
     return absl::FailedPreconditionError(absl::StrCat(
@@ -165,17 +147,34 @@ absl::Status SequenceKvPolicy::Compact(int64_t from, int64_t num_slots, std::vec
         this->num_slots(), " slots and its kept keys need ", needed));
   }
   const uint8_t full = static_cast<uint8_t>(SlotState::kFull);
+  const uint8_t low_state = static_cast<uint8_t>(SlotState::kLow);
   for (size_t i = 0; i < heads_.size(); ++i) {
     Head& h = heads_[i];
+    const int32_t layer = static_cast<int32_t>(i / num_kv_heads_), head = static_cast<int32_t>(i % num_kv_heads_);
     int64_t next = from;
+    LowRepack run;
+    run.layer = layer;
+    run.head = head;
+    run.old_base = h.low_base;
+    run.old_entries = h.num_packed;
     for (int64_t p = 0; p < seq_len_; ++p) {
+      if (h.state[p] == low_state && (h.low_slot[p] >= 0 || h.slot[p] >= from)) {
+        run.sources.push_back(h.low_slot[p] >= 0 ? h.low_slot[p] : -1 - static_cast<int64_t>(h.slot[p]));
+        h.low_slot[p] = static_cast<int32_t>(run.sources.size() - 1);
+        continue;
+      }
       if (h.state[p] != full || h.slot[p] < from) continue;
       if (h.slot[p] != next) {
-        moves->push_back({static_cast<int32_t>(i / num_kv_heads_), static_cast<int32_t>(i % num_kv_heads_),
-                          h.slot[p], next});
+        moves->push_back({layer, head, h.slot[p], next});
         h.slot[p] = static_cast<int32_t>(next);
       }
       ++next;
+    }
+    h.low_base = next;
+    h.num_packed = static_cast<int64_t>(run.sources.size());
+    if (!run.sources.empty() || run.old_entries > 0) {
+      run.new_base = next;
+      low->push_back(std::move(run));
     }
   }
   slot_offset_ = seq_len_ - num_slots;

@@ -7,18 +7,22 @@
 //   last_hit[layer][head][pos]  int32: the latest query position that found key `pos` important
 //                               (attention probability >= 1/t); a new key starts at its own
 //                               position, so it lives at least w queries.
-//   low_slot[layer][head][pos]  int32: index of the key's low-precision entry (kLow), else -1;
+//   low_slot[layer][head][pos]  int32: a kLow key's entry in its head's packed run, or -1 while it
+//                               is not packed yet (read from its own full slot, slot[pos],
+//                               quantized on the fly: the same bytes packing will write).
 //   slot[layer][head][pos]      int32: the sequence's cache slot (index into its block table's
-//                               slots) holding a kFull key: pos - slot_offset for a key written
-//                               after the latest compaction, its dense place after one (below).
-//   low K / V entries           per (layer, head), appended: LowCodeBytes codes then LowParams
-//                               (low_precision.h), widths = the cache's per-head widths (head_dim
-//                               for full KV, r_k / r_v for LoRC latents).
+//                               slots) holding a kFull (or unpacked kLow) key: pos - slot_offset
+//                               for a key written after the latest compaction, its dense place
+//                               after one (below).
+//   low_base[layer][head]       the first slot of the head's packed run of low K / V entries
+//                               (low_precision.h: codes then LowParams, widths = the cache's
+//                               per-head widths: head_dim for full KV, r_k / r_v for LoRC
+//                               latents), written into the paged cache by a compaction.
 //   balance[layer][head][k_w]   fp32 per-channel key factors b_c (MiKV outlier balancing), fixed
 //                               at the head's first demotion; low keys hold k * b, read as / b.
 //
-// The paged blocks themselves are never modified: a dead slot is only not read by this sequence,
-// a demoted one is read from its low entry instead. So a block shared with the prefix store, a
+// A choice never writes the paged blocks: a dead slot is only not read by this sequence, a
+// demoted one is read quantized. So a block shared with the prefix store, a
 // session or a fork keeps exactly the bytes its hash describes (kvpolicy/README.md: why), and the
 // positions of a request's prefix-cache hit (below `pinned`) are never evicted or demoted.
 //
@@ -26,7 +30,10 @@
 // (layer, KV head), the kFull keys at slots >= compact_from (the first block boundary at or past
 // `pinned`; the blocks before it may be shared) into a dense run from compact_from, in position
 // order, and freeing the blocks past the longest run. Keys written later go to the slots after
-// it: slot = pos - slot_offset for the whole sequence (the model runner's slot_mapping).
+// it: slot = pos - slot_offset for the whole sequence (the model runner's slot_mapping). MiKV's
+// kLow entries at slots >= compact_from (packed before, or demoted since) are written as one
+// packed run right after the head's full run, so the pool holds them and admission counts them
+// (kvpolicy/README.md "Low entries in the paged cache").
 //
 // Threads: one thread (the worker's device thread) uses a store and its states.
 #pragma once
@@ -52,6 +59,10 @@ struct LayerShape {
   bool balance_keys = false;  // MiKV outlier balancing of keys (full KV layers; latent keys are
                               // unrotated latents, not in the query's channel space: off)
   int64_t full_bytes = 0;     // bytes of one token's K + V of one KV head in the paged cache
+  // Bytes of one KV head's region of one cache slot, K and V rows, that a packed run of low
+  // entries uses (backend.h KvHeadSlotBytes); MiKV needs LowEntryBytes <= these (checked at load).
+  int64_t k_slot_bytes = 0;
+  int64_t v_slot_bytes = 0;
 };
 
 // CORM's choice for one (layer, KV head) after a step, written into `victims` (ascending
@@ -70,6 +81,18 @@ void SelectVictims(const KvPolicyConfig& config, int64_t seq_len, int64_t pinned
 struct SlotMove {
   int32_t layer = 0, head = 0;
   int64_t src = 0, dst = 0;
+};
+
+// One (layer, KV head)'s low-precision entries rewritten by a compaction as one packed run
+// (header comment; the cache's side: Backend::CompactKvHeads).
+struct LowRepack {
+  int32_t layer = 0, head = 0;
+  int64_t old_base = 0;     // the run before it (sequence slots from old_base) ...
+  int64_t old_entries = 0;  // ... of this many entries (0: none)
+  int64_t new_base = 0;     // where the new run starts: right after the head's full run
+  // Per entry of the new run, in position order: an entry of the old run (>= 0), or -1 - the
+  // sequence slot of a full-precision key demoted since (quantized by the move).
+  std::vector<int64_t> sources;
 };
 
 struct EntryCounts {
@@ -93,17 +116,22 @@ class SequenceKvPolicy {
   int64_t CompactFrom(int32_t block_size) const {
     return (pinned_ + block_size - 1) / block_size * block_size;
   }
-  // The slots a compaction from `from` leaves: from + the most kFull keys at slots >= from over
-  // the (layer, KV head) pairs (O(seq_len x layers x heads)).
+  // The slots a compaction from `from` leaves: from + the most, over the (layer, KV head) pairs,
+  // of the kFull keys at slots >= from plus the slots of the packed run of its kLow entries at
+  // slots >= from or packed (O(seq_len x layers x heads)). A demotion never raises it (MiKV's
+  // entries fit in a slot), so the coordinator's bound (kvpolicy/README.md) holds.
   int64_t SlotsNeeded(int64_t from) const;
   // Compacts (header comment): every (layer, head)'s kFull keys at slots >= from move to slots
-  // from, from + 1, ... in position order; then the sequence holds `num_slots` slots
+  // from, from + 1, ... in position order, and its kLow entries at slots >= from or packed are
+  // packed into one run right after them; then the sequence holds `num_slots` slots
   // (slot_offset = seq_len - num_slots). `moves` (cleared) gets the copies the cache needs, per
   // (layer, head) in ascending slots, so running them in order never overwrites an entry not yet
-  // moved. FailedPrecondition (nothing changed) when num_slots < SlotsNeeded(from) or exceeds
-  // num_slots(), or from is past num_slots.
-  absl::Status Compact(int64_t from, int64_t num_slots, std::vector<SlotMove>* moves);
-  // The cache slot of kFull position `pos` of (layer, head).
+  // moved; `low` (cleared; MiKV) the runs to write, whose sources must be read before any move
+  // runs and written after all (Backend::CompactKvHeads). FailedPrecondition (nothing changed)
+  // when num_slots < SlotsNeeded(from) or exceeds num_slots(), or from is past num_slots.
+  absl::Status Compact(int64_t from, int64_t num_slots, std::vector<SlotMove>* moves,
+                       std::vector<LowRepack>* low);
+  // The cache slot of kFull (or unpacked kLow) position `pos` of (layer, head).
   int64_t slot(int layer, int head, int64_t pos) const { return heads_[Index(layer, head)].slot[pos]; }
   const KvPolicyConfig& config() const { return *config_; }
   // Positions [seq_len, new_len) become kFull with last_hit = their position.
@@ -124,13 +152,23 @@ class SequenceKvPolicy {
   // is fixed. Only layers with balance_keys.
   void ObserveQueries(int layer, int head, const float* q, int64_t rows, int64_t ld, int group,
                       int64_t head_dim);
-  // A kLow entry's key and value (fp32, widths of the layer; keys divided by the balance).
-  void LoadLow(int layer, int head, int64_t pos, float* k, float* v) const;
+  // A kLow key's entry in the packed run of (layer, head) (-1: not packed, read from slot()), the
+  // run's first slot, the key factors (null: none) and the low bits: what attention needs to
+  // read it (low_precision.h EncodeLowEntry / DecodeLowEntry, ForEachLowPiece).
+  int64_t low_entry(int layer, int head, int64_t pos) const { return heads_[Index(layer, head)].low_slot[pos]; }
+  int64_t low_base(int layer, int head) const { return heads_[Index(layer, head)].low_base; }
+  const float* balance(int layer, int head) const {
+    const Head& h = heads_[Index(layer, head)];
+    return h.balance.empty() ? nullptr : h.balance.data();
+  }
+  // Slots of a packed run of `entries` low entries of `layer` (the longer of its K and V runs).
+  int64_t LowRunSlotsOf(int layer, int64_t entries) const;
   // After the step's attention of (layer, head), when choose(): SelectVictims, then CORM marks
-  // the victims kDead, MiKV quantizes them into low entries (values from k_rows / v_rows: the full-precision
-  // rows of the `kept` positions, in that order, as attention read them) and marks them kLow.
-  void Apply(int layer, int head, absl::Span<const int32_t> kept, const float* k_rows,
-             const float* v_rows);
+  // the victims kDead, MiKV marks them kLow (their full slots are then read quantized until a
+  // compaction packs them) after fixing the key balance at the head's first demotion from the
+  // queries seen and k_rows (the full-precision keys of the `kept` positions, in that order, as
+  // attention read them).
+  void Apply(int layer, int head, absl::Span<const int32_t> kept, const float* k_rows);
   EntryCounts Counts(int layer, int head) const;
   // Bytes this sequence's policy keeps: full entries x full_bytes + low entries x their
   // LowEntryBytes, summed over layers and heads; metadata: state + last_hit (+ low_slot) bytes.
@@ -141,11 +179,13 @@ class SequenceKvPolicy {
   struct Head {
     std::vector<uint8_t> state;
     std::vector<int32_t> last_hit, low_slot, slot;
-    std::vector<uint8_t> low_k, low_v;            // appended entries: codes then LowParams
+    int64_t low_base = 0, num_packed = 0;         // the packed run of low entries (header)
     std::vector<float> q_absmax, balance;         // balance empty until fixed
     std::vector<int32_t> victims;                 // scratch
   };
   size_t Index(int layer, int head) const { return static_cast<size_t>(layer) * num_kv_heads_ + head; }
+  // Of (layer, head): kFull keys at slots >= from, and kLow ones packed or at slots >= from.
+  void CountCompactable(const Head& h, int64_t from, int64_t* full, int64_t* low) const;
 
   const KvPolicyConfig* config_;
   const std::vector<LayerShape>* layers_;

@@ -121,6 +121,22 @@ absl::Status ModelRunner::InitKvPolicy(const KvCacheOptions& kv) {
     layers[l].v_width = kv_spec_.v_width[l] / heads;
     layers[l].balance_keys = !IsLatent(l);
     layers[l].full_bytes = (kv_spec_.KBytesPerToken(l) + kv_spec_.VBytesPerToken(l)) / heads;
+    const KvLayer cache = CacheLayer(l, nullptr, nullptr);
+    layers[l].k_slot_bytes = KvHeadSlotBytes(cache, false);
+    layers[l].v_slot_bytes = KvHeadSlotBytes(cache, true);
+    // A packed low entry must fit in the slot region it replaces, or a demotion would need more
+    // memory than it frees (and the coordinator's compaction bound would not hold).
+    const int bits = kv.kv_policy.low_bits;
+    const int64_t kb = kvpolicy::LowEntryBytes(layers[l].k_width, bits);
+    const int64_t vb = kvpolicy::LowEntryBytes(layers[l].v_width, bits);
+    if (kv.kv_policy.kind == kvpolicy::KvPolicyKind::kMikv &&
+        (kb > layers[l].k_slot_bytes || vb > layers[l].v_slot_bytes)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--kv-policy mikv --kv-policy-low-bits ", bits, " with --kv-cache-dtype ",
+          KvCacheDtypeName(kv_spec_.kv_cache_dtype), ": layer ", l, "'s low entries (", kb, " / ", vb,
+          " bytes per KV head, K / V) are larger than its cache entries (", layers[l].k_slot_bytes,
+          " / ", layers[l].v_slot_bytes, " bytes): demoting would save nothing (use fewer low bits)"));
+    }
   }
   kv_policy_ = std::make_unique<kvpolicy::KvPolicyStore>(kv.kv_policy, std::move(layers),
                                                           static_cast<int32_t>(heads));
@@ -193,12 +209,29 @@ absl::Status ModelRunner::CompactKv(int64_t seq_id, absl::Span<const int32_t> bl
                                                    block_table.size(), " blocks for ", st->num_slots(), " slots"));
   }
   std::vector<kvpolicy::SlotMove> moves;
-  RETURN_IF_ERROR(st->Compact(st->CompactFrom(bs), num_slots, &moves));
+  std::vector<kvpolicy::LowRepack> low;
+  RETURN_IF_ERROR(st->Compact(st->CompactFrom(bs), num_slots, &moves, &low));
   std::vector<KvHeadMove> cache_moves;
   cache_moves.reserve(moves.size());
   auto slot = [&](int64_t s) { return static_cast<int64_t>(block_table[s / bs]) * bs + s % bs; };
   for (const kvpolicy::SlotMove& m : moves) cache_moves.push_back({m.layer, m.head, slot(m.src), slot(m.dst)});
-  return backend_->MoveKvHeads(kv_layers_, bs, kv_spec_.num_blocks, cache_moves);
+  // MiKV's runs: sequence slots to cache slots (a run's slots may span blocks).
+  std::vector<KvLowRun> runs(low.size());
+  for (size_t r = 0; r < low.size(); ++r) {
+    const kvpolicy::LowRepack& lr = low[r];
+    KvLowRun& run = runs[r];
+    run.layer = lr.layer;
+    run.head = lr.head;
+    run.balance = st->balance(lr.layer, lr.head);
+    const int64_t old_slots = st->LowRunSlotsOf(lr.layer, lr.old_entries);
+    const int64_t new_slots = st->LowRunSlotsOf(lr.layer, static_cast<int64_t>(lr.sources.size()));
+    for (int64_t i = 0; i < old_slots; ++i) run.old_slots.push_back(slot(lr.old_base + i));
+    for (int64_t i = 0; i < new_slots; ++i) run.new_slots.push_back(slot(lr.new_base + i));
+    run.sources.reserve(lr.sources.size());
+    for (int64_t src : lr.sources) run.sources.push_back(src >= 0 ? src : -1 - slot(-1 - src));
+  }
+  return backend_->CompactKvHeads(kv_layers_, bs, kv_spec_.num_blocks, cache_moves, runs,
+                                  st->config().low_bits);
 }
 
 std::optional<KvSlotReport> ModelRunner::KvSlots(int64_t seq_id) const {

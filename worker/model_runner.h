@@ -183,7 +183,8 @@ class ModelRunner {
   // without a policy, for a sequence without a state or whose state disagrees with
   // num_computed_tokens, or num_slots outside [the slots its kept keys need on this rank, the
   // slots it holds]. CompactKv (after the check) moves the keys within `block_table` (the
-  // sequence's table before the compaction; Backend::MoveKvHeads) and updates the state.
+  // sequence's table before the compaction; Backend::CompactKvHeads, MiKV's low entries packed
+  // after each head's full run) and updates the state.
   absl::Status CheckKvCompaction(int64_t seq_id, int64_t num_computed_tokens, int64_t num_slots) const;
   absl::Status CompactKv(int64_t seq_id, absl::Span<const int32_t> block_table, int64_t num_slots);
   // The report (step/step.h KvSlotReport) of a sequence with a policy state; nullopt without one.

@@ -13,6 +13,7 @@
 
 #include "backend/backend.h"
 #include "backend/cpu_kernels.h"
+#include "common/status_macros.h"
 #include "gtest/gtest.h"
 #include "kvpolicy/sequence_policy.h"
 
@@ -173,7 +174,17 @@ TEST_P(KvPolicyAttentionTest, ReadsKeptEntriesOnlyAndMatchesDenseReference) {
           if (st == SlotState::kDead) continue;
           std::vector<float> k(khw), v(vhw);
           if (st == SlotState::kLow) {
-            ptrs[s]->LoadLow(0, g, t, k.data(), v.data());
+            // Not packed (no compaction here): the full slot's values, encoded and decoded.
+            EXPECT_EQ(ptrs[s]->low_entry(0, g, t), -1);
+            const int64_t slot = static_cast<int64_t>(seqs[s].table[t / kBs]) * kBs + t % kBs;
+            const int bits = config.low_bits;
+            std::vector<uint8_t> ke(kvpolicy::LowEntryBytes(khw, bits)), ve(kvpolicy::LowEntryBytes(vhw, bits));
+            std::vector<float> scratch(khw);
+            kvpolicy::EncodeLowEntry(&kc0[slot * kw + g * khw], khw, bits, ptrs[s]->balance(0, g),
+                                     scratch.data(), ke.data());
+            kvpolicy::DecodeLowEntry(ke.data(), khw, bits, ptrs[s]->balance(0, g), k.data());
+            kvpolicy::EncodeLowEntry(&vc0[slot * vw + g * vhw], vhw, bits, nullptr, scratch.data(), ve.data());
+            kvpolicy::DecodeLowEntry(ve.data(), vhw, bits, nullptr, v.data());
           } else {
             const int64_t slot = static_cast<int64_t>(seqs[s].table[t / kBs]) * kBs + t % kBs;
             std::copy_n(&kc0[slot * kw + g * khw], khw, k.begin());
@@ -287,6 +298,137 @@ INSTANTIATE_TEST_SUITE_P(
       return std::string(std::get<0>(i.param) == KvPolicyKind::kCorm ? "Corm" : "Mikv") +
              (std::get<1>(i.param) ? "Latent" : "FullKv");
     });
+
+// MiKV's low entries in the paged cache (kvpolicy/README.md "Low entries in the paged cache"):
+// a compaction (Backend::CompactKvHeads) packs each head's low entries, old and newly demoted,
+// into one run after its full run, through a permuted block table, in the cache's own format;
+// attention then reads exactly the values it read before (bitwise), over two compactions, while
+// the sequence needs fewer slots than its tokens. A run whose slots are too few is refused.
+struct LowCacheCase {
+  const char* name;
+  DType dtype;
+  kernels::KvQuant quant;
+  int bits;
+};
+
+void PrintTo(const LowCacheCase& c, std::ostream* os) { *os << c.name; }
+
+class KvLowRunTest : public ::testing::TestWithParam<LowCacheCase> {};
+
+TEST_P(KvLowRunTest, CompactionPacksLowEntriesAndAttentionReadsTheSameValues) {
+  const LowCacheCase cc = GetParam();
+  auto be = CreateBackend(BackendOptions{BackendKind::kCpu});
+  ASSERT_TRUE(be.ok()) << be.status();
+  constexpr int kW = 32, kH = 2, kBsz = 4, kNb = 12;
+  KvLayer layer{nullptr, nullptr, kH * kW, kH * kW, cc.quant == kernels::KvQuant::kNone ? cc.dtype : DType::kU8};
+  layer.quant = cc.quant;
+  layer.num_kv_heads = kH;
+  layer.block_size = kBsz;
+  std::vector<uint8_t> kbuf(KvLayerBlockBytes(layer, false, kBsz) * kNb), vbuf(KvLayerBlockBytes(layer, true, kBsz) * kNb);
+  layer.k = kbuf.data();
+  layer.v = vbuf.data();
+  const std::vector<int32_t> table = {7, 2, 9, 0, 4, 1, 8, 3, 11, 5, 6, 10};
+  auto cache_slot = [&](int64_t s) { return static_cast<int64_t>(table[s / kBsz]) * kBsz + s % kBsz; };
+  std::mt19937 rng(17);
+
+  kvpolicy::KvPolicyConfig config;
+  config.kind = KvPolicyKind::kMikv;
+  config.low_bits = cc.bits;
+  config.sinks = 1;
+  config.recent = 2;
+  config.window = 2;
+  const std::vector<kvpolicy::LayerShape> layers = {
+      {kW, kW, true, 0, KvHeadSlotBytes(layer, false), KvHeadSlotBytes(layer, true)}};
+  kvpolicy::SequenceKvPolicy st(&config, &layers, kH, /*pinned=*/0);
+  auto add_tokens = [&](int64_t len) {
+    for (int64_t p = st.seq_len(); p < len; ++p) {
+      const std::vector<float> k = Random(rng, kH * kW), v = Random(rng, kH * kW);
+      const int64_t slot = cache_slot(p - st.slot_offset());
+      cpu_internal::StoreKvRow(layer, false, slot, k.data());
+      cpu_internal::StoreKvRow(layer, true, slot, v.data());
+    }
+    st.Extend(len);
+  };
+  std::vector<int32_t> kept;
+  std::vector<float> k, v;
+  auto gather = [&](int g) {
+    return cpu_internal::GatherKeptHead(layer, &st, 0, table.data(), kBsz, static_cast<int>(st.seq_len()), 1, g,
+                                        kW, kW, &kept, &k, &v);
+  };
+  // Demotes what no query found important: all but every third position (and sinks, recent).
+  auto demote = [&] {
+    for (int g = 0; g < kH; ++g) {
+      const std::vector<float> q = Random(rng, kW);
+      st.ObserveQueries(0, g, q.data(), 1, kW, 1, kW);
+      ASSERT_GT(gather(g), 0);
+      int32_t* hit = st.last_hit(0, g);
+      for (int64_t p = 0; p < st.seq_len(); ++p) {
+        if (p % 3 == 0) hit[p] = static_cast<int32_t>(st.seq_len() - 1);
+      }
+      st.Apply(0, g, kept, k.data());
+    }
+  };
+  auto compact = [&]() -> absl::Status {
+    const int64_t num_slots = st.SlotsNeeded(0);
+    std::vector<kvpolicy::SlotMove> moves;
+    std::vector<kvpolicy::LowRepack> low;
+    EXPECT_LT(num_slots, st.num_slots()) << "the low entries take less than their full slots";
+    RETURN_IF_ERROR(st.Compact(0, num_slots, &moves, &low));
+    EXPECT_EQ(low.size(), static_cast<size_t>(kH));
+    std::vector<KvHeadMove> cache_moves;
+    for (const kvpolicy::SlotMove& m : moves) cache_moves.push_back({m.layer, m.head, cache_slot(m.src), cache_slot(m.dst)});
+    std::vector<KvLowRun> runs(low.size());
+    for (size_t r = 0; r < low.size(); ++r) {
+      runs[r].layer = low[r].layer;
+      runs[r].head = low[r].head;
+      runs[r].balance = st.balance(low[r].layer, low[r].head);
+      for (int64_t i = 0; i < st.LowRunSlotsOf(0, low[r].old_entries); ++i) {
+        runs[r].old_slots.push_back(cache_slot(low[r].old_base + i));
+      }
+      for (int64_t i = 0; i < st.LowRunSlotsOf(0, static_cast<int64_t>(low[r].sources.size())); ++i) {
+        runs[r].new_slots.push_back(cache_slot(low[r].new_base + i));
+      }
+      for (int64_t src : low[r].sources) runs[r].sources.push_back(src >= 0 ? src : -1 - cache_slot(-1 - src));
+    }
+    // Too few slots for run 0 is refused before anything is written.
+    std::vector<KvLowRun> short_runs = runs;
+    short_runs[0].new_slots.pop_back();
+    const absl::Status refused = (*be)->CompactKvHeads({layer}, kBsz, kNb, cache_moves, short_runs, cc.bits);
+    EXPECT_EQ(refused.code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_NE(refused.message().find("low run 0"), std::string::npos) << refused;
+    return (*be)->CompactKvHeads({layer}, kBsz, kNb, cache_moves, runs, cc.bits);
+  };
+  for (int64_t len : {30, 38}) {
+    add_tokens(len);
+    demote();
+    std::vector<std::vector<float>> k0(kH), v0(kH);
+    for (int g = 0; g < kH; ++g) {
+      ASSERT_GT(gather(g), 0);
+      EXPECT_GT(st.Counts(0, g).low, 0);
+      k0[g] = k;
+      v0[g] = v;
+    }
+    ASSERT_TRUE(compact().ok());
+    for (int g = 0; g < kH; ++g) {
+      ASSERT_GT(gather(g), 0);
+      EXPECT_EQ(k, k0[g]) << "keys of head " << g << " after compacting " << len << " tokens";
+      EXPECT_EQ(v, v0[g]) << "values of head " << g << " after compacting " << len << " tokens";
+      for (int64_t p = 0; p < st.seq_len(); ++p) {
+        if (st.state(0, g, p) == SlotState::kLow) {
+          EXPECT_GE(st.low_entry(0, g, p), 0) << "packed";
+        }
+      }
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Caches, KvLowRunTest,
+    ::testing::Values(LowCacheCase{"f32_int4", DType::kF32, kernels::KvQuant::kNone, 4},
+                      LowCacheCase{"bf16_int2", DType::kBF16, kernels::KvQuant::kNone, 2},
+                      LowCacheCase{"int8_int4", DType::kU8, kernels::KvQuant::kInt8, 4},
+                      LowCacheCase{"int4_int2", DType::kU8, kernels::KvQuant::kInt4, 2}),
+    [](const auto& i) { return std::string(i.param.name); });
 
 // The threshold is exactly 1/t: a probability equal to 1/t counts, the next float below does not.
 TEST(RecordImportanceTest, ThresholdIsExactlyOneOverT) {

@@ -248,7 +248,7 @@ TEST(SequenceKvPolicyTest, ApplyEvictsOrDemotesAndNeverTouchesPinned) {
     for (int layer = 0; layer < 2; ++layer) {
       const int64_t vw = layers[layer].v_width;
       s.ObserveQueries(layer, 0, q.data(), 5, 2 * w, 2, w);
-      s.Apply(layer, 0, kept, k.data(), v.data());
+      s.Apply(layer, 0, kept, k.data());
       const EntryCounts n = s.Counts(layer, 0);
       // Budget 8, but the protected positions are 9 (pinned 0..5, which hold the 2 sinks, and
       // the 3 recent): the budget cannot go below them.
@@ -264,7 +264,14 @@ TEST(SequenceKvPolicyTest, ApplyEvictsOrDemotesAndNeverTouchesPinned) {
         std::vector<float> lk(w), lv(vw);
         for (int p = 0; p < 40; ++p) {
           if (s.state(layer, 0, p) != SlotState::kLow) continue;
-          s.LoadLow(layer, 0, p, lk.data(), lv.data());
+          // What attention reads for it (not packed yet): its full values encoded and decoded.
+          EXPECT_EQ(s.low_entry(layer, 0, p), -1);
+          std::vector<uint8_t> entry(LowEntryBytes(w, 4));
+          std::vector<float> scratch(w);
+          EncodeLowEntry(&k[p * w], w, 4, s.balance(layer, 0), scratch.data(), entry.data());
+          DecodeLowEntry(entry.data(), w, 4, s.balance(layer, 0), lk.data());
+          EncodeLowEntry(&v[p * vw], vw, 4, nullptr, scratch.data(), entry.data());
+          DecodeLowEntry(entry.data(), vw, 4, nullptr, lv.data());
           float kr = 0, vr = 0, ke = 0, ve = 0;
           for (int64_t i = 0; i < w; ++i) {
             kr = std::max(kr, std::fabs(k[p * w + i]));
@@ -322,16 +329,18 @@ TEST(SequenceKvPolicyTest, CompactionMovesKeptKeysIntoDenseRunsPerHead) {
         const bool keep = (l == 0 && h == 0 && p >= 8 && p % 3 == 0) || (l == 1 && h == 1 && p >= 8 && p < 20);
         hit[p] = keep ? 29 : p;
       }
-      s.Apply(l, h, kept, k.data(), v.data());
+      s.Apply(l, h, kept, k.data());
     }
   }
   // Kept at slots >= 8: l0h0 {9,12,...,27} + recent 28,29 = 9; l1h1 8..19 + 28,29 = 14; others 2.
   EXPECT_EQ(s.SlotsNeeded(8), 8 + 14);
   std::vector<SlotMove> moves;
-  EXPECT_EQ(s.Compact(8, 21, &moves).code(), absl::StatusCode::kFailedPrecondition);
-  EXPECT_EQ(s.Compact(8, 31, &moves).code(), absl::StatusCode::kFailedPrecondition);
+  std::vector<LowRepack> low;
+  EXPECT_EQ(s.Compact(8, 21, &moves, &low).code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(s.Compact(8, 31, &moves, &low).code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_EQ(s.slot_offset(), 0);
-  ASSERT_TRUE(s.Compact(8, 22, &moves).ok());
+  ASSERT_TRUE(s.Compact(8, 22, &moves, &low).ok());
+  EXPECT_TRUE(low.empty());  // CORM keeps no low entries
   EXPECT_EQ(s.slot_offset(), 8);
   EXPECT_EQ(s.num_slots(), 22);
   for (const SlotMove& m : moves) {
@@ -355,7 +364,9 @@ TEST(SequenceKvPolicyTest, CompactionMovesKeptKeysIntoDenseRunsPerHead) {
   for (int l = 0; l < 2; ++l) {
     for (int h = 0; h < 2; ++h) {
       for (int p = 0; p < 30; ++p) {
-        if (s.state(l, h, p) == SlotState::kFull) EXPECT_EQ(cache[l * 2 + h][s.slot(l, h, p)], p);
+        if (s.state(l, h, p) == SlotState::kFull) {
+          EXPECT_EQ(cache[l * 2 + h][s.slot(l, h, p)], p);
+        }
       }
     }
   }
@@ -363,6 +374,92 @@ TEST(SequenceKvPolicyTest, CompactionMovesKeptKeysIntoDenseRunsPerHead) {
   s.Extend(31);
   for (int l = 0; l < 2; ++l) EXPECT_EQ(s.slot(l, 1, 30), 22);
   EXPECT_EQ(s.num_slots(), 23);
+}
+
+// MiKV's low entries live in the paged cache (kvpolicy/README.md "Low entries in the paged
+// cache"): demoted keys are read from their own full slots until a compaction packs them, per
+// (layer, KV head), into one run right after the head's full run; SlotsNeeded counts the run's
+// slots, and a demotion never raises it. A second compaction repacks the old run's entries with
+// the ones demoted since, in position order.
+TEST(SequenceKvPolicyTest, MikvLowEntriesArePackedAfterEachHeadsFullRun) {
+  KvPolicyConfig c;
+  c.kind = KvPolicyKind::kMikv;
+  c.low_bits = 2;
+  c.sinks = 1;
+  c.recent = 2;
+  c.window = 2;
+  // Width 16: an int2 entry is 4 code bytes + 4 = 8 bytes; a slot region of 16 fp32 is 64 bytes,
+  // so a run holds 8 entries a slot. The V side is narrower: 8 values, entries of 2 + 4 = 6 bytes,
+  // regions of 32 bytes (5 a slot, entries straddle slots): V's run is the longer.
+  std::vector<LayerShape> layers = {{16, 8, false, (16 + 8) * 4, 64, 32}};
+  SequenceKvPolicy s(&c, &layers, /*num_kv_heads=*/1, /*pinned=*/0);
+  s.Extend(30);
+  std::vector<float> k(40 * 16, 1.f);
+  std::vector<int32_t> kept(30);
+  for (int i = 0; i < 30; ++i) kept[i] = i;
+  auto keep_every_third = [&](int64_t len, int32_t hit) {
+    int32_t* last = s.last_hit(0, 0);
+    for (int64_t p = 0; p < len; ++p) last[p] = p % 3 == 0 ? hit : static_cast<int32_t>(p);
+  };
+  keep_every_third(30, 29);
+  s.Apply(0, 0, kept, k.data());
+  // Full: 0, 3, ..., 27 (10) and the recent 28, 29; low: the other 18, unpacked.
+  ASSERT_EQ(s.Counts(0, 0).full, 12);
+  ASSERT_EQ(s.Counts(0, 0).low, 18);
+  for (int p = 0; p < 30; ++p) {
+    if (s.state(0, 0, p) == SlotState::kLow) {
+      EXPECT_EQ(s.low_entry(0, 0, p), -1) << p;
+    }
+  }
+  // Run slots: K ceil(18 x 8 / 64) = 3, V ceil(18 x 6 / 32) = 4.
+  EXPECT_EQ(s.LowRunSlotsOf(0, 18), 4);
+  EXPECT_EQ(s.SlotsNeeded(0), 12 + 4);
+  std::vector<SlotMove> moves;
+  std::vector<LowRepack> low;
+  ASSERT_TRUE(s.Compact(0, 16, &moves, &low).ok());
+  ASSERT_EQ(low.size(), 1u);
+  EXPECT_EQ(low[0].old_entries, 0);
+  EXPECT_EQ(low[0].new_base, 12);
+  EXPECT_EQ(s.low_base(0, 0), 12);
+  ASSERT_EQ(low[0].sources.size(), 18u);
+  int64_t e = 0;
+  for (int p = 0; p < 30; ++p) {
+    if (s.state(0, 0, p) != SlotState::kLow) continue;
+    EXPECT_EQ(low[0].sources[e], -1 - p) << "position " << p << ": its own slot";
+    EXPECT_EQ(s.low_entry(0, 0, p), e++);
+  }
+  // Ten more tokens at slots 30 - 14 = 16, ...; demoting never raises what a compaction needs.
+  s.Extend(40);
+  EXPECT_EQ(s.slot(0, 0, 30), 16);
+  EXPECT_EQ(s.SlotsNeeded(0), 12 + 4 + 10);
+  kept.resize(40);
+  for (int i = 0; i < 40; ++i) kept[i] = i;
+  keep_every_third(40, 39);
+  s.Apply(0, 0, kept, k.data());
+  // Full: 0, 3, ..., 36 (13) and the recent 38, 39: 15; low: the 18 packed, 28 and 29 (recent
+  // before, full in slots 10 and 11), and 31, 32, 34, 35, 37: 25.
+  ASSERT_EQ(s.Counts(0, 0).full, 15);
+  ASSERT_EQ(s.Counts(0, 0).low, 25);
+  EXPECT_EQ(s.LowRunSlotsOf(0, 25), 5);  // V: ceil(25 x 6 / 32)
+  EXPECT_EQ(s.SlotsNeeded(0), 15 + 5);
+  ASSERT_TRUE(s.Compact(0, 20, &moves, &low).ok());
+  ASSERT_EQ(low.size(), 1u);
+  EXPECT_EQ(low[0].old_base, 12);
+  EXPECT_EQ(low[0].old_entries, 18);
+  EXPECT_EQ(low[0].new_base, 15);
+  ASSERT_EQ(low[0].sources.size(), 25u);
+  e = 0;
+  int64_t old = 0;
+  for (int p = 0; p < 40; ++p) {
+    if (s.state(0, 0, p) != SlotState::kLow) continue;
+    // Below 28: packed by the first compaction (its entries 0..17, in order); 28 and 29 from
+    // their full slots 10 and 11; the newer ones from theirs, pos - 14.
+    const int64_t want = p < 28 ? old++ : -1 - (p < 30 ? p - 18 : p - 14);
+    EXPECT_EQ(low[0].sources[e], want) << "position " << p;
+    EXPECT_EQ(s.low_entry(0, 0, p), e++);
+  }
+  for (const SlotMove& m : moves) EXPECT_LT(m.dst, m.src);
+  EXPECT_EQ(s.slot_offset(), 40 - 20);
 }
 
 TEST(KvPolicyStoreTest, PrepareExtendsPinsHitsAndReleaseCounts) {
@@ -405,19 +502,19 @@ TEST(KvPolicyStoreTest, ASessionRequestPinsItsPrompt) {
   std::vector<float> k(40 * 4, 1.f), v(40 * 4, 1.f);
   std::vector<int32_t> kept(20);
   for (int i = 0; i < 20; ++i) kept[i] = i;
-  s->Apply(0, 0, kept, k.data(), v.data());
+  s->Apply(0, 0, kept, k.data());
   EXPECT_EQ(s->Counts(0, 0).full, 20);
   // Ten decode steps later the generated tokens outside the recent window are gone.
   EXPECT_EQ(store.Prepare(7, 20, 30, 20, true), s);
   kept.resize(30);
   for (int i = 0; i < 30; ++i) kept[i] = i;
-  s->Apply(0, 0, kept, k.data(), v.data());
+  s->Apply(0, 0, kept, k.data());
   EXPECT_EQ(s->Counts(0, 0).full, 20 + 2);
   // The same request outside a session keeps only the sink and the recent tokens.
   SequenceKvPolicy* t = store.Prepare(8, 0, 20, 20, /*session=*/false);
   EXPECT_EQ(t->pinned(), 0);
   kept.resize(20);
-  t->Apply(0, 0, kept, k.data(), v.data());
+  t->Apply(0, 0, kept, k.data());
   EXPECT_EQ(t->Counts(0, 0).full, 1 + 2);
 }
 
@@ -446,7 +543,7 @@ TEST(KvPolicyStoreTest, AfterPromptChoosesOnlyOnceThePromptIsDone) {
     hits(a, 0, 16);
     kept.resize(16);
     for (int i = 0; i < 16; ++i) kept[i] = i;
-    a->Apply(0, 0, kept, k.data(), v.data());
+    a->Apply(0, 0, kept, k.data());
     if (mode == KvPolicyPrefill::kAfterPrompt) {
       EXPECT_FALSE(a->choose());
       EXPECT_EQ(a->Counts(0, 0).full, 16);  // nothing chosen before the prompt's end
@@ -464,12 +561,12 @@ TEST(KvPolicyStoreTest, AfterPromptChoosesOnlyOnceThePromptIsDone) {
     }
     EXPECT_TRUE(a->choose());
     hits(a, 16, 32);
-    a->Apply(0, 0, kept, k.data(), v.data());
+    a->Apply(0, 0, kept, k.data());
     SequenceKvPolicy* b = whole.Prepare(1, 0, 32, /*prompt_len=*/32);
     hits(b, 0, 32);
     kept.resize(32);
     for (int i = 0; i < 32; ++i) kept[i] = i;
-    b->Apply(0, 0, kept, k.data(), v.data());
+    b->Apply(0, 0, kept, k.data());
     // Kept: sink 0, position 12 (hit by query 30, one of the last 3), position 29 (a new key
     // counts as hit by its own query), the recent 30 and 31.
     EXPECT_EQ(b->Counts(0, 0).full, 5);

@@ -25,6 +25,7 @@ namespace {
 
 using ::lorc::testing::GoldenPrompts;
 using ::lorc::testing::StatusIs;
+using ::testing::AllOf;
 using ::testing::HasSubstr;
 
 constexpr int32_t kBlockSize = 16;
@@ -566,6 +567,25 @@ INSTANTIATE_TEST_SUITE_P(Modes, KvPolicyPrefillTest,
                                       ? std::string("AfterPrompt")
                                       : std::string("EveryChunk");
                          });
+
+// MiKV's low entries live in the cache slots they replace (kvpolicy/README.md "Low entries in the
+// paged cache"): int4 entries (64 code bytes + 4 per KV head) over an int4 cache (64 bytes) would
+// take more memory than they free, so the load is refused naming the flags; int2 loads.
+TEST(KvPolicyLoadTest, MikvLowEntriesLargerThanTheCacheEntriesAreRefused) {
+  REQUIRE_TINY_LLAMA();
+  auto b = CreateBackend({});
+  ASSERT_OK(b);
+  KvCacheOptions kv = SmallCache();
+  kv.kv_cache_dtype = KvCacheDtype::kInt4;
+  kv.kv_policy.kind = kvpolicy::KvPolicyKind::kMikv;
+  kv.kv_policy.low_bits = 4;
+  EXPECT_THAT(LoadModel({::lorc::testing::TinyLlamaDir()}, b->get(), 0, 1, nullptr, kv).status(),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       AllOf(HasSubstr("--kv-policy-low-bits 4"), HasSubstr("--kv-cache-dtype int4"),
+                             HasSubstr("68 / 68 bytes"))));
+  kv.kv_policy.low_bits = 2;
+  EXPECT_OK(LoadModel({::lorc::testing::TinyLlamaDir()}, b->get(), 0, 1, nullptr, kv).status());
+}
 
 TEST(StepExecutorTensorParallelTest, EveryRankForksIdentically) {
   REQUIRE_TINY_LLAMA();

@@ -1,8 +1,9 @@
 // The CPU backend's side of the token-level KV policies (kvpolicy/, backend.h KvPolicyAttention):
 // gathering the keys a sequence's policy keeps (full-precision slots from the paged cache,
-// low-precision ones from the policy's entries) and the importance statistics from the
-// attention probabilities. Shared by the full-KV path (cpu_backend.cc) and the LoRC latent path
-// (cpu_latent_attention.cc), the reference the CUDA kernels will be checked against.
+// low-precision ones quantized from their slots or read from packed runs), the importance
+// statistics from the attention probabilities, and compaction (moves and runs). Shared by the
+// full-KV path (cpu_backend.cc) and the LoRC latent path (cpu_latent_attention.cc), the
+// reference the CUDA kernels will be checked against.
 #include <algorithm>
 #include <cstring>
 
@@ -49,9 +50,10 @@ int GatherKeptHead(const KvLayer& cache, kvpolicy::SequenceKvPolicy* policy, int
   auto cache_slot = [&](int64_t at) {
     return static_cast<int64_t>(table[at / block_size]) * block_size + at % block_size;
   };
+  // kLow entries (MiKV): one entry's bytes, sized at the first.
   const int bits = policy != nullptr ? policy->config().low_bits : 0;
-  const int64_t kb = kvpolicy::LowEntryBytes(k_width, bits), vb = kvpolicy::LowEntryBytes(v_width, bits);
-  std::vector<uint8_t> ke, ve;  // one low entry's bytes
+  int64_t kb = 0, vb = 0;
+  std::vector<uint8_t> ke, ve;
   std::vector<float> scratch;
   for (int j = 0; j < n; ++j) {
     const int pos = (*kept)[j];
@@ -60,8 +62,13 @@ int GatherKeptHead(const KvLayer& cache, kvpolicy::SequenceKvPolicy* policy, int
     const bool low = state != nullptr && state[pos] == static_cast<uint8_t>(kvpolicy::SlotState::kLow);
     const int64_t e = low ? policy->low_entry(layer, head, pos) : -1;
     const float* balance = low ? policy->balance(layer, head) : nullptr;
-    ke.resize(kb);
-    ve.resize(vb);
+    if (low && ke.empty()) {
+      kb = kvpolicy::LowEntryBytes(k_width, bits);
+      vb = kvpolicy::LowEntryBytes(v_width, bits);
+      ke.resize(kb);
+      ve.resize(vb);
+      scratch.resize(k_width);
+    }
     if (e >= 0) {  // packed by a compaction: read the entry from the head's run
       const int64_t base = policy->low_base(layer, head);
       auto run_slot = [&](int64_t i) { return cache_slot(base + i); };
@@ -76,7 +83,6 @@ int GatherKeptHead(const KvLayer& cache, kvpolicy::SequenceKvPolicy* policy, int
     LoadKvHead(cache, false, slot, head, k_width, kj);
     LoadKvHead(cache, true, slot, head, v_width, vj);
     if (low) {  // demoted, not packed yet: the values its entry will hold
-      scratch.resize(k_width);
       kvpolicy::EncodeLowEntry(kj, k_width, bits, balance, scratch.data(), ke.data());
       kvpolicy::EncodeLowEntry(vj, v_width, bits, nullptr, scratch.data(), ve.data());
       kvpolicy::DecodeLowEntry(ke.data(), k_width, bits, balance, kj);

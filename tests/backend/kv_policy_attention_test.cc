@@ -1,7 +1,7 @@
 // CPU attention under a token-level KV policy (backend.h KvPolicyAttention, kvpolicy/): the
 // full-KV path (DecodeAttention / PrefillAttention) and the LoRC latent path (LatentAttention)
-// read only the slots a sequence's policy keeps (kDead skipped, kLow read from the policy's int4
-// entries) and equal a dense fp64 reference over exactly those entries (tolerance 1e-4 relative,
+// read only the slots a sequence's policy keeps (kDead skipped, kLow read as int4 entries) and
+// equal a dense fp64 reference over exactly those entries (tolerance 1e-4 relative,
 // as the other attention tests); record last_hit where a query gives probability >= 1/t; apply
 // the budget after the step; and never write the paged cache. One batch: a decode, a prefill
 // chunk over a prefix-cache hit (pinned), and a sequence without a policy.

@@ -513,23 +513,21 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
   }
 }
 
-// Whether the bf16 decode of `s` runs on the tensor cores (DecodeMmaKernel): sm_80+, and
-// LORC_DECODE_MMA "1" (always) or unset / other (from kDecodeMmaMinSeqs decodes); "0": never.
-bool UseDecodeMma(const DecodeSchedule& s) {
-  static const int mode = [] {  // 0 never, 1 always, 2 by the rule; once per process
+// Whether the bf16 decodes of a launch run on the tensor cores (DecodeMmaKernel): sm_80+, unless
+// LORC_DECODE_MMA=0 (the CUDA-core kernel, kept for A/B measurements and as the fallback of older
+// GPUs). Read once per process.
+bool UseDecodeMma() {
+  static const bool use = [] {
     int dev = 0, major = 0;
     if (cudaGetDevice(&dev) != cudaSuccess ||
         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
       cudaGetLastError();
-      return 0;
+      return false;
     }
-    if (major < 8) return 0;
     const char* env = std::getenv("LORC_DECODE_MMA");
-    if (env != nullptr && std::strcmp(env, "0") == 0) return 0;
-    if (env != nullptr && std::strcmp(env, "1") == 0) return 1;
-    return 2;
+    return major >= 8 && !(env != nullptr && std::strcmp(env, "0") == 0);
   }();
-  return mode == 1 || (mode == 2 && s.num_decodes >= kDecodeMmaMinSeqs);
+  return use;
 }
 
 // Both decode kernels' grid: enough CTAs for several waves of resident work (`ctas_per_sm` x the
@@ -557,13 +555,15 @@ cudaError_t LaunchMmaStages(const PagedAttentionArgs& a, const DecodeSchedule& s
 
 template <int D>
 cudaError_t LaunchMma(const PagedAttentionArgs& a, const DecodeSchedule& s, cudaStream_t stream) {
-  // Ring stages: kMmaStages (3, 100 KiB a CTA at head_dim 128), or 2 (68 KiB) with
-  // LORC_DECODE_MMA_STAGES=2, an A/B setting: measured faster below 32 decodes and slower at 64
-  // (docs/PERFORMANCE.md "Two ring stages"), parity 13/13, the model's greedy parity not yet run.
-  static const int stages = [] {
+  // Ring stages by the decodes served (kDecodeMmaMinSeqs, attention_paged.cuh): 2 (68 KiB a CTA
+  // at head_dim 128) below it, 3 (100 KiB) from it. LORC_DECODE_MMA_STAGES=2 or 3 forces one
+  // (A/B measurements).
+  static const int forced = [] {
     const char* v = std::getenv("LORC_DECODE_MMA_STAGES");
-    return v != nullptr && std::strcmp(v, "2") == 0 ? 2 : kMmaStages;
+    if (v == nullptr) return 0;
+    return std::strcmp(v, "2") == 0 ? 2 : std::strcmp(v, "3") == 0 ? 3 : 0;
   }();
+  const int stages = forced != 0 ? forced : s.num_decodes >= kDecodeMmaMinSeqs ? 3 : 2;
   return stages == 2 ? LaunchMmaStages<D, 2>(a, s, stream) : LaunchMmaStages<D, 3>(a, s, stream);
 }
 
@@ -604,7 +604,7 @@ cudaError_t LaunchDecodeAttention(const PagedAttentionArgs& a, const DecodeSched
   }
   const int group = a.num_heads / a.num_kv_heads;
   if (s.merge_counters == nullptr) return cudaErrorInvalidValue;
-  if (a.kv_quant == KvQuant::kNone && UseDecodeMma(s)) {
+  if (a.kv_quant == KvQuant::kNone && UseDecodeMma()) {
     return a.head_dim == 64 ? LaunchMma<64>(a, s, stream) : LaunchMma<128>(a, s, stream);
   }
   const cudaError_t e = a.head_dim == 64 ? LaunchPartialForGroup<64>(a, s, group, stream)

@@ -79,28 +79,30 @@ struct DecodeSchedule {
   // and sets the count back to 0. Unused by the latent decode.
   int32_t* merge_counters = nullptr;
   // Host: the decode sequences this launch serves (a captured launch: its batch size). The bf16
-  // decode runs on the tensor cores from kDecodeMmaMinSeqs of them (LaunchDecodeAttention).
+  // decode's tensor-core kernel keeps 3 ring stages from kDecodeMmaMinSeqs of them, 2 below
+  // (LaunchDecodeAttention).
   int32_t num_decodes = 0;
 };
 
-// From this many decode sequences a launch over a bf16 cache takes the tensor-core kernel
-// (attention_decode.cu DecodeMmaKernel), below it the CUDA-core one. Measured on an H200
-// (2026-12-02, 8B shape, docs/PERFORMANCE.md "Tensor-core decode attention"): per layer the
-// tensor-core kernel is faster at every batch (batch 64 x 4k 262 against 407 us), but in the
-// decode step (graphs, PDL) batch 64 gains (x 4k: 13.9 against 18.7 ms) while batch 1 x 4k and
-// batch 8 lose 0.3 ms or vary by up to 1.5 ms; 32 lies between the two measured sides. (That
-// loss is the kernel's 100 KiB of shared memory: with 2 ring stages, LORC_DECODE_MMA_STAGES=2,
-// small batches gain too; "Two ring stages" there: the next default once the model's greedy
-// parity has run with it.) LORC_DECODE_MMA=0 / =1 force either kernel (A/B measurements).
+// From this many decode sequences a launch over a bf16 cache gives the tensor-core decode kernel
+// (attention_decode.cu DecodeMmaKernel) 3 cp.async ring stages a warp (100 KiB of shared memory a
+// CTA at head_dim 128), below it 2 (68 KiB). Measured on an H200 (8B shape, docs/PERFORMANCE.md
+// "Tensor-core decode attention" and "Two ring stages, by batch"): with 3 stages everywhere batch 1
+// and 8 lost up to 1.5 ms a step (the kernel's shared memory keeps the GEMVs around it, overlapped
+// by PDL, off its SMs); 2 stages are as fast as or faster than the CUDA-core kernel at every small
+// batch, and batch 64 x 4k wants the third stage (13.9 against 14.9 ms). 32 lies between the
+// measured sides. LORC_DECODE_MMA_STAGES=2 / =3 force a ring depth; LORC_DECODE_MMA=0 the
+// CUDA-core kernel (A/B measurements; GPUs before sm_80 always take it).
 inline constexpr int kDecodeMmaMinSeqs = 32;
 
 // Decode (q_len 1) for every item of the schedule: one kernel, a CTA per work item and KV head
 // (all query heads of the group at once, so each K/V row is read once): over a bf16 cache with
-// at least kDecodeMmaMinSeqs decodes the tensor-core kernel (4 warps, S and P V on mma.sync,
-// 100 KiB of shared memory at head_dim 128), else the CUDA-core one; of a split sequence, the
-// CTA that finishes its last chunk (for that KV head) merges the chunks (one launch, no merge
-// kernel; schedule.merge_counters must be zero before the launch and are zero after it). cudaErrorInvalidValue for head_dim other than 64/128, a group
-// (num_heads / num_kv_heads) above 8 or not whole, unaligned pointers or strides.
+// sm_80+ the tensor-core kernel (4 warps, S and P V on mma.sync, 2 or 3 ring stages by
+// kDecodeMmaMinSeqs), else the CUDA-core one (quantized caches, LORC_DECODE_MMA=0); of a split
+// sequence, the CTA that finishes its last chunk (for that KV head) merges the chunks (one
+// launch, no merge kernel; schedule.merge_counters must be zero before the launch and are zero
+// after it). cudaErrorInvalidValue for head_dim other than 64/128, a group (num_heads /
+// num_kv_heads) above 8 or not whole, unaligned pointers or strides.
 cudaError_t LaunchDecodeAttention(const PagedAttentionArgs& args, const DecodeSchedule& schedule,
                                   cudaStream_t stream);
 

@@ -18,11 +18,20 @@
 // --prefill: only the bf16 prefill cases: causal prompts of 512 and 4096 tokens, 8 x 512, and
 // chunks of 256 / 512 query tokens after 16k cached tokens (prefix-cache hits; the TFLOP/s count
 // the pairs q_len x (ctx - q_len) + q_len (q_len + 1) / 2).
-// Usage: build/bin/attention_bench [--kv-cache-dtype D | --prefill] (needs a CUDA device).
+// --kv-policy: token-level KV policies (kernels/kv_policy.cuh, issue #17) at contexts 16k and 32k,
+// batch 1, 8 and 64: the paged decode over full KV, then the policy decode with every key kept,
+// with 30 % kept (sinks, the recent 32 and a random 30 % of the rest; the KV bytes it reads
+// fall with it), and the same without recording importance (the statistics' cost is the
+// difference); and CORM's choice over 32 layers x 8 KV heads at a 30 % budget with 64 positions
+// over it a step (the new positions re-marked first: the steady state of one token a step, with
+// margin). Table, then one JSON line.
+// Usage: build/bin/attention_bench [--kv-cache-dtype D | --prefill | --kv-policy] (needs a CUDA
+// device).
 #include <algorithm>
 #include <cstdio>
 #include <cmath>
 #include <functional>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -30,6 +39,7 @@
 #include "backend/cuda_backend.h"
 #include "bench/src/graph_timer.h"
 #include "common/check.h"
+#include "kernels/kv_policy.cuh"
 #include "kernels/kv_quant.h"
 
 namespace lorc {
@@ -203,19 +213,162 @@ int PrefillTable(Backend& be) {
   return 0;
 }
 
+// --kv-policy: one layer's policy decode, `batch` sequences of `ctx` keys, a fraction `kept` of
+// them kFull (sinks 4 and the recent 32 always); cycles over layer caches as Run does.
+double RunPolicy(Backend& be, int batch, int ctx, double kept, bool record_hits) {
+  const int blocks_per_seq = (ctx + kBlock - 1) / kBlock;
+  const int64_t kv_width = kKvHeads * kDim, width = kHeads * kDim;
+  const int64_t layer_bytes = int64_t{batch} * blocks_per_seq * kBlock * kv_width * 2;
+  const int layers = static_cast<int>(std::clamp<int64_t>(kCycleBytes / layer_bytes, 1, 16));
+  DeviceBuffer k = Filled(be, layer_bytes * layers, 0x3c), v = Filled(be, layer_bytes * layers, 0x3c);
+  DeviceBuffer q = Filled(be, int64_t{batch} * width * 2, 0x3c), out = Filled(be, int64_t{batch} * width * 2, 0);
+  std::vector<int32_t> tables(int64_t{batch} * blocks_per_seq);
+  for (size_t i = 0; i < tables.size(); ++i) tables[i] = static_cast<int32_t>(i);
+  DeviceBuffer dtables = Put(be, tables);
+  // States [layers][kv heads][ctx] per sequence: identity slots, last_hit = position.
+  const size_t per_seq = static_cast<size_t>(layers) * kKvHeads * ctx;
+  std::vector<uint8_t> state(per_seq * batch);
+  std::vector<int32_t> slot(per_seq * batch);
+  std::mt19937 rng(1);
+  std::uniform_real_distribution<double> u(0.0, 1.0);
+  for (size_t i = 0; i < state.size(); ++i) {
+    const int p = static_cast<int>(i % ctx);
+    state[i] = p < 4 || p >= ctx - 32 || u(rng) < kept ? kernels::kKvPolicyFull : kernels::kKvPolicyDead;
+    slot[i] = p;
+  }
+  DeviceBuffer dstate = Put(be, state), dslot = Put(be, slot), dlast = Put(be, slot);
+  std::vector<kernels::KvPolicySeq> seqs(batch);
+  for (int s = 0; s < batch; ++s) {
+    seqs[s].state = dstate.as<uint8_t>() + s * per_seq;
+    seqs[s].slot = dslot.as<int32_t>() + s * per_seq;
+    seqs[s].last_hit = dlast.as<int32_t>() + s * per_seq;
+    seqs[s].capacity = ctx;
+    seqs[s].seq_len = ctx;
+  }
+  DeviceBuffer dseqs = Put(be, seqs);
+  auto scratch = be.Allocate(kernels::KvPolicyDecodeScratchBytes(batch, kHeads, kKvHeads, kDim, ctx));
+  CHECK(scratch.ok()) << scratch.status();
+  kernels::KvPolicyDecodeArgs a;
+  a.q = q.as<__nv_bfloat16>();
+  a.q_stride = a.out_stride = width;
+  a.out = out.as<__nv_bfloat16>();
+  a.kv_stride = kv_width;
+  a.block_tables = dtables.as<int32_t>();
+  a.max_blocks = blocks_per_seq;
+  a.block_size = kBlock;
+  a.seqs = dseqs.as<kernels::KvPolicySeq>();
+  a.num_seqs = batch;
+  a.num_heads = kHeads;
+  a.num_kv_heads = kKvHeads;
+  a.head_dim = kDim;
+  a.max_seq_len = ctx;
+  a.scale = 0.08838834764f;
+  a.record_hits = record_hits;
+  a.scratch = scratch->data();
+  const auto stream = static_cast<cudaStream_t>(be.stream_handle());
+  return TimeUs(be, [&](int i) {
+    const int64_t off = (i % layers) * layer_bytes;
+    a.k_cache = reinterpret_cast<const __nv_bfloat16*>(k.as<char>() + off);
+    a.v_cache = reinterpret_cast<const __nv_bfloat16*>(v.as<char>() + off);
+    a.layer = i % layers;
+    CHECK_EQ(kernels::LaunchKvPolicyDecode(a, stream), cudaSuccess);
+  });
+}
+
+// --kv-policy: CORM's choice after one step over `num_layers` x 8 KV heads of `batch` sequences
+// of `ctx` keys at a 30 % budget (window and recent 32, sinks 4), each call preceded by
+// re-marking the last 64 positions kFull (KvPolicyExtend), so that every (layer, head) is over
+// its budget and runs the radix select. Microseconds per step: {extend + choose, extend alone}.
+std::pair<double, double> RunChoose(Backend& be, int batch, int ctx, int num_layers) {
+  const size_t per_seq = static_cast<size_t>(num_layers) * kKvHeads * ctx;
+  std::vector<int32_t> ramp(per_seq);
+  for (size_t i = 0; i < per_seq; ++i) ramp[i] = static_cast<int32_t>(i % ctx);
+  DeviceBuffer dstate = Filled(be, per_seq * batch, kernels::kKvPolicyFull);
+  auto dslot = be.Allocate(per_seq * batch * 4), dlast = be.Allocate(per_seq * batch * 4);
+  CHECK(dslot.ok() && dlast.ok());
+  for (int s = 0; s < batch; ++s) {
+    CHECK_OK(be.CopyToDevice(dslot->as<int32_t>() + s * per_seq, ramp.data(), per_seq * 4));
+    CHECK_OK(be.CopyToDevice(dlast->as<int32_t>() + s * per_seq, ramp.data(), per_seq * 4));
+  }
+  CHECK_OK(be.Synchronize());
+  std::vector<kernels::KvPolicySeq> seqs(batch);
+  for (int s = 0; s < batch; ++s) {
+    seqs[s].state = dstate.as<uint8_t>() + s * per_seq;
+    seqs[s].slot = dslot->as<int32_t>() + s * per_seq;
+    seqs[s].last_hit = dlast->as<int32_t>() + s * per_seq;
+    seqs[s].capacity = ctx;
+    seqs[s].seq_len = ctx;
+    seqs[s].budget = static_cast<int32_t>(std::ceil(0.3 * ctx));
+    seqs[s].extend_from = ctx - 64;
+    seqs[s].choose = 1;
+  }
+  DeviceBuffer dseqs = Put(be, seqs);
+  kernels::KvPolicyChooseArgs c;
+  c.seqs = dseqs.as<kernels::KvPolicySeq>();
+  c.num_seqs = batch;
+  c.num_layers = num_layers;
+  c.num_kv_heads = kKvHeads;
+  c.sinks = 4;
+  c.recent = 32;
+  c.window = 32;
+  const auto stream = static_cast<cudaStream_t>(be.stream_handle());
+  const double both = TimeUs(be, [&](int) {
+    CHECK_EQ(kernels::LaunchKvPolicyExtend(c.seqs, batch, num_layers, kKvHeads, stream), cudaSuccess);
+    CHECK_EQ(kernels::LaunchKvPolicyChoose(c, stream), cudaSuccess);
+  });
+  const double extend = TimeUs(be, [&](int) {
+    CHECK_EQ(kernels::LaunchKvPolicyExtend(c.seqs, batch, num_layers, kKvHeads, stream), cudaSuccess);
+  });
+  return {both, extend};
+}
+
+int PolicyTable(Backend& be) {
+  constexpr int kLayers = 32;
+  std::printf("%s\nToken-level KV policies, Llama-3-8B attention (32 q / 8 kv heads x 128, block_size 16), bf16, "
+              "per layer; kept = sinks 4 + recent 32 + a random share of the rest\n",
+              be.Describe().c_str());
+  std::printf("  batch x ctx   paged us  policy all us  policy 30%% us  30%% no-hits us  hits cost us  "
+              "choose us/step (%d layers)  extend us\n", kLayers);
+  std::string json = "{\"bench\":\"attention_kv_policy\",\"device\":\"" + be.Describe() +
+                     "\",\"heads\":32,\"kv_heads\":8,\"head_dim\":128,\"kept\":0.3,\"layers\":32,\"cases\":[";
+  bool first = true;
+  for (const int ctx : {16384, 32768}) {
+    for (const int batch : {1, 8, 64}) {
+      const double paged = Run(be, batch, ctx, 1, true);
+      const double all = RunPolicy(be, batch, ctx, 1.0, true);
+      const double part = RunPolicy(be, batch, ctx, 0.3, true);
+      const double nohits = RunPolicy(be, batch, ctx, 0.3, false);
+      const auto [choose, extend] = RunChoose(be, batch, ctx, kLayers);
+      std::printf("  %3d x %5d  %9.2f  %13.2f  %13.2f  %14.2f  %12.2f  %25.2f  %9.2f\n", batch, ctx, paged, all, part,
+                  nohits, part - nohits, choose - extend, extend);
+      char buf[320];
+      std::snprintf(buf, sizeof(buf),
+                    "%s{\"batch\":%d,\"ctx\":%d,\"paged_us\":%.2f,\"policy_all_us\":%.2f,\"policy_30_us\":%.2f,"
+                    "\"policy_30_no_hits_us\":%.2f,\"choose_step_us\":%.2f,\"extend_step_us\":%.2f}",
+                    first ? "" : ",", batch, ctx, paged, all, part, nohits, choose - extend, extend);
+      json += buf;
+      first = false;
+    }
+  }
+  std::printf("%s]}\n", json.c_str());
+  return 0;
+}
+
 int Main(int argc, char** argv) {
   std::string dtype;
-  bool prefill_only = false;
+  bool prefill_only = false, policy = false;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     if (arg == "--prefill") {
       prefill_only = true;
+    } else if (arg == "--kv-policy") {
+      policy = true;
     } else if (arg == "--kv-cache-dtype" && i + 1 < argc) {
       dtype = argv[++i];
     } else if (arg.rfind("--kv-cache-dtype=", 0) == 0) {
       dtype = arg.substr(17);
     } else {
-      std::fprintf(stderr, "attention_bench: unknown argument %s (usage: [--kv-cache-dtype bf16|fp8|int8|int4] [--prefill])\n",
+      std::fprintf(stderr, "attention_bench: unknown argument %s (usage: [--kv-cache-dtype bf16|fp8|int8|int4] [--prefill] [--kv-policy])\n",
                    arg.c_str());
       return 2;
     }
@@ -239,6 +392,7 @@ int Main(int argc, char** argv) {
   }
   Backend& be = **made;
   if (prefill_only) return PrefillTable(be);
+  if (policy) return PolicyTable(be);
   if (!dtype.empty()) return DtypeTable(be, dtype == "auto" ? "bf16" : dtype, quant);
   std::printf("%s\nLlama-3-8B attention: %d q / %d kv heads, head_dim %d, block_size %d, bf16\n",
               be.Describe().c_str(), kHeads, kKvHeads, kDim, kBlock);

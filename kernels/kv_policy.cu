@@ -1,0 +1,395 @@
+// Token-level KV policies on the GPU: the policy decode (scores, P V with importance, reduce),
+// the state of new positions and CORM's choice. Interface and algorithms: kv_policy.cuh.
+#include "kernels/kv_policy.cuh"
+
+#include <cuda_bf16.h>
+
+#include <cmath>
+#include <cstdint>
+
+namespace lorc::kernels {
+namespace {
+
+constexpr int kWarps = 4, kThreads = 32 * kWarps;
+constexpr int kMaxGroup = 8;
+
+// The scratch of one launch, carved from KvPolicyDecodeArgs::scratch (256-byte aligned parts).
+struct Scratch {
+  float* scores;    // [num_seqs][num_heads][max_seq_len]
+  float* chunk_ml;  // [num_seqs][num_heads][max_chunks][2]: the chunk's softmax max and sum
+  int32_t* chunk_n; // [num_seqs][num_kv_heads][max_chunks]: kFull keys in the chunk
+  float* partial;   // [num_seqs][max_chunks][num_heads][head_dim]
+  int32_t max_chunks;
+};
+
+size_t Align256(size_t b) { return (b + 255) / 256 * 256; }
+
+Scratch Carve(void* base, int num_seqs, int num_heads, int num_kv_heads, int head_dim, int max_seq_len,
+              size_t* bytes) {
+  const int64_t chunks = (max_seq_len + kKvPolicyChunk - 1) / kKvPolicyChunk;
+  const size_t scores = Align256(sizeof(float) * num_seqs * num_heads * static_cast<size_t>(max_seq_len));
+  const size_t ml = Align256(sizeof(float) * 2 * num_seqs * num_heads * chunks);
+  const size_t n = Align256(sizeof(int32_t) * num_seqs * num_kv_heads * chunks);
+  const size_t partial = Align256(sizeof(float) * num_seqs * chunks * num_heads * static_cast<size_t>(head_dim));
+  *bytes = scores + ml + n + partial;
+  char* p = static_cast<char*>(base);
+  Scratch s;
+  s.scores = reinterpret_cast<float*>(p);
+  s.chunk_ml = reinterpret_cast<float*>(p + scores);
+  s.chunk_n = reinterpret_cast<int32_t*>(p + scores + ml);
+  s.partial = reinterpret_cast<float*>(p + scores + ml + n);
+  s.max_chunks = static_cast<int32_t>(chunks);
+  return s;
+}
+
+// E = head_dim / 32 bf16 values of a row at `p` (lane-contiguous), as fp32.
+template <int E>
+__device__ __forceinline__ void LoadRow(const __nv_bfloat16* p, float (&v)[E]) {
+  if constexpr (E == 4) {
+    const uint2 raw = *reinterpret_cast<const uint2*>(p);
+    const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.x));
+    const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.y));
+    v[0] = a.x; v[1] = a.y; v[2] = b.x; v[3] = b.y;
+  } else {
+    const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
+    v[0] = a.x; v[1] = a.y;
+  }
+}
+
+__device__ __forceinline__ float WarpSum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ int64_t CacheSlot(const int32_t* table, int32_t slot, int32_t block_size) {
+  return static_cast<int64_t>(table[slot / block_size]) * block_size + slot % block_size;
+}
+
+// (1) Scores of one chunk: grid (max_chunks, num_kv_heads, num_seqs). Warp w takes positions
+// p0 + w, p0 + w + 4, ...; lane h < group keeps the online (max, sum) of query head h.
+template <int D>
+__global__ void __launch_bounds__(kThreads) ScoresKernel(KvPolicyDecodeArgs a, Scratch sc) {
+  constexpr int E = D / 32;
+  const int c = blockIdx.x, kvh = blockIdx.y, s = blockIdx.z;
+  const KvPolicySeq seq = a.seqs[s];
+  const int len = seq.seq_len, p0 = c * kKvPolicyChunk;
+  if (p0 >= len) return;
+  const int group = a.num_heads / a.num_kv_heads;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  float q[kMaxGroup][E];
+#pragma unroll
+  for (int h = 0; h < kMaxGroup; ++h) {
+    if (h < group) {
+      LoadRow<E>(a.q + s * a.q_stride + static_cast<int64_t>(kvh * group + h) * D + lane * E, q[h]);
+#pragma unroll
+      for (int e = 0; e < E; ++e) q[h][e] *= a.scale;
+    }
+  }
+  const size_t lh = (static_cast<size_t>(a.layer) * a.num_kv_heads + kvh) * seq.capacity;
+  const uint8_t* state = seq.state + lh;
+  const int32_t* slots = seq.slot + lh;
+  const int32_t* table = a.block_tables + static_cast<int64_t>(s) * a.max_blocks;
+  float* scores = sc.scores + (static_cast<size_t>(s) * a.num_heads + kvh * group) * a.max_seq_len;
+  float m = -INFINITY, l = 0.f;
+  int n = 0;
+  const int end = min(len, p0 + kKvPolicyChunk);
+  for (int p = p0 + warp; p < end; p += kWarps) {
+    if (state[p] != kKvPolicyFull) {
+      if (lane < group) scores[static_cast<size_t>(lane) * a.max_seq_len + p] = -INFINITY;
+      continue;
+    }
+    ++n;
+    float k[E];
+    LoadRow<E>(a.k_cache + CacheSlot(table, slots[p], a.block_size) * a.kv_stride + kvh * D + lane * E, k);
+    float mine = 0.f;
+#pragma unroll
+    for (int h = 0; h < kMaxGroup; ++h) {
+      if (h < group) {
+        float d = 0.f;
+#pragma unroll
+        for (int e = 0; e < E; ++e) d = fmaf(q[h][e], k[e], d);
+        d = WarpSum(d);
+        if (lane == h) mine = d;
+      }
+    }
+    if (lane < group) {
+      scores[static_cast<size_t>(lane) * a.max_seq_len + p] = mine;
+      const float nm = fmaxf(m, mine);
+      l = l * __expf(m - nm) + __expf(mine - nm);
+      m = nm;
+    }
+  }
+  __shared__ float sm_m[kWarps][kMaxGroup], sm_l[kWarps][kMaxGroup];
+  __shared__ int sm_n[kWarps];
+  if (lane < group) {
+    sm_m[warp][lane] = m;
+    sm_l[warp][lane] = l;
+  }
+  if (lane == 0) sm_n[warp] = n;
+  __syncthreads();
+  if (threadIdx.x < group) {
+    const int h = threadIdx.x;
+    float mm = -INFINITY;
+    for (int w = 0; w < kWarps; ++w) mm = fmaxf(mm, sm_m[w][h]);
+    float ll = 0.f;
+    if (mm != -INFINITY) {
+      for (int w = 0; w < kWarps; ++w) ll += sm_l[w][h] * __expf(sm_m[w][h] - mm);
+    }
+    float* ml = sc.chunk_ml + ((static_cast<size_t>(s) * a.num_heads + kvh * group + h) * sc.max_chunks + c) * 2;
+    ml[0] = mm;
+    ml[1] = ll;
+  }
+  if (threadIdx.x == 0) {
+    sc.chunk_n[(static_cast<size_t>(s) * a.num_kv_heads + kvh) * sc.max_chunks + c] =
+        sm_n[0] + sm_n[1] + sm_n[2] + sm_n[3];
+  }
+}
+
+// (2) P V of one chunk with the importance: grid as (1). First the sequence's softmax (max, 1 /
+// sum) per query head of the group and the kept count t, from every chunk's.
+template <int D>
+__global__ void __launch_bounds__(kThreads) PvKernel(KvPolicyDecodeArgs a, Scratch sc) {
+  constexpr int E = D / 32;
+  const int c = blockIdx.x, kvh = blockIdx.y, s = blockIdx.z;
+  const KvPolicySeq seq = a.seqs[s];
+  const int len = seq.seq_len, p0 = c * kKvPolicyChunk;
+  if (p0 >= len) return;
+  const int group = a.num_heads / a.num_kv_heads;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int chunks = (len + kKvPolicyChunk - 1) / kKvPolicyChunk;
+  __shared__ float sm_max[kMaxGroup], sm_inv[kMaxGroup];
+  __shared__ int sm_t;
+  for (int h = warp; h < group; h += kWarps) {
+    const float* ml = sc.chunk_ml + (static_cast<size_t>(s) * a.num_heads + kvh * group + h) * sc.max_chunks * 2;
+    float m = -INFINITY, l = 0.f;
+    for (int i = lane; i < chunks; i += 32) {
+      const float cm = ml[2 * i], cl = ml[2 * i + 1];
+      if (cm == -INFINITY) continue;
+      const float nm = fmaxf(m, cm);
+      l = l * __expf(m - nm) + cl * __expf(cm - nm);
+      m = nm;
+    }
+    float mm = m;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) mm = fmaxf(mm, __shfl_xor_sync(0xffffffffu, mm, o));
+    const float ll = WarpSum(m == -INFINITY ? 0.f : l * __expf(m - mm));
+    if (lane == 0) {
+      sm_max[h] = mm;
+      sm_inv[h] = ll > 0.f ? 1.0f / ll : 0.f;
+    }
+  }
+  if (warp == kWarps - 1) {
+    const int32_t* cn = sc.chunk_n + (static_cast<size_t>(s) * a.num_kv_heads + kvh) * sc.max_chunks;
+    int t = 0;
+    for (int i = lane; i < chunks; i += 32) t += cn[i];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(0xffffffffu, t, o);
+    if (lane == 0) sm_t = t;
+  }
+  __syncthreads();
+  const float threshold = 1.0f / static_cast<float>(max(sm_t, 1));
+  const int32_t query_pos = len - 1;
+  const size_t lh = (static_cast<size_t>(a.layer) * a.num_kv_heads + kvh) * seq.capacity;
+  const uint8_t* state = seq.state + lh;
+  const int32_t* slots = seq.slot + lh;
+  int32_t* last_hit = seq.last_hit + lh;
+  const int32_t* table = a.block_tables + static_cast<int64_t>(s) * a.max_blocks;
+  const float* scores = sc.scores + (static_cast<size_t>(s) * a.num_heads + kvh * group) * a.max_seq_len;
+  float acc[kMaxGroup][E] = {};
+  const int end = min(len, p0 + kKvPolicyChunk);
+  for (int p = p0 + warp; p < end; p += kWarps) {
+    if (state[p] != kKvPolicyFull) continue;
+    float v[E];
+    LoadRow<E>(a.v_cache + CacheSlot(table, slots[p], a.block_size) * a.kv_stride + kvh * D + lane * E, v);
+    bool hit = false;
+#pragma unroll
+    for (int h = 0; h < kMaxGroup; ++h) {
+      if (h < group) {
+        const float pr = __expf(scores[static_cast<size_t>(h) * a.max_seq_len + p] - sm_max[h]) * sm_inv[h];
+        hit |= pr >= threshold;
+#pragma unroll
+        for (int e = 0; e < E; ++e) acc[h][e] = fmaf(pr, v[e], acc[h][e]);
+      }
+    }
+    if (a.record_hits && hit && lane == 0 && last_hit[p] < query_pos) last_hit[p] = query_pos;
+  }
+  // The warps' sums through shared memory: [warp][group][D].
+  __shared__ float sm_acc[kWarps][kMaxGroup][D];
+#pragma unroll
+  for (int h = 0; h < kMaxGroup; ++h) {
+    if (h < group) {
+#pragma unroll
+      for (int e = 0; e < E; ++e) sm_acc[warp][h][lane * E + e] = acc[h][e];
+    }
+  }
+  __syncthreads();
+  float* partial = sc.partial + (static_cast<size_t>(s) * sc.max_chunks + c) * a.num_heads * D;
+  for (int i = threadIdx.x; i < group * D; i += kThreads) {
+    const int h = i / D, d = i % D;
+    const float sum = sm_acc[0][h][d] + sm_acc[1][h][d] + sm_acc[2][h][d] + sm_acc[3][h][d];
+    partial[static_cast<size_t>(kvh * group + h) * D + d] = sum;
+  }
+}
+
+// (3) out = the chunks' partials summed in chunk order: grid (num_heads, num_seqs), D threads.
+template <int D>
+__global__ void __launch_bounds__(D) ReduceKernel(KvPolicyDecodeArgs a, Scratch sc) {
+  const int h = blockIdx.x, s = blockIdx.y, d = threadIdx.x;
+  const int chunks = (a.seqs[s].seq_len + kKvPolicyChunk - 1) / kKvPolicyChunk;
+  const float* partial = sc.partial + static_cast<size_t>(s) * sc.max_chunks * a.num_heads * D +
+                         static_cast<size_t>(h) * D + d;
+  float sum = 0.f;
+  for (int i = 0; i < chunks; ++i) sum += partial[static_cast<size_t>(i) * a.num_heads * D];
+  a.out[s * a.out_stride + static_cast<int64_t>(h) * D + d] = __float2bfloat16(sum);
+}
+
+template <int D>
+cudaError_t LaunchDecode(const KvPolicyDecodeArgs& a, cudaStream_t stream) {
+  size_t bytes = 0;
+  const Scratch sc = Carve(a.scratch, a.num_seqs, a.num_heads, a.num_kv_heads, D, a.max_seq_len, &bytes);
+  const dim3 grid(sc.max_chunks, a.num_kv_heads, a.num_seqs);
+  ScoresKernel<D><<<grid, kThreads, 0, stream>>>(a, sc);
+  PvKernel<D><<<grid, kThreads, 0, stream>>>(a, sc);
+  ReduceKernel<D><<<dim3(a.num_heads, a.num_seqs), D, 0, stream>>>(a, sc);
+  return cudaGetLastError();
+}
+
+__global__ void ExtendKernel(const KvPolicySeq* seqs, int num_kv_heads) {
+  const KvPolicySeq seq = seqs[blockIdx.y];
+  const size_t base = static_cast<size_t>(blockIdx.x) * seq.capacity;  // (layer * heads + head)
+  for (int p = seq.extend_from + threadIdx.x; p < seq.seq_len; p += blockDim.x) {
+    seq.state[base + p] = kKvPolicyFull;
+    seq.last_hit[base + p] = p;
+    seq.slot[base + p] = p - seq.slot_offset;
+  }
+}
+
+// Block-wide sum of one int per thread (blockDim.x == 256).
+__device__ int BlockSumInt(int v, int* shared) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  __syncthreads();
+  if ((threadIdx.x & 31) == 0) shared[threadIdx.x >> 5] = v;
+  __syncthreads();
+  int total = 0;
+  for (int w = 0; w < static_cast<int>(blockDim.x >> 5); ++w) total += shared[w];
+  return total;
+}
+
+constexpr int kChooseThreads = 256;
+
+__global__ void __launch_bounds__(kChooseThreads) ChooseKernel(KvPolicyChooseArgs a) {
+  const KvPolicySeq seq = a.seqs[blockIdx.y];
+  const int lhead = blockIdx.x;  // layer * num_kv_heads + head
+  const size_t base = static_cast<size_t>(lhead) * seq.capacity;
+  uint8_t* state = seq.state + base;
+  const int32_t* last_hit = seq.last_hit + base;
+  const int len = seq.seq_len;
+  __shared__ int red[kChooseThreads / 32];
+  int full = 0;
+  for (int p = threadIdx.x; p < len; p += kChooseThreads) full += state[p] == kKvPolicyFull;
+  __syncthreads();  // counted before any thread marks a victim
+  if (!seq.choose) {
+    full = BlockSumInt(full, red);
+    if (a.full_counts != nullptr && threadIdx.x == 0) {
+      a.full_counts[static_cast<size_t>(blockIdx.y) * gridDim.x + lhead] = full;
+    }
+    return;
+  }
+  const int lo = max(a.sinks, seq.pinned), hi = len - a.recent, oldest = len - a.window;
+  // The w rule, and the survivors the budget may take.
+  int rule = 0, rest = 0;
+  for (int p = max(lo, 0) + threadIdx.x; p < hi; p += kChooseThreads) {
+    if (state[p] != kKvPolicyFull) continue;
+    if (last_hit[p] < oldest) {
+      state[p] = a.victim_state;
+      ++rule;
+    } else {
+      ++rest;
+    }
+  }
+  full = BlockSumInt(full, red);
+  rule = BlockSumInt(rule, red);
+  rest = BlockSumInt(rest, red);
+  int left = full - rule;
+  if (seq.budget >= 0 && left > seq.budget && rest > 0) {
+    const int over = min(left - seq.budget, rest);
+    // The over-th smallest key (last_hit << 24 | p) among the survivors: 8-bit digits from the
+    // highest one a key of this length can have.
+    __shared__ int hist[256];
+    __shared__ unsigned long long sm_prefix;
+    __shared__ int sm_k;
+    const int bits = 24 + (32 - __clz(max(len, 1)));
+    int shift = (bits - 1) / 8 * 8;
+    if (threadIdx.x == 0) {
+      sm_prefix = 0;
+      sm_k = over;
+    }
+    for (; shift >= 0; shift -= 8) {
+      for (int i = threadIdx.x; i < 256; i += kChooseThreads) hist[i] = 0;
+      __syncthreads();
+      const unsigned long long prefix = sm_prefix;
+      for (int p = max(lo, 0) + threadIdx.x; p < hi; p += kChooseThreads) {
+        if (state[p] != kKvPolicyFull) continue;
+        const unsigned long long key = (static_cast<unsigned long long>(last_hit[p]) << 24) | p;
+        if ((key >> (shift + 8)) == (prefix >> (shift + 8))) atomicAdd(&hist[(key >> shift) & 255], 1);
+      }
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        int k = sm_k, d = 0;
+        while (d < 255 && hist[d] < k) k -= hist[d++];
+        sm_k = k;
+        sm_prefix = prefix | (static_cast<unsigned long long>(d) << shift);
+      }
+      __syncthreads();
+    }
+    const unsigned long long cut = sm_prefix;
+    for (int p = max(lo, 0) + threadIdx.x; p < hi; p += kChooseThreads) {
+      if (state[p] != kKvPolicyFull) continue;
+      const unsigned long long key = (static_cast<unsigned long long>(last_hit[p]) << 24) | p;
+      if (key <= cut) state[p] = a.victim_state;
+    }
+    left -= over;
+  }
+  if (a.full_counts != nullptr && threadIdx.x == 0) {
+    a.full_counts[static_cast<size_t>(blockIdx.y) * gridDim.x + lhead] = left;
+  }
+}
+
+}  // namespace
+
+size_t KvPolicyDecodeScratchBytes(int num_seqs, int num_heads, int num_kv_heads, int head_dim,
+                                  int max_seq_len) {
+  size_t bytes = 0;
+  Carve(nullptr, num_seqs, num_heads, num_kv_heads, head_dim, max_seq_len, &bytes);
+  return bytes;
+}
+
+cudaError_t LaunchKvPolicyDecode(const KvPolicyDecodeArgs& a, cudaStream_t stream) {
+  if (a.num_seqs < 1 || a.max_seq_len < 1 || a.num_kv_heads < 1 || a.num_heads % a.num_kv_heads != 0 ||
+      a.num_heads / a.num_kv_heads > kMaxGroup || a.scratch == nullptr || a.seqs == nullptr) {
+    return cudaErrorInvalidValue;
+  }
+  if (a.head_dim == 128) return LaunchDecode<128>(a, stream);
+  if (a.head_dim == 64) return LaunchDecode<64>(a, stream);
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t LaunchKvPolicyExtend(const KvPolicySeq* seqs, int num_seqs, int num_layers, int num_kv_heads,
+                                 cudaStream_t stream) {
+  if (seqs == nullptr || num_seqs < 1 || num_layers < 1 || num_kv_heads < 1) return cudaErrorInvalidValue;
+  ExtendKernel<<<dim3(num_layers * num_kv_heads, num_seqs), 128, 0, stream>>>(seqs, num_kv_heads);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchKvPolicyChoose(const KvPolicyChooseArgs& a, cudaStream_t stream) {
+  if (a.seqs == nullptr || a.num_seqs < 1 || a.num_layers < 1 || a.num_kv_heads < 1 || a.sinks < 0 ||
+      a.recent < 0 || a.window < 1) {
+    return cudaErrorInvalidValue;
+  }
+  ChooseKernel<<<dim3(a.num_layers * a.num_kv_heads, a.num_seqs), kChooseThreads, 0, stream>>>(a);
+  return cudaGetLastError();
+}
+
+}  // namespace lorc::kernels

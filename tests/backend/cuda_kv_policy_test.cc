@@ -1,0 +1,424 @@
+// Parity of the GPU's token-level KV policy kernels (kernels/kv_policy.cuh) with the CPU
+// references: the policy decode against the CPU backend's DecodeAttention under a
+// KvPolicyAttention (the same states, dead keys skipped), its importance against the CPU's
+// last_hit, CORM's choice against kvpolicy::SelectVictims, and the new positions' state against
+// SequenceKvPolicy::Extend.
+// Tolerances: outputs |cuda - cpu| <= 1e-2 * max(1, |cpu|), as the paged attention's parity test
+// (bf16 out; fp32 scores and sums on both sides, in another order). last_hit: equal except where
+// the key's probability (fp64, the largest of its group) is within 1e-3 relative of 1/t, where
+// fp32 rounding may decide either way. The choice: exactly the same states and counts (integer
+// logic). Skipped without a CUDA device.
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "kernels/kv_policy.cuh"
+#include "kvpolicy/sequence_policy.h"
+#include "tests/backend/cuda_parity_fixture.h"
+
+namespace lorc {
+namespace {
+
+using kernels::KvPolicySeq;
+using kvpolicy::KvPolicyConfig;
+using kvpolicy::KvPolicyKind;
+using kvpolicy::SlotState;
+using parity::Get;
+using parity::Put;
+using parity::PutRaw;
+
+float RoundBf16(float x) { return Bf16ToF32(F32ToBf16(x)); }
+
+std::vector<float> RandomBf16(std::mt19937& rng, size_t n, float sigma = 1.f) {
+  std::normal_distribution<float> d(0.f, sigma);
+  std::vector<float> v(n);
+  for (float& x : v) x = RoundBf16(d(rng));
+  return v;
+}
+
+cudaStream_t Stream(Backend& be) { return static_cast<cudaStream_t>(be.stream_handle()); }
+
+// The device copy of some sequences' policy arrays ([layers][kv_heads][capacity] each) and the
+// KvPolicySeq array pointing into them.
+struct DeviceStates {
+  DeviceBuffer state, slot, last_hit, seqs;
+  std::vector<KvPolicySeq> host_seqs;
+  std::vector<size_t> offsets;  // per sequence: its arrays' first position
+  int layers = 0, kv_heads = 0;
+};
+
+DeviceStates Upload(Backend& be, const std::vector<std::vector<uint8_t>>& state,
+                    const std::vector<std::vector<int32_t>>& slot, const std::vector<std::vector<int32_t>>& last_hit,
+                    std::vector<KvPolicySeq> seqs, int layers, int kv_heads) {
+  DeviceStates d;
+  d.layers = layers;
+  d.kv_heads = kv_heads;
+  std::vector<uint8_t> st;
+  std::vector<int32_t> sl, lh;
+  for (size_t s = 0; s < seqs.size(); ++s) {
+    d.offsets.push_back(st.size());
+    st.insert(st.end(), state[s].begin(), state[s].end());
+    sl.insert(sl.end(), slot[s].begin(), slot[s].end());
+    lh.insert(lh.end(), last_hit[s].begin(), last_hit[s].end());
+  }
+  d.state = PutRaw(be, st);
+  d.slot = PutRaw(be, sl);
+  d.last_hit = PutRaw(be, lh);
+  for (size_t s = 0; s < seqs.size(); ++s) {
+    seqs[s].state = d.state.as<uint8_t>() + d.offsets[s];
+    seqs[s].slot = d.slot.as<int32_t>() + d.offsets[s];
+    seqs[s].last_hit = d.last_hit.as<int32_t>() + d.offsets[s];
+  }
+  d.host_seqs = seqs;
+  d.seqs = PutRaw(be, seqs);
+  return d;
+}
+
+template <typename T>
+std::vector<T> GetAll(Backend& be, const DeviceBuffer& b) {
+  std::vector<T> out(b.bytes() / sizeof(T));
+  CHECK_OK(be.CopyToHost(out.data(), b.data(), out.size() * sizeof(T)));
+  CHECK_OK(be.Synchronize());
+  return out;
+}
+
+struct Shape {
+  int heads, kv_heads, hd;
+};
+
+class CudaKvPolicyDecodeTest : public CpuCudaPair<::testing::TestWithParam<Shape>> {};
+
+TEST_P(CudaKvPolicyDecodeTest, MatchesCpuPolicyAttentionAndItsImportance) {
+  const Shape sh = GetParam();
+  const int H = sh.heads, G = sh.kv_heads, D = sh.hd, group = H / G;
+  constexpr int kBs = 16;
+  std::mt19937 rng(17 + D + H);
+  const std::vector<int32_t> lens = {1, 37, 700, 3000, 257};
+  const int S = static_cast<int>(lens.size());
+  const int max_len = *std::max_element(lens.begin(), lens.end());
+  const int max_blocks = (max_len + kBs - 1) / kBs;
+  int num_blocks = 0;
+  for (int len : lens) num_blocks += (len + kBs - 1) / kBs;
+  std::vector<int32_t> perm(num_blocks);
+  std::iota(perm.begin(), perm.end(), 0);
+  std::shuffle(perm.begin(), perm.end(), rng);
+  std::vector<int32_t> tables(static_cast<size_t>(S) * max_blocks, 0), qstart = {0};
+  for (int s = 0, next = 0; s < S; ++s) {
+    for (int b = 0; b < (lens[s] + kBs - 1) / kBs; ++b) tables[s * max_blocks + b] = perm[next++];
+    qstart.push_back(s + 1);
+  }
+  const int64_t kvw = int64_t{G} * D, qw = int64_t{H} * D;
+  const std::vector<float> kc = RandomBf16(rng, static_cast<size_t>(num_blocks) * kBs * kvw);
+  const std::vector<float> vc = RandomBf16(rng, static_cast<size_t>(num_blocks) * kBs * kvw);
+  const std::vector<float> q = RandomBf16(rng, static_cast<size_t>(S) * qw, 1.5f);
+
+  // CPU states: random last_hits, then CORM's choice (30 % budget) marks the dead keys.
+  KvPolicyConfig config;
+  config.kind = KvPolicyKind::kCorm;
+  config.window = 8;
+  config.recent = 8;
+  config.sinks = 4;
+  config.budget_fraction = 0.3;
+  const std::vector<kvpolicy::LayerShape> layers = {{D, D, false, 4 * D}};
+  std::vector<std::unique_ptr<kvpolicy::SequenceKvPolicy>> states;
+  std::vector<kvpolicy::SequenceKvPolicy*> ptrs;
+  for (int s = 0; s < S; ++s) {
+    states.push_back(std::make_unique<kvpolicy::SequenceKvPolicy>(&config, &layers, G, 0));
+    auto& st = *states.back();
+    st.Extend(lens[s]);
+    for (int g = 0; g < G; ++g) {
+      int32_t* lh = st.last_hit(0, g);
+      for (int p = 0; p < lens[s]; ++p) lh[p] = std::uniform_int_distribution<int>(p, lens[s] - 1)(rng);
+      st.Apply(0, g, {}, nullptr);
+    }
+    st.set_choose(false);  // the attention below only records importance
+    ptrs.push_back(&st);
+  }
+  // The device mirror, before the CPU's attention records anything.
+  std::vector<std::vector<uint8_t>> dstate(S);
+  std::vector<std::vector<int32_t>> dslot(S), dlast(S);
+  std::vector<KvPolicySeq> seqs(S);
+  int64_t dead = 0;
+  for (int s = 0; s < S; ++s) {
+    const int cap = lens[s] + 5;  // capacity past the length: strides are capacity, not len
+    dstate[s].assign(static_cast<size_t>(G) * cap, 9);
+    dslot[s].assign(static_cast<size_t>(G) * cap, -7);
+    dlast[s].assign(static_cast<size_t>(G) * cap, -3);
+    for (int g = 0; g < G; ++g) {
+      for (int p = 0; p < lens[s]; ++p) {
+        dstate[s][g * cap + p] = static_cast<uint8_t>(ptrs[s]->state(0, g, p));
+        dslot[s][g * cap + p] = static_cast<int32_t>(ptrs[s]->slot(0, g, p));
+        dlast[s][g * cap + p] = ptrs[s]->last_hit(0, g)[p];
+        dead += ptrs[s]->state(0, g, p) == SlotState::kDead;
+      }
+    }
+    seqs[s].capacity = cap;
+    seqs[s].seq_len = lens[s];
+  }
+  ASSERT_GT(dead, 1000) << "the states must skip keys for the test to mean something";
+  DeviceStates dev = Upload(*cuda_, dstate, dslot, dlast, seqs, 1, G);
+
+  // CPU reference: DecodeAttention under the policy, F32 on the bf16-rounded values.
+  AttentionBatch batch;
+  batch.num_seqs = S;
+  batch.num_tokens = S;
+  batch.max_seq_len = max_len;
+  batch.max_blocks_per_seq = max_blocks;
+  batch.block_size = kBs;
+  batch.query_start = batch.host_query_start = qstart.data();
+  batch.seq_lens = batch.host_seq_lens = lens.data();
+  batch.block_tables = tables.data();
+  auto plan = cpu_->CreateAttentionPlan({S, S, max_blocks});
+  ASSERT_OK(plan);
+  ASSERT_OK(cpu_->PlanAttention(batch, **plan));
+  std::vector<float> kcpu = kc, vcpu = vc, qcpu = q, want(static_cast<size_t>(S) * qw, 0.f);
+  AttentionParams p;
+  p.q = Tensor2D{qcpu.data(), DType::kF32, S, qw, qw};
+  p.out = Tensor2D{want.data(), DType::kF32, S, qw, qw};
+  p.cache = KvLayer{kcpu.data(), vcpu.data(), kvw, kvw, DType::kF32};
+  p.num_heads = H;
+  p.num_kv_heads = G;
+  p.head_dim = D;
+  p.scale = 1.0f / std::sqrt(static_cast<float>(D));
+  p.kv_policy = {ptrs.data(), 0};
+  ASSERT_OK(cpu_->DecodeAttention(p, **plan));
+
+  // GPU.
+  DeviceBuffer dq = Put(*cuda_, q, DType::kBF16), dk = Put(*cuda_, kc, DType::kBF16),
+               dv = Put(*cuda_, vc, DType::kBF16), dt = PutRaw(*cuda_, tables),
+               dout = Put(*cuda_, std::vector<float>(static_cast<size_t>(S) * qw, 7.f), DType::kBF16);
+  auto scratch = cuda_->Allocate(kernels::KvPolicyDecodeScratchBytes(S, H, G, D, max_len));
+  ASSERT_OK(scratch);
+  kernels::KvPolicyDecodeArgs a;
+  a.q = static_cast<const __nv_bfloat16*>(dq.data());
+  a.q_stride = qw;
+  a.out = static_cast<__nv_bfloat16*>(dout.data());
+  a.out_stride = qw;
+  a.k_cache = static_cast<const __nv_bfloat16*>(dk.data());
+  a.v_cache = static_cast<const __nv_bfloat16*>(dv.data());
+  a.kv_stride = kvw;
+  a.block_tables = dt.as<int32_t>();
+  a.max_blocks = max_blocks;
+  a.block_size = kBs;
+  a.seqs = dev.seqs.as<KvPolicySeq>();
+  a.layer = 0;
+  a.num_seqs = S;
+  a.num_heads = H;
+  a.num_kv_heads = G;
+  a.head_dim = D;
+  a.max_seq_len = max_len;
+  a.scale = p.scale;
+  a.scratch = scratch->data();
+  ASSERT_EQ(kernels::LaunchKvPolicyDecode(a, Stream(*cuda_)), cudaSuccess);
+  const std::vector<float> got = Get(*cuda_, dout, DType::kBF16);
+  for (size_t i = 0; i < got.size(); ++i) {
+    ASSERT_NEAR(got[i], want[i], 1e-2 * std::max(1.0f, std::fabs(want[i]))) << "element " << i;
+  }
+
+  // Importance: the GPU's last_hit against the CPU's, near ties (fp64) excused.
+  const std::vector<int32_t> glast = GetAll<int32_t>(*cuda_, dev.last_hit);
+  int64_t hits = 0, ties = 0;
+  for (int s = 0; s < S; ++s) {
+    const int cap = seqs[s].capacity, len = lens[s];
+    for (int g = 0; g < G; ++g) {
+      // fp64 probabilities of the kept keys for the group's query heads.
+      std::vector<int> kept;
+      for (int t = 0; t < len; ++t) {
+        if (ptrs[s]->state(0, g, t) != SlotState::kDead) kept.push_back(t);
+      }
+      std::vector<double> pmax(len, 0.0);
+      for (int h = g * group; h < (g + 1) * group; ++h) {
+        std::vector<double> sc(kept.size());
+        double m = -1e300, sum = 0;
+        for (size_t j = 0; j < kept.size(); ++j) {
+          const int slot = static_cast<int>(ptrs[s]->slot(0, g, kept[j]));
+          const int64_t cs = int64_t{tables[s * max_blocks + slot / kBs]} * kBs + slot % kBs;
+          double d = 0;
+          for (int e = 0; e < D; ++e) d += double{q[s * qw + h * D + e]} * kc[cs * kvw + g * D + e];
+          sc[j] = d * p.scale;
+          m = std::max(m, sc[j]);
+        }
+        for (double x : sc) sum += std::exp(x - m);
+        for (size_t j = 0; j < kept.size(); ++j) pmax[kept[j]] = std::max(pmax[kept[j]], std::exp(sc[j] - m) / sum);
+      }
+      const double t = static_cast<double>(kept.size());
+      for (int pos = 0; pos < len; ++pos) {
+        const int32_t cpu_hit = ptrs[s]->last_hit(0, g)[pos], gpu_hit = glast[dev.offsets[s] + g * cap + pos];
+        hits += cpu_hit == len - 1 && dlast[s][g * cap + pos] != len - 1;
+        if (cpu_hit == gpu_hit) continue;
+        const bool near_tie = std::fabs(pmax[pos] * t - 1.0) < 1e-3;
+        ties += near_tie;
+        EXPECT_TRUE(near_tie) << "seq " << s << " head " << g << " pos " << pos << ": cpu " << cpu_hit << " gpu "
+                              << gpu_hit << " p*t " << pmax[pos] * t;
+      }
+      // Positions past seq_len are never touched.
+      for (int pos = len; pos < cap; ++pos) EXPECT_EQ(glast[dev.offsets[s] + g * cap + pos], -3);
+    }
+  }
+  EXPECT_GT(hits, 100) << "the query must find keys important for the test to mean something";
+  EXPECT_LE(ties, 4);
+
+  // Without record_hits the arrays stay as they are.
+  CHECK_OK(cuda_->CopyToDevice(dev.last_hit.data(), glast.data(), glast.size() * 4));
+  std::vector<int32_t> before = glast;
+  for (int s = 0; s < S; ++s) {  // undo the hits so that a recording run would show
+    for (int g = 0; g < G; ++g) {
+      for (int pos = 0; pos < lens[s]; ++pos) before[dev.offsets[s] + g * seqs[s].capacity + pos] = dlast[s][g * seqs[s].capacity + pos];
+    }
+  }
+  CHECK_OK(cuda_->CopyToDevice(dev.last_hit.data(), before.data(), before.size() * 4));
+  a.record_hits = false;
+  ASSERT_EQ(kernels::LaunchKvPolicyDecode(a, Stream(*cuda_)), cudaSuccess);
+  EXPECT_EQ(GetAll<int32_t>(*cuda_, dev.last_hit), before);
+  const std::vector<float> again = Get(*cuda_, dout, DType::kBF16);
+  EXPECT_EQ(again, got) << "the output does not depend on recording";
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, CudaKvPolicyDecodeTest,
+                         ::testing::Values(Shape{32, 8, 128}, Shape{8, 2, 64}, Shape{16, 2, 128}, Shape{4, 4, 64}),
+                         [](const ::testing::TestParamInfo<Shape>& i) {
+                           return "h" + std::to_string(i.param.heads) + "kv" + std::to_string(i.param.kv_heads) +
+                                  "d" + std::to_string(i.param.hd);
+                         });
+
+class CudaKvPolicyChooseTest : public CpuCudaPair<> {};
+
+// Random states and last_hits (ties included) over lengths 1 .. 70,000 (more radix digits than
+// 2^16 positions), pinned prefixes, and three configurations: budget-free, a count budget and a
+// fraction; one sequence with choose = 0 only counts.
+TEST_F(CudaKvPolicyChooseTest, SameVictimsAsSelectVictims) {
+  std::mt19937 rng(3);
+  const int L = 2, G = 3;
+  const std::vector<int> lens = {1, 9, 40, 300, 1000, 4097, 70000, 513};
+  const std::vector<int> pinned = {0, 0, 16, 0, 100, 0, 5000, 0};
+  for (int cfg = 0; cfg < 3; ++cfg) {
+    KvPolicyConfig c;
+    c.kind = KvPolicyKind::kCorm;
+    c.window = cfg == 1 ? 32 : 8;
+    c.recent = cfg == 2 ? 16 : 4;
+    c.sinks = cfg == 0 ? 4 : 1;
+    if (cfg == 1) c.budget_tokens = 200;
+    if (cfg == 2) c.budget_fraction = 0.3;
+    const int S = static_cast<int>(lens.size());
+    std::vector<std::vector<uint8_t>> st(S), want_st(S);
+    std::vector<std::vector<int32_t>> sl(S), lh(S);
+    std::vector<KvPolicySeq> seqs(S);
+    std::vector<int32_t> want_full;
+    for (int s = 0; s < S; ++s) {
+      const int len = lens[s], cap = len + 3;
+      st[s].assign(static_cast<size_t>(L) * G * cap, 0);
+      sl[s].assign(st[s].size(), 0);
+      lh[s].assign(st[s].size(), 0);
+      for (int lg = 0; lg < L * G; ++lg) {
+        for (int p = 0; p < len; ++p) {
+          st[s][lg * cap + p] = std::uniform_int_distribution<int>(0, 9)(rng) < 2 ? 0 : 1;
+          // Coarse last_hits: many ties, which the budget breaks by position.
+          lh[s][lg * cap + p] = std::min(len - 1, p + 8 * std::uniform_int_distribution<int>(0, std::max(0, (len - p) / 8))(rng));
+        }
+      }
+      seqs[s].capacity = cap;
+      seqs[s].seq_len = len;
+      seqs[s].pinned = pinned[s];
+      seqs[s].budget = c.has_budget() ? static_cast<int32_t>(c.BudgetFor(len)) : -1;
+      seqs[s].choose = s != 3;
+      want_st[s] = st[s];
+      for (int lg = 0; lg < L * G; ++lg) {
+        std::vector<int32_t> victims;
+        if (seqs[s].choose) {
+          kvpolicy::SelectVictims(c, len, pinned[s], st[s].data() + lg * cap, lh[s].data() + lg * cap, &victims);
+        }
+        for (int32_t v : victims) want_st[s][lg * cap + v] = 0;
+        want_full.push_back(static_cast<int32_t>(
+            std::count(want_st[s].begin() + lg * cap, want_st[s].begin() + lg * cap + len, uint8_t{1})));
+      }
+    }
+    DeviceStates dev = Upload(*cuda_, st, sl, lh, seqs, L, G);
+    auto counts = cuda_->Allocate(want_full.size() * 4);
+    ASSERT_OK(counts);
+    kernels::KvPolicyChooseArgs a;
+    a.seqs = dev.seqs.as<KvPolicySeq>();
+    a.num_seqs = S;
+    a.num_layers = L;
+    a.num_kv_heads = G;
+    a.sinks = c.sinks;
+    a.recent = c.recent;
+    a.window = c.window;
+    a.full_counts = static_cast<int32_t*>(counts->data());
+    ASSERT_EQ(kernels::LaunchKvPolicyChoose(a, Stream(*cuda_)), cudaSuccess);
+    const std::vector<uint8_t> got = GetAll<uint8_t>(*cuda_, dev.state);
+    int64_t changed = 0;
+    for (int s = 0; s < S; ++s) {
+      for (size_t i = 0; i < want_st[s].size(); ++i) {
+        ASSERT_EQ(got[dev.offsets[s] + i], want_st[s][i]) << "config " << cfg << " seq " << s << " index " << i;
+        changed += want_st[s][i] != st[s][i];
+      }
+    }
+    EXPECT_GT(changed, 100) << "config " << cfg;
+    std::vector<int32_t> got_full(want_full.size());
+    ASSERT_OK(cuda_->CopyToHost(got_full.data(), counts->data(), got_full.size() * 4));
+    ASSERT_OK(cuda_->Synchronize());
+    EXPECT_EQ(got_full, want_full) << "config " << cfg;
+  }
+}
+
+TEST_F(CudaKvPolicyChooseTest, ExtendMatchesSequenceKvPolicy) {
+  const int L = 3, G = 2;
+  const std::vector<int> from = {0, 40, 7}, lens = {33, 41, 300}, offsets = {0, 16, 5};
+  std::vector<std::vector<uint8_t>> st(3);
+  std::vector<std::vector<int32_t>> sl(3), lh(3);
+  std::vector<KvPolicySeq> seqs(3);
+  for (int s = 0; s < 3; ++s) {
+    const int cap = lens[s] + 2;
+    st[s].assign(static_cast<size_t>(L) * G * cap, 0);
+    sl[s].assign(st[s].size(), -1);
+    lh[s].assign(st[s].size(), -1);
+    seqs[s] = KvPolicySeq{nullptr, nullptr, nullptr, cap, lens[s], 0, -1, offsets[s], from[s], 0};
+  }
+  DeviceStates dev = Upload(*cuda_, st, sl, lh, seqs, L, G);
+  ASSERT_EQ(kernels::LaunchKvPolicyExtend(dev.seqs.as<KvPolicySeq>(), 3, L, G, Stream(*cuda_)), cudaSuccess);
+  const std::vector<uint8_t> gs = GetAll<uint8_t>(*cuda_, dev.state);
+  const std::vector<int32_t> gsl = GetAll<int32_t>(*cuda_, dev.slot), glh = GetAll<int32_t>(*cuda_, dev.last_hit);
+  for (int s = 0; s < 3; ++s) {
+    const int cap = lens[s] + 2;
+    for (int lg = 0; lg < L * G; ++lg) {
+      for (int p = 0; p < cap; ++p) {
+        const size_t i = dev.offsets[s] + lg * cap + p;
+        const bool fresh = p >= from[s] && p < lens[s];
+        EXPECT_EQ(gs[i], fresh ? 1 : 0);
+        EXPECT_EQ(glh[i], fresh ? p : -1);
+        EXPECT_EQ(gsl[i], fresh ? p - offsets[s] : -1);
+      }
+    }
+  }
+}
+
+TEST_F(CudaKvPolicyChooseTest, RejectsWhatItDoesNotImplement) {
+  kernels::KvPolicyDecodeArgs a;
+  a.num_seqs = 1;
+  a.max_seq_len = 4;
+  a.num_heads = 32;
+  a.num_kv_heads = 8;
+  a.head_dim = 96;
+  int dummy = 0;
+  a.scratch = &dummy;
+  a.seqs = reinterpret_cast<const KvPolicySeq*>(&dummy);
+  EXPECT_EQ(kernels::LaunchKvPolicyDecode(a, Stream(*cuda_)), cudaErrorInvalidValue);  // head_dim
+  a.head_dim = 128;
+  a.num_kv_heads = 2;
+  EXPECT_EQ(kernels::LaunchKvPolicyDecode(a, Stream(*cuda_)), cudaErrorInvalidValue);  // group 16
+  a.num_kv_heads = 8;
+  a.scratch = nullptr;
+  EXPECT_EQ(kernels::LaunchKvPolicyDecode(a, Stream(*cuda_)), cudaErrorInvalidValue);
+  kernels::KvPolicyChooseArgs c;
+  c.seqs = a.seqs;
+  c.num_seqs = 1;
+  c.num_layers = 1;
+  c.num_kv_heads = 1;
+  c.window = 0;
+  EXPECT_EQ(kernels::LaunchKvPolicyChoose(c, Stream(*cuda_)), cudaErrorInvalidValue);
+}
+
+}  // namespace
+}  // namespace lorc

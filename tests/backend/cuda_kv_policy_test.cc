@@ -260,15 +260,16 @@ TEST_P(CudaKvPolicyDecodeTest, MatchesCpuPolicyAttentionAndItsImportance) {
   EXPECT_GT(hits, 100) << "the query must find keys important for the test to mean something";
   EXPECT_LE(ties, 4);
 
-  // Without record_hits the arrays stay as they are.
-  CHECK_OK(cuda_->CopyToDevice(dev.last_hit.data(), glast.data(), glast.size() * 4));
+  // Without record_hits the arrays stay as they are: the hits undone first, so that recording
+  // would show.
   std::vector<int32_t> before = glast;
-  for (int s = 0; s < S; ++s) {  // undo the hits so that a recording run would show
+  for (int s = 0; s < S; ++s) {
+    const int cap = seqs[s].capacity;
     for (int g = 0; g < G; ++g) {
-      for (int pos = 0; pos < lens[s]; ++pos) before[dev.offsets[s] + g * seqs[s].capacity + pos] = dlast[s][g * seqs[s].capacity + pos];
+      for (int pos = 0; pos < lens[s]; ++pos) before[dev.offsets[s] + g * cap + pos] = dlast[s][g * cap + pos];
     }
   }
-  CHECK_OK(cuda_->CopyToDevice(dev.last_hit.data(), before.data(), before.size() * 4));
+  ASSERT_OK(cuda_->CopyToDevice(dev.last_hit.data(), before.data(), before.size() * 4));
   a.record_hits = false;
   ASSERT_EQ(kernels::LaunchKvPolicyDecode(a, Stream(*cuda_)), cudaSuccess);
   EXPECT_EQ(GetAll<int32_t>(*cuda_, dev.last_hit), before);

@@ -27,8 +27,9 @@ inline constexpr uint8_t kKvPolicyDead = 0, kKvPolicyFull = 1, kKvPolicyLow = 2;
 
 // One sequence's policy state on the device. Each pointer holds, per (layer, KV head of this
 // rank), `capacity` positions at offset (layer * num_kv_heads + head) * capacity:
-//   state     uint8: kKvPolicyDead / kKvPolicyFull (a kKvPolicyLow key is not read: MiKV on the
-//             GPU is not built yet, and its sequences are refused before they get here);
+//   state     uint8: kKvPolicyDead / kKvPolicyFull (the decode skips a kKvPolicyLow key like a
+//             dead one: MiKV's low entries are not read on the GPU yet, and the CUDA backend
+//             refuses --kv-policy altogether until it uses these kernels);
 //   slot      int32: the cache slot of a kFull key as an index into the sequence's block-table
 //             slots (table[slot / block_size] * block_size + slot % block_size);
 //   last_hit  int32: the latest query position that gave the key probability >= 1/t.

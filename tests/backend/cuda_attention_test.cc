@@ -41,7 +41,7 @@ struct Problem {
   std::vector<float> q, k, v;
 };
 
-float RoundBf16(float x) { return Bf16ToF32(F32ToBf16(x)); }
+using parity::RoundBf16;
 
 Problem MakeProblem(std::mt19937& rng, int heads, int kv_heads, int hd, std::vector<Seq> seqs,
                     int max_blocks = 0) {

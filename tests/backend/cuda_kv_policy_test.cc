@@ -29,7 +29,7 @@ using parity::Get;
 using parity::Put;
 using parity::PutRaw;
 
-float RoundBf16(float x) { return Bf16ToF32(F32ToBf16(x)); }
+using parity::RoundBf16;
 
 std::vector<float> RandomBf16(std::mt19937& rng, size_t n, float sigma = 1.f) {
   std::normal_distribution<float> d(0.f, sigma);

@@ -35,7 +35,7 @@ struct Seq {
   int q_len, seq_len;
 };
 
-float RoundBf16(float x) { return Bf16ToF32(F32ToBf16(x)); }
+using parity::RoundBf16;
 
 // One layer's step on the host: bf16-rounded q, B_K and latents; block tables over shuffled blocks.
 struct Problem {

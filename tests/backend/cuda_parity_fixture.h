@@ -24,6 +24,9 @@ namespace lorc {
 // rounded to nearest even) and read back as F32. CHECK-fails on a backend error (tests only).
 namespace parity {
 
+// x rounded to bf16 (nearest even) and back: the inputs the CPU reference runs in F32.
+inline float RoundBf16(float x) { return Bf16ToF32(F32ToBf16(x)); }
+
 inline DeviceBuffer Put(Backend& be, const std::vector<float>& v, DType d) {
   const size_t n = v.size(), esz = DTypeSize(d);
   auto buf = be.Allocate(std::max<size_t>(1, n) * esz);

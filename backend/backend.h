@@ -45,10 +45,12 @@
 #include "kernels/kv_quant.h"
 #include "kvstore/host_kv_pool.h"
 #include "kvstore/kv_block_manager.h"
+#include "kvstore/kv_spec.h"
 
 namespace lorc {
 namespace kvpolicy {
 class SequenceKvPolicy;  // kvpolicy/sequence_policy.h
+struct KvPolicyConfig;   // kvpolicy/kv_policy_config.h
 }  // namespace kvpolicy
 
 // Token-level KV policy of one attention call (kvpolicy/, issue #17; backends with
@@ -58,7 +60,8 @@ class SequenceKvPolicy;  // kvpolicy/sequence_policy.h
 // takes the causal order over the kept keys (a step's own tokens are always kept), writes
 // last_hit for every key a query gives probability >= 1/t (t: the keys that query attends),
 // and after the step's attention of each (sequence, KV head) applies the policy's choice
-// (SequenceKvPolicy::Apply). The paged cache itself is never written.
+// (SequenceKvPolicy::Apply). The paged cache itself is never written. With device-resident states
+// (Backend::KvPolicyOnDevice) the choice runs in KvPolicyEndStep instead, once per step.
 struct KvPolicyAttention {
   kvpolicy::SequenceKvPolicy* const* seqs = nullptr;
   int32_t layer = 0;  // the model layer (index into the policy's layers)
@@ -449,9 +452,47 @@ class Backend {
   // Whether LatentAttention (and RopeKvWrite with rotate_k false) run here: the model runner
   // refuses a LoRC model at load otherwise (Unimplemented naming the backend).
   virtual bool SupportsLatentAttention() const { return false; }
-  // Whether attention honours AttentionParams / LatentAttentionParams::kv_policy (the CPU
-  // backend; CUDA: not yet). The model runner refuses --kv-policy otherwise.
+  // Whether attention honours AttentionParams / LatentAttentionParams::kv_policy (CPU; CUDA within
+  // CheckKvPolicy's limits). The model runner refuses --kv-policy otherwise.
   virtual bool SupportsKvPolicy() const { return false; }
+  // Whether this backend runs `config` over a cache of `kv_cache_dtype` (`latent`: some layer is a
+  // LoRC latent layer): Unimplemented naming the flag it cannot run. Called at load.
+  virtual absl::Status CheckKvPolicy(const kvpolicy::KvPolicyConfig& config, KvCacheDtype kv_cache_dtype,
+                                     bool latent) const {
+    return SupportsKvPolicy() ? absl::OkStatus()
+                              : absl::UnimplementedError(absl::StrCat(name(), " backend: no token-level KV policies"));
+  }
+
+  // --- device-resident KV policy states (kvpolicy/sequence_policy.h; CUDA) -----------------------
+  // When true the model runner makes its KvPolicyStore device-resident and, per step with a
+  // policy, calls KvPolicyBeginStep after PlanAttention and KvPolicyStore::Prepare (`seqs`: the
+  // plan's batch order), the attention calls, then KvPolicyEndStep after the forward pass;
+  // compactions go through KvPolicyCompact. Attention then reads the device arrays, and the
+  // states' host arrays stay empty.
+  virtual bool KvPolicyOnDevice() const { return false; }
+  // Makes or grows each state's device arrays to its seq_len (new positions kFull, last_hit = the
+  // position, slot = position - slot_offset), and prepares the step's attention over `plan`
+  // (which may be re-planned: prompts of states that have chosen are read through the slot map,
+  // not by the plain paged kernels). ResourceExhausted when the device has no memory for them.
+  virtual absl::Status KvPolicyBeginStep(absl::Span<kvpolicy::SequenceKvPolicy* const> seqs,
+                                         AttentionPlan& plan) {
+    return absl::UnimplementedError(absl::StrCat(name(), " backend: device-resident KV policies"));
+  }
+  // After the forward pass: the policy's choice for every state with choose() (CORM: victims
+  // kDead), then each state's counts (SequenceKvPolicy::SetDeviceCounts, from CompactFrom of the
+  // plan's block_size); synchronizes the stream.
+  virtual absl::Status KvPolicyEndStep(absl::Span<kvpolicy::SequenceKvPolicy* const> seqs) {
+    return absl::UnimplementedError(absl::StrCat(name(), " backend: device-resident KV policies"));
+  }
+  // Compaction of one state from slot `from` (SequenceKvPolicy::Compact's moves, run on the
+  // device): `block_table` (host) is the sequence's table before it. The caller checks the
+  // slots first (SequenceKvPolicy::CheckCompaction) and then marks the state compacted
+  // (MarkCompacted): here the state still holds its slots from before.
+  virtual absl::Status KvPolicyCompact(kvpolicy::SequenceKvPolicy& seq, absl::Span<const KvLayer> layers,
+                                       int32_t block_size, absl::Span<const int32_t> block_table,
+                                       int64_t from) {
+    return absl::UnimplementedError(absl::StrCat(name(), " backend: device-resident KV policies"));
+  }
   // Per layer, for a LoRC layer: latent attention for every sequence of the plan, decode and
   // prefill (see LatentAttentionParams).
   virtual absl::Status LatentAttention(const LatentAttentionParams& p, const AttentionPlan& plan) = 0;

@@ -48,6 +48,8 @@ constexpr int kPrefillMinSplitKeys = 512;
 class CudaAttentionPlan final : public AttentionPlan {
  public:
   absl::Status Plan(Backend& be, const AttentionBatch& b);
+  // Takes batch sequences `seqs` (ascending) out of the prefills the paged kernel runs.
+  absl::Status ExcludePrefills(Backend& be, absl::Span<const int32_t> seqs);
   kernels::DecodeSchedule decode_schedule() const;
   // Tiles of rows / group query tokens (rows: kernels::PrefillTileRows, or kLatentRows for
   // latent attention), not split.
@@ -93,6 +95,24 @@ class CudaAttentionPlan final : public AttentionPlan {
   size_t prefill_offset() const { return merge_offset() + sizeof(kernels::DecodeMergeItem) * limits.max_num_seqs; }
   size_t workspace_bytes() const { return prefill_offset() + sizeof(int32_t) * limits.max_num_seqs; }
 };
+
+absl::Status CudaAttentionPlan::ExcludePrefills(Backend& be, absl::Span<const int32_t> seqs) {
+  auto* counts = reinterpret_cast<int32_t*>(host.data());
+  auto* prefill_seqs = reinterpret_cast<int32_t*>(host.data() + prefill_offset());
+  int32_t kept = 0;
+  prefill_q_lens.clear();
+  prefill_max_seq_len = 0;
+  for (int32_t i = 0; i < counts[2]; ++i) {
+    const int32_t s = prefill_seqs[i];
+    if (std::binary_search(seqs.begin(), seqs.end(), s)) continue;
+    prefill_seqs[kept++] = s;
+    prefill_q_lens.push_back(batch_.host_query_start[s + 1] - batch_.host_query_start[s]);
+    prefill_max_seq_len = std::max(prefill_max_seq_len, batch_.host_seq_lens[s]);
+  }
+  counts[2] = kept;
+  num_prefills_ = kept;
+  return be.CopyToDevice(workspace.data(), host.data(), host.size());
+}
 
 absl::Status CudaAttentionPlan::Plan(Backend& be, const AttentionBatch& b) {
   if (b.num_seqs < 0 || b.num_seqs > limits.max_num_seqs) {
@@ -428,7 +448,12 @@ absl::Status CudaBackend::PlanAttention(const AttentionBatch& batch, AttentionPl
   return static_cast<CudaAttentionPlan&>(plan).Plan(*this, batch);
 }
 
+absl::Status CudaBackend::ExcludePlainPrefills(AttentionPlan& plan, absl::Span<const int32_t> seqs) {
+  return static_cast<CudaAttentionPlan&>(plan).ExcludePrefills(*this, seqs);
+}
+
 absl::Status CudaBackend::DecodeAttention(const AttentionParams& p, const AttentionPlan& plan) {
+  if (p.kv_policy.seqs != nullptr) return KvPolicyAttention(p, plan, /*decode=*/true);  // cuda_kv_policy.cc
   const auto& cp = static_cast<const CudaAttentionPlan&>(plan);
   ASSIGN_OR_RETURN(const kernels::PagedAttentionArgs a, KernelArgs("DecodeAttention", p, plan.batch()));
   cp.kv_heads_hint = p.num_kv_heads;
@@ -468,8 +493,13 @@ absl::Status CudaBackend::PrefillAttention(const AttentionParams& p, const Atten
     return absl::UnimplementedError(absl::StrCat("cuda backend: PrefillAttention: ", group,
                                                  " query heads per KV head not implemented (1, 2, 4 or 8)"));
   }
-  if (cp.num_prefills() == 0) return absl::OkStatus();
-  return CudaError(kernels::LaunchPrefillAttention(a, cp.paged_prefill_schedule(a), stream_), "PrefillAttention");
+  if (cp.num_prefills() > 0) {
+    RETURN_IF_ERROR(
+        CudaError(kernels::LaunchPrefillAttention(a, cp.paged_prefill_schedule(a), stream_), "PrefillAttention"));
+  }
+  // A KV policy's prompt rows (cuda_kv_policy.cc): importance, and the rows read by slot.
+  if (p.kv_policy.seqs != nullptr) return KvPolicyAttention(p, plan, /*decode=*/false);
+  return absl::OkStatus();
 }
 
 }  // namespace lorc::cuda_internal

@@ -53,6 +53,9 @@ class CudaEvent final : public Event {
 // made with the backend (so before any capture); holds the error if cuBLASLt is unusable.
 struct MatmulState;
 std::shared_ptr<MatmulState> NewMatmulState();
+// One step's KV policy lists and buffers (cuda_kv_policy.cc); the deleter frees them.
+struct CudaKvPolicyStep;
+struct CudaKvPolicyStepDeleter { void operator()(CudaKvPolicyStep* s) const; };
 // Sample's workspaces (cuda_sampling.cc); the deleter frees them.
 struct CudaSampler;
 struct CudaSamplerDeleter { void operator()(CudaSampler* s) const; };
@@ -195,6 +198,17 @@ class CudaBackend final : public Backend {
   absl::Status ReserveSampler();
   absl::Status GatherRows(const Tensor2D& x, const int32_t* rows, Tensor2D out) override;
 
+  // Token-level KV policies (cuda_kv_policy.cc; kvpolicy/README.md "On the GPU"): CORM over a
+  // bf16 full-KV cache, states device-resident.
+  bool SupportsKvPolicy() const override { return true; }
+  absl::Status CheckKvPolicy(const kvpolicy::KvPolicyConfig& config, KvCacheDtype kv_cache_dtype,
+                             bool latent) const override;
+  bool KvPolicyOnDevice() const override { return true; }
+  absl::Status KvPolicyBeginStep(absl::Span<kvpolicy::SequenceKvPolicy* const> seqs, AttentionPlan& plan) override;
+  absl::Status KvPolicyEndStep(absl::Span<kvpolicy::SequenceKvPolicy* const> seqs) override;
+  absl::Status KvPolicyCompact(kvpolicy::SequenceKvPolicy& seq, absl::Span<const KvLayer> layers, int32_t block_size,
+                               absl::Span<const int32_t> block_table, int64_t from) override;
+
   // One device-to-device copy per (pair, layer, K/V) for now; a single batched kernel later.
   absl::Status CopyBlocks(absl::Span<const KvLayer> layers, int32_t block_size, int32_t num_blocks,
                           absl::Span<const BlockCopy> copies) override {
@@ -236,6 +250,13 @@ class CudaBackend final : public Backend {
   bool capturing_ = false;
   std::shared_ptr<MatmulState> matmul_ = NewMatmulState();  // cuda_matmul.cc
   std::unique_ptr<CudaSampler, CudaSamplerDeleter> sampler_;  // cuda_sampling.cc, ReserveSampler
+  // cuda_kv_policy.cc: the step's policy entries (made by KvPolicyBeginStep), and the policy
+  // decode over the decode (`decode`) or prompt entries of the layer of p.kv_policy.
+  std::unique_ptr<CudaKvPolicyStep, CudaKvPolicyStepDeleter> kv_policy_step_;
+  absl::Status KvPolicyAttention(const AttentionParams& p, const AttentionPlan& plan, bool decode);
+  // cuda_attention.cc: takes batch sequences `seqs` (ascending) out of the plan's prefills (the
+  // plain paged prefill kernel skips them; KV policy prompts read through the slot map).
+  absl::Status ExcludePlainPrefills(AttentionPlan& plan, absl::Span<const int32_t> seqs);
   // Host KV tier (cuda_host_kv.cc), made on first use: the copy stream, an event marking the
   // compute stream's end when a transfer is enqueued, an event after the last transfer; whether
   // stream_ / the host have waited for that last event yet.

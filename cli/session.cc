@@ -244,13 +244,21 @@ absl::StatusOr<kvpolicy::KvPolicyConfig> ParseKvPolicyFlags(const Args& args) {
     }
   }
   RETURN_IF_ERROR(kvpolicy::ValidateKvPolicyConfig(c));
-  // Known before any model loads: the CUDA backend refuses policies at load (ModelRunner), after
-  // the device and the weights; say so at once. (Remote workers' backends are theirs: they refuse
-  // at LoadModel, naming the flag.)
+  // Known before any model loads: what the CUDA backend refuses at load (ModelRunner,
+  // CudaBackend::CheckKvPolicy), after the device and the weights; say so at once. (Remote
+  // workers' backends are theirs: they refuse at LoadModel, naming the flag.)
   if (c.enabled() && args.Get("backend", "cpu") == "cuda") {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "--kv-policy ", kvpolicy::KvPolicyKindName(c.kind),
-        ": the cuda backend does not implement token-level KV policies yet (--backend cpu does)"));
+    if (c.kind != kvpolicy::KvPolicyKind::kCorm) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--kv-policy ", kvpolicy::KvPolicyKindName(c.kind),
+          ": the cuda backend runs corm only so far (MiKV's low-precision entries are not read by its "
+          "kernels yet; --backend cpu runs it)"));
+    }
+    const std::string dtype = args.Get("kv-cache-dtype", "auto");
+    if (dtype != "auto" && dtype != "bf16") {
+      return absl::InvalidArgumentError(absl::StrCat("--kv-policy with --kv-cache-dtype ", dtype,
+                                                     ": the cuda backend's policy kernels read a bf16 cache only so far"));
+    }
   }
   return c;
 }

@@ -11,6 +11,9 @@ namespace lorc::kernels {
 namespace {
 
 constexpr int kWarps = 4, kThreads = 32 * kWarps;
+// Slots a warp of the policy decode works on at once (their loads in flight together): the
+// decode is latency-bound, a dependent chain pos -> state -> block table -> row per key.
+constexpr int kInFlight = 4;
 constexpr int kMaxGroup = 8;
 
 // The scratch of one launch, carved from KvPolicyDecodeArgs::scratch (256-byte aligned parts).
@@ -62,8 +65,32 @@ __device__ __forceinline__ float WarpSum(float v) {
   return v;
 }
 
+// The entry's query / output row and block-table row (KvPolicySeq::q_row, table_row; -1: `s`).
+__device__ __forceinline__ int64_t QRow(const KvPolicySeq& seq, int s) { return seq.q_row < 0 ? s : seq.q_row; }
+__device__ __forceinline__ int64_t TableRow(const KvPolicySeq& seq, int s) {
+  return seq.table_row < 0 ? s : seq.table_row;
+}
+
 __device__ __forceinline__ int64_t CacheSlot(const int32_t* table, int32_t slot, int32_t block_size) {
   return static_cast<int64_t>(table[slot / block_size]) * block_size + slot % block_size;
+}
+
+// The kInFlight slots from `b` of one (sequence, KV head): their positions (-1 for none, or past
+// `end`), whether each holds a kept key, and those keys' rows of `cache` (this lane's D / 32
+// values), the loads issued together.
+template <int D, int E = D / 32>
+__device__ __forceinline__ void LoadKeptRows(const KvPolicyDecodeArgs& a, const __nv_bfloat16* cache,
+                                             const int32_t* pos, const uint8_t* state, const int32_t* table,
+                                             int kvh, int lane, int b, int end, int (&kp)[kInFlight],
+                                             bool (&live)[kInFlight], float (&rows)[kInFlight][E]) {
+#pragma unroll
+  for (int u = 0; u < kInFlight; ++u) kp[u] = b + u < end ? pos[b + u] : -1;
+#pragma unroll
+  for (int u = 0; u < kInFlight; ++u) live[u] = kp[u] >= 0 && state[kp[u]] == kKvPolicyFull;
+#pragma unroll
+  for (int u = 0; u < kInFlight; ++u) {
+    if (live[u]) LoadRow<E>(cache + CacheSlot(table, b + u, a.block_size) * a.kv_stride + kvh * D + lane * E, rows[u]);
+  }
 }
 
 // (1) Scores of one chunk: grid (max_chunks, num_kv_heads, num_seqs). Warp w takes positions
@@ -73,7 +100,7 @@ __global__ void __launch_bounds__(kThreads) ScoresKernel(KvPolicyDecodeArgs a, S
   constexpr int E = D / 32;
   const int c = blockIdx.x, kvh = blockIdx.y, s = blockIdx.z;
   const KvPolicySeq seq = a.seqs[s];
-  const int len = seq.seq_len, p0 = c * kKvPolicyChunk;
+  const int len = seq.seq_len - seq.slot_offset, p0 = c * kKvPolicyChunk;  // slots
   if (p0 >= len) return;
   const int group = a.num_heads / a.num_kv_heads;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -81,43 +108,66 @@ __global__ void __launch_bounds__(kThreads) ScoresKernel(KvPolicyDecodeArgs a, S
 #pragma unroll
   for (int h = 0; h < kMaxGroup; ++h) {
     if (h < group) {
-      LoadRow<E>(a.q + s * a.q_stride + static_cast<int64_t>(kvh * group + h) * D + lane * E, q[h]);
+      LoadRow<E>(a.q + QRow(seq, s) * a.q_stride + static_cast<int64_t>(kvh * group + h) * D + lane * E, q[h]);
 #pragma unroll
       for (int e = 0; e < E; ++e) q[h][e] *= a.scale;
     }
   }
   const size_t lh = (static_cast<size_t>(a.layer) * a.num_kv_heads + kvh) * seq.capacity;
   const uint8_t* state = seq.state + lh;
-  const int32_t* slots = seq.slot + lh;
-  const int32_t* table = a.block_tables + static_cast<int64_t>(s) * a.max_blocks;
+  const int32_t* pos = seq.pos + lh;
+  const int32_t* table = a.block_tables + TableRow(seq, s) * a.max_blocks;
   float* scores = sc.scores + (static_cast<size_t>(s) * a.num_heads + kvh * group) * a.max_seq_len;
   float m = -INFINITY, l = 0.f;
   int n = 0;
   const int end = min(len, p0 + kKvPolicyChunk);
-  for (int p = p0 + warp; p < end; p += kWarps) {
-    if (state[p] != kKvPolicyFull) {
-      if (lane < group) scores[static_cast<size_t>(lane) * a.max_seq_len + p] = -INFINITY;
-      continue;
-    }
-    ++n;
-    float k[E];
-    LoadRow<E>(a.k_cache + CacheSlot(table, slots[p], a.block_size) * a.kv_stride + kvh * D + lane * E, k);
-    float mine = 0.f;
+  // A warp takes kInFlight consecutive slots at a time (p: a slot; pos -1: no key there): their
+  // loads issued together, the dot products' reductions interleaved.
+  for (int b = p0 + warp * kInFlight; b < end; b += kWarps * kInFlight) {
+    int kp[kInFlight];
+    bool live[kInFlight];
+    float k[kInFlight][E];
+    LoadKeptRows<D>(a, a.k_cache, pos, state, table, kvh, lane, b, end, kp, live, k);
+    float d[kInFlight][kMaxGroup];
 #pragma unroll
-    for (int h = 0; h < kMaxGroup; ++h) {
-      if (h < group) {
-        float d = 0.f;
+    for (int u = 0; u < kInFlight; ++u) {
 #pragma unroll
-        for (int e = 0; e < E; ++e) d = fmaf(q[h][e], k[e], d);
-        d = WarpSum(d);
-        if (lane == h) mine = d;
+      for (int h = 0; h < kMaxGroup; ++h) {
+        d[u][h] = 0.f;
+        if (h < group && live[u]) {
+#pragma unroll
+          for (int e = 0; e < E; ++e) d[u][h] = fmaf(q[h][e], k[u][e], d[u][h]);
+        }
       }
     }
-    if (lane < group) {
-      scores[static_cast<size_t>(lane) * a.max_seq_len + p] = mine;
-      const float nm = fmaxf(m, mine);
-      l = l * __expf(m - nm) + __expf(mine - nm);
-      m = nm;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+#pragma unroll
+      for (int u = 0; u < kInFlight; ++u) {
+#pragma unroll
+        for (int h = 0; h < kMaxGroup; ++h) {
+          if (h < group) d[u][h] += __shfl_xor_sync(0xffffffffu, d[u][h], o);
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u) {
+      const int p = b + u;
+      if (p >= end) continue;
+      float mine = -INFINITY;
+#pragma unroll
+      for (int h = 0; h < kMaxGroup; ++h) {
+        if (h < group && lane == h && live[u]) mine = d[u][h];
+      }
+      n += live[u];
+      if (lane < group) {
+        scores[static_cast<size_t>(lane) * a.max_seq_len + p] = mine;
+        if (live[u]) {
+          const float nm = fmaxf(m, mine);
+          l = l * __expf(m - nm) + __expf(mine - nm);
+          m = nm;
+        }
+      }
     }
   }
   __shared__ float sm_m[kWarps][kMaxGroup], sm_l[kWarps][kMaxGroup];
@@ -153,7 +203,7 @@ __global__ void __launch_bounds__(kThreads) PvKernel(KvPolicyDecodeArgs a, Scrat
   constexpr int E = D / 32;
   const int c = blockIdx.x, kvh = blockIdx.y, s = blockIdx.z;
   const KvPolicySeq seq = a.seqs[s];
-  const int len = seq.seq_len, p0 = c * kKvPolicyChunk;
+  const int len = seq.seq_len - seq.slot_offset, p0 = c * kKvPolicyChunk;  // slots
   if (p0 >= len) return;
   const int group = a.num_heads / a.num_kv_heads;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -189,30 +239,38 @@ __global__ void __launch_bounds__(kThreads) PvKernel(KvPolicyDecodeArgs a, Scrat
   }
   __syncthreads();
   const float threshold = 1.0f / static_cast<float>(max(sm_t, 1));
-  const int32_t query_pos = len - 1;
+  const int32_t query_pos = seq.seq_len - 1;
   const size_t lh = (static_cast<size_t>(a.layer) * a.num_kv_heads + kvh) * seq.capacity;
   const uint8_t* state = seq.state + lh;
-  const int32_t* slots = seq.slot + lh;
+  const int32_t* pos = seq.pos + lh;
   int32_t* last_hit = seq.last_hit + lh;
-  const int32_t* table = a.block_tables + static_cast<int64_t>(s) * a.max_blocks;
+  const int32_t* table = a.block_tables + TableRow(seq, s) * a.max_blocks;
   const float* scores = sc.scores + (static_cast<size_t>(s) * a.num_heads + kvh * group) * a.max_seq_len;
   float acc[kMaxGroup][E] = {};
   const int end = min(len, p0 + kKvPolicyChunk);
-  for (int p = p0 + warp; p < end; p += kWarps) {
-    if (state[p] != kKvPolicyFull) continue;
-    float v[E];
-    LoadRow<E>(a.v_cache + CacheSlot(table, slots[p], a.block_size) * a.kv_stride + kvh * D + lane * E, v);
-    bool hit = false;
+  // As the scores: kInFlight consecutive slots per warp at a time (p: a slot, kp its position).
+  for (int b = p0 + warp * kInFlight; b < end; b += kWarps * kInFlight) {
+    int kp[kInFlight];
+    bool live[kInFlight];
+    float v[kInFlight][E];
+    LoadKeptRows<D>(a, a.v_cache, pos, state, table, kvh, lane, b, end, kp, live, v);
 #pragma unroll
-    for (int h = 0; h < kMaxGroup; ++h) {
-      if (h < group) {
-        const float pr = __expf(scores[static_cast<size_t>(h) * a.max_seq_len + p] - sm_max[h]) * sm_inv[h];
-        hit |= pr >= threshold;
+    for (int u = 0; u < kInFlight; ++u) {
+      if (!live[u]) continue;
+      const int p = b + u;
+      bool hit = false;
 #pragma unroll
-        for (int e = 0; e < E; ++e) acc[h][e] = fmaf(pr, v[e], acc[h][e]);
+      for (int h = 0; h < kMaxGroup; ++h) {
+        if (h < group) {
+          const float pr = __expf(scores[static_cast<size_t>(h) * a.max_seq_len + p] - sm_max[h]) * sm_inv[h];
+          hit |= pr >= threshold;
+#pragma unroll
+          for (int e = 0; e < E; ++e) acc[h][e] = fmaf(pr, v[u][e], acc[h][e]);
+        }
       }
+      // atomicMax: several entries may be query rows of one sequence (KvPolicySeq::q_row).
+      if (a.record_hits && hit && lane == 0 && last_hit[kp[u]] < query_pos) atomicMax(&last_hit[kp[u]], query_pos);
     }
-    if (a.record_hits && hit && lane == 0 && last_hit[p] < query_pos) last_hit[p] = query_pos;
   }
   // The warps' sums through shared memory: [warp][group][D].
   __shared__ float sm_acc[kWarps][kMaxGroup][D];
@@ -236,12 +294,14 @@ __global__ void __launch_bounds__(kThreads) PvKernel(KvPolicyDecodeArgs a, Scrat
 template <int D>
 __global__ void __launch_bounds__(D) ReduceKernel(KvPolicyDecodeArgs a, Scratch sc) {
   const int h = blockIdx.x, s = blockIdx.y, d = threadIdx.x;
-  const int chunks = (a.seqs[s].seq_len + kKvPolicyChunk - 1) / kKvPolicyChunk;
+  const KvPolicySeq& seq = a.seqs[s];
+  if (seq.no_out) return;
+  const int chunks = (seq.seq_len - seq.slot_offset + kKvPolicyChunk - 1) / kKvPolicyChunk;
   const float* partial = sc.partial + static_cast<size_t>(s) * sc.max_chunks * a.num_heads * D +
                          static_cast<size_t>(h) * D + d;
   float sum = 0.f;
   for (int i = 0; i < chunks; ++i) sum += partial[static_cast<size_t>(i) * a.num_heads * D];
-  a.out[s * a.out_stride + static_cast<int64_t>(h) * D + d] = __float2bfloat16(sum);
+  a.out[QRow(seq, s) * a.out_stride + static_cast<int64_t>(h) * D + d] = __float2bfloat16(sum);
 }
 
 template <int D>
@@ -262,6 +322,7 @@ __global__ void ExtendKernel(const KvPolicySeq* seqs, int num_kv_heads) {
     seq.state[base + p] = kKvPolicyFull;
     seq.last_hit[base + p] = p;
     seq.slot[base + p] = p - seq.slot_offset;
+    seq.pos[base + p - seq.slot_offset] = p;
   }
 }
 
@@ -279,6 +340,13 @@ __device__ int BlockSumInt(int v, int* shared) {
 
 constexpr int kChooseThreads = 256;
 
+// This thread's share of the kFull keys at positions [from, len).
+__device__ __forceinline__ int CountFullFrom(const uint8_t* state, int from, int len) {
+  int n = 0;
+  for (int p = max(from, 0) + threadIdx.x; p < len; p += blockDim.x) n += state[p] == kKvPolicyFull;
+  return n;
+}
+
 __global__ void __launch_bounds__(kChooseThreads) ChooseKernel(KvPolicyChooseArgs a) {
   const KvPolicySeq seq = a.seqs[blockIdx.y];
   const int lhead = blockIdx.x;  // layer * num_kv_heads + head
@@ -290,10 +358,13 @@ __global__ void __launch_bounds__(kChooseThreads) ChooseKernel(KvPolicyChooseArg
   int full = 0;
   for (int p = threadIdx.x; p < len; p += kChooseThreads) full += state[p] == kKvPolicyFull;
   __syncthreads();  // counted before any thread marks a victim
+  const size_t out_at = static_cast<size_t>(blockIdx.y) * gridDim.x + lhead;
   if (!seq.choose) {
     full = BlockSumInt(full, red);
-    if (a.full_counts != nullptr && threadIdx.x == 0) {
-      a.full_counts[static_cast<size_t>(blockIdx.y) * gridDim.x + lhead] = full;
+    if (a.full_counts != nullptr && threadIdx.x == 0) a.full_counts[out_at] = full;
+    if (a.from_counts != nullptr) {
+      const int n = BlockSumInt(CountFullFrom(state, seq.count_from, len), red);
+      if (threadIdx.x == 0) a.from_counts[out_at] = n;
     }
     return;
   }
@@ -352,9 +423,83 @@ __global__ void __launch_bounds__(kChooseThreads) ChooseKernel(KvPolicyChooseArg
     }
     left -= over;
   }
-  if (a.full_counts != nullptr && threadIdx.x == 0) {
-    a.full_counts[static_cast<size_t>(blockIdx.y) * gridDim.x + lhead] = left;
+  if (a.full_counts != nullptr && threadIdx.x == 0) a.full_counts[out_at] = left;
+  if (a.from_counts != nullptr) {
+    __syncthreads();  // every victim marked
+    const int n = BlockSumInt(CountFullFrom(state, seq.count_from, len), red);
+    if (threadIdx.x == 0) a.from_counts[out_at] = n;
   }
+}
+
+// Compaction: one CTA of kCompactThreads per (layer, head); chunks of kCompactChunk positions,
+// kCompactThreads / kCompactChunk threads per key row (each a slice of its K and V rows).
+constexpr int kCompactThreads = 256, kCompactChunk = 64, kCompactParts = kCompactThreads / kCompactChunk;
+
+template <int D>
+__global__ void __launch_bounds__(kCompactThreads) CompactKernel(KvPolicyCompactArgs a) {
+  constexpr int kVecs = D * 2 / 16 / kCompactParts;  // uint4 per thread and side
+  const KvPolicySeq seq = *a.seq;
+  const int lhead = blockIdx.x, layer = lhead / a.num_kv_heads, head = lhead % a.num_kv_heads;
+  const size_t base = static_cast<size_t>(lhead) * seq.capacity;
+  const uint8_t* state = seq.state + base;
+  int32_t* slot = seq.slot + base;
+  int32_t* pos = seq.pos + base;
+  __nv_bfloat16* kc = a.k_layers[layer];
+  __nv_bfloat16* vc = a.v_layers[layer];
+  const int key = threadIdx.x / kCompactParts, part = threadIdx.x % kCompactParts;
+  __shared__ int sm_rank[kCompactChunk];  // a position's rank among the chunk's kept keys, or -1
+  __shared__ int sm_count[kCompactChunk / 32];
+  int next = a.from;  // the next destination slot
+  for (int p0 = a.from; p0 < seq.seq_len; p0 += kCompactChunk) {
+    if (threadIdx.x < kCompactChunk) {  // two whole warps: ballots
+      const int p = p0 + threadIdx.x, lane = threadIdx.x & 31;
+      const bool keep = p < seq.seq_len && state[p] == kKvPolicyFull;
+      const unsigned bal = __ballot_sync(0xffffffffu, keep);
+      if (lane == 0) sm_count[threadIdx.x >> 5] = __popc(bal);
+      sm_rank[threadIdx.x] = keep ? __popc(bal & ((1u << lane) - 1u)) : -1;
+    }
+    __syncthreads();
+    int rank = sm_rank[key];
+    if (rank >= 0 && key >= 32) rank += sm_count[0];
+    const int total = sm_count[0] + sm_count[1];
+    // Read this thread's slice of its key's rows, then (after every read) write it.
+    const int p = p0 + key;
+    uint4 kv[2][kVecs];
+    int64_t src = -1, dst = -1;
+    if (rank >= 0) {
+      const int32_t s_old = slot[p], s_new = next + rank;
+      if (s_old != s_new) {
+        src = CacheSlot(a.block_table, s_old, a.block_size) * a.kv_stride + static_cast<int64_t>(head) * D;
+        dst = CacheSlot(a.block_table, s_new, a.block_size) * a.kv_stride + static_cast<int64_t>(head) * D;
+        const uint4* ks = reinterpret_cast<const uint4*>(kc + src) + part * kVecs;
+        const uint4* vs = reinterpret_cast<const uint4*>(vc + src) + part * kVecs;
+#pragma unroll
+        for (int i = 0; i < kVecs; ++i) {
+          kv[0][i] = ks[i];
+          kv[1][i] = vs[i];
+        }
+      }
+    }
+    __syncthreads();  // every read of the chunk done
+    if (dst >= 0) {
+      uint4* kd = reinterpret_cast<uint4*>(kc + dst) + part * kVecs;
+      uint4* vd = reinterpret_cast<uint4*>(vc + dst) + part * kVecs;
+#pragma unroll
+      for (int i = 0; i < kVecs; ++i) {
+        kd[i] = kv[0][i];
+        vd[i] = kv[1][i];
+      }
+      if (part == 0) {
+        slot[p] = next + rank;
+        pos[next + rank] = p;
+      }
+    }
+    next += total;
+    __syncthreads();  // the chunk's writes before the next chunk's reads; sm_* reused
+  }
+  // The slots past this head's run held keys that moved down or died: no key there now (a head
+  // keeping fewer keys than the longest run leaves such slots below the new slot count).
+  for (int s = next + static_cast<int>(threadIdx.x); s < a.old_slots; s += kCompactThreads) pos[s] = -1;
 }
 
 }  // namespace
@@ -380,6 +525,23 @@ cudaError_t LaunchKvPolicyExtend(const KvPolicySeq* seqs, int num_seqs, int num_
                                  cudaStream_t stream) {
   if (seqs == nullptr || num_seqs < 1 || num_layers < 1 || num_kv_heads < 1) return cudaErrorInvalidValue;
   ExtendKernel<<<dim3(num_layers * num_kv_heads, num_seqs), 128, 0, stream>>>(seqs, num_kv_heads);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchKvPolicyCompact(const KvPolicyCompactArgs& a, cudaStream_t stream) {
+  if (a.seq == nullptr || a.k_layers == nullptr || a.v_layers == nullptr || a.block_table == nullptr ||
+      a.num_layers < 1 || a.num_kv_heads < 1 || a.block_size < 1 || a.from < 0 || a.kv_stride % 8 != 0 ||
+      a.old_slots < a.from) {
+    return cudaErrorInvalidValue;
+  }
+  const dim3 grid(a.num_layers * a.num_kv_heads);
+  if (a.head_dim == 128) {
+    CompactKernel<128><<<grid, kCompactThreads, 0, stream>>>(a);
+  } else if (a.head_dim == 64) {
+    CompactKernel<64><<<grid, kCompactThreads, 0, stream>>>(a);
+  } else {
+    return cudaErrorInvalidValue;
+  }
   return cudaGetLastError();
 }
 

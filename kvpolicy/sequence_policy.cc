@@ -42,13 +42,56 @@ void SelectVictims(const KvPolicyConfig& c, int64_t seq_len, int64_t pinned, con
 }
 
 SequenceKvPolicy::SequenceKvPolicy(const KvPolicyConfig* config, const std::vector<LayerShape>* layers,
-                                   int32_t num_kv_heads, int64_t pinned)
-    : config_(config), layers_(layers), num_kv_heads_(num_kv_heads), pinned_(pinned) {
+                                   int32_t num_kv_heads, int64_t pinned, bool on_device)
+    : config_(config), layers_(layers), num_kv_heads_(num_kv_heads), pinned_(pinned), on_device_(on_device) {
   heads_.resize(layers->size() * static_cast<size_t>(num_kv_heads));
+}
+
+SequenceKvPolicy::SequenceKvPolicy(const SequenceKvPolicy& o)
+    : config_(o.config_),
+      layers_(o.layers_),
+      num_kv_heads_(o.num_kv_heads_),
+      pinned_(o.pinned_),
+      seq_len_(o.seq_len_),
+      slot_offset_(o.slot_offset_),
+      choose_(o.choose_),
+      prompt_len_(o.prompt_len_),
+      on_device_(o.on_device_),
+      has_chosen_(o.has_chosen_),
+      device_(o.device_ ? o.device_->Clone() : nullptr),
+      count_from_(o.count_from_),
+      device_full_(o.device_full_),
+      device_from_(o.device_from_),
+      heads_(o.heads_) {}
+
+void SequenceKvPolicy::SetDeviceCounts(int64_t count_from, const int32_t* full, const int32_t* from) {
+  count_from_ = count_from;
+  device_full_.assign(full, full + heads_.size());
+  device_from_.assign(from, from + heads_.size());
+}
+
+absl::Status SequenceKvPolicy::CheckCompaction(int64_t from, int64_t num_slots) const {
+  const int64_t needed = SlotsNeeded(from);
+  if (from < 0 || from > num_slots || num_slots < needed || num_slots > this->num_slots()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "compaction to ", num_slots, " cache slots from slot ", from, ": the sequence holds ",
+        this->num_slots(), " slots and its kept keys need ", needed));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status SequenceKvPolicy::MarkCompacted(int64_t from, int64_t num_slots) {
+  if (absl::Status s = CheckCompaction(from, num_slots); !s.ok()) return s;
+  slot_offset_ = seq_len_ - num_slots;
+  return absl::OkStatus();
 }
 
 void SequenceKvPolicy::Extend(int64_t new_len) {
   if (new_len <= seq_len_) return;
+  if (on_device_) {  // the backend extends the device arrays (KvPolicyBeginStep)
+    seq_len_ = new_len;
+    return;
+  }
   for (Head& h : heads_) {
     h.state.resize(new_len, static_cast<uint8_t>(SlotState::kFull));
     h.low_slot.resize(new_len, -1);
@@ -127,6 +170,12 @@ void SequenceKvPolicy::CountCompactable(const Head& h, int64_t from, int64_t* fu
 }
 
 int64_t SequenceKvPolicy::SlotsNeeded(int64_t from) const {
+  if (on_device_) {
+    // From the latest step's counts, taken from the same `from` (CompactFrom); otherwise (no step
+    // finished yet, or another `from`) nothing can be given back.
+    if (from != count_from_ || device_from_.empty()) return num_slots();
+    return from + *std::max_element(device_from_.begin(), device_from_.end());
+  }
   int64_t most = 0;
   for (size_t i = 0; i < heads_.size(); ++i) {
     int64_t full = 0, low = 0;
@@ -140,6 +189,7 @@ absl::Status SequenceKvPolicy::Compact(int64_t from, int64_t num_slots, std::vec
                                        std::vector<LowRepack>* low) {
   moves->clear();
   low->clear();
+  if (on_device_) return absl::FailedPreconditionError("device-resident KV policy state: the backend compacts it");
   const int64_t needed = SlotsNeeded(from);
   if (from < 0 || from > num_slots || num_slots < needed || num_slots > this->num_slots()) {
     return absl::FailedPreconditionError(absl::StrCat(
@@ -183,6 +233,12 @@ absl::Status SequenceKvPolicy::Compact(int64_t from, int64_t num_slots, std::vec
 
 EntryCounts SequenceKvPolicy::Counts(int layer, int head) const {
   EntryCounts n;
+  if (on_device_) {  // CORM only there: kFull or kDead; before any counts, all kept
+    const size_t i = Index(layer, head);
+    n.full = i < device_full_.size() ? device_full_[i] : seq_len_;
+    n.dead = seq_len_ - n.full;
+    return n;
+  }
   const Head& h = heads_[Index(layer, head)];
   for (int64_t p = 0; p < seq_len_; ++p) {
     switch (static_cast<SlotState>(h.state[p])) {
@@ -210,14 +266,14 @@ double SequenceKvPolicy::KvBytes() const {
 }
 
 double SequenceKvPolicy::MetadataBytes() const {
-  // state, last_hit, slot (+ low_slot)
-  const double per_entry = 1 + 4 + 4 + (config_->kind == KvPolicyKind::kMikv ? 4 : 0);
+  // state, last_hit, slot (+ low_slot on the CPU; + pos, slot -> position, on the device)
+  const double per_entry = 1 + 4 + 4 + (config_->kind == KvPolicyKind::kMikv || on_device_ ? 4 : 0);
   return per_entry * static_cast<double>(seq_len_) * static_cast<double>(heads_.size());
 }
 
 KvPolicyStore::KvPolicyStore(const KvPolicyConfig& config, std::vector<LayerShape> layers,
-                             int32_t num_kv_heads)
-    : config_(config), layers_(std::move(layers)), num_kv_heads_(num_kv_heads) {}
+                             int32_t num_kv_heads, bool on_device)
+    : config_(config), layers_(std::move(layers)), num_kv_heads_(num_kv_heads), on_device_(on_device) {}
 
 SequenceKvPolicy* KvPolicyStore::Prepare(int64_t seq_id, int64_t num_computed_tokens, int64_t seq_len,
                                          int64_t prompt_len, bool session) {
@@ -227,12 +283,13 @@ SequenceKvPolicy* KvPolicyStore::Prepare(int64_t seq_id, int64_t num_computed_to
     it = seqs_
              .emplace(seq_id, std::make_unique<SequenceKvPolicy>(
                                   &config_, &layers_, num_kv_heads_,
-                                  std::max(num_computed_tokens, session ? prompt_len : 0)))
+                                  std::max(num_computed_tokens, session ? prompt_len : 0), on_device_))
              .first;
     it->second->Extend(num_computed_tokens);
   }
   it->second->Extend(seq_len);
   it->second->set_choose(config_.ChoosesAfterStep(seq_len >= prompt_len));
+  it->second->set_prompt_len(prompt_len);
   return it->second.get();
 }
 
@@ -249,7 +306,14 @@ SequenceKvPolicy* KvPolicyStore::FindMutable(int64_t seq_id) {
 void KvPolicyStore::Fork(int64_t parent, int64_t child) {
   auto it = seqs_.find(parent);
   if (it == seqs_.end()) return;
+  const bool had_device = it->second->device() != nullptr;
   auto copy = std::make_unique<SequenceKvPolicy>(*it->second);
+  if (had_device && copy->device() == nullptr) {
+    // No device memory for the copy: the child gets a fresh state at its next step, with what is
+    // computed pinned (every key kept; forks come before any compaction, so slots = positions).
+    seqs_.erase(child);
+    return;
+  }
   seqs_[child] = std::move(copy);  // `it` is not used after the insertion (it may rehash)
 }
 

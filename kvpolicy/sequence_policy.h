@@ -35,6 +35,13 @@
 // packed run right after the head's full run, so the pool holds them and admission counts them
 // (kvpolicy/README.md "Low entries in the paged cache").
 //
+// Device-resident states (KvPolicyStore's on_device; the CUDA backend): the per-position arrays
+// live on the device only (the backend's DeviceArrays, made and extended by
+// Backend::KvPolicyBeginStep), the backend's kernels choose and compact, and this object keeps
+// the scalars (seq_len, pinned, slot_offset, choose) and the per-(layer, head) counts the
+// backend copies back after each step (SetDeviceCounts): what SlotsNeeded, Counts and KvBytes
+// answer from. Only CORM (kFull / kDead) runs there so far.
+//
 // Threads: one thread (the worker's device thread) uses a store and its states.
 #pragma once
 
@@ -99,15 +106,48 @@ struct EntryCounts {
   int64_t full = 0, low = 0, dead = 0;
 };
 
+// A backend's device copy of one state's per-position arrays (header comment); owned by the
+// state, so it goes when the state does (release, preemption, failure).
+class DeviceArrays {
+ public:
+  virtual ~DeviceArrays() = default;
+  // A copy of the arrays as they are now (KvPolicyStore::Fork), or null when the device is out
+  // of memory (the child then gets a fresh state at its next step: every key kept).
+  virtual std::unique_ptr<DeviceArrays> Clone() const = 0;
+};
+
 class SequenceKvPolicy {
  public:
   // `config` and `layers` must outlive the state (the store's). Positions [0, pinned) are the
   // request's prefix-cache hit: kept at full precision for its whole life.
   SequenceKvPolicy(const KvPolicyConfig* config, const std::vector<LayerShape>* layers,
-                   int32_t num_kv_heads, int64_t pinned);
+                   int32_t num_kv_heads, int64_t pinned, bool on_device = false);
+  // A copy (KvPolicyStore::Fork): device arrays cloned (DeviceArrays::Clone).
+  SequenceKvPolicy(const SequenceKvPolicy& other);
+  SequenceKvPolicy& operator=(const SequenceKvPolicy&) = delete;
+
+  // Device-resident (header comment): the per-position arrays are the backend's.
+  bool on_device() const { return on_device_; }
+  DeviceArrays* device() const { return device_.get(); }
+  void set_device(std::unique_ptr<DeviceArrays> d) { device_ = std::move(d); }
+  // Whether a choice has run on this state (device-resident: then some key may be dead or moved,
+  // so its prompt rows cannot use the plain paged kernels).
+  bool has_chosen() const { return has_chosen_; }
+  void set_has_chosen() { has_chosen_ = true; }
+  // Device-resident: the kFull keys per (layer, head) after the latest step, in all (`full`) and
+  // at positions >= count_from (`from`), [layers * num_kv_heads] each.
+  void SetDeviceCounts(int64_t count_from, const int32_t* full, const int32_t* from);
+  // Device-resident compaction: CheckCompaction (Compact's checks: FailedPrecondition when
+  // num_slots < SlotsNeeded(from), num_slots > num_slots() or from past num_slots) before the
+  // backend moves the keys, MarkCompacted (the checks again, then slot_offset = seq_len -
+  // num_slots) after.
+  absl::Status CheckCompaction(int64_t from, int64_t num_slots) const;
+  absl::Status MarkCompacted(int64_t from, int64_t num_slots);
 
   int64_t seq_len() const { return seq_len_; }
   int64_t pinned() const { return pinned_; }
+  int32_t num_layers() const { return static_cast<int32_t>(layers_->size()); }
+  int32_t num_kv_heads() const { return num_kv_heads_; }
   // Positions minus cache slots of the keys written from now on (0 until a compaction), and the
   // cache slots the sequence holds: seq_len - slot_offset.
   int64_t slot_offset() const { return slot_offset_; }
@@ -141,6 +181,10 @@ class SequenceKvPolicy {
   // step). When false, attention still records importance (last_hit) and Apply keeps everything.
   void set_choose(bool choose) { choose_ = choose; }
   bool choose() const { return choose_; }
+  // The request's prompt tokens as Prepare last saw them (0: unknown): with after-prompt, where
+  // the first choice comes.
+  void set_prompt_len(int64_t n) { prompt_len_ = n; }
+  int64_t prompt_len() const { return prompt_len_; }
 
   const uint8_t* states(int layer, int head) const { return heads_[Index(layer, head)].state.data(); }
   int32_t* last_hit(int layer, int head) { return heads_[Index(layer, head)].last_hit.data(); }
@@ -194,7 +238,13 @@ class SequenceKvPolicy {
   int64_t seq_len_ = 0;
   int64_t slot_offset_ = 0;
   bool choose_ = true;
-  std::vector<Head> heads_;  // [layer][head]
+  int64_t prompt_len_ = 0;
+  bool on_device_ = false;
+  bool has_chosen_ = false;
+  std::unique_ptr<DeviceArrays> device_;
+  int64_t count_from_ = -1;                          // device-resident: SetDeviceCounts
+  std::vector<int32_t> device_full_, device_from_;  // [layer][head]
+  std::vector<Head> heads_;  // [layer][head] (device-resident: sized, arrays empty)
 };
 
 // What the released sequences held when they ended (eval's KV-bytes measure).
@@ -209,7 +259,10 @@ struct KvPolicyStats {
 
 class KvPolicyStore {
  public:
-  KvPolicyStore(const KvPolicyConfig& config, std::vector<LayerShape> layers, int32_t num_kv_heads);
+  // on_device: the states are device-resident (header comment; Backend::KvPolicyOnDevice).
+  KvPolicyStore(const KvPolicyConfig& config, std::vector<LayerShape> layers, int32_t num_kv_heads,
+                bool on_device = false);
+  bool on_device() const { return on_device_; }
   const KvPolicyConfig& config() const { return config_; }
   // The state of `seq_id` covering [0, seq_len): made on first sight (or when its length does not
   // continue from num_computed_tokens: a preempted and recomputed request) with the
@@ -238,6 +291,7 @@ class KvPolicyStore {
   KvPolicyConfig config_;
   std::vector<LayerShape> layers_;
   int32_t num_kv_heads_;
+  bool on_device_ = false;
   absl::flat_hash_map<int64_t, std::unique_ptr<SequenceKvPolicy>> seqs_;
   KvPolicyStats stats_;
 };

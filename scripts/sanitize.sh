@@ -25,7 +25,7 @@ case "$kind" in
     # Every test executable (found after configuring) but those whose every case is left out
     # below (the GPU-only ones and the rank search: a CPU case added to one of these must take it
     # off this list), and lorcserve for the end-to-end tests.
-    unbuilt='backend_cuda_[a-z_]*|worker_comm_nccl|worker_cuda_host_kv_step|compress_rank_search'
+    unbuilt='backend_cuda_[a-z_]*|worker_comm_nccl|worker_cuda_host_kv_step|worker_cuda_kv_policy|compress_rank_search'
     targets=(lorcserve)
     # Left out, besides the GPU cases: the 4-minute evaluation (FullEval) and tests that run
     # long numeric work (OpenBLAS, not instrumented) many times over code the other tests cover:

@@ -87,7 +87,8 @@ absl::Status ModelRunner::Init(const KvCacheSpec& spec, const KvCacheOptions& kv
   ASSIGN_OR_RETURN(inv_freq_, backend_->Allocate(inv_freq.size() * sizeof(float)));
   RETURN_IF_ERROR(backend_->CopyToDevice(inv_freq_.data(), inv_freq.data(), inv_freq.size() * sizeof(float)));
   int64_t reserve = 0;
-  const bool graphs = backend_->SupportsGraphs() && !kv.enforce_eager;
+  // A KV policy's steps run eagerly (its per-step lists and choice are not captured).
+  const bool graphs = backend_->SupportsGraphs() && !kv.enforce_eager && kv_policy_ == nullptr;
   if (graphs) graph_sizes_ = DecodeGraphSizes(max_logit_rows_);
   if (graphs || backend_->TimesMatmulAtFirstUse()) {
     // Before the KV cache is sized, over a one-block probe cache (model_runner_graphs.cc).
@@ -114,6 +115,9 @@ absl::Status ModelRunner::InitKvPolicy(const KvCacheOptions& kv) {
         "--kv-policy ", kvpolicy::KvPolicyKindName(kv.kv_policy.kind), ": the ", backend_->name(),
         " backend does not implement token-level KV policies yet (cpu does)"));
   }
+  bool latent = false;
+  for (int l = 0; l < kv_spec_.num_layers(); ++l) latent |= IsLatent(l);
+  RETURN_IF_ERROR(backend_->CheckKvPolicy(kv.kv_policy, kv_spec_.kv_cache_dtype, latent));
   const int64_t heads = weights_.shard.num_kv_heads;
   std::vector<kvpolicy::LayerShape> layers(kv_spec_.num_layers());
   for (int l = 0; l < kv_spec_.num_layers(); ++l) {
@@ -139,7 +143,7 @@ absl::Status ModelRunner::InitKvPolicy(const KvCacheOptions& kv) {
     }
   }
   kv_policy_ = std::make_unique<kvpolicy::KvPolicyStore>(kv.kv_policy, std::move(layers),
-                                                          static_cast<int32_t>(heads));
+                                                          static_cast<int32_t>(heads), backend_->KvPolicyOnDevice());
   return absl::OkStatus();
 }
 
@@ -207,6 +211,12 @@ absl::Status ModelRunner::CompactKv(int64_t seq_id, absl::Span<const int32_t> bl
   if (static_cast<int64_t>(block_table.size()) < kv_spec_.BlocksForTokens(st->num_slots())) {
     return absl::InvalidArgumentError(absl::StrCat("sequence ", seq_id, ": block table of ",
                                                    block_table.size(), " blocks for ", st->num_slots(), " slots"));
+  }
+  if (st->on_device()) {  // the backend moves the keys, then the state takes the new slots
+    const int64_t from = st->CompactFrom(bs);
+    RETURN_IF_ERROR(st->CheckCompaction(from, num_slots));
+    RETURN_IF_ERROR(backend_->KvPolicyCompact(*st, kv_layers_, bs, block_table, from));
+    return st->MarkCompacted(from, num_slots);
   }
   std::vector<kvpolicy::SlotMove> moves;
   std::vector<kvpolicy::LowRepack> low;
@@ -578,6 +588,7 @@ absl::StatusOr<StepOutput> ModelRunner::Execute(absl::Span<const SequenceStep> s
                                                 policy_seqs_.back()->slot_offset()));
       }
     }
+    if (kv_policy_->on_device()) RETURN_IF_ERROR(backend_->KvPolicyBeginStep(policy_seqs_, *plan_));
   }
 
   const int64_t vocab = config_.vocab_size;
@@ -603,6 +614,7 @@ absl::StatusOr<StepOutput> ModelRunner::Execute(absl::Span<const SequenceStep> s
   if (num_rows <= max_logit_rows_) {
     // One LM-head pass: every row stays in logits_ for the sampler.
     RETURN_IF_ERROR(Forward(T, num_rows));
+    RETURN_IF_ERROR(EndKvPolicyStep());
     for (int32_t i = 0; i < num_seqs; ++i) {
       if (out.row_begin[i + 1] > out.row_begin[i]) out.sample_row[i] = out.row_begin[i + 1] - 1;
     }
@@ -615,6 +627,7 @@ absl::StatusOr<StepOutput> ModelRunner::Execute(absl::Span<const SequenceStep> s
     // log-probabilities): every pass goes to the host, then each sequence's last row comes back
     // to logits_ for the sampler (at most num_seqs <= max_logit_rows_ rows).
     RETURN_IF_ERROR(Forward(T, 0));
+    RETURN_IF_ERROR(EndKvPolicyStep());
     const Tensor2D x = Act(x_, T, config_.hidden_size);
     out.logits.resize(static_cast<size_t>(num_rows) * vocab);
     for (int32_t r0 = 0; r0 < num_rows; r0 += max_logit_rows_) {
@@ -636,6 +649,11 @@ absl::StatusOr<StepOutput> ModelRunner::Execute(absl::Span<const SequenceStep> s
   }
   RETURN_IF_ERROR(backend_->Synchronize());
   return out;
+}
+
+absl::Status ModelRunner::EndKvPolicyStep() {
+  if (!kv_policy_ || !kv_policy_->on_device()) return absl::OkStatus();
+  return backend_->KvPolicyEndStep(policy_seqs_);
 }
 
 absl::Status ModelRunner::SetLayerInputObserver(LayerInputObserver observer) {

@@ -273,6 +273,9 @@ class ModelRunner {
   std::vector<kvpolicy::SequenceKvPolicy*> policy_seqs_;  // this step's, batch order
   // At Init: the store for kv.kv_policy (none: nothing), or Unimplemented / InvalidArgument.
   absl::Status InitKvPolicy(const KvCacheOptions& kv);
+  // After the forward pass of a step: a device-resident policy's choice and counts
+  // (Backend::KvPolicyEndStep); no-op otherwise.
+  absl::Status EndKvPolicyStep();
 
   // Step buffers, allocated once (see the header comment). `meta_` holds the int32 metadata at
   // fixed offsets; `meta_host_` is its pinned host staging mirror.

@@ -8,9 +8,13 @@
 #    "preemptions", "kv_compactions", "kv_compaction_freed_blocks"}
 #   scripts/kvpolicy/capacity.sh --lorcserve build/bin/lorcserve --model models/tiny-llama-a \
 #       [--num-blocks 64] [--requests 32] [--concurrency 16] [--prompt-len 64] [--max-tokens 192]
-#       [--workers 1] [--extra "ARGS"]
+#       [--workers 1] [--extra "ARGS"] [--policies "full corm-30 mikv-int4-30 corm-free"]
+#       [--start-wait SECONDS (30)]
+# On the GPU (docs/KV_POLICIES.md "On the GPU"): --model bench/configs/llama3-8b --extra
+# "--backend cuda --random-weights" --policies "full corm-30" --start-wait 300.
 set -uo pipefail
-bin="" model="" blocks=64 requests=32 conc=16 plen=64 mtok=192 workers=1 extra=""
+bin="" model="" blocks=64 requests=32 conc=16 plen=64 mtok=192 workers=1 extra="" start_wait=30
+policies="full corm-30 mikv-int4-30 corm-free"
 while (($#)); do
   case "$1" in
     --lorcserve) bin="${2:?}"; shift 2 ;;
@@ -22,6 +26,8 @@ while (($#)); do
     --max-tokens) mtok="${2:?}"; shift 2 ;;
     --workers) workers="${2:?}"; shift 2 ;;
     --extra) extra="${2?}"; shift 2 ;;
+    --policies) policies="${2:?}"; shift 2 ;;
+    --start-wait) start_wait="${2:?}"; shift 2 ;;
     *) echo "capacity.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -41,7 +47,7 @@ run() {  # run NAME FLAGS...
     --num-blocks "$blocks" --metrics-port 0 --threads 1 $extra "$@" >"$tmp/$name.out" 2>"$log" &
   local pid=$!
   local addr="" mport=""
-  for _ in $(seq 1 300); do
+  for _ in $(seq 1 $((start_wait * 10))); do
     addr="$(sed -n 's/^LISTENING //p' "$tmp/$name.out" | head -1)"
     mport="$(sed -n 's/^METRICS_LISTENING .*:\([0-9]*\)$/\1/p' "$tmp/$name.out" | head -1)"
     [[ -n "$addr" && -n "$mport" ]] && break
@@ -76,8 +82,13 @@ run() {  # run NAME FLAGS...
 }
 
 status=0
-run full || status=1
-run corm-30 --kv-policy corm --kv-token-budget 30% || status=1
-run mikv-int4-30 --kv-policy mikv --kv-token-budget 30% || status=1
-run corm-free --kv-policy corm || status=1
+for p in $policies; do
+  case "$p" in
+    full) run full || status=1 ;;
+    corm-30) run corm-30 --kv-policy corm --kv-token-budget 30% || status=1 ;;
+    mikv-int4-30) run mikv-int4-30 --kv-policy mikv --kv-token-budget 30% || status=1 ;;
+    corm-free) run corm-free --kv-policy corm || status=1 ;;
+    *) echo "capacity.sh: unknown policy $p (full, corm-30, mikv-int4-30, corm-free)" >&2; status=1 ;;
+  esac
+done
 exit $status

@@ -43,7 +43,7 @@ cudaStream_t Stream(Backend& be) { return static_cast<cudaStream_t>(be.stream_ha
 // The device copy of some sequences' policy arrays ([layers][kv_heads][capacity] each) and the
 // KvPolicySeq array pointing into them.
 struct DeviceStates {
-  DeviceBuffer state, slot, last_hit, seqs;
+  DeviceBuffer state, slot, last_hit, pos, seqs;
   std::vector<KvPolicySeq> host_seqs;
   std::vector<size_t> offsets;  // per sequence: its arrays' first position
   int layers = 0, kv_heads = 0;
@@ -56,20 +56,37 @@ DeviceStates Upload(Backend& be, const std::vector<std::vector<uint8_t>>& state,
   d.layers = layers;
   d.kv_heads = kv_heads;
   std::vector<uint8_t> st;
-  std::vector<int32_t> sl, lh;
+  std::vector<int32_t> sl, lh, ps;
   for (size_t s = 0; s < seqs.size(); ++s) {
     d.offsets.push_back(st.size());
     st.insert(st.end(), state[s].begin(), state[s].end());
     sl.insert(sl.end(), slot[s].begin(), slot[s].end());
     lh.insert(lh.end(), last_hit[s].begin(), last_hit[s].end());
+    // pos: the inverse of the slot map over the sequence's positions (kFull keys last, so a slot
+    // a dead key left to a kept one maps to the kept one); -9 elsewhere.
+    const int cap = seqs[s].capacity, len = seqs[s].seq_len;
+    std::vector<int32_t> inv(state[s].size(), -9);
+    for (int pass = 0; pass < 2; ++pass) {
+      for (int lg = 0; lg < layers * kv_heads; ++lg) {
+        for (int p = 0; p < len; ++p) {
+          const size_t i = static_cast<size_t>(lg) * cap + p;
+          if ((state[s][i] == 1) == (pass == 1) && slot[s][i] >= 0 && slot[s][i] < cap) {
+            inv[static_cast<size_t>(lg) * cap + slot[s][i]] = p;
+          }
+        }
+      }
+    }
+    ps.insert(ps.end(), inv.begin(), inv.end());
   }
   d.state = PutRaw(be, st);
   d.slot = PutRaw(be, sl);
   d.last_hit = PutRaw(be, lh);
+  d.pos = PutRaw(be, ps);
   for (size_t s = 0; s < seqs.size(); ++s) {
     seqs[s].state = d.state.as<uint8_t>() + d.offsets[s];
     seqs[s].slot = d.slot.as<int32_t>() + d.offsets[s];
     seqs[s].last_hit = d.last_hit.as<int32_t>() + d.offsets[s];
+    seqs[s].pos = d.pos.as<int32_t>() + d.offsets[s];
   }
   d.host_seqs = seqs;
   d.seqs = PutRaw(be, seqs);
@@ -275,6 +292,81 @@ TEST_P(CudaKvPolicyDecodeTest, MatchesCpuPolicyAttentionAndItsImportance) {
   EXPECT_EQ(GetAll<int32_t>(*cuda_, dev.last_hit), before);
   const std::vector<float> again = Get(*cuda_, dout, DType::kBF16);
   EXPECT_EQ(again, got) << "the output does not depend on recording";
+
+  // Compaction on the device (LaunchKvPolicyCompact) from slot 16 of every sequence long enough:
+  // per head the kFull keys at positions >= 16 move, in order, to a dense run (heads keep
+  // different counts, so the shorter runs leave slots below the new slot count: pos -1 there),
+  // slot / pos stay inverse maps, the rows arrive bit for bit, and the decode over the compacted
+  // slots gives what it gave before (the same keys in the same order; other chunk edges, so
+  // within the tolerance above).
+  constexpr int kFrom = 16;
+  const std::vector<float> kbefore = Get(*cuda_, dk, DType::kBF16), vbefore = Get(*cuda_, dv, DType::kBF16);
+  DeviceBuffer kptr = PutRaw(*cuda_, std::vector<void*>{dk.data()}), vptr = PutRaw(*cuda_, std::vector<void*>{dv.data()});
+  std::vector<KvPolicySeq> after = dev.host_seqs;
+  std::vector<int> new_slots(S, 0);
+  for (int s = 0; s < S; ++s) {
+    new_slots[s] = lens[s];
+    if (lens[s] < 4 * kFrom) continue;
+    int most = 0;
+    for (int g = 0; g < G; ++g) {
+      int n = 0;
+      for (int pos = kFrom; pos < lens[s]; ++pos) n += dstate[s][g * seqs[s].capacity + pos] == 1;
+      most = std::max(most, n);
+    }
+    new_slots[s] = kFrom + most;
+    DeviceBuffer one = PutRaw(*cuda_, std::vector<KvPolicySeq>{dev.host_seqs[s]});
+    kernels::KvPolicyCompactArgs c;
+    c.seq = one.as<KvPolicySeq>();
+    c.k_layers = kptr.as<__nv_bfloat16*>();
+    c.v_layers = vptr.as<__nv_bfloat16*>();
+    c.kv_stride = kvw;
+    c.block_table = dt.as<int32_t>() + static_cast<size_t>(s) * max_blocks;
+    c.block_size = kBs;
+    c.num_layers = 1;
+    c.num_kv_heads = G;
+    c.head_dim = D;
+    c.from = kFrom;
+    c.old_slots = lens[s];
+    ASSERT_EQ(kernels::LaunchKvPolicyCompact(c, Stream(*cuda_)), cudaSuccess);
+    ASSERT_OK(cuda_->Synchronize());
+    after[s].slot_offset = lens[s] - new_slots[s];
+  }
+  const std::vector<int32_t> gslot = GetAll<int32_t>(*cuda_, dev.slot), gpos = GetAll<int32_t>(*cuda_, dev.pos);
+  const std::vector<float> kafter = Get(*cuda_, dk, DType::kBF16), vafter = Get(*cuda_, dv, DType::kBF16);
+  int64_t moved = 0, short_runs = 0;
+  for (int s = 0; s < S; ++s) {
+    if (new_slots[s] == lens[s]) continue;
+    const int cap = seqs[s].capacity;
+    auto cache_slot = [&](int slot) { return int64_t{tables[s * max_blocks + slot / kBs]} * kBs + slot % kBs; };
+    for (int g = 0; g < G; ++g) {
+      int next = kFrom;
+      for (int pos = 0; pos < lens[s]; ++pos) {
+        const size_t i = dev.offsets[s] + static_cast<size_t>(g) * cap + pos;
+        if (dstate[s][g * cap + pos] != 1) continue;
+        const int want_slot = pos < kFrom ? pos : next++;
+        ASSERT_EQ(gslot[i], want_slot) << "seq " << s << " head " << g << " pos " << pos;
+        ASSERT_EQ(gpos[dev.offsets[s] + static_cast<size_t>(g) * cap + want_slot], pos);
+        moved += want_slot != pos;
+        for (int e = 0; e < D; ++e) {
+          ASSERT_EQ(kafter[cache_slot(want_slot) * kvw + g * D + e], kbefore[cache_slot(pos) * kvw + g * D + e]);
+          ASSERT_EQ(vafter[cache_slot(want_slot) * kvw + g * D + e], vbefore[cache_slot(pos) * kvw + g * D + e]);
+        }
+      }
+      short_runs += next < new_slots[s];
+      for (int slot = next; slot < lens[s]; ++slot) {
+        EXPECT_EQ(gpos[dev.offsets[s] + static_cast<size_t>(g) * cap + slot], -1) << "seq " << s << " slot " << slot;
+      }
+    }
+  }
+  EXPECT_GT(moved, 1000);
+  EXPECT_GT(short_runs, 0) << "some head must keep fewer keys than the longest run";
+  DeviceBuffer dafter = PutRaw(*cuda_, after);
+  a.seqs = dafter.as<KvPolicySeq>();
+  ASSERT_EQ(kernels::LaunchKvPolicyDecode(a, Stream(*cuda_)), cudaSuccess);
+  const std::vector<float> compacted = Get(*cuda_, dout, DType::kBF16);
+  for (size_t i = 0; i < compacted.size(); ++i) {
+    ASSERT_NEAR(compacted[i], got[i], 1e-2 * std::max(1.0f, std::fabs(got[i]))) << "element " << i;
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, CudaKvPolicyDecodeTest,
@@ -380,7 +472,8 @@ TEST_F(CudaKvPolicyChooseTest, ExtendMatchesSequenceKvPolicy) {
   DeviceStates dev = Upload(*cuda_, st, sl, lh, seqs, L, G);
   ASSERT_EQ(kernels::LaunchKvPolicyExtend(dev.seqs.as<KvPolicySeq>(), 3, L, G, Stream(*cuda_)), cudaSuccess);
   const std::vector<uint8_t> gs = GetAll<uint8_t>(*cuda_, dev.state);
-  const std::vector<int32_t> gsl = GetAll<int32_t>(*cuda_, dev.slot), glh = GetAll<int32_t>(*cuda_, dev.last_hit);
+  const std::vector<int32_t> gsl = GetAll<int32_t>(*cuda_, dev.slot), glh = GetAll<int32_t>(*cuda_, dev.last_hit),
+                             gps = GetAll<int32_t>(*cuda_, dev.pos);
   for (int s = 0; s < 3; ++s) {
     const int cap = lens[s] + 2;
     for (int lg = 0; lg < L * G; ++lg) {
@@ -390,6 +483,7 @@ TEST_F(CudaKvPolicyChooseTest, ExtendMatchesSequenceKvPolicy) {
         EXPECT_EQ(gs[i], fresh ? 1 : 0);
         EXPECT_EQ(glh[i], fresh ? p : -1);
         EXPECT_EQ(gsl[i], fresh ? p - offsets[s] : -1);
+        if (fresh) EXPECT_EQ(gps[dev.offsets[s] + lg * cap + p - offsets[s]], p);  // slot -> position
       }
     }
   }

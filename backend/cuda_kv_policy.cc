@@ -1,0 +1,421 @@
+// CudaBackend's token-level KV policies (issue #17; kvpolicy/README.md "On the GPU"): the states'
+// per-position arrays live on the device (CudaPolicyArrays, owned by each
+// kvpolicy::SequenceKvPolicy), attention reads the kept keys through the slot map and records
+// CORM's importance (kernels/kv_policy.cuh), the choice and the counts run once per step, and a
+// compaction moves the kept keys on the device. The CPU backend (cpu_kv_policy.cc,
+// kvpolicy::SelectVictims, SequenceKvPolicy::Compact) is the reference.
+//
+// What runs where, per step (KvPolicyBeginStep builds the lists):
+//  - decodes: the policy decode over each sequence's kept keys (one entry per sequence);
+//  - a prompt chunk of a state that has not chosen yet (every key is kFull, slots = positions):
+//    the plain paged prefill kernel for the output, and the policy decode for the importance of
+//    the rows that can matter only (output not written): the step's last w when it chooses, else
+//    (after-prompt) the rows among the prompt's last w, so the importance of a long prompt costs
+//    w query rows, not one per token. Exact: a query at position i can only matter to a choice at
+//    a length L with i >= L - w (CORM's rule; the budget ranks survivors of that rule, whose
+//    last_hit came from such queries), and the next choice is at this step's length (choosing)
+//    or at the prompt's end, every later one beyond;
+//  - a prompt chunk of a state that has chosen (every-chunk mode, a recomputed request past its
+//    prompt): every row through the policy decode (one entry per row), and not the paged kernel.
+#include "backend/cuda_backend_impl.h"
+
+#ifdef LORC_HAVE_CUDA
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "kernels/kv_policy.cuh"
+#include "kvpolicy/sequence_policy.h"
+
+namespace lorc::cuda_internal {
+namespace {
+
+// Scratch of one policy decode launch at most (scores [entries][heads][keys] fp32 dominate): a
+// step whose entries need more runs them in groups.
+constexpr size_t kMaxPolicyScratchBytes = size_t{512} << 20;
+// Positions a state's arrays grow by at least (and round up to).
+constexpr int64_t kArraysGranule = 1024;
+
+// One state's device arrays, [layers x KV heads][capacity] each, in one allocation: slot,
+// last_hit and pos (int32; kernels/kv_policy.cuh KvPolicySeq), then state (uint8): 13 bytes per
+// position, layer and KV head.
+class CudaPolicyArrays final : public kvpolicy::DeviceArrays {
+ public:
+  ~CudaPolicyArrays() override {
+    if (base_ != nullptr) cudaFree(base_);
+  }
+  static absl::StatusOr<std::unique_ptr<CudaPolicyArrays>> Make(int64_t rows, int64_t capacity,
+                                                                cudaStream_t stream) {
+    auto a = std::make_unique<CudaPolicyArrays>();
+    a->rows_ = rows;
+    a->capacity_ = capacity;
+    a->stream_ = stream;
+    RETURN_IF_ERROR(CudaError(cudaMalloc(&a->base_, static_cast<size_t>(rows * capacity) * kBytesPerEntry),
+                              "KV policy state arrays"));
+    return a;
+  }
+  std::unique_ptr<kvpolicy::DeviceArrays> Clone() const override {
+    absl::StatusOr<std::unique_ptr<CudaPolicyArrays>> c = Make(rows_, capacity_, stream_);
+    if (!c.ok()) return nullptr;
+    if (cudaMemcpyAsync((*c)->base_, base_, static_cast<size_t>(rows_ * capacity_) * kBytesPerEntry, cudaMemcpyDeviceToDevice,
+                        stream_) != cudaSuccess) {
+      return nullptr;
+    }
+    (*c)->length_ = length_;
+    return *std::move(c);
+  }
+  // Capacity for `positions` at least (growing copies the arrays' first length() positions).
+  absl::Status Reserve(int64_t positions) {
+    if (positions <= capacity_) return absl::OkStatus();
+    const int64_t cap = std::max((positions + kArraysGranule - 1) / kArraysGranule * kArraysGranule, 2 * capacity_);
+    ASSIGN_OR_RETURN(std::unique_ptr<CudaPolicyArrays> n, Make(rows_, cap, stream_));
+    if (length_ > 0) {
+      for (int part = 0; part < 4; ++part) {
+        const size_t elem = part < 3 ? 4 : 1;
+        RETURN_IF_ERROR(CudaError(cudaMemcpy2DAsync(n->Part(part), cap * elem, Part(part), capacity_ * elem,
+                                                    length_ * elem, rows_, cudaMemcpyDeviceToDevice, stream_),
+                                  "KV policy state arrays: grow"));
+      }
+    }
+    std::swap(base_, n->base_);
+    capacity_ = cap;
+    // `n` frees the old arrays: cudaFree waits for the device to finish with them (the copies
+    // above and any kernel still reading them), as it does for Ensure's buffers below.
+    return absl::OkStatus();
+  }
+  int32_t* slot() const { return static_cast<int32_t*>(Part(0)); }
+  int32_t* last_hit() const { return static_cast<int32_t*>(Part(1)); }
+  int32_t* pos() const { return static_cast<int32_t*>(Part(2)); }
+  uint8_t* state() const { return static_cast<uint8_t*>(Part(3)); }
+  // A kernels' entry over these arrays for a sequence of `seq_len` positions (other fields
+  // default).
+  kernels::KvPolicySeq Entry(int64_t seq_len) const {
+    kernels::KvPolicySeq e;
+    e.state = state();
+    e.slot = slot();
+    e.last_hit = last_hit();
+    e.pos = pos();
+    e.capacity = static_cast<int32_t>(capacity_);
+    e.seq_len = static_cast<int32_t>(seq_len);
+    return e;
+  }
+  static constexpr size_t kBytesPerEntry = 13;
+  int64_t capacity() const { return capacity_; }
+  int64_t length() const { return length_; }  // positions extended so far
+  void set_length(int64_t n) { length_ = n; }
+
+ private:
+  void* Part(int part) const {
+    return static_cast<char*>(base_) + static_cast<size_t>(part) * 4 * static_cast<size_t>(rows_ * capacity_);
+  }
+  void* base_ = nullptr;
+  int64_t rows_ = 0, capacity_ = 0, length_ = 0;
+  cudaStream_t stream_ = nullptr;
+};
+
+}  // namespace
+
+// What one step's policy attention and choice use (KvPolicyBeginStep to KvPolicyEndStep).
+struct CudaKvPolicyStep {
+  // Per state, batch order: its arrays and the step's scalars (extend, choose, counts).
+  std::vector<kernels::KvPolicySeq> seqs;
+  // Attention entries: decodes first, then prompt rows (see the file comment).
+  std::vector<kernels::KvPolicySeq> entries;
+  int32_t num_decode_entries = 0;
+  // Entry groups of one launch each (scratch at most kMaxPolicyScratchBytes), decode and prompt
+  // groups apart; made at the step's first attention call (the head shape is known there).
+  struct Group {
+    int32_t begin = 0, count = 0, max_seq_len = 0;
+  };
+  std::vector<Group> decode_groups, prefill_groups;
+  bool groups_ready = false;
+  DeviceBuffer seqs_dev, entries_dev, counts_dev, counts_host, scratch, compact_dev;
+  bool active = false;
+};
+
+void CudaKvPolicyStepDeleter::operator()(CudaKvPolicyStep* s) const { delete s; }
+
+namespace {
+
+// A device buffer of at least `bytes` (grown, never shrunk).
+absl::Status Ensure(Backend& be, DeviceBuffer& b, size_t bytes, bool host = false) {
+  if (b.bytes() >= bytes) return absl::OkStatus();
+  const size_t n = std::max(bytes, 2 * b.bytes());
+  ASSIGN_OR_RETURN(b, host ? be.AllocateHost(n) : be.Allocate(n));
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status CudaBackend::CheckKvPolicy(const kvpolicy::KvPolicyConfig& config, KvCacheDtype kv_cache_dtype,
+                                        bool latent) const {
+  if (config.kind != kvpolicy::KvPolicyKind::kCorm) {
+    return absl::UnimplementedError(absl::StrCat(
+        "--kv-policy ", kvpolicy::KvPolicyKindName(config.kind),
+        ": the cuda backend runs corm only so far (MiKV's low-precision entries are not read by its kernels "
+        "yet; --backend cpu runs it)"));
+  }
+  if (kv_cache_dtype != KvCacheDtype::kAuto && kv_cache_dtype != KvCacheDtype::kBf16) {
+    // (kvstore's KvCacheDtypeName is not linked into the backend.)
+    const char* name = kv_cache_dtype == KvCacheDtype::kFp8 ? "fp8" : kv_cache_dtype == KvCacheDtype::kInt8 ? "int8" : "int4";
+    return absl::UnimplementedError(absl::StrCat("--kv-policy with --kv-cache-dtype ", name,
+                                                 ": the cuda backend's policy kernels read a bf16 cache only so far"));
+  }
+  if (latent) {
+    return absl::UnimplementedError(
+        "--kv-policy with a LoRC (latent) model: the cuda backend's policy kernels read full K and V only so far");
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::KvPolicyBeginStep(absl::Span<kvpolicy::SequenceKvPolicy* const> seqs,
+                                            AttentionPlan& plan) {
+  if (!kv_policy_step_) kv_policy_step_.reset(new CudaKvPolicyStep());
+  CudaKvPolicyStep& st = *kv_policy_step_;
+  st.active = false;
+  st.seqs.clear();
+  st.entries.clear();
+  st.decode_groups.clear();
+  st.prefill_groups.clear();
+  st.groups_ready = false;
+  const AttentionBatch& b = plan.batch();
+  if (static_cast<int32_t>(seqs.size()) != b.num_seqs) {
+    return absl::InternalError(absl::StrCat("KvPolicyBeginStep: ", seqs.size(), " states for ", b.num_seqs,
+                                            " sequences"));
+  }
+  if (seqs.empty()) return absl::OkStatus();
+  std::vector<kernels::KvPolicySeq> prompt_rows;
+  std::vector<int32_t> read_by_slot;  // prompts the plain kernel must not read
+  for (int32_t i = 0; i < b.num_seqs; ++i) {
+    kvpolicy::SequenceKvPolicy* s = seqs[i];
+    if (s == nullptr) return absl::InternalError(absl::StrCat("KvPolicyBeginStep: sequence ", i, " has no state"));
+    const kvpolicy::KvPolicyConfig& cfg = s->config();
+    const int64_t len = s->seq_len();
+    if (len != b.host_seq_lens[i] || len >= (int64_t{1} << 24)) {
+      return absl::InvalidArgumentError(absl::StrCat("KV policy: sequence ", i, " of ", len,
+                                                     " tokens (the plan's ", b.host_seq_lens[i],
+                                                     "; at most 2^24 - 1 under a policy on the GPU)"));
+    }
+    auto* arr = static_cast<CudaPolicyArrays*>(s->device());
+    if (arr == nullptr) {
+      ASSIGN_OR_RETURN(std::unique_ptr<CudaPolicyArrays> made,
+                       CudaPolicyArrays::Make(int64_t{s->num_layers()} * s->num_kv_heads(),
+                                              (len + kArraysGranule - 1) / kArraysGranule * kArraysGranule, stream_));
+      arr = made.get();
+      s->set_device(std::move(made));
+    }
+    RETURN_IF_ERROR(arr->Reserve(len));
+    kernels::KvPolicySeq e = arr->Entry(len);
+    e.pinned = static_cast<int32_t>(std::min<int64_t>(s->pinned(), len));
+    e.budget = cfg.has_budget() ? static_cast<int32_t>(std::min<int64_t>(cfg.BudgetFor(len), INT32_MAX)) : -1;
+    e.slot_offset = static_cast<int32_t>(s->slot_offset());
+    e.extend_from = static_cast<int32_t>(std::min(arr->length(), len));
+    e.choose = s->choose() ? 1 : 0;
+    e.count_from = static_cast<int32_t>(s->CompactFrom(b.block_size));
+    arr->set_length(len);
+    st.seqs.push_back(e);
+    // Attention entries (the file comment).
+    const int32_t q0 = b.host_query_start[i], q_len = b.host_query_start[i + 1] - q0;
+    kernels::KvPolicySeq row = e;
+    row.table_row = i;
+    if (q_len == 1) {
+      row.q_row = q0;
+      st.entries.push_back(row);
+    } else if (q_len > 1) {
+      const bool by_slot = s->has_chosen() || s->slot_offset() != 0;
+      if (by_slot) read_by_slot.push_back(i);
+      // The first row whose importance can matter: this step's last w when it chooses, else
+      // (after-prompt, before the prompt's end) the prompt's last w.
+      const int64_t next_choice = s->choose() ? len : std::max(len, s->prompt_len());
+      const int32_t first = by_slot ? 0
+                                    : static_cast<int32_t>(std::clamp<int64_t>(next_choice - cfg.window - (len - q_len),
+                                                                                0, q_len));
+      for (int32_t j = first; j < q_len; ++j) {
+        row.q_row = q0 + j;
+        row.seq_len = static_cast<int32_t>(len - q_len + j + 1);
+        row.no_out = by_slot ? 0 : 1;
+        prompt_rows.push_back(row);
+      }
+    }
+  }
+  st.num_decode_entries = static_cast<int32_t>(st.entries.size());
+  st.entries.insert(st.entries.end(), prompt_rows.begin(), prompt_rows.end());
+  if (!read_by_slot.empty()) RETURN_IF_ERROR(ExcludePlainPrefills(plan, read_by_slot));
+
+  const size_t seq_bytes = sizeof(kernels::KvPolicySeq) * st.seqs.size();
+  const size_t entry_bytes = sizeof(kernels::KvPolicySeq) * st.entries.size();
+  RETURN_IF_ERROR(Ensure(*this, st.seqs_dev, seq_bytes));
+  RETURN_IF_ERROR(Ensure(*this, st.entries_dev, std::max<size_t>(entry_bytes, 1)));
+  RETURN_IF_ERROR(CopyToDevice(st.seqs_dev.data(), st.seqs.data(), seq_bytes));  // pageable: staged
+  RETURN_IF_ERROR(CopyToDevice(st.entries_dev.data(), st.entries.data(), entry_bytes));
+  RETURN_IF_ERROR(CudaError(kernels::LaunchKvPolicyExtend(st.seqs_dev.as<kernels::KvPolicySeq>(),
+                                                          static_cast<int>(st.seqs.size()), seqs[0]->num_layers(),
+                                                          seqs[0]->num_kv_heads(), stream_),
+                            "KV policy: extend"));
+  st.active = true;
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::KvPolicyAttention(const AttentionParams& p, const AttentionPlan& plan, bool decode) {
+  if (!kv_policy_step_ || !kv_policy_step_->active) {
+    return absl::FailedPreconditionError("cuda backend: attention with a KV policy before KvPolicyBeginStep");
+  }
+  CudaKvPolicyStep& st = *kv_policy_step_;
+  const AttentionBatch& b = plan.batch();
+  if (p.cache.quant != kernels::KvQuant::kNone || p.cache.dtype != DType::kBF16 || p.q.dtype != DType::kBF16 ||
+      p.out.dtype != DType::kBF16 || p.cache.k_width != p.cache.v_width ||
+      p.cache.k_width != static_cast<int64_t>(p.num_kv_heads) * p.head_dim) {
+    return absl::UnimplementedError(absl::StrCat("cuda backend: KV policy attention: a bf16 cache of ", p.num_kv_heads,
+                                                 " x ", p.head_dim, " K and V values per slot (got widths ",
+                                                 p.cache.k_width, "/", p.cache.v_width, ")"));
+  }
+  if (!st.groups_ready) {
+    // Entries in order, a group closing when the next entry would pass the scratch cap.
+    size_t most = 0;
+    auto make = [&](int32_t begin, int32_t end, std::vector<CudaKvPolicyStep::Group>* out) {
+      CudaKvPolicyStep::Group g{begin, 0, 0};
+      for (int32_t e = begin; e < end; ++e) {
+        const int32_t slots = st.entries[e].seq_len - st.entries[e].slot_offset;  // what it walks
+        const int32_t len = std::max(g.max_seq_len, slots);
+        const size_t bytes =
+            kernels::KvPolicyDecodeScratchBytes(g.count + 1, p.num_heads, p.num_kv_heads, p.head_dim, len);
+        if (g.count > 0 && bytes > kMaxPolicyScratchBytes) {
+          out->push_back(g);
+          g = {e, 0, 0};
+        }
+        g.max_seq_len = std::max(g.max_seq_len, slots);
+        ++g.count;
+        most = std::max(most, kernels::KvPolicyDecodeScratchBytes(g.count, p.num_heads, p.num_kv_heads, p.head_dim,
+                                                                  g.max_seq_len));
+      }
+      if (g.count > 0) out->push_back(g);
+    };
+    make(0, st.num_decode_entries, &st.decode_groups);
+    make(st.num_decode_entries, static_cast<int32_t>(st.entries.size()), &st.prefill_groups);
+    RETURN_IF_ERROR(Ensure(*this, st.scratch, std::max<size_t>(most, 256)));
+    st.groups_ready = true;
+  }
+  kernels::KvPolicyDecodeArgs a;
+  a.q = static_cast<const __nv_bfloat16*>(p.q.data);
+  a.q_stride = p.q.stride();
+  a.out = static_cast<__nv_bfloat16*>(p.out.data);
+  a.out_stride = p.out.stride();
+  a.k_cache = static_cast<const __nv_bfloat16*>(p.cache.k);
+  a.v_cache = static_cast<const __nv_bfloat16*>(p.cache.v);
+  a.kv_stride = p.cache.k_width;
+  a.block_tables = b.block_tables;
+  a.max_blocks = b.max_blocks_per_seq;
+  a.block_size = b.block_size;
+  a.layer = p.kv_policy.layer;
+  a.num_heads = p.num_heads;
+  a.num_kv_heads = p.num_kv_heads;
+  a.head_dim = p.head_dim;
+  a.scale = p.scale;
+  a.record_hits = true;
+  a.scratch = st.scratch.data();
+  for (const CudaKvPolicyStep::Group& g : decode ? st.decode_groups : st.prefill_groups) {
+    a.seqs = st.entries_dev.as<kernels::KvPolicySeq>() + g.begin;
+    a.num_seqs = g.count;
+    a.max_seq_len = g.max_seq_len;
+    RETURN_IF_ERROR(CudaError(kernels::LaunchKvPolicyDecode(a, stream_), "KV policy attention"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::KvPolicyEndStep(absl::Span<kvpolicy::SequenceKvPolicy* const> seqs) {
+  if (seqs.empty()) return absl::OkStatus();
+  if (!kv_policy_step_ || !kv_policy_step_->active || kv_policy_step_->seqs.size() != seqs.size()) {
+    return absl::FailedPreconditionError("cuda backend: KvPolicyEndStep without its KvPolicyBeginStep");
+  }
+  CudaKvPolicyStep& st = *kv_policy_step_;
+  st.active = false;
+  const kvpolicy::KvPolicyConfig& cfg = seqs[0]->config();
+  const int32_t heads = seqs[0]->num_layers() * seqs[0]->num_kv_heads();
+  const size_t n = static_cast<size_t>(heads) * seqs.size();
+  RETURN_IF_ERROR(Ensure(*this, st.counts_dev, 2 * n * sizeof(int32_t)));
+  RETURN_IF_ERROR(Ensure(*this, st.counts_host, 2 * n * sizeof(int32_t), /*host=*/true));
+  kernels::KvPolicyChooseArgs c;
+  c.seqs = st.seqs_dev.as<kernels::KvPolicySeq>();
+  c.num_seqs = static_cast<int32_t>(seqs.size());
+  c.num_layers = seqs[0]->num_layers();
+  c.num_kv_heads = seqs[0]->num_kv_heads();
+  c.sinks = cfg.sinks;
+  c.recent = cfg.recent;
+  c.window = cfg.window;
+  c.victim_state = kernels::kKvPolicyDead;
+  c.full_counts = st.counts_dev.as<int32_t>();
+  c.from_counts = st.counts_dev.as<int32_t>() + n;
+  RETURN_IF_ERROR(CudaError(kernels::LaunchKvPolicyChoose(c, stream_), "KV policy: choose"));
+  RETURN_IF_ERROR(CopyToHost(st.counts_host.data(), st.counts_dev.data(), 2 * n * sizeof(int32_t)));
+  RETURN_IF_ERROR(Synchronize());
+  const int32_t* counts = st.counts_host.as<int32_t>();
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    seqs[i]->SetDeviceCounts(st.seqs[i].count_from, counts + i * heads, counts + n + i * heads);
+    if (seqs[i]->choose()) seqs[i]->set_has_chosen();
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::KvPolicyCompact(kvpolicy::SequenceKvPolicy& seq, absl::Span<const KvLayer> layers,
+                                          int32_t block_size, absl::Span<const int32_t> block_table, int64_t from) {
+  auto* arr = static_cast<CudaPolicyArrays*>(seq.device());
+  if (arr == nullptr || arr->length() != seq.seq_len()) {
+    return absl::FailedPreconditionError("KV policy compaction: the sequence has no device state of its length");
+  }
+  if (static_cast<int32_t>(layers.size()) != seq.num_layers() || layers.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat("KV policy compaction: ", layers.size(), " cache layers for ",
+                                                   seq.num_layers()));
+  }
+  const int64_t width = layers[0].k_width;
+  const int64_t head_dim = width / seq.num_kv_heads();
+  std::vector<__nv_bfloat16*> ptrs(2 * layers.size());
+  for (size_t l = 0; l < layers.size(); ++l) {
+    const KvLayer& c = layers[l];
+    if (c.quant != kernels::KvQuant::kNone || c.dtype != DType::kBF16 || c.k_width != width || c.v_width != width) {
+      return absl::UnimplementedError(absl::StrCat("KV policy compaction: layer ", l,
+                                                   " is not a bf16 cache of equal K and V widths"));
+    }
+    ptrs[l] = static_cast<__nv_bfloat16*>(c.k);
+    ptrs[layers.size() + l] = static_cast<__nv_bfloat16*>(c.v);
+  }
+  if (static_cast<int64_t>(block_table.size()) * block_size < seq.num_slots() || from < 0 || from > seq.num_slots()) {
+    return absl::InvalidArgumentError(absl::StrCat("KV policy compaction: a block table of ", block_table.size(),
+                                                   " blocks for ", seq.num_slots(), " slots, from slot ", from));
+  }
+  CudaKvPolicyStep* st = kv_policy_step_.get();
+  if (st == nullptr) {
+    kv_policy_step_.reset(new CudaKvPolicyStep());
+    st = kv_policy_step_.get();
+  }
+  // One upload: [KvPolicySeq][K pointers][V pointers][block table], 16-byte aligned parts.
+  const kernels::KvPolicySeq e = arr->Entry(seq.seq_len());
+  const size_t at_ptrs = (sizeof(e) + 15) / 16 * 16;
+  const size_t at_table = at_ptrs + (ptrs.size() * sizeof(void*) + 15) / 16 * 16;
+  const size_t bytes = at_table + block_table.size() * sizeof(int32_t);
+  std::vector<char> host(bytes);
+  std::memcpy(host.data(), &e, sizeof(e));
+  std::memcpy(host.data() + at_ptrs, ptrs.data(), ptrs.size() * sizeof(void*));
+  std::memcpy(host.data() + at_table, block_table.data(), block_table.size() * sizeof(int32_t));
+  // A compaction's upload must not overwrite the previous one's before its kernel ran: the copy
+  // is stream-ordered after it.
+  RETURN_IF_ERROR(Ensure(*this, st->compact_dev, bytes));
+  RETURN_IF_ERROR(CopyToDevice(st->compact_dev.data(), host.data(), bytes));
+  char* dev = st->compact_dev.as<char>();
+  kernels::KvPolicyCompactArgs a;
+  a.seq = reinterpret_cast<const kernels::KvPolicySeq*>(dev);
+  a.k_layers = reinterpret_cast<__nv_bfloat16* const*>(dev + at_ptrs);
+  a.v_layers = a.k_layers + layers.size();
+  a.kv_stride = width;
+  a.block_table = reinterpret_cast<const int32_t*>(dev + at_table);
+  a.block_size = block_size;
+  a.num_layers = seq.num_layers();
+  a.num_kv_heads = seq.num_kv_heads();
+  a.head_dim = static_cast<int32_t>(head_dim);
+  a.from = static_cast<int32_t>(from);
+  a.old_slots = static_cast<int32_t>(seq.num_slots());
+  return CudaError(kernels::LaunchKvPolicyCompact(a, stream_), "KV policy compaction");
+}
+
+}  // namespace lorc::cuda_internal
+#endif  // LORC_HAVE_CUDA

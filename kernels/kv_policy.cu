@@ -11,9 +11,6 @@ namespace lorc::kernels {
 namespace {
 
 constexpr int kWarps = 4, kThreads = 32 * kWarps;
-// Slots a warp of the policy decode works on at once (their loads in flight together): the
-// decode is latency-bound, a dependent chain pos -> state -> block table -> row per key.
-constexpr int kInFlight = 4;
 constexpr int kMaxGroup = 8;
 
 // The scratch of one launch, carved from KvPolicyDecodeArgs::scratch (256-byte aligned parts).
@@ -75,24 +72,6 @@ __device__ __forceinline__ int64_t CacheSlot(const int32_t* table, int32_t slot,
   return static_cast<int64_t>(table[slot / block_size]) * block_size + slot % block_size;
 }
 
-// The kInFlight slots from `b` of one (sequence, KV head): their positions (-1 for none, or past
-// `end`), whether each holds a kept key, and those keys' rows of `cache` (this lane's D / 32
-// values), the loads issued together.
-template <int D, int E = D / 32>
-__device__ __forceinline__ void LoadKeptRows(const KvPolicyDecodeArgs& a, const __nv_bfloat16* cache,
-                                             const int32_t* pos, const uint8_t* state, const int32_t* table,
-                                             int kvh, int lane, int b, int end, int (&kp)[kInFlight],
-                                             bool (&live)[kInFlight], float (&rows)[kInFlight][E]) {
-#pragma unroll
-  for (int u = 0; u < kInFlight; ++u) kp[u] = b + u < end ? pos[b + u] : -1;
-#pragma unroll
-  for (int u = 0; u < kInFlight; ++u) live[u] = kp[u] >= 0 && state[kp[u]] == kKvPolicyFull;
-#pragma unroll
-  for (int u = 0; u < kInFlight; ++u) {
-    if (live[u]) LoadRow<E>(cache + CacheSlot(table, b + u, a.block_size) * a.kv_stride + kvh * D + lane * E, rows[u]);
-  }
-}
-
 // (1) Scores of one chunk: grid (max_chunks, num_kv_heads, num_seqs). Warp w takes positions
 // p0 + w, p0 + w + 4, ...; lane h < group keeps the online (max, sum) of query head h.
 template <int D>
@@ -121,53 +100,35 @@ __global__ void __launch_bounds__(kThreads) ScoresKernel(KvPolicyDecodeArgs a, S
   float m = -INFINITY, l = 0.f;
   int n = 0;
   const int end = min(len, p0 + kKvPolicyChunk);
-  // A warp takes kInFlight consecutive slots at a time (p: a slot; pos -1: no key there): their
-  // loads issued together, the dot products' reductions interleaved.
-  for (int b = p0 + warp * kInFlight; b < end; b += kWarps * kInFlight) {
-    int kp[kInFlight];
-    bool live[kInFlight];
-    float k[kInFlight][E];
-    LoadKeptRows<D>(a, a.k_cache, pos, state, table, kvh, lane, b, end, kp, live, k);
-    float d[kInFlight][kMaxGroup];
+  // p: a slot; pos -1: no key there. One key per warp at a time: keeping several in flight per
+  // warp (their loads together, the reductions interleaved) was measured slower (docs/
+  // PERFORMANCE.md "Token-level KV policies on the GPU, served": registers, and dead slots cost
+  // as much as kept ones).
+  for (int p = p0 + warp; p < end; p += kWarps) {
+    const int kp = pos[p];
+    if (kp < 0 || state[kp] != kKvPolicyFull) {
+      if (lane < group) scores[static_cast<size_t>(lane) * a.max_seq_len + p] = -INFINITY;
+      continue;
+    }
+    ++n;
+    float k[E];
+    LoadRow<E>(a.k_cache + CacheSlot(table, p, a.block_size) * a.kv_stride + kvh * D + lane * E, k);
+    float mine = 0.f;
 #pragma unroll
-    for (int u = 0; u < kInFlight; ++u) {
+    for (int h = 0; h < kMaxGroup; ++h) {
+      if (h < group) {
+        float d = 0.f;
 #pragma unroll
-      for (int h = 0; h < kMaxGroup; ++h) {
-        d[u][h] = 0.f;
-        if (h < group && live[u]) {
-#pragma unroll
-          for (int e = 0; e < E; ++e) d[u][h] = fmaf(q[h][e], k[u][e], d[u][h]);
-        }
+        for (int e = 0; e < E; ++e) d = fmaf(q[h][e], k[e], d);
+        d = WarpSum(d);
+        if (lane == h) mine = d;
       }
     }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-#pragma unroll
-      for (int u = 0; u < kInFlight; ++u) {
-#pragma unroll
-        for (int h = 0; h < kMaxGroup; ++h) {
-          if (h < group) d[u][h] += __shfl_xor_sync(0xffffffffu, d[u][h], o);
-        }
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kInFlight; ++u) {
-      const int p = b + u;
-      if (p >= end) continue;
-      float mine = -INFINITY;
-#pragma unroll
-      for (int h = 0; h < kMaxGroup; ++h) {
-        if (h < group && lane == h && live[u]) mine = d[u][h];
-      }
-      n += live[u];
-      if (lane < group) {
-        scores[static_cast<size_t>(lane) * a.max_seq_len + p] = mine;
-        if (live[u]) {
-          const float nm = fmaxf(m, mine);
-          l = l * __expf(m - nm) + __expf(mine - nm);
-          m = nm;
-        }
-      }
+    if (lane < group) {
+      scores[static_cast<size_t>(lane) * a.max_seq_len + p] = mine;
+      const float nm = fmaxf(m, mine);
+      l = l * __expf(m - nm) + __expf(mine - nm);
+      m = nm;
     }
   }
   __shared__ float sm_m[kWarps][kMaxGroup], sm_l[kWarps][kMaxGroup];
@@ -248,29 +209,23 @@ __global__ void __launch_bounds__(kThreads) PvKernel(KvPolicyDecodeArgs a, Scrat
   const float* scores = sc.scores + (static_cast<size_t>(s) * a.num_heads + kvh * group) * a.max_seq_len;
   float acc[kMaxGroup][E] = {};
   const int end = min(len, p0 + kKvPolicyChunk);
-  // As the scores: kInFlight consecutive slots per warp at a time (p: a slot, kp its position).
-  for (int b = p0 + warp * kInFlight; b < end; b += kWarps * kInFlight) {
-    int kp[kInFlight];
-    bool live[kInFlight];
-    float v[kInFlight][E];
-    LoadKeptRows<D>(a, a.v_cache, pos, state, table, kvh, lane, b, end, kp, live, v);
+  for (int p = p0 + warp; p < end; p += kWarps) {  // p: a slot, kp its position
+    const int kp = pos[p];
+    if (kp < 0 || state[kp] != kKvPolicyFull) continue;
+    float v[E];
+    LoadRow<E>(a.v_cache + CacheSlot(table, p, a.block_size) * a.kv_stride + kvh * D + lane * E, v);
+    bool hit = false;
 #pragma unroll
-    for (int u = 0; u < kInFlight; ++u) {
-      if (!live[u]) continue;
-      const int p = b + u;
-      bool hit = false;
+    for (int h = 0; h < kMaxGroup; ++h) {
+      if (h < group) {
+        const float pr = __expf(scores[static_cast<size_t>(h) * a.max_seq_len + p] - sm_max[h]) * sm_inv[h];
+        hit |= pr >= threshold;
 #pragma unroll
-      for (int h = 0; h < kMaxGroup; ++h) {
-        if (h < group) {
-          const float pr = __expf(scores[static_cast<size_t>(h) * a.max_seq_len + p] - sm_max[h]) * sm_inv[h];
-          hit |= pr >= threshold;
-#pragma unroll
-          for (int e = 0; e < E; ++e) acc[h][e] = fmaf(pr, v[u][e], acc[h][e]);
-        }
+        for (int e = 0; e < E; ++e) acc[h][e] = fmaf(pr, v[e], acc[h][e]);
       }
-      // atomicMax: several entries may be query rows of one sequence (KvPolicySeq::q_row).
-      if (a.record_hits && hit && lane == 0 && last_hit[kp[u]] < query_pos) atomicMax(&last_hit[kp[u]], query_pos);
     }
+    // atomicMax: several entries may be query rows of one sequence (KvPolicySeq::q_row).
+    if (a.record_hits && hit && lane == 0 && last_hit[kp] < query_pos) atomicMax(&last_hit[kp], query_pos);
   }
   // The warps' sums through shared memory: [warp][group][D].
   __shared__ float sm_acc[kWarps][kMaxGroup][D];

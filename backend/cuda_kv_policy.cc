@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "kernels/kv_policy.cuh"
@@ -187,6 +188,8 @@ absl::Status CudaBackend::KvPolicyBeginStep(absl::Span<kvpolicy::SequenceKvPolic
   if (seqs.empty()) return absl::OkStatus();
   std::vector<kernels::KvPolicySeq> prompt_rows;
   std::vector<int32_t> read_by_slot;  // prompts the plain kernel must not read
+  // The arrays' new lengths, taken only once the extend is enqueued (an error before leaves them).
+  std::vector<std::pair<CudaPolicyArrays*, int64_t>> extended;
   for (int32_t i = 0; i < b.num_seqs; ++i) {
     kvpolicy::SequenceKvPolicy* s = seqs[i];
     if (s == nullptr) return absl::InternalError(absl::StrCat("KvPolicyBeginStep: sequence ", i, " has no state"));
@@ -213,7 +216,7 @@ absl::Status CudaBackend::KvPolicyBeginStep(absl::Span<kvpolicy::SequenceKvPolic
     e.extend_from = static_cast<int32_t>(std::min(arr->length(), len));
     e.choose = s->choose() ? 1 : 0;
     e.count_from = static_cast<int32_t>(s->CompactFrom(b.block_size));
-    arr->set_length(len);
+    extended.emplace_back(arr, len);
     st.seqs.push_back(e);
     // Attention entries (the file comment).
     const int32_t q0 = b.host_query_start[i], q_len = b.host_query_start[i + 1] - q0;
@@ -253,6 +256,7 @@ absl::Status CudaBackend::KvPolicyBeginStep(absl::Span<kvpolicy::SequenceKvPolic
                                                           static_cast<int>(st.seqs.size()), seqs[0]->num_layers(),
                                                           seqs[0]->num_kv_heads(), stream_),
                             "KV policy: extend"));
+  for (const auto& [arr, len] : extended) arr->set_length(len);
   st.active = true;
   return absl::OkStatus();
 }

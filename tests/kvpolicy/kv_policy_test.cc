@@ -5,6 +5,7 @@
 // exactly 1/t, the paged cache never written) is tests/backend/kv_policy_attention_test.cc.
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <random>
 #include <vector>
 
@@ -577,6 +578,73 @@ TEST(KvPolicyStoreTest, AfterPromptChoosesOnlyOnceThePromptIsDone) {
       }
     }
   }
+}
+
+// Device-resident states (KvPolicyStore on_device: the CUDA backend's; kvpolicy/README.md "On the
+// GPU"): the host keeps the scalars and the counts the backend sets after each step; SlotsNeeded,
+// Counts, the eval statistics and a compaction's checks answer from them; a fork clones the
+// device arrays, and a child whose clone failed starts over at its next step.
+class FakeArrays final : public DeviceArrays {
+ public:
+  explicit FakeArrays(bool clone_ok) : clone_ok_(clone_ok) {}
+  std::unique_ptr<DeviceArrays> Clone() const override {
+    return clone_ok_ ? std::make_unique<FakeArrays>(true) : nullptr;
+  }
+
+ private:
+  bool clone_ok_;
+};
+
+TEST(KvPolicyStoreTest, DeviceResidentStatesAnswerFromTheBackendsCounts) {
+  KvPolicyConfig c;
+  c.kind = KvPolicyKind::kCorm;
+  KvPolicyStore store(c, {{8, 8, true, 64}, {8, 8, true, 64}}, 2, /*on_device=*/true);
+  SequenceKvPolicy* s = store.Prepare(1, 0, 100, /*prompt_len=*/90);
+  ASSERT_TRUE(s->on_device());
+  EXPECT_EQ(s->seq_len(), 100);
+  EXPECT_EQ(s->prompt_len(), 90);
+  EXPECT_FALSE(s->has_chosen());
+  // Before any counts: everything kept, nothing can be given back.
+  EXPECT_EQ(s->Counts(1, 1).full, 100);
+  EXPECT_EQ(s->SlotsNeeded(16), 100);
+  EXPECT_THAT(s->CheckCompaction(16, 50).message(), HasSubstr("need 100"));
+  // The backend's counts after a step: [layer][head] kFull in all, and at positions >= 16.
+  const std::vector<int32_t> full = {40, 30, 35, 20}, from = {30, 22, 27, 12};
+  s->SetDeviceCounts(16, full.data(), from.data());
+  s->set_has_chosen();
+  EXPECT_EQ(s->Counts(0, 1).full, 30);
+  EXPECT_EQ(s->Counts(0, 1).dead, 70);
+  EXPECT_EQ(s->SlotsNeeded(16), 16 + 30);
+  EXPECT_EQ(s->SlotsNeeded(32), s->num_slots()) << "counts taken from another start: nothing to give";
+  // Compaction: checked first, then the state takes the new slots.
+  EXPECT_THAT(s->CheckCompaction(16, 45).message(), HasSubstr("need 46"));
+  EXPECT_THAT(s->CheckCompaction(16, 101).message(), HasSubstr("holds 100"));
+  std::vector<SlotMove> moves;
+  std::vector<LowRepack> low;
+  EXPECT_FALSE(s->Compact(16, 46, &moves, &low).ok()) << "the backend compacts a device-resident state";
+  ASSERT_TRUE(s->MarkCompacted(16, 46).ok());
+  EXPECT_EQ(s->slot_offset(), 100 - 46);
+  EXPECT_EQ(s->num_slots(), 46);
+  // Forks: the device arrays cloned with the state; a failed clone leaves the child without one.
+  s->set_device(std::make_unique<FakeArrays>(true));
+  store.Fork(1, 2);
+  const SequenceKvPolicy* child = store.Find(2);
+  ASSERT_NE(child, nullptr);
+  EXPECT_NE(child->device(), nullptr);
+  EXPECT_NE(child->device(), s->device());
+  EXPECT_EQ(child->slot_offset(), s->slot_offset());
+  EXPECT_TRUE(child->has_chosen());
+  EXPECT_EQ(child->Counts(0, 0).full, 40);
+  s->set_device(std::make_unique<FakeArrays>(false));
+  store.Fork(1, 3);
+  EXPECT_EQ(store.Find(3), nullptr) << "no device memory for the copy: a fresh state at its next step";
+  // Release: the counts go into the statistics (13 bytes of metadata per entry on the device).
+  store.Release(1);
+  store.Release(2);
+  EXPECT_EQ(store.stats().entries.full, 2 * (40 + 30 + 35 + 20));
+  EXPECT_EQ(store.stats().entries.dead, 2 * (400 - 125));
+  EXPECT_DOUBLE_EQ(store.stats().kv_bytes, 2 * 125.0 * 64);
+  EXPECT_DOUBLE_EQ(store.stats().metadata_bytes, 2 * 13.0 * 100 * 4);
 }
 
 }  // namespace

@@ -43,13 +43,14 @@ std::vector<FlagSpec> KvCacheFlags() {
       {"kv-cache-dtype", true,
        "KV cache storage: auto (the backend's: cpu F32, cuda BF16; default), bf16, fp8 (e4m3, "
        "per-token per-head scales), int8 (per-token per-head scales) or int4 (per-token groups of "
-       "32 channels, scale and zero point); for full and LoRC latent caches; fp8/int8/int4: cpu only",
+       "32 channels, scale and zero point); for full and LoRC latent caches; cpu and cuda",
        "DT"},
       {"enforce-eager", false, "CUDA: run decode steps eagerly (no CUDA graphs)"},
       {"kv-policy", true,
        "token-level KV policy (kvpolicy/README.md): none (default), corm (evict keys no recent "
        "query attended, arXiv 2404.15949) or mikv (keep them in low precision instead, arXiv "
-       "2402.18096); cpu backend; generate, eval, bench and the coordinator (sent to its workers)",
+       "2402.18096); cpu backend, cuda for corm over a bf16 cache; generate, eval, bench and the "
+       "coordinator (sent to its workers)",
        "P"},
       {"kv-policy-window", true,
        absl::StrCat("CORM's w: a key stays while one of the last W queries gave it attention "
@@ -247,16 +248,17 @@ absl::StatusOr<kvpolicy::KvPolicyConfig> ParseKvPolicyFlags(const Args& args) {
   // Known before any model loads: what the CUDA backend refuses at load (ModelRunner,
   // CudaBackend::CheckKvPolicy), after the device and the weights; say so at once. (Remote
   // workers' backends are theirs: they refuse at LoadModel, naming the flag.)
-  if (c.enabled() && args.Get("backend", "cpu") == "cuda") {
+  // (--backend names the local backend: a coordinator with only --workers runs none.)
+  if (c.enabled() && IsBackendKind(args.Get("backend", "cpu"), BackendKind::kCuda) && !args.Has("workers")) {
     if (c.kind != kvpolicy::KvPolicyKind::kCorm) {
       return absl::InvalidArgumentError(absl::StrCat(
           "--kv-policy ", kvpolicy::KvPolicyKindName(c.kind),
           ": the cuda backend runs corm only so far (MiKV's low-precision entries are not read by its "
           "kernels yet; --backend cpu runs it)"));
     }
-    const std::string dtype = args.Get("kv-cache-dtype", "auto");
-    if (dtype != "auto" && dtype != "bf16") {
-      return absl::InvalidArgumentError(absl::StrCat("--kv-policy with --kv-cache-dtype ", dtype,
+    ASSIGN_OR_RETURN(const KvCacheDtype dtype, ParseKvCacheDtype(args.Get("kv-cache-dtype", "auto")));
+    if (dtype != KvCacheDtype::kAuto && dtype != KvCacheDtype::kBf16) {
+      return absl::InvalidArgumentError(absl::StrCat("--kv-policy with --kv-cache-dtype ", KvCacheDtypeName(dtype),
                                                      ": the cuda backend's policy kernels read a bf16 cache only so far"));
     }
   }

@@ -10,12 +10,15 @@
 #       [--num-blocks 64] [--requests 32] [--concurrency 16] [--prompt-len 64] [--max-tokens 192]
 #       [--workers 1] [--extra "ARGS"] [--policies "full corm-30 mikv-int4-30 corm-free"]
 #       [--start-wait SECONDS (30)]
-# On the GPU (docs/KV_POLICIES.md "On the GPU"): --model bench/configs/llama3-8b --extra
+# On the GPU (docs/KV_POLICIES.md "On the GPU"): --model bench/configs/llama3.1-8b --extra
 # "--backend cuda --random-weights" --policies "full corm-30" --start-wait 300.
 set -uo pipefail
 bin="" model="" blocks=64 requests=32 conc=16 plen=64 mtok=192 workers=1 extra="" start_wait=30
 policies="full corm-30 mikv-int4-30 corm-free"
+usage() { echo "capacity.sh: $1 (see the header for the options)" >&2; exit 2; }
+need() { [[ $# -ge 2 && ( -n "$2" || "$1" == --extra ) ]] || usage "$1 needs a value"; }
 while (($#)); do
+  [[ "$1" == --* ]] && need "$@"
   case "$1" in
     --lorcserve) bin="${2:?}"; shift 2 ;;
     --model) model="${2:?}"; shift 2 ;;
@@ -31,7 +34,11 @@ while (($#)); do
     *) echo "capacity.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
-[[ -n "$bin" && -n "$model" ]] || { echo "capacity.sh: needs --lorcserve and --model" >&2; exit 2; }
+[[ -n "$bin" && -n "$model" ]] || usage "needs --lorcserve and --model"
+[[ "$start_wait" =~ ^[1-9][0-9]*$ ]] || usage "--start-wait: '$start_wait' is not a whole number of seconds >= 1"
+for p in $policies; do
+  case "$p" in full|corm-30|mikv-int4-30|corm-free) ;; *) usage "unknown policy $p (full, corm-30, mikv-int4-30, corm-free)" ;; esac
+done
 tmp="$(mktemp -d)"
 trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$tmp"' EXIT
 

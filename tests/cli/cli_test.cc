@@ -444,6 +444,7 @@ TEST_F(CliTest, KvPolicyFlagsAreCheckedNamingTheFlag) {
       {{"--kv-policy", "mikv", "--backend", "cuda"}, "--kv-policy mikv: the cuda backend runs corm only so far"},
       {{"--kv-policy", "corm", "--backend", "cuda", "--kv-cache-dtype", "int8"},
        "--kv-policy with --kv-cache-dtype int8: the cuda backend's policy kernels read a bf16 cache only"},
+      {{"--kv-policy", "mikv", "--backend", "CUDA"}, "--kv-policy mikv: the cuda backend runs corm only so far"},
       {{"--kv-token-budget", "0.5"}, "--kv-token-budget needs --kv-policy corm or mikv"},
       {{"--kv-policy", "corm", "--kv-policy-prefill", "never"},
        "--kv-policy-prefill: 'never' is not one of after-prompt, every-chunk"},

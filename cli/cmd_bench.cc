@@ -152,8 +152,16 @@ int RunBench(int argc, char** argv) {
                                                  : 0.0},
                 {"pipelined_steps", sa.pipelined_steps() - sb.pipelined_steps()},
                 {"wait_us", delta_mean(sa.wait_us_mean(), sb.wait_us_mean())}};
-  j["kv_free_blocks_after"] = after->kv_free_blocks();
-  j["kv_capacity_blocks"] = after->kv_capacity_blocks();
+  // Without a live worker group (a worker failed and the group is restarting) ModelInfo has no
+  // KV figures: null, with the failure, rather than zeros that read as a full cache.
+  if (after->kv_capacity_blocks() > 0) {
+    j["kv_free_blocks_after"] = after->kv_free_blocks();
+    j["kv_capacity_blocks"] = after->kv_capacity_blocks();
+  } else {
+    j["kv_free_blocks_after"] = nullptr;
+    j["kv_capacity_blocks"] = nullptr;
+  }
+  if (!after->worker_failure().empty()) j["worker_failure"] = after->worker_failure();
   if (!args->Has("json")) {
     std::cout << absl::StrFormat(
         "requests %d ok of %d, concurrency %d, prompt %d, output %d, TP %d (%s, %s steps)\n"

@@ -195,6 +195,25 @@ TEST_F(ServerE2ETest, NewSamplingFieldsAreValidatedNamingTheField) {
 
 // Fault 4 of issue #7: a string field that is not valid UTF-8 used to fail inside gRPC (INTERNAL,
 // empty message). Every such field is named, with the byte offset.
+// `lorcserve bench --server --json` against a live server: every request served, and the KV
+// figures of ModelInfo after the run (every block free again; null only without a live worker
+// group, which this server has).
+TEST_F(ServerE2ETest, BenchAgainstTheServerReportsTheKvPool) {
+  ASSERT_NO_FATAL_FAILURE(StartServer(1));
+  int exit_code = 0;
+  const std::string out = RunLorcserve({"bench", "--server", server_->address(), "--requests", "3", "--concurrency",
+                                        "2", "--prompt-len", "8", "--max-tokens", "4", "--json"},
+                                       &exit_code);
+  ASSERT_EQ(exit_code, 0) << out;
+  const nlohmann::json j = nlohmann::json::parse(out, nullptr, false);  // --json: one JSON line
+  ASSERT_FALSE(j.is_discarded()) << out;
+  EXPECT_EQ(j["ok"], 3);
+  ASSERT_TRUE(j["kv_capacity_blocks"].is_number_integer()) << out;
+  EXPECT_GT(j["kv_capacity_blocks"].get<int64_t>(), 0);
+  EXPECT_EQ(j["kv_free_blocks_after"], j["kv_capacity_blocks"]) << "blocks still held after the run";
+  EXPECT_FALSE(j.contains("worker_failure")) << out;
+}
+
 TEST_F(ServerE2ETest, InvalidUtf8IsInvalidArgumentNamingFieldAndOffset) {
   ASSERT_NO_FATAL_FAILURE(StartServer(1));
   const Golden& g = GoldenPrompts()[0];

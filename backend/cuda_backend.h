@@ -26,6 +26,12 @@ absl::StatusOr<std::vector<CudaDeviceInfo>> ListCudaDevices();
 // "runtime 13.0, driver 13.0" or why it is unknown.
 std::string CudaVersionString();
 
+// What the CUDA backend runs under a token-level KV policy (kvpolicy/README.md "On the GPU"):
+// CORM over a bf16 full-KV cache. Unimplemented naming the flag otherwise (`latent`: a LoRC latent
+// model). CudaBackend::CheckKvPolicy at load, and the CLI before any device opens; host logic,
+// defined with or without CUDA in the build.
+absl::Status CudaKvPolicySupport(const kvpolicy::KvPolicyConfig& config, KvCacheDtype kv_cache_dtype, bool latent);
+
 // The CUDA backend (serving computes in BF16: compute_dtype()). Unimplemented without CUDA in the
 // build, Unavailable without a driver, FailedPrecondition for a device ordinal that is not present.
 absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackend(const BackendOptions& options);

@@ -18,6 +18,7 @@
 //  - a prompt chunk of a state that has chosen (every-chunk mode, a recomputed request past its
 //    prompt): every row through the policy decode (one entry per row), and not the paged kernel.
 #include "backend/cuda_backend_impl.h"
+#include "backend/cuda_backend.h"
 
 #ifdef LORC_HAVE_CUDA
 #include <algorithm>
@@ -151,23 +152,7 @@ absl::Status Ensure(Backend& be, DeviceBuffer& b, size_t bytes, bool host = fals
 
 absl::Status CudaBackend::CheckKvPolicy(const kvpolicy::KvPolicyConfig& config, KvCacheDtype kv_cache_dtype,
                                         bool latent) const {
-  if (config.kind != kvpolicy::KvPolicyKind::kCorm) {
-    return absl::UnimplementedError(absl::StrCat(
-        "--kv-policy ", kvpolicy::KvPolicyKindName(config.kind),
-        ": the cuda backend runs corm only so far (MiKV's low-precision entries are not read by its kernels "
-        "yet; --backend cpu runs it)"));
-  }
-  if (kv_cache_dtype != KvCacheDtype::kAuto && kv_cache_dtype != KvCacheDtype::kBf16) {
-    // (kvstore's KvCacheDtypeName is not linked into the backend.)
-    const char* name = kv_cache_dtype == KvCacheDtype::kFp8 ? "fp8" : kv_cache_dtype == KvCacheDtype::kInt8 ? "int8" : "int4";
-    return absl::UnimplementedError(absl::StrCat("--kv-policy with --kv-cache-dtype ", name,
-                                                 ": the cuda backend's policy kernels read a bf16 cache only so far"));
-  }
-  if (latent) {
-    return absl::UnimplementedError(
-        "--kv-policy with a LoRC (latent) model: the cuda backend's policy kernels read full K and V only so far");
-  }
-  return absl::OkStatus();
+  return CudaKvPolicySupport(config, kv_cache_dtype, latent);  // cuda_backend.cc
 }
 
 absl::Status CudaBackend::KvPolicyBeginStep(absl::Span<kvpolicy::SequenceKvPolicy* const> seqs,

@@ -7,6 +7,7 @@
 #include <limits>
 
 #include "absl/strings/str_cat.h"
+#include "backend/cuda_backend.h"
 #include "common/defaults.h"
 #include "common/status_macros.h"
 
@@ -250,16 +251,10 @@ absl::StatusOr<kvpolicy::KvPolicyConfig> ParseKvPolicyFlags(const Args& args) {
   // workers' backends are theirs: they refuse at LoadModel, naming the flag.)
   // (--backend names the local backend: a coordinator with only --workers runs none.)
   if (c.enabled() && IsBackendKind(args.Get("backend", "cpu"), BackendKind::kCuda) && !args.Has("workers")) {
-    if (c.kind != kvpolicy::KvPolicyKind::kCorm) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "--kv-policy ", kvpolicy::KvPolicyKindName(c.kind),
-          ": the cuda backend runs corm only so far (MiKV's low-precision entries are not read by its "
-          "kernels yet; --backend cpu runs it)"));
-    }
     ASSIGN_OR_RETURN(const KvCacheDtype dtype, ParseKvCacheDtype(args.Get("kv-cache-dtype", "auto")));
-    if (dtype != KvCacheDtype::kAuto && dtype != KvCacheDtype::kBf16) {
-      return absl::InvalidArgumentError(absl::StrCat("--kv-policy with --kv-cache-dtype ", KvCacheDtypeName(dtype),
-                                                     ": the cuda backend's policy kernels read a bf16 cache only so far"));
+    // The model (LoRC or not) is not known yet: the load refuses a latent one.
+    if (absl::Status s = CudaKvPolicySupport(c, dtype, /*latent=*/false); !s.ok()) {
+      return absl::InvalidArgumentError(s.message());  // a flag error, as the others here
     }
   }
   return c;

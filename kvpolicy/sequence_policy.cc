@@ -190,12 +190,7 @@ absl::Status SequenceKvPolicy::Compact(int64_t from, int64_t num_slots, std::vec
   moves->clear();
   low->clear();
   if (on_device_) return absl::FailedPreconditionError("device-resident KV policy state: the backend compacts it");
-  const int64_t needed = SlotsNeeded(from);
-  if (from < 0 || from > num_slots || num_slots < needed || num_slots > this->num_slots()) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "compaction to ", num_slots, " cache slots from slot ", from, ": the sequence holds ",
-        this->num_slots(), " slots and its kept keys need ", needed));
-  }
+  if (absl::Status s = CheckCompaction(from, num_slots); !s.ok()) return s;
   const uint8_t full = static_cast<uint8_t>(SlotState::kFull);
   const uint8_t low_state = static_cast<uint8_t>(SlotState::kLow);
   for (size_t i = 0; i < heads_.size(); ++i) {

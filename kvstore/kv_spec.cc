@@ -19,17 +19,6 @@ absl::StatusOr<KvCacheDtype> ParseKvCacheDtype(absl::string_view s) {
       "--kv-cache-dtype: '", s, "' is not one of auto, bf16, fp8, int8, int4"));
 }
 
-const char* KvCacheDtypeName(KvCacheDtype d) {
-  switch (d) {
-    case KvCacheDtype::kAuto: return "auto";
-    case KvCacheDtype::kBf16: return "bf16";
-    case KvCacheDtype::kFp8: return "fp8";
-    case KvCacheDtype::kInt8: return "int8";
-    case KvCacheDtype::kInt4: return "int4";
-  }
-  return "?";
-}
-
 kernels::KvQuant KvQuantOf(KvCacheDtype d) {
   switch (d) {
     case KvCacheDtype::kFp8: return kernels::KvQuant::kFp8E4m3;

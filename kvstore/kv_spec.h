@@ -52,8 +52,18 @@ enum class KvCacheDtype : uint8_t { kAuto, kBf16, kFp8, kInt8, kInt4 };
 // "auto", "bf16", "fp8", "int8", "int4" (also fp8_e4m3 for fp8, as vLLM); InvalidArgument naming
 // --kv-cache-dtype for anything else.
 absl::StatusOr<KvCacheDtype> ParseKvCacheDtype(absl::string_view s);
-// The flag spelling: "auto", "bf16", "fp8", "int8", "int4".
-const char* KvCacheDtypeName(KvCacheDtype d);
+// The flag spelling: "auto", "bf16", "fp8", "int8", "int4". Inline: libraries that only see this
+// header (the backends) name the dtype without linking kvstore.
+inline const char* KvCacheDtypeName(KvCacheDtype d) {
+  switch (d) {
+    case KvCacheDtype::kAuto: return "auto";
+    case KvCacheDtype::kBf16: return "bf16";
+    case KvCacheDtype::kFp8: return "fp8";
+    case KvCacheDtype::kInt8: return "int8";
+    case KvCacheDtype::kInt4: return "int4";
+  }
+  return "?";
+}
 // The code format: kNone for auto and bf16.
 kernels::KvQuant KvQuantOf(KvCacheDtype d);
 

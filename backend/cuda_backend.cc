@@ -22,12 +22,6 @@
 namespace lorc {
 
 absl::Status CudaKvPolicySupport(const kvpolicy::KvPolicyConfig& config, KvCacheDtype kv_cache_dtype, bool latent) {
-  if (config.kind != kvpolicy::KvPolicyKind::kCorm) {
-    return absl::UnimplementedError(absl::StrCat(
-        "--kv-policy ", kvpolicy::KvPolicyKindName(config.kind),
-        ": the cuda backend runs corm only so far (MiKV's low-precision entries are not read by its kernels "
-        "yet; --backend cpu runs it)"));
-  }
   if (kv_cache_dtype != KvCacheDtype::kAuto && kv_cache_dtype != KvCacheDtype::kBf16) {
     return absl::UnimplementedError(absl::StrCat("--kv-policy with --kv-cache-dtype ", KvCacheDtypeName(kv_cache_dtype),
                                                  ": the cuda backend's policy kernels read a bf16 cache only so far"));

@@ -27,7 +27,7 @@ absl::StatusOr<std::vector<CudaDeviceInfo>> ListCudaDevices();
 std::string CudaVersionString();
 
 // What the CUDA backend runs under a token-level KV policy (kvpolicy/README.md "On the GPU"):
-// CORM over a bf16 full-KV cache. Unimplemented naming the flag otherwise (`latent`: a LoRC latent
+// CORM and MiKV over a bf16 full-KV cache. Unimplemented naming the flag otherwise (`latent`: a LoRC latent
 // model). CudaBackend::CheckKvPolicy at load, and the CLI before any device opens; host logic,
 // defined with or without CUDA in the build.
 absl::Status CudaKvPolicySupport(const kvpolicy::KvPolicyConfig& config, KvCacheDtype kv_cache_dtype, bool latent);

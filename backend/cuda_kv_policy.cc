@@ -2,8 +2,12 @@
 // per-position arrays live on the device (CudaPolicyArrays, owned by each
 // kvpolicy::SequenceKvPolicy), attention reads the kept keys through the slot map and records
 // CORM's importance (kernels/kv_policy.cuh), the choice and the counts run once per step, and a
-// compaction moves the kept keys on the device. The CPU backend (cpu_kv_policy.cc,
-// kvpolicy::SelectVictims, SequenceKvPolicy::Compact) is the reference.
+// compaction moves the kept keys on the device. MiKV: the choice demotes instead of dropping
+// (fixing a head's key balance at its first demotion from the queries the attention calls
+// observed), the decode reads demoted keys quantized on the fly and packed ones from their runs,
+// and a compaction packs each head's low entries after its full run. The CPU backend
+// (cpu_kv_policy.cc, kvpolicy::SelectVictims, SequenceKvPolicy::Compact / Apply) is the
+// reference.
 //
 // What runs where, per step (KvPolicyBeginStep builds the lists):
 //  - decodes: the policy decode over each sequence's kept keys (one entry per sequence);
@@ -41,37 +45,50 @@ constexpr int64_t kArraysGranule = 1024;
 
 // One state's device arrays, [layers x KV heads][capacity] each, in one allocation: slot,
 // last_hit and pos (int32; kernels/kv_policy.cuh KvPolicySeq), then state (uint8): 13 bytes per
-// position, layer and KV head.
+// position, layer and KV head. MiKV adds, per (layer, KV head), low_base, num_packed and
+// balance_set (int32) and balance and q_absmax (fp32 [head_dim]) in a second allocation, zeroed.
 class CudaPolicyArrays final : public kvpolicy::DeviceArrays {
  public:
   ~CudaPolicyArrays() override {
     if (base_ != nullptr) cudaFree(base_);
+    if (heads_base_ != nullptr) cudaFree(heads_base_);
   }
-  static absl::StatusOr<std::unique_ptr<CudaPolicyArrays>> Make(int64_t rows, int64_t capacity,
+  // head_dim > 0: with MiKV's per-head arrays.
+  static absl::StatusOr<std::unique_ptr<CudaPolicyArrays>> Make(int64_t rows, int64_t capacity, int64_t head_dim,
                                                                 cudaStream_t stream) {
     auto a = std::make_unique<CudaPolicyArrays>();
     a->rows_ = rows;
     a->capacity_ = capacity;
+    a->head_dim_ = head_dim;
     a->stream_ = stream;
     RETURN_IF_ERROR(CudaError(cudaMalloc(&a->base_, static_cast<size_t>(rows * capacity) * kBytesPerEntry),
                               "KV policy state arrays"));
+    if (head_dim > 0) {
+      RETURN_IF_ERROR(CudaError(cudaMalloc(&a->heads_base_, a->HeadsBytes()), "KV policy MiKV arrays"));
+      RETURN_IF_ERROR(CudaError(cudaMemsetAsync(a->heads_base_, 0, a->HeadsBytes(), stream), "KV policy MiKV arrays"));
+    }
     return a;
   }
   std::unique_ptr<kvpolicy::DeviceArrays> Clone() const override {
-    absl::StatusOr<std::unique_ptr<CudaPolicyArrays>> c = Make(rows_, capacity_, stream_);
+    absl::StatusOr<std::unique_ptr<CudaPolicyArrays>> c = Make(rows_, capacity_, head_dim_, stream_);
     if (!c.ok()) return nullptr;
     if (cudaMemcpyAsync((*c)->base_, base_, static_cast<size_t>(rows_ * capacity_) * kBytesPerEntry, cudaMemcpyDeviceToDevice,
                         stream_) != cudaSuccess) {
       return nullptr;
     }
+    if (head_dim_ > 0 &&
+        cudaMemcpyAsync((*c)->heads_base_, heads_base_, HeadsBytes(), cudaMemcpyDeviceToDevice, stream_) != cudaSuccess) {
+      return nullptr;
+    }
     (*c)->length_ = length_;
     return *std::move(c);
   }
-  // Capacity for `positions` at least (growing copies the arrays' first length() positions).
+  // Capacity for `positions` at least (growing copies the arrays' first length() positions; the
+  // per-head arrays stay).
   absl::Status Reserve(int64_t positions) {
     if (positions <= capacity_) return absl::OkStatus();
     const int64_t cap = std::max((positions + kArraysGranule - 1) / kArraysGranule * kArraysGranule, 2 * capacity_);
-    ASSIGN_OR_RETURN(std::unique_ptr<CudaPolicyArrays> n, Make(rows_, cap, stream_));
+    ASSIGN_OR_RETURN(std::unique_ptr<CudaPolicyArrays> n, Make(rows_, cap, /*head_dim=*/0, stream_));
     if (length_ > 0) {
       for (int part = 0; part < 4; ++part) {
         const size_t elem = part < 3 ? 4 : 1;
@@ -100,6 +117,15 @@ class CudaPolicyArrays final : public kvpolicy::DeviceArrays {
     e.pos = pos();
     e.capacity = static_cast<int32_t>(capacity_);
     e.seq_len = static_cast<int32_t>(seq_len);
+    if (heads_base_ != nullptr) {
+      int32_t* ints = static_cast<int32_t*>(heads_base_);
+      e.low_base = ints;
+      e.num_packed = ints + rows_;
+      e.balance_set = ints + 2 * rows_;
+      float* floats = reinterpret_cast<float*>(static_cast<char*>(heads_base_) + IntsBytes());
+      e.balance = floats;
+      e.q_absmax = floats + rows_ * head_dim_;
+    }
     return e;
   }
   static constexpr size_t kBytesPerEntry = 13;
@@ -111,10 +137,15 @@ class CudaPolicyArrays final : public kvpolicy::DeviceArrays {
   void* Part(int part) const {
     return static_cast<char*>(base_) + static_cast<size_t>(part) * 4 * static_cast<size_t>(rows_ * capacity_);
   }
+  size_t IntsBytes() const { return (3 * sizeof(int32_t) * static_cast<size_t>(rows_) + 255) / 256 * 256; }
+  size_t HeadsBytes() const { return IntsBytes() + 2 * sizeof(float) * static_cast<size_t>(rows_ * head_dim_); }
   void* base_ = nullptr;
-  int64_t rows_ = 0, capacity_ = 0, length_ = 0;
+  void* heads_base_ = nullptr;
+  int64_t rows_ = 0, capacity_ = 0, head_dim_ = 0, length_ = 0;
   cudaStream_t stream_ = nullptr;
 };
+
+bool IsMikv(const kvpolicy::KvPolicyConfig& c) { return c.kind == kvpolicy::KvPolicyKind::kMikv; }
 
 }  // namespace
 
@@ -132,7 +163,12 @@ struct CudaKvPolicyStep {
   };
   std::vector<Group> decode_groups, prefill_groups;
   bool groups_ready = false;
-  DeviceBuffer seqs_dev, entries_dev, counts_dev, counts_host, scratch, compact_dev;
+  // MiKV: what the choice's balance reads, recorded by the step's attention calls: each layer's K
+  // cache, the batch's block tables (device, batch order), the head shape.
+  std::vector<const void*> k_layers;
+  const int32_t* block_tables = nullptr;
+  int32_t max_blocks = 0, block_size = 0, head_dim = 0;
+  DeviceBuffer seqs_dev, entries_dev, counts_dev, counts_host, scratch, compact_dev, k_layers_dev, stage;
   bool active = false;
 };
 
@@ -189,7 +225,8 @@ absl::Status CudaBackend::KvPolicyBeginStep(absl::Span<kvpolicy::SequenceKvPolic
     if (arr == nullptr) {
       ASSIGN_OR_RETURN(std::unique_ptr<CudaPolicyArrays> made,
                        CudaPolicyArrays::Make(int64_t{s->num_layers()} * s->num_kv_heads(),
-                                              (len + kArraysGranule - 1) / kArraysGranule * kArraysGranule, stream_));
+                                              (len + kArraysGranule - 1) / kArraysGranule * kArraysGranule,
+                                              IsMikv(cfg) ? s->layer_shape(0).k_width : 0, stream_));
       arr = made.get();
       s->set_device(std::move(made));
     }
@@ -201,12 +238,16 @@ absl::Status CudaBackend::KvPolicyBeginStep(absl::Span<kvpolicy::SequenceKvPolic
     e.extend_from = static_cast<int32_t>(std::min(arr->length(), len));
     e.choose = s->choose() ? 1 : 0;
     e.count_from = static_cast<int32_t>(s->CompactFrom(b.block_size));
+    e.packed_max = static_cast<int32_t>(std::min<int64_t>(s->DevicePackedBound(), len));
+    const int32_t q0 = b.host_query_start[i], q_len = b.host_query_start[i + 1] - q0;
+    e.q_row = q0;  // MiKV's query observation (KvPolicyAttention); entries below set their own
+    e.q_len = q_len;
     extended.emplace_back(arr, len);
     st.seqs.push_back(e);
     // Attention entries (the file comment).
-    const int32_t q0 = b.host_query_start[i], q_len = b.host_query_start[i + 1] - q0;
     kernels::KvPolicySeq row = e;
     row.table_row = i;
+    row.q_len = 0;
     if (q_len == 1) {
       row.q_row = q0;
       st.entries.push_back(row);
@@ -265,7 +306,8 @@ absl::Status CudaBackend::KvPolicyAttention(const AttentionParams& p, const Atte
     auto make = [&](int32_t begin, int32_t end, std::vector<CudaKvPolicyStep::Group>* out) {
       CudaKvPolicyStep::Group g{begin, 0, 0};
       for (int32_t e = begin; e < end; ++e) {
-        const int32_t slots = st.entries[e].seq_len - st.entries[e].slot_offset;  // what it walks
+        // What it walks: its slots, then (MiKV) its heads' packed entries.
+        const int32_t slots = st.entries[e].seq_len - st.entries[e].slot_offset + st.entries[e].packed_max;
         const int32_t len = std::max(g.max_seq_len, slots);
         const size_t bytes =
             kernels::KvPolicyDecodeScratchBytes(g.count + 1, p.num_heads, p.num_kv_heads, p.head_dim, len);
@@ -303,6 +345,28 @@ absl::Status CudaBackend::KvPolicyAttention(const AttentionParams& p, const Atte
   a.scale = p.scale;
   a.record_hits = true;
   a.scratch = st.scratch.data();
+  const kvpolicy::KvPolicyConfig& cfg = p.kv_policy.seqs[0]->config();
+  if (IsMikv(cfg)) {
+    a.low_bits = cfg.low_bits;
+    // The choice's balance reads this layer's keys (KvPolicyEndStep); the queries seen until a
+    // head's first demotion, once per layer (the decode call comes first).
+    const int32_t layers = p.kv_policy.seqs[0]->num_layers();
+    if (static_cast<int32_t>(st.k_layers.size()) != layers) st.k_layers.assign(layers, nullptr);
+    if (a.layer < 0 || a.layer >= layers) {
+      return absl::InvalidArgumentError(absl::StrCat("KV policy attention: layer ", a.layer, " of ", layers));
+    }
+    st.k_layers[a.layer] = p.cache.k;
+    st.block_tables = b.block_tables;
+    st.max_blocks = b.max_blocks_per_seq;
+    st.block_size = b.block_size;
+    st.head_dim = p.head_dim;
+    if (decode) {
+      RETURN_IF_ERROR(CudaError(kernels::LaunchKvPolicyObserveQueries(
+                                    st.seqs_dev.as<kernels::KvPolicySeq>(), static_cast<int>(st.seqs.size()), a.layer,
+                                    a.q, a.q_stride, p.num_heads, p.num_kv_heads, p.head_dim, stream_),
+                                "KV policy: MiKV query statistics"));
+    }
+  }
   for (const CudaKvPolicyStep::Group& g : decode ? st.decode_groups : st.prefill_groups) {
     a.seqs = st.entries_dev.as<kernels::KvPolicySeq>() + g.begin;
     a.num_seqs = g.count;
@@ -322,8 +386,10 @@ absl::Status CudaBackend::KvPolicyEndStep(absl::Span<kvpolicy::SequenceKvPolicy*
   const kvpolicy::KvPolicyConfig& cfg = seqs[0]->config();
   const int32_t heads = seqs[0]->num_layers() * seqs[0]->num_kv_heads();
   const size_t n = static_cast<size_t>(heads) * seqs.size();
-  RETURN_IF_ERROR(Ensure(*this, st.counts_dev, 2 * n * sizeof(int32_t)));
-  RETURN_IF_ERROR(Ensure(*this, st.counts_host, 2 * n * sizeof(int32_t), /*host=*/true));
+  const bool mikv = IsMikv(cfg);
+  const size_t parts = mikv ? 4 : 2;  // full, from (, low, low_from)
+  RETURN_IF_ERROR(Ensure(*this, st.counts_dev, parts * n * sizeof(int32_t)));
+  RETURN_IF_ERROR(Ensure(*this, st.counts_host, parts * n * sizeof(int32_t), /*host=*/true));
   kernels::KvPolicyChooseArgs c;
   c.seqs = st.seqs_dev.as<kernels::KvPolicySeq>();
   c.num_seqs = static_cast<int32_t>(seqs.size());
@@ -332,15 +398,36 @@ absl::Status CudaBackend::KvPolicyEndStep(absl::Span<kvpolicy::SequenceKvPolicy*
   c.sinks = cfg.sinks;
   c.recent = cfg.recent;
   c.window = cfg.window;
-  c.victim_state = kernels::kKvPolicyDead;
+  c.victim_state = mikv ? kernels::kKvPolicyLow : kernels::kKvPolicyDead;
   c.full_counts = st.counts_dev.as<int32_t>();
   c.from_counts = st.counts_dev.as<int32_t>() + n;
+  if (mikv) {
+    c.low_counts = st.counts_dev.as<int32_t>() + 2 * n;
+    c.low_from_counts = st.counts_dev.as<int32_t>() + 3 * n;
+    c.balance_keys = seqs[0]->layer_shape(0).balance_keys;
+    if (c.balance_keys) {
+      if (static_cast<int32_t>(st.k_layers.size()) != c.num_layers ||
+          std::find(st.k_layers.begin(), st.k_layers.end(), nullptr) != st.k_layers.end()) {
+        return absl::FailedPreconditionError("cuda backend: KvPolicyEndStep: a layer's attention did not run this step");
+      }
+      const size_t bytes = st.k_layers.size() * sizeof(void*);
+      RETURN_IF_ERROR(Ensure(*this, st.k_layers_dev, bytes));
+      RETURN_IF_ERROR(CopyToDevice(st.k_layers_dev.data(), st.k_layers.data(), bytes));
+      c.k_layers = st.k_layers_dev.as<const __nv_bfloat16* const>();
+      c.kv_stride = static_cast<int64_t>(seqs[0]->num_kv_heads()) * st.head_dim;
+      c.block_tables = st.block_tables;
+      c.max_blocks = st.max_blocks;
+      c.block_size = st.block_size;
+      c.head_dim = st.head_dim;
+    }
+  }
   RETURN_IF_ERROR(CudaError(kernels::LaunchKvPolicyChoose(c, stream_), "KV policy: choose"));
-  RETURN_IF_ERROR(CopyToHost(st.counts_host.data(), st.counts_dev.data(), 2 * n * sizeof(int32_t)));
+  RETURN_IF_ERROR(CopyToHost(st.counts_host.data(), st.counts_dev.data(), parts * n * sizeof(int32_t)));
   RETURN_IF_ERROR(Synchronize());
   const int32_t* counts = st.counts_host.as<int32_t>();
   for (size_t i = 0; i < seqs.size(); ++i) {
-    seqs[i]->SetDeviceCounts(st.seqs[i].count_from, counts + i * heads, counts + n + i * heads);
+    seqs[i]->SetDeviceCounts(st.seqs[i].count_from, counts + i * heads, counts + n + i * heads,
+                             mikv ? counts + 2 * n + i * heads : nullptr, mikv ? counts + 3 * n + i * heads : nullptr);
     if (seqs[i]->choose()) seqs[i]->set_has_chosen();
   }
   return absl::OkStatus();
@@ -403,7 +490,23 @@ absl::Status CudaBackend::KvPolicyCompact(kvpolicy::SequenceKvPolicy& seq, absl:
   a.head_dim = static_cast<int32_t>(head_dim);
   a.from = static_cast<int32_t>(from);
   a.old_slots = static_cast<int32_t>(seq.num_slots());
-  return CudaError(kernels::LaunchKvPolicyCompact(a, stream_), "KV policy compaction");
+  if (!IsMikv(seq.config())) return CudaError(kernels::LaunchKvPolicyCompact(a, stream_), "KV policy compaction");
+  // MiKV: each (layer, head) stages its low entries (at most DeviceLowMax, the latest counts) in
+  // a slice of `stage`; as many layers per launch as kMaxPolicyScratchBytes of staging holds.
+  a.low_bits = seq.config().low_bits;
+  const int64_t entry = kvpolicy::LowEntryBytes(head_dim, a.low_bits);
+  a.stage_head_bytes = std::max<int64_t>(seq.DeviceLowMax(), 1) * 2 * entry;
+  const int64_t per_layer = a.stage_head_bytes * seq.num_kv_heads();
+  const int32_t layers_per_launch = static_cast<int32_t>(
+      std::clamp<int64_t>(static_cast<int64_t>(kMaxPolicyScratchBytes) / per_layer, 1, seq.num_layers()));
+  RETURN_IF_ERROR(Ensure(*this, st->stage, static_cast<size_t>(per_layer * layers_per_launch)));
+  a.stage = st->stage.as<uint8_t>();
+  for (int32_t l = 0; l < seq.num_layers(); l += layers_per_launch) {
+    a.layer0 = l;
+    a.num_layers = std::min(layers_per_launch, seq.num_layers() - l);
+    RETURN_IF_ERROR(CudaError(kernels::LaunchKvPolicyCompact(a, stream_), "KV policy compaction"));
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace lorc::cuda_internal

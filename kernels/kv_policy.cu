@@ -1,11 +1,14 @@
 // Token-level KV policies on the GPU: the policy decode (scores, P V with importance, reduce),
-// the state of new positions and CORM's choice. Interface and algorithms: kv_policy.cuh.
+// the state of new positions, CORM's choice, MiKV's low entries and compaction. Interface and
+// algorithms: kv_policy.cuh.
 #include "kernels/kv_policy.cuh"
 
 #include <cuda_bf16.h>
 
 #include <cmath>
 #include <cstdint>
+
+#include "kernels/kv_quant.h"
 
 namespace lorc::kernels {
 namespace {
@@ -17,7 +20,7 @@ constexpr int kMaxGroup = 8;
 struct Scratch {
   float* scores;    // [num_seqs][num_heads][max_seq_len]
   float* chunk_ml;  // [num_seqs][num_heads][max_chunks][2]: the chunk's softmax max and sum
-  int32_t* chunk_n; // [num_seqs][num_kv_heads][max_chunks]: kFull keys in the chunk
+  int32_t* chunk_n; // [num_seqs][num_kv_heads][max_chunks]: keys (full and low) in the chunk
   float* partial;   // [num_seqs][max_chunks][num_heads][head_dim]
   int32_t max_chunks;
 };
@@ -72,15 +75,158 @@ __device__ __forceinline__ int64_t CacheSlot(const int32_t* table, int32_t slot,
   return static_cast<int64_t>(table[slot / block_size]) * block_size + slot % block_size;
 }
 
+// --- MiKV's low entries (kvpolicy/low_precision.{h,cc}, bit for bit: each operation rounded
+// as the CPU's, no contraction into fused multiply-adds) ---------------------------------------
+
+__device__ __forceinline__ bool IsLow(uint8_t st) { return st == kKvPolicyLow || st == kKvPolicyLowPacked; }
+
+// QuantizeLow of the warp's row (lane holds values [lane * E, lane * E + E)): the codes of this
+// lane's values and the entry's fp16 (scale, zero).
+template <int E>
+__device__ __forceinline__ void QuantizeLane(const float (&x)[E], int bits, int (&code)[E], uint16_t* scale16,
+                                             uint16_t* zero16) {
+  float mn = x[0], mx = x[0];
+#pragma unroll
+  for (int e = 1; e < E; ++e) {
+    mn = fminf(mn, x[e]);
+    mx = fmaxf(mx, x[e]);
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    mn = fminf(mn, __shfl_xor_sync(0xffffffffu, mn, o));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  }
+  const int levels = (1 << bits) - 1;
+  *zero16 = KvqF16RoundDown(mn);
+  const float zero = KvqF16ToF32(*zero16);
+  *scale16 = KvqF16RoundUp(__fdiv_rn(__fsub_rn(mx, zero), static_cast<float>(levels)));
+  const float scale = KvqF16ToF32(*scale16);
+  const float inv = scale > 0.f ? __fdiv_rn(1.0f, scale) : 0.f;
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    code[e] = min(max(static_cast<int>(rintf(__fmul_rn(__fsub_rn(x[e], zero), inv))), 0), levels);
+  }
+}
+
+template <int E>
+__device__ __forceinline__ void DequantizeLane(const int (&code)[E], uint16_t scale16, uint16_t zero16,
+                                               float (&out)[E]) {
+  const float zero = KvqF16ToF32(zero16), scale = KvqF16ToF32(scale16);
+#pragma unroll
+  for (int e = 0; e < E; ++e) out[e] = __fadd_rn(zero, __fmul_rn(static_cast<float>(code[e]), scale));
+}
+
+// One KV head's low-entry context: the run, its region of a slot, the key factors.
+struct LowHead {
+  int32_t base = 0, packed = 0;
+  const float* balance = nullptr;  // this head's [head_dim], null: none (V, or not fixed)
+};
+
+// Byte b of a run from sequence slot `base`, in head `head`'s region (`region` bytes at
+// head * region of each slot's row of `row_bytes`).
+__device__ __forceinline__ const uint8_t* RunByte(const uint8_t* cache, int64_t row_bytes, int head, int region,
+                                                 const int32_t* table, int32_t block_size, int32_t base, int64_t b) {
+  const int64_t slot = CacheSlot(table, static_cast<int32_t>(base + b / region), block_size);
+  return cache + slot * row_bytes + static_cast<int64_t>(head) * region + b % region;
+}
+
+// Entry e of a packed run, dequantized into this lane's E values (kvpolicy DecodeLowEntry before
+// the balance).
+template <int D>
+__device__ __forceinline__ void ReadLowEntry(const __nv_bfloat16* cache, int64_t kv_stride, int head,
+                                             const int32_t* table, int32_t block_size, int32_t base, int64_t e,
+                                             int bits, int lane, float (&out)[D / 32]) {
+  constexpr int E = D / 32, kRegion = D * 2;
+  const uint8_t* c = reinterpret_cast<const uint8_t*>(cache);
+  const int64_t row = kv_stride * 2, code_bytes = D * bits / 8, entry = code_bytes + 4;
+  const int nbits = E * bits;
+  const int64_t bit0 = e * entry * 8 + static_cast<int64_t>(lane) * nbits;
+  uint32_t word = *RunByte(c, row, head, kRegion, table, block_size, base, bit0 / 8);
+  if (bit0 % 8 + nbits > 8) word |= uint32_t{*RunByte(c, row, head, kRegion, table, block_size, base, bit0 / 8 + 1)} << 8;
+  word >>= bit0 % 8;
+  const int64_t pb = e * entry + code_bytes;
+  uint8_t pr[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) pr[i] = *RunByte(c, row, head, kRegion, table, block_size, base, pb + i);
+  int code[E];
+#pragma unroll
+  for (int i = 0; i < E; ++i) code[i] = static_cast<int>((word >> (i * bits)) & ((1u << bits) - 1u));
+  DequantizeLane<E>(code, static_cast<uint16_t>(pr[0] | (pr[1] << 8)), static_cast<uint16_t>(pr[2] | (pr[3] << 8)),
+                    out);
+}
+
+// The K (kV false) or V row of walk index v of head kvh: a slot's key as cached (kFull), a
+// demoted key's quantized on the fly (kKvPolicyLow), or packed entry v - len; false when the walk
+// index holds no key this query reads. *position: the slot's key position for importance (-1 for
+// a low key: never chosen again).
+template <int D, bool kV, bool kLow>
+__device__ __forceinline__ bool WalkRow(const KvPolicyDecodeArgs& a, const uint8_t* state, const int32_t* pos,
+                                        const int32_t* table, const LowHead& low, int kvh, int len, int v,
+                                        int lane, float (&x)[D / 32], int* position) {
+  constexpr int E = D / 32;
+  const __nv_bfloat16* cache = kV ? a.v_cache : a.k_cache;
+  *position = -1;
+  if constexpr (!kLow) {  // CORM: slots of kFull keys only (its own instantiation: registers)
+    const int kp = pos[v];
+    if (kp < 0 || state[kp] != kKvPolicyFull) return false;
+    LoadRow<E>(cache + CacheSlot(table, v, a.block_size) * a.kv_stride + kvh * D + lane * E, x);
+    *position = kp;
+    return true;
+  }
+  if (v >= len) {
+    const int e = v - len;
+    if (e >= low.packed) return false;
+    ReadLowEntry<D>(cache, a.kv_stride, kvh, table, a.block_size, low.base, e, a.low_bits, lane, x);
+  } else {
+    const int kp = pos[v];
+    if (kp < 0) return false;
+    const uint8_t st = state[kp];
+    if (st != kKvPolicyFull && !(st == kKvPolicyLow && a.low_bits > 0)) return false;
+    LoadRow<E>(cache + CacheSlot(table, v, a.block_size) * a.kv_stride + kvh * D + lane * E, x);
+    if (st == kKvPolicyFull) {
+      *position = kp;
+      return true;
+    }
+    if (!kV && low.balance != nullptr) {
+#pragma unroll
+      for (int e = 0; e < E; ++e) x[e] = __fmul_rn(x[e], low.balance[lane * E + e]);
+    }
+    int code[E];
+    uint16_t scale16, zero16;
+    QuantizeLane<E>(x, a.low_bits, code, &scale16, &zero16);
+    DequantizeLane<E>(code, scale16, zero16, x);
+  }
+  if (!kV && low.balance != nullptr) {
+#pragma unroll
+    for (int e = 0; e < E; ++e) x[e] = __fdiv_rn(x[e], low.balance[lane * E + e]);
+  }
+  return true;
+}
+
+// The MiKV context of (layer, head) `lhead` of a sequence (none without low_bits).
+__device__ __forceinline__ LowHead LowHeadOf(const KvPolicySeq& seq, int low_bits, int lhead, int head_dim) {
+  LowHead h;
+  if (low_bits == 0 || seq.num_packed == nullptr) return h;
+  h.base = seq.low_base[lhead];
+  h.packed = seq.num_packed[lhead];
+  if (seq.balance_set[lhead] == kKvBalanceFixed) h.balance = seq.balance + static_cast<size_t>(lhead) * head_dim;
+  return h;
+}
+
+// The walk of an entry: its slots, then (MiKV) up to packed_max packed entries.
+__device__ __forceinline__ int WalkLength(const KvPolicySeq& seq) {
+  return seq.seq_len - seq.slot_offset + (seq.num_packed != nullptr ? seq.packed_max : 0);
+}
+
 // (1) Scores of one chunk: grid (max_chunks, num_kv_heads, num_seqs). Warp w takes positions
 // p0 + w, p0 + w + 4, ...; lane h < group keeps the online (max, sum) of query head h.
-template <int D>
+template <int D, bool kLow>
 __global__ void __launch_bounds__(kThreads) ScoresKernel(KvPolicyDecodeArgs a, Scratch sc) {
   constexpr int E = D / 32;
   const int c = blockIdx.x, kvh = blockIdx.y, s = blockIdx.z;
   const KvPolicySeq seq = a.seqs[s];
-  const int len = seq.seq_len - seq.slot_offset, p0 = c * kKvPolicyChunk;  // slots
-  if (p0 >= len) return;
+  const int len = seq.seq_len - seq.slot_offset, walk = WalkLength(seq), p0 = c * kKvPolicyChunk;
+  if (p0 >= walk) return;
   const int group = a.num_heads / a.num_kv_heads;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   float q[kMaxGroup][E];
@@ -92,27 +238,28 @@ __global__ void __launch_bounds__(kThreads) ScoresKernel(KvPolicyDecodeArgs a, S
       for (int e = 0; e < E; ++e) q[h][e] *= a.scale;
     }
   }
-  const size_t lh = (static_cast<size_t>(a.layer) * a.num_kv_heads + kvh) * seq.capacity;
+  const int lhead = a.layer * a.num_kv_heads + kvh;
+  const size_t lh = static_cast<size_t>(lhead) * seq.capacity;
   const uint8_t* state = seq.state + lh;
   const int32_t* pos = seq.pos + lh;
   const int32_t* table = a.block_tables + TableRow(seq, s) * a.max_blocks;
+  const LowHead low = LowHeadOf(seq, a.low_bits, lhead, D);
   float* scores = sc.scores + (static_cast<size_t>(s) * a.num_heads + kvh * group) * a.max_seq_len;
   float m = -INFINITY, l = 0.f;
   int n = 0;
-  const int end = min(len, p0 + kKvPolicyChunk);
-  // p: a slot; pos -1: no key there. One key per warp at a time: keeping several in flight per
-  // warp (their loads together, the reductions interleaved) was measured slower (docs/
-  // PERFORMANCE.md "Token-level KV policies on the GPU, served": registers, and dead slots cost
-  // as much as kept ones).
+  const int end = min(walk, p0 + kKvPolicyChunk);
+  // p: a walk index (a slot, then a packed entry); pos -1: no key there. One key per warp at a
+  // time: keeping several in flight per warp (their loads together, the reductions interleaved)
+  // was measured slower (docs/PERFORMANCE.md "Token-level KV policies on the GPU, served":
+  // registers, and dead slots cost as much as kept ones).
   for (int p = p0 + warp; p < end; p += kWarps) {
-    const int kp = pos[p];
-    if (kp < 0 || state[kp] != kKvPolicyFull) {
+    float k[E];
+    int kp;
+    if (!WalkRow<D, false, kLow>(a, state, pos, table, low, kvh, len, p, lane, k, &kp)) {
       if (lane < group) scores[static_cast<size_t>(lane) * a.max_seq_len + p] = -INFINITY;
       continue;
     }
     ++n;
-    float k[E];
-    LoadRow<E>(a.k_cache + CacheSlot(table, p, a.block_size) * a.kv_stride + kvh * D + lane * E, k);
     float mine = 0.f;
 #pragma unroll
     for (int h = 0; h < kMaxGroup; ++h) {
@@ -159,16 +306,16 @@ __global__ void __launch_bounds__(kThreads) ScoresKernel(KvPolicyDecodeArgs a, S
 
 // (2) P V of one chunk with the importance: grid as (1). First the sequence's softmax (max, 1 /
 // sum) per query head of the group and the kept count t, from every chunk's.
-template <int D>
+template <int D, bool kLow>
 __global__ void __launch_bounds__(kThreads) PvKernel(KvPolicyDecodeArgs a, Scratch sc) {
   constexpr int E = D / 32;
   const int c = blockIdx.x, kvh = blockIdx.y, s = blockIdx.z;
   const KvPolicySeq seq = a.seqs[s];
-  const int len = seq.seq_len - seq.slot_offset, p0 = c * kKvPolicyChunk;  // slots
-  if (p0 >= len) return;
+  const int len = seq.seq_len - seq.slot_offset, walk = WalkLength(seq), p0 = c * kKvPolicyChunk;
+  if (p0 >= walk) return;
   const int group = a.num_heads / a.num_kv_heads;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int chunks = (len + kKvPolicyChunk - 1) / kKvPolicyChunk;
+  const int chunks = (walk + kKvPolicyChunk - 1) / kKvPolicyChunk;
   __shared__ float sm_max[kMaxGroup], sm_inv[kMaxGroup];
   __shared__ int sm_t;
   for (int h = warp; h < group; h += kWarps) {
@@ -201,19 +348,20 @@ __global__ void __launch_bounds__(kThreads) PvKernel(KvPolicyDecodeArgs a, Scrat
   __syncthreads();
   const float threshold = 1.0f / static_cast<float>(max(sm_t, 1));
   const int32_t query_pos = seq.seq_len - 1;
-  const size_t lh = (static_cast<size_t>(a.layer) * a.num_kv_heads + kvh) * seq.capacity;
+  const int lhead = a.layer * a.num_kv_heads + kvh;
+  const size_t lh = static_cast<size_t>(lhead) * seq.capacity;
   const uint8_t* state = seq.state + lh;
   const int32_t* pos = seq.pos + lh;
   int32_t* last_hit = seq.last_hit + lh;
   const int32_t* table = a.block_tables + TableRow(seq, s) * a.max_blocks;
+  const LowHead low = LowHeadOf(seq, a.low_bits, lhead, D);
   const float* scores = sc.scores + (static_cast<size_t>(s) * a.num_heads + kvh * group) * a.max_seq_len;
   float acc[kMaxGroup][E] = {};
-  const int end = min(len, p0 + kKvPolicyChunk);
-  for (int p = p0 + warp; p < end; p += kWarps) {  // p: a slot, kp its position
-    const int kp = pos[p];
-    if (kp < 0 || state[kp] != kKvPolicyFull) continue;
+  const int end = min(walk, p0 + kKvPolicyChunk);
+  for (int p = p0 + warp; p < end; p += kWarps) {  // p: a walk index, kp a full key's position
     float v[E];
-    LoadRow<E>(a.v_cache + CacheSlot(table, p, a.block_size) * a.kv_stride + kvh * D + lane * E, v);
+    int kp;
+    if (!WalkRow<D, true, kLow>(a, state, pos, table, low, kvh, len, p, lane, v, &kp)) continue;
     bool hit = false;
 #pragma unroll
     for (int h = 0; h < kMaxGroup; ++h) {
@@ -225,7 +373,8 @@ __global__ void __launch_bounds__(kThreads) PvKernel(KvPolicyDecodeArgs a, Scrat
       }
     }
     // atomicMax: several entries may be query rows of one sequence (KvPolicySeq::q_row).
-    if (a.record_hits && hit && lane == 0 && last_hit[kp] < query_pos) atomicMax(&last_hit[kp], query_pos);
+    // Low keys are never chosen again: no record.
+    if (a.record_hits && hit && kp >= 0 && lane == 0 && last_hit[kp] < query_pos) atomicMax(&last_hit[kp], query_pos);
   }
   // The warps' sums through shared memory: [warp][group][D].
   __shared__ float sm_acc[kWarps][kMaxGroup][D];
@@ -251,7 +400,7 @@ __global__ void __launch_bounds__(D) ReduceKernel(KvPolicyDecodeArgs a, Scratch 
   const int h = blockIdx.x, s = blockIdx.y, d = threadIdx.x;
   const KvPolicySeq& seq = a.seqs[s];
   if (seq.no_out) return;
-  const int chunks = (seq.seq_len - seq.slot_offset + kKvPolicyChunk - 1) / kKvPolicyChunk;
+  const int chunks = (WalkLength(seq) + kKvPolicyChunk - 1) / kKvPolicyChunk;
   const float* partial = sc.partial + static_cast<size_t>(s) * sc.max_chunks * a.num_heads * D +
                          static_cast<size_t>(h) * D + d;
   float sum = 0.f;
@@ -264,8 +413,13 @@ cudaError_t LaunchDecode(const KvPolicyDecodeArgs& a, cudaStream_t stream) {
   size_t bytes = 0;
   const Scratch sc = Carve(a.scratch, a.num_seqs, a.num_heads, a.num_kv_heads, D, a.max_seq_len, &bytes);
   const dim3 grid(sc.max_chunks, a.num_kv_heads, a.num_seqs);
-  ScoresKernel<D><<<grid, kThreads, 0, stream>>>(a, sc);
-  PvKernel<D><<<grid, kThreads, 0, stream>>>(a, sc);
+  if (a.low_bits > 0) {
+    ScoresKernel<D, true><<<grid, kThreads, 0, stream>>>(a, sc);
+    PvKernel<D, true><<<grid, kThreads, 0, stream>>>(a, sc);
+  } else {
+    ScoresKernel<D, false><<<grid, kThreads, 0, stream>>>(a, sc);
+    PvKernel<D, false><<<grid, kThreads, 0, stream>>>(a, sc);
+  }
   ReduceKernel<D><<<dim3(a.num_heads, a.num_seqs), D, 0, stream>>>(a, sc);
   return cudaGetLastError();
 }
@@ -302,6 +456,43 @@ __device__ __forceinline__ int CountFullFrom(const uint8_t* state, int from, int
   return n;
 }
 
+// This thread's share of the low entries (unpacked or packed) at positions [from, len).
+__device__ __forceinline__ int CountLowFrom(const uint8_t* state, int from, int len) {
+  int n = 0;
+  for (int p = max(from, 0) + threadIdx.x; p < len; p += blockDim.x) n += IsLow(state[p]);
+  return n;
+}
+
+// MiKV: fixes the balance of head `lhead` (kvpolicy SequenceKvPolicy::Apply): max |k_c| over the
+// keys the head keeps (every slot with a position not dead), then b_c from q_absmax.
+template <int D>
+__device__ void FixBalance(const KvPolicyChooseArgs& a, const KvPolicySeq& seq, int lhead, const uint8_t* state,
+                           const int32_t* pos) {
+  constexpr int kRows = kChooseThreads / D;
+  __shared__ float sm_kmax[kRows][D];
+  const int layer = lhead / a.num_kv_heads, head = lhead % a.num_kv_heads;
+  const __nv_bfloat16* k = a.k_layers[layer];
+  const int32_t* table = a.block_tables + static_cast<int64_t>(blockIdx.y) * a.max_blocks;
+  const int ch = threadIdx.x % D, row = threadIdx.x / D, slots = seq.seq_len - seq.slot_offset;
+  float m = 0.f;
+#pragma unroll 4
+  for (int sl = row; sl < slots; sl += kRows) {
+    const int kp = pos[sl];
+    if (kp < 0 || state[kp] == kKvPolicyDead || state[kp] == kKvPolicyLowPacked) continue;
+    m = fmaxf(m, fabsf(__bfloat162float(k[CacheSlot(table, sl, a.block_size) * a.kv_stride + head * D + ch])));
+  }
+  sm_kmax[row][ch] = m;
+  __syncthreads();
+  if (row == 0) {
+    for (int r = 1; r < kRows; ++r) m = fmaxf(m, sm_kmax[r][ch]);
+    const float qm = seq.q_absmax[static_cast<size_t>(lhead) * D + ch];
+    float b = 1.f;
+    if (qm > 0.f && m > 0.f) b = fminf(fmaxf(__fsqrt_rn(__fdiv_rn(qm, m)), 1.0f / 64), 64.0f);
+    seq.balance[static_cast<size_t>(lhead) * D + ch] = b;
+  }
+  if (threadIdx.x == 0) seq.balance_set[lhead] = kKvBalanceFixed;
+}
+
 __global__ void __launch_bounds__(kChooseThreads) ChooseKernel(KvPolicyChooseArgs a) {
   const KvPolicySeq seq = a.seqs[blockIdx.y];
   const int lhead = blockIdx.x;  // layer * num_kv_heads + head
@@ -314,13 +505,26 @@ __global__ void __launch_bounds__(kChooseThreads) ChooseKernel(KvPolicyChooseArg
   for (int p = threadIdx.x; p < len; p += kChooseThreads) full += state[p] == kKvPolicyFull;
   __syncthreads();  // counted before any thread marks a victim
   const size_t out_at = static_cast<size_t>(blockIdx.y) * gridDim.x + lhead;
-  if (!seq.choose) {
-    full = BlockSumInt(full, red);
-    if (a.full_counts != nullptr && threadIdx.x == 0) a.full_counts[out_at] = full;
+  // The counts after the choice (or without one): every victim marked before they are taken.
+  auto counts = [&](int full_left) {
+    if (a.full_counts != nullptr && threadIdx.x == 0) a.full_counts[out_at] = full_left;
+    if (a.from_counts == nullptr && a.low_counts == nullptr && a.low_from_counts == nullptr) return;
+    __syncthreads();
     if (a.from_counts != nullptr) {
       const int n = BlockSumInt(CountFullFrom(state, seq.count_from, len), red);
       if (threadIdx.x == 0) a.from_counts[out_at] = n;
     }
+    if (a.low_counts != nullptr) {
+      const int n = BlockSumInt(CountLowFrom(state, 0, len), red);
+      if (threadIdx.x == 0) a.low_counts[out_at] = n;
+    }
+    if (a.low_from_counts != nullptr) {
+      const int n = BlockSumInt(CountLowFrom(state, seq.count_from, len), red);
+      if (threadIdx.x == 0) a.low_from_counts[out_at] = n;
+    }
+  };
+  if (!seq.choose) {
+    counts(BlockSumInt(full, red));
     return;
   }
   const int lo = max(a.sinks, seq.pinned), hi = len - a.recent, oldest = len - a.window;
@@ -339,8 +543,9 @@ __global__ void __launch_bounds__(kChooseThreads) ChooseKernel(KvPolicyChooseArg
   rule = BlockSumInt(rule, red);
   rest = BlockSumInt(rest, red);
   int left = full - rule;
+  int over = 0;
   if (seq.budget >= 0 && left > seq.budget && rest > 0) {
-    const int over = min(left - seq.budget, rest);
+    over = min(left - seq.budget, rest);
     // The over-th smallest key (last_hit << 24 | p) among the survivors: 8-bit digits from the
     // highest one a key of this length can have.
     __shared__ int hist[256];
@@ -378,11 +583,43 @@ __global__ void __launch_bounds__(kChooseThreads) ChooseKernel(KvPolicyChooseArg
     }
     left -= over;
   }
-  if (a.full_counts != nullptr && threadIdx.x == 0) a.full_counts[out_at] = left;
-  if (a.from_counts != nullptr) {
-    __syncthreads();  // every victim marked
-    const int n = BlockSumInt(CountFullFrom(state, seq.count_from, len), red);
-    if (threadIdx.x == 0) a.from_counts[out_at] = n;
+  // MiKV: the head's first demotion fixes its balance (the keys' values do not depend on the
+  // states just marked: every key not dead is read).
+  if (a.balance_keys && a.victim_state == kKvPolicyLow && rule + over > 0 && seq.balance_set != nullptr &&
+      seq.balance_set[lhead] == kKvBalanceUnset) {
+    __syncthreads();  // marks done (FixBalance reads state)
+    const int32_t* pos = seq.pos + base;
+    if (a.head_dim == 128) {
+      FixBalance<128>(a, seq, lhead, state, pos);
+    } else {
+      FixBalance<64>(a, seq, lhead, state, pos);
+    }
+  }
+  counts(left);
+}
+
+// MiKV's running max |q_c| (kvpolicy SequenceKvPolicy::ObserveQueries): grid (KV heads, states),
+// kChooseThreads threads, kChooseThreads / D rows at a time.
+template <int D>
+__global__ void __launch_bounds__(kChooseThreads) ObserveKernel(const KvPolicySeq* seqs, int layer, const __nv_bfloat16* q,
+                                                                int64_t q_stride, int num_heads, int num_kv_heads) {
+  constexpr int kRows = kChooseThreads / D;
+  const KvPolicySeq& seq = seqs[blockIdx.y];
+  const int kvh = blockIdx.x, lhead = layer * num_kv_heads + kvh;
+  if (seq.q_len <= 0 || seq.balance_set == nullptr || seq.balance_set[lhead] != kKvBalanceUnset) return;
+  const int group = num_heads / num_kv_heads, ch = threadIdx.x % D, row = threadIdx.x / D;
+  float m = 0.f;
+  for (int r = row; r < seq.q_len; r += kRows) {
+    const __nv_bfloat16* x = q + static_cast<int64_t>(seq.q_row + r) * q_stride + static_cast<int64_t>(kvh) * group * D + ch;
+    for (int h = 0; h < group; ++h) m = fmaxf(m, fabsf(__bfloat162float(x[h * D])));
+  }
+  __shared__ float sm[kRows][D];
+  sm[row][ch] = m;
+  __syncthreads();
+  if (row == 0) {
+    for (int r = 1; r < kRows; ++r) m = fmaxf(m, sm[r][ch]);
+    float* qa = seq.q_absmax + static_cast<size_t>(lhead) * D + ch;
+    *qa = fmaxf(*qa, m);
   }
 }
 
@@ -390,13 +627,97 @@ __global__ void __launch_bounds__(kChooseThreads) ChooseKernel(KvPolicyChooseArg
 // kCompactThreads / kCompactChunk threads per key row (each a slice of its K and V rows).
 constexpr int kCompactThreads = 256, kCompactChunk = 64, kCompactParts = kCompactThreads / kCompactChunk;
 
+// MiKV compaction, the staging (kvpolicy SequenceKvPolicy::Compact's LowRepack sources, read
+// before any move): entry i of the head's new run at stage + i * 2 * entry_bytes (K entry, then V
+// entry): first the old run's entries [0, num_packed), then the kKvPolicyLow keys at positions >=
+// from in position order, quantized from their slots (kvpolicy EncodeLowEntry: K times the
+// balance), which become kKvPolicyLowPacked. Returns the entries staged (every thread).
+template <int D>
+__device__ int StageLowEntries(const KvPolicyCompactArgs& a, const KvPolicySeq& seq, int lhead, int head,
+                               uint8_t* state, const __nv_bfloat16* kc, const __nv_bfloat16* vc, uint8_t* stage,
+                               int* sm_rank, int* sm_count) {
+  constexpr int E = D / 32;
+  const int bits = a.low_bits, code_bytes = D * bits / 8, entry = code_bytes + 4;
+  const int64_t row_bytes = a.kv_stride * 2;
+  const int old = seq.num_packed[lhead], old_base = seq.low_base[lhead];
+  const int64_t capacity = a.stage_head_bytes / (2 * entry);
+  // The old run, byte by byte.
+  const int64_t old_bytes = static_cast<int64_t>(min(static_cast<int64_t>(old), capacity)) * entry;
+  for (int64_t b = threadIdx.x; b < 2 * old_bytes; b += blockDim.x) {
+    const bool v_side = b >= old_bytes;
+    const int64_t rb = v_side ? b - old_bytes : b, e = rb / entry;
+    const uint8_t* src = RunByte(reinterpret_cast<const uint8_t*>(v_side ? vc : kc), row_bytes, head, D * 2,
+                                 a.block_table, a.block_size, old_base, rb);
+    stage[e * 2 * entry + (v_side ? entry : 0) + rb % entry] = *src;
+  }
+  // The demoted keys since, a chunk of kCompactChunk positions at a time; a warp per key.
+  const float* balance =
+      seq.balance_set[lhead] == kKvBalanceFixed ? seq.balance + static_cast<size_t>(lhead) * D : nullptr;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  int n = old;
+  for (int p0 = a.from; p0 < seq.seq_len; p0 += kCompactChunk) {
+    if (threadIdx.x < kCompactChunk) {
+      const int p = p0 + threadIdx.x;
+      const bool low = p < seq.seq_len && state[p] == kKvPolicyLow;
+      const unsigned bal = __ballot_sync(0xffffffffu, low);
+      if (lane == 0) sm_count[threadIdx.x >> 5] = __popc(bal);
+      sm_rank[threadIdx.x] = low ? __popc(bal & ((1u << lane) - 1u)) : -1;
+    }
+    __syncthreads();
+    for (int k = warp; k < kCompactChunk; k += warps) {
+      int rank = sm_rank[k];
+      if (rank < 0) continue;
+      if (k >= 32) rank += sm_count[0];
+      const int64_t e = n + rank;
+      if (e >= capacity) continue;  // the host sized the stage from the counts: never
+      const int p = p0 + k;
+      const int64_t cs = CacheSlot(a.block_table, seq.slot[static_cast<size_t>(lhead) * seq.capacity + p], a.block_size);
+      for (int side = 0; side < 2; ++side) {
+        float x[E];
+        LoadRow<E>((side == 0 ? kc : vc) + cs * a.kv_stride + head * D + lane * E, x);
+        if (side == 0 && balance != nullptr) {
+#pragma unroll
+          for (int i = 0; i < E; ++i) x[i] = __fmul_rn(x[i], balance[lane * E + i]);
+        }
+        int code[E];
+        uint16_t scale16, zero16;
+        QuantizeLane<E>(x, bits, code, &scale16, &zero16);
+        // This lane's E * bits bits at bit lane * E * bits of the codes (4, 8 or 16 bits).
+        uint32_t word = 0;
+#pragma unroll
+        for (int i = 0; i < E; ++i) word |= static_cast<uint32_t>(code[i]) << (i * bits);
+        uint8_t* out = stage + e * 2 * entry + side * entry;
+        const int nbits = E * bits;
+        if (nbits >= 8) {
+          for (int i = 0; i < nbits / 8; ++i) out[lane * nbits / 8 + i] = static_cast<uint8_t>(word >> (8 * i));
+        } else {  // 4 bits: pairs of lanes share a byte
+          const uint32_t hi = __shfl_down_sync(0xffffffffu, word, 1);
+          if ((lane & 1) == 0) out[lane / 2] = static_cast<uint8_t>(word | (hi << 4));
+        }
+        if (lane == 0) {
+          out[code_bytes] = static_cast<uint8_t>(scale16);
+          out[code_bytes + 1] = static_cast<uint8_t>(scale16 >> 8);
+          out[code_bytes + 2] = static_cast<uint8_t>(zero16);
+          out[code_bytes + 3] = static_cast<uint8_t>(zero16 >> 8);
+        }
+      }
+      if (lane == 0) state[p] = kKvPolicyLowPacked;
+    }
+    n += sm_count[0] + sm_count[1];
+    __syncthreads();  // sm_* reused by the next chunk
+  }
+  __syncthreads();  // staged (and the states marked) before the moves
+  return static_cast<int>(min(static_cast<int64_t>(n), capacity));
+}
+
 template <int D>
 __global__ void __launch_bounds__(kCompactThreads) CompactKernel(KvPolicyCompactArgs a) {
   constexpr int kVecs = D * 2 / 16 / kCompactParts;  // uint4 per thread and side
   const KvPolicySeq seq = *a.seq;
-  const int lhead = blockIdx.x, layer = lhead / a.num_kv_heads, head = lhead % a.num_kv_heads;
+  const int lhead = a.layer0 * a.num_kv_heads + blockIdx.x, layer = lhead / a.num_kv_heads,
+            head = lhead % a.num_kv_heads;
   const size_t base = static_cast<size_t>(lhead) * seq.capacity;
-  const uint8_t* state = seq.state + base;
+  uint8_t* state = seq.state + base;
   int32_t* slot = seq.slot + base;
   int32_t* pos = seq.pos + base;
   __nv_bfloat16* kc = a.k_layers[layer];
@@ -404,6 +725,13 @@ __global__ void __launch_bounds__(kCompactThreads) CompactKernel(KvPolicyCompact
   const int key = threadIdx.x / kCompactParts, part = threadIdx.x % kCompactParts;
   __shared__ int sm_rank[kCompactChunk];  // a position's rank among the chunk's kept keys, or -1
   __shared__ int sm_count[kCompactChunk / 32];
+  // MiKV: this head's low entries staged before any move (the old run's, then the demoted keys'
+  // at positions >= from), written as the new run after them.
+  int staged = 0;
+  uint8_t* stage = a.low_bits > 0 ? a.stage + static_cast<int64_t>(blockIdx.x) * a.stage_head_bytes : nullptr;
+  const int code_bytes = D * a.low_bits / 8, kEntryBytes = code_bytes + 4;
+  const int64_t row_bytes = a.kv_stride * 2;
+  if (stage != nullptr) staged = StageLowEntries<D>(a, seq, lhead, head, state, kc, vc, stage, sm_rank, sm_count);
   int next = a.from;  // the next destination slot
   for (int p0 = a.from; p0 < seq.seq_len; p0 += kCompactChunk) {
     if (threadIdx.x < kCompactChunk) {  // two whole warps: ballots
@@ -453,8 +781,24 @@ __global__ void __launch_bounds__(kCompactThreads) CompactKernel(KvPolicyCompact
     __syncthreads();  // the chunk's writes before the next chunk's reads; sm_* reused
   }
   // The slots past this head's run held keys that moved down or died: no key there now (a head
-  // keeping fewer keys than the longest run leaves such slots below the new slot count).
+  // keeping fewer keys than the longest run leaves such slots below the new slot count; MiKV's
+  // packed run lies there too, read by entry index).
   for (int s = next + static_cast<int>(threadIdx.x); s < a.old_slots; s += kCompactThreads) pos[s] = -1;
+  if (stage == nullptr) return;
+  // The new run, right after the full one: K entries through the K rows' region, V's through V's.
+  const int64_t run_bytes = static_cast<int64_t>(staged) * kEntryBytes;
+  uint8_t* kb = reinterpret_cast<uint8_t*>(kc);
+  uint8_t* vb = reinterpret_cast<uint8_t*>(vc);
+  for (int64_t b = threadIdx.x; b < 2 * run_bytes; b += kCompactThreads) {
+    const bool v_side = b >= run_bytes;
+    const int64_t rb = v_side ? b - run_bytes : b, e = rb / kEntryBytes;
+    const uint8_t byte = stage[e * 2 * kEntryBytes + (v_side ? kEntryBytes : 0) + rb % kEntryBytes];
+    *const_cast<uint8_t*>(RunByte(v_side ? vb : kb, row_bytes, head, D * 2, a.block_table, a.block_size, next, rb)) = byte;
+  }
+  if (threadIdx.x == 0) {
+    seq.low_base[lhead] = next;
+    seq.num_packed[lhead] = staged;
+  }
 }
 
 }  // namespace
@@ -468,7 +812,8 @@ size_t KvPolicyDecodeScratchBytes(int num_seqs, int num_heads, int num_kv_heads,
 
 cudaError_t LaunchKvPolicyDecode(const KvPolicyDecodeArgs& a, cudaStream_t stream) {
   if (a.num_seqs < 1 || a.max_seq_len < 1 || a.num_kv_heads < 1 || a.num_heads % a.num_kv_heads != 0 ||
-      a.num_heads / a.num_kv_heads > kMaxGroup || a.scratch == nullptr || a.seqs == nullptr) {
+      a.num_heads / a.num_kv_heads > kMaxGroup || a.scratch == nullptr || a.seqs == nullptr ||
+      (a.low_bits != 0 && a.low_bits != 2 && a.low_bits != 4)) {
     return cudaErrorInvalidValue;
   }
   if (a.head_dim == 128) return LaunchDecode<128>(a, stream);
@@ -486,7 +831,8 @@ cudaError_t LaunchKvPolicyExtend(const KvPolicySeq* seqs, int num_seqs, int num_
 cudaError_t LaunchKvPolicyCompact(const KvPolicyCompactArgs& a, cudaStream_t stream) {
   if (a.seq == nullptr || a.k_layers == nullptr || a.v_layers == nullptr || a.block_table == nullptr ||
       a.num_layers < 1 || a.num_kv_heads < 1 || a.block_size < 1 || a.from < 0 || a.kv_stride % 8 != 0 ||
-      a.old_slots < a.from) {
+      a.old_slots < a.from || a.layer0 < 0 ||
+      (a.low_bits != 0 && ((a.low_bits != 2 && a.low_bits != 4) || a.stage == nullptr || a.stage_head_bytes < 0))) {
     return cudaErrorInvalidValue;
   }
   const dim3 grid(a.num_layers * a.num_kv_heads);
@@ -502,10 +848,30 @@ cudaError_t LaunchKvPolicyCompact(const KvPolicyCompactArgs& a, cudaStream_t str
 
 cudaError_t LaunchKvPolicyChoose(const KvPolicyChooseArgs& a, cudaStream_t stream) {
   if (a.seqs == nullptr || a.num_seqs < 1 || a.num_layers < 1 || a.num_kv_heads < 1 || a.sinks < 0 ||
-      a.recent < 0 || a.window < 1) {
+      a.recent < 0 || a.window < 1 ||
+      (a.balance_keys && (a.k_layers == nullptr || a.block_tables == nullptr || a.block_size < 1 ||
+                          (a.head_dim != 64 && a.head_dim != 128)))) {
     return cudaErrorInvalidValue;
   }
   ChooseKernel<<<dim3(a.num_layers * a.num_kv_heads, a.num_seqs), kChooseThreads, 0, stream>>>(a);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchKvPolicyObserveQueries(const KvPolicySeq* seqs, int num_seqs, int layer, const __nv_bfloat16* q,
+                                         int64_t q_stride, int num_heads, int num_kv_heads, int head_dim,
+                                         cudaStream_t stream) {
+  if (seqs == nullptr || q == nullptr || num_seqs < 1 || layer < 0 || num_kv_heads < 1 ||
+      num_heads % num_kv_heads != 0) {
+    return cudaErrorInvalidValue;
+  }
+  const dim3 grid(num_kv_heads, num_seqs);
+  if (head_dim == 128) {
+    ObserveKernel<128><<<grid, kChooseThreads, 0, stream>>>(seqs, layer, q, q_stride, num_heads, num_kv_heads);
+  } else if (head_dim == 64) {
+    ObserveKernel<64><<<grid, kChooseThreads, 0, stream>>>(seqs, layer, q, q_stride, num_heads, num_kv_heads);
+  } else {
+    return cudaErrorInvalidValue;
+  }
   return cudaGetLastError();
 }
 

@@ -23,13 +23,17 @@
 namespace lorc::kernels {
 
 // SlotState values (kvpolicy::SlotState): a position's byte in KvPolicySeq::state.
-inline constexpr uint8_t kKvPolicyDead = 0, kKvPolicyFull = 1, kKvPolicyLow = 2;
+// kKvPolicyLowPacked is the device's own: a kLow key whose entry a compaction packed into its
+// head's run (no slot holds it any more; the decode reads it from the run by entry index).
+inline constexpr uint8_t kKvPolicyDead = 0, kKvPolicyFull = 1, kKvPolicyLow = 2, kKvPolicyLowPacked = 3;
+
+// Per (layer, KV head) MiKV state on the device (KvPolicySeq::low_base etc.).
+inline constexpr int32_t kKvBalanceUnset = 0, kKvBalanceFixed = 1;
 
 // One sequence's policy state on the device. Each pointer holds, per (layer, KV head of this
 // rank), `capacity` positions at offset (layer * num_kv_heads + head) * capacity:
-//   state     uint8: kKvPolicyDead / kKvPolicyFull (the decode skips a kKvPolicyLow key like a
-//             dead one: MiKV's low entries are not read on the GPU yet, and the CUDA backend
-//             refuses --kv-policy altogether until it uses these kernels);
+//   state     uint8: kKvPolicyDead / kKvPolicyFull / kKvPolicyLow (MiKV: demoted, still in its
+//             full slot, read quantized on the fly) / kKvPolicyLowPacked (in the head's run);
 //   slot      int32: the cache slot of a kFull key as an index into the sequence's block-table
 //             slots (table[slot / block_size] * block_size + slot % block_size);
 //   last_hit  int32: the latest query position that gave the key probability >= 1/t;
@@ -60,6 +64,25 @@ struct KvPolicySeq {
   int32_t table_row = -1;
   int32_t no_out = 0;
   int32_t* pos = nullptr;  // [layer][head][capacity] slot -> position (above)
+  // MiKV only (null for CORM), per (layer, KV head) of this rank, index layer * num_kv_heads +
+  // head:
+  //   low_base    int32: the first sequence slot of the head's packed run of low entries (each
+  //               slot lends the head's region of its K row to keys' entries, of its V row to
+  //               values': low_precision.h "run byte b is byte b % slot_bytes of run slot ...");
+  //   num_packed  int32: entries in that run (entry i: bytes [i * entry_bytes, ...) of the run);
+  //   balance_set int32: kKvBalanceUnset until the head's first demotion fixes `balance`;
+  //   balance     fp32 [.. ][head_dim]: the key factors b_c (low keys hold k * b, read as / b);
+  //   q_absmax    fp32 [.. ][head_dim]: max |q_c| over the queries seen until then.
+  int32_t* low_base = nullptr;
+  int32_t* num_packed = nullptr;
+  int32_t* balance_set = nullptr;
+  float* balance = nullptr;
+  float* q_absmax = nullptr;
+  // The decode: an upper bound on num_packed over this sequence's heads (the host's, from the
+  // counts at its latest compaction); it walks seq_len - slot_offset slots, then this many entries.
+  int32_t packed_max = 0;
+  // LaunchKvPolicyObserveQueries: the state's query rows are [q_row, q_row + q_len).
+  int32_t q_len = 0;
 };
 
 // Keys per work chunk of the policy decode (one CTA per chunk, KV head and sequence).
@@ -67,7 +90,11 @@ inline constexpr int kKvPolicyChunk = 256;
 
 // Decode (one query token per sequence) over the keys each sequence's policy keeps, for one
 // layer, walking each entry's slots [0, seq_len - slot_offset) (a position p's key at slot
-// p - slot_offset, or where a compaction moved it: every key the query may attend lies there).
+// p - slot_offset, or where a compaction moved it: every full key the query may attend lies
+// there), then (MiKV, low_bits > 0) the head's packed entries [0, num_packed) (walk indexes past
+// the slots, up to packed_max). A kKvPolicyLow key in a slot is read as its packed entry will be:
+// K times the head's balance, quantized, dequantized, divided by it (V without balance); t, the
+// keys a query attends, counts full and low ones (backend/cpu_kv_policy.cc GatherKeptHead).
 // Three kernels: (1) per chunk of kKvPolicyChunk slots and KV head, the scores
 // s = scale * q . k of the group's query heads for every kFull key (dead ones -inf) into the
 // scratch, with the chunk's softmax max and sum; (2) per chunk, the sequence's (max, sum, kept
@@ -92,9 +119,11 @@ struct KvPolicyDecodeArgs {
   const KvPolicySeq* seqs = nullptr;  // [num_seqs], device
   int32_t layer = 0;
   int32_t num_seqs = 0, num_heads = 0, num_kv_heads = 0, head_dim = 0;
-  int32_t max_seq_len = 0;  // host: the most slots (seq_len - slot_offset) of an entry (grid, scratch)
+  // host: the longest walk of an entry, seq_len - slot_offset + packed_max (grid, scratch)
+  int32_t max_seq_len = 0;
   float scale = 1.0f;
   bool record_hits = true;
+  int32_t low_bits = 0;  // MiKV's 4 or 2; 0: no low entries (CORM)
   void* scratch = nullptr;  // KvPolicyDecodeScratchBytes(...) bytes, 256-byte aligned
 };
 
@@ -105,7 +134,7 @@ size_t KvPolicyDecodeScratchBytes(int num_seqs, int num_heads, int num_kv_heads,
                                   int max_seq_len);
 
 // cudaErrorInvalidValue for head_dim other than 64 / 128, a group (num_heads / num_kv_heads)
-// above 8 or not whole, no scratch, or num_seqs / max_seq_len < 1.
+// above 8 or not whole, no scratch, num_seqs / max_seq_len < 1, or low_bits other than 0, 2, 4.
 cudaError_t LaunchKvPolicyDecode(const KvPolicyDecodeArgs& args, cudaStream_t stream);
 
 // Positions [extend_from, seq_len) of every sequence become kFull with last_hit = the position
@@ -123,7 +152,12 @@ cudaError_t LaunchKvPolicyExtend(const KvPolicySeq* seqs, int num_seqs, int num_
 // `full_counts` (optional, [num_seqs][num_layers * num_kv_heads]) receives the kFull keys left,
 // `from_counts` (optional, same shape) those at positions >= the sequence's count_from (what a
 // compaction from there keeps: kvpolicy SequenceKvPolicy::SlotsNeeded), for every sequence,
-// choosing or not.
+// choosing or not; `low_counts` / `low_from_counts` (MiKV) the same of the low entries (unpacked
+// or packed; every packed one is at a position >= count_from).
+// MiKV (victim_state kKvPolicyLow, balance_keys): a head's first demotion first fixes its key
+// balance (kvpolicy SequenceKvPolicy::Apply): b_c = sqrt(q_absmax_c / max |k_c|) over the keys
+// it keeps (read from the cache through the slot map), clamped to [1/64, 64], 1 for a channel
+// without data.
 struct KvPolicyChooseArgs {
   const KvPolicySeq* seqs = nullptr;  // [num_seqs], device
   int32_t num_seqs = 0, num_layers = 0, num_kv_heads = 0;
@@ -131,15 +165,39 @@ struct KvPolicyChooseArgs {
   uint8_t victim_state = kKvPolicyDead;
   int32_t* full_counts = nullptr;
   int32_t* from_counts = nullptr;
+  int32_t* low_counts = nullptr;
+  int32_t* low_from_counts = nullptr;
+  // MiKV's balance (victim_state kKvPolicyLow and balance_keys): the layers' K caches (bf16, as
+  // KvPolicyCompactArgs), the sequences' block tables (row = the sequence's index here).
+  bool balance_keys = false;
+  const __nv_bfloat16* const* k_layers = nullptr;
+  int64_t kv_stride = 0;
+  const int32_t* block_tables = nullptr;
+  int32_t max_blocks = 0, block_size = 0, head_dim = 0;
 };
+// cudaErrorInvalidValue as well for a balance without its cache pointers or head_dim 64 / 128.
 cudaError_t LaunchKvPolicyChoose(const KvPolicyChooseArgs& args, cudaStream_t stream);
 
-// Compaction of one sequence (kvpolicy SequenceKvPolicy::Compact, CORM's part: kFull keys only),
-// every (layer, KV head) at once: the kFull keys at positions >= `from` (their slots are >= from)
-// move, in position order, to slots from, from + 1, ... of the sequence's block table, K and V
-// rows of the bf16 cache, and their `slot` and `pos` entries follow. One CTA per (layer, head) walks the
-// positions in chunks of 64, reading a chunk's rows before writing any (a key's destination is
-// never above its source and the chunks run in order, so no row is overwritten before it moves).
+// MiKV: per (state, KV head) whose balance is not fixed yet, q_absmax_c = max(q_absmax_c, |q_c|)
+// over the state's query rows [q_row, q_row + q_len) and the group's query heads
+// (kvpolicy SequenceKvPolicy::ObserveQueries). q as KvPolicyDecodeArgs::q.
+cudaError_t LaunchKvPolicyObserveQueries(const KvPolicySeq* seqs, int num_seqs, int layer, const __nv_bfloat16* q,
+                                         int64_t q_stride, int num_heads, int num_kv_heads, int head_dim,
+                                         cudaStream_t stream);
+
+// Compaction of one sequence (kvpolicy SequenceKvPolicy::Compact), every (layer, KV head) of
+// layers [layer0, layer0 + num_layers) at once: the kFull keys at positions >= `from` (their
+// slots are >= from) move, in position order, to slots from, from + 1, ... of the sequence's
+// block table, K and V rows of the bf16 cache, and their `slot` and `pos` entries follow. One CTA
+// per (layer, head) walks the positions in chunks of 64, reading a chunk's rows before writing
+// any (a key's destination is never above its source and the chunks run in order, so no row is
+// overwritten before it moves).
+// MiKV (low_bits > 0): before the moves the CTA stages its head's low entries in `stage` (the
+// packed run's entries, then the kKvPolicyLow keys at positions >= from in position order,
+// quantized from their slots: K with the balance), after them writes the staged entries as the
+// new run right after the head's full run (low_base, num_packed; those keys become
+// kKvPolicyLowPacked). The run's order differs from the CPU's (old entries first, not merged by
+// position); no reader depends on it (entries are read by index, never by position).
 struct KvPolicyCompactArgs {
   const KvPolicySeq* seq = nullptr;  // device: state, slot, capacity, seq_len
   // Per layer, device arrays of the layer's K and V cache (bf16, slot c of KV head g at c *
@@ -152,8 +210,15 @@ struct KvPolicyCompactArgs {
   int32_t num_layers = 0, num_kv_heads = 0, head_dim = 0;
   int32_t from = 0;
   int32_t old_slots = 0;  // the slots the sequence held before: pos of [run end, old_slots) -> -1
+  int32_t layer0 = 0;     // the first layer of this launch (k_layers / v_layers index all)
+  // MiKV: low_bits 4 / 2 and a staging area of stage_head_bytes per CTA (layer0-relative (layer,
+  // head) order), at least (low entries of the head) x (K + V entry bytes).
+  int32_t low_bits = 0;
+  uint8_t* stage = nullptr;
+  int64_t stage_head_bytes = 0;
 };
-// cudaErrorInvalidValue for head_dim other than 64 / 128, missing pointers or old_slots < from.
+// cudaErrorInvalidValue for head_dim other than 64 / 128, missing pointers, old_slots < from, or
+// low_bits without its arrays and staging.
 cudaError_t LaunchKvPolicyCompact(const KvPolicyCompactArgs& args, cudaStream_t stream);
 
 }  // namespace lorc::kernels

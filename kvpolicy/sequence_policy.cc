@@ -62,12 +62,27 @@ SequenceKvPolicy::SequenceKvPolicy(const SequenceKvPolicy& o)
       count_from_(o.count_from_),
       device_full_(o.device_full_),
       device_from_(o.device_from_),
+      device_low_(o.device_low_),
+      device_low_from_(o.device_low_from_),
+      device_packed_bound_(o.device_packed_bound_),
       heads_(o.heads_) {}
 
-void SequenceKvPolicy::SetDeviceCounts(int64_t count_from, const int32_t* full, const int32_t* from) {
+void SequenceKvPolicy::SetDeviceCounts(int64_t count_from, const int32_t* full, const int32_t* from,
+                                       const int32_t* low, const int32_t* low_from) {
   count_from_ = count_from;
   device_full_.assign(full, full + heads_.size());
   device_from_.assign(from, from + heads_.size());
+  if (low != nullptr && low_from != nullptr) {
+    device_low_.assign(low, low + heads_.size());
+    device_low_from_.assign(low_from, low_from + heads_.size());
+  } else {
+    device_low_.assign(heads_.size(), 0);
+    device_low_from_.assign(heads_.size(), 0);
+  }
+}
+
+int64_t SequenceKvPolicy::DeviceLowMax() const {
+  return device_low_.empty() ? 0 : *std::max_element(device_low_.begin(), device_low_.end());
 }
 
 absl::Status SequenceKvPolicy::CheckCompaction(int64_t from, int64_t num_slots) const {
@@ -83,6 +98,9 @@ absl::Status SequenceKvPolicy::CheckCompaction(int64_t from, int64_t num_slots) 
 absl::Status SequenceKvPolicy::MarkCompacted(int64_t from, int64_t num_slots) {
   if (absl::Status s = CheckCompaction(from, num_slots); !s.ok()) return s;
   slot_offset_ = seq_len_ - num_slots;
+  // Every low entry may now be packed (those below `from` stay in their slots): the decode's
+  // bound on a head's packed run until the next compaction (no demotion packs).
+  device_packed_bound_ = DeviceLowMax();
   return absl::OkStatus();
 }
 
@@ -174,7 +192,12 @@ int64_t SequenceKvPolicy::SlotsNeeded(int64_t from) const {
     // From the latest step's counts, taken from the same `from` (CompactFrom); otherwise (no step
     // finished yet, or another `from`) nothing can be given back.
     if (from != count_from_ || device_from_.empty()) return num_slots();
-    return from + *std::max_element(device_from_.begin(), device_from_.end());
+    int64_t most = 0;
+    for (size_t i = 0; i < heads_.size(); ++i) {
+      const int64_t low = i < device_low_from_.size() ? device_low_from_[i] : 0;
+      most = std::max(most, device_from_[i] + LowRunSlotsOf(static_cast<int>(i / num_kv_heads_), low));
+    }
+    return from + most;
   }
   int64_t most = 0;
   for (size_t i = 0; i < heads_.size(); ++i) {
@@ -228,10 +251,11 @@ absl::Status SequenceKvPolicy::Compact(int64_t from, int64_t num_slots, std::vec
 
 EntryCounts SequenceKvPolicy::Counts(int layer, int head) const {
   EntryCounts n;
-  if (on_device_) {  // CORM only there: kFull or kDead; before any counts, all kept
+  if (on_device_) {  // the latest step's counts; before any, all kept
     const size_t i = Index(layer, head);
     n.full = i < device_full_.size() ? device_full_[i] : seq_len_;
-    n.dead = seq_len_ - n.full;
+    n.low = i < device_low_.size() ? device_low_[i] : 0;
+    n.dead = seq_len_ - n.full - n.low;
     return n;
   }
   const Head& h = heads_[Index(layer, head)];

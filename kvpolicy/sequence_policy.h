@@ -40,7 +40,8 @@
 // Backend::KvPolicyBeginStep), the backend's kernels choose and compact, and this object keeps
 // the scalars (seq_len, pinned, slot_offset, choose) and the per-(layer, head) counts the
 // backend copies back after each step (SetDeviceCounts): what SlotsNeeded, Counts and KvBytes
-// answer from. Only CORM (kFull / kDead) runs there so far.
+// answer from (MiKV: also the low entries' counts, and a bound on each head's packed run for the
+// decode, DevicePackedBound).
 //
 // Threads: one thread (the worker's device thread) uses a store and its states.
 #pragma once
@@ -135,8 +136,15 @@ class SequenceKvPolicy {
   bool has_chosen() const { return has_chosen_; }
   void set_has_chosen() { has_chosen_ = true; }
   // Device-resident: the kFull keys per (layer, head) after the latest step, in all (`full`) and
-  // at positions >= count_from (`from`), [layers * num_kv_heads] each.
-  void SetDeviceCounts(int64_t count_from, const int32_t* full, const int32_t* from);
+  // at positions >= count_from (`from`), [layers * num_kv_heads] each; MiKV's low entries
+  // likewise (`low`, `low_from`: packed or at positions >= count_from; null: none, CORM).
+  void SetDeviceCounts(int64_t count_from, const int32_t* full, const int32_t* from,
+                       const int32_t* low = nullptr, const int32_t* low_from = nullptr);
+  // Device-resident MiKV: the most low entries of one (layer, head) after the latest step (what a
+  // compaction stages at most per head), and an upper bound on the entries of any head's packed
+  // run (that count at the latest compaction; 0 before one).
+  int64_t DeviceLowMax() const;
+  int64_t DevicePackedBound() const { return device_packed_bound_; }
   // Device-resident compaction: CheckCompaction (Compact's checks: FailedPrecondition when
   // num_slots < SlotsNeeded(from), num_slots > num_slots() or from past num_slots) before the
   // backend moves the keys, MarkCompacted (the checks again, then slot_offset = seq_len -
@@ -147,6 +155,7 @@ class SequenceKvPolicy {
   int64_t seq_len() const { return seq_len_; }
   int64_t pinned() const { return pinned_; }
   int32_t num_layers() const { return static_cast<int32_t>(layers_->size()); }
+  const LayerShape& layer_shape(int layer) const { return (*layers_)[layer]; }
   int32_t num_kv_heads() const { return num_kv_heads_; }
   // Positions minus cache slots of the keys written from now on (0 until a compaction), and the
   // cache slots the sequence holds: seq_len - slot_offset.
@@ -244,6 +253,8 @@ class SequenceKvPolicy {
   std::unique_ptr<DeviceArrays> device_;
   int64_t count_from_ = -1;                          // device-resident: SetDeviceCounts
   std::vector<int32_t> device_full_, device_from_;  // [layer][head]
+  std::vector<int32_t> device_low_, device_low_from_;  // [layer][head] (MiKV; else zeros)
+  int64_t device_packed_bound_ = 0;
   std::vector<Head> heads_;  // [layer][head] (device-resident: sized, arrays empty)
 };
 

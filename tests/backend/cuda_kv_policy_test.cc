@@ -369,6 +369,313 @@ TEST_P(CudaKvPolicyDecodeTest, MatchesCpuPolicyAttentionAndItsImportance) {
   }
 }
 
+// MiKV on the device, the whole path of one layer against the CPU's: the queries' statistics
+// (LaunchKvPolicyObserveQueries) and the choice (LaunchKvPolicyChoose, victims demoted, each head's
+// key balance fixed at its first demotion from the cache's keys) give exactly the CPU's
+// SequenceKvPolicy::ObserveQueries / Apply states and factors; the decode over demoted keys read
+// quantized on the fly matches the CPU's DecodeAttention (tolerance as above); a compaction packs
+// every head's low entries after its full run, byte for byte kvpolicy::EncodeLowEntry's, and the
+// decode reading them from the run still matches. int4 and int2.
+TEST_P(CudaKvPolicyDecodeTest, MikvDemotesReadsAndPacksAsTheCpu) {
+  const Shape sh = GetParam();
+  const int H = sh.heads, G = sh.kv_heads, D = sh.hd, group = H / G;
+  constexpr int kBs = 16, kFrom = 16;
+  for (int bits : {4, 2}) {
+    SCOPED_TRACE(bits == 4 ? "int4" : "int2");
+    std::mt19937 rng(29 + D + H + bits);
+    const std::vector<int32_t> lens = {37, 700, 3000, 257};
+    const int S = static_cast<int>(lens.size());
+    const int max_len = *std::max_element(lens.begin(), lens.end());
+    const int max_blocks = (max_len + kBs - 1) / kBs;
+    int num_blocks = 0;
+    for (int len : lens) num_blocks += (len + kBs - 1) / kBs;
+    std::vector<int32_t> perm(num_blocks);
+    std::iota(perm.begin(), perm.end(), 0);
+    std::shuffle(perm.begin(), perm.end(), rng);
+    std::vector<int32_t> tables(static_cast<size_t>(S) * max_blocks, 0), qstart = {0};
+    for (int s = 0, next = 0; s < S; ++s) {
+      for (int b = 0; b < (lens[s] + kBs - 1) / kBs; ++b) tables[s * max_blocks + b] = perm[next++];
+      qstart.push_back(s + 1);
+    }
+    const int64_t kvw = int64_t{G} * D, qw = int64_t{H} * D;
+    std::vector<float> kc = RandomBf16(rng, static_cast<size_t>(num_blocks) * kBs * kvw);
+    // Outlier channels (what MiKV's balance is for): a few key channels 8x larger.
+    for (size_t i = 0; i < kc.size(); ++i) {
+      if ((i % D) % 17 == 3) kc[i] = RoundBf16(kc[i] * 8.f);
+    }
+    const std::vector<float> vc = RandomBf16(rng, static_cast<size_t>(num_blocks) * kBs * kvw);
+    const std::vector<float> q = RandomBf16(rng, static_cast<size_t>(S) * qw, 1.5f);
+    auto cache_slot = [&](int s, int slot) { return int64_t{tables[s * max_blocks + slot / kBs]} * kBs + slot % kBs; };
+
+    KvPolicyConfig config;
+    config.kind = KvPolicyKind::kMikv;
+    config.low_bits = bits;
+    config.window = 8;
+    config.recent = 8;
+    config.sinks = 4;
+    config.budget_fraction = 0.3;
+    const std::vector<kvpolicy::LayerShape> layers = {{D, D, true, 4 * D, 2 * D, 2 * D}};
+    // Initial states (every key kFull, random last_hits), on both sides.
+    std::vector<std::unique_ptr<kvpolicy::SequenceKvPolicy>> states;
+    std::vector<kvpolicy::SequenceKvPolicy*> ptrs;
+    std::vector<std::vector<uint8_t>> dstate(S);
+    std::vector<std::vector<int32_t>> dslot(S), dlast(S);
+    std::vector<KvPolicySeq> seqs(S);
+    // Per sequence, MiKV's per-head arrays: [3][G] int32, then [2][G][D] fp32, zeroed.
+    const size_t head_bytes = 3 * 4 * G + 2 * 4 * static_cast<size_t>(G) * D;
+    DeviceBuffer heads = PutRaw(*cuda_, std::vector<uint8_t>(head_bytes * S, 0));
+    for (int s = 0; s < S; ++s) {
+      states.push_back(std::make_unique<kvpolicy::SequenceKvPolicy>(&config, &layers, G, 0));
+      auto& st = *states.back();
+      st.Extend(lens[s]);
+      const int cap = lens[s] + 3;
+      dstate[s].assign(static_cast<size_t>(G) * cap, 0);
+      dslot[s].assign(dstate[s].size(), -1);
+      dlast[s].assign(dstate[s].size(), -1);
+      for (int g = 0; g < G; ++g) {
+        int32_t* lh = st.last_hit(0, g);
+        for (int p = 0; p < lens[s]; ++p) {
+          lh[p] = std::uniform_int_distribution<int>(p, lens[s] - 1)(rng);
+          dstate[s][g * cap + p] = 1;
+          dslot[s][g * cap + p] = p;
+          dlast[s][g * cap + p] = lh[p];
+        }
+      }
+      KvPolicySeq& e = seqs[s];
+      e.capacity = cap;
+      e.seq_len = lens[s];
+      e.budget = static_cast<int32_t>(config.BudgetFor(lens[s]));
+      e.choose = 1;
+      e.count_from = kFrom;
+      e.q_row = s;
+      e.q_len = 1;
+      char* h = heads.as<char>() + head_bytes * s;
+      e.low_base = reinterpret_cast<int32_t*>(h);
+      e.num_packed = e.low_base + G;
+      e.balance_set = e.low_base + 2 * G;
+      e.balance = reinterpret_cast<float*>(h + 3 * 4 * G);
+      e.q_absmax = e.balance + G * D;
+      // CPU: the query seen, then the choice with the keys as attention reads them (all kept).
+      std::vector<float> krows(static_cast<size_t>(lens[s]) * D);
+      std::vector<int32_t> kept(lens[s]);
+      for (int g = 0; g < G; ++g) {
+        st.ObserveQueries(0, g, q.data() + s * qw + g * group * D, 1, qw, group, D);
+        for (int p = 0; p < lens[s]; ++p) {
+          kept[p] = p;
+          std::copy_n(kc.data() + cache_slot(s, p) * kvw + g * D, D, krows.data() + static_cast<size_t>(p) * D);
+        }
+        st.Apply(0, g, kept, krows.data());
+      }
+      st.set_choose(false);  // the attention below only records importance
+      ptrs.push_back(&st);
+    }
+    DeviceStates dev = Upload(*cuda_, dstate, dslot, dlast, seqs, 1, G);
+    DeviceBuffer dq = Put(*cuda_, q, DType::kBF16), dk = Put(*cuda_, kc, DType::kBF16),
+                 dv = Put(*cuda_, vc, DType::kBF16), dt = PutRaw(*cuda_, tables);
+    DeviceBuffer kptr = PutRaw(*cuda_, std::vector<void*>{dk.data()}), vptr = PutRaw(*cuda_, std::vector<void*>{dv.data()});
+    ASSERT_EQ(kernels::LaunchKvPolicyObserveQueries(dev.seqs.as<KvPolicySeq>(), S, 0,
+                                                    static_cast<const __nv_bfloat16*>(dq.data()), qw, H, G, D,
+                                                    Stream(*cuda_)),
+              cudaSuccess);
+    auto counts = cuda_->Allocate(4 * sizeof(int32_t) * S * G);
+    ASSERT_OK(counts);
+    kernels::KvPolicyChooseArgs c;
+    c.seqs = dev.seqs.as<KvPolicySeq>();
+    c.num_seqs = S;
+    c.num_layers = 1;
+    c.num_kv_heads = G;
+    c.sinks = config.sinks;
+    c.recent = config.recent;
+    c.window = config.window;
+    c.victim_state = kernels::kKvPolicyLow;
+    int32_t* cnt = static_cast<int32_t*>(counts->data());
+    c.full_counts = cnt;
+    c.from_counts = cnt + S * G;
+    c.low_counts = cnt + 2 * S * G;
+    c.low_from_counts = cnt + 3 * S * G;
+    c.balance_keys = true;
+    c.k_layers = kptr.as<const __nv_bfloat16* const>();
+    c.kv_stride = kvw;
+    c.block_tables = dt.as<int32_t>();
+    c.max_blocks = max_blocks;
+    c.block_size = kBs;
+    c.head_dim = D;
+    ASSERT_EQ(kernels::LaunchKvPolicyChoose(c, Stream(*cuda_)), cudaSuccess);
+    const std::vector<uint8_t> gstate = GetAll<uint8_t>(*cuda_, dev.state);
+    const std::vector<uint8_t> gheads = GetAll<uint8_t>(*cuda_, heads);
+    std::vector<int32_t> gcounts(4 * S * G);
+    ASSERT_OK(cuda_->CopyToHost(gcounts.data(), cnt, gcounts.size() * 4));
+    ASSERT_OK(cuda_->Synchronize());
+    int64_t low_keys = 0;
+    std::vector<std::vector<int>> low_from(S, std::vector<int>(G, 0)), full_from(S, std::vector<int>(G, 0));
+    for (int s = 0; s < S; ++s) {
+      const int cap = seqs[s].capacity;
+      for (int g = 0; g < G; ++g) {
+        int full = 0, low = 0;
+        for (int p = 0; p < lens[s]; ++p) {
+          const SlotState want = ptrs[s]->state(0, g, p);
+          ASSERT_EQ(gstate[dev.offsets[s] + g * cap + p], static_cast<uint8_t>(want)) << "seq " << s << " head " << g
+                                                                                         << " pos " << p;
+          full += want == SlotState::kFull;
+          low += want == SlotState::kLow;
+          if (p >= kFrom) (want == SlotState::kFull ? full_from : low_from)[s][g] += want != SlotState::kDead;
+        }
+        low_keys += low;
+        EXPECT_EQ(gcounts[s * G + g], full);
+        EXPECT_EQ(gcounts[S * G + s * G + g], full_from[s][g]);
+        EXPECT_EQ(gcounts[2 * S * G + s * G + g], low);
+        EXPECT_EQ(gcounts[3 * S * G + s * G + g], low_from[s][g]);
+        // The balance: fixed at this first demotion, the CPU's factors bit for bit.
+        const char* h = reinterpret_cast<const char*>(gheads.data()) + head_bytes * s;
+        const int32_t set = reinterpret_cast<const int32_t*>(h)[2 * G + g];
+        const float* bal = reinterpret_cast<const float*>(h + 3 * 4 * G) + g * D;
+        const float* want_bal = ptrs[s]->balance(0, g);
+        ASSERT_EQ(set, low > 0 ? kernels::kKvBalanceFixed : kernels::kKvBalanceUnset);
+        if (low > 0) {
+          ASSERT_NE(want_bal, nullptr);
+          for (int ch = 0; ch < D; ++ch) ASSERT_EQ(bal[ch], want_bal[ch]) << "seq " << s << " head " << g << " ch " << ch;
+        }
+      }
+    }
+    ASSERT_GT(low_keys, 1000) << "the states must demote keys for the test to mean something";
+
+    // The decode over full and demoted keys against the CPU's.
+    AttentionBatch batch;
+    batch.num_seqs = S;
+    batch.num_tokens = S;
+    batch.max_seq_len = max_len;
+    batch.max_blocks_per_seq = max_blocks;
+    batch.block_size = kBs;
+    batch.query_start = batch.host_query_start = qstart.data();
+    batch.seq_lens = batch.host_seq_lens = lens.data();
+    batch.block_tables = tables.data();
+    auto plan = cpu_->CreateAttentionPlan({S, S, max_blocks});
+    ASSERT_OK(plan);
+    ASSERT_OK(cpu_->PlanAttention(batch, **plan));
+    std::vector<float> kcpu = kc, vcpu = vc, qcpu = q, want(static_cast<size_t>(S) * qw, 0.f);
+    AttentionParams p;
+    p.q = Tensor2D{qcpu.data(), DType::kF32, S, qw, qw};
+    p.out = Tensor2D{want.data(), DType::kF32, S, qw, qw};
+    p.cache = KvLayer{kcpu.data(), vcpu.data(), kvw, kvw, DType::kF32};
+    p.num_heads = H;
+    p.num_kv_heads = G;
+    p.head_dim = D;
+    p.scale = 1.0f / std::sqrt(static_cast<float>(D));
+    p.kv_policy = {ptrs.data(), 0};
+    ASSERT_OK(cpu_->DecodeAttention(p, **plan));
+    DeviceBuffer dout = Put(*cuda_, std::vector<float>(static_cast<size_t>(S) * qw, 7.f), DType::kBF16);
+    auto scratch = cuda_->Allocate(kernels::KvPolicyDecodeScratchBytes(S, H, G, D, 2 * max_len));
+    ASSERT_OK(scratch);
+    kernels::KvPolicyDecodeArgs a;
+    a.q = static_cast<const __nv_bfloat16*>(dq.data());
+    a.q_stride = qw;
+    a.out = static_cast<__nv_bfloat16*>(dout.data());
+    a.out_stride = qw;
+    a.k_cache = static_cast<const __nv_bfloat16*>(dk.data());
+    a.v_cache = static_cast<const __nv_bfloat16*>(dv.data());
+    a.kv_stride = kvw;
+    a.block_tables = dt.as<int32_t>();
+    a.max_blocks = max_blocks;
+    a.block_size = kBs;
+    a.seqs = dev.seqs.as<KvPolicySeq>();
+    a.num_seqs = S;
+    a.num_heads = H;
+    a.num_kv_heads = G;
+    a.head_dim = D;
+    a.max_seq_len = max_len;
+    a.scale = p.scale;
+    a.low_bits = bits;
+    a.scratch = scratch->data();
+    ASSERT_EQ(kernels::LaunchKvPolicyDecode(a, Stream(*cuda_)), cudaSuccess);
+    const std::vector<float> got = Get(*cuda_, dout, DType::kBF16);
+    for (size_t i = 0; i < got.size(); ++i) {
+      ASSERT_NEAR(got[i], want[i], 1e-2 * std::max(1.0f, std::fabs(want[i]))) << "element " << i;
+    }
+    // Reading the low keys matters: the same decode with them skipped (CORM's kernels) differs.
+    a.low_bits = 0;
+    ASSERT_EQ(kernels::LaunchKvPolicyDecode(a, Stream(*cuda_)), cudaSuccess);
+    const std::vector<float> skipped = Get(*cuda_, dout, DType::kBF16);
+    double apart = 0;
+    for (size_t i = 0; i < got.size(); ++i) apart = std::max(apart, double{std::fabs(skipped[i] - want[i])});
+    EXPECT_GT(apart, 0.05);
+    a.low_bits = bits;
+
+    // Compaction: per head the full keys from kFrom, then the packed run of its low entries.
+    const int64_t entry = kvpolicy::LowEntryBytes(D, bits);
+    std::vector<KvPolicySeq> after = dev.host_seqs;
+    auto stage = cuda_->Allocate(static_cast<size_t>(G) * max_len * 2 * entry);
+    ASSERT_OK(stage);
+    for (int s = 0; s < S; ++s) {
+      int most = 0, most_low = 0;
+      for (int g = 0; g < G; ++g) {
+        most = std::max<int>(most, full_from[s][g] + kvpolicy::LowRunSlots(low_from[s][g], entry, 2 * D));
+        most_low = std::max(most_low, low_from[s][g]);
+      }
+      const int new_slots = kFrom + most;
+      ASSERT_LE(new_slots, lens[s]);
+      DeviceBuffer one = PutRaw(*cuda_, std::vector<KvPolicySeq>{dev.host_seqs[s]});
+      kernels::KvPolicyCompactArgs cc;
+      cc.seq = one.as<KvPolicySeq>();
+      cc.k_layers = kptr.as<__nv_bfloat16*>();
+      cc.v_layers = vptr.as<__nv_bfloat16*>();
+      cc.kv_stride = kvw;
+      cc.block_table = dt.as<int32_t>() + static_cast<size_t>(s) * max_blocks;
+      cc.block_size = kBs;
+      cc.num_layers = 1;
+      cc.num_kv_heads = G;
+      cc.head_dim = D;
+      cc.from = kFrom;
+      cc.old_slots = lens[s];
+      cc.low_bits = bits;
+      cc.stage = static_cast<uint8_t*>(stage->data());
+      cc.stage_head_bytes = std::max(most_low, 1) * 2 * entry;
+      ASSERT_EQ(kernels::LaunchKvPolicyCompact(cc, Stream(*cuda_)), cudaSuccess);
+      ASSERT_OK(cuda_->Synchronize());
+      after[s].slot_offset = lens[s] - new_slots;
+      after[s].packed_max = most_low;
+    }
+    // The runs: where the full runs end, the CPU's encoding of each demoted key, byte for byte.
+    const std::vector<uint8_t> kbytes = GetAll<uint8_t>(*cuda_, dk), vbytes = GetAll<uint8_t>(*cuda_, dv);
+    const std::vector<uint8_t> gheads2 = GetAll<uint8_t>(*cuda_, heads);
+    int64_t packed = 0;
+    for (int s = 0; s < S; ++s) {
+      for (int g = 0; g < G; ++g) {
+        const int32_t* ints = reinterpret_cast<const int32_t*>(gheads2.data() + head_bytes * s);
+        ASSERT_EQ(ints[g], kFrom + full_from[s][g]) << "seq " << s << " head " << g << ": low_base";
+        ASSERT_EQ(ints[G + g], low_from[s][g]) << "num_packed";
+        std::vector<float> row(D), scratch_row(D);
+        std::vector<uint8_t> want_k(entry), want_v(entry), got_k(entry), got_v(entry);
+        int e = 0;
+        for (int pos = kFrom; pos < lens[s]; ++pos) {
+          if (ptrs[s]->state(0, g, pos) != SlotState::kLow) continue;
+          for (int ch = 0; ch < D; ++ch) row[ch] = kc[cache_slot(s, pos) * kvw + g * D + ch];
+          kvpolicy::EncodeLowEntry(row.data(), D, bits, ptrs[s]->balance(0, g), scratch_row.data(), want_k.data());
+          for (int ch = 0; ch < D; ++ch) row[ch] = vc[cache_slot(s, pos) * kvw + g * D + ch];
+          kvpolicy::EncodeLowEntry(row.data(), D, bits, nullptr, scratch_row.data(), want_v.data());
+          kvpolicy::ForEachLowPiece(e, entry, 2 * D, [&](int64_t i, int64_t off, int64_t n, int64_t at) {
+            const int64_t b = (cache_slot(s, ints[g] + static_cast<int>(i)) * kvw + g * D) * 2 + off;
+            std::copy_n(kbytes.data() + b, n, got_k.data() + at);
+            std::copy_n(vbytes.data() + b, n, got_v.data() + at);
+          });
+          ASSERT_EQ(got_k, want_k) << "seq " << s << " head " << g << " entry " << e << " (position " << pos << ")";
+          ASSERT_EQ(got_v, want_v) << "seq " << s << " head " << g << " entry " << e;
+          ++e;
+          ++packed;
+        }
+      }
+    }
+    EXPECT_GT(packed, 1000);
+    DeviceBuffer dafter = PutRaw(*cuda_, after);
+    a.seqs = dafter.as<KvPolicySeq>();
+    a.max_seq_len = 2 * max_len;
+    ASSERT_EQ(kernels::LaunchKvPolicyDecode(a, Stream(*cuda_)), cudaSuccess);
+    const std::vector<float> compacted = Get(*cuda_, dout, DType::kBF16);
+    for (size_t i = 0; i < compacted.size(); ++i) {
+      ASSERT_NEAR(compacted[i], want[i], 1e-2 * std::max(1.0f, std::fabs(want[i]))) << "element " << i;
+    }
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Shapes, CudaKvPolicyDecodeTest,
                          ::testing::Values(Shape{32, 8, 128}, Shape{8, 2, 64}, Shape{16, 2, 128}, Shape{4, 4, 64}),
                          [](const ::testing::TestParamInfo<Shape>& i) {

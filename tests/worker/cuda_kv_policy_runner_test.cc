@@ -1,4 +1,4 @@
-// CORM on the CUDA backend (backend/cuda_kv_policy.cc: device-resident states, the policy
+// CORM and MiKV on the CUDA backend (backend/cuda_kv_policy.cc: device-resident states, the policy
 // decode with importance, the choice and compaction on the device) against the CPU backend's
 // policy (the reference, kvpolicy/ and backend/cpu_kv_policy.cc), on the fixture model. Skips
 // without a CUDA device.
@@ -37,13 +37,14 @@ bool HaveCudaDevice() {
   return d.ok() && !d->empty();
 }
 
-KvCacheOptions PolicyCache(kvpolicy::KvPolicyPrefill prefill, double budget) {
+KvCacheOptions PolicyCache(kvpolicy::KvPolicyPrefill prefill, double budget,
+                           kvpolicy::KvPolicyKind kind = kvpolicy::KvPolicyKind::kCorm) {
   KvCacheOptions kv;
   kv.block_size = kBlockSize;
   kv.num_blocks = 512;
   kv.max_num_seqs = 16;
   kv.max_num_batched_tokens = 32;  // prompts in chunks: the after-prompt importance of chunks
-  kv.kv_policy.kind = kvpolicy::KvPolicyKind::kCorm;
+  kv.kv_policy.kind = kind;
   kv.kv_policy.window = 8;
   kv.kv_policy.recent = 8;
   kv.kv_policy.sinks = 2;
@@ -159,6 +160,54 @@ INSTANTIATE_TEST_SUITE_P(Modes, CudaKvPolicyRunnerTest,
                            return i.param == kvpolicy::KvPolicyPrefill::kAfterPrompt ? std::string("AfterPrompt")
                                                                                      : std::string("EveryChunk");
                          });
+
+// MiKV on the GPU (int4 and int2, 30 % budget, after-prompt): the same share of keys stays at
+// full precision as on the CPU and the rest is kept at low precision (nothing dead); compactions
+// pack the low entries and free blocks; the tokens follow the CPU's as CORM's do (the aggregates
+// above: a low entry read wrongly, or a packed run misplaced, parts every request early).
+class CudaMikvRunnerTest : public ::testing::TestWithParam<int> {};
+
+TEST_P(CudaMikvRunnerTest, MikvOnTheGpuFollowsTheCpuReference) {
+  REQUIRE_TINY_LLAMA();
+  if (!HaveCudaDevice()) GTEST_SKIP() << "no CUDA device";
+  KvCacheOptions kv = PolicyCache(kvpolicy::KvPolicyPrefill::kAfterPrompt, 0.3, kvpolicy::KvPolicyKind::kMikv);
+  kv.kv_policy.low_bits = GetParam();
+  const PolicyRun cpu = RunGolden(BackendKind::kCpu, kv);
+  const PolicyRun gpu = RunGolden(BackendKind::kCuda, kv);
+  ASSERT_EQ(gpu.tokens.size(), cpu.tokens.size());
+  ASSERT_FALSE(cpu.tokens.empty());
+  EXPECT_EQ(gpu.stats.tokens, cpu.stats.tokens);
+  const double cpu_kept = KeptShare(cpu.stats), gpu_kept = KeptShare(gpu.stats);
+  std::cout << "full: cpu " << cpu_kept << ", cuda " << gpu_kept << "; low entries: cpu " << cpu.stats.entries.low
+            << ", cuda " << gpu.stats.entries.low << "; kv bytes / full: cpu "
+            << cpu.stats.kv_bytes / cpu.stats.full_kv_bytes << ", cuda " << gpu.stats.kv_bytes / gpu.stats.full_kv_bytes
+            << "; compactions: cpu " << cpu.compactions << " (" << cpu.freed_blocks << " blocks), cuda "
+            << gpu.compactions << " (" << gpu.freed_blocks << " blocks)\n";
+  EXPECT_EQ(gpu.stats.entries.dead, 0) << "MiKV keeps what CORM would drop";
+  EXPECT_GT(gpu.stats.entries.low, 0);
+  EXPECT_LT(gpu_kept, 0.9);
+  EXPECT_NEAR(gpu_kept, cpu_kept, 0.05);
+  EXPECT_NEAR(gpu.stats.kv_bytes / gpu.stats.full_kv_bytes, cpu.stats.kv_bytes / cpu.stats.full_kv_bytes, 0.05);
+  EXPECT_GT(gpu.compactions, 0);
+  EXPECT_GE(gpu.freed_blocks, gpu.compactions);
+  int equal = 0;
+  size_t followed = 0, total = 0;
+  for (size_t i = 0; i < cpu.tokens.size(); ++i) {
+    ASSERT_EQ(gpu.tokens[i].size(), cpu.tokens[i].size());
+    size_t k = 0;
+    while (k < cpu.tokens[i].size() && gpu.tokens[i][k] == cpu.tokens[i][k]) ++k;
+    equal += k == cpu.tokens[i].size();
+    followed += k;
+    total += cpu.tokens[i].size();
+    std::cout << "request " << i << ": " << k << " of " << cpu.tokens[i].size() << " tokens as the CPU's\n";
+    EXPECT_GE(k, 1u) << "request " << i << ": the first token, from the whole prompt";
+  }
+  EXPECT_GE(4 * followed, total) << "the GPU's tokens part from the CPU's early";
+  EXPECT_GE(equal, 1);
+}
+
+INSTANTIATE_TEST_SUITE_P(Bits, CudaMikvRunnerTest, ::testing::Values(4, 2),
+                         [](const ::testing::TestParamInfo<int>& i) { return "Int" + std::to_string(i.param); });
 
 // Compaction on the device (CudaBackend::KvPolicyCompact) moves only what the policy keeps: a
 // prompt run twice side by side, one copy compacted after its prompt to exactly the slots its

@@ -214,9 +214,12 @@ int PrefillTable(Backend& be) {
 }
 
 // --kv-policy: one layer's policy decode, `batch` sequences of `ctx` keys, a fraction `kept` of
-// them kFull (sinks 4 and the recent 32 always); cycles over layer caches as Run does.
-double RunPolicy(Backend& be, int batch, int ctx, double kept, bool record_hits) {
-  const int blocks_per_seq = (ctx + kBlock - 1) / kBlock;
+// them kFull (sinks 4 and the recent 32 always); cycles over layer caches as Run does. MiKV
+// (low_bits 4 / 2): the others kLow (read quantized on the fly), and `packed` entries per head in
+// a packed run after the ctx slots (what a compacted sequence's demoted keys become).
+double RunPolicy(Backend& be, int batch, int ctx, double kept, bool record_hits, int low_bits = 0, int packed = 0) {
+  const int64_t run_slots = low_bits > 0 ? (int64_t{packed} * (kDim * low_bits / 8 + 4) + 2 * kDim - 1) / (2 * kDim) : 0;
+  const int blocks_per_seq = static_cast<int>((ctx + run_slots + kBlock - 1) / kBlock);
   const int64_t kv_width = kKvHeads * kDim, width = kHeads * kDim;
   const int64_t layer_bytes = int64_t{batch} * blocks_per_seq * kBlock * kv_width * 2;
   const int layers = static_cast<int>(std::clamp<int64_t>(kCycleBytes / layer_bytes, 1, 16));
@@ -233,10 +236,21 @@ double RunPolicy(Backend& be, int batch, int ctx, double kept, bool record_hits)
   std::uniform_real_distribution<double> u(0.0, 1.0);
   for (size_t i = 0; i < state.size(); ++i) {
     const int p = static_cast<int>(i % ctx);
-    state[i] = p < 4 || p >= ctx - 32 || u(rng) < kept ? kernels::kKvPolicyFull : kernels::kKvPolicyDead;
+    state[i] = p < 4 || p >= ctx - 32 || u(rng) < kept ? kernels::kKvPolicyFull
+               : low_bits > 0                           ? kernels::kKvPolicyLow
+                                                        : kernels::kKvPolicyDead;
     slot[i] = p;
   }
   DeviceBuffer dstate = Put(be, state), dslot = Put(be, slot), dlast = Put(be, slot);
+  // MiKV's per-head arrays (read only here, shared by the sequences): runs at slot ctx, balance 1.
+  const size_t lheads = static_cast<size_t>(layers) * kKvHeads;
+  std::vector<int32_t> ints(3 * lheads);
+  for (size_t i = 0; i < lheads; ++i) {
+    ints[i] = ctx;
+    ints[lheads + i] = packed;
+    ints[2 * lheads + i] = kernels::kKvBalanceFixed;
+  }
+  DeviceBuffer dints = Put(be, ints), dbalance = Put(be, std::vector<float>(lheads * kDim, 1.0f));
   std::vector<kernels::KvPolicySeq> seqs(batch);
   for (int s = 0; s < batch; ++s) {
     seqs[s].state = dstate.as<uint8_t>() + s * per_seq;
@@ -245,9 +259,16 @@ double RunPolicy(Backend& be, int batch, int ctx, double kept, bool record_hits)
     seqs[s].last_hit = dlast.as<int32_t>() + s * per_seq;
     seqs[s].capacity = ctx;
     seqs[s].seq_len = ctx;
+    if (low_bits > 0) {
+      seqs[s].low_base = dints.as<int32_t>();
+      seqs[s].num_packed = dints.as<int32_t>() + lheads;
+      seqs[s].balance_set = dints.as<int32_t>() + 2 * lheads;
+      seqs[s].balance = dbalance.as<float>();
+      seqs[s].packed_max = packed;
+    }
   }
   DeviceBuffer dseqs = Put(be, seqs);
-  auto scratch = be.Allocate(kernels::KvPolicyDecodeScratchBytes(batch, kHeads, kKvHeads, kDim, ctx));
+  auto scratch = be.Allocate(kernels::KvPolicyDecodeScratchBytes(batch, kHeads, kKvHeads, kDim, ctx + packed));
   CHECK(scratch.ok()) << scratch.status();
   kernels::KvPolicyDecodeArgs a;
   a.q = q.as<__nv_bfloat16>();
@@ -262,9 +283,10 @@ double RunPolicy(Backend& be, int batch, int ctx, double kept, bool record_hits)
   a.num_heads = kHeads;
   a.num_kv_heads = kKvHeads;
   a.head_dim = kDim;
-  a.max_seq_len = ctx;
+  a.max_seq_len = ctx + packed;
   a.scale = 0.08838834764f;
   a.record_hits = record_hits;
+  a.low_bits = low_bits;
   a.scratch = scratch->data();
   const auto stream = static_cast<cudaStream_t>(be.stream_handle());
   return TimeUs(be, [&](int i) {
@@ -330,8 +352,9 @@ int PolicyTable(Backend& be) {
               "per layer; kept = sinks 4 + recent 32 + a random share of the rest\n",
               be.Describe().c_str());
   // "30% compacted": the slots a compacted sequence walks (its kept 30 %, every one live).
+  // MiKV int4: the other 70 % read quantized from their slots, or (compacted) from packed runs.
   std::printf("  batch x ctx   paged us  policy all us  policy 30%% us  30%% compacted us  30%% no-hits us  "
-              "hits cost us  choose us/step (%d layers)  extend us\n", kLayers);
+              "hits cost us  choose us/step (%d layers)  extend us  mikv 30%% us  mikv 30%% compacted us\n", kLayers);
   std::string json = "{\"bench\":\"attention_kv_policy\",\"device\":\"" + be.Describe() +
                      "\",\"heads\":32,\"kv_heads\":8,\"head_dim\":128,\"kept\":0.3,\"layers\":32,\"cases\":[";
   bool first = true;
@@ -343,14 +366,18 @@ int PolicyTable(Backend& be) {
       const double compacted = RunPolicy(be, batch, static_cast<int>(0.3 * ctx), 1.0, true);
       const double nohits = RunPolicy(be, batch, ctx, 0.3, false);
       const auto [choose, extend] = RunChoose(be, batch, ctx, kLayers);
-      std::printf("  %3d x %5d  %9.2f  %13.2f  %13.2f  %16.2f  %14.2f  %12.2f  %25.2f  %9.2f\n", batch, ctx, paged, all,
-                  part, compacted, nohits, part - nohits, choose - extend, extend);
-      char buf[360];
+      const double mikv = RunPolicy(be, batch, ctx, 0.3, true, 4);
+      const int kept = static_cast<int>(0.3 * ctx);
+      const double mikv_packed = RunPolicy(be, batch, kept, 1.0, true, 4, ctx - kept);
+      std::printf("  %3d x %5d  %9.2f  %13.2f  %13.2f  %16.2f  %14.2f  %12.2f  %25.2f  %9.2f  %11.2f  %20.2f\n", batch,
+                  ctx, paged, all, part, compacted, nohits, part - nohits, choose - extend, extend, mikv, mikv_packed);
+      char buf[420];
       std::snprintf(buf, sizeof(buf),
                     "%s{\"batch\":%d,\"ctx\":%d,\"paged_us\":%.2f,\"policy_all_us\":%.2f,\"policy_30_us\":%.2f,"
                     "\"policy_30_compacted_us\":%.2f,\"policy_30_no_hits_us\":%.2f,\"choose_step_us\":%.2f,"
-                    "\"extend_step_us\":%.2f}",
-                    first ? "" : ",", batch, ctx, paged, all, part, compacted, nohits, choose - extend, extend);
+                    "\"extend_step_us\":%.2f,\"mikv4_30_us\":%.2f,\"mikv4_30_compacted_us\":%.2f}",
+                    first ? "" : ",", batch, ctx, paged, all, part, compacted, nohits, choose - extend, extend, mikv,
+                    mikv_packed);
       json += buf;
       first = false;
     }

@@ -201,6 +201,8 @@ absl::Status CudaBackend::KvPolicyBeginStep(absl::Span<kvpolicy::SequenceKvPolic
   st.decode_groups.clear();
   st.prefill_groups.clear();
   st.groups_ready = false;
+  st.k_layers.clear();  // recorded again by this step's attention calls (MiKV)
+  st.block_tables = nullptr;
   const AttentionBatch& b = plan.batch();
   if (static_cast<int32_t>(seqs.size()) != b.num_seqs) {
     return absl::InternalError(absl::StrCat("KvPolicyBeginStep: ", seqs.size(), " states for ", b.num_seqs,
@@ -491,11 +493,11 @@ absl::Status CudaBackend::KvPolicyCompact(kvpolicy::SequenceKvPolicy& seq, absl:
   a.from = static_cast<int32_t>(from);
   a.old_slots = static_cast<int32_t>(seq.num_slots());
   if (!IsMikv(seq.config())) return CudaError(kernels::LaunchKvPolicyCompact(a, stream_), "KV policy compaction");
-  // MiKV: each (layer, head) stages its low entries (at most DeviceLowMax, the latest counts) in
-  // a slice of `stage`; as many layers per launch as kMaxPolicyScratchBytes of staging holds.
+  // MiKV: each (layer, head) stages its low entries (at most DeviceLowToPack, the latest counts)
+  // in a slice of `stage`; as many layers per launch as kMaxPolicyScratchBytes of staging holds.
   a.low_bits = seq.config().low_bits;
   const int64_t entry = kvpolicy::LowEntryBytes(head_dim, a.low_bits);
-  a.stage_head_bytes = std::max<int64_t>(seq.DeviceLowMax(), 1) * 2 * entry;
+  a.stage_head_bytes = std::max<int64_t>(seq.DeviceLowToPack(from), 1) * 2 * entry;
   const int64_t per_layer = a.stage_head_bytes * seq.num_kv_heads();
   const int32_t layers_per_launch = static_cast<int32_t>(
       std::clamp<int64_t>(static_cast<int64_t>(kMaxPolicyScratchBytes) / per_layer, 1, seq.num_layers()));

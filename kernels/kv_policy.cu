@@ -130,29 +130,43 @@ __device__ __forceinline__ const uint8_t* RunByte(const uint8_t* cache, int64_t 
   return cache + slot * row_bytes + static_cast<int64_t>(head) * region + b % region;
 }
 
+// Byte b of a run from sequence slot `base` in head `head`'s region of a bf16 cache of head_dim
+// D (RunByte with 32-bit offsets and a constant region: the decode's per-key path; entries of a
+// run stay below 2^31 bytes since positions are below 2^24).
+template <int D>
+__device__ __forceinline__ const uint8_t* RunByteD(const uint8_t* cache, int64_t row_bytes, int head,
+                                                  const int32_t* table, int32_t block_size, int32_t base, int32_t b) {
+  constexpr int kRegion = D * 2;
+  return cache + CacheSlot(table, base + b / kRegion, block_size) * row_bytes + head * kRegion + b % kRegion;
+}
+
 // Entry e of a packed run, dequantized into this lane's E values (kvpolicy DecodeLowEntry before
-// the balance).
+// the balance). Entries and their (scale, zero) start at even bytes and a slot region is even,
+// so a lane's 16 code bits (int4, D 128) and each fp16 are one aligned 2-byte load.
 template <int D>
 __device__ __forceinline__ void ReadLowEntry(const __nv_bfloat16* cache, int64_t kv_stride, int head,
-                                             const int32_t* table, int32_t block_size, int32_t base, int64_t e,
+                                             const int32_t* table, int32_t block_size, int32_t base, int32_t e,
                                              int bits, int lane, float (&out)[D / 32]) {
-  constexpr int E = D / 32, kRegion = D * 2;
+  constexpr int E = D / 32;
   const uint8_t* c = reinterpret_cast<const uint8_t*>(cache);
-  const int64_t row = kv_stride * 2, code_bytes = D * bits / 8, entry = code_bytes + 4;
-  const int nbits = E * bits;
-  const int64_t bit0 = e * entry * 8 + static_cast<int64_t>(lane) * nbits;
-  uint32_t word = *RunByte(c, row, head, kRegion, table, block_size, base, bit0 / 8);
-  if (bit0 % 8 + nbits > 8) word |= uint32_t{*RunByte(c, row, head, kRegion, table, block_size, base, bit0 / 8 + 1)} << 8;
-  word >>= bit0 % 8;
-  const int64_t pb = e * entry + code_bytes;
-  uint8_t pr[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) pr[i] = *RunByte(c, row, head, kRegion, table, block_size, base, pb + i);
+  const int64_t row = kv_stride * 2;
+  const int code_bytes = D * bits / 8, entry = code_bytes + 4, nbits = E * bits;
+  const int32_t first = e * entry;
+  const int32_t bit0 = first * 8 + lane * nbits;
+  uint32_t word;
+  if (nbits == 16) {
+    word = *reinterpret_cast<const uint16_t*>(RunByteD<D>(c, row, head, table, block_size, base, bit0 >> 3));
+  } else {  // 8 bits (bit0 on a byte) or 4 (the low or high half of one)
+    word = uint32_t{*RunByteD<D>(c, row, head, table, block_size, base, bit0 >> 3)} >> (bit0 & 7);
+  }
+  const uint16_t scale16 =
+      *reinterpret_cast<const uint16_t*>(RunByteD<D>(c, row, head, table, block_size, base, first + code_bytes));
+  const uint16_t zero16 =
+      *reinterpret_cast<const uint16_t*>(RunByteD<D>(c, row, head, table, block_size, base, first + code_bytes + 2));
   int code[E];
 #pragma unroll
   for (int i = 0; i < E; ++i) code[i] = static_cast<int>((word >> (i * bits)) & ((1u << bits) - 1u));
-  DequantizeLane<E>(code, static_cast<uint16_t>(pr[0] | (pr[1] << 8)), static_cast<uint16_t>(pr[2] | (pr[3] << 8)),
-                    out);
+  DequantizeLane<E>(code, scale16, zero16, out);
 }
 
 // The K (kV false) or V row of walk index v of head kvh: a slot's key as cached (kFull), a
@@ -214,8 +228,8 @@ __device__ __forceinline__ LowHead LowHeadOf(const KvPolicySeq& seq, int low_bit
 }
 
 // The walk of an entry: its slots, then (MiKV) up to packed_max packed entries.
-__device__ __forceinline__ int WalkLength(const KvPolicySeq& seq) {
-  return seq.seq_len - seq.slot_offset + (seq.num_packed != nullptr ? seq.packed_max : 0);
+__device__ __forceinline__ int WalkLength(const KvPolicySeq& seq, int low_bits) {
+  return seq.seq_len - seq.slot_offset + (low_bits > 0 && seq.num_packed != nullptr ? seq.packed_max : 0);
 }
 
 // (1) Scores of one chunk: grid (max_chunks, num_kv_heads, num_seqs). Warp w takes positions
@@ -225,7 +239,7 @@ __global__ void __launch_bounds__(kThreads) ScoresKernel(KvPolicyDecodeArgs a, S
   constexpr int E = D / 32;
   const int c = blockIdx.x, kvh = blockIdx.y, s = blockIdx.z;
   const KvPolicySeq seq = a.seqs[s];
-  const int len = seq.seq_len - seq.slot_offset, walk = WalkLength(seq), p0 = c * kKvPolicyChunk;
+  const int len = seq.seq_len - seq.slot_offset, walk = WalkLength(seq, a.low_bits), p0 = c * kKvPolicyChunk;
   if (p0 >= walk) return;
   const int group = a.num_heads / a.num_kv_heads;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -311,7 +325,7 @@ __global__ void __launch_bounds__(kThreads) PvKernel(KvPolicyDecodeArgs a, Scrat
   constexpr int E = D / 32;
   const int c = blockIdx.x, kvh = blockIdx.y, s = blockIdx.z;
   const KvPolicySeq seq = a.seqs[s];
-  const int len = seq.seq_len - seq.slot_offset, walk = WalkLength(seq), p0 = c * kKvPolicyChunk;
+  const int len = seq.seq_len - seq.slot_offset, walk = WalkLength(seq, a.low_bits), p0 = c * kKvPolicyChunk;
   if (p0 >= walk) return;
   const int group = a.num_heads / a.num_kv_heads;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -400,7 +414,7 @@ __global__ void __launch_bounds__(D) ReduceKernel(KvPolicyDecodeArgs a, Scratch 
   const int h = blockIdx.x, s = blockIdx.y, d = threadIdx.x;
   const KvPolicySeq& seq = a.seqs[s];
   if (seq.no_out) return;
-  const int chunks = (WalkLength(seq) + kKvPolicyChunk - 1) / kKvPolicyChunk;
+  const int chunks = (WalkLength(seq, a.low_bits) + kKvPolicyChunk - 1) / kKvPolicyChunk;
   const float* partial = sc.partial + static_cast<size_t>(s) * sc.max_chunks * a.num_heads * D +
                          static_cast<size_t>(h) * D + d;
   float sum = 0.f;
@@ -500,6 +514,8 @@ __global__ void __launch_bounds__(kChooseThreads) ChooseKernel(KvPolicyChooseArg
   uint8_t* state = seq.state + base;
   const int32_t* last_hit = seq.last_hit + base;
   const int len = seq.seq_len;
+  // Read before any thread can fix it (FixBalance, below).
+  const bool balance_unset = seq.balance_set != nullptr && seq.balance_set[lhead] == kKvBalanceUnset;
   __shared__ int red[kChooseThreads / 32];
   int full = 0;
   for (int p = threadIdx.x; p < len; p += kChooseThreads) full += state[p] == kKvPolicyFull;
@@ -585,8 +601,7 @@ __global__ void __launch_bounds__(kChooseThreads) ChooseKernel(KvPolicyChooseArg
   }
   // MiKV: the head's first demotion fixes its balance (the keys' values do not depend on the
   // states just marked: every key not dead is read).
-  if (a.balance_keys && a.victim_state == kKvPolicyLow && rule + over > 0 && seq.balance_set != nullptr &&
-      seq.balance_set[lhead] == kKvBalanceUnset) {
+  if (a.balance_keys && a.victim_state == kKvPolicyLow && rule + over > 0 && balance_unset) {
     __syncthreads();  // marks done (FixBalance reads state)
     const int32_t* pos = seq.pos + base;
     if (a.head_dim == 128) {

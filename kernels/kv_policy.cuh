@@ -8,7 +8,10 @@
 // Algorithms: CORM (Dai et al., arXiv 2404.15949, section 4: a key stays while one of the last w
 // queries gave it attention probability >= 1/t, t the keys that query attends; the r most
 // recent and the first tokens always stay; with a budget, the most recently important), as
-// kvpolicy/README.md states it. MiKV's low-precision entries are not read by these kernels yet.
+// kvpolicy/README.md states it. MiKV (Yang et al., arXiv 2402.18096): the keys CORM's rule would
+// drop are kept at int4 / int2 instead (per-token asymmetric, keys balanced per channel), in
+// kvpolicy/low_precision.h's format bit for bit: quantized on the fly from their full slots until
+// a compaction packs them into the head's run of the paged cache, then read from the run.
 //
 // Every launcher is framework-free: device pointers in, one stream, a cudaError_t out
 // (cudaErrorInvalidValue for shapes it does not implement, before any launch).
@@ -96,10 +99,11 @@ inline constexpr int kKvPolicyChunk = 256;
 // K times the head's balance, quantized, dequantized, divided by it (V without balance); t, the
 // keys a query attends, counts full and low ones (backend/cpu_kv_policy.cc GatherKeptHead).
 // Three kernels: (1) per chunk of kKvPolicyChunk slots and KV head, the scores
-// s = scale * q . k of the group's query heads for every kFull key (dead ones -inf) into the
-// scratch, with the chunk's softmax max and sum; (2) per chunk, the sequence's (max, sum, kept
-// count t) from every chunk's, p = exp(s - max) / sum, last_hit[pos] = seq_len - 1 where a query
-// head of the group gives p >= 1/t (record_hits), and the chunk's P V partial; (3) the partials
+// s = scale * q . k of the group's query heads for every key read (full or low; dead ones -inf)
+// into the scratch, with the chunk's softmax max and sum; (2) per chunk, the sequence's (max, sum,
+// kept count t) from every chunk's, p = exp(s - max) / sum, last_hit[pos] = seq_len - 1 where a
+// query head of the group gives p >= 1/t (record_hits; full keys only: a low one is never chosen
+// again, the CPU's record of it is never read), and the chunk's P V partial; (3) the partials
 // summed in chunk order (deterministic) into `out`. The importance statistics cost the scores'
 // round trip through the scratch (4 bytes per key and query head, written once, read once) and
 // one compare per key: measured by bench/src/attention_bench.cc --kv-policy.

@@ -81,8 +81,11 @@ void SequenceKvPolicy::SetDeviceCounts(int64_t count_from, const int32_t* full, 
   }
 }
 
-int64_t SequenceKvPolicy::DeviceLowMax() const {
-  return device_low_.empty() ? 0 : *std::max_element(device_low_.begin(), device_low_.end());
+int64_t SequenceKvPolicy::DeviceLowToPack(int64_t from) const {
+  // Packed entries and demoted keys at positions >= count_from: exactly what a compaction from
+  // there packs; from elsewhere (never, in practice), every low entry bounds it.
+  const std::vector<int32_t>& n = from == count_from_ ? device_low_from_ : device_low_;
+  return n.empty() ? 0 : *std::max_element(n.begin(), n.end());
 }
 
 absl::Status SequenceKvPolicy::CheckCompaction(int64_t from, int64_t num_slots) const {
@@ -98,9 +101,8 @@ absl::Status SequenceKvPolicy::CheckCompaction(int64_t from, int64_t num_slots) 
 absl::Status SequenceKvPolicy::MarkCompacted(int64_t from, int64_t num_slots) {
   if (absl::Status s = CheckCompaction(from, num_slots); !s.ok()) return s;
   slot_offset_ = seq_len_ - num_slots;
-  // Every low entry may now be packed (those below `from` stay in their slots): the decode's
-  // bound on a head's packed run until the next compaction (no demotion packs).
-  device_packed_bound_ = DeviceLowMax();
+  // The decode's bound on a head's packed run until the next compaction (no demotion packs).
+  device_packed_bound_ = DeviceLowToPack(from);
   return absl::OkStatus();
 }
 

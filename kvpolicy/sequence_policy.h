@@ -140,10 +140,10 @@ class SequenceKvPolicy {
   // likewise (`low`, `low_from`: packed or at positions >= count_from; null: none, CORM).
   void SetDeviceCounts(int64_t count_from, const int32_t* full, const int32_t* from,
                        const int32_t* low = nullptr, const int32_t* low_from = nullptr);
-  // Device-resident MiKV: the most low entries of one (layer, head) after the latest step (what a
-  // compaction stages at most per head), and an upper bound on the entries of any head's packed
-  // run (that count at the latest compaction; 0 before one).
-  int64_t DeviceLowMax() const;
+  // Device-resident MiKV: the most low entries of one (layer, head) that a compaction from `from`
+  // packs, after the latest step (what it stages at most per head), and an upper bound on the
+  // entries of any head's packed run (that count at the latest compaction; 0 before one).
+  int64_t DeviceLowToPack(int64_t from) const;
   int64_t DevicePackedBound() const { return device_packed_bound_; }
   // Device-resident compaction: CheckCompaction (Compact's checks: FailedPrecondition when
   // num_slots < SlotsNeeded(from), num_slots > num_slots() or from past num_slots) before the

@@ -591,6 +591,25 @@ TEST_P(CudaKvPolicyDecodeTest, MikvDemotesReadsAndPacksAsTheCpu) {
     for (size_t i = 0; i < got.size(); ++i) {
       ASSERT_NEAR(got[i], want[i], 1e-2 * std::max(1.0f, std::fabs(want[i]))) << "element " << i;
     }
+    // Importance with t counting full and low keys: the full keys' last_hit as the CPU's (a few
+    // near ties aside; t over the full keys alone would raise the threshold ~3x and part hundreds).
+    {
+      const std::vector<int32_t> glast = GetAll<int32_t>(*cuda_, dev.last_hit);
+      int64_t hits = 0, differ = 0;
+      for (int s = 0; s < S; ++s) {
+        const int cap = seqs[s].capacity;
+        for (int g = 0; g < G; ++g) {
+          for (int pos = 0; pos < lens[s]; ++pos) {
+            if (ptrs[s]->state(0, g, pos) != SlotState::kFull) continue;  // low keys: never read again
+            const int32_t cpu_hit = ptrs[s]->last_hit(0, g)[pos];
+            hits += cpu_hit == lens[s] - 1 && dlast[s][g * cap + pos] != lens[s] - 1;
+            differ += cpu_hit != glast[dev.offsets[s] + g * cap + pos];
+          }
+        }
+      }
+      EXPECT_GT(hits, 50);
+      EXPECT_LE(differ, std::max<int64_t>(4, hits / 100)) << hits << " hits";
+    }
     // Reading the low keys matters: the same decode with them skipped (CORM's kernels) differs.
     a.low_bits = 0;
     ASSERT_EQ(kernels::LaunchKvPolicyDecode(a, Stream(*cuda_)), cudaSuccess);
@@ -600,78 +619,154 @@ TEST_P(CudaKvPolicyDecodeTest, MikvDemotesReadsAndPacksAsTheCpu) {
     EXPECT_GT(apart, 0.05);
     a.low_bits = bits;
 
-    // Compaction: per head the full keys from kFrom, then the packed run of its low entries.
+    // Two compactions from kFrom, a second choice (15 %) between them: per head the full keys,
+    // then one packed run of its low entries, the old run's first, then those demoted since in
+    // position order, each byte for byte the CPU's encoding; the decode reading them matches the
+    // CPU's over the same states.
     const int64_t entry = kvpolicy::LowEntryBytes(D, bits);
-    std::vector<KvPolicySeq> after = dev.host_seqs;
     auto stage = cuda_->Allocate(static_cast<size_t>(G) * max_len * 2 * entry);
     ASSERT_OK(stage);
-    for (int s = 0; s < S; ++s) {
-      int most = 0, most_low = 0;
-      for (int g = 0; g < G; ++g) {
-        most = std::max<int>(most, full_from[s][g] + kvpolicy::LowRunSlots(low_from[s][g], entry, 2 * D));
-        most_low = std::max(most_low, low_from[s][g]);
+    std::vector<KvPolicySeq> after = dev.host_seqs;
+    std::vector<int> held(lens.begin(), lens.end());  // the slots each sequence holds
+    // Per (sequence, head): the positions of its packed entries, in run order.
+    std::vector<std::vector<std::vector<int>>> run(S, std::vector<std::vector<int>>(G));
+    for (int round = 0; round < 2; ++round) {
+      SCOPED_TRACE(round == 0 ? "first compaction" : "second compaction");
+      if (round == 1) {
+        // Fresh last_hits on both sides, then the choice at 15 % (balance already fixed).
+        config.budget_fraction = 0.15;
+        std::vector<int32_t> glh = GetAll<int32_t>(*cuda_, dev.last_hit);
+        for (int s = 0; s < S; ++s) {
+          const int cap = seqs[s].capacity;
+          for (int g = 0; g < G; ++g) {
+            int32_t* lh = ptrs[s]->last_hit(0, g);
+            for (int pos = 0; pos < lens[s]; ++pos) {
+              lh[pos] = std::uniform_int_distribution<int>(pos, lens[s] - 1)(rng);
+              glh[dev.offsets[s] + g * cap + pos] = lh[pos];
+            }
+            // The keys as read (a head demoting for the first time fixes its balance from them).
+            std::vector<float> krows(static_cast<size_t>(lens[s]) * D);
+            std::vector<int32_t> kept(lens[s]);
+            for (int pos = 0; pos < lens[s]; ++pos) {
+              kept[pos] = pos;
+              std::copy_n(kc.data() + cache_slot(s, pos) * kvw + g * D, D, krows.data() + static_cast<size_t>(pos) * D);
+            }
+            ptrs[s]->set_choose(true);
+            ptrs[s]->Apply(0, g, kept, krows.data());
+            ptrs[s]->set_choose(false);
+          }
+          after[s].budget = static_cast<int32_t>(config.BudgetFor(lens[s]));
+          after[s].choose = 1;
+        }
+        ASSERT_OK(cuda_->CopyToDevice(dev.last_hit.data(), glh.data(), glh.size() * 4));
+        DeviceBuffer dchoose = PutRaw(*cuda_, after);
+        c.seqs = dchoose.as<KvPolicySeq>();
+        ASSERT_EQ(kernels::LaunchKvPolicyChoose(c, Stream(*cuda_)), cudaSuccess);
+        const std::vector<uint8_t> gs = GetAll<uint8_t>(*cuda_, dev.state);
+        int64_t newly = 0;
+        for (int s = 0; s < S; ++s) {
+          const int cap = seqs[s].capacity;
+          for (int g = 0; g < G; ++g) {
+            for (int pos = 0; pos < lens[s]; ++pos) {
+              const SlotState want_st = ptrs[s]->state(0, g, pos);
+              const uint8_t got_st = gs[dev.offsets[s] + g * cap + pos];
+              // Packed keys are kKvPolicyLowPacked on the device, kLow on the CPU.
+              const bool same = got_st == static_cast<uint8_t>(want_st) ||
+                                (want_st == SlotState::kLow && got_st == kernels::kKvPolicyLowPacked);
+              ASSERT_TRUE(same) << "seq " << s << " head " << g << " pos " << pos << ": cpu "
+                                << static_cast<int>(want_st) << " gpu " << static_cast<int>(got_st);
+              newly += got_st == kernels::kKvPolicyLow && pos >= kFrom;
+            }
+          }
+        }
+        ASSERT_GT(newly, 100) << "the second choice must demote keys for the test to mean something";
       }
-      const int new_slots = kFrom + most;
-      ASSERT_LE(new_slots, lens[s]);
-      DeviceBuffer one = PutRaw(*cuda_, std::vector<KvPolicySeq>{dev.host_seqs[s]});
-      kernels::KvPolicyCompactArgs cc;
-      cc.seq = one.as<KvPolicySeq>();
-      cc.k_layers = kptr.as<__nv_bfloat16*>();
-      cc.v_layers = vptr.as<__nv_bfloat16*>();
-      cc.kv_stride = kvw;
-      cc.block_table = dt.as<int32_t>() + static_cast<size_t>(s) * max_blocks;
-      cc.block_size = kBs;
-      cc.num_layers = 1;
-      cc.num_kv_heads = G;
-      cc.head_dim = D;
-      cc.from = kFrom;
-      cc.old_slots = lens[s];
-      cc.low_bits = bits;
-      cc.stage = static_cast<uint8_t*>(stage->data());
-      cc.stage_head_bytes = std::max(most_low, 1) * 2 * entry;
-      ASSERT_EQ(kernels::LaunchKvPolicyCompact(cc, Stream(*cuda_)), cudaSuccess);
-      ASSERT_OK(cuda_->Synchronize());
-      after[s].slot_offset = lens[s] - new_slots;
-      after[s].packed_max = most_low;
-    }
-    // The runs: where the full runs end, the CPU's encoding of each demoted key, byte for byte.
-    const std::vector<uint8_t> kbytes = GetAll<uint8_t>(*cuda_, dk), vbytes = GetAll<uint8_t>(*cuda_, dv);
-    const std::vector<uint8_t> gheads2 = GetAll<uint8_t>(*cuda_, heads);
-    int64_t packed = 0;
-    for (int s = 0; s < S; ++s) {
-      for (int g = 0; g < G; ++g) {
-        const int32_t* ints = reinterpret_cast<const int32_t*>(gheads2.data() + head_bytes * s);
-        ASSERT_EQ(ints[g], kFrom + full_from[s][g]) << "seq " << s << " head " << g << ": low_base";
-        ASSERT_EQ(ints[G + g], low_from[s][g]) << "num_packed";
-        std::vector<float> row(D), scratch_row(D);
-        std::vector<uint8_t> want_k(entry), want_v(entry), got_k(entry), got_v(entry);
-        int e = 0;
-        for (int pos = kFrom; pos < lens[s]; ++pos) {
-          if (ptrs[s]->state(0, g, pos) != SlotState::kLow) continue;
-          for (int ch = 0; ch < D; ++ch) row[ch] = kc[cache_slot(s, pos) * kvw + g * D + ch];
-          kvpolicy::EncodeLowEntry(row.data(), D, bits, ptrs[s]->balance(0, g), scratch_row.data(), want_k.data());
-          for (int ch = 0; ch < D; ++ch) row[ch] = vc[cache_slot(s, pos) * kvw + g * D + ch];
-          kvpolicy::EncodeLowEntry(row.data(), D, bits, nullptr, scratch_row.data(), want_v.data());
-          kvpolicy::ForEachLowPiece(e, entry, 2 * D, [&](int64_t i, int64_t off, int64_t n, int64_t at) {
-            const int64_t b = (cache_slot(s, ints[g] + static_cast<int>(i)) * kvw + g * D) * 2 + off;
-            std::copy_n(kbytes.data() + b, n, got_k.data() + at);
-            std::copy_n(vbytes.data() + b, n, got_v.data() + at);
-          });
-          ASSERT_EQ(got_k, want_k) << "seq " << s << " head " << g << " entry " << e << " (position " << pos << ")";
-          ASSERT_EQ(got_v, want_v) << "seq " << s << " head " << g << " entry " << e;
-          ++e;
-          ++packed;
+      for (int s = 0; s < S; ++s) {
+        int most = 0, most_low = 0;
+        for (int g = 0; g < G; ++g) {
+          int full = 0, low = 0;
+          for (int pos = kFrom; pos < lens[s]; ++pos) {
+            full += ptrs[s]->state(0, g, pos) == SlotState::kFull;
+            low += ptrs[s]->state(0, g, pos) == SlotState::kLow;
+          }
+          most = std::max<int>(most, full + kvpolicy::LowRunSlots(low, entry, 2 * D));
+          most_low = std::max(most_low, low);
+          // The run's order: the old run's entries, then the keys demoted since by position.
+          std::vector<int>& r = run[s][g];
+          const std::vector<int> old = r;
+          for (int pos = kFrom; pos < lens[s]; ++pos) {
+            if (ptrs[s]->state(0, g, pos) == SlotState::kLow && std::find(old.begin(), old.end(), pos) == old.end()) {
+              r.push_back(pos);
+            }
+          }
+        }
+        const int new_slots = kFrom + most;
+        ASSERT_LE(new_slots, held[s]);
+        DeviceBuffer one = PutRaw(*cuda_, std::vector<KvPolicySeq>{dev.host_seqs[s]});
+        kernels::KvPolicyCompactArgs cc;
+        cc.seq = one.as<KvPolicySeq>();
+        cc.k_layers = kptr.as<__nv_bfloat16*>();
+        cc.v_layers = vptr.as<__nv_bfloat16*>();
+        cc.kv_stride = kvw;
+        cc.block_table = dt.as<int32_t>() + static_cast<size_t>(s) * max_blocks;
+        cc.block_size = kBs;
+        cc.num_layers = 1;
+        cc.num_kv_heads = G;
+        cc.head_dim = D;
+        cc.from = kFrom;
+        cc.old_slots = held[s];
+        cc.low_bits = bits;
+        cc.stage = static_cast<uint8_t*>(stage->data());
+        cc.stage_head_bytes = std::max(most_low, 1) * 2 * entry;
+        ASSERT_EQ(kernels::LaunchKvPolicyCompact(cc, Stream(*cuda_)), cudaSuccess);
+        ASSERT_OK(cuda_->Synchronize());
+        held[s] = new_slots;
+        after[s].slot_offset = lens[s] - new_slots;
+        after[s].packed_max = most_low;
+        after[s].choose = 0;
+      }
+      const std::vector<uint8_t> kbytes = GetAll<uint8_t>(*cuda_, dk), vbytes = GetAll<uint8_t>(*cuda_, dv);
+      const std::vector<uint8_t> gh = GetAll<uint8_t>(*cuda_, heads);
+      int64_t packed = 0;
+      for (int s = 0; s < S; ++s) {
+        for (int g = 0; g < G; ++g) {
+          int full_from = 0;
+          for (int pos = kFrom; pos < lens[s]; ++pos) full_from += ptrs[s]->state(0, g, pos) == SlotState::kFull;
+          const int32_t* ints = reinterpret_cast<const int32_t*>(gh.data() + head_bytes * s);
+          ASSERT_EQ(ints[g], kFrom + full_from) << "seq " << s << " head " << g << ": low_base";
+          ASSERT_EQ(ints[G + g], static_cast<int32_t>(run[s][g].size())) << "seq " << s << " head " << g << ": num_packed";
+          std::vector<float> row(D), scratch_row(D);
+          std::vector<uint8_t> want_k(entry), want_v(entry), got_k(entry), got_v(entry);
+          for (size_t e = 0; e < run[s][g].size(); ++e) {
+            const int pos = run[s][g][e];
+            for (int ch = 0; ch < D; ++ch) row[ch] = kc[cache_slot(s, pos) * kvw + g * D + ch];
+            kvpolicy::EncodeLowEntry(row.data(), D, bits, ptrs[s]->balance(0, g), scratch_row.data(), want_k.data());
+            for (int ch = 0; ch < D; ++ch) row[ch] = vc[cache_slot(s, pos) * kvw + g * D + ch];
+            kvpolicy::EncodeLowEntry(row.data(), D, bits, nullptr, scratch_row.data(), want_v.data());
+            kvpolicy::ForEachLowPiece(static_cast<int64_t>(e), entry, 2 * D, [&](int64_t i, int64_t off, int64_t n, int64_t at) {
+              const int64_t b = (cache_slot(s, ints[g] + static_cast<int>(i)) * kvw + g * D) * 2 + off;
+              std::copy_n(kbytes.data() + b, n, got_k.data() + at);
+              std::copy_n(vbytes.data() + b, n, got_v.data() + at);
+            });
+            ASSERT_EQ(got_k, want_k) << "seq " << s << " head " << g << " entry " << e << " (position " << pos << ")";
+            ASSERT_EQ(got_v, want_v) << "seq " << s << " head " << g << " entry " << e;
+            ++packed;
+          }
         }
       }
-    }
-    EXPECT_GT(packed, 1000);
-    DeviceBuffer dafter = PutRaw(*cuda_, after);
-    a.seqs = dafter.as<KvPolicySeq>();
-    a.max_seq_len = 2 * max_len;
-    ASSERT_EQ(kernels::LaunchKvPolicyDecode(a, Stream(*cuda_)), cudaSuccess);
-    const std::vector<float> compacted = Get(*cuda_, dout, DType::kBF16);
-    for (size_t i = 0; i < compacted.size(); ++i) {
-      ASSERT_NEAR(compacted[i], want[i], 1e-2 * std::max(1.0f, std::fabs(want[i]))) << "element " << i;
+      EXPECT_GT(packed, 1000);
+      // The CPU's decode over the current states (demoted keys read on the fly), the GPU's over
+      // the compacted slots and runs.
+      std::fill(want.begin(), want.end(), 0.f);
+      ASSERT_OK(cpu_->DecodeAttention(p, **plan));
+      DeviceBuffer dafter = PutRaw(*cuda_, after);
+      a.seqs = dafter.as<KvPolicySeq>();
+      a.max_seq_len = 2 * max_len;
+      ASSERT_EQ(kernels::LaunchKvPolicyDecode(a, Stream(*cuda_)), cudaSuccess);
+      const std::vector<float> compacted = Get(*cuda_, dout, DType::kBF16);
+      for (size_t i = 0; i < compacted.size(); ++i) {
+        ASSERT_NEAR(compacted[i], want[i], 1e-2 * std::max(1.0f, std::fabs(want[i]))) << "element " << i;
+      }
     }
   }
 }

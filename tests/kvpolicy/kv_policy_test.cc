@@ -650,14 +650,14 @@ TEST(KvPolicyStoreTest, DeviceResidentStatesAnswerFromTheBackendsCounts) {
 // MiKV's device-resident states (the CUDA backend): the low entries' counts come with the full
 // ones; the slots a compaction needs add each head's packed run (int4 entries of 8 values: 8
 // bytes, two per 16-byte bf16 slot region), and the decode's bound on a packed run is the most low
-// entries of a head at the latest compaction.
+// entries a head packed at the latest compaction.
 TEST(KvPolicyStoreTest, DeviceResidentMikvStatesCountTheirLowEntries) {
   KvPolicyConfig c;
   c.kind = KvPolicyKind::kMikv;
   c.low_bits = 4;
   KvPolicyStore store(c, {{8, 8, true, 32, 16, 16}, {8, 8, true, 32, 16, 16}}, 2, /*on_device=*/true);
   SequenceKvPolicy* s = store.Prepare(1, 0, 100, /*prompt_len=*/90);
-  EXPECT_EQ(s->DeviceLowMax(), 0);
+  EXPECT_EQ(s->DeviceLowToPack(16), 0);
   EXPECT_EQ(s->DevicePackedBound(), 0);
   const std::vector<int32_t> full = {40, 30, 35, 20}, from = {30, 22, 27, 12};
   const std::vector<int32_t> low = {50, 60, 40, 70}, low_from = {44, 58, 30, 60};
@@ -665,16 +665,17 @@ TEST(KvPolicyStoreTest, DeviceResidentMikvStatesCountTheirLowEntries) {
   EXPECT_EQ(s->Counts(0, 1).full, 30);
   EXPECT_EQ(s->Counts(0, 1).low, 60);
   EXPECT_EQ(s->Counts(0, 1).dead, 10);
-  EXPECT_EQ(s->DeviceLowMax(), 70);
+  EXPECT_EQ(s->DeviceLowToPack(16), 60) << "packed or demoted at positions >= 16";
+  EXPECT_EQ(s->DeviceLowToPack(32), 70) << "counts from another start: every low entry";
   // Per head: full keys from 16 + ceil(low entries x 8 / 16): 30 + 22, 22 + 29, 27 + 15, 12 + 30.
   EXPECT_EQ(s->SlotsNeeded(16), 16 + 52);
   EXPECT_THAT(s->CheckCompaction(16, 67).message(), HasSubstr("need 68"));
   ASSERT_TRUE(s->MarkCompacted(16, 68).ok());
-  EXPECT_EQ(s->DevicePackedBound(), 70);
+  EXPECT_EQ(s->DevicePackedBound(), 60);
   // CORM's counts (no low arrays) read as zero low entries.
   s->SetDeviceCounts(16, full.data(), from.data());
   EXPECT_EQ(s->Counts(1, 1).low, 0);
-  EXPECT_EQ(s->DevicePackedBound(), 70) << "kept until the next compaction";
+  EXPECT_EQ(s->DevicePackedBound(), 60) << "kept until the next compaction";
   s->SetDeviceCounts(16, full.data(), from.data(), low.data(), low_from.data());
   store.Release(1);
   EXPECT_EQ(store.stats().entries.low, 220);

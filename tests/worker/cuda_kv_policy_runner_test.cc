@@ -187,7 +187,14 @@ TEST_P(CudaMikvRunnerTest, MikvOnTheGpuFollowsTheCpuReference) {
   EXPECT_GT(gpu.stats.entries.low, 0);
   EXPECT_LT(gpu_kept, 0.9);
   EXPECT_NEAR(gpu_kept, cpu_kept, 0.05);
-  EXPECT_NEAR(gpu.stats.kv_bytes / gpu.stats.full_kv_bytes, cpu.stats.kv_bytes / cpu.stats.full_kv_bytes, 0.05);
+  // The shares of entries, not of bytes: a low entry is the same bytes on both, a full one is f32
+  // on the CPU and bf16 here (int4 saves 0.86 of a CPU entry, 0.72 of a GPU one; measured: bytes
+  // 0.36 of full KV's on the CPU, 0.46 here, int4, H200 2026-12-03).
+  auto low_share = [](const kvpolicy::KvPolicyStats& st) {
+    return static_cast<double>(st.entries.low) / static_cast<double>(st.entries.full + st.entries.low + st.entries.dead);
+  };
+  EXPECT_NEAR(low_share(gpu.stats), low_share(cpu.stats), 0.05);
+  EXPECT_LT(gpu.stats.kv_bytes, 0.75 * gpu.stats.full_kv_bytes);
   EXPECT_GT(gpu.compactions, 0);
   EXPECT_GE(gpu.freed_blocks, gpu.compactions);
   int equal = 0;

@@ -3,7 +3,8 @@
 // scale = (max - zero) / (2^bits - 1) (rounded up to fp16, so the codes span [min, max]),
 // code = round((x - zero) / scale). Codes packed little-end first: int4 two per byte, int2 four.
 // Error bound (tests/kvpolicy): |x - dequantized| <= scale / 2 (+ fp32 rounding, < 1e-6 |x|max).
-// The same format is what a CUDA kernel will read (codes then the fp16 pair, per entry).
+// The same format is what the CUDA kernels read and write (codes then the fp16 pair, per entry;
+// kernels/kv_policy.cu ReadLowEntry / StageLowEntries).
 //
 // Entries live in the paged cache (kvpolicy/README.md "Low entries in the paged cache"): a
 // (layer, KV head)'s entries, once a compaction packed them, are one byte run through consecutive

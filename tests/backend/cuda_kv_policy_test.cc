@@ -105,6 +105,125 @@ struct Shape {
   int heads, kv_heads, hd;
 };
 
+// One layer's paged cache of `lens` sequences (their blocks permuted), random bf16 K and V and one
+// query row per sequence, on the host and on the device: what the decode tests read.
+struct DecodeCase {
+  DecodeCase(Backend& cuda, std::mt19937& rng, const Shape& sh, std::vector<int32_t> sequence_lens, int bs,
+             bool key_outliers)
+      : S(static_cast<int>(sequence_lens.size())), H(sh.heads), G(sh.kv_heads), D(sh.hd), block_size(bs),
+        kvw(int64_t{sh.kv_heads} * sh.hd), qw(int64_t{sh.heads} * sh.hd), lens(std::move(sequence_lens)) {
+    max_len = *std::max_element(lens.begin(), lens.end());
+    max_blocks = (max_len + bs - 1) / bs;
+    int num_blocks = 0;
+    for (int len : lens) num_blocks += (len + bs - 1) / bs;
+    std::vector<int32_t> perm(num_blocks);
+    std::iota(perm.begin(), perm.end(), 0);
+    std::shuffle(perm.begin(), perm.end(), rng);
+    tables.assign(static_cast<size_t>(S) * max_blocks, 0);
+    qstart = {0};
+    for (int s = 0, next = 0; s < S; ++s) {
+      for (int b = 0; b < (lens[s] + bs - 1) / bs; ++b) tables[s * max_blocks + b] = perm[next++];
+      qstart.push_back(s + 1);
+    }
+    kc = RandomBf16(rng, static_cast<size_t>(num_blocks) * bs * kvw);
+    // Outlier channels (what MiKV's balance is for): every 17th key channel from 3, 8x larger.
+    if (key_outliers) {
+      for (size_t i = 0; i < kc.size(); ++i) {
+        if ((i % D) % 17 == 3) kc[i] = RoundBf16(kc[i] * 8.f);
+      }
+    }
+    vc = RandomBf16(rng, static_cast<size_t>(num_blocks) * bs * kvw);
+    q = RandomBf16(rng, static_cast<size_t>(S) * qw, 1.5f);
+    dq = Put(cuda, q, DType::kBF16);
+    dk = Put(cuda, kc, DType::kBF16);
+    dv = Put(cuda, vc, DType::kBF16);
+    dt = PutRaw(cuda, tables);
+    dout = Put(cuda, std::vector<float>(static_cast<size_t>(S) * qw, 7.f), DType::kBF16);
+    kptr = PutRaw(cuda, std::vector<void*>{dk.data()});
+    vptr = PutRaw(cuda, std::vector<void*>{dv.data()});
+  }
+  // A compaction of sequence s (its device KvPolicySeq `seq`) from slot `from` (CORM's part; MiKV
+  // sets low_bits and the stage).
+  kernels::KvPolicyCompactArgs CompactArgs(const KvPolicySeq* seq, int s, int from, int old_slots) const {
+    kernels::KvPolicyCompactArgs c;
+    c.seq = seq;
+    c.k_layers = kptr.as<__nv_bfloat16*>();
+    c.v_layers = vptr.as<__nv_bfloat16*>();
+    c.kv_stride = kvw;
+    c.block_table = dt.as<int32_t>() + static_cast<size_t>(s) * max_blocks;
+    c.block_size = block_size;
+    c.num_layers = 1;
+    c.num_kv_heads = G;
+    c.head_dim = D;
+    c.from = from;
+    c.old_slots = old_slots;
+    return c;
+  }
+  // Sequence s's cache slot `slot` in the pool.
+  int64_t CacheSlot(int s, int slot) const {
+    return int64_t{tables[s * max_blocks + slot / block_size]} * block_size + slot % block_size;
+  }
+  // The CPU backend's DecodeAttention under the states' policy, F32 on the bf16-rounded values
+  // ([S][H * D]); it records importance into the states as the GPU's decode does.
+  std::vector<float> CpuDecode(Backend& cpu, std::vector<kvpolicy::SequenceKvPolicy*>& states) const {
+    AttentionBatch batch;
+    batch.num_seqs = S;
+    batch.num_tokens = S;
+    batch.max_seq_len = max_len;
+    batch.max_blocks_per_seq = max_blocks;
+    batch.block_size = block_size;
+    batch.query_start = batch.host_query_start = qstart.data();
+    batch.seq_lens = batch.host_seq_lens = lens.data();
+    batch.block_tables = tables.data();
+    auto plan = cpu.CreateAttentionPlan({S, S, max_blocks});
+    CHECK_OK(plan.status());
+    CHECK_OK(cpu.PlanAttention(batch, **plan));
+    std::vector<float> kcpu = kc, vcpu = vc, qcpu = q, out(static_cast<size_t>(S) * qw, 0.f);
+    AttentionParams p;
+    p.q = Tensor2D{qcpu.data(), DType::kF32, S, qw, qw};
+    p.out = Tensor2D{out.data(), DType::kF32, S, qw, qw};
+    p.cache = KvLayer{kcpu.data(), vcpu.data(), kvw, kvw, DType::kF32};
+    p.num_heads = H;
+    p.num_kv_heads = G;
+    p.head_dim = D;
+    p.scale = scale();
+    p.kv_policy = {states.data(), 0};
+    CHECK_OK(cpu.DecodeAttention(p, **plan));
+    return out;
+  }
+  // The policy decode's arguments over the device copies (layer 0, output into dout).
+  kernels::KvPolicyDecodeArgs Args(const KvPolicySeq* seqs, int max_seq_len, void* scratch) const {
+    kernels::KvPolicyDecodeArgs a;
+    a.q = static_cast<const __nv_bfloat16*>(dq.data());
+    a.q_stride = qw;
+    a.out = static_cast<__nv_bfloat16*>(dout.data());
+    a.out_stride = qw;
+    a.k_cache = static_cast<const __nv_bfloat16*>(dk.data());
+    a.v_cache = static_cast<const __nv_bfloat16*>(dv.data());
+    a.kv_stride = kvw;
+    a.block_tables = dt.as<int32_t>();
+    a.max_blocks = max_blocks;
+    a.block_size = block_size;
+    a.seqs = seqs;
+    a.layer = 0;
+    a.num_seqs = S;
+    a.num_heads = H;
+    a.num_kv_heads = G;
+    a.head_dim = D;
+    a.max_seq_len = max_seq_len;
+    a.scale = scale();
+    a.scratch = scratch;
+    return a;
+  }
+  float scale() const { return 1.0f / std::sqrt(static_cast<float>(D)); }
+
+  int S, H, G, D, block_size, max_len = 0, max_blocks = 0;
+  int64_t kvw, qw;
+  std::vector<int32_t> lens, tables, qstart;
+  std::vector<float> kc, vc, q;
+  DeviceBuffer dq, dk, dv, dt, dout, kptr, vptr;  // kptr / vptr: the one layer's K / V pointer
+};
+
 class CudaKvPolicyDecodeTest : public CpuCudaPair<::testing::TestWithParam<Shape>> {};
 
 TEST_P(CudaKvPolicyDecodeTest, MatchesCpuPolicyAttentionAndItsImportance) {
@@ -112,24 +231,13 @@ TEST_P(CudaKvPolicyDecodeTest, MatchesCpuPolicyAttentionAndItsImportance) {
   const int H = sh.heads, G = sh.kv_heads, D = sh.hd, group = H / G;
   constexpr int kBs = 16;
   std::mt19937 rng(17 + D + H);
-  const std::vector<int32_t> lens = {1, 37, 700, 3000, 257};
-  const int S = static_cast<int>(lens.size());
-  const int max_len = *std::max_element(lens.begin(), lens.end());
-  const int max_blocks = (max_len + kBs - 1) / kBs;
-  int num_blocks = 0;
-  for (int len : lens) num_blocks += (len + kBs - 1) / kBs;
-  std::vector<int32_t> perm(num_blocks);
-  std::iota(perm.begin(), perm.end(), 0);
-  std::shuffle(perm.begin(), perm.end(), rng);
-  std::vector<int32_t> tables(static_cast<size_t>(S) * max_blocks, 0), qstart = {0};
-  for (int s = 0, next = 0; s < S; ++s) {
-    for (int b = 0; b < (lens[s] + kBs - 1) / kBs; ++b) tables[s * max_blocks + b] = perm[next++];
-    qstart.push_back(s + 1);
-  }
-  const int64_t kvw = int64_t{G} * D, qw = int64_t{H} * D;
-  const std::vector<float> kc = RandomBf16(rng, static_cast<size_t>(num_blocks) * kBs * kvw);
-  const std::vector<float> vc = RandomBf16(rng, static_cast<size_t>(num_blocks) * kBs * kvw);
-  const std::vector<float> q = RandomBf16(rng, static_cast<size_t>(S) * qw, 1.5f);
+  const DecodeCase dc(*cuda_, rng, sh, {1, 37, 700, 3000, 257}, kBs, /*key_outliers=*/false);
+  const std::vector<int32_t>& lens = dc.lens;
+  const std::vector<int32_t>& tables = dc.tables;
+  const std::vector<float>& kc = dc.kc;
+  const std::vector<float>& q = dc.q;
+  const int S = dc.S, max_len = dc.max_len, max_blocks = dc.max_blocks;
+  const int64_t kvw = dc.kvw, qw = dc.qw;
 
   // CPU states: random last_hits, then CORM's choice (30 % budget) marks the dead keys.
   KvPolicyConfig config;
@@ -177,57 +285,14 @@ TEST_P(CudaKvPolicyDecodeTest, MatchesCpuPolicyAttentionAndItsImportance) {
   ASSERT_GT(dead, 1000) << "the states must skip keys for the test to mean something";
   DeviceStates dev = Upload(*cuda_, dstate, dslot, dlast, seqs, 1, G);
 
-  // CPU reference: DecodeAttention under the policy, F32 on the bf16-rounded values.
-  AttentionBatch batch;
-  batch.num_seqs = S;
-  batch.num_tokens = S;
-  batch.max_seq_len = max_len;
-  batch.max_blocks_per_seq = max_blocks;
-  batch.block_size = kBs;
-  batch.query_start = batch.host_query_start = qstart.data();
-  batch.seq_lens = batch.host_seq_lens = lens.data();
-  batch.block_tables = tables.data();
-  auto plan = cpu_->CreateAttentionPlan({S, S, max_blocks});
-  ASSERT_OK(plan);
-  ASSERT_OK(cpu_->PlanAttention(batch, **plan));
-  std::vector<float> kcpu = kc, vcpu = vc, qcpu = q, want(static_cast<size_t>(S) * qw, 0.f);
-  AttentionParams p;
-  p.q = Tensor2D{qcpu.data(), DType::kF32, S, qw, qw};
-  p.out = Tensor2D{want.data(), DType::kF32, S, qw, qw};
-  p.cache = KvLayer{kcpu.data(), vcpu.data(), kvw, kvw, DType::kF32};
-  p.num_heads = H;
-  p.num_kv_heads = G;
-  p.head_dim = D;
-  p.scale = 1.0f / std::sqrt(static_cast<float>(D));
-  p.kv_policy = {ptrs.data(), 0};
-  ASSERT_OK(cpu_->DecodeAttention(p, **plan));
-
-  // GPU.
-  DeviceBuffer dq = Put(*cuda_, q, DType::kBF16), dk = Put(*cuda_, kc, DType::kBF16),
-               dv = Put(*cuda_, vc, DType::kBF16), dt = PutRaw(*cuda_, tables),
-               dout = Put(*cuda_, std::vector<float>(static_cast<size_t>(S) * qw, 7.f), DType::kBF16);
+  // CPU reference: DecodeAttention under the policy; then the GPU's.
+  const std::vector<float> want = dc.CpuDecode(*cpu_, ptrs);
   auto scratch = cuda_->Allocate(kernels::KvPolicyDecodeScratchBytes(S, H, G, D, max_len));
   ASSERT_OK(scratch);
-  kernels::KvPolicyDecodeArgs a;
-  a.q = static_cast<const __nv_bfloat16*>(dq.data());
-  a.q_stride = qw;
-  a.out = static_cast<__nv_bfloat16*>(dout.data());
-  a.out_stride = qw;
-  a.k_cache = static_cast<const __nv_bfloat16*>(dk.data());
-  a.v_cache = static_cast<const __nv_bfloat16*>(dv.data());
-  a.kv_stride = kvw;
-  a.block_tables = dt.as<int32_t>();
-  a.max_blocks = max_blocks;
-  a.block_size = kBs;
-  a.seqs = dev.seqs.as<KvPolicySeq>();
-  a.layer = 0;
-  a.num_seqs = S;
-  a.num_heads = H;
-  a.num_kv_heads = G;
-  a.head_dim = D;
-  a.max_seq_len = max_len;
-  a.scale = p.scale;
-  a.scratch = scratch->data();
+  kernels::KvPolicyDecodeArgs a = dc.Args(dev.seqs.as<KvPolicySeq>(), max_len, scratch->data());
+  const DeviceBuffer& dout = dc.dout;
+  const DeviceBuffer& dk = dc.dk;
+  const DeviceBuffer& dv = dc.dv;
   ASSERT_EQ(kernels::LaunchKvPolicyDecode(a, Stream(*cuda_)), cudaSuccess);
   const std::vector<float> got = Get(*cuda_, dout, DType::kBF16);
   for (size_t i = 0; i < got.size(); ++i) {
@@ -254,7 +319,7 @@ TEST_P(CudaKvPolicyDecodeTest, MatchesCpuPolicyAttentionAndItsImportance) {
           const int64_t cs = int64_t{tables[s * max_blocks + slot / kBs]} * kBs + slot % kBs;
           double d = 0;
           for (int e = 0; e < D; ++e) d += double{q[s * qw + h * D + e]} * kc[cs * kvw + g * D + e];
-          sc[j] = d * p.scale;
+          sc[j] = d * dc.scale();
           m = std::max(m, sc[j]);
         }
         for (double x : sc) sum += std::exp(x - m);
@@ -301,7 +366,6 @@ TEST_P(CudaKvPolicyDecodeTest, MatchesCpuPolicyAttentionAndItsImportance) {
   // within the tolerance above).
   constexpr int kFrom = 16;
   const std::vector<float> kbefore = Get(*cuda_, dk, DType::kBF16), vbefore = Get(*cuda_, dv, DType::kBF16);
-  DeviceBuffer kptr = PutRaw(*cuda_, std::vector<void*>{dk.data()}), vptr = PutRaw(*cuda_, std::vector<void*>{dv.data()});
   std::vector<KvPolicySeq> after = dev.host_seqs;
   std::vector<int> new_slots(S, 0);
   for (int s = 0; s < S; ++s) {
@@ -315,18 +379,7 @@ TEST_P(CudaKvPolicyDecodeTest, MatchesCpuPolicyAttentionAndItsImportance) {
     }
     new_slots[s] = kFrom + most;
     DeviceBuffer one = PutRaw(*cuda_, std::vector<KvPolicySeq>{dev.host_seqs[s]});
-    kernels::KvPolicyCompactArgs c;
-    c.seq = one.as<KvPolicySeq>();
-    c.k_layers = kptr.as<__nv_bfloat16*>();
-    c.v_layers = vptr.as<__nv_bfloat16*>();
-    c.kv_stride = kvw;
-    c.block_table = dt.as<int32_t>() + static_cast<size_t>(s) * max_blocks;
-    c.block_size = kBs;
-    c.num_layers = 1;
-    c.num_kv_heads = G;
-    c.head_dim = D;
-    c.from = kFrom;
-    c.old_slots = lens[s];
+    const kernels::KvPolicyCompactArgs c = dc.CompactArgs(one.as<KvPolicySeq>(), s, kFrom, lens[s]);
     ASSERT_EQ(kernels::LaunchKvPolicyCompact(c, Stream(*cuda_)), cudaSuccess);
     ASSERT_OK(cuda_->Synchronize());
     after[s].slot_offset = lens[s] - new_slots[s];
@@ -383,29 +436,14 @@ TEST_P(CudaKvPolicyDecodeTest, MikvDemotesReadsAndPacksAsTheCpu) {
   for (int bits : {4, 2}) {
     SCOPED_TRACE(bits == 4 ? "int4" : "int2");
     std::mt19937 rng(29 + D + H + bits);
-    const std::vector<int32_t> lens = {37, 700, 3000, 257};
-    const int S = static_cast<int>(lens.size());
-    const int max_len = *std::max_element(lens.begin(), lens.end());
-    const int max_blocks = (max_len + kBs - 1) / kBs;
-    int num_blocks = 0;
-    for (int len : lens) num_blocks += (len + kBs - 1) / kBs;
-    std::vector<int32_t> perm(num_blocks);
-    std::iota(perm.begin(), perm.end(), 0);
-    std::shuffle(perm.begin(), perm.end(), rng);
-    std::vector<int32_t> tables(static_cast<size_t>(S) * max_blocks, 0), qstart = {0};
-    for (int s = 0, next = 0; s < S; ++s) {
-      for (int b = 0; b < (lens[s] + kBs - 1) / kBs; ++b) tables[s * max_blocks + b] = perm[next++];
-      qstart.push_back(s + 1);
-    }
-    const int64_t kvw = int64_t{G} * D, qw = int64_t{H} * D;
-    std::vector<float> kc = RandomBf16(rng, static_cast<size_t>(num_blocks) * kBs * kvw);
-    // Outlier channels (what MiKV's balance is for): a few key channels 8x larger.
-    for (size_t i = 0; i < kc.size(); ++i) {
-      if ((i % D) % 17 == 3) kc[i] = RoundBf16(kc[i] * 8.f);
-    }
-    const std::vector<float> vc = RandomBf16(rng, static_cast<size_t>(num_blocks) * kBs * kvw);
-    const std::vector<float> q = RandomBf16(rng, static_cast<size_t>(S) * qw, 1.5f);
-    auto cache_slot = [&](int s, int slot) { return int64_t{tables[s * max_blocks + slot / kBs]} * kBs + slot % kBs; };
+    const DecodeCase dc(*cuda_, rng, sh, {37, 700, 3000, 257}, kBs, /*key_outliers=*/true);
+    const std::vector<int32_t>& lens = dc.lens;
+    const std::vector<float>& kc = dc.kc;
+    const std::vector<float>& vc = dc.vc;
+    const std::vector<float>& q = dc.q;
+    const int S = dc.S, max_len = dc.max_len, max_blocks = dc.max_blocks;
+    const int64_t kvw = dc.kvw, qw = dc.qw;
+    auto cache_slot = [&](int s, int slot) { return dc.CacheSlot(s, slot); };
 
     KvPolicyConfig config;
     config.kind = KvPolicyKind::kMikv;
@@ -470,11 +508,11 @@ TEST_P(CudaKvPolicyDecodeTest, MikvDemotesReadsAndPacksAsTheCpu) {
       ptrs.push_back(&st);
     }
     DeviceStates dev = Upload(*cuda_, dstate, dslot, dlast, seqs, 1, G);
-    DeviceBuffer dq = Put(*cuda_, q, DType::kBF16), dk = Put(*cuda_, kc, DType::kBF16),
-                 dv = Put(*cuda_, vc, DType::kBF16), dt = PutRaw(*cuda_, tables);
-    DeviceBuffer kptr = PutRaw(*cuda_, std::vector<void*>{dk.data()}), vptr = PutRaw(*cuda_, std::vector<void*>{dv.data()});
+    const DeviceBuffer& dk = dc.dk;
+    const DeviceBuffer& dv = dc.dv;
+    const DeviceBuffer& dt = dc.dt;
     ASSERT_EQ(kernels::LaunchKvPolicyObserveQueries(dev.seqs.as<KvPolicySeq>(), S, 0,
-                                                    static_cast<const __nv_bfloat16*>(dq.data()), qw, H, G, D,
+                                                    static_cast<const __nv_bfloat16*>(dc.dq.data()), qw, H, G, D,
                                                     Stream(*cuda_)),
               cudaSuccess);
     auto counts = cuda_->Allocate(4 * sizeof(int32_t) * S * G);
@@ -494,7 +532,7 @@ TEST_P(CudaKvPolicyDecodeTest, MikvDemotesReadsAndPacksAsTheCpu) {
     c.low_counts = cnt + 2 * S * G;
     c.low_from_counts = cnt + 3 * S * G;
     c.balance_keys = true;
-    c.k_layers = kptr.as<const __nv_bfloat16* const>();
+    c.k_layers = dc.kptr.as<const __nv_bfloat16* const>();
     c.kv_stride = kvw;
     c.block_tables = dt.as<int32_t>();
     c.max_blocks = max_blocks;
@@ -540,52 +578,12 @@ TEST_P(CudaKvPolicyDecodeTest, MikvDemotesReadsAndPacksAsTheCpu) {
     ASSERT_GT(low_keys, 1000) << "the states must demote keys for the test to mean something";
 
     // The decode over full and demoted keys against the CPU's.
-    AttentionBatch batch;
-    batch.num_seqs = S;
-    batch.num_tokens = S;
-    batch.max_seq_len = max_len;
-    batch.max_blocks_per_seq = max_blocks;
-    batch.block_size = kBs;
-    batch.query_start = batch.host_query_start = qstart.data();
-    batch.seq_lens = batch.host_seq_lens = lens.data();
-    batch.block_tables = tables.data();
-    auto plan = cpu_->CreateAttentionPlan({S, S, max_blocks});
-    ASSERT_OK(plan);
-    ASSERT_OK(cpu_->PlanAttention(batch, **plan));
-    std::vector<float> kcpu = kc, vcpu = vc, qcpu = q, want(static_cast<size_t>(S) * qw, 0.f);
-    AttentionParams p;
-    p.q = Tensor2D{qcpu.data(), DType::kF32, S, qw, qw};
-    p.out = Tensor2D{want.data(), DType::kF32, S, qw, qw};
-    p.cache = KvLayer{kcpu.data(), vcpu.data(), kvw, kvw, DType::kF32};
-    p.num_heads = H;
-    p.num_kv_heads = G;
-    p.head_dim = D;
-    p.scale = 1.0f / std::sqrt(static_cast<float>(D));
-    p.kv_policy = {ptrs.data(), 0};
-    ASSERT_OK(cpu_->DecodeAttention(p, **plan));
-    DeviceBuffer dout = Put(*cuda_, std::vector<float>(static_cast<size_t>(S) * qw, 7.f), DType::kBF16);
+    std::vector<float> want = dc.CpuDecode(*cpu_, ptrs);
     auto scratch = cuda_->Allocate(kernels::KvPolicyDecodeScratchBytes(S, H, G, D, 2 * max_len));
     ASSERT_OK(scratch);
-    kernels::KvPolicyDecodeArgs a;
-    a.q = static_cast<const __nv_bfloat16*>(dq.data());
-    a.q_stride = qw;
-    a.out = static_cast<__nv_bfloat16*>(dout.data());
-    a.out_stride = qw;
-    a.k_cache = static_cast<const __nv_bfloat16*>(dk.data());
-    a.v_cache = static_cast<const __nv_bfloat16*>(dv.data());
-    a.kv_stride = kvw;
-    a.block_tables = dt.as<int32_t>();
-    a.max_blocks = max_blocks;
-    a.block_size = kBs;
-    a.seqs = dev.seqs.as<KvPolicySeq>();
-    a.num_seqs = S;
-    a.num_heads = H;
-    a.num_kv_heads = G;
-    a.head_dim = D;
-    a.max_seq_len = max_len;
-    a.scale = p.scale;
+    kernels::KvPolicyDecodeArgs a = dc.Args(dev.seqs.as<KvPolicySeq>(), max_len, scratch->data());
     a.low_bits = bits;
-    a.scratch = scratch->data();
+    const DeviceBuffer& dout = dc.dout;
     ASSERT_EQ(kernels::LaunchKvPolicyDecode(a, Stream(*cuda_)), cudaSuccess);
     const std::vector<float> got = Get(*cuda_, dout, DType::kBF16);
     for (size_t i = 0; i < got.size(); ++i) {
@@ -703,18 +701,7 @@ TEST_P(CudaKvPolicyDecodeTest, MikvDemotesReadsAndPacksAsTheCpu) {
         const int new_slots = kFrom + most;
         ASSERT_LE(new_slots, held[s]);
         DeviceBuffer one = PutRaw(*cuda_, std::vector<KvPolicySeq>{dev.host_seqs[s]});
-        kernels::KvPolicyCompactArgs cc;
-        cc.seq = one.as<KvPolicySeq>();
-        cc.k_layers = kptr.as<__nv_bfloat16*>();
-        cc.v_layers = vptr.as<__nv_bfloat16*>();
-        cc.kv_stride = kvw;
-        cc.block_table = dt.as<int32_t>() + static_cast<size_t>(s) * max_blocks;
-        cc.block_size = kBs;
-        cc.num_layers = 1;
-        cc.num_kv_heads = G;
-        cc.head_dim = D;
-        cc.from = kFrom;
-        cc.old_slots = held[s];
+        kernels::KvPolicyCompactArgs cc = dc.CompactArgs(one.as<KvPolicySeq>(), s, kFrom, held[s]);
         cc.low_bits = bits;
         cc.stage = static_cast<uint8_t*>(stage->data());
         cc.stage_head_bytes = std::max(most_low, 1) * 2 * entry;
@@ -757,8 +744,7 @@ TEST_P(CudaKvPolicyDecodeTest, MikvDemotesReadsAndPacksAsTheCpu) {
       EXPECT_GT(packed, 1000);
       // The CPU's decode over the current states (demoted keys read on the fly), the GPU's over
       // the compacted slots and runs.
-      std::fill(want.begin(), want.end(), 0.f);
-      ASSERT_OK(cpu_->DecodeAttention(p, **plan));
+      want = dc.CpuDecode(*cpu_, ptrs);
       DeviceBuffer dafter = PutRaw(*cuda_, after);
       a.seqs = dafter.as<KvPolicySeq>();
       a.max_seq_len = 2 * max_len;

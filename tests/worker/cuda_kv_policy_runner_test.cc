@@ -103,6 +103,29 @@ double KeptShare(const kvpolicy::KvPolicyStats& s) {
   return all == 0 ? 0.0 : static_cast<double>(s.entries.full) / static_cast<double>(all);
 }
 
+// The GPU's greedy tokens against the CPU's. A choice is a threshold on bf16 values here and f32
+// ones there, so a near tie can flip it and the runs part (kvpolicy/README.md "Choices are
+// thresholds"): only aggregates are asserted. Over all requests at least a quarter of the tokens
+// follow the CPU's before the runs part, and one request is equal throughout: a policy reading
+// wrong keys parts at once everywhere. `first_equal` (after-prompt: the first token comes from the
+// whole prompt, before any choice, as full KV's): every request's first token is the CPU's.
+void ExpectTokensFollow(const PolicyRun& cpu, const PolicyRun& gpu, bool first_equal) {
+  int equal = 0;
+  size_t followed = 0, total = 0;
+  for (size_t i = 0; i < cpu.tokens.size() && i < gpu.tokens.size(); ++i) {
+    ASSERT_EQ(gpu.tokens[i].size(), cpu.tokens[i].size());
+    size_t k = 0;
+    while (k < cpu.tokens[i].size() && gpu.tokens[i][k] == cpu.tokens[i][k]) ++k;
+    equal += k == cpu.tokens[i].size();
+    followed += k;
+    total += cpu.tokens[i].size();
+    std::cout << "request " << i << ": " << k << " of " << cpu.tokens[i].size() << " tokens as the CPU's\n";
+    if (first_equal) EXPECT_GE(k, 1u) << "request " << i << ": the first token, from the whole prompt";
+  }
+  EXPECT_GE(4 * followed, total) << "the GPU's tokens part from the CPU's early";
+  EXPECT_GE(equal, 1);
+}
+
 class CudaKvPolicyRunnerTest : public ::testing::TestWithParam<kvpolicy::KvPolicyPrefill> {};
 
 TEST_P(CudaKvPolicyRunnerTest, CormOnTheGpuFollowsTheCpuReference) {
@@ -129,27 +152,7 @@ TEST_P(CudaKvPolicyRunnerTest, CormOnTheGpuFollowsTheCpuReference) {
       EXPECT_GT(gpu.compactions, 0);
       EXPECT_GE(gpu.freed_blocks, gpu.compactions);
     }
-    // Tokens. A choice is a threshold on bf16 values here and f32 ones there, so a near tie can
-    // flip it and the runs part (kvpolicy/README.md "Choices are thresholds"): only aggregates
-    // are asserted. With after-prompt the first token of each request comes from its whole
-    // prompt (no choice yet): as full KV's, equal. Over all requests at least a quarter of the
-    // tokens follow the CPU's before the runs part, and one request is equal throughout: a
-    // policy reading wrong keys parts at once everywhere.
-    const bool after_prompt = GetParam() == kvpolicy::KvPolicyPrefill::kAfterPrompt;
-    int equal = 0;
-    size_t followed = 0, total = 0;
-    for (size_t i = 0; i < cpu.tokens.size(); ++i) {
-      ASSERT_EQ(gpu.tokens[i].size(), cpu.tokens[i].size());
-      size_t k = 0;
-      while (k < cpu.tokens[i].size() && gpu.tokens[i][k] == cpu.tokens[i][k]) ++k;
-      equal += k == cpu.tokens[i].size();
-      followed += k;
-      total += cpu.tokens[i].size();
-      std::cout << "request " << i << ": " << k << " of " << cpu.tokens[i].size() << " tokens as the CPU's\n";
-      if (after_prompt) EXPECT_GE(k, 1u) << "request " << i << ": the first token, from the whole prompt";
-    }
-    EXPECT_GE(4 * followed, total) << "the GPU's tokens part from the CPU's early";
-    EXPECT_GE(equal, 1);
+    ExpectTokensFollow(cpu, gpu, /*first_equal=*/GetParam() == kvpolicy::KvPolicyPrefill::kAfterPrompt);
   }
 }
 
@@ -197,20 +200,7 @@ TEST_P(CudaMikvRunnerTest, MikvOnTheGpuFollowsTheCpuReference) {
   EXPECT_LT(gpu.stats.kv_bytes, 0.75 * gpu.stats.full_kv_bytes);
   EXPECT_GT(gpu.compactions, 0);
   EXPECT_GE(gpu.freed_blocks, gpu.compactions);
-  int equal = 0;
-  size_t followed = 0, total = 0;
-  for (size_t i = 0; i < cpu.tokens.size(); ++i) {
-    ASSERT_EQ(gpu.tokens[i].size(), cpu.tokens[i].size());
-    size_t k = 0;
-    while (k < cpu.tokens[i].size() && gpu.tokens[i][k] == cpu.tokens[i][k]) ++k;
-    equal += k == cpu.tokens[i].size();
-    followed += k;
-    total += cpu.tokens[i].size();
-    std::cout << "request " << i << ": " << k << " of " << cpu.tokens[i].size() << " tokens as the CPU's\n";
-    EXPECT_GE(k, 1u) << "request " << i << ": the first token, from the whole prompt";
-  }
-  EXPECT_GE(4 * followed, total) << "the GPU's tokens part from the CPU's early";
-  EXPECT_GE(equal, 1);
+  ExpectTokensFollow(cpu, gpu, /*first_equal=*/true);
 }
 
 INSTANTIATE_TEST_SUITE_P(Bits, CudaMikvRunnerTest, ::testing::Values(4, 2),

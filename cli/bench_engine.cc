@@ -407,6 +407,7 @@ struct Target {
   std::string device;           // what it runs on (with workers: one rank's device)
   std::string all_reduce;       // with workers: the paths the all-reduces take
   double load_s = 0;            // the slowest rank
+  std::string kv_policy = "none";  // kvpolicy::KvPolicyConfig::Describe() of the policy in use
 };
 
 absl::StatusOr<std::unique_ptr<Target>> OpenInProcess(const Args& args) {
@@ -422,6 +423,7 @@ absl::StatusOr<std::unique_ptr<Target>> OpenInProcess(const Args& args) {
   t->elem_bytes = static_cast<double>(DTypeSize(s.backend->compute_dtype()));  // the weights'
 
   t->kv_bytes_per_token = static_cast<double>(kv.BytesPerToken());
+  if (const kvpolicy::KvPolicyStore* p = s.model.runner->kv_policy(); p != nullptr) t->kv_policy = p->config().Describe();
   t->backend = s.backend->name();
   t->device = s.backend->Describe();
   t->load_s = s.model.load_seconds;
@@ -478,6 +480,7 @@ absl::StatusOr<std::unique_ptr<Target>> OpenLocalWorkers(const Args& args, int32
   t->load_s = info.load_seconds;
   t->engine_options.num_host_blocks = info.num_host_blocks;  // the workers' host KV tier
   t->engine_options.kv_compaction = o.kv.kv_policy.enabled();
+  if (o.kv.kv_policy.enabled()) t->kv_policy = o.kv.kv_policy.Describe();
   KvCacheSpec kv;  // what the scheduler allocates: blocks of block_size tokens
   kv.block_size = t->block_size;
   kv.num_blocks = t->num_blocks;
@@ -597,6 +600,7 @@ int RunEngineBench(int argc, char** argv) {
                          {"tensor_parallel_size", t.tp}, {"shard_lm_head", t.shard_lm_head},
                          {"all_reduce", t.all_reduce},
                          {"weight_bytes_read", weight_bytes}, {"kv_bytes_per_token", kv_per_token},
+                         {"kv_policy", t.kv_policy},
                          {"kv_capacity_tokens", capacity}, {"load_s", t.load_s},
                          {"hbm_tbps", *hbm}, {"gemm_peak_tflops", *peak},
                          {"floor_assumes", floor_assumes}};

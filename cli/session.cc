@@ -50,7 +50,7 @@ std::vector<FlagSpec> KvCacheFlags() {
       {"kv-policy", true,
        "token-level KV policy (kvpolicy/README.md): none (default), corm (evict keys no recent "
        "query attended, arXiv 2404.15949) or mikv (keep them in low precision instead, arXiv "
-       "2402.18096); cpu backend, cuda for corm over a bf16 cache; generate, eval, bench and the "
+       "2402.18096); cpu backend, and cuda over a bf16 cache; generate, eval, bench and the "
        "coordinator (sent to its workers)",
        "P"},
       {"kv-policy-window", true,

@@ -803,6 +803,7 @@ TEST_F(CliTest, EngineBenchPrintsDecodeAndPrefillLinesAndSkipsWhatDoesNotFit) {
     ASSERT_FALSE(lines.back().is_discarded()) << line;
   }
   ASSERT_EQ(lines.size(), 1u + 4u + 1u) << r;  // config, 2 x 2 decode shapes, 1 prefill
+  EXPECT_EQ(lines[0]["kv_policy"], "none");
   EXPECT_EQ(lines[0]["kind"], "config");
   EXPECT_EQ(lines[0]["kv_capacity_tokens"], 8 * 16);
   EXPECT_EQ(lines[0]["weight_bytes_read"], lines[0]["params"].get<double>() * 4 - 4096.0 * 512 * 4);
@@ -831,6 +832,18 @@ TEST_F(CliTest, EngineBenchPrintsDecodeAndPrefillLinesAndSkipsWhatDoesNotFit) {
   const RunResult bad = Lorcserve({"bench", "--model", Tiny(), "--decode-batches", "1,0"});
   EXPECT_NE(bad.exit_code, 0);
   EXPECT_THAT(bad.err, HasSubstr("--decode-batches: 0"));
+}
+
+// The config line names the KV policy a benchmark ran under (a saved result says which ran).
+TEST_F(CliTest, EngineBenchNamesItsKvPolicy) {
+  const RunResult r = Lorcserve({"bench", "--model", Tiny(), "--decode-batches", "1", "--contexts", "16",
+                                 "--prefill", "16", "--steps", "2", "--warmup-steps", "1", "--prefill-reps", "1",
+                                 "--threads", "1", "--kv-policy", "mikv", "--kv-token-budget", "30%", "--json"});
+  ASSERT_EQ(r.exit_code, 0) << r;
+  const json cfg = json::parse(r.out.substr(0, r.out.find('\n')), nullptr, /*allow_exceptions=*/false);
+  ASSERT_FALSE(cfg.is_discarded()) << r;
+  EXPECT_EQ(cfg["kind"], "config");
+  EXPECT_THAT(cfg["kv_policy"].get<std::string>(), HasSubstr("mikv-int4 budget 30%"));
 }
 
 // bench --model --local-workers 2: the same benchmark with the model split over two worker

@@ -131,8 +131,8 @@ __device__ __forceinline__ const uint8_t* RunByte(const uint8_t* cache, int64_t 
 }
 
 // Byte b of a run from sequence slot `base` in head `head`'s region of a bf16 cache of head_dim
-// D (RunByte with 32-bit offsets and a constant region: the decode's per-key path; entries of a
-// run stay below 2^31 bytes since positions are below 2^24).
+// D (RunByte with 32-bit offsets and a constant region: the decode's per-key path; a run's bytes
+// stay below 2^31: fewer than 2^24 entries (positions) of at most 68 bytes).
 template <int D>
 __device__ __forceinline__ const uint8_t* RunByteD(const uint8_t* cache, int64_t row_bytes, int head,
                                                   const int32_t* table, int32_t block_size, int32_t base, int32_t b) {
@@ -152,12 +152,12 @@ __device__ __forceinline__ void ReadLowEntry(const __nv_bfloat16* cache, int64_t
   const int64_t row = kv_stride * 2;
   const int code_bytes = D * bits / 8, entry = code_bytes + 4, nbits = E * bits;
   const int32_t first = e * entry;
-  const int32_t bit0 = first * 8 + lane * nbits;
+  const int32_t byte = first + ((lane * nbits) >> 3), shift = (lane * nbits) & 7;  // entries start on a byte
   uint32_t word;
   if (nbits == 16) {
-    word = *reinterpret_cast<const uint16_t*>(RunByteD<D>(c, row, head, table, block_size, base, bit0 >> 3));
-  } else {  // 8 bits (bit0 on a byte) or 4 (the low or high half of one)
-    word = uint32_t{*RunByteD<D>(c, row, head, table, block_size, base, bit0 >> 3)} >> (bit0 & 7);
+    word = *reinterpret_cast<const uint16_t*>(RunByteD<D>(c, row, head, table, block_size, base, byte));
+  } else {  // 8 bits (on a byte) or 4 (the low or high half of one)
+    word = uint32_t{*RunByteD<D>(c, row, head, table, block_size, base, byte)} >> shift;
   }
   const uint16_t scale16 =
       *reinterpret_cast<const uint16_t*>(RunByteD<D>(c, row, head, table, block_size, base, first + code_bytes));

@@ -7,7 +7,6 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
-#include "kvpolicy/kv_policy_config.h"
 
 #ifdef LORC_HAVE_CUDA
 #include "backend/cuda_backend_impl.h"
@@ -21,7 +20,7 @@
 
 namespace lorc {
 
-absl::Status CudaKvPolicySupport(const kvpolicy::KvPolicyConfig& config, KvCacheDtype kv_cache_dtype, bool latent) {
+absl::Status CudaKvPolicySupport(KvCacheDtype kv_cache_dtype, bool latent) {
   if (kv_cache_dtype != KvCacheDtype::kAuto && kv_cache_dtype != KvCacheDtype::kBf16) {
     return absl::UnimplementedError(absl::StrCat("--kv-policy with --kv-cache-dtype ", KvCacheDtypeName(kv_cache_dtype),
                                                  ": the cuda backend's policy kernels read a bf16 cache only so far"));

@@ -30,7 +30,7 @@ std::string CudaVersionString();
 // CORM and MiKV over a bf16 full-KV cache. Unimplemented naming the flag otherwise (`latent`: a LoRC latent
 // model). CudaBackend::CheckKvPolicy at load, and the CLI before any device opens; host logic,
 // defined with or without CUDA in the build.
-absl::Status CudaKvPolicySupport(const kvpolicy::KvPolicyConfig& config, KvCacheDtype kv_cache_dtype, bool latent);
+absl::Status CudaKvPolicySupport(KvCacheDtype kv_cache_dtype, bool latent);
 
 // The CUDA backend (serving computes in BF16: compute_dtype()). Unimplemented without CUDA in the
 // build, Unavailable without a driver, FailedPrecondition for a device ordinal that is not present.

@@ -188,7 +188,7 @@ absl::Status Ensure(Backend& be, DeviceBuffer& b, size_t bytes, bool host = fals
 
 absl::Status CudaBackend::CheckKvPolicy(const kvpolicy::KvPolicyConfig& config, KvCacheDtype kv_cache_dtype,
                                         bool latent) const {
-  return CudaKvPolicySupport(config, kv_cache_dtype, latent);  // cuda_backend.cc
+  return CudaKvPolicySupport(kv_cache_dtype, latent);  // cuda_backend.cc: every policy kind runs
 }
 
 absl::Status CudaBackend::KvPolicyBeginStep(absl::Span<kvpolicy::SequenceKvPolicy* const> seqs,

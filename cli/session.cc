@@ -253,7 +253,7 @@ absl::StatusOr<kvpolicy::KvPolicyConfig> ParseKvPolicyFlags(const Args& args) {
   if (c.enabled() && IsBackendKind(args.Get("backend", "cpu"), BackendKind::kCuda) && !args.Has("workers")) {
     ASSIGN_OR_RETURN(const KvCacheDtype dtype, ParseKvCacheDtype(args.Get("kv-cache-dtype", "auto")));
     // The model (LoRC or not) is not known yet: the load refuses a latent one.
-    if (absl::Status s = CudaKvPolicySupport(c, dtype, /*latent=*/false); !s.ok()) {
+    if (absl::Status s = CudaKvPolicySupport(dtype, /*latent=*/false); !s.ok()) {
       return absl::InvalidArgumentError(s.message());  // a flag error, as the others here
     }
   }

@@ -116,26 +116,30 @@ __device__ __forceinline__ void DequantizeLane(const int (&code)[E], uint16_t sc
   for (int e = 0; e < E; ++e) out[e] = __fadd_rn(zero, __fmul_rn(static_cast<float>(code[e]), scale));
 }
 
+// EncodeLowEntry's arithmetic for the warp's row: x times the key factors (`balance`, this head's
+// [D]; null for values) in place, then its codes and (scale, zero).
+template <int E>
+__device__ __forceinline__ void QuantizeBalancedLane(float (&x)[E], const float* balance, int lane, int bits,
+                                                     int (&code)[E], uint16_t* scale16, uint16_t* zero16) {
+  if (balance != nullptr) {
+#pragma unroll
+    for (int e = 0; e < E; ++e) x[e] = __fmul_rn(x[e], balance[lane * E + e]);
+  }
+  QuantizeLane<E>(x, bits, code, scale16, zero16);
+}
+
 // One KV head's low-entry context: the run, its region of a slot, the key factors.
 struct LowHead {
   int32_t base = 0, packed = 0;
   const float* balance = nullptr;  // this head's [head_dim], null: none (V, or not fixed)
 };
 
-// Byte b of a run from sequence slot `base`, in head `head`'s region (`region` bytes at
-// head * region of each slot's row of `row_bytes`).
-__device__ __forceinline__ const uint8_t* RunByte(const uint8_t* cache, int64_t row_bytes, int head, int region,
-                                                 const int32_t* table, int32_t block_size, int32_t base, int64_t b) {
-  const int64_t slot = CacheSlot(table, static_cast<int32_t>(base + b / region), block_size);
-  return cache + slot * row_bytes + static_cast<int64_t>(head) * region + b % region;
-}
-
-// Byte b of a run from sequence slot `base` in head `head`'s region of a bf16 cache of head_dim
-// D (RunByte with 32-bit offsets and a constant region: the decode's per-key path; a run's bytes
-// stay below 2^31: fewer than 2^24 entries (positions) of at most 68 bytes).
+// Byte b of a run from sequence slot `base` in head `head`'s region (D * 2 bytes at head * D * 2
+// of each slot's row of `row_bytes`) of a bf16 cache of head_dim D. 32-bit offsets: a run's bytes
+// stay below 2^31 (fewer than 2^24 entries, positions, of at most 68 bytes).
 template <int D>
-__device__ __forceinline__ const uint8_t* RunByteD(const uint8_t* cache, int64_t row_bytes, int head,
-                                                  const int32_t* table, int32_t block_size, int32_t base, int32_t b) {
+__device__ __forceinline__ uint8_t* RunByteD(uint8_t* cache, int64_t row_bytes, int head, const int32_t* table,
+                                            int32_t block_size, int32_t base, int32_t b) {
   constexpr int kRegion = D * 2;
   return cache + CacheSlot(table, base + b / kRegion, block_size) * row_bytes + head * kRegion + b % kRegion;
 }
@@ -148,7 +152,7 @@ __device__ __forceinline__ void ReadLowEntry(const __nv_bfloat16* cache, int64_t
                                              const int32_t* table, int32_t block_size, int32_t base, int32_t e,
                                              int bits, int lane, float (&out)[D / 32]) {
   constexpr int E = D / 32;
-  const uint8_t* c = reinterpret_cast<const uint8_t*>(cache);
+  uint8_t* c = reinterpret_cast<uint8_t*>(const_cast<__nv_bfloat16*>(cache));  // read only
   const int64_t row = kv_stride * 2;
   const int code_bytes = D * bits / 8, entry = code_bytes + 4, nbits = E * bits;
   const int32_t first = e * entry;
@@ -195,19 +199,15 @@ __device__ __forceinline__ bool WalkRow(const KvPolicyDecodeArgs& a, const uint8
     const int kp = pos[v];
     if (kp < 0) return false;
     const uint8_t st = state[kp];
-    if (st != kKvPolicyFull && !(st == kKvPolicyLow && a.low_bits > 0)) return false;
+    if (st != kKvPolicyFull && st != kKvPolicyLow) return false;
     LoadRow<E>(cache + CacheSlot(table, v, a.block_size) * a.kv_stride + kvh * D + lane * E, x);
     if (st == kKvPolicyFull) {
       *position = kp;
       return true;
     }
-    if (!kV && low.balance != nullptr) {
-#pragma unroll
-      for (int e = 0; e < E; ++e) x[e] = __fmul_rn(x[e], low.balance[lane * E + e]);
-    }
     int code[E];
     uint16_t scale16, zero16;
-    QuantizeLane<E>(x, a.low_bits, code, &scale16, &zero16);
+    QuantizeBalancedLane<E>(x, kV ? nullptr : low.balance, lane, a.low_bits, code, &scale16, &zero16);
     DequantizeLane<E>(code, scale16, zero16, x);
   }
   if (!kV && low.balance != nullptr) {
@@ -463,18 +463,29 @@ __device__ int BlockSumInt(int v, int* shared) {
 
 constexpr int kChooseThreads = 256;
 
-// This thread's share of the kFull keys at positions [from, len).
-__device__ __forceinline__ int CountFullFrom(const uint8_t* state, int from, int len) {
+// This thread's share of the kFull keys (low = false) or the low entries, unpacked or packed (low
+// = true), at positions [from, len).
+__device__ __forceinline__ int CountFrom(const uint8_t* state, int from, int len, bool low) {
   int n = 0;
-  for (int p = max(from, 0) + threadIdx.x; p < len; p += blockDim.x) n += state[p] == kKvPolicyFull;
+  for (int p = max(from, 0) + threadIdx.x; p < len; p += blockDim.x) {
+    n += low ? IsLow(state[p]) : state[p] == kKvPolicyFull;
+  }
   return n;
 }
 
-// This thread's share of the low entries (unpacked or packed) at positions [from, len).
-__device__ __forceinline__ int CountLowFrom(const uint8_t* state, int from, int len) {
-  int n = 0;
-  for (int p = max(from, 0) + threadIdx.x; p < len; p += blockDim.x) n += IsLow(state[p]);
-  return n;
+// The max over the block of each thread's `m` for its channel threadIdx.x % D (kChooseThreads /
+// D rows of D threads): every thread of row 0 gets its channel's; the others an undefined value.
+template <int D>
+__device__ __forceinline__ float BlockChannelMax(float m) {
+  constexpr int kRows = kChooseThreads / D;
+  __shared__ float sm[kRows][D];
+  const int ch = threadIdx.x % D, row = threadIdx.x / D;
+  sm[row][ch] = m;
+  __syncthreads();
+  if (row == 0) {
+    for (int r = 1; r < kRows; ++r) m = fmaxf(m, sm[r][ch]);
+  }
+  return m;
 }
 
 // MiKV: fixes the balance of head `lhead` (kvpolicy SequenceKvPolicy::Apply): max |k_c| over the
@@ -483,7 +494,6 @@ template <int D>
 __device__ void FixBalance(const KvPolicyChooseArgs& a, const KvPolicySeq& seq, int lhead, const uint8_t* state,
                            const int32_t* pos) {
   constexpr int kRows = kChooseThreads / D;
-  __shared__ float sm_kmax[kRows][D];
   const int layer = lhead / a.num_kv_heads, head = lhead % a.num_kv_heads;
   const __nv_bfloat16* k = a.k_layers[layer];
   const int32_t* table = a.block_tables + static_cast<int64_t>(blockIdx.y) * a.max_blocks;
@@ -495,10 +505,8 @@ __device__ void FixBalance(const KvPolicyChooseArgs& a, const KvPolicySeq& seq, 
     if (kp < 0 || state[kp] == kKvPolicyDead || state[kp] == kKvPolicyLowPacked) continue;
     m = fmaxf(m, fabsf(__bfloat162float(k[CacheSlot(table, sl, a.block_size) * a.kv_stride + head * D + ch])));
   }
-  sm_kmax[row][ch] = m;
-  __syncthreads();
+  m = BlockChannelMax<D>(m);
   if (row == 0) {
-    for (int r = 1; r < kRows; ++r) m = fmaxf(m, sm_kmax[r][ch]);
     const float qm = seq.q_absmax[static_cast<size_t>(lhead) * D + ch];
     float b = 1.f;
     if (qm > 0.f && m > 0.f) b = fminf(fmaxf(__fsqrt_rn(__fdiv_rn(qm, m)), 1.0f / 64), 64.0f);
@@ -527,15 +535,15 @@ __global__ void __launch_bounds__(kChooseThreads) ChooseKernel(KvPolicyChooseArg
     if (a.from_counts == nullptr && a.low_counts == nullptr && a.low_from_counts == nullptr) return;
     __syncthreads();
     if (a.from_counts != nullptr) {
-      const int n = BlockSumInt(CountFullFrom(state, seq.count_from, len), red);
+      const int n = BlockSumInt(CountFrom(state, seq.count_from, len, false), red);
       if (threadIdx.x == 0) a.from_counts[out_at] = n;
     }
     if (a.low_counts != nullptr) {
-      const int n = BlockSumInt(CountLowFrom(state, 0, len), red);
+      const int n = BlockSumInt(CountFrom(state, 0, len, true), red);
       if (threadIdx.x == 0) a.low_counts[out_at] = n;
     }
     if (a.low_from_counts != nullptr) {
-      const int n = BlockSumInt(CountLowFrom(state, seq.count_from, len), red);
+      const int n = BlockSumInt(CountFrom(state, seq.count_from, len, true), red);
       if (threadIdx.x == 0) a.low_from_counts[out_at] = n;
     }
   };
@@ -628,11 +636,8 @@ __global__ void __launch_bounds__(kChooseThreads) ObserveKernel(const KvPolicySe
     const __nv_bfloat16* x = q + static_cast<int64_t>(seq.q_row + r) * q_stride + static_cast<int64_t>(kvh) * group * D + ch;
     for (int h = 0; h < group; ++h) m = fmaxf(m, fabsf(__bfloat162float(x[h * D])));
   }
-  __shared__ float sm[kRows][D];
-  sm[row][ch] = m;
-  __syncthreads();
+  m = BlockChannelMax<D>(m);
   if (row == 0) {
-    for (int r = 1; r < kRows; ++r) m = fmaxf(m, sm[r][ch]);
     float* qa = seq.q_absmax + static_cast<size_t>(lhead) * D + ch;
     *qa = fmaxf(*qa, m);
   }
@@ -642,6 +647,28 @@ __global__ void __launch_bounds__(kChooseThreads) ObserveKernel(const KvPolicySe
 // kCompactThreads / kCompactChunk threads per key row (each a slice of its K and V rows).
 constexpr int kCompactThreads = 256, kCompactChunk = 64, kCompactParts = kCompactThreads / kCompactChunk;
 
+// Copies `entries` entries of `entry` bytes per side between a head's run from sequence slot
+// `base` (K entries through the K rows' region, V's through V's) and the stage (entry i's K then
+// V bytes at i * 2 * entry): into the stage (to_run false) or out of it. The CTA's threads share
+// the bytes.
+template <int D>
+__device__ void CopyRun(const KvPolicyCompactArgs& a, uint8_t* kc, uint8_t* vc, int head, int32_t base,
+                        int32_t entries, int entry, uint8_t* stage, bool to_run) {
+  const int64_t row_bytes = a.kv_stride * 2;
+  const int32_t side_bytes = entries * entry;
+  for (int32_t b = threadIdx.x; b < 2 * side_bytes; b += blockDim.x) {
+    const bool v_side = b >= side_bytes;
+    const int32_t rb = v_side ? b - side_bytes : b;
+    uint8_t* run = RunByteD<D>(v_side ? vc : kc, row_bytes, head, a.block_table, a.block_size, base, rb);
+    uint8_t* staged = stage + static_cast<int64_t>(rb / entry) * 2 * entry + (v_side ? entry : 0) + rb % entry;
+    if (to_run) {
+      *run = *staged;
+    } else {
+      *staged = *run;
+    }
+  }
+}
+
 // MiKV compaction, the staging (kvpolicy SequenceKvPolicy::Compact's LowRepack sources, read
 // before any move): entry i of the head's new run at stage + i * 2 * entry_bytes (K entry, then V
 // entry): first the old run's entries [0, num_packed), then the kKvPolicyLow keys at positions >=
@@ -649,22 +676,15 @@ constexpr int kCompactThreads = 256, kCompactChunk = 64, kCompactParts = kCompac
 // balance), which become kKvPolicyLowPacked. Returns the entries staged (every thread).
 template <int D>
 __device__ int StageLowEntries(const KvPolicyCompactArgs& a, const KvPolicySeq& seq, int lhead, int head,
-                               uint8_t* state, const __nv_bfloat16* kc, const __nv_bfloat16* vc, uint8_t* stage,
+                               uint8_t* state, __nv_bfloat16* kc, __nv_bfloat16* vc, uint8_t* stage,
                                int* sm_rank, int* sm_count) {
   constexpr int E = D / 32;
   const int bits = a.low_bits, code_bytes = D * bits / 8, entry = code_bytes + 4;
-  const int64_t row_bytes = a.kv_stride * 2;
-  const int old = seq.num_packed[lhead], old_base = seq.low_base[lhead];
+  const int old = seq.num_packed[lhead];
   const int64_t capacity = a.stage_head_bytes / (2 * entry);
-  // The old run, byte by byte.
-  const int64_t old_bytes = static_cast<int64_t>(min(static_cast<int64_t>(old), capacity)) * entry;
-  for (int64_t b = threadIdx.x; b < 2 * old_bytes; b += blockDim.x) {
-    const bool v_side = b >= old_bytes;
-    const int64_t rb = v_side ? b - old_bytes : b, e = rb / entry;
-    const uint8_t* src = RunByte(reinterpret_cast<const uint8_t*>(v_side ? vc : kc), row_bytes, head, D * 2,
-                                 a.block_table, a.block_size, old_base, rb);
-    stage[e * 2 * entry + (v_side ? entry : 0) + rb % entry] = *src;
-  }
+  // The old run.
+  CopyRun<D>(a, reinterpret_cast<uint8_t*>(kc), reinterpret_cast<uint8_t*>(vc), head, seq.low_base[lhead],
+             static_cast<int32_t>(min(static_cast<int64_t>(old), capacity)), entry, stage, /*to_run=*/false);
   // The demoted keys since, a chunk of kCompactChunk positions at a time; a warp per key.
   const float* balance =
       seq.balance_set[lhead] == kKvBalanceFixed ? seq.balance + static_cast<size_t>(lhead) * D : nullptr;
@@ -690,13 +710,9 @@ __device__ int StageLowEntries(const KvPolicyCompactArgs& a, const KvPolicySeq& 
       for (int side = 0; side < 2; ++side) {
         float x[E];
         LoadRow<E>((side == 0 ? kc : vc) + cs * a.kv_stride + head * D + lane * E, x);
-        if (side == 0 && balance != nullptr) {
-#pragma unroll
-          for (int i = 0; i < E; ++i) x[i] = __fmul_rn(x[i], balance[lane * E + i]);
-        }
         int code[E];
         uint16_t scale16, zero16;
-        QuantizeLane<E>(x, bits, code, &scale16, &zero16);
+        QuantizeBalancedLane<E>(x, side == 0 ? balance : nullptr, lane, bits, code, &scale16, &zero16);
         // This lane's E * bits bits at bit lane * E * bits of the codes (4, 8 or 16 bits).
         uint32_t word = 0;
 #pragma unroll
@@ -744,8 +760,7 @@ __global__ void __launch_bounds__(kCompactThreads) CompactKernel(KvPolicyCompact
   // at positions >= from), written as the new run after them.
   int staged = 0;
   uint8_t* stage = a.low_bits > 0 ? a.stage + static_cast<int64_t>(blockIdx.x) * a.stage_head_bytes : nullptr;
-  const int code_bytes = D * a.low_bits / 8, kEntryBytes = code_bytes + 4;
-  const int64_t row_bytes = a.kv_stride * 2;
+  const int entry_bytes = D * a.low_bits / 8 + 4;  // MiKV: one side of an entry
   if (stage != nullptr) staged = StageLowEntries<D>(a, seq, lhead, head, state, kc, vc, stage, sm_rank, sm_count);
   int next = a.from;  // the next destination slot
   for (int p0 = a.from; p0 < seq.seq_len; p0 += kCompactChunk) {
@@ -800,16 +815,9 @@ __global__ void __launch_bounds__(kCompactThreads) CompactKernel(KvPolicyCompact
   // packed run lies there too, read by entry index).
   for (int s = next + static_cast<int>(threadIdx.x); s < a.old_slots; s += kCompactThreads) pos[s] = -1;
   if (stage == nullptr) return;
-  // The new run, right after the full one: K entries through the K rows' region, V's through V's.
-  const int64_t run_bytes = static_cast<int64_t>(staged) * kEntryBytes;
-  uint8_t* kb = reinterpret_cast<uint8_t*>(kc);
-  uint8_t* vb = reinterpret_cast<uint8_t*>(vc);
-  for (int64_t b = threadIdx.x; b < 2 * run_bytes; b += kCompactThreads) {
-    const bool v_side = b >= run_bytes;
-    const int64_t rb = v_side ? b - run_bytes : b, e = rb / kEntryBytes;
-    const uint8_t byte = stage[e * 2 * kEntryBytes + (v_side ? kEntryBytes : 0) + rb % kEntryBytes];
-    *const_cast<uint8_t*>(RunByte(v_side ? vb : kb, row_bytes, head, D * 2, a.block_table, a.block_size, next, rb)) = byte;
-  }
+  // The new run, right after the full one.
+  CopyRun<D>(a, reinterpret_cast<uint8_t*>(kc), reinterpret_cast<uint8_t*>(vc), head, next, staged,
+             entry_bytes, stage, /*to_run=*/true);
   if (threadIdx.x == 0) {
     seq.low_base[lhead] = next;
     seq.num_packed[lhead] = staged;

@@ -195,9 +195,8 @@ int64_t SequenceKvPolicy::SlotsNeeded(int64_t from) const {
     // finished yet, or another `from`) nothing can be given back.
     if (from != count_from_ || device_from_.empty()) return num_slots();
     int64_t most = 0;
-    for (size_t i = 0; i < heads_.size(); ++i) {
-      const int64_t low = i < device_low_from_.size() ? device_low_from_[i] : 0;
-      most = std::max(most, device_from_[i] + LowRunSlotsOf(static_cast<int>(i / num_kv_heads_), low));
+    for (size_t i = 0; i < heads_.size(); ++i) {  // SetDeviceCounts sized both (zeros without low)
+      most = std::max(most, device_from_[i] + LowRunSlotsOf(static_cast<int>(i / num_kv_heads_), device_low_from_[i]));
     }
     return from + most;
   }

@@ -8,141 +8,14 @@
 #include <cmath>
 #include <cstdint>
 
-#include "kernels/kv_quant.h"
+#include "kernels/kv_policy_device.cuh"
 
 namespace lorc::kernels {
 namespace {
 
+using namespace kvp;  // NOLINT: this file's own helpers (kv_policy_device.cuh)
+
 constexpr int kWarps = 4, kThreads = 32 * kWarps;
-constexpr int kMaxGroup = 8;
-
-// The scratch of one launch, carved from KvPolicyDecodeArgs::scratch (256-byte aligned parts).
-struct Scratch {
-  float* scores;    // [num_seqs][num_heads][max_seq_len]
-  float* chunk_ml;  // [num_seqs][num_heads][max_chunks][2]: the chunk's softmax max and sum
-  int32_t* chunk_n; // [num_seqs][num_kv_heads][max_chunks]: keys (full and low) in the chunk
-  float* partial;   // [num_seqs][max_chunks][num_heads][head_dim]
-  int32_t max_chunks;
-};
-
-size_t Align256(size_t b) { return (b + 255) / 256 * 256; }
-
-Scratch Carve(void* base, int num_seqs, int num_heads, int num_kv_heads, int head_dim, int max_seq_len,
-              size_t* bytes) {
-  const int64_t chunks = (max_seq_len + kKvPolicyChunk - 1) / kKvPolicyChunk;
-  const size_t scores = Align256(sizeof(float) * num_seqs * num_heads * static_cast<size_t>(max_seq_len));
-  const size_t ml = Align256(sizeof(float) * 2 * num_seqs * num_heads * chunks);
-  const size_t n = Align256(sizeof(int32_t) * num_seqs * num_kv_heads * chunks);
-  const size_t partial = Align256(sizeof(float) * num_seqs * chunks * num_heads * static_cast<size_t>(head_dim));
-  *bytes = scores + ml + n + partial;
-  char* p = static_cast<char*>(base);
-  Scratch s;
-  s.scores = reinterpret_cast<float*>(p);
-  s.chunk_ml = reinterpret_cast<float*>(p + scores);
-  s.chunk_n = reinterpret_cast<int32_t*>(p + scores + ml);
-  s.partial = reinterpret_cast<float*>(p + scores + ml + n);
-  s.max_chunks = static_cast<int32_t>(chunks);
-  return s;
-}
-
-// E = head_dim / 32 bf16 values of a row at `p` (lane-contiguous), as fp32.
-template <int E>
-__device__ __forceinline__ void LoadRow(const __nv_bfloat16* p, float (&v)[E]) {
-  if constexpr (E == 4) {
-    const uint2 raw = *reinterpret_cast<const uint2*>(p);
-    const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.x));
-    const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.y));
-    v[0] = a.x; v[1] = a.y; v[2] = b.x; v[3] = b.y;
-  } else {
-    const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
-    v[0] = a.x; v[1] = a.y;
-  }
-}
-
-__device__ __forceinline__ float WarpSum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-// The entry's query / output row and block-table row (KvPolicySeq::q_row, table_row; -1: `s`).
-__device__ __forceinline__ int64_t QRow(const KvPolicySeq& seq, int s) { return seq.q_row < 0 ? s : seq.q_row; }
-__device__ __forceinline__ int64_t TableRow(const KvPolicySeq& seq, int s) {
-  return seq.table_row < 0 ? s : seq.table_row;
-}
-
-__device__ __forceinline__ int64_t CacheSlot(const int32_t* table, int32_t slot, int32_t block_size) {
-  return static_cast<int64_t>(table[slot / block_size]) * block_size + slot % block_size;
-}
-
-// --- MiKV's low entries (kvpolicy/low_precision.{h,cc}, bit for bit: each operation rounded
-// as the CPU's, no contraction into fused multiply-adds) ---------------------------------------
-
-__device__ __forceinline__ bool IsLow(uint8_t st) { return st == kKvPolicyLow || st == kKvPolicyLowPacked; }
-
-// QuantizeLow of the warp's row (lane holds values [lane * E, lane * E + E)): the codes of this
-// lane's values and the entry's fp16 (scale, zero).
-template <int E>
-__device__ __forceinline__ void QuantizeLane(const float (&x)[E], int bits, int (&code)[E], uint16_t* scale16,
-                                             uint16_t* zero16) {
-  float mn = x[0], mx = x[0];
-#pragma unroll
-  for (int e = 1; e < E; ++e) {
-    mn = fminf(mn, x[e]);
-    mx = fmaxf(mx, x[e]);
-  }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    mn = fminf(mn, __shfl_xor_sync(0xffffffffu, mn, o));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-  }
-  const int levels = (1 << bits) - 1;
-  *zero16 = KvqF16RoundDown(mn);
-  const float zero = KvqF16ToF32(*zero16);
-  *scale16 = KvqF16RoundUp(__fdiv_rn(__fsub_rn(mx, zero), static_cast<float>(levels)));
-  const float scale = KvqF16ToF32(*scale16);
-  const float inv = scale > 0.f ? __fdiv_rn(1.0f, scale) : 0.f;
-#pragma unroll
-  for (int e = 0; e < E; ++e) {
-    code[e] = min(max(static_cast<int>(rintf(__fmul_rn(__fsub_rn(x[e], zero), inv))), 0), levels);
-  }
-}
-
-template <int E>
-__device__ __forceinline__ void DequantizeLane(const int (&code)[E], uint16_t scale16, uint16_t zero16,
-                                               float (&out)[E]) {
-  const float zero = KvqF16ToF32(zero16), scale = KvqF16ToF32(scale16);
-#pragma unroll
-  for (int e = 0; e < E; ++e) out[e] = __fadd_rn(zero, __fmul_rn(static_cast<float>(code[e]), scale));
-}
-
-// EncodeLowEntry's arithmetic for the warp's row: x times the key factors (`balance`, this head's
-// [D]; null for values) in place, then its codes and (scale, zero).
-template <int E>
-__device__ __forceinline__ void QuantizeBalancedLane(float (&x)[E], const float* balance, int lane, int bits,
-                                                     int (&code)[E], uint16_t* scale16, uint16_t* zero16) {
-  if (balance != nullptr) {
-#pragma unroll
-    for (int e = 0; e < E; ++e) x[e] = __fmul_rn(x[e], balance[lane * E + e]);
-  }
-  QuantizeLane<E>(x, bits, code, scale16, zero16);
-}
-
-// One KV head's low-entry context: the run, its region of a slot, the key factors.
-struct LowHead {
-  int32_t base = 0, packed = 0;
-  const float* balance = nullptr;  // this head's [head_dim], null: none (V, or not fixed)
-};
-
-// Byte b of a run from sequence slot `base` in head `head`'s region (D * 2 bytes at head * D * 2
-// of each slot's row of `row_bytes`) of a bf16 cache of head_dim D. 32-bit offsets: a run's bytes
-// stay below 2^31 (fewer than 2^24 entries, positions, of at most 68 bytes).
-template <int D>
-__device__ __forceinline__ uint8_t* RunByteD(uint8_t* cache, int64_t row_bytes, int head, const int32_t* table,
-                                            int32_t block_size, int32_t base, int32_t b) {
-  constexpr int kRegion = D * 2;
-  return cache + CacheSlot(table, base + b / kRegion, block_size) * row_bytes + head * kRegion + b % kRegion;
-}
 
 // Entry e of a packed run, dequantized into this lane's E values (kvpolicy DecodeLowEntry before
 // the balance). Entries and their (scale, zero) start at even bytes and a slot region is even,
@@ -215,21 +88,6 @@ __device__ __forceinline__ bool WalkRow(const KvPolicyDecodeArgs& a, const uint8
     for (int e = 0; e < E; ++e) x[e] = __fdiv_rn(x[e], low.balance[lane * E + e]);
   }
   return true;
-}
-
-// The MiKV context of (layer, head) `lhead` of a sequence (none without low_bits).
-__device__ __forceinline__ LowHead LowHeadOf(const KvPolicySeq& seq, int low_bits, int lhead, int head_dim) {
-  LowHead h;
-  if (low_bits == 0 || seq.num_packed == nullptr) return h;
-  h.base = seq.low_base[lhead];
-  h.packed = seq.num_packed[lhead];
-  if (seq.balance_set[lhead] == kKvBalanceFixed) h.balance = seq.balance + static_cast<size_t>(lhead) * head_dim;
-  return h;
-}
-
-// The walk of an entry: its slots, then (MiKV) up to packed_max packed entries.
-__device__ __forceinline__ int WalkLength(const KvPolicySeq& seq, int low_bits) {
-  return seq.seq_len - seq.slot_offset + (low_bits > 0 && seq.num_packed != nullptr ? seq.packed_max : 0);
 }
 
 // (1) Scores of one chunk: grid (max_chunks, num_kv_heads, num_seqs). Warp w takes positions
@@ -332,33 +190,7 @@ __global__ void __launch_bounds__(kThreads) PvKernel(KvPolicyDecodeArgs a, Scrat
   const int chunks = (walk + kKvPolicyChunk - 1) / kKvPolicyChunk;
   __shared__ float sm_max[kMaxGroup], sm_inv[kMaxGroup];
   __shared__ int sm_t;
-  for (int h = warp; h < group; h += kWarps) {
-    const float* ml = sc.chunk_ml + (static_cast<size_t>(s) * a.num_heads + kvh * group + h) * sc.max_chunks * 2;
-    float m = -INFINITY, l = 0.f;
-    for (int i = lane; i < chunks; i += 32) {
-      const float cm = ml[2 * i], cl = ml[2 * i + 1];
-      if (cm == -INFINITY) continue;
-      const float nm = fmaxf(m, cm);
-      l = l * __expf(m - nm) + cl * __expf(cm - nm);
-      m = nm;
-    }
-    float mm = m;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) mm = fmaxf(mm, __shfl_xor_sync(0xffffffffu, mm, o));
-    const float ll = WarpSum(m == -INFINITY ? 0.f : l * __expf(m - mm));
-    if (lane == 0) {
-      sm_max[h] = mm;
-      sm_inv[h] = ll > 0.f ? 1.0f / ll : 0.f;
-    }
-  }
-  if (warp == kWarps - 1) {
-    const int32_t* cn = sc.chunk_n + (static_cast<size_t>(s) * a.num_kv_heads + kvh) * sc.max_chunks;
-    int t = 0;
-    for (int i = lane; i < chunks; i += 32) t += cn[i];
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(0xffffffffu, t, o);
-    if (lane == 0) sm_t = t;
-  }
+  SequenceSoftmax(sc, s, kvh, a.num_heads, a.num_kv_heads, chunks, sm_max, sm_inv, &sm_t);
   __syncthreads();
   const float threshold = 1.0f / static_cast<float>(max(sm_t, 1));
   const int32_t query_pos = seq.seq_len - 1;
@@ -839,9 +671,9 @@ cudaError_t LaunchKvPolicyDecode(const KvPolicyDecodeArgs& a, cudaStream_t strea
       (a.low_bits != 0 && a.low_bits != 2 && a.low_bits != 4)) {
     return cudaErrorInvalidValue;
   }
-  if (a.head_dim == 128) return LaunchDecode<128>(a, stream);
-  if (a.head_dim == 64) return LaunchDecode<64>(a, stream);
-  return cudaErrorInvalidValue;
+  if (a.head_dim != 128 && a.head_dim != 64) return cudaErrorInvalidValue;
+  if (KvPolicyDecodeMmaApplies(a)) return LaunchKvPolicyDecodeMma(a, stream);
+  return a.head_dim == 128 ? LaunchDecode<128>(a, stream) : LaunchDecode<64>(a, stream);
 }
 
 cudaError_t LaunchKvPolicyExtend(const KvPolicySeq* seqs, int num_seqs, int num_layers, int num_kv_heads,

@@ -129,6 +129,9 @@ struct KvPolicyDecodeArgs {
   bool record_hits = true;
   int32_t low_bits = 0;  // MiKV's 4 or 2; 0: no low entries (CORM)
   void* scratch = nullptr;  // KvPolicyDecodeScratchBytes(...) bytes, 256-byte aligned
+  // true: the CUDA-core kernels below even where the tensor-core ones apply (A/B measurements,
+  // parity tests of both; LORC_KV_POLICY_MMA=0 forces it for a whole process).
+  bool cuda_cores = false;
 };
 
 // Bytes of scratch LaunchKvPolicyDecode needs for this batch shape: scores [num_seqs][num_heads]

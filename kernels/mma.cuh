@@ -89,4 +89,31 @@ __device__ __forceinline__ float Exp2Approx(float x) {
   return y;
 }
 
+// One 16-key tile of a single-m-tile decode (DecodeMmaKernel, the policy decode): s += Q K^T
+// (qa: Q's A fragments, D / 16 k-steps; sk: the tile's shared address, Swz<D> rows; k_off from
+// SwzLdsmOffsets; s[n]: keys [8 n, 8 n + 8)).
+template <int D>
+__device__ __forceinline__ void TileQK(const uint32_t (&qa)[D / 16][4], uint32_t sk, const uint32_t (&k_off)[4],
+                                       float (&s)[2][4]) {
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t kb[4];
+    Ldsm4(kb, sk + k_off[kk & 3] + 32 * (kk & 4));
+    Mma(s[0], qa[kk], kb[0], kb[1]);
+    Mma(s[1], qa[kk], kb[2], kb[3]);
+  }
+}
+// ... and o += P V (pa: P's A fragments from the S accumulators; sv: the V tile, v_off as k_off).
+template <int D>
+__device__ __forceinline__ void TilePV(const uint32_t (&pa)[4], uint32_t sv, const uint32_t (&v_off)[4],
+                                       float (&o)[D / 8][4]) {
+#pragma unroll
+  for (int dp = 0; dp < D / 16; ++dp) {
+    uint32_t vb[4];
+    Ldsm4T(vb, sv + v_off[dp & 3] + 32 * (dp & 4));
+    Mma(o[2 * dp], pa, vb[0], vb[1]);
+    Mma(o[2 * dp + 1], pa, vb[2], vb[3]);
+  }
+}
+
 }  // namespace lorc::kernels

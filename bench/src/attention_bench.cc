@@ -19,7 +19,8 @@
 // chunks of 256 / 512 query tokens after 16k cached tokens (prefix-cache hits; the TFLOP/s count
 // the pairs q_len x (ctx - q_len) + q_len (q_len + 1) / 2).
 // --kv-policy: token-level KV policies (kernels/kv_policy.cuh, issue #17) at contexts 16k and 32k,
-// batch 1, 8 and 64: the paged decode over full KV, then the policy decode with every key kept,
+// batch 1, 8 and 64: the paged decode over full KV, then the policy decode (its tensor-core and
+// its CUDA-core kernels, a row each) with every key kept,
 // with 30 % kept (sinks, the recent 32 and a random 30 % of the rest; the KV bytes it reads
 // fall with it), and the same without recording importance (the statistics' cost is the
 // difference); and CORM's choice over 32 layers x 8 KV heads at a 30 % budget with 64 positions
@@ -213,11 +214,12 @@ int PrefillTable(Backend& be) {
   return 0;
 }
 
-// --kv-policy: one layer's policy decode, `batch` sequences of `ctx` keys, a fraction `kept` of
-// them kFull (sinks 4 and the recent 32 always); cycles over layer caches as Run does. MiKV
+// --kv-policy: one layer's policy decode (the tensor-core kernels, or with `cuda_cores` the
+// CUDA-core ones), `batch` sequences of `ctx` keys, a fraction `kept` of them kFull (sinks 4 and the recent 32 always); cycles over layer caches as Run does. MiKV
 // (low_bits 4 / 2): the others kLow (read quantized on the fly), and `packed` entries per head in
 // a packed run after the ctx slots (what a compacted sequence's demoted keys become).
-double RunPolicy(Backend& be, int batch, int ctx, double kept, bool record_hits, int low_bits = 0, int packed = 0) {
+double RunPolicy(Backend& be, bool cuda_cores, int batch, int ctx, double kept, bool record_hits, int low_bits = 0,
+                 int packed = 0) {
   const int64_t run_slots = low_bits > 0 ? (int64_t{packed} * (kDim * low_bits / 8 + 4) + 2 * kDim - 1) / (2 * kDim) : 0;
   const int blocks_per_seq = static_cast<int>((ctx + run_slots + kBlock - 1) / kBlock);
   const int64_t kv_width = kKvHeads * kDim, width = kHeads * kDim;
@@ -288,6 +290,7 @@ double RunPolicy(Backend& be, int batch, int ctx, double kept, bool record_hits,
   a.record_hits = record_hits;
   a.low_bits = low_bits;
   a.scratch = scratch->data();
+  a.cuda_cores = cuda_cores;
   const auto stream = static_cast<cudaStream_t>(be.stream_handle());
   return TimeUs(be, [&](int i) {
     const int64_t off = (i % layers) * layer_bytes;
@@ -353,7 +356,7 @@ int PolicyTable(Backend& be) {
               be.Describe().c_str());
   // "30% compacted": the slots a compacted sequence walks (its kept 30 %, every one live).
   // MiKV int4: the other 70 % read quantized from their slots, or (compacted) from packed runs.
-  std::printf("  batch x ctx   paged us  policy all us  policy 30%% us  30%% compacted us  30%% no-hits us  "
+  std::printf("  batch x ctx  kernel        paged us  policy all us  policy 30%% us  30%% compacted us  30%% no-hits us  "
               "hits cost us  choose us/step (%d layers)  extend us  mikv 30%% us  mikv 30%% compacted us\n", kLayers);
   std::string json = "{\"bench\":\"attention_kv_policy\",\"device\":\"" + be.Describe() +
                      "\",\"heads\":32,\"kv_heads\":8,\"head_dim\":128,\"kept\":0.3,\"layers\":32,\"cases\":[";
@@ -361,25 +364,31 @@ int PolicyTable(Backend& be) {
   for (const int ctx : {16384, 32768}) {
     for (const int batch : {1, 8, 64}) {
       const double paged = Run(be, batch, ctx, 1, true);
-      const double all = RunPolicy(be, batch, ctx, 1.0, true);
-      const double part = RunPolicy(be, batch, ctx, 0.3, true);
-      const double compacted = RunPolicy(be, batch, static_cast<int>(0.3 * ctx), 1.0, true);
-      const double nohits = RunPolicy(be, batch, ctx, 0.3, false);
       const auto [choose, extend] = RunChoose(be, batch, ctx, kLayers);
-      const double mikv = RunPolicy(be, batch, ctx, 0.3, true, 4);
       const int kept = static_cast<int>(0.3 * ctx);
-      const double mikv_packed = RunPolicy(be, batch, kept, 1.0, true, 4, ctx - kept);
-      std::printf("  %3d x %5d  %9.2f  %13.2f  %13.2f  %16.2f  %14.2f  %12.2f  %25.2f  %9.2f  %11.2f  %20.2f\n", batch,
-                  ctx, paged, all, part, compacted, nohits, part - nohits, choose - extend, extend, mikv, mikv_packed);
-      char buf[420];
-      std::snprintf(buf, sizeof(buf),
-                    "%s{\"batch\":%d,\"ctx\":%d,\"paged_us\":%.2f,\"policy_all_us\":%.2f,\"policy_30_us\":%.2f,"
-                    "\"policy_30_compacted_us\":%.2f,\"policy_30_no_hits_us\":%.2f,\"choose_step_us\":%.2f,"
-                    "\"extend_step_us\":%.2f,\"mikv4_30_us\":%.2f,\"mikv4_30_compacted_us\":%.2f}",
-                    first ? "" : ",", batch, ctx, paged, all, part, compacted, nohits, choose - extend, extend, mikv,
-                    mikv_packed);
-      json += buf;
-      first = false;
+      // The policy decode's two kernels (kv_policy.cuh KvPolicyDecodeArgs::cuda_cores), each case.
+      for (const bool cuda_cores : {false, true}) {
+        const double all = RunPolicy(be, cuda_cores, batch, ctx, 1.0, true);
+        const double part = RunPolicy(be, cuda_cores, batch, ctx, 0.3, true);
+        const double compacted = RunPolicy(be, cuda_cores, batch, kept, 1.0, true);
+        const double nohits = RunPolicy(be, cuda_cores, batch, ctx, 0.3, false);
+        const double mikv = RunPolicy(be, cuda_cores, batch, ctx, 0.3, true, 4);
+        const double mikv_packed = RunPolicy(be, cuda_cores, batch, kept, 1.0, true, 4, ctx - kept);
+        const char* kernel = cuda_cores ? "cuda_cores" : "tensor_cores";
+        std::printf("  %3d x %5d  %-12s  %9.2f  %13.2f  %13.2f  %16.2f  %14.2f  %12.2f  %25.2f  %9.2f  %11.2f  %20.2f\n",
+                    batch, ctx, kernel, paged, all, part, compacted, nohits, part - nohits, choose - extend, extend,
+                    mikv, mikv_packed);
+        char buf[460];
+        std::snprintf(buf, sizeof(buf),
+                      "%s{\"batch\":%d,\"ctx\":%d,\"kernel\":\"%s\",\"paged_us\":%.2f,\"policy_all_us\":%.2f,"
+                      "\"policy_30_us\":%.2f,\"policy_30_compacted_us\":%.2f,\"policy_30_no_hits_us\":%.2f,"
+                      "\"choose_step_us\":%.2f,\"extend_step_us\":%.2f,\"mikv4_30_us\":%.2f,"
+                      "\"mikv4_30_compacted_us\":%.2f}",
+                      first ? "" : ",", batch, ctx, kernel, paged, all, part, compacted, nohits, choose - extend, extend,
+                      mikv, mikv_packed);
+        json += buf;
+        first = false;
+      }
     }
   }
   std::printf("%s]}\n", json.c_str());

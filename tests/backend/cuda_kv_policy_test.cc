@@ -12,6 +12,7 @@
 #include <cmath>
 #include <numeric>
 #include <random>
+#include <tuple>
 #include <vector>
 
 #include "kernels/kv_policy.cuh"
@@ -224,10 +225,12 @@ struct DecodeCase {
   DeviceBuffer dq, dk, dv, dt, dout, kptr, vptr;  // kptr / vptr: the one layer's K / V pointer
 };
 
-class CudaKvPolicyDecodeTest : public CpuCudaPair<::testing::TestWithParam<Shape>> {};
+// Parameters: the shape, and whether the decode runs the CUDA-core kernels (true) or, where they
+// apply (sm_80+), the tensor-core ones (kv_policy_decode_mma.cu).
+class CudaKvPolicyDecodeTest : public CpuCudaPair<::testing::TestWithParam<std::tuple<Shape, bool>>> {};
 
 TEST_P(CudaKvPolicyDecodeTest, MatchesCpuPolicyAttentionAndItsImportance) {
-  const Shape sh = GetParam();
+  const Shape sh = std::get<0>(GetParam());
   const int H = sh.heads, G = sh.kv_heads, D = sh.hd, group = H / G;
   constexpr int kBs = 16;
   std::mt19937 rng(17 + D + H);
@@ -290,6 +293,7 @@ TEST_P(CudaKvPolicyDecodeTest, MatchesCpuPolicyAttentionAndItsImportance) {
   auto scratch = cuda_->Allocate(kernels::KvPolicyDecodeScratchBytes(S, H, G, D, max_len));
   ASSERT_OK(scratch);
   kernels::KvPolicyDecodeArgs a = dc.Args(dev.seqs.as<KvPolicySeq>(), max_len, scratch->data());
+  a.cuda_cores = std::get<1>(GetParam());
   const DeviceBuffer& dout = dc.dout;
   const DeviceBuffer& dk = dc.dk;
   const DeviceBuffer& dv = dc.dv;
@@ -430,7 +434,7 @@ TEST_P(CudaKvPolicyDecodeTest, MatchesCpuPolicyAttentionAndItsImportance) {
 // every head's low entries after its full run, byte for byte kvpolicy::EncodeLowEntry's, and the
 // decode reading them from the run still matches. int4 and int2.
 TEST_P(CudaKvPolicyDecodeTest, MikvDemotesReadsAndPacksAsTheCpu) {
-  const Shape sh = GetParam();
+  const Shape sh = std::get<0>(GetParam());
   const int H = sh.heads, G = sh.kv_heads, D = sh.hd, group = H / G;
   constexpr int kBs = 16, kFrom = 16;
   for (int bits : {4, 2}) {
@@ -582,6 +586,7 @@ TEST_P(CudaKvPolicyDecodeTest, MikvDemotesReadsAndPacksAsTheCpu) {
     auto scratch = cuda_->Allocate(kernels::KvPolicyDecodeScratchBytes(S, H, G, D, 2 * max_len));
     ASSERT_OK(scratch);
     kernels::KvPolicyDecodeArgs a = dc.Args(dev.seqs.as<KvPolicySeq>(), max_len, scratch->data());
+    a.cuda_cores = std::get<1>(GetParam());
     a.low_bits = bits;
     const DeviceBuffer& dout = dc.dout;
     ASSERT_EQ(kernels::LaunchKvPolicyDecode(a, Stream(*cuda_)), cudaSuccess);
@@ -758,10 +763,13 @@ TEST_P(CudaKvPolicyDecodeTest, MikvDemotesReadsAndPacksAsTheCpu) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, CudaKvPolicyDecodeTest,
-                         ::testing::Values(Shape{32, 8, 128}, Shape{8, 2, 64}, Shape{16, 2, 128}, Shape{4, 4, 64}),
-                         [](const ::testing::TestParamInfo<Shape>& i) {
-                           return "h" + std::to_string(i.param.heads) + "kv" + std::to_string(i.param.kv_heads) +
-                                  "d" + std::to_string(i.param.hd);
+                         ::testing::Combine(::testing::Values(Shape{32, 8, 128}, Shape{8, 2, 64}, Shape{16, 2, 128},
+                                                              Shape{4, 4, 64}),
+                                            ::testing::Bool()),
+                         [](const ::testing::TestParamInfo<std::tuple<Shape, bool>>& i) {
+                           const Shape& sh = std::get<0>(i.param);
+                           return "h" + std::to_string(sh.heads) + "kv" + std::to_string(sh.kv_heads) + "d" +
+                                  std::to_string(sh.hd) + (std::get<1>(i.param) ? "_cuda_cores" : "_tensor_cores");
                          });
 
 class CudaKvPolicyChooseTest : public CpuCudaPair<> {};
@@ -871,7 +879,9 @@ TEST_F(CudaKvPolicyChooseTest, ExtendMatchesSequenceKvPolicy) {
         EXPECT_EQ(gs[i], fresh ? 1 : 0);
         EXPECT_EQ(glh[i], fresh ? p : -1);
         EXPECT_EQ(gsl[i], fresh ? p - offsets[s] : -1);
-        if (fresh) EXPECT_EQ(gps[dev.offsets[s] + lg * cap + p - offsets[s]], p);  // slot -> position
+        if (fresh) {
+          EXPECT_EQ(gps[dev.offsets[s] + lg * cap + p - offsets[s]], p);  // slot -> position
+        }
       }
     }
   }

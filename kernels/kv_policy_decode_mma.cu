@@ -1,0 +1,357 @@
+// The policy decode on the tensor cores (kv_policy.cuh LaunchKvPolicyDecode; sm_80+, rows
+// 16-byte aligned, CORM: no low entries): DecodeMmaKernel's structure (attention_decode.cu:
+// per-warp cp.async rings of 16-key tiles, S = Q K^T and O += P V on mma.sync, the online softmax
+// in registers) over the keys a policy keeps, then the importance from the scores it saved.
+//
+// (1) PolicyMmaKernel, one CTA per (chunk of kKvPolicyChunk walk indices, KV head, sequence):
+//     its threads first find the chunk's full keys (slot -> pos -> state) and list them in walk
+//     order (a block scan) with their cache slots resolved through the block table, so a dead slot
+//     costs its classification only and the tile loop has no dependent loads. Warp w takes list
+//     tiles w, w + 4, ... through its cp.async ring. With record_hits the scores go to the
+//     scratch (fp32, natural-log units, as the CUDA-core kernels' scores) for (2); the chunk writes
+//     its (max, sum), its key count and its unnormalised O.
+// (2) ImportanceKernel (record_hits): per chunk, the sequence's softmax and t from every chunk's
+//     (SequenceSoftmax, as the CUDA-core P V kernel), then last_hit for every full key a query
+//     head of the group gives p >= 1 / t.
+// (3) ReduceKernel: out = sum over chunks of O_c exp(m_c - M) / sum of l_c exp(m_c - M), in
+//     chunk order (deterministic).
+// Against the CUDA-core kernels (kv_policy.cu): the same keys, t and importance rule; P enters
+// the P V mma as bf16 (the paged decode's tolerance), scores are summed by the tensor cores in
+// another order. MiKV (low_bits > 0) runs the CUDA-core kernels: its low rows, dequantized into
+// the tiles synchronously and rounded to bf16, measured 2.3-4.6x slower than them and outside the
+// parity tolerance (docs/PERFORMANCE.md "Tensor-core policy decode").
+#include <cuda_bf16.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#include "kernels/kv_policy.cuh"
+#include "kernels/kv_policy_device.cuh"
+#include "kernels/mma.cuh"
+
+namespace lorc::kernels {
+namespace kvp {
+namespace {
+
+constexpr int kWarps = 4, kThreads = 32 * kWarps;
+constexpr int kTile = 16;                              // keys per mma tile
+constexpr int kStages = 2;                             // tiles in flight per warp
+constexpr int kPerThread = kKvPolicyChunk / kThreads;  // walk indices a thread classifies
+constexpr float kLog2e = 1.4426950408889634f;
+static_assert(kPerThread * kThreads == kKvPolicyChunk && kKvPolicyChunk <= 256, "s_off holds a uint8_t");
+
+template <int D>
+constexpr size_t SmemBytes() {  // the warps' K/V rings, then Q ([16][D] bf16)
+  return sizeof(__nv_bfloat16) * D * (kWarps * kStages * 2 * kTile + 16);
+}
+
+// (1) Grid (max_chunks, num_kv_heads, num_seqs), kThreads threads.
+template <int D>
+__global__ void __launch_bounds__(kThreads, 3) PolicyMmaKernel(KvPolicyDecodeArgs a, Scratch sc) {
+  constexpr int kChunks = D / 8;  // 16-byte chunks of a row
+  constexpr int kTileElems = kTile * D;
+  static_assert(kWarps * kStages * 2 * kTileElems * 2 >= kWarps * 8 * (D + 2) * 4, "the combine fits the rings");
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  __shared__ int32_t s_slot[kKvPolicyChunk];  // a listed key's cache slot
+  __shared__ uint8_t s_off[kKvPolicyChunk];   // its walk index - p0
+  __shared__ int s_warp[kWarps];
+
+  const int c = blockIdx.x, kvh = blockIdx.y, s = blockIdx.z;
+  const KvPolicySeq seq = a.seqs[s];
+  const int walk = WalkLength(seq, a.low_bits), p0 = c * kKvPolicyChunk;  // slots only (no low entries)
+  if (p0 >= walk) return;
+  const int end = min(walk, p0 + kKvPolicyChunk);
+  const int group = a.num_heads / a.num_kv_heads;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int lhead = a.layer * a.num_kv_heads + kvh;
+  const size_t lh = static_cast<size_t>(lhead) * seq.capacity;
+  const int32_t* table = a.block_tables + TableRow(seq, s) * a.max_blocks;
+
+  // This thread's walk indices that hold a full key (pos -> state), then the chunk's keys listed
+  // in walk order.
+  int32_t slot[kPerThread];  // -1: no key
+  int mine = 0;
+#pragma unroll
+  for (int k = 0; k < kPerThread; ++k) {
+    const int v = p0 + tid * kPerThread + k;
+    slot[k] = -1;
+    if (v < end) {
+      const int kp = seq.pos[lh + v];
+      // Cache slots fit 32 bits: 2^31 slots of at least 128 bytes exceed any device.
+      if (kp >= 0 && seq.state[lh + kp] == kKvPolicyFull) slot[k] = static_cast<int32_t>(CacheSlot(table, v, a.block_size));
+    }
+    mine += slot[k] >= 0;
+  }
+  int incl = mine;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int y = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o) incl += y;
+  }
+  if (lane == 31) s_warp[warp] = incl;
+  __syncthreads();
+  int at = incl - mine, n = 0;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) {
+    at += w < warp ? s_warp[w] : 0;
+    n += s_warp[w];
+  }
+#pragma unroll
+  for (int k = 0; k < kPerThread; ++k) {
+    if (slot[k] < 0) continue;
+    s_slot[at] = slot[k];
+    s_off[at] = static_cast<uint8_t>(tid * kPerThread + k);
+    ++at;
+  }
+  float* const ml = sc.chunk_ml + ((static_cast<size_t>(s) * a.num_heads + kvh * group) * sc.max_chunks + c) * 2;
+  if (tid == 0) sc.chunk_n[(static_cast<size_t>(s) * a.num_kv_heads + kvh) * sc.max_chunks + c] = n;
+  if (n == 0) {  // uniform: no key in the chunk (the reduce skips it)
+    if (tid < group) {
+      ml[static_cast<size_t>(tid) * sc.max_chunks * 2] = -INFINITY;
+      ml[static_cast<size_t>(tid) * sc.max_chunks * 2 + 1] = 0.f;
+    }
+    return;
+  }
+  __syncthreads();  // the list
+
+  __nv_bfloat16* const rings = reinterpret_cast<__nv_bfloat16*>(smem_raw);
+  __nv_bfloat16* const sq = rings + kWarps * kStages * 2 * kTileElems;
+  __nv_bfloat16* const ring = rings + warp * kStages * 2 * kTileElems;  // stage s: K, then V
+  const __nv_bfloat16* kc = a.k_cache + kvh * D;
+  const __nv_bfloat16* vc = a.v_cache + kvh * D;
+  const float scale2 = a.scale * kLog2e;
+  const int g = lane / 4, t4 = lane % 4;
+  uint32_t q_off[4], k_off[4], v_off[4];
+  SwzLdsmOffsets<D>(lane, SmemAddr(sq), q_off, k_off, v_off);
+
+  // Q: row r < group is query head kvh * group + r; zeros below.
+  const __nv_bfloat16* qg = a.q + QRow(seq, s) * a.q_stride + static_cast<int64_t>(kvh) * group * D;
+  for (int idx = tid; idx < 16 * kChunks; idx += kThreads) {
+    const int r = idx / kChunks, cc = idx % kChunks;
+    const bool valid = r < group;
+    CpAsync16(sq + Swz<D>(r, cc), valid ? qg + r * D + cc * 8 : qg, valid);
+  }
+  CpAsyncCommit();
+
+  const int num_tiles = (n + kTile - 1) / kTile;
+  const int my_tiles = num_tiles > warp ? (num_tiles - warp + kWarps - 1) / kWarps : 0;
+  auto issue = [&](int i) {  // this warp's i-th tile into stage i % kStages
+    __nv_bfloat16* sk = ring + (i % kStages) * 2 * kTileElems;
+    __nv_bfloat16* sv = sk + kTileElems;
+    const int j0 = (warp + kWarps * i) * kTile;
+#pragma unroll
+    for (int jj = 0; jj < kTile * kChunks / 32; ++jj) {
+      const int idx = lane + 32 * jj;
+      const int r = idx / kChunks, cc = idx % kChunks;
+      const int j = j0 + r;
+      const bool valid = j < n;  // zeros past it (masked; 0 x V must not be NaN)
+      const int32_t slot = valid ? s_slot[j] : 0;
+      CpAsync16(sk + Swz<D>(r, cc), kc + static_cast<int64_t>(slot) * a.kv_stride + cc * 8, valid);
+      CpAsync16(sv + Swz<D>(r, cc), vc + static_cast<int64_t>(slot) * a.kv_stride + cc * 8, valid);
+    }
+  };
+#pragma unroll
+  for (int i = 0; i < kStages - 1; ++i) {
+    if (i < my_tiles) issue(i);
+    CpAsyncCommit();
+  }
+  CpAsyncWait<kStages - 1>();  // Q (committed first) has landed, for this thread
+  __syncthreads();             // ... and for everyone
+  uint32_t qa[D / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) Ldsm4(qa[kk], q_off[kk & 3] + 32 * (kk & 4));
+
+  float* const scores = sc.scores + (static_cast<size_t>(s) * a.num_heads + kvh * group + g) * a.max_seq_len + p0;
+  float o[D / 8][4];
+#pragma unroll
+  for (int nn = 0; nn < D / 8; ++nn) o[nn][0] = o[nn][1] = o[nn][2] = o[nn][3] = 0.f;
+  float m = -INFINITY, l = 0.f;  // row g: raw-score max, this lane's part of the sum
+  for (int i = 0; i < my_tiles; ++i) {
+    CpAsyncWait<kStages - 2>();  // tile i has landed (this thread's copies)
+    __syncwarp();                // everyone's (and the lanes' own stores), and tile i - 1's stage is free
+    if (i + kStages - 1 < my_tiles) issue(i + kStages - 1);
+    CpAsyncCommit();
+    const uint32_t sk = SmemAddr(ring + (i % kStages) * 2 * kTileElems);
+    const uint32_t sv = sk + kTileElems * 2;
+    float sc4[2][4] = {};
+    TileQK<D>(qa, sk, k_off, sc4);
+    const int j0 = (warp + kWarps * i) * kTile;
+    float mx = m;
+#pragma unroll
+    for (int nn = 0; nn < 2; ++nn) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int j = j0 + nn * 8 + 2 * t4 + e;
+        if (j >= n) {
+          sc4[nn][e] = -INFINITY;
+        } else if (a.record_hits && g < group) {
+          scores[s_off[j]] = sc4[nn][e] * a.scale;
+        }
+      }
+      mx = fmaxf(mx, fmaxf(sc4[nn][0], sc4[nn][1]));
+    }
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float ref_m = mx * scale2;  // finite: a warp's tiles each hold a key
+    const float corr = Exp2Approx(m * scale2 - ref_m);
+    m = mx;
+    uint32_t pa[4];
+    float sum = 0.f;
+#pragma unroll
+    for (int nn = 0; nn < 2; ++nn) {
+      const float e0 = Exp2Approx(fmaf(sc4[nn][0], scale2, -ref_m));
+      const float e1 = Exp2Approx(fmaf(sc4[nn][1], scale2, -ref_m));
+      sum += e0 + e1;
+      pa[2 * nn] = PackBf16(e0, e1);
+      pa[2 * nn + 1] = 0u;  // rows g + 8: no query head
+    }
+    l = l * corr + sum;
+#pragma unroll
+    for (int nn = 0; nn < D / 8; ++nn) {
+      o[nn][0] *= corr;
+      o[nn][1] *= corr;
+    }
+    TilePV<D>(pa, sv, v_off, o);
+  }
+  CpAsyncWait<0>();
+  l += __shfl_xor_sync(0xffffffffu, l, 1);
+  l += __shfl_xor_sync(0xffffffffu, l, 2);
+
+  // Combine the warps: [warp][row][D + 2] floats (O, then max and sum) over the rings.
+  __syncthreads();  // every warp is done with its ring
+  float* const comb = reinterpret_cast<float*>(smem_raw);
+  if (g < group) {
+    float* dst = comb + (warp * 8 + g) * (D + 2);
+#pragma unroll
+    for (int nn = 0; nn < D / 8; ++nn) {
+      dst[nn * 8 + 2 * t4] = o[nn][0];
+      dst[nn * 8 + 2 * t4 + 1] = o[nn][1];
+    }
+    if (t4 == 0) {
+      dst[D] = m;
+      dst[D + 1] = l;
+    }
+  }
+  __syncthreads();
+  float* const partial = sc.partial + ((static_cast<size_t>(s) * sc.max_chunks + c) * a.num_heads + kvh * group) * D;
+  for (int idx = tid; idx < group * D; idx += kThreads) {
+    const int h = idx / D, d = idx % D;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, comb[(w * 8 + h) * (D + 2) + D]);  // finite: n > 0
+    float sum = 0.f, out = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const float* src = comb + (w * 8 + h) * (D + 2);
+      const float wgt = Exp2Approx((src[D] - mx) * scale2);  // 0 for a warp without keys (-inf)
+      sum = fmaf(src[D + 1], wgt, sum);
+      out = fmaf(src[d], wgt, out);
+    }
+    partial[static_cast<size_t>(h) * D + d] = out;
+    if (d == 0) {
+      ml[static_cast<size_t>(h) * sc.max_chunks * 2] = mx * a.scale;  // natural-log units
+      ml[static_cast<size_t>(h) * sc.max_chunks * 2 + 1] = sum;
+    }
+  }
+}
+
+// (2) Grid as (1), kThreads threads: last_hit of the chunk's full keys.
+__global__ void __launch_bounds__(kThreads) ImportanceKernel(KvPolicyDecodeArgs a, Scratch sc) {
+  const int c = blockIdx.x, kvh = blockIdx.y, s = blockIdx.z;
+  const KvPolicySeq seq = a.seqs[s];
+  const int len = seq.seq_len - seq.slot_offset, walk = WalkLength(seq, a.low_bits), p0 = c * kKvPolicyChunk;
+  if (p0 >= len) return;  // packed entries are never recorded
+  const int group = a.num_heads / a.num_kv_heads;
+  const int chunks = (walk + kKvPolicyChunk - 1) / kKvPolicyChunk;
+  __shared__ float sm_max[kMaxGroup], sm_inv[kMaxGroup];
+  __shared__ int sm_t;
+  SequenceSoftmax(sc, s, kvh, a.num_heads, a.num_kv_heads, chunks, sm_max, sm_inv, &sm_t);
+  __syncthreads();
+  const float threshold = 1.0f / static_cast<float>(max(sm_t, 1));
+  const int32_t query_pos = seq.seq_len - 1;
+  const size_t lh = static_cast<size_t>(a.layer * a.num_kv_heads + kvh) * seq.capacity;
+  const float* scores = sc.scores + (static_cast<size_t>(s) * a.num_heads + kvh * group) * a.max_seq_len;
+  const int end = min(len, p0 + kKvPolicyChunk);
+  for (int v = p0 + threadIdx.x; v < end; v += kThreads) {
+    const int kp = seq.pos[lh + v];
+    if (kp < 0 || seq.state[lh + kp] != kKvPolicyFull) continue;  // low keys: never chosen again
+    bool hit = false;
+    for (int h = 0; h < group; ++h) {
+      hit |= __expf(scores[static_cast<size_t>(h) * a.max_seq_len + v] - sm_max[h]) * sm_inv[h] >= threshold;
+    }
+    // atomicMax: several entries may be query rows of one sequence (KvPolicySeq::q_row).
+    int32_t* last_hit = seq.last_hit + lh + kp;
+    if (hit && *last_hit < query_pos) atomicMax(last_hit, query_pos);
+  }
+}
+
+// (3) Grid (num_heads, num_seqs), D threads.
+template <int D>
+__global__ void __launch_bounds__(D) ReduceKernel(KvPolicyDecodeArgs a, Scratch sc) {
+  const int h = blockIdx.x, s = blockIdx.y, d = threadIdx.x;
+  const KvPolicySeq& seq = a.seqs[s];
+  if (seq.no_out) return;
+  const int chunks = (WalkLength(seq, a.low_bits) + kKvPolicyChunk - 1) / kKvPolicyChunk;
+  const float* ml = sc.chunk_ml + (static_cast<size_t>(s) * a.num_heads + h) * sc.max_chunks * 2;
+  const float* partial = sc.partial + static_cast<size_t>(s) * sc.max_chunks * a.num_heads * D +
+                         static_cast<size_t>(h) * D + d;
+  float mx = -INFINITY;
+  for (int i = 0; i < chunks; ++i) mx = fmaxf(mx, ml[2 * i]);
+  float sum = 0.f, out = 0.f;
+  for (int i = 0; i < chunks; ++i) {
+    if (ml[2 * i] == -INFINITY) continue;  // a chunk without keys
+    const float w = __expf(ml[2 * i] - mx);
+    sum = fmaf(ml[2 * i + 1], w, sum);
+    out = fmaf(partial[static_cast<size_t>(i) * a.num_heads * D], w, out);
+  }
+  a.out[QRow(seq, s) * a.out_stride + static_cast<int64_t>(h) * D + d] = __float2bfloat16(sum > 0.f ? out / sum : 0.f);
+}
+
+template <int D>
+cudaError_t Launch(const KvPolicyDecodeArgs& a, const Scratch& sc, cudaStream_t stream) {
+  constexpr size_t smem = SmemBytes<D>();
+  static bool allowed = false;  // once per process and instantiation (a worker drives one device)
+  if (!allowed) {
+    const cudaError_t e =
+        cudaFuncSetAttribute(PolicyMmaKernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (e != cudaSuccess) return e;
+    allowed = true;
+  }
+  const dim3 grid(sc.max_chunks, a.num_kv_heads, a.num_seqs);
+  PolicyMmaKernel<D><<<grid, kThreads, smem, stream>>>(a, sc);
+  if (a.record_hits) ImportanceKernel<<<grid, kThreads, 0, stream>>>(a, sc);
+  ReduceKernel<D><<<dim3(a.num_heads, a.num_seqs), D, 0, stream>>>(a, sc);
+  return cudaGetLastError();
+}
+
+bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+}  // namespace
+
+bool KvPolicyDecodeMmaApplies(const KvPolicyDecodeArgs& a) {
+  static const bool enabled = [] {
+    int dev = 0, major = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
+      cudaGetLastError();
+      return false;
+    }
+    const char* env = std::getenv("LORC_KV_POLICY_MMA");
+    return major >= 8 && !(env != nullptr && std::strcmp(env, "0") == 0);
+  }();
+  return enabled && !a.cuda_cores && a.low_bits == 0 && Aligned16(a.q) && Aligned16(a.k_cache) && Aligned16(a.v_cache) &&
+         a.q_stride % 8 == 0 && a.kv_stride % 8 == 0;
+}
+
+cudaError_t LaunchKvPolicyDecodeMma(const KvPolicyDecodeArgs& a, cudaStream_t stream) {
+  size_t bytes = 0;
+  const Scratch sc = Carve(a.scratch, a.num_seqs, a.num_heads, a.num_kv_heads, a.head_dim, a.max_seq_len, &bytes);
+  if (a.head_dim == 128) return Launch<128>(a, sc, stream);
+  if (a.head_dim == 64) return Launch<64>(a, sc, stream);
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace kvp
+}  // namespace lorc::kernels

@@ -1,25 +1,28 @@
 // The policy decode on the tensor cores (kv_policy.cuh LaunchKvPolicyDecode; sm_80+, rows
-// 16-byte aligned, CORM: no low entries): DecodeMmaKernel's structure (attention_decode.cu:
-// per-warp cp.async rings of 16-key tiles, S = Q K^T and O += P V on mma.sync, the online softmax
-// in registers) over the keys a policy keeps, then the importance from the scores it saved.
+// 16-byte aligned): DecodeMmaKernel's structure (attention_decode.cu: per-warp cp.async rings of
+// 16-key tiles, S = Q K^T and O += P V on mma.sync, the online softmax in registers) over the keys
+// a policy keeps, then the importance from the scores it saved.
 //
 // (1) PolicyMmaKernel, one CTA per (chunk of kKvPolicyChunk walk indices, KV head, sequence):
-//     its threads first find the chunk's full keys (slot -> pos -> state) and list them in walk
-//     order (a block scan) with their cache slots resolved through the block table, so a dead slot
-//     costs its classification only and the tile loop has no dependent loads. Warp w takes list
-//     tiles w, w + 4, ... through its cp.async ring. With record_hits the scores go to the
-//     scratch (fp32, natural-log units, as the CUDA-core kernels' scores) for (2); the chunk writes
-//     its (max, sum), its key count and its unnormalised O.
+//     its threads first find the chunk's keys (slot -> pos -> state; MiKV's packed entries past
+//     the slots) and list them in walk order (a block scan) with their cache slots resolved
+//     through the block table, so a dead slot costs its classification only and the tile loop
+//     has no dependent loads. Warp w takes list tiles w, w + 4, ... through its cp.async ring.
+//     MiKV's low keys travel the same ring: a demoted key's bf16 row as a full one's, a packed
+//     entry's code word and (scale, zero) in its lanes' 16-byte chunks; when the tile has landed
+//     the lanes turn them in place into the values the CUDA-core kernels read (FixLowChunk: bit
+//     for bit in fp32, then K split into two bf16 tiles, hi and lo, both multiplied by Q; V
+//     rounded to bf16). With record_hits the full keys' scores go to the scratch (fp32,
+//     natural-log units, as the CUDA-core kernels' scores) for (2); the chunk writes its (max,
+//     sum), its key count (t's share: full and low keys) and its unnormalised O.
 // (2) ImportanceKernel (record_hits): per chunk, the sequence's softmax and t from every chunk's
 //     (SequenceSoftmax, as the CUDA-core P V kernel), then last_hit for every full key a query
 //     head of the group gives p >= 1 / t.
 // (3) ReduceKernel: out = sum over chunks of O_c exp(m_c - M) / sum of l_c exp(m_c - M), in
 //     chunk order (deterministic).
-// Against the CUDA-core kernels (kv_policy.cu): the same keys, t and importance rule; P enters
-// the P V mma as bf16 (the paged decode's tolerance), scores are summed by the tensor cores in
-// another order. MiKV (low_bits > 0) runs the CUDA-core kernels: its low rows, dequantized into
-// the tiles synchronously and rounded to bf16, measured 2.3-4.6x slower than them and outside the
-// parity tolerance (docs/PERFORMANCE.md "Tensor-core policy decode").
+// Against the CUDA-core kernels (kv_policy.cu): the same keys, t and importance rule; P (and
+// MiKV's dequantized V) enter the P V mma as bf16 (the paged decode's tolerance), scores are
+// summed by the tensor cores in another order.
 #include <cuda_bf16.h>
 
 #include <cmath>
@@ -42,25 +45,105 @@ constexpr int kPerThread = kKvPolicyChunk / kThreads;  // walk indices a thread 
 constexpr float kLog2e = 1.4426950408889634f;
 static_assert(kPerThread * kThreads == kKvPolicyChunk && kKvPolicyChunk <= 256, "s_off holds a uint8_t");
 
+// A listed key's kind (MiKV's classification; CORM lists full keys only).
+constexpr uint8_t kRowFull = 0, kRowLowSlot = 1, kRowPacked = 2;
+
+// Tiles per ring stage: K and V; MiKV adds K's low part (below).
+template <bool kLow>
+inline constexpr int kTilesPerStage = kLow ? 3 : 2;
+template <int D, bool kLow>
+constexpr size_t SmemBytes() {  // the warps' rings, then Q ([16][D] bf16)
+  return sizeof(__nv_bfloat16) * D * (kWarps * kStages * kTilesPerStage<kLow> * kTile + 16);
+}
+
+__device__ __forceinline__ void CpAsync4(void* dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(SmemAddr(dst)), "l"(src));
+}
+
+__device__ __forceinline__ void Bf16x8ToF32(const uint4& raw, float (&out)[8]) {
+  const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __bfloat1622float2(p[i]);
+    out[2 * i] = f.x;
+    out[2 * i + 1] = f.y;
+  }
+}
+
+// MiKV: this lane's chunk (channels [cc * 8, cc * 8 + 8)) of a low key's K (lo non-null) or V
+// row in a tile, turned in place into the values the CUDA-core kernels read (kvpolicy
+// low_precision arithmetic): a demoted key in its slot (the tile holds its bf16 row: times the
+// balance, quantized, dequantized, bit for bit in fp32) or a packed entry (the tile's chunk holds
+// this lane's code word, then the entry's fp16 scale and zero: decoded); K then times the
+// reciprocal of the balance (`inv`, this chunk's 8; within an ulp of the CUDA-core kernels'
+// quotient) and split into hi = bf16(x) (in place) and lo = bf16(x - hi) (at `lo`), so that
+// S = Q hi + Q lo keeps x to ~2^-16 (one bf16 rounding of a dequantized key measured up to 1.7 %
+// off the CPU's outputs); V rounded to bf16. `any_slot` (uniform over the warp): some row of the
+// warp's is a demoted key in its slot; then every lane takes part in the (min, max) reductions
+// over each row's kLanes = D / 8 lanes.
 template <int D>
-constexpr size_t SmemBytes() {  // the warps' K/V rings, then Q ([16][D] bf16)
-  return sizeof(__nv_bfloat16) * D * (kWarps * kStages * 2 * kTile + 16);
+__device__ __forceinline__ void FixLowChunk(uint8_t kind, bool any_slot, __nv_bfloat16* chunk, __nv_bfloat16* lo,
+                                            const float* balance, const float* inv, int cc, int bits) {
+  float x[8];
+  int code[8];
+  uint16_t scale16 = 0, zero16 = 0;
+  const uint4 raw = *reinterpret_cast<const uint4*>(chunk);
+  if (any_slot) {
+    if (kind == kRowLowSlot) {
+      Bf16x8ToF32(raw, x);
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) x[e] = 0.f;
+    }
+    QuantizeBalancedLane<8, D / 8>(x, balance, cc, bits, code, &scale16, &zero16);
+  }
+  if (kind == kRowPacked) {
+    const uint32_t word = raw.x;  // int2: the lane's 16 bits sit in the low or high half
+    const uint32_t codes = bits == 4 ? word : (cc & 1) != 0 ? word >> 16 : word & 0xffffu;
+    scale16 = static_cast<uint16_t>(raw.y & 0xffffu);
+    zero16 = static_cast<uint16_t>(raw.y >> 16);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) code[i] = static_cast<int>((codes >> (i * bits)) & ((1u << bits) - 1u));
+  }
+  if (kind != kRowLowSlot && kind != kRowPacked) return;
+  DequantizeLane<8>(code, scale16, zero16, x);
+  if (inv != nullptr) {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) x[e] = __fmul_rn(x[e], inv[e]);
+  }
+  uint32_t hi[4], rest[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(x[2 * i], x[2 * i + 1]);
+    const float2 hf = __bfloat1622float2(h);
+    hi[i] = *reinterpret_cast<const uint32_t*>(&h);
+    rest[i] = PackBf16(x[2 * i] - hf.x, x[2 * i + 1] - hf.y);
+  }
+  *reinterpret_cast<uint4*>(chunk) = make_uint4(hi[0], hi[1], hi[2], hi[3]);
+  if (lo != nullptr) *reinterpret_cast<uint4*>(lo) = make_uint4(rest[0], rest[1], rest[2], rest[3]);
 }
 
 // (1) Grid (max_chunks, num_kv_heads, num_seqs), kThreads threads.
-template <int D>
-__global__ void __launch_bounds__(kThreads, 3) PolicyMmaKernel(KvPolicyDecodeArgs a, Scratch sc) {
+// kLow: MiKV (low entries; its own instantiation, two CTAs an SM by its larger rings).
+template <int D, bool kLow>
+__global__ void __launch_bounds__(kThreads, kLow ? 2 : 3) PolicyMmaKernel(KvPolicyDecodeArgs a, Scratch sc) {
   constexpr int kChunks = D / 8;  // 16-byte chunks of a row
   constexpr int kTileElems = kTile * D;
+  constexpr int kStageElems = kTilesPerStage<kLow> * kTileElems;  // K, V (, K's low part)
   static_assert(kWarps * kStages * 2 * kTileElems * 2 >= kWarps * 8 * (D + 2) * 4, "the combine fits the rings");
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  __shared__ int32_t s_slot[kKvPolicyChunk];  // a listed key's cache slot
+  __shared__ int32_t s_slot[kKvPolicyChunk];  // a listed key's cache slot (MiKV: a packed one's entry)
   __shared__ uint8_t s_off[kKvPolicyChunk];   // its walk index - p0
+  __shared__ uint8_t s_kind[kLow ? kKvPolicyChunk : 1];  // MiKV: its kind
+  // MiKV: a packed entry's bytes lie in one or two slot regions: the cache slot of the region of
+  // its last byte (s_slot: of its first), and the reciprocals of the head's key balance.
+  __shared__ int32_t s_slot2[kLow ? kKvPolicyChunk : 1];
+  __shared__ float s_inv[kLow ? D : 1];
   __shared__ int s_warp[kWarps];
 
   const int c = blockIdx.x, kvh = blockIdx.y, s = blockIdx.z;
   const KvPolicySeq seq = a.seqs[s];
-  const int walk = WalkLength(seq, a.low_bits), p0 = c * kKvPolicyChunk;  // slots only (no low entries)
+  const int len = seq.seq_len - seq.slot_offset, walk = WalkLength(seq, a.low_bits), p0 = c * kKvPolicyChunk;
   if (p0 >= walk) return;
   const int end = min(walk, p0 + kKvPolicyChunk);
   const int group = a.num_heads / a.num_kv_heads;
@@ -68,19 +151,32 @@ __global__ void __launch_bounds__(kThreads, 3) PolicyMmaKernel(KvPolicyDecodeArg
   const int lhead = a.layer * a.num_kv_heads + kvh;
   const size_t lh = static_cast<size_t>(lhead) * seq.capacity;
   const int32_t* table = a.block_tables + TableRow(seq, s) * a.max_blocks;
+  const LowHead low = kLow ? LowHeadOf(seq, a.low_bits, lhead, D) : LowHead{};
 
-  // This thread's walk indices that hold a full key (pos -> state), then the chunk's keys listed
-  // in walk order.
-  int32_t slot[kPerThread];  // -1: no key
+  // This thread's walk indices that hold a key the query reads (a slot: pos -> state; MiKV's
+  // packed entries past the slots), then the chunk's keys listed in walk order.
+  int32_t slot[kPerThread], slot2[kPerThread];  // slot -1: no key
+  uint8_t kind[kPerThread];
+  const int entry_bytes = D * a.low_bits / 8 + 4;
   int mine = 0;
 #pragma unroll
   for (int k = 0; k < kPerThread; ++k) {
     const int v = p0 + tid * kPerThread + k;
     slot[k] = -1;
-    if (v < end) {
+    kind[k] = kRowFull;
+    if (v < end && v < len) {
       const int kp = seq.pos[lh + v];
+      const uint8_t st = kp >= 0 ? seq.state[lh + kp] : kKvPolicyDead;
       // Cache slots fit 32 bits: 2^31 slots of at least 128 bytes exceed any device.
-      if (kp >= 0 && seq.state[lh + kp] == kKvPolicyFull) slot[k] = static_cast<int32_t>(CacheSlot(table, v, a.block_size));
+      if (st == kKvPolicyFull || (kLow && st == kKvPolicyLow)) {
+        slot[k] = static_cast<int32_t>(CacheSlot(table, v, a.block_size));
+        kind[k] = st == kKvPolicyFull ? kRowFull : kRowLowSlot;
+      }
+    } else if (kLow && v < end && v - len < low.packed) {
+      const int32_t first = (v - len) * entry_bytes;
+      slot[k] = static_cast<int32_t>(CacheSlot(table, low.base + first / (2 * D), a.block_size));
+      slot2[k] = static_cast<int32_t>(CacheSlot(table, low.base + (first + entry_bytes - 1) / (2 * D), a.block_size));
+      kind[k] = kRowPacked;
     }
     mine += slot[k] >= 0;
   }
@@ -102,6 +198,10 @@ __global__ void __launch_bounds__(kThreads, 3) PolicyMmaKernel(KvPolicyDecodeArg
   for (int k = 0; k < kPerThread; ++k) {
     if (slot[k] < 0) continue;
     s_slot[at] = slot[k];
+    if constexpr (kLow) {
+      s_kind[at] = kind[k];
+      if (kind[k] == kRowPacked) s_slot2[at] = slot2[k];
+    }
     s_off[at] = static_cast<uint8_t>(tid * kPerThread + k);
     ++at;
   }
@@ -114,11 +214,12 @@ __global__ void __launch_bounds__(kThreads, 3) PolicyMmaKernel(KvPolicyDecodeArg
     }
     return;
   }
+  if (kLow && low.balance != nullptr && tid < D) s_inv[kLow ? tid : 0] = __frcp_rn(low.balance[tid]);
   __syncthreads();  // the list
 
   __nv_bfloat16* const rings = reinterpret_cast<__nv_bfloat16*>(smem_raw);
-  __nv_bfloat16* const sq = rings + kWarps * kStages * 2 * kTileElems;
-  __nv_bfloat16* const ring = rings + warp * kStages * 2 * kTileElems;  // stage s: K, then V
+  __nv_bfloat16* const sq = rings + kWarps * kStages * kStageElems;
+  __nv_bfloat16* const ring = rings + warp * kStages * kStageElems;  // stage s: K, V (, K's low part)
   const __nv_bfloat16* kc = a.k_cache + kvh * D;
   const __nv_bfloat16* vc = a.v_cache + kvh * D;
   const float scale2 = a.scale * kLog2e;
@@ -137,10 +238,16 @@ __global__ void __launch_bounds__(kThreads, 3) PolicyMmaKernel(KvPolicyDecodeArg
 
   const int num_tiles = (n + kTile - 1) / kTile;
   const int my_tiles = num_tiles > warp ? (num_tiles - warp + kWarps - 1) / kWarps : 0;
+  // MiKV: whether this warp's tile i holds a low key (uniform over the warp).
+  auto tile_low = [&](int i) {
+    const int j = (warp + kWarps * i) * kTile + (lane & (kTile - 1));
+    return kLow && __any_sync(0xffffffffu, j < n && s_kind[kLow ? j : 0] != kRowFull);
+  };
   auto issue = [&](int i) {  // this warp's i-th tile into stage i % kStages
-    __nv_bfloat16* sk = ring + (i % kStages) * 2 * kTileElems;
+    __nv_bfloat16* sk = ring + (i % kStages) * kStageElems;
     __nv_bfloat16* sv = sk + kTileElems;
     const int j0 = (warp + kWarps * i) * kTile;
+    const bool has_low = tile_low(i);
 #pragma unroll
     for (int jj = 0; jj < kTile * kChunks / 32; ++jj) {
       const int idx = lane + 32 * jj;
@@ -148,8 +255,30 @@ __global__ void __launch_bounds__(kThreads, 3) PolicyMmaKernel(KvPolicyDecodeArg
       const int j = j0 + r;
       const bool valid = j < n;  // zeros past it (masked; 0 x V must not be NaN)
       const int32_t slot = valid ? s_slot[j] : 0;
-      CpAsync16(sk + Swz<D>(r, cc), kc + static_cast<int64_t>(slot) * a.kv_stride + cc * 8, valid);
-      CpAsync16(sv + Swz<D>(r, cc), vc + static_cast<int64_t>(slot) * a.kv_stride + cc * 8, valid);
+      const uint8_t k = kLow && valid ? s_kind[kLow ? j : 0] : kRowFull;
+      if (kLow && k == kRowPacked) {
+        // The entry's code word for this chunk and its (scale, zero), K's and V's (FixLowChunk):
+        // aligned 4-byte pieces inside one slot region (entries and regions are multiples of 4),
+        // the region's cache slot from the list (run byte b: byte b % (2 D) of the head's region
+        // of run slot b / (2 D); low_precision.h).
+        const int bits = a.low_bits, code_bytes = D * bits / 8;
+        const int32_t first = (p0 + s_off[j] - len) * (code_bytes + 4);
+        const int32_t word = first + (bits == 4 ? cc * 4 : (cc * 2) & ~3), sz = first + code_bytes;
+        const int32_t slot2 = s_slot2[kLow ? j : 0];
+        auto at = [&](int32_t b) {  // element offset (bf16 units) of run byte b's 4-byte piece in a cache
+          const int32_t cs = b / (2 * D) == first / (2 * D) ? slot : slot2;
+          return static_cast<int64_t>(cs) * a.kv_stride + kvh * D + (b % (2 * D)) / 2;
+        };
+        CpAsync4(sk + Swz<D>(r, cc), a.k_cache + at(word));
+        CpAsync4(sk + Swz<D>(r, cc) + 2, a.k_cache + at(sz));
+        CpAsync4(sv + Swz<D>(r, cc), a.v_cache + at(word));
+        CpAsync4(sv + Swz<D>(r, cc) + 2, a.v_cache + at(sz));
+      } else {
+        CpAsync16(sk + Swz<D>(r, cc), kc + static_cast<int64_t>(slot) * a.kv_stride + cc * 8, valid);
+        CpAsync16(sv + Swz<D>(r, cc), vc + static_cast<int64_t>(slot) * a.kv_stride + cc * 8, valid);
+      }
+      // K's low part: zeros for full rows (a low row's is written by FixLowChunk).
+      if (kLow && has_low && k == kRowFull) CpAsync16(sv + kTileElems + Swz<D>(r, cc), kc, false);
     }
   };
 #pragma unroll
@@ -173,11 +302,30 @@ __global__ void __launch_bounds__(kThreads, 3) PolicyMmaKernel(KvPolicyDecodeArg
     __syncwarp();                // everyone's (and the lanes' own stores), and tile i - 1's stage is free
     if (i + kStages - 1 < my_tiles) issue(i + kStages - 1);
     CpAsyncCommit();
-    const uint32_t sk = SmemAddr(ring + (i % kStages) * 2 * kTileElems);
+    __nv_bfloat16* const stage = ring + (i % kStages) * kStageElems;
+    const uint32_t sk = SmemAddr(stage);
     const uint32_t sv = sk + kTileElems * 2;
-    float sc4[2][4] = {};
-    TileQK<D>(qa, sk, k_off, sc4);
     const int j0 = (warp + kWarps * i) * kTile;
+    float sc4[2][4] = {};
+    if (kLow && tile_low(i)) {
+      // MiKV: the tile's low rows to the values read (K as hi in place + lo in the third tile).
+      const int jl = j0 + (lane & (kTile - 1));
+      const bool any_slot = __any_sync(0xffffffffu, jl < n && s_kind[kLow ? jl : 0] == kRowLowSlot);
+      const float* inv = low.balance != nullptr ? s_inv + (kLow ? (lane % kChunks) * 8 : 0) : nullptr;
+#pragma unroll
+      for (int jj = 0; jj < kTile * kChunks / 32; ++jj) {
+        const int idx = lane + 32 * jj;
+        const int r = idx / kChunks, cc = idx % kChunks;
+        const int j = j0 + r;
+        const uint8_t k = j < n ? s_kind[kLow ? j : 0] : kRowFull;
+        FixLowChunk<D>(k, any_slot, stage + Swz<D>(r, cc), stage + 2 * kTileElems + Swz<D>(r, cc), low.balance, inv,
+                       cc, a.low_bits);
+        FixLowChunk<D>(k, any_slot, stage + kTileElems + Swz<D>(r, cc), nullptr, nullptr, nullptr, cc, a.low_bits);
+      }
+      __syncwarp();
+      TileQK<D>(qa, sk + kTileElems * 4, k_off, sc4);
+    }
+    TileQK<D>(qa, sk, k_off, sc4);
     float mx = m;
 #pragma unroll
     for (int nn = 0; nn < 2; ++nn) {
@@ -186,8 +334,8 @@ __global__ void __launch_bounds__(kThreads, 3) PolicyMmaKernel(KvPolicyDecodeArg
         const int j = j0 + nn * 8 + 2 * t4 + e;
         if (j >= n) {
           sc4[nn][e] = -INFINITY;
-        } else if (a.record_hits && g < group) {
-          scores[s_off[j]] = sc4[nn][e] * a.scale;
+        } else if (a.record_hits && g < group && (!kLow || s_kind[kLow ? j : 0] == kRowFull)) {
+          scores[s_off[j]] = sc4[nn][e] * a.scale;  // the importance pass reads full keys only
         }
       }
       mx = fmaxf(mx, fmaxf(sc4[nn][0], sc4[nn][1]));
@@ -309,18 +457,18 @@ __global__ void __launch_bounds__(D) ReduceKernel(KvPolicyDecodeArgs a, Scratch 
   a.out[QRow(seq, s) * a.out_stride + static_cast<int64_t>(h) * D + d] = __float2bfloat16(sum > 0.f ? out / sum : 0.f);
 }
 
-template <int D>
+template <int D, bool kLow>
 cudaError_t Launch(const KvPolicyDecodeArgs& a, const Scratch& sc, cudaStream_t stream) {
-  constexpr size_t smem = SmemBytes<D>();
+  constexpr size_t smem = SmemBytes<D, kLow>();
   static bool allowed = false;  // once per process and instantiation (a worker drives one device)
   if (!allowed) {
     const cudaError_t e =
-        cudaFuncSetAttribute(PolicyMmaKernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+        cudaFuncSetAttribute(PolicyMmaKernel<D, kLow>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (e != cudaSuccess) return e;
     allowed = true;
   }
   const dim3 grid(sc.max_chunks, a.num_kv_heads, a.num_seqs);
-  PolicyMmaKernel<D><<<grid, kThreads, smem, stream>>>(a, sc);
+  PolicyMmaKernel<D, kLow><<<grid, kThreads, smem, stream>>>(a, sc);
   if (a.record_hits) ImportanceKernel<<<grid, kThreads, 0, stream>>>(a, sc);
   ReduceKernel<D><<<dim3(a.num_heads, a.num_seqs), D, 0, stream>>>(a, sc);
   return cudaGetLastError();
@@ -341,15 +489,16 @@ bool KvPolicyDecodeMmaApplies(const KvPolicyDecodeArgs& a) {
     const char* env = std::getenv("LORC_KV_POLICY_MMA");
     return major >= 8 && !(env != nullptr && std::strcmp(env, "0") == 0);
   }();
-  return enabled && !a.cuda_cores && a.low_bits == 0 && Aligned16(a.q) && Aligned16(a.k_cache) && Aligned16(a.v_cache) &&
+  return enabled && !a.cuda_cores && Aligned16(a.q) && Aligned16(a.k_cache) && Aligned16(a.v_cache) &&
          a.q_stride % 8 == 0 && a.kv_stride % 8 == 0;
 }
 
 cudaError_t LaunchKvPolicyDecodeMma(const KvPolicyDecodeArgs& a, cudaStream_t stream) {
   size_t bytes = 0;
   const Scratch sc = Carve(a.scratch, a.num_seqs, a.num_heads, a.num_kv_heads, a.head_dim, a.max_seq_len, &bytes);
-  if (a.head_dim == 128) return Launch<128>(a, sc, stream);
-  if (a.head_dim == 64) return Launch<64>(a, sc, stream);
+  const bool low = a.low_bits > 0;
+  if (a.head_dim == 128) return low ? Launch<128, true>(a, sc, stream) : Launch<128, false>(a, sc, stream);
+  if (a.head_dim == 64) return low ? Launch<64, true>(a, sc, stream) : Launch<64, false>(a, sc, stream);
   return cudaErrorInvalidValue;
 }
 

@@ -70,47 +70,25 @@ __device__ __forceinline__ void Bf16x8ToF32(const uint4& raw, float (&out)[8]) {
   }
 }
 
-// MiKV: this lane's chunk (channels [cc * 8, cc * 8 + 8)) of a low key's K (lo non-null) or V
-// row in a tile, turned in place into the values the CUDA-core kernels read (kvpolicy
-// low_precision arithmetic): a demoted key in its slot (the tile holds its bf16 row: times the
-// balance, quantized, dequantized, bit for bit in fp32) or a packed entry (the tile's chunk holds
-// this lane's code word, then the entry's fp16 scale and zero: decoded); K then times the
-// reciprocal of the balance (`inv`, this chunk's 8; within an ulp of the CUDA-core kernels'
-// quotient) and split into hi = bf16(x) (in place) and lo = bf16(x - hi) (at `lo`), so that
-// S = Q hi + Q lo keeps x to ~2^-16 (one bf16 rounding of a dequantized key measured up to 1.7 %
-// off the CPU's outputs); V rounded to bf16. `any_slot` (uniform over the warp): some row of the
-// warp's is a demoted key in its slot; then every lane takes part in the (min, max) reductions
-// over each row's kLanes = D / 8 lanes.
-template <int D>
-__device__ __forceinline__ void FixLowChunk(uint8_t kind, bool any_slot, __nv_bfloat16* chunk, __nv_bfloat16* lo,
-                                            const float* balance, const float* inv, int cc, int bits) {
-  float x[8];
+// MiKV: a packed entry's values at this lane's chunk (channels [cc * 8, cc * 8 + 8)) from `raw`
+// (the chunk's code word, then the entry's fp16 scale and zero; kvpolicy DecodeLowEntry), K's
+// times the reciprocal of the balance (`inv`, the chunk's 8; null: V, or no balance).
+__device__ __forceinline__ void DecodePacked(uint2 raw, int cc, int bits, const float* inv, float (&x)[8]) {
+  const uint32_t codes = bits == 4 ? raw.x : (cc & 1) != 0 ? raw.x >> 16 : raw.x & 0xffffu;  // int2: a half
   int code[8];
-  uint16_t scale16 = 0, zero16 = 0;
-  const uint4 raw = *reinterpret_cast<const uint4*>(chunk);
-  if (any_slot) {
-    if (kind == kRowLowSlot) {
-      Bf16x8ToF32(raw, x);
-    } else {
 #pragma unroll
-      for (int e = 0; e < 8; ++e) x[e] = 0.f;
-    }
-    QuantizeBalancedLane<8, D / 8>(x, balance, cc, bits, code, &scale16, &zero16);
-  }
-  if (kind == kRowPacked) {
-    const uint32_t word = raw.x;  // int2: the lane's 16 bits sit in the low or high half
-    const uint32_t codes = bits == 4 ? word : (cc & 1) != 0 ? word >> 16 : word & 0xffffu;
-    scale16 = static_cast<uint16_t>(raw.y & 0xffffu);
-    zero16 = static_cast<uint16_t>(raw.y >> 16);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) code[i] = static_cast<int>((codes >> (i * bits)) & ((1u << bits) - 1u));
-  }
-  if (kind != kRowLowSlot && kind != kRowPacked) return;
-  DequantizeLane<8>(code, scale16, zero16, x);
+  for (int i = 0; i < 8; ++i) code[i] = static_cast<int>((codes >> (i * bits)) & ((1u << bits) - 1u));
+  DequantizeLane<8>(code, static_cast<uint16_t>(raw.y & 0xffffu), static_cast<uint16_t>(raw.y >> 16), x);
   if (inv != nullptr) {
 #pragma unroll
     for (int e = 0; e < 8; ++e) x[e] = __fmul_rn(x[e], inv[e]);
   }
+}
+
+// A low row's values into its tile chunk: hi = bf16(x) in place and, for K (lo non-null),
+// lo = bf16(x - hi) in K's low-part tile, so that S = Q hi + Q lo keeps x to ~2^-16 (one bf16
+// rounding of a dequantized key measured up to 1.7 % off the CPU's outputs); V is rounded once.
+__device__ __forceinline__ void StoreLow(const float (&x)[8], __nv_bfloat16* chunk, __nv_bfloat16* lo) {
   uint32_t hi[4], rest[4];
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
@@ -121,6 +99,40 @@ __device__ __forceinline__ void FixLowChunk(uint8_t kind, bool any_slot, __nv_bf
   }
   *reinterpret_cast<uint4*>(chunk) = make_uint4(hi[0], hi[1], hi[2], hi[3]);
   if (lo != nullptr) *reinterpret_cast<uint4*>(lo) = make_uint4(rest[0], rest[1], rest[2], rest[3]);
+}
+
+// MiKV, a tile that holds a demoted key in its slot: this lane's chunk of a row's K (lo non-null)
+// or V turned in place into the values the CUDA-core kernels read: a demoted key (the tile holds
+// its bf16 row: times the balance, quantized, dequantized, bit for bit in fp32) or a packed entry
+// (DecodePacked); K then times `inv` (within an ulp of the CUDA-core kernels' quotient) and stored
+// by StoreLow. Every lane of the warp calls it: each row's (min, max) reduces over its
+// kLanes = D / 8 lanes; a full row's lanes only take part.
+template <int D>
+__device__ __forceinline__ void FixLowChunk(uint8_t kind, __nv_bfloat16* chunk, __nv_bfloat16* lo,
+                                            const float* balance, const float* inv, int cc, int bits) {
+  float x[8];
+  int code[8];
+  uint16_t scale16 = 0, zero16 = 0;
+  const uint4 raw = *reinterpret_cast<const uint4*>(chunk);
+  if (kind == kRowLowSlot) {
+    Bf16x8ToF32(raw, x);
+  } else {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) x[e] = 0.f;
+  }
+  QuantizeBalancedLane<8, D / 8>(x, balance, cc, bits, code, &scale16, &zero16);
+  if (kind == kRowPacked) {
+    DecodePacked(make_uint2(raw.x, raw.y), cc, bits, inv, x);
+  } else if (kind == kRowLowSlot) {
+    DequantizeLane<8>(code, scale16, zero16, x);
+    if (inv != nullptr) {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) x[e] = __fmul_rn(x[e], inv[e]);
+    }
+  } else {
+    return;
+  }
+  StoreLow(x, chunk, lo);
 }
 
 // (1) Grid (max_chunks, num_kv_heads, num_seqs), kThreads threads.
@@ -312,15 +324,44 @@ __global__ void __launch_bounds__(kThreads, kLow ? 2 : 3) PolicyMmaKernel(KvPoli
       const int jl = j0 + (lane & (kTile - 1));
       const bool any_slot = __any_sync(0xffffffffu, jl < n && s_kind[kLow ? jl : 0] == kRowLowSlot);
       const float* inv = low.balance != nullptr ? s_inv + (kLow ? (lane % kChunks) * 8 : 0) : nullptr;
+      constexpr int kJ = kTile * kChunks / 32, kG = kJ < 4 ? kJ : 4;  // chunks per lane, per batch
+      const int cc = lane % kChunks;  // the same chunk of every row the lane holds
+      if (!any_slot) {
+        // Full and packed rows only (the steady state after compactions): each batch's pieces
+        // read before any is written (the reads in flight together), then decoded.
 #pragma unroll
-      for (int jj = 0; jj < kTile * kChunks / 32; ++jj) {
-        const int idx = lane + 32 * jj;
-        const int r = idx / kChunks, cc = idx % kChunks;
-        const int j = j0 + r;
-        const uint8_t k = j < n ? s_kind[kLow ? j : 0] : kRowFull;
-        FixLowChunk<D>(k, any_slot, stage + Swz<D>(r, cc), stage + 2 * kTileElems + Swz<D>(r, cc), low.balance, inv,
-                       cc, a.low_bits);
-        FixLowChunk<D>(k, any_slot, stage + kTileElems + Swz<D>(r, cc), nullptr, nullptr, nullptr, cc, a.low_bits);
+        for (int g0 = 0; g0 < kJ; g0 += kG) {
+          uint2 kr[kG], vr[kG];
+          bool packed[kG];
+#pragma unroll
+          for (int q = 0; q < kG; ++q) {
+            const int r = (lane + 32 * (g0 + q)) / kChunks, j = j0 + r;
+            packed[q] = j < n && s_kind[kLow ? j : 0] == kRowPacked;
+            if (packed[q]) {
+              kr[q] = *reinterpret_cast<const uint2*>(stage + Swz<D>(r, cc));
+              vr[q] = *reinterpret_cast<const uint2*>(stage + kTileElems + Swz<D>(r, cc));
+            }
+          }
+#pragma unroll
+          for (int q = 0; q < kG; ++q) {
+            if (!packed[q]) continue;
+            const int r = (lane + 32 * (g0 + q)) / kChunks;
+            float x[8];
+            DecodePacked(kr[q], cc, a.low_bits, inv, x);
+            StoreLow(x, stage + Swz<D>(r, cc), stage + 2 * kTileElems + Swz<D>(r, cc));
+            DecodePacked(vr[q], cc, a.low_bits, nullptr, x);
+            StoreLow(x, stage + kTileElems + Swz<D>(r, cc), nullptr);
+          }
+        }
+      } else {
+#pragma unroll
+        for (int jj = 0; jj < kJ; ++jj) {
+          const int r = (lane + 32 * jj) / kChunks, j = j0 + r;
+          const uint8_t k = j < n ? s_kind[kLow ? j : 0] : kRowFull;
+          FixLowChunk<D>(k, stage + Swz<D>(r, cc), stage + 2 * kTileElems + Swz<D>(r, cc), low.balance, inv, cc,
+                         a.low_bits);
+          FixLowChunk<D>(k, stage + kTileElems + Swz<D>(r, cc), nullptr, nullptr, nullptr, cc, a.low_bits);
+        }
       }
       __syncwarp();
       TileQK<D>(qa, sk + kTileElems * 4, k_off, sc4);

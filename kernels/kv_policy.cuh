@@ -98,7 +98,13 @@ inline constexpr int kKvPolicyChunk = 256;
 // the slots, up to packed_max). A kKvPolicyLow key in a slot is read as its packed entry will be:
 // K times the head's balance, quantized, dequantized, divided by it (V without balance); t, the
 // keys a query attends, counts full and low ones (backend/cpu_kv_policy.cc GatherKeptHead).
-// Three kernels: (1) per chunk of kKvPolicyChunk slots and KV head, the scores
+// Two implementations, the same keys, t and importance rule. On sm_80+ with 16-byte aligned q and
+// cache rows (unless cuda_cores or LORC_KV_POLICY_MMA=0) the tensor-core kernels
+// (kv_policy_decode_mma.cu): per chunk the keys listed first, then 16-key tiles on mma.sync
+// (DecodeMmaKernel's structure), MiKV's low keys decoded in the tile (K as bf16 hi + lo), the
+// full keys' scores saved for an importance kernel, a deterministic reduce; P enters the P V mma
+// as bf16 (the paged decode's tolerance). Otherwise the CUDA-core kernels (kv_policy.cu):
+// three kernels: (1) per chunk of kKvPolicyChunk slots and KV head, the scores
 // s = scale * q . k of the group's query heads for every key read (full or low; dead ones -inf)
 // into the scratch, with the chunk's softmax max and sum; (2) per chunk, the sequence's (max, sum,
 // kept count t) from every chunk's, p = exp(s - max) / sum, last_hit[pos] = seq_len - 1 where a
@@ -106,7 +112,8 @@ inline constexpr int kKvPolicyChunk = 256;
 // again, the CPU's record of it is never read), and the chunk's P V partial; (3) the partials
 // summed in chunk order (deterministic) into `out`. The importance statistics cost the scores'
 // round trip through the scratch (4 bytes per key and query head, written once, read once) and
-// one compare per key: measured by bench/src/attention_bench.cc --kv-policy.
+// one compare per key: measured by bench/src/attention_bench.cc --kv-policy (both
+// implementations, docs/PERFORMANCE.md "Tensor-core policy decode").
 struct KvPolicyDecodeArgs {
   const __nv_bfloat16* q = nullptr;  // [num_seqs][q_stride]: head h at h * head_dim
   int64_t q_stride = 0;              // elements

@@ -2,7 +2,8 @@
 // references: the policy decode against the CPU backend's DecodeAttention under a
 // KvPolicyAttention (the same states, dead keys skipped), its importance against the CPU's
 // last_hit, CORM's choice against kvpolicy::SelectVictims, and the new positions' state against
-// SequenceKvPolicy::Extend.
+// SequenceKvPolicy::Extend. Every decode case runs on both implementations of
+// LaunchKvPolicyDecode: the tensor-core kernels (where they apply: sm_80+) and the CUDA-core ones.
 // Tolerances: outputs |cuda - cpu| <= 1e-2 * max(1, |cpu|), as the paged attention's parity test
 // (bf16 out; fp32 scores and sums on both sides, in another order). last_hit: equal except where
 // the key's probability (fp64, the largest of its group) is within 1e-3 relative of 1/t, where

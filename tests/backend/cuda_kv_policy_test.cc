@@ -228,7 +228,22 @@ struct DecodeCase {
 
 // Parameters: the shape, and whether the decode runs the CUDA-core kernels (true) or, where they
 // apply (sm_80+), the tensor-core ones (kv_policy_decode_mma.cu).
-class CudaKvPolicyDecodeTest : public CpuCudaPair<::testing::TestWithParam<std::tuple<Shape, bool>>> {};
+// (The worker runner tests, tests/worker/cuda_kv_policy_runner_test.cc, drive the entries' q_row,
+// table_row and no_out through the backend: a prompt's rows, every-chunk mode.)
+class CudaKvPolicyDecodeTest : public CpuCudaPair<::testing::TestWithParam<std::tuple<Shape, bool>>> {
+ protected:
+  void SetUp() override {
+    CpuCudaPair::SetUp();
+    if (IsSkipped() || HasFatalFailure()) return;
+    // The tensor-core kernels need sm_80+; below it LaunchKvPolicyDecode runs the CUDA-core ones,
+    // which the cuda_cores cases already check.
+    auto devices = ListCudaDevices();
+    ASSERT_OK(devices);
+    if (!std::get<1>(GetParam()) && devices->front().compute_major < 8) {
+      GTEST_SKIP() << "the tensor-core policy decode needs sm_80+";
+    }
+  }
+};
 
 TEST_P(CudaKvPolicyDecodeTest, MatchesCpuPolicyAttentionAndItsImportance) {
   const Shape sh = std::get<0>(GetParam());
@@ -416,7 +431,7 @@ TEST_P(CudaKvPolicyDecodeTest, MatchesCpuPolicyAttentionAndItsImportance) {
       }
     }
   }
-  EXPECT_GT(moved, 200);  // 245-2,000 in the four shapes (H200, 2026-12-03)
+  EXPECT_GT(moved, 200);  // 245-2,000 in the first four shapes (H200, 2026-12-03; h6kv2d128 not yet run on a GPU)
   EXPECT_GT(short_runs, 0) << "some head must keep fewer keys than the longest run";
   DeviceBuffer dafter = PutRaw(*cuda_, after);
   a.seqs = dafter.as<KvPolicySeq>();
@@ -765,7 +780,7 @@ TEST_P(CudaKvPolicyDecodeTest, MikvDemotesReadsAndPacksAsTheCpu) {
 
 INSTANTIATE_TEST_SUITE_P(Shapes, CudaKvPolicyDecodeTest,
                          ::testing::Combine(::testing::Values(Shape{32, 8, 128}, Shape{8, 2, 64}, Shape{16, 2, 128},
-                                                              Shape{4, 4, 64}),
+                                                              Shape{4, 4, 64}, Shape{6, 2, 128}),
                                             ::testing::Bool()),
                          [](const ::testing::TestParamInfo<std::tuple<Shape, bool>>& i) {
                            const Shape& sh = std::get<0>(i.param);

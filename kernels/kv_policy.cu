@@ -1,6 +1,7 @@
-// Token-level KV policies on the GPU: the policy decode (scores, P V with importance, reduce),
-// the state of new positions, CORM's choice, MiKV's low entries and compaction. Interface and
-// algorithms: kv_policy.cuh.
+// Token-level KV policies on the GPU: the policy decode on CUDA cores (scores, P V with
+// importance, reduce; the tensor-core one is kv_policy_decode_mma.cu, chosen in
+// LaunchKvPolicyDecode), the state of new positions, CORM's choice, MiKV's low entries and
+// compaction. Interface and algorithms: kv_policy.cuh.
 #include "kernels/kv_policy.cuh"
 
 #include <cuda_bf16.h>

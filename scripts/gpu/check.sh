@@ -17,6 +17,11 @@
 #   peer    bench/hf_peer.py (transformers + PyTorch) on the same shapes (8B one GPU; 70B over 2)
 #   prefix  not in the default phases: prefix-caching TTFT and chat benchmarks on one GPU (issue #10)
 #   lorcserve  not in the default phases: phase serve on a LoRC-compressed fixture (see below)
+#   kvpolicy  not in the default phases: token-level KV policies on one GPU (issue #17):
+#           attention_bench --kv-policy (the policy decode per layer, tensor-core and CUDA-core
+#           kernels) and scripts/kvpolicy/capacity.sh on the 8B shape at 16k and 32k tokens (full
+#           KV, CORM 30 %, MiKV int4 30 % at a fixed KV pool; docs/KV_POLICIES.md "On the GPU");
+#           about 10 minutes on an H200
 #   lorc    not in the default phases: the LoRC quality sweep of scripts/lorc/configs.txt on the
 #           fixture (issue #9), every config on the GPU (`eval --backend cuda`, quantized KV dtypes
 #           fp8/int8/int4 included: the CUDA kernels read them); results packed into
@@ -238,6 +243,23 @@ phase_prefix() {
   CUDA_VISIBLE_DEVICES=0 timeout 300 "$L" bench --model models/tiny-llama-a --backend cuda --shared-prefix 500 \
     --question 50 --chat-turns 10 > "$OUT/prefix-chat.txt" 2>&1 && note "prefix chat: done" ||
     { note "prefix chat: FAILED"; fails=$((fails + 1)); }
+}
+
+# Not in the default phases: token-level KV policies on one GPU (issue #17), the measurements of
+# docs/PERFORMANCE.md "Tensor-core policy decode" and docs/KV_POLICIES.md "On the GPU".
+phase_kvpolicy() {
+  CUDA_VISIBLE_DEVICES=0 timeout 400 "$B/attention_bench" --kv-policy > "$OUT/kvpolicy-attention.txt" 2>&1 &&
+    note "kvpolicy attention_bench: done" || { note "kvpolicy attention_bench: FAILED"; fails=$((fails + 1)); }
+  local ctx blocks n
+  for ctx in 16384 32768; do
+    if [ "$ctx" = 16384 ]; then blocks=4160 n=12; else blocks=8448 n=8; fi
+    CUDA_VISIBLE_DEVICES=0 timeout 900 bash scripts/kvpolicy/capacity.sh --lorcserve "$L" \
+      --model bench/configs/llama3.1-8b --extra "--backend cuda --random-weights" \
+      --policies "full corm-30 mikv-int4-30" --start-wait 200 --num-blocks "$blocks" --requests "$n" \
+      --concurrency "$n" --prompt-len "$ctx" --max-tokens 1024 > "$OUT/kvpolicy-capacity-$ctx.jsonl" \
+      2> "$OUT/kvpolicy-capacity-$ctx.err" && [ "$(wc -l < "$OUT/kvpolicy-capacity-$ctx.jsonl")" -eq 3 ] &&
+      note "kvpolicy capacity $ctx: done" || { note "kvpolicy capacity $ctx: FAILED"; fails=$((fails + 1)); }
+  done
 }
 
 for p in $PHASES; do "phase_$p"; done

@@ -14,6 +14,7 @@
 
 #include "kernels/attention_paged.cuh"
 #include "kernels/attention_merge.cuh"
+#include "kernels/device_query.cuh"
 #include "kernels/elem_type.cuh"
 #include "kernels/kv_quant.cuh"
 #include "kernels/mma.cuh"
@@ -25,16 +26,6 @@ namespace {
 constexpr int kThreads = 128;
 constexpr int kTokensPerStep = 4;  // tokens a group loads before one softmax update
 constexpr float kLog2e = 1.4426950408889634f;
-
-__device__ __forceinline__ void Bf16x8ToF32(const uint4& raw, float (&out)[8]) {
-  const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&raw);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = __bfloat1622float2(p[i]);
-    out[2 * i] = f.x;
-    out[2 * i + 1] = f.y;
-  }
-}
 
 // A quantized cache as this lane reads it: its channels' codes and its scales of KV head kvh in
 // block 0, row 0 (K; V at + v_off). Full attention stores K and V with one geometry (head_dim
@@ -517,16 +508,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
 // LORC_DECODE_MMA=0 (the CUDA-core kernel, kept for A/B measurements and as the fallback of older
 // GPUs). Read once per process.
 bool UseDecodeMma() {
-  static const bool use = [] {
-    int dev = 0, major = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess ||
-        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
-      cudaGetLastError();
-      return false;
-    }
-    const char* env = std::getenv("LORC_DECODE_MMA");
-    return major >= 8 && !(env != nullptr && std::strcmp(env, "0") == 0);
-  }();
+  static const bool use = TensorCoreKernelsEnabled("LORC_DECODE_MMA");
   return use;
 }
 

@@ -1,5 +1,6 @@
 #include "kernels/device_query.cuh"
 
+#include <cstdlib>
 #include <cstring>
 
 namespace lorc::kernels {
@@ -22,6 +23,17 @@ cudaError_t QueryCudaDevices(CudaDeviceProps* out, int max, int* count) {
     out[i].multiprocessors = p.multiProcessorCount;
   }
   return cudaSuccess;
+}
+
+bool TensorCoreKernelsEnabled(const char* off_switch) {
+  int dev = 0, major = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  const char* env = std::getenv(off_switch);
+  return major >= 8 && !(env != nullptr && std::strcmp(env, "0") == 0);
 }
 
 cudaError_t QueryCudaVersions(int* runtime_version, int* driver_version) {

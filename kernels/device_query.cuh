@@ -19,6 +19,12 @@ struct CudaDeviceProps {
 // Returns the runtime's error (cudaErrorNoDevice, cudaErrorInsufficientDriver, ...) as is.
 cudaError_t QueryCudaDevices(CudaDeviceProps* out, int max, int* count);
 
+// Whether the tensor-core kernels serve the current device: sm_80+ (mma.sync bf16, cp.async)
+// and the environment variable `off_switch` not "0" (the A/B switch of their measurements: the
+// CUDA-core kernels instead). False when the device cannot be queried (the error cleared). Not
+// cached: callers read it once.
+bool TensorCoreKernelsEnabled(const char* off_switch);
+
 // CUDA runtime and driver versions (e.g. 13000 for 13.0).
 cudaError_t QueryCudaVersions(int* runtime_version, int* driver_version);
 

@@ -27,9 +27,9 @@
 
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 
+#include "kernels/device_query.cuh"
+#include "kernels/elem_type.cuh"
 #include "kernels/kv_policy.cuh"
 #include "kernels/kv_policy_device.cuh"
 #include "kernels/mma.cuh"
@@ -58,16 +58,6 @@ constexpr size_t SmemBytes() {  // the warps' rings, then Q ([16][D] bf16)
 
 __device__ __forceinline__ void CpAsync4(void* dst, const void* src) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(SmemAddr(dst)), "l"(src));
-}
-
-__device__ __forceinline__ void Bf16x8ToF32(const uint4& raw, float (&out)[8]) {
-  const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&raw);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = __bfloat1622float2(p[i]);
-    out[2 * i] = f.x;
-    out[2 * i + 1] = f.y;
-  }
 }
 
 // MiKV: a packed entry's values at this lane's chunk (channels [cc * 8, cc * 8 + 8)) from `raw`
@@ -515,21 +505,10 @@ cudaError_t Launch(const KvPolicyDecodeArgs& a, const Scratch& sc, cudaStream_t 
   return cudaGetLastError();
 }
 
-bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 }  // namespace
 
 bool KvPolicyDecodeMmaApplies(const KvPolicyDecodeArgs& a) {
-  static const bool enabled = [] {
-    int dev = 0, major = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess ||
-        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
-      cudaGetLastError();
-      return false;
-    }
-    const char* env = std::getenv("LORC_KV_POLICY_MMA");
-    return major >= 8 && !(env != nullptr && std::strcmp(env, "0") == 0);
-  }();
+  static const bool enabled = TensorCoreKernelsEnabled("LORC_KV_POLICY_MMA");
   return enabled && !a.cuda_cores && Aligned16(a.q) && Aligned16(a.k_cache) && Aligned16(a.v_cache) &&
          a.q_stride % 8 == 0 && a.kv_stride % 8 == 0;
 }

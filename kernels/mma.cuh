@@ -1,7 +1,7 @@
 // Device-only wrappers of the sm_80+ tensor-core and async-copy instructions the attention
 // kernels share (attention_prefill.cu, attention_latent*.cu): cp.async 16-byte copies with zero
 // fill, ldmatrix (plain and transposed), the swizzled tile layout they read, mma.sync m16n8k16
-// bf16 -> fp32, bf16x2 packing and the SFU exp2. Internal to the kernels' .cu files, not part of their interface.
+// bf16 -> fp32, bf16x2 packing, bf16x8 unpacking and the SFU exp2. Internal to the kernels' .cu files, not part of their interface.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -78,6 +78,17 @@ __device__ __forceinline__ void SwzLdsmOffsets(int lane, uint32_t q_base, uint32
     v[jj] = (lane % 16) * D * 2 + sw + 16 * ((lane >> 4) ^ x0);
   }
 }
+// 8 bf16 values (one 16-byte chunk of a row) as fp32.
+__device__ __forceinline__ void Bf16x8ToF32(const uint4& raw, float (&out)[8]) {
+  const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __bfloat1622float2(p[i]);
+    out[2 * i] = f.x;
+    out[2 * i + 1] = f.y;
+  }
+}
+
 __device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
   __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // lo in the low half (the lower column)
   return *reinterpret_cast<uint32_t*>(&v);

@@ -413,13 +413,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
       const uint32_t sk = SmemAddr(ring + (i % kMmaStages) * 2 * kTileElems);
       const uint32_t sv = sk + kTileElems * 2;
       float s[2][4] = {};
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        uint32_t kb[4];
-        Ldsm4(kb, sk + k_off[kk & 3] + 32 * (kk & 4));
-        Mma(s[0], qa[kk], kb[0], kb[1]);
-        Mma(s[1], qa[kk], kb[2], kb[3]);
-      }
+      TileQK<D>(qa, sk, k_off, s);
       const int kv0 = item.kv_start + (warp + kMmaWarps * i) * kMmaKv;
       float mx = m;
 #pragma unroll
@@ -450,13 +444,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
         o[n][0] *= c;
         o[n][1] *= c;
       }
-#pragma unroll
-      for (int dp = 0; dp < D / 16; ++dp) {
-        uint32_t vb[4];
-        Ldsm4T(vb, sv + v_off[dp & 3] + 32 * (dp & 4));
-        Mma(o[2 * dp], pa, vb[0], vb[1]);
-        Mma(o[2 * dp + 1], pa, vb[2], vb[3]);
-      }
+      TilePV<D>(pa, sv, v_off, o);
     }
     CpAsyncWait<0>();
     l += __shfl_xor_sync(0xffffffffu, l, 1);

@@ -215,9 +215,10 @@ int PrefillTable(Backend& be) {
 }
 
 // --kv-policy: one layer's policy decode (the tensor-core kernels, or with `cuda_cores` the
-// CUDA-core ones), `batch` sequences of `ctx` keys, a fraction `kept` of them kFull (sinks 4 and the recent 32 always); cycles over layer caches as Run does. MiKV
-// (low_bits 4 / 2): the others kLow (read quantized on the fly), and `packed` entries per head in
-// a packed run after the ctx slots (what a compacted sequence's demoted keys become).
+// CUDA-core ones), `batch` sequences of `ctx` keys, a fraction `kept` of them kFull (sinks 4 and
+// the recent 32 always); cycles over layer caches as Run does. MiKV (low_bits 4 / 2): the others
+// kLow (read quantized on the fly), and `packed` entries per head in a packed run after the ctx
+// slots (what a compacted sequence's demoted keys become).
 double RunPolicy(Backend& be, bool cuda_cores, int batch, int ctx, double kept, bool record_hits, int low_bits = 0,
                  int packed = 0) {
   const int64_t run_slots = low_bits > 0 ? (int64_t{packed} * (kDim * low_bits / 8 + 4) + 2 * kDim - 1) / (2 * kDim) : 0;

@@ -34,6 +34,13 @@ constexpr int64_t kMaxDimension = int64_t{1} << 31;
 // intermediate_size * num_hidden_layers), and what is derived from them (the parameter count,
 // KV bytes per token over all layers) must fit.
 constexpr int64_t kMaxParameters = int64_t{1} << 50;
+// Upper bounds for the two sizes that per-layer and per-dimension tables are built from (the KV
+// cache spec's per-layer widths, a LoRC rank schedule, the RoPE frequency table): without them a
+// 200-byte config.json could ask for a 2^30-entry table (fuzz/config_json_fuzz found both:
+// malloc(2^31) from head_dim 2^30 and from num_hidden_layers 2^30). Far above any Llama-family
+// model (Llama-3.1-405B: 126 layers, head_dim 128; the widest heads in use are 256).
+constexpr int64_t kMaxLayers = 1024;
+constexpr int64_t kMaxHeadDim = 1024;
 
 // ModelConfig::NumParameters in 128-bit arithmetic: every factor is below 2^31 (config fields)
 // or a LoRC rank (<= head_dim), so no term overflows, and the sum of at most 2^31 layers of them
@@ -122,6 +129,14 @@ absl::Status CheckPositive(absl::string_view field, int64_t v) {
                                                    v, " (limit ", kMaxDimension, ")"));
   }
   return absl::OkStatus();
+}
+
+// InvalidArgument naming the field when `v` exceeds `limit` (what lorcserve supports; see
+// kMaxLayers).
+absl::Status CheckAtMost(absl::string_view field, int64_t v, int64_t limit) {
+  if (v <= limit) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat("config field '", field, "' is ", v,
+                                                 ": lorcserve supports at most ", limit));
 }
 
 absl::StatusOr<double> RequiredRopeDouble(const json& params, absl::string_view ctx,
@@ -304,6 +319,7 @@ absl::StatusOr<ModelConfig> ParseConfig(const json& j) {
   RETURN_IF_ERROR(CheckPositive("hidden_size", c.hidden_size));
   RETURN_IF_ERROR(CheckPositive("intermediate_size", c.intermediate_size));
   RETURN_IF_ERROR(CheckPositive("num_hidden_layers", c.num_layers));
+  RETURN_IF_ERROR(CheckAtMost("num_hidden_layers", c.num_layers, kMaxLayers));
   RETURN_IF_ERROR(CheckPositive("num_attention_heads", c.num_heads));
 
   ASSIGN_OR_RETURN(std::optional<int64_t> kv_heads, OptInt(j, "", "num_key_value_heads"));
@@ -328,6 +344,7 @@ absl::StatusOr<ModelConfig> ParseConfig(const json& j) {
     }
     c.head_dim = c.hidden_size / c.num_heads;
   }
+  RETURN_IF_ERROR(CheckAtMost("head_dim", c.head_dim, kMaxHeadDim));
   if (c.head_dim % 2 != 0) {
     return absl::InvalidArgumentError(absl::StrCat(
         "config field 'head_dim' must be even for rotary embeddings, got ", c.head_dim));

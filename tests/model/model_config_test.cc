@@ -105,7 +105,7 @@ TEST(ModelConfigTest, AParameterCountPast2To50IsRejectedNamingTheSizes) {
   j["vocab_size"] = int64_t{1} << 31;
   j["hidden_size"] = int64_t{1} << 31;
   j["intermediate_size"] = int64_t{1} << 31;
-  j["num_hidden_layers"] = int64_t{1} << 31;
+  j["num_hidden_layers"] = 1024;
   EXPECT_THAT(ModelConfigFromJson(j),
               StatusIs(absl::StatusCode::kInvalidArgument,
                        AllOf(HasSubstr("config: the model would have"),
@@ -115,6 +115,27 @@ TEST(ModelConfigTest, AParameterCountPast2To50IsRejectedNamingTheSizes) {
   auto big = ModelConfigFromJson(Llama31_70BJson());
   ASSERT_OK(big);
   EXPECT_EQ(big->NumParameters(), 70553706496);
+}
+
+// Found by fuzz/config_json_fuzz (CI, 2026-12-03; fuzz/corpus/config_json_fuzz/oom-*): a head_dim
+// or a layer count of 2^30 passed every check and RopeInverseFrequencies / MakeKvCacheSpec then
+// allocated 2 GiB tables (libFuzzer's malloc limit).
+TEST(ModelConfigTest, LayerCountAndHeadDimBeyondWhatIsServedAreRejectedNamingTheField) {
+  json j = TinyConfigJson();
+  j["num_hidden_layers"] = int64_t{1} << 30;
+  EXPECT_THAT(ModelConfigFromJson(j),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       AllOf(HasSubstr("'num_hidden_layers' is 1073741824"),
+                             HasSubstr("at most 1024"))));
+  j = TinyConfigJson();
+  j["head_dim"] = int64_t{1} << 30;
+  EXPECT_THAT(ModelConfigFromJson(j),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       AllOf(HasSubstr("'head_dim' is 1073741824"), HasSubstr("at most 1024"))));
+  j = TinyConfigJson();
+  j["num_hidden_layers"] = 1024;
+  j["head_dim"] = 1024;
+  EXPECT_OK(ModelConfigFromJson(j));
 }
 
 TEST(ModelConfigTest, TopLevelRopeThetaGivesSameConfig) {

@@ -117,9 +117,9 @@ TEST(ModelConfigTest, AParameterCountPast2To50IsRejectedNamingTheSizes) {
   EXPECT_EQ(big->NumParameters(), 70553706496);
 }
 
-// Found by fuzz/config_json_fuzz (CI, 2026-12-03; fuzz/corpus/config_json_fuzz/oom-*): a head_dim
-// or a layer count of 2^30 passed every check and RopeInverseFrequencies / MakeKvCacheSpec then
-// allocated 2 GiB tables (libFuzzer's malloc limit).
+// Found by fuzz/config_json_fuzz (CI, 2026-12-03; docs/FUZZING.md #8; regression inputs
+// fuzz/corpus/config_json_fuzz/crash-{head-dim,layer-count}-table): a head_dim or a layer count of
+// 2^30 passed every check, and RopeInverseFrequencies / MakeKvCacheSpec then allocated 2 GiB.
 TEST(ModelConfigTest, LayerCountAndHeadDimBeyondWhatIsServedAreRejectedNamingTheField) {
   json j = TinyConfigJson();
   j["num_hidden_layers"] = int64_t{1} << 30;

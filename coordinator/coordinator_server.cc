@@ -298,7 +298,8 @@ void CoordinatorServer::FormJoinedGroup() {
   absl::MutexLock lock(&mu_);
   if (stopping_) return;
   failure_ = st;
-  state_ = options_.max_restarts > 0 ? State::kRecovering : State::kFailed;
+  // As OnWorkerFailure: the recovery's first attempt takes its budget now.
+  state_ = options_.max_restarts > 0 && TakeRestartBudget() ? State::kRecovering : State::kFailed;
 }
 
 std::shared_ptr<CoordinatorServer::Generation> CoordinatorServer::Current() const {
@@ -322,7 +323,8 @@ void CoordinatorServer::SetLiveness(bool alive) {
 
 void CoordinatorServer::OnWorkerFailure(const absl::Status& why) {
   std::shared_ptr<Generation> g;
-  bool recover = false;
+  bool recover = false, gave_up = false;
+  absl::Status refusal;  // what new requests are told until the group serves again
   {
     absl::MutexLock lock(&mu_);
     if (stopping_ || state_ == State::kRecovering || state_ == State::kFailed) return;
@@ -332,7 +334,19 @@ void CoordinatorServer::OnWorkerFailure(const absl::Status& why) {
       return;
     }
     failure_ = why;
-    recover = options_.max_restarts > 0;
+    // The recovery's first attempt takes its budget here, so that nobody is told to retry when
+    // no recovery will come.
+    recover = options_.max_restarts > 0 && TakeRestartBudget();
+    gave_up = options_.max_restarts > 0 && !recover;
+    if (recover) {
+      refusal = absl::UnavailableError(
+          absl::StrCat("recovering from a worker failure (retry shortly): ", why.message()));
+    } else if (gave_up) {
+      refusal = GaveUpStatus(why);
+      failure_ = refusal;
+    } else {
+      refusal = absl::UnavailableError(absl::StrCat("not serving: ", why.message()));
+    }
     state_ = recover ? State::kRecovering : State::kFailed;
     g = gen_;  // a snapshot: stays valid even if Shutdown drops gen_ meanwhile
     metrics_->CountWorkerFailure();
@@ -341,16 +355,29 @@ void CoordinatorServer::OnWorkerFailure(const absl::Status& why) {
   }
   log_->Worker({"failure", absl::StrCat(why.message(), "; health is NOT_SERVING",
                                         recover ? ", recovering" : "")});
-  service_->SetLoop(nullptr, absl::UnavailableError(absl::StrCat(
-                                 recover ? "recovering from a worker failure (retry shortly): "
-                                         : "not serving: ",
-                                 why.message())));
+  if (gave_up) log_->Worker({"give_up", std::string(refusal.message())});
+  service_->SetLoop(nullptr, refusal);
   SetHealth(false);
   if (!recover) SetLiveness(false);  // failed for good: only a restart of the process helps
   if (g != nullptr) {
     g->group->Fail(why);  // in-flight requests end with UNAVAILABLE naming the worker
     g->loop->Fail(why);
   }
+}
+
+bool CoordinatorServer::TakeRestartBudget() {
+  const absl::Time now = absl::Now();
+  std::erase_if(restarts_, [&](absl::Time t) { return now - t > options_.restart_window; });
+  if (static_cast<int32_t>(restarts_.size()) >= options_.max_restarts) return false;
+  restarts_.push_back(now);
+  return true;
+}
+
+absl::Status CoordinatorServer::GaveUpStatus(const absl::Status& last) const {
+  return absl::UnavailableError(absl::StrCat("not serving: gave up after ", restarts_.size(),
+                                             " worker recoveries within ",
+                                             absl::FormatDuration(options_.restart_window),
+                                             "; last failure: ", last.message()));
 }
 
 bool CoordinatorServer::SleepUnlessStopping(absl::Duration d) {
@@ -369,32 +396,29 @@ void CoordinatorServer::Recover() {
     last = failure_;
   }
   old.reset();
-  // One recovery counts against the budget; with local workers so does every further attempt
-  // (each restarts processes). Remote workers are retried without limit until they answer.
-  auto take_budget = [&]() -> bool {
-    const absl::Time now = absl::Now();
-    std::erase_if(restarts_, [&](absl::Time t) { return now - t > options_.restart_window; });
-    if (static_cast<int32_t>(restarts_.size()) >= options_.max_restarts) return false;
-    restarts_.push_back(now);
-    return true;
-  };
+  // One recovery counts against the budget (taken by OnWorkerFailure); with local workers so does
+  // every further attempt (each restarts processes). Remote workers are retried without limit
+  // until they answer.
   absl::Duration backoff = absl::Milliseconds(200);
   for (bool first = true;; first = false) {
-    if ((first || (local_ != nullptr && registry_ == nullptr)) && !take_budget()) {
-      const absl::Status final_status = absl::UnavailableError(absl::StrCat(
-          "not serving: gave up after ", restarts_.size(), " worker recoveries within ",
-          absl::FormatDuration(options_.restart_window), "; last failure: ", last.message()));
+    if (!first && local_ != nullptr && registry_ == nullptr) {
+      absl::Status final_status;
       {
         absl::MutexLock lock(&mu_);
         if (stopping_) return;
-        state_ = State::kFailed;
-        failure_ = final_status;
-        metrics_->SetServingState(ServingState::kFailed);
+        if (!TakeRestartBudget()) {
+          final_status = GaveUpStatus(last);
+          state_ = State::kFailed;
+          failure_ = final_status;
+          metrics_->SetServingState(ServingState::kFailed);
+        }
       }
-      log_->Worker({"give_up", std::string(final_status.message())});
-      service_->SetLoop(nullptr, final_status);
-      SetLiveness(false);
-      return;
+      if (!final_status.ok()) {
+        log_->Worker({"give_up", std::string(final_status.message())});
+        service_->SetLoop(nullptr, final_status);
+        SetLiveness(false);
+        return;
+      }
     }
     absl::Status st;
     if (local_ != nullptr) {

@@ -144,6 +144,10 @@ class CoordinatorServer {
   // Joins the workers (new communicator, load), builds the engine and serves it.
   absl::Status JoinGroup();
   void OnWorkerFailure(const absl::Status& why);
+  // The recovery budget (--max-restarts within --restart-window): takes one restart, false when
+  // none is left; the final status once none is.
+  bool TakeRestartBudget() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status GaveUpStatus(const absl::Status& last) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Monitor();
   // Monitor thread, join mode, at start: waits until every rank joined (reporting the missing
   // ones every join_timeout), then JoinGroup; a failed formation goes on as a recovery.
@@ -185,7 +189,7 @@ class CoordinatorServer {
   std::shared_ptr<Generation> gen_ ABSL_GUARDED_BY(mu_);  // null unless serving
   absl::Status failure_ ABSL_GUARDED_BY(mu_);  // the latest worker failure (OK while serving)
   std::string join_waiting_ ABSL_GUARDED_BY(mu_);  // join mode: the missing ranks after join_timeout
-  std::vector<absl::Time> restarts_;           // monitor thread only: recent recoveries
+  std::vector<absl::Time> restarts_ ABSL_GUARDED_BY(mu_);  // recent recoveries (their first attempts)
   std::string rendezvous_address_;             // set in StartWorkers
   const uint64_t coordinator_id_ = NewCoordinatorId();  // names this coordinator to its workers
 };

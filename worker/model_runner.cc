@@ -139,7 +139,10 @@ absl::Status ModelRunner::InitKvPolicy(const KvCacheOptions& kv) {
           "--kv-policy mikv --kv-policy-low-bits ", bits, " with --kv-cache-dtype ",
           KvCacheDtypeName(kv_spec_.kv_cache_dtype), ": layer ", l, "'s low entries (", kb, " / ", vb,
           " bytes per KV head, K / V) are larger than its cache entries (", layers[l].k_slot_bytes,
-          " / ", layers[l].v_slot_bytes, " bytes): demoting would save nothing (use fewer low bits)"));
+          " / ", layers[l].v_slot_bytes, " bytes): demoting would save nothing (",
+          bits > 2 ? "use --kv-policy-low-bits 2, a wider --kv-cache-dtype or --kv-policy corm"
+                   : "use a wider --kv-cache-dtype or --kv-policy corm",
+          ")"));
     }
   }
   kv_policy_ = std::make_unique<kvpolicy::KvPolicyStore>(kv.kv_policy, std::move(layers),

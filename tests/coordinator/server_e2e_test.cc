@@ -462,6 +462,16 @@ TEST_F(ServerE2ETest, RestartsAreBoundedThenNotServingWithAReason) {
   EXPECT_THAT(r.status.error_message(), HasSubstr("gave up after 1 worker recoveries"));
   EXPECT_EQ(server_->WorkerPid(0), -1);  // not restarted again
   EXPECT_TRUE(server_->Alive());
+  // The second failure gave up at once: nobody was told to retry while no recovery would come
+  // (found by a tester, 2026-12-03: "recovering ... (retry shortly)" in the moment before).
+  const std::string log = server_->Stderr();
+  auto count = [&](const std::string& what) {
+    int n = 0;
+    for (size_t at = log.find(what); at != std::string::npos; at = log.find(what, at + 1)) ++n;
+    return n;
+  };
+  EXPECT_EQ(count("health is NOT_SERVING"), 2) << log;
+  EXPECT_EQ(count("health is NOT_SERVING, recovering"), 1) << log;
 }
 
 TEST_F(ServerE2ETest, ShutdownRightAfterAWorkerFailureExitsCleanly) {

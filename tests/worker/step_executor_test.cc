@@ -582,7 +582,9 @@ TEST(KvPolicyLoadTest, MikvLowEntriesLargerThanTheCacheEntriesAreRefused) {
   EXPECT_THAT(LoadModel({::lorc::testing::TinyLlamaDir()}, b->get(), 0, 1, nullptr, kv).status(),
               StatusIs(absl::StatusCode::kInvalidArgument,
                        AllOf(HasSubstr("--kv-policy-low-bits 4"), HasSubstr("--kv-cache-dtype int4"),
-                             HasSubstr("68 / 68 bytes"))));
+                             HasSubstr("68 / 68 bytes"),
+                             // int2 fits here; at 2 bits the hint names the cache dtype or CORM
+                             HasSubstr("(use --kv-policy-low-bits 2, a wider --kv-cache-dtype or --kv-policy corm)"))));
   kv.kv_policy.low_bits = 2;
   EXPECT_OK(LoadModel({::lorc::testing::TinyLlamaDir()}, b->get(), 0, 1, nullptr, kv).status());
 }

@@ -119,24 +119,16 @@ absl::StatusOr<int64_t> RequiredInt(const json& obj, absl::string_view key) {
   return *v;
 }
 
-absl::Status CheckPositive(absl::string_view field, int64_t v) {
+absl::Status CheckPositive(absl::string_view field, int64_t v, int64_t limit = kMaxDimension) {
   if (v <= 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("config field '", field, "' must be positive, got ", v));
   }
-  if (v > kMaxDimension) {
+  if (v > limit) {
     return absl::InvalidArgumentError(absl::StrCat("config field '", field, "' is too large: ",
-                                                   v, " (limit ", kMaxDimension, ")"));
+                                                   v, " (limit ", limit, ")"));
   }
   return absl::OkStatus();
-}
-
-// InvalidArgument naming the field when `v` exceeds `limit` (what lorcserve supports; see
-// kMaxLayers).
-absl::Status CheckAtMost(absl::string_view field, int64_t v, int64_t limit) {
-  if (v <= limit) return absl::OkStatus();
-  return absl::InvalidArgumentError(absl::StrCat("config field '", field, "' is ", v,
-                                                 ": lorcserve supports at most ", limit));
 }
 
 absl::StatusOr<double> RequiredRopeDouble(const json& params, absl::string_view ctx,
@@ -318,8 +310,7 @@ absl::StatusOr<ModelConfig> ParseConfig(const json& j) {
   RETURN_IF_ERROR(CheckPositive("vocab_size", c.vocab_size));
   RETURN_IF_ERROR(CheckPositive("hidden_size", c.hidden_size));
   RETURN_IF_ERROR(CheckPositive("intermediate_size", c.intermediate_size));
-  RETURN_IF_ERROR(CheckPositive("num_hidden_layers", c.num_layers));
-  RETURN_IF_ERROR(CheckAtMost("num_hidden_layers", c.num_layers, kMaxLayers));
+  RETURN_IF_ERROR(CheckPositive("num_hidden_layers", c.num_layers, kMaxLayers));
   RETURN_IF_ERROR(CheckPositive("num_attention_heads", c.num_heads));
 
   ASSIGN_OR_RETURN(std::optional<int64_t> kv_heads, OptInt(j, "", "num_key_value_heads"));
@@ -334,7 +325,6 @@ absl::StatusOr<ModelConfig> ParseConfig(const json& j) {
   ASSIGN_OR_RETURN(std::optional<int64_t> head_dim, OptInt(j, "", "head_dim"));
   if (head_dim.has_value()) {
     c.head_dim = *head_dim;
-    RETURN_IF_ERROR(CheckPositive("head_dim", c.head_dim));
   } else {
     if (c.hidden_size % c.num_heads != 0) {
       return absl::InvalidArgumentError(absl::StrCat(
@@ -344,7 +334,7 @@ absl::StatusOr<ModelConfig> ParseConfig(const json& j) {
     }
     c.head_dim = c.hidden_size / c.num_heads;
   }
-  RETURN_IF_ERROR(CheckAtMost("head_dim", c.head_dim, kMaxHeadDim));
+  RETURN_IF_ERROR(CheckPositive("head_dim", c.head_dim, kMaxHeadDim));
   if (c.head_dim % 2 != 0) {
     return absl::InvalidArgumentError(absl::StrCat(
         "config field 'head_dim' must be even for rotary embeddings, got ", c.head_dim));

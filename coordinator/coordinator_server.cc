@@ -11,6 +11,7 @@
 #include "absl/strings/str_split.h"
 #include "common/defaults.h"
 #include "common/status_macros.h"
+#include "coordinator/request_conversion.h"  // kMaxRequestBytes (ModelInfo)
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
 #include "step/coordinator_ref.h"
@@ -127,6 +128,7 @@ absl::Status CoordinatorServer::StartServer() {
       MakeKvCacheSpec(config_, spec_options).value_or(KvCacheSpec{}).CompressionName());
   info.set_kv_cache_dtype(KvCacheDtypeName(options_.kv.kv_cache_dtype));
   info.set_kv_policy(options_.kv.kv_policy.Describe());  // "none" without one
+  info.set_max_request_bytes(static_cast<int64_t>(kMaxRequestBytes));
   service_ = std::make_unique<LorcServeService>(
       config_, tokenizer_.get(), info, [this](lorcserve::v1::ModelInfoResponse* r) { FillLive(r); });
   service_->SetObservability(metrics_.get(), log_.get());

@@ -66,23 +66,40 @@ def parse_args(argv):
     return args
 
 
-def _draining_server(config, drain_timeout_s):
+# After the drain's end has answered every request in flight, the gateway exits anyway this
+# many seconds later (a client that does not read its last bytes must not hold it).
+END_GRACE_S = 2.0
+
+
+def _draining_server(config, drain_timeout_s, gateway):
     """uvicorn's server, whose graceful shutdown waits for every connection and request without
-    limit (this uvicorn has no timeout_graceful_shutdown): drain_timeout_s after the first
-    SIGTERM / SIGINT it exits anyway, as a second Ctrl-C would (force_exit, which its loop reads
-    every 0.1 s)."""
-    import threading
+    limit (this uvicorn has no timeout_graceful_shutdown). The first SIGTERM / SIGINT stops
+    accepting; drain_timeout_s later, or at a second signal, every request still in flight is
+    answered 503 (a stream: an error event, then [DONE]; Gateway.end_requests), and END_GRACE_S
+    after that the server exits anyway (force_exit, which its loop reads every 0.1 s).
+    uvicorn calls handle_exit on the event loop (loop.add_signal_handler)."""
+    import asyncio
 
     import uvicorn
 
     class DrainingServer(uvicorn.Server):
+        ending = False
+
         def handle_exit(self, sig, frame):
-            first = not self.should_exit
-            super().handle_exit(sig, frame)
-            if first:
-                timer = threading.Timer(drain_timeout_s, setattr, (self, "force_exit", True))
-                timer.daemon = True
-                timer.start()
+            loop = asyncio.get_event_loop()
+            if not self.should_exit:
+                self.should_exit = True  # stop accepting; uvicorn waits for the connections
+                loop.call_later(drain_timeout_s, self.end_requests, loop,
+                                f"the drain timeout ({drain_timeout_s:g} s) ended this request")
+            else:
+                self.end_requests(loop, "a second termination signal ended the drain")
+
+        def end_requests(self, loop, why):
+            if self.ending:
+                return
+            self.ending = True
+            gateway.end_requests(why)
+            loop.call_later(END_GRACE_S, setattr, self, "force_exit", True)
 
     return DrainingServer(config)
 
@@ -122,7 +139,7 @@ def main(argv=None):
         return 2
     host, port = sock.getsockname()[:2]
     config = uvicorn.Config(create_app(gateway), log_level=args.log_level, access_log=False)
-    server = _draining_server(config, args.drain_timeout_s)
+    server = _draining_server(config, args.drain_timeout_s, gateway)
     print(f"GATEWAY_LISTENING {host}:{port}", flush=True)
     server.run(sockets=[sock])
     return 0

@@ -75,9 +75,17 @@ def _is_finite_number(v):
     return _is_number(v) and math.isfinite(v)
 
 
+# The largest finite float32: SamplingOptions' numbers are proto `float`, and a larger double
+# (1e308 is finite JSON) would reach the coordinator as inf.
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def get_number(body, name):
-    """body[name] as a float (finite: JSON's 1e400 parses as inf), None when absent."""
+    """body[name] as a float (finite, and within float32's range: JSON's 1e400 parses as inf,
+    1e308 would become inf in the proto's float), None when absent; 400 naming the field."""
     v = _get(body, name, _is_finite_number, "a finite number")
+    if v is not None and abs(v) > FLOAT32_MAX:
+        raise bad_request(name, f"must be within float32's range (|x| <= 3.4e38), got {v!r}")
     return None if v is None else float(v)
 
 
@@ -128,10 +136,12 @@ def check_fields(body, allowed):
         raise bad_request("best_of", "must equal n (no server-side best-of selection)")
 
 
-def fill_sampling(s, body, defaults, max_tokens):
+def fill_sampling(s, body, defaults, max_tokens, max_model_len=None,
+                  max_tokens_name="max_tokens"):
     """Sets SamplingOptions `s` from the body's common fields. defaults: the model's
     generation defaults (ModelInfo.generation_defaults). max_tokens: the endpoint's value (or
-    None: lorcserve's default)."""
+    None: lorcserve's default), read from the field max_tokens_name; more than max_model_len
+    (ModelInfo's, when given) can never fit and is a 400 naming that field."""
     def pick(name, value, model_default_field=None):
         if value is not None:
             return value
@@ -167,12 +177,17 @@ def fill_sampling(s, body, defaults, max_tokens):
         s.seed = seed
     if max_tokens is not None:
         if max_tokens < 1:
-            raise bad_request("max_tokens", f"must be >= 1, got {max_tokens}")
+            raise bad_request(max_tokens_name, f"must be >= 1, got {max_tokens}")
+        if max_model_len and max_tokens > max_model_len:
+            raise bad_request(max_tokens_name, f"{max_tokens} exceeds the model's maximum length "
+                                               f"of {max_model_len} tokens (max_model_len)")
         s.max_tokens = min(max_tokens, 2**31 - 1)
     n = get_int(body, "n")
     if n is not None:
         s.n = n
     stop = body.get("stop")
+    if stop == "":
+        raise bad_request("stop", "empty stop string")
     if isinstance(stop, str):
         stop = [stop]
     if stop is not None:

@@ -8,10 +8,12 @@ and every gRPC call (grpc.aio); gRPC's C core has its own I/O threads.
 """
 
 import asyncio
+import collections
 import hashlib
 import hmac
 import json
 import os
+import sys
 import time
 import traceback
 import uuid
@@ -80,11 +82,26 @@ def _parse_health(data):
 class _ModelState:
     """What the gateway learns once from ModelInfo (and the model directory)."""
 
-    def __init__(self, name, info, template, vocab):
+    def __init__(self, name, info, template, vocab, has_model_dir=True, model_dir=None):
         self.name = name
         self.info = info
         self.template = template
         self.vocab = vocab
+        self.has_model_dir = has_model_dir
+        self.model_dir = model_dir
+
+
+def _credential_digest(metadata):
+    """SHA-256 of the authorization metadata a request forwards (b"" for none)."""
+    value = dict(metadata).get("authorization", "")
+    return hashlib.sha256(value.encode()).digest()
+
+
+# Without --auth-token-file the coordinator judges tokens: a credential (the Authorization
+# header, or none) it accepted is trusted this long before ModelInfo asks it again, and at most
+# this many are remembered (the oldest forgotten first).
+VERIFIED_TTL_S = 60.0
+MAX_VERIFIED = 4096
 
 
 class Gateway:
@@ -94,6 +111,9 @@ class Gateway:
         self.pb2_grpc = pb2_grpc
         self.digests = (read_token_digests(options.auth_token_file)
                         if options.auth_token_file else None)
+        if options.model_dir is not None and not os.path.isdir(options.model_dir):
+            # Else every logprob would name tokens by id and chat would lack the template.
+            raise ValueError(f"--model-dir {options.model_dir}: not a directory")
         # Compile an override template now: a malformed one stops the start-up.
         self.template_override = (chat_template_mod.load(options.model_dir, options.chat_template)
                                   if options.chat_template else None)
@@ -111,6 +131,9 @@ class Gateway:
         self.stub = None
         self.state = None
         self.state_lock = None
+        self.verified = collections.OrderedDict()  # SHA-256 of a credential -> expiry (monotonic)
+        self.closing = None  # set (asyncio.Event) when the drain ends the requests in flight
+        self.closing_reason = None
         self.created = int(time.time())
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -128,6 +151,19 @@ class Gateway:
         self.health = self.channel.unary_unary(HEALTH_METHOD, request_serializer=None,
                                                response_deserializer=None)
         self.state_lock = asyncio.Lock()
+        self.closing = asyncio.Event()
+
+    def end_requests(self, why):
+        """The drain's end (its timeout, or a second signal): every request in flight answers
+        503 `why` now (a stream: an error event, then [DONE]) and its gRPC calls are cancelled.
+        Called on the event loop's thread."""
+        if self.closing is not None and not self.closing.is_set():
+            self.closing_reason = why
+            self.closing.set()
+
+    def closing_error(self):
+        return OpenAIError(503, f"gateway shutting down: {self.closing_reason}",
+                           type_="service_unavailable_error")
 
     async def stop(self):
         if self.channel is not None:
@@ -164,37 +200,70 @@ class Gateway:
         return (("authorization", header),) if header else ()
 
     # -- model -----------------------------------------------------------------------------
+    def _trusted(self, metadata):
+        """Whether this request's credential needs no ModelInfo call: the gateway checked the
+        token itself, or the coordinator accepted this credential within VERIFIED_TTL_S."""
+        if self.digests is not None:
+            return True
+        expiry = self.verified.get(_credential_digest(metadata))
+        return expiry is not None and expiry > time.monotonic()
+
+    def _remember(self, metadata):
+        key = _credential_digest(metadata)
+        self.verified[key] = time.monotonic() + VERIFIED_TTL_S
+        self.verified.move_to_end(key)
+        while len(self.verified) > MAX_VERIFIED:
+            self.verified.popitem(last=False)
+
     async def model_state(self, metadata):
-        """The served model (ModelInfo once, the chat template and vocabulary of its directory).
-        The first call that succeeds fills it; errors map as every gRPC error."""
-        if self.state is not None:
+        """The served model (ModelInfo once, the chat template and vocabulary of its directory),
+        for a caller the coordinator accepts: without --auth-token-file, a credential it has not
+        accepted lately is sent to ModelInfo first, so that what the gateway knows (the model's
+        name, its path, a request's validation) never answers a caller the coordinator would
+        refuse (401). Errors map as every gRPC error."""
+        if self.state is not None and self._trusted(metadata):
             return self.state
+        try:
+            info = await self.stub.ModelInfo(self.pb2.ModelInfoRequest(), metadata=metadata)
+        except grpc.aio.AioRpcError as e:
+            raise from_grpc(e) from None
+        if self.digests is None:
+            self._remember(metadata)
         async with self.state_lock:
-            if self.state is not None:
-                return self.state
-            try:
-                info = await self.stub.ModelInfo(self.pb2.ModelInfoRequest(), metadata=metadata)
-            except grpc.aio.AioRpcError as e:
-                raise from_grpc(e) from None
-            name = self.options.served_model_name or os.path.basename(
-                info.model.rstrip("/")) or info.model
-            model_dir = self.options.model_dir or info.model
-            template = self.template_override
-            vocab = None
-            if os.path.isdir(model_dir):
-                # The model's template, or the override with the model's special tokens.
-                template = chat_template_mod.load(model_dir, self.options.chat_template)
-                tok = os.path.join(model_dir, "tokenizer.json")
-                if os.path.exists(tok):
-                    vocab = Vocab.from_tokenizer_json(tok)
-            self.state = _ModelState(name, info, template, vocab or Vocab({}))
+            if self.state is None:
+                self.state = self._load_state(info)
             return self.state
+
+    def _load_state(self, info):
+        name = self.options.served_model_name or os.path.basename(
+            info.model.rstrip("/")) or info.model
+        model_dir = self.options.model_dir or info.model
+        template = self.template_override
+        vocab = None
+        if os.path.isdir(model_dir):
+            # The model's template, or the override with the model's special tokens.
+            template = chat_template_mod.load(model_dir, self.options.chat_template)
+            tok = os.path.join(model_dir, "tokenizer.json")
+            if os.path.exists(tok):
+                vocab = Vocab.from_tokenizer_json(tok)
+            else:
+                print(f"lorcserve-gateway: warning: no tokenizer.json in {model_dir}: logprobs "
+                      "name tokens by id (token_id:N)", file=sys.stderr, flush=True)
+        else:
+            print(f"lorcserve-gateway: warning: the model directory {model_dir!r} (from the "
+                  "coordinator's ModelInfo) is not a directory here: logprobs name tokens by id "
+                  "(token_id:N) and chat needs --chat-template; mount the model at that path or "
+                  "pass --model-dir", file=sys.stderr, flush=True)
+        return _ModelState(name, info, template, vocab or Vocab({}), os.path.isdir(model_dir),
+                           model_dir)
 
     async def check_model(self, body, metadata):
         state = await self.model_state(metadata)
         model = body.get("model")
         if model is None:
             raise bad_request("model", "required")
+        if not isinstance(model, str):
+            raise bad_request("model", f"must be a string, got {model!r}")
         if model != state.name:
             raise OpenAIError(404, f"The model `{model}` does not exist (this server serves "
                                    f"`{state.name}`)", param="model", code="model_not_found")
@@ -251,11 +320,25 @@ def _check_json_value(body):
                 stack.append((k, name, depth + 1))
                 stack.append((x, name, depth + 1))
         elif isinstance(v, list):
-            stack.extend((x, f"{path}[{i}]", depth + 1) for i, x in enumerate(v))
+            # Numbers need no check: a batch of token ids holds millions of them.
+            stack.extend((x, f"{path}[{i}]", depth + 1) for i, x in enumerate(v)
+                         if isinstance(x, (str, dict, list)))
+
+
+# Bodies over this many bytes are parsed and checked on a worker thread: a 63 MB batch of token
+# ids held the event loop (every other client, /health and running streams) for 23 s.
+PARSE_OFF_LOOP_BYTES = 1 << 20
 
 
 async def _read_json(request):
     raw = await _read_body(request)
+    if len(raw) > PARSE_OFF_LOOP_BYTES:
+        return await asyncio.to_thread(_parse_json, raw)
+    return _parse_json(raw)
+
+
+def _parse_json(raw):
+    """The body as a dict (nulls dropped); 400 for what is not a JSON object of valid values."""
     try:
         body = json.loads(raw, parse_constant=_reject_constant)  # no NaN / Infinity
     except ValueError as e:  # also UnicodeDecodeError: bytes that are not UTF-8
@@ -473,12 +556,13 @@ def create_app(gateway):
     async def completions(request: Request):
         metadata, body, state = await _begin(request, params.COMPLETION_FIELDS)
         req = gateway.pb2.GenerateRequest(request_id=f"cmpl-{uuid.uuid4().hex}")
-        prompts = _prompts(body.get("prompt"))
+        prompts = _prompts(body.get("prompt"), state.info.max_model_len)
         top_n = params.get_int(body, "logprobs", 0, 20)
         if top_n is not None:
             req.sampling.logprobs = top_n
         params.fill_sampling(req.sampling, body, state.info.generation_defaults,
-                             params.get_int(body, "max_tokens", 1, None))
+                             params.get_int(body, "max_tokens", 1, None),
+                             state.info.max_model_len)
         params.fill_request(req, body)
         reqs = []
         for i, prompt in enumerate(prompts):  # one Generate per prompt of a batch
@@ -490,6 +574,7 @@ def create_app(gateway):
                 r.text = prompt
             else:
                 r.token_ids.ids.extend(prompt)
+            _check_size(r, state, f"prompt[{i}]" if len(prompts) > 1 else "prompt")
             reqs.append(r)
         ep = _Endpoint(False, req.request_id, state.name, state.vocab, top_n)
         return await _run(request, body, reqs, ep, metadata)
@@ -497,6 +582,10 @@ def create_app(gateway):
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         metadata, body, state = await _begin(request, params.CHAT_FIELDS)
+        if state.template is None and not state.has_model_dir:
+            raise OpenAIError(400, f"the gateway cannot read the model directory "
+                                   f"{state.model_dir!r} for its chat template: start it with "
+                                   "--model-dir DIR or --chat-template FILE", param="messages")
         if state.template is None:
             raise OpenAIError(400, "the model has no chat_template in its tokenizer_config.json:"
                                    " start the gateway with --chat-template FILE",
@@ -511,6 +600,7 @@ def create_app(gateway):
         if not text:
             raise bad_request("messages", "the chat template rendered an empty prompt")
         req = gateway.pb2.GenerateRequest(request_id=f"chatcmpl-{uuid.uuid4().hex}", text=text)
+        _check_size(req, state, "messages")
         want_logprobs = params.get_bool(body, "logprobs")
         top_n = params.get_int(body, "top_logprobs", 0, 20)
         if top_n is not None and not want_logprobs:
@@ -521,9 +611,11 @@ def create_app(gateway):
         else:
             top_n = None
         max_tokens = params.get_int(body, "max_tokens", 1, None)  # checked even when unused
+        max_tokens_name = "max_tokens"
         max_completion_tokens = params.get_int(body, "max_completion_tokens", 1, None)
         if max_completion_tokens is not None:
             max_tokens = max_completion_tokens
+            max_tokens_name = "max_completion_tokens"
         if max_tokens is None:
             # OpenAI's chat default: until the model stops, within the model length.
             try:
@@ -535,7 +627,8 @@ def create_app(gateway):
             if max_tokens < 1:
                 raise bad_request("messages", f"the prompt ({len(tok.ids)} tokens) leaves no "
                                               f"room in max_model_len {state.info.max_model_len}")
-        params.fill_sampling(req.sampling, body, state.info.generation_defaults, max_tokens)
+        params.fill_sampling(req.sampling, body, state.info.generation_defaults, max_tokens,
+                             state.info.max_model_len, max_tokens_name)
         params.fill_request(req, body)
         ep = _Endpoint(True, req.request_id, state.name, state.vocab, top_n)
         return await _run(request, body, [req], ep, metadata)
@@ -547,42 +640,51 @@ def create_app(gateway):
         stream, include_usage = params.stream_flags(body)
         calls = [gateway.stub.Generate(r, metadata=metadata) for r in reqs]
         watch = asyncio.ensure_future(_watch_disconnect(request))
+        closing = asyncio.ensure_future(gateway.closing.wait())  # the drain's end
         try:
             # Errors before any output answer with their status.
             firsts = asyncio.ensure_future(asyncio.gather(*(_first(c, i)
                                                             for i, c in enumerate(calls))))
-            await asyncio.wait({firsts, watch}, return_when=asyncio.FIRST_COMPLETED)
-            if not firsts.done():  # the client went away first
+            await asyncio.wait({firsts, watch, closing}, return_when=asyncio.FIRST_COMPLETED)
+            if not firsts.done():  # the client went away, or the drain ended, first
                 _cancel(calls)
                 firsts.cancel()
                 firsts.add_done_callback(_consume)
+                if closing.done():
+                    raise gateway.closing_error()
                 return Response(status_code=499)  # nobody reads it (nginx's "client closed")
             firsts = firsts.result()
         except _PromptError as e:
             watch.cancel()
+            closing.cancel()
             _cancel(calls)
             raise _batch_error(from_grpc(e.error), e.index, len(calls)) from None
         except BaseException:
             watch.cancel()
+            closing.cancel()
             _cancel(calls)
             raise
         n = reqs[0].sampling.n if reqs[0].sampling.HasField("n") else 1
         if stream:
             watch.cancel()  # Starlette's StreamingResponse listens for the disconnect itself
-            return StreamingResponse(_stream(calls, firsts, ep, n, include_usage),
+            closing.cancel()  # _merged watches the drain itself
+            return StreamingResponse(_stream(calls, firsts, ep, n, include_usage, gateway),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         collect = asyncio.ensure_future(_collect(calls, firsts, ep, n))
         try:
-            await asyncio.wait({collect, watch}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({collect, watch, closing}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             watch.cancel()
-            if not collect.done():  # the client went away: end its gRPC calls
+            closing.cancel()
+            if not collect.done():  # the client went away or the drain ended: end the calls
                 _cancel(calls)
                 collect.cancel()
                 collect.add_done_callback(_consume)
-        if not collect.done():  # cancelled above: it ends later, nobody reads the answer
-            return Response(status_code=499)
+        if not collect.done():  # cancelled above: it ends later
+            if gateway.closing.is_set():
+                raise gateway.closing_error()
+            return Response(status_code=499)  # nobody reads the answer
         try:
             return JSONResponse(collect.result())
         except grpc.aio.AioRpcError as e:  # a failure after the first message
@@ -595,11 +697,26 @@ def create_app(gateway):
 MAX_BATCH_PROMPTS = 64
 
 
-def _prompts(prompt):
+def _check_size(req, state, param):
+    """413 naming `param` for a GenerateRequest over the coordinator's limit (ModelInfo's
+    max_request_bytes; a coordinator that does not report one: not checked here)."""
+    limit = state.info.max_request_bytes
+    if limit > 0:
+        size = req.ByteSize()
+        if size > limit:
+            raise OpenAIError(413, f"{param}: the request for this prompt is {size} bytes; the "
+                                   f"coordinator accepts at most {limit} bytes per prompt",
+                              param=param, code="request_too_large")
+
+
+def _prompts(prompt, max_model_len=0):
     """Completions `prompt`: a string, a list of token ids, or a batch (a list of strings or of
-    token id lists, at most MAX_BATCH_PROMPTS). Returns the list of prompts."""
-    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt
-                                   and all(params.is_int(x) for x in prompt)):
+    token id lists, at most MAX_BATCH_PROMPTS). Returns the list of prompts. A token-id prompt
+    of max_model_len ids or more (ModelInfo's; 0: not checked here) leaves no room for a token:
+    400 before its ids are checked one by one."""
+    if isinstance(prompt, list) and prompt and params.is_int(prompt[0]):
+        prompt = [prompt]  # one token-id prompt (its elements are checked below)
+    elif isinstance(prompt, str):
         prompt = [prompt]
     if not isinstance(prompt, list) or not prompt:
         raise bad_request("prompt", "required: a string, a list of token ids, or a list of "
@@ -608,10 +725,15 @@ def _prompts(prompt):
         raise bad_request("prompt", f"a batch of {len(prompt)} prompts exceeds "
                                     f"{MAX_BATCH_PROMPTS}")
     for i, p in enumerate(prompt):
-        ok = isinstance(p, str) or (isinstance(p, list) and all(params.is_int(x) for x in p))
         name = f"prompt[{i}]" if len(prompt) > 1 else "prompt"
+        if isinstance(p, list) and max_model_len and len(p) >= max_model_len:
+            raise bad_request(name, f"{len(p)} tokens leave no room for a completion in the "
+                                    f"model's maximum length of {max_model_len} tokens "
+                                    "(max_model_len)")
+        ok = isinstance(p, str) or (isinstance(p, list) and all(params.is_int(x) for x in p))
         if not ok:
-            raise bad_request(f"prompt[{i}]", "must be a string or a list of token ids")
+            raise bad_request(name if len(prompt) > 1 else "prompt",
+                              "must be a string or a list of token ids")
         if not p:
             raise bad_request(name, "empty prompt")
         if not isinstance(p, str):
@@ -693,11 +815,15 @@ def _cancel(calls):
         c.cancel()  # a no-op for a call that ended
 
 
-async def _merged(calls, firsts):
+class _Closing(Exception):
+    """The gateway's drain ended the request (Gateway.end_requests)."""
+
+
+async def _merged(calls, firsts, closing=None):
     """Yields (prompt index, GenerateResponse) from every call as they arrive (each call's
-    first message first); raises the first call's error. Closing it cancels nothing: the
-    caller owns the calls."""
-    if len(calls) == 1:
+    first message first); raises the first call's error, or _Closing once the asyncio.Event
+    `closing` is set. Closing it cancels nothing: the caller owns the calls."""
+    if len(calls) == 1 and closing is None:
         msg = firsts[0]
         while msg is not None:
             yield 0, msg
@@ -715,7 +841,13 @@ async def _merged(calls, firsts):
         except grpc.aio.AioRpcError as e:
             await queue.put((i, None, e))
 
+    async def close():
+        await closing.wait()
+        await queue.put((None, None, _Closing()))
+
     tasks = [asyncio.ensure_future(pump(i)) for i in range(len(calls))]
+    if closing is not None:
+        tasks.append(asyncio.ensure_future(close()))
     try:
         live = len(calls)
         while live:
@@ -752,7 +884,7 @@ async def _collect(calls, firsts, ep, n):
     return body
 
 
-async def _stream(calls, firsts, ep, n, include_usage):
+async def _stream(calls, firsts, ep, n, include_usage, gateway):
     usage = _Usage()
     try:
         if ep.chat:
@@ -760,7 +892,7 @@ async def _stream(calls, firsts, ep, n, include_usage):
                 c = ep.choice(i, "", None, None, None, True, first=True)
                 yield _sse(ep.envelope([c], chunk=True) | ({"usage": None} if include_usage
                                                             else {}))
-        async for p, msg in _merged(calls, firsts):
+        async for p, msg in _merged(calls, firsts, gateway.closing):
             finish = stop = None
             if msg.final:
                 finish = _FINISH.get(msg.finish_reason)
@@ -780,6 +912,8 @@ async def _stream(calls, firsts, ep, n, include_usage):
             yield _sse(chunk)
     except grpc.aio.AioRpcError as e:
         yield _sse(from_grpc(e).body())
+    except _Closing:  # as the coordinator's drain timeout: an error event, then [DONE]
+        yield _sse(gateway.closing_error().body())
     finally:
         _cancel(calls)  # ends them when the client went away
     yield "data: [DONE]\n\n"

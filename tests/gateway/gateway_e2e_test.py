@@ -38,11 +38,13 @@ def curl(url, body=None, headers=(), stream=False, timeout=120):
     """(HTTP status, response text) of one request through the curl CLI."""
     cmd = ["curl", "-sS", "-N" if stream else "-s", "-w", "\n%{http_code}", url,
            "--max-time", str(timeout)]
-    if body is not None:
-        cmd += ["-H", "Content-Type: application/json", "-d", json.dumps(body)]
+    data = None
+    if body is not None:  # on stdin: a body of megabytes is over the argument list's limit
+        cmd += ["-H", "Content-Type: application/json", "--data-binary", "@-"]
+        data = json.dumps(body)
     for h in headers:
         cmd += ["-H", h]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 10)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 10, input=data)
     text, _, code = out.stdout.rpartition("\n")
     return int(code), text
 
@@ -265,6 +267,44 @@ class GatewayE2E(unittest.TestCase):
             chat, max_completion_tokens=2, max_tokens="x")), 400, "max_tokens")  # not ignored
         self.assert_error(*curl(f"{self.a}/v1/chat/completions", dict(
             chat, max_completion_tokens=0)), 400, "max_completion_tokens")
+        # Named as sent, not as the coordinator's "prompt + max_tokens (2147483647)".
+        self.assert_error(*curl(f"{self.a}/v1/chat/completions", dict(
+            chat, max_completion_tokens=10**20)), 400, "max_completion_tokens",
+            "100000000000000000000 exceeds")
+        self.assert_error(*curl(url, {"model": MODEL_NAME, "prompt": "x", "temperature": 1e308}),
+                          400, "temperature", "float32")
+        self.assert_error(*curl(url, {"model": MODEL_NAME, "prompt": "x", "stop": ""}), 400,
+                          "stop")
+        self.assert_error(*curl(url, {"model": 5, "prompt": "x"}), 400, "model", "a string")
+
+    def test_oversized_prompts_are_refused_before_the_coordinator(self):
+        url = f"{self.a}/v1/completions"
+        # A token-id prompt longer than max_model_len (4096) is refused before its ids are
+        # checked and converted: a 63 MB batch of them held the event loop for 23 s.
+        batch = {"model": MODEL_NAME, "prompt": [[5] * 350000] * 20, "max_tokens": 1}
+        path = os.path.join(self.tmp, "batch.json")
+        with open(path, "w") as f:
+            json.dump(batch, f)
+        health = concurrent.futures.ThreadPoolExecutor(1)
+        out = subprocess.Popen(["curl", "-s", "-w", "\n%{http_code}", url, "-H",
+                                "Content-Type: application/json", "--data-binary", f"@{path}"],
+                               stdout=subprocess.PIPE, text=True)
+        probe = health.submit(curl, f"{self.a}/health")  # served beside it
+        text, _, code = out.communicate(timeout=60)[0].rpartition("\n")
+        self.assert_error(int(code), text, 400, "prompt[0]",
+                          "350000 tokens leave no room .* 4096 tokens")
+        self.assertEqual(probe.result(timeout=60)[0], 200)
+        # Over the coordinator's per-prompt limit (ModelInfo.max_request_bytes, 4 MiB): 413
+        # naming the prompt (the coordinator's 400 named no field).
+        err = self.assert_error(*curl(url, {"model": MODEL_NAME, "prompt": "x" * (5 << 20)}),
+                                413, "prompt", "accepts at most 4194304 bytes per prompt")
+        self.assertEqual(err["code"], "request_too_large")
+        self.assert_error(*curl(url, {"model": MODEL_NAME, "prompt": ["y", "x" * (5 << 20)]}),
+                          413, "prompt[1]")
+        self.assert_error(*curl(f"{self.a}/v1/chat/completions", {
+            "model": MODEL_NAME, "messages": [{"role": "user", "content": "x" * (5 << 20)}]}),
+            413, "messages")
+        health.shutdown()
 
     def test_curl_404(self):
         err = self.assert_error(*curl(f"{self.a}/v1/completions",
@@ -287,6 +327,16 @@ class GatewayE2E(unittest.TestCase):
                                 headers=("Authorization: Bearer nope",)), 401, None,
                           "UNAUTHENTICATED")
         self.assertEqual(curl(f"{self.b2}/v1/completions", body,
+                              headers=(f"Authorization: Bearer {TOKEN}",))[0], 200)
+        # What B2 learnt from that authenticated call (the model's name and path, the fields'
+        # validation) answers no caller the coordinator refuses: each is still a 401.
+        self.assert_error(*curl(f"{self.b2}/v1/models"), 401, None, "UNAUTHENTICATED")
+        self.assert_error(*curl(f"{self.b2}/v1/models/{MODEL_NAME}",
+                                headers=("Authorization: Bearer nope",)), 401)
+        for bad in ({"model": "zzz"}, {"max_tokens": -2}):
+            err = self.assert_error(*curl(f"{self.b2}/v1/completions", dict(body, **bad)), 401)
+            self.assertEqual(err["code"], "invalid_api_key")  # as the gateway's own check
+        self.assertEqual(curl(f"{self.b2}/v1/models",
                               headers=(f"Authorization: Bearer {TOKEN}",))[0], 200)
 
     def test_curl_429_full_queue(self):
@@ -428,6 +478,13 @@ class GatewayE2E(unittest.TestCase):
         self.assertEqual(out.returncode, 2, out.stderr)
         self.assertNotIn("GATEWAY_LISTENING", out.stdout)
         self.assertRegex(out.stderr, r"--chat-template .*bad\.jinja: line 2: ")
+        # A --model-dir that is not there: logprobs and chat would silently lose the vocabulary.
+        out = subprocess.run(
+            ["env", f"BUILD_DIR={ARGS.build_dir}", os.path.join(REPO, "scripts", "gateway.sh"),
+             "--coordinator", self.coord_a, "--port", "0", "--model-dir", "/nonexistent-dir"],
+            capture_output=True, text=True, timeout=60)
+        self.assertEqual(out.returncode, 2, out.stderr)
+        self.assertIn("--model-dir /nonexistent-dir: not a directory", out.stderr)
 
     def test_tls_to_the_coordinator(self):
         d = os.path.join(self.tmp, "tls")
@@ -508,22 +565,49 @@ class GatewayE2E(unittest.TestCase):
     def test_sigterm_exits_after_the_drain_timeout(self):
         # uvicorn's graceful shutdown waited for a stream as long as it ran (or forever for a
         # request that never ends): --drain-timeout-s bounds it, and the coordinator's request
-        # ends with the gateway.
-        addr = self.s.gateway("gw_drain", self.coord_a, "--drain-timeout-s", "1")
-        gw = self.s.procs[-1]
-        client = subprocess.Popen(
-            ["curl", "-sN", f"http://{addr}/v1/completions", "-H",
-             "Content-Type: application/json", "-d", json.dumps({
-                 "model": MODEL_NAME, "prompt": "x", "max_tokens": 3000, "ignore_eos": True,
-                 "stream": True})], stdout=subprocess.PIPE, text=True)
-        client.stdout.readline()  # the first chunk: the request is running
-        start = time.time()
-        gw.send_signal(signal.SIGTERM)
-        gw.wait(timeout=15)
-        self.assertLess(time.time() - start, 10)
-        client.wait(timeout=10)
-        client.stdout.close()
-        self.wait_a_idle("the request outlived the gateway")
+        # ends with the gateway. The streams it ends get the 503 error event and [DONE] (they
+        # were cut mid-body, as a network failure would), a non-streaming request its 503, and
+        # the gateway exits 0 without tracebacks. A second signal ends the drain at once.
+        long = {"model": MODEL_NAME, "prompt": "x", "max_tokens": 3000, "ignore_eos": True}
+        for name, timeout_s, second in (("gw_drain", "1", False), ("gw_drain2", "60", True)):
+            addr = self.s.gateway(name, self.coord_a, "--drain-timeout-s", timeout_s)
+            gw = self.s.procs[-1]
+
+            def request(stream):
+                return subprocess.Popen(
+                    ["curl", "-sN", "-w", "\n%{http_code}", f"http://{addr}/v1/completions",
+                     "-H", "Content-Type: application/json", "-d",
+                     json.dumps(dict(long, stream=stream))], stdout=subprocess.PIPE, text=True)
+
+            stream, whole = request(True), request(False)
+            stream.stdout.readline()  # the first chunk: the stream is running
+            self.wait_a_running(2)
+            start = time.time()
+            gw.send_signal(signal.SIGTERM)
+            if second:
+                time.sleep(0.5)
+                gw.send_signal(signal.SIGINT)
+            self.assertEqual(gw.wait(timeout=15), 0)
+            self.assertLess(time.time() - start, 10)
+            events = [e for e in stream.communicate(timeout=10)[0].split("\n") if e]
+            self.assertEqual(events[-1], "200")
+            self.assertEqual(events[-2], "data: [DONE]", events[-4:])
+            why = "a second termination signal" if second else r"the drain timeout \(1 s\)"
+            self.assertRegex(events[-3], r'^data: \{"error": \{"message": "gateway shutting '
+                                         r'down: ' + why)
+            text, _, code = whole.communicate(timeout=10)[0].rpartition("\n")
+            self.assert_error(int(code), text, 503, None, "gateway shutting down: " + why)
+            self.wait_a_idle("the request outlived the gateway")
+            with open(os.path.join(self.tmp, f"{name}.err")) as f:
+                self.assertNotIn("Traceback", f.read())
+
+    def wait_a_running(self, n, timeout=20):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.stub_a.ModelInfo(self.pb2.ModelInfoRequest()).num_running >= n:
+                return
+            time.sleep(0.05)
+        self.fail(f"coordinator A never ran {n} requests")
 
     def test_zz_503_draining(self):
         # Last (alphabetical order): ends coordinator B.

@@ -119,6 +119,28 @@ class FillSamplingTest(unittest.TestCase):
         self.assertEqual(cm.exception.param, "priority")
         self.assertEqual(sampling({}, max_tokens=2**40).max_tokens, 2**31 - 1)  # clamped
 
+    def test_values_the_proto_cannot_hold_name_the_field(self):
+        # 1e308 is finite JSON but inf as a proto float: the coordinator's message said "got inf".
+        for field in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty"):
+            self.assert_400({field: 1e308}, field)
+            self.assert_400({field: -1e39}, field)
+        self.assertAlmostEqual(sampling({"temperature": 3e38}).temperature, 3e38, delta=1e32)
+        # A lone empty stop string is `stop`, not the `stop[0]` of a list the client never sent.
+        self.assert_400({"stop": ""}, "stop")
+
+    def test_max_tokens_beyond_the_model_length_names_the_field_sent(self):
+        # The coordinator's message named `prompt` and a clamped 2147483647 the client never sent.
+        for name in ("max_tokens", "max_completion_tokens"):
+            s = pb2.SamplingOptions()
+            with self.assertRaises(OpenAIError) as cm:
+                params.fill_sampling(s, {}, None, 10**20, max_model_len=4096, max_tokens_name=name)
+            self.assertEqual(cm.exception.param, name)
+            self.assertIn("100000000000000000000 exceeds the model's maximum length of 4096",
+                          cm.exception.message)
+        s = pb2.SamplingOptions()
+        params.fill_sampling(s, {}, None, 4096, max_model_len=4096)
+        self.assertEqual(s.max_tokens, 4096)
+
     def test_unsupported_fields_are_rejected(self):
         c = params.COMPLETION_FIELDS
         self.assert_400({"frobnicate": 1}, "frobnicate", c)

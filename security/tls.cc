@@ -65,6 +65,31 @@ absl::StatusOr<X509Ptr> FirstCertificate(const std::string& flag, const std::str
   return cert;
 }
 
+// "Jan  2 00:00:00 2020 GMT" (OpenSSL's ASN1_TIME_print).
+std::string TimeText(const ASN1_TIME* t) {
+  BioPtr bio(BIO_new(BIO_s_mem()));
+  if (bio == nullptr || ASN1_TIME_print(bio.get(), t) != 1) return "?";
+  char* data = nullptr;
+  const long n = BIO_get_mem_data(bio.get(), &data);
+  return std::string(data, static_cast<size_t>(n));
+}
+
+// A certificate this process presents must be valid now: an expired one (or one not yet valid)
+// would start and then fail every handshake with the peer's "certificate verify failed".
+absl::Status CheckValidNow(const std::string& flag, const std::string& path, X509* cert) {
+  const ASN1_TIME* not_after = X509_get0_notAfter(cert);
+  if (X509_cmp_current_time(not_after) < 0) {
+    return FileError(flag, path, absl::StrCat("the certificate expired on ", TimeText(not_after), " (notAfter)"));
+  }
+  const ASN1_TIME* not_before = X509_get0_notBefore(cert);
+  if (X509_cmp_current_time(not_before) > 0) {
+    return FileError(flag, path,
+                     absl::StrCat("the certificate is not valid before ", TimeText(not_before),
+                                  " (notBefore; is this machine's clock right?)"));
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::string> ReadCertificates(const std::string& flag, const std::string& path) {
   ASSIGN_OR_RETURN(std::string pem, ReadPem(flag, path));
   RETURN_IF_ERROR(FirstCertificate(flag, path, pem).status());
@@ -77,6 +102,7 @@ absl::StatusOr<grpc::SslServerCredentialsOptions::PemKeyCertPair> ReadKeyCertPai
     const std::string& key_path) {
   ASSIGN_OR_RETURN(std::string cert_pem, ReadPem(cert_flag, cert_path));
   ASSIGN_OR_RETURN(X509Ptr cert, FirstCertificate(cert_flag, cert_path, cert_pem));
+  RETURN_IF_ERROR(CheckValidNow(cert_flag, cert_path, cert.get()));
   ASSIGN_OR_RETURN(std::string key_pem, ReadPem(key_flag, key_path));
   BioPtr bio = MemBio(key_pem);
   KeyPtr key(bio ? PEM_read_bio_PrivateKey(bio.get(), nullptr, nullptr, nullptr) : nullptr);

@@ -1,7 +1,12 @@
 // security/: the token-file parser, the constant-time token check, --auth-exempt, TLS credential
 // loading (errors naming flag and file) and, over a real in-process gRPC server (grpc.health.v1),
 // TLS / mTLS / internal mTLS handshakes and the bearer-token interceptor.
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+#include <openssl/x509.h>
+
 #include <atomic>
+#include <cstdio>
 #include <fstream>
 #include <memory>
 #include <string>
@@ -173,6 +178,54 @@ TEST_F(TlsTest, BadFilesNameFlagAndFile) {
   EXPECT_THAT(inc.status().message(), HasSubstr("missing: --internal-tls-cert"));
   EXPECT_TRUE(ServerCredentials({}).ok());  // nothing set: insecure
   EXPECT_TRUE(InternalChannelCredentials({}).ok());
+}
+
+// Writes a self-signed EC P-256 certificate valid from now + from_s to now + to_s, and its key.
+void WriteCertValidBetween(const std::string& cert_path, const std::string& key_path, long from_s, long to_s) {
+  EVP_PKEY* key = EVP_EC_gen("P-256");
+  ASSERT_NE(key, nullptr);
+  X509* x = X509_new();
+  ASSERT_NE(x, nullptr);
+  X509_set_version(x, 2);
+  ASN1_INTEGER_set(X509_get_serialNumber(x), 1);
+  X509_gmtime_adj(X509_getm_notBefore(x), from_s);
+  X509_gmtime_adj(X509_getm_notAfter(x), to_s);
+  X509_set_pubkey(x, key);
+  X509_NAME* name = X509_get_subject_name(x);
+  X509_NAME_add_entry_by_txt(name, "CN", MBSTRING_ASC, reinterpret_cast<const unsigned char*>("localhost"), -1, -1, 0);
+  X509_set_issuer_name(x, name);
+  ASSERT_GT(X509_sign(x, key, EVP_sha256()), 0);
+  FILE* f = std::fopen(cert_path.c_str(), "w");
+  ASSERT_NE(f, nullptr);
+  PEM_write_X509(f, x);
+  std::fclose(f);
+  f = std::fopen(key_path.c_str(), "w");
+  ASSERT_NE(f, nullptr);
+  PEM_write_PrivateKey(f, key, nullptr, nullptr, 0, nullptr, nullptr);
+  std::fclose(f);
+  X509_free(x);
+  EVP_PKEY_free(key);
+}
+
+TEST_F(TlsTest, ExpiredOrNotYetValidCertificateIsRefusedNamingFlagAndDates) {
+  // An expired --tls-cert started and served; every client's handshake then failed with
+  // "certificate verify failed", which does not say why.
+  const std::string cert = (certs_->dir / "expired.pem").string(), key = (certs_->dir / "expired.key").string();
+  WriteCertValidBetween(cert, key, -2 * 86400, -86400);
+  auto s = ServerCredentials({cert, key, ""});
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(s.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(s.status().message(), HasSubstr(absl::StrCat("--tls-cert ", cert, ": the certificate expired on ")));
+  EXPECT_THAT(s.status().message(), HasSubstr("GMT (notAfter)"));
+  auto in = InternalServerCredentials({cert, key, certs_->ca});
+  ASSERT_FALSE(in.ok());
+  EXPECT_THAT(in.status().message(), HasSubstr("--internal-tls-cert"));
+  WriteCertValidBetween(cert, key, 86400, 2 * 86400);
+  s = ServerCredentials({cert, key, ""});
+  ASSERT_FALSE(s.ok());
+  EXPECT_THAT(s.status().message(), HasSubstr("the certificate is not valid before "));
+  WriteCertValidBetween(cert, key, -60, 86400);  // valid now
+  EXPECT_TRUE(ServerCredentials({cert, key, ""}).ok());
 }
 
 // A synchronous grpc.health.v1 service that answers SERVING and counts its calls.

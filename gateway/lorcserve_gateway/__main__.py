@@ -49,6 +49,9 @@ def parse_args(argv):
     p.add_argument("--tls-ca", help="verify the coordinator's TLS certificate with this CA "
                                     "bundle (TLS on; default plaintext)")
     p.add_argument("--tls-server-name", help="the name to verify instead of the address's host")
+    p.add_argument("--tls-cert", help="a client certificate (PEM chain) to present to a "
+                                      "coordinator that requires one (its --tls-client-ca)")
+    p.add_argument("--tls-key", help="the --tls-cert's unencrypted PEM private key")
     p.add_argument("--stubs-dir", default=os.environ.get("LORC_GATEWAY_STUBS"),
                    help="where the generated gRPC stubs are (default $LORC_GATEWAY_STUBS)")
     p.add_argument("--proto-dir", default=None,
@@ -61,6 +64,10 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if not args.coordinator.strip():
         p.error("--coordinator: empty address (HOST:PORT)")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        p.error("--tls-cert and --tls-key go together")
+    if args.tls_cert is not None and args.tls_ca is None:
+        p.error("--tls-cert needs --tls-ca (TLS to the coordinator)")
     if not args.drain_timeout_s >= 0:  # also NaN
         p.error(f"--drain-timeout-s: must be >= 0, got {args.drain_timeout_s}")
     return args
@@ -123,7 +130,8 @@ def main(argv=None):
     try:
         gateway = Gateway(Options(args.coordinator, args.served_model_name, args.model_dir,
                                   args.chat_template, args.auth_token_file, args.tls_ca,
-                                  args.tls_server_name), pb2, pb2_grpc)
+                                  args.tls_server_name, args.tls_cert, args.tls_key),
+                          pb2, pb2_grpc)
     except (ChatTemplateError, ValueError, OSError) as e:
         print(f"lorcserve-gateway: {e}", file=sys.stderr)
         return 2

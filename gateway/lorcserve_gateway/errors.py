@@ -61,6 +61,11 @@ def from_grpc(error):
     m = _LEADING_FIELD.match(detail)
     if status == 400 and m and (m.group(1) in COMMON_FIELDS or m.group(1) == "prompt"):
         param = m.group(1) + (m.group(2) or "")
+    if code == grpc.StatusCode.UNAVAILABLE and "Socket closed" in detail:
+        # What gRPC reports when the server ends the TLS handshake (or a plaintext one).
+        detail += (" (the coordinator closed the connection: if it uses TLS, start the gateway "
+                   "with --tls-ca; if it requires a client certificate, with --tls-cert / "
+                   "--tls-key)")
     # The coordinator's 401 carries the code the gateway's own token check answers with.
     code_ = "invalid_api_key" if status == 401 else None
     return OpenAIError(status, f"{detail} (coordinator: {code.name})", type_=type_, param=param,

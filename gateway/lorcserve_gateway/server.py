@@ -39,7 +39,8 @@ class Options:
     """Gateway settings (the command-line flags, __main__.py)."""
 
     def __init__(self, coordinator, served_model_name=None, model_dir=None, chat_template=None,
-                 auth_token_file=None, tls_ca=None, tls_server_name=None):
+                 auth_token_file=None, tls_ca=None, tls_server_name=None, tls_cert=None,
+                 tls_key=None):
         self.coordinator = coordinator
         self.served_model_name = served_model_name
         self.model_dir = model_dir
@@ -47,6 +48,8 @@ class Options:
         self.auth_token_file = auth_token_file
         self.tls_ca = tls_ca
         self.tls_server_name = tls_server_name
+        self.tls_cert = tls_cert
+        self.tls_key = tls_key
 
 
 def read_token_digests(path):
@@ -61,6 +64,19 @@ def read_token_digests(path):
     if not tokens:
         raise ValueError(f"--auth-token-file {path}: no token in the file")
     return [hashlib.sha256(t.encode()).digest() for t in tokens]
+
+
+def _read_pem(flag, path, marker):
+    """The file's bytes; ValueError naming the flag when unreadable or without `marker`."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: {e.strerror}") from e
+    if marker not in data:
+        raise ValueError(f"{flag} {path}: no PEM {'key' if 'KEY' in marker.decode() else 'certificate'}"
+                         " in the file")
+    return data
 
 
 # gRPC refuses metadata over 8 KiB by default with RESOURCE_EXHAUSTED, which would read as a 429
@@ -127,6 +143,11 @@ class Gateway:
             if b"-----BEGIN CERTIFICATE-----" not in self.tls_roots:
                 # gRPC would only fail each connection later (every request a 503).
                 raise ValueError(f"--tls-ca {options.tls_ca}: no PEM certificate in the file")
+        self.tls_client = None  # (key, chain) for a coordinator with --tls-client-ca
+        if options.tls_cert:
+            self.tls_client = (_read_pem("--tls-key", options.tls_key, b"PRIVATE KEY-----"),
+                               _read_pem("--tls-cert", options.tls_cert,
+                                         b"-----BEGIN CERTIFICATE-----"))
         self.channel = None
         self.stub = None
         self.state = None
@@ -140,7 +161,9 @@ class Gateway:
     async def start(self):
         o = self.options
         if self.tls_roots is not None:
-            creds = grpc.ssl_channel_credentials(root_certificates=self.tls_roots)
+            key, chain = self.tls_client or (None, None)
+            creds = grpc.ssl_channel_credentials(root_certificates=self.tls_roots,
+                                                 private_key=key, certificate_chain=chain)
             opts = [("grpc.ssl_target_name_override", o.tls_server_name)] if o.tls_server_name \
                 else []
             self.channel = grpc.aio.secure_channel(o.coordinator, creds,

@@ -498,7 +498,10 @@ class GatewayE2E(unittest.TestCase):
                  "-subj", "/CN=gateway-test-ca"],
                 ["req", *key, "-keyout", "srv.key", "-out", "srv.csr", "-subj", "/CN=localhost"],
                 ["x509", "-req", "-in", "srv.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-                 "-CAcreateserial", "-out", "srv.crt", "-days", "1", "-extfile", ext]):
+                 "-CAcreateserial", "-out", "srv.crt", "-days", "1", "-extfile", ext],
+                ["req", *key, "-keyout", "cli.key", "-out", "cli.csr", "-subj", "/CN=gateway"],
+                ["x509", "-req", "-in", "cli.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+                 "-CAcreateserial", "-out", "cli.crt", "-days", "1"]):
             subprocess.run(["openssl", *cmd], cwd=d, check=True, capture_output=True)
         _, coord = self.s.coordinator("coord_tls", "--tls-cert", os.path.join(d, "srv.crt"),
                                       "--tls-key", os.path.join(d, "srv.key"))
@@ -512,6 +515,30 @@ class GatewayE2E(unittest.TestCase):
         plain = "http://" + self.s.gateway("gw_plain", coord)
         self.assert_error(*curl(f"{plain}/v1/completions", {"model": MODEL_NAME,
                                                              "prompt": "x"}), 503)
+        # A coordinator that requires a client certificate (--tls-client-ca): the gateway
+        # presents --tls-cert / --tls-key; without them its handshake is refused (503).
+        _, mtls = self.s.coordinator("coord_mtls", "--tls-cert", os.path.join(d, "srv.crt"),
+                                     "--tls-key", os.path.join(d, "srv.key"),
+                                     "--tls-client-ca", os.path.join(d, "ca.crt"))
+        url = "http://" + self.s.gateway("gw_mtls", mtls, "--tls-ca", os.path.join(d, "ca.crt"),
+                                         "--tls-cert", os.path.join(d, "cli.crt"),
+                                         "--tls-key", os.path.join(d, "cli.key"))
+        wait_serving(url)
+        code, text = curl(f"{url}/v1/completions", {"model": MODEL_NAME, "prompt": "x",
+                                                     "max_tokens": 2})
+        self.assertEqual(code, 200, text)
+        nocert = "http://" + self.s.gateway("gw_nocert", mtls, "--tls-ca",
+                                            os.path.join(d, "ca.crt"))
+        self.assert_error(*curl(f"{nocert}/v1/completions", {"model": MODEL_NAME,
+                                                              "prompt": "x"}), 503, None,
+                          "--tls-cert / --tls-key")
+        out = subprocess.run(
+            ["env", f"BUILD_DIR={ARGS.build_dir}", os.path.join(REPO, "scripts", "gateway.sh"),
+             "--coordinator", mtls, "--port", "0", "--tls-ca", os.path.join(d, "ca.crt"),
+             "--tls-cert", os.path.join(d, "cli.crt"), "--tls-key", os.path.join(d, "ca.crt")],
+            capture_output=True, text=True, timeout=60)
+        self.assertEqual(out.returncode, 2, out.stderr)
+        self.assertIn("--tls-key", out.stderr)
 
     def test_hostile_clients_leave_the_gateway_serving(self):
         # A burst of clients that hang up early (streamed, not, batches) beside malformed

@@ -2,6 +2,7 @@
 #include <cstdlib>
 #include <signal.h>
 
+#include <atomic>
 #include <iostream>
 #include <optional>
 
@@ -160,21 +161,24 @@ int RunCoordinator(int argc, char** argv) {
     if (!e.ok()) return Fail("coordinator", e.status());
     metrics_exposer = *std::move(e);
   }
-  absl::StatusOr<std::unique_ptr<CoordinatorServer>> server = CoordinatorServer::Start(*options);
+  absl::StatusOr<std::unique_ptr<CoordinatorServer>> server = CoordinatorServer::Create(*options);
   if (!server.ok()) return Fail("coordinator", server.status());
-  std::cout << "LISTENING " << (*server)->address() << "\nINTERNAL_LISTENING " << (*server)->internal_address()
-            << std::endl;
-  if (metrics_exposer != nullptr) {
-    std::cout << "METRICS_LISTENING " << metrics_exposer->address() << std::endl;
-  }
-  std::cerr << "lorcserve coordinator: serving " << options->model.dir << " on " << (*server)->address()
-            << (options->kv.kv_policy.enabled() ? ", kv policy " + options->kv.kv_policy.Describe() : "")
-            << "\n";
   {
-    // Joined (destroyed) before the server goes: the callback never sees a destroyed server.
-    // SIGTERM: a graceful drain (FinishDrain); SIGINT, or any signal during the drain: now.
+    // Watching from before the load (Start blocks through it: minutes for a large model, more
+    // than Kubernetes' 30 s grace): a signal then ends Start and the process, exit 0. Joined
+    // (destroyed) before the server goes: the callback never sees a destroyed server. Once
+    // serving: SIGTERM drains (FinishDrain); SIGINT, or any signal during the drain: now.
+    std::atomic<bool> started{false};
+    std::atomic<bool> stopped_while_loading{false};
     TerminationSignalWatcher signals(
-        [s = server->get()](int sig) {
+        [s = server->get(), &started, &stopped_while_loading](int sig) {
+          if (!started.load()) {
+            std::cerr << "lorcserve coordinator: " << TerminationSignalName(sig)
+                      << " during the model load: stopping\n";
+            stopped_while_loading = true;
+            s->RequestShutdown();
+            return;
+          }
           if (sig == SIGTERM && !s->draining()) {
             std::cerr << "lorcserve coordinator: SIGTERM, draining (NOT_SERVING; new requests "
                          "UNAVAILABLE)\n";
@@ -185,17 +189,38 @@ int RunCoordinator(int argc, char** argv) {
           s->RequestShutdown();
         },
         /*every_signal=*/true);
-    (*server)->Wait();
-    if ((*server)->draining()) {
-      const int64_t aborted = (*server)->FinishDrain();
-      std::cerr << "lorcserve coordinator: drained"
-                << (aborted > 0 ? absl::StrCat(", ", aborted, " requests aborted") : "")
-                << "; shutting down\n";
+    const absl::Status start = (*server)->Start();
+    started = true;
+    if (!start.ok()) {
+      if (stopped_while_loading.load()) {
+        // Whatever the load ended with (CANCELLED, or a worker that took the same Ctrl-C).
+        std::cerr << "lorcserve coordinator: stopped before serving ("
+                  << absl::StatusCodeToString(start.code()) << ": " << start.message() << ")\n";
+      } else {
+        exit_code = Fail("coordinator", start);
+      }
+    } else {
+      std::cout << "LISTENING " << (*server)->address() << "\nINTERNAL_LISTENING "
+                << (*server)->internal_address() << std::endl;
+      if (metrics_exposer != nullptr) {
+        std::cout << "METRICS_LISTENING " << metrics_exposer->address() << std::endl;
+      }
+      std::cerr << "lorcserve coordinator: serving " << options->model.dir << " on "
+                << (*server)->address()
+                << (options->kv.kv_policy.enabled() ? ", kv policy " + options->kv.kv_policy.Describe() : "")
+                << "\n";
+      (*server)->Wait();
+      if ((*server)->draining()) {
+        const int64_t aborted = (*server)->FinishDrain();
+        std::cerr << "lorcserve coordinator: drained"
+                  << (aborted > 0 ? absl::StrCat(", ", aborted, " requests aborted") : "")
+                  << "; shutting down\n";
+      }
     }
   }
-  (*server)->Shutdown();
+  (*server)->Shutdown();  // ends and reaps the local workers
   server->reset();
-  return 0;
+  return exit_code;
 }
 
 }  // namespace lorc::cli

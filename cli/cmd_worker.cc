@@ -276,8 +276,16 @@ int RunWorker(int argc, char** argv) {
         s->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
       });
     }
-    // Joined before `server` is destroyed (it was detached, racing the destructor).
-    TerminationSignalWatcher signals([s = server.get()](int) {
+    // Joined before `server` is destroyed (it was detached, racing the destructor). A signal
+    // during a load (or the communicator's rendezvous) ends the process at once: the load does
+    // not stop early and a coordinator gone or going needs none of it (its LocalWorkers would
+    // wait 5 s, then SIGKILL; Kubernetes its grace period).
+    TerminationSignalWatcher signals([s = server.get(), &service, rank = args->Get("rank-hint", "?")](int sig) {
+      if (service.setting_up()) {
+        std::cerr << "lorcserve worker " << rank << ": "
+                  << TerminationSignalName(sig) << " during the model load: exiting\n";
+        std::_Exit(0);
+      }
       s->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
     });
     server->Wait();

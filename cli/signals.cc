@@ -52,6 +52,14 @@ void InstallTerminationHandlers() {
   pthread_sigmask(SIG_BLOCK, &set, nullptr);
 }
 
+const char* TerminationSignalName(int sig) {
+  switch (sig) {
+    case SIGTERM: return "SIGTERM";
+    case SIGINT: return "SIGINT";
+    default: return "a termination signal";
+  }
+}
+
 // Byte 0 on the pipe (no signal has number 0): the watcher's destructor asking it to stop.
 constexpr unsigned char kStop = 0;
 

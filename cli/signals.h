@@ -11,6 +11,9 @@ namespace lorc::cli {
 // Installs the handlers and blocks SIGINT/SIGTERM in the calling thread, so that only a watcher
 // thread takes them. Call once, early: on the main thread before it starts any other thread.
 void InstallTerminationHandlers();
+// "SIGTERM", "SIGINT", or "a termination signal" for another number (log lines).
+const char* TerminationSignalName(int sig);
+
 // A thread that waits for SIGINT/SIGTERM and then calls `on_signal` once (with `every_signal`:
 // for each signal, until the watcher is destroyed). The destructor stops it and joins it, so
 // `on_signal` never runs after the watcher is gone: destroy the watcher before whatever the

@@ -57,7 +57,7 @@ std::string DefaultInternalListen(const std::string& listen) {
   return absl::StrCat(host, ":", port == "0" ? 0 : defaults::kInternalPort);
 }
 
-absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(const CoordinatorOptions& options) {
+absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Create(const CoordinatorOptions& options) {
   std::unique_ptr<CoordinatorServer> s(new CoordinatorServer());
   s->options_ = options;
   s->metrics_ = options.metrics != nullptr ? options.metrics : std::make_shared<ServingMetrics>();
@@ -95,12 +95,17 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(cons
     ASSIGN_OR_RETURN(s->tokenizer_, Tokenizer::FromModelDir(options.model.dir));
   }
   RETURN_IF_ERROR(s->StartServer());
-  if (absl::Status st = s->StartWorkers(); !st.ok()) {
-    s->Shutdown();
-    return st;
-  }
-  s->monitor_ = std::thread([p = s.get()] { p->Monitor(); });
   return s;
+}
+
+absl::Status CoordinatorServer::Start() {
+  {
+    absl::MutexLock lock(&mu_);
+    if (stopping_) return absl::CancelledError("shutting down before the workers started");
+  }
+  RETURN_IF_ERROR(StartWorkers());
+  monitor_ = std::thread([this] { Monitor(); });
+  return absl::OkStatus();
 }
 
 std::string CoordinatorServer::address() const {
@@ -212,6 +217,11 @@ absl::Status CoordinatorServer::JoinGroup() {
     absl::MutexLock lock(&mu_);
     if (state_ == State::kRecovering) wg.connect_timeout = absl::Seconds(5);
   }
+  // Shutdown (a signal during the load, or during a recovery) ends the wait for the workers.
+  wg.cancelled = [this] {
+    absl::MutexLock lock(&mu_);
+    return stopping_;
+  };
   auto g = std::make_shared<Generation>();
   ASSIGN_OR_RETURN(g->group, WorkerGroup::Start(wg));
 

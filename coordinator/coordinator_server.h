@@ -10,9 +10,12 @@
 // ModelInfo.worker_failure) every `join_timeout`, and keeps waiting. A joined worker that
 // re-joins as a new process re-forms a serving group; recovery uses the latest addresses.
 //
-// Start order: the server comes up first with health NOT_SERVING (the workers need the
-// Rendezvous service to join), then the workers join and load the model, then the engine thread
-// starts and health turns SERVING. A worker that dies or stops answering turns health
+// Start order: Create brings the servers up with health NOT_SERVING (the workers need the
+// Rendezvous service to join); Start then has the workers join and load the model, then the
+// engine thread starts and health turns SERVING. Start blocks through the load (minutes for a
+// large model) and RequestShutdown() from another thread (a signal watcher, created between the
+// two calls) ends it within ~100 ms with CANCELLED; the owner then calls Shutdown(), which ends
+// the local workers. A worker that dies or stops answering turns health
 // NOT_SERVING, fails its in-flight requests with UNAVAILABLE naming the worker, and the server
 // keeps answering health and ModelInfo.
 //
@@ -34,7 +37,7 @@
 // `drain_timeout`, then ends the rest with UNAVAILABLE ("... drain timeout ...") and returns; the
 // owner then calls Shutdown().
 //
-// Threads: the owner (Start, Wait, Shutdown); the monitor thread (health probes, recovery); the
+// Threads: the owner (Create, Start, Wait, Shutdown); the monitor thread (health probes, recovery); the
 // local-worker supervisor (exit callbacks -> OnWorkerFailure); gRPC handler threads (FillLive,
 // Generate through the service). The current worker group and engine loop live in one
 // shared_ptr<Generation> guarded by mu_: every thread takes a snapshot under mu_, so Shutdown
@@ -109,7 +112,18 @@ std::string DefaultInternalListen(const std::string& listen);
 
 class CoordinatorServer {
  public:
-  static absl::StatusOr<std::unique_ptr<CoordinatorServer>> Start(const CoordinatorOptions& options);
+  // Checks the options, reads config.json and tokenizer.json and brings up both gRPC servers
+  // (readiness NOT_SERVING, liveness SERVING); quick: no worker is started. INVALID_ARGUMENT
+  // naming the flag or the file; UNAVAILABLE naming --listen / --internal-listen for a port
+  // that cannot be bound.
+  static absl::StatusOr<std::unique_ptr<CoordinatorServer>> Create(const CoordinatorOptions& options);
+  // Starts (--local-workers) or connects to (--workers) the workers, joins them and has them
+  // load the model, then serves (readiness SERVING) and starts the monitor thread. Blocks
+  // through the load; in join mode (tensor_parallel_size beyond the local and listed workers)
+  // returns at once and the monitor forms the group. CANCELLED when RequestShutdown() came
+  // before or during it (from another thread); the error of a worker that could not start,
+  // connect or load otherwise. After an error call Shutdown() (the destructor does too).
+  absl::Status Start();
   ~CoordinatorServer();
 
   int port() const { return port_; }
@@ -127,8 +141,8 @@ class CoordinatorServer {
   // rest with UNAVAILABLE and waits (up to 5 s) for their handlers. Returns how many were
   // aborted.
   int64_t FinishDrain();
-  // Makes Wait() return (safe from any thread, e.g. a signal watcher); the owner then calls
-  // Shutdown() or destroys the server.
+  // Makes Wait() return, or Start() end with CANCELLED during the load (safe from any thread,
+  // e.g. a signal watcher); the owner then calls Shutdown() or destroys the server.
   void RequestShutdown();
   // Stops serving (5 s grace for in-flight calls), the engine thread and the workers.
   // Idempotent; call from the owning thread.
@@ -140,6 +154,7 @@ class CoordinatorServer {
 
   CoordinatorServer() = default;
   absl::Status StartServer();
+  // Start's part before the monitor: local workers, then JoinGroup (not in join mode).
   absl::Status StartWorkers();
   // Joins the workers (new communicator, load), builds the engine and serves it.
   absl::Status JoinGroup();

@@ -222,8 +222,11 @@ LocalWorkers::~LocalWorkers() {
     absl::MutexLock lock(&mu_);
     auto gone = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return alive_ == 0; };
     if (!mu_.AwaitWithTimeout(absl::Condition(&gone), absl::Seconds(5))) {
-      for (pid_t p : pids_) {
-        if (p > 0) kill(p, SIGKILL);
+      for (int r = 0; r < static_cast<int>(pids_.size()); ++r) {
+        if (pids_[r] <= 0) continue;
+        std::fprintf(stderr, "lorcserve: worker %d (pid %d) still running 5 s after SIGTERM: SIGKILL\n", r,
+                     static_cast<int>(pids_[r]));
+        kill(pids_[r], SIGKILL);
       }
     }
   }

@@ -39,7 +39,9 @@ class LocalWorkers {
   using ExitFn = std::function<void(int rank, pid_t pid, const std::string& how)>;
   static absl::StatusOr<std::unique_ptr<LocalWorkers>> Start(const LocalWorkersOptions& options,
                                                              ExitFn on_exit);
-  ~LocalWorkers();  // terminates the children (SIGTERM, then SIGKILL)
+  // Terminates the children: SIGTERM, then SIGKILL (logged on stderr) to those still running 5 s
+  // later; returns once all are reaped.
+  ~LocalWorkers();
 
   // Rank order. A restarted rank has a new address and pid.
   std::vector<std::string> addresses() const;

@@ -30,6 +30,7 @@ void MergeKvSlots(const std::vector<std::vector<KvSlotReport>>& others, std::vec
       }
       KvSlotReport m = k;
       m.slots_needed = std::max(m.slots_needed, it->slots_needed);
+      m.low_in_slots = std::max(m.low_in_slots, it->low_in_slots);
       kept.push_back(m);
     }
     rank0->swap(kept);
@@ -40,7 +41,34 @@ std::chrono::system_clock::time_point DeadlineIn(absl::Duration d) {
   return std::chrono::system_clock::now() + absl::ToChronoMilliseconds(d);
 }
 
+// How often Start looks at WorkerGroupOptions::cancelled while it waits.
+constexpr absl::Duration kCancelPoll = absl::Milliseconds(100);
+
+absl::Status CancelledStatus() {
+  return absl::CancelledError("cancelled while the workers connected or loaded the model");
+}
+
+std::vector<std::unique_ptr<grpc::ClientContext>> NewContexts(int n) {
+  std::vector<std::unique_ptr<grpc::ClientContext>> out;
+  for (int i = 0; i < n; ++i) out.push_back(std::make_unique<grpc::ClientContext>());
+  return out;
+}
+
 }  // namespace
+
+template <typename T>
+bool WorkerGroup::AwaitCalls(std::vector<std::future<T>>& calls,
+                             const std::vector<std::unique_ptr<grpc::ClientContext>>& ctxs) const {
+  for (auto& f : calls) {
+    while (f.wait_for(absl::ToChronoMilliseconds(kCancelPoll)) != std::future_status::ready) {
+      if (Cancelled()) {
+        for (const auto& ctx : ctxs) ctx->TryCancel();
+        return false;
+      }
+    }
+  }
+  return true;
+}
 
 void WorkerGroup::NameCoordinator(lorcserve::internal::CoordinatorId* out) const {
   out->set_id(options_.coordinator_id);
@@ -108,19 +136,27 @@ absl::Status WorkerGroup::Connect() {
     w->stub = lorcserve::internal::Worker::NewStub(w->channel);
     workers_.push_back(std::move(w));
   }
+  const absl::Time connect_deadline = absl::Now() + options_.connect_timeout;
   for (auto& w : workers_) {
-    if (!w->channel->WaitForConnected(DeadlineIn(options_.connect_timeout))) {
-      return absl::UnavailableError(absl::StrCat(w->Name(), ": not reachable within ",
-                                                 absl::FormatDuration(options_.connect_timeout)));
+    // In slices, so that a cancellation is seen within one.
+    for (;;) {
+      if (Cancelled()) return CancelledStatus();
+      const absl::Time slice = std::min(connect_deadline, absl::Now() + kCancelPoll);
+      if (w->channel->WaitForConnected(absl::ToChronoTime(slice))) break;
+      if (absl::Now() >= connect_deadline) {
+        return absl::UnavailableError(absl::StrCat(w->Name(), ": not reachable within ",
+                                                   absl::FormatDuration(options_.connect_timeout)));
+      }
     }
   }
   // Join the tensor-parallel group: every rank blocks in InitCommunicator until all arrived.
   const std::string group = absl::StrCat("tp-", absl::ToUnixNanos(absl::Now()));
   if (n > 1) {
+    std::vector<std::unique_ptr<grpc::ClientContext>> ctxs = NewContexts(n);
     std::vector<std::future<absl::Status>> joins;
     for (auto& w : workers_) {
       joins.push_back(std::async(std::launch::async, [&, wp = w.get()]() -> absl::Status {
-        grpc::ClientContext ctx;
+        grpc::ClientContext& ctx = *ctxs[wp->rank];
         ctx.set_deadline(DeadlineIn(options_.join_timeout + absl::Seconds(30)));
         lorcserve::internal::InitCommunicatorRequest req;
         req.set_rendezvous_address(options_.rendezvous_address);
@@ -138,15 +174,19 @@ absl::Status WorkerGroup::Connect() {
         return s;
       }));
     }
+    const bool completed = AwaitCalls(joins, ctxs);
     absl::Status first;
-    for (auto& f : joins) first.Update(f.get());
+    for (auto& f : joins) first.Update(f.get());  // each ends promptly once cancelled
+    if (!completed) return CancelledStatus();
     RETURN_IF_ERROR(first);
   }
+  if (Cancelled()) return CancelledStatus();
+  std::vector<std::unique_ptr<grpc::ClientContext>> ctxs = NewContexts(n);
   std::vector<std::future<absl::StatusOr<lorcserve::internal::LoadModelResponse>>> loads;
   for (auto& w : workers_) {
     loads.push_back(std::async(std::launch::async, [&, wp = w.get()]()
                                    -> absl::StatusOr<lorcserve::internal::LoadModelResponse> {
-      grpc::ClientContext ctx;
+      grpc::ClientContext& ctx = *ctxs[wp->rank];
       ctx.set_deadline(DeadlineIn(options_.load_timeout));
       lorcserve::internal::LoadModelRequest req;
       req.set_model_dir(options_.model.dir);
@@ -172,6 +212,10 @@ absl::Status WorkerGroup::Connect() {
       if (!s.ok()) return absl::Status(s.code(), absl::StrCat(wp->Name(), ": ", s.message()));
       return resp;
     }));
+  }
+  if (!AwaitCalls(loads, ctxs)) {
+    for (auto& f : loads) f.wait();  // each ends promptly once its call is cancelled
+    return CancelledStatus();
   }
   absl::Status first;
   for (size_t r = 0; r < loads.size(); ++r) {

@@ -9,11 +9,15 @@
 // call and every later one return UNAVAILABLE naming the worker.
 // A worker that serves another coordinator refuses every call with FAILED_PRECONDITION naming
 // that coordinator: Start fails with it.
+// Start blocks while the workers connect, form the communicator and load the model (minutes for
+// a large model); WorkerGroupOptions::cancelled ends that wait early (a signal during the load).
 // Threads: Submit/Await are called by the engine thread only; one reader thread per worker stream.
 #pragma once
 
 #include <atomic>
 #include <deque>
+#include <functional>
+#include <future>
 #include <memory>
 #include <string>
 #include <thread>
@@ -46,6 +50,11 @@ struct WorkerGroupOptions {
   absl::Duration join_timeout = absl::Seconds(60);
   absl::Duration load_timeout = absl::Minutes(30);
   absl::Duration step_timeout = absl::Minutes(5);
+  // May be empty. Polled every 100 ms while Start waits (a worker's connection, the
+  // communicator, the load); once it returns true, Start cancels its calls to the workers (a
+  // worker may go on loading: its LoadModel call is cancelled, not the work) and returns
+  // CANCELLED. Called from the thread that runs Start.
+  std::function<bool()> cancelled;
 };
 
 struct WorkerGroupInfo {
@@ -83,6 +92,12 @@ class WorkerGroup final : public StepRunner {
   struct Worker;
   explicit WorkerGroup(const WorkerGroupOptions& options);
   absl::Status Connect();
+  bool Cancelled() const { return options_.cancelled && options_.cancelled(); }
+  // Waits for every one of `calls` (one per worker, each using ctxs[rank]); while waiting polls
+  // Cancelled() and, once it is true, cancels every context. False when cancelled.
+  template <typename T>
+  bool AwaitCalls(std::vector<std::future<T>>& calls,
+                  const std::vector<std::unique_ptr<grpc::ClientContext>>& ctxs) const;
   absl::Status OpenStreams();
   void MarkBroken(const absl::Status& s);
   // Names this coordinator in a request, or in a step call's metadata.

@@ -362,8 +362,10 @@ grpc::Status WorkerService::InitCommunicator(grpc::ServerContext*,
   const HappensBeforeOnExit handler_done(this);  // ~WorkerService
   absl::StatusOr<uint64_t> epoch = ownership_.Begin(FromProto(req->coordinator()), true, "InitCommunicator");
   if (!epoch.ok()) return ToGrpcStatus(epoch.status());
+  ++setup_calls_;
   absl::StatusOr<lorcserve::internal::InitCommunicatorResponse> r =
       device_.Call([&] { return InitCommunicatorOnDevice(*req); });
+  --setup_calls_;
   ownership_.End(*epoch, false);
   if (!r.ok()) return ToGrpcStatus(r.status());
   *resp = *std::move(r);
@@ -375,8 +377,10 @@ grpc::Status WorkerService::LoadModel(grpc::ServerContext*, const lorcserve::int
   const HappensBeforeOnExit handler_done(this);  // ~WorkerService
   absl::StatusOr<uint64_t> epoch = ownership_.Begin(FromProto(req->coordinator()), true, "LoadModel");
   if (!epoch.ok()) return ToGrpcStatus(epoch.status());
+  ++setup_calls_;
   absl::StatusOr<lorcserve::internal::LoadModelResponse> r =
       device_.Call([&] { return LoadModelOnDevice(*req); });
+  --setup_calls_;
   ownership_.End(*epoch, false);
   if (!r.ok()) return ToGrpcStatus(r.status());
   *resp = *std::move(r);

@@ -66,6 +66,10 @@ class WorkerService final
 
   // The thread that owns the device state.
   std::thread::id device_thread_id() const { return device_.id(); }
+  // True while a LoadModel or InitCommunicator call is being served (a load, or the wait for the
+  // communicator's peers): work that neither ends early nor leaves anything worth keeping, so
+  // `lorcserve worker` exits at once on a signal then instead of waiting for it. Any thread.
+  bool setting_up() const { return setup_calls_.load() > 0; }
 
  private:
   struct Device;
@@ -92,6 +96,7 @@ class WorkerService final
   // Read by Ping without waiting: a long step must not make the worker look dead.
   std::atomic<bool> model_loaded_{false};
   std::atomic<bool> comm_ready_{false};
+  std::atomic<int> setup_calls_{0};  // LoadModel / InitCommunicator handlers running
 };
 
 }  // namespace lorc

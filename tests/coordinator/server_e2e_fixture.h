@@ -123,7 +123,15 @@ class ServerProcess {
   }
 
   // Empty on success, else what went wrong. `workers` 0: no --local-workers (give --workers).
+  // Returns once the coordinator printed LISTENING (the model loaded).
   std::string Start(int workers, const std::vector<std::string>& extra_flags) {
+    if (std::string error = Spawn(workers, extra_flags); !error.empty()) return error;
+    return AwaitListening();
+  }
+
+  // Start's first half: the process is started, nothing is awaited (e.g. to signal it during
+  // the load). `extra_flags` may repeat --model (the last one counts).
+  std::string Spawn(int workers, const std::vector<std::string>& extra_flags) {
     char tmpl[] = "/tmp/lorc_server_e2e_stderr_XXXXXX";
     const int err_fd = mkostemp(tmpl, O_CLOEXEC);
     if (err_fd < 0) return absl::StrCat("mkostemp: ", std::strerror(errno));
@@ -154,7 +162,11 @@ class ServerProcess {
       return absl::StrCat("cannot spawn ", argv[0], ": ", std::strerror(rc));
     }
     stdout_fd_ = out[0];
-    // Read the LISTENING line (the model loads in every worker first).
+    return "";
+  }
+
+  // Start's second half: reads the LISTENING line (the model loads in every worker first).
+  std::string AwaitListening() {
     const auto deadline = Clock::now() + std::chrono::seconds(60);
     std::string buf;
     for (;;) {

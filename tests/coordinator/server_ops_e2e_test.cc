@@ -1,7 +1,10 @@
 // Operations end to end, against a real `lorcserve coordinator --local-workers 1` process:
 // graceful drain on SIGTERM (readiness vs liveness, in-flight requests finish, new ones are
-// refused, exit 0; the drain timeout and a second signal abort), TLS and mTLS on the public port,
-// and bearer tokens (Generate, ModelInfo, health and reflection exemptions).
+// refused, exit 0; the drain timeout and a second signal abort), a signal during the model load
+// (the start ends at once, the workers too), TLS and mTLS on the public port, and bearer tokens
+// (Generate, ModelInfo, health and reflection exemptions).
+#include <sys/stat.h>
+
 #include "tests/coordinator/server_e2e_fixture.h"
 #include "tests/testing/scratch_dir.h"
 #include "tests/testing/test_certs.h"
@@ -159,6 +162,52 @@ TEST_F(ServerOpsTest, SecondSignalEndsTheDrainAtOnce) {
   health_.reset();
   channel_.reset();
   EXPECT_TRUE(ExitsZeroWithin(20));
+}
+
+// ---- a signal during the model load ----------------------------------------------------------
+
+// A model whose weights never arrive: its model.safetensors is a FIFO that nobody writes, so a
+// worker's load blocks in open() for as long as the worker lives (a load of any length, at no
+// cost in memory or time).
+std::string NeverLoadingModel(const std::string& name) {
+  const fs::path dir = lorc::testing::MakeScratchDir("lorc_server_ops_e2e", name);
+  for (const char* f : {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"}) {
+    fs::copy_file(fs::path(Tiny()) / f, dir / f);
+  }
+  EXPECT_EQ(mkfifo((dir / "model.safetensors").c_str(), 0600), 0) << std::strerror(errno);
+  return dir.string();
+}
+
+TEST_F(ServerOpsTest, SignalDuringTheLoadStopsAtOnceAndEndsTheWorkers) {
+  for (const auto& [sig, name] : std::vector<std::pair<int, std::string>>{{SIGTERM, "SIGTERM"}, {SIGINT, "SIGINT"}}) {
+    SCOPED_TRACE(name);
+    const std::string model = NeverLoadingModel("never_" + name);
+    server_ = std::make_unique<ServerProcess>();
+    ASSERT_EQ(server_->Spawn(1, {"--model", model}), "");
+    // The worker is up; the coordinator's Start waits for its load, which never ends. (A signal
+    // at any moment of the start would do: the second lets the LoadModel call reach the worker.)
+    ASSERT_TRUE(WaitFor([&] { return absl::StrContains(server_->Stderr(), "lorcserve worker 0: serving on"); }, 30))
+        << server_->Stderr();
+    std::this_thread::sleep_for(std::chrono::seconds(1));
+    const std::vector<pid_t> workers = server_->Children();
+    ASSERT_EQ(workers.size(), 1u);
+    const auto t_signal = Clock::now();
+    ASSERT_EQ(kill(server_->pid(), sig), 0);
+    // Before the fix the signal waited for the load's end (here: never).
+    EXPECT_TRUE(ExitsZeroWithin(10));
+    std::cerr << "[load] " << name << ": the coordinator exited " << SecondsSince(t_signal) << " s after it\n";
+    const std::string err = server_->Stderr();
+    EXPECT_THAT(err, HasSubstr("lorcserve coordinator: " + name + " during the model load: stopping"));
+    EXPECT_THAT(err, HasSubstr("lorcserve coordinator: stopped before serving"));
+    // The worker, told by the coordinator's Shutdown, exits at once too (no SIGKILL 5 s later)...
+    EXPECT_THAT(err, HasSubstr("lorcserve worker 0: SIGTERM during the model load: exiting"));
+    EXPECT_THAT(err, Not(HasSubstr("SIGKILL")));
+    EXPECT_THAT(err, Not(HasSubstr("joined and loaded the model")));
+    // ... and was reaped by the coordinator before it exited: no such process now.
+    EXPECT_EQ(kill(workers[0], 0), -1);
+    EXPECT_EQ(errno, ESRCH);
+    EXPECT_EQ(server_->ReadStdoutLine(1), "");  // no LISTENING: it never served
+  }
 }
 
 // ---- TLS -----------------------------------------------------------------------------------
@@ -461,6 +510,27 @@ TEST_F(ServerTlsTest, InternalMutualTlsWithRemoteWorkers) {
   flags.insert(flags.end(), tls.begin(), tls.end());
   ASSERT_NO_FATAL_FAILURE(StartServer(0, flags));
   ASSERT_NO_FATAL_FAILURE(ExpectGoldenGreedy());
+}
+
+// Join mode: Start returns at once and the monitor forms the group. A SIGTERM while the group
+// loads drains (nothing in flight) and shuts down: the monitor's wait for the load ends with it.
+TEST_F(ServerOpsTest, SigtermWhileAJoinedGroupLoadsEndsAtOnce) {
+  const std::string model = NeverLoadingModel("never_join");
+  server_ = std::make_unique<ServerProcess>();
+  ASSERT_EQ(server_->Start(0, {"--model", model, "--tensor-parallel-size", "1"}), "");
+  WorkerProcess worker;
+  ASSERT_EQ(worker.Start({"--join", server_->internal_address(), "--rank", "0"}), "");
+  ASSERT_TRUE(WaitFor([&] { return absl::StrContains(server_->Stderr(), "forming the group"); }, 30))
+      << server_->Stderr();
+  std::this_thread::sleep_for(std::chrono::seconds(1));  // the LoadModel call reaches the worker
+  ASSERT_EQ(kill(server_->pid(), SIGTERM), 0);
+  EXPECT_TRUE(ExitsZeroWithin(10));
+  EXPECT_THAT(server_->Stderr(), HasSubstr("drained; shutting down"));
+  EXPECT_THAT(server_->Stderr(), Not(HasSubstr("group formed")));
+  // The worker, still in its load (its call was cancelled, not the work), exits at once on SIGTERM.
+  const int st = worker.SignalAndWait(SIGTERM, 5);
+  ASSERT_NE(st, -1) << "the loading worker ignored SIGTERM for 5 s";
+  EXPECT_TRUE(WIFEXITED(st) && WEXITSTATUS(st) == 0) << "wait status " << st;
 }
 
 TEST(WorkerSignals, SigtermEndsAWorkerCleanly) {

@@ -1,10 +1,14 @@
 // WorkerGroup against in-process fake workers (lorcserve.internal.Worker services on loopback):
 // the step pipeline (a second plan reaches the worker before the first result is awaited),
-// rank 0's result, per-request failures, and the failures that break the group.
+// rank 0's result, per-request failures, and the failures that break the group; cancelling
+// Start's wait for the workers (WorkerGroupOptions::cancelled).
 #include "coordinator/worker_group.h"
 
+#include <atomic>
+#include <chrono>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -245,6 +249,72 @@ TEST(WorkerGroupJoinTest, DisableCustomAllReduceReachesEveryRankAndRankZeroRepor
   EXPECT_EQ(w0.init_calls(), 2);
   EXPECT_EQ(w1.init_calls(), 2);
   for (auto& s : servers) s->Shutdown();
+}
+
+// ---- cancelling Start -----------------------------------------------------------------------
+
+// A worker whose LoadModel never finishes by itself: it returns once its call is cancelled.
+class StuckLoadWorker final : public internal::Worker::Service {
+ public:
+  grpc::Status LoadModel(grpc::ServerContext* ctx, const internal::LoadModelRequest*,
+                         internal::LoadModelResponse*) override {
+    loading_ = true;
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+    while (!ctx->IsCancelled() && std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    cancelled_ = ctx->IsCancelled();
+    return grpc::Status(grpc::StatusCode::CANCELLED, "load cancelled");
+  }
+  std::atomic<bool> loading_{false}, cancelled_{false};
+};
+
+double SecondsSince(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+TEST(WorkerGroupCancelTest, CancelledEndsTheWaitForTheLoadAndCancelsTheCall) {
+  StuckLoadWorker w;
+  int port = 0;
+  grpc::ServerBuilder b;
+  b.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+  b.RegisterService(&w);
+  std::unique_ptr<grpc::Server> server = b.BuildAndStart();
+  ASSERT_NE(server, nullptr);
+  WorkerGroupOptions o;
+  o.addresses = {absl::StrCat("127.0.0.1:", port)};
+  std::atomic<bool> cancel{false};
+  o.cancelled = [&] { return cancel.load(); };
+  // Cancelled once the load is under way (a signal during the load).
+  std::thread canceller([&] {
+    const auto t0 = std::chrono::steady_clock::now();
+    while (!w.loading_ && SecondsSince(t0) < 30) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    cancel = true;
+  });
+  const auto t0 = std::chrono::steady_clock::now();
+  absl::StatusOr<std::unique_ptr<WorkerGroup>> g = WorkerGroup::Start(o);
+  canceller.join();
+  ASSERT_TRUE(w.loading_);
+  EXPECT_THAT(g.status(), StatusIs(absl::StatusCode::kCancelled));
+  EXPECT_LT(SecondsSince(t0), 10);  // not the load's 60 s (nor load_timeout's 30 min)
+  const auto t1 = std::chrono::steady_clock::now();
+  while (!w.cancelled_ && SecondsSince(t1) < 5) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  EXPECT_TRUE(w.cancelled_) << "the worker's LoadModel call was not cancelled";
+  server->Shutdown();
+}
+
+TEST(WorkerGroupCancelTest, CancelledEndsTheWaitForAWorkerThatIsNotThere) {
+  // Nothing listens at port 1: Start would retry the connection for connect_timeout.
+  WorkerGroupOptions o;
+  o.addresses = {"127.0.0.1:1"};
+  o.connect_timeout = absl::Seconds(60);
+  const auto t0 = std::chrono::steady_clock::now();
+  o.cancelled = [&] { return SecondsSince(t0) > 0.3; };
+  EXPECT_THAT(WorkerGroup::Start(o).status(), StatusIs(absl::StatusCode::kCancelled));
+  EXPECT_LT(SecondsSince(t0), 10);
+  // Cancelled before anything: at once.
+  o.cancelled = [] { return true; };
+  EXPECT_THAT(WorkerGroup::Start(o).status(), StatusIs(absl::StatusCode::kCancelled));
 }
 
 }  // namespace

@@ -65,6 +65,7 @@ SequenceKvPolicy::SequenceKvPolicy(const SequenceKvPolicy& o)
       device_low_(o.device_low_),
       device_low_from_(o.device_low_from_),
       device_packed_bound_(o.device_packed_bound_),
+      device_packed_(o.device_packed_),
       heads_(o.heads_) {}
 
 void SequenceKvPolicy::SetDeviceCounts(int64_t count_from, const int32_t* full, const int32_t* from,
@@ -88,6 +89,27 @@ int64_t SequenceKvPolicy::DeviceLowToPack(int64_t from) const {
   return n.empty() ? 0 : *std::max_element(n.begin(), n.end());
 }
 
+int64_t SequenceKvPolicy::LowInSlots(int64_t from) const {
+  int64_t most = 0;
+  if (on_device_) {
+    // Low entries at positions >= count_from (packed, or demoted since) less those packed at the
+    // last compaction (per head; a packed entry that died since only lowers the count).
+    if (from != count_from_) return 0;
+    for (size_t i = 0; i < device_low_from_.size(); ++i) {
+      const int64_t packed = i < device_packed_.size() ? device_packed_[i] : 0;
+      most = std::max<int64_t>(most, device_low_from_[i] - packed);
+    }
+    return most;
+  }
+  const uint8_t low_state = static_cast<uint8_t>(SlotState::kLow);
+  for (const Head& h : heads_) {
+    int64_t n = 0;
+    for (int64_t p = 0; p < seq_len_; ++p) n += h.state[p] == low_state && h.low_slot[p] < 0 && h.slot[p] >= from;
+    most = std::max(most, n);
+  }
+  return most;
+}
+
 absl::Status SequenceKvPolicy::CheckCompaction(int64_t from, int64_t num_slots) const {
   const int64_t needed = SlotsNeeded(from);
   if (from < 0 || from > num_slots || num_slots < needed || num_slots > this->num_slots()) {
@@ -103,6 +125,12 @@ absl::Status SequenceKvPolicy::MarkCompacted(int64_t from, int64_t num_slots) {
   slot_offset_ = seq_len_ - num_slots;
   // The decode's bound on a head's packed run until the next compaction (no demotion packs).
   device_packed_bound_ = DeviceLowToPack(from);
+  // Every low entry at positions >= from is now packed (LowInSlots counts from here).
+  if (from == count_from_) {
+    device_packed_ = device_low_from_;
+  } else {
+    device_packed_.clear();
+  }
   return absl::OkStatus();
 }
 

@@ -144,6 +144,10 @@ class SequenceKvPolicy {
   // packs, after the latest step (what it stages at most per head), and an upper bound on the
   // entries of any head's packed run (that count at the latest compaction; 0 before one).
   int64_t DeviceLowToPack(int64_t from) const;
+  // MiKV: the most, over the (layer, KV head) pairs, of the kLow keys at slots >= from still in
+  // their full-width slots (demoted since the last compaction; a compaction from `from` packs
+  // them). 0 for CORM, and when the device counts are from another `from`.
+  int64_t LowInSlots(int64_t from) const;
   int64_t DevicePackedBound() const { return device_packed_bound_; }
   // Device-resident compaction: CheckCompaction (Compact's checks: FailedPrecondition when
   // num_slots < SlotsNeeded(from), num_slots > num_slots() or from past num_slots) before the
@@ -255,6 +259,7 @@ class SequenceKvPolicy {
   std::vector<int32_t> device_full_, device_from_;  // [layer][head]
   std::vector<int32_t> device_low_, device_low_from_;  // [layer][head] (MiKV; else zeros)
   int64_t device_packed_bound_ = 0;
+  std::vector<int32_t> device_packed_;  // [layer][head]: low entries packed at the last compaction
   std::vector<Head> heads_;  // [layer][head] (device-resident: sized, arrays empty)
 };
 

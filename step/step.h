@@ -151,12 +151,16 @@ struct PromptLogprobs {
 // its own KV heads; sequences of a session are not reported): compaction from compact_from (a
 // block boundary; slots below it are never moved) would leave slots_needed slots. The
 // coordinator takes the largest over the ranks (WorkerGroup) and compacts when that frees blocks
-// (Scheduler). num_computed_tokens: the sequence's computed tokens after the step.
+// (Scheduler). num_computed_tokens: the sequence's computed tokens after the step. low_in_slots
+// (MiKV): the most, over the (layer, KV head) pairs, of keys demoted to low precision since the
+// last compaction and still in their full-width slots (read quantized on the fly until a
+// compaction packs them); 0 for CORM.
 struct KvSlotReport {
   int64_t seq_id = 0;
   int64_t num_computed_tokens = 0;
   int64_t compact_from = 0;
   int64_t slots_needed = 0;
+  int64_t low_in_slots = 0;
 };
 
 struct StepResult {

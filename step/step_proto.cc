@@ -174,10 +174,11 @@ void KvSlotReportToProto(const KvSlotReport& k, lorcserve::internal::KvSlotRepor
   out->set_num_computed_tokens(k.num_computed_tokens);
   out->set_compact_from(k.compact_from);
   out->set_slots_needed(k.slots_needed);
+  out->set_low_in_slots(k.low_in_slots);
 }
 
 KvSlotReport KvSlotReportFromProto(const lorcserve::internal::KvSlotReport& p) {
-  return {p.seq_id(), p.num_computed_tokens(), p.compact_from(), p.slots_needed()};
+  return {p.seq_id(), p.num_computed_tokens(), p.compact_from(), p.slots_needed(), p.low_in_slots()};
 }
 
 StepResult StepResultFromProto(const lorcserve::internal::StepResult& p) {

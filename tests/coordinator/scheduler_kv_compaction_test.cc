@@ -87,6 +87,40 @@ TEST(SchedulerKvCompactionTest, TheBoundCountsTokensInFlightAndFreesEnoughOrNoth
   EXPECT_OK(sched->Validate());
 }
 
+TEST(SchedulerKvCompactionTest, MikvKeysDemotedInTheirSlotsCompactWithoutFreeingEnoughBlocks) {
+  // 400 prompt tokens on 4-token blocks: 100 blocks. MiKV packs its demoted keys into a run a
+  // quarter of their slots, so a compaction frees few blocks, and during decode (well under a
+  // quarter of 100 blocks freed) only the keys still demoted in their slots ask for one:
+  // kKvCompactLowInSlotsRatio (0.5) x sqrt(kept slots).
+  auto sched = MakeScheduler(CompactingConfig(4, 128));
+  ASSERT_OK(sched->Add(1, Prompt(400), Params(64)));
+  StepPlan p1 = sched->Schedule();
+  sched->Apply(ResultFor(p1, {}));
+  StepPlan p2 = sched->Schedule();  // computes token 401
+  // 396 slots needed (16 blocks' worth of slack would be freed: 1 block, far from 25), and 9
+  // keys demoted in their slots: under 0.5 x sqrt(396) = 9.95, so nothing.
+  sched->Apply(ResultFor(p2, {{1, 401, 0, 396, 9}}));
+  StepPlan p3 = sched->Schedule();
+  EXPECT_TRUE(p3.kv_compactions.empty());
+  sched->Apply(ResultFor(p3, {}));
+  // 10 keys: compacted to the bound, 396 + the token computed since the report.
+  StepPlan p4 = sched->Schedule();
+  sched->Apply(ResultFor(p4, {{1, 403, 0, 396, 10}}));
+  StepPlan p5 = sched->Schedule();
+  ASSERT_EQ(p5.kv_compactions.size(), 1u);
+  EXPECT_EQ(p5.kv_compactions[0].num_slots, 396);  // nothing computed since the report
+  EXPECT_EQ(sched->num_kv_compactions(), 1);
+  EXPECT_OK(sched->Validate());
+  sched->Apply(ResultFor(p5, {}));
+  // CORM (no low entries) with the same slots: the freed-blocks rule alone, so nothing.
+  auto corm = MakeScheduler(CompactingConfig(4, 128));
+  ASSERT_OK(corm->Add(1, Prompt(400), Params(64)));
+  StepPlan c1 = corm->Schedule();
+  corm->Apply(ResultFor(c1, {{1, 400, 0, 396}}));
+  EXPECT_TRUE(corm->Schedule().kv_compactions.empty());
+  EXPECT_OK(corm->Validate());
+}
+
 TEST(SchedulerKvCompactionTest, SharedBlocksSessionsAndStaleReportsAreNotCompacted) {
   auto sched = MakeScheduler(CompactingConfig(4, 64));
   // Request 1 fills 5 indexed blocks; request 2 starts with the same 20 tokens and hits all 5.

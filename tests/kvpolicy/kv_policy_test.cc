@@ -415,6 +415,8 @@ TEST(SequenceKvPolicyTest, MikvLowEntriesArePackedAfterEachHeadsFullRun) {
   // Run slots: K ceil(18 x 8 / 64) = 3, V ceil(18 x 6 / 32) = 4.
   EXPECT_EQ(s.LowRunSlotsOf(0, 18), 4);
   EXPECT_EQ(s.SlotsNeeded(0), 12 + 4);
+  EXPECT_EQ(s.LowInSlots(0), 18);  // demoted, still in their full slots
+  EXPECT_EQ(s.LowInSlots(24), 2);  // 25 and 26 at slots >= 24
   std::vector<SlotMove> moves;
   std::vector<LowRepack> low;
   ASSERT_TRUE(s.Compact(0, 16, &moves, &low).ok());
@@ -441,6 +443,7 @@ TEST(SequenceKvPolicyTest, MikvLowEntriesArePackedAfterEachHeadsFullRun) {
   // before, full in slots 10 and 11), and 31, 32, 34, 35, 37: 25.
   ASSERT_EQ(s.Counts(0, 0).full, 15);
   ASSERT_EQ(s.Counts(0, 0).low, 25);
+  EXPECT_EQ(s.LowInSlots(0), 7);  // the 18 are packed; 28, 29, 31, 32, 34, 35, 37 are not
   EXPECT_EQ(s.LowRunSlotsOf(0, 25), 5);  // V: ceil(25 x 6 / 32)
   EXPECT_EQ(s.SlotsNeeded(0), 15 + 5);
   ASSERT_TRUE(s.Compact(0, 20, &moves, &low).ok());
@@ -669,9 +672,17 @@ TEST(KvPolicyStoreTest, DeviceResidentMikvStatesCountTheirLowEntries) {
   EXPECT_EQ(s->DeviceLowToPack(32), 70) << "counts from another start: every low entry";
   // Per head: full keys from 16 + ceil(low entries x 8 / 16): 30 + 22, 22 + 29, 27 + 15, 12 + 30.
   EXPECT_EQ(s->SlotsNeeded(16), 16 + 52);
+  EXPECT_EQ(s->LowInSlots(16), 60) << "before any compaction every low entry from 16 is in its slot";
+  EXPECT_EQ(s->LowInSlots(32), 0) << "counts from another start: none known";
   EXPECT_THAT(s->CheckCompaction(16, 67).message(), HasSubstr("need 68"));
   ASSERT_TRUE(s->MarkCompacted(16, 68).ok());
   EXPECT_EQ(s->DevicePackedBound(), 60);
+  EXPECT_EQ(s->LowInSlots(16), 0) << "all packed";
+  // Demoted since, per head: 3, 0, 7, 1 more (the most: 7).
+  const std::vector<int32_t> low2 = {53, 60, 47, 71}, low_from2 = {47, 58, 37, 61};
+  s->SetDeviceCounts(16, full.data(), from.data(), low2.data(), low_from2.data());
+  EXPECT_EQ(s->LowInSlots(16), 7);
+  s->SetDeviceCounts(16, full.data(), from.data(), low.data(), low_from.data());
   // CORM's counts (no low arrays) read as zero low entries.
   s->SetDeviceCounts(16, full.data(), from.data());
   EXPECT_EQ(s->Counts(1, 1).low, 0);

@@ -112,7 +112,7 @@ TEST(StepProtoTest, KvCompactionsAndSlotReportsRoundTrip) {
   EXPECT_EQ(back.kv_compactions[1].num_slots, 17);
   StepResult r;
   r.step_id = 9;
-  r.kv_slots = {{12, 100, 32, 57}, {3, 20, 0, 11}};
+  r.kv_slots = {{12, 100, 32, 57, 6}, {3, 20, 0, 11}};
   lorcserve::internal::StepResult rmsg;
   StepResultToProto(r, &rmsg);
   const StepResult rback = StepResultFromProto(rmsg);
@@ -121,7 +121,9 @@ TEST(StepProtoTest, KvCompactionsAndSlotReportsRoundTrip) {
   EXPECT_EQ(rback.kv_slots[0].num_computed_tokens, 100);
   EXPECT_EQ(rback.kv_slots[0].compact_from, 32);
   EXPECT_EQ(rback.kv_slots[0].slots_needed, 57);
+  EXPECT_EQ(rback.kv_slots[0].low_in_slots, 6);
   EXPECT_EQ(rback.kv_slots[1].slots_needed, 11);
+  EXPECT_EQ(rback.kv_slots[1].low_in_slots, 0);
 }
 
 TEST(StepProtoTest, ResultRoundTripKeepsFailedSequencesAndTheirStatus) {

@@ -126,7 +126,11 @@ int RunCoordinator(int argc, char** argv) {
                     " before staying NOT_SERVING (0: none; default ",
                     CoordinatorOptions{}.max_restarts, ")"),
        "K"},
-      {"metrics-port", true, "serve Prometheus metrics on 0.0.0.0:PORT/metrics (default: off; 0: pick one)", "PORT"},
+      {"metrics-port", true, "serve Prometheus metrics on --metrics-host:PORT/metrics (default: off; 0: pick one)", "PORT"},
+      {"metrics-host", true,
+       absl::StrCat("address the metrics endpoint binds, with --metrics-port (default ", defaults::kMetricsHost,
+                    ": all interfaces; 127.0.0.1: this machine only; plaintext, no token)"),
+       "HOST"},
       {"log-format", true, "request and worker-event log lines on stderr: text (default) or json", "FMT"},
       {"drain-timeout-s", true,
        absl::StrCat("on SIGTERM: NOT_SERVING at once, new requests UNAVAILABLE, in-flight ones get S "
@@ -152,12 +156,17 @@ int RunCoordinator(int argc, char** argv) {
   if (!options.ok()) return Fail("coordinator", options.status());
   // The metrics endpoint comes up first (a busy port fails fast; scrapes see the load).
   std::unique_ptr<MetricsExposer> metrics_exposer;
+  if (args->Has("metrics-host") && !args->Has("metrics-port")) {
+    return Fail("coordinator", absl::InvalidArgumentError(
+                                   "--metrics-host needs --metrics-port (the endpoint is off without it)"));
+  }
   if (args->Has("metrics-port")) {
     absl::StatusOr<int64_t> port = args->GetIntInRange("metrics-port", 0, 0, 65535);
     if (!port.ok()) return Fail("coordinator", port.status());
     options->metrics = std::make_shared<ServingMetrics>();
     absl::StatusOr<std::unique_ptr<MetricsExposer>> e =
-        MetricsExposer::Start(static_cast<int>(*port), options->metrics->registry());
+        MetricsExposer::Start(args->Get("metrics-host", defaults::kMetricsHost), static_cast<int>(*port),
+                              options->metrics->registry());
     if (!e.ok()) return Fail("coordinator", e.status());
     metrics_exposer = *std::move(e);
   }

@@ -248,6 +248,28 @@ TEST_F(MetricsE2ETest, BadFlagsAreErrors) {
                                         &code);
   EXPECT_NE(code, 0);
   EXPECT_THAT(out2, Not(HasSubstr("LISTENING")));
+  // --metrics-host: only with --metrics-port, and an address (exit 2 naming the flag; stderr is
+  // this test's, the exit code and stdout are checked).
+  for (const std::vector<std::string>& extra :
+       {std::vector<std::string>{"--metrics-host", "127.0.0.1"},
+        std::vector<std::string>{"--metrics-port", "0", "--metrics-host", "no-such-host.invalid"}}) {
+    std::vector<std::string> args = {"coordinator", "--model", Tiny(), "--local-workers", "1", "--listen",
+                                     "127.0.0.1:0"};
+    args.insert(args.end(), extra.begin(), extra.end());
+    const std::string out3 = RunLorcserve(args, &code);
+    EXPECT_EQ(code, 2) << extra.back();
+    EXPECT_THAT(out3, Not(HasSubstr("LISTENING")));
+  }
+}
+
+// Found by a tester: --metrics-port always bound 0.0.0.0, even with --listen 127.0.0.1 and a
+// TLS / token-protected public port.
+TEST_F(MetricsE2ETest, MetricsHostChoosesTheAddress) {
+  ASSERT_NO_FATAL_FAILURE(StartServer(1, {"--metrics-port", "0", "--metrics-host", "127.0.0.1"}));
+  const std::string line = server_->ReadStdoutLine(10);
+  ASSERT_EQ(line.rfind("METRICS_LISTENING 127.0.0.1:", 0), 0u) << "got '" << line << "'";
+  ASSERT_TRUE(absl::SimpleAtoi(line.substr(line.rfind(':') + 1), &metrics_port_)) << line;
+  EXPECT_EQ(Scrape().at("lorcserve_serving_state{state=\"serving\"}"), 1);
 }
 
 }  // namespace

@@ -1,9 +1,18 @@
 // metrics/: the registry's families (names are an interface: the Grafana dashboard and users'
 // alerts use them), updates as seen in the exposition, the structured log lines (parsed back),
-// the /metrics HTTP endpoint, and the dashboard's PromQL naming only metrics that exist.
+// the /metrics HTTP endpoint (with idle, slow and too many clients), and the dashboard's PromQL
+// naming only metrics that exist.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
 #include <fstream>
 #include <set>
 #include <sstream>
+#include <thread>
 
 #include "absl/status/status.h"
 #include "gmock/gmock.h"
@@ -259,7 +268,7 @@ TEST(RequestLogTest, EventLogWritesWholeLines) {
 
 TEST(MetricsExposerTest, ServesTheRegistry) {
   ServingMetrics m;
-  absl::StatusOr<std::unique_ptr<MetricsExposer>> e = MetricsExposer::Start(0, m.registry());
+  absl::StatusOr<std::unique_ptr<MetricsExposer>> e = MetricsExposer::Start("0.0.0.0", 0, m.registry());
   ASSERT_TRUE(e.ok()) << e.status();
   const int port = (*e)->port();
   EXPECT_GT(port, 0);
@@ -285,7 +294,7 @@ TEST(MetricsExposerTest, ServesTheRegistry) {
   EXPECT_EQ(r->body, "");
 
   // The same port again: in use.
-  absl::StatusOr<std::unique_ptr<MetricsExposer>> again = MetricsExposer::Start(port, m.registry());
+  absl::StatusOr<std::unique_ptr<MetricsExposer>> again = MetricsExposer::Start("0.0.0.0", port, m.registry());
   ASSERT_FALSE(again.ok());
   EXPECT_EQ(again.status().code(), absl::StatusCode::kUnavailable);
   EXPECT_THAT(std::string(again.status().message()), HasSubstr("--metrics-port"));
@@ -297,10 +306,129 @@ TEST(MetricsExposerTest, ServesTheRegistry) {
 TEST(MetricsExposerTest, RejectsBadPorts) {
   ServingMetrics m;
   for (int port : {-1, 65536}) {
-    absl::StatusOr<std::unique_ptr<MetricsExposer>> e = MetricsExposer::Start(port, m.registry());
+    absl::StatusOr<std::unique_ptr<MetricsExposer>> e = MetricsExposer::Start("0.0.0.0", port, m.registry());
     ASSERT_FALSE(e.ok());
     EXPECT_EQ(e.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(std::string(e.status().message()), HasSubstr("--metrics-port"));
   }
+}
+
+TEST(MetricsExposerTest, BindsTheGivenHost) {
+  ServingMetrics m;
+  absl::StatusOr<std::unique_ptr<MetricsExposer>> e = MetricsExposer::Start("127.0.0.1", 0, m.registry());
+  ASSERT_TRUE(e.ok()) << e.status();
+  EXPECT_EQ((*e)->address(), absl::StrCat("127.0.0.1:", (*e)->port()));
+  absl::StatusOr<testing::HttpResponse> r = HttpGet((*e)->port(), "/metrics");
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->status, 200);
+  // A name resolves to its address; the printed address is the bound one.
+  e = MetricsExposer::Start("localhost", 0, m.registry());
+  ASSERT_TRUE(e.ok()) << e.status();
+  EXPECT_THAT((*e)->address(), ::testing::AnyOf(::testing::StartsWith("127.0.0.1:"), ::testing::StartsWith("[::1]:")));
+  // Errors name --metrics-host: a name that does not resolve, an address not of this machine
+  // (192.0.2.1: TEST-NET-1), an empty host.
+  for (const std::string host : {"no-such-host.invalid", "192.0.2.1", ""}) {
+    e = MetricsExposer::Start(host, 0, m.registry());
+    ASSERT_FALSE(e.ok()) << host;
+    EXPECT_THAT(std::string(e.status().message()), HasSubstr("--metrics-host")) << e.status();
+  }
+}
+
+// A TCP connection to 127.0.0.1:port (-1 on failure).
+int ConnectTo(int port) {
+  const int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (fd < 0 || connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    if (fd >= 0) close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+double SecondsSince(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// Found by a tester: one connection was served at a time with a 2 s timeout per read, so a
+// client sending one header line a second held every scrape for 20 s, and 5 idle connections
+// delayed one by ~10 s.
+TEST(MetricsExposerTest, IdleAndSlowClientsDelayNoScrape) {
+  ServingMetrics m;
+  absl::StatusOr<std::unique_ptr<MetricsExposer>> e = MetricsExposer::Start("127.0.0.1", 0, m.registry());
+  ASSERT_TRUE(e.ok()) << e.status();
+  const int port = (*e)->port();
+  std::vector<int> idle;
+  for (int i = 0; i < 5; ++i) {
+    idle.push_back(ConnectTo(port));
+    ASSERT_GE(idle.back(), 0);
+  }
+  // A slowloris: the request line, then one header line every 300 ms, never the blank line.
+  const int slow = ConnectTo(port);
+  ASSERT_GE(slow, 0);
+  std::atomic<bool> stop{false};
+  std::thread trickle([&] {
+    std::string line = "GET /metrics HTTP/1.1\r\n";
+    for (int i = 0; i < 30 && !stop; ++i) {
+      if (send(slow, line.data(), line.size(), MSG_NOSIGNAL) < 0) return;  // closed by the server
+      line = absl::StrCat("X-Slow-", i, ": 1\r\n");
+      std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    }
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));  // all of them open and waiting
+  for (int i = 0; i < 3; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    absl::StatusOr<testing::HttpResponse> r = HttpGet(port, "/metrics");
+    const double took = SecondsSince(t0);
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_EQ(r->status, 200);
+    EXPECT_LT(took, 1.0) << "scrape " << i << " waited behind the idle and slow connections";
+  }
+  // The slow one is closed at its total deadline (2 s from its accept) with a 408, although it
+  // kept sending: it reads the answer and then EOF within ~3 s of opening.
+  const auto t_read = std::chrono::steady_clock::now();
+  timeval tv{5, 0};
+  setsockopt(slow, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  std::string got;
+  char buf[512];
+  for (ssize_t n; (n = recv(slow, buf, sizeof(buf), 0)) > 0;) got.append(buf, static_cast<size_t>(n));
+  EXPECT_LT(SecondsSince(t_read), 3.0);
+  EXPECT_THAT(got, HasSubstr("408 Request Timeout"));
+  stop = true;
+  trickle.join();
+  close(slow);
+  // So are the idle ones.
+  for (int fd : idle) {
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    got.clear();
+    for (ssize_t n; (n = recv(fd, buf, sizeof(buf), 0)) > 0;) got.append(buf, static_cast<size_t>(n));
+    EXPECT_THAT(got, HasSubstr("408"));
+    close(fd);
+  }
+}
+
+TEST(MetricsExposerTest, ConnectionsBeyondTheCapCloseTheOldest) {
+  ServingMetrics m;
+  absl::StatusOr<std::unique_ptr<MetricsExposer>> e = MetricsExposer::Start("127.0.0.1", 0, m.registry());
+  ASSERT_TRUE(e.ok()) << e.status();
+  std::vector<int> idle;
+  for (int i = 0; i < MetricsExposer::kMaxConnections + 10; ++i) {
+    idle.push_back(ConnectTo((*e)->port()));
+    ASSERT_GE(idle.back(), 0);
+  }
+  const auto t0 = std::chrono::steady_clock::now();
+  absl::StatusOr<testing::HttpResponse> r = HttpGet((*e)->port(), "/metrics");
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->status, 200);
+  EXPECT_LT(SecondsSince(t0), 1.5);
+  // The first ones were closed without an answer (EOF at once, well before their deadline).
+  timeval tv{1, 0};
+  setsockopt(idle[0], SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  char c;
+  EXPECT_EQ(recv(idle[0], &c, 1, 0), 0);
+  for (int fd : idle) close(fd);
 }
 
 // ---- the Grafana dashboard ------------------------------------------------------------------

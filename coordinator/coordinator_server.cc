@@ -246,7 +246,7 @@ absl::Status CoordinatorServer::JoinGroup() {
     failure_ = absl::OkStatus();
     // Under mu_ with state_, so a failure right after cannot be overwritten.
     metrics_->SetWorkerGroupSize(g->group->size());
-    metrics_->SetServingState(ServingState::kServing);
+    PublishState(ServingState::kServing);
   }
   // The aliasing shared_ptr keeps the whole generation (the loop's group) alive in handlers.
   service_->SetLoop(std::shared_ptr<EngineLoop>(g, g->loop.get()));
@@ -363,7 +363,7 @@ void CoordinatorServer::OnWorkerFailure(const absl::Status& why) {
     g = gen_;  // a snapshot: stays valid even if Shutdown drops gen_ meanwhile
     metrics_->CountWorkerFailure();
     metrics_->SetWorkerGroupSize(0);
-    metrics_->SetServingState(recover ? ServingState::kRecovering : ServingState::kFailed);
+    PublishState(recover ? ServingState::kRecovering : ServingState::kFailed);
   }
   log_->Worker({"failure", absl::StrCat(why.message(), "; health is NOT_SERVING",
                                         recover ? ", recovering" : "")});
@@ -422,7 +422,7 @@ void CoordinatorServer::Recover() {
           final_status = GaveUpStatus(last);
           state_ = State::kFailed;
           failure_ = final_status;
-          metrics_->SetServingState(ServingState::kFailed);
+          PublishState(ServingState::kFailed);
         }
       }
       if (!final_status.ok()) {
@@ -582,11 +582,16 @@ bool CoordinatorServer::draining() const {
   return draining_;
 }
 
+void CoordinatorServer::PublishState(ServingState s) {
+  metrics_->SetServingState(draining_ ? ServingState::kDraining : s);
+}
+
 void CoordinatorServer::RequestDrain() {
   {
     absl::MutexLock lock(&mu_);
     if (draining_ || stopping_) return;
     draining_ = true;
+    PublishState(ServingState::kDraining);
   }
   service_->StartDrain(absl::UnavailableError(
       "draining: the server is shutting down and takes no new requests (retry on another replica)"));

@@ -175,6 +175,8 @@ class CoordinatorServer {
   void Recover();
   // Sleeps up to `d` unless stopping; returns true when stopping.
   bool SleepUnlessStopping(absl::Duration d);
+  // lorcserve_serving_state: `s`, or kDraining once a drain started (it stays until the exit).
+  void PublishState(ServingState s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Readiness ("" and the service name): `serving` unless draining.
   void SetHealth(bool serving);
   void SetLiveness(bool alive);

@@ -179,6 +179,7 @@ absl::StatusOr<std::shared_ptr<EngineLoop>> LorcServeService::Loop() const {
 grpc::Status LorcServeService::Generate(grpc::ServerContext* ctx, const grpc::ByteBuffer* raw,
                                         grpc::ServerWriter<lorcserve::v1::GenerateResponse>* writer) {
   const auto start = std::chrono::steady_clock::now();
+  if (metrics_ != nullptr) metrics_->RequestStarted();  // ended by CountRequest below
   RequestLogRecord rec;
   grpc::Status status = GenerateImpl(ctx, raw, writer, &rec);
   rec.duration_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();

@@ -68,6 +68,7 @@ const char* ServingStateName(ServingState s) {
   switch (s) {
     case ServingState::kStarting: return "starting";
     case ServingState::kServing: return "serving";
+    case ServingState::kDraining: return "draining";
     case ServingState::kRecovering: return "recovering";
     case ServingState::kFailed: return "failed";
   }
@@ -112,6 +113,11 @@ ServingMetrics::ServingMetrics() : registry_(std::make_shared<prometheus::Regist
     requests_.emplace_back(o, &requests.Add({{"outcome", std::string(o)}}));
   }
   requests_other_ = &requests.Add({{"outcome", "other"}});
+  requests_started_ = NewCounter(r, "lorcserve_requests_started_total",
+                                 "Generate calls started (= the sum of lorcserve_requests_total + "
+                                 "lorcserve_num_requests_in_flight)");
+  requests_in_flight_ = NewGauge(r, "lorcserve_num_requests_in_flight",
+                                 "Generate calls started and not yet ended (their handlers running)");
 
   prompt_tokens_ = NewCounter(r, "lorcserve_prompt_tokens_total",
                               "Prompt tokens of the requests the engine ended (cached ones included)");
@@ -165,9 +171,9 @@ ServingMetrics::ServingMetrics() : registry_(std::make_shared<prometheus::Regist
   auto& state = prometheus::BuildGauge()
                     .Name("lorcserve_serving_state")
                     .Help("1 for the coordinator's current state (starting, serving, "
-                          "recovering, failed), 0 for the others")
+                          "draining, recovering, failed), 0 for the others")
                     .Register(r);
-  for (ServingState s : {ServingState::kStarting, ServingState::kServing,
+  for (ServingState s : {ServingState::kStarting, ServingState::kServing, ServingState::kDraining,
                          ServingState::kRecovering, ServingState::kFailed}) {
     state_[static_cast<size_t>(s)] = &state.Add({{"state", ServingStateName(s)}});
   }
@@ -199,14 +205,21 @@ std::vector<std::string> ServingMetrics::SampleNames() const {
   return names;
 }
 
+void ServingMetrics::RequestStarted() {
+  requests_started_->Increment();
+  requests_in_flight_->Increment();
+}
+
 void ServingMetrics::CountRequest(std::string_view outcome) {
+  prometheus::Counter* c = requests_other_;
   for (const auto& [label, counter] : requests_) {
     if (label == outcome) {
-      counter->Increment();
-      return;
+      c = counter;
+      break;
     }
   }
-  requests_other_->Increment();
+  c->Increment();
+  requests_in_flight_->Decrement();
 }
 
 void ServingMetrics::AddPromptTokens(int64_t n) { Inc(prompt_tokens_, n); }

@@ -29,8 +29,9 @@ class Registry;
 
 namespace lorc {
 
-// The coordinator's serving state (lorcserve_serving_state's `state` label).
-enum class ServingState { kStarting, kServing, kRecovering, kFailed };
+// The coordinator's serving state (lorcserve_serving_state's `state` label). kDraining: from a
+// graceful drain's start (SIGTERM) to the exit, whatever the workers do meanwhile.
+enum class ServingState { kStarting, kServing, kDraining, kRecovering, kFailed };
 const char* ServingStateName(ServingState s);
 
 // Scheduler occupancy, published by the engine thread after every iteration.
@@ -71,7 +72,12 @@ class ServingMetrics {
   // Every sample name the registry exposes (histograms: _bucket, _sum, _count too), sorted.
   std::vector<std::string> SampleNames() const;
 
-  // ---- gRPC handler threads: one call per Generate call when it returns.
+  // ---- gRPC handler threads: RequestStarted when a Generate call starts (every call, also one
+  // refused at once), CountRequest when it returns.
+  // lorcserve_requests_started_total +1, lorcserve_num_requests_in_flight +1.
+  void RequestStarted();
+  // Ends a call RequestStarted counted: lorcserve_requests_total{outcome} +1, then
+  // lorcserve_num_requests_in_flight -1 (a scrape between the two sees the call in both).
   // `outcome`: "stop" / "length" (served to the end; "length" when any completion hit its
   // limit) or OutcomeOfStatus(status) for a failed call.
   void CountRequest(std::string_view outcome);
@@ -103,6 +109,8 @@ class ServingMetrics {
   // Outcome label -> counter (kFinishOutcomes, then OutcomeOfStatus of every non-OK code).
   std::vector<std::pair<std::string_view, prometheus::Counter*>> requests_;
   prometheus::Counter* requests_other_ = nullptr;
+  prometheus::Counter* requests_started_ = nullptr;
+  prometheus::Gauge* requests_in_flight_ = nullptr;
   prometheus::Counter *prompt_tokens_, *cached_prompt_tokens_, *generation_tokens_;
   prometheus::Histogram *ttft_, *itl_, *e2e_;
   prometheus::Histogram *step_schedule_, *step_workers_, *step_apply_;
@@ -111,7 +119,7 @@ class ServingMetrics {
       *host_kv_capacity_;
   prometheus::Counter *preemptions_, *pc_queries_, *pc_query_tokens_, *pc_hit_device_,
       *pc_hit_host_, *kv_compactions_, *kv_compaction_freed_;
-  std::array<prometheus::Gauge*, 4> state_{};  // by ServingState
+  std::array<prometheus::Gauge*, 5> state_{};  // by ServingState
   prometheus::Gauge* group_size_;
   prometheus::Counter *worker_failures_, *worker_recoveries_;
 };

@@ -236,6 +236,52 @@ TEST_F(MetricsE2ETest, EveryMetricPresentAndMoving) {
   }
 }
 
+// Found by a tester: during a drain readiness was NOT_SERVING but serving_state said serving,
+// and no series told the calls in flight.
+TEST_F(MetricsE2ETest, DrainingStateAndRequestsInFlight) {
+  ASSERT_NO_FATAL_FAILURE(StartWithMetrics());
+  auto ended = [](const Samples& s) {
+    double n = 0;
+    for (const auto& [series, v] : s) {
+      if (series.rfind("lorcserve_requests_total{", 0) == 0) n += v;
+    }
+    return n;
+  };
+  const Samples s0 = Scrape();
+  EXPECT_EQ(s0.at("lorcserve_num_requests_in_flight"), 0);
+  EXPECT_EQ(s0.at("lorcserve_requests_started_total"), ended(s0));
+  v1::GenerateRequest req = IdsRequest(GoldenPrompts()[0].prompt_ids, 4000);
+  req.mutable_sampling()->set_ignore_eos(true);
+  grpc::ClientContext cctx;
+  std::unique_ptr<grpc::ClientReader<v1::GenerateResponse>> reader = stub_->Generate(&cctx, req);
+  v1::GenerateResponse first;
+  ASSERT_TRUE(reader->Read(&first));
+  const Samples busy = Scrape();
+  EXPECT_EQ(busy.at("lorcserve_num_requests_in_flight"), 1);
+  EXPECT_EQ(busy.at("lorcserve_requests_started_total"), ended(busy) + 1);
+  EXPECT_EQ(busy.at("lorcserve_serving_state{state=\"serving\"}"), 1);
+  EXPECT_EQ(busy.at("lorcserve_serving_state{state=\"draining\"}"), 0);
+  ASSERT_EQ(kill(server_->pid(), SIGTERM), 0);  // the drain waits for the request (30 s)
+  Samples draining;
+  EXPECT_TRUE(WaitFor([&] {
+    draining = Scrape();
+    return draining.at("lorcserve_serving_state{state=\"draining\"}") == 1;
+  }, 5));
+  EXPECT_EQ(draining.at("lorcserve_serving_state{state=\"serving\"}"), 0);
+  EXPECT_EQ(draining.at("lorcserve_num_requests_in_flight"), 1);
+  // A call refused by the drain starts and ends too.
+  const cli::StreamResult refused = Generate(IdsRequest(GoldenPrompts()[1].prompt_ids, 4));
+  EXPECT_EQ(refused.status.error_code(), grpc::StatusCode::UNAVAILABLE);
+  const Samples after = ScrapeWhen("lorcserve_requests_total{outcome=\"unavailable\"}",
+                                   draining.at("lorcserve_requests_total{outcome=\"unavailable\"}") + 1);
+  EXPECT_EQ(after.at("lorcserve_requests_started_total"), ended(after) + 1);
+  EXPECT_EQ(after.at("lorcserve_num_requests_in_flight"), 1);
+  cctx.TryCancel();  // the drain then ends, and the process
+  v1::GenerateResponse more;
+  while (reader->Read(&more)) {
+  }
+}
+
 TEST_F(MetricsE2ETest, BadFlagsAreErrors) {
   int code = 0;
   const std::string out = RunLorcserve({"coordinator", "--model", Tiny(), "--local-workers", "1",

@@ -35,6 +35,7 @@ using ::testing::HasSubstr;
 // Every family, as metrics/README.md lists them (histograms by their base name).
 const std::vector<std::string> kCounters = {
     "lorcserve_requests_total",
+    "lorcserve_requests_started_total",
     "lorcserve_prompt_tokens_total",
     "lorcserve_cached_prompt_tokens_total",
     "lorcserve_generation_tokens_total",
@@ -53,6 +54,7 @@ const std::vector<std::string> kGauges = {
     "lorcserve_kv_blocks_used",         "lorcserve_kv_blocks_capacity",
     "lorcserve_host_kv_blocks_used",    "lorcserve_host_kv_blocks_capacity",
     "lorcserve_serving_state",          "lorcserve_worker_group_size",
+    "lorcserve_num_requests_in_flight",
 };
 const std::vector<std::string> kHistograms = {
     "lorcserve_time_to_first_token_seconds",
@@ -86,6 +88,7 @@ TEST(ServingMetricsTest, ExposesExactlyTheListedFamilies) {
 
 TEST(ServingMetricsTest, UpdatesShowInTheExposition) {
   ServingMetrics m;
+  for (int i = 0; i < 8; ++i) m.RequestStarted();  // 6 end below, 2 stay in flight
   m.CountRequest("stop");
   m.CountRequest("stop");
   m.CountRequest("length");
@@ -119,6 +122,14 @@ TEST(ServingMetricsTest, UpdatesShowInTheExposition) {
   EXPECT_EQ(s.at("lorcserve_requests_total{outcome=\"cancelled\"}"), 1);
   EXPECT_EQ(s.at("lorcserve_requests_total{outcome=\"invalid_argument\"}"), 1);
   EXPECT_EQ(s.at("lorcserve_requests_total{outcome=\"other\"}"), 1);
+  // started = ended (every outcome) + in flight: the check a tester could not write in PromQL.
+  EXPECT_EQ(s.at("lorcserve_requests_started_total"), 8);
+  EXPECT_EQ(s.at("lorcserve_num_requests_in_flight"), 2);
+  double ended = 0;
+  for (const auto& [series, v] : s) {
+    if (series.rfind("lorcserve_requests_total{", 0) == 0) ended += v;
+  }
+  EXPECT_EQ(ended + s.at("lorcserve_num_requests_in_flight"), s.at("lorcserve_requests_started_total"));
   EXPECT_EQ(s.at("lorcserve_prompt_tokens_total"), 21);
   EXPECT_EQ(s.at("lorcserve_cached_prompt_tokens_total"), 16);
   EXPECT_EQ(s.at("lorcserve_generation_tokens_total"), 8);
@@ -150,6 +161,16 @@ TEST(ServingMetricsTest, UpdatesShowInTheExposition) {
   EXPECT_EQ(s.at("lorcserve_worker_group_size"), 2);
   EXPECT_EQ(s.at("lorcserve_worker_failures_total"), 1);
   EXPECT_EQ(s.at("lorcserve_worker_recoveries_total"), 1);
+
+  // A drain: its own state, the only one at 1 (found by a tester: serving stayed 1 while
+  // readiness was NOT_SERVING).
+  m.SetServingState(ServingState::kDraining);
+  const std::map<std::string, double> d = ParseExposition(m.Serialize());
+  for (const char* state : {"starting", "serving", "draining", "recovering", "failed"}) {
+    EXPECT_EQ(d.at(absl::StrCat("lorcserve_serving_state{state=\"", state, "\"}")),
+              std::string(state) == "draining" ? 1 : 0)
+        << state;
+  }
 }
 
 TEST(ServingMetricsTest, OutcomeLabels) {

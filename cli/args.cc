@@ -1,5 +1,9 @@
 #include "cli/args.h"
 
+#include <algorithm>
+#include <limits>
+
+#include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
@@ -87,8 +91,17 @@ absl::StatusOr<double> Args::GetDouble(const std::string& name, double def) cons
 absl::StatusOr<std::vector<int32_t>> Args::GetIntList(const std::string& name) const {
   std::vector<int32_t> out;
   for (absl::string_view part : absl::StrSplit(Get(name), ',')) {
+    const absl::string_view item = absl::StripAsciiWhitespace(part);
     int32_t v;
-    if (!absl::SimpleAtoi(absl::StripAsciiWhitespace(part), &v)) {
+    if (!absl::SimpleAtoi(item, &v)) {
+      // An integer that does not fit is out of range, not "not an integer" (99999999999).
+      absl::string_view digits = item;
+      if (!digits.empty() && (digits.front() == '-' || digits.front() == '+')) digits.remove_prefix(1);
+      if (!digits.empty() && std::all_of(digits.begin(), digits.end(), absl::ascii_isdigit)) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "--", name, ": ", item, " is outside the int32 range [",
+            std::numeric_limits<int32_t>::min(), ", ", std::numeric_limits<int32_t>::max(), "]"));
+      }
       return absl::InvalidArgumentError(absl::StrCat("--", name, ": '", part, "' is not an integer"));
     }
     out.push_back(v);

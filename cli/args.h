@@ -43,7 +43,8 @@ class Args {
   absl::StatusOr<double> GetDouble(const std::string& name, double def) const;
   // A HOST:PORT to listen on, the port in [0, 65535]; InvalidArgument naming the flag otherwise.
   absl::StatusOr<std::string> GetListenAddress(const std::string& name, const std::string& def) const;
-  // Comma-separated integers ("0,1,2").
+  // Comma-separated int32 integers ("0,1,2"); InvalidArgument naming the flag and the item that
+  // is not an integer, or is one outside the int32 range.
   absl::StatusOr<std::vector<int32_t>> GetIntList(const std::string& name) const;
 
  private:

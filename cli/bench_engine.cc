@@ -444,7 +444,7 @@ absl::StatusOr<std::unique_ptr<Target>> OpenLocalWorkers(const Args& args, int32
   o.workers.count = n;
   o.workers.backend = args.Get("backend", "cpu");
   RETURN_IF_ERROR(ParseBackendKind(o.workers.backend).status());
-  ASSIGN_OR_RETURN(o.workers.threads_per_worker, args.GetInt32("threads", 0, 0));
+  ASSIGN_OR_RETURN(o.workers.threads_per_worker, ParseThreads(args));
   ASSIGN_OR_RETURN(o.workers.first_device, args.GetInt32("device", 0, 0));
   ASSIGN_OR_RETURN(t->config, LoadModelConfig(o.model.dir));
   // The split is checked here too, so that a shape N does not divide names the flag at once.

@@ -49,7 +49,7 @@ absl::StatusOr<CoordinatorOptions> ParseOptions(const Args& args) {
       ASSIGN_OR_RETURN(o.local_workers.count, args.GetInt32("local-workers", 1, 1, 64));
     }
     o.local_workers.backend = args.Get("backend", "cpu");
-    ASSIGN_OR_RETURN(o.local_workers.threads_per_worker, args.GetInt32("threads", 0, 0));
+    ASSIGN_OR_RETURN(o.local_workers.threads_per_worker, ParseThreads(args));
     if (!args.Has("tensor-parallel-size") && std::getenv("LWS_GROUP_SIZE") != nullptr) {
       // The LeaderWorkerSet leader: as many local workers on each pod as here.
       int64_t pods = 0;
@@ -109,7 +109,7 @@ int RunCoordinator(int argc, char** argv) {
                     defaults::kInternalPort, ", or 0 when --listen's port is 0)"),
        "ADDR"},
       {"backend", true, "local workers' backend: cpu (default) or cuda", "KIND"},
-      {"threads", true, "local CPU workers: BLAS threads each (default: cores / N)", "N"},
+      {"threads", true, "local CPU workers: BLAS threads each, at least 1 (default: cores / N)", "N"},
       {"advertise-address", true, "how listed and local workers reach the internal port (default: from --internal-listen)", "HOST:PORT"},
       {"random-weights", false, "workers use seeded random weights of config.json's shape"},
       {"weights-seed", true, "seed for --random-weights", "S"},

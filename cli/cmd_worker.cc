@@ -91,7 +91,7 @@ int RunJoinedWorkers(const Args& args, const JoinSetup& j) {
   LocalWorkersOptions o;
   o.count = j.local_workers;
   o.backend = args.Get("backend", "cpu");
-  absl::StatusOr<int32_t> threads = args.GetInt32("threads", 0, 0);
+  absl::StatusOr<int32_t> threads = ParseThreads(args);
   absl::StatusOr<int32_t> device = args.GetInt32("device", 0, 0);
   if (!threads.ok()) return Fail("worker", threads.status());
   if (!device.ok()) return Fail("worker", device.status());
@@ -205,7 +205,7 @@ int RunWorker(int argc, char** argv) {
   WorkerOptions wo;
   absl::StatusOr<BackendKind> kind = ParseBackendKind(args->Get("backend", "cpu"));
   absl::StatusOr<int32_t> device = args->GetInt32("device", 0, 0);
-  absl::StatusOr<int32_t> threads = args->GetInt32("threads", 0, 0);
+  absl::StatusOr<int32_t> threads = ParseThreads(*args);
   absl::StatusOr<double> lease_s =
       args->GetDouble("owner-lease-s", absl::ToDoubleSeconds(wo.owner_lease));
   for (const absl::Status& s : {kind.status(), device.status(), threads.status(), lease_s.status()}) {

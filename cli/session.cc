@@ -33,7 +33,7 @@ std::vector<FlagSpec> KvCacheFlags() {
       {"kv-cache-mb", true,
        absl::StrCat("KV cache memory per worker in MiB (default ", defaults::kKvCacheMiB, ")"),
        "MB"},
-      {"num-blocks", true, "KV cache blocks per worker (overrides --kv-cache-mb)", "N"},
+      {"num-blocks", true, "KV cache blocks per worker, at least 1 (overrides --kv-cache-mb)", "N"},
       {"gpu-memory-utilization", true,
        absl::StrCat("share of each GPU's memory for weights, step buffers and KV cache; the cache "
                     "gets what is left (CUDA default ", defaults::kGpuMemoryUtilization,
@@ -155,6 +155,11 @@ absl::StatusOr<EngineOptions> ParseEngineOptions(const Args& args) {
   return eo;
 }
 
+absl::StatusOr<int32_t> ParseThreads(const Args& args) {
+  if (!args.Has("threads")) return 0;
+  return args.GetInt32("threads", 0, 1);
+}
+
 absl::StatusOr<ModelSource> ParseModelSource(const Args& args) {
   if (!args.Has("model")) return absl::InvalidArgumentError("--model DIR is required");
   ModelSource src;
@@ -179,7 +184,9 @@ absl::StatusOr<KvCacheOptions> ParseKvCacheOptions(const Args& args) {
                    args.GetIntInRange("kv-cache-mb", defaults::kKvCacheMiB, 1, int64_t{1} << 30));
   ASSIGN_OR_RETURN(kv.block_size, args.GetInt32("block-size", defaults::kBlockSize, 1, 1024));
   ASSIGN_OR_RETURN(kv.kv_cache_dtype, ParseKvCacheDtype(args.Get("kv-cache-dtype", "auto")));
-  ASSIGN_OR_RETURN(kv.num_blocks, args.GetInt32("num-blocks", 0, 0));
+  if (args.Has("num-blocks")) {  // unset (0 in KvCacheOptions): --kv-cache-mb sizes the cache
+    ASSIGN_OR_RETURN(kv.num_blocks, args.GetInt32("num-blocks", 0, 1));
+  }
   kv.memory_bytes = kv_mb << 20;
   const bool cuda = IsBackendKind(args.Get("backend", "cpu"), BackendKind::kCuda);
   // The CPU cache lives in this machine's memory (remote workers: theirs, unknown here); a budget
@@ -266,7 +273,7 @@ absl::StatusOr<std::unique_ptr<Session>> OpenSession(const Args& args) {
   BackendOptions bo;
   ASSIGN_OR_RETURN(bo.kind, ParseBackendKind(args.Get("backend", "cpu")));
   ASSIGN_OR_RETURN(bo.device, args.GetInt32("device", 0, 0));
-  ASSIGN_OR_RETURN(bo.threads, args.GetInt32("threads", 0, 0));
+  ASSIGN_OR_RETURN(bo.threads, ParseThreads(args));
   // The flags first: a bad one is refused before a device is opened.
   ASSIGN_OR_RETURN(KvCacheOptions kv, ParseKvCacheOptions(args));
   ASSIGN_OR_RETURN(s->backend, CreateBackend(bo));

@@ -31,6 +31,11 @@ FlagSpec DisableCustomAllReduceFlag();
 // flag).
 absl::StatusOr<EngineOptions> ParseEngineOptions(const Args& args);
 
+// --threads N (BLAS threads, for the command's CPU backend or each local worker): N >= 1
+// when given (INVALID_ARGUMENT naming the flag otherwise, 0 included); 0 when not given (the
+// caller's default: all cores, or cores / workers).
+absl::StatusOr<int32_t> ParseThreads(const Args& args);
+
 // --model, --random-weights, --weights-seed, --lm-head (where the command has it).
 absl::StatusOr<ModelSource> ParseModelSource(const Args& args);
 // KvCacheFlags(), range-checked (errors name the flag).

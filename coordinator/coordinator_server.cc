@@ -156,7 +156,9 @@ absl::Status CoordinatorServer::StartServer() {
   builder.RegisterService(service_.get());
   server_ = builder.BuildAndStart();
   if (server_ == nullptr || port_ == 0) {
-    return absl::UnavailableError(absl::StrCat("cannot listen on ", options_.listen));
+    return absl::UnavailableError(absl::StrCat("--listen: cannot listen on ", options_.listen,
+                                               " (the port is in use, or the host is not an address "
+                                               "of this machine)"));
   }
   // The internal services on their own port: never reachable through the public API's.
   grpc::ServerBuilder internal;

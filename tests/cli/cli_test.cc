@@ -1,6 +1,9 @@
 // End-to-end tests of the `lorcserve` binary, run as a user runs it: a child process whose
 // stdout, stderr and exit code are checked, with the tiny-llama-a fixture and its references
 // (golden_fp32.json, train_eval.json).
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -400,6 +403,9 @@ TEST_F(CliTest, IntegerFlagsAreRangeCheckedIntoTheirType) {
       {{"--gpu-memory-utilization", "1.5"}, "--gpu-memory-utilization: 1.5 is outside (0, 1]"},
       {{"--kv-cache-mb", "9223372036854775807"}, "--kv-cache-mb: 9223372036854775807 is outside"},
       {{"--num-blocks", "4294967296"}, "--num-blocks: 4294967296 is outside"},
+      // 0 was taken silently as "unset" (found by a tester): --kv-cache-mb sized the cache.
+      {{"--num-blocks", "0"}, "--num-blocks: 0 is outside the range [1, 2147483647]"},
+      {{"--threads", "0"}, "--threads: 0 is outside the range [1, 2147483647]"},
       {{"--max-num-seqs", "-1"}, "--max-num-seqs: -1 is outside"},
       {{"--max-tokens", "4294967297"}, "--max-tokens: 4294967297 is outside"},
       // Beyond this machine's memory: used to fail at allocation naming no flag.
@@ -527,7 +533,40 @@ TEST_F(CliTest, ListenAddressesAndIdListsAreChecked) {
   const RunResult empty_item = Lorcserve({"generate", "--model", Tiny(), "--prompt-ids", "0,,1"});
   EXPECT_EQ(empty_item.exit_code, 2) << empty_item;
   EXPECT_THAT(empty_item.err, HasSubstr("--prompt-ids: '' is not an integer")) << empty_item;
+  // An integer beyond int32 is out of range, not "not an integer" (found by a tester).
+  std::vector<std::vector<std::string>> big = {{"generate", "--model", Tiny(), "--prompt-ids", "0,99999999999"}};
+#ifdef LORC_WITH_GRPC
+  big.push_back({"client", "--server", "127.0.0.1:1", "--prompt-ids", "99999999999"});
+  big.push_back({"client", "--server", "127.0.0.1:1", "--prompt-ids", "-99999999999999999999999"});
+#endif
+  for (const auto& args : big) {
+    const RunResult r = Lorcserve(args);
+    EXPECT_EQ(r.exit_code, 2) << r;
+    EXPECT_THAT(r.err, HasSubstr(" is outside the int32 range [-2147483648, 2147483647]")) << r;
+    EXPECT_THAT(r.err, Not(HasSubstr("not an integer"))) << r;
+  }
 }
+
+#ifdef LORC_WITH_GRPC
+// Found by a tester: "UNAVAILABLE: cannot listen on 127.0.0.1:51081" named no flag.
+TEST_F(CliTest, CoordinatorListenInUseNamesTheFlag) {
+  const int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  ASSERT_GE(fd, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof(addr);
+  ASSERT_EQ(bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+  ASSERT_EQ(listen(fd, 1), 0);
+  ASSERT_EQ(getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len), 0);
+  const std::string busy = "127.0.0.1:" + std::to_string(ntohs(addr.sin_port));
+  const RunResult r = Lorcserve({"coordinator", "--model", Tiny(), "--local-workers", "1", "--listen", busy});
+  close(fd);
+  EXPECT_EQ(r.exit_code, 1) << r;  // bind failures 1, flag errors 2
+  EXPECT_THAT(r.err, HasSubstr("--listen: cannot listen on " + busy)) << r;
+  EXPECT_THAT(r.out, Not(HasSubstr("LISTENING"))) << r;
+}
+#endif
 
 TEST_F(CliTest, JoinFlagsAreChecked) {
   struct Case {

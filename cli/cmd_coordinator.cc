@@ -3,6 +3,7 @@
 #include <signal.h>
 
 #include <atomic>
+#include <filesystem>
 #include <iostream>
 #include <optional>
 
@@ -28,6 +29,18 @@ namespace {
 absl::StatusOr<CoordinatorOptions> ParseOptions(const Args& args) {
   CoordinatorOptions o;
   ASSIGN_OR_RETURN(o.model, ParseModelSource(args));
+  // Absolute (against this process's working directory) and normalized, without a trailing '/':
+  // ModelInfo reports it to clients (the gateway reads the tokenizer and the chat template
+  // there, from its own working directory), and the workers load it (local ones share our
+  // working directory; remote ones see the same path).
+  if (!o.model.dir.empty()) {
+    std::error_code ec;
+    std::filesystem::path dir = std::filesystem::absolute(o.model.dir, ec).lexically_normal();
+    if (!ec) {
+      if (dir.has_relative_path() && dir.filename().empty()) dir = dir.parent_path();
+      o.model.dir = dir.string();
+    }
+  }
   ASSIGN_OR_RETURN(o.kv, ParseKvCacheOptions(args));
   ASSIGN_OR_RETURN(o.listen, args.GetListenAddress("listen", "127.0.0.1:50051"));
   if (args.Has("internal-listen")) {
@@ -96,7 +109,10 @@ absl::StatusOr<CoordinatorOptions> ParseOptions(const Args& args) {
 
 int RunCoordinator(int argc, char** argv) {
   std::vector<FlagSpec> flags = {
-      {"model", true, "model directory (config.json, tokenizer.json; workers read the weights)", "DIR"},
+      {"model", true,
+       "model directory (config.json, tokenizer.json; workers read the weights); made absolute "
+       "against the working directory (ModelInfo reports that path)",
+       "DIR"},
       {"listen", true, "address to serve the API on (default 127.0.0.1:50051; port 0: pick one)", "ADDR"},
       {"workers", true, "worker addresses in rank order (started with 'lorcserve worker')", "A,B,..."},
       {"local-workers", true, "start and supervise N worker processes on this machine (ranks 0..N-1)", "N"},

@@ -550,7 +550,7 @@ TEST_F(ServerE2ETest, HealthTokenizeAndModelInfo) {
   EXPECT_GT(info.hidden_size(), 0);
   EXPECT_EQ(info.backend(), "cpu");
   EXPECT_EQ(info.kv_compression(), "none");
-  EXPECT_EQ(info.model(), Tiny());
+  EXPECT_EQ(info.model(), fs::path(Tiny()).lexically_normal().string());
   EXPECT_EQ(info.workers_size(), 2);
   for (const std::string& w : info.workers()) EXPECT_THAT(w, HasSubstr("127.0.0.1:"));
   EXPECT_TRUE(info.serving());
@@ -592,6 +592,18 @@ TEST_F(ServerE2ETest, HealthTokenizeAndModelInfo) {
 }
 
 // ---- 7. server reflection ----------------------------------------------------------------------
+
+// Found by a tester: ModelInfo reported --model as given (models/tiny-llama-a), and the gateway
+// resolved it against its own working directory. The coordinator reports it absolute, normalized.
+TEST_F(ServerE2ETest, ModelInfoReportsTheModelDirectoryAbsolute) {
+  const fs::path tiny = fs::path(Tiny()).lexically_normal();
+  // Relative to this test's working directory (the coordinator's), with a './' and a trailing '/'.
+  const std::string relative = "./" + fs::relative(tiny, fs::current_path()).string() + "/";
+  ASSERT_TRUE(fs::path(relative).is_relative()) << relative;
+  ASSERT_NO_FATAL_FAILURE(StartServer(1, {"--model", relative}));
+  EXPECT_EQ(Info().model(), tiny.string());
+  EXPECT_THAT(server_->Stderr(), HasSubstr("serving " + tiny.string() + " on "));
+}
 
 TEST_F(ServerE2ETest, ServerReflectionListsTheService) {
   ASSERT_NO_FATAL_FAILURE(StartServer(1));

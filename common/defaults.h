@@ -43,15 +43,12 @@ inline constexpr int32_t kMaxPrefixBypass = 4;
 // kept keys, so waiting for a quarter bounds the copies to about 4 keys per evicted key while
 // the cache holds at most a third more blocks than the kept keys need.
 inline constexpr double kKvCompactMinFreedFraction = 0.25;
-// MiKV also compacts once its keys demoted since the last compaction, still in full-width slots
-// (KvSlotReport::low_in_slots, the most over layers and heads), reach this times the square root
-// of the kept run's slots (bound - compact_from): a tile of 16 keys holding one is dequantized on
-// the fly at ~3x a packed tile's cost (docs/PERFORMANCE.md "Tensor-core policy decode"), so with
-// d such keys among K slots each step reads ~K + 32 d slot-equivalents, while a compaction copies
-// the run once (~3 K); at ~0.7 demotions a step, the per-step total is least when compacting
-// every ~sqrt(0.27 K) steps, at d ~ 0.36 sqrt(K). 0.5 compacts a little later than that optimum.
-// The freed-blocks rule alone never fired during a MiKV decode (~33 freed blocks against 125).
-inline constexpr double kKvCompactLowInSlotsRatio = 0.5;
+// MiKV also compacts once block_size of its keys demoted since the last compaction are still in
+// full-width slots (KvSlotReport::low_in_slots, the most over layers and heads; Scheduler): a
+// 16-key tile holding one is dequantized on the fly at ~3x a packed tile's cost. Measured on an
+// H200 (docs/PERFORMANCE.md "MiKV compaction during decode"): compacting at 0.5, 0.25 and 0.125 x
+// sqrt(kept slots) demoted keys gave ITL p50 25.9 / 23.8 / 23.2 ms at 16k, and at block_size
+// (16) 23.1; the freed-blocks rule alone never fired during a MiKV decode (37.3 ms).
 // The coordinator's internal port (Rendezvous, WorkerJoin): `--internal-listen` defaults to the
 // `--listen` host with this port, and a LeaderWorkerSet worker joins $LWS_LEADER_ADDRESS on it.
 inline constexpr int32_t kInternalPort = 50052;

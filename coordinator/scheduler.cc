@@ -381,11 +381,9 @@ void Scheduler::CompactKv(StepPlan& plan) {
     const int64_t freed = blocks - CeilDiv(bound, bs);
     const int64_t enough = std::max<int64_t>(
         1, static_cast<int64_t>(std::ceil(static_cast<double>(blocks) * defaults::kKvCompactMinFreedFraction)));
-    // MiKV: keys demoted in their slots slow every decode step until packed (defaults.h).
-    const bool pack = r.low_in_slots > 0 &&
-                      static_cast<double>(r.low_in_slots) >=
-                          defaults::kKvCompactLowInSlotsRatio *
-                              std::sqrt(static_cast<double>(std::max<int64_t>(bound - r.compact_from, 1)));
+    // MiKV: keys demoted in their slots slow every decode step until packed (defaults.h, next to
+    // kKvCompactMinFreedFraction).
+    const bool pack = r.low_in_slots >= bs;
     if (bound >= s->slots() || (freed < enough && !pack)) continue;
     const int32_t from_block = static_cast<int32_t>(r.compact_from / bs);
     if (!blocks_.CanCompact(s->id, from_block)) continue;  // a block there is shared (a hit)

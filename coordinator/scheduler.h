@@ -78,8 +78,8 @@
 // (StepResult::kv_slots: from compact_from, a block boundary, the most over the ranks). A
 // sequence's upper bound at plan time is that plus the tokens computed since the reported step
 // (evictions only lower it). When the bound frees at least kKvCompactMinFreedFraction of its
-// blocks (and one), or (MiKV) its keys demoted in their slots reach kKvCompactLowInSlotsRatio x
-// sqrt(kept slots) (and the bound is below its slots), the blocks from compact_from on are held by it alone and it is neither in a
+// blocks (and one), or (MiKV) block_size of its keys demoted since the last compaction are still
+// in their slots (and the bound is below its slots), the blocks from compact_from on are held by it alone and it is neither in a
 // session nor has unforked children, Schedule puts a KvCompaction first in the plan and releases
 // the blocks past the bound at once (the workers compact before anything else in that step);
 // from then on the sequence holds num_computed - slot_offset slots (blocks_ counts slots) and

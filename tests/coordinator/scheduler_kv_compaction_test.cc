@@ -90,22 +90,21 @@ TEST(SchedulerKvCompactionTest, TheBoundCountsTokensInFlightAndFreesEnoughOrNoth
 TEST(SchedulerKvCompactionTest, MikvKeysDemotedInTheirSlotsCompactWithoutFreeingEnoughBlocks) {
   // 400 prompt tokens on 4-token blocks: 100 blocks. MiKV packs its demoted keys into a run a
   // quarter of their slots, so a compaction frees few blocks, and during decode (well under a
-  // quarter of 100 blocks freed) only the keys still demoted in their slots ask for one:
-  // kKvCompactLowInSlotsRatio (0.5) x sqrt(kept slots).
+  // quarter of 100 blocks freed) only the keys still demoted in their slots ask for one, once
+  // they fill a block (4 here).
   auto sched = MakeScheduler(CompactingConfig(4, 128));
   ASSERT_OK(sched->Add(1, Prompt(400), Params(64)));
   StepPlan p1 = sched->Schedule();
   sched->Apply(ResultFor(p1, {}));
   StepPlan p2 = sched->Schedule();  // computes token 401
-  // 396 slots needed (16 blocks' worth of slack would be freed: 1 block, far from 25), and 9
-  // keys demoted in their slots: under 0.5 x sqrt(396) = 9.95, so nothing.
-  sched->Apply(ResultFor(p2, {{1, 401, 0, 396, 9}}));
+  // 396 slots needed (1 block freed, far from 25), and 3 keys demoted in their slots: nothing.
+  sched->Apply(ResultFor(p2, {{1, 401, 0, 396, 3}}));
   StepPlan p3 = sched->Schedule();
   EXPECT_TRUE(p3.kv_compactions.empty());
   sched->Apply(ResultFor(p3, {}));
-  // 10 keys: compacted to the bound, 396 + the token computed since the report.
+  // 4 keys: compacted to the bound.
   StepPlan p4 = sched->Schedule();
-  sched->Apply(ResultFor(p4, {{1, 403, 0, 396, 10}}));
+  sched->Apply(ResultFor(p4, {{1, 403, 0, 396, 4}}));
   StepPlan p5 = sched->Schedule();
   ASSERT_EQ(p5.kv_compactions.size(), 1u);
   EXPECT_EQ(p5.kv_compactions[0].num_slots, 396);  // nothing computed since the report

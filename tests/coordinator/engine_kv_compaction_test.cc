@@ -85,9 +85,14 @@ TEST_P(EngineKvCompactionTest, CompactionChangesMemoryNotTokens) {
   EXPECT_EQ(compacted, plain);
   // Each golden request ends at ~64 + its prompt tokens (9-10 blocks of 8); the policy keeps
   // about 30 % (or w + r + sinks) per head, so every request compacts, repeatedly as it grows,
-  // and each compaction frees at least one block.
+  // and each compaction the freed-blocks rule starts frees at least one block; MiKV also
+  // compacts to pack a block's worth of keys demoted in their slots, which may free none.
   EXPECT_GE(compactions, 2 * static_cast<int64_t>(plain.size()));
-  EXPECT_GE(freed, compactions);
+  if (GetParam().kind == kvpolicy::KvPolicyKind::kMikv) {
+    EXPECT_GE(freed, static_cast<int64_t>(plain.size()));
+  } else {
+    EXPECT_GE(freed, compactions);
+  }
 }
 
 // Parallel sampling under a policy: a fork child continues its parent's state (KvPolicyStore::

@@ -101,7 +101,11 @@ TEST_P(KvPolicyServerTest, TensorParallelTwoStreamsTheInProcessTokens) {
     return m.contains("lorcserve_kv_compactions_total") && m.at("lorcserve_kv_compactions_total") > 0;
   }, 10);
   EXPECT_GT(m["lorcserve_kv_compactions_total"], 0) << "the policy never gave memory back";
-  EXPECT_GE(m["lorcserve_kv_compaction_freed_blocks_total"], m["lorcserve_kv_compactions_total"]);
+  EXPECT_GT(m["lorcserve_kv_compaction_freed_blocks_total"], 0);
+  if (GetParam().config.kind != kvpolicy::KvPolicyKind::kMikv) {
+    // Only MiKV compacts without freeing a block (to pack keys demoted in their slots).
+    EXPECT_GE(m["lorcserve_kv_compaction_freed_blocks_total"], m["lorcserve_kv_compactions_total"]);
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(KvPolicy, KvPolicyServerTest,

@@ -64,6 +64,8 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if not args.coordinator.strip():
         p.error("--coordinator: empty address (HOST:PORT)")
+    if args.served_model_name is not None and not args.served_model_name.strip():
+        p.error("--served-model-name: empty name (leave the flag out for the model's own)")
     if (args.tls_cert is None) != (args.tls_key is None):
         p.error("--tls-cert and --tls-key go together")
     if args.tls_cert is not None and args.tls_ca is None:

@@ -485,6 +485,12 @@ class GatewayE2E(unittest.TestCase):
             capture_output=True, text=True, timeout=60)
         self.assertEqual(out.returncode, 2, out.stderr)
         self.assertIn("--model-dir /nonexistent-dir: not a directory", out.stderr)
+        out = subprocess.run(
+            ["env", f"BUILD_DIR={ARGS.build_dir}", os.path.join(REPO, "scripts", "gateway.sh"),
+             "--coordinator", self.coord_a, "--port", "0", "--served-model-name", " "],
+            capture_output=True, text=True, timeout=60)
+        self.assertEqual(out.returncode, 2, out.stderr)
+        self.assertIn("--served-model-name: empty name", out.stderr)
 
     def test_tls_to_the_coordinator(self):
         d = os.path.join(self.tmp, "tls")

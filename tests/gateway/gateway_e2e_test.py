@@ -467,30 +467,28 @@ class GatewayE2E(unittest.TestCase):
         self.assertEqual(code, 200, body)
         self.assertEqual(json.loads(body)["usage"]["prompt_tokens"], len(ids))
 
+    def assert_start_fails(self, *flags):
+        """Starts a gateway in front of coordinator A with `flags`: it must exit 2 without
+        listening; returns its stderr."""
+        out = subprocess.run(
+            ["env", f"BUILD_DIR={ARGS.build_dir}", os.path.join(REPO, "scripts", "gateway.sh"),
+             "--coordinator", self.coord_a, "--port", "0", *flags],
+            capture_output=True, text=True, timeout=60)
+        self.assertEqual(out.returncode, 2, out.stderr)
+        self.assertNotIn("GATEWAY_LISTENING", out.stdout)
+        return out.stderr
+
     def test_malformed_chat_template_stops_the_start(self):
         bad = os.path.join(self.tmp, "bad.jinja")
         with open(bad, "w") as f:
             f.write("{% for m in messages %}\n{{ m.content }\n")
-        out = subprocess.run(
-            ["env", f"BUILD_DIR={ARGS.build_dir}", os.path.join(REPO, "scripts", "gateway.sh"),
-             "--coordinator", self.coord_a, "--port", "0", "--chat-template", bad],
-            capture_output=True, text=True, timeout=60)
-        self.assertEqual(out.returncode, 2, out.stderr)
-        self.assertNotIn("GATEWAY_LISTENING", out.stdout)
-        self.assertRegex(out.stderr, r"--chat-template .*bad\.jinja: line 2: ")
+        self.assertRegex(self.assert_start_fails("--chat-template", bad),
+                         r"--chat-template .*bad\.jinja: line 2: ")
         # A --model-dir that is not there: logprobs and chat would silently lose the vocabulary.
-        out = subprocess.run(
-            ["env", f"BUILD_DIR={ARGS.build_dir}", os.path.join(REPO, "scripts", "gateway.sh"),
-             "--coordinator", self.coord_a, "--port", "0", "--model-dir", "/nonexistent-dir"],
-            capture_output=True, text=True, timeout=60)
-        self.assertEqual(out.returncode, 2, out.stderr)
-        self.assertIn("--model-dir /nonexistent-dir: not a directory", out.stderr)
-        out = subprocess.run(
-            ["env", f"BUILD_DIR={ARGS.build_dir}", os.path.join(REPO, "scripts", "gateway.sh"),
-             "--coordinator", self.coord_a, "--port", "0", "--served-model-name", " "],
-            capture_output=True, text=True, timeout=60)
-        self.assertEqual(out.returncode, 2, out.stderr)
-        self.assertIn("--served-model-name: empty name", out.stderr)
+        self.assertIn("--model-dir /nonexistent-dir: not a directory",
+                      self.assert_start_fails("--model-dir", "/nonexistent-dir"))
+        self.assertIn("--served-model-name: empty name",
+                      self.assert_start_fails("--served-model-name", " "))
 
     def test_tls_to_the_coordinator(self):
         d = os.path.join(self.tmp, "tls")
@@ -538,13 +536,9 @@ class GatewayE2E(unittest.TestCase):
         self.assert_error(*curl(f"{nocert}/v1/completions", {"model": MODEL_NAME,
                                                               "prompt": "x"}), 503, None,
                           "--tls-cert / --tls-key")
-        out = subprocess.run(
-            ["env", f"BUILD_DIR={ARGS.build_dir}", os.path.join(REPO, "scripts", "gateway.sh"),
-             "--coordinator", mtls, "--port", "0", "--tls-ca", os.path.join(d, "ca.crt"),
-             "--tls-cert", os.path.join(d, "cli.crt"), "--tls-key", os.path.join(d, "ca.crt")],
-            capture_output=True, text=True, timeout=60)
-        self.assertEqual(out.returncode, 2, out.stderr)
-        self.assertIn("--tls-key", out.stderr)
+        self.assertIn("--tls-key", self.assert_start_fails(
+            "--tls-ca", os.path.join(d, "ca.crt"), "--tls-cert", os.path.join(d, "cli.crt"),
+            "--tls-key", os.path.join(d, "ca.crt")))  # a certificate, not a key
 
     def test_hostile_clients_leave_the_gateway_serving(self):
         # A burst of clients that hang up early (streamed, not, batches) beside malformed

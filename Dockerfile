@@ -53,7 +53,7 @@ COPY deploy/docker/cuda-apt-repo.sh /tmp/cuda-apt-repo.sh
 RUN bash /tmp/cuda-apt-repo.sh \
  && xargs -a /tmp/runtime-packages.txt apt-get install -y -q --no-install-recommends \
  && apt-get install -y -q --no-install-recommends \
-      python3-fastapi python3-uvicorn python3-jinja2 python3-grpcio python3-protobuf \
+      python3-fastapi python3-uvicorn python3-jinja2 python3-grpcio python3-protobuf python3-cryptography \
  && apt-get purge -y -q curl && apt-get autoremove -y -q \
  && rm -rf /var/lib/apt/lists/* /tmp/runtime-packages.txt /tmp/cuda-apt-repo.sh \
  && groupadd --gid 10001 lorc && useradd --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin lorc

@@ -97,10 +97,14 @@ def get_str(body, name):
     return _get(body, name, lambda v: isinstance(v, str), "a string")
 
 
-def get_int_list(body, name):
+def get_int_list(body, name, max_len=None):
+    """body[name] as a list of int32 (None when absent); more than max_len items, or any that is
+    not one, is a 400 naming the field (the length checked first)."""
     v = body.get(name)
     if v is None:
         return None
+    if isinstance(v, list) and max_len is not None and len(v) > max_len:
+        raise bad_request(name, f"{len(v)} ids, more than the vocabulary's {max_len} tokens")
     if not isinstance(v, list) or not all(is_int(x) for x in v):
         raise bad_request(name, "must be a list of integers")
     for i, x in enumerate(v):
@@ -137,11 +141,13 @@ def check_fields(body, allowed):
 
 
 def fill_sampling(s, body, defaults, max_tokens, max_model_len=None,
-                  max_tokens_name="max_tokens"):
+                  max_tokens_name="max_tokens", vocab_size=None):
     """Sets SamplingOptions `s` from the body's common fields. defaults: the model's
     generation defaults (ModelInfo.generation_defaults). max_tokens: the endpoint's value (or
     None: lorcserve's default), read from the field max_tokens_name; more than max_model_len
-    (ModelInfo's, when given) can never fit and is a 400 naming that field."""
+    (ModelInfo's, when given) can never fit and is a 400 naming that field. vocab_size
+    (ModelInfo's, when given): `logit_bias` and `allowed_token_ids` with more entries than the
+    vocabulary has tokens are a 400 before their entries are read."""
     def pick(name, value, model_default_field=None):
         if value is not None:
             return value
@@ -200,13 +206,16 @@ def fill_sampling(s, body, defaults, max_tokens, max_model_len=None,
     ids = get_int_list(body, "stop_token_ids")
     if ids:
         s.stop_token_ids.extend(ids)
-    ids = get_int_list(body, "allowed_token_ids")
+    ids = get_int_list(body, "allowed_token_ids", vocab_size or None)
     if ids:
         s.allowed_token_ids.extend(ids)
     bias = body.get("logit_bias")
     if bias is not None:
         if not isinstance(bias, dict):
             raise bad_request("logit_bias", "must be an object of token id -> bias")
+        if vocab_size and len(bias) > vocab_size:
+            raise bad_request("logit_bias", f"{len(bias)} entries, more than the vocabulary's "
+                                            f"{vocab_size} tokens")
         for k, v in bias.items():
             # Decimal digits only (Python's int() also takes " 5 " and "1_0").
             if not _TOKEN_ID_KEY.fullmatch(k) or not INT32_MIN <= int(k) <= INT32_MAX:

@@ -79,6 +79,38 @@ def _read_pem(flag, path, marker):
     return data
 
 
+def _check_client_certificate(cert_path, chain, key_path, key):
+    """ValueError naming the flag for a --tls-cert that is expired or not yet valid, and for a
+    --tls-key that is not its key: gRPC would start and then fail every handshake with a
+    message that names neither (security/tls.cc checks the same on the C++ side)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        cert = x509.load_pem_x509_certificate(chain)
+    except ValueError as e:
+        raise ValueError(f"--tls-cert {cert_path}: not a PEM certificate ({e})") from None
+    try:
+        private = serialization.load_pem_private_key(key, password=None)
+    except (ValueError, TypeError) as e:  # TypeError: an encrypted key
+        raise ValueError(f"--tls-key {key_path}: not an unencrypted PEM private key ({e})") \
+            from None
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if private.public_key().public_bytes(*spki) != cert.public_key().public_bytes(*spki):
+        raise ValueError(f"--tls-key {key_path}: does not match the certificate in --tls-cert "
+                         f"{cert_path}")
+    now = datetime.datetime.utcnow()  # cryptography 38's not_valid_* are naive UTC
+    if cert.not_valid_after < now:
+        raise ValueError(f"--tls-cert {cert_path}: the certificate expired on "
+                         f"{cert.not_valid_after} UTC (notAfter)")
+    if cert.not_valid_before > now:
+        raise ValueError(f"--tls-cert {cert_path}: the certificate is not valid before "
+                         f"{cert.not_valid_before} UTC (notBefore; is this machine's clock "
+                         "right?)")
+
+
 # gRPC refuses metadata over 8 KiB by default with RESOURCE_EXHAUSTED, which would read as a 429
 # (retried by SDKs): a longer Authorization header is a 401 here.
 MAX_AUTHORIZATION_BYTES = 4096
@@ -148,6 +180,8 @@ class Gateway:
             self.tls_client = (_read_pem("--tls-key", options.tls_key, b"PRIVATE KEY-----"),
                                _read_pem("--tls-cert", options.tls_cert,
                                          b"-----BEGIN CERTIFICATE-----"))
+            _check_client_certificate(options.tls_cert, self.tls_client[1], options.tls_key,
+                                      self.tls_client[0])
         self.channel = None
         self.stub = None
         self.state = None
@@ -569,8 +603,11 @@ def create_app(gateway):
                                                     gateway.metadata(request)))
 
     async def _begin(request, fields):
-        """Token check, body, field check, model: (metadata, body, model state)."""
+        """Token check (the gateway's own, or the coordinator's through ModelInfo), then the
+        body, field check, model: (metadata, body, model state). A caller without a valid token
+        gets its 401 before the body is read: parsing a large one costs the event loop."""
         metadata = gateway.metadata(request)
+        await gateway.model_state(metadata)
         body = await _read_json(request)
         params.check_fields(body, fields)
         return metadata, body, await gateway.check_model(body, metadata)
@@ -585,7 +622,7 @@ def create_app(gateway):
             req.sampling.logprobs = top_n
         params.fill_sampling(req.sampling, body, state.info.generation_defaults,
                              params.get_int(body, "max_tokens", 1, None),
-                             state.info.max_model_len)
+                             state.info.max_model_len, vocab_size=state.info.vocab_size)
         params.fill_request(req, body)
         reqs = []
         for i, prompt in enumerate(prompts):  # one Generate per prompt of a batch
@@ -651,7 +688,7 @@ def create_app(gateway):
                 raise bad_request("messages", f"the prompt ({len(tok.ids)} tokens) leaves no "
                                               f"room in max_model_len {state.info.max_model_len}")
         params.fill_sampling(req.sampling, body, state.info.generation_defaults, max_tokens,
-                             state.info.max_model_len, max_tokens_name)
+                             state.info.max_model_len, max_tokens_name, state.info.vocab_size)
         params.fill_request(req, body)
         ep = _Endpoint(True, req.request_id, state.name, state.vocab, top_n)
         return await _run(request, body, [req], ep, metadata)
@@ -727,6 +764,12 @@ def _check_size(req, state, param):
     if limit > 0:
         size = req.ByteSize()
         if size > limit:
+            s = req.sampling
+            if s.ByteSize() > size // 2:  # not the prompt: the largest list of the sampling fields
+                sizes = {"logit_bias": 8 * len(s.logit_bias), "stop": sum(len(x) for x in s.stop),
+                         "allowed_token_ids": 5 * len(s.allowed_token_ids),
+                         "stop_token_ids": 5 * len(s.stop_token_ids)}
+                param = max(sizes, key=sizes.get)
             raise OpenAIError(413, f"{param}: the request for this prompt is {size} bytes; the "
                                    f"coordinator accepts at most {limit} bytes per prompt",
                               param=param, code="request_too_large")
@@ -737,7 +780,7 @@ def _prompts(prompt, max_model_len=0):
     token id lists, at most MAX_BATCH_PROMPTS). Returns the list of prompts. A token-id prompt
     of max_model_len ids or more (ModelInfo's; 0: not checked here) leaves no room for a token:
     400 before its ids are checked one by one."""
-    if isinstance(prompt, list) and prompt and params.is_int(prompt[0]):
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], (str, list)):
         prompt = [prompt]  # one token-id prompt (its elements are checked below)
     elif isinstance(prompt, str):
         prompt = [prompt]
@@ -749,7 +792,8 @@ def _prompts(prompt, max_model_len=0):
                                     f"{MAX_BATCH_PROMPTS}")
     for i, p in enumerate(prompt):
         name = f"prompt[{i}]" if len(prompt) > 1 else "prompt"
-        if isinstance(p, list) and max_model_len and len(p) >= max_model_len:
+        if isinstance(p, list) and max_model_len and len(p) >= max_model_len and \
+                params.is_int(p[0]):
             raise bad_request(name, f"{len(p)} tokens leave no room for a completion in the "
                                     f"model's maximum length of {max_model_len} tokens "
                                     "(max_model_len)")

@@ -276,6 +276,12 @@ class GatewayE2E(unittest.TestCase):
         self.assert_error(*curl(url, {"model": MODEL_NAME, "prompt": "x", "stop": ""}), 400,
                           "stop")
         self.assert_error(*curl(url, {"model": 5, "prompt": "x"}), 400, "model", "a string")
+        # Not a batch of 5000 prompts: one prompt whose items are not token ids.
+        self.assert_error(*curl(url, {"model": MODEL_NAME, "prompt": [5.0] * 5000}), 400,
+                          "prompt", "must be a string or a list of token ids")
+        self.assert_error(*curl(url, {"model": MODEL_NAME, "prompt": "x",
+                                      "logit_bias": {str(i): 1 for i in range(5000)}}), 400,
+                          "logit_bias", "more than the vocabulary's")
 
     def test_oversized_prompts_are_refused_before_the_coordinator(self):
         url = f"{self.a}/v1/completions"
@@ -333,9 +339,14 @@ class GatewayE2E(unittest.TestCase):
         self.assert_error(*curl(f"{self.b2}/v1/models"), 401, None, "UNAUTHENTICATED")
         self.assert_error(*curl(f"{self.b2}/v1/models/{MODEL_NAME}",
                                 headers=("Authorization: Bearer nope",)), 401)
-        for bad in ({"model": "zzz"}, {"max_tokens": -2}):
+        for bad in ({"model": "zzz"}, {"max_tokens": -2}, {"frobnicate": 1}):
             err = self.assert_error(*curl(f"{self.b2}/v1/completions", dict(body, **bad)), 401)
             self.assertEqual(err["code"], "invalid_api_key")  # as the gateway's own check
+        # Nor is its body read before the credential is checked (parsing one costs the loop).
+        out = subprocess.run(["curl", "-s", "-w", "\n%{http_code}", f"{self.b2}/v1/completions",
+                              "-H", "Content-Type: application/json", "-d", "{not json"],
+                             capture_output=True, text=True)
+        self.assertEqual(out.stdout.rpartition("\n")[2], "401", out.stdout)
         self.assertEqual(curl(f"{self.b2}/v1/models",
                               headers=(f"Authorization: Bearer {TOKEN}",))[0], 200)
 
@@ -539,6 +550,15 @@ class GatewayE2E(unittest.TestCase):
         self.assertIn("--tls-key", self.assert_start_fails(
             "--tls-ca", os.path.join(d, "ca.crt"), "--tls-cert", os.path.join(d, "cli.crt"),
             "--tls-key", os.path.join(d, "ca.crt")))  # a certificate, not a key
+        # Another key, or an expired certificate: refused at start (each handshake would fail
+        # with a message naming neither).
+        self.assertIn("does not match the certificate in --tls-cert", self.assert_start_fails(
+            "--tls-ca", os.path.join(d, "ca.crt"), "--tls-cert", os.path.join(d, "cli.crt"),
+            "--tls-key", os.path.join(d, "srv.key")))
+        expired_cert, expired_key = _expired_certificate(d)
+        self.assertIn("the certificate expired on", self.assert_start_fails(
+            "--tls-ca", os.path.join(d, "ca.crt"), "--tls-cert", expired_cert,
+            "--tls-key", expired_key))
 
     def test_hostile_clients_leave_the_gateway_serving(self):
         # A burst of clients that hang up early (streamed, not, batches) beside malformed
@@ -652,6 +672,33 @@ class GatewayE2E(unittest.TestCase):
             time.sleep(0.1)
         self.assertIn(503, statuses)
         self.assertEqual(curl(f"{self.b}/health")[0], 503)
+
+
+def _expired_certificate(d):
+    """A self-signed EC certificate valid two days ago to yesterday, and its key: paths."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "expired")])
+    now = datetime.datetime.utcnow()
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(1)
+            .not_valid_before(now - datetime.timedelta(days=2))
+            .not_valid_after(now - datetime.timedelta(days=1))
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = os.path.join(d, "expired.crt"), os.path.join(d, "expired.key")
+    with open(cert_path, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    with open(key_path, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM,
+                                  serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    return cert_path, key_path
 
 
 def main():

@@ -141,6 +141,20 @@ class FillSamplingTest(unittest.TestCase):
         params.fill_sampling(s, {}, None, 4096, max_model_len=4096)
         self.assertEqual(s.max_tokens, 4096)
 
+    def test_lists_longer_than_the_vocabulary_are_refused_before_their_entries(self):
+        # A 4,000,000-key logit_bias went to the coordinator (or to a 413 naming `prompt`).
+        for body, field in (({"logit_bias": {str(i): 1 for i in range(11)}}, "logit_bias"),
+                            ({"allowed_token_ids": list(range(11))}, "allowed_token_ids")):
+            s = pb2.SamplingOptions()
+            with self.assertRaises(OpenAIError) as cm:
+                params.fill_sampling(s, body, None, None, vocab_size=10)
+            self.assertEqual(cm.exception.param, field)
+            self.assertIn("more than the vocabulary's 10 tokens", cm.exception.message)
+        s = pb2.SamplingOptions()
+        params.fill_sampling(s, {"logit_bias": {str(i): 1 for i in range(10)}}, None, None,
+                             vocab_size=10)
+        self.assertEqual(len(s.logit_bias), 10)
+
     def test_unsupported_fields_are_rejected(self):
         c = params.COMPLETION_FIELDS
         self.assert_400({"frobnicate": 1}, "frobnicate", c)

@@ -322,7 +322,8 @@ std::optional<Args> ParseCommand(const char* command, const char* synopsis,
 }
 
 int Fail(const char* command, const absl::Status& status) {
-  std::cerr << "lorcserve " << command << ": " << status << "\n";
+  // One write: gRPC's own log lines (a failed bind's) land on stderr from its threads too.
+  std::cerr << absl::StrCat("lorcserve ", command, ": ", status.ToString(), "\n") << std::flush;
   return status.code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
 }
 

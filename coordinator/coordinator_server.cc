@@ -167,7 +167,9 @@ absl::Status CoordinatorServer::StartServer() {
   if (join_service_ != nullptr) internal.RegisterService(join_service_.get());
   internal_server_ = internal.BuildAndStart();
   if (internal_server_ == nullptr || internal_port_ == 0) {
-    return absl::UnavailableError(absl::StrCat("--internal-listen: cannot listen on ", options_.internal_listen));
+    return absl::UnavailableError(absl::StrCat("--internal-listen: cannot listen on ", options_.internal_listen,
+                                               " (the port is in use, or the host is not an address "
+                                               "of this machine)"));
   }
   SetHealth(false);
   SetLiveness(true);

@@ -89,27 +89,6 @@ int64_t SequenceKvPolicy::DeviceLowToPack(int64_t from) const {
   return n.empty() ? 0 : *std::max_element(n.begin(), n.end());
 }
 
-int64_t SequenceKvPolicy::LowInSlots(int64_t from) const {
-  int64_t most = 0;
-  if (on_device_) {
-    // Low entries at positions >= count_from (packed, or demoted since) less those packed at the
-    // last compaction (per head; a packed entry that died since only lowers the count).
-    if (from != count_from_) return 0;
-    for (size_t i = 0; i < device_low_from_.size(); ++i) {
-      const int64_t packed = i < device_packed_.size() ? device_packed_[i] : 0;
-      most = std::max<int64_t>(most, device_low_from_[i] - packed);
-    }
-    return most;
-  }
-  const uint8_t low_state = static_cast<uint8_t>(SlotState::kLow);
-  for (const Head& h : heads_) {
-    int64_t n = 0;
-    for (int64_t p = 0; p < seq_len_; ++p) n += h.state[p] == low_state && h.low_slot[p] < 0 && h.slot[p] >= from;
-    most = std::max(most, n);
-  }
-  return most;
-}
-
 absl::Status SequenceKvPolicy::CheckCompaction(int64_t from, int64_t num_slots) const {
   const int64_t needed = SlotsNeeded(from);
   if (from < 0 || from > num_slots || num_slots < needed || num_slots > this->num_slots()) {
@@ -206,35 +185,50 @@ int64_t SequenceKvPolicy::LowRunSlotsOf(int layer, int64_t entries) const {
                   LowRunSlots(entries, LowEntryBytes(s.v_width, bits), s.v_slot_bytes));
 }
 
-void SequenceKvPolicy::CountCompactable(const Head& h, int64_t from, int64_t* full, int64_t* low) const {
-  *full = *low = 0;
+void SequenceKvPolicy::CountCompactable(const Head& h, int64_t from, int64_t* full, int64_t* low,
+                                        int64_t* low_in_slots) const {
+  *full = *low = *low_in_slots = 0;
   for (int64_t p = 0; p < seq_len_; ++p) {
     switch (static_cast<SlotState>(h.state[p])) {
       case SlotState::kFull: *full += h.slot[p] >= from; break;
-      case SlotState::kLow: *low += h.low_slot[p] >= 0 || h.slot[p] >= from; break;
+      case SlotState::kLow:
+        *low += h.low_slot[p] >= 0 || h.slot[p] >= from;
+        *low_in_slots += h.low_slot[p] < 0 && h.slot[p] >= from;
+        break;
       default: break;
     }
   }
 }
 
-int64_t SequenceKvPolicy::SlotsNeeded(int64_t from) const {
+SequenceKvPolicy::CompactionCounts SequenceKvPolicy::CountForCompaction(int64_t from) const {
+  CompactionCounts c;
   if (on_device_) {
     // From the latest step's counts, taken from the same `from` (CompactFrom); otherwise (no step
-    // finished yet, or another `from`) nothing can be given back.
-    if (from != count_from_ || device_from_.empty()) return num_slots();
+    // finished yet, or another `from`) nothing can be given back and no low entry is known.
+    if (from != count_from_ || device_from_.empty()) {
+      c.slots_needed = num_slots();
+      return c;
+    }
     int64_t most = 0;
     for (size_t i = 0; i < heads_.size(); ++i) {  // SetDeviceCounts sized both (zeros without low)
       most = std::max(most, device_from_[i] + LowRunSlotsOf(static_cast<int>(i / num_kv_heads_), device_low_from_[i]));
+      // Low entries at positions >= count_from (packed, or demoted since) less those packed at
+      // the last compaction (a packed entry that died since only lowers the count).
+      const int64_t packed = i < device_packed_.size() ? device_packed_[i] : 0;
+      c.low_in_slots = std::max<int64_t>(c.low_in_slots, device_low_from_[i] - packed);
     }
-    return from + most;
+    c.slots_needed = from + most;
+    return c;
   }
   int64_t most = 0;
   for (size_t i = 0; i < heads_.size(); ++i) {
-    int64_t full = 0, low = 0;
-    CountCompactable(heads_[i], from, &full, &low);
+    int64_t full = 0, low = 0, in_slots = 0;
+    CountCompactable(heads_[i], from, &full, &low, &in_slots);
     most = std::max(most, full + LowRunSlotsOf(static_cast<int>(i / num_kv_heads_), low));
+    c.low_in_slots = std::max(c.low_in_slots, in_slots);
   }
-  return from + most;
+  c.slots_needed = from + most;
+  return c;
 }
 
 absl::Status SequenceKvPolicy::Compact(int64_t from, int64_t num_slots, std::vector<SlotMove>* moves,

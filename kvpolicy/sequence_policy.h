@@ -144,10 +144,6 @@ class SequenceKvPolicy {
   // packs, after the latest step (what it stages at most per head), and an upper bound on the
   // entries of any head's packed run (that count at the latest compaction; 0 before one).
   int64_t DeviceLowToPack(int64_t from) const;
-  // MiKV: the most, over the (layer, KV head) pairs, of the kLow keys at slots >= from still in
-  // their full-width slots (demoted since the last compaction; a compaction from `from` packs
-  // them). 0 for CORM, and when the device counts are from another `from`.
-  int64_t LowInSlots(int64_t from) const;
   int64_t DevicePackedBound() const { return device_packed_bound_; }
   // Device-resident compaction: CheckCompaction (Compact's checks: FailedPrecondition when
   // num_slots < SlotsNeeded(from), num_slots > num_slots() or from past num_slots) before the
@@ -173,7 +169,17 @@ class SequenceKvPolicy {
   // of the kFull keys at slots >= from plus the slots of the packed run of its kLow entries at
   // slots >= from or packed (O(seq_len x layers x heads)). A demotion never raises it (MiKV's
   // entries fit in a slot), so the coordinator's bound (kvpolicy/README.md) holds.
-  int64_t SlotsNeeded(int64_t from) const;
+  int64_t SlotsNeeded(int64_t from) const { return CountForCompaction(from).slots_needed; }
+  // MiKV: the most, over the (layer, KV head) pairs, of the kLow keys at slots >= from still in
+  // their full-width slots (demoted since the last compaction; a compaction from `from` packs
+  // them). 0 for CORM, and when the device counts are from another `from`.
+  int64_t LowInSlots(int64_t from) const { return CountForCompaction(from).low_in_slots; }
+  // Both in one pass over the keys (the worker's slot report after each step).
+  struct CompactionCounts {
+    int64_t slots_needed = 0;
+    int64_t low_in_slots = 0;
+  };
+  CompactionCounts CountForCompaction(int64_t from) const;
   // Compacts (header comment): every (layer, head)'s kFull keys at slots >= from move to slots
   // from, from + 1, ... in position order, and its kLow entries at slots >= from or packed are
   // packed into one run right after them; then the sequence holds `num_slots` slots
@@ -241,8 +247,9 @@ class SequenceKvPolicy {
     std::vector<int32_t> victims;                 // scratch
   };
   size_t Index(int layer, int head) const { return static_cast<size_t>(layer) * num_kv_heads_ + head; }
-  // Of (layer, head): kFull keys at slots >= from, and kLow ones packed or at slots >= from.
-  void CountCompactable(const Head& h, int64_t from, int64_t* full, int64_t* low) const;
+  // Of (layer, head): kFull keys at slots >= from, kLow ones packed or at slots >= from, and of
+  // those the ones still in their slots (not packed).
+  void CountCompactable(const Head& h, int64_t from, int64_t* full, int64_t* low, int64_t* low_in_slots) const;
 
   const KvPolicyConfig* config_;
   const std::vector<LayerShape>* layers_;

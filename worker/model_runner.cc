@@ -251,7 +251,8 @@ std::optional<KvSlotReport> ModelRunner::KvSlots(int64_t seq_id) const {
   const kvpolicy::SequenceKvPolicy* st = kv_policy_ ? kv_policy_->Find(seq_id) : nullptr;
   if (st == nullptr) return std::nullopt;
   const int64_t from = st->CompactFrom(kv_spec_.block_size);
-  return KvSlotReport{seq_id, st->seq_len(), from, st->SlotsNeeded(from), st->LowInSlots(from)};
+  const kvpolicy::SequenceKvPolicy::CompactionCounts c = st->CountForCompaction(from);
+  return KvSlotReport{seq_id, st->seq_len(), from, c.slots_needed, c.low_in_slots};
 }
 
 absl::Status ModelRunner::TransferHostKv(absl::Span<const HostBlockCopy> offloads,

@@ -165,16 +165,9 @@ class Gateway:
         # Compile an override template now: a malformed one stops the start-up.
         self.template_override = (chat_template_mod.load(options.model_dir, options.chat_template)
                                   if options.chat_template else None)
-        self.tls_roots = None
-        if options.tls_ca:
-            try:
-                with open(options.tls_ca, "rb") as f:
-                    self.tls_roots = f.read()
-            except OSError as e:
-                raise ValueError(f"--tls-ca {options.tls_ca}: {e.strerror}") from e
-            if b"-----BEGIN CERTIFICATE-----" not in self.tls_roots:
-                # gRPC would only fail each connection later (every request a 503).
-                raise ValueError(f"--tls-ca {options.tls_ca}: no PEM certificate in the file")
+        # Read and checked now: gRPC would only fail each connection later (every request 503).
+        self.tls_roots = (_read_pem("--tls-ca", options.tls_ca, b"-----BEGIN CERTIFICATE-----")
+                          if options.tls_ca else None)
         self.tls_client = None  # (key, chain) for a coordinator with --tls-client-ca
         if options.tls_cert:
             self.tls_client = (_read_pem("--tls-key", options.tls_key, b"PRIVATE KEY-----"),
@@ -314,8 +307,10 @@ class Gateway:
         return _ModelState(name, info, template, vocab or Vocab({}), os.path.isdir(model_dir),
                            model_dir)
 
-    async def check_model(self, body, metadata):
-        state = await self.model_state(metadata)
+    @staticmethod
+    def check_model(body, state):
+        """The body's `model` against the served name (`state`: model_state's): 400 when absent
+        or not a string, 404 model_not_found for another."""
         model = body.get("model")
         if model is None:
             raise bad_request("model", "required")
@@ -599,18 +594,18 @@ def create_app(gateway):
 
     @app.get("/v1/models/{model:path}")
     async def model(model: str, request: Request):  # the SDKs' models.retrieve
-        return model_card(await gateway.check_model({"model": model},
-                                                    gateway.metadata(request)))
+        state = await gateway.model_state(gateway.metadata(request))
+        return model_card(gateway.check_model({"model": model}, state))
 
     async def _begin(request, fields):
         """Token check (the gateway's own, or the coordinator's through ModelInfo), then the
         body, field check, model: (metadata, body, model state). A caller without a valid token
         gets its 401 before the body is read: parsing a large one costs the event loop."""
         metadata = gateway.metadata(request)
-        await gateway.model_state(metadata)
+        state = await gateway.model_state(metadata)
         body = await _read_json(request)
         params.check_fields(body, fields)
-        return metadata, body, await gateway.check_model(body, metadata)
+        return metadata, body, gateway.check_model(body, state)
 
     @app.post("/v1/completions")
     async def completions(request: Request):

@@ -470,6 +470,22 @@ class Backend {
   // compactions go through KvPolicyCompact. Attention then reads the device arrays, and the
   // states' host arrays stay empty.
   virtual bool KvPolicyOnDevice() const { return false; }
+  // Device memory of device-resident KV policy states (KvPolicyOnDevice backends; the model
+  // runner takes it out of the KV budget, kvpolicy/state_memory.h):
+  //  bytes_per_position: one position of one sequence over `rows` (layers x this rank's KV heads)
+  //    (arrays[rows][capacity], capacity = kvpolicy::DeviceStateCapacity of its positions);
+  //  reserve_bytes: set aside besides, for at most `max_num_seqs` states of at most
+  //    `max_model_len` positions: each state's allocation rounding and (MiKV, `mikv_head_dim` > 0)
+  //    per-head arrays, the old arrays of a state while it grows, and the steps' scratch.
+  // Zeros on backends that keep the states in host memory.
+  struct KvPolicyStateMemory {
+    int64_t bytes_per_position = 0;
+    int64_t reserve_bytes = 0;
+  };
+  virtual KvPolicyStateMemory KvPolicyMemory(int64_t rows, int64_t mikv_head_dim, int64_t max_model_len,
+                                             int64_t max_num_seqs) const {
+    return {};
+  }
   // Makes or grows each state's device arrays to its seq_len (new positions kFull, last_hit = the
   // position, slot = position - slot_offset), and prepares the step's attention over `plan`
   // (which may be re-planned: prompts of states that have chosen are read through the slot map,

@@ -204,6 +204,8 @@ class CudaBackend final : public Backend {
   absl::Status CheckKvPolicy(const kvpolicy::KvPolicyConfig& config, KvCacheDtype kv_cache_dtype,
                              bool latent) const override;
   bool KvPolicyOnDevice() const override { return true; }
+  KvPolicyStateMemory KvPolicyMemory(int64_t rows, int64_t mikv_head_dim, int64_t max_model_len,
+                                     int64_t max_num_seqs) const override;
   absl::Status KvPolicyBeginStep(absl::Span<kvpolicy::SequenceKvPolicy* const> seqs, AttentionPlan& plan) override;
   absl::Status KvPolicyEndStep(absl::Span<kvpolicy::SequenceKvPolicy* const> seqs) override;
   absl::Status KvPolicyCompact(kvpolicy::SequenceKvPolicy& seq, absl::Span<const KvLayer> layers, int32_t block_size,

@@ -33,6 +33,7 @@
 
 #include "kernels/kv_policy.cuh"
 #include "kvpolicy/sequence_policy.h"
+#include "kvpolicy/state_memory.h"
 
 namespace lorc::cuda_internal {
 namespace {
@@ -40,8 +41,8 @@ namespace {
 // Scratch of one policy decode launch at most (scores [entries][heads][keys] fp32 dominate): a
 // step whose entries need more runs them in groups.
 constexpr size_t kMaxPolicyScratchBytes = size_t{512} << 20;
-// Positions a state's arrays grow by at least (and round up to).
-constexpr int64_t kArraysGranule = 1024;
+// cudaMalloc's rounding of one allocation, at most (what KvPolicyMemory sets aside per array).
+constexpr int64_t kAllocationRounding = int64_t{2} << 20;
 
 // One state's device arrays, [layers x KV heads][capacity] each, in one allocation: slot,
 // last_hit and pos (int32; kernels/kv_policy.cuh KvPolicySeq), then state (uint8): 13 bytes per
@@ -83,11 +84,12 @@ class CudaPolicyArrays final : public kvpolicy::DeviceArrays {
     (*c)->length_ = length_;
     return *std::move(c);
   }
-  // Capacity for `positions` at least (growing copies the arrays' first length() positions; the
-  // per-head arrays stay).
+  // Capacity for `positions` at least: kvpolicy::DeviceStateCapacity(positions), the rule the
+  // coordinator counts by (growing copies the arrays' first length() positions; the per-head
+  // arrays stay).
   absl::Status Reserve(int64_t positions) {
     if (positions <= capacity_) return absl::OkStatus();
-    const int64_t cap = std::max((positions + kArraysGranule - 1) / kArraysGranule * kArraysGranule, 2 * capacity_);
+    const int64_t cap = kvpolicy::DeviceStateCapacity(positions);
     ASSIGN_OR_RETURN(std::unique_ptr<CudaPolicyArrays> n, Make(rows_, cap, /*head_dim=*/0, stream_));
     if (length_ > 0) {
       for (int part = 0; part < 4; ++part) {
@@ -129,7 +131,7 @@ class CudaPolicyArrays final : public kvpolicy::DeviceArrays {
     return e;
   }
   static constexpr size_t kBytesPerEntry = 13;
-  int64_t capacity() const { return capacity_; }
+  int64_t capacity() const override { return capacity_; }
   int64_t length() const { return length_; }  // positions extended so far
   void set_length(int64_t n) { length_ = n; }
 
@@ -137,8 +139,15 @@ class CudaPolicyArrays final : public kvpolicy::DeviceArrays {
   void* Part(int part) const {
     return static_cast<char*>(base_) + static_cast<size_t>(part) * 4 * static_cast<size_t>(rows_ * capacity_);
   }
-  size_t IntsBytes() const { return (3 * sizeof(int32_t) * static_cast<size_t>(rows_) + 255) / 256 * 256; }
-  size_t HeadsBytes() const { return IntsBytes() + 2 * sizeof(float) * static_cast<size_t>(rows_ * head_dim_); }
+ public:
+  static size_t IntsBytes(int64_t rows) { return (3 * sizeof(int32_t) * static_cast<size_t>(rows) + 255) / 256 * 256; }
+  static size_t HeadsBytes(int64_t rows, int64_t head_dim) {
+    return IntsBytes(rows) + 2 * sizeof(float) * static_cast<size_t>(rows * head_dim);
+  }
+
+ private:
+  size_t IntsBytes() const { return IntsBytes(rows_); }
+  size_t HeadsBytes() const { return HeadsBytes(rows_, head_dim_); }
   void* base_ = nullptr;
   void* heads_base_ = nullptr;
   int64_t rows_ = 0, capacity_ = 0, head_dim_ = 0, length_ = 0;
@@ -176,15 +185,35 @@ void CudaKvPolicyStepDeleter::operator()(CudaKvPolicyStep* s) const { delete s; 
 
 namespace {
 
-// A device buffer of at least `bytes` (grown, never shrunk).
-absl::Status Ensure(Backend& be, DeviceBuffer& b, size_t bytes, bool host = false) {
+// A device buffer of at least `bytes` (grown, never shrunk): doubling, but not past `limit`
+// unless `bytes` is (the scratch and stage buffers stay within what KvPolicyMemory set aside).
+absl::Status Ensure(Backend& be, DeviceBuffer& b, size_t bytes, bool host = false,
+                    size_t limit = std::numeric_limits<size_t>::max()) {
   if (b.bytes() >= bytes) return absl::OkStatus();
-  const size_t n = std::max(bytes, 2 * b.bytes());
+  const size_t n = std::max(bytes, std::min(2 * b.bytes(), limit));
   ASSIGN_OR_RETURN(b, host ? be.AllocateHost(n) : be.Allocate(n));
   return absl::OkStatus();
 }
 
 }  // namespace
+
+Backend::KvPolicyStateMemory CudaBackend::KvPolicyMemory(int64_t rows, int64_t mikv_head_dim, int64_t max_model_len,
+                                                        int64_t max_num_seqs) const {
+  KvPolicyStateMemory m;
+  m.bytes_per_position = rows * static_cast<int64_t>(CudaPolicyArrays::kBytesPerEntry);
+  // Per state: the arrays' rounding, and MiKV's per-head arrays with theirs.
+  int64_t per_state = kAllocationRounding;
+  if (mikv_head_dim > 0) {
+    per_state += static_cast<int64_t>(CudaPolicyArrays::HeadsBytes(rows, mikv_head_dim)) + kAllocationRounding;
+  }
+  // A growing state's old arrays until the copy is done (one at a time), and the decode scratch
+  // and compaction stage (Ensure's limit; a single entry past it is far smaller: kernels' scratch
+  // per query row is heads x positions x 4 bytes), with the small per-step lists.
+  const int64_t growing = kvpolicy::DeviceStateCapacity(max_model_len) * m.bytes_per_position + kAllocationRounding;
+  const int64_t scratch = 2 * static_cast<int64_t>(kMaxPolicyScratchBytes) + (int64_t{16} << 20);
+  m.reserve_bytes = max_num_seqs * per_state + growing + scratch;
+  return m;
+}
 
 absl::Status CudaBackend::CheckKvPolicy(const kvpolicy::KvPolicyConfig& config, KvCacheDtype kv_cache_dtype,
                                         bool latent) const {
@@ -227,7 +256,7 @@ absl::Status CudaBackend::KvPolicyBeginStep(absl::Span<kvpolicy::SequenceKvPolic
     if (arr == nullptr) {
       ASSIGN_OR_RETURN(std::unique_ptr<CudaPolicyArrays> made,
                        CudaPolicyArrays::Make(int64_t{s->num_layers()} * s->num_kv_heads(),
-                                              (len + kArraysGranule - 1) / kArraysGranule * kArraysGranule,
+                                              kvpolicy::DeviceStateCapacity(len),
                                               IsMikv(cfg) ? s->layer_shape(0).k_width : 0, stream_));
       arr = made.get();
       s->set_device(std::move(made));
@@ -326,7 +355,7 @@ absl::Status CudaBackend::KvPolicyAttention(const AttentionParams& p, const Atte
     };
     make(0, st.num_decode_entries, &st.decode_groups);
     make(st.num_decode_entries, static_cast<int32_t>(st.entries.size()), &st.prefill_groups);
-    RETURN_IF_ERROR(Ensure(*this, st.scratch, std::max<size_t>(most, 256)));
+    RETURN_IF_ERROR(Ensure(*this, st.scratch, std::max<size_t>(most, 256), false, kMaxPolicyScratchBytes));
     st.groups_ready = true;
   }
   kernels::KvPolicyDecodeArgs a;
@@ -501,7 +530,8 @@ absl::Status CudaBackend::KvPolicyCompact(kvpolicy::SequenceKvPolicy& seq, absl:
   const int64_t per_layer = a.stage_head_bytes * seq.num_kv_heads();
   const int32_t layers_per_launch = static_cast<int32_t>(
       std::clamp<int64_t>(static_cast<int64_t>(kMaxPolicyScratchBytes) / per_layer, 1, seq.num_layers()));
-  RETURN_IF_ERROR(Ensure(*this, st->stage, static_cast<size_t>(per_layer * layers_per_launch)));
+  RETURN_IF_ERROR(
+      Ensure(*this, st->stage, static_cast<size_t>(per_layer * layers_per_launch), false, kMaxPolicyScratchBytes));
   a.stage = st->stage.as<uint8_t>();
   for (int32_t l = 0; l < seq.num_layers(); l += layers_per_launch) {
     a.layer0 = l;

@@ -480,6 +480,7 @@ absl::StatusOr<std::unique_ptr<Target>> OpenLocalWorkers(const Args& args, int32
   t->load_s = info.load_seconds;
   t->engine_options.num_host_blocks = info.num_host_blocks;  // the workers' host KV tier
   t->engine_options.kv_compaction = o.kv.kv_policy.enabled();
+  t->engine_options.kv_policy_max_positions = info.kv_policy_max_positions;
   if (o.kv.kv_policy.enabled()) t->kv_policy = o.kv.kv_policy.Describe();
   KvCacheSpec kv;  // what the scheduler allocates: blocks of block_size tokens
   kv.block_size = t->block_size;

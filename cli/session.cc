@@ -297,6 +297,7 @@ absl::StatusOr<std::unique_ptr<Session>> OpenSession(const Args& args) {
   ASSIGN_OR_RETURN(EngineOptions eo, ParseEngineOptions(args));
   eo.num_host_blocks = s->model.runner->num_host_blocks();  // --kv-offloading-size
   eo.kv_compaction = s->model.runner->kv_policy() != nullptr;  // --kv-policy
+  eo.kv_policy_max_positions = s->model.runner->kv_policy_max_positions();
   s->engine_options = eo;
   s->executor = std::make_unique<StepExecutor>(s->model.runner.get());
   ASSIGN_OR_RETURN(s->engine, Engine::Create(s->executor.get(), s->model.config,

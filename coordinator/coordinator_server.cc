@@ -237,6 +237,7 @@ absl::Status CoordinatorServer::JoinGroup() {
   // A new group's host memory is new: the new engine's host tier starts empty.
   engine_options.num_host_blocks = g->group->info().num_host_blocks;
   engine_options.kv_compaction = options_.kv.kv_policy.enabled();  // sent to every worker
+  engine_options.kv_policy_max_positions = g->group->info().kv_policy_max_positions;
   ASSIGN_OR_RETURN(std::unique_ptr<Engine> engine,
                    Engine::Create(g->group.get(), config_, kv, tokenizer_.get(), engine_options));
   g->loop = std::make_shared<EngineLoop>(std::move(engine), metrics_.get());
@@ -537,6 +538,8 @@ void CoordinatorServer::FillLive(lorcserve::v1::ModelInfoResponse* r) {
     r->set_num_running(s.num_running);
     r->set_num_waiting(s.num_waiting);
     r->set_num_preemptions(s.num_preemptions);
+    r->set_kv_policy_max_positions(g->group->info().kv_policy_max_positions);
+    r->set_kv_policy_positions(s.kv_policy_positions);
     const PrefixCacheReport& pc = s.prefix_cache;
     auto* p = r->mutable_prefix_cache();
     p->set_enabled(pc.enabled);

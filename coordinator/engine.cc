@@ -55,6 +55,7 @@ SchedulerConfig MakeSchedulerConfig(const ModelConfig& config, const KvCacheSpec
   c.max_session_kv_fraction = options.max_session_kv_fraction;
   c.num_host_blocks = options.num_host_blocks;
   c.kv_compaction = options.kv_compaction;
+  c.kv_policy_max_positions = options.kv_policy_max_positions;
   KvCacheSpec format = kv;
   if (format.k_width.empty()) {
     KvSpecOptions o;

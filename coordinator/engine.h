@@ -99,6 +99,10 @@ struct EngineOptions {
   // The workers run a token-level KV policy (their --kv-policy; not a flag of its own): the
   // scheduler compacts its sequences (SchedulerConfig::kv_compaction).
   bool kv_compaction = false;
+  // Positions the workers' device-resident KV policy states may hold together
+  // (WorkerGroupInfo::kv_policy_max_positions; not a flag): 0 no limit.
+  // SchedulerConfig::kv_policy_max_positions.
+  int64_t kv_policy_max_positions = 0;
 };
 
 struct EngineStats {

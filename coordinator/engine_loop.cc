@@ -89,6 +89,7 @@ void EngineLoop::Publish() {
   s.num_running = engine_->scheduler().num_running();
   s.num_waiting = engine_->scheduler().num_waiting();
   s.num_preemptions = engine_->scheduler().num_preemptions();
+  s.kv_policy_positions = engine_->scheduler().num_kv_policy_positions();
   s.prefix_cache = engine_->scheduler().prefix_cache_report();
   s.engine = engine_->stats();
   if (metrics_ != nullptr) {
@@ -100,6 +101,8 @@ void EngineLoop::Publish() {
     g.kv_blocks_used = sched.num_blocks() - s.kv_free_blocks;
     g.host_kv_blocks_capacity = s.prefix_cache.host_blocks_total;
     g.host_kv_blocks_used = s.prefix_cache.host_blocks_used;
+    g.kv_policy_positions_used = s.kv_policy_positions;
+    g.kv_policy_positions_capacity = sched.config().kv_policy_max_positions;
     metrics_->SetScheduler(g);
     // The scheduler's counters run from its construction (this engine's): add what is new.
     const PrefixCacheStats& pc = s.prefix_cache.stats;

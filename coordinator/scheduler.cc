@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/check.h"
 #include "common/status_macros.h"
+#include "kvpolicy/state_memory.h"
 
 namespace lorc {
 namespace {
@@ -46,6 +47,10 @@ absl::Status SchedulerConfig::Validate() const {
   RETURN_IF_ERROR(positive("max_waiting", max_waiting));
   RETURN_IF_ERROR(positive("max_model_len", max_model_len));
   RETURN_IF_ERROR(positive("vocab_size", vocab_size));
+  if (kv_policy_max_positions < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "scheduler config: kv_policy_max_positions must be >= 0, got ", kv_policy_max_positions));
+  }
   if (num_host_blocks < 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("scheduler config: num_host_blocks must be >= 0, got ", num_host_blocks));
@@ -211,6 +216,15 @@ absl::Status Scheduler::Add(int64_t seq_id, std::vector<int32_t> prompt,
         " full blocks shared), the whole cache has ", config_.num_blocks,
         ": it can never fit (lower n or max_tokens, or shorten the prompt)"));
   }
+  // Their KV policy states at full length together (header comment "KV policy state memory").
+  const int64_t positions = n * kvpolicy::DeviceStateCapacity(cached);
+  if (config_.kv_policy_max_positions > 0 && positions > config_.kv_policy_max_positions) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "request needs KV policy state for ", positions, " positions (", n, " completion",
+        n == 1 ? "" : "s", " of ", cached, " cached tokens, prompt + max_tokens - 1, in units of ",
+        kvpolicy::kDeviceStateGranule, "), the workers hold ", config_.kv_policy_max_positions,
+        ": it can never fit (lower n or max_tokens, or shorten the prompt)"));
+  }
   auto in_use = [&](int64_t id) {
     return seqs_.contains(id) || ContainsValue(ended_, id) || reserved_.contains(id);
   };
@@ -317,7 +331,23 @@ void Scheduler::Finish(int64_t seq_id, FinishReason reason) {
   End(*it->second);
 }
 
-int64_t Scheduler::TokensThatFit(const Seq& s, int64_t n) const {
+int64_t Scheduler::PolicyPositions(const Seq& s, int64_t computed) {
+  return kvpolicy::DeviceStateCapacity(computed) * Slots(s);
+}
+
+int64_t Scheduler::num_kv_policy_positions() const {
+  int64_t total = 0;
+  for (const Seq* s : running_) total += PolicyPositions(*s, s->num_computed);
+  return total;
+}
+
+int64_t Scheduler::TokensThatFit(const Seq& s, int64_t n, int64_t positions) const {
+  if (config_.kv_policy_max_positions > 0) {
+    // `s` and its unforked children (copies of it) within the positions the others leave.
+    const int64_t room = config_.kv_policy_max_positions - (positions - PolicyPositions(s, s.num_computed));
+    n = std::clamp<int64_t>(kvpolicy::PositionsWithin(room / Slots(s)) - s.num_computed, 0, n);
+    if (n == 0) return 0;
+  }
   const int32_t free = blocks_.num_free_blocks();
   auto fits = [&](int64_t m) { return blocks_.BlocksNeeded(s.id, s.slots() + m) <= free; };
   if (fits(n)) return n;
@@ -526,23 +556,32 @@ StepPlan Scheduler::Schedule() {
     return a->priority > b->priority;
   });
   bool preempted = false;
+  // KV policy state positions of the running sequences once this plan's entries are computed
+  // (header comment "KV policy state memory"); kept as entries are added and victims go.
+  int64_t positions = num_kv_policy_positions();
   for (Seq* s : order) {
     if (budget == 0) break;
     if (s->state != SequenceState::kRunning || s->done_sampling()) continue;
     const int64_t n = std::min(s->num_tokens() - s->num_computed, budget);
     if (n == 0) continue;
-    int64_t m = TokensThatFit(*s, n);
+    int64_t m = TokensThatFit(*s, n, positions);
     while (m == 0) {
       // Every candidate may have a step in flight (async scheduling): then `s` waits for the
       // next step, when the oldest results are in and victims can be chosen again.
       Seq* victim = PickVictim();
       if (victim == nullptr) break;
+      int64_t victim_computed = victim->num_computed;  // with its entry of this plan, if any
+      for (const Entry& e : entries) {
+        if (e.seq == victim) victim_computed += e.n;
+      }
+      positions -= PolicyPositions(*victim, victim_computed);
       Preempt(*victim, entries, budget, plan);
       preempted = true;
       if (victim == s) break;
-      m = TokensThatFit(*s, n);
+      m = TokensThatFit(*s, n, positions);
     }
     if (s->state != SequenceState::kRunning || m == 0) continue;
+    positions += PolicyPositions(*s, s->num_computed + m) - PolicyPositions(*s, s->num_computed);
     absl::StatusOr<std::vector<BlockCopy>> copies = blocks_.Reserve(s->id, s->slots() + m);
     CHECK_OK(copies.status());  // TokensThatFit checked the blocks
     OffloadEvicted(plan);
@@ -556,10 +595,25 @@ StepPlan Scheduler::Schedule() {
     // one block per unforked child (its first token's copy-on-write or new block).
     int64_t promised = 0;
     int64_t slots = 0;  // against max_num_seqs
+    // KV policy state positions the running sequences will hold once their known tokens are
+    // computed (header comment "KV policy state memory"): `positions` and, for each one still in
+    // its prompt after this plan, the rest of it.
+    int64_t promised_positions = positions;
+    const int64_t max_positions = config_.kv_policy_max_positions;
     for (const Seq* s : running_) {
       promised += blocks_.BlocksNeeded(s->id, static_cast<int64_t>(s->tokens.size()) - s->slot_offset) +
                   static_cast<int64_t>(s->child_ids.size());
       slots += Slots(*s);
+    }
+    if (max_positions > 0) {
+      absl::flat_hash_map<const Seq*, int64_t> scheduled;
+      for (const Entry& e : entries) scheduled[e.seq] = e.n;
+      for (const Seq* s : running_) {
+        auto it = scheduled.find(s);
+        const int64_t after = s->num_computed + (it == scheduled.end() ? 0 : it->second);
+        const int64_t prompt = static_cast<int64_t>(s->tokens.size());
+        if (after < prompt) promised_positions += PolicyPositions(*s, prompt) - PolicyPositions(*s, after);
+      }
     }
     std::vector<Seq*> bypassed;
     hit_memo_.clear();
@@ -585,6 +639,14 @@ StepPlan Scheduler::Schedule() {
       if (need + reserve > blocks_.num_free_blocks()) {
         // Nothing running: only sessions' pins can be in the way; release the oldest.
         if (running_.empty() && sessions_.ReleaseOldest()) continue;
+        break;  // in order: no skipping ahead
+      }
+      // Its prompt and next token's policy state positions, a copy per unforked child (Add
+      // checked that they fit in all of them).
+      const int64_t need_positions = kvpolicy::DeviceStateCapacity(num_tokens + (grows ? 1 : 0)) * Slots(s);
+      if (max_positions > 0 && !running_.empty() &&
+          promised_positions + static_cast<int64_t>(running_.size()) * kvpolicy::kDeviceStateGranule +
+                  need_positions > max_positions) {
         break;  // in order: no skipping ahead
       }
       waiting_.erase(s.wait_key);
@@ -634,6 +696,7 @@ StepPlan Scheduler::Schedule() {
       entries.push_back({&s, n, *std::move(copies)});
       budget -= n;
       promised += blocks_.BlocksNeeded(s.id, num_tokens) + children;
+      promised_positions += kvpolicy::DeviceStateCapacity(num_tokens) * Slots(s);
       slots += Slots(s);
     }
   }
@@ -867,6 +930,10 @@ absl::Status Scheduler::Validate() const {
   for (const Seq* s : running_) slots += Slots(*s);
   if (slots > config_.max_num_seqs) {
     return bad(slots, " running (with unforked children) > max_num_seqs ", config_.max_num_seqs);
+  }
+  if (config_.kv_policy_max_positions > 0 && num_kv_policy_positions() > config_.kv_policy_max_positions) {
+    return bad(num_kv_policy_positions(), " KV policy state positions > kv_policy_max_positions ",
+               config_.kv_policy_max_positions);
   }
   size_t num_reserved = 0;
   for (const auto& [id, p] : seqs_) {

@@ -84,6 +84,14 @@
 // the blocks past the bound at once (the workers compact before anything else in that step);
 // from then on the sequence holds num_computed - slot_offset slots (blocks_ counts slots) and
 // its blocks from compact_from on are never indexed again. Preemption resets both.
+// KV policy state memory (kv_policy_max_positions > 0; kvpolicy/state_memory.h): each running
+// sequence's policy state holds DeviceStateCapacity(num_computed) positions on every worker (a
+// parent's unforked children count as copies of it, which the fork makes). That sum stays within
+// kv_policy_max_positions: a running sequence's chunk shrinks to the positions left, and one that
+// cannot grow by a token preempts as for blocks; admission needs the positions of the whole prompt
+// plus one token (x the completions) on top of what the running sequences' prompts will take, plus
+// a watermark of kDeviceStateGranule per running sequence. Add refuses a request whose n
+// completions at full length could never hold their positions together.
 // Steps in flight (async scheduling, design/ENGINE.md §1.3): Schedule may be called again before
 // the previous plans' results are applied. A decoding sequence whose next token is being sampled
 // by a step in flight is scheduled as if that token were known (the workers feed it themselves),
@@ -97,7 +105,8 @@
 // running sequences own exactly the blocks for their cache slots (computed tokens - slot_offset),
 // waiting ones own none;
 // a block's ref count = the number of block tables holding it + the sessions pinning it; blocks in use + free blocks =
-// num_blocks; running sequences + their unforked children <= max_num_seqs; reserved child ids are
+// num_blocks; running sequences + their unforked children <= max_num_seqs; their KV policy
+// state positions <= kv_policy_max_positions (when set); reserved child ids are
 // exactly the unforked children of live parents and none is a live id.
 //
 // Thread safety: none. Owned by the engine thread.
@@ -162,6 +171,10 @@ struct SchedulerConfig {
   // The workers run a token-level KV policy (--kv-policy): compact sequences from their slot
   // reports (header comment "KV policy compaction").
   bool kv_compaction = false;
+  // Positions the workers' device-resident KV policy states may hold together (the smallest
+  // kv_policy_max_positions over the ranks; kvpolicy/state_memory.h), >= 0; 0: no limit (no
+  // policy, or states in host memory). Header comment "KV policy state memory".
+  int64_t kv_policy_max_positions = 0;
   // The sessions' clock; null: absl::Now (tests pass a fake one).
   std::function<absl::Time()> clock;
 
@@ -292,6 +305,9 @@ class Scheduler {
   // KV policy compactions planned and the blocks they released, since construction.
   int64_t num_kv_compactions() const { return num_kv_compactions_; }
   int64_t num_kv_compaction_freed_blocks() const { return num_kv_compaction_freed_blocks_; }
+  // KV policy state positions the running sequences hold (header comment; counted whether or not
+  // kv_policy_max_positions is set).
+  int64_t num_kv_policy_positions() const;
   // Waiting or running sequences, or ended ones the workers still have to be told of.
   bool HasWork() const;
   bool Contains(int64_t seq_id) const { return seqs_.contains(seq_id); }
@@ -323,8 +339,13 @@ class Scheduler {
   // Running slots a sequence takes against max_num_seqs: itself + its unforked children.
   static int64_t Slots(const Seq& s);
   void Enqueue(Seq& s, bool front);
-  // Largest m <= n such that `s` can grow by m tokens with the blocks now free.
-  int64_t TokensThatFit(const Seq& s, int64_t n) const;
+  // Largest m <= n such that `s` can grow by m tokens with the blocks now free and the KV policy
+  // state positions left of kv_policy_max_positions when the running sequences (`s` included,
+  // not yet grown) hold `positions`.
+  int64_t TokensThatFit(const Seq& s, int64_t n, int64_t positions) const;
+  // KV policy state positions (header comment) of `s` and its unforked children at `computed`
+  // tokens.
+  static int64_t PolicyPositions(const Seq& s, int64_t computed);
   Seq* PickVictim() const;
   absl::Time Now() const { return config_.clock ? config_.clock() : absl::Now(); }
   // The indexed blocks a sequence (being admitted) can start with: its chain's longest cached

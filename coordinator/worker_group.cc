@@ -235,6 +235,11 @@ absl::Status WorkerGroup::Connect() {
     info_.num_host_blocks =
         r == 0 ? resp->num_host_blocks() : std::min(info_.num_host_blocks, resp->num_host_blocks());
     info_.kv_bytes_per_token = resp->kv_bytes_per_token();
+    // 0 means no limit: the smallest of the limits the ranks set.
+    const int64_t positions = resp->kv_policy_max_positions();
+    if (positions > 0 && (info_.kv_policy_max_positions == 0 || positions < info_.kv_policy_max_positions)) {
+      info_.kv_policy_max_positions = positions;
+    }
     info_.backend = resp->backend();
     info_.device = resp->device();
     info_.load_seconds = std::max(info_.load_seconds, resp->load_seconds());

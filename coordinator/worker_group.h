@@ -63,6 +63,9 @@ struct WorkerGroupInfo {
   // over the workers (they agree unless misconfigured); 0: no host tier.
   int32_t num_host_blocks = 0;
   int64_t kv_bytes_per_token = 0; // per rank
+  // Positions the device-resident KV policy states may hold together (kvpolicy/state_memory.h),
+  // the smallest over the workers; 0: no limit (no policy, or host-resident states).
+  int64_t kv_policy_max_positions = 0;
   std::string backend, device;
   double load_seconds = 0;        // the slowest worker
   std::string all_reduce;         // rank 0's Communicator::AllReduceDescription (TP > 1)

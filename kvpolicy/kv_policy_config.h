@@ -33,6 +33,12 @@ inline constexpr int32_t kWindow = 32;   // CORM's w
 inline constexpr int32_t kRecent = 32;   // CORM's r (= w in the paper)
 inline constexpr int32_t kSinks = 4;     // attention sinks
 inline constexpr int32_t kLowBits = 4;   // MiKV: int4
+// Device-resident states (state_memory.h PositionsPerSlot): positions per cache slot a worker
+// sets state memory aside for when the budget does not say (budget-free, a count budget), and
+// the most it sets aside for any budget. 8B shape: 13 bytes x 256 (layer, KV head) rows per
+// position against 128 KiB per bf16 slot, so 4 positions per slot cost 10 % of the KV memory.
+inline constexpr double kPositionsPerSlot = 4.0;
+inline constexpr double kMaxPositionsPerSlot = 8.0;
 }  // namespace defaults
 
 enum class KvPolicyKind : uint8_t { kNone, kCorm, kMikv };

@@ -359,6 +359,14 @@ void KvPolicyStore::Fork(int64_t parent, int64_t child) {
   seqs_[child] = std::move(copy);  // `it` is not used after the insertion (it may rehash)
 }
 
+int64_t KvPolicyStore::DevicePositions() const {
+  int64_t total = 0;
+  for (const auto& [id, s] : seqs_) {
+    if (s->device() != nullptr) total += s->device()->capacity();
+  }
+  return total;
+}
+
 void KvPolicyStore::Release(int64_t seq_id) {
   auto it = seqs_.find(seq_id);
   if (it == seqs_.end()) return;

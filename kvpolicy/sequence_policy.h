@@ -115,6 +115,9 @@ class DeviceArrays {
   // A copy of the arrays as they are now (KvPolicyStore::Fork), or null when the device is out
   // of memory (the child then gets a fresh state at its next step: every key kept).
   virtual std::unique_ptr<DeviceArrays> Clone() const = 0;
+  // Positions the arrays hold room for (state_memory.h DeviceStateCapacity of the longest length
+  // they were grown to); 0 where the backend does not say.
+  virtual int64_t capacity() const { return 0; }
 };
 
 class SequenceKvPolicy {
@@ -309,6 +312,9 @@ class KvPolicyStore {
   const KvPolicyStats& stats() const { return stats_; }
   void ResetStats() { stats_ = KvPolicyStats(); }
   size_t size() const { return seqs_.size(); }
+  // Positions the states' device arrays hold room for together (DeviceArrays::capacity): what the
+  // coordinator's kv_policy_max_positions bounds.
+  int64_t DevicePositions() const;
 
  private:
   KvPolicyConfig config_;

@@ -152,6 +152,12 @@ ServingMetrics::ServingMetrics() : registry_(std::make_shared<prometheus::Regist
                            "Host KV tier slots holding an offloaded block (0 without a tier)");
   host_kv_capacity_ = NewGauge(r, "lorcserve_host_kv_blocks_capacity",
                                "Host KV tier slots (--kv-offloading-size; 0 without a tier)");
+  kv_policy_positions_used_ =
+      NewGauge(r, "lorcserve_kv_policy_positions_used",
+               "Positions the running sequences' device-resident KV policy states hold (--kv-policy on CUDA)");
+  kv_policy_positions_capacity_ =
+      NewGauge(r, "lorcserve_kv_policy_positions_capacity",
+               "Positions the workers set KV policy state memory aside for (0: no such states)");
   preemptions_ = NewCounter(r, "lorcserve_preemptions_total",
                             "Running sequences preempted (blocks freed, recomputed later)");
   kv_compactions_ = NewCounter(r, "lorcserve_kv_compactions_total",
@@ -244,6 +250,8 @@ void ServingMetrics::SetScheduler(const SchedulerGauges& g) {
   kv_capacity_->Set(static_cast<double>(g.kv_blocks_capacity));
   host_kv_used_->Set(static_cast<double>(g.host_kv_blocks_used));
   host_kv_capacity_->Set(static_cast<double>(g.host_kv_blocks_capacity));
+  kv_policy_positions_used_->Set(static_cast<double>(g.kv_policy_positions_used));
+  kv_policy_positions_capacity_->Set(static_cast<double>(g.kv_policy_positions_capacity));
 }
 
 void ServingMetrics::AddScheduler(const SchedulerCounterDeltas& d) {

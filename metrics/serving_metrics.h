@@ -42,6 +42,10 @@ struct SchedulerGauges {
   int64_t kv_blocks_capacity = 0;
   int64_t host_kv_blocks_used = 0;      // host tier (0 / 0 without one)
   int64_t host_kv_blocks_capacity = 0;
+  // Device-resident KV policy states (kvpolicy/state_memory.h): positions held / set aside (0 / 0
+  // without such states).
+  int64_t kv_policy_positions_used = 0;
+  int64_t kv_policy_positions_capacity = 0;
 };
 
 // Increments of the scheduler's cumulative counters since the last publication.
@@ -116,7 +120,7 @@ class ServingMetrics {
   prometheus::Histogram *step_schedule_, *step_workers_, *step_apply_;
   prometheus::Counter* engine_steps_;
   prometheus::Gauge *waiting_, *running_, *kv_used_, *kv_capacity_, *host_kv_used_,
-      *host_kv_capacity_;
+      *host_kv_capacity_, *kv_policy_positions_used_, *kv_policy_positions_capacity_;
   prometheus::Counter *preemptions_, *pc_queries_, *pc_query_tokens_, *pc_hit_device_,
       *pc_hit_host_, *kv_compactions_, *kv_compaction_freed_;
   std::array<prometheus::Gauge*, 5> state_{};  // by ServingState

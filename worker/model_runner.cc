@@ -1,5 +1,7 @@
 #include "worker/model_runner.h"
 
+#include "kvpolicy/state_memory.h"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -144,6 +146,14 @@ absl::Status ModelRunner::InitKvPolicy(const KvCacheOptions& kv) {
                    : "use a wider --kv-cache-dtype or --kv-policy corm",
           ")"));
     }
+  }
+  if (backend_->KvPolicyOnDevice()) {
+    // Their memory comes out of the KV budget (AllocateCache).
+    kv_policy_positions_per_slot_ = kvpolicy::PositionsPerSlot(kv.kv_policy, layers);
+    kv_policy_memory_ = backend_->KvPolicyMemory(
+        int64_t{kv_spec_.num_layers()} * heads,
+        kv.kv_policy.kind == kvpolicy::KvPolicyKind::kMikv ? layers[0].k_width : 0, limits_.max_model_len,
+        limits_.max_num_seqs);
   }
   kv_policy_ = std::make_unique<kvpolicy::KvPolicyStore>(kv.kv_policy, std::move(layers),
                                                           static_cast<int32_t>(heads), backend_->KvPolicyOnDevice());
@@ -364,21 +374,34 @@ absl::Status ModelRunner::AllocateCache(const KvCacheOptions& kv, int64_t reserv
     const MemoryInfo mem = backend_->GetMemoryInfo();
     const int64_t used = mem.total_bytes - mem.free_bytes;
     budget = static_cast<int64_t>(static_cast<double>(mem.total_bytes) * kv.gpu_memory_utilization) - used -
-             reserve_bytes;
+             reserve_bytes - kv_policy_memory_.reserve_bytes;
     if (budget <= 0) {
       return absl::ResourceExhaustedError(absl::StrCat(
           "kv cache: gpu_memory_utilization ", kv.gpu_memory_utilization, " of ", mem.total_bytes,
-          " bytes leaves nothing after the ", used, " bytes in use (weights, step buffers, others) and ",
-          reserve_bytes, " bytes for decode graphs"));
+          " bytes leaves nothing after the ", used, " bytes in use (weights, step buffers, others), ",
+          reserve_bytes, " bytes for decode graphs and ", kv_policy_memory_.reserve_bytes,
+          " bytes for the KV policy's buffers"));
     }
   }
-  kv_spec_.num_blocks = kv.num_blocks > 0 ? kv.num_blocks
-                                          : static_cast<int32_t>(std::min<int64_t>(
-                                                budget / kv_spec_.BytesPerBlock(),
-                                                std::numeric_limits<int32_t>::max()));
+  // Device-resident KV policy states take kv_policy_positions_per_slot_ positions per slot out of
+  // the same budget (kvpolicy/state_memory.h).
+  const int64_t blocks = kv.num_blocks > 0 ? kv.num_blocks
+                                           : kvpolicy::BlocksWithStates(budget, kv_spec_.BytesPerBlock(),
+                                                                        kv_spec_.block_size,
+                                                                        kv_policy_positions_per_slot_,
+                                                                        kv_policy_memory_.bytes_per_position);
+  kv_spec_.num_blocks = static_cast<int32_t>(std::min<int64_t>(blocks, std::numeric_limits<int32_t>::max()));
   if (kv_spec_.num_blocks <= 0) {
-    return absl::InvalidArgumentError(absl::StrCat("kv cache: ", budget, " bytes hold no block of ",
-                                                   kv_spec_.BytesPerBlock(), " bytes"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "kv cache: ", budget, " bytes hold no block of ", kv_spec_.BytesPerBlock(), " bytes",
+        kv_policy_memory_.bytes_per_position > 0
+            ? absl::StrCat(" with its KV policy state (", kv_policy_positions_per_slot_, " positions of ",
+                           kv_policy_memory_.bytes_per_position, " bytes per slot)")
+            : ""));
+  }
+  if (kv_policy_memory_.bytes_per_position > 0) {
+    kv_policy_max_positions_ =
+        kvpolicy::MaxPositions(kv_spec_.num_blocks, kv_spec_.block_size, kv_policy_positions_per_slot_);
   }
   const size_t slots = static_cast<size_t>(kv_spec_.num_blocks) * kv_spec_.block_size;
   for (int l = 0; l < kv_spec_.num_layers(); ++l) {

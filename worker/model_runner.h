@@ -169,6 +169,10 @@ class ModelRunner {
   // Token-level KV policy (KvCacheOptions::kv_policy, kvpolicy/): the per-sequence states, made
   // by Execute for each sequence it runs; null when the policy is none.
   kvpolicy::KvPolicyStore* kv_policy() { return kv_policy_.get(); }
+  // Positions this rank's device-resident policy states may hold together, set aside from the KV
+  // budget at load (kvpolicy/state_memory.h; LoadModelResponse::kv_policy_max_positions); 0: no
+  // limit (no policy, or states in host memory).
+  int64_t kv_policy_max_positions() const { return kv_policy_max_positions_; }
   // The request ended, was preempted or failed: its policy state goes (its counts into the
   // store's stats). No-op without a policy or for an unknown id.
   void ReleaseKvPolicy(int64_t seq_id) {
@@ -271,6 +275,12 @@ class ModelRunner {
   std::unique_ptr<AttentionPlan> plan_;
   std::unique_ptr<kvpolicy::KvPolicyStore> kv_policy_;
   std::vector<kvpolicy::SequenceKvPolicy*> policy_seqs_;  // this step's, batch order
+  // Device-resident states (InitKvPolicy, AllocateCache): their memory per position and the
+  // backend's reserve (Backend::KvPolicyMemory), the positions per cache slot they are sized for,
+  // and the resulting limit.
+  Backend::KvPolicyStateMemory kv_policy_memory_;
+  double kv_policy_positions_per_slot_ = 0;
+  int64_t kv_policy_max_positions_ = 0;
   // At Init: the store for kv.kv_policy (none: nothing), or Unimplemented / InvalidArgument.
   absl::Status InitKvPolicy(const KvCacheOptions& kv);
   // After the forward pass of a step: a device-resident policy's choice and counts

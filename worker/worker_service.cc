@@ -335,6 +335,7 @@ absl::StatusOr<lorcserve::internal::LoadModelResponse> WorkerService::LoadModelO
   lorcserve::internal::LoadModelResponse resp;
   resp.set_num_blocks(d.model.runner->kv_spec().num_blocks);
   resp.set_kv_bytes_per_token(d.model.runner->kv_spec().BytesPerToken());
+  resp.set_kv_policy_max_positions(d.model.runner->kv_policy_max_positions());
   resp.set_num_host_blocks(d.model.runner->num_host_blocks());
   resp.set_load_seconds(d.model.load_seconds);
   resp.set_backend(d.backend->name());

@@ -5,6 +5,7 @@
 # Prometheus endpoint is sampled every 0.2 s for the running sequences and KV blocks in use, and
 # read at the end for preemptions and compactions. One JSON line per policy on stdout:
 #   {"policy", "bench": {...lorcserve bench --json...}, "max_running", "max_blocks_used",
+#    "max_policy_positions", "policy_positions_capacity" (device-resident policy states),
 #    "preemptions", "kv_compactions", "kv_compaction_freed_blocks"}
 #   scripts/kvpolicy/capacity.sh --lorcserve build/bin/lorcserve --model models/tiny-llama-a \
 #       [--num-blocks 64] [--requests 32] [--concurrency 16] [--prompt-len 64] [--max-tokens 192]
@@ -64,10 +65,10 @@ run() {  # run NAME FLAGS...
   if [[ -z "$addr" || -z "$mport" ]]; then
     echo "capacity.sh: $name: the coordinator did not start:" >&2; cat "$log" >&2; kill "$pid" 2>/dev/null; return 1
   fi
-  local max_running=0 max_used=0
+  local max_running=0 max_used=0 max_positions=0
   ( while kill -0 "$pid" 2>/dev/null; do
       curl -s "http://127.0.0.1:$mport/metrics" >"$tmp/$name.sample" 2>/dev/null &&
-        echo "$(metric lorcserve_num_sequences_running "$tmp/$name.sample") $(metric lorcserve_kv_blocks_used "$tmp/$name.sample")"
+        echo "$(metric lorcserve_num_sequences_running "$tmp/$name.sample") $(metric lorcserve_kv_blocks_used "$tmp/$name.sample") $(metric lorcserve_kv_policy_positions_used "$tmp/$name.sample")"
       sleep 0.2
     done ) >"$tmp/$name.samples" &
   local sampler=$!
@@ -79,9 +80,10 @@ run() {  # run NAME FLAGS...
   kill "$sampler" 2>/dev/null
   kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null
   if [[ $rc -ne 0 ]]; then echo "capacity.sh: $name: bench failed:" >&2; tail -20 "$log" >&2; return 1; fi
-  read -r max_running max_used < <(awk '{ if ($1 > r) r = $1; if ($2 > u) u = $2 } END { print r + 0, u + 0 }' "$tmp/$name.samples")
-  printf '{"policy": "%s", "num_blocks": %s, "max_running": %s, "max_blocks_used": %s, "preemptions": %s, "kv_compactions": %s, "kv_compaction_freed_blocks": %s, "bench": %s}\n' \
-    "$name" "$blocks" "$max_running" "$max_used" \
+  read -r max_running max_used max_positions < <(awk '{ if ($1 > r) r = $1; if ($2 > u) u = $2; if ($3 > p) p = $3 } END { print r + 0, u + 0, p + 0 }' "$tmp/$name.samples")
+  printf '{"policy": "%s", "num_blocks": %s, "max_running": %s, "max_blocks_used": %s, "max_policy_positions": %s, "policy_positions_capacity": %s, "preemptions": %s, "kv_compactions": %s, "kv_compaction_freed_blocks": %s, "bench": %s}\n' \
+    "$name" "$blocks" "$max_running" "$max_used" "$max_positions" \
+    "$(metric lorcserve_kv_policy_positions_capacity "$tmp/$name.final")" \
     "$(metric lorcserve_preemptions_total "$tmp/$name.final")" \
     "$(metric lorcserve_kv_compactions_total "$tmp/$name.final")" \
     "$(metric lorcserve_kv_compaction_freed_blocks_total "$tmp/$name.final")" \

@@ -55,6 +55,7 @@ const std::vector<std::string> kGauges = {
     "lorcserve_host_kv_blocks_used",    "lorcserve_host_kv_blocks_capacity",
     "lorcserve_serving_state",          "lorcserve_worker_group_size",
     "lorcserve_num_requests_in_flight",
+    "lorcserve_kv_policy_positions_used", "lorcserve_kv_policy_positions_capacity",
 };
 const std::vector<std::string> kHistograms = {
     "lorcserve_time_to_first_token_seconds",
@@ -108,7 +109,8 @@ TEST(ServingMetricsTest, UpdatesShowInTheExposition) {
   m.ObserveStep(-1, 0.004, 0.0002);
   m.AddEngineSteps(1);
   m.SetScheduler({.num_waiting = 3, .num_running = 2, .kv_blocks_used = 10,
-                  .kv_blocks_capacity = 100, .host_kv_blocks_used = 1, .host_kv_blocks_capacity = 8});
+                  .kv_blocks_capacity = 100, .host_kv_blocks_used = 1, .host_kv_blocks_capacity = 8,
+                  .kv_policy_positions_used = 768, .kv_policy_positions_capacity = 4096});
   m.AddScheduler({.preemptions = 2, .prefix_cache_queries = 1, .prefix_cache_query_tokens = 32,
                   .prefix_cache_hit_tokens = 16, .prefix_cache_host_hit_tokens = 4});
   m.SetServingState(ServingState::kRecovering);
@@ -150,6 +152,8 @@ TEST(ServingMetricsTest, UpdatesShowInTheExposition) {
   EXPECT_EQ(s.at("lorcserve_kv_blocks_capacity"), 100);
   EXPECT_EQ(s.at("lorcserve_host_kv_blocks_used"), 1);
   EXPECT_EQ(s.at("lorcserve_host_kv_blocks_capacity"), 8);
+  EXPECT_EQ(s.at("lorcserve_kv_policy_positions_used"), 768);
+  EXPECT_EQ(s.at("lorcserve_kv_policy_positions_capacity"), 4096);
   EXPECT_EQ(s.at("lorcserve_preemptions_total"), 2);
   EXPECT_EQ(s.at("lorcserve_prefix_cache_queries_total"), 1);
   EXPECT_EQ(s.at("lorcserve_prefix_cache_query_tokens_total"), 32);

@@ -375,6 +375,14 @@ Scheduler::Seq* Scheduler::PickVictim() const {
   return victim;
 }
 
+Scheduler::Seq* Scheduler::ProtectedLowerVictim(const Seq& s) const {
+  for (Seq* r : running_) {
+    if (r == &s || r->num_pending() == 0) continue;
+    if (r->priority < s.priority || (r->priority == s.priority && r->admission > s.admission)) return r;
+  }
+  return nullptr;
+}
+
 void Scheduler::Preempt(Seq& victim, std::vector<Entry>& entries, int64_t& budget,
                         StepPlan& plan) {
   auto e = std::find_if(entries.begin(), entries.end(),
@@ -559,9 +567,17 @@ StepPlan Scheduler::Schedule() {
   // KV policy state positions of the running sequences once this plan's entries are computed
   // (header comment "KV policy state memory"); kept as entries are added and victims go.
   int64_t positions = num_kv_policy_positions();
+  // Sequences left out of plans so that a later one can preempt them (below): those the previous
+  // plan asked for and those this one asks for (a decode ahead of the waiting sequence in `order`
+  // is in this plan already, so it sits the next one out).
+  const absl::flat_hash_set<int64_t> held = std::move(held_);
+  held_.clear();
   for (Seq* s : order) {
     if (budget == 0) break;
-    if (s->state != SequenceState::kRunning || s->done_sampling()) continue;
+    if (s->state != SequenceState::kRunning || s->done_sampling() || held.contains(s->id) ||
+        held_.contains(s->id)) {
+      continue;
+    }
     const int64_t n = std::min(s->num_tokens() - s->num_computed, budget);
     if (n == 0) continue;
     int64_t m = TokensThatFit(*s, n, positions);
@@ -570,6 +586,14 @@ StepPlan Scheduler::Schedule() {
       // next step, when the oldest results are in and victims can be chosen again.
       Seq* victim = PickVictim();
       if (victim == nullptr) break;
+      if (victim == s) {
+        // A sequence that ranks below `s` as a victim is protected only by its token in flight:
+        // `s` waits, and that one sits this plan out, so that the next plan can preempt it.
+        if (Seq* r = ProtectedLowerVictim(*s); r != nullptr) {
+          held_.insert(r->id);
+          break;
+        }
+      }
       int64_t victim_computed = victim->num_computed;  // with its entry of this plan, if any
       for (const Entry& e : entries) {
         if (e.seq == victim) victim_computed += e.n;

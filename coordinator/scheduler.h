@@ -97,7 +97,9 @@
 // by a step in flight is scheduled as if that token were known (the workers feed it themselves),
 // unless the steps in flight already sample its last allowed token (max_tokens). A sequence with
 // a token in flight is never chosen as a preemption victim; when no victim is left, the sequence
-// that needs blocks waits for a later step. Since EOS and stop conditions are seen only when a
+// that needs blocks waits for a later step. When the only victim left is the sequence itself but
+// one ranking below it is protected by a token in flight, it waits too, and that one is left out
+// of the plan, so the next plan preempts it rather than the higher-ranked sequence. Since EOS and stop conditions are seen only when a
 // result is applied, a finished sequence may have one more step in flight; its token is dropped.
 // Apply the results in step order.
 //
@@ -347,6 +349,9 @@ class Scheduler {
   // tokens.
   static int64_t PolicyPositions(const Seq& s, int64_t computed);
   Seq* PickVictim() const;
+  // A running sequence other than `s` with a token in flight that ranks below `s` as a victim
+  // (lower priority, or the same and admitted later); null when none.
+  Seq* ProtectedLowerVictim(const Seq& s) const;
   absl::Time Now() const { return config_.clock ? config_.clock() : absl::Now(); }
   // The indexed blocks a sequence (being admitted) can start with: its chain's longest cached
   // prefix within its first num_tokens - 1 tokens; empty when caching is off or it wants prompt
@@ -378,6 +383,8 @@ class Scheduler {
   std::vector<Seq*> running_;          // in admission order
   std::vector<int64_t> ended_;         // ended ids the workers have seen: next plan's `finished`
   absl::flat_hash_set<int64_t> reserved_;  // child ids of parents not forked yet
+  // Running sequences to leave out of the next plan, so that it can preempt them (Schedule).
+  absl::flat_hash_set<int64_t> held_;
   absl::flat_hash_map<int64_t, size_t> hit_memo_;  // PickWaiting's lookups in this Schedule
   HostKvPool host_;                    // host tier bookkeeping (slots: num_host_blocks)
   std::vector<BlockHash> host_pins_;   // host entries loaded by the plan being built

@@ -83,6 +83,23 @@ class StatePositionsRecorder final : public StepRunner {
   int64_t most_ = 0;
 };
 
+// 2 x the golden prompts (the second time each prompt twice over), greedy, `max_tokens` each, EOS
+// ignored.
+std::vector<GenerationRequest> GoldenRequests(int32_t max_tokens) {
+  std::vector<GenerationRequest> reqs;
+  for (int rep = 0; rep < 2; ++rep) {
+    for (const ::lorc::testing::Golden& g : ::lorc::testing::GoldenPrompts()) {
+      GenerationRequest r;
+      r.prompt_ids = g.prompt_ids;
+      if (rep == 1) r.prompt_ids.insert(r.prompt_ids.end(), g.prompt_ids.begin(), g.prompt_ids.end());
+      r.params.max_tokens = max_tokens;
+      r.params.ignore_eos = true;
+      reqs.push_back(r);
+    }
+  }
+  return reqs;
+}
+
 PolicyRun RunGolden(BackendKind kind, const KvCacheOptions& kv) {
   PolicyRun run;
   auto backend = CreateBackend({kind});
@@ -100,18 +117,7 @@ PolicyRun RunGolden(BackendKind kind, const KvCacheOptions& kv) {
   auto engine = Engine::Create(&exec, m->config, m->runner->kv_spec(), nullptr, eo);
   EXPECT_OK(engine);
   if (!engine.ok()) return run;
-  std::vector<GenerationRequest> reqs;
-  for (int rep = 0; rep < 2; ++rep) {  // 2 x the golden prompts, batched
-    for (const ::lorc::testing::Golden& g : ::lorc::testing::GoldenPrompts()) {
-      GenerationRequest r;
-      r.prompt_ids = g.prompt_ids;
-      if (rep == 1) r.prompt_ids.insert(r.prompt_ids.end(), g.prompt_ids.begin(), g.prompt_ids.end());
-      r.params.max_tokens = 96;
-      r.params.ignore_eos = true;
-      reqs.push_back(r);
-    }
-  }
-  auto out = (*engine)->Generate(reqs);
+  auto out = (*engine)->Generate(GoldenRequests(96));
   EXPECT_OK(out);
   if (out.ok()) {
     for (const GenerationResult& r : *out) run.tokens.push_back(r.first().output_ids);
@@ -387,18 +393,7 @@ TEST(CudaKvPolicyStateMemoryTest, TheDeviceNeverHoldsMorePositionsThanSetAside) 
   eo.kv_policy_max_positions = limit;
   auto engine = Engine::Create(&recorder, m->config, m->runner->kv_spec(), nullptr, eo);
   ASSERT_OK(engine);
-  std::vector<GenerationRequest> reqs;
-  for (int rep = 0; rep < 2; ++rep) {
-    for (const ::lorc::testing::Golden& g : ::lorc::testing::GoldenPrompts()) {
-      GenerationRequest r;
-      r.prompt_ids = g.prompt_ids;
-      if (rep == 1) r.prompt_ids.insert(r.prompt_ids.end(), g.prompt_ids.begin(), g.prompt_ids.end());
-      r.params.max_tokens = 200;
-      r.params.ignore_eos = true;
-      reqs.push_back(r);
-    }
-  }
-  auto out = (*engine)->Generate(reqs);
+  auto out = (*engine)->Generate(GoldenRequests(200));
   ASSERT_OK(out);
   for (const GenerationResult& r : *out) EXPECT_EQ(r.first().output_ids.size(), 200u);
   EXPECT_OK((*engine)->scheduler().Validate());

@@ -667,7 +667,7 @@ StepPlan Scheduler::Schedule() {
       }
       // Its prompt and next token's policy state positions, a copy per unforked child (Add
       // checked that they fit in all of them).
-      const int64_t need_positions = kvpolicy::DeviceStateCapacity(num_tokens + (grows ? 1 : 0)) * Slots(s);
+      const int64_t need_positions = PolicyPositions(s, num_tokens + (grows ? 1 : 0));
       if (max_positions > 0 && !running_.empty() &&
           promised_positions + static_cast<int64_t>(running_.size()) * kvpolicy::kDeviceStateGranule +
                   need_positions > max_positions) {
@@ -720,7 +720,7 @@ StepPlan Scheduler::Schedule() {
       entries.push_back({&s, n, *std::move(copies)});
       budget -= n;
       promised += blocks_.BlocksNeeded(s.id, num_tokens) + children;
-      promised_positions += kvpolicy::DeviceStateCapacity(num_tokens) * Slots(s);
+      promised_positions += PolicyPositions(s, num_tokens);
       slots += Slots(s);
     }
   }

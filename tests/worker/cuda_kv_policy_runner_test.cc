@@ -100,6 +100,17 @@ std::vector<GenerationRequest> GoldenRequests(int32_t max_tokens) {
   return reqs;
 }
 
+// An engine over `runner`'s limits that compacts and holds its sequences to the runner's policy
+// state positions, as the served engine does.
+EngineOptions PolicyEngineOptions(const ModelRunner& runner) {
+  EngineOptions eo;
+  eo.max_num_seqs = runner.limits().max_num_seqs;
+  eo.max_num_batched_tokens = runner.limits().max_num_batched_tokens;
+  eo.kv_compaction = true;
+  eo.kv_policy_max_positions = runner.kv_policy_max_positions();
+  return eo;
+}
+
 PolicyRun RunGolden(BackendKind kind, const KvCacheOptions& kv) {
   PolicyRun run;
   auto backend = CreateBackend({kind});
@@ -109,12 +120,7 @@ PolicyRun RunGolden(BackendKind kind, const KvCacheOptions& kv) {
   EXPECT_OK(m);
   if (!m.ok()) return run;
   StepExecutor exec(m->runner.get());
-  EngineOptions eo;
-  eo.max_num_seqs = m->runner->limits().max_num_seqs;
-  eo.max_num_batched_tokens = m->runner->limits().max_num_batched_tokens;
-  eo.kv_compaction = true;
-  eo.kv_policy_max_positions = m->runner->kv_policy_max_positions();
-  auto engine = Engine::Create(&exec, m->config, m->runner->kv_spec(), nullptr, eo);
+  auto engine = Engine::Create(&exec, m->config, m->runner->kv_spec(), nullptr, PolicyEngineOptions(*m->runner));
   EXPECT_OK(engine);
   if (!engine.ok()) return run;
   auto out = (*engine)->Generate(GoldenRequests(96));
@@ -386,12 +392,7 @@ TEST(CudaKvPolicyStateMemoryTest, TheDeviceNeverHoldsMorePositionsThanSetAside) 
   ASSERT_EQ(limit, kvpolicy::MaxPositions(64, kBlockSize, 1 / 0.3));
   StepExecutor exec(m->runner.get());
   StatePositionsRecorder recorder(&exec, m->runner.get());
-  EngineOptions eo;
-  eo.max_num_seqs = m->runner->limits().max_num_seqs;
-  eo.max_num_batched_tokens = m->runner->limits().max_num_batched_tokens;
-  eo.kv_compaction = true;
-  eo.kv_policy_max_positions = limit;
-  auto engine = Engine::Create(&recorder, m->config, m->runner->kv_spec(), nullptr, eo);
+  auto engine = Engine::Create(&recorder, m->config, m->runner->kv_spec(), nullptr, PolicyEngineOptions(*m->runner));
   ASSERT_OK(engine);
   auto out = (*engine)->Generate(GoldenRequests(200));
   ASSERT_OK(out);

@@ -18,6 +18,27 @@
 #include "kernels/elem_type.cuh"
 
 namespace lorc::cuda_internal {
+
+absl::Status QuantizedCacheGeometry(const char* op, const KvLayer& c, int32_t num_kv_heads, int64_t k_head,
+                                    int64_t v_head, int32_t block_size, kernels::KvqSide* k_q, kernels::KvqSide* v_q) {
+  RETURN_IF_ERROR(CheckQuantizedCache(op, c));
+  if (c.num_kv_heads != num_kv_heads || c.block_size != block_size || c.k_width != num_kv_heads * k_head ||
+      c.v_width != num_kv_heads * v_head) {
+    return absl::InvalidArgumentError(absl::StrCat("cuda backend: ", op, ": quantized cache of ", c.num_kv_heads,
+                                                   " KV heads, block_size ", c.block_size, ", widths ", c.k_width,
+                                                   "/", c.v_width, " for ", num_kv_heads, " KV heads of ", k_head,
+                                                   "/", v_head, " values and block_size ", block_size));
+  }
+  *k_q = kernels::MakeKvqSide(c.quant, c.block_size, num_kv_heads, k_head);
+  *v_q = kernels::MakeKvqSide(c.quant, c.block_size, num_kv_heads, v_head);
+  if (!kernels::KvqSideReadable(c.quant, *k_q, block_size) || !kernels::KvqSideReadable(c.quant, *v_q, block_size)) {
+    return absl::UnimplementedError(absl::StrCat("cuda backend: ", op, ": quantized cache with head widths ", k_head,
+                                                 "/", v_head, " and block_size ", c.block_size,
+                                                 " not implemented (head widths multiples of 8, 16-byte blocks)"));
+  }
+  return absl::OkStatus();
+}
+
 namespace {
 
 // Split-KV heuristic: aim for this many decode CTAs per SM (work items x KV heads), never cut a
@@ -266,30 +287,12 @@ absl::Status RequireBf16(const char* op, std::initializer_list<std::pair<const c
   return absl::OkStatus();
 }
 
-// A quantized cache (p.cache.quant != kNone) as the kernels read it: KV heads and block size
-// those of the call, each side's widths exactly heads x head_width, the byte geometry the
-// kernels' 8-channel loads take (head widths multiples of 8, blocks 16-byte aligned). Fills
-// kv_quant, k_q and v_q of the kernels' arguments.
+// Fills kv_quant, k_q and v_q of the kernels' arguments (QuantizedCacheGeometry).
 template <typename Args>
 absl::Status QuantizedCacheArgs(const char* op, const KvLayer& c, int32_t num_kv_heads, int64_t k_head,
                                 int64_t v_head, const AttentionBatch& b, Args& a) {
-  RETURN_IF_ERROR(CheckQuantizedCache(op, c));
-  if (c.num_kv_heads != num_kv_heads || c.block_size != b.block_size || c.k_width != num_kv_heads * k_head ||
-      c.v_width != num_kv_heads * v_head) {
-    return absl::InvalidArgumentError(absl::StrCat("cuda backend: ", op, ": quantized cache of ", c.num_kv_heads,
-                                                   " KV heads, block_size ", c.block_size, ", widths ", c.k_width,
-                                                   "/", c.v_width, " for ", num_kv_heads, " KV heads of ", k_head,
-                                                   "/", v_head, " values and block_size ", b.block_size));
-  }
+  RETURN_IF_ERROR(QuantizedCacheGeometry(op, c, num_kv_heads, k_head, v_head, b.block_size, &a.k_q, &a.v_q));
   a.kv_quant = c.quant;
-  a.k_q = kernels::MakeKvqSide(c.quant, c.block_size, num_kv_heads, k_head);
-  a.v_q = kernels::MakeKvqSide(c.quant, c.block_size, num_kv_heads, v_head);
-  if (!kernels::KvqSideReadable(c.quant, a.k_q, b.block_size) ||
-      !kernels::KvqSideReadable(c.quant, a.v_q, b.block_size)) {
-    return absl::UnimplementedError(absl::StrCat("cuda backend: ", op, ": quantized cache with head widths ", k_head,
-                                                 "/", v_head, " and block_size ", c.block_size,
-                                                 " not implemented (head widths multiples of 8, 16-byte blocks)"));
-  }
   return absl::OkStatus();
 }
 

@@ -20,11 +20,7 @@
 
 namespace lorc {
 
-absl::Status CudaKvPolicySupport(KvCacheDtype kv_cache_dtype, bool latent) {
-  if (kv_cache_dtype != KvCacheDtype::kAuto && kv_cache_dtype != KvCacheDtype::kBf16) {
-    return absl::UnimplementedError(absl::StrCat("--kv-policy with --kv-cache-dtype ", KvCacheDtypeName(kv_cache_dtype),
-                                                 ": the cuda backend's policy kernels read a bf16 cache only so far"));
-  }
+absl::Status CudaKvPolicySupport(bool latent) {
   if (latent) {
     return absl::UnimplementedError(
         "--kv-policy with a LoRC (latent) model: the cuda backend's policy kernels read full K and V only so far");

@@ -17,6 +17,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "backend/backend.h"
+#include "kernels/kv_quant.h"
 #include "common/status_macros.h"
 
 namespace lorc::cuda_internal {
@@ -40,6 +41,14 @@ inline absl::Status NoKernel(const char* op) {
 // InvalidArgument naming the op unless a quantized cache (KvLayer::quant != kNone) has KV heads
 // dividing its widths and a block size (cuda_backend.cc).
 absl::Status CheckQuantizedCache(const char* op, const KvLayer& c);
+
+// A quantized cache (KvLayer::quant != kNone) as the kernels read it (cuda_attention.cc): KV heads
+// and block size those of the call, each side's widths exactly heads x head_width (k_head /
+// v_head values), the byte geometry the kernels' 8-channel loads take (head widths multiples of 8,
+// blocks 16-byte aligned: KvqSideReadable). Fills the sides' geometry (MakeKvqSide).
+// InvalidArgument for a cache of another shape, Unimplemented for a geometry the kernels cannot read.
+absl::Status QuantizedCacheGeometry(const char* op, const KvLayer& c, int32_t num_kv_heads, int64_t k_head,
+                                    int64_t v_head, int32_t block_size, kernels::KvqSide* k_q, kernels::KvqSide* v_q);
 
 class CudaEvent final : public Event {
  public:

@@ -177,6 +177,7 @@ struct CudaKvPolicyStep {
   std::vector<const void*> k_layers;
   const int32_t* block_tables = nullptr;
   int32_t max_blocks = 0, block_size = 0, head_dim = 0;
+  kernels::KvPolicyCacheLayout layout;  // the cache's (MiKV's balance reads its keys)
   DeviceBuffer seqs_dev, entries_dev, counts_dev, counts_host, scratch, compact_dev, k_layers_dev, stage;
   bool active = false;
 };
@@ -217,7 +218,8 @@ Backend::KvPolicyStateMemory CudaBackend::KvPolicyMemory(int64_t rows, int64_t m
 
 absl::Status CudaBackend::CheckKvPolicy(const kvpolicy::KvPolicyConfig& config, KvCacheDtype kv_cache_dtype,
                                         bool latent) const {
-  return CudaKvPolicySupport(kv_cache_dtype, latent);  // cuda_backend.cc: every policy kind runs
+  (void)kv_cache_dtype;  // bf16 and quantized caches alike (kernels/kv_policy.cuh KvPolicyCacheLayout)
+  return CudaKvPolicySupport(latent);  // cuda_backend.cc: every policy kind runs
 }
 
 absl::Status CudaBackend::KvPolicyBeginStep(absl::Span<kvpolicy::SequenceKvPolicy* const> seqs,
@@ -324,12 +326,19 @@ absl::Status CudaBackend::KvPolicyAttention(const AttentionParams& p, const Atte
   }
   CudaKvPolicyStep& st = *kv_policy_step_;
   const AttentionBatch& b = plan.batch();
-  if (p.cache.quant != kernels::KvQuant::kNone || p.cache.dtype != DType::kBF16 || p.q.dtype != DType::kBF16 ||
-      p.out.dtype != DType::kBF16 || p.cache.k_width != p.cache.v_width ||
-      p.cache.k_width != static_cast<int64_t>(p.num_kv_heads) * p.head_dim) {
-    return absl::UnimplementedError(absl::StrCat("cuda backend: KV policy attention: a bf16 cache of ", p.num_kv_heads,
-                                                 " x ", p.head_dim, " K and V values per slot (got widths ",
+  const bool quant = p.cache.quant != kernels::KvQuant::kNone;
+  if ((!quant && p.cache.dtype != DType::kBF16) || p.q.dtype != DType::kBF16 || p.out.dtype != DType::kBF16 ||
+      p.cache.k_width != p.cache.v_width || p.cache.k_width != static_cast<int64_t>(p.num_kv_heads) * p.head_dim) {
+    return absl::UnimplementedError(absl::StrCat("cuda backend: KV policy attention: a bf16 or quantized cache of ",
+                                                 p.num_kv_heads, " x ", p.head_dim,
+                                                 " K and V values per slot and bf16 queries (got widths ",
                                                  p.cache.k_width, "/", p.cache.v_width, ")"));
+  }
+  kernels::KvPolicyCacheLayout layout;
+  if (quant) {
+    RETURN_IF_ERROR(QuantizedCacheGeometry("KV policy attention", p.cache, p.num_kv_heads, p.head_dim, p.head_dim,
+                                           b.block_size, &layout.k_q, &layout.v_q));
+    layout.kv_quant = p.cache.quant;
   }
   if (!st.groups_ready) {
     // Entries in order, a group closing when the next entry would pass the scratch cap.
@@ -366,6 +375,7 @@ absl::Status CudaBackend::KvPolicyAttention(const AttentionParams& p, const Atte
   a.k_cache = static_cast<const __nv_bfloat16*>(p.cache.k);
   a.v_cache = static_cast<const __nv_bfloat16*>(p.cache.v);
   a.kv_stride = p.cache.k_width;
+  a.layout = layout;
   a.block_tables = b.block_tables;
   a.max_blocks = b.max_blocks_per_seq;
   a.block_size = b.block_size;
@@ -387,6 +397,7 @@ absl::Status CudaBackend::KvPolicyAttention(const AttentionParams& p, const Atte
       return absl::InvalidArgumentError(absl::StrCat("KV policy attention: layer ", a.layer, " of ", layers));
     }
     st.k_layers[a.layer] = p.cache.k;
+    st.layout = layout;
     st.block_tables = b.block_tables;
     st.max_blocks = b.max_blocks_per_seq;
     st.block_size = b.block_size;
@@ -446,6 +457,7 @@ absl::Status CudaBackend::KvPolicyEndStep(absl::Span<kvpolicy::SequenceKvPolicy*
       RETURN_IF_ERROR(CopyToDevice(st.k_layers_dev.data(), st.k_layers.data(), bytes));
       c.k_layers = st.k_layers_dev.as<const __nv_bfloat16* const>();
       c.kv_stride = static_cast<int64_t>(seqs[0]->num_kv_heads()) * st.head_dim;
+      c.layout = st.layout;
       c.block_tables = st.block_tables;
       c.max_blocks = st.max_blocks;
       c.block_size = st.block_size;
@@ -476,14 +488,22 @@ absl::Status CudaBackend::KvPolicyCompact(kvpolicy::SequenceKvPolicy& seq, absl:
   }
   const int64_t width = layers[0].k_width;
   const int64_t head_dim = width / seq.num_kv_heads();
+  const kernels::KvQuant quant = layers[0].quant;
+  kernels::KvPolicyCacheLayout layout;
+  if (quant != kernels::KvQuant::kNone) {
+    RETURN_IF_ERROR(QuantizedCacheGeometry("KV policy compaction", layers[0], seq.num_kv_heads(), head_dim, head_dim,
+                                           block_size, &layout.k_q, &layout.v_q));
+    layout.kv_quant = quant;
+  }
   std::vector<__nv_bfloat16*> ptrs(2 * layers.size());
   for (size_t l = 0; l < layers.size(); ++l) {
     const KvLayer& c = layers[l];
-    if (c.quant != kernels::KvQuant::kNone || c.dtype != DType::kBF16 || c.k_width != width || c.v_width != width) {
+    if (c.quant != quant || (quant == kernels::KvQuant::kNone && c.dtype != DType::kBF16) || c.k_width != width ||
+        c.v_width != width || (quant != kernels::KvQuant::kNone && c.block_size != block_size)) {
       return absl::UnimplementedError(absl::StrCat("KV policy compaction: layer ", l,
-                                                   " is not a bf16 cache of equal K and V widths"));
+                                                   " is not a bf16 or quantized cache of layer 0's kind and widths"));
     }
-    ptrs[l] = static_cast<__nv_bfloat16*>(c.k);
+    ptrs[l] = static_cast<__nv_bfloat16*>(c.k);  // or a quantized layout's bytes (`layout`)
     ptrs[layers.size() + l] = static_cast<__nv_bfloat16*>(c.v);
   }
   if (static_cast<int64_t>(block_table.size()) * block_size < seq.num_slots() || from < 0 || from > seq.num_slots()) {
@@ -514,6 +534,7 @@ absl::Status CudaBackend::KvPolicyCompact(kvpolicy::SequenceKvPolicy& seq, absl:
   a.k_layers = reinterpret_cast<__nv_bfloat16* const*>(dev + at_ptrs);
   a.v_layers = a.k_layers + layers.size();
   a.kv_stride = width;
+  a.layout = layout;
   a.block_table = reinterpret_cast<const int32_t*>(dev + at_table);
   a.block_size = block_size;
   a.num_layers = seq.num_layers();

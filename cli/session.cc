@@ -7,7 +7,6 @@
 #include <limits>
 
 #include "absl/strings/str_cat.h"
-#include "backend/cuda_backend.h"
 #include "common/defaults.h"
 #include "common/status_macros.h"
 
@@ -253,17 +252,8 @@ absl::StatusOr<kvpolicy::KvPolicyConfig> ParseKvPolicyFlags(const Args& args) {
     }
   }
   RETURN_IF_ERROR(kvpolicy::ValidateKvPolicyConfig(c));
-  // Known before any model loads: what the CUDA backend refuses at load (ModelRunner,
-  // CudaBackend::CheckKvPolicy), after the device and the weights; say so at once. (Remote
-  // workers' backends are theirs: they refuse at LoadModel, naming the flag.)
-  // (--backend names the local backend: a coordinator with only --workers runs none.)
-  if (c.enabled() && IsBackendKind(args.Get("backend", "cpu"), BackendKind::kCuda) && !args.Has("workers")) {
-    ASSIGN_OR_RETURN(const KvCacheDtype dtype, ParseKvCacheDtype(args.Get("kv-cache-dtype", "auto")));
-    // The model (LoRC or not) is not known yet: the load refuses a latent one.
-    if (absl::Status s = CudaKvPolicySupport(dtype, /*latent=*/false); !s.ok()) {
-      return absl::InvalidArgumentError(s.message());  // a flag error, as the others here
-    }
-  }
+  // (What a backend cannot run under a policy, a LoRC model on the GPU, it refuses at load,
+  // naming the flag: CudaBackend::CheckKvPolicy.)
   return c;
 }
 

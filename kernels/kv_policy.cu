@@ -19,28 +19,27 @@ using namespace kvp;  // NOLINT: this file's own helpers (kv_policy_device.cuh)
 constexpr int kWarps = 4, kThreads = 32 * kWarps;
 
 // Entry e of a packed run, dequantized into this lane's E values (kvpolicy DecodeLowEntry before
-// the balance). Entries and their (scale, zero) start at even bytes and a slot region is even,
+// the balance). Entries and their (scale, zero) start at even bytes and a slot region is even
+// (bf16: 2 D bytes; quantized: the head's codes, a multiple of 4),
 // so a lane's 16 code bits (int4, D 128) and each fp16 are one aligned 2-byte load.
 template <int D>
-__device__ __forceinline__ void ReadLowEntry(const __nv_bfloat16* cache, int64_t kv_stride, int head,
-                                             const int32_t* table, int32_t block_size, int32_t base, int32_t e,
-                                             int bits, int lane, float (&out)[D / 32]) {
+__device__ __forceinline__ void ReadLowEntry(CacheSide side, int head, const int32_t* table,
+                                             int32_t block_size, int32_t base, int32_t e, int bits, int lane,
+                                             float (&out)[D / 32]) {
   constexpr int E = D / 32;
-  uint8_t* c = reinterpret_cast<uint8_t*>(const_cast<__nv_bfloat16*>(cache));  // read only
-  const int64_t row = kv_stride * 2;
   const int code_bytes = D * bits / 8, entry = code_bytes + 4, nbits = E * bits;
   const int32_t first = e * entry;
   const int32_t byte = first + ((lane * nbits) >> 3), shift = (lane * nbits) & 7;  // entries start on a byte
   uint32_t word;
   if (nbits == 16) {
-    word = *reinterpret_cast<const uint16_t*>(RunByteD<D>(c, row, head, table, block_size, base, byte));
+    word = *reinterpret_cast<const uint16_t*>(RunByte(side, head, table, block_size, base, byte));
   } else {  // 8 bits (on a byte) or 4 (the low or high half of one)
-    word = uint32_t{*RunByteD<D>(c, row, head, table, block_size, base, byte)} >> shift;
+    word = uint32_t{*RunByte(side, head, table, block_size, base, byte)} >> shift;
   }
   const uint16_t scale16 =
-      *reinterpret_cast<const uint16_t*>(RunByteD<D>(c, row, head, table, block_size, base, first + code_bytes));
+      *reinterpret_cast<const uint16_t*>(RunByte(side, head, table, block_size, base, first + code_bytes));
   const uint16_t zero16 =
-      *reinterpret_cast<const uint16_t*>(RunByteD<D>(c, row, head, table, block_size, base, first + code_bytes + 2));
+      *reinterpret_cast<const uint16_t*>(RunByte(side, head, table, block_size, base, first + code_bytes + 2));
   int code[E];
 #pragma unroll
   for (int i = 0; i < E; ++i) code[i] = static_cast<int>((word >> (i * bits)) & ((1u << bits) - 1u));
@@ -56,25 +55,25 @@ __device__ __forceinline__ bool WalkRow(const KvPolicyDecodeArgs& a, const uint8
                                         const int32_t* table, const LowHead& low, int kvh, int len, int v,
                                         int lane, float (&x)[D / 32], int* position) {
   constexpr int E = D / 32;
-  const __nv_bfloat16* cache = kV ? a.v_cache : a.k_cache;
+  const CacheSide side = MakeSide(kV ? a.v_cache : a.k_cache, a.layout, kV, a.kv_stride, D);
   *position = -1;
   if constexpr (!kLow) {  // CORM: slots of kFull keys only (its own instantiation: registers)
     const int kp = pos[v];
     if (kp < 0 || state[kp] != kKvPolicyFull) return false;
-    LoadRow<E>(cache + CacheSlot(table, v, a.block_size) * a.kv_stride + kvh * D + lane * E, x);
+    LoadValues<E>(side, CacheSlot(table, v, a.block_size), kvh, lane * E, x);
     *position = kp;
     return true;
   }
   if (v >= len) {
     const int e = v - len;
     if (e >= low.packed) return false;
-    ReadLowEntry<D>(cache, a.kv_stride, kvh, table, a.block_size, low.base, e, a.low_bits, lane, x);
+    ReadLowEntry<D>(side, kvh, table, a.block_size, low.base, e, a.low_bits, lane, x);
   } else {
     const int kp = pos[v];
     if (kp < 0) return false;
     const uint8_t st = state[kp];
     if (st != kKvPolicyFull && st != kKvPolicyLow) return false;
-    LoadRow<E>(cache + CacheSlot(table, v, a.block_size) * a.kv_stride + kvh * D + lane * E, x);
+    LoadValues<E>(side, CacheSlot(table, v, a.block_size), kvh, lane * E, x);
     if (st == kKvPolicyFull) {
       *position = kp;
       return true;
@@ -328,7 +327,7 @@ __device__ void FixBalance(const KvPolicyChooseArgs& a, const KvPolicySeq& seq, 
                            const int32_t* pos) {
   constexpr int kRows = kChooseThreads / D;
   const int layer = lhead / a.num_kv_heads, head = lhead % a.num_kv_heads;
-  const __nv_bfloat16* k = a.k_layers[layer];
+  const CacheSide k = MakeSide(a.k_layers[layer], a.layout, false, a.kv_stride, D);
   const int32_t* table = a.block_tables + static_cast<int64_t>(blockIdx.y) * a.max_blocks;
   const int ch = threadIdx.x % D, row = threadIdx.x / D, slots = seq.seq_len - seq.slot_offset;
   float m = 0.f;
@@ -336,7 +335,9 @@ __device__ void FixBalance(const KvPolicyChooseArgs& a, const KvPolicySeq& seq, 
   for (int sl = row; sl < slots; sl += kRows) {
     const int kp = pos[sl];
     if (kp < 0 || state[kp] == kKvPolicyDead || state[kp] == kKvPolicyLowPacked) continue;
-    m = fmaxf(m, fabsf(__bfloat162float(k[CacheSlot(table, sl, a.block_size) * a.kv_stride + head * D + ch])));
+    float x[1];
+    LoadValues<1>(k, CacheSlot(table, sl, a.block_size), head, ch, x);
+    m = fmaxf(m, fabsf(x[0]));
   }
   m = BlockChannelMax<D>(m);
   if (row == 0) {
@@ -484,15 +485,13 @@ constexpr int kCompactThreads = 256, kCompactChunk = 64, kCompactParts = kCompac
 // `base` (K entries through the K rows' region, V's through V's) and the stage (entry i's K then
 // V bytes at i * 2 * entry): into the stage (to_run false) or out of it. The CTA's threads share
 // the bytes.
-template <int D>
-__device__ void CopyRun(const KvPolicyCompactArgs& a, uint8_t* kc, uint8_t* vc, int head, int32_t base,
-                        int32_t entries, int entry, uint8_t* stage, bool to_run) {
-  const int64_t row_bytes = a.kv_stride * 2;
+__device__ void CopyRun(const KvPolicyCompactArgs& a, CacheSide kc, CacheSide vc, int head,
+                        int32_t base, int32_t entries, int entry, uint8_t* stage, bool to_run) {
   const int32_t side_bytes = entries * entry;
   for (int32_t b = threadIdx.x; b < 2 * side_bytes; b += blockDim.x) {
     const bool v_side = b >= side_bytes;
     const int32_t rb = v_side ? b - side_bytes : b;
-    uint8_t* run = RunByteD<D>(v_side ? vc : kc, row_bytes, head, a.block_table, a.block_size, base, rb);
+    uint8_t* run = RunByte(v_side ? vc : kc, head, a.block_table, a.block_size, base, rb);
     uint8_t* staged = stage + static_cast<int64_t>(rb / entry) * 2 * entry + (v_side ? entry : 0) + rb % entry;
     if (to_run) {
       *run = *staged;
@@ -509,15 +508,15 @@ __device__ void CopyRun(const KvPolicyCompactArgs& a, uint8_t* kc, uint8_t* vc, 
 // balance), which become kKvPolicyLowPacked. Returns the entries staged (every thread).
 template <int D>
 __device__ int StageLowEntries(const KvPolicyCompactArgs& a, const KvPolicySeq& seq, int lhead, int head,
-                               uint8_t* state, __nv_bfloat16* kc, __nv_bfloat16* vc, uint8_t* stage,
+                               uint8_t* state, CacheSide kc, CacheSide vc, uint8_t* stage,
                                int* sm_rank, int* sm_count) {
   constexpr int E = D / 32;
   const int bits = a.low_bits, code_bytes = D * bits / 8, entry = code_bytes + 4;
   const int old = seq.num_packed[lhead];
   const int64_t capacity = a.stage_head_bytes / (2 * entry);
   // The old run.
-  CopyRun<D>(a, reinterpret_cast<uint8_t*>(kc), reinterpret_cast<uint8_t*>(vc), head, seq.low_base[lhead],
-             static_cast<int32_t>(min(static_cast<int64_t>(old), capacity)), entry, stage, /*to_run=*/false);
+  CopyRun(a, kc, vc, head, seq.low_base[lhead], static_cast<int32_t>(min(static_cast<int64_t>(old), capacity)), entry,
+          stage, /*to_run=*/false);
   // The demoted keys since, a chunk of kCompactChunk positions at a time; a warp per key.
   const float* balance =
       seq.balance_set[lhead] == kKvBalanceFixed ? seq.balance + static_cast<size_t>(lhead) * D : nullptr;
@@ -542,7 +541,7 @@ __device__ int StageLowEntries(const KvPolicyCompactArgs& a, const KvPolicySeq& 
       const int64_t cs = CacheSlot(a.block_table, seq.slot[static_cast<size_t>(lhead) * seq.capacity + p], a.block_size);
       for (int side = 0; side < 2; ++side) {
         float x[E];
-        LoadRow<E>((side == 0 ? kc : vc) + cs * a.kv_stride + head * D + lane * E, x);
+        LoadValues<E>(side == 0 ? kc : vc, cs, head, lane * E, x);
         int code[E];
         uint16_t scale16, zero16;
         QuantizeBalancedLane<E>(x, side == 0 ? balance : nullptr, lane, bits, code, &scale16, &zero16);
@@ -574,9 +573,14 @@ __device__ int StageLowEntries(const KvPolicyCompactArgs& a, const KvPolicySeq& 
   return static_cast<int>(min(static_cast<int64_t>(n), capacity));
 }
 
+// A head's entry of one side moves through shared memory as 4-byte words (its region: at most
+// kMoveWords, bf16 D 128's 256 bytes; quantized regions are multiples of 4 bytes, KvqSideReadable)
+// shared by the key's kCompactParts threads, and its fp16 scales (quantized; at most kMoveScales:
+// int4 D 128's 4 groups x (scale, zero)) by part 0.
+constexpr int kMoveWords = 64, kMoveScales = 8;
+
 template <int D>
 __global__ void __launch_bounds__(kCompactThreads) CompactKernel(KvPolicyCompactArgs a) {
-  constexpr int kVecs = D * 2 / 16 / kCompactParts;  // uint4 per thread and side
   const KvPolicySeq seq = *a.seq;
   const int lhead = a.layer0 * a.num_kv_heads + blockIdx.x, layer = lhead / a.num_kv_heads,
             head = lhead % a.num_kv_heads;
@@ -584,9 +588,13 @@ __global__ void __launch_bounds__(kCompactThreads) CompactKernel(KvPolicyCompact
   uint8_t* state = seq.state + base;
   int32_t* slot = seq.slot + base;
   int32_t* pos = seq.pos + base;
-  __nv_bfloat16* kc = a.k_layers[layer];
-  __nv_bfloat16* vc = a.v_layers[layer];
+  const CacheSide kc = MakeSide(a.k_layers[layer], a.layout, false, a.kv_stride, D);
+  const CacheSide vc = MakeSide(a.v_layers[layer], a.layout, true, a.kv_stride, D);
   const int key = threadIdx.x / kCompactParts, part = threadIdx.x % kCompactParts;
+  // An entry's words and (part 0) scales per side: K and V heads are both D wide.
+  const int words = kc.RegionBytes() / 4, scales = part == 0 ? kc.NumScales() : 0;
+  __shared__ uint32_t sm_words[kCompactChunk][2][kMoveWords];  // the chunk's moving entries, K then V
+  __shared__ uint16_t sm_scales[kCompactChunk][2][kMoveScales];
   __shared__ int sm_rank[kCompactChunk];  // a position's rank among the chunk's kept keys, or -1
   __shared__ int sm_count[kCompactChunk / 32];
   // MiKV: this head's low entries staged before any move (the old run's, then the demoted keys'
@@ -610,30 +618,29 @@ __global__ void __launch_bounds__(kCompactThreads) CompactKernel(KvPolicyCompact
     const int total = sm_count[0] + sm_count[1];
     // Read this thread's slice of its key's rows, then (after every read) write it.
     const int p = p0 + key;
-    uint4 kv[2][kVecs];
-    int64_t src = -1, dst = -1;
+    int64_t dst = -1;
     if (rank >= 0) {
       const int32_t s_old = slot[p], s_new = next + rank;
       if (s_old != s_new) {
-        src = CacheSlot(a.block_table, s_old, a.block_size) * a.kv_stride + static_cast<int64_t>(head) * D;
-        dst = CacheSlot(a.block_table, s_new, a.block_size) * a.kv_stride + static_cast<int64_t>(head) * D;
-        const uint4* ks = reinterpret_cast<const uint4*>(kc + src) + part * kVecs;
-        const uint4* vs = reinterpret_cast<const uint4*>(vc + src) + part * kVecs;
-#pragma unroll
-        for (int i = 0; i < kVecs; ++i) {
-          kv[0][i] = ks[i];
-          kv[1][i] = vs[i];
+        const int64_t src = CacheSlot(a.block_table, s_old, a.block_size);
+        dst = CacheSlot(a.block_table, s_new, a.block_size);
+        for (int side = 0; side < 2; ++side) {
+          const CacheSide c = side == 0 ? kc : vc;
+          const uint32_t* from = reinterpret_cast<const uint32_t*>(c.Region(src, head));
+          for (int w = part; w < words; w += kCompactParts) sm_words[key][side][w] = from[w];
+          const uint16_t* from_scales = scales > 0 ? c.Scales(src, head) : nullptr;
+          for (int i = 0; i < scales; ++i) sm_scales[key][side][i] = from_scales[i];
         }
       }
     }
     __syncthreads();  // every read of the chunk done
     if (dst >= 0) {
-      uint4* kd = reinterpret_cast<uint4*>(kc + dst) + part * kVecs;
-      uint4* vd = reinterpret_cast<uint4*>(vc + dst) + part * kVecs;
-#pragma unroll
-      for (int i = 0; i < kVecs; ++i) {
-        kd[i] = kv[0][i];
-        vd[i] = kv[1][i];
+      for (int side = 0; side < 2; ++side) {
+        const CacheSide c = side == 0 ? kc : vc;
+        uint32_t* to = reinterpret_cast<uint32_t*>(c.Region(dst, head));
+        for (int w = part; w < words; w += kCompactParts) to[w] = sm_words[key][side][w];
+        uint16_t* to_scales = scales > 0 ? c.Scales(dst, head) : nullptr;
+        for (int i = 0; i < scales; ++i) to_scales[i] = sm_scales[key][side][i];
       }
       if (part == 0) {
         slot[p] = next + rank;
@@ -649,12 +656,18 @@ __global__ void __launch_bounds__(kCompactThreads) CompactKernel(KvPolicyCompact
   for (int s = next + static_cast<int>(threadIdx.x); s < a.old_slots; s += kCompactThreads) pos[s] = -1;
   if (stage == nullptr) return;
   // The new run, right after the full one.
-  CopyRun<D>(a, reinterpret_cast<uint8_t*>(kc), reinterpret_cast<uint8_t*>(vc), head, next, staged,
-             entry_bytes, stage, /*to_run=*/true);
+  CopyRun(a, kc, vc, head, next, staged, entry_bytes, stage, /*to_run=*/true);
   if (threadIdx.x == 0) {
     seq.low_base[lhead] = next;
     seq.num_packed[lhead] = staged;
   }
+}
+
+// Whether a quantized layout is one the kernels address (kv_policy.cuh KvPolicyCacheLayout): both
+// sides readable at this block size (bf16: nothing to check here).
+bool LayoutReadable(const KvPolicyCacheLayout& l, int32_t block_size) {
+  return l.kv_quant == KvQuant::kNone ||
+         (KvqSideReadable(l.kv_quant, l.k_q, block_size) && KvqSideReadable(l.kv_quant, l.v_q, block_size));
 }
 
 }  // namespace
@@ -672,7 +685,7 @@ cudaError_t LaunchKvPolicyDecode(const KvPolicyDecodeArgs& a, cudaStream_t strea
       (a.low_bits != 0 && a.low_bits != 2 && a.low_bits != 4)) {
     return cudaErrorInvalidValue;
   }
-  if (a.head_dim != 128 && a.head_dim != 64) return cudaErrorInvalidValue;
+  if ((a.head_dim != 128 && a.head_dim != 64) || !LayoutReadable(a.layout, a.block_size)) return cudaErrorInvalidValue;
   if (KvPolicyDecodeMmaApplies(a)) return LaunchKvPolicyDecodeMma(a, stream);
   return a.head_dim == 128 ? LaunchDecode<128>(a, stream) : LaunchDecode<64>(a, stream);
 }
@@ -686,7 +699,8 @@ cudaError_t LaunchKvPolicyExtend(const KvPolicySeq* seqs, int num_seqs, int num_
 
 cudaError_t LaunchKvPolicyCompact(const KvPolicyCompactArgs& a, cudaStream_t stream) {
   if (a.seq == nullptr || a.k_layers == nullptr || a.v_layers == nullptr || a.block_table == nullptr ||
-      a.num_layers < 1 || a.num_kv_heads < 1 || a.block_size < 1 || a.from < 0 || a.kv_stride % 8 != 0 ||
+      a.num_layers < 1 || a.num_kv_heads < 1 || a.block_size < 1 || a.from < 0 ||
+      (a.layout.kv_quant == KvQuant::kNone && a.kv_stride % 8 != 0) || !LayoutReadable(a.layout, a.block_size) ||
       a.old_slots < a.from || a.layer0 < 0 ||
       (a.low_bits != 0 && ((a.low_bits != 2 && a.low_bits != 4) || a.stage == nullptr || a.stage_head_bytes < 0))) {
     return cudaErrorInvalidValue;
@@ -706,7 +720,7 @@ cudaError_t LaunchKvPolicyChoose(const KvPolicyChooseArgs& a, cudaStream_t strea
   if (a.seqs == nullptr || a.num_seqs < 1 || a.num_layers < 1 || a.num_kv_heads < 1 || a.sinks < 0 ||
       a.recent < 0 || a.window < 1 ||
       (a.balance_keys && (a.k_layers == nullptr || a.block_tables == nullptr || a.block_size < 1 ||
-                          (a.head_dim != 64 && a.head_dim != 128)))) {
+                          (a.head_dim != 64 && a.head_dim != 128) || !LayoutReadable(a.layout, a.block_size)))) {
     return cudaErrorInvalidValue;
   }
   ChooseKernel<<<dim3(a.num_layers * a.num_kv_heads, a.num_seqs), kChooseThreads, 0, stream>>>(a);

@@ -23,7 +23,22 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "kernels/kv_quant.h"
+
 namespace lorc::kernels {
+
+// The cache a policy kernel reads and writes: bf16 rows (kv_quant kNone: slot c of KV head g at
+// c * kv_stride + g * head_dim elements) or a quantized layout (`--kv-cache-dtype fp8|int8|int4`,
+// kernels/kv_quant.h: blocks of code rows then fp16 scale rows, geometry k_q / v_q =
+// MakeKvqSide(kv_quant, block_size, num_kv_heads, head_dim), readable by KvqSideReadable; the
+// cache pointers then hold that layout's bytes and kv_stride is unused). A quantized key or value
+// is read as the CPU's KvqDequantizeHead computes it, bit for bit (each product and sum rounded
+// apart). MiKV's packed entries live in a slot's code region of the head (head_code bytes, its
+// scales untouched), as the CPU's (backend/cpu_kv_cache.cc KvHeadSlot).
+struct KvPolicyCacheLayout {
+  KvQuant kv_quant = KvQuant::kNone;
+  KvqSide k_q, v_q;
+};
 
 // SlotState values (kvpolicy::SlotState): a position's byte in KvPolicySeq::state.
 // kKvPolicyLowPacked is the device's own: a kLow key whose entry a compaction packed into its
@@ -120,10 +135,11 @@ struct KvPolicyDecodeArgs {
   __nv_bfloat16* out = nullptr;      // [num_seqs][out_stride], as q
   int64_t out_stride = 0;
   // Paged cache, bf16: slot c (block * block_size + offset) of KV head g at c * kv_stride + g *
-  // head_dim.
+  // head_dim; or quantized (`layout`; the pointers then address its bytes).
   const __nv_bfloat16* k_cache = nullptr;
   const __nv_bfloat16* v_cache = nullptr;
   int64_t kv_stride = 0;
+  KvPolicyCacheLayout layout;
   const int32_t* block_tables = nullptr;  // [num_seqs][max_blocks]
   int32_t max_blocks = 0;
   int32_t block_size = 0;
@@ -137,7 +153,11 @@ struct KvPolicyDecodeArgs {
   int32_t low_bits = 0;  // MiKV's 4 or 2; 0: no low entries (CORM)
   void* scratch = nullptr;  // KvPolicyDecodeScratchBytes(...) bytes, 256-byte aligned
   // true: the CUDA-core kernels below even where the tensor-core ones apply (A/B measurements,
-  // parity tests of both; LORC_KV_POLICY_MMA=0 forces it for a whole process).
+  // parity tests of both; LORC_KV_POLICY_MMA=0 forces it for a whole process). Over a quantized
+  // cache the tensor-core kernels take CORM only (K and V of one geometry): the tiles' codes are
+  // turned into fp16 in shared memory (fp8 / int8 exact, each key's scales applied to its score
+  // and probability; int4 zero + code x scale in fp16) for fp16 mma, Q rounded to fp16; MiKV runs
+  // the CUDA-core kernels.
   bool cuda_cores = false;
 };
 
@@ -148,7 +168,8 @@ size_t KvPolicyDecodeScratchBytes(int num_seqs, int num_heads, int num_kv_heads,
                                   int max_seq_len);
 
 // cudaErrorInvalidValue for head_dim other than 64 / 128, a group (num_heads / num_kv_heads)
-// above 8 or not whole, no scratch, num_seqs / max_seq_len < 1, or low_bits other than 0, 2, 4.
+// above 8 or not whole, no scratch, num_seqs / max_seq_len < 1, low_bits other than 0, 2, 4, or a
+// quantized layout KvqSideReadable refuses.
 cudaError_t LaunchKvPolicyDecode(const KvPolicyDecodeArgs& args, cudaStream_t stream);
 
 // Positions [extend_from, seq_len) of every sequence become kFull with last_hit = the position
@@ -181,15 +202,18 @@ struct KvPolicyChooseArgs {
   int32_t* from_counts = nullptr;
   int32_t* low_counts = nullptr;
   int32_t* low_from_counts = nullptr;
-  // MiKV's balance (victim_state kKvPolicyLow and balance_keys): the layers' K caches (bf16, as
-  // KvPolicyCompactArgs), the sequences' block tables (row = the sequence's index here).
+  // MiKV's balance (victim_state kKvPolicyLow and balance_keys): the layers' K caches (bf16 or
+  // quantized, as KvPolicyCompactArgs), the sequences' block tables (row = the sequence's index
+  // here).
   bool balance_keys = false;
   const __nv_bfloat16* const* k_layers = nullptr;
   int64_t kv_stride = 0;
+  KvPolicyCacheLayout layout;
   const int32_t* block_tables = nullptr;
   int32_t max_blocks = 0, block_size = 0, head_dim = 0;
 };
-// cudaErrorInvalidValue as well for a balance without its cache pointers or head_dim 64 / 128.
+// cudaErrorInvalidValue as well for a balance without its cache pointers or head_dim 64 / 128, or
+// a quantized layout KvqSideReadable refuses.
 cudaError_t LaunchKvPolicyChoose(const KvPolicyChooseArgs& args, cudaStream_t stream);
 
 // MiKV: per (state, KV head) whose balance is not fixed yet, q_absmax_c = max(q_absmax_c, |q_c|)
@@ -202,7 +226,8 @@ cudaError_t LaunchKvPolicyObserveQueries(const KvPolicySeq* seqs, int num_seqs, 
 // Compaction of one sequence (kvpolicy SequenceKvPolicy::Compact), every (layer, KV head) of
 // layers [layer0, layer0 + num_layers) at once: the kFull keys at positions >= `from` (their
 // slots are >= from) move, in position order, to slots from, from + 1, ... of the sequence's
-// block table, K and V rows of the bf16 cache, and their `slot` and `pos` entries follow. One CTA
+// block table, the head's K and V entries (bf16 rows, or a quantized cache's codes and scales),
+// and their `slot` and `pos` entries follow. One CTA
 // per (layer, head) walks the positions in chunks of 64, reading a chunk's rows before writing
 // any (a key's destination is never above its source and the chunks run in order, so no row is
 // overwritten before it moves).
@@ -215,10 +240,11 @@ cudaError_t LaunchKvPolicyObserveQueries(const KvPolicySeq* seqs, int num_seqs, 
 struct KvPolicyCompactArgs {
   const KvPolicySeq* seq = nullptr;  // device: state, slot, capacity, seq_len
   // Per layer, device arrays of the layer's K and V cache (bf16, slot c of KV head g at c *
-  // kv_stride + g * head_dim).
+  // kv_stride + g * head_dim; or quantized: `layout`, the pointers addressing its bytes).
   __nv_bfloat16* const* k_layers = nullptr;
   __nv_bfloat16* const* v_layers = nullptr;
   int64_t kv_stride = 0;
+  KvPolicyCacheLayout layout;
   const int32_t* block_table = nullptr;  // device: the sequence's table before the compaction
   int32_t block_size = 0;
   int32_t num_layers = 0, num_kv_heads = 0, head_dim = 0;
@@ -231,8 +257,8 @@ struct KvPolicyCompactArgs {
   uint8_t* stage = nullptr;
   int64_t stage_head_bytes = 0;
 };
-// cudaErrorInvalidValue for head_dim other than 64 / 128, missing pointers, old_slots < from, or
-// low_bits without its arrays and staging.
+// cudaErrorInvalidValue for head_dim other than 64 / 128, missing pointers, old_slots < from,
+// low_bits without its arrays and staging, or a quantized layout KvqSideReadable refuses.
 cudaError_t LaunchKvPolicyCompact(const KvPolicyCompactArgs& args, cudaStream_t stream);
 
 }  // namespace lorc::kernels

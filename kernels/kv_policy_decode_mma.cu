@@ -23,6 +23,10 @@
 // Against the CUDA-core kernels (kv_policy.cu): the same keys, t and importance rule; P (and
 // MiKV's dequantized V) enter the P V mma as bf16 (the paged decode's tolerance), scores are
 // summed by the tensor cores in another order.
+// A quantized cache (kQuant; CORM only): the rows' codes and scale words travel the ring raw,
+// DequantTile turns each landed tile into fp16 (fp8 / int8 codes exact, their per-row scales
+// applied to the scores and, for V, to P's columns; int4 zero + code x scale per group in fp16),
+// Q is converted to fp16 once, and S and P V run on fp16 mma (P in fp16).
 #include <cuda_bf16.h>
 
 #include <cmath>
@@ -32,6 +36,7 @@
 #include "kernels/elem_type.cuh"
 #include "kernels/kv_policy.cuh"
 #include "kernels/kv_policy_device.cuh"
+#include "kernels/kv_quant.cuh"
 #include "kernels/mma.cuh"
 
 namespace lorc::kernels {
@@ -51,13 +56,100 @@ constexpr uint8_t kRowFull = 0, kRowLowSlot = 1, kRowPacked = 2;
 // Tiles per ring stage: K and V; MiKV adds K's low part (below).
 template <bool kLow>
 inline constexpr int kTilesPerStage = kLow ? 3 : 2;
-template <int D, bool kLow>
+// kQuant (a quantized cache): after a stage's tiles, the 16 rows' scale words of K, then of V
+// (16 bytes a row: int4 D 128's 4 groups x (scale, zero); fp8 / int8: the word holding the
+// head's scale), in bf16 units.
+template <bool kQuant>
+inline constexpr int kScaleElems = kQuant ? 2 * kTile * 8 : 0;
+template <int D, bool kLow, bool kQuant>
+inline constexpr int kStageElemsOf = kTilesPerStage<kLow> * kTile * D + kScaleElems<kQuant>;
+template <int D, bool kLow, bool kQuant>
 constexpr size_t SmemBytes() {  // the warps' rings, then Q ([16][D] bf16)
-  return sizeof(__nv_bfloat16) * D * (kWarps * kStages * kTilesPerStage<kLow> * kTile + 16);
+  return sizeof(__nv_bfloat16) * (kWarps * kStages * kStageElemsOf<D, kLow, kQuant> + 16 * D);
 }
 
 __device__ __forceinline__ void CpAsync4(void* dst, const void* src) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(SmemAddr(dst)), "l"(src));
+}
+// N (4 or 8) bytes global -> shared, zero-filled when !valid (src is then not read).
+template <int N>
+__device__ __forceinline__ void CpAsyncZ(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(SmemAddr(dst)), "l"(src), "n"(N),
+               "r"(valid ? N : 0));
+}
+
+// kQuant: the tile's quantized rows, landed raw at the end of their own tile (codes, row r at raw +
+// r * raw_row; 8 channels' codes: 8 bytes, int4 4) with their scale words, turned in place into
+// the fp16 rows the mma reads: fp8 / int8 codes as they are (exact in fp16; the row's scale is
+// applied to its scores and probabilities instead, ScaleOfRow), int4 zero + code x scale of its
+// group (fp16 arithmetic). Rows 0-7 of the tile lie below every raw byte; rows 8-15 overlap them,
+// so those are read by every lane before any is written. `cc`: the lane's chunk (the same in every
+// row it holds).
+template <int D>
+__device__ __forceinline__ void DequantTile(KvQuant quant, __nv_bfloat16* tile, const uint8_t* raw, int raw_row,
+                                            const uint32_t* scales, int lane) {
+  constexpr int kChunks = D / 8, kJ = kTile * kChunks / 32, kHalf = kJ / 2;
+  const int cc = lane % kChunks;
+  auto load = [&](int jj) {  // the chunk's codes (int4: .x) and, int4, its group's (scale, zero) word
+    const int r = (lane + 32 * jj) / kChunks;
+    uint2 c;
+    if (quant == KvQuant::kInt4) {
+      c.x = *reinterpret_cast<const uint32_t*>(raw + r * raw_row + cc * 4);
+      c.y = scales[r * 4 + cc / 4];  // group cc * 8 / 32
+    } else {
+      c = *reinterpret_cast<const uint2*>(raw + r * raw_row + cc * 8);
+    }
+    return c;
+  };
+  auto store = [&](int jj, const uint2& c) {
+    const int r = (lane + 32 * jj) / kChunks;
+    uint32_t h[4];
+    if (quant == KvQuant::kFp8E4m3) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const __half2_raw v =
+            __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>((i < 2 ? c.x : c.y) >> (16 * (i & 1))), __NV_E4M3);
+        h[i] = static_cast<uint32_t>(v.x) | (static_cast<uint32_t>(v.y) << 16);
+      }
+    } else if (quant == KvQuant::kInt8) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const uint32_t w = i < 2 ? c.x : c.y;
+        const int sh = 16 * (i & 1);
+        const __half2 v = __halves2half2(__short2half_rn(static_cast<int8_t>(w >> sh)),
+                                         __short2half_rn(static_cast<int8_t>(w >> (sh + 8))));
+        h[i] = *reinterpret_cast<const uint32_t*>(&v);
+      }
+    } else {  // int4: nibble 2 i and 2 i + 1 as 1024 + code in fp16, less 1024, times scale plus zero
+      const __half2 s2 = __half2half2(__ushort_as_half(static_cast<unsigned short>(c.y & 0xffffu)));
+      const __half2 z2 = __half2half2(__ushort_as_half(static_cast<unsigned short>(c.y >> 16)));
+      const __half2 k1024 = __half2half2(__ushort_as_half(static_cast<unsigned short>(0x6400u)));
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const uint32_t bits = ((c.x >> (8 * i)) & 0xfu) | (((c.x >> (8 * i + 4)) & 0xfu) << 16) | 0x64006400u;
+        const __half2 code = __hsub2(*reinterpret_cast<const __half2*>(&bits), k1024);
+        const __half2 v = __hfma2(code, s2, z2);
+        h[i] = *reinterpret_cast<const uint32_t*>(&v);
+      }
+    }
+    *reinterpret_cast<uint4*>(tile + Swz<D>(r, cc)) = make_uint4(h[0], h[1], h[2], h[3]);
+  };
+#pragma unroll
+  for (int jj = 0; jj < kHalf; ++jj) store(jj, load(jj));
+  uint2 q[kJ - kHalf];
+#pragma unroll
+  for (int jj = kHalf; jj < kJ; ++jj) q[jj - kHalf] = load(jj);
+  __syncwarp();
+#pragma unroll
+  for (int jj = kHalf; jj < kJ; ++jj) store(jj, q[jj - kHalf]);
+}
+
+// kQuant, fp8 / int8: the scale of tile row r (its scale word's half `half_bits` bit r names; 1 for
+// int4, whose rows the tile holds dequantized).
+__device__ __forceinline__ float ScaleOfRow(KvQuant quant, const uint32_t* scales, uint32_t half_bits, int r) {
+  if (quant == KvQuant::kInt4) return 1.0f;
+  const uint32_t w = scales[r * 4];
+  return KvqHalfBits(((half_bits >> r) & 1u) != 0 ? w >> 16 : w & 0xffffu);
 }
 
 // MiKV: a packed entry's values at this lane's chunk (channels [cc * 8, cc * 8 + 8)) from `raw`
@@ -127,11 +219,14 @@ __device__ __forceinline__ void FixLowChunk(uint8_t kind, __nv_bfloat16* chunk, 
 
 // (1) Grid (max_chunks, num_kv_heads, num_seqs), kThreads threads.
 // kLow: MiKV (low entries; its own instantiation, two CTAs an SM by its larger rings).
-template <int D, bool kLow>
+// kQuant: CORM over a quantized cache (a.layout; its own instantiation): each row's codes and
+// scale words travel the ring raw and are dequantized in the tile (DequantTile) when it lands.
+template <int D, bool kLow, bool kQuant>
 __global__ void __launch_bounds__(kThreads, kLow ? 2 : 3) PolicyMmaKernel(KvPolicyDecodeArgs a, Scratch sc) {
+  static_assert(!(kLow && kQuant), "MiKV over a quantized cache runs the CUDA-core kernels");
   constexpr int kChunks = D / 8;  // 16-byte chunks of a row
   constexpr int kTileElems = kTile * D;
-  constexpr int kStageElems = kTilesPerStage<kLow> * kTileElems;  // K, V (, K's low part)
+  constexpr int kStageElems = kStageElemsOf<D, kLow, kQuant>;  // K, V (, K's low part) (, scale words)
   static_assert(kWarps * kStages * 2 * kTileElems * 2 >= kWarps * 8 * (D + 2) * 4, "the combine fits the rings");
   extern __shared__ __align__(128) unsigned char smem_raw[];
   __shared__ int32_t s_slot[kKvPolicyChunk];  // a listed key's cache slot (MiKV: a packed one's entry)
@@ -245,10 +340,68 @@ __global__ void __launch_bounds__(kThreads, kLow ? 2 : 3) PolicyMmaKernel(KvPoli
     const int j = (warp + kWarps * i) * kTile + (lane & (kTile - 1));
     return kLow && __any_sync(0xffffffffu, j < n && s_kind[kLow ? j : 0] != kRowFull);
   };
+  // kQuant: a row's code bytes, where a tile's raw codes land, and where a listed key's codes and
+  // scales of head kvh lie (K and V share the geometry, both D wide: kv_quant.h KvqSide), the
+  // block of a cache slot by a shift (block sizes are powers of two in practice) or a division.
+  const KvQuant quant = kQuant ? a.layout.kv_quant : KvQuant::kNone;
+  const int raw_row = quant == KvQuant::kInt4 ? D / 2 : D;
+  const int raw_at = kTileElems * 2 - kTile * raw_row;  // bytes into the tile
+  const KvqSide& geo = a.layout.k_q;
+  const uint8_t* const kbase = reinterpret_cast<const uint8_t*>(a.k_cache);
+  const uint8_t* const vbase = reinterpret_cast<const uint8_t*>(a.v_cache);
+  const uint32_t bs = static_cast<uint32_t>(geo.block_size);
+  const int bs_shift = (bs & (bs - 1)) == 0 ? __ffs(static_cast<int>(bs)) - 1 : -1;
+  const int64_t block_bytes = kQuant ? geo.block_bytes() : 0;
+  const int64_t code_head = static_cast<int64_t>(kvh) * geo.head_code;
+  const int64_t scale_head = static_cast<int64_t>(geo.block_size) * geo.code_row + int64_t{kvh} * geo.head_scales * 2;
+  auto row_at = [&](uint32_t slot, int64_t* code, int64_t* scale) {  // byte offsets from a side's base
+    uint32_t blk, row;
+    if (bs_shift >= 0) {
+      blk = slot >> bs_shift;
+      row = slot & (bs - 1);
+    } else {
+      blk = slot / bs;
+      row = slot - blk * bs;
+    }
+    const int64_t b = static_cast<int64_t>(blk) * block_bytes;
+    *code = b + row * geo.code_row + code_head;
+    *scale = b + row * geo.scale_row + scale_head;
+  };
   auto issue = [&](int i) {  // this warp's i-th tile into stage i % kStages
     __nv_bfloat16* sk = ring + (i % kStages) * kStageElems;
     __nv_bfloat16* sv = sk + kTileElems;
     const int j0 = (warp + kWarps * i) * kTile;
+    if constexpr (kQuant) {
+      uint8_t* kraw = reinterpret_cast<uint8_t*>(sk) + raw_at;
+      uint8_t* vraw = reinterpret_cast<uint8_t*>(sv) + raw_at;
+      uint32_t* kscl = reinterpret_cast<uint32_t*>(sk + kTilesPerStage<kLow> * kTileElems);
+      uint32_t* vscl = kscl + kTile * 4;
+#pragma unroll
+      for (int jj = 0; jj < kTile * kChunks / 32; ++jj) {
+        const int idx = lane + 32 * jj;
+        const int r = idx / kChunks, cc = idx % kChunks;
+        const int j = j0 + r;
+        const bool valid = j < n;  // zeros past it (masked; 0 x V must not be NaN)
+        int64_t code, scale;
+        row_at(valid ? static_cast<uint32_t>(s_slot[j]) : 0u, &code, &scale);
+        if (quant == KvQuant::kInt4) {
+          CpAsyncZ<4>(kraw + r * raw_row + cc * 4, kbase + code + cc * 4, valid);
+          CpAsyncZ<4>(vraw + r * raw_row + cc * 4, vbase + code + cc * 4, valid);
+        } else {
+          CpAsyncZ<8>(kraw + r * raw_row + cc * 8, kbase + code + cc * 8, valid);
+          CpAsyncZ<8>(vraw + r * raw_row + cc * 8, vbase + code + cc * 8, valid);
+        }
+        if (cc == 0) {  // the row's scale words: int4 its groups' (scale, zero) pairs; else the word with its scale
+          const int64_t at = scale & ~int64_t{3};
+          const int words = quant == KvQuant::kInt4 ? geo.head_scales / 2 : 1;
+          for (int w = 0; w < words; ++w) {
+            CpAsyncZ<4>(kscl + r * 4 + w, kbase + at + 4 * w, valid);
+            CpAsyncZ<4>(vscl + r * 4 + w, vbase + at + 4 * w, valid);
+          }
+        }
+      }
+      return;
+    }
     const bool has_low = tile_low(i);
 #pragma unroll
     for (int jj = 0; jj < kTile * kChunks / 32; ++jj) {
@@ -290,6 +443,14 @@ __global__ void __launch_bounds__(kThreads, kLow ? 2 : 3) PolicyMmaKernel(KvPoli
   }
   CpAsyncWait<kStages - 1>();  // Q (committed first) has landed, for this thread
   __syncthreads();             // ... and for everyone
+  if constexpr (kQuant) {  // Q in fp16 for the fp16 mma (clamped to its range; rows past the group are 0)
+    for (int idx = tid; idx < 16 * D / 2; idx += kThreads) {
+      uint32_t* p2 = reinterpret_cast<uint32_t*>(sq) + idx;
+      const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p2));
+      *p2 = PackF16(fminf(fmaxf(f.x, -65504.f), 65504.f), fminf(fmaxf(f.y, -65504.f), 65504.f));
+    }
+    __syncthreads();
+  }
   uint32_t qa[D / 16][4];
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) Ldsm4(qa[kk], q_off[kk & 3] + 32 * (kk & 4));
@@ -309,6 +470,39 @@ __global__ void __launch_bounds__(kThreads, kLow ? 2 : 3) PolicyMmaKernel(KvPoli
     const uint32_t sv = sk + kTileElems * 2;
     const int j0 = (warp + kWarps * i) * kTile;
     float sc4[2][4] = {};
+    float kscale[2][2], vscale[2][2];  // kQuant: the lane's columns' scales
+    if constexpr (kQuant) {
+      // fp8 / int8: which half of each row's scale word holds its scale (the offset's bit 1; both
+      // sides' bases are 16-byte aligned and share the offsets).
+      uint32_t half = 0;
+      if (quant != KvQuant::kInt4) {
+        const int r = lane & (kTile - 1), j = j0 + r;
+        int64_t code, scale;
+        row_at(j < n ? static_cast<uint32_t>(s_slot[j]) : 0u, &code, &scale);
+        half = __ballot_sync(0xffffffffu, (scale & 2) != 0 && lane < kTile);
+      }
+      const uint32_t* kscl = reinterpret_cast<const uint32_t*>(stage + kTilesPerStage<kLow> * kTileElems);
+      DequantTile<D>(quant, stage, reinterpret_cast<const uint8_t*>(stage) + raw_at, raw_row, kscl, lane);
+      DequantTile<D>(quant, stage + kTileElems, reinterpret_cast<const uint8_t*>(stage + kTileElems) + raw_at, raw_row,
+                     kscl + kTile * 4, lane);
+      // The scales of this lane's score columns (keys nn * 8 + 2 t4 + e), K's and V's.
+#pragma unroll
+      for (int nn = 0; nn < 2; ++nn) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int r = nn * 8 + 2 * t4 + e;
+          kscale[nn][e] = ScaleOfRow(quant, kscl, half, r);
+          vscale[nn][e] = ScaleOfRow(quant, kscl + kTile * 4, half, r);
+        }
+      }
+      __syncwarp();  // every lane's rows written before the ldmatrix reads
+      TileQK<D, true>(qa, sk, k_off, sc4);
+#pragma unroll
+      for (int nn = 0; nn < 2; ++nn) {
+        sc4[nn][0] *= kscale[nn][0];
+        sc4[nn][1] *= kscale[nn][1];
+      }
+    }
     if (kLow && tile_low(i)) {
       // MiKV: the tile's low rows to the values read (K as hi in place + lo in the third tile).
       const int jl = j0 + (lane & (kTile - 1));
@@ -356,7 +550,7 @@ __global__ void __launch_bounds__(kThreads, kLow ? 2 : 3) PolicyMmaKernel(KvPoli
       __syncwarp();
       TileQK<D>(qa, sk + kTileElems * 4, k_off, sc4);
     }
-    TileQK<D>(qa, sk, k_off, sc4);
+    if constexpr (!kQuant) TileQK<D>(qa, sk, k_off, sc4);
     float mx = m;
 #pragma unroll
     for (int nn = 0; nn < 2; ++nn) {
@@ -383,7 +577,11 @@ __global__ void __launch_bounds__(kThreads, kLow ? 2 : 3) PolicyMmaKernel(KvPoli
       const float e0 = Exp2Approx(fmaf(sc4[nn][0], scale2, -ref_m));
       const float e1 = Exp2Approx(fmaf(sc4[nn][1], scale2, -ref_m));
       sum += e0 + e1;
-      pa[2 * nn] = PackBf16(e0, e1);
+      if constexpr (kQuant) {  // fp16 P, each column times its V row's scale (the tile holds codes)
+        pa[2 * nn] = PackF16(e0 * vscale[nn][0], e1 * vscale[nn][1]);
+      } else {
+        pa[2 * nn] = PackBf16(e0, e1);
+      }
       pa[2 * nn + 1] = 0u;  // rows g + 8: no query head
     }
     l = l * corr + sum;
@@ -392,7 +590,7 @@ __global__ void __launch_bounds__(kThreads, kLow ? 2 : 3) PolicyMmaKernel(KvPoli
       o[nn][0] *= corr;
       o[nn][1] *= corr;
     }
-    TilePV<D>(pa, sv, v_off, o);
+    TilePV<D, kQuant>(pa, sv, v_off, o);
   }
   CpAsyncWait<0>();
   l += __shfl_xor_sync(0xffffffffu, l, 1);
@@ -488,18 +686,19 @@ __global__ void __launch_bounds__(D) ReduceKernel(KvPolicyDecodeArgs a, Scratch 
   a.out[QRow(seq, s) * a.out_stride + static_cast<int64_t>(h) * D + d] = __float2bfloat16(sum > 0.f ? out / sum : 0.f);
 }
 
-template <int D, bool kLow>
+template <int D, bool kLow, bool kQuant = false>
 cudaError_t Launch(const KvPolicyDecodeArgs& a, const Scratch& sc, cudaStream_t stream) {
-  constexpr size_t smem = SmemBytes<D, kLow>();
+  constexpr size_t smem = SmemBytes<D, kLow, kQuant>();
   static bool allowed = false;  // once per process and instantiation (a worker drives one device)
   if (!allowed) {
     const cudaError_t e =
-        cudaFuncSetAttribute(PolicyMmaKernel<D, kLow>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+        cudaFuncSetAttribute(PolicyMmaKernel<D, kLow, kQuant>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(smem));
     if (e != cudaSuccess) return e;
     allowed = true;
   }
   const dim3 grid(sc.max_chunks, a.num_kv_heads, a.num_seqs);
-  PolicyMmaKernel<D, kLow><<<grid, kThreads, smem, stream>>>(a, sc);
+  PolicyMmaKernel<D, kLow, kQuant><<<grid, kThreads, smem, stream>>>(a, sc);
   if (a.record_hits) ImportanceKernel<<<grid, kThreads, 0, stream>>>(a, sc);
   ReduceKernel<D><<<dim3(a.num_heads, a.num_seqs), D, 0, stream>>>(a, sc);
   return cudaGetLastError();
@@ -509,7 +708,13 @@ cudaError_t Launch(const KvPolicyDecodeArgs& a, const Scratch& sc, cudaStream_t 
 
 bool KvPolicyDecodeMmaApplies(const KvPolicyDecodeArgs& a) {
   static const bool enabled = TensorCoreKernelsEnabled("LORC_KV_POLICY_MMA");
-  return enabled && !a.cuda_cores && Aligned16(a.q) && Aligned16(a.k_cache) && Aligned16(a.v_cache) &&
+  // A quantized cache: CORM only, K and V of one geometry (the kernel addresses both by K's).
+  const KvqSide& k = a.layout.k_q;
+  const KvqSide& v = a.layout.v_q;
+  const bool quant_ok = a.layout.kv_quant == KvQuant::kNone ||
+                        (a.low_bits == 0 && k.code_row == v.code_row && k.scale_row == v.scale_row &&
+                         k.head_code == v.head_code && k.head_scales == v.head_scales && k.block_size == v.block_size);
+  return enabled && !a.cuda_cores && quant_ok && Aligned16(a.q) && Aligned16(a.k_cache) && Aligned16(a.v_cache) &&
          a.q_stride % 8 == 0 && a.kv_stride % 8 == 0;
 }
 
@@ -517,6 +722,11 @@ cudaError_t LaunchKvPolicyDecodeMma(const KvPolicyDecodeArgs& a, cudaStream_t st
   size_t bytes = 0;
   const Scratch sc = Carve(a.scratch, a.num_seqs, a.num_heads, a.num_kv_heads, a.head_dim, a.max_seq_len, &bytes);
   const bool low = a.low_bits > 0;
+  if (a.layout.kv_quant != KvQuant::kNone) {  // CORM over a quantized cache (Applies: never MiKV)
+    if (a.head_dim == 128) return Launch<128, false, true>(a, sc, stream);
+    if (a.head_dim == 64) return Launch<64, false, true>(a, sc, stream);
+    return cudaErrorInvalidValue;
+  }
   if (a.head_dim == 128) return low ? Launch<128, true>(a, sc, stream) : Launch<128, false>(a, sc, stream);
   if (a.head_dim == 64) return low ? Launch<64, true>(a, sc, stream) : Launch<64, false>(a, sc, stream);
   return cudaErrorInvalidValue;

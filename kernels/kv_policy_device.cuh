@@ -131,14 +131,93 @@ struct LowHead {
   const float* balance = nullptr;  // this head's [head_dim], null: none (V, or not fixed)
 };
 
-// Byte b of a run from sequence slot `base` in head `head`'s region (D * 2 bytes at head * D * 2
-// of each slot's row of `row_bytes`) of a bf16 cache of head_dim D. 32-bit offsets: a run's bytes
-// stay below 2^31 (fewer than 2^24 entries, positions, of at most 68 bytes).
-template <int D>
-__device__ __forceinline__ uint8_t* RunByteD(uint8_t* cache, int64_t row_bytes, int head, const int32_t* table,
-                                            int32_t block_size, int32_t base, int32_t b) {
-  constexpr int kRegion = D * 2;
-  return cache + CacheSlot(table, base + b / kRegion, block_size) * row_bytes + head * kRegion + b % kRegion;
+// One side (K or V) of a layer's paged cache as the policy kernels address a KV head's entry of a
+// cache slot (kv_policy.cuh KvPolicyCacheLayout): its region (bf16: the head's D values; quantized:
+// its codes, where MiKV's packed entries live too) and, quantized, its fp16 scales.
+struct CacheSide {
+  uint8_t* base = nullptr;
+  KvQuant quant = KvQuant::kNone;
+  KvqSide q;         // quantized geometry
+  int64_t row = 0;   // bf16: elements per slot (kv_stride)
+  int32_t head_dim = 0;
+
+  __device__ __forceinline__ int32_t RegionBytes() const { return quant == KvQuant::kNone ? head_dim * 2 : q.head_code; }
+  // fp16 scale values of a head (0 for bf16).
+  __device__ __forceinline__ int32_t NumScales() const { return quant == KvQuant::kNone ? 0 : q.head_scales; }
+  __device__ __forceinline__ uint8_t* Region(int64_t cs, int head) const {
+    if (quant == KvQuant::kNone) return base + (cs * row + static_cast<int64_t>(head) * head_dim) * 2;
+    return base + (cs / q.block_size) * q.block_bytes() + (cs % q.block_size) * q.code_row +
+           static_cast<int64_t>(head) * q.head_code;
+  }
+  __device__ __forceinline__ uint16_t* Scales(int64_t cs, int head) const {
+    return reinterpret_cast<uint16_t*>(base + (cs / q.block_size) * q.block_bytes() + q.block_size * q.code_row +
+                                       (cs % q.block_size) * q.scale_row) +
+           head * q.head_scales;
+  }
+};
+
+__device__ __forceinline__ CacheSide MakeSide(const void* base, const KvPolicyCacheLayout& l, bool v_side,
+                                              int64_t kv_stride, int head_dim) {
+  CacheSide c;
+  c.base = static_cast<uint8_t*>(const_cast<void*>(base));
+  c.quant = l.kv_quant;
+  c.q = v_side ? l.v_q : l.k_q;
+  c.row = kv_stride;
+  c.head_dim = head_dim;
+  return c;
+}
+
+// Channels [c, c + E) (E 1, 2 or 4; c a multiple of E) of head `head` in cache slot cs, as fp32:
+// bf16 as stored, or a quantized entry dequantized as the CPU's KvqDequantizeHead (fp8 / int8:
+// code x scale; int4: zero + code x scale, the product and the sum rounded apart).
+template <int E>
+__device__ __forceinline__ void LoadValues(CacheSide side, int64_t cs, int head, int c, float (&x)[E]) {
+  const uint8_t* r = side.Region(cs, head);
+  if (side.quant == KvQuant::kNone) {
+    const __nv_bfloat16* p = reinterpret_cast<const __nv_bfloat16*>(r) + c;
+    if constexpr (E == 1) {
+      x[0] = __bfloat162float(*p);
+    } else {
+      LoadRow<E>(p, x);
+    }
+    return;
+  }
+  const uint16_t* sc = side.Scales(cs, head);
+  if (side.quant == KvQuant::kInt4) {
+    const uint16_t* sz = sc + 2 * (c / kKvInt4Group);  // E channels never straddle a group
+    const float s = KvqF16ToF32(sz[0]), z = KvqF16ToF32(sz[1]);
+#pragma unroll
+    for (int i = 0; i < E; ++i) {
+      const int ch = c + i;
+      const float code = static_cast<float>((r[ch / 2] >> ((ch & 1) * 4)) & 0xfu);
+      x[i] = __fadd_rn(z, __fmul_rn(code, s));
+    }
+    return;
+  }
+  const float s = KvqF16ToF32(sc[0]);
+  uint32_t w;
+  if constexpr (E == 4) {
+    w = *reinterpret_cast<const uint32_t*>(r + c);
+  } else if constexpr (E == 2) {
+    w = *reinterpret_cast<const uint16_t*>(r + c);
+  } else {
+    w = r[c];
+  }
+#pragma unroll
+  for (int i = 0; i < E; ++i) {
+    const uint8_t code = static_cast<uint8_t>(w >> (8 * i));
+    const float v = side.quant == KvQuant::kFp8E4m3 ? KvqFp8E4m3ToF32(code) : static_cast<float>(static_cast<int8_t>(code));
+    x[i] = __fmul_rn(v, s);
+  }
+}
+
+// Byte b of a run from sequence slot `base` in head `head`'s regions (CacheSide::Region; run byte
+// b is byte b % region of run slot b / region: kvpolicy/low_precision.h). 32-bit offsets: a
+// run's bytes stay below 2^31 (fewer than 2^24 entries, positions, of at most 68 bytes).
+__device__ __forceinline__ uint8_t* RunByte(CacheSide side, int head, const int32_t* table, int32_t block_size,
+                                            int32_t base, int32_t b) {
+  const int32_t region = side.RegionBytes();
+  return side.Region(CacheSlot(table, base + b / region, block_size), head) + b % region;
 }
 
 // The MiKV context of (layer, head) `lhead` of a sequence (none without low_bits).
@@ -199,9 +278,9 @@ __device__ __forceinline__ void SequenceSoftmax(const Scratch& sc, int s, int kv
   }
 }
 
-// The tensor-core policy decode (kv_policy_decode_mma.cu): whether it serves `a` (sm_80+, not
-// a.cuda_cores nor LORC_KV_POLICY_MMA=0, q and cache rows 16-byte aligned), and its launch (the
-// arguments already checked by LaunchKvPolicyDecode).
+// The tensor-core policy decode (kv_policy_decode_mma.cu): whether it serves `a` (sm_80+, a bf16
+// cache, not a.cuda_cores nor LORC_KV_POLICY_MMA=0, q and cache rows 16-byte aligned), and its
+// launch (the arguments already checked by LaunchKvPolicyDecode).
 bool KvPolicyDecodeMmaApplies(const KvPolicyDecodeArgs& a);
 cudaError_t LaunchKvPolicyDecodeMma(const KvPolicyDecodeArgs& a, cudaStream_t stream);
 

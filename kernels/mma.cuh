@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
 #include <cstdint>
 
@@ -46,13 +47,23 @@ __device__ __forceinline__ void Ldsm4T(uint32_t (&r)[4], const void* p) {
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(SmemAddr(p)));
 }
-// d += a b (m16n8k16, bf16 inputs, fp32 accumulators).
+// d += a b (m16n8k16, bf16 inputs (kF16: fp16 inputs, the same fragment layouts), fp32
+// accumulators).
+template <bool kF16 = false>
 __device__ __forceinline__ void Mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  if constexpr (kF16) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
 }
 // Element offset of 16-byte chunk c of row r in a [rows][D] bf16 shared-memory tile whose chunks
 // are XOR-swizzled by (row % 8), so the 8 rows an ldmatrix phase reads fall in distinct banks.
@@ -93,6 +104,10 @@ __device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
   __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // lo in the low half (the lower column)
   return *reinterpret_cast<uint32_t*>(&v);
 }
+__device__ __forceinline__ uint32_t PackF16(float lo, float hi) {
+  __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
 // 2^x on the SFU (ex2.approx.ftz: relative error ~2^-22, 2^-inf = 0, subnormal results flushed).
 __device__ __forceinline__ float Exp2Approx(float x) {
   float y;
@@ -102,28 +117,28 @@ __device__ __forceinline__ float Exp2Approx(float x) {
 
 // One 16-key tile of a single-m-tile decode (DecodeMmaKernel, the policy decode): s += Q K^T
 // (qa: Q's A fragments, D / 16 k-steps; sk: the tile's shared address, Swz<D> rows; k_off from
-// SwzLdsmOffsets; s[n]: keys [8 n, 8 n + 8)).
-template <int D>
+// SwzLdsmOffsets; s[n]: keys [8 n, 8 n + 8)). kF16: fp16 Q and K.
+template <int D, bool kF16 = false>
 __device__ __forceinline__ void TileQK(const uint32_t (&qa)[D / 16][4], uint32_t sk, const uint32_t (&k_off)[4],
                                        float (&s)[2][4]) {
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
     uint32_t kb[4];
     Ldsm4(kb, sk + k_off[kk & 3] + 32 * (kk & 4));
-    Mma(s[0], qa[kk], kb[0], kb[1]);
-    Mma(s[1], qa[kk], kb[2], kb[3]);
+    Mma<kF16>(s[0], qa[kk], kb[0], kb[1]);
+    Mma<kF16>(s[1], qa[kk], kb[2], kb[3]);
   }
 }
 // ... and o += P V (pa: P's A fragments from the S accumulators; sv: the V tile, v_off as k_off).
-template <int D>
+template <int D, bool kF16 = false>
 __device__ __forceinline__ void TilePV(const uint32_t (&pa)[4], uint32_t sv, const uint32_t (&v_off)[4],
                                        float (&o)[D / 8][4]) {
 #pragma unroll
   for (int dp = 0; dp < D / 16; ++dp) {
     uint32_t vb[4];
     Ldsm4T(vb, sv + v_off[dp & 3] + 32 * (dp & 4));
-    Mma(o[2 * dp], pa, vb[0], vb[1]);
-    Mma(o[2 * dp + 1], pa, vb[2], vb[3]);
+    Mma<kF16>(o[2 * dp], pa, vb[0], vb[1]);
+    Mma<kF16>(o[2 * dp + 1], pa, vb[2], vb[3]);
   }
 }
 

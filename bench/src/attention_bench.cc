@@ -25,8 +25,10 @@
 // fall with it), and the same without recording importance (the statistics' cost is the
 // difference); and CORM's choice over 32 layers x 8 KV heads at a 30 % budget with 64 positions
 // over it a step (the new positions re-marked first: the steady state of one token a step, with
-// margin). Table, then one JSON line.
-// Usage: build/bin/attention_bench [--kv-cache-dtype D | --prefill | --kv-policy] (needs a CUDA
+// margin). Table, then one JSON line. With --kv-cache-dtype fp8|int8|int4 as well: the same over
+// a cache of that dtype (paged and policy decode reading codes and scales; MiKV's columns run the
+// CUDA-core kernels on either row: MiKV over a quantized cache has no tensor-core kernel).
+// Usage: build/bin/attention_bench [--kv-cache-dtype D] [--prefill | --kv-policy] (needs a CUDA
 // device).
 #include <algorithm>
 #include <cstdio>
@@ -220,11 +222,13 @@ int PrefillTable(Backend& be) {
 // kLow (read quantized on the fly), and `packed` entries per head in a packed run after the ctx
 // slots (what a compacted sequence's demoted keys become).
 double RunPolicy(Backend& be, bool cuda_cores, int batch, int ctx, double kept, bool record_hits, int low_bits = 0,
-                 int packed = 0) {
-  const int64_t run_slots = low_bits > 0 ? (int64_t{packed} * (kDim * low_bits / 8 + 4) + 2 * kDim - 1) / (2 * kDim) : 0;
+                 int packed = 0, KvQuant quant = KvQuant::kNone) {
+  // A packed run's slots: entries over the head's region of a slot (bf16 row, or its codes).
+  const int64_t region = quant == KvQuant::kNone ? 2 * kDim : kernels::KvqHeadCodeBytes(quant, kDim);
+  const int64_t run_slots = low_bits > 0 ? (int64_t{packed} * (kDim * low_bits / 8 + 4) + region - 1) / region : 0;
   const int blocks_per_seq = static_cast<int>((ctx + run_slots + kBlock - 1) / kBlock);
   const int64_t kv_width = kKvHeads * kDim, width = kHeads * kDim;
-  const int64_t layer_bytes = int64_t{batch} * blocks_per_seq * kBlock * kv_width * 2;
+  const int64_t layer_bytes = int64_t{batch} * blocks_per_seq * kBlock * SideBytesPerToken(quant, kDim);
   const int layers = static_cast<int>(std::clamp<int64_t>(kCycleBytes / layer_bytes, 1, 16));
   DeviceBuffer k = Filled(be, layer_bytes * layers, 0x3c), v = Filled(be, layer_bytes * layers, 0x3c);
   DeviceBuffer q = Filled(be, int64_t{batch} * width * 2, 0x3c), out = Filled(be, int64_t{batch} * width * 2, 0);
@@ -278,6 +282,10 @@ double RunPolicy(Backend& be, bool cuda_cores, int batch, int ctx, double kept, 
   a.q_stride = a.out_stride = width;
   a.out = out.as<__nv_bfloat16>();
   a.kv_stride = kv_width;
+  if (quant != KvQuant::kNone) {
+    a.layout.kv_quant = quant;
+    a.layout.k_q = a.layout.v_q = kernels::MakeKvqSide(quant, kBlock, kKvHeads, kDim);
+  }
   a.block_tables = dtables.as<int32_t>();
   a.max_blocks = blocks_per_seq;
   a.block_size = kBlock;
@@ -350,31 +358,38 @@ std::pair<double, double> RunChoose(Backend& be, int batch, int ctx, int num_lay
   return {both, extend};
 }
 
-int PolicyTable(Backend& be) {
+int PolicyTable(Backend& be, KvQuant quant) {
   constexpr int kLayers = 32;
-  std::printf("%s\nToken-level KV policies, Llama-3-8B attention (32 q / 8 kv heads x 128, block_size 16), bf16, "
-              "per layer; kept = sinks 4 + recent 32 + a random share of the rest\n",
-              be.Describe().c_str());
+  const char* dtype = quant == KvQuant::kNone      ? "bf16"
+                      : quant == KvQuant::kFp8E4m3 ? "fp8"
+                      : quant == KvQuant::kInt8    ? "int8"
+                                                   : "int4";
+  std::printf("%s\nToken-level KV policies, Llama-3-8B attention (32 q / 8 kv heads x 128, block_size 16), %s "
+              "cache, per layer; kept = sinks 4 + recent 32 + a random share of the rest\n",
+              be.Describe().c_str(), dtype);
   // "30% compacted": the slots a compacted sequence walks (its kept 30 %, every one live).
   // MiKV int4: the other 70 % read quantized from their slots, or (compacted) from packed runs.
   std::printf("  batch x ctx  kernel        paged us  policy all us  policy 30%% us  30%% compacted us  30%% no-hits us  "
               "hits cost us  choose us/step (%d layers)  extend us  mikv 30%% us  mikv 30%% compacted us\n", kLayers);
   std::string json = "{\"bench\":\"attention_kv_policy\",\"device\":\"" + be.Describe() +
-                     "\",\"heads\":32,\"kv_heads\":8,\"head_dim\":128,\"kept\":0.3,\"layers\":32,\"cases\":[";
+                     "\",\"kv_cache_dtype\":\"" + dtype + "\",\"heads\":32,\"kv_heads\":8,\"head_dim\":128,\"kept\":0.3,\"layers\":32,\"cases\":[";
   bool first = true;
   for (const int ctx : {16384, 32768}) {
     for (const int batch : {1, 8, 64}) {
-      const double paged = Run(be, batch, ctx, 1, true);
+      const double paged = Run(be, batch, ctx, 1, true, 0, quant);
       const auto [choose, extend] = RunChoose(be, batch, ctx, kLayers);
       const int kept = static_cast<int>(0.3 * ctx);
       // The policy decode's two kernels (kv_policy.cuh KvPolicyDecodeArgs::cuda_cores), each case.
       for (const bool cuda_cores : {false, true}) {
-        const double all = RunPolicy(be, cuda_cores, batch, ctx, 1.0, true);
-        const double part = RunPolicy(be, cuda_cores, batch, ctx, 0.3, true);
-        const double compacted = RunPolicy(be, cuda_cores, batch, kept, 1.0, true);
-        const double nohits = RunPolicy(be, cuda_cores, batch, ctx, 0.3, false);
-        const double mikv = RunPolicy(be, cuda_cores, batch, ctx, 0.3, true, 4);
-        const double mikv_packed = RunPolicy(be, cuda_cores, batch, kept, 1.0, true, 4, ctx - kept);
+        const double all = RunPolicy(be, cuda_cores, batch, ctx, 1.0, true, 0, 0, quant);
+        const double part = RunPolicy(be, cuda_cores, batch, ctx, 0.3, true, 0, 0, quant);
+        const double compacted = RunPolicy(be, cuda_cores, batch, kept, 1.0, true, 0, 0, quant);
+        const double nohits = RunPolicy(be, cuda_cores, batch, ctx, 0.3, false, 0, 0, quant);
+        // MiKV int4 entries (68 bytes) do not fit an int4 cache's 64-byte regions: not run there.
+        const bool mikv_fits = quant != KvQuant::kInt4;
+        const double mikv = mikv_fits ? RunPolicy(be, cuda_cores, batch, ctx, 0.3, true, 4, 0, quant) : 0.0;
+        const double mikv_packed =
+            mikv_fits ? RunPolicy(be, cuda_cores, batch, kept, 1.0, true, 4, ctx - kept, quant) : 0.0;
         const char* kernel = cuda_cores ? "cuda_cores" : "tensor_cores";
         std::printf("  %3d x %5d  %-12s  %9.2f  %13.2f  %13.2f  %16.2f  %14.2f  %12.2f  %25.2f  %9.2f  %11.2f  %20.2f\n",
                     batch, ctx, kernel, paged, all, part, compacted, nohits, part - nohits, choose - extend, extend,
@@ -434,7 +449,7 @@ int Main(int argc, char** argv) {
   }
   Backend& be = **made;
   if (prefill_only) return PrefillTable(be);
-  if (policy) return PolicyTable(be);
+  if (policy) return PolicyTable(be, quant);
   if (!dtype.empty()) return DtypeTable(be, dtype == "auto" ? "bf16" : dtype, quant);
   std::printf("%s\nLlama-3-8B attention: %d q / %d kv heads, head_dim %d, block_size %d, bf16\n",
               be.Describe().c_str(), kHeads, kKvHeads, kDim, kBlock);

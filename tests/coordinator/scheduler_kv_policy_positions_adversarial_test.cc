@@ -575,7 +575,9 @@ void CompactionMix(uint32_t seed, size_t depth, int64_t limit, int32_t num_block
     if (!flight.empty() && (flight.size() >= depth || plan.empty())) {
       for (const SequenceEvent& e : sched->Apply(flight.front())) {
         if (e.token >= 0) out[e.seq_id].push_back(e.token);
-        if (e.finished) EXPECT_TRUE(ended.emplace(e.seq_id, e.reason).second) << e.seq_id;
+        if (e.finished) {
+          EXPECT_TRUE(ended.emplace(e.seq_id, e.reason).second) << e.seq_id;
+        }
       }
       flight.pop_front();
     }

@@ -573,14 +573,14 @@ __device__ int StageLowEntries(const KvPolicyCompactArgs& a, const KvPolicySeq& 
   return static_cast<int>(min(static_cast<int64_t>(n), capacity));
 }
 
-// A head's entry of one side moves through shared memory as 4-byte words (its region: at most
-// kMoveWords, bf16 D 128's 256 bytes; quantized regions are multiples of 4 bytes, KvqSideReadable)
-// shared by the key's kCompactParts threads, and its fp16 scales (quantized; at most kMoveScales:
-// int4 D 128's 4 groups x (scale, zero)) by part 0.
-constexpr int kMoveWords = 64, kMoveScales = 8;
+// A head's entry of one side moves through shared memory as 8-byte words (its region: at most
+// kMoveWords, bf16 D 128's 256 bytes; quantized regions at D 64 / 128 are multiples of 8 bytes:
+// 32 at the least, int4 D 64) shared by the key's kCompactParts threads, and its fp16 scales
+// (quantized; at most kMoveScales: int4 D 128's 4 groups x (scale, zero)) by part 0.
+constexpr int kMoveWords = 32, kMoveScales = 8;
 
 template <int D>
-__global__ void __launch_bounds__(kCompactThreads) CompactKernel(KvPolicyCompactArgs a) {
+__global__ void __launch_bounds__(kCompactThreads, 1) CompactKernel(KvPolicyCompactArgs a) {
   const KvPolicySeq seq = *a.seq;
   const int lhead = a.layer0 * a.num_kv_heads + blockIdx.x, layer = lhead / a.num_kv_heads,
             head = lhead % a.num_kv_heads;
@@ -592,8 +592,8 @@ __global__ void __launch_bounds__(kCompactThreads) CompactKernel(KvPolicyCompact
   const CacheSide vc = MakeSide(a.v_layers[layer], a.layout, true, a.kv_stride, D);
   const int key = threadIdx.x / kCompactParts, part = threadIdx.x % kCompactParts;
   // An entry's words and (part 0) scales per side: K and V heads are both D wide.
-  const int words = kc.RegionBytes() / 4, scales = part == 0 ? kc.NumScales() : 0;
-  __shared__ uint32_t sm_words[kCompactChunk][2][kMoveWords];  // the chunk's moving entries, K then V
+  const int words = kc.RegionBytes() / 8, scales = part == 0 ? kc.NumScales() : 0;
+  __shared__ uint2 sm_words[kCompactChunk][2][kMoveWords];  // the chunk's moving entries, K then V
   __shared__ uint16_t sm_scales[kCompactChunk][2][kMoveScales];
   __shared__ int sm_rank[kCompactChunk];  // a position's rank among the chunk's kept keys, or -1
   __shared__ int sm_count[kCompactChunk / 32];
@@ -626,7 +626,7 @@ __global__ void __launch_bounds__(kCompactThreads) CompactKernel(KvPolicyCompact
         dst = CacheSlot(a.block_table, s_new, a.block_size);
         for (int side = 0; side < 2; ++side) {
           const CacheSide c = side == 0 ? kc : vc;
-          const uint32_t* from = reinterpret_cast<const uint32_t*>(c.Region(src, head));
+          const uint2* from = reinterpret_cast<const uint2*>(c.Region(src, head));
           for (int w = part; w < words; w += kCompactParts) sm_words[key][side][w] = from[w];
           const uint16_t* from_scales = scales > 0 ? c.Scales(src, head) : nullptr;
           for (int i = 0; i < scales; ++i) sm_scales[key][side][i] = from_scales[i];
@@ -637,7 +637,7 @@ __global__ void __launch_bounds__(kCompactThreads) CompactKernel(KvPolicyCompact
     if (dst >= 0) {
       for (int side = 0; side < 2; ++side) {
         const CacheSide c = side == 0 ? kc : vc;
-        uint32_t* to = reinterpret_cast<uint32_t*>(c.Region(dst, head));
+        uint2* to = reinterpret_cast<uint2*>(c.Region(dst, head));
         for (int w = part; w < words; w += kCompactParts) to[w] = sm_words[key][side][w];
         uint16_t* to_scales = scales > 0 ? c.Scales(dst, head) : nullptr;
         for (int i = 0; i < scales; ++i) to_scales[i] = sm_scales[key][side][i];
@@ -664,10 +664,16 @@ __global__ void __launch_bounds__(kCompactThreads) CompactKernel(KvPolicyCompact
 }
 
 // Whether a quantized layout is one the kernels address (kv_policy.cuh KvPolicyCacheLayout): both
-// sides readable at this block size (bf16: nothing to check here).
-bool LayoutReadable(const KvPolicyCacheLayout& l, int32_t block_size) {
-  return l.kv_quant == KvQuant::kNone ||
-         (KvqSideReadable(l.kv_quant, l.k_q, block_size) && KvqSideReadable(l.kv_quant, l.v_q, block_size));
+// sides exactly MakeKvqSide's for this block size, KV heads and head_dim, and readable (bf16:
+// nothing to check here).
+bool LayoutReadable(const KvPolicyCacheLayout& l, int32_t block_size, int32_t num_kv_heads, int32_t head_dim) {
+  if (l.kv_quant == KvQuant::kNone) return true;
+  const KvqSide want = MakeKvqSide(l.kv_quant, block_size, num_kv_heads, head_dim);
+  auto same = [&](const KvqSide& s) {
+    return s.code_row == want.code_row && s.scale_row == want.scale_row && s.head_code == want.head_code &&
+           s.head_scales == want.head_scales && s.block_size == want.block_size;
+  };
+  return same(l.k_q) && same(l.v_q) && KvqSideReadable(l.kv_quant, l.k_q, block_size);
 }
 
 }  // namespace
@@ -685,7 +691,9 @@ cudaError_t LaunchKvPolicyDecode(const KvPolicyDecodeArgs& a, cudaStream_t strea
       (a.low_bits != 0 && a.low_bits != 2 && a.low_bits != 4)) {
     return cudaErrorInvalidValue;
   }
-  if ((a.head_dim != 128 && a.head_dim != 64) || !LayoutReadable(a.layout, a.block_size)) return cudaErrorInvalidValue;
+  if ((a.head_dim != 128 && a.head_dim != 64) || !LayoutReadable(a.layout, a.block_size, a.num_kv_heads, a.head_dim)) {
+    return cudaErrorInvalidValue;
+  }
   if (KvPolicyDecodeMmaApplies(a)) return LaunchKvPolicyDecodeMma(a, stream);
   return a.head_dim == 128 ? LaunchDecode<128>(a, stream) : LaunchDecode<64>(a, stream);
 }
@@ -700,7 +708,8 @@ cudaError_t LaunchKvPolicyExtend(const KvPolicySeq* seqs, int num_seqs, int num_
 cudaError_t LaunchKvPolicyCompact(const KvPolicyCompactArgs& a, cudaStream_t stream) {
   if (a.seq == nullptr || a.k_layers == nullptr || a.v_layers == nullptr || a.block_table == nullptr ||
       a.num_layers < 1 || a.num_kv_heads < 1 || a.block_size < 1 || a.from < 0 ||
-      (a.layout.kv_quant == KvQuant::kNone && a.kv_stride % 8 != 0) || !LayoutReadable(a.layout, a.block_size) ||
+      (a.layout.kv_quant == KvQuant::kNone && a.kv_stride % 8 != 0) ||
+      !LayoutReadable(a.layout, a.block_size, a.num_kv_heads, a.head_dim) ||
       a.old_slots < a.from || a.layer0 < 0 ||
       (a.low_bits != 0 && ((a.low_bits != 2 && a.low_bits != 4) || a.stage == nullptr || a.stage_head_bytes < 0))) {
     return cudaErrorInvalidValue;
@@ -720,7 +729,8 @@ cudaError_t LaunchKvPolicyChoose(const KvPolicyChooseArgs& a, cudaStream_t strea
   if (a.seqs == nullptr || a.num_seqs < 1 || a.num_layers < 1 || a.num_kv_heads < 1 || a.sinks < 0 ||
       a.recent < 0 || a.window < 1 ||
       (a.balance_keys && (a.k_layers == nullptr || a.block_tables == nullptr || a.block_size < 1 ||
-                          (a.head_dim != 64 && a.head_dim != 128) || !LayoutReadable(a.layout, a.block_size)))) {
+                          (a.head_dim != 64 && a.head_dim != 128) ||
+                          !LayoutReadable(a.layout, a.block_size, a.num_kv_heads, a.head_dim)))) {
     return cudaErrorInvalidValue;
   }
   ChooseKernel<<<dim3(a.num_layers * a.num_kv_heads, a.num_seqs), kChooseThreads, 0, stream>>>(a);

@@ -155,9 +155,9 @@ struct KvPolicyDecodeArgs {
   // true: the CUDA-core kernels below even where the tensor-core ones apply (A/B measurements,
   // parity tests of both; LORC_KV_POLICY_MMA=0 forces it for a whole process). Over a quantized
   // cache the tensor-core kernels take CORM only (K and V of one geometry): the tiles' codes are
-  // turned into fp16 in shared memory (fp8 / int8 exact, each key's scales applied to its score
-  // and probability; int4 zero + code x scale in fp16) for fp16 mma, Q rounded to fp16; MiKV runs
-  // the CUDA-core kernels.
+  // turned in shared memory into fp16 K and bf16 V (fp8 / int8 exact, each key's scales applied to
+  // its score and probability; int4 zero + code x scale), Q rounded to fp16 for the fp16 S mma;
+  // MiKV runs the CUDA-core kernels.
   bool cuda_cores = false;
 };
 

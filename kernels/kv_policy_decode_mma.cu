@@ -24,9 +24,10 @@
 // MiKV's dequantized V) enter the P V mma as bf16 (the paged decode's tolerance), scores are
 // summed by the tensor cores in another order.
 // A quantized cache (kQuant; CORM only): the rows' codes and scale words travel the ring raw,
-// DequantTile turns each landed tile into fp16 (fp8 / int8 codes exact, their per-row scales
-// applied to the scores and, for V, to P's columns; int4 zero + code x scale per group in fp16),
-// Q is converted to fp16 once, and S and P V run on fp16 mma (P in fp16).
+// DequantTile turns each landed tile into fp16 K and bf16 V (fp8 / int8 codes exact, their per-row
+// scales applied to the scores and to P's columns; int4 zero + code x scale per group), Q is
+// converted to fp16 once, S runs on fp16 mma and P V on bf16 mma as the bf16 path's (P times the
+// V scales in bf16: fp16 would flush small probabilities times a small scale to zero).
 #include <cuda_bf16.h>
 
 #include <cmath>
@@ -80,12 +81,13 @@ __device__ __forceinline__ void CpAsyncZ(void* dst, const void* src, bool valid)
 
 // kQuant: the tile's quantized rows, landed raw at the end of their own tile (codes, row r at raw +
 // r * raw_row; 8 channels' codes: 8 bytes, int4 4) with their scale words, turned in place into
-// the fp16 rows the mma reads: fp8 / int8 codes as they are (exact in fp16; the row's scale is
-// applied to its scores and probabilities instead, ScaleOfRow), int4 zero + code x scale of its
-// group (fp16 arithmetic). Rows 0-7 of the tile lie below every raw byte; rows 8-15 overlap them,
-// so those are read by every lane before any is written. `cc`: the lane's chunk (the same in every
+// the rows the mma reads, fp16 (K, kBf16 false) or bf16 (V): fp8 / int8 codes as they are (exact
+// in both; the row's scale is applied to its scores, or to P's column, instead: ScaleOfRow), int4
+// zero + code x scale of its group (fp16 arithmetic for K; fp32, each step rounded as the CPU's,
+// then bf16 for V). Rows 0-7 of the tile lie below every raw byte; rows 8-15 overlap them, so
+// those are read by every lane before any is written. `cc`: the lane's chunk (the same in every
 // row it holds).
-template <int D>
+template <int D, bool kBf16>
 __device__ __forceinline__ void DequantTile(KvQuant quant, __nv_bfloat16* tile, const uint8_t* raw, int raw_row,
                                             const uint32_t* scales, int lane) {
   constexpr int kChunks = D / 8, kJ = kTile * kChunks / 32, kHalf = kJ / 2;
@@ -104,7 +106,18 @@ __device__ __forceinline__ void DequantTile(KvQuant quant, __nv_bfloat16* tile, 
   auto store = [&](int jj, const uint2& c) {
     const int r = (lane + 32 * jj) / kChunks;
     uint32_t h[4];
-    if (quant == KvQuant::kFp8E4m3) {
+    if constexpr (kBf16) {  // V: bf16 values, fp8 / int8 codes exact, int4 dequantized in fp32
+      float f[8];
+      if (quant == KvQuant::kInt4) {
+        const float sc = KvqHalfBits(c.y & 0xffffu), z = KvqHalfBits(c.y >> 16);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) f[i] = __fadd_rn(z, __fmul_rn(static_cast<float>((c.x >> (4 * i)) & 0xfu), sc));
+      } else {
+        KvqCodes8(quant, make_uint4(c.x, c.y, 0u, 0u), f);  // the codes' values, unscaled
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i) h[i] = PackBf16(f[2 * i], f[2 * i + 1]);
+    } else if (quant == KvQuant::kFp8E4m3) {
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const __half2_raw v =
@@ -447,7 +460,8 @@ __global__ void __launch_bounds__(kThreads, kLow ? 2 : 3) PolicyMmaKernel(KvPoli
     for (int idx = tid; idx < 16 * D / 2; idx += kThreads) {
       uint32_t* p2 = reinterpret_cast<uint32_t*>(sq) + idx;
       const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p2));
-      *p2 = PackF16(fminf(fmaxf(f.x, -65504.f), 65504.f), fminf(fmaxf(f.y, -65504.f), 65504.f));
+      auto clamp = [](float x) { return x != x ? x : fminf(fmaxf(x, -65504.f), 65504.f); };  // NaN stays NaN
+      *p2 = PackF16(clamp(f.x), clamp(f.y));
     }
     __syncthreads();
   }
@@ -482,8 +496,8 @@ __global__ void __launch_bounds__(kThreads, kLow ? 2 : 3) PolicyMmaKernel(KvPoli
         half = __ballot_sync(0xffffffffu, (scale & 2) != 0 && lane < kTile);
       }
       const uint32_t* kscl = reinterpret_cast<const uint32_t*>(stage + kTilesPerStage<kLow> * kTileElems);
-      DequantTile<D>(quant, stage, reinterpret_cast<const uint8_t*>(stage) + raw_at, raw_row, kscl, lane);
-      DequantTile<D>(quant, stage + kTileElems, reinterpret_cast<const uint8_t*>(stage + kTileElems) + raw_at, raw_row,
+      DequantTile<D, false>(quant, stage, reinterpret_cast<const uint8_t*>(stage) + raw_at, raw_row, kscl, lane);
+      DequantTile<D, true>(quant, stage + kTileElems, reinterpret_cast<const uint8_t*>(stage + kTileElems) + raw_at, raw_row,
                      kscl + kTile * 4, lane);
       // The scales of this lane's score columns (keys nn * 8 + 2 t4 + e), K's and V's.
 #pragma unroll
@@ -577,8 +591,8 @@ __global__ void __launch_bounds__(kThreads, kLow ? 2 : 3) PolicyMmaKernel(KvPoli
       const float e0 = Exp2Approx(fmaf(sc4[nn][0], scale2, -ref_m));
       const float e1 = Exp2Approx(fmaf(sc4[nn][1], scale2, -ref_m));
       sum += e0 + e1;
-      if constexpr (kQuant) {  // fp16 P, each column times its V row's scale (the tile holds codes)
-        pa[2 * nn] = PackF16(e0 * vscale[nn][0], e1 * vscale[nn][1]);
+      if constexpr (kQuant) {  // each column times its V row's scale (the tile holds codes); bf16: no underflow
+        pa[2 * nn] = PackBf16(e0 * vscale[nn][0], e1 * vscale[nn][1]);
       } else {
         pa[2 * nn] = PackBf16(e0, e1);
       }
@@ -590,7 +604,7 @@ __global__ void __launch_bounds__(kThreads, kLow ? 2 : 3) PolicyMmaKernel(KvPoli
       o[nn][0] *= corr;
       o[nn][1] *= corr;
     }
-    TilePV<D, kQuant>(pa, sv, v_off, o);
+    TilePV<D>(pa, sv, v_off, o);
   }
   CpAsyncWait<0>();
   l += __shfl_xor_sync(0xffffffffu, l, 1);

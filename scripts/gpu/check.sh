@@ -19,9 +19,9 @@
 #   lorcserve  not in the default phases: phase serve on a LoRC-compressed fixture (see below)
 #   kvpolicy  not in the default phases: token-level KV policies on one GPU (issue #17):
 #           attention_bench --kv-policy (the policy decode per layer, tensor-core and CUDA-core
-#           kernels) and scripts/kvpolicy/capacity.sh on the 8B shape at 16k and 32k tokens (full
-#           KV, CORM 30 %, MiKV int4 30 % at a fixed KV pool; docs/KV_POLICIES.md "On the GPU");
-#           about 10 minutes on an H200
+#           kernels, over bf16 and fp8 caches) and scripts/kvpolicy/capacity.sh on the 8B shape at
+#           16k and 32k tokens (full KV, CORM 30 %, MiKV int4 30 % at a fixed KV pool; and over an
+#           fp8 cache at 16k; docs/KV_POLICIES.md "On the GPU"); about 15 minutes on an H200
 #   lorc    not in the default phases: the LoRC quality sweep of scripts/lorc/configs.txt on the
 #           fixture (issue #9), every config on the GPU (`eval --backend cuda`, quantized KV dtypes
 #           fp8/int8/int4 included: the CUDA kernels read them); results packed into
@@ -250,6 +250,16 @@ phase_prefix() {
 phase_kvpolicy() {
   CUDA_VISIBLE_DEVICES=0 timeout 400 "$B/attention_bench" --kv-policy > "$OUT/kvpolicy-attention.txt" 2>&1 &&
     note "kvpolicy attention_bench: done" || { note "kvpolicy attention_bench: FAILED"; fails=$((fails + 1)); }
+  CUDA_VISIBLE_DEVICES=0 timeout 400 "$B/attention_bench" --kv-policy --kv-cache-dtype fp8 \
+    > "$OUT/kvpolicy-attention-fp8.txt" 2>&1 &&
+    note "kvpolicy attention_bench fp8: done" || { note "kvpolicy attention_bench fp8: FAILED"; fails=$((fails + 1)); }
+  # Over an fp8 cache at the memory of 4,160 bf16 blocks (docs/KV_POLICIES.md "Over a quantized cache").
+  CUDA_VISIBLE_DEVICES=0 timeout 900 bash scripts/kvpolicy/capacity.sh --lorcserve "$L" \
+    --model bench/configs/llama3.1-8b --extra "--backend cuda --random-weights --kv-cache-dtype fp8" \
+    --policies "full corm-30 mikv-int4-30" --start-wait 200 --num-blocks 8192 --requests 16 \
+    --concurrency 16 --prompt-len 16384 --max-tokens 512 > "$OUT/kvpolicy-capacity-fp8-16384.jsonl" \
+    2> "$OUT/kvpolicy-capacity-fp8-16384.err" && [ "$(wc -l < "$OUT/kvpolicy-capacity-fp8-16384.jsonl")" -eq 3 ] &&
+    note "kvpolicy capacity fp8 16384: done" || { note "kvpolicy capacity fp8 16384: FAILED"; fails=$((fails + 1)); }
   local ctx blocks n
   for ctx in 16384 32768; do
     if [ "$ctx" = 16384 ]; then blocks=4160 n=12; else blocks=8448 n=8; fi

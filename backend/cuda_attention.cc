@@ -474,6 +474,17 @@ absl::Status CudaBackend::DecodeAttention(const AttentionParams& p, const Attent
 absl::Status CudaBackend::LatentAttention(const LatentAttentionParams& p, const AttentionPlan& plan) {
   const auto& cp = static_cast<const CudaAttentionPlan&>(plan);
   ASSIGN_OR_RETURN(const kernels::LatentAttentionArgs a, LatentKernelArgs(p, plan.batch()));
+  if (p.kv_policy.seqs != nullptr) {
+    // Under a KV policy (graphs off): the decodes and the prompt rows the policy reads
+    // (cuda_kv_policy.cc), the other prompts' outputs by the plain prefill (KvPolicyBeginStep took
+    // the prompts read through the slot map out of its schedule).
+    if (cp.num_prefills() > 0) {
+      RETURN_IF_ERROR(CudaError(kernels::LaunchLatentPrefill(
+                                    a, cp.prefill_schedule(p.num_heads / p.num_kv_heads, kernels::kLatentRows), stream_),
+                                "LatentAttention prefill"));
+    }
+    return KvPolicyLatentAttention(p, a);
+  }
   cp.kv_heads_hint = p.num_kv_heads;
   cp.ctas_per_sm_hint = kernels::kLatentDecodeCtasPerSm;
   cp.min_chunk_hint = kernels::kLatentMinChunk;

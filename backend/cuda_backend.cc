@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "kvpolicy/kv_policy_config.h"
 
 #ifdef LORC_HAVE_CUDA
 #include "backend/cuda_backend_impl.h"
@@ -20,10 +21,11 @@
 
 namespace lorc {
 
-absl::Status CudaKvPolicySupport(bool latent) {
-  if (latent) {
+absl::Status CudaKvPolicySupport(const kvpolicy::KvPolicyConfig& config, bool latent) {
+  if (latent && config.kind == kvpolicy::KvPolicyKind::kMikv) {
     return absl::UnimplementedError(
-        "--kv-policy with a LoRC (latent) model: the cuda backend's policy kernels read full K and V only so far");
+        "--kv-policy mikv with a LoRC (latent) model: the cuda backend reads MiKV's low entries beside full K and V "
+        "only so far (--kv-policy corm runs over latents; the cpu backend runs both)");
   }
   return absl::OkStatus();
 }

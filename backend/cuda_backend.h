@@ -27,10 +27,10 @@ absl::StatusOr<std::vector<CudaDeviceInfo>> ListCudaDevices();
 std::string CudaVersionString();
 
 // What the CUDA backend runs under a token-level KV policy (kvpolicy/README.md "On the GPU"):
-// CORM and MiKV over a full-KV cache, bf16 or `--kv-cache-dtype fp8|int8|int4`. Unimplemented
-// naming the flag for a LoRC latent model (`latent`). CudaBackend::CheckKvPolicy at load; host
-// logic, defined with or without CUDA in the build.
-absl::Status CudaKvPolicySupport(bool latent);
+// CORM and MiKV over a full-KV cache, bf16 or `--kv-cache-dtype fp8|int8|int4`, and CORM over a
+// LoRC latent model (`latent`) as well; Unimplemented naming the flags for MiKV over latents.
+// CudaBackend::CheckKvPolicy at load; host logic, defined with or without CUDA in the build.
+absl::Status CudaKvPolicySupport(const kvpolicy::KvPolicyConfig& config, bool latent);
 
 // The CUDA backend (serving computes in BF16: compute_dtype()). Unimplemented without CUDA in the
 // build, Unavailable without a driver, FailedPrecondition for a device ordinal that is not present.

@@ -20,6 +20,10 @@
 #include "kernels/kv_quant.h"
 #include "common/status_macros.h"
 
+namespace lorc::kernels {
+struct LatentAttentionArgs;  // kernels/attention_latent.cuh
+}  // namespace lorc::kernels
+
 namespace lorc::cuda_internal {
 
 inline absl::Status CudaError(cudaError_t e, const char* what) {
@@ -265,6 +269,9 @@ class CudaBackend final : public Backend {
   // decode over the decode (`decode`) or prompt entries of the layer of p.kv_policy.
   std::unique_ptr<CudaKvPolicyStep, CudaKvPolicyStepDeleter> kv_policy_step_;
   absl::Status KvPolicyAttention(const AttentionParams& p, const AttentionPlan& plan, bool decode);
+  // cuda_kv_policy.cc: CORM's decode over a LoRC latent layer for every entry of the step, decodes
+  // and prompt rows (`a`: the layer's kernel arguments, LatentAttention's checks passed).
+  absl::Status KvPolicyLatentAttention(const LatentAttentionParams& p, const kernels::LatentAttentionArgs& a);
   // cuda_attention.cc: takes batch sequences `seqs` (ascending) out of the plan's prefills (the
   // plain paged prefill kernel skips them; KV policy prompts read through the slot map).
   absl::Status ExcludePlainPrefills(AttentionPlan& plan, absl::Span<const int32_t> seqs);

@@ -196,6 +196,39 @@ absl::Status Ensure(Backend& be, DeviceBuffer& b, size_t bytes, bool host = fals
   return absl::OkStatus();
 }
 
+// The step's entry groups (one launch each, scratch at most kMaxPolicyScratchBytes), made at its
+// first attention call (the head shape is known there; every layer of a model has the same).
+absl::Status PrepareGroups(Backend& be, CudaKvPolicyStep& st, int32_t num_heads, int32_t num_kv_heads,
+                           int32_t head_dim) {
+  if (st.groups_ready) return absl::OkStatus();
+  // Entries in order, a group closing when the next entry would pass the scratch cap.
+  size_t most = 0;
+  auto make = [&](int32_t begin, int32_t end, std::vector<CudaKvPolicyStep::Group>* out) {
+    CudaKvPolicyStep::Group g{begin, 0, 0};
+    for (int32_t e = begin; e < end; ++e) {
+      // What it walks: its slots, then (MiKV) its heads' packed entries.
+      const int32_t slots = st.entries[e].seq_len - st.entries[e].slot_offset + st.entries[e].packed_max;
+      const int32_t len = std::max(g.max_seq_len, slots);
+      const size_t bytes =
+          kernels::KvPolicyDecodeScratchBytes(g.count + 1, num_heads, num_kv_heads, head_dim, len);
+      if (g.count > 0 && bytes > kMaxPolicyScratchBytes) {
+        out->push_back(g);
+        g = {e, 0, 0};
+      }
+      g.max_seq_len = std::max(g.max_seq_len, slots);
+      ++g.count;
+      most = std::max(most, kernels::KvPolicyDecodeScratchBytes(g.count, num_heads, num_kv_heads, head_dim,
+                                                                g.max_seq_len));
+    }
+    if (g.count > 0) out->push_back(g);
+  };
+  make(0, st.num_decode_entries, &st.decode_groups);
+  make(st.num_decode_entries, static_cast<int32_t>(st.entries.size()), &st.prefill_groups);
+  RETURN_IF_ERROR(Ensure(be, st.scratch, std::max<size_t>(most, 256), false, kMaxPolicyScratchBytes));
+  st.groups_ready = true;
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 Backend::KvPolicyStateMemory CudaBackend::KvPolicyMemory(int64_t rows, int64_t mikv_head_dim, int64_t max_model_len,
@@ -219,7 +252,7 @@ Backend::KvPolicyStateMemory CudaBackend::KvPolicyMemory(int64_t rows, int64_t m
 absl::Status CudaBackend::CheckKvPolicy(const kvpolicy::KvPolicyConfig& config, KvCacheDtype kv_cache_dtype,
                                         bool latent) const {
   (void)kv_cache_dtype;  // bf16 and quantized caches alike (kernels/kv_policy.cuh KvPolicyCacheLayout)
-  return CudaKvPolicySupport(latent);  // cuda_backend.cc: every policy kind runs
+  return CudaKvPolicySupport(config, latent);  // cuda_backend.cc
 }
 
 absl::Status CudaBackend::KvPolicyBeginStep(absl::Span<kvpolicy::SequenceKvPolicy* const> seqs,
@@ -340,33 +373,7 @@ absl::Status CudaBackend::KvPolicyAttention(const AttentionParams& p, const Atte
                                            b.block_size, &layout.k_q, &layout.v_q));
     layout.kv_quant = p.cache.quant;
   }
-  if (!st.groups_ready) {
-    // Entries in order, a group closing when the next entry would pass the scratch cap.
-    size_t most = 0;
-    auto make = [&](int32_t begin, int32_t end, std::vector<CudaKvPolicyStep::Group>* out) {
-      CudaKvPolicyStep::Group g{begin, 0, 0};
-      for (int32_t e = begin; e < end; ++e) {
-        // What it walks: its slots, then (MiKV) its heads' packed entries.
-        const int32_t slots = st.entries[e].seq_len - st.entries[e].slot_offset + st.entries[e].packed_max;
-        const int32_t len = std::max(g.max_seq_len, slots);
-        const size_t bytes =
-            kernels::KvPolicyDecodeScratchBytes(g.count + 1, p.num_heads, p.num_kv_heads, p.head_dim, len);
-        if (g.count > 0 && bytes > kMaxPolicyScratchBytes) {
-          out->push_back(g);
-          g = {e, 0, 0};
-        }
-        g.max_seq_len = std::max(g.max_seq_len, slots);
-        ++g.count;
-        most = std::max(most, kernels::KvPolicyDecodeScratchBytes(g.count, p.num_heads, p.num_kv_heads, p.head_dim,
-                                                                  g.max_seq_len));
-      }
-      if (g.count > 0) out->push_back(g);
-    };
-    make(0, st.num_decode_entries, &st.decode_groups);
-    make(st.num_decode_entries, static_cast<int32_t>(st.entries.size()), &st.prefill_groups);
-    RETURN_IF_ERROR(Ensure(*this, st.scratch, std::max<size_t>(most, 256), false, kMaxPolicyScratchBytes));
-    st.groups_ready = true;
-  }
+  RETURN_IF_ERROR(PrepareGroups(*this, st, p.num_heads, p.num_kv_heads, p.head_dim));
   kernels::KvPolicyDecodeArgs a;
   a.q = static_cast<const __nv_bfloat16*>(p.q.data);
   a.q_stride = p.q.stride();
@@ -414,6 +421,32 @@ absl::Status CudaBackend::KvPolicyAttention(const AttentionParams& p, const Atte
     a.num_seqs = g.count;
     a.max_seq_len = g.max_seq_len;
     RETURN_IF_ERROR(CudaError(kernels::LaunchKvPolicyDecode(a, stream_), "KV policy attention"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::KvPolicyLatentAttention(const LatentAttentionParams& p, const kernels::LatentAttentionArgs& a) {
+  if (!kv_policy_step_ || !kv_policy_step_->active) {
+    return absl::FailedPreconditionError("cuda backend: latent attention with a KV policy before KvPolicyBeginStep");
+  }
+  if (IsMikv(p.kv_policy.seqs[0]->config())) {  // CheckKvPolicy refuses it at load
+    return absl::UnimplementedError("cuda backend: --kv-policy mikv over LoRC latent layers");
+  }
+  CudaKvPolicyStep& st = *kv_policy_step_;
+  RETURN_IF_ERROR(PrepareGroups(*this, st, p.num_heads, p.num_kv_heads, p.head_dim));
+  kernels::KvPolicyLatentDecodeArgs la;
+  la.latent = a;
+  la.layer = p.kv_policy.layer;
+  la.record_hits = true;
+  la.scratch = st.scratch.data();
+  // Decode entries, then prompt rows (their outputs only where read by slot: no_out otherwise).
+  for (const auto* groups : {&st.decode_groups, &st.prefill_groups}) {
+    for (const CudaKvPolicyStep::Group& g : *groups) {
+      la.seqs = st.entries_dev.as<kernels::KvPolicySeq>() + g.begin;
+      la.num_seqs = g.count;
+      la.max_seq_len = g.max_seq_len;
+      RETURN_IF_ERROR(CudaError(kernels::LaunchKvPolicyLatentDecode(la, stream_), "KV policy latent attention"));
+    }
   }
   return absl::OkStatus();
 }
@@ -486,25 +519,46 @@ absl::Status CudaBackend::KvPolicyCompact(kvpolicy::SequenceKvPolicy& seq, absl:
     return absl::InvalidArgumentError(absl::StrCat("KV policy compaction: ", layers.size(), " cache layers for ",
                                                    seq.num_layers()));
   }
+  const int32_t heads = seq.num_kv_heads();
   const int64_t width = layers[0].k_width;
-  const int64_t head_dim = width / seq.num_kv_heads();
+  const int64_t head_dim = width / heads;
   const kernels::KvQuant quant = layers[0].quant;
+  // Every layer of layer 0's kind and widths, 64 or 128 (a full-KV model), or per-layer sides (a
+  // LoRC model: each latent layer's r_k / r_v; CORM only, MiKV over latents is refused at load).
+  bool uniform = head_dim == 64 || head_dim == 128;  // the head widths the uniform kernels take
+  for (const KvLayer& c : layers) uniform &= c.k_width == width && c.v_width == width;
   kernels::KvPolicyCacheLayout layout;
-  if (quant != kernels::KvQuant::kNone) {
-    RETURN_IF_ERROR(QuantizedCacheGeometry("KV policy compaction", layers[0], seq.num_kv_heads(), head_dim, head_dim,
-                                           block_size, &layout.k_q, &layout.v_q));
-    layout.kv_quant = quant;
+  layout.kv_quant = quant;
+  if (quant != kernels::KvQuant::kNone && uniform) {
+    RETURN_IF_ERROR(QuantizedCacheGeometry("KV policy compaction", layers[0], heads, head_dim, head_dim, block_size,
+                                           &layout.k_q, &layout.v_q));
   }
+  std::vector<kernels::KvPolicyLayerSides> sides(uniform ? 0 : layers.size());
   std::vector<__nv_bfloat16*> ptrs(2 * layers.size());
   for (size_t l = 0; l < layers.size(); ++l) {
     const KvLayer& c = layers[l];
-    if (c.quant != quant || (quant == kernels::KvQuant::kNone && c.dtype != DType::kBF16) || c.k_width != width ||
-        c.v_width != width || (quant != kernels::KvQuant::kNone && c.block_size != block_size)) {
+    if (c.quant != quant || (quant == kernels::KvQuant::kNone && c.dtype != DType::kBF16) ||
+        (quant != kernels::KvQuant::kNone && c.block_size != block_size) || c.k_width % heads != 0 ||
+        c.v_width % heads != 0) {
       return absl::UnimplementedError(absl::StrCat("KV policy compaction: layer ", l,
-                                                   " is not a bf16 or quantized cache of layer 0's kind and widths"));
+                                                   " is not a bf16 or quantized cache of layer 0's kind"));
+    }
+    if (!uniform) {
+      kernels::KvPolicyLayerSides& ls = sides[l];
+      ls.k_dim = static_cast<int32_t>(c.k_width / heads);
+      ls.v_dim = static_cast<int32_t>(c.v_width / heads);
+      ls.k_stride = c.k_width;
+      ls.v_stride = c.v_width;
+      if (quant != kernels::KvQuant::kNone) {
+        RETURN_IF_ERROR(QuantizedCacheGeometry("KV policy compaction", c, heads, ls.k_dim, ls.v_dim, block_size,
+                                               &ls.k_q, &ls.v_q));
+      }
     }
     ptrs[l] = static_cast<__nv_bfloat16*>(c.k);  // or a quantized layout's bytes (`layout`)
     ptrs[layers.size() + l] = static_cast<__nv_bfloat16*>(c.v);
+  }
+  if (!uniform && IsMikv(seq.config())) {
+    return absl::UnimplementedError("KV policy compaction: MiKV over layers of different widths (LoRC latents)");
   }
   if (static_cast<int64_t>(block_table.size()) * block_size < seq.num_slots() || from < 0 || from > seq.num_slots()) {
     return absl::InvalidArgumentError(absl::StrCat("KV policy compaction: a block table of ", block_table.size(),
@@ -515,14 +569,17 @@ absl::Status CudaBackend::KvPolicyCompact(kvpolicy::SequenceKvPolicy& seq, absl:
     kv_policy_step_.reset(new CudaKvPolicyStep());
     st = kv_policy_step_.get();
   }
-  // One upload: [KvPolicySeq][K pointers][V pointers][block table], 16-byte aligned parts.
+  // One upload: [KvPolicySeq][K pointers][V pointers][sides][block table], 16-byte aligned parts.
   const kernels::KvPolicySeq e = arr->Entry(seq.seq_len());
-  const size_t at_ptrs = (sizeof(e) + 15) / 16 * 16;
-  const size_t at_table = at_ptrs + (ptrs.size() * sizeof(void*) + 15) / 16 * 16;
+  auto up16 = [](size_t n) { return (n + 15) / 16 * 16; };
+  const size_t at_ptrs = up16(sizeof(e));
+  const size_t at_sides = at_ptrs + up16(ptrs.size() * sizeof(void*));
+  const size_t at_table = at_sides + up16(sides.size() * sizeof(kernels::KvPolicyLayerSides));
   const size_t bytes = at_table + block_table.size() * sizeof(int32_t);
   std::vector<char> host(bytes);
   std::memcpy(host.data(), &e, sizeof(e));
   std::memcpy(host.data() + at_ptrs, ptrs.data(), ptrs.size() * sizeof(void*));
+  if (!sides.empty()) std::memcpy(host.data() + at_sides, sides.data(), sides.size() * sizeof(sides[0]));
   std::memcpy(host.data() + at_table, block_table.data(), block_table.size() * sizeof(int32_t));
   // A compaction's upload must not overwrite the previous one's before its kernel ran: the copy
   // is stream-ordered after it.
@@ -542,6 +599,10 @@ absl::Status CudaBackend::KvPolicyCompact(kvpolicy::SequenceKvPolicy& seq, absl:
   a.head_dim = static_cast<int32_t>(head_dim);
   a.from = static_cast<int32_t>(from);
   a.old_slots = static_cast<int32_t>(seq.num_slots());
+  if (!sides.empty()) {
+    a.sides = reinterpret_cast<const kernels::KvPolicyLayerSides*>(dev + at_sides);
+    a.host_sides = sides.data();
+  }
   if (!IsMikv(seq.config())) return CudaError(kernels::LaunchKvPolicyCompact(a, stream_), "KV policy compaction");
   // MiKV: each (layer, head) stages its low entries (at most DeviceLowToPack, the latest counts)
   // in a slice of `stage`; as many layers per launch as kMaxPolicyScratchBytes of staging holds.

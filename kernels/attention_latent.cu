@@ -111,7 +111,7 @@ __device__ void ProcessItem(const LatentAttentionArgs& a, const Layout& L, const
           Mma(acc[j + 1], af, bf[2], bf[3]);
         }
       }
-      RotateKeyHalf<false>(acc, sm, h, base, g, t);  // RoPE at each token's position
+      RotateKeyHalf<false>(acc, sm, h, base + g, base + g + 8, t);  // RoPE at each token's position
       // S^T += Q K^T over this half's 64 columns: k-steps 2h, 2h + 1 (acc[0..3]) and 4 + 2h,
       // 5 + 2h (acc[4..7]); K's accumulators are the B fragments (tokens 0-7: rows g, 8-15: g + 8).
 #pragma unroll
@@ -196,7 +196,7 @@ __device__ void ProcessItem(const LatentAttentionArgs& a, const Layout& L, const
     }
   }
   __syncthreads();
-  CombineWarps(a, L, sm, it, rows, partial_out, partial_lse);
+  CombineWarps(a, L, sm, rows, ItemOut{a, it, partial_out, partial_lse});
 }
 template <int VT>
 __global__ void __launch_bounds__(kThreads, VT <= 8 ? 2 : 1) LatentDecodeKernel(const LatentAttentionArgs a, const DecodeSchedule sch) {
@@ -251,6 +251,9 @@ __global__ void __launch_bounds__(kThreads) LatentMergeKernel(const LatentAttent
   }
 }
 
+}  // namespace
+
+namespace latent_internal {
 bool ArgsOk(const LatentAttentionArgs& a) {
   return LatentShapeSupported(a.num_heads, a.num_kv_heads, a.head_dim, a.k_rank, a.v_rank) && a.block_size > 0 &&
          a.inv_freq != nullptr && Aligned16(a.q) && Aligned16(a.out) && Aligned16(a.k_up) && Aligned16(a.k_cache) &&
@@ -259,7 +262,7 @@ bool ArgsOk(const LatentAttentionArgs& a) {
          (a.kv_quant == KvQuant::kNone ||
           (KvqSideReadable(a.kv_quant, a.k_q, a.block_size) && KvqSideReadable(a.kv_quant, a.v_q, a.block_size)));
 }
-}  // namespace
+}  // namespace latent_internal
 
 bool LatentShapeSupported(int num_heads, int num_kv_heads, int head_dim, int k_rank, int v_rank) {
   if (head_dim != kD || num_kv_heads <= 0 || num_heads <= 0 || num_heads % num_kv_heads != 0) return false;

@@ -162,14 +162,16 @@ struct TileLoader {
 };
 
 // RoPE (rotate_half) on one half h of a 16-token key tile's reconstruction accumulators: acc[j]
-// (j < 4) holds n-tile 4h + j (columns 8(4h + j) + 2t + {0, 1}, tokens base + g and base + g + 8),
-// acc[j + 4] its partner 64 columns on. The angle is float(position) * inv_freq (AngleSinCos).
-// FR: token g + 8's angle is token g's rotated on by 8 * inv_freq (Setup's rope8 table) instead
-// of its own reduction and SFU pair: half the sin/cos work; the angle is then float(p) * f + 8 f,
-// not float(p + 8) * f: at most ~1 ulp of the angle apart (2e-3 rad at position 32k for f = 1,
-// below a bf16 key's rounding), well inside the parity tolerance.
+// (j < 4) holds n-tile 4h + j (columns 8(4h + j) + 2t + {0, 1}, tile rows g and g + 8, whose keys
+// sit at positions pos0 and pos1), acc[j + 4] its partner 64 columns on. The angle is
+// float(position) * inv_freq (AngleSinCos).
+// FR (pos1 == pos0 + 8, consecutive tokens; pos1 unused): row g + 8's angle is row g's rotated on
+// by 8 * inv_freq (Setup's rope8 table) instead of its own reduction and SFU pair: half the
+// sin/cos work; the angle is then float(p) * f + 8 f, not float(p + 8) * f: at most ~1 ulp of the
+// angle apart (2e-3 rad at position 32k for f = 1, below a bf16 key's rounding), well inside the
+// parity tolerance.
 template <bool FR>
-__device__ __forceinline__ void RotateKeyHalf(float (&acc)[8][4], const Smem& sm, int h, int base, int g, int t) {
+__device__ __forceinline__ void RotateKeyHalf(float (&acc)[8][4], const Smem& sm, int h, int pos0, int pos1, int t) {
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     const float2 f = *reinterpret_cast<const float2*>(sm.inv_freq + 8 * (4 * h + j) + 2 * t);
@@ -181,7 +183,7 @@ __device__ __forceinline__ void RotateKeyHalf(float (&acc)[8][4], const Smem& sm
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         if (!FR || r == 0) {
-          AngleSinCos(__fmul_rn(static_cast<float>(base + g + 8 * r), e == 0 ? f.x : f.y), &sn, &cs);
+          AngleSinCos(__fmul_rn(static_cast<float>(r == 0 ? pos0 : pos1), e == 0 ? f.x : f.y), &sn, &cs);
         } else {
           const float c8 = e == 0 ? r8.x : r8.z, s8 = e == 0 ? r8.y : r8.w;
           const float c1 = fmaf(cs, c8, -sn * s8);
@@ -196,16 +198,36 @@ __device__ __forceinline__ void RotateKeyHalf(float (&acc)[8][4], const Smem& sm
   }
 }
 
+// Where CombineWarps puts an item's rows: `out` (it.partial < 0) or the item's fp32 partial slot
+// with its log-sum-exp (base 2, of scale * log2(e) x the scores), which the merge kernel reads.
+struct ItemOut {
+  const LatentAttentionArgs& a;
+  const Item& it;
+  float* partial_out;
+  float* partial_lse;
+  // Row r of the item (query token it.q_first + r / group), query head `head`, value column col.
+  __device__ __forceinline__ void operator()(int r, int head, int col, float value, float lse2) const {
+    const int rv = a.v_rank;
+    if (it.partial < 0) {
+      const int64_t row = a.query_start[it.seq] + it.q_first + r / (a.num_heads / a.num_kv_heads);
+      static_cast<__nv_bfloat16*>(a.out)[row * a.out_ld + head * rv + col] = __float2bfloat16_rn(value);
+    } else {
+      partial_out[static_cast<int64_t>(it.partial) * a.num_heads * rv + head * rv + col] = value;
+      if (col == 0) partial_lse[static_cast<int64_t>(it.partial) * a.num_heads + head] = lse2;
+    }
+  }
+};
+
 // After each warp left its fp32 (m[16], l[16], O[16][ldo]) in its region (and a block barrier):
-// rows [0, rows) combined over the warps, written to out or to the item's partial slot. Ends
-// with a block barrier (regions are reused by the next item).
-__device__ __forceinline__ void CombineWarps(const LatentAttentionArgs& a, const Layout& L, const Smem& sm, const Item& it, int rows,
-                             float* partial_out, float* partial_lse) {
+// rows [0, rows) combined over the warps, handed to `out` (ItemOut, or the KV policy's writer:
+// out(r, head, col, O / l, log2-sum-exp)). Ends with a block barrier (regions are reused by the
+// next item).
+template <typename Out>
+__device__ __forceinline__ void CombineWarps(const LatentAttentionArgs& a, const Layout& L, const Smem& sm, int rows,
+                                             const Out& out) {
   const int kvh = blockIdx.y;
   const int group = a.num_heads / a.num_kv_heads;
   const int rv = a.v_rank;
-  const int row0 = a.query_start[it.seq];
-  const int width = a.num_heads * rv;
   for (int idx = threadIdx.x; idx < rows * rv; idx += kThreads) {
     const int r = idx / rv, col = idx % rv;
     float mx = -INFINITY;
@@ -219,14 +241,7 @@ __device__ __forceinline__ void CombineWarps(const LatentAttentionArgs& a, const
       sum = fmaf(ws[kLatentRows + r], wgt, sum);
       acc = fmaf(ws[2 * kLatentRows + r * L.ldo + col], wgt, acc);
     }
-    const int head = kvh * group + r % group;
-    if (it.partial < 0) {
-      const int64_t row = row0 + it.q_first + r / group;
-      static_cast<__nv_bfloat16*>(a.out)[row * a.out_ld + head * rv + col] = __float2bfloat16_rn(acc / sum);
-    } else {
-      partial_out[static_cast<int64_t>(it.partial) * width + head * rv + col] = acc / sum;
-      if (col == 0) partial_lse[static_cast<int64_t>(it.partial) * a.num_heads + head] = mx + log2f(sum);
-    }
+    out(r, kvh * group + r % group, col, acc / sum, mx + log2f(sum));
   }
   __syncthreads();  // regions and Q are reused by the next item
 }
@@ -266,6 +281,10 @@ cudaError_t AllowSmem(Kernel kernel, bool* done) {
   if (e == cudaSuccess) *done = true;
   return e;
 }
+
+// Whether the kernels take `a`: a supported shape (LatentShapeSupported), aligned pointers and
+// strides, a readable quantized layout (attention_latent.cu).
+bool ArgsOk(const LatentAttentionArgs& a);
 
 // Decode of groups <= 8 (attention_latent_decode.cu): the launch of its kernel over the
 // schedule with LaunchLatentDecode's grid; the merge kernel is launched by the caller.

@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <tuple>
 
 #include "kernels/kv_policy_device.cuh"
 
@@ -588,11 +589,18 @@ __global__ void __launch_bounds__(kCompactThreads, 1) CompactKernel(KvPolicyComp
   uint8_t* state = seq.state + base;
   int32_t* slot = seq.slot + base;
   int32_t* pos = seq.pos + base;
-  const CacheSide kc = MakeSide(a.k_layers[layer], a.layout, false, a.kv_stride, D);
-  const CacheSide vc = MakeSide(a.v_layers[layer], a.layout, true, a.kv_stride, D);
+  CacheSide kc = MakeSide(a.k_layers[layer], a.layout, false, a.kv_stride, D);
+  CacheSide vc = MakeSide(a.v_layers[layer], a.layout, true, a.kv_stride, D);
+  if (a.sides != nullptr) {  // this layer's own widths (a LoRC latent layer: r_k / r_v)
+    const KvPolicyLayerSides& ls = a.sides[layer];
+    kc.q = ls.k_q, kc.row = ls.k_stride, kc.head_dim = ls.k_dim;
+    vc.q = ls.v_q, vc.row = ls.v_stride, vc.head_dim = ls.v_dim;
+  }
   const int key = threadIdx.x / kCompactParts, part = threadIdx.x % kCompactParts;
-  // An entry's words and (part 0) scales per side: K and V heads are both D wide.
-  const int words = kc.RegionBytes() / 8, scales = part == 0 ? kc.NumScales() : 0;
+  // An entry's region moves as 8-byte words where both sides' regions are whole words (every
+  // full-KV layout), else as 4-byte ones (int4 latents of r % 16 == 8); (part 0) its scales.
+  const bool wide = kc.RegionBytes() % 8 == 0 && vc.RegionBytes() % 8 == 0;
+  const int word_bytes = wide ? 8 : 4;
   __shared__ uint2 sm_words[kCompactChunk][2][kMoveWords];  // the chunk's moving entries, K then V
   __shared__ uint16_t sm_scales[kCompactChunk][2][kMoveScales];
   __shared__ int sm_rank[kCompactChunk];  // a position's rank among the chunk's kept keys, or -1
@@ -626,8 +634,14 @@ __global__ void __launch_bounds__(kCompactThreads, 1) CompactKernel(KvPolicyComp
         dst = CacheSlot(a.block_table, s_new, a.block_size);
         for (int side = 0; side < 2; ++side) {
           const CacheSide c = side == 0 ? kc : vc;
-          const uint2* from = reinterpret_cast<const uint2*>(c.Region(src, head));
-          for (int w = part; w < words; w += kCompactParts) sm_words[key][side][w] = from[w];
+          const int words = c.RegionBytes() / word_bytes, scales = part == 0 ? c.NumScales() : 0;
+          const uint8_t* from = c.Region(src, head);
+          if (wide) {
+            for (int w = part; w < words; w += kCompactParts) sm_words[key][side][w] = reinterpret_cast<const uint2*>(from)[w];
+          } else {
+            uint32_t* to = reinterpret_cast<uint32_t*>(sm_words[key][side]);
+            for (int w = part; w < words; w += kCompactParts) to[w] = reinterpret_cast<const uint32_t*>(from)[w];
+          }
           const uint16_t* from_scales = scales > 0 ? c.Scales(src, head) : nullptr;
           for (int i = 0; i < scales; ++i) sm_scales[key][side][i] = from_scales[i];
         }
@@ -637,8 +651,14 @@ __global__ void __launch_bounds__(kCompactThreads, 1) CompactKernel(KvPolicyComp
     if (dst >= 0) {
       for (int side = 0; side < 2; ++side) {
         const CacheSide c = side == 0 ? kc : vc;
-        uint2* to = reinterpret_cast<uint2*>(c.Region(dst, head));
-        for (int w = part; w < words; w += kCompactParts) to[w] = sm_words[key][side][w];
+        const int words = c.RegionBytes() / word_bytes, scales = part == 0 ? c.NumScales() : 0;
+        uint8_t* to = c.Region(dst, head);
+        if (wide) {
+          for (int w = part; w < words; w += kCompactParts) reinterpret_cast<uint2*>(to)[w] = sm_words[key][side][w];
+        } else {
+          const uint32_t* from = reinterpret_cast<const uint32_t*>(sm_words[key][side]);
+          for (int w = part; w < words; w += kCompactParts) reinterpret_cast<uint32_t*>(to)[w] = from[w];
+        }
         uint16_t* to_scales = scales > 0 ? c.Scales(dst, head) : nullptr;
         for (int i = 0; i < scales; ++i) to_scales[i] = sm_scales[key][side][i];
       }
@@ -666,14 +686,14 @@ __global__ void __launch_bounds__(kCompactThreads, 1) CompactKernel(KvPolicyComp
 // Whether a quantized layout is one the kernels address (kv_policy.cuh KvPolicyCacheLayout): both
 // sides exactly MakeKvqSide's for this block size, KV heads and head_dim, and readable (bf16:
 // nothing to check here).
+bool SideIs(const KvqSide& s, const KvqSide& want) {
+  return s.code_row == want.code_row && s.scale_row == want.scale_row && s.head_code == want.head_code &&
+         s.head_scales == want.head_scales && s.block_size == want.block_size;
+}
 bool LayoutReadable(const KvPolicyCacheLayout& l, int32_t block_size, int32_t num_kv_heads, int32_t head_dim) {
   if (l.kv_quant == KvQuant::kNone) return true;
   const KvqSide want = MakeKvqSide(l.kv_quant, block_size, num_kv_heads, head_dim);
-  auto same = [&](const KvqSide& s) {
-    return s.code_row == want.code_row && s.scale_row == want.scale_row && s.head_code == want.head_code &&
-           s.head_scales == want.head_scales && s.block_size == want.block_size;
-  };
-  return same(l.k_q) && same(l.v_q) && KvqSideReadable(l.kv_quant, l.k_q, block_size);
+  return SideIs(l.k_q, want) && SideIs(l.v_q, want) && KvqSideReadable(l.kv_quant, l.k_q, block_size);
 }
 
 }  // namespace
@@ -707,11 +727,30 @@ cudaError_t LaunchKvPolicyExtend(const KvPolicySeq* seqs, int num_seqs, int num_
 
 cudaError_t LaunchKvPolicyCompact(const KvPolicyCompactArgs& a, cudaStream_t stream) {
   if (a.seq == nullptr || a.k_layers == nullptr || a.v_layers == nullptr || a.block_table == nullptr ||
-      a.num_layers < 1 || a.num_kv_heads < 1 || a.block_size < 1 || a.from < 0 ||
-      (a.layout.kv_quant == KvQuant::kNone && a.kv_stride % 8 != 0) ||
-      !LayoutReadable(a.layout, a.block_size, a.num_kv_heads, a.head_dim) ||
-      a.old_slots < a.from || a.layer0 < 0 ||
+      a.num_layers < 1 || a.num_kv_heads < 1 || a.block_size < 1 || a.from < 0 || a.old_slots < a.from ||
+      a.layer0 < 0 ||
       (a.low_bits != 0 && ((a.low_bits != 2 && a.low_bits != 4) || a.stage == nullptr || a.stage_head_bytes < 0))) {
+    return cudaErrorInvalidValue;
+  }
+  if (a.sides != nullptr) {  // CORM over per-layer widths: every side one the kernel moves
+    if (a.host_sides == nullptr || a.low_bits != 0) return cudaErrorInvalidValue;
+    for (int l = a.layer0; l < a.layer0 + a.num_layers; ++l) {
+      const KvPolicyLayerSides& ls = a.host_sides[l];
+      for (const auto& [dim, stride, q] :
+           {std::tuple{ls.k_dim, ls.k_stride, ls.k_q}, std::tuple{ls.v_dim, ls.v_stride, ls.v_q}}) {
+        const bool ok = dim >= 8 && dim <= 128 && dim % 8 == 0 &&
+                        (a.layout.kv_quant == KvQuant::kNone
+                             ? stride % 8 == 0 && stride >= int64_t{dim} * a.num_kv_heads
+                             : SideIs(q, MakeKvqSide(a.layout.kv_quant, a.block_size, a.num_kv_heads, dim)) &&
+                                   KvqSideReadable(a.layout.kv_quant, q, a.block_size));
+        if (!ok) return cudaErrorInvalidValue;
+      }
+    }
+    CompactKernel<128><<<dim3(a.num_layers * a.num_kv_heads), kCompactThreads, 0, stream>>>(a);
+    return cudaGetLastError();
+  }
+  if ((a.layout.kv_quant == KvQuant::kNone && a.kv_stride % 8 != 0) ||
+      !LayoutReadable(a.layout, a.block_size, a.num_kv_heads, a.head_dim)) {
     return cudaErrorInvalidValue;
   }
   const dim3 grid(a.num_layers * a.num_kv_heads);

@@ -23,6 +23,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "kernels/attention_latent.cuh"
 #include "kernels/kv_quant.h"
 
 namespace lorc::kernels {
@@ -172,6 +173,30 @@ size_t KvPolicyDecodeScratchBytes(int num_seqs, int num_heads, int num_kv_heads,
 // quantized layout KvqSideReadable refuses.
 cudaError_t LaunchKvPolicyDecode(const KvPolicyDecodeArgs& args, cudaStream_t stream);
 
+// CORM over a LoRC latent layer (kernels/attention_latent.cuh; the CPU reference
+// backend/cpu_latent_attention.cc LatentAttention under a KvPolicyAttention): the decode above's
+// walk, t and importance rule over a cache of latents. Per chunk of kKvPolicyChunk walk indices, KV
+// head and entry, the chunk's full keys are listed (slot -> pos -> state) with their positions,
+// then the latent decode's tiles run over the list (attention_latent_decode_item.cuh DecodeItemT:
+// keys reconstructed from C_K on the tensor cores and rotated at each key's own position, S and
+// P C_V on mma.sync), the scores saved for the importance pass; the importance and the reduce are
+// the tensor-core policy decode's. Output r_v columns per query head (o_proj holds B_V). CORM only
+// (low_bits 0: MiKV's low entries are not read here).
+struct KvPolicyLatentDecodeArgs {
+  // The layer: q, out (rows by the entries' q_row), k_up, caches (bf16 or quantized), ranks,
+  // inv_freq, block tables (rows by table_row), scale; query_start and seq_lens are not read.
+  LatentAttentionArgs latent;
+  const KvPolicySeq* seqs = nullptr;  // [num_seqs] entries, device
+  int32_t layer = 0, num_seqs = 0;
+  int32_t max_seq_len = 0;  // host: the longest walk, seq_len - slot_offset
+  bool record_hits = true;
+  // KvPolicyDecodeScratchBytes(num_seqs, num_heads, num_kv_heads, head_dim = 128, max_seq_len).
+  void* scratch = nullptr;
+};
+// cudaErrorInvalidValue for what the latent kernels do not take (LatentShapeSupported, alignment,
+// a quantized layout they cannot read), a group above 8, no scratch or entries.
+cudaError_t LaunchKvPolicyLatentDecode(const KvPolicyLatentDecodeArgs& args, cudaStream_t stream);
+
 // Positions [extend_from, seq_len) of every sequence become kFull with last_hit = the position
 // and slot = position - slot_offset (pos[slot] = position), in every (layer, head) (kvpolicy
 // SequenceKvPolicy::Extend).
@@ -237,6 +262,16 @@ cudaError_t LaunchKvPolicyObserveQueries(const KvPolicySeq* seqs, int num_seqs, 
 // new run right after the head's full run (low_base, num_packed; those keys become
 // kKvPolicyLowPacked). The run's order differs from the CPU's (old entries first, not merged by
 // position); no reader depends on it (entries are read by index, never by position).
+// One layer's cache sides as a compaction of per-layer widths addresses them (a LoRC model: each
+// latent layer's r_k / r_v per KV head, full-KV layers head_dim): values per KV head of a slot,
+// bf16 elements per slot (kv_quant kNone), or the quantized geometry, MakeKvqSide(kv_quant,
+// block_size, num_kv_heads, dim) of each side.
+struct KvPolicyLayerSides {
+  int32_t k_dim = 0, v_dim = 0;
+  int64_t k_stride = 0, v_stride = 0;
+  KvqSide k_q, v_q;
+};
+
 struct KvPolicyCompactArgs {
   const KvPolicySeq* seq = nullptr;  // device: state, slot, capacity, seq_len
   // Per layer, device arrays of the layer's K and V cache (bf16, slot c of KV head g at c *
@@ -256,9 +291,16 @@ struct KvPolicyCompactArgs {
   int32_t low_bits = 0;
   uint8_t* stage = nullptr;
   int64_t stage_head_bytes = 0;
+  // CORM over layers of their own widths (low_bits 0): per layer of k_layers, its sides (device;
+  // `host_sides` the same array on the host, checked by the launcher), used instead of kv_stride,
+  // head_dim and layout's geometry (layout.kv_quant still names the cache's kind). Widths are
+  // multiples of 8 up to 128; an int4 region of 4 bytes modulo 8 moves in 4-byte words.
+  const KvPolicyLayerSides* sides = nullptr;
+  const KvPolicyLayerSides* host_sides = nullptr;
 };
-// cudaErrorInvalidValue for head_dim other than 64 / 128, missing pointers, old_slots < from,
-// low_bits without its arrays and staging, or a quantized layout KvqSideReadable refuses.
+// cudaErrorInvalidValue for head_dim other than 64 / 128 (without sides), missing pointers,
+// old_slots < from, low_bits without its arrays and staging (or with sides), or a quantized
+// layout KvqSideReadable refuses.
 cudaError_t LaunchKvPolicyCompact(const KvPolicyCompactArgs& args, cudaStream_t stream);
 
 }  // namespace lorc::kernels

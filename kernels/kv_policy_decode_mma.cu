@@ -678,12 +678,13 @@ __global__ void __launch_bounds__(kThreads) ImportanceKernel(KvPolicyDecodeArgs 
   }
 }
 
-// (3) Grid (num_heads, num_seqs), D threads.
+// (3) Grid (num_heads, num_seqs), D threads; `width` (<= D) columns per head in out (D, or a
+// LoRC latent layer's v_rank: kv_policy_latent.cu).
 template <int D>
-__global__ void __launch_bounds__(D) ReduceKernel(KvPolicyDecodeArgs a, Scratch sc) {
+__global__ void __launch_bounds__(D) ReduceKernel(KvPolicyDecodeArgs a, Scratch sc, int width) {
   const int h = blockIdx.x, s = blockIdx.y, d = threadIdx.x;
   const KvPolicySeq& seq = a.seqs[s];
-  if (seq.no_out) return;
+  if (seq.no_out || d >= width) return;
   const int chunks = (WalkLength(seq, a.low_bits) + kKvPolicyChunk - 1) / kKvPolicyChunk;
   const float* ml = sc.chunk_ml + (static_cast<size_t>(s) * a.num_heads + h) * sc.max_chunks * 2;
   const float* partial = sc.partial + static_cast<size_t>(s) * sc.max_chunks * a.num_heads * D +
@@ -697,7 +698,7 @@ __global__ void __launch_bounds__(D) ReduceKernel(KvPolicyDecodeArgs a, Scratch 
     sum = fmaf(ml[2 * i + 1], w, sum);
     out = fmaf(partial[static_cast<size_t>(i) * a.num_heads * D], w, out);
   }
-  a.out[QRow(seq, s) * a.out_stride + static_cast<int64_t>(h) * D + d] = __float2bfloat16(sum > 0.f ? out / sum : 0.f);
+  a.out[QRow(seq, s) * a.out_stride + static_cast<int64_t>(h) * width + d] = __float2bfloat16(sum > 0.f ? out / sum : 0.f);
 }
 
 template <int D, bool kLow, bool kQuant = false>
@@ -713,12 +714,21 @@ cudaError_t Launch(const KvPolicyDecodeArgs& a, const Scratch& sc, cudaStream_t 
   }
   const dim3 grid(sc.max_chunks, a.num_kv_heads, a.num_seqs);
   PolicyMmaKernel<D, kLow, kQuant><<<grid, kThreads, smem, stream>>>(a, sc);
-  if (a.record_hits) ImportanceKernel<<<grid, kThreads, 0, stream>>>(a, sc);
-  ReduceKernel<D><<<dim3(a.num_heads, a.num_seqs), D, 0, stream>>>(a, sc);
-  return cudaGetLastError();
+  return LaunchImportanceAndReduce(a, sc, D, stream);
 }
 
 }  // namespace
+
+cudaError_t LaunchImportanceAndReduce(const KvPolicyDecodeArgs& a, const Scratch& sc, int out_width,
+                                      cudaStream_t stream) {
+  if (a.record_hits) ImportanceKernel<<<dim3(sc.max_chunks, a.num_kv_heads, a.num_seqs), kThreads, 0, stream>>>(a, sc);
+  if (a.head_dim == 128) {
+    ReduceKernel<128><<<dim3(a.num_heads, a.num_seqs), 128, 0, stream>>>(a, sc, out_width);
+  } else {
+    ReduceKernel<64><<<dim3(a.num_heads, a.num_seqs), 64, 0, stream>>>(a, sc, out_width);
+  }
+  return cudaGetLastError();
+}
 
 bool KvPolicyDecodeMmaApplies(const KvPolicyDecodeArgs& a) {
   static const bool enabled = TensorCoreKernelsEnabled("LORC_KV_POLICY_MMA");

@@ -283,5 +283,12 @@ __device__ __forceinline__ void SequenceSoftmax(const Scratch& sc, int s, int kv
 // 16-byte aligned), and its launch (the arguments already checked by LaunchKvPolicyDecode).
 bool KvPolicyDecodeMmaApplies(const KvPolicyDecodeArgs& a);
 cudaError_t LaunchKvPolicyDecodeMma(const KvPolicyDecodeArgs& a, cudaStream_t stream);
+// The tensor-core decodes' passes after the chunks' (kv_policy_decode_mma.cu; the LoRC latent
+// decode, kv_policy_latent.cu, shares them): with a.record_hits the importance of every chunk's
+// full keys from the scores in `sc`, then the reduce of the chunks' partials into a.out, out_width
+// (<= a.head_dim, 64 or 128: the partials' stride) columns per query head. Reads a.seqs,
+// num_seqs, layer, num_heads, num_kv_heads, head_dim, max_seq_len, low_bits, out, out_stride.
+cudaError_t LaunchImportanceAndReduce(const KvPolicyDecodeArgs& a, const Scratch& sc, int out_width,
+                                      cudaStream_t stream);
 
 }  // namespace lorc::kernels::kvp

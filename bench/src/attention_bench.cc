@@ -28,8 +28,12 @@
 // margin). Table, then one JSON line. With --kv-cache-dtype fp8|int8|int4 as well: the same over
 // a cache of that dtype (paged and policy decode reading codes and scales; MiKV's columns run the
 // CUDA-core kernels on either row: MiKV over a quantized cache has no tensor-core kernel).
-// Usage: build/bin/attention_bench [--kv-cache-dtype D] [--prefill | --kv-policy] (needs a CUDA
-// device).
+// --kv-policy --lorc: CORM over LoRC latents of ranks 64/64 (kernels/kv_policy.cuh
+// LaunchKvPolicyLatentDecode) at the same contexts and batches: the paged latent decode, then the
+// policy's with every key kept, 30 % kept, 30 % compacted and 30 % without recording importance,
+// each with its DRAM floor (the latents read, scales included, at kFloorGBs).
+// Usage: build/bin/attention_bench [--kv-cache-dtype D] [--prefill | --kv-policy [--lorc]] (needs
+// a CUDA device).
 #include <algorithm>
 #include <cstdio>
 #include <cmath>
@@ -310,6 +314,120 @@ double RunPolicy(Backend& be, bool cuda_cores, int batch, int ctx, double kept, 
   });
 }
 
+// --kv-policy --lorc: one layer's CORM decode over LoRC latents of ranks `rank` / `rank` (the
+// tensor-core latent policy kernel), `batch` sequences of `ctx` keys, a fraction `kept` kFull as
+// RunPolicy's; cycles over layer caches as Run does.
+double RunLatentPolicy(Backend& be, int batch, int ctx, double kept, bool record_hits, int rank, KvQuant quant) {
+  const int blocks_per_seq = (ctx + kBlock - 1) / kBlock;
+  const int64_t width = kHeads * kDim;
+  const int64_t layer_bytes = int64_t{batch} * blocks_per_seq * kBlock * SideBytesPerToken(quant, rank);
+  const int layers = static_cast<int>(std::clamp<int64_t>(kCycleBytes / layer_bytes, 1, 16));
+  DeviceBuffer k = Filled(be, layer_bytes * layers, 0x3c), v = Filled(be, layer_bytes * layers, 0x3c);
+  DeviceBuffer q = Filled(be, int64_t{batch} * width * 2, 0x3c), out = Filled(be, int64_t{batch} * kHeads * rank * 2, 0);
+  DeviceBuffer k_up = Filled(be, int64_t{kKvHeads} * kDim * rank * 2, 0x3c);
+  std::vector<float> inv_freq(kDim / 2);
+  for (int i = 0; i < kDim / 2; ++i) inv_freq[i] = static_cast<float>(std::pow(500000.0, -2.0 * i / kDim));
+  DeviceBuffer freq = Put(be, inv_freq);
+  std::vector<int32_t> tables(int64_t{batch} * blocks_per_seq);
+  for (size_t i = 0; i < tables.size(); ++i) tables[i] = static_cast<int32_t>(i);
+  DeviceBuffer dtables = Put(be, tables);
+  const size_t per_seq = static_cast<size_t>(layers) * kKvHeads * ctx;
+  std::vector<uint8_t> state(per_seq * batch);
+  std::vector<int32_t> slot(per_seq * batch);
+  std::mt19937 rng(1);
+  std::uniform_real_distribution<double> u(0.0, 1.0);
+  for (size_t i = 0; i < state.size(); ++i) {
+    const int p = static_cast<int>(i % ctx);
+    state[i] = p < 4 || p >= ctx - 32 || u(rng) < kept ? kernels::kKvPolicyFull : kernels::kKvPolicyDead;
+    slot[i] = p;
+  }
+  DeviceBuffer dstate = Put(be, state), dslot = Put(be, slot), dlast = Put(be, slot);
+  std::vector<kernels::KvPolicySeq> seqs(batch);
+  for (int s = 0; s < batch; ++s) {
+    seqs[s].state = dstate.as<uint8_t>() + s * per_seq;
+    seqs[s].slot = dslot.as<int32_t>() + s * per_seq;
+    seqs[s].pos = dslot.as<int32_t>() + s * per_seq;
+    seqs[s].last_hit = dlast.as<int32_t>() + s * per_seq;
+    seqs[s].capacity = ctx;
+    seqs[s].seq_len = ctx;
+  }
+  DeviceBuffer dseqs = Put(be, seqs);
+  auto scratch = be.Allocate(kernels::KvPolicyDecodeScratchBytes(batch, kHeads, kKvHeads, kDim, ctx));
+  CHECK(scratch.ok()) << scratch.status();
+  kernels::KvPolicyLatentDecodeArgs a;
+  kernels::LatentAttentionArgs& l = a.latent;
+  l.q = q.data();
+  l.q_ld = width;
+  l.out = out.data();
+  l.out_ld = int64_t{kHeads} * rank;
+  l.k_up = k_up.data();
+  l.k_up_ld = rank;
+  l.k_ld = l.v_ld = int64_t{kKvHeads} * rank;
+  l.num_heads = kHeads;
+  l.num_kv_heads = kKvHeads;
+  l.head_dim = kDim;
+  l.k_rank = l.v_rank = rank;
+  l.scale = 0.08838834764f;
+  l.inv_freq = freq.as<float>();
+  l.block_tables = dtables.as<int32_t>();
+  l.max_blocks_per_seq = blocks_per_seq;
+  l.block_size = kBlock;
+  if (quant != KvQuant::kNone) {
+    l.kv_quant = quant;
+    l.k_q = l.v_q = kernels::MakeKvqSide(quant, kBlock, kKvHeads, rank);
+  }
+  a.seqs = dseqs.as<kernels::KvPolicySeq>();
+  a.num_seqs = batch;
+  a.max_seq_len = ctx;
+  a.record_hits = record_hits;
+  a.scratch = scratch->data();
+  const auto stream = static_cast<cudaStream_t>(be.stream_handle());
+  return TimeUs(be, [&](int i) {
+    const int64_t off = (i % layers) * layer_bytes;
+    l.k_cache = k.as<char>() + off;
+    l.v_cache = v.as<char>() + off;
+    a.layer = i % layers;
+    CHECK_EQ(kernels::LaunchKvPolicyLatentDecode(a, stream), cudaSuccess);
+  });
+}
+
+int LatentPolicyTable(Backend& be, KvQuant quant, const char* dtype) {
+  constexpr int kRank = 64;
+  std::printf("%s\nCORM over LoRC latents (ranks %d/%d), Llama-3-8B attention (32 q / 8 kv heads x 128, block_size "
+              "16), %s cache, per layer; floor = latent bytes read / %.0f GB/s\n",
+              be.Describe().c_str(), kRank, kRank, dtype, kFloorGBs);
+  std::printf("  batch x ctx  latent paged us  floor us  policy all us  policy 30%% us  30%% compacted us  floor us  "
+              "30%% no-hits us\n");
+  std::string json = "{\"bench\":\"attention_kv_policy_latent\",\"device\":\"" + be.Describe() +
+                     "\",\"kv_cache_dtype\":\"" + dtype + "\",\"rank\":64,\"kept\":0.3,\"cases\":[";
+  bool first = true;
+  for (const int ctx : {16384, 32768}) {
+    for (const int batch : {1, 8, 64}) {
+      const int kept = static_cast<int>(0.3 * ctx);
+      const double paged = Run(be, batch, ctx, 1, true, kRank, quant);
+      const double all = RunLatentPolicy(be, batch, ctx, 1.0, true, kRank, quant);
+      const double part = RunLatentPolicy(be, batch, ctx, 0.3, true, kRank, quant);
+      const double compacted = RunLatentPolicy(be, batch, kept, 1.0, true, kRank, quant);
+      const double nohits = RunLatentPolicy(be, batch, ctx, 0.3, false, kRank, quant);
+      auto floor_us = [&](int keys) {
+        return 2.0 * batch * keys * SideBytesPerToken(quant, kRank) / (kFloorGBs * 1e3);
+      };
+      std::printf("  %3d x %5d  %15.2f  %8.2f  %13.2f  %13.2f  %16.2f  %8.2f  %14.2f\n", batch, ctx, paged,
+                  floor_us(ctx), all, part, compacted, floor_us(kept), nohits);
+      char buf[400];
+      std::snprintf(buf, sizeof(buf),
+                    "%s{\"batch\":%d,\"ctx\":%d,\"latent_paged_us\":%.2f,\"paged_floor_us\":%.2f,"
+                    "\"policy_all_us\":%.2f,\"policy_30_us\":%.2f,\"policy_30_compacted_us\":%.2f,"
+                    "\"compacted_floor_us\":%.2f,\"policy_30_no_hits_us\":%.2f}",
+                    first ? "" : ",", batch, ctx, paged, floor_us(ctx), all, part, compacted, floor_us(kept), nohits);
+      json += buf;
+      first = false;
+    }
+  }
+  std::printf("%s]}\n", json.c_str());
+  return 0;
+}
+
 // --kv-policy: CORM's choice after one step over `num_layers` x 8 KV heads of `batch` sequences
 // of `ctx` keys at a 30 % budget (window and recent 32, sinks 4), each call preceded by
 // re-marking the last 64 positions kFull (KvPolicyExtend), so that every (layer, head) is over
@@ -413,19 +531,21 @@ int PolicyTable(Backend& be, KvQuant quant) {
 
 int Main(int argc, char** argv) {
   std::string dtype;
-  bool prefill_only = false, policy = false;
+  bool prefill_only = false, policy = false, lorc = false;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     if (arg == "--prefill") {
       prefill_only = true;
     } else if (arg == "--kv-policy") {
       policy = true;
+    } else if (arg == "--lorc") {
+      lorc = true;
     } else if (arg == "--kv-cache-dtype" && i + 1 < argc) {
       dtype = argv[++i];
     } else if (arg.rfind("--kv-cache-dtype=", 0) == 0) {
       dtype = arg.substr(17);
     } else {
-      std::fprintf(stderr, "attention_bench: unknown argument %s (usage: [--kv-cache-dtype bf16|fp8|int8|int4] [--prefill] [--kv-policy])\n",
+      std::fprintf(stderr, "attention_bench: unknown argument %s (usage: [--kv-cache-dtype bf16|fp8|int8|int4] [--prefill] [--kv-policy [--lorc]])\n",
                    arg.c_str());
       return 2;
     }
@@ -442,6 +562,10 @@ int Main(int argc, char** argv) {
                  dtype.c_str());
     return 2;
   }
+  if (lorc && !policy) {
+    std::fprintf(stderr, "attention_bench: --lorc needs --kv-policy\n");
+    return 2;
+  }
   auto made = CreatePartialCudaBackend(BackendOptions{BackendKind::kCuda});
   if (!made.ok()) {
     std::fprintf(stderr, "%s\n", std::string(made.status().message()).c_str());
@@ -449,6 +573,7 @@ int Main(int argc, char** argv) {
   }
   Backend& be = **made;
   if (prefill_only) return PrefillTable(be);
+  if (policy && lorc) return LatentPolicyTable(be, quant, dtype.empty() || dtype == "auto" ? "bf16" : dtype.c_str());
   if (policy) return PolicyTable(be, quant);
   if (!dtype.empty()) return DtypeTable(be, dtype == "auto" ? "bf16" : dtype, quant);
   std::printf("%s\nLlama-3-8B attention: %d q / %d kv heads, head_dim %d, block_size %d, bf16\n",

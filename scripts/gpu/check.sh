@@ -21,7 +21,10 @@
 #           attention_bench --kv-policy (the policy decode per layer, tensor-core and CUDA-core
 #           kernels, over bf16 and fp8 caches) and scripts/kvpolicy/capacity.sh on the 8B shape at
 #           16k and 32k tokens (full KV, CORM 30 %, MiKV int4 30 % at a fixed KV pool; and over an
-#           fp8 cache at 16k; docs/KV_POLICIES.md "On the GPU"); about 15 minutes on an H200
+#           fp8 cache at 16k; docs/KV_POLICIES.md "On the GPU"), CORM over LoRC latents
+#           (attention_bench --kv-policy --lorc, bf16 and fp8, and capacity.sh on
+#           bench/configs/llama3.1-8b-lorc50 at the same memory; "Over LoRC latents on the GPU");
+#           about 20 minutes on an H200
 #   lorc    not in the default phases: the LoRC quality sweep of scripts/lorc/configs.txt on the
 #           fixture (issue #9), every config on the GPU (`eval --backend cuda`, quantized KV dtypes
 #           fp8/int8/int4 included: the CUDA kernels read them); results packed into
@@ -260,6 +263,21 @@ phase_kvpolicy() {
     --concurrency 16 --prompt-len 16384 --max-tokens 512 > "$OUT/kvpolicy-capacity-fp8-16384.jsonl" \
     2> "$OUT/kvpolicy-capacity-fp8-16384.err" && [ "$(wc -l < "$OUT/kvpolicy-capacity-fp8-16384.jsonl")" -eq 3 ] &&
     note "kvpolicy capacity fp8 16384: done" || { note "kvpolicy capacity fp8 16384: FAILED"; fails=$((fails + 1)); }
+  # CORM over LoRC latents (ranks 64/64): per layer, then served at the memory of 4,160 bf16 blocks
+  # (8,320 bf16 latent blocks, 16,136 fp8; docs/KV_POLICIES.md "Over LoRC latents on the GPU").
+  local dt lblocks
+  for dt in bf16 fp8; do
+    CUDA_VISIBLE_DEVICES=0 timeout 400 "$B/attention_bench" --kv-policy --lorc --kv-cache-dtype "$dt" \
+      > "$OUT/kvpolicy-attention-lorc-$dt.txt" 2>&1 &&
+      note "kvpolicy attention_bench lorc $dt: done" || { note "kvpolicy attention_bench lorc $dt: FAILED"; fails=$((fails + 1)); }
+    if [ "$dt" = bf16 ]; then lblocks=8320; else lblocks=16136; fi
+    CUDA_VISIBLE_DEVICES=0 timeout 900 bash scripts/kvpolicy/capacity.sh --lorcserve "$L" \
+      --model bench/configs/llama3.1-8b-lorc50 --extra "--backend cuda --random-weights --kv-cache-dtype $dt" \
+      --policies "full corm-30" --start-wait 200 --num-blocks "$lblocks" --requests 16 \
+      --concurrency 16 --prompt-len 16384 --max-tokens 512 > "$OUT/kvpolicy-capacity-lorc-$dt-16384.jsonl" \
+      2> "$OUT/kvpolicy-capacity-lorc-$dt-16384.err" && [ "$(wc -l < "$OUT/kvpolicy-capacity-lorc-$dt-16384.jsonl")" -eq 2 ] &&
+      note "kvpolicy capacity lorc $dt 16384: done" || { note "kvpolicy capacity lorc $dt 16384: FAILED"; fails=$((fails + 1)); }
+  done
   local ctx blocks n
   for ctx in 16384 32768; do
     if [ "$ctx" = 16384 ]; then blocks=4160 n=12; else blocks=8448 n=8; fi

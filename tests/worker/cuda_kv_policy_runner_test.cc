@@ -9,10 +9,13 @@
 //  - Compaction is exact on the device: two copies of one prompt, one compacted to the slots its
 //    report names, give the same tokens, and a compaction to fewer slots fails the step naming it.
 //  - Quantized caches (fp8 / int8 / int4) under CORM and MiKV follow the CPU over the same cache.
+//  - LoRC models (the fixture compressed in the test: progressive ranks 96..32, and uniform ranks
+//    24 / 40) under CORM, bf16 and quantized latent caches, follow the CPU's latent policy.
 //  - State memory (kvpolicy/state_memory.h): the runner takes the states' memory out of the KV
 //    budget and reports the positions it set aside; an engine held to them never has more
 //    positions allocated on the device, with a pool small enough that they bind.
 #include <algorithm>
+#include <filesystem>
 #include <iostream>
 #include <memory>
 #include <string>
@@ -20,6 +23,7 @@
 #include <vector>
 
 #include "backend/cuda_backend.h"
+#include "compress/compress.h"
 #include "coordinator/engine.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -114,12 +118,13 @@ EngineOptions PolicyEngineOptions(const ModelRunner& runner) {
   return eo;
 }
 
-PolicyRun RunGolden(BackendKind kind, const KvCacheOptions& kv) {
+PolicyRun RunGolden(BackendKind kind, const KvCacheOptions& kv,
+                    const std::string& model_dir = ::lorc::testing::TinyLlamaDir()) {
   PolicyRun run;
   auto backend = CreateBackend({kind});
   EXPECT_OK(backend);
   if (!backend.ok()) return run;
-  auto m = LoadModel({::lorc::testing::TinyLlamaDir()}, backend->get(), 0, 1, nullptr, kv);
+  auto m = LoadModel({model_dir}, backend->get(), 0, 1, nullptr, kv);
   EXPECT_OK(m);
   if (!m.ok()) return run;
   StepExecutor exec(m->runner.get());
@@ -449,6 +454,109 @@ INSTANTIATE_TEST_SUITE_P(Budgets, CudaKvPolicyCompactionTest,
                            return std::string(std::get<0>(i.param) > 0 ? "Budget30" : "BudgetFree") +
                                   (d == KvCacheDtype::kAuto ? std::string() : "_" + std::string(KvCacheDtypeName(d)));
                          });
+
+// CORM over LoRC latent layers (kernels/kv_policy_latent.cu, the compaction over per-layer
+// widths): the fixture compressed here (plain SVD, compress/compress.h) with progressive ranks at
+// half the KV bytes (96..32 per layer: both latent decode layouts, every layer its own widths), or
+// uniform ranks 24 / 40 (int4 latent regions of 12 and 20 bytes), served by the GPU against the
+// CPU's LatentAttention under the same policy, as the full-KV cases above.
+struct LorcPolicy {
+  const char* name;
+  bool progressive;
+  KvCacheDtype dtype;
+};
+class CudaKvPolicyLorcTest : public ::testing::TestWithParam<LorcPolicy> {};
+
+std::string CompressedFixture(bool progressive) {
+  const std::filesystem::path dir = std::filesystem::temp_directory_path() /
+                                    (progressive ? "lorc_policy_progressive" : "lorc_policy_uniform");
+  std::filesystem::remove_all(dir);
+  compress::CompressOptions o;
+  o.model_dir = ::lorc::testing::TinyLlamaDir();
+  o.out_dir = dir.string();
+  if (progressive) {
+    o.kv_ratio = 0.5;
+    o.schedule = "progressive";
+  } else {
+    o.ranks = compress::LayerRanks{24, 40};
+  }
+  const absl::StatusOr<compress::CompressResult> r = compress::Compress(o, nullptr);
+  EXPECT_OK(r);
+  return dir.string();
+}
+
+// Tokens request by request of `b` as `a`'s until the first difference, summed.
+size_t Followed(const PolicyRun& a, const PolicyRun& b) {
+  size_t n = 0;
+  for (size_t i = 0; i < a.tokens.size() && i < b.tokens.size(); ++i) {
+    size_t k = 0;
+    while (k < a.tokens[i].size() && k < b.tokens[i].size() && a.tokens[i][k] == b.tokens[i][k]) ++k;
+    n += k;
+  }
+  return n;
+}
+
+TEST_P(CudaKvPolicyLorcTest, CormOverLatentsFollowsTheCpuReference) {
+  REQUIRE_TINY_LLAMA();
+  if (!HaveCudaDevice()) GTEST_SKIP() << "no CUDA device";
+  const LorcPolicy& lp = GetParam();
+  const std::string dir = CompressedFixture(lp.progressive);
+  KvCacheOptions kv = PolicyCache(kvpolicy::KvPolicyPrefill::kAfterPrompt, 0.3);
+  kv.kv_cache_dtype = lp.dtype;
+  KvCacheOptions full = kv;
+  full.kv_policy = kvpolicy::KvPolicyConfig{};
+  const PolicyRun cpu = RunGolden(BackendKind::kCpu, kv, dir);
+  const PolicyRun gpu = RunGolden(BackendKind::kCuda, kv, dir);
+  const PolicyRun cpu_full = RunGolden(BackendKind::kCpu, full, dir);
+  const PolicyRun gpu_full = RunGolden(BackendKind::kCuda, full, dir);
+  ASSERT_EQ(gpu.tokens.size(), cpu.tokens.size());
+  ASSERT_EQ(gpu_full.tokens.size(), cpu.tokens.size());
+  ASSERT_FALSE(cpu.tokens.empty());
+  EXPECT_EQ(gpu.stats.tokens, cpu.stats.tokens);
+  PrintRuns("kept", cpu, gpu);
+  const double cpu_kept = KeptShare(cpu.stats), gpu_kept = KeptShare(gpu.stats);
+  EXPECT_GT(gpu.stats.entries.dead, 0);
+  EXPECT_LT(gpu_kept, 0.9);
+  EXPECT_NEAR(gpu_kept, cpu_kept, 0.05);
+  EXPECT_GT(gpu.compactions, 0);
+  EXPECT_GE(gpu.freed_blocks, gpu.compactions);
+  // The first token comes from the whole prompt (after-prompt: before any choice), so it is the
+  // GPU's own full-KV token. After it, a compressed model's bf16 tokens part from the CPU's f32
+  // ones even without a policy (ranks 24 / 40: near-tied logits; an int4 cache more so), so the
+  // policy's tokens are held to that baseline: they follow the CPU's at least a quarter as far as
+  // full KV's do (a policy reading wrong keys parts within a token or two everywhere).
+  for (size_t i = 0; i < gpu.tokens.size(); ++i) {
+    ASSERT_FALSE(gpu.tokens[i].empty());
+    EXPECT_EQ(gpu.tokens[i][0], gpu_full.tokens[i][0]) << "request " << i << ": the first token, from the whole prompt";
+  }
+  const size_t followed = Followed(cpu, gpu), baseline = Followed(cpu_full, gpu_full);
+  size_t total = 0;
+  for (const auto& t : cpu.tokens) total += t.size();
+  std::cout << lp.name << ": the policy's tokens follow the CPU's for " << followed << " of " << total
+            << "; full KV's for " << baseline << "\n";
+  EXPECT_GE(4 * followed, baseline) << "the GPU's policy tokens part from the CPU's early";
+  std::filesystem::remove_all(dir);
+}
+
+INSTANTIATE_TEST_SUITE_P(Models, CudaKvPolicyLorcTest,
+                         ::testing::Values(LorcPolicy{"ProgressiveBf16", true, KvCacheDtype::kAuto},
+                                           LorcPolicy{"ProgressiveFp8", true, KvCacheDtype::kFp8},
+                                           LorcPolicy{"UniformBf16", false, KvCacheDtype::kAuto},
+                                           LorcPolicy{"UniformInt4", false, KvCacheDtype::kInt4}),
+                         [](const ::testing::TestParamInfo<LorcPolicy>& i) { return std::string(i.param.name); });
+
+// MiKV over latents is refused on the GPU at load, naming the flags (the CPU runs it).
+TEST(CudaKvPolicyLorcRefusalTest, MikvOverLatentsIsRefusedNamingTheFlag) {
+  REQUIRE_TINY_LLAMA();
+  if (!HaveCudaDevice()) GTEST_SKIP() << "no CUDA device";
+  const std::string dir = CompressedFixture(false);
+  auto backend = CreateBackend({BackendKind::kCuda});
+  ASSERT_OK(backend);
+  const KvCacheOptions kv = PolicyCache(kvpolicy::KvPolicyPrefill::kAfterPrompt, 0.3, kvpolicy::KvPolicyKind::kMikv);
+  EXPECT_THAT(LoadModel({dir}, backend->get(), 0, 1, nullptr, kv).status(),
+              StatusIs(absl::StatusCode::kUnimplemented, HasSubstr("--kv-policy mikv with a LoRC (latent) model")));
+  std::filesystem::remove_all(dir);
+}
 
 // The states' memory comes out of the KV budget: the same budget holds fewer blocks with a policy,
 // and the runner reports the positions (kv_policy_max_positions) those blocks' states take.

@@ -7,11 +7,16 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <memory>
+#include <random>
 #include <vector>
 
 #include "backend/backend.h"
 #include "common/check.h"
 #include "kernels/kv_policy.cuh"
+#include "kernels/kv_quant.h"
+#include "kvpolicy/kv_policy_config.h"
+#include "kvpolicy/sequence_policy.h"
 #include "tests/backend/cuda_parity_fixture.h"
 
 namespace lorc::policy_test {
@@ -80,6 +85,112 @@ inline std::vector<T> GetAll(Backend& be, const DeviceBuffer& b) {
   CHECK_OK(be.CopyToHost(out.data(), b.data(), out.size() * sizeof(T)));
   CHECK_OK(be.Synchronize());
   return out;
+}
+
+// One side of a paged cache of `num_blocks` blocks, `kv_heads` heads of `width` values a slot:
+// `rows` ([slots][kv_heads * width] F32) quantized per token and head as the cache stores them
+// (kernels::KvqQuantizeToken), the bytes returned; `rows` become the values the codes dequantize to
+// (KvqDequantizeHead: what the CPU reference reads).
+inline std::vector<uint8_t> QuantizeSide(kernels::KvQuant quant, int block_size, int kv_heads, int width,
+                                         int num_blocks, std::vector<float>* rows) {
+  std::vector<uint8_t> bytes(static_cast<size_t>(num_blocks) * kernels::KvqBlockBytes(quant, block_size, kv_heads, width));
+  for (int64_t c = 0; c < int64_t{num_blocks} * block_size; ++c) {
+    float* row = rows->data() + c * kv_heads * width;
+    uint8_t* codes = kernels::KvqTokenCodes(bytes.data(), quant, block_size, kv_heads, width, c);
+    uint16_t* scales = kernels::KvqTokenScales(bytes.data(), quant, block_size, kv_heads, width, c);
+    kernels::KvqQuantizeToken(quant, row, kv_heads, width, codes, scales);
+    for (int g = 0; g < kv_heads; ++g) {
+      kernels::KvqDequantizeHead(quant, codes, scales, width, g, row + int64_t{g} * width);
+    }
+  }
+  return bytes;
+}
+
+// Bytes of head g's region of a slot (a bf16 row's `width` values, or its codes), where cache slot
+// cs's region starts in a side's bytes, and the head's whole entry there: its region, then
+// (quantized) its fp16 scales.
+inline int64_t HeadRegionBytes(kernels::KvQuant quant, int width) {
+  return quant == kernels::KvQuant::kNone ? 2 * width : kernels::KvqHeadCodeBytes(quant, width);
+}
+inline int64_t HeadRegionOffset(kernels::KvQuant quant, int block_size, int kv_heads, int width, int64_t cs, int g) {
+  if (quant == kernels::KvQuant::kNone) return (cs * kv_heads * width + int64_t{g} * width) * 2;
+  return cs / block_size * kernels::KvqBlockBytes(quant, block_size, kv_heads, width) +
+         cs % block_size * kernels::KvqCodeRowBytes(quant, kv_heads, width) + g * HeadRegionBytes(quant, width);
+}
+inline std::vector<uint8_t> HeadEntry(kernels::KvQuant quant, int block_size, int kv_heads, int width,
+                                      const std::vector<uint8_t>& bytes, int64_t cs, int g) {
+  const uint8_t* r = bytes.data() + HeadRegionOffset(quant, block_size, kv_heads, width, cs, g);
+  std::vector<uint8_t> e(r, r + HeadRegionBytes(quant, width));
+  if (quant != kernels::KvQuant::kNone) {
+    const int64_t n = kernels::KvqGroupsPerHead(quant, width) * kernels::KvqScalesPerGroup(quant) * 2;
+    const uint8_t* sc = reinterpret_cast<const uint8_t*>(kernels::KvqTokenScales(
+                            const_cast<uint8_t*>(bytes.data()), quant, block_size, kv_heads, width, cs)) + g * n;
+    e.insert(e.end(), sc, sc + n);
+  }
+  return e;
+}
+
+// One layer's CORM states of sequences of `lens` positions over `kv_heads` KV heads, as the policy
+// kernel tests start from: the CPU states (random last_hits, then CORM's choice at a 30 % budget,
+// window and recent 8, sinks 4, marks the dead keys; choose() off, so the attention under test
+// only records importance), and their device mirror before any attention (capacity len + 5,
+// sentinels past each length: 9 states, -7 slots, -3 last_hits), not yet uploaded.
+struct RandomCormStates {
+  kvpolicy::KvPolicyConfig config;
+  std::vector<kvpolicy::LayerShape> layers;
+  std::vector<std::unique_ptr<kvpolicy::SequenceKvPolicy>> owned;
+  std::vector<kvpolicy::SequenceKvPolicy*> ptrs;
+  std::vector<std::vector<uint8_t>> dstate;
+  std::vector<std::vector<int32_t>> dslot, dlast;
+  std::vector<KvPolicySeq> seqs;  // capacity and seq_len set
+  int64_t dead = 0;               // kDead entries over every sequence and head
+};
+
+// `layer`: the layer's widths (K and V per KV head). The result is heap-allocated: the states point
+// at its config and layers.
+inline std::unique_ptr<RandomCormStates> MakeRandomCormStates(const kvpolicy::LayerShape& layer, int kv_heads,
+                                                              const std::vector<int32_t>& lens, std::mt19937& rng) {
+  auto r = std::make_unique<RandomCormStates>();
+  r->config.kind = kvpolicy::KvPolicyKind::kCorm;
+  r->config.window = 8;
+  r->config.recent = 8;
+  r->config.sinks = 4;
+  r->config.budget_fraction = 0.3;
+  r->layers = {layer};
+  const int S = static_cast<int>(lens.size()), G = kv_heads;
+  for (int s = 0; s < S; ++s) {
+    r->owned.push_back(std::make_unique<kvpolicy::SequenceKvPolicy>(&r->config, &r->layers, G, 0));
+    kvpolicy::SequenceKvPolicy& st = *r->owned.back();
+    st.Extend(lens[s]);
+    for (int g = 0; g < G; ++g) {
+      int32_t* lh = st.last_hit(0, g);
+      for (int p = 0; p < lens[s]; ++p) lh[p] = std::uniform_int_distribution<int>(p, lens[s] - 1)(rng);
+      st.Apply(0, g, {}, nullptr);
+    }
+    st.set_choose(false);
+    r->ptrs.push_back(&st);
+  }
+  r->dstate.resize(S);
+  r->dslot.resize(S);
+  r->dlast.resize(S);
+  r->seqs.resize(S);
+  for (int s = 0; s < S; ++s) {
+    const int cap = lens[s] + 5;  // capacity past the length: strides are capacity, not len
+    r->dstate[s].assign(static_cast<size_t>(G) * cap, 9);
+    r->dslot[s].assign(static_cast<size_t>(G) * cap, -7);
+    r->dlast[s].assign(static_cast<size_t>(G) * cap, -3);
+    for (int g = 0; g < G; ++g) {
+      for (int p = 0; p < lens[s]; ++p) {
+        r->dstate[s][g * cap + p] = static_cast<uint8_t>(r->ptrs[s]->state(0, g, p));
+        r->dslot[s][g * cap + p] = static_cast<int32_t>(r->ptrs[s]->slot(0, g, p));
+        r->dlast[s][g * cap + p] = r->ptrs[s]->last_hit(0, g)[p];
+        r->dead += r->ptrs[s]->state(0, g, p) == kvpolicy::SlotState::kDead;
+      }
+    }
+    r->seqs[s].capacity = cap;
+    r->seqs[s].seq_len = lens[s];
+  }
+  return r;
 }
 
 }  // namespace lorc::policy_test

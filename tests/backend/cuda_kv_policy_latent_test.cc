@@ -94,34 +94,14 @@ struct LatentCase {
     dt = PutRaw(cuda, tables);
     dout = Put(cuda, std::vector<float>(static_cast<size_t>(S) * H * rv, 7.f), DType::kBF16);
   }
-  // The quantized layout of `rows` ([slots][G * width]); `rows` become what the codes dequantize to.
   std::vector<uint8_t> Quantize(std::vector<float>* rows, int width) const {
-    std::vector<uint8_t> bytes(static_cast<size_t>(num_blocks) * kernels::KvqBlockBytes(quant, kBs, G, width));
-    for (int64_t c = 0; c < int64_t{num_blocks} * kBs; ++c) {
-      float* row = rows->data() + c * G * width;
-      uint8_t* codes = kernels::KvqTokenCodes(bytes.data(), quant, kBs, G, width, c);
-      uint16_t* scales = kernels::KvqTokenScales(bytes.data(), quant, kBs, G, width, c);
-      kernels::KvqQuantizeToken(quant, row, G, width, codes, scales);
-      for (int g = 0; g < G; ++g) kernels::KvqDequantizeHead(quant, codes, scales, width, g, row + int64_t{g} * width);
-    }
-    return bytes;
+    return policy_test::QuantizeSide(quant, kBs, G, width, num_blocks, rows);
   }
   kernels::KvqSide Side(int width) const { return kernels::MakeKvqSide(quant, kBs, G, width); }
   // Head g's whole entry of cache slot cs in a side's bytes (width rk or rv): its latent (bf16) or
   // its codes and scales.
   std::vector<uint8_t> HeadEntry(const std::vector<uint8_t>& bytes, int width, int64_t cs, int g) const {
-    if (quant == KvQuant::kNone) {
-      const uint8_t* r = bytes.data() + (cs * G * width + int64_t{g} * width) * 2;
-      return std::vector<uint8_t>(r, r + 2 * width);
-    }
-    const kernels::KvqSide sd = Side(width);
-    const uint8_t* r = bytes.data() + cs / kBs * sd.block_bytes() + cs % kBs * sd.code_row + g * sd.head_code;
-    std::vector<uint8_t> e(r, r + sd.head_code);
-    const uint8_t* sc = reinterpret_cast<const uint8_t*>(
-                            kernels::KvqTokenScales(const_cast<uint8_t*>(bytes.data()), quant, kBs, G, width, cs)) +
-                        g * sd.head_scales * 2;
-    e.insert(e.end(), sc, sc + sd.head_scales * 2);
-    return e;
+    return policy_test::HeadEntry(quant, kBs, G, width, bytes, cs, g);
   }
   int64_t CacheSlot(int s, int slot) const {
     return int64_t{tables[s * max_blocks + slot / kBs]} * kBs + slot % kBs;
@@ -256,48 +236,15 @@ TEST_P(CudaKvPolicyLatentTest, MatchesCpuLatentAttentionItsImportanceAndCompacti
   const int S = lc.S, G = lc.G;
   const std::vector<int32_t>& lens = lc.lens;
 
-  // CPU states: random last_hits, then CORM's choice (30 % budget) marks the dead keys.
-  KvPolicyConfig config;
-  config.kind = KvPolicyKind::kCorm;
-  config.window = 8;
-  config.recent = 8;
-  config.sinks = 4;
-  config.budget_fraction = 0.3;
-  const std::vector<kvpolicy::LayerShape> layers = {{sh.rk, sh.rv, false, 2 * (sh.rk + sh.rv)}};
-  std::vector<std::unique_ptr<kvpolicy::SequenceKvPolicy>> states;
-  std::vector<kvpolicy::SequenceKvPolicy*> ptrs;
-  for (int s = 0; s < S; ++s) {
-    states.push_back(std::make_unique<kvpolicy::SequenceKvPolicy>(&config, &layers, G, 0));
-    auto& st = *states.back();
-    st.Extend(lens[s]);
-    for (int g = 0; g < G; ++g) {
-      int32_t* lh = st.last_hit(0, g);
-      for (int p = 0; p < lens[s]; ++p) lh[p] = std::uniform_int_distribution<int>(p, lens[s] - 1)(rng);
-      st.Apply(0, g, {}, nullptr);
-    }
-    st.set_choose(false);  // the attention below only records importance
-    ptrs.push_back(&st);
-  }
-  std::vector<std::vector<uint8_t>> dstate(S);
-  std::vector<std::vector<int32_t>> dslot(S), dlast(S);
-  std::vector<KvPolicySeq> seqs(S);
-  int64_t dead = 0;
-  for (int s = 0; s < S; ++s) {
-    const int cap = lens[s] + 5;  // strides are the capacity, not the length
-    dstate[s].assign(static_cast<size_t>(G) * cap, 9);
-    dslot[s].assign(static_cast<size_t>(G) * cap, -7);
-    dlast[s].assign(static_cast<size_t>(G) * cap, -3);
-    for (int g = 0; g < G; ++g) {
-      for (int p = 0; p < lens[s]; ++p) {
-        dstate[s][g * cap + p] = static_cast<uint8_t>(ptrs[s]->state(0, g, p));
-        dslot[s][g * cap + p] = static_cast<int32_t>(ptrs[s]->slot(0, g, p));
-        dlast[s][g * cap + p] = ptrs[s]->last_hit(0, g)[p];
-        dead += ptrs[s]->state(0, g, p) == SlotState::kDead;
-      }
-    }
-    seqs[s].capacity = cap;
-    seqs[s].seq_len = lens[s];
-  }
+  // CPU states: random last_hits, then CORM's choice (30 % budget) marks the dead keys; their
+  // device mirror before the CPU's attention records anything.
+  const std::unique_ptr<policy_test::RandomCormStates> rs = policy_test::MakeRandomCormStates(kvpolicy::LayerShape{sh.rk, sh.rv, false, 2 * (sh.rk + sh.rv)}, G, lens, rng);
+  std::vector<kvpolicy::SequenceKvPolicy*> ptrs = rs->ptrs;
+  const std::vector<std::vector<uint8_t>>& dstate = rs->dstate;
+  const std::vector<std::vector<int32_t>>& dslot = rs->dslot;
+  const std::vector<std::vector<int32_t>>& dlast = rs->dlast;
+  const std::vector<KvPolicySeq>& seqs = rs->seqs;
+  const int64_t dead = rs->dead;
   ASSERT_GT(dead, 1000) << "the states must skip keys for the test to mean something";
   DeviceStates dev = Upload(*cuda_, dstate, dslot, dlast, seqs, 1, G);
 

@@ -98,18 +98,9 @@ struct DecodeCase {
     kptr = PutRaw(cuda, std::vector<void*>{dk.data()});
     vptr = PutRaw(cuda, std::vector<void*>{dv.data()});
   }
-  // The quantized layout of `rows` ([slots][kvw]) over num_blocks blocks; `rows` become the values
-  // the codes dequantize to.
+  // The quantized layout of `rows` ([slots][kvw]) over num_blocks blocks (policy_test::QuantizeSide).
   std::vector<uint8_t> Quantize(std::vector<float>* rows, int num_blocks) const {
-    std::vector<uint8_t> bytes(static_cast<size_t>(num_blocks) * kernels::KvqBlockBytes(quant, block_size, G, D));
-    for (int64_t c = 0; c < int64_t{num_blocks} * block_size; ++c) {
-      float* row = rows->data() + c * kvw;
-      uint8_t* codes = kernels::KvqTokenCodes(bytes.data(), quant, block_size, G, D, c);
-      uint16_t* scales = kernels::KvqTokenScales(bytes.data(), quant, block_size, G, D, c);
-      kernels::KvqQuantizeToken(quant, row, G, D, codes, scales);
-      for (int g = 0; g < G; ++g) kernels::KvqDequantizeHead(quant, codes, scales, D, g, row + int64_t{g} * D);
-    }
-    return bytes;
+    return policy_test::QuantizeSide(quant, block_size, G, D, num_blocks, rows);
   }
   kernels::KvPolicyCacheLayout Layout() const {
     kernels::KvPolicyCacheLayout l;
@@ -119,24 +110,14 @@ struct DecodeCase {
     return l;
   }
   // Bytes of a head's region of a slot (a bf16 row's D values, or its codes: where MiKV's packed
-  // entries live), and where cache slot cs's region of head g starts in a side's bytes.
-  int64_t RegionBytes() const { return quant == kernels::KvQuant::kNone ? 2 * D : kernels::KvqHeadCodeBytes(quant, D); }
+  // entries live), where cache slot cs's region of head g starts in a side's bytes, and the head's
+  // whole entry there (policy_test::HeadEntry).
+  int64_t RegionBytes() const { return policy_test::HeadRegionBytes(quant, D); }
   int64_t RegionOffset(int64_t cs, int g) const {
-    if (quant == kernels::KvQuant::kNone) return (cs * kvw + int64_t{g} * D) * 2;
-    return cs / block_size * kernels::KvqBlockBytes(quant, block_size, G, D) +
-           cs % block_size * kernels::KvqCodeRowBytes(quant, G, D) + g * RegionBytes();
+    return policy_test::HeadRegionOffset(quant, block_size, G, D, cs, g);
   }
-  // Head g's whole entry of cache slot cs in a side's bytes: its region, then (quantized) its scales.
   std::vector<uint8_t> HeadEntry(const std::vector<uint8_t>& bytes, int64_t cs, int g) const {
-    const uint8_t* r = bytes.data() + RegionOffset(cs, g);
-    std::vector<uint8_t> e(r, r + RegionBytes());
-    if (quant != kernels::KvQuant::kNone) {
-      const int64_t n = kernels::KvqGroupsPerHead(quant, D) * kernels::KvqScalesPerGroup(quant) * 2;
-      const uint8_t* sc = reinterpret_cast<const uint8_t*>(
-          kernels::KvqTokenScales(const_cast<uint8_t*>(bytes.data()), quant, block_size, G, D, cs)) + g * n;
-      e.insert(e.end(), sc, sc + n);
-    }
-    return e;
+    return policy_test::HeadEntry(quant, block_size, G, D, bytes, cs, g);
   }
   // A compaction of sequence s (its device KvPolicySeq `seq`) from slot `from` (CORM's part; MiKV
   // sets low_bits and the stage).
@@ -262,49 +243,15 @@ TEST_P(CudaKvPolicyDecodeTest, MatchesCpuPolicyAttentionAndItsImportance) {
   const int S = dc.S, max_len = dc.max_len, max_blocks = dc.max_blocks;
   const int64_t kvw = dc.kvw, qw = dc.qw;
 
-  // CPU states: random last_hits, then CORM's choice (30 % budget) marks the dead keys.
-  KvPolicyConfig config;
-  config.kind = KvPolicyKind::kCorm;
-  config.window = 8;
-  config.recent = 8;
-  config.sinks = 4;
-  config.budget_fraction = 0.3;
-  const std::vector<kvpolicy::LayerShape> layers = {{D, D, false, 4 * D}};
-  std::vector<std::unique_ptr<kvpolicy::SequenceKvPolicy>> states;
-  std::vector<kvpolicy::SequenceKvPolicy*> ptrs;
-  for (int s = 0; s < S; ++s) {
-    states.push_back(std::make_unique<kvpolicy::SequenceKvPolicy>(&config, &layers, G, 0));
-    auto& st = *states.back();
-    st.Extend(lens[s]);
-    for (int g = 0; g < G; ++g) {
-      int32_t* lh = st.last_hit(0, g);
-      for (int p = 0; p < lens[s]; ++p) lh[p] = std::uniform_int_distribution<int>(p, lens[s] - 1)(rng);
-      st.Apply(0, g, {}, nullptr);
-    }
-    st.set_choose(false);  // the attention below only records importance
-    ptrs.push_back(&st);
-  }
-  // The device mirror, before the CPU's attention records anything.
-  std::vector<std::vector<uint8_t>> dstate(S);
-  std::vector<std::vector<int32_t>> dslot(S), dlast(S);
-  std::vector<KvPolicySeq> seqs(S);
-  int64_t dead = 0;
-  for (int s = 0; s < S; ++s) {
-    const int cap = lens[s] + 5;  // capacity past the length: strides are capacity, not len
-    dstate[s].assign(static_cast<size_t>(G) * cap, 9);
-    dslot[s].assign(static_cast<size_t>(G) * cap, -7);
-    dlast[s].assign(static_cast<size_t>(G) * cap, -3);
-    for (int g = 0; g < G; ++g) {
-      for (int p = 0; p < lens[s]; ++p) {
-        dstate[s][g * cap + p] = static_cast<uint8_t>(ptrs[s]->state(0, g, p));
-        dslot[s][g * cap + p] = static_cast<int32_t>(ptrs[s]->slot(0, g, p));
-        dlast[s][g * cap + p] = ptrs[s]->last_hit(0, g)[p];
-        dead += ptrs[s]->state(0, g, p) == SlotState::kDead;
-      }
-    }
-    seqs[s].capacity = cap;
-    seqs[s].seq_len = lens[s];
-  }
+  // CPU states: random last_hits, then CORM's choice (30 % budget) marks the dead keys; their
+  // device mirror before the CPU's attention records anything.
+  const std::unique_ptr<policy_test::RandomCormStates> rs = policy_test::MakeRandomCormStates(kvpolicy::LayerShape{D, D, false, 4 * D}, G, lens, rng);
+  std::vector<kvpolicy::SequenceKvPolicy*> ptrs = rs->ptrs;
+  const std::vector<std::vector<uint8_t>>& dstate = rs->dstate;
+  const std::vector<std::vector<int32_t>>& dslot = rs->dslot;
+  const std::vector<std::vector<int32_t>>& dlast = rs->dlast;
+  const std::vector<KvPolicySeq>& seqs = rs->seqs;
+  const int64_t dead = rs->dead;
   ASSERT_GT(dead, 1000) << "the states must skip keys for the test to mean something";
   DeviceStates dev = Upload(*cuda_, dstate, dslot, dlast, seqs, 1, G);
 

@@ -456,9 +456,10 @@ class Backend {
   // CheckKvPolicy's limits). The model runner refuses --kv-policy otherwise.
   virtual bool SupportsKvPolicy() const { return false; }
   // Whether this backend runs `config` over a cache of `kv_cache_dtype` (`latent`: some layer is a
-  // LoRC latent layer): Unimplemented naming the flag it cannot run. Called at load.
+  // LoRC latent layer; `query_group`: query heads per KV head): Unimplemented naming the flag it
+  // cannot run. Called at load.
   virtual absl::Status CheckKvPolicy(const kvpolicy::KvPolicyConfig& config, KvCacheDtype kv_cache_dtype,
-                                     bool latent) const {
+                                     bool latent, int32_t query_group) const {
     return SupportsKvPolicy() ? absl::OkStatus()
                               : absl::UnimplementedError(absl::StrCat(name(), " backend: no token-level KV policies"));
   }

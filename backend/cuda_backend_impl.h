@@ -214,8 +214,8 @@ class CudaBackend final : public Backend {
   // Token-level KV policies (cuda_kv_policy.cc; kvpolicy/README.md "On the GPU"): CORM over a
   // bf16 full-KV cache, states device-resident.
   bool SupportsKvPolicy() const override { return true; }
-  absl::Status CheckKvPolicy(const kvpolicy::KvPolicyConfig& config, KvCacheDtype kv_cache_dtype,
-                             bool latent) const override;
+  absl::Status CheckKvPolicy(const kvpolicy::KvPolicyConfig& config, KvCacheDtype kv_cache_dtype, bool latent,
+                             int32_t query_group) const override;
   bool KvPolicyOnDevice() const override { return true; }
   KvPolicyStateMemory KvPolicyMemory(int64_t rows, int64_t mikv_head_dim, int64_t max_model_len,
                                      int64_t max_num_seqs) const override;

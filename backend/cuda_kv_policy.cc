@@ -250,9 +250,9 @@ Backend::KvPolicyStateMemory CudaBackend::KvPolicyMemory(int64_t rows, int64_t m
 }
 
 absl::Status CudaBackend::CheckKvPolicy(const kvpolicy::KvPolicyConfig& config, KvCacheDtype kv_cache_dtype,
-                                        bool latent) const {
+                                        bool latent, int32_t query_group) const {
   (void)kv_cache_dtype;  // bf16 and quantized caches alike (kernels/kv_policy.cuh KvPolicyCacheLayout)
-  return CudaKvPolicySupport(config, latent);  // cuda_backend.cc
+  return CudaKvPolicySupport(config, latent, query_group);  // cuda_backend.cc
 }
 
 absl::Status CudaBackend::KvPolicyBeginStep(absl::Span<kvpolicy::SequenceKvPolicy* const> seqs,
@@ -433,6 +433,10 @@ absl::Status CudaBackend::KvPolicyLatentAttention(const LatentAttentionParams& p
     return absl::UnimplementedError("cuda backend: --kv-policy mikv over LoRC latent layers");
   }
   CudaKvPolicyStep& st = *kv_policy_step_;
+  const int32_t layers = p.kv_policy.seqs[0]->num_layers();
+  if (p.kv_policy.layer < 0 || p.kv_policy.layer >= layers) {
+    return absl::InvalidArgumentError(absl::StrCat("KV policy latent attention: layer ", p.kv_policy.layer, " of ", layers));
+  }
   RETURN_IF_ERROR(PrepareGroups(*this, st, p.num_heads, p.num_kv_heads, p.head_dim));
   kernels::KvPolicyLatentDecodeArgs la;
   la.latent = a;

@@ -93,6 +93,8 @@ struct TileLoader {
   __device__ TileLoader(const LatentAttentionArgs& a_, const Layout& L_, const Item& it_, __nv_bfloat16* region_,
                         int lane_)
       : a(a_), L(L_), it(it_), region(region_), lane(lane_),
+        // SlotOf's block table (ProcessItem); DecodeItemT passes its own slots (it.seq may then be a
+        // KV policy entry's index, not a table row: SlotOf is not called there).
         table(a_.block_tables + static_cast<int64_t>(it_.seq) * a_.max_blocks_per_seq),
         kc(static_cast<const __nv_bfloat16*>(a_.k_cache) + blockIdx.y * a_.k_rank),
         vc(static_cast<const __nv_bfloat16*>(a_.v_cache) + blockIdx.y * a_.v_rank), kch(a_.k_rank / 8),
@@ -205,11 +207,14 @@ struct ItemOut {
   const Item& it;
   float* partial_out;
   float* partial_lse;
+  int64_t row0;  // the item's first query row (out)
+  __device__ ItemOut(const LatentAttentionArgs& a_, const Item& it_, float* po, float* pl)
+      : a(a_), it(it_), partial_out(po), partial_lse(pl), row0(it_.partial < 0 ? a_.query_start[it_.seq] + it_.q_first : 0) {}
   // Row r of the item (query token it.q_first + r / group), query head `head`, value column col.
   __device__ __forceinline__ void operator()(int r, int head, int col, float value, float lse2) const {
     const int rv = a.v_rank;
     if (it.partial < 0) {
-      const int64_t row = a.query_start[it.seq] + it.q_first + r / (a.num_heads / a.num_kv_heads);
+      const int64_t row = row0 + r / (a.num_heads / a.num_kv_heads);
       static_cast<__nv_bfloat16*>(a.out)[row * a.out_ld + head * rv + col] = __float2bfloat16_rn(value);
     } else {
       partial_out[static_cast<int64_t>(it.partial) * a.num_heads * rv + head * rv + col] = value;

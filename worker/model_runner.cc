@@ -119,7 +119,8 @@ absl::Status ModelRunner::InitKvPolicy(const KvCacheOptions& kv) {
   }
   bool latent = false;
   for (int l = 0; l < kv_spec_.num_layers(); ++l) latent |= IsLatent(l);
-  RETURN_IF_ERROR(backend_->CheckKvPolicy(kv.kv_policy, kv_spec_.kv_cache_dtype, latent));
+  const int64_t group = weights_.shard.num_heads / std::max<int64_t>(weights_.shard.num_kv_heads, 1);
+  RETURN_IF_ERROR(backend_->CheckKvPolicy(kv.kv_policy, kv_spec_.kv_cache_dtype, latent, static_cast<int32_t>(group)));
   const int64_t heads = weights_.shard.num_kv_heads;
   std::vector<kvpolicy::LayerShape> layers(kv_spec_.num_layers());
   for (int l = 0; l < kv_spec_.num_layers(); ++l) {

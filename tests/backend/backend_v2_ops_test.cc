@@ -1,9 +1,11 @@
 // Backend v2 ops over every backend (same fixture and tolerances as cpu_backend_test.cc): fused
 // residual-add + RMSNorm, RoPE fused with the KV write, the attention plan's split and limits,
 // batched block copies across layers, MemoryInfo, pinned memory and events, capture hooks, dtype
-// rejection, and the CUDA runtime half (skipped without a device).
+// rejection, the CUDA runtime half (skipped without a device), and what the CUDA backend's KV
+// policies run (host logic, no device needed).
 #include "tests/backend/backend_ops_fixture.h"
 #include "backend/cuda_backend.h"
+#include "kvpolicy/kv_policy_config.h"
 
 namespace lorc {
 namespace backend_test {
@@ -290,6 +292,22 @@ TEST(CudaRuntimeTest, StreamCopiesEventsGraphsAndBlockCopies) {
 
 INSTANTIATE_TEST_SUITE_P(Backends, BackendOpsTest,
                          ::testing::Values(BackendKind::kCpu, BackendKind::kCuda), KindName);
+
+// CudaKvPolicySupport (CudaBackend::CheckKvPolicy at load): CORM and MiKV over full KV, CORM over
+// LoRC latents; MiKV over latents and groups above 8 refused, naming the flag.
+TEST(CudaKvPolicySupportTest, RefusesWhatTheKernelsDoNotRunNamingTheFlag) {
+  kvpolicy::KvPolicyConfig corm, mikv;
+  corm.kind = kvpolicy::KvPolicyKind::kCorm;
+  mikv.kind = kvpolicy::KvPolicyKind::kMikv;
+  EXPECT_OK(CudaKvPolicySupport(corm, /*latent=*/false, 4));
+  EXPECT_OK(CudaKvPolicySupport(mikv, /*latent=*/false, 8));
+  EXPECT_OK(CudaKvPolicySupport(corm, /*latent=*/true, 8));
+  EXPECT_THAT(CudaKvPolicySupport(mikv, /*latent=*/true, 4),
+              StatusIs(absl::StatusCode::kUnimplemented, HasSubstr("--kv-policy mikv with a LoRC (latent) model")));
+  EXPECT_THAT(CudaKvPolicySupport(corm, /*latent=*/true, 16),
+              StatusIs(absl::StatusCode::kUnimplemented,
+                       AllOf(HasSubstr("--kv-policy corm"), HasSubstr("up to 8 query heads per KV head"), HasSubstr("16"))));
+}
 
 }  // namespace
 }  // namespace backend_test

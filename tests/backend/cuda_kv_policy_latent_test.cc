@@ -5,7 +5,7 @@
 // codes and scales, bit for bit, after which the decode gives what it gave before.
 // Shapes: head_dim 128, GQA groups 2, 4 and 8, ranks through both of the latent decode's layouts
 // (<= 64: the fixed one; above: the generic one) and r % 16 == 8 (int4 regions of 4 bytes modulo
-// 8, moved as 4-byte words); bf16, fp8 and int4 caches; block size 16 over shuffled blocks;
+// 8, moved as 4-byte words); bf16, fp8, int8 and int4 caches; block size 16 over shuffled blocks;
 // sequences of 1 to 3,000 keys with 30 % budgets (about 2/3 of the keys dead).
 // Tolerances: outputs |cuda - cpu| <= 1.5e-2 * max(1, |cpu|), the latent attention's parity
 // tolerance (tests/backend/cuda_latent_attention_test.cc: the reconstructed, rotated keys and the
@@ -284,6 +284,37 @@ TEST_P(CudaKvPolicyLatentTest, MatchesCpuLatentAttentionItsImportanceAndCompacti
   EXPECT_GT(hits, 50) << "the query must find keys important for the test to mean something";
   EXPECT_LE(ties, 8);
 
+  // Prompt-row entries (backend/cuda_kv_policy.cc: the rows of a prompt whose importance can
+  // matter): every sequence once more as an entry of its own q_row and table_row with no_out, after
+  // the plain entries. The output rows are the plain entries' (unchanged, bit for bit), and the
+  // repeated rows' hits combine (atomicMax) into the same last_hits as one entry's.
+  {
+    std::vector<int32_t> reset = glast;
+    for (int s = 0; s < S; ++s) {
+      const int cap = seqs[s].capacity;
+      for (int g = 0; g < G; ++g) {
+        for (int pos = 0; pos < lens[s]; ++pos) reset[dev.offsets[s] + g * cap + pos] = dlast[s][g * cap + pos];
+      }
+    }
+    ASSERT_OK(cuda_->CopyToDevice(dev.last_hit.data(), reset.data(), reset.size() * sizeof(int32_t)));
+    std::vector<KvPolicySeq> both = dev.host_seqs;
+    for (int s = 0; s < S; ++s) {
+      KvPolicySeq e = dev.host_seqs[s];
+      e.q_row = s;
+      e.table_row = s;
+      e.no_out = 1;
+      both.push_back(e);
+    }
+    DeviceBuffer dboth = PutRaw(*cuda_, both);
+    auto scratch2 = cuda_->Allocate(kernels::KvPolicyDecodeScratchBytes(2 * S, lc.H, G, kHd, lc.max_len));
+    ASSERT_OK(scratch2);
+    kernels::KvPolicyLatentDecodeArgs a2 = lc.Args(dboth.as<KvPolicySeq>(), scratch2->data());
+    a2.num_seqs = 2 * S;
+    ASSERT_EQ(kernels::LaunchKvPolicyLatentDecode(a2, Stream(*cuda_)), cudaSuccess);
+    EXPECT_EQ(Get(*cuda_, lc.dout, DType::kBF16), got);
+    EXPECT_EQ(GetAll<int32_t>(*cuda_, dev.last_hit), glast);
+  }
+
   // Compaction over per-layer sides from slot 16 of every long sequence: each head's kFull keys at
   // positions >= 16 move in order to a dense run, latents (or codes and scales) bit for bit, and
   // the decode over the compacted slots, whose positions are no longer their slots, gives what it
@@ -392,6 +423,9 @@ TEST_F(CudaKvPolicyLatentArgsTest, RejectsWhatItDoesNotImplement) {
     edit(b);
     return kernels::LaunchKvPolicyLatentDecode(b, Stream(*cuda_)) == cudaErrorInvalidValue;
   };
+  // The arguments as made are taken (an entry of no keys: its output row is zeros).
+  EXPECT_EQ(kernels::LaunchKvPolicyLatentDecode(a, Stream(*cuda_)), cudaSuccess);
+  ASSERT_OK(cuda_->Synchronize());
   EXPECT_TRUE(refused([](auto& b) { b.scratch = nullptr; }));
   EXPECT_TRUE(refused([](auto& b) { b.seqs = nullptr; }));
   EXPECT_TRUE(refused([](auto& b) { b.num_seqs = 0; }));

@@ -14,6 +14,8 @@
 //  - State memory (kvpolicy/state_memory.h): the runner takes the states' memory out of the KV
 //    budget and reports the positions it set aside; an engine held to them never has more
 //    positions allocated on the device, with a pool small enough that they bind.
+#include <unistd.h>
+
 #include <algorithm>
 #include <filesystem>
 #include <iostream>
@@ -464,12 +466,21 @@ struct LorcPolicy {
   const char* name;
   bool progressive;
   KvCacheDtype dtype;
+  // every-chunk: prompts choose after each chunk, so their later chunks' rows run through the
+  // policy's latent decode (read by slot), not the plain latent prefill.
+  kvpolicy::KvPolicyPrefill prefill = kvpolicy::KvPolicyPrefill::kAfterPrompt;
 };
 class CudaKvPolicyLorcTest : public ::testing::TestWithParam<LorcPolicy> {};
 
+// Written under the system temp directory, one directory per test and process (ctest runs the
+// cases in parallel).
 std::string CompressedFixture(bool progressive) {
+  const ::testing::TestInfo* t = ::testing::UnitTest::GetInstance()->current_test_info();
+  std::string name = std::string(t->test_suite_name()) + "." + t->name();
+  std::replace(name.begin(), name.end(), '/', '_');
   const std::filesystem::path dir = std::filesystem::temp_directory_path() /
-                                    (progressive ? "lorc_policy_progressive" : "lorc_policy_uniform");
+                                    ("lorc_policy_" + name + "_" + std::to_string(::getpid()) +
+                                     (progressive ? "_progressive" : "_uniform"));
   std::filesystem::remove_all(dir);
   compress::CompressOptions o;
   o.model_dir = ::lorc::testing::TinyLlamaDir();
@@ -501,7 +512,7 @@ TEST_P(CudaKvPolicyLorcTest, CormOverLatentsFollowsTheCpuReference) {
   if (!HaveCudaDevice()) GTEST_SKIP() << "no CUDA device";
   const LorcPolicy& lp = GetParam();
   const std::string dir = CompressedFixture(lp.progressive);
-  KvCacheOptions kv = PolicyCache(kvpolicy::KvPolicyPrefill::kAfterPrompt, 0.3);
+  KvCacheOptions kv = PolicyCache(lp.prefill, 0.3);
   kv.kv_cache_dtype = lp.dtype;
   KvCacheOptions full = kv;
   full.kv_policy = kvpolicy::KvPolicyConfig{};
@@ -523,18 +534,26 @@ TEST_P(CudaKvPolicyLorcTest, CormOverLatentsFollowsTheCpuReference) {
   // The first token comes from the whole prompt (after-prompt: before any choice), so it is the
   // GPU's own full-KV token. After it, a compressed model's bf16 tokens part from the CPU's f32
   // ones even without a policy (ranks 24 / 40: near-tied logits; an int4 cache more so), so the
-  // policy's tokens are held to that baseline: they follow the CPU's at least a quarter as far as
-  // full KV's do (a policy reading wrong keys parts within a token or two everywhere).
+  // policy's tokens are held to that baseline: they follow the CPU's at least an eighth as far as
+  // full KV's do (a policy reading wrong keys parts within a token or two everywhere: 8 to 30 of
+  // 768 when the chunks' softmax pairs were misplaced). Measured (H200, 2026-12-04; policy / full
+  // KV, of 768): progressive bf16 505 / 550, fp8 323 / 360, every-chunk 416 / 550, uniform bf16
+  // 219 / 426 and 141 / 499 (the GPU's own run varies with the GEMM algorithms it times at load),
+  // uniform int4 60-63 / 10: over int4 latents this check holds little (the baseline itself parts
+  // at once), the kept share and compactions above still do, and the kernel parity test
+  // (tests/backend/cuda_kv_policy_latent_test.cc) checks the values.
   for (size_t i = 0; i < gpu.tokens.size(); ++i) {
     ASSERT_FALSE(gpu.tokens[i].empty());
-    EXPECT_EQ(gpu.tokens[i][0], gpu_full.tokens[i][0]) << "request " << i << ": the first token, from the whole prompt";
+    if (lp.prefill == kvpolicy::KvPolicyPrefill::kAfterPrompt) {
+      EXPECT_EQ(gpu.tokens[i][0], gpu_full.tokens[i][0]) << "request " << i << ": the first token, from the whole prompt";
+    }
   }
   const size_t followed = Followed(cpu, gpu), baseline = Followed(cpu_full, gpu_full);
   size_t total = 0;
   for (const auto& t : cpu.tokens) total += t.size();
   std::cout << lp.name << ": the policy's tokens follow the CPU's for " << followed << " of " << total
             << "; full KV's for " << baseline << "\n";
-  EXPECT_GE(4 * followed, baseline) << "the GPU's policy tokens part from the CPU's early";
+  EXPECT_GE(8 * followed, baseline) << "the GPU's policy tokens part from the CPU's early";
   std::filesystem::remove_all(dir);
 }
 
@@ -542,7 +561,9 @@ INSTANTIATE_TEST_SUITE_P(Models, CudaKvPolicyLorcTest,
                          ::testing::Values(LorcPolicy{"ProgressiveBf16", true, KvCacheDtype::kAuto},
                                            LorcPolicy{"ProgressiveFp8", true, KvCacheDtype::kFp8},
                                            LorcPolicy{"UniformBf16", false, KvCacheDtype::kAuto},
-                                           LorcPolicy{"UniformInt4", false, KvCacheDtype::kInt4}),
+                                           LorcPolicy{"UniformInt4", false, KvCacheDtype::kInt4},
+                                           LorcPolicy{"ProgressiveBf16EveryChunk", true, KvCacheDtype::kAuto,
+                                                      kvpolicy::KvPolicyPrefill::kEveryChunk}),
                          [](const ::testing::TestParamInfo<LorcPolicy>& i) { return std::string(i.param.name); });
 
 // MiKV over latents is refused on the GPU at load, naming the flags (the CPU runs it).

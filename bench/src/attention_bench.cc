@@ -220,6 +220,41 @@ int PrefillTable(Backend& be) {
   return 0;
 }
 
+// The policy states RunPolicy and RunLatentPolicy decode over: per sequence [layers][kv heads][ctx]
+// positions with identity slots (slot -> position the same map), last_hit = position, kFull for
+// sinks 4, the recent 32 and a random share `kept` of the rest, the others `other` (kDead, or
+// MiKV's kKvPolicyLow). `seqs` point into the device arrays, which the struct owns.
+struct BenchStates {
+  DeviceBuffer state, slot, last_hit;
+  std::vector<kernels::KvPolicySeq> seqs;
+};
+BenchStates MakeBenchStates(Backend& be, int batch, int ctx, int layers, double kept, uint8_t other) {
+  BenchStates b;
+  const size_t per_seq = static_cast<size_t>(layers) * kKvHeads * ctx;
+  std::vector<uint8_t> state(per_seq * batch);
+  std::vector<int32_t> slot(per_seq * batch);
+  std::mt19937 rng(1);
+  std::uniform_real_distribution<double> u(0.0, 1.0);
+  for (size_t i = 0; i < state.size(); ++i) {
+    const int p = static_cast<int>(i % ctx);
+    state[i] = p < 4 || p >= ctx - 32 || u(rng) < kept ? kernels::kKvPolicyFull : other;
+    slot[i] = p;
+  }
+  b.state = Put(be, state);
+  b.slot = Put(be, slot);
+  b.last_hit = Put(be, slot);
+  b.seqs.resize(batch);
+  for (int s = 0; s < batch; ++s) {
+    b.seqs[s].state = b.state.as<uint8_t>() + s * per_seq;
+    b.seqs[s].slot = b.slot.as<int32_t>() + s * per_seq;
+    b.seqs[s].pos = b.slot.as<int32_t>() + s * per_seq;
+    b.seqs[s].last_hit = b.last_hit.as<int32_t>() + s * per_seq;
+    b.seqs[s].capacity = ctx;
+    b.seqs[s].seq_len = ctx;
+  }
+  return b;
+}
+
 // --kv-policy: one layer's policy decode (the tensor-core kernels, or with `cuda_cores` the
 // CUDA-core ones), `batch` sequences of `ctx` keys, a fraction `kept` of them kFull (sinks 4 and
 // the recent 32 always); cycles over layer caches as Run does. MiKV (low_bits 4 / 2): the others
@@ -239,20 +274,8 @@ double RunPolicy(Backend& be, bool cuda_cores, int batch, int ctx, double kept, 
   std::vector<int32_t> tables(int64_t{batch} * blocks_per_seq);
   for (size_t i = 0; i < tables.size(); ++i) tables[i] = static_cast<int32_t>(i);
   DeviceBuffer dtables = Put(be, tables);
-  // States [layers][kv heads][ctx] per sequence: identity slots, last_hit = position.
-  const size_t per_seq = static_cast<size_t>(layers) * kKvHeads * ctx;
-  std::vector<uint8_t> state(per_seq * batch);
-  std::vector<int32_t> slot(per_seq * batch);
-  std::mt19937 rng(1);
-  std::uniform_real_distribution<double> u(0.0, 1.0);
-  for (size_t i = 0; i < state.size(); ++i) {
-    const int p = static_cast<int>(i % ctx);
-    state[i] = p < 4 || p >= ctx - 32 || u(rng) < kept ? kernels::kKvPolicyFull
-               : low_bits > 0                           ? kernels::kKvPolicyLow
-                                                        : kernels::kKvPolicyDead;
-    slot[i] = p;
-  }
-  DeviceBuffer dstate = Put(be, state), dslot = Put(be, slot), dlast = Put(be, slot);
+  BenchStates bs =
+      MakeBenchStates(be, batch, ctx, layers, kept, low_bits > 0 ? kernels::kKvPolicyLow : kernels::kKvPolicyDead);
   // MiKV's per-head arrays (read only here, shared by the sequences): runs at slot ctx, balance 1.
   const size_t lheads = static_cast<size_t>(layers) * kKvHeads;
   std::vector<int32_t> ints(3 * lheads);
@@ -262,23 +285,15 @@ double RunPolicy(Backend& be, bool cuda_cores, int batch, int ctx, double kept, 
     ints[2 * lheads + i] = kernels::kKvBalanceFixed;
   }
   DeviceBuffer dints = Put(be, ints), dbalance = Put(be, std::vector<float>(lheads * kDim, 1.0f));
-  std::vector<kernels::KvPolicySeq> seqs(batch);
-  for (int s = 0; s < batch; ++s) {
-    seqs[s].state = dstate.as<uint8_t>() + s * per_seq;
-    seqs[s].slot = dslot.as<int32_t>() + s * per_seq;
-    seqs[s].pos = dslot.as<int32_t>() + s * per_seq;  // identity slots: slot -> position is the same map
-    seqs[s].last_hit = dlast.as<int32_t>() + s * per_seq;
-    seqs[s].capacity = ctx;
-    seqs[s].seq_len = ctx;
-    if (low_bits > 0) {
-      seqs[s].low_base = dints.as<int32_t>();
-      seqs[s].num_packed = dints.as<int32_t>() + lheads;
-      seqs[s].balance_set = dints.as<int32_t>() + 2 * lheads;
-      seqs[s].balance = dbalance.as<float>();
-      seqs[s].packed_max = packed;
-    }
+  for (kernels::KvPolicySeq& e : bs.seqs) {
+    if (low_bits == 0) break;
+    e.low_base = dints.as<int32_t>();
+    e.num_packed = dints.as<int32_t>() + lheads;
+    e.balance_set = dints.as<int32_t>() + 2 * lheads;
+    e.balance = dbalance.as<float>();
+    e.packed_max = packed;
   }
-  DeviceBuffer dseqs = Put(be, seqs);
+  DeviceBuffer dseqs = Put(be, bs.seqs);
   auto scratch = be.Allocate(kernels::KvPolicyDecodeScratchBytes(batch, kHeads, kKvHeads, kDim, ctx + packed));
   CHECK(scratch.ok()) << scratch.status();
   kernels::KvPolicyDecodeArgs a;
@@ -331,27 +346,8 @@ double RunLatentPolicy(Backend& be, int batch, int ctx, double kept, bool record
   std::vector<int32_t> tables(int64_t{batch} * blocks_per_seq);
   for (size_t i = 0; i < tables.size(); ++i) tables[i] = static_cast<int32_t>(i);
   DeviceBuffer dtables = Put(be, tables);
-  const size_t per_seq = static_cast<size_t>(layers) * kKvHeads * ctx;
-  std::vector<uint8_t> state(per_seq * batch);
-  std::vector<int32_t> slot(per_seq * batch);
-  std::mt19937 rng(1);
-  std::uniform_real_distribution<double> u(0.0, 1.0);
-  for (size_t i = 0; i < state.size(); ++i) {
-    const int p = static_cast<int>(i % ctx);
-    state[i] = p < 4 || p >= ctx - 32 || u(rng) < kept ? kernels::kKvPolicyFull : kernels::kKvPolicyDead;
-    slot[i] = p;
-  }
-  DeviceBuffer dstate = Put(be, state), dslot = Put(be, slot), dlast = Put(be, slot);
-  std::vector<kernels::KvPolicySeq> seqs(batch);
-  for (int s = 0; s < batch; ++s) {
-    seqs[s].state = dstate.as<uint8_t>() + s * per_seq;
-    seqs[s].slot = dslot.as<int32_t>() + s * per_seq;
-    seqs[s].pos = dslot.as<int32_t>() + s * per_seq;
-    seqs[s].last_hit = dlast.as<int32_t>() + s * per_seq;
-    seqs[s].capacity = ctx;
-    seqs[s].seq_len = ctx;
-  }
-  DeviceBuffer dseqs = Put(be, seqs);
+  BenchStates bs = MakeBenchStates(be, batch, ctx, layers, kept, kernels::kKvPolicyDead);
+  DeviceBuffer dseqs = Put(be, bs.seqs);
   auto scratch = be.Allocate(kernels::KvPolicyDecodeScratchBytes(batch, kHeads, kKvHeads, kDim, ctx));
   CHECK(scratch.ok()) << scratch.status();
   kernels::KvPolicyLatentDecodeArgs a;

@@ -192,9 +192,14 @@ struct KvPolicyLatentDecodeArgs {
   bool record_hits = true;
   // KvPolicyDecodeScratchBytes(num_seqs, num_heads, num_kv_heads, head_dim = 128, max_seq_len).
   void* scratch = nullptr;
+  // Policy chunks a CTA lists and runs as one item: 0, the launcher's choice (the longest of 4, 2,
+  // 1 that still fills the device twice over; LORC_KV_POLICY_LATENT_SPAN=1|2|4 fixes it for a
+  // process); 1, 2 or 4 fix it (tests, A/B).
+  int32_t span = 0;
 };
 // cudaErrorInvalidValue for what the latent kernels do not take (LatentShapeSupported, alignment,
-// a quantized layout they cannot read), a group above 8, no scratch or entries.
+// a quantized layout they cannot read), a group above 8, no scratch or entries, a span other than
+// 0, 1, 2 or 4.
 cudaError_t LaunchKvPolicyLatentDecode(const KvPolicyLatentDecodeArgs& args, cudaStream_t stream);
 
 // Positions [extend_from, seq_len) of every sequence become kFull with last_hit = the position

@@ -6,7 +6,8 @@
 // Shapes: head_dim 128, GQA groups 2, 4 and 8, ranks through both of the latent decode's layouts
 // (<= 64: the fixed one; above: the generic one) and r % 16 == 8 (int4 regions of 4 bytes modulo
 // 8, moved as 4-byte words); bf16, fp8, int8 and int4 caches; block size 16 over shuffled blocks;
-// sequences of 1 to 3,000 keys with 30 % budgets (about 2/3 of the keys dead).
+// sequences of 1 to 3,000 keys with 30 % budgets (about 2/3 of the keys dead); every span of
+// chunks a CTA may list as one item (1, 2 and 4, and the launcher's choice).
 // Tolerances: outputs |cuda - cpu| <= 1.5e-2 * max(1, |cpu|), the latent attention's parity
 // tolerance (tests/backend/cuda_latent_attention_test.cc: the reconstructed, rotated keys and the
 // probabilities rounded to bf16 before their products). last_hit: equal except where the key's
@@ -252,37 +253,48 @@ TEST_P(CudaKvPolicyLatentTest, MatchesCpuLatentAttentionItsImportanceAndCompacti
   auto scratch = cuda_->Allocate(kernels::KvPolicyDecodeScratchBytes(S, lc.H, G, kHd, lc.max_len));
   ASSERT_OK(scratch);
   kernels::KvPolicyLatentDecodeArgs a = lc.Args(dev.seqs.as<KvPolicySeq>(), scratch->data());
-  ASSERT_EQ(kernels::LaunchKvPolicyLatentDecode(a, Stream(*cuda_)), cudaSuccess);
-  const std::vector<float> got = Get(*cuda_, lc.dout, DType::kBF16);
-  ASSERT_EQ(got.size(), want.size());
-  for (size_t i = 0; i < got.size(); ++i) {
-    ASSERT_NEAR(got[i], want[i], 1.5e-2 * std::max(1.0f, std::fabs(want[i]))) << "element " << i;
-  }
-
-  // Importance against the CPU's, near ties (fp64) excused.
-  const std::vector<int32_t> glast = GetAll<int32_t>(*cuda_, dev.last_hit);
-  int64_t hits = 0, ties = 0;
-  for (int s = 0; s < S; ++s) {
-    const int cap = seqs[s].capacity, len = lens[s];
-    for (int g = 0; g < G; ++g) {
-      const std::vector<double> pmax = GroupProbabilities(lc, *ptrs[s], s, g);
-      int kept = 0;
-      for (int p = 0; p < len; ++p) kept += ptrs[s]->state(0, g, p) != SlotState::kDead;
-      for (int pos = 0; pos < len; ++pos) {
-        const int32_t cpu_hit = ptrs[s]->last_hit(0, g)[pos], gpu_hit = glast[dev.offsets[s] + g * cap + pos];
-        hits += cpu_hit == len - 1 && dlast[s][g * cap + pos] != len - 1;
-        if (cpu_hit == gpu_hit) continue;
-        const bool near_tie = std::fabs(pmax[pos] * kept - 1.0) < 2e-2;
-        ties += near_tie;
-        EXPECT_TRUE(near_tie) << "seq " << s << " head " << g << " pos " << pos << ": cpu " << cpu_hit << " gpu "
-                              << gpu_hit << " p*t " << pmax[pos] * kept;
-      }
-      for (int pos = len; pos < cap; ++pos) EXPECT_EQ(glast[dev.offsets[s] + g * cap + pos], -3);
+  // The last_hits as uploaded (before any recording), to run the decode again from them.
+  const std::vector<int32_t> initial = GetAll<int32_t>(*cuda_, dev.last_hit);
+  // Every span of chunks a CTA may take (kv_policy.cuh KvPolicyLatentDecodeArgs::span), the
+  // launcher's choice last (1 for this small batch): the same outputs and importance as the CPU's.
+  std::vector<float> got;
+  std::vector<int32_t> glast;
+  for (const int span : {4, 2, 1, 0}) {
+    SCOPED_TRACE("span " + std::to_string(span));
+    ASSERT_OK(cuda_->CopyToDevice(dev.last_hit.data(), initial.data(), initial.size() * sizeof(int32_t)));
+    a.span = span;
+    ASSERT_EQ(kernels::LaunchKvPolicyLatentDecode(a, Stream(*cuda_)), cudaSuccess);
+    got = Get(*cuda_, lc.dout, DType::kBF16);
+    ASSERT_EQ(got.size(), want.size());
+    for (size_t i = 0; i < got.size(); ++i) {
+      ASSERT_NEAR(got[i], want[i], 1.5e-2 * std::max(1.0f, std::fabs(want[i]))) << "element " << i;
     }
+
+    // Importance against the CPU's, near ties (fp64) excused.
+    glast = GetAll<int32_t>(*cuda_, dev.last_hit);
+    int64_t hits = 0, ties = 0;
+    for (int s = 0; s < S; ++s) {
+      const int cap = seqs[s].capacity, len = lens[s];
+      for (int g = 0; g < G; ++g) {
+        const std::vector<double> pmax = GroupProbabilities(lc, *ptrs[s], s, g);
+        int kept = 0;
+        for (int p = 0; p < len; ++p) kept += ptrs[s]->state(0, g, p) != SlotState::kDead;
+        for (int pos = 0; pos < len; ++pos) {
+          const int32_t cpu_hit = ptrs[s]->last_hit(0, g)[pos], gpu_hit = glast[dev.offsets[s] + g * cap + pos];
+          hits += cpu_hit == len - 1 && dlast[s][g * cap + pos] != len - 1;
+          if (cpu_hit == gpu_hit) continue;
+          const bool near_tie = std::fabs(pmax[pos] * kept - 1.0) < 2e-2;
+          ties += near_tie;
+          EXPECT_TRUE(near_tie) << "seq " << s << " head " << g << " pos " << pos << ": cpu " << cpu_hit << " gpu "
+                                << gpu_hit << " p*t " << pmax[pos] * kept;
+        }
+        for (int pos = len; pos < cap; ++pos) EXPECT_EQ(glast[dev.offsets[s] + g * cap + pos], -3);
+      }
+    }
+    std::cout << "span " << span << " importance: " << hits << " keys hit, " << ties << " near ties differ\n";
+    EXPECT_GT(hits, 50) << "the query must find keys important for the test to mean something";
+    EXPECT_LE(ties, 8);
   }
-  std::cout << "importance: " << hits << " keys hit, " << ties << " near ties differ\n";
-  EXPECT_GT(hits, 50) << "the query must find keys important for the test to mean something";
-  EXPECT_LE(ties, 8);
 
   // Prompt-row entries (backend/cuda_kv_policy.cc: the rows of a prompt whose importance can
   // matter): every sequence once more as an entry of its own q_row and table_row with no_out, after
@@ -433,6 +445,7 @@ TEST_F(CudaKvPolicyLatentArgsTest, RejectsWhatItDoesNotImplement) {
   EXPECT_TRUE(refused([](auto& b) { b.latent.head_dim = 64; }));     // the kernels take 128
   EXPECT_TRUE(refused([](auto& b) { b.latent.num_heads = 32; }));    // a group of 16 (above 8)
   EXPECT_TRUE(refused([](auto& b) { b.latent.inv_freq = nullptr; }));
+  EXPECT_TRUE(refused([](auto& b) { b.span = 3; }));
 }
 
 }  // namespace

@@ -175,9 +175,9 @@ cudaError_t LaunchKvPolicyDecode(const KvPolicyDecodeArgs& args, cudaStream_t st
 
 // CORM over a LoRC latent layer (kernels/attention_latent.cuh; the CPU reference
 // backend/cpu_latent_attention.cc LatentAttention under a KvPolicyAttention): the decode above's
-// walk, t and importance rule over a cache of latents. Per chunk of kKvPolicyChunk walk indices, KV
-// head and entry, the chunk's full keys are listed (slot -> pos -> state) with their positions,
-// then the latent decode's tiles run over the list (attention_latent_decode_item.cuh DecodeItemT:
+// walk, t and importance rule over a cache of latents. Per span of 1, 2 or 4 chunks of
+// kKvPolicyChunk walk indices, KV head and entry, the span's full keys are listed (slot -> pos ->
+// state) with their positions, then the latent decode's tiles run over the list (attention_latent_decode_item.cuh DecodeItemT:
 // keys reconstructed from C_K on the tensor cores and rotated at each key's own position, S and
 // P C_V on mma.sync), the scores saved for the importance pass; the importance and the reduce are
 // the tensor-core policy decode's. Output r_v columns per query head (o_proj holds B_V). CORM only

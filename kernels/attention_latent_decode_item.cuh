@@ -227,6 +227,14 @@ __device__ __forceinline__ void DecodeItemT(const LatentAttentionArgs& a, const 
     const __nv_bfloat16* cv = ck + kTile * L.ldk;
     // The positions of tile rows g and g + 8 (RoPE).
     const int pos0 = keys.Pos(base + g), pos1 = Keys::kConsecutive ? pos0 + 8 : keys.Pos(base + g + 8);
+    // A listed tile whose 16 keys sit at consecutive positions (a prompt's importance rows, runs of
+    // kept keys) takes the FR rotation as well (uniform over the warp).
+    bool fr_tile = FR;
+    if constexpr (!Keys::kConsecutive) {
+      const int mine = keys.Pos(base + tl);
+      const int first = __shfl_sync(0xffffffffu, mine, 0);
+      fr_tile = __all_sync(0xffffffffu, base + tl < it.kv_end && mine == first + tl);
+    }
 
     uint32_t af[KS][4];
 #pragma unroll
@@ -253,7 +261,11 @@ __device__ __forceinline__ void DecodeItemT(const LatentAttentionArgs& a, const 
           }
         }
       }
-      RotateKeyHalf<FR>(acc, sm, h, pos0, pos1, t);
+      if (FR || fr_tile) {
+        RotateKeyHalf<true>(acc, sm, h, pos0, pos1, t);
+      } else {
+        RotateKeyHalf<false>(acc, sm, h, pos0, pos1, t);
+      }
       // S += K Q^T over this half's k-steps (as ProcessItem's); K's accumulators of n-tiles
       // (j, j + 1) are the A fragment of one k-step.
 #pragma unroll

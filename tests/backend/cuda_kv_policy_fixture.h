@@ -148,8 +148,10 @@ struct RandomCormStates {
 
 // `layer`: the layer's widths (K and V per KV head). The result is heap-allocated: the states point
 // at its config and layers.
+// `choose` false: no choice, every key stays kFull (dead 0).
 inline std::unique_ptr<RandomCormStates> MakeRandomCormStates(const kvpolicy::LayerShape& layer, int kv_heads,
-                                                              const std::vector<int32_t>& lens, std::mt19937& rng) {
+                                                              const std::vector<int32_t>& lens, std::mt19937& rng,
+                                                              bool choose = true) {
   auto r = std::make_unique<RandomCormStates>();
   r->config.kind = kvpolicy::KvPolicyKind::kCorm;
   r->config.window = 8;
@@ -165,7 +167,7 @@ inline std::unique_ptr<RandomCormStates> MakeRandomCormStates(const kvpolicy::La
     for (int g = 0; g < G; ++g) {
       int32_t* lh = st.last_hit(0, g);
       for (int p = 0; p < lens[s]; ++p) lh[p] = std::uniform_int_distribution<int>(p, lens[s] - 1)(rng);
-      st.Apply(0, g, {}, nullptr);
+      if (choose) st.Apply(0, g, {}, nullptr);
     }
     st.set_choose(false);
     r->ptrs.push_back(&st);

@@ -16,6 +16,7 @@
 // Skipped without a CUDA device.
 #include <algorithm>
 #include <cmath>
+#include <initializer_list>
 #include <iostream>
 #include <numeric>
 #include <random>
@@ -228,6 +229,51 @@ std::vector<double> GroupProbabilities(const LatentCase& c, const kvpolicy::Sequ
   return pmax;
 }
 
+// The GPU's decode (`a`, over `dev`, from last_hits `initial`) with each of `spans` against the
+// CPU's outputs `want` and the last_hits the CPU recorded in `rs`'s states: outputs within 1.5e-2
+// relative, last_hits equal except near ties (fp64 p x t within 2e-2 of 1). The last span's
+// outputs and last_hits come back in `got` / `glast`.
+void ExpectDecodesAsTheCpu(Backend& cuda, const LatentCase& lc, const policy_test::RandomCormStates& rs,
+                           const DeviceStates& dev, const std::vector<float>& want, const std::vector<int32_t>& initial,
+                           kernels::KvPolicyLatentDecodeArgs a, std::initializer_list<int> spans, std::vector<float>* got,
+                           std::vector<int32_t>* glast) {
+  const int S = lc.S, G = lc.G;
+  for (const int span : spans) {
+    SCOPED_TRACE("span " + std::to_string(span));
+    ASSERT_OK(cuda.CopyToDevice(dev.last_hit.data(), initial.data(), initial.size() * sizeof(int32_t)));
+    a.span = span;
+    ASSERT_EQ(kernels::LaunchKvPolicyLatentDecode(a, Stream(cuda)), cudaSuccess);
+    *got = Get(cuda, lc.dout, DType::kBF16);
+    ASSERT_EQ(got->size(), want.size());
+    for (size_t i = 0; i < got->size(); ++i) {
+      ASSERT_NEAR((*got)[i], want[i], 1.5e-2 * std::max(1.0f, std::fabs(want[i]))) << "element " << i;
+    }
+    *glast = GetAll<int32_t>(cuda, dev.last_hit);
+    int64_t hits = 0, ties = 0;
+    for (int s = 0; s < S; ++s) {
+      const int cap = rs.seqs[s].capacity, len = lc.lens[s];
+      for (int g = 0; g < G; ++g) {
+        const std::vector<double> pmax = GroupProbabilities(lc, *rs.ptrs[s], s, g);
+        int kept = 0;
+        for (int p = 0; p < len; ++p) kept += rs.ptrs[s]->state(0, g, p) != SlotState::kDead;
+        for (int pos = 0; pos < len; ++pos) {
+          const int32_t cpu_hit = rs.ptrs[s]->last_hit(0, g)[pos], gpu_hit = (*glast)[dev.offsets[s] + g * cap + pos];
+          hits += cpu_hit == len - 1 && rs.dlast[s][g * cap + pos] != len - 1;
+          if (cpu_hit == gpu_hit) continue;
+          const bool near_tie = std::fabs(pmax[pos] * kept - 1.0) < 2e-2;
+          ties += near_tie;
+          EXPECT_TRUE(near_tie) << "seq " << s << " head " << g << " pos " << pos << ": cpu " << cpu_hit << " gpu "
+                                << gpu_hit << " p*t " << pmax[pos] * kept;
+        }
+        for (int pos = len; pos < cap; ++pos) EXPECT_EQ((*glast)[dev.offsets[s] + g * cap + pos], -3);
+      }
+    }
+    std::cout << "span " << span << " importance: " << hits << " keys hit, " << ties << " near ties differ\n";
+    EXPECT_GT(hits, 50) << "the query must find keys important for the test to mean something";
+    EXPECT_LE(ties, 8);
+  }
+}
+
 class CudaKvPolicyLatentTest : public CpuCudaPair<::testing::TestWithParam<LatentShape>> {};
 
 TEST_P(CudaKvPolicyLatentTest, MatchesCpuLatentAttentionItsImportanceAndCompaction) {
@@ -239,7 +285,8 @@ TEST_P(CudaKvPolicyLatentTest, MatchesCpuLatentAttentionItsImportanceAndCompacti
 
   // CPU states: random last_hits, then CORM's choice (30 % budget) marks the dead keys; their
   // device mirror before the CPU's attention records anything.
-  const std::unique_ptr<policy_test::RandomCormStates> rs = policy_test::MakeRandomCormStates(kvpolicy::LayerShape{sh.rk, sh.rv, false, 2 * (sh.rk + sh.rv)}, G, lens, rng);
+  const std::unique_ptr<policy_test::RandomCormStates> rs =
+      policy_test::MakeRandomCormStates(kvpolicy::LayerShape{sh.rk, sh.rv, false, 2 * (sh.rk + sh.rv)}, G, lens, rng);
   std::vector<kvpolicy::SequenceKvPolicy*> ptrs = rs->ptrs;
   const std::vector<std::vector<uint8_t>>& dstate = rs->dstate;
   const std::vector<std::vector<int32_t>>& dslot = rs->dslot;
@@ -259,42 +306,8 @@ TEST_P(CudaKvPolicyLatentTest, MatchesCpuLatentAttentionItsImportanceAndCompacti
   // launcher's choice last (1 for this small batch): the same outputs and importance as the CPU's.
   std::vector<float> got;
   std::vector<int32_t> glast;
-  for (const int span : {4, 2, 1, 0}) {
-    SCOPED_TRACE("span " + std::to_string(span));
-    ASSERT_OK(cuda_->CopyToDevice(dev.last_hit.data(), initial.data(), initial.size() * sizeof(int32_t)));
-    a.span = span;
-    ASSERT_EQ(kernels::LaunchKvPolicyLatentDecode(a, Stream(*cuda_)), cudaSuccess);
-    got = Get(*cuda_, lc.dout, DType::kBF16);
-    ASSERT_EQ(got.size(), want.size());
-    for (size_t i = 0; i < got.size(); ++i) {
-      ASSERT_NEAR(got[i], want[i], 1.5e-2 * std::max(1.0f, std::fabs(want[i]))) << "element " << i;
-    }
-
-    // Importance against the CPU's, near ties (fp64) excused.
-    glast = GetAll<int32_t>(*cuda_, dev.last_hit);
-    int64_t hits = 0, ties = 0;
-    for (int s = 0; s < S; ++s) {
-      const int cap = seqs[s].capacity, len = lens[s];
-      for (int g = 0; g < G; ++g) {
-        const std::vector<double> pmax = GroupProbabilities(lc, *ptrs[s], s, g);
-        int kept = 0;
-        for (int p = 0; p < len; ++p) kept += ptrs[s]->state(0, g, p) != SlotState::kDead;
-        for (int pos = 0; pos < len; ++pos) {
-          const int32_t cpu_hit = ptrs[s]->last_hit(0, g)[pos], gpu_hit = glast[dev.offsets[s] + g * cap + pos];
-          hits += cpu_hit == len - 1 && dlast[s][g * cap + pos] != len - 1;
-          if (cpu_hit == gpu_hit) continue;
-          const bool near_tie = std::fabs(pmax[pos] * kept - 1.0) < 2e-2;
-          ties += near_tie;
-          EXPECT_TRUE(near_tie) << "seq " << s << " head " << g << " pos " << pos << ": cpu " << cpu_hit << " gpu "
-                                << gpu_hit << " p*t " << pmax[pos] * kept;
-        }
-        for (int pos = len; pos < cap; ++pos) EXPECT_EQ(glast[dev.offsets[s] + g * cap + pos], -3);
-      }
-    }
-    std::cout << "span " << span << " importance: " << hits << " keys hit, " << ties << " near ties differ\n";
-    EXPECT_GT(hits, 50) << "the query must find keys important for the test to mean something";
-    EXPECT_LE(ties, 8);
-  }
+  ExpectDecodesAsTheCpu(*cuda_, lc, *rs, dev, want, initial, a, {4, 2, 1, 0}, &got, &glast);
+  if (HasFatalFailure()) return;
 
   // Prompt-row entries (backend/cuda_kv_policy.cc: the rows of a prompt whose importance can
   // matter): every sequence once more as an entry of its own q_row and table_row with no_out, after
@@ -403,6 +416,27 @@ TEST_P(CudaKvPolicyLatentTest, MatchesCpuLatentAttentionItsImportanceAndCompacti
   }
   // Without record_hits nothing was recorded (the slots moved, the last_hits did not change).
   EXPECT_EQ(GetAll<int32_t>(*cuda_, dev.last_hit), glast);
+}
+
+// Every key kept (no choice): each listed tile holds 16 consecutive positions, so the latent
+// decode's rotation of row g + 8 on from row g applies (as for a prompt's importance rows).
+TEST_P(CudaKvPolicyLatentTest, AllKeptKeysTakeTheConsecutiveRotation) {
+  const LatentShape sh = GetParam();
+  std::mt19937 rng(31 + sh.rk + 3 * sh.rv + sh.heads);
+  const LatentCase lc(*cuda_, rng, sh, {1, 37, 700, 3000, 257});
+  const std::unique_ptr<policy_test::RandomCormStates> rs = policy_test::MakeRandomCormStates(
+      kvpolicy::LayerShape{sh.rk, sh.rv, false, 2 * (sh.rk + sh.rv)}, lc.G, lc.lens, rng, /*choose=*/false);
+  ASSERT_EQ(rs->dead, 0);
+  DeviceStates dev = Upload(*cuda_, rs->dstate, rs->dslot, rs->dlast, rs->seqs, 1, lc.G);
+  std::vector<kvpolicy::SequenceKvPolicy*> ptrs = rs->ptrs;
+  const std::vector<float> want = lc.Cpu(*cpu_, ptrs);
+  auto scratch = cuda_->Allocate(kernels::KvPolicyDecodeScratchBytes(lc.S, lc.H, lc.G, kHd, lc.max_len));
+  ASSERT_OK(scratch);
+  const kernels::KvPolicyLatentDecodeArgs a = lc.Args(dev.seqs.as<KvPolicySeq>(), scratch->data());
+  const std::vector<int32_t> initial = GetAll<int32_t>(*cuda_, dev.last_hit);
+  std::vector<float> got;
+  std::vector<int32_t> glast;
+  ExpectDecodesAsTheCpu(*cuda_, lc, *rs, dev, want, initial, a, {4, 1}, &got, &glast);
 }
 
 std::string LatentName(const ::testing::TestParamInfo<LatentShape>& i) {

@@ -245,7 +245,8 @@ TEST_P(CudaKvPolicyDecodeTest, MatchesCpuPolicyAttentionAndItsImportance) {
 
   // CPU states: random last_hits, then CORM's choice (30 % budget) marks the dead keys; their
   // device mirror before the CPU's attention records anything.
-  const std::unique_ptr<policy_test::RandomCormStates> rs = policy_test::MakeRandomCormStates(kvpolicy::LayerShape{D, D, false, 4 * D}, G, lens, rng);
+  const std::unique_ptr<policy_test::RandomCormStates> rs =
+      policy_test::MakeRandomCormStates(kvpolicy::LayerShape{D, D, false, 4 * D}, G, lens, rng);
   std::vector<kvpolicy::SequenceKvPolicy*> ptrs = rs->ptrs;
   const std::vector<std::vector<uint8_t>>& dstate = rs->dstate;
   const std::vector<std::vector<int32_t>>& dslot = rs->dslot;

@@ -6,10 +6,11 @@
 // (1) PolicyLatentKernel, one CTA of 8 warps per (span of 1, 2 or 4 chunks of kKvPolicyChunk
 //     walk indices, KV head, entry): each thread classifies its walk indices (slot -> pos ->
 //     state), a block scan lists the span's full keys in walk order with their cache slots and
-//     positions, then one item runs over the list: 16-key tiles of C_K and C_V by cp.async (bf16, or codes dequantized as
-//     the paged latent decode does), K = C_K B_K^T on mma.sync, RoPE at each listed key's own
-//     position (a compaction moves keys, so slots are not positions), S = K Q^T, the online
-//     softmax and O^T += C_V^T P^T. Each valid score (scale x q . k, fp32) is saved for (2); the
+//     positions, then one item runs over the list: 16-key tiles of C_K and C_V by cp.async
+//     (bf16, or codes dequantized as the paged latent decode does), K = C_K B_K^T on mma.sync,
+//     RoPE at each listed key's own position (a compaction moves keys, so slots are not
+//     positions; a tile of 16 consecutive positions rotates row g + 8 on from row g, as the
+//     paged decode), S = K Q^T, the online softmax and O^T += C_V^T P^T. Each valid score (scale x q . k, fp32) is saved for (2); the
 //     span's first chunk gets its key count (t's share), its normalised partial O (r_v of each
 //     head's head_dim columns) and (its log-sum-exp in natural-log units, 1) as the chunk's (max,
 //     sum): exp(lse_c - M) = l_c exp(m_c - M), so the shared passes combine chunks unchanged; the

@@ -290,20 +290,8 @@ __global__ void __launch_bounds__(kThreads, kLow ? 2 : 3) PolicyMmaKernel(KvPoli
     }
     mine += slot[k] >= 0;
   }
-  int incl = mine;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const int y = __shfl_up_sync(0xffffffffu, incl, o);
-    if (lane >= o) incl += y;
-  }
-  if (lane == 31) s_warp[warp] = incl;
-  __syncthreads();
-  int at = incl - mine, n = 0;
-#pragma unroll
-  for (int w = 0; w < kWarps; ++w) {
-    at += w < warp ? s_warp[w] : 0;
-    n += s_warp[w];
-  }
+  int at = 0, n = 0;
+  BlockExclusiveScan<kWarps>(mine, s_warp, &at, &n);
 #pragma unroll
   for (int k = 0; k < kPerThread; ++k) {
     if (slot[k] < 0) continue;

@@ -235,6 +235,30 @@ __device__ __forceinline__ int WalkLength(const KvPolicySeq& seq, int low_bits) 
   return seq.seq_len - seq.slot_offset + (low_bits > 0 && seq.num_packed != nullptr ? seq.packed_max : 0);
 }
 
+// A block-wide exclusive scan of the threads' counts `mine` (a block of kWarps whole warps, every
+// thread calling it; one __syncthreads inside): *at = the counts of the threads below this one,
+// *n = the block's total. s_warp: kWarps ints of shared memory, not rewritten until every thread
+// has returned from here (the policy decodes' lists of kept keys, in walk order).
+template <int kWarps>
+__device__ __forceinline__ void BlockExclusiveScan(int mine, int* s_warp, int* at, int* n) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  int incl = mine;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int y = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o) incl += y;
+  }
+  if (lane == 31) s_warp[warp] = incl;
+  __syncthreads();
+  *at = incl - mine;
+  *n = 0;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) {
+    *at += w < warp ? s_warp[w] : 0;
+    *n += s_warp[w];
+  }
+}
+
 __device__ __forceinline__ float WarpSum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

@@ -87,7 +87,7 @@ __global__ void __launch_bounds__(kThreads, KS <= 4 && VM <= 4 ? 2 : 1)
   const KvPolicySeq seq = seqs[s];
   const int len = seq.seq_len - seq.slot_offset, p0 = c0 * kKvPolicyChunk;
   if (p0 >= len) return;  // uniform over the CTA
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int tid = threadIdx.x;
   const int group = a.num_heads / a.num_kv_heads;
   const int per = span * kKvPolicyChunk / kThreads;  // walk indices of this thread: tid * per + k
   __shared__ int32_t s_slot[kSpanKeys], s_pos[kSpanKeys];
@@ -113,20 +113,8 @@ __global__ void __launch_bounds__(kThreads, KS <= 4 && VM <= 4 ? 2 : 1)
     }
     mine += slot[k] >= 0;
   }
-  int incl = mine;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const int y = __shfl_up_sync(0xffffffffu, incl, o);
-    if (lane >= o) incl += y;
-  }
-  if (lane == 31) s_warp[warp] = incl;
-  __syncthreads();
-  int at = incl - mine, n = 0;
-#pragma unroll
-  for (int w = 0; w < kWarps; ++w) {
-    at += w < warp ? s_warp[w] : 0;
-    n += s_warp[w];
-  }
+  int at = 0, n = 0;
+  kvp::BlockExclusiveScan<kWarps>(mine, s_warp, &at, &n);
 #pragma unroll
   for (int k = 0; k < kMaxPer; ++k) {
     if (slot[k] < 0) continue;

@@ -6,6 +6,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <random>
@@ -128,6 +129,37 @@ inline std::vector<uint8_t> HeadEntry(kernels::KvQuant quant, int block_size, in
     e.insert(e.end(), sc, sc + n);
   }
   return e;
+}
+
+// A CPU backend plan of one decode row per sequence (`lens` keys each, block tables `tables` of
+// `max_blocks` per sequence): what the CPU references' attention calls run over. `batch` points
+// into the vectors given and into qstart.
+struct CpuDecodePlan {
+  std::vector<int32_t> qstart;
+  AttentionBatch batch;
+  std::unique_ptr<AttentionPlan> plan;
+};
+inline std::unique_ptr<CpuDecodePlan> PlanCpuDecode(Backend& cpu, const std::vector<int32_t>& lens,
+                                                    const std::vector<int32_t>& tables, int max_blocks,
+                                                    int block_size) {
+  auto d = std::make_unique<CpuDecodePlan>();
+  const int S = static_cast<int>(lens.size());
+  d->qstart.resize(S + 1);
+  for (int s = 0; s <= S; ++s) d->qstart[s] = s;
+  AttentionBatch& b = d->batch;
+  b.num_seqs = S;
+  b.num_tokens = S;
+  b.max_seq_len = S > 0 ? *std::max_element(lens.begin(), lens.end()) : 0;
+  b.max_blocks_per_seq = max_blocks;
+  b.block_size = block_size;
+  b.query_start = b.host_query_start = d->qstart.data();
+  b.seq_lens = b.host_seq_lens = lens.data();
+  b.block_tables = tables.data();
+  auto plan = cpu.CreateAttentionPlan({S, S, max_blocks});
+  CHECK_OK(plan.status());
+  d->plan = *std::move(plan);
+  CHECK_OK(cpu.PlanAttention(b, *d->plan));
+  return d;
 }
 
 // One layer's CORM states of sequences of `lens` positions over `kv_heads` KV heads, as the policy

@@ -113,20 +113,7 @@ struct LatentCase {
   // The CPU backend's LatentAttention under the states' policy (F32 on the values above), which
   // records importance into the states.
   std::vector<float> Cpu(Backend& cpu, std::vector<kvpolicy::SequenceKvPolicy*>& states) const {
-    std::vector<int32_t> qstart(S + 1);
-    std::iota(qstart.begin(), qstart.end(), 0);
-    AttentionBatch batch;
-    batch.num_seqs = S;
-    batch.num_tokens = S;
-    batch.max_seq_len = max_len;
-    batch.max_blocks_per_seq = max_blocks;
-    batch.block_size = kBs;
-    batch.query_start = batch.host_query_start = qstart.data();
-    batch.seq_lens = batch.host_seq_lens = lens.data();
-    batch.block_tables = tables.data();
-    auto plan = cpu.CreateAttentionPlan({S, S, max_blocks});
-    CHECK_OK(plan.status());
-    CHECK_OK(cpu.PlanAttention(batch, **plan));
+    const std::unique_ptr<policy_test::CpuDecodePlan> d = policy_test::PlanCpuDecode(cpu, lens, tables, max_blocks, kBs);
     std::vector<float> kcpu = ck, vcpu = cv, qcpu = q, up = k_up, out(static_cast<size_t>(S) * H * rv, 0.f);
     LatentAttentionParams p;
     p.q = Tensor2D{qcpu.data(), DType::kF32, S, int64_t{H} * kHd, int64_t{H} * kHd};
@@ -141,7 +128,7 @@ struct LatentCase {
     p.scale = scale();
     p.inv_freq = inv_freq.data();
     p.kv_policy = {states.data(), 0};
-    CHECK_OK(cpu.LatentAttention(p, **plan));
+    CHECK_OK(cpu.LatentAttention(p, *d->plan));
     return out;
   }
   kernels::KvPolicyLatentDecodeArgs Args(const KvPolicySeq* seqs, void* scratch) const {

@@ -71,10 +71,8 @@ struct DecodeCase {
     std::iota(perm.begin(), perm.end(), 0);
     std::shuffle(perm.begin(), perm.end(), rng);
     tables.assign(static_cast<size_t>(S) * max_blocks, 0);
-    qstart = {0};
     for (int s = 0, next = 0; s < S; ++s) {
       for (int b = 0; b < (lens[s] + bs - 1) / bs; ++b) tables[s * max_blocks + b] = perm[next++];
-      qstart.push_back(s + 1);
     }
     kc = RandomBf16(rng, static_cast<size_t>(num_blocks) * bs * kvw);
     // Outlier channels (what MiKV's balance is for): every 17th key channel from 3, 8x larger.
@@ -144,18 +142,8 @@ struct DecodeCase {
   // The CPU backend's DecodeAttention under the states' policy, F32 on the bf16-rounded values
   // ([S][H * D]); it records importance into the states as the GPU's decode does.
   std::vector<float> CpuDecode(Backend& cpu, std::vector<kvpolicy::SequenceKvPolicy*>& states) const {
-    AttentionBatch batch;
-    batch.num_seqs = S;
-    batch.num_tokens = S;
-    batch.max_seq_len = max_len;
-    batch.max_blocks_per_seq = max_blocks;
-    batch.block_size = block_size;
-    batch.query_start = batch.host_query_start = qstart.data();
-    batch.seq_lens = batch.host_seq_lens = lens.data();
-    batch.block_tables = tables.data();
-    auto plan = cpu.CreateAttentionPlan({S, S, max_blocks});
-    CHECK_OK(plan.status());
-    CHECK_OK(cpu.PlanAttention(batch, **plan));
+    const std::unique_ptr<policy_test::CpuDecodePlan> d = policy_test::PlanCpuDecode(cpu, lens, tables, max_blocks,
+                                                                                       block_size);
     std::vector<float> kcpu = kc, vcpu = vc, qcpu = q, out(static_cast<size_t>(S) * qw, 0.f);
     AttentionParams p;
     p.q = Tensor2D{qcpu.data(), DType::kF32, S, qw, qw};
@@ -166,7 +154,7 @@ struct DecodeCase {
     p.head_dim = D;
     p.scale = scale();
     p.kv_policy = {states.data(), 0};
-    CHECK_OK(cpu.DecodeAttention(p, **plan));
+    CHECK_OK(cpu.DecodeAttention(p, *d->plan));
     return out;
   }
   // The policy decode's arguments over the device copies (layer 0, output into dout).
@@ -199,7 +187,7 @@ struct DecodeCase {
   int S, H, G, D, block_size, max_len = 0, max_blocks = 0;
   int64_t kvw, qw;
   kernels::KvQuant quant;
-  std::vector<int32_t> lens, tables, qstart;
+  std::vector<int32_t> lens, tables;
   std::vector<float> kc, vc, q;
   DeviceBuffer dq, dk, dv, dt, dout, kptr, vptr;  // kptr / vptr: the one layer's K / V pointer
 };

@@ -22,11 +22,7 @@
 namespace lorc {
 
 absl::Status CudaKvPolicySupport(const kvpolicy::KvPolicyConfig& config, bool latent, int32_t query_group) {
-  if (latent && config.kind == kvpolicy::KvPolicyKind::kMikv) {
-    return absl::UnimplementedError(
-        "--kv-policy mikv with a LoRC (latent) model: the cuda backend reads MiKV's low entries beside full K and V "
-        "only so far (--kv-policy corm runs over latents; the cpu backend runs both)");
-  }
+  (void)latent;  // CORM and MiKV run over full-KV and LoRC latent layers alike
   if (query_group > 8) {
     return absl::UnimplementedError(absl::StrCat(
         "--kv-policy ", kvpolicy::KvPolicyKindName(config.kind), ": the cuda backend's policy kernels take up to 8 query "

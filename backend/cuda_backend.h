@@ -27,9 +27,9 @@ absl::StatusOr<std::vector<CudaDeviceInfo>> ListCudaDevices();
 std::string CudaVersionString();
 
 // What the CUDA backend runs under a token-level KV policy (kvpolicy/README.md "On the GPU"):
-// CORM and MiKV over a full-KV cache, bf16 or `--kv-cache-dtype fp8|int8|int4`, and CORM over a
-// LoRC latent model (`latent`) as well, up to 8 query heads per KV head (`query_group`, the policy
-// kernels' limit); Unimplemented naming the flags otherwise (MiKV over latents, larger groups).
+// CORM and MiKV over a full-KV cache or a LoRC latent model (`latent`), bf16 or `--kv-cache-dtype
+// fp8|int8|int4`, up to 8 query heads per KV head (`query_group`, the policy kernels' limit);
+// Unimplemented naming the flags otherwise (larger groups).
 // CudaBackend::CheckKvPolicy at load; host logic, defined with or without CUDA in the build.
 absl::Status CudaKvPolicySupport(const kvpolicy::KvPolicyConfig& config, bool latent, int32_t query_group);
 

@@ -198,16 +198,22 @@ absl::Status Ensure(Backend& be, DeviceBuffer& b, size_t bytes, bool host = fals
 
 // The step's entry groups (one launch each, scratch at most kMaxPolicyScratchBytes), made at its
 // first attention call (the head shape is known there; every layer of a model has the same).
+// `latent_low_bits`: a LoRC model's MiKV bits (its walk, kernels::KvPolicyLatentWalk), else 0. A
+// model's layers are all latent or all full KV (kvstore/kv_spec.cc), so the step's first call
+// decides for all.
 absl::Status PrepareGroups(Backend& be, CudaKvPolicyStep& st, int32_t num_heads, int32_t num_kv_heads,
-                           int32_t head_dim) {
+                           int32_t head_dim, int32_t latent_low_bits = 0) {
   if (st.groups_ready) return absl::OkStatus();
   // Entries in order, a group closing when the next entry would pass the scratch cap.
   size_t most = 0;
   auto make = [&](int32_t begin, int32_t end, std::vector<CudaKvPolicyStep::Group>* out) {
     CudaKvPolicyStep::Group g{begin, 0, 0};
     for (int32_t e = begin; e < end; ++e) {
-      // What it walks: its slots, then (MiKV) its heads' packed entries.
-      const int32_t slots = st.entries[e].seq_len - st.entries[e].slot_offset + st.entries[e].packed_max;
+      // What it walks: its slots, then (MiKV) its heads' packed entries, or over latents the
+      // positions of its packed keys.
+      const kernels::KvPolicySeq& en = st.entries[e];
+      const int32_t slots = latent_low_bits > 0 ? kernels::KvPolicyLatentWalk(en, latent_low_bits)
+                                                : en.seq_len - en.slot_offset + en.packed_max;
       const int32_t len = std::max(g.max_seq_len, slots);
       const size_t bytes =
           kernels::KvPolicyDecodeScratchBytes(g.count + 1, num_heads, num_kv_heads, head_dim, len);
@@ -429,19 +435,19 @@ absl::Status CudaBackend::KvPolicyLatentAttention(const LatentAttentionParams& p
   if (!kv_policy_step_ || !kv_policy_step_->active) {
     return absl::FailedPreconditionError("cuda backend: latent attention with a KV policy before KvPolicyBeginStep");
   }
-  if (IsMikv(p.kv_policy.seqs[0]->config())) {  // CheckKvPolicy refuses it at load
-    return absl::UnimplementedError("cuda backend: --kv-policy mikv over LoRC latent layers");
-  }
   CudaKvPolicyStep& st = *kv_policy_step_;
+  const kvpolicy::KvPolicyConfig& cfg = p.kv_policy.seqs[0]->config();
+  const int32_t low_bits = IsMikv(cfg) ? cfg.low_bits : 0;
   const int32_t layers = p.kv_policy.seqs[0]->num_layers();
   if (p.kv_policy.layer < 0 || p.kv_policy.layer >= layers) {
     return absl::InvalidArgumentError(absl::StrCat("KV policy latent attention: layer ", p.kv_policy.layer, " of ", layers));
   }
-  RETURN_IF_ERROR(PrepareGroups(*this, st, p.num_heads, p.num_kv_heads, p.head_dim));
+  RETURN_IF_ERROR(PrepareGroups(*this, st, p.num_heads, p.num_kv_heads, p.head_dim, low_bits));
   kernels::KvPolicyLatentDecodeArgs la;
   la.latent = a;
   la.layer = p.kv_policy.layer;
   la.record_hits = true;
+  la.low_bits = low_bits;
   la.scratch = st.scratch.data();
   // Decode entries, then prompt rows (their outputs only where read by slot: no_out otherwise).
   for (const auto* groups : {&st.decode_groups, &st.prefill_groups}) {
@@ -528,7 +534,7 @@ absl::Status CudaBackend::KvPolicyCompact(kvpolicy::SequenceKvPolicy& seq, absl:
   const int64_t head_dim = width / heads;
   const kernels::KvQuant quant = layers[0].quant;
   // Every layer of layer 0's kind and widths, 64 or 128 (a full-KV model), or per-layer sides (a
-  // LoRC model: each latent layer's r_k / r_v; CORM only, MiKV over latents is refused at load).
+  // LoRC model: each latent layer's r_k / r_v).
   bool uniform = head_dim == 64 || head_dim == 128;  // the head widths the uniform kernels take
   for (const KvLayer& c : layers) uniform &= c.k_width == width && c.v_width == width;
   kernels::KvPolicyCacheLayout layout;
@@ -560,9 +566,6 @@ absl::Status CudaBackend::KvPolicyCompact(kvpolicy::SequenceKvPolicy& seq, absl:
     }
     ptrs[l] = static_cast<__nv_bfloat16*>(c.k);  // or a quantized layout's bytes (`layout`)
     ptrs[layers.size() + l] = static_cast<__nv_bfloat16*>(c.v);
-  }
-  if (!uniform && IsMikv(seq.config())) {
-    return absl::UnimplementedError("KV policy compaction: MiKV over layers of different widths (LoRC latents)");
   }
   if (static_cast<int64_t>(block_table.size()) * block_size < seq.num_slots() || from < 0 || from > seq.num_slots()) {
     return absl::InvalidArgumentError(absl::StrCat("KV policy compaction: a block table of ", block_table.size(),
@@ -611,8 +614,12 @@ absl::Status CudaBackend::KvPolicyCompact(kvpolicy::SequenceKvPolicy& seq, absl:
   // MiKV: each (layer, head) stages its low entries (at most DeviceLowToPack, the latest counts)
   // in a slice of `stage`; as many layers per launch as kMaxPolicyScratchBytes of staging holds.
   a.low_bits = seq.config().low_bits;
-  const int64_t entry = kvpolicy::LowEntryBytes(head_dim, a.low_bits);
-  a.stage_head_bytes = std::max<int64_t>(seq.DeviceLowToPack(from), 1) * 2 * entry;
+  int64_t entry = 0;  // K + V bytes of one key's entries, the widest layer's
+  for (const KvLayer& c : layers) {
+    entry = std::max(entry, kvpolicy::LowEntryBytes(c.k_width / heads, a.low_bits) +
+                                kvpolicy::LowEntryBytes(c.v_width / heads, a.low_bits));
+  }
+  a.stage_head_bytes = std::max<int64_t>(seq.DeviceLowToPack(from), 1) * entry;
   const int64_t per_layer = a.stage_head_bytes * seq.num_kv_heads();
   const int32_t layers_per_launch = static_cast<int32_t>(
       std::clamp<int64_t>(static_cast<int64_t>(kMaxPolicyScratchBytes) / per_layer, 1, seq.num_layers()));

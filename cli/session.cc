@@ -252,8 +252,8 @@ absl::StatusOr<kvpolicy::KvPolicyConfig> ParseKvPolicyFlags(const Args& args) {
     }
   }
   RETURN_IF_ERROR(kvpolicy::ValidateKvPolicyConfig(c));
-  // (What a backend cannot run under a policy, MiKV over a LoRC model on the GPU, it refuses at
-  // load, naming the flags: CudaBackend::CheckKvPolicy.)
+  // (What a backend cannot run under a policy, more than 8 query heads per KV head on the GPU, it
+  // refuses at load, naming the flags: CudaBackend::CheckKvPolicy.)
   return c;
 }
 

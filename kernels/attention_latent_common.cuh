@@ -75,6 +75,15 @@ struct Smem {
   float* rope8;  // [kD / 2][2] fp32: cos, sin of 8 * inv_freq (DecodeItemT<.., true>)
 };
 
+// No low-precision rows in a tile (the loaders' default; attention_latent_decode_item.cuh: a KV
+// policy's list may have MiKV's packed entries, whose raw words the loaders copy instead).
+struct NoLowRows {
+  static constexpr bool kFix = false;
+  __device__ bool Packed(int) const { return false; }
+  template <bool kAsync>
+  __device__ void CopyRaw(int, bool, int, int, uint32_t*) const {}
+};
+
 // A warp's 16-token key tiles: C_K and C_V rows by cp.async into a stage of its region. A tile
 // is 16 rows x `chunks` 16-byte pieces (C_K's, then C_V's); lane-strided, the row of piece idx
 // is idx / chunks (by a multiply-high: exact for idx < 2^32 / chunks^2) and its slot comes from
@@ -100,17 +109,29 @@ struct TileLoader {
         vc(static_cast<const __nv_bfloat16*>(a_.v_cache) + blockIdx.y * a_.v_rank), kch(a_.k_rank / 8),
         chunks(a_.k_rank / 8 + a_.v_rank / 8), per_lane((kTile * chunks + 31) / 32),
         magic(0xffffffffu / static_cast<uint32_t>(chunks) + 1u) {}
-  __device__ void Issue(int stage, int64_t my_slot) const {
+  // `low` (Low::kFix): the tile's rows are list entries base .. base + 15 of a KV policy's list;
+  // a packed one (low.Packed) gets its entry's raw words instead (low.CopyRaw: piece c of a side
+  // holds words 4c .. 4c + 3 at its place), which the list's Fix decodes once they landed.
+  template <typename Low = NoLowRows>
+  __device__ void Issue(int stage, int64_t my_slot, const Low& low = Low{}, int base = 0) const {
     __nv_bfloat16* ck = region + stage * L.stage_elems;
     __nv_bfloat16* cv = ck + kTile * L.ldk;
     if (a.kv_quant != KvQuant::kNone) {
-      IssueQuantized(ck, cv, my_slot);
+      IssueQuantized(ck, cv, my_slot, low, base);
       return;
     }
     for (int j = 0; j < per_lane; ++j) {  // uniform over the warp (the shuffle needs all lanes)
       const int idx = lane + 32 * j;
       const int r = static_cast<int>(__umulhi(static_cast<uint32_t>(idx), magic)), c = idx - r * chunks;
       const int64_t slot = __shfl_sync(0xffffffffu, my_slot, r & 31);
+      if constexpr (Low::kFix) {
+        if (r < kTile && low.Packed(base + r)) {
+          const bool vside = c >= kch;
+          __nv_bfloat16* d = vside ? cv + r * L.ldv + (c - kch) * 8 : ck + r * L.ldk + c * 8;
+          low.template CopyRaw<true>(base + r, vside, 4 * (vside ? c - kch : c), 4, reinterpret_cast<uint32_t*>(d));
+          continue;
+        }
+      }
       if (r < kTile) {
         const bool valid = slot >= 0;
         const int64_t sl = valid ? slot : 0;
@@ -125,7 +146,9 @@ struct TileLoader {
   // A quantized cache: the same pieces read as codes (KvqLoad8), four per lane at a time so their
   // loads overlap, dequantized to bf16 and stored (zeros past kv_end: zero codes and scales
   // dequantize to 0). Synchronous: the next tile's loads are not in flight during this tile's math.
-  __device__ void IssueQuantized(__nv_bfloat16* ck, __nv_bfloat16* cv, int64_t my_slot) const {
+  template <typename Low>
+  __device__ void IssueQuantized(__nv_bfloat16* ck, __nv_bfloat16* cv, int64_t my_slot, const Low& low,
+                                 int base) const {
     const auto* kb = static_cast<const uint8_t*>(a.k_cache);
     const auto* vb = static_cast<const uint8_t*>(a.v_cache);
     for (int j0 = 0; j0 < per_lane; j0 += 4) {  // uniform over the warp
@@ -141,6 +164,14 @@ struct TileLoader {
         if (j0 + u < per_lane && r < kTile) {
           const bool kside = c < kch;
           dst[u] = kside ? ck + r * L.ldk + c * 8 : cv + r * L.ldv + (c - kch) * 8;
+          if constexpr (Low::kFix) {  // a packed row: its raw words, stored as they are
+            if (low.Packed(base + r)) {
+              low.template CopyRaw<false>(base + r, !kside, 4 * (kside ? c : c - kch), 4,
+                                          reinterpret_cast<uint32_t*>(dst[u]));
+              dst[u] = nullptr;
+              continue;
+            }
+          }
           if (slot >= 0) {
             raw[u] = KvqLoad8Slot(a.kv_quant, kside ? kb : vb, kside ? a.k_q : a.v_q, slot, blockIdx.y,
                                   (kside ? c : c - kch) * 8);

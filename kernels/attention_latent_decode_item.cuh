@@ -55,7 +55,11 @@ struct FixedTileLoader {
   __device__ __forceinline__ uint8_t* Raw(int stage) const {
     return reinterpret_cast<uint8_t*>(region + L.stage_elems) + stage * kTile * kRawRow;
   }
-  __device__ __forceinline__ void Issue(int stage, int my_slot) const {
+  // `low`: as TileLoader::Issue's (a packed row's raw words in place of its pieces: this lane's
+  // piece c of the row's side holds words 4c .. 4c + 3 of a bf16 row, or, quantized, words 2c and
+  // 2c + 1 of the raw stage's 64 bytes of that side).
+  template <typename Low>
+  __device__ __forceinline__ void Issue(int stage, int my_slot, const Low& low, int base) const {
     static_assert(L.ldk == L.ldv, "one row stride for both latents");
     const KvQuant quant = args.kv_quant;
     if constexpr (Q) {
@@ -66,6 +70,13 @@ struct FixedTileLoader {
       for (int j = 0; j < kTile / 2; ++j) {
         const int r = 2 * j + (lane >> 4);
         const int slot = __shfl_sync(0xffffffffu, my_slot, r);
+        if constexpr (Low::kFix) {
+          if (low.Packed(base + r)) {
+            low.template CopyRaw<true>(base + r, v, 2 * (lane & 7), 2,
+                                       reinterpret_cast<uint32_t*>(rs + r * kRawRow + (lane & 15) * 8));
+            continue;
+          }
+        }
         const bool valid = in_rank && slot >= 0;
         const uint8_t* p = valid ? KvqCodePtr(quant, qbase, v ? args.v_q : args.k_q, slot / block_size,
                                               slot % block_size, blockIdx.y, 8 * (lane & 7))
@@ -95,6 +106,13 @@ struct FixedTileLoader {
     for (int j = 0; j < kTile / 2; ++j) {
       const int r = 2 * j + (lane >> 4);
       const int slot = __shfl_sync(0xffffffffu, my_slot, r);
+      if constexpr (Low::kFix) {
+        if (low.Packed(base + r)) {
+          low.template CopyRaw<true>(base + r, (lane & 15) >= 8, 4 * (lane & 7), 4,
+                                     reinterpret_cast<uint32_t*>(dst + stage * L.stage_elems + r * L.ldk));
+          continue;
+        }
+      }
       const bool valid = in_rank && slot >= 0;
       CpAsync16(dst + stage * L.stage_elems + r * L.ldk, src + (valid ? slot : 0) * ld, valid);
     }
@@ -133,10 +151,12 @@ struct FixedTileLoader {
 // slot (-1 past the end), and Pos(j), the position its key is rotated at. PagedKeys: the
 // sequence's tokens in order (j is the position, its slot from the block table), for the paged
 // decode. A KV policy's list (kv_policy_latent.cu) is another: the chunk's kept keys, wherever a
-// compaction moved them, with their positions, and a hook that saves the scores.
+// compaction moved them, with their positions, a hook that saves the scores and (MiKV, kFix) one
+// that writes its low rows' values into a landed bf16 tile before the products read it.
 struct PagedKeys {
   static constexpr bool kConsecutive = true;  // Pos(j + 8) == Pos(j) + 8 (RotateKeyHalf's FR)
   static constexpr bool kScores = false;      // no Score hook
+  static constexpr bool kFix = false;         // no Fix hook (a policy's low rows)
   const int32_t* table;
   int block_size, end;
   __device__ __forceinline__ int Slot(int j) const {
@@ -208,12 +228,12 @@ __device__ __forceinline__ void DecodeItemT(const LatentAttentionArgs& a, const 
   constexpr int kStep = kWarps * kTile;
   const int first = it.kv_start + warp * kTile;
   const int tl = lane % kTile;  // the tile row whose slot this lane looks up
-  if (first < it.kv_end) ld.Issue(0, keys.Slot(first + tl));
+  if (first < it.kv_end) ld.Issue(0, keys.Slot(first + tl), keys, first);
   CpAsyncCommit();
   auto next_slot = keys.Slot(first + kStep + tl);
   int stage = 0;
   for (int base = first; base < it.kv_end; base += kStep) {  // uniform over the warp
-    if (base + kStep < it.kv_end) ld.Issue(stage ^ 1, next_slot);
+    if (base + kStep < it.kv_end) ld.Issue(stage ^ 1, next_slot, keys, base + kStep);
     CpAsyncCommit();
     next_slot = keys.Slot(base + 2 * kStep + tl);
     CpAsyncWait<1>();
@@ -223,6 +243,23 @@ __device__ __forceinline__ void DecodeItemT(const LatentAttentionArgs& a, const 
       ck = ld.Tile(stage);  // the raw stage dequantized into bf16 stage 0
     } else {
       ck = region + stage * L.stage_elems;
+    }
+    if constexpr (Keys::kFix) {  // the low rows, in the warp's own stage; a packed row's raw words
+      // lie at its row's start (bf16 loaders) or in the quantized loader's raw stage
+      __nv_bfloat16* w = const_cast<__nv_bfloat16*>(ck);
+      const uint8_t* raw_k;
+      int raw_ld_k, raw_ld_v, raw_v_off;
+      if constexpr (kFixed && QF) {
+        raw_k = ld.Raw(stage);
+        raw_ld_k = raw_ld_v = kRawRow;
+        raw_v_off = kRawRow / 2;
+      } else {
+        raw_k = reinterpret_cast<const uint8_t*>(w);
+        raw_ld_k = 2 * L.ldk;
+        raw_ld_v = 2 * L.ldv;
+        raw_v_off = 2 * kTile * L.ldk;
+      }
+      keys.template Fix<kFixed>(w, w + kTile * L.ldk, base, L, raw_k, raw_k + raw_v_off, raw_ld_k, raw_ld_v, lane);
     }
     const __nv_bfloat16* cv = ck + kTile * L.ldk;
     // The positions of tile rows g and g + 8 (RoPE).

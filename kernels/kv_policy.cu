@@ -482,18 +482,18 @@ __global__ void __launch_bounds__(kChooseThreads) ObserveKernel(const KvPolicySe
 // kCompactThreads / kCompactChunk threads per key row (each a slice of its K and V rows).
 constexpr int kCompactThreads = 256, kCompactChunk = 64, kCompactParts = kCompactThreads / kCompactChunk;
 
-// Copies `entries` entries of `entry` bytes per side between a head's run from sequence slot
-// `base` (K entries through the K rows' region, V's through V's) and the stage (entry i's K then
-// V bytes at i * 2 * entry): into the stage (to_run false) or out of it. The CTA's threads share
-// the bytes.
+// Copies `entries` entries between a head's run from sequence slot `base` (K entries of kb bytes
+// through the K rows' region, V's of vb through V's) and the stage (entry i's K then V bytes at
+// i * (kb + vb)): into the stage (to_run false) or out of it. The CTA's threads share the bytes.
 __device__ void CopyRun(const KvPolicyCompactArgs& a, CacheSide kc, CacheSide vc, int head,
-                        int32_t base, int32_t entries, int entry, uint8_t* stage, bool to_run) {
-  const int32_t side_bytes = entries * entry;
-  for (int32_t b = threadIdx.x; b < 2 * side_bytes; b += blockDim.x) {
-    const bool v_side = b >= side_bytes;
-    const int32_t rb = v_side ? b - side_bytes : b;
+                        int32_t base, int32_t entries, int kb, int vb, uint8_t* stage, bool to_run) {
+  const int32_t k_bytes = entries * kb, total = entries * (kb + vb);
+  for (int32_t b = threadIdx.x; b < total; b += blockDim.x) {
+    const bool v_side = b >= k_bytes;
+    const int32_t rb = v_side ? b - k_bytes : b;
+    const int entry = v_side ? vb : kb;
     uint8_t* run = RunByte(v_side ? vc : kc, head, a.block_table, a.block_size, base, rb);
-    uint8_t* staged = stage + static_cast<int64_t>(rb / entry) * 2 * entry + (v_side ? entry : 0) + rb % entry;
+    uint8_t* staged = stage + static_cast<int64_t>(rb / entry) * (kb + vb) + (v_side ? kb : 0) + rb % entry;
     if (to_run) {
       *run = *staged;
     } else {
@@ -502,25 +502,33 @@ __device__ void CopyRun(const KvPolicyCompactArgs& a, CacheSide kc, CacheSide vc
   }
 }
 
+// The bytes of one side's low entry of a head of `width` values (kvpolicy::LowEntryBytes).
+__device__ __forceinline__ int LowEntryBytesOf(int width, int bits) { return width * bits / 8 + 4; }
+
 // MiKV compaction, the staging (kvpolicy SequenceKvPolicy::Compact's LowRepack sources, read
-// before any move): entry i of the head's new run at stage + i * 2 * entry_bytes (K entry, then V
-// entry): first the old run's entries [0, num_packed), then the kKvPolicyLow keys at positions >=
-// from in position order, quantized from their slots (kvpolicy EncodeLowEntry: K times the
-// balance), which become kKvPolicyLowPacked. Returns the entries staged (every thread).
-template <int D>
+// before any move): entry i of the head's new run at stage + i * (kb + vb) (K entry, then V
+// entry; kb / vb: LowEntryBytesOf the sides' widths, head_dim, or a LoRC layer's r_k / r_v):
+// first the old run's entries [0, num_packed), then the kKvPolicyLow keys at positions >= from in
+// position order, quantized from their slots (kvpolicy EncodeLowEntry: K times the balance, where
+// fixed: never over latents, whose layers do not balance), which become kKvPolicyLowPacked with
+// slot = their entry's index. A warp per key, lane
+// i holding channels [4 i, 4 i + 4) of a side (widths <= 128, multiples of 8); lanes past the
+// width hold a copy of channel 0, which leaves the row's min and max as they are. Returns the
+// entries staged (every thread).
 __device__ int StageLowEntries(const KvPolicyCompactArgs& a, const KvPolicySeq& seq, int lhead, int head,
-                               uint8_t* state, CacheSide kc, CacheSide vc, uint8_t* stage,
+                               uint8_t* state, int32_t* slot, CacheSide kc, CacheSide vc, uint8_t* stage,
                                int* sm_rank, int* sm_count) {
-  constexpr int E = D / 32;
-  const int bits = a.low_bits, code_bytes = D * bits / 8, entry = code_bytes + 4;
+  constexpr int E = 4;
+  const int bits = a.low_bits;
+  const int kb = LowEntryBytesOf(kc.head_dim, bits), vb = LowEntryBytesOf(vc.head_dim, bits);
   const int old = seq.num_packed[lhead];
-  const int64_t capacity = a.stage_head_bytes / (2 * entry);
+  const int64_t capacity = a.stage_head_bytes / (kb + vb);
   // The old run.
-  CopyRun(a, kc, vc, head, seq.low_base[lhead], static_cast<int32_t>(min(static_cast<int64_t>(old), capacity)), entry,
-          stage, /*to_run=*/false);
+  CopyRun(a, kc, vc, head, seq.low_base[lhead], static_cast<int32_t>(min(static_cast<int64_t>(old), capacity)), kb,
+          vb, stage, /*to_run=*/false);
   // The demoted keys since, a chunk of kCompactChunk positions at a time; a warp per key.
   const float* balance =
-      seq.balance_set[lhead] == kKvBalanceFixed ? seq.balance + static_cast<size_t>(lhead) * D : nullptr;
+      seq.balance_set[lhead] == kKvBalanceFixed ? seq.balance + static_cast<size_t>(lhead) * kc.head_dim : nullptr;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   int n = old;
   for (int p0 = a.from; p0 < seq.seq_len; p0 += kCompactChunk) {
@@ -539,24 +547,31 @@ __device__ int StageLowEntries(const KvPolicyCompactArgs& a, const KvPolicySeq& 
       const int64_t e = n + rank;
       if (e >= capacity) continue;  // the host sized the stage from the counts: never
       const int p = p0 + k;
-      const int64_t cs = CacheSlot(a.block_table, seq.slot[static_cast<size_t>(lhead) * seq.capacity + p], a.block_size);
+      const int64_t cs = CacheSlot(a.block_table, slot[p], a.block_size);
       for (int side = 0; side < 2; ++side) {
+        const CacheSide& c = side == 0 ? kc : vc;
+        const int width = c.head_dim, ch = lane * E;
+        const bool mine = ch < width;
         float x[E];
-        LoadValues<E>(side == 0 ? kc : vc, cs, head, lane * E, x);
+        LoadValues<E>(c, cs, head, mine ? ch : 0, x);
+        if (side == 0 && balance != nullptr && mine) {
+#pragma unroll
+          for (int i = 0; i < E; ++i) x[i] = __fmul_rn(x[i], balance[ch + i]);
+        }
+        const float x0 = __shfl_sync(0xffffffffu, x[0], 0);  // balanced, as the row's values
+#pragma unroll
+        for (int i = 0; i < E; ++i) x[i] = mine ? x[i] : x0;
         int code[E];
         uint16_t scale16, zero16;
-        QuantizeBalancedLane<E>(x, side == 0 ? balance : nullptr, lane, bits, code, &scale16, &zero16);
-        // This lane's E * bits bits at bit lane * E * bits of the codes (4, 8 or 16 bits).
+        QuantizeLane<E>(x, bits, code, &scale16, &zero16);
+        // This lane's 4 * bits bits (16 or 8) at byte lane * bits / 2 of the codes.
         uint32_t word = 0;
 #pragma unroll
         for (int i = 0; i < E; ++i) word |= static_cast<uint32_t>(code[i]) << (i * bits);
-        uint8_t* out = stage + e * 2 * entry + side * entry;
-        const int nbits = E * bits;
-        if (nbits >= 8) {
-          for (int i = 0; i < nbits / 8; ++i) out[lane * nbits / 8 + i] = static_cast<uint8_t>(word >> (8 * i));
-        } else {  // 4 bits: pairs of lanes share a byte
-          const uint32_t hi = __shfl_down_sync(0xffffffffu, word, 1);
-          if ((lane & 1) == 0) out[lane / 2] = static_cast<uint8_t>(word | (hi << 4));
+        uint8_t* out = stage + e * (kb + vb) + (side == 0 ? 0 : kb);
+        const int code_bytes = width * bits / 8;
+        if (mine) {
+          for (int i = 0; i < bits / 2; ++i) out[lane * bits / 2 + i] = static_cast<uint8_t>(word >> (8 * i));
         }
         if (lane == 0) {
           out[code_bytes] = static_cast<uint8_t>(scale16);
@@ -565,7 +580,10 @@ __device__ int StageLowEntries(const KvPolicyCompactArgs& a, const KvPolicySeq& 
           out[code_bytes + 3] = static_cast<uint8_t>(zero16 >> 8);
         }
       }
-      if (lane == 0) state[p] = kKvPolicyLowPacked;
+      if (lane == 0) {
+        state[p] = kKvPolicyLowPacked;
+        slot[p] = static_cast<int32_t>(e);
+      }
     }
     n += sm_count[0] + sm_count[1];
     __syncthreads();  // sm_* reused by the next chunk
@@ -609,8 +627,7 @@ __global__ void __launch_bounds__(kCompactThreads, 1) CompactKernel(KvPolicyComp
   // at positions >= from), written as the new run after them.
   int staged = 0;
   uint8_t* stage = a.low_bits > 0 ? a.stage + static_cast<int64_t>(blockIdx.x) * a.stage_head_bytes : nullptr;
-  const int entry_bytes = D * a.low_bits / 8 + 4;  // MiKV: one side of an entry
-  if (stage != nullptr) staged = StageLowEntries<D>(a, seq, lhead, head, state, kc, vc, stage, sm_rank, sm_count);
+  if (stage != nullptr) staged = StageLowEntries(a, seq, lhead, head, state, slot, kc, vc, stage, sm_rank, sm_count);
   int next = a.from;  // the next destination slot
   for (int p0 = a.from; p0 < seq.seq_len; p0 += kCompactChunk) {
     if (threadIdx.x < kCompactChunk) {  // two whole warps: ballots
@@ -676,7 +693,8 @@ __global__ void __launch_bounds__(kCompactThreads, 1) CompactKernel(KvPolicyComp
   for (int s = next + static_cast<int>(threadIdx.x); s < a.old_slots; s += kCompactThreads) pos[s] = -1;
   if (stage == nullptr) return;
   // The new run, right after the full one.
-  CopyRun(a, kc, vc, head, next, staged, entry_bytes, stage, /*to_run=*/true);
+  CopyRun(a, kc, vc, head, next, staged, LowEntryBytesOf(kc.head_dim, a.low_bits), LowEntryBytesOf(vc.head_dim, a.low_bits),
+          stage, /*to_run=*/true);
   if (threadIdx.x == 0) {
     seq.low_base[lhead] = next;
     seq.num_packed[lhead] = staged;
@@ -732,8 +750,8 @@ cudaError_t LaunchKvPolicyCompact(const KvPolicyCompactArgs& a, cudaStream_t str
       (a.low_bits != 0 && ((a.low_bits != 2 && a.low_bits != 4) || a.stage == nullptr || a.stage_head_bytes < 0))) {
     return cudaErrorInvalidValue;
   }
-  if (a.sides != nullptr) {  // CORM over per-layer widths: every side one the kernel moves
-    if (a.host_sides == nullptr || a.low_bits != 0) return cudaErrorInvalidValue;
+  if (a.sides != nullptr) {  // per-layer widths: every side one the kernel moves
+    if (a.host_sides == nullptr) return cudaErrorInvalidValue;
     for (int l = a.layer0; l < a.layer0 + a.num_layers; ++l) {
       const KvPolicyLayerSides& ls = a.host_sides[l];
       for (const auto& [dim, stride, q] :

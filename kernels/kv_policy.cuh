@@ -53,8 +53,10 @@ inline constexpr int32_t kKvBalanceUnset = 0, kKvBalanceFixed = 1;
 // rank), `capacity` positions at offset (layer * num_kv_heads + head) * capacity:
 //   state     uint8: kKvPolicyDead / kKvPolicyFull / kKvPolicyLow (MiKV: demoted, still in its
 //             full slot, read quantized on the fly) / kKvPolicyLowPacked (in the head's run);
-//   slot      int32: the cache slot of a kFull key as an index into the sequence's block-table
-//             slots (table[slot / block_size] * block_size + slot % block_size);
+//   slot      int32: the cache slot of a kFull (or kKvPolicyLow) key as an index into the
+//             sequence's block-table slots (table[slot / block_size] * block_size + slot %
+//             block_size); of a kKvPolicyLowPacked key, its entry's index in the head's run (set
+//             by KvPolicyCompact; the LoRC latent decode finds packed keys by position);
 //   last_hit  int32: the latest query position that gave the key probability >= 1/t;
 //   pos       int32, indexed by slot: the position whose key the slot holds, or -1 for none (a
 //             slot past a head's run after a compaction); slot[pos[s]] == s for every slot s <
@@ -160,6 +162,9 @@ struct KvPolicyDecodeArgs {
   // its score and probability; int4 zero + code x scale), Q rounded to fp16 for the fp16 S mma;
   // MiKV runs the CUDA-core kernels.
   bool cuda_cores = false;
+  // Internal: set by LaunchKvPolicyLatentDecode for the passes it shares (importance, reduce),
+  // whose chunks then follow KvPolicyLatentWalk.
+  bool latent_walk = false;
 };
 
 // Bytes of scratch LaunchKvPolicyDecode needs for this batch shape: scores [num_seqs][num_heads]
@@ -180,27 +185,46 @@ cudaError_t LaunchKvPolicyDecode(const KvPolicyDecodeArgs& args, cudaStream_t st
 // state) with their positions, then the latent decode's tiles run over the list (attention_latent_decode_item.cuh DecodeItemT:
 // keys reconstructed from C_K on the tensor cores and rotated at each key's own position, S and
 // P C_V on mma.sync), the scores saved for the importance pass; the importance and the reduce are
-// the tensor-core policy decode's. Output r_v columns per query head (o_proj holds B_V). CORM only
-// (low_bits 0: MiKV's low entries are not read here).
+// the tensor-core policy decode's. Output r_v columns per query head (o_proj holds B_V).
+// MiKV (low_bits 4 / 2): the low keys are listed too and counted in t (never recorded: a low key
+// is not chosen again). A latent key's rotation needs its position, and a packed entry carries
+// none, so the walk is: the slots [0, seq_len - slot_offset) (full keys, and kKvPolicyLow ones
+// still in their slots), then, when packed_max > 0, the positions [0, seq_len) whose key is
+// kKvPolicyLowPacked (slot[pos] = its entry index). A low key's latent rows are its entry's
+// values (backend/cpu_kv_policy.cc GatherKeptHead, kvpolicy/low_precision.h bit for bit, no key
+// balance: latents are not in the query's channel space): an unpacked one read from its slot
+// (fp32, as the CPU's LoadKvHead), quantized and dequantized; a packed one decoded from the
+// head's run (K entries LowEntryBytes(r_k), V entries LowEntryBytes(r_v)); both then rounded to
+// bf16 in the tile like every other row.
 struct KvPolicyLatentDecodeArgs {
   // The layer: q, out (rows by the entries' q_row), k_up, caches (bf16 or quantized), ranks,
   // inv_freq, block tables (rows by table_row), scale; query_start and seq_lens are not read.
   LatentAttentionArgs latent;
   const KvPolicySeq* seqs = nullptr;  // [num_seqs] entries, device
   int32_t layer = 0, num_seqs = 0;
-  int32_t max_seq_len = 0;  // host: the longest walk, seq_len - slot_offset
+  // host: the longest walk, seq_len - slot_offset, plus (MiKV, packed_max > 0) seq_len
+  // (KvPolicyLatentWalk)
+  int32_t max_seq_len = 0;
   bool record_hits = true;
+  int32_t low_bits = 0;  // MiKV's 4 or 2; 0: CORM (full keys only)
   // KvPolicyDecodeScratchBytes(num_seqs, num_heads, num_kv_heads, head_dim = 128, max_seq_len).
   void* scratch = nullptr;
   // Policy chunks a CTA lists and runs as one item: 0, the launcher's choice (the longest of 4, 2,
   // 1 that still fills the device twice over; LORC_KV_POLICY_LATENT_SPAN=1|2|4 fixes it for a
-  // process); 1, 2 or 4 fix it (tests, A/B).
+  // process); 1, 2 or 4 fix it (tests, A/B). MiKV lists at most 2 (4 runs as 2: the shared memory
+  // of its list).
   int32_t span = 0;
 };
 // cudaErrorInvalidValue for what the latent kernels do not take (LatentShapeSupported, alignment,
 // a quantized layout they cannot read), a group above 8, no scratch or entries, a span other than
-// 0, 1, 2 or 4.
+// 0, 1, 2 or 4, low_bits other than 0, 2, 4.
 cudaError_t LaunchKvPolicyLatentDecode(const KvPolicyLatentDecodeArgs& args, cudaStream_t stream);
+
+// The walk of an entry of the latent decode (host and device): its slots, then, MiKV with packed
+// entries (low_bits > 0 and packed_max > 0), its positions. Scratch and grids are sized by it.
+__host__ __device__ inline int32_t KvPolicyLatentWalk(const KvPolicySeq& seq, int32_t low_bits) {
+  return seq.seq_len - seq.slot_offset + (low_bits > 0 && seq.packed_max > 0 ? seq.seq_len : 0);
+}
 
 // Positions [extend_from, seq_len) of every sequence become kFull with last_hit = the position
 // and slot = position - slot_offset (pos[slot] = position), in every (layer, head) (kvpolicy
@@ -265,8 +289,11 @@ cudaError_t LaunchKvPolicyObserveQueries(const KvPolicySeq* seqs, int num_seqs, 
 // packed run's entries, then the kKvPolicyLow keys at positions >= from in position order,
 // quantized from their slots: K with the balance), after them writes the staged entries as the
 // new run right after the head's full run (low_base, num_packed; those keys become
-// kKvPolicyLowPacked). The run's order differs from the CPU's (old entries first, not merged by
-// position); no reader depends on it (entries are read by index, never by position).
+// kKvPolicyLowPacked, their slot the entry's index). The run's order differs from the CPU's (old
+// entries first, not merged by position); no reader depends on it (entries are read by index:
+// from the walk past the slots, or from slot[pos]). Over per-layer sides (a LoRC model) a K entry
+// is LowEntryBytes(k_dim) bytes and a V entry LowEntryBytes(v_dim) (a LoRC model's heads never fix
+// a balance: its layers do not balance keys).
 // One layer's cache sides as a compaction of per-layer widths addresses them (a LoRC model: each
 // latent layer's r_k / r_v per KV head, full-KV layers head_dim): values per KV head of a slot,
 // bf16 elements per slot (kv_quant kNone), or the quantized geometry, MakeKvqSide(kv_quant,
@@ -292,11 +319,11 @@ struct KvPolicyCompactArgs {
   int32_t old_slots = 0;  // the slots the sequence held before: pos of [run end, old_slots) -> -1
   int32_t layer0 = 0;     // the first layer of this launch (k_layers / v_layers index all)
   // MiKV: low_bits 4 / 2 and a staging area of stage_head_bytes per CTA (layer0-relative (layer,
-  // head) order), at least (low entries of the head) x (K + V entry bytes).
+  // head) order), at least (low entries of the head) x (K + V entry bytes of the widest layer).
   int32_t low_bits = 0;
   uint8_t* stage = nullptr;
   int64_t stage_head_bytes = 0;
-  // CORM over layers of their own widths (low_bits 0): per layer of k_layers, its sides (device;
+  // Layers of their own widths (a LoRC model, CORM or MiKV): per layer of k_layers, its sides (device;
   // `host_sides` the same array on the host, checked by the launcher), used instead of kv_stride,
   // head_dim and layout's geometry (layout.kv_quant still names the cache's kind). Widths are
   // multiples of 8 up to 128; an int4 region of 4 bytes modulo 8 moves in 4-byte words.
@@ -304,8 +331,8 @@ struct KvPolicyCompactArgs {
   const KvPolicyLayerSides* host_sides = nullptr;
 };
 // cudaErrorInvalidValue for head_dim other than 64 / 128 (without sides), missing pointers,
-// old_slots < from, low_bits without its arrays and staging (or with sides), or a quantized
-// layout KvqSideReadable refuses.
+// old_slots < from, low_bits without its arrays and staging, or a quantized layout
+// KvqSideReadable refuses.
 cudaError_t LaunchKvPolicyCompact(const KvPolicyCompactArgs& args, cudaStream_t stream);
 
 }  // namespace lorc::kernels

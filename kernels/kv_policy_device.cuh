@@ -75,6 +75,26 @@ __device__ __forceinline__ int64_t CacheSlot(const int32_t* table, int32_t slot,
 
 __device__ __forceinline__ bool IsLow(uint8_t st) { return st == kKvPolicyLow || st == kKvPolicyLowPacked; }
 
+// QuantizeLow's parameters from a row's min and max: zero = min rounded down to fp16, scale =
+// (max - zero) / (2^bits - 1) rounded up to fp16, and 1 / scale (0 for a constant row).
+struct LowRange {
+  uint16_t scale16, zero16;
+  float zero, inv;
+};
+__device__ __forceinline__ LowRange LowRangeOf(float mn, float mx, int bits) {
+  LowRange r;
+  r.zero16 = KvqF16RoundDown(mn);
+  r.zero = KvqF16ToF32(r.zero16);
+  r.scale16 = KvqF16RoundUp(__fdiv_rn(__fsub_rn(mx, r.zero), static_cast<float>((1 << bits) - 1)));
+  const float scale = KvqF16ToF32(r.scale16);
+  r.inv = scale > 0.f ? __fdiv_rn(1.0f, scale) : 0.f;
+  return r;
+}
+// One value's code: round((x - zero) / scale), clamped to [0, 2^bits - 1].
+__device__ __forceinline__ int LowCode(float x, const LowRange& r, int bits) {
+  return min(max(static_cast<int>(rintf(__fmul_rn(__fsub_rn(x, r.zero), r.inv))), 0), (1 << bits) - 1);
+}
+
 // QuantizeLow of a row held by kLanes aligned lanes (a lane holds values [i * E, i * E + E), i
 // its index among them; the whole warp, or each half / quarter of it, one row): the codes of this
 // lane's values and the entry's fp16 (scale, zero). Every lane of the warp must call it.
@@ -92,16 +112,11 @@ __device__ __forceinline__ void QuantizeLane(const float (&x)[E], int bits, int 
     mn = fminf(mn, __shfl_xor_sync(0xffffffffu, mn, o));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
   }
-  const int levels = (1 << bits) - 1;
-  *zero16 = KvqF16RoundDown(mn);
-  const float zero = KvqF16ToF32(*zero16);
-  *scale16 = KvqF16RoundUp(__fdiv_rn(__fsub_rn(mx, zero), static_cast<float>(levels)));
-  const float scale = KvqF16ToF32(*scale16);
-  const float inv = scale > 0.f ? __fdiv_rn(1.0f, scale) : 0.f;
+  const LowRange r = LowRangeOf(mn, mx, bits);
+  *zero16 = r.zero16;
+  *scale16 = r.scale16;
 #pragma unroll
-  for (int e = 0; e < E; ++e) {
-    code[e] = min(max(static_cast<int>(rintf(__fmul_rn(__fsub_rn(x[e], zero), inv))), 0), levels);
-  }
+  for (int e = 0; e < E; ++e) code[e] = LowCode(x[e], r, bits);
 }
 
 template <int E>
@@ -233,6 +248,11 @@ __device__ __forceinline__ LowHead LowHeadOf(const KvPolicySeq& seq, int low_bit
 // The walk of an entry: its slots, then (MiKV) up to packed_max packed entries.
 __device__ __forceinline__ int WalkLength(const KvPolicySeq& seq, int low_bits) {
   return seq.seq_len - seq.slot_offset + (low_bits > 0 && seq.num_packed != nullptr ? seq.packed_max : 0);
+}
+// The walk of an entry in a launch of the tensor-core decode's passes: WalkLength, or the latent
+// decode's (kv_policy.cuh KvPolicyLatentWalk).
+__device__ __forceinline__ int WalkOf(const KvPolicyDecodeArgs& a, const KvPolicySeq& seq) {
+  return a.latent_walk ? KvPolicyLatentWalk(seq, a.low_bits) : WalkLength(seq, a.low_bits);
 }
 
 // A block-wide exclusive scan of the threads' counts `mine` (a block of kWarps whole warps, every

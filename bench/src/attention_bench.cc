@@ -28,10 +28,12 @@
 // margin). Table, then one JSON line. With --kv-cache-dtype fp8|int8|int4 as well: the same over
 // a cache of that dtype (paged and policy decode reading codes and scales; MiKV's columns run the
 // CUDA-core kernels on either row: MiKV over a quantized cache has no tensor-core kernel).
-// --kv-policy --lorc: CORM over LoRC latents of ranks 64/64 (kernels/kv_policy.cuh
-// LaunchKvPolicyLatentDecode) at the same contexts and batches: the paged latent decode, then the
-// policy's with every key kept, 30 % kept, 30 % compacted and 30 % without recording importance,
-// each with its DRAM floor (the latents read, scales included, at kFloorGBs).
+// --kv-policy --lorc: CORM and MiKV over LoRC latents of ranks 64/64 (kernels/kv_policy.cuh
+// LaunchKvPolicyLatentDecode) at the same contexts and batches: the paged latent decode, then
+// CORM's with every key kept, 30 % kept, 30 % compacted and 30 % without recording importance,
+// then MiKV's (int4; int2 over an int4 cache) at 30 % kept with the others demoted in their slots
+// and compacted (the others packed in runs), each with its DRAM floor (the latents and entries
+// read, scales included, at kFloorGBs).
 // Usage: build/bin/attention_bench [--kv-cache-dtype D] [--prefill | --kv-policy [--lorc]] (needs
 // a CUDA device).
 #include <algorithm>
@@ -329,11 +331,23 @@ double RunPolicy(Backend& be, bool cuda_cores, int batch, int ctx, double kept, 
   });
 }
 
-// --kv-policy --lorc: one layer's CORM decode over LoRC latents of ranks `rank` / `rank` (the
+// --kv-policy --lorc: one layer's policy decode over LoRC latents of ranks `rank` / `rank` (the
 // tensor-core latent policy kernel), `batch` sequences of `ctx` keys, a fraction `kept` kFull as
-// RunPolicy's; cycles over layer caches as Run does.
-double RunLatentPolicy(Backend& be, int batch, int ctx, double kept, bool record_hits, int rank, KvQuant quant) {
-  const int blocks_per_seq = (ctx + kBlock - 1) / kBlock;
+// RunPolicy's; cycles over layer caches as Run does. MiKV (low_bits 4 / 2): the others kLow in
+// their slots, or (`compacted`) the kept keys in slots [0, F) and the others packed in a run after
+// them, what a compaction leaves (the walk: F + run slots, then the ctx positions).
+double RunLatentPolicy(Backend& be, int batch, int ctx, double kept, bool record_hits, int rank, KvQuant quant,
+                       int low_bits = 0, bool compacted = false) {
+  // The compacted MiKV layout, the same for every (sequence, layer, head): position p kFull when
+  // p < 4, p >= ctx - 32 or p % 10 < 10 x kept, else packed.
+  std::vector<int32_t> full_pos, low_pos;
+  for (int p = 0; compacted && p < ctx; ++p) {
+    (p < 4 || p >= ctx - 32 || p % 10 < static_cast<int>(10 * kept) ? full_pos : low_pos).push_back(p);
+  }
+  const int64_t region = quant == KvQuant::kNone ? 2 * rank : kernels::KvqHeadCodeBytes(quant, rank);
+  const int64_t entry = int64_t{rank} * low_bits / 8 + 4;
+  const int slots = compacted ? static_cast<int>(full_pos.size() + (low_pos.size() * entry + region - 1) / region) : ctx;
+  const int blocks_per_seq = (slots + kBlock - 1) / kBlock;
   const int64_t width = kHeads * kDim;
   const int64_t layer_bytes = int64_t{batch} * blocks_per_seq * kBlock * SideBytesPerToken(quant, rank);
   const int layers = static_cast<int>(std::clamp<int64_t>(kCycleBytes / layer_bytes, 1, 16));
@@ -346,9 +360,44 @@ double RunLatentPolicy(Backend& be, int batch, int ctx, double kept, bool record
   std::vector<int32_t> tables(int64_t{batch} * blocks_per_seq);
   for (size_t i = 0; i < tables.size(); ++i) tables[i] = static_cast<int32_t>(i);
   DeviceBuffer dtables = Put(be, tables);
-  BenchStates bs = MakeBenchStates(be, batch, ctx, layers, kept, kernels::kKvPolicyDead);
+  BenchStates bs = MakeBenchStates(be, batch, ctx, layers, kept, low_bits > 0 ? kernels::kKvPolicyLow : kernels::kKvPolicyDead);
+  const size_t lheads = static_cast<size_t>(layers) * kKvHeads;
+  DeviceBuffer dpos, dints;
+  if (compacted) {  // the states rewritten as a compaction leaves them (a separate pos array)
+    const size_t per_seq = lheads * ctx;
+    std::vector<uint8_t> state(per_seq * batch, kernels::kKvPolicyLowPacked);
+    std::vector<int32_t> slot(per_seq * batch), pos(per_seq * batch, -1);
+    for (size_t row = 0; row < lheads * batch; ++row) {
+      for (size_t i = 0; i < full_pos.size(); ++i) {
+        state[row * ctx + full_pos[i]] = kernels::kKvPolicyFull;
+        slot[row * ctx + full_pos[i]] = static_cast<int32_t>(i);
+        pos[row * ctx + i] = full_pos[i];
+      }
+      for (size_t i = 0; i < low_pos.size(); ++i) slot[row * ctx + low_pos[i]] = static_cast<int32_t>(i);
+    }
+    CHECK_OK(be.CopyToDevice(bs.state.data(), state.data(), state.size()));
+    CHECK_OK(be.CopyToDevice(bs.slot.data(), slot.data(), slot.size() * 4));
+    dpos = Put(be, pos);
+    std::vector<int32_t> ints(3 * lheads);
+    for (size_t i = 0; i < lheads; ++i) {
+      ints[i] = static_cast<int32_t>(full_pos.size());
+      ints[lheads + i] = static_cast<int32_t>(low_pos.size());
+      ints[2 * lheads + i] = kernels::kKvBalanceUnset;
+    }
+    dints = Put(be, ints);
+    for (int s = 0; s < batch; ++s) {
+      kernels::KvPolicySeq& e = bs.seqs[s];
+      e.pos = dpos.as<int32_t>() + s * per_seq;
+      e.slot_offset = ctx - slots;
+      e.low_base = dints.as<int32_t>();
+      e.num_packed = dints.as<int32_t>() + lheads;
+      e.balance_set = dints.as<int32_t>() + 2 * lheads;
+      e.packed_max = static_cast<int32_t>(low_pos.size());
+    }
+  }
   DeviceBuffer dseqs = Put(be, bs.seqs);
-  auto scratch = be.Allocate(kernels::KvPolicyDecodeScratchBytes(batch, kHeads, kKvHeads, kDim, ctx));
+  const int walk = kernels::KvPolicyLatentWalk(bs.seqs[0], low_bits);
+  auto scratch = be.Allocate(kernels::KvPolicyDecodeScratchBytes(batch, kHeads, kKvHeads, kDim, walk));
   CHECK(scratch.ok()) << scratch.status();
   kernels::KvPolicyLatentDecodeArgs a;
   kernels::LatentAttentionArgs& l = a.latent;
@@ -374,8 +423,9 @@ double RunLatentPolicy(Backend& be, int batch, int ctx, double kept, bool record
   }
   a.seqs = dseqs.as<kernels::KvPolicySeq>();
   a.num_seqs = batch;
-  a.max_seq_len = ctx;
+  a.max_seq_len = walk;
   a.record_hits = record_hits;
+  a.low_bits = low_bits;
   a.scratch = scratch->data();
   const auto stream = static_cast<cudaStream_t>(be.stream_handle());
   return TimeUs(be, [&](int i) {
@@ -389,11 +439,13 @@ double RunLatentPolicy(Backend& be, int batch, int ctx, double kept, bool record
 
 int LatentPolicyTable(Backend& be, KvQuant quant, const char* dtype) {
   constexpr int kRank = 64;
-  std::printf("%s\nCORM over LoRC latents (ranks %d/%d), Llama-3-8B attention (32 q / 8 kv heads x 128, block_size "
-              "16), %s cache, per layer; floor = latent bytes read / %.0f GB/s\n",
-              be.Describe().c_str(), kRank, kRank, dtype, kFloorGBs);
+  // MiKV int2 over latents of an int4 cache: int4 entries (36 bytes) exceed its 32-byte regions.
+  const int mikv_bits = quant == KvQuant::kInt4 ? 2 : 4;
+  std::printf("%s\nCORM and MiKV int%d over LoRC latents (ranks %d/%d), Llama-3-8B attention (32 q / 8 kv heads x "
+              "128, block_size 16), %s cache, per layer; floor = latent bytes read / %.0f GB/s\n",
+              be.Describe().c_str(), mikv_bits, kRank, kRank, dtype, kFloorGBs);
   std::printf("  batch x ctx  latent paged us  floor us  policy all us  policy 30%% us  30%% compacted us  floor us  "
-              "30%% no-hits us\n");
+              "30%% no-hits us  mikv 30%% us  mikv 30%% compacted us  floor us\n");
   std::string json = "{\"bench\":\"attention_kv_policy_latent\",\"device\":\"" + be.Describe() +
                      "\",\"kv_cache_dtype\":\"" + dtype + "\",\"rank\":64,\"kept\":0.3,\"cases\":[";
   bool first = true;
@@ -405,17 +457,27 @@ int LatentPolicyTable(Backend& be, KvQuant quant, const char* dtype) {
       const double part = RunLatentPolicy(be, batch, ctx, 0.3, true, kRank, quant);
       const double compacted = RunLatentPolicy(be, batch, kept, 1.0, true, kRank, quant);
       const double nohits = RunLatentPolicy(be, batch, ctx, 0.3, false, kRank, quant);
+      const double mikv = RunLatentPolicy(be, batch, ctx, 0.3, true, kRank, quant, mikv_bits);
+      const double mikv_packed = RunLatentPolicy(be, batch, ctx, 0.3, true, kRank, quant, mikv_bits, true);
       auto floor_us = [&](int keys) {
         return 2.0 * batch * keys * SideBytesPerToken(quant, kRank) / (kFloorGBs * 1e3);
       };
-      std::printf("  %3d x %5d  %15.2f  %8.2f  %13.2f  %13.2f  %16.2f  %8.2f  %14.2f\n", batch, ctx, paged,
-                  floor_us(ctx), all, part, compacted, floor_us(kept), nohits);
-      char buf[400];
+      // MiKV compacted: the kept 30 % of rows plus the others' entries (K and V), and the states
+      // walked (a position's state and slot, 5 bytes, per KV head).
+      const double mikv_floor =
+          floor_us(kept) + (2.0 * (ctx - kept) * (kRank * mikv_bits / 8 + 4) * kKvHeads + 5.0 * ctx * kKvHeads) *
+                               batch / (kFloorGBs * 1e3);
+      std::printf("  %3d x %5d  %15.2f  %8.2f  %13.2f  %13.2f  %16.2f  %8.2f  %14.2f  %11.2f  %20.2f  %8.2f\n", batch,
+                  ctx, paged, floor_us(ctx), all, part, compacted, floor_us(kept), nohits, mikv, mikv_packed,
+                  mikv_floor);
+      char buf[600];
       std::snprintf(buf, sizeof(buf),
                     "%s{\"batch\":%d,\"ctx\":%d,\"latent_paged_us\":%.2f,\"paged_floor_us\":%.2f,"
                     "\"policy_all_us\":%.2f,\"policy_30_us\":%.2f,\"policy_30_compacted_us\":%.2f,"
-                    "\"compacted_floor_us\":%.2f,\"policy_30_no_hits_us\":%.2f}",
-                    first ? "" : ",", batch, ctx, paged, floor_us(ctx), all, part, compacted, floor_us(kept), nohits);
+                    "\"compacted_floor_us\":%.2f,\"policy_30_no_hits_us\":%.2f,\"mikv_bits\":%d,"
+                    "\"mikv_30_us\":%.2f,\"mikv_30_compacted_us\":%.2f,\"mikv_compacted_floor_us\":%.2f}",
+                    first ? "" : ",", batch, ctx, paged, floor_us(ctx), all, part, compacted, floor_us(kept), nohits,
+                    mikv_bits, mikv, mikv_packed, mikv_floor);
       json += buf;
       first = false;
     }

@@ -293,20 +293,28 @@ TEST(CudaRuntimeTest, StreamCopiesEventsGraphsAndBlockCopies) {
 INSTANTIATE_TEST_SUITE_P(Backends, BackendOpsTest,
                          ::testing::Values(BackendKind::kCpu, BackendKind::kCuda), KindName);
 
-// CudaKvPolicySupport (CudaBackend::CheckKvPolicy at load): CORM and MiKV over full KV, CORM over
-// LoRC latents; MiKV over latents and groups above 8 refused, naming the flag.
+// CudaKvPolicySupport (CudaBackend::CheckKvPolicy at load): CORM and MiKV (int4 and int2) over full
+// KV and over LoRC latents; groups above 8 refused, naming the flag, latent or not.
 TEST(CudaKvPolicySupportTest, RefusesWhatTheKernelsDoNotRunNamingTheFlag) {
-  kvpolicy::KvPolicyConfig corm, mikv;
+  kvpolicy::KvPolicyConfig corm, mikv, mikv2;
   corm.kind = kvpolicy::KvPolicyKind::kCorm;
   mikv.kind = kvpolicy::KvPolicyKind::kMikv;
+  mikv2 = mikv;
+  mikv2.low_bits = 2;
   EXPECT_OK(CudaKvPolicySupport(corm, /*latent=*/false, 4));
   EXPECT_OK(CudaKvPolicySupport(mikv, /*latent=*/false, 8));
   EXPECT_OK(CudaKvPolicySupport(corm, /*latent=*/true, 8));
-  EXPECT_THAT(CudaKvPolicySupport(mikv, /*latent=*/true, 4),
-              StatusIs(absl::StatusCode::kUnimplemented, HasSubstr("--kv-policy mikv with a LoRC (latent) model")));
+  EXPECT_OK(CudaKvPolicySupport(mikv, /*latent=*/true, 4));
+  EXPECT_OK(CudaKvPolicySupport(mikv, /*latent=*/true, 8));
+  EXPECT_OK(CudaKvPolicySupport(mikv2, /*latent=*/true, 1));
   EXPECT_THAT(CudaKvPolicySupport(corm, /*latent=*/true, 16),
               StatusIs(absl::StatusCode::kUnimplemented,
                        AllOf(HasSubstr("--kv-policy corm"), HasSubstr("up to 8 query heads per KV head"), HasSubstr("16"))));
+  EXPECT_THAT(CudaKvPolicySupport(mikv, /*latent=*/true, 16),
+              StatusIs(absl::StatusCode::kUnimplemented,
+                       AllOf(HasSubstr("--kv-policy mikv"), HasSubstr("up to 8 query heads per KV head"), HasSubstr("16"))));
+  EXPECT_THAT(CudaKvPolicySupport(mikv2, /*latent=*/false, 12),
+              StatusIs(absl::StatusCode::kUnimplemented, AllOf(HasSubstr("--kv-policy mikv"), HasSubstr("12"))));
 }
 
 }  // namespace

@@ -17,6 +17,7 @@
 #include "kernels/kv_policy.cuh"
 #include "kernels/kv_quant.h"
 #include "kvpolicy/kv_policy_config.h"
+#include "kvpolicy/low_precision.h"
 #include "kvpolicy/sequence_policy.h"
 #include "tests/backend/cuda_parity_fixture.h"
 
@@ -162,12 +163,13 @@ inline std::unique_ptr<CpuDecodePlan> PlanCpuDecode(Backend& cpu, const std::vec
   return d;
 }
 
-// One layer's CORM states of sequences of `lens` positions over `kv_heads` KV heads, as the policy
-// kernel tests start from: the CPU states (random last_hits, then CORM's choice at a 30 % budget,
-// window and recent 8, sinks 4, marks the dead keys; choose() off, so the attention under test
-// only records importance), and their device mirror before any attention (capacity len + 5,
-// sentinels past each length: 9 states, -7 slots, -3 last_hits), not yet uploaded.
-struct RandomCormStates {
+// One layer's policy states of sequences of `lens` positions over `kv_heads` KV heads, as the
+// policy kernel tests start from: the CPU states (random last_hits, then the policy's choice at a
+// 30 % budget, window and recent 8, sinks 4, marks the victims: kDead under CORM, kLow under MiKV;
+// choose() off afterwards, so the attention under test only records importance), and their device
+// mirror before any attention (capacity len + 5, sentinels past each length: 9 states, -7 slots,
+// -3 last_hits), not yet uploaded.
+struct RandomPolicyStates {
   kvpolicy::KvPolicyConfig config;
   std::vector<kvpolicy::LayerShape> layers;
   std::vector<std::unique_ptr<kvpolicy::SequenceKvPolicy>> owned;
@@ -176,16 +178,47 @@ struct RandomCormStates {
   std::vector<std::vector<int32_t>> dslot, dlast;
   std::vector<KvPolicySeq> seqs;  // capacity and seq_len set
   int64_t dead = 0;               // kDead entries over every sequence and head
+  int64_t low = 0;                // kLow entries (MiKV) over every sequence and head
+};
+using RandomCormStates = RandomPolicyStates;
+
+// How MakeRandomPolicyStates draws and chooses.
+struct RandomStatesSpec {
+  kvpolicy::KvPolicyKind kind = kvpolicy::KvPolicyKind::kCorm;
+  int low_bits = 4;    // MiKV's
+  bool choose = true;  // false: no choice, every key stays kFull (dead and low 0)
+  // The share of the keys whose last_hit is drawn in [max(p, len - window), len - 2] (recently
+  // important, but not by the last query: CORM's w rule keeps them, the budget chooses among
+  // them) rather than in [p, len - 1] (where the w rule takes all but ~8 ln(len) keys of a long
+  // sequence). 0: every draw from [p, len - 1], one draw per key (the CORM tests' data).
+  double recent_share = 0;
+  // MiKV: the sequences of odd index first lose keys to CORM's budget-free choice over last_hits
+  // of their own (a quarter of the keys drawn from [p, len - 1], the rest len - 1), so kDead keys
+  // lie beside kLow ones: a mix MiKV alone never makes, but the kernels take any state byte.
+  bool dead_too = false;
 };
 
-// `layer`: the layer's widths (K and V per KV head). The result is heap-allocated: the states point
-// at its config and layers.
-// `choose` false: no choice, every key stays kFull (dead 0).
-inline std::unique_ptr<RandomCormStates> MakeRandomCormStates(const kvpolicy::LayerShape& layer, int kv_heads,
-                                                              const std::vector<int32_t>& lens, std::mt19937& rng,
-                                                              bool choose = true) {
-  auto r = std::make_unique<RandomCormStates>();
-  r->config.kind = kvpolicy::KvPolicyKind::kCorm;
+// last_hit[p] for p < len as RandomStatesSpec::recent_share says.
+inline void DrawLastHits(std::mt19937& rng, int len, int window, double recent_share, int32_t* last_hit) {
+  std::bernoulli_distribution recent(recent_share > 0 ? recent_share : 0.0);
+  for (int p = 0; p < len; ++p) {
+    const int lo = std::max(p, len - window), hi = len - 2;
+    if (recent_share > 0 && recent(rng) && lo <= hi) {
+      last_hit[p] = std::uniform_int_distribution<int>(lo, hi)(rng);
+    } else {
+      last_hit[p] = std::uniform_int_distribution<int>(p, len - 1)(rng);
+    }
+  }
+}
+
+// `layer`: the layer's widths (K and V per KV head; MiKV: its slot regions). The result is
+// heap-allocated: the states point at its config and layers.
+inline std::unique_ptr<RandomPolicyStates> MakeRandomPolicyStates(const kvpolicy::LayerShape& layer, int kv_heads,
+                                                                  const std::vector<int32_t>& lens, std::mt19937& rng,
+                                                                  const RandomStatesSpec& spec) {
+  auto r = std::make_unique<RandomPolicyStates>();
+  r->config.kind = spec.kind;
+  r->config.low_bits = spec.low_bits;
   r->config.window = 8;
   r->config.recent = 8;
   r->config.sinks = 4;
@@ -198,8 +231,19 @@ inline std::unique_ptr<RandomCormStates> MakeRandomCormStates(const kvpolicy::La
     st.Extend(lens[s]);
     for (int g = 0; g < G; ++g) {
       int32_t* lh = st.last_hit(0, g);
-      for (int p = 0; p < lens[s]; ++p) lh[p] = std::uniform_int_distribution<int>(p, lens[s] - 1)(rng);
-      if (choose) st.Apply(0, g, {}, nullptr);
+      if (spec.choose && spec.dead_too && spec.kind == kvpolicy::KvPolicyKind::kMikv && s % 2 == 1) {
+        std::bernoulli_distribution old(0.25);
+        for (int p = 0; p < lens[s]; ++p) {
+          lh[p] = old(rng) ? std::uniform_int_distribution<int>(p, lens[s] - 1)(rng) : lens[s] - 1;
+        }
+        r->config.kind = kvpolicy::KvPolicyKind::kCorm;
+        r->config.budget_fraction = 0;
+        st.Apply(0, g, {}, nullptr);
+        r->config.kind = spec.kind;
+        r->config.budget_fraction = 0.3;
+      }
+      DrawLastHits(rng, lens[s], r->config.window, spec.recent_share, lh);
+      if (spec.choose) st.Apply(0, g, {}, nullptr);
     }
     st.set_choose(false);
     r->ptrs.push_back(&st);
@@ -219,12 +263,88 @@ inline std::unique_ptr<RandomCormStates> MakeRandomCormStates(const kvpolicy::La
         r->dslot[s][g * cap + p] = static_cast<int32_t>(r->ptrs[s]->slot(0, g, p));
         r->dlast[s][g * cap + p] = r->ptrs[s]->last_hit(0, g)[p];
         r->dead += r->ptrs[s]->state(0, g, p) == kvpolicy::SlotState::kDead;
+        r->low += r->ptrs[s]->state(0, g, p) == kvpolicy::SlotState::kLow;
       }
     }
     r->seqs[s].capacity = cap;
     r->seqs[s].seq_len = lens[s];
   }
   return r;
+}
+
+// CORM's states as above (one draw per key from [p, len - 1]). `choose` false: no choice, every key
+// stays kFull (dead 0).
+inline std::unique_ptr<RandomCormStates> MakeRandomCormStates(const kvpolicy::LayerShape& layer, int kv_heads,
+                                                              const std::vector<int32_t>& lens, std::mt19937& rng,
+                                                              bool choose = true) {
+  RandomStatesSpec spec;
+  spec.choose = choose;
+  return MakeRandomPolicyStates(layer, kv_heads, lens, rng, spec);
+}
+
+// MiKV's per-(layer, KV head) device arrays of some sequences (kernels/kv_policy.cuh KvPolicySeq
+// low_base, num_packed, balance_set, balance, q_absmax), one buffer: per sequence [3][heads] int32
+// (low_base, num_packed, balance_set), then [2][heads][head_dim] fp32 (balance, q_absmax).
+struct MikvHeadArrays {
+  DeviceBuffer buf;
+  size_t seq_bytes = 0;  // one sequence's arrays
+  int heads = 0, head_dim = 0;
+  // Read from a host copy of buf (GetAll<uint8_t>): sequence s, (layer, head) index i.
+  const int32_t* Ints(const std::vector<uint8_t>& b, int s) const {
+    return reinterpret_cast<const int32_t*>(b.data() + seq_bytes * s);
+  }
+  int32_t LowBase(const std::vector<uint8_t>& b, int s, int i) const { return Ints(b, s)[i]; }
+  int32_t NumPacked(const std::vector<uint8_t>& b, int s, int i) const { return Ints(b, s)[heads + i]; }
+  int32_t BalanceSet(const std::vector<uint8_t>& b, int s, int i) const { return Ints(b, s)[2 * heads + i]; }
+  const float* Balance(const std::vector<uint8_t>& b, int s, int i) const {
+    return reinterpret_cast<const float*>(b.data() + seq_bytes * s + 12 * heads) + static_cast<size_t>(i) * head_dim;
+  }
+};
+
+// Allocates the arrays of `seqs`, zeros (no run, balance unset), and points each entry at its
+// sequence's. Call before Upload (it copies the entries).
+inline MikvHeadArrays AttachMikvHeads(Backend& be, std::vector<KvPolicySeq>* seqs, int heads, int head_dim) {
+  MikvHeadArrays m;
+  m.heads = heads;
+  m.head_dim = head_dim;
+  m.seq_bytes = 12 * static_cast<size_t>(heads) + 8 * static_cast<size_t>(heads) * head_dim;
+  m.buf = PutRaw(be, std::vector<uint8_t>(m.seq_bytes * seqs->size(), 0));
+  for (size_t s = 0; s < seqs->size(); ++s) {
+    KvPolicySeq& e = (*seqs)[s];
+    uint8_t* h = m.buf.as<uint8_t>() + m.seq_bytes * s;
+    e.low_base = reinterpret_cast<int32_t*>(h);
+    e.num_packed = e.low_base + heads;
+    e.balance_set = e.low_base + 2 * heads;
+    e.balance = reinterpret_cast<float*>(h + 12 * heads);
+    e.q_absmax = e.balance + static_cast<size_t>(heads) * head_dim;
+  }
+  return m;
+}
+
+// The CPU reference's compaction of one sequence (as worker/model_runner.cc runs it):
+// SequenceKvPolicy::Compact from `from` to the slots it needs, then the CPU backend's
+// CompactKvHeads over `layers` (the sequence's block table `table`), MiKV's runs included.
+inline absl::Status CompactOnCpu(Backend& cpu, kvpolicy::SequenceKvPolicy& st, absl::Span<const KvLayer> layers,
+                                 const int32_t* table, int block_size, int num_blocks, int64_t from) {
+  std::vector<kvpolicy::SlotMove> moves;
+  std::vector<kvpolicy::LowRepack> low;
+  if (absl::Status s = st.Compact(from, st.SlotsNeeded(from), &moves, &low); !s.ok()) return s;
+  auto slot = [&](int64_t s) { return static_cast<int64_t>(table[s / block_size]) * block_size + s % block_size; };
+  std::vector<KvHeadMove> cache_moves;
+  for (const kvpolicy::SlotMove& m : moves) cache_moves.push_back({m.layer, m.head, slot(m.src), slot(m.dst)});
+  std::vector<KvLowRun> runs(low.size());
+  for (size_t r = 0; r < low.size(); ++r) {
+    const kvpolicy::LowRepack& lr = low[r];
+    KvLowRun& run = runs[r];
+    run.layer = lr.layer;
+    run.head = lr.head;
+    run.balance = st.balance(lr.layer, lr.head);
+    for (int64_t i = 0; i < st.LowRunSlotsOf(lr.layer, lr.old_entries); ++i) run.old_slots.push_back(slot(lr.old_base + i));
+    const int64_t n = static_cast<int64_t>(lr.sources.size());
+    for (int64_t i = 0; i < st.LowRunSlotsOf(lr.layer, n); ++i) run.new_slots.push_back(slot(lr.new_base + i));
+    for (int64_t src : lr.sources) run.sources.push_back(src >= 0 ? src : -1 - slot(-1 - src));
+  }
+  return cpu.CompactKvHeads(layers, block_size, num_blocks, cache_moves, runs, st.config().low_bits);
 }
 
 }  // namespace lorc::policy_test

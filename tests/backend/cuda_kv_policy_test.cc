@@ -431,9 +431,6 @@ TEST_P(CudaKvPolicyDecodeTest, MikvDemotesReadsAndPacksAsTheCpu) {
     std::vector<std::vector<uint8_t>> dstate(S);
     std::vector<std::vector<int32_t>> dslot(S), dlast(S);
     std::vector<KvPolicySeq> seqs(S);
-    // Per sequence, MiKV's per-head arrays: [3][G] int32, then [2][G][D] fp32, zeroed.
-    const size_t head_bytes = 3 * 4 * G + 2 * 4 * static_cast<size_t>(G) * D;
-    DeviceBuffer heads = PutRaw(*cuda_, std::vector<uint8_t>(head_bytes * S, 0));
     for (int s = 0; s < S; ++s) {
       states.push_back(std::make_unique<kvpolicy::SequenceKvPolicy>(&config, &layers, G, 0));
       auto& st = *states.back();
@@ -459,12 +456,6 @@ TEST_P(CudaKvPolicyDecodeTest, MikvDemotesReadsAndPacksAsTheCpu) {
       e.count_from = kFrom;
       e.q_row = s;
       e.q_len = 1;
-      char* h = heads.as<char>() + head_bytes * s;
-      e.low_base = reinterpret_cast<int32_t*>(h);
-      e.num_packed = e.low_base + G;
-      e.balance_set = e.low_base + 2 * G;
-      e.balance = reinterpret_cast<float*>(h + 3 * 4 * G);
-      e.q_absmax = e.balance + G * D;
       // CPU: the query seen, then the choice with the keys as attention reads them (all kept).
       std::vector<float> krows(static_cast<size_t>(lens[s]) * D);
       std::vector<int32_t> kept(lens[s]);
@@ -479,6 +470,11 @@ TEST_P(CudaKvPolicyDecodeTest, MikvDemotesReadsAndPacksAsTheCpu) {
       st.set_choose(false);  // the attention below only records importance
       ptrs.push_back(&st);
     }
+    // Per sequence, MiKV's per-head arrays (policy_test::MikvHeadArrays): [3][G] int32, then [2][G][D]
+    // fp32, zeroed.
+    const policy_test::MikvHeadArrays mikv = policy_test::AttachMikvHeads(*cuda_, &seqs, G, D);
+    const size_t head_bytes = mikv.seq_bytes;
+    const DeviceBuffer& heads = mikv.buf;
     DeviceStates dev = Upload(*cuda_, dstate, dslot, dlast, seqs, 1, G);
     const DeviceBuffer& dk = dc.dk;
     const DeviceBuffer& dv = dc.dv;

@@ -100,7 +100,9 @@ struct KvPolicySeq {
   float* balance = nullptr;
   float* q_absmax = nullptr;
   // The decode: an upper bound on num_packed over this sequence's heads (the host's, from the
-  // counts at its latest compaction); it walks seq_len - slot_offset slots, then this many entries.
+  // counts at its latest compaction); it walks seq_len - slot_offset slots, then this many entries
+  // (over LoRC latents, where packed keys are found by position, > 0 turns on the walk over the
+  // positions: KvPolicyLatentWalk).
   int32_t packed_max = 0;
   // LaunchKvPolicyObserveQueries: the state's query rows are [q_row, q_row + q_len).
   int32_t q_len = 0;

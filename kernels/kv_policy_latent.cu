@@ -30,6 +30,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <type_traits>
 
 #include "kernels/attention_latent_decode_item.cuh"
 #include "kernels/kv_policy.cuh"
@@ -63,12 +64,16 @@ struct LowCtx {
   kvp::CacheSide kc, vc;
   int32_t head, bits, k_entry, v_entry;
 };
+// Written field by field into raw shared bytes (a __shared__ variable cannot have a constructor).
+static_assert(std::is_trivially_copyable_v<LowCtx> && std::is_trivially_destructible_v<LowCtx>);
 
 // Where a packed key's entries lie (MiKV; filled by the classification), per side, in 4-byte
 // words from the side's cache base: a, the first word covering the entry (in the region of the
 // run slot holding its first byte), b, the first word of the next run slot's region (where an
 // entry straddles two), and m = the words from a to its region's end | 0x80 when the entry
 // starts 2 bytes into word a. 32-bit word offsets reach 16 GiB, past any one layer's cache.
+// A region is at most a bf16 row of kD values (256 bytes, 64 words): m's 7 bits hold its words.
+static_assert(2 * kD / 4 < 0x80, "PackedAt's m");
 struct PackedAt {
   uint32_t* ka;  // = the list's slot array (a packed key has no slot of its own)
   uint32_t* kb;

@@ -291,8 +291,11 @@ void ExpectDecodesAsTheCpu(Backend& cuda, const LatentCase& lc, const policy_tes
         int kept = 0;
         for (int p = 0; p < len; ++p) kept += rs.ptrs[s]->state(0, g, p) != SlotState::kDead;
         for (int pos = 0; pos < len; ++pos) {
-          if (rs.ptrs[s]->state(0, g, pos) == SlotState::kLow) continue;
           const size_t at = dev.offsets[s] + static_cast<size_t>(g) * cap + pos;
+          if (rs.ptrs[s]->state(0, g, pos) == SlotState::kLow) {  // never recorded on the GPU
+            EXPECT_EQ((*glast)[at], initial[at]) << "seq " << s << " head " << g << " low key " << pos;
+            continue;
+          }
           const int32_t cpu_hit = rs.ptrs[s]->last_hit(0, g)[pos], gpu_hit = (*glast)[at];
           compared += rs.ptrs[s]->state(0, g, pos) == SlotState::kFull;
           hits += cpu_hit == len - 1 && initial[at] != len - 1;
@@ -309,7 +312,8 @@ void ExpectDecodesAsTheCpu(Backend& cuda, const LatentCase& lc, const policy_tes
     std::cout << "span " << span << " importance: " << hits << " keys hit, " << ties << " near ties differ ("
               << compared << " full keys)\n";
     EXPECT_GT(hits, 50) << "the query must find keys important for the test to mean something";
-    EXPECT_LE(ties, std::max<int64_t>(8, compared / 100));
+    // (At most 7 differed on the H200, 2026-12-04, over about 2,300 full keys.)
+    EXPECT_LE(ties, std::max<int64_t>(8, compared / 250));
   }
 }
 
@@ -790,7 +794,11 @@ INSTANTIATE_TEST_SUITE_P(Shapes, CudaKvPolicyLatentTest,
                                            LatentShape{16, 2, 24, 40, KvQuant::kNone},
                                            LatentShape{4, 2, 24, 40, KvQuant::kInt4},
                                            LatentShape{8, 1, 64, 48, KvQuant::kFp8E4m3},
-                                           LatentShape{4, 2, 112, 80, KvQuant::kInt8}),
+                                           LatentShape{4, 2, 112, 80, KvQuant::kInt8},
+                                           // the generic layout (ranks > 64) with MiKV entries that
+                                           // start 2 bytes into a word (int2, r % 16 == 8)
+                                           LatentShape{4, 2, 72, 104, KvQuant::kNone},
+                                           LatentShape{4, 2, 88, 120, KvQuant::kInt8}),
                          LatentName);
 
 class CudaKvPolicyLatentArgsTest : public CpuCudaPair<::testing::Test> {};

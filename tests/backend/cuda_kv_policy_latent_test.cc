@@ -317,6 +317,43 @@ void ExpectDecodesAsTheCpu(Backend& cuda, const LatentCase& lc, const policy_tes
   }
 }
 
+// The one latent layer of a LatentCase as a compaction over per-layer sides addresses it: its
+// sides (host and device) and layer pointers, and the arguments of sequence s's compaction.
+struct LayerCompaction {
+  kernels::KvPolicyLayerSides sides;
+  DeviceBuffer dsides, kptr, vptr;
+  LayerCompaction(Backend& cuda, const LatentCase& lc, const LatentShape& sh) {
+    sides.k_dim = sh.rk;
+    sides.v_dim = sh.rv;
+    sides.k_stride = int64_t{sh.kv_heads} * sh.rk;
+    sides.v_stride = int64_t{sh.kv_heads} * sh.rv;
+    if (sh.quant != KvQuant::kNone) {
+      sides.k_q = lc.Side(sh.rk);
+      sides.v_q = lc.Side(sh.rv);
+    }
+    dsides = PutRaw(cuda, std::vector<kernels::KvPolicyLayerSides>{sides});
+    kptr = PutRaw(cuda, std::vector<void*>{lc.dk.data()});
+    vptr = PutRaw(cuda, std::vector<void*>{lc.dv.data()});
+  }
+  kernels::KvPolicyCompactArgs Args(const LatentCase& lc, const LatentShape& sh, const KvPolicySeq* seq, int s,
+                                    int from, int old_slots) const {
+    kernels::KvPolicyCompactArgs c;
+    c.seq = seq;
+    c.k_layers = kptr.as<__nv_bfloat16*>();
+    c.v_layers = vptr.as<__nv_bfloat16*>();
+    c.layout.kv_quant = sh.quant;
+    c.block_table = lc.dt.as<int32_t>() + static_cast<size_t>(s) * lc.max_blocks;
+    c.block_size = kBs;
+    c.num_layers = 1;
+    c.num_kv_heads = sh.kv_heads;
+    c.from = from;
+    c.old_slots = old_slots;
+    c.sides = dsides.as<kernels::KvPolicyLayerSides>();
+    c.host_sides = &sides;
+    return c;
+  }
+};
+
 class CudaKvPolicyLatentTest : public CpuCudaPair<::testing::TestWithParam<LatentShape>> {};
 
 TEST_P(CudaKvPolicyLatentTest, MatchesCpuLatentAttentionItsImportanceAndCompaction) {
@@ -389,18 +426,7 @@ TEST_P(CudaKvPolicyLatentTest, MatchesCpuLatentAttentionItsImportanceAndCompacti
   // gave before.
   constexpr int kFrom = 16;
   const std::vector<uint8_t> kbefore = GetAll<uint8_t>(*cuda_, lc.dk), vbefore = GetAll<uint8_t>(*cuda_, lc.dv);
-  kernels::KvPolicyLayerSides sides;
-  sides.k_dim = sh.rk;
-  sides.v_dim = sh.rv;
-  sides.k_stride = int64_t{G} * sh.rk;
-  sides.v_stride = int64_t{G} * sh.rv;
-  if (sh.quant != KvQuant::kNone) {
-    sides.k_q = lc.Side(sh.rk);
-    sides.v_q = lc.Side(sh.rv);
-  }
-  DeviceBuffer dsides = PutRaw(*cuda_, std::vector<kernels::KvPolicyLayerSides>{sides});
-  DeviceBuffer kptr = PutRaw(*cuda_, std::vector<void*>{lc.dk.data()});
-  DeviceBuffer vptr = PutRaw(*cuda_, std::vector<void*>{lc.dv.data()});
+  const LayerCompaction layer(*cuda_, lc, sh);
   std::vector<KvPolicySeq> after = dev.host_seqs;
   for (int s = 0; s < S; ++s) {
     if (lens[s] < 4 * kFrom) continue;
@@ -411,19 +437,7 @@ TEST_P(CudaKvPolicyLatentTest, MatchesCpuLatentAttentionItsImportanceAndCompacti
       most = std::max(most, n);
     }
     DeviceBuffer one = PutRaw(*cuda_, std::vector<KvPolicySeq>{dev.host_seqs[s]});
-    kernels::KvPolicyCompactArgs c;
-    c.seq = one.as<KvPolicySeq>();
-    c.k_layers = kptr.as<__nv_bfloat16*>();
-    c.v_layers = vptr.as<__nv_bfloat16*>();
-    c.layout.kv_quant = sh.quant;
-    c.block_table = lc.dt.as<int32_t>() + static_cast<size_t>(s) * lc.max_blocks;
-    c.block_size = kBs;
-    c.num_layers = 1;
-    c.num_kv_heads = G;
-    c.from = kFrom;
-    c.old_slots = lens[s];
-    c.sides = dsides.as<kernels::KvPolicyLayerSides>();
-    c.host_sides = &sides;
+    const kernels::KvPolicyCompactArgs c = layer.Args(lc, sh, one.as<KvPolicySeq>(), s, kFrom, lens[s]);
     ASSERT_EQ(kernels::LaunchKvPolicyCompact(c, Stream(*cuda_)), cudaSuccess);
     ASSERT_OK(cuda_->Synchronize());
     after[s].slot_offset = lens[s] - (kFrom + most);
@@ -593,18 +607,7 @@ TEST_P(CudaKvPolicyLatentTest, MikvMatchesCpuBeforeAndAfterCompaction) {
     // 2. and 3.
     auto stage = cuda_->Allocate(static_cast<size_t>(G) * lc.max_len * (kb + vb));
     ASSERT_OK(stage);
-    kernels::KvPolicyLayerSides sides;
-    sides.k_dim = sh.rk;
-    sides.v_dim = sh.rv;
-    sides.k_stride = int64_t{G} * sh.rk;
-    sides.v_stride = int64_t{G} * sh.rv;
-    if (sh.quant != KvQuant::kNone) {
-      sides.k_q = lc.Side(sh.rk);
-      sides.v_q = lc.Side(sh.rv);
-    }
-    DeviceBuffer dsides = PutRaw(*cuda_, std::vector<kernels::KvPolicyLayerSides>{sides});
-    DeviceBuffer kptr = PutRaw(*cuda_, std::vector<void*>{lc.dk.data()});
-    DeviceBuffer vptr = PutRaw(*cuda_, std::vector<void*>{lc.dv.data()});
+    const LayerCompaction layer(*cuda_, lc, sh);
     std::vector<KvPolicySeq> after = dev.host_seqs;
     std::vector<int> held(lens.begin(), lens.end());  // the slots each sequence holds
     std::vector<int32_t> from_hits = initial;
@@ -678,22 +681,10 @@ TEST_P(CudaKvPolicyLatentTest, MikvMatchesCpuBeforeAndAfterCompaction) {
         }
         KvPolicySeq e = after[s];
         DeviceBuffer one = PutRaw(*cuda_, std::vector<KvPolicySeq>{e});
-        kernels::KvPolicyCompactArgs c;
-        c.seq = one.as<KvPolicySeq>();
-        c.k_layers = kptr.as<__nv_bfloat16*>();
-        c.v_layers = vptr.as<__nv_bfloat16*>();
-        c.layout.kv_quant = sh.quant;
-        c.block_table = lc.dt.as<int32_t>() + static_cast<size_t>(s) * lc.max_blocks;
-        c.block_size = kBs;
-        c.num_layers = 1;
-        c.num_kv_heads = G;
-        c.from = kFrom;
-        c.old_slots = held[s];
+        kernels::KvPolicyCompactArgs c = layer.Args(lc, sh, one.as<KvPolicySeq>(), s, kFrom, held[s]);
         c.low_bits = bits;
         c.stage = static_cast<uint8_t*>(stage->data());
         c.stage_head_bytes = std::max(most_low, 1) * (kb + vb);
-        c.sides = dsides.as<kernels::KvPolicyLayerSides>();
-        c.host_sides = &sides;
         ASSERT_EQ(kernels::LaunchKvPolicyCompact(c, Stream(*cuda_)), cudaSuccess);
         ASSERT_OK(cuda_->Synchronize());
         held[s] = static_cast<int>(st.num_slots());

@@ -516,6 +516,7 @@ size_t Followed(const PolicyRun& a, const PolicyRun& b) {
 // model's bf16 tokens follow the CPU's f32 ones).
 struct LorcRuns {
   PolicyRun cpu, gpu, cpu_full, gpu_full;
+  std::string dir;  // RunLorcChecked: the compressed fixture (the test removes it)
 };
 LorcRuns RunLorc(const LorcPolicy& lp, const std::string& dir) {
   KvCacheOptions kv = PolicyCache(lp.prefill, 0.3, lp.low_bits > 0 ? kvpolicy::KvPolicyKind::kMikv : kvpolicy::KvPolicyKind::kCorm);
@@ -529,6 +530,18 @@ LorcRuns RunLorc(const LorcPolicy& lp, const std::string& dir) {
   r.cpu_full = RunGolden(BackendKind::kCpu, full, dir);
   r.gpu_full = RunGolden(BackendKind::kCuda, full, dir);
   return r;
+}
+
+// RunLorc on the fixture compressed for `lp`, with the checks both policies' tests start from:
+// the same number of tokens on every run, some generated, the same statistics of them.
+void RunLorcChecked(const LorcPolicy& lp, LorcRuns* r) {
+  const std::string dir = CompressedFixture(lp.progressive);
+  *r = RunLorc(lp, dir);
+  r->dir = dir;
+  ASSERT_EQ(r->gpu.tokens.size(), r->cpu.tokens.size());
+  ASSERT_EQ(r->gpu_full.tokens.size(), r->cpu.tokens.size());
+  ASSERT_FALSE(r->cpu.tokens.empty());
+  EXPECT_EQ(r->gpu.stats.tokens, r->cpu.stats.tokens);
 }
 
 // The GPU policy run's tokens against the CPU's, held to the full-KV baseline (below).
@@ -566,14 +579,10 @@ TEST_P(CudaKvPolicyLorcTest, CormOverLatentsFollowsTheCpuReference) {
   REQUIRE_TINY_LLAMA();
   if (!HaveCudaDevice()) GTEST_SKIP() << "no CUDA device";
   const LorcPolicy& lp = GetParam();
-  const std::string dir = CompressedFixture(lp.progressive);
-  const LorcRuns r = RunLorc(lp, dir);
+  LorcRuns r;
+  ASSERT_NO_FATAL_FAILURE(RunLorcChecked(lp, &r));
   const PolicyRun& cpu = r.cpu;
   const PolicyRun& gpu = r.gpu;
-  ASSERT_EQ(gpu.tokens.size(), cpu.tokens.size());
-  ASSERT_EQ(r.gpu_full.tokens.size(), cpu.tokens.size());
-  ASSERT_FALSE(cpu.tokens.empty());
-  EXPECT_EQ(gpu.stats.tokens, cpu.stats.tokens);
   PrintRuns("kept", cpu, gpu);
   const double cpu_kept = KeptShare(cpu.stats), gpu_kept = KeptShare(gpu.stats);
   EXPECT_GT(gpu.stats.entries.dead, 0);
@@ -582,7 +591,7 @@ TEST_P(CudaKvPolicyLorcTest, CormOverLatentsFollowsTheCpuReference) {
   EXPECT_GT(gpu.compactions, 0);
   EXPECT_GE(gpu.freed_blocks, gpu.compactions);
   ExpectLorcTokensFollow(lp, r);
-  std::filesystem::remove_all(dir);
+  std::filesystem::remove_all(r.dir);
 }
 
 INSTANTIATE_TEST_SUITE_P(Models, CudaKvPolicyLorcTest,
@@ -621,14 +630,10 @@ TEST_P(CudaKvPolicyLorcMikvTest, MikvOverLatentsFollowsTheCpuReference) {
   if (!HaveCudaDevice()) GTEST_SKIP() << "no CUDA device";
   const LorcPolicy& lp = GetParam();
   ASSERT_GT(lp.low_bits, 0);
-  const std::string dir = CompressedFixture(lp.progressive);
-  const LorcRuns r = RunLorc(lp, dir);
+  LorcRuns r;
+  ASSERT_NO_FATAL_FAILURE(RunLorcChecked(lp, &r));
   const PolicyRun& cpu = r.cpu;
   const PolicyRun& gpu = r.gpu;
-  ASSERT_EQ(gpu.tokens.size(), cpu.tokens.size());
-  ASSERT_EQ(r.gpu_full.tokens.size(), cpu.tokens.size());
-  ASSERT_FALSE(cpu.tokens.empty());
-  EXPECT_EQ(gpu.stats.tokens, cpu.stats.tokens);
   PrintRuns("full", cpu, gpu);
   const double cpu_kept = KeptShare(cpu.stats), gpu_kept = KeptShare(gpu.stats);
   EXPECT_EQ(gpu.stats.entries.dead, 0) << "MiKV keeps what CORM would drop";
@@ -645,7 +650,7 @@ TEST_P(CudaKvPolicyLorcMikvTest, MikvOverLatentsFollowsTheCpuReference) {
   EXPECT_GT(gpu.freed_blocks, 0);
   EXPECT_GT(gpu.freed_blocks, cpu.freed_blocks / 2);
   ExpectLorcTokensFollow(lp, r);
-  std::filesystem::remove_all(dir);
+  std::filesystem::remove_all(r.dir);
 }
 
 INSTANTIATE_TEST_SUITE_P(

@@ -276,7 +276,8 @@ __global__ void __launch_bounds__(kThreads, KS <= 4 && VM <= 4 ? 2 : 1)
   __shared__ uint16_t s_off[kKeys];
   __shared__ uint8_t s_kind[kLowKeys], s_km[kLowKeys], s_vm[kLowKeys];
   __shared__ uint32_t s_kb[kLowKeys], s_va[kLowKeys], s_vb[kLowKeys];
-  __shared__ alignas(LowCtx) unsigned char s_low_raw[LOW ? sizeof(LowCtx) : 1];  // LowCtx is not trivial
+  // LowCtx has default member initializers, which a __shared__ variable may not: raw bytes.
+  __shared__ alignas(LowCtx) unsigned char s_low_raw[LOW ? sizeof(LowCtx) : 1];
   LowCtx& s_low = *reinterpret_cast<LowCtx*>(s_low_raw);
   __shared__ int s_warp[kWarps];
 

@@ -475,6 +475,7 @@ class Backend {
   // runner takes it out of the KV budget, kvpolicy/state_memory.h):
   //  bytes_per_position: one position of one sequence over `rows` (layers x this rank's KV heads)
   //    (arrays[rows][capacity], capacity = kvpolicy::DeviceStateCapacity of its positions);
+  //    (`mikv_latent`: MiKV over LoRC latent layers, whose states map packed entries to positions);
   //  reserve_bytes: set aside besides, for at most `max_num_seqs` states of at most
   //    `max_model_len` positions: each state's allocation rounding and (MiKV, `mikv_head_dim` > 0)
   //    per-head arrays, the old arrays of a state while it grows, and the steps' scratch.
@@ -483,8 +484,8 @@ class Backend {
     int64_t bytes_per_position = 0;
     int64_t reserve_bytes = 0;
   };
-  virtual KvPolicyStateMemory KvPolicyMemory(int64_t rows, int64_t mikv_head_dim, int64_t max_model_len,
-                                             int64_t max_num_seqs) const {
+  virtual KvPolicyStateMemory KvPolicyMemory(int64_t rows, int64_t mikv_head_dim, bool mikv_latent,
+                                             int64_t max_model_len, int64_t max_num_seqs) const {
     return {};
   }
   // Makes or grows each state's device arrays to its seq_len (new positions kFull, last_hit = the

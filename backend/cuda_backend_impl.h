@@ -217,7 +217,7 @@ class CudaBackend final : public Backend {
   absl::Status CheckKvPolicy(const kvpolicy::KvPolicyConfig& config, KvCacheDtype kv_cache_dtype, bool latent,
                              int32_t query_group) const override;
   bool KvPolicyOnDevice() const override { return true; }
-  KvPolicyStateMemory KvPolicyMemory(int64_t rows, int64_t mikv_head_dim, int64_t max_model_len,
+  KvPolicyStateMemory KvPolicyMemory(int64_t rows, int64_t mikv_head_dim, bool mikv_latent, int64_t max_model_len,
                                      int64_t max_num_seqs) const override;
   absl::Status KvPolicyBeginStep(absl::Span<kvpolicy::SequenceKvPolicy* const> seqs, AttentionPlan& plan) override;
   absl::Status KvPolicyEndStep(absl::Span<kvpolicy::SequenceKvPolicy* const> seqs) override;

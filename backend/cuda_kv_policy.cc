@@ -46,23 +46,25 @@ constexpr int64_t kAllocationRounding = int64_t{2} << 20;
 
 // One state's device arrays, [layers x KV heads][capacity] each, in one allocation: slot,
 // last_hit and pos (int32; kernels/kv_policy.cuh KvPolicySeq), then state (uint8): 13 bytes per
-// position, layer and KV head. MiKV adds, per (layer, KV head), low_base, num_packed and
-// balance_set (int32) and balance and q_absmax (fp32 [head_dim]) in a second allocation, zeroed.
+// position, layer and KV head; MiKV over LoRC latents then packed_pos (int32: 17 bytes). MiKV
+// adds, per (layer, KV head), low_base, num_packed and balance_set (int32) and balance and
+// q_absmax (fp32 [head_dim]) in a second allocation, zeroed.
 class CudaPolicyArrays final : public kvpolicy::DeviceArrays {
  public:
   ~CudaPolicyArrays() override {
     if (base_ != nullptr) cudaFree(base_);
     if (heads_base_ != nullptr) cudaFree(heads_base_);
   }
-  // head_dim > 0: with MiKV's per-head arrays.
+  // head_dim > 0: with MiKV's per-head arrays; packed_pos: with packed_pos (MiKV over latents).
   static absl::StatusOr<std::unique_ptr<CudaPolicyArrays>> Make(int64_t rows, int64_t capacity, int64_t head_dim,
-                                                                cudaStream_t stream) {
+                                                                bool packed_pos, cudaStream_t stream) {
     auto a = std::make_unique<CudaPolicyArrays>();
     a->rows_ = rows;
     a->capacity_ = capacity;
     a->head_dim_ = head_dim;
+    a->packed_pos_ = packed_pos;
     a->stream_ = stream;
-    RETURN_IF_ERROR(CudaError(cudaMalloc(&a->base_, static_cast<size_t>(rows * capacity) * kBytesPerEntry),
+    RETURN_IF_ERROR(CudaError(cudaMalloc(&a->base_, static_cast<size_t>(rows * capacity) * BytesPerEntry(packed_pos)),
                               "KV policy state arrays"));
     if (head_dim > 0) {
       RETURN_IF_ERROR(CudaError(cudaMalloc(&a->heads_base_, a->HeadsBytes()), "KV policy MiKV arrays"));
@@ -71,10 +73,10 @@ class CudaPolicyArrays final : public kvpolicy::DeviceArrays {
     return a;
   }
   std::unique_ptr<kvpolicy::DeviceArrays> Clone() const override {
-    absl::StatusOr<std::unique_ptr<CudaPolicyArrays>> c = Make(rows_, capacity_, head_dim_, stream_);
+    absl::StatusOr<std::unique_ptr<CudaPolicyArrays>> c = Make(rows_, capacity_, head_dim_, packed_pos_, stream_);
     if (!c.ok()) return nullptr;
-    if (cudaMemcpyAsync((*c)->base_, base_, static_cast<size_t>(rows_ * capacity_) * kBytesPerEntry, cudaMemcpyDeviceToDevice,
-                        stream_) != cudaSuccess) {
+    if (cudaMemcpyAsync((*c)->base_, base_, static_cast<size_t>(rows_ * capacity_) * BytesPerEntry(packed_pos_),
+                        cudaMemcpyDeviceToDevice, stream_) != cudaSuccess) {
       return nullptr;
     }
     if (head_dim_ > 0 &&
@@ -90,10 +92,10 @@ class CudaPolicyArrays final : public kvpolicy::DeviceArrays {
   absl::Status Reserve(int64_t positions) {
     if (positions <= capacity_) return absl::OkStatus();
     const int64_t cap = kvpolicy::DeviceStateCapacity(positions);
-    ASSIGN_OR_RETURN(std::unique_ptr<CudaPolicyArrays> n, Make(rows_, cap, /*head_dim=*/0, stream_));
+    ASSIGN_OR_RETURN(std::unique_ptr<CudaPolicyArrays> n, Make(rows_, cap, /*head_dim=*/0, packed_pos_, stream_));
     if (length_ > 0) {
-      for (int part = 0; part < 4; ++part) {
-        const size_t elem = part < 3 ? 4 : 1;
+      for (int part = 0; part < (packed_pos_ ? 5 : 4); ++part) {
+        const size_t elem = part != 3 ? 4 : 1;
         RETURN_IF_ERROR(CudaError(cudaMemcpy2DAsync(n->Part(part), cap * elem, Part(part), capacity_ * elem,
                                                     length_ * elem, rows_, cudaMemcpyDeviceToDevice, stream_),
                                   "KV policy state arrays: grow"));
@@ -109,6 +111,7 @@ class CudaPolicyArrays final : public kvpolicy::DeviceArrays {
   int32_t* last_hit() const { return static_cast<int32_t*>(Part(1)); }
   int32_t* pos() const { return static_cast<int32_t*>(Part(2)); }
   uint8_t* state() const { return static_cast<uint8_t*>(Part(3)); }
+  int32_t* packed_pos() const { return packed_pos_ ? static_cast<int32_t*>(Part(4)) : nullptr; }
   // A kernels' entry over these arrays for a sequence of `seq_len` positions (other fields
   // default).
   kernels::KvPolicySeq Entry(int64_t seq_len) const {
@@ -119,6 +122,7 @@ class CudaPolicyArrays final : public kvpolicy::DeviceArrays {
     e.pos = pos();
     e.capacity = static_cast<int32_t>(capacity_);
     e.seq_len = static_cast<int32_t>(seq_len);
+    e.packed_pos = packed_pos();
     if (heads_base_ != nullptr) {
       int32_t* ints = static_cast<int32_t*>(heads_base_);
       e.low_base = ints;
@@ -130,14 +134,16 @@ class CudaPolicyArrays final : public kvpolicy::DeviceArrays {
     }
     return e;
   }
-  static constexpr size_t kBytesPerEntry = 13;
+  static constexpr size_t BytesPerEntry(bool packed_pos) { return packed_pos ? 17 : 13; }
   int64_t capacity() const override { return capacity_; }
   int64_t length() const { return length_; }  // positions extended so far
   void set_length(int64_t n) { length_ = n; }
 
  private:
+  // Parts 0-2 (int32), 3 (uint8), 4 (int32; rows x capacity is a multiple of 256, so aligned).
   void* Part(int part) const {
-    return static_cast<char*>(base_) + static_cast<size_t>(part) * 4 * static_cast<size_t>(rows_ * capacity_);
+    const size_t at = part == 4 ? 13 : 4 * static_cast<size_t>(part);  // bytes per row x capacity before it
+    return static_cast<char*>(base_) + at * static_cast<size_t>(rows_ * capacity_);
   }
  public:
   static size_t IntsBytes(int64_t rows) { return (3 * sizeof(int32_t) * static_cast<size_t>(rows) + 255) / 256 * 256; }
@@ -151,6 +157,7 @@ class CudaPolicyArrays final : public kvpolicy::DeviceArrays {
   void* base_ = nullptr;
   void* heads_base_ = nullptr;
   int64_t rows_ = 0, capacity_ = 0, head_dim_ = 0, length_ = 0;
+  bool packed_pos_ = false;
   cudaStream_t stream_ = nullptr;
 };
 
@@ -198,22 +205,16 @@ absl::Status Ensure(Backend& be, DeviceBuffer& b, size_t bytes, bool host = fals
 
 // The step's entry groups (one launch each, scratch at most kMaxPolicyScratchBytes), made at its
 // first attention call (the head shape is known there; every layer of a model has the same).
-// `latent_low_bits`: a LoRC model's MiKV bits (its walk, kernels::KvPolicyLatentWalk), else 0. A
-// model's layers are all latent or all full KV (kvstore/kv_spec.cc), so the step's first call
-// decides for all.
 absl::Status PrepareGroups(Backend& be, CudaKvPolicyStep& st, int32_t num_heads, int32_t num_kv_heads,
-                           int32_t head_dim, int32_t latent_low_bits = 0) {
+                           int32_t head_dim) {
   if (st.groups_ready) return absl::OkStatus();
   // Entries in order, a group closing when the next entry would pass the scratch cap.
   size_t most = 0;
   auto make = [&](int32_t begin, int32_t end, std::vector<CudaKvPolicyStep::Group>* out) {
     CudaKvPolicyStep::Group g{begin, 0, 0};
     for (int32_t e = begin; e < end; ++e) {
-      // What it walks: its slots, then (MiKV) its heads' packed entries, or over latents the
-      // positions of its packed keys.
-      const kernels::KvPolicySeq& en = st.entries[e];
-      const int32_t slots = latent_low_bits > 0 ? kernels::KvPolicyLatentWalk(en, latent_low_bits)
-                                                : en.seq_len - en.slot_offset + en.packed_max;
+      // What it walks: its slots, then (MiKV) its heads' packed entries.
+      const int32_t slots = st.entries[e].seq_len - st.entries[e].slot_offset + st.entries[e].packed_max;
       const int32_t len = std::max(g.max_seq_len, slots);
       const size_t bytes =
           kernels::KvPolicyDecodeScratchBytes(g.count + 1, num_heads, num_kv_heads, head_dim, len);
@@ -237,10 +238,10 @@ absl::Status PrepareGroups(Backend& be, CudaKvPolicyStep& st, int32_t num_heads,
 
 }  // namespace
 
-Backend::KvPolicyStateMemory CudaBackend::KvPolicyMemory(int64_t rows, int64_t mikv_head_dim, int64_t max_model_len,
-                                                        int64_t max_num_seqs) const {
+Backend::KvPolicyStateMemory CudaBackend::KvPolicyMemory(int64_t rows, int64_t mikv_head_dim, bool mikv_latent,
+                                                        int64_t max_model_len, int64_t max_num_seqs) const {
   KvPolicyStateMemory m;
-  m.bytes_per_position = rows * static_cast<int64_t>(CudaPolicyArrays::kBytesPerEntry);
+  m.bytes_per_position = rows * static_cast<int64_t>(CudaPolicyArrays::BytesPerEntry(mikv_latent));
   // Per state: the arrays' rounding, and MiKV's per-head arrays with theirs.
   int64_t per_state = kAllocationRounding;
   if (mikv_head_dim > 0) {
@@ -295,10 +296,13 @@ absl::Status CudaBackend::KvPolicyBeginStep(absl::Span<kvpolicy::SequenceKvPolic
     }
     auto* arr = static_cast<CudaPolicyArrays*>(s->device());
     if (arr == nullptr) {
+      // MiKV over LoRC latents (layers that do not balance keys: kvstore/kv_spec.cc makes a model's
+      // layers all latent or all full KV) keeps packed_pos, as KvPolicyMemory counted.
       ASSIGN_OR_RETURN(std::unique_ptr<CudaPolicyArrays> made,
                        CudaPolicyArrays::Make(int64_t{s->num_layers()} * s->num_kv_heads(),
                                               kvpolicy::DeviceStateCapacity(len),
-                                              IsMikv(cfg) ? s->layer_shape(0).k_width : 0, stream_));
+                                              IsMikv(cfg) ? s->layer_shape(0).k_width : 0,
+                                              IsMikv(cfg) && !s->layer_shape(0).balance_keys, stream_));
       arr = made.get();
       s->set_device(std::move(made));
     }
@@ -442,7 +446,7 @@ absl::Status CudaBackend::KvPolicyLatentAttention(const LatentAttentionParams& p
   if (p.kv_policy.layer < 0 || p.kv_policy.layer >= layers) {
     return absl::InvalidArgumentError(absl::StrCat("KV policy latent attention: layer ", p.kv_policy.layer, " of ", layers));
   }
-  RETURN_IF_ERROR(PrepareGroups(*this, st, p.num_heads, p.num_kv_heads, p.head_dim, low_bits));
+  RETURN_IF_ERROR(PrepareGroups(*this, st, p.num_heads, p.num_kv_heads, p.head_dim));
   kernels::KvPolicyLatentDecodeArgs la;
   la.latent = a;
   la.layer = p.kv_policy.layer;

@@ -511,7 +511,7 @@ __device__ __forceinline__ int LowEntryBytesOf(int width, int bits) { return wid
 // first the old run's entries [0, num_packed), then the kKvPolicyLow keys at positions >= from in
 // position order, quantized from their slots (kvpolicy EncodeLowEntry: K times the balance, where
 // fixed: never over latents, whose layers do not balance), which become kKvPolicyLowPacked with
-// slot = their entry's index. A warp per key, lane
+// slot = their entry's index (and packed_pos[entry] = their position). A warp per key, lane
 // i holding channels [4 i, 4 i + 4) of a side (widths <= 128, multiples of 8); lanes past the
 // width hold a copy of channel 0, which leaves the row's min and max as they are. Returns the
 // entries staged (every thread).
@@ -583,6 +583,7 @@ __device__ int StageLowEntries(const KvPolicyCompactArgs& a, const KvPolicySeq& 
       if (lane == 0) {
         state[p] = kKvPolicyLowPacked;
         slot[p] = static_cast<int32_t>(e);
+        if (seq.packed_pos != nullptr) seq.packed_pos[static_cast<size_t>(lhead) * seq.capacity + e] = p;
       }
     }
     n += sm_count[0] + sm_count[1];

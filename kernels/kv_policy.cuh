@@ -56,7 +56,7 @@ inline constexpr int32_t kKvBalanceUnset = 0, kKvBalanceFixed = 1;
 //   slot      int32: the cache slot of a kFull (or kKvPolicyLow) key as an index into the
 //             sequence's block-table slots (table[slot / block_size] * block_size + slot %
 //             block_size); of a kKvPolicyLowPacked key, its entry's index in the head's run (set
-//             by KvPolicyCompact; the LoRC latent decode finds packed keys by position);
+//             by KvPolicyCompact);
 //   last_hit  int32: the latest query position that gave the key probability >= 1/t;
 //   pos       int32, indexed by slot: the position whose key the slot holds, or -1 for none (a
 //             slot past a head's run after a compaction); slot[pos[s]] == s for every slot s <
@@ -100,12 +100,15 @@ struct KvPolicySeq {
   float* balance = nullptr;
   float* q_absmax = nullptr;
   // The decode: an upper bound on num_packed over this sequence's heads (the host's, from the
-  // counts at its latest compaction); it walks seq_len - slot_offset slots, then this many entries
-  // (over LoRC latents, where packed keys are found by position, > 0 turns on the walk over the
-  // positions: KvPolicyLatentWalk).
+  // counts at its latest compaction); it walks seq_len - slot_offset slots, then this many entries.
   int32_t packed_max = 0;
   // LaunchKvPolicyObserveQueries: the state's query rows are [q_row, q_row + q_len).
   int32_t q_len = 0;
+  // MiKV over LoRC latents (null otherwise): per (layer, KV head) [capacity], entry e of the
+  // head's run -> the position of its key (the inverse of slot[] over kKvPolicyLowPacked keys,
+  // kept by KvPolicyCompact): a latent key is rotated at its position, which an entry does not
+  // carry.
+  int32_t* packed_pos = nullptr;
 };
 
 // Keys per work chunk of the policy decode (one CTA per chunk, KV head and sequence).
@@ -164,9 +167,6 @@ struct KvPolicyDecodeArgs {
   // its score and probability; int4 zero + code x scale), Q rounded to fp16 for the fp16 S mma;
   // MiKV runs the CUDA-core kernels.
   bool cuda_cores = false;
-  // Internal: set by LaunchKvPolicyLatentDecode for the passes it shares (importance, reduce),
-  // whose chunks then follow KvPolicyLatentWalk.
-  bool latent_walk = false;
 };
 
 // Bytes of scratch LaunchKvPolicyDecode needs for this batch shape: scores [num_seqs][num_heads]
@@ -189,10 +189,10 @@ cudaError_t LaunchKvPolicyDecode(const KvPolicyDecodeArgs& args, cudaStream_t st
 // P C_V on mma.sync), the scores saved for the importance pass; the importance and the reduce are
 // the tensor-core policy decode's. Output r_v columns per query head (o_proj holds B_V).
 // MiKV (low_bits 4 / 2): the low keys are listed too and counted in t (never recorded: a low key
-// is not chosen again). A latent key's rotation needs its position, and a packed entry carries
-// none, so the walk is: the slots [0, seq_len - slot_offset) (full keys, and kKvPolicyLow ones
-// still in their slots), then, when packed_max > 0, the positions [0, seq_len) whose key is
-// kKvPolicyLowPacked (slot[pos] = its entry index). A low key's latent rows are its entry's
+// is not chosen again). The walk is the full-KV decode's: the slots [0, seq_len - slot_offset)
+// (full keys, and kKvPolicyLow ones still in their slots), then the heads' packed entries [0,
+// num_packed) (walk indexes past the slots, up to packed_max), each rotated at its position
+// (KvPolicySeq::packed_pos: an entry carries none). A low key's latent rows are its entry's
 // values (backend/cpu_kv_policy.cc GatherKeptHead, kvpolicy/low_precision.h bit for bit, no key
 // balance: latents are not in the query's channel space): an unpacked one read from its slot
 // (fp32, as the CPU's LoadKvHead), quantized and dequantized; a packed one decoded from the
@@ -204,9 +204,7 @@ struct KvPolicyLatentDecodeArgs {
   LatentAttentionArgs latent;
   const KvPolicySeq* seqs = nullptr;  // [num_seqs] entries, device
   int32_t layer = 0, num_seqs = 0;
-  // host: the longest walk, seq_len - slot_offset, plus (MiKV, packed_max > 0) seq_len
-  // (KvPolicyLatentWalk)
-  int32_t max_seq_len = 0;
+  int32_t max_seq_len = 0;  // host: the longest walk, seq_len - slot_offset + packed_max
   bool record_hits = true;
   int32_t low_bits = 0;  // MiKV's 4 or 2; 0: CORM (full keys only)
   // KvPolicyDecodeScratchBytes(num_seqs, num_heads, num_kv_heads, head_dim = 128, max_seq_len).
@@ -222,11 +220,6 @@ struct KvPolicyLatentDecodeArgs {
 // 0, 1, 2 or 4, low_bits other than 0, 2, 4.
 cudaError_t LaunchKvPolicyLatentDecode(const KvPolicyLatentDecodeArgs& args, cudaStream_t stream);
 
-// The walk of an entry of the latent decode (host and device): its slots, then, MiKV with packed
-// entries (low_bits > 0 and packed_max > 0), its positions. Scratch and grids are sized by it.
-__host__ __device__ inline int32_t KvPolicyLatentWalk(const KvPolicySeq& seq, int32_t low_bits) {
-  return seq.seq_len - seq.slot_offset + (low_bits > 0 && seq.packed_max > 0 ? seq.seq_len : 0);
-}
 
 // Positions [extend_from, seq_len) of every sequence become kFull with last_hit = the position
 // and slot = position - slot_offset (pos[slot] = position), in every (layer, head) (kvpolicy
@@ -291,9 +284,10 @@ cudaError_t LaunchKvPolicyObserveQueries(const KvPolicySeq* seqs, int num_seqs, 
 // packed run's entries, then the kKvPolicyLow keys at positions >= from in position order,
 // quantized from their slots: K with the balance), after them writes the staged entries as the
 // new run right after the head's full run (low_base, num_packed; those keys become
-// kKvPolicyLowPacked, their slot the entry's index). The run's order differs from the CPU's (old
-// entries first, not merged by position); no reader depends on it (entries are read by index:
-// from the walk past the slots, or from slot[pos]). Over per-layer sides (a LoRC model) a K entry
+// kKvPolicyLowPacked, their slot the entry's index, and packed_pos, where present, maps the
+// entry to its position). The run's order differs from the CPU's (old entries first, not merged
+// by position); no reader depends on it (entries are read by index, from the walk past the
+// slots). Over per-layer sides (a LoRC model) a K entry
 // is LowEntryBytes(k_dim) bytes and a V entry LowEntryBytes(v_dim) (a LoRC model's heads never fix
 // a balance: its layers do not balance keys).
 // One layer's cache sides as a compaction of per-layer widths addresses them (a LoRC model: each

@@ -640,7 +640,7 @@ __global__ void __launch_bounds__(kThreads, kLow ? 2 : 3) PolicyMmaKernel(KvPoli
 __global__ void __launch_bounds__(kThreads) ImportanceKernel(KvPolicyDecodeArgs a, Scratch sc) {
   const int c = blockIdx.x, kvh = blockIdx.y, s = blockIdx.z;
   const KvPolicySeq seq = a.seqs[s];
-  const int len = seq.seq_len - seq.slot_offset, walk = WalkOf(a, seq), p0 = c * kKvPolicyChunk;
+  const int len = seq.seq_len - seq.slot_offset, walk = WalkLength(seq, a.low_bits), p0 = c * kKvPolicyChunk;
   if (p0 >= len) return;  // packed entries are never recorded
   const int group = a.num_heads / a.num_kv_heads;
   const int chunks = (walk + kKvPolicyChunk - 1) / kKvPolicyChunk;
@@ -673,7 +673,7 @@ __global__ void __launch_bounds__(D) ReduceKernel(KvPolicyDecodeArgs a, Scratch 
   const int h = blockIdx.x, s = blockIdx.y, d = threadIdx.x;
   const KvPolicySeq& seq = a.seqs[s];
   if (seq.no_out || d >= width) return;
-  const int chunks = (WalkOf(a, seq) + kKvPolicyChunk - 1) / kKvPolicyChunk;
+  const int chunks = (WalkLength(seq, a.low_bits) + kKvPolicyChunk - 1) / kKvPolicyChunk;
   const float* ml = sc.chunk_ml + (static_cast<size_t>(s) * a.num_heads + h) * sc.max_chunks * 2;
   const float* partial = sc.partial + static_cast<size_t>(s) * sc.max_chunks * a.num_heads * D +
                          static_cast<size_t>(h) * D + d;

@@ -249,11 +249,6 @@ __device__ __forceinline__ LowHead LowHeadOf(const KvPolicySeq& seq, int low_bit
 __device__ __forceinline__ int WalkLength(const KvPolicySeq& seq, int low_bits) {
   return seq.seq_len - seq.slot_offset + (low_bits > 0 && seq.num_packed != nullptr ? seq.packed_max : 0);
 }
-// The walk of an entry in a launch of the tensor-core decode's passes: WalkLength, or the latent
-// decode's (kv_policy.cuh KvPolicyLatentWalk).
-__device__ __forceinline__ int WalkOf(const KvPolicyDecodeArgs& a, const KvPolicySeq& seq) {
-  return a.latent_walk ? KvPolicyLatentWalk(seq, a.low_bits) : WalkLength(seq, a.low_bits);
-}
 
 // A block-wide exclusive scan of the threads' counts `mine` (a block of kWarps whole warps, every
 // thread calling it; one __syncthreads inside): *at = the counts of the threads below this one,

@@ -6,8 +6,9 @@
 //
 // (1) PolicyLatentKernel, one CTA of 8 warps per (span of 1, 2 or 4 chunks of kKvPolicyChunk
 //     walk indices, KV head, entry): each thread classifies its walk indices (slot -> pos ->
-//     state; MiKV: then positions -> state for the packed keys), a block scan lists the span's
-//     keys in walk order with their cache slots (a packed key: its entry) and positions, then
+//     state; MiKV: then the head's packed entries, each with its packed_pos), a block scan lists
+//     the span's keys in walk order with their cache slots (a packed key: its entry) and
+//     positions, then
 //     one item runs over the list: 16-key tiles of C_K and C_V by cp.async (bf16, or codes
 //     dequantized as the paged latent decode does; MiKV's low rows then written in the landed
 //     tile by ListKeys::Fix, from their slots quantized on the fly or from the head's run), K =
@@ -229,7 +230,9 @@ struct ListKeys {
           float x[4];
           kvp::LoadValues<4>(side, cs, c.head, ch, x);
 #pragma unroll
-          for (int i = 0; i < 4; ++i) x[i] = __fadd_rn(r.zero, __fmul_rn(static_cast<float>(kvp::LowCode(x[i], r, bits)), scale));
+          for (int i = 0; i < 4; ++i) {
+            x[i] = __fadd_rn(r.zero, __fmul_rn(static_cast<float>(kvp::LowCode(x[i], r, bits)), scale));
+          }
           *reinterpret_cast<uint2*>(out + ch) = make_uint2(PackBf16(x[0], x[1]), PackBf16(x[2], x[3]));
         }
       }
@@ -265,7 +268,7 @@ __global__ void __launch_bounds__(kThreads, KS <= 4 && VM <= 4 ? 2 : 1)
   const int c0 = blockIdx.x * span, kvh = blockIdx.y, s = blockIdx.z;
   const KvPolicySeq seq = seqs[s];
   const int len = seq.seq_len - seq.slot_offset, p0 = c0 * kKvPolicyChunk;
-  const int walk = LOW ? KvPolicyLatentWalk(seq, low_bits) : len;
+  const int walk = LOW ? kvp::WalkLength(seq, low_bits) : len;
   if (p0 >= walk) return;  // uniform over the CTA
   const int tid = threadIdx.x;
   const int group = a.num_heads / a.num_kv_heads;
@@ -283,18 +286,19 @@ __global__ void __launch_bounds__(kThreads, KS <= 4 && VM <= 4 ? 2 : 1)
 
   // This thread's walk indices: a key's cache slot (a packed key's entry index), or none; then
   // the list in walk order. Slots first (full keys; MiKV: demoted ones still there), then (MiKV)
-  // positions (packed keys).
+  // the head's packed entries, each with its position (packed_pos).
   const int lhead = layer * a.num_kv_heads + kvh;
   const size_t lh = static_cast<size_t>(lhead) * seq.capacity;
   const int32_t* table = a.block_tables + kvp::TableRow(seq, s) * a.max_blocks_per_seq;
   kvp::CacheSide kc, vc;  // LOW: the cache as the policy kernels address a head's region
-  int k_entry = 0, v_entry = 0, low_base = 0;
+  int k_entry = 0, v_entry = 0, low_base = 0, packed = 0;
   if constexpr (LOW) {
     kc = kvp::CacheSide{static_cast<uint8_t*>(const_cast<void*>(a.k_cache)), a.kv_quant, a.k_q, a.k_ld, a.k_rank};
     vc = kvp::CacheSide{static_cast<uint8_t*>(const_cast<void*>(a.v_cache)), a.kv_quant, a.v_q, a.v_ld, a.v_rank};
     k_entry = a.k_rank * low_bits / 8 + 4;
     v_entry = a.v_rank * low_bits / 8 + 4;
     low_base = seq.low_base != nullptr ? seq.low_base[lhead] : 0;
+    packed = seq.num_packed != nullptr && seq.packed_pos != nullptr ? seq.num_packed[lhead] : 0;
   }
   int32_t slot[kPer], kp[kPer];
   uint8_t kind[kPer];
@@ -313,13 +317,10 @@ __global__ void __launch_bounds__(kThreads, KS <= 4 && VM <= 4 ? 2 : 1)
         slot[k] = static_cast<int32_t>(kvp::CacheSlot(table, v, a.block_size));
         kind[k] = st == kKvPolicyFull ? kRowFull : kRowLowSlot;
       }
-    } else if (LOW && k < per && v < walk) {
-      const int p = v - len;
-      if (seq.state[lh + p] == kKvPolicyLowPacked) {
-        kp[k] = p;
-        slot[k] = seq.slot[lh + p];
-        kind[k] = kRowPacked;
-      }
+    } else if (LOW && k < per && v - len < packed) {
+      kp[k] = seq.packed_pos[lh + v - len];
+      slot[k] = v - len;
+      kind[k] = kRowPacked;
     }
     mine += slot[k] >= 0;
   }
@@ -466,7 +467,6 @@ cudaError_t LaunchKvPolicyLatentDecode(const KvPolicyLatentDecodeArgs& p, cudaSt
   r.max_seq_len = p.max_seq_len;
   r.record_hits = p.record_hits;
   r.low_bits = p.low_bits;
-  r.latent_walk = true;
   return kvp::LaunchImportanceAndReduce(r, sc, a.v_rank, stream);
 }
 

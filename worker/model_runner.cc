@@ -151,10 +151,9 @@ absl::Status ModelRunner::InitKvPolicy(const KvCacheOptions& kv) {
   if (backend_->KvPolicyOnDevice()) {
     // Their memory comes out of the KV budget (AllocateCache).
     kv_policy_positions_per_slot_ = kvpolicy::PositionsPerSlot(kv.kv_policy, layers);
-    kv_policy_memory_ = backend_->KvPolicyMemory(
-        int64_t{kv_spec_.num_layers()} * heads,
-        kv.kv_policy.kind == kvpolicy::KvPolicyKind::kMikv ? layers[0].k_width : 0, limits_.max_model_len,
-        limits_.max_num_seqs);
+    const bool mikv = kv.kv_policy.kind == kvpolicy::KvPolicyKind::kMikv;
+    kv_policy_memory_ = backend_->KvPolicyMemory(int64_t{kv_spec_.num_layers()} * heads, mikv ? layers[0].k_width : 0,
+                                                 mikv && latent, limits_.max_model_len, limits_.max_num_seqs);
   }
   kv_policy_ = std::make_unique<kvpolicy::KvPolicyStore>(kv.kv_policy, std::move(layers),
                                                           static_cast<int32_t>(heads), backend_->KvPolicyOnDevice());

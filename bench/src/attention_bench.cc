@@ -335,7 +335,7 @@ double RunPolicy(Backend& be, bool cuda_cores, int batch, int ctx, double kept, 
 // tensor-core latent policy kernel), `batch` sequences of `ctx` keys, a fraction `kept` kFull as
 // RunPolicy's; cycles over layer caches as Run does. MiKV (low_bits 4 / 2): the others kLow in
 // their slots, or (`compacted`) the kept keys in slots [0, F) and the others packed in a run after
-// them, what a compaction leaves (the walk: F + run slots, then the ctx positions).
+// them, what a compaction leaves (the walk: F + run slots, then the run's entries).
 double RunLatentPolicy(Backend& be, int batch, int ctx, double kept, bool record_hits, int rank, KvQuant quant,
                        int low_bits = 0, bool compacted = false) {
   // The compacted MiKV layout, the same for every (sequence, layer, head): position p kFull when
@@ -362,22 +362,26 @@ double RunLatentPolicy(Backend& be, int batch, int ctx, double kept, bool record
   DeviceBuffer dtables = Put(be, tables);
   BenchStates bs = MakeBenchStates(be, batch, ctx, layers, kept, low_bits > 0 ? kernels::kKvPolicyLow : kernels::kKvPolicyDead);
   const size_t lheads = static_cast<size_t>(layers) * kKvHeads;
-  DeviceBuffer dpos, dints;
-  if (compacted) {  // the states rewritten as a compaction leaves them (a separate pos array)
+  DeviceBuffer dpos, dpacked, dints;
+  if (compacted) {  // the states rewritten as a compaction leaves them (separate pos and packed_pos)
     const size_t per_seq = lheads * ctx;
     std::vector<uint8_t> state(per_seq * batch, kernels::kKvPolicyLowPacked);
-    std::vector<int32_t> slot(per_seq * batch), pos(per_seq * batch, -1);
+    std::vector<int32_t> slot(per_seq * batch), pos(per_seq * batch, -1), packed(per_seq * batch, -1);
     for (size_t row = 0; row < lheads * batch; ++row) {
       for (size_t i = 0; i < full_pos.size(); ++i) {
         state[row * ctx + full_pos[i]] = kernels::kKvPolicyFull;
         slot[row * ctx + full_pos[i]] = static_cast<int32_t>(i);
         pos[row * ctx + i] = full_pos[i];
       }
-      for (size_t i = 0; i < low_pos.size(); ++i) slot[row * ctx + low_pos[i]] = static_cast<int32_t>(i);
+      for (size_t i = 0; i < low_pos.size(); ++i) {
+        slot[row * ctx + low_pos[i]] = static_cast<int32_t>(i);
+        packed[row * ctx + i] = low_pos[i];
+      }
     }
     CHECK_OK(be.CopyToDevice(bs.state.data(), state.data(), state.size()));
     CHECK_OK(be.CopyToDevice(bs.slot.data(), slot.data(), slot.size() * 4));
     dpos = Put(be, pos);
+    dpacked = Put(be, packed);
     std::vector<int32_t> ints(3 * lheads);
     for (size_t i = 0; i < lheads; ++i) {
       ints[i] = static_cast<int32_t>(full_pos.size());
@@ -388,6 +392,7 @@ double RunLatentPolicy(Backend& be, int batch, int ctx, double kept, bool record
     for (int s = 0; s < batch; ++s) {
       kernels::KvPolicySeq& e = bs.seqs[s];
       e.pos = dpos.as<int32_t>() + s * per_seq;
+      e.packed_pos = dpacked.as<int32_t>() + s * per_seq;
       e.slot_offset = ctx - slots;
       e.low_base = dints.as<int32_t>();
       e.num_packed = dints.as<int32_t>() + lheads;
@@ -396,7 +401,7 @@ double RunLatentPolicy(Backend& be, int batch, int ctx, double kept, bool record
     }
   }
   DeviceBuffer dseqs = Put(be, bs.seqs);
-  const int walk = kernels::KvPolicyLatentWalk(bs.seqs[0], low_bits);
+  const int walk = bs.seqs[0].seq_len - bs.seqs[0].slot_offset + bs.seqs[0].packed_max;
   auto scratch = be.Allocate(kernels::KvPolicyDecodeScratchBytes(batch, kHeads, kKvHeads, kDim, walk));
   CHECK(scratch.ok()) << scratch.status();
   kernels::KvPolicyLatentDecodeArgs a;
@@ -463,7 +468,7 @@ int LatentPolicyTable(Backend& be, KvQuant quant, const char* dtype) {
         return 2.0 * batch * keys * SideBytesPerToken(quant, kRank) / (kFloorGBs * 1e3);
       };
       // MiKV compacted: the kept 30 % of rows plus the others' entries (K and V), and the states
-      // walked (a position's state and slot, 5 bytes, per KV head).
+      // walked (about 5 bytes a position and KV head: pos and state, or packed_pos).
       const double mikv_floor =
           floor_us(kept) + (2.0 * (ctx - kept) * (kRank * mikv_bits / 8 + 4) * kKvHeads + 5.0 * ctx * kKvHeads) *
                                batch / (kFloorGBs * 1e3);

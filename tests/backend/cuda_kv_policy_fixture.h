@@ -31,7 +31,7 @@ inline cudaStream_t Stream(Backend& be) { return static_cast<cudaStream_t>(be.st
 // The device copy of some sequences' policy arrays ([layers][kv_heads][capacity] each) and the
 // KvPolicySeq array pointing into them.
 struct DeviceStates {
-  DeviceBuffer state, slot, last_hit, pos, seqs;
+  DeviceBuffer state, slot, last_hit, pos, packed_pos, seqs;
   std::vector<KvPolicySeq> host_seqs;
   std::vector<size_t> offsets;  // per sequence: its arrays' first position
   int layers = 0, kv_heads = 0;
@@ -70,11 +70,14 @@ inline DeviceStates Upload(Backend& be, const std::vector<std::vector<uint8_t>>&
   d.slot = PutRaw(be, sl);
   d.last_hit = PutRaw(be, lh);
   d.pos = PutRaw(be, ps);
+  // packed_pos (MiKV over latents; the other kernels leave it): no entry yet, -5.
+  d.packed_pos = PutRaw(be, std::vector<int32_t>(sl.size(), -5));
   for (size_t s = 0; s < seqs.size(); ++s) {
     seqs[s].state = d.state.as<uint8_t>() + d.offsets[s];
     seqs[s].slot = d.slot.as<int32_t>() + d.offsets[s];
     seqs[s].last_hit = d.last_hit.as<int32_t>() + d.offsets[s];
     seqs[s].pos = d.pos.as<int32_t>() + d.offsets[s];
+    seqs[s].packed_pos = d.packed_pos.as<int32_t>() + d.offsets[s];
   }
   d.host_seqs = seqs;
   d.seqs = PutRaw(be, seqs);

@@ -496,7 +496,7 @@ TEST_P(CudaKvPolicyLatentTest, AllKeptKeysTakeTheConsecutiveRotation) {
   ExpectDecodesAsTheCpu(*cuda_, lc, *rs, dev, want, initial, a, {4, 1}, &got, &glast);
 }
 
-// MiKV over latent layers (kv_policy.cuh: KvPolicyLatentDecodeArgs::low_bits, KvPolicyLatentWalk,
+// MiKV over latent layers (kv_policy.cuh: KvPolicyLatentDecodeArgs::low_bits, KvPolicySeq::packed_pos,
 // KvPolicyCompactArgs over sides with low_bits), int4 and int2, against the CPU reading a copy of
 // the device's cache bytes (bf16 latents, or codes and scales: its packed runs lie as the device's,
 // so their bytes compare). States (MakeRandomPolicyStates): about 30 % of the keys full, the rest
@@ -511,11 +511,11 @@ TEST_P(CudaKvPolicyLatentTest, AllKeptKeysTakeTheConsecutiveRotation) {
 //     SequenceKvPolicy::Compact and CompactKvHeads; GPU: one LaunchKvPolicyCompact each, per-layer
 //     sides, low_bits, a stage of (the head's low entries) x (K + V entry bytes)): the device's
 //     states (kLow at positions >= 16 <-> kKvPolicyLowPacked, its slot a distinct entry index in
-//     [0, num_packed); the rest as the CPU's, at the CPU's slots; the slot / pos maps inverse, -1
+//     [0, num_packed) whose packed_pos is the position; the rest as the CPU's, at the CPU's slots; the slot / pos maps inverse, -1
 //     past each head's runs), low_base and num_packed the CPU's, every moved row and packed entry
 //     (K and V) byte for byte the CPU's; then, packed_max set to each sequence's most packed
-//     entries, the decode (the walk over the positions for packed keys, entries straddling two
-//     slots) against the CPU's, importance included.
+//     entries, the decode (the walk over the runs' entries, rotated at their packed_pos; entries
+//     straddling two slots) against the CPU's, importance included.
 //  3. A second choice at 15 % on both sides (the choice kernel beside packed keys: the same
 //     states), the decode over packed keys and newly demoted ones still in their slots, a second
 //     compaction (the old run re-packed with the new entries: the device's run order is then not
@@ -576,7 +576,7 @@ TEST_P(CudaKvPolicyLatentTest, MikvMatchesCpuBeforeAndAfterCompaction) {
       }
       const std::vector<float> want = lc.Cpu(*cpu_, ptrs, &host);
       int32_t walk = 1;
-      for (const KvPolicySeq& e : entries) walk = std::max(walk, kernels::KvPolicyLatentWalk(e, bits));
+      for (const KvPolicySeq& e : entries) walk = std::max(walk, e.seq_len - e.slot_offset + e.packed_max);
       auto scratch = cuda_->Allocate(kernels::KvPolicyDecodeScratchBytes(S, lc.H, G, kHd, walk));
       ASSERT_OK(scratch);
       DeviceBuffer d = PutRaw(*cuda_, entries);
@@ -695,7 +695,8 @@ TEST_P(CudaKvPolicyLatentTest, MikvMatchesCpuBeforeAndAfterCompaction) {
 
       // The device's states, maps, runs and bytes against the CPU's.
       const std::vector<uint8_t> gstate = GetAll<uint8_t>(*cuda_, dev.state);
-      const std::vector<int32_t> gslot = GetAll<int32_t>(*cuda_, dev.slot), gpos = GetAll<int32_t>(*cuda_, dev.pos);
+      const std::vector<int32_t> gslot = GetAll<int32_t>(*cuda_, dev.slot), gpos = GetAll<int32_t>(*cuda_, dev.pos),
+                                 gpacked = GetAll<int32_t>(*cuda_, dev.packed_pos);
       const std::vector<uint8_t> gheads = GetAll<uint8_t>(*cuda_, heads.buf);
       const std::vector<uint8_t> kdev = GetAll<uint8_t>(*cuda_, lc.dk), vdev = GetAll<uint8_t>(*cuda_, lc.dv);
       int64_t packed = 0, moved = 0;
@@ -720,6 +721,7 @@ TEST_P(CudaKvPolicyLatentTest, MikvMatchesCpuBeforeAndAfterCompaction) {
               ASSERT_LT(sl, n) << "seq " << s << " head " << g << " pos " << pos << ": entry index";
               ASSERT_FALSE(seen[sl]) << "seq " << s << " head " << g << " pos " << pos << ": entry " << sl << " twice";
               seen[sl] = 1;
+              ASSERT_EQ(gpacked[at + sl], pos) << "seq " << s << " head " << g << " entry " << sl << ": packed_pos";
               const int64_t cpu_e = st.low_entry(0, g, pos), cpu_base = st.low_base(0, g);
               ASSERT_EQ(lc.RunEntry(kdev, sh.rk, s, g, base, sl, kb), lc.RunEntry(hk, sh.rk, s, g, cpu_base, cpu_e, kb))
                   << "seq " << s << " head " << g << " pos " << pos << ": K entry " << sl;

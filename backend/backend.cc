@@ -9,6 +9,7 @@
 #include "backend/cpu_backend.h"
 #include "backend/cuda_backend.h"
 #include "common/status_macros.h"
+#include "kvpolicy/sequence_policy.h"
 
 namespace lorc {
 
@@ -205,6 +206,31 @@ absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(const BackendOptions& opt
       return CreateCudaBackend(options);
   }
   return absl::InvalidArgumentError("unknown backend kind");
+}
+
+KvCacheCompaction ToCacheCompaction(const kvpolicy::SequenceKvPolicy& st, absl::Span<const kvpolicy::SlotMove> moves,
+                                    absl::Span<const kvpolicy::LowRepack> low, const int32_t* table,
+                                    int32_t block_size) {
+  auto slot = [&](int64_t s) { return static_cast<int64_t>(table[s / block_size]) * block_size + s % block_size; };
+  KvCacheCompaction c;
+  c.moves.reserve(moves.size());
+  for (const kvpolicy::SlotMove& m : moves) c.moves.push_back({m.layer, m.head, slot(m.src), slot(m.dst)});
+  // MiKV's runs: sequence slots to cache slots (a run's slots may span blocks).
+  c.runs.resize(low.size());
+  for (size_t r = 0; r < low.size(); ++r) {
+    const kvpolicy::LowRepack& lr = low[r];
+    KvLowRun& run = c.runs[r];
+    run.layer = lr.layer;
+    run.head = lr.head;
+    run.balance = st.balance(lr.layer, lr.head);
+    const int64_t old_slots = st.LowRunSlotsOf(lr.layer, lr.old_entries);
+    const int64_t new_slots = st.LowRunSlotsOf(lr.layer, static_cast<int64_t>(lr.sources.size()));
+    for (int64_t i = 0; i < old_slots; ++i) run.old_slots.push_back(slot(lr.old_base + i));
+    for (int64_t i = 0; i < new_slots; ++i) run.new_slots.push_back(slot(lr.new_base + i));
+    run.sources.reserve(lr.sources.size());
+    for (int64_t src : lr.sources) run.sources.push_back(src >= 0 ? src : -1 - slot(-1 - src));
+  }
+  return c;
 }
 
 }  // namespace lorc

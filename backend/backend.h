@@ -50,6 +50,8 @@
 namespace lorc {
 namespace kvpolicy {
 class SequenceKvPolicy;  // kvpolicy/sequence_policy.h
+struct SlotMove;
+struct LowRepack;
 struct KvPolicyConfig;   // kvpolicy/kv_policy_config.h
 }  // namespace kvpolicy
 
@@ -89,6 +91,17 @@ struct KvLowRun {
   std::vector<int64_t> sources;
   const float* balance = nullptr;  // host memory, the layer's per-head K width; null: none
 };
+
+// A sequence's compaction (kvpolicy::SequenceKvPolicy::Compact's moves and MiKV repacks, in the
+// sequence's slots) in cache slots through its block table `table` (block_size slots a block):
+// what Backend::CompactKvHeads takes, keys' runs balanced by `st`'s factors.
+struct KvCacheCompaction {
+  std::vector<KvHeadMove> moves;
+  std::vector<KvLowRun> runs;
+};
+KvCacheCompaction ToCacheCompaction(const kvpolicy::SequenceKvPolicy& st, absl::Span<const kvpolicy::SlotMove> moves,
+                                    absl::Span<const kvpolicy::LowRepack> low, const int32_t* table,
+                                    int32_t block_size);
 
 class Backend;
 

@@ -234,27 +234,8 @@ absl::Status ModelRunner::CompactKv(int64_t seq_id, absl::Span<const int32_t> bl
   std::vector<kvpolicy::SlotMove> moves;
   std::vector<kvpolicy::LowRepack> low;
   RETURN_IF_ERROR(st->Compact(st->CompactFrom(bs), num_slots, &moves, &low));
-  std::vector<KvHeadMove> cache_moves;
-  cache_moves.reserve(moves.size());
-  auto slot = [&](int64_t s) { return static_cast<int64_t>(block_table[s / bs]) * bs + s % bs; };
-  for (const kvpolicy::SlotMove& m : moves) cache_moves.push_back({m.layer, m.head, slot(m.src), slot(m.dst)});
-  // MiKV's runs: sequence slots to cache slots (a run's slots may span blocks).
-  std::vector<KvLowRun> runs(low.size());
-  for (size_t r = 0; r < low.size(); ++r) {
-    const kvpolicy::LowRepack& lr = low[r];
-    KvLowRun& run = runs[r];
-    run.layer = lr.layer;
-    run.head = lr.head;
-    run.balance = st->balance(lr.layer, lr.head);
-    const int64_t old_slots = st->LowRunSlotsOf(lr.layer, lr.old_entries);
-    const int64_t new_slots = st->LowRunSlotsOf(lr.layer, static_cast<int64_t>(lr.sources.size()));
-    for (int64_t i = 0; i < old_slots; ++i) run.old_slots.push_back(slot(lr.old_base + i));
-    for (int64_t i = 0; i < new_slots; ++i) run.new_slots.push_back(slot(lr.new_base + i));
-    run.sources.reserve(lr.sources.size());
-    for (int64_t src : lr.sources) run.sources.push_back(src >= 0 ? src : -1 - slot(-1 - src));
-  }
-  return backend_->CompactKvHeads(kv_layers_, bs, kv_spec_.num_blocks, cache_moves, runs,
-                                  st->config().low_bits);
+  const KvCacheCompaction c = ToCacheCompaction(*st, moves, low, block_table.data(), bs);
+  return backend_->CompactKvHeads(kv_layers_, bs, kv_spec_.num_blocks, c.moves, c.runs, st->config().low_bits);
 }
 
 std::optional<KvSlotReport> ModelRunner::KvSlots(int64_t seq_id) const {

@@ -332,22 +332,8 @@ inline absl::Status CompactOnCpu(Backend& cpu, kvpolicy::SequenceKvPolicy& st, a
   std::vector<kvpolicy::SlotMove> moves;
   std::vector<kvpolicy::LowRepack> low;
   if (absl::Status s = st.Compact(from, st.SlotsNeeded(from), &moves, &low); !s.ok()) return s;
-  auto slot = [&](int64_t s) { return static_cast<int64_t>(table[s / block_size]) * block_size + s % block_size; };
-  std::vector<KvHeadMove> cache_moves;
-  for (const kvpolicy::SlotMove& m : moves) cache_moves.push_back({m.layer, m.head, slot(m.src), slot(m.dst)});
-  std::vector<KvLowRun> runs(low.size());
-  for (size_t r = 0; r < low.size(); ++r) {
-    const kvpolicy::LowRepack& lr = low[r];
-    KvLowRun& run = runs[r];
-    run.layer = lr.layer;
-    run.head = lr.head;
-    run.balance = st.balance(lr.layer, lr.head);
-    for (int64_t i = 0; i < st.LowRunSlotsOf(lr.layer, lr.old_entries); ++i) run.old_slots.push_back(slot(lr.old_base + i));
-    const int64_t n = static_cast<int64_t>(lr.sources.size());
-    for (int64_t i = 0; i < st.LowRunSlotsOf(lr.layer, n); ++i) run.new_slots.push_back(slot(lr.new_base + i));
-    for (int64_t src : lr.sources) run.sources.push_back(src >= 0 ? src : -1 - slot(-1 - src));
-  }
-  return cpu.CompactKvHeads(layers, block_size, num_blocks, cache_moves, runs, st.config().low_bits);
+  const KvCacheCompaction c = ToCacheCompaction(st, moves, low, table, block_size);
+  return cpu.CompactKvHeads(layers, block_size, num_blocks, c.moves, c.runs, st.config().low_bits);
 }
 
 }  // namespace lorc::policy_test

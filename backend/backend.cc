@@ -198,6 +198,39 @@ absl::Status ValidateWeightFill(const char* backend, const WeightFillParams& p) 
   return absl::OkStatus();
 }
 
+namespace {
+
+// The unfused (add +) RMSNorm of a NormedInput into in.normed; the stream ends in in.next.
+absl::Status NormInto(Backend& b, const NormedInput& in) {
+  if (in.add.data == nullptr) return b.RmsNorm(in.residual, in.weight, in.eps, in.normed);
+  if (in.next.data != in.residual.data) {
+    if (in.next.rows != in.residual.rows || in.next.cols != in.residual.cols ||
+        in.next.dtype != in.residual.dtype || in.next.stride() != in.residual.stride()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("NormedInput: next [", in.next.rows, ", ", in.next.cols, "] does not match residual [",
+                       in.residual.rows, ", ", in.residual.cols, "] (shape, dtype or row pitch)"));
+    }
+    RETURN_IF_ERROR(b.CopyOnDevice(in.next.data, in.residual.data,
+                                   static_cast<size_t>(in.residual.rows * in.residual.stride()) *
+                                       DTypeSize(in.residual.dtype)));
+  }
+  return b.FusedAddRmsNorm(in.next, in.add, in.weight, in.eps, in.normed);
+}
+
+}  // namespace
+
+absl::Status Backend::NormMatmulRopeKvWrite(const NormedInput& in, const Tensor2D& w, Tensor2D out,
+                                            const RopeKvWriteParams& p) {
+  RETURN_IF_ERROR(NormInto(*this, in));
+  return MatmulRopeKvWrite(in.normed, w, out, p);
+}
+
+absl::Status Backend::NormMatmulSiluMul(const NormedInput& in, const Tensor2D& w, Tensor2D gate_up, Tensor2D act) {
+  RETURN_IF_ERROR(NormInto(*this, in));
+  RETURN_IF_ERROR(Matmul(in.normed, w, gate_up));
+  return SiluMul(gate_up, act);
+}
+
 absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(const BackendOptions& options) {
   switch (options.kind) {
     case BackendKind::kCpu:

@@ -291,6 +291,18 @@ struct RopeKvWriteParams {
   bool rotate_k = true;
 };
 
+// The input of Backend::NormMatmulRopeKvWrite / NormMatmulSiluMul: the residual stream before a
+// projection, its sub-layer's output to add, and the RMSNorm that feeds the projection.
+struct NormedInput {
+  Tensor2D residual;  // [T, H]: the stream
+  Tensor2D add;       // [T, H], or data == nullptr: nothing added (the stream is residual as is)
+  Tensor2D next;      // [T, H]: where residual + add is stored (with add); may alias residual
+                      // unless the backend FusesNormMatmul(T)
+  Tensor2D weight;    // [1, H]: the RMSNorm weight
+  float eps = 1e-6f;
+  Tensor2D normed;    // [T, H] scratch of the unfused path: RMSNorm(stream) * weight
+};
+
 // Attention over LoRC latents (compress/FORMAT.md) for one layer. The cache holds, per token
 // and KV head g, the unrotated key latent c_K (r_k values at columns [g*r_k, (g+1)*r_k)) and value
 // latent c_V (r_v values at [g*r_v, (g+1)*r_v)). For every sequence of the plan (decode and
@@ -445,6 +457,23 @@ class Backend {
     absl::Status s = Matmul(x, w, out);
     return s.ok() ? RopeKvWrite(p) : s;
   }
+  // The residual stream's (add +) RMSNorm fused into the projection after it. Decode-sized steps
+  // on the CUDA backend run each as one GEMV whose input is the normalized stream
+  // (kernels/gemv.cuh LaunchGemvNorm: the 1 / rms scale applied to the fp32 sums, so the
+  // projection differs from the unfused ops' by bf16 rounding order; the stream is bit for bit the
+  // same). Where FusesNormMatmul(T) is true the caller passes `next` != `residual` (the kernel
+  // reads the stream while it stores the sum); elsewhere `next` may alias `residual`.
+  // NormMatmulRopeKvWrite: MatmulRopeKvWrite(RMSNorm(next) * weight, w, out, p).
+  // NormMatmulSiluMul: gate_up = RMSNorm(next) * weight * w^T, act = SiluMul(gate_up); the fused
+  // path writes act only (gate_up untouched).
+  // InvalidArgument on shape mismatches (naming the op), as the ops they replace.
+  virtual bool FusesNormMatmul(int64_t tokens) const {
+    (void)tokens;
+    return false;
+  }
+  virtual absl::Status NormMatmulRopeKvWrite(const NormedInput& in, const Tensor2D& w, Tensor2D out,
+                                             const RopeKvWriteParams& p);
+  virtual absl::Status NormMatmulSiluMul(const NormedInput& in, const Tensor2D& w, Tensor2D gate_up, Tensor2D act);
 
   // Attention plan: allocated once (its workspace never moves), refilled each step.
   virtual absl::StatusOr<std::unique_ptr<AttentionPlan>> CreateAttentionPlan(

@@ -191,6 +191,14 @@ class CudaBackend final : public Backend {
   // One launch (kernels::LaunchGemvRopeKvWrite) when FusedQkvApplies, else the two ops.
   absl::Status MatmulRopeKvWrite(const Tensor2D& x, const Tensor2D& w, Tensor2D out,
                                  const RopeKvWriteParams& p) override;
+  // Steps of T <= GetCudaFusedNormRows() (cuda_gemv.h; off by default until measured) tokens
+  // under a policy that allows the GEMV: one kernels::LaunchGemvNorm each (the rotary / SiLU
+  // epilogue, or the plain store then RopeKvWrite where the fused QKV does not apply); else, or
+  // where the operands do not suit the kernel, the unfused ops.
+  bool FusesNormMatmul(int64_t tokens) const override;
+  absl::Status NormMatmulRopeKvWrite(const NormedInput& in, const Tensor2D& w, Tensor2D out,
+                                     const RopeKvWriteParams& p) override;
+  absl::Status NormMatmulSiluMul(const NormedInput& in, const Tensor2D& w, Tensor2D gate_up, Tensor2D act) override;
   absl::Status FillWeights(const WeightFillParams& p) override;  // kernels/random_fill.cu
   // cuda_attention.cc
   absl::StatusOr<std::unique_ptr<AttentionPlan>> CreateAttentionPlan(const AttentionLimits& limits) override;

@@ -3,16 +3,30 @@
 #include "backend/cuda_gemv.h"
 
 #include <atomic>
+#include <cstdlib>
 #include <iterator>
 #include <limits>
+
+#include "absl/strings/numbers.h"
 
 namespace lorc {
 namespace {
 std::atomic<CudaMatmulPolicy> g_policy{CudaMatmulPolicy::kAuto};
+
+// LORC_FUSED_NORM_ROWS=N (a non-negative integer) at start-up, else kDefaultFusedNormRows.
+int64_t FusedNormRowsFromEnv() {
+  const char* e = std::getenv("LORC_FUSED_NORM_ROWS");
+  int64_t v = 0;
+  if (e == nullptr || !absl::SimpleAtoi(e, &v) || v < 0) return kDefaultFusedNormRows;
+  return v;
+}
+std::atomic<int64_t> g_fused_norm_rows{FusedNormRowsFromEnv()};
 }  // namespace
 
 void SetCudaMatmulPolicy(CudaMatmulPolicy policy) { g_policy.store(policy); }
 CudaMatmulPolicy GetCudaMatmulPolicy() { return g_policy.load(); }
+void SetCudaFusedNormRows(int64_t rows) { g_fused_norm_rows.store(rows < 0 ? 0 : rows); }
+int64_t GetCudaFusedNormRows() { return g_fused_norm_rows.load(); }
 
 }  // namespace lorc
 

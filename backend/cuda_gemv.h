@@ -28,6 +28,16 @@ enum class CudaMatmulPolicy : uint8_t {
 void SetCudaMatmulPolicy(CudaMatmulPolicy policy);
 CudaMatmulPolicy GetCudaMatmulPolicy();
 
+// Steps of at most this many tokens run each residual add + RMSNorm inside the projection after
+// it (CudaBackend::FusesNormMatmul, kernels/gemv.cuh LaunchGemvNorm; capped at the GEMV's 16
+// rows). 0 turns it off. Off by default until a GPU measurement shows it faster: built and
+// parity-checked on an H200 on 2026-12-04, not yet benchmarked (docs/PERFORMANCE.md, "Not
+// measured yet"). LORC_FUSED_NORM_ROWS=N in the environment sets it at start-up (A/B runs);
+// SetCudaFusedNormRows sets it for the CUDA backends created after the call (benchmarks, tests).
+inline constexpr int64_t kDefaultFusedNormRows = 0;
+void SetCudaFusedNormRows(int64_t rows);
+int64_t GetCudaFusedNormRows();
+
 }  // namespace lorc
 
 #ifdef LORC_HAVE_CUDA

@@ -106,6 +106,7 @@ struct MatmulState {
   absl::Status init;  // OK, or why cuBLASLt cannot be used (returned by every Matmul)
   const CublasLtApi* lt = nullptr;  // set when init is OK (cublaslt_loader.h)
   CudaMatmulPolicy policy = GetCudaMatmulPolicy();
+  int64_t fused_norm_rows = GetCudaFusedNormRows();  // FusesNormMatmul's limit, fixed at creation
   cublasLtHandle_t handle = nullptr;
   void* workspace = nullptr;
   cudaEvent_t start = nullptr, stop = nullptr;  // for timing candidates
@@ -388,6 +389,88 @@ absl::Status CudaBackend::MatmulRopeKvWrite(const Tensor2D& x, const Tensor2D& w
   return CudaError(kernels::LaunchGemvRopeKvWrite(x.rows, w.rows, x.cols, x.data, x.stride(), w.data, w.stride(),
                                                   out.data, out.stride(), r, stream_),
                    "MatmulRopeKvWrite");
+}
+
+namespace {
+
+bool EnvFlag(const char* name) {
+  const char* e = std::getenv(name);
+  return e != nullptr && std::string_view(e) != "0" && std::string_view(e) != "";
+}
+
+// The kernel's view of a NormedInput whose tensors are all BF16 [T, H] (weight [1, H]); false
+// otherwise (the unfused ops then report or handle it).
+bool NormArgsOf(const NormedInput& in, kernels::GemvNormArgs* a) {
+  const Tensor2D& r = in.residual;
+  auto same = [&](const Tensor2D& t) { return t.dtype == DType::kBF16 && t.rows == r.rows && t.cols == r.cols; };
+  if (r.dtype != DType::kBF16 || in.weight.dtype != DType::kBF16 || in.weight.rows != 1 || in.weight.cols != r.cols) {
+    return false;
+  }
+  *a = kernels::GemvNormArgs{};
+  a->weight = in.weight.data;
+  a->eps = in.eps;
+  if (in.add.data != nullptr) {
+    // A `next` the unfused path would refuse (another row pitch) is refused the same way there.
+    if (!same(in.add) || !same(in.next) || in.next.stride() != r.stride() || in.next.data == r.data ||
+        in.next.data == in.add.data) {
+      return false;
+    }
+    a->add = in.add.data;
+    a->ld_add = in.add.stride();
+    a->residual_out = in.next.data;
+    a->ld_residual_out = in.next.stride();
+  }
+  return true;
+}
+
+}  // namespace
+
+bool CudaBackend::FusesNormMatmul(int64_t tokens) const {
+  return tokens >= 1 && tokens <= matmul_->fused_norm_rows && tokens <= kernels::kGemvMaxRows &&
+         matmul_->policy != CudaMatmulPolicy::kCublasLtOnly;
+}
+
+absl::Status CudaBackend::NormMatmulRopeKvWrite(const NormedInput& in, const Tensor2D& w, Tensor2D out,
+                                                const RopeKvWriteParams& p) {
+  kernels::GemvNormArgs a;
+  const Tensor2D& x = in.residual;
+  if (!FusesNormMatmul(x.rows) || !NormArgsOf(in, &a) || !CheckMatmul(x, w, out).ok() ||
+      out.dtype != DType::kBF16 || w.dtype != DType::kBF16) {
+    return Backend::NormMatmulRopeKvWrite(in, w, out, p);
+  }
+  static const bool qkv_disabled = EnvFlag("LORC_DISABLE_FUSED_QKV");
+  kernels::GemvRopeArgs r;
+  if (!qkv_disabled && FusedQkvApplies(x, w, out, p, matmul_->policy, &r) &&
+      kernels::GemvNormSupported(x.rows, w.rows, x.cols, x.data, x.stride(), w.data, w.stride(), out.stride(), a,
+                                 kernels::GemvEpilogue::kRopeKvWrite, &r)) {
+    return CudaError(kernels::LaunchGemvNorm(x.rows, w.rows, x.cols, x.data, x.stride(), w.data, w.stride(), out.data,
+                                             out.stride(), a, kernels::GemvEpilogue::kRopeKvWrite, &r, stream_),
+                     "NormMatmulRopeKvWrite");
+  }
+  if (!kernels::GemvNormSupported(x.rows, w.rows, x.cols, x.data, x.stride(), w.data, w.stride(), out.stride(), a,
+                                  kernels::GemvEpilogue::kStore, nullptr)) {
+    return Backend::NormMatmulRopeKvWrite(in, w, out, p);
+  }
+  RETURN_IF_ERROR(CudaError(kernels::LaunchGemvNorm(x.rows, w.rows, x.cols, x.data, x.stride(), w.data, w.stride(),
+                                                    out.data, out.stride(), a, kernels::GemvEpilogue::kStore, nullptr,
+                                                    stream_),
+                            "NormMatmulRopeKvWrite"));
+  return RopeKvWrite(p);
+}
+
+absl::Status CudaBackend::NormMatmulSiluMul(const NormedInput& in, const Tensor2D& w, Tensor2D gate_up,
+                                            Tensor2D act) {
+  kernels::GemvNormArgs a;
+  const Tensor2D& x = in.residual;
+  if (!FusesNormMatmul(x.rows) || !NormArgsOf(in, &a) || !CheckMatmul(x, w, gate_up).ok() ||
+      w.dtype != DType::kBF16 || act.dtype != DType::kBF16 || act.rows != x.rows || 2 * act.cols != w.rows ||
+      !kernels::GemvNormSupported(x.rows, w.rows, x.cols, x.data, x.stride(), w.data, w.stride(), act.stride(), a,
+                                  kernels::GemvEpilogue::kSiluMul, nullptr)) {
+    return Backend::NormMatmulSiluMul(in, w, gate_up, act);
+  }
+  return CudaError(kernels::LaunchGemvNorm(x.rows, w.rows, x.cols, x.data, x.stride(), w.data, w.stride(), act.data,
+                                           act.stride(), a, kernels::GemvEpilogue::kSiluMul, nullptr, stream_),
+                   "NormMatmulSiluMul");
 }
 
 }  // namespace lorc::cuda_internal

@@ -90,17 +90,72 @@ __device__ __forceinline__ void RopeEpilogue(const GemvRopeArgs& r, int m, const
   }
 }
 
-// What the kernel writes: plain rows, or the rotary epilogue.
-enum Mode { kPlain, kRope };
+// What the kernel writes: plain rows, the rotary epilogue, or silu(gate) * up.
+enum Mode { kPlain, kRope, kSilu };
+// What the kernel multiplies: x as given, or RMSNorm(x [+ add]) * weight (GemvNormArgs).
+enum In { kX, kNormX };
 
-// One CTA: rows [16 * blockIdx.x, +16) of w (kRope: RopeTileOf's rows), K chunks of cluster rank
-// blockIdx.y of gridDim.y. NT: 8-token column tiles (M <= 8 * NT); STEPS: 32-wide k steps per
-// warp chunk; kMode kRope: RopeEpilogue instead of the plain store (OutT bf16, no split).
-template <int NT, int STEPS, typename OutT, Mode kMode = kPlain>
+// The SiLU-and-multiply epilogue (kSilu): the tile's 16 rows are gate rows [8c, 8c + 8) and the
+// matching up rows [I + 8c, I + 8c + 8), I = n / 2; it stores act[token][8c + i] =
+// silu(gate) * up from the bf16-rounded projections, kernels/elementwise.cu's SiluMul formula.
+__device__ __forceinline__ void SiluEpilogue(int m, const float* part, __nv_bfloat16* out, int64_t ldo) {
+  const int col0 = static_cast<int>(blockIdx.x) * 8;
+  for (int i = threadIdx.x; i < m * 8; i += kThreads) {
+    const int token = i / 8, c = i % 8;
+    const float g = __bfloat162float(__float2bfloat16_rn(part[token * kTileRows + c]));
+    const float u = __bfloat162float(__float2bfloat16_rn(part[token * kTileRows + c + 8]));
+    out[static_cast<int64_t>(token) * ldo + col0 + c] = __float2bfloat16_rn(g / (1.0f + expf(-g)) * u);
+  }
+}
+
+// kNormX, for one 16-byte vector of a live token's row at column k0 (8 elements): r = x [+ add]
+// rounded to bf16 (the residual stream's stored value, kernels/rms_norm.cu's), stored into
+// residual_out when `store`; ss += sum r^2 in fp32; returns bf16(r * weight), the GEMV's input.
+// The 1 / rms scale is applied to the fp32 sums at the end: sum_k w[j,k] (r_k g_k / rms) =
+// (sum_k w[j,k] r_k g_k) / rms.
+__device__ __forceinline__ uint4 NormInput(uint4 xv, const GemvNormArgs& a, int token, int k0, bool store,
+                                           float& ss) {
+  const __nv_bfloat16* xe = reinterpret_cast<const __nv_bfloat16*>(&xv);
+  const uint4 wv = __ldg(reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(a.weight) + k0));
+  const __nv_bfloat16* we = reinterpret_cast<const __nv_bfloat16*>(&wv);
+  float r[8];
+#pragma unroll
+  for (int e = 0; e < 8; ++e) r[e] = __bfloat162float(xe[e]);
+  if (a.add != nullptr) {
+    const uint4 av = *reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(a.add) +
+                                                     static_cast<int64_t>(token) * a.ld_add + k0);
+    const __nv_bfloat16* ae = reinterpret_cast<const __nv_bfloat16*>(&av);
+    uint4 rv;
+    __nv_bfloat16* re = reinterpret_cast<__nv_bfloat16*>(&rv);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      re[e] = __float2bfloat16_rn(r[e] + __bfloat162float(ae[e]));
+      r[e] = __bfloat162float(re[e]);
+    }
+    if (store) {
+      *reinterpret_cast<uint4*>(static_cast<__nv_bfloat16*>(a.residual_out) +
+                                static_cast<int64_t>(token) * a.ld_residual_out + k0) = rv;
+    }
+  }
+  uint4 y;
+  __nv_bfloat16* ye = reinterpret_cast<__nv_bfloat16*>(&y);
+#pragma unroll
+  for (int e = 0; e < 8; ++e) {
+    ss += r[e] * r[e];
+    ye[e] = __float2bfloat16_rn(r[e] * __bfloat162float(we[e]));
+  }
+  return y;
+}
+
+// One CTA: rows [16 * blockIdx.x, +16) of w (kRope: RopeTileOf's rows; kSilu: SiluEpilogue's),
+// K chunks of cluster rank blockIdx.y of gridDim.y. NT: 8-token column tiles (M <= 8 * NT);
+// STEPS: 32-wide k steps per warp chunk; kMode kRope / kSilu: their epilogue instead of the plain
+// store (OutT bf16, no split); kIn kNormX: the input is RMSNorm(x [+ add]) * weight (no split).
+template <int NT, int STEPS, typename OutT, Mode kMode = kPlain, In kIn = kX>
 __global__ void __launch_bounds__(kThreads, 2)
     GemvKernel(int m, int n, int k, const __nv_bfloat16* __restrict__ x, int64_t ldx,
                const __nv_bfloat16* __restrict__ w, int64_t ldw, OutT* __restrict__ out, int64_t ldo,
-               const GemvRopeArgs rope) {
+               const GemvRopeArgs rope, const GemvNormArgs norm) {
   constexpr int kChunk = 32 * STEPS;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
@@ -113,6 +168,10 @@ __global__ void __launch_bounds__(kThreads, 2)
     const RopeTile tile = RopeTileOf(rope);
     ra = tile.head * rope.head_dim + tile.dim0 + g;
     rb = ra + rope.head_dim / 2;
+  }
+  if (kMode == kSilu) {
+    ra = static_cast<int>(blockIdx.x) * 8 + g;
+    rb = ra + n / 2;
   }
   const __nv_bfloat16* wa = w + static_cast<int64_t>(ra) * ldw + 8 * t;
   const __nv_bfloat16* wb = w + static_cast<int64_t>(rb) * ldw + 8 * t;
@@ -128,6 +187,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int c_begin = static_cast<int>(static_cast<int64_t>(chunks) * split / splits);
   const int c_end = static_cast<int>(static_cast<int64_t>(chunks) * (split + 1) / splits);
   float acc[NT][4] = {};
+  float ss[NT] = {};  // kNormX: this lane's sum of squares of its tokens' r
+  const bool store_residual = kIn == kNormX && norm.add != nullptr && blockIdx.x == 0;
   const uint4 zero = make_uint4(0, 0, 0, 0);
   uint4 va[STEPS], vb[STEPS];
   auto load_w = [&](int c) {
@@ -157,6 +218,9 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
         vx[j][s] = live && x_live[j] ? __ldg(reinterpret_cast<const uint4*>(xr[j] + k0)) : zero;
+        if constexpr (kIn == kNormX) {
+          if (live && x_live[j]) vx[j][s] = NormInput(vx[j][s], norm, g + 8 * j, k0 + 8 * t, store_residual, ss[j]);
+        }
       }
     }
 #pragma unroll
@@ -172,6 +236,16 @@ __global__ void __launch_bounds__(kThreads, 2)
   // Warp partials -> the CTA's [token][row] sums.
   __shared__ float red[kWarps][kTileRows][8 * NT];
   __shared__ float part[8 * NT * kTileRows];  // [token][row]
+  __shared__ float ssq[kIn == kNormX ? kWarps : 1][8 * NT];  // kNormX: [warp][token] sums of squares
+  if constexpr (kIn == kNormX) {
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      float v = ss[j];
+      v += __shfl_xor_sync(0xffffffffu, v, 1);
+      v += __shfl_xor_sync(0xffffffffu, v, 2);
+      if (t == 0) ssq[warp][g + 8 * j] = v;
+    }
+  }
 #pragma unroll
   for (int j = 0; j < NT; ++j) {
     red[warp][g][8 * j + 2 * t] = acc[j][0];
@@ -185,6 +259,12 @@ __global__ void __launch_bounds__(kThreads, 2)
     float sum = 0.f;
 #pragma unroll
     for (int v = 0; v < kWarps; ++v) sum += red[v][row][token];
+    if constexpr (kIn == kNormX) {
+      float sq = 0.f;
+#pragma unroll
+      for (int v = 0; v < kWarps; ++v) sq += ssq[v][token];
+      sum *= rsqrtf(sq / static_cast<float>(k) + norm.eps);
+    }
     part[i] = sum;
   }
   if (splits > 1) {
@@ -209,6 +289,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   if (split != 0) return;
   if constexpr (kMode == kRope) {
     RopeEpilogue(rope, m, part, out, ldo);
+  } else if constexpr (kMode == kSilu) {
+    SiluEpilogue(m, part, out, ldo);
   } else {
     for (int i = threadIdx.x; i < m * kTileRows; i += kThreads) {
       const int row = row0 + i % kTileRows, token = i / kTileRows;
@@ -228,7 +310,7 @@ cudaError_t Launch(const GemvLaunch& cfg, int m, int n, int k, const void* x, in
                    const void* w, int64_t ldw, void* out, int64_t ldo) {
   return LaunchPdl(GemvKernel<NT, STEPS, OutT>, cfg.grid, dim3(kThreads), 0, cfg.stream, cfg.cluster, m, n, k,
                    static_cast<const __nv_bfloat16*>(x), ldx, static_cast<const __nv_bfloat16*>(w), ldw,
-                   static_cast<OutT*>(out), ldo, GemvRopeArgs{});
+                   static_cast<OutT*>(out), ldo, GemvRopeArgs{}, GemvNormArgs{});
 }
 
 template <int STEPS, typename OutT>
@@ -300,9 +382,62 @@ cudaError_t LaunchGemvRopeKvWrite(int64_t m, int64_t n, int64_t k, const void* x
   const auto* wb = static_cast<const __nv_bfloat16*>(w);
   auto* ob = static_cast<__nv_bfloat16*>(out);
   return m <= 8 ? LaunchPdl(GemvKernel<1, kRopeSteps, __nv_bfloat16, kRope>, grid, dim3(kThreads), 0, stream, nullptr,
-                            mi, ni, ki, xb, ldx, wb, ldw, ob, ldo, rope)
+                            mi, ni, ki, xb, ldx, wb, ldw, ob, ldo, rope, GemvNormArgs{})
                 : LaunchPdl(GemvKernel<2, kRopeSteps, __nv_bfloat16, kRope>, grid, dim3(kThreads), 0, stream, nullptr,
-                            mi, ni, ki, xb, ldx, wb, ldw, ob, ldo, rope);
+                            mi, ni, ki, xb, ldx, wb, ldw, ob, ldo, rope, GemvNormArgs{});
+}
+
+bool GemvNormSupported(int64_t m, int64_t n, int64_t k, const void* x, int64_t ldx, const void* w, int64_t ldw,
+                       int64_t ldo, const GemvNormArgs& a, GemvEpilogue epilogue, const GemvRopeArgs* rope) {
+  auto rows_ok = [&](const void* p, int64_t ld) { return p != nullptr && Aligned16(p) && ld >= k && ld % 8 == 0; };
+  if (!GemvSupported(m, k, x, ldx, w, ldw) || n <= 0 || n >= 0x7fffffff || k >= 0x7fffffff ||
+      a.weight == nullptr || !Aligned16(a.weight) || !(a.eps >= 0.f)) {
+    return false;
+  }
+  if (a.add != nullptr && (!rows_ok(a.add, a.ld_add) || !rows_ok(a.residual_out, a.ld_residual_out))) return false;
+  switch (epilogue) {
+    case GemvEpilogue::kStore:
+      return ldo >= n;
+    case GemvEpilogue::kRopeKvWrite:
+      return rope != nullptr && ldo >= n && GemvRopeSupported(m, n, k, x, ldx, w, ldw, *rope);
+    case GemvEpilogue::kSiluMul:
+      return n % 16 == 0 && ldo >= n / 2;
+  }
+  return false;
+}
+
+namespace {
+template <Mode kMode>
+cudaError_t LaunchNorm(dim3 grid, int m, int n, int k, const __nv_bfloat16* x, int64_t ldx,
+                       const __nv_bfloat16* w, int64_t ldw, __nv_bfloat16* out, int64_t ldo, const GemvRopeArgs& rope,
+                       const GemvNormArgs& norm, cudaStream_t stream) {
+  return m <= 8 ? LaunchPdl(GemvKernel<1, kRopeSteps, __nv_bfloat16, kMode, kNormX>, grid, dim3(kThreads), 0, stream,
+                            nullptr, m, n, k, x, ldx, w, ldw, out, ldo, rope, norm)
+                : LaunchPdl(GemvKernel<2, kRopeSteps, __nv_bfloat16, kMode, kNormX>, grid, dim3(kThreads), 0, stream,
+                            nullptr, m, n, k, x, ldx, w, ldw, out, ldo, rope, norm);
+}
+}  // namespace
+
+cudaError_t LaunchGemvNorm(int64_t m, int64_t n, int64_t k, const void* x, int64_t ldx, const void* w, int64_t ldw,
+                           void* out, int64_t ldo, const GemvNormArgs& norm, GemvEpilogue epilogue,
+                           const GemvRopeArgs* rope, cudaStream_t stream) {
+  if (!GemvNormSupported(m, n, k, x, ldx, w, ldw, ldo, norm, epilogue, rope)) return cudaErrorInvalidValue;
+  const int mi = static_cast<int>(m), ni = static_cast<int>(n), ki = static_cast<int>(k);
+  const auto* xb = static_cast<const __nv_bfloat16*>(x);
+  const auto* wb = static_cast<const __nv_bfloat16*>(w);
+  auto* ob = static_cast<__nv_bfloat16*>(out);
+  switch (epilogue) {
+    case GemvEpilogue::kStore:
+      return LaunchNorm<kPlain>(dim3(static_cast<unsigned>((n + kTileRows - 1) / kTileRows)), mi, ni, ki, xb, ldx, wb,
+                                ldw, ob, ldo, GemvRopeArgs{}, norm, stream);
+    case GemvEpilogue::kRopeKvWrite:
+      return LaunchNorm<kRope>(dim3(static_cast<unsigned>(n / kTileRows)), mi, ni, ki, xb, ldx, wb, ldw, ob, ldo, *rope,
+                               norm, stream);
+    case GemvEpilogue::kSiluMul:
+      return LaunchNorm<kSilu>(dim3(static_cast<unsigned>(n / kTileRows)), mi, ni, ki, xb, ldx, wb, ldw, ob, ldo,
+                               GemvRopeArgs{}, norm, stream);
+  }
+  return cudaErrorInvalidValue;
 }
 
 }  // namespace lorc::kernels

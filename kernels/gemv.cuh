@@ -80,4 +80,44 @@ cudaError_t LaunchGemvRopeKvWrite(int64_t m, int64_t n, int64_t k, const void* x
                                   int64_t ldw, void* out, int64_t ldo, const GemvRopeArgs& rope,
                                   cudaStream_t stream);
 
+// The decode projections fused with the RMSNorm before them (LaunchGemvNorm): the GEMV's input
+// is RMSNorm(r) * weight with r = x + add (the residual stream after a sub-layer's output is
+// added, rounded to bf16 once and stored into residual_out by the launch) or r = x (no add), as
+// kernels/rms_norm.cu computes it, except that the 1 / rms scale multiplies the fp32 sums at the
+// end instead of each input element before its bf16 rounding (the inputs are bf16(r_k * weight_k);
+// out = sum_k w[j, k] bf16(r_k * weight_k) / rms, rms = sqrt(mean_k r_k^2 + eps), the squares
+// summed in fp32 over the stored r). So out differs from RmsNorm then the GEMV by bf16 rounding
+// order only; residual_out is bit for bit FusedAddRmsNorm's residual.
+struct GemvNormArgs {
+  const void* add = nullptr;     // BF16 [m, k], pitch ld_add elements; null: r = x
+  int64_t ld_add = 0;
+  void* residual_out = nullptr;  // BF16 [m, k], pitch ld_residual_out: r (required with add)
+  int64_t ld_residual_out = 0;
+  const void* weight = nullptr;  // BF16 [k], the RMSNorm weight
+  float eps = 1e-6f;
+};
+
+// What a fused-norm launch writes after the GEMV:
+// - kStore: out [m, n] BF16 (pitch ldo >= n), as LaunchGemvBf16;
+// - kRopeKvWrite: LaunchGemvRopeKvWrite's out, rotation and cache rows (`rope` required);
+// - kSiluMul: out [m, n / 2] BF16 (pitch ldo >= n / 2) = silu(gate) * up of the projection
+//   [gate | up] (w's rows [0, n/2) gate, [n/2, n) up), each of gate and up rounded to bf16 first:
+//   the bits of LaunchGemvBf16 then LaunchSiluMul (when the projection sums alike). n % 16 == 0.
+enum class GemvEpilogue { kStore, kRopeKvWrite, kSiluMul };
+
+// True when LaunchGemvNorm takes these operands: GemvSupported; norm.weight set and 16-byte
+// aligned; with add: add and residual_out 16-byte aligned, pitches >= k and multiples of 8; the
+// epilogue's conditions above (kRopeKvWrite: GemvRopeSupported); n < 2^31.
+bool GemvNormSupported(int64_t m, int64_t n, int64_t k, const void* x, int64_t ldx, const void* w, int64_t ldw,
+                       int64_t ldo, const GemvNormArgs& norm, GemvEpilogue epilogue, const GemvRopeArgs* rope);
+
+// out = epilogue(RMSNorm(r) * norm.weight * w^T), r as above; unsplit, k_steps 4 (the fastest
+// configuration of the 8B qkv and gate_up shapes at M = 1..8 on an H200, 2026-12-01). Launched with
+// programmatic dependent launch as LaunchGemvBf16 (w before the wait; x, add, the metadata and
+// the outputs after it). residual_out must not overlap x, add, w or out; out must not overlap
+// x, add or w. cudaErrorInvalidValue unless GemvNormSupported.
+cudaError_t LaunchGemvNorm(int64_t m, int64_t n, int64_t k, const void* x, int64_t ldx, const void* w, int64_t ldw,
+                           void* out, int64_t ldo, const GemvNormArgs& norm, GemvEpilogue epilogue,
+                           const GemvRopeArgs* rope, cudaStream_t stream);
+
 }  // namespace lorc::kernels

@@ -307,6 +307,9 @@ absl::Status ModelRunner::AllocateStepBuffers() {
     return absl::OkStatus();
   };
   RETURN_IF_ERROR(alloc(x_, T * d, esz));
+  fused_norm_rows_ = 0;
+  while (fused_norm_rows_ < T && backend_->FusesNormMatmul(fused_norm_rows_ + 1)) ++fused_norm_rows_;
+  if (fused_norm_rows_ > 0) RETURN_IF_ERROR(alloc(x_alt_, fused_norm_rows_ * d, esz));
   RETURN_IF_ERROR(alloc(h_, T * d, esz));
   // Sized for the widest layer (LoRC layers: latent K/V widths, r_v-wide attention outputs).
   int64_t qkv_cols = 0, attn_cols = 0;
@@ -407,7 +410,7 @@ std::vector<const void*> ModelRunner::StepBufferAddresses() const {
   return {x_.data(),           h_.data(),     qkv_.data(),       attn_.data(),
           gate_up_.data(),     act_.data(),   rows_.data(),      logits_.data(),
           logits_local_.data(), gathered_.data(), gather_iota_.data(), meta_.data(),
-          meta_host_.data()};
+          meta_host_.data(),   x_alt_.data()};
 }
 
 absl::Status ModelRunner::Validate(absl::Span<const SequenceStep> steps) const {
@@ -636,7 +639,7 @@ absl::StatusOr<StepOutput> ModelRunner::Execute(absl::Span<const SequenceStep> s
     // to logits_ for the sampler (at most num_seqs <= max_logit_rows_ rows).
     RETURN_IF_ERROR(Forward(T, 0));
     RETURN_IF_ERROR(EndKvPolicyStep());
-    const Tensor2D x = Act(x_, T, config_.hidden_size);
+    const Tensor2D x = final_x_;
     out.logits.resize(static_cast<size_t>(num_rows) * vocab);
     for (int32_t r0 = 0; r0 < num_rows; r0 += max_logit_rows_) {
       const int32_t n = std::min(max_logit_rows_, num_rows - r0);
@@ -700,36 +703,67 @@ absl::Status ModelRunner::Forward(int32_t T, int32_t num_rows) {
   ap.head_dim = rk.head_dim;
   ap.scale = 1.0f / std::sqrt(static_cast<float>(hd));
 
-  // x is the residual stream; h carries each sub-layer's output into the next fused add + norm.
+  // `stream` is the residual stream; h carries each sub-layer's output into the next add + norm.
+  // Fused (decode-sized steps on CUDA): each add + norm runs inside the projection after it,
+  // which stores the stream into the other buffer (it reads the old one meanwhile); unfused, the
+  // stream is updated in place. Latent layers and a layer-input observer take the unfused input
+  // norm.
   const float eps = static_cast<float>(config_.rms_norm_eps);
+  const bool fuse = T <= fused_norm_rows_ && backend_->FusesNormMatmul(T);
+  Tensor2D stream = x, other = fuse ? Act(x_alt_, T, d) : x;
+  auto normed = [&](bool add, const Tensor2D& weight) {
+    NormedInput in;
+    in.residual = stream;
+    if (add) in.add = h;
+    in.next = add && fuse ? other : stream;
+    in.weight = weight;
+    in.eps = eps;
+    in.normed = h;
+    return in;
+  };
+  auto advance = [&](const NormedInput& in) {
+    if (in.add.data != nullptr && in.next.data != in.residual.data) std::swap(stream, other);
+  };
   RETURN_IF_ERROR(backend_->Embedding(Weight(weights_.embed, config_.vocab_size, d), dm + m.ids, x));
   for (int64_t l = 0; l < config_.num_layers; ++l) {
     const LayerWeights& w = weights_.layers[l];
-    if (l == 0) {
-      RETURN_IF_ERROR(backend_->RmsNorm(x, Weight(w.input_norm, 1, d), eps, h));
-    } else {
-      RETURN_IF_ERROR(backend_->FusedAddRmsNorm(x, h, Weight(w.input_norm, 1, d), eps, h));
+    const Tensor2D input_norm = Weight(w.input_norm, 1, d);
+    const bool latent = IsLatent(static_cast<int>(l));
+    if (latent || layer_input_observer_) {
+      if (l == 0) {
+        RETURN_IF_ERROR(backend_->RmsNorm(stream, input_norm, eps, h));
+      } else {
+        RETURN_IF_ERROR(backend_->FusedAddRmsNorm(stream, h, input_norm, eps, h));
+      }
+      if (layer_input_observer_) layer_input_observer_(static_cast<int>(l), h);
     }
-    if (layer_input_observer_) layer_input_observer_(static_cast<int>(l), h);
-    if (IsLatent(static_cast<int>(l))) {
+    if (latent) {
       RETURN_IF_ERROR(LatentAttentionBlock(static_cast<int>(l), T, h));  // h = o(attention(h))
     } else {
       rk.cache = ap.cache = kv_layers_[l];
       ap.kv_policy = {policy_seqs_.empty() ? nullptr : policy_seqs_.data(), static_cast<int32_t>(l)};
-      RETURN_IF_ERROR(backend_->MatmulRopeKvWrite(h, Weight(w.qkv, q_sz + 2 * kv_sz, d), qkv, rk));
+      const Tensor2D w_qkv = Weight(w.qkv, q_sz + 2 * kv_sz, d);
+      if (layer_input_observer_) {
+        RETURN_IF_ERROR(backend_->MatmulRopeKvWrite(h, w_qkv, qkv, rk));
+      } else {
+        const NormedInput in = normed(l > 0, input_norm);
+        RETURN_IF_ERROR(backend_->NormMatmulRopeKvWrite(in, w_qkv, qkv, rk));
+        advance(in);
+      }
       RETURN_IF_ERROR(backend_->DecodeAttention(ap, *plan_));
       RETURN_IF_ERROR(backend_->PrefillAttention(ap, *plan_));
       RETURN_IF_ERROR(backend_->Matmul(attn, Weight(w.o, d, q_sz), h));
     }
     RETURN_IF_ERROR(AllReduce(h));
-    RETURN_IF_ERROR(backend_->FusedAddRmsNorm(x, h, Weight(w.post_norm, 1, d), eps, h));
-    RETURN_IF_ERROR(backend_->Matmul(h, Weight(w.gate_up, 2 * sh.inter_size, d), gate_up));
-    RETURN_IF_ERROR(backend_->SiluMul(gate_up, act));
+    const NormedInput post = normed(true, Weight(w.post_norm, 1, d));
+    RETURN_IF_ERROR(backend_->NormMatmulSiluMul(post, Weight(w.gate_up, 2 * sh.inter_size, d), gate_up, act));
+    advance(post);
     RETURN_IF_ERROR(backend_->Matmul(act, Weight(w.down, d, sh.inter_size), h));
     RETURN_IF_ERROR(AllReduce(h));
   }
-  RETURN_IF_ERROR(backend_->AddInPlace(x, h));
-  if (num_rows > 0) RETURN_IF_ERROR(ComputeLogits(x, dm + m.logit_rows, num_rows));
+  RETURN_IF_ERROR(backend_->AddInPlace(stream, h));
+  final_x_ = stream;
+  if (num_rows > 0) RETURN_IF_ERROR(ComputeLogits(stream, dm + m.logit_rows, num_rows));
   return absl::OkStatus();
 }
 

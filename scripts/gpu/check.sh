@@ -32,6 +32,11 @@
 #           (default 4), LORC_THREADS_GPU (1), LORC_ONLY (regex), LORC_EXCLUDE (regex of names to
 #           leave out), LORC_TIMEOUT (s, default 540); results carried in .gpu/lorc-sweep/ are kept
 #           (the sweep resumes).
+#   fusednorm  not in the default phases: the norms fused into the decode GEMVs (off by default until
+#           measured, backend/cuda_gemv.h SetCudaFusedNormRows): the model runner's golden-prompt
+#           test with them on, then `lorcserve bench` on the 8B shape at batch 1, 8 and 16 x context
+#           128 and 4096, LORC_FUSED_NORM_ROWS=16 against 0, interleaved, FUSED_RUNS (2) times each
+#           (docs/PERFORMANCE.md, "Not measured yet"); about 5 minutes on an H200
 # Environment: OUT (default /tmp/lorc-gpu), GPUS (default: all visible), STEPS (decode steps, 32),
 # BIN_DIR (binaries from a local build instead of the bundle), BACKEND (serve phase; default cuda).
 set -uo pipefail
@@ -191,6 +196,25 @@ phase_peer() {
     timeout 1200 python3 bench/hf_peer.py --model bench/configs/llama3-70b --devices 2 \
       > "$OUT/peer-70b.txt" 2>&1 && note "peer 70B (2 GPUs): done" || note "peer 70B: FAILED"
   fi
+}
+
+phase_fusednorm() {
+  if timeout 300 "$B/worker_cuda_model_runner_test" --gtest_filter='*Fused*:*GreedyMatches*' \
+       > "$OUT/fusednorm-runner.txt" 2>&1; then
+    note "fusednorm runner test: ok"
+  else
+    note "fusednorm runner test: FAILED (see fusednorm-runner.txt)"; fails=$((fails + 1))
+  fi
+  local r rows
+  for r in $(seq 1 "${FUSED_RUNS:-2}"); do
+    for rows in 16 0; do
+      CUDA_VISIBLE_DEVICES=0 LORC_FUSED_NORM_ROWS=$rows timeout 300 "$L" bench --model bench/configs/llama3-8b \
+        --backend cuda --random-weights --decode-batches 1,8,16 --contexts 128,4096 --prefill 512 \
+        --prefill-reps 1 --steps 64 > "$OUT/fusednorm-rows$rows-run$r.txt" 2>&1 &&
+        note "fusednorm bench rows=$rows run $r: $(grep -E '^decode +b=1 +ctx=128 ' "$OUT/fusednorm-rows$rows-run$r.txt")" ||
+        { note "fusednorm bench rows=$rows run $r: FAILED"; fails=$((fails + 1)); }
+    done
+  done
 }
 
 phase_lorc() {

@@ -1,8 +1,9 @@
 // Backend v2 ops over every backend (same fixture and tolerances as cpu_backend_test.cc): fused
-// residual-add + RMSNorm, RoPE fused with the KV write, the attention plan's split and limits,
-// batched block copies across layers, MemoryInfo, pinned memory and events, capture hooks, dtype
-// rejection, the CUDA runtime half (skipped without a device), and what the CUDA backend's KV
-// policies run (host logic, no device needed).
+// residual-add + RMSNorm, RoPE fused with the KV write, the norm-then-projection ops
+// (NormMatmulSiluMul / NormMatmulRopeKvWrite: their default, unfused path), the attention plan's
+// split and limits, batched block copies across layers, MemoryInfo, pinned memory and events,
+// capture hooks, dtype rejection, the CUDA runtime half (skipped without a device), and what the
+// CUDA backend's KV policies run (host logic, no device needed).
 #include "tests/backend/backend_ops_fixture.h"
 #include "backend/cuda_backend.h"
 #include "kvpolicy/kv_policy_config.h"
@@ -110,6 +111,148 @@ TEST_P(BackendOpsTest, RopeKvWriteRotatesQAndKAndWritesTheCache) {
     }
   }
   EXPECT_EQ(Download<float>(dqkv2, T * ld), all);
+}
+
+// Backend::NormMatmulSiluMul / NormMatmulRopeKvWrite (the stream's add + RMSNorm before a
+// projection; the CUDA backend fuses them for BF16 decode steps, so on F32 every backend takes the
+// default path): exactly the unfused ops (RmsNorm or FusedAddRmsNorm, Matmul, then SiluMul or
+// MatmulRopeKvWrite) on a copy of the stream -- bit for bit on the CPU, within kTol on CUDA. The
+// stream ends in `next` (residual untouched) when they differ, in residual in place; without an
+// add `next` is untouched. A `next` not shaped like the stream: InvalidArgument naming
+// NormedInput, nothing written.
+TEST_P(BackendOpsTest, NormMatmulMatchesTheUnfusedOps) {
+  const int64_t T = 5, H = 48, I = 6, N = 2 * I;
+  const int heads = 2, kv_heads = 1, hd = 8;
+  const int64_t qw = heads * hd, kw = kv_heads * hd, NQ = qw + 2 * kw;
+  const float eps = 1e-5f, sentinel = 7.f;
+  const std::vector<float> r = RandomVec(rng_, T * H, -3.f, 3.f), a = RandomVec(rng_, T * H);
+  const std::vector<float> g = RandomVec(rng_, H, 0.5f, 1.5f), w = RandomVec(rng_, N * H), wq = RandomVec(rng_, NQ * H);
+  const std::vector<int32_t> pos = {0, 7, 8, 33, 2}, slots = {5, 1, -1, 0, 3};
+  const std::vector<float> inv_freq = InvFreq(hd, 10000.0), cache0(6 * kw, sentinel);
+  if (GetParam() == BackendKind::kCpu) {
+    for (int64_t t = 0; t <= 17; ++t) EXPECT_FALSE(be_->FusesNormMatmul(t)) << t;
+  }
+  DeviceBuffer dg = Upload(g), dw = Upload(w), dwq = Upload(wq), dpos = Upload(pos), dslots = Upload(slots),
+               dinv = Upload(inv_freq);
+  auto same = [&](const std::vector<float>& got, const std::vector<float>& want, const char* what) {
+    SCOPED_TRACE(what);
+    if (GetParam() == BackendKind::kCpu) {
+      EXPECT_TRUE(got == want) << "not bit for bit";
+    } else {
+      ExpectClose(got, std::vector<double>(want.begin(), want.end()));
+    }
+  };
+  // One call on fresh buffers: mode 0 no add, 1 add with `next` distinct, 2 add in place; fused:
+  // the Norm op, else the unfused ops. Returns residual, next, normed, out, act, k and v caches.
+  auto run = [&](int mode, bool silu, bool fused) {
+    DeviceBuffer dr = Upload(r), da = Upload(a), dnext = Upload(std::vector<float>(T * H, sentinel));
+    DeviceBuffer dn = Upload(std::vector<float>(T * H, sentinel));
+    DeviceBuffer dout = Upload(std::vector<float>(T * NQ, sentinel));
+    DeviceBuffer dact = Upload(std::vector<float>(T * I, sentinel));
+    DeviceBuffer kc = Upload(cache0), vc = Upload(cache0);
+    NormedInput in;
+    in.residual = View(dr, T, H);
+    if (mode > 0) in.add = View(da, T, H);
+    in.next = mode == 2 ? in.residual : View(dnext, T, H);
+    in.weight = View(dg, 1, H);
+    in.eps = eps;
+    in.normed = View(dn, T, H);
+    const Tensor2D out = View(dout, T, silu ? N : NQ);
+    RopeKvWriteParams p;
+    p.q = out.ColSlice(0, qw);
+    p.k = out.ColSlice(qw, kw);
+    p.v = out.ColSlice(qw + kw, kw);
+    p.cache = KvLayer{kc.data(), vc.data(), kw, kw, DType::kF32};
+    p.num_heads = heads;
+    p.num_kv_heads = kv_heads;
+    p.head_dim = hd;
+    p.positions = dpos.as<int32_t>();
+    p.inv_freq = dinv.as<float>();
+    p.slot_mapping = dslots.as<int32_t>();
+    if (fused) {
+      CHECK_OK(silu ? be_->NormMatmulSiluMul(in, View(dw, N, H), out, View(dact, T, I))
+                    : be_->NormMatmulRopeKvWrite(in, View(dwq, NQ, H), out, p));
+    } else {
+      // The unfused ops, in place on the stream.
+      if (mode > 0) {
+        CHECK_OK(be_->FusedAddRmsNorm(in.residual, in.add, in.weight, eps, in.normed));
+      } else {
+        CHECK_OK(be_->RmsNorm(in.residual, in.weight, eps, in.normed));
+      }
+      if (silu) {
+        CHECK_OK(be_->Matmul(in.normed, View(dw, N, H), out));
+        CHECK_OK(be_->SiluMul(out, View(dact, T, I)));
+      } else {
+        CHECK_OK(be_->MatmulRopeKvWrite(in.normed, View(dwq, NQ, H), out, p));
+      }
+    }
+    EXPECT_EQ(Download<float>(da, T * H), a) << "add written";
+    return std::vector<std::vector<float>>{Download<float>(dr, T * H),        Download<float>(dnext, T * H),
+                                           Download<float>(dn, T * H),        Download<float>(dout, T * NQ),
+                                           Download<float>(dact, T * I),      Download<float>(kc, cache0.size()),
+                                           Download<float>(vc, cache0.size())};
+  };
+  for (const bool silu : {true, false}) {
+    for (const int mode : {0, 1, 2}) {
+      SCOPED_TRACE(::testing::Message() << (silu ? "NormMatmulSiluMul" : "NormMatmulRopeKvWrite") << " mode " << mode);
+      const auto got = run(mode, silu, true), want = run(mode, silu, false);
+      // Where the stream ends: next with a distinct next and an add, else residual.
+      same(got[mode == 1 ? 1 : 0], want[0], "stream");
+      if (mode == 1) {
+        EXPECT_EQ(got[0], r) << "residual written with a distinct next";
+        std::vector<float> sum(T * H);
+        for (size_t i = 0; i < sum.size(); ++i) sum[i] = r[i] + a[i];
+        same(got[1], sum, "next = residual + add");
+      } else {
+        EXPECT_EQ(got[1], std::vector<float>(T * H, sentinel)) << "next written";
+      }
+      if (mode == 0) {
+        EXPECT_EQ(got[0], r) << "residual written without an add";
+      }
+      const char* names[] = {"", "", "normed", "out", "act", "k cache", "v cache"};
+      for (size_t i = 2; i < got.size(); ++i) same(got[i], want[i], names[i]);
+    }
+  }
+
+  // A next that is not the stream's rows, columns, pitch or dtype.
+  DeviceBuffer dr = Upload(r), da = Upload(a), dnext = Upload(std::vector<float>(T * (H + 8), sentinel));
+  DeviceBuffer dn = Upload(std::vector<float>(T * H, sentinel)), dout = Upload(std::vector<float>(T * NQ, sentinel));
+  DeviceBuffer dact = Upload(std::vector<float>(T * I, sentinel)), kc = Upload(cache0), vc = Upload(cache0);
+  NormedInput in;
+  in.residual = View(dr, T, H);
+  in.add = View(da, T, H);
+  in.weight = View(dg, 1, H);
+  in.eps = eps;
+  in.normed = View(dn, T, H);
+  const Tensor2D out = View(dout, T, NQ);
+  RopeKvWriteParams p;
+  p.q = out.ColSlice(0, qw);
+  p.k = out.ColSlice(qw, kw);
+  p.v = out.ColSlice(qw + kw, kw);
+  p.cache = KvLayer{kc.data(), vc.data(), kw, kw, DType::kF32};
+  p.num_heads = heads;
+  p.num_kv_heads = kv_heads;
+  p.head_dim = hd;
+  p.positions = dpos.as<int32_t>();
+  p.inv_freq = dinv.as<float>();
+  p.slot_mapping = dslots.as<int32_t>();
+  const Tensor2D bad_next[] = {View(dnext, T - 1, H), View(dnext, T, H - 8),
+                               Tensor2D{dnext.data(), DType::kF32, T, H, H + 8},
+                               Tensor2D{dnext.data(), DType::kBF16, T, H}};
+  for (const Tensor2D& next : bad_next) {
+    SCOPED_TRACE(::testing::Message() << "next [" << next.rows << ", " << next.cols << "] pitch " << next.stride()
+                                      << (next.dtype == DType::kBF16 ? " BF16" : ""));
+    in.next = next;
+    EXPECT_THAT(be_->NormMatmulSiluMul(in, View(dw, N, H), out.ColSlice(0, N), View(dact, T, I)),
+                StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("NormedInput")));
+    EXPECT_THAT(be_->NormMatmulRopeKvWrite(in, View(dwq, NQ, H), out, p),
+                StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("NormedInput")));
+  }
+  EXPECT_EQ(Download<float>(dr, T * H), r) << "residual written";
+  EXPECT_EQ(Download<float>(dnext, T * (H + 8)), std::vector<float>(T * (H + 8), sentinel)) << "next written";
+  EXPECT_EQ(Download<float>(dn, T * H), std::vector<float>(T * H, sentinel)) << "normed written";
+  EXPECT_EQ(Download<float>(dact, T * I), std::vector<float>(T * I, sentinel)) << "act written";
+  EXPECT_EQ(Download<float>(kc, cache0.size()), cache0) << "k cache written";
 }
 
 TEST_P(BackendOpsTest, PlanSplitsDecodesAndPrefillsAndEnforcesLimits) {

@@ -375,20 +375,14 @@ TEST_P(KvLowRunTest, CompactionPacksLowEntriesAndAttentionReadsTheSameValues) {
     EXPECT_LT(num_slots, st.num_slots()) << "the low entries take less than their full slots";
     RETURN_IF_ERROR(st.Compact(0, num_slots, &moves, &low));
     EXPECT_EQ(low.size(), static_cast<size_t>(kH));
-    std::vector<KvHeadMove> cache_moves;
-    for (const kvpolicy::SlotMove& m : moves) cache_moves.push_back({m.layer, m.head, cache_slot(m.src), cache_slot(m.dst)});
-    std::vector<KvLowRun> runs(low.size());
-    for (size_t r = 0; r < low.size(); ++r) {
-      runs[r].layer = low[r].layer;
-      runs[r].head = low[r].head;
-      runs[r].balance = st.balance(low[r].layer, low[r].head);
-      for (int64_t i = 0; i < st.LowRunSlotsOf(0, low[r].old_entries); ++i) {
-        runs[r].old_slots.push_back(cache_slot(low[r].old_base + i));
-      }
-      for (int64_t i = 0; i < st.LowRunSlotsOf(0, static_cast<int64_t>(low[r].sources.size())); ++i) {
-        runs[r].new_slots.push_back(cache_slot(low[r].new_base + i));
-      }
-      for (int64_t src : low[r].sources) runs[r].sources.push_back(src >= 0 ? src : -1 - cache_slot(-1 - src));
+    // The model runner's translation into cache slots (sequence slots through the block table).
+    KvCacheCompaction plan = ToCacheCompaction(st, moves, low, table.data(), kBsz);
+    const std::vector<KvHeadMove>& cache_moves = plan.moves;
+    const std::vector<KvLowRun>& runs = plan.runs;
+    EXPECT_EQ(cache_moves.size(), moves.size());
+    for (size_t r = 0; r < runs.size(); ++r) {
+      EXPECT_EQ(runs[r].new_slots.size(), static_cast<size_t>(st.LowRunSlotsOf(0, static_cast<int64_t>(low[r].sources.size()))));
+      if (!runs[r].new_slots.empty()) EXPECT_EQ(runs[r].new_slots[0], cache_slot(low[r].new_base));
     }
     // Too few slots for run 0 is refused before anything is written.
     std::vector<KvLowRun> short_runs = runs;

@@ -200,18 +200,53 @@ absl::Status ValidateWeightFill(const char* backend, const WeightFillParams& p) 
 
 namespace {
 
+// "[rows, cols] DTYPE, pitch P" for the NormedInput errors.
+std::string Describe(const Tensor2D& t) {
+  return absl::StrCat("[", t.rows, ", ", t.cols, "] ", DTypeName(t.dtype), ", pitch ", t.stride());
+}
+
+bool Overlap(const Tensor2D& a, const Tensor2D& b) {
+  if (a.data == nullptr || b.data == nullptr || a.rows == 0 || b.rows == 0) return false;
+  const char* a0 = static_cast<const char*>(a.data);
+  const char* b0 = static_cast<const char*>(b.data);
+  const char* a1 = a0 + ((a.rows - 1) * a.stride() + a.cols) * static_cast<int64_t>(DTypeSize(a.dtype));
+  const char* b1 = b0 + ((b.rows - 1) * b.stride() + b.cols) * static_cast<int64_t>(DTypeSize(b.dtype));
+  return a0 < b1 && b0 < a1;
+}
+
+}  // namespace
+
+absl::Status CheckNormedInput(const char* op, const NormedInput& in) {
+  const Tensor2D& r = in.residual;
+  auto bad = [&](const char* field, const Tensor2D& t, const std::string& want) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(op, ": NormedInput.", field, " ", Describe(t), " (want ", want, ")"));
+  };
+  auto like_r = [&](const Tensor2D& t) { return t.rows == r.rows && t.cols == r.cols && t.dtype == r.dtype; };
+  const std::string rs = absl::StrCat("residual's [", r.rows, ", ", r.cols, "] ", DTypeName(r.dtype));
+  if (r.data == nullptr) return bad("residual", r, "a tensor");
+  if (in.weight.rows != 1 || in.weight.cols != r.cols) return bad("weight", in.weight, absl::StrCat("[1, ", r.cols, "]"));
+  if (!like_r(in.normed)) return bad("normed", in.normed, rs);
+  if (in.add.data == nullptr) return absl::OkStatus();
+  if (!like_r(in.add)) return bad("add", in.add, rs);
+  if (in.next.data == r.data && in.next.stride() == r.stride() && like_r(in.next)) return absl::OkStatus();
+  // Another buffer: the stream is copied into it (dense, so one copy; never over its inputs).
+  if (!like_r(in.next) || in.next.stride() != in.next.cols || r.stride() != r.cols) {
+    return bad("next", in.next, absl::StrCat(rs, ", dense like residual (pitch ", r.stride(), "), or residual itself"));
+  }
+  if (Overlap(in.next, r) || Overlap(in.next, in.add)) return bad("next", in.next, "no overlap with residual or add");
+  return absl::OkStatus();
+}
+
+namespace {
+
 // The unfused (add +) RMSNorm of a NormedInput into in.normed; the stream ends in in.next.
-absl::Status NormInto(Backend& b, const NormedInput& in) {
+absl::Status NormInto(Backend& b, const char* op, const NormedInput& in) {
+  RETURN_IF_ERROR(CheckNormedInput(op, in));
   if (in.add.data == nullptr) return b.RmsNorm(in.residual, in.weight, in.eps, in.normed);
   if (in.next.data != in.residual.data) {
-    if (in.next.rows != in.residual.rows || in.next.cols != in.residual.cols ||
-        in.next.dtype != in.residual.dtype || in.next.stride() != in.residual.stride()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("NormedInput: next [", in.next.rows, ", ", in.next.cols, "] does not match residual [",
-                       in.residual.rows, ", ", in.residual.cols, "] (shape, dtype or row pitch)"));
-    }
     RETURN_IF_ERROR(b.CopyOnDevice(in.next.data, in.residual.data,
-                                   static_cast<size_t>(in.residual.rows * in.residual.stride()) *
+                                   static_cast<size_t>(in.residual.rows * in.residual.cols) *
                                        DTypeSize(in.residual.dtype)));
   }
   return b.FusedAddRmsNorm(in.next, in.add, in.weight, in.eps, in.normed);
@@ -221,12 +256,12 @@ absl::Status NormInto(Backend& b, const NormedInput& in) {
 
 absl::Status Backend::NormMatmulRopeKvWrite(const NormedInput& in, const Tensor2D& w, Tensor2D out,
                                             const RopeKvWriteParams& p) {
-  RETURN_IF_ERROR(NormInto(*this, in));
+  RETURN_IF_ERROR(NormInto(*this, "NormMatmulRopeKvWrite", in));
   return MatmulRopeKvWrite(in.normed, w, out, p);
 }
 
 absl::Status Backend::NormMatmulSiluMul(const NormedInput& in, const Tensor2D& w, Tensor2D gate_up, Tensor2D act) {
-  RETURN_IF_ERROR(NormInto(*this, in));
+  RETURN_IF_ERROR(NormInto(*this, "NormMatmulSiluMul", in));
   RETURN_IF_ERROR(Matmul(in.normed, w, gate_up));
   return SiluMul(gate_up, act);
 }

@@ -303,6 +303,11 @@ struct NormedInput {
   Tensor2D normed;    // [T, H] scratch of the unfused path: RMSNorm(stream) * weight
 };
 
+// OK, or InvalidArgument "<op>: NormedInput.<field> <shape, dtype, pitch> (want ...)": residual
+// set; weight [1, H]; normed and add like residual; with add, `next` either residual itself or
+// another dense buffer like it (residual dense too) overlapping neither residual nor add.
+absl::Status CheckNormedInput(const char* op, const NormedInput& in);
+
 // Attention over LoRC latents (compress/FORMAT.md) for one layer. The cache holds, per token
 // and KV head g, the unrotated key latent c_K (r_k values at columns [g*r_k, (g+1)*r_k)) and value
 // latent c_V (r_v values at [g*r_v, (g+1)*r_v)). For every sequence of the plan (decode and
@@ -466,7 +471,10 @@ class Backend {
   // NormMatmulRopeKvWrite: MatmulRopeKvWrite(RMSNorm(next) * weight, w, out, p).
   // NormMatmulSiluMul: gate_up = RMSNorm(next) * weight * w^T, act = SiluMul(gate_up); the fused
   // path writes act only (gate_up untouched).
-  // InvalidArgument on shape mismatches (naming the op), as the ops they replace.
+  // InvalidArgument naming the op and the operand when the NormedInput's shapes, dtypes or
+  // pitches disagree, or `next` (when another buffer than `residual`) overlaps residual or add
+  // or is not dense; nothing is written then. The projections' own errors are those of the ops
+  // they replace.
   virtual bool FusesNormMatmul(int64_t tokens) const {
     (void)tokens;
     return false;
@@ -647,6 +655,11 @@ struct BackendOptions {
   BackendKind kind = BackendKind::kCpu;
   int device = 0;   // CUDA device ordinal
   int threads = 0;  // CPU: BLAS threads (0 = library default)
+  // Backend::FusesNormMatmul(T) for T <= this (0: never). -1: the backend's default (CUDA:
+  // GetCudaFusedNormRows() of backend/cuda_gemv.h, off until benchmarked; CPU: 0). On the CPU a
+  // positive value only routes the stream through the base class's copy into `next` (no speed-up):
+  // for tests of the callers' stream bookkeeping.
+  int64_t fused_norm_rows = -1;
 };
 
 // Creates a backend. CUDA: Unimplemented when built without CUDA, Unavailable without a driver,

@@ -94,9 +94,13 @@ int64_t MemInfoKb(const std::string& text, const char* key) {
 
 class CpuBackend final : public Backend {
  public:
-  explicit CpuBackend(int threads) {
+  CpuBackend(int threads, int64_t fused_norm_rows) : fused_norm_rows_(fused_norm_rows < 0 ? 0 : fused_norm_rows) {
     if (threads > 0) openblas_set_num_threads(threads);
   }
+
+  // Only with BackendOptions::fused_norm_rows > 0 (tests): the base class's NormMatmul* then copy
+  // the stream into the caller's `next` buffer, as a fusing backend stores it there.
+  bool FusesNormMatmul(int64_t tokens) const override { return tokens >= 1 && tokens <= fused_norm_rows_; }
 
   const char* name() const override { return kCpu; }
   std::string Describe() const override {
@@ -361,6 +365,7 @@ class CpuBackend final : public Backend {
 
   CpuDeviceMemory memory_;  // every DeviceBuffer's storage (page-granular mappings)
   bool capturing_ = false;
+  int64_t fused_norm_rows_ = 0;  // BackendOptions::fused_norm_rows (tests)
   std::vector<float> cos_, sin_, k_buf_, v_buf_, scores_;
   std::vector<int32_t> kept_;
   SampleScratch sample_scratch_;
@@ -579,7 +584,7 @@ absl::Status CpuBackend::CompactKvHeads(absl::Span<const KvLayer> layers, int32_
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<Backend>> CreateCpuBackend(const BackendOptions& options) {
-  return std::unique_ptr<Backend>(new CpuBackend(options.threads));
+  return std::unique_ptr<Backend>(new CpuBackend(options.threads, options.fused_norm_rows));
 }
 
 }  // namespace lorc

@@ -358,7 +358,7 @@ absl::StatusOr<std::unique_ptr<Backend>> CreatePartialCudaBackend(const BackendO
       options.device,
       absl::StrCat(d.name, " (device ", d.ordinal, ", sm_", d.compute_major, d.compute_minor, ", ",
                    d.multiprocessors, " SMs, ", d.memory_bytes >> 20, " MiB), CUDA ", CudaVersionString()),
-      stream));
+      stream, options.fused_norm_rows));
   RETURN_IF_ERROR(backend->ReserveSampler());
   return std::unique_ptr<Backend>(std::move(backend));
 }

@@ -87,8 +87,8 @@ class CudaGraph final : public Graph {
 // which must be the thread that uses the backend (the worker's engine thread).
 class CudaBackend final : public Backend {
  public:
-  CudaBackend(int device, std::string description, cudaStream_t stream)
-      : device_(device), description_(std::move(description)), stream_(stream) {}
+  CudaBackend(int device, std::string description, cudaStream_t stream, int64_t fused_norm_rows = -1)
+      : device_(device), description_(std::move(description)), stream_(stream), fused_norm_rows_(fused_norm_rows) {}
   ~CudaBackend() override {
     cudaSetDevice(device_);
     cudaStreamSynchronize(stream_);
@@ -272,6 +272,7 @@ class CudaBackend final : public Backend {
   cudaStream_t stream_;
   bool capturing_ = false;
   std::shared_ptr<MatmulState> matmul_ = NewMatmulState();  // cuda_matmul.cc
+  int64_t fused_norm_rows_ = -1;  // BackendOptions::fused_norm_rows (-1: GetCudaFusedNormRows())
   std::unique_ptr<CudaSampler, CudaSamplerDeleter> sampler_;  // cuda_sampling.cc, ReserveSampler
   // cuda_kv_policy.cc: the step's policy entries (made by KvPolicyBeginStep), and the policy
   // decode over the decode (`decode`) or prompt entries of the layer of p.kv_policy.

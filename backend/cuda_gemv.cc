@@ -3,6 +3,7 @@
 #include "backend/cuda_gemv.h"
 
 #include <atomic>
+#include <cstdio>
 #include <cstdlib>
 #include <iterator>
 #include <limits>
@@ -17,7 +18,12 @@ std::atomic<CudaMatmulPolicy> g_policy{CudaMatmulPolicy::kAuto};
 int64_t FusedNormRowsFromEnv() {
   const char* e = std::getenv("LORC_FUSED_NORM_ROWS");
   int64_t v = 0;
-  if (e == nullptr || !absl::SimpleAtoi(e, &v) || v < 0) return kDefaultFusedNormRows;
+  if (e == nullptr) return kDefaultFusedNormRows;
+  if (!absl::SimpleAtoi(e, &v) || v < 0) {
+    std::fprintf(stderr, "lorcserve: LORC_FUSED_NORM_ROWS=%s is not a non-negative integer; using %lld\n", e,
+                 static_cast<long long>(kDefaultFusedNormRows));
+    return kDefaultFusedNormRows;
+  }
   return v;
 }
 std::atomic<int64_t> g_fused_norm_rows{FusedNormRowsFromEnv()};

@@ -426,12 +426,14 @@ bool NormArgsOf(const NormedInput& in, kernels::GemvNormArgs* a) {
 }  // namespace
 
 bool CudaBackend::FusesNormMatmul(int64_t tokens) const {
-  return tokens >= 1 && tokens <= matmul_->fused_norm_rows && tokens <= kernels::kGemvMaxRows &&
+  const int64_t limit = fused_norm_rows_ >= 0 ? fused_norm_rows_ : matmul_->fused_norm_rows;
+  return tokens >= 1 && tokens <= limit && tokens <= kernels::kGemvMaxRows &&
          matmul_->policy != CudaMatmulPolicy::kCublasLtOnly;
 }
 
 absl::Status CudaBackend::NormMatmulRopeKvWrite(const NormedInput& in, const Tensor2D& w, Tensor2D out,
                                                 const RopeKvWriteParams& p) {
+  RETURN_IF_ERROR(CheckNormedInput("NormMatmulRopeKvWrite", in));
   kernels::GemvNormArgs a;
   const Tensor2D& x = in.residual;
   if (!FusesNormMatmul(x.rows) || !NormArgsOf(in, &a) || !CheckMatmul(x, w, out).ok() ||
@@ -460,6 +462,7 @@ absl::Status CudaBackend::NormMatmulRopeKvWrite(const NormedInput& in, const Ten
 
 absl::Status CudaBackend::NormMatmulSiluMul(const NormedInput& in, const Tensor2D& w, Tensor2D gate_up,
                                             Tensor2D act) {
+  RETURN_IF_ERROR(CheckNormedInput("NormMatmulSiluMul", in));
   kernels::GemvNormArgs a;
   const Tensor2D& x = in.residual;
   if (!FusesNormMatmul(x.rows) || !NormArgsOf(in, &a) || !CheckMatmul(x, w, gate_up).ok() ||

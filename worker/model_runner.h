@@ -154,6 +154,9 @@ class ModelRunner {
   // Device addresses of every step buffer (activations, metadata, logits), for tests and graph
   // debugging: constant for the runner's lifetime.
   std::vector<const void*> StepBufferAddresses() const;
+  // Steps of at most this many tokens hand their norms to the backend's fused projections
+  // (Backend::FusesNormMatmul; 0: none).
+  int64_t fused_norm_rows() const { return fused_norm_rows_; }
   // Padded batch sizes captured as decode graphs (ascending; empty when running eagerly).
   const std::vector<int32_t>& decode_graph_sizes() const { return graph_sizes_; }
   // Steps of this runner's lifetime replayed from a graph / run eagerly.

@@ -36,7 +36,7 @@
 #           measured, backend/cuda_gemv.h SetCudaFusedNormRows): the model runner's golden-prompt
 #           test with them on, then `lorcserve bench` on the 8B shape at batch 1, 8 and 16 x context
 #           128 and 4096, LORC_FUSED_NORM_ROWS=16 against 0, interleaved, FUSED_RUNS (2) times each
-#           (docs/PERFORMANCE.md, "Not measured yet"); about 5 minutes on an H200
+#           (docs/PERFORMANCE.md, "Not measured yet"); never run yet (estimated 5 minutes on an H200)
 # Environment: OUT (default /tmp/lorc-gpu), GPUS (default: all visible), STEPS (decode steps, 32),
 # BIN_DIR (binaries from a local build instead of the bundle), BACKEND (serve phase; default cuda).
 set -uo pipefail

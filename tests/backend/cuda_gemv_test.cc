@@ -69,13 +69,15 @@ class CudaGemvTest : public CpuCudaPair<> {
   // The fused norm GEMVs are on for every step size the kernel takes (off by default, cuda_gemv.h).
   void SetUp() override {
     SetCudaMatmulPolicy(policy_);
+    saved_fused_norm_rows_ = GetCudaFusedNormRows();
     SetCudaFusedNormRows(kernels::kGemvMaxRows);
     CpuCudaPair<>::SetUp();
   }
   void TearDown() override {
     SetCudaMatmulPolicy(CudaMatmulPolicy::kAuto);
-    SetCudaFusedNormRows(kDefaultFusedNormRows);
+    SetCudaFusedNormRows(saved_fused_norm_rows_);
   }
+  int64_t saved_fused_norm_rows_ = 0;
 
   // Runs `c` through `run(x, w, out)` on the CUDA backend (bf16 operands, `od` output) and the
   // CPU Matmul, and compares the whole output buffer: the view within tolerance, the rest

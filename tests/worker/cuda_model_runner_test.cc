@@ -14,7 +14,6 @@
 #include <vector>
 
 #include "backend/cuda_backend.h"
-#include "backend/cuda_gemv.h"
 #include "common/status_macros.h"
 #include "coordinator/engine.h"
 #include "gmock/gmock.h"
@@ -85,8 +84,13 @@ std::vector<GenerationResult> Generate(StepRunner* runner, const LoadedModel& m,
   return out.ok() ? *std::move(out) : std::vector<GenerationResult>{};
 }
 
-std::vector<GenerationResult> GenerateOn(BackendKind kind, const std::vector<GenerationRequest>& reqs) {
-  auto backend = CreateBackend({kind});
+// fused_norm_rows: BackendOptions::fused_norm_rows (-1: the backend's default); when > 0 the
+// runner must have taken it.
+std::vector<GenerationResult> GenerateOn(BackendKind kind, const std::vector<GenerationRequest>& reqs,
+                                         int64_t fused_norm_rows = -1) {
+  BackendOptions bo{kind};
+  bo.fused_norm_rows = fused_norm_rows;
+  auto backend = CreateBackend(bo);
   EXPECT_OK(backend);
   if (!backend.ok()) return {};
   auto m = LoadModel({::lorc::testing::TinyLlamaDir()}, backend->get(), 0, 1, nullptr, SmallCache());
@@ -94,6 +98,9 @@ std::vector<GenerationResult> GenerateOn(BackendKind kind, const std::vector<Gen
   if (!m.ok()) return {};
   if (kind == BackendKind::kCuda) {
     EXPECT_EQ(m->runner->kv_spec().dtype, DType::kBF16);
+  }
+  if (fused_norm_rows > 0) {
+    EXPECT_EQ(m->runner->fused_norm_rows(), fused_norm_rows);
   }
   StepExecutor exec(m->runner.get());
   return Generate(&exec, *m, reqs);
@@ -138,23 +145,23 @@ TEST(CudaModelRunnerTest, GreedyMatchesCpuReferenceOnEveryGoldenPrompt) {
 }
 
 // The same with every residual add + RMSNorm of decode steps (the engine batches the golden
-// prompts: 4 sequences) run inside the projection after it (cuda_gemv.h SetCudaFusedNormRows; off
+// prompts: 4 sequences) run inside the projection after it (BackendOptions::fused_norm_rows; off
 // by default until benchmarked). The fused kernels round the normed input in another order
 // (kernels/gemv.cuh), so the same near-tie allowance as the unfused path.
 TEST(CudaModelRunnerTest, GreedyWithNormsFusedIntoTheGemvsMatchesCpuReference) {
   REQUIRE_TINY_LLAMA();
   if (!HaveCudaDevices(1)) GTEST_SKIP() << "no CUDA device";
   const auto cpu = GenerateOn(BackendKind::kCpu, GreedyRequests());
-  SetCudaFusedNormRows(8);
   {
-    auto backend = CreateBackend({BackendKind::kCuda});
+    BackendOptions bo{BackendKind::kCuda};
+    bo.fused_norm_rows = 8;
+    auto backend = CreateBackend(bo);
     ASSERT_OK(backend);
     EXPECT_TRUE((*backend)->FusesNormMatmul(1));
     EXPECT_TRUE((*backend)->FusesNormMatmul(8));
     EXPECT_FALSE((*backend)->FusesNormMatmul(9));
   }
-  const auto cuda = GenerateOn(BackendKind::kCuda, GreedyRequests());
-  SetCudaFusedNormRows(kDefaultFusedNormRows);
+  const auto cuda = GenerateOn(BackendKind::kCuda, GreedyRequests(), /*fused_norm_rows=*/8);
   ASSERT_EQ(cpu.size(), ::lorc::testing::GoldenPrompts().size());
   ExpectSameGreedy(cuda, cpu, "cuda (fused norms) vs cpu", kBf16NearTie);
 }

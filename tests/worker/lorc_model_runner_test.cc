@@ -213,9 +213,12 @@ struct Served {
   LoadedModel model;
 };
 
-Served Load(const std::string& dir) {
+// fused_norm_rows: BackendOptions::fused_norm_rows (-1: the CPU's default, none).
+Served Load(const std::string& dir, int64_t fused_norm_rows = -1) {
   Served s;
-  auto b = CreateBackend({});
+  BackendOptions bo;
+  bo.fused_norm_rows = fused_norm_rows;
+  auto b = CreateBackend(bo);
   EXPECT_OK(b);
   s.backend = *std::move(b);
   auto m = LoadModel({dir}, s.backend.get(), 0, 1, nullptr, Cache());
@@ -379,6 +382,27 @@ std::vector<int32_t> GreedyLoop(ModelRunner& r, const std::vector<int32_t>& prom
     out.push_back(tok);
   }
   return out;
+}
+
+// Latent layers take the unfused input norm in place, on whichever buffer the fused norms before
+// them left the stream in (BackendOptions::fused_norm_rows on the CPU: the base class copies the
+// stream into the runner's second buffer at every fused add): every golden prompt with its first
+// 8 greedy tokens, in chunks of 5 tokens, gives the in-place run's last logits bit for bit.
+TEST_F(RandomFactors, FusedNormStreamMatchesInPlaceBitForBit) {
+  REQUIRE_TINY_LLAMA();
+  Served plain = Load(lorc_dir_->string());
+  Served fused = Load(lorc_dir_->string(), 16);
+  ASSERT_NE(plain.model.runner, nullptr);
+  ASSERT_NE(fused.model.runner, nullptr);
+  EXPECT_EQ(plain.model.runner->fused_norm_rows(), 0);
+  EXPECT_EQ(fused.model.runner->fused_norm_rows(), 16);
+  for (const Golden& g : GoldenPrompts()) {
+    std::vector<int32_t> ids = g.prompt_ids;
+    ids.insert(ids.end(), g.greedy_ids.begin(), g.greedy_ids.begin() + 8);
+    const std::vector<float> want = LastLogits(*plain.model.runner, ids, 5);
+    ASSERT_FALSE(want.empty());
+    EXPECT_EQ(LastLogits(*fused.model.runner, ids, 5), want);
+  }
 }
 
 TEST_F(RandomFactors, TensorParallelTwoRanksGiveTheSameTokens) {

@@ -174,6 +174,59 @@ TEST_F(StepLimitsTest, ExecuteRejectsStepsOverTheLimits) {
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("max_model_len")));
 }
 
+// The residual stream's bookkeeping in Forward when the backend fuses the norms into the
+// projections (BackendOptions::fused_norm_rows): on the CPU the base class then copies the stream
+// into the runner's second buffer at every add, so every output must equal the in-place run's bit
+// for bit. Steps of up to 8 tokens (all of them fused): an 8-token prompt whose logits of every
+// position come back through the long-chunk path (more rows than max_num_seqs 2: the LM head
+// reads the stream where the forward pass left it), then decode steps of two sequences.
+TEST_F(StepLimitsTest, FusedNormStreamMatchesInPlaceBitForBit) {
+  KvCacheOptions kv;
+  kv.memory_bytes = 16ll << 20;
+  kv.max_num_seqs = 2;
+  kv.max_num_batched_tokens = 8;
+  kv.max_model_len = 64;
+  BackendOptions fused_options;
+  fused_options.fused_norm_rows = 8;
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<Backend> fused_backend, CreateBackend(fused_options));
+  EXPECT_TRUE(fused_backend->FusesNormMatmul(8));
+  EXPECT_FALSE(backend_->FusesNormMatmul(1));
+  auto plain = LoadModel({::lorc::testing::TinyLlamaDir()}, backend_.get(), 0, 1, nullptr, kv);
+  auto fused = LoadModel({::lorc::testing::TinyLlamaDir()}, fused_backend.get(), 0, 1, nullptr, kv);
+  ASSERT_OK(plain);
+  ASSERT_OK(fused);
+  EXPECT_EQ(plain->runner->fused_norm_rows(), 0);
+  EXPECT_EQ(fused->runner->fused_norm_rows(), 8);
+
+  auto expect_same = [](const absl::StatusOr<StepOutput>& got, const absl::StatusOr<StepOutput>& want,
+                        const char* what) {
+    ASSERT_OK(got);
+    ASSERT_OK(want);
+    ASSERT_EQ(got->logits.size(), want->logits.size()) << what;
+    ASSERT_FALSE(want->logits.empty()) << what;
+    for (size_t i = 0; i < want->logits.size(); ++i) ASSERT_EQ(got->logits[i], want->logits[i]) << what << " " << i;
+  };
+  SequenceStep a;
+  a.seq_id = 1;
+  a.tokens = {1, 17, 400, 9, 3000, 5, 5, 77};
+  a.block_table = {0, 1};
+  a.logits = SequenceStep::Logits::kAll;
+  expect_same(fused->runner->Execute({a}, true), plain->runner->Execute({a}, true), "8-token prompt, all logits");
+  SequenceStep b;
+  b.seq_id = 2;
+  b.tokens = {3, 99, 1234};
+  b.block_table = {2};
+  expect_same(fused->runner->Execute({b}, true), plain->runner->Execute({b}, true), "3-token prompt");
+  a.logits = SequenceStep::Logits::kLast;
+  for (int step = 0; step < 4; ++step) {
+    a.num_computed_tokens += static_cast<int64_t>(a.tokens.size());
+    b.num_computed_tokens += static_cast<int64_t>(b.tokens.size());
+    a.tokens = {100 + step};
+    b.tokens = {200 + step};
+    expect_same(fused->runner->Execute({a, b}, true), plain->runner->Execute({a, b}, true), "decode of two");
+  }
+}
+
 TEST_F(TinyLlamaTest, StepBuffersKeepTheirAddressesAcrossStepSizes) {
   const std::vector<const void*> before = model_.runner->StepBufferAddresses();
   const std::vector<int32_t> prompt = GoldenPrompts()[1].prompt_ids;

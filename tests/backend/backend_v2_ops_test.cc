@@ -144,6 +144,21 @@ TEST_P(BackendOpsTest, NormMatmulMatchesTheUnfusedOps) {
   };
   // One call on fresh buffers: mode 0 no add, 1 add with `next` distinct, 2 add in place; fused:
   // the Norm op, else the unfused ops. Returns residual, next, normed, out, act, k and v caches.
+  // The rotation and cache write of the qkv rows `out` into the caches kc / vc.
+  auto rope_params = [&](const Tensor2D& out, const DeviceBuffer& kc, const DeviceBuffer& vc) {
+    RopeKvWriteParams p;
+    p.q = out.ColSlice(0, qw);
+    p.k = out.ColSlice(qw, kw);
+    p.v = out.ColSlice(qw + kw, kw);
+    p.cache = KvLayer{kc.data(), vc.data(), kw, kw, DType::kF32};
+    p.num_heads = heads;
+    p.num_kv_heads = kv_heads;
+    p.head_dim = hd;
+    p.positions = dpos.as<int32_t>();
+    p.inv_freq = dinv.as<float>();
+    p.slot_mapping = dslots.as<int32_t>();
+    return p;
+  };
   auto run = [&](int mode, bool silu, bool fused) {
     DeviceBuffer dr = Upload(r), da = Upload(a), dnext = Upload(std::vector<float>(T * H, sentinel));
     DeviceBuffer dn = Upload(std::vector<float>(T * H, sentinel));
@@ -158,17 +173,7 @@ TEST_P(BackendOpsTest, NormMatmulMatchesTheUnfusedOps) {
     in.eps = eps;
     in.normed = View(dn, T, H);
     const Tensor2D out = View(dout, T, silu ? N : NQ);
-    RopeKvWriteParams p;
-    p.q = out.ColSlice(0, qw);
-    p.k = out.ColSlice(qw, kw);
-    p.v = out.ColSlice(qw + kw, kw);
-    p.cache = KvLayer{kc.data(), vc.data(), kw, kw, DType::kF32};
-    p.num_heads = heads;
-    p.num_kv_heads = kv_heads;
-    p.head_dim = hd;
-    p.positions = dpos.as<int32_t>();
-    p.inv_freq = dinv.as<float>();
-    p.slot_mapping = dslots.as<int32_t>();
+    const RopeKvWriteParams p = rope_params(out, kc, vc);
     if (fused) {
       CHECK_OK(silu ? be_->NormMatmulSiluMul(in, View(dw, N, H), out, View(dact, T, I))
                     : be_->NormMatmulRopeKvWrite(in, View(dwq, NQ, H), out, p));
@@ -225,17 +230,7 @@ TEST_P(BackendOpsTest, NormMatmulMatchesTheUnfusedOps) {
   in.eps = eps;
   in.normed = View(dn, T, H);
   const Tensor2D out = View(dout, T, NQ);
-  RopeKvWriteParams p;
-  p.q = out.ColSlice(0, qw);
-  p.k = out.ColSlice(qw, kw);
-  p.v = out.ColSlice(qw + kw, kw);
-  p.cache = KvLayer{kc.data(), vc.data(), kw, kw, DType::kF32};
-  p.num_heads = heads;
-  p.num_kv_heads = kv_heads;
-  p.head_dim = hd;
-  p.positions = dpos.as<int32_t>();
-  p.inv_freq = dinv.as<float>();
-  p.slot_mapping = dslots.as<int32_t>();
+  const RopeKvWriteParams p = rope_params(out, kc, vc);
   const Tensor2D bad_next[] = {View(dnext, T - 1, H), View(dnext, T, H - 8),
                                Tensor2D{dnext.data(), DType::kF32, T, H, H + 8},
                                Tensor2D{dnext.data(), DType::kBF16, T, H}};

@@ -36,6 +36,7 @@
 #           measured, backend/cuda_gemv.h SetCudaFusedNormRows): the model runner's golden-prompt
 #           test with them on, then `lorcserve bench` on the 8B shape at batch 1, 8 and 16 x context
 #           128 and 4096, LORC_FUSED_NORM_ROWS=16 against 0, interleaved, FUSED_RUNS (2) times each
+#           (with 2+ GPUs also the 70B shape at TP = 2, batch 1 and 8)
 #           (docs/PERFORMANCE.md, "Not measured yet"); never run yet (estimated 5 minutes on an H200)
 # Environment: OUT (default /tmp/lorc-gpu), GPUS (default: all visible), STEPS (decode steps, 32),
 # BIN_DIR (binaries from a local build instead of the bundle), BACKEND (serve phase; default cuda).
@@ -213,6 +214,14 @@ phase_fusednorm() {
         --prefill-reps 1 --steps 64 > "$OUT/fusednorm-rows$rows-run$r.txt" 2>&1 &&
         note "fusednorm bench rows=$rows run $r: $(grep -E '^decode +b=1 +ctx=128 ' "$OUT/fusednorm-rows$rows-run$r.txt")" ||
         { note "fusednorm bench rows=$rows run $r: FAILED"; fails=$((fails + 1)); }
+      # 70B at TP = 2: its gate_up is where cuBLASLt beat the GEMV at M = 2..8 (2026-12-01), which
+      # the fused path bypasses.
+      [ "$GPUS" -ge 2 ] || continue
+      LORC_FUSED_NORM_ROWS=$rows timeout 900 "$L" bench --model bench/configs/llama3-70b --backend cuda \
+        --random-weights --local-workers 2 --decode-batches 1,8 --contexts 128 --prefill 512 --prefill-reps 1 \
+        --steps 32 > "$OUT/fusednorm-70b-rows$rows-run$r.txt" 2>&1 &&
+        note "fusednorm 70B tp=2 rows=$rows run $r: $(grep -E '^decode +b=1 +ctx=128 ' "$OUT/fusednorm-70b-rows$rows-run$r.txt")" ||
+        { note "fusednorm 70B tp=2 rows=$rows run $r: FAILED"; fails=$((fails + 1)); }
     done
   done
 }

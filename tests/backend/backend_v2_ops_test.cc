@@ -16,6 +16,26 @@ using ::lorc::testing::StatusIs;
 using ::testing::AllOf;
 using ::testing::HasSubstr;
 
+// RopeKvWrite's parameters for the qkv rows `qkv` ([T, q | k | v], head_dim hd) into the F32
+// caches kc / vc, with the device positions, inverse frequencies and slot mapping.
+RopeKvWriteParams F32RopeParams(const Tensor2D& qkv, int heads, int kv_heads, int hd, const DeviceBuffer& kc,
+                                const DeviceBuffer& vc, const DeviceBuffer& pos, const DeviceBuffer& inv_freq,
+                                const DeviceBuffer& slots) {
+  const int64_t qw = int64_t{heads} * hd, kw = int64_t{kv_heads} * hd;
+  RopeKvWriteParams p;
+  p.q = qkv.ColSlice(0, qw);
+  p.k = qkv.ColSlice(qw, kw);
+  p.v = qkv.ColSlice(qw + kw, kw);
+  p.cache = KvLayer{kc.data(), vc.data(), kw, kw, DType::kF32};
+  p.num_heads = heads;
+  p.num_kv_heads = kv_heads;
+  p.head_dim = hd;
+  p.positions = pos.as<int32_t>();
+  p.inv_freq = inv_freq.as<float>();
+  p.slot_mapping = slots.as<int32_t>();
+  return p;
+}
+
 TEST_P(BackendOpsTest, FusedAddRmsNormMatchesAddThenNorm) {
   const int64_t T = 5, H = 45;
   const float eps = 1e-5f;
@@ -53,18 +73,7 @@ TEST_P(BackendOpsTest, RopeKvWriteRotatesQAndKAndWritesTheCache) {
   const size_t nslots = static_cast<size_t>(num_blocks) * bs;
   DeviceBuffer dqkv = Upload(qkv), dpos = Upload(pos), dslots = Upload(slots), dinv = Upload(inv_freq);
   DeviceBuffer kc = Upload(std::vector<float>(nslots * kw, nan)), vc = Upload(std::vector<float>(nslots * kw, nan));
-  RopeKvWriteParams p;
-  const Tensor2D fused = View(dqkv, T, ld);
-  p.q = fused.ColSlice(0, qw);
-  p.k = fused.ColSlice(qw, kw);
-  p.v = fused.ColSlice(qw + kw, kw);
-  p.cache = KvLayer{kc.data(), vc.data(), kw, kw, DType::kF32};
-  p.num_heads = heads;
-  p.num_kv_heads = kv_heads;
-  p.head_dim = hd;
-  p.positions = dpos.as<int32_t>();
-  p.inv_freq = dinv.as<float>();
-  p.slot_mapping = dslots.as<int32_t>();
+  RopeKvWriteParams p = F32RopeParams(View(dqkv, T, ld), heads, kv_heads, hd, kc, vc, dpos, dinv, dslots);
   ASSERT_OK(be_->RopeKvWrite(p));
 
   // q in place: the rotate-half formula.
@@ -142,23 +151,12 @@ TEST_P(BackendOpsTest, NormMatmulMatchesTheUnfusedOps) {
       ExpectClose(got, std::vector<double>(want.begin(), want.end()));
     }
   };
-  // One call on fresh buffers: mode 0 no add, 1 add with `next` distinct, 2 add in place; fused:
-  // the Norm op, else the unfused ops. Returns residual, next, normed, out, act, k and v caches.
   // The rotation and cache write of the qkv rows `out` into the caches kc / vc.
   auto rope_params = [&](const Tensor2D& out, const DeviceBuffer& kc, const DeviceBuffer& vc) {
-    RopeKvWriteParams p;
-    p.q = out.ColSlice(0, qw);
-    p.k = out.ColSlice(qw, kw);
-    p.v = out.ColSlice(qw + kw, kw);
-    p.cache = KvLayer{kc.data(), vc.data(), kw, kw, DType::kF32};
-    p.num_heads = heads;
-    p.num_kv_heads = kv_heads;
-    p.head_dim = hd;
-    p.positions = dpos.as<int32_t>();
-    p.inv_freq = dinv.as<float>();
-    p.slot_mapping = dslots.as<int32_t>();
-    return p;
+    return F32RopeParams(out, heads, kv_heads, hd, kc, vc, dpos, dinv, dslots);
   };
+  // One call on fresh buffers: mode 0 no add, 1 add with `next` distinct, 2 add in place; fused:
+  // the Norm op, else the unfused ops. Returns residual, next, normed, out, act, k and v caches.
   auto run = [&](int mode, bool silu, bool fused) {
     DeviceBuffer dr = Upload(r), da = Upload(a), dnext = Upload(std::vector<float>(T * H, sentinel));
     DeviceBuffer dn = Upload(std::vector<float>(T * H, sentinel));

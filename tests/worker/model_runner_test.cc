@@ -127,12 +127,18 @@ TEST_F(TinyLlamaTest, RejectsMalformedSteps) {
 // with small limits still computes steps within them.
 using StepLimitsTest = ::lorc::testing::FixtureModelTest<>;
 
-TEST_F(StepLimitsTest, ExecuteRejectsStepsOverTheLimits) {
+// A 16 MiB cache, max_num_seqs 2, max_num_batched_tokens 8, max_model_len 64.
+KvCacheOptions SmallStepLimits() {
   KvCacheOptions kv;
   kv.memory_bytes = 16ll << 20;
   kv.max_num_seqs = 2;
   kv.max_num_batched_tokens = 8;
   kv.max_model_len = 64;
+  return kv;
+}
+
+TEST_F(StepLimitsTest, ExecuteRejectsStepsOverTheLimits) {
+  KvCacheOptions kv = SmallStepLimits();
   auto m = LoadModel({::lorc::testing::TinyLlamaDir()}, backend_.get(), 0, 1, nullptr, kv);
   ASSERT_OK(m);
   ModelRunner& runner = *m->runner;
@@ -181,11 +187,7 @@ TEST_F(StepLimitsTest, ExecuteRejectsStepsOverTheLimits) {
 // position come back through the long-chunk path (more rows than max_num_seqs 2: the LM head
 // reads the stream where the forward pass left it), then decode steps of two sequences.
 TEST_F(StepLimitsTest, FusedNormStreamMatchesInPlaceBitForBit) {
-  KvCacheOptions kv;
-  kv.memory_bytes = 16ll << 20;
-  kv.max_num_seqs = 2;
-  kv.max_num_batched_tokens = 8;
-  kv.max_model_len = 64;
+  KvCacheOptions kv = SmallStepLimits();
   BackendOptions fused_options;
   fused_options.fused_norm_rows = 8;
   ASSERT_OK_AND_ASSIGN(std::unique_ptr<Backend> fused_backend, CreateBackend(fused_options));

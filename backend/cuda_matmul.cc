@@ -350,7 +350,12 @@ namespace {
 // blocks of out, the GEMV's operand rules and a policy that allows the GEMV.
 bool FusedQkvApplies(const Tensor2D& x, const Tensor2D& w, const Tensor2D& out, const RopeKvWriteParams& p,
                      CudaMatmulPolicy policy, kernels::GemvRopeArgs* r) {
-  if (policy == CudaMatmulPolicy::kCublasLtOnly || !p.rotate_k || p.cache.quant != kernels::KvQuant::kNone ||
+  // LORC_DISABLE_FUSED_QKV=1: never (the two ops; A/B measurements).
+  static const bool disabled = [] {
+    const char* e = std::getenv("LORC_DISABLE_FUSED_QKV");
+    return e != nullptr && std::string_view(e) != "0" && std::string_view(e) != "";
+  }();
+  if (disabled || policy == CudaMatmulPolicy::kCublasLtOnly || !p.rotate_k || p.cache.quant != kernels::KvQuant::kNone ||
       p.cache.dtype != DType::kBF16 || !CheckMatmul(x, w, out).ok() || !GemvApplies(x, w, out) ||
       out.dtype != DType::kBF16 || x.rows < 1) {
     return false;
@@ -379,13 +384,8 @@ bool FusedQkvApplies(const Tensor2D& x, const Tensor2D& w, const Tensor2D& out, 
 
 absl::Status CudaBackend::MatmulRopeKvWrite(const Tensor2D& x, const Tensor2D& w, Tensor2D out,
                                             const RopeKvWriteParams& p) {
-  // LORC_DISABLE_FUSED_QKV=1: the two ops (A/B measurements).
-  static const bool disabled = [] {
-    const char* e = std::getenv("LORC_DISABLE_FUSED_QKV");
-    return e != nullptr && std::string_view(e) != "0" && std::string_view(e) != "";
-  }();
   kernels::GemvRopeArgs r;
-  if (disabled || !FusedQkvApplies(x, w, out, p, matmul_->policy, &r)) return Backend::MatmulRopeKvWrite(x, w, out, p);
+  if (!FusedQkvApplies(x, w, out, p, matmul_->policy, &r)) return Backend::MatmulRopeKvWrite(x, w, out, p);
   return CudaError(kernels::LaunchGemvRopeKvWrite(x.rows, w.rows, x.cols, x.data, x.stride(), w.data, w.stride(),
                                                   out.data, out.stride(), r, stream_),
                    "MatmulRopeKvWrite");
@@ -393,28 +393,16 @@ absl::Status CudaBackend::MatmulRopeKvWrite(const Tensor2D& x, const Tensor2D& w
 
 namespace {
 
-bool EnvFlag(const char* name) {
-  const char* e = std::getenv(name);
-  return e != nullptr && std::string_view(e) != "0" && std::string_view(e) != "";
-}
-
-// The kernel's view of a NormedInput whose tensors are all BF16 [T, H] (weight [1, H]); false
-// otherwise (the unfused ops then report or handle it).
+// The kernel's view of a NormedInput that CheckNormedInput accepted, when its tensors are BF16
+// and, with an add, the sum goes to another buffer (the kernel reads the stream while it stores
+// the sum); false otherwise (the unfused ops then run).
 bool NormArgsOf(const NormedInput& in, kernels::GemvNormArgs* a) {
-  const Tensor2D& r = in.residual;
-  auto same = [&](const Tensor2D& t) { return t.dtype == DType::kBF16 && t.rows == r.rows && t.cols == r.cols; };
-  if (r.dtype != DType::kBF16 || in.weight.dtype != DType::kBF16 || in.weight.rows != 1 || in.weight.cols != r.cols) {
-    return false;
-  }
+  if (in.residual.dtype != DType::kBF16 || in.weight.dtype != DType::kBF16) return false;
   *a = kernels::GemvNormArgs{};
   a->weight = in.weight.data;
   a->eps = in.eps;
   if (in.add.data != nullptr) {
-    // A `next` the unfused path would refuse (another row pitch) is refused the same way there.
-    if (!same(in.add) || !same(in.next) || in.next.stride() != r.stride() || in.next.data == r.data ||
-        in.next.data == in.add.data) {
-      return false;
-    }
+    if (in.next.data == in.residual.data) return false;
     a->add = in.add.data;
     a->ld_add = in.add.stride();
     a->residual_out = in.next.data;
@@ -440,9 +428,8 @@ absl::Status CudaBackend::NormMatmulRopeKvWrite(const NormedInput& in, const Ten
       out.dtype != DType::kBF16 || w.dtype != DType::kBF16) {
     return Backend::NormMatmulRopeKvWrite(in, w, out, p);
   }
-  static const bool qkv_disabled = EnvFlag("LORC_DISABLE_FUSED_QKV");
   kernels::GemvRopeArgs r;
-  if (!qkv_disabled && FusedQkvApplies(x, w, out, p, matmul_->policy, &r) &&
+  if (FusedQkvApplies(x, w, out, p, matmul_->policy, &r) &&
       kernels::GemvNormSupported(x.rows, w.rows, x.cols, x.data, x.stride(), w.data, w.stride(), out.stride(), a,
                                  kernels::GemvEpilogue::kRopeKvWrite, &r)) {
     return CudaError(kernels::LaunchGemvNorm(x.rows, w.rows, x.cols, x.data, x.stride(), w.data, w.stride(), out.data,

@@ -110,13 +110,13 @@ __device__ __forceinline__ void SiluEpilogue(int m, const float* part, __nv_bflo
 
 // kNormX, for one 16-byte vector of a live token's row at column k0 (8 elements): r = x [+ add]
 // rounded to bf16 (the residual stream's stored value, kernels/rms_norm.cu's), stored into
-// residual_out when `store`; ss += sum r^2 in fp32; returns bf16(r * weight), the GEMV's input.
+// residual_out when `store`; ss += sum r^2 in fp32; returns bf16(r * weight) (wv: the norm
+// weight's 8 values at k0), the GEMV's input.
 // The 1 / rms scale is applied to the fp32 sums at the end: sum_k w[j,k] (r_k g_k / rms) =
 // (sum_k w[j,k] r_k g_k) / rms.
-__device__ __forceinline__ uint4 NormInput(uint4 xv, const GemvNormArgs& a, int token, int k0, bool store,
+__device__ __forceinline__ uint4 NormInput(uint4 xv, uint4 wv, const GemvNormArgs& a, int token, int k0, bool store,
                                            float& ss) {
   const __nv_bfloat16* xe = reinterpret_cast<const __nv_bfloat16*>(&xv);
-  const uint4 wv = __ldg(reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(a.weight) + k0));
   const __nv_bfloat16* we = reinterpret_cast<const __nv_bfloat16*>(&wv);
   float r[8];
 #pragma unroll
@@ -215,11 +215,17 @@ __global__ void __launch_bounds__(kThreads, 2)
     for (int s = 0; s < STEPS; ++s) {
       const int k0 = c * kChunk + 32 * s;
       const bool live = k0 + 8 * t < k;
+      uint4 nw = zero;  // kNormX: the norm weight's vector, the same for every token of the lane
+      if constexpr (kIn == kNormX) {
+        if (live && x_live[0]) {
+          nw = __ldg(reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(norm.weight) + k0 + 8 * t));
+        }
+      }
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
         vx[j][s] = live && x_live[j] ? __ldg(reinterpret_cast<const uint4*>(xr[j] + k0)) : zero;
         if constexpr (kIn == kNormX) {
-          if (live && x_live[j]) vx[j][s] = NormInput(vx[j][s], norm, g + 8 * j, k0 + 8 * t, store_residual, ss[j]);
+          if (live && x_live[j]) vx[j][s] = NormInput(vx[j][s], nw, norm, g + 8 * j, k0 + 8 * t, store_residual, ss[j]);
         }
       }
     }
@@ -331,6 +337,22 @@ cudaError_t LaunchOut(const GemvLaunch& cfg, int k_steps, int m, int n, int k, c
 // configuration of the 8B and 70B/2 qkv shapes at M = 1..8 on an H200, 2026-12-01,
 // docs/data/2026-12-01-h200-gemm_bench-decode.txt).
 constexpr int kRopeSteps = 4;
+
+// The fused launches (an epilogue other than the plain store, or the normed input): BF16 out,
+// unsplit, k_steps kRopeSteps, the token tile by m.
+template <Mode kMode, In kIn>
+cudaError_t LaunchFused(dim3 grid, int64_t m, int64_t n, int64_t k, const void* x, int64_t ldx, const void* w,
+                        int64_t ldw, void* out, int64_t ldo, const GemvRopeArgs& rope, const GemvNormArgs& norm,
+                        cudaStream_t stream) {
+  const int mi = static_cast<int>(m), ni = static_cast<int>(n), ki = static_cast<int>(k);
+  const auto* xb = static_cast<const __nv_bfloat16*>(x);
+  const auto* wb = static_cast<const __nv_bfloat16*>(w);
+  auto* ob = static_cast<__nv_bfloat16*>(out);
+  return m <= 8 ? LaunchPdl(GemvKernel<1, kRopeSteps, __nv_bfloat16, kMode, kIn>, grid, dim3(kThreads), 0, stream,
+                            nullptr, mi, ni, ki, xb, ldx, wb, ldw, ob, ldo, rope, norm)
+                : LaunchPdl(GemvKernel<2, kRopeSteps, __nv_bfloat16, kMode, kIn>, grid, dim3(kThreads), 0, stream,
+                            nullptr, mi, ni, ki, xb, ldx, wb, ldw, ob, ldo, rope, norm);
+}
 }  // namespace
 
 bool GemvSupported(int64_t m, int64_t k, const void* x, int64_t ldx, const void* w, int64_t ldw) {
@@ -376,15 +398,8 @@ cudaError_t LaunchGemvRopeKvWrite(int64_t m, int64_t n, int64_t k, const void* x
                                   int64_t ldw, void* out, int64_t ldo, const GemvRopeArgs& rope,
                                   cudaStream_t stream) {
   if (!GemvRopeSupported(m, n, k, x, ldx, w, ldw, rope) || ldo < n) return cudaErrorInvalidValue;
-  const dim3 grid(static_cast<unsigned>(n / kTileRows));
-  const int mi = static_cast<int>(m), ni = static_cast<int>(n), ki = static_cast<int>(k);
-  const auto* xb = static_cast<const __nv_bfloat16*>(x);
-  const auto* wb = static_cast<const __nv_bfloat16*>(w);
-  auto* ob = static_cast<__nv_bfloat16*>(out);
-  return m <= 8 ? LaunchPdl(GemvKernel<1, kRopeSteps, __nv_bfloat16, kRope>, grid, dim3(kThreads), 0, stream, nullptr,
-                            mi, ni, ki, xb, ldx, wb, ldw, ob, ldo, rope, GemvNormArgs{})
-                : LaunchPdl(GemvKernel<2, kRopeSteps, __nv_bfloat16, kRope>, grid, dim3(kThreads), 0, stream, nullptr,
-                            mi, ni, ki, xb, ldx, wb, ldw, ob, ldo, rope, GemvNormArgs{});
+  return LaunchFused<kRope, kX>(dim3(static_cast<unsigned>(n / kTileRows)), m, n, k, x, ldx, w, ldw, out, ldo, rope,
+                                GemvNormArgs{}, stream);
 }
 
 bool GemvNormSupported(int64_t m, int64_t n, int64_t k, const void* x, int64_t ldx, const void* w, int64_t ldw,
@@ -406,36 +421,21 @@ bool GemvNormSupported(int64_t m, int64_t n, int64_t k, const void* x, int64_t l
   return false;
 }
 
-namespace {
-template <Mode kMode>
-cudaError_t LaunchNorm(dim3 grid, int m, int n, int k, const __nv_bfloat16* x, int64_t ldx,
-                       const __nv_bfloat16* w, int64_t ldw, __nv_bfloat16* out, int64_t ldo, const GemvRopeArgs& rope,
-                       const GemvNormArgs& norm, cudaStream_t stream) {
-  return m <= 8 ? LaunchPdl(GemvKernel<1, kRopeSteps, __nv_bfloat16, kMode, kNormX>, grid, dim3(kThreads), 0, stream,
-                            nullptr, m, n, k, x, ldx, w, ldw, out, ldo, rope, norm)
-                : LaunchPdl(GemvKernel<2, kRopeSteps, __nv_bfloat16, kMode, kNormX>, grid, dim3(kThreads), 0, stream,
-                            nullptr, m, n, k, x, ldx, w, ldw, out, ldo, rope, norm);
-}
-}  // namespace
 
 cudaError_t LaunchGemvNorm(int64_t m, int64_t n, int64_t k, const void* x, int64_t ldx, const void* w, int64_t ldw,
                            void* out, int64_t ldo, const GemvNormArgs& norm, GemvEpilogue epilogue,
                            const GemvRopeArgs* rope, cudaStream_t stream) {
   if (!GemvNormSupported(m, n, k, x, ldx, w, ldw, ldo, norm, epilogue, rope)) return cudaErrorInvalidValue;
-  const int mi = static_cast<int>(m), ni = static_cast<int>(n), ki = static_cast<int>(k);
-  const auto* xb = static_cast<const __nv_bfloat16*>(x);
-  const auto* wb = static_cast<const __nv_bfloat16*>(w);
-  auto* ob = static_cast<__nv_bfloat16*>(out);
   switch (epilogue) {
     case GemvEpilogue::kStore:
-      return LaunchNorm<kPlain>(dim3(static_cast<unsigned>((n + kTileRows - 1) / kTileRows)), mi, ni, ki, xb, ldx, wb,
-                                ldw, ob, ldo, GemvRopeArgs{}, norm, stream);
+      return LaunchFused<kPlain, kNormX>(dim3(static_cast<unsigned>((n + kTileRows - 1) / kTileRows)), m, n, k, x, ldx,
+                                         w, ldw, out, ldo, GemvRopeArgs{}, norm, stream);
     case GemvEpilogue::kRopeKvWrite:
-      return LaunchNorm<kRope>(dim3(static_cast<unsigned>(n / kTileRows)), mi, ni, ki, xb, ldx, wb, ldw, ob, ldo, *rope,
-                               norm, stream);
+      return LaunchFused<kRope, kNormX>(dim3(static_cast<unsigned>(n / kTileRows)), m, n, k, x, ldx, w, ldw, out, ldo,
+                                        *rope, norm, stream);
     case GemvEpilogue::kSiluMul:
-      return LaunchNorm<kSilu>(dim3(static_cast<unsigned>(n / kTileRows)), mi, ni, ki, xb, ldx, wb, ldw, ob, ldo,
-                               GemvRopeArgs{}, norm, stream);
+      return LaunchFused<kSilu, kNormX>(dim3(static_cast<unsigned>(n / kTileRows)), m, n, k, x, ldx, w, ldw, out, ldo,
+                                        GemvRopeArgs{}, norm, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -709,7 +709,7 @@ absl::Status ModelRunner::Forward(int32_t T, int32_t num_rows) {
   // stream is updated in place. Latent layers and a layer-input observer take the unfused input
   // norm.
   const float eps = static_cast<float>(config_.rms_norm_eps);
-  const bool fuse = T <= fused_norm_rows_ && backend_->FusesNormMatmul(T);
+  const bool fuse = T <= fused_norm_rows_;  // FusesNormMatmul(t) held for every t up to it
   Tensor2D stream = x, other = fuse ? Act(x_alt_, T, d) : x;
   auto normed = [&](bool add, const Tensor2D& weight) {
     NormedInput in;

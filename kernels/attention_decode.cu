@@ -453,32 +453,12 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
     // Combine the warps: [warp][row][D + 2] floats (O, then max and sum) over the rings.
     __syncthreads();  // every warp is done with its ring
     float* const comb = reinterpret_cast<float*>(smem_raw);
-    if (g < group) {
-      float* dst = comb + (warp * 8 + g) * (D + 2);
-#pragma unroll
-      for (int n = 0; n < D / 8; ++n) {
-        dst[n * 8 + 2 * t4] = o[n][0];
-        dst[n * 8 + 2 * t4 + 1] = o[n][1];
-      }
-      if (t4 == 0) {
-        dst[D] = m;
-        dst[D + 1] = l;
-      }
-    }
+    StoreWarpState<D>(comb, warp, g, t4, group, o, m, l);
     __syncthreads();
     for (int idx = tid; idx < group * D; idx += kMmaThreads) {
       const int h = idx / D, d = idx % D;
-      float mx = -INFINITY;
-#pragma unroll
-      for (int v = 0; v < kMmaWarps; ++v) mx = fmaxf(mx, comb[(v * 8 + h) * (D + 2) + D]);  // warp 0 has a key
-      float sum = 0.f, out = 0.f;
-#pragma unroll
-      for (int v = 0; v < kMmaWarps; ++v) {
-        const float* src = comb + (v * 8 + h) * (D + 2);
-        const float wgt = Exp2Approx((src[D] - mx) * scale2);  // 0 for a warp without keys (-inf)
-        sum = fmaf(src[D + 1], wgt, sum);
-        out = fmaf(src[d], wgt, out);
-      }
+      float mx, sum;
+      const float out = CombineWarpStates<D, kMmaWarps>(comb, h, d, scale2, mx, sum);  // warp 0 has a key
       const int head = kvh * group + h;
       if (item.partial < 0) {
         static_cast<__nv_bfloat16*>(a.out)[row * a.out_ld + head * D + d] = __float2bfloat16_rn(out / sum);

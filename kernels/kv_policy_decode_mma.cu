@@ -601,33 +601,13 @@ __global__ void __launch_bounds__(kThreads, kLow ? 2 : 3) PolicyMmaKernel(KvPoli
   // Combine the warps: [warp][row][D + 2] floats (O, then max and sum) over the rings.
   __syncthreads();  // every warp is done with its ring
   float* const comb = reinterpret_cast<float*>(smem_raw);
-  if (g < group) {
-    float* dst = comb + (warp * 8 + g) * (D + 2);
-#pragma unroll
-    for (int nn = 0; nn < D / 8; ++nn) {
-      dst[nn * 8 + 2 * t4] = o[nn][0];
-      dst[nn * 8 + 2 * t4 + 1] = o[nn][1];
-    }
-    if (t4 == 0) {
-      dst[D] = m;
-      dst[D + 1] = l;
-    }
-  }
+  StoreWarpState<D>(comb, warp, g, t4, group, o, m, l);
   __syncthreads();
   float* const partial = sc.partial + ((static_cast<size_t>(s) * sc.max_chunks + c) * a.num_heads + kvh * group) * D;
   for (int idx = tid; idx < group * D; idx += kThreads) {
     const int h = idx / D, d = idx % D;
-    float mx = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, comb[(w * 8 + h) * (D + 2) + D]);  // finite: n > 0
-    float sum = 0.f, out = 0.f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
-      const float* src = comb + (w * 8 + h) * (D + 2);
-      const float wgt = Exp2Approx((src[D] - mx) * scale2);  // 0 for a warp without keys (-inf)
-      sum = fmaf(src[D + 1], wgt, sum);
-      out = fmaf(src[d], wgt, out);
-    }
+    float mx, sum;
+    const float out = CombineWarpStates<D, kWarps>(comb, h, d, scale2, mx, sum);  // mx finite: n > 0
     partial[static_cast<size_t>(h) * D + d] = out;
     if (d == 0) {
       ml[static_cast<size_t>(h) * sc.max_chunks * 2] = mx * a.scale;  // natural-log units

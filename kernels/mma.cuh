@@ -142,4 +142,44 @@ __device__ __forceinline__ void TilePV(const uint32_t (&pa)[4], uint32_t sv, con
   }
 }
 
+// A single-m-tile decode's combine of its warps' online-softmax states through shared memory
+// (DecodeMmaKernel, the policy decode). StoreWarpState: the warp's rows g < group into
+// comb[warp][g][D + 2] floats: O (the o fragments' columns), then the running max m (raw score
+// units) and sum l (l already summed over the quad).
+template <int D>
+__device__ __forceinline__ void StoreWarpState(float* comb, int warp, int g, int t4, int group,
+                                               const float (&o)[D / 8][4], float m, float l) {
+  if (g >= group) return;
+  float* dst = comb + (warp * 8 + g) * (D + 2);
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) {
+    dst[n * 8 + 2 * t4] = o[n][0];
+    dst[n * 8 + 2 * t4 + 1] = o[n][1];
+  }
+  if (t4 == 0) {
+    dst[D] = m;
+    dst[D + 1] = l;
+  }
+}
+// ... and element d of query row h over the kWarps states: returns the unnormalized output and
+// sets mx (the largest max; finite when warp 0 saw a key) and sum (the softmax denominator, both
+// relative to mx; scale2 turns scores into log2 units). A warp without keys (m = -inf) weighs 0.
+template <int D, int kWarps>
+__device__ __forceinline__ float CombineWarpStates(const float* comb, int h, int d, float scale2, float& mx,
+                                                   float& sum) {
+  mx = -INFINITY;
+#pragma unroll
+  for (int v = 0; v < kWarps; ++v) mx = fmaxf(mx, comb[(v * 8 + h) * (D + 2) + D]);
+  sum = 0.f;
+  float out = 0.f;
+#pragma unroll
+  for (int v = 0; v < kWarps; ++v) {
+    const float* src = comb + (v * 8 + h) * (D + 2);
+    const float wgt = Exp2Approx((src[D] - mx) * scale2);
+    sum = fmaf(src[D + 1], wgt, sum);
+    out = fmaf(src[d], wgt, out);
+  }
+  return out;
+}
+
 }  // namespace lorc::kernels

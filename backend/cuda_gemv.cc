@@ -49,10 +49,10 @@ namespace {
 constexpr kernels::GemvConfig kConfigs[] = {{1, 4}, {1, 8}, {2, 4}, {2, 8}, {3, 4}, {4, 4}};
 // The first kTimedConfigs are Matmul's candidates. On an H200 (2026-12-01, `gemm_bench decode`,
 // 9 shapes x M = 1, 2, 4, 8, cold weights) the fastest configuration was unsplit at every point
-// (k_steps 4 or 8 by shape) and every split one slower (by 1.7 us or more). Matmul times on hot
-// operands (the call's own), which can misrank candidates that are close cold (8B qkv, M = 1: its
-// pick took 16.4 us where the unsplit GEMV takes 14.9); fewer candidates, fewer such misses. The
-// split ones stay for the parity tests and the benchmark.
+// (k_steps 4 or 8 by shape) and every split one slower (by 1.7 us or more). Matmul times them on
+// the call's own operands after overwriting the L2 cache (cuda_matmul.cc TimeCold); fewer
+// candidates still mean fewer misranked near-ties. The split ones stay for the parity tests and
+// the benchmark.
 constexpr int kTimedConfigs = 2;
 
 }  // namespace

@@ -1,4 +1,5 @@
 // lorcserve tokenize: token ids of a text under a model's tokenizer.
+#include <filesystem>
 #include <iostream>
 #include <optional>
 
@@ -6,6 +7,8 @@
 #include "cli/commands.h"
 #include "cli/session.h"
 #include "common/json_util.h"
+#include "model/model_config.h"
+#include "tokenizer/prompt.h"
 #include "tokenizer/tokenizer.h"
 #include "nlohmann/json.hpp"
 
@@ -16,7 +19,9 @@ int RunTokenize(int argc, char** argv) {
       {"model", true, "model directory holding tokenizer.json", "DIR"},
       {"text", true, "text to tokenize", "TEXT"},
       {"file", true, "file whose contents to tokenize", "F"},
-      {"add-special-tokens", false, "apply the tokenizer's post-processor (e.g. add BOS)"},
+      {"add-special-tokens", false,
+       "the ids a generate prompt becomes: the tokenizer's post-processor, then one BOS when "
+       "config.json has a bos_token_id"},
       {"json", false, "print {\"ids\": [...], \"count\": N}"},
       {"help", false, "show this help"},
   };
@@ -36,7 +41,20 @@ int RunTokenize(int argc, char** argv) {
   }
   absl::StatusOr<std::unique_ptr<Tokenizer>> tok = Tokenizer::FromModelDir(args->Get("model"));
   if (!tok.ok()) return Fail("tokenize", tok.status());
-  absl::StatusOr<std::vector<int32_t>> ids = (*tok)->Encode(text, args->Has("add-special-tokens"));
+  absl::StatusOr<std::vector<int32_t>> ids;
+  if (args->Has("add-special-tokens")) {
+    // The BOS rule of generation (PromptToIds) needs config.json's bos_token_id; a directory with
+    // only tokenizer files has none, so the template alone applies.
+    int64_t bos = -1;
+    if (std::filesystem::exists(std::filesystem::path(args->Get("model")) / "config.json")) {
+      absl::StatusOr<ModelConfig> config = LoadModelConfig(args->Get("model"));
+      if (!config.ok()) return Fail("tokenize", config.status());
+      bos = config->bos_token_id;
+    }
+    ids = PromptToIds(**tok, text, bos);
+  } else {
+    ids = (*tok)->Encode(text, /*add_special_tokens=*/false);
+  }
   if (!ids.ok()) return Fail("tokenize", ids.status());
   if (args->Has("json")) {
     nlohmann::json j;

@@ -302,7 +302,7 @@ grpc::Status LorcServeService::Tokenize(grpc::ServerContext* ctx, const grpc::By
   const absl::Cleanup leave = [this] { Leave(); };
   lorcserve::v1::TokenizeRequest req;
   if (grpc::Status s = ParseBuffer(*raw, &req); !s.ok()) return s;
-  absl::StatusOr<std::vector<int32_t>> ids = TokenizeRequestIds(req, tokenizer_);
+  absl::StatusOr<std::vector<int32_t>> ids = TokenizeRequestIds(req, config_, tokenizer_);
   if (!ids.ok()) return ToGrpcStatus(ids.status());
   resp->mutable_ids()->Add(ids->begin(), ids->end());
   return grpc::Status::OK;

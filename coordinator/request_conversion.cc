@@ -194,9 +194,10 @@ absl::StatusOr<GenerationRequest> ConvertGenerateRequest(const lorcserve::v1::Ge
 }
 
 absl::StatusOr<std::vector<int32_t>> TokenizeRequestIds(const lorcserve::v1::TokenizeRequest& req,
-                                                        const Tokenizer* tokenizer) {
+                                                        const ModelConfig& config, const Tokenizer* tokenizer) {
   if (tokenizer == nullptr) return absl::FailedPreconditionError("the model has no tokenizer");
-  return tokenizer->Encode(req.text(), req.add_special_tokens());
+  if (req.add_special_tokens()) return PromptToIds(*tokenizer, req.text(), config.bos_token_id);
+  return tokenizer->Encode(req.text(), /*add_special_tokens=*/false);
 }
 
 }  // namespace lorc

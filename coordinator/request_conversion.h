@@ -48,9 +48,11 @@ absl::StatusOr<GenerationRequest> ConvertGenerateRequest(const lorcserve::v1::Ge
                                                          const ModelConfig& config,
                                                          const Tokenizer* tokenizer);
 
-// The ids of a TokenizeRequest's text (Tokenizer::Encode with its add_special_tokens).
+// The ids of a TokenizeRequest's text: with add_special_tokens exactly the ids a GenerateRequest's
+// text becomes (PromptToIds with config.bos_token_id: the post-processor's template and one BOS
+// when the model has one), without it the text's own tokens (Tokenizer::Encode).
 // FAILED_PRECONDITION without a tokenizer; the tokenizer's INVALID_ARGUMENT otherwise.
 absl::StatusOr<std::vector<int32_t>> TokenizeRequestIds(const lorcserve::v1::TokenizeRequest& req,
-                                                        const Tokenizer* tokenizer);
+                                                        const ModelConfig& config, const Tokenizer* tokenizer);
 
 }  // namespace lorc

@@ -672,13 +672,15 @@ def create_app(gateway):
             max_tokens = max_completion_tokens
             max_tokens_name = "max_completion_tokens"
         if max_tokens is None:
-            # OpenAI's chat default: until the model stops, within the model length.
+            # OpenAI's chat default: until the model stops, within the model length. The prompt's
+            # ids as Generate will see them (add_special_tokens: BOS counted once, whether the
+            # template spells it or the coordinator adds it).
             try:
-                tok = await gateway.stub.Tokenize(gateway.pb2.TokenizeRequest(text=text),
-                                                  metadata=metadata)
+                tok = await gateway.stub.Tokenize(
+                    gateway.pb2.TokenizeRequest(text=text, add_special_tokens=True), metadata=metadata)
             except grpc.aio.AioRpcError as e:
                 raise from_grpc(e) from None
-            max_tokens = state.info.max_model_len - len(tok.ids) - 1
+            max_tokens = state.info.max_model_len - len(tok.ids)
             if max_tokens < 1:
                 raise bad_request("messages", f"the prompt ({len(tok.ids)} tokens) leaves no "
                                               f"room in max_model_len {state.info.max_model_len}")

@@ -212,6 +212,11 @@ TEST_F(CliTest, TokenizeTextAndFile) {
   ASSERT_EQ(r.exit_code, 0) << r;
   EXPECT_EQ(Json(r)["ids"].get<std::vector<int32_t>>(),
             std::vector<int32_t>(g.prompt_ids.begin() + 1, g.prompt_ids.end()));
+  // With special tokens: the ids generate feeds the model, BOS from config.json included (the
+  // fixture's tokenizer.json has no post-processor).
+  r = Lorcserve({"tokenize", "--model", Tiny(), "--text", g.prompt, "--add-special-tokens", "--json"});
+  ASSERT_EQ(r.exit_code, 0) << r;
+  EXPECT_EQ(Json(r)["ids"].get<std::vector<int32_t>>(), g.prompt_ids);
 
   r = Lorcserve({"tokenize", "--model", Tiny(), "--file", (ScratchDir() / "missing.txt").string()});
   EXPECT_NE(r.exit_code, 0);

@@ -524,9 +524,20 @@ TEST_F(ServerE2ETest, HealthTokenizeAndModelInfo) {
     ASSERT_TRUE(s.ok()) << StatusText(s);
     EXPECT_EQ(std::vector<int32_t>(resp.ids().begin(), resp.ids().end()), cli_ids);
   }
-  // A text prompt is the tokenized text with BOS: same output as the golden ids.
+  // A text prompt is the tokenized text with BOS: same output as the golden ids, and the ids
+  // Tokenize gives with add_special_tokens (the fixture's BOS comes from config.json, not from a
+  // tokenizer post-processor).
   {
     const Golden& g = GoldenPrompts()[0];
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    v1::TokenizeRequest treq;
+    treq.set_text(g.prompt);
+    treq.set_add_special_tokens(true);
+    v1::TokenizeResponse tresp;
+    const grpc::Status ts = stub_->Tokenize(&ctx, treq, &tresp);
+    ASSERT_TRUE(ts.ok()) << StatusText(ts);
+    EXPECT_EQ(std::vector<int32_t>(tresp.ids().begin(), tresp.ids().end()), g.prompt_ids);
     v1::GenerateRequest req;
     req.set_text(g.prompt);
     req.mutable_sampling()->set_max_tokens(8);

@@ -477,6 +477,30 @@ class GatewayE2E(unittest.TestCase):
             "model": MODEL_NAME, "messages": messages, "max_tokens": 1})
         self.assertEqual(code, 200, body)
         self.assertEqual(json.loads(body)["usage"]["prompt_tokens"], len(ids))
+        # Tokenize with add_special_tokens gives exactly Generate's ids (here the template's BOS).
+        special = self.stub_a.Tokenize(self.pb2.TokenizeRequest(text=text, add_special_tokens=True))
+        self.assertEqual(list(special.ids), ids)
+
+    def test_chat_without_max_tokens_fills_the_model_length(self):
+        # OpenAI's default: the reply may run to the model length (4096), no further and no less.
+        from lorcserve_gateway import chat_template
+        template = chat_template.load(ARGS.model, os.path.join(HERE, "llama3_chat_template.jinja"))
+        n, prompt_len = 4000, 0
+        for _ in range(4):  # words until the prompt is 4090..4094 tokens
+            messages = [{"role": "user", "content": "word " * n}]
+            prompt_len = len(self.stub_a.Tokenize(self.pb2.TokenizeRequest(
+                text=template.render(messages), add_special_tokens=True)).ids)
+            if 4090 <= prompt_len <= 4094:
+                break
+            n += 4092 - prompt_len
+        self.assertTrue(4090 <= prompt_len <= 4094, prompt_len)
+        code, body = curl(f"{self.a}/v1/chat/completions", {
+            "model": MODEL_NAME, "messages": messages, "temperature": 0, "ignore_eos": True})
+        self.assertEqual(code, 200, body)
+        reply = json.loads(body)
+        self.assertEqual(reply["usage"]["prompt_tokens"], prompt_len)
+        self.assertEqual(reply["usage"]["completion_tokens"], 4096 - prompt_len)
+        self.assertEqual(reply["choices"][0]["finish_reason"], "length")
 
     def assert_start_fails(self, *flags):
         """Starts a gateway in front of coordinator A with `flags`: it must exit 2 without

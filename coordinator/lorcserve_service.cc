@@ -323,9 +323,7 @@ grpc::Status LorcServeService::CloseSession(grpc::ServerContext* ctx, const grpc
   if (grpc::Status s = CheckAuth(*ctx); !s.ok()) return s;
   lorcserve::v1::CloseSessionRequest req;
   if (grpc::Status s = ParseBuffer(*raw, &req); !s.ok()) return s;
-  if (req.session_id().empty()) {
-    return ToGrpcStatus(absl::InvalidArgumentError("session_id: empty"));
-  }
+  if (absl::Status s = CheckCloseSessionRequest(req); !s.ok()) return ToGrpcStatus(s);
   absl::StatusOr<std::shared_ptr<EngineLoop>> loop = Loop();
   if (!loop.ok()) return ToGrpcStatus(loop.status());
   return ToGrpcStatus((*loop)->CloseSession(req.cache_salt(), req.session_id()));

@@ -150,6 +150,7 @@ absl::StatusOr<GenerationRequest> ConvertGenerateRequest(const lorcserve::v1::Ge
       break;
     }
     case lorcserve::v1::GenerateRequest::kTokenIds:
+      if (req.token_ids().ids().empty()) return absl::InvalidArgumentError("token_ids: empty prompt");
       g.prompt_ids.assign(req.token_ids().ids().begin(), req.token_ids().ids().end());
       break;
     default:
@@ -178,19 +179,29 @@ absl::StatusOr<GenerationRequest> ConvertGenerateRequest(const lorcserve::v1::Ge
   if (s.has_logprobs()) p.logprobs = s.logprobs();
   if (s.has_prompt_logprobs()) p.prompt_logprobs = s.prompt_logprobs();
   g.priority = req.priority();
-  if (req.session_id().size() > kMaxSessionIdBytes) {
-    return absl::InvalidArgumentError(absl::StrCat("session_id: ", req.session_id().size(),
-                                                   " bytes exceeds ", kMaxSessionIdBytes));
-  }
-  if (req.cache_salt().size() > kMaxSessionIdBytes) {
-    return absl::InvalidArgumentError(absl::StrCat("cache_salt: ", req.cache_salt().size(),
-                                                   " bytes exceeds ", kMaxSessionIdBytes));
-  }
+  RETURN_IF_ERROR(CheckSessionKey(req.session_id(), req.cache_salt()));
   g.session_id = req.session_id();
   g.cache_salt = req.cache_salt();
   // Sampling values (names the field); the scheduler checks ids and lengths again on Add.
   RETURN_IF_ERROR(p.Validate(config.vocab_size));
   return g;
+}
+
+absl::Status CheckSessionKey(std::string_view session_id, std::string_view cache_salt) {
+  if (session_id.size() > kMaxSessionIdBytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("session_id: ", session_id.size(), " bytes exceeds ", kMaxSessionIdBytes));
+  }
+  if (cache_salt.size() > kMaxSessionIdBytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("cache_salt: ", cache_salt.size(), " bytes exceeds ", kMaxSessionIdBytes));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckCloseSessionRequest(const lorcserve::v1::CloseSessionRequest& req) {
+  if (req.session_id().empty()) return absl::InvalidArgumentError("session_id: empty");
+  return CheckSessionKey(req.session_id(), req.cache_salt());
 }
 
 absl::StatusOr<std::vector<int32_t>> TokenizeRequestIds(const lorcserve::v1::TokenizeRequest& req,

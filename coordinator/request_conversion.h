@@ -48,6 +48,12 @@ absl::StatusOr<GenerationRequest> ConvertGenerateRequest(const lorcserve::v1::Ge
                                                          const ModelConfig& config,
                                                          const Tokenizer* tokenizer);
 
+// A session key's sizes: session_id and cache_salt at most kMaxSessionIdBytes each
+// (INVALID_ARGUMENT naming the field); Generate and CloseSession alike.
+absl::Status CheckSessionKey(std::string_view session_id, std::string_view cache_salt);
+// A CloseSessionRequest: a non-empty session_id, then CheckSessionKey.
+absl::Status CheckCloseSessionRequest(const lorcserve::v1::CloseSessionRequest& req);
+
 // The ids of a TokenizeRequest's text: with add_special_tokens exactly the ids a GenerateRequest's
 // text becomes (PromptToIds with config.bos_token_id: the post-processor's template and one BOS
 // when the model has one), without it the text's own tokens (Tokenizer::Encode).

@@ -272,13 +272,11 @@ void Scheduler::End(Seq& s) {
   if (s.state == SequenceState::kRunning) {
     running_.erase(std::find(running_.begin(), running_.end(), &s));
     if (!s.session.session_id.empty() && s.parent < 0 && !SessionClosedSince(s)) {
-      // The conversation so far: the leading blocks of its table that are in the index (computed
-      // and confirmed by an applied result).
-      std::vector<int32_t> keep;
-      for (int32_t b : blocks_.BlockTable(id)) {
-        if (!blocks_.prefix_cache().IsCached(b)) break;
-        keep.push_back(b);
-      }
+      // The conversation so far: the indexed blocks of its chain, which the next turn will hit.
+      // They are its table's own blocks where it computed them first, and otherwise the equal
+      // blocks another sequence indexed before it (CacheFullBlocks leaves a duplicate unindexed):
+      // two sessions that start with the same text each keep it.
+      std::vector<int32_t> keep = blocks_.MatchPrefix(s.hashes);
       if (keep.empty()) {
         sessions_.Touch(s.session, Now());  // nothing new: a session keeps what it had
       } else {

@@ -71,6 +71,11 @@ TEST_F(PrefixCacheE2ETest, CachedPromptTokensSaltsAndSessions) {
   const grpc::Status again = CloseSession("conversation-1");
   EXPECT_EQ(again.error_code(), grpc::StatusCode::NOT_FOUND) << StatusText(again);
   EXPECT_EQ(CloseSession("").error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  // The sizes Generate accepts, no more (the message names the field, not the id's bytes).
+  const grpc::Status long_id = CloseSession(std::string(257, 'x'));
+  EXPECT_EQ(long_id.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(long_id.error_message(), "session_id: 257 bytes exceeds 256");
+  EXPECT_EQ(CloseSession("conversation-1", std::string(257, 's')).error_message(), "cache_salt: 257 bytes exceeds 256");
 
   // Sessions are per (cache_salt, session_id): only the same salt closes a salted session.
   v1::GenerateRequest tenant_turn = IdsRequest(ctx, 8);

@@ -351,6 +351,44 @@ TEST(SchedulerSessionTest, ATurnRunningAtCloseDoesNotResurrectTheSession) {
   ASSERT_OK(h.sched.Validate());
 }
 
+// Two sessions whose first turns carry the same prompt in the same step both compute it; only the
+// first one's blocks enter the index (a duplicate stays unindexed). Each session keeps the
+// indexed blocks of its conversation: both exist, pin the same blocks (counted once), close on
+// their own, and the second one's next turn hits them after the first one closed (found by a
+// fresh tester: the second session was never created, and its CloseSession said NOT_FOUND).
+TEST(SchedulerSessionTest, SessionsThatRepeatAnotherSessionsTextEachKeepIt) {
+  Harness h(Config(4, 64));
+  const std::vector<int32_t> prompt = Prompt(20);
+  ASSERT_OK(h.Add(1, prompt, Params(2), 0, {}, {"", "a"}));
+  ASSERT_OK(h.Add(2, prompt, Params(2), 0, {}, {"", "b"}));
+  PlanView first = h.Step();
+  ASSERT_NE(Find(first, 1), nullptr);
+  ASSERT_NE(Find(first, 2), nullptr);
+  EXPECT_EQ(Find(first, 2)->num_cached, 0);  // no hit: both compute the prompt
+  RunAll(h);
+  const std::vector<int32_t> a = h.sched.sessions().PinnedBlocks({"", "a"});
+  ASSERT_EQ(a.size(), 5u);  // 21 computed tokens: the prompt's 5 full blocks
+  EXPECT_EQ(h.sched.sessions().PinnedBlocks({"", "b"}), a);
+  EXPECT_EQ(h.sched.prefix_cache_report().sessions, 2);
+  EXPECT_EQ(h.sched.prefix_cache_report().session_blocks, 5);
+  EXPECT_EQ(h.sched.num_free_blocks(), 59);  // request 2's own copies went back to the pool
+  ASSERT_OK(h.sched.Validate());
+
+  EXPECT_OK(h.sched.CloseSession("", "a"));
+  EXPECT_EQ(h.sched.sessions().PinnedBlocks({"", "b"}), a);
+  std::vector<int32_t> turn2 = prompt;
+  for (int i = 0; i < 5; ++i) turn2.push_back(900 + i);
+  ASSERT_OK(h.Add(3, turn2, Params(2), 0, {}, {"", "b"}));
+  PlanView p = h.Step();
+  ASSERT_NE(Find(p, 3), nullptr);
+  EXPECT_EQ(Find(p, 3)->num_cached, 20);
+  RunAll(h);
+  EXPECT_EQ(h.outputs[3], Expected(3, 25, 2));
+  EXPECT_OK(h.sched.CloseSession("", "b"));
+  EXPECT_EQ(h.sched.num_free_blocks(), 64);
+  ASSERT_OK(h.sched.Validate());
+}
+
 // Sessions are per (cache_salt, session_id): another tenant's turn with the same id neither
 // replaces nor can close this tenant's session.
 TEST(SchedulerSessionTest, SessionsOfDifferentSaltsAreSeparate) {

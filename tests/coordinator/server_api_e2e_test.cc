@@ -30,7 +30,7 @@ TEST_F(ServerE2ETest, InvalidRequestsAreRejectedAndServingContinues) {
   }
   {
     v1::GenerateRequest r = IdsRequest({}, 4);
-    cases.push_back({"empty token ids", r, "empty prompt"});
+    cases.push_back({"empty token ids", r, "token_ids: empty prompt"});
   }
   cases.push_back({"token id 5000", IdsRequest({0, 5000, 3}, 4),
                    "prompt token id 5000 at position 1 outside the vocabulary [0, 4096)"});

@@ -121,6 +121,26 @@ absl::StatusOr<std::string> Args::GetListenAddress(const std::string& name, cons
   return addr;
 }
 
+absl::StatusOr<std::vector<std::string>> Args::GetAddressList(const std::string& name) const {
+  const std::vector<std::string> items = absl::StrSplit(Get(name), ',');
+  std::vector<std::string> out;
+  for (size_t i = 0; i < items.size(); ++i) {
+    const std::string item(absl::StripAsciiWhitespace(items[i]));
+    const size_t colon = item.rfind(':');
+    int64_t port = -1;
+    if (colon == std::string::npos || colon == 0 ||
+        !absl::SimpleAtoi(absl::string_view(item).substr(colon + 1), &port) || port < 1 || port > 65535) {
+      return absl::InvalidArgumentError(absl::StrCat("--", name, ": item ", i + 1, " '", item,
+                                                     "' is not HOST:PORT with a port in [1, 65535]"));
+    }
+    if (std::find(out.begin(), out.end(), item) != out.end()) {
+      return absl::InvalidArgumentError(absl::StrCat("--", name, ": '", item, "' is listed twice"));
+    }
+    out.push_back(item);
+  }
+  return out;
+}
+
 std::string Usage(const std::string& command, const std::string& synopsis,
                   const std::vector<FlagSpec>& specs) {
   std::string out = absl::StrCat("Usage: lorcserve ", command, " ", synopsis, "\n");

@@ -43,6 +43,9 @@ class Args {
   absl::StatusOr<double> GetDouble(const std::string& name, double def) const;
   // A HOST:PORT to listen on, the port in [0, 65535]; InvalidArgument naming the flag otherwise.
   absl::StatusOr<std::string> GetListenAddress(const std::string& name, const std::string& def) const;
+  // A comma-separated list of HOST:PORT addresses to connect to (port in [1, 65535]): at least
+  // one, no empty item, none twice. INVALID_ARGUMENT naming the flag and the item.
+  absl::StatusOr<std::vector<std::string>> GetAddressList(const std::string& name) const;
   // Comma-separated int32 integers ("0,1,2"); InvalidArgument naming the flag and the item that
   // is not an integer, or is one outside the int32 range.
   absl::StatusOr<std::vector<int32_t>> GetIntList(const std::string& name) const;

@@ -54,8 +54,7 @@ absl::StatusOr<CoordinatorOptions> ParseOptions(const Args& args) {
     return absl::InvalidArgumentError("give at most one of --workers and --local-workers");
   }
   if (args.Has("workers")) {
-    o.worker_addresses = absl::StrSplit(args.Get("workers"), ',', absl::SkipWhitespace());
-    if (o.worker_addresses.empty()) return absl::InvalidArgumentError("--workers: no addresses");
+    ASSIGN_OR_RETURN(o.worker_addresses, args.GetAddressList("workers"));
   } else {
     o.local_workers.count = 0;
     if (args.Has("local-workers")) {
@@ -133,7 +132,7 @@ int RunCoordinator(int argc, char** argv) {
       {"step-transport", true, "stream (default) or unary step RPCs", "KIND"},
       DisableCustomAllReduceFlag(),
       {"join-timeout-s", true,
-       "seconds the ranks have to join the communicator; with joining workers, the missing ranks are "
+       "seconds the workers have to be reachable (--workers) and the ranks to join the communicator; with joining workers, the missing ranks are "
        "reported after this long (and again every S seconds) while the coordinator keeps waiting (default 60)",
        "S"},
       {"max-restarts", true,

@@ -254,7 +254,9 @@ int RunWorker(int argc, char** argv) {
   builder.RegisterService(&service);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || port == 0) {
-    return Fail("worker", absl::UnavailableError(absl::StrCat("cannot listen on ", listen)));
+    return Fail("worker", absl::UnavailableError(absl::StrCat(
+        "--listen: cannot listen on ", listen,
+        " (the port is in use, or the host is not an address of this machine)")));
   }
   if (advertise.empty()) advertise = absl::StrCat(host, ":", port);
   std::cout << "LISTENING " << advertise << std::endl;

@@ -145,6 +145,7 @@ absl::Status CoordinatorServer::StartServer() {
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
+  ExclusivePort(builder);
   builder.AddListeningPort(options_.listen, creds, &port_);
   if (options_.auth != nullptr) {
     service_->SetAuthenticator(options_.auth);
@@ -215,11 +216,12 @@ absl::Status CoordinatorServer::JoinGroup() {
   wg.disable_custom_all_reduce = options_.disable_custom_all_reduce;
   wg.step_timeout = options_.step_timeout;
   wg.join_timeout = options_.join_timeout;
+  wg.connect_timeout = options_.join_timeout;  // an unreachable --workers address is named then
   {
     // While recovering, a worker that is still down fails the attempt quickly (then backoff),
     // so Shutdown is not held up for the full connect timeout.
     absl::MutexLock lock(&mu_);
-    if (state_ == State::kRecovering) wg.connect_timeout = absl::Seconds(5);
+    if (state_ == State::kRecovering) wg.connect_timeout = std::min(wg.connect_timeout, absl::Seconds(5));
   }
   // Shutdown (a signal during the load, or during a recovery) ends the wait for the workers.
   wg.cancelled = [this] {

@@ -55,12 +55,21 @@ absl::StatusOr<uint64_t> Ownership::Begin(const CoordinatorRef& c, bool claim, a
   return epoch_;
 }
 
-void Ownership::End(uint64_t epoch, bool owner_closed_stream) {
-  absl::MutexLock lock(&mu_);
+void Ownership::EndLocked(uint64_t epoch, absl::string_view release_why) {
   if (epoch != epoch_ || !owner_.has_value()) return;  // the worker changed hands meanwhile
   --open_calls_;
   last_seen_ = now_();
-  if (owner_closed_stream && open_calls_ == 0) ReleaseLocked("it closed its step stream");
+  if (!release_why.empty() && open_calls_ == 0) ReleaseLocked(release_why);
+}
+
+void Ownership::End(uint64_t epoch, bool owner_closed_stream) {
+  absl::MutexLock lock(&mu_);
+  EndLocked(epoch, owner_closed_stream ? "it closed its step stream" : "");
+}
+
+void Ownership::EndFailedSetup(uint64_t epoch, absl::string_view what) {
+  absl::MutexLock lock(&mu_);
+  EndLocked(epoch, absl::StrCat("its ", what, " failed"));
 }
 
 void Ownership::Touch(const CoordinatorRef& c) {

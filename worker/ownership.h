@@ -7,7 +7,10 @@
 // - while owned, any call from another coordinator is refused with FAILED_PRECONDITION naming
 //   the owner (and changes nothing); the owner may claim again (a group restart);
 // - ownership ends when the owner closes or cancels a step stream and no other call of its is
-//   open, or when the owner has sent nothing for `lease` while no call of its is open.
+//   open, when its InitCommunicator or LoadModel fails and no other call of its is open (nothing
+//   of its is left to protect: a coordinator that gives up after a failed load must not lock the
+//   worker for the lease), or when the owner has sent nothing for `lease` while no call of its
+//   is open.
 //
 // Threads: every method may be called from any thread; one mutex, held only for bookkeeping
 // (never across device work), so Ping never waits behind a step.
@@ -41,6 +44,9 @@ class Ownership {
   // The call begun under `epoch` ended. `owner_closed_stream`: it was a step stream that the
   // coordinator closed or cancelled, which releases the worker once no other call is open.
   void End(uint64_t epoch, bool owner_closed_stream) ABSL_LOCKS_EXCLUDED(mu_);
+  // A claiming call begun under `epoch` (`what`: InitCommunicator, LoadModel) failed: ends it and
+  // releases the worker once no other call is open; the owner may claim it again.
+  void EndFailedSetup(uint64_t epoch, absl::string_view what) ABSL_LOCKS_EXCLUDED(mu_);
   // A Ping from `c`: renews the lease when `c` is the owner.
   void Touch(const CoordinatorRef& c) ABSL_LOCKS_EXCLUDED(mu_);
   // The owner (none once its lease expired).
@@ -51,6 +57,8 @@ class Ownership {
  private:
   void ExpireLocked(absl::Time now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void ReleaseLocked(absl::string_view why) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // End's bookkeeping; releases the worker with `release_why` (non-empty) once no call is open.
+  void EndLocked(uint64_t epoch, absl::string_view release_why) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const absl::Duration lease_;
   const std::function<absl::Time()> now_;

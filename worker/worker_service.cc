@@ -367,8 +367,11 @@ grpc::Status WorkerService::InitCommunicator(grpc::ServerContext*,
   absl::StatusOr<lorcserve::internal::InitCommunicatorResponse> r =
       device_.Call([&] { return InitCommunicatorOnDevice(*req); });
   --setup_calls_;
+  if (!r.ok()) {
+    ownership_.EndFailedSetup(*epoch, "InitCommunicator");
+    return ToGrpcStatus(r.status());
+  }
   ownership_.End(*epoch, false);
-  if (!r.ok()) return ToGrpcStatus(r.status());
   *resp = *std::move(r);
   return grpc::Status::OK;
 }
@@ -382,8 +385,11 @@ grpc::Status WorkerService::LoadModel(grpc::ServerContext*, const lorcserve::int
   absl::StatusOr<lorcserve::internal::LoadModelResponse> r =
       device_.Call([&] { return LoadModelOnDevice(*req); });
   --setup_calls_;
+  if (!r.ok()) {
+    ownership_.EndFailedSetup(*epoch, "LoadModel");
+    return ToGrpcStatus(r.status());
+  }
   ownership_.End(*epoch, false);
-  if (!r.ok()) return ToGrpcStatus(r.status());
   *resp = *std::move(r);
   return grpc::Status::OK;
 }

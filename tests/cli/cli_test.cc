@@ -547,8 +547,44 @@ TEST_F(CliTest, ListenAddressesAndIdListsAreChecked) {
 }
 
 #ifdef LORC_WITH_GRPC
-// Found by a tester: "UNAVAILABLE: cannot listen on 127.0.0.1:51081" named no flag.
+// Found by testers: "UNAVAILABLE: cannot listen on 127.0.0.1:51081" named no flag; and a port
+// held by a socket with SO_REUSEPORT (as gRPC sets by default: a second coordinator on the same
+// --listen) was shared, the kernel splitting connections between two servers.
 TEST_F(CliTest, CoordinatorListenInUseNamesTheFlag) {
+  for (const bool reuse_port : {false, true}) {
+    SCOPED_TRACE(reuse_port ? "held with SO_REUSEPORT" : "held");
+    const int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    ASSERT_GE(fd, 0);
+    const int one = 1;
+    if (reuse_port) ASSERT_EQ(setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)), 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof(addr);
+    ASSERT_EQ(bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+    ASSERT_EQ(listen(fd, 1), 0);
+    ASSERT_EQ(getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len), 0);
+    const std::string busy = "127.0.0.1:" + std::to_string(ntohs(addr.sin_port));
+    RunResult r = Lorcserve({"coordinator", "--model", Tiny(), "--local-workers", "1", "--listen", busy});
+    EXPECT_EQ(r.exit_code, 1) << r;  // bind failures 1, flag errors 2
+    EXPECT_THAT(r.err, HasSubstr("--listen: cannot listen on " + busy)) << r;
+    EXPECT_THAT(r.out, Not(HasSubstr("LISTENING"))) << r;
+    r = Lorcserve({"coordinator", "--model", Tiny(), "--local-workers", "1", "--listen", "127.0.0.1:0",
+                   "--internal-listen", busy});
+    EXPECT_EQ(r.exit_code, 1) << r;
+    EXPECT_THAT(r.err, HasSubstr("--internal-listen: cannot listen on " + busy)) << r;
+    r = Lorcserve({"worker", "--listen", busy});
+    EXPECT_EQ(r.exit_code, 1) << r;
+    EXPECT_THAT(r.err, HasSubstr("--listen: cannot listen on " + busy)) << r;
+    close(fd);
+  }
+}
+#endif
+
+#ifdef LORC_WITH_GRPC
+// Found by a tester: a --workers address where nothing listens was waited for 60 s in silence,
+// whatever --join-timeout-s said.
+TEST_F(CliTest, AnUnreachableWorkerIsNamedAfterTheJoinTimeout) {
   const int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
   ASSERT_GE(fd, 0);
   sockaddr_in addr{};
@@ -556,14 +592,16 @@ TEST_F(CliTest, CoordinatorListenInUseNamesTheFlag) {
   addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
   socklen_t len = sizeof(addr);
   ASSERT_EQ(bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
-  ASSERT_EQ(listen(fd, 1), 0);
   ASSERT_EQ(getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len), 0);
-  const std::string busy = "127.0.0.1:" + std::to_string(ntohs(addr.sin_port));
-  const RunResult r = Lorcserve({"coordinator", "--model", Tiny(), "--local-workers", "1", "--listen", busy});
+  const std::string closed = "127.0.0.1:" + std::to_string(ntohs(addr.sin_port));  // bound, not listening
+  const auto t0 = std::chrono::steady_clock::now();
+  const RunResult r = Lorcserve({"coordinator", "--model", Tiny(), "--listen", "127.0.0.1:0", "--workers", closed,
+                                 "--join-timeout-s", "2"});
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   close(fd);
-  EXPECT_EQ(r.exit_code, 1) << r;  // bind failures 1, flag errors 2
-  EXPECT_THAT(r.err, HasSubstr("--listen: cannot listen on " + busy)) << r;
-  EXPECT_THAT(r.out, Not(HasSubstr("LISTENING"))) << r;
+  EXPECT_EQ(r.exit_code, 1) << r;
+  EXPECT_THAT(r.err, HasSubstr("worker 0 (" + closed + "): not reachable within 2s")) << r;
+  EXPECT_LT(seconds, 30) << r;  // not the old 60 s
 }
 #endif
 
@@ -584,6 +622,14 @@ TEST_F(CliTest, JoinFlagsAreChecked) {
       {{"coordinator", "--model", Tiny()}, "no workers: give --workers"},
       {{"coordinator", "--model", Tiny(), "--tensor-parallel-size", "2", "--internal-listen", "x"},
        "--internal-listen: 'x' is not HOST:PORT"},
+      // Found by a tester: accepted, then a silent wait (a host without a port, an empty item),
+      // or a rendezvous timeout (a worker listed twice).
+      {{"coordinator", "--model", Tiny(), "--workers", "nohost"},
+       "--workers: item 1 'nohost' is not HOST:PORT with a port in [1, 65535]"},
+      {{"coordinator", "--model", Tiny(), "--workers", "127.0.0.1:7000,"}, "--workers: item 2 '' is not HOST:PORT"},
+      {{"coordinator", "--model", Tiny(), "--workers", "127.0.0.1:7000, 127.0.0.1:7000"},
+       "--workers: '127.0.0.1:7000' is listed twice"},
+      {{"coordinator", "--model", Tiny(), "--workers", "h:0"}, "--workers: item 1 'h:0' is not HOST:PORT"},
   };
   for (const Case& c : cases) {
     const RunResult r = Lorcserve(c.args);

@@ -72,6 +72,26 @@ TEST_F(OwnershipTest, ClosingTheStepStreamReleasesOnceNothingElseIsOpen) {
   EXPECT_EQ(OwnerId(), kB.id);
 }
 
+// Found by a tester: a coordinator whose LoadModel failed (a truncated checkpoint) exited, and the
+// worker refused the next coordinator for the 30 s lease.
+TEST_F(OwnershipTest, AFailedSetupCallReleasesOnceNothingElseIsOpen) {
+  for (const char* what : {"LoadModel", "InitCommunicator"}) {
+    SCOPED_TRACE(what);
+    const uint64_t ping_like = *own_.Begin(kA, true, "InitCommunicator");
+    const uint64_t failed = *own_.Begin(kA, true, what);
+    own_.EndFailedSetup(failed, what);
+    EXPECT_EQ(OwnerId(), kA.id);  // another call of the owner is still open
+    own_.End(ping_like, false);
+    EXPECT_EQ(OwnerId(), kA.id);
+    const uint64_t again = *own_.Begin(kA, true, what);  // the owner retries, fails again
+    own_.EndFailedSetup(again, what);
+    EXPECT_EQ(OwnerId(), std::nullopt);
+    const uint64_t b = *own_.Begin(kB, true, "LoadModel");  // another coordinator takes it at once
+    own_.End(b, /*owner_closed_stream=*/true);  // (and leaves it free for the next case)
+    EXPECT_EQ(OwnerId(), std::nullopt);
+  }
+}
+
 TEST_F(OwnershipTest, LeaseExpiresOnlyWhileTheOwnerIsSilentWithNothingOpen) {
   const uint64_t load = *own_.Begin(kA, true, "LoadModel");
   now_ += absl::Minutes(10);  // a long load: the call is open, no expiry

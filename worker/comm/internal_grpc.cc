@@ -34,7 +34,10 @@ absl::Status ConfigureInternalTls(const security::InternalTlsOptions& options) {
   return absl::OkStatus();
 }
 
+void ExclusivePort(grpc::ServerBuilder& builder) { builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0); }
+
 void AddInternalListeningPort(grpc::ServerBuilder& builder, const std::string& address, int* port) {
+  ExclusivePort(builder);
   InternalCredentials& c = Credentials();
   absl::MutexLock lock(&c.mu);
   builder.AddListeningPort(address, c.server != nullptr ? c.server : grpc::InsecureServerCredentials(), port);

@@ -27,8 +27,14 @@ inline constexpr char kInternalTlsServerName[] = "lorcserve-internal";
 // --internal-tls-* flag and file (a partial set, unreadable or malformed PEM).
 absl::Status ConfigureInternalTls(const security::InternalTlsOptions& options);
 
+// Turns off gRPC's default SO_REUSEPORT on the builder's ports: a port another process holds
+// is then a bind failure, not a port two servers share (the kernel would split the connections
+// between them: two coordinators on one --listen). Every lorcserve server calls it.
+void ExclusivePort(grpc::ServerBuilder& builder);
+
 // Adds `address` (HOST:PORT, port 0: pick one; the bound port lands in *port, 0 on failure
-// once the server is built) to `builder` with the internal links' server credentials.
+// once the server is built; a port in use fails: ExclusivePort) to `builder` with the internal
+// links' server credentials.
 void AddInternalListeningPort(grpc::ServerBuilder& builder, const std::string& address, int* port);
 
 // A channel to the internal service at `address` (HOST:PORT) with the internal links'

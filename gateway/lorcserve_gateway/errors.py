@@ -19,15 +19,30 @@ _GRPC_TO_HTTP = {
 }
 
 
+# Client input echoed in an error (a field name, a value): at most this many characters, then
+# an ellipsis, so that a 5 MB field name does not come back as a 10 MB error body.
+MAX_ECHO_CHARS = 100
+# Any error message: at most this many characters (a safety net for texts the gateway does not
+# write, such as a chat template's raise_exception or the coordinator's messages).
+MAX_MESSAGE_CHARS = 2000
+
+
+def clip(text, limit=MAX_ECHO_CHARS):
+    """`text` (a str) cut to `limit` characters, the last one an ellipsis when cut."""
+    return text if len(text) <= limit else text[:limit - 1] + "\u2026"
+
+
 class OpenAIError(Exception):
-    """An error answered as {"error": {"message", "type", "param", "code"}} with `status`."""
+    """An error answered as {"error": {"message", "type", "param", "code"}} with `status`.
+    `param` is clipped to MAX_ECHO_CHARS and `message` to MAX_MESSAGE_CHARS characters."""
 
     def __init__(self, status, message, type_="invalid_request_error", param=None, code=None):
+        message = clip(message, MAX_MESSAGE_CHARS)
         super().__init__(message)
         self.status = status
         self.message = message
         self.type = type_
-        self.param = param
+        self.param = None if param is None else clip(param)
         self.code = code
 
     def body(self):
@@ -39,8 +54,9 @@ class OpenAIError(Exception):
 
 
 def bad_request(param, message):
-    """400 naming the request field `param` (the message starts with it)."""
-    return OpenAIError(400, f"{param}: {message}", param=param)
+    """400 naming the request field `param` (the message starts with it, both clipped to
+    MAX_ECHO_CHARS: a client's unknown field may be megabytes long)."""
+    return OpenAIError(400, f"{clip(param)}: {message}", param=param)
 
 
 # The field a coordinator's INVALID_ARGUMENT message starts with ("top_p must be in (0, 1], got
@@ -62,10 +78,11 @@ def from_grpc(error):
     if status == 400 and m and (m.group(1) in COMMON_FIELDS or m.group(1) == "prompt"):
         param = m.group(1) + (m.group(2) or "")
     if code == grpc.StatusCode.UNAVAILABLE and "Socket closed" in detail:
-        # What gRPC reports when the server ends the TLS handshake (or a plaintext one).
-        detail += (" (the coordinator closed the connection: if it uses TLS, start the gateway "
-                   "with --tls-ca; if it requires a client certificate, with --tls-cert / "
-                   "--tls-key)")
+        # What gRPC reports when the coordinator stops (or restarts) with calls in flight, and
+        # when it ends a TLS handshake the gateway cannot complete.
+        detail += (" (the coordinator stopped or closed the connection; if this gateway never "
+                   "reached it, it may use TLS: start the gateway with --tls-ca, and with "
+                   "--tls-cert / --tls-key if it requires a client certificate)")
     # The coordinator's 401 carries the code the gateway's own token check answers with.
     code_ = "invalid_api_key" if status == 401 else None
     return OpenAIError(status, f"{detail} (coordinator: {code.name})", type_=type_, param=param,

@@ -9,7 +9,7 @@ OpenAI's defaults (OPENAI_DEFAULTS: temperature 1, top_p 1).
 import math
 import re
 
-from .errors import bad_request
+from .errors import bad_request, clip
 
 # The proto's int32 fields (n, top_k, min_tokens, priority, token ids, logit_bias keys): a value
 # outside this range is a 400 naming the field, never a protobuf ValueError (a 500).
@@ -61,18 +61,19 @@ def _check_range(name, v, lo, hi):
             bounds = f"in [{lo}, {hi}]"
         else:
             bounds = f">= {lo}" if lo is not None else f"<= {hi}"
-        raise bad_request(name, f"must be {bounds}, got {v}")
+        raise bad_request(name, f"must be {bounds}, got {clip(str(v))}")
 
 
 def _get(body, name, ok, what):
     v = body.get(name)
     if v is not None and not ok(v):
-        raise bad_request(name, f"must be {what}, got {v!r}")
+        raise bad_request(name, f"must be {what}, got {clip(repr(v))}")
     return v
 
 
 def _is_finite_number(v):
-    return _is_number(v) and math.isfinite(v)
+    # An int is finite whatever its size (math.isfinite raised OverflowError past 1e308).
+    return _is_number(v) and (is_int(v) or math.isfinite(v))
 
 
 # The largest finite float32: SamplingOptions' numbers are proto `float`, and a larger double
@@ -80,13 +81,20 @@ def _is_finite_number(v):
 FLOAT32_MAX = 3.4028234663852886e38
 
 
+def _float32(name, v, what=""):
+    """v (a finite number) as a float within float32's range; 400 naming `name` otherwise
+    (a JSON integer of 400 digits is exact in Python but overflows float())."""
+    if abs(v) > FLOAT32_MAX:
+        raise bad_request(name, f"{what}must be within float32's range (|x| <= 3.4e38), got "
+                                f"{clip(repr(v))}")
+    return float(v)
+
+
 def get_number(body, name):
     """body[name] as a float (finite, and within float32's range: JSON's 1e400 parses as inf,
     1e308 would become inf in the proto's float), None when absent; 400 naming the field."""
     v = _get(body, name, _is_finite_number, "a finite number")
-    if v is not None and abs(v) > FLOAT32_MAX:
-        raise bad_request(name, f"must be within float32's range (|x| <= 3.4e38), got {v!r}")
-    return None if v is None else float(v)
+    return None if v is None else _float32(name, v)
 
 
 def get_bool(body, name):
@@ -219,12 +227,13 @@ def fill_sampling(s, body, defaults, max_tokens, max_model_len=None,
         for k, v in bias.items():
             # Decimal digits only (Python's int() also takes " 5 " and "1_0").
             if not _TOKEN_ID_KEY.fullmatch(k) or not INT32_MIN <= int(k) <= INT32_MAX:
-                raise bad_request("logit_bias", f"key {k!r} is not a token id")
+                raise bad_request("logit_bias", f"key {clip(repr(k))} is not a token id")
             tid = int(k)
             if not _is_finite_number(v):
                 raise bad_request("logit_bias",
-                                  f"bias of token {k} must be a finite number, got {v!r}")
-            s.logit_bias[tid] = float(v)
+                                  f"bias of token {k} must be a finite number, got "
+                                  f"{clip(repr(v))}")
+            s.logit_bias[tid] = _float32("logit_bias", v, f"the bias of token {k} ")
     for name in ("ignore_eos", "include_stop_str_in_output"):
         v = get_bool(body, name)
         if v is not None:

@@ -2,12 +2,13 @@
 front of one coordinator's public gRPC API (gateway/README.md has the contract).
 
 Every request becomes one gRPC call (Generate, or ModelInfo / Tokenize / health); the gateway
-keeps no model state beyond what ModelInfo reports once (name, length limit, generation
-defaults) and the chat template. Threads: one asyncio event loop (uvicorn) runs every handler
+keeps no model state beyond what ModelInfo reports (name, length limit, generation defaults;
+asked again after the channel to the coordinator left READY) and the chat template. Threads: one asyncio event loop (uvicorn) runs every handler
 and every gRPC call (grpc.aio); gRPC's C core has its own I/O threads.
 """
 
 import asyncio
+import codecs
 import collections
 import hashlib
 import hmac
@@ -26,10 +27,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from . import chat_template as chat_template_mod
 from . import params
-from .errors import OpenAIError, bad_request, from_grpc
+from .errors import OpenAIError, bad_request, clip, from_grpc
 from .vocab import Vocab
 
 HEALTH_METHOD = "/grpc.health.v1.Health/Check"
+HEALTH_TIMEOUT_S = 5  # /health's wait for the coordinator's answer (a hung one: 503)
 # gRPC retries a lost coordinator connection with exponential backoff, by default up to 120 s:
 # a gateway would answer 503 for up to two minutes after its coordinator came back.
 CHANNEL_OPTIONS = [("grpc.max_reconnect_backoff_ms", 2000)]
@@ -139,6 +141,13 @@ class _ModelState:
         self.model_dir = model_dir
 
 
+def _static_info(info):
+    """What the gateway's snapshot of ModelInfo depends on (not its live counters): the model's
+    path, its limits, stop ids and generation defaults."""
+    return (info.model, info.max_model_len, info.vocab_size, info.max_request_bytes,
+            tuple(info.eos_token_ids), info.generation_defaults.SerializeToString())
+
+
 def _credential_digest(metadata):
     """SHA-256 of the authorization metadata a request forwards (b"" for none)."""
     value = dict(metadata).get("authorization", "")
@@ -179,6 +188,10 @@ class Gateway:
         self.stub = None
         self.state = None
         self.state_lock = None
+        # True once the channel left READY (the coordinator stopped, restarted or dropped the
+        # connection) since `state` was learnt: the next request asks ModelInfo again.
+        self.stale = False
+        self.watch = None  # the asyncio task of _watch_channel
         self.verified = collections.OrderedDict()  # SHA-256 of a credential -> expiry (monotonic)
         self.closing = None  # set (asyncio.Event) when the drain ends the requests in flight
         self.closing_reason = None
@@ -202,6 +215,17 @@ class Gateway:
                                                response_deserializer=None)
         self.state_lock = asyncio.Lock()
         self.closing = asyncio.Event()
+        self.watch = asyncio.ensure_future(self._watch_channel())
+
+    async def _watch_channel(self):
+        """Marks the ModelInfo snapshot stale each time the channel leaves READY: a coordinator
+        that comes back on the same address may serve another model or configuration."""
+        state = self.channel.get_state()
+        while True:
+            await self.channel.wait_for_state_change(state)
+            state = self.channel.get_state()
+            if state != grpc.ChannelConnectivity.READY:
+                self.stale = True
 
     def end_requests(self, why):
         """The drain's end (its timeout, or a second signal): every request in flight answers
@@ -216,6 +240,8 @@ class Gateway:
                            type_="service_unavailable_error")
 
     async def stop(self):
+        if self.watch is not None:
+            self.watch.cancel()
         if self.channel is not None:
             await self.channel.close()
 
@@ -266,22 +292,27 @@ class Gateway:
             self.verified.popitem(last=False)
 
     async def model_state(self, metadata):
-        """The served model (ModelInfo once, the chat template and vocabulary of its directory),
-        for a caller the coordinator accepts: without --auth-token-file, a credential it has not
+        """The served model (ModelInfo, the chat template and vocabulary of its directory), for
+        a caller the coordinator accepts: without --auth-token-file, a credential it has not
         accepted lately is sent to ModelInfo first, so that what the gateway knows (the model's
         name, its path, a request's validation) never answers a caller the coordinator would
-        refuse (401). Errors map as every gRPC error."""
-        if self.state is not None and self._trusted(metadata):
+        refuse (401). ModelInfo is asked again after the channel left READY (`stale`), and the
+        snapshot replaced when what it depends on changed (_static_info). Errors map as every
+        gRPC error."""
+        if self.state is not None and not self.stale and self._trusted(metadata):
             return self.state
+        stale, self.stale = self.stale, False  # a drop during the call sets it again
         try:
             info = await self.stub.ModelInfo(self.pb2.ModelInfoRequest(), metadata=metadata)
         except grpc.aio.AioRpcError as e:
+            self.stale = self.stale or stale
             raise from_grpc(e) from None
         if self.digests is None:
             self._remember(metadata)
         async with self.state_lock:
-            if self.state is None:
-                self.state = self._load_state(info)
+            if self.state is None or _static_info(self.state.info) != _static_info(info):
+                # Reads the model's JSON files (tokenizer.json: megabytes): off the loop.
+                self.state = await asyncio.to_thread(self._load_state, info)
             return self.state
 
     def _load_state(self, info):
@@ -315,9 +346,9 @@ class Gateway:
         if model is None:
             raise bad_request("model", "required")
         if not isinstance(model, str):
-            raise bad_request("model", f"must be a string, got {model!r}")
+            raise bad_request("model", f"must be a string, got {clip(repr(model))}")
         if model != state.name:
-            raise OpenAIError(404, f"The model `{model}` does not exist (this server serves "
+            raise OpenAIError(404, f"The model `{clip(model)}` does not exist (this server serves "
                                    f"`{state.name}`)", param="model", code="model_not_found")
         return state
 
@@ -422,9 +453,20 @@ class _Choice:
         self.stop_reason = None
 
 
-def _stop_reason(msg):
+def _stop_reason(msg, stop_ids):
+    """vLLM's stop_reason: the matched stop string, or the stop token id when it is one of
+    `stop_ids` (the request's stop_token_ids); None for an EOS."""
     which = msg.WhichOneof("stop_reason")
+    if which == "stop_token_id":
+        return msg.stop_token_id if msg.stop_token_id in stop_ids else None
     return getattr(msg, which) if which else None
+
+
+def _reported_stop_ids(sampling, info):
+    """The stop token ids a response names in stop_reason: the request's stop_token_ids, less
+    the model's EOS ids unless ignore_eos (vLLM checks EOS first and reports it as null)."""
+    eos = () if sampling.ignore_eos else info.eos_token_ids
+    return frozenset(sampling.stop_token_ids).difference(eos)
 
 
 class _Usage:
@@ -448,19 +490,35 @@ class _Usage:
 
 
 # -- logprobs in OpenAI's two shapes -------------------------------------------------------------
-def _completion_logprobs(vocab, ids, lps, offset):
-    """Legacy completions shape: tokens, token_logprobs, top_logprobs, text_offset."""
+class _TextOffsets:
+    """One completion's text_offset: the characters its tokens' bytes decode to so far (a
+    character split over several tokens counts once, at its first), never past the length of
+    the text the completion has produced (an EOS or stop token adds no text)."""
+
+    def __init__(self):
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self.chars = 0
+
+    def next(self, token_bytes, text_len):
+        offset = min(self.chars, text_len)
+        self.chars += len(self.decoder.decode(token_bytes))
+        return offset
+
+
+def _completion_logprobs(vocab, ids, lps, offsets, text_len):
+    """Legacy completions shape: tokens, token_logprobs, top_logprobs, text_offset. Tokens are
+    named by Vocab.token_name (`bytes:\\xNN` for part of a character). offsets: the
+    completion's _TextOffsets; text_len: the length of its text up to these tokens."""
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     for tid, lp in zip(ids, lps):
-        text = vocab.token_text(tid)
-        out["tokens"].append(text)
+        name = vocab.token_name(tid)
+        out["tokens"].append(name)
         out["token_logprobs"].append(lp.logprob)
-        top = {vocab.token_text(t.id): t.logprob for t in lp.top}
-        top.setdefault(text, lp.logprob)
+        top = {vocab.token_name(t.id): t.logprob for t in lp.top}
+        top[name] = lp.logprob  # the sampled token's own, whether it is in the top or not
         out["top_logprobs"].append(top)
-        out["text_offset"].append(offset)
-        offset += len(text)
-    return out, offset
+        out["text_offset"].append(offsets.next(vocab.token_bytes(tid), text_len))
+    return out
 
 
 def _chat_logprobs(vocab, ids, lps, top_n):
@@ -476,25 +534,32 @@ def _chat_logprobs(vocab, ids, lps, top_n):
 
 
 class _Endpoint:
-    """What differs between /v1/completions and /v1/chat/completions."""
+    """What differs between /v1/completions and /v1/chat/completions, and a request's
+    response-wide settings. max_tokens_name: the field the request's max_tokens came from (chat:
+    None when it sent none); stop_ids: _reported_stop_ids."""
 
-    def __init__(self, chat, rid, model, vocab, top_n):
+    def __init__(self, chat, rid, model, vocab, top_n, stop_ids, max_tokens_name="max_tokens"):
         self.chat = chat
         self.id = rid
         self.model = model
         self.vocab = vocab
         self.top_n = top_n  # None: no logprobs
+        self.stop_ids = stop_ids
+        self.max_tokens_name = max_tokens_name
         self.created = int(time.time())
-        self.offsets = {}
+        self.offsets = collections.defaultdict(_TextOffsets)  # choice index -> its text_offset
+        self.text_len = collections.Counter()  # choice index -> characters of text so far
 
-    def logprobs(self, index, ids, lps):
+    def logprobs(self, index, ids, lps, text):
+        """The `logprobs` of choice `index`'s tokens `ids` (whose text is `text`); None without
+        logprobs."""
+        self.text_len[index] += len(text)
         if self.top_n is None:
             return None
         if self.chat:
             return _chat_logprobs(self.vocab, ids, lps, self.top_n)
-        out, self.offsets[index] = _completion_logprobs(self.vocab, ids, lps,
-                                                        self.offsets.get(index, 0))
-        return out
+        return _completion_logprobs(self.vocab, ids, lps, self.offsets[index],
+                                    self.text_len[index])
 
     def envelope(self, choices, chunk):
         obj = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat \
@@ -572,11 +637,16 @@ def create_app(gateway):
 
     @app.get("/health")
     async def health(request: Request):
+        """200 while the coordinator answers SERVING within HEALTH_TIMEOUT_S, else 503 (what
+        probes take for not ready), whatever the gRPC error: a hung coordinator's
+        DEADLINE_EXCEEDED too."""
         try:
             data = await gateway.health(b"", metadata=gateway.metadata(request, check=False),
-                                        timeout=5)
+                                        timeout=HEALTH_TIMEOUT_S)
         except grpc.aio.AioRpcError as e:
-            return from_grpc(e).response()
+            err = from_grpc(e)
+            return OpenAIError(503, f"the coordinator is not serving: {err.message}",
+                               type_="service_unavailable_error").response()
         if _parse_health(data) != 1:
             return OpenAIError(503, "the coordinator is not serving (health NOT_SERVING)",
                                type_="service_unavailable_error").response()
@@ -631,7 +701,8 @@ def create_app(gateway):
                 r.token_ids.ids.extend(prompt)
             _check_size(r, state, f"prompt[{i}]" if len(prompts) > 1 else "prompt")
             reqs.append(r)
-        ep = _Endpoint(False, req.request_id, state.name, state.vocab, top_n)
+        ep = _Endpoint(False, req.request_id, state.name, state.vocab, top_n,
+                       _reported_stop_ids(req.sampling, state.info))
         return await _run(request, body, reqs, ep, metadata)
 
     @app.post("/v1/chat/completions")
@@ -671,6 +742,7 @@ def create_app(gateway):
         if max_completion_tokens is not None:
             max_tokens = max_completion_tokens
             max_tokens_name = "max_completion_tokens"
+        sent_max_tokens = max_tokens is not None
         if max_tokens is None:
             # OpenAI's chat default: until the model stops, within the model length. The prompt's
             # ids as Generate will see them (add_special_tokens: BOS counted once, whether the
@@ -687,7 +759,9 @@ def create_app(gateway):
         params.fill_sampling(req.sampling, body, state.info.generation_defaults, max_tokens,
                              state.info.max_model_len, max_tokens_name, state.info.vocab_size)
         params.fill_request(req, body)
-        ep = _Endpoint(True, req.request_id, state.name, state.vocab, top_n)
+        ep = _Endpoint(True, req.request_id, state.name, state.vocab, top_n,
+                       _reported_stop_ids(req.sampling, state.info),
+                       max_tokens_name if sent_max_tokens else None)
         return await _run(request, body, [req], ep, metadata)
 
     async def _run(request, body, reqs, ep, metadata):
@@ -695,6 +769,8 @@ def create_app(gateway):
         that disconnects cancels the calls, also while they wait for their first token (queued
         or in prefill)."""
         stream, include_usage = params.stream_flags(body)
+        if not stream:
+            _check_response_size(reqs, ep)
         calls = [gateway.stub.Generate(r, metadata=metadata) for r in reqs]
         watch = asyncio.ensure_future(_watch_disconnect(request))
         closing = asyncio.ensure_future(gateway.closing.wait())  # the drain's end
@@ -715,7 +791,7 @@ def create_app(gateway):
             watch.cancel()
             closing.cancel()
             _cancel(calls)
-            raise _batch_error(from_grpc(e.error), e.index, len(calls)) from None
+            raise _prompt_error(from_grpc(e.error), e.index, len(calls), ep.chat) from None
         except BaseException:
             watch.cancel()
             closing.cancel()
@@ -743,15 +819,50 @@ def create_app(gateway):
                 raise gateway.closing_error()
             return Response(status_code=499)  # nobody reads the answer
         try:
-            return JSONResponse(collect.result())
+            choices, usage = collect.result()
         except grpc.aio.AioRpcError as e:  # a failure after the first message
             _cancel(calls)
             raise from_grpc(e) from None
+        body = await asyncio.to_thread(_json_body, ep, choices, usage)
+        return Response(body, media_type="application/json")
 
     return app
 
 
 MAX_BATCH_PROMPTS = 64
+
+# A non-streaming response is held whole (its messages, then its JSON) before it is sent: at most
+# this many token entries, prompts x n x max_tokens x (1 + top logprobs), each sampled token and
+# each of its top logprobs one. At the limit (64 prompts x n=64 x max_tokens 12 x logprobs 20: a
+# 27 MB response) the gateway's RSS peaked at 270 MiB (65 idle; CPU VM, 2026-12-05), under the
+# 512 MiB of its container (deploy/base). A stream holds nothing: it has no such limit.
+MAX_RESPONSE_ENTRIES = 1 << 20
+DEFAULT_MAX_TOKENS = 16  # the coordinator's, for a completions request without max_tokens
+
+
+def _check_response_size(reqs, ep):
+    """400 for a non-streaming request whose response could exceed MAX_RESPONSE_ENTRIES, naming
+    the first of the fields that multiply it: the logprobs one, n, the batch, max_tokens."""
+    s = reqs[0].sampling
+    n = s.n if s.HasField("n") else 1
+    max_tokens = s.max_tokens if s.HasField("max_tokens") else DEFAULT_MAX_TOKENS
+    per_token = 1 + (ep.top_n or 0)
+    entries = len(reqs) * n * max_tokens * per_token
+    if entries <= MAX_RESPONSE_ENTRIES:
+        return
+    if ep.top_n:
+        param = "top_logprobs" if ep.chat else "logprobs"
+    elif n > 1:
+        param = "n"
+    elif len(reqs) > 1:
+        param = "prompt"
+    else:
+        param = ep.max_tokens_name or "max_tokens"
+    raise bad_request(param, f"a non-streaming response of {len(reqs)} prompt(s) x n {n} x "
+                             f"max_tokens {max_tokens} x {per_token} (each token and its top "
+                             f"logprobs) = {entries} token entries exceeds the gateway's limit "
+                             f"of {MAX_RESPONSE_ENTRIES}: stream it (stream: true), or ask for "
+                             "fewer")
 
 
 def _check_size(req, state, param):
@@ -859,11 +970,13 @@ async def _first(call, index):
         raise _PromptError(e, index) from None
 
 
-def _batch_error(error, index, num_prompts):
-    """In a batch, the coordinator's "prompt ..." 400 names the prompt it is about."""
-    if num_prompts > 1 and error.param == "prompt":
-        error.param = f"prompt[{index}]"
-        error.message = f"prompt[{index}]: {error.message}"
+def _prompt_error(error, index, num_prompts, chat):
+    """The coordinator's "prompt ..." 400 names what the client sent: in a batch the prompt it
+    is about (`prompt[i]`), in chat `messages` (chat has no `prompt`: the messages rendered by
+    the template are the prompt)."""
+    if error.param == "prompt" and (chat or num_prompts > 1):
+        error.param = "messages" if chat else f"prompt[{index}]"
+        error.message = f"{error.param}: {error.message}"
     return error
 
 
@@ -928,24 +1041,45 @@ async def _merged(calls, firsts, closing=None):
 
 
 async def _collect(calls, firsts, ep, n):
+    """Every call's messages -> ([_Choice], _Usage); the token ids and logprobs are kept (as
+    the protobuf messages: compact) only when the response has logprobs."""
     choices = [_Choice() for _ in range(n * len(calls))]
     usage = _Usage()
     async for p, msg in _merged(calls, firsts):
         c = choices[p * n + msg.index]
         c.text.append(msg.text)
-        c.token_ids.extend(msg.token_ids)
-        c.logprobs.extend(msg.logprobs)
+        if ep.top_n is not None:
+            c.token_ids.extend(msg.token_ids)
+            c.logprobs.extend(msg.logprobs)
         if msg.final:
             c.finish_reason = _FINISH.get(msg.finish_reason)
-            c.stop_reason = _stop_reason(msg)
+            c.stop_reason = _stop_reason(msg, ep.stop_ids)
             usage.add(p, msg)
-    out = []
+    return choices, usage
+
+
+def _json_body(ep, choices, usage):
+    """The non-streaming response's JSON bytes, built one choice at a time (each choice's dicts
+    freed once it is serialized: a 64-prompt x n=64 batch with logprobs took 544 MiB as one
+    dict). Runs on a worker thread (asyncio.to_thread): the loop serves meanwhile."""
+    head = ep.envelope([], chunk=False)
+    del head["choices"]
+    parts = [_dumps(head)[:-1].encode(), b',"choices":[']
     for i, c in enumerate(choices):
-        lp = ep.logprobs(i, c.token_ids, c.logprobs)
-        out.append(ep.choice(i, "".join(c.text), lp, c.finish_reason, c.stop_reason, False))
-    body = ep.envelope(out, chunk=False)
-    body["usage"] = usage.body()
-    return body
+        text = "".join(c.text)
+        lp = ep.logprobs(i, c.token_ids, c.logprobs, text)
+        if i:
+            parts.append(b",")
+        parts.append(_dumps(ep.choice(i, text, lp, c.finish_reason, c.stop_reason,
+                                      False)).encode())
+        choices[i] = None
+    parts.append(b'],"usage":' + _dumps(usage.body()).encode() + b"}")
+    return b"".join(parts)
+
+
+def _dumps(obj):
+    """JSON as Starlette's JSONResponse writes it (compact, UTF-8 text)."""
+    return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 
 
 async def _stream(calls, firsts, ep, n, include_usage, gateway):
@@ -960,11 +1094,11 @@ async def _stream(calls, firsts, ep, n, include_usage, gateway):
             finish = stop = None
             if msg.final:
                 finish = _FINISH.get(msg.finish_reason)
-                stop = _stop_reason(msg)
+                stop = _stop_reason(msg, ep.stop_ids)
                 usage.add(p, msg)
             if msg.text or msg.token_ids or msg.final:
                 index = p * n + msg.index
-                lp = ep.logprobs(index, msg.token_ids, msg.logprobs)
+                lp = ep.logprobs(index, msg.token_ids, msg.logprobs, msg.text)
                 c = ep.choice(index, msg.text, lp, finish, stop, True)
                 chunk = ep.envelope([c], chunk=True)
                 if include_usage:

@@ -3,8 +3,9 @@
 Read from the model's tokenizer.json (`model.vocab` and `added_tokens`). Byte-level BPE
 (GPT-2 / Llama-3: `ByteLevel` decoder) maps each vocabulary character back to its byte;
 SentencePiece-style vocabularies (Llama-2: `Metaspace`, `<0xNN>` byte tokens) map `▁` to a space
-and byte tokens to their byte. A token that is not whole UTF-8 shows U+FFFD in `text`; `bytes`
-are exact. Ids the file does not name read `token_id:N` (vLLM's form).
+and byte tokens to their byte. A token that is not whole UTF-8 shows U+FFFD in `text` (chat's
+`token`; its `bytes` are exact) and `bytes:\\xNN...` in `token_name` (the completions shape, whose
+top_logprobs are keyed by it). Ids the file does not name read `token_id:N` (vLLM's form).
 """
 
 import json
@@ -71,3 +72,13 @@ class Vocab:
 
     def token_text(self, token_id):
         return self.token_bytes(token_id).decode("utf-8", errors="replace")
+
+    def token_name(self, token_id):
+        """The token as the completions `logprobs` name it (tokens, top_logprobs keys): its text,
+        or for bytes that are not whole UTF-8 on their own (a byte-fallback token, part of a
+        character) OpenAI's `bytes:\\xe4\\xb8`, so that such tokens stay distinct keys."""
+        b = self.token_bytes(token_id)
+        try:
+            return b.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{x:02x}" for x in b)

@@ -282,6 +282,41 @@ class GatewayE2E(unittest.TestCase):
         self.assert_error(*curl(url, {"model": MODEL_NAME, "prompt": "x",
                                       "logit_bias": {str(i): 1 for i in range(5000)}}), 400,
                           "logit_bias", "more than the vocabulary's")
+        # A number written as a 401-digit integer: float() overflowed (a 500).
+        big = "1" + "0" * 400
+        for field in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "min_p",
+                      "repetition_penalty"):
+            out = subprocess.run(["curl", "-s", "-w", "\n%{http_code}", url, "-H",
+                                  "Content-Type: application/json", "-d",
+                                  '{"model": "%s", "prompt": "x", "%s": %s}' % (
+                                      MODEL_NAME, field, big)], capture_output=True, text=True)
+            text, _, code = out.stdout.rpartition("\n")
+            self.assert_error(int(code), text, 400, field, "float32's range")
+        # Over the model length, chat names `messages` (it has no `prompt`).
+        self.assert_error(*curl(f"{self.a}/v1/chat/completions", {
+            "model": MODEL_NAME, "messages": [{"role": "user", "content": "hi " * 5000}],
+            "max_tokens": 1}), 400, "messages", r"^messages: prompt \(\d+ tokens\)")
+        # Echoed client input is clipped: a 1 MB field name came back twice (message, param).
+        code, text = curl(url, {"model": MODEL_NAME, "prompt": "x", "k" * (1 << 20): 1})
+        err = self.assert_error(code, text, 400, None, "not supported")
+        self.assertLess(len(text), 1000)
+        self.assertEqual(err["param"], "k" * 99 + "\u2026")
+        err = self.assert_error(*curl(url, {"model": "m" * (1 << 20), "prompt": "x"}), 404,
+                                "model")
+        self.assertLess(len(err["message"]), 300)
+
+    def test_non_streaming_response_size_is_bounded(self):
+        # 64 prompts x n=64 x 16 tokens x (1 + 20 logprobs): a 35 MB response whose building
+        # took the gateway to 544 MiB (its container has 512) and held /health for seconds.
+        url = f"{self.a}/v1/completions"
+        big = {"model": MODEL_NAME, "prompt": [f"p{i}" for i in range(64)], "n": 64,
+               "max_tokens": 16, "logprobs": 20}
+        self.assert_error(*curl(url, big), 400, "logprobs",
+                          "1376256 token entries exceeds .* stream it")
+        self.assert_error(*curl(url, dict(big, logprobs=None, max_tokens=512)), 400, "n")
+        self.assert_error(*curl(f"{self.a}/v1/chat/completions", {
+            "model": MODEL_NAME, "messages": [{"role": "user", "content": "x"}], "n": 64,
+            "max_tokens": 1000, "logprobs": True, "top_logprobs": 20}), 400, "top_logprobs")
 
     def test_oversized_prompts_are_refused_before_the_coordinator(self):
         url = f"{self.a}/v1/completions"
@@ -679,6 +714,114 @@ class GatewayE2E(unittest.TestCase):
                 return
             time.sleep(0.05)
         self.fail(f"coordinator A never ran {n} requests")
+
+    def test_stop_reason_names_only_what_the_request_asked_to_stop_on(self):
+        # vLLM: null at EOS (it was the EOS id), the token id for one of stop_token_ids.
+        url = f"{self.a}/v1/completions"
+        body = {"model": MODEL_NAME, "prompt": "x", "max_tokens": 5, "logit_bias": {"1": 100}}
+        for stream in (False, True):
+            for extra, reason in (({}, None), ({"stop_token_ids": [1]}, None),
+                                  ({"logit_bias": {"5": 100}, "stop_token_ids": [5]}, 5)):
+                code, text = curl(url, dict(body, stream=stream, **extra), stream=stream)
+                self.assertEqual(code, 200, text)
+                if stream:
+                    chunks = [json.loads(e[6:]) for e in text.split("\n\n")
+                              if e.startswith("data: {")]
+                    choice = [c["choices"][0] for c in chunks][-1]
+                else:
+                    choice = json.loads(text)["choices"][0]
+                self.assertEqual(choice["finish_reason"], "stop", text)
+                self.assertEqual(choice["stop_reason"], reason, (stream, extra))
+
+    def test_completion_logprobs_of_partial_characters_stay_distinct(self):
+        # Byte-fallback tokens all read U+FFFD: top_logprobs (keyed by token) collapsed into one
+        # entry holding another token's logprob, and text_offset ran past the text.
+        body = {"model": MODEL_NAME, "prompt": "\u4e2d\u6587" * 11, "max_tokens": 3,
+                "temperature": 0, "logprobs": 5}
+        for stream in (False, True):
+            code, text = curl(f"{self.a}/v1/completions", dict(body, stream=stream),
+                              stream=stream)
+            self.assertEqual(code, 200, text)
+            if stream:
+                choices = [json.loads(e[6:])["choices"][0] for e in text.split("\n\n")
+                           if e.startswith("data: {")]
+                out, lp = "", {"tokens": [], "token_logprobs": [], "top_logprobs": [],
+                               "text_offset": []}
+                for c in choices:
+                    out += c["text"]
+                    for k in lp:
+                        lp[k] += (c["logprobs"] or {}).get(k, [])
+            else:
+                choice = json.loads(text)["choices"][0]
+                out, lp = choice["text"], choice["logprobs"]
+            self.assertTrue(all(t.startswith("bytes:\\x") for t in lp["tokens"]), lp)
+            for token, logprob, top in zip(lp["tokens"], lp["token_logprobs"],
+                                           lp["top_logprobs"]):
+                self.assertEqual(len(top), 5, top)
+                self.assertEqual(top[token], logprob)
+            self.assertTrue(all(0 <= o <= len(out) for o in lp["text_offset"]),
+                            (lp["text_offset"], out))
+
+    def test_coordinator_stopped_hung_or_restarted(self):
+        # A coordinator of its own on a fixed port, behind a gateway of its own.
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+
+        def coordinator(name, model):
+            return self.s.start(name, [ARGS.lorcserve, "coordinator", "--model", model,
+                                       "--listen", f"127.0.0.1:{port}", "--internal-listen",
+                                       "127.0.0.1:0", "--local-workers", "1", "--backend",
+                                       "cpu", "--threads", "1"], "LISTENING")[0]
+
+        proc = coordinator("coord_restart", ARGS.model)
+        url = "http://" + self.s.gateway("gw_restart", f"127.0.0.1:{port}")
+        wait_serving(url)
+        code, text = curl(f"{url}/v1/models")
+        self.assertEqual(json.loads(text)["data"][0]["max_model_len"], 4096, text)
+        # Hung (SIGSTOP): /health is 503 (what probes read as not ready), not 504.
+        os.killpg(proc.pid, signal.SIGSTOP)
+        try:
+            self.assert_error(*curl(f"{url}/health"), 503)
+        finally:
+            os.killpg(proc.pid, signal.SIGCONT)
+        wait_serving(url)
+        # Stopped mid-stream: the error event says so (it blamed TLS alone).
+        stream = subprocess.Popen(
+            ["curl", "-sN", f"{url}/v1/completions", "-H", "Content-Type: application/json",
+             "-d", json.dumps({"model": MODEL_NAME, "prompt": "x", "max_tokens": 3000,
+                               "ignore_eos": True, "stream": True})],
+            stdout=subprocess.PIPE, text=True)
+        stream.stdout.readline()  # the first chunk: the request is running
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        events = [e for e in stream.communicate(timeout=30)[0].split("\n") if e]
+        self.assertEqual(events[-1], "data: [DONE]")
+        error = json.loads(events[-2][6:])["error"]
+        self.assertEqual(error["code"], 503, error)
+        self.assertRegex(error["message"], r"^Socket closed \(the coordinator stopped or closed "
+                                           r"the connection; .*TLS")
+        # Back on the same address with another config (max_position_embeddings 1024): the
+        # gateway follows it (it kept 4096 and refused chat requests without max_tokens).
+        model = os.path.join(self.tmp, "restart_model", MODEL_NAME)
+        os.makedirs(model)
+        for f in os.listdir(ARGS.model):
+            if f != "config.json":
+                os.symlink(os.path.join(os.path.abspath(ARGS.model), f), os.path.join(model, f))
+        with open(os.path.join(ARGS.model, "config.json")) as f:
+            config = json.load(f)
+        config["max_position_embeddings"] = 1024
+        with open(os.path.join(model, "config.json"), "w") as f:
+            json.dump(config, f)
+        coordinator("coord_restart2", model)
+        wait_serving(url)
+        code, text = curl(f"{url}/v1/models")
+        card = json.loads(text)["data"][0]
+        self.assertEqual((card["max_model_len"], card["root"]), (1024, model), text)
+        code, text = curl(f"{url}/v1/chat/completions", {
+            "model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}],
+            "temperature": 0, "logit_bias": {"1": 100}})
+        self.assertEqual(code, 200, text)
 
     def test_zz_503_draining(self):
         # Last (alphabetical order): ends coordinator B.

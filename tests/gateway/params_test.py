@@ -128,6 +128,34 @@ class FillSamplingTest(unittest.TestCase):
         # A lone empty stop string is `stop`, not the `stop[0]` of a list the client never sent.
         self.assert_400({"stop": ""}, "stop")
 
+    def test_integers_past_floats_range_name_the_field(self):
+        # A JSON integer of 401 digits is exact in Python: math.isfinite / float() raised
+        # OverflowError (a 500).
+        for v in (10**400, -10**400):
+            for field in ("temperature", "top_p", "min_p", "repetition_penalty",
+                          "presence_penalty", "frequency_penalty"):
+                self.assert_400({field: v}, field)
+            self.assert_400({"logit_bias": {"5": v}}, "logit_bias")
+        self.assertEqual(dict(sampling({"logit_bias": {"5": -100}}).logit_bias), {5: -100.0})
+        self.assertEqual(sampling({"temperature": 2}).temperature, 2.0)
+
+    def test_echoed_input_is_clipped(self):
+        # A 5 MB unknown field name came back twice (message and param): a 10 MB error.
+        with self.assertRaises(OpenAIError) as cm:
+            params.check_fields({"k" * 5_000_000: 1}, params.COMPLETION_FIELDS)
+        self.assertEqual(cm.exception.param, "k" * 99 + "\u2026")
+        self.assertLess(len(cm.exception.message), 200)
+        for body in ({"temperature": "x" * 1_000_000}, {"n": 10**4000},
+                     {"logit_bias": {"y" * 1_000_000: 1}}, {"logit_bias": {"5": "z" * 10**6}}):
+            with self.assertRaises(OpenAIError) as cm:
+                sampling(body)
+            self.assertLess(len(cm.exception.message), 300, list(body))
+        with self.assertRaises(OpenAIError) as cm:
+            server.Gateway.check_model({"model": "m" * 1_000_000},
+                                       server._ModelState("tiny", None, None, None))
+        self.assertEqual(cm.exception.status, 404)
+        self.assertLess(len(cm.exception.message), 300)
+
     def test_max_tokens_beyond_the_model_length_names_the_field_sent(self):
         # The coordinator's message named `prompt` and a clamped 2147483647 the client never sent.
         for name in ("max_tokens", "max_completion_tokens"):
@@ -328,6 +356,62 @@ class CoordinatorErrorTest(unittest.TestCase):
             self.assertEqual(e.param, param, details)
         e = errors.from_grpc(_FakeRpcError(grpc.StatusCode.UNAVAILABLE, "n: down"))
         self.assertIsNone(e.param)  # only 400s name a field
+
+
+class ResponseTest(unittest.TestCase):
+    def test_socket_closed_says_the_coordinator_stopped(self):
+        # A plaintext coordinator that died mid-stream was said to need --tls-ca.
+        e = errors.from_grpc(_FakeRpcError(grpc.StatusCode.UNAVAILABLE, "Socket closed"))
+        self.assertEqual(e.status, 503)
+        self.assertRegex(e.message, r"^Socket closed \(the coordinator stopped or closed the "
+                                    r"connection; if this gateway never reached it, it may use "
+                                    r"TLS: .*--tls-ca")
+
+    def test_chat_length_error_names_messages(self):
+        detail = "prompt (9000 tokens) + max_tokens (1) = 9001 exceeds the maximum model length"
+        e = server._prompt_error(errors.from_grpc(_FakeRpcError(
+            grpc.StatusCode.INVALID_ARGUMENT, detail)), 0, 1, True)
+        self.assertEqual(e.param, "messages")
+        self.assertTrue(e.message.startswith("messages: prompt (9000 tokens)"), e.message)
+        e = server._prompt_error(errors.from_grpc(_FakeRpcError(
+            grpc.StatusCode.INVALID_ARGUMENT, detail)), 1, 2, False)
+        self.assertEqual(e.param, "prompt[1]")
+
+    def test_stop_reason(self):
+        info = pb2.ModelInfoResponse(eos_token_ids=[1, 7])
+        s = pb2.SamplingOptions(stop_token_ids=[1, 5])
+        ids = server._reported_stop_ids(s, info)
+        self.assertEqual(ids, {5})  # EOS is null (vLLM), unless ignore_eos
+        s.ignore_eos = True
+        self.assertEqual(server._reported_stop_ids(s, info), {1, 5})
+        for msg, reason in ((pb2.GenerateResponse(stop_token_id=1), None),
+                            (pb2.GenerateResponse(stop_token_id=7), None),
+                            (pb2.GenerateResponse(stop_token_id=5), 5),
+                            (pb2.GenerateResponse(stop_string="END"), "END"),
+                            (pb2.GenerateResponse(), None)):
+            self.assertEqual(server._stop_reason(msg, ids), reason, msg)
+
+    def test_completion_logprobs_of_partial_characters(self):
+        # U+4E2D in three byte-fallback tokens, then "a": distinct keys (OpenAI's "bytes:"),
+        # the sampled token's own logprob, and text_offset within the text "\u4e2da".
+        vocab = server.Vocab({10: b"\xe4", 11: b"\xb8", 12: b"\xad", 13: b"\xe5", 14: b"a"})
+        lp = pb2.TokenLogprobs
+        top = pb2.TopLogprob
+        lps = [lp(logprob=-1, top=[top(id=13, logprob=-0.5), top(id=10, logprob=-1)]),
+               lp(logprob=-2, top=[top(id=11, logprob=-2), top(id=12, logprob=-3)]),
+               lp(logprob=-3, top=[top(id=11, logprob=-2), top(id=12, logprob=-3)]),
+               lp(logprob=-4, top=[top(id=14, logprob=-4)])]
+        out = server._completion_logprobs(vocab, [10, 11, 12, 14], lps, server._TextOffsets(),
+                                          2)
+        self.assertEqual(out["tokens"], ["bytes:\\xe4", "bytes:\\xb8", "bytes:\\xad", "a"])
+        self.assertEqual(out["top_logprobs"][0], {"bytes:\\xe5": -0.5, "bytes:\\xe4": -1})
+        self.assertEqual(out["top_logprobs"][2], {"bytes:\\xb8": -2, "bytes:\\xad": -3})
+        self.assertEqual(out["text_offset"], [0, 0, 0, 1])
+        # An EOS token adds no text: its offset is the text's end, not past it.
+        offsets = server._TextOffsets()
+        out = server._completion_logprobs(server.Vocab({1: b"<|end_of_text|>", 14: b"a"}),
+                                          [14, 1, 14], [lp(), lp(), lp()], offsets, 1)
+        self.assertEqual(out["text_offset"], [0, 1, 1])
 
 
 class GrpcMappingTest(unittest.TestCase):

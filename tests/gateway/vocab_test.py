@@ -56,6 +56,14 @@ class VocabTest(unittest.TestCase):
         self.assertEqual(v.token_bytes(4), b"<|eot|>")
         self.assertEqual(v.token_text(99), "token_id:99")
 
+    def test_token_name_of_partial_characters(self):
+        # OpenAI's completions convention: distinct "bytes:\\xNN" names, not one U+FFFD.
+        v = Vocab({1: b"\xe4", 2: b"\xb8\xad", 3: "\u4e2d".encode(), 4: b" a"})
+        self.assertEqual([v.token_name(i) for i in (1, 2, 3, 4)],
+                         ["bytes:\\xe4", "bytes:\\xb8\\xad", "\u4e2d", " a"])
+        self.assertEqual(v.token_text(1), "\ufffd")  # chat's token text (bytes are exact)
+        self.assertEqual(v.token_name(99), "token_id:99")
+
     def test_fixture_model(self):
         v = Vocab.from_tokenizer_json(os.path.join(MODELS, "tiny-llama-a", "tokenizer.json"))
         with open(os.path.join(MODELS, "tiny-llama-a", "tokenizer.json"), encoding="utf-8") as f:

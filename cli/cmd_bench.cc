@@ -67,11 +67,11 @@ int RunBench(int argc, char** argv) {
   const std::optional<Args> args = ParseCommand("bench", synopsis, flags, argc, argv, &exit_code);
   if (!args.has_value()) return exit_code;
   constexpr int64_t kBig = std::numeric_limits<int32_t>::max();
-  absl::StatusOr<int64_t> n = args->GetIntInRange("requests", 64, 1, kBig),
+  absl::StatusOr<int64_t> n = args->GetIntInRange("requests", 64, 1, 1'000'000),
                           c = args->GetIntInRange("concurrency", 8, 1, 4096),
                           plen = args->GetIntInRange("prompt-len", 128, 1, kBig),
                           tmax = args->GetIntInRange("max-tokens", defaults::kCliMaxTokens, 1, kBig),
-                          seed = args->GetInt("seed", 0);
+                          seed = args->GetIntInRange("seed", 0, 0, std::numeric_limits<int64_t>::max());
   for (const auto* v : {&n, &c, &plen, &tmax, &seed}) {
     if (!v->ok()) return Fail("bench", v->status());
   }
@@ -84,21 +84,31 @@ int RunBench(int argc, char** argv) {
   absl::StatusOr<lorcserve::v1::ModelInfoResponse> before = Info(*stub);
   if (!before.ok()) return Fail("bench", before.status());
 
-  std::vector<lorcserve::v1::GenerateRequest> reqs(*n);
-  std::mt19937_64 rng(static_cast<uint64_t>(*seed));
+  // Checked before any prompt is built (found by a tester: --prompt-len 2147483647 grew the
+  // client to 7.5 GB before the server could refuse it).
+  if (before->max_model_len() > 0 && *plen + *tmax > before->max_model_len()) {
+    return Fail("bench", absl::InvalidArgumentError(absl::StrCat(
+                             "--prompt-len ", *plen, " + --max-tokens ", *tmax, " = ", *plen + *tmax,
+                             " exceeds the server's max_model_len ", before->max_model_len())));
+  }
+  // Request k's random prompt, built when a client takes it (its own seeded generator).
   std::uniform_int_distribution<int32_t> tok(3, static_cast<int32_t>(before->vocab_size() - 1));
-  for (auto& r : reqs) {
-    for (int64_t i = 0; i < *plen; ++i) r.mutable_token_ids()->add_ids(tok(rng));
+  auto make_request = [&](int64_t k) {
+    std::mt19937_64 rng(static_cast<uint64_t>(*seed) ^ (static_cast<uint64_t>(k) * 0x9E3779B97F4A7C15ull));
+    std::uniform_int_distribution<int32_t> draw = tok;
+    lorcserve::v1::GenerateRequest r;
+    for (int64_t i = 0; i < *plen; ++i) r.mutable_token_ids()->add_ids(draw(rng));
     r.mutable_sampling()->set_max_tokens(static_cast<int32_t>(*tmax));
     r.mutable_sampling()->set_ignore_eos(true);
-  }
+    return r;
+  };
   std::vector<StreamResult> results(*n);
   std::atomic<int64_t> next{0};
   const auto t0 = std::chrono::steady_clock::now();
   std::vector<std::thread> clients;
   for (int64_t i = 0; i < *c; ++i) {
     clients.emplace_back([&] {
-      for (int64_t k; (k = next.fetch_add(1)) < *n;) results[k] = StreamGenerate(*stub, reqs[k], 3600);
+      for (int64_t k; (k = next.fetch_add(1)) < *n;) results[k] = StreamGenerate(*stub, make_request(k), 3600);
     });
   }
   for (auto& t : clients) t.join();
@@ -175,6 +185,7 @@ int RunBench(int argc, char** argv) {
         Percentile(itl, 0.99), j["steps"]["schedule_us"].get<double>(), j["steps"]["rpc_us"].get<double>(),
         j["steps"]["apply_us"].get<double>(), j["steps"]["worker_compute_us"].get<double>(),
         j["steps"]["worker_idle_us"].get<double>(), static_cast<int64_t>(steps));
+    if (!first_error.empty()) std::cout << "first error  " << first_error << "\n";
   }
   std::cout << j.dump() << "\n";
   return ok == *n ? 0 : 1;

@@ -2,6 +2,7 @@
 
 #include <cerrno>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 
@@ -9,7 +10,30 @@
 
 namespace lorc {
 
+absl::Status CheckReadableFile(const std::string& path) {
+  std::error_code ec;
+  const std::filesystem::file_status st = std::filesystem::status(path, ec);
+  if (st.type() == std::filesystem::file_type::not_found) {
+    return absl::NotFoundError(absl::StrCat(path, ": no such file"));
+  }
+  if (ec) return absl::InvalidArgumentError(absl::StrCat(path, ": cannot open: ", ec.message()));
+  if (st.type() == std::filesystem::file_type::directory) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": is a directory, not a file"));
+  }
+  if (st.type() != std::filesystem::file_type::regular) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": not a regular file (a device, FIFO or socket)"));
+  }
+  const uintmax_t size = std::filesystem::file_size(path, ec);
+  if (ec) return absl::InvalidArgumentError(absl::StrCat(path, ": cannot open: ", ec.message()));
+  if (size > static_cast<uintmax_t>(kMaxReadFileBytes)) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": ", size, " bytes, more than the ",
+                                                   kMaxReadFileBytes, " this reads"));
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::string> ReadFileToString(const std::string& path) {
+  if (absl::Status s = CheckReadableFile(path); !s.ok()) return s;
   std::ifstream in(path, std::ios::binary);
   if (!in) {
     const int err = errno;
@@ -46,6 +70,7 @@ absl::StatusOr<nlohmann::json> ReadJsonFile(const std::string& path) {
 }
 
 absl::StatusOr<std::vector<nlohmann::json>> ReadJsonLines(const std::string& path) {
+  if (absl::Status s = CheckReadableFile(path); !s.ok()) return s;
   std::ifstream in(path);
   if (!in) return absl::NotFoundError(absl::StrCat(path, ": cannot open"));
   std::vector<nlohmann::json> out;

@@ -11,7 +11,17 @@
 
 namespace lorc {
 
-// Reads a whole file into a string. NotFound / InvalidArgument name the path.
+// The most ReadFileToString and ReadJsonLines read: model JSON files, tokenizer.json (~10 MB for
+// Llama 3), calibration and evaluation texts are far smaller.
+inline constexpr int64_t kMaxReadFileBytes = int64_t{256} << 20;
+
+// Whether `path` (links followed) is a regular file of at most kMaxReadFileBytes: NotFound for a
+// missing one, InvalidArgument naming the path for a directory, a device or FIFO (/dev/zero would
+// be read forever, a FIFO blocks) or a larger file.
+absl::Status CheckReadableFile(const std::string& path);
+
+// Reads a whole file into a string (CheckReadableFile first). NotFound / InvalidArgument name the
+// path.
 absl::StatusOr<std::string> ReadFileToString(const std::string& path);
 
 // Parses a JSON document; the error names `what` (usually the path) and the parser's message.
@@ -20,7 +30,7 @@ absl::StatusOr<nlohmann::json> ParseJson(std::string_view text, std::string_view
 // ReadFileToString + ParseJson.
 absl::StatusOr<nlohmann::json> ReadJsonFile(const std::string& path);
 
-// One JSON object per non-blank line. NotFound for a missing file; InvalidArgument naming
+// One JSON object per non-blank line (CheckReadableFile first). NotFound for a missing file; InvalidArgument naming
 // "<path>:<line>" for a line that is not a JSON object. Each object gets "__line": its line number.
 absl::StatusOr<std::vector<nlohmann::json>> ReadJsonLines(const std::string& path);
 

@@ -339,6 +339,15 @@ absl::StatusOr<CompressResult> Compress(const CompressOptions& o, const Progress
     return absl::InvalidArgumentError(absl::StrCat("--threads: ", o.threads, " is negative"));
   }
   if (o.threads > 0) openblas_set_num_threads(o.threads);
+  {
+    // Made now, not after minutes of factorization (found by a tester: --out /proc/foo failed
+    // only at the end, as INTERNAL). A failed run leaves it empty (WriteModel).
+    std::error_code ec;
+    fs::create_directories(o.out_dir, ec);
+    if (ec) {
+      return absl::InvalidArgumentError(absl::StrCat("--out: cannot create ", o.out_dir, ": ", ec.message()));
+    }
+  }
   RemoveStalePartials(o.out_dir);
   RETURN_IF_ERROR(OutputDType(c).status());
   ASSIGN_OR_RETURN(std::unique_ptr<CheckpointReader> reader, CheckpointReader::Open(o.model_dir));

@@ -65,7 +65,12 @@ absl::StatusOr<PplResult> EvalPerplexity(Engine& engine, const std::string& path
 absl::StatusOr<PasskeyResult> EvalPasskey(Engine& engine, const std::string& path, int64_t limit) {
   ASSIGN_OR_RETURN(std::vector<nlohmann::json> rows, ReadJsonLines(path));
   std::vector<GenerationRequest> reqs;
-  std::vector<std::pair<int64_t, std::string>> meta;  // filler, answer
+  struct Meta {
+    int64_t filler = 0;
+    std::string answer;
+    std::string where;  // path:line, for the errors of its request
+  };
+  std::vector<Meta> meta;
   std::map<int64_t, int64_t> taken;
   for (const nlohmann::json& row : rows) {
     const std::string where = absl::StrCat(path, ":", row["__line"].get<int>());
@@ -74,22 +79,32 @@ absl::StatusOr<PasskeyResult> EvalPasskey(Engine& engine, const std::string& pat
       return absl::InvalidArgumentError(absl::StrCat(where, ": needs integer 'filler_tokens' and string 'answer'"));
     }
     const int64_t filler = row["filler_tokens"].get<int64_t>();
+    if (filler < 0) {
+      return absl::InvalidArgumentError(absl::StrCat(where, ": 'filler_tokens' must be >= 0, got ", filler));
+    }
+    if (row["answer"].get<std::string>().empty()) {
+      // Every output starts with "": an empty answer would score as found.
+      return absl::InvalidArgumentError(absl::StrCat(where, ": 'answer' is empty"));
+    }
     if (limit > 0 && taken[filler] >= limit) continue;
     ++taken[filler];
     GenerationRequest req;
     ASSIGN_OR_RETURN(req.prompt_ids, GetInt32List(row, "prompt_ids", where));
     req.params.max_tokens = 6;
     reqs.push_back(std::move(req));
-    meta.emplace_back(filler, row["answer"].get<std::string>());
+    meta.push_back({filler, row["answer"].get<std::string>(), where});
   }
+  if (rows.empty()) return absl::InvalidArgumentError(absl::StrCat(path, ": no prompts"));
   const auto t0 = std::chrono::steady_clock::now();
   ASSIGN_OR_RETURN(std::vector<GenerationResult> out, engine.Generate(reqs));
   PasskeyResult r;
   for (size_t i = 0; i < out.size(); ++i) {
-    if (!out[i].status.ok()) return out[i].status;
-    auto& [correct, total] = r.by_length[meta[i].first];
+    if (!out[i].status.ok()) {
+      return absl::Status(out[i].status.code(), absl::StrCat(meta[i].where, ": ", out[i].status.message()));
+    }
+    auto& [correct, total] = r.by_length[meta[i].filler];
     ++total;
-    if (absl::StartsWith(out[i].first().text, meta[i].second)) ++correct;
+    if (absl::StartsWith(out[i].first().text, meta[i].answer)) ++correct;
   }
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return r;

@@ -165,7 +165,7 @@ absl::StatusOr<std::unique_ptr<Regex>> Regex::Compile(std::string_view pattern, 
                                                    error_offset));
   }
   pcre2_jit_compile(code, PCRE2_JIT_COMPLETE);  // best effort; the interpreter is the fallback
-  return std::unique_ptr<Regex>(new Regex(code));
+  return std::unique_ptr<Regex>(new Regex(code, what));
 }
 
 Regex::~Regex() { pcre2_code_free(code_); }
@@ -181,7 +181,7 @@ absl::Status Regex::ForEachMatch(std::string_view text, OnMatch on_match) const 
     if (rc == PCRE2_ERROR_NOMATCH) break;
     if (rc < 0) {
       return absl::ResourceExhaustedError(
-          Cat("regex match failed: ", Pcre2ErrorMessage(rc)));
+          Cat(what_, ": regex match failed: ", Pcre2ErrorMessage(rc)));
     }
     const PCRE2_SIZE* ovector = pcre2_get_ovector_pointer(md.get());
     const size_t begin = ovector[0], end = ovector[1];

@@ -58,9 +58,10 @@ class Regex {
 
   static absl::StatusOr<std::unique_ptr<Regex>> Compile(std::string_view pattern, uint32_t options,
                                                         std::string_view what);
-  explicit Regex(pcre2_real_code_8* code) : code_(code) {}
+  Regex(pcre2_real_code_8* code, std::string_view what) : code_(code), what_(what) {}
 
   pcre2_real_code_8* code_;
+  std::string what_;  // the pattern's field (e.g. pre_tokenizer.pattern.Regex), for match errors
 };
 
 }  // namespace lorc::tokenizer_internal

@@ -1,9 +1,15 @@
 // JSON helpers shared by every module: errors name the file, the line and the field.
 #include "common/json_util.h"
 
+#include <sys/stat.h>
+
 #include <filesystem>
 #include <fstream>
+#include <string>
+#include <utility>
+#include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/testing/status_matchers.h"
@@ -47,6 +53,39 @@ TEST(JsonUtilTest, ReadJsonLinesSkipsBlankLinesAndNamesTheBadOne) {
   EXPECT_THAT(ReadJsonLines(broken), StatusIs(absl::StatusCode::kInvalidArgument,
                                               HasSubstr("lorc_lines_broken.jsonl:1: invalid JSON")));
   EXPECT_THAT(ReadJsonLines("/nonexistent/x.jsonl"), StatusIs(absl::StatusCode::kNotFound));
+}
+
+// Found by a tester: config.json or tokenizer.json linked to /dev/zero grew the process to 8 GB,
+// a FIFO blocked forever, and a directory read as an empty file ("unexpected end of input", or
+// `eval --passkey DIR` silently skipped).
+TEST(JsonUtilTest, OnlyRegularFilesOfBoundedSizeAreRead) {
+  namespace fs = std::filesystem;
+  const fs::path dir = fs::temp_directory_path() / "lorc_json_util_files";
+  fs::remove_all(dir);
+  fs::create_directories(dir / "a_dir");
+  fs::create_symlink("/dev/zero", dir / "zero.json");
+  ASSERT_EQ(mkfifo((dir / "fifo.json").c_str(), 0600), 0);
+  {
+    std::ofstream big(dir / "big.json");
+  }
+  fs::resize_file(dir / "big.json", kMaxReadFileBytes + 1);  // sparse: no disk
+  const std::string small = WriteTemp("lorc_small.json", "{}");
+  EXPECT_OK(ReadFileToString(small));
+  for (const auto& [name, message] : std::vector<std::pair<std::string, std::string>>{
+           {"a_dir", "is a directory, not a file"},
+           {"zero.json", "not a regular file"},
+           {"fifo.json", "not a regular file"},
+           {"big.json", absl::StrCat(kMaxReadFileBytes + 1, " bytes, more than the ", kMaxReadFileBytes)}}) {
+    SCOPED_TRACE(name);
+    const std::string path = (dir / name).string();
+    EXPECT_THAT(ReadFileToString(path), StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr(path + ": " + message)));
+    EXPECT_THAT(ReadJsonFile(path), StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr(message)));
+    EXPECT_THAT(ReadJsonLines(path), StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr(message)));
+  }
+  EXPECT_THAT(ReadFileToString((dir / "missing").string()),
+              StatusIs(absl::StatusCode::kNotFound, HasSubstr("no such file")));
+  EXPECT_THAT(ReadJsonLines((dir / "missing").string()), StatusIs(absl::StatusCode::kNotFound));
+  fs::remove_all(dir);
 }
 
 TEST(JsonUtilTest, GetInt32ListRejectsWhatDoesNotFit) {

@@ -58,6 +58,8 @@ TEST(CompressCli, ErrorsNameTheFlag) {
       // 8 divides neither the 4 attention heads nor is 2 KV heads' multiple dividing them.
       {{"compress", "--model", m, "--out", out, "--kv-ratio", "0.5", "--tp", "8"}, "--tp"},
       {{"compress", "--model", m, "--out", out, "--kv-ratio", "0.5", "--threads", "-1"}, "--threads"},
+      // Before the factorization, not after it (found by a tester).
+      {{"compress", "--model", m, "--out", "/proc/lorc-compress-test/x", "--kv-ratio", "0.5"}, "--out: cannot create"},
       {{"eval", "--model", m, "--limit", "0"}, "--limit"},
       {{"eval", "--model", m, "--limit", "-1"}, "--limit"},
   };

@@ -193,8 +193,6 @@ TEST_F(ServerE2ETest, NewSamplingFieldsAreValidatedNamingTheField) {
   EXPECT_EQ(info.kv_free_blocks(), info.kv_capacity_blocks());
 }
 
-// Fault 4 of issue #7: a string field that is not valid UTF-8 used to fail inside gRPC (INTERNAL,
-// empty message). Every such field is named, with the byte offset.
 // `lorcserve bench --server --json` against a live server: every request served, and the KV
 // figures of ModelInfo after the run (every block free again; null only without a live worker
 // group, which this server has).
@@ -212,8 +210,18 @@ TEST_F(ServerE2ETest, BenchAgainstTheServerReportsTheKvPool) {
   EXPECT_GT(j["kv_capacity_blocks"].get<int64_t>(), 0);
   EXPECT_EQ(j["kv_free_blocks_after"], j["kv_capacity_blocks"]) << "blocks still held after the run";
   EXPECT_FALSE(j.contains("worker_failure")) << out;
+  // Prompts longer than the server takes are refused before any is built (found by a tester:
+  // --prompt-len 2147483647 grew the client to 7.5 GB).
+  const std::string too_long = RunLorcserve({"bench", "--server", server_->address(), "--prompt-len", "2147483647",
+                                             "--max-tokens", "4"},
+                                            &exit_code, /*with_stderr=*/true);
+  EXPECT_NE(exit_code, 0) << too_long;
+  EXPECT_THAT(too_long, HasSubstr("--prompt-len 2147483647 + --max-tokens 4 = 2147483651 exceeds the server's "
+                                  "max_model_len 4096"));
 }
 
+// Fault 4 of issue #7: a string field that is not valid UTF-8 used to fail inside gRPC (INTERNAL,
+// empty message). Every such field is named, with the byte offset.
 TEST_F(ServerE2ETest, InvalidUtf8IsInvalidArgumentNamingFieldAndOffset) {
   ASSERT_NO_FATAL_FAILURE(StartServer(1));
   const Golden& g = GoldenPrompts()[0];

@@ -325,8 +325,9 @@ class ServerProcess {
   std::string command_;
 };
 
-// Runs `lorcserve args...` to completion; returns its stdout (exit code in *exit_code).
-std::string RunLorcserve(const std::vector<std::string>& args, int* exit_code) {
+// Runs `lorcserve args...` to completion; returns its stdout (and stderr when `with_stderr`;
+// exit code in *exit_code).
+std::string RunLorcserve(const std::vector<std::string>& args, int* exit_code, bool with_stderr = false) {
   char tmpl[] = "/tmp/lorc_server_e2e_out_XXXXXX";
   const int fd = mkostemp(tmpl, O_CLOEXEC);
   *exit_code = -1;
@@ -339,6 +340,7 @@ std::string RunLorcserve(const std::vector<std::string>& args, int* exit_code) {
   posix_spawn_file_actions_t fa;
   posix_spawn_file_actions_init(&fa);
   posix_spawn_file_actions_adddup2(&fa, fd, STDOUT_FILENO);
+  if (with_stderr) posix_spawn_file_actions_adddup2(&fa, fd, STDERR_FILENO);
   pid_t pid;
   const int rc = posix_spawn(&pid, argv[0], &fa, nullptr, argv.data(), environ);
   posix_spawn_file_actions_destroy(&fa);

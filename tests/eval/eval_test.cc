@@ -82,6 +82,23 @@ TEST_F(EvalTest, BadFilesNameTheFileAndLine) {
   EXPECT_THAT(EvalPasskey(*engine_, passkey, 0),
               StatusIs(absl::StatusCode::kInvalidArgument,
                        HasSubstr("lorc_eval_passkey.jsonl:1: needs integer 'filler_tokens'")));
+  // Found by a tester: accepted silently (an empty file, a negative filler bucket, an empty
+  // answer scoring 100 %), or a prompt's error without its line.
+  const std::vector<std::pair<std::string, std::string>> passkey_cases = {
+      {"", "lorc_eval_passkey_bad.jsonl: no prompts"},
+      {"{\"prompt_ids\": [0, 5], \"filler_tokens\": -5, \"answer\": \"1\"}\n",
+       "lorc_eval_passkey_bad.jsonl:1: 'filler_tokens' must be >= 0, got -5"},
+      {"{\"prompt_ids\": [0, 5], \"filler_tokens\": 5, \"answer\": \"\"}\n",
+       "lorc_eval_passkey_bad.jsonl:1: 'answer' is empty"},
+      {"{\"prompt_ids\": [0, 5], \"filler_tokens\": 5, \"answer\": \"1\"}\n"
+       "{\"prompt_ids\": [0, 99999], \"filler_tokens\": 5, \"answer\": \"1\"}\n",
+       "lorc_eval_passkey_bad.jsonl:2: prompt token id 99999"},
+  };
+  for (const auto& [text, message] : passkey_cases) {
+    SCOPED_TRACE(message);
+    EXPECT_THAT(EvalPasskey(*engine_, WriteTemp("lorc_eval_passkey_bad.jsonl", text), 0),
+                StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr(message)));
+  }
   EXPECT_EQ(engine_->scheduler().num_free_blocks(), model_.runner->kv_spec().num_blocks);
 }
 

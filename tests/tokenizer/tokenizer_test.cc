@@ -400,6 +400,19 @@ TEST(TokenizerErrorTest, MalformedModelFieldsAreNamed) {
                         {"behavior", "Isolated"}};
   EXPECT_THAT(FromJson(j), StatusIs(absl::StatusCode::kInvalidArgument,
                                     HasSubstr("pre_tokenizer.pattern.Regex: cannot compile")));
+  // A pattern that backtracks without end compiles; the match limit ends it, and the error
+  // names the pattern's field (found by a tester: "regex match failed" named nothing).
+  j = MiniTokenizerJson();
+  j["pre_tokenizer"] = {{"type", "Split"},
+                        {"pattern", {{"Regex", "(a*)*$"}}},
+                        {"behavior", "Isolated"}};
+  {
+    auto catastrophic = FromJson(j);
+    ASSERT_OK(catastrophic);
+    EXPECT_THAT((*catastrophic)->Encode(std::string(64, 'a') + "b"),
+                StatusIs(absl::StatusCode::kResourceExhausted,
+                         HasSubstr("pre_tokenizer.pattern.Regex: regex match failed")));
+  }
   j = MiniTokenizerJson();
   j["added_tokens"] = json::array({{{"content", "<x>"}}});
   EXPECT_THAT(FromJson(j), StatusIs(absl::StatusCode::kInvalidArgument,

@@ -19,8 +19,8 @@ namespace {
 std::vector<FlagSpec> Flags() {
   std::vector<FlagSpec> f = EngineFlags();
   const std::vector<FlagSpec> own = {
-      {"ppl", true, "eval_ppl_windows.jsonl (default: the model directory's, if present)", "FILE"},
-      {"passkey", true, "eval_passkey.jsonl (default: the model directory's, if present)", "FILE"},
+      {"ppl", true, "eval_ppl_windows.jsonl, or none to skip (default: the model directory's, if present)", "FILE"},
+      {"passkey", true, "eval_passkey.jsonl, or none to skip (default: the model directory's, if present)", "FILE"},
       {"limit", true, "perplexity: first N windows; pass-key: first N prompts per length", "N"},
       {"multi-turn", false,
        "instead: the SCBench-style multi-turn check (eval/eval.h EvalMultiTurnPasskey): the "
@@ -35,7 +35,7 @@ std::vector<FlagSpec> Flags() {
 }
 
 std::string DefaultFile(const Args& args, const char* flag, const char* name) {
-  if (args.Has(flag)) return args.Get(flag);
+  if (args.Has(flag)) return args.Get(flag) == "none" ? "" : args.Get(flag);
   const std::filesystem::path p = std::filesystem::path(args.Get("model")) / name;
   return std::filesystem::exists(p) ? p.string() : "";
 }

@@ -2,6 +2,7 @@
 
 #include <cmath>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
@@ -108,8 +109,9 @@ absl::StatusOr<SamplingParams> ParseSampling(const Args& args) {
     p.logit_bias.emplace_back(id, static_cast<float>(bias));
   }
   for (const std::string& list : args.GetAll("allowed-token-id")) {
-    for (absl::string_view id : absl::StrSplit(list, ',', absl::SkipWhitespace())) {
-      ASSIGN_OR_RETURN(int32_t v, ParseId("allowed-token-id", id));
+    // Every item an id: an empty one ("1,,2", ",") is an error, not "no restriction".
+    for (absl::string_view id : absl::StrSplit(list, ',')) {
+      ASSIGN_OR_RETURN(int32_t v, ParseId("allowed-token-id", absl::StripAsciiWhitespace(id)));
       p.allowed_token_ids.push_back(v);
     }
   }

@@ -171,6 +171,9 @@ absl::StatusOr<ModelSource> ParseModelSource(const Args& args) {
     }
     src.shard_lm_head = v == "split";
   }
+  if (args.Has("weights-seed") && !src.random_weights) {
+    return absl::InvalidArgumentError("--weights-seed: applies only with --random-weights");
+  }
   ASSIGN_OR_RETURN(int64_t seed, args.GetInt("weights-seed", 0));
   src.seed = static_cast<uint64_t>(seed);
   return src;
@@ -269,14 +272,16 @@ absl::StatusOr<std::unique_ptr<Session>> OpenSession(const Args& args) {
   ASSIGN_OR_RETURN(s->backend, CreateBackend(bo));
   absl::StatusOr<LoadedModel> model = LoadModel(src, s->backend.get(), 0, 1, nullptr, kv);
   if (absl::IsResourceExhausted(model.status())) {
-    // Memory ran out; name the flag that sized the KV cache (the backend cannot).
+    // Memory ran out: for the weights, the runner's tables (RoPE: max_position_embeddings) or
+    // the KV cache; name the flag that sized the last (the backend cannot).
     const std::string budget =
         kv.num_blocks > 0 ? absl::StrCat("--num-blocks ", kv.num_blocks)
         : kv.gpu_memory_utilization > 0
             ? absl::StrCat("--gpu-memory-utilization ", kv.gpu_memory_utilization)
             : absl::StrCat("--kv-cache-mb ", kv.memory_bytes >> 20);
     return absl::ResourceExhaustedError(absl::StrCat(
-        model.status().message(), " (the KV cache is sized by ", budget, ")"));
+        model.status().message(), " (loading the weights, the model's tables and the KV cache; the KV cache is sized by ",
+        budget, ")"));
   }
   if (!model.ok()) return model.status();
   s->model = *std::move(model);

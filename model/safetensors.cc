@@ -436,10 +436,8 @@ absl::Status CheckpointReader::ReadF32(const std::string& name,
   return ReadF32Slice(name, expected_shape, TensorSlice{0, 0, -1}, out);
 }
 
-absl::Status CheckpointReader::ReadF32Slice(const std::string& name,
-                                            absl::Span<const int64_t> expected_shape,
-                                            const TensorSlice& slice,
-                                            absl::Span<float> out) const {
+absl::Status CheckpointReader::CheckFloatTensor(const std::string& name,
+                                                absl::Span<const int64_t> expected_shape) const {
   ASSIGN_OR_RETURN(const TensorInfo* t, Find(name));
   const std::string where = absl::StrCat(t->file, ": tensor '", name, "'");
   if (absl::Span<const int64_t>(t->shape) != expected_shape) {
@@ -452,6 +450,16 @@ absl::Status CheckpointReader::ReadF32Slice(const std::string& name,
                                                    "; only F32, F16 and BF16 can be read as "
                                                    "float"));
   }
+  return absl::OkStatus();
+}
+
+absl::Status CheckpointReader::ReadF32Slice(const std::string& name,
+                                            absl::Span<const int64_t> expected_shape,
+                                            const TensorSlice& slice,
+                                            absl::Span<float> out) const {
+  RETURN_IF_ERROR(CheckFloatTensor(name, expected_shape));
+  ASSIGN_OR_RETURN(const TensorInfo* t, Find(name));
+  const std::string where = absl::StrCat(t->file, ": tensor '", name, "'");
   const size_t esize = DTypeSize(t->dtype);
   const int64_t rank = static_cast<int64_t>(t->shape.size());
 

@@ -66,6 +66,10 @@ class CheckpointReader {
   // NotFound naming the tensor and the directory when absent.
   absl::StatusOr<const TensorInfo*> Find(const std::string& name) const;
   std::vector<std::string> TensorNames() const;
+  // Whether `name` can be read as fp32 with `expected_shape`: present, that shape, a float dtype
+  // (F32, F16, BF16). InvalidArgument naming file, tensor and both shapes (or the dtype);
+  // NotFound as Find. Reads only the header.
+  absl::Status CheckFloatTensor(const std::string& name, absl::Span<const int64_t> expected_shape) const;
 
   // Reads `name` as fp32 into `out`. `expected_shape` must equal the tensor's shape
   // (InvalidArgument naming file, tensor, both shapes otherwise). With `slice`, only that part is

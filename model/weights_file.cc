@@ -23,9 +23,13 @@ class FileSource final : public WeightSource {
   FileSource(const CheckpointReader& r, Backend& b, const WeightsProgress& progress)
       : reader_(r), b_(b), dtype_(b.compute_dtype()), progress_(progress) {}
 
-  // Counts the pieces each file serves, so Write knows when a file is finished; files are
-  // numbered by their place among the checkpoint's files sorted by name.
+  // Checks every piece's tensor (shape as config.json implies, a float dtype) before anything is
+  // allocated: a config whose vocab_size says 10^6 fails on the embedding's header, not after
+  // 2 GB of buffers (found by a tester). Counts the pieces each file serves, so Write knows when
+  // a file is finished; files are numbered by their place among the checkpoint's files sorted by
+  // name.
   absl::Status Begin(absl::Span<const Piece> pieces) override {
+    for (const Piece& p : pieces) RETURN_IF_ERROR(reader_.CheckFloatTensor(p.name, p.shape));
     for (const std::string& name : reader_.TensorNames()) {
       ASSIGN_OR_RETURN(const TensorInfo* t, reader_.Find(name));
       files_.emplace(t->file, FileProgress{});

@@ -481,7 +481,7 @@ RunResult EvalFirstWindow(std::vector<std::string> extra) {
 // perplexity stays near the uncompressed one (this window: within 5 %; docs/KV_POLICIES.md has
 // the measured table).
 TEST_F(CliTest, EvalWithKvPolicyReportsKeptBytes) {
-  const RunResult full = EvalFirstWindow({"--passkey", "/dev/null"});
+  const RunResult full = EvalFirstWindow({"--passkey", "none"});
   ASSERT_EQ(full.exit_code, 0) << full;
   const RunResult r = EvalFirstWindow(
       {"--kv-policy", "mikv", "--kv-token-budget", "0.3", "--kv-policy-prefill", "every-chunk"});
@@ -506,10 +506,10 @@ TEST_F(CliTest, EvalWithKvPolicyReportsKeptBytes) {
 // same keys gathered in the same order); the choice after the last chunk still leaves at most
 // 30 % of the entries at full precision when the sequence ends.
 TEST_F(CliTest, EvalWithKvPolicyAfterPromptScoresTheWindowWithFullKv) {
-  const RunResult full = EvalFirstWindow({"--passkey", "/dev/null"});
+  const RunResult full = EvalFirstWindow({"--passkey", "none"});
   ASSERT_EQ(full.exit_code, 0) << full;
   const RunResult r = EvalFirstWindow(
-      {"--kv-policy", "mikv", "--kv-token-budget", "0.3", "--passkey", "/dev/null"});
+      {"--kv-policy", "mikv", "--kv-token-budget", "0.3", "--passkey", "none"});
   ASSERT_EQ(r.exit_code, 0) << r;
   const json j = Json(r);
   EXPECT_THAT(j["kv_policy"].get<std::string>(), HasSubstr("after-prompt"));
@@ -630,12 +630,35 @@ TEST_F(CliTest, JoinFlagsAreChecked) {
       {{"coordinator", "--model", Tiny(), "--workers", "127.0.0.1:7000, 127.0.0.1:7000"},
        "--workers: '127.0.0.1:7000' is listed twice"},
       {{"coordinator", "--model", Tiny(), "--workers", "h:0"}, "--workers: item 1 'h:0' is not HOST:PORT"},
+      // A flag that would do nothing (found by a tester).
+      {{"coordinator", "--model", Tiny(), "--local-workers", "1", "--weights-seed", "3"},
+       "--weights-seed: applies only with --random-weights"},
+      {{"generate", "--model", Tiny(), "--prompt-ids", "0", "--weights-seed", "3"},
+       "--weights-seed: applies only with --random-weights"},
   };
   for (const Case& c : cases) {
     const RunResult r = Lorcserve(c.args);
     EXPECT_EQ(r.exit_code, 2) << r;
     EXPECT_THAT(r.err, HasSubstr(c.message)) << r;
   }
+}
+
+// Found by a tester: a config.json whose vocab_size disagrees with the checkpoint allocated the
+// embedding it describes (2 GB for 10^6) before the shape check; now the headers are checked
+// first (10^8 x 512 floats would be 200 GB).
+TEST_F(CliTest, WeightShapesAreCheckedBeforeAnythingIsAllocated) {
+  const fs::path dir = ScratchDir() / "big_vocab";
+  fs::create_directories(dir);
+  for (const char* f : {"model.safetensors", "tokenizer.json", "tokenizer_config.json"}) {
+    fs::create_symlink(fs::absolute(fs::path(Tiny()) / f), dir / f);
+  }
+  json config = json::parse(std::ifstream(Tiny() + "/config.json"));
+  config["vocab_size"] = 100000000;
+  std::ofstream(dir / "config.json") << config.dump();
+  const RunResult r = Lorcserve({"generate", "--model", dir.string(), "--prompt-ids", "0,1", "--max-tokens", "1"});
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_THAT(r.err, HasSubstr("tensor 'model.embed_tokens.weight' has shape [4096, 512], expected [100000000, 512]"))
+      << r;
 }
 
 TEST_F(CliTest, TruncatedWeightsNameTheFile) {
@@ -774,6 +797,8 @@ TEST_F(CliTest, NewSamplingFlagsAreCheckedNamingTheFlag) {
       {{"--logit-bias", "5:500"}, "--logit-bias: bias 500 of id 5 is outside [-100, 100]"},
       {{"--logit-bias", "5:1", "--logit-bias", "5:2"}, "--logit-bias: id 5 given twice"},
       {{"--allowed-token-id", "3,x"}, "--allowed-token-id: 'x' is not a token id"},
+      {{"--allowed-token-id", "1,,2"}, "--allowed-token-id: '' is not a token id"},
+      {{"--allowed-token-id", ","}, "--allowed-token-id: '' is not a token id"},
       {{"--stop-id", "y"}, "--stop-id: 'y' is not a token id"},
       {{"--seed", "-1"}, "--seed: '-1' is not an integer in [0, 18446744073709551615]"},
       {{"--seed", "18446744073709551616"}, "--seed: '18446744073709551616' is not an integer"},
@@ -807,7 +832,7 @@ TEST_F(CliTest, KvCacheAllocationFailureNamesTheFlag) {
                                  "--num-blocks", "2000000000"});
   EXPECT_EQ(r.exit_code, 1) << r;
   EXPECT_THAT(r.err, HasSubstr("RESOURCE_EXHAUSTED")) << r;
-  EXPECT_THAT(r.err, HasSubstr("(the KV cache is sized by --num-blocks 2000000000)")) << r;
+  EXPECT_THAT(r.err, HasSubstr("the KV cache is sized by --num-blocks 2000000000)")) << r;
 }
 
 #ifdef LORC_WITH_GRPC

@@ -269,7 +269,7 @@ absl::Status WriteModel(const CompressOptions& o, const ModelConfig& c, const Ch
   if (ec) return absl::InternalError(absl::StrCat("--out: cannot create ", out_dir, ": ", ec.message()));
   // Every file goes to NAME.partial first and is renamed into place only once all are written
   // (model.safetensors first, lorc.json last): an interrupted or failed run leaves an existing
-  // directory as it was and a new one without model.safetensors.
+  // directory as it was (a new one Compress removes on failure).
   const auto out = [&](const std::string& name) { return fs::path(out_dir) / name; };
   const auto partial = [&](const std::string& name) { return fs::path(out_dir) / (name + kPartialSuffix); };
   std::vector<std::string> names = {"model.safetensors"};
@@ -325,29 +325,9 @@ std::vector<std::vector<int32_t>> SpreadChunks(const std::vector<std::vector<int
   return out;
 }
 
-}  // namespace
-
-absl::StatusOr<CompressResult> Compress(const CompressOptions& o, const ProgressFn& progress) {
-  std::error_code model_ec;
-  if (fs::exists(fs::path(o.model_dir) / "lorc.json", model_ec)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "--model: ", o.model_dir, " is already LoRC-compressed (lorc.json); compress the source model"));
-  }
-  ASSIGN_OR_RETURN(const ModelConfig c, LoadModelConfig(o.model_dir));
-  RETURN_IF_ERROR(CheckOptions(o, c));
-  if (o.threads < 0) {
-    return absl::InvalidArgumentError(absl::StrCat("--threads: ", o.threads, " is negative"));
-  }
-  if (o.threads > 0) openblas_set_num_threads(o.threads);
-  {
-    // Made now, not after minutes of factorization (found by a tester: --out /proc/foo failed
-    // only at the end, as INTERNAL). A failed run leaves it empty (WriteModel).
-    std::error_code ec;
-    fs::create_directories(o.out_dir, ec);
-    if (ec) {
-      return absl::InvalidArgumentError(absl::StrCat("--out: cannot create ", o.out_dir, ": ", ec.message()));
-    }
-  }
+// Compress after its checks: the factorization and the write into the existing o.out_dir.
+absl::StatusOr<CompressResult> CompressInto(const CompressOptions& o, const ModelConfig& c,
+                                            const ProgressFn& progress) {
   RemoveStalePartials(o.out_dir);
   RETURN_IF_ERROR(OutputDType(c).status());
   ASSIGN_OR_RETURN(std::unique_ptr<CheckpointReader> reader, CheckpointReader::Open(o.model_dir));
@@ -486,6 +466,33 @@ absl::StatusOr<CompressResult> Compress(const CompressOptions& o, const Progress
   for (const LayerRanks& r : res.ranks) j["layers"].push_back({{"k_rank", r.k_rank}, {"v_rank", r.v_rank}});
   j["kv_bytes_ratio"] = res.kv_bytes_ratio;
   res.lorc_json = std::move(j);
+  return res;
+}
+
+}  // namespace
+
+absl::StatusOr<CompressResult> Compress(const CompressOptions& o, const ProgressFn& progress) {
+  std::error_code model_ec;
+  if (fs::exists(fs::path(o.model_dir) / "lorc.json", model_ec)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--model: ", o.model_dir, " is already LoRC-compressed (lorc.json); compress the source model"));
+  }
+  ASSIGN_OR_RETURN(const ModelConfig c, LoadModelConfig(o.model_dir));
+  RETURN_IF_ERROR(CheckOptions(o, c));
+  if (o.threads < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("--threads: ", o.threads, " is negative"));
+  }
+  if (o.threads > 0) openblas_set_num_threads(o.threads);
+  // --out is made now, not after minutes of factorization (found by a tester: --out /proc/foo
+  // failed only at the end, as INTERNAL); a failed run removes it again when it made it.
+  std::error_code ec;
+  const bool created = !fs::exists(o.out_dir, ec);
+  fs::create_directories(o.out_dir, ec);
+  if (ec) {
+    return absl::InvalidArgumentError(absl::StrCat("--out: cannot create ", o.out_dir, ": ", ec.message()));
+  }
+  absl::StatusOr<CompressResult> res = CompressInto(o, c, progress);
+  if (!res.ok() && created) fs::remove_all(o.out_dir, ec);
   return res;
 }
 

@@ -49,6 +49,18 @@ def curl(url, body=None, headers=(), stream=False, timeout=120):
     return int(code), text
 
 
+def long_stream(base):
+    """A streaming completion of 3000 tokens through curl at gateway `base`, returned (Popen,
+    stdout a text pipe) once its first chunk arrived: the request is running."""
+    proc = subprocess.Popen(
+        ["curl", "-sN", f"{base}/v1/completions", "-H", "Content-Type: application/json",
+         "-d", json.dumps({"model": MODEL_NAME, "prompt": "x", "max_tokens": 3000,
+                           "ignore_eos": True, "stream": True})],
+        stdout=subprocess.PIPE, text=True)
+    proc.stdout.readline()
+    return proc
+
+
 class Servers:
     def __init__(self, tmp):
         self.tmp = tmp
@@ -404,12 +416,7 @@ class GatewayE2E(unittest.TestCase):
         self.assert_error(*curl(f"{self.c}/health"), 503)
 
     def test_disconnect_cancels_the_grpc_call(self):
-        proc = subprocess.Popen(
-            ["curl", "-sN", f"{self.a}/v1/completions", "-H", "Content-Type: application/json",
-             "-d", json.dumps({"model": MODEL_NAME, "prompt": "x", "max_tokens": 3000,
-                               "ignore_eos": True, "stream": True})],
-            stdout=subprocess.PIPE, text=True)
-        proc.stdout.readline()  # the first chunk: the request is running
+        proc = long_stream(self.a)
         info = self.stub_a.ModelInfo(self.pb2.ModelInfoRequest())
         self.assertGreaterEqual(info.num_running, 1)
         proc.kill()
@@ -787,12 +794,7 @@ class GatewayE2E(unittest.TestCase):
             os.killpg(proc.pid, signal.SIGCONT)
         wait_serving(url)
         # Stopped mid-stream: the error event says so (it blamed TLS alone).
-        stream = subprocess.Popen(
-            ["curl", "-sN", f"{url}/v1/completions", "-H", "Content-Type: application/json",
-             "-d", json.dumps({"model": MODEL_NAME, "prompt": "x", "max_tokens": 3000,
-                               "ignore_eos": True, "stream": True})],
-            stdout=subprocess.PIPE, text=True)
-        stream.stdout.readline()  # the first chunk: the request is running
+        stream = long_stream(url)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         events = [e for e in stream.communicate(timeout=30)[0].split("\n") if e]

@@ -35,8 +35,8 @@
 #   fusednorm  not in the default phases: the norms fused into the decode GEMVs (off by default until
 #           measured, backend/cuda_gemv.h SetCudaFusedNormRows): the model runner's golden-prompt
 #           test with them on, then `lorcserve bench` on the 8B shape at batch 1, 8 and 16 x context
-#           128 and 4096, LORC_FUSED_NORM_ROWS=16 against 0, interleaved, FUSED_RUNS (2) times each
-#           (with 2+ GPUs also the 70B shape at TP = 2, batch 1 and 8)
+#           128 and 4096, LORC_FUSED_NORM_ROWS=16 against 0, interleaved, FUSED_RUNS times each
+#           (default 2; with 2+ GPUs 1, as each run then adds the 70B shape at TP = 2, batch 1 and 8)
 #           (docs/PERFORMANCE.md, "Not measured yet"); never run yet (estimated 5 minutes on an H200)
 # Environment: OUT (default /tmp/lorc-gpu), GPUS (default: all visible), STEPS (decode steps, 32),
 # BIN_DIR (binaries from a local build instead of the bundle), BACKEND (serve phase; default cuda).
@@ -206,8 +206,10 @@ phase_fusednorm() {
   else
     note "fusednorm runner test: FAILED (see fusednorm-runner.txt)"; fails=$((fails + 1))
   fi
-  local r rows
-  for r in $(seq 1 "${FUSED_RUNS:-2}"); do
+  local r rows runs
+  # One pair of runs per setting where the 70B runs too, so that a call stays within 600 s.
+  runs=${FUSED_RUNS:-$([ "$GPUS" -ge 2 ] && echo 1 || echo 2)}
+  for r in $(seq 1 "$runs"); do
     for rows in 16 0; do
       CUDA_VISIBLE_DEVICES=0 LORC_FUSED_NORM_ROWS=$rows timeout 300 "$L" bench --model bench/configs/llama3-8b \
         --backend cuda --random-weights --decode-batches 1,8,16 --contexts 128,4096 --prefill 512 \

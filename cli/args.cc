@@ -109,12 +109,21 @@ absl::StatusOr<std::vector<int32_t>> Args::GetIntList(const std::string& name) c
   return out;
 }
 
-absl::StatusOr<std::string> Args::GetListenAddress(const std::string& name, const std::string& def) const {
-  const std::string addr = Get(name, def);
+namespace {
+
+// Whether `addr` is HOST:PORT (a non-empty host) with a port in [min_port, 65535].
+bool IsHostPort(absl::string_view addr, int64_t min_port) {
   const size_t colon = addr.rfind(':');
   int64_t port = -1;
-  if (colon == std::string::npos || colon == 0 ||
-      !absl::SimpleAtoi(absl::string_view(addr).substr(colon + 1), &port) || port < 0 || port > 65535) {
+  return colon != absl::string_view::npos && colon != 0 && absl::SimpleAtoi(addr.substr(colon + 1), &port) &&
+         port >= min_port && port <= 65535;
+}
+
+}  // namespace
+
+absl::StatusOr<std::string> Args::GetListenAddress(const std::string& name, const std::string& def) const {
+  const std::string addr = Get(name, def);
+  if (!IsHostPort(addr, 0)) {
     return absl::InvalidArgumentError(absl::StrCat(
         "--", name, ": '", addr, "' is not HOST:PORT with a port in [0, 65535] (0: pick one)"));
   }
@@ -126,10 +135,7 @@ absl::StatusOr<std::vector<std::string>> Args::GetAddressList(const std::string&
   std::vector<std::string> out;
   for (size_t i = 0; i < items.size(); ++i) {
     const std::string item(absl::StripAsciiWhitespace(items[i]));
-    const size_t colon = item.rfind(':');
-    int64_t port = -1;
-    if (colon == std::string::npos || colon == 0 ||
-        !absl::SimpleAtoi(absl::string_view(item).substr(colon + 1), &port) || port < 1 || port > 65535) {
+    if (!IsHostPort(item, 1)) {
       return absl::InvalidArgumentError(absl::StrCat("--", name, ": item ", i + 1, " '", item,
                                                      "' is not HOST:PORT with a port in [1, 65535]"));
     }

@@ -5,13 +5,30 @@
 # compiler: the device machines have the CUDA runtime, cuBLAS, NCCL and Python only).
 #
 #   scripts/gpu/pack.sh        # then carry the checkout with .gpu/ to the GPU host
+#   PACK_BINS="lorcserve worker_cuda_model_runner_test" scripts/gpu/pack.sh   # only these
+#
+# The device carry holds 64 MiB with the tree (about 51 MiB of it tracked files), so the bundle
+# must stay under ~12 MiB: binaries are stripped, compressed with xz -9e, and OpenBLAS (8 MB
+# compressed with libgfortran) is replaced by a stand-in over netlib's reference BLAS
+# (scripts/gpu/openblas_shim.c; the GPU host's CPU backend is only the parity tests' reference).
+# All binaries together (PACK_BINS unset) exceed the limit: name those a device call needs.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-bash scripts/build.sh
-bins=(build/bin/lorcserve)
-for f in build/tests/*cuda*_test build/tests/*cublas*_test build/tests/*nccl*_test build/bin/*_bench; do
-  [ -x "$f" ] && bins+=("$f")
-done
+bins=()
+if [ -n "${PACK_BINS:-}" ]; then
+  for n in $PACK_BINS; do
+    if [ -x "build/bin/$n" ]; then bins+=("build/bin/$n"); elif [ -x "build/tests/$n" ]; then bins+=("build/tests/$n");
+    else bins+=("build/bin/$n"); fi  # built below
+  done
+  bash scripts/build.sh $(for b in "${bins[@]}"; do basename "$b"; done)
+  for i in "${!bins[@]}"; do [ -x "${bins[$i]}" ] || bins[$i]="build/tests/$(basename "${bins[$i]}")"; done
+else
+  bash scripts/build.sh
+  bins=(build/bin/lorcserve)
+  for f in build/tests/*cuda*_test build/tests/*cublas*_test build/tests/*nccl*_test build/bin/*_bench; do
+    [ -x "$f" ] && bins+=("$f")
+  done
+fi
 stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
 # The lent H200 machines' helper (copies the non-CUDA libraries, records where CUDA lives there).
@@ -21,6 +38,24 @@ if [ -f "$BUNDLE_LIBS" ]; then
 else
   cp "${bins[@]}" "$stage/"  # the GPU host must then have this machine's libraries installed
 fi
+for b in "${bins[@]}"; do strip "$stage/$(basename "$b")"; done
+netlib=/usr/lib/x86_64-linux-gnu/blas/libblas.so.3
+if [ -f "$stage/libopenblas.so.0" ] && [ -f "$netlib" ]; then
+  rm -f "$stage/libopenblas.so.0"
+  cp -L "$netlib" "$stage/libblas.so.3"
+  cc -shared -fPIC -O2 -o "$stage/libopenblas.so.0" scripts/gpu/openblas_shim.c -Wl,-soname,libopenblas.so.0 \
+    -Wl,--no-as-needed "$stage/libblas.so.3"
+  # libgfortran / libquadmath came with OpenBLAS; drop them unless something else still needs them.
+  for lib in libgfortran.so.5 libquadmath.so.0; do
+    [ -f "$stage/$lib" ] || continue
+    needed=0
+    for f in "$stage"/*; do
+      [ "$(basename "$f")" = "$lib" ] && continue
+      readelf -d "$f" 2>/dev/null | grep -q "NEEDED.*\[$lib\]" && needed=1
+    done
+    [ "$needed" = 1 ] || rm -f "$stage/$lib"
+  done
+fi
 mkdir -p .gpu
-tar cJf .gpu/bundle.tar.xz -C "$stage" .
+tar cf - -C "$stage" . | xz -9e -T2 > .gpu/bundle.tar.xz
 echo "packed ${#bins[@]} binaries into .gpu/bundle.tar.xz ($(du -h .gpu/bundle.tar.xz | cut -f1))"

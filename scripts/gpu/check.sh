@@ -32,12 +32,12 @@
 #           (default 4), LORC_THREADS_GPU (1), LORC_ONLY (regex), LORC_EXCLUDE (regex of names to
 #           leave out), LORC_TIMEOUT (s, default 540); results carried in .gpu/lorc-sweep/ are kept
 #           (the sweep resumes).
-#   fusednorm  not in the default phases: the norms fused into the decode GEMVs (off by default until
-#           measured, backend/cuda_gemv.h SetCudaFusedNormRows): the model runner's golden-prompt
-#           test with them on, then `lorcserve bench` on the 8B shape at batch 1, 8 and 16 x context
-#           128 and 4096, LORC_FUSED_NORM_ROWS=16 against 0, interleaved, FUSED_RUNS times each
-#           (default 2; with 2+ GPUs 1, as each run then adds the 70B shape at TP = 2, batch 1 and 8)
-#           (docs/PERFORMANCE.md, "Not measured yet"); never run yet (estimated 5 minutes on an H200)
+#   ab      not in the default phases: an A/B of decode settings (environment assignments in
+#           AB_SETTINGS, ';'-separated): the golden-prompt runner test under each, then the 8B bench
+#           (and with 2+ GPUs the 70B TP = 2 bench) under each in turn, AB_RUNS rounds. E.g. the
+#           norms fused into the decode GEMVs (off: 1.8 ms slower on the 8B shape, 2026-12-05):
+#           AB_SETTINGS="LORC_FUSED_NORM_ROWS=0;LORC_FUSED_NORM_ROWS=16" (about 2 minutes a round
+#           on one H200)
 # Environment: OUT (default /tmp/lorc-gpu), GPUS (default: all visible), STEPS (decode steps, 32),
 # BIN_DIR (binaries from a local build instead of the bundle), BACKEND (serve phase; default cuda).
 set -uo pipefail
@@ -199,31 +199,40 @@ phase_peer() {
   fi
 }
 
-phase_fusednorm() {
-  if timeout 300 "$B/worker_cuda_model_runner_test" --gtest_filter='*Fused*:*GreedyMatches*' \
-       > "$OUT/fusednorm-runner.txt" 2>&1; then
-    note "fusednorm runner test: ok"
-  else
-    note "fusednorm runner test: FAILED (see fusednorm-runner.txt)"; fails=$((fails + 1))
-  fi
-  local r rows runs
-  # One pair of runs per setting where the 70B runs too, so that a call stays within 600 s.
-  runs=${FUSED_RUNS:-$([ "$GPUS" -ge 2 ] && echo 1 || echo 2)}
-  for r in $(seq 1 "$runs"); do
-    for rows in 16 0; do
-      CUDA_VISIBLE_DEVICES=0 LORC_FUSED_NORM_ROWS=$rows timeout 300 "$L" bench --model bench/configs/llama3-8b \
-        --backend cuda --random-weights --decode-batches 1,8,16 --contexts 128,4096 --prefill 512 \
-        --prefill-reps 1 --steps 64 > "$OUT/fusednorm-rows$rows-run$r.txt" 2>&1 &&
-        note "fusednorm bench rows=$rows run $r: $(grep -E '^decode +b=1 +ctx=128 ' "$OUT/fusednorm-rows$rows-run$r.txt")" ||
-        { note "fusednorm bench rows=$rows run $r: FAILED"; fails=$((fails + 1)); }
-      # 70B at TP = 2: its gate_up is where cuBLASLt beat the GEMV at M = 2..8 (2026-12-01), which
-      # the fused path bypasses.
+# Not in the default phases: an A/B of decode settings given as environment assignments.
+# AB_SETTINGS: ';'-separated settings, each a space-separated list of VAR=value (e.g.
+# "LORC_L2_PREFETCH_MB=0;LORC_L2_PREFETCH_MB=32"). First the golden-prompt test of the model runner
+# under each setting (greedy equal to the CPU reference), then, AB_RUNS rounds (default 2), every
+# setting in turn: `lorcserve bench` on the 8B shape at AB_BATCHES (1,8,64) x AB_CONTEXTS
+# (128,4096), prefill 512; with 2+ GPUs also the 70B shape at TP = 2 (batch 1 and 8 x 128).
+phase_ab() {
+  local settings s i r
+  IFS=';' read -ra settings <<< "${AB_SETTINGS:?phase ab needs AB_SETTINGS}"
+  i=0
+  for s in "${settings[@]}"; do
+    i=$((i + 1))
+    if env $s timeout 300 "$B/worker_cuda_model_runner_test" --gtest_filter='*Greedy*' \
+         > "$OUT/ab-s$i-runner.txt" 2>&1; then
+      note "ab [$s] runner test: ok"
+    else
+      note "ab [$s] runner test: FAILED (see ab-s$i-runner.txt)"; fails=$((fails + 1))
+    fi
+  done
+  for r in $(seq 1 "${AB_RUNS:-2}"); do
+    i=0
+    for s in "${settings[@]}"; do
+      i=$((i + 1))
+      env $s CUDA_VISIBLE_DEVICES=0 timeout 300 "$L" bench --model bench/configs/llama3-8b --backend cuda \
+        --random-weights --decode-batches "${AB_BATCHES:-1,8,64}" --contexts "${AB_CONTEXTS:-128,4096}" \
+        --prefill 512 --prefill-reps 1 --steps 64 > "$OUT/ab-s$i-run$r.txt" 2>&1 &&
+        note "ab [$s] run $r: $(grep -E '^decode +b=1 +ctx=128 ' "$OUT/ab-s$i-run$r.txt")" ||
+        { note "ab [$s] run $r: FAILED"; fails=$((fails + 1)); }
       [ "$GPUS" -ge 2 ] || continue
-      LORC_FUSED_NORM_ROWS=$rows timeout 900 "$L" bench --model bench/configs/llama3-70b --backend cuda \
-        --random-weights --local-workers 2 --decode-batches 1,8 --contexts 128 --prefill 512 --prefill-reps 1 \
-        --steps 32 > "$OUT/fusednorm-70b-rows$rows-run$r.txt" 2>&1 &&
-        note "fusednorm 70B tp=2 rows=$rows run $r: $(grep -E '^decode +b=1 +ctx=128 ' "$OUT/fusednorm-70b-rows$rows-run$r.txt")" ||
-        { note "fusednorm 70B tp=2 rows=$rows run $r: FAILED"; fails=$((fails + 1)); }
+      env $s timeout 900 "$L" bench --model bench/configs/llama3-70b --backend cuda --random-weights \
+        --local-workers 2 --decode-batches 1,8 --contexts 128 --prefill 512 --prefill-reps 1 --steps 32 \
+        > "$OUT/ab-70b-s$i-run$r.txt" 2>&1 &&
+        note "ab 70B tp=2 [$s] run $r: $(grep -E '^decode +b=1 +ctx=128 ' "$OUT/ab-70b-s$i-run$r.txt")" ||
+        { note "ab 70B tp=2 [$s] run $r: FAILED"; fails=$((fails + 1)); }
     done
   done
 }

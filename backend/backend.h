@@ -656,7 +656,7 @@ struct BackendOptions {
   int device = 0;   // CUDA device ordinal
   int threads = 0;  // CPU: BLAS threads (0 = library default)
   // Backend::FusesNormMatmul(T) for T <= this (0: never). -1: the backend's default (CUDA:
-  // GetCudaFusedNormRows() of backend/cuda_gemv.h, off until benchmarked; CPU: 0). On the CPU a
+  // GetCudaFusedNormRows() of backend/cuda_gemv.h, off: measured slower; CPU: 0). On the CPU a
   // positive value only routes the stream through the base class's copy into `next` (no speed-up):
   // for tests of the callers' stream bookkeeping.
   int64_t fused_norm_rows = -1;

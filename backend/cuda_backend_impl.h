@@ -191,7 +191,7 @@ class CudaBackend final : public Backend {
   // One launch (kernels::LaunchGemvRopeKvWrite) when FusedQkvApplies, else the two ops.
   absl::Status MatmulRopeKvWrite(const Tensor2D& x, const Tensor2D& w, Tensor2D out,
                                  const RopeKvWriteParams& p) override;
-  // Steps of T <= GetCudaFusedNormRows() (cuda_gemv.h; off by default until measured) tokens
+  // Steps of T <= GetCudaFusedNormRows() (cuda_gemv.h; off by default: measured slower) tokens
   // under a policy that allows the GEMV: one kernels::LaunchGemvNorm each (the rotary / SiLU
   // epilogue, or the plain store then RopeKvWrite where the fused QKV does not apply); else, or
   // where the operands do not suit the kernel, the unfused ops.

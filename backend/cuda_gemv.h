@@ -30,9 +30,10 @@ CudaMatmulPolicy GetCudaMatmulPolicy();
 
 // Steps of at most this many tokens run each residual add + RMSNorm inside the projection after
 // it (CudaBackend::FusesNormMatmul, kernels/gemv.cuh LaunchGemvNorm; capped at the GEMV's 16
-// rows). 0 turns it off. Off by default until a GPU measurement shows it faster: built on
-// 2026-12-04, its kernel parity bounds held on an H200 that day, not yet benchmarked
-// (docs/PERFORMANCE.md, "Not measured yet"). BackendOptions::fused_norm_rows >= 0 overrides it
+// rows). 0 turns it off. Off by default: measured on an H200 on 2026-12-05 it made the 8B decode
+// step 1.8 ms slower at batch 1 and 2.7 ms at batch 8 (the normed input is built lane by lane
+// inside the K loop of every CTA; docs/PERFORMANCE.md "Batch-1 decode, 8B on one H200,
+// 2026-12-05"), with parity and the golden prompts holding. BackendOptions::fused_norm_rows >= 0 overrides it
 // per backend. LORC_FUSED_NORM_ROWS=N in the environment sets it at start-up (A/B runs);
 // SetCudaFusedNormRows sets it for the CUDA backends created after the call (benchmarks, tests).
 inline constexpr int64_t kDefaultFusedNormRows = 0;

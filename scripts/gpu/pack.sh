@@ -59,3 +59,10 @@ fi
 mkdir -p .gpu
 tar cf - -C "$stage" . | xz -9e -T2 > .gpu/bundle.tar.xz
 echo "packed ${#bins[@]} binaries into .gpu/bundle.tar.xz ($(du -h .gpu/bundle.tar.xz | cut -f1))"
+# What travels to a lent machine: the tracked files and the bundle (64 MiB together at most).
+tracked=$(git ls-files -z | xargs -0 stat -c %s 2>/dev/null | awk '{s += $1} END {print s + 0}')
+total=$((tracked + $(stat -c %s .gpu/bundle.tar.xz)))
+if [ "$total" -gt $((64 << 20)) ]; then
+  echo "warning: the tracked files and the bundle come to $((total >> 20)) MiB, more than a lent machine's" \
+       "64 MiB: name fewer binaries in PACK_BINS" >&2
+fi

@@ -146,8 +146,8 @@ TEST(CudaModelRunnerTest, GreedyMatchesCpuReferenceOnEveryGoldenPrompt) {
 
 // The same with every residual add + RMSNorm of decode steps (the engine batches the golden
 // prompts: 4 sequences) run inside the projection after it (BackendOptions::fused_norm_rows; off
-// by default: measured slower, backend/cuda_gemv.h). The fused kernels round the normed input in another order
-// (kernels/gemv.cuh), so the same near-tie allowance as the unfused path.
+// by default: measured slower, backend/cuda_gemv.h). The fused kernels round the normed input in
+// another order (kernels/gemv.cuh), so the same near-tie allowance as the unfused path.
 TEST(CudaModelRunnerTest, GreedyWithNormsFusedIntoTheGemvsMatchesCpuReference) {
   REQUIRE_TINY_LLAMA();
   if (!HaveCudaDevices(1)) GTEST_SKIP() << "no CUDA device";

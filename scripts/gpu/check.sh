@@ -201,10 +201,11 @@ phase_peer() {
 
 # Not in the default phases: an A/B of decode settings given as environment assignments.
 # AB_SETTINGS: ';'-separated settings, each a space-separated list of VAR=value (e.g.
-# "LORC_DECODE_SPLIT=3,64;LORC_DECODE_SPLIT=3,64,128", or the "LORC_FUSED_NORM_ROWS=..." pair above). First the golden-prompt test of the model runner
-# under each setting (greedy equal to the CPU reference), then, AB_RUNS rounds (default 2), every
-# setting in turn: `lorcserve bench` on the 8B shape at AB_BATCHES (1,8,64) x AB_CONTEXTS
-# (128,4096), prefill 512; with 2+ GPUs also the 70B shape at TP = 2 (batch 1 and 8 x 128).
+# "LORC_DECODE_SPLIT=3,64;LORC_DECODE_SPLIT=3,64,128", or the LORC_FUSED_NORM_ROWS pair above).
+# First the golden-prompt test of the model runner under each setting (greedy equal to the CPU
+# reference), then, AB_RUNS rounds (default 2), every setting in turn: `lorcserve bench` on the 8B
+# shape at AB_BATCHES (1,8,64) x AB_CONTEXTS (128,4096), prefill 512; with 2+ GPUs also the 70B
+# shape at TP = 2 (batch 1 and 8 x 128).
 phase_ab() {
   local settings s i r
   IFS=';' read -ra settings <<< "${AB_SETTINGS:?phase ab needs AB_SETTINGS}"

@@ -16,12 +16,10 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 bins=()
 if [ -n "${PACK_BINS:-}" ]; then
-  for n in $PACK_BINS; do
-    if [ -x "build/bin/$n" ]; then bins+=("build/bin/$n"); elif [ -x "build/tests/$n" ]; then bins+=("build/tests/$n");
-    else bins+=("build/bin/$n"); fi  # built below
+  bash scripts/build.sh $PACK_BINS
+  for n in $PACK_BINS; do  # programs land in build/bin, tests in build/tests
+    if [ -x "build/bin/$n" ]; then bins+=("build/bin/$n"); else bins+=("build/tests/$n"); fi
   done
-  bash scripts/build.sh $(for b in "${bins[@]}"; do basename "$b"; done)
-  for i in "${!bins[@]}"; do [ -x "${bins[$i]}" ] || bins[$i]="build/tests/$(basename "${bins[$i]}")"; done
 else
   bash scripts/build.sh
   bins=(build/bin/lorcserve)

@@ -64,6 +64,12 @@ def bad_request(param, message):
 _LEADING_FIELD = re.compile(r"([a-z_]+)(\[[0-9]+\])?[:\s]")
 
 
+# How gRPC words a connection the coordinator ended: "Socket closed" when it closed the socket,
+# "recvmsg:Connection reset by peer" when the kernel reset it (a killed process with unread data;
+# which of the two a client sees depends on timing), "Broken pipe" on a write.
+_CONNECTION_LOST = ("Socket closed", "Connection reset by peer", "Broken pipe")
+
+
 def from_grpc(error):
     """An OpenAIError for a failed gRPC call (grpc.aio.AioRpcError or grpc.RpcError). A 400
     whose message starts with a request field's name (SamplingOptions / GenerateRequest names
@@ -77,7 +83,7 @@ def from_grpc(error):
     m = _LEADING_FIELD.match(detail)
     if status == 400 and m and (m.group(1) in COMMON_FIELDS or m.group(1) == "prompt"):
         param = m.group(1) + (m.group(2) or "")
-    if code == grpc.StatusCode.UNAVAILABLE and "Socket closed" in detail:
+    if code == grpc.StatusCode.UNAVAILABLE and any(m in detail for m in _CONNECTION_LOST):
         # What gRPC reports when the coordinator stops (or restarts) with calls in flight, and
         # when it ends a TLS handshake the gateway cannot complete.
         detail += (" (the coordinator stopped or closed the connection; if this gateway never "

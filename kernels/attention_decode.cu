@@ -103,7 +103,14 @@ __device__ __forceinline__ float RawToF32(KvQuant q, const uint4& raw, float (&o
 // 3 items of up to 51), so that its slot goes to the next kernel's CTAs at once. CTA row 0 always
 // waits: the grid completes only after the kernel before it, which the next kernel's PdlWait
 // relies on even in a step without decodes.
-__device__ __forceinline__ bool DecodePrologue(const PagedAttentionArgs& a, const DecodeSchedule& sch, int num_work) {
+// before_wait(item): more of the first item's work before the wait (the tensor-core kernel's
+// early K/V loads, DecodeSchedule::early_kv); called only for a CTA with a work item.
+struct NothingBeforeWait {
+  __device__ void operator()(const DecodeWorkItem&) const {}
+};
+template <typename BeforeWait = NothingBeforeWait>
+__device__ __forceinline__ bool DecodePrologue(const PagedAttentionArgs& a, const DecodeSchedule& sch, int num_work,
+                                               BeforeWait before_wait = {}) {
   PdlTrigger();
   if (static_cast<int>(blockIdx.y) >= max(num_work, 1)) return false;
   if (num_work > 0) {
@@ -111,6 +118,7 @@ __device__ __forceinline__ bool DecodePrologue(const PagedAttentionArgs& a, cons
     asm volatile("prefetch.global.L1 [%0];" ::"l"(a.query_start + it.seq));
     asm volatile("prefetch.global.L1 [%0];" ::"l"(a.block_tables + static_cast<int64_t>(it.seq) * a.max_blocks_per_seq +
                                                     it.kv_start / a.block_size));
+    before_wait(it);
   }
   PdlWait();
   return true;
@@ -353,7 +361,45 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
   const __nv_bfloat16* vc = static_cast<const __nv_bfloat16*>(a.v_cache) + kvh * D;
   __nv_bfloat16* const ring = rings + warp * kMmaStages * 2 * kTileElems;  // stage s: K, then V
 
-  if (!DecodePrologue(a, sch, num_work)) return;
+  // This warp's i-th tile of `item` into ring stage i % kMmaStages: the rows t with
+  // (t == late) == only_late, zeros past item.kv_end (masked; 0 x V must not be NaN).
+  auto issue_rows = [&](const DecodeWorkItem& item, int i, int late, bool only_late) {
+    const int32_t* table = a.block_tables + static_cast<int64_t>(item.seq) * a.max_blocks_per_seq;
+    __nv_bfloat16* sk = ring + (i % kMmaStages) * 2 * kTileElems;
+    __nv_bfloat16* sv = sk + kTileElems;
+    const int kv0 = item.kv_start + (warp + kMmaWarps * i) * kMmaKv;
+#pragma unroll
+    for (int j = 0; j < kMmaKv * kChunks / 32; ++j) {
+      const int idx = lane + 32 * j;
+      const int r = idx / kChunks, c = idx % kChunks;
+      const int t = kv0 + r;
+      if ((t == late) != only_late) continue;
+      const bool valid = t < item.kv_end;
+      int64_t slot = 0;
+      if (valid) slot = static_cast<int64_t>(table[t / a.block_size]) * a.block_size + t % a.block_size;
+      CpAsync16(sk + Swz<D>(r, c), kc + slot * a.k_ld + c * 8, valid);
+      CpAsync16(sv + Swz<D>(r, c), vc + slot * a.v_ld + c * 8, valid);
+    }
+  };
+  auto tiles_of = [&](const DecodeWorkItem& item) {
+    const int num_tiles = (item.kv_end - item.kv_start + kMmaKv - 1) / kMmaKv;
+    return num_tiles > warp ? (num_tiles - warp + kMmaWarps - 1) / kMmaWarps : 0;
+  };
+  // Early K/V (sch.early_kv): the first item's first kMmaStages - 1 tiles of this warp are
+  // issued before the PDL wait, all but the item's last key, the one row the kernel before this
+  // one may be writing (a decode's new token; pdl.cuh, "Early K/V"). One commit group per tile,
+  // as the loop below counts them.
+  const bool early = sch.early_kv;
+  auto early_issue = [&](const DecodeWorkItem& item) {
+    if (!early) return;
+    const int my_tiles = tiles_of(item);
+#pragma unroll
+    for (int i = 0; i < kMmaStages - 1; ++i) {
+      if (i < my_tiles) issue_rows(item, i, item.kv_end - 1, /*only_late=*/false);
+      CpAsyncCommit();
+    }
+  };
+  if (!DecodePrologue(a, sch, num_work, early_issue)) return;
 
   uint32_t q_off[4], k_off[4], v_off[4];
   SwzLdsmOffsets<D>(lane, SmemAddr(sq), q_off, k_off, v_off);
@@ -361,7 +407,6 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
   for (int w = blockIdx.y; w < num_work; w += gridDim.y) {
     const DecodeWorkItem item = sch.work[w];
     const int row = a.query_start[item.seq];
-    const int32_t* table = a.block_tables + static_cast<int64_t>(item.seq) * a.max_blocks_per_seq;
     // Q: row r < group is head kvh * group + r of the item's token; zeros below.
     const __nv_bfloat16* qg = static_cast<const __nv_bfloat16*>(a.q) + static_cast<int64_t>(row) * a.q_ld +
                               static_cast<int64_t>(kvh) * group * D;
@@ -370,32 +415,27 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
       const bool valid = r < group;
       CpAsync16(sq + Swz<D>(r, c), valid ? qg + r * D + c * 8 : qg, valid);
     }
-    CpAsyncCommit();
 
-    const int num_tiles = (item.kv_end - item.kv_start + kMmaKv - 1) / kMmaKv;
-    const int my_tiles = num_tiles > warp ? (num_tiles - warp + kMmaWarps - 1) / kMmaWarps : 0;
-    auto issue = [&](int i) {  // this warp's i-th tile into stage i % kMmaStages
-      __nv_bfloat16* sk = ring + (i % kMmaStages) * 2 * kTileElems;
-      __nv_bfloat16* sv = sk + kTileElems;
-      const int kv0 = item.kv_start + (warp + kMmaWarps * i) * kMmaKv;
+    const int my_tiles = tiles_of(item);
+    auto issue = [&](int i) { issue_rows(item, i, -1, /*only_late=*/false); };
+    if (early && w == static_cast<int>(blockIdx.y)) {
+      // The first item's tiles are in flight since the prologue: add its last key (if this
+      // warp's early tiles hold it) to Q's group and wait for all of them.
 #pragma unroll
-      for (int j = 0; j < kMmaKv * kChunks / 32; ++j) {
-        const int idx = lane + 32 * j;
-        const int r = idx / kChunks, c = idx % kChunks;
-        const int t = kv0 + r;
-        const bool valid = t < item.kv_end;  // zeros past it (masked; 0 x V must not be NaN)
-        int64_t slot = 0;
-        if (valid) slot = static_cast<int64_t>(table[t / a.block_size]) * a.block_size + t % a.block_size;
-        CpAsync16(sk + Swz<D>(r, c), kc + slot * a.k_ld + c * 8, valid);
-        CpAsync16(sv + Swz<D>(r, c), vc + slot * a.v_ld + c * 8, valid);
+      for (int i = 0; i < kMmaStages - 1; ++i) {
+        if (i < my_tiles) issue_rows(item, i, item.kv_end - 1, /*only_late=*/true);
       }
-    };
-#pragma unroll
-    for (int i = 0; i < kMmaStages - 1; ++i) {
-      if (i < my_tiles) issue(i);
       CpAsyncCommit();
+      CpAsyncWait<0>();
+    } else {
+      CpAsyncCommit();  // Q first
+#pragma unroll
+      for (int i = 0; i < kMmaStages - 1; ++i) {
+        if (i < my_tiles) issue(i);
+        CpAsyncCommit();
+      }
+      CpAsyncWait<kMmaStages - 1>();  // Q (committed first) has landed, for this thread
     }
-    CpAsyncWait<kMmaStages - 1>();  // Q (committed first) has landed, for this thread
     __syncthreads();                // ... and for everyone
     uint32_t qa[D / 16][4];
 #pragma unroll

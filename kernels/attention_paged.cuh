@@ -82,6 +82,12 @@ struct DecodeSchedule {
   // decode's tensor-core kernel keeps 3 ring stages from kDecodeMmaMinSeqs of them, 2 below
   // (LaunchDecodeAttention).
   int32_t num_decodes = 0;
+  // Host: the tensor-core decode issues its first work item's first ring stages of K/V (every
+  // key but the item's last) before its PDL wait, so that they load while the kernel before it
+  // (the QKV projection writing the new token's row) finishes (pdl.cuh, "Early K/V"). Outputs
+  // are the same bits either way. LORC_DECODE_EARLY_KV=1 turns it on (backend/cuda_attention.cc);
+  // off by default until measured on a GPU.
+  bool early_kv = false;
 };
 
 // From this many decode sequences a launch over a bf16 cache gives the tensor-core decode kernel

@@ -207,7 +207,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const bool preloaded = c < c_end;
   if (preloaded) load_w(c);
   PdlWait();
-  PdlTrigger();
+  PdlTrigger();  // after the wait, not before: the decode attention's early K/V relies on it (pdl.cuh)
   for (bool first = true; c < c_end; c += kWarps, first = false) {
     if (!(first && preloaded)) load_w(c);
     uint4 vx[NT][STEPS];

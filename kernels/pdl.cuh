@@ -15,6 +15,18 @@
 //   the launch's own arguments);
 // - PdlTrigger() may come anywhere (it only lets the next kernel's CTAs become resident early;
 //   their own PdlWait() still waits for this kernel's completion).
+// - a kernel's grid completes only after its own PdlWait() returned (at least one CTA waits), so
+//   completion is transitive: when a kernel has completed, so has every kernel before it.
+//
+// Early K/V (the one exception to reading only unwritten data before the wait): the tensor-core
+// decode attention (attention_decode.cu, DecodeSchedule::early_kv) loads cached K/V rows of
+// earlier positions before its wait. The kernel before it is the one writing this step's rows
+// (the QKV GEMV with RoPE + KV write fused, or RopeKvWrite after a GEMV or cuBLASLt), and that
+// writer was launched only after everything before the QKV projection had completed: the GEMV
+// calls PdlTrigger() only after its PdlWait() (gemv.cu; keep that order), cuBLASLt never triggers.
+// So the only rows still being written are this step's new tokens, which a decode item reads
+// after the wait (its last key; the decode path reads one query token per sequence).
+//
 // On devices below sm_90, or with LORC_DISABLE_PDL=1 in the environment (A/B measurements), the
 // launch carries no attribute and both device calls are no-ops.
 #pragma once

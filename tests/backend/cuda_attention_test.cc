@@ -3,6 +3,7 @@
 // chunked prefills over a cached prefix; GQA 32/8 and 8/2, MHA; head_dim 64 and 128; block_size
 // 16; seq_lens 1 .. 12000, one long sequence among many short ones; prefill chunks over long
 // cached contexts, split over CTAs), the decode path alone, the prefill path alone and both,
+// plus a decode whose early K/V loads (LORC_DECODE_EARLY_KV) race a kernel writing the newest rows,
 // plus a decode captured in a CUDA graph and replayed after PlanAttention refreshed the plan for
 // another batch at the same addresses.
 // CUDA runs BF16 (q, cache, out); the CPU runs F32 on exactly the bf16-rounded inputs.
@@ -15,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <numeric>
 
@@ -271,6 +273,70 @@ TEST_F(CudaAttentionTest, ConsecutiveSplitDecodesMatch) {
     ASSERT_OK(be.DecodeAttention(o.params, **plan));
     std::vector<float> got = Get(be, o.out, d);
     ExpectNear(got, want);
+  }
+}
+
+// Early K/V (DecodeSchedule::early_kv, LORC_DECODE_EARLY_KV=1): the tensor-core decode issues
+// its first tiles' loads before its PDL wait, every key but an item's last. Here the kernel just
+// before it (WriteKv, PDL-launched, triggering at its start) writes each sequence's newest row,
+// which the uploaded cache holds as a wrong value (40: it would dominate the softmax): the
+// outputs must be those of the written rows, the same bits as without early loads, and match the
+// CPU. Batches: one short and one split sequence (2 ring stages), 8 mixed lengths, 40 (3
+// stages); repeated, since a wrong order would only show when the two kernels overlap.
+TEST_F(CudaAttentionTest, EarlyKvLoadsReadTheRowWrittenJustBefore) {
+  std::vector<Problem> problems;
+  problems.push_back(MakeProblem(rng_, 32, 8, 128, {{1, 129}}));
+  problems.push_back(MakeProblem(rng_, 32, 8, 128, {{1, 5000}}));
+  problems.push_back(MakeProblem(rng_, 32, 8, 128, Decodes(8, 1, 300)));
+  problems.push_back(MakeProblem(rng_, 32, 8, 128, Decodes(40, 1, 2000)));
+  problems.push_back(MakeProblem(rng_, 8, 2, 64, Decodes(5, 1, 700)));
+  Backend& be = *cuda_;
+  const DType d = DType::kBF16;
+  for (const Problem& p : problems) {
+    const int64_t kv_width = static_cast<int64_t>(p.kv_heads) * p.hd;
+    const int n = static_cast<int>(p.seqs.size());
+    // The newest row of each sequence: its slot, its true K / V, and a cache that holds 40 there.
+    std::vector<int32_t> slots(n);
+    std::vector<float> k_new(n * kv_width), v_new(n * kv_width);
+    Problem stale = p;
+    for (int s = 0; s < n; ++s) {
+      const int pos = p.seq_lens[s] - 1;
+      slots[s] = p.tables[static_cast<size_t>(s) * p.max_blocks + pos / p.bs] * p.bs + pos % p.bs;
+      for (int64_t c = 0; c < kv_width; ++c) {
+        k_new[s * kv_width + c] = p.k[slots[s] * kv_width + c];
+        v_new[s * kv_width + c] = p.v[slots[s] * kv_width + c];
+        stale.k[slots[s] * kv_width + c] = 40.f;
+        stale.v[slots[s] * kv_width + c] = 40.f;
+      }
+    }
+    const std::vector<float> want = RunAttention(*cpu_, DType::kF32, p, kDecode);
+    const DeviceBuffer dk = Put(be, k_new, d), dv = Put(be, v_new, d), dslots = PutRaw(be, slots);
+    std::vector<std::vector<float>> outs;
+    for (const bool early : {false, true}) {
+      if (early) setenv("LORC_DECODE_EARLY_KV", "1", 1);
+      const OnDevice o = Upload(be, d, stale);
+      auto plan = be.CreateAttentionPlan({n, p.num_tokens, p.max_blocks});
+      unsetenv("LORC_DECODE_EARLY_KV");
+      ASSERT_OK(plan);
+      ASSERT_OK(be.PlanAttention(o.batch, **plan));
+      const DeviceBuffer k0 = Put(be, stale.k, d), v0 = Put(be, stale.v, d);
+      for (int rep = 0; rep < 20; ++rep) {
+        ASSERT_OK(be.CopyOnDevice(o.k.data(), k0.data(), k0.bytes()));
+        ASSERT_OK(be.CopyOnDevice(o.v.data(), v0.data(), v0.bytes()));
+        ASSERT_OK(be.WriteKv(o.params.cache, Tensor2D{dk.data(), d, n, kv_width, 0},
+                             Tensor2D{dv.data(), d, n, kv_width, 0}, dslots.as<int32_t>()));
+        ASSERT_OK(be.DecodeAttention(o.params, **plan));
+        std::vector<float> got = Get(be, o.out, d);
+        if (rep == 0) {
+          ExpectNear(got, want);
+          outs.push_back(got);
+        } else if (got != outs.back()) {
+          ADD_FAILURE() << "early " << early << ", repetition " << rep << ": output differs from the first";
+          break;
+        }
+      }
+    }
+    EXPECT_TRUE(outs.size() == 2 && outs[0] == outs[1]) << "early K/V changed the output bits";
   }
 }
 

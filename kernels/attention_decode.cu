@@ -387,8 +387,8 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
   };
   // Early K/V (sch.early_kv): the first item's first kMmaStages - 1 tiles of this warp are
   // issued before the PDL wait, all but the item's last key, the one row the kernel before this
-  // one may be writing (a decode's new token; pdl.cuh, "Early K/V"). One commit group per tile,
-  // as the loop below counts them.
+  // one may be writing (a decode's new token; pdl.cuh, "Early K/V"). The item's first pass of
+  // the loop below waits for all of them (and its last key) before it starts.
   const bool early = sch.early_kv;
   auto early_issue = [&](const DecodeWorkItem& item) {
     if (!early) return;

@@ -29,11 +29,12 @@ void SetCudaMatmulPolicy(CudaMatmulPolicy policy);
 CudaMatmulPolicy GetCudaMatmulPolicy();
 
 // Steps of at most this many tokens run each residual add + RMSNorm inside the projection after
-// it (CudaBackend::FusesNormMatmul, kernels/gemv.cuh LaunchGemvNorm; capped at the GEMV's 16
-// rows). 0 turns it off. Off by default: measured on an H200 on 2026-12-05 it made the 8B decode
-// step 1.8 ms slower at batch 1 and 2.7 ms at batch 8 (the normed input is built lane by lane
-// inside the K loop of every CTA; docs/PERFORMANCE.md "Batch-1 decode, 8B on one H200,
-// 2026-12-05"), with parity and the golden prompts holding. BackendOptions::fused_norm_rows >= 0
+// it (CudaBackend::FusesNormMatmul, kernels/gemv.cuh LaunchGemvNorm; capped at
+// kGemvNormMaxRows, 8). 0 turns it off. Off by default: measured on an H200 on 2026-12-05 it made
+// the 8B decode step 1.8 ms slower at batch 1 and 2.7 ms at batch 8, with parity and the golden
+// prompts holding (docs/PERFORMANCE.md "Batch-1 decode, 8B on one H200, 2026-12-05"). The kernel
+// has since been changed (its residual store, which kept every next load behind it, moved after
+// the loop; not yet measured). BackendOptions::fused_norm_rows >= 0
 // overrides it per backend. LORC_FUSED_NORM_ROWS=N in the environment sets it at start-up (A/B runs);
 // SetCudaFusedNormRows sets it for the CUDA backends created after the call (benchmarks, tests).
 inline constexpr int64_t kDefaultFusedNormRows = 0;

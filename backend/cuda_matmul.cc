@@ -415,7 +415,7 @@ bool NormArgsOf(const NormedInput& in, kernels::GemvNormArgs* a) {
 
 bool CudaBackend::FusesNormMatmul(int64_t tokens) const {
   const int64_t limit = fused_norm_rows_ >= 0 ? fused_norm_rows_ : matmul_->fused_norm_rows;
-  return tokens >= 1 && tokens <= limit && tokens <= kernels::kGemvMaxRows &&
+  return tokens >= 1 && tokens <= limit && tokens <= kernels::kGemvNormMaxRows &&
          matmul_->policy != CudaMatmulPolicy::kCublasLtOnly;
 }
 

@@ -108,43 +108,50 @@ __device__ __forceinline__ void SiluEpilogue(int m, const float* part, __nv_bflo
   }
 }
 
-// kNormX, for one 16-byte vector of a live token's row at column k0 (8 elements): r = x [+ add]
-// rounded to bf16 (the residual stream's stored value, kernels/rms_norm.cu's), stored into
-// residual_out when `store`; ss += sum r^2 in fp32; returns bf16(r * weight) (wv: the norm
-// weight's 8 values at k0), the GEMV's input.
-// The 1 / rms scale is applied to the fp32 sums at the end: sum_k w[j,k] (r_k g_k / rms) =
-// (sum_k w[j,k] r_k g_k) / rms.
-__device__ __forceinline__ uint4 NormInput(uint4 xv, uint4 wv, const GemvNormArgs& a, int token, int k0, bool store,
-                                           float& ss) {
+// kNormX, for one 16-byte vector of a live token's row (8 elements): r = x [+ add] rounded to
+// bf16 (the residual stream's stored value, kernels/rms_norm.cu's); ss += sum r^2 in fp32;
+// returns bf16(r * weight) (wv: the norm weight's 8 values), the GEMV's input. No memory access:
+// the caller loads a chunk's vectors first and stores the residual after its loop (a store
+// among the loads kept the compiler from issuing the next loads before it: 1.8 ms slower a step,
+// 2026-12-05). The 1 / rms scale is applied to the fp32 sums at the end: sum_k w[j,k] (r_k g_k /
+// rms) = (sum_k w[j,k] r_k g_k) / rms.
+__device__ __forceinline__ float AddRounded(__nv_bfloat16 x, __nv_bfloat16 add) {
+  return __bfloat162float(__float2bfloat16_rn(__bfloat162float(x) + __bfloat162float(add)));
+}
+__device__ __forceinline__ uint4 NormInput(uint4 xv, uint4 av, uint4 wv, bool has_add, float& ss) {
   const __nv_bfloat16* xe = reinterpret_cast<const __nv_bfloat16*>(&xv);
+  const __nv_bfloat16* ae = reinterpret_cast<const __nv_bfloat16*>(&av);
   const __nv_bfloat16* we = reinterpret_cast<const __nv_bfloat16*>(&wv);
-  float r[8];
-#pragma unroll
-  for (int e = 0; e < 8; ++e) r[e] = __bfloat162float(xe[e]);
-  if (a.add != nullptr) {
-    const uint4 av = *reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(a.add) +
-                                                     static_cast<int64_t>(token) * a.ld_add + k0);
-    const __nv_bfloat16* ae = reinterpret_cast<const __nv_bfloat16*>(&av);
-    uint4 rv;
-    __nv_bfloat16* re = reinterpret_cast<__nv_bfloat16*>(&rv);
-#pragma unroll
-    for (int e = 0; e < 8; ++e) {
-      re[e] = __float2bfloat16_rn(r[e] + __bfloat162float(ae[e]));
-      r[e] = __bfloat162float(re[e]);
-    }
-    if (store) {
-      *reinterpret_cast<uint4*>(static_cast<__nv_bfloat16*>(a.residual_out) +
-                                static_cast<int64_t>(token) * a.ld_residual_out + k0) = rv;
-    }
-  }
   uint4 y;
   __nv_bfloat16* ye = reinterpret_cast<__nv_bfloat16*>(&y);
 #pragma unroll
   for (int e = 0; e < 8; ++e) {
-    ss += r[e] * r[e];
-    ye[e] = __float2bfloat16_rn(r[e] * __bfloat162float(we[e]));
+    const float r = has_add ? AddRounded(xe[e], ae[e]) : __bfloat162float(xe[e]);
+    ss += r * r;
+    ye[e] = __float2bfloat16_rn(r * __bfloat162float(we[e]));
   }
   return y;
+}
+
+// kNormX with add: residual_out = bf16(x + add) for the m rows, by one CTA after its GEMV loop
+// (the same rounding as NormInput).
+__device__ __forceinline__ void StoreResidual(const GemvNormArgs& a, int m, int k, const __nv_bfloat16* x,
+                                              int64_t ldx) {
+  const int vecs = k / 8;
+  for (int i = threadIdx.x; i < m * vecs; i += blockDim.x) {
+    const int token = i / vecs, k0 = (i % vecs) * 8;
+    const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + static_cast<int64_t>(token) * ldx + k0));
+    const uint4 av = __ldg(reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(a.add) +
+                                                          static_cast<int64_t>(token) * a.ld_add + k0));
+    const __nv_bfloat16* xe = reinterpret_cast<const __nv_bfloat16*>(&xv);
+    const __nv_bfloat16* ae = reinterpret_cast<const __nv_bfloat16*>(&av);
+    uint4 rv;
+    __nv_bfloat16* re = reinterpret_cast<__nv_bfloat16*>(&rv);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) re[e] = __float2bfloat16_rn(__bfloat162float(xe[e]) + __bfloat162float(ae[e]));
+    *reinterpret_cast<uint4*>(static_cast<__nv_bfloat16*>(a.residual_out) + static_cast<int64_t>(token) * a.ld_residual_out +
+                              k0) = rv;
+  }
 }
 
 // One CTA: rows [16 * blockIdx.x, +16) of w (kRope: RopeTileOf's rows; kSilu: SiluEpilogue's),
@@ -176,11 +183,16 @@ __global__ void __launch_bounds__(kThreads, 2)
   const __nv_bfloat16* wa = w + static_cast<int64_t>(ra) * ldw + 8 * t;
   const __nv_bfloat16* wb = w + static_cast<int64_t>(rb) * ldw + 8 * t;
   const __nv_bfloat16* xr[NT];
+  const __nv_bfloat16* ar[NT];  // kNormX with add: the add rows, as xr
   bool x_live[NT];
+  const bool has_add = kIn == kNormX && norm.add != nullptr;
 #pragma unroll
   for (int j = 0; j < NT; ++j) {
     x_live[j] = g + 8 * j < m;
     xr[j] = x + static_cast<int64_t>(x_live[j] ? g + 8 * j : 0) * ldx + 8 * t;
+    ar[j] = has_add ? static_cast<const __nv_bfloat16*>(norm.add) +
+                          static_cast<int64_t>(x_live[j] ? g + 8 * j : 0) * norm.ld_add + 8 * t
+                    : nullptr;
   }
 
   const int chunks = (k + kChunk - 1) / kChunk;
@@ -188,7 +200,6 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int c_end = static_cast<int>(static_cast<int64_t>(chunks) * (split + 1) / splits);
   float acc[NT][4] = {};
   float ss[NT] = {};  // kNormX: this lane's sum of squares of its tokens' r
-  const bool store_residual = kIn == kNormX && norm.add != nullptr && blockIdx.x == 0;
   const uint4 zero = make_uint4(0, 0, 0, 0);
   uint4 va[STEPS], vb[STEPS];
   auto load_w = [&](int c) {
@@ -215,17 +226,32 @@ __global__ void __launch_bounds__(kThreads, 2)
     for (int s = 0; s < STEPS; ++s) {
       const int k0 = c * kChunk + 32 * s;
       const bool live = k0 + 8 * t < k;
-      uint4 nw = zero;  // kNormX: the norm weight's vector, the same for every token of the lane
-      if constexpr (kIn == kNormX) {
-        if (live && x_live[0]) {
-          nw = __ldg(reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(norm.weight) + k0 + 8 * t));
-        }
-      }
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
         vx[j][s] = live && x_live[j] ? __ldg(reinterpret_cast<const uint4*>(xr[j] + k0)) : zero;
-        if constexpr (kIn == kNormX) {
-          if (live && x_live[j]) vx[j][s] = NormInput(vx[j][s], nw, norm, g + 8 * j, k0 + 8 * t, store_residual, ss[j]);
+      }
+    }
+    if constexpr (kIn == kNormX) {
+      // Every load of the chunk first (x above, add and the norm weight here), then the math.
+      uint4 av[NT][STEPS], nw[STEPS];
+#pragma unroll
+      for (int s = 0; s < STEPS; ++s) {
+        const int k0 = c * kChunk + 32 * s;
+        const bool live = k0 + 8 * t < k;
+        nw[s] = live && x_live[0]
+                    ? __ldg(reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(norm.weight) + k0 + 8 * t))
+                    : zero;
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          av[j][s] = has_add && live && x_live[j] ? __ldg(reinterpret_cast<const uint4*>(ar[j] + k0)) : zero;
+        }
+      }
+#pragma unroll
+      for (int s = 0; s < STEPS; ++s) {
+        const bool live = c * kChunk + 32 * s + 8 * t < k;
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          if (live && x_live[j]) vx[j][s] = NormInput(vx[j][s], av[j][s], nw[s], has_add, ss[j]);
         }
       }
     }
@@ -237,6 +263,10 @@ __global__ void __launch_bounds__(kThreads, 2)
         Mma(acc[j], va[s].z, vb[s].z, va[s].w, vb[s].w, vx[j][s].z, vx[j][s].w);
       }
     }
+  }
+
+  if constexpr (kIn == kNormX) {
+    if (has_add && blockIdx.x == 0) StoreResidual(norm, m, k, x, ldx);
   }
 
   // Warp partials -> the CTA's [token][row] sums.
@@ -348,10 +378,15 @@ cudaError_t LaunchFused(dim3 grid, int64_t m, int64_t n, int64_t k, const void* 
   const auto* xb = static_cast<const __nv_bfloat16*>(x);
   const auto* wb = static_cast<const __nv_bfloat16*>(w);
   auto* ob = static_cast<__nv_bfloat16*>(out);
-  return m <= 8 ? LaunchPdl(GemvKernel<1, kRopeSteps, __nv_bfloat16, kMode, kIn>, grid, dim3(kThreads), 0, stream,
-                            nullptr, mi, ni, ki, xb, ldx, wb, ldw, ob, ldo, rope, norm)
-                : LaunchPdl(GemvKernel<2, kRopeSteps, __nv_bfloat16, kMode, kIn>, grid, dim3(kThreads), 0, stream,
-                            nullptr, mi, ni, ki, xb, ldx, wb, ldw, ob, ldo, rope, norm);
+  if constexpr (kIn == kNormX) {  // m <= kGemvNormMaxRows: one token tile
+    return LaunchPdl(GemvKernel<1, kRopeSteps, __nv_bfloat16, kMode, kIn>, grid, dim3(kThreads), 0, stream, nullptr,
+                     mi, ni, ki, xb, ldx, wb, ldw, ob, ldo, rope, norm);
+  } else {
+    return m <= 8 ? LaunchPdl(GemvKernel<1, kRopeSteps, __nv_bfloat16, kMode, kIn>, grid, dim3(kThreads), 0, stream,
+                              nullptr, mi, ni, ki, xb, ldx, wb, ldw, ob, ldo, rope, norm)
+                  : LaunchPdl(GemvKernel<2, kRopeSteps, __nv_bfloat16, kMode, kIn>, grid, dim3(kThreads), 0, stream,
+                              nullptr, mi, ni, ki, xb, ldx, wb, ldw, ob, ldo, rope, norm);
+  }
 }
 }  // namespace
 
@@ -405,7 +440,7 @@ cudaError_t LaunchGemvRopeKvWrite(int64_t m, int64_t n, int64_t k, const void* x
 bool GemvNormSupported(int64_t m, int64_t n, int64_t k, const void* x, int64_t ldx, const void* w, int64_t ldw,
                        int64_t ldo, const GemvNormArgs& a, GemvEpilogue epilogue, const GemvRopeArgs* rope) {
   auto rows_ok = [&](const void* p, int64_t ld) { return p != nullptr && Aligned16(p) && ld >= k && ld % 8 == 0; };
-  if (!GemvSupported(m, k, x, ldx, w, ldw) || n <= 0 || n >= 0x7fffffff || k >= 0x7fffffff ||
+  if (!GemvSupported(m, k, x, ldx, w, ldw) || m > kGemvNormMaxRows || n <= 0 || n >= 0x7fffffff || k >= 0x7fffffff ||
       a.weight == nullptr || !Aligned16(a.weight) || !(a.eps >= 0.f)) {
     return false;
   }

@@ -22,6 +22,10 @@ namespace lorc::kernels {
 
 // Largest token count M (rows of x and out) LaunchGemvBf16 takes.
 inline constexpr int64_t kGemvMaxRows = 16;
+// Largest token count M LaunchGemvNorm takes: one 8-token tile (its loads of a chunk's x, add and
+// norm weight come before the math; with two tiles they spill past the 128 registers a thread
+// has at two CTAs an SM).
+inline constexpr int64_t kGemvNormMaxRows = 8;
 // Largest cluster split of K (the portable cluster size).
 inline constexpr int kGemvMaxSplits = 8;
 
@@ -105,7 +109,7 @@ struct GemvNormArgs {
 //   the bits of LaunchGemvBf16 then LaunchSiluMul (when the projection sums alike). n % 16 == 0.
 enum class GemvEpilogue { kStore, kRopeKvWrite, kSiluMul };
 
-// True when LaunchGemvNorm takes these operands: GemvSupported; norm.weight set and 16-byte
+// True when LaunchGemvNorm takes these operands: GemvSupported and m <= kGemvNormMaxRows; norm.weight set and 16-byte
 // aligned; with add: add and residual_out 16-byte aligned, pitches >= k and multiples of 8; the
 // epilogue's conditions above (kRopeKvWrite: GemvRopeSupported); n < 2^31.
 bool GemvNormSupported(int64_t m, int64_t n, int64_t k, const void* x, int64_t ldx, const void* w, int64_t ldw,

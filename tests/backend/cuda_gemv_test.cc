@@ -31,7 +31,7 @@
 // 1 / rms is off by that factor) and the add in [-4, 4] (a missing add moves every input by about
 // half), and the test checks that such wrong results (no 1 / rms, no add, gate rows paired with
 // the wrong up rows) fail both checks (ExpectRejected). In place (next == residual) and past
-// kGemvMaxRows the backend runs the unfused ops, bit for bit; the kernel refuses bad operands;
+// kGemvNormMaxRows the backend runs the unfused ops, bit for bit; the kernel refuses bad operands;
 // the fused call replays from a CUDA graph bit for bit.
 // Skipped without a CUDA device (except the operand checks, which launch nothing).
 #include <cmath>
@@ -70,7 +70,7 @@ class CudaGemvTest : public CpuCudaPair<> {
   void SetUp() override {
     SetCudaMatmulPolicy(policy_);
     saved_fused_norm_rows_ = GetCudaFusedNormRows();
-    SetCudaFusedNormRows(kernels::kGemvMaxRows);
+    SetCudaFusedNormRows(kernels::kGemvNormMaxRows);
     CpuCudaPair<>::SetUp();
   }
   void TearDown() override {
@@ -730,9 +730,9 @@ void ExpectNormRope(Backend& cpu, Backend& cuda, std::mt19937& rng, const NormDa
 // CUDA ops and the CPU (bounds in the header comment), on every M of the GEMV's two token tiles,
 // K = 256 and 1048 (not a multiple of the 128-wide warp chunk), with and without the add.
 TEST_F(CudaGemvTest, NormGemvMatchesUnfusedAndCpu) {
-  const bool fuses = true;
   for (const int64_t K : {256, 1048}) {
     for (const int64_t M : {1, 3, 8, 9, 16}) {
+      const bool fuses = M <= kernels::kGemvNormMaxRows;
       for (const bool with_add : {false, true}) {
         SCOPED_TRACE(::testing::Message() << "M=" << M << " K=" << K << (with_add ? " add" : " no add"));
         EXPECT_EQ(cuda_->FusesNormMatmul(M), fuses);
@@ -755,15 +755,16 @@ TEST_F(CudaGemvTest, NormGemvMatchesUnfusedAndCpu) {
 }
 
 // The unfused path, bit for bit: next == residual (in place, M = 4: the fused kernel cannot store
-// the stream it reads) and M = 17 (past kernels::kGemvMaxRows, next distinct: the stream copied
-// into next, then updated there) give exactly the ops' stream, normed input, gate_up and act
-// (NormMatmulSiluMul) and qkv and cache rows (NormMatmulRopeKvWrite).
+// the stream it reads) and M = 9 and 17 (past kernels::kGemvNormMaxRows, and past the GEMV's
+// kGemvMaxRows; next distinct: the stream copied into next, then updated there) give exactly the
+// ops' stream, normed input, gate_up and act (NormMatmulSiluMul) and qkv and cache rows
+// (NormMatmulRopeKvWrite).
 TEST_F(CudaGemvTest, NormGemvFallsBackInPlace) {
   const int64_t K = 1048, I = 40, N = 2 * I;
   const RopeShape sh{4, 2, 64};
   const int64_t qw = int64_t{sh.heads} * sh.hd, kw = int64_t{sh.kv_heads} * sh.hd, NQ = qw + 2 * kw;
-  for (const int64_t M : {4, 17}) {
-    const bool in_place = M <= kernels::kGemvMaxRows;
+  for (const int64_t M : {4, 9, 17}) {
+    const bool in_place = M <= kernels::kGemvNormMaxRows;
     SCOPED_TRACE(::testing::Message() << "M=" << M << (in_place ? " in place" : " next distinct"));
     EXPECT_EQ(cuda_->FusesNormMatmul(M), in_place);
     const NormData d = MakeNormData(rng_, M, K, /*with_add=*/true);
@@ -794,7 +795,7 @@ TEST_F(CudaGemvTest, NormGemvFallsBackInPlace) {
                                 dp.as<int32_t>(), df.as<float>(), ds.as<int32_t>()};
       if (fused_call) {
         CHECK_OK(silu ? cuda_->NormMatmulSiluMul(o.in, wv, ov, av) : cuda_->NormMatmulRopeKvWrite(o.in, wqv, ov, p));
-        // Past kGemvMaxRows with next distinct: the stream's input stays as it was.
+        // Past kGemvNormMaxRows with next distinct: the stream's input stays as it was.
         if (!in_place) ExpectSame(Get(*cuda_, o.x, DType::kBF16), d.x, "residual (next distinct)");
       } else {
         CHECK_OK(UnfusedNorm(*cuda_, o.in));
@@ -942,7 +943,7 @@ TEST(CudaGemvNormOperandsTest, NormGemvRejectsBadOperands) {
       {"misaligned x", with([](Call& c) { c.x = static_cast<const char*>(c.x) + 2; })},
       {"k not a multiple of 8", with([](Call& c) { c.k = 252; })},
       {"m = 0", with([](Call& c) { c.m = 0; })},
-      {"m past kGemvMaxRows", with([](Call& c) { c.m = kernels::kGemvMaxRows + 1; })},
+      {"m past kGemvNormMaxRows", with([](Call& c) { c.m = kernels::kGemvNormMaxRows + 1; })},
       {"n = 0", with([](Call& c) { c.n = 0; })},
       {"kStore with ldo < n", with([](Call& c) { c.ldo = c.n - 1; })},
       {"kSiluMul with n % 16 != 0", with([](Call& c) {

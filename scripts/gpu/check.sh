@@ -36,8 +36,9 @@
 #           AB_SETTINGS, ';'-separated): the golden-prompt runner test under each, then the 8B bench
 #           (and with 2+ GPUs the 70B TP = 2 bench) under each in turn, AB_RUNS rounds. E.g. the
 #           norms fused into the decode GEMVs (off: 1.8 ms slower on the 8B shape, 2026-12-05):
-#           AB_SETTINGS="LORC_FUSED_NORM_ROWS=0;LORC_FUSED_NORM_ROWS=16" (about 2 minutes a round
-#           on one H200), or the decode attention's early K/V loads (kernels/README.md):
+#           AB_SETTINGS="LORC_FUSED_NORM_ROWS=0;LORC_FUSED_NORM_ROWS=8" (about 2 minutes a round
+#           on one H200; the kernel has changed since, kernels/README.md), or the decode
+#           attention's early K/V loads (kernels/README.md):
 #           AB_SETTINGS="LORC_DECODE_EARLY_KV=0;LORC_DECODE_EARLY_KV=1"
 # Environment: OUT (default /tmp/lorc-gpu), GPUS (default: all visible), STEPS (decode steps, 32),
 # BIN_DIR (binaries from a local build instead of the bundle), BACKEND (serve phase; default cuda).

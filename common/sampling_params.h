@@ -38,7 +38,7 @@ struct SamplingParams {
   // --- Stopping ---
   std::vector<int32_t> stop_token_ids;   // in addition to the model's EOS ids
   std::vector<std::string> stop_strings; // output text is cut before the first match
-  bool include_stop_str_in_output = false;  // keep the matched stop string in the text
+  bool include_stop_str_in_output = false;  // keep the matched stop string (or stop id's text) in the text
   bool ignore_eos = false;
   // --- Log-probabilities (of the model's raw distribution: log_softmax of the logits, before
   // any of the sampling options above; as vLLM's default "raw_logprobs") ---

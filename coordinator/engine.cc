@@ -252,8 +252,11 @@ absl::Status Engine::Step() {
       if (e.logprobs.has_value()) u.logprobs.push_back(*std::move(e.logprobs));
       ++c.completion_tokens;
       if (r.ttft_s == 0) r.ttft_s = Seconds(r.start, Clock::now());
-      // A token that ended the completion by id (EOS, stop id) adds no text.
-      if (!(e.finished && e.reason == FinishReason::kStop)) {
+      // A token that ended the completion by id (EOS, stop id) adds its text only with
+      // include_stop_str_in_output (EndCompletion's Finish() sends it).
+      if (e.finished && e.reason == FinishReason::kStop) {
+        c.output->PushStopToken(e.token);
+      } else {
         OutputProcessor::Delta d = c.output->Push(e.token);
         u.new_text = std::move(d.text);
         if (d.stopped) {

@@ -47,7 +47,8 @@ struct RequestUpdate {
   std::string new_text;        // whole UTF-8 characters; stop-string prefixes held back
   bool finished = false;       // this completion ended
   FinishReason reason = FinishReason::kNone;
-  // reason kStop: what matched: the EOS / stop id (its token adds no text), or the stop string
+  // reason kStop: what matched: the EOS / stop id (its token's text ends the text only with
+  // params.include_stop_str_in_output, as vLLM; EOS decodes to nothing), or the stop string
   // (the text ends before it, or with it when params.include_stop_str_in_output). A stop string
   // that completes on the max_tokens-th token is a stop too.
   StopReason stop_reason;

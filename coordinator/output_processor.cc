@@ -57,6 +57,12 @@ OutputProcessor::Delta OutputProcessor::Push(int32_t token) {
   return d;
 }
 
+void OutputProcessor::PushStopToken(int32_t token) {
+  if (decoder_ == nullptr || stopped_ || !include_stop_) return;
+  pending_ += decoder_->Push(token);
+  ++num_tokens_;
+}
+
 std::string OutputProcessor::Finish() {
   if (decoder_ == nullptr || stopped_) return "";
   std::string rest = std::move(pending_) + decoder_->Flush();

@@ -29,8 +29,13 @@ class OutputProcessor {
     std::string stop_string;  // stopped: the one that matched (the earliest in the text; on a
                               // tie the first listed)
   };
-  // A generated token (not one that ended the request by id: such a token has no text).
+  // A generated token (not one that ended the request by id: see PushStopToken).
   Delta Push(int32_t token);
+  // The token that ended the request by id (EOS, a stop id). With include_stop_str_in_output its
+  // text joins the output, without a stop-string check (vLLM's detokenizer: the stop token is
+  // detokenized only with that flag; EOS and other special tokens decode to nothing); without
+  // the flag it adds nothing. Finish() returns it.
+  void PushStopToken(int32_t token);
   // The request ended (length, stop id, EOS, abort): returns the held-back text, if any.
   std::string Finish();
 

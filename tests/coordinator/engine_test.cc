@@ -456,6 +456,44 @@ TEST_F(EngineTest, StopReasonNamesTheIdAndMinTokensDefersStops) {
   EXPECT_EQ(engine.scheduler().num_free_blocks(), 256);
 }
 
+// include_stop_str_in_output also keeps a stop id's text (vLLM's detokenizer does; a tester
+// found it dropped, 2026-12-05): the text ends with the stop token's text with the flag, before
+// it without; EOS decodes to nothing either way.
+TEST_F(EngineTest, IncludeStopStrKeepsAStopIdsText) {
+  Load(256);
+  auto engine_ptr = MakeEngine();
+  Engine& engine = *engine_ptr;
+  GenerationRequest cut = Greedy(3, 48);
+  cut.params.stop_token_ids = {greedy_[3][2]};
+  GenerationRequest keep = cut;
+  keep.params.include_stop_str_in_output = true;
+  auto out = engine.Generate({cut, keep});
+  ASSERT_OK(out);
+  const std::string two = *tokenizer_->Decode(absl::MakeConstSpan(greedy_[3]).subspan(0, 2));
+  const std::string three = *tokenizer_->Decode(absl::MakeConstSpan(greedy_[3]).subspan(0, 3));
+  ASSERT_GT(three.size(), two.size()) << "the stop token must have text for this test";
+  for (int i = 0; i < 2; ++i) {
+    const CompletionOutput& c = (*out)[i].first();
+    EXPECT_EQ(c.finish, FinishReason::kStop);
+    EXPECT_EQ(c.stop_reason.token_id, greedy_[3][2]);
+    EXPECT_EQ(c.output_ids.size(), 3u);
+    EXPECT_EQ(c.text, i == 0 ? two : three);
+  }
+  // EOS (special: no text) with the flag: the text is the tokens before it.
+  GenerationRequest eos = Greedy(3, 48);
+  eos.params.stop_token_ids = {};
+  eos.params.include_stop_str_in_output = true;
+  eos.params.logit_bias = {{static_cast<int32_t>(model_.config.eos_token_ids[0]), 100.f}};
+  eos.params.min_tokens = 2;
+  out = engine.Generate({eos});
+  ASSERT_OK(out);
+  const CompletionOutput& e = (*out)[0].first();
+  EXPECT_EQ(e.finish, FinishReason::kStop);
+  ASSERT_EQ(e.output_ids.size(), 3u);
+  EXPECT_EQ(e.text, *tokenizer_->Decode(absl::MakeConstSpan(e.output_ids).subspan(0, 2)));
+  EXPECT_EQ(engine.scheduler().num_free_blocks(), 256);
+}
+
 TEST_F(EngineTest, LogprobsComeWithEveryTokenIncludingAStopId) {
   Load(256);
   auto engine_ptr = MakeEngine();

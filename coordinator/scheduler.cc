@@ -267,17 +267,18 @@ void Scheduler::Enqueue(Seq& s, bool front) {
   waiting_.insert(s.wait_key);
 }
 
-void Scheduler::End(Seq& s) {
+void Scheduler::End(Seq& s, bool completed) {
   const int64_t id = s.id;
   if (s.state == SequenceState::kRunning) {
     running_.erase(std::find(running_.begin(), running_.end(), &s));
-    if (!s.session.session_id.empty() && s.parent < 0 && !SessionClosedSince(s)) {
+    if (completed && !s.session.session_id.empty() && s.parent < 0 && !SessionClosedSince(s)) {
       // The conversation so far: the indexed blocks of its chain, which the next turn will hit.
       // They are its table's own blocks where it computed them first, and otherwise the equal
       // blocks another sequence indexed before it (CacheFullBlocks leaves a duplicate unindexed):
-      // two sessions that start with the same text each keep it.
+      // two sessions that start with the same text each keep it. A conversation shorter than a
+      // block pins nothing, but its session starts (CloseSession finds it).
       std::vector<int32_t> keep = blocks_.MatchPrefix(s.hashes);
-      if (keep.empty()) {
+      if (keep.empty() && sessions_.Has(s.session)) {
         sessions_.Touch(s.session, Now());  // nothing new: a session keeps what it had
       } else {
         sessions_.Keep(s.session, std::move(keep), Now());
@@ -316,7 +317,7 @@ void Scheduler::EndUnstartedChildren(const Seq& parent, uint64_t step_id,
   }
   for (Seq* c : forked) {
     fail(c->id);
-    End(*c);
+    End(*c, /*completed=*/false);
   }
 }
 
@@ -326,7 +327,7 @@ void Scheduler::Finish(int64_t seq_id, FinishReason reason) {
   CHECK(reason != FinishReason::kNone) << "Finish(" << seq_id << ") needs a reason";
   auto it = seqs_.find(seq_id);
   if (it == seqs_.end()) return;
-  End(*it->second);
+  End(*it->second, /*completed=*/reason == FinishReason::kStop || reason == FinishReason::kLength);
 }
 
 int64_t Scheduler::PolicyPositions(const Seq& s, int64_t computed) {
@@ -822,7 +823,7 @@ std::vector<SequenceEvent> Scheduler::Apply(const StepResult& result) {
     const absl::Status status = ev.status;
     events.push_back(std::move(ev));
     EndUnstartedChildren(s, result.step_id, status, events);
-    End(s);
+    End(s, /*completed=*/false);
   }
   // The step's computed blocks are confirmed (for the sequences it did not fail): index them.
   for (Seq* s : running_) {
@@ -857,7 +858,7 @@ std::vector<SequenceEvent> Scheduler::Apply(const StepResult& result) {
       ev.status = absl::InternalError(absl::StrCat("the worker sampled token id ", t.token,
                                                    ", outside the vocabulary"));
       events.push_back(std::move(ev));
-      End(s);
+      End(s, /*completed=*/false);
       continue;
     }
     if (s.params.logprobs.has_value() && !t.logprobs.has_value()) {
@@ -866,7 +867,7 @@ std::vector<SequenceEvent> Scheduler::Apply(const StepResult& result) {
       ev.status = absl::InternalError(absl::StrCat(
           "the worker sent no logprobs for token ", t.token, " of a request that asked for them"));
       events.push_back(std::move(ev));
-      End(s);
+      End(s, /*completed=*/false);
       continue;
     }
     ev.token = t.token;
@@ -885,7 +886,7 @@ std::vector<SequenceEvent> Scheduler::Apply(const StepResult& result) {
     }
     ev.finished = ev.reason != FinishReason::kNone;
     events.push_back(ev);
-    if (ev.finished) End(s);
+    if (ev.finished) End(s, /*completed=*/true);
   }
   // Sequences that were to be sampled in that step but got no token (a forking parent's
   // children with it).
@@ -908,7 +909,7 @@ std::vector<SequenceEvent> Scheduler::Apply(const StepResult& result) {
     const absl::Status status = ev.status;
     events.push_back(std::move(ev));
     EndUnstartedChildren(s, result.step_id, status, events);
-    End(s);
+    End(s, /*completed=*/false);
   }
   return events;
 }

@@ -143,7 +143,8 @@ enum class FinishReason { kNone, kLength, kStop, kAborted, kError };
 const char* FinishReasonName(FinishReason r);
 
 // What ended a request with FinishReason::kStop: a token id (an EOS id or one of the request's
-// stop_token_ids; the token is the last of the output ids, as in vLLM, and adds no text) or one of its stop strings.
+// stop_token_ids; the token is the last of the output ids, as in vLLM, and adds its text only
+// with include_stop_str_in_output) or one of its stop strings.
 struct StopReason {
   int32_t token_id = -1;    // >= 0: this id
   std::string stop_string;  // non-empty: this string
@@ -331,7 +332,10 @@ class Scheduler {
 
   explicit Scheduler(const SchedulerConfig& config);  // `config` validated by Create
 
-  void End(Seq& s);
+  // Ends `s` (its blocks freed or back to the prefix cache). completed: it ended by stop or
+  // length, so a session turn's conversation is kept for the next turn; an aborted or failed
+  // turn leaves its session as it was.
+  void End(Seq& s, bool completed);
   // Ends the children of `parent` that have no token yet (unforked reserved ids, or forked at a
   // step whose result is not applied) with `status`, one kError event each.
   void EndUnstartedChildren(const Seq& parent, uint64_t step_id, const absl::Status& status,

@@ -44,7 +44,9 @@ void SessionStore::Keep(const SessionKey& id, std::vector<int32_t> blocks, absl:
   s.last_used = now;
   UnpinAll(old);
   // Oldest first, never `id` itself (it fits alone, so this ends before reaching it).
-  while (num_pinned_blocks() > max_blocks_ && ReleaseOldest(&id)) ++num_capped_;
+  while (num_pinned_blocks() > max_blocks_) {
+    if (!ReleaseOldest(&id)) break;
+  }
 }
 
 int32_t SessionStore::PinCount(int32_t b) const {
@@ -94,6 +96,7 @@ bool SessionStore::ReleaseOldest(const SessionKey* except) {
   }
   if (oldest == sessions_.end()) return false;
   Drop(oldest);
+  ++num_capped_;  // the cap (Keep) or memory pressure (the scheduler)
   return true;
 }
 

@@ -62,8 +62,8 @@ class SessionStore {
   absl::Status Close(const SessionKey& id);
   // Ends sessions idle for longer than the ttl; returns how many.
   int32_t Expire(absl::Time now);
-  // Ends the least recently used session other than `except` (null: any); false when there is
-  // none.
+  // Ends the least recently used session other than `except` (null: any), counted in
+  // num_capped(); false when there is none.
   bool ReleaseOldest(const SessionKey* except = nullptr);
   void Clear();
 

@@ -389,6 +389,42 @@ TEST(SchedulerSessionTest, SessionsThatRepeatAnotherSessionsTextEachKeepIt) {
   ASSERT_OK(h.sched.Validate());
 }
 
+// Found by a fresh tester (2026-12-05): a first turn shorter than a block started no session (its
+// CloseSession said NOT_FOUND); a turn cancelled after its prefill replaced its session's pins
+// (and could release other sessions under the cap). Now the short turn starts a session with
+// nothing pinned, and an aborted turn leaves its session as it was.
+TEST(SchedulerSessionTest, AShortTurnStartsASessionAndAnAbortedTurnChangesNothing) {
+  Harness h(Config(4, 64));
+  ASSERT_OK(h.Add(1, Prompt(2, 1), Params(1), 0, {}, {"", "short"}));
+  RunAll(h);
+  ASSERT_TRUE(h.sched.sessions().Has({"", "short"}));
+  EXPECT_TRUE(h.sched.sessions().PinnedBlocks({"", "short"}).empty());
+  EXPECT_OK(h.sched.CloseSession("", "short"));
+  EXPECT_EQ(h.sched.prefix_cache_report().sessions_closed, 1);
+
+  const std::vector<int32_t> prompt = Prompt(20, 2);
+  ASSERT_OK(h.Add(2, prompt, Params(2), 0, {}, {"", "a"}));
+  RunAll(h);
+  const std::vector<int32_t> pinned = h.sched.sessions().PinnedBlocks({"", "a"});
+  ASSERT_EQ(pinned.size(), 5u);
+  std::vector<int32_t> turn2 = prompt;
+  for (int i = 0; i < 12; ++i) turn2.push_back(900 + i);
+  ASSERT_OK(h.Add(3, turn2, Params(8), 0, {}, {"", "a"}));
+  ASSERT_NE(Find(h.Step(), 3), nullptr);  // its prefill ran
+  h.Abort(3);
+  RunAll(h);
+  EXPECT_EQ(h.sched.sessions().PinnedBlocks({"", "a"}), pinned);
+  // Its computed blocks stay cached: a retry of the turn hits them.
+  ASSERT_OK(h.Add(4, turn2, Params(2), 0, {}, {"", "a"}));
+  PlanView p = h.Step();
+  ASSERT_NE(Find(p, 4), nullptr);
+  EXPECT_EQ(Find(p, 4)->num_cached, 28);  // 7 full blocks: the last prompt token is computed
+  RunAll(h);
+  EXPECT_EQ(h.outputs[4], Expected(4, 32, 2));
+  EXPECT_EQ(h.sched.sessions().PinnedBlocks({"", "a"}).size(), 8u);  // 33 computed tokens
+  ASSERT_OK(h.sched.Validate());
+}
+
 // Sessions are per (cache_salt, session_id): another tenant's turn with the same id neither
 // replaces nor can close this tenant's session.
 TEST(SchedulerSessionTest, SessionsOfDifferentSaltsAreSeparate) {
@@ -429,6 +465,8 @@ TEST(SchedulerSessionTest, TheCapReleasesTheOldestSessionsAndPressureReleasesThe
   RunAll(h);
   EXPECT_EQ(h.outputs[9], Expected(9, 60, 2));
   EXPECT_LT(h.sched.prefix_cache_report().sessions, 2);
+  // Released for memory: counted with the cap's (a tester saw the count stay at 1, 2026-12-05).
+  EXPECT_EQ(h.sched.prefix_cache_report().sessions_capped, 1 + (2 - h.sched.prefix_cache_report().sessions));
   ASSERT_OK(h.sched.Validate());
 }
 

@@ -143,9 +143,28 @@ class _ModelState:
 
 def _static_info(info):
     """What the gateway's snapshot of ModelInfo depends on (not its live counters): the model's
-    path, its limits, stop ids and generation defaults."""
+    path, its limits, the KV cache's size, stop ids and generation defaults."""
     return (info.model, info.max_model_len, info.vocab_size, info.max_request_bytes,
+            info.block_size, info.kv_capacity_blocks,
             tuple(info.eos_token_ids), info.generation_defaults.SerializeToString())
+
+
+def max_tokens_that_fit(prompt_len, n, info):
+    """The largest max_tokens whose n completions of a prompt_len-token prompt fit in the whole
+    KV cache together (ModelInfo's block_size and kv_capacity_blocks), as the coordinator's
+    admission check counts them (coordinator/scheduler.cc, Scheduler::Add): the prompt's full
+    blocks shared when n > 1, every other block each completion's own, prompt + max_tokens - 1
+    tokens cached. < 1 when not even one token fits (the coordinator's error then says so); a
+    large number when the info has no cache size."""
+    bs, capacity = info.block_size, info.kv_capacity_blocks
+    if bs <= 0 or capacity <= 0:
+        return 2**31 - 1
+    n = max(1, n)
+    shared = prompt_len // bs if n > 1 else 0
+    if capacity < shared:
+        return 0
+    blocks_each = shared + (capacity - shared) // n
+    return blocks_each * bs - prompt_len + 1
 
 
 def _credential_digest(metadata):
@@ -756,6 +775,12 @@ def create_app(gateway):
             if max_tokens < 1:
                 raise bad_request("messages", f"the prompt ({len(tok.ids)} tokens) leaves no "
                                               f"room in max_model_len {state.info.max_model_len}")
+            # ... and within what the whole KV cache holds for the n completions: the
+            # coordinator refuses a request whose worst case can never fit, which a cache smaller
+            # than n x max_model_len made of every chat request without max_tokens.
+            fit = max_tokens_that_fit(len(tok.ids), params.get_int(body, "n") or 1, state.info)
+            if fit >= 1:
+                max_tokens = min(max_tokens, fit)
         params.fill_sampling(req.sampling, body, state.info.generation_defaults, max_tokens,
                              state.info.max_model_len, max_tokens_name, state.info.vocab_size)
         params.fill_request(req, body)

@@ -544,6 +544,22 @@ class GatewayE2E(unittest.TestCase):
         self.assertEqual(reply["usage"]["completion_tokens"], 4096 - prompt_len)
         self.assertEqual(reply["choices"][0]["finish_reason"], "length")
 
+    def test_chat_without_max_tokens_fits_the_kv_cache(self):
+        # n completions of the model length need more blocks than coordinator A's cache has: the
+        # default max_tokens shrinks to what fits (the coordinator refused the request as "can
+        # never fit", found by a tester on 2026-12-05). EOS biased up: each ends at once.
+        info = self.stub_a.ModelInfo(self.pb2.ModelInfoRequest())
+        cache_tokens = info.kv_capacity_blocks * info.block_size
+        n = cache_tokens // info.max_model_len + 2
+        self.assertLessEqual(n, 64, "coordinator A's cache grew: pick a smaller test")
+        code, body = curl(f"{self.a}/v1/chat/completions", {
+            "model": MODEL_NAME, "messages": [{"role": "user", "content": "Hi"}], "n": n,
+            "temperature": 0, "logit_bias": {str(info.eos_token_ids[0]): 100}})
+        self.assertEqual(code, 200, body)
+        choices = json.loads(body)["choices"]
+        self.assertEqual(len(choices), n)
+        self.assertTrue(all(c["finish_reason"] == "stop" for c in choices), choices)
+
     def assert_start_fails(self, *flags):
         """Starts a gateway in front of coordinator A with `flags`: it must exit 2 without
         listening; returns its stderr."""

@@ -346,6 +346,35 @@ class FlagsTest(unittest.TestCase):
                 server.Gateway(server.Options("127.0.0.1:1", tls_ca=f.name), pb2, None)
 
 
+class ChatDefaultMaxTokensTest(unittest.TestCase):
+    """The chat default (no max_tokens) is capped by what the whole KV cache holds for the n
+    completions, counted as the coordinator's admission check counts them (scheduler.cc Add),
+    so that the coordinator never refuses it as "can never fit" (a tester hit that, 2026-12-05)."""
+
+    @staticmethod
+    def blocks_needed(prompt_len, max_tokens, n, bs):  # scheduler.cc, Scheduler::Add
+        cached = prompt_len + max_tokens - 1
+        shared = prompt_len // bs if n > 1 else 0
+        return shared + n * (-(-cached // bs) - shared)
+
+    def test_the_largest_that_fits(self):
+        from types import SimpleNamespace
+        for bs in (1, 4, 16):
+            for capacity in (3, 64, 256, 3000):
+                for prompt_len in (1, 5, 16, 17, 200):
+                    for n in (1, 2, 3, 9):
+                        info = SimpleNamespace(block_size=bs, kv_capacity_blocks=capacity)
+                        m = server.max_tokens_that_fit(prompt_len, n, info)
+                        case = (bs, capacity, prompt_len, n, m)
+                        if m >= 1:
+                            self.assertLessEqual(self.blocks_needed(prompt_len, m, n, bs),
+                                                 capacity, case)
+                        self.assertGreater(self.blocks_needed(prompt_len, max(m, 0) + 1, n, bs),
+                                           capacity, case)
+        unknown = SimpleNamespace(block_size=0, kv_capacity_blocks=0)
+        self.assertEqual(server.max_tokens_that_fit(10, 2, unknown), 2**31 - 1)
+
+
 class CoordinatorErrorTest(unittest.TestCase):
     def test_coordinator_400_names_the_field(self):
         for details, param in [("top_p must be in (0, 1], got 7", "top_p"),

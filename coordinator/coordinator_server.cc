@@ -260,6 +260,16 @@ absl::Status CoordinatorServer::JoinGroup() {
   SetHealth(true);
   log_->Worker({"join", absl::StrCat(g->group->size(), " worker(s) joined and loaded the model: ",
                                      absl::StrJoin(wg.addresses, ","))});
+  // Served anyway (vLLM refuses to start): requests whose prompt + max_tokens exceed the cache are
+  // refused one by one ("can never fit"), so the operator hears it once, here.
+  const int64_t cache_tokens = static_cast<int64_t>(kv.num_blocks) * kv.block_size;
+  if (cache_tokens < config_.max_position_embeddings) {
+    log_->Worker({"kv_cache_small", absl::StrCat("the KV cache holds ", cache_tokens, " tokens (", kv.num_blocks,
+                                          " blocks of ", kv.block_size, "), fewer than one sequence of "
+                                          "max_model_len ", config_.max_position_embeddings,
+                                          ": longer requests are refused; raise --gpu-memory-utilization, "
+                                          "--kv-cache-mb or --num-blocks")});
+  }
   return absl::OkStatus();
 }
 

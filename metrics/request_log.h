@@ -37,7 +37,8 @@ struct RequestLogRecord {
 
 // Worker events: "join" (a group serves), "failure", "restart" (a local worker process),
 // "kill" (an unresponsive local worker), "recovery" (re-joined and serving), "recovery_failed"
-// (one attempt), "give_up" (out of restarts).
+// (one attempt), "give_up" (out of restarts), "kv_cache_small" (a group serves with a KV cache
+// smaller than one sequence of max_model_len).
 struct WorkerEvent {
   std::string event;
   std::string message;  // human-readable, also the whole text-format line after the prefix

@@ -178,12 +178,14 @@ TEST_F(MetricsE2ETest, EveryMetricPresentAndMoving) {
 
   // ---- the log: one JSON line per request, with what its client got.
   std::map<std::string, nlohmann::json> by_id;
-  bool joined = false;
+  bool joined = false, small = false;
   for (const nlohmann::json& j : JsonLog()) {
     if (j.at("event") == "request") by_id[j.at("request_id").get<std::string>()] = j;
     joined = joined || j.at("event") == "worker_join";
+    small = small || j.at("event") == "worker_kv_cache_small";
   }
   EXPECT_TRUE(joined);
+  EXPECT_FALSE(small) << "the default cache holds max_model_len";
   for (size_t i = 0; i < served.size(); ++i) {
     const std::string id = served[i].final.request_id();
     ASSERT_TRUE(by_id.contains(id)) << id;
@@ -306,6 +308,23 @@ TEST_F(MetricsE2ETest, BadFlagsAreErrors) {
     EXPECT_EQ(code, 2) << extra.back();
     EXPECT_THAT(out3, Not(HasSubstr("LISTENING")));
   }
+}
+
+// A cache smaller than one sequence of max_model_len (64 blocks of 16 = 1,024 tokens < 4,096)
+// serves, and says so once in the log, naming the flags that size it (a tester's request failed
+// with "can never fit" and nothing at start-up had said why, 2026-12-05).
+TEST_F(MetricsE2ETest, ACacheSmallerThanTheModelLengthIsLoggedAtStart) {
+  ASSERT_NO_FATAL_FAILURE(StartServer(1, {"--log-format", "json", "--num-blocks", "64"}));
+  std::string message;
+  WaitFor([&] {
+    for (const nlohmann::json& j : JsonLog()) {
+      if (j.at("event") == "worker_kv_cache_small") message = j.at("message").get<std::string>();
+    }
+    return !message.empty();
+  }, 10);
+  EXPECT_THAT(message, HasSubstr("holds 1024 tokens (64 blocks of 16)"));
+  EXPECT_THAT(message, HasSubstr("max_model_len 4096"));
+  EXPECT_THAT(message, HasSubstr("--num-blocks"));
 }
 
 // Found by a tester: --metrics-port always bound 0.0.0.0, even with --listen 127.0.0.1 and a

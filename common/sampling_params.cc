@@ -1,11 +1,24 @@
 #include "common/sampling_params.h"
 
+#include <charconv>
 #include <cmath>
+#include <string>
 
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
 
 namespace lorc {
+namespace {
+
+// The shortest text that reads back as v (StrCat's six digits printed 100.0001 as "100", in the
+// error that refused it for exceeding 100).
+std::string Num(float v) {
+  char buf[32];
+  const std::to_chars_result r = std::to_chars(buf, buf + sizeof(buf), v);
+  return r.ec == std::errc() ? std::string(buf, r.ptr) : absl::StrCat(v);
+}
+
+}  // namespace
 
 absl::Status SamplingParams::Validate(int64_t vocab_size) const {
   auto bad = [](auto&&... parts) { return absl::InvalidArgumentError(absl::StrCat(parts...)); };
@@ -18,20 +31,20 @@ absl::Status SamplingParams::Validate(int64_t vocab_size) const {
     return bad("min_tokens must be in [0, max_tokens = ", max_tokens, "], got ", min_tokens);
   }
   if (!std::isfinite(temperature) || temperature < 0.0f) {
-    return bad("temperature must be a finite value >= 0, got ", temperature);
+    return bad("temperature must be a finite value >= 0, got ", Num(temperature));
   }
   if (top_k < 0) return bad("top_k must be >= 0 (0: off), got ", top_k);
-  if (!(top_p > 0.0f && top_p <= 1.0f)) return bad("top_p must be in (0, 1], got ", top_p);
-  if (!(min_p >= 0.0f && min_p <= 1.0f)) return bad("min_p must be in [0, 1], got ", min_p);
+  if (!(top_p > 0.0f && top_p <= 1.0f)) return bad("top_p must be in (0, 1], got ", Num(top_p));
+  if (!(min_p >= 0.0f && min_p <= 1.0f)) return bad("min_p must be in [0, 1], got ", Num(min_p));
   if (!(repetition_penalty > 0.0f) || !std::isfinite(repetition_penalty)) {
-    return bad("repetition_penalty must be a finite value > 0, got ", repetition_penalty);
+    return bad("repetition_penalty must be a finite value > 0, got ", Num(repetition_penalty));
   }
   const float pmax = defaults::kMaxPresencePenalty;
   if (!(presence_penalty >= -pmax && presence_penalty <= pmax)) {
-    return bad("presence_penalty must be in [", -pmax, ", ", pmax, "], got ", presence_penalty);
+    return bad("presence_penalty must be in [", -pmax, ", ", pmax, "], got ", Num(presence_penalty));
   }
   if (!(frequency_penalty >= -pmax && frequency_penalty <= pmax)) {
-    return bad("frequency_penalty must be in [", -pmax, ", ", pmax, "], got ", frequency_penalty);
+    return bad("frequency_penalty must be in [", -pmax, ", ", pmax, "], got ", Num(frequency_penalty));
   }
   absl::flat_hash_set<int32_t> seen;
   for (int32_t id : allowed_token_ids) {
@@ -46,7 +59,7 @@ absl::Status SamplingParams::Validate(int64_t vocab_size) const {
     if (!seen.insert(id).second) return bad("logit_bias: id ", id, " given twice");
     if (!(bias >= -defaults::kMaxLogitBias && bias <= defaults::kMaxLogitBias)) {
       return bad("logit_bias: bias of id ", id, " must be in [", -defaults::kMaxLogitBias, ", ",
-                 defaults::kMaxLogitBias, "], got ", bias);
+                 defaults::kMaxLogitBias, "], got ", Num(bias));
     }
   }
   for (int32_t id : stop_token_ids) {

@@ -206,12 +206,12 @@ absl::Status Scheduler::Add(int64_t seq_id, std::vector<int32_t> prompt,
   if (blocks_needed > config_.num_blocks) {
     if (n == 1) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "request needs ", blocks_needed, " KV blocks for ", cached,
+          "max_tokens: request needs ", blocks_needed, " KV blocks for ", cached,
           " cached tokens (prompt + max_tokens - 1), the whole cache has ", config_.num_blocks,
           ": it can never fit (lower max_tokens or shorten the prompt)"));
     }
     return absl::InvalidArgumentError(absl::StrCat(
-        "request needs ", blocks_needed, " KV blocks for n = ", n, " completions of ", cached,
+        "max_tokens: request needs ", blocks_needed, " KV blocks for n = ", n, " completions of ", cached,
         " cached tokens (prompt + max_tokens - 1; the prompt's ", shared,
         " full blocks shared), the whole cache has ", config_.num_blocks,
         ": it can never fit (lower n or max_tokens, or shorten the prompt)"));
@@ -220,7 +220,7 @@ absl::Status Scheduler::Add(int64_t seq_id, std::vector<int32_t> prompt,
   const int64_t positions = n * kvpolicy::DeviceStateCapacity(cached);
   if (config_.kv_policy_max_positions > 0 && positions > config_.kv_policy_max_positions) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "request needs KV policy state for ", positions, " positions (", n, " completion",
+        "max_tokens: request needs KV policy state for ", positions, " positions (", n, " completion",
         n == 1 ? "" : "s", " of ", cached, " cached tokens, prompt + max_tokens - 1, in units of ",
         kvpolicy::kDeviceStateGranule, "), the workers hold ", config_.kv_policy_max_positions,
         ": it can never fit (lower n or max_tokens, or shorten the prompt)"));

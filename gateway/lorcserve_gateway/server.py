@@ -816,7 +816,8 @@ def create_app(gateway):
             watch.cancel()
             closing.cancel()
             _cancel(calls)
-            raise _prompt_error(from_grpc(e.error), e.index, len(calls), ep.chat) from None
+            raise _prompt_error(from_grpc(e.error), e.index, len(calls), ep.chat,
+                                ep.max_tokens_name) from None
         except BaseException:
             watch.cancel()
             closing.cancel()
@@ -995,13 +996,22 @@ async def _first(call, index):
         raise _PromptError(e, index) from None
 
 
-def _prompt_error(error, index, num_prompts, chat):
+def _prompt_error(error, index, num_prompts, chat, max_tokens_name=None):
     """The coordinator's "prompt ..." 400 names what the client sent: in a batch the prompt it
     is about (`prompt[i]`), in chat `messages` (chat has no `prompt`: the messages rendered by
-    the template are the prompt)."""
+    the template are the prompt), and the field the limit came from (`max_tokens_name`:
+    max_completion_tokens when the chat request sent that, None when it sent neither; the
+    coordinator says max_tokens)."""
     if error.param == "prompt" and (chat or num_prompts > 1):
         error.param = "messages" if chat else f"prompt[{index}]"
         error.message = f"{error.param}: {error.message}"
+    if error.param == "max_tokens" and chat and max_tokens_name != "max_tokens":
+        # A KV capacity refusal ("max_tokens: request needs N KV blocks ..."): the field sent,
+        # or the messages when the gateway chose max_tokens (then even one token does not fit).
+        error.param = max_tokens_name or "messages"
+        error.message = error.param + error.message[len("max_tokens"):]
+    if error.param is not None and max_tokens_name and max_tokens_name != "max_tokens":
+        error.message = error.message.replace(" + max_tokens (", f" + {max_tokens_name} (", 1)
     return error
 
 

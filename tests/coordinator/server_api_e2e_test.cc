@@ -140,6 +140,9 @@ TEST_F(ServerE2ETest, NewSamplingFieldsAreValidatedNamingTheField) {
        "logit_bias: id 4096 outside the vocabulary [0, 4096)"},
       {"logit_bias 101", [](auto* s) { (*s->mutable_logit_bias())[5] = 101; },
        "logit_bias: bias of id 5 must be in [-100, 100], got 101"},
+      // Six significant digits printed this one as "got 100" (a tester, 2026-12-05).
+      {"logit_bias 100.0001", [](auto* s) { (*s->mutable_logit_bias())[5] = 100.0001f; },
+       "logit_bias: bias of id 5 must be in [-100, 100], got 100.0001"},
       {"logit_bias NaN", [](auto* s) { (*s->mutable_logit_bias())[5] = std::nanf(""); },
        "logit_bias: bias of id 5 must be in [-100, 100], got nan"},
       {"presence_penalty 3", [](auto* s) { s->set_presence_penalty(3); },
@@ -409,7 +412,8 @@ TEST_F(ServerE2ETest, BoundedQueueRejectsWithResourceExhausted) {
   {
     const cli::StreamResult r = Generate(IdsRequest(g.prompt_ids, 200), 30);
     EXPECT_EQ(r.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << StatusText(r.status);
-    EXPECT_THAT(r.status.error_message(), HasSubstr("request needs 13 KV blocks for 205 cached tokens"));
+    // Starting with the field (the gateway's `param`).
+    EXPECT_THAT(r.status.error_message(), ::testing::StartsWith("max_tokens: request needs 13 KV blocks for 205 cached tokens"));
     EXPECT_THAT(r.status.error_message(), HasSubstr("the whole cache has 8"));
   }
 

@@ -409,6 +409,23 @@ class ResponseTest(unittest.TestCase):
         e = server._prompt_error(errors.from_grpc(_FakeRpcError(
             grpc.StatusCode.INVALID_ARGUMENT, detail)), 1, 2, False)
         self.assertEqual(e.param, "prompt[1]")
+        # A chat request's limit from max_completion_tokens is named so (a tester, 2026-12-05).
+        e = server._prompt_error(errors.from_grpc(_FakeRpcError(
+            grpc.StatusCode.INVALID_ARGUMENT, detail)), 0, 1, True, "max_completion_tokens")
+        self.assertTrue(e.message.startswith(
+            "messages: prompt (9000 tokens) + max_completion_tokens (1) = 9001"), e.message)
+        # The coordinator's KV capacity refusal starts with max_tokens: in chat the field sent,
+        # or the messages when the gateway chose max_tokens itself.
+        capacity = "max_tokens: request needs 509 KV blocks for n = 2 completions of 4094 cached"
+        for name, param in [("max_completion_tokens", "max_completion_tokens"),
+                            ("max_tokens", "max_tokens"), (None, "messages")]:
+            e = server._prompt_error(errors.from_grpc(_FakeRpcError(
+                grpc.StatusCode.INVALID_ARGUMENT, capacity)), 0, 1, True, name)
+            self.assertEqual(e.param, param)
+            self.assertTrue(e.message.startswith(param + ": request needs 509"), e.message)
+        e = server._prompt_error(errors.from_grpc(_FakeRpcError(
+            grpc.StatusCode.INVALID_ARGUMENT, capacity)), 0, 1, False, "max_tokens")
+        self.assertEqual(e.param, "max_tokens")
 
     def test_stop_reason(self):
         info = pb2.ModelInfoResponse(eos_token_ids=[1, 7])

@@ -30,6 +30,8 @@ COMMON_FIELDS = {
     "session_id", "cache_salt", "priority",
 }
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "logprobs", "echo", "best_of", "suffix"}
+# POST /v1/sessions/close (CloseSession).
+SESSION_CLOSE_FIELDS = {"session_id", "cache_salt"}
 CHAT_FIELDS = COMMON_FIELDS | {
     "messages", "max_completion_tokens", "logprobs", "top_logprobs", "add_generation_prompt",
     "chat_template_kwargs", "tools", "tool_choice", "parallel_tool_calls", "response_format",

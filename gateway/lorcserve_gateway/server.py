@@ -724,6 +724,26 @@ def create_app(gateway):
                        _reported_stop_ids(req.sampling, state.info))
         return await _run(request, body, reqs, ep, metadata)
 
+    @app.post("/v1/sessions/close")
+    async def close_session(request: Request):
+        """lorcserve's extension: ends a multi-turn session now (the CloseSession RPC; body
+        {"session_id", "cache_salt"}, the salt its turns carried): its pinned KV blocks become
+        ordinary cached ones. 200 {"id", "object": "session", "closed": true}; 404 when there is
+        no such session (never started, or already ended); 400 naming a bad field."""
+        metadata = gateway.metadata(request)
+        body = await _read_json(request)
+        params.check_fields(body, params.SESSION_CLOSE_FIELDS)
+        session_id = params.get_str(body, "session_id")
+        if not session_id:
+            raise bad_request("session_id", "required: the session to close")
+        req = gateway.pb2.CloseSessionRequest(session_id=session_id,
+                                              cache_salt=params.get_str(body, "cache_salt") or "")
+        try:
+            await gateway.stub.CloseSession(req, metadata=metadata)
+        except grpc.aio.AioRpcError as e:
+            raise from_grpc(e) from None
+        return {"id": session_id, "object": "session", "closed": True}
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         metadata, body, state = await _begin(request, params.CHAT_FIELDS)

@@ -504,6 +504,18 @@ class GatewayE2E(unittest.TestCase):
         # The first turn's prompt (full blocks of it) is not computed again.
         self.assertGreaterEqual(usage["prompt_tokens_details"]["cached_tokens"],
                                 first["usage"]["prompt_tokens"] // 16 * 16 - 16)
+        # Closed over HTTP (there was no way to, a tester found on 2026-12-05): then not found.
+        closed_before = self.stub_a.ModelInfo(self.pb2.ModelInfoRequest()).prefix_cache.sessions_closed
+        code, text = curl(f"{self.a}/v1/sessions/close", {"session_id": "conv-1"})
+        self.assertEqual(code, 200, text)
+        self.assertEqual(json.loads(text), {"id": "conv-1", "object": "session", "closed": True})
+        info = self.stub_a.ModelInfo(self.pb2.ModelInfoRequest())
+        self.assertEqual(info.prefix_cache.sessions_closed, closed_before + 1)
+        self.assert_error(*curl(f"{self.a}/v1/sessions/close", {"session_id": "conv-1"}), 404)
+        self.assert_error(*curl(f"{self.a}/v1/sessions/close", {"cache_salt": "x"}), 400,
+                          "session_id")
+        self.assert_error(*curl(f"{self.a}/v1/sessions/close",
+                                {"session_id": "conv-1", "ttl": 3}), 400, "ttl")
 
     def test_chat_bos_once(self):
         # The template emits <|begin_of_text|>; the coordinator's PromptToIds must not add one.

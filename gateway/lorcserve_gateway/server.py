@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import sys
 import time
 import traceback
@@ -316,8 +317,11 @@ class Gateway:
         accepted lately is sent to ModelInfo first, so that what the gateway knows (the model's
         name, its path, a request's validation) never answers a caller the coordinator would
         refuse (401). ModelInfo is asked again after the channel left READY (`stale`), and the
-        snapshot replaced when what it depends on changed (_static_info). Errors map as every
-        gRPC error."""
+        snapshot replaced when what it depends on changed (_static_info). A snapshot of a
+        coordinator that is not serving (loading or recovering: no KV cache size yet) is asked
+        again on the next request (a tester found the loading one's kv_capacity_blocks 0 kept
+        after the coordinator served, and every chat request without max_tokens refused). Errors
+        map as every gRPC error."""
         if self.state is not None and not self.stale and self._trusted(metadata):
             return self.state
         stale, self.stale = self.stale, False  # a drop during the call sets it again
@@ -328,6 +332,8 @@ class Gateway:
             raise from_grpc(e) from None
         if self.digests is None:
             self._remember(metadata)
+        if not info.serving:
+            self.stale = True
         async with self.state_lock:
             if self.state is None or _static_info(self.state.info) != _static_info(info):
                 # Reads the model's JSON files (tokenizer.json: megabytes): off the loop.
@@ -554,8 +560,9 @@ def _chat_logprobs(vocab, ids, lps, top_n):
 
 class _Endpoint:
     """What differs between /v1/completions and /v1/chat/completions, and a request's
-    response-wide settings. max_tokens_name: the field the request's max_tokens came from (chat:
-    None when it sent none); stop_ids: _reported_stop_ids."""
+    response-wide settings. max_tokens_name: the field the request's max_tokens came from (None
+    when it sent none: chat's gateway-chosen default, completions' 16); stop_ids:
+    _reported_stop_ids."""
 
     def __init__(self, chat, rid, model, vocab, top_n, stop_ids, max_tokens_name="max_tokens"):
         self.chat = chat
@@ -721,7 +728,8 @@ def create_app(gateway):
             _check_size(r, state, f"prompt[{i}]" if len(prompts) > 1 else "prompt")
             reqs.append(r)
         ep = _Endpoint(False, req.request_id, state.name, state.vocab, top_n,
-                       _reported_stop_ids(req.sampling, state.info))
+                       _reported_stop_ids(req.sampling, state.info),
+                       "max_tokens" if req.sampling.HasField("max_tokens") else None)
         return await _run(request, body, reqs, ep, metadata)
 
     @app.post("/v1/sessions/close")
@@ -729,8 +737,10 @@ def create_app(gateway):
         """lorcserve's extension: ends a multi-turn session now (the CloseSession RPC; body
         {"session_id", "cache_salt"}, the salt its turns carried): its pinned KV blocks become
         ordinary cached ones. 200 {"id", "object": "session", "closed": true}; 404 when there is
-        no such session (never started, or already ended); 400 naming a bad field."""
+        no such session (never started, or already ended); 400 naming a bad field. The token is
+        checked before the body is read, as for the other endpoints (_begin)."""
         metadata = gateway.metadata(request)
+        await gateway.model_state(metadata)
         body = await _read_json(request)
         params.check_fields(body, params.SESSION_CLOSE_FIELDS)
         session_id = params.get_str(body, "session_id")
@@ -741,7 +751,15 @@ def create_app(gateway):
         try:
             await gateway.stub.CloseSession(req, metadata=metadata)
         except grpc.aio.AioRpcError as e:
-            raise from_grpc(e) from None
+            err = from_grpc(e)
+            if err.status == 404:
+                err = OpenAIError(404, f"session_id {clip(repr(session_id))}: no such session for "
+                                       "this cache_salt (never started, or already ended: closed, "
+                                       "idle past the ttl, or released for memory)",
+                                  type_=err.type, param="session_id")
+            elif err.status == 400 and err.param is None:
+                err.param = "cache_salt" if err.message.startswith("cache_salt") else "session_id"
+            raise err from None
         return {"id": session_id, "object": "session", "closed": True}
 
     @app.post("/v1/chat/completions")
@@ -798,9 +816,15 @@ def create_app(gateway):
             # ... and within what the whole KV cache holds for the n completions: the
             # coordinator refuses a request whose worst case can never fit, which a cache smaller
             # than n x max_model_len made of every chat request without max_tokens.
-            fit = max_tokens_that_fit(len(tok.ids), params.get_int(body, "n") or 1, state.info)
-            if fit >= 1:
-                max_tokens = min(max_tokens, fit)
+            n = params.get_int(body, "n") or 1
+            fit = max_tokens_that_fit(len(tok.ids), n, state.info)
+            if fit < 1:
+                raise bad_request("messages", f"the prompt ({len(tok.ids)} tokens) leaves no room "
+                                              f"for {n} completion{'s' if n > 1 else ''} of even "
+                                              f"one token in the KV cache "
+                                              f"({state.info.kv_capacity_blocks} blocks of "
+                                              f"{state.info.block_size} tokens)")
+            max_tokens = min(max_tokens, fit)
         params.fill_sampling(req.sampling, body, state.info.generation_defaults, max_tokens,
                              state.info.max_model_len, max_tokens_name, state.info.vocab_size)
         params.fill_request(req, body)
@@ -1020,18 +1044,21 @@ def _prompt_error(error, index, num_prompts, chat, max_tokens_name=None):
     """The coordinator's "prompt ..." 400 names what the client sent: in a batch the prompt it
     is about (`prompt[i]`), in chat `messages` (chat has no `prompt`: the messages rendered by
     the template are the prompt), and the field the limit came from (`max_tokens_name`:
-    max_completion_tokens when the chat request sent that, None when it sent neither; the
-    coordinator says max_tokens)."""
+    max_completion_tokens when the chat request sent that, None when the request sent neither;
+    the coordinator says max_tokens)."""
     if error.param == "prompt" and (chat or num_prompts > 1):
         error.param = "messages" if chat else f"prompt[{index}]"
         error.message = f"{error.param}: {error.message}"
-    if error.param == "max_tokens" and chat and max_tokens_name != "max_tokens":
+    if error.param == "max_tokens" and max_tokens_name != "max_tokens":
         # A KV capacity refusal ("max_tokens: request needs N KV blocks ..."): the field sent,
-        # or the messages when the gateway chose max_tokens (then even one token does not fit).
-        error.param = max_tokens_name or "messages"
+        # or, when the request sent none (completions: the default 16), what it did send.
+        if max_tokens_name is not None:
+            error.param = max_tokens_name
+        else:
+            error.param = "messages" if chat else "prompt" if num_prompts == 1 else f"prompt[{index}]"
         error.message = error.param + error.message[len("max_tokens"):]
     if error.param is not None and max_tokens_name and max_tokens_name != "max_tokens":
-        error.message = error.message.replace(" + max_tokens (", f" + {max_tokens_name} (", 1)
+        error.message = re.sub(r"\bmax_tokens\b", max_tokens_name, error.message)
     return error
 
 

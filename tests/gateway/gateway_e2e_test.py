@@ -394,6 +394,10 @@ class GatewayE2E(unittest.TestCase):
                               "-H", "Content-Type: application/json", "-d", "{not json"],
                              capture_output=True, text=True)
         self.assertEqual(out.stdout.rpartition("\n")[2], "401", out.stdout)
+        # The same for closing a session (a tester got a 400 about the body without a token).
+        for close in ({"session_id": 5}, {"session_id": "s"}):
+            err = self.assert_error(*curl(f"{self.b2}/v1/sessions/close", close), 401)
+            self.assertEqual(err["code"], "invalid_api_key")
         self.assertEqual(curl(f"{self.b2}/v1/models",
                               headers=(f"Authorization: Bearer {TOKEN}",))[0], 200)
 
@@ -511,7 +515,8 @@ class GatewayE2E(unittest.TestCase):
         self.assertEqual(json.loads(text), {"id": "conv-1", "object": "session", "closed": True})
         info = self.stub_a.ModelInfo(self.pb2.ModelInfoRequest())
         self.assertEqual(info.prefix_cache.sessions_closed, closed_before + 1)
-        self.assert_error(*curl(f"{self.a}/v1/sessions/close", {"session_id": "conv-1"}), 404)
+        self.assert_error(*curl(f"{self.a}/v1/sessions/close", {"session_id": "conv-1"}), 404,
+                          "session_id", "^session_id 'conv-1': no such session")
         self.assert_error(*curl(f"{self.a}/v1/sessions/close", {"cache_salt": "x"}), 400,
                           "session_id")
         self.assert_error(*curl(f"{self.a}/v1/sessions/close",

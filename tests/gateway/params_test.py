@@ -321,6 +321,36 @@ class AuthorizationTest(unittest.TestCase):
             self.assertEqual(cm.exception.status, 401)
 
 
+class ModelStateTest(unittest.TestCase):
+    def test_a_snapshot_of_a_loading_coordinator_is_asked_again(self):
+        # A tester's gateway kept the snapshot taken while the coordinator loaded (no KV cache
+        # size yet): every chat request without max_tokens was then refused as "can never fit".
+        gw = server.Gateway(server.Options("127.0.0.1:1", model_dir=tempfile.gettempdir()),
+                            pb2, None)
+        infos = [pb2.ModelInfoResponse(model="m", max_model_len=4096, serving=False),
+                 pb2.ModelInfoResponse(model="m", max_model_len=4096, serving=True, block_size=16,
+                                       kv_capacity_blocks=40)]
+        calls = []
+
+        class Stub:
+            async def ModelInfo(self, request, metadata=None):
+                calls.append(metadata)
+                return infos[min(len(calls), len(infos)) - 1]
+
+        gw.stub = Stub()
+        metadata = (("authorization", "Bearer t"),)
+
+        async def run():
+            gw.state_lock = asyncio.Lock()
+            loading = await gw.model_state(metadata)
+            self.assertEqual(loading.info.kv_capacity_blocks, 0)
+            serving = await gw.model_state(metadata)  # asked again: it was not serving
+            self.assertEqual(serving.info.kv_capacity_blocks, 40)
+            self.assertIs(await gw.model_state(metadata), serving)  # now kept
+        asyncio.run(run())
+        self.assertEqual(len(calls), 2)
+
+
 class FlagsTest(unittest.TestCase):
     def test_bad_flags_exit_2_naming_the_flag(self):
         import contextlib
@@ -416,16 +446,19 @@ class ResponseTest(unittest.TestCase):
             "messages: prompt (9000 tokens) + max_completion_tokens (1) = 9001"), e.message)
         # The coordinator's KV capacity refusal starts with max_tokens: in chat the field sent,
         # or the messages when the gateway chose max_tokens itself.
-        capacity = "max_tokens: request needs 509 KV blocks for n = 2 completions of 4094 cached"
-        for name, param in [("max_completion_tokens", "max_completion_tokens"),
-                            ("max_tokens", "max_tokens"), (None, "messages")]:
+        capacity = ("max_tokens: request needs 509 KV blocks for n = 2 completions of 4094 cached "
+                     "tokens (prompt + max_tokens - 1; ...): it can never fit (lower n or "
+                     "max_tokens, or shorten the prompt)")
+        for chat, name, param in [(True, "max_completion_tokens", "max_completion_tokens"),
+                                  (True, "max_tokens", "max_tokens"), (True, None, "messages"),
+                                  (False, "max_tokens", "max_tokens"), (False, None, "prompt")]:
             e = server._prompt_error(errors.from_grpc(_FakeRpcError(
-                grpc.StatusCode.INVALID_ARGUMENT, capacity)), 0, 1, True, name)
+                grpc.StatusCode.INVALID_ARGUMENT, capacity)), 0, 1, chat, name)
             self.assertEqual(e.param, param)
             self.assertTrue(e.message.startswith(param + ": request needs 509"), e.message)
-        e = server._prompt_error(errors.from_grpc(_FakeRpcError(
-            grpc.StatusCode.INVALID_ARGUMENT, capacity)), 0, 1, False, "max_tokens")
-        self.assertEqual(e.param, "max_tokens")
+            if name == "max_completion_tokens":  # every mention, not only the first
+                self.assertNotRegex(e.message, r"\bmax_tokens\b")
+                self.assertIn("lower n or max_completion_tokens", e.message)
 
     def test_stop_reason(self):
         info = pb2.ModelInfoResponse(eos_token_ids=[1, 7])

@@ -12,13 +12,14 @@
 namespace lorc::cli {
 namespace {
 
-// --name as a float in [lo, hi] (NaN rejected), or `def`.
+// --name as a float in [lo, hi] (NaN rejected), or `def`. The error echoes the value as typed
+// (six digits printed 2.0000001 as "2 is outside [-2, 2]").
 absl::StatusOr<float> FloatInRange(const Args& args, const std::string& name, double def,
                                    double lo, double hi) {
   ASSIGN_OR_RETURN(double v, args.GetDouble(name, def));
   if (!(v >= lo && v <= hi)) {
     return absl::InvalidArgumentError(
-        absl::StrCat("--", name, ": ", v, " is outside [", lo, ", ", hi, "]"));
+        absl::StrCat("--", name, ": ", args.Get(name, ""), " is outside [", lo, ", ", hi, "]"));
   }
   return static_cast<float>(v);
 }
@@ -97,7 +98,7 @@ absl::StatusOr<SamplingParams> ParseSampling(const Args& args) {
     }
     ASSIGN_OR_RETURN(int32_t id, ParseId("logit-bias", parts[0]));
     if (!(std::abs(bias) <= defaults::kMaxLogitBias)) {
-      return absl::InvalidArgumentError(absl::StrCat("--logit-bias: bias ", bias, " of id ", id,
+      return absl::InvalidArgumentError(absl::StrCat("--logit-bias: bias ", parts[1], " of id ", id,
                                                      " is outside [", -defaults::kMaxLogitBias,
                                                      ", ", defaults::kMaxLogitBias, "]"));
     }

@@ -11,10 +11,14 @@ namespace lorc {
 namespace {
 
 // The shortest text that reads back as v (StrCat's six digits printed 100.0001 as "100", in the
-// error that refused it for exceeding 100).
+// error that refused it for exceeding 100), in plain decimals for everyday magnitudes
+// ("-0.0001", not "-1e-04").
 std::string Num(float v) {
-  char buf[32];
-  const std::to_chars_result r = std::to_chars(buf, buf + sizeof(buf), v);
+  char buf[64];
+  const float a = std::fabs(v);
+  const bool plain = a == 0.0f || (a >= 1e-6f && a < 1e9f);
+  const std::to_chars_result r = plain ? std::to_chars(buf, buf + sizeof(buf), v, std::chars_format::fixed)
+                                       : std::to_chars(buf, buf + sizeof(buf), v);
   return r.ec == std::errc() ? std::string(buf, r.ptr) : absl::StrCat(v);
 }
 

@@ -792,6 +792,9 @@ TEST_F(CliTest, NewSamplingFlagsAreCheckedNamingTheFlag) {
       {{"--prompt-logprobs", "-1"}, "--prompt-logprobs: -1 is outside the range [0, 20]"},
       {{"--presence-penalty", "3"}, "--presence-penalty: 3 is outside [-2, 2]"},
       {{"--frequency-penalty", "nan"}, "--frequency-penalty: nan is outside [-2, 2]"},
+      // As typed (six digits printed "2 is outside [-2, 2]", a tester found, 2026-12-05).
+      {{"--presence-penalty", "2.0000001"}, "--presence-penalty: 2.0000001 is outside [-2, 2]"},
+      {{"--logit-bias", "5:100.0001"}, "--logit-bias: bias 100.0001 of id 5 is outside [-100, 100]"},
       {{"--logit-bias", "5"}, "--logit-bias: '5' is not ID:BIAS"},
       {{"--logit-bias", "x:1"}, "--logit-bias: 'x' is not a token id"},
       {{"--logit-bias", "5:500"}, "--logit-bias: bias 500 of id 5 is outside [-100, 100]"},

@@ -79,6 +79,12 @@ TEST_F(ServerE2ETest, InvalidRequestsAreRejectedAndServingContinues) {
     r.mutable_sampling()->add_stop("");
     cases.push_back({"empty stop string", r, "stop strings must not be empty"});
   }
+  {
+    // Plain decimals, not "-1e-04" (a tester, 2026-12-05).
+    v1::GenerateRequest r = IdsRequest(g.prompt_ids, 4);
+    r.mutable_sampling()->set_temperature(-0.0001f);
+    cases.push_back({"temperature -0.0001", r, "temperature must be a finite value >= 0, got -0.0001"});
+  }
   for (const Case& c : cases) {
     SCOPED_TRACE(c.name);
     const auto t0 = Clock::now();

@@ -1,5 +1,6 @@
 #include "kvstore/session_store.h"
 
+#include <algorithm>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -44,7 +45,9 @@ void SessionStore::Keep(const SessionKey& id, std::vector<int32_t> blocks, absl:
   s.last_used = now;
   UnpinAll(old);
   // Oldest first, never `id` itself (it fits alone, so this ends before reaching it).
-  while (num_pinned_blocks() > max_blocks_) {
+  // Also at most max(max_blocks, 1) sessions: those of conversations shorter than a block pin
+  // nothing, and unbounded they would grow the map and Expire's scan without limit.
+  while (num_pinned_blocks() > max_blocks_ || num_sessions() > std::max<int64_t>(max_blocks_, 1)) {
     if (!ReleaseOldest(&id)) break;
   }
 }

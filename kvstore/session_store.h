@@ -6,9 +6,10 @@
 // A session ends (its blocks unpinned, then reusable as ordinary cached blocks until evicted):
 //  - after `ttl` without a turn ending or starting (Expire, called by the scheduler thread with
 //    its clock, so tests can use a fake one);
-//  - when the distinct blocks pinned by all sessions exceed `max_blocks`: oldest first (by last
-//    use), never the session just kept; a session that alone exceeds the cap is not kept at all
-//    (its blocks are not pinned, the others stay);
+//  - when the distinct blocks pinned by all sessions exceed `max_blocks`, or the sessions
+//    max(`max_blocks`, 1) (a conversation shorter than a block pins nothing): oldest first (by
+//    last use), never the session just kept; a session that alone exceeds the cap is not kept at
+//    all (its blocks are not pinned, the others stay);
 //  - on Close (the CloseSession RPC); NotFound for an unknown key;
 //  - under memory pressure, when a waiting request cannot be admitted with nothing running
 //    (ReleaseOldest, the scheduler's call), and on Clear (a worker restart or failure).

@@ -9,6 +9,7 @@
 #include <set>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "kvstore/block_pool.h"
@@ -306,6 +307,13 @@ TEST(SessionStoreTest, KeepPinsUntilTtlCloseOrCap) {
   EXPECT_EQ(sessions.num_pinned_blocks(), 3);
   EXPECT_EQ(sessions.num_capped(), 1);
   EXPECT_EQ(m.num_free_blocks(), 9);
+  // Sessions that pin nothing (shorter than a block) are bounded too: at most max_blocks of
+  // them, the oldest released first.
+  for (int i = 0; i < 8; ++i) sessions.Keep({"", absl::StrCat("empty", i)}, {}, t0 + absl::Seconds(10 + i));
+  EXPECT_EQ(sessions.num_sessions(), 5);
+  EXPECT_FALSE(sessions.Has({"", "new"}));  // the oldest
+  EXPECT_TRUE(sessions.Has({"", "empty7"}));
+  EXPECT_EQ(sessions.num_capped(), 5);
   sessions.Clear();
   EXPECT_EQ(m.num_free_blocks(), 12);
 }

@@ -815,16 +815,11 @@ def create_app(gateway):
                                               f"room in max_model_len {state.info.max_model_len}")
             # ... and within what the whole KV cache holds for the n completions: the
             # coordinator refuses a request whose worst case can never fit, which a cache smaller
-            # than n x max_model_len made of every chat request without max_tokens.
-            n = params.get_int(body, "n") or 1
-            fit = max_tokens_that_fit(len(tok.ids), n, state.info)
-            if fit < 1:
-                raise bad_request("messages", f"the prompt ({len(tok.ids)} tokens) leaves no room "
-                                              f"for {n} completion{'s' if n > 1 else ''} of even "
-                                              f"one token in the KV cache "
-                                              f"({state.info.kv_capacity_blocks} blocks of "
-                                              f"{state.info.block_size} tokens)")
-            max_tokens = min(max_tokens, fit)
+            # than n x max_model_len made of every chat request without max_tokens. When not even
+            # one token fits, 1: the coordinator then refuses it with the real shortfall (or
+            # first refuses an n out of range), named `messages` (_prompt_error).
+            fit = max_tokens_that_fit(len(tok.ids), params.get_int(body, "n") or 1, state.info)
+            max_tokens = max(1, min(max_tokens, fit))
         params.fill_sampling(req.sampling, body, state.info.generation_defaults, max_tokens,
                              state.info.max_model_len, max_tokens_name, state.info.vocab_size)
         params.fill_request(req, body)

@@ -115,8 +115,9 @@ __device__ __forceinline__ void SiluEpilogue(int m, const float* part, __nv_bflo
 // among the loads kept the compiler from issuing the next loads before it: 1.8 ms slower a step,
 // 2026-12-05). The 1 / rms scale is applied to the fp32 sums at the end: sum_k w[j,k] (r_k g_k /
 // rms) = (sum_k w[j,k] r_k g_k) / rms.
-__device__ __forceinline__ float AddRounded(__nv_bfloat16 x, __nv_bfloat16 add) {
-  return __bfloat162float(__float2bfloat16_rn(__bfloat162float(x) + __bfloat162float(add)));
+// The residual stream's stored value bf16(x + add): NormInput's r and StoreResidual's output.
+__device__ __forceinline__ __nv_bfloat16 AddBf16(__nv_bfloat16 x, __nv_bfloat16 add) {
+  return __float2bfloat16_rn(__bfloat162float(x) + __bfloat162float(add));
 }
 __device__ __forceinline__ uint4 NormInput(uint4 xv, uint4 av, uint4 wv, bool has_add, float& ss) {
   const __nv_bfloat16* xe = reinterpret_cast<const __nv_bfloat16*>(&xv);
@@ -126,7 +127,7 @@ __device__ __forceinline__ uint4 NormInput(uint4 xv, uint4 av, uint4 wv, bool ha
   __nv_bfloat16* ye = reinterpret_cast<__nv_bfloat16*>(&y);
 #pragma unroll
   for (int e = 0; e < 8; ++e) {
-    const float r = has_add ? AddRounded(xe[e], ae[e]) : __bfloat162float(xe[e]);
+    const float r = __bfloat162float(has_add ? AddBf16(xe[e], ae[e]) : xe[e]);
     ss += r * r;
     ye[e] = __float2bfloat16_rn(r * __bfloat162float(we[e]));
   }
@@ -134,7 +135,7 @@ __device__ __forceinline__ uint4 NormInput(uint4 xv, uint4 av, uint4 wv, bool ha
 }
 
 // kNormX with add: residual_out = bf16(x + add) for the m rows, by one CTA after its GEMV loop
-// (the same rounding as NormInput).
+// (AddBf16, as NormInput).
 __device__ __forceinline__ void StoreResidual(const GemvNormArgs& a, int m, int k, const __nv_bfloat16* x,
                                               int64_t ldx) {
   const int vecs = k / 8;
@@ -148,7 +149,7 @@ __device__ __forceinline__ void StoreResidual(const GemvNormArgs& a, int m, int 
     uint4 rv;
     __nv_bfloat16* re = reinterpret_cast<__nv_bfloat16*>(&rv);
 #pragma unroll
-    for (int e = 0; e < 8; ++e) re[e] = __float2bfloat16_rn(__bfloat162float(xe[e]) + __bfloat162float(ae[e]));
+    for (int e = 0; e < 8; ++e) re[e] = AddBf16(xe[e], ae[e]);
     *reinterpret_cast<uint4*>(static_cast<__nv_bfloat16*>(a.residual_out) + static_cast<int64_t>(token) * a.ld_residual_out +
                               k0) = rv;
   }

@@ -83,7 +83,7 @@ def from_grpc(error):
     m = _LEADING_FIELD.match(detail)
     if status == 400 and m and (m.group(1) in COMMON_FIELDS or m.group(1) == "prompt"):
         param = m.group(1) + (m.group(2) or "")
-    if code == grpc.StatusCode.UNAVAILABLE and any(m in detail for m in _CONNECTION_LOST):
+    if code == grpc.StatusCode.UNAVAILABLE and any(w in detail for w in _CONNECTION_LOST):
         # What gRPC reports when the coordinator stops (or restarts) with calls in flight, and
         # when it ends a TLS handshake the gateway cannot complete.
         detail += (" (the coordinator stopped or closed the connection; if this gateway never "

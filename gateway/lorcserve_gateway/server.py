@@ -693,15 +693,16 @@ def create_app(gateway):
         state = await gateway.model_state(gateway.metadata(request))
         return model_card(gateway.check_model({"model": model}, state))
 
-    async def _begin(request, fields):
+    async def _begin(request, fields, model=True):
         """Token check (the gateway's own, or the coordinator's through ModelInfo), then the
-        body, field check, model: (metadata, body, model state). A caller without a valid token
-        gets its 401 before the body is read: parsing a large one costs the event loop."""
+        body, field check, model (unless `model` is false: a body without one): (metadata,
+        body, model state). A caller without a valid token gets its 401 before the body is
+        read: parsing a large one costs the event loop."""
         metadata = gateway.metadata(request)
         state = await gateway.model_state(metadata)
         body = await _read_json(request)
         params.check_fields(body, fields)
-        return metadata, body, gateway.check_model(body, state)
+        return metadata, body, gateway.check_model(body, state) if model else state
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -738,11 +739,8 @@ def create_app(gateway):
         {"session_id", "cache_salt"}, the salt its turns carried): its pinned KV blocks become
         ordinary cached ones. 200 {"id", "object": "session", "closed": true}; 404 when there is
         no such session (never started, or already ended); 400 naming a bad field. The token is
-        checked before the body is read, as for the other endpoints (_begin)."""
-        metadata = gateway.metadata(request)
-        await gateway.model_state(metadata)
-        body = await _read_json(request)
-        params.check_fields(body, params.SESSION_CLOSE_FIELDS)
+        checked before the body is read, as for the other endpoints."""
+        metadata, body, _ = await _begin(request, params.SESSION_CLOSE_FIELDS, model=False)
         session_id = params.get_str(body, "session_id")
         if not session_id:
             raise bad_request("session_id", "required: the session to close")

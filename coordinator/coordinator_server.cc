@@ -666,6 +666,8 @@ void CoordinatorServer::Shutdown() {
     g = std::move(gen_);
   }
   g.reset();  // the loop, then the group (a handler or the supervisor may hold the last ref)
+  // Listed and joined workers are free for the next coordinator at once (local ones end with us).
+  ReleaseWorkers(WorkerAddresses(), coordinator_id_, absl::Seconds(1));
   // Joins the supervisor: no OnWorkerFailure after this (and it returned at stopping_ anyway).
   local_.reset();
 }

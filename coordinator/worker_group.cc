@@ -6,6 +6,7 @@
 #include <future>
 #include <iostream>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "common/grpc_status.h"
 #include "common/status_macros.h"
@@ -101,6 +102,58 @@ struct WorkerGroup::Worker {
   }
 };
 
+// Why a channel that did not connect failed, as gRPC last saw it (a refused connection, a TLS
+// handshake that failed and why), from one call that does not wait for the channel: " (gRPC:
+// ...)", or "" when that call says nothing more.
+std::string WhyNotConnected(lorcserve::internal::Worker::Stub& stub) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(DeadlineIn(absl::Seconds(1)));
+  lorcserve::internal::PingRequest req;
+  lorcserve::internal::PingResponse resp;
+  const grpc::Status s = stub.Ping(&ctx, req, &resp);
+  if (s.ok() || s.error_message().empty()) return "";
+  const std::string& m = s.error_message();
+  std::string hint;
+  if (absl::StrContains(m, "wrong version number") || absl::StrContains(m, "Socket closed") ||
+      absl::StrContains(m, "reset by peer")) {
+    hint = "; TLS on one end only fails this way: do both ends use the same --internal-tls-* flags?";
+  } else if (absl::StrContains(m, "andshake") || absl::StrContains(m, "SSL")) {
+    hint = "; check that both ends use the same --internal-tls-ca and that both certificates hold "
+           "DNS:lorcserve-internal";
+  }
+  return absl::StrCat(" (gRPC: ", s.error_message(), hint, ")");
+}
+
+// A failed InitCommunicator / LoadModel, named after its worker. UNIMPLEMENTED (with gRPC's
+// empty message) means the address serves something else: said so.
+absl::Status SetupCallError(const std::string& worker, const absl::Status& s) {
+  if (s.code() == absl::StatusCode::kUnimplemented) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        worker, ": not a lorcserve worker (the gRPC server there does not serve lorcserve.internal.Worker",
+        s.message().empty() ? "" : absl::StrCat(": ", s.message()), ")"));
+  }
+  return absl::Status(s.code(), absl::StrCat(worker, ": ", s.message()));
+}
+
+void ReleaseWorkers(const std::vector<std::string>& addresses, uint64_t coordinator_id,
+                    absl::Duration timeout) {
+  std::vector<std::future<void>> calls;
+  for (const std::string& address : addresses) {
+    if (address.empty()) continue;
+    calls.push_back(std::async(std::launch::async, [address, coordinator_id, timeout] {
+      auto stub = lorcserve::internal::Worker::NewStub(InternalChannel(address, grpc::ChannelArguments()));
+      grpc::ClientContext ctx;
+      ctx.set_deadline(DeadlineIn(timeout));
+      lorcserve::internal::PingRequest req;
+      req.mutable_coordinator()->set_id(coordinator_id);
+      req.set_release(true);
+      lorcserve::internal::PingResponse resp;
+      stub->Ping(&ctx, req, &resp);  // best effort: a worker that is gone needs no release
+    }));
+  }
+  for (auto& c : calls) c.wait();
+}
+
 WorkerGroup::WorkerGroup(const WorkerGroupOptions& options) : options_(options) {
   if (options_.coordinator_id == 0) options_.coordinator_id = NewCoordinatorId();
 }
@@ -145,7 +198,8 @@ absl::Status WorkerGroup::Connect() {
       if (w->channel->WaitForConnected(absl::ToChronoTime(slice))) break;
       if (absl::Now() >= connect_deadline) {
         return absl::UnavailableError(absl::StrCat(w->Name(), ": not reachable within ",
-                                                   absl::FormatDuration(options_.connect_timeout)));
+                                                   absl::FormatDuration(options_.connect_timeout),
+                                                   WhyNotConnected(*w->stub)));
       }
     }
   }
@@ -169,16 +223,39 @@ absl::Status WorkerGroup::Connect() {
         NameCoordinator(req.mutable_coordinator());
         lorcserve::internal::InitCommunicatorResponse resp;
         const absl::Status s = FromGrpcStatus(wp->stub->InitCommunicator(&ctx, req, &resp));
-        if (!s.ok()) return absl::Status(s.code(), absl::StrCat(wp->Name(), ": ", s.message()));
+        if (!s.ok()) return SetupCallError(wp->Name(), s);
         if (wp->rank == 0) info_.all_reduce = resp.all_reduce();  // only rank 0's task writes it
         return s;
       }));
     }
-    const bool completed = AwaitCalls(joins, ctxs);
-    absl::Status first;
-    for (auto& f : joins) first.Update(f.get());  // each ends promptly once cancelled
-    if (!completed) return CancelledStatus();
-    RETURN_IF_ERROR(first);
+    // A rank refused (owned by another coordinator, a bad request) fails the join at once: the
+    // other ranks would otherwise wait out the join timeout for it, and the message would name
+    // the wait instead of the refusal.
+    absl::Status refused;
+    bool cancelled = false;
+    std::vector<bool> seen(joins.size(), false);
+    for (size_t done = 0; done < joins.size();) {
+      for (size_t r = 0; r < joins.size() && refused.ok(); ++r) {
+        if (seen[r] || joins[r].wait_for(std::chrono::seconds(0)) != std::future_status::ready) continue;
+        seen[r] = true;
+        ++done;
+        refused = joins[r].get();
+      }
+      if (done == joins.size() || !refused.ok()) break;
+      if (Cancelled()) {
+        cancelled = true;
+        break;
+      }
+      absl::SleepFor(absl::Milliseconds(10));
+    }
+    if (!refused.ok() || cancelled) {
+      for (const auto& ctx : ctxs) ctx->TryCancel();
+    }
+    for (auto& f : joins) {
+      if (f.valid()) f.wait();  // each ends promptly once cancelled
+    }
+    if (cancelled) return CancelledStatus();
+    RETURN_IF_ERROR(refused);
   }
   if (Cancelled()) return CancelledStatus();
   std::vector<std::unique_ptr<grpc::ClientContext>> ctxs = NewContexts(n);
@@ -209,7 +286,7 @@ absl::Status WorkerGroup::Connect() {
       if (options_.kv.kv_policy.enabled()) KvPolicyToProto(options_.kv.kv_policy, req.mutable_kv_policy());
       lorcserve::internal::LoadModelResponse resp;
       const absl::Status s = FromGrpcStatus(wp->stub->LoadModel(&ctx, req, &resp));
-      if (!s.ok()) return absl::Status(s.code(), absl::StrCat(wp->Name(), ": ", s.message()));
+      if (!s.ok()) return SetupCallError(wp->Name(), s);
       return resp;
     }));
   }
@@ -296,8 +373,11 @@ absl::Status WorkerGroup::Probe(absl::Duration timeout) {
     lorcserve::internal::PingResponse resp;
     const absl::Status s = FromGrpcStatus(w->stub->Ping(&ctx, req, &resp));
     if (!s.ok()) {
-      Fail(w->Unavailable(absl::UnavailableError(absl::StrCat(
-          "no answer to a health probe within ", absl::FormatDuration(timeout), " (", s.message(), ")"))));
+      Fail(w->Unavailable(absl::UnavailableError(
+          s.code() == absl::StatusCode::kDeadlineExceeded
+              ? absl::StrCat("no answer to a health probe within ", absl::FormatDuration(timeout), " (",
+                             s.message(), ")")
+              : absl::StrCat("health probe failed (", s.message(), ")"))));
       return health();
     }
   }

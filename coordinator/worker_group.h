@@ -71,6 +71,14 @@ struct WorkerGroupInfo {
   std::string all_reduce;         // rank 0's Communicator::AllReduceDescription (TP > 1)
 };
 
+// At a coordinator's exit: tells each worker at `addresses` (HOST:PORT; empty items skipped)
+// that coordinator `coordinator_id` gives it up (a Ping with release; worker.proto), so the
+// next coordinator can take it at once instead of after the worker's lease: a worker whose
+// step stream had ended with a failed step is not released by the stream's end. Best effort:
+// all in parallel, each waiting at most `timeout` (an unreachable worker is skipped).
+void ReleaseWorkers(const std::vector<std::string>& addresses, uint64_t coordinator_id,
+                    absl::Duration timeout);
+
 class WorkerGroup final : public StepRunner {
  public:
   static absl::StatusOr<std::unique_ptr<WorkerGroup>> Start(const WorkerGroupOptions& options);

@@ -4,6 +4,7 @@
 #include <openssl/err.h>
 #include <openssl/pem.h>
 #include <openssl/x509.h>
+#include <openssl/x509v3.h>
 
 #include <cerrno>
 #include <cstring>
@@ -97,12 +98,22 @@ absl::StatusOr<std::string> ReadCertificates(const std::string& flag, const std:
 }
 
 // Reads a certificate and its key, checking that they belong together.
+// `required_dns`, when set: a DNS name the certificate's subjectAltName must hold (the peers
+// verify that name, not the address they dialled).
 absl::StatusOr<grpc::SslServerCredentialsOptions::PemKeyCertPair> ReadKeyCertPair(
     const std::string& cert_flag, const std::string& cert_path, const std::string& key_flag,
-    const std::string& key_path) {
+    const std::string& key_path, const char* required_dns = nullptr) {
   ASSIGN_OR_RETURN(std::string cert_pem, ReadPem(cert_flag, cert_path));
   ASSIGN_OR_RETURN(X509Ptr cert, FirstCertificate(cert_flag, cert_path, cert_pem));
   RETURN_IF_ERROR(CheckValidNow(cert_flag, cert_path, cert.get()));
+  if (required_dns != nullptr &&
+      X509_check_host(cert.get(), required_dns, 0, X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS, nullptr) != 1) {
+    OpenSslError();
+    return FileError(cert_flag, cert_path,
+                     absl::StrCat("the certificate's subjectAltName has no DNS:", required_dns,
+                                  " (internal links verify that name, not the address dialled; ",
+                                  "security/README.md)"));
+  }
   ASSIGN_OR_RETURN(std::string key_pem, ReadPem(key_flag, key_path));
   BioPtr bio = MemBio(key_pem);
   KeyPtr key(bio ? PEM_read_bio_PrivateKey(bio.get(), nullptr, nullptr, nullptr) : nullptr);
@@ -198,7 +209,7 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> InternalServerCredentia
   RETURN_IF_ERROR(CheckInternalComplete(o));
   grpc::SslServerCredentialsOptions ssl(GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
   ASSIGN_OR_RETURN(auto pair, ReadKeyCertPair("--internal-tls-cert", o.cert_file,
-                                              "--internal-tls-key", o.key_file));
+                                              "--internal-tls-key", o.key_file, kInternalTlsServerName));
   ssl.pem_key_cert_pairs.push_back(std::move(pair));
   ASSIGN_OR_RETURN(ssl.pem_root_certs, ReadCertificates("--internal-tls-ca", o.ca_file));
   return grpc::SslServerCredentials(ssl);

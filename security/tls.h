@@ -58,6 +58,10 @@ absl::StatusOr<std::shared_ptr<grpc::Channel>> CreateChannel(const std::string& 
                                                              grpc::ChannelArguments args = {});
 
 // The internal links: all three files or none.
+// The name internal channels verify the server certificate for: an --internal-tls-cert's
+// subjectAltName must hold DNS:lorcserve-internal (pod addresses change, this name does not).
+inline constexpr char kInternalTlsServerName[] = "lorcserve-internal";
+
 struct InternalTlsOptions {
   std::string cert_file;  // --internal-tls-cert: this end's certificate
   std::string key_file;   // --internal-tls-key
@@ -67,7 +71,9 @@ struct InternalTlsOptions {
 
 // Insecure when `o` is empty; else mTLS: the server requires and verifies the client's
 // certificate, the channel presents its certificate and verifies the server's. Errors
-// (INVALID_ARGUMENT naming the --internal-tls-* flag and file): a partial set, bad files.
+// (INVALID_ARGUMENT naming the --internal-tls-* flag and file): a partial set, bad files; for the
+// server credentials also a certificate without DNS:kInternalTlsServerName in its subjectAltName
+// (every lorcserve process serves an internal port and presents the same certificate as a client).
 absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> InternalServerCredentials(
     const InternalTlsOptions& o);
 absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> InternalChannelCredentials(

@@ -15,6 +15,7 @@ void Ownership::ReleaseLocked(absl::string_view why) {
             << "\n";
   owner_.reset();
   open_calls_ = 0;
+  release_pending_ = false;
   ++epoch_;
 }
 
@@ -46,8 +47,10 @@ absl::StatusOr<uint64_t> Ownership::Begin(const CoordinatorRef& c, bool claim, a
   } else if (owner_->id != c.id) {
     return absl::FailedPreconditionError(
         absl::StrCat(what, " from ", DescribeCoordinator(c), " refused: this worker is serving ",
-                     DescribeCoordinator(*owner_), " (it is free once that coordinator closes its ",
-                     "step stream or stays silent for ", absl::FormatDuration(lease_), ")"));
+                     DescribeCoordinator(*owner_), " (it is free once that coordinator exits or closes its ",
+                     "step stream, or after ", absl::FormatDuration(lease_),
+                     " without a call from it while none is open; a coordinator that hangs with its ",
+                     "stream open holds it until it is killed)"));
   }
   if (!c.address.empty()) owner_->address = c.address;
   ++open_calls_;
@@ -59,7 +62,12 @@ void Ownership::EndLocked(uint64_t epoch, absl::string_view release_why) {
   if (epoch != epoch_ || !owner_.has_value()) return;  // the worker changed hands meanwhile
   --open_calls_;
   last_seen_ = now_();
-  if (!release_why.empty() && open_calls_ == 0) ReleaseLocked(release_why);
+  if (open_calls_ > 0) return;
+  if (!release_why.empty()) {
+    ReleaseLocked(release_why);
+  } else if (release_pending_) {
+    ReleaseLocked("it released this worker (its last call ended)");
+  }
 }
 
 void Ownership::End(uint64_t epoch, bool owner_closed_stream) {
@@ -70,6 +78,18 @@ void Ownership::End(uint64_t epoch, bool owner_closed_stream) {
 void Ownership::EndFailedSetup(uint64_t epoch, absl::string_view what) {
   absl::MutexLock lock(&mu_);
   EndLocked(epoch, absl::StrCat("its ", what, " failed"));
+}
+
+bool Ownership::Release(const CoordinatorRef& c) {
+  absl::MutexLock lock(&mu_);
+  ExpireLocked(now_());
+  if (!owner_.has_value() || c.id == 0 || owner_->id != c.id) return false;
+  if (open_calls_ == 0) {
+    ReleaseLocked("it released this worker");
+  } else {
+    release_pending_ = true;
+  }
+  return true;
 }
 
 void Ownership::Touch(const CoordinatorRef& c) {

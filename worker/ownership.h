@@ -49,6 +49,12 @@ class Ownership {
   void EndFailedSetup(uint64_t epoch, absl::string_view what) ABSL_LOCKS_EXCLUDED(mu_);
   // A Ping from `c`: renews the lease when `c` is the owner.
   void Touch(const CoordinatorRef& c) ABSL_LOCKS_EXCLUDED(mu_);
+  // The owner `c` gives the worker up (a coordinator at its exit): released at once when none
+  // of its calls is open, else when the last one ends. Returns whether `c` owned the worker; a
+  // call from anyone else changes nothing. Without it a worker whose step stream the worker
+  // itself had ended (a failed step) stayed owned for the lease after its coordinator exited,
+  // and a restarted coordinator was refused.
+  bool Release(const CoordinatorRef& c) ABSL_LOCKS_EXCLUDED(mu_);
   // The owner (none once its lease expired).
   std::optional<CoordinatorRef> owner() ABSL_LOCKS_EXCLUDED(mu_);
 
@@ -67,6 +73,7 @@ class Ownership {
   uint64_t epoch_ ABSL_GUARDED_BY(mu_) = 0;      // bumped whenever the owner changes
   int open_calls_ ABSL_GUARDED_BY(mu_) = 0;      // the owner's calls in progress
   absl::Time last_seen_ ABSL_GUARDED_BY(mu_);    // the owner's last call (start or end) or Ping
+  bool release_pending_ ABSL_GUARDED_BY(mu_) = false;  // Release came while calls were open
 };
 
 }  // namespace lorc

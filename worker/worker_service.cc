@@ -415,7 +415,11 @@ grpc::Status WorkerService::Step(grpc::ServerContext* ctx, const pb::StepPlan* r
 grpc::Status WorkerService::Ping(grpc::ServerContext*, const lorcserve::internal::PingRequest* req,
                                  lorcserve::internal::PingResponse* resp) {
   const HappensBeforeOnExit handler_done(this);  // ~WorkerService
-  ownership_.Touch(FromProto(req->coordinator()));
+  if (req->release()) {
+    ownership_.Release(FromProto(req->coordinator()));
+  } else {
+    ownership_.Touch(FromProto(req->coordinator()));
+  }
   resp->set_model_loaded(model_loaded_.load());
   resp->set_communicator_ready(comm_ready_.load());
   if (std::optional<CoordinatorRef> owner = ownership_.owner(); owner.has_value()) {

@@ -56,10 +56,18 @@ class FakeWorker final : public internal::Worker::Service {
     absl::MutexLock lock(&mu_);
     return last_disable_custom_all_reduce_;
   }
-  grpc::Status Ping(grpc::ServerContext*, const internal::PingRequest*,
+  grpc::Status Ping(grpc::ServerContext*, const internal::PingRequest* req,
                     internal::PingResponse* resp) override {
     resp->set_model_loaded(true);
+    if (req->release()) {
+      absl::MutexLock lock(&mu_);
+      released_by_ = req->coordinator().id();
+    }
     return grpc::Status::OK;
+  }
+  uint64_t released_by() {
+    absl::MutexLock lock(&mu_);
+    return released_by_;
   }
   grpc::Status Steps(grpc::ServerContext*,
                      grpc::ServerReaderWriter<internal::StepResult, internal::StepPlan>* stream) override {
@@ -108,6 +116,7 @@ class FakeWorker final : public internal::Worker::Service {
   int plans_received_ ABSL_GUARDED_BY(mu_) = 0;
   int init_calls_ ABSL_GUARDED_BY(mu_) = 0;
   bool last_disable_custom_all_reduce_ ABSL_GUARDED_BY(mu_) = false;
+  uint64_t released_by_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 class WorkerGroupTest : public ::testing::Test {
@@ -251,6 +260,90 @@ TEST(WorkerGroupJoinTest, DisableCustomAllReduceReachesEveryRankAndRankZeroRepor
   for (auto& s : servers) s->Shutdown();
 }
 
+double SecondsSince(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// Rank 0 waits in InitCommunicator for the others (as the rendezvous does) until cancelled or
+// 60 s; rank 1 refuses at once, as a worker owned by another coordinator does.
+class WaitingJoinWorker final : public internal::Worker::Service {
+ public:
+  explicit WaitingJoinWorker(bool refuse) : refuse_(refuse) {}
+  grpc::Status InitCommunicator(grpc::ServerContext* ctx, const internal::InitCommunicatorRequest*,
+                                internal::InitCommunicatorResponse*) override {
+    if (refuse_) {
+      return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+                          "InitCommunicator from coordinator 0x1 refused: this worker is serving coordinator 0x2");
+    }
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+    while (!ctx->IsCancelled() && std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    cancelled_ = ctx->IsCancelled();
+    return grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "rank(s) 1 of 2 did not join within 1m");
+  }
+  const bool refuse_;
+  std::atomic<bool> cancelled_{false};
+};
+
+std::unique_ptr<grpc::Server> Serve(grpc::Service* service, std::string* address) {
+  int port = 0;
+  grpc::ServerBuilder b;
+  b.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+  b.RegisterService(service);
+  std::unique_ptr<grpc::Server> server = b.BuildAndStart();
+  *address = absl::StrCat("127.0.0.1:", port);
+  return server;
+}
+
+TEST(WorkerGroupJoinTest, ARankThatRefusesEndsTheJoinAtOnceNamingItsReason) {
+  // Found by a tester: with the refusing worker at rank 1, the coordinator waited the whole join
+  // timeout on rank 0 and then named the wait ("rank(s) 1 of 2 did not join"), not the refusal.
+  WaitingJoinWorker w0(false), w1(true);
+  std::string a0, a1;
+  std::unique_ptr<grpc::Server> s0 = Serve(&w0, &a0), s1 = Serve(&w1, &a1);
+  ASSERT_NE(s0, nullptr);
+  ASSERT_NE(s1, nullptr);
+  WorkerGroupOptions o;
+  o.addresses = {a0, a1};
+  o.join_timeout = absl::Seconds(60);
+  const auto t0 = std::chrono::steady_clock::now();
+  absl::StatusOr<std::unique_ptr<WorkerGroup>> g = WorkerGroup::Start(o);
+  EXPECT_LT(SecondsSince(t0), 10);
+  EXPECT_THAT(g.status(), StatusIs(absl::StatusCode::kFailedPrecondition,
+                                   HasSubstr(absl::StrCat("worker 1 (", a1, "): InitCommunicator from"))));
+  const auto t1 = std::chrono::steady_clock::now();  // the server sees the cancellation a bit later
+  while (!w0.cancelled_ && SecondsSince(t1) < 5) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  EXPECT_TRUE(w0.cancelled_) << "rank 0's InitCommunicator was not cancelled";
+  s0->Shutdown();
+  s1->Shutdown();
+}
+
+TEST(WorkerGroupJoinTest, AnAddressServingSomethingElseIsNamedAsNotAWorker) {
+  internal::Rendezvous::Service other;  // every method UNIMPLEMENTED; no Worker service
+  std::string address;
+  std::unique_ptr<grpc::Server> s = Serve(&other, &address);
+  ASSERT_NE(s, nullptr);
+  WorkerGroupOptions o;
+  o.addresses = {address};
+  EXPECT_THAT(WorkerGroup::Start(o).status(),
+              StatusIs(absl::StatusCode::kFailedPrecondition,
+                       HasSubstr(absl::StrCat("worker 0 (", address, "): not a lorcserve worker"))));
+  s->Shutdown();
+}
+
+TEST(WorkerGroupReleaseTest, ReleaseReachesEveryWorkerAndSkipsOnesThatAreGone) {
+  FakeWorker w;
+  std::string address;
+  std::unique_ptr<grpc::Server> s = Serve(&w, &address);
+  ASSERT_NE(s, nullptr);
+  const auto t0 = std::chrono::steady_clock::now();
+  ReleaseWorkers({address, "", "127.0.0.1:1"}, 0x42, absl::Seconds(2));
+  EXPECT_LT(SecondsSince(t0), 5);
+  EXPECT_EQ(w.released_by(), 0x42u);
+  s->Shutdown();
+}
+
 // ---- cancelling Start -----------------------------------------------------------------------
 
 // A worker whose LoadModel never finishes by itself: it returns once its call is cancelled.
@@ -268,10 +361,6 @@ class StuckLoadWorker final : public internal::Worker::Service {
   }
   std::atomic<bool> loading_{false}, cancelled_{false};
 };
-
-double SecondsSince(std::chrono::steady_clock::time_point t0) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
 
 TEST(WorkerGroupCancelTest, CancelledEndsTheWaitForTheLoadAndCancelsTheCall) {
   StuckLoadWorker w;

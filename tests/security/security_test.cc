@@ -228,6 +228,21 @@ TEST_F(TlsTest, ExpiredOrNotYetValidCertificateIsRefusedNamingFlagAndDates) {
   EXPECT_TRUE(ServerCredentials({cert, key, ""}).ok());
 }
 
+TEST_F(TlsTest, InternalCertificateWithoutTheInternalNameIsRefusedAtStart) {
+  // Peers verify DNS:lorcserve-internal, not the address: a certificate without it started, and
+  // every join then failed as "not reachable" (a tester's finding).
+  const std::string cert = (certs_->dir / "noname.pem").string(), key = (certs_->dir / "noname.key").string();
+  WriteCertValidBetween(cert, key, -60, 86400);  // CN=localhost, no subjectAltName
+  auto in = InternalServerCredentials({cert, key, certs_->ca});
+  ASSERT_FALSE(in.ok());
+  EXPECT_EQ(in.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(in.status().message(),
+              HasSubstr(absl::StrCat("--internal-tls-cert ", cert, ": the certificate's subjectAltName has no "
+                                     "DNS:lorcserve-internal")));
+  EXPECT_TRUE(InternalServerCredentials({certs_->server_cert, certs_->server_key, certs_->ca}).ok());
+  EXPECT_TRUE(ServerCredentials({cert, key, ""}).ok());  // the public port checks no fixed name
+}
+
 // A synchronous grpc.health.v1 service that answers SERVING and counts its calls.
 class CountingHealth final : public Health::Service {
  public:

@@ -109,6 +109,38 @@ TEST_F(OwnershipTest, LeaseExpiresOnlyWhileTheOwnerIsSilentWithNothingOpen) {
   EXPECT_EQ(OwnerId(), kB.id);
 }
 
+TEST_F(OwnershipTest, TheOwnersReleaseFreesAtOnceOrWhenItsLastCallEnds) {
+  // A coordinator exiting after a failed step: the worker had ended the step stream itself (not
+  // an owner close), so only the lease freed it and a restarted coordinator was refused for 30 s.
+  absl::StatusOr<uint64_t> a = own_.Begin(kA, true, "LoadModel");
+  ASSERT_THAT(a, IsOk());
+  own_.End(*a, false);
+  absl::StatusOr<uint64_t> steps = own_.Begin(kA, false, "Steps");
+  ASSERT_THAT(steps, IsOk());
+  own_.End(*steps, /*owner_closed_stream=*/false);  // the worker failed the stream
+  EXPECT_EQ(OwnerId(), kA.id);
+  EXPECT_FALSE(own_.Release(kB));  // not the owner: nothing changes
+  EXPECT_FALSE(own_.Release(CoordinatorRef{0, ""}));
+  EXPECT_EQ(OwnerId(), kA.id);
+  EXPECT_TRUE(own_.Release(kA));
+  EXPECT_EQ(OwnerId(), std::nullopt);
+  EXPECT_THAT(own_.Begin(kB, true, "InitCommunicator"), IsOk());  // no lease to wait out
+
+  // With a call of the owner's open, the release waits for it to end.
+  Ownership own{absl::Seconds(30), [this] { return now_; }};
+  absl::StatusOr<uint64_t> open = own.Begin(kA, true, "InitCommunicator");
+  ASSERT_THAT(open, IsOk());
+  EXPECT_TRUE(own.Release(kA));
+  EXPECT_EQ(own.owner()->id, kA.id);
+  EXPECT_THAT(own.Begin(kB, true, "InitCommunicator"), StatusIs(absl::StatusCode::kFailedPrecondition));
+  own.End(*open, false);
+  EXPECT_EQ(own.owner(), std::nullopt);
+  absl::StatusOr<uint64_t> b = own.Begin(kB, true, "InitCommunicator");
+  ASSERT_THAT(b, IsOk());
+  own.End(*b, false);
+  EXPECT_EQ(own.owner()->id, kB.id);  // the pending release was A's, not B's
+}
+
 TEST(CoordinatorIdTest, NewIdsAreNonzeroAndDiffer) {
   const uint64_t a = NewCoordinatorId(), b = NewCoordinatorId();
   EXPECT_NE(a, 0u);

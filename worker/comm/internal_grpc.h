@@ -18,9 +18,7 @@
 
 namespace lorc {
 
-// The name internal channels verify the server certificate for (its SAN must hold
-// DNS:lorcserve-internal); addresses of pods change, this name does not.
-inline constexpr char kInternalTlsServerName[] = "lorcserve-internal";
+using security::kInternalTlsServerName;  // the name internal channels verify (security/tls.h)
 
 // Sets the process's internal-link credentials (call once at start-up, before any internal
 // server or channel is made). Empty options: plaintext. Errors: INVALID_ARGUMENT naming the

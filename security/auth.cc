@@ -12,6 +12,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "common/json_util.h"
 #include "common/status_macros.h"
 #include "grpcpp/support/client_interceptor.h"
 #include "grpcpp/support/interceptor.h"
@@ -66,6 +67,9 @@ absl::StatusOr<std::vector<std::string>> ParseTokenFile(std::string_view content
 }
 
 absl::StatusOr<std::vector<std::string>> ReadTokenFile(const std::string& path) {
+  if (absl::Status s = CheckReadableFile(path); !s.ok() && !absl::IsNotFound(s)) {
+    return absl::InvalidArgumentError(absl::StrCat("--auth-token-file ", s.message()));
+  }
   std::ifstream in(path, std::ios::binary);
   if (!in) {
     return absl::InvalidArgumentError(

@@ -12,6 +12,8 @@
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/strip.h"
+#include "common/json_util.h"
 #include "common/status_macros.h"
 
 namespace lorc::security {
@@ -35,6 +37,10 @@ absl::Status FileError(const std::string& flag, const std::string& path, const s
 }
 
 absl::StatusOr<std::string> ReadPem(const std::string& flag, const std::string& path) {
+  // A directory read as an empty file, /dev/zero forever, a FIFO blocked (common/json_util.h).
+  if (absl::Status s = CheckReadableFile(path); !s.ok() && !absl::IsNotFound(s)) {
+    return FileError(flag, path, std::string(absl::StripPrefix(s.message(), absl::StrCat(path, ": "))));
+  }
   std::ifstream in(path, std::ios::binary);
   if (!in) return FileError(flag, path, absl::StrCat("cannot open: ", std::strerror(errno)));
   std::stringstream ss;

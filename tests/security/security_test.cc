@@ -176,6 +176,15 @@ TEST_F(TlsTest, BadFilesNameFlagAndFile) {
   auto inc = InternalChannelCredentials({"", c.client_key, c.ca});
   ASSERT_FALSE(inc.ok());
   EXPECT_THAT(inc.status().message(), HasSubstr("missing: --internal-tls-cert"));
+  // A directory read as "empty file"; /dev/zero would be read forever (a tester's findings).
+  s = ServerCredentials({c.dir.string(), c.server_key, ""});
+  ASSERT_FALSE(s.ok());
+  EXPECT_THAT(s.status().message(), HasSubstr(absl::StrCat("--tls-cert ", c.dir.string(), ": is a directory")));
+  auto zero = InternalServerCredentials({c.server_cert, c.server_key, "/dev/zero"});
+  ASSERT_FALSE(zero.ok());
+  EXPECT_THAT(zero.status().message(), HasSubstr("--internal-tls-ca /dev/zero: not a regular file"));
+  EXPECT_THAT(ReadTokenFile("/dev/zero").status().message(),
+              HasSubstr("--auth-token-file /dev/zero: not a regular file"));
   EXPECT_TRUE(ServerCredentials({}).ok());  // nothing set: insecure
   EXPECT_TRUE(InternalChannelCredentials({}).ok());
 }

@@ -260,8 +260,10 @@ int RunWorker(int argc, char** argv) {
   }
   if (advertise.empty()) advertise = absl::StrCat(host, ":", port);
   std::cout << "LISTENING " << advertise << std::endl;
-  std::cerr << "lorcserve worker " << args->Get("rank-hint", "?") << ": serving on " << advertise << " ("
-            << args->Get("backend", "cpu") << ")\n";
+  // "lorcserve worker 1" for a coordinator's local worker; a worker started by hand has no rank yet.
+  const std::string label =
+      args->Has("rank-hint") ? absl::StrCat("lorcserve worker ", args->Get("rank-hint")) : "lorcserve worker";
+  std::cerr << label << ": serving on " << advertise << " (" << args->Get("backend", "cpu") << ")\n";
   std::atomic<bool> refused{false};
   {
     std::unique_ptr<JoinLoop> joiner;
@@ -282,12 +284,14 @@ int RunWorker(int argc, char** argv) {
     // during a load (or the communicator's rendezvous) ends the process at once: the load does
     // not stop early and a coordinator gone or going needs none of it (its LocalWorkers would
     // wait 5 s, then SIGKILL; Kubernetes its grace period).
-    TerminationSignalWatcher signals([s = server.get(), &service, rank = args->Get("rank-hint", "?")](int sig) {
+    TerminationSignalWatcher signals([s = server.get(), &service, &label](int sig) {
       if (service.setting_up()) {
-        std::cerr << "lorcserve worker " << rank << ": "
-                  << TerminationSignalName(sig) << " during the model load: exiting\n";
+        std::cerr << label << ": " << TerminationSignalName(sig) << " during the model load: exiting\n";
         std::_Exit(0);
       }
+      // No drain here: a step in flight fails, and the coordinator recovers without this worker.
+      std::cerr << label << ": " << TerminationSignalName(sig)
+                << ": stopping (steps in flight fail; the coordinator re-forms its group)\n";
       s->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
     });
     server->Wait();

@@ -121,6 +121,10 @@ std::string WhyNotConnected(lorcserve::internal::Worker::Stub& stub) {
     hint = "; check that both ends use the same --internal-tls-ca and that both certificates hold "
            "DNS:lorcserve-internal";
   }
+  // A certificate that expired since start fails every new handshake (a restarted worker).
+  if (const absl::Status own = InternalCertificateValidNow(); !own.ok()) {
+    hint = absl::StrCat("; this coordinator's ", own.message(), ": restart it with a renewed one");
+  }
   return absl::StrCat(" (gRPC: ", s.error_message(), hint, ")");
 }
 

@@ -234,4 +234,21 @@ absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> InternalChannelCredent
   return grpc::SslCredentials(ssl);
 }
 
+absl::Status CheckCertificateValidNow(const std::string& flag, const std::string& path) {
+  ASSIGN_OR_RETURN(std::string pem, ReadPem(flag, path));
+  ASSIGN_OR_RETURN(X509Ptr cert, FirstCertificate(flag, path, pem));
+  return CheckValidNow(flag, path, cert.get());
+}
+
+absl::StatusOr<absl::Duration> CertificateTimeLeft(const std::string& flag, const std::string& path) {
+  ASSIGN_OR_RETURN(std::string pem, ReadPem(flag, path));
+  ASSIGN_OR_RETURN(X509Ptr cert, FirstCertificate(flag, path, pem));
+  int days = 0, seconds = 0;
+  if (ASN1_TIME_diff(&days, &seconds, nullptr, X509_get0_notAfter(cert.get())) != 1) {
+    OpenSslError();
+    return FileError(flag, path, "cannot read the certificate's notAfter");
+  }
+  return absl::Hours(24) * days + absl::Seconds(seconds);
+}
+
 }  // namespace lorc::security

@@ -17,6 +17,7 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "grpcpp/grpcpp.h"
 
 namespace lorc::security {
@@ -78,5 +79,14 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> InternalServerCredentia
     const InternalTlsOptions& o);
 absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> InternalChannelCredentials(
     const InternalTlsOptions& o);
+
+// The certificate in `path` (given as `flag`), read again now: OK while it is valid, else
+// INVALID_ARGUMENT naming flag, path and the date it expired (or becomes valid). A running
+// process's certificate can expire after its start: connections made before stay up, every new
+// handshake (a restarted peer) fails; messages about failed connections use this to say so.
+absl::Status CheckCertificateValidNow(const std::string& flag, const std::string& path);
+// How long the certificate in `path` stays valid from now (negative once expired); errors as
+// reading it at start.
+absl::StatusOr<absl::Duration> CertificateTimeLeft(const std::string& flag, const std::string& path);
 
 }  // namespace lorc::security

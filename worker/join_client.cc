@@ -121,7 +121,11 @@ void JoinLoop::Run() {
       return;
     } else {
       // Unreachable, restarting, or the rank is held by a live worker: retry.
-      const std::string msg(s.message());
+      std::string msg(s.message());
+      // A certificate that expired since start fails every new handshake.
+      if (const absl::Status own = InternalCertificateValidNow(); !own.ok()) {
+        absl::StrAppend(&msg, "; this worker's ", own.message(), ": restart it with a renewed one");
+      }
       if (msg != last_error) {
         std::cerr << "lorcserve worker: join " << coordinator_ << ": " << msg << " (retrying)\n";
         last_error = msg;

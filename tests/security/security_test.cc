@@ -235,6 +235,18 @@ TEST_F(TlsTest, ExpiredOrNotYetValidCertificateIsRefusedNamingFlagAndDates) {
   EXPECT_THAT(s.status().message(), HasSubstr("the certificate is not valid before "));
   WriteCertValidBetween(cert, key, -60, 86400);  // valid now
   EXPECT_TRUE(ServerCredentials({cert, key, ""}).ok());
+  // Read again while running: a certificate that expired since start is named with its date.
+  EXPECT_TRUE(CheckCertificateValidNow("--internal-tls-cert", cert).ok());
+  absl::StatusOr<absl::Duration> left = CertificateTimeLeft("--internal-tls-cert", cert);
+  ASSERT_TRUE(left.ok()) << left.status();
+  EXPECT_GT(*left, absl::Hours(23));
+  EXPECT_LE(*left, absl::Hours(24));
+  WriteCertValidBetween(cert, key, -2 * 86400, -3600);
+  EXPECT_THAT(CheckCertificateValidNow("--internal-tls-cert", cert).message(),
+              HasSubstr(absl::StrCat("--internal-tls-cert ", cert, ": the certificate expired on ")));
+  left = CertificateTimeLeft("--internal-tls-cert", cert);
+  ASSERT_TRUE(left.ok()) << left.status();
+  EXPECT_LT(*left, absl::ZeroDuration());
 }
 
 TEST_F(TlsTest, InternalCertificateWithoutTheInternalNameIsRefusedAtStart) {

@@ -1,5 +1,7 @@
 #include "worker/comm/internal_grpc.h"
 
+#include <iostream>
+
 #include "absl/base/thread_annotations.h"
 #include "absl/synchronization/mutex.h"
 #include "common/status_macros.h"
@@ -12,6 +14,7 @@ struct InternalCredentials {
   std::shared_ptr<grpc::ServerCredentials> server ABSL_GUARDED_BY(mu);
   std::shared_ptr<grpc::ChannelCredentials> channel ABSL_GUARDED_BY(mu);
   bool tls ABSL_GUARDED_BY(mu) = false;
+  std::string cert_file ABSL_GUARDED_BY(mu);  // --internal-tls-cert
 };
 
 InternalCredentials& Credentials() {
@@ -26,12 +29,33 @@ absl::Status ConfigureInternalTls(const security::InternalTlsOptions& options) {
                    security::InternalServerCredentials(options));
   ASSIGN_OR_RETURN(std::shared_ptr<grpc::ChannelCredentials> channel,
                    security::InternalChannelCredentials(options));
+  if (options.enabled()) {
+    absl::StatusOr<absl::Duration> left = security::CertificateTimeLeft("--internal-tls-cert", options.cert_file);
+    if (left.ok() && *left < absl::Hours(24 * 7)) {
+      std::cerr << "lorcserve: warning: --internal-tls-cert " << options.cert_file << " expires in "
+                << absl::FormatDuration(absl::Trunc(*left, absl::Minutes(1)))
+                << "; after that no new internal connection can be made (a restarted worker cannot "
+                   "rejoin) until this process restarts with a renewed certificate\n";
+    }
+  }
   InternalCredentials& c = Credentials();
   absl::MutexLock lock(&c.mu);
   c.server = std::move(server);
   c.channel = std::move(channel);
   c.tls = options.enabled();
+  c.cert_file = options.cert_file;
   return absl::OkStatus();
+}
+
+absl::Status InternalCertificateValidNow() {
+  std::string cert;
+  {
+    InternalCredentials& c = Credentials();
+    absl::MutexLock lock(&c.mu);
+    if (!c.tls) return absl::OkStatus();
+    cert = c.cert_file;
+  }
+  return security::CheckCertificateValidNow("--internal-tls-cert", cert);
 }
 
 void ExclusivePort(grpc::ServerBuilder& builder) { builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0); }

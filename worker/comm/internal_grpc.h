@@ -25,6 +25,11 @@ using security::kInternalTlsServerName;  // the name internal channels verify (s
 // --internal-tls-* flag and file (a partial set, unreadable or malformed PEM).
 absl::Status ConfigureInternalTls(const security::InternalTlsOptions& options);
 
+// With internal TLS: whether this process's --internal-tls-cert is still valid (read again now;
+// it may have expired since start, when ConfigureInternalTls checked it and warned if it had less
+// than 7 days left). OK without TLS. The error names the flag, the file and the date.
+absl::Status InternalCertificateValidNow();
+
 // Turns off gRPC's default SO_REUSEPORT on the builder's ports: a port another process holds
 // is then a bind failure, not a port two servers share (the kernel would split the connections
 // between them: two coordinators on one --listen). Every lorcserve server calls it.

@@ -102,21 +102,30 @@ struct WorkerGroup::Worker {
   }
 };
 
-// Why a channel that did not connect failed, as gRPC last saw it (a refused connection, a TLS
-// handshake that failed and why), from one call that does not wait for the channel: " (gRPC:
-// ...)", or "" when that call says nothing more.
-std::string WhyNotConnected(lorcserve::internal::Worker::Stub& stub) {
+// Why `address` cannot be reached, as gRPC sees it (a refused connection, a TLS handshake that
+// failed and why): one Ping over a channel of its own (a fresh connection attempt; the group's
+// channel may be between attempts and only say "Deadline Exceeded"): " (gRPC: ... ; hint)", or
+// "" when that says nothing more.
+std::string WhyNotConnected(const std::string& address) {
+  grpc::ChannelArguments args;
+  args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+  auto stub = lorcserve::internal::Worker::NewStub(InternalChannel(address, args));
   grpc::ClientContext ctx;
-  ctx.set_deadline(DeadlineIn(absl::Seconds(1)));
+  ctx.set_deadline(DeadlineIn(absl::Seconds(2)));
   lorcserve::internal::PingRequest req;
   lorcserve::internal::PingResponse resp;
-  const grpc::Status s = stub.Ping(&ctx, req, &resp);
+  const grpc::Status s = stub->Ping(&ctx, req, &resp);
   if (s.ok() || s.error_message().empty()) return "";
   const std::string& m = s.error_message();
   std::string hint;
-  if (absl::StrContains(m, "wrong version number") || absl::StrContains(m, "Socket closed") ||
-      absl::StrContains(m, "reset by peer")) {
-    hint = "; TLS on one end only fails this way: do both ends use the same --internal-tls-* flags?";
+  if (absl::StrContains(m, "wrong version number")) {
+    hint = "; the worker answers without TLS: do both ends use the same --internal-tls-* flags?";
+  } else if (absl::StrContains(m, "Socket closed") || absl::StrContains(m, "reset by peer")) {
+    hint = InternalTlsEnabled()
+               ? "; the worker closed the connection in the TLS handshake: it may not trust this "
+                 "coordinator's certificate (another --internal-tls-ca) or run without TLS; its log "
+                 "names the cause"
+               : "; the worker may expect TLS (--internal-tls-*)";
   } else if (absl::StrContains(m, "andshake") || absl::StrContains(m, "SSL")) {
     hint = "; check that both ends use the same --internal-tls-ca and that both certificates hold "
            "DNS:lorcserve-internal";
@@ -125,7 +134,7 @@ std::string WhyNotConnected(lorcserve::internal::Worker::Stub& stub) {
   if (const absl::Status own = InternalCertificateValidNow(); !own.ok()) {
     hint = absl::StrCat("; this coordinator's ", own.message(), ": restart it with a renewed one");
   }
-  return absl::StrCat(" (gRPC: ", s.error_message(), hint, ")");
+  return absl::StrCat(" (gRPC: ", m, hint, ")");
 }
 
 // A failed InitCommunicator / LoadModel, named after its worker. UNIMPLEMENTED (with gRPC's
@@ -203,7 +212,7 @@ absl::Status WorkerGroup::Connect() {
       if (absl::Now() >= connect_deadline) {
         return absl::UnavailableError(absl::StrCat(w->Name(), ": not reachable within ",
                                                    absl::FormatDuration(options_.connect_timeout),
-                                                   WhyNotConnected(*w->stub)));
+                                                   WhyNotConnected(w->address)));
       }
     }
   }

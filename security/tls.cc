@@ -135,6 +135,45 @@ absl::StatusOr<grpc::SslServerCredentialsOptions::PemKeyCertPair> ReadKeyCertPai
   return grpc::SslServerCredentialsOptions::PemKeyCertPair{key_pem, cert_pem};
 }
 
+// Whether the certificate in cert_pem (its first; the others: intermediates) chains to a CA in
+// ca_pem. A process whose own certificate its own CA does not sign is refused by every peer that
+// shares that CA (a tester's coordinator then saw only "Socket closed").
+absl::Status CheckSignedBy(const std::string& cert_flag, const std::string& cert_path,
+                           const std::string& cert_pem, const std::string& ca_flag,
+                           const std::string& ca_path, const std::string& ca_pem) {
+  struct StoreDeleter { void operator()(X509_STORE* s) const { X509_STORE_free(s); } };
+  struct CtxDeleter { void operator()(X509_STORE_CTX* c) const { X509_STORE_CTX_free(c); } };
+  struct StackDeleter { void operator()(STACK_OF(X509)* s) const { sk_X509_pop_free(s, X509_free); } };
+  std::unique_ptr<X509_STORE, StoreDeleter> store(X509_STORE_new());
+  std::unique_ptr<STACK_OF(X509), StackDeleter> chain(sk_X509_new_null());
+  if (store == nullptr || chain == nullptr) return absl::ResourceExhaustedError("out of memory");
+  BioPtr ca_bio = MemBio(ca_pem);
+  while (X509* ca = ca_bio ? PEM_read_bio_X509(ca_bio.get(), nullptr, nullptr, nullptr) : nullptr) {
+    X509_STORE_add_cert(store.get(), ca);
+    X509_free(ca);
+  }
+  OpenSslError();  // the end of the file
+  BioPtr bio = MemBio(cert_pem);
+  X509Ptr leaf(bio ? PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr) : nullptr);
+  while (X509* more = bio ? PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr) : nullptr) {
+    sk_X509_push(chain.get(), more);
+  }
+  OpenSslError();
+  if (leaf == nullptr) return FileError(cert_flag, cert_path, "no PEM certificate");
+  std::unique_ptr<X509_STORE_CTX, CtxDeleter> ctx(X509_STORE_CTX_new());
+  if (ctx == nullptr || X509_STORE_CTX_init(ctx.get(), store.get(), leaf.get(), chain.get()) != 1) {
+    return absl::ResourceExhaustedError("out of memory");
+  }
+  if (X509_verify_cert(ctx.get()) != 1) {
+    const std::string why = X509_verify_cert_error_string(X509_STORE_CTX_get_error(ctx.get()));
+    OpenSslError();
+    return FileError(cert_flag, cert_path,
+                     absl::StrCat("not signed by the CA in ", ca_flag, " ", ca_path, " (", why,
+                                  "): every peer that trusts that CA would refuse it"));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status NeedBoth(const std::string& a_flag, const std::string& a, const std::string& b_flag,
                       const std::string& b) {
   if (a.empty() != b.empty()) {
@@ -216,8 +255,10 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> InternalServerCredentia
   grpc::SslServerCredentialsOptions ssl(GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
   ASSIGN_OR_RETURN(auto pair, ReadKeyCertPair("--internal-tls-cert", o.cert_file,
                                               "--internal-tls-key", o.key_file, kInternalTlsServerName));
-  ssl.pem_key_cert_pairs.push_back(std::move(pair));
   ASSIGN_OR_RETURN(ssl.pem_root_certs, ReadCertificates("--internal-tls-ca", o.ca_file));
+  RETURN_IF_ERROR(CheckSignedBy("--internal-tls-cert", o.cert_file, pair.cert_chain, "--internal-tls-ca",
+                                o.ca_file, ssl.pem_root_certs));
+  ssl.pem_key_cert_pairs.push_back(std::move(pair));
   return grpc::SslServerCredentials(ssl);
 }
 

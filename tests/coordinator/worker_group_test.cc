@@ -3,9 +3,11 @@
 // rank 0's result, per-request failures, and the failures that break the group; cancelling
 // Start's wait for the workers (WorkerGroupOptions::cancelled).
 #include "coordinator/worker_group.h"
+#include "worker/comm/grpc_rendezvous.h"
 
 #include <atomic>
 #include <chrono>
+#include <future>
 #include <memory>
 #include <string>
 #include <thread>
@@ -342,6 +344,32 @@ TEST(WorkerGroupReleaseTest, ReleaseReachesEveryWorkerAndSkipsOnesThatAreGone) {
   EXPECT_LT(SecondsSince(t0), 5);
   EXPECT_EQ(w.released_by(), 0x42u);
   s->Shutdown();
+}
+
+TEST(RendezvousServiceTest, AWaitingGetEndsWhenTheServerShutsDown) {
+  // A coordinator whose start failed shut its internal server down while a worker's Get waited
+  // for a rank that would never come: the shutdown waited up to the join timeout for the handler
+  // and the worker stayed locked to the exited coordinator (a tester: 70 s).
+  RendezvousService service;
+  std::string address;
+  std::unique_ptr<grpc::Server> s = Serve(&service, &address);
+  ASSERT_NE(s, nullptr);
+  GrpcRendezvousStore store(address);
+  ASSERT_TRUE(store.Set("g/arrived/0", "0").ok());
+  absl::StatusOr<std::string> got = store.Get("g/arrived/0", absl::Seconds(5));
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(*got, "0");
+  EXPECT_EQ(store.Get("g/arrived/9", absl::Milliseconds(200)).status().code(),
+            absl::StatusCode::kDeadlineExceeded);
+  auto waiting = std::async(std::launch::async, [&] { return store.Get("g/arrived/1", absl::Seconds(60)); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));  // the Get is in the handler
+  const auto t0 = std::chrono::steady_clock::now();
+  s->Shutdown(std::chrono::system_clock::now() + std::chrono::milliseconds(300));
+  EXPECT_LT(SecondsSince(t0), 5) << "the server's shutdown waited for the blocked Get";
+  absl::StatusOr<std::string> ended = waiting.get();
+  EXPECT_FALSE(ended.ok());
+  EXPECT_NE(ended.status().code(), absl::StatusCode::kDeadlineExceeded) << ended.status();
+  EXPECT_LT(SecondsSince(t0), 5);
 }
 
 // ---- cancelling Start -----------------------------------------------------------------------

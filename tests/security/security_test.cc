@@ -264,6 +264,25 @@ TEST_F(TlsTest, InternalCertificateWithoutTheInternalNameIsRefusedAtStart) {
   EXPECT_TRUE(ServerCredentials({cert, key, ""}).ok());  // the public port checks no fixed name
 }
 
+TEST_F(TlsTest, InternalCertificateNotSignedByTheInternalCaIsRefusedAtStart) {
+  // Every peer trusting that CA refuses such a process; a tester's coordinator only saw "Socket
+  // closed" from each worker.
+  auto in = InternalServerCredentials({certs_->server_cert, certs_->server_key, certs_->other_ca});
+  ASSERT_FALSE(in.ok());
+  EXPECT_EQ(in.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(in.status().message(),
+              HasSubstr(absl::StrCat("--internal-tls-cert ", certs_->server_cert, ": not signed by the CA in "
+                                     "--internal-tls-ca ", certs_->other_ca, " (")));
+  // A CA file holding both CAs: signed by one of them is enough.
+  const std::string both = (certs_->dir / "both_cas.pem").string();
+  {
+    std::ifstream a(certs_->other_ca), b(certs_->ca);
+    std::ofstream out(both);
+    out << a.rdbuf() << b.rdbuf();
+  }
+  EXPECT_TRUE(InternalServerCredentials({certs_->server_cert, certs_->server_key, both}).ok());
+}
+
 // A synchronous grpc.health.v1 service that answers SERVING and counts its calls.
 class CountingHealth final : public Health::Service {
  public:

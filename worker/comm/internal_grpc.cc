@@ -47,6 +47,12 @@ absl::Status ConfigureInternalTls(const security::InternalTlsOptions& options) {
   return absl::OkStatus();
 }
 
+bool InternalTlsEnabled() {
+  InternalCredentials& c = Credentials();
+  absl::MutexLock lock(&c.mu);
+  return c.tls;
+}
+
 absl::Status InternalCertificateValidNow() {
   std::string cert;
   {

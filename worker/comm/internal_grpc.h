@@ -25,6 +25,9 @@ using security::kInternalTlsServerName;  // the name internal channels verify (s
 // --internal-tls-* flag and file (a partial set, unreadable or malformed PEM).
 absl::Status ConfigureInternalTls(const security::InternalTlsOptions& options);
 
+// Whether internal links use TLS (ConfigureInternalTls was given the --internal-tls-* files).
+bool InternalTlsEnabled();
+
 // With internal TLS: whether this process's --internal-tls-cert is still valid (read again now;
 // it may have expired since start, when ConfigureInternalTls checked it and warned if it had less
 // than 7 days left). OK without TLS. The error names the flag, the file and the date.

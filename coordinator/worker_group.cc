@@ -6,6 +6,7 @@
 #include <future>
 #include <iostream>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "common/grpc_status.h"
@@ -213,6 +214,24 @@ absl::Status WorkerGroup::Connect() {
         return absl::UnavailableError(absl::StrCat(w->Name(), ": not reachable within ",
                                                    absl::FormatDuration(options_.connect_timeout),
                                                    WhyNotConnected(w->address)));
+      }
+    }
+  }
+  // One worker under two names (127.0.0.1:P and localhost:P) would take two ranks: its second
+  // InitCommunicator waits behind the first, which waits for the second (the join timeout).
+  if (n > 1) {
+    absl::flat_hash_map<uint64_t, int> rank_of_instance;
+    for (auto& w : workers_) {
+      grpc::ClientContext ctx;
+      ctx.set_deadline(DeadlineIn(absl::Seconds(5)));
+      lorcserve::internal::PingRequest req;
+      lorcserve::internal::PingResponse resp;
+      if (!w->stub->Ping(&ctx, req, &resp).ok() || resp.instance_id() == 0) continue;  // the join says
+      auto [it, inserted] = rank_of_instance.emplace(resp.instance_id(), w->rank);
+      if (!inserted) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "--workers: '", workers_[it->second]->address, "' and '", w->address,
+            "' are the same worker process (one worker per rank)"));
       }
     }
   }

@@ -233,7 +233,7 @@ class WorkerService::StepStream final : public grpc::ServerBidiReactor<pb::StepP
 };
 
 WorkerService::WorkerService(const WorkerOptions& options)
-    : options_(options), ownership_(options.owner_lease) {}
+    : options_(options), instance_id_(NewCoordinatorId()), ownership_(options.owner_lease) {}
 
 WorkerService::~WorkerService() {
   // The gRPC server was shut down first (the header's precondition): grpc::Server::Shutdown
@@ -420,6 +420,7 @@ grpc::Status WorkerService::Ping(grpc::ServerContext*, const lorcserve::internal
   } else {
     ownership_.Touch(FromProto(req->coordinator()));
   }
+  resp->set_instance_id(instance_id_);
   resp->set_model_loaded(model_loaded_.load());
   resp->set_communicator_ready(comm_ready_.load());
   if (std::optional<CoordinatorRef> owner = ownership_.owner(); owner.has_value()) {

@@ -87,6 +87,7 @@ class WorkerService final
       const lorcserve::internal::StepPlan& plan);
 
   const WorkerOptions options_;
+  const uint64_t instance_id_;  // PingResponse.instance_id: random, nonzero, this process's
   Ownership ownership_;
   DeviceThread device_;
   // Starts the step streams' writes, so the device thread goes on to the next queued step at

@@ -61,6 +61,7 @@ class FakeWorker final : public internal::Worker::Service {
   grpc::Status Ping(grpc::ServerContext*, const internal::PingRequest* req,
                     internal::PingResponse* resp) override {
     resp->set_model_loaded(true);
+    resp->set_instance_id(instance_id_);
     if (req->release()) {
       absl::MutexLock lock(&mu_);
       released_by_ = req->coordinator().id();
@@ -114,6 +115,7 @@ class FakeWorker final : public internal::Worker::Service {
 
   bool pipeline_ = true;
   uint64_t fail_stream_at_ = 0;
+  uint64_t instance_id_ = 0;  // 0: not reported (an older worker)
   absl::Mutex mu_;
   int plans_received_ ABSL_GUARDED_BY(mu_) = 0;
   int init_calls_ ABSL_GUARDED_BY(mu_) = 0;
@@ -319,6 +321,27 @@ TEST(WorkerGroupJoinTest, ARankThatRefusesEndsTheJoinAtOnceNamingItsReason) {
   EXPECT_TRUE(w0.cancelled_) << "rank 0's InitCommunicator was not cancelled";
   s0->Shutdown();
   s1->Shutdown();
+}
+
+TEST(WorkerGroupJoinTest, OneWorkerUnderTwoNamesIsRefusedAtOnce) {
+  // A tester: 127.0.0.1:P and localhost:P took two ranks of one process; the join waited 60 s and
+  // named a rank that "did not join".
+  FakeWorker w;
+  w.instance_id_ = 0x77;
+  std::string address;
+  std::unique_ptr<grpc::Server> s = Serve(&w, &address);
+  ASSERT_NE(s, nullptr);
+  const std::string port = address.substr(address.rfind(':') + 1);
+  WorkerGroupOptions o;
+  o.addresses = {address, "ipv4:127.0.0.1:" + port};  // another spelling of the same target
+  const auto t0 = std::chrono::steady_clock::now();
+  EXPECT_THAT(WorkerGroup::Start(o).status(),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr(absl::StrCat("--workers: '", address, "' and 'ipv4:127.0.0.1:", port,
+                                              "' are the same worker process"))));
+  EXPECT_LT(SecondsSince(t0), 10);
+  EXPECT_EQ(w.init_calls(), 0);
+  s->Shutdown();
 }
 
 TEST(WorkerGroupJoinTest, AnAddressServingSomethingElseIsNamedAsNotAWorker) {

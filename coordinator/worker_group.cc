@@ -103,6 +103,8 @@ struct WorkerGroup::Worker {
   }
 };
 
+namespace {
+
 // Why `address` cannot be reached, as gRPC sees it (a refused connection, a TLS handshake that
 // failed and why): one Ping over a channel of its own (a fresh connection attempt; the group's
 // channel may be between attempts and only say "Deadline Exceeded"): " (gRPC: ... ; hint)", or
@@ -148,6 +150,8 @@ absl::Status SetupCallError(const std::string& worker, const absl::Status& s) {
   }
   return absl::Status(s.code(), absl::StrCat(worker, ": ", s.message()));
 }
+
+}  // namespace
 
 void ReleaseWorkers(const std::vector<std::string>& addresses, uint64_t coordinator_id,
                     absl::Duration timeout) {

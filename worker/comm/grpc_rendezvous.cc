@@ -48,28 +48,18 @@ grpc::Status RendezvousService::Set(grpc::ServerContext*, const lorcserve::inter
 
 grpc::Status RendezvousService::Get(grpc::ServerContext* ctx, const lorcserve::internal::GetRequest* req,
                                     lorcserve::internal::GetResponse* resp) {
-  // Waits in slices so that a cancelled call ends within one: the coordinator's shutdown (its
-  // server cancels calls past the shutdown deadline) waited for a handler blocked here up to the
-  // join timeout, and the worker's Get, its InitCommunicator and so its owner's release waited
-  // with it (a worker stayed locked to a coordinator that had failed its start and exited).
-  const absl::Duration timeout = absl::Milliseconds(std::max<int64_t>(0, req->timeout_ms()));
-  const absl::Time deadline = absl::Now() + timeout;
-  for (;;) {
-    const absl::Duration left = std::max(deadline - absl::Now(), absl::ZeroDuration());
-    absl::StatusOr<std::string> v = store_.Get(req->key(), std::min(left, absl::Milliseconds(100)));
-    if (v.ok()) {
-      resp->set_value(*std::move(v));
-      return grpc::Status::OK;
-    }
-    if (v.status().code() != absl::StatusCode::kDeadlineExceeded) return ToGrpcStatus(v.status());
-    if (left <= absl::Milliseconds(100)) {
-      return ToGrpcStatus(absl::DeadlineExceededError(absl::StrCat(
-          "rendezvous key '", req->key(), "' not set within ", absl::FormatDuration(timeout))));
-    }
-    if (ctx->IsCancelled()) {
-      return grpc::Status(grpc::StatusCode::CANCELLED, "the rendezvous is shutting down (its coordinator stopped)");
-    }
+  // A cancelled call ends within 100 ms: the coordinator's shutdown (its server cancels calls past
+  // the shutdown deadline) waited for a handler blocked here up to the join timeout, and the
+  // worker's Get, its InitCommunicator and so its owner's release waited with it (a worker stayed
+  // locked to a coordinator that had failed its start and exited).
+  absl::StatusOr<std::string> v = store_.Get(req->key(), absl::Milliseconds(req->timeout_ms()),
+                                             [ctx] { return ctx->IsCancelled(); });
+  if (v.status().code() == absl::StatusCode::kCancelled) {
+    return grpc::Status(grpc::StatusCode::CANCELLED, "the rendezvous is shutting down (its coordinator stopped)");
   }
+  if (!v.ok()) return ToGrpcStatus(v.status());
+  resp->set_value(*std::move(v));
+  return grpc::Status::OK;
 }
 
 }  // namespace lorc

@@ -17,6 +17,11 @@ absl::Status InProcessStore::Set(const std::string& key, const std::string& valu
 }
 
 absl::StatusOr<std::string> InProcessStore::Get(const std::string& key, absl::Duration timeout) {
+  return Get(key, timeout, nullptr);
+}
+
+absl::StatusOr<std::string> InProcessStore::Get(const std::string& key, absl::Duration timeout,
+                                                const std::function<bool()>& cancelled) {
   const absl::Time deadline =
       timeout == absl::InfiniteDuration() ? absl::InfiniteFuture() : absl::Now() + timeout;
   absl::MutexLock lock(&mu_);
@@ -26,7 +31,11 @@ absl::StatusOr<std::string> InProcessStore::Get(const std::string& key, absl::Du
     // WaitWithDeadline returns true once the deadline has passed; re-check the key once more
     // so that a value set exactly at the deadline is still seen.
     if (absl::Now() >= deadline) break;
-    changed_.WaitWithDeadline(&mu_, deadline);
+    if (cancelled != nullptr && cancelled()) {
+      return absl::CancelledError(absl::StrCat("rendezvous key '", key, "': the wait was cancelled"));
+    }
+    changed_.WaitWithDeadline(
+        &mu_, cancelled != nullptr ? std::min(deadline, absl::Now() + absl::Milliseconds(100)) : deadline);
   }
   return absl::DeadlineExceededError(absl::StrCat("rendezvous key '", key,
                                                   "' not set within ",

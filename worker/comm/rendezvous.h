@@ -2,6 +2,7 @@
 // every communicator factory runs before its backend's own setup.
 #pragma once
 
+#include <functional>
 #include <string>
 
 #include "absl/base/thread_annotations.h"
@@ -43,6 +44,10 @@ class InProcessStore final : public RendezvousStore {
 
   absl::Status Set(const std::string& key, const std::string& value) override;
   absl::StatusOr<std::string> Get(const std::string& key, absl::Duration timeout) override;
+  // As Get, and ends early with CANCELLED once `cancelled()` returns true (asked at least every
+  // 100 ms while waiting; null: never): a server's handler whose call was cancelled.
+  absl::StatusOr<std::string> Get(const std::string& key, absl::Duration timeout,
+                                  const std::function<bool()>& cancelled);
 
  private:
   absl::Mutex mu_;

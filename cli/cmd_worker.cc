@@ -270,7 +270,7 @@ int RunWorker(int argc, char** argv) {
     if (joining) {
       lorcserve::internal::JoinRequest req = join->request;
       req.set_worker_address(advertise);
-      req.set_instance_id(NewCoordinatorId());  // a random nonzero id for this process
+      req.set_instance_id(service.instance_id());  // this process's, as its Ping reports
       char hostname[256] = {};
       gethostname(hostname, sizeof(hostname) - 1);
       req.set_hostname(hostname);

@@ -52,6 +52,10 @@ class WorkerService final
   // Destroys the device state on the device thread. The gRPC server must be shut down first.
   ~WorkerService() override;
 
+  // Random, nonzero, drawn when this service (the worker process) starts: PingResponse.instance_id
+  // and the JoinRequest's, so two addresses that reach one worker can be told apart from two.
+  uint64_t instance_id() const { return instance_id_; }
+
   grpc::Status LoadModel(grpc::ServerContext* ctx, const lorcserve::internal::LoadModelRequest* req,
                          lorcserve::internal::LoadModelResponse* resp) override;
   grpc::Status InitCommunicator(grpc::ServerContext* ctx,

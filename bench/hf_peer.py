@@ -12,7 +12,8 @@ warm-up generate of the same shape first (compilation). Prefill: one prompt, max
 time to first token (median of --prefill-reps after a warm-up).
 
 Floors as lorcserve's: (weights read per step + KV bytes) / --hbm-tbps, and prefill FLOPs
-(2 * params * tokens + attention) against --gemm-peak-tflops.
+(2 * params * tokens + attention) against --gemm-peak-tflops; both default to the device's row in
+common/device_ceilings.h (a device without one: no floor).
 
   python3 bench/hf_peer.py --model bench/configs/llama3-8b [--eager] [--ours ours.jsonl]
   python3 bench/hf_peer.py --model bench/configs/llama3-70b --devices 2   # does not fit one GPU
@@ -28,6 +29,8 @@ why). The config line's "floor_assumes" says what the floor means for the split.
 """
 import argparse
 import json
+import os
+import re
 import statistics
 import sys
 import time
@@ -70,6 +73,20 @@ def split_over_devices(model, cfg, devices, torch):
     return dispatch_model(model, device_map=device_map)
 
 
+def device_ceilings(device_name):
+    """(copy TB/s, GEMM peak TFLOP/s) of the first row of common/device_ceilings.h whose name the
+    device's name contains (lorcserve bench's own lookup), or None."""
+    header = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "common", "device_ceilings.h")
+    try:
+        text = open(header).read()
+    except OSError:
+        return None
+    for name, copy, peak in re.findall(r'\{"([^"]+)",\s*([0-9.]+),\s*([0-9.]+),', text):
+        if name in device_name:
+            return float(copy), float(peak)
+    return None
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="directory with config.json (weights unused)")
@@ -79,8 +96,10 @@ def main():
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--prefill-reps", type=int, default=3)
     ap.add_argument("--eager", action="store_true", help="no torch.compile")
-    ap.add_argument("--hbm-tbps", type=float, default=4.275)
-    ap.add_argument("--gemm-peak-tflops", type=float, default=696.0)
+    ap.add_argument("--hbm-tbps", type=float, default=None,
+                    help="decode floor's bandwidth, TB/s (default: the device's row in common/device_ceilings.h)")
+    ap.add_argument("--gemm-peak-tflops", type=float, default=None,
+                    help="prefill floor's peak, TFLOP/s (default: as --hbm-tbps)")
     ap.add_argument("--kv-budget-gb", type=float, default=100.0,
                     help="skip a shape whose static cache needs more (default 100)")
     ap.add_argument("--time-budget-s", type=float, default=0,
@@ -96,6 +115,11 @@ def main():
     from transformers.generation.streamers import BaseStreamer
 
     t_start = time.perf_counter()
+    row = device_ceilings(torch.cuda.get_device_name())
+    if a.hbm_tbps is None and row:
+        a.hbm_tbps = row[0]
+    if a.gemm_peak_tflops is None and row:
+        a.gemm_peak_tflops = row[1]
     torch.manual_seed(0)
     cfg = AutoConfig.from_pretrained(a.model)
     if a.devices < 1 or a.devices > torch.cuda.device_count():
@@ -207,7 +231,9 @@ def main():
                 flops = 2.0 * matmul_params * n + 2.0 * n * n * q_size * cfg.num_hidden_layers
                 j.update({"mode": "eager", "ttft_ms": tt * 1e3, "tokens_per_s": n / tt,
                           "tflops": flops / tt * 1e-12,
-                          "pct_of_gemm_peak": 100.0 * flops / tt * 1e-12 / a.gemm_peak_tflops})
+                          })
+                if a.gemm_peak_tflops:
+                    j["pct_of_gemm_peak"] = 100.0 * flops / tt * 1e-12 / a.gemm_peak_tflops
             except Exception as e:
                 j["error"] = f"{type(e).__name__}: {str(e)[:300]}"
                 torch.cuda.empty_cache()
@@ -228,10 +254,11 @@ def main():
                     steps = [1e3 * (y - x) for x, y in zip(st[2:], st[3:])]
                     ms = statistics.median(steps)
                     kv_bytes = kv_per_token * batch * (context + a.steps / 2.0)
-                    floor_ms = (weight_bytes + kv_bytes) / (a.hbm_tbps * 1e12) * 1e3
                     j.update({"mode": m, "ms_per_step": ms, "tokens_per_s": batch / (ms * 1e-3),
-                              "floor_ms": floor_ms, "pct_of_floor": 100.0 * floor_ms / ms,
                               "fill_s": st[1] - t, "steps": len(steps)})
+                    if a.hbm_tbps:
+                        floor_ms = (weight_bytes + kv_bytes) / (a.hbm_tbps * 1e12) * 1e3
+                        j.update({"floor_ms": floor_ms, "pct_of_floor": 100.0 * floor_ms / ms})
                     if err:
                         j["compile_error"] = err
                 except Exception as e:
@@ -255,7 +282,7 @@ def main():
                 continue
             o = ours.get((j["kind"], j.get("batch"), j.get("context"), j.get("tokens")), {})
             if j["kind"] == "decode":
-                fl = o.get("floor_ms", j.get("floor_ms", 0))
+                fl = o.get("floor_ms", j.get("floor_ms", float("nan")))
                 print("decode b=%-4d ctx=%-5d ours %8.3f ms (%5.1f%% of floor)  peer %8.3f ms %-7s  floor %7.3f ms"
                       % (j["batch"], j["context"], o.get("ms_per_step", float("nan")),
                          o.get("pct_of_floor", float("nan")), j.get("ms_per_step", float("nan")),

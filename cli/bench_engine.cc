@@ -16,6 +16,7 @@
 #include "absl/strings/str_split.h"
 #include "cli/commands.h"
 #include "cli/session.h"
+#include "common/device_ceilings.h"
 #include "common/status_macros.h"
 #include "model/weights.h"
 #include "nlohmann/json.hpp"
@@ -48,8 +49,12 @@ std::vector<FlagSpec> Flags() {
       {"steps", true, "timed decode steps per (batch, context) (default 32)", "N"},
       {"warmup-steps", true, "decode steps before timing (default 4)", "N"},
       {"prefill-reps", true, "timed runs per prefill length, median (default 3)", "N"},
-      {"hbm-tbps", true, "device copy bandwidth of the decode floor, TB/s (default 4.275)", "X"},
-      {"gemm-peak-tflops", true, "BF16 GEMM peak of the prefill floor, TFLOP/s (default 696)", "X"},
+      {"hbm-tbps", true,
+       "device copy bandwidth of the decode floor, TB/s (default: the device's row in "
+       "common/device_ceilings.h; none: no floor)",
+       "X"},
+      {"gemm-peak-tflops", true,
+       "BF16 GEMM peak of the prefill floor, TFLOP/s (default: the device's row, as --hbm-tbps)", "X"},
       {"local-workers", true,
        "run the model sharded over N local worker processes (tensor parallelism, one per GPU "
        "from --device on); default: in this process",
@@ -523,18 +528,35 @@ int RunEngineBench(int argc, char** argv) {
   absl::StatusOr<int32_t> steps = args->GetInt32("steps", 32, 1, 1 << 20),
                           warmup = args->GetInt32("warmup-steps", 4, 0, 1 << 20),
                           reps = args->GetInt32("prefill-reps", 3, 1, 1000);
-  absl::StatusOr<double> hbm = args->GetDouble("hbm-tbps", 4.275),
-                         peak = args->GetDouble("gemm-peak-tflops", 696.0);
   for (const auto* v : {&steps, &warmup, &reps}) {
     if (!v->ok()) return Fail("bench", v->status());
   }
-  for (const auto* v : {&hbm, &peak}) {
-    if (!v->ok()) return Fail("bench", v->status());
-    if (!(**v > 0)) return Fail("bench", absl::InvalidArgumentError("--hbm-tbps / --gemm-peak-tflops must be > 0"));
+  // The floors' ceilings: a flag, else the device's measured row (checked before loading).
+  std::optional<double> hbm, peak;
+  for (auto [flag, out] : {std::pair{"hbm-tbps", &hbm}, std::pair{"gemm-peak-tflops", &peak}}) {
+    if (!args->Has(flag)) continue;
+    absl::StatusOr<double> v = args->GetDouble(flag, 0);
+    if (!v.ok()) return Fail("bench", v.status());
+    if (!(*v > 0)) {
+      return Fail("bench", absl::InvalidArgumentError(absl::StrCat("--", flag, ": ", *v, " is not > 0")));
+    }
+    *out = *v;
   }
   absl::StatusOr<std::unique_ptr<Target>> target = OpenTarget(*args);
   if (!target.ok()) return Fail("bench", target.status());
   const Target& t = **target;
+  std::string ceilings_from = "flags";
+  if (!hbm.has_value() || !peak.has_value()) {
+    const std::optional<DeviceCeilings> row = CeilingsFor(t.device);
+    if (row.has_value()) {
+      if (!hbm.has_value()) hbm = row->copy_tbps;
+      if (!peak.has_value()) peak = row->gemm_peak_tflops;
+      ceilings_from = absl::StrCat("common/device_ceilings.h: ", row->measured);
+    } else {
+      ceilings_from = "no row in common/device_ceilings.h for this device: floors not computed "
+                      "(give --hbm-tbps and --gemm-peak-tflops)";
+    }
+  }
   Engine& engine = *t.engine;
   const ModelConfig& cfg = t.config;
   const bool json_only = args->Has("json");
@@ -603,8 +625,9 @@ int RunEngineBench(int argc, char** argv) {
                          {"weight_bytes_read", weight_bytes}, {"kv_bytes_per_token", kv_per_token},
                          {"kv_policy", t.kv_policy},
                          {"kv_capacity_tokens", capacity}, {"load_s", t.load_s},
-                         {"hbm_tbps", *hbm}, {"gemm_peak_tflops", *peak},
-                         {"floor_assumes", floor_assumes}};
+                         {"floor_assumes", floor_assumes}, {"ceilings_from", ceilings_from}};
+  if (hbm.has_value()) head["hbm_tbps"] = *hbm;
+  if (peak.has_value()) head["gemm_peak_tflops"] = *peak;
   std::cout << head.dump() << std::endl;
   std::vector<std::string> table;
   const int32_t budget = t.engine_options.max_num_batched_tokens;
@@ -632,17 +655,20 @@ int RunEngineBench(int argc, char** argv) {
       const double ms = Median(r->step_ms);
       // KV read per step: every sequence's cached tokens (context plus the generated ones, ~mid-run).
       const double kv_bytes = kv_per_token * batch * (context + *warmup + *steps / 2.0);
-      const double floor_ms = (weight_bytes + kv_bytes) / (*hbm * 1e12) * 1e3;
       j["ms_per_step"] = ms;
       j["tokens_per_s"] = batch / (ms * 1e-3);
-      j["floor_ms"] = floor_ms;
-      j["pct_of_floor"] = 100.0 * floor_ms / ms;
+      std::string floor_cell = "floor        -           ";
+      if (hbm.has_value()) {
+        const double floor_ms = (weight_bytes + kv_bytes) / (*hbm * 1e12) * 1e3;
+        j["floor_ms"] = floor_ms;
+        j["pct_of_floor"] = 100.0 * floor_ms / ms;
+        floor_cell = absl::StrFormat("floor %8.3f ms  %5.1f %%", floor_ms, 100.0 * floor_ms / ms);
+      }
       j["fill_s"] = r->fill_s;
       j["steps"] = r->step_ms.size();
       std::cout << j.dump() << std::endl;
-      table.push_back(absl::StrFormat("decode  b=%-4d ctx=%-6d %9.3f ms/step  floor %8.3f ms  %5.1f %%  %10.0f tok/s",
-                                      batch, context, ms, floor_ms, 100.0 * floor_ms / ms,
-                                      batch / (ms * 1e-3)));
+      table.push_back(absl::StrFormat("decode  b=%-4d ctx=%-6d %9.3f ms/step  %s  %10.0f tok/s", batch, context,
+                                      ms, floor_cell, batch / (ms * 1e-3)));
     }
   }
   for (int32_t len : *prefills) {
@@ -666,22 +692,28 @@ int RunEngineBench(int argc, char** argv) {
     j["ttft_ms"] = sec * 1e3;
     j["tokens_per_s"] = len / sec;
     j["tflops"] = tflops;
-    j["pct_of_gemm_peak"] = 100.0 * tflops / (*peak * tp);
+    std::string peak_cell;
+    if (peak.has_value()) {
+      j["pct_of_gemm_peak"] = 100.0 * tflops / (*peak * tp);
+      peak_cell = absl::StrFormat("  %5.1f %% of %.0f", 100.0 * tflops / (*peak * tp), *peak * tp);
+    }
     std::cout << j.dump() << std::endl;
-    table.push_back(absl::StrFormat("prefill %-6d tokens  TTFT %9.2f ms  %10.0f tok/s  %7.1f TFLOP/s  %5.1f %% of %.0f",
-                                    len, sec * 1e3, len / sec, tflops, 100.0 * tflops / (*peak * tp),
-                                    *peak * tp));
+    table.push_back(absl::StrFormat("prefill %-6d tokens  TTFT %9.2f ms  %10.0f tok/s  %7.1f TFLOP/s%s", len,
+                                    sec * 1e3, len / sec, tflops, peak_cell));
   }
   if (engine.scheduler().num_free_blocks() != t.num_blocks) {
     return Fail("bench", absl::InternalError("KV blocks leaked after the benchmark"));
   }
   if (!json_only) {
     std::cout << absl::StrFormat("# %s on %s, tensor-parallel size %d%s%s, load %.1f s, %.2f GB weights "
-                                 "read per step per GPU\n# %s\n",
+                                 "read per step per GPU\n# %s\n# ceilings: %s%s",
                                  args->Get("model"), t.device, t.tp,
                                  t.tp > 1 ? (t.shard_lm_head ? " (LM head split)" : " (LM head replicated)") : "",
                                  t.tp > 1 ? absl::StrCat(", all-reduce: ", t.all_reduce) : "",
-                                 t.load_s, weight_bytes * 1e-9, floor_assumes);
+                                 t.load_s, weight_bytes * 1e-9, floor_assumes,
+                                 hbm.has_value() ? absl::StrFormat("%.3f TB/s, ", *hbm) : "",
+                                 peak.has_value() ? absl::StrFormat("%.0f TFLOP/s; ", *peak) : "") +
+                     ceilings_from + "\n";
     for (const std::string& line : table) std::cout << line << "\n";
   }
   return 0;

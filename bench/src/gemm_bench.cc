@@ -17,12 +17,17 @@
 // the small-M GEMV, timed per shape), with the GEMV preferred, and for every GEMV configuration
 // launched directly; microseconds and % of the floor (weight bytes / 4.275 TB/s, the H200's
 // measured copy bandwidth). About 30 s.
+//
+// `gemm_bench ceilings`: the device's row of common/device_ceilings.h: a 1 GiB device-to-device
+// copy (bytes read + written per second) and the BF16 GEMM peak (best of 8192^3 and 16384^3).
+// About 10 s.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <functional>
 #include <iterator>
 #include <memory>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
@@ -32,6 +37,7 @@
 #include "backend/cuda_gemv.h"
 #include "bench/src/graph_timer.h"
 #include "common/check.h"
+#include "common/device_ceilings.h"
 #include "common/dtype.h"
 
 namespace lorc {
@@ -116,7 +122,6 @@ Point Measure(Backend& be, const std::string& name, int64_t m, int64_t n, int64_
 
 // --- decode: cuBLASLt against the small-M GEMV ------------------------------------------------
 
-constexpr double kCopyBytesPerSecond = 4.275e12;  // H200 device-to-device copy, measured
 constexpr int64_t kDecodeTokens[] = {1, 2, 4, 8};
 
 struct DecodeShape {
@@ -153,6 +158,13 @@ int DecodeMain() {
   auto gv = CudaWithPolicy(CudaMatmulPolicy::kGemvFirst);
   const auto gv_stream = static_cast<cudaStream_t>(gv->stream_handle());
   const int configs = cuda_internal::GemvConfigCount();
+  const std::optional<DeviceCeilings> ceilings = CeilingsFor(lt->Describe());
+  if (!ceilings.has_value()) {
+    std::fprintf(stderr, "gemm_bench decode: no row for %s in common/device_ceilings.h (run `gemm_bench "
+                 "ceilings` on it and add one)\n", lt->Describe().c_str());
+    return 1;
+  }
+  const double copy_bytes_per_second = ceilings->copy_tbps * 1e12;
   std::printf("# %s\n# GEMV configurations:", lt->Describe().c_str());
   for (int c = 0; c < configs; ++c) std::printf(" %d = %s;", c, cuda_internal::GemvConfigName(c).c_str());
   std::printf("\n");
@@ -172,7 +184,7 @@ int DecodeMain() {
     DeviceBuffer x = RandomBf16(*lt, static_cast<size_t>(max_m) * sh.k * 2);
     auto out = lt->Allocate(static_cast<size_t>(max_m) * sh.n * DTypeSize(sh.out));
     CHECK(out.ok()) << out.status();
-    const double floor_us = wbytes / kCopyBytesPerSecond * 1e6;
+    const double floor_us = wbytes / copy_bytes_per_second * 1e6;
     int reps = static_cast<int>(std::clamp(1e6 * kTargetSeconds / 2 / floor_us, 1.0, 400.0));
     reps = std::max(copies, (reps + copies - 1) / copies * copies);
     for (const int64_t m : kDecodeTokens) {
@@ -213,6 +225,53 @@ int DecodeMain() {
   return 0;
 }
 
+// Seconds per 2 x `bytes` of device traffic: one device-to-device copy of `bytes` (timed in a
+// graph of 8 copies over 2 buffer pairs, so neither is served from L2).
+double CopyBytesPerSecond(Backend& be, size_t bytes) {
+  DeviceBuffer a = RandomBf16(be, bytes), b = RandomBf16(be, bytes), c = RandomBf16(be, bytes),
+               d = RandomBf16(be, bytes);
+  auto copy = [&](int i) {
+    if (i % 2 == 0) {
+      CHECK_OK(be.CopyOnDevice(b.data(), a.data(), bytes));
+    } else {
+      CHECK_OK(be.CopyOnDevice(d.data(), c.data(), bytes));
+    }
+  };
+  copy(0);
+  copy(1);
+  CHECK_OK(be.Synchronize());
+  const double us = GraphMicrosPerCall(be, 8, kReplays, ReplayStat::kMean, copy);
+  return 2.0 * static_cast<double>(bytes) / (us * 1e-6);
+}
+
+// `gemm_bench ceilings`: the device's copy bandwidth and GEMM peak, as a row for
+// common/device_ceilings.h.
+int CeilingsMain() {
+  auto made = CreatePartialCudaBackend(BackendOptions{BackendKind::kCuda});
+  if (!made.ok()) {
+    std::fprintf(stderr, "%s\n", std::string(made.status().message()).c_str());
+    return 1;
+  }
+  Backend& be = **made;
+  const double copy = CopyBytesPerSecond(be, size_t{1} << 30);
+  double peak = 0;
+  for (const int64_t s : {8192, 16384}) {
+    peak = std::max(peak, Measure(be, "square", s, s, s, DType::kBF16).tflops);
+  }
+  std::printf("{\"bench\":\"ceilings\",\"device\":\"%s\",\"copy_tbps\":%.3f,\"gemm_peak_tflops\":%.1f}\n",
+              be.Describe().c_str(), copy * 1e-12, peak);
+  std::printf("%s: device-to-device copy %.3f TB/s (bytes read + written), BF16 GEMM peak %.1f TFLOP/s\n",
+              be.Describe().c_str(), copy * 1e-12, peak);
+  const std::optional<DeviceCeilings> row = CeilingsFor(be.Describe());
+  if (row.has_value()) {
+    std::printf("common/device_ceilings.h has for it: %.3f TB/s, %.1f TFLOP/s (%s)\n", row->copy_tbps,
+                row->gemm_peak_tflops, row->measured);
+  } else {
+    std::printf("common/device_ceilings.h has no row for it\n");
+  }
+  return 0;
+}
+
 int Main() {
   auto made = CreatePartialCudaBackend(BackendOptions{BackendKind::kCuda});
   if (!made.ok()) {
@@ -248,5 +307,6 @@ int Main() {
 
 int main(int argc, char** argv) {
   if (argc > 1 && std::string(argv[1]) == "decode") return lorc::DecodeMain();
+  if (argc > 1 && std::string(argv[1]) == "ceilings") return lorc::CeilingsMain();
   return lorc::Main();
 }

@@ -902,12 +902,14 @@ TEST_F(CliTest, GenerateJsonReportsCompletionsStopReasonAndLogprobs) {
 #ifdef LORC_WITH_GRPC
 // bench --model: the offline engine benchmark prints one JSON object a line (config, each
 // decode (batch, context), each prefill length), skips a shape the KV cache cannot hold, and
-// frees every block (it fails otherwise).
+// frees every block (it fails otherwise). Floors against the ceilings given as flags (the CPU
+// has no row in common/device_ceilings.h).
 TEST_F(CliTest, EngineBenchPrintsDecodeAndPrefillLinesAndSkipsWhatDoesNotFit) {
   const RunResult r = Lorcserve({"bench", "--model", Tiny(), "--decode-batches", "1,16",
                                  "--contexts", "8,100", "--prefill", "16", "--steps", "3",
                                  "--warmup-steps", "1", "--prefill-reps", "1", "--num-blocks", "8",
-                                 "--block-size", "16", "--threads", "1", "--json"});
+                                 "--block-size", "16", "--threads", "1", "--hbm-tbps", "4.275",
+                                 "--gemm-peak-tflops", "696", "--json"});
   ASSERT_EQ(r.exit_code, 0) << r;
   std::vector<json> lines;
   std::istringstream in(r.out);
@@ -920,6 +922,9 @@ TEST_F(CliTest, EngineBenchPrintsDecodeAndPrefillLinesAndSkipsWhatDoesNotFit) {
   EXPECT_EQ(lines[0]["kind"], "config");
   EXPECT_EQ(lines[0]["kv_capacity_tokens"], 8 * 16);
   EXPECT_EQ(lines[0]["weight_bytes_read"], lines[0]["params"].get<double>() * 4 - 4096.0 * 512 * 4);
+  EXPECT_EQ(lines[0]["hbm_tbps"], 4.275);
+  EXPECT_EQ(lines[0]["gemm_peak_tflops"], 696.0);
+  EXPECT_EQ(lines[0]["ceilings_from"], "flags");
   int measured = 0, skipped = 0;
   for (size_t i = 1; i < 5; ++i) {
     const json& j = lines[i];
@@ -941,10 +946,16 @@ TEST_F(CliTest, EngineBenchPrintsDecodeAndPrefillLinesAndSkipsWhatDoesNotFit) {
   EXPECT_EQ(lines[5]["tokens"], 16);
   EXPECT_GT(lines[5]["ttft_ms"].get<double>(), 0.0);
   EXPECT_GT(lines[5]["tokens_per_s"].get<double>(), 0.0);
+  EXPECT_GT(lines[5]["pct_of_gemm_peak"].get<double>(), 0.0);
 
   const RunResult bad = Lorcserve({"bench", "--model", Tiny(), "--decode-batches", "1,0"});
   EXPECT_NE(bad.exit_code, 0);
   EXPECT_THAT(bad.err, HasSubstr("--decode-batches: 0"));
+  for (const char* flag : {"--hbm-tbps", "--gemm-peak-tflops"}) {
+    const RunResult zero = Lorcserve({"bench", "--model", Tiny(), flag, "0"});
+    EXPECT_NE(zero.exit_code, 0) << flag;
+    EXPECT_THAT(zero.err, HasSubstr(std::string(flag) + ": 0 is not > 0"));
+  }
 }
 
 // The config line names the KV policy a benchmark ran under (a saved result says which ran).
@@ -987,21 +998,27 @@ TEST_F(CliTest, EngineBenchRunsOverLocalWorkers) {
   const double head = 4096.0 * 512;
   EXPECT_EQ(cfg["weight_bytes_read"], ((cfg["params"].get<double>() - 2 * head) / 2 + head) * 4);
   EXPECT_THAT(cfg["floor_assumes"].get<std::string>(), HasSubstr("split 2 ways"));
+  // No ceilings given and none known for a CPU: no floor, and the config line says why.
+  EXPECT_FALSE(cfg.contains("hbm_tbps")) << cfg;
+  EXPECT_THAT(cfg["ceilings_from"].get<std::string>(), HasSubstr("no row in common/device_ceilings.h"));
   for (size_t i = 1; i < 3; ++i) {
     const json& j = lines[i];
     EXPECT_EQ(j["kind"], "decode") << j;
     EXPECT_EQ(j["batch"], i) << j;
     EXPECT_EQ(j["steps"], 2) << j;
-    for (const char* k : {"ms_per_step", "tokens_per_s", "floor_ms", "pct_of_floor", "fill_s"}) {
+    for (const char* k : {"ms_per_step", "tokens_per_s", "fill_s"}) {
       ASSERT_TRUE(j.contains(k)) << j;
       EXPECT_GT(j[k].get<double>(), 0.0) << k << " " << j;
     }
+    EXPECT_FALSE(j.contains("floor_ms")) << j;
+    EXPECT_FALSE(j.contains("pct_of_floor")) << j;
   }
   EXPECT_EQ(lines[3]["kind"], "prefill");
-  for (const char* k : {"ttft_ms", "tokens_per_s", "tflops", "pct_of_gemm_peak"}) {
+  for (const char* k : {"ttft_ms", "tokens_per_s", "tflops"}) {
     ASSERT_TRUE(lines[3].contains(k)) << lines[3];
     EXPECT_GT(lines[3][k].get<double>(), 0.0) << k << " " << lines[3];
   }
+  EXPECT_FALSE(lines[3].contains("pct_of_gemm_peak")) << lines[3];
 
   const RunResult zero = Lorcserve({"bench", "--model", Tiny(), "--local-workers", "0"});
   EXPECT_EQ(zero.exit_code, 2) << zero;

@@ -99,6 +99,15 @@ if [ -n "$reports" ]; then
     echo "==== $f"
     cat "$f"
   done
+  # A digest last: CI shows the head and the tail of a long log, and a report's middle (the other
+  # thread's stack, for a race) is what gets cut. Each access or location line with its first
+  # four frames, template arguments shown as [T], lines cut at 220 characters.
+  echo "==== digest of the reports above"
+  for f in $reports; do
+    echo "-- $(basename "$f")"
+    { grep -E '^(WARNING|ERROR|SUMMARY)|^==[0-9]+==ERROR|runtime error|^(Direct|Indirect) leak|^  [A-Z][a-z]|^    #[0-3] ' "$f" |
+        sed -E ':a; s/<[^<>]*>/[T]/; ta' | cut -c1-220 | head -60; } || true
+  done
   echo "sanitize.sh $kind: $(echo "$reports" | wc -l) sanitizer report(s), above" >&2
   status=1
 fi

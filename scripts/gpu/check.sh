@@ -7,6 +7,9 @@
 #   PHASES="parity serve" scripts/gpu/check.sh # some phases
 #
 # Phases:
+#   ceilings  `gemm_bench ceilings` on each GPU: the copy bandwidth and GEMM peak every floor is
+#           taken against; compare with the device's row in common/device_ceilings.h (a device
+#           without one gets no floor from `lorcserve bench`: add its row from this)
 #   parity  every CUDA/NCCL test binary (parity with the CPU reference, TP = 2 in one process)
 #   serve   the fixture served by `coordinator --backend cuda --local-workers N` for N = 1 and the
 #           number of GPUs: the golden prompts' greedy tokens against the CPU reference (first 32),
@@ -46,7 +49,7 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 . scripts/lib/coordinator.sh
 OUT=${OUT:-/tmp/lorc-gpu}
-PHASES=${PHASES:-"parity serve bench peer"}
+PHASES=${PHASES:-"ceilings parity serve bench peer"}
 STEPS=${STEPS:-32}
 SERVE_MODEL=${SERVE_MODEL:-models/tiny-llama-a}  # serve phase: the model served (and its tag in logs)
 SERVE_TAG=${SERVE_TAG:-}
@@ -165,6 +168,18 @@ PY
     else note "serve$SERVE_TAG tp=$tp: KV blocks NOT free after cancellations ($free of $cap)"; fails=$((fails + 1)); fi
     "$L" client --server "$ADDR" --info > "$OUT/serve$SERVE_TAG-tp$tp-info.json" 2>&1
     kill -INT $CPID 2>/dev/null; wait $CPID 2>/dev/null
+  done
+}
+
+phase_ceilings() {
+  local g
+  [ -x "$B/gemm_bench" ] || { note "ceilings: no gemm_bench in the bundle"; return; }
+  for g in $(seq 0 $((GPUS - 1))); do
+    if CUDA_VISIBLE_DEVICES=$g timeout 120 "$B/gemm_bench" ceilings > "$OUT/ceilings-gpu$g.txt" 2>&1; then
+      note "ceilings gpu $g: $(grep -E 'TB/s' "$OUT/ceilings-gpu$g.txt" | head -1)"
+    else
+      note "ceilings gpu $g: FAILED (see ceilings-gpu$g.txt)"; fails=$((fails + 1))
+    fi
   done
 }
 

@@ -178,8 +178,9 @@ int RunWorker(int argc, char** argv) {
       {"local-index", true, "(set by --local-workers) this process's device among the pod's, for LWS ranks", "I"},
       {"local-count", true, "(set by --local-workers) worker processes per pod, for LWS ranks", "N"},
       {"owner-lease-s", true,
-       absl::StrCat("seconds the coordinator serving this worker may stay silent before another may "
-                    "take it (default ", absl::FormatDuration(WorkerOptions().owner_lease), ")"),
+       absl::StrCat("seconds the coordinator serving this worker may stay silent (no call open, or its "
+                    "connection not answering keepalive pings) before another may take it (default ",
+                    absl::FormatDuration(WorkerOptions().owner_lease), ")"),
        "S"},
       {"help", false, "show this help"},
   };
@@ -249,6 +250,7 @@ int RunWorker(int argc, char** argv) {
   grpc::ServerBuilder builder;
   int port = 0;
   AddInternalListeningPort(builder, listen, &port);
+  AddOwnerKeepalive(builder, wo.owner_lease);
   builder.SetMaxReceiveMessageSize(256 << 20);
   builder.SetMaxSendMessageSize(256 << 20);
   builder.RegisterService(&service);

@@ -1,5 +1,7 @@
 #include "worker/comm/internal_grpc.h"
 
+#include <algorithm>
+#include <cstdint>
 #include <iostream>
 
 #include "absl/base/thread_annotations.h"
@@ -65,6 +67,19 @@ absl::Status InternalCertificateValidNow() {
 }
 
 void ExclusivePort(grpc::ServerBuilder& builder) { builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0); }
+
+void AddOwnerKeepalive(grpc::ServerBuilder& builder, absl::Duration owner_lease) {
+  const int half_ms = static_cast<int>(
+      std::clamp<int64_t>(absl::ToInt64Milliseconds(owner_lease / 2), 1000, int64_t{1} << 30));
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS, half_ms);
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, half_ms);
+  // Only connections with a call open (a coordinator's step stream; an idle one has the lease).
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 0);
+  // Keep pinging an idle step stream (no steps between requests): no cap on pings without data
+  // and none of the 5-minute spacing gRPC puts between them by default.
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_SENT_PING_INTERVAL_WITHOUT_DATA_MS, half_ms);
+}
 
 void AddInternalListeningPort(grpc::ServerBuilder& builder, const std::string& address, int* port) {
   ExclusivePort(builder);

@@ -13,6 +13,7 @@
 #include <string>
 
 #include "absl/status/status.h"
+#include "absl/time/time.h"
 #include "grpcpp/grpcpp.h"
 #include "security/tls.h"
 
@@ -37,6 +38,14 @@ absl::Status InternalCertificateValidNow();
 // is then a bind failure, not a port two servers share (the kernel would split the connections
 // between them: two coordinators on one --listen). Every lorcserve server calls it.
 void ExclusivePort(grpc::ServerBuilder& builder);
+
+// A worker's server pings each coordinator connection (HTTP/2 keepalive) every `owner_lease` / 2
+// (at least 1 s), also while nothing flows on it, and closes it when a ping goes unanswered for
+// as long: a coordinator that hangs with its step stream open (SIGSTOP, a frozen VM, a network
+// partition that drops packets silently) loses the worker after about `owner_lease`, as one that
+// stays silent with no call open does (worker/ownership.h). The coordinator's gRPC answers the
+// pings on its own threads, so a busy coordinator keeps the worker.
+void AddOwnerKeepalive(grpc::ServerBuilder& builder, absl::Duration owner_lease);
 
 // Adds `address` (HOST:PORT, port 0: pick one; the bound port lands in *port, 0 on failure
 // once the server is built; a port in use fails: ExclusivePort) to `builder` with the internal

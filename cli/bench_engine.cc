@@ -51,10 +51,12 @@ std::vector<FlagSpec> Flags() {
       {"prefill-reps", true, "timed runs per prefill length, median (default 3)", "N"},
       {"hbm-tbps", true,
        "device copy bandwidth of the decode floor, TB/s (default: the device's row in "
-       "common/device_ceilings.h; none: no floor)",
+       "common/device_ceilings.h; a device without one gets no decode floor)",
        "X"},
       {"gemm-peak-tflops", true,
-       "BF16 GEMM peak of the prefill floor, TFLOP/s (default: the device's row, as --hbm-tbps)", "X"},
+       "BF16 GEMM peak of the prefill floor, TFLOP/s (default: the device's row; without one, no "
+       "prefill floor)",
+       "X"},
       {"local-workers", true,
        "run the model sharded over N local worker processes (tensor parallelism, one per GPU "
        "from --device on); default: in this process",
@@ -537,8 +539,10 @@ int RunEngineBench(int argc, char** argv) {
     if (!args->Has(flag)) continue;
     absl::StatusOr<double> v = args->GetDouble(flag, 0);
     if (!v.ok()) return Fail("bench", v.status());
-    if (!(*v > 0)) {
-      return Fail("bench", absl::InvalidArgumentError(absl::StrCat("--", flag, ": ", *v, " is not > 0")));
+    // (0, 1e6]: any real device's bandwidth (TB/s) or peak (TFLOP/s); inf, NaN and 0 make no floor.
+    if (!(*v > 0 && *v <= 1e6)) {
+      return Fail("bench", absl::InvalidArgumentError(
+                               absl::StrCat("--", flag, ": ", args->Get(flag), " is not in (0, 1e6]")));
     }
     *out = *v;
   }
@@ -549,12 +553,16 @@ int RunEngineBench(int argc, char** argv) {
   if (!hbm.has_value() || !peak.has_value()) {
     const std::optional<DeviceCeilings> row = CeilingsFor(t.device);
     if (row.has_value()) {
+      ceilings_from = absl::StrCat(hbm.has_value() || peak.has_value() ? "flags and " : "",
+                                   "common/device_ceilings.h: ", row->measured);
       if (!hbm.has_value()) hbm = row->copy_tbps;
       if (!peak.has_value()) peak = row->gemm_peak_tflops;
-      ceilings_from = absl::StrCat("common/device_ceilings.h: ", row->measured);
     } else {
-      ceilings_from = "no row in common/device_ceilings.h for this device: floors not computed "
-                      "(give --hbm-tbps and --gemm-peak-tflops)";
+      ceilings_from = absl::StrCat(
+          hbm.has_value() || peak.has_value() ? "flags; " : "",
+          "no row in common/device_ceilings.h for this device: ",
+          hbm.has_value() ? "" : "no decode floor (--hbm-tbps)", !hbm.has_value() && !peak.has_value() ? ", " : "",
+          peak.has_value() ? "" : "no prefill floor (--gemm-peak-tflops)");
     }
   }
   Engine& engine = *t.engine;
@@ -571,7 +579,7 @@ int RunEngineBench(int argc, char** argv) {
     if (args->Has("working-set")) {
       absl::StatusOr<double> ratio = args->GetDouble("working-set", 3.0);
       absl::StatusOr<int32_t> output = args->GetInt32("chat-output", 32, 1, 1 << 20),
-                              requests = args->GetInt32("mixed-requests", 0, 1, 1 << 20),
+                              requests = args->GetInt32("mixed-requests", 1, 1, 1 << 20),  // unset: 0 below
                               concurrency = args->GetInt32("mixed-concurrency", 4, 1, 1 << 16);
       if (!ratio.ok()) return Fail("bench", ratio.status());
       if (!(*ratio > 0)) {
@@ -695,7 +703,7 @@ int RunEngineBench(int argc, char** argv) {
     std::string peak_cell;
     if (peak.has_value()) {
       j["pct_of_gemm_peak"] = 100.0 * tflops / (*peak * tp);
-      peak_cell = absl::StrFormat("  %5.1f %% of %.0f", 100.0 * tflops / (*peak * tp), *peak * tp);
+      peak_cell = absl::StrFormat("  %5.1f %% of %.4g", 100.0 * tflops / (*peak * tp), *peak * tp);
     }
     std::cout << j.dump() << std::endl;
     table.push_back(absl::StrFormat("prefill %-6d tokens  TTFT %9.2f ms  %10.0f tok/s  %7.1f TFLOP/s%s", len,
@@ -711,8 +719,8 @@ int RunEngineBench(int argc, char** argv) {
                                  t.tp > 1 ? (t.shard_lm_head ? " (LM head split)" : " (LM head replicated)") : "",
                                  t.tp > 1 ? absl::StrCat(", all-reduce: ", t.all_reduce) : "",
                                  t.load_s, weight_bytes * 1e-9, floor_assumes,
-                                 hbm.has_value() ? absl::StrFormat("%.3f TB/s, ", *hbm) : "",
-                                 peak.has_value() ? absl::StrFormat("%.0f TFLOP/s; ", *peak) : "") +
+                                 hbm.has_value() ? absl::StrFormat("%.4g TB/s, ", *hbm) : "",
+                                 peak.has_value() ? absl::StrFormat("%.4g TFLOP/s; ", *peak) : "") +
                      ceilings_from + "\n";
     for (const std::string& line : table) std::cout << line << "\n";
   }

@@ -556,7 +556,9 @@ TEST_F(CliTest, CoordinatorListenInUseNamesTheFlag) {
     const int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     ASSERT_GE(fd, 0);
     const int one = 1;
-    if (reuse_port) ASSERT_EQ(setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)), 0);
+    if (reuse_port) {
+      ASSERT_EQ(setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)), 0);
+    }
     sockaddr_in addr{};
     addr.sin_family = AF_INET;
     addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
@@ -954,7 +956,45 @@ TEST_F(CliTest, EngineBenchPrintsDecodeAndPrefillLinesAndSkipsWhatDoesNotFit) {
   for (const char* flag : {"--hbm-tbps", "--gemm-peak-tflops"}) {
     const RunResult zero = Lorcserve({"bench", "--model", Tiny(), flag, "0"});
     EXPECT_NE(zero.exit_code, 0) << flag;
-    EXPECT_THAT(zero.err, HasSubstr(std::string(flag) + ": 0 is not > 0"));
+    EXPECT_THAT(zero.err, HasSubstr(std::string(flag) + ": 0 is not in (0, 1e6]"));
+  }
+}
+
+// --working-set without --mixed-requests runs its documented default (4 requests per context);
+// it was refused ("--mixed-requests: 0 is outside the range", a tester).
+TEST_F(CliTest, EngineBenchWorkingSetRunsWithItsDefaultRequestCount) {
+  const RunResult r = Lorcserve({"bench", "--model", Tiny(), "--threads", "1", "--num-blocks", "16",
+                                 "--shared-prefix", "16", "--question", "4", "--working-set", "1",
+                                 "--chat-output", "2", "--json"});
+  ASSERT_EQ(r.exit_code, 0) << r;
+  const std::string last = r.out.substr(r.out.rfind('{'));
+  const json j = json::parse(last, nullptr, /*allow_exceptions=*/false);
+  ASSERT_FALSE(j.is_discarded()) << r;
+  EXPECT_EQ(j["kind"], "mixed_working_set");
+  EXPECT_EQ(j["requests"].get<int>(), 4 * j["contexts"].get<int>()) << j;
+}
+
+// One ceiling given on a device without a row: that floor only, and the config line says which
+// is missing. Values outside (0, 1e6] (inf, NaN, 0) are refused naming the flag.
+TEST_F(CliTest, EngineBenchOneCeilingGivesOneFloorAndOutOfRangeCeilingsAreRefused) {
+  const RunResult r = Lorcserve({"bench", "--model", Tiny(), "--decode-batches", "1", "--contexts", "16",
+                                 "--prefill", "16", "--steps", "2", "--warmup-steps", "1", "--prefill-reps", "1",
+                                 "--threads", "1", "--hbm-tbps", "1", "--json"});
+  ASSERT_EQ(r.exit_code, 0) << r;
+  std::vector<json> lines;
+  std::istringstream in(r.out);
+  for (std::string line; std::getline(in, line);) lines.push_back(json::parse(line, nullptr, false));
+  ASSERT_EQ(lines.size(), 3u) << r;
+  EXPECT_EQ(lines[0]["hbm_tbps"], 1.0);
+  EXPECT_FALSE(lines[0].contains("gemm_peak_tflops")) << lines[0];
+  EXPECT_THAT(lines[0]["ceilings_from"].get<std::string>(), HasSubstr("no prefill floor (--gemm-peak-tflops)"));
+  EXPECT_THAT(lines[0]["ceilings_from"].get<std::string>(), Not(HasSubstr("no decode floor")));
+  EXPECT_TRUE(lines[1].contains("floor_ms")) << lines[1];
+  EXPECT_FALSE(lines[2].contains("pct_of_gemm_peak")) << lines[2];
+  for (const char* v : {"inf", "nan", "-1", "1e7"}) {
+    const RunResult bad = Lorcserve({"bench", "--model", Tiny(), "--gemm-peak-tflops", v});
+    EXPECT_NE(bad.exit_code, 0) << v;
+    EXPECT_THAT(bad.err, HasSubstr(absl::StrCat("--gemm-peak-tflops: ", v, " is not in (0, 1e6]"))) << bad;
   }
 }
 

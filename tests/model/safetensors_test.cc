@@ -1,7 +1,10 @@
 #include "model/safetensors.h"
 
 #include <stdlib.h>
+#include <sys/stat.h>
 
+#include <cerrno>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -399,6 +402,19 @@ TEST_F(SafetensorsTest, EmptyAndTruncatedFiles) {
   // Reader-level: the error surfaces through CheckpointReader::Open too.
   EXPECT_THAT(CheckpointReader::Open(dir_),
               StatusIs(absl::StatusCode::kDataLoss, HasSubstr("model.safetensors")));
+}
+
+// A FIFO (or device) in place of the checkpoint is refused at once: opening a FIFO to read
+// waited for a writer, and every command that loads weights hung (a tester).
+TEST_F(SafetensorsTest, AFifoOrDeviceIsRefusedNotWaitedOn) {
+  ASSERT_EQ(mkfifo(Path("model.safetensors").c_str(), 0600), 0) << std::strerror(errno);
+  const auto t0 = std::chrono::steady_clock::now();
+  EXPECT_THAT(CheckpointReader::Open(dir_),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       AllOf(HasSubstr("model.safetensors"), HasSubstr("not a regular file"))));
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(5));
+  EXPECT_THAT(SafetensorsFile::Open("/dev/zero"),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("not a regular file")));
 }
 
 TEST_F(SafetensorsTest, HeaderLengthBeyondFile) {

@@ -10,6 +10,8 @@
 #include <string>
 #include <vector>
 
+#include "absl/container/flat_hash_set.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "common/parallel_for.h"
 #include "common/status_macros.h"
@@ -28,8 +30,23 @@ class FileSource final : public WeightSource {
   // 2 GB of buffers (found by a tester). Counts the pieces each file serves, so Write knows when
   // a file is finished; files are numbered by their place among the checkpoint's files sorted by
   // name.
+  //
+  // A checkpoint with LoRC up-projections (`lorcserve compress` output) that nothing reads is a
+  // compressed directory without its lorc.json: at full rank its k_proj / v_proj / o_proj shapes
+  // equal the original's, so it loaded and generated garbage (a tester). Refused.
   absl::Status Begin(absl::Span<const Piece> pieces) override {
     for (const Piece& p : pieces) RETURN_IF_ERROR(reader_.CheckFloatTensor(p.name, p.shape));
+    absl::flat_hash_set<std::string> planned;
+    for (const Piece& p : pieces) planned.insert(p.name);
+    for (const std::string& name : reader_.TensorNames()) {
+      if (!planned.contains(name) && absl::EndsWith(name, ".self_attn.k_up_proj.weight")) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "weights: the checkpoint holds LoRC factors (", name,
+            ") but the model directory has no lorc.json, which says how to read them: its "
+            "k_proj / v_proj / o_proj are compressed (restore lorc.json from the `lorcserve "
+            "compress` output, or load the uncompressed model)"));
+      }
+    }
     for (const std::string& name : reader_.TensorNames()) {
       ASSIGN_OR_RETURN(const TensorInfo* t, reader_.Find(name));
       files_.emplace(t->file, FileProgress{});

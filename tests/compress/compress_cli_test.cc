@@ -106,6 +106,23 @@ TEST(CompressCli, WritesRefusesNonEmptyOutAndOverwritesWithForce) {
   fs::remove(calib);
 }
 
+// A compressed directory that lost its lorc.json: at full rank (128:128) its tensors have the
+// original's shapes, and it loaded and generated garbage (a tester). Refused, naming lorc.json.
+TEST(CompressCli, ACompressedDirectoryWithoutLorcJsonIsRefusedAtLoad) {
+  REQUIRE_TINY_LLAMA();
+  const std::string m = testing::TinyLlamaDir(), out = Tmp("nolorc");
+  testing::RunResult r = RunLorcserve({"compress", "--model", m, "--out", out, "--ranks", "128:128"});
+  ASSERT_EQ(r.exit_code, 0) << r;
+  r = RunLorcserve({"generate", "--model", out, "--prompt", "Hi", "--max-tokens", "2", "--threads", "1"});
+  ASSERT_EQ(r.exit_code, 0) << r;  // with lorc.json it loads
+  fs::remove(out + "/lorc.json");
+  r = RunLorcserve({"generate", "--model", out, "--prompt", "Hi", "--max-tokens", "2", "--threads", "1"});
+  EXPECT_NE(r.exit_code, 0) << r;
+  EXPECT_NE(r.err.find("holds LoRC factors (model.layers.0.self_attn.k_up_proj.weight)"), std::string::npos) << r;
+  EXPECT_NE(r.err.find("no lorc.json"), std::string::npos) << r;
+  fs::remove_all(out);
+}
+
 // Each case: the exit code of InvalidArgument (2) and the words the message must contain.
 TEST(CompressCli, RefusesBadInputsWithPreciseMessages) {
   REQUIRE_TINY_LLAMA();

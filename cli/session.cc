@@ -174,7 +174,7 @@ absl::StatusOr<ModelSource> ParseModelSource(const Args& args) {
   if (args.Has("weights-seed") && !src.random_weights) {
     return absl::InvalidArgumentError("--weights-seed: applies only with --random-weights");
   }
-  ASSIGN_OR_RETURN(int64_t seed, args.GetInt("weights-seed", 0));
+  ASSIGN_OR_RETURN(int64_t seed, args.GetIntInRange("weights-seed", 0, 0, std::numeric_limits<int64_t>::max()));
   src.seed = static_cast<uint64_t>(seed);
   return src;
 }

@@ -638,6 +638,9 @@ TEST_F(CliTest, JoinFlagsAreChecked) {
        "--weights-seed: applies only with --random-weights"},
       {{"generate", "--model", Tiny(), "--prompt-ids", "0", "--weights-seed", "3"},
        "--weights-seed: applies only with --random-weights"},
+      // Wrapped to 2^64 - 1 (a tester).
+      {{"generate", "--model", Tiny(), "--prompt-ids", "0", "--random-weights", "--weights-seed", "-1"},
+       "--weights-seed: -1 is outside the range [0, 9223372036854775807]"},
   };
   for (const Case& c : cases) {
     const RunResult r = Lorcserve(c.args);

@@ -28,6 +28,14 @@ absl::StatusOr<MatD> ReadMatrix(const CheckpointReader& reader, const std::strin
   std::vector<float> f(static_cast<size_t>(rows * cols));
   const int64_t shape[2] = {rows, cols};
   RETURN_IF_ERROR(reader.ReadF32(name, shape, absl::MakeSpan(f)));
+  // LAPACK's SVD of a matrix with a NaN or inf ends in "dgesdd ... info -4", naming nothing.
+  for (size_t i = 0; i < f.size(); ++i) {
+    if (!std::isfinite(f[i])) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          name, ": element [", static_cast<int64_t>(i) / cols, ", ", static_cast<int64_t>(i) % cols, "] is ",
+          f[i], ": the checkpoint's weights must be finite to be factored"));
+    }
+  }
   MatD m(rows, cols);
   std::copy(f.begin(), f.end(), m.v.begin());
   return m;

@@ -64,6 +64,14 @@ int RunEval(int argc, char** argv) {
   absl::StatusOr<std::unique_ptr<Session>> s = OpenSession(*args);
   if (!s.ok()) return Fail("eval", s.status());
   Engine& engine = *(*s)->engine;
+  // The pass-key answer is checked on the generated text: without a tokenizer every output was
+  // empty and scored 0 % (a tester). Refused before any evaluation runs.
+  if (!passkey_file.empty() && (*s)->tokenizer == nullptr) {
+    return Fail("eval", absl::InvalidArgumentError(absl::StrCat(
+                            "--passkey ", passkey_file, ": the answers are checked on the generated text, "
+                            "which needs the model's tokenizer (", args->Get("model"),
+                            " has no tokenizer.json); give --passkey none to skip it")));
+  }
 
   nlohmann::json j;
   j["model"] = args->Get("model");

@@ -480,6 +480,21 @@ RunResult EvalFirstWindow(std::vector<std::string> extra) {
 // the entries at full precision at the end, the rest int4), the kept bytes are reported, and
 // perplexity stays near the uncompressed one (this window: within 5 %; docs/KV_POLICIES.md has
 // the measured table).
+// Pass-key answers are checked on text: a model without tokenizer.json scored 0 % and exited 0
+// (a tester); now refused before any evaluation, naming the way out.
+TEST_F(CliTest, EvalPasskeyWithoutATokenizerIsRefused) {
+  const fs::path dir = ScratchDir() / "no_tokenizer";
+  fs::create_directories(dir);
+  for (const char* f : {"config.json", "model.safetensors"}) {
+    fs::create_symlink(fs::absolute(fs::path(Tiny()) / f), dir / f);
+  }
+  const std::string passkey = Tiny() + "/eval_passkey.jsonl";
+  const RunResult r = Lorcserve({"eval", "--model", dir.string(), "--passkey", passkey, "--ppl", "none",
+                                 "--limit", "1", "--threads", "1", "--json"});
+  EXPECT_EQ(r.exit_code, 2) << r;
+  EXPECT_THAT(r.err, HasSubstr("has no tokenizer.json); give --passkey none to skip it")) << r;
+}
+
 TEST_F(CliTest, EvalWithKvPolicyReportsKeptBytes) {
   const RunResult full = EvalFirstWindow({"--passkey", "none"});
   ASSERT_EQ(full.exit_code, 0) << full;

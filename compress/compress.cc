@@ -147,7 +147,20 @@ absl::Status CheckOptions(const CompressOptions& o, const ModelConfig& c) {
     if (!fs::is_directory(o.out_dir, ec)) {
       return absl::InvalidArgumentError(absl::StrCat("--out: ", o.out_dir, " is not a directory"));
     }
-    if (!fs::is_empty(o.out_dir, ec) && !o.force) {
+    // Only an interrupted run's leftovers (`*.partial`, never loadable): the retry needs no
+    // --force (it removes them when it finishes; a tester's SIGINT left one and the retry was
+    // refused).
+    bool only_partials = true;
+    for (const fs::directory_entry& e : fs::directory_iterator(o.out_dir, ec)) {
+      const std::string name = e.path().filename().string();
+      if (!(e.is_regular_file(ec) && name.size() > std::strlen(kPartialSuffix) &&
+            name.ends_with(kPartialSuffix))) {
+        only_partials = false;
+        break;
+      }
+    }
+    if (ec) only_partials = false;
+    if (!only_partials && !o.force) {
       return absl::AlreadyExistsError(absl::StrCat(
           "--out: ", o.out_dir, " exists and is not empty (--force writes into it)"));
     }

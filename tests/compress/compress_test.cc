@@ -420,6 +420,26 @@ TEST(CompressOutput, FailedRunLeavesTheOutputDirectoryAsItWas) {
   fs::remove_all(fresh);
 }
 
+// An interrupted run leaves NAME.partial files (never loadable: no config.json); the retry was
+// refused without --force (a tester). A directory holding only those is written into, and the
+// leftovers are gone afterwards; anything else still needs --force.
+TEST(CompressOutput, ARetryAfterAnInterruptedRunNeedsNoForce) {
+  REQUIRE_TINY_LLAMA();
+  const std::string out = TempOut("retry");
+  fs::create_directories(out);
+  { std::ofstream(fs::path(out) / "model.safetensors.partial") << "half a model"; }
+  CompressOptions o;
+  o.model_dir = testing::TinyLlamaDir();
+  o.out_dir = out;
+  o.ranks = LayerRanks{32, 16};
+  ASSERT_OK(Compress(o, nullptr).status());
+  EXPECT_EQ(KProjRows(out), 2 * 32);
+  EXPECT_FALSE(fs::exists(fs::path(out) / "model.safetensors.partial"));
+  EXPECT_THAT(Compress(o, nullptr).status(),
+              testing::StatusIs(absl::StatusCode::kAlreadyExists, ::testing::HasSubstr("--force")));
+  fs::remove_all(out);
+}
+
 // A NaN in a K projection: LAPACK's SVD failed with "dgesdd on a 128 x 512 matrix: info -4",
 // naming neither tensor nor cause (a tester). The read names the tensor and the element.
 TEST(CompressInput, ANonFiniteWeightIsNamedBeforeTheFactorization) {

@@ -48,9 +48,9 @@ absl::StatusOr<uint64_t> Ownership::Begin(const CoordinatorRef& c, bool claim, a
     return absl::FailedPreconditionError(
         absl::StrCat(what, " from ", DescribeCoordinator(c), " refused: this worker is serving ",
                      DescribeCoordinator(*owner_), " (it is free once that coordinator exits or closes its ",
-                     "step stream, or after ", absl::FormatDuration(lease_),
-                     " without a call from it while none is open; a coordinator that hangs with its ",
-                     "stream open holds it until it is killed)"));
+                     "step stream, or after about ", absl::FormatDuration(lease_),
+                     " without a call from it while none is open, or without answers to the keepalive ",
+                     "pings on its connection while its stream is open: a hung coordinator)"));
   }
   if (!c.address.empty()) owner_->address = c.address;
   ++open_calls_;

@@ -225,8 +225,17 @@ int DecodeMain() {
   return 0;
 }
 
-// Seconds per 2 x `bytes` of device traffic: one device-to-device copy of `bytes` (timed in a
-// graph of 8 copies over 2 buffer pairs, so neither is served from L2).
+// The BF16 GEMM peak, TFLOP/s: the best of 8192^3 and 16384^3.
+double SquarePeak(Backend& be) {
+  double peak = 0;
+  for (const int64_t s : {8192, 16384}) {
+    peak = std::max(peak, Measure(be, "square", s, s, s, DType::kBF16).tflops);
+  }
+  return peak;
+}
+
+// Device traffic per second of a device-to-device copy of `bytes` (2 x `bytes`: read and
+// written), timed in a graph of 8 copies over 2 buffer pairs so that neither is served from L2.
 double CopyBytesPerSecond(Backend& be, size_t bytes) {
   DeviceBuffer a = RandomBf16(be, bytes), b = RandomBf16(be, bytes), c = RandomBf16(be, bytes),
                d = RandomBf16(be, bytes);
@@ -246,18 +255,9 @@ double CopyBytesPerSecond(Backend& be, size_t bytes) {
 
 // `gemm_bench ceilings`: the device's copy bandwidth and GEMM peak, as a row for
 // common/device_ceilings.h.
-int CeilingsMain() {
-  auto made = CreatePartialCudaBackend(BackendOptions{BackendKind::kCuda});
-  if (!made.ok()) {
-    std::fprintf(stderr, "%s\n", std::string(made.status().message()).c_str());
-    return 1;
-  }
-  Backend& be = **made;
+int CeilingsMain(Backend& be) {
   const double copy = CopyBytesPerSecond(be, size_t{1} << 30);
-  double peak = 0;
-  for (const int64_t s : {8192, 16384}) {
-    peak = std::max(peak, Measure(be, "square", s, s, s, DType::kBF16).tflops);
-  }
+  const double peak = SquarePeak(be);
   std::printf("{\"bench\":\"ceilings\",\"device\":\"%s\",\"copy_tbps\":%.3f,\"gemm_peak_tflops\":%.1f}\n",
               be.Describe().c_str(), copy * 1e-12, peak);
   std::printf("%s: device-to-device copy %.3f TB/s (bytes read + written), BF16 GEMM peak %.1f TFLOP/s\n",
@@ -272,18 +272,9 @@ int CeilingsMain() {
   return 0;
 }
 
-int Main() {
-  auto made = CreatePartialCudaBackend(BackendOptions{BackendKind::kCuda});
-  if (!made.ok()) {
-    std::fprintf(stderr, "%s\n", std::string(made.status().message()).c_str());
-    return 1;
-  }
-  Backend& be = **made;
+int Main(Backend& be) {
   std::printf("# %s\n", be.Describe().c_str());
-  double peak = 0;
-  for (const int64_t s : {8192, 16384}) {
-    peak = std::max(peak, Measure(be, "square", s, s, s, DType::kBF16).tflops);
-  }
+  const double peak = SquarePeak(be);
   std::printf("{\"bench\":\"gemm_peak\",\"tflops\":%.1f}\n", peak);
   std::vector<Point> points;
   for (const Shape& sh : kShapes) {
@@ -307,6 +298,11 @@ int Main() {
 
 int main(int argc, char** argv) {
   if (argc > 1 && std::string(argv[1]) == "decode") return lorc::DecodeMain();
-  if (argc > 1 && std::string(argv[1]) == "ceilings") return lorc::CeilingsMain();
-  return lorc::Main();
+  auto made = lorc::CreatePartialCudaBackend(lorc::BackendOptions{lorc::BackendKind::kCuda});
+  if (!made.ok()) {
+    std::fprintf(stderr, "%s\n", std::string(made.status().message()).c_str());
+    return 1;
+  }
+  if (argc > 1 && std::string(argv[1]) == "ceilings") return lorc::CeilingsMain(**made);
+  return lorc::Main(**made);
 }

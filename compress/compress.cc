@@ -22,6 +22,21 @@ namespace lorc::compress {
 namespace fs = std::filesystem;
 
 constexpr char kPartialSuffix[] = ".partial";
+// Every file a run writes (as NAME.partial first): the model directory's files it copies, the
+// factored checkpoint and lorc.json. Only these NAME.partial files are an interrupted run's
+// leftovers; any other file in --out is the user's and is never removed.
+constexpr const char* kCopiedFiles[] = {"config.json", "generation_config.json", "tokenizer.json",
+                                        "tokenizer_config.json", "special_tokens_map.json"};
+
+bool IsOwnPartial(const std::string& filename) {
+  for (const char* f : {"model.safetensors", "lorc.json"}) {
+    if (filename == std::string(f) + kPartialSuffix) return true;
+  }
+  for (const char* f : kCopiedFiles) {
+    if (filename == std::string(f) + kPartialSuffix) return true;
+  }
+  return false;
+}
 
 absl::StatusOr<MatD> ReadMatrix(const CheckpointReader& reader, const std::string& name,
                                 int64_t rows, int64_t cols) {
@@ -152,9 +167,7 @@ absl::Status CheckOptions(const CompressOptions& o, const ModelConfig& c) {
     // refused).
     bool only_partials = true;
     for (const fs::directory_entry& e : fs::directory_iterator(o.out_dir, ec)) {
-      const std::string name = e.path().filename().string();
-      if (!(e.is_regular_file(ec) && name.size() > std::strlen(kPartialSuffix) &&
-            name.ends_with(kPartialSuffix))) {
+      if (!(e.is_regular_file(ec) && IsOwnPartial(e.path().filename().string()))) {
         only_partials = false;
         break;
       }
@@ -295,8 +308,7 @@ absl::Status WriteModel(const CompressOptions& o, const ModelConfig& c, const Ch
   const auto partial = [&](const std::string& name) { return fs::path(out_dir) / (name + kPartialSuffix); };
   std::vector<std::string> names = {"model.safetensors"};
   RETURN_IF_ERROR(writer.Write(partial("model.safetensors").string()));
-  for (const char* f : {"config.json", "generation_config.json", "tokenizer.json",
-                        "tokenizer_config.json", "special_tokens_map.json"}) {
+  for (const char* f : kCopiedFiles) {
     const fs::path src = fs::path(o.model_dir) / f;
     if (!fs::exists(src)) continue;
     fs::copy_file(src, partial(f), fs::copy_options::overwrite_existing, ec);
@@ -324,14 +336,14 @@ absl::Status WriteModel(const CompressOptions& o, const ModelConfig& c, const Ch
   return absl::OkStatus();
 }
 
-// Removes NAME.partial files left in `dir` by an interrupted run.
+// Removes the NAME.partial files an interrupted run left in `dir` (this writer's names only: a
+// tester's own thesis.partial was deleted).
 void RemoveStalePartials(const std::string& dir) {
   std::error_code ec;
   if (!fs::is_directory(dir, ec)) return;
   std::vector<fs::path> stale;
   for (const fs::directory_entry& e : fs::directory_iterator(dir, ec)) {
-    const std::string name = e.path().filename().string();
-    if (name.size() > std::strlen(kPartialSuffix) && name.ends_with(kPartialSuffix)) stale.push_back(e.path());
+    if (IsOwnPartial(e.path().filename().string())) stale.push_back(e.path());
   }
   for (const fs::path& p : stale) fs::remove(p, ec);
 }

@@ -437,6 +437,16 @@ TEST(CompressOutput, ARetryAfterAnInterruptedRunNeedsNoForce) {
   EXPECT_FALSE(fs::exists(fs::path(out) / "model.safetensors.partial"));
   EXPECT_THAT(Compress(o, nullptr).status(),
               testing::StatusIs(absl::StatusCode::kAlreadyExists, ::testing::HasSubstr("--force")));
+  // A .partial file of the user's is not a leftover: it needs --force, and even then stays (a
+  // second tester's thesis.partial was deleted).
+  fs::remove_all(out);
+  fs::create_directories(out);
+  { std::ofstream(fs::path(out) / "thesis.partial") << "precious"; }
+  EXPECT_THAT(Compress(o, nullptr).status(),
+              testing::StatusIs(absl::StatusCode::kAlreadyExists, ::testing::HasSubstr("--force")));
+  o.force = true;
+  ASSERT_OK(Compress(o, nullptr).status());
+  EXPECT_TRUE(fs::exists(fs::path(out) / "thesis.partial"));
   fs::remove_all(out);
 }
 

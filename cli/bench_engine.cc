@@ -539,10 +539,11 @@ int RunEngineBench(int argc, char** argv) {
     if (!args->Has(flag)) continue;
     absl::StatusOr<double> v = args->GetDouble(flag, 0);
     if (!v.ok()) return Fail("bench", v.status());
-    // (0, 1e6]: any real device's bandwidth (TB/s) or peak (TFLOP/s); inf, NaN and 0 make no floor.
-    if (!(*v > 0 && *v <= 1e6)) {
+    // [1e-6, 1e6]: any real device's bandwidth (TB/s) or peak (TFLOP/s); inf, NaN, 0 and
+    // denormals (an infinite floor) make no floor.
+    if (!(*v >= 1e-6 && *v <= 1e6)) {
       return Fail("bench", absl::InvalidArgumentError(
-                               absl::StrCat("--", flag, ": ", args->Get(flag), " is not in (0, 1e6]")));
+                               absl::StrCat("--", flag, ": ", args->Get(flag), " is not in [1e-6, 1e6]")));
     }
     *out = *v;
   }
@@ -582,9 +583,11 @@ int RunEngineBench(int argc, char** argv) {
                               requests = args->GetInt32("mixed-requests", 1, 1, 1 << 20),  // unset: 0 below
                               concurrency = args->GetInt32("mixed-concurrency", 4, 1, 1 << 16);
       if (!ratio.ok()) return Fail("bench", ratio.status());
-      if (!(*ratio > 0)) {
+      // (0, 1000]: the contexts (ratio x the pool / the context) are made up front; 1e9 overflowed
+      // into a run of 1 context and 1e7 ran out of memory (a tester).
+      if (!(*ratio > 0 && *ratio <= 1000)) {
         return Fail("bench", absl::InvalidArgumentError(
-                                 absl::StrCat("--working-set: ", *ratio, " is not > 0")));
+                                 absl::StrCat("--working-set: ", args->Get("working-set"), " is not in (0, 1000]")));
       }
       for (const auto* v : {&output, &requests, &concurrency}) {
         if (!v->ok()) return Fail("bench", v->status());

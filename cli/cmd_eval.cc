@@ -70,7 +70,8 @@ int RunEval(int argc, char** argv) {
     return Fail("eval", absl::InvalidArgumentError(absl::StrCat(
                             "--passkey ", passkey_file, ": the answers are checked on the generated text, "
                             "which needs the model's tokenizer (", args->Get("model"),
-                            " has no tokenizer.json); give --passkey none to skip it")));
+                            " has no tokenizer.json); give --passkey none to skip it",
+                            multi_turn ? ", without --multi-turn" : "")));
   }
 
   nlohmann::json j;

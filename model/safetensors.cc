@@ -269,6 +269,12 @@ SafetensorsFile::~SafetensorsFile() {
 absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std::string& path) {
   // O_NONBLOCK: opening a FIFO for reading would wait for a writer (for ever); the check below
   // then refuses it. Regular files ignore the flag.
+  // A socket cannot be opened at all (ENXIO, "No such device or address"): named by its type.
+  struct stat before;
+  if (::stat(path.c_str(), &before) == 0 && !S_ISREG(before.st_mode)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        path, S_ISDIR(before.st_mode) ? ": is a directory, not a file" : ": not a regular file (a device, FIFO or socket)"));
+  }
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   if (fd < 0) return OpenError(path, errno, "cannot open");
   struct stat st;

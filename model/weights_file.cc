@@ -35,10 +35,9 @@ class FileSource final : public WeightSource {
   // compressed directory without its lorc.json: at full rank its k_proj / v_proj / o_proj shapes
   // equal the original's, so it loaded and generated garbage (a tester). Refused.
   absl::Status Begin(absl::Span<const Piece> pieces) override {
-    for (const Piece& p : pieces) RETURN_IF_ERROR(reader_.CheckFloatTensor(p.name, p.shape));
     absl::flat_hash_set<std::string> planned;
     for (const Piece& p : pieces) planned.insert(p.name);
-    for (const std::string& name : reader_.TensorNames()) {
+    for (const std::string& name : reader_.TensorNames()) {  // first: the shapes would differ too
       if (!planned.contains(name) && absl::EndsWith(name, ".self_attn.k_up_proj.weight")) {
         return absl::InvalidArgumentError(absl::StrCat(
             "weights: the checkpoint holds LoRC factors (", name,
@@ -47,6 +46,7 @@ class FileSource final : public WeightSource {
             "compress` output, or load the uncompressed model)"));
       }
     }
+    for (const Piece& p : pieces) RETURN_IF_ERROR(reader_.CheckFloatTensor(p.name, p.shape));
     for (const std::string& name : reader_.TensorNames()) {
       ASSIGN_OR_RETURN(const TensorInfo* t, reader_.Find(name));
       files_.emplace(t->file, FileProgress{});

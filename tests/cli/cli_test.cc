@@ -653,6 +653,8 @@ TEST_F(CliTest, JoinFlagsAreChecked) {
        "--weights-seed: applies only with --random-weights"},
       {{"generate", "--model", Tiny(), "--prompt-ids", "0", "--weights-seed", "3"},
        "--weights-seed: applies only with --random-weights"},
+      {{"worker", "--listen", "127.0.0.1:0", "--owner-lease-s", "inf"},
+       "--owner-lease-s: inf is not in (0, 86400] seconds"},
       // Wrapped to 2^64 - 1 (a tester).
       {{"generate", "--model", Tiny(), "--prompt-ids", "0", "--random-weights", "--weights-seed", "-1"},
        "--weights-seed: -1 is outside the range [0, 9223372036854775807]"},
@@ -974,7 +976,7 @@ TEST_F(CliTest, EngineBenchPrintsDecodeAndPrefillLinesAndSkipsWhatDoesNotFit) {
   for (const char* flag : {"--hbm-tbps", "--gemm-peak-tflops"}) {
     const RunResult zero = Lorcserve({"bench", "--model", Tiny(), flag, "0"});
     EXPECT_NE(zero.exit_code, 0) << flag;
-    EXPECT_THAT(zero.err, HasSubstr(std::string(flag) + ": 0 is not in (0, 1e6]"));
+    EXPECT_THAT(zero.err, HasSubstr(std::string(flag) + ": 0 is not in [1e-6, 1e6]"));
   }
 }
 
@@ -1009,11 +1011,14 @@ TEST_F(CliTest, EngineBenchOneCeilingGivesOneFloorAndOutOfRangeCeilingsAreRefuse
   EXPECT_THAT(lines[0]["ceilings_from"].get<std::string>(), Not(HasSubstr("no decode floor")));
   EXPECT_TRUE(lines[1].contains("floor_ms")) << lines[1];
   EXPECT_FALSE(lines[2].contains("pct_of_gemm_peak")) << lines[2];
-  for (const char* v : {"inf", "nan", "-1", "1e7"}) {
+  for (const char* v : {"inf", "nan", "-1", "1e7", "1e-320"}) {
     const RunResult bad = Lorcserve({"bench", "--model", Tiny(), "--gemm-peak-tflops", v});
     EXPECT_NE(bad.exit_code, 0) << v;
-    EXPECT_THAT(bad.err, HasSubstr(absl::StrCat("--gemm-peak-tflops: ", v, " is not in (0, 1e6]"))) << bad;
+    EXPECT_THAT(bad.err, HasSubstr(absl::StrCat("--gemm-peak-tflops: ", v, " is not in [1e-6, 1e6]"))) << bad;
   }
+  const RunResult huge = Lorcserve({"bench", "--model", Tiny(), "--shared-prefix", "16", "--working-set", "1e9"});
+  EXPECT_NE(huge.exit_code, 0);
+  EXPECT_THAT(huge.err, HasSubstr("--working-set: 1e9 is not in (0, 1000]")) << huge;
 }
 
 // The config line names the KV policy a benchmark ran under (a saved result says which ran).

@@ -120,6 +120,14 @@ TEST(CompressCli, ACompressedDirectoryWithoutLorcJsonIsRefusedAtLoad) {
   EXPECT_NE(r.exit_code, 0) << r;
   EXPECT_NE(r.err.find("holds LoRC factors (model.layers.0.self_attn.k_up_proj.weight)"), std::string::npos) << r;
   EXPECT_NE(r.err.find("no lorc.json"), std::string::npos) << r;
+  // At a lower rank the shapes differ too: the missing lorc.json is still what is named (a second
+  // tester got only "k_proj has shape [64, 512], expected [256, 512]").
+  r = RunLorcserve({"compress", "--model", m, "--out", out, "--ranks", "32:16", "--force"});
+  ASSERT_EQ(r.exit_code, 0) << r;
+  fs::remove(out + "/lorc.json");
+  r = RunLorcserve({"generate", "--model", out, "--prompt", "Hi", "--max-tokens", "2", "--threads", "1"});
+  EXPECT_NE(r.exit_code, 0) << r;
+  EXPECT_NE(r.err.find("no lorc.json"), std::string::npos) << r;
   fs::remove_all(out);
 }
 

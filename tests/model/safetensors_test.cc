@@ -1,7 +1,10 @@
 #include "model/safetensors.h"
 
 #include <stdlib.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
 
 #include <cerrno>
 #include <chrono>
@@ -415,6 +418,20 @@ TEST_F(SafetensorsTest, AFifoOrDeviceIsRefusedNotWaitedOn) {
   EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(5));
   EXPECT_THAT(SafetensorsFile::Open("/dev/zero"),
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("not a regular file")));
+  EXPECT_THAT(SafetensorsFile::Open(dir_),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("is a directory, not a file")));
+  // A socket: open() fails with ENXIO ("No such device or address").
+  const std::string sock_path = Path("sock.safetensors");
+  const int sock = socket(AF_UNIX, SOCK_STREAM, 0);
+  ASSERT_GE(sock, 0);
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  ASSERT_LT(sock_path.size(), sizeof(addr.sun_path));
+  std::memcpy(addr.sun_path, sock_path.c_str(), sock_path.size() + 1);
+  ASSERT_EQ(bind(sock, reinterpret_cast<const sockaddr*>(&addr), sizeof(addr)), 0) << std::strerror(errno);
+  EXPECT_THAT(SafetensorsFile::Open(sock_path),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("not a regular file")));
+  close(sock);
 }
 
 TEST_F(SafetensorsTest, HeaderLengthBeyondFile) {

@@ -429,6 +429,7 @@ void CoordinatorServer::Recover() {
   // every further attempt (each restarts processes). Remote workers are retried without limit
   // until they answer.
   absl::Duration backoff = absl::Milliseconds(200);
+  const absl::Status cause = last;
   for (bool first = true;; first = false) {
     if (!first && local_ != nullptr && registry_ == nullptr) {
       absl::Status final_status;
@@ -475,6 +476,15 @@ void CoordinatorServer::Recover() {
     if (absl::IsCancelled(st)) return;  // shutting down
     last = st;
     log_->Worker({"recovery_failed", absl::StrCat("recovery attempt failed: ", st.message())});
+    {
+      // ModelInfo.worker_failure says why the group is still not back (a tester's resumed
+      // coordinator showed only the first failure while every worker refused it: owned by another).
+      absl::MutexLock lock(&mu_);
+      if (state_ == State::kRecovering && !stopping_) {
+        failure_ = absl::Status(cause.code(), absl::StrCat(cause.message(), "; recovery attempt failed: ",
+                                                           st.message()));
+      }
+    }
     if (registry_ != nullptr) {
       // Join mode: a worker that re-joins (a restart, a new address) is tried at once.
       const uint64_t seen = registry_->changes();

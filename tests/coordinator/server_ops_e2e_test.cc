@@ -534,8 +534,19 @@ TEST_F(ServerOpsTest, AHungCoordinatorLosesItsWorkersAfterTheOwnerLease) {
     return false;
   }, 45);
   const double took_s = SecondsSince(stopped_at);
-  kill(hung, SIGKILL);
+  if (!took) kill(hung, SIGKILL);
   ASSERT_TRUE(took) << "the worker still refused a second coordinator 45 s after the first hung:\n" << refused;
+  // The first one, resumed, cannot get its worker back, and its ModelInfo says why (it said only
+  // "health probe failed (Socket closed)" while every attempt was refused).
+  ASSERT_EQ(kill(hung, SIGCONT), 0) << std::strerror(errno);
+  std::string failure;
+  EXPECT_TRUE(WaitFor([&] {
+    failure = Info().worker_failure();
+    return failure.find("recovery attempt failed") != std::string::npos;
+  }, 30)) << failure << "\n" << server_->Stderr();
+  EXPECT_THAT(failure, HasSubstr("this worker is serving coordinator 0x"));
+  EXPECT_FALSE(Info().serving());
+  kill(hung, SIGKILL);
   std::cerr << "[hung] a second coordinator took the worker " << took_s << " s after the SIGSTOP\n";
   // Within the lease the hung one still owned it (unless this machine was too slow to ask in time).
   if (!refused.empty()) {

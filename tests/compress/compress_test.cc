@@ -2,6 +2,7 @@
 // fixture model tiny-llama-a (8 layers, 2 KV heads, head_dim 128, hidden 512, BF16).
 #include <cmath>
 #include <cstring>
+#include <sys/stat.h>
 #include <unistd.h>
 #include <filesystem>
 #include <fstream>
@@ -483,6 +484,12 @@ TEST(CompressInput, ANonFiniteWeightIsNamedBeforeTheFactorization) {
               testing::StatusIs(absl::StatusCode::kInvalidArgument,
                        ::testing::HasSubstr("model.layers.2.self_attn.k_proj.weight: element [3, 5] is nan")));
   EXPECT_FALSE(fs::exists(fs::path(out) / "model.safetensors"));
+  // A FIFO among the files copied at the end is refused before any work (it failed the copy
+  // after every SVD; a tester).
+  fs::remove(fs::path(src) / "tokenizer.json");
+  ASSERT_EQ(mkfifo((fs::path(src) / "tokenizer.json").c_str(), 0600), 0);
+  EXPECT_THAT(Compress(o, nullptr),
+              testing::StatusIs(absl::StatusCode::kInvalidArgument, ::testing::HasSubstr("tokenizer.json: not a regular file")));
   fs::remove_all(src);
   fs::remove_all(out);
 }

@@ -5,6 +5,9 @@
 // (Generate, ModelInfo, health and reflection exemptions).
 #include <sys/stat.h>
 
+#include <fstream>
+
+#include "nlohmann/json.hpp"
 #include "tests/coordinator/server_e2e_fixture.h"
 #include "tests/testing/scratch_dir.h"
 #include "tests/testing/test_certs.h"
@@ -166,25 +169,35 @@ TEST_F(ServerOpsTest, SecondSignalEndsTheDrainAtOnce) {
 
 // ---- a signal during the model load ----------------------------------------------------------
 
-// A model whose weights never arrive: its model.safetensors is a FIFO that nobody writes, so a
-// worker's load blocks in open() for as long as the worker lives (a load of any length, at no
-// cost in memory or time).
-std::string NeverLoadingModel(const std::string& name) {
+// A model whose load takes seconds: tiny-llama-a's tokenizer with a 1B-parameter config (hidden
+// 2048, 30 layers), served with --random-weights: a worker fills 5.3 GB of fp32 weights for
+// about 9 s on the CI machine (6.8 s for 22 layers measured there, 2026-12-05), long after the
+// signal these tests send one second into it. (A FIFO as model.safetensors, which blocked the
+// load for ever, is refused at once since a tester found it hung every command.)
+std::string SlowLoadingModel(const std::string& name) {
   const fs::path dir = lorc::testing::MakeScratchDir("lorc_server_ops_e2e", name);
-  for (const char* f : {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"}) {
+  for (const char* f : {"generation_config.json", "tokenizer.json", "tokenizer_config.json"}) {
     fs::copy_file(fs::path(Tiny()) / f, dir / f);
   }
-  EXPECT_EQ(mkfifo((dir / "model.safetensors").c_str(), 0600), 0) << std::strerror(errno);
+  std::ifstream in(fs::path(Tiny()) / "config.json");
+  nlohmann::json c = nlohmann::json::parse(in);
+  c["hidden_size"] = 2048;
+  c["num_hidden_layers"] = 30;
+  c["intermediate_size"] = 5632;
+  c["num_attention_heads"] = 32;
+  c["num_key_value_heads"] = 4;
+  c.erase("head_dim");
+  std::ofstream(dir / "config.json") << c.dump();
   return dir.string();
 }
 
 TEST_F(ServerOpsTest, SignalDuringTheLoadStopsAtOnceAndEndsTheWorkers) {
   for (const auto& [sig, name] : std::vector<std::pair<int, std::string>>{{SIGTERM, "SIGTERM"}, {SIGINT, "SIGINT"}}) {
     SCOPED_TRACE(name);
-    const std::string model = NeverLoadingModel("never_" + name);
+    const std::string model = SlowLoadingModel("slow_" + name);
     server_ = std::make_unique<ServerProcess>();
-    ASSERT_EQ(server_->Spawn(1, {"--model", model}), "");
-    // The worker is up; the coordinator's Start waits for its load, which never ends. (A signal
+    ASSERT_EQ(server_->Spawn(1, {"--model", model, "--random-weights"}), "");
+    // The worker is up; the coordinator's Start waits for its load, which takes seconds. (A signal
     // at any moment of the start would do: the second lets the LoadModel call reach the worker.)
     ASSERT_TRUE(WaitFor([&] { return absl::StrContains(server_->Stderr(), "lorcserve worker 0: serving on"); }, 30))
         << server_->Stderr();
@@ -193,7 +206,7 @@ TEST_F(ServerOpsTest, SignalDuringTheLoadStopsAtOnceAndEndsTheWorkers) {
     ASSERT_EQ(workers.size(), 1u);
     const auto t_signal = Clock::now();
     ASSERT_EQ(kill(server_->pid(), sig), 0);
-    // Before the fix the signal waited for the load's end (here: never).
+    // Before the fix the signal waited for the load's end.
     EXPECT_TRUE(ExitsZeroWithin(10));
     std::cerr << "[load] " << name << ": the coordinator exited " << SecondsSince(t_signal) << " s after it\n";
     const std::string err = server_->Stderr();
@@ -568,9 +581,9 @@ TEST_F(ServerOpsTest, AHungCoordinatorLosesItsWorkersAfterTheOwnerLease) {
 // Join mode: Start returns at once and the monitor forms the group. A SIGTERM while the group
 // loads drains (nothing in flight) and shuts down: the monitor's wait for the load ends with it.
 TEST_F(ServerOpsTest, SigtermWhileAJoinedGroupLoadsEndsAtOnce) {
-  const std::string model = NeverLoadingModel("never_join");
+  const std::string model = SlowLoadingModel("slow_join");
   server_ = std::make_unique<ServerProcess>();
-  ASSERT_EQ(server_->Start(0, {"--model", model, "--tensor-parallel-size", "1"}), "");
+  ASSERT_EQ(server_->Start(0, {"--model", model, "--tensor-parallel-size", "1", "--random-weights"}), "");
   WorkerProcess worker;
   ASSERT_EQ(worker.Start({"--join", server_->internal_address(), "--rank", "0"}), "");
   ASSERT_TRUE(WaitFor([&] { return absl::StrContains(server_->Stderr(), "forming the group"); }, 30))

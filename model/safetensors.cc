@@ -267,14 +267,15 @@ SafetensorsFile::~SafetensorsFile() {
 }
 
 absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std::string& path) {
-  // O_NONBLOCK: opening a FIFO for reading would wait for a writer (for ever); the check below
-  // then refuses it. Regular files ignore the flag.
-  // A socket cannot be opened at all (ENXIO, "No such device or address"): named by its type.
+  // Named by its type before opening: a socket cannot be opened at all (ENXIO, "No such device
+  // or address") and a FIFO would wait for a writer.
   struct stat before;
   if (::stat(path.c_str(), &before) == 0 && !S_ISREG(before.st_mode)) {
     return absl::InvalidArgumentError(absl::StrCat(
         path, S_ISDIR(before.st_mode) ? ": is a directory, not a file" : ": not a regular file (a device, FIFO or socket)"));
   }
+  // O_NONBLOCK: should the path become a FIFO after that check, the open still returns (and the
+  // fstat check below refuses it). Regular files ignore the flag.
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   if (fd < 0) return OpenError(path, errno, "cannot open");
   struct stat st;

@@ -515,13 +515,9 @@ absl::StatusOr<CompressResult> Compress(const CompressOptions& o, const Progress
   // The files copied at the end are checked now, not after the factorization (a FIFO as
   // tokenizer.json failed the copy after every SVD; a tester).
   for (const char* f : kCopiedFiles) {
-    const fs::path src = fs::path(o.model_dir) / f;
-    std::error_code st_ec;
-    const fs::file_status st = fs::status(src, st_ec);
-    if (st_ec || st.type() == fs::file_type::not_found) continue;  // optional files
-    if (st.type() != fs::file_type::regular) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("--model: ", src.string(), ": not a regular file (a directory, device, FIFO or socket)"));
+    const absl::Status readable = CheckReadableFile((fs::path(o.model_dir) / f).string());
+    if (!readable.ok() && !absl::IsNotFound(readable)) {  // optional files may be missing
+      return absl::Status(readable.code(), absl::StrCat("--model: ", readable.message()));
     }
   }
   if (o.threads < 0) {

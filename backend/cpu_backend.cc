@@ -473,6 +473,7 @@ absl::Status CpuBackend::Sample(const Tensor2D& logits, absl::Span<const Samplin
     const absl::Span<const float> row(Row(logits, rows[i].logits_row),
                                       static_cast<size_t>(logits.cols));
     out->tokens[i] = SampleRow(row, rows[i], &sample_scratch_);
+    out->non_finite[i] = RowIsFinite(row) ? 0 : 1;
     if (rows[i].logprobs >= 0) {
       const size_t at = i * SampleOutput::kStride;
       ComputeLogprobs(row, out->tokens[i], rows[i].logprobs, &sample_scratch_, &out->logprobs[i],

@@ -1,8 +1,8 @@
 // CudaBackend::Sample: the sampling contract of backend/sampling.h on the GPU (kernels/sampling.cuh
 // has the pipeline). Per call: the rows' metadata and the id lists the kernels need are packed
-// into one pinned staging buffer and uploaded with one async copy; the tokens (and, when some row
-// asks, the log-probability arrays) come back with one async copy into a pinned buffer; then the
-// stream is synchronised. Every buffer is kept and grown (never shrunk) when a call needs more, so
+// into one pinned staging buffer and uploaded with one async copy; the tokens and the rows'
+// non_finite flags (and, when some row asks, the log-probability arrays) come back with one async
+// copy into a pinned buffer; then the stream is synchronised. Every buffer is kept and grown (never shrunk) when a call needs more, so
 // a steady state allocates nothing.
 #include "backend/cuda_backend_impl.h"
 
@@ -51,7 +51,7 @@ struct CudaSampler {
     }
   };
   Buf stage_host{nullptr, 0, true}, stage_dev;  // [metas][ints][floats]
-  Buf out_host{nullptr, 0, true}, out_dev;      // [tokens][logprob][rank][top_ids][top_logprobs]
+  Buf out_host{nullptr, 0, true}, out_dev;      // [tokens][non_finite][logprob][rank][top_ids][top_logprobs]
   Buf counts, x, sorted_x, iota, sorted_ids, sort_temp;
   int64_t iota_vocab = 0;
   int32_t iota_rows = 0;
@@ -230,7 +230,7 @@ absl::Status CudaBackend::Sample(const Tensor2D& logits, absl::Span<const Sampli
   if (num_sorted > 0 && temp == 0) return absl::InternalError("cuda backend: Sample: sort workspace query failed");
   RETURN_IF_ERROR(CudaError(s.sort_temp.Reserve(temp, s.retired), "sort workspace"));
   const int32_t stride = SampleOutput::kStride;
-  const size_t out_bytes = (3 + 2 * static_cast<size_t>(stride)) * sizeof(int32_t) * n;
+  const size_t out_bytes = (4 + 2 * static_cast<size_t>(stride)) * sizeof(int32_t) * n;
   RETURN_IF_ERROR(CudaError(s.out_dev.Reserve(out_bytes, s.retired), "sampling outputs"));
   RETURN_IF_ERROR(CudaError(s.out_host.Reserve(out_bytes, s.retired), "pinned sampling outputs"));
 
@@ -258,24 +258,26 @@ absl::Status CudaBackend::Sample(const Tensor2D& logits, absl::Span<const Sampli
   a.sort_temp_bytes = s.sort_temp.bytes;
   int32_t* od = static_cast<int32_t*>(s.out_dev.p);
   a.tokens = od;
-  a.logprob = reinterpret_cast<float*>(od + n);
-  a.rank = od + 2 * n;
-  a.top_ids = od + 3 * n;
-  a.top_logprobs = reinterpret_cast<float*>(od + 3 * n + static_cast<size_t>(stride) * n);
+  a.non_finite = od + n;
+  a.logprob = reinterpret_cast<float*>(od + 2 * n);
+  a.rank = od + 3 * n;
+  a.top_ids = od + 4 * n;
+  a.top_logprobs = reinterpret_cast<float*>(od + 4 * n + static_cast<size_t>(stride) * n);
   a.top_stride = stride;
   RETURN_IF_ERROR(CudaError(k::LaunchSample(a, stream_), "sample kernels"));
 
-  const size_t back = any_logprobs ? out_bytes : sizeof(int32_t) * n;
+  const size_t back = any_logprobs ? out_bytes : 2 * sizeof(int32_t) * n;  // tokens, non_finite
   RETURN_IF_ERROR(CudaError(cudaMemcpyAsync(s.out_host.p, s.out_dev.p, back, cudaMemcpyDeviceToHost, stream_),
                             "download samples"));
   RETURN_IF_ERROR(CudaError(cudaStreamSynchronize(stream_), "sample synchronize"));
   const int32_t* oh = static_cast<const int32_t*>(s.out_host.p);
   std::memcpy(out->tokens.data(), oh, sizeof(int32_t) * n);
+  for (int32_t i = 0; i < n; ++i) out->non_finite[i] = oh[n + i] != 0 ? 1 : 0;
   if (any_logprobs) {
-    const float* lp = reinterpret_cast<const float*>(oh + n);
-    const int32_t* rank = oh + 2 * n;
-    const int32_t* top_ids = oh + 3 * n;
-    const float* top_lp = reinterpret_cast<const float*>(oh + 3 * n + static_cast<size_t>(stride) * n);
+    const float* lp = reinterpret_cast<const float*>(oh + 2 * n);
+    const int32_t* rank = oh + 3 * n;
+    const int32_t* top_ids = oh + 4 * n;
+    const float* top_lp = reinterpret_cast<const float*>(oh + 4 * n + static_cast<size_t>(stride) * n);
     for (int32_t i = 0; i < n; ++i) {
       const int32_t top = rows[i].logprobs;
       if (top < 0) continue;

@@ -40,6 +40,14 @@ void SampleOutput::Resize(size_t rows) {
   ranks.assign(rows, 0);
   top_ids.assign(rows * kStride, 0);
   top_logprobs.assign(rows * kStride, 0.0f);
+  non_finite.assign(rows, 0);
+}
+
+bool RowIsFinite(absl::Span<const float> logits) {
+  for (float v : logits) {
+    if (!std::isfinite(v)) return false;
+  }
+  return true;
 }
 
 double CounterUniform(uint64_t seed, uint64_t offset) {

@@ -41,6 +41,11 @@
 // log-probability, its rank (1 + number of ids with a strictly higher logit) and the
 // row.logprobs most likely ids with their log-probabilities (highest logit first, ties by
 // lower id). The same function (ComputeLogprobs) scores prompt tokens.
+//
+// Broken rows: a backend also reports, per row, whether its raw logits hold a NaN or an infinity
+// (SampleOutput::non_finite; bf16 or fp32 overflow, NaN weights). The token steps 0-10 give for
+// such a row is meaningless (all NaN: id 0); the worker fails the request instead of emitting it
+// (worker/step_executor.h).
 #pragma once
 
 #include <cstdint>
@@ -98,6 +103,8 @@ struct SampleOutput {
   std::vector<int32_t> ranks;         // [rows] its rank, >= 1
   std::vector<int32_t> top_ids;       // [rows * kStride]: row r's first rows[r].logprobs entries
   std::vector<float> top_logprobs;    // [rows * kStride]
+  // [rows] 1 when the row's raw logits hold a NaN or an infinity (every row; RowIsFinite).
+  std::vector<uint8_t> non_finite;
 
   // Sizes every array for `rows` rows, zero-filled.
   void Resize(size_t rows);
@@ -110,6 +117,9 @@ double CounterUniform(uint64_t seed, uint64_t offset);
 // 0 when every value is -inf or NaN.
 int32_t ArgMax(absl::Span<const float> v);
 int32_t ArgMax(absl::Span<const double> v);
+
+// False when any of `logits` is a NaN or an infinity (SampleOutput::non_finite).
+bool RowIsFinite(absl::Span<const float> logits);
 
 // Reusable buffers of SampleRow / ComputeLogprobs (so that a batch allocates once).
 struct SampleScratch {

@@ -120,23 +120,34 @@ struct BestOp {  // higher value, then lower id
   }
 };
 
-// Step 6: first index of the maximum (NaN never wins; 0 when nothing is above -inf).
+// Step 6 for greedy rows: first index of the maximum (NaN never wins; 0 when nothing is above
+// -inf). Every row: non_finite[row] = whether its raw logits hold a NaN or an infinity (a scan of
+// the raw row, with the argmax's own scan where that reads the raw logits).
 __global__ void GreedyKernel(const SampleArgs a) {
   const SampleRowMeta m = a.rows[blockIdx.x];
-  if (!(m.flags & kSampleGreedy)) return;
+  const bool greedy = (m.flags & kSampleGreedy) != 0;
+  const float* l = a.logits + static_cast<int64_t>(m.logits_row) * a.logits_ld;
   Best b{NegInf(), INT_MAX};
-  if (m.x_slot >= 0) {
+  bool bad = false;
+  if (greedy && m.x_slot >= 0) {
     const double* x = a.x + static_cast<int64_t>(m.x_slot) * a.vocab;
     for (int64_t i = threadIdx.x; i < a.vocab; i += blockDim.x) {
+      bad |= !isfinite(l[i]);
       if (x[i] > b.v) b = {x[i], static_cast<int32_t>(i)};
     }
-  } else {
-    const float* l = a.logits + static_cast<int64_t>(m.logits_row) * a.logits_ld;
+  } else if (greedy) {
     for (int64_t i = threadIdx.x; i < a.vocab; i += blockDim.x) {
-      const double v = Clean(l[i]);
+      const float f = l[i];
+      bad |= !isfinite(f);
+      const double v = Clean(f);
       if (v > b.v) b = {v, static_cast<int32_t>(i)};
     }
+  } else {
+    for (int64_t i = threadIdx.x; i < a.vocab; i += blockDim.x) bad |= !isfinite(l[i]);
   }
+  const int any_bad = __syncthreads_or(bad);
+  if (threadIdx.x == 0) a.non_finite[blockIdx.x] = any_bad != 0;
+  if (!greedy) return;  // uniform over the block
   using Reduce = cub::BlockReduce<Best, kThreads>;
   __shared__ typename Reduce::TempStorage tmp;
   const Best r = Reduce(tmp).Reduce(b, BestOp());

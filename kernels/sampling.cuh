@@ -13,7 +13,7 @@
 //     with the biases added one by one in list order, as the CPU reference does.
 //  4. Unmark: counts back to zero at the listed ids.
 //  5. Greedy rows: block argmax (first index on ties) over x, or straight over the float logits
-//     for rows with nothing to process.
+//     for rows with nothing to process; every row: whether its raw logits are all finite.
 //  6. Sampled rows (x slots [0, num_sorted)): CUB segmented radix sort of (x, id), descending,
 //     stable (ties keep ascending ids); then one block per row walks the sorted candidates:
 //     top-k, temperature, min-p, top-p and the draw, in double.
@@ -91,9 +91,11 @@ struct SampleArgs {
   int32_t* sorted_ids = nullptr;      // [num_sorted, vocab]
   void* sort_temp = nullptr;          // SampleSortTempBytes bytes
   size_t sort_temp_bytes = 0;
-  // Outputs (device): tokens [num_rows]; for logprob rows: logprob, rank, top_ids and
-  // top_logprobs [num_rows * top_stride].
+  // Outputs (device): tokens [num_rows], non_finite [num_rows] (1: the row's raw logits hold a
+  // NaN or an infinity; every row); for logprob rows: logprob, rank, top_ids and top_logprobs
+  // [num_rows * top_stride].
   int32_t* tokens = nullptr;
+  int32_t* non_finite = nullptr;
   float* logprob = nullptr;
   int32_t* rank = nullptr;
   int32_t* top_ids = nullptr;

@@ -16,6 +16,10 @@ int64_t Micros(Clock::duration d) {
   return std::chrono::duration_cast<std::chrono::microseconds>(d).count();
 }
 
+// In the sampled-id broadcast: the draw's logits row held a NaN or an infinity
+// (SampleOutput::non_finite), so the request fails on every rank.
+constexpr int32_t kBrokenLogits = -1;
+
 }  // namespace
 
 StepExecutor::StepExecutor(ModelRunner* runner, Communicator* comm, int max_in_flight)
@@ -319,6 +323,10 @@ absl::StatusOr<StepResult> StepExecutor::Execute(const StepPlan& plan) {
     // The logits in backend memory (device memory on CUDA), never copied to the host for this.
     RETURN_IF_ERROR(runner_->backend().Sample(out.device_logits, sample_rows_, &sample_out_));
     for (size_t i = 0; i < sampled.size(); ++i) {
+      if (sample_out_.non_finite[i] != 0) {
+        sampled[i] = kBrokenLogits;  // the request fails on every rank, below
+        continue;
+      }
       sampled[i] = sample_out_.tokens[i];
       SampledToken t{draws[i].seq_id, sampled[i], std::nullopt};
       if (const int32_t top = sample_rows_[i].logprobs; top >= 0) {
@@ -333,10 +341,22 @@ absl::StatusOr<StepResult> StepExecutor::Execute(const StepPlan& plan) {
     }
   }
   RETURN_IF_ERROR(ShareSampled(&sampled));
+  // A draw from a logits row with a NaN or an infinity (rank 0's Sample said so; the broadcast
+  // told the other ranks): no token; the request fails alone, its children are not forked.
+  absl::flat_hash_map<int64_t, int64_t> broken;  // failed request -> position of the lost token
+  for (size_t i = 0; i < draws.size(); ++i) {
+    if (sampled[i] != kBrokenLogits) continue;
+    const int64_t id = draws[i].parent < 0 ? draws[i].seq_id : draws[i].parent;
+    broken.emplace(id, static_cast<int64_t>(seqs_.at(id).tokens.size()));
+  }
   // Fork first (a child copies its parent's state before the parent's token is appended).
   size_t next_child = 0;
   for (const Draw& d : draws) {
     if (d.parent < 0) continue;
+    if (broken.contains(d.parent)) {
+      ++next_child;
+      continue;
+    }
     const SeqState& parent = seqs_.at(d.parent);
     SeqState child;
     child.sampler = std::move(child_samplers[next_child++]);
@@ -348,7 +368,19 @@ absl::StatusOr<StepResult> StepExecutor::Execute(const StepPlan& plan) {
     seqs_.emplace(d.seq_id, std::move(child));  // may rehash: no reference kept across it
     runner_->ForkKvPolicy(d.parent, d.seq_id);  // the parent's choice so far
   }
-  for (size_t i = 0; i < draws.size(); ++i) seqs_.at(draws[i].seq_id).tokens.push_back(sampled[i]);
+  for (size_t i = 0; i < draws.size(); ++i) {
+    if (broken.contains(draws[i].parent < 0 ? draws[i].seq_id : draws[i].parent)) continue;
+    seqs_.at(draws[i].seq_id).tokens.push_back(sampled[i]);
+  }
+  for (const auto& [id, position] : broken) {
+    result.failed.push_back(
+        {id, absl::InternalError(absl::StrCat(
+                 "the model's logits for the token at position ", position,
+                 " hold NaN or infinite values (its weights or activations overflowed); no token "
+                 "was sampled"))});
+    seqs_.erase(id);
+    runner_->ReleaseKvPolicy(id);
+  }
   // This rank's KV slots of each scheduled sequence with a policy (not for sessions: their
   // blocks are kept for the conversation, never compacted).
   for (size_t i = 0; i < n; ++i) {

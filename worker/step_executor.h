@@ -12,7 +12,9 @@
 // the same token to its history and a later plan never has to carry it (async scheduling).
 // Validation depends only on the plans, so every rank drops the same requests and the
 // collectives stay matched. Log-probabilities (sampled tokens and prompt tokens) follow
-// backend/sampling.h (raw distribution, rank, top-N).
+// backend/sampling.h (raw distribution, rank, top-N). A draw whose logits row holds a NaN or an
+// infinity (SampleOutput::non_finite) gives no token: the request fails alone, INTERNAL naming
+// the position, on every rank (the broadcast carries the verdict), its fork children unmade.
 //
 // Parallel sampling (ScheduledSequence::fork_child_ids): on the request's sampling step, one row
 // per completion reads the same logits; child i (1-based position in fork_child_ids) gets its

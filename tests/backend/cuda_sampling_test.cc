@@ -129,7 +129,7 @@ class CudaSamplingTest : public CpuCudaPair<> {
 
   // Runs `batches` random batches of `rows` rows over `logits_rows` logits rows on both backends.
   void Parity(int64_t vocab, int batches, int rows, int logits_rows) {
-    int64_t total = 0, sampled = 0;
+    int64_t total = 0, sampled = 0, broken = 0;
     for (int b = 0; b < batches; ++b) {
       const std::vector<float> host = Logits(logits_rows, vocab);
       auto dev = cuda_->Allocate(host.size() * sizeof(float));
@@ -153,6 +153,8 @@ class CudaSamplingTest : public CpuCudaPair<> {
             << r.repetition_penalty << " freq " << r.frequency_penalty << " pres " << r.presence_penalty
             << " bias " << r.num_logit_bias << " allowed " << r.num_allowed_token_ids << " min_tokens "
             << r.min_tokens;
+        ASSERT_EQ(got.non_finite[i], want.non_finite[i]) << "row " << i;
+        broken += want.non_finite[i];
         if (r.logprobs < 0) continue;
         auto near = [](float g, float w) { return g == w || std::abs(g - w) <= 1e-5f; };
         EXPECT_TRUE(near(got.logprobs[i], want.logprobs[i])) << got.logprobs[i] << " vs " << want.logprobs[i];
@@ -165,8 +167,11 @@ class CudaSamplingTest : public CpuCudaPair<> {
       }
       total += rows;
     }
-    std::printf("vocab %lld: %lld rows (%lld sampled) token-exact\n", static_cast<long long>(vocab),
-                static_cast<long long>(total), static_cast<long long>(sampled));
+    EXPECT_GT(broken, 0) << "no row with a NaN or an infinity was drawn";
+    EXPECT_LT(broken, total);
+    std::printf("vocab %lld: %lld rows (%lld sampled, %lld non-finite) token-exact\n",
+                static_cast<long long>(vocab), static_cast<long long>(total), static_cast<long long>(sampled),
+                static_cast<long long>(broken));
   }
 
   std::mt19937_64 rng_{20261130};

@@ -178,6 +178,35 @@ TEST(SamplingContractTest, NaNCountsAsMinusInfinity) {
   }
 }
 
+// A row with a NaN or an infinity anywhere is reported (the worker fails its request); the token
+// is still the contract's (NaN as -inf).
+TEST(SamplingContractTest, CpuBackendReportsRowsWithNonFiniteLogits) {
+  EXPECT_TRUE(RowIsFinite(std::vector<float>{0.0f, -3e38f, 3e38f}));
+  EXPECT_TRUE(RowIsFinite(std::vector<float>{}));
+  for (float bad : {kNaN, kInf, -kInf}) {
+    EXPECT_FALSE(RowIsFinite(std::vector<float>{1.0f, bad, 2.0f})) << bad;
+  }
+  auto backend = CreateBackend({});
+  ASSERT_OK(backend);
+  std::vector<float> data = {0.5f, 2.0f, 1.0f, 0.0f,   // finite
+                             0.5f, kNaN, 1.0f, 0.0f,   // one NaN
+                             kNaN, kNaN, kNaN, kNaN,   // NaN weights
+                             0.5f, 2.0f, -kInf, 0.0f};  // -inf
+  const Tensor2D logits{data.data(), DType::kF32, 4, 4, 4};
+  std::vector<SamplingRow> rows(5);
+  for (int i = 0; i < 4; ++i) rows[i].logits_row = i;
+  rows[4].logits_row = 2;
+  rows[4].temperature = 1.0f;
+  rows[4].logprobs = 2;
+  SampleOutput out;
+  ASSERT_OK((*backend)->Sample(logits, rows, &out));
+  EXPECT_EQ(out.non_finite, (std::vector<uint8_t>{0, 1, 1, 1, 1}));
+  EXPECT_EQ(out.tokens[0], 1);
+  EXPECT_EQ(out.tokens[1], 2);  // NaN as -inf
+  EXPECT_EQ(out.tokens[2], 0);  // nothing finite
+  EXPECT_EQ(out.tokens[4], 0);
+}
+
 // --- the processing order -------------------------------------------------------------------------
 
 TEST(SamplingContractTest, AllowedTokenIdsMaskEverythingElse) {

@@ -4,12 +4,17 @@
 // parallelism.
 #include "worker/step_executor.h"
 
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <limits>
 #include <memory>
 #include <set>
 #include <thread>
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
+#include "common/check.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/testing/fixture_model.h"
@@ -19,6 +24,9 @@
 #include "worker/comm/communicator.h"
 #include "worker/comm/rendezvous.h"
 #include "worker/model_loader.h"
+#include "model/safetensors.h"
+#include "model/safetensors_writer.h"
+#include "tests/testing/scratch_dir.h"
 
 namespace lorc {
 namespace {
@@ -119,6 +127,37 @@ SamplingParams Params(float temperature, std::optional<uint64_t> seed = std::nul
   p.n = n;
   p.max_tokens = 64;
   return p;
+}
+
+constexpr char kScratch[] = "lorc_step_executor";
+const auto* const kCleanup =
+    ::testing::AddGlobalTestEnvironment(new ::lorc::testing::ScratchCleanup(kScratch));
+
+// A copy of the fixture model whose embedding row `token` is NaN: a sequence with that token
+// gets NaN logits from then on (attention spreads it to every later position), the others are
+// untouched (the LM head is a separate tensor).
+std::string PoisonedFixture(int32_t token) {
+  const std::filesystem::path dir = ::lorc::testing::MakeScratchDir(kScratch, "nan-embedding");
+  const std::string src_dir = ::lorc::testing::TinyLlamaDir();
+  std::filesystem::copy_file(src_dir + "/config.json", dir / "config.json");
+  auto src = CheckpointReader::Open(src_dir);
+  CHECK_OK(src.status());
+  std::vector<TensorToWrite> tensors;
+  for (const std::string& name : (*src)->TensorNames()) {
+    auto info = (*src)->Find(name);
+    CHECK_OK(info.status());
+    std::vector<float> v(static_cast<size_t>((*info)->numel()));
+    CHECK_OK((*src)->ReadF32(name, (*info)->shape, absl::MakeSpan(v)));
+    if (name == "model.embed_tokens.weight") {
+      const int64_t hidden = (*info)->shape[1];
+      for (int64_t c = 0; c < hidden; ++c) v[token * hidden + c] = std::numeric_limits<float>::quiet_NaN();
+    }
+    TensorToWrite t{name, DType::kBF16, (*info)->shape, {}};
+    CHECK_OK(EncodeF32(v, DType::kBF16, &t.bytes));
+    tensors.push_back(std::move(t));
+  }
+  CHECK_OK(WriteSafetensors((dir / "model.safetensors").string(), tensors));
+  return dir.string();
 }
 
 KvCacheOptions SmallCache() {
@@ -325,6 +364,51 @@ TEST_F(StepExecutorTest, BadForksAndCopyOnWriteFieldsFailTheirRequestAlone) {
   ASSERT_EQ(r->failed.size(), 1u);
   EXPECT_THAT(r->failed[0].status.message(), HasSubstr("fork child 2 is already known"));
   EXPECT_EQ(r->failed[0].status.code(), absl::StatusCode::kFailedPrecondition);
+}
+
+// NaN weights used to give token 0 with log-probability 0 (NaN counted as -inf everywhere):
+// now the request whose logits are broken fails alone, naming the position, its fork children
+// unmade; the others in the same step sample as before.
+TEST_F(StepExecutorTest, NonFiniteLogitsFailTheirRequestAlone) {
+  constexpr int32_t kPoison = 7;
+  ASSERT_EQ(std::count(prompt_.begin(), prompt_.end(), kPoison), 0);
+  ASSERT_OK(LoadFixtureModel(SmallCache(), PoisonedFixture(kPoison)));
+  std::vector<int32_t> broken = prompt_;
+  broken.insert(broken.begin() + 3, kPoison);  // NaN from position 3 on
+  PlanBuilder b;
+  StepPlan p = b.NewPlan();
+  SamplingParams lp = Params(0.0f);
+  lp.logprobs = 2;
+  p.seqs.push_back(b.Prefill(1, prompt_, lp));
+  p.seqs.push_back(b.Prefill(2, broken, lp));
+  p.seqs.push_back(b.Prefill(3, broken, Params(1.0f, 9, 3), {4, 5}));  // sampled, forked
+  auto r = exec_->Execute(p);
+  ASSERT_OK(r);
+  absl::flat_hash_map<int64_t, absl::Status> failed;
+  for (const FailedSequence& f : r->failed) failed[f.seq_id] = f.status;
+  ASSERT_EQ(failed.size(), 2u);
+  for (int64_t id : {2, 3}) {
+    EXPECT_THAT(failed[id], StatusIs(absl::StatusCode::kInternal,
+                                     AllOf(HasSubstr("at position 13"), HasSubstr("NaN or infinite"))))
+        << "sequence " << id;
+  }
+  ASSERT_EQ(r->sampled.size(), 1u);
+  EXPECT_EQ(r->sampled[0].seq_id, 1);
+  EXPECT_EQ(r->sampled[0].token, greedy_[0]);
+  ASSERT_TRUE(r->sampled[0].logprobs.has_value());
+  EXPECT_TRUE(std::isfinite(r->sampled[0].logprobs->logprob));
+  EXPECT_LT(r->sampled[0].logprobs->logprob, 0.0f);
+  EXPECT_EQ(exec_->num_sequences(), 1u);  // 2, 3 dropped; 4 and 5 never made
+  // The next step: the clean request goes on; the dropped one, if scheduled, fails as unknown.
+  StepPlan q = b.NewPlan();
+  q.seqs.push_back(b.Decode(1, &q));
+  q.seqs.push_back(b.Decode(2, &q));
+  r = exec_->Execute(q);
+  ASSERT_OK(r);
+  ASSERT_EQ(r->sampled.size(), 1u);
+  EXPECT_EQ(r->sampled[0].token, greedy_[1]);
+  ASSERT_EQ(r->failed.size(), 1u);
+  EXPECT_EQ(r->failed[0].seq_id, 2);
 }
 
 // Found by fuzz/step_plan_fuzz (fuzz/corpus/step_plan_fuzz/crash-computed-overflow): on first
@@ -627,6 +711,55 @@ TEST(StepExecutorTensorParallelTest, EveryRankForksIdentically) {
   for (const auto& t : tokens[0]) EXPECT_EQ(t.size(), prompt.size() + 5);
   EXPECT_EQ(sampled[0], 3u * 5u);
   EXPECT_EQ(sampled[1], 0u);  // only rank 0 reports sampled tokens
+}
+
+// Rank 0 alone sees the logits; the broadcast carries its verdict, so both ranks drop the
+// broken request in the same step and keep the same state for the other.
+TEST(StepExecutorTensorParallelTest, EveryRankDropsARequestWithNonFiniteLogits) {
+  REQUIRE_TINY_LLAMA();
+  constexpr int32_t kPoison = 7;
+  const std::vector<int32_t> prompt = GoldenPrompts()[1].prompt_ids;
+  std::vector<int32_t> broken = prompt;
+  broken.push_back(kPoison);
+  const std::string dir = PoisonedFixture(kPoison);
+  PlanBuilder b;
+  std::vector<StepPlan> plans = PrefillThenDecode(b, {b.Prefill(1, prompt, Params(0.0f))}, /*decode_steps=*/2);
+  plans[0].seqs.push_back(b.Prefill(2, broken, Params(0.0f)));
+  InProcessStore store;
+  std::vector<std::vector<int64_t>> failed(2);  // [rank]: failed ids, in step order
+  std::vector<std::vector<int32_t>> tokens(2);  // [rank]: sequence 1's tokens
+  auto rank_main = [&](int rank) {
+    auto backend = CreateBackend({});
+    ASSERT_OK(backend);
+    CommOptions o;
+    o.hostname_or_iface = "127.0.0.1";
+    o.join_timeout = absl::Seconds(30);
+    o.op_timeout = absl::Seconds(60);
+    auto comm = CreateGlooCommunicator({rank, 2}, &store, o);
+    ASSERT_OK(comm);
+    auto m = LoadModel({dir}, backend->get(), rank, 2, comm->get(), SmallCache());
+    ASSERT_OK(m);
+    StepExecutor exec(m->runner.get(), comm->get());
+    for (const StepPlan& p : plans) {
+      auto r = exec.Execute(p);
+      ASSERT_OK(r);
+      for (const FailedSequence& f : r->failed) {
+        failed[rank].push_back(f.seq_id);
+        EXPECT_THAT(f.status.message(), HasSubstr("at position 13")) << "rank " << rank;
+      }
+    }
+    EXPECT_EQ(exec.num_sequences(), 1u) << "rank " << rank;
+    tokens[rank] = exec.Tokens(1);
+  };
+  std::thread r1(rank_main, 1);
+  rank_main(0);
+  r1.join();
+  EXPECT_EQ(failed[0], std::vector<int64_t>{2});
+  EXPECT_EQ(failed[1], std::vector<int64_t>{2});
+  EXPECT_EQ(tokens[0], tokens[1]);
+  ASSERT_EQ(tokens[0].size(), prompt.size() + 3);
+  EXPECT_EQ(std::vector<int32_t>(tokens[0].begin() + static_cast<ptrdiff_t>(prompt.size()), tokens[0].end()),
+            std::vector<int32_t>(GoldenPrompts()[1].greedy_ids.begin(), GoldenPrompts()[1].greedy_ids.begin() + 3));
 }
 
 }  // namespace

@@ -74,16 +74,17 @@ def split_over_devices(model, cfg, devices, torch):
 
 
 def device_ceilings(device_name):
-    """(copy TB/s, GEMM peak TFLOP/s) of the first row of common/device_ceilings.h whose name the
-    device's name contains (lorcserve bench's own lookup), or None."""
+    """(decode floor TB/s: the faster of copy and weight read, GEMM peak TFLOP/s) of the first row
+    of common/device_ceilings.h whose name the device's name contains (lorcserve bench's own
+    lookup), or None."""
     header = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "common", "device_ceilings.h")
     try:
         text = open(header).read()
     except OSError:
         return None
-    for name, copy, peak in re.findall(r'\{"([^"]+)",\s*([0-9.]+),\s*([0-9.]+),', text):
+    for name, copy, peak, read in re.findall(r'\{"([^"]+)",\s*([0-9.]+),\s*([0-9.]+),\s*([0-9.]+),', text):
         if name in device_name:
-            return float(copy), float(peak)
+            return max(float(copy), float(read)), float(peak)  # DeviceCeilings::decode_tbps()
     return None
 
 

@@ -50,8 +50,8 @@ std::vector<FlagSpec> Flags() {
       {"warmup-steps", true, "decode steps before timing (default 4)", "N"},
       {"prefill-reps", true, "timed runs per prefill length, median (default 3)", "N"},
       {"hbm-tbps", true,
-       "device copy bandwidth of the decode floor, TB/s (default: the device's row in "
-       "common/device_ceilings.h; a device without one gets no decode floor)",
+       "bandwidth of the decode floor, TB/s (default: the device's row in common/device_ceilings.h, "
+       "the faster of its copy and weight read; a device without one gets no decode floor)",
        "X"},
       {"gemm-peak-tflops", true,
        "BF16 GEMM peak of the prefill floor, TFLOP/s (default: the device's row; without one, no "
@@ -556,7 +556,7 @@ int RunEngineBench(int argc, char** argv) {
     if (row.has_value()) {
       ceilings_from = absl::StrCat(hbm.has_value() || peak.has_value() ? "flags and " : "",
                                    "common/device_ceilings.h: ", row->measured);
-      if (!hbm.has_value()) hbm = row->copy_tbps;
+      if (!hbm.has_value()) hbm = row->decode_tbps();
       if (!peak.has_value()) peak = row->gemm_peak_tflops;
     } else {
       ceilings_from = absl::StrCat(

@@ -8,19 +8,19 @@
 // served from L2), replayed and timed on the host. Weights and inputs hold random values (zeros
 // draw less power and would run at higher clocks). Prints one JSON line per point, then a table:
 // microseconds per GEMM, TFLOP/s (2*M*N*K / t), and for the bandwidth-bound small-M points the
-// weight bytes read per second (N*K*2 / t) against the device's ~4.3 TB/s copy bandwidth.
+// weight bytes read per second (N*K*2 / t).
 // Usage: build/bin/gemm_bench (needs a CUDA device; about a minute).
 //
 // `gemm_bench decode`: batch-1..8 decode GEMMs of the Llama-3-8B layer and LM head and of a
 // Llama-3-70B tensor-parallel shard (TP = 2), M = 1, 2, 4, 8, each timed (as above, cold weights)
 // through Matmul with cuBLASLt pinned, with the default choice (kAuto: the faster of cuBLASLt and
 // the small-M GEMV, timed per shape), with the GEMV preferred, and for every GEMV configuration
-// launched directly; microseconds and % of the floor (weight bytes / 4.275 TB/s, the H200's
-// measured copy bandwidth). About 30 s.
+// launched directly; microseconds and % of the floor (weight bytes over the device's copy
+// bandwidth, common/device_ceilings.h). About 30 s.
 //
 // `gemm_bench ceilings`: the device's row of common/device_ceilings.h: a 1 GiB device-to-device
-// copy (bytes read + written per second) and the BF16 GEMM peak (best of 8192^3 and 16384^3).
-// About 10 s.
+// copy (bytes read + written per second) and the BF16 GEMM peak (best of 8192^3 and 16384^3),
+// and for reference the rate Matmul reads a 1 GiB weight at M = 1. About 10 s.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -164,7 +164,7 @@ int DecodeMain() {
                  "ceilings` on it and add one)\n", lt->Describe().c_str());
     return 1;
   }
-  const double copy_bytes_per_second = ceilings->copy_tbps * 1e12;
+  const double floor_bytes_per_second = ceilings->decode_tbps() * 1e12;
   std::printf("# %s\n# GEMV configurations:", lt->Describe().c_str());
   for (int c = 0; c < configs; ++c) std::printf(" %d = %s;", c, cuda_internal::GemvConfigName(c).c_str());
   std::printf("\n");
@@ -184,7 +184,7 @@ int DecodeMain() {
     DeviceBuffer x = RandomBf16(*lt, static_cast<size_t>(max_m) * sh.k * 2);
     auto out = lt->Allocate(static_cast<size_t>(max_m) * sh.n * DTypeSize(sh.out));
     CHECK(out.ok()) << out.status();
-    const double floor_us = wbytes / copy_bytes_per_second * 1e6;
+    const double floor_us = wbytes / floor_bytes_per_second * 1e6;
     int reps = static_cast<int>(std::clamp(1e6 * kTargetSeconds / 2 / floor_us, 1.0, 400.0));
     reps = std::max(copies, (reps + copies - 1) / copies * copies);
     for (const int64_t m : kDecodeTokens) {
@@ -255,17 +255,23 @@ double CopyBytesPerSecond(Backend& be, size_t bytes) {
 
 // `gemm_bench ceilings`: the device's copy bandwidth and GEMM peak, as a row for
 // common/device_ceilings.h.
+// Also, for reference (not in the row): the rate Matmul reads a 1 GiB BF16 weight at M = 1 (the
+// decode's access; the faster of cuBLASLt and the GEMV, chosen as Matmul chooses), which may
+// exceed the copy's: a copy also writes.
 int CeilingsMain(Backend& be) {
   const double copy = CopyBytesPerSecond(be, size_t{1} << 30);
   const double peak = SquarePeak(be);
-  std::printf("{\"bench\":\"ceilings\",\"device\":\"%s\",\"copy_tbps\":%.3f,\"gemm_peak_tflops\":%.1f}\n",
-              be.Describe().c_str(), copy * 1e-12, peak);
-  std::printf("%s: device-to-device copy %.3f TB/s (bytes read + written), BF16 GEMM peak %.1f TFLOP/s\n",
-              be.Describe().c_str(), copy * 1e-12, peak);
+  const Point read = Measure(be, "weight_read", 1, 131072, 4096, DType::kBF16);
+  std::printf("{\"bench\":\"ceilings\",\"device\":\"%s\",\"copy_tbps\":%.3f,\"gemm_peak_tflops\":%.1f,"
+              "\"weight_read_tbps\":%.3f}\n",
+              be.Describe().c_str(), copy * 1e-12, peak, read.weight_gbps * 1e-3);
+  std::printf("%s: device-to-device copy %.3f TB/s (bytes read + written), BF16 GEMM peak %.1f TFLOP/s; "
+              "Matmul reads a 1 GiB weight at M = 1 at %.3f TB/s\n",
+              be.Describe().c_str(), copy * 1e-12, peak, read.weight_gbps * 1e-3);
   const std::optional<DeviceCeilings> row = CeilingsFor(be.Describe());
   if (row.has_value()) {
-    std::printf("common/device_ceilings.h has for it: %.3f TB/s, %.1f TFLOP/s (%s)\n", row->copy_tbps,
-                row->gemm_peak_tflops, row->measured);
+    std::printf("common/device_ceilings.h has for it: copy %.3f TB/s, %.1f TFLOP/s, weight read %.3f TB/s (%s)\n",
+                row->copy_tbps, row->gemm_peak_tflops, row->weight_read_tbps, row->measured);
   } else {
     std::printf("common/device_ceilings.h has no row for it\n");
   }

@@ -7,8 +7,9 @@
 #   PHASES="parity serve" scripts/gpu/check.sh # some phases
 #
 # Phases:
-#   ceilings  `gemm_bench ceilings` on each GPU: the copy bandwidth and GEMM peak every floor is
-#           taken against; compare with the device's row in common/device_ceilings.h (a device
+#   ceilings  `gemm_bench ceilings` on each GPU: the copy and weight-read bandwidths and the GEMM
+#           peak every floor is taken against; compare with the device's row in
+#           common/device_ceilings.h (a device
 #           without one gets no floor from `lorcserve bench`: add its row from this)
 #   parity  every CUDA/NCCL test binary (parity with the CPU reference, TP = 2 in one process)
 #   serve   the fixture served by `coordinator --backend cuda --local-workers N` for N = 1 and the

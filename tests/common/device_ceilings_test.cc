@@ -17,12 +17,25 @@ TEST(DeviceCeilings, TheH200IsFoundByTheNameTheCudaBackendReports) {
   EXPECT_EQ(std::string_view(c->name), "H200");
   EXPECT_DOUBLE_EQ(c->copy_tbps, 4.275);
   EXPECT_DOUBLE_EQ(c->gemm_peak_tflops, 696.0);
+  EXPECT_DOUBLE_EQ(c->decode_tbps(), 4.275);  // weight read not measured: the copy
+}
+
+TEST(DeviceCeilings, TheH100sDecodeFloorIsItsWeightReadWhichBeatsItsCopy) {
+  // As CudaBackend::Describe() printed it on the lent H100 (docs/data, 2026-12-05).
+  const std::optional<DeviceCeilings> c = CeilingsFor(
+      "NVIDIA H100 80GB HBM3 (device 0, sm_90, 132 SMs, 81079 MiB), CUDA runtime 13.0, driver 13.0");
+  ASSERT_TRUE(c.has_value());
+  EXPECT_EQ(std::string_view(c->name), "H100");
+  EXPECT_DOUBLE_EQ(c->copy_tbps, 2.447);
+  EXPECT_DOUBLE_EQ(c->decode_tbps(), 3.152);
+  // The H200's row is not the H100's, nor the other way round.
+  EXPECT_EQ(std::string_view(CeilingsFor("NVIDIA H200")->name), "H200");
 }
 
 TEST(DeviceCeilings, ADeviceWithoutARowHasNone) {
   EXPECT_FALSE(CeilingsFor("cpu: fp32, OpenBLAS 0.3.21, 1 BLAS threads").has_value());
-  // Not measured yet (docs/PERFORMANCE.md, 2026-12-05): no floor rather than the H200's.
-  EXPECT_FALSE(CeilingsFor("NVIDIA H100 80GB HBM3 (device 0, sm_90, 132 SMs, 81559 MiB)").has_value());
+  // Not measured: no floor rather than another device's.
+  EXPECT_FALSE(CeilingsFor("NVIDIA A100-SXM4-80GB (device 0, sm_80, 108 SMs, 81037 MiB)").has_value());
   EXPECT_FALSE(CeilingsFor("").has_value());
 }
 
@@ -33,6 +46,8 @@ TEST(DeviceCeilings, EveryRowIsPositiveAndSaysWhereItWasMeasured) {
     EXPECT_FALSE(std::string_view(c.name).empty());
     EXPECT_GT(c.copy_tbps, 0.0) << c.name;
     EXPECT_GT(c.gemm_peak_tflops, 0.0) << c.name;
+    EXPECT_GE(c.weight_read_tbps, 0.0) << c.name;
+    EXPECT_GE(c.decode_tbps(), c.copy_tbps) << c.name;
     EXPECT_FALSE(std::string_view(c.measured).empty()) << c.name;
   }
 }

@@ -61,6 +61,20 @@ int RunEval(int argc, char** argv) {
   if (ppl_file.empty() && passkey_file.empty()) {
     return Fail("eval", absl::InvalidArgumentError("nothing to evaluate: give --ppl and/or --passkey"));
   }
+  // The files are read and checked before the model loads (a bad file must not wait for a 70B
+  // load); the multi-turn check reads its own fields after (it needs the tokenizer).
+  std::vector<PplWindow> windows;
+  std::vector<PasskeyPrompt> passkeys;
+  if (!ppl_file.empty()) {
+    absl::StatusOr<std::vector<PplWindow>> w = ReadPplWindows(ppl_file, *limit);
+    if (!w.ok()) return Fail("eval", w.status());
+    windows = *std::move(w);
+  }
+  if (!passkey_file.empty() && !multi_turn) {
+    absl::StatusOr<std::vector<PasskeyPrompt>> p = ReadPasskeyPrompts(passkey_file, *limit);
+    if (!p.ok()) return Fail("eval", p.status());
+    passkeys = *std::move(p);
+  }
   absl::StatusOr<std::unique_ptr<Session>> s = OpenSession(*args);
   if (!s.ok()) return Fail("eval", s.status());
   Engine& engine = *(*s)->engine;
@@ -85,7 +99,7 @@ int RunEval(int argc, char** argv) {
   j["kv_capacity_tokens"] = static_cast<int64_t>(kv.num_blocks) * kv.block_size;
   j["load_time_s"] = (*s)->model.load_seconds;
   if (!ppl_file.empty()) {
-    absl::StatusOr<PplResult> p = EvalPerplexity(engine, ppl_file, *limit);
+    absl::StatusOr<PplResult> p = EvalPerplexity(engine, windows);
     if (!p.ok()) return Fail("eval", p.status());
     j["ppl"] = p->ppl;
     j["ppl_windows"] = p->windows;
@@ -110,7 +124,7 @@ int RunEval(int argc, char** argv) {
       j["multi_turn_cached_prompt_tokens"].push_back(t.cached_prompt_tokens);
     }
   } else if (!passkey_file.empty()) {
-    absl::StatusOr<PasskeyResult> p = EvalPasskey(engine, passkey_file, *limit);
+    absl::StatusOr<PasskeyResult> p = EvalPasskey(engine, passkeys);
     if (!p.ok()) return Fail("eval", p.status());
     for (const auto& [filler, ct] : p->by_length) {
       j["passkey_acc"][std::to_string(filler)] = static_cast<double>(ct.first) / ct.second;

@@ -19,9 +19,10 @@ namespace lorc {
 
 // Negative log-likelihood (nats) of targets[i] after ids[0..i] (teacher forcing), one per
 // target, where targets are the ids shifted by one (targets[i] == ids[i + 1]) plus one more
-// token: one request for ids + [targets.back()] with prompt_logprobs, through the engine's
-// scheduler and cache (chunked by its token budget). INVALID_ARGUMENT for empty or misaligned
-// inputs; the request's own error otherwise.
+// token: one request for ids + [targets.back()] with prompt_logprobs and max_tokens 1, through the
+// engine's scheduler and cache (chunked by its token budget), so ids.size() + 2 positions must fit
+// max_model_len. INVALID_ARGUMENT for empty or misaligned inputs or a window too long for the
+// model (naming the longest that fits); the request's own error otherwise.
 absl::StatusOr<std::vector<double>> ScorePromptNll(Engine& engine, absl::Span<const int32_t> ids,
                                                    absl::Span<const int32_t> targets);
 
@@ -31,8 +32,21 @@ struct PplResult {
   double seconds = 0;
 };
 
+// One perplexity window of a file, read and checked before any model runs.
+struct PplWindow {
+  std::vector<int32_t> ids, targets;  // targets[i] == ids[i + 1]; one more target at the end
+  std::string where;                  // path:line, for the errors of its request
+};
+
 // `path`: JSON lines with "ids" and "targets" (eval_ppl_windows.jsonl); `limit` > 0: the first
-// `limit` windows. Errors name the file and line.
+// `limit` windows. INVALID_ARGUMENT naming the file and line for a missing or non-integer list, a
+// window that is empty or whose targets are not its ids shifted by one, or a file without windows.
+// Token ids are checked against the vocabulary when a window runs (the model is not known here).
+absl::StatusOr<std::vector<PplWindow>> ReadPplWindows(const std::string& path, int64_t limit);
+
+// exp(mean NLL) over every target of `windows` (ScorePromptNll each); a window's error names it.
+absl::StatusOr<PplResult> EvalPerplexity(Engine& engine, absl::Span<const PplWindow> windows);
+// ReadPplWindows then the above.
 absl::StatusOr<PplResult> EvalPerplexity(Engine& engine, const std::string& path, int64_t limit);
 
 struct PasskeyResult {
@@ -40,9 +54,24 @@ struct PasskeyResult {
   double seconds = 0;
 };
 
-// `path`: JSON lines with "prompt_ids", "filler_tokens" and "answer" (eval_passkey.jsonl); a
-// prompt is correct when its greedy continuation (6 tokens) starts with the answer. `limit` > 0:
-// the first `limit` prompts of each length. All prompts run as one batch.
+// One pass-key prompt of a file, read and checked before any model runs.
+struct PasskeyPrompt {
+  std::vector<int32_t> prompt_ids;
+  int64_t filler = 0;  // filler tokens, >= 0
+  std::string answer;  // non-empty
+  std::string where;   // path:line
+};
+
+// `path`: JSON lines with "prompt_ids", "filler_tokens" and "answer" (eval_passkey.jsonl);
+// `limit` > 0: the first `limit` prompts of each length. INVALID_ARGUMENT naming the file and line
+// for a missing or mistyped field, a negative filler count, an empty answer, or a file without
+// prompts.
+absl::StatusOr<std::vector<PasskeyPrompt>> ReadPasskeyPrompts(const std::string& path, int64_t limit);
+
+// A prompt is correct when its greedy continuation (6 tokens) starts with the answer. All prompts
+// run as one batch; a prompt's error names it.
+absl::StatusOr<PasskeyResult> EvalPasskey(Engine& engine, absl::Span<const PasskeyPrompt> prompts);
+// ReadPasskeyPrompts then the above.
 absl::StatusOr<PasskeyResult> EvalPasskey(Engine& engine, const std::string& path, int64_t limit);
 
 // A multi-turn check in the spirit of SCBench (Li et al. 2024, "SCBench: A KV Cache-Centric

@@ -495,6 +495,24 @@ TEST_F(CliTest, EvalPasskeyWithoutATokenizerIsRefused) {
   EXPECT_THAT(r.err, HasSubstr("has no tokenizer.json); give --passkey none to skip it")) << r;
 }
 
+// A bad evaluation file is refused before the model loads (it was read after: a 70B load first).
+TEST_F(CliTest, EvalRefusesABadFileBeforeLoadingTheModel) {
+  const fs::path bad = ScratchDir() / "bad_windows.jsonl";
+  std::ofstream(bad) << "{\"ids\": [0, 5], \"targets\": [6, 7]}\n";
+  const RunResult r = Lorcserve({"eval", "--model", Tiny(), "--ppl", bad.string(), "--passkey", "none",
+                                 "--threads", "1"});
+  EXPECT_EQ(r.exit_code, 2) << r;
+  EXPECT_THAT(r.err, HasSubstr("bad_windows.jsonl:1: score: target 0 (6) is not the next id (5)")) << r;
+  EXPECT_THAT(r.err, Not(HasSubstr("weights:"))) << r;
+  const fs::path keys = ScratchDir() / "bad_passkey.jsonl";
+  std::ofstream(keys) << "{\"prompt_ids\": [0, 5], \"filler_tokens\": 5, \"answer\": \"\"}\n";
+  const RunResult k = Lorcserve({"eval", "--model", Tiny(), "--ppl", "none", "--passkey", keys.string(),
+                                 "--threads", "1"});
+  EXPECT_EQ(k.exit_code, 2) << k;
+  EXPECT_THAT(k.err, HasSubstr("bad_passkey.jsonl:1: 'answer' is empty")) << k;
+  EXPECT_THAT(k.err, Not(HasSubstr("weights:"))) << k;
+}
+
 TEST_F(CliTest, EvalWithKvPolicyReportsKeptBytes) {
   const RunResult full = EvalFirstWindow({"--passkey", "none"});
   ASSERT_EQ(full.exit_code, 0) << full;

@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/testing/fixture_model.h"
@@ -19,6 +20,7 @@ namespace lorc {
 namespace {
 
 using ::lorc::testing::StatusIs;
+using ::testing::AllOf;
 using ::testing::HasSubstr;
 
 std::string WriteTemp(const std::string& name, const std::string& text) {
@@ -99,6 +101,39 @@ TEST_F(EvalTest, BadFilesNameTheFileAndLine) {
     EXPECT_THAT(EvalPasskey(*engine_, WriteTemp("lorc_eval_passkey_bad.jsonl", text), 0),
                 StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr(message)));
   }
+  EXPECT_EQ(engine_->scheduler().num_free_blocks(), model_.runner->kv_spec().num_blocks);
+}
+
+// The files are read and checked whole before any window runs (lorcserve eval reads them before
+// the model loads); a window the model cannot hold is named with the longest that fits (it was
+// refused by the scheduler as "lower max_tokens or shorten the prompt", a tester).
+TEST_F(EvalTest, FilesAreCheckedBeforeAnythingRunsAndALongWindowNamesTheLimit) {
+  const std::string late_bad = WriteTemp(
+      "lorc_eval_late_bad.jsonl",
+      "{\"ids\": [0, 5], \"targets\": [5, 7]}\n{\"ids\": [0, 5], \"targets\": [5]}\n");
+  EXPECT_THAT(ReadPplWindows(late_bad, 0),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("lorc_eval_late_bad.jsonl:2: score: 2 ids and 1 targets")));
+  auto first = ReadPplWindows(late_bad, 1);  // --limit 1 never reads line 2
+  ASSERT_OK(first);
+  ASSERT_EQ(first->size(), 1u);
+  EXPECT_EQ((*first)[0].where, late_bad + ":1");
+  EXPECT_THAT(ReadPplWindows(WriteTemp("lorc_eval_empty.jsonl", "\n"), 0),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("lorc_eval_empty.jsonl: no windows")));
+  auto keys = ReadPasskeyPrompts(::lorc::testing::TinyLlamaDir() + "/eval_passkey.jsonl", 2);
+  ASSERT_OK(keys);
+  EXPECT_EQ(keys->size(), 8u);  // 2 of each of the 4 lengths
+
+  const int64_t max_len = engine_->scheduler().config().max_model_len;
+  PplWindow w;
+  for (int64_t i = 0; i < max_len - 1; ++i) w.ids.push_back(static_cast<int32_t>(5 + i % 100));
+  w.targets.assign(w.ids.begin() + 1, w.ids.end());
+  w.targets.push_back(7);
+  w.where = "long:1";
+  EXPECT_THAT(EvalPerplexity(*engine_, std::vector<PplWindow>{w}),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       AllOf(HasSubstr(absl::StrCat("long:1: score: a window of ", max_len - 1, " ids needs ",
+                                                    max_len + 1, " positions")),
+                             HasSubstr(absl::StrCat("at most ", max_len - 2, " ids a window")))));
   EXPECT_EQ(engine_->scheduler().num_free_blocks(), model_.runner->kv_spec().num_blocks);
 }
 

@@ -294,7 +294,11 @@ absl::StatusOr<std::unique_ptr<Session>> OpenSession(const Args& args) {
   eo.kv_compaction = s->model.runner->kv_policy() != nullptr;  // --kv-policy
   eo.kv_policy_max_positions = s->model.runner->kv_policy_max_positions();
   s->engine_options = eo;
-  s->executor = std::make_unique<StepExecutor>(s->model.runner.get());
+  // One plan at a time: in-process, Submit runs the step at once, so a second plan in flight
+  // overlaps nothing; it only delayed every token's report by a step (the first token's time
+  // included the second step; `generate --max-tokens 2` printed ~60,000 tokens/s) and ran one step
+  // more for a request that had already stopped.
+  s->executor = std::make_unique<StepExecutor>(s->model.runner.get(), nullptr, /*max_in_flight=*/1);
   ASSIGN_OR_RETURN(s->engine, Engine::Create(s->executor.get(), s->model.config,
                                              s->model.runner->kv_spec(), s->tokenizer.get(), eo));
   return s;

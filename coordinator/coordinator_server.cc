@@ -477,13 +477,20 @@ void CoordinatorServer::Recover() {
     last = st;
     log_->Worker({"recovery_failed", absl::StrCat("recovery attempt failed: ", st.message())});
     {
-      // ModelInfo.worker_failure says why the group is still not back (a tester's resumed
-      // coordinator showed only the first failure while every worker refused it: owned by another).
-      absl::MutexLock lock(&mu_);
-      if (state_ == State::kRecovering && !stopping_) {
-        failure_ = absl::Status(cause.code(), absl::StrCat(cause.message(), "; recovery attempt failed: ",
-                                                           st.message()));
+      // ModelInfo.worker_failure and the refusal of new requests say why the group is still not
+      // back (a tester's resumed coordinator showed only the first failure while every worker
+      // refused it: owned by another).
+      absl::Status refusal;
+      {
+        absl::MutexLock lock(&mu_);
+        if (state_ == State::kRecovering && !stopping_) {
+          failure_ = absl::Status(cause.code(), absl::StrCat(cause.message(), "; recovery attempt failed: ",
+                                                             st.message()));
+          refusal = absl::UnavailableError(
+              absl::StrCat("recovering from a worker failure (retry shortly): ", failure_.message()));
+        }
       }
+      if (!refusal.ok()) service_->SetLoop(nullptr, refusal);
     }
     if (registry_ != nullptr) {
       // Join mode: a worker that re-joins (a restart, a new address) is tried at once.

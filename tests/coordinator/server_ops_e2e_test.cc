@@ -559,6 +559,10 @@ TEST_F(ServerOpsTest, AHungCoordinatorLosesItsWorkersAfterTheOwnerLease) {
   }, 30)) << failure << "\n" << server_->Stderr();
   EXPECT_THAT(failure, HasSubstr("this worker is serving coordinator 0x"));
   EXPECT_FALSE(Info().serving());
+  // New requests are told the same (they were told only the first failure).
+  const cli::StreamResult refused_request = Generate(IdsRequest(GoldenPrompts()[1].prompt_ids, 4), 30);
+  EXPECT_EQ(refused_request.status.error_code(), grpc::StatusCode::UNAVAILABLE) << StatusText(refused_request.status);
+  EXPECT_THAT(refused_request.status.error_message(), HasSubstr("recovery attempt failed"));
   kill(hung, SIGKILL);
   std::cerr << "[hung] a second coordinator took the worker " << took_s << " s after the SIGSTOP\n";
   // Within the lease the hung one still owned it (unless this machine was too slow to ask in time).

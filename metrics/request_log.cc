@@ -2,7 +2,6 @@
 
 #include <cmath>
 
-#include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "nlohmann/json.hpp"
@@ -17,6 +16,30 @@ std::string Timestamp(absl::Time now) {
 std::string Ms(double seconds) { return absl::StrFormat("%.3f", seconds * 1e3); }
 // Milliseconds rounded to microseconds (JSON numbers).
 double RoundedMs(double seconds) { return std::round(seconds * 1e6) / 1e3; }
+
+// A logfmt value between double quotes: backslash, the quote and control bytes escaped (\n, \t,
+// \r, else \xHH), bytes outside ASCII as \xHH too (a client's request_id need not be UTF-8);
+// everything else as is. (absl::CEscape also escaped the apostrophe: "the model\'s".)
+std::string LogfmtQuoted(std::string_view v) {
+  std::string out = "\"";
+  for (const char ch : v) {
+    const unsigned char c = static_cast<unsigned char>(ch);
+    switch (c) {
+      case '\\': out += "\\\\"; break;
+      case '"': out += "\\\""; break;
+      case '\n': out += "\\n"; break;
+      case '\t': out += "\\t"; break;
+      case '\r': out += "\\r"; break;
+      default:
+        if (c < 0x20 || c >= 0x7f) {
+          absl::StrAppendFormat(&out, "\\x%02x", c);
+        } else {
+          out += ch;
+        }
+    }
+  }
+  return out + "\"";
+}
 
 }  // namespace
 
@@ -46,12 +69,12 @@ std::string FormatRequestLine(const RequestLogRecord& r, LogFormat format, absl:
     return j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) + "\n";
   }
   std::string line = absl::StrCat(
-      "lorcserve request id=\"", absl::CEscape(r.request_id), "\" outcome=", r.outcome,
+      "lorcserve request id=", LogfmtQuoted(r.request_id), " outcome=", r.outcome,
       " prompt_tokens=", r.prompt_tokens, " cached_prompt_tokens=", r.cached_prompt_tokens,
       " completion_tokens=", r.completion_tokens, " n=", r.n,
       " ttft_ms=", r.ttft_s >= 0 ? Ms(r.ttft_s) : "-1", " duration_ms=", Ms(r.duration_s));
   if (!r.status_message.empty()) {
-    absl::StrAppend(&line, " status=\"", absl::CEscape(r.status_message), "\"");
+    absl::StrAppend(&line, " status=", LogfmtQuoted(r.status_message));
   }
   return line + "\n";
 }

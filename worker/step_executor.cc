@@ -4,6 +4,7 @@
 #include <memory>
 
 #include "absl/strings/str_cat.h"
+#include "backend/sampling.h"
 #include "common/status_macros.h"
 #include "worker/comm/communicator.h"
 
@@ -283,7 +284,9 @@ absl::StatusOr<StepResult> StepExecutor::Execute(const StepPlan& plan) {
         TokenLogprobs t;
         t.top_ids.resize(st.prompt_logprobs);
         t.top_logprobs.resize(st.prompt_logprobs);
-        ComputeLogprobs(absl::MakeConstSpan(out.Row(out.row_begin[i] + j), out.vocab_size),
+        const absl::Span<const float> logits(out.Row(out.row_begin[i] + j), out.vocab_size);
+        if (st.broken_logits_at < 0 && !RowIsFinite(logits)) st.broken_logits_at = computed_before + j + 1;
+        ComputeLogprobs(logits,
                         st.tokens[computed_before + j + 1], st.prompt_logprobs, &logprob_scratch_,
                         &t.logprob, &t.rank, t.top_ids.data(), t.top_logprobs.data());
         lp.logprobs.push_back(std::move(t));
@@ -323,7 +326,8 @@ absl::StatusOr<StepResult> StepExecutor::Execute(const StepPlan& plan) {
     // The logits in backend memory (device memory on CUDA), never copied to the host for this.
     RETURN_IF_ERROR(runner_->backend().Sample(out.device_logits, sample_rows_, &sample_out_));
     for (size_t i = 0; i < sampled.size(); ++i) {
-      if (sample_out_.non_finite[i] != 0) {
+      const int64_t request = draws[i].parent < 0 ? draws[i].seq_id : draws[i].parent;
+      if (sample_out_.non_finite[i] != 0 || seqs_.at(request).broken_logits_at >= 0) {
         sampled[i] = kBrokenLogits;  // the request fails on every rank, below
         continue;
       }
@@ -343,11 +347,12 @@ absl::StatusOr<StepResult> StepExecutor::Execute(const StepPlan& plan) {
   RETURN_IF_ERROR(ShareSampled(&sampled));
   // A draw from a logits row with a NaN or an infinity (rank 0's Sample said so; the broadcast
   // told the other ranks): no token; the request fails alone, its children are not forked.
-  absl::flat_hash_map<int64_t, int64_t> broken;  // failed request -> position of the lost token
+  absl::flat_hash_map<int64_t, int64_t> broken;  // failed request -> the position it names
   for (size_t i = 0; i < draws.size(); ++i) {
     if (sampled[i] != kBrokenLogits) continue;
     const int64_t id = draws[i].parent < 0 ? draws[i].seq_id : draws[i].parent;
-    broken.emplace(id, static_cast<int64_t>(seqs_.at(id).tokens.size()));
+    const SeqState& st = seqs_.at(id);
+    broken.emplace(id, st.broken_logits_at >= 0 ? st.broken_logits_at : static_cast<int64_t>(st.tokens.size()));
   }
   // Fork first (a child copies its parent's state before the parent's token is appended).
   size_t next_child = 0;
@@ -375,9 +380,9 @@ absl::StatusOr<StepResult> StepExecutor::Execute(const StepPlan& plan) {
   for (const auto& [id, position] : broken) {
     result.failed.push_back(
         {id, absl::InternalError(absl::StrCat(
-                 "the model's logits for the token at position ", position,
-                 " hold NaN or infinite values (its weights or activations overflowed); no token "
-                 "was sampled"))});
+                 "the logits for the token at position ", position,
+                 " (0-based, counting the prompt) hold NaN or infinite values: the weights or "
+                 "activations of the model overflowed; the request was stopped"))});
     seqs_.erase(id);
     runner_->ReleaseKvPolicy(id);
   }

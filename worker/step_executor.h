@@ -13,7 +13,8 @@
 // Validation depends only on the plans, so every rank drops the same requests and the
 // collectives stay matched. Log-probabilities (sampled tokens and prompt tokens) follow
 // backend/sampling.h (raw distribution, rank, top-N). A draw whose logits row holds a NaN or an
-// infinity (SampleOutput::non_finite) gives no token: the request fails alone, INTERNAL naming
+// infinity (SampleOutput::non_finite), or whose request's prompt log-probabilities came from such a
+// row in this step or an earlier chunk, gives no token: the request fails alone, INTERNAL naming
 // the position, on every rank (the broadcast carries the verdict), its fork children unmade.
 //
 // Parallel sampling (ScheduledSequence::fork_child_ids): on the request's sampling step, one row
@@ -80,6 +81,9 @@ class StepExecutor final : public StepRunner {
     int64_t prompt_len = 0;         // tokens given on first sight (a fork: its parent's)
     bool session = false;           // ScheduledSequence::session on first sight (a fork: false)
     int32_t prompt_logprobs = -1;   // -1: off; N: the prompt tokens' log-probabilities + top N
+    // Rank 0: the first position whose prompt log-probabilities came from logits with a NaN or an
+    // infinity, or -1; the request fails at its next draw (every rank learns it from the broadcast).
+    int64_t broken_logits_at = -1;
   };
   // Rows of the chunk whose next token is a prompt token (positions before prompt_len - 1).
   static int64_t PromptLogprobRows(int64_t prompt_len, int64_t num_computed, int64_t n);

@@ -247,6 +247,12 @@ TEST(RequestLogTest, TextLine) {
   failed.status_message = "request cancelled";
   EXPECT_THAT(FormatRequestLine(failed, LogFormat::kText, absl::Now()),
               HasSubstr("ttft_ms=-1 duration_ms=0.000 status=\"request cancelled\"\n"));
+  // Only what logfmt needs is escaped (CEscape wrote "the model\'s"); other bytes as \xHH.
+  failed.status_message = "the model's \\ \"x\"\t\x01";
+  failed.request_id = "caf\xc3\xa9";
+  const std::string line2 = FormatRequestLine(failed, LogFormat::kText, absl::Now());
+  EXPECT_THAT(line2, HasSubstr("status=\"the model's \\\\ \\\"x\\\"\\t\\x01\"\n"));
+  EXPECT_THAT(line2, HasSubstr("id=\"caf\\xc3\\xa9\" "));
 }
 
 TEST(RequestLogTest, WorkerEventLines) {

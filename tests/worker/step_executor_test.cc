@@ -411,6 +411,53 @@ TEST_F(StepExecutorTest, NonFiniteLogitsFailTheirRequestAlone) {
   EXPECT_EQ(r->failed[0].seq_id, 2);
 }
 
+// Prompt log-probabilities from a broken row (a tester: `eval --ppl` printed "perplexity inf",
+// exit 0, and --prompt-logprobs returned nulls) fail the request too, at its draw, naming the
+// first broken prompt position, also when that row was in an earlier chunk.
+TEST_F(StepExecutorTest, BrokenPromptLogprobRowsFailTheRequestAtItsDraw) {
+  constexpr int32_t kPoison = 7;
+  ASSERT_OK(LoadFixtureModel(SmallCache(), PoisonedFixture(kPoison)));
+  std::vector<int32_t> broken = prompt_;
+  broken.insert(broken.begin() + 3, kPoison);
+  SamplingParams lp = Params(0.0f);
+  lp.prompt_logprobs = 1;
+  StepPlan first;
+  first.step_id = 1;
+  ScheduledSequence chunk;
+  chunk.seq_id = 1;
+  chunk.new_token_ids = broken;
+  chunk.num_scheduled_tokens = 8;
+  chunk.sample = false;
+  chunk.params = lp;
+  chunk.new_block_ids = {0};
+  first.seqs.push_back(chunk);
+  auto r = exec_->Execute(first);
+  ASSERT_OK(r);
+  EXPECT_TRUE(r->failed.empty());
+  ASSERT_EQ(r->prompt_logprobs.size(), 1u);  // reported as computed: the failure comes with the draw
+  StepPlan second;
+  second.step_id = 2;
+  ScheduledSequence rest;
+  rest.seq_id = 1;
+  rest.num_computed_tokens = 8;
+  rest.num_scheduled_tokens = static_cast<int32_t>(broken.size()) - 8;
+  rest.sample = true;
+  second.seqs.push_back(rest);
+  r = exec_->Execute(second);
+  ASSERT_OK(r);
+  ASSERT_EQ(r->failed.size(), 1u);
+  EXPECT_THAT(r->failed[0].status, StatusIs(absl::StatusCode::kInternal, HasSubstr("NaN or infinite")));
+  // A prompt position of the first chunk, not the draw's 13. (Which one: the CPU attention's
+  // masked products 0 x NaN reach the rows before the poisoned token as well, so every row of the
+  // chunk is broken and the first, position 1, is named.)
+  const std::string message(r->failed[0].status.message());
+  const size_t at = message.find("position ");
+  ASSERT_NE(at, std::string::npos) << message;
+  EXPECT_LE(std::stoi(message.substr(at + 9)), 8) << message;
+  EXPECT_TRUE(r->sampled.empty());
+  EXPECT_EQ(exec_->num_sequences(), 0u);
+}
+
 // Found by fuzz/step_plan_fuzz (fuzz/corpus/step_plan_fuzz/crash-computed-overflow): on first
 // sight num_computed_tokens may be any prefix-cache hit >= 0, and INT64_MAX + num_scheduled_tokens
 // overflowed (signed) in the check meant to catch it.

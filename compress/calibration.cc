@@ -79,7 +79,8 @@ namespace {
 // the chunk's index and its host logit rows (one per token) when `all_logits`.
 absl::Status RunChunks(const std::string& model_dir, const std::vector<std::vector<int32_t>>& chunks,
                        ModelRunner::LayerInputObserver observer, bool all_logits,
-                       const std::function<void(size_t, const StepOutput&)>& logits) {
+                       const std::function<void(size_t, const StepOutput&)>& logits,
+                       size_t* current_chunk = nullptr) {
   int32_t max_len = 1;
   for (const auto& c : chunks) max_len = std::max(max_len, static_cast<int32_t>(c.size()));
   ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, CreateBackend(BackendOptions{}));
@@ -94,6 +95,7 @@ absl::Status RunChunks(const std::string& model_dir, const std::vector<std::vect
   ASSIGN_OR_RETURN(LoadedModel m, LoadModel(model_source, backend.get(), 0, 1, nullptr, kv));
   if (observer) RETURN_IF_ERROR(m.runner->SetLayerInputObserver(std::move(observer)));
   for (size_t i = 0; i < chunks.size(); ++i) {
+    if (current_chunk != nullptr) *current_chunk = i;
     SequenceStep s;
     s.seq_id = static_cast<int64_t>(i);
     s.tokens = chunks[i];
@@ -115,18 +117,26 @@ absl::StatusOr<CalibrationMoments> ComputeCalibrationMoments(
   CalibrationMoments out;
   out.c.assign(static_cast<size_t>(config.num_layers), MatD(d, d));
   std::vector<double> rows;
+  absl::Status bad;  // the first non-finite layer input: NaN moments only fail Cholesky later, unnamed
+  size_t chunk = 0;
   const auto observer = [&](int layer, const Tensor2D& h) {
     rows.resize(static_cast<size_t>(h.rows * d));
     for (int64_t t = 0; t < h.rows; ++t) {
       const float* src = h.as<float>() + t * h.stride();
       std::copy(src, src + d, rows.begin() + t * d);
+      if (bad.ok() && !std::all_of(src, src + d, [](float x) { return std::isfinite(x); })) {
+        bad = absl::InvalidArgumentError(absl::StrCat(
+            "calibration: the input of layer ", layer, " at token ", t, " of chunk ", chunk,
+            " holds NaN or infinite values: the model's weights or activations are not finite"));
+      }
     }
     // C += X^T X (upper triangle; mirrored below).
     cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, static_cast<int>(d),
                 static_cast<int>(h.rows), 1.0, rows.data(), static_cast<int>(d), 1.0,
                 out.c[static_cast<size_t>(layer)].v.data(), static_cast<int>(d));
   };
-  RETURN_IF_ERROR(RunChunks(model_dir, chunks, observer, false, nullptr));
+  RETURN_IF_ERROR(RunChunks(model_dir, chunks, observer, false, nullptr, &chunk));
+  RETURN_IF_ERROR(bad);
   for (const auto& c : chunks) out.tokens += static_cast<int64_t>(c.size());
   for (MatD& c : out.c) {
     for (int64_t i = 0; i < d; ++i) {
@@ -147,10 +157,16 @@ absl::StatusOr<CalibrationPpl> ComputeCalibrationPerplexity(
     const std::string& model_dir, const std::vector<std::vector<int32_t>>& chunks) {
   double nll = 0;
   int64_t n = 0;
+  absl::Status bad;  // NaN logits gave a NaN perplexity, which every comparison of the search lost
   RETURN_IF_ERROR(RunChunks(model_dir, chunks, nullptr, true, [&](size_t i, const StepOutput& out) {
     const std::vector<int32_t>& c = chunks[i];
     for (size_t t = 0; t + 1 < c.size(); ++t) {
       const float* row = out.Row(static_cast<int64_t>(t));
+      if (bad.ok() && !std::all_of(row, row + out.vocab_size, [](float x) { return std::isfinite(x); })) {
+        bad = absl::InvalidArgumentError(absl::StrCat(
+            "calibration perplexity: the logits at token ", t, " of chunk ", i,
+            " hold NaN or infinite values: the model's weights or activations are not finite"));
+      }
       double mx = row[0];
       for (int64_t v = 1; v < out.vocab_size; ++v) mx = std::max(mx, static_cast<double>(row[v]));
       double z = 0;
@@ -159,6 +175,7 @@ absl::StatusOr<CalibrationPpl> ComputeCalibrationPerplexity(
       ++n;
     }
   }));
+  RETURN_IF_ERROR(bad);
   if (n == 0) return absl::InvalidArgumentError("calibration perplexity: no chunk has two tokens");
   return CalibrationPpl{std::exp(nll / static_cast<double>(n)), n};
 }

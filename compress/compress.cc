@@ -368,6 +368,7 @@ absl::StatusOr<CompressResult> CompressInto(const CompressOptions& o, const Mode
 
   // Ranks of the fixed schedules.
   CompressResult res;
+  bool checked_finite = false;  // every k_proj and v_proj read (ReadMatrix names a NaN or an inf)
   if (o.ranks.has_value()) {
     res.ranks.assign(static_cast<size_t>(L), *o.ranks);
   } else if (o.kv_ratio.has_value() && o.schedule == "uniform") {
@@ -391,12 +392,22 @@ absl::StatusOr<CompressResult> CompressInto(const CompressOptions& o, const Mode
       }
     }
     ASSIGN_OR_RETURN(res.ranks, ProgressiveRanks(kk, kv, d, *o.kv_ratio));
+    checked_finite = true;
   }
 
   // Calibration: moments for --whiten, perplexity chunks for --max-ppl-increase.
   std::optional<CalibrationMoments> moments;
   std::optional<CalibrationText> calib;
   std::vector<std::vector<int32_t>> chunks;
+  if ((o.whiten || o.max_ppl_increase.has_value()) && !checked_finite) {
+    // The projections to factor are read (and a NaN or an infinity in them named) before the
+    // calibration runs the model, not after it (the progressive schedule above read them already).
+    for (int64_t l = 0; l < L; ++l) {
+      for (const char* proj : {"k_proj", "v_proj"}) {
+        RETURN_IF_ERROR(ReadMatrix(*reader, LayerName(l, proj), nkv * d, D).status());
+      }
+    }
+  }
   if (o.whiten || o.max_ppl_increase.has_value()) {
     ASSIGN_OR_RETURN(calib, LoadCalibrationText(o.calib_path));
     absl::StatusOr<std::vector<std::vector<int32_t>>> ch = CalibrationChunks(o.model_dir, calib->text);

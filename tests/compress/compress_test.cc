@@ -460,7 +460,8 @@ TEST(CompressInput, ANonFiniteWeightIsNamedBeforeTheFactorization) {
   for (const char* f : {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"}) {
     fs::create_symlink(fs::absolute(fs::path(testing::TinyLlamaDir()) / f), fs::path(src) / f);
   }
-  {
+  // The fixture's weights with element [3, 5] of `poisoned` NaN.
+  auto write_model = [&](const std::string& poisoned) {
     ASSERT_OK_AND_ASSIGN(std::unique_ptr<CheckpointReader> r, CheckpointReader::Open(testing::TinyLlamaDir()));
     SafetensorsWriter w;
     for (const std::string& name : r->TensorNames()) {
@@ -469,13 +470,14 @@ TEST(CompressInput, ANonFiniteWeightIsNamedBeforeTheFactorization) {
       for (int64_t e : t->shape) n *= e;
       std::vector<float> v(static_cast<size_t>(n));
       ASSERT_OK(r->ReadF32(name, t->shape, absl::MakeSpan(v)));
-      if (name == "model.layers.2.self_attn.k_proj.weight") v[3 * t->shape[1] + 5] = std::nanf("");
+      if (name == poisoned) v[3 * t->shape[1] + 5] = std::nanf("");
       std::vector<uint8_t> bytes(v.size() * sizeof(float));
       std::memcpy(bytes.data(), v.data(), bytes.size());
       ASSERT_OK(w.AddBytes(name, DType::kF32, t->shape, std::move(bytes)));
     }
     ASSERT_OK(w.Write(src + "/model.safetensors"));
-  }
+  };
+  ASSERT_NO_FATAL_FAILURE(write_model("model.layers.2.self_attn.k_proj.weight"));
   CompressOptions o;
   o.model_dir = src;
   o.out_dir = out;
@@ -484,8 +486,29 @@ TEST(CompressInput, ANonFiniteWeightIsNamedBeforeTheFactorization) {
               testing::StatusIs(absl::StatusCode::kInvalidArgument,
                        ::testing::HasSubstr("model.layers.2.self_attn.k_proj.weight: element [3, 5] is nan")));
   EXPECT_FALSE(fs::exists(fs::path(out) / "model.safetensors"));
+  // With --whiten: named before the calibration runs the model (it was found only after).
+  CompressOptions ow = o;
+  ow.whiten = true;
+  ow.calib_path = TempOut("nan_calib.txt");
+  {
+    std::ofstream f(ow.calib_path, std::ios::binary);
+    f << LoadCalibrationText("")->text.substr(0, 24000);
+  }
+  std::vector<std::string> lines;
+  const auto record = [&](const std::string& line) { lines.push_back(line); };
+  EXPECT_THAT(Compress(ow, record),
+              testing::StatusIs(absl::StatusCode::kInvalidArgument,
+                       ::testing::HasSubstr("model.layers.2.self_attn.k_proj.weight: element [3, 5] is nan")));
+  for (const std::string& line : lines) EXPECT_THAT(line, ::testing::Not(::testing::HasSubstr("calibration:")));
+  // A NaN in a weight that is not factored: the calibration names the first layer whose input is
+  // not finite (NaN moments failed the Cholesky later, naming nothing).
+  ASSERT_NO_FATAL_FAILURE(write_model("model.layers.1.mlp.down_proj.weight"));
+  EXPECT_THAT(Compress(ow, nullptr),
+              testing::StatusIs(absl::StatusCode::kInvalidArgument,
+                       ::testing::HasSubstr("calibration: the input of layer 2 at token")));
   // A FIFO among the files copied at the end is refused before any work (it failed the copy
   // after every SVD; a tester).
+  ASSERT_NO_FATAL_FAILURE(write_model("model.layers.2.self_attn.k_proj.weight"));
   fs::remove(fs::path(src) / "tokenizer.json");
   ASSERT_EQ(mkfifo((fs::path(src) / "tokenizer.json").c_str(), 0600), 0);
   EXPECT_THAT(Compress(o, nullptr),

@@ -720,6 +720,15 @@ TEST(KvPolicyLoadTest, MikvLowEntriesLargerThanTheCacheEntriesAreRefused) {
   EXPECT_OK(LoadModel({::lorc::testing::TinyLlamaDir()}, b->get(), 0, 1, nullptr, kv).status());
 }
 
+// Gloo over loopback for the in-process tensor-parallel tests.
+CommOptions LoopbackComm() {
+  CommOptions o;
+  o.hostname_or_iface = "127.0.0.1";
+  o.join_timeout = absl::Seconds(30);
+  o.op_timeout = absl::Seconds(60);
+  return o;
+}
+
 TEST(StepExecutorTensorParallelTest, EveryRankForksIdentically) {
   REQUIRE_TINY_LLAMA();
   PlanBuilder b;
@@ -732,11 +741,7 @@ TEST(StepExecutorTensorParallelTest, EveryRankForksIdentically) {
   auto rank_main = [&](int rank) {
     auto backend = CreateBackend({});
     ASSERT_OK(backend);
-    CommOptions o;
-    o.hostname_or_iface = "127.0.0.1";
-    o.join_timeout = absl::Seconds(30);
-    o.op_timeout = absl::Seconds(60);
-    auto comm = CreateGlooCommunicator({rank, 2}, &store, o);
+    auto comm = CreateGlooCommunicator({rank, 2}, &store, LoopbackComm());
     ASSERT_OK(comm);
     auto m = LoadModel({::lorc::testing::TinyLlamaDir()}, backend->get(), rank, 2, comm->get(),
                        SmallCache());
@@ -778,11 +783,7 @@ TEST(StepExecutorTensorParallelTest, EveryRankDropsARequestWithNonFiniteLogits) 
   auto rank_main = [&](int rank) {
     auto backend = CreateBackend({});
     ASSERT_OK(backend);
-    CommOptions o;
-    o.hostname_or_iface = "127.0.0.1";
-    o.join_timeout = absl::Seconds(30);
-    o.op_timeout = absl::Seconds(60);
-    auto comm = CreateGlooCommunicator({rank, 2}, &store, o);
+    auto comm = CreateGlooCommunicator({rank, 2}, &store, LoopbackComm());
     ASSERT_OK(comm);
     auto m = LoadModel({dir}, backend->get(), rank, 2, comm->get(), SmallCache());
     ASSERT_OK(m);

@@ -2,8 +2,8 @@
 // has the pipeline). Per call: the rows' metadata and the id lists the kernels need are packed
 // into one pinned staging buffer and uploaded with one async copy; the tokens and the rows'
 // non_finite flags (and, when some row asks, the log-probability arrays) come back with one async
-// copy into a pinned buffer; then the stream is synchronised. Every buffer is kept and grown (never shrunk) when a call needs more, so
-// a steady state allocates nothing.
+// copy into a pinned buffer; then the stream is synchronised. Every buffer is kept and grown
+// (never shrunk) when a call needs more, so a steady state allocates nothing.
 #include "backend/cuda_backend_impl.h"
 
 #ifdef LORC_HAVE_CUDA

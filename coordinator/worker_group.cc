@@ -416,6 +416,16 @@ absl::Status WorkerGroup::Probe(absl::Duration timeout) {
               : absl::StrCat("health probe failed (", s.message(), ")"))));
       return health();
     }
+    // A worker that serves another coordinator now has given this one up (its lease ran out while
+    // this process was stopped): Ping answers anyone, so the owner it names is the test. Only
+    // another owner counts: none may be a lease between unary steps, which the next call renews.
+    if (options_.coordinator_id != 0 && resp.has_owner() && resp.owner().id() != 0 &&
+        resp.owner().id() != options_.coordinator_id) {
+      Fail(w->Unavailable(absl::UnavailableError(absl::StrCat(
+          "health probe: the worker serves ",
+          DescribeCoordinator({resp.owner().id(), resp.owner().address()}), " now (it gave this one up)"))));
+      return health();
+    }
   }
   return absl::OkStatus();
 }

@@ -62,6 +62,13 @@ class FakeWorker final : public internal::Worker::Service {
                     internal::PingResponse* resp) override {
     resp->set_model_loaded(true);
     resp->set_instance_id(instance_id_);
+    {
+      absl::MutexLock lock(&mu_);
+      if (owner_ != 0) {
+        resp->mutable_owner()->set_id(owner_);
+        resp->mutable_owner()->set_address("10.0.0.9:7000");
+      }
+    }
     if (req->release()) {
       absl::MutexLock lock(&mu_);
       released_by_ = req->coordinator().id();
@@ -71,6 +78,10 @@ class FakeWorker final : public internal::Worker::Service {
   uint64_t released_by() {
     absl::MutexLock lock(&mu_);
     return released_by_;
+  }
+  void set_owner(uint64_t id) {
+    absl::MutexLock lock(&mu_);
+    owner_ = id;
   }
   grpc::Status Steps(grpc::ServerContext*,
                      grpc::ServerReaderWriter<internal::StepResult, internal::StepPlan>* stream) override {
@@ -121,6 +132,7 @@ class FakeWorker final : public internal::Worker::Service {
   int init_calls_ ABSL_GUARDED_BY(mu_) = 0;
   bool last_disable_custom_all_reduce_ ABSL_GUARDED_BY(mu_) = false;
   uint64_t released_by_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t owner_ ABSL_GUARDED_BY(mu_) = 0;  // Ping's owner; 0: none named
 };
 
 class WorkerGroupTest : public ::testing::Test {
@@ -208,6 +220,27 @@ TEST_F(WorkerGroupTest, AStepThatFailsAsAWholeBreaksTheGroupNamingTheWorkerAndCa
               StatusIs(absl::StatusCode::kUnavailable, HasSubstr("worker 0 (127.0.0.1:")));
   EXPECT_THAT(g->health(), StatusIs(absl::StatusCode::kUnavailable, HasSubstr("step 7 after step 5")));
   EXPECT_THAT(g->Submit(Plan(3, {10})), StatusIs(absl::StatusCode::kUnavailable));
+}
+
+// A worker that serves another coordinator gave this one up (its owner lease ran out while this
+// coordinator was stopped). Ping answers anyone, and when the connection came back the probe
+// passed: the resumed coordinator went on serving into a closed stream (CI, under ASan).
+TEST_F(WorkerGroupTest, AProbeFailsWhenTheWorkerServesAnotherCoordinator) {
+  StartServer();
+  WorkerGroupOptions o;
+  o.addresses = {"127.0.0.1:" + std::to_string(port_)};
+  o.coordinator_id = 0x42;
+  auto g = WorkerGroup::Start(o);
+  ASSERT_OK(g);
+  EXPECT_OK((*g)->Probe(absl::Seconds(5)));  // no owner named: fine
+  worker_.set_owner(0x42);
+  EXPECT_OK((*g)->Probe(absl::Seconds(5)));  // this one
+  worker_.set_owner(0x77);
+  const absl::Status s = (*g)->Probe(absl::Seconds(5));
+  EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable) << s;
+  EXPECT_THAT(std::string(s.message()),
+              ::testing::HasSubstr("health probe: the worker serves coordinator 0x0000000000000077 (at 10.0.0.9:7000) now"));
+  EXPECT_FALSE((*g)->health().ok());
 }
 
 TEST_F(WorkerGroupTest, AResultForAnotherStepBreaksTheGroup) {

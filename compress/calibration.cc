@@ -11,6 +11,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
+#include "backend/sampling.h"
 #include "backend/backend.h"
 #include "common/json_util.h"
 #include "common/status_macros.h"
@@ -124,7 +125,7 @@ absl::StatusOr<CalibrationMoments> ComputeCalibrationMoments(
     for (int64_t t = 0; t < h.rows; ++t) {
       const float* src = h.as<float>() + t * h.stride();
       std::copy(src, src + d, rows.begin() + t * d);
-      if (bad.ok() && !std::all_of(src, src + d, [](float x) { return std::isfinite(x); })) {
+      if (bad.ok() && !RowIsFinite({src, static_cast<size_t>(d)})) {
         bad = absl::InvalidArgumentError(absl::StrCat(
             "calibration: the input of layer ", layer, " at token ", t, " of chunk ", chunk,
             " holds NaN or infinite values: the model's weights or activations are not finite"));
@@ -162,7 +163,7 @@ absl::StatusOr<CalibrationPpl> ComputeCalibrationPerplexity(
     const std::vector<int32_t>& c = chunks[i];
     for (size_t t = 0; t + 1 < c.size(); ++t) {
       const float* row = out.Row(static_cast<int64_t>(t));
-      if (bad.ok() && !std::all_of(row, row + out.vocab_size, [](float x) { return std::isfinite(x); })) {
+      if (bad.ok() && !RowIsFinite({row, static_cast<size_t>(out.vocab_size)})) {
         bad = absl::InvalidArgumentError(absl::StrCat(
             "calibration perplexity: the logits at token ", t, " of chunk ", i,
             " hold NaN or infinite values: the model's weights or activations are not finite"));

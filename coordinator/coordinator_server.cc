@@ -50,6 +50,12 @@ bool IsWildcard(const std::string& host) {
   return host.empty() || host == "0.0.0.0" || host == "[::]" || host == "::";
 }
 
+// What new requests are told while a recovery runs (retryable), with the failure so far.
+absl::Status RecoveringStatus(const absl::Status& failure) {
+  return absl::UnavailableError(
+      absl::StrCat("recovering from a worker failure (retry shortly): ", failure.message()));
+}
+
 }  // namespace
 
 std::string DefaultInternalListen(const std::string& listen) {
@@ -368,8 +374,7 @@ void CoordinatorServer::OnWorkerFailure(const absl::Status& why) {
     recover = options_.max_restarts > 0 && TakeRestartBudget();
     gave_up = options_.max_restarts > 0 && !recover;
     if (recover) {
-      refusal = absl::UnavailableError(
-          absl::StrCat("recovering from a worker failure (retry shortly): ", why.message()));
+      refusal = RecoveringStatus(why);
     } else if (gave_up) {
       refusal = GaveUpStatus(why);
       failure_ = refusal;
@@ -486,8 +491,7 @@ void CoordinatorServer::Recover() {
         if (state_ == State::kRecovering && !stopping_) {
           failure_ = absl::Status(cause.code(), absl::StrCat(cause.message(), "; recovery attempt failed: ",
                                                              st.message()));
-          refusal = absl::UnavailableError(
-              absl::StrCat("recovering from a worker failure (retry shortly): ", failure_.message()));
+          refusal = RecoveringStatus(failure_);
         }
       }
       if (!refusal.ok()) service_->SetLoop(nullptr, refusal);

@@ -15,8 +15,8 @@
 // Llama-3-70B tensor-parallel shard (TP = 2), M = 1, 2, 4, 8, each timed (as above, cold weights)
 // through Matmul with cuBLASLt pinned, with the default choice (kAuto: the faster of cuBLASLt and
 // the small-M GEMV, timed per shape), with the GEMV preferred, and for every GEMV configuration
-// launched directly; microseconds and % of the floor (weight bytes over the device's copy
-// bandwidth, common/device_ceilings.h). About 30 s.
+// launched directly; microseconds and % of the floor (weight bytes over the device's decode
+// bandwidth, DeviceCeilings::decode_tbps() in common/device_ceilings.h). About 30 s.
 //
 // `gemm_bench ceilings`: the device's row of common/device_ceilings.h: a 1 GiB device-to-device
 // copy (bytes read + written per second) and the BF16 GEMM peak (best of 8192^3 and 16384^3),

@@ -4,11 +4,13 @@
 #include <optional>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "cli/api_client.h"
 #include "cli/commands.h"
 #include "cli/sampling_flags.h"
 #include "cli/session.h"
 #include "common/grpc_status.h"
+#include "coordinator/request_conversion.h"
 #include "google/protobuf/util/json_util.h"
 #include "nlohmann/json.hpp"
 
@@ -69,10 +71,26 @@ int RunClient(int argc, char** argv) {
   for (const std::vector<FlagSpec>& group : {ClientSecurityFlags(), RequestFlags()}) {
     flags.insert(flags.end(), group.begin(), group.end());
   }
-  const char* synopsis = "--server ADDR (--prompt TEXT | --prompt-ids IDS | --info | --health) [flags]";
+  const char* synopsis = "--server ADDR (--prompt TEXT | --prompt-ids IDS | --info | --health | --close-session ID) [flags]";
   int exit_code = 0;
   const std::optional<Args> args = ParseCommand("client", synopsis, flags, argc, argv, &exit_code);
   if (!args.has_value()) return exit_code;
+  // One action a call: a request's flags next to --info, --health or --close-session would be
+  // dropped silently otherwise.
+  std::vector<std::string> actions;
+  for (const char* flag : {"info", "health", "close-session"}) {
+    if (args->Has(flag)) actions.push_back(absl::StrCat("--", flag));
+  }
+  if (args->Has("prompt")) {
+    actions.push_back("--prompt");
+  } else if (args->Has("prompt-ids")) {
+    actions.push_back("--prompt-ids");
+  }
+  if (actions.size() > 1) {
+    return Fail("client", absl::InvalidArgumentError(absl::StrCat(
+                              "--info, --health, --close-session and a request (--prompt / --prompt-ids) are one "
+                              "action each; got ", absl::StrJoin(actions, " and "))));
+  }
   absl::StatusOr<double> timeout = args->GetDouble("timeout-s", 600);
   if (!timeout.ok()) return Fail("client", timeout.status());
   if (!(*timeout > 0) || *timeout > 1e7) {
@@ -95,6 +113,8 @@ int RunClient(int argc, char** argv) {
     lorcserve::v1::CloseSessionRequest creq;
     creq.set_session_id(args->Get("close-session"));
     creq.set_cache_salt(args->Get("cache-salt"));  // sessions are per (cache_salt, session_id)
+    // Named with its byte offset before anything is sent (protobuf would print its own error).
+    if (absl::Status u = CheckUtf8Fields(creq); !u.ok()) return Fail("client", u);
     lorcserve::v1::CloseSessionResponse cresp;
     const grpc::Status s = stub->CloseSession(&ctx, creq, &cresp);
     if (!s.ok()) return Fail("client", FromGrpcStatus(s));

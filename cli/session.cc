@@ -222,6 +222,11 @@ absl::StatusOr<KvCacheOptions> ParseKvCacheOptions(const Args& args) {
     return absl::InvalidArgumentError(absl::StrCat("--kv-offloading-size: ", offload_gib,
                                                    " GiB is outside [0, 1048576]"));
   }
+  if (offload_gib > 0 && !eo.enable_prefix_caching) {
+    return absl::InvalidArgumentError(
+        "--kv-offloading-size and --no-enable-prefix-caching contradict each other (the host tier "
+        "keeps blocks evicted from the prefix cache)");
+  }
   kv.kv_offloading_bytes = static_cast<int64_t>(offload_gib * double{1 << 30});
   ASSIGN_OR_RETURN(kv.kv_policy, ParseKvPolicyFlags(args));
   return kv;

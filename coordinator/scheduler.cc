@@ -204,6 +204,12 @@ absl::Status Scheduler::Add(int64_t seq_id, std::vector<int32_t> prompt,
   const int64_t shared = n > 1 ? prompt_len / config_.block_size : 0;
   const int64_t blocks_needed = shared + n * (CeilDiv(cached, config_.block_size) - shared);
   if (blocks_needed > config_.num_blocks) {
+    const int64_t prompt_blocks = CeilDiv(prompt_len, config_.block_size);
+    if (prompt_blocks > config_.num_blocks) {  // not even max_tokens = 1 would fit
+      return absl::InvalidArgumentError(absl::StrCat(
+          "prompt: its ", prompt_len, " tokens need ", prompt_blocks, " KV blocks, the whole cache has ",
+          config_.num_blocks, ": it can never fit (shorten the prompt)"));
+    }
     if (n == 1) {
       return absl::InvalidArgumentError(absl::StrCat(
           "max_tokens: request needs ", blocks_needed, " KV blocks for ", cached,
@@ -490,6 +496,11 @@ bool Scheduler::SessionClosedSince(const Seq& s) const {
 
 absl::Status Scheduler::CloseSession(const std::string& cache_salt,
                                      const std::string& session_id) {
+  if (!config_.enable_prefix_caching) {
+    return absl::FailedPreconditionError(
+        "session_id: sessions keep blocks in the prefix cache, which is off (--no-enable-prefix-caching): "
+        "there are no sessions to close");
+  }
   const SessionKey key{cache_salt, session_id};
   auto it = session_requests_.find(key);
   if (it == session_requests_.end()) return sessions_.Close(key);
@@ -500,7 +511,10 @@ absl::Status Scheduler::CloseSession(const std::string& cache_salt,
   return absl::OkStatus();
 }
 
-void Scheduler::ExpireSessions() { sessions_.Expire(Now()); }
+void Scheduler::ExpireSessions() {
+  // A session whose turn is waiting or running is not idle, however long the turn takes.
+  sessions_.Expire(Now(), [&](const SessionKey& key) { return session_requests_.contains(key); });
+}
 
 void Scheduler::ResetPrefixCache() {
   sessions_.Clear();

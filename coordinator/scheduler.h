@@ -287,9 +287,11 @@ class Scheduler {
   // Ends the session (cache_salt, session_id) now (its blocks unpinned). When requests of it are
   // waiting or running, OK even if it keeps nothing yet, and none of them keeps blocks for it when
   // it ends (a request added after the close starts a new session). NOT_FOUND naming the id when
-  // there is neither such a session nor a request of it.
+  // there is neither such a session nor a request of it; FAILED_PRECONDITION with the prefix cache
+  // off (no sessions exist).
   absl::Status CloseSession(const std::string& cache_salt, const std::string& session_id);
-  // Ends the sessions idle past the ttl (also done at the start of every Schedule).
+  // Ends the sessions idle past the ttl (also done at the start of every Schedule); a session with
+  // a request waiting or running is not idle (its idle time restarts when the turn ends).
   void ExpireSessions();
   // Drops the whole prefix index, every session and the host tier's bookkeeping: the workers'
   // cache contents (device and host) can no longer be trusted (a failed runner, a restarted

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <utility>
 
+#include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 
 namespace lorc {
@@ -65,7 +66,8 @@ void SessionStore::Touch(const SessionKey& id, absl::Time now) {
 absl::Status SessionStore::Close(const SessionKey& id) {
   auto it = sessions_.find(id);
   if (it == sessions_.end()) {
-    return absl::NotFoundError(absl::StrCat("session_id '", id.session_id, "' (cache_salt of ", id.cache_salt.size(), " bytes): no such session (never "
+    // The id escaped (C style): a newline or a control character in it cannot forge log lines.
+    return absl::NotFoundError(absl::StrCat("session_id '", absl::CEscape(id.session_id), "' (cache_salt of ", id.cache_salt.size(), " bytes): no such session (never "
                                             "started, or already ended: closed, idle past the "
                                             "ttl, or released for memory)"));
   }
@@ -74,11 +76,11 @@ absl::Status SessionStore::Close(const SessionKey& id) {
   return absl::OkStatus();
 }
 
-int32_t SessionStore::Expire(absl::Time now) {
+int32_t SessionStore::Expire(absl::Time now, absl::FunctionRef<bool(const SessionKey&)> busy) {
   int32_t n = 0;
   for (auto it = sessions_.begin(); it != sessions_.end();) {
     auto next = std::next(it);
-    if (now - it->second.last_used > ttl_) {
+    if (now - it->second.last_used > ttl_ && !busy(it->first)) {
       Drop(it);
       ++n;
     }

@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
+#include "absl/functional/function_ref.h"
 #include "absl/status/status.h"
 #include "absl/time/time.h"
 #include "kvstore/kv_block_manager.h"
@@ -61,8 +62,12 @@ class SessionStore {
   void Touch(const SessionKey& id, absl::Time now);
   // NotFound naming the id when there is no such session.
   absl::Status Close(const SessionKey& id);
-  // Ends sessions idle for longer than the ttl; returns how many.
-  int32_t Expire(absl::Time now);
+  // Ends sessions idle for longer than the ttl, except those for which `busy` is true (a turn of
+  // theirs is waiting or running: its end starts the idle time again); returns how many.
+  int32_t Expire(absl::Time now, absl::FunctionRef<bool(const SessionKey&)> busy);
+  int32_t Expire(absl::Time now) {
+    return Expire(now, [](const SessionKey&) { return false; });
+  }
   // Ends the least recently used session other than `except` (null: any), counted in
   // num_capped(); false when there is none.
   bool ReleaseOldest(const SessionKey* except = nullptr);

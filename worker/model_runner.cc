@@ -388,9 +388,19 @@ absl::Status ModelRunner::AllocateCache(const KvCacheOptions& kv, int64_t reserv
         kvpolicy::MaxPositions(kv_spec_.num_blocks, kv_spec_.block_size, kv_policy_positions_per_slot_);
   }
   const size_t slots = static_cast<size_t>(kv_spec_.num_blocks) * kv_spec_.block_size;
+  // A failed allocation of a --num-blocks cache names the flag and the total (the backend's own
+  // message names only the bytes of one layer's buffer).
+  auto allocate = [&](size_t bytes) -> absl::StatusOr<DeviceBuffer> {
+    absl::StatusOr<DeviceBuffer> b = backend_->Allocate(bytes);
+    if (b.ok() || kv.num_blocks <= 0) return b;
+    return absl::Status(b.status().code(),
+                        absl::StrCat("--num-blocks: ", kv.num_blocks, " KV blocks of ", kv_spec_.BytesPerBlock(),
+                                     " bytes (", static_cast<double>(kv.num_blocks) * kv_spec_.BytesPerBlock() / (1 << 30),
+                                     " GiB) do not fit: ", b.status().message()));
+  };
   for (int l = 0; l < kv_spec_.num_layers(); ++l) {
-    ASSIGN_OR_RETURN(DeviceBuffer k, backend_->Allocate(slots * kv_spec_.KBytesPerToken(l)));
-    ASSIGN_OR_RETURN(DeviceBuffer v, backend_->Allocate(slots * kv_spec_.VBytesPerToken(l)));
+    ASSIGN_OR_RETURN(DeviceBuffer k, allocate(slots * kv_spec_.KBytesPerToken(l)));
+    ASSIGN_OR_RETURN(DeviceBuffer v, allocate(slots * kv_spec_.VBytesPerToken(l)));
     kv_layers_.push_back(CacheLayer(l, k.data(), v.data()));
     k_cache_.push_back(std::move(k));
     v_cache_.push_back(std::move(v));

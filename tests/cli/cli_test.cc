@@ -152,6 +152,21 @@ TEST_F(CliTest, ClientRejectsANonPositiveTimeout) {
     EXPECT_THAT(r.err, HasSubstr("--timeout-s: ")) << r;
   }
 }
+
+// One action a call: a request's prompt next to --close-session (or --info, --health) was dropped
+// silently (a fresh tester, 2026-12-05); now refused before connecting, naming both flags.
+TEST_F(CliTest, ClientRefusesTwoActions) {
+  const std::vector<std::vector<std::string>> pairs = {{"--close-session", "x", "--prompt", "hi"},
+                                                       {"--info", "--prompt-ids", "0,1"},
+                                                       {"--health", "--close-session", "x"}};
+  for (const std::vector<std::string>& pair : pairs) {
+    std::vector<std::string> cmd = {"client", "--server", "127.0.0.1:1"};
+    cmd.insert(cmd.end(), pair.begin(), pair.end());
+    const RunResult r = Lorcserve(cmd);
+    EXPECT_EQ(r.exit_code, 2) << r;
+    EXPECT_THAT(r.err, HasSubstr("one action each; got " + pair[0] + " and ")) << r;
+  }
+}
 #endif
 
 TEST_F(CliTest, StopStringCutsTextAndFinishesWithStop) {
@@ -889,6 +904,7 @@ TEST_F(CliTest, ClientRejectsInvalidUtf8NamingFieldAndOffset) {
        "INVALID_ARGUMENT: sampling.stop[1] is not valid UTF-8 at byte offset 1 (byte 0xC3)"},
       {{"--prompt-ids", "0,1", "--request-id", "\xe2\x82"},
        "INVALID_ARGUMENT: request_id is not valid UTF-8 at byte offset 0 (byte 0xE2)"},
+      {{"--close-session", "\xff"}, "INVALID_ARGUMENT: session_id is not valid UTF-8 at byte offset 0 (byte 0xFF)"},
   };
   for (const auto& [flags, message] : cases) {
     std::vector<std::string> args = {"client", "--server", "127.0.0.1:1"};
@@ -1152,6 +1168,15 @@ TEST_F(CliTest, PrefixCachingFlagsAreChecked) {
     EXPECT_THAT(r.err, HasSubstr(flag));
     EXPECT_THAT(r.err, HasSubstr("--no-enable-prefix-caching"));
   }
+  // So does a host tier, which only holds blocks the prefix cache evicted (accepted and never used
+  // before, 2026-12-05); an explicit 0 (no tier) is no contradiction.
+  r = Lorcserve({"bench", "--model", Tiny(), "--shared-prefix", "16", "--no-enable-prefix-caching",
+                 "--kv-offloading-size", "0.01"});
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_THAT(r.err, HasSubstr("--kv-offloading-size and --no-enable-prefix-caching contradict"));
+  r = Lorcserve({"bench", "--model", Tiny(), "--shared-prefix", "16", "--question", "4", "--no-enable-prefix-caching",
+                 "--kv-offloading-size", "0", "--json"});
+  EXPECT_EQ(r.exit_code, 0) << r;
 }
 
 }  // namespace

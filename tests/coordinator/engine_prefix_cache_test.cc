@@ -23,6 +23,7 @@ namespace {
 
 namespace fs = std::filesystem;
 using ::lorc::testing::StatusIs;
+using ::testing::HasSubstr;
 
 constexpr char kScratch[] = "lorc_engine_prefix_cache";
 const auto* const kCleanup =
@@ -178,6 +179,9 @@ TEST_P(EnginePrefixCacheTest, ASessionsNextTurnPrefillsOnlyItsNewTokens) {
     EXPECT_THAT(on->CloseSession("", "chat"), StatusIs(absl::StatusCode::kNotFound));
   }
   std::unique_ptr<Engine> off = MakeEngine(false);
+  // Without the prefix cache there are no sessions: CloseSession says so (not "no such session").
+  EXPECT_THAT(off->CloseSession("", "chat"),
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("--no-enable-prefix-caching")));
   for (size_t i = 0; i < turns.size(); ++i) {
     turns[i].session_id.clear();
     auto want = off->Generate({turns[i]});

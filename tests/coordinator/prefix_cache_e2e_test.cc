@@ -70,6 +70,11 @@ TEST_F(PrefixCacheE2ETest, CachedPromptTokensSaltsAndSessions) {
   EXPECT_EQ(info.kv_free_blocks(), info.kv_capacity_blocks());
   const grpc::Status again = CloseSession("conversation-1");
   EXPECT_EQ(again.error_code(), grpc::StatusCode::NOT_FOUND) << StatusText(again);
+  // An unknown id is echoed escaped: a newline in it does not split the message.
+  const grpc::Status odd = CloseSession("a\nb");
+  EXPECT_EQ(odd.error_code(), grpc::StatusCode::NOT_FOUND) << StatusText(odd);
+  EXPECT_THAT(odd.error_message(), ::testing::StartsWith("session_id 'a\\nb'"));
+  EXPECT_EQ(odd.error_message().find('\n'), std::string::npos);
   EXPECT_EQ(CloseSession("").error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   // The sizes Generate accepts, no more (the message names the field, not the id's bytes).
   const grpc::Status long_id = CloseSession(std::string(257, 'x'));

@@ -295,6 +295,44 @@ TEST(SchedulerSessionTest, ANextTurnPrefillsOnlyItsNewTokensAndTheTtlEndsTheSess
   ASSERT_OK(h.sched.Validate());
 }
 
+// The ttl counts idle time: a session whose next turn waits or runs for longer than the ttl is
+// not expired under it (a fresh tester saw "sessions_expired" rise during a 4.8 s turn at a 1 s
+// ttl, 2026-12-05); its idle time restarts when that turn ends.
+TEST(SchedulerSessionTest, ATurnLongerThanTheTtlKeepsItsSession) {
+  absl::Time now = absl::FromUnixSeconds(1000);
+  SchedulerConfig c = Config(4, 64);
+  c.session_ttl_s = 1;
+  c.clock = [&now] { return now; };
+  Harness h(c);
+  ASSERT_OK(h.Add(1, Prompt(10), Params(6), 0, {}, {"", "chat"}));
+  RunAll(h);
+  ASSERT_EQ(h.sched.sessions().PinnedBlocks({"", "chat"}).size(), 3u);
+
+  std::vector<int32_t> turn2 = Prompt(10);
+  turn2.insert(turn2.end(), h.outputs[1].begin(), h.outputs[1].end());
+  for (int i = 0; i < 5; ++i) turn2.push_back(800 + i);
+  ASSERT_OK(h.Add(2, turn2, Params(3), 0, {}, {"", "chat"}));
+  PlanView p = h.Step();
+  EXPECT_EQ(Find(p, 2)->num_cached, 12);
+  // The turn is still running 10 ttls later: the session stays (and so do its pins).
+  now += absl::Seconds(10);
+  h.sched.ExpireSessions();
+  EXPECT_EQ(h.sched.prefix_cache_report().sessions, 1);
+  EXPECT_EQ(h.sched.prefix_cache_report().sessions_expired, 0);
+  RunAll(h);
+  EXPECT_EQ(h.outputs[2], Expected(2, 21, 3));
+  EXPECT_EQ(h.sched.sessions().PinnedBlocks({"", "chat"}).size(), 5u);
+  // Idle from the turn's end: within the ttl it stays, past it it ends.
+  now += absl::Milliseconds(900);
+  h.sched.ExpireSessions();
+  EXPECT_EQ(h.sched.prefix_cache_report().sessions, 1);
+  now += absl::Milliseconds(200);
+  h.sched.ExpireSessions();
+  EXPECT_EQ(h.sched.prefix_cache_report().sessions, 0);
+  EXPECT_EQ(h.sched.prefix_cache_report().sessions_expired, 1);
+  ASSERT_OK(h.sched.Validate());
+}
+
 TEST(SchedulerSessionTest, CloseSessionReleasesItsBlocksAndUnknownIsNotFound) {
   Harness h(Config(4, 64));
   ASSERT_OK(h.Add(1, Prompt(20), Params(2), 0, {}, {"", "s1"}));

@@ -166,6 +166,10 @@ TEST(SchedulerTest, RequestLargerThanTheWholeCacheIsRejected) {
               StatusIs(absl::StatusCode::kInvalidArgument,
                        HasSubstr("needs 13 KV blocks for 49 cached tokens (prompt + max_tokens - "
                                  "1), the whole cache has 10")));
+  // The prompt alone is too long (41 tokens: 11 blocks): the error names the prompt, not max_tokens.
+  EXPECT_THAT(h.Add(1, Prompt(41), Params(1)),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("prompt: its 41 tokens need 11 KV blocks, the whole cache has 10")));
   // Exactly the whole cache (30 + 11 - 1 = 40 cached tokens: the last sampled token is never
   // written): runs alone, to the end.
   ASSERT_OK(h.Add(2, Prompt(30), Params(11)));

@@ -103,6 +103,8 @@ void EngineLoop::Publish() {
     g.host_kv_blocks_used = s.prefix_cache.host_blocks_used;
     g.kv_policy_positions_used = s.kv_policy_positions;
     g.kv_policy_positions_capacity = sched.config().kv_policy_max_positions;
+    g.sessions = s.prefix_cache.sessions;
+    g.session_blocks = s.prefix_cache.session_blocks;
     metrics_->SetScheduler(g);
     // The scheduler's counters run from its construction (this engine's): add what is new.
     const PrefixCacheStats& pc = s.prefix_cache.stats;
@@ -114,7 +116,13 @@ void EngineLoop::Publish() {
     d.prefix_cache_host_hit_tokens = pc.host_hit_tokens - mark_.prefix_cache.host_hit_tokens;
     d.kv_compactions = sched.num_kv_compactions() - mark_.kv_compactions;
     d.kv_compaction_freed_blocks = sched.num_kv_compaction_freed_blocks() - mark_.kv_compaction_freed_blocks;
+    d.sessions_expired = s.prefix_cache.sessions_expired - mark_.sessions_expired;
+    d.sessions_capped = s.prefix_cache.sessions_capped - mark_.sessions_capped;
+    d.sessions_closed = s.prefix_cache.sessions_closed - mark_.sessions_closed;
     metrics_->AddScheduler(d);
+    mark_.sessions_expired = s.prefix_cache.sessions_expired;
+    mark_.sessions_capped = s.prefix_cache.sessions_capped;
+    mark_.sessions_closed = s.prefix_cache.sessions_closed;
     mark_.preemptions = sched.num_preemptions();
     mark_.kv_compactions = sched.num_kv_compactions();
     mark_.kv_compaction_freed_blocks = sched.num_kv_compaction_freed_blocks();

@@ -89,6 +89,7 @@ class EngineLoop {
     int64_t preemptions = 0;
     int64_t kv_compactions = 0, kv_compaction_freed_blocks = 0;
     PrefixCacheStats prefix_cache;
+    int64_t sessions_expired = 0, sessions_capped = 0, sessions_closed = 0;
   };
 
   ServingMetrics* const metrics_;

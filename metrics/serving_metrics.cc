@@ -174,6 +174,16 @@ ServingMetrics::ServingMetrics() : registry_(std::make_shared<prometheus::Regist
                    .Register(r);
   pc_hit_device_ = &hits.Add({{"tier", "device"}});
   pc_hit_host_ = &hits.Add({{"tier", "host"}});
+  sessions_ = NewGauge(r, "lorcserve_sessions", "Multi-turn sessions keeping KV blocks for their next turn");
+  session_blocks_ = NewGauge(r, "lorcserve_session_kv_blocks", "Device KV cache blocks the sessions pin");
+  auto& ended = prometheus::BuildCounter()
+                    .Name("lorcserve_sessions_ended_total")
+                    .Help("Sessions ended, by reason: expired (idle past --session-ttl-s), capped (released "
+                          "for --max-session-kv-fraction or memory pressure), closed (CloseSession)")
+                    .Register(r);
+  sessions_expired_ = &ended.Add({{"reason", "expired"}});
+  sessions_capped_ = &ended.Add({{"reason", "capped"}});
+  sessions_closed_ = &ended.Add({{"reason", "closed"}});
   auto& state = prometheus::BuildGauge()
                     .Name("lorcserve_serving_state")
                     .Help("1 for the coordinator's current state (starting, serving, "
@@ -252,6 +262,8 @@ void ServingMetrics::SetScheduler(const SchedulerGauges& g) {
   host_kv_capacity_->Set(static_cast<double>(g.host_kv_blocks_capacity));
   kv_policy_positions_used_->Set(static_cast<double>(g.kv_policy_positions_used));
   kv_policy_positions_capacity_->Set(static_cast<double>(g.kv_policy_positions_capacity));
+  sessions_->Set(static_cast<double>(g.sessions));
+  session_blocks_->Set(static_cast<double>(g.session_blocks));
 }
 
 void ServingMetrics::AddScheduler(const SchedulerCounterDeltas& d) {
@@ -262,6 +274,9 @@ void ServingMetrics::AddScheduler(const SchedulerCounterDeltas& d) {
   Inc(pc_hit_host_, d.prefix_cache_host_hit_tokens);
   Inc(kv_compactions_, d.kv_compactions);
   Inc(kv_compaction_freed_, d.kv_compaction_freed_blocks);
+  Inc(sessions_expired_, d.sessions_expired);
+  Inc(sessions_capped_, d.sessions_capped);
+  Inc(sessions_closed_, d.sessions_closed);
 }
 
 void ServingMetrics::SetServingState(ServingState s) {

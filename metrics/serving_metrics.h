@@ -46,6 +46,10 @@ struct SchedulerGauges {
   // without such states).
   int64_t kv_policy_positions_used = 0;
   int64_t kv_policy_positions_capacity = 0;
+  // Multi-turn sessions (kvstore/session_store.h): those keeping blocks now and the distinct
+  // blocks they pin (0 / 0 with the prefix cache off).
+  int64_t sessions = 0;
+  int64_t session_blocks = 0;
 };
 
 // Increments of the scheduler's cumulative counters since the last publication.
@@ -57,6 +61,9 @@ struct SchedulerCounterDeltas {
   int64_t prefix_cache_host_hit_tokens = 0;  // host tier, past the device hit
   int64_t kv_compactions = 0;                // KV policy compactions (Scheduler::CompactKv)
   int64_t kv_compaction_freed_blocks = 0;    // blocks they released
+  int64_t sessions_expired = 0;              // sessions ended: idle past --session-ttl-s,
+  int64_t sessions_capped = 0;               // released for the cap or memory pressure,
+  int64_t sessions_closed = 0;               // closed by CloseSession
 };
 
 class ServingMetrics {
@@ -120,9 +127,10 @@ class ServingMetrics {
   prometheus::Histogram *step_schedule_, *step_workers_, *step_apply_;
   prometheus::Counter* engine_steps_;
   prometheus::Gauge *waiting_, *running_, *kv_used_, *kv_capacity_, *host_kv_used_,
-      *host_kv_capacity_, *kv_policy_positions_used_, *kv_policy_positions_capacity_;
+      *host_kv_capacity_, *kv_policy_positions_used_, *kv_policy_positions_capacity_, *sessions_, *session_blocks_;
   prometheus::Counter *preemptions_, *pc_queries_, *pc_query_tokens_, *pc_hit_device_,
-      *pc_hit_host_, *kv_compactions_, *kv_compaction_freed_;
+      *pc_hit_host_, *kv_compactions_, *kv_compaction_freed_, *sessions_expired_, *sessions_capped_,
+      *sessions_closed_;
   std::array<prometheus::Gauge*, 5> state_{};  // by ServingState
   prometheus::Gauge* group_size_;
   prometheus::Counter *worker_failures_, *worker_recoveries_;

@@ -15,15 +15,6 @@ class PrefixCacheE2ETest : public ServerE2ETest {
     for (const Golden& g : GoldenPrompts()) ids.insert(ids.end(), g.prompt_ids.begin(), g.prompt_ids.end());
     return ids;
   }
-  grpc::Status CloseSession(const std::string& id, const std::string& salt = "") {
-    grpc::ClientContext ctx;
-    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
-    v1::CloseSessionRequest req;
-    req.set_session_id(id);
-    req.set_cache_salt(salt);
-    v1::CloseSessionResponse resp;
-    return stub_->CloseSession(&ctx, req, &resp);
-  }
 };
 
 TEST_F(PrefixCacheE2ETest, CachedPromptTokensSaltsAndSessions) {

@@ -406,6 +406,16 @@ class ServerE2ETest : public ::testing::Test {
     health_ = grpc::health::v1::Health::NewStub(channel_);
   }
 
+  // CloseSession(session_id = id, cache_salt = salt), 30 s deadline.
+  grpc::Status CloseSession(const std::string& id, const std::string& salt = "") {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+    v1::CloseSessionRequest req;
+    req.set_session_id(id);
+    req.set_cache_salt(salt);
+    v1::CloseSessionResponse resp;
+    return stub_->CloseSession(&ctx, req, &resp);
+  }
   cli::StreamResult Generate(const v1::GenerateRequest& req, double timeout_s = 300,
                              const std::function<void(const v1::GenerateResponse&)>& on_chunk = {}) {
     return cli::StreamGenerate(*stub_, req, timeout_s, on_chunk);

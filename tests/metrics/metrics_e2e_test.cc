@@ -92,6 +92,7 @@ TEST_F(MetricsE2ETest, EveryMetricPresentAndMoving) {
            {ctx, 8, "ctx-1"}, {ctx, 8, "ctx-2"}, {GoldenPrompts()[0].prompt_ids, 12, "golden-0"}}) {
     v1::GenerateRequest req = IdsRequest(ids, max_tokens);
     req.set_request_id(id);
+    if (id == "ctx-2") req.set_session_id("chat-1");  // a session keeps its blocks after the turn
     served.push_back(Generate(req));
     ASSERT_TRUE(served.back().status.ok()) << StatusText(served.back().status);
   }
@@ -113,6 +114,9 @@ TEST_F(MetricsE2ETest, EveryMetricPresentAndMoving) {
   EXPECT_EQ(Delta(s1, s0, "lorcserve_prefix_cache_hit_tokens_total{tier=\"device\"}"), cached);
   EXPECT_EQ(Delta(s1, s0, "lorcserve_prefix_cache_hit_tokens_total{tier=\"host\"}"), 0);
   EXPECT_GE(Delta(s1, s0, "lorcserve_prefix_cache_query_tokens_total"), cached);
+  EXPECT_EQ(Delta(s1, s0, "lorcserve_sessions"), 1);
+  EXPECT_GT(Delta(s1, s0, "lorcserve_session_kv_blocks"), 0);
+  EXPECT_EQ(Delta(s1, s0, "lorcserve_sessions_ended_total{reason=\"closed\"}"), 0);
   EXPECT_EQ(Delta(s1, s0, "lorcserve_time_to_first_token_seconds_count"), 3);
   EXPECT_EQ(Delta(s1, s0, "lorcserve_e2e_request_latency_seconds_count"), 3);
   EXPECT_EQ(Delta(s1, s0, "lorcserve_inter_token_latency_seconds_count"), itl);
@@ -125,8 +129,12 @@ TEST_F(MetricsE2ETest, EveryMetricPresentAndMoving) {
   EXPECT_GE(Delta(s1, s0, "lorcserve_step_duration_seconds_count{phase=\"workers\"}"), steps);
   EXPECT_GT(Delta(s1, s0, "lorcserve_step_duration_seconds_sum{phase=\"workers\"}"), 0);
   EXPECT_EQ(s1.at("lorcserve_preemptions_total"), 0);  // the cache is far from full
+  ASSERT_TRUE(CloseSession("chat-1").ok());  // its blocks go back; counted as closed
   WaitIdle(10);
   const Samples idle = Scrape();
+  EXPECT_EQ(idle.at("lorcserve_sessions"), 0);
+  EXPECT_EQ(idle.at("lorcserve_session_kv_blocks"), 0);
+  EXPECT_EQ(Delta(idle, s0, "lorcserve_sessions_ended_total{reason=\"closed\"}"), 1);
   EXPECT_EQ(idle.at("lorcserve_num_sequences_running"), 0);
   EXPECT_EQ(idle.at("lorcserve_num_sequences_waiting"), 0);
   EXPECT_EQ(idle.at("lorcserve_kv_blocks_used"), 0);

@@ -46,6 +46,7 @@ const std::vector<std::string> kCounters = {
     "lorcserve_prefix_cache_queries_total",
     "lorcserve_prefix_cache_query_tokens_total",
     "lorcserve_prefix_cache_hit_tokens_total",
+    "lorcserve_sessions_ended_total",
     "lorcserve_worker_failures_total",
     "lorcserve_worker_recoveries_total",
 };
@@ -56,6 +57,7 @@ const std::vector<std::string> kGauges = {
     "lorcserve_serving_state",          "lorcserve_worker_group_size",
     "lorcserve_num_requests_in_flight",
     "lorcserve_kv_policy_positions_used", "lorcserve_kv_policy_positions_capacity",
+    "lorcserve_sessions",               "lorcserve_session_kv_blocks",
 };
 const std::vector<std::string> kHistograms = {
     "lorcserve_time_to_first_token_seconds",
@@ -110,9 +112,11 @@ TEST(ServingMetricsTest, UpdatesShowInTheExposition) {
   m.AddEngineSteps(1);
   m.SetScheduler({.num_waiting = 3, .num_running = 2, .kv_blocks_used = 10,
                   .kv_blocks_capacity = 100, .host_kv_blocks_used = 1, .host_kv_blocks_capacity = 8,
-                  .kv_policy_positions_used = 768, .kv_policy_positions_capacity = 4096});
+                  .kv_policy_positions_used = 768, .kv_policy_positions_capacity = 4096, .sessions = 3,
+                  .session_blocks = 12});
   m.AddScheduler({.preemptions = 2, .prefix_cache_queries = 1, .prefix_cache_query_tokens = 32,
-                  .prefix_cache_hit_tokens = 16, .prefix_cache_host_hit_tokens = 4});
+                  .prefix_cache_hit_tokens = 16, .prefix_cache_host_hit_tokens = 4, .sessions_expired = 1,
+                  .sessions_capped = 2, .sessions_closed = 5});
   m.SetServingState(ServingState::kRecovering);
   m.SetWorkerGroupSize(2);
   m.CountWorkerFailure();
@@ -154,6 +158,11 @@ TEST(ServingMetricsTest, UpdatesShowInTheExposition) {
   EXPECT_EQ(s.at("lorcserve_host_kv_blocks_capacity"), 8);
   EXPECT_EQ(s.at("lorcserve_kv_policy_positions_used"), 768);
   EXPECT_EQ(s.at("lorcserve_kv_policy_positions_capacity"), 4096);
+  EXPECT_EQ(s.at("lorcserve_sessions"), 3);
+  EXPECT_EQ(s.at("lorcserve_session_kv_blocks"), 12);
+  EXPECT_EQ(s.at("lorcserve_sessions_ended_total{reason=\"expired\"}"), 1);
+  EXPECT_EQ(s.at("lorcserve_sessions_ended_total{reason=\"capped\"}"), 2);
+  EXPECT_EQ(s.at("lorcserve_sessions_ended_total{reason=\"closed\"}"), 5);
   EXPECT_EQ(s.at("lorcserve_preemptions_total"), 2);
   EXPECT_EQ(s.at("lorcserve_prefix_cache_queries_total"), 1);
   EXPECT_EQ(s.at("lorcserve_prefix_cache_query_tokens_total"), 32);

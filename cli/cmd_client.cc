@@ -89,7 +89,17 @@ int RunClient(int argc, char** argv) {
   if (actions.size() > 1) {
     return Fail("client", absl::InvalidArgumentError(absl::StrCat(
                               "--info, --health, --close-session and a request (--prompt / --prompt-ids) are one "
-                              "action each; got ", absl::StrJoin(actions, " and "))));
+                              "action each; got ", absl::StrJoin(actions, ", "))));
+  }
+  // A request's flags (sampling, session, ...) apply to a request only (--cache-salt also names a
+  // session to close).
+  if (!actions.empty() && actions[0] != "--prompt" && actions[0] != "--prompt-ids") {
+    for (const FlagSpec& f : RequestFlags()) {
+      if (args->Has(f.name) && !(f.name == "cache-salt" && actions[0] == "--close-session")) {
+        return Fail("client", absl::InvalidArgumentError(absl::StrCat(
+                                  "--", f.name, " applies to a request (--prompt / --prompt-ids), not to ", actions[0])));
+      }
+    }
   }
   absl::StatusOr<double> timeout = args->GetDouble("timeout-s", 600);
   if (!timeout.ok()) return Fail("client", timeout.status());

@@ -6,6 +6,7 @@
 #include <iostream>
 #include <limits>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "common/defaults.h"
 #include "common/status_macros.h"
@@ -276,7 +277,7 @@ absl::StatusOr<std::unique_ptr<Session>> OpenSession(const Args& args) {
   ASSIGN_OR_RETURN(KvCacheOptions kv, ParseKvCacheOptions(args));
   ASSIGN_OR_RETURN(s->backend, CreateBackend(bo));
   absl::StatusOr<LoadedModel> model = LoadModel(src, s->backend.get(), 0, 1, nullptr, kv);
-  if (absl::IsResourceExhausted(model.status())) {
+  if (absl::IsResourceExhausted(model.status()) && !absl::StartsWith(model.status().message(), "--num-blocks")) {
     // Memory ran out: for the weights, the runner's tables (RoPE: max_position_embeddings) or
     // the KV cache; name the flag that sized the last (the backend cannot).
     const std::string budget =

@@ -106,6 +106,9 @@ struct Scheduler::Seq {
   // after that (SessionRequests::closed_at) stops it from keeping blocks.
   SessionKey session;
   uint64_t session_epoch = 0;
+  // The session whose turn this sequence belongs to (a parent's `session`, and a forked child's
+  // parent's): while any is live, the session is busy (SessionRequests::live counts each).
+  SessionKey turn_session;
   int64_t num_cached_prompt_tokens = -1;
   int32_t num_bypassed = 0;  // times a request behind it was admitted first (prefix preference)
   // KV policy compaction (header comment): positions minus cache slots (what blocks_ counts),
@@ -216,8 +219,11 @@ absl::Status Scheduler::Add(int64_t seq_id, std::vector<int32_t> prompt,
           " cached tokens (prompt + max_tokens - 1), the whole cache has ", config_.num_blocks,
           ": it can never fit (lower max_tokens or shorten the prompt)"));
     }
+    // The field to change: n when not even max_tokens = 1 would fit (prompt_len cached tokens each).
+    const int64_t at_one_token = shared + n * (CeilDiv(prompt_len, config_.block_size) - shared);
     return absl::InvalidArgumentError(absl::StrCat(
-        "max_tokens: request needs ", blocks_needed, " KV blocks for n = ", n, " completions of ", cached,
+        at_one_token > config_.num_blocks ? "n" : "max_tokens", ": request needs ", blocks_needed,
+        " KV blocks for n = ", n, " completions of ", cached,
         " cached tokens (prompt + max_tokens - 1; the prompt's ", shared,
         " full blocks shared), the whole cache has ", config_.num_blocks,
         ": it can never fit (lower n or max_tokens, or shorten the prompt)"));
@@ -259,6 +265,7 @@ absl::Status Scheduler::Add(int64_t seq_id, std::vector<int32_t> prompt,
   if (!prefix.session_id.empty()) {
     ++session_requests_[seq->session].live;
     seq->session_epoch = session_clock_;
+    seq->turn_session = seq->session;
   }
   reserved_.insert(child_ids.begin(), child_ids.end());
   seq->child_ids = std::move(child_ids);
@@ -275,9 +282,11 @@ void Scheduler::Enqueue(Seq& s, bool front) {
 
 void Scheduler::End(Seq& s, bool completed) {
   const int64_t id = s.id;
+  bool kept = false;  // the session's blocks were replaced (Keep), which restarts its idle time
   if (s.state == SequenceState::kRunning) {
     running_.erase(std::find(running_.begin(), running_.end(), &s));
     if (completed && !s.session.session_id.empty() && s.parent < 0 && !SessionClosedSince(s)) {
+      kept = true;
       // The conversation so far: the indexed blocks of its chain, which the next turn will hit.
       // They are its table's own blocks where it computed them first, and otherwise the equal
       // blocks another sequence indexed before it (CacheFullBlocks leaves a duplicate unindexed):
@@ -294,8 +303,11 @@ void Scheduler::End(Seq& s, bool completed) {
   } else {
     waiting_.erase(s.wait_key);
   }
-  if (!s.session.session_id.empty() && s.parent < 0) {
-    auto it = session_requests_.find(s.session);
+  if (!s.turn_session.session_id.empty()) {
+    // Any end of a turn's sequence (completed, cancelled, failed, a completion of n > 1) restarts
+    // the session's idle time: the ttl counts from the turn's end, not from its admission.
+    if (!kept && !SessionClosedSince(s.turn_session, s.session_epoch)) sessions_.Touch(s.turn_session, Now());
+    auto it = session_requests_.find(s.turn_session);
     if (it != session_requests_.end() && --it->second.live <= 0) session_requests_.erase(it);
   }
   if (s.seen_by_workers) ended_.push_back(id);
@@ -489,9 +501,11 @@ void Scheduler::CacheComputed(Seq& s, int64_t num_computed) {
   blocks_.CacheFullBlocks(s.id, absl::MakeConstSpan(s.hashes).first(std::min(full, s.hashes.size())));
 }
 
-bool Scheduler::SessionClosedSince(const Seq& s) const {
-  auto it = session_requests_.find(s.session);
-  return it != session_requests_.end() && it->second.closed_at > s.session_epoch;
+bool Scheduler::SessionClosedSince(const Seq& s) const { return SessionClosedSince(s.session, s.session_epoch); }
+
+bool Scheduler::SessionClosedSince(const SessionKey& session, uint64_t epoch) const {
+  auto it = session_requests_.find(session);
+  return it != session_requests_.end() && it->second.closed_at > epoch;
 }
 
 absl::Status Scheduler::CloseSession(const std::string& cache_salt,
@@ -811,6 +825,11 @@ void Scheduler::Fork(Seq& parent, uint64_t step_id, ScheduledSequence& out) {
     c->fork_step = step_id;
     c->root = parent.root;
     c->hashes = parent.hashes;
+    if (!parent.turn_session.session_id.empty()) {  // the turn goes on while any completion runs
+      c->turn_session = parent.turn_session;
+      c->session_epoch = parent.session_epoch;
+      ++session_requests_[c->turn_session].live;
+    }
     c->computing = parent.computing;  // its blocks are the parent's up to here
     c->admitted_step = step_id;
     c->slot_offset = parent.slot_offset;  // 0: a parent with unforked children is never compacted

@@ -378,8 +378,10 @@ class Scheduler {
   void Preempt(Seq& victim, std::vector<Entry>& entries, int64_t& budget, StepPlan& plan);
   // KV policy compactions of running sequences into `plan` (header comment).
   void CompactKv(StepPlan& plan);
-  // True when `s`'s session was closed after `s` was added.
+  // True when `s`'s session was closed after `s` was added (the second form: `session` closed
+  // after the session clock read `epoch`).
   bool SessionClosedSince(const Seq& s) const;
+  bool SessionClosedSince(const SessionKey& session, uint64_t epoch) const;
 
   SchedulerConfig config_;
   KvBlockManager blocks_;
@@ -401,8 +403,8 @@ class Scheduler {
   int64_t num_preemptions_ = 0;
   int64_t num_kv_compactions_ = 0;
   int64_t num_kv_compaction_freed_blocks_ = 0;
-  // Per session with requests waiting or running: how many (parents), and the session clock at
-  // its latest CloseSession (0: none). Erased when the last of them ends.
+  // Per session with requests waiting or running: how many (parents and forked completions), and
+  // the session clock at its latest CloseSession (0: none). Erased when the last of them ends.
   struct SessionRequests {
     int64_t live = 0;
     uint64_t closed_at = 0;

@@ -66,8 +66,9 @@ void SessionStore::Touch(const SessionKey& id, absl::Time now) {
 absl::Status SessionStore::Close(const SessionKey& id) {
   auto it = sessions_.find(id);
   if (it == sessions_.end()) {
-    // The id escaped (C style): a newline or a control character in it cannot forge log lines.
-    return absl::NotFoundError(absl::StrCat("session_id '", absl::CEscape(id.session_id), "' (cache_salt of ", id.cache_salt.size(), " bytes): no such session (never "
+    // The id escaped (C style, UTF-8 kept readable): a newline or a control character in it
+    // cannot forge log lines.
+    return absl::NotFoundError(absl::StrCat("session_id '", absl::Utf8SafeCEscape(id.session_id), "' (cache_salt of ", id.cache_salt.size(), " bytes): no such session (never "
                                             "started, or already ended: closed, idle past the "
                                             "ttl, or released for memory)"));
   }

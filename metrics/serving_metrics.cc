@@ -179,7 +179,8 @@ ServingMetrics::ServingMetrics() : registry_(std::make_shared<prometheus::Regist
   auto& ended = prometheus::BuildCounter()
                     .Name("lorcserve_sessions_ended_total")
                     .Help("Sessions ended, by reason: expired (idle past --session-ttl-s), capped (released "
-                          "for --max-session-kv-fraction or memory pressure), closed (CloseSession)")
+                          "for --max-session-kv-fraction or memory pressure, or a turn whose conversation alone "
+                          "exceeds the cap: not kept, counted at each such turn), closed (CloseSession)")
                     .Register(r);
   sessions_expired_ = &ended.Add({{"reason", "expired"}});
   sessions_capped_ = &ended.Add({{"reason", "capped"}});

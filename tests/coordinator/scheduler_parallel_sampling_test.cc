@@ -266,6 +266,9 @@ TEST(SchedulerTest, AddRejectsBadGroups) {
                        HasSubstr("needs 11 KV blocks for n = 3 completions of 19 cached tokens "
                                  "(prompt + max_tokens - 1; the prompt's 2 full blocks shared), "
                                  "the whole cache has 10")));
+  // Past the cache already at max_tokens = 1 (9 shared + 3 x 1 = 12 blocks): the field is n.
+  EXPECT_THAT(s.Add(4, Prompt(37), ParamsN(1, 3), 0, {5, 6}),
+              StatusIs(StatusCode::kInvalidArgument, ::testing::StartsWith("n: request needs 12 KV blocks")));
   EXPECT_THAT(s.Add(4, Prompt(3), Params(1), 0), StatusIs(StatusCode::kOk));
   EXPECT_THAT(s.Add(5, Prompt(3), ParamsN(2, 2), 0, {3}),
               StatusIs(StatusCode::kAlreadyExists, HasSubstr("child sequence id 3")));

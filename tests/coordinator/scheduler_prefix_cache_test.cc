@@ -333,6 +333,64 @@ TEST(SchedulerSessionTest, ATurnLongerThanTheTtlKeepsItsSession) {
   ASSERT_OK(h.sched.Validate());
 }
 
+// A turn that ends without completing (cancelled here) restarts the session's idle time as a
+// completed one does (a fresh tester: a turn running longer than the ttl and then cancelled lost
+// its session at once, 2026-12-05).
+TEST(SchedulerSessionTest, ACancelledTurnRestartsTheIdleTime) {
+  absl::Time now = absl::FromUnixSeconds(1000);
+  SchedulerConfig c = Config(4, 64);
+  c.session_ttl_s = 1;
+  c.clock = [&now] { return now; };
+  Harness h(c);
+  ASSERT_OK(h.Add(1, Prompt(10), Params(6), 0, {}, {"", "chat"}));
+  RunAll(h);
+  ASSERT_OK(h.Add(2, Prompt(20), Params(30), 0, {}, {"", "chat"}));
+  h.Step();
+  now += absl::Seconds(10);
+  h.sched.ExpireSessions();
+  EXPECT_EQ(h.sched.prefix_cache_report().sessions, 1);  // busy
+  h.Abort(2);
+  now += absl::Milliseconds(900);
+  h.sched.ExpireSessions();
+  EXPECT_EQ(h.sched.prefix_cache_report().sessions, 1) << "idle for 0.9 s since the cancel";
+  now += absl::Milliseconds(200);
+  h.sched.ExpireSessions();
+  EXPECT_EQ(h.sched.prefix_cache_report().sessions, 0);
+  EXPECT_EQ(h.sched.prefix_cache_report().sessions_expired, 1);
+  ASSERT_OK(h.sched.Validate());
+}
+
+// With n > 1 the turn goes on while any completion runs: completion 0 (the parent) ending early
+// does not leave the session idle (it expired under its later completions, 2026-12-05).
+TEST(SchedulerSessionTest, ALaterCompletionKeepsTheSessionBusy) {
+  absl::Time now = absl::FromUnixSeconds(1000);
+  SchedulerConfig c = Config(4, 64);
+  c.session_ttl_s = 1;
+  c.clock = [&now] { return now; };
+  Harness h(c);
+  ASSERT_OK(h.Add(1, Prompt(10), Params(6), 0, {}, {"", "chat"}));
+  RunAll(h);
+  ASSERT_OK(h.Add(2, Prompt(20), ParamsN(12, 2), 0, {3}, {"", "chat"}));
+  h.Step();
+  h.Step();
+  ASSERT_TRUE(h.sched.Contains(3)) << "completion 1 forked";
+  h.Abort(2);  // completion 0 ends; completion 1 runs on
+  ASSERT_TRUE(h.sched.Contains(3));
+  now += absl::Seconds(10);
+  h.sched.ExpireSessions();
+  EXPECT_EQ(h.sched.prefix_cache_report().sessions, 1);
+  EXPECT_EQ(h.sched.prefix_cache_report().sessions_expired, 0);
+  RunAll(h);
+  EXPECT_FALSE(h.sched.Contains(3));
+  now += absl::Milliseconds(900);
+  h.sched.ExpireSessions();
+  EXPECT_EQ(h.sched.prefix_cache_report().sessions, 1) << "idle for 0.9 s since the last completion";
+  now += absl::Milliseconds(200);
+  h.sched.ExpireSessions();
+  EXPECT_EQ(h.sched.prefix_cache_report().sessions, 0);
+  ASSERT_OK(h.sched.Validate());
+}
+
 TEST(SchedulerSessionTest, CloseSessionReleasesItsBlocksAndUnknownIsNotFound) {
   Harness h(Config(4, 64));
   ASSERT_OK(h.Add(1, Prompt(20), Params(2), 0, {}, {"", "s1"}));

@@ -27,9 +27,9 @@ struct DeviceCeilings {
 
 // Longer names first: "H100" must not claim an "H100 PCIe" row added later.
 inline constexpr DeviceCeilings kDeviceCeilings[] = {
-    {"H200", 4.275, 696.0, 0.0,
-     "H200 141 GB: copy from shared/device/README.md (2026-11-22), GEMM gemm_bench (docs/PERFORMANCE.md); "
-     "weight read not measured"},
+    {"H200", 4.275, 696.0, 4.438,
+     "H200 141 GB: copy from shared/device/README.md (2026-11-22; gemm_bench's copy measured 2.714 there on "
+     "2026-12-06), GEMM gemm_bench (docs/PERFORMANCE.md), weight read gemm_bench ceilings 2026-12-06"},
     {"H100", 2.447, 729.6, 3.152,
      "H100 80GB HBM3: gemm_bench ceilings 2026-12-05 (docs/PERFORMANCE.md): copy and weight read of the "
      "second run, GEMM peak the better of two (729.6, 694.1)"},

@@ -295,17 +295,33 @@ TEST(SchedulerSessionTest, ANextTurnPrefillsOnlyItsNewTokensAndTheTtlEndsTheSess
   ASSERT_OK(h.sched.Validate());
 }
 
+// A 1 s session ttl on a clock the test moves, and a first turn (seq 1) that started session
+// "chat" (3 blocks pinned). Expire(dt): moves the clock by dt, expires, returns the live sessions.
+struct OneSecondTtl {
+  absl::Time now = absl::FromUnixSeconds(1000);
+  Harness h{[this] {
+    SchedulerConfig c = Config(4, 64);
+    c.session_ttl_s = 1;
+    c.clock = [this] { return now; };
+    return c;
+  }()};
+  OneSecondTtl() {
+    EXPECT_OK(h.Add(1, Prompt(10), Params(6), 0, {}, {"", "chat"}));
+    RunAll(h);
+  }
+  int64_t Expire(absl::Duration dt) {
+    now += dt;
+    h.sched.ExpireSessions();
+    return h.sched.prefix_cache_report().sessions;
+  }
+};
+
 // The ttl counts idle time: a session whose next turn waits or runs for longer than the ttl is
 // not expired under it (a fresh tester saw "sessions_expired" rise during a 4.8 s turn at a 1 s
 // ttl, 2026-12-05); its idle time restarts when that turn ends.
 TEST(SchedulerSessionTest, ATurnLongerThanTheTtlKeepsItsSession) {
-  absl::Time now = absl::FromUnixSeconds(1000);
-  SchedulerConfig c = Config(4, 64);
-  c.session_ttl_s = 1;
-  c.clock = [&now] { return now; };
-  Harness h(c);
-  ASSERT_OK(h.Add(1, Prompt(10), Params(6), 0, {}, {"", "chat"}));
-  RunAll(h);
+  OneSecondTtl t;
+  Harness& h = t.h;
   ASSERT_EQ(h.sched.sessions().PinnedBlocks({"", "chat"}).size(), 3u);
 
   std::vector<int32_t> turn2 = Prompt(10);
@@ -315,20 +331,14 @@ TEST(SchedulerSessionTest, ATurnLongerThanTheTtlKeepsItsSession) {
   PlanView p = h.Step();
   EXPECT_EQ(Find(p, 2)->num_cached, 12);
   // The turn is still running 10 ttls later: the session stays (and so do its pins).
-  now += absl::Seconds(10);
-  h.sched.ExpireSessions();
-  EXPECT_EQ(h.sched.prefix_cache_report().sessions, 1);
+  EXPECT_EQ(t.Expire(absl::Seconds(10)), 1);
   EXPECT_EQ(h.sched.prefix_cache_report().sessions_expired, 0);
   RunAll(h);
   EXPECT_EQ(h.outputs[2], Expected(2, 21, 3));
   EXPECT_EQ(h.sched.sessions().PinnedBlocks({"", "chat"}).size(), 5u);
   // Idle from the turn's end: within the ttl it stays, past it it ends.
-  now += absl::Milliseconds(900);
-  h.sched.ExpireSessions();
-  EXPECT_EQ(h.sched.prefix_cache_report().sessions, 1);
-  now += absl::Milliseconds(200);
-  h.sched.ExpireSessions();
-  EXPECT_EQ(h.sched.prefix_cache_report().sessions, 0);
+  EXPECT_EQ(t.Expire(absl::Milliseconds(900)), 1);
+  EXPECT_EQ(t.Expire(absl::Milliseconds(200)), 0);
   EXPECT_EQ(h.sched.prefix_cache_report().sessions_expired, 1);
   ASSERT_OK(h.sched.Validate());
 }
@@ -337,25 +347,14 @@ TEST(SchedulerSessionTest, ATurnLongerThanTheTtlKeepsItsSession) {
 // completed one does (a fresh tester: a turn running longer than the ttl and then cancelled lost
 // its session at once, 2026-12-05).
 TEST(SchedulerSessionTest, ACancelledTurnRestartsTheIdleTime) {
-  absl::Time now = absl::FromUnixSeconds(1000);
-  SchedulerConfig c = Config(4, 64);
-  c.session_ttl_s = 1;
-  c.clock = [&now] { return now; };
-  Harness h(c);
-  ASSERT_OK(h.Add(1, Prompt(10), Params(6), 0, {}, {"", "chat"}));
-  RunAll(h);
+  OneSecondTtl t;
+  Harness& h = t.h;
   ASSERT_OK(h.Add(2, Prompt(20), Params(30), 0, {}, {"", "chat"}));
   h.Step();
-  now += absl::Seconds(10);
-  h.sched.ExpireSessions();
-  EXPECT_EQ(h.sched.prefix_cache_report().sessions, 1);  // busy
+  EXPECT_EQ(t.Expire(absl::Seconds(10)), 1);  // busy
   h.Abort(2);
-  now += absl::Milliseconds(900);
-  h.sched.ExpireSessions();
-  EXPECT_EQ(h.sched.prefix_cache_report().sessions, 1) << "idle for 0.9 s since the cancel";
-  now += absl::Milliseconds(200);
-  h.sched.ExpireSessions();
-  EXPECT_EQ(h.sched.prefix_cache_report().sessions, 0);
+  EXPECT_EQ(t.Expire(absl::Milliseconds(900)), 1) << "idle for 0.9 s since the cancel";
+  EXPECT_EQ(t.Expire(absl::Milliseconds(200)), 0);
   EXPECT_EQ(h.sched.prefix_cache_report().sessions_expired, 1);
   ASSERT_OK(h.sched.Validate());
 }
@@ -363,31 +362,20 @@ TEST(SchedulerSessionTest, ACancelledTurnRestartsTheIdleTime) {
 // With n > 1 the turn goes on while any completion runs: completion 0 (the parent) ending early
 // does not leave the session idle (it expired under its later completions, 2026-12-05).
 TEST(SchedulerSessionTest, ALaterCompletionKeepsTheSessionBusy) {
-  absl::Time now = absl::FromUnixSeconds(1000);
-  SchedulerConfig c = Config(4, 64);
-  c.session_ttl_s = 1;
-  c.clock = [&now] { return now; };
-  Harness h(c);
-  ASSERT_OK(h.Add(1, Prompt(10), Params(6), 0, {}, {"", "chat"}));
-  RunAll(h);
+  OneSecondTtl t;
+  Harness& h = t.h;
   ASSERT_OK(h.Add(2, Prompt(20), ParamsN(12, 2), 0, {3}, {"", "chat"}));
   h.Step();
   h.Step();
   ASSERT_TRUE(h.sched.Contains(3)) << "completion 1 forked";
   h.Abort(2);  // completion 0 ends; completion 1 runs on
   ASSERT_TRUE(h.sched.Contains(3));
-  now += absl::Seconds(10);
-  h.sched.ExpireSessions();
-  EXPECT_EQ(h.sched.prefix_cache_report().sessions, 1);
+  EXPECT_EQ(t.Expire(absl::Seconds(10)), 1);
   EXPECT_EQ(h.sched.prefix_cache_report().sessions_expired, 0);
   RunAll(h);
   EXPECT_FALSE(h.sched.Contains(3));
-  now += absl::Milliseconds(900);
-  h.sched.ExpireSessions();
-  EXPECT_EQ(h.sched.prefix_cache_report().sessions, 1) << "idle for 0.9 s since the last completion";
-  now += absl::Milliseconds(200);
-  h.sched.ExpireSessions();
-  EXPECT_EQ(h.sched.prefix_cache_report().sessions, 0);
+  EXPECT_EQ(t.Expire(absl::Milliseconds(900)), 1) << "idle for 0.9 s since the last completion";
+  EXPECT_EQ(t.Expire(absl::Milliseconds(200)), 0);
   ASSERT_OK(h.sched.Validate());
 }
 

@@ -220,7 +220,7 @@ absl::Status Scheduler::Add(int64_t seq_id, std::vector<int32_t> prompt,
           ": it can never fit (lower max_tokens or shorten the prompt)"));
     }
     // The field to change: n when not even max_tokens = 1 would fit (prompt_len cached tokens each).
-    const int64_t at_one_token = shared + n * (CeilDiv(prompt_len, config_.block_size) - shared);
+    const int64_t at_one_token = shared + n * (prompt_blocks - shared);
     return absl::InvalidArgumentError(absl::StrCat(
         at_one_token > config_.num_blocks ? "n" : "max_tokens", ": request needs ", blocks_needed,
         " KV blocks for n = ", n, " completions of ", cached,

@@ -387,29 +387,26 @@ absl::Status ModelRunner::AllocateCache(const KvCacheOptions& kv, int64_t reserv
     kv_policy_max_positions_ =
         kvpolicy::MaxPositions(kv_spec_.num_blocks, kv_spec_.block_size, kv_policy_positions_per_slot_);
   }
+  // A --num-blocks cache that cannot be held names the flag and its total size (the backend's
+  // own message names only the bytes of one layer's buffer).
+  const double kv_bytes = static_cast<double>(kv.num_blocks) * static_cast<double>(kv_spec_.BytesPerBlock());
+  const std::string sized_by_flag = absl::StrCat("--num-blocks: ", kv.num_blocks, " KV blocks of ",
+                                                 kv_spec_.BytesPerBlock(), " bytes (", kv_bytes / (1 << 30), " GiB)");
   if (kv.num_blocks > 0) {
     // Host memory is committed lazily: a --num-blocks cache larger than the machine would start
     // and be killed under load. Refused up front against the device's total memory, as
     // --kv-cache-mb is against the machine's (cli/session.cc).
     const MemoryInfo mem = backend_->GetMemoryInfo();
-    const double need = static_cast<double>(kv.num_blocks) * static_cast<double>(kv_spec_.BytesPerBlock());
-    if (mem.total_bytes > 0 && need > static_cast<double>(mem.total_bytes)) {
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "--num-blocks: ", kv.num_blocks, " KV blocks of ", kv_spec_.BytesPerBlock(), " bytes (",
-          need / (1 << 30), " GiB) are more than this device's memory (", mem.total_bytes / double{1 << 30},
-          " GiB)"));
+    if (mem.total_bytes > 0 && kv_bytes > static_cast<double>(mem.total_bytes)) {
+      return absl::ResourceExhaustedError(absl::StrCat(sized_by_flag, " are more than this device's memory (",
+                                                       mem.total_bytes / double{1 << 30}, " GiB)"));
     }
   }
   const size_t slots = static_cast<size_t>(kv_spec_.num_blocks) * kv_spec_.block_size;
-  // A failed allocation of a --num-blocks cache names the flag and the total (the backend's own
-  // message names only the bytes of one layer's buffer).
   auto allocate = [&](size_t bytes) -> absl::StatusOr<DeviceBuffer> {
     absl::StatusOr<DeviceBuffer> b = backend_->Allocate(bytes);
     if (b.ok() || kv.num_blocks <= 0) return b;
-    return absl::Status(b.status().code(),
-                        absl::StrCat("--num-blocks: ", kv.num_blocks, " KV blocks of ", kv_spec_.BytesPerBlock(),
-                                     " bytes (", static_cast<double>(kv.num_blocks) * kv_spec_.BytesPerBlock() / (1 << 30),
-                                     " GiB) do not fit: ", b.status().message()));
+    return absl::Status(b.status().code(), absl::StrCat(sized_by_flag, " do not fit: ", b.status().message()));
   };
   for (int l = 0; l < kv_spec_.num_layers(); ++l) {
     ASSIGN_OR_RETURN(DeviceBuffer k, allocate(slots * kv_spec_.KBytesPerToken(l)));

@@ -100,13 +100,28 @@ if [ -n "$reports" ]; then
     cat "$f"
   done
   # A digest last: CI shows the head and the tail of a long log, and a report's middle (the other
-  # thread's stack, for a race) is what gets cut. Each access or location line with its first
-  # four frames, template arguments shown as [T], lines cut at 220 characters.
+  # thread's stack, for a race) is what gets cut. One line per report header and per stack (the
+  # access, the previous access, the location, each thread's creation): its first six frames,
+  # innermost first, joined by " < ", function names only (template arguments and parameter
+  # lists elided, paths and module offsets dropped), each line cut at 400 characters.
   echo "==== digest of the reports above"
   for f in $reports; do
     echo "-- $(basename "$f")"
-    { grep -E '^(WARNING|ERROR|SUMMARY)|^==[0-9]+==ERROR|runtime error|^(Direct|Indirect) leak|^  [A-Z][a-z]|^    #[0-3] ' "$f" |
-        sed -E ':a; s/<[^<>]*>/[T]/; ta' | cut -c1-220 | head -60; } || true
+    { sed -E ':a; s/<[^<>]*>/[T]/; ta' "$f" |
+        awk '
+          function flush() { if (head != "") print substr(head ": " frames, 1, 400); head = ""; frames = "" }
+          /^(WARNING|ERROR|SUMMARY)|^==[0-9]+==ERROR/ { flush(); print substr($0, 1, 400); next }
+          /^  [A-Z][a-z]|^(READ|WRITE) of size|^(freed|previously allocated) by thread|^(Direct|Indirect) leak|runtime error/ {
+            flush(); head = $0; sub(/^  /, "", head); gsub(/ at 0x[0-9a-f]+/, "", head)
+            sub(/ here:$/, "", head); sub(/:$/, "", head); n = 0; next }
+          /^    #[0-9]+ / && head != "" {
+            if (n++ >= 6) next
+            fn = $0; sub(/^    #[0-9]+ (0x[0-9a-f]+ in )?/, "", fn); gsub(/ [.\/][^ ]*/, "", fn)
+            while (fn ~ /\([^()]*\)/) gsub(/\([^()]*\)/, "", fn)
+            gsub(/ const/, "", fn); gsub(/ +$/, "", fn)
+            frames = frames (frames == "" ? "" : " < ") fn; next }
+          { flush() }
+          END { flush() }'; } || true
   done
   echo "sanitize.sh $kind: $(echo "$reports" | wc -l) sanitizer report(s), above" >&2
   status=1

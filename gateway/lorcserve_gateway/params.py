@@ -128,12 +128,10 @@ def strip_nulls(body):
 
 def check_fields(body, allowed):
     """400 for a field this gateway does not implement, or one that is set to what it cannot do
-    (tools, response formats other than text, echo, suffix, best_of > n, store)."""
+    (tools, response formats other than text, suffix, best_of > n, store)."""
     for name in sorted(body):
         if name not in allowed:
             raise bad_request(name, "not supported by lorcserve")
-    if body.get("echo") not in (None, False):
-        raise bad_request("echo", "echoing the prompt is not supported")
     if body.get("suffix") not in (None, ""):
         raise bad_request("suffix", "insertion (suffix) is not supported")
     if body.get("tools") not in (None, []):

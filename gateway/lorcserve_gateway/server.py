@@ -501,10 +501,13 @@ class _Usage:
         self.prompts = {}  # prompt index -> (prompt_tokens, cached_prompt_tokens)
         self.completion_tokens = 0
 
-    def add(self, prompt_index, msg):
+    def add(self, prompt_index, msg, generated=True):
+        """msg: a completion's final message; generated false: its tokens are not in the
+        response (echo with max_tokens 0) and count none."""
         self.prompts.setdefault(prompt_index, (msg.usage.prompt_tokens,
                                                msg.usage.cached_prompt_tokens))
-        self.completion_tokens += msg.usage.completion_tokens
+        if generated:
+            self.completion_tokens += msg.usage.completion_tokens
 
     def body(self):
         p = sum(t for t, _ in self.prompts.values())
@@ -530,20 +533,93 @@ class _TextOffsets:
         return offset
 
 
+def _completion_entry(out, vocab, tid, lp, offsets, text_len, width_bytes=None):
+    """Appends token `tid` to a legacy-completions `logprobs` object `out`: its name, its
+    TokenLogprobs `lp` (None: null logprob and top, an echoed prompt's first token) and its
+    text_offset (width_bytes: the bytes it adds to the text, its own by default)."""
+    name = vocab.token_name(tid)
+    out["tokens"].append(name)
+    if lp is None:
+        out["token_logprobs"].append(None)
+        out["top_logprobs"].append(None)
+    else:
+        out["token_logprobs"].append(lp.logprob)
+        top = {vocab.token_name(t.id): t.logprob for t in lp.top}
+        top[name] = lp.logprob  # the token's own, whether it is in the top or not
+        out["top_logprobs"].append(top)
+    out["text_offset"].append(offsets.next(
+        vocab.token_bytes(tid) if width_bytes is None else width_bytes, text_len))
+
+
 def _completion_logprobs(vocab, ids, lps, offsets, text_len):
     """Legacy completions shape: tokens, token_logprobs, top_logprobs, text_offset. Tokens are
     named by Vocab.token_name (`bytes:\\xNN` for part of a character). offsets: the
     completion's _TextOffsets; text_len: the length of its text up to these tokens."""
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     for tid, lp in zip(ids, lps):
-        name = vocab.token_name(tid)
-        out["tokens"].append(name)
-        out["token_logprobs"].append(lp.logprob)
-        top = {vocab.token_name(t.id): t.logprob for t in lp.top}
-        top[name] = lp.logprob  # the sampled token's own, whether it is in the top or not
-        out["top_logprobs"].append(top)
-        out["text_offset"].append(offsets.next(vocab.token_bytes(tid), text_len))
+        _completion_entry(out, vocab, tid, lp, offsets, text_len)
     return out
+
+
+def _echo_logprobs(vocab, echo, lps, offsets, text_len):
+    """The echoed prompt's part of a completion's `logprobs` (vLLM's echo): every prompt token,
+    the first with null logprob and top_logprobs (it has no context), the others with the
+    prompt's TokenLogprobs `lps` (positions 1 on). A first token the echoed text does not start
+    with (the BOS the coordinator adds to a text prompt) adds no characters: its offset and the
+    next token's are 0."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for pos, tid in enumerate(echo.ids):
+        lp = lps[pos - 1] if 0 < pos <= len(lps) else None
+        hidden = pos == 0 and echo.hidden_first
+        _completion_entry(out, vocab, tid, lp, offsets, text_len, b"" if hidden else None)
+    return out
+
+
+def _joined_logprobs(first, second):
+    """Two legacy-completions `logprobs` objects one after the other (the echoed prompt's, then
+    the generated tokens')."""
+    if first is None or second is None:
+        return first if second is None else second
+    return {k: first[k] + second[k] for k in first}
+
+
+class _Echo:
+    """A completions prompt as echoed: its text (a text prompt as sent; a token-id prompt's
+    tokens decoded) and, when the response has logprobs, its token ids as the coordinator
+    sees them (hidden_first: the first is not in the text, e.g. the BOS a text prompt gets)."""
+
+    def __init__(self, text, ids):
+        self.text = text
+        self.ids = ids or []
+        self.hidden_first = False
+
+    def set_ids(self, ids, vocab):
+        self.ids = list(ids)
+        self.hidden_first = bool(self.ids) and not self.text.startswith(
+            vocab.token_text(self.ids[0]))
+        return self
+
+
+async def _echo_of(gateway, state, metadata, prompt, param, with_ids):
+    """The _Echo of one completions prompt (param: its field name, for errors). A text prompt
+    with logprobs is tokenized by the coordinator (Tokenize with add_special_tokens: the ids its
+    Generate call will see); a token-id prompt's text needs the model's vocabulary."""
+    vocab = state.vocab
+    if isinstance(prompt, str):
+        echo = _Echo(prompt, None)
+        if with_ids:
+            try:
+                tok = await gateway.stub.Tokenize(
+                    gateway.pb2.TokenizeRequest(text=prompt, add_special_tokens=True),
+                    metadata=metadata)
+            except grpc.aio.AioRpcError as e:
+                raise from_grpc(e) from None
+            echo.set_ids(tok.ids, vocab)
+        return echo
+    if vocab.empty:
+        raise bad_request("echo", f"echoing the token-id {param} needs its text: the gateway has "
+                                  "no tokenizer.json (start it with --model-dir DIR)")
+    return _Echo(vocab.decode(prompt), None).set_ids(prompt, vocab)
 
 
 def _chat_logprobs(vocab, ids, lps, top_n):
@@ -564,8 +640,12 @@ class _Endpoint:
     when it sent none: chat's gateway-chosen default, completions' 16); stop_ids:
     _reported_stop_ids."""
 
-    def __init__(self, chat, rid, model, vocab, top_n, stop_ids, max_tokens_name="max_tokens"):
+    def __init__(self, chat, rid, model, vocab, top_n, stop_ids, max_tokens_name="max_tokens",
+                 echoes=None, echo_only=False, n=1):
         self.chat = chat
+        self.echoes = echoes  # completions' echo: an _Echo per prompt; None without echo
+        self.echo_only = echo_only  # echo with max_tokens 0: the generated token is left out
+        self.n = n
         self.id = rid
         self.model = model
         self.vocab = vocab
@@ -586,6 +666,17 @@ class _Endpoint:
             return _chat_logprobs(self.vocab, ids, lps, self.top_n)
         return _completion_logprobs(self.vocab, ids, lps, self.offsets[index],
                                     self.text_len[index])
+
+    def echo(self, index, prompt_lps):
+        """Choice `index`'s echoed prompt, which comes before its generated text: (text,
+        logprobs or None). prompt_lps: the prompt's TokenLogprobs (GenerateResponse's
+        prompt_logprobs, positions 1 on)."""
+        e = self.echoes[index // self.n]
+        self.text_len[index] += len(e.text)
+        if self.top_n is None:
+            return e.text, None
+        return e.text, _echo_logprobs(self.vocab, e, prompt_lps, self.offsets[index],
+                                      self.text_len[index])
 
     def envelope(self, choices, chunk):
         obj = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat \
@@ -709,11 +800,18 @@ def create_app(gateway):
         metadata, body, state = await _begin(request, params.COMPLETION_FIELDS)
         req = gateway.pb2.GenerateRequest(request_id=f"cmpl-{uuid.uuid4().hex}")
         prompts = _prompts(body.get("prompt"), state.info.max_model_len)
+        echo = bool(params.get_bool(body, "echo"))
         top_n = params.get_int(body, "logprobs", 0, 20)
         if top_n is not None:
             req.sampling.logprobs = top_n
+            if echo:  # the echoed prompt's tokens carry theirs (position 0: null)
+                req.sampling.prompt_logprobs = top_n
+        max_tokens = params.get_int(body, "max_tokens", 0 if echo else 1, None)
+        # echo with max_tokens 0 (vLLM's): the prompt alone. The coordinator generates one token
+        # (its minimum), which the response leaves out.
+        echo_only = echo and max_tokens == 0
         params.fill_sampling(req.sampling, body, state.info.generation_defaults,
-                             params.get_int(body, "max_tokens", 1, None),
+                             1 if echo_only else max_tokens,
                              state.info.max_model_len, vocab_size=state.info.vocab_size)
         params.fill_request(req, body)
         reqs = []
@@ -728,9 +826,17 @@ def create_app(gateway):
                 r.token_ids.ids.extend(prompt)
             _check_size(r, state, f"prompt[{i}]" if len(prompts) > 1 else "prompt")
             reqs.append(r)
+        echoes = None
+        if echo:
+            echoes = await asyncio.gather(*(
+                _echo_of(gateway, state, metadata, p,
+                         f"prompt[{i}]" if len(prompts) > 1 else "prompt", top_n is not None)
+                for i, p in enumerate(prompts)))
         ep = _Endpoint(False, req.request_id, state.name, state.vocab, top_n,
                        _reported_stop_ids(req.sampling, state.info),
-                       "max_tokens" if req.sampling.HasField("max_tokens") else None)
+                       "max_tokens" if req.sampling.HasField("max_tokens") else None,
+                       echoes=echoes, echo_only=echo_only,
+                       n=req.sampling.n if req.sampling.HasField("n") else 1)
         return await _run(request, body, reqs, ep, metadata)
 
     @app.post("/v1/sessions/close")
@@ -882,11 +988,11 @@ def create_app(gateway):
                 raise gateway.closing_error()
             return Response(status_code=499)  # nobody reads the answer
         try:
-            choices, usage = collect.result()
+            choices, usage, prompt_lps = collect.result()
         except grpc.aio.AioRpcError as e:  # a failure after the first message
             _cancel(calls)
             raise from_grpc(e) from None
-        body = await asyncio.to_thread(_json_body, ep, choices, usage)
+        body = await asyncio.to_thread(_json_body, ep, choices, usage, prompt_lps)
         return Response(body, media_type="application/json")
 
     return app
@@ -908,9 +1014,12 @@ def _check_response_size(reqs, ep):
     the first of the fields that multiply it: the logprobs one, n, the batch, max_tokens."""
     s = reqs[0].sampling
     n = s.n if s.HasField("n") else 1
-    max_tokens = s.max_tokens if s.HasField("max_tokens") else DEFAULT_MAX_TOKENS
+    max_tokens = 0 if ep.echo_only else s.max_tokens if s.HasField("max_tokens") \
+        else DEFAULT_MAX_TOKENS
     per_token = 1 + (ep.top_n or 0)
-    entries = len(reqs) * n * max_tokens * per_token
+    # echo: each choice repeats its prompt's tokens (entries with logprobs; text otherwise).
+    echoed = sum(len(e.ids) for e in ep.echoes) if ep.echoes and ep.top_n is not None else 0
+    entries = n * (len(reqs) * max_tokens + echoed) * per_token
     if entries <= MAX_RESPONSE_ENTRIES:
         return
     if ep.top_n:
@@ -921,8 +1030,10 @@ def _check_response_size(reqs, ep):
         param = "prompt"
     else:
         param = ep.max_tokens_name or "max_tokens"
+    tokens = f"max_tokens {max_tokens}" if not echoed else \
+        f"(max_tokens {max_tokens} + the {echoed} echoed prompt tokens)"
     raise bad_request(param, f"a non-streaming response of {len(reqs)} prompt(s) x n {n} x "
-                             f"max_tokens {max_tokens} x {per_token} (each token and its top "
+                             f"{tokens} x {per_token} (each token and its top "
                              f"logprobs) = {entries} token entries exceeds the gateway's limit "
                              f"of {MAX_RESPONSE_ENTRIES}: stream it (stream: true), or ask for "
                              "fewer")
@@ -1115,25 +1226,37 @@ async def _merged(calls, firsts, closing=None):
             t.cancel()
 
 
+def _finish(ep, msg):
+    """A completion's final message -> (finish_reason, stop_reason); echo with max_tokens 0
+    generated nothing the response shows: "length", as vLLM."""
+    if ep.echo_only:
+        return "length", None
+    return _FINISH.get(msg.finish_reason), _stop_reason(msg, ep.stop_ids)
+
+
 async def _collect(calls, firsts, ep, n):
-    """Every call's messages -> ([_Choice], _Usage); the token ids and logprobs are kept (as
-    the protobuf messages: compact) only when the response has logprobs."""
+    """Every call's messages -> ([_Choice], _Usage, {prompt index: its prompt logprobs}); the
+    token ids and logprobs are kept (as the protobuf messages: compact) only when the response
+    has logprobs."""
     choices = [_Choice() for _ in range(n * len(calls))]
     usage = _Usage()
+    prompt_lps = {}
     async for p, msg in _merged(calls, firsts):
         c = choices[p * n + msg.index]
-        c.text.append(msg.text)
-        if ep.top_n is not None:
-            c.token_ids.extend(msg.token_ids)
-            c.logprobs.extend(msg.logprobs)
+        if msg.prompt_logprobs and p not in prompt_lps:
+            prompt_lps[p] = list(msg.prompt_logprobs)
+        if not ep.echo_only:
+            c.text.append(msg.text)
+            if ep.top_n is not None:
+                c.token_ids.extend(msg.token_ids)
+                c.logprobs.extend(msg.logprobs)
         if msg.final:
-            c.finish_reason = _FINISH.get(msg.finish_reason)
-            c.stop_reason = _stop_reason(msg, ep.stop_ids)
-            usage.add(p, msg)
-    return choices, usage
+            c.finish_reason, c.stop_reason = _finish(ep, msg)
+            usage.add(p, msg, generated=not ep.echo_only)
+    return choices, usage, prompt_lps
 
 
-def _json_body(ep, choices, usage):
+def _json_body(ep, choices, usage, prompt_lps):
     """The non-streaming response's JSON bytes, built one choice at a time (each choice's dicts
     freed once it is serialized: a 64-prompt x n=64 batch with logprobs took 544 MiB as one
     dict). Runs on a worker thread (asyncio.to_thread): the loop serves meanwhile."""
@@ -1142,7 +1265,9 @@ def _json_body(ep, choices, usage):
     parts = [_dumps(head)[:-1].encode(), b',"choices":[']
     for i, c in enumerate(choices):
         text = "".join(c.text)
-        lp = ep.logprobs(i, c.token_ids, c.logprobs, text)
+        echo_text, echo_lp = ep.echo(i, prompt_lps.get(i // ep.n, [])) if ep.echoes else ("", None)
+        lp = _joined_logprobs(echo_lp, ep.logprobs(i, c.token_ids, c.logprobs, text))
+        text = echo_text + text
         if i:
             parts.append(b",")
         parts.append(_dumps(ep.choice(i, text, lp, c.finish_reason, c.stop_reason,
@@ -1159,26 +1284,60 @@ def _dumps(obj):
 
 async def _stream(calls, firsts, ep, n, include_usage, gateway):
     usage = _Usage()
+
+    def event(index, text, lp, finish, stop):
+        chunk = ep.envelope([ep.choice(index, text, lp, finish, stop, True)], chunk=True)
+        if include_usage:
+            chunk["usage"] = None
+        return _sse(chunk)
+
+    def echo_events(p, prompt_lps):
+        """Each choice of prompt p: its echoed prompt, as the first chunk of its text."""
+        return [event(p * n + i, *ep.echo(p * n + i, prompt_lps), None, None) for i in range(n)]
+
+    def events(p, msg):
+        finish = stop = None
+        if msg.final:
+            finish, stop = _finish(ep, msg)
+            usage.add(p, msg, generated=not ep.echo_only)
+        if ep.echo_only:  # the generated token is left out: the final chunk only
+            return [event(p * n + msg.index, "", ep.logprobs(p * n + msg.index, [], [], ""),
+                          finish, stop)] if msg.final else []
+        if msg.text or msg.token_ids or msg.final:
+            index = p * n + msg.index
+            lp = ep.logprobs(index, msg.token_ids, msg.logprobs, msg.text)
+            return [event(index, msg.text, lp, finish, stop)]
+        return []
+
+    # echo with logprobs: a prompt's messages wait until its prompt logprobs arrive (on the
+    # first final message of its call), since its choices' echoed prompts come first.
+    held = {}  # prompt index -> its messages so far
+    echoed = set()  # prompts whose choices' echoes went out
     try:
         if ep.chat:
             for i in range(n):
                 c = ep.choice(i, "", None, None, None, True, first=True)
                 yield _sse(ep.envelope([c], chunk=True) | ({"usage": None} if include_usage
                                                             else {}))
+        if ep.echoes is not None and ep.top_n is None:
+            for p in range(len(calls)):
+                for e in echo_events(p, []):
+                    yield e
+                echoed.add(p)
         async for p, msg in _merged(calls, firsts, gateway.closing):
-            finish = stop = None
-            if msg.final:
-                finish = _FINISH.get(msg.finish_reason)
-                stop = _stop_reason(msg, ep.stop_ids)
-                usage.add(p, msg)
-            if msg.text or msg.token_ids or msg.final:
-                index = p * n + msg.index
-                lp = ep.logprobs(index, msg.token_ids, msg.logprobs, msg.text)
-                c = ep.choice(index, msg.text, lp, finish, stop, True)
-                chunk = ep.envelope([c], chunk=True)
-                if include_usage:
-                    chunk["usage"] = None
-                yield _sse(chunk)
+            if ep.echoes is not None and p not in echoed:
+                held.setdefault(p, []).append(msg)
+                if not msg.final:
+                    continue
+                for e in echo_events(p, list(msg.prompt_logprobs)):
+                    yield e
+                echoed.add(p)
+                msgs = held.pop(p)
+            else:
+                msgs = (msg,)
+            for m in msgs:
+                for e in events(p, m):
+                    yield e
         if include_usage:
             chunk = ep.envelope([], chunk=True)
             chunk["usage"] = usage.body()

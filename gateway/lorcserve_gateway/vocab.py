@@ -66,6 +66,17 @@ class Vocab:
             id_to_bytes[added["id"]] = added["content"].encode("utf-8")
         return cls(id_to_bytes)
 
+    @property
+    def empty(self):
+        """True without a tokenizer.json: every token reads token_id:N."""
+        return not self._bytes
+
+    def decode(self, ids):
+        """The text of the tokens `ids` together (bytes joined, then UTF-8 with U+FFFD for what
+        is not whole characters), special tokens spelled as their content (HF's decode with
+        skip_special_tokens off): an echoed token-id prompt's text."""
+        return b"".join(self.token_bytes(t) for t in ids).decode("utf-8", errors="replace")
+
     def token_bytes(self, token_id):
         b = self._bytes.get(token_id)
         return b if b is not None else f"token_id:{token_id}".encode()

@@ -254,8 +254,6 @@ class GatewayE2E(unittest.TestCase):
         url = f"{self.a}/v1/completions"
         self.assert_error(*curl(url, {"model": MODEL_NAME, "prompt": "x", "top_p": "high"}), 400,
                           "top_p", "top_p: must be a finite number")
-        self.assert_error(*curl(url, {"model": MODEL_NAME, "prompt": "x", "echo": True}), 400,
-                          "echo")
         self.assert_error(*curl(url, {"model": MODEL_NAME, "prompt": "x", "frobnicate": 1}),
                           400, "frobnicate", "not supported")
         self.assert_error(*curl(url, {"model": MODEL_NAME, "prompt": ["a", 5]}), 400,
@@ -754,6 +752,97 @@ class GatewayE2E(unittest.TestCase):
                 return
             time.sleep(0.05)
         self.fail(f"coordinator A never ran {n} requests")
+
+    def test_echo_gives_the_prompt_and_its_logprobs_first(self):
+        # lm-evaluation-harness's loglikelihood request (its local-completions model): a token-id
+        # prompt, echo, logprobs 1, max_tokens 1; it reads the continuation's logprobs off the
+        # echoed prompt's positions. They must be the coordinator's prompt logprobs, position 0
+        # null, then the generated token.
+        url = f"{self.a}/v1/completions"
+        ids = list(self.stub_a.Tokenize(self.pb2.TokenizeRequest(
+            text=GREEDY_PROMPT, add_special_tokens=True)).ids)
+        bos = "<|begin_of_text|>"
+        want = []
+        for msg in self.stub_a.Generate(self.pb2.GenerateRequest(
+                token_ids=self.pb2.TokenIds(ids=ids),
+                sampling=self.pb2.SamplingOptions(max_tokens=1, prompt_logprobs=1))):
+            want += [lp.logprob for lp in msg.prompt_logprobs]
+        self.assertEqual(len(want), len(ids) - 1)
+        code, text = curl(url, {"model": MODEL_NAME, "prompt": GREEDY_PROMPT, "max_tokens": 1,
+                                "temperature": 0})
+        self.assertEqual(code, 200, text)
+        generated = json.loads(text)["choices"][0]["text"]
+        lm_eval = {"model": MODEL_NAME, "prompt": ids, "echo": True, "logprobs": 1,
+                   "max_tokens": 1, "temperature": 0}
+        code, text = curl(url, lm_eval)
+        self.assertEqual(code, 200, text)
+        body = json.loads(text)
+        choice, lp = body["choices"][0], body["choices"][0]["logprobs"]
+        self.assertEqual(choice["text"], bos + GREEDY_PROMPT + generated)  # ids decoded, BOS too
+        self.assertEqual(len(lp["tokens"]), len(ids) + 1)
+        self.assertEqual(lp["tokens"][0], bos)
+        self.assertEqual((lp["token_logprobs"][0], lp["top_logprobs"][0]), (None, None))
+        self.assertEqual(lp["token_logprobs"][1:len(ids)], want)
+        for token, logprob, top in zip(lp["tokens"][1:], lp["token_logprobs"][1:],
+                                       lp["top_logprobs"][1:]):
+            self.assertEqual(top[token], logprob)
+        self.assertEqual(lp["text_offset"][:2], [0, len(bos)])
+        self.assertEqual(lp["text_offset"], sorted(lp["text_offset"]))
+        self.assertLessEqual(lp["text_offset"][-1], len(choice["text"]))
+        self.assertEqual((body["usage"]["prompt_tokens"], body["usage"]["completion_tokens"]),
+                         (len(ids), 1))
+
+        # max_tokens 0: the prompt alone; a text prompt is echoed as sent, and the BOS the
+        # coordinator adds to it takes no characters.
+        only = {"model": MODEL_NAME, "prompt": GREEDY_PROMPT, "echo": True, "logprobs": 1,
+                "max_tokens": 0}
+        code, text = curl(url, only)
+        self.assertEqual(code, 200, text)
+        body = json.loads(text)
+        choice, lp0 = body["choices"][0], body["choices"][0]["logprobs"]
+        self.assertEqual((choice["text"], choice["finish_reason"], choice["stop_reason"]),
+                         (GREEDY_PROMPT, "length", None))
+        self.assertEqual(lp0["tokens"], lp["tokens"][:len(ids)])
+        self.assertEqual(lp0["token_logprobs"][1:], want)
+        self.assertEqual(lp0["text_offset"][:2], [0, 0])
+        self.assertEqual(body["usage"]["completion_tokens"], 0)
+
+        # Streamed: each choice's echo is its first chunk; the chunks add up to the response.
+        for req in (dict(lm_eval, n=2, max_tokens=3), dict(only, logprobs=None, n=2),
+                    dict(only, prompt=[GREEDY_PROMPT, "A fool"])):
+            code, text = curl(url, req)
+            self.assertEqual(code, 200, text)
+            whole = json.loads(text)["choices"]
+            code, text = curl(url, dict(req, stream=True), stream=True)
+            self.assertEqual(code, 200, text)
+            got = {}
+            for event in text.split("\n\n"):
+                if event.startswith("data: {"):
+                    for c in json.loads(event[6:])["choices"]:
+                        g = got.setdefault(c["index"], {"text": [], "lp": None, "finish": None})
+                        g["text"].append(c["text"])
+                        if c["logprobs"] is not None:
+                            g["lp"] = {k: (g["lp"] or {}).get(k, []) + v
+                                       for k, v in c["logprobs"].items()}
+                        g["finish"] = c["finish_reason"] or g["finish"]
+            self.assertEqual(sorted(got), [c["index"] for c in whole], req)
+            for c in whole:
+                g = got[c["index"]]
+                self.assertEqual("".join(g["text"]), c["text"], req)
+                self.assertEqual(g["lp"], c["logprobs"], req)
+                self.assertEqual(g["finish"], c["finish_reason"], req)
+                prompt = req["prompt"] if isinstance(req["prompt"], str) else \
+                    req["prompt"][c["index"]] if isinstance(req["prompt"][0], str) else None
+                self.assertEqual(g["text"][0], prompt or bos + GREEDY_PROMPT, req)
+
+        # Still refused: max_tokens 0 without echo; echo on chat; a non-boolean echo.
+        self.assert_error(*curl(url, {"model": MODEL_NAME, "prompt": "x", "max_tokens": 0}),
+                          400, "max_tokens")
+        self.assert_error(*curl(url, {"model": MODEL_NAME, "prompt": "x", "echo": "yes"}),
+                          400, "echo")
+        self.assert_error(*curl(f"{self.a}/v1/chat/completions", {
+            "model": MODEL_NAME, "messages": [{"role": "user", "content": "x"}],
+            "echo": True}), 400, "echo")
 
     def test_stop_reason_names_only_what_the_request_asked_to_stop_on(self):
         # vLLM: null at EOS (it was the EOS id), the token id for one of stop_token_ids.

@@ -64,6 +64,16 @@ class VocabTest(unittest.TestCase):
         self.assertEqual(v.token_text(1), "\ufffd")  # chat's token text (bytes are exact)
         self.assertEqual(v.token_name(99), "token_id:99")
 
+    def test_decode_joins_bytes_before_utf8(self):
+        # An echoed token-id prompt's text: a character split over two tokens is whole again;
+        # special tokens read as their content; a lone partial byte is U+FFFD.
+        v = Vocab({1: b"\xe4", 2: b"\xb8\xad", 3: b"<|begin_of_text|>", 4: b" a"})
+        self.assertEqual(v.decode([3, 1, 2, 4]), "<|begin_of_text|>\u4e2d a")
+        self.assertEqual(v.decode([4, 1]), " a\ufffd")
+        self.assertEqual(v.decode([]), "")
+        self.assertFalse(v.empty)
+        self.assertTrue(Vocab({}).empty)
+
     def test_fixture_model(self):
         v = Vocab.from_tokenizer_json(os.path.join(MODELS, "tiny-llama-a", "tokenizer.json"))
         with open(os.path.join(MODELS, "tiny-llama-a", "tokenizer.json"), encoding="utf-8") as f:

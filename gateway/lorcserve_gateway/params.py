@@ -32,6 +32,10 @@ COMMON_FIELDS = {
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "logprobs", "echo", "best_of", "suffix"}
 # POST /v1/sessions/close (CloseSession).
 SESSION_CLOSE_FIELDS = {"session_id", "cache_salt"}
+# vLLM's POST /tokenize (a prompt, or chat messages rendered by the template) and /detokenize.
+TOKENIZE_FIELDS = {"model", "prompt", "add_special_tokens", "messages", "add_generation_prompt",
+                   "chat_template_kwargs", "return_token_strs"}
+DETOKENIZE_FIELDS = {"model", "tokens"}
 CHAT_FIELDS = COMMON_FIELDS | {
     "messages", "max_completion_tokens", "logprobs", "top_logprobs", "add_generation_prompt",
     "chat_template_kwargs", "tools", "tool_choice", "parallel_tool_calls", "response_format",

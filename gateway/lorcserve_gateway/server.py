@@ -600,6 +600,17 @@ class _Echo:
         return self
 
 
+async def _tokenize(gateway, text, add_special_tokens, metadata):
+    """The coordinator's Tokenize of `text` (add_special_tokens true: the ids a Generate call of
+    that text sees); its errors as OpenAIError."""
+    try:
+        return list((await gateway.stub.Tokenize(
+            gateway.pb2.TokenizeRequest(text=text, add_special_tokens=add_special_tokens),
+            metadata=metadata)).ids)
+    except grpc.aio.AioRpcError as e:
+        raise from_grpc(e) from None
+
+
 async def _echo_of(gateway, state, metadata, prompt, param, with_ids):
     """The _Echo of one completions prompt (param: its field name, for errors). A text prompt
     with logprobs is tokenized by the coordinator (Tokenize with add_special_tokens: the ids its
@@ -608,13 +619,7 @@ async def _echo_of(gateway, state, metadata, prompt, param, with_ids):
     if isinstance(prompt, str):
         echo = _Echo(prompt, None)
         if with_ids:
-            try:
-                tok = await gateway.stub.Tokenize(
-                    gateway.pb2.TokenizeRequest(text=prompt, add_special_tokens=True),
-                    metadata=metadata)
-            except grpc.aio.AioRpcError as e:
-                raise from_grpc(e) from None
-            echo.set_ids(tok.ids, vocab)
+            echo.set_ids(await _tokenize(gateway, prompt, True, metadata), vocab)
         return echo
     if vocab.empty:
         raise bad_request("echo", f"echoing the token-id {param} needs its text: the gateway has "
@@ -866,26 +871,52 @@ def create_app(gateway):
             raise err from None
         return {"id": session_id, "object": "session", "closed": True}
 
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        """vLLM's: {"prompt"} or chat {"messages"} (rendered as /v1/chat/completions renders
+        them; "model" optional) -> {"count", "max_model_len", "tokens", "token_strs"}. add_special_tokens (default
+        true) as TokenizeRequest's: true gives exactly the ids a Generate call of that text
+        sees (one BOS); return_token_strs adds each token's text."""
+        metadata, body, state = await _begin(request, params.TOKENIZE_FIELDS, model=False)
+        if "model" in body:  # optional here, as vLLM's
+            gateway.check_model(body, state)
+        if ("prompt" in body) == ("messages" in body):
+            raise bad_request("prompt", "exactly one of prompt (a string) or messages is required")
+        if "messages" in body:
+            text = _render_chat(state, body)
+        else:
+            text = params.get_str(body, "prompt")
+        add_special = params.get_bool(body, "add_special_tokens")
+        ids = await _tokenize(gateway, text, add_special is not False, metadata)
+        strs = [state.vocab.token_text(t) for t in ids] \
+            if params.get_bool(body, "return_token_strs") else None
+        return {"count": len(ids), "max_model_len": state.info.max_model_len, "tokens": ids,
+                "token_strs": strs}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        """vLLM's: {"tokens": [ids]} -> {"prompt": their text} (special tokens spelled out; bytes
+        that are not whole UTF-8 read U+FFFD). Needs the model's tokenizer.json (400 naming
+        tokens otherwise); ids outside the vocabulary are a 400 naming the first."""
+        _, body, state = await _begin(request, params.DETOKENIZE_FIELDS, model=False)
+        if "model" in body:
+            gateway.check_model(body, state)
+        ids = params.get_int_list(body, "tokens")
+        if ids is None:
+            raise bad_request("tokens", "required: a list of token ids")
+        for i, t in enumerate(ids):
+            if not 0 <= t < state.info.vocab_size:
+                raise bad_request(f"tokens[{i}]", f"token id {t} is outside the vocabulary "
+                                                  f"[0, {state.info.vocab_size})")
+        if state.vocab.empty:
+            raise bad_request("tokens", "the gateway has no tokenizer.json to read them with "
+                                        "(start it with --model-dir DIR)")
+        return {"prompt": state.vocab.decode(ids)}
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         metadata, body, state = await _begin(request, params.CHAT_FIELDS)
-        if state.template is None and not state.has_model_dir:
-            raise OpenAIError(400, f"the gateway cannot read the model directory "
-                                   f"{state.model_dir!r} for its chat template: start it with "
-                                   "--model-dir DIR or --chat-template FILE", param="messages")
-        if state.template is None:
-            raise OpenAIError(400, "the model has no chat_template in its tokenizer_config.json:"
-                                   " start the gateway with --chat-template FILE",
-                              param="messages")
-        messages = _messages(body)
-        add_gen = params.get_bool(body, "add_generation_prompt")
-        kwargs = body.get("chat_template_kwargs")
-        if kwargs is not None and not isinstance(kwargs, dict):
-            raise bad_request("chat_template_kwargs", "must be an object")
-        text = state.template.render(messages, add_generation_prompt=add_gen is not False,
-                                     extra=kwargs)
-        if not text:
-            raise bad_request("messages", "the chat template rendered an empty prompt")
+        text = _render_chat(state, body)
         req = gateway.pb2.GenerateRequest(request_id=f"chatcmpl-{uuid.uuid4().hex}", text=text)
         _check_size(req, state, "messages")
         want_logprobs = params.get_bool(body, "logprobs")
@@ -908,21 +939,17 @@ def create_app(gateway):
             # OpenAI's chat default: until the model stops, within the model length. The prompt's
             # ids as Generate will see them (add_special_tokens: BOS counted once, whether the
             # template spells it or the coordinator adds it).
-            try:
-                tok = await gateway.stub.Tokenize(
-                    gateway.pb2.TokenizeRequest(text=text, add_special_tokens=True), metadata=metadata)
-            except grpc.aio.AioRpcError as e:
-                raise from_grpc(e) from None
-            max_tokens = state.info.max_model_len - len(tok.ids)
+            ids = await _tokenize(gateway, text, True, metadata)
+            max_tokens = state.info.max_model_len - len(ids)
             if max_tokens < 1:
-                raise bad_request("messages", f"the prompt ({len(tok.ids)} tokens) leaves no "
+                raise bad_request("messages", f"the prompt ({len(ids)} tokens) leaves no "
                                               f"room in max_model_len {state.info.max_model_len}")
             # ... and within what the whole KV cache holds for the n completions: the
             # coordinator refuses a request whose worst case can never fit, which a cache smaller
             # than n x max_model_len made of every chat request without max_tokens. When not even
             # one token fits, 1: the coordinator then refuses it with the real shortfall (or
             # first refuses an n out of range), named `messages` (_prompt_error).
-            fit = max_tokens_that_fit(len(tok.ids), params.get_int(body, "n") or 1, state.info)
+            fit = max_tokens_that_fit(len(ids), params.get_int(body, "n") or 1, state.info)
             max_tokens = max(1, min(max_tokens, fit))
         params.fill_sampling(req.sampling, body, state.info.generation_defaults, max_tokens,
                              state.info.max_model_len, max_tokens_name, state.info.vocab_size)
@@ -1090,6 +1117,30 @@ def _prompts(prompt, max_model_len=0):
                 if not params.INT32_MIN <= x <= params.INT32_MAX:
                     raise bad_request(f"{name}[{j}]", f"token id {x} outside the int32 range")
     return prompt
+
+
+def _render_chat(state, body):
+    """The prompt text of a chat body: its messages rendered by the model's chat template (or
+    --chat-template), with add_generation_prompt (default true) and chat_template_kwargs. 400
+    naming messages when the gateway has no template or it renders nothing."""
+    if state.template is None and not state.has_model_dir:
+        raise OpenAIError(400, f"the gateway cannot read the model directory "
+                               f"{state.model_dir!r} for its chat template: start it with "
+                               "--model-dir DIR or --chat-template FILE", param="messages")
+    if state.template is None:
+        raise OpenAIError(400, "the model has no chat_template in its tokenizer_config.json:"
+                               " start the gateway with --chat-template FILE",
+                          param="messages")
+    messages = _messages(body)
+    add_gen = params.get_bool(body, "add_generation_prompt")
+    kwargs = body.get("chat_template_kwargs")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise bad_request("chat_template_kwargs", "must be an object")
+    text = state.template.render(messages, add_generation_prompt=add_gen is not False,
+                                 extra=kwargs)
+    if not text:
+        raise bad_request("messages", "the chat template rendered an empty prompt")
+    return text
 
 
 def _messages(body):

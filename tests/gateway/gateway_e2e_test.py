@@ -844,6 +844,45 @@ class GatewayE2E(unittest.TestCase):
             "model": MODEL_NAME, "messages": [{"role": "user", "content": "x"}],
             "echo": True}), 400, "echo")
 
+    def test_tokenize_and_detokenize(self):
+        # vLLM's /tokenize and /detokenize: the coordinator's ids (those a Generate of the text
+        # sees), chat messages as the chat endpoint renders them, and the text back.
+        def coordinator_ids(text, special):
+            return list(self.stub_a.Tokenize(self.pb2.TokenizeRequest(
+                text=text, add_special_tokens=special)).ids)
+        ids = coordinator_ids(GREEDY_PROMPT, True)
+        code, text = curl(f"{self.a}/tokenize", {"model": MODEL_NAME, "prompt": GREEDY_PROMPT})
+        self.assertEqual(code, 200, text)
+        info = self.stub_a.ModelInfo(self.pb2.ModelInfoRequest())
+        self.assertEqual(json.loads(text), {"count": len(ids), "max_model_len": info.max_model_len,
+                                            "tokens": ids, "token_strs": None})
+        code, text = curl(f"{self.a}/tokenize", {"prompt": GREEDY_PROMPT, "add_special_tokens": False,
+                                                 "return_token_strs": True})
+        self.assertEqual(code, 200, text)
+        body = json.loads(text)
+        self.assertEqual(body["tokens"], coordinator_ids(GREEDY_PROMPT, False))
+        self.assertEqual("".join(body["token_strs"]), GREEDY_PROMPT)
+        chat = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "Hello there"}]}
+        code, text = curl(f"{self.a}/tokenize", chat)
+        self.assertEqual(code, 200, text)
+        count = json.loads(text)["count"]
+        code, text = curl(f"{self.a}/v1/chat/completions", dict(chat, max_tokens=1))
+        self.assertEqual(code, 200, text)
+        self.assertEqual(json.loads(text)["usage"]["prompt_tokens"], count)
+
+        code, text = curl(f"{self.a}/detokenize", {"model": MODEL_NAME, "tokens": ids})
+        self.assertEqual(code, 200, text)
+        self.assertEqual(json.loads(text), {"prompt": "<|begin_of_text|>" + GREEDY_PROMPT})
+
+        self.assert_error(*curl(f"{self.a}/tokenize", dict(chat, prompt="x")), 400, "prompt")
+        self.assert_error(*curl(f"{self.a}/tokenize", {"prompt": 5}), 400, "prompt")
+        self.assert_error(*curl(f"{self.a}/tokenize", {"model": "other", "prompt": "x"}), 404)
+        self.assert_error(*curl(f"{self.a}/detokenize", {"tokens": [1, -1]}), 400, "tokens[1]")
+        self.assert_error(*curl(f"{self.a}/detokenize", {"tokens": [info.vocab_size]}), 400,
+                          "tokens[0]")
+        self.assert_error(*curl(f"{self.a}/detokenize", {"tokens": "x"}), 400, "tokens")
+        self.assert_error(*curl(f"{self.a}/detokenize", {}), 400, "tokens")
+
     def test_stop_reason_names_only_what_the_request_asked_to_stop_on(self):
         # vLLM: null at EOS (it was the EOS id), the token id for one of stop_token_ids.
         url = f"{self.a}/v1/completions"

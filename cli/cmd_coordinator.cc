@@ -159,7 +159,7 @@ int RunCoordinator(int argc, char** argv) {
     flags.insert(flags.end() - 1, group.begin(), group.end());  // before --help
   }
   const char* synopsis =
-      "--model DIR --listen ADDR (--workers A,B | --local-workers N | --tensor-parallel-size N [--local-workers K]) [flags]";
+      "--model DIR [--listen ADDR] (--workers A,B | --local-workers N | --tensor-parallel-size N [--local-workers K]) [flags]";
   int exit_code = 0;
   const std::optional<Args> args =
       ParseCommand("coordinator", synopsis, flags, argc, argv, &exit_code);
@@ -237,7 +237,8 @@ int RunCoordinator(int argc, char** argv) {
       if ((*server)->draining()) {
         const int64_t aborted = (*server)->FinishDrain();
         std::cerr << "lorcserve coordinator: drained"
-                  << (aborted > 0 ? absl::StrCat(", ", aborted, " requests aborted") : "")
+                  << (aborted > 0 ? absl::StrCat(", ", aborted, aborted == 1 ? " request" : " requests", " aborted")
+                                  : "")
                   << "; shutting down\n";
       }
     }

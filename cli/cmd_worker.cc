@@ -157,7 +157,8 @@ int RunJoinedWorkers(const Args& args, const JoinSetup& j) {
 
 int RunWorker(int argc, char** argv) {
   std::vector<FlagSpec> flags = {
-      {"listen", true, "address to serve on (port 0: pick one; printed as 'LISTENING host:port')", "ADDR"},
+      {"listen", true, "address to serve on (default 127.0.0.1:0, with --join 0.0.0.0:0; port 0: pick one; printed as "
+                       "'LISTENING host:port')", "ADDR"},
       {"backend", true, "cpu (default) or cuda", "KIND"},
       {"device", true, "CUDA device ordinal (default 0)", "K"},
       {"threads", true, "CPU backend: BLAS threads (default: all cores)", "N"},
@@ -185,7 +186,7 @@ int RunWorker(int argc, char** argv) {
       {"help", false, "show this help"},
   };
   for (const FlagSpec& f : InternalTlsFlags()) flags.insert(flags.end() - 1, f);  // before --help
-  const char* synopsis = "--listen ADDR [--backend cpu|cuda] [--device K]";
+  const char* synopsis = "[--listen ADDR] [--backend cpu|cuda] [--device K] [--join HOST:PORT --rank R]";
   int exit_code = 0;
   const std::optional<Args> args = ParseCommand("worker", synopsis, flags, argc, argv, &exit_code);
   if (!args.has_value()) return exit_code;
@@ -201,6 +202,9 @@ int RunWorker(int argc, char** argv) {
     absl::StatusOr<int64_t> parent = args->GetInt("parent-pid", 0);
     if (!parent.ok()) return Fail("worker", parent.status());
     prctl(PR_SET_PDEATHSIG, SIGTERM);
+    // Spawned through /proc/self/exe (the coordinator's own binary, even if replaced on disk
+    // since), which names the process "exe": `pgrep lorcserve` missed the workers (a tester).
+    prctl(PR_SET_NAME, "lorcserve");
     if (getppid() != static_cast<pid_t>(*parent)) return Fail("worker", absl::AbortedError("parent already gone"));
   }
   WorkerOptions wo;
@@ -287,14 +291,19 @@ int RunWorker(int argc, char** argv) {
     // during a load (or the communicator's rendezvous) ends the process at once: the load does
     // not stop early and a coordinator gone or going needs none of it (its LocalWorkers would
     // wait 5 s, then SIGKILL; Kubernetes its grace period).
-    TerminationSignalWatcher signals([s = server.get(), &service, &label](int sig) {
+    // A coordinator's local worker (its own process group) hears a signal from that coordinator,
+    // as it exits or dies, or from someone signalling the worker itself.
+    const bool local = args->Has("parent-pid");
+    TerminationSignalWatcher signals([s = server.get(), &service, &label, local](int sig) {
       if (service.setting_up()) {
         std::cerr << label << ": " << TerminationSignalName(sig) << " during the model load: exiting\n";
         std::_Exit(0);
       }
       // No drain here: a step in flight fails, and the coordinator recovers without this worker.
       std::cerr << label << ": " << TerminationSignalName(sig)
-                << ": stopping (steps in flight fail; the coordinator re-forms its group)\n";
+                << (local ? ": stopping (the coordinator is exiting or gone, or this worker was signalled: steps "
+                            "in flight fail)\n"
+                          : ": stopping (steps in flight fail; the coordinator re-forms its group)\n");
       s->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
     });
     server->Wait();

@@ -251,7 +251,13 @@ absl::Status Engine::Step() {
       u.new_ids.push_back(e.token);
       if (e.logprobs.has_value()) u.logprobs.push_back(*std::move(e.logprobs));
       ++c.completion_tokens;
-      if (r.ttft_s == 0) r.ttft_s = Seconds(r.start, Clock::now());
+      if (r.ttft_s == 0) {
+        r.ttft_s = Seconds(r.start, Clock::now());
+        // The request's first token: its prompt was computed whole, so its prompt logprobs are
+        // complete; they go out with it (a stream that echoes the prompt need not wait for the
+        // first completion to end). EndCompletion carries them again.
+        u.prompt_logprobs = r.prompt_logprobs;
+      }
       // A token that ended the completion by id (EOS, stop id) adds its text only with
       // include_stop_str_in_output (EndCompletion's Finish() sends it).
       if (e.finished && e.reason == FinishReason::kStop) {

@@ -56,8 +56,10 @@ struct RequestUpdate {
   // Prompt tokens found in the prefix cache (not computed), on every update once the request's
   // first admission is scheduled (so a request that ends by deadline or cancel reports it too).
   int64_t cached_prompt_tokens = 0;
+  // params.prompt_logprobs: positions 1..prompt_len-1, with the request's first token (whichever
+  // completion) and again with each completion's final update.
+  std::vector<TokenLogprobs> prompt_logprobs;
   // Filled on the final update.
-  std::vector<TokenLogprobs> prompt_logprobs;  // params.prompt_logprobs: positions 1..prompt_len-1
   int64_t prompt_tokens = 0;
   int64_t completion_tokens = 0;  // of this completion
   double time_to_first_token_s = 0;

@@ -80,7 +80,12 @@ absl::Status LocalWorkers::Spawn(int r) {
   sigset_t none;
   sigemptyset(&none);
   posix_spawnattr_setsigmask(&attr, &none);
-  posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK);
+  // Its own process group: a signal to this coordinator's group (a terminal's Ctrl-C, `timeout`,
+  // `kill -TERM -PGID`) reaches the coordinator alone, which drains and then stops its workers
+  // (a SIGTERM that also reached them failed the requests the drain was finishing: a tester). A
+  // coordinator killed outright still takes them along (the worker's PR_SET_PDEATHSIG).
+  posix_spawnattr_setpgroup(&attr, 0);
+  posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETPGROUP);
   std::vector<std::string> args = {"lorcserve", "worker", "--listen", options_.listen, "--backend",
                                    options_.backend, "--threads", std::to_string(threads_),
                                    "--device", std::to_string(options_.first_device + r),

@@ -62,6 +62,12 @@ namespace {
 
 // Parses a request's raw bytes into `msg` (ParseRequest), as a grpc::Status.
 grpc::Status ParseBuffer(const grpc::ByteBuffer& buffer, google::protobuf::Message* msg) {
+  // No message at all: the call ended (cancelled, or its deadline passed) before its request
+  // arrived. CANCELLED, which Generate counts as the deadline's when that has passed (it read
+  // FAILED_PRECONDITION "Buffer not initialized", counted and logged as such: a tester).
+  if (!buffer.Valid()) {
+    return grpc::Status(grpc::StatusCode::CANCELLED, "the call ended before its request arrived");
+  }
   if (buffer.Length() > kMaxRequestBytes) {
     return ToGrpcStatus(absl::InvalidArgumentError(
         absl::StrCat("request of ", buffer.Length(), " bytes exceeds the limit of ",
@@ -243,6 +249,11 @@ grpc::Status LorcServeService::GenerateImpl(grpc::ServerContext* ctx, const grpc
       resp.mutable_token_ids()->Add(u.new_ids.begin(), u.new_ids.end());
       for (const TokenLogprobs& t : u.logprobs) ToProto(t, resp.add_logprobs());
       resp.set_text(std::move(u.new_text));
+      // With the request's first token (whichever completion), or its first final message.
+      if (!prompt_logprobs_sent && !u.prompt_logprobs.empty()) {
+        for (const TokenLogprobs& t : u.prompt_logprobs) ToProto(t, resp.add_prompt_logprobs());
+        prompt_logprobs_sent = true;
+      }
       if (u.finished) {
         if (!u.status.ok()) {
           // Whatever was generated before the failure still goes out, then the error.
@@ -255,10 +266,6 @@ grpc::Status LorcServeService::GenerateImpl(grpc::ServerContext* ctx, const grpc
           resp.set_stop_token_id(u.stop_reason.token_id);
         } else if (!u.stop_reason.stop_string.empty()) {
           resp.set_stop_string(u.stop_reason.stop_string);
-        }
-        if (!prompt_logprobs_sent && !u.prompt_logprobs.empty()) {
-          for (const TokenLogprobs& t : u.prompt_logprobs) ToProto(t, resp.add_prompt_logprobs());
-          prompt_logprobs_sent = true;
         }
         auto* usage = resp.mutable_usage();
         usage->set_prompt_tokens(static_cast<int32_t>(u.prompt_tokens));

@@ -144,7 +144,8 @@ ServingMetrics::ServingMetrics() : registry_(std::make_shared<prometheus::Regist
   step_apply_ = &step.Add({{"phase", "apply"}}, kStepBuckets);
   engine_steps_ = NewCounter(r, "lorcserve_engine_steps_total", "Step results applied");
   waiting_ = NewGauge(r, "lorcserve_num_sequences_waiting",
-                      "Sequences waiting for admission (the queue)");
+                      "Sequences waiting for admission (the queue; a request with n > 1 waits as one "
+                      "sequence: it forks after its prefill)");
   running_ = NewGauge(r, "lorcserve_num_sequences_running", "Sequences admitted (holding KV blocks)");
   kv_used_ = NewGauge(r, "lorcserve_kv_blocks_used", "Device KV cache blocks in use");
   kv_capacity_ = NewGauge(r, "lorcserve_kv_blocks_capacity", "Device KV cache blocks in all");

@@ -3,7 +3,11 @@
 #include <algorithm>
 #include <chrono>
 
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
 #include "cli/sampling_flags.h"
+#include "common/grpc_status.h"
 #include "common/status_macros.h"
 #include "coordinator/lorcserve_service.h"
 
@@ -79,6 +83,22 @@ absl::StatusOr<lorcserve::v1::GenerateRequest> RequestFromArgs(const Args& args)
   // Before sending: protobuf would refuse to serialize it (logging a line of its own).
   RETURN_IF_ERROR(CheckUtf8Fields(req));
   return req;
+}
+
+absl::Status CallError(const grpc::Status& status, const ClientSecurity& security) {
+  absl::Status s = FromGrpcStatus(status);
+  if (s.code() != absl::StatusCode::kUnavailable) return s;
+  const absl::string_view m = s.message();
+  std::string hint;
+  if (!security.tls.enabled() && (absl::StrContains(m, "Socket closed") || absl::StrContains(m, "Connection reset"))) {
+    hint = "the server closed a plaintext connection: if it serves TLS, pass --tls-ca (a plain client got only "
+           "'Socket closed', a tester)";
+  } else if (security.tls.enabled() && absl::StrContains(absl::AsciiStrToLower(m), "handshake")) {
+    hint = "the TLS handshake failed: the server may be plaintext (drop --tls-ca) or its certificate not signed by "
+           "--tls-ca / not valid for the name (--tls-server-name)";
+  }
+  if (hint.empty()) return s;
+  return absl::Status(s.code(), absl::StrCat(m, " (", hint, ")"));
 }
 
 std::shared_ptr<grpc::Channel> Connect(const std::string& address) {

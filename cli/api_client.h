@@ -43,6 +43,11 @@ StreamResult StreamGenerate(lorcserve::v1::LorcServe::Stub& stub,
                             const lorcserve::v1::GenerateRequest& request, double timeout_s,
                             const std::function<void(const lorcserve::v1::GenerateResponse&)>& on_chunk = {});
 
+// A failed call's status (FromGrpcStatus), with a hint where the cause is likely the channel's
+// security: UNAVAILABLE "Socket closed" / "Connection reset" over plaintext reads as a server
+// that wants TLS (--tls-ca); a handshake failure over TLS as a plaintext server or another CA.
+absl::Status CallError(const grpc::Status& status, const ClientSecurity& security);
+
 // A plaintext channel to `address` without a token.
 std::shared_ptr<grpc::Channel> Connect(const std::string& address);
 // A channel with `security`'s TLS and bearer token (sent with every call, also over

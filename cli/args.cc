@@ -4,6 +4,7 @@
 #include <limits>
 
 #include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
@@ -126,6 +127,18 @@ absl::StatusOr<std::string> Args::GetListenAddress(const std::string& name, cons
   if (!IsHostPort(addr, 0)) {
     return absl::InvalidArgumentError(absl::StrCat(
         "--", name, ": '", addr, "' is not HOST:PORT with a port in [0, 65535] (0: pick one)"));
+  }
+  return addr;
+}
+
+absl::StatusOr<std::string> Args::GetServerAddress(const std::string& name, const std::string& def) const {
+  const std::string addr = Get(name, def);
+  for (const char* scheme : {"unix:", "unix-abstract:", "dns:", "ipv4:", "ipv6:", "vsock:"}) {
+    if (absl::StartsWith(addr, scheme) && addr.size() > std::string_view(scheme).size()) return addr;
+  }
+  if (!IsHostPort(addr, 1)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--", name, ": '", addr, "' is not HOST:PORT with a port in [1, 65535] (or a gRPC target such as unix:PATH)"));
   }
   return addr;
 }

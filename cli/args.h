@@ -43,6 +43,10 @@ class Args {
   absl::StatusOr<double> GetDouble(const std::string& name, double def) const;
   // A HOST:PORT to listen on, the port in [0, 65535]; InvalidArgument naming the flag otherwise.
   absl::StatusOr<std::string> GetListenAddress(const std::string& name, const std::string& def) const;
+  // A gRPC server to dial: HOST:PORT with a port in [1, 65535], or a target with a gRPC URI
+  // scheme (unix:, unix-abstract:, dns:, ipv4:, ipv6:, vsock:) as given; InvalidArgument naming
+  // the flag otherwise ('127.0.0.1' dialled port 0, a tester).
+  absl::StatusOr<std::string> GetServerAddress(const std::string& name, const std::string& def) const;
   // A comma-separated list of HOST:PORT addresses to connect to (port in [1, 65535]): at least
   // one, no empty item, none twice. INVALID_ARGUMENT naming the flag and the item.
   absl::StatusOr<std::vector<std::string>> GetAddressList(const std::string& name) const;

@@ -75,10 +75,11 @@ int RunBench(int argc, char** argv) {
   for (const auto* v : {&n, &c, &plen, &tmax, &seed}) {
     if (!v->ok()) return Fail("bench", v->status());
   }
+  absl::StatusOr<std::string> server = args->GetServerAddress("server", "127.0.0.1:50051");
+  if (!server.ok()) return Fail("bench", server.status());
   absl::StatusOr<ClientSecurity> security = ParseClientSecurity(*args);
   if (!security.ok()) return Fail("bench", security.status());
-  absl::StatusOr<std::shared_ptr<grpc::Channel>> channel =
-      Connect(args->Get("server", "127.0.0.1:50051"), *security);
+  absl::StatusOr<std::shared_ptr<grpc::Channel>> channel = Connect(*server, *security);
   if (!channel.ok()) return Fail("bench", channel.status());
   auto stub = lorcserve::v1::LorcServe::NewStub(*channel);
   absl::StatusOr<lorcserve::v1::ModelInfoResponse> before = Info(*stub);

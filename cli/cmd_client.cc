@@ -17,15 +17,18 @@
 namespace lorc::cli {
 namespace {
 
-int PrintInfo(lorcserve::v1::LorcServe::Stub& stub, double timeout_s) {
+int PrintInfo(lorcserve::v1::LorcServe::Stub& stub, double timeout_s, const ClientSecurity& security) {
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000)));
   lorcserve::v1::ModelInfoResponse resp;
   const grpc::Status s = stub.ModelInfo(&ctx, {}, &resp);
-  if (!s.ok()) return Fail("client", FromGrpcStatus(s));
+  if (!s.ok()) return Fail("client", CallError(s, security));
   std::string json;
   google::protobuf::util::JsonPrintOptions o;
   o.add_whitespace = true;
+  // The proto's field names (kv_capacity_blocks, generation_defaults), as the READMEs and the
+  // other commands' --json spell them; camelCase was protobuf's default (a tester).
+  o.preserve_proto_field_names = true;
   o.always_print_primitive_fields = true;  // zero counters too (prefix cache, host tier)
   (void)google::protobuf::util::MessageToJsonString(resp, &json, o);
   std::cout << json;
@@ -33,7 +36,7 @@ int PrintInfo(lorcserve::v1::LorcServe::Stub& stub, double timeout_s) {
 }
 
 int PrintHealth(const std::shared_ptr<grpc::Channel>& channel, const std::string& service,
-                double timeout_s) {
+                double timeout_s, const ClientSecurity& security) {
   auto stub = grpc::health::v1::Health::NewStub(channel);
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000)));
@@ -41,7 +44,7 @@ int PrintHealth(const std::shared_ptr<grpc::Channel>& channel, const std::string
   req.set_service(service);
   grpc::health::v1::HealthCheckResponse resp;
   const grpc::Status s = stub->Check(&ctx, req, &resp);
-  if (!s.ok()) return Fail("client", FromGrpcStatus(s));
+  if (!s.ok()) return Fail("client", CallError(s, security));
   std::cout << grpc::health::v1::HealthCheckResponse::ServingStatus_Name(resp.status()) << "\n";
   return resp.status() == grpc::health::v1::HealthCheckResponse::SERVING ? 0 : 1;
 }
@@ -86,6 +89,11 @@ int RunClient(int argc, char** argv) {
   } else if (args->Has("prompt-ids")) {
     actions.push_back("--prompt-ids");
   }
+  if (actions.empty()) {
+    return Fail("client", absl::InvalidArgumentError(
+                              "nothing to do: give one of --prompt, --prompt-ids (a request), --info, --health or "
+                              "--close-session"));
+  }
   if (actions.size() > 1) {
     return Fail("client", absl::InvalidArgumentError(absl::StrCat(
                               "--info, --health, --close-session and a request (--prompt / --prompt-ids) are one "
@@ -107,15 +115,17 @@ int RunClient(int argc, char** argv) {
     return Fail("client", absl::InvalidArgumentError(absl::StrCat(
                               "--timeout-s: ", *timeout, " is not in (0, 1e7] seconds")));
   }
+  absl::StatusOr<std::string> server = args->GetServerAddress("server", "127.0.0.1:50051");
+  if (!server.ok()) return Fail("client", server.status());
   absl::StatusOr<ClientSecurity> security = ParseClientSecurity(*args);
   if (!security.ok()) return Fail("client", security.status());
   absl::StatusOr<std::shared_ptr<grpc::Channel>> connected =
-      Connect(args->Get("server", "127.0.0.1:50051"), *security);
+      Connect(*server, *security);
   if (!connected.ok()) return Fail("client", connected.status());
   const std::shared_ptr<grpc::Channel> channel = *std::move(connected);
   auto stub = lorcserve::v1::LorcServe::NewStub(channel);
-  if (args->Has("info")) return PrintInfo(*stub, *timeout);
-  if (args->Has("health")) return PrintHealth(channel, args->Get("health-service"), *timeout);
+  if (args->Has("info")) return PrintInfo(*stub, *timeout, *security);
+  if (args->Has("health")) return PrintHealth(channel, args->Get("health-service"), *timeout, *security);
   if (args->Has("close-session")) {
     grpc::ClientContext ctx;
     ctx.set_deadline(std::chrono::system_clock::now() +
@@ -127,7 +137,7 @@ int RunClient(int argc, char** argv) {
     if (absl::Status u = CheckUtf8Fields(creq); !u.ok()) return Fail("client", u);
     lorcserve::v1::CloseSessionResponse cresp;
     const grpc::Status s = stub->CloseSession(&ctx, creq, &cresp);
-    if (!s.ok()) return Fail("client", FromGrpcStatus(s));
+    if (!s.ok()) return Fail("client", CallError(s, *security));
     return 0;
   }
 
@@ -140,7 +150,7 @@ int RunClient(int argc, char** argv) {
     if (stream_text) std::cout << m.text() << std::flush;
   });
   if (stream_text) std::cout << "\n";
-  if (!r.status.ok()) return Fail("client", FromGrpcStatus(r.status));
+  if (!r.status.ok()) return Fail("client", CallError(r.status, *security));
   if (!json && !stream_text) {
     for (size_t i = 0; i < r.completions.size(); ++i) {
       std::cout << "[" << i << "] " << r.completions[i].text << "\n";

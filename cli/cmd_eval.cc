@@ -9,6 +9,7 @@
 #include "absl/strings/str_format.h"
 #include "cli/commands.h"
 #include "cli/session.h"
+#include "common/json_util.h"
 #include "eval/eval.h"
 #include "common/status_macros.h"
 #include "nlohmann/json.hpp"
@@ -59,7 +60,10 @@ int RunEval(int argc, char** argv) {
       multi_turn ? "" : DefaultFile(*args, "ppl", "eval_ppl_windows.jsonl");
   const std::string passkey_file = DefaultFile(*args, "passkey", "eval_passkey.jsonl");
   if (ppl_file.empty() && passkey_file.empty()) {
-    return Fail("eval", absl::InvalidArgumentError("nothing to evaluate: give --ppl and/or --passkey"));
+    return Fail("eval", absl::InvalidArgumentError(absl::StrCat(
+                            "nothing to evaluate: --ppl and --passkey are each none or absent (",
+                            args->Get("model"), " has no eval_ppl_windows.jsonl / eval_passkey.jsonl",
+                            multi_turn ? "; --multi-turn reads only --passkey" : "", "): give a file")));
   }
   // The files are read and checked before the model loads (a bad file must not wait for a 70B
   // load); the multi-turn check reads its own fields after (it needs the tokenizer).
@@ -67,12 +71,12 @@ int RunEval(int argc, char** argv) {
   std::vector<PasskeyPrompt> passkeys;
   if (!ppl_file.empty()) {
     absl::StatusOr<std::vector<PplWindow>> w = ReadPplWindows(ppl_file, *limit);
-    if (!w.ok()) return Fail("eval", w.status());
+    if (!w.ok()) return Fail("eval", NameFileFlag("ppl", w.status()));
     windows = *std::move(w);
   }
   if (!passkey_file.empty() && !multi_turn) {
     absl::StatusOr<std::vector<PasskeyPrompt>> p = ReadPasskeyPrompts(passkey_file, *limit);
-    if (!p.ok()) return Fail("eval", p.status());
+    if (!p.ok()) return Fail("eval", NameFileFlag("passkey", p.status()));
     passkeys = *std::move(p);
   }
   absl::StatusOr<std::unique_ptr<Session>> s = OpenSession(*args);
@@ -88,7 +92,9 @@ int RunEval(int argc, char** argv) {
                             multi_turn ? ", without --multi-turn" : "")));
   }
 
-  nlohmann::json j;
+  // Insertion order: keys as computed, pass-key lengths ascending (a map sorted "1024" before
+  // "256", a tester).
+  nlohmann::ordered_json j;
   j["model"] = args->Get("model");
   j["backend"] = (*s)->backend->name();
   const KvCacheSpec& kv = (*s)->model.runner->kv_spec();

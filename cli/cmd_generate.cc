@@ -3,6 +3,7 @@
 #include <optional>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "cli/commands.h"
 #include "cli/sampling_flags.h"
 #include "cli/session.h"
@@ -89,11 +90,16 @@ int RunGenerate(int argc, char** argv) {
     j["backend"] = (*s)->backend->name();
     std::cout << j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
   } else {
+    // Without a tokenizer there is no text: the generated ids instead (an empty line was all a
+    // tester got).
+    auto shown = [&](const CompletionOutput& c) {
+      return (*s)->tokenizer != nullptr ? c.text : absl::StrCat("ids: ", absl::StrJoin(c.output_ids, " "));
+    };
     if (g.completions.size() == 1) {
-      std::cout << r.text << "\n";
+      std::cout << shown(r) << "\n";
     } else {
       for (size_t i = 0; i < g.completions.size(); ++i) {
-        std::cout << "[" << i << "] " << g.completions[i].text << "\n";
+        std::cout << "[" << i << "] " << shown(g.completions[i]) << "\n";
       }
     }
     std::cerr << absl::StrCat("[", g.prompt_tokens, " prompt tokens, ", n, " generated (",

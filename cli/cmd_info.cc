@@ -17,6 +17,7 @@
 #ifndef LORC_VERSION
 #define LORC_VERSION "unknown"
 #endif
+#include "git_revision.h"  // LORC_GIT_REVISION, generated at build time (cmake/GitRevision.cmake)
 #ifndef LORC_GIT_REVISION
 #define LORC_GIT_REVISION "unknown"
 #endif

@@ -50,8 +50,9 @@ std::vector<FlagSpec> KvCacheFlags() {
       {"kv-policy", true,
        "token-level KV policy (kvpolicy/README.md): none (default), corm (evict keys no recent "
        "query attended, arXiv 2404.15949) or mikv (keep them in low precision instead, arXiv "
-       "2402.18096); cpu backend, and cuda over a bf16 cache; generate, eval, bench and the "
-       "coordinator (sent to its workers)",
+       "2402.18096); cpu and cuda backends, over a bf16, fp8, int8 or int4 cache and over LoRC "
+       "latents (an int4 cache takes mikv int2 only); generate, eval, bench and the coordinator "
+       "(sent to its workers)",
        "P"},
       {"kv-policy-window", true,
        absl::StrCat("CORM's w: a key stays while one of the last W queries gave it attention "

@@ -6,9 +6,17 @@
 #include <fstream>
 #include <sstream>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 
 namespace lorc {
+
+absl::Status NameFileFlag(std::string_view flag, const absl::Status& status) {
+  if (status.ok()) return status;
+  const std::string name = "--" + std::string(flag);
+  if (absl::StartsWith(status.message(), name)) return absl::InvalidArgumentError(status.message());
+  return absl::InvalidArgumentError(absl::StrCat(name, " ", status.message()));
+}
 
 absl::Status CheckReadableFile(const std::string& path) {
   std::error_code ec;

@@ -20,6 +20,11 @@ inline constexpr int64_t kMaxReadFileBytes = int64_t{256} << 20;
 // be read forever, a FIFO blocks) or a larger file.
 absl::Status CheckReadableFile(const std::string& path);
 
+// A file flag's failure (`status`, OK passes through) as InvalidArgument prefixed "--FLAG ":
+// the flag, then the message (which names the path), and exit code 2 in the CLI (NotFound was
+// exit 1 without the flag: a tester). A message that already starts with the flag is kept.
+absl::Status NameFileFlag(std::string_view flag, const absl::Status& status);
+
 // Reads a whole file into a string (CheckReadableFile first). NotFound / InvalidArgument name the
 // path.
 absl::StatusOr<std::string> ReadFileToString(const std::string& path);

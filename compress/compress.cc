@@ -132,6 +132,10 @@ absl::Status CheckOptions(const CompressOptions& o, const ModelConfig& c) {
   if (!o.calib_path.empty() && !o.whiten && !o.max_ppl_increase.has_value()) {
     return absl::InvalidArgumentError("--calib: needs --whiten or --max-ppl-increase");
   }
+  // Before the weights are read (minutes on a large model): a missing file is named at once.
+  if (!o.calib_path.empty() && !std::filesystem::is_directory(o.calib_path)) {
+    RETURN_IF_ERROR(NameFileFlag("calib", CheckReadableFile(o.calib_path)));
+  }
   if (o.max_ppl_increase.has_value() && o.schedule != "uniform") {
     return absl::InvalidArgumentError("--schedule: applies only with --kv-ratio, not --max-ppl-increase");
   }
@@ -409,7 +413,9 @@ absl::StatusOr<CompressResult> CompressInto(const CompressOptions& o, const Mode
     }
   }
   if (o.whiten || o.max_ppl_increase.has_value()) {
-    ASSIGN_OR_RETURN(calib, LoadCalibrationText(o.calib_path));
+    absl::StatusOr<CalibrationText> text = LoadCalibrationText(o.calib_path);
+    if (!text.ok()) return NameFileFlag("calib", text.status());
+    calib = *std::move(text);
     absl::StatusOr<std::vector<std::vector<int32_t>>> ch = CalibrationChunks(o.model_dir, calib->text);
     if (!ch.ok()) {
       return absl::Status(ch.status().code(),

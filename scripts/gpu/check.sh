@@ -161,7 +161,7 @@ PY
     local free cap
     for _ in $(seq 1 20); do
       read -r free cap < <("$L" client --server "$ADDR" --info | python3 -c \
-        "import json,sys; d=json.load(sys.stdin); print(d['kvFreeBlocks'], d['kvCapacityBlocks'])")
+        "import json,sys; d=json.load(sys.stdin); print(d['kv_free_blocks'], d['kv_capacity_blocks'])")
       [ "$free" = "$cap" ] && break
       sleep 0.5
     done

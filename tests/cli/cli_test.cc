@@ -533,6 +533,17 @@ TEST_F(CliTest, EvalRefusesABadFileBeforeLoadingTheModel) {
   EXPECT_EQ(k.exit_code, 2) << k;
   EXPECT_THAT(k.err, HasSubstr("bad_passkey.jsonl:1: 'answer' is empty")) << k;
   EXPECT_THAT(k.err, Not(HasSubstr("weights:"))) << k;
+  // A missing file names its flag, exit 2 (NOT_FOUND without the flag, exit 1: a tester).
+  const std::string missing = (ScratchDir() / "missing.jsonl").string();
+  for (const char* flag : {"ppl", "passkey"}) {
+    const RunResult m = Lorcserve({"eval", "--model", Tiny(), absl::StrCat("--", flag), missing,
+                                   std::string(flag) == "ppl" ? "--passkey" : "--ppl", "none"});
+    EXPECT_EQ(m.exit_code, 2) << m;
+    EXPECT_THAT(m.err, HasSubstr(absl::StrCat("--", flag, " ", missing))) << m;
+  }
+  const RunResult none = Lorcserve({"eval", "--model", Tiny(), "--ppl", "none", "--passkey", "none"});
+  EXPECT_EQ(none.exit_code, 2) << none;
+  EXPECT_THAT(none.err, HasSubstr("nothing to evaluate: --ppl and --passkey are each none or absent")) << none;
 }
 
 TEST_F(CliTest, EvalWithKvPolicyReportsKeptBytes) {
@@ -688,6 +699,15 @@ TEST_F(CliTest, JoinFlagsAreChecked) {
       {{"coordinator", "--model", Tiny(), "--workers", "127.0.0.1:7000, 127.0.0.1:7000"},
        "--workers: '127.0.0.1:7000' is listed twice"},
       {{"coordinator", "--model", Tiny(), "--workers", "h:0"}, "--workers: item 1 'h:0' is not HOST:PORT"},
+      // The split, before any worker starts or joins (a tester: --tensor-parallel-size 3 served
+      // and waited for joins forever; --local-workers 3 started three workers first).
+      {{"coordinator", "--model", Tiny(), "--tensor-parallel-size", "3", "--listen", "127.0.0.1:0"},
+       "--tensor-parallel-size (3 ranks): tensor parallelism 3 does not divide the 4 attention heads"},
+      {{"coordinator", "--model", Tiny(), "--local-workers", "3", "--listen", "127.0.0.1:0"},
+       "--local-workers (3 ranks): tensor parallelism 3 does not divide the 4 attention heads"},
+      {{"client", "--server", "127.0.0.1", "--prompt", "x"},
+       "--server: '127.0.0.1' is not HOST:PORT with a port in [1, 65535]"},
+      {{"client", "--server", "127.0.0.1:1"}, "nothing to do: give one of --prompt, --prompt-ids"},
       // A flag that would do nothing (found by a tester).
       {{"coordinator", "--model", Tiny(), "--local-workers", "1", "--weights-seed", "3"},
        "--weights-seed: applies only with --random-weights"},

@@ -149,6 +149,9 @@ TEST(CompressCli, RefusesBadInputsWithPreciseMessages) {
        {"--calib", "is a directory"}},
       {{"compress", "--model", m, "--out", out, "--kv-ratio", "0.5", "--whiten", "--calib", bin},
        {"--calib " + bin + ": ", "UTF-8"}},
+      // Named with the flag, exit 2, before the weights are read (NOT_FOUND, exit 1, a tester).
+      {{"compress", "--model", m, "--out", out, "--kv-ratio", "0.5", "--whiten", "--calib", dir + "/nope.txt"},
+       {"--calib " + dir + "/nope.txt"}},
       {{"compress", "--model", m, "--out", out, "--kv-ratio", "0.5", "--whiten", "--calib", blank},
        {"--calib " + blank + ": ", "tokens"}},
       {{"compress", "--model", m, "--out", out, "--kv-ratio", "0.5", "--whiten", "--calib", small},

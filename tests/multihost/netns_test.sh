@@ -147,7 +147,7 @@ start_worker 1 "$NS_A"
 start_worker 2 "$NS_B"
 wait_health SERVING 180
 info=$(client --info)
-grep -q '"tensorParallelSize": 2' <<<"$info" || fail "ModelInfo does not say tensor_parallel_size 2: $info"
+grep -q '"tensor_parallel_size": 2' <<<"$info" || fail "ModelInfo does not say tensor_parallel_size 2: $info"
 for a in $IP_A $IP_B; do grep -q "\"$a:" <<<"$info" || fail "ModelInfo lists no worker at $a: $info"; done
 expect_golden
 

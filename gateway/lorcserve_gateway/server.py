@@ -523,9 +523,9 @@ class _TextOffsets:
     character split over several tokens counts once, at its first), never past the length of
     the text the completion has produced (an EOS or stop token adds no text)."""
 
-    def __init__(self):
+    def __init__(self, start=0):
         self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        self.chars = 0
+        self.chars = start
 
     def next(self, token_bytes, text_len):
         offset = min(self.chars, text_len)
@@ -594,9 +594,21 @@ class _Echo:
         self.hidden_first = False
 
     def set_ids(self, ids, vocab):
+        """The prompt's ids as the coordinator sees them. A text that its tokens do not spell
+        (after a first token the coordinator added, e.g. its BOS) is replaced by their text: the
+        one-BOS rule drops a repeated BOS, a tokenizer may normalize; the offsets follow the
+        tokens."""
         self.ids = list(ids)
-        self.hidden_first = bool(self.ids) and not self.text.startswith(
-            vocab.token_text(self.ids[0]))
+        self.hidden_first = False
+        if not self.ids or vocab.empty:
+            return self
+        spelled = b"".join(vocab.token_bytes(t) for t in self.ids)
+        text = self.text.encode("utf-8", errors="surrogatepass")
+        if spelled != text:
+            if spelled[len(vocab.token_bytes(self.ids[0])):] == text:
+                self.hidden_first = True
+            else:
+                self.text = vocab.decode(self.ids)
         return self
 
 
@@ -678,10 +690,12 @@ class _Endpoint:
         prompt_logprobs, positions 1 on)."""
         e = self.echoes[index // self.n]
         self.text_len[index] += len(e.text)
-        if self.top_n is None:
-            return e.text, None
-        return e.text, _echo_logprobs(self.vocab, e, prompt_lps, self.offsets[index],
-                                      self.text_len[index])
+        lp = None if self.top_n is None else _echo_logprobs(
+            self.vocab, e, prompt_lps, _TextOffsets(), self.text_len[index])
+        # The generated text is decoded on its own (the coordinator's), after the echoed text:
+        # its offsets count from there, even when the prompt ended inside a character.
+        self.offsets[index] = _TextOffsets(start=len(e.text))
+        return e.text, lp
 
     def envelope(self, choices, chunk):
         obj = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat \
@@ -887,8 +901,13 @@ def create_app(gateway):
         else:
             text = params.get_str(body, "prompt")
         add_special = params.get_bool(body, "add_special_tokens")
+        limit = state.info.max_request_bytes
+        if limit > 0 and len(text.encode("utf-8", errors="surrogatepass")) > limit:
+            param = "messages" if "messages" in body else "prompt"
+            raise OpenAIError(413, f"{param}: the text is over the coordinator's limit of {limit} "
+                                   "bytes per request", param=param, code="request_too_large")
         ids = await _tokenize(gateway, text, add_special is not False, metadata)
-        strs = [state.vocab.token_text(t) for t in ids] \
+        strs = [state.vocab.token_piece(t) for t in ids] \
             if params.get_bool(body, "return_token_strs") else None
         return {"count": len(ids), "max_model_len": state.info.max_model_len, "tokens": ids,
                 "token_strs": strs}
@@ -901,6 +920,10 @@ def create_app(gateway):
         _, body, state = await _begin(request, params.DETOKENIZE_FIELDS, model=False)
         if "model" in body:
             gateway.check_model(body, state)
+        tokens = body.get("tokens")
+        if isinstance(tokens, list) and len(tokens) > MAX_DETOKENIZE_IDS:
+            raise bad_request("tokens", f"{len(tokens)} ids, more than the {MAX_DETOKENIZE_IDS} "
+                                        "one call decodes")
         ids = params.get_int_list(body, "tokens")
         if ids is None:
             raise bad_request("tokens", "required: a list of token ids")
@@ -911,7 +934,12 @@ def create_app(gateway):
         if state.vocab.empty:
             raise bad_request("tokens", "the gateway has no tokenizer.json to read them with "
                                         "(start it with --model-dir DIR)")
-        return {"prompt": state.vocab.decode(ids)}
+        if len(ids) <= 65536:
+            return {"prompt": state.vocab.decode(ids)}
+        # Off the event loop: a million ids take a second or more (a tester held /health 8 s).
+        text = await asyncio.to_thread(state.vocab.decode, ids)
+        return Response(await asyncio.to_thread(_dumps, {"prompt": text}),
+                        media_type="application/json")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -1026,6 +1054,9 @@ def create_app(gateway):
 
 
 MAX_BATCH_PROMPTS = 64
+# /detokenize: at most this many ids a call (256 max_model_len windows of 4,096; a tester's 5
+# million held /health 8 s).
+MAX_DETOKENIZE_IDS = 1 << 20
 
 # A non-streaming response is held whole (its messages, then its JSON) before it is sent: at most
 # this many token entries, prompts x n x max_tokens x (1 + top logprobs), each sampled token and
@@ -1044,24 +1075,32 @@ def _check_response_size(reqs, ep):
     max_tokens = 0 if ep.echo_only else s.max_tokens if s.HasField("max_tokens") \
         else DEFAULT_MAX_TOKENS
     per_token = 1 + (ep.top_n or 0)
-    # echo: each choice repeats its prompt's tokens (entries with logprobs; text otherwise).
-    echoed = sum(len(e.ids) for e in ep.echoes) if ep.echoes and ep.top_n is not None else 0
-    entries = n * (len(reqs) * max_tokens + echoed) * per_token
+    # echo: each choice repeats its prompt: a character an entry, and with logprobs each of its
+    # tokens as a generated one (an echo without logprobs was not counted: 64 x 64 echoes of a
+    # 4,000-token prompt made a 537 MB response, a tester).
+    echoed = sum(len(e.text) + (len(e.ids) * per_token if ep.top_n is not None else 0)
+                 for e in ep.echoes) if ep.echoes else 0
+    entries = n * (len(reqs) * max_tokens * per_token + echoed)
     if entries <= MAX_RESPONSE_ENTRIES:
         return
     if ep.top_n:
         param = "top_logprobs" if ep.chat else "logprobs"
+    elif echoed > len(reqs) * max_tokens * per_token:
+        param = "echo"
     elif n > 1:
         param = "n"
     elif len(reqs) > 1:
         param = "prompt"
     else:
         param = ep.max_tokens_name or "max_tokens"
-    tokens = f"max_tokens {max_tokens}" if not echoed else \
-        f"(max_tokens {max_tokens} + the {echoed} echoed prompt tokens)"
-    raise bad_request(param, f"a non-streaming response of {len(reqs)} prompt(s) x n {n} x "
-                             f"{tokens} x {per_token} (each token and its top "
-                             f"logprobs) = {entries} token entries exceeds the gateway's limit "
+    size = f"{len(reqs)} prompt(s) x n {n} x max_tokens {max_tokens} x {per_token} (each token " \
+        "and its top logprobs)"
+    if echoed:
+        size = f"n {n} x ({len(reqs)} prompt(s) x max_tokens {max_tokens} x {per_token} (each " \
+            f"token and its top logprobs) + {echoed} for the echoed prompts (characters, and " \
+            "tokens with their logprobs))"
+    raise bad_request(param, f"a non-streaming response of {size} = {entries} entries exceeds "
+                             "the gateway's limit "
                              f"of {MAX_RESPONSE_ENTRIES}: stream it (stream: true), or ask for "
                              "fewer")
 
@@ -1360,8 +1399,9 @@ async def _stream(calls, firsts, ep, n, include_usage, gateway):
             return [event(index, msg.text, lp, finish, stop)]
         return []
 
-    # echo with logprobs: a prompt's messages wait until its prompt logprobs arrive (on the
-    # first final message of its call), since its choices' echoed prompts come first.
+    # echo with logprobs: a prompt's messages wait until its prompt logprobs arrive (with its
+    # call's first token), since its choices' echoed prompts come first. A one-token prompt has
+    # none to wait for.
     held = {}  # prompt index -> its messages so far
     echoed = set()  # prompts whose choices' echoes went out
     try:
@@ -1370,15 +1410,16 @@ async def _stream(calls, firsts, ep, n, include_usage, gateway):
                 c = ep.choice(i, "", None, None, None, True, first=True)
                 yield _sse(ep.envelope([c], chunk=True) | ({"usage": None} if include_usage
                                                             else {}))
-        if ep.echoes is not None and ep.top_n is None:
+        if ep.echoes is not None:
             for p in range(len(calls)):
-                for e in echo_events(p, []):
-                    yield e
-                echoed.add(p)
+                if ep.top_n is None or len(ep.echoes[p].ids) <= 1:
+                    for e in echo_events(p, []):
+                        yield e
+                    echoed.add(p)
         async for p, msg in _merged(calls, firsts, gateway.closing):
             if ep.echoes is not None and p not in echoed:
                 held.setdefault(p, []).append(msg)
-                if not msg.final:
+                if not msg.prompt_logprobs and not msg.final:
                     continue
                 for e in echo_events(p, list(msg.prompt_logprobs)):
                     yield e

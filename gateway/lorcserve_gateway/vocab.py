@@ -36,8 +36,9 @@ def _byte_level_decoder():
 class Vocab:
     """Immutable after construction."""
 
-    def __init__(self, id_to_bytes):
+    def __init__(self, id_to_bytes, id_to_piece=None):
         self._bytes = id_to_bytes
+        self._pieces = id_to_piece or {}
 
     @classmethod
     def from_tokenizer_json(cls, path):
@@ -52,6 +53,7 @@ class Vocab:
         byte_level = "ByteLevel" in decoder
         table = _byte_level_decoder() if byte_level else None
         id_to_bytes = {}
+        id_to_piece = {i: piece for piece, i in vocab.items()}
         for piece, i in vocab.items():
             if byte_level:
                 if all(ch in table for ch in piece):
@@ -64,7 +66,8 @@ class Vocab:
                 id_to_bytes[i] = piece.replace("\u2581", " ").encode("utf-8")
         for added in tok.get("added_tokens") or []:
             id_to_bytes[added["id"]] = added["content"].encode("utf-8")
-        return cls(id_to_bytes)
+            id_to_piece[added["id"]] = added["content"]
+        return cls(id_to_bytes, id_to_piece)
 
     @property
     def empty(self):
@@ -76,6 +79,13 @@ class Vocab:
         is not whole characters), special tokens spelled as their content (HF's decode with
         skip_special_tokens off): an echoed token-id prompt's text."""
         return b"".join(self.token_bytes(t) for t in ids).decode("utf-8", errors="replace")
+
+    def token_piece(self, token_id):
+        """The vocabulary's own string for the token (HF's convert_ids_to_tokens: 'Ġworld' in a
+        byte-level vocabulary), as vLLM's /tokenize return_token_strs gives it; the token's text
+        for a vocabulary built from bytes alone; token_id:N for an id the file does not name."""
+        piece = self._pieces.get(token_id)
+        return piece if piece is not None else self.token_text(token_id)
 
     def token_bytes(self, token_id):
         b = self._bytes.get(token_id)

@@ -322,7 +322,7 @@ class GatewayE2E(unittest.TestCase):
         big = {"model": MODEL_NAME, "prompt": [f"p{i}" for i in range(64)], "n": 64,
                "max_tokens": 16, "logprobs": 20}
         self.assert_error(*curl(url, big), 400, "logprobs",
-                          "1376256 token entries exceeds .* stream it")
+                          "1376256 entries exceeds .* stream it")
         self.assert_error(*curl(url, dict(big, logprobs=None, max_tokens=512)), 400, "n")
         self.assert_error(*curl(f"{self.a}/v1/chat/completions", {
             "model": MODEL_NAME, "messages": [{"role": "user", "content": "x"}], "n": 64,
@@ -835,6 +835,34 @@ class GatewayE2E(unittest.TestCase):
                     req["prompt"][c["index"]] if isinstance(req["prompt"][0], str) else None
                 self.assertEqual(g["text"][0], prompt or bos + GREEDY_PROMPT, req)
 
+        # The generated text's offsets count from the end of the echoed text, also when a
+        # token-id prompt ends inside a character (its bytes echo as U+FFFD; offset 19 pointed
+        # into them, a tester's ids).
+        code, text = curl(url, {"model": MODEL_NAME, "prompt": [0, 163, 119, 258, 1048],
+                                "echo": True, "logprobs": 0, "max_tokens": 3, "temperature": 0})
+        self.assertEqual(code, 200, text)
+        choice = json.loads(text)["choices"][0]
+        code, dtext = curl(f"{self.a}/detokenize", {"tokens": [0, 163, 119, 258, 1048]})
+        echoed = json.loads(dtext)["prompt"]
+        self.assertTrue(choice["text"].startswith(echoed), (choice["text"], echoed))
+        self.assertTrue(all(len(echoed) <= o <= len(choice["text"])
+                            for o in choice["logprobs"]["text_offset"][5:]), choice)
+        # A text the tokens do not spell (the one-BOS rule dropped the second BOS) is echoed as
+        # its tokens' text, so that the offsets point at them.
+        code, text = curl(url, {"model": MODEL_NAME, "prompt": bos + bos + "hi", "echo": True,
+                                "logprobs": 0, "max_tokens": 0})
+        self.assertEqual(code, 200, text)
+        choice = json.loads(text)["choices"][0]
+        self.assertEqual(choice["text"], bos + "hi")
+        for token, o in zip(choice["logprobs"]["tokens"], choice["logprobs"]["text_offset"]):
+            self.assertEqual(choice["text"][o:o + len(token)], token, choice)
+        # Echoes count in the non-streaming bound, with logprobs or not (an echo without them
+        # made a 537 MB response, a tester).
+        long_ids = ids * 40
+        self.assert_error(*curl(url, {"model": MODEL_NAME, "prompt": [long_ids] * 64, "echo": True,
+                                      "max_tokens": 0, "n": 16}), 400, "echo",
+                          "echoed prompts")
+
         # Still refused: max_tokens 0 without echo; echo on chat; a non-boolean echo.
         self.assert_error(*curl(url, {"model": MODEL_NAME, "prompt": "x", "max_tokens": 0}),
                           400, "max_tokens")
@@ -861,7 +889,9 @@ class GatewayE2E(unittest.TestCase):
         self.assertEqual(code, 200, text)
         body = json.loads(text)
         self.assertEqual(body["tokens"], coordinator_ids(GREEDY_PROMPT, False))
-        self.assertEqual("".join(body["token_strs"]), GREEDY_PROMPT)
+        # vLLM's: the vocabulary's pieces (byte-level: a leading space is 'Ġ').
+        self.assertEqual("".join(body["token_strs"]).replace("\u0120", " "), GREEDY_PROMPT)
+        self.assertTrue(any(t.startswith("\u0120") for t in body["token_strs"]), body)
         chat = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "Hello there"}]}
         code, text = curl(f"{self.a}/tokenize", chat)
         self.assertEqual(code, 200, text)
@@ -882,6 +912,11 @@ class GatewayE2E(unittest.TestCase):
                           "tokens[0]")
         self.assert_error(*curl(f"{self.a}/detokenize", {"tokens": "x"}), 400, "tokens")
         self.assert_error(*curl(f"{self.a}/detokenize", {}), 400, "tokens")
+        self.assert_error(*curl(f"{self.a}/detokenize", {"tokens": [0] * ((1 << 20) + 1)}), 400,
+                          "tokens", "more than the 1048576")
+        code, text = curl(f"{self.a}/tokenize", {"prompt": "x" * (info.max_request_bytes + 1)})
+        err = self.assert_error(code, text, 413, "prompt")
+        self.assertEqual(err["code"], "request_too_large")
 
     def test_stop_reason_names_only_what_the_request_asked_to_stop_on(self):
         # vLLM: null at EOS (it was the EOS id), the token id for one of stop_token_ids.

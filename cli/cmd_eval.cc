@@ -60,10 +60,15 @@ int RunEval(int argc, char** argv) {
       multi_turn ? "" : DefaultFile(*args, "ppl", "eval_ppl_windows.jsonl");
   const std::string passkey_file = DefaultFile(*args, "passkey", "eval_passkey.jsonl");
   if (ppl_file.empty() && passkey_file.empty()) {
+    // Why each is off: given as none, or absent with no default file in the model directory.
+    auto why = [&](const char* flag, const char* file) {
+      return args->Has(flag) ? absl::StrCat("--", flag, " none")
+                             : absl::StrCat("no --", flag, " and no ", file, " in ", args->Get("model"));
+    };
     return Fail("eval", absl::InvalidArgumentError(absl::StrCat(
-                            "nothing to evaluate: --ppl and --passkey are each none or absent (",
-                            args->Get("model"), " has no eval_ppl_windows.jsonl / eval_passkey.jsonl",
-                            multi_turn ? "; --multi-turn reads only --passkey" : "", "): give a file")));
+                            "nothing to evaluate: ",
+                            multi_turn ? "--multi-turn reads only --passkey" : why("ppl", "eval_ppl_windows.jsonl"),
+                            ", ", why("passkey", "eval_passkey.jsonl"))));
   }
   // The files are read and checked before the model loads (a bad file must not wait for a 70B
   // load); the multi-turn check reads its own fields after (it needs the tokenizer).

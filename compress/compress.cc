@@ -133,7 +133,7 @@ absl::Status CheckOptions(const CompressOptions& o, const ModelConfig& c) {
     return absl::InvalidArgumentError("--calib: needs --whiten or --max-ppl-increase");
   }
   // Before the weights are read (minutes on a large model): a missing file is named at once.
-  if (!o.calib_path.empty() && !std::filesystem::is_directory(o.calib_path)) {
+  if (std::error_code ec; !o.calib_path.empty() && !std::filesystem::is_directory(o.calib_path, ec)) {
     RETURN_IF_ERROR(NameFileFlag("calib", CheckReadableFile(o.calib_path)));
   }
   if (o.max_ppl_increase.has_value() && o.schedule != "uniform") {

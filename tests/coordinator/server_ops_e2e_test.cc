@@ -183,9 +183,13 @@ TEST_F(ServerOpsTest, AnIdleClientChannelDoesNotHoldTheExitAndSigintEndsRequests
   EXPECT_LT(SecondsSince(t_int), 3);  // gRPC's deadline cancelled it after 5 s before
   EXPECT_EQ(long_result_.status.error_code(), grpc::StatusCode::UNAVAILABLE) << StatusText(long_result_.status);
   EXPECT_THAT(long_result_.status.error_message(), HasSubstr("stopped without a drain"));
-  // stub_ and channel_ stay: the idle channel is still open while the process exits.
+  // stub_ and channel_ stay: the idle channel is still open while the process exits. With gRPC's
+  // old 5 s shutdown deadline the exit came 5 s or more after the signal; it takes about 1 s here.
+  // Not bounded in the sanitizer builds, whose processes tear down slowly.
   EXPECT_TRUE(ExitsZeroWithin(20));
-  EXPECT_LT(SecondsSince(t_int), 6) << "the exit waited for the idle client channel";
+#if !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__)
+  EXPECT_LT(SecondsSince(t_int), 4.5) << "the exit waited for the idle client channel";
+#endif
 }
 
 // ---- a signal during the model load ----------------------------------------------------------

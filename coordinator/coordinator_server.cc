@@ -668,17 +668,21 @@ int64_t CoordinatorServer::FinishDrain() {
   }
   const int64_t left = service_->in_flight();
   if (left == 0) return 0;
-  service_->AbortInFlight(absl::UnavailableError(
+  AbortInFlightAndWait(absl::UnavailableError(
       second_signal ? "server shutting down: a second termination signal ended the drain and this request"
                     : absl::StrCat("server shutting down: the drain timeout (",
                                    absl::FormatDuration(options_.drain_timeout),
                                    ") ended this request")));
+  return left;
+}
+
+void CoordinatorServer::AbortInFlightAndWait(absl::Status why) {
+  service_->AbortInFlight(std::move(why));
   // Handlers notice within their 50 ms poll.
   const absl::Time handlers_deadline = absl::Now() + absl::Seconds(5);
   while (service_->in_flight() > 0 && absl::Now() < handlers_deadline) {
     absl::SleepFor(absl::Milliseconds(10));
   }
-  return left;
 }
 
 void CoordinatorServer::RequestShutdown() {
@@ -695,9 +699,7 @@ void CoordinatorServer::Shutdown() {
   // Requests still in flight (no drain: SIGINT, or a stop while serving) end now with a status
   // that says why, instead of running on until gRPC's deadline below cancelled them.
   if (service_ != nullptr && service_->in_flight() > 0) {
-    service_->AbortInFlight(absl::UnavailableError("server shutting down: the server was stopped without a drain"));
-    const absl::Time handlers_deadline = absl::Now() + absl::Seconds(5);
-    while (service_->in_flight() > 0 && absl::Now() < handlers_deadline) absl::SleepFor(absl::Milliseconds(10));
+    AbortInFlightAndWait(absl::UnavailableError("server shutting down: the server was stopped without a drain"));
   }
   // Every Generate handler has returned: what gRPC still waits for are connections a client keeps
   // open past the GOAWAY (an idle channel), until this deadline closes them. 1 s, not 5: every

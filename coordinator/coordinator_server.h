@@ -149,6 +149,9 @@ class CoordinatorServer {
   void Shutdown();
 
  private:
+  // Ends the service's calls in flight with `why` (UNAVAILABLE) and waits up to 5 s for their
+  // handlers to return (they poll every 50 ms): the drain's end and a shutdown without one.
+  void AbortInFlightAndWait(absl::Status why);
   struct Generation;  // one WorkerGroup and the EngineLoop over it
   enum class State { kStarting, kServing, kRecovering, kFailed };
 

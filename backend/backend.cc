@@ -254,6 +254,16 @@ absl::Status NormInto(Backend& b, const char* op, const NormedInput& in) {
 
 }  // namespace
 
+absl::Status Backend::MatmulAdd(const Tensor2D& x, const Tensor2D& w, Tensor2D acc, Tensor2D scratch) {
+  if (acc.rows != scratch.rows || acc.cols != scratch.cols || acc.dtype != scratch.dtype) {
+    return absl::InvalidArgumentError(absl::StrCat("MatmulAdd: acc [", acc.rows, ", ", acc.cols, "] ",
+                                                   DTypeName(acc.dtype), " and scratch [", scratch.rows, ", ",
+                                                   scratch.cols, "] ", DTypeName(scratch.dtype), " differ"));
+  }
+  RETURN_IF_ERROR(Matmul(x, w, scratch));
+  return AddInPlace(acc, scratch);
+}
+
 absl::Status Backend::NormMatmulRopeKvWrite(const NormedInput& in, const Tensor2D& w, Tensor2D out,
                                             const RopeKvWriteParams& p) {
   RETURN_IF_ERROR(NormInto(*this, "NormMatmulRopeKvWrite", in));
@@ -262,8 +272,7 @@ absl::Status Backend::NormMatmulRopeKvWrite(const NormedInput& in, const Tensor2
 
 absl::Status Backend::NormMatmulSiluMul(const NormedInput& in, const Tensor2D& w, Tensor2D gate_up, Tensor2D act) {
   RETURN_IF_ERROR(NormInto(*this, "NormMatmulSiluMul", in));
-  RETURN_IF_ERROR(Matmul(in.normed, w, gate_up));
-  return SiluMul(gate_up, act);
+  return MatmulSiluMul(in.normed, w, gate_up, act);
 }
 
 absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(const BackendOptions& options) {

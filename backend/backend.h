@@ -462,6 +462,23 @@ class Backend {
     absl::Status s = Matmul(x, w, out);
     return s.ok() ? RopeKvWrite(p) : s;
   }
+  // The MLP's gate_up projection and SiluMul: gate_up = x * w^T ([T, 2I], w's rows [gate | up]),
+  // then act = SiluMul(gate_up) ([T, I]). This default runs the two ops; the CUDA backend fuses
+  // them into one GEMV for decode-sized batches where Matmul picks its GEMV (backend/README.md):
+  // act is then bit for bit the two ops' and gate_up is not written (callers treat it as
+  // scratch). Errors: Matmul's and SiluMul's.
+  virtual absl::Status MatmulSiluMul(const Tensor2D& x, const Tensor2D& w, Tensor2D gate_up, Tensor2D act) {
+    absl::Status s = Matmul(x, w, gate_up);
+    return s.ok() ? SiluMul(gate_up, act) : s;
+  }
+  // The residual add after a projection: acc += x * w^T (acc [T, N]), the product rounded to acc's
+  // dtype first: the bits of Matmul(x, w, scratch) then AddInPlace(acc, scratch), scratch [T, N]
+  // of acc's dtype. This default runs the two ops (scratch written); the CUDA backend makes it
+  // one GEMV where Matmul's timed choice for (x, w, scratch) is a GEMV configuration (scratch
+  // then untouched; the runner's decode steps at TP = 1 with the norms fused, backend/README.md).
+  // InvalidArgument when acc and scratch differ in shape or dtype; else Matmul's and AddInPlace's
+  // errors.
+  virtual absl::Status MatmulAdd(const Tensor2D& x, const Tensor2D& w, Tensor2D acc, Tensor2D scratch);
   // The residual stream's (add +) RMSNorm fused into the projection after it. Decode-sized steps
   // on the CUDA backend run each as one GEMV whose input is the normalized stream
   // (kernels/gemv.cuh LaunchGemvNorm: the 1 / rms scale applied to the fp32 sums, so the

@@ -191,6 +191,14 @@ class CudaBackend final : public Backend {
   // One launch (kernels::LaunchGemvRopeKvWrite) when FusedQkvApplies, else the two ops.
   absl::Status MatmulRopeKvWrite(const Tensor2D& x, const Tensor2D& w, Tensor2D out,
                                  const RopeKvWriteParams& p) override;
+  // One launch (kernels::LaunchGemvSiluMul) when FusedSiluApplies (cuda_matmul.cc: BF16, T <=
+  // kGemvMaxRows, and Matmul's timed choice for the same operands is the GEMV's configuration
+  // the fused kernel shares, so that act is the two ops' bits), else the two ops.
+  absl::Status MatmulSiluMul(const Tensor2D& x, const Tensor2D& w, Tensor2D gate_up, Tensor2D act) override;
+  // One launch (kernels::LaunchGemvAddBf16 with the chosen configuration) where Matmul's timed
+  // choice for (x, w, scratch) is a GEMV configuration and acc and scratch are BF16; else the two
+  // ops.
+  absl::Status MatmulAdd(const Tensor2D& x, const Tensor2D& w, Tensor2D acc, Tensor2D scratch) override;
   // Steps of T <= GetCudaFusedNormRows() (cuda_gemv.h; off by default: measured slower) tokens
   // under a policy that allows the GEMV: one kernels::LaunchGemvNorm each (the rotary / SiLU
   // epilogue, or the plain store then RopeKvWrite where the fused QKV does not apply); else, or

@@ -83,6 +83,15 @@ absl::Status RunGemv(const Tensor2D& x, const Tensor2D& w, const Tensor2D& out, 
                                           cudaGetErrorString(e)));
 }
 
+absl::Status RunGemvAdd(const Tensor2D& x, const Tensor2D& w, const Tensor2D& acc, int config, cudaStream_t stream) {
+  const cudaError_t e = kernels::LaunchGemvAddBf16(x.rows, w.rows, x.cols, x.data, x.stride(), w.data, w.stride(),
+                                                   acc.data, acc.stride(), kConfigs[config], stream);
+  if (e == cudaSuccess) return absl::OkStatus();
+  cudaGetLastError();  // not sticky, as RunGemv
+  return absl::InternalError(absl::StrCat("cuda backend: MatmulAdd (GEMV, ", GemvConfigName(config), ") x[", x.rows,
+                                          ",", x.cols, "] w[", w.rows, ",", w.cols, "]: ", cudaGetErrorString(e)));
+}
+
 absl::StatusOr<GemvTiming> TimeGemv(const Tensor2D& x, const Tensor2D& w, const Tensor2D& out,
                                     const ColdTimer& time, cudaStream_t stream) {
   GemvTiming best{-1, std::numeric_limits<float>::infinity()};

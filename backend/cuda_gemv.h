@@ -51,6 +51,11 @@ namespace lorc::cuda_internal {
 // aligned with 16-byte row pitches (kernels::GemvSupported).
 bool GemvApplies(const Tensor2D& x, const Tensor2D& w, const Tensor2D& out);
 
+// acc += bf16(x * w^T) with configuration `config` (kernels::LaunchGemvAddBf16; GemvApplies(x, w,
+// out) for a BF16 out of acc's shape must hold): the bits of RunGemv into a scratch then AddInPlace.
+// Errors as RunGemv's.
+absl::Status RunGemvAdd(const Tensor2D& x, const Tensor2D& w, const Tensor2D& acc, int config, cudaStream_t stream);
+
 // Number of GEMV configurations (kernels::GemvConfig: cluster splits x k steps); RunGemv's
 // `config` is an index below it. Matmul times the first two (unsplit, k_steps 4 and 8).
 int GemvConfigCount();

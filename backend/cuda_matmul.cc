@@ -265,6 +265,16 @@ absl::StatusOr<int> TimeCandidates(MatmulState& s, const Gemm& g,
   return best;
 }
 
+// Matmul's cache key for these operands (shapes already checked).
+GemmKey KeyOf(const Tensor2D& x, const Tensor2D& w, const Tensor2D& out) {
+  const size_t ab_esz = DTypeSize(x.dtype), out_esz = DTypeSize(out.dtype);
+  const uint64_t pitches = (x.stride() * ab_esz) | (w.stride() * ab_esz) | (out.stride() * out_esz) | 16;
+  return GemmKey{Bucket(x.rows),     w.rows,           x.cols,
+                 x.dtype,             out.dtype,        PtrAlign(w.data),
+                 PtrAlign(x.data),    PtrAlign(out.data), static_cast<uint32_t>(pitches & (~pitches + 1)),
+                 GemvApplies(x, w, out)};
+}
+
 absl::Status CheckMatmul(const Tensor2D& x, const Tensor2D& w, const Tensor2D& out) {
   if (x.cols != w.cols || out.rows != x.rows || out.cols != w.rows || x.rows < 0 || w.rows < 0 ||
       x.cols < 0 || x.stride() < x.cols || w.stride() < w.cols || out.stride() < out.cols) {
@@ -297,12 +307,7 @@ absl::Status CudaBackend::Matmul(const Tensor2D& x, const Tensor2D& w, Tensor2D 
 
   Gemm g;
   RETURN_IF_ERROR(g.Init(*s.lt, x, w, out));
-  const size_t ab_esz = DTypeSize(x.dtype);
-  const uint64_t pitches = (x.stride() * ab_esz) | (w.stride() * ab_esz) | (out.stride() * out_esz) | 16;
-  const GemmKey key{Bucket(x.rows),     w.rows,           x.cols,
-                    x.dtype,             out.dtype,        PtrAlign(w.data),
-                    PtrAlign(x.data),    PtrAlign(out.data), static_cast<uint32_t>(pitches & (~pitches + 1)),
-                    GemvApplies(x, w, out)};
+  const GemmKey key = KeyOf(x, w, out);
 
   auto it = s.algos.find(key);
   if (it == s.algos.end() || !it->second.timed) {
@@ -389,6 +394,57 @@ absl::Status CudaBackend::MatmulRopeKvWrite(const Tensor2D& x, const Tensor2D& w
   return CudaError(kernels::LaunchGemvRopeKvWrite(x.rows, w.rows, x.cols, x.data, x.stride(), w.data, w.stride(),
                                                   out.data, out.stride(), r, stream_),
                    "MatmulRopeKvWrite");
+}
+
+namespace {
+
+// The GEMV configuration kernels::LaunchGemvSiluMul shares (cuda_gemv.cc's kConfigs[0]: unsplit,
+// k_steps 4).
+constexpr int kFusedSiluConfig = 0;
+
+// LORC_DISABLE_FUSED_SILU=1: never fuse the gate_up GEMV with SiluMul (the two ops; A/B runs).
+bool FusedSiluDisabled() {
+  static const bool disabled = [] {
+    const char* e = std::getenv("LORC_DISABLE_FUSED_SILU");
+    return e != nullptr && std::string_view(e) != "0" && std::string_view(e) != "";
+  }();
+  return disabled;
+}
+
+}  // namespace
+
+absl::Status CudaBackend::MatmulSiluMul(const Tensor2D& x, const Tensor2D& w, Tensor2D gate_up, Tensor2D act) {
+  // Fused only where Matmul has already chosen, for these very operands, the GEMV configuration
+  // the fused kernel shares: act is then the bits of the two ops whether or not a step fuses (the
+  // first call of a key, or one seen first inside a capture, runs the two ops and makes the
+  // choice). cuBLASLt or the other configuration chosen: the two ops, as chosen.
+  const auto fuses = [&] {
+    if (FusedSiluDisabled() || matmul_->policy == CudaMatmulPolicy::kCublasLtOnly || !matmul_->init.ok() ||
+        !CheckMatmul(x, w, gate_up).ok() || !GemvApplies(x, w, gate_up) || gate_up.dtype != DType::kBF16 ||
+        act.dtype != DType::kBF16 || act.rows != x.rows || 2 * act.cols != w.rows ||
+        !kernels::GemvSiluMulSupported(x.rows, w.rows, x.cols, x.data, x.stride(), w.data, w.stride(),
+                                       act.stride())) {
+      return false;
+    }
+    const auto it = matmul_->algos.find(KeyOf(x, w, gate_up));
+    return it != matmul_->algos.end() && it->second.timed && it->second.gemv == kFusedSiluConfig;
+  };
+  if (!fuses()) return Backend::MatmulSiluMul(x, w, gate_up, act);
+  return CudaError(kernels::LaunchGemvSiluMul(x.rows, w.rows, x.cols, x.data, x.stride(), w.data, w.stride(),
+                                              act.data, act.stride(), stream_),
+                   "MatmulSiluMul");
+}
+
+absl::Status CudaBackend::MatmulAdd(const Tensor2D& x, const Tensor2D& w, Tensor2D acc, Tensor2D scratch) {
+  int config = -1;
+  if (matmul_->policy != CudaMatmulPolicy::kCublasLtOnly && matmul_->init.ok() && CheckMatmul(x, w, scratch).ok() &&
+      GemvApplies(x, w, scratch) && scratch.dtype == DType::kBF16 && acc.dtype == DType::kBF16 &&
+      acc.rows == scratch.rows && acc.cols == scratch.cols && acc.stride() >= acc.cols) {
+    const auto it = matmul_->algos.find(KeyOf(x, w, scratch));
+    if (it != matmul_->algos.end() && it->second.timed) config = it->second.gemv;
+  }
+  if (config < 0) return Backend::MatmulAdd(x, w, acc, scratch);
+  return RunGemvAdd(x, w, acc, config, stream_);
 }
 
 namespace {

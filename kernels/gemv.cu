@@ -90,8 +90,9 @@ __device__ __forceinline__ void RopeEpilogue(const GemvRopeArgs& r, int m, const
   }
 }
 
-// What the kernel writes: plain rows, the rotary epilogue, or silu(gate) * up.
-enum Mode { kPlain, kRope, kSilu };
+// What the kernel writes: plain rows, the rotary epilogue, silu(gate) * up, or plain rows added
+// into out (kAdd: out = bf16(out + bf16(sum))).
+enum Mode { kPlain, kRope, kSilu, kAdd };
 // What the kernel multiplies: x as given, or RMSNorm(x [+ add]) * weight (GemvNormArgs).
 enum In { kX, kNormX };
 
@@ -119,7 +120,7 @@ __device__ __forceinline__ void SiluEpilogue(int m, const float* part, __nv_bflo
 __device__ __forceinline__ __nv_bfloat16 AddBf16(__nv_bfloat16 x, __nv_bfloat16 add) {
   return __float2bfloat16_rn(__bfloat162float(x) + __bfloat162float(add));
 }
-__device__ __forceinline__ uint4 NormInput(uint4 xv, uint4 av, uint4 wv, bool has_add, float& ss) {
+__device__ __forceinline__ uint4 NormInput(uint4 xv, uint4 av, uint4 wv, bool has_add, bool has_weight, float& ss) {
   const __nv_bfloat16* xe = reinterpret_cast<const __nv_bfloat16*>(&xv);
   const __nv_bfloat16* ae = reinterpret_cast<const __nv_bfloat16*>(&av);
   const __nv_bfloat16* we = reinterpret_cast<const __nv_bfloat16*>(&wv);
@@ -129,7 +130,7 @@ __device__ __forceinline__ uint4 NormInput(uint4 xv, uint4 av, uint4 wv, bool ha
   for (int e = 0; e < 8; ++e) {
     const float r = __bfloat162float(has_add ? AddBf16(xe[e], ae[e]) : xe[e]);
     ss += r * r;
-    ye[e] = __float2bfloat16_rn(r * __bfloat162float(we[e]));
+    ye[e] = has_weight ? __float2bfloat16_rn(r * __bfloat162float(we[e])) : __float2bfloat16_rn(r);
   }
   return y;
 }
@@ -187,6 +188,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const __nv_bfloat16* ar[NT];  // kNormX with add: the add rows, as xr
   bool x_live[NT];
   const bool has_add = kIn == kNormX && norm.add != nullptr;
+  const bool has_weight = kIn == kNormX && norm.weight != nullptr;
 #pragma unroll
   for (int j = 0; j < NT; ++j) {
     x_live[j] = g + 8 * j < m;
@@ -239,7 +241,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       for (int s = 0; s < STEPS; ++s) {
         const int k0 = c * kChunk + 32 * s;
         const bool live = k0 + 8 * t < k;
-        nw[s] = live && x_live[0]
+        nw[s] = has_weight && live && x_live[0]
                     ? __ldg(reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(norm.weight) + k0 + 8 * t))
                     : zero;
 #pragma unroll
@@ -252,7 +254,7 @@ __global__ void __launch_bounds__(kThreads, 2)
         const bool live = c * kChunk + 32 * s + 8 * t < k;
 #pragma unroll
         for (int j = 0; j < NT; ++j) {
-          if (live && x_live[j]) vx[j][s] = NormInput(vx[j][s], av[j][s], nw[s], has_add, ss[j]);
+          if (live && x_live[j]) vx[j][s] = NormInput(vx[j][s], av[j][s], nw[s], has_add, has_weight, ss[j]);
         }
       }
     }
@@ -331,7 +333,13 @@ __global__ void __launch_bounds__(kThreads, 2)
   } else {
     for (int i = threadIdx.x; i < m * kTileRows; i += kThreads) {
       const int row = row0 + i % kTileRows, token = i / kTileRows;
-      if (row < n) out[static_cast<int64_t>(token) * ldo + row] = FromF32<OutT>(part[i]);
+      if (row >= n) continue;
+      OutT* o = out + static_cast<int64_t>(token) * ldo + row;
+      if constexpr (kMode == kAdd) {  // AddInPlace's arithmetic on the GEMV's rounded output
+        *o = FromF32<OutT>(ToF32(*o) + ToF32(FromF32<OutT>(part[i])));
+      } else {
+        *o = FromF32<OutT>(part[i]);
+      }
     }
   }
 }
@@ -342,26 +350,27 @@ struct GemvLaunch {
   const cudaLaunchAttribute* cluster = nullptr;  // the split's cluster shape, or null
 };
 
-template <int NT, int STEPS, typename OutT>
+template <int NT, int STEPS, typename OutT, Mode kMode>
 cudaError_t Launch(const GemvLaunch& cfg, int m, int n, int k, const void* x, int64_t ldx,
                    const void* w, int64_t ldw, void* out, int64_t ldo) {
-  return LaunchPdl(GemvKernel<NT, STEPS, OutT>, cfg.grid, dim3(kThreads), 0, cfg.stream, cfg.cluster, m, n, k,
+  return LaunchPdl(GemvKernel<NT, STEPS, OutT, kMode>, cfg.grid, dim3(kThreads), 0, cfg.stream, cfg.cluster, m, n, k,
                    static_cast<const __nv_bfloat16*>(x), ldx, static_cast<const __nv_bfloat16*>(w), ldw,
                    static_cast<OutT*>(out), ldo, GemvRopeArgs{}, GemvNormArgs{});
 }
 
-template <int STEPS, typename OutT>
+template <int STEPS, typename OutT, Mode kMode>
 cudaError_t LaunchSteps(const GemvLaunch& cfg, int m, int n, int k, const void* x, int64_t ldx,
                         const void* w, int64_t ldw, void* out, int64_t ldo) {
-  return m <= 8 ? Launch<1, STEPS, OutT>(cfg, m, n, k, x, ldx, w, ldw, out, ldo)
-                : Launch<2, STEPS, OutT>(cfg, m, n, k, x, ldx, w, ldw, out, ldo);
+  return m <= 8 ? Launch<1, STEPS, OutT, kMode>(cfg, m, n, k, x, ldx, w, ldw, out, ldo)
+                : Launch<2, STEPS, OutT, kMode>(cfg, m, n, k, x, ldx, w, ldw, out, ldo);
 }
 
-template <typename OutT>
+// kPlain or kAdd (BF16 out) with `cfg`'s grid and cluster and k_steps 4 or 8.
+template <typename OutT, Mode kMode = kPlain>
 cudaError_t LaunchOut(const GemvLaunch& cfg, int k_steps, int m, int n, int k, const void* x,
                       int64_t ldx, const void* w, int64_t ldw, void* out, int64_t ldo) {
-  return k_steps == 4 ? LaunchSteps<4, OutT>(cfg, m, n, k, x, ldx, w, ldw, out, ldo)
-                      : LaunchSteps<8, OutT>(cfg, m, n, k, x, ldx, w, ldw, out, ldo);
+  return k_steps == 4 ? LaunchSteps<4, OutT, kMode>(cfg, m, n, k, x, ldx, w, ldw, out, ldo)
+                      : LaunchSteps<8, OutT, kMode>(cfg, m, n, k, x, ldx, w, ldw, out, ldo);
 }
 
 // The fused QKV projection's one configuration: unsplit, k_steps 4 (the fastest GEMV
@@ -396,9 +405,11 @@ bool GemvSupported(int64_t m, int64_t k, const void* x, int64_t ldx, const void*
          ldw % 8 == 0 && Aligned16(x) && Aligned16(w);
 }
 
-cudaError_t LaunchGemvBf16(int64_t m, int64_t n, int64_t k, const void* x, int64_t ldx, const void* w,
-                           int64_t ldw, ElemType out_type, void* out, int64_t ldo, GemvConfig cfg,
-                           cudaStream_t stream) {
+namespace {
+// The plain and adding GEMVs' launch: kPlain with F32 or BF16 out, kAdd with BF16 out.
+cudaError_t LaunchGemvPlainOrAdd(bool add, int64_t m, int64_t n, int64_t k, const void* x, int64_t ldx,
+                                 const void* w, int64_t ldw, ElemType out_type, void* out, int64_t ldo,
+                                 GemvConfig cfg, cudaStream_t stream) {
   constexpr int64_t kIntMax = 0x7fffffff;
   if (!GemvSupported(m, k, x, ldx, w, ldw) || n < 0 || ldo < n || n >= kIntMax || k >= kIntMax ||
       cfg.splits < 1 || cfg.splits > kGemvMaxSplits || (cfg.k_steps != 4 && cfg.k_steps != 8)) {
@@ -417,9 +428,22 @@ cudaError_t LaunchGemvBf16(int64_t m, int64_t n, int64_t k, const void* x, int64
     lc.cluster = &cluster;
   }
   const int mi = static_cast<int>(m), ni = static_cast<int>(n), ki = static_cast<int>(k);
+  if (add) return LaunchOut<__nv_bfloat16, kAdd>(lc, cfg.k_steps, mi, ni, ki, x, ldx, w, ldw, out, ldo);
   return out_type == ElemType::kF32
              ? LaunchOut<float>(lc, cfg.k_steps, mi, ni, ki, x, ldx, w, ldw, out, ldo)
              : LaunchOut<__nv_bfloat16>(lc, cfg.k_steps, mi, ni, ki, x, ldx, w, ldw, out, ldo);
+}
+}  // namespace
+
+cudaError_t LaunchGemvBf16(int64_t m, int64_t n, int64_t k, const void* x, int64_t ldx, const void* w,
+                           int64_t ldw, ElemType out_type, void* out, int64_t ldo, GemvConfig cfg,
+                           cudaStream_t stream) {
+  return LaunchGemvPlainOrAdd(false, m, n, k, x, ldx, w, ldw, out_type, out, ldo, cfg, stream);
+}
+
+cudaError_t LaunchGemvAddBf16(int64_t m, int64_t n, int64_t k, const void* x, int64_t ldx, const void* w,
+                              int64_t ldw, void* acc, int64_t ld_acc, GemvConfig cfg, cudaStream_t stream) {
+  return LaunchGemvPlainOrAdd(true, m, n, k, x, ldx, w, ldw, ElemType::kBF16, acc, ld_acc, cfg, stream);
 }
 
 bool GemvRopeSupported(int64_t m, int64_t n, int64_t k, const void* x, int64_t ldx, const void* w, int64_t ldw,
@@ -438,11 +462,24 @@ cudaError_t LaunchGemvRopeKvWrite(int64_t m, int64_t n, int64_t k, const void* x
                                 GemvNormArgs{}, stream);
 }
 
+bool GemvSiluMulSupported(int64_t m, int64_t n, int64_t k, const void* x, int64_t ldx, const void* w, int64_t ldw,
+                          int64_t ldo) {
+  return GemvSupported(m, k, x, ldx, w, ldw) && n > 0 && n % 16 == 0 && n < 0x7fffffff && k < 0x7fffffff &&
+         ldo >= n / 2;
+}
+
+cudaError_t LaunchGemvSiluMul(int64_t m, int64_t n, int64_t k, const void* x, int64_t ldx, const void* w, int64_t ldw,
+                              void* out, int64_t ldo, cudaStream_t stream) {
+  if (!GemvSiluMulSupported(m, n, k, x, ldx, w, ldw, ldo)) return cudaErrorInvalidValue;
+  return LaunchFused<kSilu, kX>(dim3(static_cast<unsigned>(n / kTileRows)), m, n, k, x, ldx, w, ldw, out, ldo,
+                                GemvRopeArgs{}, GemvNormArgs{}, stream);
+}
+
 bool GemvNormSupported(int64_t m, int64_t n, int64_t k, const void* x, int64_t ldx, const void* w, int64_t ldw,
                        int64_t ldo, const GemvNormArgs& a, GemvEpilogue epilogue, const GemvRopeArgs* rope) {
   auto rows_ok = [&](const void* p, int64_t ld) { return p != nullptr && Aligned16(p) && ld >= k && ld % 8 == 0; };
   if (!GemvSupported(m, k, x, ldx, w, ldw) || m > kGemvNormMaxRows || n <= 0 || n >= 0x7fffffff || k >= 0x7fffffff ||
-      a.weight == nullptr || !Aligned16(a.weight) || !(a.eps >= 0.f)) {
+      (a.weight != nullptr && !Aligned16(a.weight)) || !(a.eps >= 0.f)) {
     return false;
   }
   if (a.add != nullptr && (!rows_ok(a.add, a.ld_add) || !rows_ok(a.residual_out, a.ld_residual_out))) return false;

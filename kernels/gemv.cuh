@@ -53,6 +53,16 @@ cudaError_t LaunchGemvBf16(int64_t m, int64_t n, int64_t k, const void* x, int64
                            int64_t ldw, ElemType out_type, void* out, int64_t ldo, GemvConfig cfg,
                            cudaStream_t stream);
 
+// acc[i, j] = bf16(acc[i, j] + bf16(sum_k x[i, k] * w[j, k])) for i < m, j < n: LaunchGemvBf16's
+// BF16 output added into acc [m, n] BF16 (pitch ld_acc >= n) with AddInPlace's arithmetic (fp32
+// sum, one rounding): the bits of LaunchGemvBf16 with the same `cfg` into a scratch buffer then
+// LaunchAddInPlace, in one launch (the residual add after the o and down projections at decode).
+// Each output element is read and written by the one CTA that owns its row; acc must not overlap
+// x or w. Same errors and programmatic dependent launch as LaunchGemvBf16 (acc is read and written
+// after the wait).
+cudaError_t LaunchGemvAddBf16(int64_t m, int64_t n, int64_t k, const void* x, int64_t ldx, const void* w,
+                              int64_t ldw, void* acc, int64_t ld_acc, GemvConfig cfg, cudaStream_t stream);
+
 // The decode QKV projection fused with RoPE and the KV write (the CUDA backend's
 // MatmulRopeKvWrite): out [m, n] = x [m, k] * w [n, k]^T, n = (num_heads + 2 * num_kv_heads) *
 // head_dim (q heads, then k heads, then v heads, each head_dim columns), every element rounded
@@ -84,6 +94,22 @@ cudaError_t LaunchGemvRopeKvWrite(int64_t m, int64_t n, int64_t k, const void* x
                                   int64_t ldw, void* out, int64_t ldo, const GemvRopeArgs& rope,
                                   cudaStream_t stream);
 
+// The decode gate_up projection fused with SiLU-and-multiply (the CUDA backend's
+// MatmulSiluMul): out [m, n / 2] BF16 (pitch ldo >= n / 2) = silu(gate) * up of the projection
+// x [m, k] * w [n, k]^T = [gate | up] (w's rows [0, n/2) gate, [n/2, n) up), each of gate and up
+// rounded to bf16 first, then kernels/elementwise.cu's SiluMul formula: the bits of
+// LaunchGemvBf16 with GemvConfig{1, 4} (unsplit, k_steps 4) then LaunchSiluMul. Each CTA owns 8
+// gate rows and the 8 up rows they pair with, so the product needs no second kernel and the
+// [m, n] projection is never stored. Unsplit, k_steps 4.
+// True when LaunchGemvSiluMul takes these operands: GemvSupported, n a positive multiple of 16
+// below 2^31, ldo >= n / 2.
+bool GemvSiluMulSupported(int64_t m, int64_t n, int64_t k, const void* x, int64_t ldx, const void* w, int64_t ldw,
+                          int64_t ldo);
+// Launches it (programmatic dependent launch as LaunchGemvBf16: w is read before the wait, x
+// after it). out must not overlap x or w. cudaErrorInvalidValue unless GemvSiluMulSupported.
+cudaError_t LaunchGemvSiluMul(int64_t m, int64_t n, int64_t k, const void* x, int64_t ldx, const void* w, int64_t ldw,
+                              void* out, int64_t ldo, cudaStream_t stream);
+
 // The decode projections fused with the RMSNorm before them (LaunchGemvNorm): the GEMV's input
 // is RMSNorm(r) * weight with r = x + add (the residual stream after a sub-layer's output is
 // added, rounded to bf16 once and stored into residual_out by the launch) or r = x (no add), as
@@ -97,7 +123,7 @@ struct GemvNormArgs {
   int64_t ld_add = 0;
   void* residual_out = nullptr;  // BF16 [m, k], pitch ld_residual_out: r (required with add)
   int64_t ld_residual_out = 0;
-  const void* weight = nullptr;  // BF16 [k], the RMSNorm weight
+  const void* weight = nullptr;  // BF16 [k], the RMSNorm weight; null: none (folded into w)
   float eps = 1e-6f;
 };
 
@@ -109,7 +135,7 @@ struct GemvNormArgs {
 //   the bits of LaunchGemvBf16 then LaunchSiluMul (when the projection sums alike). n % 16 == 0.
 enum class GemvEpilogue { kStore, kRopeKvWrite, kSiluMul };
 
-// True when LaunchGemvNorm takes these operands: GemvSupported and m <= kGemvNormMaxRows; norm.weight set and 16-byte
+// True when LaunchGemvNorm takes these operands: GemvSupported and m <= kGemvNormMaxRows; norm.weight null or 16-byte
 // aligned; with add: add and residual_out 16-byte aligned, pitches >= k and multiples of 8; the
 // epilogue's conditions above (kRopeKvWrite: GemvRopeSupported); n < 2^31.
 bool GemvNormSupported(int64_t m, int64_t n, int64_t k, const void* x, int64_t ldx, const void* w, int64_t ldw,

@@ -724,13 +724,16 @@ absl::Status ModelRunner::Forward(int32_t T, int32_t num_rows) {
   ap.scale = 1.0f / std::sqrt(static_cast<float>(hd));
 
   // `stream` is the residual stream; h carries each sub-layer's output into the next add + norm.
-  // Fused (decode-sized steps on CUDA): each add + norm runs inside the projection after it,
-  // which stores the stream into the other buffer (it reads the old one meanwhile); unfused, the
-  // stream is updated in place. Latent layers and a layer-input observer take the unfused input
-  // norm.
+  // Fused (decode-sized steps on CUDA): each norm runs inside the projection after it. Without an
+  // all-reduce between a projection and its residual add (one rank), the o and down projections
+  // add into the stream themselves (MatmulAdd) and the norm projections take the stream as it is;
+  // with one, each add + norm runs inside the projection after it, which stores the stream into
+  // the other buffer (it reads the old one meanwhile). Unfused, the stream is updated in place.
+  // Latent layers and a layer-input observer take the unfused input norm.
   const float eps = static_cast<float>(config_.rms_norm_eps);
   const bool fuse = T <= fused_norm_rows_;  // FusesNormMatmul(t) held for every t up to it
-  Tensor2D stream = x, other = fuse ? Act(x_alt_, T, d) : x;
+  const bool add_in_proj = fuse && (comm_ == nullptr || sh.tp_size == 1);  // AllReduce is a no-op
+  Tensor2D stream = x, other = fuse && !add_in_proj ? Act(x_alt_, T, d) : x;
   auto normed = [&](bool add, const Tensor2D& weight) {
     NormedInput in;
     in.residual = stream;
@@ -750,7 +753,7 @@ absl::Status ModelRunner::Forward(int32_t T, int32_t num_rows) {
     const Tensor2D input_norm = Weight(w.input_norm, 1, d);
     const bool latent = IsLatent(static_cast<int>(l));
     if (latent || layer_input_observer_) {
-      if (l == 0) {
+      if (l == 0 || add_in_proj) {
         RETURN_IF_ERROR(backend_->RmsNorm(stream, input_norm, eps, h));
       } else {
         RETURN_IF_ERROR(backend_->FusedAddRmsNorm(stream, h, input_norm, eps, h));
@@ -766,22 +769,31 @@ absl::Status ModelRunner::Forward(int32_t T, int32_t num_rows) {
       if (layer_input_observer_) {
         RETURN_IF_ERROR(backend_->MatmulRopeKvWrite(h, w_qkv, qkv, rk));
       } else {
-        const NormedInput in = normed(l > 0, input_norm);
+        const NormedInput in = normed(l > 0 && !add_in_proj, input_norm);
         RETURN_IF_ERROR(backend_->NormMatmulRopeKvWrite(in, w_qkv, qkv, rk));
         advance(in);
       }
       RETURN_IF_ERROR(backend_->DecodeAttention(ap, *plan_));
       RETURN_IF_ERROR(backend_->PrefillAttention(ap, *plan_));
-      RETURN_IF_ERROR(backend_->Matmul(attn, Weight(w.o, d, q_sz), h));
+      if (add_in_proj) {
+        RETURN_IF_ERROR(backend_->MatmulAdd(attn, Weight(w.o, d, q_sz), stream, h));
+      } else {
+        RETURN_IF_ERROR(backend_->Matmul(attn, Weight(w.o, d, q_sz), h));
+      }
     }
+    if (latent && add_in_proj) RETURN_IF_ERROR(backend_->AddInPlace(stream, h));
     RETURN_IF_ERROR(AllReduce(h));
-    const NormedInput post = normed(true, Weight(w.post_norm, 1, d));
+    const NormedInput post = normed(!add_in_proj, Weight(w.post_norm, 1, d));
     RETURN_IF_ERROR(backend_->NormMatmulSiluMul(post, Weight(w.gate_up, 2 * sh.inter_size, d), gate_up, act));
     advance(post);
-    RETURN_IF_ERROR(backend_->Matmul(act, Weight(w.down, d, sh.inter_size), h));
-    RETURN_IF_ERROR(AllReduce(h));
+    if (add_in_proj) {
+      RETURN_IF_ERROR(backend_->MatmulAdd(act, Weight(w.down, d, sh.inter_size), stream, h));
+    } else {
+      RETURN_IF_ERROR(backend_->Matmul(act, Weight(w.down, d, sh.inter_size), h));
+      RETURN_IF_ERROR(AllReduce(h));
+    }
   }
-  RETURN_IF_ERROR(backend_->AddInPlace(stream, h));
+  if (!add_in_proj) RETURN_IF_ERROR(backend_->AddInPlace(stream, h));
   final_x_ = stream;
   if (num_rows > 0) RETURN_IF_ERROR(ComputeLogits(stream, dm + m.logit_rows, num_rows));
   return absl::OkStatus();

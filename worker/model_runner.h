@@ -220,8 +220,9 @@ class ModelRunner {
   absl::Status ComputeLogits(const Tensor2D& x, const int32_t* rows, int64_t n);
   // Enqueues the forward pass over the uploaded metadata: T token rows, logits of the first
   // `num_rows` entries of the logit-row list (num_rows <= max_logit_rows_) into logits_. The
-  // residual stream ends in final_x_ (x_, or x_alt_ when the norms were fused into the GEMVs:
-  // Backend::FusesNormMatmul, T <= fused_norm_rows_).
+  // residual stream ends in final_x_ (x_, or x_alt_ when the add + norms were fused into the
+  // GEMVs: Backend::FusesNormMatmul, T <= fused_norm_rows_, with an all-reduce across ranks; on
+  // one rank the o and down projections add into x_ instead, Backend::MatmulAdd).
   absl::Status Forward(int32_t T, int32_t num_rows);
   // Start-up (model_runner_graphs.cc). Writes, uploads and plans a dummy step of `tokens` padding
   // rows (slot -1: no KV write) in `seqs` attention sequences of (nearly) equal length, each a
@@ -299,8 +300,9 @@ class ModelRunner {
   } meta_at_{};
   DeviceBuffer x_, h_, qkv_, attn_, gate_up_, act_, rows_, logits_, logits_local_, meta_, meta_host_;
   // The residual stream's second buffer for steps whose norms are fused into the projections
-  // (each fused add stores the stream into the other buffer): fused_norm_rows_ rows, the most
-  // tokens for which the backend FusesNormMatmul (0: none, not allocated).
+  // (each fused add stores the stream into the other buffer; used only across ranks):
+  // fused_norm_rows_ rows, the most tokens for which the backend FusesNormMatmul (0: none, not
+  // allocated).
   DeviceBuffer x_alt_;
   int64_t fused_norm_rows_ = 0;
   Tensor2D final_x_;  // where the last Forward left the residual stream

@@ -745,7 +745,7 @@ TEST_F(CudaGemvTest, NormGemvMatchesUnfusedAndCpu) {
         ExpectSame(Get(*cuda_, unfused.x, DType::kBF16), d.stream, "FusedAddRmsNorm's stream vs bf16(x + add)");
 
         ExpectNormSiluMul(*cpu_, *cuda_, rng_, d, unfused, unfused_stream, fuses);
-        ExpectNormStore(*cpu_, *cuda_, rng_, d, unfused, unfused_stream);
+        if (fuses) ExpectNormStore(*cpu_, *cuda_, rng_, d, unfused, unfused_stream);  // the kernel takes M <= 8
         ExpectNormRope(*cpu_, *cuda_, rng_, d, unfused, unfused_stream, fuses, RopeShape{4, 2, 64}, true);
         ExpectNormRope(*cpu_, *cuda_, rng_, d, unfused, unfused_stream, fuses, RopeShape{8, 2, 128}, true);
         ExpectNormRope(*cpu_, *cuda_, rng_, d, unfused, unfused_stream, fuses, RopeShape{4, 2, 64}, false);
@@ -757,7 +757,8 @@ TEST_F(CudaGemvTest, NormGemvMatchesUnfusedAndCpu) {
 // The unfused path, bit for bit: next == residual (in place, M = 4: the fused kernel cannot store
 // the stream it reads) and M = 9 and 17 (past kernels::kGemvNormMaxRows, and past the GEMV's
 // kGemvMaxRows; next distinct: the stream copied into next, then updated there) give exactly the
-// ops' stream, normed input, gate_up and act (NormMatmulSiluMul) and qkv and cache rows
+// ops' stream, normed input, gate_up and act (NormMatmulSiluMul against the norm then
+// MatmulSiluMul, which leaves gate_up alone where it fuses) and qkv and cache rows
 // (NormMatmulRopeKvWrite).
 TEST_F(CudaGemvTest, NormGemvFallsBackInPlace) {
   const int64_t K = 1048, I = 40, N = 2 * I;
@@ -800,8 +801,7 @@ TEST_F(CudaGemvTest, NormGemvFallsBackInPlace) {
       } else {
         CHECK_OK(UnfusedNorm(*cuda_, o.in));
         if (silu) {
-          CHECK_OK(cuda_->Matmul(o.in.normed, wv, ov));
-          CHECK_OK(cuda_->SiluMul(ov, av));
+          CHECK_OK(cuda_->MatmulSiluMul(o.in.normed, wv, ov, av));  // fused or not as the fallback's
         } else {
           CHECK_OK(cuda_->MatmulRopeKvWrite(o.in.normed, wqv, ov, p));
         }
@@ -814,9 +814,39 @@ TEST_F(CudaGemvTest, NormGemvFallsBackInPlace) {
     const char* names[] = {"stream", "normed", "out", "act", "k cache", "v cache"};
     for (const bool silu : {true, false}) {
       SCOPED_TRACE(silu ? "NormMatmulSiluMul" : "NormMatmulRopeKvWrite");
+      run(false, silu);  // Matmul's choice for the shape, so both runs below take the same path
       const auto got = run(true, silu), want = run(false, silu);
       for (size_t i = 0; i < got.size(); ++i) ExpectSame(got[i], want[i], names[i]);
       EXPECT_TRUE(got[0] != parity::GetBytes(*cuda_, Put(*cuda_, d.x, DType::kBF16))) << "the stream was not updated";
+    }
+  }
+}
+
+// kernels::LaunchGemvNorm without a norm weight (GemvNormArgs::weight null: the weight folded into
+// w) is bit for bit the launch with an all-ones weight: out, and the stream it stores with the add.
+TEST_F(CudaGemvTest, NormGemvWithoutWeightIsUnitWeight) {
+  const int64_t K = 1048, N = 37, ld = 40;
+  const auto stream = static_cast<cudaStream_t>(cuda_->stream_handle());
+  for (const int64_t M : {1, 5, 8}) {
+    for (const bool with_add : {false, true}) {
+      SCOPED_TRACE(::testing::Message() << "M=" << M << (with_add ? " add" : " no add"));
+      NormData d = MakeNormData(rng_, M, K, with_add);
+      d.g.assign(K, 1.f);
+      const std::vector<float> w = RoundedBf16(RandomVec(rng_, N * K));
+      DeviceBuffer dw = Put(*cuda_, w, DType::kBF16);
+      auto run = [&](bool weight) {
+        NormOperands o = PutNorm(*cuda_, d);
+        kernels::GemvNormArgs a = NormArgs(o, K);
+        if (!weight) a.weight = nullptr;
+        DeviceBuffer out = Put(*cuda_, std::vector<float>(M * ld, kSentinel), DType::kBF16);
+        CHECK_EQ(kernels::LaunchGemvNorm(M, N, K, o.x.data(), K, dw.data(), K, out.data(), ld, a,
+                                         kernels::GemvEpilogue::kStore, nullptr, stream),
+                 cudaSuccess);
+        return std::pair{parity::GetBytes(*cuda_, out), parity::GetBytes(*cuda_, o.next)};
+      };
+      const auto ones = run(true), none = run(false);
+      ExpectSame(none.first, ones.first, "out");
+      ExpectSame(none.second, ones.second, "stream");
     }
   }
 }
@@ -876,6 +906,99 @@ TEST_F(CudaGemvTest, NormGemvCapturesAndReplays) {
   }
 }
 
+// The gate_up GEMV with the SiLU-and-multiply epilogue (kernels::LaunchGemvSiluMul): act is bit
+// for bit the GEMV's configuration 0 (unsplit, k_steps 4) then SiluMul, and within the SiLU bound
+// of the header comment of the CPU's Matmul then SiluMul in fp32 (the projection bound
+// ProjLimit, looser than a plain GEMV's); columns of act past I are not written. I = 40 (5 tiles
+// of 8 gate rows with their up rows) and 64, every M of both token tiles, K with and without a
+// masked tail. Backend::MatmulSiluMul (fused or not, as Matmul's choice for the operands says)
+// gives the bits of Matmul then SiluMul, on the first call (which makes the choice) and after.
+TEST_F(CudaGemvTest, FusedSiluMulMatchesUnfusedAndCpu) {
+  const auto stream = static_cast<cudaStream_t>(cuda_->stream_handle());
+  for (const int64_t I : {40, 64}) {
+    for (const int64_t K : {264, 1024}) {
+      for (const int64_t M : {1, 2, 5, 8, 11, 16}) {
+        SCOPED_TRACE(::testing::Message() << "I=" << I << " K=" << K << " M=" << M);
+        const int64_t N = 2 * I, act_ld = I + 8;
+        const std::vector<float> x = RoundedBf16(RandomVec(rng_, M * K)), w = RoundedBf16(RandomVec(rng_, N * K));
+        DeviceBuffer dx = Put(*cuda_, x, DType::kBF16), dw = Put(*cuda_, w, DType::kBF16);
+        const Tensor2D xv{dx.data(), DType::kBF16, M, K}, wv{dw.data(), DType::kBF16, N, K};
+        const std::vector<float> gu0(M * N, kSentinel), act0(M * act_ld, kSentinel);
+
+        DeviceBuffer act = Put(*cuda_, act0, DType::kBF16);
+        ASSERT_EQ(kernels::LaunchGemvSiluMul(M, N, K, dx.data(), K, dw.data(), K, act.data(), act_ld, stream),
+                  cudaSuccess);
+        const std::vector<float> act_all = Get(*cuda_, act, DType::kBF16);
+        ExpectSame(Dense(act_all, M, act_ld - I, act_ld, I), std::vector<float>(M * (act_ld - I), kSentinel),
+                   "act's columns past I");
+        const std::vector<float> got = Dense(act_all, M, I, act_ld);
+
+        // The two ops: configuration 0, then SiluMul.
+        DeviceBuffer gu = Put(*cuda_, gu0, DType::kBF16), act2 = Put(*cuda_, std::vector<float>(M * I, 0.f), DType::kBF16);
+        const Tensor2D guv{gu.data(), DType::kBF16, M, N}, av{act2.data(), DType::kBF16, M, I};
+        ASSERT_OK(cuda_internal::RunGemv(xv, wv, guv, /*config: unsplit, k_steps 4*/ 0, stream));
+        ASSERT_OK(cuda_->SiluMul(guv, av));
+        ExpectSame(got, Get(*cuda_, act2, DType::kBF16), "act fused vs configuration 0 then SiluMul");
+
+        // The CPU: Matmul, SiluMul in fp32.
+        const std::vector<float> y = CpuMatmul(*cpu_, x, w, M, K, N);
+        std::vector<float> ax = x, aw = w;
+        for (float& v : ax) v = std::abs(v);
+        for (float& v : aw) v = std::abs(v);
+        const std::vector<float> mag = CpuMatmul(*cpu_, ax, aw, M, K, N);
+        DeviceBuffer dy = Put(*cpu_, y, DType::kF32), dwant = Put(*cpu_, std::vector<float>(M * I, 0.f), DType::kF32);
+        ASSERT_OK(cpu_->SiluMul({dy.data(), DType::kF32, M, N}, {dwant.data(), DType::kF32, M, I}));
+        const std::vector<float> want = Get(*cpu_, dwant, DType::kF32);
+        std::vector<double> lim(M * I);
+        for (int64_t t = 0; t < M; ++t) {
+          for (int64_t j = 0; j < I; ++j) {
+            const int64_t gi = t * N + j, ui = gi + I;
+            lim[t * I + j] = ActLimit(y[gi], y[ui], ProjLimit(y[gi], mag[gi]), ProjLimit(y[ui], mag[ui]));
+          }
+        }
+        ExpectWithin(got, want, lim, I, "act (fused) vs cpu");
+        EXPECT_LE(ErrorRmsRatio(got, want), 1.0 / 64) << "act (fused) vs cpu in aggregate";
+
+        // The backend op, twice, against Matmul then SiluMul on the same operands.
+        DeviceBuffer gu3 = Put(*cuda_, gu0, DType::kBF16), act3 = Put(*cuda_, std::vector<float>(M * I, 0.f), DType::kBF16);
+        const Tensor2D gu3v{gu3.data(), DType::kBF16, M, N}, a3v{act3.data(), DType::kBF16, M, I};
+        ASSERT_OK(cuda_->Matmul(xv, wv, gu3v));
+        ASSERT_OK(cuda_->SiluMul(gu3v, a3v));
+        const std::vector<float> ops = Get(*cuda_, act3, DType::kBF16);
+        for (int call = 0; call < 2; ++call) {
+          SCOPED_TRACE(::testing::Message() << "MatmulSiluMul call " << call);
+          ASSERT_OK(cuda_->Memset(act3.data(), 0, act3.bytes()));
+          ASSERT_OK(cuda_->MatmulSiluMul(xv, wv, gu3v, a3v));
+          ExpectSame(Get(*cuda_, act3, DType::kBF16), ops, "act (MatmulSiluMul vs Matmul then SiluMul)");
+        }
+      }
+    }
+  }
+}
+
+// kernels::GemvSiluMulSupported / LaunchGemvSiluMul refuse n % 16 != 0, ldo < n / 2 and what the
+// GEMV refuses (no launch: cudaErrorInvalidValue first).
+TEST(CudaGemvNormOperandsTest, SiluMulRejectsBadOperands) {
+  alignas(16) static unsigned char arena[1 << 14];
+  const void* x = arena;
+  const void* w = arena + 4096;
+  void* out = arena + 8192;
+  EXPECT_TRUE(kernels::GemvSiluMulSupported(4, 64, 256, x, 256, w, 256, 32));
+  struct Bad {
+    const char* what;
+    int64_t m, n, k, ldo;
+    const void* x;
+  };
+  for (const Bad& b : {Bad{"n % 16 != 0", 4, 72, 256, 36, x}, Bad{"ldo < n / 2", 4, 64, 256, 31, x},
+                       Bad{"n = 0", 4, 0, 256, 0, x}, Bad{"m past kGemvMaxRows", kernels::kGemvMaxRows + 1, 64, 256, 32, x},
+                       Bad{"k not a multiple of 8", 4, 64, 252, 32, x},
+                       Bad{"misaligned x", 4, 64, 256, 32, static_cast<const char*>(x) + 2}}) {
+    SCOPED_TRACE(b.what);
+    EXPECT_FALSE(kernels::GemvSiluMulSupported(b.m, b.n, b.k, b.x, b.k, w, b.k, b.ldo));
+    EXPECT_EQ(kernels::LaunchGemvSiluMul(b.m, b.n, b.k, b.x, b.k, w, b.k, out, b.ldo, nullptr), cudaErrorInvalidValue);
+  }
+}
+
 // kernels::GemvNormSupported / LaunchGemvNorm refuse what the kernel cannot run, each operand
 // changed alone from one that it takes (cudaErrorInvalidValue before any launch, so no device is
 // needed and the pointers are never read).
@@ -914,6 +1037,11 @@ TEST(CudaGemvNormOperandsTest, NormGemvRejectsBadOperands) {
   auto supported = [](const Call& c) {
     return kernels::GemvNormSupported(c.m, c.n, c.k, c.x, c.ldx, c.w, c.ldw, c.ldo, c.a, c.e, c.rope);
   };
+  {
+    Call c = base;
+    c.a.weight = nullptr;  // no norm weight (folded into w)
+    EXPECT_TRUE(supported(c)) << "without a norm weight";
+  }
   // The unchanged operands are taken, with each epilogue and without the add.
   for (const E e : {E::kStore, E::kSiluMul, E::kRopeKvWrite}) {
     Call c = base;
@@ -930,7 +1058,6 @@ TEST(CudaGemvNormOperandsTest, NormGemvRejectsBadOperands) {
     return c;
   };
   const std::vector<std::pair<const char*, Call>> bad = {
-      {"null norm weight", with([](Call& c) { c.a.weight = nullptr; })},
       {"misaligned norm weight", with([](Call& c) { c.a.weight = static_cast<const char*>(c.a.weight) + 2; })},
       {"misaligned add", with([](Call& c) { c.a.add = static_cast<const char*>(c.a.add) + 2; })},
       {"add pitch not a multiple of 8", with([](Call& c) { c.a.ld_add = c.k + 4; })},

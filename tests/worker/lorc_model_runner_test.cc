@@ -405,6 +405,9 @@ TEST_F(RandomFactors, FusedNormStreamMatchesInPlaceBitForBit) {
   }
 }
 
+// Two ranks over Gloo give one rank's greedy tokens, with the norms unfused and with them fused
+// (BackendOptions::fused_norm_rows on the CPU: across ranks each add + norm stores the stream into
+// the runner's second buffer, the all-reduce sitting between a projection and its add).
 TEST_F(RandomFactors, TensorParallelTwoRanksGiveTheSameTokens) {
   REQUIRE_TINY_LLAMA();
   constexpr int kTokens = 12;
@@ -414,35 +417,43 @@ TEST_F(RandomFactors, TensorParallelTwoRanksGiveTheSameTokens) {
     ASSERT_NE(one.model.runner, nullptr);
     for (const Golden& g : GoldenPrompts()) want.push_back(GreedyLoop(*one.model.runner, g.prompt_ids, kTokens));
   }
-  InProcessStore store;
-  std::vector<std::vector<int32_t>> got[2];
-  absl::Status status[2];
-  auto rank = [&](int r) {
-    status[r] = [&]() -> absl::Status {
-      auto backend = CreateBackend({});
-      if (!backend.ok()) return backend.status();
-      CommOptions o;
-      o.group = "lorc_tp";
-      o.hostname_or_iface = "127.0.0.1";
-      auto comm = CreateGlooCommunicator({r, 2}, &store, o);
-      if (!comm.ok()) return comm.status();
-      auto m = LoadModel({lorc_dir_->string()}, backend->get(), r, 2, comm->get(), Cache());
-      if (!m.ok()) return m.status();
-      // One KV head per rank: widths of one head.
-      if (m->runner->kv_spec().k_width[0] != kRanks[0].first) {
-        return absl::InternalError(absl::StrCat("rank ", r, ": k_width ", m->runner->kv_spec().k_width[0]));
-      }
-      for (const Golden& g : GoldenPrompts()) got[r].push_back(GreedyLoop(*m->runner, g.prompt_ids, kTokens));
-      return absl::OkStatus();
-    }();
-  };
-  std::thread t1(rank, 1);
-  rank(0);
-  t1.join();
-  ASSERT_OK(status[0]);
-  ASSERT_OK(status[1]);
-  EXPECT_EQ(got[0], want);
-  EXPECT_EQ(got[1], want);
+  for (const bool fused : {false, true}) {
+    SCOPED_TRACE(fused ? "norms fused" : "norms unfused");
+    InProcessStore store;
+    std::vector<std::vector<int32_t>> got[2];
+    absl::Status status[2];
+    auto rank = [&](int r) {
+      status[r] = [&]() -> absl::Status {
+        BackendOptions bo;
+        if (fused) bo.fused_norm_rows = 16;
+        auto backend = CreateBackend(bo);
+        if (!backend.ok()) return backend.status();
+        CommOptions o;
+        o.group = fused ? "lorc_tp_fused" : "lorc_tp";
+        o.hostname_or_iface = "127.0.0.1";
+        auto comm = CreateGlooCommunicator({r, 2}, &store, o);
+        if (!comm.ok()) return comm.status();
+        auto m = LoadModel({lorc_dir_->string()}, backend->get(), r, 2, comm->get(), Cache());
+        if (!m.ok()) return m.status();
+        // One KV head per rank: widths of one head.
+        if (m->runner->kv_spec().k_width[0] != kRanks[0].first) {
+          return absl::InternalError(absl::StrCat("rank ", r, ": k_width ", m->runner->kv_spec().k_width[0]));
+        }
+        if (m->runner->fused_norm_rows() != (fused ? 16 : 0)) {
+          return absl::InternalError(absl::StrCat("rank ", r, ": fused_norm_rows ", m->runner->fused_norm_rows()));
+        }
+        for (const Golden& g : GoldenPrompts()) got[r].push_back(GreedyLoop(*m->runner, g.prompt_ids, kTokens));
+        return absl::OkStatus();
+      }();
+    };
+    std::thread t1(rank, 1);
+    rank(0);
+    t1.join();
+    ASSERT_OK(status[0]);
+    ASSERT_OK(status[1]);
+    EXPECT_EQ(got[0], want);
+    EXPECT_EQ(got[1], want);
+  }
 }
 
 // A quantized cache's bytes per (layer, side 0 K / 1 V, slot, model-wide KV head): that head's

@@ -254,14 +254,28 @@ absl::Status NormInto(Backend& b, const char* op, const NormedInput& in) {
 
 }  // namespace
 
-absl::Status Backend::MatmulAdd(const Tensor2D& x, const Tensor2D& w, Tensor2D acc, Tensor2D scratch) {
+absl::Status Backend::SumSquaresPartials(const Tensor2D& x, float* out) {
+  (void)x;
+  (void)out;
+  return absl::UnimplementedError(absl::StrCat("SumSquaresPartials: not implemented by the ", name(), " backend"));
+}
+
+absl::Status Backend::ScaleColumns(Tensor2D w, const Tensor2D& g) {
+  (void)w;
+  (void)g;
+  return absl::UnimplementedError(absl::StrCat("ScaleColumns: not implemented by the ", name(), " backend"));
+}
+
+absl::Status Backend::MatmulAdd(const Tensor2D& x, const Tensor2D& w, Tensor2D acc, Tensor2D scratch,
+                                float* sum_squares) {
   if (acc.rows != scratch.rows || acc.cols != scratch.cols || acc.dtype != scratch.dtype) {
     return absl::InvalidArgumentError(absl::StrCat("MatmulAdd: acc [", acc.rows, ", ", acc.cols, "] ",
                                                    DTypeName(acc.dtype), " and scratch [", scratch.rows, ", ",
                                                    scratch.cols, "] ", DTypeName(scratch.dtype), " differ"));
   }
   RETURN_IF_ERROR(Matmul(x, w, scratch));
-  return AddInPlace(acc, scratch);
+  RETURN_IF_ERROR(AddInPlace(acc, scratch));
+  return sum_squares == nullptr ? absl::OkStatus() : SumSquaresPartials(acc, sum_squares);
 }
 
 absl::Status Backend::NormMatmulRopeKvWrite(const NormedInput& in, const Tensor2D& w, Tensor2D out,

@@ -301,6 +301,11 @@ struct NormedInput {
   Tensor2D weight;    // [1, H]: the RMSNorm weight
   float eps = 1e-6f;
   Tensor2D normed;    // [T, H] scratch of the unfused path: RMSNorm(stream) * weight
+  // The folded form (Backend::FoldedNormRows; no add; weight all ones, the model's norm weight
+  // folded into w by ScaleColumns): partial sums of squares of residual's rows, fp32 [T, ceil(H /
+  // 16)] as MatmulAdd writes them. A backend may take each row's 1 / rms from them and skip the
+  // norm (the CUDA GEMV); the unfused path ignores them. Null: none.
+  const float* sum_squares = nullptr;
 };
 
 // OK, or InvalidArgument "<op>: NormedInput.<field> <shape, dtype, pitch> (want ...)": residual
@@ -475,10 +480,25 @@ class Backend {
   // dtype first: the bits of Matmul(x, w, scratch) then AddInPlace(acc, scratch), scratch [T, N]
   // of acc's dtype. This default runs the two ops (scratch written); the CUDA backend makes it
   // one GEMV where Matmul's timed choice for (x, w, scratch) is a GEMV configuration (scratch
-  // then untouched; the runner's decode steps at TP = 1 with the norms fused, backend/README.md).
-  // InvalidArgument when acc and scratch differ in shape or dtype; else Matmul's and AddInPlace's
-  // errors.
-  virtual absl::Status MatmulAdd(const Tensor2D& x, const Tensor2D& w, Tensor2D acc, Tensor2D scratch);
+  // then untouched; the runner's decode steps at TP = 1 with the norms fused or folded,
+  // backend/README.md). sum_squares (or null): also SumSquaresPartials of the updated acc.
+  // InvalidArgument when acc and scratch differ in shape or dtype; else Matmul's, AddInPlace's
+  // and SumSquaresPartials's errors.
+  virtual absl::Status MatmulAdd(const Tensor2D& x, const Tensor2D& w, Tensor2D acc, Tensor2D scratch,
+                                 float* sum_squares = nullptr);
+  // out[t, p] = the sum of x[t, c]^2 over columns c in [16p, min(16p + 16, cols)), fp32 [T,
+  // ceil(cols / 16)] dense (kernels/rms_norm.cuh LaunchSumSquaresPartials): what a folded-norm
+  // projection reduces to its rows' rms (NormedInput::sum_squares). BF16 x on CUDA; this default
+  // is Unimplemented (the CPU folds nothing).
+  virtual absl::Status SumSquaresPartials(const Tensor2D& x, float* out);
+  // w[r, c] *= g[0, c] (one rounding): an RMSNorm weight g [1, cols] folded into the projection w
+  // [rows, cols] after it, at load (ModelRunner; FoldedNormRows). Default Unimplemented.
+  virtual absl::Status ScaleColumns(Tensor2D w, const Tensor2D& g);
+  // Decode steps of at most this many tokens may take the folded norms (0: none, the default):
+  // the runner then folds the input and post-attention RMSNorm weights into the qkv and gate_up
+  // projections at load, runs every norm before them with a unit weight, and at one rank passes
+  // MatmulAdd's partial sums of squares to the projections (NormedInput::sum_squares).
+  virtual int64_t FoldedNormRows() const { return 0; }
   // The residual stream's (add +) RMSNorm fused into the projection after it. Decode-sized steps
   // on the CUDA backend run each as one GEMV whose input is the normalized stream
   // (kernels/gemv.cuh LaunchGemvNorm: the 1 / rms scale applied to the fp32 sums, so the

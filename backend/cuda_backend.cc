@@ -181,6 +181,25 @@ absl::Status CudaBackend::AddInPlace(Tensor2D acc, const Tensor2D& x) {
                    "AddInPlace");
 }
 
+absl::Status CudaBackend::SumSquaresPartials(const Tensor2D& x, float* out) {
+  if (x.dtype != DType::kBF16) {
+    return absl::UnimplementedError(absl::StrCat("cuda backend: SumSquaresPartials: input dtype ", DTypeName(x.dtype),
+                                                 " not implemented (BF16)"));
+  }
+  if (x.cols <= 0 || out == nullptr) return ShapeError("SumSquaresPartials", ShapeOf("x", x) + ", out set");
+  return CudaError(kernels::LaunchSumSquaresPartials(x.rows, x.cols, x.data, x.stride(), out, stream_),
+                   "SumSquaresPartials");
+}
+
+absl::Status CudaBackend::ScaleColumns(Tensor2D w, const Tensor2D& g) {
+  ASSIGN_OR_RETURN(const kernels::ElemType et, KernelType("ScaleColumns", {{"w", w.dtype}, {"g", g.dtype}}));
+  if (g.rows != 1 || g.cols != w.cols || g.stride() < g.cols) {
+    return ShapeError("ScaleColumns", absl::StrCat(ShapeOf("w", w), " vs ", ShapeOf("g", g)));
+  }
+  return CudaError(kernels::LaunchScaleColumns(et, w.data, w.stride(), g.data, w.rows, w.cols, stream_),
+                   "ScaleColumns");
+}
+
 absl::Status CudaBackend::SiluMul(const Tensor2D& gate_up, Tensor2D out) {
   ASSIGN_OR_RETURN(const kernels::ElemType et,
                    KernelType("SiluMul", {{"input", gate_up.dtype}, {"output", out.dtype}}));

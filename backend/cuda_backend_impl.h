@@ -184,6 +184,8 @@ class CudaBackend final : public Backend {
   absl::Status Matmul(const Tensor2D& x, const Tensor2D& w, Tensor2D out) override;
   absl::Status AddInPlace(Tensor2D acc, const Tensor2D& x) override;
   absl::Status SiluMul(const Tensor2D& gate_up, Tensor2D out) override;
+  absl::Status SumSquaresPartials(const Tensor2D& x, float* out) override;  // kernels/rms_norm.cu
+  absl::Status ScaleColumns(Tensor2D w, const Tensor2D& g) override;        // kernels/elementwise.cu
   absl::Status Rope(const RopeParams& p) override;
   absl::Status WriteKv(const KvLayer& cache, const Tensor2D& k, const Tensor2D& v,
                        const int32_t* slot_mapping) override;
@@ -198,7 +200,11 @@ class CudaBackend final : public Backend {
   // One launch (kernels::LaunchGemvAddBf16 with the chosen configuration) where Matmul's timed
   // choice for (x, w, scratch) is a GEMV configuration and acc and scratch are BF16; else the two
   // ops.
-  absl::Status MatmulAdd(const Tensor2D& x, const Tensor2D& w, Tensor2D acc, Tensor2D scratch) override;
+  absl::Status MatmulAdd(const Tensor2D& x, const Tensor2D& w, Tensor2D acc, Tensor2D scratch,
+                         float* sum_squares = nullptr) override;
+  // kernels::kGemvNormMaxRows where GetCudaFoldedNorms() held at creation (cuda_gemv.h), under a
+  // policy that allows the GEMV; else 0.
+  int64_t FoldedNormRows() const override;
   // Steps of T <= GetCudaFusedNormRows() (cuda_gemv.h; off by default: measured slower) tokens
   // under a policy that allows the GEMV: one kernels::LaunchGemvNorm each (the rotary / SiLU
   // epilogue, or the plain store then RopeKvWrite where the fused QKV does not apply); else, or

@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <iterator>
 #include <limits>
+#include <string_view>
 
 #include "absl/strings/numbers.h"
 
@@ -27,12 +28,25 @@ int64_t FusedNormRowsFromEnv() {
   return v;
 }
 std::atomic<int64_t> g_fused_norm_rows{FusedNormRowsFromEnv()};
+
+// LORC_FOLDED_NORMS=1 / 0 at start-up, else kDefaultFoldedNorms.
+bool FoldedNormsFromEnv() {
+  const char* e = std::getenv("LORC_FOLDED_NORMS");
+  if (e == nullptr || *e == '\0') return kDefaultFoldedNorms;
+  if (std::string_view(e) == "1") return true;
+  if (std::string_view(e) == "0") return false;
+  std::fprintf(stderr, "lorcserve: LORC_FOLDED_NORMS=%s is not 0 or 1; using %d\n", e, kDefaultFoldedNorms ? 1 : 0);
+  return kDefaultFoldedNorms;
+}
+std::atomic<bool> g_folded_norms{FoldedNormsFromEnv()};
 }  // namespace
 
 void SetCudaMatmulPolicy(CudaMatmulPolicy policy) { g_policy.store(policy); }
 CudaMatmulPolicy GetCudaMatmulPolicy() { return g_policy.load(); }
 void SetCudaFusedNormRows(int64_t rows) { g_fused_norm_rows.store(rows < 0 ? 0 : rows); }
 int64_t GetCudaFusedNormRows() { return g_fused_norm_rows.load(); }
+void SetCudaFoldedNorms(bool on) { g_folded_norms.store(on); }
+bool GetCudaFoldedNorms() { return g_folded_norms.load(); }
 
 }  // namespace lorc
 
@@ -83,9 +97,10 @@ absl::Status RunGemv(const Tensor2D& x, const Tensor2D& w, const Tensor2D& out, 
                                           cudaGetErrorString(e)));
 }
 
-absl::Status RunGemvAdd(const Tensor2D& x, const Tensor2D& w, const Tensor2D& acc, int config, cudaStream_t stream) {
+absl::Status RunGemvAdd(const Tensor2D& x, const Tensor2D& w, const Tensor2D& acc, int config, float* sum_squares,
+                        cudaStream_t stream) {
   const cudaError_t e = kernels::LaunchGemvAddBf16(x.rows, w.rows, x.cols, x.data, x.stride(), w.data, w.stride(),
-                                                   acc.data, acc.stride(), kConfigs[config], stream);
+                                                   acc.data, acc.stride(), kConfigs[config], sum_squares, stream);
   if (e == cudaSuccess) return absl::OkStatus();
   cudaGetLastError();  // not sticky, as RunGemv
   return absl::InternalError(absl::StrCat("cuda backend: MatmulAdd (GEMV, ", GemvConfigName(config), ") x[", x.rows,

@@ -41,6 +41,15 @@ inline constexpr int64_t kDefaultFusedNormRows = 0;
 void SetCudaFusedNormRows(int64_t rows);
 int64_t GetCudaFusedNormRows();
 
+// Folded norms (Backend::FoldedNormRows; the runner folds the RMSNorm weights into the qkv and
+// gate_up projections at load, and decode steps of at most kGemvNormMaxRows tokens at one rank
+// take the rms from the o / down GEMVs' partial sums of squares instead of running the norms).
+// kDefaultFoldedNorms, or LORC_FOLDED_NORMS=0/1 in the environment at start-up (A/B runs);
+// SetCudaFoldedNorms sets it for the CUDA backends created after the call (tests, benchmarks).
+inline constexpr bool kDefaultFoldedNorms = false;
+void SetCudaFoldedNorms(bool on);
+bool GetCudaFoldedNorms();
+
 }  // namespace lorc
 
 #ifdef LORC_HAVE_CUDA
@@ -54,7 +63,9 @@ bool GemvApplies(const Tensor2D& x, const Tensor2D& w, const Tensor2D& out);
 // acc += bf16(x * w^T) with configuration `config` (kernels::LaunchGemvAddBf16; GemvApplies(x, w,
 // out) for a BF16 out of acc's shape must hold): the bits of RunGemv into a scratch then AddInPlace.
 // Errors as RunGemv's.
-absl::Status RunGemvAdd(const Tensor2D& x, const Tensor2D& w, const Tensor2D& acc, int config, cudaStream_t stream);
+// sum_squares (or null): also the updated rows' partial sums of squares (kernels::LaunchGemvAddBf16).
+absl::Status RunGemvAdd(const Tensor2D& x, const Tensor2D& w, const Tensor2D& acc, int config, float* sum_squares,
+                        cudaStream_t stream);
 
 // Number of GEMV configurations (kernels::GemvConfig: cluster splits x k steps); RunGemv's
 // `config` is an index below it. Matmul times the first two (unsplit, k_steps 4 and 8).

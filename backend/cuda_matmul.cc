@@ -29,6 +29,7 @@
 // all is cached (CudaMatmulPolicy kAuto);
 // kCublasLtOnly / kGemvFirst pin one path (benchmarks, tests). Seen first inside a capture:
 // cuBLASLt's heuristic pick (kGemvFirst: the GEMV's first configuration), timed later as above.
+// LORC_LOG_MATMUL=1 prints each choice (shape, kernel, cuBLASLt's and the GEMV's times) to stderr.
 #include "backend/cuda_backend_impl.h"
 
 #ifdef LORC_HAVE_CUDA
@@ -36,6 +37,7 @@
 #include <cublasLt.h>
 
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <limits>
 #include <string_view>
@@ -107,6 +109,7 @@ struct MatmulState {
   const CublasLtApi* lt = nullptr;  // set when init is OK (cublaslt_loader.h)
   CudaMatmulPolicy policy = GetCudaMatmulPolicy();
   int64_t fused_norm_rows = GetCudaFusedNormRows();  // FusesNormMatmul's limit, fixed at creation
+  bool folded_norms = GetCudaFoldedNorms();          // FoldedNormRows > 0, fixed at creation
   cublasLtHandle_t handle = nullptr;
   void* workspace = nullptr;
   cudaEvent_t start = nullptr, stop = nullptr;  // for timing candidates
@@ -275,6 +278,15 @@ GemmKey KeyOf(const Tensor2D& x, const Tensor2D& w, const Tensor2D& out) {
                  GemvApplies(x, w, out)};
 }
 
+// LORC_LOG_MATMUL=1: each choice Matmul makes is printed to stderr (shape, kernel, timings).
+bool LogChoices() {
+  static const bool on = [] {
+    const char* e = std::getenv("LORC_LOG_MATMUL");
+    return e != nullptr && std::string_view(e) == "1";
+  }();
+  return on;
+}
+
 absl::Status CheckMatmul(const Tensor2D& x, const Tensor2D& w, const Tensor2D& out) {
   if (x.cols != w.cols || out.rows != x.rows || out.cols != w.rows || x.rows < 0 || w.rows < 0 ||
       x.cols < 0 || x.stride() < x.cols || w.stride() < w.cols || out.stride() < out.cols) {
@@ -325,13 +337,20 @@ absl::Status CudaBackend::Matmul(const Tensor2D& x, const Tensor2D& w, Tensor2D 
         ASSIGN_OR_RETURN(pick, TimeCandidates(s, g, results, count, stream_, &lt_ms));
       }
       AlgoChoice choice{results[pick].algo, can_time};
+      GemvTiming gt{-1, 0.f};
       if (try_gemv && can_time) {
-        ASSIGN_OR_RETURN(const GemvTiming gt,
-                         TimeGemv(x, w, out, [&](const std::function<bool()>& run) { return TimeCold(s, stream_, run); },
-                                  stream_));
+        ASSIGN_OR_RETURN(gt, TimeGemv(x, w, out, [&](const std::function<bool()>& run) { return TimeCold(s, stream_, run); },
+                                      stream_));
         if (gt.config >= 0 && (TimedFaster(gt.ms, lt_ms) || s.policy == CudaMatmulPolicy::kGemvFirst)) choice.gemv = gt.config;
       } else if (try_gemv && s.policy == CudaMatmulPolicy::kGemvFirst) {
         choice.gemv = 0;  // inside a capture: untimed
+      }
+      if (LogChoices()) {
+        std::fprintf(stderr, "lorcserve: Matmul T=%lld (bucket %lld) N=%lld K=%lld %s: %s (cuBLASLt %.2f us, GEMV %s %.2f us)\n",
+                     static_cast<long long>(x.rows), static_cast<long long>(key.t_bucket), static_cast<long long>(key.n),
+                     static_cast<long long>(key.k), can_time ? "timed" : "in a capture, untimed",
+                     choice.gemv >= 0 ? GemvConfigName(choice.gemv).c_str() : "cuBLASLt", 1e3 * lt_ms / kTimedReps,
+                     gt.config >= 0 ? GemvConfigName(gt.config).c_str() : "-", 1e3 * gt.ms / kTimedReps);
       }
       it = s.algos.insert_or_assign(key, choice).first;
     }
@@ -435,7 +454,8 @@ absl::Status CudaBackend::MatmulSiluMul(const Tensor2D& x, const Tensor2D& w, Te
                    "MatmulSiluMul");
 }
 
-absl::Status CudaBackend::MatmulAdd(const Tensor2D& x, const Tensor2D& w, Tensor2D acc, Tensor2D scratch) {
+absl::Status CudaBackend::MatmulAdd(const Tensor2D& x, const Tensor2D& w, Tensor2D acc, Tensor2D scratch,
+                                    float* sum_squares) {
   int config = -1;
   if (matmul_->policy != CudaMatmulPolicy::kCublasLtOnly && matmul_->init.ok() && CheckMatmul(x, w, scratch).ok() &&
       GemvApplies(x, w, scratch) && scratch.dtype == DType::kBF16 && acc.dtype == DType::kBF16 &&
@@ -443,8 +463,12 @@ absl::Status CudaBackend::MatmulAdd(const Tensor2D& x, const Tensor2D& w, Tensor
     const auto it = matmul_->algos.find(KeyOf(x, w, scratch));
     if (it != matmul_->algos.end() && it->second.timed) config = it->second.gemv;
   }
-  if (config < 0) return Backend::MatmulAdd(x, w, acc, scratch);
-  return RunGemvAdd(x, w, acc, config, stream_);
+  if (config < 0) return Backend::MatmulAdd(x, w, acc, scratch, sum_squares);
+  return RunGemvAdd(x, w, acc, config, sum_squares, stream_);
+}
+
+int64_t CudaBackend::FoldedNormRows() const {
+  return matmul_->folded_norms && matmul_->policy != CudaMatmulPolicy::kCublasLtOnly ? kernels::kGemvNormMaxRows : 0;
 }
 
 namespace {
@@ -469,6 +493,20 @@ bool NormArgsOf(const NormedInput& in, kernels::GemvNormArgs* a) {
 
 }  // namespace
 
+namespace {
+
+// The folded form's kernel arguments (NormedInput::sum_squares set): BF16, no add, the partials;
+// the weight (all ones: folded into w) is not passed.
+bool FoldedArgsOf(const NormedInput& in, kernels::GemvNormArgs* a) {
+  if (in.residual.dtype != DType::kBF16 || in.add.data != nullptr) return false;
+  *a = kernels::GemvNormArgs{};
+  a->eps = in.eps;
+  a->sum_squares = in.sum_squares;
+  return true;
+}
+
+}  // namespace
+
 bool CudaBackend::FusesNormMatmul(int64_t tokens) const {
   const int64_t limit = fused_norm_rows_ >= 0 ? fused_norm_rows_ : matmul_->fused_norm_rows;
   return tokens >= 1 && tokens <= limit && tokens <= kernels::kGemvNormMaxRows &&
@@ -480,6 +518,19 @@ absl::Status CudaBackend::NormMatmulRopeKvWrite(const NormedInput& in, const Ten
   RETURN_IF_ERROR(CheckNormedInput("NormMatmulRopeKvWrite", in));
   kernels::GemvNormArgs a;
   const Tensor2D& x = in.residual;
+  if (in.sum_squares != nullptr) {  // folded: the fused QKV GEMV scaled by the partials, else unfused
+    kernels::GemvRopeArgs r;
+    if (FoldedArgsOf(in, &a) && FoldedNormRows() >= x.rows && CheckMatmul(x, w, out).ok() &&
+        FusedQkvApplies(x, w, out, p, matmul_->policy, &r) &&
+        kernels::GemvNormSupported(x.rows, w.rows, x.cols, x.data, x.stride(), w.data, w.stride(), out.stride(), a,
+                                   kernels::GemvEpilogue::kRopeKvWrite, &r)) {
+      return CudaError(kernels::LaunchGemvNorm(x.rows, w.rows, x.cols, x.data, x.stride(), w.data, w.stride(),
+                                               out.data, out.stride(), a, kernels::GemvEpilogue::kRopeKvWrite, &r,
+                                               stream_),
+                       "NormMatmulRopeKvWrite");
+    }
+    return Backend::NormMatmulRopeKvWrite(in, w, out, p);
+  }
   if (!FusesNormMatmul(x.rows) || !NormArgsOf(in, &a) || !CheckMatmul(x, w, out).ok() ||
       out.dtype != DType::kBF16 || w.dtype != DType::kBF16) {
     return Backend::NormMatmulRopeKvWrite(in, w, out, p);
@@ -508,6 +559,18 @@ absl::Status CudaBackend::NormMatmulSiluMul(const NormedInput& in, const Tensor2
   RETURN_IF_ERROR(CheckNormedInput("NormMatmulSiluMul", in));
   kernels::GemvNormArgs a;
   const Tensor2D& x = in.residual;
+  if (in.sum_squares != nullptr) {  // folded: the SiLU GEMV scaled by the partials, else unfused
+    if (FoldedArgsOf(in, &a) && FoldedNormRows() >= x.rows && CheckMatmul(x, w, gate_up).ok() &&
+        GemvApplies(x, w, gate_up) && act.dtype == DType::kBF16 && act.rows == x.rows && 2 * act.cols == w.rows &&
+        kernels::GemvNormSupported(x.rows, w.rows, x.cols, x.data, x.stride(), w.data, w.stride(), act.stride(), a,
+                                   kernels::GemvEpilogue::kSiluMul, nullptr)) {
+      return CudaError(kernels::LaunchGemvNorm(x.rows, w.rows, x.cols, x.data, x.stride(), w.data, w.stride(),
+                                               act.data, act.stride(), a, kernels::GemvEpilogue::kSiluMul, nullptr,
+                                               stream_),
+                       "NormMatmulSiluMul");
+    }
+    return Backend::NormMatmulSiluMul(in, w, gate_up, act);
+  }
   if (!FusesNormMatmul(x.rows) || !NormArgsOf(in, &a) || !CheckMatmul(x, w, gate_up).ok() ||
       w.dtype != DType::kBF16 || act.dtype != DType::kBF16 || act.rows != x.rows || 2 * act.cols != w.rows ||
       !kernels::GemvNormSupported(x.rows, w.rows, x.cols, x.data, x.stride(), w.data, w.stride(), act.stride(), a,

@@ -64,6 +64,17 @@ __global__ void SiluMulKernel(const T* gu, int64_t gu_ld, T* out, int64_t out_ld
   }
 }
 
+template <typename T>
+__global__ void ScaleColumnsKernel(T* w, int64_t ld, const T* g, int64_t rows, int64_t cols) {
+  PdlTrigger();
+  PdlWait();
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < rows * cols;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / cols, c = i - r * cols;
+    w[r * ld + c] = FromF32<T>(ToF32(w[r * ld + c]) * ToF32(g[c]));
+  }
+}
+
 constexpr unsigned kThreads = 256;
 
 // Enough blocks for one unit per thread, capped (the loops are grid-stride).
@@ -105,6 +116,18 @@ cudaError_t LaunchSiluMul(ElemType dtype, const void* gate_up, int64_t gate_up_l
   return LaunchPdl(SiluMulKernel<__nv_bfloat16>, grid, kThreads, 0, stream, nullptr,
                    static_cast<const __nv_bfloat16*>(gate_up), gate_up_ld, static_cast<__nv_bfloat16*>(out), out_ld,
                    rows, inter, vec);
+}
+
+cudaError_t LaunchScaleColumns(ElemType dtype, void* w, int64_t ld, const void* g, int64_t rows, int64_t cols,
+                               cudaStream_t stream) {
+  if (rows < 0 || cols < 0 || ld < cols) return cudaErrorInvalidValue;
+  if (rows == 0 || cols == 0) return cudaSuccess;
+  const dim3 blocks = Blocks(rows * cols);
+  return dtype == ElemType::kF32
+             ? LaunchPdl(ScaleColumnsKernel<float>, blocks, dim3(kThreads), 0, stream, nullptr, static_cast<float*>(w), ld,
+                         static_cast<const float*>(g), rows, cols)
+             : LaunchPdl(ScaleColumnsKernel<__nv_bfloat16>, blocks, dim3(kThreads), 0, stream, nullptr,
+                         static_cast<__nv_bfloat16*>(w), ld, static_cast<const __nv_bfloat16*>(g), rows, cols);
 }
 
 }  // namespace lorc::kernels

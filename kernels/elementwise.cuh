@@ -20,4 +20,10 @@ cudaError_t LaunchAddInPlace(ElemType dtype, void* acc, int64_t acc_ld, const vo
 cudaError_t LaunchSiluMul(ElemType dtype, const void* gate_up, int64_t gate_up_ld, void* out,
                           int64_t out_ld, int64_t rows, int64_t inter, cudaStream_t stream);
 
+// w[r, c] = w[r, c] * g[c] for r < rows, c < cols (w's pitch ld elements; g [cols], of w's dtype),
+// in fp32, rounded once: an RMSNorm weight folded into the projection after it (W diag(g)).
+// Sizes as LaunchAddInPlace.
+cudaError_t LaunchScaleColumns(ElemType dtype, void* w, int64_t ld, const void* g, int64_t rows, int64_t cols,
+                               cudaStream_t stream);
+
 }  // namespace lorc::kernels

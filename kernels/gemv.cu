@@ -20,6 +20,7 @@ namespace {
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
 constexpr int kTileRows = 16;
+static_assert(kGemvMaxRows * kTileRows <= kThreads, "kAdd's epilogue gives each thread one element");
 
 // 16 bytes of weight, not kept in L1 (read once), with a 256-byte L2 prefetch (a warp reads 64
 // contiguous bytes of a row per step and the following steps of its chunk read the rest).
@@ -94,7 +95,9 @@ __device__ __forceinline__ void RopeEpilogue(const GemvRopeArgs& r, int m, const
 // into out (kAdd: out = bf16(out + bf16(sum))).
 enum Mode { kPlain, kRope, kSilu, kAdd };
 // What the kernel multiplies: x as given, or RMSNorm(x [+ add]) * weight (GemvNormArgs).
-enum In { kX, kNormX };
+// kScaledX: x as given, its rows' 1 / rms from the partial sums of squares norm.sum_squares (the
+// norm weight folded into w; no per-element work).
+enum In { kX, kNormX, kScaledX };
 
 // The SiLU-and-multiply epilogue (kSilu): the tile's 16 rows are gate rows [8c, 8c + 8) and the
 // matching up rows [I + 8c, I + 8c + 8), I = n / 2; it stores act[token][8c + i] =
@@ -133,6 +136,14 @@ __device__ __forceinline__ uint4 NormInput(uint4 xv, uint4 av, uint4 wv, bool ha
     ye[e] = has_weight ? __float2bfloat16_rn(r * __bfloat162float(we[e])) : __float2bfloat16_rn(r);
   }
   return y;
+}
+
+// The sum of squares of v[0, count) (count <= 16) in index order, one rounding per product and per
+// sum (no fused multiply-add): the bits kernels::LaunchSumSquaresPartials computes for a group.
+__device__ __forceinline__ float SumSquares16(const float* v, int count) {
+  float s = 0.f;
+  for (int i = 0; i < count; ++i) s = __fadd_rn(s, __fmul_rn(v[i], v[i]));
+  return s;
 }
 
 // kNormX with add: residual_out = bf16(x + add) for the m rows, by one CTA after its GEMV loop
@@ -202,7 +213,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int c_begin = static_cast<int>(static_cast<int64_t>(chunks) * split / splits);
   const int c_end = static_cast<int>(static_cast<int64_t>(chunks) * (split + 1) / splits);
   float acc[NT][4] = {};
-  float ss[NT] = {};  // kNormX: this lane's sum of squares of its tokens' r
+  float ss[NT] = {};  // kNormX / kScaledX: this lane's share of its tokens' sums of squares
   const uint4 zero = make_uint4(0, 0, 0, 0);
   uint4 va[STEPS], vb[STEPS];
   auto load_w = [&](int c) {
@@ -222,6 +233,31 @@ __global__ void __launch_bounds__(kThreads, 2)
   if (preloaded) load_w(c);
   PdlWait();
   PdlTrigger();  // after the wait, not before: the decode attention's early K/V relies on it (pdl.cuh)
+  // kScaledX: token g + 8j's partials, strided over the 32 (warp, t) lanes of that token, summed
+  // in p order per lane and reduced below exactly as kNormX's per-lane sums (the same tree in
+  // every CTA, so every CTA's 1 / rms has the same bits). The first kPartsInRegs per lane are
+  // loaded here and added after the K loop, so their L2 round trip overlaps the weight stream.
+  constexpr int kPartsInRegs = kIn == kScaledX ? 16 : 1;
+  const int parts = (k + kTileRows - 1) / kTileRows;
+  float pv[NT][kPartsInRegs];
+  if constexpr (kIn == kScaledX) {
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      const float* row = norm.sum_squares + static_cast<int64_t>(x_live[j] ? g + 8 * j : 0) * parts;
+#pragma unroll
+      for (int i = 0; i < kPartsInRegs; ++i) {
+        const int p = warp * 4 + t + 32 * i;
+        pv[j][i] = x_live[j] && p < parts ? __ldg(row + p) : 0.f;
+      }
+    }
+  }
+  // kAdd: this thread's element of the epilogue (token threadIdx.x / 16, row row0 + threadIdx.x %
+  // 16; m * 16 <= kThreads), loaded here for the same reason.
+  float resid = 0.f;
+  if constexpr (kMode == kAdd) {
+    const int token = threadIdx.x / kTileRows, row = row0 + threadIdx.x % kTileRows;
+    if (split == 0 && token < m && row < n) resid = ToF32(out[static_cast<int64_t>(token) * ldo + row]);
+  }
   for (bool first = true; c < c_end; c += kWarps, first = false) {
     if (!(first && preloaded)) load_w(c);
     uint4 vx[NT][STEPS];
@@ -271,12 +307,22 @@ __global__ void __launch_bounds__(kThreads, 2)
   if constexpr (kIn == kNormX) {
     if (has_add && blockIdx.x == 0) StoreResidual(norm, m, k, x, ldx);
   }
+  if constexpr (kIn == kScaledX) {
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+#pragma unroll
+      for (int i = 0; i < kPartsInRegs; ++i) ss[j] += pv[j][i];
+      if (!x_live[j]) continue;
+      const float* row = norm.sum_squares + static_cast<int64_t>(g + 8 * j) * parts;
+      for (int p = warp * 4 + t + 32 * kPartsInRegs; p < parts; p += 32) ss[j] += __ldg(row + p);
+    }
+  }
 
   // Warp partials -> the CTA's [token][row] sums.
   __shared__ float red[kWarps][kTileRows][8 * NT];
   __shared__ float part[8 * NT * kTileRows];  // [token][row]
-  __shared__ float ssq[kIn == kNormX ? kWarps : 1][8 * NT];  // kNormX: [warp][token] sums of squares
-  if constexpr (kIn == kNormX) {
+  __shared__ float ssq[kIn != kX ? kWarps : 1][8 * NT];  // kNormX / kScaledX: [warp][token] sums of squares
+  if constexpr (kIn != kX) {
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
       float v = ss[j];
@@ -298,7 +344,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     float sum = 0.f;
 #pragma unroll
     for (int v = 0; v < kWarps; ++v) sum += red[v][row][token];
-    if constexpr (kIn == kNormX) {
+    if constexpr (kIn != kX) {
       float sq = 0.f;
 #pragma unroll
       for (int v = 0; v < kWarps; ++v) sq += ssq[v][token];
@@ -336,9 +382,20 @@ __global__ void __launch_bounds__(kThreads, 2)
       if (row >= n) continue;
       OutT* o = out + static_cast<int64_t>(token) * ldo + row;
       if constexpr (kMode == kAdd) {  // AddInPlace's arithmetic on the GEMV's rounded output
-        *o = FromF32<OutT>(ToF32(*o) + ToF32(FromF32<OutT>(part[i])));
+        const OutT v = FromF32<OutT>(resid + ToF32(FromF32<OutT>(part[i])));  // resid: *o (i == threadIdx.x)
+        *o = v;
+        part[i] = ToF32(v);  // for the sums of squares below
       } else {
         *o = FromF32<OutT>(part[i]);
+      }
+    }
+    if constexpr (kMode == kAdd) {
+      if (norm.sum_squares_out != nullptr) {  // uniform over the CTA
+        __syncthreads();
+        for (int token = threadIdx.x; token < m; token += kThreads) {
+          float* dst = norm.sum_squares_out + static_cast<int64_t>(token) * gridDim.x + blockIdx.x;
+          *dst = SumSquares16(part + token * kTileRows, min(kTileRows, n - row0));
+        }
       }
     }
   }
@@ -348,14 +405,17 @@ struct GemvLaunch {
   dim3 grid;
   cudaStream_t stream = nullptr;
   const cudaLaunchAttribute* cluster = nullptr;  // the split's cluster shape, or null
+  float* sum_squares_out = nullptr;              // kAdd: GemvNormArgs::sum_squares_out
 };
 
 template <int NT, int STEPS, typename OutT, Mode kMode>
 cudaError_t Launch(const GemvLaunch& cfg, int m, int n, int k, const void* x, int64_t ldx,
                    const void* w, int64_t ldw, void* out, int64_t ldo) {
+  GemvNormArgs sums;  // kAdd: where the rows' partial sums of squares go (or null)
+  sums.sum_squares_out = cfg.sum_squares_out;
   return LaunchPdl(GemvKernel<NT, STEPS, OutT, kMode>, cfg.grid, dim3(kThreads), 0, cfg.stream, cfg.cluster, m, n, k,
                    static_cast<const __nv_bfloat16*>(x), ldx, static_cast<const __nv_bfloat16*>(w), ldw,
-                   static_cast<OutT*>(out), ldo, GemvRopeArgs{}, GemvNormArgs{});
+                   static_cast<OutT*>(out), ldo, GemvRopeArgs{}, sums);
 }
 
 template <int STEPS, typename OutT, Mode kMode>
@@ -388,7 +448,7 @@ cudaError_t LaunchFused(dim3 grid, int64_t m, int64_t n, int64_t k, const void* 
   const auto* xb = static_cast<const __nv_bfloat16*>(x);
   const auto* wb = static_cast<const __nv_bfloat16*>(w);
   auto* ob = static_cast<__nv_bfloat16*>(out);
-  if constexpr (kIn == kNormX) {  // m <= kGemvNormMaxRows: one token tile
+  if constexpr (kIn != kX) {  // m <= kGemvNormMaxRows: one token tile
     return LaunchPdl(GemvKernel<1, kRopeSteps, __nv_bfloat16, kMode, kIn>, grid, dim3(kThreads), 0, stream, nullptr,
                      mi, ni, ki, xb, ldx, wb, ldw, ob, ldo, rope, norm);
   } else {
@@ -409,7 +469,7 @@ namespace {
 // The plain and adding GEMVs' launch: kPlain with F32 or BF16 out, kAdd with BF16 out.
 cudaError_t LaunchGemvPlainOrAdd(bool add, int64_t m, int64_t n, int64_t k, const void* x, int64_t ldx,
                                  const void* w, int64_t ldw, ElemType out_type, void* out, int64_t ldo,
-                                 GemvConfig cfg, cudaStream_t stream) {
+                                 GemvConfig cfg, float* sum_squares_out, cudaStream_t stream) {
   constexpr int64_t kIntMax = 0x7fffffff;
   if (!GemvSupported(m, k, x, ldx, w, ldw) || n < 0 || ldo < n || n >= kIntMax || k >= kIntMax ||
       cfg.splits < 1 || cfg.splits > kGemvMaxSplits || (cfg.k_steps != 4 && cfg.k_steps != 8)) {
@@ -419,6 +479,7 @@ cudaError_t LaunchGemvPlainOrAdd(bool add, int64_t m, int64_t n, int64_t k, cons
   GemvLaunch lc;
   lc.grid = dim3(static_cast<unsigned>((n + kTileRows - 1) / kTileRows), static_cast<unsigned>(cfg.splits));
   lc.stream = stream;
+  lc.sum_squares_out = sum_squares_out;
   cudaLaunchAttribute cluster;
   if (cfg.splits > 1) {
     cluster.id = cudaLaunchAttributeClusterDimension;
@@ -438,12 +499,13 @@ cudaError_t LaunchGemvPlainOrAdd(bool add, int64_t m, int64_t n, int64_t k, cons
 cudaError_t LaunchGemvBf16(int64_t m, int64_t n, int64_t k, const void* x, int64_t ldx, const void* w,
                            int64_t ldw, ElemType out_type, void* out, int64_t ldo, GemvConfig cfg,
                            cudaStream_t stream) {
-  return LaunchGemvPlainOrAdd(false, m, n, k, x, ldx, w, ldw, out_type, out, ldo, cfg, stream);
+  return LaunchGemvPlainOrAdd(false, m, n, k, x, ldx, w, ldw, out_type, out, ldo, cfg, nullptr, stream);
 }
 
 cudaError_t LaunchGemvAddBf16(int64_t m, int64_t n, int64_t k, const void* x, int64_t ldx, const void* w,
-                              int64_t ldw, void* acc, int64_t ld_acc, GemvConfig cfg, cudaStream_t stream) {
-  return LaunchGemvPlainOrAdd(true, m, n, k, x, ldx, w, ldw, ElemType::kBF16, acc, ld_acc, cfg, stream);
+                              int64_t ldw, void* acc, int64_t ld_acc, GemvConfig cfg, float* sum_squares,
+                              cudaStream_t stream) {
+  return LaunchGemvPlainOrAdd(true, m, n, k, x, ldx, w, ldw, ElemType::kBF16, acc, ld_acc, cfg, sum_squares, stream);
 }
 
 bool GemvRopeSupported(int64_t m, int64_t n, int64_t k, const void* x, int64_t ldx, const void* w, int64_t ldw,
@@ -483,6 +545,7 @@ bool GemvNormSupported(int64_t m, int64_t n, int64_t k, const void* x, int64_t l
     return false;
   }
   if (a.add != nullptr && (!rows_ok(a.add, a.ld_add) || !rows_ok(a.residual_out, a.ld_residual_out))) return false;
+  if (a.sum_squares != nullptr && (a.add != nullptr || epilogue == GemvEpilogue::kStore)) return false;
   switch (epilogue) {
     case GemvEpilogue::kStore:
       return ldo >= n;
@@ -504,9 +567,17 @@ cudaError_t LaunchGemvNorm(int64_t m, int64_t n, int64_t k, const void* x, int64
       return LaunchFused<kPlain, kNormX>(dim3(static_cast<unsigned>((n + kTileRows - 1) / kTileRows)), m, n, k, x, ldx,
                                          w, ldw, out, ldo, GemvRopeArgs{}, norm, stream);
     case GemvEpilogue::kRopeKvWrite:
+      if (norm.sum_squares != nullptr) {
+        return LaunchFused<kRope, kScaledX>(dim3(static_cast<unsigned>(n / kTileRows)), m, n, k, x, ldx, w, ldw, out,
+                                            ldo, *rope, norm, stream);
+      }
       return LaunchFused<kRope, kNormX>(dim3(static_cast<unsigned>(n / kTileRows)), m, n, k, x, ldx, w, ldw, out, ldo,
                                         *rope, norm, stream);
     case GemvEpilogue::kSiluMul:
+      if (norm.sum_squares != nullptr) {
+        return LaunchFused<kSilu, kScaledX>(dim3(static_cast<unsigned>(n / kTileRows)), m, n, k, x, ldx, w, ldw, out,
+                                            ldo, GemvRopeArgs{}, norm, stream);
+      }
       return LaunchFused<kSilu, kNormX>(dim3(static_cast<unsigned>(n / kTileRows)), m, n, k, x, ldx, w, ldw, out, ldo,
                                         GemvRopeArgs{}, norm, stream);
   }

@@ -57,11 +57,15 @@ cudaError_t LaunchGemvBf16(int64_t m, int64_t n, int64_t k, const void* x, int64
 // BF16 output added into acc [m, n] BF16 (pitch ld_acc >= n) with AddInPlace's arithmetic (fp32
 // sum, one rounding): the bits of LaunchGemvBf16 with the same `cfg` into a scratch buffer then
 // LaunchAddInPlace, in one launch (the residual add after the o and down projections at decode).
-// Each output element is read and written by the one CTA that owns its row; acc must not overlap
-// x or w. Same errors and programmatic dependent launch as LaunchGemvBf16 (acc is read and written
-// after the wait).
+// sum_squares (or null): also the partial sums of squares of the updated rows, fp32 [m,
+// ceil(n / 16)] dense, as LaunchSumSquaresPartials writes them (rms_norm.cuh; the same bits):
+// the next projection's 1 / rms (GemvNormArgs::sum_squares). Each output element is read and
+// written by the one CTA that owns its row; acc must not overlap x, w or sum_squares. Same errors
+// and programmatic dependent launch as LaunchGemvBf16 (acc and sum_squares are touched after the
+// wait).
 cudaError_t LaunchGemvAddBf16(int64_t m, int64_t n, int64_t k, const void* x, int64_t ldx, const void* w,
-                              int64_t ldw, void* acc, int64_t ld_acc, GemvConfig cfg, cudaStream_t stream);
+                              int64_t ldw, void* acc, int64_t ld_acc, GemvConfig cfg, float* sum_squares,
+                              cudaStream_t stream);
 
 // The decode QKV projection fused with RoPE and the KV write (the CUDA backend's
 // MatmulRopeKvWrite): out [m, n] = x [m, k] * w [n, k]^T, n = (num_heads + 2 * num_kv_heads) *
@@ -125,6 +129,12 @@ struct GemvNormArgs {
   int64_t ld_residual_out = 0;
   const void* weight = nullptr;  // BF16 [k], the RMSNorm weight; null: none (folded into w)
   float eps = 1e-6f;
+  // The folded form (kRopeKvWrite / kSiluMul epilogues, no add): the input is x as given and each
+  // row's 1 / rms = rsqrt(sum_p sum_squares[i, p] / k + eps) multiplies its fp32 sums, p < ceil(k /
+  // 16) (fp32 [m, ceil(k / 16)] dense, LaunchGemvAddBf16's or LaunchSumSquaresPartials's); the
+  // weight is not read (fold it into w: W' = W diag(weight)). No per-element work on x.
+  const float* sum_squares = nullptr;
+  float* sum_squares_out = nullptr;  // internal (LaunchGemvAddBf16's); leave null
 };
 
 // What a fused-norm launch writes after the GEMV:
@@ -137,7 +147,8 @@ enum class GemvEpilogue { kStore, kRopeKvWrite, kSiluMul };
 
 // True when LaunchGemvNorm takes these operands: GemvSupported and m <= kGemvNormMaxRows; norm.weight null or 16-byte
 // aligned; with add: add and residual_out 16-byte aligned, pitches >= k and multiples of 8; the
-// epilogue's conditions above (kRopeKvWrite: GemvRopeSupported); n < 2^31.
+// epilogue's conditions above (kRopeKvWrite: GemvRopeSupported); n < 2^31; with sum_squares: no add
+// and not kStore.
 bool GemvNormSupported(int64_t m, int64_t n, int64_t k, const void* x, int64_t ldx, const void* w, int64_t ldw,
                        int64_t ldo, const GemvNormArgs& norm, GemvEpilogue epilogue, const GemvRopeArgs* rope);
 

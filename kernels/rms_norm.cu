@@ -1,5 +1,7 @@
 #include "kernels/rms_norm.cuh"
 
+#include <algorithm>
+
 #include "kernels/pdl.cuh"
 #include "kernels/vec.cuh"
 
@@ -69,6 +71,36 @@ cudaError_t LaunchRmsNorm(const RmsNormArgs& a, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(a.rows));
   return a.dtype == ElemType::kF32 ? LaunchPdl(RmsNormKernel<float>, grid, threads, 0, stream, nullptr, a, vec)
                                    : LaunchPdl(RmsNormKernel<__nv_bfloat16>, grid, threads, 0, stream, nullptr, a, vec);
+}
+
+namespace {
+__global__ void SumSquaresPartialsKernel(int64_t rows, int cols, const __nv_bfloat16* x, int64_t x_ld, float* out) {
+  PdlTrigger();
+  PdlWait();
+  const int parts = (cols + 15) / 16;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < rows * parts;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / parts;
+    const int c0 = static_cast<int>(i % parts) * 16, count = min(16, cols - c0);
+    const __nv_bfloat16* row = x + r * x_ld + c0;
+    float s = 0.f;
+    for (int c = 0; c < count; ++c) {
+      const float v = __bfloat162float(row[c]);
+      s = __fadd_rn(s, __fmul_rn(v, v));
+    }
+    out[i] = s;
+  }
+}
+}  // namespace
+
+cudaError_t LaunchSumSquaresPartials(int64_t rows, int64_t cols, const void* x, int64_t x_ld, float* out,
+                                     cudaStream_t stream) {
+  if (rows < 0 || cols <= 0 || cols > INT32_MAX || x_ld < cols) return cudaErrorInvalidValue;
+  if (rows == 0) return cudaSuccess;
+  const int64_t units = rows * ((cols + 15) / 16);
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((units + 255) / 256, 4096));
+  return LaunchPdl(SumSquaresPartialsKernel, dim3(blocks), dim3(256), 0, stream, nullptr, rows,
+                   static_cast<int>(cols), static_cast<const __nv_bfloat16*>(x), x_ld, out);
 }
 
 }  // namespace lorc::kernels

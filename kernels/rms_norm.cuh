@@ -31,4 +31,14 @@ struct RmsNormArgs {
 // Returns cudaErrorInvalidValue for cols <= 0 or cols > 2^31 - 1; rows == 0 launches nothing.
 cudaError_t LaunchRmsNorm(const RmsNormArgs& args, cudaStream_t stream);
 
+// Partial sums of squares of the rows of x [rows, cols] BF16 (pitch x_ld elements): out[r, p] =
+// sum of x[r, c]^2 over the group of 16 columns c in [16p, min(16p + 16, cols)), in column order,
+// fp32 with one rounding per product and per sum (no fused multiply-add); out fp32 [rows,
+// ceil(cols / 16)] dense. The same bits as kernels::LaunchGemvAddBf16's partials
+// (gemv.cuh), which a folded-norm GEMV (GemvNormArgs::sum_squares) reduces to its rows' rms.
+// cudaErrorInvalidValue for rows < 0, cols <= 0, cols > 2^31 - 1 or x_ld < cols; rows == 0 launches
+// nothing. Launched with programmatic dependent launch (reads x after the wait).
+cudaError_t LaunchSumSquaresPartials(int64_t rows, int64_t cols, const void* x, int64_t x_ld, float* out,
+                                     cudaStream_t stream);
+
 }  // namespace lorc::kernels

@@ -85,6 +85,7 @@ absl::Status ModelRunner::Init(const KvCacheSpec& spec, const KvCacheOptions& kv
   max_blocks_per_seq_ = kv_spec_.BlocksForTokens(limits_.max_model_len);
   max_logit_rows_ = std::min(limits_.max_num_seqs, limits_.max_num_batched_tokens);
   RETURN_IF_ERROR(AllocateStepBuffers());
+  RETURN_IF_ERROR(FoldNormWeights());
   const std::vector<float> inv_freq = RopeInverseFrequencies(config_);
   ASSIGN_OR_RETURN(inv_freq_, backend_->Allocate(inv_freq.size() * sizeof(float)));
   RETURN_IF_ERROR(backend_->CopyToDevice(inv_freq_.data(), inv_freq.data(), inv_freq.size() * sizeof(float)));
@@ -295,6 +296,30 @@ absl::Status ModelRunner::FinishHostKvTransfers() {
   host_kv_pending_ = false;
   ForgetHostKvBlocks();
   return backend_->SynchronizeKvTransfers();
+}
+
+absl::Status ModelRunner::FoldNormWeights() {
+  const int64_t rows = std::min<int64_t>(backend_->FoldedNormRows(), limits_.max_num_batched_tokens);
+  if (rows <= 0 || weights_.dtype != DType::kBF16 || (comm_ != nullptr && weights_.shard.tp_size > 1)) {
+    return absl::OkStatus();
+  }
+  const ShardLayout& sh = weights_.shard;
+  const int64_t d = config_.hidden_size, hd = config_.head_dim;
+  for (int64_t l = 0; l < config_.num_layers; ++l) {
+    const LayerWeights& w = weights_.layers[l];
+    if (!IsLatent(static_cast<int>(l))) {
+      const int64_t n = (sh.num_heads + 2 * sh.num_kv_heads) * hd;
+      RETURN_IF_ERROR(backend_->ScaleColumns(Weight(w.qkv, n, d), Weight(w.input_norm, 1, d)));
+    }
+    RETURN_IF_ERROR(backend_->ScaleColumns(Weight(w.gate_up, 2 * sh.inter_size, d), Weight(w.post_norm, 1, d)));
+  }
+  const std::vector<uint16_t> ones(d, 0x3f80);  // bf16 1.0
+  ASSIGN_OR_RETURN(ones_, backend_->Allocate(ones.size() * sizeof(uint16_t)));
+  RETURN_IF_ERROR(backend_->CopyToDevice(ones_.data(), ones.data(), ones.size() * sizeof(uint16_t)));
+  ASSIGN_OR_RETURN(sum_squares_, backend_->Allocate(static_cast<size_t>(rows * ((d + 15) / 16)) * sizeof(float)));
+  fold_rows_ = rows;
+  norms_folded_ = true;
+  return backend_->Synchronize();
 }
 
 absl::Status ModelRunner::AllocateStepBuffers() {
@@ -729,11 +754,19 @@ absl::Status ModelRunner::Forward(int32_t T, int32_t num_rows) {
   // add into the stream themselves (MatmulAdd) and the norm projections take the stream as it is;
   // with one, each add + norm runs inside the projection after it, which stores the stream into
   // the other buffer (it reads the old one meanwhile). Unfused, the stream is updated in place.
-  // Latent layers and a layer-input observer take the unfused input norm.
+  // Latent layers and a layer-input observer take the unfused input norm. Folded norms
+  // (FoldNormWeights; one rank): every norm whose weight went into w runs with a unit weight,
+  // and in steps of at most fold_rows_ tokens the o and down projections add into the stream and
+  // write its partial sums of squares, from which the qkv and gate_up projections after them
+  // take the rms (no norm op; the first layer's qkv and a latent layer's MLP run the norm).
   const float eps = static_cast<float>(config_.rms_norm_eps);
   const bool fuse = T <= fused_norm_rows_;  // FusesNormMatmul(t) held for every t up to it
-  const bool add_in_proj = fuse && (comm_ == nullptr || sh.tp_size == 1);  // AllReduce is a no-op
+  const bool folded = T <= fold_rows_;
+  const bool add_in_proj = (fuse || folded) && (comm_ == nullptr || sh.tp_size == 1);  // AllReduce is a no-op
   Tensor2D stream = x, other = fuse && !add_in_proj ? Act(x_alt_, T, d) : x;
+  float* sum_squares = folded ? sum_squares_.as<float>() : nullptr;
+  bool have_sum_squares = false;  // sum_squares holds the stream's partials (the last MatmulAdd's)
+  const Tensor2D ones = norms_folded_ ? Weight(ones_, 1, d) : Tensor2D{};
   auto normed = [&](bool add, const Tensor2D& weight) {
     NormedInput in;
     in.residual = stream;
@@ -742,6 +775,7 @@ absl::Status ModelRunner::Forward(int32_t T, int32_t num_rows) {
     in.weight = weight;
     in.eps = eps;
     in.normed = h;
+    if (!add && have_sum_squares) in.sum_squares = sum_squares;
     return in;
   };
   auto advance = [&](const NormedInput& in) {
@@ -750,8 +784,10 @@ absl::Status ModelRunner::Forward(int32_t T, int32_t num_rows) {
   RETURN_IF_ERROR(backend_->Embedding(Weight(weights_.embed, config_.vocab_size, d), dm + m.ids, x));
   for (int64_t l = 0; l < config_.num_layers; ++l) {
     const LayerWeights& w = weights_.layers[l];
-    const Tensor2D input_norm = Weight(w.input_norm, 1, d);
     const bool latent = IsLatent(static_cast<int>(l));
+    // The weights folded into qkv (full-attention layers) and gate_up run as ones here.
+    const Tensor2D input_norm = norms_folded_ && !latent ? ones : Weight(w.input_norm, 1, d);
+    const Tensor2D post_norm = norms_folded_ ? ones : Weight(w.post_norm, 1, d);
     if (latent || layer_input_observer_) {
       if (l == 0 || add_in_proj) {
         RETURN_IF_ERROR(backend_->RmsNorm(stream, input_norm, eps, h));
@@ -776,18 +812,23 @@ absl::Status ModelRunner::Forward(int32_t T, int32_t num_rows) {
       RETURN_IF_ERROR(backend_->DecodeAttention(ap, *plan_));
       RETURN_IF_ERROR(backend_->PrefillAttention(ap, *plan_));
       if (add_in_proj) {
-        RETURN_IF_ERROR(backend_->MatmulAdd(attn, Weight(w.o, d, q_sz), stream, h));
+        RETURN_IF_ERROR(backend_->MatmulAdd(attn, Weight(w.o, d, q_sz), stream, h, sum_squares));
+        have_sum_squares = sum_squares != nullptr;
       } else {
         RETURN_IF_ERROR(backend_->Matmul(attn, Weight(w.o, d, q_sz), h));
       }
     }
-    if (latent && add_in_proj) RETURN_IF_ERROR(backend_->AddInPlace(stream, h));
+    if (latent && add_in_proj) {
+      RETURN_IF_ERROR(backend_->AddInPlace(stream, h));
+      have_sum_squares = false;
+    }
     RETURN_IF_ERROR(AllReduce(h));
-    const NormedInput post = normed(!add_in_proj, Weight(w.post_norm, 1, d));
+    const NormedInput post = normed(!add_in_proj, post_norm);
     RETURN_IF_ERROR(backend_->NormMatmulSiluMul(post, Weight(w.gate_up, 2 * sh.inter_size, d), gate_up, act));
     advance(post);
     if (add_in_proj) {
-      RETURN_IF_ERROR(backend_->MatmulAdd(act, Weight(w.down, d, sh.inter_size), stream, h));
+      RETURN_IF_ERROR(backend_->MatmulAdd(act, Weight(w.down, d, sh.inter_size), stream, h, sum_squares));
+      have_sum_squares = sum_squares != nullptr;
     } else {
       RETURN_IF_ERROR(backend_->Matmul(act, Weight(w.down, d, sh.inter_size), h));
       RETURN_IF_ERROR(AllReduce(h));

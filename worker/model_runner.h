@@ -157,6 +157,8 @@ class ModelRunner {
   // Steps of at most this many tokens hand their norms to the backend's fused projections
   // (Backend::FusesNormMatmul; 0: none).
   int64_t fused_norm_rows() const { return fused_norm_rows_; }
+  // Decode steps of at most this many tokens take the folded norms (FoldNormWeights; 0: none).
+  int64_t fold_rows() const { return fold_rows_; }
   // Padded batch sizes captured as decode graphs (ascending; empty when running eagerly).
   const std::vector<int32_t>& decode_graph_sizes() const { return graph_sizes_; }
   // Steps of this runner's lifetime replayed from a graph / run eagerly.
@@ -202,6 +204,10 @@ class ModelRunner {
       : config_(config), weights_(std::move(weights)), backend_(backend), comm_(comm) {}
   absl::Status Init(const KvCacheSpec& spec, const KvCacheOptions& kv);
   absl::Status AllocateStepBuffers();
+  // Backend::FoldedNormRows > 0, BF16 weights, one rank: the input norms' weights folded into the
+  // qkv projections of full-attention layers and the post-attention norms' into gate_up
+  // (Backend::ScaleColumns), ones_ and sum_squares_ allocated, fold_rows_ set. Otherwise nothing.
+  absl::Status FoldNormWeights();
   absl::Status AllocateCache(const KvCacheOptions& kv, int64_t reserve_bytes);
   // After AllocateCache: the host tier of kv.kv_offloading_bytes (none when 0).
   absl::Status AllocateHostKv(const KvCacheOptions& kv);
@@ -305,6 +311,13 @@ class ModelRunner {
   // allocated).
   DeviceBuffer x_alt_;
   int64_t fused_norm_rows_ = 0;
+  // Folded norms (FoldNormWeights): decode steps of at most fold_rows_ tokens pass MatmulAdd's
+  // partial sums of squares of the stream (sum_squares_, fp32 [fold_rows_, ceil(H / 16)]) to the
+  // qkv and gate_up projections; every norm whose weight was folded runs with ones_ ([H], all
+  // ones) instead. fold_rows_ 0: not folded.
+  int64_t fold_rows_ = 0;
+  bool norms_folded_ = false;
+  DeviceBuffer ones_, sum_squares_;
   Tensor2D final_x_;  // where the last Forward left the residual stream
   // Sharded LM head only: the all-gather's output ([tp][n][V/tp], F32) and the row indices
   // 0 .. tp * R - 1 (int32) that GatherRows uses to interleave it into logits_.

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "backend/cuda_backend.h"
+#include "backend/cuda_gemv.h"
 #include "common/status_macros.h"
 #include "coordinator/engine.h"
 #include "gmock/gmock.h"
@@ -85,9 +86,9 @@ std::vector<GenerationResult> Generate(StepRunner* runner, const LoadedModel& m,
 }
 
 // fused_norm_rows: BackendOptions::fused_norm_rows (-1: the backend's default); when > 0 the
-// runner must have taken it.
+// runner must have taken it. fold_rows >= 0: the runner's ModelRunner::fold_rows() must be it.
 std::vector<GenerationResult> GenerateOn(BackendKind kind, const std::vector<GenerationRequest>& reqs,
-                                         int64_t fused_norm_rows = -1) {
+                                         int64_t fused_norm_rows = -1, int64_t fold_rows = -1) {
   BackendOptions bo{kind};
   bo.fused_norm_rows = fused_norm_rows;
   auto backend = CreateBackend(bo);
@@ -101,6 +102,9 @@ std::vector<GenerationResult> GenerateOn(BackendKind kind, const std::vector<Gen
   }
   if (fused_norm_rows > 0) {
     EXPECT_EQ(m->runner->fused_norm_rows(), fused_norm_rows);
+  }
+  if (fold_rows >= 0) {
+    EXPECT_EQ(m->runner->fold_rows(), fold_rows);
   }
   StepExecutor exec(m->runner.get());
   return Generate(&exec, *m, reqs);
@@ -164,6 +168,23 @@ TEST(CudaModelRunnerTest, GreedyWithNormsFusedIntoTheGemvsMatchesCpuReference) {
   const auto cuda = GenerateOn(BackendKind::kCuda, GreedyRequests(), /*fused_norm_rows=*/8);
   ASSERT_EQ(cpu.size(), ::lorc::testing::GoldenPrompts().size());
   ExpectSameGreedy(cuda, cpu, "cuda (fused norms) vs cpu", kBf16NearTie);
+}
+
+// The same with the RMSNorm weights folded into the qkv and gate_up projections (folded norms,
+// backend/cuda_gemv.h SetCudaFoldedNorms; off by default): decode steps of up to 8 tokens take
+// each row's rms from the o / down GEMVs' partial sums of squares, every other norm runs with a
+// unit weight over the folded weights (prefill included). The folded weights are rounded once
+// (W diag(g)) where the reference rounds the normed input: the same near-tie allowance.
+TEST(CudaModelRunnerTest, GreedyWithFoldedNormsMatchesCpuReference) {
+  REQUIRE_TINY_LLAMA();
+  if (!HaveCudaDevices(1)) GTEST_SKIP() << "no CUDA device";
+  const auto cpu = GenerateOn(BackendKind::kCpu, GreedyRequests());
+  const bool saved = GetCudaFoldedNorms();
+  SetCudaFoldedNorms(true);
+  const auto cuda = GenerateOn(BackendKind::kCuda, GreedyRequests(), -1, /*fold_rows=*/8);
+  SetCudaFoldedNorms(saved);
+  ASSERT_EQ(cpu.size(), ::lorc::testing::GoldenPrompts().size());
+  ExpectSameGreedy(cuda, cpu, "cuda (folded norms) vs cpu", kBf16NearTie);
 }
 
 TEST(CudaModelRunnerTest, PromptLogprobsComeBackFromTheDevice) {

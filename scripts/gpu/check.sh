@@ -43,7 +43,9 @@
 #           AB_SETTINGS="LORC_FUSED_NORM_ROWS=0;LORC_FUSED_NORM_ROWS=8" (about 2 minutes a round
 #           on one H200; the kernel has changed since, kernels/README.md), or the decode
 #           attention's early K/V loads (kernels/README.md):
-#           AB_SETTINGS="LORC_DECODE_EARLY_KV=0;LORC_DECODE_EARLY_KV=1"
+#           AB_SETTINGS="LORC_DECODE_EARLY_KV=0;LORC_DECODE_EARLY_KV=1", or the folded norms (off by
+#           default; docs/PERFORMANCE.md 2026-12-06): AB_SETTINGS="LORC_FOLDED_NORMS=0;LORC_FOLDED_NORMS=1".
+#           Each round's summary line gives every decode figure (batch, context, ms a step).
 # Environment: OUT (default /tmp/lorc-gpu), GPUS (default: all visible), STEPS (decode steps, 32),
 # BIN_DIR (binaries from a local build instead of the bundle), BACKEND (serve phase; default cuda).
 set -uo pipefail
@@ -244,13 +246,13 @@ phase_ab() {
       env $s CUDA_VISIBLE_DEVICES=0 timeout 300 "$L" bench --model bench/configs/llama3-8b --backend cuda \
         --random-weights --decode-batches "${AB_BATCHES:-1,8,64}" --contexts "${AB_CONTEXTS:-128,4096}" \
         --prefill 512 --prefill-reps 1 --steps 64 > "$OUT/ab-s$i-run$r.txt" 2>&1 &&
-        note "ab [$s] run $r: $(grep -E '^decode +b=1 +ctx=128 ' "$OUT/ab-s$i-run$r.txt")" ||
+        note "ab [$s] run $r: $(grep -E '^decode ' "$OUT/ab-s$i-run$r.txt" | awk '{printf "%s %s %s  ", $2, $3, $4}')" ||
         { note "ab [$s] run $r: FAILED"; fails=$((fails + 1)); }
       [ "$GPUS" -ge 2 ] || continue
       env $s timeout 900 "$L" bench --model bench/configs/llama3-70b --backend cuda --random-weights \
         --local-workers 2 --decode-batches 1,8 --contexts 128 --prefill 512 --prefill-reps 1 --steps 32 \
         > "$OUT/ab-70b-s$i-run$r.txt" 2>&1 &&
-        note "ab 70B tp=2 [$s] run $r: $(grep -E '^decode +b=1 +ctx=128 ' "$OUT/ab-70b-s$i-run$r.txt")" ||
+        note "ab 70B tp=2 [$s] run $r: $(grep -E '^decode ' "$OUT/ab-70b-s$i-run$r.txt" | awk '{printf "%s %s %s  ", $2, $3, $4}')" ||
         { note "ab 70B tp=2 [$s] run $r: FAILED"; fails=$((fails + 1)); }
     done
   done

@@ -40,8 +40,10 @@ std::vector<FlagSpec> RequestFlags() {
   std::vector<FlagSpec> f = PromptAndSamplingFlags();
   f.push_back({"priority", true, "higher is scheduled first", "N"});
   f.push_back({"request-id", true, "echoed back in the responses", "ID"});
-  f.push_back({"session-id", true, "multi-turn session: keep this conversation's KV blocks", "ID"});
-  f.push_back({"cache-salt", true, "tenant salt: never share cached blocks with other salts", "S"});
+  f.push_back({"session-id", true, "multi-turn session: keep this conversation's KV blocks (at most 256 bytes)",
+               "ID"});
+  f.push_back({"cache-salt", true, "tenant salt: never share cached blocks with other salts (at most 256 bytes)",
+               "S"});
   return f;
 }
 
@@ -81,7 +83,7 @@ absl::StatusOr<lorcserve::v1::GenerateRequest> RequestFromArgs(const Args& args)
   req.set_session_id(args.Get("session-id"));
   req.set_cache_salt(args.Get("cache-salt"));
   // Before sending: protobuf would refuse to serialize it (logging a line of its own).
-  RETURN_IF_ERROR(CheckUtf8Fields(req));
+  if (absl::Status u = CheckUtf8Fields(req); !u.ok()) return NotSent(u);
   return req;
 }
 
@@ -99,6 +101,10 @@ absl::Status CallError(const grpc::Status& status, const ClientSecurity& securit
   }
   if (hint.empty()) return s;
   return absl::Status(s.code(), absl::StrCat(m, " (", hint, ")"));
+}
+
+absl::Status NotSent(const absl::Status& status) {
+  return absl::Status(status.code(), absl::StrCat(status.message(), " (checked by the client; nothing was sent)"));
 }
 
 std::shared_ptr<grpc::Channel> Connect(const std::string& address) {

@@ -48,6 +48,11 @@ StreamResult StreamGenerate(lorcserve::v1::LorcServe::Stub& stub,
 // that wants TLS (--tls-ca); a handshake failure over TLS as a plaintext server or another CA.
 absl::Status CallError(const grpc::Status& status, const ClientSecurity& security);
 
+// A request the client refused before sending it (`status`, e.g. CheckUtf8Fields's): the same
+// code, the message followed by "(checked by the client; nothing was sent)", so that it does not
+// read as the server's reply.
+absl::Status NotSent(const absl::Status& status);
+
 // A plaintext channel to `address` without a token.
 std::shared_ptr<grpc::Channel> Connect(const std::string& address);
 // A channel with `security`'s TLS and bearer token (sent with every call, also over

@@ -134,7 +134,7 @@ int RunClient(int argc, char** argv) {
     creq.set_session_id(args->Get("close-session"));
     creq.set_cache_salt(args->Get("cache-salt"));  // sessions are per (cache_salt, session_id)
     // Named with its byte offset before anything is sent (protobuf would print its own error).
-    if (absl::Status u = CheckUtf8Fields(creq); !u.ok()) return Fail("client", u);
+    if (absl::Status u = CheckUtf8Fields(creq); !u.ok()) return Fail("client", NotSent(u));
     lorcserve::v1::CloseSessionResponse cresp;
     const grpc::Status s = stub->CloseSession(&ctx, creq, &cresp);
     if (!s.ok()) return Fail("client", CallError(s, *security));

@@ -105,6 +105,7 @@ void EngineLoop::Publish() {
     g.kv_policy_positions_capacity = sched.config().kv_policy_max_positions;
     g.sessions = s.prefix_cache.sessions;
     g.session_blocks = s.prefix_cache.session_blocks;
+    g.cached_blocks = s.prefix_cache.cached_blocks;
     metrics_->SetScheduler(g);
     // The scheduler's counters run from its construction (this engine's): add what is new.
     const PrefixCacheStats& pc = s.prefix_cache.stats;
@@ -119,6 +120,9 @@ void EngineLoop::Publish() {
     d.sessions_expired = s.prefix_cache.sessions_expired - mark_.sessions_expired;
     d.sessions_capped = s.prefix_cache.sessions_capped - mark_.sessions_capped;
     d.sessions_closed = s.prefix_cache.sessions_closed - mark_.sessions_closed;
+    d.prefix_cache_evictions = pc.evictions - mark_.prefix_cache.evictions;
+    d.host_kv_offloads = pc.host_offloads - mark_.prefix_cache.host_offloads;
+    d.host_kv_loads = pc.host_loads - mark_.prefix_cache.host_loads;
     metrics_->AddScheduler(d);
     mark_.sessions_expired = s.prefix_cache.sessions_expired;
     mark_.sessions_capped = s.prefix_cache.sessions_capped;

@@ -197,7 +197,9 @@ grpc::Status LorcServeService::Generate(grpc::ServerContext* ctx, const grpc::By
             ? absl::StatusCode::kDeadlineExceeded
             : static_cast<absl::StatusCode>(status.error_code());
     rec.outcome = ServingMetrics::OutcomeOfStatus(code);
-    rec.status_message = status.error_message();
+    rec.status_message = code == absl::StatusCode::kDeadlineExceeded && status.error_code() == grpc::StatusCode::CANCELLED
+                             ? "the client's deadline passed"
+                             : status.error_message();
   }
   if (metrics_ != nullptr) metrics_->CountRequest(rec.outcome);
   if (log_ != nullptr) log_->Request(rec);

@@ -123,7 +123,8 @@ ServingMetrics::ServingMetrics() : registry_(std::make_shared<prometheus::Regist
                               "Prompt tokens of the requests the engine ended (cached ones included)");
   cached_prompt_tokens_ =
       NewCounter(r, "lorcserve_cached_prompt_tokens_total",
-                 "Prompt tokens found in the prefix cache (device or host tier), not computed");
+                 "Prompt tokens found in the prefix cache (device or host tier), not computed; counted "
+                 "when the request ends (lorcserve_prefix_cache_hit_tokens_total: at its admission)");
   generation_tokens_ = NewCounter(r, "lorcserve_generation_tokens_total",
                                   "Tokens generated (sampled and delivered), all completions");
   ttft_ = NewHistogram(r, "lorcserve_time_to_first_token_seconds",
@@ -149,6 +150,12 @@ ServingMetrics::ServingMetrics() : registry_(std::make_shared<prometheus::Regist
   running_ = NewGauge(r, "lorcserve_num_sequences_running", "Sequences admitted (holding KV blocks)");
   kv_used_ = NewGauge(r, "lorcserve_kv_blocks_used", "Device KV cache blocks in use");
   kv_capacity_ = NewGauge(r, "lorcserve_kv_blocks_capacity", "Device KV cache blocks in all");
+  kv_usage_ = NewGauge(r, "lorcserve_kv_cache_usage_perc",
+                       "Device KV cache usage as a fraction in [0, 1]: lorcserve_kv_blocks_used / "
+                       "lorcserve_kv_blocks_capacity (vLLM's kv_cache_usage_perc)");
+  cached_blocks_ = NewGauge(r, "lorcserve_prefix_cache_blocks",
+                            "Device KV cache blocks the prefix cache indexes (in use, or free and reusable "
+                            "until evicted; 0 with prefix caching off)");
   host_kv_used_ = NewGauge(r, "lorcserve_host_kv_blocks_used",
                            "Host KV tier slots holding an offloaded block (0 without a tier)");
   host_kv_capacity_ = NewGauge(r, "lorcserve_host_kv_blocks_capacity",
@@ -171,10 +178,18 @@ ServingMetrics::ServingMetrics() : registry_(std::make_shared<prometheus::Regist
                                 "Prompt tokens those lookups could have hit");
   auto& hits = prometheus::BuildCounter()
                    .Name("lorcserve_prefix_cache_hit_tokens_total")
-                   .Help("Prompt tokens found cached, by tier (device, host)")
+                   .Help("Prompt tokens found cached, by tier (device, host); counted at admission "
+                         "(lorcserve_cached_prompt_tokens_total: when the request ends)")
                    .Register(r);
   pc_hit_device_ = &hits.Add({{"tier", "device"}});
   pc_hit_host_ = &hits.Add({{"tier", "host"}});
+  pc_evictions_ = NewCounter(r, "lorcserve_prefix_cache_evictions_total",
+                             "Cached blocks evicted: handed out for new contents (with a host tier, copied "
+                             "there first: lorcserve_host_kv_offloads_total)");
+  host_offloads_ = NewCounter(r, "lorcserve_host_kv_offloads_total",
+                              "KV blocks copied from the device to the host tier as they were evicted");
+  host_loads_ = NewCounter(r, "lorcserve_host_kv_loads_total",
+                           "KV blocks copied from the host tier back to the device (host-tier prefix hits)");
   sessions_ = NewGauge(r, "lorcserve_sessions", "Multi-turn sessions keeping KV blocks for their next turn");
   session_blocks_ = NewGauge(r, "lorcserve_session_kv_blocks", "Device KV cache blocks the sessions pin");
   auto& ended = prometheus::BuildCounter()
@@ -266,6 +281,10 @@ void ServingMetrics::SetScheduler(const SchedulerGauges& g) {
   kv_policy_positions_capacity_->Set(static_cast<double>(g.kv_policy_positions_capacity));
   sessions_->Set(static_cast<double>(g.sessions));
   session_blocks_->Set(static_cast<double>(g.session_blocks));
+  kv_usage_->Set(g.kv_blocks_capacity > 0
+                     ? static_cast<double>(g.kv_blocks_used) / static_cast<double>(g.kv_blocks_capacity)
+                     : 0.0);
+  cached_blocks_->Set(static_cast<double>(g.cached_blocks));
 }
 
 void ServingMetrics::AddScheduler(const SchedulerCounterDeltas& d) {
@@ -279,6 +298,9 @@ void ServingMetrics::AddScheduler(const SchedulerCounterDeltas& d) {
   Inc(sessions_expired_, d.sessions_expired);
   Inc(sessions_capped_, d.sessions_capped);
   Inc(sessions_closed_, d.sessions_closed);
+  Inc(pc_evictions_, d.prefix_cache_evictions);
+  Inc(host_offloads_, d.host_kv_offloads);
+  Inc(host_loads_, d.host_kv_loads);
 }
 
 void ServingMetrics::SetServingState(ServingState s) {

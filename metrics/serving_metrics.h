@@ -50,6 +50,8 @@ struct SchedulerGauges {
   // blocks they pin (0 / 0 with the prefix cache off).
   int64_t sessions = 0;
   int64_t session_blocks = 0;
+  // Prefix cache: blocks its index holds (in use or free but reusable; 0 with it off).
+  int64_t cached_blocks = 0;
 };
 
 // Increments of the scheduler's cumulative counters since the last publication.
@@ -64,6 +66,9 @@ struct SchedulerCounterDeltas {
   int64_t sessions_expired = 0;              // sessions ended: idle past --session-ttl-s,
   int64_t sessions_capped = 0;               // released for the cap or memory pressure,
   int64_t sessions_closed = 0;               // closed by CloseSession
+  int64_t prefix_cache_evictions = 0;        // indexed blocks handed out for new contents
+  int64_t host_kv_offloads = 0;              // blocks copied device -> host tier
+  int64_t host_kv_loads = 0;                 // blocks copied host tier -> device (host hits)
 };
 
 class ServingMetrics {
@@ -127,10 +132,11 @@ class ServingMetrics {
   prometheus::Histogram *step_schedule_, *step_workers_, *step_apply_;
   prometheus::Counter* engine_steps_;
   prometheus::Gauge *waiting_, *running_, *kv_used_, *kv_capacity_, *host_kv_used_,
-      *host_kv_capacity_, *kv_policy_positions_used_, *kv_policy_positions_capacity_, *sessions_, *session_blocks_;
+      *host_kv_capacity_, *kv_policy_positions_used_, *kv_policy_positions_capacity_, *sessions_, *session_blocks_,
+      *kv_usage_, *cached_blocks_;
   prometheus::Counter *preemptions_, *pc_queries_, *pc_query_tokens_, *pc_hit_device_,
       *pc_hit_host_, *kv_compactions_, *kv_compaction_freed_, *sessions_expired_, *sessions_capped_,
-      *sessions_closed_;
+      *sessions_closed_, *pc_evictions_, *host_offloads_, *host_loads_;
   std::array<prometheus::Gauge*, 5> state_{};  // by ServingState
   prometheus::Gauge* group_size_;
   prometheus::Counter *worker_failures_, *worker_recoveries_;

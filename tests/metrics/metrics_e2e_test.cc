@@ -116,6 +116,9 @@ TEST_F(MetricsE2ETest, EveryMetricPresentAndMoving) {
   EXPECT_GE(Delta(s1, s0, "lorcserve_prefix_cache_query_tokens_total"), cached);
   EXPECT_EQ(Delta(s1, s0, "lorcserve_sessions"), 1);
   EXPECT_GT(Delta(s1, s0, "lorcserve_session_kv_blocks"), 0);
+  EXPECT_GT(s1.at("lorcserve_prefix_cache_blocks"), 0);  // the prompts' full blocks stay indexed
+  EXPECT_DOUBLE_EQ(s1.at("lorcserve_kv_cache_usage_perc"),
+                   s1.at("lorcserve_kv_blocks_used") / s1.at("lorcserve_kv_blocks_capacity"));
   EXPECT_EQ(Delta(s1, s0, "lorcserve_sessions_ended_total{reason=\"closed\"}"), 0);
   EXPECT_EQ(Delta(s1, s0, "lorcserve_time_to_first_token_seconds_count"), 3);
   EXPECT_EQ(Delta(s1, s0, "lorcserve_e2e_request_latency_seconds_count"), 3);
@@ -138,6 +141,7 @@ TEST_F(MetricsE2ETest, EveryMetricPresentAndMoving) {
   EXPECT_EQ(idle.at("lorcserve_num_sequences_running"), 0);
   EXPECT_EQ(idle.at("lorcserve_num_sequences_waiting"), 0);
   EXPECT_EQ(idle.at("lorcserve_kv_blocks_used"), 0);
+  EXPECT_EQ(idle.at("lorcserve_kv_cache_usage_perc"), 0);
 
   // ---- a request running while scraped: it shows as running and holding blocks.
   v1::GenerateRequest long_req = IdsRequest(GoldenPrompts()[1].prompt_ids, 400);
@@ -210,6 +214,7 @@ TEST_F(MetricsE2ETest, EveryMetricPresentAndMoving) {
   EXPECT_GE(by_id["to-cancel"].at("completion_tokens").get<int>(), 1);
   ASSERT_TRUE(by_id.contains("too-late"));
   EXPECT_EQ(by_id["too-late"].at("outcome"), "deadline");
+  EXPECT_EQ(by_id["too-late"].at("status"), "the client's deadline passed");  // not "request cancelled"
   // Known from its first token on (a very slow run may end it before one).
   if (by_id["too-late"].at("completion_tokens").get<int>() >= 1) {
     EXPECT_EQ(by_id["too-late"].at("cached_prompt_tokens"), served[1].final.usage().cached_prompt_tokens());

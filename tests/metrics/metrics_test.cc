@@ -46,6 +46,9 @@ const std::vector<std::string> kCounters = {
     "lorcserve_prefix_cache_queries_total",
     "lorcserve_prefix_cache_query_tokens_total",
     "lorcserve_prefix_cache_hit_tokens_total",
+    "lorcserve_prefix_cache_evictions_total",
+    "lorcserve_host_kv_offloads_total",
+    "lorcserve_host_kv_loads_total",
     "lorcserve_sessions_ended_total",
     "lorcserve_worker_failures_total",
     "lorcserve_worker_recoveries_total",
@@ -58,6 +61,7 @@ const std::vector<std::string> kGauges = {
     "lorcserve_num_requests_in_flight",
     "lorcserve_kv_policy_positions_used", "lorcserve_kv_policy_positions_capacity",
     "lorcserve_sessions",               "lorcserve_session_kv_blocks",
+    "lorcserve_kv_cache_usage_perc",    "lorcserve_prefix_cache_blocks",
 };
 const std::vector<std::string> kHistograms = {
     "lorcserve_time_to_first_token_seconds",
@@ -113,10 +117,11 @@ TEST(ServingMetricsTest, UpdatesShowInTheExposition) {
   m.SetScheduler({.num_waiting = 3, .num_running = 2, .kv_blocks_used = 10,
                   .kv_blocks_capacity = 100, .host_kv_blocks_used = 1, .host_kv_blocks_capacity = 8,
                   .kv_policy_positions_used = 768, .kv_policy_positions_capacity = 4096, .sessions = 3,
-                  .session_blocks = 12});
+                  .session_blocks = 12, .cached_blocks = 40});
   m.AddScheduler({.preemptions = 2, .prefix_cache_queries = 1, .prefix_cache_query_tokens = 32,
                   .prefix_cache_hit_tokens = 16, .prefix_cache_host_hit_tokens = 4, .sessions_expired = 1,
-                  .sessions_capped = 2, .sessions_closed = 5});
+                  .sessions_capped = 2, .sessions_closed = 5, .prefix_cache_evictions = 7, .host_kv_offloads = 6,
+                  .host_kv_loads = 3});
   m.SetServingState(ServingState::kRecovering);
   m.SetWorkerGroupSize(2);
   m.CountWorkerFailure();
@@ -160,6 +165,11 @@ TEST(ServingMetricsTest, UpdatesShowInTheExposition) {
   EXPECT_EQ(s.at("lorcserve_kv_policy_positions_capacity"), 4096);
   EXPECT_EQ(s.at("lorcserve_sessions"), 3);
   EXPECT_EQ(s.at("lorcserve_session_kv_blocks"), 12);
+  EXPECT_DOUBLE_EQ(s.at("lorcserve_kv_cache_usage_perc"), 0.1);
+  EXPECT_EQ(s.at("lorcserve_prefix_cache_blocks"), 40);
+  EXPECT_EQ(s.at("lorcserve_prefix_cache_evictions_total"), 7);
+  EXPECT_EQ(s.at("lorcserve_host_kv_offloads_total"), 6);
+  EXPECT_EQ(s.at("lorcserve_host_kv_loads_total"), 3);
   EXPECT_EQ(s.at("lorcserve_sessions_ended_total{reason=\"expired\"}"), 1);
   EXPECT_EQ(s.at("lorcserve_sessions_ended_total{reason=\"capped\"}"), 2);
   EXPECT_EQ(s.at("lorcserve_sessions_ended_total{reason=\"closed\"}"), 5);

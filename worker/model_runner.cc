@@ -318,7 +318,6 @@ absl::Status ModelRunner::FoldNormWeights() {
   RETURN_IF_ERROR(backend_->CopyToDevice(ones_.data(), ones.data(), ones.size() * sizeof(uint16_t)));
   ASSIGN_OR_RETURN(sum_squares_, backend_->Allocate(static_cast<size_t>(rows * ((d + 15) / 16)) * sizeof(float)));
   fold_rows_ = rows;
-  norms_folded_ = true;
   return backend_->Synchronize();
 }
 
@@ -766,7 +765,8 @@ absl::Status ModelRunner::Forward(int32_t T, int32_t num_rows) {
   Tensor2D stream = x, other = fuse && !add_in_proj ? Act(x_alt_, T, d) : x;
   float* sum_squares = folded ? sum_squares_.as<float>() : nullptr;
   bool have_sum_squares = false;  // sum_squares holds the stream's partials (the last MatmulAdd's)
-  const Tensor2D ones = norms_folded_ ? Weight(ones_, 1, d) : Tensor2D{};
+  const bool norms_folded = fold_rows_ > 0;  // FoldNormWeights ran
+  const Tensor2D ones = norms_folded ? Weight(ones_, 1, d) : Tensor2D{};
   auto normed = [&](bool add, const Tensor2D& weight) {
     NormedInput in;
     in.residual = stream;
@@ -786,8 +786,8 @@ absl::Status ModelRunner::Forward(int32_t T, int32_t num_rows) {
     const LayerWeights& w = weights_.layers[l];
     const bool latent = IsLatent(static_cast<int>(l));
     // The weights folded into qkv (full-attention layers) and gate_up run as ones here.
-    const Tensor2D input_norm = norms_folded_ && !latent ? ones : Weight(w.input_norm, 1, d);
-    const Tensor2D post_norm = norms_folded_ ? ones : Weight(w.post_norm, 1, d);
+    const Tensor2D input_norm = norms_folded && !latent ? ones : Weight(w.input_norm, 1, d);
+    const Tensor2D post_norm = norms_folded ? ones : Weight(w.post_norm, 1, d);
     if (latent || layer_input_observer_) {
       if (l == 0 || add_in_proj) {
         RETURN_IF_ERROR(backend_->RmsNorm(stream, input_norm, eps, h));

@@ -316,7 +316,6 @@ class ModelRunner {
   // qkv and gate_up projections; every norm whose weight was folded runs with ones_ ([H], all
   // ones) instead. fold_rows_ 0: not folded.
   int64_t fold_rows_ = 0;
-  bool norms_folded_ = false;
   DeviceBuffer ones_, sum_squares_;
   Tensor2D final_x_;  // where the last Forward left the residual stream
   // Sharded LM head only: the all-gather's output ([tp][n][V/tp], F32) and the row indices

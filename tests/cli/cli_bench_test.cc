@@ -29,11 +29,7 @@ TEST_F(CliTest, EngineBenchPrintsDecodeAndPrefillLinesAndSkipsWhatDoesNotFit) {
                                  "--gemm-peak-tflops", "696", "--json"});
   ASSERT_EQ(r.exit_code, 0) << r;
   std::vector<json> lines;
-  std::istringstream in(r.out);
-  for (std::string line; std::getline(in, line);) {
-    lines.push_back(json::parse(line, nullptr, /*allow_exceptions=*/false));
-    ASSERT_FALSE(lines.back().is_discarded()) << line;
-  }
+  ASSERT_NO_FATAL_FAILURE(JsonLines(r, &lines));
   ASSERT_EQ(lines.size(), 1u + 4u + 1u) << r;  // config, 2 x 2 decode shapes, 1 prefill
   EXPECT_EQ(lines[0]["kv_policy"], "none");
   EXPECT_EQ(lines[0]["kind"], "config");
@@ -97,8 +93,7 @@ TEST_F(CliTest, EngineBenchOneCeilingGivesOneFloorAndOutOfRangeCeilingsAreRefuse
                                  "--threads", "1", "--hbm-tbps", "1", "--json"});
   ASSERT_EQ(r.exit_code, 0) << r;
   std::vector<json> lines;
-  std::istringstream in(r.out);
-  for (std::string line; std::getline(in, line);) lines.push_back(json::parse(line, nullptr, false));
+  ASSERT_NO_FATAL_FAILURE(JsonLines(r, &lines));
   ASSERT_EQ(lines.size(), 3u) << r;
   EXPECT_EQ(lines[0]["hbm_tbps"], 1.0);
   EXPECT_FALSE(lines[0].contains("gemm_peak_tflops")) << lines[0];
@@ -139,11 +134,7 @@ TEST_F(CliTest, EngineBenchRunsOverLocalWorkers) {
                                  "--threads", "1", "--json"});
   ASSERT_EQ(r.exit_code, 0) << r;
   std::vector<json> lines;
-  std::istringstream in(r.out);
-  for (std::string line; std::getline(in, line);) {
-    lines.push_back(json::parse(line, nullptr, /*allow_exceptions=*/false));
-    ASSERT_FALSE(lines.back().is_discarded()) << line;
-  }
+  ASSERT_NO_FATAL_FAILURE(JsonLines(r, &lines));
   ASSERT_EQ(lines.size(), 1u + 2u + 1u) << r;  // config, 2 decode shapes, 1 prefill
   const json& cfg = lines[0];
   EXPECT_EQ(cfg["kind"], "config");

@@ -7,6 +7,7 @@
 
 #include <cstdlib>
 #include <filesystem>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -45,6 +46,16 @@ inline json Json(const RunResult& r) {
     return json::object();
   }
   return j;
+}
+
+// stdout as JSON Lines into *lines (one object a line); a fatal failure at the first line that is
+// not JSON (call under ASSERT_NO_FATAL_FAILURE).
+inline void JsonLines(const RunResult& r, std::vector<json>* lines) {
+  std::istringstream in(r.out);
+  for (std::string line; std::getline(in, line);) {
+    lines->push_back(json::parse(line, nullptr, /*allow_exceptions=*/false));
+    ASSERT_FALSE(lines->back().is_discarded()) << line;
+  }
 }
 
 inline RunResult Lorcserve(const std::vector<std::string>& args) { return ::lorc::testing::RunLorcserve(args); }

@@ -46,6 +46,12 @@
 #           AB_SETTINGS="LORC_DECODE_EARLY_KV=0;LORC_DECODE_EARLY_KV=1", or the folded norms (off by
 #           default; docs/PERFORMANCE.md 2026-12-06): AB_SETTINGS="LORC_FOLDED_NORMS=0;LORC_FOLDED_NORMS=1".
 #           Each round's summary line gives every decode figure (batch, context, ms a step).
+#   trace   not in the default phases: a kernel timeline of the 8B decode (libkernel_trace.so over
+#           CUPTI, bench/src/kernel_trace.cc; pack it with PACK_BINS="lorcserve libkernel_trace.so")
+#           at TRACE_BATCHES (default 1) x TRACE_CONTEXTS (128), under each setting of TRACE_SETTINGS
+#           (';'-separated as AB_SETTINGS; default the defaults): the bench with and without the
+#           tracer (what tracing costs), the trace gzipped and bench/kernel_trace.py's table of
+#           each kernel's share of a step in $OUT/trace-s<i>-b<batch>x<context>.*
 # Environment: OUT (default /tmp/lorc-gpu), GPUS (default: all visible), STEPS (decode steps, 32),
 # BIN_DIR (binaries from a local build instead of the bundle), BACKEND (serve phase; default cuda).
 set -uo pipefail
@@ -254,6 +260,30 @@ phase_ab() {
         > "$OUT/ab-70b-s$i-run$r.txt" 2>&1 &&
         note "ab 70B tp=2 [$s] run $r: $(grep -E '^decode ' "$OUT/ab-70b-s$i-run$r.txt" | awk '{printf "%s %s %s  ", $2, $3, $4}')" ||
         { note "ab 70B tp=2 [$s] run $r: FAILED"; fails=$((fails + 1)); }
+    done
+  done
+}
+
+# Not in the default phases: kernel timelines of the 8B decode (see the header).
+phase_trace() {
+  local settings s i b c tag
+  if [ ! -f "$B/libkernel_trace.so" ]; then note "trace: libkernel_trace.so not in the bundle"; fails=$((fails + 1)); return; fi
+  IFS=';' read -ra settings <<< "${TRACE_SETTINGS:-LORC_TRACE_SETTING=default}"
+  i=0
+  for s in "${settings[@]}"; do
+    i=$((i + 1))
+    for b in ${TRACE_BATCHES:-1}; do
+      for c in ${TRACE_CONTEXTS:-128}; do
+        tag="s$i-b${b}x$c"
+        local args=(bench --model bench/configs/llama3-8b --backend cuda --random-weights --decode-batches "$b"
+                    --contexts "$c" --prefill 512 --prefill-reps 1 --steps 64)
+        env $s CUDA_VISIBLE_DEVICES=0 timeout 300 "$L" "${args[@]}" > "$OUT/trace-$tag-plain.txt" 2>&1
+        env $s CUDA_VISIBLE_DEVICES=0 CUDA_INJECTION64_PATH="$B/libkernel_trace.so" LORC_KERNEL_TRACE=/tmp/trace-$tag.csv \
+          timeout 300 "$L" "${args[@]}" > "$OUT/trace-$tag-traced.txt" 2>&1
+        python3 bench/kernel_trace.py /tmp/trace-$tag.csv --json "$OUT/trace-$tag.json" > "$OUT/trace-$tag.table.txt" 2>&1
+        gzip -c /tmp/trace-$tag.csv > "$OUT/trace-$tag.csv.gz"
+        note "trace [$s] b=$b ctx=$c: plain $(grep -E '^decode ' "$OUT/trace-$tag-plain.txt" | awk '{print $4}' | head -1) ms, traced $(grep -E '^decode ' "$OUT/trace-$tag-traced.txt" | awk '{print $4}' | head -1) ms, $(head -1 "$OUT/trace-$tag.table.txt")"
+      done
     done
   done
 }

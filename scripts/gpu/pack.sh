@@ -16,9 +16,13 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 bins=()
 if [ -n "${PACK_BINS:-}" ]; then
-  bash scripts/build.sh $PACK_BINS
-  for n in $PACK_BINS; do  # programs land in build/bin, tests in build/tests
-    if [ -x "build/bin/$n" ]; then bins+=("build/bin/$n"); else bins+=("build/tests/$n"); fi
+  targets=()
+  for n in $PACK_BINS; do  # a shared library by its file name: libkernel_trace.so is target kernel_trace
+    case $n in lib*.so) t=${n#lib}; targets+=("${t%.so}") ;; *) targets+=("$n") ;; esac
+  done
+  bash scripts/build.sh "${targets[@]}"
+  for n in $PACK_BINS; do  # programs (and shared libraries) land in build/bin, tests in build/tests
+    if [ -f "build/bin/$n" ]; then bins+=("build/bin/$n"); else bins+=("build/tests/$n"); fi
   done
 else
   bash scripts/build.sh
@@ -37,6 +41,11 @@ else
   cp "${bins[@]}" "$stage/"  # the GPU host must then have this machine's libraries installed
 fi
 for b in "${bins[@]}"; do strip "$stage/$(basename "$b")"; done
+# The kernel tracer's CUPTI (bundle-libs.sh leaves CUDA's libraries to the host; carry this one).
+if [ -f "$stage/libkernel_trace.so" ] && [ ! -f "$stage/libcupti.so.13" ]; then
+  cupti=$(ldd "$stage/libkernel_trace.so" | awk '/libcupti/ {print $3}')
+  [ -n "$cupti" ] && cp -L "$cupti" "$stage/"
+fi
 netlib=/usr/lib/x86_64-linux-gnu/blas/libblas.so.3
 if [ -f "$stage/libopenblas.so.0" ] && [ -f "$netlib" ]; then
   rm -f "$stage/libopenblas.so.0"

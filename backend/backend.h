@@ -469,9 +469,10 @@ class Backend {
   }
   // The MLP's gate_up projection and SiluMul: gate_up = x * w^T ([T, 2I], w's rows [gate | up]),
   // then act = SiluMul(gate_up) ([T, I]). This default runs the two ops; the CUDA backend fuses
-  // them into one GEMV for decode-sized batches where Matmul picks its GEMV (backend/README.md):
-  // act is then bit for bit the two ops' and gate_up is not written (callers treat it as
-  // scratch). Errors: Matmul's and SiluMul's.
+  // them into one GEMV for decode-sized batches where Matmul picks the GEMV's configuration the
+  // fused kernel shares (act then bit for bit the two ops') or where the fused kernel timed
+  // faster than the two ops (backend/README.md). gate_up is scratch: a fused call does not write
+  // it, the call that times the choice may. Errors: Matmul's and SiluMul's.
   virtual absl::Status MatmulSiluMul(const Tensor2D& x, const Tensor2D& w, Tensor2D gate_up, Tensor2D act) {
     absl::Status s = Matmul(x, w, gate_up);
     return s.ok() ? SiluMul(gate_up, act) : s;

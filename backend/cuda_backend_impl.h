@@ -193,9 +193,10 @@ class CudaBackend final : public Backend {
   // One launch (kernels::LaunchGemvRopeKvWrite) when FusedQkvApplies, else the two ops.
   absl::Status MatmulRopeKvWrite(const Tensor2D& x, const Tensor2D& w, Tensor2D out,
                                  const RopeKvWriteParams& p) override;
-  // One launch (kernels::LaunchGemvSiluMul) when FusedSiluApplies (cuda_matmul.cc: BF16, T <=
-  // kGemvMaxRows, and Matmul's timed choice for the same operands is the GEMV's configuration
-  // the fused kernel shares, so that act is the two ops' bits), else the two ops.
+  // One launch (kernels::LaunchGemvSiluMul; BF16, T <= kGemvMaxRows) once Matmul has timed its
+  // choice for the same operands: where that is the GEMV configuration the fused kernel shares
+  // (act is then the two ops' bits), or where the fused kernel timed faster than Matmul then
+  // SiluMul (once per key, cuda_matmul.cc); else the two ops.
   absl::Status MatmulSiluMul(const Tensor2D& x, const Tensor2D& w, Tensor2D gate_up, Tensor2D act) override;
   // One launch (kernels::LaunchGemvAddBf16 with the chosen configuration) where Matmul's timed
   // choice for (x, w, scratch) is a GEMV configuration and acc and scratch are BF16; else the two

@@ -119,6 +119,9 @@ struct MatmulState {
   size_t flush_bytes = 0;
   bool flush_tried = false;
   absl::flat_hash_map<GemmKey, AlgoChoice> algos;
+  // MatmulSiluMul where Matmul's choice for the key is not the fused kernel's configuration:
+  // whether the fused kernel timed faster than Matmul then SiluMul (cuda_matmul.cc).
+  absl::flat_hash_map<GemmKey, bool> silu_fused;
 
   ~MatmulState() {
     if (start != nullptr) cudaEventDestroy(start);
@@ -430,28 +433,61 @@ bool FusedSiluDisabled() {
   return disabled;
 }
 
+// act fits the SiLU epilogue of x w^T (w = [gate; up], 2 * act.cols rows): BF16, one row per token.
+bool SiluOperandsFit(const Tensor2D& x, const Tensor2D& w, const Tensor2D& act) {
+  return act.dtype == DType::kBF16 && act.rows == x.rows && 2 * act.cols == w.rows;
+}
+
 }  // namespace
 
 absl::Status CudaBackend::MatmulSiluMul(const Tensor2D& x, const Tensor2D& w, Tensor2D gate_up, Tensor2D act) {
-  // Fused only where Matmul has already chosen, for these very operands, the GEMV configuration
-  // the fused kernel shares: act is then the bits of the two ops whether or not a step fuses (the
-  // first call of a key, or one seen first inside a capture, runs the two ops and makes the
-  // choice). cuBLASLt or the other configuration chosen: the two ops, as chosen.
-  const auto fuses = [&] {
-    if (FusedSiluDisabled() || matmul_->policy == CudaMatmulPolicy::kCublasLtOnly || !matmul_->init.ok() ||
-        !CheckMatmul(x, w, gate_up).ok() || !GemvApplies(x, w, gate_up) || gate_up.dtype != DType::kBF16 ||
-        act.dtype != DType::kBF16 || act.rows != x.rows || 2 * act.cols != w.rows ||
-        !kernels::GemvSiluMulSupported(x.rows, w.rows, x.cols, x.data, x.stride(), w.data, w.stride(),
-                                       act.stride())) {
-      return false;
-    }
-    const auto it = matmul_->algos.find(KeyOf(x, w, gate_up));
-    return it != matmul_->algos.end() && it->second.timed && it->second.gemv == kFusedSiluConfig;
+  // The fused kernel (kernels::LaunchGemvSiluMul) or the two ops, per Matmul key once Matmul has
+  // timed its choice for these very operands (the first call of a key, or one seen first inside a
+  // capture, runs the two ops):
+  // - Matmul chose the GEMV configuration the fused kernel shares: fused, and act is the bits of
+  //   the two ops;
+  // - Matmul chose cuBLASLt or another configuration: the fused kernel against Matmul then
+  //   SiluMul, timed once on these operands (TimeCold, cold L2), fused where TimedFaster (by
+  //   kSwitchMargin: the choice then follows real differences, so processes and ranks choose
+  //   alike); act then has the fused kernel's bits. (On an H100, 2026-12-06, Matmul chose cuBLASLt
+  //   for the 8B gate_up at M = 1, 79.5 us, leaving SiluMul's 4.1 us a layer on the critical path;
+  //   the GEMV with the SiLU epilogue took 77.8.)
+  // Disabled (LORC_DISABLE_FUSED_SILU=1), under kCublasLtOnly or where the kernel does not take
+  // the operands: the two ops.
+  if (FusedSiluDisabled() || matmul_->policy == CudaMatmulPolicy::kCublasLtOnly || !matmul_->init.ok() ||
+      !CheckMatmul(x, w, gate_up).ok() || !GemvApplies(x, w, gate_up) || gate_up.dtype != DType::kBF16 ||
+      !SiluOperandsFit(x, w, act) ||
+      !kernels::GemvSiluMulSupported(x.rows, w.rows, x.cols, x.data, x.stride(), w.data, w.stride(), act.stride())) {
+    return Backend::MatmulSiluMul(x, w, gate_up, act);
+  }
+  const auto fused = [&] {
+    return kernels::LaunchGemvSiluMul(x.rows, w.rows, x.cols, x.data, x.stride(), w.data, w.stride(), act.data,
+                                      act.stride(), stream_);
   };
-  if (!fuses()) return Backend::MatmulSiluMul(x, w, gate_up, act);
-  return CudaError(kernels::LaunchGemvSiluMul(x.rows, w.rows, x.cols, x.data, x.stride(), w.data, w.stride(),
-                                              act.data, act.stride(), stream_),
-                   "MatmulSiluMul");
+  MatmulState& s = *matmul_;
+  const GemmKey key = KeyOf(x, w, gate_up);
+  const auto it = s.algos.find(key);
+  if (it == s.algos.end() || !it->second.timed) return Backend::MatmulSiluMul(x, w, gate_up, act);
+  if (it->second.gemv == kFusedSiluConfig) return CudaError(fused(), "MatmulSiluMul");
+  auto d = s.silu_fused.find(key);
+  if (d == s.silu_fused.end()) {
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    RETURN_IF_ERROR(CudaError(cudaStreamIsCapturing(stream_, &capture), "MatmulSiluMul"));
+    if (capture != cudaStreamCaptureStatusNone) return Backend::MatmulSiluMul(x, w, gate_up, act);  // untimed
+    RETURN_IF_ERROR(CudaError(fused(), "MatmulSiluMul"));  // warm-up
+    ASSIGN_OR_RETURN(const float fused_ms, TimeCold(s, stream_, [&] { return fused() == cudaSuccess; }));
+    ASSIGN_OR_RETURN(const float pair_ms, TimeCold(s, stream_, [&] {
+                       return Backend::MatmulSiluMul(x, w, gate_up, act).ok();
+                     }));
+    d = s.silu_fused.insert_or_assign(key, TimedFaster(fused_ms, pair_ms)).first;
+    if (LogChoices()) {
+      std::fprintf(stderr, "lorcserve: MatmulSiluMul T=%lld N=%lld K=%lld: %s (fused %.2f us, Matmul + SiluMul %.2f us)\n",
+                   static_cast<long long>(x.rows), static_cast<long long>(key.n), static_cast<long long>(key.k),
+                   d->second ? "fused" : "two ops", 1e3 * fused_ms / kTimedReps, 1e3 * pair_ms / kTimedReps);
+    }
+  }
+  if (!d->second) return Backend::MatmulSiluMul(x, w, gate_up, act);
+  return CudaError(fused(), "MatmulSiluMul");
 }
 
 absl::Status CudaBackend::MatmulAdd(const Tensor2D& x, const Tensor2D& w, Tensor2D acc, Tensor2D scratch,
@@ -491,10 +527,6 @@ bool NormArgsOf(const NormedInput& in, kernels::GemvNormArgs* a) {
   return true;
 }
 
-}  // namespace
-
-namespace {
-
 // The folded form's kernel arguments (NormedInput::sum_squares set): BF16, no add, the partials;
 // the weight (all ones: folded into w) is not passed.
 bool FoldedArgsOf(const NormedInput& in, kernels::GemvNormArgs* a) {
@@ -503,6 +535,15 @@ bool FoldedArgsOf(const NormedInput& in, kernels::GemvNormArgs* a) {
   a->eps = in.eps;
   a->sum_squares = in.sum_squares;
   return true;
+}
+
+// The kernel's norm arguments for a NormedInput that CheckNormedInput accepted: the folded form
+// (NormedInput::sum_squares set: the partials, no weight; at most `folded_rows` tokens, the
+// backend's FoldedNormRows()) or the fused one (`fuses`, the backend's FusesNormMatmul for the
+// token count: the weight and the add); false where neither applies (the unfused ops then run).
+bool GemvNormArgsFor(const NormedInput& in, int64_t folded_rows, bool fuses, kernels::GemvNormArgs* a) {
+  return in.sum_squares != nullptr ? folded_rows >= in.residual.rows && FoldedArgsOf(in, a)
+                                   : fuses && NormArgsOf(in, a);
 }
 
 }  // namespace
@@ -518,39 +559,26 @@ absl::Status CudaBackend::NormMatmulRopeKvWrite(const NormedInput& in, const Ten
   RETURN_IF_ERROR(CheckNormedInput("NormMatmulRopeKvWrite", in));
   kernels::GemvNormArgs a;
   const Tensor2D& x = in.residual;
-  if (in.sum_squares != nullptr) {  // folded: the fused QKV GEMV scaled by the partials, else unfused
-    kernels::GemvRopeArgs r;
-    if (FoldedArgsOf(in, &a) && FoldedNormRows() >= x.rows && CheckMatmul(x, w, out).ok() &&
-        FusedQkvApplies(x, w, out, p, matmul_->policy, &r) &&
-        kernels::GemvNormSupported(x.rows, w.rows, x.cols, x.data, x.stride(), w.data, w.stride(), out.stride(), a,
-                                   kernels::GemvEpilogue::kRopeKvWrite, &r)) {
-      return CudaError(kernels::LaunchGemvNorm(x.rows, w.rows, x.cols, x.data, x.stride(), w.data, w.stride(),
-                                               out.data, out.stride(), a, kernels::GemvEpilogue::kRopeKvWrite, &r,
-                                               stream_),
-                       "NormMatmulRopeKvWrite");
-    }
-    return Backend::NormMatmulRopeKvWrite(in, w, out, p);
-  }
-  if (!FusesNormMatmul(x.rows) || !NormArgsOf(in, &a) || !CheckMatmul(x, w, out).ok() ||
+  if (!GemvNormArgsFor(in, FoldedNormRows(), FusesNormMatmul(x.rows), &a) || !CheckMatmul(x, w, out).ok() ||
       out.dtype != DType::kBF16 || w.dtype != DType::kBF16) {
     return Backend::NormMatmulRopeKvWrite(in, w, out, p);
   }
-  kernels::GemvRopeArgs r;
-  if (FusedQkvApplies(x, w, out, p, matmul_->policy, &r) &&
-      kernels::GemvNormSupported(x.rows, w.rows, x.cols, x.data, x.stride(), w.data, w.stride(), out.stride(), a,
-                                 kernels::GemvEpilogue::kRopeKvWrite, &r)) {
+  const auto supported = [&](kernels::GemvEpilogue epilogue, const kernels::GemvRopeArgs* r) {
+    return kernels::GemvNormSupported(x.rows, w.rows, x.cols, x.data, x.stride(), w.data, w.stride(), out.stride(), a,
+                                      epilogue, r);
+  };
+  const auto launch = [&](kernels::GemvEpilogue epilogue, const kernels::GemvRopeArgs* r) {
     return CudaError(kernels::LaunchGemvNorm(x.rows, w.rows, x.cols, x.data, x.stride(), w.data, w.stride(), out.data,
-                                             out.stride(), a, kernels::GemvEpilogue::kRopeKvWrite, &r, stream_),
+                                             out.stride(), a, epilogue, r, stream_),
                      "NormMatmulRopeKvWrite");
+  };
+  kernels::GemvRopeArgs r;
+  if (FusedQkvApplies(x, w, out, p, matmul_->policy, &r) && supported(kernels::GemvEpilogue::kRopeKvWrite, &r)) {
+    return launch(kernels::GemvEpilogue::kRopeKvWrite, &r);
   }
-  if (!kernels::GemvNormSupported(x.rows, w.rows, x.cols, x.data, x.stride(), w.data, w.stride(), out.stride(), a,
-                                  kernels::GemvEpilogue::kStore, nullptr)) {
-    return Backend::NormMatmulRopeKvWrite(in, w, out, p);
-  }
-  RETURN_IF_ERROR(CudaError(kernels::LaunchGemvNorm(x.rows, w.rows, x.cols, x.data, x.stride(), w.data, w.stride(),
-                                                    out.data, out.stride(), a, kernels::GemvEpilogue::kStore, nullptr,
-                                                    stream_),
-                            "NormMatmulRopeKvWrite"));
+  // The projection alone, then RoPE and the KV write (never folded: kStore takes no partials).
+  if (!supported(kernels::GemvEpilogue::kStore, nullptr)) return Backend::NormMatmulRopeKvWrite(in, w, out, p);
+  RETURN_IF_ERROR(launch(kernels::GemvEpilogue::kStore, nullptr));
   return RopeKvWrite(p);
 }
 
@@ -559,20 +587,8 @@ absl::Status CudaBackend::NormMatmulSiluMul(const NormedInput& in, const Tensor2
   RETURN_IF_ERROR(CheckNormedInput("NormMatmulSiluMul", in));
   kernels::GemvNormArgs a;
   const Tensor2D& x = in.residual;
-  if (in.sum_squares != nullptr) {  // folded: the SiLU GEMV scaled by the partials, else unfused
-    if (FoldedArgsOf(in, &a) && FoldedNormRows() >= x.rows && CheckMatmul(x, w, gate_up).ok() &&
-        GemvApplies(x, w, gate_up) && act.dtype == DType::kBF16 && act.rows == x.rows && 2 * act.cols == w.rows &&
-        kernels::GemvNormSupported(x.rows, w.rows, x.cols, x.data, x.stride(), w.data, w.stride(), act.stride(), a,
-                                   kernels::GemvEpilogue::kSiluMul, nullptr)) {
-      return CudaError(kernels::LaunchGemvNorm(x.rows, w.rows, x.cols, x.data, x.stride(), w.data, w.stride(),
-                                               act.data, act.stride(), a, kernels::GemvEpilogue::kSiluMul, nullptr,
-                                               stream_),
-                       "NormMatmulSiluMul");
-    }
-    return Backend::NormMatmulSiluMul(in, w, gate_up, act);
-  }
-  if (!FusesNormMatmul(x.rows) || !NormArgsOf(in, &a) || !CheckMatmul(x, w, gate_up).ok() ||
-      w.dtype != DType::kBF16 || act.dtype != DType::kBF16 || act.rows != x.rows || 2 * act.cols != w.rows ||
+  if (!GemvNormArgsFor(in, FoldedNormRows(), FusesNormMatmul(x.rows), &a) || !CheckMatmul(x, w, gate_up).ok() ||
+      !GemvApplies(x, w, gate_up) || !SiluOperandsFit(x, w, act) ||
       !kernels::GemvNormSupported(x.rows, w.rows, x.cols, x.data, x.stride(), w.data, w.stride(), act.stride(), a,
                                   kernels::GemvEpilogue::kSiluMul, nullptr)) {
     return Backend::NormMatmulSiluMul(in, w, gate_up, act);

@@ -53,12 +53,13 @@ struct CudaSampler {
   Buf stage_host{nullptr, 0, true}, stage_dev;  // [metas][ints][floats]
   Buf out_host{nullptr, 0, true}, out_dev;      // [tokens][non_finite][logprob][rank][top_ids][top_logprobs]
   Buf counts, x, sorted_x, iota, sorted_ids, sort_temp;
+  Buf greedy_counters, greedy_parts;  // step 5's (the counters zero between calls)
   int64_t iota_vocab = 0;
   int32_t iota_rows = 0;
   std::vector<int32_t> bias_order;  // host scratch for grouping bias entries by id
   ~CudaSampler() {
-    for (Buf* b : {&stage_host, &stage_dev, &out_host, &out_dev, &counts, &x, &sorted_x, &iota,
-                   &sorted_ids, &sort_temp}) {
+    for (Buf* b : {&stage_host, &stage_dev, &out_host, &out_dev, &counts, &x, &sorted_x, &iota, &sorted_ids,
+                   &sort_temp, &greedy_counters, &greedy_parts}) {
       if (b->p != nullptr) retired.push_back({b->p, b->pinned});
     }
     for (const Retired& r : retired) r.pinned ? cudaFreeHost(r.p) : cudaFree(r.p);
@@ -216,6 +217,13 @@ absl::Status CudaBackend::Sample(const Tensor2D& logits, absl::Span<const Sampli
   bool grown = false;
   RETURN_IF_ERROR(CudaError(s.counts.Reserve(sizeof(int32_t) * v * num_counts, s.retired, &grown), "sampling counts"));
   if (grown) RETURN_IF_ERROR(CudaError(cudaMemsetAsync(s.counts.p, 0, s.counts.bytes, stream_), "clear counts"));
+  RETURN_IF_ERROR(CudaError(s.greedy_counters.Reserve(sizeof(int32_t) * n, s.retired, &grown), "argmax counters"));
+  if (grown) {
+    RETURN_IF_ERROR(CudaError(cudaMemsetAsync(s.greedy_counters.p, 0, s.greedy_counters.bytes, stream_),
+                              "clear argmax counters"));
+  }
+  RETURN_IF_ERROR(
+      CudaError(s.greedy_parts.Reserve(k::SampleGreedyPartsBytes(n, vocab), s.retired), "argmax parts"));
   RETURN_IF_ERROR(CudaError(s.x.Reserve(sizeof(double) * v * num_x, s.retired), "sampling logits"));
   RETURN_IF_ERROR(CudaError(s.sorted_x.Reserve(sizeof(double) * v * num_sorted, s.retired), "sorted logits"));
   RETURN_IF_ERROR(CudaError(s.sorted_ids.Reserve(sizeof(int32_t) * v * num_sorted, s.retired), "sorted ids"));
@@ -256,6 +264,8 @@ absl::Status CudaBackend::Sample(const Tensor2D& logits, absl::Span<const Sampli
   a.sorted_ids = static_cast<int32_t*>(s.sorted_ids.p);
   a.sort_temp = s.sort_temp.p;
   a.sort_temp_bytes = s.sort_temp.bytes;
+  a.greedy_counters = static_cast<int32_t*>(s.greedy_counters.p);
+  a.greedy_parts = s.greedy_parts.p;
   int32_t* od = static_cast<int32_t*>(s.out_dev.p);
   a.tokens = od;
   a.non_finite = od + n;

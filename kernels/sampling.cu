@@ -13,7 +13,7 @@
 namespace lorc::kernels {
 namespace {
 
-constexpr int kThreads = 512;       // mark / process / greedy / logprobs blocks
+constexpr int kThreads = 512;       // mark / process / logprobs blocks
 constexpr int kWalkThreads = 1024;  // one block per sampled row
 constexpr int64_t kChunk = 8192;    // ids per process block
 // counts[] bits: flags above the output-token count.
@@ -120,38 +120,91 @@ struct BestOp {  // higher value, then lower id
   }
 };
 
-// Step 6 for greedy rows: first index of the maximum (NaN never wins; 0 when nothing is above
-// -inf). Every row: non_finite[row] = whether its raw logits hold a NaN or an infinity (a scan of
-// the raw row, with the argmax's own scan where that reads the raw logits).
-__global__ void GreedyKernel(const SampleArgs a) {
-  const SampleRowMeta m = a.rows[blockIdx.x];
+// Step 5, split over the row (kGreedyIds ids a CTA, grid (parts, rows)): for greedy rows the
+// first index of the maximum (NaN never wins; 0 when nothing is above -inf), for every row
+// non_finite[row] = whether its raw logits hold a NaN or an infinity (a scan of the raw row, with
+// the argmax's own scan where that reads the raw logits). Each CTA reduces its range, stores
+// (best, bad) in greedy_parts and counts itself in greedy_counters[row]; the row's last CTA
+// (threadFenceReduction, as the decode attention's split-KV merge) reduces the parts and zeroes
+// the counter. BestOp is a total order on (value, id), so the result does not depend on which
+// CTA finishes last: the bits of one block scanning the whole row. (One 512-thread block a row
+// took ~100 us at vocab 128,256 on an H100, 2026-12-06: one load latency per 512 ids.)
+struct GreedyPart {
+  double v;
+  int32_t i;
+  int32_t bad;
+};
+
+__global__ void __launch_bounds__(kGreedyThreads) GreedyKernel(const SampleArgs a) {
+  const int row = blockIdx.y, part = blockIdx.x, parts = gridDim.x;
+  const SampleRowMeta m = a.rows[row];
   const bool greedy = (m.flags & kSampleGreedy) != 0;
   const float* l = a.logits + static_cast<int64_t>(m.logits_row) * a.logits_ld;
+  const int64_t begin = static_cast<int64_t>(part) * kGreedyIds;
   Best b{NegInf(), INT_MAX};
   bool bad = false;
+  // Every load of the range first (kGreedyIds / kGreedyThreads a thread, coalesced), then the scan.
+  constexpr int kPer = kGreedyIds / kGreedyThreads;
+  float f[kPer];
+#pragma unroll
+  for (int k = 0; k < kPer; ++k) {
+    const int64_t i = begin + k * kGreedyThreads + threadIdx.x;
+    f[k] = i < a.vocab ? l[i] : 0.f;
+  }
   if (greedy && m.x_slot >= 0) {
     const double* x = a.x + static_cast<int64_t>(m.x_slot) * a.vocab;
-    for (int64_t i = threadIdx.x; i < a.vocab; i += blockDim.x) {
-      bad |= !isfinite(l[i]);
-      if (x[i] > b.v) b = {x[i], static_cast<int32_t>(i)};
+    double xv[kPer];
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) {
+      const int64_t i = begin + k * kGreedyThreads + threadIdx.x;
+      xv[k] = i < a.vocab ? x[i] : NegInf();
     }
-  } else if (greedy) {
-    for (int64_t i = threadIdx.x; i < a.vocab; i += blockDim.x) {
-      const float f = l[i];
-      bad |= !isfinite(f);
-      const double v = Clean(f);
-      if (v > b.v) b = {v, static_cast<int32_t>(i)};
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) {
+      const int64_t i = begin + k * kGreedyThreads + threadIdx.x;
+      if (i >= a.vocab) continue;
+      bad |= !isfinite(f[k]);
+      if (xv[k] > b.v) b = {xv[k], static_cast<int32_t>(i)};
     }
   } else {
-    for (int64_t i = threadIdx.x; i < a.vocab; i += blockDim.x) bad |= !isfinite(l[i]);
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) {
+      const int64_t i = begin + k * kGreedyThreads + threadIdx.x;
+      if (i >= a.vocab) continue;
+      bad |= !isfinite(f[k]);
+      const double v = Clean(f[k]);
+      if (greedy && v > b.v) b = {v, static_cast<int32_t>(i)};
+    }
   }
-  const int any_bad = __syncthreads_or(bad);
-  if (threadIdx.x == 0) a.non_finite[blockIdx.x] = any_bad != 0;
-  if (!greedy) return;  // uniform over the block
-  using Reduce = cub::BlockReduce<Best, kThreads>;
+  using Reduce = cub::BlockReduce<Best, kGreedyThreads>;
   __shared__ typename Reduce::TempStorage tmp;
-  const Best r = Reduce(tmp).Reduce(b, BestOp());
-  if (threadIdx.x == 0) a.tokens[blockIdx.x] = r.i == INT_MAX ? 0 : r.i;
+  __shared__ int s_last;
+  const int any_bad = __syncthreads_or(bad);
+  if (greedy) b = Reduce(tmp).Reduce(b, BestOp());  // thread 0's
+  GreedyPart* const ps = static_cast<GreedyPart*>(a.greedy_parts) + static_cast<int64_t>(row) * parts;
+  if (threadIdx.x == 0) {
+    ps[part] = GreedyPart{b.v, b.i, any_bad};
+    __threadfence();
+    const bool last = atomicAdd(a.greedy_counters + row, 1) == parts - 1;
+    if (last) a.greedy_counters[row] = 0;  // no other CTA of this launch touches it: zero for the next
+    s_last = last;
+  }
+  __syncthreads();
+  if (!s_last) return;  // uniform over the block
+  __threadfence();      // the other parts' stores, seen through their fences and the count
+  Best r{NegInf(), INT_MAX};
+  bool row_bad = false;
+  for (int p = threadIdx.x; p < parts; p += kGreedyThreads) {
+    const double v = __ldcg(&ps[p].v);
+    const int32_t i = __ldcg(&ps[p].i);
+    row_bad |= __ldcg(&ps[p].bad) != 0;
+    r = BestOp()(r, Best{v, i});
+  }
+  const int row_any_bad = __syncthreads_or(row_bad);  // also orders tmp's reuse after the first reduce
+  if (threadIdx.x == 0) a.non_finite[row] = row_any_bad != 0;
+  if (!greedy) return;
+  r = Reduce(tmp).Reduce(r, BestOp());
+  if (threadIdx.x == 0) a.tokens[row] = r.i == INT_MAX ? 0 : r.i;
 }
 
 struct Walk {
@@ -365,7 +418,8 @@ cudaError_t LaunchSample(const SampleArgs& a, cudaStream_t stream) {
       MarkKernel<<<rows, kThreads, 0, stream>>>(a, false);
     }
   }
-  GreedyKernel<<<rows, kThreads, 0, stream>>>(a);
+  if (a.greedy_parts == nullptr || a.greedy_counters == nullptr) return cudaErrorInvalidValue;
+  GreedyKernel<<<dim3(static_cast<unsigned>(SampleGreedyParts(a.vocab)), rows), kGreedyThreads, 0, stream>>>(a);
   if (a.num_sorted > 0) {
     size_t bytes = a.sort_temp_bytes;
     const cudaError_t e = cub::DeviceSegmentedRadixSort::SortPairsDescending(

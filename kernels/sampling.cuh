@@ -12,8 +12,9 @@
 //  3. Bias: per distinct bias id (entries grouped by id on the host, list order kept), steps 0-5
 //     with the biases added one by one in list order, as the CPU reference does.
 //  4. Unmark: counts back to zero at the listed ids.
-//  5. Greedy rows: block argmax (first index on ties) over x, or straight over the float logits
-//     for rows with nothing to process; every row: whether its raw logits are all finite.
+//  5. Greedy rows: argmax (first index on ties) over x, or straight over the float logits for
+//     rows with nothing to process; every row: whether its raw logits are all finite. Split over
+//     SampleGreedyParts(vocab) CTAs a row, the row's last CTA reducing their parts.
 //  6. Sampled rows (x slots [0, num_sorted)): CUB segmented radix sort of (x, id), descending,
 //     stable (ties keep ascending ids); then one block per row walks the sorted candidates:
 //     top-k, temperature, min-p, top-p and the draw, in double.
@@ -94,6 +95,10 @@ struct SampleArgs {
   // Outputs (device): tokens [num_rows], non_finite [num_rows] (1: the row's raw logits hold a
   // NaN or an infinity; every row); for logprob rows: logprob, rank, top_ids and top_logprobs
   // [num_rows * top_stride].
+  // Step 5's workspaces (device): greedy_counters [num_rows] int32, zero on entry and on return;
+  // greedy_parts SampleGreedyPartsBytes(num_rows, vocab) bytes.
+  int32_t* greedy_counters = nullptr;
+  void* greedy_parts = nullptr;
   int32_t* tokens = nullptr;
   int32_t* non_finite = nullptr;
   float* logprob = nullptr;
@@ -102,6 +107,17 @@ struct SampleArgs {
   float* top_logprobs = nullptr;
   int32_t top_stride = 0;
 };
+
+// Step 5: ids a CTA scans, its threads; CTAs a row.
+constexpr int kGreedyIds = 2048;
+constexpr int kGreedyThreads = 256;
+__host__ __device__ inline int SampleGreedyParts(int64_t vocab) {
+  return static_cast<int>((vocab + kGreedyIds - 1) / kGreedyIds);
+}
+// Step 5's partial results: 16 bytes a CTA, SampleGreedyParts(vocab) CTAs a row.
+inline size_t SampleGreedyPartsBytes(int32_t num_rows, int64_t vocab) {
+  return size_t{16} * static_cast<size_t>(num_rows) * static_cast<size_t>(SampleGreedyParts(vocab));
+}
 
 // CUB temporary storage for sorting num_sorted segments of vocab (x, id) pairs; 0 on error.
 size_t SampleSortTempBytes(int32_t num_sorted, int64_t vocab);

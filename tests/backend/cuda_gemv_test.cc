@@ -814,7 +814,10 @@ TEST_F(CudaGemvTest, NormGemvFallsBackInPlace) {
     const char* names[] = {"stream", "normed", "out", "act", "k cache", "v cache"};
     for (const bool silu : {true, false}) {
       SCOPED_TRACE(silu ? "NormMatmulSiluMul" : "NormMatmulRopeKvWrite");
-      run(false, silu);  // Matmul's choice for the shape, so both runs below take the same path
+      // Matmul's choice for the shape, then MatmulSiluMul's (which may time the fused kernel and
+      // leave gate_up written), so both runs below take the same path.
+      run(false, silu);
+      run(false, silu);
       const auto got = run(true, silu), want = run(false, silu);
       for (size_t i = 0; i < got.size(); ++i) ExpectSame(got[i], want[i], names[i]);
       EXPECT_TRUE(got[0] != parity::GetBytes(*cuda_, Put(*cuda_, d.x, DType::kBF16))) << "the stream was not updated";
@@ -911,8 +914,9 @@ TEST_F(CudaGemvTest, NormGemvCapturesAndReplays) {
 // of the header comment of the CPU's Matmul then SiluMul in fp32 (the projection bound
 // ProjLimit, looser than a plain GEMV's); columns of act past I are not written. I = 40 (5 tiles
 // of 8 gate rows with their up rows) and 64, every M of both token tiles, K with and without a
-// masked tail. Backend::MatmulSiluMul (fused or not, as Matmul's choice for the operands says)
-// gives the bits of Matmul then SiluMul, on the first call (which makes the choice) and after.
+// masked tail. Backend::MatmulSiluMul, once Matmul has chosen for the operands, gives the bits of
+// Matmul then SiluMul or of the fused kernel (which it chose, where Matmul's choice is another
+// configuration or cuBLASLt, by timing the two once), the same on every call.
 TEST_F(CudaGemvTest, FusedSiluMulMatchesUnfusedAndCpu) {
   const auto stream = static_cast<cudaStream_t>(cuda_->stream_handle());
   for (const int64_t I : {40, 64}) {
@@ -965,11 +969,17 @@ TEST_F(CudaGemvTest, FusedSiluMulMatchesUnfusedAndCpu) {
         ASSERT_OK(cuda_->Matmul(xv, wv, gu3v));
         ASSERT_OK(cuda_->SiluMul(gu3v, a3v));
         const std::vector<float> ops = Get(*cuda_, act3, DType::kBF16);
-        for (int call = 0; call < 2; ++call) {
+        std::vector<float> first;
+        for (int call = 0; call < 3; ++call) {
           SCOPED_TRACE(::testing::Message() << "MatmulSiluMul call " << call);
           ASSERT_OK(cuda_->Memset(act3.data(), 0, act3.bytes()));
           ASSERT_OK(cuda_->MatmulSiluMul(xv, wv, gu3v, a3v));
-          ExpectSame(Get(*cuda_, act3, DType::kBF16), ops, "act (MatmulSiluMul vs Matmul then SiluMul)");
+          const std::vector<float> now = Get(*cuda_, act3, DType::kBF16);
+          // The two ops' bits, or the fused kernel's where it timed faster (its bits are `got`);
+          // the same from the first call on (Matmul had chosen before it: the Matmul call above).
+          EXPECT_TRUE(now == ops || now == got) << "act is neither Matmul then SiluMul nor the fused kernel";
+          if (call == 0) first = now;
+          ExpectSame(now, first, "act (the choice made at the first call holds)");
         }
       }
     }

@@ -10,6 +10,7 @@
 //  - KV bytes per token are the latent widths.
 #include <unistd.h>
 
+#include <array>
 #include <condition_variable>
 #include <filesystem>
 #include <fstream>
@@ -405,6 +406,30 @@ TEST_F(RandomFactors, FusedNormStreamMatchesInPlaceBitForBit) {
   }
 }
 
+// Two ranks over Gloo in this process (rank 1 on a thread): each creates a backend with `options`
+// and a communicator of `group`, then runs fn(rank, backend, comm); the ranks' statuses.
+template <typename Fn>
+std::array<absl::Status, 2> RunTwoRanks(const std::string& group, const BackendOptions& options, Fn fn) {
+  InProcessStore store;
+  std::array<absl::Status, 2> status;
+  auto rank = [&](int r) {
+    status[r] = [&]() -> absl::Status {
+      auto backend = CreateBackend(options);
+      if (!backend.ok()) return backend.status();
+      CommOptions o;
+      o.group = group;
+      o.hostname_or_iface = "127.0.0.1";
+      auto comm = CreateGlooCommunicator({r, 2}, &store, o);
+      if (!comm.ok()) return comm.status();
+      return fn(r, backend->get(), comm->get());
+    }();
+  };
+  std::thread t1(rank, 1);
+  rank(0);
+  t1.join();
+  return status;
+}
+
 // Two ranks over Gloo give one rank's greedy tokens, with the norms unfused and with them fused
 // (BackendOptions::fused_norm_rows on the CPU: across ranks each add + norm stores the stream into
 // the runner's second buffer, the all-reduce sitting between a projection and its add).
@@ -419,36 +444,23 @@ TEST_F(RandomFactors, TensorParallelTwoRanksGiveTheSameTokens) {
   }
   for (const bool fused : {false, true}) {
     SCOPED_TRACE(fused ? "norms fused" : "norms unfused");
-    InProcessStore store;
     std::vector<std::vector<int32_t>> got[2];
-    absl::Status status[2];
-    auto rank = [&](int r) {
-      status[r] = [&]() -> absl::Status {
-        BackendOptions bo;
-        if (fused) bo.fused_norm_rows = 16;
-        auto backend = CreateBackend(bo);
-        if (!backend.ok()) return backend.status();
-        CommOptions o;
-        o.group = fused ? "lorc_tp_fused" : "lorc_tp";
-        o.hostname_or_iface = "127.0.0.1";
-        auto comm = CreateGlooCommunicator({r, 2}, &store, o);
-        if (!comm.ok()) return comm.status();
-        auto m = LoadModel({lorc_dir_->string()}, backend->get(), r, 2, comm->get(), Cache());
-        if (!m.ok()) return m.status();
-        // One KV head per rank: widths of one head.
-        if (m->runner->kv_spec().k_width[0] != kRanks[0].first) {
-          return absl::InternalError(absl::StrCat("rank ", r, ": k_width ", m->runner->kv_spec().k_width[0]));
-        }
-        if (m->runner->fused_norm_rows() != (fused ? 16 : 0)) {
-          return absl::InternalError(absl::StrCat("rank ", r, ": fused_norm_rows ", m->runner->fused_norm_rows()));
-        }
-        for (const Golden& g : GoldenPrompts()) got[r].push_back(GreedyLoop(*m->runner, g.prompt_ids, kTokens));
-        return absl::OkStatus();
-      }();
-    };
-    std::thread t1(rank, 1);
-    rank(0);
-    t1.join();
+    BackendOptions bo;
+    if (fused) bo.fused_norm_rows = 16;
+    const auto status = RunTwoRanks(fused ? "lorc_tp_fused" : "lorc_tp", bo,
+                                    [&](int r, Backend* backend, Communicator* comm) -> absl::Status {
+      auto m = LoadModel({lorc_dir_->string()}, backend, r, 2, comm, Cache());
+      if (!m.ok()) return m.status();
+      // One KV head per rank: widths of one head.
+      if (m->runner->kv_spec().k_width[0] != kRanks[0].first) {
+        return absl::InternalError(absl::StrCat("rank ", r, ": k_width ", m->runner->kv_spec().k_width[0]));
+      }
+      if (m->runner->fused_norm_rows() != (fused ? 16 : 0)) {
+        return absl::InternalError(absl::StrCat("rank ", r, ": fused_norm_rows ", m->runner->fused_norm_rows()));
+      }
+      for (const Golden& g : GoldenPrompts()) got[r].push_back(GreedyLoop(*m->runner, g.prompt_ids, kTokens));
+      return absl::OkStatus();
+    });
     ASSERT_OK(status[0]);
     ASSERT_OK(status[1]);
     EXPECT_EQ(got[0], want);
@@ -516,27 +528,14 @@ TEST(LorcModelRunnerTest, TensorParallelQuantizedCachesMatchAtLayerZero) {
       ASSERT_OK(m);
       want = RunGoldenSequences(*m->runner);
     }
-    InProcessStore store;
     std::vector<HeadBytes> got[2];
-    absl::Status status[2];
-    auto rank = [&](int r) {
-      status[r] = [&]() -> absl::Status {
-        auto backend = CreateBackend({});
-        if (!backend.ok()) return backend.status();
-        CommOptions o;
-        o.group = absl::StrCat("lorc_tp_", KvCacheDtypeName(dtype));
-        o.hostname_or_iface = "127.0.0.1";
-        auto comm = CreateGlooCommunicator({r, 2}, &store, o);
-        if (!comm.ok()) return comm.status();
-        auto m = LoadModel({dir.string()}, backend->get(), r, 2, comm->get(), kv);
-        if (!m.ok()) return m.status();
-        got[r] = RunGoldenSequences(*m->runner);
-        return absl::OkStatus();
-      }();
-    };
-    std::thread t1(rank, 1);
-    rank(0);
-    t1.join();
+    const auto status = RunTwoRanks(absl::StrCat("lorc_tp_", KvCacheDtypeName(dtype)), {},
+                                    [&](int r, Backend* backend, Communicator* comm) -> absl::Status {
+      auto m = LoadModel({dir.string()}, backend, r, 2, comm, kv);
+      if (!m.ok()) return m.status();
+      got[r] = RunGoldenSequences(*m->runner);
+      return absl::OkStatus();
+    });
     ASSERT_OK(status[0]);
     ASSERT_OK(status[1]);
     ASSERT_EQ(got[0].size(), want.size());

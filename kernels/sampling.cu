@@ -120,7 +120,7 @@ struct BestOp {  // higher value, then lower id
   }
 };
 
-// Step 5, split over the row (kGreedyIds ids a CTA, grid (parts, rows)): for greedy rows the
+// Step 5, split over the row (kGreedyIds ids a CTA, grid (rows, parts)): for greedy rows the
 // first index of the maximum (NaN never wins; 0 when nothing is above -inf), for every row
 // non_finite[row] = whether its raw logits hold a NaN or an infinity (a scan of the raw row, with
 // the argmax's own scan where that reads the raw logits). Each CTA reduces its range, stores
@@ -136,7 +136,7 @@ struct GreedyPart {
 };
 
 __global__ void __launch_bounds__(kGreedyThreads) GreedyKernel(const SampleArgs a) {
-  const int row = blockIdx.y, part = blockIdx.x, parts = gridDim.x;
+  const int row = blockIdx.x, part = blockIdx.y, parts = gridDim.y;  // rows in x: up to 2^31 - 1
   const SampleRowMeta m = a.rows[row];
   const bool greedy = (m.flags & kSampleGreedy) != 0;
   const float* l = a.logits + static_cast<int64_t>(m.logits_row) * a.logits_ld;
@@ -403,11 +403,12 @@ cudaError_t LaunchSampleIota(int32_t* ids, int32_t num_sorted, int64_t vocab, cu
 }
 
 cudaError_t LaunchSample(const SampleArgs& a, cudaStream_t stream) {
-  if (a.num_rows < 0 || a.vocab <= 0 || a.vocab >= INT32_MAX ||
+  if (a.num_rows < 0 || a.vocab <= 0 || a.vocab >= INT32_MAX || SampleGreedyParts(a.vocab) > 65535 ||
       static_cast<int64_t>(a.num_sorted) * a.vocab >= INT32_MAX) {
     return cudaErrorInvalidValue;
   }
   if (a.num_rows == 0) return cudaSuccess;
+  if (a.greedy_parts == nullptr || a.greedy_counters == nullptr) return cudaErrorInvalidValue;
   const unsigned rows = static_cast<unsigned>(a.num_rows);
   if (a.any_counts) MarkKernel<<<rows, kThreads, 0, stream>>>(a, true);
   if (a.any_x) {
@@ -418,8 +419,7 @@ cudaError_t LaunchSample(const SampleArgs& a, cudaStream_t stream) {
       MarkKernel<<<rows, kThreads, 0, stream>>>(a, false);
     }
   }
-  if (a.greedy_parts == nullptr || a.greedy_counters == nullptr) return cudaErrorInvalidValue;
-  GreedyKernel<<<dim3(static_cast<unsigned>(SampleGreedyParts(a.vocab)), rows), kGreedyThreads, 0, stream>>>(a);
+  GreedyKernel<<<dim3(rows, static_cast<unsigned>(SampleGreedyParts(a.vocab))), kGreedyThreads, 0, stream>>>(a);
   if (a.num_sorted > 0) {
     size_t bytes = a.sort_temp_bytes;
     const cudaError_t e = cub::DeviceSegmentedRadixSort::SortPairsDescending(

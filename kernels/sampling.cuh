@@ -123,7 +123,8 @@ inline size_t SampleGreedyPartsBytes(int32_t num_rows, int64_t vocab) {
 size_t SampleSortTempBytes(int32_t num_sorted, int64_t vocab);
 
 // Runs the pipeline above. cudaErrorInvalidValue for vocab outside [1, 2^31 / max(1,
-// num_sorted)) or num_rows < 0; num_rows == 0 launches nothing.
+// num_sorted)), vocab past 65,535 greedy parts (2^27 ids), num_rows < 0 or null greedy
+// workspaces; num_rows == 0 launches nothing.
 cudaError_t LaunchSample(const SampleArgs& args, cudaStream_t stream);
 
 // ids[s * vocab + i] = i for s < num_sorted (SampleArgs::iota; filled when it grows).

@@ -441,17 +441,18 @@ bool SiluOperandsFit(const Tensor2D& x, const Tensor2D& w, const Tensor2D& act) 
 }  // namespace
 
 absl::Status CudaBackend::MatmulSiluMul(const Tensor2D& x, const Tensor2D& w, Tensor2D gate_up, Tensor2D act) {
-  // The fused kernel (kernels::LaunchGemvSiluMul) or the two ops, per Matmul key once Matmul has
-  // timed its choice for these very operands (the first call of a key, or one seen first inside a
-  // capture, runs the two ops):
+  // The fused kernel (kernels::LaunchGemvSiluMul) or the two ops, per Matmul key:
   // - Matmul chose the GEMV configuration the fused kernel shares: fused, and act is the bits of
   //   the two ops;
-  // - Matmul chose cuBLASLt or another configuration: the fused kernel against Matmul then
-  //   SiluMul, timed once on these operands (TimeCold, cold L2), fused where TimedFaster (by
-  //   kSwitchMargin: the choice then follows real differences, so processes and ranks choose
-  //   alike); act then has the fused kernel's bits. (On an H100, 2026-12-06, Matmul chose cuBLASLt
-  //   for the 8B gate_up at M = 1, 79.5 us, leaving SiluMul's 4.1 us a layer on the critical path;
-  //   the GEMV with the SiLU epilogue took 77.8.)
+  // - Matmul chose cuBLASLt or another configuration: the fused kernel against Matmul's choice
+  //   then SiluMul, timed once on these operands (TimeCold, cold L2; launches only), fused where
+  //   TimedFaster (by kSwitchMargin: the choice then follows real differences, so processes and
+  //   ranks choose alike); act then has the fused kernel's bits. (On an H100, 2026-12-06, Matmul
+  //   chose cuBLASLt for the 8B gate_up at M = 1, 79.5 us, leaving SiluMul's 4.1 us a layer on the
+  //   critical path; the GEMV with the SiLU epilogue advanced the step by 74-76 us.)
+  // The call that meets a key first runs the two ops (Matmul times its choice there) and, outside
+  // a capture, makes the second choice in the same call, so a forward pass's layers all take the
+  // same path. A key met first inside a capture runs the two ops there, untimed.
   // Disabled (LORC_DISABLE_FUSED_SILU=1), under kCublasLtOnly or where the kernel does not take
   // the operands: the two ops.
   if (FusedSiluDisabled() || matmul_->policy == CudaMatmulPolicy::kCublasLtOnly || !matmul_->init.ok() ||
@@ -461,33 +462,56 @@ absl::Status CudaBackend::MatmulSiluMul(const Tensor2D& x, const Tensor2D& w, Te
     return Backend::MatmulSiluMul(x, w, gate_up, act);
   }
   const auto fused = [&] {
-    return kernels::LaunchGemvSiluMul(x.rows, w.rows, x.cols, x.data, x.stride(), w.data, w.stride(), act.data,
-                                      act.stride(), stream_);
+    return CudaError(kernels::LaunchGemvSiluMul(x.rows, w.rows, x.cols, x.data, x.stride(), w.data, w.stride(),
+                                                act.data, act.stride(), stream_),
+                     "MatmulSiluMul");
   };
   MatmulState& s = *matmul_;
   const GemmKey key = KeyOf(x, w, gate_up);
-  const auto it = s.algos.find(key);
-  if (it == s.algos.end() || !it->second.timed) return Backend::MatmulSiluMul(x, w, gate_up, act);
-  if (it->second.gemv == kFusedSiluConfig) return CudaError(fused(), "MatmulSiluMul");
+  auto it = s.algos.find(key);
+  bool ran_pair = false;  // act already holds the two ops' result
+  if (it == s.algos.end() || !it->second.timed) {
+    RETURN_IF_ERROR(Backend::MatmulSiluMul(x, w, gate_up, act));  // Matmul chooses here
+    ran_pair = true;
+    it = s.algos.find(key);
+    if (it == s.algos.end() || !it->second.timed) return absl::OkStatus();  // inside a capture
+  }
+  if (it->second.gemv == kFusedSiluConfig) return ran_pair ? absl::OkStatus() : fused();  // the same bits
   auto d = s.silu_fused.find(key);
   if (d == s.silu_fused.end()) {
     cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
     RETURN_IF_ERROR(CudaError(cudaStreamIsCapturing(stream_, &capture), "MatmulSiluMul"));
-    if (capture != cudaStreamCaptureStatusNone) return Backend::MatmulSiluMul(x, w, gate_up, act);  // untimed
-    RETURN_IF_ERROR(CudaError(fused(), "MatmulSiluMul"));  // warm-up
-    ASSIGN_OR_RETURN(const float fused_ms, TimeCold(s, stream_, [&] { return fused() == cudaSuccess; }));
-    ASSIGN_OR_RETURN(const float pair_ms, TimeCold(s, stream_, [&] {
-                       return Backend::MatmulSiluMul(x, w, gate_up, act).ok();
-                     }));
+    if (capture != cudaStreamCaptureStatusNone) {  // untimed: the two ops, decided by a later call
+      return ran_pair ? absl::OkStatus() : Backend::MatmulSiluMul(x, w, gate_up, act);
+    }
+    // Matmul's choice then SiluMul as launches (the descriptors made once, outside the timing).
+    Gemm g;
+    RETURN_IF_ERROR(g.Init(*s.lt, x, w, gate_up));
+    const AlgoChoice choice = it->second;
+    absl::Status pair_status;
+    const auto pair = [&] {
+      if (choice.gemv >= 0) {
+        pair_status = RunGemv(x, w, gate_up, choice.gemv, stream_);
+      } else {
+        pair_status = LtError(*s.lt, g.Run(s, choice.algo, stream_), "MatmulSiluMul timing");
+      }
+      if (pair_status.ok()) pair_status = SiluMul(gate_up, act);
+      return pair_status.ok();
+    };
+    RETURN_IF_ERROR(fused());  // warm-up
+    ASSIGN_OR_RETURN(const float fused_ms, TimeCold(s, stream_, [&] { return fused().ok(); }));
+    ASSIGN_OR_RETURN(const float pair_ms, TimeCold(s, stream_, pair));
+    RETURN_IF_ERROR(pair_status);
     d = s.silu_fused.insert_or_assign(key, TimedFaster(fused_ms, pair_ms)).first;
+    ran_pair = true;  // the last timed run was the pair
     if (LogChoices()) {
       std::fprintf(stderr, "lorcserve: MatmulSiluMul T=%lld N=%lld K=%lld: %s (fused %.2f us, Matmul + SiluMul %.2f us)\n",
                    static_cast<long long>(x.rows), static_cast<long long>(key.n), static_cast<long long>(key.k),
                    d->second ? "fused" : "two ops", 1e3 * fused_ms / kTimedReps, 1e3 * pair_ms / kTimedReps);
     }
   }
-  if (!d->second) return Backend::MatmulSiluMul(x, w, gate_up, act);
-  return CudaError(fused(), "MatmulSiluMul");
+  if (d->second) return fused();
+  return ran_pair ? absl::OkStatus() : Backend::MatmulSiluMul(x, w, gate_up, act);
 }
 
 absl::Status CudaBackend::MatmulAdd(const Tensor2D& x, const Tensor2D& w, Tensor2D acc, Tensor2D scratch,

@@ -49,6 +49,18 @@ struct CudaSampler {
       if (grown) *grown = true;
       return cudaSuccess;
     }
+    // Zeroes a buffer that must hold zeros between calls (counters); on failure it is dropped
+    // (retired, size 0), so that the next call grows and zeroes a new one rather than reading
+    // garbage.
+    cudaError_t Zero(std::vector<Retired>& retired, cudaStream_t stream) {
+      const cudaError_t e = cudaMemsetAsync(p, 0, bytes, stream);
+      if (e != cudaSuccess) {
+        retired.push_back({p, pinned});
+        p = nullptr;
+        bytes = 0;
+      }
+      return e;
+    }
   };
   Buf stage_host{nullptr, 0, true}, stage_dev;  // [metas][ints][floats]
   Buf out_host{nullptr, 0, true}, out_dev;      // [tokens][non_finite][logprob][rank][top_ids][top_logprobs]
@@ -111,8 +123,10 @@ absl::Status CudaBackend::Sample(const Tensor2D& logits, absl::Span<const Sampli
   const int32_t n = static_cast<int32_t>(rows.size());
   out->Resize(rows.size());
   if (n == 0) return absl::OkStatus();
-  if (vocab <= 0 || vocab >= INT32_MAX) {
-    return absl::InvalidArgumentError(absl::StrCat("cuda backend: Sample: vocabulary of ", vocab, " ids"));
+  if (vocab <= 0 || vocab >= INT32_MAX || k::SampleGreedyParts(vocab) > k::kSampleMaxGreedyParts) {
+    const int64_t most = int64_t{k::kSampleMaxGreedyParts} * k::kGreedyIds;
+    return absl::InvalidArgumentError(
+        absl::StrCat("cuda backend: Sample: vocabulary of ", vocab, " ids (1 to ", most, " supported)"));
   }
   if (!sampler_) sampler_.reset(new CudaSampler);
   CudaSampler& s = *sampler_;
@@ -216,12 +230,9 @@ absl::Status CudaBackend::Sample(const Tensor2D& logits, absl::Span<const Sampli
   const size_t v = static_cast<size_t>(vocab);
   bool grown = false;
   RETURN_IF_ERROR(CudaError(s.counts.Reserve(sizeof(int32_t) * v * num_counts, s.retired, &grown), "sampling counts"));
-  if (grown) RETURN_IF_ERROR(CudaError(cudaMemsetAsync(s.counts.p, 0, s.counts.bytes, stream_), "clear counts"));
+  if (grown) RETURN_IF_ERROR(CudaError(s.counts.Zero(s.retired, stream_), "clear counts"));
   RETURN_IF_ERROR(CudaError(s.greedy_counters.Reserve(sizeof(int32_t) * n, s.retired, &grown), "argmax counters"));
-  if (grown) {
-    RETURN_IF_ERROR(CudaError(cudaMemsetAsync(s.greedy_counters.p, 0, s.greedy_counters.bytes, stream_),
-                              "clear argmax counters"));
-  }
+  if (grown) RETURN_IF_ERROR(CudaError(s.greedy_counters.Zero(s.retired, stream_), "clear argmax counters"));
   RETURN_IF_ERROR(
       CudaError(s.greedy_parts.Reserve(k::SampleGreedyPartsBytes(n, vocab), s.retired), "argmax parts"));
   RETURN_IF_ERROR(CudaError(s.x.Reserve(sizeof(double) * v * num_x, s.retired), "sampling logits"));

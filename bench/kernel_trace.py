@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """Where a CUDA-graph decode step's time goes, from a kernel timeline (bench/src/kernel_trace.cc).
 
-    python3 bench/kernel_trace.py trace.csv [--skip 5] [--json out.json] [--top 30]
+    python3 bench/kernel_trace.py trace.csv[.gz] [--skip 5] [--json out.json] [--top 30]
 
-Input: the CSV that libkernel_trace.so writes (one row per kernel execution: GPU start / end in
-ns, the launching call's correlation id, graph id, ...). Every cudaGraphLaunch is one "launch"
-(its kernels share a correlation id); launches are grouped by graph id (one graph per padded
-batch size), the first --skip launches of each graph dropped (warm-up, timing runs).
+Input: the CSV that libkernel_trace.so writes for one process (one row per kernel execution: GPU
+start / end in ns, the launching call's correlation id, graph id, device, ...). Every
+cudaGraphLaunch is one "launch" (its kernels share a correlation id); launches are grouped by
+device and graph id (one graph per padded batch size), the first --skip launches of each graph
+dropped (warm-up, timing runs).
 
 For each graph, per launch (means over the launches kept), all times in microseconds:
 - span: the first kernel's start to the last kernel's end;
@@ -21,8 +22,9 @@ For each graph, per launch (means over the launches kept), all times in microsec
 Stdlib only; demangles with c++filt when it is on the PATH.
 """
 import argparse
+import bisect
 import collections
-import csv
+import gzip
 import json
 import shutil
 import subprocess
@@ -40,9 +42,9 @@ def demangle(names):
 
 def short_name(name):
     """Drops a leading return type, namespaces and the argument list, keeps template arguments."""
-    s = name
+    s = name.rstrip()
     depth = 0
-    for i in range(len(s) - 1, -1, -1):  # the argument list: the last top-level "(...)"
+    for i in range(len(s) - 1 if s.endswith(")") else -1, -1, -1):  # the argument list: a trailing "(...)"
         c = s[i]
         if c == ")":
             depth += 1
@@ -71,12 +73,20 @@ def short_name(name):
 
 
 def load(path):
+    """The CSV's rows (gzipped when the name ends in .gz). The name is the last column and is
+    taken whole, commas included; a trace of an older layout without device_id reads as device 0."""
     rows = []
-    with open(path, newline="") as f:
-        for r in csv.DictReader(f):
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", newline="") as f:
+        header = f.readline().rstrip("\n").split(",")
+        for line in f:
+            line = line.rstrip("\n")
+            if not line:
+                continue
+            r = dict(zip(header, line.split(",", len(header) - 1)))
             rows.append({
                 "start": int(r["start_ns"]), "end": int(r["end_ns"]), "corr": int(r["correlation_id"]),
-                "graph": int(r["graph_id"]), "name": r["name"],
+                "graph": int(r["graph_id"]), "device": int(r.get("device_id") or 0), "name": r["name"],
             })
     return rows
 
@@ -86,22 +96,28 @@ def analyze(rows, skip):
     for r in rows:
         r["short"] = short_name(names[r["name"]])
     rows.sort(key=lambda r: r["start"])
-    launches = collections.OrderedDict()  # corr -> kernels (graph launches only)
-    outside = []
+    launches = collections.OrderedDict()  # (device, corr) -> kernels (graph launches only)
+    outside = collections.defaultdict(list)  # device -> kernels launched outside graphs, by start
     for r in rows:
         if r["graph"] != 0:
-            launches.setdefault(r["corr"], []).append(r)
+            launches.setdefault((r["device"], r["corr"]), []).append(r)
         else:
-            outside.append(r)
-    by_graph = collections.OrderedDict()
-    for corr, ks in launches.items():
-        by_graph.setdefault(ks[0]["graph"], []).append(ks)
-    # each launch's first start / last end, in time order, for "between" and the outside kernels
-    order = sorted(((min(k["start"] for k in ks), max(k["end"] for k in ks), ks[0]["graph"])
-                    for ks in launches.values()))
-    index_of = {o[0]: i for i, o in enumerate(order)}
+            outside[r["device"]].append(r)
+    outside_starts = {dev: [o["start"] for o in ks] for dev, ks in outside.items()}
+    by_graph = collections.OrderedDict()  # (device, graph) -> launches
+    for ks in launches.values():
+        by_graph.setdefault((ks[0]["device"], ks[0]["graph"]), []).append(ks)
+    # Each device's launches in time order (first start, last end), for "between".
+    order = collections.defaultdict(list)
+    for key, ks in launches.items():
+        order[key[0]].append((min(k["start"] for k in ks), max(k["end"] for k in ks), key))
+    prev_end = {}
+    for dev, spans in order.items():
+        spans.sort()
+        for i, (_, _, key) in enumerate(spans):
+            prev_end[key] = spans[i - 1][1] if i > 0 else None
     result = []
-    for graph, ls in by_graph.items():
+    for (device, graph), ls in by_graph.items():
         kept = ls[skip:] if len(ls) > skip else []
         if not kept:
             continue
@@ -120,22 +136,22 @@ def analyze(rows, skip):
                 e[0] += 1
                 e[1] += (k["end"] - k["start"]) / 1e3
                 e[2] += adv / 1e3
-            # the launch before this one (any graph) and the kernels outside graphs between them
-            idx = index_of[first]
-            if idx > 0:
-                prev_end = order[idx - 1][1]
-                betweens.append((first - prev_end) / 1e3)
-                for o in outside:
-                    if prev_end <= o["start"] < first:
-                        d = outside_per[o["short"]]
-                        d[0] += 1
-                        d[1] += (o["end"] - o["start"]) / 1e3
+            # the device's launch before this one (any graph) and the kernels outside graphs between
+            before = prev_end[(device, ks[0]["corr"])]
+            if before is not None:
+                betweens.append((first - before) / 1e3)
+                starts = outside_starts.get(device, [])
+                for o in outside[device][bisect.bisect_left(starts, before):bisect.bisect_left(starts, first)]:
+                    d = outside_per[o["short"]]
+                    d[0] += 1
+                    d[1] += (o["end"] - o["start"]) / 1e3
         n = len(kept)
         kernels = [{"name": name, "n": e[0] / n, "dur_us": e[1] / n, "adv_us": e[2] / n,
                     "adv_us_each": e[2] / e[0]} for name, e in per.items()]
         kernels.sort(key=lambda k: -k["adv_us"])
         result.append({
-            "graph_id": graph, "launches": len(ls), "kept": n, "kernels_per_launch": sum(len(k) for k in kept) / n,
+            "device": device, "graph_id": graph, "launches": len(ls), "kept": n,
+            "kernels_per_launch": sum(len(k) for k in kept) / n,
             "span_us": sum(spans) / n, "between_us": (sum(betweens) / len(betweens)) if betweens else None,
             "kernels": kernels,
             "outside_between": [{"name": name, "n": d[0] / max(1, len(betweens)), "dur_us": d[1] / max(1, len(betweens))}
@@ -158,7 +174,7 @@ def main():
     result = [g for g in analyze(rows, args.skip) if g["kernels_per_launch"] >= args.min_kernels]
     for g in result:
         between = f"{g['between_us']:.1f}" if g["between_us"] is not None else "-"
-        print(f"graph {g['graph_id']}: {g['launches']} launches ({g['kept']} kept), "
+        print(f"device {g['device']} graph {g['graph_id']}: {g['launches']} launches ({g['kept']} kept), "
               f"{g['kernels_per_launch']:.0f} kernels, span {g['span_us']:.1f} us, between launches {between} us")
         print(f"  {'adv us':>9} {'adv %':>6} {'n':>5} {'adv/each':>9} {'dur/each':>9}  kernel")
         for k in g["kernels"][:args.top]:

@@ -403,8 +403,8 @@ cudaError_t LaunchSampleIota(int32_t* ids, int32_t num_sorted, int64_t vocab, cu
 }
 
 cudaError_t LaunchSample(const SampleArgs& a, cudaStream_t stream) {
-  if (a.num_rows < 0 || a.vocab <= 0 || a.vocab >= INT32_MAX || SampleGreedyParts(a.vocab) > 65535 ||
-      static_cast<int64_t>(a.num_sorted) * a.vocab >= INT32_MAX) {
+  if (a.num_rows < 0 || a.vocab <= 0 || a.vocab >= INT32_MAX || SampleGreedyParts(a.vocab) > kSampleMaxGreedyParts
+      || static_cast<int64_t>(a.num_sorted) * a.vocab >= INT32_MAX) {
     return cudaErrorInvalidValue;
   }
   if (a.num_rows == 0) return cudaSuccess;

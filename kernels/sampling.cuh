@@ -111,6 +111,8 @@ struct SampleArgs {
 // Step 5: ids a CTA scans, its threads; CTAs a row.
 constexpr int kGreedyIds = 2048;
 constexpr int kGreedyThreads = 256;
+static_assert(kGreedyIds % kGreedyThreads == 0, "each thread scans kGreedyIds / kGreedyThreads ids");
+constexpr int kSampleMaxGreedyParts = 65535;  // grid.y
 __host__ __device__ inline int SampleGreedyParts(int64_t vocab) {
   return static_cast<int>((vocab + kGreedyIds - 1) / kGreedyIds);
 }

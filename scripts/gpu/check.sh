@@ -277,11 +277,15 @@ phase_trace() {
         tag="s$i-b${b}x$c"
         local args=(bench --model bench/configs/llama3-8b --backend cuda --random-weights --decode-batches "$b"
                     --contexts "$c" --prefill 512 --prefill-reps 1 --steps 64)
-        env $s CUDA_VISIBLE_DEVICES=0 timeout 300 "$L" "${args[@]}" > "$OUT/trace-$tag-plain.txt" 2>&1
-        env $s CUDA_VISIBLE_DEVICES=0 CUDA_INJECTION64_PATH="$B/libkernel_trace.so" LORC_KERNEL_TRACE=/tmp/trace-$tag.csv \
-          timeout 300 "$L" "${args[@]}" > "$OUT/trace-$tag-traced.txt" 2>&1
-        python3 bench/kernel_trace.py /tmp/trace-$tag.csv --json "$OUT/trace-$tag.json" > "$OUT/trace-$tag.table.txt" 2>&1
-        gzip -c /tmp/trace-$tag.csv > "$OUT/trace-$tag.csv.gz"
+        rm -f "/tmp/trace-$tag.csv"
+        if ! env $s CUDA_VISIBLE_DEVICES=0 timeout 300 "$L" "${args[@]}" > "$OUT/trace-$tag-plain.txt" 2>&1 ||
+           ! env $s CUDA_VISIBLE_DEVICES=0 CUDA_INJECTION64_PATH="$B/libkernel_trace.so" \
+               LORC_KERNEL_TRACE="/tmp/trace-$tag.csv" timeout 300 "$L" "${args[@]}" > "$OUT/trace-$tag-traced.txt" 2>&1 ||
+           ! python3 bench/kernel_trace.py "/tmp/trace-$tag.csv" --json "$OUT/trace-$tag.json" \
+               > "$OUT/trace-$tag.table.txt" 2>&1; then
+          note "trace [$s] b=$b ctx=$c: FAILED (trace-$tag-*.txt)"; fails=$((fails + 1)); continue
+        fi
+        gzip -c "/tmp/trace-$tag.csv" > "$OUT/trace-$tag.csv.gz"
         note "trace [$s] b=$b ctx=$c: plain $(grep -E '^decode ' "$OUT/trace-$tag-plain.txt" | awk '{print $4}' | head -1) ms, traced $(grep -E '^decode ' "$OUT/trace-$tag-traced.txt" | awk '{print $4}' | head -1) ms, $(head -1 "$OUT/trace-$tag.table.txt")"
       done
     done

@@ -44,7 +44,7 @@ for b in "${bins[@]}"; do strip "$stage/$(basename "$b")"; done
 # The kernel tracer's CUPTI (bundle-libs.sh leaves CUDA's libraries to the host; carry this one).
 if [ -f "$stage/libkernel_trace.so" ] && [ ! -f "$stage/libcupti.so.13" ]; then
   cupti=$(ldd "$stage/libkernel_trace.so" | awk '/libcupti/ {print $3}')
-  [ -n "$cupti" ] && cp -L "$cupti" "$stage/"
+  if [ -f "$cupti" ]; then cp -L "$cupti" "$stage/"; else echo "warning: libcupti not found for the tracer" >&2; fi
 fi
 netlib=/usr/lib/x86_64-linux-gnu/blas/libblas.so.3
 if [ -f "$stage/libopenblas.so.0" ] && [ -f "$netlib" ]; then

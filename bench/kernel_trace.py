@@ -79,15 +79,21 @@ def load(path):
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rt", newline="") as f:
         header = f.readline().rstrip("\n").split(",")
-        for line in f:
+        missing = [c for c in ("start_ns", "end_ns", "correlation_id", "graph_id", "name") if c not in header]
+        if missing or header[-1] != "name":
+            raise ValueError(f"{path}: not a kernel_trace CSV (header {header}; needs {missing or 'name last'})")
+        for n, line in enumerate(f, start=2):
             line = line.rstrip("\n")
             if not line:
                 continue
             r = dict(zip(header, line.split(",", len(header) - 1)))
-            rows.append({
-                "start": int(r["start_ns"]), "end": int(r["end_ns"]), "corr": int(r["correlation_id"]),
-                "graph": int(r["graph_id"]), "device": int(r.get("device_id") or 0), "name": r["name"],
-            })
+            try:
+                rows.append({
+                    "start": int(r["start_ns"]), "end": int(r["end_ns"]), "corr": int(r["correlation_id"]),
+                    "graph": int(r["graph_id"]), "device": int(r.get("device_id") or 0), "name": r["name"],
+                })
+            except (KeyError, ValueError) as e:
+                raise ValueError(f"{path}: line {n}: {line[:120]!r}: {e!r}") from None
     return rows
 
 
@@ -168,7 +174,10 @@ def main():
     ap.add_argument("--json", help="also write the result here")
     ap.add_argument("--min-kernels", type=int, default=1, help="ignore graphs with fewer kernels per launch")
     args = ap.parse_args()
-    rows = load(args.trace)
+    try:
+        rows = load(args.trace)
+    except (OSError, ValueError, EOFError) as e:
+        sys.exit(f"kernel_trace.py: {e}")
     if not rows:
         sys.exit(f"{args.trace}: no kernel records")
     result = [g for g in analyze(rows, args.skip) if g["kernels_per_launch"] >= args.min_kernels]

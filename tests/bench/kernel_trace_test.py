@@ -92,6 +92,17 @@ class KernelTraceTest(unittest.TestCase):
                          "GemvKernel<1, 4>")
         self.assertEqual(names["nvjet_sm90_tst"], "nvjet_sm90_tst")
 
+    def test_bad_files_name_the_problem(self):
+        for text, want in (("a,b\n1,2\n", "not a kernel_trace CSV"),
+                           (HEADER + "1,x,3,4,5,6,7,8,9,0,foo\n", "line 2")):
+            with tempfile.NamedTemporaryFile("w", suffix=".csv", delete=False) as f:
+                f.write(text)
+            try:
+                with self.assertRaisesRegex(ValueError, want):
+                    kernel_trace.load(f.name)
+            finally:
+                os.unlink(f.name)
+
     def test_short_names(self):
         s = kernel_trace.short_name
         self.assertEqual(s("void lorc::kernels::(anonymous namespace)::GemvKernel<1, 4, (Mode)0>(int, float const*)"),

@@ -46,6 +46,10 @@
 #           AB_SETTINGS="LORC_DECODE_EARLY_KV=0;LORC_DECODE_EARLY_KV=1", or the folded norms (off by
 #           default; docs/PERFORMANCE.md 2026-12-06): AB_SETTINGS="LORC_FOLDED_NORMS=0;LORC_FOLDED_NORMS=1".
 #           Each round's summary line gives every decode figure (batch, context, ms a step).
+#   versus  not in the default phases: before / after on one machine: `lorcserve-old` (a binary of
+#           an earlier commit, packed with PACK_OLD=path/to/lorcserve scripts/gpu/pack.sh) against
+#           `lorcserve`, rounds interleaved (VERSUS_RUNS, default 3), the 8B bench at VERSUS_BATCHES
+#           (1,8,64) x VERSUS_CONTEXTS (128,4096); one summary line per binary and round
 #   trace   not in the default phases: a kernel timeline of the 8B decode (libkernel_trace.so over
 #           CUPTI, bench/src/kernel_trace.cc; pack it with PACK_BINS="lorcserve libkernel_trace.so")
 #           at TRACE_BATCHES (default 1) x TRACE_CONTEXTS (128), under each setting of TRACE_SETTINGS
@@ -260,6 +264,24 @@ phase_ab() {
         > "$OUT/ab-70b-s$i-run$r.txt" 2>&1 &&
         note "ab 70B tp=2 [$s] run $r: $(grep -E '^decode ' "$OUT/ab-70b-s$i-run$r.txt" | awk '{printf "%s %s %s  ", $2, $3, $4}')" ||
         { note "ab 70B tp=2 [$s] run $r: FAILED"; fails=$((fails + 1)); }
+    done
+  done
+}
+
+# Not in the default phases: an earlier binary against this one on the same GPU (see the header).
+phase_versus() {
+  local r v bin
+  if [ ! -x "$B/lorcserve-old" ]; then note "versus: lorcserve-old not in the bundle (PACK_OLD)"; fails=$((fails + 1)); return; fi
+  for r in $(seq 1 "${VERSUS_RUNS:-3}"); do
+    for v in old new; do
+      bin=$L; [ $v = old ] && bin=$B/lorcserve-old
+      if CUDA_VISIBLE_DEVICES=0 timeout 300 "$bin" bench --model bench/configs/llama3-8b --backend cuda --random-weights \
+           --decode-batches "${VERSUS_BATCHES:-1,8,64}" --contexts "${VERSUS_CONTEXTS:-128,4096}" --prefill 512 \
+           --prefill-reps 1 --steps 64 > "$OUT/versus-$v-run$r.txt" 2>&1; then
+        note "versus $v run $r: $(grep -E '^decode ' "$OUT/versus-$v-run$r.txt" | awk '{printf "%s %s %s  ", $2, $3, $4}')"
+      else
+        note "versus $v run $r: FAILED (versus-$v-run$r.txt)"; fails=$((fails + 1))
+      fi
     done
   done
 }

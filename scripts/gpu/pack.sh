@@ -6,6 +6,7 @@
 #
 #   scripts/gpu/pack.sh        # then carry the checkout with .gpu/ to the GPU host
 #   PACK_BINS="lorcserve worker_cuda_model_runner_test" scripts/gpu/pack.sh   # only these
+#   PACK_OLD=/tmp/old/build-old/bin/lorcserve PACK_BINS=lorcserve scripts/gpu/pack.sh  # before/after
 #
 # The device carry holds 64 MiB with the tree (about 51 MiB of it tracked files), so the bundle
 # must stay under ~12 MiB: binaries are stripped, compressed with xz -9e, and OpenBLAS (8 MB
@@ -41,6 +42,12 @@ else
   cp "${bins[@]}" "$stage/"  # the GPU host must then have this machine's libraries installed
 fi
 for b in "${bins[@]}"; do strip "$stage/$(basename "$b")"; done
+# PACK_OLD: a lorcserve binary of an earlier commit, as lorcserve-old (check.sh phase versus; it
+# must need no library the bundle lacks). Built e.g. in a worktree:
+#   git worktree add /tmp/old REV && (cd /tmp/old && BUILD_DIR=build-old bash scripts/build.sh lorcserve)
+if [ -n "${PACK_OLD:-}" ]; then
+  cp "$PACK_OLD" "$stage/lorcserve-old" && strip "$stage/lorcserve-old"
+fi
 # The kernel tracer's CUPTI (bundle-libs.sh leaves CUDA's libraries to the host; carry this one).
 if [ -f "$stage/libkernel_trace.so" ] && [ ! -f "$stage/libcupti.so.13" ]; then
   cupti=$(ldd "$stage/libkernel_trace.so" | awk '/libcupti/ {print $3}')

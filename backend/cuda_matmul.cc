@@ -72,6 +72,9 @@ struct AlgoChoice {
   cublasLtMatmulAlgo_t algo;
   bool timed = false;
   int gemv = -1;  // >= 0: the GEMV with this configuration (cuda_gemv.h) instead of `algo`
+  // MatmulSiluMul where `gemv` is not the fused kernel's configuration: -1 not timed yet, 0 the two
+  // ops, 1 the fused kernel (it timed faster than this choice then SiluMul).
+  int silu = -1;
 };
 
 uint32_t PtrAlign(const void* p) {
@@ -119,9 +122,6 @@ struct MatmulState {
   size_t flush_bytes = 0;
   bool flush_tried = false;
   absl::flat_hash_map<GemmKey, AlgoChoice> algos;
-  // MatmulSiluMul where Matmul's choice for the key is not the fused kernel's configuration:
-  // whether the fused kernel timed faster than Matmul then SiluMul (cuda_matmul.cc).
-  absl::flat_hash_map<GemmKey, bool> silu_fused;
 
   ~MatmulState() {
     if (start != nullptr) cudaEventDestroy(start);
@@ -477,8 +477,7 @@ absl::Status CudaBackend::MatmulSiluMul(const Tensor2D& x, const Tensor2D& w, Te
     if (it == s.algos.end() || !it->second.timed) return absl::OkStatus();  // inside a capture
   }
   if (it->second.gemv == kFusedSiluConfig) return ran_pair ? absl::OkStatus() : fused();  // the same bits
-  auto d = s.silu_fused.find(key);
-  if (d == s.silu_fused.end()) {
+  if (it->second.silu < 0) {
     cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
     RETURN_IF_ERROR(CudaError(cudaStreamIsCapturing(stream_, &capture), "MatmulSiluMul"));
     if (capture != cudaStreamCaptureStatusNone) {  // untimed: the two ops, decided by a later call
@@ -504,15 +503,17 @@ absl::Status CudaBackend::MatmulSiluMul(const Tensor2D& x, const Tensor2D& w, Te
     ASSIGN_OR_RETURN(const float fused_ms, TimeCold(s, stream_, [&] { return fused().ok(); }));
     ASSIGN_OR_RETURN(const float pair_ms, TimeCold(s, stream_, pair));
     RETURN_IF_ERROR(pair_status);
-    d = s.silu_fused.insert_or_assign(key, TimedFaster(fused_ms, pair_ms)).first;
+    it = s.algos.find(key);  // the choice timed above (nothing inserts a timed key again)
+    it->second.silu = TimedFaster(fused_ms, pair_ms) ? 1 : 0;
     ran_pair = true;  // the last timed run was the pair
     if (LogChoices()) {
       std::fprintf(stderr, "lorcserve: MatmulSiluMul T=%lld N=%lld K=%lld: %s (fused %.2f us, Matmul + SiluMul %.2f us)\n",
                    static_cast<long long>(x.rows), static_cast<long long>(key.n), static_cast<long long>(key.k),
-                   d->second ? "fused" : "two ops", 1e3 * fused_ms / kTimedReps, 1e3 * pair_ms / kTimedReps);
+                   it->second.silu == 1 ? "fused" : "two ops", 1e3 * fused_ms / kTimedReps,
+                   1e3 * pair_ms / kTimedReps);
     }
   }
-  if (d->second) return fused();
+  if (it->second.silu == 1) return fused();
   return ran_pair ? absl::OkStatus() : Backend::MatmulSiluMul(x, w, gate_up, act);
 }
 

@@ -86,6 +86,11 @@ date -u +%FT%TZ >> "$OUT/device.txt"
 echo "== $(head -1 "$OUT/device.txt") x $GPUS, $(date -u +%FT%TZ)"
 fails=0
 note() { echo "$1"; echo "$1" >> "$OUT/summary.txt"; }
+# The 8B shape's bench as phases ab, versus and trace run it (they add batches and contexts), and a
+# bench log's decode figures on one line (batch, context, ms a step).
+BENCH_8B=(bench --model bench/configs/llama3-8b --backend cuda --random-weights --prefill 512 --prefill-reps 1
+          --steps 64)
+decode_figures() { grep -E '^decode ' "$1" | awk '{printf "%s %s %s  ", $2, $3, $4}'; }
 
 phase_parity() {
   for t in "$B"/*cuda*_test "$B"/*cublas*_test "$B"/*nccl*_test; do
@@ -253,16 +258,15 @@ phase_ab() {
     i=0
     for s in "${settings[@]}"; do
       i=$((i + 1))
-      env $s CUDA_VISIBLE_DEVICES=0 timeout 300 "$L" bench --model bench/configs/llama3-8b --backend cuda \
-        --random-weights --decode-batches "${AB_BATCHES:-1,8,64}" --contexts "${AB_CONTEXTS:-128,4096}" \
-        --prefill 512 --prefill-reps 1 --steps 64 > "$OUT/ab-s$i-run$r.txt" 2>&1 &&
-        note "ab [$s] run $r: $(grep -E '^decode ' "$OUT/ab-s$i-run$r.txt" | awk '{printf "%s %s %s  ", $2, $3, $4}')" ||
+      env $s CUDA_VISIBLE_DEVICES=0 timeout 300 "$L" "${BENCH_8B[@]}" --decode-batches "${AB_BATCHES:-1,8,64}" \
+        --contexts "${AB_CONTEXTS:-128,4096}" > "$OUT/ab-s$i-run$r.txt" 2>&1 &&
+        note "ab [$s] run $r: $(decode_figures "$OUT/ab-s$i-run$r.txt")" ||
         { note "ab [$s] run $r: FAILED"; fails=$((fails + 1)); }
       [ "$GPUS" -ge 2 ] || continue
       env $s timeout 900 "$L" bench --model bench/configs/llama3-70b --backend cuda --random-weights \
         --local-workers 2 --decode-batches 1,8 --contexts 128 --prefill 512 --prefill-reps 1 --steps 32 \
         > "$OUT/ab-70b-s$i-run$r.txt" 2>&1 &&
-        note "ab 70B tp=2 [$s] run $r: $(grep -E '^decode ' "$OUT/ab-70b-s$i-run$r.txt" | awk '{printf "%s %s %s  ", $2, $3, $4}')" ||
+        note "ab 70B tp=2 [$s] run $r: $(decode_figures "$OUT/ab-70b-s$i-run$r.txt")" ||
         { note "ab 70B tp=2 [$s] run $r: FAILED"; fails=$((fails + 1)); }
     done
   done
@@ -275,10 +279,9 @@ phase_versus() {
   for r in $(seq 1 "${VERSUS_RUNS:-3}"); do
     for v in old new; do
       bin=$L; [ $v = old ] && bin=$B/lorcserve-old
-      if CUDA_VISIBLE_DEVICES=0 timeout 300 "$bin" bench --model bench/configs/llama3-8b --backend cuda --random-weights \
-           --decode-batches "${VERSUS_BATCHES:-1,8,64}" --contexts "${VERSUS_CONTEXTS:-128,4096}" --prefill 512 \
-           --prefill-reps 1 --steps 64 > "$OUT/versus-$v-run$r.txt" 2>&1; then
-        note "versus $v run $r: $(grep -E '^decode ' "$OUT/versus-$v-run$r.txt" | awk '{printf "%s %s %s  ", $2, $3, $4}')"
+      if CUDA_VISIBLE_DEVICES=0 timeout 300 "$bin" "${BENCH_8B[@]}" --decode-batches "${VERSUS_BATCHES:-1,8,64}" \
+           --contexts "${VERSUS_CONTEXTS:-128,4096}" > "$OUT/versus-$v-run$r.txt" 2>&1; then
+        note "versus $v run $r: $(decode_figures "$OUT/versus-$v-run$r.txt")"
       else
         note "versus $v run $r: FAILED (versus-$v-run$r.txt)"; fails=$((fails + 1))
       fi
@@ -297,8 +300,7 @@ phase_trace() {
     for b in ${TRACE_BATCHES:-1}; do
       for c in ${TRACE_CONTEXTS:-128}; do
         tag="s$i-b${b}x$c"
-        local args=(bench --model bench/configs/llama3-8b --backend cuda --random-weights --decode-batches "$b"
-                    --contexts "$c" --prefill 512 --prefill-reps 1 --steps 64)
+        local args=("${BENCH_8B[@]}" --decode-batches "$b" --contexts "$c")
         rm -f "/tmp/trace-$tag.csv"
         if ! env $s CUDA_VISIBLE_DEVICES=0 timeout 300 "$L" "${args[@]}" > "$OUT/trace-$tag-plain.txt" 2>&1 ||
            ! env $s CUDA_VISIBLE_DEVICES=0 CUDA_INJECTION64_PATH="$B/libkernel_trace.so" \

@@ -2,6 +2,7 @@
 
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
+#include <cub/device/device_radix_sort.cuh>
 #include <cub/device/device_segmented_radix_sort.cuh>
 #include <cuda/functional>
 
@@ -384,6 +385,15 @@ __global__ void IotaKernel(int32_t* ids, int64_t total, int64_t vocab) {
 size_t SampleSortTempBytes(int32_t num_sorted, int64_t vocab) {
   if (num_sorted <= 0) return 0;
   size_t bytes = 0;
+  if (num_sorted <= kSampleDeviceSortRows) {  // one device-wide sort a row
+    if (cub::DeviceRadixSort::SortPairsDescending(nullptr, bytes, static_cast<const double*>(nullptr),
+                                                  static_cast<double*>(nullptr), static_cast<const int32_t*>(nullptr),
+                                                  static_cast<int32_t*>(nullptr), static_cast<int>(vocab)) !=
+        cudaSuccess) {
+      return 0;
+    }
+    return bytes;
+  }
   const int total = static_cast<int>(num_sorted * vocab);
   if (cub::DeviceSegmentedRadixSort::SortPairsDescending(
           nullptr, bytes, static_cast<const double*>(nullptr), static_cast<double*>(nullptr),
@@ -422,11 +432,24 @@ cudaError_t LaunchSample(const SampleArgs& a, cudaStream_t stream) {
   GreedyKernel<<<dim3(rows, static_cast<unsigned>(SampleGreedyParts(a.vocab))), kGreedyThreads, 0, stream>>>(a);
   if (a.num_sorted > 0) {
     size_t bytes = a.sort_temp_bytes;
-    const cudaError_t e = cub::DeviceSegmentedRadixSort::SortPairsDescending(
-        a.sort_temp, bytes, static_cast<const double*>(a.x), a.sorted_x, a.iota, a.sorted_ids,
-        static_cast<int>(a.num_sorted * a.vocab), a.num_sorted, a.sort_offsets, a.sort_offsets + 1,
-        0, 64, stream);
-    if (e != cudaSuccess) return e;
+    if (a.num_sorted <= kSampleDeviceSortRows) {
+      // A few rows: one device-wide radix sort each (the segmented sort gives a segment one CTA,
+      // ~1.9 ms for 128,256 ids on an H100, 2026-12-06). Both are stable over the same key bits:
+      // the same order.
+      for (int32_t r = 0; r < a.num_sorted; ++r) {
+        const int64_t off = static_cast<int64_t>(r) * a.vocab;
+        const cudaError_t e = cub::DeviceRadixSort::SortPairsDescending(
+            a.sort_temp, bytes, static_cast<const double*>(a.x) + off, a.sorted_x + off, a.iota + off,
+            a.sorted_ids + off, static_cast<int>(a.vocab), 0, 64, stream);
+        if (e != cudaSuccess) return e;
+      }
+    } else {
+      const cudaError_t e = cub::DeviceSegmentedRadixSort::SortPairsDescending(
+          a.sort_temp, bytes, static_cast<const double*>(a.x), a.sorted_x, a.iota, a.sorted_ids,
+          static_cast<int>(a.num_sorted * a.vocab), a.num_sorted, a.sort_offsets, a.sort_offsets + 1,
+          0, 64, stream);
+      if (e != cudaSuccess) return e;
+    }
     WalkKernel<<<static_cast<unsigned>(a.num_sorted), kWalkThreads, 0, stream>>>(a);
   }
   if (a.any_logprobs) LogprobsKernel<<<rows, kThreads, 0, stream>>>(a);

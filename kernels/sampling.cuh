@@ -15,8 +15,9 @@
 //  5. Greedy rows: argmax (first index on ties) over x, or straight over the float logits for
 //     rows with nothing to process; every row: whether its raw logits are all finite. Split over
 //     SampleGreedyParts(vocab) CTAs a row, the row's last CTA reducing their parts.
-//  6. Sampled rows (x slots [0, num_sorted)): CUB segmented radix sort of (x, id), descending,
-//     stable (ties keep ascending ids); then one block per row walks the sorted candidates:
+//  6. Sampled rows (x slots [0, num_sorted)): CUB radix sort of (x, id), descending, stable
+//     (ties keep ascending ids): a device-wide sort a row for up to kSampleDeviceSortRows rows,
+//     else one segmented sort; then one block per row walks the sorted candidates:
 //     top-k, temperature, min-p, top-p and the draw, in double.
 //  7. Logprobs rows: raw log-softmax in double, rank, top-N (ties by lower id).
 #pragma once
@@ -120,6 +121,10 @@ __host__ __device__ inline int SampleGreedyParts(int64_t vocab) {
 inline size_t SampleGreedyPartsBytes(int32_t num_rows, int64_t vocab) {
   return size_t{16} * static_cast<size_t>(num_rows) * static_cast<size_t>(SampleGreedyParts(vocab));
 }
+
+// Step 6 sorts each of at most this many sampled rows with a device-wide radix sort, more rows
+// with one segmented sort (a CTA a row).
+constexpr int32_t kSampleDeviceSortRows = 8;
 
 // CUB temporary storage for sorting num_sorted segments of vocab (x, id) pairs; 0 on error.
 size_t SampleSortTempBytes(int32_t num_sorted, int64_t vocab);

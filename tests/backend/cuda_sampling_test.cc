@@ -181,6 +181,11 @@ TEST_F(CudaSamplingTest, TokenParityVocab4096) { Parity(4096, 60, 64, 24); }
 TEST_F(CudaSamplingTest, TokenParityVocab4096Batch256) { Parity(4096, 4, 256, 256); }
 TEST_F(CudaSamplingTest, TokenParityVocab128256) { Parity(128256, 8, 48, 16); }
 TEST_F(CudaSamplingTest, TokenParityOddVocab) { Parity(1000, 20, 33, 7); }
+// Few rows: the sampled ones sorted one by one (kernels::kSampleDeviceSortRows).
+TEST_F(CudaSamplingTest, TokenParitySmallBatches) {
+  Parity(128256, 12, 2, 2);
+  Parity(4096, 40, 9, 3);
+}
 
 TEST_F(CudaSamplingTest, SameRowsSameTokensAcrossCalls) {  // steady state: buffers reused
   const int64_t vocab = 4096;

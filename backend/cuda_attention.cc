@@ -93,7 +93,9 @@ class CudaAttentionPlan final : public AttentionPlan {
   // overrides it for A/B measurements; long_chunk defaults to min_chunk there, i.e. no rule).
   int decode_ctas_per_sm = kTargetCtasPerSm;
   int decode_min_chunk = kMinChunk;
-  bool decode_early_kv = false;  // LORC_DECODE_EARLY_KV=1 (DecodeSchedule::early_kv)
+  // DecodeSchedule::early_kv: -1 below kernels::kDecodeEarlyKvMaxSeqs decodes, 0 off, 1 on
+  // (LORC_DECODE_EARLY_KV=0 / =1, A/B measurements).
+  int decode_early_kv = -1;
   int decode_long_chunk = kLongChunk;
 
   // Work items the split heuristic aims at when decodes are fewer.
@@ -435,7 +437,7 @@ absl::StatusOr<std::unique_ptr<AttentionPlan>> CudaBackend::CreateAttentionPlan(
     }
   }
   if (const char* e = std::getenv("LORC_DECODE_EARLY_KV"); e != nullptr) {
-    plan->decode_early_kv = std::strcmp(e, "1") == 0;
+    if (std::strcmp(e, "0") == 0 || std::strcmp(e, "1") == 0) plan->decode_early_kv = e[0] - '0';
   }
   plan->max_partials = std::max(64, kPartialsPerSm * plan->num_sms);
   plan->max_work = limits.max_num_seqs + plan->max_partials;
@@ -472,7 +474,7 @@ absl::Status CudaBackend::DecodeAttention(const AttentionParams& p, const Attent
   // an eager one runs this plan only.
   s.grid_work = capturing_ ? cp.max_work_items(plan.batch().num_seqs) : std::max(1, cp.num_work_);
   s.num_decodes = capturing_ ? plan.batch().num_seqs : cp.num_decodes();
-  s.early_kv = cp.decode_early_kv;
+  s.early_kv = cp.decode_early_kv >= 0 ? cp.decode_early_kv == 1 : s.num_decodes < kernels::kDecodeEarlyKvMaxSeqs;
   return CudaError(kernels::LaunchDecodeAttention(a, s, stream_), "DecodeAttention");
 }
 

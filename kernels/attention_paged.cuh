@@ -85,8 +85,8 @@ struct DecodeSchedule {
   // Host: the tensor-core decode issues its first work item's first ring stages of K/V (every
   // key but the item's last) before its PDL wait, so that they load while the kernel before it
   // (the QKV projection writing the new token's row) finishes (pdl.cuh, "Early K/V"). Outputs
-  // are the same bits either way. LORC_DECODE_EARLY_KV=1 turns it on (backend/cuda_attention.cc);
-  // off by default until measured on a GPU.
+  // are the same bits either way. On below kDecodeEarlyKvMaxSeqs decodes (the backend's default,
+  // backend/cuda_attention.cc; LORC_DECODE_EARLY_KV=0 / =1 force it off / on).
   bool early_kv = false;
 };
 
@@ -100,6 +100,13 @@ struct DecodeSchedule {
 // measured sides. LORC_DECODE_MMA_STAGES=2 / =3 force a ring depth; LORC_DECODE_MMA=0 the
 // CUDA-core kernel (A/B measurements; GPUs before sm_80 always take it).
 inline constexpr int kDecodeMmaMinSeqs = 32;
+
+// Below this many decode sequences the CUDA backend turns DecodeSchedule::early_kv on (the
+// 2-stage ring's batches). Measured on an H100 (8B shape, three rounds, docs/PERFORMANCE.md
+// "Sampled rows sorted one by one, and the decode attention's early K/V at small batches"): on
+// is 0.02 ms a step faster at batch 1 x 128 and 0.05-0.07 at batch 1-16 x 4,096 (within the
+// spread at 4-16 x 128); at batch 64 it is 0.19 (x 128) and 0.26 ms (x 4,096) slower.
+inline constexpr int kDecodeEarlyKvMaxSeqs = kDecodeMmaMinSeqs;
 
 // Decode (q_len 1) for every item of the schedule: one kernel, a CTA per work item and KV head
 // (all query heads of the group at once, so each K/V row is read once): over a bf16 cache with

@@ -43,7 +43,7 @@
 #           AB_SETTINGS="LORC_FUSED_NORM_ROWS=0;LORC_FUSED_NORM_ROWS=8" (about 2 minutes a round
 #           on one H200; the kernel has changed since, kernels/README.md), or the decode
 #           attention's early K/V loads (kernels/README.md):
-#           AB_SETTINGS="LORC_DECODE_EARLY_KV=0;LORC_DECODE_EARLY_KV=1", or the folded norms (off by
+#           AB_SETTINGS="LORC_DECODE_EARLY_KV=0;LORC_DECODE_EARLY_KV=1" (default: on below 32 decodes), or the folded norms (off by
 #           default; docs/PERFORMANCE.md 2026-12-06): AB_SETTINGS="LORC_FOLDED_NORMS=0;LORC_FOLDED_NORMS=1".
 #           Each round's summary line gives every decode figure (batch, context, ms a step).
 #   versus  not in the default phases: before / after on one machine: `lorcserve-old` (a binary of

@@ -276,7 +276,7 @@ TEST_F(CudaAttentionTest, ConsecutiveSplitDecodesMatch) {
   }
 }
 
-// Early K/V (DecodeSchedule::early_kv, LORC_DECODE_EARLY_KV=1): the tensor-core decode issues
+// Early K/V (DecodeSchedule::early_kv, forced off and on by LORC_DECODE_EARLY_KV): the tensor-core decode issues
 // its first tiles' loads before its PDL wait, every key but an item's last. Here the kernel just
 // before it (WriteKv, PDL-launched, triggering at its start) writes each sequence's newest row,
 // which the uploaded cache holds as a wrong value (40: it would dominate the softmax): the
@@ -313,7 +313,7 @@ TEST_F(CudaAttentionTest, EarlyKvLoadsReadTheRowWrittenJustBefore) {
     const DeviceBuffer dk = Put(be, k_new, d), dv = Put(be, v_new, d), dslots = PutRaw(be, slots);
     std::vector<std::vector<float>> outs;
     for (const bool early : {false, true}) {
-      if (early) setenv("LORC_DECODE_EARLY_KV", "1", 1);
+      setenv("LORC_DECODE_EARLY_KV", early ? "1" : "0", 1);
       const OnDevice o = Upload(be, d, stale);
       auto plan = be.CreateAttentionPlan({n, p.num_tokens, p.max_blocks});
       unsetenv("LORC_DECODE_EARLY_KV");

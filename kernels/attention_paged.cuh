@@ -102,10 +102,11 @@ struct DecodeSchedule {
 inline constexpr int kDecodeMmaMinSeqs = 32;
 
 // Below this many decode sequences the CUDA backend turns DecodeSchedule::early_kv on (the
-// 2-stage ring's batches). Measured on an H100 (8B shape, three rounds, docs/PERFORMANCE.md
-// "Sampled rows sorted one by one, and the decode attention's early K/V at small batches"): on
-// is 0.02 ms a step faster at batch 1 x 128 and 0.05-0.07 at batch 1-16 x 4,096 (within the
-// spread at 4-16 x 128); at batch 64 it is 0.19 (x 128) and 0.26 ms (x 4,096) slower.
+// 2-stage ring's batches; a captured graph decides for its batch size). Measured on an H100 (8B
+// shape, three interleaved rounds, docs/PERFORMANCE.md "Sampled rows sorted one by one, and the
+// decode attention's early K/V at small batches"): on was faster in every round at 1 x 128,
+// 1 x 4,096, 4 x 4,096 and 16 x 4,096 (0.01-0.18 ms a step), within the spread at 4-16 x 128 and
+// 8 x 4,096, and 0.15-0.33 ms slower at batch 64 (3 stages). Batches 17-31 were not measured.
 inline constexpr int kDecodeEarlyKvMaxSeqs = kDecodeMmaMinSeqs;
 
 // Decode (q_len 1) for every item of the schedule: one kernel, a CTA per work item and KV head

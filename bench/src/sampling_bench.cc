@@ -1,9 +1,9 @@
 // Microseconds per CudaBackend::Sample call (not a test): vocab 128256, batches of 1, 8, 64 and
-// 256 rows, each row reading its own logits row (normal, std 2), in three modes: greedy,
+// 256 rows (or the comma-separated list of the second argument, each 1-256), each row reading its own logits row (normal, std 2), in three modes: greedy,
 // top-p 0.9 at temperature 0.8, and top-k 50 at temperature 0.8. A call is timed end to end on
 // the host (upload, kernels, download, synchronisation), after warm-up calls, so the buffers are
 // already grown. Prints one JSON line per case, then a table.
-// Usage: build/bin/sampling_bench [reps] (needs a CUDA device).
+// Usage: build/bin/sampling_bench [reps [batches]] (needs a CUDA device), e.g. sampling_bench 50 8,12,13,16.
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -26,6 +26,24 @@ struct Mode {
 
 int Main(int argc, char** argv) {
   const int reps = argc > 1 ? std::atoi(argv[1]) : 50;
+  if (reps < 1) {
+    std::fprintf(stderr, "sampling_bench: reps must be a positive integer, got '%s'\n", argv[1]);
+    return 2;
+  }
+  std::vector<int> batches = {1, 8, 64, 256};
+  if (argc > 2) {
+    batches.clear();
+    for (const char* p = argv[2]; *p != '\0';) {
+      char* end = nullptr;
+      const long b = std::strtol(p, &end, 10);
+      if (end == p || b < 1 || b > 256 || (*end != ',' && *end != '\0')) {
+        std::fprintf(stderr, "sampling_bench: batches must be a comma-separated list of 1..256, got '%s'\n", argv[2]);
+        return 2;
+      }
+      batches.push_back(static_cast<int>(b));
+      p = *end == ',' ? end + 1 : end;
+    }
+  }
   auto made = CreatePartialCudaBackend(BackendOptions{BackendKind::kCuda});
   if (!made.ok()) {
     std::fprintf(stderr, "%s\n", std::string(made.status().message()).c_str());
@@ -34,7 +52,6 @@ int Main(int argc, char** argv) {
   Backend& be = **made;
   std::fprintf(stderr, "%s\n", be.Describe().c_str());
   const int64_t vocab = 128256;
-  const int batches[] = {1, 8, 64, 256};
   const Mode modes[] = {{"greedy", 0.f, 1.f, 0}, {"top_p0.9_t0.8", 0.8f, 0.9f, 0}, {"top_k50_t0.8", 0.8f, 1.f, 50}};
   std::vector<float> host(256 * vocab);
   std::mt19937 rng(7);

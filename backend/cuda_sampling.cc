@@ -9,6 +9,7 @@
 #ifdef LORC_HAVE_CUDA
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <numeric>
 #include <vector>
@@ -98,8 +99,24 @@ constexpr char kOp[] = "Sample";
 
 size_t Align16(size_t n) { return (n + 15) / 16 * 16; }
 
+constexpr int32_t kSelectedSlot = -2;  // placeholder while x slots are handed out
+
 bool IsGreedy(const SamplingRow& r) {
   return r.temperature < defaults::kGreedyTemperature || r.top_k == 1;
+}
+
+// Whether sampled rows with a small top-k have their candidates selected rather than sorted whole
+// (kernels/sampling.cuh step 6, kernels/sampling_select.cu): off unless LORC_SAMPLE_SELECT=1, read
+// at each call (tests turn it on and off). EXPERIMENTAL: compiled, not yet run on a GPU
+// (2026-12-06: no device time was left); tests/backend/cuda_sampling_test.cc
+// TokenParityWithTopKSelected checks it against the CPU reference on the next GPU run.
+bool SampleSelectEnabled() {
+  const char* e = std::getenv("LORC_SAMPLE_SELECT");
+  return e != nullptr && std::strcmp(e, "1") == 0;
+}
+// A sampled row selected: a top-k of 2..kSampleSelectMaxK below the vocabulary.
+bool Selects(const SamplingRow& r, int64_t vocab, bool enabled) {
+  return enabled && r.top_k > 1 && r.top_k <= k::kSampleSelectMaxK && r.top_k < vocab;
 }
 
 }  // namespace
@@ -131,8 +148,10 @@ absl::Status CudaBackend::Sample(const Tensor2D& logits, absl::Span<const Sampli
   if (!sampler_) sampler_.reset(new CudaSampler);
   CudaSampler& s = *sampler_;
 
-  // Row metadata: which lists matter, and slots (sampled rows take x slots 0.. first).
+  // Row metadata: which lists matter, and slots (sampled rows take x slots 0.. first: those
+  // sorted whole, then the selected ones, each in row order).
   std::vector<k::SampleRowMeta> metas(n);
+  const bool select = SampleSelectEnabled();
   int32_t num_sorted = 0, num_x = 0, num_counts = 0;
   int64_t num_ints = 0;
   bool any_logprobs = false;
@@ -173,7 +192,11 @@ absl::Status CudaBackend::Sample(const Tensor2D& logits, absl::Span<const Sampli
       m.flags |= k::kSampleLogprobs;
       any_logprobs = true;
     }
-    m.x_slot = IsGreedy(r) ? -1 : num_sorted++;
+    m.x_slot = IsGreedy(r) ? -1 : Selects(r, vocab, select) ? kSelectedSlot : num_sorted++;
+  }
+  const int32_t num_full_sort = num_sorted;  // selected rows take the sorted slots after these
+  for (k::SampleRowMeta& m : metas) {
+    if (m.x_slot == kSelectedSlot) m.x_slot = num_sorted++;
   }
   for (k::SampleRowMeta& m : metas) {  // greedy rows with processing: x slots after the sorted
     if (m.x_slot < 0 && m.count_slot >= 0) m.x_slot = num_sorted + num_x++;
@@ -245,8 +268,8 @@ absl::Status CudaBackend::Sample(const Tensor2D& logits, absl::Span<const Sampli
     RETURN_IF_ERROR(CudaError(k::LaunchSampleIota(static_cast<int32_t*>(s.iota.p), s.iota_rows, vocab, stream_),
                               "sort ids"));
   }
-  const size_t temp = k::SampleSortTempBytes(num_sorted, vocab);
-  if (num_sorted > 0 && temp == 0) return absl::InternalError("cuda backend: Sample: sort workspace query failed");
+  const size_t temp = k::SampleSortTempBytes(num_full_sort, vocab);
+  if (num_full_sort > 0 && temp == 0) return absl::InternalError("cuda backend: Sample: sort workspace query failed");
   RETURN_IF_ERROR(CudaError(s.sort_temp.Reserve(temp, s.retired), "sort workspace"));
   const int32_t stride = SampleOutput::kStride;
   const size_t out_bytes = (4 + 2 * static_cast<size_t>(stride)) * sizeof(int32_t) * n;
@@ -256,6 +279,7 @@ absl::Status CudaBackend::Sample(const Tensor2D& logits, absl::Span<const Sampli
   k::SampleArgs a;
   a.num_rows = n;
   a.num_sorted = num_sorted;
+  a.num_full_sort = num_full_sort;
   a.any_counts = num_counts > 0;
   a.any_x = num_x > 0;
   a.any_logprobs = any_logprobs;

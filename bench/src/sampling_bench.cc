@@ -1,6 +1,8 @@
 // Microseconds per CudaBackend::Sample call (not a test): vocab 128256, batches of 1, 8, 64 and
-// 256 rows (or the comma-separated list of the second argument, each 1-256), each row reading its own logits row (normal, std 2), in three modes: greedy,
-// top-p 0.9 at temperature 0.8, and top-k 50 at temperature 0.8. A call is timed end to end on
+// 256 rows (or the comma-separated list of the second argument, each 1-256), each row reading its
+// own logits row (normal, std 2), in four modes: greedy, top-p 0.9 at temperature 0.8 (the whole
+// row sorted), top-k 50 at temperature 0.8 and top-k 50 with top-p 0.9 (sorted whole; with
+// LORC_SAMPLE_SELECT=1 the top 50 selected, kernels/sampling_select.cu). A call is timed end to end on
 // the host (upload, kernels, download, synchronisation), after warm-up calls, so the buffers are
 // already grown. Prints one JSON line per case, then a table.
 // Usage: build/bin/sampling_bench [reps [batches]] (needs a CUDA device), e.g. sampling_bench 50 8,12,13,16.
@@ -52,7 +54,10 @@ int Main(int argc, char** argv) {
   Backend& be = **made;
   std::fprintf(stderr, "%s\n", be.Describe().c_str());
   const int64_t vocab = 128256;
-  const Mode modes[] = {{"greedy", 0.f, 1.f, 0}, {"top_p0.9_t0.8", 0.8f, 0.9f, 0}, {"top_k50_t0.8", 0.8f, 1.f, 50}};
+  const Mode modes[] = {{"greedy", 0.f, 1.f, 0},
+                        {"top_p0.9_t0.8", 0.8f, 0.9f, 0},
+                        {"top_k50_t0.8", 0.8f, 1.f, 50},
+                        {"top_k50_p0.9_t0.8", 0.8f, 0.9f, 50}};
   std::vector<float> host(256 * vocab);
   std::mt19937 rng(7);
   std::normal_distribution<float> d(0.f, 2.f);
@@ -92,9 +97,9 @@ int Main(int argc, char** argv) {
       results.push_back({m.name, b, us});
     }
   }
-  std::printf("\n%-16s %6s %14s %14s\n", "mode", "batch", "us/call", "us/row");
+  std::printf("\n%-18s %6s %14s %14s\n", "mode", "batch", "us/call", "us/row");
   for (const Result& r : results) {
-    std::printf("%-16s %6d %14.1f %14.2f\n", r.mode, r.batch, r.us, r.us / r.batch);
+    std::printf("%-18s %6d %14.1f %14.2f\n", r.mode, r.batch, r.us, r.us / r.batch);
   }
   return 0;
 }

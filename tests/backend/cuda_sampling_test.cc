@@ -5,9 +5,11 @@
 // several rows per logits row), vocab 4096 and 128256. Tokens must be equal; log-probabilities
 // within 1e-5 (absolute), ranks and top ids equal. Skipped without a CUDA device.
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <memory>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "tests/backend/cuda_parity_fixture.h"
@@ -185,6 +187,25 @@ TEST_F(CudaSamplingTest, TokenParityOddVocab) { Parity(1000, 20, 33, 7); }
 TEST_F(CudaSamplingTest, TokenParitySmallBatches) {
   Parity(128256, 12, 2, 2);
   Parity(4096, 40, 16, 3);  // about 2 / 3 of 16 rows sampled: batches on both sides of the limit
+}
+
+// Rows with a top-k of 2..1024 selected instead of sorted whole (LORC_SAMPLE_SELECT=1,
+// kernels/sampling_select.cu; off by default until this passes on a GPU): the same tokens as the
+// CPU reference, with ties (coarse rows, repeated top values), rows of few finite candidates and
+// batches mixing selected, sorted and greedy rows.
+TEST_F(CudaSamplingTest, TokenParityWithTopKSelected) {
+  const char* old = std::getenv("LORC_SAMPLE_SELECT");
+  const std::string saved = old != nullptr ? old : "";
+  setenv("LORC_SAMPLE_SELECT", "1", 1);
+  Parity(128256, 8, 48, 16);
+  Parity(4096, 30, 64, 24);
+  Parity(4096, 30, 16, 3);
+  Parity(1000, 10, 33, 7);
+  if (old != nullptr) {
+    setenv("LORC_SAMPLE_SELECT", saved.c_str(), 1);
+  } else {
+    unsetenv("LORC_SAMPLE_SELECT");
+  }
 }
 
 TEST_F(CudaSamplingTest, SameRowsSameTokensAcrossCalls) {  // steady state: buffers reused

@@ -1,0 +1,194 @@
+// Step 6 of LaunchSample for the sampled rows whose top-k cut keeps at most kSampleSelectMaxK
+// candidates (x slots [num_full_sort, num_sorted)): instead of sorting the whole row, select its
+// top_k largest (x, id) pairs in the sort's order (x descending, ties by ascending id) and sort
+// only those. The walk reads no candidate past top_k (sampling.cu WalkKernel), so its inputs,
+// and the token, are the same as after the full sort.
+//
+// One 1024-thread CTA a row. The order is that of a composite key K = (u, ~id), u the
+// order-preserving 64-bit image of x (what a radix sort of doubles sorts by; x holds no NaN and
+// no -0, sampling.cu step 2), ~id the 32-bit complement of the id: all keys distinct, larger K
+// first. A most-significant-digit radix select over K's 12 bytes (a 256-bin histogram a pass of
+// the ids whose higher digits match the prefix found so far) finds the prefix of the top_k-th
+// largest key, stopping as soon as the bin it falls in is taken whole; the ids at or above that
+// prefix (exactly top_k of them) are gathered into shared memory and bitonic-sorted there.
+// Source: radix select (a most-significant-digit radix sort that keeps only the bucket holding
+// the k-th key), as in Alabi, Blanchard, Gordon and Steinbach, "Fast k-selection algorithms for
+// graphics processing units" (ACM J. Experimental Algorithmics 17, 2012); checked against the
+// full sort by tests/backend/cuda_sampling_test.cc TokenParityWithTopKSelected (token-exact with
+// the CPU reference). EXPERIMENTAL: written and compiled 2026-12-06, not yet run on a GPU; the
+// host uses it only with LORC_SAMPLE_SELECT=1 (backend/cuda_sampling.cc).
+#include "kernels/sampling.cuh"
+
+#include <climits>
+#include <cstdint>
+
+namespace lorc::kernels {
+namespace {
+
+constexpr int kSelectThreads = kSampleSelectMaxK;  // one slot a thread in the final sort
+constexpr int kSelectUnroll = 8;                   // loads in flight a thread
+static_assert((kSelectThreads & (kSelectThreads - 1)) == 0, "the bitonic sort needs a power of two");
+
+__device__ __forceinline__ uint64_t OrderKey(double v) {
+  const uint64_t b = static_cast<uint64_t>(__double_as_longlong(v));
+  return (b >> 63) ? ~b : (b | 0x8000000000000000ull);
+}
+__device__ __forceinline__ uint32_t IdKey(int64_t id) { return ~static_cast<uint32_t>(id); }
+// Digit p (0 = most significant) of K: bytes 0-7 of u, then bytes 0-3 of the id key.
+__device__ __forceinline__ uint32_t Digit(uint64_t u, uint32_t ik, int p) {
+  return p < 8 ? static_cast<uint32_t>(u >> (56 - 8 * p)) & 255u : (ik >> (24 - 8 * (p - 8))) & 255u;
+}
+// Masks of K's first p digits.
+__device__ __forceinline__ uint64_t MaskU(int p) { return p >= 8 ? ~0ull : p == 0 ? 0ull : ~0ull << (64 - 8 * p); }
+__device__ __forceinline__ uint32_t MaskI(int p) { return p <= 8 ? 0u : p >= 12 ? ~0u : ~0u << (32 - 8 * (p - 8)); }
+
+struct SelectShared {
+  uint32_t hist[256];
+  uint64_t key[kSelectThreads];
+  int32_t id[kSelectThreads];
+  uint64_t pu;  // the prefix found so far (its digits in place, zeros below)
+  uint32_t pi;
+  int64_t need;  // keys still to take at or below the prefix
+  int taken;     // gathered so far
+  int done;
+};
+
+// Calls f(u, id key, id) for every id of the row, kSelectUnroll loads in flight a thread.
+template <typename F>
+__device__ __forceinline__ void ForEachKey(const double* x, int64_t vocab, F f) {
+  const int64_t step = static_cast<int64_t>(kSelectThreads) * kSelectUnroll;
+  for (int64_t base = 0; base < vocab; base += step) {
+    double v[kSelectUnroll];
+#pragma unroll
+    for (int j = 0; j < kSelectUnroll; ++j) {
+      const int64_t i = base + j * kSelectThreads + threadIdx.x;
+      v[j] = i < vocab ? x[i] : 0.0;
+    }
+#pragma unroll
+    for (int j = 0; j < kSelectUnroll; ++j) {
+      const int64_t i = base + j * kSelectThreads + threadIdx.x;
+      if (i < vocab) f(OrderKey(v[j]), IdKey(i), i);
+    }
+  }
+}
+
+// Whether pair a comes before pair b in the sort's order.
+__device__ __forceinline__ bool Before(uint64_t ua, int32_t ia, uint64_t ub, int32_t ib) {
+  return ua > ub || (ua == ub && ia < ib);
+}
+
+__global__ void __launch_bounds__(kSelectThreads) SelectKernel(const SampleArgs a) {
+  const int32_t slot = a.num_full_sort + static_cast<int32_t>(blockIdx.x);
+  const SampleRowMeta m = a.rows[a.sorted_rows[slot]];
+  const int64_t k = m.top_k;  // 2 <= k <= kSampleSelectMaxK, k < vocab (the host's choice)
+  const double* x = a.x + static_cast<int64_t>(slot) * a.vocab;
+  __shared__ SelectShared sh;
+  const int tid = threadIdx.x, lane = tid % 32;
+  if (tid == 0) {
+    sh.pu = 0;
+    sh.pi = 0;
+    sh.need = k;
+    sh.taken = 0;
+    sh.done = 0;
+  }
+  int p = 0;
+  for (; p < 12; ++p) {
+    for (int b = tid; b < 256; b += kSelectThreads) sh.hist[b] = 0;
+    __syncthreads();
+    const uint64_t mu = MaskU(p), pu = sh.pu;
+    const uint32_t mi = MaskI(p), pi = sh.pi;
+    ForEachKey(x, a.vocab, [&](uint64_t u, uint32_t ik, int64_t) {
+      if ((u & mu) != pu || (ik & mi) != pi) return;
+      const uint32_t d = Digit(u, ik, p);
+      const unsigned same = __match_any_sync(__activemask(), d);  // warp-aggregated: one atomic a bin
+      if (lane == __ffs(same) - 1) atomicAdd(&sh.hist[d], static_cast<uint32_t>(__popc(same)));
+    });
+    __syncthreads();
+    if (tid < 32) {  // the bin holding the need-th largest key: lane l scans bins 255 - 8l ... 248 - 8l
+      int64_t mine = 0;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) mine += sh.hist[255 - (8 * lane + j)];
+      int64_t above = mine;  // inclusive scan over lanes, then exclusive
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const int64_t t = __shfl_up_sync(0xffffffffu, above, o);
+        if (lane >= o) above += t;
+      }
+      above -= mine;
+      const int64_t need = sh.need;
+      if (above < need && need <= above + mine) {
+        for (int j = 0; j < 8; ++j) {
+          const int bin = 255 - (8 * lane + j);
+          const int64_t c = sh.hist[bin];
+          if (above + c >= need) {
+            sh.need = need - above;
+            if (p < 8) {
+              sh.pu = pu | (static_cast<uint64_t>(bin) << (56 - 8 * p));
+            } else {
+              sh.pi = pi | (static_cast<uint32_t>(bin) << (24 - 8 * (p - 8)));
+            }
+            sh.done = c == need - above;  // the bin is taken whole
+            break;
+          }
+          above += c;
+        }
+      }
+    }
+    __syncthreads();
+    if (sh.done) break;  // uniform: read after the barrier
+  }
+  // The top k keys: those whose first p + 1 digits are at or above the prefix (the loop always
+  // ends done: at the last digit a bin holds one key).
+  const int digits = p + 1;
+  const uint64_t mu = MaskU(digits), pu = sh.pu;
+  const uint32_t mi = MaskI(digits), pi = sh.pi;
+  ForEachKey(x, a.vocab, [&](uint64_t u, uint32_t ik, int64_t i) {
+    const uint64_t hu = u & mu;
+    if (hu > pu || (hu == pu && (ik & mi) >= pi)) {
+      const int at = atomicAdd(&sh.taken, 1);
+      if (at < kSelectThreads) {
+        sh.key[at] = u;
+        sh.id[at] = static_cast<int32_t>(i);
+      }
+    }
+  });
+  __syncthreads();
+  if (tid >= k) {  // padding after every real key
+    sh.key[tid] = 0;
+    sh.id[tid] = INT_MAX;
+  }
+  __syncthreads();
+  for (int size = 2; size <= kSelectThreads; size <<= 1) {  // bitonic sort, Before order
+    for (int stride = size >> 1; stride > 0; stride >>= 1) {
+      const int other = tid ^ stride;
+      if (other > tid) {
+        const uint64_t ua = sh.key[tid], ub = sh.key[other];
+        const int32_t ia = sh.id[tid], ib = sh.id[other];
+        const bool forward = (tid & size) == 0;
+        if (forward ? Before(ub, ib, ua, ia) : Before(ua, ia, ub, ib)) {
+          sh.key[tid] = ub;
+          sh.key[other] = ua;
+          sh.id[tid] = ib;
+          sh.id[other] = ia;
+        }
+      }
+      __syncthreads();
+    }
+  }
+  if (tid < k) {
+    const int64_t out = static_cast<int64_t>(slot) * a.vocab + tid;
+    a.sorted_x[out] = x[sh.id[tid]];
+    a.sorted_ids[out] = sh.id[tid];
+  }
+}
+
+}  // namespace
+
+cudaError_t LaunchSampleSelect(const SampleArgs& a, cudaStream_t stream) {
+  const int32_t rows = a.num_sorted - a.num_full_sort;
+  if (rows <= 0) return cudaSuccess;
+  SelectKernel<<<static_cast<unsigned>(rows), kSelectThreads, 0, stream>>>(a);
+  return cudaGetLastError();
+}
+
+}  // namespace lorc::kernels

@@ -279,7 +279,7 @@ absl::Status CudaBackend::Sample(const Tensor2D& logits, absl::Span<const Sampli
   k::SampleArgs a;
   a.num_rows = n;
   a.num_sorted = num_sorted;
-  a.num_full_sort = num_full_sort;
+  a.num_selected = num_sorted - num_full_sort;
   a.any_counts = num_counts > 0;
   a.any_x = num_x > 0;
   a.any_logprobs = any_logprobs;

@@ -414,8 +414,8 @@ cudaError_t LaunchSampleIota(int32_t* ids, int32_t num_sorted, int64_t vocab, cu
 
 cudaError_t LaunchSample(const SampleArgs& a, cudaStream_t stream) {
   if (a.num_rows < 0 || a.vocab <= 0 || a.vocab >= INT32_MAX || SampleGreedyParts(a.vocab) > kSampleMaxGreedyParts
-      || static_cast<int64_t>(a.num_sorted) * a.vocab >= INT32_MAX || a.num_full_sort < 0 ||
-      a.num_full_sort > a.num_sorted) {
+      || static_cast<int64_t>(a.num_sorted) * a.vocab >= INT32_MAX || a.num_selected < 0 ||
+      a.num_selected > a.num_sorted) {
     return cudaErrorInvalidValue;
   }
   if (a.num_rows == 0) return cudaSuccess;
@@ -433,13 +433,14 @@ cudaError_t LaunchSample(const SampleArgs& a, cudaStream_t stream) {
   GreedyKernel<<<dim3(rows, static_cast<unsigned>(SampleGreedyParts(a.vocab))), kGreedyThreads, 0, stream>>>(a);
   if (a.num_sorted > 0) {
     size_t bytes = a.sort_temp_bytes;
-    if (a.num_full_sort == 0) {
+    const int32_t num_full_sort = a.num_sorted - a.num_selected;  // sorted whole, the first slots
+    if (num_full_sort == 0) {
       // nothing sorted whole
-    } else if (a.num_full_sort <= kSampleDeviceSortRows) {
+    } else if (num_full_sort <= kSampleDeviceSortRows) {
       // A few rows: one device-wide radix sort each (the segmented sort gives a segment one CTA,
       // ~1.9 ms for 128,256 ids on an H100, 2026-12-06). Both are stable over the same key bits:
       // the same order.
-      for (int32_t r = 0; r < a.num_full_sort; ++r) {
+      for (int32_t r = 0; r < num_full_sort; ++r) {
         const int64_t off = static_cast<int64_t>(r) * a.vocab;
         const cudaError_t e = cub::DeviceRadixSort::SortPairsDescending(
             a.sort_temp, bytes, static_cast<const double*>(a.x) + off, a.sorted_x + off, a.iota + off,
@@ -449,7 +450,7 @@ cudaError_t LaunchSample(const SampleArgs& a, cudaStream_t stream) {
     } else {
       const cudaError_t e = cub::DeviceSegmentedRadixSort::SortPairsDescending(
           a.sort_temp, bytes, static_cast<const double*>(a.x), a.sorted_x, a.iota, a.sorted_ids,
-          static_cast<int>(a.num_full_sort * a.vocab), a.num_full_sort, a.sort_offsets, a.sort_offsets + 1,
+          static_cast<int>(num_full_sort * a.vocab), num_full_sort, a.sort_offsets, a.sort_offsets + 1,
           0, 64, stream);
       if (e != cudaSuccess) return e;
     }

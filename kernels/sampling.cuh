@@ -15,11 +15,11 @@
 //  5. Greedy rows: argmax (first index on ties) over x, or straight over the float logits for
 //     rows with nothing to process; every row: whether its raw logits are all finite. Split over
 //     SampleGreedyParts(vocab) CTAs a row, the row's last CTA reducing their parts.
-//  6. Sampled rows (x slots [0, num_sorted)): the rows [0, num_full_sort) by a CUB radix sort of
-//     (x, id), descending, stable (ties keep ascending ids): a device-wide sort a row for up to
-//     kSampleDeviceSortRows rows, else one segmented sort; the rows [num_full_sort, num_sorted)
-//     (a top-k of at most kSampleSelectMaxK, chosen by the host, with LORC_SAMPLE_SELECT=1 only:
-//     experimental, not yet run on a GPU) by a radix select of their
+//  6. Sampled rows (x slots [0, num_sorted)): the first num_sorted - num_selected by a CUB radix
+//     sort of (x, id), descending, stable (ties keep ascending ids): a device-wide sort a row for
+//     up to kSampleDeviceSortRows rows, else one segmented sort; the last num_selected (a top-k of
+//     2 to kSampleSelectMaxK below the vocabulary, chosen by the host with LORC_SAMPLE_SELECT=1
+//     only: experimental, not yet run on a GPU) by a radix select of their
 //     top_k largest pairs, sorted in the same order (sampling_select.cu); then one block per row
 //     walks the sorted candidates: top-k, temperature, min-p, top-p and the draw, in double.
 //  7. Logprobs rows: raw log-softmax in double, rank, top-N (ties by lower id).
@@ -78,8 +78,9 @@ struct SampleRowMeta {
 struct SampleArgs {
   int32_t num_rows = 0;
   int32_t num_sorted = 0;             // sampled rows; they hold x slots [0, num_sorted)
-  int32_t num_full_sort = 0;          // of those, x slots [0, num_full_sort) are sorted whole; the
-                                      // rest (top_k in [2, kSampleSelectMaxK], < vocab) selected
+  int32_t num_selected = 0;           // of those, the last num_selected x slots are selected, not
+                                      // sorted whole: each such row's top_k must be in
+                                      // [2, kSampleSelectMaxK] and below vocab (unchecked here)
   bool any_counts = false;            // some row has a count slot
   bool any_x = false;                 // some row has an x slot
   bool any_logprobs = false;
@@ -134,10 +135,10 @@ inline size_t SampleGreedyPartsBytes(int32_t num_rows, int64_t vocab) {
 constexpr int32_t kSampleDeviceSortRows = 12;
 
 // Step 6: a sampled row whose top_k is in [2, kSampleSelectMaxK] and below the vocabulary may be
-// selected instead of sorted (SampleArgs::num_full_sort): its top_k pairs in the sort's order,
+// selected instead of sorted (SampleArgs::num_selected): its top_k pairs in the sort's order,
 // one 1024-thread CTA a row (sampling_select.cu).
 constexpr int32_t kSampleSelectMaxK = 1024;
-// Step 6's selection of x slots [num_full_sort, num_sorted) (called by LaunchSample).
+// Step 6's selection of the last num_selected sampled x slots (called by LaunchSample).
 cudaError_t LaunchSampleSelect(const SampleArgs& a, cudaStream_t stream);
 
 // CUB temporary storage for sorting num_sorted segments of vocab (x, id) pairs; 0 on error.

@@ -1,7 +1,7 @@
 // Step 6 of LaunchSample for the sampled rows whose top-k cut keeps at most kSampleSelectMaxK
-// candidates (x slots [num_full_sort, num_sorted)): instead of sorting the whole row, select its
-// top_k largest (x, id) pairs in the sort's order (x descending, ties by ascending id) and sort
-// only those. The walk reads no candidate past top_k (sampling.cu WalkKernel), so its inputs,
+// candidates (the last num_selected of the sampled x slots): instead of sorting the whole row,
+// select its top_k largest (x, id) pairs in the sort's order (x descending, ties by ascending id)
+// and sort only those. The walk reads no candidate past top_k (sampling.cu WalkKernel), so its inputs,
 // and the token, are the same as after the full sort.
 //
 // One 1024-thread CTA a row. The order is that of a composite key K = (u, ~id), u the
@@ -10,7 +10,8 @@
 // first. A most-significant-digit radix select over K's 12 bytes (a 256-bin histogram a pass of
 // the ids whose higher digits match the prefix found so far) finds the prefix of the top_k-th
 // largest key, stopping as soon as the bin it falls in is taken whole; the ids at or above that
-// prefix (exactly top_k of them) are gathered into shared memory and bitonic-sorted there.
+// prefix (exactly top_k of them) are gathered into shared memory and bitonic-sorted there. A tie
+// that spans the top_k-th key (equal x) is resolved on the id bytes: up to 12 passes then.
 // Source: radix select (a most-significant-digit radix sort that keeps only the bucket holding
 // the k-th key), as in Alabi, Blanchard, Gordon and Steinbach, "Fast k-selection algorithms for
 // graphics processing units" (ACM J. Experimental Algorithmics 17, 2012); checked against the
@@ -53,7 +54,9 @@ struct SelectShared {
   int done;
 };
 
-// Calls f(u, id key, id) for every id of the row, kSelectUnroll loads in flight a thread.
+// Calls f(in_row, u, id key, id) kSelectUnroll times an iteration in every thread (the same
+// count in every lane: warp intrinsics in f see the whole warp), in_row false past the row's end;
+// kSelectUnroll loads in flight a thread.
 template <typename F>
 __device__ __forceinline__ void ForEachKey(const double* x, int64_t vocab, F f) {
   const int64_t step = static_cast<int64_t>(kSelectThreads) * kSelectUnroll;
@@ -67,7 +70,7 @@ __device__ __forceinline__ void ForEachKey(const double* x, int64_t vocab, F f) 
 #pragma unroll
     for (int j = 0; j < kSelectUnroll; ++j) {
       const int64_t i = base + j * kSelectThreads + threadIdx.x;
-      if (i < vocab) f(OrderKey(v[j]), IdKey(i), i);
+      f(i < vocab, OrderKey(v[j]), IdKey(i), i);
     }
   }
 }
@@ -78,9 +81,9 @@ __device__ __forceinline__ bool Before(uint64_t ua, int32_t ia, uint64_t ub, int
 }
 
 __global__ void __launch_bounds__(kSelectThreads) SelectKernel(const SampleArgs a) {
-  const int32_t slot = a.num_full_sort + static_cast<int32_t>(blockIdx.x);
+  const int32_t slot = a.num_sorted - a.num_selected + static_cast<int32_t>(blockIdx.x);
   const SampleRowMeta m = a.rows[a.sorted_rows[slot]];
-  const int64_t k = m.top_k;  // 2 <= k <= kSampleSelectMaxK, k < vocab (the host's choice)
+  const int64_t k = m.top_k;  // 2 <= k <= kSampleSelectMaxK, k < vocab (the host's contract)
   const double* x = a.x + static_cast<int64_t>(slot) * a.vocab;
   __shared__ SelectShared sh;
   const int tid = threadIdx.x, lane = tid % 32;
@@ -97,11 +100,12 @@ __global__ void __launch_bounds__(kSelectThreads) SelectKernel(const SampleArgs 
     __syncthreads();
     const uint64_t mu = MaskU(p), pu = sh.pu;
     const uint32_t mi = MaskI(p), pi = sh.pi;
-    ForEachKey(x, a.vocab, [&](uint64_t u, uint32_t ik, int64_t) {
-      if ((u & mu) != pu || (ik & mi) != pi) return;
-      const uint32_t d = Digit(u, ik, p);
-      const unsigned same = __match_any_sync(__activemask(), d);  // warp-aggregated: one atomic a bin
-      if (lane == __ffs(same) - 1) atomicAdd(&sh.hist[d], static_cast<uint32_t>(__popc(same)));
+    const int64_t need = sh.need;  // read here: warp 0 rewrites it below (after the next barrier)
+    ForEachKey(x, a.vocab, [&](bool in_row, uint64_t u, uint32_t ik, int64_t) {
+      const bool counted = in_row && (u & mu) == pu && (ik & mi) == pi;
+      const uint32_t d = counted ? Digit(u, ik, p) : 256u;
+      const unsigned same = __match_any_sync(0xffffffffu, d);  // warp-aggregated: one atomic a bin
+      if (counted && lane == __ffs(same) - 1) atomicAdd(&sh.hist[d], static_cast<uint32_t>(__popc(same)));
     });
     __syncthreads();
     if (tid < 32) {  // the bin holding the need-th largest key: lane l scans bins 255 - 8l ... 248 - 8l
@@ -115,7 +119,6 @@ __global__ void __launch_bounds__(kSelectThreads) SelectKernel(const SampleArgs 
         if (lane >= o) above += t;
       }
       above -= mine;
-      const int64_t need = sh.need;
       if (above < need && need <= above + mine) {
         for (int j = 0; j < 8; ++j) {
           const int bin = 255 - (8 * lane + j);
@@ -142,9 +145,9 @@ __global__ void __launch_bounds__(kSelectThreads) SelectKernel(const SampleArgs 
   const int digits = p + 1;
   const uint64_t mu = MaskU(digits), pu = sh.pu;
   const uint32_t mi = MaskI(digits), pi = sh.pi;
-  ForEachKey(x, a.vocab, [&](uint64_t u, uint32_t ik, int64_t i) {
+  ForEachKey(x, a.vocab, [&](bool in_row, uint64_t u, uint32_t ik, int64_t i) {
     const uint64_t hu = u & mu;
-    if (hu > pu || (hu == pu && (ik & mi) >= pi)) {
+    if (in_row && (hu > pu || (hu == pu && (ik & mi) >= pi))) {
       const int at = atomicAdd(&sh.taken, 1);
       if (at < kSelectThreads) {
         sh.key[at] = u;
@@ -185,7 +188,7 @@ __global__ void __launch_bounds__(kSelectThreads) SelectKernel(const SampleArgs 
 }  // namespace
 
 cudaError_t LaunchSampleSelect(const SampleArgs& a, cudaStream_t stream) {
-  const int32_t rows = a.num_sorted - a.num_full_sort;
+  const int32_t rows = a.num_selected;
   if (rows <= 0) return cudaSuccess;
   SelectKernel<<<static_cast<unsigned>(rows), kSelectThreads, 0, stream>>>(a);
   return cudaGetLastError();

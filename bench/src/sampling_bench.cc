@@ -1,14 +1,16 @@
 // Microseconds per CudaBackend::Sample call (not a test): vocab 128256, batches of 1, 8, 64 and
 // 256 rows (or the comma-separated list of the second argument, each 1-256), each row reading its
 // own logits row (normal, std 2), in four modes: greedy, top-p 0.9 at temperature 0.8 (the whole
-// row sorted), top-k 50 at temperature 0.8 and top-k 50 with top-p 0.9 (sorted whole; with
-// LORC_SAMPLE_SELECT=1 the top 50 selected, kernels/sampling_select.cu). A call is timed end to end on
+// row sorted), top-k 50 at temperature 0.8 and top-k 50 with top-p 0.9 (both sorted whole; with
+// LORC_SAMPLE_SELECT=1 both select their top 50, kernels/sampling_select.cu, and the JSON lines
+// say "select":1). A call is timed end to end on
 // the host (upload, kernels, download, synchronisation), after warm-up calls, so the buffers are
 // already grown. Prints one JSON line per case, then a table.
 // Usage: build/bin/sampling_bench [reps [batches]] (needs a CUDA device), e.g. sampling_bench 50 8,12,13,16.
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <random>
 #include <string>
 #include <vector>
@@ -92,8 +94,10 @@ int Main(int argc, char** argv) {
       }
       const double us =
           std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count() / reps;
-      std::printf("{\"bench\":\"sampling\",\"mode\":\"%s\",\"batch\":%d,\"vocab\":%lld,\"us_per_call\":%.1f}\n",
-                  m.name, b, static_cast<long long>(vocab), us);
+      const char* sel = std::getenv("LORC_SAMPLE_SELECT");
+      std::printf("{\"bench\":\"sampling\",\"mode\":\"%s\",\"batch\":%d,\"vocab\":%lld,\"select\":%d,"
+                  "\"us_per_call\":%.1f}\n",
+                  m.name, b, static_cast<long long>(vocab), sel != nullptr && std::strcmp(sel, "1") == 0 ? 1 : 0, us);
       results.push_back({m.name, b, us});
     }
   }

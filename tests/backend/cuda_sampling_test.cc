@@ -81,6 +81,9 @@ class CudaSamplingTest : public CpuCudaPair<> {
     r.logits_row = std::uniform_int_distribution<int32_t>(0, logits_rows - 1)(rng_);
     r.temperature = Pick<float>({0.f, 1e-38f, 1e-6f, 1e-5f, 0.05f, 0.8f, 1.f, 1.7f, 1e6f, 3e38f});
     r.top_k = Coin(0.4) ? Pick<int32_t>({1, 2, 5, 40, 1000, static_cast<int32_t>(vocab) + 7}) : 0;
+    if (select_edges_ && Coin(0.3)) {  // the selection's edges: a full 1,024 and one below the vocabulary
+      r.top_k = Pick<int32_t>({1024, static_cast<int32_t>(vocab) - 1});
+    }
     r.top_p = Coin(0.5) ? Pick<float>({0.01f, 0.5f, 0.9f, 0.95f, 0.999f}) : 1.f;
     r.min_p = Coin(0.3) ? Pick<float>({0.001f, 0.05f, 0.5f, 1.f}) : 0.f;
     const int out_n = Coin(0.5) ? std::uniform_int_distribution<int>(0, 40)(rng_) : 0;
@@ -177,6 +180,7 @@ class CudaSamplingTest : public CpuCudaPair<> {
   }
 
   std::mt19937_64 rng_{20261130};
+  bool select_edges_ = false;  // RandomRow also draws top_k 1024 and vocab - 1
 };
 
 TEST_F(CudaSamplingTest, TokenParityVocab4096) { Parity(4096, 60, 64, 24); }
@@ -191,13 +195,16 @@ TEST_F(CudaSamplingTest, TokenParitySmallBatches) {
 
 // Rows with a top-k of 2..1024 selected instead of sorted whole (LORC_SAMPLE_SELECT=1,
 // kernels/sampling_select.cu; off by default until this passes on a GPU): the same tokens as the
-// CPU reference, with ties (coarse rows, repeated top values), rows of few finite candidates and
-// batches mixing selected, sorted and greedy rows.
+// CPU reference, with ties (coarse rows, repeated top values), rows of few finite candidates,
+// top_k 1024 and vocab - 1, batches mixing selected, sorted and greedy rows, and batches of two
+// rows (often nothing sorted whole).
 TEST_F(CudaSamplingTest, TokenParityWithTopKSelected) {
   const char* old = std::getenv("LORC_SAMPLE_SELECT");
   const std::string saved = old != nullptr ? old : "";
   setenv("LORC_SAMPLE_SELECT", "1", 1);
+  select_edges_ = true;
   Parity(128256, 8, 48, 16);
+  Parity(128256, 12, 2, 2);  // often every sampled row selected: nothing sorted whole
   Parity(4096, 30, 64, 24);
   Parity(4096, 30, 16, 3);
   Parity(1000, 10, 33, 7);

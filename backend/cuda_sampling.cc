@@ -20,6 +20,17 @@ namespace lorc::cuda_internal {
 
 namespace k = ::lorc::kernels;
 
+// Whether sampled rows with a small top-k have their candidates selected rather than sorted whole
+// (kernels/sampling.cuh step 6, kernels/sampling_select.cu): off unless LORC_SAMPLE_SELECT=1, read
+// once per backend, when its sampler is made (ReserveSampler or the first Sample call; a test sets
+// it before that). EXPERIMENTAL: compiled, not yet run on a GPU (2026-12-06: no device time was
+// left); tests/backend/cuda_sampling_test.cc TokenParityWithTopKSelected checks it against the CPU
+// reference on the next GPU run.
+static bool SampleSelectEnabled() {
+  const char* e = std::getenv("LORC_SAMPLE_SELECT");
+  return e != nullptr && std::strcmp(e, "1") == 0;
+}
+
 // Device and pinned buffers of Sample, each grown to the largest call so far. A buffer that grows
 // does not free its old allocation while serving: cudaFree and cudaFreeHost synchronise the device
 // (cudaFreeHost every device of the process), and with tensor parallelism that can wait on a
@@ -70,6 +81,7 @@ struct CudaSampler {
   int64_t iota_vocab = 0;
   int32_t iota_rows = 0;
   std::vector<int32_t> bias_order;  // host scratch for grouping bias entries by id
+  const bool select = SampleSelectEnabled();  // read once, when the sampler is made
   ~CudaSampler() {
     for (Buf* b : {&stage_host, &stage_dev, &out_host, &out_dev, &counts, &x, &sorted_x, &iota, &sorted_ids,
                    &sort_temp, &greedy_counters, &greedy_parts}) {
@@ -105,15 +117,6 @@ bool IsGreedy(const SamplingRow& r) {
   return r.temperature < defaults::kGreedyTemperature || r.top_k == 1;
 }
 
-// Whether sampled rows with a small top-k have their candidates selected rather than sorted whole
-// (kernels/sampling.cuh step 6, kernels/sampling_select.cu): off unless LORC_SAMPLE_SELECT=1, read
-// at each call (tests turn it on and off). EXPERIMENTAL: compiled, not yet run on a GPU
-// (2026-12-06: no device time was left); tests/backend/cuda_sampling_test.cc
-// TokenParityWithTopKSelected checks it against the CPU reference on the next GPU run.
-bool SampleSelectEnabled() {
-  const char* e = std::getenv("LORC_SAMPLE_SELECT");
-  return e != nullptr && std::strcmp(e, "1") == 0;
-}
 // A sampled row selected: a top-k of 2..kSampleSelectMaxK below the vocabulary.
 bool Selects(const SamplingRow& r, int64_t vocab, bool enabled) {
   return enabled && r.top_k > 1 && r.top_k <= k::kSampleSelectMaxK && r.top_k < vocab;
@@ -151,7 +154,6 @@ absl::Status CudaBackend::Sample(const Tensor2D& logits, absl::Span<const Sampli
   // Row metadata: which lists matter, and slots (sampled rows take x slots 0.. first: those
   // sorted whole, then the selected ones, each in row order).
   std::vector<k::SampleRowMeta> metas(n);
-  const bool select = SampleSelectEnabled();
   int32_t num_sorted = 0, num_x = 0, num_counts = 0;
   int64_t num_ints = 0;
   bool any_logprobs = false;
@@ -192,7 +194,7 @@ absl::Status CudaBackend::Sample(const Tensor2D& logits, absl::Span<const Sampli
       m.flags |= k::kSampleLogprobs;
       any_logprobs = true;
     }
-    m.x_slot = IsGreedy(r) ? -1 : Selects(r, vocab, select) ? kSelectedSlot : num_sorted++;
+    m.x_slot = IsGreedy(r) ? -1 : Selects(r, vocab, s.select) ? kSelectedSlot : num_sorted++;
   }
   const int32_t num_full_sort = num_sorted;  // selected rows take the sorted slots after these
   for (k::SampleRowMeta& m : metas) {

@@ -19,9 +19,9 @@
 //     sort of (x, id), descending, stable (ties keep ascending ids): a device-wide sort a row for
 //     up to kSampleDeviceSortRows rows, else one segmented sort; the last num_selected (a top-k of
 //     2 to kSampleSelectMaxK below the vocabulary, chosen by the host with LORC_SAMPLE_SELECT=1
-//     only: experimental, not yet run on a GPU) by a radix select of their
-//     top_k largest pairs, sorted in the same order (sampling_select.cu); then one block per row
-//     walks the sorted candidates: top-k, temperature, min-p, top-p and the draw, in double.
+//     only: experimental, not yet run on a GPU) by a radix select of their top_k largest pairs,
+//     sorted in the same order (sampling_select.cu); then one block per row walks the sorted
+//     candidates: top-k, temperature, min-p, top-p and the draw, in double.
 //  7. Logprobs rows: raw log-softmax in double, rank, top-N (ties by lower id).
 #pragma once
 

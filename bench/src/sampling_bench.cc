@@ -56,6 +56,8 @@ int Main(int argc, char** argv) {
   Backend& be = **made;
   std::fprintf(stderr, "%s\n", be.Describe().c_str());
   const int64_t vocab = 128256;
+  const char* select_env = std::getenv("LORC_SAMPLE_SELECT");  // as the backend reads it
+  const bool select = select_env != nullptr && std::strcmp(select_env, "1") == 0;
   const Mode modes[] = {{"greedy", 0.f, 1.f, 0},
                         {"top_p0.9_t0.8", 0.8f, 0.9f, 0},
                         {"top_k50_t0.8", 0.8f, 1.f, 50},
@@ -94,10 +96,9 @@ int Main(int argc, char** argv) {
       }
       const double us =
           std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count() / reps;
-      const char* sel = std::getenv("LORC_SAMPLE_SELECT");
       std::printf("{\"bench\":\"sampling\",\"mode\":\"%s\",\"batch\":%d,\"vocab\":%lld,\"select\":%d,"
                   "\"us_per_call\":%.1f}\n",
-                  m.name, b, static_cast<long long>(vocab), sel != nullptr && std::strcmp(sel, "1") == 0 ? 1 : 0, us);
+                  m.name, b, static_cast<long long>(vocab), select ? 1 : 0, us);
       results.push_back({m.name, b, us});
     }
   }

@@ -193,8 +193,9 @@ TEST_F(CudaSamplingTest, TokenParitySmallBatches) {
   Parity(4096, 40, 16, 3);  // about 2 / 3 of 16 rows sampled: batches on both sides of the limit
 }
 
-// Rows with a top-k of 2..1024 selected instead of sorted whole (LORC_SAMPLE_SELECT=1,
-// kernels/sampling_select.cu; off by default until this passes on a GPU): the same tokens as the
+// Rows with a top-k of 2..1024 selected instead of sorted whole (LORC_SAMPLE_SELECT=1, read at
+// this test's backend's first Sample call; kernels/sampling_select.cu; off by default until this
+// passes on a GPU): the same tokens as the
 // CPU reference, with ties (coarse rows, repeated top values), rows of few finite candidates,
 // top_k 1024 and vocab - 1, batches mixing selected, sorted and greedy rows, and batches of two
 // rows (often nothing sorted whole).

@@ -667,9 +667,9 @@ class Backend {
   // reading row rows[i].logits_row of `logits` [n, vocab] F32 (device memory, not modified), the
   // token, whether the row's raw logits hold a NaN or an infinity (out->non_finite) and, for rows
   // with logprobs >= 0, its raw log-probability, rank and top-N alternatives, into `out` (host
-  // memory, resized to rows.size() rows, valid when the call returns). Several
-  // rows may read the same logits row (parallel sampling). InvalidArgument for a logits_row
-  // outside [0, n) or a logprobs value outside [-1, kMaxLogprobs].
+  // memory, resized to rows.size() rows, valid when the call returns OK, unspecified after an
+  // error). Several rows may read the same logits row (parallel sampling). InvalidArgument for a
+  // logits_row outside [0, n) or a logprobs value outside [-1, kMaxLogprobs].
   virtual absl::Status Sample(const Tensor2D& logits, absl::Span<const SamplingRow> rows,
                               SampleOutput* out) = 0;
 

@@ -400,6 +400,9 @@ absl::StatusOr<std::unique_ptr<Backend>> CreatePartialCudaBackend(const BackendO
 absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackend(const BackendOptions&) {
   return absl::UnimplementedError("the CUDA backend is not compiled into this binary (built without nvcc)");
 }
+absl::StatusOr<CudaSampleCounters> GetCudaSampleCounters(const Backend&) {
+  return absl::UnimplementedError("the CUDA backend is not compiled into this binary (built without nvcc)");
+}
 
 #endif
 

@@ -48,4 +48,19 @@ absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackend(const BackendOptions&
 // as CreateCudaBackend.
 absl::StatusOr<std::unique_ptr<Backend>> CreatePartialCudaBackend(const BackendOptions& options);
 
+// Rows by the path CudaBackend::Sample took, counted since the backend was made (kernels/sampling.cuh
+// step 6; tests and benchmarks read them): sampled rows sorted whole (a second pass's included),
+// top-k rows selected, prefix rows selected, prefix rows sampled again (sorted whole, also counted
+// in sorted_whole) and calls that turned prefix rows off for a while (the backoff).
+struct CudaSampleCounters {
+  int64_t sorted_whole = 0;
+  int64_t top_k_selected = 0;
+  int64_t prefix = 0;
+  int64_t redone = 0;
+  int64_t backoffs = 0;
+};
+// The counters of a backend made by CreateCudaBackend / CreatePartialCudaBackend; InvalidArgument
+// for another backend, Unimplemented without CUDA in the build.
+absl::StatusOr<CudaSampleCounters> GetCudaSampleCounters(const Backend& backend);
+
 }  // namespace lorc

@@ -17,6 +17,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "backend/backend.h"
+#include "backend/cuda_backend.h"
 #include "kernels/kv_quant.h"
 #include "common/status_macros.h"
 
@@ -232,6 +233,8 @@ class CudaBackend final : public Backend {
   // steps, so that serving rarely allocates pinned memory (cudaMallocHost maps into every context
   // of the process and can wait on another GPU's running collective).
   absl::Status ReserveSampler();
+  // The sampler's counters (GetCudaSampleCounters; zeros before its first call).
+  CudaSampleCounters sample_counters() const;
   absl::Status GatherRows(const Tensor2D& x, const int32_t* rows, Tensor2D out) override;
 
   // Token-level KV policies (cuda_kv_policy.cc; kvpolicy/README.md "On the GPU"): CORM over a

@@ -20,16 +20,25 @@ namespace lorc::cuda_internal {
 
 namespace k = ::lorc::kernels;
 
-// Whether sampled rows with a small top-k have their candidates selected rather than sorted whole
-// (kernels/sampling.cuh step 6, kernels/sampling_select.cu): off unless LORC_SAMPLE_SELECT=1, read
-// once per backend, when its sampler is made (ReserveSampler or the first Sample call; a test sets
-// it before that). EXPERIMENTAL: compiled, not yet run on a GPU (2026-12-06: no device time was
-// left); tests/backend/cuda_sampling_test.cc TokenParityWithTopKSelected checks it against the CPU
-// reference on the next GPU run.
-static bool SampleSelectEnabled() {
+// Whether sampled rows are selected rather than sorted whole (kernels/sampling.cuh step 6,
+// kernels/sampling_select.cu): top-k rows (top_k 2..1024 below the vocabulary) and prefix rows
+// (no top-k cut, a vocabulary above 1024). LORC_SAMPLE_SELECT: 0 off (the full sort, to compare:
+// the same tokens), 2 on without the backoff below (tests), else on. Read once per backend, when
+// its sampler is made (ReserveSampler or the first Sample call). Measured on an H100 2026-12-06
+// (docs/PERFORMANCE.md "The sampled path selects"), token-exact by
+// tests/backend/cuda_sampling_test.cc.
+enum class SelectMode { kOff, kOn, kNoBackoff };
+static SelectMode SampleSelectMode() {
   const char* e = std::getenv("LORC_SAMPLE_SELECT");
-  return e != nullptr && std::strcmp(e, "1") == 0;
+  if (e != nullptr && std::strcmp(e, "0") == 0) return SelectMode::kOff;
+  if (e != nullptr && std::strcmp(e, "2") == 0) return SelectMode::kNoBackoff;
+  return SelectMode::kOn;
 }
+
+// A call whose prefix rows more than half need sampling again (flat distributions: their top-p
+// nucleus or draw past the first 1,024 candidates) turns prefix rows off for this many calls:
+// each such row costs its selection, a second round trip and its full sort.
+constexpr int32_t kPrefixBackoffCalls = 64;
 
 // Device and pinned buffers of Sample, each grown to the largest call so far. A buffer that grows
 // does not free its old allocation while serving: cudaFree and cudaFreeHost synchronise the device
@@ -78,13 +87,17 @@ struct CudaSampler {
   Buf out_host{nullptr, 0, true}, out_dev;      // [tokens][non_finite][logprob][rank][top_ids][top_logprobs]
   Buf counts, x, sorted_x, iota, sorted_ids, sort_temp;
   Buf greedy_counters, greedy_parts;  // step 5's (the counters zero between calls)
+  Buf select_stats;                   // prefix rows' whole-row sums, then candidate counts
+  int32_t prefix_backoff = 0;         // calls left without prefix rows (kPrefixBackoffCalls)
+  CudaSampleCounters counters;
   int64_t iota_vocab = 0;
   int32_t iota_rows = 0;
   std::vector<int32_t> bias_order;  // host scratch for grouping bias entries by id
-  const bool select = SampleSelectEnabled();  // read once, when the sampler is made
+  const SelectMode mode = SampleSelectMode();  // read once, when the sampler is made
+  const bool select = mode != SelectMode::kOff;
   ~CudaSampler() {
     for (Buf* b : {&stage_host, &stage_dev, &out_host, &out_dev, &counts, &x, &sorted_x, &iota, &sorted_ids,
-                   &sort_temp, &greedy_counters, &greedy_parts}) {
+                   &sort_temp, &greedy_counters, &greedy_parts, &select_stats}) {
       if (b->p != nullptr) retired.push_back({b->p, b->pinned});
     }
     for (const Retired& r : retired) r.pinned ? cudaFreeHost(r.p) : cudaFree(r.p);
@@ -105,6 +118,10 @@ absl::Status CudaBackend::ReserveSampler() {
   return absl::OkStatus();
 }
 
+CudaSampleCounters CudaBackend::sample_counters() const {
+  return sampler_ ? sampler_->counters : CudaSampleCounters{};
+}
+
 namespace {
 
 constexpr char kOp[] = "Sample";
@@ -117,10 +134,15 @@ bool IsGreedy(const SamplingRow& r) {
   return r.temperature < defaults::kGreedyTemperature || r.top_k == 1;
 }
 
-// A sampled row selected: a top-k of 2..kSampleSelectMaxK below the vocabulary.
-bool Selects(const SamplingRow& r, int64_t vocab, bool enabled) {
-  return enabled && r.top_k > 1 && r.top_k <= k::kSampleSelectMaxK && r.top_k < vocab;
+// A sampled row selected (kernels/sampling.cuh kSampleSelectMaxK): a top-k row, or a prefix row
+// when `prefix` (off for rows sampled again, and while the sampler backs off).
+bool Selects(const SamplingRow& r, int64_t vocab, bool enabled, bool prefix) {
+  return enabled && (k::SampleSelectTopK(r.top_k, vocab) || (prefix && k::SampleSelectPrefix(r.top_k, vocab)));
 }
+
+absl::Status SampleRows(CudaSampler& s, cudaStream_t stream, const Tensor2D& logits,
+                        absl::Span<const SamplingRow> rows, bool prefix, SampleOutput* out,
+                        int32_t* num_prefix);
 
 }  // namespace
 
@@ -150,6 +172,53 @@ absl::Status CudaBackend::Sample(const Tensor2D& logits, absl::Span<const Sampli
   }
   if (!sampler_) sampler_.reset(new CudaSampler);
   CudaSampler& s = *sampler_;
+  const bool prefix = s.prefix_backoff == 0;
+  if (s.prefix_backoff > 0) --s.prefix_backoff;
+  int32_t num_prefix = 0;
+  RETURN_IF_ERROR(SampleRows(s, stream_, logits, rows, prefix, out, &num_prefix));
+  if (num_prefix == 0) return absl::OkStatus();
+  // Prefix rows whose cuts or draw fell past their prefix: sampled again, sorted whole (the
+  // same seed and offset: the token the full sort gives in one pass). An error leaves their
+  // tokens kSampleRedo: `out` is valid only when the call succeeds (backend.h).
+  std::vector<int32_t> redo;
+  for (int32_t i = 0; i < n; ++i) {
+    if (out->tokens[i] == k::kSampleRedo) redo.push_back(i);
+  }
+  if (redo.empty()) return absl::OkStatus();
+  s.counters.redone += static_cast<int64_t>(redo.size());
+  if (2 * static_cast<int64_t>(redo.size()) > num_prefix && s.mode == SelectMode::kOn) {
+    s.prefix_backoff = kPrefixBackoffCalls;
+    ++s.counters.backoffs;
+  }
+  std::vector<SamplingRow> again;
+  again.reserve(redo.size());
+  for (int32_t i : redo) again.push_back(rows[i]);
+  SampleOutput second;
+  second.Resize(again.size());
+  RETURN_IF_ERROR(SampleRows(s, stream_, logits, again, false, &second, &num_prefix));
+  constexpr size_t kStride = SampleOutput::kStride;
+  for (size_t j = 0; j < redo.size(); ++j) {
+    const size_t i = static_cast<size_t>(redo[j]);
+    out->tokens[i] = second.tokens[j];
+    out->non_finite[i] = second.non_finite[j];
+    out->logprobs[i] = second.logprobs[j];
+    out->ranks[i] = second.ranks[j];
+    std::copy_n(&second.top_ids[j * kStride], kStride, &out->top_ids[i * kStride]);
+    std::copy_n(&second.top_logprobs[j * kStride], kStride, &out->top_logprobs[i * kStride]);
+  }
+  return absl::OkStatus();
+}
+
+namespace {
+
+// One pass of the pipeline over `rows` (validated by Sample) into `out` (sized); prefix rows
+// only when `prefix`, their count in *num_prefix (their tokens may be kSampleRedo).
+absl::Status SampleRows(CudaSampler& s, cudaStream_t stream, const Tensor2D& logits,
+                        absl::Span<const SamplingRow> rows, bool prefix, SampleOutput* out,
+                        int32_t* num_prefix) {
+  const int64_t vocab = logits.cols;
+  const int32_t n = static_cast<int32_t>(rows.size());
+  *num_prefix = 0;
 
   // Row metadata: which lists matter, and slots (sampled rows take x slots 0.. first: those
   // sorted whole, then the selected ones, each in row order).
@@ -194,9 +263,17 @@ absl::Status CudaBackend::Sample(const Tensor2D& logits, absl::Span<const Sampli
       m.flags |= k::kSampleLogprobs;
       any_logprobs = true;
     }
-    m.x_slot = IsGreedy(r) ? -1 : Selects(r, vocab, s.select) ? kSelectedSlot : num_sorted++;
+    m.x_slot = IsGreedy(r) ? -1 : Selects(r, vocab, s.select, prefix) ? kSelectedSlot : num_sorted++;
+    if (m.x_slot == kSelectedSlot) {
+      if (k::SampleSelectTopK(r.top_k, vocab)) {
+        ++s.counters.top_k_selected;
+      } else {
+        ++*num_prefix;
+      }
+    }
   }
   const int32_t num_full_sort = num_sorted;  // selected rows take the sorted slots after these
+  s.counters.sorted_whole += num_full_sort;
   for (k::SampleRowMeta& m : metas) {
     if (m.x_slot == kSelectedSlot) m.x_slot = num_sorted++;
   }
@@ -248,16 +325,16 @@ absl::Status CudaBackend::Sample(const Tensor2D& logits, absl::Span<const Sampli
   for (int32_t i = 0; i < n; ++i) {
     if (!(metas[i].flags & k::kSampleGreedy)) sorted_rows[metas[i].x_slot] = i;
   }
-  RETURN_IF_ERROR(CudaError(cudaMemcpyAsync(s.stage_dev.p, host, stage_bytes, cudaMemcpyHostToDevice, stream_),
+  RETURN_IF_ERROR(CudaError(cudaMemcpyAsync(s.stage_dev.p, host, stage_bytes, cudaMemcpyHostToDevice, stream),
                             "upload sampling rows"));
 
   // Workspaces.
   const size_t v = static_cast<size_t>(vocab);
   bool grown = false;
   RETURN_IF_ERROR(CudaError(s.counts.Reserve(sizeof(int32_t) * v * num_counts, s.retired, &grown), "sampling counts"));
-  if (grown) RETURN_IF_ERROR(CudaError(s.counts.Zero(s.retired, stream_), "clear counts"));
+  if (grown) RETURN_IF_ERROR(CudaError(s.counts.Zero(s.retired, stream), "clear counts"));
   RETURN_IF_ERROR(CudaError(s.greedy_counters.Reserve(sizeof(int32_t) * n, s.retired, &grown), "argmax counters"));
-  if (grown) RETURN_IF_ERROR(CudaError(s.greedy_counters.Zero(s.retired, stream_), "clear argmax counters"));
+  if (grown) RETURN_IF_ERROR(CudaError(s.greedy_counters.Zero(s.retired, stream), "clear argmax counters"));
   RETURN_IF_ERROR(
       CudaError(s.greedy_parts.Reserve(k::SampleGreedyPartsBytes(n, vocab), s.retired), "argmax parts"));
   RETURN_IF_ERROR(CudaError(s.x.Reserve(sizeof(double) * v * num_x, s.retired), "sampling logits"));
@@ -267,12 +344,16 @@ absl::Status CudaBackend::Sample(const Tensor2D& logits, absl::Span<const Sampli
   if (num_sorted > 0 && (grown || s.iota_vocab != vocab || s.iota_rows < num_sorted)) {
     s.iota_vocab = vocab;
     s.iota_rows = static_cast<int32_t>(s.iota.bytes / (sizeof(int32_t) * v));
-    RETURN_IF_ERROR(CudaError(k::LaunchSampleIota(static_cast<int32_t*>(s.iota.p), s.iota_rows, vocab, stream_),
+    RETURN_IF_ERROR(CudaError(k::LaunchSampleIota(static_cast<int32_t*>(s.iota.p), s.iota_rows, vocab, stream),
                               "sort ids"));
   }
   const size_t temp = k::SampleSortTempBytes(num_full_sort, vocab);
   if (num_full_sort > 0 && temp == 0) return absl::InternalError("cuda backend: Sample: sort workspace query failed");
   RETURN_IF_ERROR(CudaError(s.sort_temp.Reserve(temp, s.retired), "sort workspace"));
+  const int32_t num_selected = num_sorted - num_full_sort;
+  s.counters.prefix += *num_prefix;
+  RETURN_IF_ERROR(CudaError(s.select_stats.Reserve((sizeof(double) + sizeof(int32_t)) * num_selected, s.retired),
+                            "selection sums"));
   const int32_t stride = SampleOutput::kStride;
   const size_t out_bytes = (4 + 2 * static_cast<size_t>(stride)) * sizeof(int32_t) * n;
   RETURN_IF_ERROR(CudaError(s.out_dev.Reserve(out_bytes, s.retired), "sampling outputs"));
@@ -281,7 +362,7 @@ absl::Status CudaBackend::Sample(const Tensor2D& logits, absl::Span<const Sampli
   k::SampleArgs a;
   a.num_rows = n;
   a.num_sorted = num_sorted;
-  a.num_selected = num_sorted - num_full_sort;
+  a.num_selected = num_selected;
   a.any_counts = num_counts > 0;
   a.any_x = num_x > 0;
   a.any_logprobs = any_logprobs;
@@ -303,6 +384,8 @@ absl::Status CudaBackend::Sample(const Tensor2D& logits, absl::Span<const Sampli
   a.sort_temp_bytes = s.sort_temp.bytes;
   a.greedy_counters = static_cast<int32_t*>(s.greedy_counters.p);
   a.greedy_parts = s.greedy_parts.p;
+  a.select_sum = static_cast<double*>(s.select_stats.p);
+  a.select_cand = reinterpret_cast<int32_t*>(a.select_sum + num_selected);
   int32_t* od = static_cast<int32_t*>(s.out_dev.p);
   a.tokens = od;
   a.non_finite = od + n;
@@ -311,12 +394,12 @@ absl::Status CudaBackend::Sample(const Tensor2D& logits, absl::Span<const Sampli
   a.top_ids = od + 4 * n;
   a.top_logprobs = reinterpret_cast<float*>(od + 4 * n + static_cast<size_t>(stride) * n);
   a.top_stride = stride;
-  RETURN_IF_ERROR(CudaError(k::LaunchSample(a, stream_), "sample kernels"));
+  RETURN_IF_ERROR(CudaError(k::LaunchSample(a, stream), "sample kernels"));
 
   const size_t back = any_logprobs ? out_bytes : 2 * sizeof(int32_t) * n;  // tokens, non_finite
-  RETURN_IF_ERROR(CudaError(cudaMemcpyAsync(s.out_host.p, s.out_dev.p, back, cudaMemcpyDeviceToHost, stream_),
+  RETURN_IF_ERROR(CudaError(cudaMemcpyAsync(s.out_host.p, s.out_dev.p, back, cudaMemcpyDeviceToHost, stream),
                             "download samples"));
-  RETURN_IF_ERROR(CudaError(cudaStreamSynchronize(stream_), "sample synchronize"));
+  RETURN_IF_ERROR(CudaError(cudaStreamSynchronize(stream), "sample synchronize"));
   const int32_t* oh = static_cast<const int32_t*>(s.out_host.p);
   std::memcpy(out->tokens.data(), oh, sizeof(int32_t) * n);
   for (int32_t i = 0; i < n; ++i) out->non_finite[i] = oh[n + i] != 0 ? 1 : 0;
@@ -339,5 +422,17 @@ absl::Status CudaBackend::Sample(const Tensor2D& logits, absl::Span<const Sampli
   return absl::OkStatus();
 }
 
+}  // namespace
+
 }  // namespace lorc::cuda_internal
+
+namespace lorc {
+
+absl::StatusOr<CudaSampleCounters> GetCudaSampleCounters(const Backend& backend) {
+  const auto* cuda = dynamic_cast<const cuda_internal::CudaBackend*>(&backend);
+  if (cuda == nullptr) return absl::InvalidArgumentError("GetCudaSampleCounters: not a CUDA backend");
+  return cuda->sample_counters();
+}
+
+}  // namespace lorc
 #endif

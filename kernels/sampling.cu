@@ -249,7 +249,10 @@ __device__ int64_t FirstCrossing(const Walk& w, int64_t n, double thresh, bool s
   return -1;
 }
 
-// Steps 7-10 for sampled row s (x slot s) over its sorted (x, id) pairs.
+// Steps 7-10 for sampled row s (x slot s) over its sorted (x, id) pairs. A prefix row
+// (sampling_select.cu) holds only its first kSampleSelectMaxK pairs and the whole row's sum and
+// candidate count: the same walk over the prefix, the same token when the cuts (top-p, min-p)
+// and the draw fall inside it, else kSampleRedo (the host samples the row again, sorted whole).
 __global__ void __launch_bounds__(kWalkThreads) WalkKernel(const SampleArgs a) {
   const int32_t row = a.sorted_rows[blockIdx.x];
   const SampleRowMeta m = a.rows[row];
@@ -263,15 +266,18 @@ __global__ void __launch_bounds__(kWalkThreads) WalkKernel(const SampleArgs a) {
     if (threadIdx.x == 0) a.tokens[row] = 0;
     return;
   }
+  const int32_t first_selected = a.num_sorted - a.num_selected;
+  const bool prefix = static_cast<int32_t>(blockIdx.x) >= first_selected && SampleSelectPrefix(m.top_k, a.vocab);
   const int64_t kk = m.top_k > 0 ? Min64(m.top_k, a.vocab) : a.vocab;
+  const int64_t len = prefix ? kSampleSelectMaxK : kk;  // pairs held (prefix rows: vocab > len)
   Walk w{keys, top, static_cast<double>(m.temperature), 1.0};
   const bool use_min_p = m.min_p > 0.0f;
   const double log_floor = use_min_p ? log(static_cast<double>(m.min_p)) : 0.0;
   double sum = 0;
   int64_t cand = 0, minp = 0;
-  for (int64_t i = threadIdx.x; i < kk; i += kWalkThreads) {
+  for (int64_t i = threadIdx.x; i < len; i += kWalkThreads) {
     const double z = w.Z(i);  // -inf past the candidates: weight 0
-    sum += exp(z);
+    if (!prefix) sum += exp(z);
     cand += keys[i] > NegInf();
     minp += use_min_p && i >= 1 && z >= log_floor;
   }
@@ -281,26 +287,46 @@ __global__ void __launch_bounds__(kWalkThreads) WalkKernel(const SampleArgs a) {
   __syncthreads();
   minp = cub::BlockReduce<int64_t, kWalkThreads>(tmp.min).Sum(minp);
   if (threadIdx.x == 0) {
-    s_sum = sum;
-    s_cand = cand;
+    s_sum = prefix ? a.select_sum[blockIdx.x - first_selected] : sum;
+    s_cand = prefix ? a.select_cand[blockIdx.x - first_selected] : cand;
     s_minp = minp;
   }
   __syncthreads();
   w.s = s_sum;
   const int64_t k = s_cand;
-  const int64_t min_p_keep = use_min_p ? Min64(1 + s_minp, k) : k;
+  const int64_t held = Min64(len, k);  // candidates the walk can read
+  // A prefix row's cuts may lie past its prefix: top-p when its crossing is not inside it, min-p
+  // when every pair of it passes (z falls along the sorted pairs, so a pair that fails ends the
+  // count: otherwise the count is the whole row's). Either open cut that decides the keep means
+  // the row is sampled again, sorted whole.
+  const bool minp_open = prefix && s_minp == held - 1 && held < k;
   int64_t keep = k;
+  bool p_open = false;
   double unused;
   if (m.top_p < 1.0f) {
-    const int64_t i = FirstCrossing(w, k, static_cast<double>(m.top_p), false, &unused, tmp);
-    if (i >= 0) keep = i + 1;
+    const int64_t i = FirstCrossing(w, held, static_cast<double>(m.top_p), false, &unused, tmp);
+    if (i >= 0) {
+      keep = i + 1;
+    } else {
+      p_open = held < k;  // the crossing lies past the prefix
+    }
   }
-  keep = Min64(keep, min_p_keep);
-  double mass = 0;
-  FirstCrossing(w, keep, CUDART_INF, true, &mass, tmp);
+  bool redo = false;
+  if (use_min_p && !minp_open) {
+    keep = Min64(keep, Min64(1 + s_minp, k));  // an open top-p: the min-p cut, inside the prefix
+  } else if (minp_open) {
+    redo = keep > held;  // min-p keeps at least the prefix: known only when top-p cut inside it
+  }
+  redo = redo || (p_open && keep > held) || (keep > held && keep < k);
+  if (redo) {
+    if (threadIdx.x == 0) a.tokens[row] = kSampleRedo;
+    return;
+  }
+  double mass = 1.0;  // a prefix row keeping every candidate: the p sum to 1 (rounding aside)
+  if (keep <= held) FirstCrossing(w, keep, CUDART_INF, true, &mass, tmp);
   const double r = SampleCounterUniform(m.seed, m.offset) * mass;
-  const int64_t i = FirstCrossing(w, keep, r, true, &unused, tmp);
-  if (threadIdx.x == 0) a.tokens[row] = ids[i >= 0 ? i : keep - 1];
+  const int64_t i = FirstCrossing(w, Min64(keep, held), r, true, &unused, tmp);
+  if (threadIdx.x == 0) a.tokens[row] = i >= 0 ? ids[i] : keep > held ? kSampleRedo : ids[keep - 1];
 }
 
 // Raw log-probabilities of one row (its token already chosen).
@@ -339,6 +365,7 @@ __global__ void LogprobsKernel(const SampleArgs a) {
     return static_cast<float>(v - lse);
   };
   const int32_t token = a.tokens[blockIdx.x];
+  if (token == kSampleRedo) return;  // sampled again by the host, logprobs with it
   const double lt = Clean(l[token]);
   int32_t higher = 0;
   for (int64_t i = threadIdx.x; i < a.vocab; i += blockDim.x) higher += Clean(l[i]) > lt;

@@ -17,11 +17,11 @@
 //     SampleGreedyParts(vocab) CTAs a row, the row's last CTA reducing their parts.
 //  6. Sampled rows (x slots [0, num_sorted)): the first num_sorted - num_selected by a CUB radix
 //     sort of (x, id), descending, stable (ties keep ascending ids): a device-wide sort a row for
-//     up to kSampleDeviceSortRows rows, else one segmented sort; the last num_selected (a top-k of
-//     2 to kSampleSelectMaxK below the vocabulary, chosen by the host with LORC_SAMPLE_SELECT=1
-//     only: experimental, not yet run on a GPU) by a radix select of their top_k largest pairs,
-//     sorted in the same order (sampling_select.cu); then one block per row walks the sorted
-//     candidates: top-k, temperature, min-p, top-p and the draw, in double.
+//     up to kSampleDeviceSortRows rows, else one segmented sort; the last num_selected (top-k rows
+//     and prefix rows, see kSampleSelectMaxK) by a radix select of their first pairs, sorted in
+//     the same order (sampling_select.cu); then one block per row walks the sorted candidates:
+//     top-k, temperature, min-p, top-p and the draw, in double (a prefix row whose cuts or draw
+//     fall past its prefix gets token kSampleRedo, and no logprobs).
 //  7. Logprobs rows: raw log-softmax in double, rank, top-N (ties by lower id).
 #pragma once
 
@@ -79,8 +79,8 @@ struct SampleArgs {
   int32_t num_rows = 0;
   int32_t num_sorted = 0;             // sampled rows; they hold x slots [0, num_sorted)
   int32_t num_selected = 0;           // of those, the last num_selected x slots are selected, not
-                                      // sorted whole: each such row's top_k must be in
-                                      // [2, kSampleSelectMaxK] and below vocab (unchecked here)
+                                      // sorted whole (SampleSelectCount; the host's contract:
+                                      // each such row SampleSelectable, unchecked here)
   bool any_counts = false;            // some row has a count slot
   bool any_x = false;                 // some row has an x slot
   bool any_logprobs = false;
@@ -99,6 +99,11 @@ struct SampleArgs {
   int32_t* sorted_ids = nullptr;      // [num_sorted, vocab]
   void* sort_temp = nullptr;          // SampleSortTempBytes bytes
   size_t sort_temp_bytes = 0;
+  // Prefix rows' sums over the whole row (device, [num_selected], the j-th selected slot at j):
+  // the sum of exp(z) over every id (z as the walk's, from the row's top) and the count of
+  // finite candidates. Written by the select kernel, read by the walk; unused for top-k rows.
+  double* select_sum = nullptr;
+  int32_t* select_cand = nullptr;
   // Outputs (device): tokens [num_rows], non_finite [num_rows] (1: the row's raw logits hold a
   // NaN or an infinity; every row); for logprob rows: logprob, rank, top_ids and top_logprobs
   // [num_rows * top_stride].
@@ -134,10 +139,27 @@ inline size_t SampleGreedyPartsBytes(int32_t num_rows, int64_t vocab) {
 // one by one took 1,555 / 1,421 us a call, 13 rows in one segmented sort 2,232 / 2,093.
 constexpr int32_t kSampleDeviceSortRows = 12;
 
-// Step 6: a sampled row whose top_k is in [2, kSampleSelectMaxK] and below the vocabulary may be
-// selected instead of sorted (SampleArgs::num_selected): its top_k pairs in the sort's order,
-// one 1024-thread CTA a row (sampling_select.cu).
+// Step 6: a sampled row may be selected instead of sorted whole (SampleArgs::num_selected), one
+// 1024-thread CTA a row (sampling_select.cu): its first SampleSelectCount pairs in the sort's
+// order. Two kinds: a top-k row (top_k in [2, kSampleSelectMaxK], below the vocabulary) needs no
+// more than its top_k pairs; a prefix row (no top-k cut, vocabulary above kSampleSelectMaxK)
+// gets the first kSampleSelectMaxK pairs and its whole-row sums (SampleArgs::select_sum), and
+// the walk draws from that prefix when its cuts and its draw fall inside it, else it marks the
+// row's token -1 (kSampleRedo) and the host samples the row again, sorted whole. The token is
+// the full sort's but for rounding: a prefix row's sum of weights is summed in id order, not in
+// the sorted order (the CPU reference's order differs from both).
 constexpr int32_t kSampleSelectMaxK = 1024;
+constexpr int32_t kSampleRedo = -1;  // a prefix row's token when the prefix was too short
+__host__ __device__ inline bool SampleSelectTopK(int32_t top_k, int64_t vocab) {
+  return top_k > 1 && top_k <= kSampleSelectMaxK && top_k < vocab;
+}
+__host__ __device__ inline bool SampleSelectPrefix(int32_t top_k, int64_t vocab) {
+  return vocab > kSampleSelectMaxK && (top_k <= 0 || top_k >= vocab);
+}
+// Pairs a selected row gets (either kind; the host selects only rows of one of them).
+__host__ __device__ inline int32_t SampleSelectCount(int32_t top_k, int64_t vocab) {
+  return SampleSelectTopK(top_k, vocab) ? top_k : kSampleSelectMaxK;
+}
 // Step 6's selection of the last num_selected sampled x slots (called by LaunchSample).
 cudaError_t LaunchSampleSelect(const SampleArgs& a, cudaStream_t stream);
 

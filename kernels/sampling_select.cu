@@ -1,24 +1,30 @@
-// Step 6 of LaunchSample for the sampled rows whose top-k cut keeps at most kSampleSelectMaxK
-// candidates (the last num_selected of the sampled x slots): instead of sorting the whole row,
-// select its top_k largest (x, id) pairs in the sort's order (x descending, ties by ascending id)
-// and sort only those. The walk reads no candidate past top_k (sampling.cu WalkKernel), so its inputs,
-// and the token, are the same as after the full sort.
+// Step 6 of LaunchSample for the selected sampled rows (the last num_selected sampled x slots,
+// kernels/sampling.cuh kSampleSelectMaxK): instead of sorting the whole row, select its first
+// SampleSelectCount (x, id) pairs in the sort's order (x descending, ties by ascending id) and
+// sort only those. A top-k row's walk reads no candidate past top_k (sampling.cu WalkKernel), so
+// its inputs, and the token, are those of the full sort. A prefix row (no top-k cut) gets its
+// first kSampleSelectMaxK pairs and, in one more pass, the row's sum of exp(z) and count of
+// finite candidates, which the walk needs from the whole row; the walk draws from the prefix
+// when every cut and the draw fall inside it, else the host samples the row again, sorted whole.
 //
 // One 1024-thread CTA a row. The order is that of a composite key K = (u, ~id), u the
 // order-preserving 64-bit image of x (what a radix sort of doubles sorts by; x holds no NaN and
 // no -0, sampling.cu step 2), ~id the 32-bit complement of the id: all keys distinct, larger K
 // first. A most-significant-digit radix select over K's 12 bytes (a 256-bin histogram a pass of
-// the ids whose higher digits match the prefix found so far) finds the prefix of the top_k-th
+// the ids whose higher digits match the prefix found so far) finds the prefix of the k-th
 // largest key, stopping as soon as the bin it falls in is taken whole; the ids at or above that
-// prefix (exactly top_k of them) are gathered into shared memory and bitonic-sorted there. A tie
-// that spans the top_k-th key (equal x) is resolved on the id bytes: up to 12 passes then.
+// prefix (exactly k of them) are gathered into shared memory and bitonic-sorted there. A tie
+// that spans the k-th key (equal x) is resolved on the id bytes: up to 12 passes then.
 // Source: radix select (a most-significant-digit radix sort that keeps only the bucket holding
 // the k-th key), as in Alabi, Blanchard, Gordon and Steinbach, "Fast k-selection algorithms for
 // graphics processing units" (ACM J. Experimental Algorithmics 17, 2012); checked against the
-// full sort by tests/backend/cuda_sampling_test.cc TokenParityWithTopKSelected (token-exact with
-// the CPU reference). EXPERIMENTAL: written and compiled 2026-12-06, not yet run on a GPU; the
-// host uses it only with LORC_SAMPLE_SELECT=1 (backend/cuda_sampling.cc).
+// full sort by tests/backend/cuda_sampling_test.cc TokenParitySelected (token-exact with the CPU
+// reference).
 #include "kernels/sampling.cuh"
+
+#include <math_constants.h>
+
+#include <cub/block/block_reduce.cuh>
 
 #include <climits>
 #include <cstdint>
@@ -83,7 +89,7 @@ __device__ __forceinline__ bool Before(uint64_t ua, int32_t ia, uint64_t ub, int
 __global__ void __launch_bounds__(kSelectThreads) SelectKernel(const SampleArgs a) {
   const int32_t slot = a.num_sorted - a.num_selected + static_cast<int32_t>(blockIdx.x);
   const SampleRowMeta m = a.rows[a.sorted_rows[slot]];
-  const int64_t k = m.top_k;  // 2 <= k <= kSampleSelectMaxK, k < vocab (the host's contract)
+  const int64_t k = SampleSelectCount(m.top_k, a.vocab);  // 2..kSampleSelectMaxK, below vocab
   const double* x = a.x + static_cast<int64_t>(slot) * a.vocab;
   __shared__ SelectShared sh;
   const int tid = threadIdx.x, lane = tid % 32;
@@ -182,6 +188,27 @@ __global__ void __launch_bounds__(kSelectThreads) SelectKernel(const SampleArgs 
     const int64_t out = static_cast<int64_t>(slot) * a.vocab + tid;
     a.sorted_x[out] = x[sh.id[tid]];
     a.sorted_ids[out] = sh.id[tid];
+  }
+  if (SampleSelectTopK(m.top_k, a.vocab)) return;
+  // A prefix row: the walk's sum of exp(z) over the whole row (z from the top pair, as
+  // sampling.cu Walk::Z) and its count of finite candidates.
+  const double top = x[sh.id[0]], t = static_cast<double>(m.temperature);
+  double sum = 0;
+  int32_t cand = 0;
+  if (top > -CUDART_INF) {
+    for (int64_t i = tid; i < a.vocab; i += kSelectThreads) {
+      const double v = x[i];
+      sum += exp(v == top ? 0.0 : (v - top) / t);
+      cand += v > -CUDART_INF;
+    }
+  }
+  __shared__ typename cub::BlockReduce<double, kSelectThreads>::TempStorage sum_tmp;
+  __shared__ typename cub::BlockReduce<int32_t, kSelectThreads>::TempStorage cand_tmp;
+  sum = cub::BlockReduce<double, kSelectThreads>(sum_tmp).Sum(sum);
+  cand = cub::BlockReduce<int32_t, kSelectThreads>(cand_tmp).Sum(cand);
+  if (tid == 0) {
+    a.select_sum[blockIdx.x] = sum;
+    a.select_cand[blockIdx.x] = cand;
   }
 }
 

@@ -193,27 +193,118 @@ TEST_F(CudaSamplingTest, TokenParitySmallBatches) {
   Parity(4096, 40, 16, 3);  // about 2 / 3 of 16 rows sampled: batches on both sides of the limit
 }
 
-// Rows with a top-k of 2..1024 selected instead of sorted whole (LORC_SAMPLE_SELECT=1, read at
-// this test's backend's first Sample call; kernels/sampling_select.cu; off by default until this
-// passes on a GPU): the same tokens as the
-// CPU reference, with ties (coarse rows, repeated top values), rows of few finite candidates,
-// top_k 1024 and vocab - 1, batches mixing selected, sorted and greedy rows, and batches of two
-// rows (often nothing sorted whole).
-TEST_F(CudaSamplingTest, TokenParityWithTopKSelected) {
+// Remakes the fixture's CUDA backend with LORC_SAMPLE_SELECT set to `value` (read when a
+// backend makes its sampler, at creation), then restores the variable.
+void RemakeWithSelect(std::unique_ptr<Backend>* cuda, const char* value) {
   const char* old = std::getenv("LORC_SAMPLE_SELECT");
   const std::string saved = old != nullptr ? old : "";
-  setenv("LORC_SAMPLE_SELECT", "1", 1);
-  select_edges_ = true;
-  Parity(128256, 8, 48, 16);
-  Parity(128256, 12, 2, 2);  // often every sampled row selected: nothing sorted whole
-  Parity(4096, 30, 64, 24);
-  Parity(4096, 30, 16, 3);
-  Parity(1000, 10, 33, 7);
+  if (value != nullptr) {
+    setenv("LORC_SAMPLE_SELECT", value, 1);
+  } else {
+    unsetenv("LORC_SAMPLE_SELECT");
+  }
+  auto made = CreatePartialCudaBackend(BackendOptions{BackendKind::kCuda});
   if (old != nullptr) {
     setenv("LORC_SAMPLE_SELECT", saved.c_str(), 1);
   } else {
     unsetenv("LORC_SAMPLE_SELECT");
   }
+  ASSERT_OK(made);
+  *cuda = std::move(*made);
+}
+
+CudaSampleCounters Counters(const Backend& b) {
+  auto c = GetCudaSampleCounters(b);
+  CHECK(c.ok()) << c.status();
+  return *c;
+}
+
+// Selected rows without the backoff (LORC_SAMPLE_SELECT=2; kernels/sampling_select.cu): top-k rows
+// (2..1024 below the vocabulary) and prefix rows (no top-k cut) in every call, the prefix rows of
+// flat logits (scale 0.05, high temperatures) sampled again sorted whole, those of peaked ones
+// (scale 30, low temperatures) drawn from their prefix: the same tokens and log-probabilities as
+// the CPU reference, with ties (coarse rows, repeated top values), rows of few finite candidates,
+// top_k 1024 and vocab - 1, batches mixing selected, sorted and greedy rows, and batches of two
+// rows (often nothing sorted whole). The counters show that each path ran.
+TEST_F(CudaSamplingTest, TokenParitySelected) {
+  RemakeWithSelect(&cuda_, "2");
+  select_edges_ = true;
+  Parity(128256, 8, 48, 16);
+  Parity(128256, 12, 2, 2);  // often every sampled row selected: nothing sorted whole
+  Parity(4096, 30, 64, 24);
+  Parity(4096, 30, 16, 3);
+  Parity(1000, 10, 33, 7);  // a vocabulary of at most 1,024: no prefix rows
+  const CudaSampleCounters c = Counters(*cuda_);
+  std::printf("sorted whole %lld, top-k selected %lld, prefix %lld (sampled again %lld)\n",
+              static_cast<long long>(c.sorted_whole), static_cast<long long>(c.top_k_selected),
+              static_cast<long long>(c.prefix), static_cast<long long>(c.redone));
+  EXPECT_GT(c.top_k_selected, 100);
+  EXPECT_GT(c.redone, 20);               // prefix rows sampled again, sorted whole
+  EXPECT_GT(c.prefix - c.redone, 100);   // prefix rows drawn from their prefix
+  EXPECT_GT(c.sorted_whole, c.redone);   // rows with top_k in (1024, vocab), vocabulary 1000
+  EXPECT_EQ(c.backoffs, 0);
+}
+
+// Every sampled row sorted whole (LORC_SAMPLE_SELECT=0): the path prefix rows fall back to.
+TEST_F(CudaSamplingTest, TokenParitySortedWhole) {
+  RemakeWithSelect(&cuda_, "0");
+  Parity(128256, 4, 48, 16);
+  Parity(128256, 6, 2, 2);
+  Parity(4096, 20, 64, 24);
+  const CudaSampleCounters c = Counters(*cuda_);
+  EXPECT_GT(c.sorted_whole, 300);
+  EXPECT_EQ(c.top_k_selected + c.prefix + c.redone + c.backoffs, 0);
+}
+
+// The default (LORC_SAMPLE_SELECT unset): a call whose prefix rows mostly fall past their prefix
+// (flat logits: top-p 0.9 over equal logits crosses at ~0.9 of the vocabulary) turns prefix rows
+// off for the next calls, which sort those rows whole; the tokens stay the CPU's.
+TEST_F(CudaSamplingTest, PrefixRowsBackOffAfterFlatRows) {
+  RemakeWithSelect(&cuda_, nullptr);
+  const int64_t vocab = 4096;
+  std::vector<float> host(2 * vocab);
+  for (int64_t i = 0; i < vocab; ++i) {
+    host[i] = 0.001f * static_cast<float>(i % 7);  // row 0: flat
+    host[vocab + i] = i == 17 ? 40.f : 0.f;        // row 1: one id holds the mass
+  }
+  auto dev = cuda_->Allocate(host.size() * sizeof(float));
+  ASSERT_OK(dev);
+  ASSERT_OK(cuda_->CopyToDevice(dev->data(), host.data(), host.size() * sizeof(float)));
+  Tensor2D cpu_t{host.data(), DType::kF32, 2, vocab};
+  Tensor2D gpu_t{dev->data(), DType::kF32, 2, vocab};
+  auto rows_of = [](int32_t logits_row, uint64_t offset) {
+    std::vector<SamplingRow> rs(4);
+    for (int i = 0; i < 4; ++i) {
+      rs[i].logits_row = logits_row;
+      rs[i].temperature = 1.f;
+      rs[i].top_p = 0.9f;
+      rs[i].seed = 77 + i;
+      rs[i].offset = offset;
+      rs[i].logprobs = i == 0 ? 3 : -1;
+    }
+    return rs;
+  };
+  auto check = [&](const std::vector<SamplingRow>& rs) {
+    SampleOutput want, got;
+    ASSERT_OK(cpu_->Sample(cpu_t, rs, &want));
+    ASSERT_OK(cuda_->Sample(gpu_t, rs, &got));
+    EXPECT_EQ(got.tokens, want.tokens);
+    EXPECT_EQ(got.ranks, want.ranks);
+    EXPECT_EQ(got.top_ids, want.top_ids);
+  };
+  check(rows_of(1, 0));  // peaked: drawn from the prefix
+  CudaSampleCounters c = Counters(*cuda_);
+  EXPECT_EQ(c.prefix, 4);
+  EXPECT_EQ(c.redone, 0);
+  check(rows_of(0, 1));  // flat: every row sampled again, then the backoff
+  c = Counters(*cuda_);
+  EXPECT_EQ(c.prefix, 8);
+  EXPECT_EQ(c.redone, 4);
+  EXPECT_EQ(c.backoffs, 1);
+  check(rows_of(1, 2));  // backing off: sorted whole although peaked
+  c = Counters(*cuda_);
+  EXPECT_EQ(c.prefix, 8);
+  EXPECT_EQ(c.sorted_whole, 8);
 }
 
 TEST_F(CudaSamplingTest, SameRowsSameTokensAcrossCalls) {  // steady state: buffers reused

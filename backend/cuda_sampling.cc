@@ -28,6 +28,10 @@ namespace k = ::lorc::kernels;
 // (docs/PERFORMANCE.md "The sampled path selects"), token-exact by
 // tests/backend/cuda_sampling_test.cc.
 enum class SelectMode { kOff, kOn, kNoBackoff };
+static bool SampleSelectSplit() {
+  const char* e = std::getenv("LORC_SAMPLE_SELECT_SPLIT");
+  return e == nullptr || std::strcmp(e, "0") != 0;
+}
 static SelectMode SampleSelectMode() {
   const char* e = std::getenv("LORC_SAMPLE_SELECT");
   if (e != nullptr && std::strcmp(e, "0") == 0) return SelectMode::kOff;
@@ -35,9 +39,16 @@ static SelectMode SampleSelectMode() {
   return SelectMode::kOn;
 }
 
-// A call whose prefix rows more than half need sampling again (flat distributions: their top-p
-// nucleus or draw past the first 1,024 candidates) turns prefix rows off for this many calls:
-// each such row costs its selection, a second round trip and its full sort.
+// The backoff: the share of prefix rows sampled again, a running average weighted by each call's
+// prefix rows n (weight n / (n + kRedoRateRows): one row moves it a little, a batch of 64 most of
+// the way); past kRedoRateLimit (flat distributions: top-p nuclei or draws past the first 1,024
+// candidates) prefix rows are off for kPrefixBackoffCalls calls, then on again with the share
+// at the limit (a call with more rows sampled again than not backs off again at once). A row
+// sampled again costs its selection, a second round trip and its full sort; one drawn from its
+// prefix saves ~93 us (batch 1) to ~17 us a row (batch 256) of sorting on an H100 (2026-12-06,
+// docs/PERFORMANCE.md "The sampled path selects").
+constexpr double kRedoRateRows = 16;
+constexpr double kRedoRateLimit = 0.5;
 constexpr int32_t kPrefixBackoffCalls = 64;
 
 // Device and pinned buffers of Sample, each grown to the largest call so far. A buffer that grows
@@ -87,14 +98,19 @@ struct CudaSampler {
   Buf out_host{nullptr, 0, true}, out_dev;      // [tokens][non_finite][logprob][rank][top_ids][top_logprobs]
   Buf counts, x, sorted_x, iota, sorted_ids, sort_temp;
   Buf greedy_counters, greedy_parts;  // step 5's (the counters zero between calls)
-  Buf select_stats;                   // prefix rows' whole-row sums, then candidate counts
+  Buf select_stats;                   // prefix rows' whole-row sums, candidate counts, chunk parts
   int32_t prefix_backoff = 0;         // calls left without prefix rows (kPrefixBackoffCalls)
+  double redo_rate = 0;               // running share of prefix rows sampled again
   CudaSampleCounters counters;
   int64_t iota_vocab = 0;
   int32_t iota_rows = 0;
   std::vector<int32_t> bias_order;  // host scratch for grouping bias entries by id
   const SelectMode mode = SampleSelectMode();  // read once, when the sampler is made
   const bool select = mode != SelectMode::kOff;
+  // The SM count that sizes a split selection (kernels::SampleSelectParts), read at the first
+  // call; LORC_SAMPLE_SELECT_SPLIT=0 (read when the sampler is made) never splits (to compare).
+  const bool split = SampleSelectSplit();
+  int32_t num_sms = -1;
   ~CudaSampler() {
     for (Buf* b : {&stage_host, &stage_dev, &out_host, &out_dev, &counts, &x, &sorted_x, &iota, &sorted_ids,
                    &sort_temp, &greedy_counters, &greedy_parts, &select_stats}) {
@@ -184,12 +200,15 @@ absl::Status CudaBackend::Sample(const Tensor2D& logits, absl::Span<const Sampli
   for (int32_t i = 0; i < n; ++i) {
     if (out->tokens[i] == k::kSampleRedo) redo.push_back(i);
   }
-  if (redo.empty()) return absl::OkStatus();
-  s.counters.redone += static_cast<int64_t>(redo.size());
-  if (2 * static_cast<int64_t>(redo.size()) > num_prefix && s.mode == SelectMode::kOn) {
+  const double weight = num_prefix / (num_prefix + kRedoRateRows);
+  s.redo_rate += weight * (static_cast<double>(redo.size()) / num_prefix - s.redo_rate);
+  if (s.redo_rate > kRedoRateLimit && s.mode == SelectMode::kOn) {
     s.prefix_backoff = kPrefixBackoffCalls;
+    s.redo_rate = kRedoRateLimit;  // measured afresh: the next call's share decides alone
     ++s.counters.backoffs;
   }
+  if (redo.empty()) return absl::OkStatus();
+  s.counters.redone += static_cast<int64_t>(redo.size());
   std::vector<SamplingRow> again;
   again.reserve(redo.size());
   for (int32_t i : redo) again.push_back(rows[i]);
@@ -352,8 +371,16 @@ absl::Status SampleRows(CudaSampler& s, cudaStream_t stream, const Tensor2D& log
   RETURN_IF_ERROR(CudaError(s.sort_temp.Reserve(temp, s.retired), "sort workspace"));
   const int32_t num_selected = num_sorted - num_full_sort;
   s.counters.prefix += *num_prefix;
-  RETURN_IF_ERROR(CudaError(s.select_stats.Reserve((sizeof(double) + sizeof(int32_t)) * num_selected, s.retired),
-                            "selection sums"));
+  const size_t parts_at = Align16((sizeof(double) + sizeof(int32_t)) * num_selected);
+  RETURN_IF_ERROR(CudaError(
+      s.select_stats.Reserve(parts_at + sizeof(k::SampleSelectPart) * k::kSampleSelectMaxParts * num_selected, s.retired),
+      "selection sums"));
+  if (s.num_sms < 0) {
+    int device = 0, sms = 0;
+    RETURN_IF_ERROR(CudaError(cudaGetDevice(&device), "get device"));
+    RETURN_IF_ERROR(CudaError(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "SM count"));
+    s.num_sms = s.split ? sms : 0;
+  }
   const int32_t stride = SampleOutput::kStride;
   const size_t out_bytes = (4 + 2 * static_cast<size_t>(stride)) * sizeof(int32_t) * n;
   RETURN_IF_ERROR(CudaError(s.out_dev.Reserve(out_bytes, s.retired), "sampling outputs"));
@@ -386,6 +413,8 @@ absl::Status SampleRows(CudaSampler& s, cudaStream_t stream, const Tensor2D& log
   a.greedy_parts = s.greedy_parts.p;
   a.select_sum = static_cast<double*>(s.select_stats.p);
   a.select_cand = reinterpret_cast<int32_t*>(a.select_sum + num_selected);
+  a.select_parts = reinterpret_cast<k::SampleSelectPart*>(static_cast<char*>(s.select_stats.p) + parts_at);
+  a.num_sms = s.num_sms;
   int32_t* od = static_cast<int32_t*>(s.out_dev.p);
   a.tokens = od;
   a.non_finite = od + n;

@@ -19,7 +19,8 @@
 //     sort of (x, id), descending, stable (ties keep ascending ids): a device-wide sort a row for
 //     up to kSampleDeviceSortRows rows, else one segmented sort; the last num_selected (top-k rows
 //     and prefix rows, see kSampleSelectMaxK) by a radix select of their first pairs, sorted in
-//     the same order (sampling_select.cu); then one block per row walks the sorted candidates:
+//     the same order (sampling_select.cu; split over chunks of the row when they are few:
+//     SampleSelectParts); then one block per row walks the sorted candidates:
 //     top-k, temperature, min-p, top-p and the draw, in double (a prefix row whose cuts or draw
 //     fall past its prefix gets token kSampleRedo, and no logprobs).
 //  7. Logprobs rows: raw log-softmax in double, rank, top-N (ties by lower id).
@@ -104,6 +105,10 @@ struct SampleArgs {
   // finite candidates. Written by the select kernel, read by the walk; unused for top-k rows.
   double* select_sum = nullptr;
   int32_t* select_cand = nullptr;
+  // A split selection's per-chunk results (device, [num_selected * kSampleSelectMaxParts]) and
+  // the device's SM count that sizes the split (SampleSelectParts; 0: never split).
+  struct SampleSelectPart* select_parts = nullptr;
+  int32_t num_sms = 0;
   // Outputs (device): tokens [num_rows], non_finite [num_rows] (1: the row's raw logits hold a
   // NaN or an infinity; every row); for logprob rows: logprob, rank, top_ids and top_logprobs
   // [num_rows * top_stride].
@@ -146,8 +151,9 @@ constexpr int32_t kSampleDeviceSortRows = 12;
 // gets the first kSampleSelectMaxK pairs and its whole-row sums (SampleArgs::select_sum), and
 // the walk draws from that prefix when its cuts and its draw fall inside it, else it marks the
 // row's token -1 (kSampleRedo) and the host samples the row again, sorted whole. The token is
-// the full sort's but for rounding: a prefix row's sum of weights is summed in id order, not in
-// the sorted order (the CPU reference's order differs from both).
+// the full sort's but for rounding: a prefix row's sum of weights is summed in id order (a split
+// selection: per chunk from the chunk's maximum, then rescaled), not in the sorted order (the CPU
+// reference's order differs from both).
 constexpr int32_t kSampleSelectMaxK = 1024;
 constexpr int32_t kSampleRedo = -1;  // a prefix row's token when the prefix was too short
 __host__ __device__ inline bool SampleSelectTopK(int32_t top_k, int64_t vocab) {
@@ -159,6 +165,24 @@ __host__ __device__ inline bool SampleSelectPrefix(int32_t top_k, int64_t vocab)
 // Pairs a selected row gets (either kind; the host selects only rows of one of them).
 __host__ __device__ inline int32_t SampleSelectCount(int32_t top_k, int64_t vocab) {
   return SampleSelectTopK(top_k, vocab) ? top_k : kSampleSelectMaxK;
+}
+// A selection split over chunks of the row when the selected rows are too few to fill the GPU:
+// parts CTAs a row each keep their chunk's first pairs (and a prefix row's partial sums), then one
+// CTA a row selects among those candidates. parts * kSampleSelectMaxK * 2 <= vocab keeps the
+// candidates (stored in the tail of the row's sorted span) clear of the sorted output.
+constexpr int32_t kSampleSelectMaxParts = 16;
+struct SampleSelectPart {
+  double max;    // the chunk's largest x (-inf: none finite)
+  double sum;    // its sum of exp(z), z from that largest (sampling.cu Walk::Z)
+  int32_t cand;  // its finite candidates
+};
+__host__ __device__ inline int SampleSelectParts(int32_t rows, int64_t vocab, int32_t num_sms) {
+  if (rows <= 0 || num_sms <= 0) return 1;
+  int64_t p = (num_sms + rows - 1) / rows;  // CTAs to fill the SMs once
+  const int64_t most = vocab / (2 * kSampleSelectMaxK);
+  if (p > kSampleSelectMaxParts) p = kSampleSelectMaxParts;
+  if (p > most) p = most;
+  return p < 2 ? 1 : static_cast<int>(p);
 }
 // Step 6's selection of the last num_selected sampled x slots (called by LaunchSample).
 cudaError_t LaunchSampleSelect(const SampleArgs& a, cudaStream_t stream);

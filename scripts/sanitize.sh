@@ -80,6 +80,7 @@ export UBSAN_OPTIONS="log_path=$logs/ubsan:suppressions=$supp/ubsan.supp:$common
 # protobuf and abseil are not tracked (their own synchronization is invisible to TSan anyway).
 export TSAN_OPTIONS="log_path=$logs/tsan:suppressions=$supp/tsan.supp:ignore_noninstrumented_modules=1:second_deadlock_stack=1:$common"
 status=0
+bash scripts/lib/seed_ctest_costs.sh "$build"
 (cd "$build" && ctest --output-on-failure -j "${CTEST_JOBS:-2}" --timeout 1800 "${select[@]}" "$@") ||
   status=$?
 done_at=$(date +%s)

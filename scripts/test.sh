@@ -27,6 +27,7 @@ trap 'echo "== scripts/test.sh: exit $? after $((SECONDS - t0)) s${LORC_CHECK_DE
 bash scripts/install-deps.sh
 bash scripts/build.sh
 phase build
+bash scripts/lib/seed_ctest_costs.sh "${BUILD_DIR:-build}"
 (cd "${BUILD_DIR:-build}" && ctest --output-on-failure -j "${CTEST_JOBS:-2}" --timeout 1800)
 phase ctest
 if [ "${LORC_SANITIZERS:-0}" = 1 ]; then

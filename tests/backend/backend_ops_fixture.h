@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <ostream>
@@ -49,6 +50,30 @@ inline void ExpectClose(const std::vector<float>& got, const std::vector<double>
     }
   }
   EXPECT_EQ(bad, 0) << "mismatches out of " << got.size() << "; worst err/limit " << worst;
+}
+
+// An op on a column slice of a row-major [rows, ld] buffer: returns columns [c0, c0 + width) of
+// every row of `after` (row by row, ready for ExpectClose) and expects every other element to be
+// bit-equal to `before` (the buffer as uploaded: the op must leave it alone); reports the first
+// few that are not.
+inline std::vector<float> ColumnsOfSliceRestUnchanged(const std::vector<float>& after,
+                                                      const std::vector<float>& before, int64_t rows,
+                                                      int64_t ld, int64_t c0, int64_t width) {
+  std::vector<float> got;
+  got.reserve(static_cast<size_t>(rows * width));
+  int bad = 0;
+  for (int64_t t = 0; t < rows; ++t) {
+    for (int64_t c = 0; c < ld; ++c) {
+      const float a = after[t * ld + c], b = before[t * ld + c];
+      if (c >= c0 && c < c0 + width) {
+        got.push_back(a);
+      } else if (std::memcmp(&a, &b, sizeof(float)) != 0 && ++bad <= 5) {
+        ADD_FAILURE() << "row " << t << " col " << c << " outside the slice changed: " << b << " -> " << a;
+      }
+    }
+  }
+  EXPECT_EQ(bad, 0) << "elements outside columns [" << c0 << ", " << c0 + width << ") changed";
+  return got;
 }
 
 inline std::vector<float> RandomVec(std::mt19937& rng, size_t n, float lo = -1.0f, float hi = 1.0f) {

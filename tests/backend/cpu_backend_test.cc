@@ -80,18 +80,9 @@ TEST_P(BackendOpsTest, MatmulStridedViews) {
   std::vector<float> w_shift(w.begin() + 2 * w_ld, w.end());
   std::vector<double> want, mag;
   RefMatmul(x, x_ld, 5, w_shift, w_ld, 3, T, K, N, &want, &mag);
-  const std::vector<float> out = Download<float>(dout, T * o_ld);
-  std::vector<float> got;
-  for (int64_t t = 0; t < T; ++t) {
-    for (int64_t c = 0; c < o_ld; ++c) {
-      if (c >= 4 && c < 4 + N) {
-        got.push_back(out[t * o_ld + c]);
-      } else {
-        EXPECT_EQ(out[t * o_ld + c], sentinel) << "row " << t << " col " << c << " overwritten";
-      }
-    }
-  }
-  ExpectClose(got, want, mag);
+  ExpectClose(ColumnsOfSliceRestUnchanged(Download<float>(dout, T * o_ld), std::vector<float>(T * o_ld, sentinel),
+                                          T, o_ld, 4, N),
+              want, mag);
 }
 
 TEST_P(BackendOpsTest, MatmulRejectsShapeMismatch) {
@@ -163,20 +154,11 @@ TEST_P(BackendOpsTest, AddInPlaceStrided) {
   const std::vector<float> a = RandomVec(rng_, T * a_ld), x = RandomVec(rng_, T * x_ld);
   DeviceBuffer da = Upload(a), dx = Upload(x);
   ASSERT_OK(be_->AddInPlace(View(da, T, a_ld).ColSlice(2, C), View(dx, T, x_ld).ColSlice(7, C)));
-  const std::vector<float> got_all = Download<float>(da, T * a_ld);
-  std::vector<float> got;
   std::vector<double> want;
   for (int64_t t = 0; t < T; ++t) {
-    for (int64_t c = 0; c < a_ld; ++c) {
-      if (c >= 2 && c < 2 + C) {
-        got.push_back(got_all[t * a_ld + c]);
-        want.push_back(static_cast<double>(a[t * a_ld + c]) + x[t * x_ld + 7 + (c - 2)]);
-      } else {
-        EXPECT_EQ(got_all[t * a_ld + c], a[t * a_ld + c]) << "row " << t << " col " << c;
-      }
-    }
+    for (int64_t c = 0; c < C; ++c) want.push_back(static_cast<double>(a[t * a_ld + 2 + c]) + x[t * x_ld + 7 + c]);
   }
-  ExpectClose(got, want);
+  ExpectClose(ColumnsOfSliceRestUnchanged(Download<float>(da, T * a_ld), a, T, a_ld, 2, C), want);
 }
 
 // --- Embedding / GatherRows ---------------------------------------------------------------------
@@ -228,17 +210,7 @@ TEST_P(BackendOpsTest, RopeMatchesRotateHalfFormula) {
 
   const std::vector<double> want = RefRope(x, ld, c0, T, heads, hd, pos, inv_freq);
   const std::vector<float> all = Download<float>(dx, T * ld);
-  std::vector<float> got;
-  for (int64_t t = 0; t < T; ++t) {
-    for (int64_t c = 0; c < ld; ++c) {
-      if (c >= c0 && c < c0 + width) {
-        got.push_back(all[t * ld + c]);
-      } else {
-        EXPECT_EQ(all[t * ld + c], x[t * ld + c]) << "row " << t << " col " << c << " touched";
-      }
-    }
-  }
-  ExpectClose(got, want);
+  ExpectClose(ColumnsOfSliceRestUnchanged(all, x, T, ld, c0, width), want);
 
   for (int64_t t = 0; t < T; ++t) {
     for (int h = 0; h < heads; ++h) {
@@ -274,18 +246,7 @@ TEST_P(BackendOpsTest, RopeOnKeyHeadsOfFusedBuffer) {
   p.inv_freq = dinv.as<float>();
   ASSERT_OK(be_->Rope(p));
   const std::vector<double> want = RefRope(x, ld, q, T, kv_heads, hd, pos, inv_freq);
-  const std::vector<float> all = Download<float>(dx, T * ld);
-  std::vector<float> got;
-  for (int64_t t = 0; t < T; ++t) {
-    for (int64_t c = 0; c < ld; ++c) {
-      if (c >= q && c < q + kw) {
-        got.push_back(all[t * ld + c]);
-      } else {
-        EXPECT_EQ(all[t * ld + c], x[t * ld + c]) << "row " << t << " col " << c << " touched";
-      }
-    }
-  }
-  ExpectClose(got, want);
+  ExpectClose(ColumnsOfSliceRestUnchanged(Download<float>(dx, T * ld), x, T, ld, q, kw), want);
 }
 
 // --- WriteKv / attention / CopyBlocks ----------------------------------------------------------
@@ -455,18 +416,9 @@ TEST_P(CpuAttentionReferenceTest, PagedAttentionMatchesDenseCausalAttention) {
       }
     }
   }
-  const std::vector<float> out_all = Download<float>(dout, T * o_ld);
-  std::vector<float> got;
-  for (int t = 0; t < T; ++t) {
-    for (int64_t c = 0; c < o_ld; ++c) {
-      if (c >= 1 && c < 1 + qw) {
-        got.push_back(out_all[t * o_ld + c]);
-      } else {
-        EXPECT_EQ(out_all[t * o_ld + c], sentinel) << "row " << t << " col " << c << " written";
-      }
-    }
-  }
-  ExpectClose(got, want);
+  ExpectClose(ColumnsOfSliceRestUnchanged(Download<float>(dout, T * o_ld), std::vector<float>(T * o_ld, sentinel),
+                                          T, o_ld, 1, qw),
+              want);
 
   // The paged cache holds exactly the dense rows at the slots the block tables name.
   const std::vector<float> kh = Download<float>(kc, nslots * kw), vh = Download<float>(vc, nslots * kw);

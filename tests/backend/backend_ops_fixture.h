@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <ios>
 #include <limits>
 #include <memory>
 #include <ostream>
@@ -60,6 +61,11 @@ inline std::vector<float> ColumnsOfSliceRestUnchanged(const std::vector<float>& 
                                                       const std::vector<float>& before, int64_t rows,
                                                       int64_t ld, int64_t c0, int64_t width) {
   std::vector<float> got;
+  const size_t n = static_cast<size_t>(rows * ld);
+  if (after.size() < n || before.size() < n) {
+    ADD_FAILURE() << "buffers of " << after.size() << " and " << before.size() << " elements, want " << n;
+    return got;
+  }
   got.reserve(static_cast<size_t>(rows * width));
   int bad = 0;
   for (int64_t t = 0; t < rows; ++t) {
@@ -68,7 +74,8 @@ inline std::vector<float> ColumnsOfSliceRestUnchanged(const std::vector<float>& 
       if (c >= c0 && c < c0 + width) {
         got.push_back(a);
       } else if (std::memcmp(&a, &b, sizeof(float)) != 0 && ++bad <= 5) {
-        ADD_FAILURE() << "row " << t << " col " << c << " outside the slice changed: " << b << " -> " << a;
+        ADD_FAILURE() << "row " << t << " col " << c << " outside the slice changed: " << std::hexfloat << b
+                      << " -> " << a;
       }
     }
   }

@@ -69,7 +69,8 @@ TEST_P(BackendOpsTest, MatmulStridedViews) {
   const int64_t x_ld = 50, w_ld = 41, o_ld = 30;
   const std::vector<float> x = RandomVec(rng_, T * x_ld), w = RandomVec(rng_, 31 * w_ld);
   const float sentinel = 1234.5f;
-  DeviceBuffer dx = Upload(x), dw = Upload(w), dout = Upload(std::vector<float>(T * o_ld, sentinel));
+  const std::vector<float> out0(T * o_ld, sentinel);
+  DeviceBuffer dx = Upload(x), dw = Upload(w), dout = Upload(out0);
   const Tensor2D xv = View(dx, T, x_ld).ColSlice(5, K);
   const Tensor2D wv = View(dw, 31, w_ld).RowSlice(2, N).ColSlice(3, K);
   const Tensor2D ov = View(dout, T, o_ld).ColSlice(4, N);
@@ -80,9 +81,7 @@ TEST_P(BackendOpsTest, MatmulStridedViews) {
   std::vector<float> w_shift(w.begin() + 2 * w_ld, w.end());
   std::vector<double> want, mag;
   RefMatmul(x, x_ld, 5, w_shift, w_ld, 3, T, K, N, &want, &mag);
-  ExpectClose(ColumnsOfSliceRestUnchanged(Download<float>(dout, T * o_ld), std::vector<float>(T * o_ld, sentinel),
-                                          T, o_ld, 4, N),
-              want, mag);
+  ExpectClose(ColumnsOfSliceRestUnchanged(Download<float>(dout, T * o_ld), out0, T, o_ld, 4, N), want, mag);
 }
 
 TEST_P(BackendOpsTest, MatmulRejectsShapeMismatch) {
@@ -367,7 +366,8 @@ TEST_P(CpuAttentionReferenceTest, PagedAttentionMatchesDenseCausalAttention) {
   // Output written into a strided view too; the columns around it must stay.
   const int64_t o_ld = qw + 3;
   const float sentinel = -777.0f;
-  DeviceBuffer dout = Upload(std::vector<float>(T * o_ld, sentinel));
+  const std::vector<float> out0(T * o_ld, sentinel);
+  DeviceBuffer dout = Upload(out0);
   AttentionParams ap;
   ap.q = fused.ColSlice(0, qw);
   ap.out = View(dout, T, o_ld).ColSlice(1, qw);
@@ -416,9 +416,7 @@ TEST_P(CpuAttentionReferenceTest, PagedAttentionMatchesDenseCausalAttention) {
       }
     }
   }
-  ExpectClose(ColumnsOfSliceRestUnchanged(Download<float>(dout, T * o_ld), std::vector<float>(T * o_ld, sentinel),
-                                          T, o_ld, 1, qw),
-              want);
+  ExpectClose(ColumnsOfSliceRestUnchanged(Download<float>(dout, T * o_ld), out0, T, o_ld, 1, qw), want);
 
   // The paged cache holds exactly the dense rows at the slots the block tables name.
   const std::vector<float> kh = Download<float>(kc, nslots * kw), vh = Download<float>(vc, nslots * kw);

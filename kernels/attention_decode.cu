@@ -455,35 +455,14 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
       float s[2][4] = {};
       TileQK<D>(qa, sk, k_off, s);
       const int kv0 = item.kv_start + (warp + kMmaWarps * i) * kMmaKv;
-      float mx = m;
 #pragma unroll
       for (int n = 0; n < 2; ++n) {
         const int key = kv0 + n * 8 + 2 * t4;
         if (key >= item.kv_end) s[n][0] = -INFINITY;
         if (key + 1 >= item.kv_end) s[n][1] = -INFINITY;
-        mx = fmaxf(mx, fmaxf(s[n][0], s[n][1]));
       }
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float ref = mx == -INFINITY ? 0.f : mx * scale2;  // finite: tile 0 of a warp has a key
-      const float c = Exp2Approx(m * scale2 - ref);
-      m = mx;
       uint32_t pa[4];
-      float sum = 0.f;
-#pragma unroll
-      for (int n = 0; n < 2; ++n) {
-        const float p0 = Exp2Approx(fmaf(s[n][0], scale2, -ref));
-        const float p1 = Exp2Approx(fmaf(s[n][1], scale2, -ref));
-        sum += p0 + p1;
-        pa[2 * n] = PackBf16(p0, p1);
-        pa[2 * n + 1] = 0u;  // rows g + 8: no query head
-      }
-      l = l * c + sum;
-#pragma unroll
-      for (int n = 0; n < D / 8; ++n) {
-        o[n][0] *= c;
-        o[n][1] *= c;
-      }
+      SoftmaxTileStep<D>(s, scale2, m, l, o, pa, [](int, int) { return 1.f; });
       TilePV<D>(pa, sv, v_off, o);
     }
     CpAsyncWait<0>();

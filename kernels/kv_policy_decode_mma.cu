@@ -553,7 +553,6 @@ __global__ void __launch_bounds__(kThreads, kLow ? 2 : 3) PolicyMmaKernel(KvPoli
       TileQK<D>(qa, sk + kTileElems * 4, k_off, sc4);
     }
     if constexpr (!kQuant) TileQK<D>(qa, sk, k_off, sc4);
-    float mx = m;
 #pragma unroll
     for (int nn = 0; nn < 2; ++nn) {
 #pragma unroll
@@ -565,33 +564,16 @@ __global__ void __launch_bounds__(kThreads, kLow ? 2 : 3) PolicyMmaKernel(KvPoli
           scores[s_off[j]] = sc4[nn][e] * a.scale;  // the importance pass reads full keys only
         }
       }
-      mx = fmaxf(mx, fmaxf(sc4[nn][0], sc4[nn][1]));
     }
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    const float ref_m = mx * scale2;  // finite: a warp's tiles each hold a key
-    const float corr = Exp2Approx(m * scale2 - ref_m);
-    m = mx;
     uint32_t pa[4];
-    float sum = 0.f;
-#pragma unroll
-    for (int nn = 0; nn < 2; ++nn) {
-      const float e0 = Exp2Approx(fmaf(sc4[nn][0], scale2, -ref_m));
-      const float e1 = Exp2Approx(fmaf(sc4[nn][1], scale2, -ref_m));
-      sum += e0 + e1;
-      if constexpr (kQuant) {  // each column times its V row's scale (the tile holds codes); bf16: no underflow
-        pa[2 * nn] = PackBf16(e0 * vscale[nn][0], e1 * vscale[nn][1]);
+    // kQuant: each column times its V row's scale (the tile holds codes); bf16: no underflow.
+    SoftmaxTileStep<D>(sc4, scale2, m, l, o, pa, [&](int nn, int e) {
+      if constexpr (kQuant) {
+        return vscale[nn][e];
       } else {
-        pa[2 * nn] = PackBf16(e0, e1);
+        return 1.f;
       }
-      pa[2 * nn + 1] = 0u;  // rows g + 8: no query head
-    }
-    l = l * corr + sum;
-#pragma unroll
-    for (int nn = 0; nn < D / 8; ++nn) {
-      o[nn][0] *= corr;
-      o[nn][1] *= corr;
-    }
+    });
     TilePV<D>(pa, sv, v_off, o);
   }
   CpAsyncWait<0>();

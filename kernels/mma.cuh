@@ -142,6 +142,42 @@ __device__ __forceinline__ void TilePV(const uint32_t (&pa)[4], uint32_t sv, con
   }
 }
 
+// One 16-key tile's online-softmax step of a single-m-tile decode (DecodeMmaKernel, the policy
+// decode; FlashAttention-2's online softmax, Dao 2023, Algorithm 1's inner loop, in exp2 units).
+// s: row g's raw scores from TileQK, keys past the end already -inf (a quad's 4 lanes hold the
+// row's 16). m: the row's running max (raw score units, -inf before its first key), updated; l:
+// this lane's part of the running sum, rescaled and increased; o: rescaled by
+// exp2((m_old - m) scale2). pa: P's A fragments for TilePV (rows g + 8 zero: no query head), each
+// p times col_scale(n, e) for column 8 n + 2 t4 + e after the sum (a quantized V tile's row
+// scales; 1 for bf16 tiles). A tile with no key while m is -inf leaves everything 0.
+template <int D, class ColScale>
+__device__ __forceinline__ void SoftmaxTileStep(const float (&s)[2][4], float scale2, float& m, float& l,
+                                                float (&o)[D / 8][4], uint32_t (&pa)[4], ColScale col_scale) {
+  float mx = m;
+#pragma unroll
+  for (int n = 0; n < 2; ++n) mx = fmaxf(mx, fmaxf(s[n][0], s[n][1]));
+  mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+  mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+  const float ref = mx == -INFINITY ? 0.f : mx * scale2;
+  const float c = Exp2Approx(m * scale2 - ref);
+  m = mx;
+  float sum = 0.f;
+#pragma unroll
+  for (int n = 0; n < 2; ++n) {
+    const float p0 = Exp2Approx(fmaf(s[n][0], scale2, -ref));
+    const float p1 = Exp2Approx(fmaf(s[n][1], scale2, -ref));
+    sum += p0 + p1;
+    pa[2 * n] = PackBf16(p0 * col_scale(n, 0), p1 * col_scale(n, 1));
+    pa[2 * n + 1] = 0u;  // rows g + 8: no query head
+  }
+  l = l * c + sum;
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) {
+    o[n][0] *= c;
+    o[n][1] *= c;
+  }
+}
+
 // A single-m-tile decode's combine of its warps' online-softmax states through shared memory
 // (DecodeMmaKernel, the policy decode). StoreWarpState: the warp's rows g < group into
 // comb[warp][g][D + 2] floats: O (the o fragments' columns), then the running max m (raw score

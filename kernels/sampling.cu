@@ -211,7 +211,7 @@ __global__ void __launch_bounds__(kGreedyThreads) GreedyKernel(const SampleArgs 
 struct Walk {
   const double* keys;
   double m, t, s;  // top candidate, temperature, sum of weights
-  __device__ __forceinline__ double Z(int64_t i) const { return keys[i] == m ? 0.0 : (keys[i] - m) / t; }
+  __device__ __forceinline__ double Z(int64_t i) const { return SampleZ(keys[i], m, t); }
   __device__ __forceinline__ double P(int64_t i) const { return exp(Z(i)) / s; }
 };
 
@@ -317,7 +317,9 @@ __global__ void __launch_bounds__(kWalkThreads) WalkKernel(const SampleArgs a) {
   } else if (minp_open) {
     redo = keep > held;  // min-p keeps at least the prefix: known only when top-p cut inside it
   }
-  redo = redo || (p_open && keep > held) || (keep > held && keep < k);
+  // keep is k or a cut inside the prefix (a top-p crossing at i < held, 1 + s_minp <= held), so
+  // keep > held means keep == k: redone when an open top-p decides it, else drawn below.
+  redo = redo || (p_open && keep > held);
   if (redo) {
     if (threadIdx.x == 0) a.tokens[row] = kSampleRedo;
     return;

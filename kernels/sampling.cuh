@@ -46,6 +46,12 @@ __host__ __device__ inline double SampleCounterUniform(uint64_t seed, uint64_t o
   return static_cast<double>(bits >> 11) * (1.0 / 9007199254740992.0);
 }
 
+// Step 6's z of a sorted key v: (v - m) / t against the row's top key m at temperature t, 0 at
+// v == m (so a top key of +inf weighs exp(0), not NaN); -inf for v = -inf < m. A key's weight
+// is exp(z) and its probability exp(z) / (sum of the weights); the walk (sampling.cu) and the
+// select's sums (sampling_select.cu) both weigh keys with this one definition.
+__host__ __device__ inline double SampleZ(double v, double m, double t) { return v == m ? 0.0 : (v - m) / t; }
+
 // Per-row flags (SampleRowMeta::flags).
 enum : int32_t {
   kSampleAllowed = 1,      // allowed list non-empty

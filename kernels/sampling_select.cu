@@ -203,8 +203,8 @@ __device__ void SelectTop(const Src& src, int64_t k, SelectShared& sh) {
   __syncthreads();
 }
 
-// z of a key as sampling.cu Walk::Z computes it from the top key m.
-__device__ __forceinline__ double Weight(double v, double m, double t) { return exp(v == m ? 0.0 : (v - m) / t); }
+// The weight of key v against the top key m (sampling.cuh SampleZ).
+__device__ __forceinline__ double Weight(double v, double m, double t) { return exp(SampleZ(v, m, t)); }
 
 // Where a row's chunk candidates and partial sums live: candidates in the tail of the row's
 // sorted_x / sorted_ids span (parts * k <= vocab - k pairs: the sorted output, the first k

@@ -6,13 +6,13 @@
 
 #ifdef LORC_HAVE_CUDA
 #include <algorithm>
-#include <cstdio>
 #include <cstdlib>
-#include <cstring>
 #include <initializer_list>
+#include <string_view>
 #include <utility>
 #include <vector>
 
+#include "common/env_switch.h"
 #include "kernels/attention_latent.cuh"
 #include "kernels/attention_paged.cuh"
 #include "kernels/elem_type.cuh"
@@ -94,7 +94,7 @@ class CudaAttentionPlan final : public AttentionPlan {
   int decode_ctas_per_sm = kTargetCtasPerSm;
   int decode_min_chunk = kMinChunk;
   // DecodeSchedule::early_kv: -1 below kernels::kDecodeEarlyKvMaxSeqs decodes, 0 off, 1 on
-  // (LORC_DECODE_EARLY_KV=0 / =1, A/B measurements).
+  // (LORC_DECODE_EARLY_KV=0 / =1, A/B measurements; -1 by the decodes).
   int decode_early_kv = -1;
   int decode_long_chunk = kLongChunk;
 
@@ -427,18 +427,26 @@ absl::StatusOr<std::unique_ptr<AttentionPlan>> CudaBackend::CreateAttentionPlan(
   plan->limits = limits;
   RETURN_IF_ERROR(CudaError(cudaDeviceGetAttribute(&plan->num_sms, cudaDevAttrMultiProcessorCount, device_),
                             "CreateAttentionPlan: SM count"));
-  if (const char* e = std::getenv("LORC_DECODE_SPLIT"); e != nullptr) {
-    int c = 0, m = 0, l = 0;
-    const int n = std::sscanf(e, "%d,%d,%d", &c, &m, &l);
-    if (n >= 2 && c > 0 && m > 0) {
-      plan->decode_ctas_per_sm = c;
-      plan->decode_min_chunk = m;
-      plan->decode_long_chunk = n == 3 && l > 0 ? l : m;
+  if (const char* e = std::getenv("LORC_DECODE_SPLIT"); e != nullptr && *e != '\0') {
+    std::vector<int64_t> v;  // CTAS_PER_SM, MIN_CHUNK[, LONG_CHUNK]
+    bool ok = true;
+    for (std::string_view rest(e); ok;) {
+      const size_t comma = rest.find(',');
+      int64_t x = 0;
+      ok = ParseEnvInt(rest.substr(0, comma), &x) && x > 0 && x <= (1 << 20);
+      v.push_back(x);
+      if (comma == std::string_view::npos) break;
+      rest.remove_prefix(comma + 1);
+    }
+    if (ok && (v.size() == 2 || v.size() == 3)) {
+      plan->decode_ctas_per_sm = static_cast<int>(v[0]);
+      plan->decode_min_chunk = static_cast<int>(v[1]);
+      plan->decode_long_chunk = static_cast<int>(v.back());
+    } else {
+      ReportEnvSwitch("LORC_DECODE_SPLIT", e, "CTAS_PER_SM,MIN_CHUNK[,LONG_CHUNK] (integers in [1, 1048576])");
     }
   }
-  if (const char* e = std::getenv("LORC_DECODE_EARLY_KV"); e != nullptr) {
-    if (std::strcmp(e, "0") == 0 || std::strcmp(e, "1") == 0) plan->decode_early_kv = e[0] - '0';
-  }
+  plan->decode_early_kv = static_cast<int>(EnvIntOf("LORC_DECODE_EARLY_KV", {-1, 0, 1}, plan->decode_early_kv));
   plan->max_partials = std::max(64, kPartialsPerSm * plan->num_sms);
   plan->max_work = limits.max_num_seqs + plan->max_partials;
   ASSIGN_OR_RETURN(plan->workspace, Allocate(plan->workspace_bytes()));

@@ -3,41 +3,24 @@
 #include "backend/cuda_gemv.h"
 
 #include <atomic>
-#include <cstdio>
 #include <cstdlib>
 #include <iterator>
 #include <limits>
-#include <string_view>
 
-#include "absl/strings/numbers.h"
+#include "common/env_switch.h"
 
 namespace lorc {
 namespace {
 std::atomic<CudaMatmulPolicy> g_policy{CudaMatmulPolicy::kAuto};
 
-// LORC_FUSED_NORM_ROWS=N (a non-negative integer) at start-up, else kDefaultFusedNormRows.
+// LORC_FUSED_NORM_ROWS=N (an integer in [0, 2^31 - 1]) at start-up, else kDefaultFusedNormRows.
 int64_t FusedNormRowsFromEnv() {
-  const char* e = std::getenv("LORC_FUSED_NORM_ROWS");
-  int64_t v = 0;
-  if (e == nullptr) return kDefaultFusedNormRows;
-  if (!absl::SimpleAtoi(e, &v) || v < 0) {
-    std::fprintf(stderr, "lorcserve: LORC_FUSED_NORM_ROWS=%s is not a non-negative integer; using %lld\n", e,
-                 static_cast<long long>(kDefaultFusedNormRows));
-    return kDefaultFusedNormRows;
-  }
-  return v;
+  return EnvInt("LORC_FUSED_NORM_ROWS", 0, std::numeric_limits<int32_t>::max(), kDefaultFusedNormRows);
 }
 std::atomic<int64_t> g_fused_norm_rows{FusedNormRowsFromEnv()};
 
 // LORC_FOLDED_NORMS=1 / 0 at start-up, else kDefaultFoldedNorms.
-bool FoldedNormsFromEnv() {
-  const char* e = std::getenv("LORC_FOLDED_NORMS");
-  if (e == nullptr || *e == '\0') return kDefaultFoldedNorms;
-  if (std::string_view(e) == "1") return true;
-  if (std::string_view(e) == "0") return false;
-  std::fprintf(stderr, "lorcserve: LORC_FOLDED_NORMS=%s is not 0 or 1; using %d\n", e, kDefaultFoldedNorms ? 1 : 0);
-  return kDefaultFoldedNorms;
-}
+bool FoldedNormsFromEnv() { return EnvFlag("LORC_FOLDED_NORMS", kDefaultFoldedNorms); }
 std::atomic<bool> g_folded_norms{FoldedNormsFromEnv()};
 }  // namespace
 

@@ -45,6 +45,7 @@
 #include "absl/container/flat_hash_map.h"
 #include "backend/cublaslt_loader.h"
 #include "backend/cuda_gemv.h"
+#include "common/env_switch.h"
 #include "kernels/gemv.cuh"
 
 namespace lorc::cuda_internal {
@@ -283,10 +284,7 @@ GemmKey KeyOf(const Tensor2D& x, const Tensor2D& w, const Tensor2D& out) {
 
 // LORC_LOG_MATMUL=1: each choice Matmul makes is printed to stderr (shape, kernel, timings).
 bool LogChoices() {
-  static const bool on = [] {
-    const char* e = std::getenv("LORC_LOG_MATMUL");
-    return e != nullptr && std::string_view(e) == "1";
-  }();
+  static const bool on = EnvFlag("LORC_LOG_MATMUL", false);
   return on;
 }
 
@@ -378,10 +376,7 @@ namespace {
 bool FusedQkvApplies(const Tensor2D& x, const Tensor2D& w, const Tensor2D& out, const RopeKvWriteParams& p,
                      CudaMatmulPolicy policy, kernels::GemvRopeArgs* r) {
   // LORC_DISABLE_FUSED_QKV=1: never (the two ops; A/B measurements).
-  static const bool disabled = [] {
-    const char* e = std::getenv("LORC_DISABLE_FUSED_QKV");
-    return e != nullptr && std::string_view(e) != "0" && std::string_view(e) != "";
-  }();
+  static const bool disabled = EnvFlag("LORC_DISABLE_FUSED_QKV", false);
   if (disabled || policy == CudaMatmulPolicy::kCublasLtOnly || !p.rotate_k || p.cache.quant != kernels::KvQuant::kNone ||
       p.cache.dtype != DType::kBF16 || !CheckMatmul(x, w, out).ok() || !GemvApplies(x, w, out) ||
       out.dtype != DType::kBF16 || x.rows < 1) {
@@ -426,10 +421,7 @@ constexpr int kFusedSiluConfig = 0;
 
 // LORC_DISABLE_FUSED_SILU=1: never fuse the gate_up GEMV with SiluMul (the two ops; A/B runs).
 bool FusedSiluDisabled() {
-  static const bool disabled = [] {
-    const char* e = std::getenv("LORC_DISABLE_FUSED_SILU");
-    return e != nullptr && std::string_view(e) != "0" && std::string_view(e) != "";
-  }();
+  static const bool disabled = EnvFlag("LORC_DISABLE_FUSED_SILU", false);
   return disabled;
 }
 

@@ -14,6 +14,7 @@
 #include <numeric>
 #include <vector>
 
+#include "common/env_switch.h"
 #include "kernels/sampling.cuh"
 
 namespace lorc::cuda_internal {
@@ -28,15 +29,16 @@ namespace k = ::lorc::kernels;
 // (docs/PERFORMANCE.md "The sampled path selects"), token-exact by
 // tests/backend/cuda_sampling_test.cc.
 enum class SelectMode { kOff, kOn, kNoBackoff };
-static bool SampleSelectSplit() {
-  const char* e = std::getenv("LORC_SAMPLE_SELECT_SPLIT");
-  return e == nullptr || std::strcmp(e, "0") != 0;
-}
+static bool SampleSelectSplit() { return EnvFlag("LORC_SAMPLE_SELECT_SPLIT", true); }
 static SelectMode SampleSelectMode() {
-  const char* e = std::getenv("LORC_SAMPLE_SELECT");
-  if (e != nullptr && std::strcmp(e, "0") == 0) return SelectMode::kOff;
-  if (e != nullptr && std::strcmp(e, "2") == 0) return SelectMode::kNoBackoff;
-  return SelectMode::kOn;
+  switch (EnvIntOf("LORC_SAMPLE_SELECT", {0, 1, 2}, 1)) {
+    case 0:
+      return SelectMode::kOff;
+    case 2:
+      return SelectMode::kNoBackoff;
+    default:
+      return SelectMode::kOn;
+  }
 }
 
 // The backoff: the share of prefix rows sampled again, a running average weighted by each call's

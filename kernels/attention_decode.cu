@@ -10,8 +10,8 @@
 
 #include <cmath>
 #include <cstdlib>
-#include <cstring>
 
+#include "common/env_switch.h"
 #include "kernels/attention_paged.cuh"
 #include "kernels/attention_merge.cuh"
 #include "kernels/device_query.cuh"
@@ -526,12 +526,8 @@ template <int D>
 cudaError_t LaunchMma(const PagedAttentionArgs& a, const DecodeSchedule& s, cudaStream_t stream) {
   // Ring stages by the decodes served (kDecodeMmaMinSeqs, attention_paged.cuh): 2 (68 KiB a CTA
   // at head_dim 128) below it, 3 (100 KiB) from it. LORC_DECODE_MMA_STAGES=2 or 3 forces one
-  // (A/B measurements).
-  static const int forced = [] {
-    const char* v = std::getenv("LORC_DECODE_MMA_STAGES");
-    if (v == nullptr) return 0;
-    return std::strcmp(v, "2") == 0 ? 2 : std::strcmp(v, "3") == 0 ? 3 : 0;
-  }();
+  // (A/B measurements; 0: by the decodes served).
+  static const int forced = static_cast<int>(EnvIntOf("LORC_DECODE_MMA_STAGES", {0, 2, 3}, 0));
   const int stages = forced != 0 ? forced : s.num_decodes >= kDecodeMmaMinSeqs ? 3 : 2;
   return stages == 2 ? LaunchMmaStages<D, 2>(a, s, stream) : LaunchMmaStages<D, 3>(a, s, stream);
 }

@@ -1,7 +1,8 @@
 #include "kernels/device_query.cuh"
 
-#include <cstdlib>
 #include <cstring>
+
+#include "common/env_switch.h"
 
 namespace lorc::kernels {
 
@@ -32,8 +33,7 @@ bool TensorCoreKernelsEnabled(const char* off_switch) {
     cudaGetLastError();
     return false;
   }
-  const char* env = std::getenv(off_switch);
-  return major >= 8 && !(env != nullptr && std::strcmp(env, "0") == 0);
+  return major >= 8 && EnvFlag(off_switch, true);
 }
 
 cudaError_t QueryCudaVersions(int* runtime_version, int* driver_version) {

@@ -33,6 +33,7 @@
 #include <cstdlib>
 #include <type_traits>
 
+#include "common/env_switch.h"
 #include "kernels/attention_latent_decode_item.cuh"
 #include "kernels/kv_policy.cuh"
 #include "kernels/kv_policy_device.cuh"
@@ -393,7 +394,7 @@ __global__ void __launch_bounds__(kThreads, KS <= 4 && VM <= 4 ? 2 : 1)
 }
 
 // The span: the longest (4, 2, 1 chunks) that still gives about two resident waves of CTAs (2 an
-// SM) over the device; LORC_KV_POLICY_LATENT_SPAN=1|2|4 fixes it (A/B measurements).
+// SM) over the device; LORC_KV_POLICY_LATENT_SPAN=1|2|4 fixes it (A/B measurements; 0: by the device).
 int SpanFor(const KvPolicyLatentDecodeArgs& p, int max_chunks) {
   const int most = p.low_bits > 0 ? kMaxSpanLow : kMaxSpan;
   if (p.span > 0) return std::min(p.span, most);
@@ -404,10 +405,7 @@ int SpanFor(const KvPolicyLatentDecodeArgs& p, int max_chunks) {
         cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
       num_sms = 132;
     }
-    if (const char* e = std::getenv("LORC_KV_POLICY_LATENT_SPAN"); e != nullptr) {
-      const int v = std::atoi(e);
-      fixed = v == 1 || v == 2 || v == 4 ? v : 0;
-    }
+    fixed = static_cast<int>(EnvIntOf("LORC_KV_POLICY_LATENT_SPAN", {0, 1, 2, 4}, 0));
   }
   if (fixed > 0) return std::min(fixed, most);
   const int64_t pairs = int64_t{p.latent.num_kv_heads} * p.num_seqs;

@@ -1,8 +1,8 @@
 #include "kernels/pdl.cuh"
 
 #include <atomic>
-#include <cstdlib>
-#include <cstring>
+
+#include "common/env_switch.h"
 
 namespace lorc::kernels {
 namespace {
@@ -11,10 +11,7 @@ constexpr int kMaxDevices = 64;
 // Per device: 0 undecided, 1 on, 2 off.
 std::atomic<int> g_state[kMaxDevices];
 
-bool DisabledByEnv() {
-  const char* v = std::getenv("LORC_DISABLE_PDL");
-  return v != nullptr && v[0] != '\0' && std::strcmp(v, "0") != 0;
-}
+bool DisabledByEnv() { return EnvFlag("LORC_DISABLE_PDL", false); }
 
 }  // namespace
 

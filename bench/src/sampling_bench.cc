@@ -26,6 +26,7 @@
 #include "backend/backend.h"
 #include "backend/cuda_backend.h"
 #include "common/check.h"
+#include "common/env_switch.h"
 
 namespace lorc {
 namespace {
@@ -59,8 +60,7 @@ int Main(int argc, char** argv) {
     }
   }
   const int64_t vocab = 128256;
-  const char* select_env = std::getenv("LORC_SAMPLE_SELECT");  // as the backend reads it
-  const bool select = select_env == nullptr || std::strcmp(select_env, "0") != 0;
+  const bool select = EnvIntOf("LORC_SAMPLE_SELECT", {0, 1, 2}, 1) != 0;  // as the backend reads it
   const Mode modes[] = {{"greedy", 0.f, 1.f, 0, 0.f, 2.f},
                         {"top_p0.9_t0.8", 0.8f, 0.9f, 0, 0.f, 2.f},
                         {"top_k50_t0.8", 0.8f, 1.f, 50, 0.f, 2.f},

@@ -71,8 +71,8 @@ absl::Status SamplingParams::Validate(int64_t vocab_size) const {
       return bad("stop_token_ids: id ", id, " outside the vocabulary [0, ", vocab_size, ")");
     }
   }
-  for (const std::string& s : stop_strings) {
-    if (s.empty()) return bad("stop strings must not be empty");
+  for (size_t i = 0; i < stop_strings.size(); ++i) {
+    if (stop_strings[i].empty()) return bad("stop[", i, "]: stop strings must not be empty");
   }
   for (const auto& [name, v] : {std::pair{"logprobs", logprobs},
                                 std::pair{"prompt_logprobs", prompt_logprobs}}) {

@@ -205,7 +205,7 @@ def fill_sampling(s, body, defaults, max_tokens, max_model_len=None,
         s.n = n
     stop = body.get("stop")
     if stop == "":
-        raise bad_request("stop", "empty stop string")
+        raise bad_request("stop", "stop strings must not be empty")
     if isinstance(stop, str):
         stop = [stop]
     if stop is not None:
@@ -213,7 +213,7 @@ def fill_sampling(s, body, defaults, max_tokens, max_model_len=None,
             raise bad_request("stop", "must be a string or a list of strings")
         for i, x in enumerate(stop):
             if not x:
-                raise bad_request(f"stop[{i}]", "empty stop string")
+                raise bad_request(f"stop[{i}]", "stop strings must not be empty")
         s.stop.extend(stop)
     ids = get_int_list(body, "stop_token_ids")
     if ids:

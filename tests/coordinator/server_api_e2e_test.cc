@@ -76,8 +76,9 @@ TEST_F(ServerE2ETest, InvalidRequestsAreRejectedAndServingContinues) {
   }
   {
     v1::GenerateRequest r = IdsRequest(g.prompt_ids, 4);
+    r.mutable_sampling()->add_stop("a");
     r.mutable_sampling()->add_stop("");
-    cases.push_back({"empty stop string", r, "stop strings must not be empty"});
+    cases.push_back({"empty stop string", r, "stop[1]: stop strings must not be empty"});
   }
   {
     // Plain decimals, not "-1e-04" (a tester, 2026-12-05).

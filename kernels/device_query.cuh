@@ -20,8 +20,9 @@ struct CudaDeviceProps {
 cudaError_t QueryCudaDevices(CudaDeviceProps* out, int max, int* count);
 
 // Whether the tensor-core kernels serve the current device: sm_80+ (mma.sync bf16, cp.async)
-// and the environment variable `off_switch` not "0" (the A/B switch of their measurements: the
-// CUDA-core kernels instead). False when the device cannot be queried (the error cleared). Not
+// and the environment variable `off_switch` not 0 (the A/B switch of their measurements: the
+// CUDA-core kernels instead; read by common/env_switch.h's EnvFlag: 0 or 1, another value is
+// reported and leaves them on). False when the device cannot be queried (the error cleared). Not
 // cached: callers read it once.
 bool TensorCoreKernelsEnabled(const char* off_switch);
 

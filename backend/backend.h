@@ -664,7 +664,8 @@ class Backend {
   virtual absl::Status FillWeights(const WeightFillParams& p) = 0;
 
   // Sampling (backend/sampling.h gives the contract and the CPU reference): for each of `rows`,
-  // reading row rows[i].logits_row of `logits` [n, vocab] F32 (device memory, not modified), the
+  // reading row rows[i].logits_row of `logits` [n, vocab] F32 (device memory, not modified; read
+  // in the stream's order, so a forward pass still running when the call starts is waited for), the
   // token, whether the row's raw logits hold a NaN or an infinity (out->non_finite) and, for rows
   // with logprobs >= 0, its raw log-probability, rank and top-N alternatives, into `out` (host
   // memory, resized to rows.size() rows, valid when the call returns OK, unspecified after an

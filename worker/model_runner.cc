@@ -536,8 +536,16 @@ Tensor2D ModelRunner::Act(const DeviceBuffer& b, int64_t rows, int64_t cols) con
 }
 
 absl::StatusOr<StepOutput> ModelRunner::Execute(absl::Span<const SequenceStep> steps,
-                                                bool host_logits) {
+                                                bool host_logits, StepSync sync) {
   RETURN_IF_ERROR(Validate(steps));
+  if (step_enqueued_) {
+    // Usually a no-op: the sampler waited for its draw, which followed the step in the stream.
+    RETURN_IF_ERROR(backend_->Synchronize());
+    step_enqueued_ = false;
+  }
+  // Whether this step may return enqueued: its results stay in backend memory (a KV policy's
+  // host-side state and host logit rows need the step complete).
+  const bool enqueue = sync == StepSync::kEnqueued && !host_logits && !kv_policy_;
   const int32_t bs = kv_spec_.block_size;
   const int32_t num_seqs = static_cast<int32_t>(steps.size());
   const int32_t mb = max_blocks_per_seq_;
@@ -546,7 +554,8 @@ absl::StatusOr<StepOutput> ModelRunner::Execute(absl::Span<const SequenceStep> s
   // other step is enqueued op by op (eager).
   const int graph = FindDecodeGraph(steps);
   // Host metadata, written straight into the pinned staging mirror at the fixed offsets. The
-  // previous step's uploads have completed: Execute ends with a Synchronize.
+  // previous step's uploads have completed: Execute ends with a Synchronize, or (an enqueued step)
+  // the next one starts with it.
   int32_t* hm = meta_host_.as<int32_t>();
   const MetaLayout& m = meta_at_;
   int32_t* ids = hm + m.ids;
@@ -662,6 +671,10 @@ absl::StatusOr<StepOutput> ModelRunner::Execute(absl::Span<const SequenceStep> s
       out.logits.resize(static_cast<size_t>(num_rows) * vocab);
       RETURN_IF_ERROR(backend_->CopyToHost(out.logits.data(), logits_.data(), num_rows * row_bytes));
     }
+    if (enqueue) {
+      step_enqueued_ = true;
+      return out;
+    }
     RETURN_IF_ERROR(backend_->Synchronize());
     return out;
   }
@@ -676,6 +689,10 @@ absl::StatusOr<StepOutput> ModelRunner::Execute(absl::Span<const SequenceStep> s
     if (host_logits) {
       out.logits.resize(static_cast<size_t>(num_rows) * vocab);
       RETURN_IF_ERROR(backend_->CopyToHost(out.logits.data(), logits_.data(), num_rows * row_bytes));
+    }
+    if (enqueue) {
+      step_enqueued_ = true;
+      return out;
     }
   } else {
     // More rows than one pass holds (all-token logits of long chunks, for prompt

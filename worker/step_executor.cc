@@ -256,7 +256,9 @@ absl::StatusOr<StepResult> StepExecutor::Execute(const StepPlan& plan) {
     for (const SequenceStep& st : steps_) {
       host_logits |= samples_ && st.logits == SequenceStep::Logits::kAll;
     }
-    ASSIGN_OR_RETURN(out, runner_->Execute(steps_, host_logits));
+    // Enqueued: the commit and the draw's rows below are prepared while the forward pass runs
+    // (Backend::Sample follows it in the stream and waits for its own results).
+    ASSIGN_OR_RETURN(out, runner_->Execute(steps_, host_logits, ModelRunner::StepSync::kEnqueued));
   }
 
   // Commit the new state (every entry first: inserting new requests rehashes seqs_), then sample.

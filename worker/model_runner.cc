@@ -538,10 +538,10 @@ Tensor2D ModelRunner::Act(const DeviceBuffer& b, int64_t rows, int64_t cols) con
 absl::StatusOr<StepOutput> ModelRunner::Execute(absl::Span<const SequenceStep> steps,
                                                 bool host_logits, StepSync sync) {
   RETURN_IF_ERROR(Validate(steps));
-  if (step_enqueued_) {
+  if (meta_in_flight_) {
     // Usually a no-op: the sampler waited for its draw, which followed the step in the stream.
     RETURN_IF_ERROR(backend_->Synchronize());
-    step_enqueued_ = false;
+    meta_in_flight_ = false;
   }
   // Whether this step may return enqueued: its results stay in backend memory (a KV policy's
   // host-side state and host logit rows need the step complete).
@@ -554,8 +554,8 @@ absl::StatusOr<StepOutput> ModelRunner::Execute(absl::Span<const SequenceStep> s
   // other step is enqueued op by op (eager).
   const int graph = FindDecodeGraph(steps);
   // Host metadata, written straight into the pinned staging mirror at the fixed offsets. The
-  // previous step's uploads have completed: Execute ends with a Synchronize, or (an enqueued step)
-  // the next one starts with it.
+  // previous step's uploads have completed: Execute ends with a Synchronize, or (an enqueued or a
+  // failed step) the next one starts with it.
   int32_t* hm = meta_host_.as<int32_t>();
   const MetaLayout& m = meta_at_;
   int32_t* ids = hm + m.ids;
@@ -617,6 +617,7 @@ absl::StatusOr<StepOutput> ModelRunner::Execute(absl::Span<const SequenceStep> s
   RETURN_IF_ERROR(WaitHostKvBefore(steps));
   // One copy per region, of the used prefix only; the device addresses never change.
   int32_t* dm = meta_.as<int32_t>();
+  meta_in_flight_ = true;  // until a Synchronize: the copies below read meta_host_ asynchronously
   auto upload = [&](int64_t at, int64_t count) {
     return backend_->CopyToDevice(dm + at, hm + at, static_cast<size_t>(count) * sizeof(int32_t));
   };
@@ -671,11 +672,9 @@ absl::StatusOr<StepOutput> ModelRunner::Execute(absl::Span<const SequenceStep> s
       out.logits.resize(static_cast<size_t>(num_rows) * vocab);
       RETURN_IF_ERROR(backend_->CopyToHost(out.logits.data(), logits_.data(), num_rows * row_bytes));
     }
-    if (enqueue) {
-      step_enqueued_ = true;
-      return out;
-    }
+    if (enqueue) return out;
     RETURN_IF_ERROR(backend_->Synchronize());
+    meta_in_flight_ = false;
     return out;
   }
   ++num_eager_steps_;
@@ -690,10 +689,7 @@ absl::StatusOr<StepOutput> ModelRunner::Execute(absl::Span<const SequenceStep> s
       out.logits.resize(static_cast<size_t>(num_rows) * vocab);
       RETURN_IF_ERROR(backend_->CopyToHost(out.logits.data(), logits_.data(), num_rows * row_bytes));
     }
-    if (enqueue) {
-      step_enqueued_ = true;
-      return out;
-    }
+    if (enqueue) return out;
   } else {
     // More rows than one pass holds (all-token logits of long chunks, for prompt
     // log-probabilities): every pass goes to the host, then each sequence's last row comes back
@@ -720,6 +716,7 @@ absl::StatusOr<StepOutput> ModelRunner::Execute(absl::Span<const SequenceStep> s
     out.device_logits.rows = k;
   }
   RETURN_IF_ERROR(backend_->Synchronize());
+  meta_in_flight_ = false;
   return out;
 }
 

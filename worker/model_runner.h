@@ -107,11 +107,12 @@ class ModelRunner {
   // Runs the step on the backend's stream and, with StepSync::kComplete, waits for it.
   // `host_logits`: also copy every logit row to StepOutput::logits (tests, prompt
   // log-probabilities); without it the logits stay in backend memory (StepOutput::device_logits)
-  // for Backend::Sample. StepSync::kEnqueued (StepExecutor): a step whose results all stay in
-  // backend memory (no host logits, one LM-head pass, no KV policy) returns once it is enqueued,
-  // so the caller prepares the draw while the forward pass runs; device_logits are then valid in
-  // the stream's order (Backend::Sample, which waits for its own results), and the next Execute
-  // waits for the step before it rewrites the staged metadata. Other steps complete either way.
+  // for Backend::Sample. StepSync::kEnqueued (StepExecutor, on a step it draws from): a step whose
+  // results all stay in backend memory (no host logits, one LM-head pass, no KV policy) returns
+  // once it is enqueued, so the caller prepares the draw while the forward pass runs;
+  // device_logits are then valid in the stream's order (Backend::Sample, which waits for its own
+  // results), and the next Execute waits for the stream before it rewrites the staged metadata.
+  // Other steps complete either way.
   // InvalidArgument for malformed steps (token ids outside the vocabulary, block tables that do
   // not cover the tokens or name blocks outside the cache, positions past max_model_len) and for
   // steps over max_num_seqs or max_num_batched_tokens.
@@ -332,9 +333,10 @@ class ModelRunner {
   std::vector<int32_t> graph_sizes_;
   std::vector<std::unique_ptr<Graph>> graphs_;  // graphs_[i] runs a decode step of graph_sizes_[i] rows
   int64_t num_graph_steps_ = 0, num_eager_steps_ = 0, graph_memory_bytes_ = 0;
-  // The last Execute returned with its step enqueued (StepSync::kEnqueued): its metadata upload
-  // from meta_host_ may still be pending, so the next Execute waits for the stream first.
-  bool step_enqueued_ = false;
+  // Execute's metadata uploads from meta_host_ may still be pending (set before them, cleared by
+  // the Synchronize of a completed step): a step that returned enqueued (StepSync::kEnqueued) or
+  // failed after the uploads. The next Execute waits for the stream before it rewrites the mirror.
+  bool meta_in_flight_ = false;
   LayerInputObserver layer_input_observer_;
 };
 

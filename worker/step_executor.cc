@@ -256,9 +256,15 @@ absl::StatusOr<StepResult> StepExecutor::Execute(const StepPlan& plan) {
     for (const SequenceStep& st : steps_) {
       host_logits |= samples_ && st.logits == SequenceStep::Logits::kAll;
     }
-    // Enqueued: the commit and the draw's rows below are prepared while the forward pass runs
-    // (Backend::Sample follows it in the stream and waits for its own results).
-    ASSIGN_OR_RETURN(out, runner_->Execute(steps_, host_logits, ModelRunner::StepSync::kEnqueued));
+    // Enqueued when this rank draws in this step: the commit and the draw's rows below are
+    // prepared while the forward pass runs, and Backend::Sample (after it in the stream) waits for
+    // its own results, so the step is complete when Execute returns either way (a device error
+    // stays this step's). Other ranks and steps without a draw wait here.
+    bool draws = false;
+    for (size_t i = 0; i < n; ++i) draws |= samples_ && scheduled_[i]->sample;
+    ASSIGN_OR_RETURN(out, runner_->Execute(steps_, host_logits,
+                                           draws ? ModelRunner::StepSync::kEnqueued
+                                                 : ModelRunner::StepSync::kComplete));
   }
 
   // Commit the new state (every entry first: inserting new requests rehashes seqs_), then sample.

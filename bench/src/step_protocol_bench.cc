@@ -32,7 +32,7 @@ lorc::StepResult FakeResult(const lorc::StepPlan& plan) {
   lorc::StepResult r;
   r.step_id = plan.step_id;
   for (const auto& s : plan.seqs) {
-    if (s.sample) r.sampled.push_back({s.seq_id, 7});
+    if (s.sample) r.sampled.push_back({s.seq_id, 7, std::nullopt});
   }
   return r;
 }

@@ -382,7 +382,9 @@ TEST_P(KvLowRunTest, CompactionPacksLowEntriesAndAttentionReadsTheSameValues) {
     EXPECT_EQ(cache_moves.size(), moves.size());
     for (size_t r = 0; r < runs.size(); ++r) {
       EXPECT_EQ(runs[r].new_slots.size(), static_cast<size_t>(st.LowRunSlotsOf(0, static_cast<int64_t>(low[r].sources.size()))));
-      if (!runs[r].new_slots.empty()) EXPECT_EQ(runs[r].new_slots[0], cache_slot(low[r].new_base));
+      if (!runs[r].new_slots.empty()) {
+        EXPECT_EQ(runs[r].new_slots[0], cache_slot(low[r].new_base));
+      }
     }
     // Too few slots for run 0 is refused before anything is written.
     std::vector<KvLowRun> short_runs = runs;

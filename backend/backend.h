@@ -398,6 +398,9 @@ class Backend {
   // Later work on this backend's stream waits for `event` (recorded on any stream of the device).
   virtual absl::Status StreamWaitEvent(Event& event) = 0;
   virtual bool SupportsGraphs() const = 0;
+  // Whether enqueued work runs while the host goes on (CUDA: yes; the CPU backend runs every op
+  // inside its call). Launch-ahead (StepExecutor) gains only where it does.
+  virtual bool RunsAsynchronously() const { return false; }
   // Whether Matmul picks its algorithm by timing candidates at the first call of a shape bucket
   // (CUDA: per power-of-two bucket of the token count, timed at the token count of that first
   // call). The model runner then runs its start-up warm-up (ModelRunner, MatmulWarmUpSizes) so
@@ -673,6 +676,23 @@ class Backend {
   // logits_row outside [0, n) or a logprobs value outside [-1, kMaxLogprobs].
   virtual absl::Status Sample(const Tensor2D& logits, absl::Span<const SamplingRow> rows,
                               SampleOutput* out) = 0;
+  // Sample in two halves, so that the next step's forward pass can be enqueued before the host
+  // has the tokens (StepExecutor's launch-ahead; vLLM's async scheduling, ENGINE.md 1.3).
+  // BeginSample: Sample's checks and errors, the draw enqueued; *drawn_tokens (backend memory,
+  // int32 [rows.size()], row i's token) holds the tokens in the stream's order from then until the
+  // next BeginSample or Sample. FinishSample: waits for the draw and fills `out` as Sample does;
+  // one FinishSample per successful BeginSample, before the next BeginSample or Sample
+  // (FailedPrecondition otherwise). A backend may complete the draw inside BeginSample (the CPU
+  // backend does; the CUDA backend enqueues draws without prefix rows, completes the others).
+  virtual absl::Status BeginSample(const Tensor2D& logits, absl::Span<const SamplingRow> rows,
+                                   const int32_t** drawn_tokens) = 0;
+  virtual absl::Status FinishSample(SampleOutput* out) = 0;
+  // Input ids taken from an enqueued draw (launch-ahead): ids[pairs[2 i]] = drawn[pairs[2 i + 1]]
+  // for i in [0, n), an id outside [0, vocab) taken as 0 (a draw from logits with a NaN or an
+  // infinity, whose request fails when the draw is finished). ids, drawn and pairs: backend
+  // memory, int32; pairs trusted (the runner builds them). In the stream's order.
+  virtual absl::Status TakeDrawnTokens(int32_t* ids, const int32_t* drawn, const int32_t* pairs, int32_t n,
+                                       int32_t vocab) = 0;
 
  protected:
   friend class DeviceBuffer;

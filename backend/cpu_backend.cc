@@ -323,6 +323,12 @@ class CpuBackend final : public Backend {
 
   absl::Status Sample(const Tensor2D& logits, absl::Span<const SamplingRow> rows,
                       SampleOutput* out) override;
+  // The draw completes in BeginSample; its tokens are begun_out_'s (backend memory is host memory).
+  absl::Status BeginSample(const Tensor2D& logits, absl::Span<const SamplingRow> rows,
+                           const int32_t** drawn_tokens) override;
+  absl::Status FinishSample(SampleOutput* out) override;
+  absl::Status TakeDrawnTokens(int32_t* ids, const int32_t* drawn, const int32_t* pairs, int32_t n,
+                               int32_t vocab) override;
   // Host tier: plain memcpy (the "device" is host memory), complete on return.
   absl::Status OffloadKvBlocks(absl::Span<const KvLayer> layers, int32_t block_size, int32_t num_blocks,
                                HostKvStorage& host, absl::Span<const HostBlockCopy> copies) override {
@@ -369,6 +375,8 @@ class CpuBackend final : public Backend {
   std::vector<float> cos_, sin_, k_buf_, v_buf_, scores_;
   std::vector<int32_t> kept_;
   SampleScratch sample_scratch_;
+  SampleOutput begun_out_;  // BeginSample's draw until FinishSample
+  bool begun_ = false;
   cpu_internal::LatentScratch latent_;
 };
 
@@ -479,6 +487,31 @@ absl::Status CpuBackend::Sample(const Tensor2D& logits, absl::Span<const Samplin
       ComputeLogprobs(row, out->tokens[i], rows[i].logprobs, &sample_scratch_, &out->logprobs[i],
                       &out->ranks[i], &out->top_ids[at], &out->top_logprobs[at]);
     }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::BeginSample(const Tensor2D& logits, absl::Span<const SamplingRow> rows,
+                                     const int32_t** drawn_tokens) {
+  if (begun_) return absl::FailedPreconditionError("cpu backend: BeginSample: the last draw was not finished");
+  RETURN_IF_ERROR(Sample(logits, rows, &begun_out_));  // backend memory is host memory
+  *drawn_tokens = begun_out_.tokens.data();
+  begun_ = true;
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::FinishSample(SampleOutput* out) {
+  if (!begun_) return absl::FailedPreconditionError("cpu backend: FinishSample: no draw begun");
+  begun_ = false;
+  std::swap(*out, begun_out_);
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::TakeDrawnTokens(int32_t* ids, const int32_t* drawn, const int32_t* pairs, int32_t n,
+                                         int32_t vocab) {
+  for (int32_t i = 0; i < n; ++i) {
+    const int32_t t = drawn[pairs[2 * i + 1]];
+    ids[pairs[2 * i]] = t >= 0 && t < vocab ? t : 0;
   }
   return absl::OkStatus();
 }

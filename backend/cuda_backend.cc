@@ -132,6 +132,11 @@ absl::Status CudaBackend::Embedding(const Tensor2D& table, const int32_t* ids, T
   return CudaError(kernels::LaunchGatherRows(Rows(table, out, out.cols), ids, out.rows, stream_), "Embedding");
 }
 
+absl::Status CudaBackend::TakeDrawnTokens(int32_t* ids, const int32_t* drawn, const int32_t* pairs, int32_t n,
+                                          int32_t vocab) {
+  return CudaError(kernels::LaunchTakeDrawnTokens(ids, drawn, pairs, n, vocab, stream_), "TakeDrawnTokens");
+}
+
 absl::Status CudaBackend::GatherRows(const Tensor2D& x, const int32_t* rows, Tensor2D out) {
   if (x.dtype != out.dtype) {
     return absl::UnimplementedError(absl::StrCat("cuda backend: GatherRows: output dtype ", DTypeName(out.dtype),

@@ -223,12 +223,20 @@ class CudaBackend final : public Backend {
   absl::Status PrefillAttention(const AttentionParams& p, const AttentionPlan& plan) override;
   // LoRC latent attention (kernels/attention_latent.cu) over the same plan.
   bool SupportsLatentAttention() const override { return true; }
+  bool RunsAsynchronously() const override { return true; }
   // fp8 / int8 / int4 caches: quantized by RopeKvWrite / WriteKv (kernels/rope.cu), read by every
   // attention kernel (kernels/kv_quant.cuh).
   bool SupportsQuantizedKvCache() const override { return true; }
   absl::Status LatentAttention(const LatentAttentionParams& p, const AttentionPlan& plan) override;
   // cuda_sampling.cc
   absl::Status Sample(const Tensor2D& logits, absl::Span<const SamplingRow> rows, SampleOutput* out) override;
+  // A draw without prefix rows stays enqueued until FinishSample (its tokens: the pass's output
+  // array); one with prefix rows completes here (they may be drawn again on the host's word).
+  absl::Status BeginSample(const Tensor2D& logits, absl::Span<const SamplingRow> rows,
+                           const int32_t** drawn_tokens) override;
+  absl::Status FinishSample(SampleOutput* out) override;
+  absl::Status TakeDrawnTokens(int32_t* ids, const int32_t* drawn, const int32_t* pairs, int32_t n,
+                               int32_t vocab) override;
   // At creation (cuda_sampling.cc): the sampler's pinned staging and output buffers for typical
   // steps, so that serving rarely allocates pinned memory (cudaMallocHost maps into every context
   // of the process and can wait on another GPU's running collective).
@@ -292,6 +300,12 @@ class CudaBackend final : public Backend {
   std::shared_ptr<MatmulState> matmul_ = NewMatmulState();  // cuda_matmul.cc
   int64_t fused_norm_rows_ = -1;  // BackendOptions::fused_norm_rows (-1: GetCudaFusedNormRows())
   std::unique_ptr<CudaSampler, CudaSamplerDeleter> sampler_;  // cuda_sampling.cc, ReserveSampler
+  // Whether this call's pass may select prefixes (not while the sampler backs off; counts down).
+  bool TakePrefix();
+  // After a pass with `num_prefix` prefix rows finished into `out`: rows that came back
+  // kSampleRedo drawn again sorted whole, the redo rate and back-off updated.
+  absl::Status RedoPrefixRows(const Tensor2D& logits, absl::Span<const SamplingRow> rows, int32_t num_prefix,
+                              SampleOutput* out);
   // cuda_kv_policy.cc: the step's policy entries (made by KvPolicyBeginStep), and the policy
   // decode over the decode (`decode`) or prompt entries of the layer of p.kv_policy.
   std::unique_ptr<CudaKvPolicyStep, CudaKvPolicyStepDeleter> kv_policy_step_;

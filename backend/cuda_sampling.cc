@@ -113,9 +113,22 @@ struct CudaSampler {
   // call; LORC_SAMPLE_SELECT_SPLIT=0 (read when the sampler is made) never splits (to compare).
   const bool split = SampleSelectSplit();
   int32_t num_sms = -1;
+  // The pass enqueued last (SampleRowsLaunch), for SampleRowsFinish: rows, the vocabulary, and
+  // each row's top-N count when some row asks for log-probabilities.
+  struct Pass {
+    int32_t n = 0;
+    int64_t vocab = 0;
+    bool any_logprobs = false;
+    std::vector<int32_t> tops;
+  } pass;
+  // BeginSample's draw until FinishSample: enqueued (`begun_complete` false: the pass above) or
+  // completed (`begun_out`, its tokens uploaded to `drawn_dev`).
+  bool begun = false, begun_complete = false;
+  SampleOutput begun_out;
+  Buf drawn_dev;
   ~CudaSampler() {
     for (Buf* b : {&stage_host, &stage_dev, &out_host, &out_dev, &counts, &x, &sorted_x, &iota, &sorted_ids,
-                   &sort_temp, &greedy_counters, &greedy_parts, &select_stats}) {
+                   &sort_temp, &greedy_counters, &greedy_parts, &select_stats, &drawn_dev}) {
       if (b->p != nullptr) retired.push_back({b->p, b->pinned});
     }
     for (const Retired& r : retired) r.pinned ? cudaFreeHost(r.p) : cudaFree(r.p);
@@ -158,15 +171,22 @@ bool Selects(const SamplingRow& r, int64_t vocab, bool enabled, bool prefix) {
   return enabled && (k::SampleSelectTopK(r.top_k, vocab) || (prefix && k::SampleSelectPrefix(r.top_k, vocab)));
 }
 
+// One pass of the pipeline over `rows` (validated by CheckSampleArgs): enqueued by
+// SampleRowsLaunch (prefix rows only when `prefix`, their count in *num_prefix; their tokens may
+// come back kSampleRedo), waited for and unpacked into `out` (sized) by SampleRowsFinish.
+absl::Status SampleRowsLaunch(CudaSampler& s, cudaStream_t stream, const Tensor2D& logits,
+                              absl::Span<const SamplingRow> rows, bool prefix, int32_t* num_prefix);
+absl::Status SampleRowsFinish(CudaSampler& s, cudaStream_t stream, SampleOutput* out);
 absl::Status SampleRows(CudaSampler& s, cudaStream_t stream, const Tensor2D& logits,
                         absl::Span<const SamplingRow> rows, bool prefix, SampleOutput* out,
-                        int32_t* num_prefix);
+                        int32_t* num_prefix) {
+  RETURN_IF_ERROR(SampleRowsLaunch(s, stream, logits, rows, prefix, num_prefix));
+  return SampleRowsFinish(s, stream, out);
+}
 
-}  // namespace
-
-absl::Status CudaBackend::Sample(const Tensor2D& logits, absl::Span<const SamplingRow> rows,
-                                 SampleOutput* out) {
-  RETURN_IF_ERROR(RequireF32(name(), kOp, "logits", logits.dtype));
+// Sample's argument checks (InvalidArgument naming the row or the vocabulary).
+absl::Status CheckSampleArgs(const Tensor2D& logits, absl::Span<const SamplingRow> rows) {
+  RETURN_IF_ERROR(RequireF32("cuda", kOp, "logits", logits.dtype));
   for (size_t i = 0; i < rows.size(); ++i) {
     const int32_t r = rows[i].logits_row;
     if (r < 0 || r >= logits.rows) {
@@ -180,20 +200,84 @@ absl::Status CudaBackend::Sample(const Tensor2D& logits, absl::Span<const Sampli
     }
   }
   const int64_t vocab = logits.cols;
-  const int32_t n = static_cast<int32_t>(rows.size());
-  out->Resize(rows.size());
-  if (n == 0) return absl::OkStatus();
-  if (vocab <= 0 || vocab >= INT32_MAX || k::SampleGreedyParts(vocab) > k::kSampleMaxGreedyParts) {
+  if (!rows.empty() &&
+      (vocab <= 0 || vocab >= INT32_MAX || k::SampleGreedyParts(vocab) > k::kSampleMaxGreedyParts)) {
     const int64_t most = int64_t{k::kSampleMaxGreedyParts} * k::kGreedyIds;
     return absl::InvalidArgumentError(
         absl::StrCat("cuda backend: Sample: vocabulary of ", vocab, " ids (1 to ", most, " supported)"));
   }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status CudaBackend::Sample(const Tensor2D& logits, absl::Span<const SamplingRow> rows,
+                                 SampleOutput* out) {
+  RETURN_IF_ERROR(CheckSampleArgs(logits, rows));
   if (!sampler_) sampler_.reset(new CudaSampler);
+  if (sampler_->begun) return absl::FailedPreconditionError("cuda backend: Sample: a begun draw was not finished");
+  out->Resize(rows.size());
+  if (rows.empty()) return absl::OkStatus();
+  int32_t num_prefix = 0;
+  RETURN_IF_ERROR(SampleRowsLaunch(*sampler_, stream_, logits, rows, TakePrefix(), &num_prefix));
+  RETURN_IF_ERROR(SampleRowsFinish(*sampler_, stream_, out));
+  return RedoPrefixRows(logits, rows, num_prefix, out);
+}
+
+bool CudaBackend::TakePrefix() {
   CudaSampler& s = *sampler_;
   const bool prefix = s.prefix_backoff == 0;
   if (s.prefix_backoff > 0) --s.prefix_backoff;
+  return prefix;
+}
+
+absl::Status CudaBackend::BeginSample(const Tensor2D& logits, absl::Span<const SamplingRow> rows,
+                                      const int32_t** drawn_tokens) {
+  RETURN_IF_ERROR(CheckSampleArgs(logits, rows));
+  if (!sampler_) sampler_.reset(new CudaSampler);
+  CudaSampler& s = *sampler_;
+  if (s.begun) return absl::FailedPreconditionError("cuda backend: BeginSample: the last draw was not finished");
+  const int32_t n = static_cast<int32_t>(rows.size());
   int32_t num_prefix = 0;
-  RETURN_IF_ERROR(SampleRows(s, stream_, logits, rows, prefix, out, &num_prefix));
+  if (n > 0) RETURN_IF_ERROR(SampleRowsLaunch(s, stream_, logits, rows, TakePrefix(), &num_prefix));
+  if (n > 0 && num_prefix == 0) {
+    // Enqueued: the tokens are the pass's first output array (out_dev, kept until the next pass).
+    *drawn_tokens = static_cast<const int32_t*>(s.out_dev.p);
+    s.begun = true;
+    s.begun_complete = false;
+    return absl::OkStatus();
+  }
+  // Prefix rows may have to be drawn again (on the host's word): completed here, the final
+  // tokens uploaded (pageable: staged when the call returns).
+  s.begun_out.Resize(rows.size());
+  if (n > 0) {
+    RETURN_IF_ERROR(SampleRowsFinish(s, stream_, &s.begun_out));
+    RETURN_IF_ERROR(RedoPrefixRows(logits, rows, num_prefix, &s.begun_out));
+  }
+  RETURN_IF_ERROR(CudaError(s.drawn_dev.Reserve(sizeof(int32_t) * std::max(n, 1), s.retired), "drawn tokens"));
+  RETURN_IF_ERROR(CopyToDevice(s.drawn_dev.p, s.begun_out.tokens.data(), sizeof(int32_t) * n));
+  *drawn_tokens = static_cast<const int32_t*>(s.drawn_dev.p);
+  s.begun = true;
+  s.begun_complete = true;
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::FinishSample(SampleOutput* out) {
+  if (!sampler_ || !sampler_->begun) return absl::FailedPreconditionError("cuda backend: FinishSample: no draw begun");
+  CudaSampler& s = *sampler_;
+  s.begun = false;
+  if (s.begun_complete) {
+    std::swap(*out, s.begun_out);
+    return absl::OkStatus();
+  }
+  out->Resize(s.pass.n);
+  return SampleRowsFinish(s, stream_, out);
+}
+
+absl::Status CudaBackend::RedoPrefixRows(const Tensor2D& logits, absl::Span<const SamplingRow> rows,
+                                         int32_t num_prefix, SampleOutput* out) {
+  CudaSampler& s = *sampler_;
+  const int32_t n = static_cast<int32_t>(rows.size());
   if (num_prefix == 0) return absl::OkStatus();
   // Prefix rows whose cuts or draw fell past their prefix: sampled again, sorted whole (the
   // same seed and offset: the token the full sort gives in one pass). An error leaves their
@@ -232,11 +316,8 @@ absl::Status CudaBackend::Sample(const Tensor2D& logits, absl::Span<const Sampli
 
 namespace {
 
-// One pass of the pipeline over `rows` (validated by Sample) into `out` (sized); prefix rows
-// only when `prefix`, their count in *num_prefix (their tokens may be kSampleRedo).
-absl::Status SampleRows(CudaSampler& s, cudaStream_t stream, const Tensor2D& logits,
-                        absl::Span<const SamplingRow> rows, bool prefix, SampleOutput* out,
-                        int32_t* num_prefix) {
+absl::Status SampleRowsLaunch(CudaSampler& s, cudaStream_t stream, const Tensor2D& logits,
+                              absl::Span<const SamplingRow> rows, bool prefix, int32_t* num_prefix) {
   const int64_t vocab = logits.cols;
   const int32_t n = static_cast<int32_t>(rows.size());
   *num_prefix = 0;
@@ -430,17 +511,31 @@ absl::Status SampleRows(CudaSampler& s, cudaStream_t stream, const Tensor2D& log
   const size_t back = any_logprobs ? out_bytes : 2 * sizeof(int32_t) * n;  // tokens, non_finite
   RETURN_IF_ERROR(CudaError(cudaMemcpyAsync(s.out_host.p, s.out_dev.p, back, cudaMemcpyDeviceToHost, stream),
                             "download samples"));
+  s.pass.n = n;
+  s.pass.vocab = vocab;
+  s.pass.any_logprobs = any_logprobs;
+  s.pass.tops.clear();
+  if (any_logprobs) {
+    for (const SamplingRow& r : rows) s.pass.tops.push_back(r.logprobs);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status SampleRowsFinish(CudaSampler& s, cudaStream_t stream, SampleOutput* out) {
   RETURN_IF_ERROR(CudaError(cudaStreamSynchronize(stream), "sample synchronize"));
+  const int32_t n = s.pass.n;
+  const int64_t vocab = s.pass.vocab;
+  const int32_t stride = SampleOutput::kStride;
   const int32_t* oh = static_cast<const int32_t*>(s.out_host.p);
   std::memcpy(out->tokens.data(), oh, sizeof(int32_t) * n);
   for (int32_t i = 0; i < n; ++i) out->non_finite[i] = oh[n + i] != 0 ? 1 : 0;
-  if (any_logprobs) {
+  if (s.pass.any_logprobs) {
     const float* lp = reinterpret_cast<const float*>(oh + 2 * n);
     const int32_t* rank = oh + 3 * n;
     const int32_t* top_ids = oh + 4 * n;
     const float* top_lp = reinterpret_cast<const float*>(oh + 4 * n + static_cast<size_t>(stride) * n);
     for (int32_t i = 0; i < n; ++i) {
-      const int32_t top = rows[i].logprobs;
+      const int32_t top = s.pass.tops[i];
       if (top < 0) continue;
       out->logprobs[i] = lp[i];
       out->ranks[i] = rank[i];

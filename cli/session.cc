@@ -301,11 +301,15 @@ absl::StatusOr<std::unique_ptr<Session>> OpenSession(const Args& args) {
   eo.kv_compaction = s->model.runner->kv_policy() != nullptr;  // --kv-policy
   eo.kv_policy_max_positions = s->model.runner->kv_policy_max_positions();
   s->engine_options = eo;
-  // One plan at a time: in-process, Submit runs the step at once, so a second plan in flight
-  // overlaps nothing; it only delayed every token's report by a step (the first token's time
-  // included the second step; `generate --max-tokens 2` printed ~60,000 tokens/s) and ran one step
-  // more for a request that had already stopped.
-  s->executor = std::make_unique<StepExecutor>(s->model.runner.get(), nullptr, /*max_in_flight=*/1);
+  // Two plans in flight on a backend that runs asynchronously (CUDA): the executor launches the
+  // next step's forward pass before the host has the last step's tokens (launch-ahead,
+  // StepExecutor::Submit), so the device does not wait for the engine between steps. One at a
+  // time on the CPU backend: there Submit runs the whole step at once, so a second plan overlaps
+  // nothing; it only delayed every token's report by a step (the first token's time included the
+  // second step; `generate --max-tokens 2` printed ~60,000 tokens/s) and ran one step more for a
+  // request that had already stopped.
+  const int max_in_flight = s->backend->RunsAsynchronously() ? 2 : 1;
+  s->executor = std::make_unique<StepExecutor>(s->model.runner.get(), nullptr, max_in_flight);
   ASSIGN_OR_RETURN(s->engine, Engine::Create(s->executor.get(), s->model.config,
                                              s->model.runner->kv_spec(), s->tokenizer.get(), eo));
   return s;

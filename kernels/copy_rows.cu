@@ -62,6 +62,25 @@ cudaError_t Launch(const RowCopy& c0, const RowCopy& c1, const int32_t* idx, int
 
 }  // namespace
 
+__global__ void TakeDrawnTokensKernel(int32_t* ids, const int32_t* drawn, const int32_t* pairs, int32_t n,
+                                      int32_t vocab) {
+  for (int32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+    const int32_t t = drawn[pairs[2 * i + 1]];
+    ids[pairs[2 * i]] = t >= 0 && t < vocab ? t : 0;
+  }
+}
+
+cudaError_t LaunchTakeDrawnTokens(int32_t* ids, const int32_t* drawn, const int32_t* pairs, int32_t n,
+                                  int32_t vocab, cudaStream_t stream) {
+  if (n < 0 || vocab <= 0) return cudaErrorInvalidValue;
+  if (n == 0) return cudaSuccess;
+  const int threads = 128;
+  const int64_t want = (int64_t{n} + threads - 1) / threads;
+  const int blocks = static_cast<int>(want < 64 ? want : 64);
+  TakeDrawnTokensKernel<<<blocks, threads, 0, stream>>>(ids, drawn, pairs, n, vocab);
+  return cudaGetLastError();
+}
+
 cudaError_t LaunchGatherRows(const RowCopy& copy, const int32_t* rows, int64_t n, cudaStream_t stream) {
   return Launch(copy, RowCopy{}, rows, n, /*scatter=*/false, stream);
 }

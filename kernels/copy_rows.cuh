@@ -27,4 +27,10 @@ cudaError_t LaunchGatherRows(const RowCopy& copy, const int32_t* rows, int64_t n
 cudaError_t LaunchScatterRows(const RowCopy& first, const RowCopy& second, const int32_t* slots,
                               int64_t n, cudaStream_t stream);
 
+// ids[pairs[2 i]] = drawn[pairs[2 i + 1]] for i < n, an id outside [0, vocab) written as 0
+// (Backend::TakeDrawnTokens: a step's input ids from the previous step's draw, still on the
+// device). Pairs trusted (the runner builds them). An ordinary launch (no programmatic wait).
+cudaError_t LaunchTakeDrawnTokens(int32_t* ids, const int32_t* drawn, const int32_t* pairs, int32_t n,
+                                  int32_t vocab, cudaStream_t stream);
+
 }  // namespace lorc::kernels

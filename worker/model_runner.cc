@@ -364,7 +364,8 @@ absl::Status ModelRunner::AllocateStepBuffers() {
   m.seq_lens = m.query_start + S + 1;
   m.tables = m.seq_lens + S;
   m.logit_rows = m.tables + S * max_blocks_per_seq_;
-  m.total = m.logit_rows + T;
+  m.drawn_pairs = m.logit_rows + T;  // (row, draw) pairs of SequenceStep::draw_index, at most S
+  m.total = m.drawn_pairs + 2 * S;
   RETURN_IF_ERROR(alloc(meta_, m.total, sizeof(int32_t)));
   ASSIGN_OR_RETURN(meta_host_, backend_->AllocateHost(static_cast<size_t>(m.total) * sizeof(int32_t)));
   ASSIGN_OR_RETURN(plan_, backend_->CreateAttentionPlan(
@@ -536,8 +537,15 @@ Tensor2D ModelRunner::Act(const DeviceBuffer& b, int64_t rows, int64_t cols) con
 }
 
 absl::StatusOr<StepOutput> ModelRunner::Execute(absl::Span<const SequenceStep> steps,
-                                                bool host_logits, StepSync sync) {
+                                                bool host_logits, StepSync sync,
+                                                const int32_t* drawn_tokens) {
   RETURN_IF_ERROR(Validate(steps));
+  for (const SequenceStep& s : steps) {
+    if (s.draw_index >= 0 && drawn_tokens == nullptr) {
+      return absl::InvalidArgumentError(absl::StrCat("sequence ", s.seq_id, ": its input is draw ", s.draw_index,
+                                                     " of the previous step, but no drawn tokens were given"));
+    }
+  }
   if (meta_in_flight_) {
     // Usually a no-op: the sampler waited for its draw, which followed the step in the stream.
     RETURN_IF_ERROR(backend_->Synchronize());
@@ -565,6 +573,8 @@ absl::StatusOr<StepOutput> ModelRunner::Execute(absl::Span<const SequenceStep> s
   int32_t* seq_lens = hm + m.seq_lens;
   int32_t* tables = hm + m.tables;
   int32_t* logit_rows = hm + m.logit_rows;
+  int32_t* drawn_pairs = hm + m.drawn_pairs;
+  int32_t num_drawn = 0;
   StepOutput out;
   out.vocab_size = config_.vocab_size;
   out.row_begin.reserve(num_seqs + 1);
@@ -580,6 +590,11 @@ absl::StatusOr<StepOutput> ModelRunner::Execute(absl::Span<const SequenceStep> s
       ids[T + j] = s.tokens[j];
       positions[T + j] = pos;
       slots[T + j] = s.block_table[(pos - off) / bs] * bs + (pos - off) % bs;
+    }
+    if (s.draw_index >= 0) {  // the last token is on the device (taken after the upload)
+      drawn_pairs[2 * num_drawn] = T + n - 1;
+      drawn_pairs[2 * num_drawn + 1] = s.draw_index;
+      ++num_drawn;
     }
     const int32_t len = c0 + n;
     const int32_t nb = kv_spec_.BlocksForTokens(len - off);
@@ -628,6 +643,11 @@ absl::StatusOr<StepOutput> ModelRunner::Execute(absl::Span<const SequenceStep> s
   RETURN_IF_ERROR(upload(m.seq_lens, num_seqs));
   RETURN_IF_ERROR(upload(m.tables, static_cast<int64_t>(num_seqs) * mb));
   RETURN_IF_ERROR(upload(m.logit_rows, graph >= 0 ? rows_run : num_rows));
+  if (num_drawn > 0) {
+    RETURN_IF_ERROR(upload(m.drawn_pairs, 2 * num_drawn));
+    RETURN_IF_ERROR(backend_->TakeDrawnTokens(dm + m.ids, drawn_tokens, dm + m.drawn_pairs, num_drawn,
+                                              static_cast<int32_t>(config_.vocab_size)));
+  }
 
   AttentionBatch batch;
   batch.num_seqs = num_seqs;

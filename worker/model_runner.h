@@ -67,6 +67,10 @@ struct SequenceStep {
   // session: the request's prompt is pinned (ScheduledSequence::session).
   int64_t prompt_len = 0;
   bool session = false;
+  // Launch-ahead (StepExecutor): >= 0 when the last of `tokens` is a placeholder for the previous
+  // step's draw `draw_index`, still on the device (Execute's `drawn_tokens`); -1: every token is
+  // known on the host.
+  int32_t draw_index = -1;
   bool prompt_done() const {
     return num_computed_tokens + static_cast<int64_t>(tokens.size()) >= prompt_len;
   }
@@ -116,9 +120,13 @@ class ModelRunner {
   // InvalidArgument for malformed steps (token ids outside the vocabulary, block tables that do
   // not cover the tokens or name blocks outside the cache, positions past max_model_len) and for
   // steps over max_num_seqs or max_num_batched_tokens.
+  // `drawn_tokens` (backend memory, Backend::BeginSample's): where the input ids of steps with a
+  // draw_index >= 0 are taken from on the device (Backend::TakeDrawnTokens, after the metadata
+  // upload); InvalidArgument when a step has one and it is null.
   enum class StepSync : uint8_t { kComplete, kEnqueued };
   absl::StatusOr<StepOutput> Execute(absl::Span<const SequenceStep> steps, bool host_logits = true,
-                                     StepSync sync = StepSync::kComplete);
+                                     StepSync sync = StepSync::kComplete,
+                                     const int32_t* drawn_tokens = nullptr);
   // The per-sequence checks of Execute (everything but duplicate ids across the batch), so a
   // caller can leave a bad sequence out of the batch instead of failing all of it.
   absl::Status ValidateSequence(const SequenceStep& s) const;
@@ -310,7 +318,7 @@ class ModelRunner {
   // Step buffers, allocated once (see the header comment). `meta_` holds the int32 metadata at
   // fixed offsets; `meta_host_` is its pinned host staging mirror.
   struct MetaLayout {
-    int64_t ids, positions, slots, query_start, seq_lens, tables, logit_rows, total;
+    int64_t ids, positions, slots, query_start, seq_lens, tables, logit_rows, drawn_pairs, total;
   } meta_at_{};
   DeviceBuffer x_, h_, qkv_, attn_, gate_up_, act_, rows_, logits_, logits_local_, meta_, meta_host_;
   // The residual stream's second buffer for steps whose norms are fused into the projections

@@ -5,6 +5,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "backend/sampling.h"
+#include "absl/container/flat_hash_set.h"
+#include "common/env_switch.h"
 #include "common/status_macros.h"
 #include "worker/comm/communicator.h"
 
@@ -27,7 +29,9 @@ StepExecutor::StepExecutor(ModelRunner* runner, Communicator* comm, int max_in_f
     : runner_(runner),
       comm_(comm != nullptr && comm->world().world_size > 1 ? comm : nullptr),
       samples_(comm_ == nullptr || comm_->world().rank == 0),
-      max_in_flight_(std::max(1, max_in_flight)) {}
+      max_in_flight_(std::max(1, max_in_flight)),
+      launch_ahead_(comm_ == nullptr && max_in_flight_ >= 2 && runner->kv_policy() == nullptr &&
+                    !EnvFlag("LORC_DISABLE_LAUNCH_AHEAD", false)) {}
 
 int64_t StepExecutor::PromptLogprobRows(int64_t prompt_len, int64_t num_computed, int64_t n) {
   return std::clamp<int64_t>(prompt_len - 1 - num_computed, 0, n);
@@ -138,6 +142,12 @@ absl::Status StepExecutor::Prepare(const ScheduledSequence& s,
     const size_t old = st == nullptr ? 0 : st->tokens.size();
     step->tokens.push_back(static_cast<size_t>(p) < old ? st->tokens[p] : s.new_token_ids[p - old]);
   }
+  // Launch-ahead: the scheduled range ends at the placeholder of a draw still on the device.
+  step->draw_index = -1;
+  if (st != nullptr && st->pending_draw >= 0 &&
+      static_cast<int64_t>(st->tokens.size()) == s.num_computed_tokens + s.num_scheduled_tokens) {
+    step->draw_index = st->pending_draw;
+  }
   step->block_table.clear();
   step->slot_offset = st == nullptr ? 0 : st->slot_offset;
   if (st != nullptr) step->block_table = st->block_table;
@@ -183,16 +193,16 @@ absl::Status StepExecutor::ShareSampled(std::vector<int32_t>* tokens) {
   return be.Synchronize();  // a device-to-host copy is complete only after it
 }
 
-absl::StatusOr<StepResult> StepExecutor::Execute(const StepPlan& plan) {
-  const Clock::time_point t0 = Clock::now();
+absl::Status StepExecutor::Launch(const StepPlan& plan, InFlight* step, const int32_t* drawn) {
+  step->t0 = Clock::now();
   if (last_step_id_ != 0 && plan.step_id != last_step_id_ + 1) {
     return absl::FailedPreconditionError(absl::StrCat(
         "step_id ", plan.step_id, " follows step_id ", last_step_id_, " (expected ",
         last_step_id_ + 1, "): steps must arrive in order, each once"));
   }
-  StepResult result;
+  StepResult& result = step->result;
   result.step_id = plan.step_id;
-  if (last_end_ != Clock::time_point{}) result.idle_us = Micros(t0 - last_end_);
+  if (last_end_ != Clock::time_point{} && step->t0 > last_end_) result.idle_us = Micros(step->t0 - last_end_);
   // KV policy compactions, host KV tier, then copy-on-write: every list is checked before
   // anything is moved or copied, and a bad entry fails the step as a whole before any
   // per-request state changes. Compactions first: a block they free may be a load's or a copy's
@@ -216,6 +226,7 @@ absl::StatusOr<StepResult> StepExecutor::Execute(const StepPlan& plan) {
       it->second.block_table.clear();
       it->second.num_computed_tokens = 0;
       it->second.slot_offset = 0;
+      it->second.pending_draw = -1;
     }
   }
 
@@ -256,18 +267,21 @@ absl::StatusOr<StepResult> StepExecutor::Execute(const StepPlan& plan) {
     for (const SequenceStep& st : steps_) {
       host_logits |= samples_ && st.logits == SequenceStep::Logits::kAll;
     }
-    // Enqueued when this rank draws in this step: the commit and the draw's rows below are
-    // prepared while the forward pass runs, and Backend::Sample (after it in the stream) waits for
-    // its own results, so the step is complete when Execute returns either way (a device error
-    // stays this step's). Other ranks and steps without a draw wait here.
-    bool draws = false;
-    for (size_t i = 0; i < n; ++i) draws |= samples_ && scheduled_[i]->sample;
+    // Enqueued when this rank draws in this step: the commit and the draw's rows are prepared
+    // while the forward pass runs, and the draw (after it in the stream) is waited for before the
+    // step is returned, so a device error stays this step's. Other ranks and steps without a draw
+    // wait here.
+    // Launched ahead, it is left enqueued either way (the step before is still being returned).
+    bool enqueue = drawn != nullptr;
+    for (size_t i = 0; i < n; ++i) enqueue |= samples_ && scheduled_[i]->sample;
     ASSIGN_OR_RETURN(out, runner_->Execute(steps_, host_logits,
-                                           draws ? ModelRunner::StepSync::kEnqueued
-                                                 : ModelRunner::StepSync::kComplete));
+                                           enqueue ? ModelRunner::StepSync::kEnqueued
+                                                   : ModelRunner::StepSync::kComplete,
+                                           drawn));
   }
+  step->device_logits = out.device_logits;
 
-  // Commit the new state (every entry first: inserting new requests rehashes seqs_), then sample.
+  // Commit the new state (every entry first: inserting new requests rehashes seqs_).
   for (size_t i = 0; i < n; ++i) {
     const ScheduledSequence& s = *scheduled_[i];
     SeqState& st = seqs_[s.seq_id];
@@ -302,40 +316,80 @@ absl::StatusOr<StepResult> StepExecutor::Execute(const StepPlan& plan) {
       result.prompt_logprobs.push_back(std::move(lp));
     }
   }
-  // One entry per sampled token: the request's, then its fork children's (sampled on every rank:
-  // the ids come in the broadcast).
-  struct Draw {
-    int64_t seq_id;
-    int64_t parent = -1;  // a fork child: its parent's id
-  };
-  std::vector<Draw> draws;
-  std::vector<std::unique_ptr<Sampler>> child_samplers;  // parallel to the draws of children
-  sample_rows_.clear();
+  // One draw per sampled token: the request's, then its fork children's (sampled on every rank:
+  // the ids come in the broadcast). What later phases need of the plan is copied (the plan may be
+  // gone when the step finishes).
+  step->scheduled.clear();
+  step->draws.clear();
+  step->child_samplers.clear();
   for (size_t i = 0; i < n; ++i) {
     const ScheduledSequence& s = *scheduled_[i];
+    step->scheduled.push_back(s.seq_id);
     if (!s.sample) continue;
-    SeqState& st = seqs_.at(s.seq_id);
+    const SeqState& st = seqs_.at(s.seq_id);
     const int32_t row = samples_ ? out.sample_row[i] : 0;  // the chunk's last logit row
-    draws.push_back({s.seq_id});
-    // The history (for the penalties) stays put until Sample returns.
-    if (samples_) sample_rows_.push_back(st.sampler->NextRow(st.tokens, st.prompt_len, row));
+    step->draws.push_back({s.seq_id, -1, row});
     for (size_t c = 0; c < s.fork_child_ids.size(); ++c) {
       SamplingParams p = st.sampler->params();
       if (p.seed.has_value()) *p.seed += c + 1;
-      child_samplers.push_back(std::make_unique<Sampler>(p, runner_->config().eos_token_ids));
-      draws.push_back({s.fork_child_ids[c], s.seq_id});
-      if (samples_) {
-        sample_rows_.push_back(child_samplers.back()->NextRow(st.tokens, st.prompt_len, row));
-      }
+      step->child_samplers.push_back(std::make_unique<Sampler>(p, runner_->config().eos_token_ids));
+      step->draws.push_back({s.fork_child_ids[c], s.seq_id, row});
     }
   }
+  step->phase = InFlight::Phase::kLaunched;
+  return absl::OkStatus();
+}
+
+absl::Status StepExecutor::BeginDraw(InFlight* step) {
+  // Rows from each request's own stream and full history (every earlier draw is finished). A
+  // request gone since the launch (a later plan finished it, or failed it) draws nothing.
+  sample_rows_.clear();
+  std::vector<InFlight::Draw> kept;
+  size_t next_child = 0;
+  std::vector<std::unique_ptr<Sampler>> kept_children;
+  for (const InFlight::Draw& d : step->draws) {
+    const int64_t request = d.parent < 0 ? d.seq_id : d.parent;
+    auto it = seqs_.find(request);
+    std::unique_ptr<Sampler> child;
+    if (d.parent >= 0) child = std::move(step->child_samplers[next_child++]);
+    if (it == seqs_.end()) continue;
+    SeqState& st = it->second;
+    if (samples_) {
+      Sampler& sampler = d.parent < 0 ? *st.sampler : *child;
+      sample_rows_.push_back(sampler.NextRow(st.tokens, st.prompt_len, d.row));
+    }
+    if (child) kept_children.push_back(std::move(child));
+    kept.push_back(d);
+  }
+  step->draws = std::move(kept);
+  step->child_samplers = std::move(kept_children);
+  step->drawn = nullptr;
+  if (samples_ && !step->draws.empty()) {
+    // The logits in backend memory (device memory on CUDA), never copied to the host for this.
+    RETURN_IF_ERROR(runner_->backend().BeginSample(step->device_logits, sample_rows_, &step->drawn));
+  }
+  // A placeholder for each request's token until FinishDraw: the next plan may schedule it
+  // (launch-ahead takes its input id from `drawn` on the device).
+  for (size_t i = 0; i < step->draws.size(); ++i) {
+    if (step->draws[i].parent >= 0) continue;
+    SeqState& st = seqs_.at(step->draws[i].seq_id);
+    st.tokens.push_back(0);
+    st.pending_draw = static_cast<int32_t>(i);
+  }
+  step->phase = InFlight::Phase::kDrawing;
+  return absl::OkStatus();
+}
+
+absl::Status StepExecutor::FinishDraw(InFlight* step) {
+  StepResult& result = step->result;
+  const std::vector<InFlight::Draw>& draws = step->draws;
   std::vector<int32_t> sampled(draws.size(), 0);
   if (samples_ && !sampled.empty()) {
-    // The logits in backend memory (device memory on CUDA), never copied to the host for this.
-    RETURN_IF_ERROR(runner_->backend().Sample(out.device_logits, sample_rows_, &sample_out_));
+    RETURN_IF_ERROR(runner_->backend().FinishSample(&sample_out_));
     for (size_t i = 0; i < sampled.size(); ++i) {
       const int64_t request = draws[i].parent < 0 ? draws[i].seq_id : draws[i].parent;
-      if (sample_out_.non_finite[i] != 0 || seqs_.at(request).broken_logits_at >= 0) {
+      auto it = seqs_.find(request);
+      if (sample_out_.non_finite[i] != 0 || (it != seqs_.end() && it->second.broken_logits_at >= 0)) {
         sampled[i] = kBrokenLogits;  // the request fails on every rank, below
         continue;
       }
@@ -359,31 +413,40 @@ absl::StatusOr<StepResult> StepExecutor::Execute(const StepPlan& plan) {
   for (size_t i = 0; i < draws.size(); ++i) {
     if (sampled[i] != kBrokenLogits) continue;
     const int64_t id = draws[i].parent < 0 ? draws[i].seq_id : draws[i].parent;
-    const SeqState& st = seqs_.at(id);
-    broken.emplace(id, st.broken_logits_at >= 0 ? st.broken_logits_at : static_cast<int64_t>(st.tokens.size()));
+    auto it = seqs_.find(id);
+    if (it == seqs_.end()) continue;
+    const SeqState& st = it->second;
+    // The placeholder's position (the token that could not be drawn).
+    const int64_t at = static_cast<int64_t>(st.tokens.size()) - (st.pending_draw >= 0 ? 1 : 0);
+    broken.emplace(id, st.broken_logits_at >= 0 ? st.broken_logits_at : at);
   }
-  // Fork first (a child copies its parent's state before the parent's token is appended).
+  // Each request's token replaces its placeholder; then its children fork (a child copies its
+  // parent's state, its own token in place of the parent's).
+  for (size_t i = 0; i < draws.size(); ++i) {
+    if (draws[i].parent >= 0) continue;
+    auto it = seqs_.find(draws[i].seq_id);
+    if (it == seqs_.end() || it->second.pending_draw != static_cast<int32_t>(i)) continue;
+    it->second.tokens.back() = sampled[i];
+    it->second.pending_draw = -1;
+  }
   size_t next_child = 0;
-  for (const Draw& d : draws) {
+  for (size_t i = 0; i < draws.size(); ++i) {
+    const InFlight::Draw& d = draws[i];
     if (d.parent < 0) continue;
-    if (broken.contains(d.parent)) {
-      ++next_child;
-      continue;
-    }
-    const SeqState& parent = seqs_.at(d.parent);
+    std::unique_ptr<Sampler>& sampler = step->child_samplers[next_child++];
+    auto parent_it = seqs_.find(d.parent);
+    if (broken.contains(d.parent) || parent_it == seqs_.end()) continue;
+    const SeqState& parent = parent_it->second;
     SeqState child;
-    child.sampler = std::move(child_samplers[next_child++]);
+    child.sampler = std::move(sampler);
     child.tokens = parent.tokens;
+    child.tokens.back() = sampled[i];
     child.block_table = parent.block_table;
     child.num_computed_tokens = parent.num_computed_tokens;
     child.slot_offset = parent.slot_offset;
     child.prompt_len = parent.prompt_len;
     seqs_.emplace(d.seq_id, std::move(child));  // may rehash: no reference kept across it
     runner_->ForkKvPolicy(d.parent, d.seq_id);  // the parent's choice so far
-  }
-  for (size_t i = 0; i < draws.size(); ++i) {
-    if (broken.contains(draws[i].parent < 0 ? draws[i].seq_id : draws[i].parent)) continue;
-    seqs_.at(draws[i].seq_id).tokens.push_back(sampled[i]);
   }
   for (const auto& [id, position] : broken) {
     result.failed.push_back(
@@ -396,8 +459,7 @@ absl::StatusOr<StepResult> StepExecutor::Execute(const StepPlan& plan) {
   }
   // This rank's KV slots of each scheduled sequence with a policy (not for sessions: their
   // blocks are kept for the conversation, never compacted).
-  for (size_t i = 0; i < n; ++i) {
-    const int64_t id = scheduled_[i]->seq_id;
+  for (int64_t id : step->scheduled) {
     auto it = seqs_.find(id);
     if (it == seqs_.end() || it->second.session) continue;
     if (std::optional<KvSlotReport> r = runner_->KvSlots(id)) result.kv_slots.push_back(*r);
@@ -407,8 +469,45 @@ absl::StatusOr<StepResult> StepExecutor::Execute(const StepPlan& plan) {
   RETURN_IF_ERROR(runner_->FinishHostKvTransfers());
 
   last_end_ = Clock::now();
-  result.compute_us = Micros(last_end_ - t0);
-  return result;
+  result.compute_us = Micros(last_end_ - step->t0);
+  step->phase = InFlight::Phase::kDone;
+  return absl::OkStatus();
+}
+
+bool StepExecutor::CanLaunchAhead(const StepPlan& plan, const InFlight& prev) const {
+  if (!launch_ahead_ || !prev.error.ok() || prev.phase != InFlight::Phase::kDrawing || prev.draws.empty()) {
+    return false;
+  }
+  // What needs the previous draw's outcome on the host first: block moves and host KV copies (a
+  // request failing there frees its blocks), a plan that ends, preempts or forks one of its
+  // requests (a fork child is made when the draw finishes).
+  if (!plan.copies.empty() || !plan.kv_offloads.empty() || !plan.kv_loads.empty() ||
+      !plan.kv_compactions.empty()) {
+    return false;
+  }
+  absl::flat_hash_set<int64_t> drawing;
+  for (const InFlight::Draw& d : prev.draws) drawing.insert(d.seq_id);
+  for (int64_t id : plan.finished) {
+    if (drawing.contains(id)) return false;
+  }
+  for (int64_t id : plan.preempted) {
+    if (drawing.contains(id)) return false;
+  }
+  for (const ScheduledSequence& s : plan.seqs) {
+    if (!s.new_token_ids.empty() && drawing.contains(s.seq_id)) return false;
+    auto it = seqs_.find(s.seq_id);
+    if (it == seqs_.end() && drawing.contains(s.seq_id)) return false;  // a child not forked yet
+  }
+  return true;
+}
+
+absl::StatusOr<StepResult> StepExecutor::Execute(const StepPlan& plan) {
+  if (!in_flight_.empty()) {
+    return absl::FailedPreconditionError(absl::StrCat("step ", plan.step_id, ": ", in_flight_.size(),
+                                                      " submitted steps not awaited"));
+  }
+  RETURN_IF_ERROR(Submit(plan));
+  return Await();
 }
 
 absl::Status StepExecutor::Compact(const StepPlan& plan) {
@@ -440,19 +539,51 @@ absl::Status StepExecutor::Compact(const StepPlan& plan) {
 }
 
 absl::Status StepExecutor::Submit(const StepPlan& plan) {
-  if (results_.size() >= static_cast<size_t>(max_in_flight_)) {
+  if (in_flight_.size() >= static_cast<size_t>(max_in_flight_)) {
     return absl::FailedPreconditionError(
-        absl::StrCat("step ", plan.step_id, ": ", results_.size(), " steps already in flight"));
+        absl::StrCat("step ", plan.step_id, ": ", in_flight_.size(), " steps already in flight"));
   }
-  results_.push_back(Execute(plan));
+  // Every earlier step's draw is enqueued before this step's forward pass overwrites the logits
+  // (a step's draw begins once the one before it has finished); the newest one still drawing
+  // either lends this step its tokens on the device (launch-ahead) or finishes first.
+  InFlight* prev = nullptr;  // the newest step still drawing
+  for (InFlight& f : in_flight_) {
+    if (!f.error.ok() || f.phase == InFlight::Phase::kDone) continue;
+    if (prev != nullptr) EndDraw(prev);
+    if (f.phase == InFlight::Phase::kLaunched) StartDraw(&f);
+    prev = f.error.ok() ? &f : nullptr;
+  }
+  const bool ahead = prev != nullptr && CanLaunchAhead(plan, *prev);
+  if (prev != nullptr && !ahead) EndDraw(prev);
+  const int32_t* drawn = ahead ? prev->drawn : nullptr;
+  num_launched_ahead_ += ahead ? 1 : 0;
+  InFlight& step = in_flight_.emplace_back();  // deque: `prev` stays valid
+  step.error = Launch(plan, &step, drawn);
+  if (!ahead) StartDraw(&step);  // else once `prev` has finished (Await)
   return absl::OkStatus();
 }
 
 absl::StatusOr<StepResult> StepExecutor::Await() {
-  if (results_.empty()) return absl::FailedPreconditionError("no step in flight");
-  absl::StatusOr<StepResult> r = std::move(results_.front());
-  results_.pop_front();
+  if (in_flight_.empty()) return absl::FailedPreconditionError("no step in flight");
+  InFlight& oldest = in_flight_.front();
+  if (oldest.phase == InFlight::Phase::kLaunched) StartDraw(&oldest);
+  EndDraw(&oldest);
+  absl::StatusOr<StepResult> r =
+      oldest.error.ok() ? absl::StatusOr<StepResult>(std::move(oldest.result)) : oldest.error;
+  in_flight_.pop_front();
+  // A step launched ahead of this one draws now: its history is complete.
+  if (!in_flight_.empty() && in_flight_.front().phase == InFlight::Phase::kLaunched) {
+    StartDraw(&in_flight_.front());
+  }
   return r;
+}
+
+void StepExecutor::StartDraw(InFlight* step) {
+  if (step->error.ok() && step->phase == InFlight::Phase::kLaunched) step->error = BeginDraw(step);
+}
+
+void StepExecutor::EndDraw(InFlight* step) {
+  if (step->error.ok() && step->phase == InFlight::Phase::kDrawing) step->error = FinishDraw(step);
 }
 
 }  // namespace lorc

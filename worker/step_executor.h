@@ -53,20 +53,33 @@ class Communicator;
 class StepExecutor final : public StepRunner {
  public:
   // `runner` (and `comm`, which may be null when tensor parallelism is 1) must outlive the
-  // executor. `max_in_flight`: plans Submit accepts before Await (they run at Submit).
+  // executor. `max_in_flight`: plans Submit accepts before Await.
   explicit StepExecutor(ModelRunner* runner, Communicator* comm = nullptr, int max_in_flight = 2);
 
-  // Runs one plan. Errors (the step as a whole failed; the per-request state is unchanged):
-  // FailedPrecondition for a step_id that does not follow the previous one; whatever the runner,
-  // the backend or the communicator returned.
+  // Runs one plan (Submit + Await; FailedPrecondition while submitted steps are not awaited).
+  // Errors (the step as a whole failed; the per-request state is unchanged): FailedPrecondition
+  // for a step_id that does not follow the previous one; whatever the runner, the backend or the
+  // communicator returned.
   absl::StatusOr<StepResult> Execute(const StepPlan& plan);
 
-  // StepRunner: Submit executes at once and queues the result for Await.
+  // StepRunner. A step runs in three phases: launch (checks, state, the forward pass enqueued),
+  // draw begun (Backend::BeginSample, a placeholder token per drawing request), draw finished
+  // (the tokens on the host, forks, failures: the result). Submit launches the plan; the step
+  // before it, if still drawing, finishes first, unless the plan can be launched ahead of it
+  // (launch-ahead, vLLM's async scheduling, ENGINE.md 1.3: one rank, max_in_flight >= 2, no KV
+  // policy, LORC_DISABLE_LAUNCH_AHEAD unset; the plan moves no blocks, and ends, preempts, forks
+  // or re-admits none of the drawing requests): then its forward pass takes those requests'
+  // input ids from the draw on the device (ModelRunner::Execute's drawn_tokens), and its own draw
+  // begins when the earlier step is awaited. Await finishes the oldest step and returns its
+  // result (or the error that stopped it). Results and per-request state are the same as with
+  // one step at a time: each draw reads its request's complete history.
   absl::Status Submit(const StepPlan& plan) override;
   absl::StatusOr<StepResult> Await() override;
   int max_in_flight() const override { return max_in_flight_; }
 
   size_t num_sequences() const { return seqs_.size(); }
+  // Steps Submit launched ahead of the step before (tests, diagnostics).
+  int64_t num_launched_ahead() const { return num_launched_ahead_; }
   // A request's token history on this rank (prompt + generated); empty when unknown.
   std::vector<int32_t> Tokens(int64_t seq_id) const;
   ModelRunner& runner() { return *runner_; }
@@ -84,7 +97,35 @@ class StepExecutor final : public StepRunner {
     // Rank 0: the first position whose prompt log-probabilities came from logits with a NaN or an
     // infinity, or -1; the request fails at its next draw (every rank learns it from the broadcast).
     int64_t broken_logits_at = -1;
+    // While a step's draw for this request is begun and not finished: its index among that draw's
+    // rows (tokens.back() is a placeholder for it); -1 otherwise.
+    int32_t pending_draw = -1;
   };
+  // A submitted step until Await returns it.
+  struct InFlight {
+    enum class Phase : uint8_t { kLaunched, kDrawing, kDone } phase = Phase::kLaunched;
+    absl::Status error;  // the step as a whole failed (in any phase): Await returns it
+    StepResult result;
+    std::chrono::steady_clock::time_point t0;
+    std::vector<int64_t> scheduled;  // the plan's sequences that passed validation, step order
+    Tensor2D device_logits;          // the forward pass's logits, for the draw
+    struct Draw {
+      int64_t seq_id;
+      int64_t parent = -1;  // a fork child: its parent's id
+      int32_t row = 0;      // its logits row
+    };
+    std::vector<Draw> draws;  // a request's, then its fork children's
+    std::vector<std::unique_ptr<Sampler>> child_samplers;  // parallel to the children's draws
+    const int32_t* drawn = nullptr;  // kDrawing: Backend::BeginSample's tokens (rank 0)
+  };
+  // The phases (InFlight's comments). `drawn`: the drawing step's tokens when launched ahead.
+  absl::Status Launch(const StepPlan& plan, InFlight* step, const int32_t* drawn);
+  absl::Status BeginDraw(InFlight* step);
+  absl::Status FinishDraw(InFlight* step);
+  // BeginDraw / FinishDraw of a step in the phase before, its error recorded in the step.
+  void StartDraw(InFlight* step);
+  void EndDraw(InFlight* step);
+  bool CanLaunchAhead(const StepPlan& plan, const InFlight& prev) const;
   // Rows of the chunk whose next token is a prompt token (positions before prompt_len - 1).
   static int64_t PromptLogprobRows(int64_t prompt_len, int64_t num_computed, int64_t n);
   // Checks one scheduled request against this rank's state; fills `step` on success. `claimed`:
@@ -103,10 +144,12 @@ class StepExecutor final : public StepRunner {
   Communicator* comm_;
   bool samples_;
   int max_in_flight_;
+  bool launch_ahead_;
+  int64_t num_launched_ahead_ = 0;
   uint64_t last_step_id_ = 0;
   std::chrono::steady_clock::time_point last_end_{};
   absl::flat_hash_map<int64_t, SeqState> seqs_;
-  std::deque<absl::StatusOr<StepResult>> results_;
+  std::deque<InFlight> in_flight_;  // submitted, oldest first
   // Reused between steps.
   std::vector<SequenceStep> steps_;
   std::vector<const ScheduledSequence*> scheduled_;

@@ -148,6 +148,43 @@ TEST(CudaModelRunnerTest, GreedyMatchesCpuReferenceOnEveryGoldenPrompt) {
   ExpectSameGreedy(cuda, cpu, "cuda vs cpu", kBf16NearTie);
 }
 
+// Launch-ahead on the GPU (StepExecutor::Submit; the engine keeps two plans in flight): the next
+// step's forward pass launched before the host has the last draw, its input ids taken from that
+// draw on the device, gives the tokens of steps launched one after the other, greedy and seeded
+// sampling with penalties alike (one model for both runs, so one set of timed matmul choices).
+TEST(CudaModelRunnerTest, LaunchAheadDrawsWhatStepsOneAfterTheOtherDraw) {
+  REQUIRE_TINY_LLAMA();
+  if (!HaveCudaDevices(1)) GTEST_SKIP() << "no CUDA device";
+  auto backend = CreateBackend(BackendOptions{BackendKind::kCuda});
+  ASSERT_OK(backend);
+  auto m = LoadModel({::lorc::testing::TinyLlamaDir()}, backend->get(), 0, 1, nullptr, SmallCache());
+  ASSERT_OK(m);
+  std::vector<GenerationRequest> reqs = GreedyRequests();
+  const size_t golden = reqs.size();
+  for (size_t i = 0; i < golden; ++i) {
+    GenerationRequest r = reqs[i];
+    r.params.temperature = 0.8f;
+    r.params.top_p = 0.9f;
+    r.params.repetition_penalty = 1.2f;
+    r.params.seed = 11 + i;
+    reqs.push_back(r);
+  }
+  StepExecutor ahead(m->runner.get());
+  const std::vector<GenerationResult> got = Generate(&ahead, *m, reqs);
+  EXPECT_GT(ahead.num_launched_ahead(), kGreedyTokens / 2);
+  setenv("LORC_DISABLE_LAUNCH_AHEAD", "1", 1);
+  StepExecutor plain(m->runner.get());
+  unsetenv("LORC_DISABLE_LAUNCH_AHEAD");
+  const std::vector<GenerationResult> want = Generate(&plain, *m, reqs);
+  EXPECT_EQ(plain.num_launched_ahead(), 0);
+  ASSERT_EQ(got.size(), reqs.size());
+  ASSERT_EQ(want.size(), reqs.size());
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    EXPECT_EQ(got[i].first().output_ids, want[i].first().output_ids) << "request " << i;
+    EXPECT_EQ(got[i].first().output_ids.size(), size_t{kGreedyTokens}) << "request " << i;
+  }
+}
+
 // The same with every residual add + RMSNorm of decode steps (the engine batches the golden
 // prompts: 4 sequences) run inside the projection after it (BackendOptions::fused_norm_rows; off
 // by default: measured slower, backend/cuda_gemv.h). The fused kernels round the normed input in

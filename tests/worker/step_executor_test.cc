@@ -230,6 +230,51 @@ TEST_F(StepExecutorTest, SeededChildrenFollowSeedPlusIndexAndDiffer) {
   EXPECT_GE(distinct.size(), 3u) << "seeded children should not repeat each other";
 }
 
+// Launch-ahead (StepExecutor::Submit): the same plans submitted two at a time, each step's forward
+// pass launched before the step before has finished its draw, give the results of one step at a
+// time: greedy, seeded sampling with penalties (which read the whole history) and a fork (the
+// step of its children's first decode copies blocks and names children not yet made: that one is
+// not launched ahead).
+TEST_F(StepExecutorTest, LaunchAheadGivesTheResultsOfOneStepAtATime) {
+  SamplingParams penalized = Params(0.9f, 17);
+  penalized.top_p = 0.9f;
+  penalized.repetition_penalty = 1.3f;
+  penalized.presence_penalty = 0.5f;
+  PlanBuilder b;
+  const std::vector<StepPlan> plans = PrefillThenDecode(
+      b, {b.Prefill(1, prompt_, Params(0.0f)), b.Prefill(2, prompt_, penalized), b.Prefill(3, prompt_, Params(1.0f, 5, 2), {4})},
+      /*decode_steps=*/12);
+  const std::vector<StepResult> want = RunAll(plans);
+  ASSERT_EQ(want.size(), plans.size());
+  std::vector<std::vector<int32_t>> want_tokens;
+  for (int64_t id = 1; id <= 4; ++id) want_tokens.push_back(exec_->Tokens(id));
+
+  StepExecutor ahead(model_.runner.get(), nullptr, /*max_in_flight=*/2);
+  std::vector<StepResult> got;
+  ASSERT_OK(ahead.Submit(plans[0]));
+  for (size_t i = 1; i <= plans.size(); ++i) {
+    if (i < plans.size()) ASSERT_OK(ahead.Submit(plans[i]));
+    absl::StatusOr<StepResult> r = ahead.Await();
+    ASSERT_OK(r);
+    got.push_back(*std::move(r));
+  }
+  EXPECT_EQ(ahead.num_launched_ahead(), static_cast<int64_t>(plans.size()) - 2);
+  ASSERT_EQ(got.size(), want.size());
+  for (size_t i = 0; i < got.size(); ++i) {
+    EXPECT_EQ(got[i].step_id, want[i].step_id);
+    EXPECT_TRUE(got[i].failed.empty()) << "step " << i << ": " << got[i].failed[0].status;
+    ASSERT_EQ(got[i].sampled.size(), want[i].sampled.size()) << "step " << i;
+    for (size_t j = 0; j < got[i].sampled.size(); ++j) {
+      EXPECT_EQ(got[i].sampled[j].seq_id, want[i].sampled[j].seq_id) << "step " << i;
+      EXPECT_EQ(got[i].sampled[j].token, want[i].sampled[j].token) << "step " << i << ", draw " << j;
+    }
+  }
+  for (int64_t id = 1; id <= 4; ++id) EXPECT_EQ(ahead.Tokens(id), want_tokens[id - 1]) << "sequence " << id;
+  // Execute refuses while a submitted step is not awaited.
+  ASSERT_OK(ahead.Submit(b.NewPlan()));
+  EXPECT_THAT(ahead.Execute(b.NewPlan()), StatusIs(absl::StatusCode::kFailedPrecondition));
+}
+
 TEST_F(StepExecutorTest, ExtremeTemperaturesOfIssue7AreGreedy) {
   // `generate --temperature 1e-38 --seed 1` returned ids 4095, 4093, ... (logits / T overflowed).
   PlanBuilder b;
@@ -409,6 +454,42 @@ TEST_F(StepExecutorTest, NonFiniteLogitsFailTheirRequestAlone) {
   EXPECT_EQ(r->sampled[0].token, greedy_[1]);
   ASSERT_EQ(r->failed.size(), 1u);
   EXPECT_EQ(r->failed[0].seq_id, 2);
+}
+
+// A draw that fails (non-finite logits) while the next step was launched ahead of it: the request
+// fails once, in its own step; the step launched ahead drops it (its row ran on a stand-in id);
+// the other request is untouched.
+TEST_F(StepExecutorTest, ADrawThatFailsUnderALaunchedAheadStepFailsItsRequestOnce) {
+  constexpr int32_t kPoison = 7;
+  ASSERT_OK(LoadFixtureModel(SmallCache(), PoisonedFixture(kPoison)));
+  std::vector<int32_t> broken = prompt_;
+  broken.insert(broken.begin() + 3, kPoison);
+  PlanBuilder b;
+  StepPlan p = b.NewPlan();
+  p.seqs.push_back(b.Prefill(1, prompt_, Params(0.0f)));
+  p.seqs.push_back(b.Prefill(2, broken, Params(0.0f)));
+  StepPlan q = b.NewPlan();
+  q.seqs.push_back(b.Decode(1, &q));
+  q.seqs.push_back(b.Decode(2, &q));
+  ASSERT_OK(exec_->Submit(p));
+  ASSERT_OK(exec_->Submit(q));
+  EXPECT_EQ(exec_->num_launched_ahead(), 1);
+  absl::StatusOr<StepResult> r = exec_->Await();
+  ASSERT_OK(r);
+  ASSERT_EQ(r->failed.size(), 1u);
+  EXPECT_EQ(r->failed[0].seq_id, 2);
+  EXPECT_THAT(r->failed[0].status, StatusIs(absl::StatusCode::kInternal, HasSubstr("at position 13")));
+  ASSERT_EQ(r->sampled.size(), 1u);
+  EXPECT_EQ(r->sampled[0].token, greedy_[0]);
+  r = exec_->Await();
+  ASSERT_OK(r);
+  EXPECT_TRUE(r->failed.empty());
+  ASSERT_EQ(r->sampled.size(), 1u);
+  EXPECT_EQ(r->sampled[0].seq_id, 1);
+  EXPECT_EQ(r->sampled[0].token, greedy_[1]);
+  EXPECT_EQ(exec_->num_sequences(), 1u);
+  const std::vector<int32_t> want(greedy_.begin(), greedy_.begin() + 2);
+  EXPECT_EQ(Generated(1), want);
 }
 
 // Prompt log-probabilities from a broken row (a tester: `eval --ppl` printed "perplexity inf",

@@ -83,6 +83,36 @@ struct RowShape {
 };
 const RowShape kRowShapes[] = {{1, 4096}, {5, 45}, {3, 8192}, {4, 1000}, {2, 7}};
 
+// Launch-ahead's input ids from a draw on the device (Backend::TakeDrawnTokens): exact, ids
+// outside the vocabulary (a non-finite draw's) written as 0, rows without a pair untouched.
+TEST_P(CudaKernelParityTest, TakeDrawnTokensCopiesDrawsExactly) {
+  if (dt() != DType::kF32) GTEST_SKIP() << "int32 ids: one dtype";
+  const int32_t vocab = 1000;
+  const std::vector<int32_t> ids(300, 5), drawn = {3, -1, 999, 1000, 42, 7, 0};
+  std::vector<int32_t> pairs;
+  for (int32_t row = 1; row < 300; row += 3) {  // 100 pairs: more than one block's threads
+    pairs.push_back(row);
+    pairs.push_back(row % 7);
+  }
+  const int32_t n = static_cast<int32_t>(pairs.size() / 2);
+  auto run = [&](Backend& be, DType) {
+    DeviceBuffer id = PutRaw(be, ids), dr = PutRaw(be, drawn), pr = PutRaw(be, pairs);
+    CHECK_OK(be.TakeDrawnTokens(id.as<int32_t>(), dr.as<int32_t>(), pr.as<int32_t>(), n, vocab));
+    std::vector<int32_t> got(ids.size());
+    CHECK_OK(be.CopyToHost(got.data(), id.data(), got.size() * sizeof(int32_t)));
+    CHECK_OK(be.Synchronize());
+    return std::vector<std::vector<float>>{std::vector<float>(got.begin(), got.end())};
+  };
+  ExpectParity(run, 0.0);
+  const std::vector<float> cpu = run(*cpu_, DType::kF32)[0];
+  EXPECT_EQ(cpu[0], 5.f);    // no pair
+  EXPECT_EQ(cpu[1], 0.f);    // drawn[1] = -1
+  EXPECT_EQ(cpu[4], 42.f);   // drawn[4]
+  EXPECT_EQ(cpu[7], 3.f);    // drawn[0]
+  EXPECT_EQ(cpu[10], 0.f);   // drawn[3] = vocab
+  EXPECT_EQ(cpu[16], 999.f);  // drawn[2]
+}
+
 TEST_P(CudaKernelParityTest, EmbeddingAndGatherRowsCopyRowsExactly) {
   for (const RowShape s : kRowShapes) {
     SCOPED_TRACE(::testing::Message() << s.rows << "x" << s.cols);

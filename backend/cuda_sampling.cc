@@ -2,8 +2,10 @@
 // has the pipeline). Per call: the rows' metadata and the id lists the kernels need are packed
 // into one pinned staging buffer and uploaded with one async copy; the tokens and the rows'
 // non_finite flags (and, when some row asks, the log-probability arrays) come back with one async
-// copy into a pinned buffer; then the stream is synchronised. Every buffer is kept and grown
-// (never shrunk) when a call needs more, so a steady state allocates nothing.
+// copy into a pinned buffer; then the host waits for an event recorded after that copy (Sample at
+// once, BeginSample / FinishSample later; work enqueued after the draw is not waited for). Every
+// buffer is kept and grown (never shrunk) when a call needs more, so a steady state allocates
+// nothing.
 #include "backend/cuda_backend_impl.h"
 
 #ifdef LORC_HAVE_CUDA
@@ -126,7 +128,11 @@ struct CudaSampler {
   bool begun = false, begun_complete = false;
   SampleOutput begun_out;
   Buf drawn_dev;
+  // Recorded after a pass's download: its finish waits for the draw, not for work enqueued after
+  // it (a forward pass launched ahead).
+  cudaEvent_t downloaded = nullptr;
   ~CudaSampler() {
+    if (downloaded != nullptr) cudaEventDestroy(downloaded);
     for (Buf* b : {&stage_host, &stage_dev, &out_host, &out_dev, &counts, &x, &sorted_x, &iota, &sorted_ids,
                    &sort_temp, &greedy_counters, &greedy_parts, &select_stats, &drawn_dev}) {
       if (b->p != nullptr) retired.push_back({b->p, b->pinned});
@@ -176,12 +182,12 @@ bool Selects(const SamplingRow& r, int64_t vocab, bool enabled, bool prefix) {
 // come back kSampleRedo), waited for and unpacked into `out` (sized) by SampleRowsFinish.
 absl::Status SampleRowsLaunch(CudaSampler& s, cudaStream_t stream, const Tensor2D& logits,
                               absl::Span<const SamplingRow> rows, bool prefix, int32_t* num_prefix);
-absl::Status SampleRowsFinish(CudaSampler& s, cudaStream_t stream, SampleOutput* out);
+absl::Status SampleRowsFinish(CudaSampler& s, SampleOutput* out);
 absl::Status SampleRows(CudaSampler& s, cudaStream_t stream, const Tensor2D& logits,
                         absl::Span<const SamplingRow> rows, bool prefix, SampleOutput* out,
                         int32_t* num_prefix) {
   RETURN_IF_ERROR(SampleRowsLaunch(s, stream, logits, rows, prefix, num_prefix));
-  return SampleRowsFinish(s, stream, out);
+  return SampleRowsFinish(s, out);
 }
 
 // Sample's argument checks (InvalidArgument naming the row or the vocabulary).
@@ -220,7 +226,7 @@ absl::Status CudaBackend::Sample(const Tensor2D& logits, absl::Span<const Sampli
   if (rows.empty()) return absl::OkStatus();
   int32_t num_prefix = 0;
   RETURN_IF_ERROR(SampleRowsLaunch(*sampler_, stream_, logits, rows, TakePrefix(), &num_prefix));
-  RETURN_IF_ERROR(SampleRowsFinish(*sampler_, stream_, out));
+  RETURN_IF_ERROR(SampleRowsFinish(*sampler_, out));
   return RedoPrefixRows(logits, rows, num_prefix, out);
 }
 
@@ -251,7 +257,7 @@ absl::Status CudaBackend::BeginSample(const Tensor2D& logits, absl::Span<const S
   // tokens uploaded (pageable: staged when the call returns).
   s.begun_out.Resize(rows.size());
   if (n > 0) {
-    RETURN_IF_ERROR(SampleRowsFinish(s, stream_, &s.begun_out));
+    RETURN_IF_ERROR(SampleRowsFinish(s, &s.begun_out));
     RETURN_IF_ERROR(RedoPrefixRows(logits, rows, num_prefix, &s.begun_out));
   }
   RETURN_IF_ERROR(CudaError(s.drawn_dev.Reserve(sizeof(int32_t) * std::max(n, 1), s.retired), "drawn tokens"));
@@ -271,7 +277,7 @@ absl::Status CudaBackend::FinishSample(SampleOutput* out) {
     return absl::OkStatus();
   }
   out->Resize(s.pass.n);
-  return SampleRowsFinish(s, stream_, out);
+  return SampleRowsFinish(s, out);
 }
 
 absl::Status CudaBackend::RedoPrefixRows(const Tensor2D& logits, absl::Span<const SamplingRow> rows,
@@ -511,6 +517,10 @@ absl::Status SampleRowsLaunch(CudaSampler& s, cudaStream_t stream, const Tensor2
   const size_t back = any_logprobs ? out_bytes : 2 * sizeof(int32_t) * n;  // tokens, non_finite
   RETURN_IF_ERROR(CudaError(cudaMemcpyAsync(s.out_host.p, s.out_dev.p, back, cudaMemcpyDeviceToHost, stream),
                             "download samples"));
+  if (s.downloaded == nullptr) {
+    RETURN_IF_ERROR(CudaError(cudaEventCreateWithFlags(&s.downloaded, cudaEventDisableTiming), "sample event"));
+  }
+  RETURN_IF_ERROR(CudaError(cudaEventRecord(s.downloaded, stream), "sample event"));
   s.pass.n = n;
   s.pass.vocab = vocab;
   s.pass.any_logprobs = any_logprobs;
@@ -521,8 +531,8 @@ absl::Status SampleRowsLaunch(CudaSampler& s, cudaStream_t stream, const Tensor2
   return absl::OkStatus();
 }
 
-absl::Status SampleRowsFinish(CudaSampler& s, cudaStream_t stream, SampleOutput* out) {
-  RETURN_IF_ERROR(CudaError(cudaStreamSynchronize(stream), "sample synchronize"));
+absl::Status SampleRowsFinish(CudaSampler& s, SampleOutput* out) {
+  RETURN_IF_ERROR(CudaError(cudaEventSynchronize(s.downloaded), "sample synchronize"));
   const int32_t n = s.pass.n;
   const int64_t vocab = s.pass.vocab;
   const int32_t stride = SampleOutput::kStride;

@@ -368,6 +368,7 @@ absl::Status ModelRunner::AllocateStepBuffers() {
   m.total = m.drawn_pairs + 2 * S;
   RETURN_IF_ERROR(alloc(meta_, m.total, sizeof(int32_t)));
   ASSIGN_OR_RETURN(meta_host_, backend_->AllocateHost(static_cast<size_t>(m.total) * sizeof(int32_t)));
+  ASSIGN_OR_RETURN(meta_uploaded_, backend_->CreateEvent());
   ASSIGN_OR_RETURN(plan_, backend_->CreateAttentionPlan(
                               {limits_.max_num_seqs, limits_.max_num_batched_tokens, max_blocks_per_seq_}));
   return absl::OkStatus();
@@ -547,8 +548,10 @@ absl::StatusOr<StepOutput> ModelRunner::Execute(absl::Span<const SequenceStep> s
     }
   }
   if (meta_in_flight_) {
-    // Usually a no-op: the sampler waited for its draw, which followed the step in the stream.
-    RETURN_IF_ERROR(backend_->Synchronize());
+    // The last step's uploads from meta_host_, long done when it returned enqueued (an event
+    // recorded after them: the forward pass and draw behind them keep running); after a failure
+    // between the first upload and the record, the whole stream.
+    RETURN_IF_ERROR(meta_recorded_ ? backend_->SynchronizeEvent(*meta_uploaded_) : backend_->Synchronize());
     meta_in_flight_ = false;
   }
   // Whether this step may return enqueued: its results stay in backend memory (a KV policy's
@@ -632,7 +635,8 @@ absl::StatusOr<StepOutput> ModelRunner::Execute(absl::Span<const SequenceStep> s
   RETURN_IF_ERROR(WaitHostKvBefore(steps));
   // One copy per region, of the used prefix only; the device addresses never change.
   int32_t* dm = meta_.as<int32_t>();
-  meta_in_flight_ = true;  // until a Synchronize: the copies below read meta_host_ asynchronously
+  meta_in_flight_ = true;  // the copies below read meta_host_ asynchronously
+  meta_recorded_ = false;
   auto upload = [&](int64_t at, int64_t count) {
     return backend_->CopyToDevice(dm + at, hm + at, static_cast<size_t>(count) * sizeof(int32_t));
   };
@@ -643,8 +647,10 @@ absl::StatusOr<StepOutput> ModelRunner::Execute(absl::Span<const SequenceStep> s
   RETURN_IF_ERROR(upload(m.seq_lens, num_seqs));
   RETURN_IF_ERROR(upload(m.tables, static_cast<int64_t>(num_seqs) * mb));
   RETURN_IF_ERROR(upload(m.logit_rows, graph >= 0 ? rows_run : num_rows));
+  if (num_drawn > 0) RETURN_IF_ERROR(upload(m.drawn_pairs, 2 * num_drawn));
+  RETURN_IF_ERROR(backend_->RecordEvent(*meta_uploaded_));
+  meta_recorded_ = true;
   if (num_drawn > 0) {
-    RETURN_IF_ERROR(upload(m.drawn_pairs, 2 * num_drawn));
     RETURN_IF_ERROR(backend_->TakeDrawnTokens(dm + m.ids, drawn_tokens, dm + m.drawn_pairs, num_drawn,
                                               static_cast<int32_t>(config_.vocab_size)));
   }

@@ -343,8 +343,11 @@ class ModelRunner {
   int64_t num_graph_steps_ = 0, num_eager_steps_ = 0, graph_memory_bytes_ = 0;
   // Execute's metadata uploads from meta_host_ may still be pending (set before them, cleared by
   // the Synchronize of a completed step): a step that returned enqueued (StepSync::kEnqueued) or
-  // failed after the uploads. The next Execute waits for the stream before it rewrites the mirror.
+  // failed after the uploads. The next Execute waits for them before it rewrites the mirror.
   bool meta_in_flight_ = false;
+  // Recorded after the uploads (meta_recorded_: in this step, after the last uploads began).
+  std::unique_ptr<Event> meta_uploaded_;
+  bool meta_recorded_ = false;
   LayerInputObserver layer_input_observer_;
 };
 

@@ -337,10 +337,12 @@ absl::Status StepExecutor::Launch(const StepPlan& plan, InFlight* step, const in
     }
   }
   step->phase = InFlight::Phase::kLaunched;
+  step->busy += Clock::now() - step->t0;
   return absl::OkStatus();
 }
 
 absl::Status StepExecutor::BeginDraw(InFlight* step) {
+  const Clock::time_point begin = Clock::now();
   // Rows from each request's own stream and full history (every earlier draw is finished). A
   // request gone since the launch (a later plan finished it, or failed it) draws nothing.
   sample_rows_.clear();
@@ -360,6 +362,7 @@ absl::Status StepExecutor::BeginDraw(InFlight* step) {
     }
     if (child) kept_children.push_back(std::move(child));
     kept.push_back(d);
+    kept.back().position = static_cast<int64_t>(st.tokens.size());
   }
   step->draws = std::move(kept);
   step->child_samplers = std::move(kept_children);
@@ -377,10 +380,12 @@ absl::Status StepExecutor::BeginDraw(InFlight* step) {
     st.pending_draw = static_cast<int32_t>(i);
   }
   step->phase = InFlight::Phase::kDrawing;
+  step->busy += Clock::now() - begin;
   return absl::OkStatus();
 }
 
 absl::Status StepExecutor::FinishDraw(InFlight* step) {
+  const Clock::time_point begin = Clock::now();
   StepResult& result = step->result;
   const std::vector<InFlight::Draw>& draws = step->draws;
   std::vector<int32_t> sampled(draws.size(), 0);
@@ -413,12 +418,9 @@ absl::Status StepExecutor::FinishDraw(InFlight* step) {
   for (size_t i = 0; i < draws.size(); ++i) {
     if (sampled[i] != kBrokenLogits) continue;
     const int64_t id = draws[i].parent < 0 ? draws[i].seq_id : draws[i].parent;
-    auto it = seqs_.find(id);
-    if (it == seqs_.end()) continue;
-    const SeqState& st = it->second;
-    // The placeholder's position (the token that could not be drawn).
-    const int64_t at = static_cast<int64_t>(st.tokens.size()) - (st.pending_draw >= 0 ? 1 : 0);
-    broken.emplace(id, st.broken_logits_at >= 0 ? st.broken_logits_at : at);
+    auto it = seqs_.find(id);  // gone: a plan launched ahead failed it; its draw's failure is still said
+    broken.emplace(id, it != seqs_.end() && it->second.broken_logits_at >= 0 ? it->second.broken_logits_at
+                                                                             : draws[i].position);
   }
   // Each request's token replaces its placeholder; then its children fork (a child copies its
   // parent's state, its own token in place of the parent's).
@@ -469,7 +471,8 @@ absl::Status StepExecutor::FinishDraw(InFlight* step) {
   RETURN_IF_ERROR(runner_->FinishHostKvTransfers());
 
   last_end_ = Clock::now();
-  result.compute_us = Micros(last_end_ - step->t0);
+  step->busy += last_end_ - begin;
+  result.compute_us = Micros(step->busy);
   step->phase = InFlight::Phase::kDone;
   return absl::OkStatus();
 }
@@ -486,7 +489,11 @@ bool StepExecutor::CanLaunchAhead(const StepPlan& plan, const InFlight& prev) co
     return false;
   }
   absl::flat_hash_set<int64_t> drawing;
-  for (const InFlight::Draw& d : prev.draws) drawing.insert(d.seq_id);
+  for (const InFlight::Draw& d : prev.draws) {
+    // A fork copies its parent's state when the draw finishes: before this plan commits it.
+    if (d.parent >= 0) return false;
+    drawing.insert(d.seq_id);
+  }
   for (int64_t id : plan.finished) {
     if (drawing.contains(id)) return false;
   }
@@ -583,7 +590,17 @@ void StepExecutor::StartDraw(InFlight* step) {
 }
 
 void StepExecutor::EndDraw(InFlight* step) {
-  if (step->error.ok() && step->phase == InFlight::Phase::kDrawing) step->error = FinishDraw(step);
+  if (!step->error.ok() || step->phase != InFlight::Phase::kDrawing) return;
+  step->error = FinishDraw(step);
+  if (step->error.ok()) return;
+  // A draw that failed as a whole leaves no placeholder behind (its requests' histories end
+  // where they did before it began).
+  for (size_t i = 0; i < step->draws.size(); ++i) {
+    auto it = seqs_.find(step->draws[i].seq_id);
+    if (it == seqs_.end() || it->second.pending_draw != static_cast<int32_t>(i)) continue;
+    it->second.tokens.pop_back();
+    it->second.pending_draw = -1;
+  }
 }
 
 }  // namespace lorc

@@ -71,8 +71,13 @@ class StepExecutor final : public StepRunner {
   // or re-admits none of the drawing requests): then its forward pass takes those requests'
   // input ids from the draw on the device (ModelRunner::Execute's drawn_tokens), and its own draw
   // begins when the earlier step is awaited. Await finishes the oldest step and returns its
-  // result (or the error that stopped it). Results and per-request state are the same as with
-  // one step at a time: each draw reads its request's complete history.
+  // result (or the error that stopped it). Tokens, log-probabilities and per-request state are
+  // the same as with one step at a time (each draw reads its request's complete history; parity
+  // tests in step_executor_test and cuda_model_runner_test); one difference: a request whose draw
+  // fails (non-finite logits) under a step launched ahead is dropped from that step silently,
+  // where one step at a time that step would report it again as unknown. StepResult::compute_us
+  // counts the step's own phases, idle_us the time since the step before finished (0 when
+  // launched ahead of it).
   absl::Status Submit(const StepPlan& plan) override;
   absl::StatusOr<StepResult> Await() override;
   int max_in_flight() const override { return max_in_flight_; }
@@ -111,12 +116,14 @@ class StepExecutor final : public StepRunner {
     Tensor2D device_logits;          // the forward pass's logits, for the draw
     struct Draw {
       int64_t seq_id;
-      int64_t parent = -1;  // a fork child: its parent's id
-      int32_t row = 0;      // its logits row
+      int64_t parent = -1;    // a fork child: its parent's id
+      int32_t row = 0;        // its logits row
+      int64_t position = -1;  // the drawn token's position (BeginDraw; named if the draw fails)
     };
     std::vector<Draw> draws;  // a request's, then its fork children's
     std::vector<std::unique_ptr<Sampler>> child_samplers;  // parallel to the children's draws
     const int32_t* drawn = nullptr;  // kDrawing: Backend::BeginSample's tokens (rank 0)
+    std::chrono::steady_clock::duration busy{};  // in its phases (StepResult::compute_us)
   };
   // The phases (InFlight's comments). `drawn`: the drawing step's tokens when launched ahead.
   absl::Status Launch(const StepPlan& plan, InFlight* step, const int32_t* drawn);

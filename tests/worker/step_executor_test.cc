@@ -275,6 +275,39 @@ TEST_F(StepExecutorTest, LaunchAheadGivesTheResultsOfOneStepAtATime) {
   EXPECT_THAT(ahead.Execute(b.NewPlan()), StatusIs(absl::StatusCode::kFailedPrecondition));
 }
 
+// A fork's children are made when its draw finishes, from the parent's state: a plan that
+// schedules the parent alone while that draw is pending is not launched ahead (it would commit
+// the parent's next token before the children copy it), so the children start where the plans
+// say (a prompt of whole blocks: the parent's next token takes a new block, no copy-on-write).
+TEST_F(StepExecutorTest, APlanWithTheParentAloneDoesNotRunAheadOfItsFork) {
+  std::vector<int32_t> prompt16 = prompt_;
+  prompt16.resize(16, prompt_.back());
+  PlanBuilder b;
+  StepPlan p0 = b.NewPlan();
+  p0.seqs.push_back(b.Prefill(10, prompt16, Params(0.0f, {}, 3), {11, 12}));
+  StepPlan p1 = b.NewPlan();
+  p1.seqs.push_back(b.Decode(10, &p1));
+  ASSERT_TRUE(p1.copies.empty());
+  StepPlan p2 = b.NewPlan();
+  for (int64_t id : {10, 11, 12}) p2.seqs.push_back(b.Decode(id, &p2));
+  ASSERT_OK(exec_->Submit(p0));
+  ASSERT_OK(exec_->Submit(p1));
+  EXPECT_EQ(exec_->num_launched_ahead(), 0);
+  absl::StatusOr<StepResult> r = exec_->Await();
+  ASSERT_OK(r);
+  EXPECT_TRUE(r->failed.empty()) << r->failed[0].status;
+  ASSERT_OK(exec_->Submit(p2));
+  r = exec_->Await();
+  ASSERT_OK(r);
+  EXPECT_TRUE(r->failed.empty()) << r->failed[0].status;
+  r = exec_->Await();
+  ASSERT_OK(r);
+  EXPECT_TRUE(r->failed.empty()) << r->failed[0].status;
+  EXPECT_EQ(r->sampled.size(), 3u);
+  EXPECT_EQ(exec_->Tokens(10).size(), 16u + 3);
+  for (int64_t id : {11, 12}) EXPECT_EQ(exec_->Tokens(id).size(), 16u + 2) << "sequence " << id;
+}
+
 TEST_F(StepExecutorTest, ExtremeTemperaturesOfIssue7AreGreedy) {
   // `generate --temperature 1e-38 --seed 1` returned ids 4095, 4093, ... (logits / T overflowed).
   PlanBuilder b;

@@ -9,6 +9,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "common/defaults.h"
+#include "common/env_switch.h"
 #include "common/status_macros.h"
 
 namespace lorc::cli {
@@ -308,7 +309,11 @@ absl::StatusOr<std::unique_ptr<Session>> OpenSession(const Args& args) {
   // nothing; it only delayed every token's report by a step (the first token's time included the
   // second step; `generate --max-tokens 2` printed ~60,000 tokens/s) and ran one step more for a
   // request that had already stopped.
-  const int max_in_flight = s->backend->RunsAsynchronously() ? 2 : 1;
+  // LORC_DISABLE_LAUNCH_AHEAD=1 (A/B runs) keeps one at a time there too: two plans without
+  // launch-ahead measured 0.13-0.22 ms a step slower than one on an H100 (docs/PERFORMANCE.md,
+  // 2026-12-07).
+  const int max_in_flight =
+      s->backend->RunsAsynchronously() && !EnvFlag("LORC_DISABLE_LAUNCH_AHEAD", false) ? 2 : 1;
   s->executor = std::make_unique<StepExecutor>(s->model.runner.get(), nullptr, max_in_flight);
   ASSIGN_OR_RETURN(s->engine, Engine::Create(s->executor.get(), s->model.config,
                                              s->model.runner->kv_spec(), s->tokenizer.get(), eo));

@@ -115,7 +115,8 @@ class ModelRunner {
   // results all stay in backend memory (no host logits, one LM-head pass, no KV policy) returns
   // once it is enqueued, so the caller prepares the draw while the forward pass runs;
   // device_logits are then valid in the stream's order (Backend::Sample, which waits for its own
-  // results), and the next Execute waits for the stream before it rewrites the staged metadata.
+  // results), and the next Execute waits for the metadata uploads (an event recorded after them)
+  // before it rewrites the staged metadata.
   // Other steps complete either way.
   // InvalidArgument for malformed steps (token ids outside the vocabulary, block tables that do
   // not cover the tokens or name blocks outside the cache, positions past max_model_len) and for

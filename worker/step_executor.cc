@@ -3,9 +3,9 @@
 #include <algorithm>
 #include <memory>
 
+#include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
 #include "backend/sampling.h"
-#include "absl/container/flat_hash_set.h"
 #include "common/env_switch.h"
 #include "common/status_macros.h"
 #include "worker/comm/communicator.h"
@@ -502,8 +502,6 @@ bool StepExecutor::CanLaunchAhead(const StepPlan& plan, const InFlight& prev) co
   }
   for (const ScheduledSequence& s : plan.seqs) {
     if (!s.new_token_ids.empty() && drawing.contains(s.seq_id)) return false;
-    auto it = seqs_.find(s.seq_id);
-    if (it == seqs_.end() && drawing.contains(s.seq_id)) return false;  // a child not forked yet
   }
   return true;
 }

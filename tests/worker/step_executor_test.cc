@@ -253,7 +253,9 @@ TEST_F(StepExecutorTest, LaunchAheadGivesTheResultsOfOneStepAtATime) {
   std::vector<StepResult> got;
   ASSERT_OK(ahead.Submit(plans[0]));
   for (size_t i = 1; i <= plans.size(); ++i) {
-    if (i < plans.size()) ASSERT_OK(ahead.Submit(plans[i]));
+    if (i < plans.size()) {
+      ASSERT_OK(ahead.Submit(plans[i]));
+    }
     absl::StatusOr<StepResult> r = ahead.Await();
     ASSERT_OK(r);
     got.push_back(*std::move(r));

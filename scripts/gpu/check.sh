@@ -50,6 +50,13 @@
 #           an earlier commit, packed with PACK_OLD=path/to/lorcserve scripts/gpu/pack.sh) against
 #           `lorcserve`, rounds interleaved (VERSUS_RUNS, default 3), the 8B bench at VERSUS_BATCHES
 #           (1,8,64) x VERSUS_CONTEXTS (128,4096); one summary line per binary and round
+#   servebench  not in the default phases: the 8B shape (random weights) served by `coordinator
+#           --local-workers 1` (one worker process, the step stream) and measured by `lorcserve bench
+#           --server` at SERVEBENCH_CONCURRENCY clients (default 1,8; prompt 128, 160 tokens): ITL
+#           and the step's coordinator / worker times (schedule, rpc, apply, worker compute and idle),
+#           beside the in-process bench at the same batch sizes (ms a step); SERVEBENCH_RUNS rounds,
+#           SERVEBENCH_ARGS extra coordinator flags, SERVEBENCH_MODEL another config (BACKEND=cpu
+#           with a small one checks the phase on a machine without a GPU)
 #   trace   not in the default phases: a kernel timeline of the 8B decode (libkernel_trace.so over
 #           CUPTI, bench/src/kernel_trace.cc; pack it with PACK_BINS="lorcserve libkernel_trace.so")
 #           at TRACE_BATCHES (default 1) x TRACE_CONTEXTS (128), under each setting of TRACE_SETTINGS
@@ -270,6 +277,33 @@ phase_ab() {
         { note "ab 70B tp=2 [$s] run $r: FAILED"; fails=$((fails + 1)); }
     done
   done
+}
+
+# Not in the default phases: the 8B shape served through worker processes against the same shape
+# in-process (see the header).
+phase_servebench() {
+  local c r cs=${SERVEBENCH_CONCURRENCY:-1,8} model=${SERVEBENCH_MODEL:-bench/configs/llama3-8b}
+  for r in $(seq 1 "${SERVEBENCH_RUNS:-1}"); do
+    CUDA_VISIBLE_DEVICES=0 timeout 300 "$L" bench --model "$model" --backend "${BACKEND:-cuda}" --random-weights \
+      --prefill 512 --prefill-reps 1 --steps 64 --decode-batches "$cs" --contexts 128 \
+      > "$OUT/servebench-inprocess-run$r.txt" 2>&1 &&
+      note "servebench in-process run $r: $(decode_figures "$OUT/servebench-inprocess-run$r.txt")" ||
+      { note "servebench in-process run $r: FAILED"; fails=$((fails + 1)); }
+  done
+  CUDA_VISIBLE_DEVICES=0 SERVE_MODEL=$model SERVE_TAG=-bench SERVE_ARGS="--random-weights ${SERVEBENCH_ARGS:-}" \
+    start_coordinator 1 || { note "servebench: coordinator did not become healthy"; fails=$((fails + 1)); kill $CPID 2>/dev/null; return; }
+  for r in $(seq 1 "${SERVEBENCH_RUNS:-1}"); do
+    for c in ${cs//,/ }; do
+      # c clients, 2c requests of a 128-token prompt and 160 tokens each (ITL over steady decoding).
+      if timeout 300 "$L" bench --server "$ADDR" --requests $((2 * c)) --concurrency "$c" --prompt-len 128 \
+           --max-tokens 160 > "$OUT/servebench-c$c-run$r.txt" 2>&1; then
+        note "servebench c=$c run $r: $(sed -n 4p "$OUT/servebench-c$c-run$r.txt") | $(sed -n 5p "$OUT/servebench-c$c-run$r.txt")"
+      else
+        note "servebench c=$c run $r: FAILED ($(head -2 "$OUT/servebench-c$c-run$r.txt" | tr '\n' ' '))"; fails=$((fails + 1))
+      fi
+    done
+  done
+  kill -INT $CPID 2>/dev/null; wait $CPID 2>/dev/null
 }
 
 # Not in the default phases: an earlier binary against this one on the same GPU (see the header).

@@ -213,6 +213,21 @@ TEST_F(CudaAttentionTest, GroupOf8AndOddGroupDecode) {
   ExpectParity(MakeProblem(rng_, 12, 4, 64, {{1, 3000}, {1, 9}, {1, 250}}), kDecode);
 }
 
+// One rank's heads under tensor parallelism at 4 and 8 GPUs (issues #12, #13): Llama-3-70B at
+// TP = 8 holds 8 query heads over 1 KV head, the 8B shape 4 over 1, 70B at TP = 4 16 over 2.
+// One KV head makes the smallest grids (the decode and prefill plans split the keys the most).
+TEST_F(CudaAttentionTest, TensorParallelRankShapes) {
+  const std::vector<Seq> seqs = {{1, 4096}, {1, 9}, {1, 300}, {64, 1064}, {129, 129}, {1, 1}, {3, 700}};
+  for (const auto& [heads, kv_heads] : {std::pair<int, int>{8, 1}, {4, 1}, {16, 2}}) {
+    SCOPED_TRACE(::testing::Message() << heads << "/" << kv_heads << " x 128");
+    const Problem p = MakeProblem(rng_, heads, kv_heads, 128, seqs);
+    for (const int paths : {kDecode, kPrefill, kBoth}) {
+      SCOPED_TRACE(::testing::Message() << "paths " << paths);
+      ExpectParity(p, paths);
+    }
+  }
+}
+
 // The bf16 flash prefill (kernels/attention_prefill.cu) alone over every instantiated shape:
 // head_dim 64 and 128, groups 1, 4 and 8, several sequences of different lengths in one launch
 // (whole prompts and chunks over cached context, lengths not multiples of the 128-row tile or

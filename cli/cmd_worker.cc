@@ -116,7 +116,7 @@ int RunJoinedWorkers(const Args& args, const JoinSetup& j) {
   int exit_code = 0;
   absl::StatusOr<std::unique_ptr<LocalWorkers>> workers =
       LocalWorkers::Start(o, [&](int rank, pid_t pid, const std::string& how) {
-        std::cerr << "lorcserve worker: local worker " << rank << " (pid " << pid << ") " << how << "\n";
+        std::cerr << absl::StrCat("lorcserve worker: local worker ", rank, " (pid ", pid, ") ", how, "\n");
         if (how == "exited with code 2") {
           absl::MutexLock lock(&mu);
           stop = true;
@@ -144,7 +144,7 @@ int RunJoinedWorkers(const Args& args, const JoinSetup& j) {
     backoff = std::min(backoff * 2, absl::Seconds(30));
     for (int r : exited) {
       if (absl::Status st = (*workers)->Restart(r); !st.ok()) {
-        std::cerr << "lorcserve worker: restarting local worker " << r << ": " << st.message() << "\n";
+        std::cerr << absl::StrCat("lorcserve worker: restarting local worker ", r, ": ", st.message(), "\n");
       }
     }
   }
@@ -270,7 +270,7 @@ int RunWorker(int argc, char** argv) {
   // "lorcserve worker 1" for a coordinator's local worker; a worker started by hand has no rank yet.
   const std::string label =
       args->Has("rank-hint") ? absl::StrCat("lorcserve worker ", args->Get("rank-hint")) : "lorcserve worker";
-  std::cerr << label << ": serving on " << advertise << " (" << args->Get("backend", "cpu") << ")\n";
+  std::cerr << absl::StrCat(label, ": serving on ", advertise, " (", args->Get("backend", "cpu"), ")\n");
   std::atomic<bool> refused{false};
   {
     std::unique_ptr<JoinLoop> joiner;
@@ -282,7 +282,7 @@ int RunWorker(int argc, char** argv) {
       gethostname(hostname, sizeof(hostname) - 1);
       req.set_hostname(hostname);
       joiner = std::make_unique<JoinLoop>(join->coordinator, req, [&, s = server.get()](const absl::Status& st) {
-        std::cerr << "lorcserve worker: " << st << "\n";
+        std::cerr << absl::StrCat("lorcserve worker: ", st.ToString(), "\n");
         refused = true;
         s->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
       });
@@ -296,14 +296,15 @@ int RunWorker(int argc, char** argv) {
     const bool local = args->Has("parent-pid");
     TerminationSignalWatcher signals([s = server.get(), &service, &label, local](int sig) {
       if (service.setting_up()) {
-        std::cerr << label << ": " << TerminationSignalName(sig) << " during the model load: exiting\n";
+        std::cerr << absl::StrCat(label, ": ", TerminationSignalName(sig), " during the model load: exiting\n");
         std::_Exit(0);
       }
       // No drain here: a step in flight fails, and the coordinator recovers without this worker.
-      std::cerr << label << ": " << TerminationSignalName(sig)
-                << (local ? ": stopping (the coordinator is exiting or gone, or this worker was signalled: steps "
-                            "in flight fail)\n"
-                          : ": stopping (steps in flight fail; the coordinator re-forms its group)\n");
+      // One string, one write: the local workers share the coordinator's stderr and stop together.
+      std::cerr << absl::StrCat(label, ": ", TerminationSignalName(sig),
+                                local ? ": stopping (the coordinator is exiting or gone, or this worker was "
+                                        "signalled: steps in flight fail)\n"
+                                      : ": stopping (steps in flight fail; the coordinator re-forms its group)\n");
       s->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
     });
     server->Wait();

@@ -179,6 +179,10 @@ absl::StatusOr<GenerationRequest> ConvertGenerateRequest(const lorcserve::v1::Ge
   if (s.has_logprobs()) p.logprobs = s.logprobs();
   if (s.has_prompt_logprobs()) p.prompt_logprobs = s.prompt_logprobs();
   g.priority = req.priority();
+  if (req.request_id().size() > kMaxRequestIdBytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("request_id: ", req.request_id().size(), " bytes exceeds ", kMaxRequestIdBytes));
+  }
   RETURN_IF_ERROR(CheckSessionKey(req.session_id(), req.cache_salt()));
   g.session_id = req.session_id();
   g.cache_salt = req.cache_salt();

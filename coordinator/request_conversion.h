@@ -25,6 +25,7 @@ inline constexpr size_t kMaxRequestBytes = 4 << 20;
 inline constexpr int kMaxStopStrings = 64;
 inline constexpr size_t kMaxStopStringBytes = 512;
 inline constexpr size_t kMaxSessionIdBytes = 256;  // session_id and cache_salt
+inline constexpr size_t kMaxRequestIdBytes = 256;  // request_id (echoed in every response and log line)
 
 // INVALID_ARGUMENT "<field> is not valid UTF-8 at byte offset <i> (byte 0x..)" for the first
 // `string` field of `msg` (nested and repeated ones included: "sampling.stop[1]") whose bytes
@@ -42,7 +43,7 @@ absl::Status ParseRequest(std::string_view bytes, google::protobuf::Message* msg
 // cache_salt. INVALID_ARGUMENT naming the field: an empty prompt, text without a tokenizer
 // (`tokenizer` may be null), more than kMaxStopStrings stop strings or one over
 // kMaxStopStringBytes, an explicit max_tokens or n below 1, session_id or cache_salt over
-// kMaxSessionIdBytes, and whatever SamplingParams::Validate(config.vocab_size) rejects. The
+// kMaxSessionIdBytes, request_id over kMaxRequestIdBytes, and whatever SamplingParams::Validate(config.vocab_size) rejects. The
 // engine (scheduler) checks prompt ids and lengths again when the request is added.
 absl::StatusOr<GenerationRequest> ConvertGenerateRequest(const lorcserve::v1::GenerateRequest& req,
                                                          const ModelConfig& config,

@@ -1207,6 +1207,10 @@ def _messages(body):
                 parts.append(p["text"])
             content = "\n".join(parts)
         elif content is None:
+            # Only an assistant turn may leave it out (OpenAI: a tool-calling turn; refused below).
+            if role != "assistant":
+                raise bad_request(f"messages[{i}].content",
+                                  f"required for a '{role}' message: a string or a list of text parts")
             content = ""
         elif not isinstance(content, str):
             raise bad_request(f"messages[{i}].content", "must be a string or a list of parts")

@@ -75,6 +75,12 @@ TEST_F(ServerE2ETest, InvalidRequestsAreRejectedAndServingContinues) {
     cases.push_back({"513-byte stop string", r, "stop string of 513 bytes exceeds 512"});
   }
   {
+    // Echoed in every response and written into the request's log line: bounded like session_id.
+    v1::GenerateRequest r = IdsRequest(g.prompt_ids, 4);
+    r.set_request_id(std::string(257, 'r'));
+    cases.push_back({"257-byte request_id", r, "request_id: 257 bytes exceeds 256"});
+  }
+  {
     v1::GenerateRequest r = IdsRequest(g.prompt_ids, 4);
     r.mutable_sampling()->add_stop("a");
     r.mutable_sampling()->add_stop("");

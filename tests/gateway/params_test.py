@@ -267,6 +267,18 @@ class RequestBodyTest(unittest.TestCase):
         self.assert_400(b'{"a":' + b"[" * 100 + b"]" * 100 + b"}", None, "deeper than 64")
         self.assert_400(b'{"prompt": "\xff"}', None, "not valid JSON")  # not UTF-8
 
+    def test_a_message_without_content_names_it(self):
+        for body in ({"messages": [{"role": "user"}]},
+                     {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": None}]}):
+            with self.assertRaises(OpenAIError) as cm:
+                server._messages(body)
+            self.assertEqual(cm.exception.status, 400)
+            self.assertIn(cm.exception.param, ("messages[0].content", "messages[1].content"))
+            self.assertIn("required for a 'user' message", cm.exception.message)
+        # An assistant turn may leave it out (its content is then empty).
+        self.assertEqual(server._messages({"messages": [{"role": "user", "content": "q"},
+                                                        {"role": "assistant", "content": None}]})[1]["content"], "")
+
     def test_body_size_limit(self):
         big = b'{"prompt": "' + b"x" * server.MAX_REQUEST_BODY_BYTES + b'"}'
         for headers in ({}, {"content-length": str(len(big))}):  # chunked, or declared

@@ -408,8 +408,11 @@ absl::Status CudaBackend::MatmulRopeKvWrite(const Tensor2D& x, const Tensor2D& w
                                             const RopeKvWriteParams& p) {
   kernels::GemvRopeArgs r;
   if (!FusedQkvApplies(x, w, out, p, matmul_->policy, &r)) return Backend::MatmulRopeKvWrite(x, w, out, p);
+  // LORC_GEMV_ROPE_SPLITS=N: N K splits a tile (1: unsplit) instead of kernels::GemvRopeSplits
+  // (A/B measurements).
+  static const int splits = static_cast<int>(EnvInt("LORC_GEMV_ROPE_SPLITS", 0, kernels::kGemvMaxSplits, 0));
   return CudaError(kernels::LaunchGemvRopeKvWrite(x.rows, w.rows, x.cols, x.data, x.stride(), w.data, w.stride(),
-                                                  out.data, out.stride(), r, stream_),
+                                                  out.data, out.stride(), r, stream_, splits),
                    "MatmulRopeKvWrite");
 }
 

@@ -11,6 +11,8 @@
 
 #include <cooperative_groups.h>
 
+#include <algorithm>
+
 #include "kernels/pdl.cuh"
 #include "kernels/vec.cuh"
 
@@ -440,6 +442,8 @@ constexpr int kRopeSteps = 4;
 
 // The fused launches (an epilogue other than the plain store, or the normed input): BF16 out,
 // unsplit, k_steps kRopeSteps, the token tile by m.
+// `grid.y` > 1 (kX input only: the normed inputs' sums of squares are per CTA): a cluster of
+// grid.y CTAs a tile splits K.
 template <Mode kMode, In kIn>
 cudaError_t LaunchFused(dim3 grid, int64_t m, int64_t n, int64_t k, const void* x, int64_t ldx, const void* w,
                         int64_t ldw, void* out, int64_t ldo, const GemvRopeArgs& rope, const GemvNormArgs& norm,
@@ -448,14 +452,24 @@ cudaError_t LaunchFused(dim3 grid, int64_t m, int64_t n, int64_t k, const void* 
   const auto* xb = static_cast<const __nv_bfloat16*>(x);
   const auto* wb = static_cast<const __nv_bfloat16*>(w);
   auto* ob = static_cast<__nv_bfloat16*>(out);
+  cudaLaunchAttribute cluster;
+  const cudaLaunchAttribute* cl = nullptr;
+  if (grid.y > 1) {
+    if (kIn != kX) return cudaErrorInvalidValue;
+    cluster.id = cudaLaunchAttributeClusterDimension;
+    cluster.val.clusterDim.x = 1;
+    cluster.val.clusterDim.y = grid.y;
+    cluster.val.clusterDim.z = 1;
+    cl = &cluster;
+  }
   if constexpr (kIn != kX) {  // m <= kGemvNormMaxRows: one token tile
     return LaunchPdl(GemvKernel<1, kRopeSteps, __nv_bfloat16, kMode, kIn>, grid, dim3(kThreads), 0, stream, nullptr,
                      mi, ni, ki, xb, ldx, wb, ldw, ob, ldo, rope, norm);
   } else {
     return m <= 8 ? LaunchPdl(GemvKernel<1, kRopeSteps, __nv_bfloat16, kMode, kIn>, grid, dim3(kThreads), 0, stream,
-                              nullptr, mi, ni, ki, xb, ldx, wb, ldw, ob, ldo, rope, norm)
+                              cl, mi, ni, ki, xb, ldx, wb, ldw, ob, ldo, rope, norm)
                   : LaunchPdl(GemvKernel<2, kRopeSteps, __nv_bfloat16, kMode, kIn>, grid, dim3(kThreads), 0, stream,
-                              nullptr, mi, ni, ki, xb, ldx, wb, ldw, ob, ldo, rope, norm);
+                              cl, mi, ni, ki, xb, ldx, wb, ldw, ob, ldo, rope, norm);
   }
 }
 }  // namespace
@@ -516,12 +530,31 @@ bool GemvRopeSupported(int64_t m, int64_t n, int64_t k, const void* x, int64_t l
          r.slot_mapping != nullptr && r.k_cache != nullptr && r.v_cache != nullptr;
 }
 
+int GemvRopeSplits(int64_t n) {
+  static const int sms = [] {  // a worker drives one device (as kv_policy_latent.cu's SpanFor)
+    int dev = 0, count = 0, major = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return 0;
+    }
+    return major >= 9 ? count : 0;  // clusters from sm_90
+  }();
+  const int64_t tiles = n / kTileRows;
+  if (sms <= 0 || tiles <= 0 || tiles >= sms) return 1;
+  return static_cast<int>(std::clamp<int64_t>(2 * sms / tiles, 1, kGemvMaxSplits));
+}
+
 cudaError_t LaunchGemvRopeKvWrite(int64_t m, int64_t n, int64_t k, const void* x, int64_t ldx, const void* w,
                                   int64_t ldw, void* out, int64_t ldo, const GemvRopeArgs& rope,
-                                  cudaStream_t stream) {
-  if (!GemvRopeSupported(m, n, k, x, ldx, w, ldw, rope) || ldo < n) return cudaErrorInvalidValue;
-  return LaunchFused<kRope, kX>(dim3(static_cast<unsigned>(n / kTileRows)), m, n, k, x, ldx, w, ldw, out, ldo, rope,
-                                GemvNormArgs{}, stream);
+                                  cudaStream_t stream, int splits) {
+  if (!GemvRopeSupported(m, n, k, x, ldx, w, ldw, rope) || ldo < n || splits < 0 || splits > kGemvMaxSplits) {
+    return cudaErrorInvalidValue;
+  }
+  if (splits == 0) splits = GemvRopeSplits(n);
+  return LaunchFused<kRope, kX>(dim3(static_cast<unsigned>(n / kTileRows), static_cast<unsigned>(splits)), m, n, k,
+                                x, ldx, w, ldw, out, ldo, rope, GemvNormArgs{}, stream);
 }
 
 bool GemvSiluMulSupported(int64_t m, int64_t n, int64_t k, const void* x, int64_t ldx, const void* w, int64_t ldw,

@@ -74,7 +74,8 @@ cudaError_t LaunchGemvAddBf16(int64_t m, int64_t n, int64_t k, const void* x, in
 // and i + head_dim / 2, angle float(positions[t]) * inv_freq[i] in fp32, each value rounded once)
 // and, for slot_mapping[t] >= 0, the rotated k row and the v row stored into the BF16 caches
 // ([slots, num_kv_heads * head_dim]). Each CTA owns 8 dims of one head and their rotation
-// partners, so the rotation needs no second kernel. Unsplit, k_steps 4.
+// partners, so the rotation needs no second kernel. k_steps 4; unsplit unless the tiles leave SMs
+// idle (LaunchGemvRopeKvWrite's splits).
 struct GemvRopeArgs {
   int32_t head_dim = 0;  // a multiple of 16
   int32_t num_heads = 0;
@@ -92,11 +93,21 @@ bool GemvRopeSupported(int64_t m, int64_t n, int64_t k, const void* x, int64_t l
                        const GemvRopeArgs& rope);
 
 // Launches it (programmatic dependent launch as LaunchGemvBf16: w is read before the wait; the
-// metadata, x and the caches after it). out must not overlap x, w or the caches.
-// cudaErrorInvalidValue unless GemvRopeSupported and ldo >= n.
+// metadata, x and the caches after it). out must not overlap x, w or the caches. `splits`: CTAs
+// of a cluster sharing a tile's K range (1..kGemvMaxSplits, reduced through distributed shared
+// memory as LaunchGemvBf16's splits; sm_90 and up), 0: GemvRopeSplits(n). cudaErrorInvalidValue
+// unless GemvRopeSupported, ldo >= n and splits in [0, kGemvMaxSplits].
 cudaError_t LaunchGemvRopeKvWrite(int64_t m, int64_t n, int64_t k, const void* x, int64_t ldx, const void* w,
                                   int64_t ldw, void* out, int64_t ldo, const GemvRopeArgs& rope,
-                                  cudaStream_t stream);
+                                  cudaStream_t stream, int splits = 0);
+
+// The fused QKV GEMV's default splits on the current device for n output rows (n / 16 tiles):
+// 1 when the tiles fill the SMs; below that as many as keep every CTA in one wave of two CTAs an
+// SM (floor(2 x SMs / tiles), at most kGemvMaxSplits), e.g. 3 for one Llama-3-70B rank's qkv at
+// TP = 8 (n = 1,280: 80 tiles) on 132 SMs, where the unsplit GEMV read its 21 MB at half the
+// weight-read ceiling (13.5 us a layer against 6.7, one H100, docs/PERFORMANCE.md 2026-12-07).
+// 1 on devices before sm_90 (no clusters) or when the device cannot be queried.
+int GemvRopeSplits(int64_t n);
 
 // The decode gate_up projection fused with SiLU-and-multiply (the CUDA backend's
 // MatmulSiluMul): out [m, n / 2] BF16 (pitch ldo >= n / 2) = silu(gate) * up of the projection

@@ -80,15 +80,17 @@ TEST_F(CudaGemvTest, MatmulFallsBackToCublasLtWhereTheGemvDoesNotApply) {
 // mag_p), u the unrotated projection of the element and of its rotation partner, mag the same
 // over |x| and |w| (two bf16 roundings of the rotated inputs and one of the result: at most
 // 2^-9 each, relative to |u_i| + |u_p|; the accumulation term as above). Slots not in
-// slot_mapping (and slot -1) stay untouched. Shapes: GQA 4/2 x 64, 8/2 x 128, MHA 2/2 x 128, K
-// with a masked tail (264) and 1024, M = 1..16.
+// slot_mapping (and slot -1) stay untouched. Shapes: GQA 4/2 x 64, 8/2 x 128, MHA 2/2 x 128, one
+// KV head (8/1 x 128: a Llama-3-70B rank at TP = 8), K with a masked tail (264) and 1024, M = 1..16;
+// each but 32/8 x 128 (384 tiles: unsplit on GPUs of up to 384 SMs) has too few tiles to fill the
+// SMs, so its K is split (kernels::GemvRopeSplits) and the unfused GEMV runs the same splits.
 TEST_F(CudaGemvTest, FusedQkvRopeKvWriteMatchesUnfusedAndCpu) {
   struct Shape {
     int heads, kv_heads, hd;
   };
   const auto stream = static_cast<cudaStream_t>(cuda_->stream_handle());
   const float sentinel = 1024.f;
-  for (const Shape sh : {Shape{4, 2, 64}, Shape{8, 2, 128}, Shape{2, 2, 128}}) {
+  for (const Shape sh : {Shape{4, 2, 64}, Shape{8, 2, 128}, Shape{2, 2, 128}, Shape{8, 1, 128}, Shape{32, 8, 128}}) {
     for (const int64_t K : {264, 1024}) {
       for (const int64_t M : {1, 2, 5, 8, 11, 16}) {
         SCOPED_TRACE(::testing::Message() << sh.heads << "/" << sh.kv_heads << "x" << sh.hd << " K=" << K << " M=" << M);
@@ -128,8 +130,13 @@ TEST_F(CudaGemvTest, FusedQkvRopeKvWriteMatchesUnfusedAndCpu) {
           return std::vector<std::vector<float>>{Get(be, dout, d), Get(be, kc, d), Get(be, vc, d)};
         };
         const auto fused = run(*cuda_, DType::kBF16, x, w, nullptr);
+        const int splits = kernels::GemvRopeSplits(N);
+        if (M == 1) std::printf("    %d/%d x %d: %d K split(s)\n", sh.heads, sh.kv_heads, sh.hd, splits);
         const auto unfused = run(*cuda_, DType::kBF16, x, w, [&](const Tensor2D& a, const Tensor2D& b, const Tensor2D& o) {
-          return cuda_internal::RunGemv(a, b, o, /*config: unsplit, k_steps 4*/ 0, stream);
+          const cudaError_t e = kernels::LaunchGemvBf16(a.rows, b.rows, a.cols, a.data, a.stride(), b.data, b.stride(),
+                                                        kernels::ElemType::kBF16, o.data, o.stride(),
+                                                        kernels::GemvConfig{splits, 4}, stream);
+          return e == cudaSuccess ? absl::OkStatus() : absl::InternalError(cudaGetErrorString(e));
         });
         EXPECT_EQ(fused[0], unfused[0]) << "out";
         EXPECT_EQ(fused[1], unfused[1]) << "k cache";

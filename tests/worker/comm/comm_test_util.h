@@ -2,8 +2,10 @@
 // CUDA builds (LORC_COMM_TEST_CUDA), the GPU count and CUDA_ASSERT.
 #pragma once
 
+#include <cstdint>
 #include <cstdlib>
 #include <string>
+#include <vector>
 
 #include "absl/time/time.h"
 #include "gtest/gtest.h"
@@ -28,6 +30,23 @@ inline CommOptions TestCommOptions(const std::string& group) {
   o.join_timeout = absl::Seconds(120);
   o.op_timeout = absl::Seconds(120);
   return o;
+}
+
+// The custom all-reduce tests' inputs: bf16 bits of rank `rank`'s element i in case `c` (random
+// sign, exponent in [-8, 7], mantissa, so that the sums need rounding), `count` of them.
+inline std::vector<uint16_t> AllReduceInputs(int rank, int c, int64_t count) {
+  std::vector<uint16_t> v(count);
+  for (int64_t i = 0; i < count; ++i) {
+    uint64_t x = (static_cast<uint64_t>(rank) << 56) ^ (static_cast<uint64_t>(c) << 40) ^ static_cast<uint64_t>(i);
+    x = (x ^ (x >> 31)) * 0x7fb5d329728ea185ull;
+    x = (x ^ (x >> 27)) * 0x81dadef4bc2dd44dull;
+    x ^= x >> 33;
+    const uint16_t sign = static_cast<uint16_t>((x & 1) << 15);
+    const uint16_t exponent = static_cast<uint16_t>(127 - 8 + ((x >> 1) & 15));
+    const uint16_t mantissa = static_cast<uint16_t>((x >> 8) & 127);
+    v[i] = static_cast<uint16_t>(sign | (exponent << 7) | mantissa);
+  }
+  return v;
 }
 
 #if LORC_COMM_TEST_CUDA

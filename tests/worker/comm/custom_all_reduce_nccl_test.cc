@@ -58,6 +58,7 @@ using ::testing::StartsWith;
 constexpr char kRankEnv[] = "LORC_CAR_TEST_RANK";
 constexpr char kDirEnv[] = "LORC_CAR_TEST_DIR";
 
+using ::lorc::testing::AllReduceInputs;
 using ::lorc::testing::GpuCount;
 
 // A store shared by processes: one file per key in `dir` (written to a temporary name, then
@@ -107,28 +108,9 @@ class FileStore final : public RendezvousStore {
 };
 
 
-// bf16 bits of rank `rank`'s element i in case `c`: random sign, exponent in [-8, 7], mantissa,
-// so that the sums need rounding.
-uint16_t Input(int rank, int c, int64_t i) {
-  uint64_t x = (static_cast<uint64_t>(rank) << 56) ^ (static_cast<uint64_t>(c) << 40) ^
-               static_cast<uint64_t>(i);
-  x = (x ^ (x >> 31)) * 0x7fb5d329728ea185ull;
-  x = (x ^ (x >> 27)) * 0x81dadef4bc2dd44dull;
-  x ^= x >> 33;
-  const uint16_t sign = static_cast<uint16_t>((x & 1) << 15);
-  const uint16_t exponent = static_cast<uint16_t>(127 - 8 + ((x >> 1) & 15));
-  const uint16_t mantissa = static_cast<uint16_t>((x >> 8) & 127);
-  return static_cast<uint16_t>(sign | (exponent << 7) | mantissa);
-}
-
-std::vector<uint16_t> Inputs(int rank, int c, int64_t count) {
-  std::vector<uint16_t> v(count);
-  for (int64_t i = 0; i < count; ++i) v[i] = Input(rank, c, i);
-  return v;
-}
 
 std::vector<uint16_t> Reference(int c, int64_t count) {
-  return kernels::OneShotAllReduceReference({Inputs(0, c, count), Inputs(1, c, count)});
+  return kernels::OneShotAllReduceReference({AllReduceInputs(0, c, count), AllReduceInputs(1, c, count)});
 }
 
 uint64_t Hash(const std::vector<uint16_t>& v) {
@@ -177,7 +159,7 @@ void CheckEager(RankRun& run, Communicator& comm, cudaStream_t stream, uint16_t*
                 int64_t count, const std::string& want_algorithm) {
   const std::string name = absl::StrCat("eager case ", c, " count ", count);
   EXPECT_EQ(comm.AllReduceAlgorithm(count, DType::kBF16), want_algorithm) << name;
-  const std::vector<uint16_t> in = Inputs(run.rank_, c, count);
+  const std::vector<uint16_t> in = AllReduceInputs(run.rank_, c, count);
   CUDA_ASSERT(cudaMemcpyAsync(dev, in.data(), count * 2, cudaMemcpyHostToDevice, stream));
   ASSERT_OK(comm.AllReduceSum(dev, count, DType::kBF16));
   ASSERT_OK(comm.Sync());
@@ -245,7 +227,7 @@ TEST(CustomAllReduceNcclRank, Body) {
     CUDA_ASSERT(cudaMalloc(&many, kCalls * kStride * 2));
     std::vector<uint16_t> host(kCalls * kStride, 0);
     for (int k = 0; k < kCalls; ++k) {
-      const std::vector<uint16_t> in = Inputs(rank, 1000 + k, kCount);
+      const std::vector<uint16_t> in = AllReduceInputs(rank, 1000 + k, kCount);
       std::copy(in.begin(), in.end(), host.begin() + k * kStride);
     }
     CUDA_ASSERT(cudaMemcpy(many, host.data(), host.size() * 2, cudaMemcpyHostToDevice));
@@ -288,8 +270,8 @@ TEST(CustomAllReduceNcclRank, Body) {
     CUDA_ASSERT(cudaGraphInstantiate(&exec, graph, 0));
     for (int replay = 0; replay < 4; ++replay) {
       const int ca = 2000 + replay, c1 = 2100 + replay, cb = 2200 + replay;
-      const std::vector<uint16_t> in_a = Inputs(rank, ca, kA), in_1 = Inputs(rank, c1, 1),
-                                  in_b = Inputs(rank, cb, kBig);
+      const std::vector<uint16_t> in_a = AllReduceInputs(rank, ca, kA), in_1 = AllReduceInputs(rank, c1, 1),
+                                  in_b = AllReduceInputs(rank, cb, kBig);
       CUDA_ASSERT(cudaMemcpyAsync(a, in_a.data(), kA * 2, cudaMemcpyHostToDevice, stream));
       CUDA_ASSERT(cudaMemcpyAsync(one, in_1.data(), 2, cudaMemcpyHostToDevice, stream));
       CUDA_ASSERT(cudaMemcpyAsync(dev, in_b.data(), kBig * 2, cudaMemcpyHostToDevice, stream));

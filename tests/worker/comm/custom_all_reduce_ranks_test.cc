@@ -41,31 +41,13 @@ TEST(CustomAllReduceRanksTest, NeedsCuda) { GTEST_SKIP() << "built without CUDA"
 
 #else
 
+using ::lorc::testing::AllReduceInputs;
 using ::lorc::testing::GpuCount;
 
-// bf16 bits of rank `rank`'s element i in case `c`: random sign, exponent in [-8, 7], mantissa,
-// so that the sums need rounding.
-uint16_t Input(int rank, int c, int64_t i) {
-  uint64_t x = (static_cast<uint64_t>(rank) << 56) ^ (static_cast<uint64_t>(c) << 40) ^
-               static_cast<uint64_t>(i);
-  x = (x ^ (x >> 31)) * 0x7fb5d329728ea185ull;
-  x = (x ^ (x >> 27)) * 0x81dadef4bc2dd44dull;
-  x ^= x >> 33;
-  const uint16_t sign = static_cast<uint16_t>((x & 1) << 15);
-  const uint16_t exponent = static_cast<uint16_t>(127 - 8 + ((x >> 1) & 15));
-  const uint16_t mantissa = static_cast<uint16_t>((x >> 8) & 127);
-  return static_cast<uint16_t>(sign | (exponent << 7) | mantissa);
-}
-
-std::vector<uint16_t> Inputs(int rank, int c, int64_t count) {
-  std::vector<uint16_t> v(count);
-  for (int64_t i = 0; i < count; ++i) v[i] = Input(rank, c, i);
-  return v;
-}
 
 std::vector<uint16_t> Reference(int n, int c, int64_t count) {
   std::vector<std::vector<uint16_t>> in;
-  for (int r = 0; r < n; ++r) in.push_back(Inputs(r, c, count));
+  for (int r = 0; r < n; ++r) in.push_back(AllReduceInputs(r, c, count));
   return kernels::OneShotAllReduceReference(in);
 }
 
@@ -139,7 +121,7 @@ class Ranks {
   // rank's output against the reference bit for bit. Returns the mismatching elements.
   int64_t RunCase(int c, int64_t count, int64_t offset) {
     for (int r = 0; r < n_; ++r) {
-      const std::vector<uint16_t> in = Inputs(r, c, count);
+      const std::vector<uint16_t> in = AllReduceInputs(r, c, count);
       EXPECT_EQ(cudaMemcpy(data(r, offset), in.data(), count * 2, cudaMemcpyHostToDevice), cudaSuccess);
     }
     for (int r = 0; r < n_; ++r) EXPECT_EQ(car(r).Enqueue(data(r, offset), count, stream(r)), cudaSuccess);
@@ -216,7 +198,7 @@ TEST_P(CustomAllReduceRanksTest, EveryRankHoldsTheReferenceSum) {
     for (int r = 0; r < n; ++r) {
       std::vector<uint16_t> host(kCalls * kStride, 0);
       for (int k = 0; k < kCalls; ++k) {
-        const std::vector<uint16_t> in = Inputs(r, 500 + k, kCount);
+        const std::vector<uint16_t> in = AllReduceInputs(r, 500 + k, kCount);
         std::copy(in.begin(), in.end(), host.begin() + k * kStride);
       }
       ASSERT_EQ(cudaMemcpy(ranks.data(r, 0), host.data(), host.size() * 2, cudaMemcpyHostToDevice), cudaSuccess);
@@ -250,7 +232,7 @@ TEST_P(CustomAllReduceRanksTest, CapturedCallsReplay) {
   for (int replay = 0; replay < 3; ++replay) {
     const int c = 900 + replay;
     for (int r = 0; r < n; ++r) {
-      const std::vector<uint16_t> in = Inputs(r, c, kCount);
+      const std::vector<uint16_t> in = AllReduceInputs(r, c, kCount);
       ASSERT_EQ(cudaMemcpy(ranks.data(r, 0), in.data(), kCount * 2, cudaMemcpyHostToDevice), cudaSuccess);
     }
     for (int r = 0; r < n; ++r) ASSERT_EQ(cudaGraphLaunch(execs[r], ranks.stream(r)), cudaSuccess);

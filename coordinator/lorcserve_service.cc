@@ -215,7 +215,12 @@ grpc::Status LorcServeService::GenerateImpl(grpc::ServerContext* ctx, const grpc
   const absl::Cleanup leave = [this] { Leave(); };
   lorcserve::v1::GenerateRequest req;
   if (grpc::Status s = ParseBuffer(*raw, &req); !s.ok()) return s;
-  rec->request_id = req.request_id();
+  // Logged even when refused (over kMaxRequestIdBytes: ConvertGenerateRequest), so cut to that
+  // many bytes at a UTF-8 character boundary (the field is valid UTF-8: ParseBuffer).
+  const std::string& rid = req.request_id();
+  size_t cut = std::min(rid.size(), kMaxRequestIdBytes);
+  while (cut > 0 && cut < rid.size() && (static_cast<unsigned char>(rid[cut]) & 0xC0) == 0x80) --cut;
+  rec->request_id = rid.substr(0, cut);
   absl::StatusOr<std::shared_ptr<EngineLoop>> current = Loop();
   if (!current.ok()) return ToGrpcStatus(current.status());
   const std::shared_ptr<EngineLoop> loop = *std::move(current);

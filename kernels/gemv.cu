@@ -12,6 +12,7 @@
 #include <cooperative_groups.h>
 
 #include <algorithm>
+#include <atomic>
 
 #include "kernels/pdl.cuh"
 #include "kernels/vec.cuh"
@@ -172,7 +173,9 @@ __device__ __forceinline__ void StoreResidual(const GemvNormArgs& a, int m, int 
 // One CTA: rows [16 * blockIdx.x, +16) of w (kRope: RopeTileOf's rows; kSilu: SiluEpilogue's),
 // K chunks of cluster rank blockIdx.y of gridDim.y. NT: 8-token column tiles (M <= 8 * NT);
 // STEPS: 32-wide k steps per warp chunk; kMode kRope / kSilu: their epilogue instead of the plain
-// store (OutT bf16, no split); kIn kNormX: the input is RMSNorm(x [+ add]) * weight (no split).
+// store (OutT bf16; kRope may be split, run by cluster rank 0 after the reduction; kSilu is not);
+// kIn kNormX: the input is RMSNorm(x [+ add]) * weight, kScaledX: x scaled by the partials' 1 /
+// rms (neither split: their sums of squares would cover one split's K only).
 template <int NT, int STEPS, typename OutT, Mode kMode = kPlain, In kIn = kX>
 __global__ void __launch_bounds__(kThreads, 2)
     GemvKernel(int m, int n, int k, const __nv_bfloat16* __restrict__ x, int64_t ldx,
@@ -435,15 +438,14 @@ cudaError_t LaunchOut(const GemvLaunch& cfg, int k_steps, int m, int n, int k, c
                       : LaunchSteps<8, OutT, kMode>(cfg, m, n, k, x, ldx, w, ldw, out, ldo);
 }
 
-// The fused QKV projection's one configuration: unsplit, k_steps 4 (the fastest GEMV
-// configuration of the 8B and 70B/2 qkv shapes at M = 1..8 on an H200, 2026-12-01,
-// docs/data/2026-12-01-h200-gemm_bench-decode.txt).
+// The fused QKV projection's k_steps: 4 (with the tiles unsplit, the fastest GEMV configuration of
+// the 8B and 70B/2 qkv shapes at M = 1..8 on an H200, 2026-12-01,
+// docs/data/2026-12-01-h200-gemm_bench-decode.txt); split where GemvRopeSplits says.
 constexpr int kRopeSteps = 4;
 
 // The fused launches (an epilogue other than the plain store, or the normed input): BF16 out,
-// unsplit, k_steps kRopeSteps, the token tile by m.
-// `grid.y` > 1 (kX input only: the normed inputs' sums of squares are per CTA): a cluster of
-// grid.y CTAs a tile splits K.
+// k_steps kRopeSteps, the token tile by m; unsplit unless grid.y > 1: then a cluster of grid.y
+// CTAs a tile splits K (kX input only: kNormX's and kScaledX's sums of squares are per CTA).
 template <Mode kMode, In kIn>
 cudaError_t LaunchFused(dim3 grid, int64_t m, int64_t n, int64_t k, const void* x, int64_t ldx, const void* w,
                         int64_t ldw, void* out, int64_t ldo, const GemvRopeArgs& rope, const GemvNormArgs& norm,
@@ -530,17 +532,38 @@ bool GemvRopeSupported(int64_t m, int64_t n, int64_t k, const void* x, int64_t l
          r.slot_mapping != nullptr && r.k_cache != nullptr && r.v_cache != nullptr;
 }
 
-int GemvRopeSplits(int64_t n) {
-  static const int sms = [] {  // a worker drives one device (as kv_policy_latent.cu's SpanFor)
-    int dev = 0, count = 0, major = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess ||
-        cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
-        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
+namespace {
+// The current device's SM count where the fused QKV kernel can run as a cluster, else -1 (cached
+// per device, as pdl.cu).
+int RopeClusterSms() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cached[kMaxDevices] = {};  // 0: not asked yet
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices) {
+    (void)cudaGetLastError();
+    return -1;
+  }
+  int sms = cached[dev].load(std::memory_order_relaxed);
+  if (sms == 0) {
+    // Clusters need an sm_90 device and this kernel's code built for it: a binary of an earlier
+    // architecture's PTX, JIT-compiled for the device, has the cluster reduction compiled out.
+    int count = 0, major = 0;
+    cudaFuncAttributes fa{};
+    if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+        cudaFuncGetAttributes(&fa, GemvKernel<1, kRopeSteps, __nv_bfloat16, kRope, kX>) != cudaSuccess) {
       (void)cudaGetLastError();
-      return 0;
+      count = 0;
     }
-    return major >= 9 ? count : 0;  // clusters from sm_90
-  }();
+    sms = major >= 9 && fa.ptxVersion >= 90 && count > 0 ? count : -1;
+    cached[dev].store(sms, std::memory_order_relaxed);
+  }
+  return sms;
+}
+}  // namespace
+
+int GemvRopeSplits(int64_t n) {
+  const int sms = RopeClusterSms();
   const int64_t tiles = n / kTileRows;
   if (sms <= 0 || tiles <= 0 || tiles >= sms) return 1;
   return static_cast<int>(std::clamp<int64_t>(2 * sms / tiles, 1, kGemvMaxSplits));
@@ -553,6 +576,7 @@ cudaError_t LaunchGemvRopeKvWrite(int64_t m, int64_t n, int64_t k, const void* x
     return cudaErrorInvalidValue;
   }
   if (splits == 0) splits = GemvRopeSplits(n);
+  if (splits > 1 && RopeClusterSms() < 0) return cudaErrorNotSupported;  // would trap, or not launch
   return LaunchFused<kRope, kX>(dim3(static_cast<unsigned>(n / kTileRows), static_cast<unsigned>(splits)), m, n, k,
                                 x, ldx, w, ldw, out, ldo, rope, GemvNormArgs{}, stream);
 }

@@ -96,7 +96,8 @@ bool GemvRopeSupported(int64_t m, int64_t n, int64_t k, const void* x, int64_t l
 // metadata, x and the caches after it). out must not overlap x, w or the caches. `splits`: CTAs
 // of a cluster sharing a tile's K range (1..kGemvMaxSplits, reduced through distributed shared
 // memory as LaunchGemvBf16's splits; sm_90 and up), 0: GemvRopeSplits(n). cudaErrorInvalidValue
-// unless GemvRopeSupported, ldo >= n and splits in [0, kGemvMaxSplits].
+// unless GemvRopeSupported, ldo >= n and splits in [0, kGemvMaxSplits]; cudaErrorNotSupported for
+// splits > 1 where GemvRopeSplits would not split (no clusters for this kernel on this device).
 cudaError_t LaunchGemvRopeKvWrite(int64_t m, int64_t n, int64_t k, const void* x, int64_t ldx, const void* w,
                                   int64_t ldw, void* out, int64_t ldo, const GemvRopeArgs& rope,
                                   cudaStream_t stream, int splits = 0);
@@ -106,7 +107,8 @@ cudaError_t LaunchGemvRopeKvWrite(int64_t m, int64_t n, int64_t k, const void* x
 // SM (floor(2 x SMs / tiles), at most kGemvMaxSplits), e.g. 3 for one Llama-3-70B rank's qkv at
 // TP = 8 (n = 1,280: 80 tiles) on 132 SMs, where the unsplit GEMV read its 21 MB at half the
 // weight-read ceiling (13.5 us a layer against 6.7, one H100, docs/PERFORMANCE.md 2026-12-07).
-// 1 on devices before sm_90 (no clusters) or when the device cannot be queried.
+// 1 on devices before sm_90 (no clusters), in a build whose kernel for this device came from an
+// earlier architecture's PTX, or when the device cannot be queried (cached per device).
 int GemvRopeSplits(int64_t n);
 
 // The decode gate_up projection fused with SiLU-and-multiply (the CUDA backend's

@@ -110,9 +110,9 @@ void JoinLoop::Run() {
       last_error.clear();
       if (resp.coordinator_id() != coordinator_id) {
         coordinator_id = resp.coordinator_id();
-        std::cerr << "lorcserve worker: joined the coordinator at " << coordinator_ << " as rank "
-                  << resp.rank() << " of " << resp.tensor_parallel_size() << " ("
-                  << resp.missing_ranks() << " still missing)\n";
+        std::cerr << absl::StrCat("lorcserve worker: joined the coordinator at ", coordinator_, " as rank ",
+                                  resp.rank(), " of ", resp.tensor_parallel_size(), " (", resp.missing_ranks(),
+                                  " still missing)\n");
       }
     } else if (s.code() == absl::StatusCode::kInvalidArgument) {
       const absl::Status fatal(s.code(), absl::StrCat("the coordinator at ", coordinator_,
@@ -127,7 +127,7 @@ void JoinLoop::Run() {
         absl::StrAppend(&msg, "; this worker's ", own.message(), ": restart it with a renewed one");
       }
       if (msg != last_error) {
-        std::cerr << "lorcserve worker: join " << coordinator_ << ": " << msg << " (retrying)\n";
+        std::cerr << absl::StrCat("lorcserve worker: join ", coordinator_, ": ", msg, " (retrying)\n");
         last_error = msg;
       }
       wait = backoff;

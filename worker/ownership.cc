@@ -11,8 +11,8 @@ Ownership::Ownership(absl::Duration lease, std::function<absl::Time()> now)
     : lease_(lease), now_(now != nullptr ? std::move(now) : [] { return absl::Now(); }) {}
 
 void Ownership::ReleaseLocked(absl::string_view why) {
-  std::cerr << "lorcserve worker: no longer serving " << DescribeCoordinator(*owner_) << ": " << why
-            << "\n";
+  // One string, one write (workers sharing a coordinator's stderr stop together).
+  std::cerr << absl::StrCat("lorcserve worker: no longer serving ", DescribeCoordinator(*owner_), ": ", why, "\n");
   owner_.reset();
   open_calls_ = 0;
   release_pending_ = false;
@@ -43,7 +43,7 @@ absl::StatusOr<uint64_t> Ownership::Begin(const CoordinatorRef& c, bool claim, a
     }
     owner_ = c;
     ++epoch_;
-    std::cerr << "lorcserve worker: serving " << DescribeCoordinator(c) << "\n";
+    std::cerr << absl::StrCat("lorcserve worker: serving ", DescribeCoordinator(c), "\n");
   } else if (owner_->id != c.id) {
     return absl::FailedPreconditionError(
         absl::StrCat(what, " from ", DescribeCoordinator(c), " refused: this worker is serving ",

@@ -1209,8 +1209,9 @@ def _messages(body):
         elif content is None:
             # Only an assistant turn may leave it out (OpenAI: a tool-calling turn; refused below).
             if role != "assistant":
+                shown = role if len(role) <= 32 else role[:32] + "..."
                 raise bad_request(f"messages[{i}].content",
-                                  f"required for a '{role}' message: a string or a list of text parts")
+                                  f"required for a '{shown}' message: a string or a list of text parts")
             content = ""
         elif not isinstance(content, str):
             raise bad_request(f"messages[{i}].content", "must be a string or a list of parts")

@@ -100,7 +100,7 @@ BENCH_8B=(bench --model bench/configs/llama3-8b --backend cuda --random-weights 
 decode_figures() { grep -E '^decode ' "$1" | awk '{printf "%s %s %s  ", $2, $3, $4}'; }
 
 phase_parity() {
-  for t in "$B"/*cuda*_test "$B"/*cublas*_test "$B"/*nccl*_test; do
+  for t in "$B"/*cuda*_test "$B"/*cublas*_test "$B"/*nccl*_test "$B"/*all_reduce_ranks_test; do
     [ -x "$t" ] || continue
     local name; name=$(basename "$t")
     if timeout 300 "$t" --gtest_brief=1 > "$OUT/parity-$name.txt" 2>&1; then

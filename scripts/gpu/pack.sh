@@ -28,7 +28,7 @@ if [ -n "${PACK_BINS:-}" ]; then
 else
   bash scripts/build.sh
   bins=(build/bin/lorcserve)
-  for f in build/tests/*cuda*_test build/tests/*cublas*_test build/tests/*nccl*_test build/bin/*_bench; do
+  for f in build/tests/*cuda*_test build/tests/*cublas*_test build/tests/*nccl*_test build/tests/*all_reduce_ranks_test build/bin/*_bench; do
     [ -x "$f" ] && bins+=("$f")
   done
 fi

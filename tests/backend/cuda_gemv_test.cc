@@ -16,6 +16,7 @@
 #include <tuple>
 #include <utility>
 
+#include "common/env_switch.h"
 #include "tests/backend/cuda_gemv_fixture.h"
 
 namespace lorc {
@@ -130,7 +131,9 @@ TEST_F(CudaGemvTest, FusedQkvRopeKvWriteMatchesUnfusedAndCpu) {
           return std::vector<std::vector<float>>{Get(be, dout, d), Get(be, kc, d), Get(be, vc, d)};
         };
         const auto fused = run(*cuda_, DType::kBF16, x, w, nullptr);
-        const int splits = kernels::GemvRopeSplits(N);
+        // The backend's splits: LORC_GEMV_ROPE_SPLITS when set (A/B runs), else GemvRopeSplits.
+        const int forced = static_cast<int>(EnvInt("LORC_GEMV_ROPE_SPLITS", 0, kernels::kGemvMaxSplits, 0));
+        const int splits = forced > 0 ? forced : kernels::GemvRopeSplits(N);
         if (M == 1) std::printf("    %d/%d x %d: %d K split(s)\n", sh.heads, sh.kv_heads, sh.hd, splits);
         const auto unfused = run(*cuda_, DType::kBF16, x, w, [&](const Tensor2D& a, const Tensor2D& b, const Tensor2D& o) {
           const cudaError_t e = kernels::LaunchGemvBf16(a.rows, b.rows, a.cols, a.data, a.stride(), b.data, b.stride(),

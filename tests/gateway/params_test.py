@@ -268,13 +268,16 @@ class RequestBodyTest(unittest.TestCase):
         self.assert_400(b'{"prompt": "\xff"}', None, "not valid JSON")  # not UTF-8
 
     def test_a_message_without_content_names_it(self):
-        for body in ({"messages": [{"role": "user"}]},
-                     {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": None}]}):
+        for body, param in (({"messages": [{"role": "user"}]}, "messages[0].content"),
+                            ({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": None}]},
+                             "messages[1].content")):
             with self.assertRaises(OpenAIError) as cm:
                 server._messages(body)
-            self.assertEqual(cm.exception.status, 400)
-            self.assertIn(cm.exception.param, ("messages[0].content", "messages[1].content"))
+            self.assertEqual((cm.exception.status, cm.exception.param), (400, param))
             self.assertIn("required for a 'user' message", cm.exception.message)
+        with self.assertRaises(OpenAIError) as cm:  # a long role is not echoed whole
+            server._messages({"messages": [{"role": "r" * 10000}]})
+        self.assertLess(len(cm.exception.message), 200)
         # An assistant turn may leave it out (its content is then empty).
         self.assertEqual(server._messages({"messages": [{"role": "user", "content": "q"},
                                                         {"role": "assistant", "content": None}]})[1]["content"], "")

@@ -10,9 +10,12 @@
 // fp32 sums in rank order, one bf16 rounding) bit for bit. Co-residency: a rank's blocks wait at
 // the barrier for the same block of every other rank, so each case keeps (blocks a rank) x
 // (ranks) within the GPU's SM count (every block resident); a barrier wait past 30 s fails the
-// case (TimedOut) rather than hanging. Skips without a GPU (and without CUDA).
+// case (TimedOut) rather than hanging; the ranks' kernels must also run at once, so the test
+// skips where launches are serialized (CUDA_LAUNCH_BLOCKING=1, CUDA_DEVICE_MAX_CONNECTIONS below
+// the world size). Skips without a GPU (and without CUDA).
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <memory>
 #include <string>
 #include <thread>
@@ -157,10 +160,26 @@ class Ranks {
   std::string error_;
 };
 
-class CustomAllReduceRanksTest : public ::testing::TestWithParam<int> {};
+// Why the ranks' kernels could not all run at once here (their barriers would time out), or "".
+std::string SerializedLaunches(int n) {
+  const char* blocking = std::getenv("CUDA_LAUNCH_BLOCKING");
+  if (blocking != nullptr && std::string(blocking) == "1") return "CUDA_LAUNCH_BLOCKING=1";
+  const char* connections = std::getenv("CUDA_DEVICE_MAX_CONNECTIONS");
+  if (connections != nullptr && std::atoi(connections) < n) {
+    return absl::StrCat("CUDA_DEVICE_MAX_CONNECTIONS=", connections, " < ", n, " ranks");
+  }
+  return "";
+}
+
+class CustomAllReduceRanksTest : public ::testing::TestWithParam<int> {
+ protected:
+  void SetUp() override {
+    if (GpuCount() < 1) GTEST_SKIP() << "needs a GPU";
+    if (const std::string why = SerializedLaunches(GetParam()); !why.empty()) GTEST_SKIP() << why;
+  }
+};
 
 TEST_P(CustomAllReduceRanksTest, EveryRankHoldsTheReferenceSum) {
-  if (GpuCount() < 1) GTEST_SKIP() << "needs a GPU";
   const int n = GetParam();
   const int sms = SmCount();
   ASSERT_GT(sms, 0);
@@ -213,7 +232,6 @@ TEST_P(CustomAllReduceRanksTest, EveryRankHoldsTheReferenceSum) {
 }
 
 TEST_P(CustomAllReduceRanksTest, CapturedCallsReplay) {
-  if (GpuCount() < 1) GTEST_SKIP() << "needs a GPU";
   const int n = GetParam();
   Ranks ranks(n);
   ASSERT_EQ(ranks.error(), "");

@@ -50,6 +50,13 @@
 #           an earlier commit, packed with PACK_OLD=path/to/lorcserve scripts/gpu/pack.sh) against
 #           `lorcserve`, rounds interleaved (VERSUS_RUNS, default 3), the 8B bench at VERSUS_BATCHES
 #           (1,8,64) x VERSUS_CONTEXTS (128,4096); one summary line per binary and round
+#   bigtp   not in the default phases: issues #12 / #13 on a machine of 4 or 8 GPUs: the 70B shape
+#           (random weights; BIGTP_MODEL) benched at TP = BIGTP_REF (2; 4 where 70B/2 does not fit,
+#           as on H100s) and TP = GPUS (decode 1/8/64/256 x
+#           128/4096, prefill 512/4096; BIGTP_BENCH_ARGS adds flags), at TP = GPUS with NCCL only,
+#           one rank's share alone on one GPU (bench/configs/llama3-70b-tp<GPUS>-rank: the
+#           all-reduces' share is the difference), then served at both TP sizes: four prompts'
+#           greedy tokens equal and log-probabilities within 0.05, 64 concurrent clients at TP = GPUS
 #   servebench  not in the default phases: the 8B shape (random weights) served by `coordinator
 #           --local-workers 1` (one worker process, the step stream) and measured by `lorcserve bench
 #           --server` at SERVEBENCH_CONCURRENCY clients (default 1,8; prompt 128, 160 tokens): ITL
@@ -134,7 +141,8 @@ phase_inprocess() {
 }
 
 phase_serve() {
-  local tps="1"; [ "$GPUS" -ge 2 ] && tps="1 $GPUS"
+  # The fixture has 4 query heads: at most TP = 4 (bigtp serves the 70B shape at 8).
+  local tps="1"; [ "$GPUS" -ge 2 ] && tps="1 $(( GPUS < 4 ? GPUS : 4 ))"
   for tp in $tps; do
     if ! start_coordinator "$tp"; then
       note "serve$SERVE_TAG tp=$tp: coordinator did not become healthy (serve$SERVE_TAG-tp$tp.err)"; fails=$((fails + 1))
@@ -277,6 +285,72 @@ phase_ab() {
         { note "ab 70B tp=2 [$s] run $r: FAILED"; fails=$((fails + 1)); }
     done
   done
+}
+
+# Not in the default phases: issues #12 / #13 on a machine of 4 or 8 GPUs (see the header).
+phase_bigtp() {
+  local tp model=${BIGTP_MODEL:-bench/configs/llama3-70b} ref=${BIGTP_REF:-2} rank_model
+  if [ "$GPUS" -lt 4 ]; then note "bigtp: needs 4 or more GPUs (found $GPUS)"; fails=$((fails + 1)); return; fi
+  for tp in "$ref" "$GPUS"; do
+    timeout 1500 "$L" bench --model "$model" --backend "${BACKEND:-cuda}" --random-weights --local-workers "$tp" \
+      --steps "$STEPS" ${BIGTP_BENCH_ARGS:-} > "$OUT/bigtp-bench-tp$tp.txt" 2>&1 &&
+      note "bigtp bench tp=$tp: $(decode_figures "$OUT/bigtp-bench-tp$tp.txt")" ||
+      { note "bigtp bench tp=$tp: FAILED (bigtp-bench-tp$tp.txt)"; fails=$((fails + 1)); }
+  done
+  # NCCL for every all-reduce (the custom all-reduce's gain at this size), small batches.
+  timeout 900 "$L" bench --model "$model" --backend "${BACKEND:-cuda}" --random-weights --local-workers "$GPUS" \
+    --disable-custom-all-reduce --decode-batches 1,8 --contexts 128 --prefill 512 --prefill-reps 1 --steps "$STEPS" \
+    > "$OUT/bigtp-bench-tp$GPUS-nccl-only.txt" 2>&1 &&
+    note "bigtp bench tp=$GPUS, NCCL only: $(decode_figures "$OUT/bigtp-bench-tp$GPUS-nccl-only.txt")" ||
+    { note "bigtp bench tp=$GPUS, NCCL only: FAILED"; fails=$((fails + 1)); }
+  # One rank's compute alone on one GPU (no all-reduce): the all-reduces' share is the difference.
+  rank_model="$model-tp$GPUS-rank"
+  if [ -f "$rank_model/config.json" ]; then
+    CUDA_VISIBLE_DEVICES=0 timeout 900 "$L" bench --model "$rank_model" --backend "${BACKEND:-cuda}" --random-weights \
+      --steps "$STEPS" ${BIGTP_BENCH_ARGS:-} > "$OUT/bigtp-bench-rank$GPUS.txt" 2>&1 &&
+      note "bigtp one rank of tp=$GPUS alone: $(decode_figures "$OUT/bigtp-bench-rank$GPUS.txt")" ||
+      { note "bigtp one rank alone: FAILED"; fails=$((fails + 1)); }
+  fi
+  # Served at TP = ref and TP = GPUS: four prompts' greedy tokens and log-probabilities (compared
+  # below), and at TP = GPUS 64 concurrent streaming clients.
+  for tp in "$ref" "$GPUS"; do
+    if ! SERVE_MODEL=$model SERVE_TAG=-bigtp SERVE_ARGS="--random-weights" start_coordinator "$tp"; then
+      note "bigtp serve tp=$tp: coordinator did not become healthy (serve-bigtp-tp$tp.err)"; fails=$((fails + 1))
+      kill $CPID 2>/dev/null; continue
+    fi
+    local i
+    for i in 0 1 2 3; do
+      "$L" client --server "$ADDR" --prompt-ids "$(python3 -c "import random; r = random.Random($i); print(','.join(str(r.randrange(3, 4000)) for _ in range(40 + 20 * $i)))")" \
+        --max-tokens 16 --ignore-eos --logprobs 5 --json > "$OUT/bigtp-tp$tp-prompt$i.json" 2>&1
+    done
+    if [ "$tp" = "$GPUS" ]; then
+      timeout 600 "$L" bench --server "$ADDR" --requests 128 --concurrency 64 --prompt-len 128 --max-tokens 64 \
+        > "$OUT/bigtp-serve-tp$tp-load.txt" 2>&1 &&
+        note "bigtp serve tp=$tp: 64 concurrent clients, $(head -1 "$OUT/bigtp-serve-tp$tp-load.txt")" ||
+        { note "bigtp serve tp=$tp: load FAILED"; fails=$((fails + 1)); }
+    fi
+    kill -INT $CPID 2>/dev/null; wait $CPID 2>/dev/null
+  done
+  # Greedy tokens equal; log-probabilities within 0.05 (bf16 activations, sums in another order).
+  if python3 - "$OUT" "$ref" "$GPUS" > "$OUT/bigtp-compare.txt" 2>&1 <<'PY'
+import json, sys
+out, ref, n = sys.argv[1], sys.argv[2], sys.argv[3]
+bad = 0
+for i in range(4):
+    try:
+        a = json.loads(open(f"{out}/bigtp-tp{ref}-prompt{i}.json").read().strip().splitlines()[-1])
+        b = json.loads(open(f"{out}/bigtp-tp{n}-prompt{i}.json").read().strip().splitlines()[-1])
+    except Exception as e:
+        print(f"prompt {i}: no result ({e})"); bad += 1; continue
+    same = a["output_ids"] == b["output_ids"]
+    diff = max(abs(x["logprob"] - y["logprob"]) for x, y in zip(a["logprobs"], b["logprobs"]))
+    print(f"prompt {i}: tokens {'equal' if same else 'DIFFER'}, max |logprob diff| {diff:.4f}")
+    bad += (not same) or diff > 0.05
+print(f"tp={ref} against tp={n}: {4 - bad} of 4 prompts agree")
+sys.exit(1 if bad else 0)
+PY
+  then note "bigtp: $(tail -1 "$OUT/bigtp-compare.txt")"
+  else note "bigtp: $(tail -1 "$OUT/bigtp-compare.txt") (bigtp-compare.txt)"; fails=$((fails + 1)); fi
 }
 
 # Not in the default phases: the 8B shape served through worker processes against the same shape

@@ -40,7 +40,7 @@ namespace {
 
 #if !LORC_COMM_TEST_CUDA
 
-TEST(CustomAllReduceRanksTest, NeedsCuda) { GTEST_SKIP() << "built without CUDA"; }
+TEST(CustomAllReduceOneGpuTest, NeedsCuda) { GTEST_SKIP() << "built without CUDA"; }
 
 #else
 
@@ -171,7 +171,7 @@ std::string SerializedLaunches(int n) {
   return "";
 }
 
-class CustomAllReduceRanksTest : public ::testing::TestWithParam<int> {
+class CustomAllReduceOneGpuTest : public ::testing::TestWithParam<int> {
  protected:
   void SetUp() override {
     if (GpuCount() < 1) GTEST_SKIP() << "needs a GPU";
@@ -179,7 +179,7 @@ class CustomAllReduceRanksTest : public ::testing::TestWithParam<int> {
   }
 };
 
-TEST_P(CustomAllReduceRanksTest, EveryRankHoldsTheReferenceSum) {
+TEST_P(CustomAllReduceOneGpuTest, EveryRankHoldsTheReferenceSum) {
   const int n = GetParam();
   const int sms = SmCount();
   ASSERT_GT(sms, 0);
@@ -231,7 +231,7 @@ TEST_P(CustomAllReduceRanksTest, EveryRankHoldsTheReferenceSum) {
   }
 }
 
-TEST_P(CustomAllReduceRanksTest, CapturedCallsReplay) {
+TEST_P(CustomAllReduceOneGpuTest, CapturedCallsReplay) {
   const int n = GetParam();
   Ranks ranks(n);
   ASSERT_EQ(ranks.error(), "");
@@ -259,12 +259,12 @@ TEST_P(CustomAllReduceRanksTest, CapturedCallsReplay) {
   for (cudaGraphExec_t e : execs) (void)cudaGraphExecDestroy(e);
 }
 
-INSTANTIATE_TEST_SUITE_P(WorldSizes, CustomAllReduceRanksTest, ::testing::Values(2, 3, 4, 8),
+INSTANTIATE_TEST_SUITE_P(WorldSizes, CustomAllReduceOneGpuTest, ::testing::Values(2, 3, 4, 8),
                          [](const ::testing::TestParamInfo<int>& i) { return absl::StrCat("world", i.param); });
 
 // A world size the one-shot kernel does not take: Create says why on every rank and the caller
 // keeps NCCL (no error).
-TEST(CustomAllReduceWorldTest, WorldSizeOverEightIsRefusedWithAReason) {
+TEST(CustomAllReduceOneGpuWorldTest, WorldSizeOverEightIsRefusedWithAReason) {
   if (GpuCount() < 1) GTEST_SKIP() << "needs a GPU";
   InProcessStore store;
   constexpr int kN = kernels::kOneShotMaxRanks + 1;

@@ -45,6 +45,7 @@
 #include "nlohmann/json.hpp"
 #include "tests/testing/fixtures.h"
 #include "tests/testing/golden.h"
+#include "tests/testing/scratch_dir.h"
 
 extern char** environ;
 
@@ -101,6 +102,21 @@ v1::GenerateRequest IdsRequest(const std::vector<int32_t>& ids, int max_tokens) 
 
 bool IsPrefix(const std::vector<int32_t>& prefix, const std::vector<int32_t>& of) {
   return prefix.size() <= of.size() && std::equal(prefix.begin(), prefix.end(), of.begin());
+}
+
+// A model directory for --random-weights runs: tiny-llama-a's tokenizer and generation config,
+// and its config.json after `edit` (a scratch directory `name` under `prefix`, no weights file).
+std::string TinyTokenizerModel(const std::string& prefix, const std::string& name,
+                               const std::function<void(nlohmann::json&)>& edit) {
+  const fs::path dir = ::lorc::testing::MakeScratchDir(prefix, name);
+  for (const char* f : {"generation_config.json", "tokenizer.json", "tokenizer_config.json"}) {
+    fs::copy_file(fs::path(Tiny()) / f, dir / f, fs::copy_options::overwrite_existing);
+  }
+  std::ifstream in(fs::path(Tiny()) / "config.json");
+  nlohmann::json c = nlohmann::json::parse(in);
+  edit(c);
+  std::ofstream(dir / "config.json") << c.dump();
+  return dir.string();
 }
 
 // ---- the server process ------------------------------------------------------------------------

@@ -200,20 +200,14 @@ TEST_F(ServerOpsTest, AnIdleClientChannelDoesNotHoldTheExitAndSigintEndsRequests
 // signal these tests send one second into it. (A FIFO as model.safetensors, which blocked the
 // load for ever, is refused at once since a tester found it hung every command.)
 std::string SlowLoadingModel(const std::string& name) {
-  const fs::path dir = lorc::testing::MakeScratchDir("lorc_server_ops_e2e", name);
-  for (const char* f : {"generation_config.json", "tokenizer.json", "tokenizer_config.json"}) {
-    fs::copy_file(fs::path(Tiny()) / f, dir / f);
-  }
-  std::ifstream in(fs::path(Tiny()) / "config.json");
-  nlohmann::json c = nlohmann::json::parse(in);
-  c["hidden_size"] = 2048;
-  c["num_hidden_layers"] = 30;
-  c["intermediate_size"] = 5632;
-  c["num_attention_heads"] = 32;
-  c["num_key_value_heads"] = 4;
-  c.erase("head_dim");
-  std::ofstream(dir / "config.json") << c.dump();
-  return dir.string();
+  return TinyTokenizerModel("lorc_server_ops_e2e", name, [](nlohmann::json& c) {
+    c["hidden_size"] = 2048;
+    c["num_hidden_layers"] = 30;
+    c["intermediate_size"] = 5632;
+    c["num_attention_heads"] = 32;
+    c["num_key_value_heads"] = 4;
+    c.erase("head_dim");
+  });
 }
 
 TEST_F(ServerOpsTest, SignalDuringTheLoadStopsAtOnceAndEndsTheWorkers) {

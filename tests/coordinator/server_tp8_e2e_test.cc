@@ -9,13 +9,10 @@
 // Tolerance: the greedy tokens of the four golden prompts (16 each, batched) equal TP = 1's, and
 // every token's log-probability and top-5 log-probabilities lie within 1e-4 of TP = 1's (fp32 on
 // the CPU backend; the sums differ only in order across ranks).
-#include <filesystem>
-#include <fstream>
 #include <thread>
 
 #include "nlohmann/json.hpp"
 #include "tests/coordinator/server_e2e_fixture.h"
-#include "tests/testing/scratch_dir.h"
 
 namespace lorc {
 namespace e2e {
@@ -24,20 +21,14 @@ namespace {
 // The model directory: the fixture's tokenizer, a config of 8 KV heads (no weights file:
 // --random-weights).
 std::string EightKvHeadModel() {
-  const fs::path dir = lorc::testing::MakeScratchDir("lorc_server_tp8_e2e", "model");
-  for (const char* f : {"generation_config.json", "tokenizer.json", "tokenizer_config.json"}) {
-    fs::copy_file(fs::path(Tiny()) / f, dir / f, fs::copy_options::overwrite_existing);
-  }
-  std::ifstream in(fs::path(Tiny()) / "config.json");
-  nlohmann::json c = nlohmann::json::parse(in);
-  c["hidden_size"] = 512;
-  c["num_attention_heads"] = 8;
-  c["num_key_value_heads"] = 8;
-  c["head_dim"] = 64;
-  c["num_hidden_layers"] = 2;
-  c["intermediate_size"] = 1408;
-  std::ofstream(dir / "config.json") << c.dump();
-  return dir.string();
+  return TinyTokenizerModel("lorc_server_tp8_e2e", "model", [](nlohmann::json& c) {
+    c["hidden_size"] = 512;
+    c["num_attention_heads"] = 8;
+    c["num_key_value_heads"] = 8;
+    c["head_dim"] = 64;
+    c["num_hidden_layers"] = 2;
+    c["intermediate_size"] = 1408;
+  });
 }
 
 struct Outputs {

@@ -111,6 +111,47 @@ absl::StatusOr<std::vector<int32_t>> PositiveList(const Args& args, const char* 
   return v;
 }
 
+// The benchmark's random prompt ids: [3, vocab), so that none is one of the usual special ids
+// 0-2 (BOS / EOS / pad of Llama-family vocabularies). RunEngineBench refuses vocab_size <= 3.
+int32_t RandomPromptId(uint64_t x, int64_t vocab) {
+  return 3 + static_cast<int32_t>(x % static_cast<uint64_t>(vocab - 3));
+}
+
+// Flags that belong to one kind of run, named when given to another (a tester ran --chat-turns
+// without --shared-prefix and got the decode table, believing it was the chat run).
+absl::Status CheckRunFlags(const Args& args) {
+  const bool shared = args.Has("shared-prefix"), chat = args.Has("chat-turns"), mixed = args.Has("working-set");
+  for (const char* f : {"question", "prefix-reps", "chat-turns", "chat-output", "working-set", "mixed-requests",
+                        "mixed-concurrency"}) {
+    if (args.Has(f) && !shared) return absl::InvalidArgumentError(absl::StrCat("--", f, ": needs --shared-prefix"));
+  }
+  if (chat && mixed) {
+    return absl::InvalidArgumentError("--chat-turns and --working-set: two different runs; give one");
+  }
+  for (const char* f : {"mixed-requests", "mixed-concurrency"}) {
+    if (args.Has(f) && !mixed) return absl::InvalidArgumentError(absl::StrCat("--", f, ": needs --working-set"));
+  }
+  if (args.Has("chat-output") && !chat && !mixed) {
+    return absl::InvalidArgumentError("--chat-output: needs --chat-turns or --working-set");
+  }
+  if (args.Has("prefix-reps") && (chat || mixed)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--prefix-reps: not used by --", chat ? "chat-turns" : "working-set"));
+  }
+  if (shared) {
+    for (const char* f : {"decode-batches", "contexts", "prefill", "steps", "warmup-steps", "prefill-reps"}) {
+      if (args.Has(f)) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("--", f, ": not used with --shared-prefix (the decode and prefill table is another run)"));
+      }
+    }
+  }
+  if (args.Has("lm-head") && !args.Has("local-workers")) {
+    return absl::InvalidArgumentError("--lm-head: only with --local-workers (one process holds the whole LM head)");
+  }
+  return absl::OkStatus();
+}
+
 // Runs `batch` random prompts of `context` tokens (ignore_eos) until every one has its first
 // token, then `warmup` + `steps` more decode steps. Returns the per-step times of sequence 0's
 // tokens after all sequences were decoding (ms), and aborts everything (blocks freed).
@@ -131,7 +172,7 @@ absl::StatusOr<DecodeRun> RunDecode(Engine& engine, int64_t vocab, int32_t batch
     r.prompt_ids.resize(context);
     for (int32_t& id : r.prompt_ids) {
       x = x * 6364136223846793005ull + 1442695040888963407ull;
-      id = 3 + static_cast<int32_t>((x >> 33) % static_cast<uint64_t>(vocab - 3));
+      id = RandomPromptId(x >> 33, vocab);
     }
     r.params.max_tokens = max_tokens;
     r.params.ignore_eos = true;
@@ -205,7 +246,7 @@ absl::Status RunChat(Engine& engine, int64_t vocab, int32_t system, int32_t ques
   auto append_random = [&](std::vector<int32_t>& v, int32_t n) {
     for (int32_t i = 0; i < n; ++i) {
       x = x * 6364136223846793005ull + 1442695040888963407ull;
-      v.push_back(3 + static_cast<int32_t>((x >> 33) % static_cast<uint64_t>(vocab - 3)));
+      v.push_back(RandomPromptId(x >> 33, vocab));
     }
   };
   const bool sessions = engine.scheduler().config().enable_prefix_caching;
@@ -257,7 +298,7 @@ absl::Status RunSharedPrefix(Engine& engine, int64_t vocab, int32_t prefix, int3
     std::vector<int32_t> v(n);
     for (int32_t& id : v) {
       x = x * 6364136223846793005ull + 1442695040888963407ull;
-      id = 3 + static_cast<int32_t>((x >> 33) % static_cast<uint64_t>(vocab - 3));
+      id = RandomPromptId(x >> 33, vocab);
     }
     return v;
   };
@@ -314,7 +355,7 @@ absl::Status RunMixedWorkingSet(Engine& engine, int64_t vocab, int32_t pool_toke
   };
   auto random_ids = [&](int32_t n) {
     std::vector<int32_t> v(n);
-    for (int32_t& id : v) id = 3 + static_cast<int32_t>(next() % static_cast<uint64_t>(vocab - 3));
+    for (int32_t& id : v) id = RandomPromptId(next(), vocab);
     return v;
   };
   const int32_t num_contexts = std::max<int32_t>(
@@ -521,6 +562,7 @@ int RunEngineBench(int argc, char** argv) {
   int exit_code = 0;
   const std::optional<Args> args = ParseCommand("bench", synopsis, flags, argc, argv, &exit_code);
   if (!args.has_value()) return exit_code;
+  if (absl::Status s = CheckRunFlags(*args); !s.ok()) return Fail("bench", s);
   absl::StatusOr<std::vector<int32_t>> batches = PositiveList(*args, "decode-batches", "1,8,64,256"),
                                        contexts = PositiveList(*args, "contexts", "128,4096"),
                                        prefills = PositiveList(*args, "prefill", "512,4096");
@@ -568,6 +610,12 @@ int RunEngineBench(int argc, char** argv) {
   }
   Engine& engine = *t.engine;
   const ModelConfig& cfg = t.config;
+  if (cfg.vocab_size <= 3) {
+    return Fail("bench", absl::InvalidArgumentError(absl::StrCat(
+                             "config.json vocab_size ", cfg.vocab_size,
+                             ": the benchmark's random prompts take ids from 3 up (0-2 are kept for special "
+                             "tokens); it needs vocab_size > 3")));
+  }
   const bool json_only = args->Has("json");
   if (args->Has("shared-prefix")) {
     absl::StatusOr<int32_t> prefix = args->GetInt32("shared-prefix", 2000, 1, 1 << 24),
@@ -657,7 +705,8 @@ int RunEngineBench(int argc, char** argv) {
                                     batch, " seqs; the cache holds ", capacity, ", max_num_seqs ",
                                     t.engine_options.max_num_seqs);
         std::cout << j.dump() << std::endl;
-        table.push_back(absl::StrFormat("decode  b=%-4d ctx=%-6d skipped (KV capacity)", batch, context));
+        table.push_back(absl::StrFormat("decode  b=%-4d ctx=%-6d skipped (%s)", batch, context,
+                                        batch > t.engine_options.max_num_seqs ? "max_num_seqs" : "KV capacity"));
         continue;
       }
       absl::StatusOr<DecodeRun> r =

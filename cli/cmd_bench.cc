@@ -92,6 +92,12 @@ int RunBench(int argc, char** argv) {
                              "--prompt-len ", *plen, " + --max-tokens ", *tmax, " = ", *plen + *tmax,
                              " exceeds the server's max_model_len ", before->max_model_len())));
   }
+  if (before->vocab_size() <= 3) {
+    return Fail("bench", absl::FailedPreconditionError(absl::StrCat(
+                             "the server's vocab_size ", before->vocab_size(),
+                             ": the random prompts take ids from 3 up (0-2 are kept for special tokens); it "
+                             "needs vocab_size > 3")));
+  }
   // Request k's random prompt, built when a client takes it (its own seeded generator).
   std::uniform_int_distribution<int32_t> tok(3, static_cast<int32_t>(before->vocab_size() - 1));
   auto make_request = [&](int64_t k) {

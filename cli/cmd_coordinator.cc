@@ -47,6 +47,16 @@ absl::StatusOr<CoordinatorOptions> ParseOptions(const Args& args) {
     ASSIGN_OR_RETURN(o.internal_listen, args.GetListenAddress("internal-listen", ""));
   }
   o.advertise_address = args.Get("advertise-address");
+  if (args.Has("advertise-address")) {
+    // HOST:PORT, as the worker's flag: the workers dial it as given.
+    const size_t colon = o.advertise_address.rfind(':');
+    int port = 0;
+    if (colon == std::string::npos || colon == 0 || !absl::SimpleAtoi(o.advertise_address.substr(colon + 1), &port) ||
+        port < 1 || port > 65535) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--advertise-address: '", o.advertise_address, "' is not HOST:PORT (port 1-65535)"));
+    }
+  }
   if (args.Has("tensor-parallel-size")) {
     ASSIGN_OR_RETURN(o.tensor_parallel_size, args.GetInt32("tensor-parallel-size", 1, 1, 1024));
   }

@@ -6,9 +6,11 @@
 #include <atomic>
 #include <cstdlib>
 #include <iostream>
+#include <limits>
 #include <optional>
 
 #include "absl/strings/str_cat.h"
+#include "backend/cuda_backend.h"
 #include "cli/args.h"
 #include "cli/commands.h"
 #include "cli/security_flags.h"
@@ -70,6 +72,13 @@ absl::StatusOr<JoinSetup> ParseJoin(const Args& args) {
   }
   if (j.rank < 0 && j.lws.leader_address.empty()) {
     return absl::InvalidArgumentError("--join needs --rank R (or the LeaderWorkerSet environment)");
+  }
+  // Refused here, not by the coordinator after the join's retries (a tester's worker retried
+  // --rank 5 of 2 until killed).
+  const int32_t joined = j.local_workers > 0 ? j.local_workers : 1;
+  if (tp > 0 && j.rank >= 0 && j.rank + joined > tp) {
+    return absl::InvalidArgumentError(absl::StrCat("--rank ", j.rank, joined > 1 ? absl::StrCat(" + --local-workers ", joined) : "",
+                                                   " exceeds --tensor-parallel-size ", tp, " (ranks are 0 to ", tp - 1, ")"));
   }
   j.request.set_tensor_parallel_size(tp);
   if (j.rank >= 0) {
@@ -199,13 +208,13 @@ int RunWorker(int argc, char** argv) {
   if (join->local_workers > 0) return RunJoinedWorkers(*args, *join);
   if (args->Has("parent-pid")) {
     // Started by a coordinator: die with it, even when it is killed outright.
-    absl::StatusOr<int64_t> parent = args->GetInt("parent-pid", 0);
+    absl::StatusOr<int64_t> parent = args->GetIntInRange("parent-pid", 0, 1, std::numeric_limits<pid_t>::max());
     if (!parent.ok()) return Fail("worker", parent.status());
     prctl(PR_SET_PDEATHSIG, SIGTERM);
     // Spawned through /proc/self/exe (the coordinator's own binary, even if replaced on disk
     // since), which names the process "exe": `pgrep lorcserve` missed the workers (a tester).
     prctl(PR_SET_NAME, "lorcserve");
-    if (getppid() != static_cast<pid_t>(*parent)) return Fail("worker", absl::AbortedError("parent already gone"));
+    if (getppid() != static_cast<pid_t>(*parent)) return Fail("worker", absl::AbortedError(absl::StrCat("--parent-pid ", *parent, ": not this process's parent (gone already?)")));
   }
   WorkerOptions wo;
   absl::StatusOr<BackendKind> kind = ParseBackendKind(args->Get("backend", "cpu"));
@@ -222,6 +231,16 @@ int RunWorker(int argc, char** argv) {
                               "--owner-lease-s: ", args->Get("owner-lease-s"), " is not in (0, 86400] seconds")));
   }
   wo.owner_lease = absl::Seconds(*lease_s);
+  if (*kind == BackendKind::kCuda) {
+    // The device checked at start (device count only, no context): a GPU-less machine said
+    // "serving (cuda)" and failed only when a coordinator attached (a tester).
+    absl::StatusOr<std::vector<CudaDeviceInfo>> gpus = ListCudaDevices();
+    if (!gpus.ok()) return Fail("worker", gpus.status());
+    if (*device >= static_cast<int32_t>(gpus->size())) {
+      return Fail("worker", absl::InvalidArgumentError(absl::StrCat("--device ", *device, ": this machine has ",
+                                                                   gpus->size(), " CUDA device(s)")));
+    }
+  }
   wo.backend.kind = *kind;
   wo.backend.device = static_cast<int>(*device);
   wo.backend.threads = static_cast<int>(*threads);

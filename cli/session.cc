@@ -166,6 +166,12 @@ absl::StatusOr<ModelSource> ParseModelSource(const Args& args) {
   if (!args.Has("model")) return absl::InvalidArgumentError("--model DIR is required");
   ModelSource src;
   src.dir = args.Get("model");
+  std::error_code ec;
+  if (src.dir.empty()) return absl::InvalidArgumentError("--model: an empty path (give the model's directory)");
+  if (std::filesystem::exists(src.dir, ec) && !std::filesystem::is_directory(src.dir, ec)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--model ", src.dir, ": not a directory (give the directory holding config.json)"));
+  }
   src.random_weights = args.Has("random-weights");
   if (args.Has("lm-head")) {
     const std::string v = args.Get("lm-head");
@@ -279,7 +285,8 @@ absl::StatusOr<std::unique_ptr<Session>> OpenSession(const Args& args) {
   ASSIGN_OR_RETURN(KvCacheOptions kv, ParseKvCacheOptions(args));
   ASSIGN_OR_RETURN(s->backend, CreateBackend(bo));
   absl::StatusOr<LoadedModel> model = LoadModel(src, s->backend.get(), 0, 1, nullptr, kv);
-  if (absl::IsResourceExhausted(model.status()) && !absl::StartsWith(model.status().message(), "--num-blocks")) {
+  if (absl::IsResourceExhausted(model.status()) && !absl::StartsWith(model.status().message(), "--num-blocks") &&
+      !absl::StartsWith(model.status().message(), "weights: ")) {  // those name what sized them
     // Memory ran out: for the weights, the runner's tables (RoPE: max_position_embeddings) or
     // the KV cache; name the flag that sized the last (the backend cannot).
     const std::string budget =
@@ -287,9 +294,13 @@ absl::StatusOr<std::unique_ptr<Session>> OpenSession(const Args& args) {
         : kv.gpu_memory_utilization > 0
             ? absl::StrCat("--gpu-memory-utilization ", kv.gpu_memory_utilization)
             : absl::StrCat("--kv-cache-mb ", kv.memory_bytes >> 20);
+    // Every input that sizes an allocation of the load is named (a tester's 4 TB allocation came
+    // from --max-num-batched-tokens, which the message used to leave out).
     return absl::ResourceExhaustedError(absl::StrCat(
-        model.status().message(), " (loading the weights, the model's tables and the KV cache; the KV cache is sized by ",
-        budget, ")"));
+        model.status().message(),
+        " (loading the model: the weights by config.json's sizes, the step buffers by --max-num-batched-tokens ",
+        kv.max_num_batched_tokens, " and --max-num-seqs ", kv.max_num_seqs,
+        ", the RoPE tables by config.json max_position_embeddings, the KV cache by ", budget, ")"));
   }
   if (!model.ok()) return model.status();
   s->model = *std::move(model);

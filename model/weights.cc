@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "common/dtype.h"
 #include "common/status_macros.h"
 #include "model/weights_source.h"
@@ -67,8 +68,21 @@ class Loader {
 
     std::vector<Piece> all;
     for (const Planned& b : plan_) all.insert(all.end(), b.pieces.begin(), b.pieces.end());
-    RETURN_IF_ERROR(src_.Begin(all));
+    RETURN_IF_ERROR(src_.Begin(all));  // the checkpoint's headers and shapes checked
     const size_t esz = DTypeSize(dtype_);
+    // Refused before anything is allocated when the shard cannot fit: the CPU backend's memory is
+    // committed lazily, so an 8B model in fp32 on a 24 GB machine was killed by the kernel
+    // part-way through the load instead of getting an error (a tester).
+    double bytes = 0;
+    for (const Piece& p : all) bytes += static_cast<double>(p.numel()) * static_cast<double>(esz);
+    const MemoryInfo mem = b_.GetMemoryInfo();
+    if (mem.free_bytes > 0 && bytes > static_cast<double>(mem.free_bytes)) {
+      return absl::ResourceExhaustedError(absl::StrFormat(
+          "weights: this rank's %.2f GiB (%s; config.json's sizes, tensor-parallel rank %d of %d) do not fit the "
+          "%.2f GiB free on the %s backend's device",
+          bytes / (1 << 30), DTypeName(dtype_), s_.tp_rank, s_.tp_size, static_cast<double>(mem.free_bytes) / (1 << 30),
+          b_.name()));
+    }
     for (Planned& b : plan_) {
       int64_t n = 0;
       for (const Piece& p : b.pieces) n += p.numel();

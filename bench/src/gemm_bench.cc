@@ -303,11 +303,22 @@ int Main(Backend& be) {
 }  // namespace lorc
 
 int main(int argc, char** argv) {
-  if (argc > 1 && std::string(argv[1]) == "decode") return lorc::DecodeMain();
+  const std::string mode = argc > 1 ? argv[1] : "";
+  if (argc > 2 || (mode != "" && mode != "decode" && mode != "ceilings")) {
+    const bool help = mode == "--help" || mode == "-h";
+    std::fprintf(help ? stdout : stderr, "%susage: gemm_bench [decode | ceilings] (needs a CUDA device)\n",
+                 help ? "" : "gemm_bench: unknown arguments\n");
+    return help ? 0 : 2;
+  }
+  // One backend made first: a machine without a usable device gets its error, not a CHECK.
   auto made = lorc::CreatePartialCudaBackend(lorc::BackendOptions{lorc::BackendKind::kCuda});
   if (!made.ok()) {
-    std::fprintf(stderr, "%s\n", std::string(made.status().message()).c_str());
+    std::fprintf(stderr, "gemm_bench: %s\n", std::string(made.status().message()).c_str());
     return 1;
+  }
+  if (mode == "decode") {
+    made->reset();
+    return lorc::DecodeMain();
   }
   if (argc > 1 && std::string(argv[1]) == "ceilings") return lorc::CeilingsMain(**made);
   return lorc::Main(**made);

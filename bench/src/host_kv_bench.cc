@@ -14,18 +14,36 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/numbers.h"
 #include "backend/backend.h"
 #include "common/check.h"
 
 namespace lorc {
 namespace {
 
+constexpr char kUsage[] = "usage: host_kv_bench [cpu|cuda] [reps: 1-10000, default 10]\n";
+
 int Main(int argc, char** argv) {
   const std::string kind = argc > 1 ? argv[1] : BackendKindName(BackendKind::kCuda);
-  const int reps = argc > 2 ? std::max(1, std::atoi(argv[2])) : 10;
+  if (kind == "--help" || kind == "-h") {
+    std::fputs(kUsage, stdout);
+    return 0;
+  }
+  int reps = 10;
+  if (argc > 3) {
+    std::fprintf(stderr, "host_kv_bench: unexpected argument '%s'\n%s", argv[3], kUsage);
+    return 2;
+  }
+  if (argc > 2 && (!absl::SimpleAtoi(argv[2], &reps) || reps < 1 || reps > 10000)) {
+    std::fprintf(stderr, "host_kv_bench: reps '%s' is not in [1, 10000]\n%s", argv[2], kUsage);
+    return 2;
+  }
+  absl::StatusOr<BackendKind> k = ParseBackendKind(kind);
+  if (!k.ok()) {
+    std::fprintf(stderr, "host_kv_bench: %s\n%s", std::string(k.status().message()).c_str(), kUsage);
+    return 2;
+  }
   BackendOptions bo;
-  auto k = ParseBackendKind(kind);
-  CHECK(k.ok()) << k.status();
   bo.kind = *k;
   auto made = CreateBackend(bo);
   if (!made.ok()) {

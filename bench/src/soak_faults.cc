@@ -829,6 +829,10 @@ int main(int argc, char** argv) {
   }
   const int64_t vocab = info.vocab_size();
   const int64_t capacity_tokens = info.kv_capacity_tokens();
+  if (vocab <= 3) {  // RandomIds draws from [3, vocab)
+    std::cerr << "soak_faults: the model's vocab_size " << vocab << " leaves no random prompt ids (needs > 3)\n";
+    return 1;
+  }
 
   // References: each greedy prompt alone, before any fault.
   std::vector<Reference> refs(static_cast<size_t>(o.ref_prompts));

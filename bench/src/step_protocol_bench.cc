@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/numbers.h"
 #include "coordinator/scheduler.h"
 #include "step/step_proto.h"
 
@@ -20,11 +21,32 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-int64_t Flag(int argc, char** argv, const char* name, int64_t def) {
-  for (int i = 1; i + 1 < argc; ++i) {
-    if (std::strcmp(argv[i], name) == 0) return std::atoll(argv[i + 1]);
+// The flags, each "--name N" with N in [lo, hi]; false (and a message naming the flag) for an
+// unknown flag, a missing value, or a value that is not an integer in range.
+struct FlagValue {
+  const char* name;
+  int64_t lo, hi;
+  int64_t value;  // the default until parsed
+};
+bool ParseFlags(int argc, char** argv, std::vector<FlagValue>& flags) {
+  for (int i = 1; i < argc; i += 2) {
+    FlagValue* f = nullptr;
+    for (FlagValue& c : flags) {
+      if (std::strcmp(argv[i], c.name) == 0) f = &c;
+    }
+    if (f == nullptr) {
+      std::fprintf(stderr, "step_protocol_bench: unknown flag '%s'\n", argv[i]);
+      return false;
+    }
+    int64_t v = 0;
+    if (i + 1 >= argc || !absl::SimpleAtoi(argv[i + 1], &v) || v < f->lo || v > f->hi) {
+      std::fprintf(stderr, "step_protocol_bench: %s: '%s' is not an integer in [%lld, %lld]\n", f->name,
+                   i + 1 < argc ? argv[i + 1] : "", static_cast<long long>(f->lo), static_cast<long long>(f->hi));
+      return false;
+    }
+    f->value = v;
   }
-  return def;
+  return true;
 }
 
 // The token each sampled sequence gets: anything but EOS (id 1).
@@ -40,14 +62,27 @@ lorc::StepResult FakeResult(const lorc::StepPlan& plan) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  const int64_t seqs = Flag(argc, argv, "--seqs", 64);
-  const int64_t context = Flag(argc, argv, "--context", 4096);
-  const int64_t steps = Flag(argc, argv, "--steps", 200);
-  const int32_t block_size = static_cast<int32_t>(Flag(argc, argv, "--block-size", 16));
+  std::vector<FlagValue> flags = {{"--seqs", 1, 1 << 16, 64},
+                                  {"--context", 1, 1 << 20, 4096},
+                                  {"--steps", 1, 1 << 20, 200},
+                                  {"--block-size", 1, 1024, 16}};
+  if (argc == 2 && (std::strcmp(argv[1], "--help") == 0 || std::strcmp(argv[1], "-h") == 0)) {
+    std::printf("usage: step_protocol_bench [--seqs 64] [--context 4096] [--steps 200] [--block-size 16]\n");
+    return 0;
+  }
+  if (!ParseFlags(argc, argv, flags)) return 2;
+  const int64_t seqs = flags[0].value, context = flags[1].value, steps = flags[2].value;
+  const int32_t block_size = static_cast<int32_t>(flags[3].value);
+  const int64_t num_blocks = seqs * ((context + steps + 8) / block_size + 2);
+  if (num_blocks > 0x7fffffff || seqs * context > (int64_t{1} << 28)) {  // prompts: 4 bytes a token
+    std::fprintf(stderr, "step_protocol_bench: --seqs x --context = %lld prompt tokens (at most 2^28) in %lld "
+                 "blocks (at most 2^31)\n", static_cast<long long>(seqs * context), static_cast<long long>(num_blocks));
+    return 2;
+  }
 
   lorc::SchedulerConfig c;
   c.block_size = block_size;
-  c.num_blocks = static_cast<int32_t>(seqs * ((context + steps + 8) / block_size + 2));
+  c.num_blocks = static_cast<int32_t>(num_blocks);
   c.max_num_batched_tokens = static_cast<int32_t>(context);
   c.max_num_seqs = static_cast<int32_t>(seqs);
   c.max_waiting = static_cast<int32_t>(seqs);

@@ -1,10 +1,13 @@
 // End-to-end tests of `lorcserve bench --model` (the offline engine benchmark; cli/bench_engine.cc),
 // run as a user runs it: a child process whose stdout (JSON lines), stderr and exit code are
 // checked, with the tiny-llama-a fixture. Split from cli_test.cc (the binary's other commands).
+#include <filesystem>
+#include <fstream>
 #include <string>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "common/json_util.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/cli/cli_test_util.h"
@@ -109,6 +112,53 @@ TEST_F(CliTest, EngineBenchOneCeilingGivesOneFloorAndOutOfRangeCeilingsAreRefuse
   const RunResult huge = Lorcserve({"bench", "--model", Tiny(), "--shared-prefix", "16", "--working-set", "1e9"});
   EXPECT_NE(huge.exit_code, 0);
   EXPECT_THAT(huge.err, HasSubstr("--working-set: 1e9 is not in (0, 1000]")) << huge;
+}
+
+// A flag of one kind of run given to another is refused naming it (a tester ran --chat-turns
+// without --shared-prefix and got the decode table, exit 0), before the model loads.
+TEST_F(CliTest, EngineBenchRefusesFlagsOfAnotherRun) {
+  const std::vector<std::pair<std::vector<std::string>, std::string>> cases = {
+      {{"--chat-turns", "3"}, "--chat-turns: needs --shared-prefix"},
+      {{"--working-set", "2"}, "--working-set: needs --shared-prefix"},
+      {{"--question", "5"}, "--question: needs --shared-prefix"},
+      {{"--shared-prefix", "8", "--chat-turns", "2", "--working-set", "2"}, "--chat-turns and --working-set"},
+      {{"--shared-prefix", "8", "--mixed-requests", "2"}, "--mixed-requests: needs --working-set"},
+      {{"--shared-prefix", "8", "--chat-output", "2"}, "--chat-output: needs --chat-turns or --working-set"},
+      {{"--shared-prefix", "8", "--chat-turns", "2", "--prefix-reps", "2"}, "--prefix-reps: not used by --chat-turns"},
+      {{"--shared-prefix", "8", "--steps", "3"}, "--steps: not used with --shared-prefix"},
+      {{"--lm-head", "split"}, "--lm-head: only with --local-workers"},
+  };
+  for (const auto& [flags, message] : cases) {
+    std::vector<std::string> args = {"bench", "--model", Tiny()};
+    args.insert(args.end(), flags.begin(), flags.end());
+    const RunResult r = Lorcserve(args);
+    EXPECT_EQ(r.exit_code, 2) << r;
+    EXPECT_THAT(r.err, HasSubstr(message)) << r;
+    EXPECT_THAT(r.err, Not(HasSubstr("weights:"))) << r;  // refused before loading
+  }
+}
+
+// The random prompts take ids from 3 up: a vocabulary of 3 or fewer ids is refused naming the
+// field (it divided by zero: SIGFPE, a tester), and a shape held back by --max-num-seqs says so.
+TEST_F(CliTest, EngineBenchRefusesATinyVocabularyAndNamesWhatSkipsAShape) {
+  const std::filesystem::path dir = ScratchDir() / "vocab3";
+  std::filesystem::create_directories(dir);
+  absl::StatusOr<json> config = ReadJsonFile(Tiny() + "/config.json");
+  ASSERT_TRUE(config.ok()) << config.status();
+  (*config)["vocab_size"] = 3;
+  (*config)["bos_token_id"] = 1;
+  (*config)["eos_token_id"] = 2;
+  std::ofstream(dir / "config.json") << config->dump(2);
+  for (const char* run : {"--shared-prefix", "--prefill"}) {
+    const RunResult r = Lorcserve({"bench", "--model", dir.string(), "--random-weights", "--threads", "1", run, "8"});
+    EXPECT_EQ(r.exit_code, 2) << r;
+    EXPECT_THAT(r.err, HasSubstr("config.json vocab_size 3")) << r;
+  }
+  const RunResult r = Lorcserve({"bench", "--model", Tiny(), "--decode-batches", "4", "--contexts", "16", "--prefill",
+                                 "16", "--steps", "2", "--warmup-steps", "1", "--prefill-reps", "1", "--threads", "1",
+                                 "--max-num-seqs", "2"});
+  ASSERT_EQ(r.exit_code, 0) << r;
+  EXPECT_THAT(r.out, HasSubstr("skipped (max_num_seqs)")) << r;
 }
 
 // The config line names the KV policy a benchmark ran under (a saved result says which ran).

@@ -644,6 +644,16 @@ TEST_F(CliTest, JoinFlagsAreChecked) {
       {{"worker", "--join", "127.0.0.1:1"}, "--join needs --rank R"},
       {{"worker", "--join", "no-port", "--rank", "0"}, "'no-port' is not HOST:PORT"},
       {{"worker", "--join", "127.0.0.1:1", "--rank", "-1"}, "--rank"},
+      // Refused at once, not after the join's retries / at the first attach (a tester).
+      {{"worker", "--join", "127.0.0.1:1", "--rank", "5", "--tensor-parallel-size", "2"},
+       "--rank 5 exceeds --tensor-parallel-size 2 (ranks are 0 to 1)"},
+      {{"worker", "--join", "127.0.0.1:1", "--rank", "1", "--local-workers", "2", "--tensor-parallel-size", "2"},
+       "--rank 1 + --local-workers 2 exceeds --tensor-parallel-size 2"},
+      {{"worker", "--listen", "127.0.0.1:0", "--parent-pid", "0"}, "--parent-pid: 0 is outside the range [1, "},
+      {{"coordinator", "--model", Tiny(), "--local-workers", "1", "--advertise-address", "nope"},
+       "--advertise-address: 'nope' is not HOST:PORT (port 1-65535)"},
+      {{"generate", "--model", Tiny() + "/config.json", "--prompt-ids", "0"}, "config.json: not a directory"},
+      {{"generate", "--model", "", "--prompt-ids", "0"}, "--model: an empty path"},
       {{"coordinator", "--model", Tiny(), "--local-workers", "2", "--tensor-parallel-size", "1"},
        "--tensor-parallel-size 1 is less than --local-workers 2"},
       {{"coordinator", "--model", Tiny(), "--workers", "a:1,b:2", "--tensor-parallel-size", "3"},
@@ -702,6 +712,28 @@ TEST_F(CliTest, WeightShapesAreCheckedBeforeAnythingIsAllocated) {
   EXPECT_NE(r.exit_code, 0);
   EXPECT_THAT(r.err, HasSubstr("tensor 'model.embed_tokens.weight' has shape [4096, 512], expected [100000000, 512]"))
       << r;
+}
+
+// Weights that cannot fit the device are refused before any is allocated: the CPU backend's
+// memory is committed lazily, and an 8B fp32 model on a 24 GB machine was killed by the kernel
+// part-way (a tester). 1,000 layers of the 70B layer shape: ~3.4 TB in fp32, more than any
+// machine here.
+TEST_F(CliTest, WeightsThatCannotFitAreRefusedBeforeLoading) {
+  const fs::path dir = ScratchDir() / "too_big";
+  fs::create_directories(dir);
+  json config = json::parse(std::ifstream(Tiny() + "/config.json"));
+  config["hidden_size"] = 8192;
+  config["intermediate_size"] = 28672;
+  config["num_attention_heads"] = 64;
+  config["num_key_value_heads"] = 8;
+  config["num_hidden_layers"] = 1000;
+  config.erase("head_dim");
+  std::ofstream(dir / "config.json") << config.dump();
+  const RunResult r = Lorcserve({"generate", "--model", dir.string(), "--random-weights", "--prompt-ids", "5,6",
+                                 "--max-tokens", "1"});
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_THAT(r.err, HasSubstr("RESOURCE_EXHAUSTED: weights: this rank's")) << r;
+  EXPECT_THAT(r.err, HasSubstr("GiB free on the cpu backend's device")) << r;
 }
 
 TEST_F(CliTest, TruncatedWeightsNameTheFile) {

@@ -77,8 +77,9 @@ absl::StatusOr<JoinSetup> ParseJoin(const Args& args) {
   // --rank 5 of 2 until killed).
   const int32_t joined = j.local_workers > 0 ? j.local_workers : 1;
   if (tp > 0 && j.rank >= 0 && j.rank + joined > tp) {
-    return absl::InvalidArgumentError(absl::StrCat("--rank ", j.rank, joined > 1 ? absl::StrCat(" + --local-workers ", joined) : "",
-                                                   " exceeds --tensor-parallel-size ", tp, " (ranks are 0 to ", tp - 1, ")"));
+    const std::string local = joined > 1 ? absl::StrCat(" + --local-workers ", joined) : "";
+    return absl::InvalidArgumentError(absl::StrCat("--rank ", j.rank, local, " exceeds --tensor-parallel-size ", tp,
+                                                   " (ranks are 0 to ", tp - 1, ")"));
   }
   j.request.set_tensor_parallel_size(tp);
   if (j.rank >= 0) {
@@ -214,7 +215,10 @@ int RunWorker(int argc, char** argv) {
     // Spawned through /proc/self/exe (the coordinator's own binary, even if replaced on disk
     // since), which names the process "exe": `pgrep lorcserve` missed the workers (a tester).
     prctl(PR_SET_NAME, "lorcserve");
-    if (getppid() != static_cast<pid_t>(*parent)) return Fail("worker", absl::AbortedError(absl::StrCat("--parent-pid ", *parent, ": not this process's parent (gone already?)")));
+    if (getppid() != static_cast<pid_t>(*parent)) {
+      return Fail("worker", absl::AbortedError(
+                                absl::StrCat("--parent-pid ", *parent, ": not this process's parent (gone already?)")));
+    }
   }
   WorkerOptions wo;
   absl::StatusOr<BackendKind> kind = ParseBackendKind(args->Get("backend", "cpu"));

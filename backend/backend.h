@@ -357,7 +357,8 @@ struct WeightFillParams {
 };
 
 // Free and total memory of the backend's device, in bytes (CPU: MemAvailable and MemTotal of
-// /proc/meminfo, or sysconf where that is missing).
+// /proc/meminfo within this process's cgroup memory limit, backend/host_memory.h; sysconf where
+// those are missing).
 struct MemoryInfo {
   int64_t free_bytes = 0;
   int64_t total_bytes = 0;

@@ -15,6 +15,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "backend/cpu_device_memory.h"
+#include "backend/host_memory.h"
 #include "backend/cpu_kernels.h"
 #include "common/parallel_for.h"
 #include "common/status_macros.h"
@@ -85,12 +86,6 @@ absl::Status CpuAttentionPlan::Plan(const AttentionBatch& b) {
 
 class CpuGraph final : public Graph {};
 class CpuEvent final : public Event {};
-
-int64_t MemInfoKb(const std::string& text, const char* key) {
-  const size_t at = text.find(key);
-  if (at == std::string::npos) return -1;
-  return std::strtoll(text.c_str() + at + std::strlen(key), nullptr, 10);
-}
 
 class CpuBackend final : public Backend {
  public:
@@ -382,17 +377,10 @@ class CpuBackend final : public Backend {
 
 MemoryInfo CpuBackend::GetMemoryInfo() const {
   MemoryInfo m;
-  std::ifstream f("/proc/meminfo");
-  const std::string text((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-  const int64_t total_kb = MemInfoKb(text, "MemTotal:"), avail_kb = MemInfoKb(text, "MemAvailable:");
-  if (total_kb > 0 && avail_kb >= 0) {
-    m.total_bytes = total_kb * 1024;
-    m.free_bytes = avail_kb * 1024;
-    return m;
-  }
+  const HostMemory h = ReadHostMemory();  // MemAvailable / MemTotal within the cgroup's limit
   const int64_t page = sysconf(_SC_PAGESIZE);
-  m.total_bytes = static_cast<int64_t>(sysconf(_SC_PHYS_PAGES)) * page;
-  m.free_bytes = static_cast<int64_t>(sysconf(_SC_AVPHYS_PAGES)) * page;
+  m.total_bytes = h.total_bytes > 0 ? h.total_bytes : static_cast<int64_t>(sysconf(_SC_PHYS_PAGES)) * page;
+  m.free_bytes = h.available_bytes >= 0 ? h.available_bytes : static_cast<int64_t>(sysconf(_SC_AVPHYS_PAGES)) * page;
   return m;
 }
 

@@ -589,6 +589,16 @@ int RunEngineBench(int argc, char** argv) {
     }
     *out = *v;
   }
+  // The random prompts' ids, checked before anything loads (config.json alone).
+  if (args->Has("model")) {
+    absl::StatusOr<ModelConfig> c = LoadModelConfig(args->Get("model"));
+    if (c.ok() && c->vocab_size <= 3) {
+      return Fail("bench", absl::InvalidArgumentError(absl::StrCat(
+                               "config.json vocab_size ", c->vocab_size,
+                               ": the benchmark's random prompts take ids from 3 up (0-2 are kept for special "
+                               "tokens); it needs vocab_size > 3")));
+    }
+  }
   absl::StatusOr<std::unique_ptr<Target>> target = OpenTarget(*args);
   if (!target.ok()) return Fail("bench", target.status());
   const Target& t = **target;
@@ -610,12 +620,6 @@ int RunEngineBench(int argc, char** argv) {
   }
   Engine& engine = *t.engine;
   const ModelConfig& cfg = t.config;
-  if (cfg.vocab_size <= 3) {
-    return Fail("bench", absl::InvalidArgumentError(absl::StrCat(
-                             "config.json vocab_size ", cfg.vocab_size,
-                             ": the benchmark's random prompts take ids from 3 up (0-2 are kept for special "
-                             "tokens); it needs vocab_size > 3")));
-  }
   const bool json_only = args->Has("json");
   if (args->Has("shared-prefix")) {
     absl::StatusOr<int32_t> prefix = args->GetInt32("shared-prefix", 2000, 1, 1 << 24),
@@ -705,8 +709,11 @@ int RunEngineBench(int argc, char** argv) {
                                     batch, " seqs; the cache holds ", capacity, ", max_num_seqs ",
                                     t.engine_options.max_num_seqs);
         std::cout << j.dump() << std::endl;
+        const bool seqs = batch > t.engine_options.max_num_seqs, kv = per_seq * batch * t.block_size > capacity;
         table.push_back(absl::StrFormat("decode  b=%-4d ctx=%-6d skipped (%s)", batch, context,
-                                        batch > t.engine_options.max_num_seqs ? "max_num_seqs" : "KV capacity"));
+                                        seqs && kv ? "max_num_seqs and KV capacity"
+                                        : seqs     ? "max_num_seqs"
+                                                   : "KV capacity"));
         continue;
       }
       absl::StatusOr<DecodeRun> r =

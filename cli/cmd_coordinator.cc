@@ -51,10 +51,13 @@ absl::StatusOr<CoordinatorOptions> ParseOptions(const Args& args) {
     // HOST:PORT, as the worker's flag: the workers dial it as given.
     const size_t colon = o.advertise_address.rfind(':');
     int port = 0;
-    if (colon == std::string::npos || colon == 0 || !absl::SimpleAtoi(o.advertise_address.substr(colon + 1), &port) ||
-        port < 1 || port > 65535) {
+    const std::string host = colon == std::string::npos ? "" : o.advertise_address.substr(0, colon);
+    const bool bracketed = host.size() > 2 && host.front() == '[' && host.back() == ']';
+    if (host.empty() || (!bracketed && host.find_first_of(":[]") != std::string::npos) ||
+        !absl::SimpleAtoi(o.advertise_address.substr(colon + 1), &port) || port < 1 || port > 65535) {
       return absl::InvalidArgumentError(
-          absl::StrCat("--advertise-address: '", o.advertise_address, "' is not HOST:PORT (port 1-65535)"));
+          absl::StrCat("--advertise-address: '", o.advertise_address,
+                       "' is not HOST:PORT (port 1-65535; an IPv6 host in brackets)"));
     }
   }
   if (args.Has("tensor-parallel-size")) {

@@ -236,10 +236,12 @@ int RunWorker(int argc, char** argv) {
   }
   wo.owner_lease = absl::Seconds(*lease_s);
   if (*kind == BackendKind::kCuda) {
-    // The device checked at start (device count only, no context): a GPU-less machine said
-    // "serving (cuda)" and failed only when a coordinator attached (a tester).
+    // The devices checked at start (their count and properties; no context is made): a GPU-less
+    // machine said "serving (cuda)" and failed only when a coordinator attached (a tester).
     absl::StatusOr<std::vector<CudaDeviceInfo>> gpus = ListCudaDevices();
-    if (!gpus.ok()) return Fail("worker", gpus.status());
+    if (!gpus.ok()) {
+      return Fail("worker", absl::InvalidArgumentError(absl::StrCat("--backend cuda: ", gpus.status().message())));
+    }
     if (*device >= static_cast<int32_t>(gpus->size())) {
       return Fail("worker", absl::InvalidArgumentError(absl::StrCat("--device ", *device, ": this machine has ",
                                                                    gpus->size(), " CUDA device(s)")));

@@ -79,7 +79,7 @@ class Loader {
     if (mem.free_bytes > 0 && bytes > static_cast<double>(mem.free_bytes)) {
       return absl::ResourceExhaustedError(absl::StrFormat(
           "weights: this rank's %.2f GiB (%s; config.json's sizes, tensor-parallel rank %d of %d) do not fit the "
-          "%.2f GiB free on the %s backend's device",
+          "%.2f GiB free on the %s backend's device (a CPU's: available memory within its cgroup's limit, no swap)",
           bytes / (1 << 30), DTypeName(dtype_), s_.tp_rank, s_.tp_size, static_cast<double>(mem.free_bytes) / (1 << 30),
           b_.name()));
     }

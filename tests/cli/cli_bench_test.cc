@@ -153,6 +153,7 @@ TEST_F(CliTest, EngineBenchRefusesATinyVocabularyAndNamesWhatSkipsAShape) {
     const RunResult r = Lorcserve({"bench", "--model", dir.string(), "--random-weights", "--threads", "1", run, "8"});
     EXPECT_EQ(r.exit_code, 2) << r;
     EXPECT_THAT(r.err, HasSubstr("config.json vocab_size 3")) << r;
+    EXPECT_THAT(r.err, Not(HasSubstr("weights:"))) << r;  // before loading
   }
   const RunResult r = Lorcserve({"bench", "--model", Tiny(), "--decode-batches", "4", "--contexts", "16", "--prefill",
                                  "16", "--steps", "2", "--warmup-steps", "1", "--prefill-reps", "1", "--threads", "1",

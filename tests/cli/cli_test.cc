@@ -651,7 +651,9 @@ TEST_F(CliTest, JoinFlagsAreChecked) {
        "--rank 1 + --local-workers 2 exceeds --tensor-parallel-size 2"},
       {{"worker", "--listen", "127.0.0.1:0", "--parent-pid", "0"}, "--parent-pid: 0 is outside the range [1, "},
       {{"coordinator", "--model", Tiny(), "--local-workers", "1", "--advertise-address", "nope"},
-       "--advertise-address: 'nope' is not HOST:PORT (port 1-65535)"},
+       "--advertise-address: 'nope' is not HOST:PORT (port 1-65535"},
+      {{"coordinator", "--model", Tiny(), "--local-workers", "1", "--advertise-address", "::1"},
+       "--advertise-address: '::1' is not HOST:PORT"},
       {{"generate", "--model", Tiny() + "/config.json", "--prompt-ids", "0"}, "config.json: not a directory"},
       {{"generate", "--model", "", "--prompt-ids", "0"}, "--model: an empty path"},
       {{"coordinator", "--model", Tiny(), "--local-workers", "2", "--tensor-parallel-size", "1"},
@@ -716,8 +718,9 @@ TEST_F(CliTest, WeightShapesAreCheckedBeforeAnythingIsAllocated) {
 
 // Weights that cannot fit the device are refused before any is allocated: the CPU backend's
 // memory is committed lazily, and an 8B fp32 model on a 24 GB machine was killed by the kernel
-// part-way (a tester). 1,000 layers of the 70B layer shape: ~3.4 TB in fp32, more than any
-// machine here.
+// part-way (a tester). A 2^30-token vocabulary of 8,192 dims: a 32 TiB embedding in fp32, more
+// than any machine, and the first buffer allocated (without the check the backend's own mmap
+// fails at once, never filling memory).
 TEST_F(CliTest, WeightsThatCannotFitAreRefusedBeforeLoading) {
   const fs::path dir = ScratchDir() / "too_big";
   fs::create_directories(dir);
@@ -726,7 +729,7 @@ TEST_F(CliTest, WeightsThatCannotFitAreRefusedBeforeLoading) {
   config["intermediate_size"] = 28672;
   config["num_attention_heads"] = 64;
   config["num_key_value_heads"] = 8;
-  config["num_hidden_layers"] = 1000;
+  config["vocab_size"] = int64_t{1} << 30;
   config.erase("head_dim");
   std::ofstream(dir / "config.json") << config.dump();
   const RunResult r = Lorcserve({"generate", "--model", dir.string(), "--random-weights", "--prompt-ids", "5,6",

@@ -342,7 +342,14 @@ absl::Status CudaBackend::Matmul(const Tensor2D& x, const Tensor2D& w, Tensor2D 
       if (try_gemv && can_time) {
         ASSIGN_OR_RETURN(gt, TimeGemv(x, w, out, [&](const std::function<bool()>& run) { return TimeCold(s, stream_, run); },
                                       stream_));
-        if (gt.config >= 0 && (TimedFaster(gt.ms, lt_ms) || s.policy == CudaMatmulPolicy::kGemvFirst)) choice.gemv = gt.config;
+        // The GEMV unless cuBLASLt is faster by the margin: near a tie the GEMV wins, because it
+        // takes part in programmatic dependent launch and cuBLASLt does not, which the timing of the
+        // GEMM alone cannot see: behind a cuBLASLt o projection the next kernel (the RMSNorm)
+        // advanced 0.93 us more a layer (one Llama-3-70B rank at TP = 8 on an H100, 2026-12-07,
+        // docs/PERFORMANCE.md). Still a margin rule, so processes pick alike.
+        if (gt.config >= 0 && (!TimedFaster(lt_ms, gt.ms) || s.policy == CudaMatmulPolicy::kGemvFirst)) {
+          choice.gemv = gt.config;
+        }
       } else if (try_gemv && s.policy == CudaMatmulPolicy::kGemvFirst) {
         choice.gemv = 0;  // inside a capture: untimed
       }

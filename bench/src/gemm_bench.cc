@@ -320,6 +320,6 @@ int main(int argc, char** argv) {
     made->reset();
     return lorc::DecodeMain();
   }
-  if (argc > 1 && std::string(argv[1]) == "ceilings") return lorc::CeilingsMain(**made);
+  if (mode == "ceilings") return lorc::CeilingsMain(**made);
   return lorc::Main(**made);
 }

@@ -17,7 +17,8 @@
 #           64 concurrent streaming clients, 32 cancelled (deadline) requests, every KV block free
 #   bench   kernel benchmarks; `lorcserve bench` on the 8B shape (one GPU) and, with 2+ GPUs, the
 #           70B shape at TP = 2 (random weights; skipped when the GPUs are too small; also with
-#           --disable-custom-all-reduce) and the all-reduce benchmark
+#           --disable-custom-all-reduce), the all-reduce benchmark and one TP = 2 rank alone on
+#           one GPU (bench/configs/llama3-70b-tp2-rank: the all-reduces' share is the difference)
 #   peer    bench/hf_peer.py (transformers + PyTorch) on the same shapes (8B one GPU; 70B over 2)
 #   prefix  not in the default phases: prefix-caching TTFT and chat benchmarks on one GPU (issue #10)
 #   lorcserve  not in the default phases: phase serve on a LoRC-compressed fixture (see below)
@@ -237,6 +238,11 @@ phase_bench() {
     timeout 900 "$L" bench --model bench/configs/llama3-70b --backend cuda --random-weights \
       --local-workers 2 --disable-custom-all-reduce --steps "$STEPS" > "$OUT/bench-70b-tp2-nccl-only.txt" 2>&1 &&
       note "bench 70B tp=2, NCCL only: done" || { note "bench 70B tp=2, NCCL only: FAILED"; fails=$((fails + 1)); }
+    # One rank's compute alone on one GPU (no all-reduce): the all-reduces' share is the difference.
+    CUDA_VISIBLE_DEVICES=0 timeout 900 "$L" bench --model bench/configs/llama3-70b-tp2-rank --backend cuda \
+      --random-weights --steps "$STEPS" > "$OUT/bench-70b-tp2-rank.txt" 2>&1 &&
+      note "bench one rank of 70B tp=2 alone: $(decode_figures "$OUT/bench-70b-tp2-rank.txt")" ||
+      { note "bench one rank of 70B tp=2 alone: FAILED"; fails=$((fails + 1)); }
   fi
 }
 

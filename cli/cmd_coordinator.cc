@@ -246,6 +246,13 @@ int RunCoordinator(int argc, char** argv) {
                 << (*server)->address()
                 << (options->kv.kv_policy.enabled() ? ", kv policy " + options->kv.kv_policy.Describe() : "")
                 << "\n";
+      if (options->kv.kv_policy.enabled() && options->engine.enable_prefix_caching) {
+        // A tester sent one prompt three times under MiKV and saw 0 cached tokens each time.
+        std::cerr << "lorcserve coordinator: with --kv-policy, a request's prompt blocks leave the prefix "
+                     "cache at its first compaction: a later request with the same prompt recomputes it; "
+                     "sessions (session_id) and requests running at the same time share it "
+                     "(kvpolicy/README.md \"Compaction\")\n";
+      }
       (*server)->Wait();
       if ((*server)->draining()) {
         const int64_t aborted = (*server)->FinishDrain();

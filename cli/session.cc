@@ -77,7 +77,8 @@ std::vector<FlagSpec> KvCacheFlags() {
       {"kv-policy-prefill", true,
        absl::StrCat("when the policy first chooses on a prompt: after-prompt (statistics over "
                     "the prompt's chunks, the first choice after its last one, from its last W "
-                    "queries) or every-chunk (after every step; the budget holds during prefill) "
+                    "queries) or every-chunk (also at every multiple of --max-num-batched-tokens of the prompt, "
+                    "where its chunks end: the budget holds during prefill) "
                     "(default ", kvpolicy::KvPolicyPrefillName(kvpolicy::defaults::kPrefill), ")"),
        "M"},
       {"kv-offloading-size", true,
@@ -238,6 +239,11 @@ absl::StatusOr<KvCacheOptions> ParseKvCacheOptions(const Args& args) {
   }
   kv.kv_offloading_bytes = static_cast<int64_t>(offload_gib * double{1 << 30});
   ASSIGN_OR_RETURN(kv.kv_policy, ParseKvPolicyFlags(args));
+  // every-chunk chooses at multiples of the step budget, where the scheduler ends prompt chunks
+  // (kvpolicy/kv_policy_config.h): the choices follow the request, not its neighbours.
+  if (kv.kv_policy.prefill == kvpolicy::KvPolicyPrefill::kEveryChunk) {
+    kv.kv_policy.prefill_interval = kv.max_num_batched_tokens;
+  }
   return kv;
 }
 
@@ -312,6 +318,9 @@ absl::StatusOr<std::unique_ptr<Session>> OpenSession(const Args& args) {
   eo.num_host_blocks = s->model.runner->num_host_blocks();  // --kv-offloading-size
   eo.kv_compaction = s->model.runner->kv_policy() != nullptr;  // --kv-policy
   eo.kv_policy_max_positions = s->model.runner->kv_policy_max_positions();
+  if (const kvpolicy::KvPolicyStore* p = s->model.runner->kv_policy(); p != nullptr) {
+    eo.kv_policy_prefill_interval = p->config().prefill_interval;
+  }
   s->engine_options = eo;
   // Two plans in flight on a backend that runs asynchronously (CUDA): the executor launches the
   // next step's forward pass before the host has the last step's tokens (launch-ahead,

@@ -17,6 +17,10 @@
 
 namespace lorc::compress {
 
+// --max-ppl-increase: the fewest calibration tokens the search scores (over the chunks it uses):
+// below it Compress refuses, naming --calib (a perplexity over a few tokens is noise).
+inline constexpr int64_t kMinSearchTokens = 256;
+
 struct CompressOptions {
   std::string model_dir;
   std::string out_dir;

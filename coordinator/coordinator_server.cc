@@ -262,6 +262,7 @@ absl::Status CoordinatorServer::JoinGroup() {
   engine_options.num_host_blocks = g->group->info().num_host_blocks;
   engine_options.kv_compaction = options_.kv.kv_policy.enabled();  // sent to every worker
   engine_options.kv_policy_max_positions = g->group->info().kv_policy_max_positions;
+  engine_options.kv_policy_prefill_interval = options_.kv.kv_policy.prefill_interval;  // sent too
   ASSIGN_OR_RETURN(std::unique_ptr<Engine> engine,
                    Engine::Create(g->group.get(), config_, kv, tokenizer_.get(), engine_options));
   g->loop = std::make_shared<EngineLoop>(std::move(engine), metrics_.get());

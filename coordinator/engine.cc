@@ -56,6 +56,7 @@ SchedulerConfig MakeSchedulerConfig(const ModelConfig& config, const KvCacheSpec
   c.num_host_blocks = options.num_host_blocks;
   c.kv_compaction = options.kv_compaction;
   c.kv_policy_max_positions = options.kv_policy_max_positions;
+  c.kv_policy_prefill_interval = options.kv_policy_prefill_interval;
   KvCacheSpec format = kv;
   if (format.k_width.empty()) {
     KvSpecOptions o;

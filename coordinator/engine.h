@@ -106,6 +106,9 @@ struct EngineOptions {
   // (WorkerGroupInfo::kv_policy_max_positions; not a flag): 0 no limit.
   // SchedulerConfig::kv_policy_max_positions.
   int64_t kv_policy_max_positions = 0;
+  // The workers' KvPolicyConfig::prefill_interval (every-chunk; not a flag of its own): 0 none.
+  // SchedulerConfig::kv_policy_prefill_interval.
+  int64_t kv_policy_prefill_interval = 0;
 };
 
 struct EngineStats {

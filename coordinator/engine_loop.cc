@@ -89,7 +89,11 @@ void EngineLoop::Publish() {
   s.num_running = engine_->scheduler().num_running();
   s.num_waiting = engine_->scheduler().num_waiting();
   s.num_preemptions = engine_->scheduler().num_preemptions();
-  s.kv_policy_positions = engine_->scheduler().num_kv_policy_positions();
+  // Device-resident policy states only (ModelInfo's and the gauge's contract): without them (no
+  // policy, or states in host memory) the count the scheduler keeps anyway is no one's memory.
+  if (engine_->scheduler().config().kv_policy_max_positions > 0) {
+    s.kv_policy_positions = engine_->scheduler().num_kv_policy_positions();
+  }
   s.prefix_cache = engine_->scheduler().prefix_cache_report();
   s.engine = engine_->stats();
   if (metrics_ != nullptr) {

@@ -39,7 +39,7 @@ struct LoopStats {
   int32_t num_running = 0;
   int32_t num_waiting = 0;
   int64_t num_preemptions = 0;  // since the engine started
-  int64_t kv_policy_positions = 0;  // Scheduler::num_kv_policy_positions
+  int64_t kv_policy_positions = 0;  // Scheduler::num_kv_policy_positions; 0 without device-resident states
   EngineStats engine;
   PrefixCacheReport prefix_cache;
 };

@@ -51,6 +51,10 @@ absl::Status SchedulerConfig::Validate() const {
     return absl::InvalidArgumentError(absl::StrCat(
         "scheduler config: kv_policy_max_positions must be >= 0, got ", kv_policy_max_positions));
   }
+  if (kv_policy_prefill_interval < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "scheduler config: kv_policy_prefill_interval must be >= 0, got ", kv_policy_prefill_interval));
+  }
   if (num_host_blocks < 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("scheduler config: num_host_blocks must be >= 0, got ", num_host_blocks));
@@ -358,6 +362,12 @@ int64_t Scheduler::num_kv_policy_positions() const {
   return total;
 }
 
+int64_t Scheduler::PromptChunk(const Seq& s, int64_t n) const {
+  const int64_t interval = config_.kv_policy_prefill_interval;
+  if (interval <= 0 || s.num_computed >= s.prompt_len) return n;
+  return std::min(n, interval - s.num_computed % interval);
+}
+
 int64_t Scheduler::TokensThatFit(const Seq& s, int64_t n, int64_t positions) const {
   if (config_.kv_policy_max_positions > 0) {
     // `s` and its unforked children (copies of it) within the positions the others leave.
@@ -605,7 +615,7 @@ StepPlan Scheduler::Schedule() {
         held_.contains(s->id)) {
       continue;
     }
-    const int64_t n = std::min(s->num_tokens() - s->num_computed, budget);
+    const int64_t n = PromptChunk(*s, std::min(s->num_tokens() - s->num_computed, budget));
     if (n == 0) continue;
     int64_t m = TokensThatFit(*s, n, positions);
     while (m == 0) {
@@ -740,7 +750,7 @@ StepPlan Scheduler::Schedule() {
       }
       if (!s.session.session_id.empty() && !SessionClosedSince(s)) sessions_.Touch(s.session, Now());
       s.num_computed = hit_tokens;
-      const int64_t n = std::min(num_tokens - hit_tokens, budget);
+      const int64_t n = PromptChunk(s, std::min(num_tokens - hit_tokens, budget));
       absl::StatusOr<std::vector<BlockCopy>> copies = blocks_.Reserve(s.id, hit_tokens + n);
       CHECK_OK(copies.status());  // need <= free
       OffloadEvicted(plan);

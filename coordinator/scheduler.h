@@ -178,6 +178,10 @@ struct SchedulerConfig {
   // kv_policy_max_positions over the ranks; kvpolicy/state_memory.h), >= 0; 0: no limit (no
   // policy, or states in host memory). Header comment "KV policy state memory".
   int64_t kv_policy_max_positions = 0;
+  // The workers' policy chooses during prompts at multiples of this position (--kv-policy-prefill
+  // every-chunk: KvPolicyConfig::prefill_interval), >= 0: a prompt's chunks end there, so what a
+  // choice sees does not depend on the sequences sharing its steps. 0: chunks end anywhere.
+  int64_t kv_policy_prefill_interval = 0;
   // The sessions' clock; null: absl::Now (tests pass a fake one).
   std::function<absl::Time()> clock;
 
@@ -347,6 +351,9 @@ class Scheduler {
   // Running slots a sequence takes against max_num_seqs: itself + its unforked children.
   static int64_t Slots(const Seq& s);
   void Enqueue(Seq& s, bool front);
+  // n, or less so that a chunk of `s`'s prompt ends at the next multiple of
+  // kv_policy_prefill_interval (when set): where the workers' every-chunk policy chooses.
+  int64_t PromptChunk(const Seq& s, int64_t n) const;
   // Largest m <= n such that `s` can grow by m tokens with the blocks now free and the KV policy
   // state positions left of kv_policy_max_positions when the running sequences (`s` included,
   // not yet grown) hold `positions`.

@@ -19,14 +19,16 @@ int64_t KvPolicyConfig::BudgetFor(int64_t seq_len) const {
   return seq_len;
 }
 
+// With every-chunk its interval when set: "(w 32, r 32, sinks 4, every-chunk 2048)".
 std::string KvPolicyConfig::Describe() const {
   if (!enabled()) return "none";
   std::string s = kind == KvPolicyKind::kCorm ? "corm" : absl::StrCat("mikv-int", low_bits);
   if (budget_tokens > 0) absl::StrAppend(&s, " budget ", budget_tokens, " tokens");
   if (budget_fraction > 0.0) absl::StrAppend(&s, absl::StrFormat(" budget %g%%", 100.0 * budget_fraction));
   if (!has_budget()) absl::StrAppend(&s, " budget-free");
-  absl::StrAppend(&s, " (w ", window, ", r ", recent, ", sinks ", sinks, ", ",
-                  KvPolicyPrefillName(prefill), ")");
+  absl::StrAppend(&s, " (w ", window, ", r ", recent, ", sinks ", sinks, ", ", KvPolicyPrefillName(prefill));
+  if (prefill == KvPolicyPrefill::kEveryChunk && prefill_interval > 0) absl::StrAppend(&s, " ", prefill_interval);
+  absl::StrAppend(&s, ")");
   return s;
 }
 
@@ -107,6 +109,10 @@ absl::Status ValidateKvPolicyConfig(const KvPolicyConfig& c) {
     return absl::InvalidArgumentError(absl::StrCat("--kv-token-budget: fraction ", c.budget_fraction,
                                                    " and count ", c.budget_tokens,
                                                    ": give one, fraction in (0, 1] or count >= 1"));
+  }
+  if (c.prefill_interval < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("kv policy prefill_interval: ", c.prefill_interval, " is negative"));
   }
   if (c.budget_tokens > 0 && c.budget_tokens < static_cast<int64_t>(c.sinks) + c.recent) {
     return absl::InvalidArgumentError(absl::StrCat(

@@ -48,8 +48,11 @@ enum class KvPolicyKind : uint8_t { kNone, kCorm, kMikv };
 //    first choice follows the step that computes the prompt's last token, so it is made from the
 //    prompt's last `window` queries whatever the chunk size, the same as one-step prefill. The
 //    budget does not hold during the prompt (all of it is kept until its last chunk).
-//  kEveryChunk: the choice follows every step, prompt chunks included: the budget holds during
-//    prefill, but a fact no query of a chunk's last `window` attends to is gone before the
+//  kEveryChunk: the choice also follows each step that ends a prompt position that is a multiple
+//    of `prefill_interval` (--max-num-batched-tokens; the scheduler ends a prompt's chunks there,
+//    so the choices do not depend on what else shares a step: kvpolicy/README.md) and, with
+//    prefill_interval 0 (a runner driven without the scheduler), every step: the budget holds
+//    during prefill, but a fact no query of a chunk's last `window` attends to is gone before the
 //    question after it arrives.
 // After the prompt both choose after every (decode) step.
 enum class KvPolicyPrefill : uint8_t { kAfterPrompt, kEveryChunk };
@@ -72,16 +75,23 @@ struct KvPolicyConfig {
   int64_t budget_tokens = 0;     // >= 1
   int32_t low_bits = defaults::kLowBits;     // --kv-policy-low-bits: 4 or 2 (mikv only)
   KvPolicyPrefill prefill = defaults::kPrefill;  // --kv-policy-prefill
+  // every-chunk: the prompt positions (tokens, >= 0) at whose multiples the choice follows a
+  // prompt chunk; 0: after every step. Not a flag: --max-num-batched-tokens, set with it (the
+  // scheduler's SchedulerConfig::kv_policy_prefill_interval is the same number).
+  int64_t prefill_interval = 0;
 
   bool enabled() const { return kind != KvPolicyKind::kNone; }
   bool has_budget() const { return budget_fraction > 0.0 || budget_tokens > 0; }
   // Full-precision tokens a sequence of `seq_len` tokens may keep per layer and KV head:
   // ceil(fraction * seq_len) or the count; seq_len when budget-free.
   int64_t BudgetFor(int64_t seq_len) const;
-  // Whether a step that ends the request's prompt (`prompt_done`) or not is followed by the
-  // choice: always with every-chunk, only when prompt_done with after-prompt.
-  bool ChoosesAfterStep(bool prompt_done) const {
-    return prompt_done || prefill == KvPolicyPrefill::kEveryChunk;
+  // Whether a step that leaves the sequence at `seq_len` tokens and ends its prompt
+  // (`prompt_done`) or not is followed by the choice: when prompt_done; before, with every-chunk
+  // only, when seq_len is a multiple of prefill_interval (every step with prefill_interval 0).
+  bool ChoosesAfterStep(bool prompt_done, int64_t seq_len) const {
+    if (prompt_done) return true;
+    if (prefill != KvPolicyPrefill::kEveryChunk) return false;
+    return prefill_interval <= 0 || seq_len % prefill_interval == 0;
   }
   // "corm budget-free (w 32, r 32, sinks 4, after-prompt)", "mikv-int4 budget 30% (...)": for
   // tables and logs.
@@ -98,7 +108,8 @@ const char* KvPolicyPrefillName(KvPolicyPrefill p);
 // >= 1); InvalidArgument naming --kv-token-budget for anything else.
 absl::Status ParseKvTokenBudget(absl::string_view s, KvPolicyConfig* config);
 // InvalidArgument naming the flag: window < 1, recent / sinks < 0, low_bits not 4 or 2, low_bits
-// or a budget given with kind none, a budget count below sinks + recent (it could never hold).
+// or a budget given with kind none, a budget count below sinks + recent (it could never hold),
+// prefill_interval < 0.
 absl::Status ValidateKvPolicyConfig(const KvPolicyConfig& c);
 
 }  // namespace lorc::kvpolicy

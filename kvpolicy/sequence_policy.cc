@@ -330,7 +330,7 @@ SequenceKvPolicy* KvPolicyStore::Prepare(int64_t seq_id, int64_t num_computed_to
     it->second->Extend(num_computed_tokens);
   }
   it->second->Extend(seq_len);
-  it->second->set_choose(config_.ChoosesAfterStep(seq_len >= prompt_len));
+  it->second->set_choose(config_.ChoosesAfterStep(seq_len >= prompt_len, seq_len));
   it->second->set_prompt_len(prompt_len);
   return it->second.get();
 }

@@ -216,6 +216,7 @@ void KvPolicyToProto(const kvpolicy::KvPolicyConfig& c, lorcserve::internal::KvP
   out->set_budget_tokens(c.budget_tokens);
   out->set_low_bits(c.low_bits);
   out->set_prefill(kvpolicy::KvPolicyPrefillName(c.prefill));
+  out->set_prefill_interval(c.prefill_interval);
 }
 
 absl::StatusOr<kvpolicy::KvPolicyConfig> KvPolicyFromProto(const lorcserve::internal::KvPolicy& p) {
@@ -236,6 +237,7 @@ absl::StatusOr<kvpolicy::KvPolicyConfig> KvPolicyFromProto(const lorcserve::inte
   c.budget_fraction = p.budget_fraction();
   c.budget_tokens = p.budget_tokens();
   c.low_bits = p.low_bits();
+  c.prefill_interval = p.prefill_interval();
   const absl::Status s = kvpolicy::ValidateKvPolicyConfig(c);
   if (!s.ok()) return absl::InvalidArgumentError(absl::StrCat("kv_policy: ", s.message()));
   return c;

@@ -108,6 +108,73 @@ TEST_P(EngineKvCompactionTest, GreedyParallelCompletionsAreTheGreedyCompletion) 
   EXPECT_GT(compactions, 0);
 }
 
+// --kv-policy-prefill every-chunk in a server: the prompts' chunks are cut where the step budget
+// runs out, which depends on the other requests of the step, so choosing after every chunk made a
+// greedy answer depend on its neighbours (a tester: 3 of 8 pass-key prompts differed at their
+// first token between alone and batched). The scheduler now ends a prompt's chunks at multiples
+// of the budget and the policy chooses only there and at the prompt's end: every golden prompt
+// alone gives the tokens it gives batched with the others (budget 8 tokens a step: the batch's
+// chunks are cut short by its neighbours). Choosing after every chunk (interval 0) differs.
+TEST_P(EngineKvCompactionTest, EveryChunkChoicesDoNotDependOnTheNeighbours) {
+  auto generate = [&](int64_t interval, const std::vector<size_t>& prompts) {
+    const Case& c = GetParam();
+    KvCacheOptions kv;
+    kv.block_size = 8;
+    kv.num_blocks = 256;
+    kv.max_num_batched_tokens = 8;
+    kv.kv_cache_dtype = c.dtype;
+    kv.kv_policy.kind = c.kind;
+    kv.kv_policy.window = 4;
+    kv.kv_policy.recent = 4;
+    kv.kv_policy.sinks = 1;
+    kv.kv_policy.budget_fraction = c.budget_fraction;
+    kv.kv_policy.prefill = kvpolicy::KvPolicyPrefill::kEveryChunk;
+    kv.kv_policy.prefill_interval = interval;
+    if (c.kind == kvpolicy::KvPolicyKind::kMikv) kv.kv_policy.low_bits = c.low_bits;
+    EXPECT_OK(LoadFixtureModel(kv));
+    EngineOptions eo;
+    eo.kv_compaction = true;
+    eo.max_num_batched_tokens = 8;
+    eo.kv_policy_prefill_interval = interval;
+    absl::StatusOr<std::unique_ptr<Engine>> engine =
+        Engine::Create(exec_.get(), model_.config, model_.runner->kv_spec(), nullptr, eo);
+    EXPECT_OK(engine.status());
+    std::vector<GenerationRequest> reqs;
+    for (size_t i : prompts) {
+      GenerationRequest r;
+      r.prompt_ids = ::lorc::testing::GoldenPrompts()[i].prompt_ids;
+      r.params.max_tokens = 32;
+      r.params.ignore_eos = true;
+      reqs.push_back(r);
+    }
+    std::vector<std::vector<int32_t>> out;
+    absl::StatusOr<std::vector<GenerationResult>> res = (*engine)->Generate(reqs);
+    EXPECT_OK(res.status());
+    if (res.ok()) {
+      for (const GenerationResult& r : *res) out.push_back(r.completions.at(0).output_ids);
+    }
+    return out;
+  };
+  const size_t num = ::lorc::testing::GoldenPrompts().size();
+  std::vector<size_t> all(num);
+  for (size_t i = 0; i < num; ++i) all[i] = i;
+  int differ_per_chunk = 0;
+  for (const int64_t interval : {int64_t{8}, int64_t{0}}) {
+    const std::vector<std::vector<int32_t>> batched = generate(interval, all);
+    ASSERT_EQ(batched.size(), num);
+    for (size_t i = 0; i < num; ++i) {
+      const std::vector<std::vector<int32_t>> alone = generate(interval, {i});
+      ASSERT_EQ(alone.size(), 1u);
+      if (interval > 0) {
+        EXPECT_EQ(alone[0], batched[i]) << "golden prompt " << i;
+      } else {
+        differ_per_chunk += alone[0] != batched[i];
+      }
+    }
+  }
+  EXPECT_GT(differ_per_chunk, 0) << "the case no longer shows what choosing after every chunk did";
+}
+
 INSTANTIATE_TEST_SUITE_P(
     Policies, EngineKvCompactionTest,
     ::testing::Values(Case{"corm30", kvpolicy::KvPolicyKind::kCorm, 0.3, 4, KvCacheDtype::kAuto},

@@ -109,6 +109,41 @@ TEST(SchedulerTest, DecodesGoBeforePrefillsWithinTheBudget) {
   EXPECT_EQ(h.outputs[4], Expected(4, 100, 5));
 }
 
+// kv_policy_prefill_interval (--kv-policy-prefill every-chunk): a prompt's chunk never crosses a
+// multiple of the interval, where the workers' policy chooses, so the choices see the same
+// prompt positions whatever shares the steps. Decodes and the rest of the budget are unchanged.
+TEST(SchedulerTest, PromptChunksEndAtMultiplesOfThePolicyInterval) {
+  for (const int64_t interval : {int64_t{0}, int64_t{64}}) {
+    SchedulerConfig c = NoPrefixCaching(Config(4, 1000, 64));
+    c.kv_policy_prefill_interval = interval;
+    Harness h(c);
+    for (int64_t id = 1; id <= 3; ++id) ASSERT_OK(h.Add(id, Prompt(10, id), Params(20)));
+    PlanView p = h.Step();
+    ASSERT_EQ(p.seqs.size(), 3u);  // 30 tokens of prefill, under the interval
+    for (const SeqView& s : p.seqs) EXPECT_EQ(s.tokens.size(), 10u);
+    ASSERT_OK(h.Add(4, Prompt(150), Params(5)));
+    // 3 decodes leave 61 tokens a step: without the interval 61, 61, 28; with it each chunk
+    // stops at 64 and 128 first.
+    const std::vector<size_t> chunks = interval > 0 ? std::vector<size_t>{61, 3, 61, 3, 22}
+                                                    : std::vector<size_t>{61, 61, 28};
+    for (size_t i = 0; i < chunks.size(); ++i) {
+      p = h.Step();
+      ASSERT_EQ(p.seqs.size(), 4u) << "step " << i;
+      for (int j = 0; j < 3; ++j) EXPECT_EQ(p.seqs[j].tokens.size(), 1u);
+      EXPECT_EQ(p.seqs[3].seq_id, 4);
+      EXPECT_EQ(p.seqs[3].tokens.size(), chunks[i]) << "interval " << interval << ", chunk " << i;
+      EXPECT_EQ(p.seqs[3].sample, i + 1 == chunks.size());
+    }
+    h.RunToCompletion();
+    for (int64_t id = 1; id <= 3; ++id) EXPECT_EQ(h.outputs[id], Expected(id, 10, 20));
+    EXPECT_EQ(h.outputs[4], Expected(4, 150, 5));
+  }
+  SchedulerConfig bad = Config(16, 64);
+  bad.kv_policy_prefill_interval = -1;
+  EXPECT_THAT(Scheduler::Create(bad).status(),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("kv_policy_prefill_interval must be >= 0")));
+}
+
 TEST(SchedulerTest, BudgetSmallerThanTheDecodesLeavesTheRestForNextStep) {
   Harness h(Config(4, 1000, 2));
   for (int64_t id = 1; id <= 3; ++id) ASSERT_OK(h.Add(id, Prompt(1, id), Params(4)));

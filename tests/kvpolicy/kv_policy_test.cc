@@ -58,13 +58,27 @@ TEST(KvPolicyConfigTest, PrefillModeParsesAndDecidesTheChoicePoints) {
   EXPECT_EQ(c.prefill, defaults::kPrefill);
   EXPECT_EQ(c.prefill, KvPolicyPrefill::kAfterPrompt);
   c.kind = KvPolicyKind::kCorm;
-  EXPECT_FALSE(c.ChoosesAfterStep(/*prompt_done=*/false));
-  EXPECT_TRUE(c.ChoosesAfterStep(true));
+  EXPECT_FALSE(c.ChoosesAfterStep(/*prompt_done=*/false, 256));
+  EXPECT_TRUE(c.ChoosesAfterStep(true, 100));
   EXPECT_THAT(c.Describe(), HasSubstr("after-prompt"));
+  c.prefill_interval = 64;  // after-prompt ignores it
+  EXPECT_FALSE(c.ChoosesAfterStep(false, 128));
   c.prefill = KvPolicyPrefill::kEveryChunk;
-  EXPECT_TRUE(c.ChoosesAfterStep(false));
-  EXPECT_TRUE(c.ChoosesAfterStep(true));
+  c.prefill_interval = 0;  // every step
+  EXPECT_TRUE(c.ChoosesAfterStep(false, 37));
+  EXPECT_TRUE(c.ChoosesAfterStep(true, 37));
   EXPECT_EQ(c.Describe(), "corm budget-free (w 32, r 32, sinks 4, every-chunk)");
+  // At multiples of the interval (where the scheduler ends prompt chunks) and at the prompt's end.
+  c.prefill_interval = 64;
+  EXPECT_FALSE(c.ChoosesAfterStep(false, 37));
+  EXPECT_FALSE(c.ChoosesAfterStep(false, 65));
+  EXPECT_TRUE(c.ChoosesAfterStep(false, 64));
+  EXPECT_TRUE(c.ChoosesAfterStep(false, 192));
+  EXPECT_TRUE(c.ChoosesAfterStep(true, 37));
+  EXPECT_TRUE(ValidateKvPolicyConfig(c).ok());
+  EXPECT_EQ(c.Describe(), "corm budget-free (w 32, r 32, sinks 4, every-chunk 64)");
+  c.prefill_interval = -1;
+  EXPECT_THAT(ValidateKvPolicyConfig(c).message(), HasSubstr("prefill_interval: -1 is negative"));
 }
 
 TEST(KvPolicyConfigTest, ValidationNamesTheFlag) {

@@ -182,6 +182,7 @@ TEST(StepProtoTest, KvPolicyRoundTripKeepsEveryFieldAndChecksOnArrival) {
   a.budget_fraction = 0.3;
   a.low_bits = 2;
   a.prefill = kvpolicy::KvPolicyPrefill::kEveryChunk;
+  a.prefill_interval = 96;
   kvpolicy::KvPolicyConfig b;
   b.kind = kvpolicy::KvPolicyKind::kCorm;
   b.budget_tokens = 512;
@@ -199,6 +200,7 @@ TEST(StepProtoTest, KvPolicyRoundTripKeepsEveryFieldAndChecksOnArrival) {
     EXPECT_EQ(back->budget_tokens, c.budget_tokens);
     EXPECT_EQ(back->low_bits, c.low_bits);
     EXPECT_EQ(back->prefill, c.prefill);
+    EXPECT_EQ(back->prefill_interval, c.prefill_interval);
   }
   lorcserve::internal::KvPolicy good;
   KvPolicyToProto(a, &good);
@@ -211,6 +213,8 @@ TEST(StepProtoTest, KvPolicyRoundTripKeepsEveryFieldAndChecksOnArrival) {
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("kv_policy.kind: --kv-policy: 'h2o'")));
   EXPECT_THAT(bad([](auto* p) { p->set_prefill(""); }),
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("kv_policy.prefill")));
+  EXPECT_THAT(bad([](auto* p) { p->set_prefill_interval(-5); }),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("prefill_interval: -5")));
   EXPECT_THAT(bad([](auto* p) { p->set_window(0); }),
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("--kv-policy-window")));
   EXPECT_THAT(bad([](auto* p) { p->set_low_bits(3); }),

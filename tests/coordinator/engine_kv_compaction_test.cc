@@ -31,10 +31,8 @@ void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
 
 class EngineKvCompactionTest : public ::lorc::testing::FixtureModelTest<::testing::TestWithParam<Case>> {
  protected:
-  // Greedy tokens of every golden prompt (max_tokens 64, one batch); the scheduler's compactions
-  // and freed blocks.
-  // With n > 1 every completion's tokens, request after request.
-  std::vector<std::vector<int32_t>> Run(bool compaction, int64_t* compactions, int64_t* freed, int n = 1) {
+  // The case's cache and policy (blocks of 8, w = r = 4, one sink).
+  static KvCacheOptions CaseKv() {
     const Case& c = GetParam();
     KvCacheOptions kv;
     kv.block_size = 8;
@@ -46,7 +44,14 @@ class EngineKvCompactionTest : public ::lorc::testing::FixtureModelTest<::testin
     kv.kv_policy.sinks = 1;
     kv.kv_policy.budget_fraction = c.budget_fraction;
     if (c.kind == kvpolicy::KvPolicyKind::kMikv) kv.kv_policy.low_bits = c.low_bits;
-    EXPECT_OK(LoadFixtureModel(kv));
+    return kv;
+  }
+
+  // Greedy tokens of every golden prompt (max_tokens 64, one batch); the scheduler's compactions
+  // and freed blocks.
+  // With n > 1 every completion's tokens, request after request.
+  std::vector<std::vector<int32_t>> Run(bool compaction, int64_t* compactions, int64_t* freed, int n = 1) {
+    EXPECT_OK(LoadFixtureModel(CaseKv()));
     EngineOptions eo;
     eo.kv_compaction = compaction;
     absl::StatusOr<std::unique_ptr<Engine>> engine =
@@ -117,20 +122,10 @@ TEST_P(EngineKvCompactionTest, GreedyParallelCompletionsAreTheGreedyCompletion) 
 // chunks are cut short by its neighbours). Choosing after every chunk (interval 0) differs.
 TEST_P(EngineKvCompactionTest, EveryChunkChoicesDoNotDependOnTheNeighbours) {
   auto generate = [&](int64_t interval, const std::vector<size_t>& prompts) {
-    const Case& c = GetParam();
-    KvCacheOptions kv;
-    kv.block_size = 8;
-    kv.num_blocks = 256;
+    KvCacheOptions kv = CaseKv();
     kv.max_num_batched_tokens = 8;
-    kv.kv_cache_dtype = c.dtype;
-    kv.kv_policy.kind = c.kind;
-    kv.kv_policy.window = 4;
-    kv.kv_policy.recent = 4;
-    kv.kv_policy.sinks = 1;
-    kv.kv_policy.budget_fraction = c.budget_fraction;
     kv.kv_policy.prefill = kvpolicy::KvPolicyPrefill::kEveryChunk;
     kv.kv_policy.prefill_interval = interval;
-    if (c.kind == kvpolicy::KvPolicyKind::kMikv) kv.kv_policy.low_bits = c.low_bits;
     EXPECT_OK(LoadFixtureModel(kv));
     EngineOptions eo;
     eo.kv_compaction = true;

@@ -403,6 +403,9 @@ absl::StatusOr<CompressResult> CompressInto(const CompressOptions& o, const Mode
   std::optional<CalibrationMoments> moments;
   std::optional<CalibrationText> calib;
   std::vector<std::vector<int32_t>> chunks;
+  // --max-ppl-increase: the chunks every trial scores and their scored tokens.
+  std::vector<std::vector<int32_t>> search_chunks;
+  int64_t search_tokens = 0;
   if ((o.whiten || o.max_ppl_increase.has_value()) && !checked_finite) {
     // The projections to factor are read (and a NaN or an infinity in them named) before the
     // calibration runs the model, not after it (the progressive schedule above read them already).
@@ -437,16 +440,16 @@ absl::StatusOr<CompressResult> CompressInto(const CompressOptions& o, const Mode
   if (o.max_ppl_increase.has_value()) {
     // One short chunk is a legitimate (fast, noisy) search, e.g. in tests; a handful of tokens
     // is not: a 5-token text recorded "-44.8 %" for a model 81 % worse on the evaluation windows.
-    int64_t scored = 0;
-    for (const auto& ch : SpreadChunks(chunks, o.search_chunks)) scored += static_cast<int64_t>(ch.size()) - 1;
-    if (scored < kMinSearchTokens) {
+    search_chunks = SpreadChunks(chunks, o.search_chunks);
+    for (const auto& ch : search_chunks) search_tokens += static_cast<int64_t>(ch.size()) - 1;
+    if (search_tokens < kMinSearchTokens) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "--calib ", calib->source, ": the text gives ", scored, " scored tokens; --max-ppl-increase needs at "
+          "--calib ", calib->source, ": the text gives ", search_tokens, " scored tokens; --max-ppl-increase needs at "
           "least ", kMinSearchTokens, " to measure a perplexity change (better --search-chunks x 512)"));
     }
     if (static_cast<int64_t>(chunks.size()) < o.search_chunks && progress) {
       progress(absl::StrCat("warning: --search-chunks ", o.search_chunks, ": the calibration text gives only ",
-                            chunks.size(), chunks.size() == 1 ? " chunk" : " chunks", " (", scored,
+                            chunks.size(), chunks.size() == 1 ? " chunk" : " chunks", " (", search_tokens,
                             " scored tokens); using ", chunks.size()));
     }
   }
@@ -484,9 +487,6 @@ absl::StatusOr<CompressResult> CompressInto(const CompressOptions& o, const Mode
   j["source_model"] = {{"dir", o.model_dir}, {"config_sha256", Sha256Hex(config_text)}};
 
   if (o.max_ppl_increase.has_value()) {
-    const auto search_chunks = SpreadChunks(chunks, o.search_chunks);
-    int64_t search_tokens = 0;
-    for (const auto& ch : search_chunks) search_tokens += static_cast<int64_t>(ch.size()) - 1;
     ASSIGN_OR_RETURN(const CalibrationPpl base, ComputeCalibrationPerplexity(o.model_dir, search_chunks));
     if (progress) {
       progress(absl::StrFormat("search: uncompressed calibration ppl %.4f over %d tokens (%d chunks)",

@@ -91,10 +91,18 @@ absl::Status CallError(const grpc::Status& status, const ClientSecurity& securit
   absl::Status s = FromGrpcStatus(status);
   if (s.code() != absl::StatusCode::kUnavailable) return s;
   const absl::string_view m = s.message();
+  // gRPC's own words for a connection closed before any answer. A server's status names its own
+  // cause ("worker 1 (...): ... Connection reset by peer") and gets no hint: it did answer.
+  const bool transport = m == "Socket closed" || absl::StartsWith(m, "recvmsg:") ||
+                         absl::StartsWith(m, "Connection reset") ||
+                         (absl::StartsWith(m, "failed to connect to all addresses") &&
+                          (absl::EndsWith(m, "Socket closed") || absl::StrContains(m, "Connection reset")));
   std::string hint;
-  if (!security.tls.enabled() && (absl::StrContains(m, "Socket closed") || absl::StrContains(m, "Connection reset"))) {
-    hint = "the server closed a plaintext connection: if it serves TLS, pass --tls-ca (a plain client got only "
-           "'Socket closed', a tester)";
+  if (transport && !security.tls.enabled()) {
+    hint = "the connection closed without an answer: the server went away, or it serves TLS (then pass --tls-ca)";
+  } else if (transport && security.tls.cert_file.empty()) {
+    hint = "the connection closed without an answer: the server went away, or it wants a client certificate "
+           "(mutual TLS: pass --tls-cert and --tls-key)";
   } else if (security.tls.enabled() && absl::StrContains(absl::AsciiStrToLower(m), "handshake")) {
     hint = "the TLS handshake failed: the server may be plaintext (drop --tls-ca) or its certificate not signed by "
            "--tls-ca / not valid for the name (--tls-server-name)";

@@ -43,9 +43,12 @@ StreamResult StreamGenerate(lorcserve::v1::LorcServe::Stub& stub,
                             const lorcserve::v1::GenerateRequest& request, double timeout_s,
                             const std::function<void(const lorcserve::v1::GenerateResponse&)>& on_chunk = {});
 
-// A failed call's status (FromGrpcStatus), with a hint where the cause is likely the channel's
-// security: UNAVAILABLE "Socket closed" / "Connection reset" over plaintext reads as a server
-// that wants TLS (--tls-ca); a handshake failure over TLS as a plaintext server or another CA.
+// A failed call's status (FromGrpcStatus), with a hint where the cause may be the channel's
+// security: UNAVAILABLE in gRPC's words for a connection closed before any answer ("Socket
+// closed", "recvmsg:Connection reset by peer") names, beside a server that went away, one that
+// wants TLS (over plaintext: --tls-ca) or a client certificate (over TLS without --tls-cert); a
+// handshake failure over TLS reads as a plaintext server or another CA. A status the server sent
+// (its message names its own cause) is returned as it is.
 absl::Status CallError(const grpc::Status& status, const ClientSecurity& security);
 
 // A request the client refused before sending it (`status`, e.g. CheckUtf8Fields's): the same

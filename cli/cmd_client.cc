@@ -146,10 +146,16 @@ int RunClient(int argc, char** argv) {
   const bool json = args->Has("json");
   // One completion streams as it comes; several are printed at the end, one per line.
   const bool stream_text = !json && !req->sampling().has_n();
-  StreamResult r = StreamGenerate(*stub, *req, *timeout, [stream_text](const lorcserve::v1::GenerateResponse& m) {
-    if (stream_text) std::cout << m.text() << std::flush;
+  bool printed = false;
+  StreamResult r = StreamGenerate(*stub, *req, *timeout, [stream_text, &printed](const lorcserve::v1::GenerateResponse& m) {
+    if (stream_text && !m.text().empty()) {
+      std::cout << m.text() << std::flush;
+      printed = true;
+    }
   });
-  if (stream_text) std::cout << "\n";
+  // The line ends before an error goes to stderr (flushed: a terminal showed the error on the text's
+  // line); a call that printed nothing prints no empty line unless it succeeded (an empty completion).
+  if (stream_text && (printed || r.status.ok())) std::cout << "\n" << std::flush;
   if (!r.status.ok()) return Fail("client", CallError(r.status, *security));
   if (!json && !stream_text) {
     for (size_t i = 0; i < r.completions.size(); ++i) {

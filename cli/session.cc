@@ -169,7 +169,11 @@ absl::StatusOr<ModelSource> ParseModelSource(const Args& args) {
   src.dir = args.Get("model");
   std::error_code ec;
   if (src.dir.empty()) return absl::InvalidArgumentError("--model: an empty path (give the model's directory)");
-  if (std::filesystem::exists(src.dir, ec) && !std::filesystem::is_directory(src.dir, ec)) {
+  if (!std::filesystem::exists(src.dir, ec)) {
+    return absl::InvalidArgumentError(absl::StrCat("--model ", src.dir, ": no such directory",
+                                                   ec ? absl::StrCat(" (", ec.message(), ")") : ""));
+  }
+  if (!std::filesystem::is_directory(src.dir, ec)) {
     return absl::InvalidArgumentError(
         absl::StrCat("--model ", src.dir, ": not a directory (give the directory holding config.json)"));
   }

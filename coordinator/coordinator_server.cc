@@ -70,7 +70,10 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Create(con
   s->metrics_ = options.metrics != nullptr ? options.metrics : std::make_shared<ServingMetrics>();
   s->metrics_->SetServingState(ServingState::kStarting);
   s->log_ = std::make_unique<EventLog>(options.log_format);
-  if (s->options_.internal_listen.empty()) s->options_.internal_listen = DefaultInternalListen(options.listen);
+  if (s->options_.internal_listen.empty()) {
+    s->options_.internal_listen = DefaultInternalListen(options.listen);
+    s->internal_listen_defaulted_ = true;
+  }
   const int num_local = options.worker_addresses.empty() ? options.local_workers.count : 0;
   const int listed = static_cast<int>(options.worker_addresses.size());
   int32_t& tp = s->options_.tensor_parallel_size;
@@ -190,9 +193,11 @@ absl::Status CoordinatorServer::StartServer() {
   if (join_service_ != nullptr) internal.RegisterService(join_service_.get());
   internal_server_ = internal.BuildAndStart();
   if (internal_server_ == nullptr || internal_port_ == 0) {
-    return absl::UnavailableError(absl::StrCat("--internal-listen: cannot listen on ", options_.internal_listen,
-                                               " (the port is in use, or the host is not an address "
-                                               "of this machine)"));
+    return absl::UnavailableError(absl::StrCat(
+        "--internal-listen: cannot listen on ", options_.internal_listen,
+        internal_listen_defaulted_ ? " (not given: the default for --listen " + options_.listen + ")" : "",
+        " (the port is in use, or the host is not an address of this machine; --internal-listen HOST:PORT "
+        "picks another)"));
   }
   SetHealth(false);
   SetLiveness(true);

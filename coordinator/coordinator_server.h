@@ -199,6 +199,7 @@ class CoordinatorServer {
   std::unique_ptr<grpc::Server> internal_server_;
   int port_ = 0;
   int internal_port_ = 0;
+  bool internal_listen_defaulted_ = false;  // internal_listen came from DefaultInternalListen
   std::unique_ptr<LocalWorkers> local_;  // set in StartWorkers, reset in Shutdown (owner)
   std::thread monitor_;
   mutable absl::Mutex mu_;

@@ -13,6 +13,7 @@
 #include "common/status_macros.h"
 #include "grpcpp/grpcpp.h"
 #include "step/coordinator_ref.h"
+#include "step/protocol.h"
 #include "step/step_proto.h"
 #include "worker/comm/internal_grpc.h"
 
@@ -75,6 +76,7 @@ bool WorkerGroup::AwaitCalls(std::vector<std::future<T>>& calls,
 void WorkerGroup::NameCoordinator(lorcserve::internal::CoordinatorId* out) const {
   out->set_id(options_.coordinator_id);
   out->set_address(options_.rendezvous_address);
+  out->set_protocol(WorkerProtocolFingerprint());
 }
 
 void WorkerGroup::NameCoordinator(grpc::ClientContext* ctx) const {
@@ -260,6 +262,7 @@ absl::Status WorkerGroup::Connect() {
         lorcserve::internal::InitCommunicatorResponse resp;
         const absl::Status s = FromGrpcStatus(wp->stub->InitCommunicator(&ctx, req, &resp));
         if (!s.ok()) return SetupCallError(wp->Name(), s);
+        RETURN_IF_ERROR(CheckPeerProtocol(resp.protocol(), wp->Name(), "this coordinator"));
         if (wp->rank == 0) info_.all_reduce = resp.all_reduce();  // only rank 0's task writes it
         return s;
       }));
@@ -323,6 +326,7 @@ absl::Status WorkerGroup::Connect() {
       lorcserve::internal::LoadModelResponse resp;
       const absl::Status s = FromGrpcStatus(wp->stub->LoadModel(&ctx, req, &resp));
       if (!s.ok()) return SetupCallError(wp->Name(), s);
+      RETURN_IF_ERROR(CheckPeerProtocol(resp.protocol(), wp->Name(), "this coordinator"));
       return resp;
     }));
   }

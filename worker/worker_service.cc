@@ -19,6 +19,7 @@
 #include "worker/comm/grpc_rendezvous.h"
 #include "worker/model_loader.h"
 #include "worker/step_executor.h"
+#include "step/protocol.h"
 #include "step/step_proto.h"
 
 namespace lorc {
@@ -28,6 +29,14 @@ namespace pb = ::lorcserve::internal;
 namespace {
 
 CoordinatorRef FromProto(const lorcserve::internal::CoordinatorId& c) { return {c.id(), c.address()}; }
+
+// A setup call from a coordinator of another build is refused before it owns the worker (it
+// would misread or drop fields of the plans; step/protocol.h).
+absl::Status CheckCoordinatorProtocol(const lorcserve::internal::CoordinatorId& c, absl::string_view call) {
+  absl::Status s = CheckPeerProtocol(c.protocol(), DescribeCoordinator(FromProto(c)), "this worker");
+  if (s.ok()) return s;
+  return absl::FailedPreconditionError(absl::StrCat(call, " refused: ", s.message()));
+}
 
 void ToProto(const CoordinatorRef& c, lorcserve::internal::CoordinatorId* out) {
   out->set_id(c.id);
@@ -294,6 +303,7 @@ absl::StatusOr<lorcserve::internal::InitCommunicatorResponse> WorkerService::Ini
   lorcserve::internal::InitCommunicatorResponse resp;
   resp.set_backend(std::string(d.comm->backend_name()));
   resp.set_all_reduce(d.comm->AllReduceDescription());
+  resp.set_protocol(WorkerProtocolFingerprint());
   return resp;
 }
 
@@ -311,6 +321,15 @@ absl::StatusOr<lorcserve::internal::LoadModelResponse> WorkerService::LoadModelO
   }
   model_loaded_ = false;
   d.ResetModel();
+  if (tp_size == 1 && d.comm != nullptr && d.comm->world().world_size != 1) {
+    // A group of one has no communicator. One left from an earlier, larger group (a coordinator
+    // restarted at a smaller --tensor-parallel-size on the same worker) would have every step's
+    // collectives wait for ranks that are gone: the steps hung until the step timeout, then
+    // failed on the broken group until the worker process was restarted.
+    comm_ready_ = false;
+    d.comm.reset();
+    d.store.reset();
+  }
   ModelSource src{req.model_dir(), req.random_weights(), req.weights_seed(),
                   req.has_shard_lm_head() ? std::optional<bool>(req.shard_lm_head()) : std::nullopt};
   KvCacheOptions kv;
@@ -340,6 +359,7 @@ absl::StatusOr<lorcserve::internal::LoadModelResponse> WorkerService::LoadModelO
   resp.set_load_seconds(d.model.load_seconds);
   resp.set_backend(d.backend->name());
   resp.set_device(d.backend->Describe());
+  resp.set_protocol(WorkerProtocolFingerprint());
   return resp;
 }
 
@@ -361,6 +381,9 @@ grpc::Status WorkerService::InitCommunicator(grpc::ServerContext*,
                                              const lorcserve::internal::InitCommunicatorRequest* req,
                                              lorcserve::internal::InitCommunicatorResponse* resp) {
   const HappensBeforeOnExit handler_done(this);  // ~WorkerService
+  if (absl::Status s = CheckCoordinatorProtocol(req->coordinator(), "InitCommunicator"); !s.ok()) {
+    return ToGrpcStatus(s);
+  }
   absl::StatusOr<uint64_t> epoch = ownership_.Begin(FromProto(req->coordinator()), true, "InitCommunicator");
   if (!epoch.ok()) return ToGrpcStatus(epoch.status());
   ++setup_calls_;
@@ -379,6 +402,7 @@ grpc::Status WorkerService::InitCommunicator(grpc::ServerContext*,
 grpc::Status WorkerService::LoadModel(grpc::ServerContext*, const lorcserve::internal::LoadModelRequest* req,
                                       lorcserve::internal::LoadModelResponse* resp) {
   const HappensBeforeOnExit handler_done(this);  // ~WorkerService
+  if (absl::Status s = CheckCoordinatorProtocol(req->coordinator(), "LoadModel"); !s.ok()) return ToGrpcStatus(s);
   absl::StatusOr<uint64_t> epoch = ownership_.Begin(FromProto(req->coordinator()), true, "LoadModel");
   if (!epoch.ok()) return ToGrpcStatus(epoch.status());
   ++setup_calls_;

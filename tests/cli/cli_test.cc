@@ -293,12 +293,17 @@ TEST_F(CliTest, FullEvalMatchesReference) {
 
 TEST_F(CliTest, MissingModelDirNamesThePath) {
   const std::string dir = (ScratchDir() / "no_such_model").string();
+  // A usage error naming the flag and the path (it was NOT_FOUND naming config.json, exit 1).
   const RunResult r = Lorcserve({"generate", "--model", dir, "--prompt-ids", "0,1"});
-  EXPECT_NE(r.exit_code, 0);
-  EXPECT_THAT(r.err, HasSubstr(dir + "/config.json"));
+  EXPECT_EQ(r.exit_code, 2) << r;
+  EXPECT_THAT(r.err, HasSubstr("--model " + dir + ": no such directory"));
   const RunResult e = Lorcserve({"eval", "--model", dir, "--ppl", Tiny() + "/eval_ppl_windows.jsonl"});
-  EXPECT_NE(e.exit_code, 0);
-  EXPECT_THAT(e.err, HasSubstr(dir + "/config.json"));
+  EXPECT_EQ(e.exit_code, 2) << e;
+  EXPECT_THAT(e.err, HasSubstr("--model " + dir + ": no such directory"));
+  // An existing directory without config.json still names the file.
+  const RunResult c = Lorcserve({"generate", "--model", ScratchDir().string(), "--prompt-ids", "0,1"});
+  EXPECT_NE(c.exit_code, 0);
+  EXPECT_THAT(c.err, HasSubstr(ScratchDir().string() + "/config.json"));
 }
 
 TEST_F(CliTest, UsageErrorsExitTwo) {
@@ -656,6 +661,8 @@ TEST_F(CliTest, JoinFlagsAreChecked) {
        "--advertise-address: '::1' is not HOST:PORT"},
       {{"generate", "--model", Tiny() + "/config.json", "--prompt-ids", "0"}, "config.json: not a directory"},
       {{"generate", "--model", "", "--prompt-ids", "0"}, "--model: an empty path"},
+      // Exit 1 with NOT_FOUND naming config.json, not the flag (a tester).
+      {{"coordinator", "--model", "/nonexistent", "--local-workers", "1"}, "--model /nonexistent: no such directory"},
       {{"coordinator", "--model", Tiny(), "--local-workers", "2", "--tensor-parallel-size", "1"},
        "--tensor-parallel-size 1 is less than --local-workers 2"},
       {{"coordinator", "--model", Tiny(), "--workers", "a:1,b:2", "--tensor-parallel-size", "3"},

@@ -279,6 +279,10 @@ TEST_F(ServerTlsTest, TlsRefusesPlaintextAndUnknownCaServesTheRightCa) {
   ASSERT_NO_FATAL_FAILURE(StartSecured({"--tls-cert", certs_.server_cert, "--tls-key", certs_.server_key}));
   grpc::Status s = TryGenerate({});  // plaintext
   EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAVAILABLE) << StatusText(s);
+  EXPECT_THAT(cli::CallError(s, {}).message(), HasSubstr("or it serves TLS (then pass --tls-ca)"));
+  // A status the server sent names its own cause: no hint, though it mentions a reset.
+  const grpc::Status from_server(grpc::StatusCode::UNAVAILABLE, "worker 1 (127.0.0.1:7102): recvmsg:Connection reset by peer");
+  EXPECT_EQ(cli::CallError(from_server, {}).message(), from_server.error_message());
   s = TryGenerate({{certs_.other_ca, "", "", ""}, ""});
   EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAVAILABLE) << StatusText(s);
   s = TryGenerate({{certs_.ca, "", "", ""}, ""});
@@ -301,6 +305,8 @@ TEST_F(ServerTlsTest, MutualTlsNeedsAClientCertificateFromTheClientCa) {
                                         certs_.server_key, "--tls-client-ca", certs_.ca}));
   grpc::Status s = TryGenerate({{certs_.ca, "", "", ""}, ""});
   EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAVAILABLE) << StatusText(s);
+  EXPECT_THAT(cli::CallError(s, {{certs_.ca, "", "", ""}, ""}).message(),
+              HasSubstr("wants a client certificate (mutual TLS: pass --tls-cert and --tls-key)"));
   s = TryGenerate({{certs_.ca, certs_.other_client_cert, certs_.other_client_key, ""}, ""});
   EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAVAILABLE) << StatusText(s);
   s = TryGenerate({{certs_.ca, certs_.client_cert, certs_.client_key, ""}, ""});
@@ -599,6 +605,24 @@ TEST_F(ServerOpsTest, AHungCoordinatorLosesItsWorkersAfterTheOwnerLease) {
   stub_ = v1::LorcServe::NewStub(channel_);
   health_ = grpc::health::v1::Health::NewStub(channel_);
   ASSERT_NO_FATAL_FAILURE(ExpectGoldenGreedy());
+}
+
+// Two workers served at TP = 2, then one of them by a coordinator at TP = 1 (a restart at a
+// smaller size): the worker drops the larger group's communicator. It kept it, so every step
+// waited in collectives for a rank that had gone until the step timeout (5 minutes), then failed
+// on the broken group until the worker process was restarted (a tester's report).
+TEST_F(ServerOpsTest, AWorkerOfALargerGroupServesAGroupOfOneAfterwards) {
+  WorkerProcess w0, w1;
+  ASSERT_EQ(w0.Start({}), "");
+  ASSERT_EQ(w1.Start({}), "");
+  ASSERT_NO_FATAL_FAILURE(StartServer(0, {"--workers", absl::StrCat(w0.address(), ",", w1.address())}));
+  ASSERT_NO_FATAL_FAILURE(ExpectGoldenGreedy());
+  StopServer();
+  ASSERT_NO_FATAL_FAILURE(StartServer(0, {"--workers", w0.address()}));
+  const cli::StreamResult r = Generate(IdsRequest(GoldenPrompts()[0].prompt_ids, 8), 60);
+  ASSERT_TRUE(r.status.ok()) << StatusText(r.status);
+  const std::vector<int32_t>& greedy = GoldenPrompts()[0].greedy_ids;
+  EXPECT_EQ(r.ids, std::vector<int32_t>(greedy.begin(), greedy.begin() + 8));
 }
 
 // Join mode: Start returns at once and the monitor forms the group. A SIGTERM while the group

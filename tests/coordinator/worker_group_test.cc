@@ -18,6 +18,7 @@
 #include "gmock/gmock.h"
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
+#include "step/protocol.h"
 #include "step/step_proto.h"
 #include "tests/testing/status_matchers.h"
 
@@ -25,6 +26,7 @@ namespace lorc {
 namespace {
 
 using ::lorc::testing::StatusIs;
+using ::testing::AllOf;
 using ::testing::HasSubstr;
 namespace internal = ::lorcserve::internal;
 
@@ -33,11 +35,14 @@ namespace internal = ::lorcserve::internal;
 // that waited for each result before sending the next plan would deadlock (and time out).
 class FakeWorker final : public internal::Worker::Service {
  public:
-  grpc::Status LoadModel(grpc::ServerContext*, const internal::LoadModelRequest*,
+  grpc::Status LoadModel(grpc::ServerContext*, const internal::LoadModelRequest* req,
                          internal::LoadModelResponse* resp) override {
     resp->set_num_blocks(100);
     resp->set_kv_bytes_per_token(64);
     resp->set_backend("fake");
+    absl::MutexLock lock(&mu_);
+    resp->set_protocol(protocol_);
+    coordinator_protocol_ = req->coordinator().protocol();
     return grpc::Status::OK;
   }
   grpc::Status InitCommunicator(grpc::ServerContext*, const internal::InitCommunicatorRequest* req,
@@ -46,6 +51,7 @@ class FakeWorker final : public internal::Worker::Service {
     resp->set_all_reduce(absl::StrCat("fake rank ", req->rank(), " disable_custom_all_reduce=",
                                       req->disable_custom_all_reduce()));
     absl::MutexLock lock(&mu_);
+    resp->set_protocol(protocol_);
     ++init_calls_;
     last_disable_custom_all_reduce_ = req->disable_custom_all_reduce();
     return grpc::Status::OK;
@@ -124,6 +130,15 @@ class FakeWorker final : public internal::Worker::Service {
     return out;
   }
 
+  std::string coordinator_protocol() {
+    absl::MutexLock lock(&mu_);
+    return coordinator_protocol_;
+  }
+  void set_protocol(std::string p) {
+    absl::MutexLock lock(&mu_);
+    protocol_ = std::move(p);
+  }
+
   bool pipeline_ = true;
   uint64_t fail_stream_at_ = 0;
   uint64_t instance_id_ = 0;  // 0: not reported (an older worker)
@@ -133,6 +148,8 @@ class FakeWorker final : public internal::Worker::Service {
   bool last_disable_custom_all_reduce_ ABSL_GUARDED_BY(mu_) = false;
   uint64_t released_by_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t owner_ ABSL_GUARDED_BY(mu_) = 0;  // Ping's owner; 0: none named
+  std::string protocol_ ABSL_GUARDED_BY(mu_) = WorkerProtocolFingerprint();  // what the responses report
+  std::string coordinator_protocol_ ABSL_GUARDED_BY(mu_);  // the last LoadModel's CoordinatorId.protocol
 };
 
 class WorkerGroupTest : public ::testing::Test {
@@ -388,6 +405,29 @@ TEST(WorkerGroupJoinTest, AnAddressServingSomethingElseIsNamedAsNotAWorker) {
               StatusIs(absl::StatusCode::kFailedPrecondition,
                        HasSubstr(absl::StrCat("worker 0 (", address, "): not a lorcserve worker"))));
   s->Shutdown();
+}
+
+// The coordinator names its protocol in every setup call and refuses a worker whose responses
+// name another one, or none (a build before the check: it would run plans it misreads).
+TEST_F(WorkerGroupTest, AWorkerOfAnotherBuildIsRefusedNamingBothProtocols) {
+  StartServer();
+  ASSERT_NE(Group(), nullptr);
+  EXPECT_EQ(worker_.coordinator_protocol(), WorkerProtocolFingerprint());
+  EXPECT_EQ(WorkerProtocolFingerprint().size(), 16u);
+  const std::string worker = absl::StrCat("worker 0 (127.0.0.1:", port_, ")");
+  WorkerGroupOptions o;
+  o.addresses = {"127.0.0.1:" + std::to_string(port_)};
+  worker_.set_protocol("0123456789abcdef");
+  EXPECT_THAT(WorkerGroup::Start(o).status(),
+              StatusIs(absl::StatusCode::kFailedPrecondition,
+                       AllOf(HasSubstr(absl::StrCat(worker, " speaks worker protocol 0123456789abcdef")),
+                             HasSubstr(absl::StrCat("this coordinator speaks worker protocol ",
+                                                    WorkerProtocolFingerprint())),
+                             HasSubstr("same lorcserve build"))));
+  worker_.set_protocol("");
+  EXPECT_THAT(WorkerGroup::Start(o).status(),
+              StatusIs(absl::StatusCode::kFailedPrecondition,
+                       HasSubstr(absl::StrCat(worker, " speaks none (a lorcserve build before 2026-12-07)"))));
 }
 
 TEST(WorkerGroupReleaseTest, ReleaseReachesEveryWorkerAndSkipsOnesThatAreGone) {

@@ -10,6 +10,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
 #include "common/grpc_status.h"
@@ -21,6 +22,7 @@
 #include "tests/testing/fixtures.h"
 #include "tests/testing/golden.h"
 #include "tests/testing/status_matchers.h"
+#include "step/protocol.h"
 #include "step/step_proto.h"
 
 namespace lorc {
@@ -137,8 +139,10 @@ class WorkerServiceTest : public ::testing::Test {
     hold_steps_ = false;
   }
 
+  // `protocol`: what the call names as the coordinator's worker protocol (step/protocol.h).
   absl::Status Load(const CoordinatorRef& c, int64_t kv_offloading_bytes = 0,
-                    pb::LoadModelResponse* out = nullptr) {
+                    pb::LoadModelResponse* out = nullptr,
+                    const std::string& protocol = WorkerProtocolFingerprint()) {
     grpc::ClientContext ctx;
     pb::LoadModelRequest req;
     req.set_kv_offloading_bytes(kv_offloading_bytes);
@@ -149,13 +153,14 @@ class WorkerServiceTest : public ::testing::Test {
     req.set_num_blocks(4 * kBlocksPerSeq);
     req.mutable_coordinator()->set_id(c.id);
     req.mutable_coordinator()->set_address(c.address);
+    req.mutable_coordinator()->set_protocol(protocol);
     pb::LoadModelResponse resp;
     const absl::Status st = FromGrpcStatus(stub_->LoadModel(&ctx, req, &resp));
     if (out != nullptr) *out = resp;
     return st;
   }
 
-  absl::Status Init(const CoordinatorRef& c) {
+  absl::Status Init(const CoordinatorRef& c, const std::string& protocol = WorkerProtocolFingerprint()) {
     grpc::ClientContext ctx;
     pb::InitCommunicatorRequest req;
     req.set_rendezvous_address("127.0.0.1:1");
@@ -165,6 +170,7 @@ class WorkerServiceTest : public ::testing::Test {
     req.set_timeout_ms(1);
     req.mutable_coordinator()->set_id(c.id);
     req.mutable_coordinator()->set_address(c.address);
+    req.mutable_coordinator()->set_protocol(protocol);
     pb::InitCommunicatorResponse resp;
     return FromGrpcStatus(stub_->InitCommunicator(&ctx, req, &resp));
   }
@@ -248,6 +254,27 @@ TEST_F(WorkerServiceTest, SecondCoordinatorIsRefusedByNameAndTheOwnerKeepsItsSta
   ASSERT_EQ(results.size(), 1u);
   EXPECT_EQ(results[0].step_id(), 2u);
   EXPECT_EQ(SampledToken(results[0]), golden_[0].greedy_ids[1]);
+}
+
+// A coordinator of another build (another worker protocol, or none: a build before the check)
+// is refused before it owns the worker, naming both protocols; the worker reports its own in
+// LoadModel's response, and a coordinator of this build is served as before.
+TEST_F(WorkerServiceTest, ACoordinatorOfAnotherBuildIsRefusedBeforeItOwnsTheWorker) {
+  const auto other = AllOf(HasSubstr(absl::StrCat(DescribeCoordinator(kA), " speaks worker protocol 0123456789abcdef")),
+                           HasSubstr(absl::StrCat("this worker speaks worker protocol ", WorkerProtocolFingerprint())),
+                           HasSubstr("same lorcserve build"));
+  EXPECT_THAT(Load(kA, 0, nullptr, "0123456789abcdef"),
+              StatusIs(absl::StatusCode::kFailedPrecondition, AllOf(HasSubstr("LoadModel refused"), other)));
+  EXPECT_THAT(Init(kA, "0123456789abcdef"),
+              StatusIs(absl::StatusCode::kFailedPrecondition, AllOf(HasSubstr("InitCommunicator refused"), other)));
+  EXPECT_THAT(Load(kA, 0, nullptr, ""),
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("speaks none (a lorcserve build before")));
+  EXPECT_FALSE(Ping(kB).has_owner());
+  EXPECT_FALSE(Ping(kB).model_loaded());
+  pb::LoadModelResponse resp;
+  ASSERT_THAT(Load(kB, 0, &resp), IsOk());
+  EXPECT_EQ(resp.protocol(), WorkerProtocolFingerprint());
+  EXPECT_EQ(Ping(kA).owner().id(), kB.id);
 }
 
 // The host KV tier over the wire: LoadModel sizes it from kv_offloading_bytes and reports its

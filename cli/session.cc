@@ -291,6 +291,13 @@ absl::StatusOr<std::unique_ptr<Session>> OpenSession(const Args& args) {
   ASSIGN_OR_RETURN(bo.kind, ParseBackendKind(args.Get("backend", "cpu")));
   ASSIGN_OR_RETURN(bo.device, args.GetInt32("device", 0, 0));
   ASSIGN_OR_RETURN(bo.threads, ParseThreads(args));
+  if (bo.kind == BackendKind::kCpu) {  // flags that would do nothing (as --weights-seed without --random-weights)
+    for (const char* flag : {"device", "enforce-eager"}) {
+      if (args.Has(flag)) {
+        return absl::InvalidArgumentError(absl::StrCat("--", flag, ": applies only with --backend cuda"));
+      }
+    }
+  }
   // The flags first: a bad one is refused before a device is opened.
   ASSIGN_OR_RETURN(KvCacheOptions kv, ParseKvCacheOptions(args));
   ASSIGN_OR_RETURN(s->backend, CreateBackend(bo));

@@ -692,6 +692,9 @@ TEST_F(CliTest, JoinFlagsAreChecked) {
        "--weights-seed: applies only with --random-weights"},
       {{"generate", "--model", Tiny(), "--prompt-ids", "0", "--weights-seed", "3"},
        "--weights-seed: applies only with --random-weights"},
+      {{"generate", "--model", Tiny(), "--prompt-ids", "0", "--device", "1"}, "--device: applies only with --backend cuda"},
+      {{"eval", "--model", Tiny(), "--ppl", Tiny() + "/eval_ppl_windows.jsonl", "--enforce-eager"},
+       "--enforce-eager: applies only with --backend cuda"},
       {{"worker", "--listen", "127.0.0.1:0", "--owner-lease-s", "inf"},
        "--owner-lease-s: inf is not in (0, 86400] seconds"},
       // Wrapped to 2^64 - 1 (a tester).

@@ -87,9 +87,9 @@ absl::StatusOr<lorcserve::v1::GenerateRequest> RequestFromArgs(const Args& args)
   return req;
 }
 
-absl::Status CallError(const grpc::Status& status, const ClientSecurity& security) {
+absl::Status CallError(const grpc::Status& status, const ClientSecurity& security, bool answered) {
   absl::Status s = FromGrpcStatus(status);
-  if (s.code() != absl::StatusCode::kUnavailable) return s;
+  if (s.code() != absl::StatusCode::kUnavailable || answered) return s;
   const absl::string_view m = s.message();
   // gRPC's own words for a connection closed before any answer. A server's status names its own
   // cause ("worker 1 (...): ... Connection reset by peer") and gets no hint: it did answer.
@@ -150,6 +150,7 @@ StreamResult StreamGenerate(lorcserve::v1::LorcServe::Stub& stub,
   lorcserve::v1::GenerateResponse msg;
   r.completions.resize(std::max(1, request.sampling().has_n() ? request.sampling().n() : 1));
   while (reader->Read(&msg)) {
+    ++r.messages;
     const double now = std::chrono::duration<double>(Clock::now() - t0).count();
     if (msg.index() < 0 || msg.index() >= static_cast<int32_t>(r.completions.size())) continue;
     CompletionOutput& c = r.completions[msg.index()];

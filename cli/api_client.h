@@ -33,6 +33,7 @@ struct StreamResult {
   std::vector<CompletionOutput> completions;
   std::vector<TokenLogprobs> prompt_logprobs;  // when the request asked for them
   grpc::Status status;
+  int64_t messages = 0;         // responses received before the status
   double ttft_s = 0;            // client-side: call start to first token
   std::vector<double> token_times_s;  // client-side arrival time of each token (completion 0)
   double total_s = 0;
@@ -48,8 +49,9 @@ StreamResult StreamGenerate(lorcserve::v1::LorcServe::Stub& stub,
 // closed", "recvmsg:Connection reset by peer") names, beside a server that went away, one that
 // wants TLS (over plaintext: --tls-ca) or a client certificate (over TLS without --tls-cert); a
 // handshake failure over TLS reads as a plaintext server or another CA. A status the server sent
-// (its message names its own cause) is returned as it is.
-absl::Status CallError(const grpc::Status& status, const ClientSecurity& security);
+// (its message names its own cause), or any status of a call that `answered` (some response
+// arrived first: the channel's security was fine), is returned as it is.
+absl::Status CallError(const grpc::Status& status, const ClientSecurity& security, bool answered = false);
 
 // A request the client refused before sending it (`status`, e.g. CheckUtf8Fields's): the same
 // code, the message followed by "(checked by the client; nothing was sent)", so that it does not

@@ -156,7 +156,7 @@ int RunClient(int argc, char** argv) {
   // The line ends before an error goes to stderr (flushed: a terminal showed the error on the text's
   // line); a call that printed nothing prints no empty line unless it succeeded (an empty completion).
   if (stream_text && (printed || r.status.ok())) std::cout << "\n" << std::flush;
-  if (!r.status.ok()) return Fail("client", CallError(r.status, *security));
+  if (!r.status.ok()) return Fail("client", CallError(r.status, *security, /*answered=*/r.messages > 0));
   if (!json && !stream_text) {
     for (size_t i = 0; i < r.completions.size(); ++i) {
       std::cout << "[" << i << "] " << r.completions[i].text << "\n";

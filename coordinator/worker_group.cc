@@ -9,6 +9,7 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "common/grpc_status.h"
 #include "common/status_macros.h"
 #include "grpcpp/grpcpp.h"
@@ -87,6 +88,9 @@ void WorkerGroup::NameCoordinator(grpc::ClientContext* ctx) const {
 struct WorkerGroup::Worker {
   int rank = 0;
   std::string address;
+  // The worker process's PingResponse.instance_id when the group formed (0: not reported): a
+  // probe answered with another is a restarted process, without this group's model or requests.
+  uint64_t instance_id = 0;
   std::shared_ptr<grpc::Channel> channel;
   std::unique_ptr<lorcserve::internal::Worker::Stub> stub;
   // Stream mode.
@@ -223,22 +227,22 @@ absl::Status WorkerGroup::Connect() {
       }
     }
   }
-  // One worker under two names (127.0.0.1:P and localhost:P) would take two ranks: its second
-  // InitCommunicator waits behind the first, which waits for the second (the join timeout).
-  if (n > 1) {
-    absl::flat_hash_map<uint64_t, int> rank_of_instance;
-    for (auto& w : workers_) {
-      grpc::ClientContext ctx;
-      ctx.set_deadline(DeadlineIn(absl::Seconds(5)));
-      lorcserve::internal::PingRequest req;
-      lorcserve::internal::PingResponse resp;
-      if (!w->stub->Ping(&ctx, req, &resp).ok() || resp.instance_id() == 0) continue;  // the join says
-      auto [it, inserted] = rank_of_instance.emplace(resp.instance_id(), w->rank);
-      if (!inserted) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "--workers: '", workers_[it->second]->address, "' and '", w->address,
-            "' are the same worker process (one worker per rank)"));
-      }
+  // Each worker's process (Probe tells a restart by it). One worker under two names (127.0.0.1:P
+  // and localhost:P) would take two ranks: its second InitCommunicator waits behind the first,
+  // which waits for the second (the join timeout).
+  absl::flat_hash_map<uint64_t, int> rank_of_instance;
+  for (auto& w : workers_) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(DeadlineIn(absl::Seconds(5)));
+    lorcserve::internal::PingRequest req;
+    lorcserve::internal::PingResponse resp;
+    if (!w->stub->Ping(&ctx, req, &resp).ok() || resp.instance_id() == 0) continue;  // the join says
+    w->instance_id = resp.instance_id();
+    auto [it, inserted] = rank_of_instance.emplace(resp.instance_id(), w->rank);
+    if (!inserted) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--workers: '", workers_[it->second]->address, "' and '", w->address,
+          "' are the same worker process (one worker per rank)"));
     }
   }
   // Join the tensor-parallel group: every rank blocks in InitCommunicator until all arrived.
@@ -406,6 +410,20 @@ absl::Status WorkerGroup::health() const {
 absl::Status WorkerGroup::Probe(absl::Duration timeout) {
   RETURN_IF_ERROR(health());
   for (auto& w : workers_) {
+    // A step stream the worker ended (its process died) fails the group now, not at the next
+    // step: a worker restarted at once on the same address answers the ping below (a tester saw
+    // SERVING for 30 s, then the next request failed).
+    absl::Status closed;
+    {
+      absl::MutexLock lock(&w->mu);
+      if (w->closed) closed = w->close_status;
+    }
+    if (!closed.ok()) {
+      Fail(w->Unavailable(closed));
+      return health();
+    }
+  }
+  for (auto& w : workers_) {
     grpc::ClientContext ctx;
     ctx.set_deadline(DeadlineIn(timeout));
     lorcserve::internal::PingRequest req;
@@ -428,6 +446,13 @@ absl::Status WorkerGroup::Probe(absl::Duration timeout) {
       Fail(w->Unavailable(absl::UnavailableError(absl::StrCat(
           "health probe: the worker serves ",
           DescribeCoordinator({resp.owner().id(), resp.owner().address()}), " now (it gave this one up)"))));
+      return health();
+    }
+    if (w->instance_id != 0 && resp.instance_id() != 0 && resp.instance_id() != w->instance_id) {
+      Fail(w->Unavailable(absl::UnavailableError(absl::StrFormat(
+          "health probe: another worker process answers there now (instance %016x, was %016x: it "
+          "restarted, without this group's model and requests)",
+          resp.instance_id(), w->instance_id))));
       return health();
     }
   }

@@ -96,8 +96,10 @@ class WorkerGroup final : public StepRunner {
   // Marks the group broken (a supervisor saw a worker exit, a probe went unanswered): a Run in
   // progress ends at once (its streams are cancelled) and every later Run fails with `why`.
   void Fail(const absl::Status& why);
-  // Pings every worker (bounded by `timeout`); a worker that does not answer, or that names
-  // another coordinator as its owner (it gave this one up), breaks the group.
+  // Pings every worker (bounded by `timeout`); a worker whose step stream has closed, that does
+  // not answer, that names another coordinator as its owner (it gave this one up) or that answers
+  // as another process than the group formed with (PingResponse.instance_id: a restart at the
+  // same address) breaks the group.
   absl::Status Probe(absl::Duration timeout);
 
  private:

@@ -31,9 +31,14 @@ std::string DescribeWorkerProtocol() {
 
 absl::Status CheckPeerProtocol(absl::string_view peer_fingerprint, absl::string_view peer, absl::string_view self) {
   if (peer_fingerprint == WorkerProtocolFingerprint()) return absl::OkStatus();
-  const std::string theirs = peer_fingerprint.empty()
-                                 ? std::string("none (a lorcserve build before 2026-12-07)")
-                                 : absl::StrCat("worker protocol ", peer_fingerprint);
+  // At most 32 bytes of what the peer sent, escaped: the status travels in gRPC metadata (a 20 KB
+  // one became RESOURCE_EXHAUSTED, a tester).
+  constexpr size_t kShown = 32;
+  const std::string theirs =
+      peer_fingerprint.empty()
+          ? std::string("none (a lorcserve build before 2026-12-07)")
+          : absl::StrCat("worker protocol ", absl::CEscape(peer_fingerprint.substr(0, kShown)),
+                         peer_fingerprint.size() > kShown ? absl::StrCat("... (", peer_fingerprint.size(), " bytes)") : "");
   return absl::FailedPreconditionError(absl::StrCat(
       peer, " speaks ", theirs, "; ", self, " speaks ", DescribeWorkerProtocol(),
       ": run the same lorcserve build on the coordinator and every worker"));

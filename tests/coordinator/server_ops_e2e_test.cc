@@ -280,6 +280,8 @@ TEST_F(ServerTlsTest, TlsRefusesPlaintextAndUnknownCaServesTheRightCa) {
   grpc::Status s = TryGenerate({});  // plaintext
   EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAVAILABLE) << StatusText(s);
   EXPECT_THAT(cli::CallError(s, {}).message(), HasSubstr("or it serves TLS (then pass --tls-ca)"));
+  // A call that got answers before it failed had a working channel: no hint (a tester).
+  EXPECT_EQ(cli::CallError(s, {}, /*answered=*/true).message(), s.error_message());
   // A status the server sent names its own cause: no hint, though it mentions a reset.
   const grpc::Status from_server(grpc::StatusCode::UNAVAILABLE, "worker 1 (127.0.0.1:7102): recvmsg:Connection reset by peer");
   EXPECT_EQ(cli::CallError(from_server, {}).message(), from_server.error_message());

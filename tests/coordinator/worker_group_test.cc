@@ -67,7 +67,10 @@ class FakeWorker final : public internal::Worker::Service {
   grpc::Status Ping(grpc::ServerContext*, const internal::PingRequest* req,
                     internal::PingResponse* resp) override {
     resp->set_model_loaded(true);
-    resp->set_instance_id(instance_id_);
+    {
+      absl::MutexLock lock(&mu_);
+      resp->set_instance_id(instance_id_);
+    }
     {
       absl::MutexLock lock(&mu_);
       if (owner_ != 0) {
@@ -141,7 +144,11 @@ class FakeWorker final : public internal::Worker::Service {
 
   bool pipeline_ = true;
   uint64_t fail_stream_at_ = 0;
-  uint64_t instance_id_ = 0;  // 0: not reported (an older worker)
+  void set_instance_id(uint64_t id) {
+    absl::MutexLock lock(&mu_);
+    instance_id_ = id;
+  }
+  uint64_t instance_id_ ABSL_GUARDED_BY(mu_) = 0;  // 0: not reported (an older worker)
   absl::Mutex mu_;
   int plans_received_ ABSL_GUARDED_BY(mu_) = 0;
   int init_calls_ ABSL_GUARDED_BY(mu_) = 0;
@@ -377,7 +384,7 @@ TEST(WorkerGroupJoinTest, OneWorkerUnderTwoNamesIsRefusedAtOnce) {
   // A tester: 127.0.0.1:P and localhost:P took two ranks of one process; the join waited 60 s and
   // named a rank that "did not join".
   FakeWorker w;
-  w.instance_id_ = 0x77;
+  w.set_instance_id(0x77);
   std::string address;
   std::unique_ptr<grpc::Server> s = Serve(&w, &address);
   ASSERT_NE(s, nullptr);
@@ -405,6 +412,23 @@ TEST(WorkerGroupJoinTest, AnAddressServingSomethingElseIsNamedAsNotAWorker) {
               StatusIs(absl::StatusCode::kFailedPrecondition,
                        HasSubstr(absl::StrCat("worker 0 (", address, "): not a lorcserve worker"))));
   s->Shutdown();
+}
+
+// A worker process restarted at once on the same address answers the probe's ping, but holds
+// none of the group's state: the probe fails the group then (a tester saw SERVING for 30 s, and
+// the next request failed), by the instance id it answers with.
+TEST_F(WorkerGroupTest, AProbeFailsWhenAnotherWorkerProcessAnswers) {
+  worker_.set_instance_id(0x1111);
+  StartServer();
+  auto g = Group();
+  ASSERT_NE(g, nullptr);
+  EXPECT_OK(g->Probe(absl::Seconds(5)));
+  worker_.set_instance_id(0x2222);
+  const absl::Status s = g->Probe(absl::Seconds(5));
+  EXPECT_THAT(s, StatusIs(absl::StatusCode::kUnavailable,
+                          HasSubstr("another worker process answers there now (instance 0000000000002222, was "
+                                    "0000000000001111")));
+  EXPECT_FALSE(g->health().ok());
 }
 
 // The coordinator names its protocol in every setup call and refuses a worker whose responses

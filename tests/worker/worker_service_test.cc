@@ -269,6 +269,9 @@ TEST_F(WorkerServiceTest, ACoordinatorOfAnotherBuildIsRefusedBeforeItOwnsTheWork
               StatusIs(absl::StatusCode::kFailedPrecondition, AllOf(HasSubstr("InitCommunicator refused"), other)));
   EXPECT_THAT(Load(kA, 0, nullptr, ""),
               StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("speaks none (a lorcserve build before")));
+  // A long one is cut in the message (it travels in gRPC metadata; 20 KB was RESOURCE_EXHAUSTED).
+  EXPECT_THAT(Load(kA, 0, nullptr, std::string(20000, 'x')),
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("... (20000 bytes)")));
   EXPECT_FALSE(Ping(kB).has_owner());
   EXPECT_FALSE(Ping(kB).model_loaded());
   pb::LoadModelResponse resp;
@@ -313,6 +316,7 @@ TEST_F(WorkerServiceTest, HostKvTierIsReportedAndDrivenByTheStepPlans) {
 
 TEST_F(WorkerServiceTest, CallsWithoutACoordinatorIdAreInvalid) {
   EXPECT_THAT(Load(CoordinatorRef{0, ""}), StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(Load(CoordinatorRef{0, ""}, 0, nullptr, ""), StatusIs(absl::StatusCode::kInvalidArgument));
   grpc::ClientContext ctx;  // no metadata
   pb::StepResult r;
   EXPECT_THAT(FromGrpcStatus(stub_->Step(&ctx, Plan(1, 1, {1}, 0), &r)),

@@ -249,6 +249,9 @@ absl::Status CoordinatorServer::JoinGroup() {
     // so Shutdown is not held up for the full connect timeout.
     absl::MutexLock lock(&mu_);
     if (state_ == State::kRecovering) wg.connect_timeout = std::min(wg.connect_timeout, absl::Seconds(5));
+    // At start, a worker still held by a coordinator that died (a supervisor's restart right
+    // after a crash) is waited for, up to the join timeout, instead of exiting 1 at once.
+    if (state_ == State::kStarting) wg.owner_wait = options_.join_timeout;
   }
   // Shutdown (a signal during the load, or during a recovery) ends the wait for the workers.
   wg.cancelled = [this] {

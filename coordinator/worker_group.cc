@@ -245,6 +245,7 @@ absl::Status WorkerGroup::Connect() {
           "' are the same worker process (one worker per rank)"));
     }
   }
+  RETURN_IF_ERROR(AwaitUnowned());
   // Join the tensor-parallel group: every rank blocks in InitCommunicator until all arrived.
   const std::string group = absl::StrCat("tp-", absl::ToUnixNanos(absl::Now()));
   if (n > 1) {
@@ -405,6 +406,33 @@ void WorkerGroup::Fail(const absl::Status& why) {
 absl::Status WorkerGroup::health() const {
   absl::MutexLock lock(&mu_);
   return broken_;
+}
+
+absl::Status WorkerGroup::AwaitUnowned() {
+  if (options_.owner_wait <= absl::ZeroDuration()) return absl::OkStatus();
+  const absl::Time until = absl::Now() + options_.owner_wait;
+  for (auto& w : workers_) {
+    for (bool said = false;;) {
+      if (Cancelled()) return CancelledStatus();
+      grpc::ClientContext ctx;
+      ctx.set_deadline(DeadlineIn(absl::Seconds(5)));
+      lorcserve::internal::PingRequest req;
+      lorcserve::internal::PingResponse resp;
+      if (!w->stub->Ping(&ctx, req, &resp).ok()) break;  // the setup call names what is wrong
+      const uint64_t owner = resp.has_owner() ? resp.owner().id() : 0;
+      if (owner == 0 || owner == options_.coordinator_id || absl::Now() >= until) break;
+      if (!said) {
+        std::cerr << absl::StrCat("lorcserve coordinator: ", w->Name(), " still serves ",
+                                  DescribeCoordinator({owner, resp.owner().address()}),
+                                  "; waiting up to ", absl::FormatDuration(until - absl::Now()),
+                                  " for it to be released (the worker's --owner-lease-s frees it from "
+                                  "one that died)\n");
+        said = true;
+      }
+      absl::SleepFor(absl::Milliseconds(250));
+    }
+  }
+  return absl::OkStatus();
 }
 
 absl::Status WorkerGroup::Probe(absl::Duration timeout) {

@@ -50,6 +50,12 @@ struct WorkerGroupOptions {
   absl::Duration join_timeout = absl::Seconds(60);
   absl::Duration load_timeout = absl::Minutes(30);
   absl::Duration step_timeout = absl::Minutes(5);
+  // How long Start waits for a worker that a Ping names as serving another coordinator (one that
+  // died during its setup, or hung: the worker frees itself after its --owner-lease-s) before it
+  // sends the setup calls, which then fail naming the owner. 0: no wait. The coordinator waits
+  // its --join-timeout-s when it starts (a supervisor's restart right after a crash was refused,
+  // exit 1, until the lease ran out: a tester).
+  absl::Duration owner_wait = absl::ZeroDuration();
   // May be empty. Polled every 100 ms while Start waits (a worker's connection, the
   // communicator, the load); once it returns true, Start cancels its calls to the workers (a
   // worker may go on loading: its LoadModel call is cancelled, not the work) and returns
@@ -106,6 +112,8 @@ class WorkerGroup final : public StepRunner {
   struct Worker;
   explicit WorkerGroup(const WorkerGroupOptions& options);
   absl::Status Connect();
+  // Waits up to options_.owner_wait while a worker serves another coordinator (Ping).
+  absl::Status AwaitUnowned();
   bool Cancelled() const { return options_.cancelled && options_.cancelled(); }
   // Waits for every one of `calls` (one per worker, each using ctxs[rank]); while waiting polls
   // Cancelled() and, once it is true, cancels every context. False when cancelled.

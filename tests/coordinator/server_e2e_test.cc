@@ -284,8 +284,13 @@ TEST_F(ServerE2ETest, SecondCoordinatorIsRefusedByAServingWorker) {
   const v1::ModelInfoResponse info = Info();
   ASSERT_EQ(info.workers_size(), 1);
   ServerProcess second;
-  const std::string error = second.Start(0, {"--workers", info.workers(0)});
+  // It waits up to --join-timeout-s for the worker to be released (the owner may have died during
+  // its setup: the worker's lease frees it), saying so, then gives up naming the owner.
+  const auto t0 = Clock::now();
+  const std::string error = second.Start(0, {"--workers", info.workers(0), "--join-timeout-s", "2"});
+  EXPECT_GE(SecondsSince(t0), 2);
   EXPECT_THAT(error, HasSubstr("exited before printing LISTENING"));
+  EXPECT_THAT(error, HasSubstr("still serves coordinator 0x"));
   EXPECT_THAT(error, HasSubstr(absl::StrCat("this worker is serving coordinator 0x")));
   // Workers know a coordinator by its internal port (where they reach its rendezvous store).
   EXPECT_THAT(error, HasSubstr(absl::StrCat("(at ", server_->internal_address(), ")")));

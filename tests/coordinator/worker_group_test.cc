@@ -431,6 +431,36 @@ TEST_F(WorkerGroupTest, AProbeFailsWhenAnotherWorkerProcessAnswers) {
   EXPECT_FALSE(g->health().ok());
 }
 
+// A worker still held by another coordinator (one that died during its setup) is waited for, up
+// to owner_wait, before the setup calls (which would be refused): a supervisor's restart right
+// after a crash exited 1 at once until the worker's lease ran out (a tester).
+TEST_F(WorkerGroupTest, StartWaitsForAWorkerHeldByAnotherCoordinator) {
+  StartServer();
+  WorkerGroupOptions o;
+  o.addresses = {"127.0.0.1:" + std::to_string(port_)};
+  o.coordinator_id = 0x42;
+  o.owner_wait = absl::Seconds(20);
+  worker_.set_owner(0x77);
+  std::thread release([this] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(600));
+    worker_.set_owner(0);
+  });
+  const auto t0 = std::chrono::steady_clock::now();
+  auto g = WorkerGroup::Start(o);
+  const double waited = SecondsSince(t0);
+  release.join();
+  ASSERT_OK(g);
+  EXPECT_GE(waited, 0.5);
+  EXPECT_LT(waited, 15);
+  EXPECT_EQ(worker_.init_calls(), 0);  // one worker: no communicator
+  // The wait is bounded: an owner that stays is left to the setup calls to name.
+  worker_.set_owner(0x77);
+  o.owner_wait = absl::Seconds(1);
+  const auto t1 = std::chrono::steady_clock::now();
+  EXPECT_OK(WorkerGroup::Start(o).status());  // this fake worker does not refuse
+  EXPECT_GE(SecondsSince(t1), 1);
+}
+
 // The coordinator names its protocol in every setup call and refuses a worker whose responses
 // name another one, or none (a build before the check: it would run plans it misreads).
 TEST_F(WorkerGroupTest, AWorkerOfAnotherBuildIsRefusedNamingBothProtocols) {

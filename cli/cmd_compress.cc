@@ -54,7 +54,7 @@ int RunCompress(int argc, char** argv) {
   int exit_code = 0;
   const std::optional<Args> args = ParseCommand("compress", synopsis, flags, argc, argv, &exit_code);
   if (!args.has_value()) return exit_code;
-  if (!args->Has("model")) return Fail("compress", absl::InvalidArgumentError("--model DIR is required"));
+  if (absl::Status m = CheckModelDirFlag(*args); !m.ok()) return Fail("compress", m);
   if (!args->Has("out")) return Fail("compress", absl::InvalidArgumentError("--out DIR is required"));
   compress::CompressOptions o;
   o.model_dir = args->Get("model");

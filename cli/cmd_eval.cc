@@ -55,6 +55,7 @@ int RunEval(int argc, char** argv) {
       args->Has("limit") ? args->GetIntInRange("limit", 0, 1, std::numeric_limits<int64_t>::max())
                          : absl::StatusOr<int64_t>(0);
   if (!limit.ok()) return Fail("eval", limit.status());
+  if (absl::Status m = CheckModelDirFlag(*args); !m.ok()) return Fail("eval", m);  // before its default files
   const bool multi_turn = args->Has("multi-turn");
   const std::string ppl_file =
       multi_turn ? "" : DefaultFile(*args, "ppl", "eval_ppl_windows.jsonl");

@@ -29,7 +29,7 @@ int RunTokenize(int argc, char** argv) {
   int exit_code = 0;
   const std::optional<Args> args = ParseCommand("tokenize", synopsis, flags, argc, argv, &exit_code);
   if (!args.has_value()) return exit_code;
-  if (!args->Has("model")) return Fail("tokenize", absl::InvalidArgumentError("--model DIR is required"));
+  if (absl::Status m = CheckModelDirFlag(*args); !m.ok()) return Fail("tokenize", m);
   if (args->Has("text") == args->Has("file")) {
     return Fail("tokenize", absl::InvalidArgumentError("give exactly one of --text and --file"));
   }

@@ -163,20 +163,26 @@ absl::StatusOr<int32_t> ParseThreads(const Args& args) {
   return args.GetInt32("threads", 0, 1);
 }
 
-absl::StatusOr<ModelSource> ParseModelSource(const Args& args) {
+absl::Status CheckModelDirFlag(const Args& args) {
   if (!args.Has("model")) return absl::InvalidArgumentError("--model DIR is required");
-  ModelSource src;
-  src.dir = args.Get("model");
+  const std::string dir = args.Get("model");
   std::error_code ec;
-  if (src.dir.empty()) return absl::InvalidArgumentError("--model: an empty path (give the model's directory)");
-  if (!std::filesystem::exists(src.dir, ec)) {
-    return absl::InvalidArgumentError(absl::StrCat("--model ", src.dir, ": no such directory",
+  if (dir.empty()) return absl::InvalidArgumentError("--model: an empty path (give the model's directory)");
+  if (!std::filesystem::exists(dir, ec)) {
+    return absl::InvalidArgumentError(absl::StrCat("--model ", dir, ": no such directory",
                                                    ec ? absl::StrCat(" (", ec.message(), ")") : ""));
   }
-  if (!std::filesystem::is_directory(src.dir, ec)) {
+  if (!std::filesystem::is_directory(dir, ec)) {
     return absl::InvalidArgumentError(
-        absl::StrCat("--model ", src.dir, ": not a directory (give the directory holding config.json)"));
+        absl::StrCat("--model ", dir, ": not a directory (give the directory holding config.json)"));
   }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<ModelSource> ParseModelSource(const Args& args) {
+  RETURN_IF_ERROR(CheckModelDirFlag(args));
+  ModelSource src;
+  src.dir = args.Get("model");
   src.random_weights = args.Has("random-weights");
   if (args.Has("lm-head")) {
     const std::string v = args.Get("lm-head");

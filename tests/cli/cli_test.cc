@@ -663,6 +663,9 @@ TEST_F(CliTest, JoinFlagsAreChecked) {
       {{"generate", "--model", "", "--prompt-ids", "0"}, "--model: an empty path"},
       // Exit 1 with NOT_FOUND naming config.json, not the flag (a tester).
       {{"coordinator", "--model", "/nonexistent", "--local-workers", "1"}, "--model /nonexistent: no such directory"},
+      {{"eval", "--model", "/nonexistent"}, "--model /nonexistent: no such directory"},
+      {{"tokenize", "--model", "/nonexistent", "--text", "x"}, "--model /nonexistent: no such directory"},
+      {{"compress", "--model", "/nonexistent", "--out", "/tmp/x"}, "--model /nonexistent: no such directory"},
       {{"coordinator", "--model", Tiny(), "--local-workers", "2", "--tensor-parallel-size", "1"},
        "--tensor-parallel-size 1 is less than --local-workers 2"},
       {{"coordinator", "--model", Tiny(), "--workers", "a:1,b:2", "--tensor-parallel-size", "3"},

@@ -169,8 +169,9 @@ absl::Status CheckModelDirFlag(const Args& args) {
   std::error_code ec;
   if (dir.empty()) return absl::InvalidArgumentError("--model: an empty path (give the model's directory)");
   if (!std::filesystem::exists(dir, ec)) {
-    return absl::InvalidArgumentError(absl::StrCat("--model ", dir, ": no such directory",
-                                                   ec ? absl::StrCat(" (", ec.message(), ")") : ""));
+    return absl::InvalidArgumentError(
+        ec ? absl::StrCat("--model ", dir, ": cannot be read (", ec.message(), ")")
+           : absl::StrCat("--model ", dir, ": no such directory"));
   }
   if (!std::filesystem::is_directory(dir, ec)) {
     return absl::InvalidArgumentError(

@@ -36,11 +36,11 @@ absl::StatusOr<EngineOptions> ParseEngineOptions(const Args& args);
 // caller's default: all cores, or cores / workers).
 absl::StatusOr<int32_t> ParseThreads(const Args& args);
 
-// --model, --random-weights, --weights-seed, --lm-head (where the command has it).
 // --model: given, not empty, an existing directory; else INVALID_ARGUMENT naming the flag and path
 // (exit 2). ParseModelSource checks it first; commands that read the directory otherwise
 // (tokenize, compress, eval's default files) call it before anything else.
 absl::Status CheckModelDirFlag(const Args& args);
+// --model, --random-weights, --weights-seed, --lm-head (where the command has it).
 absl::StatusOr<ModelSource> ParseModelSource(const Args& args);
 // KvCacheFlags(), range-checked (errors name the flag).
 absl::StatusOr<KvCacheOptions> ParseKvCacheOptions(const Args& args);

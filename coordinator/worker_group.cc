@@ -157,6 +157,14 @@ absl::Status SetupCallError(const std::string& worker, const absl::Status& s) {
   return absl::Status(s.code(), absl::StrCat(worker, ": ", s.message()));
 }
 
+// A Ping before the setup calls (5 s at most); false when it failed.
+bool PingForSetup(lorcserve::internal::Worker::Stub& stub, lorcserve::internal::PingResponse* resp) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(DeadlineIn(absl::Seconds(5)));
+  lorcserve::internal::PingRequest req;
+  return stub.Ping(&ctx, req, resp).ok();
+}
+
 }  // namespace
 
 void ReleaseWorkers(const std::vector<std::string>& addresses, uint64_t coordinator_id,
@@ -227,25 +235,26 @@ absl::Status WorkerGroup::Connect() {
       }
     }
   }
-  // Each worker's process (Probe tells a restart by it). One worker under two names (127.0.0.1:P
-  // and localhost:P) would take two ranks: its second InitCommunicator waits behind the first,
-  // which waits for the second (the join timeout).
+  // One Ping a worker before the setup calls: its process (Probe tells a restart by it), one
+  // worker under two names (127.0.0.1:P and localhost:P would take two ranks: its second
+  // InitCommunicator waits behind the first, which waits for the second: the join timeout), and
+  // an owner to wait for (options_.owner_wait).
+  const absl::Time owner_until = absl::Now() + options_.owner_wait;
   absl::flat_hash_map<uint64_t, int> rank_of_instance;
   for (auto& w : workers_) {
-    grpc::ClientContext ctx;
-    ctx.set_deadline(DeadlineIn(absl::Seconds(5)));
-    lorcserve::internal::PingRequest req;
     lorcserve::internal::PingResponse resp;
-    if (!w->stub->Ping(&ctx, req, &resp).ok() || resp.instance_id() == 0) continue;  // the join says
-    w->instance_id = resp.instance_id();
-    auto [it, inserted] = rank_of_instance.emplace(resp.instance_id(), w->rank);
-    if (!inserted) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "--workers: '", workers_[it->second]->address, "' and '", w->address,
-          "' are the same worker process (one worker per rank)"));
+    if (!PingForSetup(*w->stub, &resp)) continue;  // the setup calls say why
+    if (resp.instance_id() != 0) {
+      w->instance_id = resp.instance_id();
+      auto [it, inserted] = rank_of_instance.emplace(resp.instance_id(), w->rank);
+      if (!inserted) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "--workers: '", workers_[it->second]->address, "' and '", w->address,
+            "' are the same worker process (one worker per rank)"));
+      }
     }
+    RETURN_IF_ERROR(AwaitUnowned(*w, resp, owner_until));
   }
-  RETURN_IF_ERROR(AwaitUnowned());
   // Join the tensor-parallel group: every rank blocks in InitCommunicator until all arrived.
   const std::string group = absl::StrCat("tp-", absl::ToUnixNanos(absl::Now()));
   if (n > 1) {
@@ -408,31 +417,24 @@ absl::Status WorkerGroup::health() const {
   return broken_;
 }
 
-absl::Status WorkerGroup::AwaitUnowned() {
-  if (options_.owner_wait <= absl::ZeroDuration()) return absl::OkStatus();
-  const absl::Time until = absl::Now() + options_.owner_wait;
-  for (auto& w : workers_) {
-    for (bool said = false;;) {
-      if (Cancelled()) return CancelledStatus();
-      grpc::ClientContext ctx;
-      ctx.set_deadline(DeadlineIn(absl::Seconds(5)));
-      lorcserve::internal::PingRequest req;
-      lorcserve::internal::PingResponse resp;
-      if (!w->stub->Ping(&ctx, req, &resp).ok()) break;  // the setup call names what is wrong
-      const uint64_t owner = resp.has_owner() ? resp.owner().id() : 0;
-      if (owner == 0 || owner == options_.coordinator_id || absl::Now() >= until) break;
-      if (!said) {
-        std::cerr << absl::StrCat("lorcserve coordinator: ", w->Name(), " still serves ",
-                                  DescribeCoordinator({owner, resp.owner().address()}),
-                                  "; waiting up to ", absl::FormatDuration(until - absl::Now()),
-                                  " for it to be released (the worker's --owner-lease-s frees it from "
-                                  "one that died)\n");
-        said = true;
-      }
-      absl::SleepFor(absl::Milliseconds(250));
+absl::Status WorkerGroup::AwaitUnowned(Worker& w, const lorcserve::internal::PingResponse& first,
+                                       absl::Time until) {
+  lorcserve::internal::PingResponse resp = first;
+  for (bool said = false;;) {
+    const uint64_t owner = resp.has_owner() ? resp.owner().id() : 0;
+    if (owner == 0 || owner == options_.coordinator_id || absl::Now() >= until) return absl::OkStatus();
+    if (!said) {
+      std::cerr << absl::StrCat("lorcserve coordinator: ", w.Name(), " still serves ",
+                                DescribeCoordinator({owner, resp.owner().address()}), "; waiting up to ",
+                                absl::FormatDuration(until - absl::Now()),
+                                " for it to be released (the worker's --owner-lease-s frees it from one that "
+                                "died)\n");
+      said = true;
     }
+    absl::SleepFor(absl::Milliseconds(250));
+    if (Cancelled()) return CancelledStatus();
+    if (!PingForSetup(*w.stub, &resp)) return absl::OkStatus();  // the setup calls say why
   }
-  return absl::OkStatus();
 }
 
 absl::Status WorkerGroup::Probe(absl::Duration timeout) {

@@ -112,8 +112,10 @@ class WorkerGroup final : public StepRunner {
   struct Worker;
   explicit WorkerGroup(const WorkerGroupOptions& options);
   absl::Status Connect();
-  // Waits up to options_.owner_wait while a worker serves another coordinator (Ping).
-  absl::Status AwaitUnowned();
+  // While `first` (w's Ping answer) names another coordinator as its owner and `until` has not
+  // passed: says so once, pings again every 250 ms. OK once it is free, the time is up or a ping
+  // fails (the setup calls then name why); CANCELLED when Cancelled().
+  absl::Status AwaitUnowned(Worker& w, const lorcserve::internal::PingResponse& first, absl::Time until);
   bool Cancelled() const { return options_.cancelled && options_.cancelled(); }
   // Waits for every one of `calls` (one per worker, each using ctxs[rank]); while waiting polls
   // Cancelled() and, once it is true, cancels every context. False when cancelled.

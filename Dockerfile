@@ -63,9 +63,11 @@ COPY --from=build /out/models/ /opt/lorcserve/models/
 # The OpenAI-compatible gateway (gateway/README.md), started as `lorcserve-gateway`.
 COPY --from=build /out/gateway/ /opt/lorcserve/gateway/
 COPY deploy/docker/lorcserve-gateway /usr/local/bin/lorcserve-gateway
-# The NVIDIA container runtime mounts the driver (libcuda) when these are set.
-ENV NVIDIA_VISIBLE_DEVICES=all \
-    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+# The NVIDIA container runtime mounts the driver (libcuda) for the devices a container is given:
+# Kubernetes' device plugin sets NVIDIA_VISIBLE_DEVICES per container that requests nvidia.com/gpu,
+# `docker run --gpus N` passes its request. Not set here: an image default of "all" would hand
+# every GPU of the node to containers that request none (the gateway, the CPU demo's pods).
+ENV NVIDIA_DRIVER_CAPABILITIES=compute,utility \
     LD_LIBRARY_PATH=/usr/local/cuda-${CUDA_VERSION}/targets/x86_64-linux/lib:/usr/local/lib/lorcserve
 USER 10001:10001
 # Public API, internal services (workers, rendezvous), Prometheus metrics, the HTTP gateway.

@@ -110,17 +110,12 @@ absl::StatusOr<std::vector<int32_t>> Args::GetIntList(const std::string& name) c
   return out;
 }
 
-namespace {
-
-// Whether `addr` is HOST:PORT (a non-empty host) with a port in [min_port, 65535].
 bool IsHostPort(absl::string_view addr, int64_t min_port) {
   const size_t colon = addr.rfind(':');
   int64_t port = -1;
   return colon != absl::string_view::npos && colon != 0 && absl::SimpleAtoi(addr.substr(colon + 1), &port) &&
          port >= min_port && port <= 65535;
 }
-
-}  // namespace
 
 absl::StatusOr<std::string> Args::GetListenAddress(const std::string& name, const std::string& def) const {
   const std::string addr = Get(name, def);

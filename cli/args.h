@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 
 namespace lorc::cli {
 
@@ -57,6 +58,9 @@ class Args {
  private:
   std::map<std::string, std::vector<std::string>> values_;
 };
+
+// Whether `addr` is HOST:PORT (a non-empty host, not resolved) with a port in [min_port, 65535].
+bool IsHostPort(absl::string_view addr, int64_t min_port);
 
 // "Usage: lorcserve <command> ..." text for a command's flags.
 std::string Usage(const std::string& command, const std::string& synopsis,

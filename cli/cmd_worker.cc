@@ -3,13 +3,17 @@
 #include <sys/prctl.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <iostream>
 #include <limits>
 #include <optional>
 
+#include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
 #include "backend/cuda_backend.h"
 #include "cli/args.h"
 #include "cli/commands.h"
@@ -57,7 +61,12 @@ absl::StatusOr<JoinSetup> ParseJoin(const Args& args) {
     }
     return j;
   }
-  RETURN_IF_ERROR(LocalAddressTowards(j.coordinator).status());  // a bad address fails here, named
+  // The syntax only: a name that does not resolve yet (a LeaderWorkerSet leader pod still pending,
+  // its DNS record not there) is waited for, as the join waits for the coordinator to answer.
+  if (!IsHostPort(j.coordinator, 1)) {
+    return absl::InvalidArgumentError(absl::StrCat(args.Has("join") ? "--join" : "LWS_LEADER_ADDRESS", ": '",
+                                                   j.coordinator, "' is not HOST:PORT with a port in [1, 65535]"));
+  }
   if (args.Has("local-workers")) {
     ASSIGN_OR_RETURN(j.local_workers, args.GetInt32("local-workers", 1, 1, 64));
   }
@@ -92,6 +101,30 @@ absl::StatusOr<JoinSetup> ParseJoin(const Args& args) {
     slot->set_local_count(local_count);
   }
   return j;
+}
+
+// This machine's address on the route to the coordinator (LocalAddressTowards), waiting while its
+// name does not resolve (UNAVAILABLE): said once, then once a minute; backoff 200 ms to 5 s. A
+// termination signal during the wait ends the process (exit 0: nothing was served yet).
+absl::StatusOr<std::string> AwaitLocalAddressTowards(const std::string& coordinator) {
+  TerminationSignalWatcher signals([](int sig) {
+    std::cerr << absl::StrCat("lorcserve worker: ", TerminationSignalName(sig),
+                              " while waiting for the coordinator's address: exiting\n");
+    std::_Exit(0);
+  });
+  absl::Duration backoff = absl::Milliseconds(200);
+  absl::Time next_report = absl::InfinitePast();
+  for (;;) {
+    absl::StatusOr<std::string> local = LocalAddressTowards(coordinator);
+    if (local.ok() || !absl::IsUnavailable(local.status())) return local;
+    if (absl::Now() >= next_report) {
+      std::cerr << absl::StrCat("lorcserve worker: ", local.status().message(),
+                                "; waiting for it (the coordinator may not be up yet)\n");
+      next_report = absl::Now() + absl::Minutes(1);
+    }
+    absl::SleepFor(backoff);
+    backoff = std::min(backoff * 2, absl::Seconds(5));
+  }
 }
 
 // `lorcserve worker --join ... --local-workers N`: one joined worker process per local device
@@ -266,7 +299,7 @@ int RunWorker(int argc, char** argv) {
                                   "--advertise-address: '", advertise, "' is not HOST:PORT")));
       }
     } else if (wildcard) {
-      absl::StatusOr<std::string> local = LocalAddressTowards(join->coordinator);
+      absl::StatusOr<std::string> local = AwaitLocalAddressTowards(join->coordinator);
       if (!local.ok()) return Fail("worker", local.status());
       host = *local;
     }

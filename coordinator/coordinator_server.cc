@@ -224,6 +224,11 @@ absl::Status CoordinatorServer::StartWorkers() {
     rendezvous = absl::StrCat(wildcard ? Hostname() : host, ":", internal_port_);
   }
   rendezvous_address_ = rendezvous;
+  // Workers' logs name this coordinator by the address other hosts know it by (the local
+  // workers' rendezvous is loopback).
+  coordinator_address_ = !options_.advertise_address.empty()
+                             ? options_.advertise_address
+                             : absl::StrCat(wildcard ? Hostname() : host, ":", internal_port_);
   if (registry_ != nullptr) return absl::OkStatus();  // the monitor forms the group (FormJoinedGroup)
   RETURN_IF_ERROR(JoinGroup());
   absl::MutexLock lock(&mu_);
@@ -234,6 +239,7 @@ absl::Status CoordinatorServer::JoinGroup() {
   WorkerGroupOptions wg;
   wg.addresses = WorkerAddresses();
   wg.rendezvous_address = rendezvous_address_;
+  wg.coordinator_address = coordinator_address_;
   // The same id on every (re)join: the workers keep serving this coordinator across recoveries.
   wg.coordinator_id = coordinator_id_;
   wg.bind_address = "";  // each worker binds its own --comm-address

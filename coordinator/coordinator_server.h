@@ -212,6 +212,7 @@ class CoordinatorServer {
   std::string join_waiting_ ABSL_GUARDED_BY(mu_);  // join mode: the missing ranks after join_timeout
   std::vector<absl::Time> restarts_ ABSL_GUARDED_BY(mu_);  // recent recoveries (their first attempts)
   std::string rendezvous_address_;             // set in StartWorkers
+  std::string coordinator_address_;            // set in StartWorkers: WorkerGroupOptions::coordinator_address
   const uint64_t coordinator_id_ = NewCoordinatorId();  // names this coordinator to its workers
 };
 

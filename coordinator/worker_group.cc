@@ -76,13 +76,13 @@ bool WorkerGroup::AwaitCalls(std::vector<std::future<T>>& calls,
 
 void WorkerGroup::NameCoordinator(lorcserve::internal::CoordinatorId* out) const {
   out->set_id(options_.coordinator_id);
-  out->set_address(options_.rendezvous_address);
+  out->set_address(CoordinatorAddress());
   out->set_protocol(WorkerProtocolFingerprint());
 }
 
 void WorkerGroup::NameCoordinator(grpc::ClientContext* ctx) const {
   ctx->AddMetadata(kCoordinatorIdMetadata, absl::StrCat(options_.coordinator_id));
-  ctx->AddMetadata(kCoordinatorAddressMetadata, options_.rendezvous_address);
+  ctx->AddMetadata(kCoordinatorAddressMetadata, CoordinatorAddress());
 }
 
 struct WorkerGroup::Worker {

@@ -39,8 +39,11 @@ struct WorkerGroupOptions {
   std::string rendezvous_address;      // the coordinator's Rendezvous service, as workers reach it
   // Names this coordinator on every worker call (a worker serves one coordinator at a time;
   // worker/ownership.h); keep it across group restarts. 0: a random one is drawn at Start.
-  // Workers see rendezvous_address as the coordinator's address.
   uint64_t coordinator_id = 0;
+  // How workers name this coordinator in their logs and refusals (CoordinatorId.address): its
+  // internal port as other hosts know it; empty: rendezvous_address (which is loopback for a
+  // coordinator's local workers, misleading in a joined worker's log on another host).
+  std::string coordinator_address;
   std::string bind_address = "127.0.0.1";  // Gloo: the address workers listen on
   ModelSource model;
   KvCacheOptions kv;
@@ -127,6 +130,10 @@ class WorkerGroup final : public StepRunner {
   // Names this coordinator in a request, or in a step call's metadata.
   void NameCoordinator(lorcserve::internal::CoordinatorId* out) const;
   void NameCoordinator(grpc::ClientContext* ctx) const;
+  // options_.coordinator_address, or rendezvous_address when empty.
+  const std::string& CoordinatorAddress() const {
+    return options_.coordinator_address.empty() ? options_.rendezvous_address : options_.coordinator_address;
+  }
   // Sends plan_msg_ to every worker as one unary call each; rank 0's result.
   absl::StatusOr<StepResult> RunUnary();
   absl::StatusOr<StepResult> AwaitStream(uint64_t step_id);

@@ -123,6 +123,29 @@ TEST_F(JoinE2ETest, RanksJoinInAnyOrderMissingOnesAreNamedAndARestartedWorkerRej
   ASSERT_NO_FATAL_FAILURE(ExpectGoldenGreedy());
 }
 
+// A LeaderWorkerSet worker pod can start before its leader's DNS record exists (the leader pod
+// still pending): the worker waits for the name instead of exiting 1 (which cost a
+// CrashLoopBackOff, a tester). Listening on all interfaces it needs the route to the coordinator
+// first (said once); on a given address it listens at once and the join retries. SIGTERM ends it
+// (exit 0); a malformed --join is still refused at once (exit 2).
+TEST_F(JoinE2ETest, AWorkerWaitsForACoordinatorNameThatDoesNotResolveYet) {
+  WorkerProcess wildcard({"--join", "lorc-no-such-host.invalid:50052", "--rank", "0"});
+  WorkerProcess listening({"--join", "lorc-no-such-host.invalid:50052", "--rank", "0", "--listen", "127.0.0.1:0"});
+  ASSERT_TRUE(WaitFor([&] { return absl::StrContains(wildcard.Stderr(), "waiting for it"); }, 30))
+      << wildcard.Stderr();
+  EXPECT_THAT(wildcard.Stderr(), HasSubstr("cannot resolve 'lorc-no-such-host.invalid'"));
+  ASSERT_TRUE(WaitFor([&] { return absl::StrContains(listening.Stderr(), "serving on 127.0.0.1:"); }, 30))
+      << listening.Stderr();
+  EXPECT_FALSE(wildcard.WaitExit(2)) << wildcard.Stderr();
+  EXPECT_FALSE(listening.WaitExit(0.1)) << listening.Stderr();
+  EXPECT_EQ(wildcard.Kill(SIGTERM), 0) << wildcard.Stderr();
+  EXPECT_THAT(wildcard.Stderr(), HasSubstr("SIGTERM while waiting for the coordinator's address"));
+  WorkerProcess malformed({"--join", "lorc-no-port", "--rank", "0"});
+  ASSERT_TRUE(malformed.WaitExit(30));
+  EXPECT_EQ(malformed.exit_code(), 2);
+  EXPECT_THAT(malformed.Stderr(), HasSubstr("--join: 'lorc-no-port' is not HOST:PORT"));
+}
+
 TEST_F(JoinE2ETest, LocalWorkersAndAJoinedRankMakeOneGroup) {
   ASSERT_NO_FATAL_FAILURE(StartServer(1, {"--tensor-parallel-size", "2", "--threads", "1"}));
   // Rank 0 is the coordinator's own: a worker cannot take it.

@@ -393,6 +393,22 @@ def _check_invariants(objs, where, problems):
             if int(gflags.get("--port", 8000)) not in gports:
                 problems.add(w, f"gateway --port={gflags.get('--port', 8000)} is no port of its "
                                 f"container ({gports})")
+            # The gateway's drain cuts its HTTP streams: as long as the coordinator's (both
+            # default to 30 s), or the OpenAI API loses what gRPC callers keep.
+            gdrain = float(gflags.get("--drain-timeout-s", 30) or 30)
+            cdrain = float(lflags.get("--drain-timeout-s", 30) or 30)
+            if gdrain != cdrain:
+                problems.add(w, f"gateway --drain-timeout-s={gdrain:g} is not the coordinator's "
+                                f"--drain-timeout-s={cdrain:g}")
+        # Liveness asks the coordinator's `liveness` service (NOT_SERVING once it has given up on
+        # its workers, so the kubelet restarts it): a gRPC probe of that service or the client's
+        # --health --health-service=liveness; a TCP check would keep a coordinator that gave up.
+        live = leader.get("livenessProbe") or {}
+        live_cmd = (live.get("exec") or {}).get("command") or []
+        if not ((live.get("grpc") or {}).get("service") == "liveness" or
+                ("--health" in live_cmd and "--health-service=liveness" in live_cmd)):
+            problems.add(w, "leader livenessProbe does not ask the coordinator's liveness service "
+                            f"({live})")
         for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
             grpc = (leader.get(probe) or {}).get("grpc")
             if grpc and grpc.get("port") not in ports.values():
@@ -681,6 +697,11 @@ def self_test(objs, lws, lorcserve, cache):
          "LeaderWorkerSet", lambda o: gateway(o)["args"].append("--coordinator=127.0.0.1:50052")),
         ("invariant: the gateway listens on no container port",
          "LeaderWorkerSet", lambda o: gateway(o)["args"].append("--port=8080")),
+        ("invariant: the gateway drains shorter than the coordinator",
+         "LeaderWorkerSet", lambda o: gateway(o)["args"].append("--drain-timeout-s=7")),
+        ("invariant: leader liveness is a TCP check (never restarts a coordinator that gave up)",
+         "LeaderWorkerSet", lambda o: leader(o)["containers"][0].__setitem__(
+             "livenessProbe", {"tcpSocket": {"port": 50051}, "periodSeconds": 10})),
     ]
     baseline = validate(objs, "self-test baseline", lws, lorcserve, cache)
     if baseline:

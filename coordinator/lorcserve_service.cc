@@ -221,12 +221,15 @@ grpc::Status LorcServeService::GenerateImpl(grpc::ServerContext* ctx, const grpc
   size_t cut = std::min(rid.size(), kMaxRequestIdBytes);
   while (cut > 0 && cut < rid.size() && (static_cast<unsigned char>(rid[cut]) & 0xC0) == 0x80) --cut;
   rec->request_id = rid.substr(0, cut);
+  // The request's own faults first: INVALID_ARGUMENT naming the field whatever the group's state
+  // (while loading or recovering it said UNAVAILABLE, and a client retried a request that could
+  // never pass; a tester).
+  absl::StatusOr<GenerationRequest> g = ConvertGenerateRequest(req, config_, tokenizer_);
+  if (!g.ok()) return ToGrpcStatus(g.status());
   absl::StatusOr<std::shared_ptr<EngineLoop>> current = Loop();
   if (!current.ok()) return ToGrpcStatus(current.status());
   const std::shared_ptr<EngineLoop> loop = *std::move(current);
   if (absl::Status f = loop->failure(); !f.ok()) return ToGrpcStatus(f);
-  absl::StatusOr<GenerationRequest> g = ConvertGenerateRequest(req, config_, tokenizer_);
-  if (!g.ok()) return ToGrpcStatus(g.status());
   const int64_t id = next_id_.fetch_add(1);
   const std::string request_id =
       req.request_id().empty() ? absl::StrCat("req-", id) : req.request_id();

@@ -465,6 +465,12 @@ TEST_F(ServerE2ETest, RestartsAreBoundedThenNotServingWithAReason) {
   const cli::StreamResult r = Generate(IdsRequest(GoldenPrompts()[0].prompt_ids, 4), 30);
   EXPECT_EQ(r.status.error_code(), grpc::StatusCode::UNAVAILABLE) << StatusText(r.status);
   EXPECT_THAT(r.status.error_message(), HasSubstr("gave up after 1 worker recoveries"));
+  // A request that could never pass is told so, not UNAVAILABLE (which a client retries).
+  v1::GenerateRequest bad = IdsRequest(GoldenPrompts()[0].prompt_ids, 4);
+  bad.mutable_sampling()->set_max_tokens(-1);
+  const cli::StreamResult invalid = Generate(bad, 30);
+  EXPECT_EQ(invalid.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << StatusText(invalid.status);
+  EXPECT_THAT(invalid.status.error_message(), HasSubstr("max_tokens"));
   EXPECT_EQ(server_->WorkerPid(0), -1);  // not restarted again
   EXPECT_TRUE(server_->Alive());
   // The second failure gave up at once: nobody was told to retry while no recovery would come
